@@ -1,0 +1,21 @@
+//! The content-addressed store (DESIGN section 4).
+//!
+//! Layout under the cache root:
+//! - `objects/ab/cdef..`: file blobs named by their blake3 hash, read-only;
+//! - `trees/<hash>/`: folder artifacts, materialised with hard links to blobs;
+//!   `trees/<hash>.json` their listing (sorted relative paths and file hashes);
+//! - `records/ab/<fingerprint>.json`: one [`StageRecord`] per fingerprint;
+//! - `locks/<fingerprint>.lock`: per-fingerprint locks;
+//! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
+//!   `checkpoints/<fingerprint>/`: resumable state, `hashes.json`: the hash cache.
+
+mod artifact;
+mod atomic;
+mod hashcache;
+mod key;
+mod store;
+
+pub use artifact::{ArtifactId, ArtifactKind};
+pub use atomic::{atomic_write, fsync_dir};
+pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
+pub use store::{Cache, CacheError, GcReport, StageLock, StageRecord, VerifyReport};

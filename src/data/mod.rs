@@ -1,0 +1,1 @@
+//! JSONL record types and importers.

@@ -1,0 +1,18 @@
+//! alignflow: a declarative workflow engine for RLHF and RLAIF pipelines.
+//!
+//! A YAML manifest ([`manifest`]) declares stages; [`graph`] resolves them
+//! into a DAG; [`engine`] plans and runs what is out of date, caching every
+//! result by content in [`cache`]. Each stage is an operator from [`ops`];
+//! tensor operators run in the separate `alignflow-worker` process, which
+//! speaks the [`protocol`].
+
+pub mod cache;
+pub mod data;
+pub mod engine;
+pub mod graph;
+pub mod manifest;
+pub mod ops;
+pub mod protocol;
+
+/// The engine version, recorded in every stage record and lockfile.
+pub const ENGINE_VERSION: &str = env!("CARGO_PKG_VERSION");
