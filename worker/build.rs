@@ -12,6 +12,12 @@ fn main() {
         return;
     };
     let root = root.canonicalize().unwrap_or(root);
+    // Recorded for `alignflow doctor`: the version of the libtorch linked.
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
+            println!("cargo:rustc-env=ALIGNFLOW_LIBTORCH_VERSION={}", v.trim_matches(|c| c == '\'' || c == '"'));
+        }
+    }
     let lib = root.join("lib");
     println!("cargo:rerun-if-changed={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());

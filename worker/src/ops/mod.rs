@@ -1,0 +1,15 @@
+//! Tensor op implementations, by op name. The engine-side declaration of each
+//! (params, inputs, outputs, version) lives in `alignflow::ops`; this table
+//! holds the code that needs libtorch.
+
+use alignflow::ops::StageContext;
+use alignflow::protocol::Metrics;
+
+/// A tensor op's entry point.
+pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
+
+/// The worker-side implementation of `op`, if it is a tensor op.
+pub fn find(op: &str) -> Option<RunFn> {
+    let table: &[(&str, RunFn)] = &[];
+    table.iter().find(|(name, _)| *name == op).map(|(_, run)| *run)
+}
