@@ -1,1 +1,329 @@
-fn main() {}
+//! `alignflow`: the engine and CLI. It never links libtorch; tensor stages
+//! run in `alignflow-worker` processes.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use alignflow::cache::Cache;
+use alignflow::engine::{self, Action, PlanContext, RunOptions};
+use alignflow::graph::Dag;
+use alignflow::manifest::{self, LoadOptions, Pipeline};
+
+#[derive(Parser)]
+#[command(name = "alignflow", version, about = "Declarative RLHF / RLAIF pipelines with content-addressed caching")]
+struct Cli {
+    /// Cache folder.
+    #[arg(long, global = true, env = "ALIGNFLOW_CACHE_DIR", default_value = "cache")]
+    cache_dir: PathBuf,
+    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Arguments shared by the commands that load a manifest.
+#[derive(clap::Args)]
+struct ManifestArgs {
+    /// The pipeline manifest (YAML).
+    file: PathBuf,
+    /// Override a pipeline param: `--set params.lr=1e-4` (typed as YAML).
+    #[arg(long = "set", value_name = "params.NAME=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run what is out of date.
+    Run {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Run only this stage and its ancestors (repeatable).
+        #[arg(long = "target", short = 't')]
+        targets: Vec<String>,
+        /// Stages running at once.
+        #[arg(long, short = 'j', default_value_t = default_jobs())]
+        jobs: usize,
+        /// Stop every stage at the first failure.
+        #[arg(long)]
+        fail_fast: bool,
+        /// Refuse to run when the plan differs from the lockfile.
+        #[arg(long)]
+        locked: bool,
+        /// Rehash every path input instead of trusting the hash cache.
+        #[arg(long)]
+        rehash: bool,
+        /// CPU threads per tensor stage.
+        #[arg(long, env = "ALIGNFLOW_THREADS")]
+        threads: Option<usize>,
+        /// No progress output (the summary table is still printed).
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Show, stage by stage, whether it would run or is cached, and why.
+    Plan {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[arg(long = "target", short = 't')]
+        targets: Vec<String>,
+        /// JSON array of {stage, action, reason, fingerprint}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        rehash: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Check a manifest without running anything.
+    Validate {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+    },
+    /// Print a stage's output names and paths.
+    Show {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the registered ops, or describe one.
+    Ops { name: Option<String> },
+    /// Inspect and maintain the cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Engine, libtorch and device facts.
+    Doctor,
+    /// Write the JSON schemas of the manifest and of each op's params.
+    Schema {
+        /// Output folder.
+        #[arg(long, default_value = "schemas")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Rehash every object and check every record.
+    Verify,
+    /// Remove objects that no record reaches.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match try_main(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+}
+
+fn load(args: &ManifestArgs) -> anyhow::Result<(Arc<Pipeline>, Arc<Dag>)> {
+    let mut sets = Vec::new();
+    for s in &args.sets {
+        let (k, v) = s.split_once('=').with_context(|| format!("--set `{s}`: expected params.NAME=VALUE"))?;
+        sets.push((k.trim().to_string(), v.to_string()));
+    }
+    let pipeline = manifest::load(&args.file, &LoadOptions { sets })?;
+    let dag = Dag::build(&pipeline)?;
+    Ok((Arc::new(pipeline), Arc::new(dag)))
+}
+
+fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
+    Ok(Arc::new(Cache::open(dir).with_context(|| format!("opening the cache {}", dir.display()))?))
+}
+
+fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { manifest, targets, jobs, fail_fast, locked, rehash, threads, quiet } => {
+            let (pipeline, dag) = load(&manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let options = RunOptions { targets, jobs, fail_fast, locked, rehash, threads, quiet };
+            let summary = engine::run(pipeline, dag, cache, options)?;
+            print!("{}", summary.table());
+            if let Some(log) = &summary.log {
+                eprintln!("log: {}", log.display());
+            }
+            Ok(if summary.interrupted {
+                ExitCode::from(130)
+            } else if summary.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Plan { manifest, targets, json, rehash } => {
+            let (pipeline, dag) = load(&manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let lockfile = engine::Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
+            let selected = dag.select(&pipeline, &targets)?;
+            let ctx = PlanContext { pipeline: &pipeline, dag: &dag, cache: &cache, lockfile: lockfile.as_ref(), rehash, locked: false };
+            let plan = engine::plan(&ctx, &selected)?;
+            cache.flush_hash_cache()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan.rows(&pipeline))?);
+            } else {
+                let rows = plan.rows(&pipeline);
+                let width = rows.iter().map(|r| r.stage.len()).max().unwrap_or(5);
+                for r in rows {
+                    let action = if r.action == Action::Run { "run" } else { "cached" };
+                    println!("{action:<7} {:<width$}  {}", r.stage, r.reason);
+                }
+                println!("{} to run, {} cached", plan.to_run(), plan.stages.len() - plan.to_run());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { manifest, format } => {
+            let (pipeline, dag) = load(&manifest)?;
+            match format {
+                DagFormat::Text => print!("{}", dag.to_text(&pipeline)),
+                DagFormat::Dot => print!("{}", dag.to_dot(&pipeline)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { manifest } => {
+            let (pipeline, _) = load(&manifest)?;
+            println!("{}: ok ({} stages)", manifest.file.display(), pipeline.stages.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { manifest, stage, json } => show(&cli.cache_dir, &manifest, &stage, json),
+        Command::Ops { name } => {
+            match name {
+                None => {
+                    for op in alignflow::ops::registry() {
+                        println!("{:<18} {}", op.name(), op.summary());
+                    }
+                }
+                Some(name) => print!("{}", alignflow::ops::describe(&name)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command } => {
+            let cache = open_cache(&cli.cache_dir)?;
+            match command {
+                CacheCommand::Verify => {
+                    let report = cache.verify()?;
+                    for p in &report.problems {
+                        println!("{p}");
+                    }
+                    println!(
+                        "checked {} objects, {} trees, {} records: {} problem(s)",
+                        report.objects_checked,
+                        report.trees_checked,
+                        report.records_checked,
+                        report.problems.len()
+                    );
+                    Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                }
+                CacheCommand::Gc { dry_run } => {
+                    let report = cache.gc(dry_run)?;
+                    let verb = if dry_run { "would remove" } else { "removed" };
+                    for p in &report.removed {
+                        println!("{verb} {}", p.display());
+                    }
+                    println!(
+                        "{verb} {} item(s), {} bytes; kept {} object(s)",
+                        report.removed.len(),
+                        report.freed_bytes,
+                        report.kept_objects
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Doctor => {
+            println!("alignflow {}", alignflow::ENGINE_VERSION);
+            println!("cache      {}", std::path::absolute(&cli.cache_dir)?.display());
+            println!("worker     {}", engine::worker_path().display());
+            match engine::doctor() {
+                Ok(info) => {
+                    for (k, v) in info {
+                        println!("{k:<10} {v}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("worker     unavailable: {e:#}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Schema { out } => {
+            alignflow::ops::write_schemas(&out)?;
+            println!("wrote schemas to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn show(cache_dir: &Path, args: &ManifestArgs, stage: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    let cache = open_cache(cache_dir)?;
+    let index = pipeline
+        .stages
+        .iter()
+        .position(|s| s.id == stage)
+        .with_context(|| format!("no stage `{stage}` in {}", pipeline.file.display()))?;
+    let selected = dag.select(&pipeline, &[stage.to_string()])?;
+    let ctx = PlanContext { pipeline: &pipeline, dag: &dag, cache: &cache, lockfile: None, rehash: false, locked: false };
+    let plan = engine::plan(&ctx, &selected)?;
+    let planned = plan.stages.iter().find(|p| p.index == index).expect("target is selected");
+    let Some(outputs) = &planned.outputs else {
+        anyhow::bail!("stage `{stage}` has no cached outputs for its current inputs ({}); run it first", planned.reason);
+    };
+    let rows: Vec<(String, PathBuf, String)> = outputs
+        .iter()
+        .map(|(name, id)| (name.clone(), std::path::absolute(cache.artifact_path(id)).unwrap_or_default(), id.to_string()))
+        .collect();
+    if json {
+        let value: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(n, p, id)| (n.clone(), serde_json::json!({"path": p, "id": id})))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        for (name, path, _) in rows {
+            println!("{name}\t{}", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,1 +1,14 @@
-//! Planning and running pipelines.
+//! Planning and running pipelines: the plan (run or cached, and why), the
+//! tokio scheduler, stage execution in-process or in a worker, progress,
+//! the run log and the lockfile.
+
+mod lockfile;
+mod plan;
+mod progress;
+mod run;
+mod worker;
+
+pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile};
+pub use plan::{explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow, PlannedStage};
+pub use run::{run, RunOptions, RunSummary, StageStatus};
+pub use worker::{doctor, worker_path};

@@ -17,7 +17,10 @@ use serde::Serialize;
 
 use crate::protocol::{Metrics, StageSpec};
 
+pub use describe::{describe, schema_files, write_schemas};
+
 mod dataset_import;
+mod describe;
 mod dataset_split;
 mod exec;
 mod tokenizer_train;

@@ -1,0 +1,295 @@
+//! Planning: for each selected stage, `run` or `cached` and why.
+//!
+//! Inputs are hashed before anything runs (path inputs through the hash
+//! cache). A stage whose upstream will rerun cannot know its fingerprint
+//! yet: it is planned as `run (upstream X reruns)` and decided again, with
+//! the upstream's actual output ids, once X finishes (early cutoff).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::cache::{ArtifactId, Cache, Fingerprint, StageKey, STAGE_KEY_SCHEMA};
+use crate::graph::Dag;
+use crate::manifest::{Input, Pipeline, Stage};
+
+use super::lockfile::{LockedStage, Lockfile};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Run,
+    Cached,
+}
+
+/// The plan for one stage.
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    /// Index into `pipeline.stages`.
+    pub index: usize,
+    pub action: Action,
+    pub reason: String,
+    /// Known when every input's id is known now.
+    pub key: Option<StageKey>,
+    pub fingerprint: Option<Fingerprint>,
+    /// Outputs of a cached stage.
+    pub outputs: Option<BTreeMap<String, ArtifactId>>,
+}
+
+/// The plan of a run: selected stages in execution order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub stages: Vec<PlannedStage>,
+}
+
+/// One row of `plan --json`.
+#[derive(Debug, Serialize)]
+pub struct PlanRow<'a> {
+    pub stage: &'a str,
+    pub action: Action,
+    pub reason: &'a str,
+    pub fingerprint: Option<&'a str>,
+}
+
+impl Plan {
+    pub fn rows<'a>(&'a self, pipeline: &'a Pipeline) -> Vec<PlanRow<'a>> {
+        self.stages
+            .iter()
+            .map(|p| PlanRow {
+                stage: &pipeline.stages[p.index].id,
+                action: p.action,
+                reason: &p.reason,
+                fingerprint: p.fingerprint.as_ref().map(|f| f.0.as_str()),
+            })
+            .collect()
+    }
+
+    pub fn to_run(&self) -> usize {
+        self.stages.iter().filter(|s| s.action == Action::Run).count()
+    }
+}
+
+/// What the planner needs besides the pipeline.
+pub struct PlanContext<'a> {
+    pub pipeline: &'a Pipeline,
+    pub dag: &'a Dag,
+    pub cache: &'a Cache,
+    pub lockfile: Option<&'a Lockfile>,
+    /// Ignore the hash cache and rehash every path input.
+    pub rehash: bool,
+    /// `run --locked`: assume stages that must run reproduce the outputs
+    /// the lockfile records, so every fingerprint can be compared.
+    pub locked: bool,
+}
+
+/// The seed of a stage: derived from the pipeline seed and the stage id only.
+pub fn stage_seed(pipeline_seed: u64, stage_id: &str) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"alignflow-stage-seed-v1\0");
+    hasher.update(&pipeline_seed.to_le_bytes());
+    hasher.update(stage_id.as_bytes());
+    let digest = hasher.finalize();
+    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// The key of `stage` once every input id is known.
+pub fn stage_key(pipeline: &Pipeline, stage: &Stage, op_version: u32, inputs: BTreeMap<String, ArtifactId>) -> StageKey {
+    StageKey {
+        schema_version: STAGE_KEY_SCHEMA,
+        op: stage.op.clone(),
+        op_version,
+        params: stage.params.clone(),
+        inputs,
+        seed: stage_seed(pipeline.seed, &stage.id),
+    }
+}
+
+/// Hashes the path inputs of `stage`, with an error naming the stage, field
+/// and manifest location when one cannot be read.
+pub fn hash_path_inputs(
+    cache: &Cache,
+    stage: &Stage,
+    rehash: bool,
+) -> anyhow::Result<BTreeMap<String, ArtifactId>> {
+    let mut ids = BTreeMap::new();
+    for (name, input) in &stage.inputs {
+        if let Input::Path { path, written, location } = input {
+            if !path.exists() {
+                anyhow::bail!(
+                    "{location}: stage `{}`, field `inputs.{name}`: `{written}` does not exist ({})",
+                    stage.id,
+                    path.display()
+                );
+            }
+            let id = cache
+                .hash_input(path, rehash)
+                .map_err(|e| anyhow::anyhow!("{location}: stage `{}`, field `inputs.{name}`: {e}", stage.id))?;
+            ids.insert(name.clone(), id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Plans the `selected` stages.
+pub fn plan(ctx: &PlanContext<'_>, selected: &std::collections::BTreeSet<usize>) -> anyhow::Result<Plan> {
+    let pipeline = ctx.pipeline;
+    // Outputs known now, per stage index: cached stages, and under --locked
+    // the lockfile's outputs of stages that must run.
+    let mut known: BTreeMap<usize, BTreeMap<String, ArtifactId>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for &i in ctx.dag.order() {
+        if !selected.contains(&i) {
+            continue;
+        }
+        let stage = &pipeline.stages[i];
+        let op = crate::ops::find(&stage.op).ok_or_else(|| anyhow::anyhow!("unknown op `{}`", stage.op))?;
+        let mut inputs = hash_path_inputs(ctx.cache, stage, ctx.rehash)?;
+        let mut waiting_on = Vec::new();
+        for (name, input) in &stage.inputs {
+            if let Input::Stage { stage: from, output, .. } = input {
+                let j = pipeline.stages.iter().position(|s| &s.id == from).expect("graph checked references");
+                match known.get(&j).and_then(|outs| outs.get(output)) {
+                    Some(id) => {
+                        inputs.insert(name.clone(), id.clone());
+                    }
+                    None => waiting_on.push(from.clone()),
+                }
+            }
+        }
+        let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
+        if !waiting_on.is_empty() {
+            waiting_on.dedup();
+            out.push(PlannedStage {
+                index: i,
+                action: Action::Run,
+                reason: format!("upstream {} reruns", waiting_on.join(", ")),
+                key: None,
+                fingerprint: None,
+                outputs: None,
+            });
+            continue;
+        }
+        let key = stage_key(pipeline, stage, op.version(), inputs);
+        let fingerprint = key.fingerprint();
+        if let Some(record) = ctx.cache.hit(&fingerprint)? {
+            known.insert(i, record.outputs.clone());
+            out.push(PlannedStage {
+                index: i,
+                action: Action::Cached,
+                reason: "up to date".into(),
+                key: Some(key),
+                fingerprint: Some(fingerprint),
+                outputs: Some(record.outputs),
+            });
+            continue;
+        }
+        let reason = match previous {
+            None => "never run".to_string(),
+            Some(prev) => explain(pipeline, stage, prev, &key),
+        };
+        if ctx.locked {
+            if let Some(prev) = previous.filter(|p| p.fingerprint == fingerprint) {
+                known.insert(i, prev.outputs.clone());
+            }
+        }
+        out.push(PlannedStage {
+            index: i,
+            action: Action::Run,
+            reason,
+            key: Some(key),
+            fingerprint: Some(fingerprint),
+            outputs: None,
+        });
+    }
+    Ok(Plan { stages: out })
+}
+
+/// Why `key` differs from what the lockfile recorded for the stage.
+pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &StageKey) -> String {
+    let mut reasons = Vec::new();
+    if prev.op != key.op {
+        reasons.push(format!("op changed {} -> {}", prev.op, key.op));
+    } else if prev.op_version != key.op_version {
+        reasons.push(format!("op {} version {} -> {}", key.op, prev.op_version, key.op_version));
+    }
+    let mut diffs = Vec::new();
+    diff_json("params", &prev.params, &key.params, &mut diffs);
+    reasons.extend(diffs);
+    let names: std::collections::BTreeSet<&String> = prev.inputs.keys().chain(key.inputs.keys()).collect();
+    for name in names {
+        match (prev.inputs.get(name), key.inputs.get(name)) {
+            (Some(_), None) => reasons.push(format!("input {name} removed")),
+            (None, Some(_)) => reasons.push(format!("input {name} added")),
+            (Some(a), Some(b)) if a.id != *b => {
+                let source = match stage.inputs.get(name) {
+                    Some(Input::Stage { stage: from, .. }) => format!("upstream {from}"),
+                    Some(Input::Path { written, .. }) => format!("path {written}"),
+                    None => "?".into(),
+                };
+                reasons.push(format!("input {name} changed ({source})"));
+            }
+            _ => {}
+        }
+    }
+    if prev.seed != key.seed {
+        reasons.push(format!("seed changed (pipeline seed {})", pipeline.seed));
+    }
+    if reasons.is_empty() {
+        "outputs missing from the cache".into()
+    } else {
+        reasons.join("; ")
+    }
+}
+
+/// Appends `PATH changed A -> B` for each differing leaf.
+fn diff_json(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = format!("{path}.{k}");
+                match (x.get(k), y.get(k)) {
+                    (Some(va), Some(vb)) => diff_json(&p, va, vb, out),
+                    (None, Some(vb)) => out.push(format!("{p} added ({})", show(vb))),
+                    (Some(va), None) => out.push(format!("{p} removed (was {})", show(va))),
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if a != b => out.push(format!("{path} changed {} -> {}", show(a), show(b))),
+        _ => {}
+    }
+}
+
+fn show(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) if s.len() > 40 => format!("{:?}", format!("{}...", &s[..s.floor_char_boundary(37)])),
+        serde_json::Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// Differences between the plan and the lockfile that `run --locked` refuses.
+pub fn locked_diff(pipeline: &Pipeline, plan: &Plan, lockfile: &Lockfile, all_selected: bool) -> Vec<String> {
+    let mut diffs = Vec::new();
+    for p in &plan.stages {
+        let stage = &pipeline.stages[p.index];
+        match (lockfile.stages.get(&stage.id), &p.key) {
+            (None, _) => diffs.push(format!("+ {}: not in the lockfile", stage.id)),
+            (Some(prev), Some(key)) if prev.fingerprint != key.fingerprint() => {
+                diffs.push(format!("~ {}: {}", stage.id, explain(pipeline, stage, prev, key)))
+            }
+            (Some(_), None) => diffs.push(format!("~ {}: depends on {}", stage.id, p.reason)),
+            _ => {}
+        }
+    }
+    if all_selected {
+        for id in lockfile.stages.keys() {
+            if pipeline.stage(id).is_none() {
+                diffs.push(format!("- {id}: in the lockfile but not in the manifest"));
+            }
+        }
+    }
+    diffs
+}

@@ -1,0 +1,126 @@
+//! Starting `alignflow-worker` processes: one per tensor stage, with the
+//! stage spec on stdin and events read from stdout as they come.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::ops::Reporter;
+use crate::protocol::{Metrics, StageSpec, WorkerEvent};
+
+use super::progress::StageProgress;
+
+/// The worker executable: `$ALIGNFLOW_WORKER`, else `alignflow-worker`
+/// beside the running engine binary.
+pub fn worker_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("ALIGNFLOW_WORKER") {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("alignflow-worker")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("alignflow-worker"))
+}
+
+/// How the worker was pinned to a device.
+pub struct Placement {
+    /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU).
+    pub cuda_visible_devices: String,
+}
+
+/// Runs one stage in a worker process until it reports `done` or fails.
+/// Cancelling kills the worker.
+pub async fn run_stage(
+    spec: &StageSpec,
+    placement: &Placement,
+    progress: &StageProgress<'_>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Metrics> {
+    let exe = worker_path();
+    let mut child = Command::new(&exe)
+        .args(["run", "-"])
+        .env("CUDA_VISIBLE_DEVICES", &placement.cuda_visible_devices)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the worker {}", exe.display()))?;
+    let spec_json = serde_json::to_vec(spec)?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(&spec_json).await.context("sending the stage spec to the worker")?;
+    drop(stdin);
+
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut outcome: Option<Result<Metrics, String>> = None;
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = child.kill().await;
+                return Err(crate::ops::Cancelled.into());
+            }
+            line = stdout.next_line(), if out_open => match line? {
+                None => out_open = false,
+                Some(line) => match WorkerEvent::parse(&line) {
+                    Some(WorkerEvent::Progress { pos, len, msg }) => progress.progress(pos, len, &msg),
+                    Some(WorkerEvent::Metric { values }) => progress.metric(&values),
+                    Some(WorkerEvent::Done { metrics }) => outcome = Some(Ok(metrics)),
+                    Some(WorkerEvent::Failed { message }) => outcome = Some(Err(message)),
+                    Some(WorkerEvent::Doctor { .. }) => {}
+                    None => progress.output_line(&line),
+                },
+            },
+            line = stderr.next_line(), if err_open => match line? {
+                None => err_open = false,
+                Some(line) => {
+                    progress.output_line(&line);
+                    tail.push_back(line);
+                    if tail.len() > 20 {
+                        tail.pop_front();
+                    }
+                }
+            },
+        }
+    }
+    let status = child.wait().await?;
+    match outcome {
+        Some(Ok(metrics)) if status.success() => Ok(metrics),
+        Some(Err(message)) => Err(anyhow::anyhow!("{message}")),
+        _ => {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match (status.code(), status.signal()) {
+                (_, Some(sig)) => format!("killed by signal {sig}"),
+                (Some(code), _) => format!("exit status {code}"),
+                _ => "unknown status".into(),
+            };
+            let tail: Vec<String> = tail.into_iter().collect();
+            Err(anyhow::anyhow!("the worker died ({how}) without a result; its last stderr lines:\n{}", tail.join("\n")))
+        }
+    }
+}
+
+/// `alignflow-worker doctor`: libtorch, CUDA and thread facts.
+pub fn doctor() -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let exe = worker_path();
+    let output = std::process::Command::new(&exe)
+        .arg("doctor")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting the worker {}", exe.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    for line in text.lines() {
+        if let Some(WorkerEvent::Doctor { info }) = WorkerEvent::parse(line) {
+            return Ok(info);
+        }
+    }
+    anyhow::bail!("the worker {} answered no doctor event ({})", exe.display(), output.status)
+}

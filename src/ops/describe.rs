@@ -1,0 +1,113 @@
+//! `alignflow ops NAME` and the checked-in schemas, both generated from the
+//! same params structs that validate manifests.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{find, registry, Placement};
+
+/// A readable description of op `name`: inputs, outputs, params with types,
+/// defaults and docs.
+pub fn describe(name: &str) -> anyhow::Result<String> {
+    let op = find(name).ok_or_else(|| {
+        let hint = super::nearest(name, registry().iter().map(|o| o.name()))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        anyhow::anyhow!("unknown op `{name}`{hint}")
+    })?;
+    let mut out = String::new();
+    let place = match op.placement() {
+        Placement::Engine => "engine",
+        Placement::Worker => "worker",
+    };
+    let _ = writeln!(out, "{} (version {}, runs in the {place})\n  {}\n", op.name(), op.version(), op.summary());
+    out.push_str("inputs:\n");
+    if op.inputs().is_empty() {
+        out.push_str(if op.outputs_from_stage() { "  any names; each path is in $ALIGNFLOW_IN_<NAME>\n" } else { "  (none)\n" });
+    }
+    for port in op.inputs() {
+        let req = if port.required { "required" } else { "optional" };
+        let _ = writeln!(out, "  {:<14} {req:<9} {}", port.name, port.doc);
+    }
+    out.push_str("outputs:\n");
+    if op.outputs_from_stage() {
+        out.push_str("  declared by the stage's `outputs:` list\n");
+    }
+    for port in op.outputs() {
+        let _ = writeln!(out, "  {:<14} {}", port.name, port.doc);
+    }
+    out.push_str("params:\n");
+    let schema = serde_json::to_value(op.params_schema())?;
+    let empty = serde_json::Map::new();
+    let props = schema.get("properties").and_then(Value::as_object).unwrap_or(&empty);
+    let required: Vec<&str> =
+        schema.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    if props.is_empty() {
+        out.push_str("  (none)\n");
+    }
+    for (pname, p) in props {
+        let ty = type_name(p);
+        let default = match p.get("default") {
+            Some(d) => format!("default {d}"),
+            None if required.contains(&pname.as_str()) => "required".into(),
+            None => "optional".into(),
+        };
+        let doc = p.get("description").and_then(Value::as_str).unwrap_or("").replace('\n', " ");
+        let _ = writeln!(out, "  {pname:<16} {ty:<18} {default:<22} {doc}");
+    }
+    Ok(out)
+}
+
+/// A short type name for a property schema.
+fn type_name(p: &Value) -> String {
+    if let Some(values) = p.get("enum").and_then(Value::as_array) {
+        return values.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join("|");
+    }
+    if let Some(r) = p.get("$ref").and_then(Value::as_str) {
+        return r.rsplit('/').next().unwrap_or(r).to_string();
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(options) = p.get(key).and_then(Value::as_array) {
+            return options.iter().map(type_name).filter(|t| t != "null").collect::<Vec<_>>().join("|");
+        }
+    }
+    if let Some(c) = p.get("const") {
+        return c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string());
+    }
+    match p.get("type") {
+        Some(Value::String(t)) if t == "array" => {
+            format!("list of {}", p.get("items").map(type_name).unwrap_or_else(|| "any".into()))
+        }
+        Some(Value::String(t)) => t.clone(),
+        Some(Value::Array(ts)) => {
+            ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join("|")
+        }
+        _ => "any".into(),
+    }
+}
+
+/// Every schema file and its content: `pipeline.schema.json` and
+/// `ops/<op>.schema.json`.
+pub fn schema_files() -> Vec<(String, String)> {
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
+    let mut files = vec![("pipeline.schema.json".to_string(), pretty(&crate::manifest::pipeline_schema()))];
+    for op in registry() {
+        let schema = serde_json::to_value(op.params_schema()).expect("schemas serialise");
+        files.push((format!("ops/{}.schema.json", op.name()), pretty(&schema)));
+    }
+    files
+}
+
+/// Writes [`schema_files`] under `dir`.
+pub fn write_schemas(dir: &Path) -> anyhow::Result<()> {
+    for (name, text) in schema_files() {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        crate::cache::atomic_write(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
