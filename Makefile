@@ -1,0 +1,39 @@
+# alignflow: `make demo` and `make test` work on a fresh machine; each step
+# installs only what is missing (the project-local .venv with torch, which
+# the worker links) and is a no-op otherwise.
+
+TORCH_VERSION := 2.11.0
+VENV          := .venv
+STAMP         := $(VENV)/.torch-$(TORCH_VERSION)
+CARGO         ?= cargo
+
+.PHONY: setup build demo test bench clean-cache schemas
+
+setup: $(STAMP)
+
+# torch's `lib` folder is what the worker links and finds at run time
+# (rpath); `.venv/libtorch` is a stable link to it, named by .cargo/config.toml.
+$(STAMP):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	ln -sfn "$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
+	touch $@
+
+build: setup
+	$(CARGO) build --release --workspace
+
+demo: build
+	./target/release/alignflow run pipelines/demo.yaml
+	./target/release/alignflow plan pipelines/demo.yaml
+
+test: setup
+	$(CARGO) test --workspace
+
+bench: build
+	$(CARGO) bench --bench plan
+
+schemas:
+	$(CARGO) run --quiet --bin alignflow -- schema --out schemas
+
+clean-cache:
+	rm -rf cache/objects cache/trees cache/records cache/locks cache/tmp cache/hashes.json
