@@ -1,0 +1,157 @@
+//! Content-addressed caching: what reruns and what does not.
+mod common;
+use common::*;
+
+fn chain() -> Project {
+    let p = Project::new();
+    p.write("pipeline.yaml", CHAIN);
+    p.write("input.txt", "some input\n");
+    p
+}
+
+#[test]
+fn first_run_runs_everything_and_second_run_executes_nothing() {
+    let p = chain();
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["a", "b", "c", "d"]));
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]));
+    assert_eq!(p.read("runs.txt").lines().count(), 4, "no stage executed twice");
+    let plan: serde_json::Value = serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
+    for row in plan.as_array().unwrap() {
+        assert_eq!(row["action"], "cached", "{row}");
+        assert_eq!(row["reason"], "up to date");
+        assert_eq!(row["fingerprint"].as_str().unwrap().len(), 64);
+    }
+}
+
+#[test]
+fn changing_a_param_reruns_exactly_its_stage_and_descendants() {
+    let p = chain();
+    p.run_stages("pipeline.yaml", &[]);
+    // `greeting` is used by b only: b and c rerun, a and d do not.
+    let plan = p.ok(&["plan", "pipeline.yaml", "--set", "params.greeting=bonjour"]);
+    assert!(plan.contains(r#"params.cmd changed"#), "{plan}");
+    assert!(plan.contains("upstream b reruns"), "{plan}");
+    assert_eq!(p.run_stages("pipeline.yaml", &["--set", "params.greeting=bonjour"]), set(&["b", "c"]));
+    // `n` is used by d only.
+    assert_eq!(p.run_stages("pipeline.yaml", &["--set", "params.n=5"]), set(&["d"]));
+}
+
+#[test]
+fn plan_json_explains_why() {
+    let p = chain();
+    let plan: serde_json::Value = serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
+    let reasons: Vec<(&str, &str, &str)> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["stage"].as_str().unwrap(), r["action"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("a", "run", "never run"),
+            ("b", "run", "upstream a reruns"),
+            ("c", "run", "upstream b reruns"),
+            ("d", "run", "never run")
+        ]
+    );
+    p.run_stages("pipeline.yaml", &[]);
+    p.write("input.txt", "changed input\n");
+    let plan = p.ok(&["plan", "pipeline.yaml"]);
+    assert!(plan.contains("input src changed (path input.txt)"), "{plan}");
+}
+
+#[test]
+fn changed_input_bytes_rerun_but_a_touch_does_not() {
+    let p = chain();
+    p.run_stages("pipeline.yaml", &[]);
+    // Same bytes, new mtime: nothing reruns.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    p.write("input.txt", "some input\n");
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]));
+    // New bytes: the consumer and its descendants rerun.
+    p.write("input.txt", "other input\n");
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["a", "b", "c"]));
+}
+
+#[test]
+fn early_cutoff_keeps_downstream_cached_when_outputs_are_identical() {
+    let p = chain();
+    p.run_stages("pipeline.yaml", &[]);
+    // `a` reruns (its command changes) but writes the same bytes: b and c stay cached.
+    let changed = CHAIN.replace(r#"cat "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#, r#"cat < "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#);
+    assert_ne!(changed, CHAIN);
+    p.write("pipeline.yaml", &changed);
+    let out = p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    assert_eq!(stages_with_status(&out, "ran"), set(&["a"]), "{out}");
+    assert!(out.contains("early cutoff"), "{out}");
+}
+
+#[test]
+fn targets_run_only_their_ancestors() {
+    let p = chain();
+    assert_eq!(p.run_stages("pipeline.yaml", &["--target", "b"]), set(&["a", "b"]));
+    assert_eq!(p.run_stages("pipeline.yaml", &["--target", "d"]), set(&["d"]));
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["c"]));
+}
+
+#[test]
+fn a_failing_stage_fails_its_dependents_and_independent_branches_finish() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: failing
+stages:
+  bad:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo something broke >&2; exit 3" }
+  after_bad:
+    op: exec
+    inputs: { x: "${stages.bad.out}" }
+    outputs: [out]
+    params: { cmd: "touch $ALIGNFLOW_OUT/out" }
+  independent:
+    op: exec
+    outputs: [out]
+    params: { cmd: "sleep 0.3; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let out = p.run(&["run", "pipeline.yaml", "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stages_with_status(&table, "FAILED"), set(&["bad"]), "{table}");
+    assert_eq!(stages_with_status(&table, "skipped"), set(&["after_bad"]), "{table}");
+    assert_eq!(stages_with_status(&table, "ran"), set(&["independent"]), "{table}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(table.contains("exit status 3") || stderr.contains("exit status 3"), "{table}\n{stderr}");
+    assert!(stderr.contains("something broke"), "stderr tail is shown: {stderr}");
+    assert!(!p.path("pipeline.lock").exists(), "no lockfile after a failed run");
+}
+
+#[test]
+fn fail_fast_cancels_running_stages() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: failfast
+stages:
+  bad:
+    op: exec
+    outputs: [out]
+    params: { cmd: "sleep 0.2; exit 1" }
+  slow:
+    op: exec
+    outputs: [out]
+    params: { cmd: "sleep 30; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let start = std::time::Instant::now();
+    let out = p.run(&["run", "pipeline.yaml", "--quiet", "--fail-fast", "--jobs", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(start.elapsed().as_secs() < 20, "the slow stage was killed");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stages_with_status(&table, "cancelled"), set(&["slow"]), "{table}");
+}

@@ -1,0 +1,136 @@
+//! Helpers for the integration tests: a temporary project folder, the
+//! `alignflow` binary run inside it, and parsers for its output.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A temporary folder with a manifest and a cache.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.path(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap()
+    }
+
+    /// A command for `alignflow ARGS` in the project folder with its own cache.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_alignflow"));
+        cmd.args(args).current_dir(self.dir.path()).env("ALIGNFLOW_CACHE_DIR", self.path("cache")).env_remove("RUST_LOG");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("alignflow runs")
+    }
+
+    /// Runs and asserts success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "alignflow {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and asserts failure, returning stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "alignflow {args:?} should fail:\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `alignflow run FILE ...`, returning the stages whose status is `ran`.
+    pub fn run_stages(&self, file: &str, extra: &[&str]) -> BTreeSet<String> {
+        let mut args = vec!["run", file, "--quiet"];
+        args.extend_from_slice(extra);
+        let out = self.ok(&args);
+        stages_with_status(&out, "ran")
+    }
+}
+
+/// Stage ids with `status` in a run's summary table.
+pub fn stages_with_status(table: &str, status: &str) -> BTreeSet<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let stage = cols.next()?;
+            (cols.next()? == status).then(|| stage.to_string())
+        })
+        .collect()
+}
+
+pub fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// `../shared/data/...` beside the checkout.
+pub fn shared_data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+}
+
+/// A chain a -> b -> c of exec stages plus an independent d; each stage
+/// appends its name to `runs.txt` (outside the cache) when it executes.
+pub const CHAIN: &str = r#"version: 1
+name: chain
+seed: 7
+params:
+  greeting: hello
+  n: 3
+stages:
+  a:
+    op: exec
+    inputs:
+      src: input.txt
+    outputs: [out]
+    params:
+      cmd: cat "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out"; echo a >> runs.txt
+  b:
+    op: exec
+    inputs:
+      x: ${stages.a.out}
+    outputs: [out]
+    params:
+      cmd: (cat "$ALIGNFLOW_IN_X"; echo ${params.greeting}) > "$ALIGNFLOW_OUT/out"; echo b >> runs.txt
+  c:
+    op: exec
+    inputs:
+      y: ${stages.b.out}
+    outputs: [out]
+    params:
+      cmd: wc -c < "$ALIGNFLOW_IN_Y" > "$ALIGNFLOW_OUT/out"; echo c >> runs.txt
+  d:
+    op: exec
+    outputs: [out]
+    params:
+      cmd: seq ${params.n} > "$ALIGNFLOW_OUT/out"; echo d >> runs.txt
+"#;

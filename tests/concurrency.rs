@@ -1,0 +1,62 @@
+//! Two runs on one cache, and a run killed with SIGKILL mid-stage.
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+const SLOW: &str = r#"version: 1
+name: slow
+stages:
+  first:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo first >> runs.txt; echo one > $ALIGNFLOW_OUT/out" }
+  second:
+    op: exec
+    inputs: { x: "${stages.first.out}" }
+    outputs: [out]
+    params: { cmd: "echo second-started >> runs.txt; sleep 1.5; cp $ALIGNFLOW_IN_X $ALIGNFLOW_OUT/out; echo second-done >> runs.txt" }
+"#;
+
+#[test]
+fn two_concurrent_runs_never_run_a_stage_twice() {
+    let p = Project::new();
+    p.write("pipeline.yaml", SLOW);
+    let a = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let b = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let runs = p.read("runs.txt");
+    assert_eq!(runs.matches("first").count(), 1, "{runs}");
+    assert_eq!(runs.matches("second-started").count(), 1, "{runs}");
+    let verify = p.ok(&["cache", "verify"]);
+    assert!(verify.contains(": 0 problem(s)"), "{verify}");
+}
+
+#[test]
+fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_reuses_finished_work() {
+    let p = Project::new();
+    p.write("pipeline.yaml", &SLOW.replace("sleep 1.5", "sleep 3"));
+    let mut child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
+    let start = Instant::now();
+    while !p.path("runs.txt").exists() || !p.read("runs.txt").contains("second-started") {
+        assert!(start.elapsed() < Duration::from_secs(30), "second stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The killed stage has no record; the finished one does.
+    let plan = p.ok(&["plan", "pipeline.yaml"]);
+    assert!(plan.lines().any(|l| l.starts_with("cached") && l.contains("first")), "{plan}");
+    assert!(plan.lines().any(|l| l.starts_with("run") && l.contains("second")), "{plan}");
+    let verify = p.ok(&["cache", "verify"]);
+    assert!(verify.contains(": 0 problem(s)"), "{verify}");
+    // The rerun completes and reuses `first`.
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["second"]));
+    assert_eq!(p.read("runs.txt").matches("first").count(), 1);
+    let verify = p.ok(&["cache", "verify"]);
+    assert!(verify.contains(": 0 problem(s)"), "{verify}");
+}
