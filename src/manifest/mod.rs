@@ -11,7 +11,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod include;
+mod interp;
+mod locate;
+mod resolve;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 pub use schema::{pipeline_schema, Manifest, StageDef};
 
@@ -134,5 +140,5 @@ impl Input {
 
 /// Loads, merges, expands, interpolates and validates a manifest.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Pipeline, ManifestError> {
-    todo!("manifest helper: {} {:?}", path.display(), options)
+    resolve::load_with(path, options, crate::ops::registry())
 }
