@@ -46,7 +46,8 @@ fn load_file(
         names.push(show(file));
         return Err(read_error(format!("include cycle: {}", names.join(" -> "))));
     }
-    let text = std::fs::read_to_string(file).map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
 
     let mut value: Value = serde_yaml::from_str(&text).map_err(|e| syntax_error(file, &e))?;
     let locs = Locs::index(file, &text).map_err(|(location, message)| ManifestError {

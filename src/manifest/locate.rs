@@ -50,10 +50,7 @@ impl Locs {
 
     /// The spot of `path` or of its nearest indexed ancestor.
     pub fn nearest(&self, path: &[String]) -> &Spot {
-        (0..=path.len())
-            .rev()
-            .find_map(|n| self.spots.get(&path[..n]))
-            .expect("the root is always indexed")
+        (0..=path.len()).rev().find_map(|n| self.spots.get(&path[..n])).expect("the root is always indexed")
     }
 
     /// Replaces everything at and below `path` with `other`'s entries there.
@@ -87,10 +84,18 @@ fn location(file: &Path, mark: &Marker) -> Location {
 
 enum Frame {
     /// A mapping at `path`; `key` is the pending key once read.
-    Map { path: KeyPath, key: Option<String> },
-    Seq { path: KeyPath, next: usize },
+    Map {
+        path: KeyPath,
+        key: Option<String>,
+    },
+    Seq {
+        path: KeyPath,
+        next: usize,
+    },
     /// A complex (non-scalar) mapping key: skipped.
-    Skip { depth: usize },
+    Skip {
+        depth: usize,
+    },
 }
 
 struct Builder<'a> {
@@ -149,9 +154,20 @@ impl Builder<'_> {
         if let Some(Frame::Map { path, key: key @ None }) = self.stack.last_mut() {
             match ev {
                 Event::Scalar(text, ..) => {
+                    let parent = path.clone();
                     let mut p = path.clone();
                     p.push(text.clone());
                     *key = Some(text.clone());
+                    // A block mapping's start marker sits after its first
+                    // key: the mapping's value starts at that key instead.
+                    if let Some(spot) = self.locs.spots.get_mut(&parent) {
+                        if (loc.line, loc.column) < (spot.value.line, spot.value.column) {
+                            spot.value = loc.clone();
+                            if parent.is_empty() {
+                                spot.key = loc.clone();
+                            }
+                        }
+                    }
                     self.record(p, Some(loc.clone()), loc);
                 }
                 Event::MappingStart(..) | Event::SequenceStart(..) => self.stack.push(Frame::Skip { depth: 1 }),

@@ -6,6 +6,9 @@
 //! merged, `--set` overrides applied, matrix stages expanded, params
 //! interpolated and validated against each op's schema. Stage references
 //! are kept as [`Input::Stage`] edges for [`crate::graph`].
+// `ManifestError` is the interface's error type and carries its context
+// inline; errors are rare and not on a hot path.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -23,11 +23,8 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
     let cx = Cx { locs: merged.locs, ops };
     let mut tree = merged.value;
     cx.check_structure(&mut tree)?;
-    let order: Vec<String> = tree
-        .get("stages")
-        .and_then(Yaml::as_mapping)
-        .map(|m| m.keys().map(key_text).collect())
-        .unwrap_or_default();
+    let order: Vec<String> =
+        tree.get("stages").and_then(Yaml::as_mapping).map(|m| m.keys().map(key_text).collect()).unwrap_or_default();
 
     let manifest: Manifest = serde_path_to_error::deserialize(tree).map_err(|e| {
         let at: KeyPath = e
@@ -246,11 +243,8 @@ impl<'a> Cx<'a> {
         if !op.outputs_from_stage() {
             if def.outputs.is_some() {
                 let declared: Vec<String> = op.outputs().iter().map(|p| format!("`{}`", p.name)).collect();
-                let msg = format!(
-                    "op `{}` declares its own outputs ({}); remove `outputs:`",
-                    op.name(),
-                    declared.join(", ")
-                );
+                let msg =
+                    format!("op `{}` declares its own outputs ({}); remove `outputs:`", op.name(), declared.join(", "));
                 return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
             }
             return Ok(op.outputs().iter().map(|p| p.name.to_string()).collect());
@@ -366,7 +360,8 @@ impl<'a> Cx<'a> {
         let at = kp(&["stages", &inst.key, "inputs", name]);
         let location = self.value_at(&at);
         let field = format!("inputs.{name}");
-        let fail = |msg: String, sug: Option<String>| self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug);
+        let fail =
+            |msg: String, sug: Option<String>| self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug);
         let pieces = interp::parse(written).map_err(|m| fail(m, None))?;
         if let [Piece::Stage(r)] = pieces.as_slice() {
             let (stage, output) = resolve_stage_ref(w, inst, r).map_err(|(m, s)| fail(m, s))?;
@@ -393,7 +388,12 @@ impl<'a> Cx<'a> {
         Ok(Input::Path { path, written: text, location })
     }
 
-    fn check_input_names(&self, inst: &Inst, op: &dyn Op, inputs: &BTreeMap<String, Input>) -> Result<(), ManifestError> {
+    fn check_input_names(
+        &self,
+        inst: &Inst,
+        op: &dyn Op,
+        inputs: &BTreeMap<String, Input>,
+    ) -> Result<(), ManifestError> {
         // `exec` hands every input to the command, whatever its name.
         if op.name() == "exec" {
             return Ok(());
@@ -421,12 +421,15 @@ impl<'a> Cx<'a> {
     fn param_error(&self, inst: &Inst, e: ParamError) -> ManifestError {
         let mut field: Vec<String> = e.field.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
         let mut message = e.message.clone();
-        let mut unknown = false;
+        // A bad value is shown at the value; anything else at a key.
+        let mut at_value = !field.is_empty();
         // serde reports an unknown field at its parent: point at the field.
         if let Some(name) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-            field.push(name.to_string());
+            if field.last().map(String::as_str) != Some(name) {
+                field.push(name.to_string());
+            }
             message = "unknown field".into();
-            unknown = true;
+            at_value = false;
         }
         let stage_path = kp(&["stages", &inst.key]);
         let mut candidates = Vec::new();
@@ -441,7 +444,9 @@ impl<'a> Cx<'a> {
         let location = candidates
             .iter()
             .enumerate()
-            .find_map(|(i, p)| self.locs.get(p).map(|s| if i == 0 && !unknown { s.value.clone() } else { s.key.clone() }))
+            .find_map(|(i, p)| {
+                self.locs.get(p).map(|s| if i == 0 && at_value { s.value.clone() } else { s.key.clone() })
+            })
             .unwrap_or_else(|| self.key_at(&stage_path));
         let field = if field.is_empty() { "params".to_string() } else { format!("params.{}", field.join(".")) };
         self.error(location, Some(&inst.id), Some(&field), message, e.suggestion)
@@ -515,10 +520,8 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
             };
             (i, output)
         } else {
-            let msg = format!(
-                "ambiguous reference `{written}`: `{key}` is a matrix stage; name one instance: {}",
-                ids()
-            );
+            let msg =
+                format!("ambiguous reference `{written}`: `{key}` is a matrix stage; name one instance: {}", ids());
             return Err((msg, None));
         }
     };
@@ -546,15 +549,13 @@ fn instance_id(key: &str, matrix: &BTreeMap<String, Json>) -> String {
 fn valid_device(d: &str) -> bool {
     match d {
         "auto" | "cpu" | "cuda" => true,
-        _ => d
-            .strip_prefix("cuda:")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        _ => d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
     }
 }
 
 /// A `--set` value: a YAML scalar (`1e-4` a float, `3` an int, `true` a
 /// bool); anything else is taken as text.
-fn parse_scalar(value: &str) -> Json {
+pub(super) fn parse_scalar(value: &str) -> Json {
     if value.is_empty() {
         return Json::String(String::new());
     }
