@@ -6,12 +6,21 @@
 //! merged, `--set` overrides applied, matrix stages expanded, params
 //! interpolated and validated against each op's schema. Stage references
 //! are kept as [`Input::Stage`] edges for [`crate::graph`].
+// `ManifestError` is the interface's error type and carries its context
+// inline; errors are rare and not on a hot path.
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+mod include;
+mod interp;
+mod locate;
+mod resolve;
 mod schema;
+#[cfg(test)]
+mod tests;
 
 pub use schema::{pipeline_schema, Manifest, StageDef};
 
@@ -134,5 +143,5 @@ impl Input {
 
 /// Loads, merges, expands, interpolates and validates a manifest.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Pipeline, ManifestError> {
-    todo!("manifest helper: {} {:?}", path.display(), options)
+    resolve::load_with(path, options, crate::ops::registry())
 }

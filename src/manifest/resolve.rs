@@ -1,0 +1,568 @@
+//! From a merged manifest tree to a resolved [`Pipeline`]: structure checks,
+//! `--set`, matrix expansion, interpolation, input binding and op
+//! validation. Every error is located through the merged [`Locs`].
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde_json::Value as Json;
+use serde_yaml::Value as Yaml;
+
+use super::include::{self, key_text, kp};
+use super::interp::{self, Piece};
+use super::locate::{KeyPath, Locs};
+use super::schema::{Manifest, StageDef};
+use super::{Input, LoadOptions, Location, ManifestError, Pipeline, Stage};
+use crate::ops::{nearest, Op, ParamError};
+
+const TOP_KEYS: &[&str] = &["version", "name", "seed", "include", "params", "stages"];
+const STAGE_KEYS: &[&str] = &["op", "inputs", "params", "outputs", "matrix", "device", "description"];
+
+/// [`super::load`] with the op lookup as a parameter (tests add their own ops).
+pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> Result<Pipeline, ManifestError> {
+    let merged = include::load_tree(path)?;
+    let cx = Cx { locs: merged.locs, ops };
+    let mut tree = merged.value;
+    cx.check_structure(&mut tree)?;
+    let order: Vec<String> =
+        tree.get("stages").and_then(Yaml::as_mapping).map(|m| m.keys().map(key_text).collect()).unwrap_or_default();
+
+    let manifest: Manifest = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let at: KeyPath = e
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        let (stage, field) = split_field(&at);
+        cx.error(cx.value_at(&at), stage.as_deref(), field.as_deref(), e.inner().to_string(), None)
+    })?;
+
+    if manifest.version != 1 {
+        let msg = format!("unsupported manifest version {} (this alignflow reads version 1)", manifest.version);
+        return Err(cx.error(cx.value_at(&kp(&["version"])), None, Some("version"), msg, None));
+    }
+    if manifest.name.is_empty() || manifest.name.contains('/') {
+        let msg = "the pipeline name must be non-empty and contain no `/`".to_string();
+        return Err(cx.error(cx.value_at(&kp(&["name"])), None, Some("name"), msg, None));
+    }
+
+    let mut params = manifest.params.clone();
+    for (key, value) in &options.sets {
+        cx.apply_set(&mut params, key, value)?;
+    }
+
+    // Pass 1: ops, outputs, devices and matrix instances of every stage.
+    let mut insts: Vec<Inst> = Vec::new();
+    let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut keys: BTreeMap<&str, (&dyn Op, &StageDef, Vec<String>)> = BTreeMap::new();
+    for key in &order {
+        let def = &manifest.stages[key];
+        let op = cx.op(key, def)?;
+        let outputs = cx.outputs(key, def, op)?;
+        for matrix in cx.expand(key, def)? {
+            let id = instance_id(key, &matrix);
+            by_key.entry(key).or_default().push(insts.len());
+            insts.push(Inst { id, key: key.clone(), matrix });
+        }
+        keys.insert(key, (op, def, outputs));
+    }
+    let world = World { insts: &insts, by_key: &by_key, keys: &keys, params: &params };
+
+    // Pass 2: interpolate, bind and validate each instance.
+    let mut stages = Vec::with_capacity(insts.len());
+    for inst in &insts {
+        let (op, def, outputs) = &keys[inst.key.as_str()];
+        let op = *op;
+        let sp = |rest: &[&str]| -> KeyPath {
+            let mut p = kp(&["stages", &inst.key]);
+            p.extend(rest.iter().map(|s| s.to_string()));
+            p
+        };
+        let device = def.device.clone().unwrap_or_else(|| "auto".into());
+        if !valid_device(&device) {
+            let msg = format!("unknown device `{device}` (expected `auto`, `cpu`, `cuda` or `cuda:N`)");
+            return Err(cx.error(cx.value_at(&sp(&["device"])), Some(&inst.id), Some("device"), msg, None));
+        }
+
+        let mut obj = serde_json::Map::new();
+        for (name, v) in &def.params {
+            let mut p = sp(&["params", name]);
+            let v = cx.interp_param(&world, inst, v, &mut p)?;
+            obj.insert(name.clone(), v);
+        }
+        for (name, v) in &inst.matrix {
+            obj.insert(name.clone(), v.clone());
+        }
+        let normalised = op.normalize_params(&Json::Object(obj)).map_err(|e| cx.param_error(inst, e))?;
+
+        let mut inputs = BTreeMap::new();
+        for (name, written) in &def.inputs {
+            let input = cx.input(&world, inst, name, written)?;
+            inputs.insert(name.clone(), input);
+        }
+        cx.check_input_names(inst, op, &inputs)?;
+
+        stages.push(Stage {
+            id: inst.id.clone(),
+            key: inst.key.clone(),
+            op: op.name().to_string(),
+            inputs,
+            params: normalised,
+            outputs: outputs.clone(),
+            device,
+            description: def.description.clone(),
+            matrix: inst.matrix.clone(),
+            location: cx.key_at(&sp(&[])),
+        });
+    }
+
+    let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(Pipeline { name: manifest.name, file, dir, seed: manifest.seed, params, stages })
+}
+
+/// One matrix instance (or a plain stage, with an empty matrix).
+struct Inst {
+    id: String,
+    key: String,
+    matrix: BTreeMap<String, Json>,
+}
+
+/// What reference resolution looks at.
+struct World<'a> {
+    insts: &'a [Inst],
+    by_key: &'a HashMap<&'a str, Vec<usize>>,
+    keys: &'a BTreeMap<&'a str, (&'a dyn Op, &'a StageDef, Vec<String>)>,
+    params: &'a BTreeMap<String, Json>,
+}
+
+struct Cx<'a> {
+    locs: Locs,
+    ops: &'a [&'a dyn Op],
+}
+
+impl<'a> Cx<'a> {
+    fn error(
+        &self,
+        location: Location,
+        stage: Option<&str>,
+        field: Option<&str>,
+        message: String,
+        suggestion: Option<String>,
+    ) -> ManifestError {
+        ManifestError {
+            file: location.file.clone(),
+            location: Some(location),
+            stage: stage.map(str::to_string),
+            field: field.map(str::to_string),
+            message,
+            suggestion,
+        }
+    }
+
+    /// The value at `path`, else the key of its nearest written ancestor.
+    fn value_at(&self, path: &[String]) -> Location {
+        match self.locs.get(path) {
+            Some(spot) => spot.value.clone(),
+            None => self.locs.nearest(path).key.clone(),
+        }
+    }
+
+    /// The key of `path`, else the key of its nearest written ancestor.
+    fn key_at(&self, path: &[String]) -> Location {
+        self.locs.nearest(path).key.clone()
+    }
+
+    /// Unknown keys (with suggestions) and stages that are not mappings.
+    /// Drops explicit nulls of optional keys, which mean "absent".
+    fn check_structure(&self, tree: &mut Yaml) -> Result<(), ManifestError> {
+        let top = tree.as_mapping_mut().expect("the merged tree is a mapping");
+        for k in top.keys() {
+            let k = key_text(k);
+            if !TOP_KEYS.contains(&k.as_str()) {
+                let loc = self.key_at(&kp(&[&k]));
+                let s = nearest(&k, TOP_KEYS.iter().copied());
+                return Err(self.error(loc, None, Some(&k), "unknown field".into(), s));
+            }
+        }
+        top.retain(|k, v| !(v.is_null() && matches!(k.as_str(), Some("params" | "stages"))));
+        let Some(Yaml::Mapping(stages)) = top.get_mut("stages") else { return Ok(()) };
+        for (id, def) in stages.iter_mut() {
+            let id = key_text(id);
+            let Yaml::Mapping(def) = def else {
+                let loc = self.value_at(&kp(&["stages", &id]));
+                let msg = "a stage must be a mapping with at least `op`".to_string();
+                return Err(self.error(loc, Some(&id), None, msg, None));
+            };
+            for k in def.keys() {
+                let k = key_text(k);
+                if !STAGE_KEYS.contains(&k.as_str()) {
+                    let loc = self.key_at(&kp(&["stages", &id, &k]));
+                    let s = nearest(&k, STAGE_KEYS.iter().copied());
+                    return Err(self.error(loc, Some(&id), Some(&k), "unknown field".into(), s));
+                }
+            }
+            def.retain(|k, v| !(v.is_null() && k.as_str() != Some("op")));
+        }
+        Ok(())
+    }
+
+    fn apply_set(&self, params: &mut BTreeMap<String, Json>, key: &str, value: &str) -> Result<(), ManifestError> {
+        let loc = self.key_at(&kp(&["params"]));
+        let Some(name) = key.strip_prefix("params.") else {
+            let msg = format!("--set `{key}`: only pipeline params can be set, as `params.NAME=VALUE`");
+            return Err(self.error(loc, None, Some(key), msg, None));
+        };
+        if !params.contains_key(name) {
+            let msg = format!("--set: unknown param `{name}`");
+            let s = nearest(name, params.keys().map(String::as_str)).map(|s| format!("params.{s}"));
+            return Err(self.error(loc, None, Some(key), msg, s));
+        }
+        params.insert(name.to_string(), parse_scalar(value));
+        Ok(())
+    }
+
+    fn op(&self, key: &str, def: &StageDef) -> Result<&'a dyn Op, ManifestError> {
+        self.ops.iter().copied().find(|op| op.name() == def.op).ok_or_else(|| {
+            let loc = self.value_at(&kp(&["stages", key, "op"]));
+            let s = nearest(&def.op, self.ops.iter().map(|op| op.name()));
+            self.error(loc, Some(key), Some("op"), format!("unknown op `{}`", def.op), s)
+        })
+    }
+
+    /// The stage's output names, checking its `outputs:` list.
+    fn outputs(&self, key: &str, def: &StageDef, op: &dyn Op) -> Result<Vec<String>, ManifestError> {
+        let at = |rest: &[&str]| {
+            let mut p = kp(&["stages", key, "outputs"]);
+            p.extend(rest.iter().map(|s| s.to_string()));
+            p
+        };
+        if !op.outputs_from_stage() {
+            if def.outputs.is_some() {
+                let declared: Vec<String> = op.outputs().iter().map(|p| format!("`{}`", p.name)).collect();
+                let msg =
+                    format!("op `{}` declares its own outputs ({}); remove `outputs:`", op.name(), declared.join(", "));
+                return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
+            }
+            return Ok(op.outputs().iter().map(|p| p.name.to_string()).collect());
+        }
+        let Some(names) = &def.outputs else {
+            let msg = format!("op `{}` needs an `outputs:` list naming what the stage writes", op.name());
+            return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
+        };
+        if names.is_empty() {
+            let msg = "`outputs` must name at least one output".to_string();
+            return Err(self.error(self.value_at(&at(&[])), Some(key), Some("outputs"), msg, None));
+        }
+        for (i, name) in names.iter().enumerate() {
+            let loc = self.value_at(&at(&[&i.to_string()]));
+            let field = format!("outputs.{i}");
+            if name.is_empty() || name.contains('/') || name.contains('\\') {
+                let msg = format!("output name `{name}` must be a plain non-empty name without `/`");
+                return Err(self.error(loc, Some(key), Some(&field), msg, None));
+            }
+            if names[..i].contains(name) {
+                return Err(self.error(loc, Some(key), Some(&field), format!("duplicate output `{name}`"), None));
+            }
+        }
+        Ok(names.clone())
+    }
+
+    /// The stage's matrix combinations: keys sorted, values as written,
+    /// the last key varying fastest. A plain stage has one, empty.
+    fn expand(&self, key: &str, def: &StageDef) -> Result<Vec<BTreeMap<String, Json>>, ManifestError> {
+        let mut combos = vec![BTreeMap::new()];
+        let Some(matrix) = &def.matrix else { return Ok(combos) };
+        for (name, values) in matrix {
+            let field = format!("matrix.{name}");
+            if values.is_empty() {
+                let loc = self.value_at(&kp(&["stages", key, "matrix", name]));
+                return Err(self.error(loc, Some(key), Some(&field), "a matrix list must not be empty".into(), None));
+            }
+            for (i, v) in values.iter().enumerate() {
+                if v.is_array() || v.is_object() {
+                    let loc = self.value_at(&kp(&["stages", key, "matrix", name, &i.to_string()]));
+                    let msg = "matrix values must be scalars".to_string();
+                    return Err(self.error(loc, Some(key), Some(&field), msg, None));
+                }
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.insert(name.clone(), v.clone());
+                        c
+                    })
+                })
+                .collect();
+        }
+        Ok(combos)
+    }
+
+    /// Interpolates a param value (recursing into lists and mappings).
+    fn interp_param(&self, w: &World, inst: &Inst, v: &Json, at: &mut KeyPath) -> Result<Json, ManifestError> {
+        let field = || at[2..].join(".");
+        match v {
+            Json::String(s) => {
+                let fail = |msg: String, sug: Option<String>| {
+                    self.error(self.value_at(at), Some(&inst.id), Some(&field()), msg, sug)
+                };
+                let pieces = interp::parse(s).map_err(|m| fail(m, None))?;
+                let mut out = String::new();
+                for piece in &pieces {
+                    match piece {
+                        Piece::Text(t) => out.push_str(t),
+                        Piece::Param(name) => {
+                            let value = lookup_param(w, name).map_err(|(m, s)| fail(m, s))?;
+                            if pieces.len() == 1 {
+                                return Ok(value.clone());
+                            }
+                            out.push_str(&interp::render(value));
+                        }
+                        Piece::Stage(r) => {
+                            let msg = format!(
+                                "`${{stages.{r}}}` in params: stage references belong in `inputs`, not `params`"
+                            );
+                            return Err(fail(msg, None));
+                        }
+                    }
+                }
+                Ok(Json::String(out))
+            }
+            Json::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    at.push(i.to_string());
+                    out.push(self.interp_param(w, inst, item, at)?);
+                    at.pop();
+                }
+                Ok(Json::Array(out))
+            }
+            Json::Object(map) => {
+                let mut out = serde_json::Map::new();
+                for (k, item) in map {
+                    at.push(k.clone());
+                    out.insert(k.clone(), self.interp_param(w, inst, item, at)?);
+                    at.pop();
+                }
+                Ok(Json::Object(out))
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
+    /// Binds one input: a stage reference or a path.
+    fn input(&self, w: &World, inst: &Inst, name: &str, written: &str) -> Result<Input, ManifestError> {
+        let at = kp(&["stages", &inst.key, "inputs", name]);
+        let location = self.value_at(&at);
+        let field = format!("inputs.{name}");
+        let fail =
+            |msg: String, sug: Option<String>| self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug);
+        let pieces = interp::parse(written).map_err(|m| fail(m, None))?;
+        if let [Piece::Stage(r)] = pieces.as_slice() {
+            let (stage, output) = resolve_stage_ref(w, inst, r).map_err(|(m, s)| fail(m, s))?;
+            return Ok(Input::Stage { stage, output, location });
+        }
+        let mut text = String::new();
+        for piece in &pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(t),
+                Piece::Param(p) => text.push_str(&interp::render(lookup_param(w, p).map_err(|(m, s)| fail(m, s))?)),
+                Piece::Stage(r) => {
+                    let msg = format!("`${{stages.{r}}}` must be the whole input value, not part of `{written}`");
+                    return Err(fail(msg, None));
+                }
+            }
+        }
+        if text.is_empty() {
+            return Err(fail("an input path must not be empty".into(), None));
+        }
+        // Relative to the folder of the file that wrote this input.
+        let dir = location.file.parent().unwrap_or(Path::new(""));
+        let joined = dir.join(&text);
+        let path = std::path::absolute(&joined).unwrap_or(joined);
+        Ok(Input::Path { path, written: text, location })
+    }
+
+    fn check_input_names(
+        &self,
+        inst: &Inst,
+        op: &dyn Op,
+        inputs: &BTreeMap<String, Input>,
+    ) -> Result<(), ManifestError> {
+        // `exec` hands every input to the command, whatever its name.
+        if op.name() == "exec" {
+            return Ok(());
+        }
+        let declared = op.inputs();
+        for name in inputs.keys() {
+            if !declared.iter().any(|p| p.name == name) {
+                let loc = self.key_at(&kp(&["stages", &inst.key, "inputs", name]));
+                let msg = format!("op `{}` has no input `{name}`", op.name());
+                let s = nearest(name, declared.iter().map(|p| p.name));
+                return Err(self.error(loc, Some(&inst.id), Some(&format!("inputs.{name}")), msg, s));
+            }
+        }
+        for port in declared.iter().filter(|p| p.required) {
+            if !inputs.contains_key(port.name) {
+                let loc = self.key_at(&kp(&["stages", &inst.key, "inputs"]));
+                let msg = format!("missing required input of op `{}`", op.name());
+                return Err(self.error(loc, Some(&inst.id), Some(&format!("inputs.{}", port.name)), msg, None));
+            }
+        }
+        Ok(())
+    }
+
+    /// Locates an op's [`ParamError`] at the param it names.
+    fn param_error(&self, inst: &Inst, e: ParamError) -> ManifestError {
+        let mut field: Vec<String> = e.field.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let mut message = e.message.clone();
+        // A bad value is shown at the value; anything else at a key.
+        let mut at_value = !field.is_empty();
+        // serde reports an unknown field at its parent: point at the field.
+        if let Some(name) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+            if field.last().map(String::as_str) != Some(name) {
+                field.push(name.to_string());
+            }
+            message = "unknown field".into();
+            at_value = false;
+        }
+        let stage_path = kp(&["stages", &inst.key]);
+        let mut candidates = Vec::new();
+        let mut in_params = stage_path.clone();
+        in_params.push("params".into());
+        in_params.extend(field.iter().cloned());
+        candidates.push(in_params);
+        if let Some(first) = field.first() {
+            candidates.push([stage_path.clone(), kp(&["matrix", first])].concat());
+        }
+        candidates.push([stage_path.clone(), kp(&["params"])].concat());
+        let location = candidates
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| {
+                self.locs.get(p).map(|s| if i == 0 && at_value { s.value.clone() } else { s.key.clone() })
+            })
+            .unwrap_or_else(|| self.key_at(&stage_path));
+        let field = if field.is_empty() { "params".to_string() } else { format!("params.{}", field.join(".")) };
+        self.error(location, Some(&inst.id), Some(&field), message, e.suggestion)
+    }
+}
+
+/// `(stage, field)` for a key path: the stage id and the dotted rest.
+fn split_field(at: &[String]) -> (Option<String>, Option<String>) {
+    match at {
+        [] => (None, None),
+        [s, id, rest @ ..] if s == "stages" => {
+            (Some(id.clone()), if rest.is_empty() { None } else { Some(rest.join(".")) })
+        }
+        _ => (None, Some(at.join("."))),
+    }
+}
+
+type RefError = (String, Option<String>);
+
+fn lookup_param<'w>(w: &'w World, name: &str) -> Result<&'w Json, RefError> {
+    w.params.get(name).ok_or_else(|| {
+        let s = nearest(name, w.params.keys().map(String::as_str)).map(|s| format!("params.{s}"));
+        (format!("unknown param `${{params.{name}}}`"), s)
+    })
+}
+
+/// Resolves `ID.OUTPUT` (the text after `stages.`) for `inst`, to a full
+/// instance id and an output name.
+fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String), RefError> {
+    let written = format!("${{stages.{r}}}");
+    // The longest stage key that `r` starts with (keys may contain dots).
+    let key = w
+        .keys
+        .keys()
+        .filter(|k| r.strip_prefix(**k).is_some_and(|rest| rest.starts_with(['.', '['])))
+        .max_by_key(|k| k.len())
+        .copied();
+    let Some(key) = key else {
+        let end = r.find(['.', '[']).unwrap_or(r.len());
+        let id = &r[..end];
+        let s = nearest(id, w.keys.keys().copied());
+        return Err((format!("unknown stage `{id}` in `{written}`"), s));
+    };
+    let rest = &r[key.len()..];
+    let instances = &w.by_key[key];
+    let ids = || instances.iter().map(|&i| format!("`{}`", w.insts[i].id)).collect::<Vec<_>>().join(", ");
+    let (target, output) = if rest.starts_with('[') {
+        let close = rest.find(']').ok_or_else(|| (format!("unterminated `[` in `{written}`"), None))?;
+        let id = &r[..key.len() + close + 1];
+        let output = rest[close + 1..]
+            .strip_prefix('.')
+            .ok_or_else(|| (format!("expected `.OUTPUT` after `{id}` in `{written}`"), None))?;
+        let Some(&i) = instances.iter().find(|&&i| w.insts[i].id == id) else {
+            let s = nearest(id, instances.iter().map(|&i| w.insts[i].id.as_str()));
+            return Err((format!("unknown stage `{id}` in `{written}` (instances: {})", ids()), s));
+        };
+        (i, output)
+    } else {
+        let output = &rest[1..];
+        let target_keys: Vec<&String> = w.insts[instances[0]].matrix.keys().collect();
+        if target_keys.is_empty() {
+            (instances[0], output)
+        } else if target_keys.iter().all(|k| inst.matrix.contains_key(*k)) {
+            let matching = instances
+                .iter()
+                .find(|&&i| w.insts[i].matrix.iter().all(|(k, v)| inst.matrix.get(k) == Some(v)))
+                .copied();
+            let Some(i) = matching else {
+                let msg = format!("no instance of matrix stage `{key}` matches this one in `{written}`: {}", ids());
+                return Err((msg, None));
+            };
+            (i, output)
+        } else {
+            let msg =
+                format!("ambiguous reference `{written}`: `{key}` is a matrix stage; name one instance: {}", ids());
+            return Err((msg, None));
+        }
+    };
+    let target = &w.insts[target];
+    let outputs = &w.keys[target.key.as_str()].2;
+    if output.is_empty() {
+        return Err((format!("missing output name in `{written}`"), None));
+    }
+    if !outputs.iter().any(|o| o == output) {
+        let msg = format!("stage `{}` has no output `{output}` (referenced as `{written}`)", target.id);
+        return Err((msg, nearest(output, outputs.iter().map(String::as_str))));
+    }
+    Ok((target.id.clone(), output.to_string()))
+}
+
+/// `KEY[k1=v1,k2=v2]`, keys sorted, values as YAML writes scalars.
+fn instance_id(key: &str, matrix: &BTreeMap<String, Json>) -> String {
+    if matrix.is_empty() {
+        return key.to_string();
+    }
+    let parts: Vec<String> = matrix.iter().map(|(k, v)| format!("{k}={}", interp::render(v))).collect();
+    format!("{key}[{}]", parts.join(","))
+}
+
+fn valid_device(d: &str) -> bool {
+    match d {
+        "auto" | "cpu" | "cuda" => true,
+        _ => d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
+/// A `--set` value: a YAML scalar (`1e-4` a float, `3` an int, `true` a
+/// bool); anything else is taken as text.
+pub(super) fn parse_scalar(value: &str) -> Json {
+    if value.is_empty() {
+        return Json::String(String::new());
+    }
+    match serde_yaml::from_str::<Yaml>(value) {
+        Ok(v @ (Yaml::Null | Yaml::Bool(_) | Yaml::Number(_) | Yaml::String(_))) => {
+            serde_yaml::from_value(v).unwrap_or_else(|_| Json::String(value.to_string()))
+        }
+        _ => Json::String(value.to_string()),
+    }
+}

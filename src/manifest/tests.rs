@@ -1,0 +1,473 @@
+//! Manifest loading, rule by rule, with exact error text.
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::resolve::load_with;
+use super::*;
+use crate::ops::{Op, ParamError, Port, StageContext};
+
+/// A test-only op with declared inputs, outputs and typed params.
+struct Train;
+
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct TrainParams {
+    lr: f64,
+    #[serde(default)]
+    kl_coef: f64,
+    #[serde(default = "one")]
+    epochs: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Op for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "test op"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        &[Port { name: "model", doc: "", required: true }, Port { name: "data", doc: "", required: false }]
+    }
+    fn outputs(&self) -> &'static [Port] {
+        &[Port { name: "model", doc: "", required: false }, Port { name: "metrics", doc: "", required: false }]
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(TrainParams)
+    }
+    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+        crate::ops::normalize_with::<TrainParams>(params)
+    }
+    fn run(&self, _: &StageContext<'_>) -> anyhow::Result<crate::protocol::Metrics> {
+        unreachable!("never run in manifest tests")
+    }
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    fn load_sets(&self, name: &str, sets: &[(&str, &str)]) -> Result<Pipeline, String> {
+        let ops: Vec<&dyn Op> = vec![crate::ops::find("exec").unwrap(), &Train];
+        let options = LoadOptions { sets: sets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        load_with(&self.path().join(name), &options, &ops).map_err(|e| {
+            assert!(e.location.is_some(), "every error is located: {e}");
+            // Paths relative to the temp dir, for readable assertions.
+            e.to_string().replace(&format!("{}/", self.path().display()), "")
+        })
+    }
+    fn load(&self, name: &str) -> Result<Pipeline, String> {
+        self.load_sets(name, &[])
+    }
+    /// Writes `p.yaml` and loads it.
+    fn one(&self, text: &str) -> Result<Pipeline, String> {
+        self.write("p.yaml", text);
+        self.load("p.yaml")
+    }
+}
+
+const BASE: &str = "version: 1\nname: t\nparams:\n  lr: 3e-4\n  who: world\n";
+
+#[test]
+fn locations_are_one_based() {
+    let locs = locate::Locs::index(Path::new("f.yaml"), "a: 1\nb:\n  c: [x, y]\n  d: {e: 2}\n").unwrap();
+    let at = |p: &[&str]| {
+        let s = locs.get(&include::kp(p)).unwrap();
+        ((s.key.line, s.key.column), (s.value.line, s.value.column))
+    };
+    assert_eq!(at(&["a"]), ((1, 1), (1, 4)));
+    assert_eq!(at(&["b", "c"]), ((3, 3), (3, 6)));
+    assert_eq!(at(&["b", "c", "1"]), ((3, 10), (3, 10)));
+    assert_eq!(at(&["b", "d", "e"]), ((4, 7), (4, 10)));
+}
+
+#[test]
+fn yaml_syntax_error_is_located() {
+    let d = Dir::new();
+    let err = d.one("version: 1\nname: [t\n").unwrap_err();
+    assert!(err.starts_with("p.yaml:3:1: invalid YAML: "), "{err}");
+}
+
+#[test]
+fn plain_pipeline() {
+    let d = Dir::new();
+    let p = d
+        .one(&format!(
+            "{BASE}seed: 7\nstages:\n  zeta:\n    op: exec\n    params: {{cmd: echo}}\n    outputs: [out]\n  alpha:\n    op: train\n    device: cuda:1\n    inputs: {{model: \"${{stages.zeta.out}}\", data: data/x.jsonl}}\n    params: {{lr: 0.1}}\n"
+        ))
+        .unwrap();
+    assert_eq!(p.name, "t");
+    assert_eq!(p.seed, 7);
+    assert_eq!(p.params["lr"], json!(0.0003));
+    // Declaration order, not key order.
+    assert_eq!(p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["zeta", "alpha"]);
+    let a = p.stage("alpha").unwrap();
+    assert_eq!(a.params, json!({"lr": 0.1, "kl_coef": 0.0, "epochs": 1}));
+    assert_eq!(a.outputs, ["model", "metrics"]);
+    assert_eq!(a.device, "cuda:1");
+    assert_eq!((a.location.line, a.location.column), (12, 3));
+    match &a.inputs["model"] {
+        Input::Stage { stage, output, .. } => assert_eq!((stage.as_str(), output.as_str()), ("zeta", "out")),
+        other => panic!("{other:?}"),
+    }
+    match &a.inputs["data"] {
+        Input::Path { path, written, .. } => {
+            assert_eq!(written, "data/x.jsonl");
+            assert_eq!(path, &d.path().join("data/x.jsonl"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.stage("zeta").unwrap().device, "auto");
+}
+
+#[test]
+fn misspelt_top_level_key() {
+    let d = Dir::new();
+    let err = d.one("version: 1\nnaem: t\n").unwrap_err();
+    assert_eq!(err, "p.yaml:2:1: field `naem`: unknown field (did you mean `name`?)");
+}
+
+#[test]
+fn misspelt_stage_key() {
+    let d = Dir::new();
+    let err = d.one(&format!("{BASE}stages:\n  sft:\n    op: train\n    parms: {{lr: 1}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:9:5: stage `sft`, field `parms`: unknown field (did you mean `params`?)");
+}
+
+#[test]
+fn unknown_op() {
+    let d = Dir::new();
+    let err = d.one(&format!("{BASE}stages:\n  sft:\n    op: trian\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:8:9: stage `sft`, field `op`: unknown op `trian` (did you mean `train`?)");
+}
+
+#[test]
+fn version_and_name() {
+    let d = Dir::new();
+    assert_eq!(
+        d.one("version: 2\nname: t\n").unwrap_err(),
+        "p.yaml:1:10: field `version`: unsupported manifest version 2 (this alignflow reads version 1)"
+    );
+    assert_eq!(
+        d.one("version: 1\nname: a/b\n").unwrap_err(),
+        "p.yaml:2:7: field `name`: the pipeline name must be non-empty and contain no `/`"
+    );
+    assert_eq!(d.one("version: 1\n").unwrap_err(), "p.yaml:1:1: missing field `name`");
+    assert_eq!(
+        d.one("version: 1\nname: t\nseed: x\n").unwrap_err(),
+        "p.yaml:3:7: field `seed`: invalid type: string \"x\", expected u64"
+    );
+}
+
+#[test]
+fn unknown_param_reference() {
+    let d = Dir::new();
+    let err = d
+        .one(&format!(
+            "{BASE}stages:\n  s:\n    op: exec\n    outputs: [o]\n    params: {{cmd: \"echo ${{params.lrr}}\"}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:10:19: stage `s`, field `params.cmd`: unknown param `${params.lrr}` (did you mean `params.lr`?)"
+    );
+}
+
+#[test]
+fn env_reference_rejected_by_name() {
+    let d = Dir::new();
+    let err = d
+        .one(&format!(
+            "{BASE}stages:\n  s:\n    op: exec\n    outputs: [o]\n    params:\n      cmd: echo ${{env.HOME}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:11:12: stage `s`, field `params.cmd`: unknown reference `${env.HOME}`: only `${params.NAME}` and `${stages.ID.OUTPUT}` are allowed (write `$${` for a literal `${`)"
+    );
+}
+
+#[test]
+fn dollar_escape_and_text_rendering() {
+    let d = Dir::new();
+    let p = d
+        .one(&format!(
+            "{BASE}stages:\n  s:\n    op: exec\n    outputs: [o]\n    params:\n      cmd: echo $${{HOME}} ${{params.who}} $PATH ${{params.lr}}\n"
+        ))
+        .unwrap();
+    assert_eq!(p.stages[0].params, json!({"cmd": "echo ${HOME} world $PATH 0.0003"}));
+}
+
+#[test]
+fn whole_string_param_keeps_its_type() {
+    let d = Dir::new();
+    let p = d
+        .one(&format!(
+            "{BASE}  n: 3\nstages:\n  m:\n    op: exec\n    outputs: [o]\n    params: {{cmd: x}}\n  s:\n    op: train\n    inputs: {{model: \"${{stages.m.o}}\"}}\n    params:\n      lr: ${{params.lr}}\n      epochs: \"${{params.n}}\"\n      tag: run-${{params.n}}\n"
+        ))
+        .unwrap();
+    assert_eq!(p.stage("s").unwrap().params, json!({"lr": 0.0003, "kl_coef": 0.0, "epochs": 3, "tag": "run-3"}));
+}
+
+#[test]
+fn stage_reference_in_params_rejected() {
+    let d = Dir::new();
+    let err = d
+        .one(&format!(
+            "{BASE}stages:\n  s:\n    op: exec\n    outputs: [o]\n    params: {{cmd: \"${{stages.s.o}}\"}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:10:19: stage `s`, field `params.cmd`: `${stages.s.o}` in params: stage references belong in `inputs`, not `params`"
+    );
+}
+
+const SET: &str = "version: 1\nname: t\nparams:\n  lr: 0.1\n  epochs: 1\nstages:\n  m:\n    op: exec\n    outputs: [o]\n    params: {cmd: x}\n  s:\n    op: train\n    inputs: {model: \"${stages.m.o}\"}\n    params: {lr: \"${params.lr}\", epochs: \"${params.epochs}\"}\n";
+
+#[test]
+fn set_overrides_with_types() {
+    let d = Dir::new();
+    d.write("p.yaml", SET);
+    let p = d.load_sets("p.yaml", &[("params.lr", "1e-4"), ("params.epochs", "3")]).unwrap();
+    assert_eq!(p.params["lr"], json!(0.0001));
+    assert!(p.params["lr"].is_f64());
+    assert_eq!(p.params["epochs"], json!(3));
+    assert!(p.params["epochs"].is_u64());
+    assert_eq!(p.stage("s").unwrap().params, json!({"lr": 0.0001, "kl_coef": 0.0, "epochs": 3}));
+    assert_eq!(super::resolve::parse_scalar("true"), json!(true));
+    assert_eq!(super::resolve::parse_scalar("hello world"), json!("hello world"));
+}
+
+#[test]
+fn set_unknown_param() {
+    let d = Dir::new();
+    d.write("p.yaml", SET);
+    let err = d.load_sets("p.yaml", &[("params.lrr", "1")]).unwrap_err();
+    assert_eq!(err, "p.yaml:3:1: field `params.lrr`: --set: unknown param `lrr` (did you mean `params.lr`?)");
+    let err = d.load_sets("p.yaml", &[("seed", "1")]).unwrap_err();
+    assert_eq!(err, "p.yaml:3:1: field `seed`: --set `seed`: only pipeline params can be set, as `params.NAME=VALUE`");
+}
+
+const MATRIX: &str = "version: 1\nname: t\nstages:\n  base:\n    op: exec\n    outputs: [model]\n    params: {cmd: x}\n  ppo:\n    op: train\n    inputs: {model: \"${stages.base.model}\"}\n    params: {lr: 9, kl_coef: 1}\n    matrix: {lr: [1, 2], kl_coef: [0.01, 0.05]}\n";
+
+#[test]
+fn matrix_ids_and_params() {
+    let d = Dir::new();
+    let p = d.one(MATRIX).unwrap();
+    let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "base",
+            "ppo[kl_coef=0.01,lr=1]",
+            "ppo[kl_coef=0.01,lr=2]",
+            "ppo[kl_coef=0.05,lr=1]",
+            "ppo[kl_coef=0.05,lr=2]"
+        ]
+    );
+    let s = p.stage("ppo[kl_coef=0.05,lr=1]").unwrap();
+    assert_eq!(s.key, "ppo");
+    assert_eq!(s.params, json!({"lr": 1.0, "kl_coef": 0.05, "epochs": 1}));
+    assert_eq!(s.matrix, [("kl_coef".to_string(), json!(0.05)), ("lr".to_string(), json!(1))].into());
+}
+
+#[test]
+fn matrix_strings_bools_and_empty() {
+    let d = Dir::new();
+    let p = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [o]\n    params: {cmd: x}\n    matrix: {flag: [true], mode: [fast, \"slow\"]}\n")
+        .unwrap_err();
+    // The matrix keys are not exec params: located at the matrix entry.
+    assert_eq!(p, "p.yaml:8:14: stage `e[flag=true,mode=fast]`, field `params.flag`: unknown field");
+    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    matrix: {lr: []}\n").unwrap_err();
+    assert_eq!(err, "p.yaml:6:18: stage `e`, field `matrix.lr`: a matrix list must not be empty");
+}
+
+const M2M: &str = "version: 1\nname: t\nstages:\n  base:\n    op: exec\n    outputs: [model]\n    params: {cmd: x}\n  ppo:\n    op: train\n    inputs: {model: \"${stages.base.model}\"}\n    params: {lr: 1}\n    matrix: {kl_coef: [0.01, 0.05]}\n";
+
+#[test]
+fn matrix_to_matrix_reference() {
+    let d = Dir::new();
+    let p = d
+        .one(&format!(
+            "{M2M}  evalm:\n    op: train\n    inputs: {{model: \"${{stages.ppo.model}}\"}}\n    params: {{lr: 1}}\n    matrix: {{kl_coef: [0.05, 0.01], epochs: [2]}}\n  pick:\n    op: train\n    inputs: {{model: \"${{stages.ppo[kl_coef=0.05].model}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap();
+    let target = |id: &str| match &p.stage(id).unwrap().inputs["model"] {
+        Input::Stage { stage, .. } => stage.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(target("evalm[epochs=2,kl_coef=0.05]"), "ppo[kl_coef=0.05]");
+    assert_eq!(target("evalm[epochs=2,kl_coef=0.01]"), "ppo[kl_coef=0.01]");
+    assert_eq!(target("pick"), "ppo[kl_coef=0.05]");
+}
+
+#[test]
+fn ambiguous_matrix_reference() {
+    let d = Dir::new();
+    let err = d
+        .one(&format!(
+            "{M2M}  ev:\n    op: train\n    inputs: {{model: \"${{stages.ppo.model}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: ambiguous reference `${stages.ppo.model}`: `ppo` is a matrix stage; name one instance: `ppo[kl_coef=0.01]`, `ppo[kl_coef=0.05]`"
+    );
+    let err = d
+        .one(&format!("{M2M}  ev:\n    op: train\n    inputs: {{model: \"${{stages.ppo[kl_coef=0.5].model}}\"}}\n    params: {{lr: 1}}\n"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: unknown stage `ppo[kl_coef=0.5]` in `${stages.ppo[kl_coef=0.5].model}` (instances: `ppo[kl_coef=0.01]`, `ppo[kl_coef=0.05]`) (did you mean `ppo[kl_coef=0.05]`?)"
+    );
+}
+
+#[test]
+fn missing_stage_and_unknown_output() {
+    let d = Dir::new();
+    let err = d
+        .one(&format!(
+            "{M2M}  ev:\n    op: train\n    inputs: {{model: \"${{stages.bsae.model}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: unknown stage `bsae` in `${stages.bsae.model}` (did you mean `base`?)"
+    );
+    let err = d
+        .one(&format!(
+            "{M2M}  ev:\n    op: train\n    inputs: {{model: \"${{stages.base.modle}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: stage `base` has no output `modle` (referenced as `${stages.base.modle}`) (did you mean `model`?)"
+    );
+    let err = d
+        .one(&format!(
+            "{M2M}  ev:\n    op: train\n    inputs: {{model: \"x/${{stages.base.model}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: `${stages.base.model}` must be the whole input value, not part of `x/${stages.base.model}`"
+    );
+}
+
+#[test]
+fn include_merge_and_relative_inputs() {
+    let d = Dir::new();
+    d.write(
+        "common/base.yaml",
+        "params:\n  lr: 0.5\nstages:\n  prep:\n    op: exec\n    inputs: {src: data/in.txt}\n    outputs: [o]\n    params: {cmd: base}\n",
+    );
+    d.write(
+        "p.yaml",
+        "version: 1\nname: t\ninclude: common/base.yaml\nstages:\n  prep:\n    params:\n      cmd: mine\n  later:\n    op: exec\n    inputs: {here: local.txt}\n    outputs: [o]\n    params: {cmd: \"echo ${params.lr}\"}\n",
+    );
+    let p = d.load("p.yaml").unwrap();
+    assert_eq!(p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["prep", "later"]);
+    let prep = p.stage("prep").unwrap();
+    assert_eq!(prep.params, json!({"cmd": "mine"}));
+    match &prep.inputs["src"] {
+        Input::Path { path, location, .. } => {
+            assert_eq!(path, &d.path().join("common/data/in.txt"));
+            assert_eq!(location.file, d.path().join("common/base.yaml"));
+            assert_eq!((location.line, location.column), (6, 19));
+        }
+        other => panic!("{other:?}"),
+    }
+    match &p.stage("later").unwrap().inputs["here"] {
+        Input::Path { path, .. } => assert_eq!(path, &d.path().join("local.txt")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.stage("later").unwrap().params, json!({"cmd": "echo 0.5"}));
+
+    // Errors in an included value point into the included file.
+    d.write("p2.yaml", "version: 1\nname: t\ninclude: [common/base.yaml]\nstages:\n  prep:\n    params: {cmdd: x}\n");
+    let err = d.load("p2.yaml").unwrap_err();
+    assert_eq!(err, "p2.yaml:6:14: stage `prep`, field `params.cmdd`: unknown field (did you mean `cmd`?)");
+}
+
+#[test]
+fn include_cycle() {
+    let d = Dir::new();
+    d.write("a.yaml", "version: 1\nname: t\ninclude: b.yaml\n");
+    d.write("b.yaml", "include:\n  - c.yaml\n");
+    d.write("c.yaml", "include: [a.yaml]\n");
+    let err = d.load("a.yaml").unwrap_err();
+    assert_eq!(err, "c.yaml:1:11: field `include`: include cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml");
+    d.write("m.yaml", "version: 1\nname: t\ninclude: missing.yaml\n");
+    let err = d.load("m.yaml").unwrap_err();
+    assert!(err.starts_with("m.yaml:3:10: field `include`: cannot read `"), "{err}");
+}
+
+#[test]
+fn outputs_rules() {
+    let d = Dir::new();
+    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    params: {cmd: x}\n").unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:3: stage `e`, field `outputs`: op `exec` needs an `outputs:` list naming what the stage writes"
+    );
+    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, b/c]\n").unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:18: stage `e`, field `outputs.1`: output name `b/c` must be a plain non-empty name without `/`"
+    );
+    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, a]\n").unwrap_err();
+    assert_eq!(err, "p.yaml:6:18: stage `e`, field `outputs.1`: duplicate output `a`");
+    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    outputs: [a]\n").unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:5: stage `e`, field `outputs`: op `train` declares its own outputs (`model`, `metrics`); remove `outputs:`"
+    );
+}
+
+#[test]
+fn inputs_devices_and_params() {
+    let d = Dir::new();
+    let head = "version: 1\nname: t\nstages:\n  e:\n    op: train\n";
+    let err = d.one(&format!("{head}    params: {{lr: 1}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:4:3: stage `e`, field `inputs.model`: missing required input of op `train`");
+    let err = d.one(&format!("{head}    inputs: {{model: m, dta: d}}\n    params: {{lr: 1}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:6:24: stage `e`, field `inputs.dta`: op `train` has no input `dta` (did you mean `data`?)");
+    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    device: gpu\n    params: {{lr: 1}}\n")).unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:7:13: stage `e`, field `device`: unknown device `gpu` (expected `auto`, `cpu`, `cuda` or `cuda:N`)"
+    );
+    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    params: {{lr: fast}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:7:18: stage `e`, field `params.lr`: invalid type: string \"fast\", expected f64");
+    let err = d.one(&format!("{head}    inputs: {{model: m}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:4:3: stage `e`, field `params`: missing field `lr`");
+    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    params: {{epochs: 2}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:7:5: stage `e`, field `params`: missing field `lr`");
+    let err = d.one(&format!("{head}    inputs: {{model: 3}}\n    params: {{lr: 1}}\n")).unwrap_err();
+    assert_eq!(err, "p.yaml:6:21: stage `e`, field `inputs.model`: invalid type: integer `3`, expected a string");
+}
