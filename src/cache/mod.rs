@@ -14,6 +14,7 @@ mod atomic;
 mod hashcache;
 mod key;
 mod store;
+mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
