@@ -25,10 +25,8 @@ const READ_BUF: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct FileStat {
     pub size: u64,
+    /// Not the ctime: hard-linking or chmod-ing an input would then rehash it.
     pub mtime_ns: i64,
-    /// Also compared (beyond size, mtime, inode): restoring an old mtime with
-    /// `touch -d` or `utimes` still changes the ctime.
-    pub ctime_ns: i64,
     pub ino: u64,
 }
 
@@ -37,7 +35,6 @@ impl FileStat {
         FileStat {
             size: meta.len(),
             mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
-            ctime_ns: meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec()),
             ino: meta.ino(),
         }
     }
