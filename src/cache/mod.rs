@@ -14,8 +14,12 @@ mod atomic;
 mod hashcache;
 mod key;
 mod store;
+mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use store::{Cache, CacheError, GcReport, StageLock, StageRecord, VerifyReport};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,409 @@
+//! Unit tests of the store: ids, the hash cache, ingest, records, locks,
+//! verify and gc, each in a temporary folder.
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+
+fn cache() -> (tempfile::TempDir, Cache) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(&dir.path().join("cache")).unwrap();
+    (dir, cache)
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint(blake3::hash(&[n]).to_hex().to_string())
+}
+
+fn record(outputs: &[(&str, &ArtifactId)]) -> StageRecord {
+    let key = StageKey {
+        schema_version: STAGE_KEY_SCHEMA,
+        op: "test".into(),
+        op_version: 1,
+        params: serde_json::json!({"lr": 3e-4, "n": outputs.len()}),
+        inputs: BTreeMap::new(),
+        seed: 7,
+    };
+    StageRecord {
+        fingerprint: key.fingerprint(),
+        key,
+        pipeline: "p".into(),
+        stage: "s".into(),
+        outputs: outputs.iter().map(|(n, id)| (n.to_string(), (*id).clone())).collect(),
+        metrics: BTreeMap::new(),
+        duration_s: 1.5,
+        engine_version: "0.1.0".into(),
+        started_at: "2025-01-01T00:00:00Z".into(),
+        finished_at: "2025-01-01T00:00:01Z".into(),
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+}
+
+fn set_mtime(path: &Path, t: SystemTime) {
+    fs::File::options().write(true).open(path).unwrap().set_modified(t).unwrap();
+}
+
+/// A staged output: a file under a staging folder.
+fn staged(cache: &Cache, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = cache.staging_dir(&fp(99)).unwrap().join(name);
+    write(&p, bytes);
+    p
+}
+
+#[test]
+fn cache_is_shared_across_tasks() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Cache>();
+    send_sync::<StageLock>();
+}
+
+#[test]
+fn file_id_is_plain_blake3_of_the_bytes() {
+    let (dir, cache) = cache();
+    let p = dir.path().join("data.jsonl");
+    write(&p, b"{\"prompt\": \"hi\"}\n");
+    let id = cache.hash_input(&p, false).unwrap();
+    assert_eq!(id.kind, ArtifactKind::File);
+    assert_eq!(id.hash, blake3::hash(b"{\"prompt\": \"hi\"}\n").to_hex().to_string());
+    assert_eq!(id.to_string().parse::<ArtifactId>().unwrap(), id);
+}
+
+#[test]
+fn folder_id_ignores_creation_order_and_sees_one_byte() {
+    let (dir, cache) = cache();
+    let a = dir.path().join("a");
+    write(&a.join("x.txt"), b"x");
+    write(&a.join("sub/y.txt"), b"y");
+    fs::create_dir_all(a.join("empty")).unwrap();
+    let b = dir.path().join("b");
+    write(&b.join("sub/y.txt"), b"y");
+    write(&b.join("x.txt"), b"x");
+    let ida = cache.hash_input(&a, false).unwrap();
+    assert_eq!(ida.kind, ArtifactKind::Tree);
+    assert_eq!(ida, cache.hash_input(&b, false).unwrap());
+
+    write(&b.join("sub/y.txt"), b"z");
+    assert_ne!(ida, cache.hash_input(&b, false).unwrap());
+    // The listing is the documented canonical JSON.
+    let listing = format!(
+        "[[\"sub/y.txt\",\"{}\"],[\"x.txt\",\"{}\"]]",
+        blake3::hash(b"y").to_hex(),
+        blake3::hash(b"x").to_hex()
+    );
+    assert_eq!(ida.hash, blake3::hash(listing.as_bytes()).to_hex().to_string());
+}
+
+#[test]
+fn symlink_inside_a_folder_is_unsupported() {
+    let (dir, cache) = cache();
+    let a = dir.path().join("a");
+    write(&a.join("x"), b"x");
+    std::os::unix::fs::symlink("x", a.join("link")).unwrap();
+    match cache.hash_input(&a, false) {
+        Err(CacheError::Unsupported { path, .. }) => assert!(path.ends_with("a/link")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hash_cache_skips_unchanged_files_and_notices_changes() {
+    let (dir, cache) = cache();
+    let p = dir.path().join("big.bin");
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    write(&p, &bytes);
+    let id = cache.hash_input(&p, false).unwrap();
+    assert_eq!(cache.hashed_bytes(), 4 << 20);
+
+    // Unchanged: nothing read.
+    assert_eq!(cache.hash_input(&p, false).unwrap(), id);
+    assert_eq!(cache.hashed_bytes(), 4 << 20);
+
+    // Same bytes, new mtime: rehashed, same id.
+    fs::write(&p, &bytes).unwrap();
+    set_mtime(&p, SystemTime::now() + Duration::from_secs(5));
+    assert_eq!(cache.hash_input(&p, false).unwrap(), id);
+    assert_eq!(cache.hashed_bytes(), 8 << 20);
+
+    // New bytes of another size under the old mtime: noticed.
+    let old_mtime = fs::metadata(&p).unwrap().modified().unwrap();
+    fs::write(&p, &bytes[1..]).unwrap();
+    set_mtime(&p, old_mtime);
+    let changed = cache.hash_input(&p, false).unwrap();
+    assert_eq!(changed.hash, blake3::hash(&bytes[1..]).to_hex().to_string());
+
+    // rehash=true always reads.
+    let before = cache.hashed_bytes();
+    assert_eq!(cache.hash_input(&p, true).unwrap(), changed);
+    assert_eq!(cache.hashed_bytes(), before + bytes.len() as u64 - 1);
+}
+
+#[test]
+fn hash_cache_persists_across_opens() {
+    let (dir, cache) = cache();
+    let p = dir.path().join("in/data.bin");
+    write(&p, &[7u8; 100_000]);
+    write(&dir.path().join("in/other.bin"), b"other");
+    let id = cache.hash_input(&dir.path().join("in"), false).unwrap();
+    cache.flush_hash_cache().unwrap();
+    drop(cache);
+
+    let again = Cache::open(&dir.path().join("cache")).unwrap();
+    assert_eq!(again.hash_input(&dir.path().join("in"), false).unwrap(), id);
+    assert_eq!(again.hashed_bytes(), 0);
+}
+
+#[test]
+fn flush_merges_entries_of_two_handles() {
+    let (dir, a) = cache();
+    let b = Cache::open(a.root()).unwrap();
+    write(&dir.path().join("1"), b"one");
+    write(&dir.path().join("2"), b"two");
+    a.hash_input(&dir.path().join("1"), false).unwrap();
+    b.hash_input(&dir.path().join("2"), false).unwrap();
+    a.flush_hash_cache().unwrap();
+    b.flush_hash_cache().unwrap();
+    let c = Cache::open(a.root()).unwrap();
+    c.hash_input(&dir.path().join("1"), false).unwrap();
+    c.hash_input(&dir.path().join("2"), false).unwrap();
+    assert_eq!(c.hashed_bytes(), 0);
+}
+
+#[test]
+fn ingest_dedups_files_and_materialises_trees() {
+    let (dir, cache) = cache();
+    let f1 = staged(&cache, "a.bin", b"same bytes");
+    let f2 = staged(&cache, "b.bin", b"same bytes");
+    let id1 = cache.ingest(&f1).unwrap();
+    let id2 = cache.ingest(&f2).unwrap();
+    assert_eq!(id1, id2);
+    assert!(!f1.exists() && !f2.exists());
+    let blob = cache.artifact_path(&id1);
+    assert_eq!(fs::read(&blob).unwrap(), b"same bytes");
+    assert_eq!(fs::metadata(&blob).unwrap().permissions().mode() & 0o777, 0o444);
+    let shard = blob.parent().unwrap();
+    assert_eq!(fs::read_dir(shard).unwrap().count(), 1);
+
+    // A folder: its id equals hash_input of the same folder.
+    let original = dir.path().join("model");
+    write(&original.join("config.json"), b"{}");
+    write(&original.join("weights/part0.bin"), &[1u8; 5000]);
+    write(&original.join("weights/part1.bin"), b"same bytes");
+    let expected = cache.hash_input(&original, false).unwrap();
+    let out = cache.staging_dir(&fp(1)).unwrap().join("model");
+    for rel in ["config.json", "weights/part0.bin", "weights/part1.bin"] {
+        write(&out.join(rel), &fs::read(original.join(rel)).unwrap());
+    }
+    let id = cache.ingest(&out).unwrap();
+    assert_eq!(id, expected);
+    assert!(!out.exists());
+    assert!(cache.has_artifact(&id));
+    let tree = cache.artifact_path(&id);
+    assert_eq!(fs::read(tree.join("weights/part0.bin")).unwrap(), vec![1u8; 5000]);
+    assert_eq!(fs::read(tree.join("weights/part1.bin")).unwrap(), b"same bytes");
+    assert_eq!(cache.hash_input(&tree, true).unwrap(), id);
+
+    // The same tree again is a no-op; verify finds nothing wrong.
+    let again = cache.staging_dir(&fp(2)).unwrap().join("m");
+    for rel in ["config.json", "weights/part0.bin", "weights/part1.bin"] {
+        write(&again.join(rel), &fs::read(original.join(rel)).unwrap());
+    }
+    assert_eq!(cache.ingest(&again).unwrap(), id);
+    let report = cache.verify().unwrap();
+    assert_eq!(report.problems, Vec::<String>::new());
+    assert_eq!((report.objects_checked, report.trees_checked), (3, 1));
+}
+
+#[test]
+fn records_roundtrip_and_hit_needs_outputs() {
+    let (_dir, cache) = cache();
+    let id = cache.ingest(&staged(&cache, "out", b"output")).unwrap();
+    let rec = record(&[("out", &id)]);
+    assert!(cache.record(&rec.fingerprint).unwrap().is_none());
+    cache.write_record(&rec).unwrap();
+    assert_eq!(cache.record(&rec.fingerprint).unwrap().as_ref(), Some(&rec));
+    assert_eq!(cache.hit(&rec.fingerprint).unwrap().as_ref(), Some(&rec));
+    assert_eq!(cache.records().unwrap(), vec![rec.clone()]);
+
+    fs::remove_file(cache.artifact_path(&id)).unwrap();
+    assert!(cache.hit(&rec.fingerprint).unwrap().is_none());
+    // A record never points at missing outputs.
+    assert!(cache.write_record(&record(&[("out", &id), ("x", &id)])).is_err());
+}
+
+#[test]
+fn corrupt_record_is_an_error_for_record_and_a_miss_for_hit() {
+    let (_dir, cache) = cache();
+    let id = cache.ingest(&staged(&cache, "out", b"output")).unwrap();
+    let rec = record(&[("out", &id)]);
+    cache.write_record(&rec).unwrap();
+    let path = cache.root().join("records").join(&rec.fingerprint.0[..2]).join(format!("{}.json", rec.fingerprint));
+    fs::write(&path, b"{\"fingerprint\": ").unwrap();
+    assert!(matches!(cache.record(&rec.fingerprint), Err(CacheError::CorruptRecord { .. })));
+    assert!(cache.hit(&rec.fingerprint).unwrap().is_none());
+    assert!(cache.records().unwrap().is_empty());
+    let report = cache.verify().unwrap();
+    assert!(report.problems.iter().any(|p| p.contains("corrupt record")), "{:?}", report.problems);
+    // gc refuses rather than guessing what the record kept.
+    assert!(cache.gc(true).is_err());
+}
+
+#[test]
+fn verify_names_a_corrupt_blob() {
+    let (_dir, cache) = cache();
+    let id = cache.ingest(&staged(&cache, "out", b"precious bytes")).unwrap();
+    cache.write_record(&record(&[("out", &id)])).unwrap();
+    assert!(cache.verify().unwrap().problems.is_empty());
+
+    let blob = cache.artifact_path(&id);
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[3] ^= 1;
+    fs::write(&blob, &bytes).unwrap();
+    let report = cache.verify().unwrap();
+    let rel = format!("objects/{}/{}", &id.hash[..2], &id.hash[2..]);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(report.problems[0].starts_with(&format!("{rel}: content hash is ")), "{:?}", report.problems);
+    assert!(report.problems[0].ends_with("(corrupt)"));
+}
+
+#[test]
+fn verify_reports_missing_outputs_and_tree_files() {
+    let (_dir, cache) = cache();
+    let out = cache.staging_dir(&fp(1)).unwrap().join("d");
+    write(&out.join("a"), b"a");
+    write(&out.join("b"), b"b");
+    let tree = cache.ingest(&out).unwrap();
+    let file = cache.ingest(&staged(&cache, "f", b"f")).unwrap();
+    cache.write_record(&record(&[("d", &tree), ("f", &file)])).unwrap();
+    fs::remove_file(cache.artifact_path(&file)).unwrap();
+    fs::remove_file(cache.artifact_path(&tree).join("b")).unwrap();
+    let problems = cache.verify().unwrap().problems;
+    assert!(problems.iter().any(|p| p.contains("output `f`") && p.contains("missing")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with(&format!("trees/{}/b: missing", tree.hash))), "{problems:?}");
+}
+
+#[test]
+fn gc_removes_only_unreachable_objects() {
+    let (_dir, cache) = cache();
+    let kept = cache.ingest(&staged(&cache, "kept", b"kept")).unwrap();
+    let out = cache.staging_dir(&fp(1)).unwrap().join("d");
+    write(&out.join("inner"), b"inner");
+    let tree = cache.ingest(&out).unwrap();
+    cache.write_record(&record(&[("kept", &kept), ("tree", &tree)])).unwrap();
+    let garbage = cache.ingest(&staged(&cache, "garbage", b"garbage!")).unwrap();
+    let gout = cache.staging_dir(&fp(2)).unwrap().join("g");
+    write(&gout.join("g"), b"in a garbage tree");
+    let gtree = cache.ingest(&gout).unwrap();
+
+    let dry = cache.gc(true).unwrap();
+    assert!(dry.removed.contains(&cache.artifact_path(&garbage)), "{:?}", dry.removed);
+    assert!(dry.removed.contains(&cache.artifact_path(&gtree)));
+    assert_eq!(dry.freed_bytes, 8 + 17 + gtree_listing_len(&cache, &gtree));
+    assert!(cache.has_artifact(&garbage) && cache.has_artifact(&gtree));
+
+    let real = cache.gc(false).unwrap();
+    assert_eq!(real.removed, dry.removed);
+    assert_eq!(real.freed_bytes, dry.freed_bytes);
+    assert_eq!(real.kept_objects, 2);
+    assert!(!cache.has_artifact(&garbage) && !cache.has_artifact(&gtree));
+    assert!(cache.has_artifact(&kept) && cache.has_artifact(&tree));
+    assert!(cache.verify().unwrap().problems.is_empty());
+}
+
+fn gtree_listing_len(cache: &Cache, id: &ArtifactId) -> u64 {
+    fs::metadata(cache.root().join("trees").join(format!("{}.json", id.hash))).unwrap().len()
+}
+
+#[test]
+fn stage_locks_exclude_other_handles() {
+    let (_dir, a) = cache();
+    let b = Cache::open(a.root()).unwrap();
+    let lock = a.try_lock_stage(&fp(1)).unwrap().expect("free");
+    assert!(b.try_lock_stage(&fp(1)).unwrap().is_none());
+    assert!(a.try_lock_stage(&fp(1)).unwrap().is_none());
+    assert!(b.try_lock_stage(&fp(2)).unwrap().is_some());
+    drop(lock);
+    assert!(b.try_lock_stage(&fp(1)).unwrap().is_some());
+
+    // lock_stage blocks until the holder lets go.
+    let held = a.lock_stage(&fp(3)).unwrap();
+    let root = a.root().to_path_buf();
+    let waiter = std::thread::spawn(move || {
+        let c = Cache::open(&root).unwrap();
+        let _l = c.lock_stage(&fp(3)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!waiter.is_finished());
+    drop(held);
+    waiter.join().unwrap();
+}
+
+#[test]
+fn gc_keeps_staging_of_running_stages_and_objects_while_busy() {
+    let (_dir, cache) = cache();
+    let other = Cache::open(cache.root()).unwrap();
+    let lock = other.lock_stage(&fp(1)).unwrap();
+    let running = other.staging_dir(&fp(1)).unwrap();
+    write(&running.join("partial.bin"), b"partial");
+    let stale = cache.staging_dir(&fp(2)).unwrap();
+    write(&stale.join("left.bin"), b"left over");
+    // Ingested by the running stage, not yet recorded.
+    let fresh = other.ingest(&staged(&other, "fresh", b"fresh")).unwrap();
+
+    let report = cache.gc(false).unwrap();
+    assert!(running.join("partial.bin").exists());
+    assert!(!stale.exists());
+    assert!(report.removed.contains(&stale));
+    assert!(cache.has_artifact(&fresh), "busy cache: objects are kept");
+
+    drop(lock);
+    let report = cache.gc(false).unwrap();
+    assert!(!running.exists() && !cache.has_artifact(&fresh), "{:?}", report.removed);
+}
+
+#[test]
+fn open_creates_the_layout_and_dirs_on_demand() {
+    let (_dir, cache) = cache();
+    for sub in ["objects", "trees", "records", "locks", "tmp"] {
+        assert!(cache.root().join(sub).is_dir(), "{sub}");
+    }
+    let ck = cache.checkpoint_dir(&fp(1)).unwrap();
+    assert!(ck.is_dir() && ck.ends_with(format!("checkpoints/{}", fp(1))));
+    assert!(cache.logs_dir().unwrap().is_dir());
+    let s1 = cache.staging_dir(&fp(1)).unwrap();
+    let s2 = cache.staging_dir(&fp(1)).unwrap();
+    assert_ne!(s1, s2);
+    assert_eq!(fs::read_dir(&s1).unwrap().count(), 0);
+    assert!(cache.record(&Fingerprint("../x".into())).is_err());
+}
+
+/// `cargo test -p alignflow --lib cache -- --ignored`: a 1 GiB input hashes in
+/// about a second, and a cached one in microseconds.
+#[test]
+#[ignore = "writes 1 GiB"]
+fn large_input_timing() {
+    use std::io::Write;
+    let (dir, cache) = cache();
+    let p = dir.path().join("big.bin");
+    let mut f = fs::File::create(&p).unwrap();
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 % 256) as u8).collect();
+    for _ in 0..1024 {
+        f.write_all(&chunk).unwrap();
+    }
+    drop(f);
+    let t = std::time::Instant::now();
+    let id = cache.hash_input(&p, false).unwrap();
+    let first = t.elapsed();
+    let t = std::time::Instant::now();
+    assert_eq!(cache.hash_input(&p, false).unwrap(), id);
+    let cached = t.elapsed();
+    eprintln!("1 GiB: first hash {first:?}, cached {cached:?}");
+    assert!(cached < Duration::from_millis(50));
+}
