@@ -9,3 +9,6 @@ mod records;
 
 pub use jsonl::{read_jsonl, read_lines, DataError, JsonlReader, JsonlWriter, LineError, RawLines};
 pub use records::{Comparison, PromptRecord};
+
+#[cfg(test)]
+pub(crate) mod testing;
