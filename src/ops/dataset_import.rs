@@ -1,8 +1,185 @@
-//! `dataset.import` (to be written).
+//! `dataset.import`: turns an external dataset into the project's records.
+//!
+//! HH-RLHF comparisons become [`Comparison`] records (shared prompt, two
+//! responses, a label), prompt lists become [`PromptRecord`]s. Nothing is
+//! dropped silently: records that cannot be split and malformed lines are
+//! counted and listed, by line number, in the `report` output.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use super::{Op, ParamError, Port, StageContext};
+use crate::data::{read_lines, Comparison, DataError, JsonlWriter, PromptRecord};
 use crate::protocol::Metrics;
 
+/// The marker that opens an assistant turn in HH-RLHF dialogues.
+const ASSISTANT: &str = "\n\nAssistant:";
+/// How many bad lines an error message quotes.
+const QUOTED_BAD_LINES: usize = 5;
+/// Progress is reported every this many lines.
+const PROGRESS_EVERY: u64 = 1000;
+
 pub struct DatasetImport;
+
+/// Layout of the source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// JSONL with `chosen` and `rejected` dialogues (`\n\nHuman: ...\n\nAssistant: ...`)
+    /// -> comparison records `{prompt, chosen, rejected, label}`.
+    HhRlhf,
+    /// JSONL with a string field holding the prompt -> `{prompt}`.
+    Prompts,
+    /// Plain text, one prompt per non-empty line -> `{prompt}`.
+    Text,
+}
+
+/// Params of `dataset.import`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportParams {
+    /// Layout of the source file.
+    #[serde(default = "default_format")]
+    pub format: Format,
+    /// `prompts` format: the field that holds the prompt.
+    #[serde(default = "default_field")]
+    pub field: String,
+    /// How many malformed lines to skip (and list in the report) before failing.
+    #[serde(default)]
+    pub max_bad_lines: u64,
+    /// Stop after this many records (none: import everything).
+    #[serde(default)]
+    pub limit: Option<u64>,
+}
+
+fn default_format() -> Format {
+    Format::HhRlhf
+}
+
+fn default_field() -> String {
+    "prompt".into()
+}
+
+/// Why an HH-RLHF record cannot become a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Unsplittable {
+    /// A dialogue has no `\n\nAssistant:` turn.
+    NoAssistantTurn,
+    /// The dialogues differ before their last `\n\nAssistant:`.
+    PromptMismatch,
+}
+
+impl Unsplittable {
+    const ALL: [Unsplittable; 2] = [Unsplittable::NoAssistantTurn, Unsplittable::PromptMismatch];
+
+    fn key(self) -> &'static str {
+        match self {
+            Unsplittable::NoAssistantTurn => "no_assistant_turn",
+            Unsplittable::PromptMismatch => "prompt_mismatch",
+        }
+    }
+}
+
+/// One line of an HH-RLHF file (other fields are ignored).
+#[derive(Deserialize)]
+struct HhRlhfLine {
+    chosen: String,
+    rejected: String,
+}
+
+/// Splits an HH-RLHF pair into prompt and responses: the prompt is
+/// everything up to and including the last `\n\nAssistant:` and must be the
+/// same in both dialogues.
+fn split_pair(chosen: &str, rejected: &str) -> Result<Comparison, Unsplittable> {
+    let prompt_end = |dialogue: &str| dialogue.rfind(ASSISTANT).map(|i| i + ASSISTANT.len());
+    let (Some(c), Some(r)) = (prompt_end(chosen), prompt_end(rejected)) else {
+        return Err(Unsplittable::NoAssistantTurn);
+    };
+    if chosen[..c] != rejected[..r] {
+        return Err(Unsplittable::PromptMismatch);
+    }
+    Ok(Comparison {
+        prompt: chosen[..c].to_string(),
+        chosen: chosen[c..].to_string(),
+        rejected: rejected[r..].to_string(),
+        label: 1.0,
+    })
+}
+
+/// A malformed line of the source.
+#[derive(Debug, Clone, Serialize)]
+struct BadLine {
+    line: usize,
+    reason: String,
+}
+
+/// The `report` output (and, flattened, the metrics).
+#[derive(Debug, Default, Serialize)]
+struct ImportReport {
+    format: Option<Format>,
+    /// Records written to `data`.
+    records: u64,
+    /// Records that cannot be split, by reason.
+    unsplittable: BTreeMap<&'static str, u64>,
+    /// Their line numbers, by reason.
+    unsplittable_lines: BTreeMap<&'static str, Vec<usize>>,
+    /// Skipped malformed lines.
+    bad_lines: u64,
+    bad_line_details: Vec<BadLine>,
+    /// Imported comparisons whose two responses are identical.
+    identical_pairs: u64,
+    identical_pair_lines: Vec<usize>,
+    /// Whether `limit` stopped the import before the end of the source.
+    truncated: bool,
+}
+
+impl ImportReport {
+    fn new(format: Format) -> Self {
+        let mut report = ImportReport { format: Some(format), ..Default::default() };
+        if format == Format::HhRlhf {
+            for reason in Unsplittable::ALL {
+                report.unsplittable.insert(reason.key(), 0);
+                report.unsplittable_lines.insert(reason.key(), Vec::new());
+            }
+        }
+        report
+    }
+
+    fn metrics(&self) -> Metrics {
+        let mut m = Metrics::new();
+        m.insert("records".into(), self.records.into());
+        m.insert("bad_lines".into(), self.bad_lines.into());
+        if self.format == Some(Format::HhRlhf) {
+            m.insert("identical_pairs".into(), self.identical_pairs.into());
+            m.insert("unsplittable".into(), self.unsplittable.values().sum::<u64>().into());
+            for (reason, n) in &self.unsplittable {
+                m.insert(format!("unsplittable_{reason}"), (*n).into());
+            }
+        }
+        m
+    }
+}
+
+/// Failures of `dataset.import`.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("stage `{stage}`: {source}")]
+    Data { stage: String, source: DataError },
+    #[error(
+        "stage `{stage}`: {count} bad lines in {} (max_bad_lines = {max}):{}",
+        path.display(),
+        quote_bad_lines(path, first)
+    )]
+    TooManyBadLines { stage: String, path: PathBuf, count: u64, max: u64, first: Vec<(usize, String)> },
+    #[error("stage `{stage}`: cannot write {}: {source}", path.display())]
+    Write { stage: String, path: PathBuf, source: std::io::Error },
+}
+
+fn quote_bad_lines(path: &Path, first: &[(usize, String)]) -> String {
+    first.iter().map(|(line, reason)| format!("\n  {}:{line}: {reason}", path.display())).collect()
+}
 
 impl Op for DatasetImport {
     fn name(&self) -> &'static str {
@@ -12,21 +189,275 @@ impl Op for DatasetImport {
         1
     }
     fn summary(&self) -> &'static str {
-        "todo"
+        "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report"
     }
     fn inputs(&self) -> &'static [Port] {
-        &[]
+        &[Port { name: "source", doc: "the file to import (JSONL, or text for `format: text`)", required: true }]
     }
     fn outputs(&self) -> &'static [Port] {
-        &[]
+        &[
+            Port {
+                name: "data",
+                doc: "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}",
+                required: true,
+            },
+            Port {
+                name: "report",
+                doc: "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
+                required: true,
+            },
+        ]
     }
     fn params_schema(&self) -> schemars::Schema {
-        todo!()
+        schemars::schema_for!(ImportParams)
     }
-    fn normalize_params(&self, _params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
-        todo!()
+    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<ImportParams>(params)
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        todo!()
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        let params: ImportParams = ctx.params()?;
+        let stage = &ctx.spec.stage;
+        let source = ctx.input("source")?;
+        let data_err = |source| ImportError::Data { stage: stage.clone(), source };
+
+        let mut out = JsonlWriter::create(&ctx.output("data")).map_err(data_err)?;
+        let mut report = ImportReport::new(params.format);
+        let len = std::fs::metadata(source).ok().map(|m| m.len());
+        let mut bytes_read = 0u64;
+
+        for (line, bytes) in read_lines(source).map_err(data_err)? {
+            ctx.cancel.check()?;
+            let bytes = bytes.map_err(|err| data_err(DataError::Read { path: source.to_path_buf(), line, source: err }))?;
+            bytes_read += bytes.len() as u64 + 1;
+            if line as u64 % PROGRESS_EVERY == 0 {
+                ctx.reporter.progress(bytes_read, len, "importing");
+            }
+            if params.limit.is_some_and(|limit| report.records >= limit) {
+                report.truncated = true;
+                break;
+            }
+            match parse_line(&params, &bytes) {
+                Ok(Parsed::Comparison(c)) => {
+                    if c.chosen == c.rejected {
+                        report.identical_pairs += 1;
+                        report.identical_pair_lines.push(line);
+                    }
+                    out.write(&c).map_err(data_err)?;
+                    report.records += 1;
+                }
+                Ok(Parsed::Prompt(p)) => {
+                    out.write(&p).map_err(data_err)?;
+                    report.records += 1;
+                }
+                Err(LineProblem::Unsplittable(reason)) => {
+                    *report.unsplittable.entry(reason.key()).or_default() += 1;
+                    report.unsplittable_lines.entry(reason.key()).or_default().push(line);
+                }
+                Err(LineProblem::Bad(reason)) => {
+                    report.bad_lines += 1;
+                    report.bad_line_details.push(BadLine { line, reason });
+                }
+            }
+        }
+
+        if report.bad_lines > params.max_bad_lines {
+            let first = report.bad_line_details.iter().take(QUOTED_BAD_LINES).map(|b| (b.line, b.reason.clone()));
+            return Err(ImportError::TooManyBadLines {
+                stage: stage.clone(),
+                path: source.to_path_buf(),
+                count: report.bad_lines,
+                max: params.max_bad_lines,
+                first: first.collect(),
+            }
+            .into());
+        }
+        out.finish().map_err(data_err)?;
+
+        let report_path = ctx.output("report");
+        let mut json = serde_json::to_vec_pretty(&report)?;
+        json.push(b'\n');
+        std::fs::write(&report_path, json)
+            .map_err(|source| ImportError::Write { stage: stage.clone(), path: report_path, source })?;
+        let unsplittable: u64 = report.unsplittable.values().sum();
+        if unsplittable + report.bad_lines > 0 {
+            tracing::warn!(
+                target: "alignflow::stage",
+                stage = %stage,
+                "{} records imported; {unsplittable} cannot be split and {} bad lines skipped (see the report)",
+                report.records,
+                report.bad_lines,
+            );
+        }
+        Ok(report.metrics())
+    }
+}
+
+enum Parsed {
+    Comparison(Comparison),
+    Prompt(PromptRecord),
+}
+
+enum LineProblem {
+    Unsplittable(Unsplittable),
+    /// A malformed line, with the reason.
+    Bad(String),
+}
+
+/// Turns one non-blank source line into a record.
+fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem> {
+    let text = std::str::from_utf8(bytes).map_err(|_| LineProblem::Bad("not valid UTF-8".into()))?;
+    match params.format {
+        Format::HhRlhf => {
+            let pair: HhRlhfLine = serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
+            split_pair(&pair.chosen, &pair.rejected).map(Parsed::Comparison).map_err(LineProblem::Unsplittable)
+        }
+        Format::Prompts => {
+            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
+            match value.get(&params.field) {
+                Some(serde_json::Value::String(prompt)) => Ok(Parsed::Prompt(PromptRecord { prompt: prompt.clone() })),
+                Some(_) => Err(LineProblem::Bad(format!("field `{}` is not a string", params.field))),
+                None => Err(LineProblem::Bad(format!("no field `{}`", params.field))),
+            }
+        }
+        // Blank lines never get here; a trailing `\r` (CRLF files) is a line ending.
+        Format::Text => {
+            let prompt = text.strip_suffix('\r').unwrap_or(text);
+            Ok(Parsed::Prompt(PromptRecord { prompt: prompt.to_string() }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::read_jsonl;
+    use crate::data::testing::{hh_rlhf_sample, run, spec};
+    use serde_json::json;
+
+    fn import(dir: &Path, params: serde_json::Value, source: PathBuf) -> anyhow::Result<Metrics> {
+        run(&DatasetImport, &spec(&DatasetImport, dir, params, &[("source", source)]))
+    }
+
+    fn read_report(dir: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("out/report")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hh_rlhf_sample_imports_whole_and_reconstructs() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = import(dir.path(), json!({}), hh_rlhf_sample()).unwrap();
+        // Every one of the 1,000 pairs shares its context and differs in the
+        // last Assistant turn: nothing is unsplittable, bad or identical.
+        assert_eq!(metrics["records"], 1000);
+        assert_eq!(metrics["unsplittable"], 0);
+        assert_eq!(metrics["unsplittable_no_assistant_turn"], 0);
+        assert_eq!(metrics["unsplittable_prompt_mismatch"], 0);
+        assert_eq!(metrics["bad_lines"], 0);
+        assert_eq!(metrics["identical_pairs"], 0);
+
+        let originals: Vec<serde_json::Value> =
+            read_jsonl(&hh_rlhf_sample()).unwrap().map(|(_, r)| r.unwrap()).collect();
+        let records: Vec<Comparison> =
+            read_jsonl(&dir.path().join("out/data")).unwrap().map(|(_, r)| r.unwrap()).collect();
+        assert_eq!(records.len(), originals.len());
+        let mut empty_chosen = 0;
+        for (rec, orig) in records.iter().zip(&originals) {
+            assert_eq!(format!("{}{}", rec.prompt, rec.chosen), orig["chosen"].as_str().unwrap());
+            assert_eq!(format!("{}{}", rec.prompt, rec.rejected), orig["rejected"].as_str().unwrap());
+            assert!(rec.prompt.starts_with("\n\nHuman:") && rec.prompt.ends_with(ASSISTANT));
+            assert_eq!(rec.label, 1.0);
+            empty_chosen += rec.chosen.trim().is_empty() as usize;
+        }
+        // The data has three pairs whose preferred answer is empty: kept as is.
+        assert_eq!(empty_chosen, 3);
+
+        let report = read_report(dir.path());
+        assert_eq!(report["records"], 1000);
+        assert_eq!(report["unsplittable"], json!({"no_assistant_turn": 0, "prompt_mismatch": 0}));
+    }
+
+    #[test]
+    fn limit_stops_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = import(dir.path(), json!({"limit": 10}), hh_rlhf_sample()).unwrap();
+        assert_eq!(metrics["records"], 10);
+        assert_eq!(read_report(dir.path())["truncated"], true);
+        let text = std::fs::read_to_string(dir.path().join("out/data")).unwrap();
+        assert_eq!(text.lines().count(), 10);
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn unsplittable_and_bad_lines_are_counted_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            json!({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"})
+                .to_string(),
+            json!({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"}).to_string(),
+            "{not json".to_string(),
+            json!({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: x"}).to_string(),
+            String::new(),
+            json!({"chosen": "only chosen"}).to_string(),
+            json!({"chosen": "\n\nHuman: a\n\nAssistant: same", "rejected": "\n\nHuman: a\n\nAssistant: same"})
+                .to_string(),
+        ];
+        let source = write(dir.path(), "src.jsonl", &lines.join("\n"));
+
+        let err = import(dir.path(), json!({"max_bad_lines": 1}), source.clone()).unwrap_err().to_string();
+        assert!(err.starts_with("stage `s`: 2 bad lines in"), "{err}");
+        assert!(err.contains("src.jsonl:3: "), "{err}");
+        assert!(err.contains("src.jsonl:6: missing field `rejected`"), "{err}");
+
+        let metrics = import(dir.path(), json!({"max_bad_lines": 2}), source).unwrap();
+        assert_eq!(metrics["records"], 2);
+        assert_eq!(metrics["bad_lines"], 2);
+        assert_eq!(metrics["unsplittable"], 2);
+        assert_eq!(metrics["identical_pairs"], 1);
+        let report = read_report(dir.path());
+        assert_eq!(report["unsplittable_lines"], json!({"no_assistant_turn": [2], "prompt_mismatch": [4]}));
+        assert_eq!(report["bad_line_details"][1]["line"], 6);
+        assert_eq!(report["identical_pair_lines"], json!([7]));
+        let first: Comparison =
+            serde_json::from_str(std::fs::read_to_string(dir.path().join("out/data")).unwrap().lines().next().unwrap())
+                .unwrap();
+        assert_eq!(first.prompt, "\n\nHuman: hi\n\nAssistant:");
+        assert_eq!(first.chosen, " hello");
+    }
+
+    #[test]
+    fn prompts_and_text_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = write(dir.path(), "p.jsonl", "{\"q\": \"why?\"}\n{\"q\": 3}\n{\"q\": \"how?\", \"x\": 1}\n");
+        let err = import(dir.path(), json!({"format": "prompts", "field": "q"}), source.clone()).unwrap_err();
+        assert!(err.to_string().contains("p.jsonl:2: field `q` is not a string"), "{err}");
+        let metrics = import(dir.path(), json!({"format": "prompts", "field": "q", "max_bad_lines": 1}), source).unwrap();
+        assert_eq!(metrics["records"], 2);
+        assert!(!metrics.contains_key("identical_pairs"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/data")).unwrap(),
+            "{\"prompt\":\"why?\"}\n{\"prompt\":\"how?\"}\n"
+        );
+
+        let source = write(dir.path(), "p.txt", "first prompt\r\n\n  second, \"quoted\"\n");
+        let metrics = import(dir.path(), json!({"format": "text"}), source).unwrap();
+        assert_eq!(metrics["records"], 2);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/data")).unwrap(),
+            "{\"prompt\":\"first prompt\"}\n{\"prompt\":\"  second, \\\"quoted\\\"\"}\n"
+        );
+    }
+
+    #[test]
+    fn params_are_normalised_and_checked() {
+        let normal = DatasetImport.normalize_params(&serde_json::Value::Null).unwrap();
+        assert_eq!(normal, json!({"format": "hh-rlhf", "field": "prompt", "max_bad_lines": 0, "limit": null}));
+        let err = DatasetImport.normalize_params(&json!({"fromat": "text"})).unwrap_err();
+        assert_eq!(err.suggestion.as_deref(), Some("format"));
+        assert!(DatasetImport.normalize_params(&json!({"format": "csv"})).is_err());
     }
 }

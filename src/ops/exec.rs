@@ -1,9 +1,31 @@
 //! `exec`: a user command as a stage.
+//!
+//! The command runs with `sh -c` in the manifest's folder, in its own process
+//! group so that cancellation kills everything it started. Its inputs and
+//! output folder arrive in the environment; its stdout and stderr go to the
+//! run log line by line.
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Port, StageContext};
+use super::{Cancelled, Op, ParamError, Port, StageContext};
 use crate::protocol::Metrics;
+
+/// How often the child is polled for exit and the cancel flag checked.
+const POLL: Duration = Duration::from_millis(50);
+/// How many stderr lines a failure quotes.
+const STDERR_TAIL: usize = 20;
+/// After the command exits, how long its output pipes may stay open (held
+/// by a process it left in the background) before that group is killed.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 pub struct Exec;
 
@@ -40,7 +62,246 @@ impl Op for Exec {
     fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<ExecParams>(params)
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        todo!("ops helper")
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        let params: ExecParams = ctx.params()?;
+        let spec = ctx.spec;
+        let stage = spec.stage.clone();
+
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(&params.cmd)
+            .current_dir(&spec.work_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for (name, path) in &spec.inputs {
+            cmd.env(input_var(name), path);
+        }
+        cmd.env("ALIGNFLOW_OUT", &spec.out_dir)
+            .env("ALIGNFLOW_STAGE", &spec.stage)
+            .env("ALIGNFLOW_SEED", spec.seed.to_string());
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| ExecError::Spawn { stage: stage.clone(), dir: spec.work_dir.clone(), source })?;
+        // The child leads its own group: its pid is the group id.
+        let pgid = child.id() as libc::pid_t;
+
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        let readers = [
+            stream_lines(child.stdout.take().expect("piped stdout"), stage.clone(), None),
+            stream_lines(child.stderr.take().expect("piped stderr"), stage.clone(), Some(tail.clone())),
+        ];
+
+        let status = loop {
+            if ctx.cancel.is_cancelled() {
+                kill_group(pgid);
+                let _ = child.wait();
+                drain(readers, pgid);
+                return Err(Cancelled.into());
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => std::thread::sleep(POLL),
+                Err(source) => {
+                    kill_group(pgid);
+                    let _ = child.wait();
+                    return Err(ExecError::Wait { stage, source }.into());
+                }
+            }
+        };
+        drain(readers, pgid);
+
+        let stderr_tail: Vec<String> = tail.lock().expect("stderr tail").iter().cloned().collect();
+        if !status.success() {
+            let status = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(signal)) => format!("signal {signal}"),
+                (None, None) => status.to_string(),
+            };
+            return Err(ExecError::Failed { stage, status, stderr_tail }.into());
+        }
+
+        let missing: Vec<String> =
+            spec.outputs.iter().filter(|name| !spec.out_dir.join(name).exists()).cloned().collect();
+        if !missing.is_empty() {
+            return Err(ExecError::MissingOutputs { stage, out_dir: spec.out_dir.clone(), missing }.into());
+        }
+
+        let mut metrics = Metrics::new();
+        metrics.insert("exit_code".into(), 0.into());
+        metrics.insert("outputs".into(), spec.outputs.len().into());
+        Ok(metrics)
+    }
+}
+
+/// Failures of `exec`.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("stage `{stage}`: cannot start `sh` in {}: {source}", dir.display())]
+    Spawn { stage: String, dir: PathBuf, source: std::io::Error },
+    #[error("stage `{stage}`: waiting for the command: {source}")]
+    Wait { stage: String, source: std::io::Error },
+    #[error("stage `{stage}`: exec failed with {status}{}", quote_tail(stderr_tail))]
+    Failed { stage: String, status: String, stderr_tail: Vec<String> },
+    #[error(
+        "stage `{stage}`: the command succeeded but did not create {} under $ALIGNFLOW_OUT ({})",
+        missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+        out_dir.display()
+    )]
+    MissingOutputs { stage: String, out_dir: PathBuf, missing: Vec<String> },
+}
+
+fn quote_tail(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let body: String = lines.iter().map(|l| format!("\n  {l}")).collect();
+    format!("; last lines of stderr:{body}")
+}
+
+/// `ALIGNFLOW_IN_<NAME>`: the input name uppercased, anything but ASCII
+/// letters and digits replaced by `_`.
+fn input_var(name: &str) -> String {
+    let name: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("ALIGNFLOW_IN_{name}")
+}
+
+/// Logs each line of `pipe` under the stage, keeping the last lines in `tail`.
+fn stream_lines(
+    pipe: impl Read + Send + 'static,
+    stage: String,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&buf);
+            let line = line.trim_end_matches(['\n', '\r']);
+            tracing::info!(target: "alignflow::stage", stage = %stage, "{line}");
+            if let Some(tail) = &tail {
+                let mut tail = tail.lock().expect("stderr tail");
+                if tail.len() == STDERR_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_string());
+            }
+        }
+    })
+}
+
+/// Waits for the output readers to reach end of file. A process the command
+/// left running in the background keeps the pipes open (and would write
+/// into the outputs after they are hashed): after a grace period its group
+/// is killed. The group still exists then, so `pgid` cannot name another.
+fn drain(readers: [JoinHandle<()>; 2], pgid: libc::pid_t) {
+    let deadline = Instant::now() + DRAIN_GRACE;
+    while readers.iter().any(|r| !r.is_finished()) {
+        if Instant::now() >= deadline {
+            tracing::warn!(target: "alignflow::stage", "killing processes the command left in the background");
+            kill_group(pgid);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for reader in readers {
+        let _ = reader.join();
+    }
+}
+
+/// SIGKILL to every process of the group.
+fn kill_group(pgid: libc::pid_t) {
+    // SAFETY: kill(2) with a negative pid signals a process group; it has no
+    // memory effects. ESRCH (group already gone) is fine.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testing::{run, spec};
+    use serde_json::json;
+
+    fn exec_spec(dir: &std::path::Path, cmd: &str, outputs: &[&str]) -> crate::protocol::StageSpec {
+        let input = dir.join("in.txt");
+        std::fs::write(&input, "input text\n").unwrap();
+        let mut spec = spec(&Exec, dir, json!({ "cmd": cmd }), &[("my-data.v2", input)]);
+        spec.outputs = outputs.iter().map(|s| s.to_string()).collect();
+        spec.seed = 42;
+        spec
+    }
+
+    #[test]
+    fn env_and_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = r#"echo "$ALIGNFLOW_STAGE $ALIGNFLOW_SEED $(pwd)" > "$ALIGNFLOW_OUT/a"
+            cat "$ALIGNFLOW_IN_MY_DATA_V2" >> "$ALIGNFLOW_OUT/a"; mkdir "$ALIGNFLOW_OUT/b"; echo to stderr >&2"#;
+        let metrics = run(&Exec, &exec_spec(dir.path(), cmd, &["a", "b"])).unwrap();
+        assert_eq!(metrics["exit_code"], 0);
+        assert_eq!(metrics["outputs"], 2);
+        let cwd = dir.path().canonicalize().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/a")).unwrap(),
+            format!("s 42 {}\ninput text\n", cwd.display())
+        );
+    }
+
+    #[test]
+    fn failure_quotes_stderr_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = "for i in $(seq 1 30); do echo line$i >&2; done; exit 3";
+        let err = run(&Exec, &exec_spec(dir.path(), cmd, &[])).unwrap_err().to_string();
+        assert!(err.starts_with("stage `s`: exec failed with exit status 3; last lines of stderr:"), "{err}");
+        assert!(err.contains("\n  line11\n") && err.ends_with("\n  line30"), "{err}");
+        assert!(!err.contains("line10\n"), "{err}");
+    }
+
+    #[test]
+    fn missing_outputs_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(&Exec, &exec_spec(dir.path(), "touch $ALIGNFLOW_OUT/a", &["a", "b", "c"])).unwrap_err();
+        assert!(err.to_string().contains("did not create `b`, `c` under $ALIGNFLOW_OUT"), "{err}");
+    }
+
+    #[test]
+    fn cancel_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        // The background sleep holds the pipes: only a group kill ends it.
+        let spec = exec_spec(dir.path(), "sleep 30 & sleep 30; wait", &[]);
+        let cancel = crate::ops::CancelFlag::default();
+        let flag = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            flag.cancel();
+        });
+        let start = Instant::now();
+        let ctx = StageContext { spec: &spec, reporter: &crate::ops::NullReporter, cancel: &cancel };
+        let err = Exec.run(&ctx).unwrap_err();
+        canceller.join().unwrap();
+        assert!(err.downcast_ref::<Cancelled>().is_some(), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn background_leftovers_do_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = Instant::now();
+        run(&Exec, &exec_spec(dir.path(), "sleep 30 & echo started", &[])).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn input_names_become_variables() {
+        assert_eq!(input_var("data"), "ALIGNFLOW_IN_DATA");
+        assert_eq!(input_var("my-data.v2"), "ALIGNFLOW_IN_MY_DATA_V2");
     }
 }
