@@ -76,16 +76,16 @@ impl Project {
     }
 }
 
-/// Stage ids with `status` in a run's summary table.
+/// Stage ids with `status` in a run's summary table (columns are aligned;
+/// stage ids may contain spaces).
 pub fn stages_with_status(table: &str, status: &str) -> BTreeSet<String> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut cols = l.split_whitespace();
-            let stage = cols.next()?;
-            (cols.next()? == status).then(|| stage.to_string())
-        })
+    let mut lines = table.lines().skip_while(|l| !l.starts_with("stage "));
+    let Some(header) = lines.next() else { return BTreeSet::new() };
+    let col = header.find("status").expect("status column");
+    lines
+        .filter(|l| l.len() > col)
+        .filter(|l| l[col..].split_whitespace().next() == Some(status))
+        .map(|l| l[..col].trim().to_string())
         .collect()
 }
 

@@ -1,0 +1,132 @@
+//! `matrix:`, `include:` and `--set` expand as specified, end to end.
+mod common;
+use common::*;
+
+#[test]
+fn matrix_expands_into_one_stage_per_combination_with_stable_ids() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: sweep
+stages:
+  train:
+    op: exec
+    matrix:
+      cmd: ["echo 1 > $ALIGNFLOW_OUT/out", "echo 2 > $ALIGNFLOW_OUT/out"]
+    outputs: [out]
+  report:
+    op: exec
+    inputs:
+      one: ${stages.train[cmd=echo 1 > $ALIGNFLOW_OUT/out].out}
+    outputs: [out]
+    params: { cmd: "cp $ALIGNFLOW_IN_ONE $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let dag = p.ok(&["dag", "pipeline.yaml"]);
+    assert!(dag.contains("train[cmd=echo 1 > $ALIGNFLOW_OUT/out] (exec)"), "{dag}");
+    assert!(dag.contains("train[cmd=echo 2 > $ALIGNFLOW_OUT/out] (exec)"), "{dag}");
+    assert!(dag.contains("one <- train[cmd=echo 1 > $ALIGNFLOW_OUT/out].out"), "{dag}");
+    let ran = p.run_stages("pipeline.yaml", &[]);
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    let shown = p.ok(&["show", "pipeline.yaml", "report"]);
+    let path = shown.trim().split_once('\t').unwrap().1;
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "1\n");
+}
+
+#[test]
+fn matrix_instances_get_distinct_seeds_and_outputs() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: seeds
+params: { base: 10 }
+stages:
+  s:
+    op: exec
+    matrix: { cmd: ["echo $ALIGNFLOW_SEED > $ALIGNFLOW_OUT/out"] }
+    outputs: [out]
+  t:
+    op: exec
+    params: { cmd: "echo $ALIGNFLOW_SEED > $ALIGNFLOW_OUT/out" }
+    outputs: [out]
+"#,
+    );
+    p.run_stages("pipeline.yaml", &[]);
+    let read = |stage: &str| {
+        let shown = p.ok(&["show", "pipeline.yaml", stage]);
+        std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap()
+    };
+    assert_ne!(read("s[cmd=echo $ALIGNFLOW_SEED > $ALIGNFLOW_OUT/out]"), read("t"));
+}
+
+#[test]
+fn include_merges_a_base_manifest_and_resolves_its_paths_from_its_folder() {
+    let p = Project::new();
+    p.write("base/data.txt", "base data\n");
+    p.write(
+        "base/base.yaml",
+        r#"version: 1
+name: base
+params: { suffix: from-base }
+stages:
+  read:
+    op: exec
+    inputs: { src: data.txt }
+    outputs: [out]
+    params: { cmd: "cat $ALIGNFLOW_IN_SRC > $ALIGNFLOW_OUT/out; echo ${params.suffix} >> $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    p.write(
+        "team.yaml",
+        r#"version: 1
+name: team
+include: base/base.yaml
+params: { suffix: from-team }
+stages:
+  extra:
+    op: exec
+    inputs: { x: "${stages.read.out}" }
+    outputs: [out]
+    params: { cmd: "cp $ALIGNFLOW_IN_X $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    assert_eq!(p.run_stages("team.yaml", &[]), set(&["read", "extra"]));
+    let shown = p.ok(&["show", "team.yaml", "extra"]);
+    let text = std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap();
+    assert_eq!(text, "base data\nfrom-team\n");
+    assert!(p.path("team.lock").exists());
+}
+
+#[test]
+fn include_cycles_are_reported_as_a_chain() {
+    let p = Project::new();
+    p.write("a.yaml", "version: 1\nname: a\ninclude: b.yaml\n");
+    p.write("b.yaml", "version: 1\nname: b\ninclude: a.yaml\n");
+    let err = p.fails(&["validate", "a.yaml"]);
+    assert!(err.contains("include cycle: a.yaml -> b.yaml -> a.yaml"), "{err}");
+}
+
+#[test]
+fn set_overrides_are_typed() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: typed
+params: { n: 3 }
+stages:
+  s:
+    op: exec
+    outputs: [out]
+    params: { cmd: "seq ${params.n} > $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let err = p.fails(&["plan", "pipeline.yaml", "--set", "params.m=4"]);
+    assert!(err.contains("--set: unknown param `m` (did you mean `params.n`?)"), "{err}");
+    p.ok(&["run", "pipeline.yaml", "--quiet", "--set", "params.n=4"]);
+    let shown = p.ok(&["show", "pipeline.yaml", "s", "--set", "params.n=4"]);
+    let text = std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap();
+    assert_eq!(text.lines().count(), 4);
+}

@@ -1,0 +1,172 @@
+//! Bad manifests: exact error text with file, line, column, stage and field.
+mod common;
+use common::*;
+
+fn error_of(p: &Project, yaml: &str) -> String {
+    p.write("pipeline.yaml", yaml);
+    let err = p.fails(&["validate", "pipeline.yaml"]);
+    err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string()
+}
+
+#[test]
+fn cycle_lists_the_stages_in_order() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: cyc
+stages:
+  a:
+    op: exec
+    inputs: { x: "${stages.c.out}" }
+    outputs: [out]
+    params: { cmd: "true" }
+  b:
+    op: exec
+    inputs: { x: "${stages.a.out}" }
+    outputs: [out]
+    params: { cmd: "true" }
+  c:
+    op: exec
+    inputs: { x: "${stages.b.out}" }
+    outputs: [out]
+    params: { cmd: "true" }
+"#,
+    );
+    assert_eq!(err, "pipeline.yaml:4:3: cycle in the pipeline: a -> b -> c -> a");
+}
+
+#[test]
+fn missing_stage_reference_names_both_ends() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: missing
+stages:
+  prepare:
+    op: exec
+    outputs: [out]
+    params: { cmd: "true" }
+  train:
+    op: exec
+    inputs:
+      data: ${stages.prepair.out}
+    outputs: [out]
+    params: { cmd: "true" }
+"#,
+    );
+    assert_eq!(
+        err,
+        "pipeline.yaml:11:13: stage `train`, field `inputs.data`: unknown stage `prepair` in `${stages.prepair.out}` (did you mean `prepare`?)"
+    );
+}
+
+#[test]
+fn missing_output_reference_names_both_ends() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: missing
+stages:
+  prepare:
+    op: exec
+    outputs: [data]
+    params: { cmd: "true" }
+  train:
+    op: exec
+    inputs:
+      data: ${stages.prepare.dta}
+    outputs: [out]
+    params: { cmd: "true" }
+"#,
+    );
+    assert_eq!(
+        err,
+        "pipeline.yaml:11:13: stage `train`, field `inputs.data`: stage `prepare` has no output `dta` (referenced as `${stages.prepare.dta}`) (did you mean `data`?)"
+    );
+}
+
+#[test]
+fn unknown_op_suggests_the_nearest() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: op
+stages:
+  run:
+    op: exce
+    outputs: [out]
+    params: { cmd: "true" }
+"#,
+    );
+    assert_eq!(err, "pipeline.yaml:5:9: stage `run`, field `op`: unknown op `exce` (did you mean `exec`?)");
+}
+
+#[test]
+fn misspelt_keys_suggest_the_nearest() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: keys
+stages:
+  run:
+    op: exec
+    outputs: [out]
+    parmas: { cmd: "true" }
+"#,
+    );
+    assert_eq!(err, "pipeline.yaml:7:5: stage `run`, field `parmas`: unknown field (did you mean `params`?)");
+    let err = error_of(&p, "version: 1\nname: keys\nstagse: {}\n");
+    assert!(err.starts_with("pipeline.yaml:3:1: "), "{err}");
+    assert!(err.ends_with("(did you mean `stages`?)"), "{err}");
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: keys
+stages:
+  run:
+    op: exec
+    outputs: [out]
+    params: { cdm: "true" }
+"#,
+    );
+    assert!(err.starts_with("pipeline.yaml:7:15: stage `run`, field `params.cdm`: unknown field"), "{err}");
+    assert!(err.ends_with("(did you mean `cmd`?)"), "{err}");
+}
+
+#[test]
+fn other_interpolations_are_errors_and_double_dollar_is_literal() {
+    let p = Project::new();
+    let err = error_of(
+        &p,
+        r#"version: 1
+name: interp
+stages:
+  run:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo ${env.HOME}" }
+"#,
+    );
+    assert!(err.contains("stage `run`, field `params.cmd`: unknown reference `${env.HOME}`"), "{err}");
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: interp
+stages:
+  run:
+    op: exec
+    outputs: [out]
+    params: { cmd: 'echo "$${HOME}" > $ALIGNFLOW_OUT/out' }
+"#,
+    );
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    let shown = p.ok(&["show", "pipeline.yaml", "run"]);
+    let path = shown.trim().split_once('\t').unwrap().1;
+    let home = std::env::var("HOME").unwrap_or_default();
+    assert_eq!(std::fs::read_to_string(path).unwrap().trim(), home);
+}
