@@ -155,3 +155,71 @@ stages:
     let table = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stages_with_status(&table, "cancelled"), set(&["slow"]), "{table}");
 }
+
+#[test]
+fn a_path_input_enters_by_content_not_by_name() {
+    let p = chain();
+    p.run_stages("pipeline.yaml", &[]);
+    std::fs::rename(p.path("input.txt"), p.path("renamed.txt")).unwrap();
+    p.write("pipeline.yaml", &CHAIN.replace("src: input.txt", "src: renamed.txt"));
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]));
+    // A folder input is hashed as a tree of relative paths and contents.
+    p.write("folder/x.txt", "x");
+    p.write("folder/sub/y.txt", "y");
+    p.write("pipeline.yaml", &CHAIN.replace("src: input.txt", "src: folder"));
+    let folder_run = p.run_stages("pipeline.yaml", &[]);
+    assert!(folder_run.contains("a"), "{folder_run:?}");
+    p.write("folder/sub/y.txt", "y");
+    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]), "same bytes in a folder: cached");
+    p.write("folder/sub/y.txt", "changed");
+    assert!(p.run_stages("pipeline.yaml", &[]).contains("a"));
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_leaves_the_cache_consistent() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: interrupt
+stages:
+  quick:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo ok > $ALIGNFLOW_OUT/out" }
+  long:
+    op: exec
+    inputs: { x: "${stages.quick.out}" }
+    outputs: [out]
+    params: { cmd: "echo started >> runs.txt; sleep 30; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !p.path("runs.txt").exists() {
+        assert!(start.elapsed().as_secs() < 30, "the long stage never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(start.elapsed().as_secs() < 20, "the running stage was stopped");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stages_with_status(&table, "cancelled"), set(&["long"]), "{table}");
+    let plan = p.ok(&["plan", "pipeline.yaml"]);
+    assert!(plan.lines().any(|l| l.starts_with("cached") && l.contains("quick")), "{plan}");
+    assert!(p.ok(&["cache", "verify"]).contains(": 0 problem(s)"));
+    let leftovers: Vec<_> = std::fs::read_dir(p.path("cache/tmp")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "staging folders removed: {leftovers:?}");
+}
+
+#[test]
+fn each_run_keeps_a_log_in_the_cache() {
+    let p = chain();
+    p.run_stages("pipeline.yaml", &[]);
+    let logs: Vec<_> = std::fs::read_dir(p.path("cache/logs")).unwrap().flatten().collect();
+    assert_eq!(logs.len(), 1);
+    let log = std::fs::read_to_string(logs[0].path()).unwrap();
+    assert!(log.contains("plan a Run: never run"), "{log}");
+    assert!(log.contains("done    a"), "{log}");
+}

@@ -18,6 +18,7 @@ pub struct Ui {
     log: Mutex<Option<File>>,
     log_path: Option<PathBuf>,
     start: Instant,
+    quiet: bool,
 }
 
 impl Ui {
@@ -39,15 +40,24 @@ impl Ui {
             }
             None => (None, None),
         };
-        Ui { multi, log: Mutex::new(log), log_path, start: Instant::now() }
+        Ui { multi, log: Mutex::new(log), log_path, start: Instant::now(), quiet }
     }
 
     pub fn log_path(&self) -> Option<&Path> {
         self.log_path.as_deref()
     }
 
-    /// A line for the user (above the bars) and the log.
+    /// A line for the user (above the bars; not when quiet) and the log.
     pub fn say(&self, line: &str) {
+        if self.quiet {
+            self.log(line);
+            return;
+        }
+        self.shout(line);
+    }
+
+    /// A line for the user even when quiet (failures), and the log.
+    pub fn shout(&self, line: &str) {
         match &self.multi {
             Some(m) => {
                 let _ = m.println(line);

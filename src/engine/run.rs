@@ -164,15 +164,13 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
 
     let ui = Ui::new(cache.logs_dir().ok().as_deref(), &pipeline.name, options.quiet);
     let runs = the_plan.to_run();
-    if !options.quiet {
-        ui.say(&format!(
-            "pipeline {}: {} stage(s), {} to run, {} cached",
-            pipeline.name,
-            the_plan.stages.len(),
-            runs,
-            the_plan.stages.len() - runs
-        ));
-    }
+    ui.say(&format!(
+        "pipeline {}: {} stage(s), {} to run, {} cached",
+        pipeline.name,
+        the_plan.stages.len(),
+        runs,
+        the_plan.stages.len() - runs
+    ));
     for p in &the_plan.stages {
         ui.log(&format!("plan {} {:?}: {}", pipeline.stages[p.index].id, p.action, p.reason));
     }
@@ -294,7 +292,7 @@ async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> 
                 let entry = lock_entry(&key, &outs, &upstream_sources(&pipeline, i));
                 shared.finished.lock().unwrap_or_else(|e| e.into_inner()).push((id.clone(), entry));
                 outputs.insert(i, outs);
-                if status == StageStatus::Ran && !shared.options.quiet {
+                if status == StageStatus::Ran {
                     shared.ui.say(&format!("done    {id} ({seconds:.2}s)"));
                 }
                 results.insert(i, StageResult { stage: id, status, seconds, detail });
@@ -302,7 +300,7 @@ async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> 
             Outcome::Failed { cancelled, message } => {
                 let status = if cancelled { StageStatus::Cancelled } else { StageStatus::Failed };
                 if !cancelled {
-                    shared.ui.say(&format!("FAILED  {id}: {message}"));
+                    shared.ui.shout(&format!("FAILED  {id}: {message}"));
                     if shared.options.fail_fast {
                         shared.cancel.cancel();
                     }
