@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use alignflow::ops::{CancelFlag, Reporter, StageContext};
 use alignflow::protocol::{StageSpec, WorkerEvent};
 
-mod ops;
+use alignflow_worker::ops;
 
 #[derive(Parser)]
 #[command(name = "alignflow-worker", version, about = "Runs one alignflow stage (started by the engine)")]

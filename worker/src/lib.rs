@@ -1,0 +1,5 @@
+//! The libtorch side of alignflow: transformer models, sampling, training
+//! utilities and the tensor ops the `alignflow-worker` binary runs.
+
+pub mod model;
+pub mod ops;

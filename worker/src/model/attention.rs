@@ -1,0 +1,131 @@
+//! Attention plumbing shared by the families: the key/value cache, the
+//! combined causal + padding mask, and libtorch's fused attention kernel.
+
+use tch::{Kind, Tensor};
+
+/// Keys and values of past positions, per layer.
+///
+/// With a capacity, each layer's buffers are allocated once and written in
+/// place, so a decoding step costs no copy of the whole past (the naive
+/// concatenation makes generation quadratic in memory traffic).
+///
+/// # Shapes
+/// Each layer: `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+    capacity: Option<i64>,
+}
+
+impl KvCache {
+    /// A cache that grows by concatenation.
+    pub fn new(num_layers: i64) -> KvCache {
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: None }
+    }
+
+    /// A cache with room for `capacity` positions, allocated on first use.
+    pub fn with_capacity(num_layers: i64, capacity: i64) -> KvCache {
+        KvCache { capacity: Some(capacity), ..KvCache::new(num_layers) }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends this step's keys and values for `layer`, returning all of them.
+    /// The last layer's append advances the length.
+    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let t = k.size()[2];
+        let end = self.len + t;
+        let out = match (self.layers[layer].take(), self.capacity) {
+            (None, Some(cap)) if end <= cap => {
+                let mut shape = k.size();
+                shape[2] = cap;
+                let kb = Tensor::zeros(&shape, (k.kind(), k.device()));
+                let vb = Tensor::zeros(&shape, (v.kind(), v.device()));
+                kb.narrow(2, 0, t).copy_(&k);
+                vb.narrow(2, 0, t).copy_(&v);
+                let out = (kb.narrow(2, 0, end), vb.narrow(2, 0, end));
+                self.layers[layer] = Some((kb, vb));
+                out
+            }
+            (Some((kb, vb)), Some(_)) if end <= kb.size()[2] => {
+                kb.narrow(2, self.len, t).copy_(&k);
+                vb.narrow(2, self.len, t).copy_(&v);
+                let out = (kb.narrow(2, 0, end), vb.narrow(2, 0, end));
+                self.layers[layer] = Some((kb, vb));
+                out
+            }
+            (Some((pk, pv)), _) => {
+                // Past the capacity (or none): grow by concatenation.
+                let (pk, pv) = (pk.narrow(2, 0, self.len), pv.narrow(2, 0, self.len));
+                let (k, v) = (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2));
+                self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+            (None, _) => {
+                self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+        };
+        if layer + 1 == self.layers.len() {
+            self.len = end;
+        }
+        out
+    }
+
+    /// Keeps only the rows in `index` (drops finished sequences).
+    pub fn select_rows(&mut self, index: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, index);
+            *v = v.index_select(0, index);
+        }
+    }
+}
+
+/// The boolean mask (`true` = may attend) for queries at the last `q_len`
+/// of `attention_mask`'s positions.
+///
+/// A query attends to keys at or before its own position whose mask is 1.
+/// A padding query would attend to nothing (a NaN softmax), so it attends
+/// to itself: its output is never used, as in transformers' SDPA path.
+///
+/// # Shapes
+/// `attention_mask`: `[batch, kv_len]` (0/1) -> `[batch, 1, q_len, kv_len]`.
+pub fn attention_mask(attention_mask: &Tensor, q_len: i64) -> Tensor {
+    let kv_len = attention_mask.size()[1];
+    let device = attention_mask.device();
+    let past = kv_len - q_len;
+    let q_pos = Tensor::arange_start(past, kv_len, (Kind::Int64, device)).view([q_len, 1]);
+    let k_pos = Tensor::arange(kv_len, (Kind::Int64, device)).view([1, kv_len]);
+    let causal = k_pos.le_tensor(&q_pos); // [q, kv]
+    let keys = attention_mask.to_kind(Kind::Bool).view([-1, 1, 1, kv_len]);
+    let mask = causal.view([1, 1, q_len, kv_len]).logical_and(&keys);
+    let diagonal = k_pos.eq_tensor(&q_pos).view([1, 1, q_len, kv_len]);
+    mask.logical_or(&diagonal)
+}
+
+/// Fused scaled-dot-product attention (grouped-query aware).
+///
+/// # Shapes
+/// `q`: `[b, heads, q, d]`; `k`, `v`: `[b, kv_heads, kv, d]`; `mask`:
+/// `[b, 1, q, kv]` -> `[b, heads, q, d]`.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, dropout: f64, train: bool) -> Tensor {
+    let heads = q.size()[1];
+    let kv_heads = k.size()[1];
+    let (k, v) = if heads == kv_heads {
+        (k.shallow_clone(), v.shallow_clone())
+    } else {
+        // Expanding here keeps every backend on its fused path (the
+        // `enable_gqa` flag is not implemented by all of them).
+        let rep = heads / kv_heads;
+        (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
+    };
+    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), if train { dropout } else { 0.0 }, false, None, false)
+}

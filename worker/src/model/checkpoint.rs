@@ -1,0 +1,140 @@
+//! Safetensors I/O under Hugging Face parameter names: single files and
+//! sharded indexes in, one `model.safetensors` out (with the `format: pt`
+//! metadata transformers expects). Pickled `.bin` / `.pt` files are refused:
+//! loading them would execute arbitrary code.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use tch::{Device, Kind, Tensor};
+
+/// Every tensor of a checkpoint folder, by name, on `device` (in the stored kind).
+pub fn read_folder(dir: &Path, device: Device) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    let files = weight_files(dir)?;
+    let mut out = BTreeMap::new();
+    for file in files {
+        for (name, t) in read_file(&file, device)? {
+            out.insert(name, t);
+        }
+    }
+    Ok(out)
+}
+
+/// The safetensors files of a folder: `model.safetensors`, or the shards a
+/// `model.safetensors.index.json` lists.
+pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    for pickled in ["pytorch_model.bin", "model.pt", "model.bin", "pytorch_model.bin.index.json"] {
+        if dir.join(pickled).exists() {
+            anyhow::bail!(
+                "{}: `{pickled}` is a pickled checkpoint, which alignflow never loads (it can run arbitrary code); \
+                 convert it to safetensors (transformers: `model.save_pretrained(dir, safe_serialization=True)`)",
+                dir.display()
+            );
+        }
+    }
+    anyhow::bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+}
+
+fn kind_of(dtype: Dtype) -> anyhow::Result<Kind> {
+    Ok(match dtype {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        other => anyhow::bail!("unsupported dtype {other:?}"),
+    })
+}
+
+fn dtype_of(kind: Kind) -> anyhow::Result<Dtype> {
+    Ok(match kind {
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Half => Dtype::F16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        other => anyhow::bail!("unsupported kind {other:?}"),
+    })
+}
+
+/// Reads one safetensors file (memory-mapped).
+pub fn read_file(path: &Path, device: Device) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // Safety: the map is read-only and dropped before we return; checkpoints
+    // in the cache are immutable.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+    let st = SafeTensors::deserialize(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?.to_device(device);
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Bytes of a tensor for writing.
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes `tensors` to `path` as safetensors with `{"format": "pt"}` metadata.
+pub fn write_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), Bytes { dtype: dtype_of(t.kind())?, shape, data }));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(owned.iter().map(|(n, b)| (n.as_str(), b)), Some(metadata), path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Linear layers under Hugging Face names, with optional LoRA adapters.
+//!
+//! GPT-2 stores its projections as `Conv1D` (`weight` is `[in, out]`, y = x W + b);
+//! everything else as `nn.Linear` (`weight` is `[out, in]`, y = x Wᵀ + b). The
+//! layout is kept as stored so checkpoints round-trip without transposes.
+
+use tch::{nn, Kind, Tensor};
+
+/// How a weight is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[out, in]` (`nn.Linear`).
+    OutIn,
+    /// `[in, out]` (GPT-2 `Conv1D`).
+    InOut,
+}
+
+/// LoRA settings (rank, scaling, dropout, which modules get adapters).
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    pub rank: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (last path component, e.g. `q_proj`, `c_attn`) to adapt.
+    pub targets: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// A LoRA adapter: `ΔW = B A · alpha / rank`, with `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Debug)]
+struct Lora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+/// A linear map with an optional bias and an optional LoRA adapter.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    layout: Layout,
+    lora: Option<Lora>,
+}
+
+impl Linear {
+    /// Creates `path.weight` (and `path.bias`) with GPT-2/HF-style init
+    /// (normal, std 0.02; zero bias). With `lora` targeting this module's
+    /// name, also creates `path.lora_A.weight` / `path.lora_B.weight` (PEFT names).
+    pub fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, layout: Layout, lora: Option<&LoraConfig>) -> Linear {
+        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let shape = match layout {
+            Layout::OutIn => [out_dim, in_dim],
+            Layout::InOut => [in_dim, out_dim],
+        };
+        let weight = path.var("weight", &shape, init);
+        let bias = bias.then(|| path.var("bias", &[out_dim], nn::Init::Const(0.0)));
+        let name = path.components().last().unwrap_or_default().to_string();
+        let lora = lora.filter(|l| l.targets.iter().any(|t| t == &name)).map(|l| {
+            // PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a = (&path / "lora_A").var("weight", &[l.rank, in_dim], nn::Init::Uniform { lo: -bound, up: bound });
+            let b = (&path / "lora_B").var("weight", &[out_dim, l.rank], nn::Init::Const(0.0));
+            Lora { a, b, scale: l.scale(), dropout: l.dropout }
+        });
+        Linear { weight, bias, layout, lora }
+    }
+
+    /// # Shapes
+    /// `x`: `[.., in]` -> `[.., out]`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut y = match self.layout {
+            Layout::OutIn => x.linear(&self.weight, self.bias.as_ref()),
+            Layout::InOut => {
+                let y = x.matmul(&self.weight);
+                match &self.bias {
+                    Some(b) => y + b,
+                    None => y,
+                }
+            }
+        };
+        if let Some(l) = &self.lora {
+            let h = x.dropout(l.dropout, train);
+            y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+        }
+        y
+    }
+
+    /// Folds the adapter into the base weight (for export) and drops it.
+    pub fn merge_lora(&mut self) {
+        if let Some(l) = self.lora.take() {
+            tch::no_grad(|| {
+                let delta = l.b.matmul(&l.a) * l.scale; // [out, in]
+                let delta = match self.layout {
+                    Layout::OutIn => delta,
+                    Layout::InOut => delta.transpose(0, 1),
+                };
+                let _ = self.weight.g_add_(&delta.to_kind(self.weight.kind()));
+            });
+        }
+    }
+
+    /// Whether this layer carries an adapter.
+    pub fn has_lora(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// The number of output features.
+    pub fn out_features(&self) -> i64 {
+        match self.layout {
+            Layout::OutIn => self.weight.size()[0],
+            Layout::InOut => self.weight.size()[1],
+        }
+    }
+}
+
+/// A LayerNorm (`weight`, `bias`) or RMSNorm (`weight`) under HF names.
+#[derive(Debug)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    pub fn layer_norm(path: nn::Path, dim: i64, eps: f64) -> Norm {
+        Norm {
+            weight: path.var("weight", &[dim], nn::Init::Const(1.0)),
+            bias: Some(path.var("bias", &[dim], nn::Init::Const(0.0))),
+            eps,
+        }
+    }
+
+    pub fn rms_norm(path: nn::Path, dim: i64, eps: f64) -> Norm {
+        Norm { weight: path.var("weight", &[dim], nn::Init::Const(1.0)), bias: None, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = *x.size().last().expect("non-scalar");
+        match &self.bias {
+            Some(b) => x.layer_norm([dim], Some(&self.weight), Some(b), self.eps, true),
+            None => {
+                // As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
+                let kind = x.kind();
+                let xf = x.to_kind(Kind::Float);
+                let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+                let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+                &self.weight * normed
+            }
+        }
+    }
+}

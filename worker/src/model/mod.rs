@@ -1,0 +1,331 @@
+//! Decoder-only transformers on libtorch, loaded from and saved to Hugging
+//! Face checkpoint folders (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) under Hugging Face parameter names.
+//!
+//! Names come from the module structure (`&vs / "h" / i / "attn"`), so a
+//! checkpoint round-trips with transformers without a renaming table.
+
+mod attention;
+pub mod checkpoint;
+mod config;
+mod gpt2;
+mod linear;
+mod llama;
+pub mod sample;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tch::{nn, Device, Kind, Tensor};
+
+pub use attention::{attention_mask, KvCache};
+pub use config::{Arch, ModelConfig};
+pub use linear::{Layout, Linear, LoraConfig};
+
+use gpt2::Gpt2;
+use llama::Llama;
+
+#[derive(Debug)]
+enum Backbone {
+    Gpt2(Gpt2),
+    Llama(Llama),
+}
+
+/// A causal language model: backbone plus LM head (tied or not).
+#[derive(Debug)]
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    backbone: Backbone,
+    lm_head: Option<Linear>,
+}
+
+/// Position ids for a left- or right-padded batch: the running count of
+/// real tokens, as transformers' `generate` computes them.
+///
+/// # Shapes
+/// `mask`: `[b, t]` (0/1) -> `[b, t]` int64.
+pub fn positions_from_mask(mask: &Tensor) -> Tensor {
+    (mask.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0)
+}
+
+impl Transformer {
+    /// Creates the variables under `root` (the VarStore's root).
+    pub fn new(root: &nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Transformer {
+        let backbone = match cfg.arch {
+            Arch::Gpt2 => Backbone::Gpt2(Gpt2::new(root / "transformer", cfg, lora)),
+            Arch::Llama => Backbone::Llama(Llama::new(root / "model", cfg, lora)),
+        };
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| Linear::new(root / "lm_head", cfg.hidden_size, cfg.vocab_size, false, Layout::OutIn, None));
+        Transformer { cfg: cfg.clone(), backbone, lm_head }
+    }
+
+    /// Final hidden states.
+    ///
+    /// # Shapes
+    /// `ids`, `positions`: `[b, t]`; `mask`: `[b, past + t]` (0/1, covering
+    /// cached positions too) -> `[b, t, hidden]`.
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let q_len = ids.size()[1];
+        let attn = attention_mask(mask, q_len);
+        match &self.backbone {
+            Backbone::Gpt2(m) => m.forward(ids, positions, &attn, cache, train),
+            Backbone::Llama(m) => m.forward(ids, positions, &attn, cache, train),
+        }
+    }
+
+    /// # Shapes
+    /// `[b, t, hidden]` -> `[b, t, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, false),
+            None => hidden.linear::<Tensor>(self.embeddings(), None),
+        }
+    }
+
+    /// Logits of a padded batch with no cache.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `[b, t]` -> `[b, t, vocab]`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let positions = positions_from_mask(mask);
+        self.logits(&self.hidden(ids, &positions, mask, None, train))
+    }
+
+    /// The token embedding matrix `[vocab, hidden]`.
+    pub fn embeddings(&self) -> &Tensor {
+        match &self.backbone {
+            Backbone::Gpt2(m) => &m.wte,
+            Backbone::Llama(m) => &m.embed_tokens,
+        }
+    }
+
+    /// Folds every LoRA adapter into its base weight.
+    pub fn merge_lora(&mut self) {
+        match &mut self.backbone {
+            Backbone::Gpt2(m) => m.linears_mut().for_each(Linear::merge_lora),
+            Backbone::Llama(m) => m.linears_mut().for_each(Linear::merge_lora),
+        }
+    }
+}
+
+/// Index of the last real token of each row.
+///
+/// # Shapes
+/// `mask`: `[b, t]` -> `[b]` int64.
+pub fn last_token_index(mask: &Tensor) -> Tensor {
+    let t = mask.size()[1];
+    let pos = Tensor::arange(t, (Kind::Int64, mask.device())).view([1, t]);
+    (mask.to_kind(Kind::Int64) * pos).argmax(1, false)
+}
+
+/// A scalar reward on the last real token, saved as `score.weight` like
+/// transformers' `*ForSequenceClassification` with one label.
+#[derive(Debug)]
+pub struct RewardHead {
+    score: Linear,
+}
+
+impl RewardHead {
+    pub fn new(root: &nn::Path, hidden: i64) -> RewardHead {
+        RewardHead { score: Linear::new(root / "score", hidden, 1, false, Layout::OutIn, None) }
+    }
+
+    /// # Shapes
+    /// `hidden`: `[b, t, h]`, `mask`: `[b, t]` -> `[b]`.
+    pub fn forward(&self, hidden: &Tensor, mask: &Tensor) -> Tensor {
+        let idx = last_token_index(mask);
+        let b = hidden.size()[0];
+        let rows = Tensor::arange(b, (Kind::Int64, hidden.device()));
+        let last = hidden.index(&[Some(rows), Some(idx)]); // [b, h]
+        self.score.forward(&last, false).squeeze_dim(-1)
+    }
+}
+
+/// One value per token (PPO critic), saved as `v_head.summary.*` as TRL does.
+#[derive(Debug)]
+pub struct ValueHead {
+    summary: Linear,
+}
+
+impl ValueHead {
+    pub fn new(root: &nn::Path, hidden: i64) -> ValueHead {
+        ValueHead { summary: Linear::new(root / "v_head" / "summary", hidden, 1, true, Layout::OutIn, None) }
+    }
+
+    /// # Shapes
+    /// `[b, t, h]` -> `[b, t]`.
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        self.summary.forward(hidden, false).squeeze_dim(-1)
+    }
+}
+
+/// Which head a model folder carries or should carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Causal LM (`*ForCausalLM`).
+    Lm,
+    /// Scalar reward (`*ForSequenceClassification`, one label).
+    Reward,
+    /// Causal LM plus a per-token value head.
+    Value,
+}
+
+/// A model with its variables, ready to run or train.
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub lm: Transformer,
+    pub reward: Option<RewardHead>,
+    pub value: Option<ValueHead>,
+    /// The folder it came from (tokenizer files are copied from here on save).
+    pub source: Option<PathBuf>,
+}
+
+/// How to build a model.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub device: Device,
+    pub head: Head,
+    pub lora: Option<LoraConfig>,
+}
+
+impl Model {
+    /// A freshly initialised model (seed torch first for reproducibility).
+    pub fn init(cfg: &ModelConfig, options: &BuildOptions) -> Model {
+        let vs = nn::VarStore::new(options.device);
+        let root = vs.root();
+        let lm = Transformer::new(&root, cfg, options.lora.as_ref());
+        let reward = (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
+        let value = (options.head == Head::Value).then(|| ValueHead::new(&root, cfg.hidden_size));
+        Model { vs, lm, reward, value, source: None }
+    }
+
+    /// Loads a Hugging Face folder. Head and adapter weights absent from the
+    /// checkpoint keep their initialisation (and are listed in the log);
+    /// any other missing weight is an error.
+    pub fn load(dir: &Path, options: &BuildOptions) -> anyhow::Result<Model> {
+        let cfg = ModelConfig::load(dir)?;
+        let mut model = Model::init(&cfg, options);
+        let stored = checkpoint::read_folder(dir, Device::Cpu)?;
+        let prefix = format!("{}.", cfg.backbone_prefix());
+        let mut fresh = Vec::new();
+        tch::no_grad(|| -> anyhow::Result<()> {
+            for (name, mut var) in model.vs.variables() {
+                // Checkpoints of the bare backbone (`GPT2Model`) have no prefix.
+                let found = stored.get(&name).or_else(|| name.strip_prefix(&prefix).and_then(|n| stored.get(n)));
+                match found {
+                    Some(t) => {
+                        anyhow::ensure!(
+                            t.size() == var.size(),
+                            "{}: `{name}` has shape {:?} in the checkpoint but the config makes it {:?}",
+                            dir.display(),
+                            t.size(),
+                            var.size()
+                        );
+                        var.copy_(t);
+                    }
+                    None if name.contains("lora_") || name.starts_with("score.") || name.starts_with("v_head.") => {
+                        fresh.push(name)
+                    }
+                    None => anyhow::bail!("{}: the checkpoint has no `{name}`", dir.display()),
+                }
+            }
+            Ok(())
+        })?;
+        if !fresh.is_empty() {
+            fresh.sort();
+            tracing::info!("newly initialised (not in {}): {}", dir.display(), fresh.join(", "));
+        }
+        if options.lora.is_some() {
+            freeze_all_but_lora(&model.vs);
+        }
+        model.source = Some(dir.to_path_buf());
+        Ok(model)
+    }
+
+    /// Trainable tensors by name (sorted, so optimizers see a stable order).
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Saves as a Hugging Face folder: `config.json` (architectures set for
+    /// the head), `model.safetensors` (tied weights once, adapters merged),
+    /// and the tokenizer files of the source folder.
+    pub fn save(&mut self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.lm.merge_lora();
+        let tensors: BTreeMap<String, Tensor> =
+            self.vs.variables().into_iter().filter(|(n, _)| !n.contains("lora_")).collect();
+        checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
+        let mut config = self.lm.cfg.raw.clone();
+        let family = match self.lm.cfg.arch {
+            Arch::Gpt2 => "GPT2",
+            Arch::Llama => match config["model_type"].as_str() {
+                Some("qwen2") => "Qwen2",
+                Some("mistral") => "Mistral",
+                _ => "Llama",
+            },
+        };
+        let arch = match (self.reward.is_some(), self.value.is_some()) {
+            (true, _) => {
+                config["num_labels"] = 1.into();
+                config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+                config["label2id"] = serde_json::json!({"LABEL_0": 0});
+                config["pad_token_id"] = self.lm.cfg.pad_id().into();
+                format!("{family}ForSequenceClassification")
+            }
+            _ => format!("{family}ForCausalLM").replace("GPT2ForCausalLM", "GPT2LMHeadModel"),
+        };
+        config["architectures"] = serde_json::json!([arch]);
+        config["torch_dtype"] = "float32".into();
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+        if let Some(src) = &self.source {
+            copy_tokenizer(src, dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies the tokenizer files of a model folder, if any.
+pub fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// With LoRA only the adapters train: everything else stops requiring grad.
+fn freeze_all_but_lora(vs: &nn::VarStore) {
+    for (name, t) in vs.variables() {
+        if !name.contains("lora_") {
+            let _ = t.set_requires_grad(false);
+        }
+    }
+}
+
+/// The device of `auto | cpu | cuda | cuda:N` (the engine pins GPUs with
+/// `CUDA_VISIBLE_DEVICES`, so `cuda` means the first visible one).
+pub fn device(spec: &str) -> anyhow::Result<Device> {
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(),
+        "cuda" => {
+            anyhow::ensure!(tch::Cuda::is_available(), "device `cuda` requested but CUDA is not available");
+            Device::Cuda(0)
+        }
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("bad device `{other}` (auto, cpu, cuda, cuda:N)"))?;
+            anyhow::ensure!(tch::Cuda::is_available(), "device `{other}` requested but CUDA is not available");
+            Device::Cuda(n)
+        }
+    })
+}
