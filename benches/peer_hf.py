@@ -44,6 +44,8 @@ RM_PAIRS, RM_SEQ = 8, 128
 SAMPLE_BATCH, PROMPT, NEW_TOKENS = 8, 32, 96
 LR = 1e-4
 WARMUP = 2
+# RSS high-water mark once torch + transformers are imported (before any model)
+IMPORT_RSS_MIB = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def config(attn, **extra):
@@ -80,7 +82,8 @@ def timed(fn, repeats, device):
 
 def peak(device):
     out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "peak_rss_note": "ru_maxrss of the whole process, cumulative over sections run in it"}
+           "peak_rss_note": "ru_maxrss of the whole process, cumulative over sections run in it",
+           "rss_after_import_mib": IMPORT_RSS_MIB}
     if device.type == "cuda":
         out["cuda_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
