@@ -3,8 +3,9 @@
 # the worker links) and is a no-op otherwise.
 
 TORCH_VERSION := 2.11.0
+TRANSFORMERS_VERSION := 5.23.0
 VENV          := .venv
-STAMP         := $(VENV)/.torch-$(TORCH_VERSION)
+STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 CARGO         ?= cargo
 
 .PHONY: setup build demo test bench clean-cache schemas
@@ -15,7 +16,8 @@ setup: $(STAMP)
 # (rpath); `.venv/libtorch` is a stable link to it, named by .cargo/config.toml.
 $(STAMP):
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) \
+		transformers==$(TRANSFORMERS_VERSION) numpy safetensors
 	ln -sfn "$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	touch $@
 

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Peer benchmark: the same fixed workload as alignflow's model benches, run in
+Hugging Face transformers (PyTorch eager).
+
+Workload (fixed): GPT-2 architecture, vocab 4096, 256 positions, width 256,
+4 layers, 4 heads, float32, random init with seed 0, dropout 0,
+bos = eos = pad = token 0, inputs random tokens in [1, 4096) (seed 0, no padding).
+
+  sft_step    batch 8 x seq 128: forward + causal-LM loss + backward
+              + torch.optim.AdamW(lr=1e-4).step() + zero_grad()   -> tokens/s
+  rm_step     GPT2ForSequenceClassification(num_labels=1, pad_token_id=0),
+              8 pairs = 16 sequences of 128 (chosen and rejected in ONE forward
+              of 16), loss -logsigmoid(r_chosen - r_rejected).mean(), backward,
+              AdamW step, zero_grad                                -> pairs/s
+  sample      batch 8, prompt 32 random tokens, generate(do_sample=True,
+              temperature=1.0, top_k=0, max_new_tokens=96, min_new_tokens=96,
+              use_cache=True, pad_token_id=0)                      -> new tokens/s
+
+Each: 2 warm-up iterations, then --repeats timed; median and all samples.
+One JSON object per section on stdout. peak_rss_mib is ru_maxrss of the whole
+process, so it is cumulative over the sections run so far; use --only to run
+each section in its own process for a clean figure.
+
+    .venv/bin/python benches/peer_hf.py --only sft
+    .venv/bin/python benches/peer_hf.py --only rm
+    .venv/bin/python benches/peer_hf.py --only sample
+    .venv/bin/python benches/peer_hf.py               # all three, one process
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+VOCAB, POSITIONS, WIDTH, LAYERS, HEADS = 4096, 256, 256, 4, 4
+SFT_BATCH, SFT_SEQ = 8, 128
+RM_PAIRS, RM_SEQ = 8, 128
+SAMPLE_BATCH, PROMPT, NEW_TOKENS = 8, 32, 96
+LR = 1e-4
+WARMUP = 2
+# RSS high-water mark once torch + transformers are imported (before any model)
+IMPORT_RSS_MIB = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def config(attn, **extra):
+    return GPT2Config(
+        vocab_size=VOCAB, n_positions=POSITIONS, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attn_implementation=attn, **extra,
+    )
+
+
+def tokens(shape, device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, VOCAB, shape, generator=g).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device):
+    for _ in range(WARMUP):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), samples
+
+
+def peak(device):
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "peak_rss_note": "ru_maxrss of the whole process, cumulative over sections run in it",
+           "rss_after_import_mib": IMPORT_RSS_MIB}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def bench_sft(args, device):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config(args.attn)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = tokens((SFT_BATCH, SFT_SEQ), device)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    med, samples = timed(step, args.repeats, device)
+    return {"bench": "sft_step", "tokens_per_s": SFT_BATCH * SFT_SEQ / med, "s_per_step": med,
+            "batch": SFT_BATCH, "seq": SFT_SEQ}, samples
+
+
+def bench_rm(args, device):
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config(args.attn, num_labels=1)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    ids = tokens((2 * RM_PAIRS, RM_SEQ), device)  # rows [0, 8) chosen, [8, 16) rejected
+
+    def step():
+        r = model(input_ids=ids).logits[:, 0]
+        loss = -F.logsigmoid(r[:RM_PAIRS] - r[RM_PAIRS:]).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    med, samples = timed(step, args.repeats, device)
+    return {"bench": "rm_step", "pairs_per_s": RM_PAIRS / med, "s_per_step": med,
+            "pairs": RM_PAIRS, "seq": RM_SEQ}, samples
+
+
+def bench_sample(args, device):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config(args.attn)).to(device).eval()
+    prompt = tokens((SAMPLE_BATCH, PROMPT), device)
+    mask = torch.ones_like(prompt)
+
+    def gen():
+        out = model.generate(prompt, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, use_cache=True,
+                             pad_token_id=0)
+        assert out.shape == (SAMPLE_BATCH, PROMPT + NEW_TOKENS), out.shape
+
+    med, samples = timed(gen, args.repeats, device)
+    return {"bench": "sample", "new_tokens_per_s": SAMPLE_BATCH * NEW_TOKENS / med, "s_per_call": med,
+            "batch": SAMPLE_BATCH, "prompt": PROMPT, "new_tokens": NEW_TOKENS}, samples
+
+
+SECTIONS = {"sft": bench_sft, "rm": bench_rm, "sample": bench_sample}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=sorted(SECTIONS), help="run one section (clean peak RSS)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                    help="transformers attention implementation (default sdpa, HF's default)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+
+    for name in [args.only] if args.only else list(SECTIONS):
+        res, samples = SECTIONS[name](args, device)
+        res = {"bench": res.pop("bench"), "impl": "transformers", **res, "samples": samples, "repeats": args.repeats,
+               "warmup": WARMUP, **peak(device), "threads": args.threads, "device": str(device),
+               "attn": args.attn, "dtype": "float32",
+               "torch": torch.__version__, "transformers": transformers.__version__}
+        print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Write tiny random-init HF checkpoints plus reference outputs for alignflow's
+model-layer parity tests.
+
+    python tests/parity/make_reference.py OUT_DIR
+
+For each of gpt2/, llama_gqa_tied/, llama_untied/ under OUT_DIR:
+  config.json, generation_config.json, model.safetensors   (save_pretrained)
+  reference.safetensors   input_ids, attention_mask, position_ids, logits,
+                          greedy_ids, greedy_logprobs
+  reference.json          the same data as nested lists + versions + notes
+Deterministic: torch.manual_seed(0), eager attention, float32, CPU.
+"""
+import inspect
+import json
+import os
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(2)
+
+BATCH_LENGTHS = [10, 7, 4]  # real lengths per row; left-padded to SEQ
+SEQ = 10
+NEW = 12
+NORM_NOISE = 0.1  # std of the noise added to norm weights (around 1) and biases
+# weight init std (HF default 0.02 gives near-uniform logits and greedy near-ties,
+# which would make greedy parity fragile); written to config.json, harmless on load.
+INIT_STD = float(os.environ.get("PARITY_INIT_STD", "0.2"))
+
+
+def gpt2_config():
+    return GPT2Config(
+        vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        initializer_range=INIT_STD, attn_implementation="eager",
+    )
+
+
+def llama_config(kv_heads, tied, theta):
+    return LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        # transformers 5 stores rope_theta inside rope_parameters in config.json
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        rms_norm_eps=1e-6, tie_word_embeddings=tied,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=INIT_STD, attn_implementation="eager",
+    )
+
+
+MODELS = [
+    ("gpt2", GPT2LMHeadModel, gpt2_config),
+    ("llama_gqa_tied", LlamaForCausalLM, lambda: llama_config(2, True, 10000.0)),
+    ("llama_untied", LlamaForCausalLM, lambda: llama_config(4, False, 500000.0)),
+]
+
+
+def perturb_norms(model, gen):
+    """Make LayerNorm / RMSNorm affine params non-trivial (not 1 / 0)."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            cls = type(mod).__name__
+            if isinstance(mod, torch.nn.LayerNorm) or "RMSNorm" in cls:
+                mod.weight.add_(torch.randn(mod.weight.shape, generator=gen) * NORM_NOISE)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.add_(torch.randn(mod.bias.shape, generator=gen) * NORM_NOISE)
+
+
+def position_ids_from_mask(mask):
+    # as HF generate does for left padding: cumsum(mask) - 1, pads -> 0
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def make_batch(gen, vocab, pad):
+    ids = torch.full((len(BATCH_LENGTHS), SEQ), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(BATCH_LENGTHS):
+        # real tokens avoid ids 0..2 (pad/bos/eos in both families)
+        ids[r, SEQ - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[r, SEQ - n:] = 1
+    return ids, mask
+
+
+def save_model(model, out):
+    kw = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kw["safe_serialization"] = True  # transformers<5; v5 always writes safetensors
+    model.save_pretrained(out, **kw)
+    assert os.path.isfile(os.path.join(out, "model.safetensors")), "no model.safetensors written"
+
+
+def build(name, cls, make_cfg, root):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = make_cfg()
+    model = cls(cfg).eval()
+    perturb_norms(model, gen)
+    out = os.path.join(root, name)
+    save_model(model, out)
+
+    ids, mask = make_batch(gen, cfg.vocab_size, cfg.pad_token_id)
+    pos = position_ids_from_mask(mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        greedy = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+            min_new_tokens=NEW, pad_token_id=cfg.pad_token_id,
+        )
+        assert greedy.shape == (len(BATCH_LENGTHS), SEQ + NEW), greedy.shape
+        full_mask = torch.cat([mask, torch.ones(len(BATCH_LENGTHS), NEW, dtype=torch.long)], 1)
+        full_logits = model(input_ids=greedy, attention_mask=full_mask,
+                            position_ids=position_ids_from_mask(full_mask)).logits.float()
+    step_logits = full_logits[:, SEQ - 1:SEQ - 1 + NEW]  # predicts tokens SEQ..SEQ+NEW-1
+    new_tok = greedy[:, SEQ:]
+    logprobs = torch.log_softmax(step_logits, -1).gather(-1, new_tok.unsqueeze(-1)).squeeze(-1)
+
+    # self-checks: the full forward reproduces the first-step logits, and every
+    # greedy token is the argmax of the full-forward logits (EOS excluded,
+    # since min_new_tokens masks it), with its margin over the runner-up.
+    assert torch.allclose(full_logits[:, :SEQ][mask.bool()], logits[mask.bool()], atol=1e-5)
+    masked = step_logits.clone()
+    masked[..., cfg.eos_token_id] = float("-inf")
+    assert torch.equal(masked.argmax(-1), new_tok), "greedy != argmax of full forward"
+    top2 = masked.topk(2, -1).values
+    margin = (top2[..., 0] - top2[..., 1]).min().item()
+    eos_suppressed = int((step_logits.argmax(-1) != new_tok).sum())
+
+    ref = {
+        "input_ids": ids.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "position_ids": pos.contiguous(),
+        "logits": logits.contiguous(),
+        "greedy_ids": greedy.contiguous(),
+        "greedy_logprobs": logprobs.float().contiguous(),
+    }
+    meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+            "model": name, "architecture": cls.__name__}
+    save_file(ref, os.path.join(out, "reference.safetensors"), metadata=meta)
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump({
+            **meta,
+            "notes": ("left-padded batch; position_ids = clamp(cumsum(attention_mask)-1, 0); "
+                      "logits at pad positions (attention_mask==0) are not meaningful, "
+                      "compare only where attention_mask==1; greedy uses min_new_tokens=12 "
+                      "(EOS masked out); greedy_logprobs are unmasked log_softmax of a full "
+                      "forward on greedy_ids"),
+            "min_greedy_margin": margin,
+            "eos_suppressed_steps": eos_suppressed,
+            **{k: v.tolist() for k, v in ref.items()},
+        }, f)
+    files = sorted(os.listdir(out))
+    print(f"{out}: {files}")
+    for k, v in ref.items():
+        print(f"  {k:16s} {str(v.dtype):14s} {list(v.shape)}")
+    print(f"  min greedy top1-top2 margin {margin:.4g}, eos-suppressed steps {eos_suppressed}")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+    root = sys.argv[1]
+    os.makedirs(root, exist_ok=True)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    for name, cls, make_cfg in MODELS:
+        build(name, cls, make_cfg, root)
+
+
+if __name__ == "__main__":
+    main()
