@@ -65,6 +65,8 @@ struct RawConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
+    /// transformers >= 5 writes `rope_theta` (and the rope type) here.
+    rope_parameters: Option<Value>,
     hidden_act: Option<String>,
     head_dim: Option<i64>,
     attention_bias: Option<bool>,
@@ -124,8 +126,14 @@ impl ModelConfig {
             }
             "llama" | "mistral" | "qwen2" => {
                 if let Some(scaling) = c.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-                    anyhow::bail!("rope_scaling {scaling} is not supported yet");
+                    let default = scaling.get("rope_type").and_then(Value::as_str) == Some("default");
+                    anyhow::ensure!(default, "rope_scaling {scaling} is not supported yet");
                 }
+                let rope = c.rope_parameters.as_ref().filter(|p| !p.is_null());
+                if let Some(kind) = rope.and_then(|p| p.get("rope_type")).and_then(Value::as_str) {
+                    anyhow::ensure!(kind == "default", "rope_type `{kind}` is not supported yet");
+                }
+                let rope_theta = rope.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(c.rope_theta);
                 if let Some(act) = &c.hidden_act {
                     anyhow::ensure!(act == "silu", "activation `{act}` is not supported (SwiGLU needs silu)");
                 }
@@ -146,7 +154,7 @@ impl ModelConfig {
                     intermediate_size: c.intermediate_size.context("intermediate_size")?,
                     max_positions: c.max_position_embeddings.unwrap_or(2048),
                     norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-                    rope_theta: c.rope_theta.unwrap_or(10000.0),
+                    rope_theta: rope_theta.unwrap_or(10000.0),
                     tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
                     qkv_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
                     dropout: 0.0,

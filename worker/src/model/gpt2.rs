@@ -32,8 +32,8 @@ impl Gpt2 {
     pub fn new(p: nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Gpt2 {
         let h = cfg.hidden_size;
         let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
-        let wte = p.var("wte.weight", &[cfg.vocab_size, h], init);
-        let wpe = p.var("wpe.weight", &[cfg.max_positions, h], nn::Init::Randn { mean: 0.0, stdev: 0.01 });
+        let wte = (&p / "wte").var("weight", &[cfg.vocab_size, h], init);
+        let wpe = (&p / "wpe").var("weight", &[cfg.max_positions, h], nn::Init::Randn { mean: 0.0, stdev: 0.01 });
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let b = &p / "h" / i;

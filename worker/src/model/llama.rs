@@ -36,7 +36,7 @@ pub struct Llama {
 impl Llama {
     pub fn new(p: nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Llama {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let embed_tokens = p.var("embed_tokens.weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let embed_tokens = (&p / "embed_tokens").var("weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = &p / "layers" / i;

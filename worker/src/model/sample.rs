@@ -145,7 +145,7 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig) -> Tensor {
         // transformers' TopPLogitsWarper does.
         let (sorted, order) = s.sort(-1, true);
         let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-        let mut remove = (cum - sorted.softmax(-1, Kind::Float)).gt(cfg.top_p);
+        let remove = (cum - sorted.softmax(-1, Kind::Float)).gt(cfg.top_p);
         let _ = remove.narrow(1, 0, 1).fill_(0);
         let remove_orig = remove.scatter(1, &order, &remove);
         s = s.masked_fill(&remove_orig, f64::NEG_INFINITY);
