@@ -17,6 +17,8 @@ use alignflow::ops::{CancelFlag, Reporter, StageContext};
 use alignflow::protocol::{StageSpec, WorkerEvent};
 
 mod ops;
+#[allow(dead_code)]
+mod train;
 
 #[derive(Parser)]
 #[command(name = "alignflow-worker", version, about = "Runs one alignflow stage (started by the engine)")]
