@@ -241,7 +241,7 @@ impl AdamW {
                 let (i, grad) = &with_grad[k];
                 let p = &mut self.params[*i];
                 let step_t = p.step_t.get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
-                step_t.f_fill_(p.step as f64).map_err(torch_err)?;
+                let _ = step_t.f_fill_(p.step as f64).map_err(torch_err)?;
                 ps.push(p.tensor.shallow_clone());
                 gs.push(grad.shallow_clone());
                 ms.push(p.exp_avg.shallow_clone());
