@@ -213,3 +213,62 @@ pub fn load_checkpoint(dir: &Path, vs: &mut VarStore, opt: &mut AdamW) -> Result
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     File::open(dir).and_then(|f| f.sync_all()).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::AdamWConfig;
+    use tch::nn::Init;
+    use tch::Device;
+
+    fn setup() -> (VarStore, AdamW) {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().var("w", &[2, 2], Init::Const(1.0));
+        let opt = AdamW::from_var_store(&vs, AdamWConfig::default()).unwrap();
+        (vs, opt)
+    }
+
+    fn state(step: u64) -> CheckpointState {
+        CheckpointState { train: TrainState { step, ..Default::default() }, lr: 0.1, extra: serde_json::Value::Null }
+    }
+
+    fn root(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("alignflow-ckpt-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn keeps_the_last_k_and_ignores_unfinished_writes() {
+        let root = root("keep");
+        let ckpts = Checkpoints::new(&root, 2);
+        assert_eq!(ckpts.latest().unwrap(), None);
+        let (vs, opt) = setup();
+        for step in [1, 2, 3] {
+            ckpts.save(&vs, &opt, &state(step)).unwrap();
+        }
+        // Re-saving a step replaces it.
+        ckpts.save(&vs, &opt, &state(3)).unwrap();
+        // A crashed write: a temp folder of a later step, with all its files.
+        let crashed = root.join("step-00000009.tmp-1");
+        std::fs::create_dir(&crashed).unwrap();
+        std::fs::write(crashed.join(STATE_FILE), "{}").unwrap();
+        let steps: Vec<u64> = ckpts.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 3]);
+        assert_eq!(latest(&root).unwrap(), Some(root.join("step-00000003")));
+        let (mut vs2, mut opt2) = setup();
+        assert_eq!(load_checkpoint(&root.join("step-00000003"), &mut vs2, &mut opt2).unwrap(), state(3));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn rejects_an_unknown_format() {
+        let root = root("format");
+        let (vs, opt) = setup();
+        let dir = Checkpoints::new(&root, 1).save(&vs, &opt, &state(1)).unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap().replace("\"format\": 1", "\"format\": 99");
+        std::fs::write(dir.join(STATE_FILE), text).unwrap();
+        let (mut vs2, mut opt2) = setup();
+        let err = load_checkpoint(&dir, &mut vs2, &mut opt2).unwrap_err();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(matches!(err, CheckpointError::Format { found: 99, .. }), "{err}");
+    }
+}

@@ -442,7 +442,7 @@ mod tests {
         let mut opt =
             AdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), AdamWConfig::default())
                 .unwrap();
-        (&ps[0].1).sum(Kind::Float).backward();
+        ps[0].1.sum(Kind::Float).backward();
         opt.step(1e-2).unwrap();
         assert!(ps[1].1.equal(&params()[1].1), "a tensor without a gradient moved");
         let state = opt.state_tensors();
