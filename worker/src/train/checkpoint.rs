@@ -1,0 +1,274 @@
+//! Training checkpoints: one folder per optimizer step under a root,
+//! written atomically and pruned to the last K.
+//!
+//! ```text
+//! ROOT/step-00000500/model.safetensors      VarStore variables
+//!                   /optimizer.safetensors  AdamW::state_tensors
+//!                   /state.json             CheckpointState
+//! ```
+//!
+//! A checkpoint is written into `ROOT/step-N.tmp-<pid>`, each file fsynced,
+//! then renamed into place and the root fsynced: a folder named `step-N`
+//! is complete, whatever crashed when.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use super::loop_state::TrainState;
+use super::optim::{AdamW, OptimError};
+
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+/// The layout version in `state.json`, bumped when the layout changes.
+const FORMAT: u32 = 1;
+
+/// Errors reading or writing checkpoints; each names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file-system operation failed.
+    #[error("checkpoint I/O on {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// libtorch could not write or read a safetensors file.
+    #[error("checkpoint tensors in {path}: {source}")]
+    Torch {
+        /// The safetensors file.
+        path: PathBuf,
+        /// libtorch's error.
+        #[source]
+        source: tch::TchError,
+    },
+    /// `state.json` is not valid.
+    #[error("checkpoint state {path}: {source}")]
+    Json {
+        /// The `state.json` file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The optimizer state does not fit the optimizer.
+    #[error("checkpoint optimizer state {path}: {source}")]
+    Optim {
+        /// The optimizer file.
+        path: PathBuf,
+        /// What did not fit.
+        #[source]
+        source: OptimError,
+    },
+    /// `state.json` has a layout this worker does not know.
+    #[error("checkpoint {path} has format {found}, this worker reads format {FORMAT}")]
+    Format {
+        /// The `state.json` file.
+        path: PathBuf,
+        /// The format found.
+        found: u32,
+    },
+}
+
+/// Everything in `state.json` besides the format number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// The loop counters; `train.step` is also the schedule's position.
+    pub train: TrainState,
+    /// The learning rate of the last step (informational: the schedule
+    /// recomputes it from the step).
+    pub lr: f64,
+    /// Op-specific state (a PPO KL controller, best eval loss, ...).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    #[serde(flatten)]
+    state: CheckpointState,
+}
+
+/// The checkpoints of one training run: a root folder and how many to keep.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    root: PathBuf,
+    keep: usize,
+}
+
+impl Checkpoints {
+    /// Checkpoints under `root`, keeping the newest `keep` (at least 1).
+    pub fn new(root: impl Into<PathBuf>, keep: usize) -> Self {
+        Self { root: root.into(), keep: keep.max(1) }
+    }
+
+    /// Writes the checkpoint of step `state.train.step` atomically (replacing
+    /// one of the same step), then deletes all but the newest `keep`.
+    /// Returns its folder.
+    pub fn save(&self, vs: &VarStore, opt: &AdamW, state: &CheckpointState) -> Result<PathBuf, CheckpointError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CheckpointError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        let name = format!("step-{:08}", state.train.step);
+        let dir = self.root.join(&name);
+        let tmp = self.root.join(format!("{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let written = (|| {
+            let model = tmp.join(MODEL_FILE);
+            vs.save(&model).map_err(|source| CheckpointError::Torch { path: model.clone(), source })?;
+            let optim = tmp.join(OPTIMIZER_FILE);
+            Tensor::write_safetensors(&opt.state_tensors(), &optim)
+                .map_err(|source| CheckpointError::Torch { path: optim.clone(), source })?;
+            let state_path = tmp.join(STATE_FILE);
+            let json = serde_json::to_vec_pretty(&StateFile { format: FORMAT, state: state.clone() })
+                .map_err(|source| CheckpointError::Json { path: state_path.clone(), source })?;
+            std::fs::write(&state_path, json).map_err(io(&state_path))?;
+            for file in [&model, &optim, &state_path] {
+                File::open(file).and_then(|f| f.sync_all()).map_err(io(file))?;
+            }
+            sync_dir(&tmp)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            }
+            std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+            sync_dir(&self.root)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
+        let all = self.list()?;
+        for (_, old) in all.iter().take(all.len().saturating_sub(self.keep)) {
+            std::fs::remove_dir_all(old).map_err(io(old))?;
+        }
+        Ok(dir)
+    }
+
+    /// The complete checkpoints, oldest first, as (step, folder).
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(CheckpointError::Io { path: self.root.clone(), source }),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| CheckpointError::Io { path: self.root.clone(), source })?;
+            let name = entry.file_name();
+            // `step-N.tmp-PID` folders are unfinished writes and do not parse.
+            let step = name.to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok());
+            if let Some(step) = step {
+                if entry.path().join(STATE_FILE).is_file() {
+                    found.push((step, entry.path()));
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// The newest complete checkpoint, if any.
+    pub fn latest(&self) -> Result<Option<PathBuf>, CheckpointError> {
+        Ok(self.list()?.pop().map(|(_, dir)| dir))
+    }
+}
+
+/// The newest complete checkpoint under `root`, if any.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    Checkpoints::new(root, 1).latest()
+}
+
+/// Restores the checkpoint in `dir` into `vs` and `opt`, which must have
+/// the structure they were saved with (a fresh model and optimizer do), and
+/// returns its state.
+pub fn load_checkpoint(dir: &Path, vs: &mut VarStore, opt: &mut AdamW) -> Result<CheckpointState, CheckpointError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io { path: state_path.clone(), source })?;
+    let file: StateFile =
+        serde_json::from_slice(&text).map_err(|source| CheckpointError::Json { path: state_path.clone(), source })?;
+    if file.format != FORMAT {
+        return Err(CheckpointError::Format { path: state_path, found: file.format });
+    }
+    let model = dir.join(MODEL_FILE);
+    vs.load(&model).map_err(|source| CheckpointError::Torch { path: model.clone(), source })?;
+    let optim = dir.join(OPTIMIZER_FILE);
+    let tensors = Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch { path: optim.clone(), source })?;
+    opt.load_state(&tensors).map_err(|source| CheckpointError::Optim { path: optim, source })?;
+    Ok(file.state)
+}
+
+/// Makes a folder's entries (creations, renames) durable.
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::optim::AdamWConfig;
+    use tch::nn::Init;
+    use tch::Device;
+
+    fn setup() -> (VarStore, AdamW) {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = vs.root().var("w", &[2, 2], Init::Const(1.0));
+        let opt = AdamW::from_var_store(&vs, AdamWConfig::default()).unwrap();
+        (vs, opt)
+    }
+
+    fn state(step: u64) -> CheckpointState {
+        CheckpointState { train: TrainState { step, ..Default::default() }, lr: 0.1, extra: serde_json::Value::Null }
+    }
+
+    fn root(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("alignflow-ckpt-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn keeps_the_last_k_and_ignores_unfinished_writes() {
+        let root = root("keep");
+        let ckpts = Checkpoints::new(&root, 2);
+        assert_eq!(ckpts.latest().unwrap(), None);
+        let (vs, opt) = setup();
+        for step in [1, 2, 3] {
+            ckpts.save(&vs, &opt, &state(step)).unwrap();
+        }
+        // Re-saving a step replaces it.
+        ckpts.save(&vs, &opt, &state(3)).unwrap();
+        // A crashed write: a temp folder of a later step, with all its files.
+        let crashed = root.join("step-00000009.tmp-1");
+        std::fs::create_dir(&crashed).unwrap();
+        std::fs::write(crashed.join(STATE_FILE), "{}").unwrap();
+        let steps: Vec<u64> = ckpts.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 3]);
+        assert_eq!(latest(&root).unwrap(), Some(root.join("step-00000003")));
+        let (mut vs2, mut opt2) = setup();
+        assert_eq!(load_checkpoint(&root.join("step-00000003"), &mut vs2, &mut opt2).unwrap(), state(3));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn rejects_an_unknown_format() {
+        let root = root("format");
+        let (vs, opt) = setup();
+        let dir = Checkpoints::new(&root, 1).save(&vs, &opt, &state(1)).unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap().replace("\"format\": 1", "\"format\": 99");
+        std::fs::write(dir.join(STATE_FILE), text).unwrap();
+        let (mut vs2, mut opt2) = setup();
+        let err = load_checkpoint(&dir, &mut vs2, &mut opt2).unwrap_err();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(matches!(err, CheckpointError::Format { found: 99, .. }), "{err}");
+    }
+}

@@ -1,0 +1,26 @@
+//! Training infrastructure shared by the training ops (LM pretraining, SFT,
+//! reward models, PPO): AdamW with state we own, learning-rate schedules,
+//! gradient clipping and accumulation, resumable loop state with seeded
+//! shuffling, atomic checkpoints, and a small [`Trainer`] tying them
+//! together. Every piece works on a `VarStore` or on named trainable tensors
+//! and knows nothing of the models.
+
+// The re-exports are the API for the training ops; until those land, the
+// binary uses none of them.
+#![allow(unused_imports)]
+
+mod accumulate;
+mod checkpoint;
+mod clip;
+mod loop_state;
+mod optim;
+mod schedule;
+mod trainer;
+
+pub use accumulate::{accumulate, Accumulated, MicroBatch};
+pub use checkpoint::{latest, load_checkpoint, CheckpointError, CheckpointState, Checkpoints};
+pub use clip::clip_grad_norm;
+pub use loop_state::{epoch_permutation, seed_torch_for_step, step_seed, TrainState};
+pub use optim::{trainable_named, AdamW, AdamWConfig, AdamWImpl, OptimError};
+pub use schedule::{Decay, Schedule, ScheduleConfig};
+pub use trainer::{StepMetrics, Trainer, TrainerConfig};
