@@ -21,20 +21,37 @@ fn main() -> anyhow::Result<()> {
     let bin = env!("CARGO_BIN_EXE_alignflow");
     let alignflow = |args: &[&str]| -> anyhow::Result<Duration> {
         let start = Instant::now();
-        let out = Command::new(bin).args(args).current_dir(dir.path()).output()?;
+        let out = Command::new(bin)
+            .args(args)
+            .current_dir(dir.path())
+            .output()?;
         let took = start.elapsed();
-        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(took)
     };
     let first_run = alignflow(&["run", "pipeline.yaml", "--quiet"])?;
     let first_plan = alignflow(&["plan", "pipeline.yaml"])?;
-    let mut times: Vec<Duration> = (0..RUNS).map(|_| alignflow(&["plan", "pipeline.yaml"])).collect::<Result<_, _>>()?;
+    let mut times: Vec<Duration> = (0..RUNS)
+        .map(|_| alignflow(&["plan", "pipeline.yaml"]))
+        .collect::<Result<_, _>>()?;
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("workload: {STAGES} cached stages, one 1 GiB input, `alignflow plan`, {RUNS} runs");
-    println!("first run (hashes the input, runs the stages): {:.1} ms", ms(first_run));
+    println!(
+        "first run (hashes the input, runs the stages): {:.1} ms",
+        ms(first_run)
+    );
     println!("first plan after the run: {:.1} ms", ms(first_plan));
-    println!("plan median: {:.2} ms   p90: {:.2} ms   min: {:.2} ms", ms(times[RUNS / 2]), ms(times[RUNS * 9 / 10]), ms(times[0]));
+    println!(
+        "plan median: {:.2} ms   p90: {:.2} ms   min: {:.2} ms",
+        ms(times[RUNS / 2]),
+        ms(times[RUNS * 9 / 10]),
+        ms(times[0])
+    );
     Ok(())
 }
 

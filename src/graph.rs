@@ -15,7 +15,13 @@ use crate::manifest::{Input, Location, Pipeline};
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
     #[error("{location}: stage `{from}`, field `inputs.{input}`: references stage `{to}`, which does not exist{}", hint(.suggestion))]
-    MissingStage { from: String, input: String, to: String, location: Location, suggestion: Option<String> },
+    MissingStage {
+        from: String,
+        input: String,
+        to: String,
+        location: Location,
+        suggestion: Option<String>,
+    },
     #[error("{location}: stage `{from}`, field `inputs.{input}`: stage `{to}` has no output `{output}` (outputs: {available}){}", hint(.suggestion))]
     MissingOutput {
         from: String,
@@ -27,13 +33,22 @@ pub enum GraphError {
         suggestion: Option<String>,
     },
     #[error("{location}: cycle in the pipeline: {}", .path.join(" -> "))]
-    Cycle { path: Vec<String>, location: Location },
+    Cycle {
+        path: Vec<String>,
+        location: Location,
+    },
     #[error("unknown target stage `{target}`{}", hint(.suggestion))]
-    UnknownTarget { target: String, suggestion: Option<String> },
+    UnknownTarget {
+        target: String,
+        suggestion: Option<String>,
+    },
 }
 
 fn hint(suggestion: &Option<String>) -> String {
-    suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default()
+    suggestion
+        .as_ref()
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default()
 }
 
 /// One edge: `to` reads output `output` of `from` as input `input`.
@@ -58,18 +73,35 @@ impl Dag {
     /// Builds the DAG, checking every reference and rejecting cycles.
     pub fn build(pipeline: &Pipeline) -> Result<Dag, GraphError> {
         let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
-        let index: HashMap<&str, usize> = pipeline.stages.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
+        let index: HashMap<&str, usize> = pipeline
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
         for (i, stage) in pipeline.stages.iter().enumerate() {
             for (name, input) in &stage.inputs {
-                let Input::Stage { stage: to, output, location } = input else { continue };
+                let Input::Stage {
+                    stage: to,
+                    output,
+                    location,
+                } = input
+                else {
+                    continue;
+                };
                 let Some(&j) = index.get(to.as_str()) else {
                     return Err(GraphError::MissingStage {
                         from: stage.id.clone(),
                         input: name.clone(),
                         to: to.clone(),
                         location: location.clone(),
-                        suggestion: crate::ops::nearest(to, pipeline.stages.iter().map(|s| s.id.as_str())),
+                        suggestion: crate::ops::nearest(
+                            to,
+                            pipeline.stages.iter().map(|s| s.id.as_str()),
+                        ),
                     });
                 };
                 let producer = &pipeline.stages[j];
@@ -81,17 +113,31 @@ impl Dag {
                         output: output.clone(),
                         available: producer.outputs.join(", "),
                         location: location.clone(),
-                        suggestion: crate::ops::nearest(output, producer.outputs.iter().map(String::as_str)),
+                        suggestion: crate::ops::nearest(
+                            output,
+                            producer.outputs.iter().map(String::as_str),
+                        ),
                     });
                 }
-                graph.add_edge(nodes[j], nodes[i], Edge { output: output.clone(), input: name.clone() });
+                graph.add_edge(
+                    nodes[j],
+                    nodes[i],
+                    Edge {
+                        output: output.clone(),
+                        input: name.clone(),
+                    },
+                );
             }
         }
         if toposort(&graph, None).is_err() {
             return Err(cycle_error(pipeline, &graph));
         }
         let order = stable_topo_order(&graph, &nodes);
-        Ok(Dag { graph, nodes, order })
+        Ok(Dag {
+            graph,
+            nodes,
+            order,
+        })
     }
 
     /// Stage indices in execution order.
@@ -109,8 +155,11 @@ impl Dag {
 
     /// Direct downstream stages of stage `i`.
     pub fn downstream(&self, i: usize) -> Vec<usize> {
-        let mut out: Vec<usize> =
-            self.graph.neighbors_directed(self.nodes[i], Direction::Outgoing).map(|n| self.graph[n]).collect();
+        let mut out: Vec<usize> = self
+            .graph
+            .neighbors_directed(self.nodes[i], Direction::Outgoing)
+            .map(|n| self.graph[n])
+            .collect();
         out.sort_unstable();
         out.dedup();
         out
@@ -119,7 +168,11 @@ impl Dag {
     /// The stages needed for `targets` (each a stage id, or a matrix stage's
     /// key meaning all its instances): the targets and all their ancestors.
     /// No targets selects everything.
-    pub fn select(&self, pipeline: &Pipeline, targets: &[String]) -> Result<BTreeSet<usize>, GraphError> {
+    pub fn select(
+        &self,
+        pipeline: &Pipeline,
+        targets: &[String],
+    ) -> Result<BTreeSet<usize>, GraphError> {
         if targets.is_empty() {
             return Ok((0..pipeline.stages.len()).collect());
         }
@@ -136,7 +189,10 @@ impl Dag {
             if hits.is_empty() {
                 return Err(GraphError::UnknownTarget {
                     target: target.clone(),
-                    suggestion: crate::ops::nearest(target, pipeline.stages.iter().map(|s| s.id.as_str())),
+                    suggestion: crate::ops::nearest(
+                        target,
+                        pipeline.stages.iter().map(|s| s.id.as_str()),
+                    ),
                 });
             }
             stack.extend(hits);
@@ -157,7 +213,11 @@ impl Dag {
             let _ = writeln!(out, "{} ({})", stage.id, stage.op);
             for (name, input) in &stage.inputs {
                 match input {
-                    Input::Stage { stage: from, output, .. } => {
+                    Input::Stage {
+                        stage: from,
+                        output,
+                        ..
+                    } => {
                         let _ = writeln!(out, "  {name} <- {from}.{output}");
                     }
                     Input::Path { written, .. } => {
@@ -172,19 +232,36 @@ impl Dag {
     /// Graphviz view.
     pub fn to_dot(&self, pipeline: &Pipeline) -> String {
         let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-        let mut out = format!("digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n", q(&pipeline.name));
+        let mut out = format!(
+            "digraph {} {{\n  rankdir=LR;\n  node [shape=box];\n",
+            q(&pipeline.name)
+        );
         for &i in &self.order {
             let stage = &pipeline.stages[i];
-            let _ = writeln!(out, "  {} [label={}];", q(&stage.id), q(&format!("{}\n{}", stage.id, stage.op)));
+            let _ = writeln!(
+                out,
+                "  {} [label={}];",
+                q(&stage.id),
+                q(&format!("{}\n{}", stage.id, stage.op))
+            );
         }
         for e in self.graph.edge_references() {
-            let (from, to) = (&pipeline.stages[self.graph[e.source()]], &pipeline.stages[self.graph[e.target()]]);
+            let (from, to) = (
+                &pipeline.stages[self.graph[e.source()]],
+                &pipeline.stages[self.graph[e.target()]],
+            );
             let label = if e.weight().output == e.weight().input {
                 e.weight().output.clone()
             } else {
                 format!("{} -> {}", e.weight().output, e.weight().input)
             };
-            let _ = writeln!(out, "  {} -> {} [label={}];", q(&from.id), q(&to.id), q(&label));
+            let _ = writeln!(
+                out,
+                "  {} -> {} [label={}];",
+                q(&from.id),
+                q(&to.id),
+                q(&label)
+            );
         }
         out.push_str("}\n");
         out
@@ -194,8 +271,10 @@ impl Dag {
 /// Kahn's algorithm, always taking the ready stage declared first, so the
 /// order is stable and reads like the manifest.
 fn stable_topo_order(graph: &DiGraph<usize, Edge>, nodes: &[NodeIndex]) -> Vec<usize> {
-    let mut indegree: Vec<usize> =
-        nodes.iter().map(|&n| graph.neighbors_directed(n, Direction::Incoming).count()).collect();
+    let mut indegree: Vec<usize> = nodes
+        .iter()
+        .map(|&n| graph.neighbors_directed(n, Direction::Incoming).count())
+        .collect();
     let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(i) = ready.pop_first() {
@@ -232,8 +311,10 @@ fn cycle_error(pipeline: &Pipeline, graph: &DiGraph<usize, Edge>) -> GraphError 
         visited: &mut BTreeSet<NodeIndex>,
     ) -> bool {
         let here = *path.last().expect("non-empty");
-        let mut next: Vec<NodeIndex> =
-            graph.neighbors_directed(here, Direction::Outgoing).filter(|n| members.contains(n)).collect();
+        let mut next: Vec<NodeIndex> = graph
+            .neighbors_directed(here, Direction::Outgoing)
+            .filter(|n| members.contains(n))
+            .collect();
         next.sort_by_key(|&n| graph[n]);
         for n in next {
             if n == start {
@@ -251,6 +332,12 @@ fn cycle_error(pipeline: &Pipeline, graph: &DiGraph<usize, Edge>) -> GraphError 
         false
     }
     walk(graph, &members, start, &mut path, &mut visited);
-    let names: Vec<String> = path.iter().map(|&n| pipeline.stages[graph[n]].id.clone()).collect();
-    GraphError::Cycle { path: names, location: pipeline.stages[graph[start]].location.clone() }
+    let names: Vec<String> = path
+        .iter()
+        .map(|&n| pipeline.stages[graph[n]].id.clone())
+        .collect();
+    GraphError::Cycle {
+        path: names,
+        location: pipeline.stages[graph[start]].location.clone(),
+    }
 }

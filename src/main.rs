@@ -14,10 +14,19 @@ use alignflow::graph::Dag;
 use alignflow::manifest::{self, LoadOptions, Pipeline};
 
 #[derive(Parser)]
-#[command(name = "alignflow", version, about = "Declarative RLHF / RLAIF pipelines with content-addressed caching")]
+#[command(
+    name = "alignflow",
+    version,
+    about = "Declarative RLHF / RLAIF pipelines with content-addressed caching"
+)]
 struct Cli {
     /// Cache folder.
-    #[arg(long, global = true, env = "ALIGNFLOW_CACHE_DIR", default_value = "cache")]
+    #[arg(
+        long,
+        global = true,
+        env = "ALIGNFLOW_CACHE_DIR",
+        default_value = "cache"
+    )]
     cache_dir: PathBuf,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -131,7 +140,9 @@ enum DagFormat {
 }
 
 fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn main() -> ExitCode {
@@ -154,13 +165,19 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn load(args: &ManifestArgs) -> anyhow::Result<(Arc<Pipeline>, Arc<Dag>)> {
     let mut sets = Vec::new();
     for s in &args.sets {
-        let (k, v) = s.split_once('=').with_context(|| format!("--set `{s}`: expected params.NAME=VALUE"))?;
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set `{s}`: expected params.NAME=VALUE"))?;
         sets.push((k.trim().to_string(), v.to_string()));
     }
     let pipeline = manifest::load(&args.file, &LoadOptions { sets })?;
@@ -169,15 +186,34 @@ fn load(args: &ManifestArgs) -> anyhow::Result<(Arc<Pipeline>, Arc<Dag>)> {
 }
 
 fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
-    Ok(Arc::new(Cache::open(dir).with_context(|| format!("opening the cache {}", dir.display()))?))
+    Ok(Arc::new(Cache::open(dir).with_context(|| {
+        format!("opening the cache {}", dir.display())
+    })?))
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { manifest, targets, jobs, fail_fast, locked, rehash, threads, quiet } => {
+        Command::Run {
+            manifest,
+            targets,
+            jobs,
+            fail_fast,
+            locked,
+            rehash,
+            threads,
+            quiet,
+        } => {
             let (pipeline, dag) = load(&manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
-            let options = RunOptions { targets, jobs, fail_fast, locked, rehash, threads, quiet };
+            let options = RunOptions {
+                targets,
+                jobs,
+                fail_fast,
+                locked,
+                rehash,
+                threads,
+                quiet,
+            };
             let summary = engine::run(pipeline, dag, cache, options)?;
             print!("{}", summary.table());
             if let Some(log) = &summary.log {
@@ -191,12 +227,24 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        Command::Plan { manifest, targets, json, rehash } => {
+        Command::Plan {
+            manifest,
+            targets,
+            json,
+            rehash,
+        } => {
             let (pipeline, dag) = load(&manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
             let lockfile = engine::Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
             let selected = dag.select(&pipeline, &targets)?;
-            let ctx = PlanContext { pipeline: &pipeline, dag: &dag, cache: &cache, lockfile: lockfile.as_ref(), rehash, locked: false };
+            let ctx = PlanContext {
+                pipeline: &pipeline,
+                dag: &dag,
+                cache: &cache,
+                lockfile: lockfile.as_ref(),
+                rehash,
+                locked: false,
+            };
             let plan = engine::plan(&ctx, &selected)?;
             cache.flush_hash_cache()?;
             if json {
@@ -205,10 +253,18 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let rows = plan.rows(&pipeline);
                 let width = rows.iter().map(|r| r.stage.len()).max().unwrap_or(5);
                 for r in rows {
-                    let action = if r.action == Action::Run { "run" } else { "cached" };
+                    let action = if r.action == Action::Run {
+                        "run"
+                    } else {
+                        "cached"
+                    };
                     println!("{action:<7} {:<width$}  {}", r.stage, r.reason);
                 }
-                println!("{} to run, {} cached", plan.to_run(), plan.stages.len() - plan.to_run());
+                println!(
+                    "{} to run, {} cached",
+                    plan.to_run(),
+                    plan.stages.len() - plan.to_run()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -222,10 +278,18 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { manifest } => {
             let (pipeline, _) = load(&manifest)?;
-            println!("{}: ok ({} stages)", manifest.file.display(), pipeline.stages.len());
+            println!(
+                "{}: ok ({} stages)",
+                manifest.file.display(),
+                pipeline.stages.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show { manifest, stage, json } => show(&cli.cache_dir, &manifest, &stage, json),
+        Command::Show {
+            manifest,
+            stage,
+            json,
+        } => show(&cli.cache_dir, &manifest, &stage, json),
         Command::Ops { name } => {
             match name {
                 None => {
@@ -252,7 +316,11 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         report.records_checked,
                         report.problems.len()
                     );
-                    Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                    Ok(if report.problems.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
                 }
                 CacheCommand::Gc { dry_run } => {
                     let report = cache.gc(dry_run)?;
@@ -272,7 +340,10 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => {
             println!("alignflow {}", alignflow::ENGINE_VERSION);
-            println!("cache      {}", std::path::absolute(&cli.cache_dir)?.display());
+            println!(
+                "cache      {}",
+                std::path::absolute(&cli.cache_dir)?.display()
+            );
             println!("worker     {}", engine::worker_path().display());
             match engine::doctor() {
                 Ok(info) => {
@@ -295,7 +366,12 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn show(cache_dir: &Path, args: &ManifestArgs, stage: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn show(
+    cache_dir: &Path,
+    args: &ManifestArgs,
+    stage: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let (pipeline, dag) = load(args)?;
     let cache = open_cache(cache_dir)?;
     let index = pipeline
@@ -304,15 +380,35 @@ fn show(cache_dir: &Path, args: &ManifestArgs, stage: &str, json: bool) -> anyho
         .position(|s| s.id == stage)
         .with_context(|| format!("no stage `{stage}` in {}", pipeline.file.display()))?;
     let selected = dag.select(&pipeline, &[stage.to_string()])?;
-    let ctx = PlanContext { pipeline: &pipeline, dag: &dag, cache: &cache, lockfile: None, rehash: false, locked: false };
+    let ctx = PlanContext {
+        pipeline: &pipeline,
+        dag: &dag,
+        cache: &cache,
+        lockfile: None,
+        rehash: false,
+        locked: false,
+    };
     let plan = engine::plan(&ctx, &selected)?;
-    let planned = plan.stages.iter().find(|p| p.index == index).expect("target is selected");
+    let planned = plan
+        .stages
+        .iter()
+        .find(|p| p.index == index)
+        .expect("target is selected");
     let Some(outputs) = &planned.outputs else {
-        anyhow::bail!("stage `{stage}` has no cached outputs for its current inputs ({}); run it first", planned.reason);
+        anyhow::bail!(
+            "stage `{stage}` has no cached outputs for its current inputs ({}); run it first",
+            planned.reason
+        );
     };
     let rows: Vec<(String, PathBuf, String)> = outputs
         .iter()
-        .map(|(name, id)| (name.clone(), std::path::absolute(cache.artifact_path(id)).unwrap_or_default(), id.to_string()))
+        .map(|(name, id)| {
+            (
+                name.clone(),
+                std::path::absolute(cache.artifact_path(id)).unwrap_or_default(),
+                id.to_string(),
+            )
+        })
         .collect();
     if json {
         let value: serde_json::Map<String, serde_json::Value> = rows

@@ -49,7 +49,11 @@ pub type Metrics = BTreeMap<String, serde_json::Value>;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WorkerEvent {
     /// Progress of the current phase: `pos` of `len` (unknown length: none).
-    Progress { pos: u64, len: Option<u64>, msg: String },
+    Progress {
+        pos: u64,
+        len: Option<u64>,
+        msg: String,
+    },
     /// A training-curve point (step, loss, lr, ...).
     Metric { values: BTreeMap<String, f64> },
     /// The stage finished; its summary metrics.
@@ -57,7 +61,9 @@ pub enum WorkerEvent {
     /// The stage failed.
     Failed { message: String },
     /// Answer to `alignflow-worker doctor`.
-    Doctor { info: BTreeMap<String, serde_json::Value> },
+    Doctor {
+        info: BTreeMap<String, serde_json::Value>,
+    },
 }
 
 impl WorkerEvent {

@@ -3,7 +3,8 @@ mod common;
 use common::*;
 
 fn output_path(p: &Project, stage: &str) -> std::path::PathBuf {
-    let shown: serde_json::Value = serde_json::from_str(&p.ok(&["show", "pipeline.yaml", stage, "--json"])).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", stage, "--json"])).unwrap();
     std::path::PathBuf::from(shown["out"]["path"].as_str().unwrap())
 }
 
@@ -41,7 +42,11 @@ fn verify_names_a_corrupt_object() {
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     let name = path.file_name().unwrap().to_string_lossy().to_string();
-    assert!(text.lines().any(|l| l.contains(&name) && l.contains("corrupt")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&name) && l.contains("corrupt")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -52,7 +57,10 @@ fn gc_removes_only_unreachable_objects() {
     p.run_stages("pipeline.yaml", &[]);
     // An object no record reaches, as a crash between ingest and commit leaves.
     let orphan_hash = blake3::hash(b"orphan").to_hex().to_string();
-    let orphan = p.path("cache/objects").join(&orphan_hash[..2]).join(&orphan_hash[2..]);
+    let orphan = p
+        .path("cache/objects")
+        .join(&orphan_hash[..2])
+        .join(&orphan_hash[2..]);
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::write(&orphan, b"orphan").unwrap();
 

@@ -12,10 +12,18 @@ fn chain() -> Project {
 #[test]
 fn first_run_runs_everything_and_second_run_executes_nothing() {
     let p = chain();
-    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["a", "b", "c", "d"]));
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &[]),
+        set(&["a", "b", "c", "d"])
+    );
     assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]));
-    assert_eq!(p.read("runs.txt").lines().count(), 4, "no stage executed twice");
-    let plan: serde_json::Value = serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
+    assert_eq!(
+        p.read("runs.txt").lines().count(),
+        4,
+        "no stage executed twice"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
     for row in plan.as_array().unwrap() {
         assert_eq!(row["action"], "cached", "{row}");
         assert_eq!(row["reason"], "up to date");
@@ -31,20 +39,33 @@ fn changing_a_param_reruns_exactly_its_stage_and_descendants() {
     let plan = p.ok(&["plan", "pipeline.yaml", "--set", "params.greeting=bonjour"]);
     assert!(plan.contains(r#"params.cmd changed"#), "{plan}");
     assert!(plan.contains("upstream b reruns"), "{plan}");
-    assert_eq!(p.run_stages("pipeline.yaml", &["--set", "params.greeting=bonjour"]), set(&["b", "c"]));
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &["--set", "params.greeting=bonjour"]),
+        set(&["b", "c"])
+    );
     // `n` is used by d only.
-    assert_eq!(p.run_stages("pipeline.yaml", &["--set", "params.n=5"]), set(&["d"]));
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &["--set", "params.n=5"]),
+        set(&["d"])
+    );
 }
 
 #[test]
 fn plan_json_explains_why() {
     let p = chain();
-    let plan: serde_json::Value = serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
+    let plan: serde_json::Value =
+        serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
     let reasons: Vec<(&str, &str, &str)> = plan
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["stage"].as_str().unwrap(), r["action"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap(),
+                r["action"].as_str().unwrap(),
+                r["reason"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         reasons,
@@ -58,7 +79,10 @@ fn plan_json_explains_why() {
     p.run_stages("pipeline.yaml", &[]);
     p.write("input.txt", "changed input\n");
     let plan = p.ok(&["plan", "pipeline.yaml"]);
-    assert!(plan.contains("input src changed (path input.txt)"), "{plan}");
+    assert!(
+        plan.contains("input src changed (path input.txt)"),
+        "{plan}"
+    );
 }
 
 #[test]
@@ -79,7 +103,10 @@ fn early_cutoff_keeps_downstream_cached_when_outputs_are_identical() {
     let p = chain();
     p.run_stages("pipeline.yaml", &[]);
     // `a` reruns (its command changes) but writes the same bytes: b and c stay cached.
-    let changed = CHAIN.replace(r#"cat "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#, r#"cat < "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#);
+    let changed = CHAIN.replace(
+        r#"cat "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#,
+        r#"cat < "$ALIGNFLOW_IN_SRC" > "$ALIGNFLOW_OUT/out""#,
+    );
     assert_ne!(changed, CHAIN);
     p.write("pipeline.yaml", &changed);
     let out = p.ok(&["run", "pipeline.yaml", "--quiet"]);
@@ -90,8 +117,14 @@ fn early_cutoff_keeps_downstream_cached_when_outputs_are_identical() {
 #[test]
 fn targets_run_only_their_ancestors() {
     let p = chain();
-    assert_eq!(p.run_stages("pipeline.yaml", &["--target", "b"]), set(&["a", "b"]));
-    assert_eq!(p.run_stages("pipeline.yaml", &["--target", "d"]), set(&["d"]));
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &["--target", "b"]),
+        set(&["a", "b"])
+    );
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &["--target", "d"]),
+        set(&["d"])
+    );
     assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["c"]));
 }
 
@@ -121,13 +154,34 @@ stages:
     let out = p.run(&["run", "pipeline.yaml", "--quiet"]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stages_with_status(&table, "FAILED"), set(&["bad"]), "{table}");
-    assert_eq!(stages_with_status(&table, "skipped"), set(&["after_bad"]), "{table}");
-    assert_eq!(stages_with_status(&table, "ran"), set(&["independent"]), "{table}");
+    assert_eq!(
+        stages_with_status(&table, "FAILED"),
+        set(&["bad"]),
+        "{table}"
+    );
+    assert_eq!(
+        stages_with_status(&table, "skipped"),
+        set(&["after_bad"]),
+        "{table}"
+    );
+    assert_eq!(
+        stages_with_status(&table, "ran"),
+        set(&["independent"]),
+        "{table}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(table.contains("exit status 3") || stderr.contains("exit status 3"), "{table}\n{stderr}");
-    assert!(stderr.contains("something broke"), "stderr tail is shown: {stderr}");
-    assert!(!p.path("pipeline.lock").exists(), "no lockfile after a failed run");
+    assert!(
+        table.contains("exit status 3") || stderr.contains("exit status 3"),
+        "{table}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("something broke"),
+        "stderr tail is shown: {stderr}"
+    );
+    assert!(
+        !p.path("pipeline.lock").exists(),
+        "no lockfile after a failed run"
+    );
 }
 
 #[test]
@@ -149,11 +203,22 @@ stages:
 "#,
     );
     let start = std::time::Instant::now();
-    let out = p.run(&["run", "pipeline.yaml", "--quiet", "--fail-fast", "--jobs", "2"]);
+    let out = p.run(&[
+        "run",
+        "pipeline.yaml",
+        "--quiet",
+        "--fail-fast",
+        "--jobs",
+        "2",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(start.elapsed().as_secs() < 20, "the slow stage was killed");
     let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stages_with_status(&table, "cancelled"), set(&["slow"]), "{table}");
+    assert_eq!(
+        stages_with_status(&table, "cancelled"),
+        set(&["slow"]),
+        "{table}"
+    );
 }
 
 #[test]
@@ -161,16 +226,26 @@ fn a_path_input_enters_by_content_not_by_name() {
     let p = chain();
     p.run_stages("pipeline.yaml", &[]);
     std::fs::rename(p.path("input.txt"), p.path("renamed.txt")).unwrap();
-    p.write("pipeline.yaml", &CHAIN.replace("src: input.txt", "src: renamed.txt"));
+    p.write(
+        "pipeline.yaml",
+        &CHAIN.replace("src: input.txt", "src: renamed.txt"),
+    );
     assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]));
     // A folder input is hashed as a tree of relative paths and contents.
     p.write("folder/x.txt", "x");
     p.write("folder/sub/y.txt", "y");
-    p.write("pipeline.yaml", &CHAIN.replace("src: input.txt", "src: folder"));
+    p.write(
+        "pipeline.yaml",
+        &CHAIN.replace("src: input.txt", "src: folder"),
+    );
     let folder_run = p.run_stages("pipeline.yaml", &[]);
     assert!(folder_run.contains("a"), "{folder_run:?}");
     p.write("folder/sub/y.txt", "y");
-    assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&[]), "same bytes in a folder: cached");
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &[]),
+        set(&[]),
+        "same bytes in a folder: cached"
+    );
     p.write("folder/sub/y.txt", "changed");
     assert!(p.run_stages("pipeline.yaml", &[]).contains("a"));
 }
@@ -194,30 +269,56 @@ stages:
     params: { cmd: "echo started >> runs.txt; sleep 30; touch $ALIGNFLOW_OUT/out" }
 "#,
     );
-    let child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = p
+        .cmd(&["run", "pipeline.yaml", "--quiet"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let start = std::time::Instant::now();
     while !p.path("runs.txt").exists() {
-        assert!(start.elapsed().as_secs() < 30, "the long stage never started");
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the long stage never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
-    assert!(start.elapsed().as_secs() < 20, "the running stage was stopped");
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "the running stage was stopped"
+    );
     let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stages_with_status(&table, "cancelled"), set(&["long"]), "{table}");
+    assert_eq!(
+        stages_with_status(&table, "cancelled"),
+        set(&["long"]),
+        "{table}"
+    );
     let plan = p.ok(&["plan", "pipeline.yaml"]);
-    assert!(plan.lines().any(|l| l.starts_with("cached") && l.contains("quick")), "{plan}");
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("cached") && l.contains("quick")),
+        "{plan}"
+    );
     assert!(p.ok(&["cache", "verify"]).contains(": 0 problem(s)"));
-    let leftovers: Vec<_> = std::fs::read_dir(p.path("cache/tmp")).map(|d| d.flatten().collect()).unwrap_or_default();
-    assert!(leftovers.is_empty(), "staging folders removed: {leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(p.path("cache/tmp"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "staging folders removed: {leftovers:?}"
+    );
 }
 
 #[test]
 fn each_run_keeps_a_log_in_the_cache() {
     let p = chain();
     p.run_stages("pipeline.yaml", &[]);
-    let logs: Vec<_> = std::fs::read_dir(p.path("cache/logs")).unwrap().flatten().collect();
+    let logs: Vec<_> = std::fs::read_dir(p.path("cache/logs"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert_eq!(logs.len(), 1);
     let log = std::fs::read_to_string(logs[0].path()).unwrap();
     assert!(log.contains("plan a Run: never run"), "{log}");

@@ -27,7 +27,11 @@ fn two_concurrent_runs_never_run_a_stage_twice() {
     let b = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
     for child in [a, b] {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let runs = p.read("runs.txt");
     assert_eq!(runs.matches("first").count(), 1, "{runs}");
@@ -43,15 +47,26 @@ fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_reuses_finished_work
     let mut child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
     let start = Instant::now();
     while !p.path("runs.txt").exists() || !p.read("runs.txt").contains("second-started") {
-        assert!(start.elapsed() < Duration::from_secs(30), "second stage never started");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "second stage never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // The killed stage has no record; the finished one does.
     let plan = p.ok(&["plan", "pipeline.yaml"]);
-    assert!(plan.lines().any(|l| l.starts_with("cached") && l.contains("first")), "{plan}");
-    assert!(plan.lines().any(|l| l.starts_with("run") && l.contains("second")), "{plan}");
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("cached") && l.contains("first")),
+        "{plan}"
+    );
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("run") && l.contains("second")),
+        "{plan}"
+    );
     let verify = p.ok(&["cache", "verify"]);
     assert!(verify.contains(": 0 problem(s)"), "{verify}");
     // The rerun completes and reuses `first`.

@@ -24,9 +24,18 @@ stages:
 "#,
     );
     let dag = p.ok(&["dag", "pipeline.yaml"]);
-    assert!(dag.contains("train[cmd=echo 1 > $ALIGNFLOW_OUT/out] (exec)"), "{dag}");
-    assert!(dag.contains("train[cmd=echo 2 > $ALIGNFLOW_OUT/out] (exec)"), "{dag}");
-    assert!(dag.contains("one <- train[cmd=echo 1 > $ALIGNFLOW_OUT/out].out"), "{dag}");
+    assert!(
+        dag.contains("train[cmd=echo 1 > $ALIGNFLOW_OUT/out] (exec)"),
+        "{dag}"
+    );
+    assert!(
+        dag.contains("train[cmd=echo 2 > $ALIGNFLOW_OUT/out] (exec)"),
+        "{dag}"
+    );
+    assert!(
+        dag.contains("one <- train[cmd=echo 1 > $ALIGNFLOW_OUT/out].out"),
+        "{dag}"
+    );
     let ran = p.run_stages("pipeline.yaml", &[]);
     assert_eq!(ran.len(), 3, "{ran:?}");
     let shown = p.ok(&["show", "pipeline.yaml", "report"]);
@@ -58,7 +67,10 @@ stages:
         let shown = p.ok(&["show", "pipeline.yaml", stage]);
         std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap()
     };
-    assert_ne!(read("s[cmd=echo $ALIGNFLOW_SEED > $ALIGNFLOW_OUT/out]"), read("t"));
+    assert_ne!(
+        read("s[cmd=echo $ALIGNFLOW_SEED > $ALIGNFLOW_OUT/out]"),
+        read("t")
+    );
 }
 
 #[test]
@@ -105,7 +117,10 @@ fn include_cycles_are_reported_as_a_chain() {
     p.write("a.yaml", "version: 1\nname: a\ninclude: b.yaml\n");
     p.write("b.yaml", "version: 1\nname: b\ninclude: a.yaml\n");
     let err = p.fails(&["validate", "a.yaml"]);
-    assert!(err.contains("include cycle: a.yaml -> b.yaml -> a.yaml"), "{err}");
+    assert!(
+        err.contains("include cycle: a.yaml -> b.yaml -> a.yaml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -124,7 +139,10 @@ stages:
 "#,
     );
     let err = p.fails(&["plan", "pipeline.yaml", "--set", "params.m=4"]);
-    assert!(err.contains("--set: unknown param `m` (did you mean `params.n`?)"), "{err}");
+    assert!(
+        err.contains("--set: unknown param `m` (did you mean `params.n`?)"),
+        "{err}"
+    );
     p.ok(&["run", "pipeline.yaml", "--quiet", "--set", "params.n=4"]);
     let shown = p.ok(&["show", "pipeline.yaml", "s", "--set", "params.n=4"]);
     let text = std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap();

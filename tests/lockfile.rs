@@ -11,15 +11,33 @@ fn run_writes_a_lockfile_and_locked_refuses_a_changed_param() {
     assert!(err.contains("there is no lockfile"), "{err}");
     p.run_stages("pipeline.yaml", &[]);
     let lock = p.read("pipeline.lock");
-    for stage in ["a:", "b:", "c:", "d:", "fingerprint:", "outputs:", "op_version: 1"] {
+    for stage in [
+        "a:",
+        "b:",
+        "c:",
+        "d:",
+        "fingerprint:",
+        "outputs:",
+        "op_version: 1",
+    ] {
         assert!(lock.contains(stage), "{stage} missing in\n{lock}");
     }
     assert_eq!(p.run_stages("pipeline.yaml", &["--locked"]), set(&[]));
 
-    let err = p.fails(&["run", "pipeline.yaml", "--locked", "--set", "params.greeting=hi"]);
+    let err = p.fails(&[
+        "run",
+        "pipeline.yaml",
+        "--locked",
+        "--set",
+        "params.greeting=hi",
+    ]);
     assert!(err.contains("--locked: the plan differs from"), "{err}");
     assert!(err.contains("~ b: params.cmd changed"), "{err}");
-    assert_eq!(p.read("pipeline.lock"), lock, "a refused run leaves the lockfile alone");
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock,
+        "a refused run leaves the lockfile alone"
+    );
 }
 
 #[test]
@@ -31,7 +49,11 @@ fn locked_run_on_an_empty_cache_reproduces_the_locked_outputs() {
     let lock = p.read("pipeline.lock");
     std::fs::remove_dir_all(p.path("cache")).unwrap();
     let out = p.ok(&["run", "pipeline.yaml", "--locked", "--quiet"]);
-    assert_eq!(stages_with_status(&out, "ran"), set(&["a", "b", "c", "d"]), "{out}");
+    assert_eq!(
+        stages_with_status(&out, "ran"),
+        set(&["a", "b", "c", "d"]),
+        "{out}"
+    );
     assert!(out.contains("reproduced locked outputs"), "{out}");
     assert_eq!(p.read("pipeline.lock"), lock);
 }
@@ -47,5 +69,10 @@ fn locked_run_reports_an_output_that_does_not_reproduce() {
     let out = p.run(&["run", "pipeline.yaml", "--locked", "--quiet"]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.lines().any(|l| l.starts_with("d ") && l.contains("not reproducible")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("d ") && l.contains("not reproducible")),
+        "{table}"
+    );
 }

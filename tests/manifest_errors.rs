@@ -5,7 +5,10 @@ use common::*;
 fn error_of(p: &Project, yaml: &str) -> String {
     p.write("pipeline.yaml", yaml);
     let err = p.fails(&["validate", "pipeline.yaml"]);
-    err.trim().strip_prefix("error: ").unwrap_or(err.trim()).to_string()
+    err.trim()
+        .strip_prefix("error: ")
+        .unwrap_or(err.trim())
+        .to_string()
 }
 
 #[test]
@@ -33,7 +36,10 @@ stages:
     params: { cmd: "true" }
 "#,
     );
-    assert_eq!(err, "pipeline.yaml:4:3: cycle in the pipeline: a -> b -> c -> a");
+    assert_eq!(
+        err,
+        "pipeline.yaml:4:3: cycle in the pipeline: a -> b -> c -> a"
+    );
 }
 
 #[test]
@@ -102,7 +108,10 @@ stages:
     params: { cmd: "true" }
 "#,
     );
-    assert_eq!(err, "pipeline.yaml:5:9: stage `run`, field `op`: unknown op `exce` (did you mean `exec`?)");
+    assert_eq!(
+        err,
+        "pipeline.yaml:5:9: stage `run`, field `op`: unknown op `exce` (did you mean `exec`?)"
+    );
 }
 
 #[test]
@@ -119,7 +128,10 @@ stages:
     parmas: { cmd: "true" }
 "#,
     );
-    assert_eq!(err, "pipeline.yaml:7:5: stage `run`, field `parmas`: unknown field (did you mean `params`?)");
+    assert_eq!(
+        err,
+        "pipeline.yaml:7:5: stage `run`, field `parmas`: unknown field (did you mean `params`?)"
+    );
     let err = error_of(&p, "version: 1\nname: keys\nstagse: {}\n");
     assert!(err.starts_with("pipeline.yaml:3:1: "), "{err}");
     assert!(err.ends_with("(did you mean `stages`?)"), "{err}");
@@ -134,7 +146,10 @@ stages:
     params: { cdm: "true" }
 "#,
     );
-    assert!(err.starts_with("pipeline.yaml:7:15: stage `run`, field `params.cdm`: unknown field"), "{err}");
+    assert!(
+        err.starts_with("pipeline.yaml:7:15: stage `run`, field `params.cdm`: unknown field"),
+        "{err}"
+    );
     assert!(err.ends_with("(did you mean `cmd`?)"), "{err}");
 }
 
@@ -152,7 +167,10 @@ stages:
     params: { cmd: "echo ${env.HOME}" }
 "#,
     );
-    assert!(err.contains("stage `run`, field `params.cmd`: unknown reference `${env.HOME}`"), "{err}");
+    assert!(
+        err.contains("stage `run`, field `params.cmd`: unknown reference `${env.HOME}`"),
+        "{err}"
+    );
     p.write(
         "pipeline.yaml",
         r#"version: 1

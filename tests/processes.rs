@@ -12,15 +12,25 @@ fn worker() -> PathBuf {
 
 #[test]
 fn the_engine_binary_does_not_link_libtorch() {
-    let out = Command::new("ldd").arg(env!("CARGO_BIN_EXE_alignflow")).output().expect("ldd runs");
+    let out = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_alignflow"))
+        .output()
+        .expect("ldd runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(!text.contains("torch") && !text.contains("c10"), "alignflow links libtorch:\n{text}");
+    assert!(
+        !text.contains("torch") && !text.contains("c10"),
+        "alignflow links libtorch:\n{text}"
+    );
 }
 
 #[test]
 fn the_worker_links_libtorch_and_finds_it_without_ld_library_path() {
-    let out = Command::new("ldd").arg(worker()).env_remove("LD_LIBRARY_PATH").output().expect("ldd runs");
+    let out = Command::new("ldd")
+        .arg(worker())
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("ldd runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("libtorch_cpu.so =>"), "{text}");
     assert!(!text.contains("not found"), "{text}");
@@ -30,12 +40,18 @@ fn the_worker_links_libtorch_and_finds_it_without_ld_library_path() {
 fn doctor_reports_versions_devices_threads_and_cache() {
     let p = Project::new();
     let text = p.ok(&["doctor"]);
-    assert!(text.contains(&format!("alignflow {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(
+        text.contains(&format!("alignflow {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
     assert!(text.contains("libtorch   \"2.11.0"), "{text}");
     assert!(text.contains("cuda_available"), "{text}");
     assert!(text.contains("device_names"), "{text}");
     assert!(text.contains("threads"), "{text}");
-    assert!(text.contains(&p.path("cache").display().to_string()), "{text}");
+    assert!(
+        text.contains(&p.path("cache").display().to_string()),
+        "{text}"
+    );
 }
 
 #[test]
@@ -51,12 +67,27 @@ fn the_worker_runs_a_stage_spec_and_streams_json_events() {
         "device": "cpu", "seed": 1, "threads": 1
     });
     let spec_path = p.write("spec.json", &spec.to_string());
-    let out = Command::new(worker()).arg("run").arg(&spec_path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    let out = Command::new(worker())
+        .arg("run")
+        .arg(&spec_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
     let event: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(event["event"], "done", "{last}");
-    assert_eq!(std::fs::read_to_string(out_dir.join("greeting")).unwrap(), "hi\n");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("greeting")).unwrap(),
+        "hi\n"
+    );
 
     // A failing stage: a `failed` event and a non-zero exit.
     let bad = serde_json::json!({
@@ -66,12 +97,23 @@ fn the_worker_runs_a_stage_spec_and_streams_json_events() {
         "device": "cpu", "seed": 1, "threads": null
     });
     let spec_path = p.write("bad.json", &bad.to_string());
-    let out = Command::new(worker()).arg("run").arg(&spec_path).output().unwrap();
+    let out = Command::new(worker())
+        .arg("run")
+        .arg(&spec_path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
     let event: serde_json::Value = serde_json::from_str(&last).unwrap();
     assert_eq!(event["event"], "failed");
-    assert!(event["message"].as_str().unwrap().contains("exit status 4"), "{last}");
+    assert!(
+        event["message"].as_str().unwrap().contains("exit status 4"),
+        "{last}"
+    );
 }
 
 #[test]
@@ -79,6 +121,9 @@ fn checked_in_schemas_are_up_to_date() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
     for (name, text) in alignflow::ops::schema_files() {
         let checked_in = std::fs::read_to_string(root.join(&name)).unwrap_or_default();
-        assert!(checked_in == text, "schemas/{name} is stale: run `make schemas` and commit it");
+        assert!(
+            checked_in == text,
+            "schemas/{name} is stale: run `make schemas` and commit it"
+        );
     }
 }

@@ -15,14 +15,19 @@ fn main() {
     // Recorded for `alignflow doctor`: the version of the libtorch linked.
     if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix("__version__ = ")) {
-            println!("cargo:rustc-env=ALIGNFLOW_LIBTORCH_VERSION={}", v.trim_matches(|c| c == '\'' || c == '"'));
+            println!(
+                "cargo:rustc-env=ALIGNFLOW_LIBTORCH_VERSION={}",
+                v.trim_matches(|c| c == '\'' || c == '"')
+            );
         }
     }
     let lib = root.join("lib");
     println!("cargo:rerun-if-changed={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg-bin=alignflow-worker=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        println!(
+            "cargo:rustc-link-arg-bin=alignflow-worker=-Wl,--no-as-needed,-ltorch_cuda,--as-needed"
+        );
         println!("cargo:rustc-link-arg-tests=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }

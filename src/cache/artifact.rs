@@ -39,7 +39,9 @@ impl ArtifactId {
 impl FromStr for ArtifactId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, hash) = s.split_once(':').ok_or_else(|| format!("bad artifact id `{s}`"))?;
+        let (kind, hash) = s
+            .split_once(':')
+            .ok_or_else(|| format!("bad artifact id `{s}`"))?;
         let kind = match kind {
             "file" => ArtifactKind::File,
             "tree" => ArtifactKind::Tree,
@@ -48,7 +50,10 @@ impl FromStr for ArtifactId {
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("bad artifact hash in `{s}`"));
         }
-        Ok(ArtifactId { kind, hash: hash.to_ascii_lowercase() })
+        Ok(ArtifactId {
+            kind,
+            hash: hash.to_ascii_lowercase(),
+        })
     }
 }
 

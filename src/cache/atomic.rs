@@ -38,7 +38,10 @@ fn parent_of(path: &Path) -> io::Result<&Path> {
     match path.parent() {
         Some(p) if p.as_os_str().is_empty() => Ok(Path::new(".")),
         Some(p) => Ok(p),
-        None => Err(io::Error::new(io::ErrorKind::InvalidInput, "path has no parent folder")),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path has no parent folder",
+        )),
     }
 }
 

@@ -34,7 +34,10 @@ impl FileStat {
     pub fn of(meta: &fs::Metadata) -> FileStat {
         FileStat {
             size: meta.len(),
-            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
             ino: meta.ino(),
         }
     }
@@ -79,7 +82,12 @@ pub(crate) struct HashCache {
 
 impl HashCache {
     pub fn new(path: PathBuf, lock_path: PathBuf) -> HashCache {
-        HashCache { path, lock_path, state: Mutex::new(None), hashed_bytes: AtomicU64::new(0) }
+        HashCache {
+            path,
+            lock_path,
+            state: Mutex::new(None),
+            hashed_bytes: AtomicU64::new(0),
+        }
     }
 
     /// Bytes read for hashing by this handle.
@@ -89,7 +97,10 @@ impl HashCache {
 
     fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let state = guard.get_or_insert_with(|| State { entries: read_file(&self.path), dirty: HashMap::new() });
+        let state = guard.get_or_insert_with(|| State {
+            entries: read_file(&self.path),
+            dirty: HashMap::new(),
+        });
         f(state)
     }
 
@@ -100,7 +111,12 @@ impl HashCache {
         let key = abs.to_string_lossy().into_owned();
         let stat = FileStat::of(meta);
         if !rehash {
-            let hit = self.with_state(|s| s.entries.get(&key).filter(|e| e.stat == stat).map(|e| e.hash.clone()));
+            let hit = self.with_state(|s| {
+                s.entries
+                    .get(&key)
+                    .filter(|e| e.stat == stat)
+                    .map(|e| e.hash.clone())
+            });
             if let Some(hash) = hit {
                 return Ok(hash);
             }
@@ -113,7 +129,10 @@ impl HashCache {
         // A file written while we read it gets no entry (its hash may mix old
         // and new bytes); the next call hashes it again.
         if before == after {
-            let entry = Entry { stat: after, hash: hash.clone() };
+            let entry = Entry {
+                stat: after,
+                hash: hash.clone(),
+            };
             self.with_state(|s| {
                 s.entries.insert(key.clone(), entry.clone());
                 s.dirty.insert(key, entry);
@@ -143,16 +162,25 @@ impl HashCache {
     /// file lock, then written atomically).
     pub fn flush(&self) -> io::Result<()> {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(state) = guard.as_mut() else { return Ok(()) };
+        let Some(state) = guard.as_mut() else {
+            return Ok(());
+        };
         if state.dirty.is_empty() {
             return Ok(());
         }
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&self.lock_path)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)?;
         lock.lock()?;
         let mut merged = read_file(&self.path);
         merged.extend(state.dirty.drain());
-        let bytes = serde_json::to_vec(&OnDiskRef { version: HASH_CACHE_VERSION, entries: &merged })
-            .map_err(io::Error::other)?;
+        let bytes = serde_json::to_vec(&OnDiskRef {
+            version: HASH_CACHE_VERSION,
+            entries: &merged,
+        })
+        .map_err(io::Error::other)?;
         atomic_write(&self.path, &bytes)?;
         drop(lock);
         state.entries = merged;
@@ -167,7 +195,10 @@ fn read_file(path: &Path) -> HashMap<String, Entry> {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return HashMap::new(),
         Err(e) => {
-            tracing::warn!("{}: cannot read the hash cache, starting empty: {e}", path.display());
+            tracing::warn!(
+                "{}: cannot read the hash cache, starting empty: {e}",
+                path.display()
+            );
             return HashMap::new();
         }
     };
@@ -175,7 +206,10 @@ fn read_file(path: &Path) -> HashMap<String, Entry> {
         Ok(d) if d.version == HASH_CACHE_VERSION => d.entries,
         Ok(_) => HashMap::new(),
         Err(e) => {
-            tracing::warn!("{}: corrupt hash cache, starting empty: {e}", path.display());
+            tracing::warn!(
+                "{}: corrupt hash cache, starting empty: {e}",
+                path.display()
+            );
             HashMap::new()
         }
     }

@@ -16,7 +16,10 @@ use super::{ArtifactId, ArtifactKind, Fingerprint, StageKey};
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt record: {message}")]
     CorruptRecord { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -25,7 +28,10 @@ pub enum CacheError {
 
 /// `map_err` helper: an io error at `path`.
 fn at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_path_buf(), source }
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What the cache keeps about one finished stage.
@@ -96,7 +102,10 @@ impl Cache {
         for sub in ["objects", "trees", "records", "locks", "tmp"] {
             ensure_dir(&root.join(sub))?;
         }
-        let hashes = HashCache::new(root.join("hashes.json"), root.join("locks").join("hashes.lock"));
+        let hashes = HashCache::new(
+            root.join("hashes.json"),
+            root.join("locks").join("hashes.lock"),
+        );
         Ok(Cache { root, hashes })
     }
 
@@ -118,25 +127,42 @@ impl Cache {
         let abs = fs::canonicalize(path).map_err(at(path))?;
         let meta = fs::metadata(&abs).map_err(at(&abs))?;
         if meta.is_file() {
-            let hash = self.hashes.file_hash(&abs, &meta, rehash).map_err(at(&abs))?;
-            Ok(ArtifactId { kind: ArtifactKind::File, hash })
+            let hash = self
+                .hashes
+                .file_hash(&abs, &meta, rehash)
+                .map_err(at(&abs))?;
+            Ok(ArtifactId {
+                kind: ArtifactKind::File,
+                hash,
+            })
         } else if meta.is_dir() {
             let mut entries = Vec::new();
             for f in walk_files(&abs)? {
                 let meta = fs::symlink_metadata(&f.path).map_err(at(&f.path))?;
-                let hash = self.hashes.file_hash(&f.path, &meta, rehash).map_err(at(&f.path))?;
+                let hash = self
+                    .hashes
+                    .file_hash(&f.path, &meta, rehash)
+                    .map_err(at(&f.path))?;
                 entries.push((f.rel, hash));
             }
             let (_, hash) = listing(&entries);
-            Ok(ArtifactId { kind: ArtifactKind::Tree, hash })
+            Ok(ArtifactId {
+                kind: ArtifactKind::Tree,
+                hash,
+            })
         } else {
-            Err(CacheError::Unsupported { path: abs, message: "not a regular file or folder".into() })
+            Err(CacheError::Unsupported {
+                path: abs,
+                message: "not a regular file or folder".into(),
+            })
         }
     }
 
     /// Persists the hash cache (call after planning or running).
     pub fn flush_hash_cache(&self) -> Result<(), CacheError> {
-        self.hashes.flush().map_err(at(&self.root.join("hashes.json")))
+        self.hashes
+            .flush()
+            .map_err(at(&self.root.join("hashes.json")))
     }
 
     /// Moves a finished output (file or folder) into the store; dedups.
@@ -148,7 +174,10 @@ impl Cache {
         let ft = meta.file_type();
         if ft.is_file() {
             let hash = self.ingest_blob(path, &meta)?;
-            Ok(ArtifactId { kind: ArtifactKind::File, hash })
+            Ok(ArtifactId {
+                kind: ArtifactKind::File,
+                hash,
+            })
         } else if ft.is_dir() {
             // Walk first: a symlink anywhere fails before anything moves.
             let files = walk_files(path)?;
@@ -161,11 +190,20 @@ impl Cache {
             let (bytes, hash) = listing(&entries);
             self.commit_tree(&hash, &bytes, &entries)?;
             fs::remove_dir_all(path).map_err(at(path))?;
-            Ok(ArtifactId { kind: ArtifactKind::Tree, hash })
+            Ok(ArtifactId {
+                kind: ArtifactKind::Tree,
+                hash,
+            })
         } else if ft.is_symlink() {
-            Err(CacheError::Unsupported { path: path.to_path_buf(), message: "a symbolic link is not an artifact".into() })
+            Err(CacheError::Unsupported {
+                path: path.to_path_buf(),
+                message: "a symbolic link is not an artifact".into(),
+            })
         } else {
-            Err(CacheError::Unsupported { path: path.to_path_buf(), message: "not a regular file or folder".into() })
+            Err(CacheError::Unsupported {
+                path: path.to_path_buf(),
+                message: "not a regular file or folder".into(),
+            })
         }
     }
 
@@ -204,20 +242,28 @@ impl Cache {
 
     /// Materialises `trees/<hash>/` (built in `tmp/`, renamed into place),
     /// then writes `trees/<hash>.json`, the listing: its presence commits the tree.
-    fn commit_tree(&self, hash: &str, bytes: &[u8], entries: &[(String, String)]) -> Result<(), CacheError> {
+    fn commit_tree(
+        &self,
+        hash: &str,
+        bytes: &[u8],
+        entries: &[(String, String)],
+    ) -> Result<(), CacheError> {
         let trees = self.root.join("trees");
         let dir = trees.join(hash);
         if !dir.is_dir() {
-            let tmp = temp_sibling(&self.root.join("tmp").join(format!("tree-{hash}"))).map_err(at(&dir))?;
-            let result = self.materialise(&tmp, entries).and_then(|()| match fs::rename(&tmp, &dir) {
-                Ok(()) => Ok(()),
-                // Another process materialised the same tree first: keep theirs.
-                Err(_) if dir.is_dir() => {
-                    let _ = fs::remove_dir_all(&tmp);
-                    Ok(())
-                }
-                Err(e) => Err(at(&dir)(e)),
-            });
+            let tmp = temp_sibling(&self.root.join("tmp").join(format!("tree-{hash}")))
+                .map_err(at(&dir))?;
+            let result =
+                self.materialise(&tmp, entries)
+                    .and_then(|()| match fs::rename(&tmp, &dir) {
+                        Ok(()) => Ok(()),
+                        // Another process materialised the same tree first: keep theirs.
+                        Err(_) if dir.is_dir() => {
+                            let _ = fs::remove_dir_all(&tmp);
+                            Ok(())
+                        }
+                        Err(e) => Err(at(&dir)(e)),
+                    });
             if result.is_err() {
                 let _ = fs::remove_dir_all(&tmp);
             }
@@ -250,7 +296,9 @@ impl Cache {
                 // Too many links to one blob (say, the empty file): copy it.
                 Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
                     fs::copy(&src, &dst).map_err(at(&dst))?;
-                    File::open(&dst).and_then(|f| f.sync_all()).map_err(at(&dst))?;
+                    File::open(&dst)
+                        .and_then(|f| f.sync_all())
+                        .map_err(at(&dst))?;
                 }
                 Err(e) => return Err(at(&dst)(e)),
             }
@@ -281,7 +329,9 @@ impl Cache {
     /// Cheap presence check (no rehash).
     pub fn has_artifact(&self, id: &ArtifactId) -> bool {
         match id.kind {
-            ArtifactKind::File => fs::symlink_metadata(self.blob_path(&id.hash)).is_ok_and(|m| m.is_file()),
+            ArtifactKind::File => {
+                fs::symlink_metadata(self.blob_path(&id.hash)).is_ok_and(|m| m.is_file())
+            }
             ArtifactKind::Tree => {
                 let trees = self.root.join("trees");
                 trees.join(format!("{}.json", id.hash)).is_file() && trees.join(&id.hash).is_dir()
@@ -291,7 +341,11 @@ impl Cache {
 
     fn record_path(&self, fp: &Fingerprint) -> Result<PathBuf, CacheError> {
         let s = checked_fp(fp)?;
-        Ok(self.root.join("records").join(&s[..2]).join(format!("{s}.json")))
+        Ok(self
+            .root
+            .join("records")
+            .join(&s[..2])
+            .join(format!("{s}.json")))
     }
 
     /// The record for `fp`, if one was committed.
@@ -316,7 +370,9 @@ impl Cache {
     pub fn hit(&self, fp: &Fingerprint) -> Result<Option<StageRecord>, CacheError> {
         match self.record(fp) {
             Ok(Some(record)) => {
-                if let Some((name, id)) = record.outputs.iter().find(|(_, id)| !self.has_artifact(id)) {
+                if let Some((name, id)) =
+                    record.outputs.iter().find(|(_, id)| !self.has_artifact(id))
+                {
                     tracing::debug!(fingerprint = %fp.short(), "output `{name}` ({}) is missing: a miss", id.short());
                     return Ok(None);
                 }
@@ -324,7 +380,10 @@ impl Cache {
             }
             Ok(None) => Ok(None),
             Err(CacheError::CorruptRecord { path, message }) => {
-                tracing::warn!("{}: corrupt record ({message}), treated as a miss", path.display());
+                tracing::warn!(
+                    "{}: corrupt record ({message}), treated as a miss",
+                    path.display()
+                );
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -388,12 +447,18 @@ impl Cache {
 
     fn lock_file(&self, name: &str) -> Result<File, CacheError> {
         let path = self.root.join("locks").join(name);
-        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(at(&path))
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(at(&path))
     }
 
     fn gc_shared_lock(&self) -> Result<File, CacheError> {
         let gc = self.lock_file(GC_LOCK)?;
-        gc.lock_shared().map_err(at(&self.root.join("locks").join(GC_LOCK)))?;
+        gc.lock_shared()
+            .map_err(at(&self.root.join("locks").join(GC_LOCK)))?;
         Ok(gc)
     }
 
@@ -402,7 +467,8 @@ impl Cache {
         let name = format!("{}.lock", checked_fp(fp)?);
         let gc = self.gc_shared_lock()?;
         let file = self.lock_file(&name)?;
-        file.lock().map_err(at(&self.root.join("locks").join(&name)))?;
+        file.lock()
+            .map_err(at(&self.root.join("locks").join(&name)))?;
         Ok(StageLock { file, gc })
     }
 
@@ -453,14 +519,20 @@ impl Cache {
 
     /// `path` relative to the root, for messages.
     fn rel(&self, path: &Path) -> String {
-        path.strip_prefix(&self.root).unwrap_or(path).display().to_string()
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
     }
 
     fn scan_objects(&self) -> Result<Scan, CacheError> {
         let mut scan = Scan::default();
         for shard in read_dir_sorted(&self.root.join("objects"))? {
             let shard_name = file_name(&shard);
-            let is_shard = shard_name.len() == 2 && shard_name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            let is_shard = shard_name.len() == 2
+                && shard_name
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
             if !is_shard || !shard.is_dir() {
                 scan.strays.push(shard);
                 continue;
@@ -488,7 +560,10 @@ impl Cache {
             let name = file_name(&path);
             if let Some(pid) = temp_owner_pid(&name) {
                 scan.temps.push((pid, path));
-            } else if let Some(hash) = name.strip_suffix(".json").filter(|h| is_hex64(h) && path.is_file()) {
+            } else if let Some(hash) = name
+                .strip_suffix(".json")
+                .filter(|h| is_hex64(h) && path.is_file())
+            {
                 scan.blobs.push((hash.to_string(), path));
             } else if is_hex64(&name) && path.is_dir() {
                 dirs.push((name, path));
@@ -508,13 +583,19 @@ impl Cache {
 
         let objects = self.scan_objects()?;
         for path in &objects.strays {
-            problems.push(format!("{}: unexpected entry in objects/ (not a blob name)", self.rel(path)));
+            problems.push(format!(
+                "{}: unexpected entry in objects/ (not a blob name)",
+                self.rel(path)
+            ));
         }
         for (hash, path) in &objects.blobs {
             report.objects_checked += 1;
             match File::open(path).and_then(|f| self.hashes.hash_reader(f)) {
                 Ok(actual) if actual == *hash => {}
-                Ok(actual) => problems.push(format!("{}: content hash is {actual} (corrupt)", self.rel(path))),
+                Ok(actual) => problems.push(format!(
+                    "{}: content hash is {actual} (corrupt)",
+                    self.rel(path)
+                )),
                 Err(e) => problems.push(format!("{}: cannot read: {e}", self.rel(path))),
             }
         }
@@ -526,7 +607,10 @@ impl Cache {
         let listed: HashSet<&str> = listings.blobs.iter().map(|(h, _)| h.as_str()).collect();
         for (hash, path) in &dirs {
             if !listed.contains(hash.as_str()) {
-                problems.push(format!("{}: materialised tree without its listing trees/{hash}.json", self.rel(path)));
+                problems.push(format!(
+                    "{}: materialised tree without its listing trees/{hash}.json",
+                    self.rel(path)
+                ));
             }
         }
         for (hash, path) in &listings.blobs {
@@ -549,11 +633,17 @@ impl Cache {
             };
             let fp = &record.fingerprint.0;
             if path.file_stem().and_then(|s| s.to_str()) != Some(fp.as_str()) {
-                problems.push(format!("{}: holds the record of fingerprint {fp}", self.rel(&path)));
+                problems.push(format!(
+                    "{}: holds the record of fingerprint {fp}",
+                    self.rel(&path)
+                ));
             }
             let key_fp = record.key.fingerprint();
             if key_fp != record.fingerprint {
-                problems.push(format!("{}: its key hashes to {key_fp}, not to its fingerprint {fp}", self.rel(&path)));
+                problems.push(format!(
+                    "{}: its key hashes to {key_fp}, not to its fingerprint {fp}",
+                    self.rel(&path)
+                ));
             }
             for (name, id) in &record.outputs {
                 if !self.has_artifact(id) {
@@ -575,7 +665,10 @@ impl Cache {
         };
         let actual = blake3::hash(&bytes).to_hex().to_string();
         if actual != hash {
-            problems.push(format!("{}: listing hash is {actual} (corrupt)", self.rel(json)));
+            problems.push(format!(
+                "{}: listing hash is {actual} (corrupt)",
+                self.rel(json)
+            ));
         }
         let entries = match parse_listing(&bytes) {
             Ok(e) => e,
@@ -583,19 +676,29 @@ impl Cache {
         };
         for (rel, blob) in &entries {
             if !fs::symlink_metadata(self.blob_path(blob)).is_ok_and(|m| m.is_file()) {
-                problems.push(format!("{}: lists `{rel}` as blob {blob}, missing from objects/", self.rel(json)));
+                problems.push(format!(
+                    "{}: lists `{rel}` as blob {blob}, missing from objects/",
+                    self.rel(json)
+                ));
             }
         }
         let dir = self.root.join("trees").join(hash);
         if !dir.is_dir() {
-            return problems.push(format!("{}: not materialised (folder missing)", self.rel(&dir)));
+            return problems.push(format!(
+                "{}: not materialised (folder missing)",
+                self.rel(&dir)
+            ));
         }
         for (rel, blob) in &entries {
             let path = dir.join(rel);
             let meta = match fs::symlink_metadata(&path) {
                 Ok(m) => m,
                 Err(_) => {
-                    problems.push(format!("{}: missing (listed in {})", self.rel(&path), self.rel(json)));
+                    problems.push(format!(
+                        "{}: missing (listed in {})",
+                        self.rel(&path),
+                        self.rel(json)
+                    ));
                     continue;
                 }
             };
@@ -618,7 +721,10 @@ impl Cache {
         match walk_files(&dir) {
             Ok(files) => {
                 for f in files.iter().filter(|f| !listed.contains(f.rel.as_str())) {
-                    problems.push(format!("{}: unexpected file (not in the listing)", self.rel(&f.path)));
+                    problems.push(format!(
+                        "{}: unexpected file (not in the listing)",
+                        self.rel(&f.path)
+                    ));
                 }
             }
             Err(e) => problems.push(e.to_string()),
@@ -636,7 +742,9 @@ impl Cache {
         let exclusive = match gc_lock.try_lock() {
             Ok(()) => true,
             Err(TryLockError::WouldBlock) => false,
-            Err(TryLockError::Error(e)) => return Err(at(&self.root.join("locks").join(GC_LOCK))(e)),
+            Err(TryLockError::Error(e)) => {
+                return Err(at(&self.root.join("locks").join(GC_LOCK))(e))
+            }
         };
         if exclusive {
             self.gc_store(dry_run, &mut report)?;
@@ -650,7 +758,9 @@ impl Cache {
         // Leftovers of atomic writes by killed processes.
         let mut temps: Vec<(u32, PathBuf)> = Vec::new();
         for dir in std::iter::once(self.root.clone()).chain(
-            read_dir_sorted(&self.root.join("records"))?.into_iter().filter(|p| p.is_dir()),
+            read_dir_sorted(&self.root.join("records"))?
+                .into_iter()
+                .filter(|p| p.is_dir()),
         ) {
             for path in read_dir_sorted(&dir)? {
                 if let Some(pid) = temp_owner_pid(&file_name(&path)) {
@@ -690,7 +800,9 @@ impl Cache {
             let record = read_record_file(&path).map_err(|e| match e {
                 CacheError::CorruptRecord { path, message } => CacheError::CorruptRecord {
                     path,
-                    message: format!("{message} (gc cannot tell what it keeps, so it stops: remove the record)"),
+                    message: format!(
+                        "{message} (gc cannot tell what it keeps, so it stops: remove the record)"
+                    ),
                 },
                 e => e,
             })?;
@@ -705,7 +817,10 @@ impl Cache {
             let json = self.root.join("trees").join(format!("{hash}.json"));
             // A reachable tree without a readable listing is a broken record
             // (`verify` says so); its folder holds its own hard links anyway.
-            if let Ok(entries) = fs::read(&json).map_err(|e| e.to_string()).and_then(|b| parse_listing(&b)) {
+            if let Ok(entries) = fs::read(&json)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_listing(&b))
+            {
                 files.extend(entries.into_iter().map(|(_, blob)| blob));
             }
         }
@@ -757,10 +872,20 @@ struct Scan {
 /// Removes a file or folder for `gc` (or only lists it, for a dry run).
 /// Failures are warnings: one stubborn folder must not stop the collection.
 fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
-    let Ok(meta) = fs::symlink_metadata(path) else { return };
-    let bytes = if meta.is_dir() { dir_size(path) } else { meta.len() };
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    let bytes = if meta.is_dir() {
+        dir_size(path)
+    } else {
+        meta.len()
+    };
     if !dry_run {
-        let result = if meta.is_dir() { fs::remove_dir_all(path) } else { fs::remove_file(path) };
+        let result = if meta.is_dir() {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        };
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -776,7 +901,9 @@ fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
 
 /// Bytes that removing a folder frees: files with no other hard link.
 fn dir_size(dir: &Path) -> u64 {
-    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {
@@ -789,7 +916,9 @@ fn dir_size(dir: &Path) -> u64 {
 
 /// Whether process `pid` exists (on this machine).
 fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     // SAFETY: signal 0 only checks that the process exists; it sends nothing.
     if unsafe { libc::kill(pid, 0) } == 0 {
         return true;
@@ -824,8 +953,10 @@ fn checked_fp(fp: &Fingerprint) -> Result<&str, CacheError> {
 }
 
 fn parse_record(path: &Path, bytes: &[u8]) -> Result<StageRecord, CacheError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| CacheError::CorruptRecord { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| CacheError::CorruptRecord {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 fn read_record_file(path: &Path) -> Result<StageRecord, CacheError> {
@@ -869,11 +1000,16 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(at(dir)(e)),
     };
-    let mut out = entries.map(|e| e.map(|e| e.path())).collect::<Result<Vec<_>, _>>().map_err(at(dir))?;
+    let mut out = entries
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(at(dir))?;
     out.sort();
     Ok(out)
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

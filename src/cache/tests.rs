@@ -32,7 +32,10 @@ fn record(outputs: &[(&str, &ArtifactId)]) -> StageRecord {
         key,
         pipeline: "p".into(),
         stage: "s".into(),
-        outputs: outputs.iter().map(|(n, id)| (n.to_string(), (*id).clone())).collect(),
+        outputs: outputs
+            .iter()
+            .map(|(n, id)| (n.to_string(), (*id).clone()))
+            .collect(),
         metrics: BTreeMap::new(),
         duration_s: 1.5,
         engine_version: "0.1.0".into(),
@@ -47,7 +50,12 @@ fn write(path: &Path, bytes: &[u8]) {
 }
 
 fn set_mtime(path: &Path, t: SystemTime) {
-    fs::File::options().write(true).open(path).unwrap().set_modified(t).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
 }
 
 /// A staged output: a file under a staging folder.
@@ -71,7 +79,10 @@ fn file_id_is_plain_blake3_of_the_bytes() {
     write(&p, b"{\"prompt\": \"hi\"}\n");
     let id = cache.hash_input(&p, false).unwrap();
     assert_eq!(id.kind, ArtifactKind::File);
-    assert_eq!(id.hash, blake3::hash(b"{\"prompt\": \"hi\"}\n").to_hex().to_string());
+    assert_eq!(
+        id.hash,
+        blake3::hash(b"{\"prompt\": \"hi\"}\n").to_hex().to_string()
+    );
     assert_eq!(id.to_string().parse::<ArtifactId>().unwrap(), id);
 }
 
@@ -97,7 +108,10 @@ fn folder_id_ignores_creation_order_and_sees_one_byte() {
         blake3::hash(b"y").to_hex(),
         blake3::hash(b"x").to_hex()
     );
-    assert_eq!(ida.hash, blake3::hash(listing.as_bytes()).to_hex().to_string());
+    assert_eq!(
+        ida.hash,
+        blake3::hash(listing.as_bytes()).to_hex().to_string()
+    );
 }
 
 #[test]
@@ -186,7 +200,10 @@ fn ingest_dedups_files_and_materialises_trees() {
     assert!(!f1.exists() && !f2.exists());
     let blob = cache.artifact_path(&id1);
     assert_eq!(fs::read(&blob).unwrap(), b"same bytes");
-    assert_eq!(fs::metadata(&blob).unwrap().permissions().mode() & 0o777, 0o444);
+    assert_eq!(
+        fs::metadata(&blob).unwrap().permissions().mode() & 0o777,
+        0o444
+    );
     let shard = blob.parent().unwrap();
     assert_eq!(fs::read_dir(shard).unwrap().count(), 1);
 
@@ -205,8 +222,14 @@ fn ingest_dedups_files_and_materialises_trees() {
     assert!(!out.exists());
     assert!(cache.has_artifact(&id));
     let tree = cache.artifact_path(&id);
-    assert_eq!(fs::read(tree.join("weights/part0.bin")).unwrap(), vec![1u8; 5000]);
-    assert_eq!(fs::read(tree.join("weights/part1.bin")).unwrap(), b"same bytes");
+    assert_eq!(
+        fs::read(tree.join("weights/part0.bin")).unwrap(),
+        vec![1u8; 5000]
+    );
+    assert_eq!(
+        fs::read(tree.join("weights/part1.bin")).unwrap(),
+        b"same bytes"
+    );
     assert_eq!(cache.hash_input(&tree, true).unwrap(), id);
 
     // The same tree again is a no-op; verify finds nothing wrong.
@@ -234,7 +257,9 @@ fn records_roundtrip_and_hit_needs_outputs() {
     fs::remove_file(cache.artifact_path(&id)).unwrap();
     assert!(cache.hit(&rec.fingerprint).unwrap().is_none());
     // A record never points at missing outputs.
-    assert!(cache.write_record(&record(&[("out", &id), ("x", &id)])).is_err());
+    assert!(cache
+        .write_record(&record(&[("out", &id), ("x", &id)]))
+        .is_err());
 }
 
 #[test]
@@ -243,13 +268,24 @@ fn corrupt_record_is_an_error_for_record_and_a_miss_for_hit() {
     let id = cache.ingest(&staged(&cache, "out", b"output")).unwrap();
     let rec = record(&[("out", &id)]);
     cache.write_record(&rec).unwrap();
-    let path = cache.root().join("records").join(&rec.fingerprint.0[..2]).join(format!("{}.json", rec.fingerprint));
+    let path = cache
+        .root()
+        .join("records")
+        .join(&rec.fingerprint.0[..2])
+        .join(format!("{}.json", rec.fingerprint));
     fs::write(&path, b"{\"fingerprint\": ").unwrap();
-    assert!(matches!(cache.record(&rec.fingerprint), Err(CacheError::CorruptRecord { .. })));
+    assert!(matches!(
+        cache.record(&rec.fingerprint),
+        Err(CacheError::CorruptRecord { .. })
+    ));
     assert!(cache.hit(&rec.fingerprint).unwrap().is_none());
     assert!(cache.records().unwrap().is_empty());
     let report = cache.verify().unwrap();
-    assert!(report.problems.iter().any(|p| p.contains("corrupt record")), "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("corrupt record")),
+        "{:?}",
+        report.problems
+    );
     // gc refuses rather than guessing what the record kept.
     assert!(cache.gc(true).is_err());
 }
@@ -257,7 +293,9 @@ fn corrupt_record_is_an_error_for_record_and_a_miss_for_hit() {
 #[test]
 fn verify_names_a_corrupt_blob() {
     let (_dir, cache) = cache();
-    let id = cache.ingest(&staged(&cache, "out", b"precious bytes")).unwrap();
+    let id = cache
+        .ingest(&staged(&cache, "out", b"precious bytes"))
+        .unwrap();
     cache.write_record(&record(&[("out", &id)])).unwrap();
     assert!(cache.verify().unwrap().problems.is_empty());
 
@@ -269,7 +307,11 @@ fn verify_names_a_corrupt_blob() {
     let report = cache.verify().unwrap();
     let rel = format!("objects/{}/{}", &id.hash[..2], &id.hash[2..]);
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-    assert!(report.problems[0].starts_with(&format!("{rel}: content hash is ")), "{:?}", report.problems);
+    assert!(
+        report.problems[0].starts_with(&format!("{rel}: content hash is ")),
+        "{:?}",
+        report.problems
+    );
     assert!(report.problems[0].ends_with("(corrupt)"));
 }
 
@@ -281,12 +323,24 @@ fn verify_reports_missing_outputs_and_tree_files() {
     write(&out.join("b"), b"b");
     let tree = cache.ingest(&out).unwrap();
     let file = cache.ingest(&staged(&cache, "f", b"f")).unwrap();
-    cache.write_record(&record(&[("d", &tree), ("f", &file)])).unwrap();
+    cache
+        .write_record(&record(&[("d", &tree), ("f", &file)]))
+        .unwrap();
     fs::remove_file(cache.artifact_path(&file)).unwrap();
     fs::remove_file(cache.artifact_path(&tree).join("b")).unwrap();
     let problems = cache.verify().unwrap().problems;
-    assert!(problems.iter().any(|p| p.contains("output `f`") && p.contains("missing")), "{problems:?}");
-    assert!(problems.iter().any(|p| p.starts_with(&format!("trees/{}/b: missing", tree.hash))), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("output `f`") && p.contains("missing")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with(&format!("trees/{}/b: missing", tree.hash))),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -296,14 +350,22 @@ fn gc_removes_only_unreachable_objects() {
     let out = cache.staging_dir(&fp(1)).unwrap().join("d");
     write(&out.join("inner"), b"inner");
     let tree = cache.ingest(&out).unwrap();
-    cache.write_record(&record(&[("kept", &kept), ("tree", &tree)])).unwrap();
-    let garbage = cache.ingest(&staged(&cache, "garbage", b"garbage!")).unwrap();
+    cache
+        .write_record(&record(&[("kept", &kept), ("tree", &tree)]))
+        .unwrap();
+    let garbage = cache
+        .ingest(&staged(&cache, "garbage", b"garbage!"))
+        .unwrap();
     let gout = cache.staging_dir(&fp(2)).unwrap().join("g");
     write(&gout.join("g"), b"in a garbage tree");
     let gtree = cache.ingest(&gout).unwrap();
 
     let dry = cache.gc(true).unwrap();
-    assert!(dry.removed.contains(&cache.artifact_path(&garbage)), "{:?}", dry.removed);
+    assert!(
+        dry.removed.contains(&cache.artifact_path(&garbage)),
+        "{:?}",
+        dry.removed
+    );
     assert!(dry.removed.contains(&cache.artifact_path(&gtree)));
     assert_eq!(dry.freed_bytes, 8 + 17 + gtree_listing_len(&cache, &gtree));
     assert!(cache.has_artifact(&garbage) && cache.has_artifact(&gtree));
@@ -318,7 +380,9 @@ fn gc_removes_only_unreachable_objects() {
 }
 
 fn gtree_listing_len(cache: &Cache, id: &ArtifactId) -> u64 {
-    fs::metadata(cache.root().join("trees").join(format!("{}.json", id.hash))).unwrap().len()
+    fs::metadata(cache.root().join("trees").join(format!("{}.json", id.hash)))
+        .unwrap()
+        .len()
 }
 
 #[test]
@@ -365,7 +429,11 @@ fn gc_keeps_staging_of_running_stages_and_objects_while_busy() {
 
     drop(lock);
     let report = cache.gc(false).unwrap();
-    assert!(!running.exists() && !cache.has_artifact(&fresh), "{:?}", report.removed);
+    assert!(
+        !running.exists() && !cache.has_artifact(&fresh),
+        "{:?}",
+        report.removed
+    );
 }
 
 #[test]

@@ -17,15 +17,31 @@ pub(crate) fn walk_files(root: &Path) -> Result<Vec<TreeFile>, CacheError> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, prefix)) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(|source| CacheError::Io { path: dir.clone(), source })?;
+        let entries = fs::read_dir(&dir).map_err(|source| CacheError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|source| CacheError::Io { path: dir.clone(), source })?;
+            let entry = entry.map_err(|source| CacheError::Io {
+                path: dir.clone(),
+                source,
+            })?;
             let path = entry.path();
             let Ok(name) = entry.file_name().into_string() else {
-                return Err(CacheError::Unsupported { path, message: "file name is not UTF-8".into() });
+                return Err(CacheError::Unsupported {
+                    path,
+                    message: "file name is not UTF-8".into(),
+                });
             };
-            let rel = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
-            let ft = entry.file_type().map_err(|source| CacheError::Io { path: path.clone(), source })?;
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let ft = entry.file_type().map_err(|source| CacheError::Io {
+                path: path.clone(),
+                source,
+            })?;
             if ft.is_symlink() {
                 return Err(CacheError::Unsupported {
                     path,
@@ -57,12 +73,18 @@ pub(crate) fn listing(entries: &[(String, String)]) -> (Vec<u8>, String) {
 
 /// Parses a listing written by [`listing`].
 pub(crate) fn parse_listing(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let entries: Vec<(String, String)> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let entries: Vec<(String, String)> =
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     for (rel, hash) in &entries {
         if !is_hex64(hash) {
             return Err(format!("`{rel}` has a bad blob hash `{hash}`"));
         }
-        if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if rel.is_empty()
+            || rel.starts_with('/')
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(format!("bad relative path `{rel}`"));
         }
     }

@@ -19,7 +19,11 @@ pub enum DataError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{}:{line}: {source}", path.display())]
-    Read { path: PathBuf, line: usize, source: io::Error },
+    Read {
+        path: PathBuf,
+        line: usize,
+        source: io::Error,
+    },
 }
 
 /// Why one line could not be turned into a record.
@@ -37,12 +41,17 @@ pub enum LineError {
 
 /// Opens `path` for [`RawLines`].
 pub fn read_lines(path: &Path) -> Result<RawLines<BufReader<File>>, DataError> {
-    let file = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(RawLines::new(BufReader::new(file)))
 }
 
 /// Opens `path` for [`JsonlReader`].
-pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<JsonlReader<BufReader<File>, T>, DataError> {
+pub fn read_jsonl<T: DeserializeOwned>(
+    path: &Path,
+) -> Result<JsonlReader<BufReader<File>, T>, DataError> {
     Ok(JsonlReader::new(read_lines(path)?))
 }
 
@@ -55,7 +64,11 @@ pub struct RawLines<R> {
 
 impl<R: BufRead> RawLines<R> {
     pub fn new(reader: R) -> Self {
-        RawLines { reader, line: 0, done: false }
+        RawLines {
+            reader,
+            line: 0,
+            done: false,
+        }
     }
 }
 
@@ -95,7 +108,10 @@ pub struct JsonlReader<R, T> {
 
 impl<R: BufRead, T: DeserializeOwned> JsonlReader<R, T> {
     pub fn new(lines: RawLines<R>) -> Self {
-        JsonlReader { lines, _record: PhantomData }
+        JsonlReader {
+            lines,
+            _record: PhantomData,
+        }
     }
 }
 
@@ -122,21 +138,33 @@ pub struct JsonlWriter {
 impl JsonlWriter {
     /// Creates (or truncates) `path`.
     pub fn create(path: &Path) -> Result<Self, DataError> {
-        let file = File::create(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-        Ok(JsonlWriter { path: path.to_path_buf(), out: BufWriter::new(file), lines: 0 })
+        let file = File::create(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(JsonlWriter {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            lines: 0,
+        })
     }
 
     /// Appends `record` as one line of compact JSON.
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<(), DataError> {
         let result = serde_json::to_writer(&mut self.out, record).map_err(io::Error::from);
-        result.and_then(|()| self.out.write_all(b"\n")).map_err(|source| self.error(source))?;
+        result
+            .and_then(|()| self.out.write_all(b"\n"))
+            .map_err(|source| self.error(source))?;
         self.lines += 1;
         Ok(())
     }
 
     /// Appends `line` as is, plus `\n`.
     pub fn write_raw(&mut self, line: &[u8]) -> Result<(), DataError> {
-        let result = self.out.write_all(line).and_then(|()| self.out.write_all(b"\n"));
+        let result = self
+            .out
+            .write_all(line)
+            .and_then(|()| self.out.write_all(b"\n"));
         result.map_err(|source| self.error(source))?;
         self.lines += 1;
         Ok(())
@@ -150,12 +178,18 @@ impl JsonlWriter {
     /// Flushes and fsyncs; returns the number of lines written.
     pub fn finish(mut self) -> Result<u64, DataError> {
         self.out.flush().map_err(|source| self.error(source))?;
-        self.out.get_ref().sync_all().map_err(|source| self.error(source))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|source| self.error(source))?;
         Ok(self.lines)
     }
 
     fn error(&self, source: io::Error) -> DataError {
-        DataError::Io { path: self.path.clone(), source }
+        DataError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
@@ -167,8 +201,13 @@ mod tests {
     #[test]
     fn raw_lines_skip_blanks_and_keep_numbers() {
         let text = b"a\n\n  \nb\r\nc";
-        let lines: Vec<_> = RawLines::new(&text[..]).map(|(n, l)| (n, l.unwrap())).collect();
-        assert_eq!(lines, vec![(1, b"a".to_vec()), (4, b"b\r".to_vec()), (5, b"c".to_vec())]);
+        let lines: Vec<_> = RawLines::new(&text[..])
+            .map(|(n, l)| (n, l.unwrap()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![(1, b"a".to_vec()), (4, b"b\r".to_vec()), (5, b"c".to_vec())]
+        );
     }
 
     #[test]
@@ -190,10 +229,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         let mut w = JsonlWriter::create(&path).unwrap();
-        w.write(&PromptRecord { prompt: "a\nb".into() }).unwrap();
+        w.write(&PromptRecord {
+            prompt: "a\nb".into(),
+        })
+        .unwrap();
         w.write_raw(b"{\"prompt\":\"c\"}").unwrap();
         assert_eq!(w.finish().unwrap(), 2);
-        let back: Vec<PromptRecord> = read_jsonl(&path).unwrap().map(|(_, r)| r.unwrap()).collect();
-        assert_eq!(back, vec![PromptRecord { prompt: "a\nb".into() }, PromptRecord { prompt: "c".into() }]);
+        let back: Vec<PromptRecord> = read_jsonl(&path)
+            .unwrap()
+            .map(|(_, r)| r.unwrap())
+            .collect();
+        assert_eq!(
+            back,
+            vec![
+                PromptRecord {
+                    prompt: "a\nb".into()
+                },
+                PromptRecord { prompt: "c".into() }
+            ]
+        );
     }
 }

@@ -8,7 +8,12 @@ use crate::protocol::{Metrics, StageSpec};
 
 /// A stage of `op` with `params` (normalised by the op) and `inputs`,
 /// writing into `<dir>/out`.
-pub(crate) fn spec(op: &dyn Op, dir: &Path, params: serde_json::Value, inputs: &[(&str, PathBuf)]) -> StageSpec {
+pub(crate) fn spec(
+    op: &dyn Op,
+    dir: &Path,
+    params: serde_json::Value,
+    inputs: &[(&str, PathBuf)],
+) -> StageSpec {
     let out_dir = dir.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     StageSpec {
@@ -17,7 +22,10 @@ pub(crate) fn spec(op: &dyn Op, dir: &Path, params: serde_json::Value, inputs: &
         op: op.name().into(),
         op_version: op.version(),
         params: op.normalize_params(&params).expect("valid params"),
-        inputs: inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
         outputs: op.outputs().iter().map(|p| p.name.to_string()).collect(),
         out_dir,
         work_dir: dir.to_path_buf(),
@@ -31,10 +39,17 @@ pub(crate) fn spec(op: &dyn Op, dir: &Path, params: serde_json::Value, inputs: &
 /// Runs `op` on `spec` with no progress output and no cancellation.
 pub(crate) fn run(op: &dyn Op, spec: &StageSpec) -> anyhow::Result<Metrics> {
     let cancel = CancelFlag::default();
-    op.run(&StageContext { spec, reporter: &NullReporter, cancel: &cancel })
+    op.run(&StageContext {
+        spec,
+        reporter: &NullReporter,
+        cancel: &cancel,
+    })
 }
 
 /// The file of the real HH-RLHF sample shared by the tests.
 pub(crate) fn hh_rlhf_sample() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/hh-rlhf/harmless-base-test-1000.jsonl"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/hh-rlhf/harmless-base-test-1000.jsonl"
+    ))
 }

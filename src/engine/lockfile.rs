@@ -51,7 +51,11 @@ impl LockedStage {
             op: self.op.clone(),
             op_version: self.op_version,
             params: self.params.clone(),
-            inputs: self.inputs.iter().map(|(k, v)| (k.clone(), v.id.clone())).collect(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.id.clone()))
+                .collect(),
             seed: self.seed,
         }
     }
@@ -76,8 +80,9 @@ impl Lockfile {
     pub fn load(path: &Path) -> anyhow::Result<Option<Lockfile>> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let lock: Lockfile = serde_yaml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: not a valid lockfile: {e}", path.display()))?;
+                let lock: Lockfile = serde_yaml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("{}: not a valid lockfile: {e}", path.display())
+                })?;
                 anyhow::ensure!(
                     lock.version == LOCKFILE_VERSION,
                     "{}: lockfile version {} is not supported (expected {LOCKFILE_VERSION})",
@@ -92,7 +97,9 @@ impl Lockfile {
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        let mut text = String::from("# Written by alignflow after each successful run; commit it with the manifest.\n");
+        let mut text = String::from(
+            "# Written by alignflow after each successful run; commit it with the manifest.\n",
+        );
         text.push_str(&serde_yaml::to_string(self)?);
         atomic_write(path, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }

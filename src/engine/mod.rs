@@ -9,6 +9,9 @@ mod run;
 mod worker;
 
 pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile};
-pub use plan::{explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow, PlannedStage};
+pub use plan::{
+    explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow,
+    PlannedStage,
+};
 pub use run::{run, RunOptions, RunSummary, StageStatus};
 pub use worker::{doctor, worker_path};

@@ -65,7 +65,10 @@ impl Plan {
     }
 
     pub fn to_run(&self) -> usize {
-        self.stages.iter().filter(|s| s.action == Action::Run).count()
+        self.stages
+            .iter()
+            .filter(|s| s.action == Action::Run)
+            .count()
     }
 }
 
@@ -93,7 +96,12 @@ pub fn stage_seed(pipeline_seed: u64, stage_id: &str) -> u64 {
 }
 
 /// The key of `stage` once every input id is known.
-pub fn stage_key(pipeline: &Pipeline, stage: &Stage, op_version: u32, inputs: BTreeMap<String, ArtifactId>) -> StageKey {
+pub fn stage_key(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    op_version: u32,
+    inputs: BTreeMap<String, ArtifactId>,
+) -> StageKey {
     StageKey {
         schema_version: STAGE_KEY_SCHEMA,
         op: stage.op.clone(),
@@ -113,7 +121,12 @@ pub fn hash_path_inputs(
 ) -> anyhow::Result<BTreeMap<String, ArtifactId>> {
     let mut ids = BTreeMap::new();
     for (name, input) in &stage.inputs {
-        if let Input::Path { path, written, location } = input {
+        if let Input::Path {
+            path,
+            written,
+            location,
+        } = input
+        {
             if !path.exists() {
                 anyhow::bail!(
                     "{location}: stage `{}`, field `inputs.{name}`: `{written}` does not exist ({})",
@@ -121,9 +134,12 @@ pub fn hash_path_inputs(
                     path.display()
                 );
             }
-            let id = cache
-                .hash_input(path, rehash)
-                .map_err(|e| anyhow::anyhow!("{location}: stage `{}`, field `inputs.{name}`: {e}", stage.id))?;
+            let id = cache.hash_input(path, rehash).map_err(|e| {
+                anyhow::anyhow!(
+                    "{location}: stage `{}`, field `inputs.{name}`: {e}",
+                    stage.id
+                )
+            })?;
             ids.insert(name.clone(), id);
         }
     }
@@ -131,7 +147,10 @@ pub fn hash_path_inputs(
 }
 
 /// Plans the `selected` stages.
-pub fn plan(ctx: &PlanContext<'_>, selected: &std::collections::BTreeSet<usize>) -> anyhow::Result<Plan> {
+pub fn plan(
+    ctx: &PlanContext<'_>,
+    selected: &std::collections::BTreeSet<usize>,
+) -> anyhow::Result<Plan> {
     let pipeline = ctx.pipeline;
     // Outputs known now, per stage index: cached stages, and under --locked
     // the lockfile's outputs of stages that must run.
@@ -142,12 +161,22 @@ pub fn plan(ctx: &PlanContext<'_>, selected: &std::collections::BTreeSet<usize>)
             continue;
         }
         let stage = &pipeline.stages[i];
-        let op = crate::ops::find(&stage.op).ok_or_else(|| anyhow::anyhow!("unknown op `{}`", stage.op))?;
+        let op = crate::ops::find(&stage.op)
+            .ok_or_else(|| anyhow::anyhow!("unknown op `{}`", stage.op))?;
         let mut inputs = hash_path_inputs(ctx.cache, stage, ctx.rehash)?;
         let mut waiting_on = Vec::new();
         for (name, input) in &stage.inputs {
-            if let Input::Stage { stage: from, output, .. } = input {
-                let j = pipeline.stages.iter().position(|s| &s.id == from).expect("graph checked references");
+            if let Input::Stage {
+                stage: from,
+                output,
+                ..
+            } = input
+            {
+                let j = pipeline
+                    .stages
+                    .iter()
+                    .position(|s| &s.id == from)
+                    .expect("graph checked references");
                 match known.get(&j).and_then(|outs| outs.get(output)) {
                     Some(id) => {
                         inputs.insert(name.clone(), id.clone());
@@ -210,12 +239,16 @@ pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &Sta
     if prev.op != key.op {
         reasons.push(format!("op changed {} -> {}", prev.op, key.op));
     } else if prev.op_version != key.op_version {
-        reasons.push(format!("op {} version {} -> {}", key.op, prev.op_version, key.op_version));
+        reasons.push(format!(
+            "op {} version {} -> {}",
+            key.op, prev.op_version, key.op_version
+        ));
     }
     let mut diffs = Vec::new();
     diff_json("params", &prev.params, &key.params, &mut diffs);
     reasons.extend(diffs);
-    let names: std::collections::BTreeSet<&String> = prev.inputs.keys().chain(key.inputs.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        prev.inputs.keys().chain(key.inputs.keys()).collect();
     for name in names {
         match (prev.inputs.get(name), key.inputs.get(name)) {
             (Some(_), None) => reasons.push(format!("input {name} removed")),
@@ -264,22 +297,29 @@ fn diff_json(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut
 
 fn show(v: &serde_json::Value) -> String {
     match v {
-        serde_json::Value::String(s) if s.len() > 40 => format!("{:?}", format!("{}...", &s[..s.floor_char_boundary(37)])),
+        serde_json::Value::String(s) if s.len() > 40 => {
+            format!("{:?}", format!("{}...", &s[..s.floor_char_boundary(37)]))
+        }
         serde_json::Value::String(s) => format!("{s:?}"),
         other => other.to_string(),
     }
 }
 
 /// Differences between the plan and the lockfile that `run --locked` refuses.
-pub fn locked_diff(pipeline: &Pipeline, plan: &Plan, lockfile: &Lockfile, all_selected: bool) -> Vec<String> {
+pub fn locked_diff(
+    pipeline: &Pipeline,
+    plan: &Plan,
+    lockfile: &Lockfile,
+    all_selected: bool,
+) -> Vec<String> {
     let mut diffs = Vec::new();
     for p in &plan.stages {
         let stage = &pipeline.stages[p.index];
         match (lockfile.stages.get(&stage.id), &p.key) {
             (None, _) => diffs.push(format!("+ {}: not in the lockfile", stage.id)),
-            (Some(prev), Some(key)) if prev.fingerprint != key.fingerprint() => {
-                diffs.push(format!("~ {}: {}", stage.id, explain(pipeline, stage, prev, key)))
-            }
+            (Some(prev), Some(key)) if prev.fingerprint != key.fingerprint() => diffs.push(
+                format!("~ {}: {}", stage.id, explain(pipeline, stage, prev, key)),
+            ),
             (Some(_), None) => diffs.push(format!("~ {}: depends on {}", stage.id, p.reason)),
             _ => {}
         }

@@ -28,7 +28,9 @@ impl Ui {
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)));
         let (log, log_path) = match logs_dir {
             Some(dir) => {
-                let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
+                let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+                    .to_string()
+                    .replace(':', "");
                 let path = dir.join(format!("{pipeline}-{stamp}-{}.log", std::process::id()));
                 match File::create(&path) {
                     Ok(f) => (Some(f), Some(path)),
@@ -40,7 +42,13 @@ impl Ui {
             }
             None => (None, None),
         };
-        Ui { multi, log: Mutex::new(log), log_path, start: Instant::now(), quiet }
+        Ui {
+            multi,
+            log: Mutex::new(log),
+            log_path,
+            start: Instant::now(),
+            quiet,
+        }
     }
 
     pub fn log_path(&self) -> Option<&Path> {
@@ -79,14 +87,21 @@ impl Ui {
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::no_length());
             bar.set_style(
-                ProgressStyle::with_template("{spinner} {prefix:.bold} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:.bold} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+                )
+                .expect("valid template"),
             );
             bar.set_prefix(stage.to_string());
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        StageProgress { ui: self, stage: stage.to_string(), bar, last_line: Mutex::new(None) }
+        StageProgress {
+            ui: self,
+            stage: stage.to_string(),
+            bar,
+            last_line: Mutex::new(None),
+        }
     }
 }
 
@@ -133,11 +148,16 @@ impl Reporter for StageProgress<'_> {
                 }
             }
         }
-        self.ui.log(&format!("{}: progress {pos}{} {msg}", self.stage, len.map(|l| format!("/{l}")).unwrap_or_default()));
+        self.ui.log(&format!(
+            "{}: progress {pos}{} {msg}",
+            self.stage,
+            len.map(|l| format!("/{l}")).unwrap_or_default()
+        ));
     }
 
     fn metric(&self, values: &BTreeMap<String, f64>) {
         let text: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
-        self.ui.log(&format!("{}: metric {}", self.stage, text.join(" ")));
+        self.ui
+            .log(&format!("{}: metric {}", self.stage, text.join(" ")));
     }
 }

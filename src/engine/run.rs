@@ -49,7 +49,15 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { targets: Vec::new(), jobs: 1, fail_fast: false, locked: false, rehash: false, threads: None, quiet: false }
+        RunOptions {
+            targets: Vec::new(),
+            jobs: 1,
+            fail_fast: false,
+            locked: false,
+            rehash: false,
+            threads: None,
+            quiet: false,
+        }
     }
 }
 
@@ -96,16 +104,34 @@ pub struct RunSummary {
 
 impl RunSummary {
     pub fn success(&self) -> bool {
-        !self.interrupted && self.results.iter().all(|r| matches!(r.status, StageStatus::Ran | StageStatus::Cached))
+        !self.interrupted
+            && self
+                .results
+                .iter()
+                .all(|r| matches!(r.status, StageStatus::Ran | StageStatus::Cached))
     }
 
     /// The summary table printed at the end of a run.
     pub fn table(&self) -> String {
-        let width = self.results.iter().map(|r| r.stage.len()).max().unwrap_or(5).max(5);
-        let mut out = format!("{:<width$}  {:<9}  {:>9}  detail\n", "stage", "status", "time");
+        let width = self
+            .results
+            .iter()
+            .map(|r| r.stage.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut out = format!(
+            "{:<width$}  {:<9}  {:>9}  detail\n",
+            "stage", "status", "time"
+        );
         for r in &self.results {
             let detail = r.detail.lines().next().unwrap_or("");
-            out.push_str(&format!("{:<width$}  {:<9}  {:>8.2}s  {detail}\n", r.stage, r.status.label(), r.seconds));
+            out.push_str(&format!(
+                "{:<width$}  {:<9}  {:>8.2}s  {detail}\n",
+                r.stage,
+                r.status.label(),
+                r.seconds
+            ));
         }
         out
     }
@@ -113,8 +139,16 @@ impl RunSummary {
 
 /// Outcome of one stage task.
 enum Outcome {
-    Done { status: StageStatus, outputs: BTreeMap<String, ArtifactId>, key: StageKey, detail: String },
-    Failed { cancelled: bool, message: String },
+    Done {
+        status: StageStatus,
+        outputs: BTreeMap<String, ArtifactId>,
+        key: StageKey,
+        detail: String,
+    },
+    Failed {
+        cancelled: bool,
+        message: String,
+    },
 }
 
 /// Shared state of the stage tasks.
@@ -132,7 +166,12 @@ struct Shared {
 }
 
 /// Runs the pipeline (blocking: builds its own tokio runtime).
-pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: RunOptions) -> anyhow::Result<RunSummary> {
+pub fn run(
+    pipeline: Arc<Pipeline>,
+    dag: Arc<Dag>,
+    cache: Arc<Cache>,
+    options: RunOptions,
+) -> anyhow::Result<RunSummary> {
     let lock_path = lockfile_path(&pipeline.file);
     let lockfile = Lockfile::load(&lock_path)?;
     let selected = dag.select(&pipeline, &options.targets)?;
@@ -149,7 +188,10 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
     )?;
     if options.locked {
         let lock = lockfile.as_ref().with_context(|| {
-            format!("--locked: there is no lockfile {} (run once without --locked to create it)", lock_path.display())
+            format!(
+                "--locked: there is no lockfile {} (run once without --locked to create it)",
+                lock_path.display()
+            )
         })?;
         let diffs = locked_diff(&pipeline, &the_plan, lock, options.targets.is_empty());
         if !diffs.is_empty() {
@@ -162,7 +204,11 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
     }
     cache.flush_hash_cache()?;
 
-    let ui = Ui::new(cache.logs_dir().ok().as_deref(), &pipeline.name, options.quiet);
+    let ui = Ui::new(
+        cache.logs_dir().ok().as_deref(),
+        &pipeline.name,
+        options.quiet,
+    );
     let runs = the_plan.to_run();
     ui.say(&format!(
         "pipeline {}: {} stage(s), {} to run, {} cached",
@@ -172,7 +218,10 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
         the_plan.stages.len() - runs
     ));
     for p in &the_plan.stages {
-        ui.log(&format!("plan {} {:?}: {}", pipeline.stages[p.index].id, p.action, p.reason));
+        ui.log(&format!(
+            "plan {} {:?}: {}",
+            pipeline.stages[p.index].id, p.action, p.reason
+        ));
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -200,7 +249,12 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
         if options.targets.is_empty() {
             lock.stages.retain(|id, _| pipeline.stage(id).is_some());
         }
-        for (id, entry) in shared.finished.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for (id, entry) in shared
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             lock.stages.insert(id, entry);
         }
         lock.save(&lock_path)?;
@@ -208,9 +262,14 @@ pub fn run(pipeline: Arc<Pipeline>, dag: Arc<Dag>, cache: Arc<Cache>, options: R
     Ok(summary)
 }
 
-async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> anyhow::Result<RunSummary> {
+async fn schedule(
+    shared: Arc<Shared>,
+    dag: Arc<Dag>,
+    the_plan: super::Plan,
+) -> anyhow::Result<RunSummary> {
     let pipeline = shared.pipeline.clone();
-    let planned: BTreeMap<usize, &super::PlannedStage> = the_plan.stages.iter().map(|p| (p.index, p)).collect();
+    let planned: BTreeMap<usize, &super::PlannedStage> =
+        the_plan.stages.iter().map(|p| (p.index, p)).collect();
     let selected: BTreeSet<usize> = planned.keys().copied().collect();
     let mut outputs: BTreeMap<usize, BTreeMap<String, ArtifactId>> = BTreeMap::new();
     let mut results: BTreeMap<usize, StageResult> = BTreeMap::new();
@@ -226,16 +285,25 @@ async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> 
             }
             let ups = dag.upstream(i);
             if let Some((j, _)) = ups.iter().find(|(j, _)| {
-                results.get(j).is_some_and(|r| !matches!(r.status, StageStatus::Ran | StageStatus::Cached))
+                results
+                    .get(j)
+                    .is_some_and(|r| !matches!(r.status, StageStatus::Ran | StageStatus::Cached))
             }) {
                 started.insert(i);
-                let status = if shared.cancel.is_cancelled() { StageStatus::Cancelled } else { StageStatus::Skipped };
-                results.insert(i, StageResult {
-                    stage: pipeline.stages[i].id.clone(),
-                    status,
-                    seconds: 0.0,
-                    detail: format!("upstream {} did not finish", pipeline.stages[*j].id),
-                });
+                let status = if shared.cancel.is_cancelled() {
+                    StageStatus::Cancelled
+                } else {
+                    StageStatus::Skipped
+                };
+                results.insert(
+                    i,
+                    StageResult {
+                        stage: pipeline.stages[i].id.clone(),
+                        status,
+                        seconds: 0.0,
+                        detail: format!("upstream {} did not finish", pipeline.stages[*j].id),
+                    },
+                );
                 continue;
             }
             if !ups.iter().all(|(j, _)| outputs.contains_key(j)) {
@@ -243,18 +311,30 @@ async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> 
             }
             started.insert(i);
             if shared.cancel.is_cancelled() {
-                results.insert(i, StageResult {
-                    stage: pipeline.stages[i].id.clone(),
-                    status: StageStatus::Cancelled,
-                    seconds: 0.0,
-                    detail: "not started".into(),
-                });
+                results.insert(
+                    i,
+                    StageResult {
+                        stage: pipeline.stages[i].id.clone(),
+                        status: StageStatus::Cancelled,
+                        seconds: 0.0,
+                        detail: "not started".into(),
+                    },
+                );
                 continue;
             }
             let mut upstream_ids = BTreeMap::new();
             for (name, input) in &pipeline.stages[i].inputs {
-                if let Input::Stage { stage: from, output, .. } = input {
-                    let j = pipeline.stages.iter().position(|s| &s.id == from).expect("graph checked");
+                if let Input::Stage {
+                    stage: from,
+                    output,
+                    ..
+                } = input
+                {
+                    let j = pipeline
+                        .stages
+                        .iter()
+                        .position(|s| &s.id == from)
+                        .expect("graph checked");
                     upstream_ids.insert(name.clone(), outputs[&j][output].clone());
                 }
             }
@@ -288,28 +368,61 @@ async fn schedule(shared: Arc<Shared>, dag: Arc<Dag>, the_plan: super::Plan) -> 
         let id = pipeline.stages[i].id.clone();
         let seconds = elapsed.as_secs_f64();
         match outcome {
-            Outcome::Done { status, outputs: outs, key, detail } => {
+            Outcome::Done {
+                status,
+                outputs: outs,
+                key,
+                detail,
+            } => {
                 let entry = lock_entry(&key, &outs, &upstream_sources(&pipeline, i));
-                shared.finished.lock().unwrap_or_else(|e| e.into_inner()).push((id.clone(), entry));
+                shared
+                    .finished
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((id.clone(), entry));
                 outputs.insert(i, outs);
                 if status == StageStatus::Ran {
                     shared.ui.say(&format!("done    {id} ({seconds:.2}s)"));
                 }
-                results.insert(i, StageResult { stage: id, status, seconds, detail });
+                results.insert(
+                    i,
+                    StageResult {
+                        stage: id,
+                        status,
+                        seconds,
+                        detail,
+                    },
+                );
             }
             Outcome::Failed { cancelled, message } => {
-                let status = if cancelled { StageStatus::Cancelled } else { StageStatus::Failed };
+                let status = if cancelled {
+                    StageStatus::Cancelled
+                } else {
+                    StageStatus::Failed
+                };
                 if !cancelled {
                     shared.ui.shout(&format!("FAILED  {id}: {message}"));
                     if shared.options.fail_fast {
                         shared.cancel.cancel();
                     }
                 }
-                results.insert(i, StageResult { stage: id, status, seconds, detail: message });
+                results.insert(
+                    i,
+                    StageResult {
+                        stage: id,
+                        status,
+                        seconds,
+                        detail: message,
+                    },
+                );
             }
         }
     }
-    let results = dag.order().iter().filter_map(|i| results.remove(i)).collect();
+    let results = dag
+        .order()
+        .iter()
+        .filter_map(|i| results.remove(i))
+        .collect();
     Ok(RunSummary {
         pipeline: pipeline.name.clone(),
         results,
@@ -327,20 +440,45 @@ fn upstream_sources(pipeline: &Pipeline, i: usize) -> BTreeMap<String, LockedInp
             Input::Path { written, .. } => (Some(written.clone()), None, None),
         };
         // The id is filled in by `record_lock_entry` from the stage key.
-        out.insert(name.clone(), LockedInput { path, stage, output, id: placeholder_id() });
+        out.insert(
+            name.clone(),
+            LockedInput {
+                path,
+                stage,
+                output,
+                id: placeholder_id(),
+            },
+        );
     }
     out
 }
 
 fn placeholder_id() -> ArtifactId {
-    ArtifactId { kind: crate::cache::ArtifactKind::File, hash: "0".repeat(64) }
+    ArtifactId {
+        kind: crate::cache::ArtifactKind::File,
+        hash: "0".repeat(64),
+    }
 }
 
 /// The lockfile entry of a finished stage.
-fn lock_entry(key: &StageKey, outputs: &BTreeMap<String, ArtifactId>, sources: &BTreeMap<String, LockedInput>) -> LockedStage {
+fn lock_entry(
+    key: &StageKey,
+    outputs: &BTreeMap<String, ArtifactId>,
+    sources: &BTreeMap<String, LockedInput>,
+) -> LockedStage {
     let inputs = sources
         .iter()
-        .filter_map(|(name, src)| key.inputs.get(name).map(|id| (name.clone(), LockedInput { id: id.clone(), ..src.clone() })))
+        .filter_map(|(name, src)| {
+            key.inputs.get(name).map(|id| {
+                (
+                    name.clone(),
+                    LockedInput {
+                        id: id.clone(),
+                        ..src.clone()
+                    },
+                )
+            })
+        })
         .collect();
     LockedStage {
         op: key.op.clone(),
@@ -354,12 +492,25 @@ fn lock_entry(key: &StageKey, outputs: &BTreeMap<String, ArtifactId>, sources: &
 }
 
 /// Runs (or finds cached) one stage.
-async fn execute(shared: &Shared, i: usize, upstream_ids: BTreeMap<String, ArtifactId>, planned_run: bool) -> Outcome {
+async fn execute(
+    shared: &Shared,
+    i: usize,
+    upstream_ids: BTreeMap<String, ArtifactId>,
+    planned_run: bool,
+) -> Outcome {
     match execute_inner(shared, i, upstream_ids, planned_run).await {
         Ok(outcome) => outcome,
         Err(err) => {
-            let cancelled = err.downcast_ref::<Cancelled>().is_some() || shared.cancel.is_cancelled();
-            Outcome::Failed { cancelled, message: if cancelled { "cancelled".into() } else { format!("{err:#}") } }
+            let cancelled =
+                err.downcast_ref::<Cancelled>().is_some() || shared.cancel.is_cancelled();
+            Outcome::Failed {
+                cancelled,
+                message: if cancelled {
+                    "cancelled".into()
+                } else {
+                    format!("{err:#}")
+                },
+            }
         }
     }
 }
@@ -378,19 +529,33 @@ async fn execute_inner(
     // Inputs are hashed before the stage runs, never after.
     let mut ids = {
         let (cache, pipeline, rehash) = (cache.clone(), pipeline.clone(), shared.options.rehash);
-        tokio::task::spawn_blocking(move || hash_path_inputs(&cache, &pipeline.stages[i], rehash)).await??
+        tokio::task::spawn_blocking(move || hash_path_inputs(&cache, &pipeline.stages[i], rehash))
+            .await??
     };
     ids.extend(upstream_ids);
     let key = stage_key(pipeline, stage, op.version(), ids.clone());
     let fp = key.fingerprint();
     if let Some(record) = cache.hit(&fp)? {
-        let detail = if planned_run { "early cutoff: upstream outputs unchanged" } else { "up to date" };
-        return Ok(Outcome::Done { status: StageStatus::Cached, outputs: record.outputs, key, detail: detail.into() });
+        let detail = if planned_run {
+            "early cutoff: upstream outputs unchanged"
+        } else {
+            "up to date"
+        };
+        return Ok(Outcome::Done {
+            status: StageStatus::Cached,
+            outputs: record.outputs,
+            key,
+            detail: detail.into(),
+        });
     }
 
     // Device slot first, then a job slot, so a stage waiting for its GPU
     // does not hold a slot CPU stages could use.
-    let gpu = if op.placement() == Placement::Worker { shared.gpus.acquire(&stage.device, &shared.cancel).await? } else { None };
+    let gpu = if op.placement() == Placement::Worker {
+        shared.gpus.acquire(&stage.device, &shared.cancel).await?
+    } else {
+        None
+    };
     let _job = tokio::select! {
         permit = shared.jobs.acquire() => permit.expect("semaphore open"),
         _ = shared.cancel.cancelled() => return Err(Cancelled.into()),
@@ -400,7 +565,9 @@ async fn execute_inner(
     let _lock = match cache.try_lock_stage(&fp)? {
         Some(lock) => lock,
         None => {
-            shared.ui.say(&format!("waiting {} (another run holds it)", stage.id));
+            shared
+                .ui
+                .say(&format!("waiting {} (another run holds it)", stage.id));
             let c = cache.clone();
             let f = fp.clone();
             tokio::task::spawn_blocking(move || c.lock_stage(&f)).await??
@@ -414,7 +581,9 @@ async fn execute_inner(
             detail: "finished by another run".into(),
         });
     }
-    shared.ui.say(&format!("run     {} ({})", stage.id, stage.op));
+    shared
+        .ui
+        .say(&format!("run     {} ({})", stage.id, stage.op));
 
     let staging = cache.staging_dir(&fp)?;
     let out_dir = staging.join("out");
@@ -452,7 +621,10 @@ async fn execute_inner(
     let result = match op.placement() {
         Placement::Worker => {
             let placement = worker::Placement {
-                cuda_visible_devices: gpu.as_ref().map(|g| g.index.to_string()).unwrap_or_default(),
+                cuda_visible_devices: gpu
+                    .as_ref()
+                    .map(|g| g.index.to_string())
+                    .unwrap_or_default(),
             };
             worker::run_stage(&spec, &placement, &progress, &shared.cancel).await
         }
@@ -470,12 +642,18 @@ async fn execute_inner(
 
     // Ingest the outputs, then commit the record: the record is the commit point.
     let record = {
-        let (cache, stage_id, pipeline_name) = (cache.clone(), stage.id.clone(), pipeline.name.clone());
+        let (cache, stage_id, pipeline_name) =
+            (cache.clone(), stage.id.clone(), pipeline.name.clone());
         let (names, key, fp) = (stage.outputs.clone(), key.clone(), fp.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<StageRecord> {
             let mut outputs = BTreeMap::new();
-            let missing: Vec<&String> = names.iter().filter(|n| !out_dir.join(n).exists()).collect();
-            anyhow::ensure!(missing.is_empty(), "the op did not create output(s) {missing:?} in {}", out_dir.display());
+            let missing: Vec<&String> =
+                names.iter().filter(|n| !out_dir.join(n).exists()).collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "the op did not create output(s) {missing:?} in {}",
+                out_dir.display()
+            );
             for name in &names {
                 outputs.insert(name.clone(), cache.ingest(&out_dir.join(name))?);
             }
@@ -500,23 +678,39 @@ async fn execute_inner(
 
     let mut detail = summarize_metrics(&record.metrics);
     if shared.options.locked {
-        if let Some(locked) = shared.lockfile.as_ref().and_then(|l| l.stages.get(&stage.id)) {
+        if let Some(locked) = shared
+            .lockfile
+            .as_ref()
+            .and_then(|l| l.stages.get(&stage.id))
+        {
             let differing: Vec<String> = locked
                 .outputs
                 .iter()
                 .filter(|(name, id)| record.outputs.get(*name) != Some(id))
                 .map(|(name, id)| {
-                    let got = record.outputs.get(name).map(|g| g.short().to_string()).unwrap_or_else(|| "none".into());
+                    let got = record
+                        .outputs
+                        .get(name)
+                        .map(|g| g.short().to_string())
+                        .unwrap_or_else(|| "none".into());
                     format!("output {name}: locked {} but produced {got}", id.short())
                 })
                 .collect();
             if !differing.is_empty() {
-                anyhow::bail!("not reproducible: {} (the outputs are cached; the lockfile is unchanged)", differing.join("; "));
+                anyhow::bail!(
+                    "not reproducible: {} (the outputs are cached; the lockfile is unchanged)",
+                    differing.join("; ")
+                );
             }
             detail = format!("reproduced locked outputs; {detail}");
         }
     }
-    Ok(Outcome::Done { status: StageStatus::Ran, outputs: record.outputs, key, detail })
+    Ok(Outcome::Done {
+        status: StageStatus::Ran,
+        outputs: record.outputs,
+        key,
+        detail,
+    })
 }
 
 /// A short `k=v` line of a stage's summary metrics.
@@ -548,7 +742,11 @@ async fn run_in_engine(
     // The reporter borrows the UI, so run on this task's thread through
     // block_in_place rather than a 'static spawn_blocking closure.
     let result = tokio::task::block_in_place(|| {
-        let ctx = crate::ops::StageContext { spec, reporter: progress, cancel: &flag };
+        let ctx = crate::ops::StageContext {
+            spec,
+            reporter: progress,
+            cancel: &flag,
+        };
         op.run(&ctx)
     });
     watcher.abort();
@@ -580,17 +778,26 @@ impl Drop for GpuSlot<'_> {
 impl GpuSlots {
     /// GPUs the NVIDIA driver lists, narrowed by `CUDA_VISIBLE_DEVICES`.
     fn detect() -> GpuSlots {
-        let listed = std::fs::read_dir("/proc/driver/nvidia/gpus").map(|d| d.count()).unwrap_or(0);
+        let listed = std::fs::read_dir("/proc/driver/nvidia/gpus")
+            .map(|d| d.count())
+            .unwrap_or(0);
         let count = match std::env::var("CUDA_VISIBLE_DEVICES") {
             Ok(v) if v.trim().is_empty() => 0,
             Ok(v) => v.split(',').count().min(listed),
             Err(_) => listed,
         };
-        GpuSlots { free: Mutex::new(vec![true; count]), notify: Default::default() }
+        GpuSlots {
+            free: Mutex::new(vec![true; count]),
+            notify: Default::default(),
+        }
     }
 
     /// A GPU for a stage asking for `device`; `None` means run on the CPU.
-    async fn acquire(&self, device: &str, cancel: &CancellationToken) -> anyhow::Result<Option<GpuSlot<'_>>> {
+    async fn acquire(
+        &self,
+        device: &str,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Option<GpuSlot<'_>>> {
         let count = self.free.lock().unwrap_or_else(|e| e.into_inner()).len();
         let wanted: Option<usize> = match device {
             "cpu" => return Ok(None),

@@ -54,7 +54,10 @@ pub async fn run_stage(
         .with_context(|| format!("starting the worker {}", exe.display()))?;
     let spec_json = serde_json::to_vec(spec)?;
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(&spec_json).await.context("sending the stage spec to the worker")?;
+    stdin
+        .write_all(&spec_json)
+        .await
+        .context("sending the stage spec to the worker")?;
     drop(stdin);
 
     let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -103,7 +106,10 @@ pub async fn run_stage(
                 _ => "unknown status".into(),
             };
             let tail: Vec<String> = tail.into_iter().collect();
-            Err(anyhow::anyhow!("the worker died ({how}) without a result; its last stderr lines:\n{}", tail.join("\n")))
+            Err(anyhow::anyhow!(
+                "the worker died ({how}) without a result; its last stderr lines:\n{}",
+                tail.join("\n")
+            ))
         }
     }
 }
@@ -122,5 +128,9 @@ pub fn doctor() -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
             return Ok(info);
         }
     }
-    anyhow::bail!("the worker {} answered no doctor event ({})", exe.display(), output.status)
+    anyhow::bail!(
+        "the worker {} answered no doctor event ({})",
+        exe.display(),
+        output.status
+    )
 }

@@ -39,15 +39,17 @@ fn load_file(
         message,
         suggestion: None,
     };
-    let canonical = file.canonicalize().map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let canonical = file
+        .canonicalize()
+        .map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
     if let Some(pos) = chain.iter().position(|(c, _)| *c == canonical) {
         let show = |p: &Path| p.strip_prefix(root_dir).unwrap_or(p).display().to_string();
         let mut names: Vec<String> = chain[pos..].iter().map(|(_, shown)| show(shown)).collect();
         names.push(show(file));
         return Err(read_error(format!("include cycle: {}", names.join(" -> "))));
     }
-    let text =
-        std::fs::read_to_string(file).map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
 
     let mut value: Value = serde_yaml::from_str(&text).map_err(|e| syntax_error(file, &e))?;
     let locs = Locs::index(file, &text).map_err(|(location, message)| ManifestError {
@@ -88,23 +90,39 @@ fn load_file(
         Some(Value::Sequence(items)) => {
             let mut out = Vec::new();
             for (i, item) in items.into_iter().enumerate() {
-                let loc = locs.nearest(&kp(&["include", &i.to_string()])).value.clone();
+                let loc = locs
+                    .nearest(&kp(&["include", &i.to_string()]))
+                    .value
+                    .clone();
                 match item {
                     Value::String(s) => out.push((s, loc)),
-                    _ => return Err(err_at(loc, "include", "an include must be a file path".into())),
+                    _ => {
+                        return Err(err_at(
+                            loc,
+                            "include",
+                            "an include must be a file path".into(),
+                        ))
+                    }
                 }
             }
             out
         }
         Some(_) => {
             let loc = locs.nearest(&kp(&["include"])).value.clone();
-            return Err(err_at(loc, "include", "`include` must be a path or a list of paths".into()));
+            return Err(err_at(
+                loc,
+                "include",
+                "`include` must be a path or a list of paths".into(),
+            ));
         }
     };
 
     let dir = file.parent().unwrap_or(Path::new(""));
     chain.push((canonical, file.to_path_buf()));
-    let mut merged = Merged { value: Value::Mapping(Mapping::new()), locs: Locs::default() };
+    let mut merged = Merged {
+        value: Value::Mapping(Mapping::new()),
+        locs: Locs::default(),
+    };
     merged.locs.take_spot(&[], &locs);
     for (written, loc) in &includes {
         let included = load_file(&dir.join(written), Some(loc), root_dir, chain)?;
@@ -117,7 +135,9 @@ fn load_file(
 
 /// Deep-merges `over` (indexed by `over_locs`) into `base` at `at`.
 fn merge(base: &mut Merged, over: Value, over_locs: &Locs, at: &mut KeyPath) {
-    let Value::Mapping(over) = over else { unreachable!("merge starts at the root mapping") };
+    let Value::Mapping(over) = over else {
+        unreachable!("merge starts at the root mapping")
+    };
     for (k, v) in over {
         at.push(key_text(&k));
         let target = lookup_mut(&mut base.value, &at[..at.len() - 1]).expect("parent is a mapping");
@@ -148,7 +168,10 @@ pub(crate) fn key_text(k: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::Null => "~".into(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim_end().to_string(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim_end()
+            .to_string(),
     }
 }
 
@@ -157,11 +180,18 @@ pub(crate) fn kp(parts: &[&str]) -> KeyPath {
 }
 
 fn syntax_error(file: &Path, e: &serde_yaml::Error) -> ManifestError {
-    let location = e.location().map_or(Location { file: file.to_path_buf(), line: 1, column: 1 }, |l| Location {
-        file: file.to_path_buf(),
-        line: l.line(),
-        column: l.column(),
-    });
+    let location = e.location().map_or(
+        Location {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+        },
+        |l| Location {
+            file: file.to_path_buf(),
+            line: l.line(),
+            column: l.column(),
+        },
+    );
     // serde_yaml repeats the position in its message; the prefix has it.
     let message = e.to_string();
     let message = match message.find(" at line ") {

@@ -27,7 +27,9 @@ pub(crate) fn parse(s: &str) -> Result<Vec<Piece>, String> {
             rest = tail;
         } else if let Some(tail) = after.strip_prefix("${") {
             let Some(end) = tail.find('}') else {
-                return Err(format!("unterminated `${{` in `{s}` (write `$${{` for a literal `${{`)"));
+                return Err(format!(
+                    "unterminated `${{` in `{s}` (write `$${{` for a literal `${{`)"
+                ));
             };
             let inner = &tail[..end];
             let piece = if let Some(name) = inner.strip_prefix("params.") {
@@ -71,13 +73,25 @@ mod tests {
 
     #[test]
     fn pieces() {
-        assert_eq!(parse("echo $${HOME} $x").unwrap(), vec![Piece::Text("echo ${HOME} $x".into())]);
+        assert_eq!(
+            parse("echo $${HOME} $x").unwrap(),
+            vec![Piece::Text("echo ${HOME} $x".into())]
+        );
         assert_eq!(
             parse("a${params.lr}b").unwrap(),
-            vec![Piece::Text("a".into()), Piece::Param("lr".into()), Piece::Text("b".into())]
+            vec![
+                Piece::Text("a".into()),
+                Piece::Param("lr".into()),
+                Piece::Text("b".into())
+            ]
         );
-        assert_eq!(parse("${stages.a[k=0.1].m}").unwrap(), vec![Piece::Stage("a[k=0.1].m".into())]);
+        assert_eq!(
+            parse("${stages.a[k=0.1].m}").unwrap(),
+            vec![Piece::Stage("a[k=0.1].m".into())]
+        );
         assert!(parse("${env.HOME}").unwrap_err().contains("`${env.HOME}`"));
-        assert!(parse("x ${params.lr").unwrap_err().starts_with("unterminated"));
+        assert!(parse("x ${params.lr")
+            .unwrap_err()
+            .starts_with("unterminated"));
     }
 }

@@ -36,11 +36,27 @@ impl Locs {
     /// Indexes `text` (the contents of `file`). Fails only on YAML that
     /// serde_yaml accepted and yaml_rust2 did not; the error is located.
     pub fn index(file: &Path, text: &str) -> Result<Locs, (Location, String)> {
-        let mut builder = Builder { file, locs: Locs::default(), stack: Vec::new() };
-        let root = Location { file: file.to_path_buf(), line: 1, column: 1 };
-        builder.locs.spots.insert(Vec::new(), Spot { key: root.clone(), value: root });
+        let mut builder = Builder {
+            file,
+            locs: Locs::default(),
+            stack: Vec::new(),
+        };
+        let root = Location {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+        };
+        builder.locs.spots.insert(
+            Vec::new(),
+            Spot {
+                key: root.clone(),
+                value: root,
+            },
+        );
         let mut parser = Parser::new_from_str(text);
-        parser.load(&mut builder, false).map_err(|e| (location(file, e.marker()), e.info().to_string()))?;
+        parser
+            .load(&mut builder, false)
+            .map_err(|e| (location(file, e.marker()), e.info().to_string()))?;
         Ok(builder.locs)
     }
 
@@ -50,7 +66,10 @@ impl Locs {
 
     /// The spot of `path` or of its nearest indexed ancestor.
     pub fn nearest(&self, path: &[String]) -> &Spot {
-        (0..=path.len()).rev().find_map(|n| self.spots.get(&path[..n])).expect("the root is always indexed")
+        (0..=path.len())
+            .rev()
+            .find_map(|n| self.spots.get(&path[..n]))
+            .expect("the root is always indexed")
     }
 
     /// Replaces everything at and below `path` with `other`'s entries there.
@@ -72,14 +91,23 @@ impl Locs {
     }
 
     /// Entries at and below `path` (contiguous in key order).
-    fn under<'a>(&'a self, path: &'a [String]) -> impl Iterator<Item = (&'a KeyPath, &'a Spot)> + 'a {
-        self.spots.range(path.to_vec()..).take_while(move |(k, _)| k.starts_with(path))
+    fn under<'a>(
+        &'a self,
+        path: &'a [String],
+    ) -> impl Iterator<Item = (&'a KeyPath, &'a Spot)> + 'a {
+        self.spots
+            .range(path.to_vec()..)
+            .take_while(move |(k, _)| k.starts_with(path))
     }
 }
 
 fn location(file: &Path, mark: &Marker) -> Location {
     // yaml_rust2 0.10 markers: line 1-based, column 0-based.
-    Location { file: file.to_path_buf(), line: mark.line(), column: mark.col() + 1 }
+    Location {
+        file: file.to_path_buf(),
+        line: mark.line(),
+        column: mark.col() + 1,
+    }
 }
 
 enum Frame {
@@ -151,7 +179,11 @@ impl Builder<'_> {
             return;
         }
         // A mapping waiting for a key.
-        if let Some(Frame::Map { path, key: key @ None }) = self.stack.last_mut() {
+        if let Some(Frame::Map {
+            path,
+            key: key @ None,
+        }) = self.stack.last_mut()
+        {
             match ev {
                 Event::Scalar(text, ..) => {
                     let parent = path.clone();
@@ -170,7 +202,9 @@ impl Builder<'_> {
                     }
                     self.record(p, Some(loc.clone()), loc);
                 }
-                Event::MappingStart(..) | Event::SequenceStart(..) => self.stack.push(Frame::Skip { depth: 1 }),
+                Event::MappingStart(..) | Event::SequenceStart(..) => {
+                    self.stack.push(Frame::Skip { depth: 1 })
+                }
                 Event::MappingEnd => {
                     self.stack.pop();
                 }
@@ -182,8 +216,13 @@ impl Builder<'_> {
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
             }
-            Event::Scalar(..) | Event::Alias(..) | Event::MappingStart(..) | Event::SequenceStart(..) => {
-                let Some((path, key)) = self.place(&loc) else { return };
+            Event::Scalar(..)
+            | Event::Alias(..)
+            | Event::MappingStart(..)
+            | Event::SequenceStart(..) => {
+                let Some((path, key)) = self.place(&loc) else {
+                    return;
+                };
                 self.record(path.clone(), key, loc);
                 match ev {
                     Event::MappingStart(..) => self.stack.push(Frame::Map { path, key: None }),

@@ -128,9 +128,17 @@ pub struct Stage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     /// `${stages.ID.OUTPUT}`: an edge of the DAG (`stage` is a full id).
-    Stage { stage: String, output: String, location: Location },
+    Stage {
+        stage: String,
+        output: String,
+        location: Location,
+    },
     /// A file or folder, hashed by content.
-    Path { path: PathBuf, written: String, location: Location },
+    Path {
+        path: PathBuf,
+        written: String,
+        location: Location,
+    },
 }
 
 impl Input {

@@ -15,16 +15,34 @@ use super::{Input, LoadOptions, Location, ManifestError, Pipeline, Stage};
 use crate::ops::{nearest, Op, ParamError};
 
 const TOP_KEYS: &[&str] = &["version", "name", "seed", "include", "params", "stages"];
-const STAGE_KEYS: &[&str] = &["op", "inputs", "params", "outputs", "matrix", "device", "description"];
+const STAGE_KEYS: &[&str] = &[
+    "op",
+    "inputs",
+    "params",
+    "outputs",
+    "matrix",
+    "device",
+    "description",
+];
 
 /// [`super::load`] with the op lookup as a parameter (tests add their own ops).
-pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> Result<Pipeline, ManifestError> {
+pub(crate) fn load_with(
+    path: &Path,
+    options: &LoadOptions,
+    ops: &[&dyn Op],
+) -> Result<Pipeline, ManifestError> {
     let merged = include::load_tree(path)?;
-    let cx = Cx { locs: merged.locs, ops };
+    let cx = Cx {
+        locs: merged.locs,
+        ops,
+    };
     let mut tree = merged.value;
     cx.check_structure(&mut tree)?;
-    let order: Vec<String> =
-        tree.get("stages").and_then(Yaml::as_mapping).map(|m| m.keys().map(key_text).collect()).unwrap_or_default();
+    let order: Vec<String> = tree
+        .get("stages")
+        .and_then(Yaml::as_mapping)
+        .map(|m| m.keys().map(key_text).collect())
+        .unwrap_or_default();
 
     let manifest: Manifest = serde_path_to_error::deserialize(tree).map_err(|e| {
         let at: KeyPath = e
@@ -37,12 +55,27 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
             })
             .collect();
         let (stage, field) = split_field(&at);
-        cx.error(cx.value_at(&at), stage.as_deref(), field.as_deref(), e.inner().to_string(), None)
+        cx.error(
+            cx.value_at(&at),
+            stage.as_deref(),
+            field.as_deref(),
+            e.inner().to_string(),
+            None,
+        )
     })?;
 
     if manifest.version != 1 {
-        let msg = format!("unsupported manifest version {} (this alignflow reads version 1)", manifest.version);
-        return Err(cx.error(cx.value_at(&kp(&["version"])), None, Some("version"), msg, None));
+        let msg = format!(
+            "unsupported manifest version {} (this alignflow reads version 1)",
+            manifest.version
+        );
+        return Err(cx.error(
+            cx.value_at(&kp(&["version"])),
+            None,
+            Some("version"),
+            msg,
+            None,
+        ));
     }
     if manifest.name.is_empty() || manifest.name.contains('/') {
         let msg = "the pipeline name must be non-empty and contain no `/`".to_string();
@@ -65,11 +98,20 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
         for matrix in cx.expand(key, def)? {
             let id = instance_id(key, &matrix);
             by_key.entry(key).or_default().push(insts.len());
-            insts.push(Inst { id, key: key.clone(), matrix });
+            insts.push(Inst {
+                id,
+                key: key.clone(),
+                matrix,
+            });
         }
         keys.insert(key, (op, def, outputs));
     }
-    let world = World { insts: &insts, by_key: &by_key, keys: &keys, params: &params };
+    let world = World {
+        insts: &insts,
+        by_key: &by_key,
+        keys: &keys,
+        params: &params,
+    };
 
     // Pass 2: interpolate, bind and validate each instance.
     let mut stages = Vec::with_capacity(insts.len());
@@ -83,8 +125,15 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
         };
         let device = def.device.clone().unwrap_or_else(|| "auto".into());
         if !valid_device(&device) {
-            let msg = format!("unknown device `{device}` (expected `auto`, `cpu`, `cuda` or `cuda:N`)");
-            return Err(cx.error(cx.value_at(&sp(&["device"])), Some(&inst.id), Some("device"), msg, None));
+            let msg =
+                format!("unknown device `{device}` (expected `auto`, `cpu`, `cuda` or `cuda:N`)");
+            return Err(cx.error(
+                cx.value_at(&sp(&["device"])),
+                Some(&inst.id),
+                Some("device"),
+                msg,
+                None,
+            ));
         }
 
         let mut obj = serde_json::Map::new();
@@ -96,7 +145,9 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
         for (name, v) in &inst.matrix {
             obj.insert(name.clone(), v.clone());
         }
-        let normalised = op.normalize_params(&Json::Object(obj)).map_err(|e| cx.param_error(inst, e))?;
+        let normalised = op
+            .normalize_params(&Json::Object(obj))
+            .map_err(|e| cx.param_error(inst, e))?;
 
         let mut inputs = BTreeMap::new();
         for (name, written) in &def.inputs {
@@ -121,7 +172,14 @@ pub(crate) fn load_with(path: &Path, options: &LoadOptions, ops: &[&dyn Op]) -> 
 
     let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok(Pipeline { name: manifest.name, file, dir, seed: manifest.seed, params, stages })
+    Ok(Pipeline {
+        name: manifest.name,
+        file,
+        dir,
+        seed: manifest.seed,
+        params,
+        stages,
+    })
 }
 
 /// One matrix instance (or a plain stage, with an empty matrix).
@@ -189,7 +247,9 @@ impl<'a> Cx<'a> {
             }
         }
         top.retain(|k, v| !(v.is_null() && matches!(k.as_str(), Some("params" | "stages"))));
-        let Some(Yaml::Mapping(stages)) = top.get_mut("stages") else { return Ok(()) };
+        let Some(Yaml::Mapping(stages)) = top.get_mut("stages") else {
+            return Ok(());
+        };
         for (id, def) in stages.iter_mut() {
             let id = key_text(id);
             let Yaml::Mapping(def) = def else {
@@ -210,10 +270,16 @@ impl<'a> Cx<'a> {
         Ok(())
     }
 
-    fn apply_set(&self, params: &mut BTreeMap<String, Json>, key: &str, value: &str) -> Result<(), ManifestError> {
+    fn apply_set(
+        &self,
+        params: &mut BTreeMap<String, Json>,
+        key: &str,
+        value: &str,
+    ) -> Result<(), ManifestError> {
         let loc = self.key_at(&kp(&["params"]));
         let Some(name) = key.strip_prefix("params.") else {
-            let msg = format!("--set `{key}`: only pipeline params can be set, as `params.NAME=VALUE`");
+            let msg =
+                format!("--set `{key}`: only pipeline params can be set, as `params.NAME=VALUE`");
             return Err(self.error(loc, None, Some(key), msg, None));
         };
         if !params.contains_key(name) {
@@ -226,15 +292,30 @@ impl<'a> Cx<'a> {
     }
 
     fn op(&self, key: &str, def: &StageDef) -> Result<&'a dyn Op, ManifestError> {
-        self.ops.iter().copied().find(|op| op.name() == def.op).ok_or_else(|| {
-            let loc = self.value_at(&kp(&["stages", key, "op"]));
-            let s = nearest(&def.op, self.ops.iter().map(|op| op.name()));
-            self.error(loc, Some(key), Some("op"), format!("unknown op `{}`", def.op), s)
-        })
+        self.ops
+            .iter()
+            .copied()
+            .find(|op| op.name() == def.op)
+            .ok_or_else(|| {
+                let loc = self.value_at(&kp(&["stages", key, "op"]));
+                let s = nearest(&def.op, self.ops.iter().map(|op| op.name()));
+                self.error(
+                    loc,
+                    Some(key),
+                    Some("op"),
+                    format!("unknown op `{}`", def.op),
+                    s,
+                )
+            })
     }
 
     /// The stage's output names, checking its `outputs:` list.
-    fn outputs(&self, key: &str, def: &StageDef, op: &dyn Op) -> Result<Vec<String>, ManifestError> {
+    fn outputs(
+        &self,
+        key: &str,
+        def: &StageDef,
+        op: &dyn Op,
+    ) -> Result<Vec<String>, ManifestError> {
         let at = |rest: &[&str]| {
             let mut p = kp(&["stages", key, "outputs"]);
             p.extend(rest.iter().map(|s| s.to_string()));
@@ -242,30 +323,59 @@ impl<'a> Cx<'a> {
         };
         if !op.outputs_from_stage() {
             if def.outputs.is_some() {
-                let declared: Vec<String> = op.outputs().iter().map(|p| format!("`{}`", p.name)).collect();
-                let msg =
-                    format!("op `{}` declares its own outputs ({}); remove `outputs:`", op.name(), declared.join(", "));
-                return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
+                let declared: Vec<String> = op
+                    .outputs()
+                    .iter()
+                    .map(|p| format!("`{}`", p.name))
+                    .collect();
+                let msg = format!(
+                    "op `{}` declares its own outputs ({}); remove `outputs:`",
+                    op.name(),
+                    declared.join(", ")
+                );
+                return Err(self.error(
+                    self.key_at(&at(&[])),
+                    Some(key),
+                    Some("outputs"),
+                    msg,
+                    None,
+                ));
             }
             return Ok(op.outputs().iter().map(|p| p.name.to_string()).collect());
         }
         let Some(names) = &def.outputs else {
-            let msg = format!("op `{}` needs an `outputs:` list naming what the stage writes", op.name());
+            let msg = format!(
+                "op `{}` needs an `outputs:` list naming what the stage writes",
+                op.name()
+            );
             return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
         };
         if names.is_empty() {
             let msg = "`outputs` must name at least one output".to_string();
-            return Err(self.error(self.value_at(&at(&[])), Some(key), Some("outputs"), msg, None));
+            return Err(self.error(
+                self.value_at(&at(&[])),
+                Some(key),
+                Some("outputs"),
+                msg,
+                None,
+            ));
         }
         for (i, name) in names.iter().enumerate() {
             let loc = self.value_at(&at(&[&i.to_string()]));
             let field = format!("outputs.{i}");
             if name.is_empty() || name.contains('/') || name.contains('\\') {
-                let msg = format!("output name `{name}` must be a plain non-empty name without `/`");
+                let msg =
+                    format!("output name `{name}` must be a plain non-empty name without `/`");
                 return Err(self.error(loc, Some(key), Some(&field), msg, None));
             }
             if names[..i].contains(name) {
-                return Err(self.error(loc, Some(key), Some(&field), format!("duplicate output `{name}`"), None));
+                return Err(self.error(
+                    loc,
+                    Some(key),
+                    Some(&field),
+                    format!("duplicate output `{name}`"),
+                    None,
+                ));
             }
         }
         Ok(names.clone())
@@ -273,14 +383,26 @@ impl<'a> Cx<'a> {
 
     /// The stage's matrix combinations: keys sorted, values as written,
     /// the last key varying fastest. A plain stage has one, empty.
-    fn expand(&self, key: &str, def: &StageDef) -> Result<Vec<BTreeMap<String, Json>>, ManifestError> {
+    fn expand(
+        &self,
+        key: &str,
+        def: &StageDef,
+    ) -> Result<Vec<BTreeMap<String, Json>>, ManifestError> {
         let mut combos = vec![BTreeMap::new()];
-        let Some(matrix) = &def.matrix else { return Ok(combos) };
+        let Some(matrix) = &def.matrix else {
+            return Ok(combos);
+        };
         for (name, values) in matrix {
             let field = format!("matrix.{name}");
             if values.is_empty() {
                 let loc = self.value_at(&kp(&["stages", key, "matrix", name]));
-                return Err(self.error(loc, Some(key), Some(&field), "a matrix list must not be empty".into(), None));
+                return Err(self.error(
+                    loc,
+                    Some(key),
+                    Some(&field),
+                    "a matrix list must not be empty".into(),
+                    None,
+                ));
             }
             for (i, v) in values.iter().enumerate() {
                 if v.is_array() || v.is_object() {
@@ -304,7 +426,13 @@ impl<'a> Cx<'a> {
     }
 
     /// Interpolates a param value (recursing into lists and mappings).
-    fn interp_param(&self, w: &World, inst: &Inst, v: &Json, at: &mut KeyPath) -> Result<Json, ManifestError> {
+    fn interp_param(
+        &self,
+        w: &World,
+        inst: &Inst,
+        v: &Json,
+        at: &mut KeyPath,
+    ) -> Result<Json, ManifestError> {
         let field = || at[2..].join(".");
         match v {
             Json::String(s) => {
@@ -356,24 +484,39 @@ impl<'a> Cx<'a> {
     }
 
     /// Binds one input: a stage reference or a path.
-    fn input(&self, w: &World, inst: &Inst, name: &str, written: &str) -> Result<Input, ManifestError> {
+    fn input(
+        &self,
+        w: &World,
+        inst: &Inst,
+        name: &str,
+        written: &str,
+    ) -> Result<Input, ManifestError> {
         let at = kp(&["stages", &inst.key, "inputs", name]);
         let location = self.value_at(&at);
         let field = format!("inputs.{name}");
-        let fail =
-            |msg: String, sug: Option<String>| self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug);
+        let fail = |msg: String, sug: Option<String>| {
+            self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug)
+        };
         let pieces = interp::parse(written).map_err(|m| fail(m, None))?;
         if let [Piece::Stage(r)] = pieces.as_slice() {
             let (stage, output) = resolve_stage_ref(w, inst, r).map_err(|(m, s)| fail(m, s))?;
-            return Ok(Input::Stage { stage, output, location });
+            return Ok(Input::Stage {
+                stage,
+                output,
+                location,
+            });
         }
         let mut text = String::new();
         for piece in &pieces {
             match piece {
                 Piece::Text(t) => text.push_str(t),
-                Piece::Param(p) => text.push_str(&interp::render(lookup_param(w, p).map_err(|(m, s)| fail(m, s))?)),
+                Piece::Param(p) => text.push_str(&interp::render(
+                    lookup_param(w, p).map_err(|(m, s)| fail(m, s))?,
+                )),
                 Piece::Stage(r) => {
-                    let msg = format!("`${{stages.{r}}}` must be the whole input value, not part of `{written}`");
+                    let msg = format!(
+                        "`${{stages.{r}}}` must be the whole input value, not part of `{written}`"
+                    );
                     return Err(fail(msg, None));
                 }
             }
@@ -385,7 +528,11 @@ impl<'a> Cx<'a> {
         let dir = location.file.parent().unwrap_or(Path::new(""));
         let joined = dir.join(&text);
         let path = std::path::absolute(&joined).unwrap_or(joined);
-        Ok(Input::Path { path, written: text, location })
+        Ok(Input::Path {
+            path,
+            written: text,
+            location,
+        })
     }
 
     fn check_input_names(
@@ -404,14 +551,26 @@ impl<'a> Cx<'a> {
                 let loc = self.key_at(&kp(&["stages", &inst.key, "inputs", name]));
                 let msg = format!("op `{}` has no input `{name}`", op.name());
                 let s = nearest(name, declared.iter().map(|p| p.name));
-                return Err(self.error(loc, Some(&inst.id), Some(&format!("inputs.{name}")), msg, s));
+                return Err(self.error(
+                    loc,
+                    Some(&inst.id),
+                    Some(&format!("inputs.{name}")),
+                    msg,
+                    s,
+                ));
             }
         }
         for port in declared.iter().filter(|p| p.required) {
             if !inputs.contains_key(port.name) {
                 let loc = self.key_at(&kp(&["stages", &inst.key, "inputs"]));
                 let msg = format!("missing required input of op `{}`", op.name());
-                return Err(self.error(loc, Some(&inst.id), Some(&format!("inputs.{}", port.name)), msg, None));
+                return Err(self.error(
+                    loc,
+                    Some(&inst.id),
+                    Some(&format!("inputs.{}", port.name)),
+                    msg,
+                    None,
+                ));
             }
         }
         Ok(())
@@ -419,12 +578,20 @@ impl<'a> Cx<'a> {
 
     /// Locates an op's [`ParamError`] at the param it names.
     fn param_error(&self, inst: &Inst, e: ParamError) -> ManifestError {
-        let mut field: Vec<String> = e.field.split('.').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let mut field: Vec<String> = e
+            .field
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
         let mut message = e.message.clone();
         // A bad value is shown at the value; anything else at a key.
         let mut at_value = !field.is_empty();
         // serde reports an unknown field at its parent: point at the field.
-        if let Some(name) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        if let Some(name) = message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
             if field.last().map(String::as_str) != Some(name) {
                 field.push(name.to_string());
             }
@@ -445,11 +612,27 @@ impl<'a> Cx<'a> {
             .iter()
             .enumerate()
             .find_map(|(i, p)| {
-                self.locs.get(p).map(|s| if i == 0 && at_value { s.value.clone() } else { s.key.clone() })
+                self.locs.get(p).map(|s| {
+                    if i == 0 && at_value {
+                        s.value.clone()
+                    } else {
+                        s.key.clone()
+                    }
+                })
             })
             .unwrap_or_else(|| self.key_at(&stage_path));
-        let field = if field.is_empty() { "params".to_string() } else { format!("params.{}", field.join(".")) };
-        self.error(location, Some(&inst.id), Some(&field), message, e.suggestion)
+        let field = if field.is_empty() {
+            "params".to_string()
+        } else {
+            format!("params.{}", field.join("."))
+        };
+        self.error(
+            location,
+            Some(&inst.id),
+            Some(&field),
+            message,
+            e.suggestion,
+        )
     }
 }
 
@@ -457,9 +640,14 @@ impl<'a> Cx<'a> {
 fn split_field(at: &[String]) -> (Option<String>, Option<String>) {
     match at {
         [] => (None, None),
-        [s, id, rest @ ..] if s == "stages" => {
-            (Some(id.clone()), if rest.is_empty() { None } else { Some(rest.join(".")) })
-        }
+        [s, id, rest @ ..] if s == "stages" => (
+            Some(id.clone()),
+            if rest.is_empty() {
+                None
+            } else {
+                Some(rest.join("."))
+            },
+        ),
         _ => (None, Some(at.join("."))),
     }
 }
@@ -481,7 +669,10 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
     let key = w
         .keys
         .keys()
-        .filter(|k| r.strip_prefix(**k).is_some_and(|rest| rest.starts_with(['.', '['])))
+        .filter(|k| {
+            r.strip_prefix(**k)
+                .is_some_and(|rest| rest.starts_with(['.', '[']))
+        })
         .max_by_key(|k| k.len())
         .copied();
     let Some(key) = key else {
@@ -492,16 +683,30 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
     };
     let rest = &r[key.len()..];
     let instances = &w.by_key[key];
-    let ids = || instances.iter().map(|&i| format!("`{}`", w.insts[i].id)).collect::<Vec<_>>().join(", ");
+    let ids = || {
+        instances
+            .iter()
+            .map(|&i| format!("`{}`", w.insts[i].id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let (target, output) = if rest.starts_with('[') {
-        let close = rest.find(']').ok_or_else(|| (format!("unterminated `[` in `{written}`"), None))?;
+        let close = rest
+            .find(']')
+            .ok_or_else(|| (format!("unterminated `[` in `{written}`"), None))?;
         let id = &r[..key.len() + close + 1];
-        let output = rest[close + 1..]
-            .strip_prefix('.')
-            .ok_or_else(|| (format!("expected `.OUTPUT` after `{id}` in `{written}`"), None))?;
+        let output = rest[close + 1..].strip_prefix('.').ok_or_else(|| {
+            (
+                format!("expected `.OUTPUT` after `{id}` in `{written}`"),
+                None,
+            )
+        })?;
         let Some(&i) = instances.iter().find(|&&i| w.insts[i].id == id) else {
             let s = nearest(id, instances.iter().map(|&i| w.insts[i].id.as_str()));
-            return Err((format!("unknown stage `{id}` in `{written}` (instances: {})", ids()), s));
+            return Err((
+                format!("unknown stage `{id}` in `{written}` (instances: {})", ids()),
+                s,
+            ));
         };
         (i, output)
     } else {
@@ -512,16 +717,26 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
         } else if target_keys.iter().all(|k| inst.matrix.contains_key(*k)) {
             let matching = instances
                 .iter()
-                .find(|&&i| w.insts[i].matrix.iter().all(|(k, v)| inst.matrix.get(k) == Some(v)))
+                .find(|&&i| {
+                    w.insts[i]
+                        .matrix
+                        .iter()
+                        .all(|(k, v)| inst.matrix.get(k) == Some(v))
+                })
                 .copied();
             let Some(i) = matching else {
-                let msg = format!("no instance of matrix stage `{key}` matches this one in `{written}`: {}", ids());
+                let msg = format!(
+                    "no instance of matrix stage `{key}` matches this one in `{written}`: {}",
+                    ids()
+                );
                 return Err((msg, None));
             };
             (i, output)
         } else {
-            let msg =
-                format!("ambiguous reference `{written}`: `{key}` is a matrix stage; name one instance: {}", ids());
+            let msg = format!(
+                "ambiguous reference `{written}`: `{key}` is a matrix stage; name one instance: {}",
+                ids()
+            );
             return Err((msg, None));
         }
     };
@@ -531,7 +746,10 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
         return Err((format!("missing output name in `{written}`"), None));
     }
     if !outputs.iter().any(|o| o == output) {
-        let msg = format!("stage `{}` has no output `{output}` (referenced as `{written}`)", target.id);
+        let msg = format!(
+            "stage `{}` has no output `{output}` (referenced as `{written}`)",
+            target.id
+        );
         return Err((msg, nearest(output, outputs.iter().map(String::as_str))));
     }
     Ok((target.id.clone(), output.to_string()))
@@ -542,14 +760,19 @@ fn instance_id(key: &str, matrix: &BTreeMap<String, Json>) -> String {
     if matrix.is_empty() {
         return key.to_string();
     }
-    let parts: Vec<String> = matrix.iter().map(|(k, v)| format!("{k}={}", interp::render(v))).collect();
+    let parts: Vec<String> = matrix
+        .iter()
+        .map(|(k, v)| format!("{k}={}", interp::render(v)))
+        .collect();
     format!("{key}[{}]", parts.join(","))
 }
 
 fn valid_device(d: &str) -> bool {
     match d {
         "auto" | "cpu" | "cuda" => true,
-        _ => d.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        _ => d
+            .strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
     }
 }
 

@@ -39,15 +39,40 @@ impl Op for Train {
         "test op"
     }
     fn inputs(&self) -> &'static [Port] {
-        &[Port { name: "model", doc: "", required: true }, Port { name: "data", doc: "", required: false }]
+        &[
+            Port {
+                name: "model",
+                doc: "",
+                required: true,
+            },
+            Port {
+                name: "data",
+                doc: "",
+                required: false,
+            },
+        ]
     }
     fn outputs(&self) -> &'static [Port] {
-        &[Port { name: "model", doc: "", required: false }, Port { name: "metrics", doc: "", required: false }]
+        &[
+            Port {
+                name: "model",
+                doc: "",
+                required: false,
+            },
+            Port {
+                name: "metrics",
+                doc: "",
+                required: false,
+            },
+        ]
     }
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(TrainParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         crate::ops::normalize_with::<TrainParams>(params)
     }
     fn run(&self, _: &StageContext<'_>) -> anyhow::Result<crate::protocol::Metrics> {
@@ -72,11 +97,17 @@ impl Dir {
     }
     fn load_sets(&self, name: &str, sets: &[(&str, &str)]) -> Result<Pipeline, String> {
         let ops: Vec<&dyn Op> = vec![crate::ops::find("exec").unwrap(), &Train];
-        let options = LoadOptions { sets: sets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let options = LoadOptions {
+            sets: sets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
         load_with(&self.path().join(name), &options, &ops).map_err(|e| {
             assert!(e.location.is_some(), "every error is located: {e}");
             // Paths relative to the temp dir, for readable assertions.
-            e.to_string().replace(&format!("{}/", self.path().display()), "")
+            e.to_string()
+                .replace(&format!("{}/", self.path().display()), "")
         })
     }
     fn load(&self, name: &str) -> Result<Pipeline, String> {
@@ -93,7 +124,8 @@ const BASE: &str = "version: 1\nname: t\nparams:\n  lr: 3e-4\n  who: world\n";
 
 #[test]
 fn locations_are_one_based() {
-    let locs = locate::Locs::index(Path::new("f.yaml"), "a: 1\nb:\n  c: [x, y]\n  d: {e: 2}\n").unwrap();
+    let locs =
+        locate::Locs::index(Path::new("f.yaml"), "a: 1\nb:\n  c: [x, y]\n  d: {e: 2}\n").unwrap();
     let at = |p: &[&str]| {
         let s = locs.get(&include::kp(p)).unwrap();
         ((s.key.line, s.key.column), (s.value.line, s.value.column))
@@ -123,14 +155,19 @@ fn plain_pipeline() {
     assert_eq!(p.seed, 7);
     assert_eq!(p.params["lr"], json!(0.0003));
     // Declaration order, not key order.
-    assert_eq!(p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["zeta", "alpha"]);
+    assert_eq!(
+        p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["zeta", "alpha"]
+    );
     let a = p.stage("alpha").unwrap();
     assert_eq!(a.params, json!({"lr": 0.1, "kl_coef": 0.0, "epochs": 1}));
     assert_eq!(a.outputs, ["model", "metrics"]);
     assert_eq!(a.device, "cuda:1");
     assert_eq!((a.location.line, a.location.column), (12, 3));
     match &a.inputs["model"] {
-        Input::Stage { stage, output, .. } => assert_eq!((stage.as_str(), output.as_str()), ("zeta", "out")),
+        Input::Stage { stage, output, .. } => {
+            assert_eq!((stage.as_str(), output.as_str()), ("zeta", "out"))
+        }
         other => panic!("{other:?}"),
     }
     match &a.inputs["data"] {
@@ -147,21 +184,36 @@ fn plain_pipeline() {
 fn misspelt_top_level_key() {
     let d = Dir::new();
     let err = d.one("version: 1\nnaem: t\n").unwrap_err();
-    assert_eq!(err, "p.yaml:2:1: field `naem`: unknown field (did you mean `name`?)");
+    assert_eq!(
+        err,
+        "p.yaml:2:1: field `naem`: unknown field (did you mean `name`?)"
+    );
 }
 
 #[test]
 fn misspelt_stage_key() {
     let d = Dir::new();
-    let err = d.one(&format!("{BASE}stages:\n  sft:\n    op: train\n    parms: {{lr: 1}}\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:9:5: stage `sft`, field `parms`: unknown field (did you mean `params`?)");
+    let err = d
+        .one(&format!(
+            "{BASE}stages:\n  sft:\n    op: train\n    parms: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:9:5: stage `sft`, field `parms`: unknown field (did you mean `params`?)"
+    );
 }
 
 #[test]
 fn unknown_op() {
     let d = Dir::new();
-    let err = d.one(&format!("{BASE}stages:\n  sft:\n    op: trian\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:8:9: stage `sft`, field `op`: unknown op `trian` (did you mean `train`?)");
+    let err = d
+        .one(&format!("{BASE}stages:\n  sft:\n    op: trian\n"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:9: stage `sft`, field `op`: unknown op `trian` (did you mean `train`?)"
+    );
 }
 
 #[test]
@@ -175,7 +227,10 @@ fn version_and_name() {
         d.one("version: 1\nname: a/b\n").unwrap_err(),
         "p.yaml:2:7: field `name`: the pipeline name must be non-empty and contain no `/`"
     );
-    assert_eq!(d.one("version: 1\n").unwrap_err(), "p.yaml:1:1: missing field `name`");
+    assert_eq!(
+        d.one("version: 1\n").unwrap_err(),
+        "p.yaml:1:1: missing field `name`"
+    );
     assert_eq!(
         d.one("version: 1\nname: t\nseed: x\n").unwrap_err(),
         "p.yaml:3:7: field `seed`: invalid type: string \"x\", expected u64"
@@ -218,7 +273,10 @@ fn dollar_escape_and_text_rendering() {
             "{BASE}stages:\n  s:\n    op: exec\n    outputs: [o]\n    params:\n      cmd: echo $${{HOME}} ${{params.who}} $PATH ${{params.lr}}\n"
         ))
         .unwrap();
-    assert_eq!(p.stages[0].params, json!({"cmd": "echo ${HOME} world $PATH 0.0003"}));
+    assert_eq!(
+        p.stages[0].params,
+        json!({"cmd": "echo ${HOME} world $PATH 0.0003"})
+    );
 }
 
 #[test]
@@ -229,7 +287,10 @@ fn whole_string_param_keeps_its_type() {
             "{BASE}  n: 3\nstages:\n  m:\n    op: exec\n    outputs: [o]\n    params: {{cmd: x}}\n  s:\n    op: train\n    inputs: {{model: \"${{stages.m.o}}\"}}\n    params:\n      lr: ${{params.lr}}\n      epochs: \"${{params.n}}\"\n      tag: run-${{params.n}}\n"
         ))
         .unwrap();
-    assert_eq!(p.stage("s").unwrap().params, json!({"lr": 0.0003, "kl_coef": 0.0, "epochs": 3, "tag": "run-3"}));
+    assert_eq!(
+        p.stage("s").unwrap().params,
+        json!({"lr": 0.0003, "kl_coef": 0.0, "epochs": 3, "tag": "run-3"})
+    );
 }
 
 #[test]
@@ -252,14 +313,22 @@ const SET: &str = "version: 1\nname: t\nparams:\n  lr: 0.1\n  epochs: 1\nstages:
 fn set_overrides_with_types() {
     let d = Dir::new();
     d.write("p.yaml", SET);
-    let p = d.load_sets("p.yaml", &[("params.lr", "1e-4"), ("params.epochs", "3")]).unwrap();
+    let p = d
+        .load_sets("p.yaml", &[("params.lr", "1e-4"), ("params.epochs", "3")])
+        .unwrap();
     assert_eq!(p.params["lr"], json!(0.0001));
     assert!(p.params["lr"].is_f64());
     assert_eq!(p.params["epochs"], json!(3));
     assert!(p.params["epochs"].is_u64());
-    assert_eq!(p.stage("s").unwrap().params, json!({"lr": 0.0001, "kl_coef": 0.0, "epochs": 3}));
+    assert_eq!(
+        p.stage("s").unwrap().params,
+        json!({"lr": 0.0001, "kl_coef": 0.0, "epochs": 3})
+    );
     assert_eq!(super::resolve::parse_scalar("true"), json!(true));
-    assert_eq!(super::resolve::parse_scalar("hello world"), json!("hello world"));
+    assert_eq!(
+        super::resolve::parse_scalar("hello world"),
+        json!("hello world")
+    );
 }
 
 #[test]
@@ -267,7 +336,10 @@ fn set_unknown_param() {
     let d = Dir::new();
     d.write("p.yaml", SET);
     let err = d.load_sets("p.yaml", &[("params.lrr", "1")]).unwrap_err();
-    assert_eq!(err, "p.yaml:3:1: field `params.lrr`: --set: unknown param `lrr` (did you mean `params.lr`?)");
+    assert_eq!(
+        err,
+        "p.yaml:3:1: field `params.lrr`: --set: unknown param `lrr` (did you mean `params.lr`?)"
+    );
     let err = d.load_sets("p.yaml", &[("seed", "1")]).unwrap_err();
     assert_eq!(err, "p.yaml:3:1: field `seed`: --set `seed`: only pipeline params can be set, as `params.NAME=VALUE`");
 }
@@ -292,7 +364,14 @@ fn matrix_ids_and_params() {
     let s = p.stage("ppo[kl_coef=0.05,lr=1]").unwrap();
     assert_eq!(s.key, "ppo");
     assert_eq!(s.params, json!({"lr": 1.0, "kl_coef": 0.05, "epochs": 1}));
-    assert_eq!(s.matrix, [("kl_coef".to_string(), json!(0.05)), ("lr".to_string(), json!(1))].into());
+    assert_eq!(
+        s.matrix,
+        [
+            ("kl_coef".to_string(), json!(0.05)),
+            ("lr".to_string(), json!(1))
+        ]
+        .into()
+    );
 }
 
 #[test]
@@ -302,9 +381,17 @@ fn matrix_strings_bools_and_empty() {
         .one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [o]\n    params: {cmd: x}\n    matrix: {flag: [true], mode: [fast, \"slow\"]}\n")
         .unwrap_err();
     // The matrix keys are not exec params: located at the matrix entry.
-    assert_eq!(p, "p.yaml:8:14: stage `e[flag=true,mode=fast]`, field `params.flag`: unknown field");
-    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    matrix: {lr: []}\n").unwrap_err();
-    assert_eq!(err, "p.yaml:6:18: stage `e`, field `matrix.lr`: a matrix list must not be empty");
+    assert_eq!(
+        p,
+        "p.yaml:8:14: stage `e[flag=true,mode=fast]`, field `params.flag`: unknown field"
+    );
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    matrix: {lr: []}\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:18: stage `e`, field `matrix.lr`: a matrix list must not be empty"
+    );
 }
 
 const M2M: &str = "version: 1\nname: t\nstages:\n  base:\n    op: exec\n    outputs: [model]\n    params: {cmd: x}\n  ppo:\n    op: train\n    inputs: {model: \"${stages.base.model}\"}\n    params: {lr: 1}\n    matrix: {kl_coef: [0.01, 0.05]}\n";
@@ -391,7 +478,10 @@ fn include_merge_and_relative_inputs() {
         "version: 1\nname: t\ninclude: common/base.yaml\nstages:\n  prep:\n    params:\n      cmd: mine\n  later:\n    op: exec\n    inputs: {here: local.txt}\n    outputs: [o]\n    params: {cmd: \"echo ${params.lr}\"}\n",
     );
     let p = d.load("p.yaml").unwrap();
-    assert_eq!(p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["prep", "later"]);
+    assert_eq!(
+        p.stages.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["prep", "later"]
+    );
     let prep = p.stage("prep").unwrap();
     assert_eq!(prep.params, json!({"cmd": "mine"}));
     match &prep.inputs["src"] {
@@ -411,7 +501,10 @@ fn include_merge_and_relative_inputs() {
     // Errors in an included value point into the included file.
     d.write("p2.yaml", "version: 1\nname: t\ninclude: [common/base.yaml]\nstages:\n  prep:\n    params: {cmdd: x}\n");
     let err = d.load("p2.yaml").unwrap_err();
-    assert_eq!(err, "p2.yaml:6:14: stage `prep`, field `params.cmdd`: unknown field (did you mean `cmd`?)");
+    assert_eq!(
+        err,
+        "p2.yaml:6:14: stage `prep`, field `params.cmdd`: unknown field (did you mean `cmd`?)"
+    );
 }
 
 #[test]
@@ -421,28 +514,45 @@ fn include_cycle() {
     d.write("b.yaml", "include:\n  - c.yaml\n");
     d.write("c.yaml", "include: [a.yaml]\n");
     let err = d.load("a.yaml").unwrap_err();
-    assert_eq!(err, "c.yaml:1:11: field `include`: include cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml");
+    assert_eq!(
+        err,
+        "c.yaml:1:11: field `include`: include cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml"
+    );
     d.write("m.yaml", "version: 1\nname: t\ninclude: missing.yaml\n");
     let err = d.load("m.yaml").unwrap_err();
-    assert!(err.starts_with("m.yaml:3:10: field `include`: cannot read `"), "{err}");
+    assert!(
+        err.starts_with("m.yaml:3:10: field `include`: cannot read `"),
+        "{err}"
+    );
 }
 
 #[test]
 fn outputs_rules() {
     let d = Dir::new();
-    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    params: {cmd: x}\n").unwrap_err();
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    params: {cmd: x}\n")
+        .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:4:3: stage `e`, field `outputs`: op `exec` needs an `outputs:` list naming what the stage writes"
     );
-    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, b/c]\n").unwrap_err();
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, b/c]\n")
+        .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:6:18: stage `e`, field `outputs.1`: output name `b/c` must be a plain non-empty name without `/`"
     );
-    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, a]\n").unwrap_err();
-    assert_eq!(err, "p.yaml:6:18: stage `e`, field `outputs.1`: duplicate output `a`");
-    let err = d.one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    outputs: [a]\n").unwrap_err();
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, a]\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:18: stage `e`, field `outputs.1`: duplicate output `a`"
+    );
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    outputs: [a]\n")
+        .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:6:5: stage `e`, field `outputs`: op `train` declares its own outputs (`model`, `metrics`); remove `outputs:`"
@@ -453,21 +563,57 @@ fn outputs_rules() {
 fn inputs_devices_and_params() {
     let d = Dir::new();
     let head = "version: 1\nname: t\nstages:\n  e:\n    op: train\n";
-    let err = d.one(&format!("{head}    params: {{lr: 1}}\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:4:3: stage `e`, field `inputs.model`: missing required input of op `train`");
-    let err = d.one(&format!("{head}    inputs: {{model: m, dta: d}}\n    params: {{lr: 1}}\n")).unwrap_err();
+    let err = d
+        .one(&format!("{head}    params: {{lr: 1}}\n"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:3: stage `e`, field `inputs.model`: missing required input of op `train`"
+    );
+    let err = d
+        .one(&format!(
+            "{head}    inputs: {{model: m, dta: d}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
     assert_eq!(err, "p.yaml:6:24: stage `e`, field `inputs.dta`: op `train` has no input `dta` (did you mean `data`?)");
-    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    device: gpu\n    params: {{lr: 1}}\n")).unwrap_err();
+    let err = d
+        .one(&format!(
+            "{head}    inputs: {{model: m}}\n    device: gpu\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:7:13: stage `e`, field `device`: unknown device `gpu` (expected `auto`, `cpu`, `cuda` or `cuda:N`)"
     );
-    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    params: {{lr: fast}}\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:7:18: stage `e`, field `params.lr`: invalid type: string \"fast\", expected f64");
-    let err = d.one(&format!("{head}    inputs: {{model: m}}\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:4:3: stage `e`, field `params`: missing field `lr`");
-    let err = d.one(&format!("{head}    inputs: {{model: m}}\n    params: {{epochs: 2}}\n")).unwrap_err();
-    assert_eq!(err, "p.yaml:7:5: stage `e`, field `params`: missing field `lr`");
-    let err = d.one(&format!("{head}    inputs: {{model: 3}}\n    params: {{lr: 1}}\n")).unwrap_err();
+    let err = d
+        .one(&format!(
+            "{head}    inputs: {{model: m}}\n    params: {{lr: fast}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:7:18: stage `e`, field `params.lr`: invalid type: string \"fast\", expected f64"
+    );
+    let err = d
+        .one(&format!("{head}    inputs: {{model: m}}\n"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:3: stage `e`, field `params`: missing field `lr`"
+    );
+    let err = d
+        .one(&format!(
+            "{head}    inputs: {{model: m}}\n    params: {{epochs: 2}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:7:5: stage `e`, field `params`: missing field `lr`"
+    );
+    let err = d
+        .one(&format!(
+            "{head}    inputs: {{model: 3}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
     assert_eq!(err, "p.yaml:6:21: stage `e`, field `inputs.model`: invalid type: integer `3`, expected a string");
 }

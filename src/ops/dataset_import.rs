@@ -137,7 +137,10 @@ struct ImportReport {
 
 impl ImportReport {
     fn new(format: Format) -> Self {
-        let mut report = ImportReport { format: Some(format), ..Default::default() };
+        let mut report = ImportReport {
+            format: Some(format),
+            ..Default::default()
+        };
         if format == Format::HhRlhf {
             for reason in Unsplittable::ALL {
                 report.unsplittable.insert(reason.key(), 0);
@@ -153,7 +156,10 @@ impl ImportReport {
         m.insert("bad_lines".into(), self.bad_lines.into());
         if self.format == Some(Format::HhRlhf) {
             m.insert("identical_pairs".into(), self.identical_pairs.into());
-            m.insert("unsplittable".into(), self.unsplittable.values().sum::<u64>().into());
+            m.insert(
+                "unsplittable".into(),
+                self.unsplittable.values().sum::<u64>().into(),
+            );
             for (reason, n) in &self.unsplittable {
                 m.insert(format!("unsplittable_{reason}"), (*n).into());
             }
@@ -172,13 +178,26 @@ pub enum ImportError {
         path.display(),
         quote_bad_lines(path, first)
     )]
-    TooManyBadLines { stage: String, path: PathBuf, count: u64, max: u64, first: Vec<(usize, String)> },
+    TooManyBadLines {
+        stage: String,
+        path: PathBuf,
+        count: u64,
+        max: u64,
+        first: Vec<(usize, String)>,
+    },
     #[error("stage `{stage}`: cannot write {}: {source}", path.display())]
-    Write { stage: String, path: PathBuf, source: std::io::Error },
+    Write {
+        stage: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn quote_bad_lines(path: &Path, first: &[(usize, String)]) -> String {
-    first.iter().map(|(line, reason)| format!("\n  {}:{line}: {reason}", path.display())).collect()
+    first
+        .iter()
+        .map(|(line, reason)| format!("\n  {}:{line}: {reason}", path.display()))
+        .collect()
 }
 
 impl Op for DatasetImport {
@@ -192,33 +211,40 @@ impl Op for DatasetImport {
         "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report"
     }
     fn inputs(&self) -> &'static [Port] {
-        &[Port { name: "source", doc: "the file to import (JSONL, or text for `format: text`)", required: true }]
+        &[Port {
+            name: "source",
+            doc: "the file to import (JSONL, or text for `format: text`)",
+            required: true,
+            volatile: false,
+        }]
     }
     fn outputs(&self) -> &'static [Port] {
-        &[
-            Port {
-                name: "data",
-                doc: "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}",
-                required: true,
-            },
-            Port {
-                name: "report",
-                doc: "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
-                required: true,
-            },
-        ]
+        const OUTPUTS: &[Port] = &[
+            Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}"),
+            Port::output(
+                "report",
+                "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
+            ),
+        ];
+        OUTPUTS
     }
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(ImportParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<ImportParams>(params)
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         let params: ImportParams = ctx.params()?;
         let stage = &ctx.spec.stage;
         let source = ctx.input("source")?;
-        let data_err = |source| ImportError::Data { stage: stage.clone(), source };
+        let data_err = |source| ImportError::Data {
+            stage: stage.clone(),
+            source,
+        };
 
         let mut out = JsonlWriter::create(&ctx.output("data")).map_err(data_err)?;
         let mut report = ImportReport::new(params.format);
@@ -227,7 +253,13 @@ impl Op for DatasetImport {
 
         for (line, bytes) in read_lines(source).map_err(data_err)? {
             ctx.cancel.check()?;
-            let bytes = bytes.map_err(|err| data_err(DataError::Read { path: source.to_path_buf(), line, source: err }))?;
+            let bytes = bytes.map_err(|err| {
+                data_err(DataError::Read {
+                    path: source.to_path_buf(),
+                    line,
+                    source: err,
+                })
+            })?;
             bytes_read += bytes.len() as u64 + 1;
             if line as u64 % PROGRESS_EVERY == 0 {
                 ctx.reporter.progress(bytes_read, len, "importing");
@@ -251,7 +283,11 @@ impl Op for DatasetImport {
                 }
                 Err(LineProblem::Unsplittable(reason)) => {
                     *report.unsplittable.entry(reason.key()).or_default() += 1;
-                    report.unsplittable_lines.entry(reason.key()).or_default().push(line);
+                    report
+                        .unsplittable_lines
+                        .entry(reason.key())
+                        .or_default()
+                        .push(line);
                 }
                 Err(LineProblem::Bad(reason)) => {
                     report.bad_lines += 1;
@@ -261,7 +297,11 @@ impl Op for DatasetImport {
         }
 
         if report.bad_lines > params.max_bad_lines {
-            let first = report.bad_line_details.iter().take(QUOTED_BAD_LINES).map(|b| (b.line, b.reason.clone()));
+            let first = report
+                .bad_line_details
+                .iter()
+                .take(QUOTED_BAD_LINES)
+                .map(|b| (b.line, b.reason.clone()));
             return Err(ImportError::TooManyBadLines {
                 stage: stage.clone(),
                 path: source.to_path_buf(),
@@ -276,8 +316,11 @@ impl Op for DatasetImport {
         let report_path = ctx.output("report");
         let mut json = serde_json::to_vec_pretty(&report)?;
         json.push(b'\n');
-        std::fs::write(&report_path, json)
-            .map_err(|source| ImportError::Write { stage: stage.clone(), path: report_path, source })?;
+        std::fs::write(&report_path, json).map_err(|source| ImportError::Write {
+            stage: stage.clone(),
+            path: report_path,
+            source,
+        })?;
         let unsplittable: u64 = report.unsplittable.values().sum();
         if unsplittable + report.bad_lines > 0 {
             tracing::warn!(
@@ -305,24 +348,36 @@ enum LineProblem {
 
 /// Turns one non-blank source line into a record.
 fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem> {
-    let text = std::str::from_utf8(bytes).map_err(|_| LineProblem::Bad("not valid UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| LineProblem::Bad("not valid UTF-8".into()))?;
     match params.format {
         Format::HhRlhf => {
-            let pair: HhRlhfLine = serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
-            split_pair(&pair.chosen, &pair.rejected).map(Parsed::Comparison).map_err(LineProblem::Unsplittable)
+            let pair: HhRlhfLine =
+                serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
+            split_pair(&pair.chosen, &pair.rejected)
+                .map(Parsed::Comparison)
+                .map_err(LineProblem::Unsplittable)
         }
         Format::Prompts => {
-            let value: serde_json::Value = serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
             match value.get(&params.field) {
-                Some(serde_json::Value::String(prompt)) => Ok(Parsed::Prompt(PromptRecord { prompt: prompt.clone() })),
-                Some(_) => Err(LineProblem::Bad(format!("field `{}` is not a string", params.field))),
+                Some(serde_json::Value::String(prompt)) => Ok(Parsed::Prompt(PromptRecord {
+                    prompt: prompt.clone(),
+                })),
+                Some(_) => Err(LineProblem::Bad(format!(
+                    "field `{}` is not a string",
+                    params.field
+                ))),
                 None => Err(LineProblem::Bad(format!("no field `{}`", params.field))),
             }
         }
         // Blank lines never get here; a trailing `\r` (CRLF files) is a line ending.
         Format::Text => {
             let prompt = text.strip_suffix('\r').unwrap_or(text);
-            Ok(Parsed::Prompt(PromptRecord { prompt: prompt.to_string() }))
+            Ok(Parsed::Prompt(PromptRecord {
+                prompt: prompt.to_string(),
+            }))
         }
     }
 }
@@ -335,7 +390,10 @@ mod tests {
     use serde_json::json;
 
     fn import(dir: &Path, params: serde_json::Value, source: PathBuf) -> anyhow::Result<Metrics> {
-        run(&DatasetImport, &spec(&DatasetImport, dir, params, &[("source", source)]))
+        run(
+            &DatasetImport,
+            &spec(&DatasetImport, dir, params, &[("source", source)]),
+        )
     }
 
     fn read_report(dir: &Path) -> serde_json::Value {
@@ -355,15 +413,25 @@ mod tests {
         assert_eq!(metrics["bad_lines"], 0);
         assert_eq!(metrics["identical_pairs"], 0);
 
-        let originals: Vec<serde_json::Value> =
-            read_jsonl(&hh_rlhf_sample()).unwrap().map(|(_, r)| r.unwrap()).collect();
-        let records: Vec<Comparison> =
-            read_jsonl(&dir.path().join("out/data")).unwrap().map(|(_, r)| r.unwrap()).collect();
+        let originals: Vec<serde_json::Value> = read_jsonl(&hh_rlhf_sample())
+            .unwrap()
+            .map(|(_, r)| r.unwrap())
+            .collect();
+        let records: Vec<Comparison> = read_jsonl(&dir.path().join("out/data"))
+            .unwrap()
+            .map(|(_, r)| r.unwrap())
+            .collect();
         assert_eq!(records.len(), originals.len());
         let mut empty_chosen = 0;
         for (rec, orig) in records.iter().zip(&originals) {
-            assert_eq!(format!("{}{}", rec.prompt, rec.chosen), orig["chosen"].as_str().unwrap());
-            assert_eq!(format!("{}{}", rec.prompt, rec.rejected), orig["rejected"].as_str().unwrap());
+            assert_eq!(
+                format!("{}{}", rec.prompt, rec.chosen),
+                orig["chosen"].as_str().unwrap()
+            );
+            assert_eq!(
+                format!("{}{}", rec.prompt, rec.rejected),
+                orig["rejected"].as_str().unwrap()
+            );
             assert!(rec.prompt.starts_with("\n\nHuman:") && rec.prompt.ends_with(ASSISTANT));
             assert_eq!(rec.label, 1.0);
             empty_chosen += rec.chosen.trim().is_empty() as usize;
@@ -373,7 +441,10 @@ mod tests {
 
         let report = read_report(dir.path());
         assert_eq!(report["records"], 1000);
-        assert_eq!(report["unsplittable"], json!({"no_assistant_turn": 0, "prompt_mismatch": 0}));
+        assert_eq!(
+            report["unsplittable"],
+            json!({"no_assistant_turn": 0, "prompt_mismatch": 0})
+        );
     }
 
     #[test]
@@ -408,10 +479,15 @@ mod tests {
         ];
         let source = write(dir.path(), "src.jsonl", &lines.join("\n"));
 
-        let err = import(dir.path(), json!({"max_bad_lines": 1}), source.clone()).unwrap_err().to_string();
+        let err = import(dir.path(), json!({"max_bad_lines": 1}), source.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("stage `s`: 2 bad lines in"), "{err}");
         assert!(err.contains("src.jsonl:3: "), "{err}");
-        assert!(err.contains("src.jsonl:6: missing field `rejected`"), "{err}");
+        assert!(
+            err.contains("src.jsonl:6: missing field `rejected`"),
+            "{err}"
+        );
 
         let metrics = import(dir.path(), json!({"max_bad_lines": 2}), source).unwrap();
         assert_eq!(metrics["records"], 2);
@@ -419,12 +495,20 @@ mod tests {
         assert_eq!(metrics["unsplittable"], 2);
         assert_eq!(metrics["identical_pairs"], 1);
         let report = read_report(dir.path());
-        assert_eq!(report["unsplittable_lines"], json!({"no_assistant_turn": [2], "prompt_mismatch": [4]}));
+        assert_eq!(
+            report["unsplittable_lines"],
+            json!({"no_assistant_turn": [2], "prompt_mismatch": [4]})
+        );
         assert_eq!(report["bad_line_details"][1]["line"], 6);
         assert_eq!(report["identical_pair_lines"], json!([7]));
-        let first: Comparison =
-            serde_json::from_str(std::fs::read_to_string(dir.path().join("out/data")).unwrap().lines().next().unwrap())
-                .unwrap();
+        let first: Comparison = serde_json::from_str(
+            std::fs::read_to_string(dir.path().join("out/data"))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(first.prompt, "\n\nHuman: hi\n\nAssistant:");
         assert_eq!(first.chosen, " hello");
     }
@@ -432,10 +516,28 @@ mod tests {
     #[test]
     fn prompts_and_text_formats() {
         let dir = tempfile::tempdir().unwrap();
-        let source = write(dir.path(), "p.jsonl", "{\"q\": \"why?\"}\n{\"q\": 3}\n{\"q\": \"how?\", \"x\": 1}\n");
-        let err = import(dir.path(), json!({"format": "prompts", "field": "q"}), source.clone()).unwrap_err();
-        assert!(err.to_string().contains("p.jsonl:2: field `q` is not a string"), "{err}");
-        let metrics = import(dir.path(), json!({"format": "prompts", "field": "q", "max_bad_lines": 1}), source).unwrap();
+        let source = write(
+            dir.path(),
+            "p.jsonl",
+            "{\"q\": \"why?\"}\n{\"q\": 3}\n{\"q\": \"how?\", \"x\": 1}\n",
+        );
+        let err = import(
+            dir.path(),
+            json!({"format": "prompts", "field": "q"}),
+            source.clone(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("p.jsonl:2: field `q` is not a string"),
+            "{err}"
+        );
+        let metrics = import(
+            dir.path(),
+            json!({"format": "prompts", "field": "q", "max_bad_lines": 1}),
+            source,
+        )
+        .unwrap();
         assert_eq!(metrics["records"], 2);
         assert!(!metrics.contains_key("identical_pairs"));
         assert_eq!(
@@ -443,7 +545,11 @@ mod tests {
             "{\"prompt\":\"why?\"}\n{\"prompt\":\"how?\"}\n"
         );
 
-        let source = write(dir.path(), "p.txt", "first prompt\r\n\n  second, \"quoted\"\n");
+        let source = write(
+            dir.path(),
+            "p.txt",
+            "first prompt\r\n\n  second, \"quoted\"\n",
+        );
         let metrics = import(dir.path(), json!({"format": "text"}), source).unwrap();
         assert_eq!(metrics["records"], 2);
         assert_eq!(
@@ -454,10 +560,19 @@ mod tests {
 
     #[test]
     fn params_are_normalised_and_checked() {
-        let normal = DatasetImport.normalize_params(&serde_json::Value::Null).unwrap();
-        assert_eq!(normal, json!({"format": "hh-rlhf", "field": "prompt", "max_bad_lines": 0, "limit": null}));
-        let err = DatasetImport.normalize_params(&json!({"fromat": "text"})).unwrap_err();
+        let normal = DatasetImport
+            .normalize_params(&serde_json::Value::Null)
+            .unwrap();
+        assert_eq!(
+            normal,
+            json!({"format": "hh-rlhf", "field": "prompt", "max_bad_lines": 0, "limit": null})
+        );
+        let err = DatasetImport
+            .normalize_params(&json!({"fromat": "text"}))
+            .unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("format"));
-        assert!(DatasetImport.normalize_params(&json!({"format": "csv"})).is_err());
+        assert!(DatasetImport
+            .normalize_params(&json!({"format": "csv"}))
+            .is_err());
     }
 }

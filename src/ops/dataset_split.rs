@@ -44,14 +44,22 @@ impl SplitParams {
     fn check(&self) -> Result<(), ParamError> {
         let t = self.test;
         let message = if !t.is_finite() || t <= 0.0 {
-            Some(format!("`test` must be a positive fraction or count, got {t}"))
+            Some(format!(
+                "`test` must be a positive fraction or count, got {t}"
+            ))
         } else if t >= 1.0 && t.fract() != 0.0 {
-            Some(format!("`test` from 1 up is a count of records and must be an integer, got {t}"))
+            Some(format!(
+                "`test` from 1 up is a count of records and must be an integer, got {t}"
+            ))
         } else {
             None
         };
         match message {
-            Some(message) => Err(ParamError { field: "test".into(), message, suggestion: None }),
+            Some(message) => Err(ParamError {
+                field: "test".into(),
+                message,
+                suggestion: None,
+            }),
             None => Ok(()),
         }
     }
@@ -72,9 +80,21 @@ pub enum SplitError {
     #[error("stage `{stage}`: {source}")]
     Data { stage: String, source: DataError },
     #[error("stage `{stage}`: {}:{line}: cannot read `group_by` field `{field}`: {reason}", path.display())]
-    Group { stage: String, path: PathBuf, line: usize, field: String, reason: String },
+    Group {
+        stage: String,
+        path: PathBuf,
+        line: usize,
+        field: String,
+        reason: String,
+    },
     #[error("stage `{stage}`: splitting {records} records ({groups} groups) with test = {test} leaves the {side} side empty")]
-    EmptySide { stage: String, records: usize, groups: usize, test: f64, side: &'static str },
+    EmptySide {
+        stage: String,
+        records: usize,
+        groups: usize,
+        test: f64,
+        side: &'static str,
+    },
 }
 
 impl Op for DatasetSplit {
@@ -88,20 +108,39 @@ impl Op for DatasetSplit {
         "seeded train/test split of a JSONL file, optionally keeping groups together"
     }
     fn inputs(&self) -> &'static [Port] {
-        &[Port { name: "data", doc: "JSONL records", required: true }]
+        &[Port {
+            name: "data",
+            doc: "JSONL records",
+            required: true,
+            volatile: false,
+        }]
     }
     fn outputs(&self) -> &'static [Port] {
         &[
-            Port { name: "train", doc: "JSONL: the records not in `test`, in source order", required: true },
-            Port { name: "test", doc: "JSONL: the held-out records, in source order", required: true },
+            Port {
+                name: "train",
+                doc: "JSONL: the records not in `test`, in source order",
+                required: true,
+                volatile: false,
+            },
+            Port {
+                name: "test",
+                doc: "JSONL: the held-out records, in source order",
+                required: true,
+                volatile: false,
+            },
         ]
     }
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(SplitParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         let normal = super::normalize_with::<SplitParams>(params)?;
-        let parsed: SplitParams = serde_json::from_value(normal.clone()).expect("normalised params parse");
+        let parsed: SplitParams =
+            serde_json::from_value(normal.clone()).expect("normalised params parse");
         parsed.check()?;
         Ok(normal)
     }
@@ -109,7 +148,10 @@ impl Op for DatasetSplit {
         let params: SplitParams = ctx.params()?;
         let stage = &ctx.spec.stage;
         let path = ctx.input("data")?;
-        let data_err = |source| SplitError::Data { stage: stage.clone(), source };
+        let data_err = |source| SplitError::Data {
+            stage: stage.clone(),
+            source,
+        };
 
         // Every non-blank line, and for each the index of its group; groups
         // are numbered in order of first appearance.
@@ -119,8 +161,13 @@ impl Op for DatasetSplit {
         let mut group_sizes: Vec<usize> = Vec::new();
         for (line_no, bytes) in read_lines(path).map_err(data_err)? {
             ctx.cancel.check()?;
-            let bytes =
-                bytes.map_err(|err| data_err(DataError::Read { path: path.to_path_buf(), line: line_no, source: err }))?;
+            let bytes = bytes.map_err(|err| {
+                data_err(DataError::Read {
+                    path: path.to_path_buf(),
+                    line: line_no,
+                    source: err,
+                })
+            })?;
             let group = match &params.group_by {
                 None => group_sizes.len(),
                 Some(field) => {
@@ -133,7 +180,9 @@ impl Op for DatasetSplit {
                     };
                     let value: serde_json::Value =
                         serde_json::from_slice(&bytes).map_err(|e| group_err(e.to_string()))?;
-                    let key = value.get(field).ok_or_else(|| group_err("no such field".into()))?;
+                    let key = value
+                        .get(field)
+                        .ok_or_else(|| group_err("no such field".into()))?;
                     // The value's JSON text is its identity (`"a"` and `1` differ).
                     let next = group_sizes.len();
                     *group_ids.entry(key.to_string()).or_insert(next)
@@ -187,9 +236,14 @@ impl Op for DatasetSplit {
         for (i, (bytes, group)) in lines.iter().zip(&group_of).enumerate() {
             if i % 4096 == 0 {
                 ctx.cancel.check()?;
-                ctx.reporter.progress(i as u64, Some(records as u64), "writing");
+                ctx.reporter
+                    .progress(i as u64, Some(records as u64), "writing");
             }
-            let side = if in_test[*group] { &mut test } else { &mut train };
+            let side = if in_test[*group] {
+                &mut test
+            } else {
+                &mut train
+            };
             side.write_raw(bytes).map_err(data_err)?;
         }
         let train = train.finish().map_err(data_err)?;
@@ -220,12 +274,18 @@ mod tests {
     /// `n` records `{"id": i, "prompt": "p<i / per_group>"}`.
     fn write_records(dir: &Path, n: usize, per_group: usize) -> PathBuf {
         let path = dir.join("data.jsonl");
-        let text: String = (0..n).map(|i| format!("{{\"id\": {i}, \"prompt\": \"p{}\"}}\n", i / per_group)).collect();
+        let text: String = (0..n)
+            .map(|i| format!("{{\"id\": {i}, \"prompt\": \"p{}\"}}\n", i / per_group))
+            .collect();
         std::fs::write(&path, text).unwrap();
         path
     }
 
-    fn split(dir: &Path, params: serde_json::Value, seed: u64) -> anyhow::Result<(Metrics, String, String)> {
+    fn split(
+        dir: &Path,
+        params: serde_json::Value,
+        seed: u64,
+    ) -> anyhow::Result<(Metrics, String, String)> {
         let data = write_records(dir, 100, 4);
         let mut spec = spec(&DatasetSplit, dir, params, &[("data", data)]);
         spec.seed = seed;
@@ -238,7 +298,10 @@ mod tests {
     fn ratio_and_count() {
         let dir = tempfile::tempdir().unwrap();
         let (m, train, test) = split(dir.path(), json!({"test": 0.1}), 0).unwrap();
-        assert_eq!((m["records"].clone(), m["train"].clone(), m["test"].clone()), (json!(100), json!(90), json!(10)));
+        assert_eq!(
+            (m["records"].clone(), m["train"].clone(), m["test"].clone()),
+            (json!(100), json!(90), json!(10))
+        );
         assert_eq!((train.lines().count(), test.lines().count()), (90, 10));
         // Lines are copied as they were, in source order.
         let source = std::fs::read_to_string(dir.path().join("data.jsonl")).unwrap();
@@ -247,12 +310,18 @@ mod tests {
         assert_eq!(all.join("\n") + "\n", source);
 
         let (m, _, test) = split(dir.path(), json!({"test": 25}), 0).unwrap();
-        assert_eq!((m["train"].clone(), m["test"].clone()), (json!(75), json!(25)));
+        assert_eq!(
+            (m["train"].clone(), m["test"].clone()),
+            (json!(75), json!(25))
+        );
         assert_eq!(test.lines().count(), 25);
 
         // Without shuffling the test side is the end of the file.
         let (_, _, test) = split(dir.path(), json!({"test": 2, "shuffle": false}), 0).unwrap();
-        assert_eq!(test, "{\"id\": 98, \"prompt\": \"p24\"}\n{\"id\": 99, \"prompt\": \"p24\"}\n");
+        assert_eq!(
+            test,
+            "{\"id\": 98, \"prompt\": \"p24\"}\n{\"id\": 99, \"prompt\": \"p24\"}\n"
+        );
     }
 
     #[test]
@@ -268,35 +337,63 @@ mod tests {
     #[test]
     fn group_by_keeps_groups_together() {
         let dir = tempfile::tempdir().unwrap();
-        let (m, train, test) = split(dir.path(), json!({"test": 0.3, "group_by": "prompt"}), 3).unwrap();
+        let (m, train, test) =
+            split(dir.path(), json!({"test": 0.3, "group_by": "prompt"}), 3).unwrap();
         assert_eq!(m["groups"], 25);
         let prompts = |text: &str| -> BTreeSet<String> {
             text.lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"].as_str().unwrap().to_string())
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["prompt"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
                 .collect()
         };
         let (train_p, test_p) = (prompts(&train), prompts(&test));
         assert!(train_p.is_disjoint(&test_p));
         assert_eq!(train_p.len() + test_p.len(), 25);
         // 30 records asked for, groups of 4: eight groups.
-        assert_eq!((m["test"].clone(), m["test_groups"].clone()), (json!(32), json!(8)));
+        assert_eq!(
+            (m["test"].clone(), m["test_groups"].clone()),
+            (json!(32), json!(8))
+        );
     }
 
     #[test]
     fn empty_side_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = split(dir.path(), json!({"test": 100}), 0).unwrap_err().to_string();
+        let err = split(dir.path(), json!({"test": 100}), 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("leaves the train side empty"), "{err}");
-        let err = split(dir.path(), json!({"test": 0.001}), 0).unwrap_err().to_string();
+        let err = split(dir.path(), json!({"test": 0.001}), 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("leaves the test side empty"), "{err}");
-        let err = split(dir.path(), json!({"test": 0.1, "group_by": "nope"}), 0).unwrap_err().to_string();
-        assert!(err.contains("data.jsonl:1: cannot read `group_by` field `nope`"), "{err}");
+        let err = split(dir.path(), json!({"test": 0.1, "group_by": "nope"}), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.jsonl:1: cannot read `group_by` field `nope`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn params_checked() {
-        assert!(DatasetSplit.normalize_params(&json!({"test": 2.5})).unwrap_err().message.contains("integer"));
-        assert_eq!(DatasetSplit.normalize_params(&json!({"test": -1})).unwrap_err().field, "test");
+        assert!(DatasetSplit
+            .normalize_params(&json!({"test": 2.5}))
+            .unwrap_err()
+            .message
+            .contains("integer"));
+        assert_eq!(
+            DatasetSplit
+                .normalize_params(&json!({"test": -1}))
+                .unwrap_err()
+                .field,
+            "test"
+        );
         assert!(DatasetSplit.normalize_params(&json!({})).is_err());
         assert_eq!(
             DatasetSplit.normalize_params(&json!({"test": 10})).unwrap(),

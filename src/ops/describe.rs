@@ -22,13 +22,27 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
         Placement::Engine => "engine",
         Placement::Worker => "worker",
     };
-    let _ = writeln!(out, "{} (version {}, runs in the {place})\n  {}\n", op.name(), op.version(), op.summary());
+    let _ = writeln!(
+        out,
+        "{} (version {}, runs in the {place})\n  {}\n",
+        op.name(),
+        op.version(),
+        op.summary()
+    );
     out.push_str("inputs:\n");
     if op.inputs().is_empty() {
-        out.push_str(if op.outputs_from_stage() { "  any names; each path is in $ALIGNFLOW_IN_<NAME>\n" } else { "  (none)\n" });
+        out.push_str(if op.outputs_from_stage() {
+            "  any names; each path is in $ALIGNFLOW_IN_<NAME>\n"
+        } else {
+            "  (none)\n"
+        });
     }
     for port in op.inputs() {
-        let req = if port.required { "required" } else { "optional" };
+        let req = if port.required {
+            "required"
+        } else {
+            "optional"
+        };
         let _ = writeln!(out, "  {:<14} {req:<9} {}", port.name, port.doc);
     }
     out.push_str("outputs:\n");
@@ -41,9 +55,15 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
     out.push_str("params:\n");
     let schema = serde_json::to_value(op.params_schema())?;
     let empty = serde_json::Map::new();
-    let props = schema.get("properties").and_then(Value::as_object).unwrap_or(&empty);
-    let required: Vec<&str> =
-        schema.get("required").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let props = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     if props.is_empty() {
         out.push_str("  (none)\n");
     }
@@ -54,7 +74,11 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
             None if required.contains(&pname.as_str()) => "required".into(),
             None => "optional".into(),
         };
-        let doc = p.get("description").and_then(Value::as_str).unwrap_or("").replace('\n', " ");
+        let doc = p
+            .get("description")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .replace('\n', " ");
         let _ = writeln!(out, "  {pname:<16} {ty:<18} {default:<22} {doc}");
     }
     Ok(out)
@@ -63,27 +87,51 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
 /// A short type name for a property schema.
 fn type_name(p: &Value) -> String {
     if let Some(values) = p.get("enum").and_then(Value::as_array) {
-        return values.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join("|");
+        return values
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join("|");
     }
     if let Some(r) = p.get("$ref").and_then(Value::as_str) {
         return r.rsplit('/').next().unwrap_or(r).to_string();
     }
     for key in ["anyOf", "oneOf"] {
         if let Some(options) = p.get(key).and_then(Value::as_array) {
-            return options.iter().map(type_name).filter(|t| t != "null").collect::<Vec<_>>().join("|");
+            return options
+                .iter()
+                .map(type_name)
+                .filter(|t| t != "null")
+                .collect::<Vec<_>>()
+                .join("|");
         }
     }
     if let Some(c) = p.get("const") {
-        return c.as_str().map(str::to_string).unwrap_or_else(|| c.to_string());
+        return c
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| c.to_string());
     }
     match p.get("type") {
         Some(Value::String(t)) if t == "array" => {
-            format!("list of {}", p.get("items").map(type_name).unwrap_or_else(|| "any".into()))
+            format!(
+                "list of {}",
+                p.get("items")
+                    .map(type_name)
+                    .unwrap_or_else(|| "any".into())
+            )
         }
         Some(Value::String(t)) => t.clone(),
-        Some(Value::Array(ts)) => {
-            ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join("|")
-        }
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| *t != "null")
+            .collect::<Vec<_>>()
+            .join("|"),
         _ => "any".into(),
     }
 }
@@ -92,7 +140,10 @@ fn type_name(p: &Value) -> String {
 /// `ops/<op>.schema.json`.
 pub fn schema_files() -> Vec<(String, String)> {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
-    let mut files = vec![("pipeline.schema.json".to_string(), pretty(&crate::manifest::pipeline_schema()))];
+    let mut files = vec![(
+        "pipeline.schema.json".to_string(),
+        pretty(&crate::manifest::pipeline_schema()),
+    )];
     for op in registry() {
         let schema = serde_json::to_value(op.params_schema()).expect("schemas serialise");
         files.push((format!("ops/{}.schema.json", op.name()), pretty(&schema)));

@@ -59,7 +59,10 @@ impl Op for Exec {
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(ExecParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<ExecParams>(params)
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -81,16 +84,26 @@ impl Op for Exec {
         cmd.env("ALIGNFLOW_OUT", &spec.out_dir)
             .env("ALIGNFLOW_STAGE", &spec.stage)
             .env("ALIGNFLOW_SEED", spec.seed.to_string());
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| ExecError::Spawn { stage: stage.clone(), dir: spec.work_dir.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+            stage: stage.clone(),
+            dir: spec.work_dir.clone(),
+            source,
+        })?;
         // The child leads its own group: its pid is the group id.
         let pgid = child.id() as libc::pid_t;
 
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
         let readers = [
-            stream_lines(child.stdout.take().expect("piped stdout"), stage.clone(), None),
-            stream_lines(child.stderr.take().expect("piped stderr"), stage.clone(), Some(tail.clone())),
+            stream_lines(
+                child.stdout.take().expect("piped stdout"),
+                stage.clone(),
+                None,
+            ),
+            stream_lines(
+                child.stderr.take().expect("piped stderr"),
+                stage.clone(),
+                Some(tail.clone()),
+            ),
         ];
 
         let status = loop {
@@ -119,13 +132,27 @@ impl Op for Exec {
                 (None, Some(signal)) => format!("signal {signal}"),
                 (None, None) => status.to_string(),
             };
-            return Err(ExecError::Failed { stage, status, stderr_tail }.into());
+            return Err(ExecError::Failed {
+                stage,
+                status,
+                stderr_tail,
+            }
+            .into());
         }
 
-        let missing: Vec<String> =
-            spec.outputs.iter().filter(|name| !spec.out_dir.join(name).exists()).cloned().collect();
+        let missing: Vec<String> = spec
+            .outputs
+            .iter()
+            .filter(|name| !spec.out_dir.join(name).exists())
+            .cloned()
+            .collect();
         if !missing.is_empty() {
-            return Err(ExecError::MissingOutputs { stage, out_dir: spec.out_dir.clone(), missing }.into());
+            return Err(ExecError::MissingOutputs {
+                stage,
+                out_dir: spec.out_dir.clone(),
+                missing,
+            }
+            .into());
         }
 
         let mut metrics = Metrics::new();
@@ -139,17 +166,35 @@ impl Op for Exec {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("stage `{stage}`: cannot start `sh` in {}: {source}", dir.display())]
-    Spawn { stage: String, dir: PathBuf, source: std::io::Error },
+    Spawn {
+        stage: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("stage `{stage}`: waiting for the command: {source}")]
-    Wait { stage: String, source: std::io::Error },
-    #[error("stage `{stage}`: exec failed with {status}{}", quote_tail(stderr_tail))]
-    Failed { stage: String, status: String, stderr_tail: Vec<String> },
+    Wait {
+        stage: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "stage `{stage}`: exec failed with {status}{}",
+        quote_tail(stderr_tail)
+    )]
+    Failed {
+        stage: String,
+        status: String,
+        stderr_tail: Vec<String>,
+    },
     #[error(
         "stage `{stage}`: the command succeeded but did not create {} under $ALIGNFLOW_OUT ({})",
         missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
         out_dir.display()
     )]
-    MissingOutputs { stage: String, out_dir: PathBuf, missing: Vec<String> },
+    MissingOutputs {
+        stage: String,
+        out_dir: PathBuf,
+        missing: Vec<String>,
+    },
 }
 
 fn quote_tail(lines: &[String]) -> String {
@@ -163,8 +208,16 @@ fn quote_tail(lines: &[String]) -> String {
 /// `ALIGNFLOW_IN_<NAME>`: the input name uppercased, anything but ASCII
 /// letters and digits replaced by `_`.
 fn input_var(name: &str) -> String {
-    let name: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
     format!("ALIGNFLOW_IN_{name}")
 }
 
@@ -259,17 +312,33 @@ mod tests {
     fn failure_quotes_stderr_tail() {
         let dir = tempfile::tempdir().unwrap();
         let cmd = "for i in $(seq 1 30); do echo line$i >&2; done; exit 3";
-        let err = run(&Exec, &exec_spec(dir.path(), cmd, &[])).unwrap_err().to_string();
-        assert!(err.starts_with("stage `s`: exec failed with exit status 3; last lines of stderr:"), "{err}");
-        assert!(err.contains("\n  line11\n") && err.ends_with("\n  line30"), "{err}");
+        let err = run(&Exec, &exec_spec(dir.path(), cmd, &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("stage `s`: exec failed with exit status 3; last lines of stderr:"),
+            "{err}"
+        );
+        assert!(
+            err.contains("\n  line11\n") && err.ends_with("\n  line30"),
+            "{err}"
+        );
         assert!(!err.contains("line10\n"), "{err}");
     }
 
     #[test]
     fn missing_outputs_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = run(&Exec, &exec_spec(dir.path(), "touch $ALIGNFLOW_OUT/a", &["a", "b", "c"])).unwrap_err();
-        assert!(err.to_string().contains("did not create `b`, `c` under $ALIGNFLOW_OUT"), "{err}");
+        let err = run(
+            &Exec,
+            &exec_spec(dir.path(), "touch $ALIGNFLOW_OUT/a", &["a", "b", "c"]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("did not create `b`, `c` under $ALIGNFLOW_OUT"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -284,7 +353,11 @@ mod tests {
             flag.cancel();
         });
         let start = Instant::now();
-        let ctx = StageContext { spec: &spec, reporter: &crate::ops::NullReporter, cancel: &cancel };
+        let ctx = StageContext {
+            spec: &spec,
+            reporter: &crate::ops::NullReporter,
+            cancel: &cancel,
+        };
         let err = Exec.run(&ctx).unwrap_err();
         canceller.join().unwrap();
         assert!(err.downcast_ref::<Cancelled>().is_some(), "{err}");
@@ -295,7 +368,11 @@ mod tests {
     fn background_leftovers_do_not_hang() {
         let dir = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        run(&Exec, &exec_spec(dir.path(), "sleep 30 & echo started", &[])).unwrap();
+        run(
+            &Exec,
+            &exec_spec(dir.path(), "sleep 30 & echo started", &[]),
+        )
+        .unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 

@@ -20,8 +20,8 @@ use crate::protocol::{Metrics, StageSpec};
 pub use describe::{describe, schema_files, write_schemas};
 
 mod dataset_import;
-mod describe;
 mod dataset_split;
+mod describe;
 mod exec;
 mod tokenizer_train;
 
@@ -57,6 +57,48 @@ pub struct Port {
     pub doc: &'static str,
     /// Inputs only: whether the stage must bind it.
     pub required: bool,
+    /// Outputs only: bytes that legitimately differ between identical runs
+    /// (timings in a metrics log); `run --locked` does not compare them.
+    pub volatile: bool,
+}
+
+impl Port {
+    /// A required input.
+    pub const fn input(name: &'static str, doc: &'static str) -> Port {
+        Port {
+            name,
+            doc,
+            required: true,
+            volatile: false,
+        }
+    }
+    /// An optional input.
+    pub const fn optional(name: &'static str, doc: &'static str) -> Port {
+        Port {
+            name,
+            doc,
+            required: false,
+            volatile: false,
+        }
+    }
+    /// An output.
+    pub const fn output(name: &'static str, doc: &'static str) -> Port {
+        Port {
+            name,
+            doc,
+            required: true,
+            volatile: false,
+        }
+    }
+    /// An output whose bytes may differ between identical runs.
+    pub const fn volatile(name: &'static str, doc: &'static str) -> Port {
+        Port {
+            name,
+            doc,
+            required: true,
+            volatile: true,
+        }
+    }
 }
 
 /// What every operator declares and does.
@@ -83,7 +125,8 @@ pub trait Op: Send + Sync {
     fn params_schema(&self) -> schemars::Schema;
     /// Validates `params` and returns them normalised (defaults filled in,
     /// numbers in canonical form): what enters the fingerprint.
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError>;
+    fn normalize_params(&self, params: &serde_json::Value)
+        -> Result<serde_json::Value, ParamError>;
     /// Runs the stage. Only called for [`Placement::Engine`] ops in the
     /// engine; the worker has its own implementations of tensor ops.
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics>;
@@ -107,7 +150,11 @@ pub fn normalize_with<P>(params: &serde_json::Value) -> Result<serde_json::Value
 where
     P: DeserializeOwned + Serialize + schemars::JsonSchema,
 {
-    let params = if params.is_null() { serde_json::Value::Object(Default::default()) } else { params.clone() };
+    let params = if params.is_null() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        params.clone()
+    };
     let parsed: P = serde_path_to_error::deserialize(&params).map_err(|err| {
         let field = err.path().to_string();
         let field = if field == "." { String::new() } else { field };
@@ -121,7 +168,11 @@ where
                 .unwrap_or_default();
             nearest(name, known.iter().map(String::as_str))
         });
-        ParamError { field, message, suggestion }
+        ParamError {
+            field,
+            message,
+            suggestion,
+        }
     })?;
     Ok(serde_json::to_value(parsed).expect("params serialise"))
 }
@@ -204,7 +255,9 @@ impl StageContext<'_> {
             .inputs
             .get(name)
             .map(|p| p.as_path())
-            .ok_or_else(|| anyhow::anyhow!("stage `{}`: input `{name}` is not bound", self.spec.stage))
+            .ok_or_else(|| {
+                anyhow::anyhow!("stage `{}`: input `{name}` is not bound", self.spec.stage)
+            })
     }
 
     /// Where to write output `name`.

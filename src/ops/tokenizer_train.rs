@@ -15,8 +15,8 @@ use serde_json::json;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder,
-    TokenizerImpl,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerBuilder, TokenizerImpl,
 };
 
 use super::{Op, ParamError, Port, StageContext};
@@ -27,7 +27,13 @@ const BYTE_ALPHABET: usize = 256;
 
 pub struct TokenizerTrain;
 
-type ByteLevelBpe = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type ByteLevelBpe = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// Params of `tokenizer.train`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -58,7 +64,9 @@ fn default_min_frequency() -> u64 {
     2
 }
 fn default_fields() -> Vec<String> {
-    ["prompt", "chosen", "rejected", "response", "text"].map(String::from).to_vec()
+    ["prompt", "chosen", "rejected", "response", "text"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_special_tokens() -> Vec<String> {
     vec!["<|endoftext|>".into()]
@@ -69,17 +77,32 @@ fn default_model_max_length() -> usize {
 
 impl TokenizerParams {
     fn check(&self) -> Result<(), ParamError> {
-        let err = |field: &str, message: String| Err(ParamError { field: field.into(), message, suggestion: None });
+        let err = |field: &str, message: String| {
+            Err(ParamError {
+                field: field.into(),
+                message,
+                suggestion: None,
+            })
+        };
         if self.special_tokens.is_empty() {
-            return err("special_tokens", "at least one special token (end of text) is needed".into());
+            return err(
+                "special_tokens",
+                "at least one special token (end of text) is needed".into(),
+            );
         }
         let unique: HashSet<&String> = self.special_tokens.iter().collect();
-        if unique.len() != self.special_tokens.len() || self.special_tokens.iter().any(String::is_empty) {
-            return err("special_tokens", "special tokens must be distinct and non-empty".into());
+        if unique.len() != self.special_tokens.len()
+            || self.special_tokens.iter().any(String::is_empty)
+        {
+            return err(
+                "special_tokens",
+                "special tokens must be distinct and non-empty".into(),
+            );
         }
         let floor = BYTE_ALPHABET + self.special_tokens.len();
         if self.vocab_size < floor {
-            let message = format!("vocab_size must be at least {floor} (256 bytes + special tokens)");
+            let message =
+                format!("vocab_size must be at least {floor} (256 bytes + special tokens)");
             return err("vocab_size", message);
         }
         if self.fields.is_empty() {
@@ -97,13 +120,26 @@ impl TokenizerParams {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("stage `{stage}`: {}: {source}", path.display())]
-    Io { stage: String, path: PathBuf, source: std::io::Error },
+    Io {
+        stage: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("stage `{stage}`: {}:{line}: {reason}", path.display())]
-    Line { stage: String, path: PathBuf, line: usize, reason: String },
+    Line {
+        stage: String,
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("stage `{stage}`: no .jsonl or .txt files in {}", path.display())]
     NoFiles { stage: String, path: PathBuf },
     #[error("stage `{stage}`: no training text in {} (fields: {fields})", path.display())]
-    NoText { stage: String, path: PathBuf, fields: String },
+    NoText {
+        stage: String,
+        path: PathBuf,
+        fields: String,
+    },
     #[error("stage `{stage}`: training the tokenizer: {message}")]
     Train { stage: String, message: String },
 }
@@ -122,22 +158,26 @@ impl Op for TokenizerTrain {
         &[Port {
             name: "data",
             doc: "a JSONL or text file, or a folder of .jsonl / .txt files (read recursively, in name order)",
-            required: true,
-        }]
+            required: true, volatile: false }]
     }
     fn outputs(&self) -> &'static [Port] {
         &[Port {
             name: "tokenizer",
             doc: "folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json",
             required: true,
+            volatile: false,
         }]
     }
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(TokenizerParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         let normal = super::normalize_with::<TokenizerParams>(params)?;
-        let parsed: TokenizerParams = serde_json::from_value(normal.clone()).expect("normalised params parse");
+        let parsed: TokenizerParams =
+            serde_json::from_value(normal.clone()).expect("normalised params parse");
         parsed.check()?;
         Ok(normal)
     }
@@ -150,33 +190,51 @@ impl Op for TokenizerTrain {
         let files = corpus_files(stage, data)?;
         let mut texts = Vec::new();
         for (i, file) in files.iter().enumerate() {
-            ctx.reporter.progress(i as u64, Some(files.len() as u64), "reading the corpus");
+            ctx.reporter
+                .progress(i as u64, Some(files.len() as u64), "reading the corpus");
             read_texts(ctx, file, &params.fields, &mut texts)?;
         }
         if texts.is_empty() {
             let fields = params.fields.join(", ");
-            return Err(TokenizerError::NoText { stage: stage.clone(), path: data.to_path_buf(), fields }.into());
+            return Err(TokenizerError::NoText {
+                stage: stage.clone(),
+                path: data.to_path_buf(),
+                fields,
+            }
+            .into());
         }
         let chars: usize = texts.iter().map(String::len).sum();
 
         ctx.cancel.check()?;
         ctx.reporter.progress(0, None, "training");
-        let tokenizer = train(&params, &texts)
-            .map_err(|err| TokenizerError::Train { stage: stage.clone(), message: err.to_string() })?;
+        let tokenizer = train(&params, &texts).map_err(|err| TokenizerError::Train {
+            stage: stage.clone(),
+            message: err.to_string(),
+        })?;
         ctx.cancel.check()?;
 
         let dir = ctx.output("tokenizer");
         let io_err = |path: PathBuf| {
             let stage = stage.clone();
-            move |source| TokenizerError::Io { stage, path, source }
+            move |source| TokenizerError::Io {
+                stage,
+                path,
+                source,
+            }
         };
         std::fs::create_dir_all(&dir).map_err(io_err(dir.clone()))?;
         let tokenizer_json = dir.join("tokenizer.json");
         tokenizer
             .save(&tokenizer_json, true)
-            .map_err(|err| TokenizerError::Train { stage: stage.clone(), message: err.to_string() })?;
+            .map_err(|err| TokenizerError::Train {
+                stage: stage.clone(),
+                message: err.to_string(),
+            })?;
         for (name, value) in [
-            ("tokenizer_config.json", tokenizer_config(&params, &tokenizer)),
+            (
+                "tokenizer_config.json",
+                tokenizer_config(&params, &tokenizer),
+            ),
             ("special_tokens_map.json", special_tokens_map(&params)),
         ] {
             let path = dir.join(name);
@@ -198,7 +256,11 @@ impl Op for TokenizerTrain {
 /// equally frequent pairs by the pair itself, so the result does not depend
 /// on hash order or thread scheduling.
 fn train(params: &TokenizerParams, texts: &[String]) -> tokenizers::Result<ByteLevelBpe> {
-    let special: Vec<AddedToken> = params.special_tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
+    let special: Vec<AddedToken> = params
+        .special_tokens
+        .iter()
+        .map(|t| AddedToken::from(t.clone(), true))
+        .collect();
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(params.vocab_size)
         .min_frequency(params.min_frequency)
@@ -225,7 +287,9 @@ fn tokenizer_config(params: &TokenizerParams, tokenizer: &ByteLevelBpe) -> serde
         .special_tokens
         .iter()
         .map(|t| {
-            let id = tokenizer.token_to_id(t).expect("special tokens are in the vocabulary");
+            let id = tokenizer
+                .token_to_id(t)
+                .expect("special tokens are in the vocabulary");
             let entry = json!({
                 "content": t, "lstrip": false, "normalized": false, "rstrip": false,
                 "single_word": false, "special": true,
@@ -269,18 +333,28 @@ fn corpus_files(stage: &str, data: &Path) -> Result<Vec<PathBuf>, TokenizerError
     let mut files = Vec::new();
     let mut pending = vec![data.to_path_buf()];
     while let Some(dir) = pending.pop() {
-        let io_err = |source| TokenizerError::Io { stage: stage.to_string(), path: dir.clone(), source };
+        let io_err = |source| TokenizerError::Io {
+            stage: stage.to_string(),
+            path: dir.clone(),
+            source,
+        };
         for entry in std::fs::read_dir(&dir).map_err(io_err)? {
             let path = entry.map_err(io_err)?.path();
             if path.is_dir() {
                 pending.push(path);
-            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("jsonl" | "txt")) {
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("jsonl" | "txt")
+            ) {
                 files.push(path);
             }
         }
     }
     if files.is_empty() {
-        return Err(TokenizerError::NoFiles { stage: stage.to_string(), path: data.to_path_buf() });
+        return Err(TokenizerError::NoFiles {
+            stage: stage.to_string(),
+            path: data.to_path_buf(),
+        });
     }
     files.sort();
     Ok(files)
@@ -290,15 +364,36 @@ fn corpus_files(stage: &str, data: &Path) -> Result<Vec<PathBuf>, TokenizerError
 /// JSONL record, or each line of a text file (with its newline, so that
 /// line breaks are learnt). Cache artifacts have no extension: a file that
 /// is neither `.jsonl` nor `.txt` is JSONL when its first line is an object.
-fn read_texts(ctx: &StageContext<'_>, file: &Path, fields: &[String], texts: &mut Vec<String>) -> anyhow::Result<()> {
+fn read_texts(
+    ctx: &StageContext<'_>,
+    file: &Path,
+    fields: &[String],
+    texts: &mut Vec<String>,
+) -> anyhow::Result<()> {
     let stage = &ctx.spec.stage;
-    let io_err = |source| TokenizerError::Io { stage: stage.clone(), path: file.to_path_buf(), source };
-    let line_err = |line, reason: String| TokenizerError::Line { stage: stage.clone(), path: file.to_path_buf(), line, reason };
+    let io_err = |source| TokenizerError::Io {
+        stage: stage.clone(),
+        path: file.to_path_buf(),
+        source,
+    };
+    let line_err = |line, reason: String| TokenizerError::Line {
+        stage: stage.clone(),
+        path: file.to_path_buf(),
+        line,
+        reason,
+    };
     let mut reader = BufReader::new(std::fs::File::open(file).map_err(io_err)?);
     let jsonl = match file.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => true,
         Some("txt") => false,
-        _ => reader.fill_buf().map_err(io_err)?.trim_ascii_start().first() == Some(&b'{'),
+        _ => {
+            reader
+                .fill_buf()
+                .map_err(io_err)?
+                .trim_ascii_start()
+                .first()
+                == Some(&b'{')
+        }
     };
     let mut buf = Vec::new();
     for line in 1.. {
@@ -309,7 +404,8 @@ fn read_texts(ctx: &StageContext<'_>, file: &Path, fields: &[String], texts: &mu
         if line % 1024 == 0 {
             ctx.cancel.check()?;
         }
-        let text = std::str::from_utf8(&buf).map_err(|_| line_err(line, "not valid UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(&buf).map_err(|_| line_err(line, "not valid UTF-8".into()))?;
         if !jsonl {
             if !text.trim().is_empty() {
                 texts.push(text.to_string());
@@ -319,7 +415,8 @@ fn read_texts(ctx: &StageContext<'_>, file: &Path, fields: &[String], texts: &mu
         if text.trim().is_empty() {
             continue;
         }
-        let record: serde_json::Value = serde_json::from_str(text).map_err(|e| line_err(line, e.to_string()))?;
+        let record: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| line_err(line, e.to_string()))?;
         for field in fields {
             if let Some(serde_json::Value::String(s)) = record.get(field) {
                 texts.push(s.clone());
@@ -342,9 +439,13 @@ mod tests {
     }
 
     fn folder_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
-        ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-            .map(|name| (name.to_string(), std::fs::read(dir.join(name)).unwrap()))
-            .to_vec()
+        [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ]
+        .map(|name| (name.to_string(), std::fs::read(dir.join(name)).unwrap()))
+        .to_vec()
     }
 
     #[test]
@@ -370,13 +471,15 @@ mod tests {
         assert_eq!(tok.encode("Human", false).unwrap().get_ids().len(), 1);
 
         let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["tokenizer_class"], "PreTrainedTokenizerFast");
         assert_eq!(config["eos_token"], "<|endoftext|>");
         assert_eq!(config["model_max_length"], 1024);
         assert_eq!(config["added_tokens_decoder"]["1"]["content"], "<|pad|>");
         let map: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("special_tokens_map.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(out.join("special_tokens_map.json")).unwrap())
+                .unwrap();
         assert_eq!(map["additional_special_tokens"], json!(["<|pad|>"]));
     }
 
@@ -386,14 +489,28 @@ mod tests {
         let corpus = dir.path().join("corpus");
         std::fs::create_dir_all(corpus.join("sub")).unwrap();
         std::fs::write(corpus.join("a.txt"), "hello world\nhello there\n\n").unwrap();
-        std::fs::write(corpus.join("sub/b.jsonl"), "{\"text\": \"hello again\", \"id\": 1}\n{\"other\": \"x\"}\n")
-            .unwrap();
+        std::fs::write(
+            corpus.join("sub/b.jsonl"),
+            "{\"text\": \"hello again\", \"id\": 1}\n{\"other\": \"x\"}\n",
+        )
+        .unwrap();
         std::fs::write(corpus.join("ignored.csv"), "a,b\n").unwrap();
-        let (metrics, out) = train_on(dir.path(), json!({"vocab_size": 300, "min_frequency": 1}), corpus);
-        assert_eq!((metrics["files"].clone(), metrics["texts"].clone()), (json!(2), json!(3)));
+        let (metrics, out) = train_on(
+            dir.path(),
+            json!({"vocab_size": 300, "min_frequency": 1}),
+            corpus,
+        );
+        assert_eq!(
+            (metrics["files"].clone(), metrics["texts"].clone()),
+            (json!(2), json!(3))
+        );
         let tok = Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
         assert!(tok.get_vocab_size(true) <= 300);
-        assert_eq!(tok.decode(tok.encode("hello ✓", false).unwrap().get_ids(), false).unwrap(), "hello ✓");
+        assert_eq!(
+            tok.decode(tok.encode("hello ✓", false).unwrap().get_ids(), false)
+                .unwrap(),
+            "hello ✓"
+        );
     }
 
     #[test]
@@ -403,8 +520,19 @@ mod tests {
         std::fs::write(&data, "{\"text\": \"a\"}\n{oops\n").unwrap();
         let spec = spec(&TokenizerTrain, dir.path(), json!({}), &[("data", data)]);
         let err = run(&TokenizerTrain, &spec).unwrap_err().to_string();
-        assert!(err.starts_with("stage `s`: ") && err.contains("d.jsonl:2: "), "{err}");
-        assert_eq!(TokenizerTrain.normalize_params(&json!({"vocab_size": 100})).unwrap_err().field, "vocab_size");
-        assert!(TokenizerTrain.normalize_params(&json!({"special_tokens": []})).is_err());
+        assert!(
+            err.starts_with("stage `s`: ") && err.contains("d.jsonl:2: "),
+            "{err}"
+        );
+        assert_eq!(
+            TokenizerTrain
+                .normalize_params(&json!({"vocab_size": 100}))
+                .unwrap_err()
+                .field,
+            "vocab_size"
+        );
+        assert!(TokenizerTrain
+            .normalize_params(&json!({"special_tokens": []}))
+            .is_err());
     }
 }

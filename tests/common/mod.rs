@@ -13,7 +13,9 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Project {
-        Project { dir: tempfile::tempdir().expect("temp dir") }
+        Project {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -34,7 +36,10 @@ impl Project {
     /// A command for `alignflow ARGS` in the project folder with its own cache.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_alignflow"));
-        cmd.args(args).current_dir(self.dir.path()).env("ALIGNFLOW_CACHE_DIR", self.path("cache")).env_remove("RUST_LOG");
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("ALIGNFLOW_CACHE_DIR", self.path("cache"))
+            .env_remove("RUST_LOG");
         cmd
     }
 
@@ -80,7 +85,9 @@ impl Project {
 /// stage ids may contain spaces).
 pub fn stages_with_status(table: &str, status: &str) -> BTreeSet<String> {
     let mut lines = table.lines().skip_while(|l| !l.starts_with("stage "));
-    let Some(header) = lines.next() else { return BTreeSet::new() };
+    let Some(header) = lines.next() else {
+        return BTreeSet::new();
+    };
     let col = header.find("status").expect("status column");
     lines
         .filter(|l| l.len() > col)
@@ -95,7 +102,9 @@ pub fn set(items: &[&str]) -> BTreeSet<String> {
 
 /// `../shared/data/...` beside the checkout.
 pub fn shared_data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(rel)
 }
 
 /// A chain a -> b -> c of exec stages plus an independent d; each stage

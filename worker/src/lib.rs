@@ -2,5 +2,5 @@
 //! utilities and the tensor ops the `alignflow-worker` binary runs.
 
 pub mod model;
-pub mod train;
 pub mod ops;
+pub mod train;

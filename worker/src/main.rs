@@ -19,7 +19,11 @@ use alignflow::protocol::{StageSpec, WorkerEvent};
 use alignflow_worker::ops;
 
 #[derive(Parser)]
-#[command(name = "alignflow-worker", version, about = "Runs one alignflow stage (started by the engine)")]
+#[command(
+    name = "alignflow-worker",
+    version,
+    about = "Runs one alignflow stage (started by the engine)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,10 +54,16 @@ impl StdoutReporter {
 
 impl Reporter for StdoutReporter {
     fn progress(&self, pos: u64, len: Option<u64>, msg: &str) {
-        self.emit(&WorkerEvent::Progress { pos, len, msg: msg.to_string() });
+        self.emit(&WorkerEvent::Progress {
+            pos,
+            len,
+            msg: msg.to_string(),
+        });
     }
     fn metric(&self, values: &BTreeMap<String, f64>) {
-        self.emit(&WorkerEvent::Metric { values: values.clone() });
+        self.emit(&WorkerEvent::Metric {
+            values: values.clone(),
+        });
     }
 }
 
@@ -66,7 +76,9 @@ fn main() {
         )
         .init();
     let cli = Cli::parse();
-    let reporter = StdoutReporter { out: Mutex::new(std::io::stdout()) };
+    let reporter = StdoutReporter {
+        out: Mutex::new(std::io::stdout()),
+    };
     let code = match cli.command {
         Command::Doctor => {
             reporter.emit(&WorkerEvent::Doctor { info: doctor() });
@@ -78,7 +90,9 @@ fn main() {
                 0
             }
             Err(err) => {
-                reporter.emit(&WorkerEvent::Failed { message: format!("{err:#}") });
+                reporter.emit(&WorkerEvent::Failed {
+                    message: format!("{err:#}"),
+                });
                 1
             }
         },
@@ -86,20 +100,28 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(spec_path: &PathBuf, reporter: &StdoutReporter) -> anyhow::Result<alignflow::protocol::Metrics> {
+fn run(
+    spec_path: &PathBuf,
+    reporter: &StdoutReporter,
+) -> anyhow::Result<alignflow::protocol::Metrics> {
     let text = if spec_path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
         s
     } else {
-        std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?
+        std::fs::read_to_string(spec_path)
+            .with_context(|| format!("reading {}", spec_path.display()))?
     };
     let spec: StageSpec = serde_json::from_str(&text).context("parsing the stage spec")?;
     if let Some(threads) = spec.threads {
         tch::set_num_threads(threads as i32);
     }
     let cancel = CancelFlag::default();
-    let ctx = StageContext { spec: &spec, reporter, cancel: &cancel };
+    let ctx = StageContext {
+        spec: &spec,
+        reporter,
+        cancel: &cancel,
+    };
     let _span = tracing::info_span!("stage", stage = %spec.stage, op = %spec.op).entered();
     if let Some(run) = ops::find(&spec.op) {
         return run(&ctx);
@@ -125,15 +147,23 @@ fn doctor() -> BTreeMap<String, serde_json::Value> {
     info.insert("cuda_available".into(), json!(cuda));
     let count = if cuda { tch::Cuda::device_count() } else { 0 };
     info.insert("cuda_devices".into(), json!(count));
-    info.insert("device_names".into(), json!(if cuda { gpu_names() } else { Vec::new() }));
-    info.insert("cudnn_available".into(), json!(tch::Cuda::cudnn_is_available()));
+    info.insert(
+        "device_names".into(),
+        json!(if cuda { gpu_names() } else { Vec::new() }),
+    );
+    info.insert(
+        "cudnn_available".into(),
+        json!(tch::Cuda::cudnn_is_available()),
+    );
     info.insert("threads".into(), json!(tch::get_num_threads()));
     info
 }
 
 /// The libtorch version the worker was built against (from torch's `version.py`).
 fn libtorch_version() -> String {
-    option_env!("ALIGNFLOW_LIBTORCH_VERSION").unwrap_or("unknown").to_string()
+    option_env!("ALIGNFLOW_LIBTORCH_VERSION")
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 /// GPU names: tch exposes no device-properties call, so ask the driver tool.
@@ -143,6 +173,11 @@ fn gpu_names() -> Vec<String> {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(|l| l.trim().to_string()).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| l.trim().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -30,37 +30,66 @@ fn fixtures() -> &'static Path {
             .arg(&dir)
             .output()
             .expect("the project venv's python runs (make setup)");
-        assert!(out.status.success(), "make_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "make_reference.py failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
 }
 
 fn reference(model: &str) -> std::collections::BTreeMap<String, Tensor> {
-    checkpoint::read_file(&fixtures().join(model).join("reference.safetensors"), Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .collect()
+    checkpoint::read_file(
+        &fixtures().join(model).join("reference.safetensors"),
+        Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .collect()
 }
 
 fn load(model: &str, head: Head) -> Model {
-    Model::load(&fixtures().join(model), &BuildOptions { device: Device::Cpu, head, lora: None }).unwrap()
+    Model::load(
+        &fixtures().join(model),
+        &BuildOptions {
+            device: Device::Cpu,
+            head,
+            lora: None,
+        },
+    )
+    .unwrap()
 }
 
 fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
     let real = mask.to_kind(Kind::Bool);
-    (a.index(&[Some(real.shallow_clone())]) - b.index(&[Some(real)])).abs().max().double_value(&[])
+    (a.index(&[Some(real.shallow_clone())]) - b.index(&[Some(real)]))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<i64>> {
     let (b, _) = t.size2().unwrap();
-    (0..b).map(|i| Vec::<i64>::try_from(t.get(i)).unwrap()).collect()
+    (0..b)
+        .map(|i| Vec::<i64>::try_from(t.get(i)).unwrap())
+        .collect()
 }
 
 /// The real (unpadded) tokens of each row of the reference batch.
 fn prompts(r: &std::collections::BTreeMap<String, Tensor>) -> Vec<Vec<i64>> {
     let ids = rows(&r["input_ids"]);
     let mask = rows(&r["attention_mask"]);
-    ids.into_iter().zip(mask).map(|(i, m)| i.into_iter().zip(m).filter(|(_, m)| *m == 1).map(|(t, _)| t).collect()).collect()
+    ids.into_iter()
+        .zip(mask)
+        .map(|(i, m)| {
+            i.into_iter()
+                .zip(m)
+                .filter(|(_, m)| *m == 1)
+                .map(|(t, _)| t)
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -68,7 +97,11 @@ fn logits_equal_transformers_on_a_left_padded_batch() {
     for name in MODELS {
         let r = reference(name);
         let model = load(name, Head::Lm);
-        let logits = tch::no_grad(|| model.lm.forward(&r["input_ids"], &r["attention_mask"], false));
+        let logits = tch::no_grad(|| {
+            model
+                .lm
+                .forward(&r["input_ids"], &r["attention_mask"], false)
+        });
         let diff = max_diff_on_mask(&logits, &r["logits"], &r["attention_mask"]);
         assert!(diff < 1e-4, "{name}: max |logits - transformers| = {diff}");
     }
@@ -89,12 +122,19 @@ fn greedy_generation_equals_transformers_token_for_token() {
         };
         let samples = generate(&model.lm, &prompts(&r), &cfg, Device::Cpu, |_, _| false);
         let expected = rows(&r["greedy_ids"].narrow(1, 10, 12));
-        let expected_lp = rows(&(r["greedy_logprobs"].shallow_clone() * 1e6).round().to_kind(Kind::Int64));
+        let expected_lp = rows(
+            &(r["greedy_logprobs"].shallow_clone() * 1e6)
+                .round()
+                .to_kind(Kind::Int64),
+        );
         for (i, s) in samples.iter().enumerate() {
             assert_eq!(s.tokens, expected[i], "{name} row {i}");
             for (j, lp) in s.logprobs.iter().enumerate() {
                 let want = expected_lp[i][j] as f64 / 1e6;
-                assert!((*lp as f64 - want).abs() < 1e-4, "{name} row {i} token {j}: {lp} vs {want}");
+                assert!(
+                    (*lp as f64 - want).abs() < 1e-4,
+                    "{name} row {i} token {j}: {lp} vs {want}"
+                );
             }
         }
     }
@@ -105,7 +145,15 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
     for name in MODELS {
         let r = reference(name);
         let model = load(name, Head::Lm);
-        let cfg = SamplingConfig { max_new_tokens: 16, temperature: 1.0, top_k: 40, top_p: 0.95, eos_token_id: None, pad_token_id: 0, ..Default::default() };
+        let cfg = SamplingConfig {
+            max_new_tokens: 16,
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 0.95,
+            eos_token_id: None,
+            pad_token_id: 0,
+            ..Default::default()
+        };
         let prompts = prompts(&r);
         tch::manual_seed(11);
         let samples = generate(&model.lm, &prompts, &cfg, Device::Cpu, |_, _| false);
@@ -119,11 +167,16 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
             let seq: Vec<i64> = p.iter().chain(&s.tokens).copied().collect();
             let ids = Tensor::from_slice(&seq).unsqueeze(0);
             let mask = ids.ones_like();
-            let lp = tch::no_grad(|| model.lm.forward(&ids, &mask, false)).log_softmax(-1, Kind::Float);
+            let lp =
+                tch::no_grad(|| model.lm.forward(&ids, &mask, false)).log_softmax(-1, Kind::Float);
             for (j, tok) in s.tokens.iter().enumerate() {
                 let pos = (p.len() + j - 1) as i64;
                 let full = lp.double_value(&[0, pos, *tok]);
-                assert!((full - s.logprobs[j] as f64).abs() < 1e-4, "{name}: token {j}: {full} vs {}", s.logprobs[j]);
+                assert!(
+                    (full - s.logprobs[j] as f64).abs() < 1e-4,
+                    "{name}: token {j}: {full} vs {}",
+                    s.logprobs[j]
+                );
             }
         }
     }
@@ -133,17 +186,27 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
 fn eos_and_stop_conditions_end_rows() {
     let r = reference("llama_gqa_tied");
     let model = load("llama_gqa_tied", Head::Lm);
-    let greedy = SamplingConfig { max_new_tokens: 12, temperature: 0.0, pad_token_id: 0, ..Default::default() };
+    let greedy = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 0.0,
+        pad_token_id: 0,
+        ..Default::default()
+    };
     let free = generate(&model.lm, &prompts(&r), &greedy, Device::Cpu, |_, _| false);
     // Make the third greedy token of row 0 the EOS: the row ends there, EOS included.
     let eos = free[0].tokens[2];
-    let cfg = SamplingConfig { eos_token_id: Some(eos), ..greedy.clone() };
+    let cfg = SamplingConfig {
+        eos_token_id: Some(eos),
+        ..greedy.clone()
+    };
     let out = generate(&model.lm, &prompts(&r), &cfg, Device::Cpu, |_, _| false);
     let first = free[0].tokens.iter().position(|t| *t == eos).unwrap();
     assert_eq!(out[0].tokens, free[0].tokens[..=first].to_vec());
     assert_eq!(out[0].finish, alignflow_worker::model::sample::Finish::Eos);
     // A stop condition after 5 tokens.
-    let out = generate(&model.lm, &prompts(&r), &greedy, Device::Cpu, |_, toks| toks.len() == 5);
+    let out = generate(&model.lm, &prompts(&r), &greedy, Device::Cpu, |_, toks| {
+        toks.len() == 5
+    });
     assert!(out.iter().all(|s| s.tokens.len() == 5));
 }
 
@@ -177,7 +240,13 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
         let head = model.reward.as_ref().unwrap();
         let positions = alignflow_worker::model::positions_from_mask(&r["attention_mask"]);
         let scores = tch::no_grad(|| {
-            let h = model.lm.hidden(&r["input_ids"], &positions, &r["attention_mask"], None, false);
+            let h = model.lm.hidden(
+                &r["input_ids"],
+                &positions,
+                &r["attention_mask"],
+                None,
+                false,
+            );
             head.forward(&h, &r["attention_mask"])
         });
         let ours: Vec<f64> = Vec::<f64>::try_from(scores.to_kind(Kind::Double)).unwrap();
@@ -190,11 +259,23 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
             .arg("--reward")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let theirs: Vec<f64> = v["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let theirs: Vec<f64> = v["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for (a, b) in ours.iter().zip(&theirs) {
-            assert!((a - b).abs() < 1e-4, "{name}: reward {a} vs transformers {b}");
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{name}: reward {a} vs transformers {b}"
+            );
         }
     }
 }
@@ -202,9 +283,22 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
 #[test]
 fn pickled_checkpoints_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("gpt2/config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("gpt2/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("pytorch_model.bin"), b"not loaded").unwrap();
-    let err = Model::load(dir.path(), &BuildOptions { device: Device::Cpu, head: Head::Lm, lora: None }).err().unwrap();
+    let err = Model::load(
+        dir.path(),
+        &BuildOptions {
+            device: Device::Cpu,
+            head: Head::Lm,
+            lora: None,
+        },
+    )
+    .err()
+    .unwrap();
     assert!(format!("{err:#}").contains("pickled checkpoint"), "{err:#}");
 }
 
@@ -212,9 +306,26 @@ fn pickled_checkpoints_are_refused() {
 fn merged_lora_logits_equal_the_adapted_model() {
     for name in MODELS {
         let r = reference(name);
-        let targets = if name == "gpt2" { vec!["c_attn", "c_fc"] } else { vec!["q_proj", "v_proj", "down_proj"] };
-        let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: targets.into_iter().map(String::from).collect() };
-        let mut model = Model::load(&fixtures().join(name), &BuildOptions { device: Device::Cpu, head: Head::Lm, lora: Some(lora) }).unwrap();
+        let targets = if name == "gpt2" {
+            vec!["c_attn", "c_fc"]
+        } else {
+            vec!["q_proj", "v_proj", "down_proj"]
+        };
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: targets.into_iter().map(String::from).collect(),
+        };
+        let mut model = Model::load(
+            &fixtures().join(name),
+            &BuildOptions {
+                device: Device::Cpu,
+                head: Head::Lm,
+                lora: Some(lora),
+            },
+        )
+        .unwrap();
         // B starts at zero; give the adapters something to do.
         tch::no_grad(|| {
             for (n, mut t) in model.vs.variables() {
@@ -224,12 +335,23 @@ fn merged_lora_logits_equal_the_adapted_model() {
             }
         });
         let trainable: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
-        assert!(!trainable.is_empty() && trainable.iter().all(|n| n.contains("lora_")), "{trainable:?}");
-        let adapted = tch::no_grad(|| model.lm.forward(&r["input_ids"], &r["attention_mask"], false));
+        assert!(
+            !trainable.is_empty() && trainable.iter().all(|n| n.contains("lora_")),
+            "{trainable:?}"
+        );
+        let adapted = tch::no_grad(|| {
+            model
+                .lm
+                .forward(&r["input_ids"], &r["attention_mask"], false)
+        });
         let base_diff = max_diff_on_mask(&adapted, &r["logits"], &r["attention_mask"]);
         assert!(base_diff > 1e-3, "{name}: the adapters change the logits");
         model.lm.merge_lora();
-        let merged = tch::no_grad(|| model.lm.forward(&r["input_ids"], &r["attention_mask"], false));
+        let merged = tch::no_grad(|| {
+            model
+                .lm
+                .forward(&r["input_ids"], &r["attention_mask"], false)
+        });
         let diff = max_diff_on_mask(&merged, &adapted, &r["attention_mask"]);
         assert!(diff < 1e-5, "{name}: merged vs adapted {diff}");
     }

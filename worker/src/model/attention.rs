@@ -21,12 +21,19 @@ pub struct KvCache {
 impl KvCache {
     /// A cache that grows by concatenation.
     pub fn new(num_layers: i64) -> KvCache {
-        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: None }
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+            capacity: None,
+        }
     }
 
     /// A cache with room for `capacity` positions, allocated on first use.
     pub fn with_capacity(num_layers: i64, capacity: i64) -> KvCache {
-        KvCache { capacity: Some(capacity), ..KvCache::new(num_layers) }
+        KvCache {
+            capacity: Some(capacity),
+            ..KvCache::new(num_layers)
+        }
     }
 
     /// Positions already cached.
@@ -116,7 +123,14 @@ pub fn attention_mask(attention_mask: &Tensor, q_len: i64) -> Tensor {
 /// # Shapes
 /// `q`: `[b, heads, q, d]`; `k`, `v`: `[b, kv_heads, kv, d]`; `mask`:
 /// `[b, 1, q, kv]` -> `[b, heads, q, d]`.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, dropout: f64, train: bool) -> Tensor {
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    dropout: f64,
+    train: bool,
+) -> Tensor {
     let heads = q.size()[1];
     let kv_heads = k.size()[1];
     let (k, v) = if heads == kv_heads {
@@ -125,7 +139,19 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, dropout: f64, t
         // Expanding here keeps every backend on its fused path (the
         // `enable_gqa` flag is not implemented by all of them).
         let rep = heads / kv_heads;
-        (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
+        (
+            k.repeat_interleave_self_int(rep, 1, None),
+            v.repeat_interleave_self_int(rep, 1, None),
+        )
     };
-    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), if train { dropout } else { 0.0 }, false, None, false)
+    Tensor::scaled_dot_product_attention(
+        q,
+        &k,
+        &v,
+        Some(mask),
+        if train { dropout } else { 0.0 },
+        false,
+        None,
+        false,
+    )
 }

@@ -32,15 +32,27 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-        let map = v["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
-        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(str::to_string)).collect();
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("reading {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+        let map = v["weight_map"]
+            .as_object()
+            .with_context(|| format!("{}: no weight_map", index.display()))?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
         shards.sort();
         shards.dedup();
         return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
     }
-    for pickled in ["pytorch_model.bin", "model.pt", "model.bin", "pytorch_model.bin.index.json"] {
+    for pickled in [
+        "pytorch_model.bin",
+        "model.pt",
+        "model.bin",
+        "pytorch_model.bin.index.json",
+    ] {
         if dir.join(pickled).exists() {
             anyhow::bail!(
                 "{}: `{pickled}` is a pickled checkpoint, which alignflow never loads (it can run arbitrary code); \
@@ -49,7 +61,10 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             );
         }
     }
-    anyhow::bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
+    anyhow::bail!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
 }
 
 fn kind_of(dtype: Dtype) -> anyhow::Result<Kind> {
@@ -89,12 +104,15 @@ pub fn read_file(path: &Path, device: Device) -> anyhow::Result<Vec<(String, Ten
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // Safety: the map is read-only and dropped before we return; checkpoints
     // in the cache are immutable.
-    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-    let st = SafeTensors::deserialize(&map).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("mapping {}", path.display()))?;
+    let st = SafeTensors::deserialize(&map)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?.to_device(device);
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind_of(view.dtype())?)?
+            .to_device(device);
         out.push((name, t));
     }
     Ok(out)
@@ -131,10 +149,21 @@ pub fn write_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> anyhow::Re
         let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
         t.f_copy_data_u8(&mut data, numel)?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), Bytes { dtype: dtype_of(t.kind())?, shape, data }));
+        owned.push((
+            name.clone(),
+            Bytes {
+                dtype: dtype_of(t.kind())?,
+                shape,
+                data,
+            },
+        ));
     }
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(owned.iter().map(|(n, b)| (n.as_str(), b)), Some(metadata), path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(
+        owned.iter().map(|(n, b)| (n.as_str(), b)),
+        Some(metadata),
+        path,
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

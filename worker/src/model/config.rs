@@ -89,8 +89,10 @@ impl ModelConfig {
     /// Reads `dir/config.json`.
     pub fn load(dir: &Path) -> anyhow::Result<ModelConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let raw: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let raw: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Self::from_json(raw).with_context(|| format!("in {}", path.display()))
     }
 
@@ -102,7 +104,10 @@ impl ModelConfig {
             "gpt2" => {
                 let hidden = c.n_embd.context("n_embd")?;
                 if let Some(act) = &c.activation_function {
-                    anyhow::ensure!(act == "gelu_new" || act == "gelu_pytorch_tanh", "GPT-2 activation `{act}` is not supported");
+                    anyhow::ensure!(
+                        act == "gelu_new" || act == "gelu_pytorch_tanh",
+                        "GPT-2 activation `{act}` is not supported"
+                    );
                 }
                 ModelConfig {
                     arch: Arch::Gpt2,
@@ -126,24 +131,40 @@ impl ModelConfig {
             }
             "llama" | "mistral" | "qwen2" => {
                 if let Some(scaling) = c.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-                    let default = scaling.get("rope_type").and_then(Value::as_str) == Some("default");
+                    let default =
+                        scaling.get("rope_type").and_then(Value::as_str) == Some("default");
                     anyhow::ensure!(default, "rope_scaling {scaling} is not supported yet");
                 }
                 let rope = c.rope_parameters.as_ref().filter(|p| !p.is_null());
-                if let Some(kind) = rope.and_then(|p| p.get("rope_type")).and_then(Value::as_str) {
+                if let Some(kind) = rope
+                    .and_then(|p| p.get("rope_type"))
+                    .and_then(Value::as_str)
+                {
                     anyhow::ensure!(kind == "default", "rope_type `{kind}` is not supported yet");
                 }
-                let rope_theta = rope.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(c.rope_theta);
+                let rope_theta = rope
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+                    .or(c.rope_theta);
                 if let Some(act) = &c.hidden_act {
-                    anyhow::ensure!(act == "silu", "activation `{act}` is not supported (SwiGLU needs silu)");
+                    anyhow::ensure!(
+                        act == "silu",
+                        "activation `{act}` is not supported (SwiGLU needs silu)"
+                    );
                 }
                 let hidden = c.hidden_size.context("hidden_size")?;
                 let heads = c.num_attention_heads.context("num_attention_heads")?;
                 if let Some(hd) = c.head_dim {
-                    anyhow::ensure!(hd * heads == hidden, "head_dim {hd} * heads {heads} != hidden_size {hidden} is not supported");
+                    anyhow::ensure!(
+                        hd * heads == hidden,
+                        "head_dim {hd} * heads {heads} != hidden_size {hidden} is not supported"
+                    );
                 }
                 let kv = c.num_key_value_heads.unwrap_or(heads);
-                anyhow::ensure!(heads % kv == 0, "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}");
+                anyhow::ensure!(
+                    heads % kv == 0,
+                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+                );
                 ModelConfig {
                     arch: Arch::Llama,
                     vocab_size: c.vocab_size,
@@ -164,9 +185,14 @@ impl ModelConfig {
                     raw,
                 }
             }
-            other => anyhow::bail!("model_type `{other}` is not supported (gpt2, llama, mistral, qwen2)"),
+            other => {
+                anyhow::bail!("model_type `{other}` is not supported (gpt2, llama, mistral, qwen2)")
+            }
         };
-        anyhow::ensure!(cfg.hidden_size % cfg.num_heads == 0, "hidden size is not a multiple of the head count");
+        anyhow::ensure!(
+            cfg.hidden_size % cfg.num_heads == 0,
+            "hidden size is not a multiple of the head count"
+        );
         Ok(cfg)
     }
 
@@ -188,7 +214,15 @@ impl ModelConfig {
     }
 
     /// A GPT-2 `config.json` for a fresh model (pretraining from scratch).
-    pub fn gpt2_json(vocab: i64, positions: i64, width: i64, layers: i64, heads: i64, eos: i64, dropout: f64) -> Value {
+    pub fn gpt2_json(
+        vocab: i64,
+        positions: i64,
+        width: i64,
+        layers: i64,
+        heads: i64,
+        eos: i64,
+        dropout: f64,
+    ) -> Value {
         serde_json::json!({
             "model_type": "gpt2",
             "architectures": ["GPT2LMHeadModel"],

@@ -31,32 +31,78 @@ pub struct Gpt2 {
 impl Gpt2 {
     pub fn new(p: nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Gpt2 {
         let h = cfg.hidden_size;
-        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let wte = (&p / "wte").var("weight", &[cfg.vocab_size, h], init);
-        let wpe = (&p / "wpe").var("weight", &[cfg.max_positions, h], nn::Init::Randn { mean: 0.0, stdev: 0.01 });
+        let wpe = (&p / "wpe").var(
+            "weight",
+            &[cfg.max_positions, h],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        );
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let b = &p / "h" / i;
                 Block {
                     ln_1: Norm::layer_norm(&b / "ln_1", h, cfg.norm_eps),
-                    c_attn: Linear::new(&b / "attn" / "c_attn", h, 3 * h, true, Layout::InOut, lora),
+                    c_attn: Linear::new(
+                        &b / "attn" / "c_attn",
+                        h,
+                        3 * h,
+                        true,
+                        Layout::InOut,
+                        lora,
+                    ),
                     attn_proj: Linear::new(&b / "attn" / "c_proj", h, h, true, Layout::InOut, lora),
                     ln_2: Norm::layer_norm(&b / "ln_2", h, cfg.norm_eps),
-                    c_fc: Linear::new(&b / "mlp" / "c_fc", h, cfg.intermediate_size, true, Layout::InOut, lora),
-                    mlp_proj: Linear::new(&b / "mlp" / "c_proj", cfg.intermediate_size, h, true, Layout::InOut, lora),
+                    c_fc: Linear::new(
+                        &b / "mlp" / "c_fc",
+                        h,
+                        cfg.intermediate_size,
+                        true,
+                        Layout::InOut,
+                        lora,
+                    ),
+                    mlp_proj: Linear::new(
+                        &b / "mlp" / "c_proj",
+                        cfg.intermediate_size,
+                        h,
+                        true,
+                        Layout::InOut,
+                        lora,
+                    ),
                 }
             })
             .collect();
         let ln_f = Norm::layer_norm(&p / "ln_f", h, cfg.norm_eps);
-        Gpt2 { wte, wpe, blocks, ln_f, heads: cfg.num_heads, dropout: cfg.dropout }
+        Gpt2 {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            heads: cfg.num_heads,
+            dropout: cfg.dropout,
+        }
     }
 
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [batch, time]");
-        let mut x = (Tensor::embedding(&self.wte, ids, -1, false, false) + Tensor::embedding(&self.wpe, positions, -1, false, false))
-            .dropout(self.dropout, train);
+        let mut x = (Tensor::embedding(&self.wte, ids, -1, false, false)
+            + Tensor::embedding(&self.wpe, positions, -1, false, false))
+        .dropout(self.dropout, train);
         for (i, block) in self.blocks.iter().enumerate() {
             let a = block.ln_1.forward(&x);
             let qkv = block.c_attn.forward(&a, train);
@@ -67,16 +113,31 @@ impl Gpt2 {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
             };
-            let y = attend(&q, &k, &v, mask, self.dropout, train).transpose(1, 2).reshape([b, t, -1]);
-            x = x + block.attn_proj.forward(&y, train).dropout(self.dropout, train);
+            let y = attend(&q, &k, &v, mask, self.dropout, train)
+                .transpose(1, 2)
+                .reshape([b, t, -1]);
+            x = x + block
+                .attn_proj
+                .forward(&y, train)
+                .dropout(self.dropout, train);
             let m = block.ln_2.forward(&x);
             let m = block.c_fc.forward(&m, train).gelu("tanh");
-            x = x + block.mlp_proj.forward(&m, train).dropout(self.dropout, train);
+            x = x + block
+                .mlp_proj
+                .forward(&m, train)
+                .dropout(self.dropout, train);
         }
         self.ln_f.forward(&x)
     }
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.blocks.iter_mut().flat_map(|b| [&mut b.c_attn, &mut b.attn_proj, &mut b.c_fc, &mut b.mlp_proj])
+        self.blocks.iter_mut().flat_map(|b| {
+            [
+                &mut b.c_attn,
+                &mut b.attn_proj,
+                &mut b.c_fc,
+                &mut b.mlp_proj,
+            ]
+        })
     }
 }

@@ -53,8 +53,18 @@ impl Linear {
     /// Creates `path.weight` (and `path.bias`) with GPT-2/HF-style init
     /// (normal, std 0.02; zero bias). With `lora` targeting this module's
     /// name, also creates `path.lora_A.weight` / `path.lora_B.weight` (PEFT names).
-    pub fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, layout: Layout, lora: Option<&LoraConfig>) -> Linear {
-        let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+    pub fn new(
+        path: nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        bias: bool,
+        layout: Layout,
+        lora: Option<&LoraConfig>,
+    ) -> Linear {
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let shape = match layout {
             Layout::OutIn => [out_dim, in_dim],
             Layout::InOut => [in_dim, out_dim],
@@ -62,14 +72,33 @@ impl Linear {
         let weight = path.var("weight", &shape, init);
         let bias = bias.then(|| path.var("bias", &[out_dim], nn::Init::Const(0.0)));
         let name = path.components().last().unwrap_or_default().to_string();
-        let lora = lora.filter(|l| l.targets.iter().any(|t| t == &name)).map(|l| {
-            // PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
-            let bound = 1.0 / (in_dim as f64).sqrt();
-            let a = (&path / "lora_A").var("weight", &[l.rank, in_dim], nn::Init::Uniform { lo: -bound, up: bound });
-            let b = (&path / "lora_B").var("weight", &[out_dim, l.rank], nn::Init::Const(0.0));
-            Lora { a, b, scale: l.scale(), dropout: l.dropout }
-        });
-        Linear { weight, bias, layout, lora }
+        let lora = lora
+            .filter(|l| l.targets.iter().any(|t| t == &name))
+            .map(|l| {
+                // PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let a = (&path / "lora_A").var(
+                    "weight",
+                    &[l.rank, in_dim],
+                    nn::Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                );
+                let b = (&path / "lora_B").var("weight", &[out_dim, l.rank], nn::Init::Const(0.0));
+                Lora {
+                    a,
+                    b,
+                    scale: l.scale(),
+                    dropout: l.dropout,
+                }
+            });
+        Linear {
+            weight,
+            bias,
+            layout,
+            lora,
+        }
     }
 
     /// # Shapes
@@ -138,7 +167,11 @@ impl Norm {
     }
 
     pub fn rms_norm(path: nn::Path, dim: i64, eps: f64) -> Norm {
-        Norm { weight: path.var("weight", &[dim], nn::Init::Const(1.0)), bias: None, eps }
+        Norm {
+            weight: path.var("weight", &[dim], nn::Init::Const(1.0)),
+            bias: None,
+            eps,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -36,20 +36,33 @@ pub struct Llama {
 impl Llama {
     pub fn new(p: nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Llama {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let embed_tokens = (&p / "embed_tokens").var("weight", &[cfg.vocab_size, h], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let embed_tokens = (&p / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size, h],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = &p / "layers" / i;
                 let a = &l / "self_attn";
                 let m = &l / "mlp";
-                let lin = |path: nn::Path, i_: i64, o: i64, bias: bool| Linear::new(path, i_, o, bias, Layout::OutIn, lora);
+                let lin = |path: nn::Path, i_: i64, o: i64, bias: bool| {
+                    Linear::new(path, i_, o, bias, Layout::OutIn, lora)
+                };
                 Layer {
                     input_layernorm: Norm::rms_norm(&l / "input_layernorm", h, cfg.norm_eps),
                     q_proj: lin(&a / "q_proj", h, cfg.num_heads * hd, cfg.qkv_bias),
                     k_proj: lin(&a / "k_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
                     v_proj: lin(&a / "v_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
                     o_proj: lin(&a / "o_proj", cfg.num_heads * hd, h, false),
-                    post_attention_layernorm: Norm::rms_norm(&l / "post_attention_layernorm", h, cfg.norm_eps),
+                    post_attention_layernorm: Norm::rms_norm(
+                        &l / "post_attention_layernorm",
+                        h,
+                        cfg.norm_eps,
+                    ),
                     gate_proj: lin(&m / "gate_proj", h, cfg.intermediate_size, false),
                     up_proj: lin(&m / "up_proj", h, cfg.intermediate_size, false),
                     down_proj: lin(&m / "down_proj", cfg.intermediate_size, h, false),
@@ -58,8 +71,20 @@ impl Llama {
             .collect();
         let norm = Norm::rms_norm(&p / "norm", h, cfg.norm_eps);
         let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, p.device())) / hd as f64;
-        let inv_freq = Tensor::from(cfg.rope_theta).to_kind(Kind::Float).to_device(p.device()).pow(&exponents).reciprocal();
-        Llama { embed_tokens, layers, norm, heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: hd, inv_freq }
+        let inv_freq = Tensor::from(cfg.rope_theta)
+            .to_kind(Kind::Float)
+            .to_device(p.device())
+            .pow(&exponents)
+            .reciprocal();
+        Llama {
+            embed_tokens,
+            layers,
+            norm,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            inv_freq,
+        }
     }
 
     /// cos and sin of the rotary embedding at `positions`, as transformers
@@ -75,7 +100,14 @@ impl Llama {
 
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         let (cos, sin) = self.rope(positions, x.kind());
@@ -86,15 +118,29 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(&x);
-            let q = layer.q_proj.forward(&a, train).view([b, t, self.heads, self.head_dim]).transpose(1, 2);
-            let k = layer.k_proj.forward(&a, train).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
-            let v = layer.v_proj.forward(&a, train).view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+            let q = layer
+                .q_proj
+                .forward(&a, train)
+                .view([b, t, self.heads, self.head_dim])
+                .transpose(1, 2);
+            let k = layer
+                .k_proj
+                .forward(&a, train)
+                .view([b, t, self.kv_heads, self.head_dim])
+                .transpose(1, 2);
+            let v = layer
+                .v_proj
+                .forward(&a, train)
+                .view([b, t, self.kv_heads, self.head_dim])
+                .transpose(1, 2);
             let (q, k) = (rotate(&q), rotate(&k));
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
             };
-            let y = attend(&q, &k, &v, mask, 0.0, train).transpose(1, 2).reshape([b, t, -1]);
+            let y = attend(&q, &k, &v, mask, 0.0, train)
+                .transpose(1, 2)
+                .reshape([b, t, -1]);
             x = x + layer.o_proj.forward(&y, train);
             let m = layer.post_attention_layernorm.forward(&x);
             let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);
@@ -105,7 +151,15 @@ impl Llama {
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers.iter_mut().flat_map(|l| {
-            [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj, &mut l.o_proj, &mut l.gate_proj, &mut l.up_proj, &mut l.down_proj]
+            [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]
         })
     }
 }

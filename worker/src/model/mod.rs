@@ -56,9 +56,21 @@ impl Transformer {
             Arch::Gpt2 => Backbone::Gpt2(Gpt2::new(root / "transformer", cfg, lora)),
             Arch::Llama => Backbone::Llama(Llama::new(root / "model", cfg, lora)),
         };
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| Linear::new(root / "lm_head", cfg.hidden_size, cfg.vocab_size, false, Layout::OutIn, None));
-        Transformer { cfg: cfg.clone(), backbone, lm_head }
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            Linear::new(
+                root / "lm_head",
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                Layout::OutIn,
+                None,
+            )
+        });
+        Transformer {
+            cfg: cfg.clone(),
+            backbone,
+            lm_head,
+        }
     }
 
     /// Final hidden states.
@@ -66,7 +78,14 @@ impl Transformer {
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, past + t]` (0/1, covering
     /// cached positions too) -> `[b, t, hidden]`.
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         let q_len = ids.size()[1];
         let attn = attention_mask(mask, q_len);
         match &self.backbone {
@@ -129,7 +148,9 @@ pub struct RewardHead {
 
 impl RewardHead {
     pub fn new(root: &nn::Path, hidden: i64) -> RewardHead {
-        RewardHead { score: Linear::new(root / "score", hidden, 1, false, Layout::OutIn, None) }
+        RewardHead {
+            score: Linear::new(root / "score", hidden, 1, false, Layout::OutIn, None),
+        }
     }
 
     /// # Shapes
@@ -151,7 +172,16 @@ pub struct ValueHead {
 
 impl ValueHead {
     pub fn new(root: &nn::Path, hidden: i64) -> ValueHead {
-        ValueHead { summary: Linear::new(root / "v_head" / "summary", hidden, 1, true, Layout::OutIn, None) }
+        ValueHead {
+            summary: Linear::new(
+                root / "v_head" / "summary",
+                hidden,
+                1,
+                true,
+                Layout::OutIn,
+                None,
+            ),
+        }
     }
 
     /// # Shapes
@@ -196,9 +226,16 @@ impl Model {
         let vs = nn::VarStore::new(options.device);
         let root = vs.root();
         let lm = Transformer::new(&root, cfg, options.lora.as_ref());
-        let reward = (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
+        let reward =
+            (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
         let value = (options.head == Head::Value).then(|| ValueHead::new(&root, cfg.hidden_size));
-        Model { vs, lm, reward, value, source: None }
+        Model {
+            vs,
+            lm,
+            reward,
+            value,
+            source: None,
+        }
     }
 
     /// Loads a Hugging Face folder. Head and adapter weights absent from the
@@ -213,7 +250,9 @@ impl Model {
         tch::no_grad(|| -> anyhow::Result<()> {
             for (name, mut var) in model.vs.variables() {
                 // Checkpoints of the bare backbone (`GPT2Model`) have no prefix.
-                let found = stored.get(&name).or_else(|| name.strip_prefix(&prefix).and_then(|n| stored.get(n)));
+                let found = stored
+                    .get(&name)
+                    .or_else(|| name.strip_prefix(&prefix).and_then(|n| stored.get(n)));
                 match found {
                     Some(t) => {
                         anyhow::ensure!(
@@ -225,7 +264,10 @@ impl Model {
                         );
                         var.copy_(t);
                     }
-                    None if name.contains("lora_") || name.starts_with("score.") || name.starts_with("v_head.") => {
+                    None if name.contains("lora_")
+                        || name.starts_with("score.")
+                        || name.starts_with("v_head.") =>
+                    {
                         fresh.push(name)
                     }
                     None => anyhow::bail!("{}: the checkpoint has no `{name}`", dir.display()),
@@ -235,7 +277,11 @@ impl Model {
         })?;
         if !fresh.is_empty() {
             fresh.sort();
-            tracing::info!("newly initialised (not in {}): {}", dir.display(), fresh.join(", "));
+            tracing::info!(
+                "newly initialised (not in {}): {}",
+                dir.display(),
+                fresh.join(", ")
+            );
         }
         if options.lora.is_some() {
             freeze_all_but_lora(&model.vs);
@@ -246,7 +292,12 @@ impl Model {
 
     /// Trainable tensors by name (sorted, so optimizers see a stable order).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
     }
@@ -257,8 +308,12 @@ impl Model {
     pub fn save(&mut self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         self.lm.merge_lora();
-        let tensors: BTreeMap<String, Tensor> =
-            self.vs.variables().into_iter().filter(|(n, _)| !n.contains("lora_")).collect();
+        let tensors: BTreeMap<String, Tensor> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| !n.contains("lora_"))
+            .collect();
         checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
         let mut config = self.lm.cfg.raw.clone();
         let family = match self.lm.cfg.arch {
@@ -281,7 +336,10 @@ impl Model {
         };
         config["architectures"] = serde_json::json!([arch]);
         config["torch_dtype"] = "float32".into();
-        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)? + "\n",
+        )?;
         if let Some(src) = &self.source {
             copy_tokenizer(src, dir)?;
         }
@@ -291,10 +349,15 @@ impl Model {
 
 /// Copies the tokenizer files of a model folder, if any.
 pub fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
-    for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = from.join(name);
         if src.exists() {
-            std::fs::copy(&src, to.join(name)).with_context(|| format!("copying {}", src.display()))?;
+            std::fs::copy(&src, to.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())
@@ -316,7 +379,10 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
         "cpu" => Device::Cpu,
         "auto" => Device::cuda_if_available(),
         "cuda" => {
-            anyhow::ensure!(tch::Cuda::is_available(), "device `cuda` requested but CUDA is not available");
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "device `cuda` requested but CUDA is not available"
+            );
             Device::Cuda(0)
         }
         other => {
@@ -324,7 +390,10 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("bad device `{other}` (auto, cpu, cuda, cuda:N)"))?;
-            anyhow::ensure!(tch::Cuda::is_available(), "device `{other}` requested but CUDA is not available");
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "device `{other}` requested but CUDA is not available"
+            );
             Device::Cuda(n)
         }
     })

@@ -25,7 +25,15 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { max_new_tokens: 64, min_new_tokens: 0, temperature: 1.0, top_k: 0, top_p: 1.0, eos_token_id: None, pad_token_id: 0 }
+        SamplingConfig {
+            max_new_tokens: 64,
+            min_new_tokens: 0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            eos_token_id: None,
+            pad_token_id: 0,
+        }
     }
 }
 
@@ -61,7 +69,10 @@ pub fn left_pad(rows: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor)
         mask.extend(std::iter::repeat_n(0i64, padding).chain(std::iter::repeat_n(1, r.len())));
     }
     let shape = [rows.len() as i64, len as i64];
-    (Tensor::from_slice(&ids).view(shape).to_device(device), Tensor::from_slice(&mask).view(shape).to_device(device))
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    )
 }
 
 /// Samples continuations of `prompts` (token ids, not padded). `stop`
@@ -79,19 +90,30 @@ pub fn generate(
         let b = prompts.len();
         let (ids, mut mask) = left_pad(prompts, cfg.pad_token_id, device);
         let prompt_len = ids.size()[1];
-        let mut cache = KvCache::with_capacity(model.cfg.num_layers, prompt_len + cfg.max_new_tokens);
+        let mut cache =
+            KvCache::with_capacity(model.cfg.num_layers, prompt_len + cfg.max_new_tokens);
         let positions = positions_from_mask(&mask);
         let mut next_pos = positions.select(1, -1) + 1; // [b]
         let hidden = model.hidden(&ids, &positions, &mask, Some(&mut cache), false);
         let mut logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float); // [b, V]
 
-        let mut out: Vec<Sample> = (0..b).map(|_| Sample { tokens: Vec::new(), logprobs: Vec::new(), finish: Finish::Length }).collect();
+        let mut out: Vec<Sample> = (0..b)
+            .map(|_| Sample {
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                finish: Finish::Length,
+            })
+            .collect();
         let mut active = vec![true; b];
         for step in 0..cfg.max_new_tokens {
             let logprobs = logits.log_softmax(-1, Kind::Float);
             let mut scores = logits.shallow_clone();
             if let (Some(eos), true) = (cfg.eos_token_id, step < cfg.min_new_tokens) {
-                scores = scores.index_fill(1, &Tensor::from_slice(&[eos]).to_device(device), f64::NEG_INFINITY);
+                scores = scores.index_fill(
+                    1,
+                    &Tensor::from_slice(&[eos]).to_device(device),
+                    f64::NEG_INFINITY,
+                );
             }
             let next = pick(&scores, cfg); // [b]
             let chosen_lp = logprobs.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
@@ -116,8 +138,13 @@ pub fn generate(
             if !active.iter().any(|a| *a) || step + 1 == cfg.max_new_tokens {
                 break;
             }
-            let step_ids = Tensor::from_slice(&tokens).view([b as i64, 1]).to_device(device);
-            mask = Tensor::cat(&[&mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))], 1);
+            let step_ids = Tensor::from_slice(&tokens)
+                .view([b as i64, 1])
+                .to_device(device);
+            mask = Tensor::cat(
+                &[&mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))],
+                1,
+            );
             let pos = next_pos.view([b as i64, 1]);
             let hidden = model.hidden(&step_ids, &pos, &mask, Some(&mut cache), false);
             logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float);
@@ -150,5 +177,7 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig) -> Tensor {
         let remove_orig = remove.scatter(1, &order, &remove);
         s = s.masked_fill(&remove_orig, f64::NEG_INFINITY);
     }
-    s.softmax(-1, Kind::Float).multinomial(1, false).squeeze_dim(1)
+    s.softmax(-1, Kind::Float)
+        .multinomial(1, false)
+        .squeeze_dim(1)
 }

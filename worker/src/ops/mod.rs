@@ -11,5 +11,8 @@ pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
 /// The worker-side implementation of `op`, if it is a tensor op.
 pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[];
-    table.iter().find(|(name, _)| *name == op).map(|(_, run)| *run)
+    table
+        .iter()
+        .find(|(name, _)| *name == op)
+        .map(|(_, run)| *run)
 }

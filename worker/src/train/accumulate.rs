@@ -58,13 +58,19 @@ mod tests {
 
     /// A fixed regression batch: 8 rows of 3 features, and targets.
     fn data() -> (Tensor, Tensor) {
-        let x = (Tensor::arange(24, tch::kind::FLOAT_CPU) * 0.37).sin().reshape([8, 3]);
-        let y = (Tensor::arange(8, tch::kind::FLOAT_CPU) * 0.5).cos().reshape([8, 1]);
+        let x = (Tensor::arange(24, tch::kind::FLOAT_CPU) * 0.37)
+            .sin()
+            .reshape([8, 3]);
+        let y = (Tensor::arange(8, tch::kind::FLOAT_CPU) * 0.5)
+            .cos()
+            .reshape([8, 1]);
         (x, y)
     }
 
     fn model() -> (Tensor, Tensor) {
-        let w = Tensor::from_slice(&[0.2f32, -0.1, 0.4]).reshape([3, 1]).set_requires_grad(true);
+        let w = Tensor::from_slice(&[0.2f32, -0.1, 0.4])
+            .reshape([3, 1])
+            .set_requires_grad(true);
         let b = Tensor::from_slice(&[0.05f32]).set_requires_grad(true);
         (w, b)
     }
@@ -78,12 +84,28 @@ mod tests {
         let (x, y) = data();
         let run = |accum: usize| {
             let (w, b) = model();
-            let named = vec![("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())];
-            let mut opt = AdamW::new(named, AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+            let named = vec![
+                ("w".to_string(), w.shallow_clone()),
+                ("b".to_string(), b.shallow_clone()),
+            ];
+            let mut opt = AdamW::new(
+                named,
+                AdamWConfig {
+                    weight_decay: 0.1,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let rows = 8 / accum as i64;
             let out = accumulate::<()>(accum, |i| {
-                let (xs, ys) = (x.narrow(0, i as i64 * rows, rows), y.narrow(0, i as i64 * rows, rows));
-                Ok(MicroBatch { loss: mse(&w, &b, &xs, &ys), tokens: rows as u64 })
+                let (xs, ys) = (
+                    x.narrow(0, i as i64 * rows, rows),
+                    y.narrow(0, i as i64 * rows, rows),
+                );
+                Ok(MicroBatch {
+                    loss: mse(&w, &b, &xs, &ys),
+                    tokens: rows as u64,
+                })
             })
             .unwrap();
             let grad = w.grad().copy();

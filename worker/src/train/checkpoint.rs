@@ -106,13 +106,21 @@ pub struct Checkpoints {
 impl Checkpoints {
     /// Checkpoints under `root`, keeping the newest `keep` (at least 1).
     pub fn new(root: impl Into<PathBuf>, keep: usize) -> Self {
-        Self { root: root.into(), keep: keep.max(1) }
+        Self {
+            root: root.into(),
+            keep: keep.max(1),
+        }
     }
 
     /// Writes the checkpoint of step `state.train.step` atomically (replacing
     /// one of the same step), then deletes all but the newest `keep`.
     /// Returns its folder.
-    pub fn save(&self, vs: &VarStore, opt: &AdamW, state: &CheckpointState) -> Result<PathBuf, CheckpointError> {
+    pub fn save(
+        &self,
+        vs: &VarStore,
+        opt: &AdamW,
+        state: &CheckpointState,
+    ) -> Result<PathBuf, CheckpointError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| CheckpointError::Io { path, source }
@@ -127,16 +135,31 @@ impl Checkpoints {
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let written = (|| {
             let model = tmp.join(MODEL_FILE);
-            vs.save(&model).map_err(|source| CheckpointError::Torch { path: model.clone(), source })?;
+            vs.save(&model).map_err(|source| CheckpointError::Torch {
+                path: model.clone(),
+                source,
+            })?;
             let optim = tmp.join(OPTIMIZER_FILE);
-            Tensor::write_safetensors(&opt.state_tensors(), &optim)
-                .map_err(|source| CheckpointError::Torch { path: optim.clone(), source })?;
+            Tensor::write_safetensors(&opt.state_tensors(), &optim).map_err(|source| {
+                CheckpointError::Torch {
+                    path: optim.clone(),
+                    source,
+                }
+            })?;
             let state_path = tmp.join(STATE_FILE);
-            let json = serde_json::to_vec_pretty(&StateFile { format: FORMAT, state: state.clone() })
-                .map_err(|source| CheckpointError::Json { path: state_path.clone(), source })?;
+            let json = serde_json::to_vec_pretty(&StateFile {
+                format: FORMAT,
+                state: state.clone(),
+            })
+            .map_err(|source| CheckpointError::Json {
+                path: state_path.clone(),
+                source,
+            })?;
             std::fs::write(&state_path, json).map_err(io(&state_path))?;
             for file in [&model, &optim, &state_path] {
-                File::open(file).and_then(|f| f.sync_all()).map_err(io(file))?;
+                File::open(file)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(file))?;
             }
             sync_dir(&tmp)?;
             if dir.exists() {
@@ -161,14 +184,25 @@ impl Checkpoints {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(CheckpointError::Io { path: self.root.clone(), source }),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    path: self.root.clone(),
+                    source,
+                })
+            }
         };
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| CheckpointError::Io { path: self.root.clone(), source })?;
+            let entry = entry.map_err(|source| CheckpointError::Io {
+                path: self.root.clone(),
+                source,
+            })?;
             let name = entry.file_name();
             // `step-N.tmp-PID` folders are unfinished writes and do not parse.
-            let step = name.to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok());
+            let step = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("step-"))
+                .and_then(|n| n.parse::<u64>().ok());
             if let Some(step) = step {
                 if entry.path().join(STATE_FILE).is_file() {
                     found.push((step, entry.path()));
@@ -193,25 +227,53 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
 /// Restores the checkpoint in `dir` into `vs` and `opt`, which must have
 /// the structure they were saved with (a fresh model and optimizer do), and
 /// returns its state.
-pub fn load_checkpoint(dir: &Path, vs: &mut VarStore, opt: &mut AdamW) -> Result<CheckpointState, CheckpointError> {
+pub fn load_checkpoint(
+    dir: &Path,
+    vs: &mut VarStore,
+    opt: &mut AdamW,
+) -> Result<CheckpointState, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io { path: state_path.clone(), source })?;
+    let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io {
+        path: state_path.clone(),
+        source,
+    })?;
     let file: StateFile =
-        serde_json::from_slice(&text).map_err(|source| CheckpointError::Json { path: state_path.clone(), source })?;
+        serde_json::from_slice(&text).map_err(|source| CheckpointError::Json {
+            path: state_path.clone(),
+            source,
+        })?;
     if file.format != FORMAT {
-        return Err(CheckpointError::Format { path: state_path, found: file.format });
+        return Err(CheckpointError::Format {
+            path: state_path,
+            found: file.format,
+        });
     }
     let model = dir.join(MODEL_FILE);
-    vs.load(&model).map_err(|source| CheckpointError::Torch { path: model.clone(), source })?;
+    vs.load(&model).map_err(|source| CheckpointError::Torch {
+        path: model.clone(),
+        source,
+    })?;
     let optim = dir.join(OPTIMIZER_FILE);
-    let tensors = Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch { path: optim.clone(), source })?;
-    opt.load_state(&tensors).map_err(|source| CheckpointError::Optim { path: optim, source })?;
+    let tensors = Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch {
+        path: optim.clone(),
+        source,
+    })?;
+    opt.load_state(&tensors)
+        .map_err(|source| CheckpointError::Optim {
+            path: optim,
+            source,
+        })?;
     Ok(file.state)
 }
 
 /// Makes a folder's entries (creations, renames) durable.
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -229,7 +291,14 @@ mod tests {
     }
 
     fn state(step: u64) -> CheckpointState {
-        CheckpointState { train: TrainState { step, ..Default::default() }, lr: 0.1, extra: serde_json::Value::Null }
+        CheckpointState {
+            train: TrainState {
+                step,
+                ..Default::default()
+            },
+            lr: 0.1,
+            extra: serde_json::Value::Null,
+        }
     }
 
     fn root(name: &str) -> PathBuf {
@@ -255,7 +324,10 @@ mod tests {
         assert_eq!(steps, vec![2, 3]);
         assert_eq!(latest(&root).unwrap(), Some(root.join("step-00000003")));
         let (mut vs2, mut opt2) = setup();
-        assert_eq!(load_checkpoint(&root.join("step-00000003"), &mut vs2, &mut opt2).unwrap(), state(3));
+        assert_eq!(
+            load_checkpoint(&root.join("step-00000003"), &mut vs2, &mut opt2).unwrap(),
+            state(3)
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -263,12 +335,19 @@ mod tests {
     fn rejects_an_unknown_format() {
         let root = root("format");
         let (vs, opt) = setup();
-        let dir = Checkpoints::new(&root, 1).save(&vs, &opt, &state(1)).unwrap();
-        let text = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap().replace("\"format\": 1", "\"format\": 99");
+        let dir = Checkpoints::new(&root, 1)
+            .save(&vs, &opt, &state(1))
+            .unwrap();
+        let text = std::fs::read_to_string(dir.join(STATE_FILE))
+            .unwrap()
+            .replace("\"format\": 1", "\"format\": 99");
         std::fs::write(dir.join(STATE_FILE), text).unwrap();
         let (mut vs2, mut opt2) = setup();
         let err = load_checkpoint(&dir, &mut vs2, &mut opt2).unwrap_err();
         std::fs::remove_dir_all(&root).unwrap();
-        assert!(matches!(err, CheckpointError::Format { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, CheckpointError::Format { found: 99, .. }),
+            "{err}"
+        );
     }
 }

@@ -15,7 +15,11 @@ use tch::{Kind, Tensor};
 /// Any shapes; the gradients must share one device. Norms are accumulated in
 /// f32 even for bf16/f16 gradients (torch uses the gradient's dtype).
 pub fn clip_grad_norm(params: &[&Tensor], max_norm: f64) -> f64 {
-    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
     if grads.is_empty() {
         return 0.0;
     }
@@ -30,7 +34,10 @@ pub fn clip_grad_norm(params: &[&Tensor], max_norm: f64) -> f64 {
     let total = Tensor::stack(&norms, 0).norm();
     // A true division, as torch does: tch's `f64 / &Tensor` multiplies by a
     // reciprocal and can differ from torch in the last bit.
-    let coef = total.full_like(max_norm).g_div(&(&total + 1e-6)).clamp_max(1.0);
+    let coef = total
+        .full_like(max_norm)
+        .g_div(&(&total + 1e-6))
+        .clamp_max(1.0);
     for g in &grads {
         let mut g = g.shallow_clone();
         let _ = g.g_mul_(&coef.to_kind(g.kind()));
@@ -59,8 +66,15 @@ mod tests {
         assert!((norm - 13.0).abs() < 1e-6);
         // Scale 6.5 / (13 + 1e-6); torch 2.11 gives [1.4999998807907104,
         // 1.9999998807907104] and [5.999999523162842].
-        let got = [a.grad().double_value(&[0]), a.grad().double_value(&[1]), c.grad().double_value(&[0])];
-        for (g, want) in got.iter().zip([1.4999998807907104, 1.9999998807907104, 5.999999523162842]) {
+        let got = [
+            a.grad().double_value(&[0]),
+            a.grad().double_value(&[1]),
+            c.grad().double_value(&[0]),
+        ];
+        for (g, want) in got
+            .iter()
+            .zip([1.4999998807907104, 1.9999998807907104, 5.999999523162842])
+        {
             assert!((g - want).abs() < 1e-7, "{got:?}");
         }
         assert!(!no_grad.grad().defined());

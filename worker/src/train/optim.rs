@@ -93,7 +93,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, decay_min_dim: 2, implementation: AdamWImpl::Auto }
+        Self {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decay_min_dim: 2,
+            implementation: AdamWImpl::Auto,
+        }
     }
 }
 
@@ -132,8 +138,11 @@ impl AdamW {
             AdamWImpl::Plain => None,
             AdamWImpl::Auto => CModule::load_data(&mut Cursor::new(FUSED_ADAMW_SCRIPT)).ok(),
             AdamWImpl::Fused => Some(
-                CModule::load_data(&mut Cursor::new(FUSED_ADAMW_SCRIPT))
-                    .map_err(|e| OptimError::FusedUnavailable { reason: e.to_string() })?,
+                CModule::load_data(&mut Cursor::new(FUSED_ADAMW_SCRIPT)).map_err(|e| {
+                    OptimError::FusedUnavailable {
+                        reason: e.to_string(),
+                    }
+                })?,
             ),
         };
         let params = params
@@ -143,7 +152,15 @@ impl AdamW {
                 // Moments are kept in the parameter's dtype, as torch does.
                 let exp_avg = tensor.zeros_like().detach();
                 let exp_avg_sq = tensor.zeros_like().detach();
-                Param { name, tensor, decay, exp_avg, exp_avg_sq, step: 0, step_t: None }
+                Param {
+                    name,
+                    tensor,
+                    decay,
+                    exp_avg,
+                    exp_avg_sq,
+                    step: 0,
+                    step_t: None,
+                }
             })
             .collect();
         Ok(Self { cfg, params, fused })
@@ -164,7 +181,11 @@ impl AdamW {
 
     /// The names of the tensors that get weight decay.
     pub fn decayed_names(&self) -> Vec<&str> {
-        self.params.iter().filter(|p| p.decay).map(|p| p.name.as_str()).collect()
+        self.params
+            .iter()
+            .filter(|p| p.decay)
+            .map(|p| p.name.as_str())
+            .collect()
     }
 
     /// The optimized tensors, for gradient clipping.
@@ -234,13 +255,18 @@ impl AdamW {
             }
         }
         let module = self.fused.as_ref().expect("fused module");
-        let torch_err = |source| OptimError::Torch { during: "fused step", source };
+        let torch_err = |source| OptimError::Torch {
+            during: "fused step",
+            source,
+        };
         for ((device, _, decay), members) in groups {
             let (mut ps, mut gs, mut ms, mut vs, mut ss) = (vec![], vec![], vec![], vec![], vec![]);
             for k in members {
                 let (i, grad) = &with_grad[k];
                 let p = &mut self.params[*i];
-                let step_t = p.step_t.get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
+                let step_t = p
+                    .step_t
+                    .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
                 let _ = step_t.f_fill_(p.step as f64).map_err(torch_err)?;
                 ps.push(p.tensor.shallow_clone());
                 gs.push(grad.shallow_clone());
@@ -263,7 +289,9 @@ impl AdamW {
             ];
             module
                 .forward_is(&args)
-                .map_err(|e| OptimError::FusedUnavailable { reason: e.to_string() })?;
+                .map_err(|e| OptimError::FusedUnavailable {
+                    reason: e.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -274,7 +302,10 @@ impl AdamW {
         let mut out = Vec::with_capacity(3 * self.params.len());
         for p in &self.params {
             out.push((format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone()));
-            out.push((format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone()));
+            out.push((
+                format!("{}.exp_avg_sq", p.name),
+                p.exp_avg_sq.shallow_clone(),
+            ));
             out.push((format!("{}.step", p.name), Tensor::from(p.step as i64)));
         }
         out
@@ -293,17 +324,31 @@ impl AdamW {
         };
         let _guard = tch::no_grad_guard();
         for p in &mut self.params {
-            for (suffix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+            for (suffix, dst) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
                 let name = format!("{}.{suffix}", p.name);
                 let src = find(name.clone())?;
                 if src.size() != dst.size() {
-                    return Err(OptimError::ShapeMismatch { name, expected: dst.size(), found: src.size() });
+                    return Err(OptimError::ShapeMismatch {
+                        name,
+                        expected: dst.size(),
+                        found: src.size(),
+                    });
                 }
-                dst.f_copy_(src).map_err(|source| OptimError::Torch { during: "load_state", source })?;
+                dst.f_copy_(src).map_err(|source| OptimError::Torch {
+                    during: "load_state",
+                    source,
+                })?;
             }
             let step = find(format!("{}.step", p.name))?;
-            p.step = step.f_int64_value(&[]).map_err(|source| OptimError::Torch { during: "load_state", source })?
-                as u64;
+            p.step = step
+                .f_int64_value(&[])
+                .map_err(|source| OptimError::Torch {
+                    during: "load_state",
+                    source,
+                })? as u64;
         }
         Ok(())
     }
@@ -346,7 +391,9 @@ mod tests {
 
     /// The two tensors of `ref.py`: a decayed 2x3 weight and a bias.
     fn params() -> Vec<(String, Tensor)> {
-        let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 0.0, -0.75]).reshape([2, 3]).set_requires_grad(true);
+        let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 0.0, -0.75])
+            .reshape([2, 3])
+            .set_requires_grad(true);
         let b = Tensor::from_slice(&[0.1f32, -0.2, 0.3]).set_requires_grad(true);
         vec![("w".into(), w), ("b".into(), b)]
     }
@@ -364,8 +411,18 @@ mod tests {
 
     fn run(implementation: AdamWImpl) -> (AdamW, Vec<(String, Tensor)>) {
         let ps = params();
-        let cfg = AdamWConfig { weight_decay: 0.1, implementation, ..Default::default() };
-        let mut opt = AdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), cfg).unwrap();
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            implementation,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(
+            ps.iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            cfg,
+        )
+        .unwrap();
         for (k, lr) in [1e-2, 5e-3, 2e-3].into_iter().enumerate() {
             opt.zero_grad();
             set_grads(&ps, k + 1);
@@ -392,7 +449,11 @@ mod tests {
         -0.016399282962083817,
         -0.7317336201667786,
     ];
-    const B_REF: [f64; 3] = [0.08300000429153442, -0.1832580864429474, 0.28300002217292786];
+    const B_REF: [f64; 3] = [
+        0.08300000429153442,
+        -0.1832580864429474,
+        0.28300002217292786,
+    ];
     const W_EXP_AVG_REF: [f64; 6] = [
         0.05609999969601631,
         -0.05420000106096268,
@@ -439,12 +500,19 @@ mod tests {
     #[test]
     fn tensors_without_grad_are_skipped() {
         let ps = params();
-        let mut opt =
-            AdamW::new(ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), AdamWConfig::default())
-                .unwrap();
+        let mut opt = AdamW::new(
+            ps.iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            AdamWConfig::default(),
+        )
+        .unwrap();
         ps[0].1.sum(Kind::Float).backward();
         opt.step(1e-2).unwrap();
-        assert!(ps[1].1.equal(&params()[1].1), "a tensor without a gradient moved");
+        assert!(
+            ps[1].1.equal(&params()[1].1),
+            "a tensor without a gradient moved"
+        );
         let state = opt.state_tensors();
         assert_eq!(state[2].1.int64_value(&[]), 1);
         assert_eq!(state[5].1.int64_value(&[]), 0);
@@ -458,7 +526,9 @@ mod tests {
         let path = dir.join("optimizer.safetensors");
         Tensor::write_safetensors(&opt.state_tensors(), &path).unwrap();
         let mut fresh = AdamW::new(params(), AdamWConfig::default()).unwrap();
-        fresh.load_state(&Tensor::read_safetensors(&path).unwrap()).unwrap();
+        fresh
+            .load_state(&Tensor::read_safetensors(&path).unwrap())
+            .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         for ((na, a), (nb, b)) in opt.state_tensors().iter().zip(fresh.state_tensors()) {
             assert_eq!(na, &nb);
@@ -466,12 +536,16 @@ mod tests {
         }
         let mut missing = AdamW::new(params(), AdamWConfig::default()).unwrap();
         let err = missing.load_state(&opt.state_tensors()[1..]).unwrap_err();
-        assert!(matches!(err, OptimError::MissingState { ref name } if name == "w.exp_avg"), "{err}");
+        assert!(
+            matches!(err, OptimError::MissingState { ref name } if name == "w.exp_avg"),
+            "{err}"
+        );
     }
 
     #[test]
     fn config_deserializes_with_defaults() {
-        let cfg: AdamWConfig = serde_json::from_str(r#"{"weight_decay": 0.1, "betas": [0.9, 0.95]}"#).unwrap();
+        let cfg: AdamWConfig =
+            serde_json::from_str(r#"{"weight_decay": 0.1, "betas": [0.9, 0.95]}"#).unwrap();
         assert_eq!(cfg.betas, (0.9, 0.95));
         assert_eq!(cfg.decay_min_dim, 2);
         assert_eq!(cfg.implementation, AdamWImpl::Auto);

@@ -82,7 +82,15 @@ mod tests {
     use super::*;
 
     fn schedule(decay: Decay) -> Schedule {
-        Schedule::new(ScheduleConfig { lr: 1e-3, warmup_steps: 10, decay, min_lr_ratio: 0.1 }, 110)
+        Schedule::new(
+            ScheduleConfig {
+                lr: 1e-3,
+                warmup_steps: 10,
+                decay,
+                min_lr_ratio: 0.1,
+            },
+            110,
+        )
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -115,7 +123,8 @@ mod tests {
 
     #[test]
     fn no_warmup_starts_at_peak() {
-        let cfg: ScheduleConfig = serde_json::from_str(r#"{"lr": 0.5, "decay": "cosine"}"#).unwrap();
+        let cfg: ScheduleConfig =
+            serde_json::from_str(r#"{"lr": 0.5, "decay": "cosine"}"#).unwrap();
         let s = Schedule::new(cfg, 4);
         assert_eq!(s.lr_at(0), 0.5);
         assert!(close(s.lr_at(2), 0.25));

@@ -82,7 +82,12 @@ impl Trainer {
     pub fn new(vs: &VarStore, cfg: TrainerConfig, total_steps: u64) -> Result<Self, OptimError> {
         let opt = AdamW::from_var_store(vs, cfg.optimizer.clone())?;
         let schedule = Schedule::new(cfg.schedule.clone(), total_steps);
-        Ok(Self { cfg, opt, schedule, state: TrainState::default() })
+        Ok(Self {
+            cfg,
+            opt,
+            schedule,
+            state: TrainState::default(),
+        })
     }
 
     /// The loop counters.
@@ -119,11 +124,18 @@ impl Trainer {
         let state = &mut self.state;
         let acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
         // Without clipping the norm is still measured, for the metrics.
-        let grad_norm = clip_grad_norm(&self.opt.params(), self.cfg.max_grad_norm.unwrap_or(f64::INFINITY));
+        let grad_norm = clip_grad_norm(
+            &self.opt.params(),
+            self.cfg.max_grad_norm.unwrap_or(f64::INFINITY),
+        );
         let lr = self.schedule.lr_at(self.state.step);
         let skipped = self.cfg.skip_nonfinite && !grad_norm.is_finite();
         if skipped {
-            tracing::warn!(step = self.state.step, grad_norm, "non-finite gradient norm: update skipped");
+            tracing::warn!(
+                step = self.state.step,
+                grad_norm,
+                "non-finite gradient norm: update skipped"
+            );
         } else {
             self.opt.step(lr)?;
         }
@@ -136,21 +148,42 @@ impl Trainer {
             lr,
             grad_norm,
             tokens: acc.tokens,
-            tokens_per_s: if secs > 0.0 { acc.tokens as f64 / secs } else { 0.0 },
+            tokens_per_s: if secs > 0.0 {
+                acc.tokens as f64 / secs
+            } else {
+                0.0
+            },
             skipped,
         })
     }
 
     /// Saves a checkpoint of the model, optimizer and counters, with `extra`
     /// op state, and returns its folder.
-    pub fn save(&self, ckpts: &Checkpoints, vs: &VarStore, extra: serde_json::Value) -> Result<PathBuf, CheckpointError> {
+    pub fn save(
+        &self,
+        ckpts: &Checkpoints,
+        vs: &VarStore,
+        extra: serde_json::Value,
+    ) -> Result<PathBuf, CheckpointError> {
         let lr = self.schedule.lr_at(self.state.step.saturating_sub(1));
-        ckpts.save(vs, &self.opt, &CheckpointState { train: self.state, lr, extra })
+        ckpts.save(
+            vs,
+            &self.opt,
+            &CheckpointState {
+                train: self.state,
+                lr,
+                extra,
+            },
+        )
     }
 
     /// Restores the checkpoint in `dir` into `vs` and this trainer, and
     /// returns the op's `extra` state.
-    pub fn resume(&mut self, dir: &Path, vs: &mut VarStore) -> Result<serde_json::Value, CheckpointError> {
+    pub fn resume(
+        &mut self,
+        dir: &Path,
+        vs: &mut VarStore,
+    ) -> Result<serde_json::Value, CheckpointError> {
         let saved = load_checkpoint(dir, vs, &mut self.opt)?;
         self.state = saved.train;
         Ok(saved.extra)
@@ -168,7 +201,9 @@ mod tests {
 
     /// A fixed regression set: 16 rows of 3 features, and targets.
     fn data() -> (Tensor, Tensor) {
-        let x = (Tensor::arange(3 * N as i64, tch::kind::FLOAT_CPU) * 0.37).sin().reshape([N as i64, 3]);
+        let x = (Tensor::arange(3 * N as i64, tch::kind::FLOAT_CPU) * 0.37)
+            .sin()
+            .reshape([N as i64, 3]);
         let y = x.matmul(&Tensor::from_slice(&[1.5f32, -2.0, 0.5]).reshape([3, 1])) + 0.3;
         (x, y)
     }
@@ -177,7 +212,10 @@ mod tests {
     /// failed to load would show.
     fn model(init: f64) -> (VarStore, Tensor, Tensor) {
         let vs = VarStore::new(Device::Cpu);
-        let w = vs.root().sub("lin").var("weight", &[3, 1], Init::Const(init));
+        let w = vs
+            .root()
+            .sub("lin")
+            .var("weight", &[3, 1], Init::Const(init));
         let b = vs.root().sub("lin").var("bias", &[1], Init::Const(0.0));
         (vs, w, b)
     }
@@ -201,7 +239,11 @@ mod tests {
         while trainer.state().step < stop {
             let m = trainer
                 .step::<OptimError>(|_, state| {
-                    let idx: Vec<i64> = state.next_batch(N, 2, seed).into_iter().map(|i| i as i64).collect();
+                    let idx: Vec<i64> = state
+                        .next_batch(N, 2, seed)
+                        .into_iter()
+                        .map(|i| i as i64)
+                        .collect();
                     let idx = Tensor::from_slice(&idx);
                     let (xs, ys) = (x.index_select(0, &idx), y.index_select(0, &idx));
                     // No dropout: tests share torch's global generator across
@@ -233,14 +275,19 @@ mod tests {
             let mut first = train(&mut trainer, &w, &b, 3);
             trainer.save(&ckpts, &vs, serde_json::Value::Null).unwrap();
             first.extend(train(&mut trainer, &w, &b, 5));
-            trainer.save(&ckpts, &vs, serde_json::json!({"best": 1.0})).unwrap();
+            trainer
+                .save(&ckpts, &vs, serde_json::json!({"best": 1.0}))
+                .unwrap();
             first
         };
         let (mut vs2, w2, b2) = model(0.7);
         let mut resumed = Trainer::new(&vs2, config(), 10).unwrap();
         let dir = latest(&root).unwrap().unwrap();
         assert!(dir.ends_with("step-00000005"));
-        assert_eq!(resumed.resume(&dir, &mut vs2).unwrap(), serde_json::json!({"best": 1.0}));
+        assert_eq!(
+            resumed.resume(&dir, &mut vs2).unwrap(),
+            serde_json::json!({"best": 1.0})
+        );
         let rest = train(&mut resumed, &w2, &b2, 10);
         std::fs::remove_dir_all(&root).unwrap();
 
