@@ -13,6 +13,7 @@ pub mod graph;
 pub mod manifest;
 pub mod ops;
 pub mod protocol;
+pub mod text;
 
 /// The engine version, recorded in every stage record and lockfile.
 pub const ENGINE_VERSION: &str = env!("CARGO_PKG_VERSION");

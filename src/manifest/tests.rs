@@ -44,11 +44,13 @@ impl Op for Train {
                 name: "model",
                 doc: "",
                 required: true,
+            volatile: false,
             },
             Port {
                 name: "data",
                 doc: "",
                 required: false,
+            volatile: false,
             },
         ]
     }
@@ -58,11 +60,13 @@ impl Op for Train {
                 name: "model",
                 doc: "",
                 required: false,
+            volatile: false,
             },
             Port {
                 name: "metrics",
                 doc: "",
                 required: false,
+            volatile: false,
             },
         ]
     }

@@ -18,12 +18,20 @@ use serde::Serialize;
 use crate::protocol::{Metrics, StageSpec};
 
 pub use describe::{describe, schema_files, write_schemas};
+pub use generate::GenerateParams;
+pub use lm_pretrain::{Family, PretrainParams};
+pub use sft::SftParams;
+pub use tokenizer_train::corpus_texts;
 
 mod dataset_import;
 mod dataset_split;
 mod describe;
 mod exec;
+mod generate;
+mod lm_pretrain;
+mod sft;
 mod tokenizer_train;
+pub mod training;
 
 /// Every registered op, in display order.
 pub fn registry() -> &'static [&'static dyn Op] {
@@ -31,6 +39,9 @@ pub fn registry() -> &'static [&'static dyn Op] {
         &dataset_import::DatasetImport,
         &dataset_split::DatasetSplit,
         &exec::Exec,
+        &generate::Generate,
+        &lm_pretrain::LmPretrain,
+        &sft::Sft,
         &tokenizer_train::TokenizerTrain,
     ];
     OPS
@@ -155,6 +166,22 @@ where
     } else {
         params.clone()
     };
+    // Structs that flatten shared params cannot use `deny_unknown_fields`:
+    // check top-level names against the schema, which lists them all.
+    if let Some(given) = params.as_object() {
+        let schema = schemars::schema_for!(P);
+        if let Some(known) = schema.get("properties").and_then(|p| p.as_object()) {
+            if let Some(unknown) = given.keys().find(|k| !known.contains_key(*k)) {
+                // Reported like serde does (at the parent), so the manifest
+                // points at the misspelt key itself.
+                return Err(ParamError {
+                    field: String::new(),
+                    message: format!("unknown field `{unknown}`"),
+                    suggestion: nearest(unknown, known.keys().map(String::as_str)),
+                });
+            }
+        }
+    }
     let parsed: P = serde_path_to_error::deserialize(&params).map_err(|err| {
         let field = err.path().to_string();
         let field = if field == "." { String::new() } else { field };

@@ -1,0 +1,104 @@
+//! `generate`: sample `n` responses per prompt with a model.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct Generate;
+
+/// Params of `generate`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateParams {
+    /// Responses per prompt.
+    #[serde(default = "one")]
+    pub n: usize,
+    /// Most new tokens per response.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Fewest new tokens (EOS is blocked before).
+    #[serde(default)]
+    pub min_new_tokens: i64,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: off).
+    #[serde(default)]
+    pub top_k: i64,
+    /// Nucleus sampling mass (1: off).
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Stop a response when its text contains one of these (the stop string is cut off).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Prompts per batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Field holding the prompt.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Prompt template; `{prompt}` is replaced by the prompt field.
+    #[serde(default = "default_template")]
+    pub template: String,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_max_new_tokens() -> i64 {
+    64
+}
+fn default_temperature() -> f64 {
+    1.0
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_template() -> String {
+    "{prompt}".into()
+}
+
+impl Op for Generate {
+    fn name(&self) -> &'static str {
+        "generate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("model", "the model folder"),
+            Port::input("prompts", "JSONL records with a prompt field"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[Port::output(
+            "responses",
+            "JSONL: {prompt, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
+        )];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(GenerateParams)
+    }
+    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<GenerateParams>(params)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("generate runs in alignflow-worker")
+    }
+}

@@ -1,0 +1,120 @@
+//! `lm.pretrain`: a small causal LM trained from scratch on a text corpus,
+//! so every pipeline can run offline from nothing.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::training::TrainParams;
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct LmPretrain;
+
+/// The architecture of a fresh model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// GPT-2: learned positions, LayerNorm, GELU, tied embeddings.
+    Gpt2,
+    /// Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+    Llama,
+}
+
+/// Params of `lm.pretrain`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PretrainParams {
+    /// Architecture family.
+    #[serde(default = "default_family")]
+    pub arch: Family,
+    /// Hidden size.
+    #[serde(default = "default_width")]
+    pub width: i64,
+    /// Transformer blocks.
+    #[serde(default = "default_layers")]
+    pub layers: i64,
+    /// Attention heads.
+    #[serde(default = "default_heads")]
+    pub heads: i64,
+    /// Key/value heads (Llama; default: `heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<i64>,
+    /// Maximum positions (context length).
+    #[serde(default = "default_positions")]
+    pub positions: i64,
+    /// Training sequence length (tokens per example).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: i64,
+    /// Dropout (GPT-2).
+    #[serde(default)]
+    pub dropout: f64,
+    /// JSONL string fields to read (text files are read line by line).
+    #[serde(default = "default_fields")]
+    pub fields: Vec<String>,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(flatten)]
+    pub train: TrainParams,
+}
+
+fn default_family() -> Family {
+    Family::Gpt2
+}
+fn default_width() -> i64 {
+    256
+}
+fn default_layers() -> i64 {
+    4
+}
+fn default_heads() -> i64 {
+    4
+}
+fn default_positions() -> i64 {
+    256
+}
+fn default_seq_len() -> i64 {
+    128
+}
+fn default_fields() -> Vec<String> {
+    ["prompt", "chosen", "rejected", "response", "text"].map(String::from).to_vec()
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+
+impl Op for LmPretrain {
+    fn name(&self) -> &'static str {
+        "lm.pretrain"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "train a small causal LM from scratch on a corpus (GPT-2 or Llama architecture)"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("data", "corpus: a JSONL or text file, or a folder of them"),
+            Port::input("tokenizer", "a tokenizer folder (from tokenizer.train)"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[
+            Port::output("model", "Hugging Face model folder: config.json, model.safetensors, tokenizer"),
+            Port::volatile("metrics", "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s"),
+        ];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(PretrainParams)
+    }
+    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<PretrainParams>(params)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("lm.pretrain runs in alignflow-worker")
+    }
+}

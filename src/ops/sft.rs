@@ -1,0 +1,95 @@
+//! `sft`: supervised fine-tuning on prompt/response records, the loss on
+//! response tokens only; full or LoRA.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::training::{LoraParams, TrainParams};
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct Sft;
+
+/// Params of `sft`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SftParams {
+    /// Field holding the prompt.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Field holding the target response (`chosen` for comparisons).
+    #[serde(default = "default_response_field")]
+    pub response_field: String,
+    /// Prompt template; `{prompt}` is replaced by the prompt field.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Append the EOS token to each response, so the model learns to stop.
+    #[serde(default = "yes")]
+    pub append_eos: bool,
+    /// Longest example in tokens; longer ones keep the prompt's end and the response's start.
+    #[serde(default = "default_max_len")]
+    pub max_len: i64,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// LoRA adapters instead of full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraParams>,
+    #[serde(flatten)]
+    pub train: TrainParams,
+}
+
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_response_field() -> String {
+    "response".into()
+}
+fn default_template() -> String {
+    "{prompt}".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_len() -> i64 {
+    256
+}
+fn default_lr() -> f64 {
+    1e-5
+}
+
+impl Op for Sft {
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("model", "the model folder to fine-tune"),
+            Port::input("data", "JSONL records with a prompt and a response field"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[
+            Port::output("model", "the fine-tuned model folder (LoRA merged)"),
+            Port::volatile("metrics", "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s"),
+        ];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(SftParams)
+    }
+    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<SftParams>(params)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("sft runs in alignflow-worker")
+    }
+}

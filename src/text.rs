@@ -1,0 +1,63 @@
+//! Tokenizers of model folders (`tokenizer.json`, Hugging Face format) and
+//! the conversation text format of the HH-RLHF and Constitutional AI data.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+/// A model folder's tokenizer with the special ids the models need.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub eos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`; EOS and pad tokens come from
+    /// `tokenizer_config.json` when present.
+    pub fn from_dir(dir: &Path) -> anyhow::Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        let config: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token_id = |key: &str| -> Option<u32> {
+            let token = match &config[key] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                _ => None,
+            }?;
+            inner.token_to_id(&token)
+        };
+        let eos_id = token_id("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
+        let pad_id = token_id("pad_token").or(eos_id);
+        Ok(Tokenizer { inner, eos_id, pad_id })
+    }
+
+    /// Token ids of `text`, without added special tokens.
+    pub fn encode(&self, text: &str) -> anyhow::Result<Vec<i64>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Text of `ids`, keeping special tokens out.
+    pub fn decode(&self, ids: &[i64]) -> anyhow::Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner.decode(&ids, true).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Fills a prompt template: `{prompt}` is replaced by the prompt.
+pub fn apply_template(template: &str, prompt: &str) -> String {
+    template.replace("{prompt}", prompt)
+}
