@@ -19,33 +19,47 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
-        let config: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
-            Err(_) => serde_json::Value::Null,
-        };
+        let config: serde_json::Value =
+            match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+                Ok(text) => serde_json::from_str(&text)
+                    .with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
+                Err(_) => serde_json::Value::Null,
+            };
         let token_id = |key: &str| -> Option<u32> {
             let token = match &config[key] {
                 serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
                 _ => None,
             }?;
             inner.token_to_id(&token)
         };
         let eos_id = token_id("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
         let pad_id = token_id("pad_token").or(eos_id);
-        Ok(Tokenizer { inner, eos_id, pad_id })
+        Ok(Tokenizer {
+            inner,
+            eos_id,
+            pad_id,
+        })
     }
 
     /// Token ids of `text`, without added special tokens.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<i64>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
     /// Text of `ids`, keeping special tokens out.
     pub fn decode(&self, ids: &[i64]) -> anyhow::Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner.decode(&ids, true).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {

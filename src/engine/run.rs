@@ -687,7 +687,11 @@ async fn execute_inner(
                 .outputs
                 .iter()
                 // Volatile outputs (timing logs) may differ between identical runs.
-                .filter(|(name, _)| !op.outputs().iter().any(|p| p.name == name.as_str() && p.volatile))
+                .filter(|(name, _)| {
+                    !op.outputs()
+                        .iter()
+                        .any(|p| p.name == name.as_str() && p.volatile)
+                })
                 .filter(|(name, id)| record.outputs.get(*name) != Some(id))
                 .map(|(name, id)| {
                     let got = record

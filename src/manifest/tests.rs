@@ -44,13 +44,13 @@ impl Op for Train {
                 name: "model",
                 doc: "",
                 required: true,
-            volatile: false,
+                volatile: false,
             },
             Port {
                 name: "data",
                 doc: "",
                 required: false,
-            volatile: false,
+                volatile: false,
             },
         ]
     }
@@ -60,13 +60,13 @@ impl Op for Train {
                 name: "model",
                 doc: "",
                 required: false,
-            volatile: false,
+                volatile: false,
             },
             Port {
                 name: "metrics",
                 doc: "",
                 required: false,
-            volatile: false,
+                volatile: false,
             },
         ]
     }

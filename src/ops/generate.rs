@@ -95,7 +95,10 @@ impl Op for Generate {
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(GenerateParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<GenerateParams>(params)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

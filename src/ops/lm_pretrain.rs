@@ -75,7 +75,9 @@ fn default_seq_len() -> i64 {
     128
 }
 fn default_fields() -> Vec<String> {
-    ["prompt", "chosen", "rejected", "response", "text"].map(String::from).to_vec()
+    ["prompt", "chosen", "rejected", "response", "text"]
+        .map(String::from)
+        .to_vec()
 }
 fn default_lr() -> f64 {
     3e-4
@@ -100,8 +102,14 @@ impl Op for LmPretrain {
     }
     fn outputs(&self) -> &'static [Port] {
         const OUTPUTS: &[Port] = &[
-            Port::output("model", "Hugging Face model folder: config.json, model.safetensors, tokenizer"),
-            Port::volatile("metrics", "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s"),
+            Port::output(
+                "model",
+                "Hugging Face model folder: config.json, model.safetensors, tokenizer",
+            ),
+            Port::volatile(
+                "metrics",
+                "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
+            ),
         ];
         OUTPUTS
     }
@@ -111,7 +119,10 @@ impl Op for LmPretrain {
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(PretrainParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<PretrainParams>(params)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

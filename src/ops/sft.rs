@@ -76,7 +76,10 @@ impl Op for Sft {
     fn outputs(&self) -> &'static [Port] {
         const OUTPUTS: &[Port] = &[
             Port::output("model", "the fine-tuned model folder (LoRA merged)"),
-            Port::volatile("metrics", "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s"),
+            Port::volatile(
+                "metrics",
+                "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
+            ),
         ];
         OUTPUTS
     }
@@ -86,7 +89,10 @@ impl Op for Sft {
     fn params_schema(&self) -> schemars::Schema {
         schemars::schema_for!(SftParams)
     }
-    fn normalize_params(&self, params: &serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
         super::normalize_with::<SftParams>(params)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

@@ -540,7 +540,11 @@ mod tests {
 /// The texts of a corpus (a file, or a folder of `.jsonl` / `.txt` files):
 /// the named string fields of JSONL records, or the lines of text files.
 /// Shared with the ops that train language models on the same corpora.
-pub fn corpus_texts(ctx: &StageContext<'_>, data: &Path, fields: &[String]) -> anyhow::Result<Vec<String>> {
+pub fn corpus_texts(
+    ctx: &StageContext<'_>,
+    data: &Path,
+    fields: &[String],
+) -> anyhow::Result<Vec<String>> {
     let mut texts = Vec::new();
     for file in corpus_files(&ctx.spec.stage, data)? {
         read_texts(ctx, &file, fields, &mut texts)?;

@@ -5,12 +5,21 @@
 use alignflow::ops::StageContext;
 use alignflow::protocol::Metrics;
 
+pub mod common;
+mod generate;
+mod lm_pretrain;
+pub mod sft;
+
 /// A tensor op's entry point.
 pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
 
 /// The worker-side implementation of `op`, if it is a tensor op.
 pub fn find(op: &str) -> Option<RunFn> {
-    let table: &[(&str, RunFn)] = &[];
+    let table: &[(&str, RunFn)] = &[
+        ("generate", generate::run),
+        ("lm.pretrain", lm_pretrain::run),
+        ("sft", sft::run),
+    ];
     table
         .iter()
         .find(|(name, _)| *name == op)

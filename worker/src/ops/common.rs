@@ -1,0 +1,234 @@
+//! What the training ops share: the loop (resume, checkpoints, metrics,
+//! NaN guard, progress), batching and the causal-LM loss.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use alignflow::ops::training::{Decay, TrainParams};
+use alignflow::ops::StageContext;
+use alignflow::protocol::Metrics;
+
+use crate::model::{positions_from_mask, Model};
+use crate::train::{
+    self, AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, Trainer, TrainerConfig,
+};
+
+/// Loss-computing closure: the model and the example indices of one
+/// micro-batch -> (mean loss, tokens that counted).
+pub type LossFn<'a> = dyn FnMut(&Model, &[usize]) -> anyhow::Result<(Tensor, u64)> + 'a;
+
+/// Optimizer steps for `examples` examples under `p`.
+pub fn total_steps(p: &TrainParams, examples: usize) -> u64 {
+    let micro_per_epoch = examples.div_ceil(p.batch_size.max(1)) as u64;
+    p.max_steps
+        .unwrap_or_else(|| (micro_per_epoch * p.epochs as u64).div_ceil(p.grad_accum.max(1) as u64))
+        .max(1)
+}
+
+/// Runs the training loop of a stage: resumes from the stage's latest
+/// checkpoint (same fingerprint), reseeds torch per step, writes
+/// `metrics.jsonl`, checkpoints every `checkpoint_every` steps and stops
+/// with a clear error on a non-finite loss, keeping the last good checkpoint.
+pub fn run_training(
+    ctx: &StageContext<'_>,
+    model: &mut Model,
+    p: &TrainParams,
+    lr: f64,
+    examples: usize,
+    loss_fn: &mut LossFn<'_>,
+) -> anyhow::Result<Metrics> {
+    anyhow::ensure!(
+        examples > 0,
+        "stage `{}`: no training examples",
+        ctx.spec.stage
+    );
+    let steps = total_steps(p, examples);
+    let cfg = TrainerConfig {
+        optimizer: AdamWConfig {
+            betas: p.betas,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            ..Default::default()
+        },
+        schedule: ScheduleConfig {
+            lr,
+            warmup_steps: p.warmup_steps,
+            decay: match p.schedule {
+                Decay::Cosine => train::Decay::Cosine,
+                Decay::Linear => train::Decay::Linear,
+                Decay::Constant => train::Decay::Constant,
+            },
+            min_lr_ratio: p.min_lr_ratio,
+        },
+        max_grad_norm: p.grad_clip,
+        accum_steps: p.grad_accum.max(1),
+        skip_nonfinite: false,
+        seed: ctx.spec.seed,
+    };
+    let mut trainer = Trainer::new(&model.vs, cfg, steps)?;
+    let ckpt_root = ctx.spec.checkpoint_dir.join("train");
+    let checkpoints = Checkpoints::new(&ckpt_root, 2);
+    let metrics_path = ctx.spec.checkpoint_dir.join("metrics.jsonl");
+    if let Some(dir) = checkpoints.latest()? {
+        trainer.resume(&dir, &mut model.vs)?;
+        let step = trainer.state().step;
+        tracing::info!(step, "resuming from checkpoint {}", dir.display());
+        truncate_metrics(&metrics_path, step)?;
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let autocast = p.bf16 && model.vs.device().is_cuda();
+    let batch_size = p.batch_size.max(1);
+    let seed = ctx.spec.seed;
+    let start = std::time::Instant::now();
+    let start_tokens = trainer.state().tokens_seen;
+    let mut last_loss = f64::NAN;
+    while !trainer.done() {
+        ctx.cancel.check()?;
+        let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
+            let idx = state.next_batch(examples, batch_size, seed);
+            let (loss, tokens) = tch::autocast(autocast, || loss_fn(model, &idx))?;
+            Ok(MicroBatch { loss, tokens })
+        })?;
+        if !m.loss.is_finite() || !m.grad_norm.is_finite() {
+            anyhow::bail!(
+                "stage `{}`: step {}: the {} is {} (NaN or inf); stopped, keeping the last good checkpoint",
+                ctx.spec.stage,
+                m.step,
+                if m.loss.is_finite() { "gradient norm" } else { "loss" },
+                if m.loss.is_finite() { m.grad_norm } else { m.loss }
+            );
+        }
+        last_loss = m.loss;
+        let line = serde_json::json!({
+            "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": trainer.state().epoch,
+        });
+        if m.step % p.log_every.max(1) == 0 || m.step == steps {
+            writeln!(metrics_file, "{line}")?;
+            ctx.reporter.metric(
+                &[
+                    ("step".to_string(), m.step as f64),
+                    ("loss".to_string(), m.loss),
+                    ("lr".to_string(), m.lr),
+                    ("grad_norm".to_string(), m.grad_norm),
+                    ("tokens_per_s".to_string(), m.tokens_per_s),
+                ]
+                .into_iter()
+                .collect(),
+            );
+        }
+        ctx.reporter
+            .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
+        if p.checkpoint_every > 0 && m.step % p.checkpoint_every == 0 && m.step < steps {
+            metrics_file.flush()?;
+            trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
+        }
+    }
+    metrics_file.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = trainer.state().tokens_seen - start_tokens;
+    std::fs::create_dir_all(&ctx.spec.out_dir)?;
+    std::fs::copy(&metrics_path, ctx.output("metrics")).context("copying metrics.jsonl")?;
+    model.save(&ctx.output("model"))?;
+    let mut out = Metrics::new();
+    out.insert("steps".into(), steps.into());
+    out.insert("final_loss".into(), serde_json::json!(last_loss));
+    out.insert("tokens".into(), trainer.state().tokens_seen.into());
+    out.insert(
+        "tokens_per_s".into(),
+        serde_json::json!(if secs > 0.0 {
+            tokens as f64 / secs
+        } else {
+            0.0
+        }),
+    );
+    Ok(out)
+}
+
+/// Drops metric lines past `step` (they belong to the interrupted run).
+fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(path, body)?;
+    Ok(())
+}
+
+/// Right-pads token rows into ids, a 0/1 mask and labels (`-100` where no
+/// loss applies: padding and, via `loss_from`, each row's prompt).
+///
+/// # Shapes
+/// -> three `[rows, max_len]` int64 tensors.
+pub fn right_pad(rows: &[(&[i64], usize)], pad: i64, device: Device) -> (Tensor, Tensor, Tensor) {
+    let len = rows.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, loss_from) in rows {
+        for (i, &t) in r.iter().enumerate() {
+            ids.push(t);
+            mask.push(1i64);
+            labels.push(if i >= *loss_from { t } else { -100 });
+        }
+        for _ in r.len()..len {
+            ids.push(pad);
+            mask.push(0);
+            labels.push(-100);
+        }
+    }
+    let shape = [rows.len() as i64, len as i64];
+    let t = |v: Vec<i64>| Tensor::from_slice(&v).view(shape).to_device(device);
+    (t(ids), t(mask), t(labels))
+}
+
+/// Mean next-token cross-entropy over the labelled positions.
+///
+/// # Shapes
+/// `ids`, `mask`, `labels`: `[b, t]` -> scalar loss; also the count of
+/// labelled target tokens.
+pub fn causal_lm_loss(
+    model: &Model,
+    ids: &Tensor,
+    mask: &Tensor,
+    labels: &Tensor,
+    train: bool,
+) -> (Tensor, u64) {
+    let positions = positions_from_mask(mask);
+    let hidden = model.lm.hidden(ids, &positions, mask, None, train);
+    let t = ids.size()[1];
+    let logits = model
+        .lm
+        .logits(&hidden.narrow(1, 0, t - 1))
+        .to_kind(Kind::Float);
+    let targets = labels.narrow(1, 1, t - 1);
+    let counted = targets.ne(-100).sum(Kind::Int64).int64_value(&[]) as u64;
+    let vocab = logits.size()[2];
+    let loss = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
+        &targets.reshape([-1]),
+        None,
+        tch::Reduction::Mean,
+        -100,
+        0.0,
+    );
+    (loss, counted)
+}
