@@ -138,6 +138,7 @@ impl Reporter for StageProgress<'_> {
                 bar.set_position(pos);
                 bar.set_message(msg.to_string());
             }
+            None if self.ui.quiet => {}
             None => {
                 let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
                 let done = len.is_some_and(|l| pos >= l);

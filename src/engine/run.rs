@@ -226,6 +226,9 @@ pub fn run(
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Workers die with the thread that spawned them (PDEATHSIG): no
+        // runtime thread may retire while a run is in progress.
+        .thread_keep_alive(Duration::from_secs(7 * 24 * 3600))
         .enable_all()
         .build()
         .context("starting the scheduler")?;

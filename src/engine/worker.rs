@@ -43,7 +43,17 @@ pub async fn run_stage(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Metrics> {
     let exe = worker_path();
-    let mut child = Command::new(&exe)
+    let mut command = Command::new(&exe);
+    // The worker dies with the engine (even on SIGKILL), so an orphan can
+    // never keep writing the checkpoints a rerun resumes from. The spawning
+    // thread is a runtime worker, alive as long as the run.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["run", "-"])
         .env("CUDA_VISIBLE_DEVICES", &placement.cuda_visible_devices)
         .stdin(Stdio::piped())

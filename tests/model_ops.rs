@@ -1,0 +1,211 @@
+//! The tensor ops through the engine and the worker: determinism, resume
+//! after a kill, the NaN guard, generation records.
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+/// Imports the shipped HH-RLHF sample, trains a tokenizer and a tiny LM.
+fn tiny_pipeline(steps: u32, checkpoint_every: u32, lr: &str) -> String {
+    format!(
+        r#"version: 1
+name: tiny
+seed: 3
+stages:
+  hh:
+    op: dataset.import
+    inputs: {{ source: hh.jsonl }}
+  tok:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.hh.data}}" }}
+    params: {{ vocab_size: 384 }}
+  base:
+    op: lm.pretrain
+    inputs: {{ data: "${{stages.hh.data}}", tokenizer: "${{stages.tok.tokenizer}}" }}
+    params: {{ width: 64, layers: 2, heads: 2, positions: 96, seq_len: 48, batch_size: 4, max_steps: {steps}, lr: {lr}, checkpoint_every: {checkpoint_every}, dropout: 0.1 }}
+  gen:
+    op: generate
+    inputs: {{ model: "${{stages.base.model}}", prompts: prompts.jsonl }}
+    params: {{ n: 3, max_new_tokens: 8, batch_size: 4 }}
+"#
+    )
+}
+
+fn project(yaml: &str) -> Project {
+    let p = Project::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sample = std::fs::read_to_string(root.join("examples/hh-rlhf-sample.jsonl")).unwrap();
+    p.write(
+        "hh.jsonl",
+        &sample.lines().take(60).collect::<Vec<_>>().join("\n"),
+    );
+    p.write("prompts.jsonl", "{\"prompt\": \"\\n\\nHuman: hi\\n\\nAssistant:\"}\n{\"prompt\": \"\\n\\nHuman: why?\\n\\nAssistant:\"}\n");
+    p.write("pipeline.yaml", yaml);
+    p
+}
+
+fn output(p: &Project, stage: &str, name: &str) -> (String, std::path::PathBuf) {
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", stage, "--json"])).unwrap();
+    (
+        shown[name]["id"].as_str().unwrap().to_string(),
+        shown[name]["path"].as_str().unwrap().into(),
+    )
+}
+
+/// (step, loss, lr, grad_norm) of each metrics line: everything but timing.
+fn curve(path: &std::path::Path) -> Vec<(u64, String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{l}");
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].to_string(),
+                v["lr"].to_string(),
+                v["grad_norm"].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn training_and_generation_are_byte_identical_across_runs_on_cpu() {
+    let a = project(&tiny_pipeline(12, 0, "1e-3"));
+    let b = project(&tiny_pipeline(12, 0, "1e-3"));
+    a.ok(&["run", "pipeline.yaml", "--quiet"]);
+    b.ok(&["run", "pipeline.yaml", "--quiet"]);
+    assert_eq!(
+        output(&a, "base", "model").0,
+        output(&b, "base", "model").0,
+        "same weights, bytes and all"
+    );
+    assert_eq!(
+        output(&a, "gen", "responses").0,
+        output(&b, "gen", "responses").0
+    );
+    let model = output(&a, "base", "model").1;
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(model.join(file).exists(), "{file}");
+    }
+    let points = curve(&output(&a, "base", "metrics").1);
+    assert_eq!(points.len(), 12);
+    let responses = std::fs::read_to_string(output(&a, "gen", "responses").1).unwrap();
+    let records: Vec<serde_json::Value> = responses
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 6, "n = 3 per prompt");
+    for r in &records {
+        let ids = r["response_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), r["token_logprobs"].as_array().unwrap().len());
+        let sum: f64 = r["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!((sum - r["logprob"].as_f64().unwrap()).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn a_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run() {
+    let whole = project(&tiny_pipeline(40, 5, "1e-3"));
+    whole.ok(&["run", "pipeline.yaml", "--quiet", "--target", "base"]);
+
+    let cut = project(&tiny_pipeline(40, 5, "1e-3"));
+    let mut child = cut
+        .cmd(&["run", "pipeline.yaml", "--quiet", "--target", "base"])
+        .spawn()
+        .unwrap();
+    // Wait for a checkpoint past step 10, then SIGKILL the engine mid-training.
+    let start = Instant::now();
+    let past_ten = |dir: &std::path::Path| {
+        walk(dir).iter().any(|p| {
+            p.file_name().and_then(|n| n.to_str()) == Some("state.json")
+                && std::fs::read_to_string(p).is_ok_and(|s| {
+                    serde_json::from_str::<serde_json::Value>(&s)
+                        .is_ok_and(|v| v["train"]["step"].as_u64() >= Some(10))
+                })
+        })
+    };
+    while !past_ten(&cut.path("cache/checkpoints")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before it could be killed: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(cut.ok(&["cache", "verify"]).contains(": 0 problem(s)"));
+    let out = cut.ok(&["run", "pipeline.yaml", "--quiet", "--target", "base"]);
+    assert!(stages_with_status(&out, "ran").contains("base"), "{out}");
+    let log = std::fs::read_dir(cut.path("cache/logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(
+        log.contains("resuming from checkpoint"),
+        "the rerun resumed:\n{log}"
+    );
+    assert_eq!(
+        curve(&output(&cut, "base", "metrics").1),
+        curve(&output(&whole, "base", "metrics").1)
+    );
+    assert_eq!(
+        output(&cut, "base", "model").0,
+        output(&whole, "base", "model").0
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_diverging_loss_stops_the_stage_naming_the_step() {
+    let p = project(
+        &tiny_pipeline(30, 0, "1e12").replace("dropout: 0.1 }", "dropout: 0.1, grad_clip: null }"),
+    );
+    let out = p.run(&["run", "pipeline.yaml", "--quiet", "--target", "base"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stage `base`: step "), "{stderr}");
+    assert!(
+        stderr.contains("(NaN or inf); stopped, keeping the last good checkpoint"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_training_params_are_refused_before_anything_runs() {
+    let p = project(&tiny_pipeline(30, 0, "1e-3").replace("max_steps: 30", "max_stesp: 30"));
+    let err = p.fails(&["plan", "pipeline.yaml"]);
+    assert!(
+        err.contains(
+            "stage `base`, field `params.max_stesp`: unknown field (did you mean `max_steps`?)"
+        ),
+        "{err}"
+    );
+}
