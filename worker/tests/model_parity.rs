@@ -155,13 +155,28 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
             ..Default::default()
         };
         let prompts = prompts(&r);
-        tch::manual_seed(11);
         let samples = generate(&model.lm, &prompts, &cfg, Device::Cpu, |_, _| false);
-        tch::manual_seed(11);
         let again = generate(&model.lm, &prompts, &cfg, Device::Cpu, |_, _| false);
         for (a, b) in samples.iter().zip(&again) {
             assert_eq!(a.tokens, b.tokens, "{name}: seeded sampling repeats");
         }
+        let other = generate(
+            &model.lm,
+            &prompts,
+            &SamplingConfig {
+                seed: 12,
+                ..cfg.clone()
+            },
+            Device::Cpu,
+            |_, _| false,
+        );
+        assert!(
+            samples
+                .iter()
+                .zip(&other)
+                .any(|(a, b)| a.tokens != b.tokens),
+            "{name}: another seed samples otherwise"
+        );
         // Full forward on prompt + sample, one row at a time (no padding at all).
         for (p, s) in prompts.iter().zip(&samples) {
             let seq: Vec<i64> = p.iter().chain(&s.tokens).copied().collect();

@@ -118,16 +118,37 @@ pub fn attention_mask(attention_mask: &Tensor, q_len: i64) -> Tensor {
     mask.logical_or(&diagonal)
 }
 
+/// Which keys each query may see.
+#[derive(Debug)]
+pub enum Mask {
+    /// Plain causal attention over an unpadded batch with no cache: the
+    /// kernel's own causal path, no mask tensor (fastest; flash on CUDA).
+    Causal,
+    /// From [`attention_mask`]: `[b, 1, q, kv]`, `true` = may attend.
+    Explicit(Tensor),
+}
+
+impl Mask {
+    /// The mask for `q_len` new queries over `mask` (`[b, past + q]`, 0/1).
+    pub fn new(mask: &Tensor, q_len: i64) -> Mask {
+        let kv_len = mask.size()[1];
+        if kv_len == q_len && mask.min().int64_value(&[]) == 1 {
+            Mask::Causal
+        } else {
+            Mask::Explicit(attention_mask(mask, q_len))
+        }
+    }
+}
+
 /// Fused scaled-dot-product attention (grouped-query aware).
 ///
 /// # Shapes
-/// `q`: `[b, heads, q, d]`; `k`, `v`: `[b, kv_heads, kv, d]`; `mask`:
-/// `[b, 1, q, kv]` -> `[b, heads, q, d]`.
+/// `q`: `[b, heads, q, d]`; `k`, `v`: `[b, kv_heads, kv, d]` -> `[b, heads, q, d]`.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: &Mask,
     dropout: f64,
     train: bool,
 ) -> Tensor {
@@ -144,14 +165,13 @@ pub fn attend(
             v.repeat_interleave_self_int(rep, 1, None),
         )
     };
-    Tensor::scaled_dot_product_attention(
-        q,
-        &k,
-        &v,
-        Some(mask),
-        if train { dropout } else { 0.0 },
-        false,
-        None,
-        false,
-    )
+    let p = if train { dropout } else { 0.0 };
+    match mask {
+        Mask::Causal => {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, true, None, false)
+        }
+        Mask::Explicit(m) => {
+            Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), p, false, None, false)
+        }
+    }
 }

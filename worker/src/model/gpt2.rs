@@ -3,7 +3,7 @@
 
 use tch::{nn, Tensor};
 
-use super::attention::{attend, KvCache};
+use super::attention::{attend, KvCache, Mask};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 
@@ -95,7 +95,7 @@ impl Gpt2 {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {

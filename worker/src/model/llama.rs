@@ -3,7 +3,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use super::attention::{attend, KvCache};
+use super::attention::{attend, KvCache, Mask};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 
@@ -104,7 +104,7 @@ impl Llama {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        mask: &Tensor,
+        mask: &Mask,
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {

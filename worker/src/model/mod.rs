@@ -87,7 +87,7 @@ impl Transformer {
         train: bool,
     ) -> Tensor {
         let q_len = ids.size()[1];
-        let attn = attention_mask(mask, q_len);
+        let attn = attention::Mask::new(mask, q_len);
         match &self.backbone {
             Backbone::Gpt2(m) => m.forward(ids, positions, &attn, cache, train),
             Backbone::Llama(m) => m.forward(ids, positions, &attn, cache, train),

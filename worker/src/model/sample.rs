@@ -2,7 +2,14 @@
 //! top-k, top-p, EOS, stop conditions, left padding. Returns the new tokens
 //! and their log-probabilities under the model (temperature 1, no
 //! filtering: what a full forward pass gives, and what PPO's ratio needs).
+//!
+//! Draws come from a ChaCha generator seeded per call, not from torch's
+//! process-global generator: samples depend on the seed alone, whatever
+//! else runs in the process, and are the same on CPU and CUDA up to the
+//! rounding of the cumulative sums.
 
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 use super::{positions_from_mask, KvCache, Transformer};
@@ -21,6 +28,8 @@ pub struct SamplingConfig {
     pub top_p: f64,
     pub eos_token_id: Option<i64>,
     pub pad_token_id: i64,
+    /// Seed of the sampling generator.
+    pub seed: u64,
 }
 
 impl Default for SamplingConfig {
@@ -33,6 +42,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             eos_token_id: None,
             pad_token_id: 0,
+            seed: 0,
         }
     }
 }
@@ -77,8 +87,8 @@ pub fn left_pad(rows: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor)
 
 /// Samples continuations of `prompts` (token ids, not padded). `stop`
 /// is asked after each token whether a row's text so far should stop (stop
-/// strings); it sees the row index and its new tokens. Seed torch before
-/// calling for reproducible samples.
+/// strings); it sees the row index and its new tokens. Samples are a
+/// function of `cfg.seed`.
 pub fn generate(
     model: &Transformer,
     prompts: &[Vec<i64>],
@@ -105,6 +115,7 @@ pub fn generate(
             })
             .collect();
         let mut active = vec![true; b];
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         for step in 0..cfg.max_new_tokens {
             let logprobs = logits.log_softmax(-1, Kind::Float);
             let mut scores = logits.shallow_clone();
@@ -115,7 +126,7 @@ pub fn generate(
                     f64::NEG_INFINITY,
                 );
             }
-            let next = pick(&scores, cfg); // [b]
+            let next = pick(&scores, cfg, &mut rng); // [b]
             let chosen_lp = logprobs.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
             let next_v: Vec<i64> = Vec::<i64>::try_from(&next).expect("token ids");
             let lp_v: Vec<f32> = Vec::<f32>::try_from(&chosen_lp).expect("log-probs");
@@ -155,7 +166,7 @@ pub fn generate(
 }
 
 /// One token per row from `scores` `[b, V]`.
-fn pick(scores: &Tensor, cfg: &SamplingConfig) -> Tensor {
+fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
     if cfg.temperature <= 0.0 {
         return scores.argmax(-1, false);
     }
@@ -177,7 +188,18 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig) -> Tensor {
         let remove_orig = remove.scatter(1, &order, &remove);
         s = s.masked_fill(&remove_orig, f64::NEG_INFINITY);
     }
-    s.softmax(-1, Kind::Float)
-        .multinomial(1, false)
+    // Inverse-CDF sampling with our own uniforms: the first token whose
+    // cumulative probability exceeds u * total.
+    let b = s.size()[0];
+    let cdf = s.softmax(-1, Kind::Double).cumsum(-1, Kind::Double);
+    let uniforms: Vec<f64> = (0..b)
+        .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+        .collect();
+    let u = Tensor::from_slice(&uniforms)
+        .to_device(s.device())
+        .unsqueeze(1)
+        * cdf.narrow(1, vocab - 1, 1);
+    u.searchsorted::<Tensor>(&cdf, false, true, "right", None)
+        .clamp_max(vocab - 1)
         .squeeze_dim(1)
 }

@@ -35,6 +35,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             .map(i64::from)
             .or(model.lm.cfg.eos_token_id),
         pad_token_id: model.lm.cfg.pad_id(),
+        seed: ctx.spec.seed,
     };
     let budget = (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize;
 
@@ -68,7 +69,6 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .flat_map(|i| (0..p.n).map(move |s| (i, s)))
         .collect();
     let mut out = JsonlWriter::create(&ctx.output("responses"))?;
-    tch::manual_seed(ctx.spec.seed as i64);
     let start = std::time::Instant::now();
     let (mut new_tokens, mut eos_count) = (0usize, 0usize);
     for (done, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
@@ -79,6 +79,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 && tokenizer
                     .decode(toks)
                     .is_ok_and(|t| p.stop.iter().any(|s| t.contains(s.as_str())))
+        };
+        // Each batch draws from its own stream of the stage's seed.
+        let cfg = SamplingConfig {
+            seed: ctx.spec.seed ^ (done as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..cfg.clone()
         };
         let samples = generate(&model.lm, &batch, &cfg, device, stop);
         for ((i, s), sample) in chunk.iter().zip(samples) {
