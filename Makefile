@@ -8,7 +8,7 @@ VENV          := .venv
 STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 CARGO         ?= cargo
 
-.PHONY: setup build demo test bench clean-cache schemas
+.PHONY: setup build demo test bench clean-cache schemas gpu-bundle
 
 setup: $(STAMP)
 
@@ -39,3 +39,15 @@ schemas:
 
 clean-cache:
 	rm -rf cache/objects cache/trees cache/records cache/locks cache/tmp cache/hashes.json
+
+# What scripts/gpu-check.sh needs on a GPU machine without cargo: release
+# binaries, the parity test binary and transformers-made fixtures.
+gpu-bundle: setup
+	$(CARGO) build --release --workspace
+	$(CARGO) bench -p alignflow-worker --bench model --no-run
+	$(CARGO) test --release -p alignflow-worker --test model_parity --no-run
+	rm -rf gpu-bundle && mkdir -p gpu-bundle/bin
+	cp target/release/alignflow target/release/alignflow-worker gpu-bundle/bin/
+	cp "$$(ls -t target/release/deps/model_parity-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model_parity
+	cp "$$(ls -t target/release/deps/model-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model-bench
+	$(VENV)/bin/python tests/parity/make_reference.py gpu-bundle/fixtures

@@ -20,10 +20,28 @@ fn python() -> PathBuf {
     repo().join(".venv/bin/python")
 }
 
-/// The fixtures, made once per test binary.
+/// `ALIGNFLOW_TEST_DEVICE` (`cpu` by default; `cuda` on a GPU machine,
+/// see `scripts/gpu-check.sh`).
+fn device() -> Device {
+    match std::env::var("ALIGNFLOW_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
+/// Tolerance on logits and log-probs (`ALIGNFLOW_PARITY_TOL`, default 1e-4).
+fn tol() -> f64 {
+    std::env::var("ALIGNFLOW_PARITY_TOL").ok().and_then(|t| t.parse().ok()).unwrap_or(1e-4)
+}
+
+/// The fixtures, made once per test binary (or given prebuilt in
+/// `ALIGNFLOW_PARITY_FIXTURES`, on machines without transformers).
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("ALIGNFLOW_PARITY_FIXTURES") {
+            return PathBuf::from(dir);
+        }
         let dir = tempfile::tempdir().expect("temp dir").keep();
         let out = Command::new(python())
             .arg(repo().join("tests/parity/make_reference.py"))
@@ -42,7 +60,7 @@ fn fixtures() -> &'static Path {
 fn reference(model: &str) -> std::collections::BTreeMap<String, Tensor> {
     checkpoint::read_file(
         &fixtures().join(model).join("reference.safetensors"),
-        Device::Cpu,
+        device(),
     )
     .unwrap()
     .into_iter()
@@ -53,7 +71,7 @@ fn load(model: &str, head: Head) -> Model {
     Model::load(
         &fixtures().join(model),
         &BuildOptions {
-            device: Device::Cpu,
+            device: device(),
             head,
             lora: None,
         },
@@ -70,10 +88,9 @@ fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<i64>> {
+    let t = t.to_device(Device::Cpu);
     let (b, _) = t.size2().unwrap();
-    (0..b)
-        .map(|i| Vec::<i64>::try_from(t.get(i)).unwrap())
-        .collect()
+    (0..b).map(|i| Vec::<i64>::try_from(t.get(i)).unwrap()).collect()
 }
 
 /// The real (unpadded) tokens of each row of the reference batch.
@@ -103,7 +120,7 @@ fn logits_equal_transformers_on_a_left_padded_batch() {
                 .forward(&r["input_ids"], &r["attention_mask"], false)
         });
         let diff = max_diff_on_mask(&logits, &r["logits"], &r["attention_mask"]);
-        assert!(diff < 1e-4, "{name}: max |logits - transformers| = {diff}");
+        assert!(diff < tol(), "{name}: max |logits - transformers| = {diff}");
     }
 }
 
@@ -120,7 +137,7 @@ fn greedy_generation_equals_transformers_token_for_token() {
             pad_token_id: 0,
             ..Default::default()
         };
-        let samples = generate(&model.lm, &prompts(&r), &cfg, Device::Cpu, |_, _| false);
+        let samples = generate(&model.lm, &prompts(&r), &cfg, device(), |_, _| false);
         let expected = rows(&r["greedy_ids"].narrow(1, 10, 12));
         let expected_lp = rows(
             &(r["greedy_logprobs"].shallow_clone() * 1e6)
@@ -132,7 +149,7 @@ fn greedy_generation_equals_transformers_token_for_token() {
             for (j, lp) in s.logprobs.iter().enumerate() {
                 let want = expected_lp[i][j] as f64 / 1e6;
                 assert!(
-                    (*lp as f64 - want).abs() < 1e-4,
+                    (*lp as f64 - want).abs() < tol(),
                     "{name} row {i} token {j}: {lp} vs {want}"
                 );
             }
@@ -155,8 +172,8 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
             ..Default::default()
         };
         let prompts = prompts(&r);
-        let samples = generate(&model.lm, &prompts, &cfg, Device::Cpu, |_, _| false);
-        let again = generate(&model.lm, &prompts, &cfg, Device::Cpu, |_, _| false);
+        let samples = generate(&model.lm, &prompts, &cfg, device(), |_, _| false);
+        let again = generate(&model.lm, &prompts, &cfg, device(), |_, _| false);
         for (a, b) in samples.iter().zip(&again) {
             assert_eq!(a.tokens, b.tokens, "{name}: seeded sampling repeats");
         }
@@ -167,7 +184,7 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
                 seed: 12,
                 ..cfg.clone()
             },
-            Device::Cpu,
+            device(),
             |_, _| false,
         );
         assert!(
@@ -180,7 +197,7 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
         // Full forward on prompt + sample, one row at a time (no padding at all).
         for (p, s) in prompts.iter().zip(&samples) {
             let seq: Vec<i64> = p.iter().chain(&s.tokens).copied().collect();
-            let ids = Tensor::from_slice(&seq).unsqueeze(0);
+            let ids = Tensor::from_slice(&seq).unsqueeze(0).to_device(device());
             let mask = ids.ones_like();
             let lp =
                 tch::no_grad(|| model.lm.forward(&ids, &mask, false)).log_softmax(-1, Kind::Float);
@@ -188,7 +205,7 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
                 let pos = (p.len() + j - 1) as i64;
                 let full = lp.double_value(&[0, pos, *tok]);
                 assert!(
-                    (full - s.logprobs[j] as f64).abs() < 1e-4,
+                    (full - s.logprobs[j] as f64).abs() < tol(),
                     "{name}: token {j}: {full} vs {}",
                     s.logprobs[j]
                 );
@@ -207,19 +224,19 @@ fn eos_and_stop_conditions_end_rows() {
         pad_token_id: 0,
         ..Default::default()
     };
-    let free = generate(&model.lm, &prompts(&r), &greedy, Device::Cpu, |_, _| false);
+    let free = generate(&model.lm, &prompts(&r), &greedy, device(), |_, _| false);
     // Make the third greedy token of row 0 the EOS: the row ends there, EOS included.
     let eos = free[0].tokens[2];
     let cfg = SamplingConfig {
         eos_token_id: Some(eos),
         ..greedy.clone()
     };
-    let out = generate(&model.lm, &prompts(&r), &cfg, Device::Cpu, |_, _| false);
+    let out = generate(&model.lm, &prompts(&r), &cfg, device(), |_, _| false);
     let first = free[0].tokens.iter().position(|t| *t == eos).unwrap();
     assert_eq!(out[0].tokens, free[0].tokens[..=first].to_vec());
     assert_eq!(out[0].finish, alignflow_worker::model::sample::Finish::Eos);
     // A stop condition after 5 tokens.
-    let out = generate(&model.lm, &prompts(&r), &greedy, Device::Cpu, |_, toks| {
+    let out = generate(&model.lm, &prompts(&r), &greedy, device(), |_, toks| {
         toks.len() == 5
     });
     assert!(out.iter().all(|s| s.tokens.len() == 5));

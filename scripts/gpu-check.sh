@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU checks, on a machine with CUDA and torch but no cargo: builds nothing.
+# `make gpu-bundle` (here) puts the release binaries, the parity test binary
+# and the transformers-made fixtures in gpu-bundle/; this script (there) runs
+# - `alignflow-worker doctor` (libtorch, CUDA, devices),
+# - the parity and sampling tests on CUDA (logits, greedy generation and
+#   log-probs against transformers' reference outputs),
+# - the SFT-step benchmark at GPT-2-124M size in bf16: tokens/s and MFU.
+# Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
+# PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
+set -euo pipefail
+bundle=${1:-gpu-bundle}
+peak=${2:-989}
+torch_lib=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/lib')")
+export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+
+echo "== doctor"
+"$bundle/bin/alignflow-worker" doctor
+
+echo "== parity and sampling on CUDA"
+ALIGNFLOW_TEST_DEVICE=cuda ALIGNFLOW_PARITY_FIXTURES="$bundle/fixtures" \
+    "$bundle/bin/model_parity" --test-threads 1 logits_equal greedy_generation sampled_logprobs eos_and_stop
+
+echo "== SFT step, GPT-2-124M, bf16"
+"$bundle/bin/model-bench" --device cuda --preset gpt2-124m --bf16 --only sft --peak-tflops "$peak"
