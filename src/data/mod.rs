@@ -4,9 +4,11 @@
 //! are read line by line with their 1-based line numbers so that every error
 //! can point at `file:line`.
 
+mod constitution;
 mod jsonl;
 mod records;
 
+pub use constitution::{Constitution, ConstitutionError, CritiqueRevision, FeedbackPrinciple, FewShot};
 pub use jsonl::{read_jsonl, read_lines, DataError, JsonlReader, JsonlWriter, LineError, RawLines};
 pub use records::{Comparison, PromptRecord};
 
