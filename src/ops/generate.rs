@@ -85,7 +85,7 @@ impl Op for Generate {
     fn outputs(&self) -> &'static [Port] {
         const OUTPUTS: &[Port] = &[Port::output(
             "responses",
-            "JSONL: {prompt, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
+            "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
         )];
         OUTPUTS
     }

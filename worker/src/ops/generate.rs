@@ -40,7 +40,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let budget = (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize;
 
     let path = ctx.input("prompts")?;
-    let mut prompts: Vec<(String, Vec<i64>)> = Vec::new();
+    // (the prompt field, the text fed to the model, its tokens)
+    let mut prompts: Vec<(String, String, Vec<i64>)> = Vec::new();
     for (line, record) in read_jsonl::<serde_json::Value>(path)? {
         let record = record.map_err(|e| {
             anyhow::anyhow!("stage `{}`: {}:{line}: {e}", ctx.spec.stage, path.display())
@@ -53,7 +54,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 p.prompt_field
             )
         })?;
-        let mut ids = tokenizer.encode(&apply_template(&p.template, prompt))?;
+        let text = apply_template(&p.template, prompt);
+        let mut ids = tokenizer.encode(&text)?;
         // Over-long prompts keep their end, which the response continues.
         ids.drain(..ids.len().saturating_sub(budget));
         anyhow::ensure!(
@@ -62,7 +64,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             ctx.spec.stage,
             path.display()
         );
-        prompts.push((prompt.to_string(), ids));
+        prompts.push((prompt.to_string(), text, ids));
     }
     // Rows: each prompt `n` times, in order.
     let rows: Vec<(usize, usize)> = (0..prompts.len())
@@ -73,7 +75,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let (mut new_tokens, mut eos_count) = (0usize, 0usize);
     for (done, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
         ctx.cancel.check()?;
-        let batch: Vec<Vec<i64>> = chunk.iter().map(|(i, _)| prompts[*i].1.clone()).collect();
+        let batch: Vec<Vec<i64>> = chunk.iter().map(|(i, _)| prompts[*i].2.clone()).collect();
         let stop = |_: usize, toks: &[i64]| -> bool {
             !p.stop.is_empty()
                 && tokenizer
@@ -104,6 +106,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             };
             out.write(&serde_json::json!({
                 "prompt": prompts[*i].0,
+                "prompt_text": prompts[*i].1,
                 "prompt_index": i,
                 "sample_index": s,
                 "response": text,
