@@ -72,6 +72,9 @@ enum Command {
         /// No progress output (the summary table is still printed).
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// GPU stages that may share one device (default: one per GPU).
+        #[arg(long, default_value_t = 1)]
+        gpu_slots: usize,
     },
     /// Show, stage by stage, whether it would run or is cached, and why.
     Plan {
@@ -202,6 +205,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rehash,
             threads,
             quiet,
+            gpu_slots,
         } => {
             let (pipeline, dag) = load(&manifest)?;
             let cache = open_cache(&cli.cache_dir)?;
@@ -213,6 +217,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 rehash,
                 threads,
                 quiet,
+                gpu_slots,
             };
             let summary = engine::run(pipeline, dag, cache, options)?;
             print!("{}", summary.table());

@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub threads: Option<usize>,
     /// No progress bars or stage lines.
     pub quiet: bool,
+    /// Stages that may share one GPU (1: each GPU stage has its device alone).
+    pub gpu_slots: usize,
 }
 
 impl Default for RunOptions {
@@ -57,6 +59,7 @@ impl Default for RunOptions {
             rehash: false,
             threads: None,
             quiet: false,
+            gpu_slots: 1,
         }
     }
 }
@@ -238,7 +241,7 @@ pub fn run(
         ui,
         cancel: CancellationToken::new(),
         jobs: Semaphore::new(options.jobs.max(1)),
-        gpus: GpuSlots::detect(),
+        gpus: GpuSlots::detect(options.gpu_slots),
         options: options.clone(),
         lockfile: lockfile.clone(),
         finished: Mutex::new(Vec::new()),
@@ -767,7 +770,8 @@ async fn run_in_engine(
 
 /// One slot per GPU: two GPU stages never share a device.
 struct GpuSlots {
-    free: Mutex<Vec<bool>>,
+    /// Free slots left on each GPU.
+    free: Mutex<Vec<usize>>,
     notify: tokio::sync::Notify,
 }
 
@@ -779,14 +783,14 @@ struct GpuSlot<'a> {
 
 impl Drop for GpuSlot<'_> {
     fn drop(&mut self) {
-        self.slots.free.lock().unwrap_or_else(|e| e.into_inner())[self.index] = true;
+        self.slots.free.lock().unwrap_or_else(|e| e.into_inner())[self.index] += 1;
         self.slots.notify.notify_waiters();
     }
 }
 
 impl GpuSlots {
     /// GPUs the NVIDIA driver lists, narrowed by `CUDA_VISIBLE_DEVICES`.
-    fn detect() -> GpuSlots {
+    fn detect(per_gpu: usize) -> GpuSlots {
         let listed = std::fs::read_dir("/proc/driver/nvidia/gpus")
             .map(|d| d.count())
             .unwrap_or(0);
@@ -796,7 +800,7 @@ impl GpuSlots {
             Err(_) => listed,
         };
         GpuSlots {
-            free: Mutex::new(vec![true; count]),
+            free: Mutex::new(vec![per_gpu.max(1); count]),
             notify: Default::default(),
         }
     }
@@ -827,11 +831,12 @@ impl GpuSlots {
             {
                 let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
                 let pick = match wanted {
-                    Some(w) => free[w].then_some(w),
-                    None => free.iter().position(|f| *f),
+                    Some(w) => (free[w] > 0).then_some(w),
+                    // The GPU with the most free slots.
+                    None => (0..free.len()).filter(|&i| free[i] > 0).max_by_key(|&i| (free[i], std::cmp::Reverse(i))),
                 };
                 if let Some(index) = pick {
-                    free[index] = false;
+                    free[index] -= 1;
                     return Ok(Some(GpuSlot { slots: self, index }));
                 }
             }
