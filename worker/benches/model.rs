@@ -1,0 +1,372 @@
+//! Model-layer benchmark (DESIGN section 6): the fixed GPT-2 workload
+//! (vocab 4096, 256 positions, width 256, 4 layers, 4 heads, float32, random
+//! init seed 0, dropout 0) on libtorch, section by section:
+//!
+//!   sft     batch 8 x seq 128 random tokens: forward + causal-LM loss
+//!           (labels = ids) + backward + AdamW(lr 1e-4) step + zero_grad
+//!   rm      reward head, 8 pairs = 16 sequences of 128 in ONE forward,
+//!           -logsigmoid(r_chosen - r_rejected).mean(), backward, AdamW step
+//!   sample  batch 8, prompt 32 random tokens, 96 new tokens, temperature 1,
+//!           top_k 0, no EOS, KV cache (`model::sample::generate`)
+//!
+//! Each: 2 warm-ups, then `--repeats` timed; median and all samples. One JSON
+//! line per section, shaped like `benches/peer_hf.py`'s. `peak_rss_mib` is
+//! VmHWM of the whole process (cumulative over the sections run in it): use
+//! `--only` to run each section in its own process for a clean figure.
+//! `phases_s` holds the median time of each phase: forward + loss, backward,
+//! optimizer step + zero_grad for the training sections; prefill + first
+//! token, one decoding step (median) and all decoding steps for sampling.
+//!
+//!   cargo bench -p alignflow-worker --bench model -- [--only sft|rm|sample]
+//!       [--repeats N] [--threads N] [--device cpu|cuda]
+//!
+//! `--threads` defaults to `ALIGNFLOW_BENCH_THREADS`, else 2.
+//! The AdamW settings are torch.optim.AdamW's defaults, which is what the peer
+//! uses: weight decay 0.01 on every tensor (`decay_min_dim: 0`).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use alignflow_worker::model::sample::{generate, SamplingConfig};
+use alignflow_worker::model::{positions_from_mask, BuildOptions, Head, Model, ModelConfig};
+use alignflow_worker::ops::common::causal_lm_loss;
+use alignflow_worker::train::{AdamW, AdamWConfig};
+
+const VOCAB: i64 = 4096;
+const POSITIONS: i64 = 256;
+const WIDTH: i64 = 256;
+const LAYERS: i64 = 4;
+const HEADS: i64 = 4;
+const SFT_BATCH: i64 = 8;
+const SFT_SEQ: i64 = 128;
+const RM_PAIRS: i64 = 8;
+const RM_SEQ: i64 = 128;
+const SAMPLE_BATCH: i64 = 8;
+const PROMPT: i64 = 32;
+const NEW_TOKENS: i64 = 96;
+const LR: f64 = 1e-4;
+const WARMUP: usize = 2;
+
+struct Args {
+    only: Option<String>,
+    repeats: usize,
+    threads: i32,
+    device: Device,
+    device_name: String,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        only: None,
+        repeats: 5,
+        threads: match std::env::var("ALIGNFLOW_BENCH_THREADS") {
+            Ok(v) => v.parse().context("ALIGNFLOW_BENCH_THREADS")?,
+            Err(_) => 2,
+        },
+        device: Device::Cpu,
+        device_name: "cpu".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            // `cargo bench` passes `--bench` to harness-less benches.
+            "--bench" => {}
+            "--only" => {
+                let v = value("--only")?;
+                if !["sft", "rm", "sample"].contains(&v.as_str()) {
+                    bail!("--only sft|rm|sample, not {v}");
+                }
+                args.only = Some(v);
+            }
+            "--repeats" => args.repeats = value("--repeats")?.parse()?,
+            "--threads" => args.threads = value("--threads")?.parse()?,
+            "--device" => {
+                let v = value("--device")?;
+                args.device = alignflow_worker::model::device(&v)?;
+                args.device_name = v;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "model bench: [--only sft|rm|sample] [--repeats N] [--threads N] [--device cpu|cuda]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    anyhow::ensure!(args.repeats > 0, "--repeats must be positive");
+    Ok(args)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set of this process (VmHWM), MiB.
+fn vm_hwm_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Timings of one call: total seconds plus named phases.
+type Timed = (f64, Vec<(&'static str, f64)>);
+
+/// Runs `f` WARMUP times, then `repeats` times; returns the per-call totals
+/// and the median of each phase.
+fn timed(
+    repeats: usize,
+    device: Device,
+    mut f: impl FnMut() -> anyhow::Result<Timed>,
+) -> anyhow::Result<(f64, Vec<f64>, Value)> {
+    for _ in 0..WARMUP {
+        f()?;
+    }
+    sync(device);
+    let mut samples = Vec::with_capacity(repeats);
+    let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    for _ in 0..repeats {
+        let t0 = Instant::now();
+        let (_, ph) = f()?;
+        sync(device);
+        samples.push(t0.elapsed().as_secs_f64());
+        for (name, s) in ph {
+            match phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(s),
+                None => phases.push((name, vec![s])),
+            }
+        }
+    }
+    let phase_json: serde_json::Map<String, Value> = phases
+        .iter()
+        .map(|(n, v)| (n.to_string(), json!(median(v))))
+        .collect();
+    Ok((median(&samples), samples, Value::Object(phase_json)))
+}
+
+fn model(head: Head, device: Device) -> anyhow::Result<Model> {
+    let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(
+        VOCAB, POSITIONS, WIDTH, LAYERS, HEADS, 0, 0.0,
+    ))?;
+    tch::manual_seed(0);
+    Ok(Model::init(
+        &cfg,
+        &BuildOptions {
+            device,
+            head,
+            lora: None,
+        },
+    ))
+}
+
+/// Random tokens in [1, VOCAB), seed 0 (bos = eos = pad = 0 never appears).
+fn tokens(shape: &[i64], device: Device) -> Tensor {
+    tch::manual_seed(0);
+    Tensor::randint_low(1, VOCAB, shape, (Kind::Int64, Device::Cpu)).to_device(device)
+}
+
+fn optimizer(m: &Model) -> anyhow::Result<AdamW> {
+    Ok(AdamW::from_var_store(
+        &m.vs,
+        AdamWConfig {
+            // torch.optim.AdamW's default, as the peer: decay every tensor.
+            weight_decay: 0.01,
+            decay_min_dim: 0,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// Forward + loss, backward, step + zero_grad, each timed.
+fn train_step(
+    device: Device,
+    opt: &mut AdamW,
+    loss: impl FnOnce() -> Tensor,
+) -> anyhow::Result<Timed> {
+    let t0 = Instant::now();
+    let loss = loss();
+    sync(device);
+    let t1 = Instant::now();
+    loss.backward();
+    sync(device);
+    let t2 = Instant::now();
+    opt.step(LR)?;
+    opt.zero_grad();
+    sync(device);
+    let t3 = Instant::now();
+    Ok((
+        (t3 - t0).as_secs_f64(),
+        vec![
+            ("forward_loss", (t1 - t0).as_secs_f64()),
+            ("backward", (t2 - t1).as_secs_f64()),
+            ("optimizer", (t3 - t2).as_secs_f64()),
+        ],
+    ))
+}
+
+fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
+    let m = model(Head::Lm, a.device)?;
+    let mut opt = optimizer(&m)?;
+    let ids = tokens(&[SFT_BATCH, SFT_SEQ], a.device);
+    let mask = ids.ones_like();
+    let (med, samples, phases) = timed(a.repeats, a.device, || {
+        train_step(a.device, &mut opt, || {
+            causal_lm_loss(&m, &ids, &mask, &ids, true).0
+        })
+    })?;
+    Ok((
+        json!({"bench": "sft_step", "tokens_per_s": (SFT_BATCH * SFT_SEQ) as f64 / med,
+               "s_per_step": med, "batch": SFT_BATCH, "seq": SFT_SEQ,
+               "fused_adamw": opt.is_fused()}),
+        samples,
+        phases,
+    ))
+}
+
+fn bench_rm(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
+    let m = model(Head::Reward, a.device)?;
+    let mut opt = optimizer(&m)?;
+    // Rows [0, 8) chosen, [8, 16) rejected.
+    let ids = tokens(&[2 * RM_PAIRS, RM_SEQ], a.device);
+    let mask = ids.ones_like();
+    let positions = positions_from_mask(&mask);
+    let head = m.reward.as_ref().expect("reward head");
+    let (med, samples, phases) = timed(a.repeats, a.device, || {
+        train_step(a.device, &mut opt, || {
+            let hidden = m.lm.hidden(&ids, &positions, &mask, None, true);
+            let r = head.forward(&hidden, &mask);
+            let margin = r.narrow(0, 0, RM_PAIRS) - r.narrow(0, RM_PAIRS, RM_PAIRS);
+            -margin.log_sigmoid().mean(Kind::Float)
+        })
+    })?;
+    Ok((
+        json!({"bench": "rm_step", "pairs_per_s": RM_PAIRS as f64 / med, "s_per_step": med,
+               "pairs": RM_PAIRS, "seq": RM_SEQ, "fused_adamw": opt.is_fused()}),
+        samples,
+        phases,
+    ))
+}
+
+fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
+    let m = model(Head::Lm, a.device)?;
+    let prompt = tokens(&[SAMPLE_BATCH, PROMPT], Device::Cpu);
+    let prompts: Vec<Vec<i64>> = (0..SAMPLE_BATCH)
+        .map(|i| Vec::<i64>::try_from(&prompt.get(i)).expect("prompt ids"))
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: NEW_TOKENS,
+        min_new_tokens: NEW_TOKENS,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        eos_token_id: None,
+        pad_token_id: 0,
+    };
+    tch::manual_seed(0);
+    let (med, samples, phases) = timed(a.repeats, a.device, || {
+        // The stop callback runs once per row after each token: row 0's
+        // calls time-stamp the steps (prefill + first token, then decoding).
+        let mut stamps = Vec::with_capacity(NEW_TOKENS as usize);
+        let t0 = Instant::now();
+        let out = generate(&m.lm, &prompts, &cfg, a.device, |row, _| {
+            if row == 0 {
+                stamps.push(Instant::now());
+            }
+            false
+        });
+        let total = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            out.len() == SAMPLE_BATCH as usize
+                && out.iter().all(|s| s.tokens.len() == NEW_TOKENS as usize),
+            "generate returned the wrong number of tokens"
+        );
+        let steps: Vec<f64> = stamps
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        Ok((
+            total,
+            vec![
+                ("prefill_and_first_token", (stamps[0] - t0).as_secs_f64()),
+                ("decode_step_median", median(&steps)),
+                ("decode_steps_total", steps.iter().sum()),
+            ],
+        ))
+    })?;
+    Ok((
+        json!({"bench": "sampling", "new_tokens_per_s": (SAMPLE_BATCH * NEW_TOKENS) as f64 / med,
+               "s_per_call": med, "batch": SAMPLE_BATCH, "prompt": PROMPT,
+               "new_tokens": NEW_TOKENS}),
+        samples,
+        phases,
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse_args()?;
+    tch::set_num_threads(a.threads);
+    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)); // libtorch initialised
+    let rss_after_init = vm_hwm_mib();
+    type Section = fn(&Args) -> anyhow::Result<(Value, Vec<f64>, Value)>;
+    let sections: [(&str, Section); 3] = [
+        ("sft", bench_sft),
+        ("rm", bench_rm),
+        ("sample", bench_sample),
+    ];
+    for (name, f) in sections {
+        if a.only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let (res, samples, phases) = f(&a)?;
+        let mut out = serde_json::Map::new();
+        out.insert("bench".into(), res["bench"].clone());
+        out.insert("impl".into(), json!("alignflow"));
+        for (k, v) in res.as_object().unwrap() {
+            if k != "bench" {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out.insert("samples".into(), json!(samples));
+        if phases.as_object().is_some_and(|p| !p.is_empty()) {
+            out.insert("phases_s".into(), phases);
+        }
+        out.insert("repeats".into(), json!(a.repeats));
+        out.insert("warmup".into(), json!(WARMUP));
+        out.insert("peak_rss_mib".into(), json!(vm_hwm_mib()));
+        out.insert(
+            "peak_rss_note".into(),
+            json!("VmHWM of the whole process, cumulative over sections run in it"),
+        );
+        out.insert("rss_after_init_mib".into(), json!(rss_after_init));
+        out.insert("threads".into(), json!(a.threads));
+        out.insert("device".into(), json!(a.device_name));
+        out.insert("dtype".into(), json!("float32"));
+        out.insert(
+            "torch".into(),
+            json!(option_env!("ALIGNFLOW_LIBTORCH_VERSION")),
+        );
+        println!("{}", Value::Object(out));
+    }
+    Ok(())
+}
