@@ -78,7 +78,10 @@ pub struct FewShot {
 #[derive(Debug, thiserror::Error)]
 pub enum ConstitutionError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -87,22 +90,37 @@ impl Constitution {
     /// Reads and checks a YAML constitution.
     pub fn load(path: &Path) -> Result<Constitution, ConstitutionError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConstitutionError::Io { path: shown.clone(), source })?;
-        let c: Constitution = serde_yaml::from_str(&text)
-            .map_err(|e| ConstitutionError::Invalid { path: shown.clone(), message: e.to_string() })?;
-        c.check().map_err(|message| ConstitutionError::Invalid { path: shown, message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConstitutionError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let c: Constitution =
+            serde_yaml::from_str(&text).map_err(|e| ConstitutionError::Invalid {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        c.check().map_err(|message| ConstitutionError::Invalid {
+            path: shown,
+            message,
+        })?;
         Ok(c)
     }
 
     /// Version 1, non-empty texts, unique ids.
     pub fn check(&self) -> Result<(), String> {
         if self.version != 1 {
-            return Err(format!("version {} is not supported (expected 1)", self.version));
+            return Err(format!(
+                "version {} is not supported (expected 1)",
+                self.version
+            ));
         }
         let mut seen = BTreeSet::new();
         for p in &self.critique_revision {
             if p.id.is_empty() || p.critique.trim().is_empty() || p.revision.trim().is_empty() {
-                return Err(format!("critique_revision `{}`: id, critique and revision must be non-empty", p.id));
+                return Err(format!(
+                    "critique_revision `{}`: id, critique and revision must be non-empty",
+                    p.id
+                ));
             }
             if !seen.insert(format!("cr:{}", p.id)) {
                 return Err(format!("critique_revision id `{}` appears twice", p.id));
@@ -110,7 +128,10 @@ impl Constitution {
         }
         for p in &self.feedback {
             if p.id.is_empty() || p.text.trim().is_empty() {
-                return Err(format!("feedback `{}`: id and text must be non-empty", p.id));
+                return Err(format!(
+                    "feedback `{}`: id and text must be non-empty",
+                    p.id
+                ));
             }
             if !seen.insert(format!("fb:{}", p.id)) {
                 return Err(format!("feedback id `{}` appears twice", p.id));

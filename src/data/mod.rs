@@ -8,7 +8,9 @@ mod constitution;
 mod jsonl;
 mod records;
 
-pub use constitution::{Constitution, ConstitutionError, CritiqueRevision, FeedbackPrinciple, FewShot};
+pub use constitution::{
+    Constitution, ConstitutionError, CritiqueRevision, FeedbackPrinciple, FewShot,
+};
 pub use jsonl::{read_jsonl, read_lines, DataError, JsonlReader, JsonlWriter, LineError, RawLines};
 pub use records::{Comparison, PromptRecord};
 

@@ -833,7 +833,9 @@ impl GpuSlots {
                 let pick = match wanted {
                     Some(w) => (free[w] > 0).then_some(w),
                     // The GPU with the most free slots.
-                    None => (0..free.len()).filter(|&i| free[i] > 0).max_by_key(|&i| (free[i], std::cmp::Reverse(i))),
+                    None => (0..free.len())
+                        .filter(|&i| free[i] > 0)
+                        .max_by_key(|&i| (free[i], std::cmp::Reverse(i))),
                 };
                 if let Some(index) = pick {
                     free[index] -= 1;

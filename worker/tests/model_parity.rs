@@ -31,7 +31,10 @@ fn device() -> Device {
 
 /// Tolerance on logits and log-probs (`ALIGNFLOW_PARITY_TOL`, default 1e-4).
 fn tol() -> f64 {
-    std::env::var("ALIGNFLOW_PARITY_TOL").ok().and_then(|t| t.parse().ok()).unwrap_or(1e-4)
+    std::env::var("ALIGNFLOW_PARITY_TOL")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1e-4)
 }
 
 /// The fixtures, made once per test binary (or given prebuilt in
@@ -90,7 +93,9 @@ fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
 fn rows(t: &Tensor) -> Vec<Vec<i64>> {
     let t = t.to_device(Device::Cpu);
     let (b, _) = t.size2().unwrap();
-    (0..b).map(|i| Vec::<i64>::try_from(t.get(i)).unwrap()).collect()
+    (0..b)
+        .map(|i| Vec::<i64>::try_from(t.get(i)).unwrap())
+        .collect()
 }
 
 /// The real (unpadded) tokens of each row of the reference batch.

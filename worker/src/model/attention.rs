@@ -124,6 +124,8 @@ pub enum Mask {
     /// Plain causal attention over an unpadded batch with no cache: the
     /// kernel's own causal path, no mask tensor (fastest; flash on CUDA).
     Causal,
+    /// Every query may attend to every key (one decoding step, no padding).
+    None,
     /// From [`attention_mask`]: `[b, 1, q, kv]`, `true` = may attend.
     Explicit(Tensor),
 }
@@ -132,10 +134,14 @@ impl Mask {
     /// The mask for `q_len` new queries over `mask` (`[b, past + q]`, 0/1).
     pub fn new(mask: &Tensor, q_len: i64) -> Mask {
         let kv_len = mask.size()[1];
-        if kv_len == q_len && mask.min().int64_value(&[]) == 1 {
-            Mask::Causal
-        } else {
-            Mask::Explicit(attention_mask(mask, q_len))
+        let unpadded = mask.min().int64_value(&[]) == 1;
+        match (unpadded, q_len) {
+            (true, q) if q == kv_len => Mask::Causal,
+            // One new query sees every cached key: no mask at all.
+            (true, 1) => Mask::None,
+            // One new query: only the keys' padding matters.
+            (false, 1) => Mask::Explicit(mask.to_kind(Kind::Bool).view([-1, 1, 1, kv_len])),
+            _ => Mask::Explicit(attention_mask(mask, q_len)),
         }
     }
 }
@@ -169,6 +175,9 @@ pub fn attend(
     match mask {
         Mask::Causal => {
             Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, true, None, false)
+        }
+        Mask::None => {
+            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, false, None, false)
         }
         Mask::Explicit(m) => {
             Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), p, false, None, false)

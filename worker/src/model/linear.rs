@@ -106,13 +106,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = match self.layout {
             Layout::OutIn => x.linear(&self.weight, self.bias.as_ref()),
-            Layout::InOut => {
-                let y = x.matmul(&self.weight);
-                match &self.bias {
-                    Some(b) => y + b,
-                    None => y,
+            Layout::InOut => match &self.bias {
+                // One fused addmm instead of a matmul and an add.
+                Some(b) => {
+                    let mut shape = x.size();
+                    let last = shape.len() - 1;
+                    let x2 = x.reshape([-1, shape[last]]);
+                    shape[last] = self.weight.size()[1];
+                    b.addmm(&x2, &self.weight).view(shape.as_slice())
                 }
-            }
+                None => x.matmul(&self.weight),
+            },
         };
         if let Some(l) = &self.lora {
             let h = x.dropout(l.dropout, train);

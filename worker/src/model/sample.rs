@@ -117,7 +117,9 @@ pub fn generate(
         let mut active = vec![true; b];
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         for step in 0..cfg.max_new_tokens {
-            let logprobs = logits.log_softmax(-1, Kind::Float);
+            // log p(token) = logit - logsumexp: one reduction instead of a
+            // full log_softmax over the vocabulary.
+            let lse = logits.logsumexp([-1], false);
             let mut scores = logits.shallow_clone();
             if let (Some(eos), true) = (cfg.eos_token_id, step < cfg.min_new_tokens) {
                 scores = scores.index_fill(
@@ -127,7 +129,7 @@ pub fn generate(
                 );
             }
             let next = pick(&scores, cfg, &mut rng); // [b]
-            let chosen_lp = logprobs.gather(1, &next.unsqueeze(1), false).squeeze_dim(1);
+            let chosen_lp = logits.gather(1, &next.unsqueeze(1), false).squeeze_dim(1) - &lse;
             let next_v: Vec<i64> = Vec::<i64>::try_from(&next).expect("token ids");
             let lp_v: Vec<f32> = Vec::<f32>::try_from(&chosen_lp).expect("log-probs");
             let mut tokens = next_v.clone();
@@ -191,7 +193,7 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
     // Inverse-CDF sampling with our own uniforms: the first token whose
     // cumulative probability exceeds u * total.
     let b = s.size()[0];
-    let cdf = s.softmax(-1, Kind::Double).cumsum(-1, Kind::Double);
+    let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
     let uniforms: Vec<f64> = (0..b)
         .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
         .collect();
