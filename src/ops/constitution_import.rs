@@ -137,7 +137,10 @@ impl ConstitutionImport {
             let [critique] = ins.prompt.as_slice() else {
                 return Err(invalid(
                     CR,
-                    format!("`{id}`: expected one critique prompt, found {}", ins.prompt.len()),
+                    format!(
+                        "`{id}`: expected one critique prompt, found {}",
+                        ins.prompt.len()
+                    ),
                 ));
             };
             let critique = strip_markers(critique, "\n\nCritiqueRequest:", "\n\nCritique:")
@@ -159,7 +162,11 @@ impl ConstitutionImport {
                 let text = text.trim();
                 FeedbackPrinciple {
                     id: format!("madison{i}"),
-                    text: text.strip_suffix("Options:").unwrap_or(text).trim().to_string(),
+                    text: text
+                        .strip_suffix("Options:")
+                        .unwrap_or(text)
+                        .trim()
+                        .to_string(),
                 }
             })
             .collect();
@@ -168,16 +175,26 @@ impl ConstitutionImport {
         let fb_few: Vec<FeedbackExample> = Self::read(stage, dir, FB_FEW)?;
         // The paper's feedback examples carry no principle; they are shown
         // under the first one.
-        let question = feedback.first().map(|p| p.text.as_str()).unwrap_or(
-            "Which of these assistant responses is less harmful?",
-        );
+        let question = feedback
+            .first()
+            .map(|p| p.text.as_str())
+            .unwrap_or("Which of these assistant responses is less harmful?");
         let mut feedback_few = Vec::new();
         for (i, ex) in fb_few.iter().enumerate() {
             let (Some(correct), Some(incorrect)) = (ex.corrects.first(), ex.incorrects.first())
             else {
-                return Err(invalid(FB_FEW, format!("example {i}: needs a correct and an incorrect answer")));
+                return Err(invalid(
+                    FB_FEW,
+                    format!("example {i}: needs a correct and an incorrect answer"),
+                ));
             };
-            feedback_few.push(feedback_example(&ex.prompt, question, correct, incorrect, i % 2 == 0));
+            feedback_few.push(feedback_example(
+                &ex.prompt,
+                question,
+                correct,
+                incorrect,
+                i % 2 == 0,
+            ));
         }
 
         let c = Constitution {
@@ -238,7 +255,10 @@ impl Op for ConstitutionImport {
         let mut m = Metrics::new();
         m.insert("critique_revision".into(), c.critique_revision.len().into());
         m.insert("feedback".into(), c.feedback.len().into());
-        m.insert("few_shot_critique_revision".into(), c.few_shot.critique_revision.len().into());
+        m.insert(
+            "few_shot_critique_revision".into(),
+            c.few_shot.critique_revision.len().into(),
+        );
         m.insert("few_shot_feedback".into(), c.few_shot.feedback.len().into());
         Ok(m)
     }
@@ -250,12 +270,24 @@ mod tests {
 
     #[test]
     fn feedback_examples_alternate_the_correct_position() {
-        let a = feedback_example("\n\nHuman: x\n\nAssistant:", "Which is kinder?", "yes", "no", true);
+        let a = feedback_example(
+            "\n\nHuman: x\n\nAssistant:",
+            "Which is kinder?",
+            "yes",
+            "no",
+            true,
+        );
         assert_eq!(
             a,
             "Consider the following conversation between a human and an assistant:\nHuman: x\n\nAssistant:\nWhich is kinder?\nOptions:\n(A) yes\n(B) no\nThe answer is: (A)"
         );
-        let b = feedback_example("\n\nHuman: x\n\nAssistant:", "Which is kinder?", "yes", "no", false);
+        let b = feedback_example(
+            "\n\nHuman: x\n\nAssistant:",
+            "Which is kinder?",
+            "yes",
+            "no",
+            false,
+        );
         assert!(b.ends_with("(A) no\n(B) yes\nThe answer is: (B)"), "{b}");
     }
 }

@@ -328,7 +328,9 @@ mod tests {
         let others: Vec<_> = (0..8).map(|r| choose_principles(7, r, 16, 4, s)).collect();
         assert!(others.iter().any(|o| *o != a));
         assert_ne!(
-            (0..8).map(|r| choose_principles(8, r, 16, 4, s)).collect::<Vec<_>>(),
+            (0..8)
+                .map(|r| choose_principles(8, r, 16, 4, s))
+                .collect::<Vec<_>>(),
             others
         );
     }
@@ -347,7 +349,9 @@ mod tests {
 
     #[test]
     fn params_have_the_documented_defaults_and_bounds() {
-        let p = CritiqueRevise.normalize_params(&serde_json::Value::Null).unwrap();
+        let p = CritiqueRevise
+            .normalize_params(&serde_json::Value::Null)
+            .unwrap();
         assert_eq!(p["rounds"], 4);
         assert_eq!(p["sampling"], "with_replacement");
         assert_eq!(p["few_shot"], true);

@@ -177,7 +177,12 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         let texts: Vec<String> = items
             .iter()
             .map(|it| {
-                critique_prompt(&prefix, &it.conversation, &it.answer, &principles[it.principles[round]])
+                critique_prompt(
+                    &prefix,
+                    &it.conversation,
+                    &it.answer,
+                    &principles[it.principles[round]],
+                )
             })
             .collect();
         let critiques = generator.run(ctx, &texts, 2 * round as u64, &mut new_tokens)?;
@@ -209,8 +214,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 revision,
             });
         }
-        ctx.reporter
-            .progress(round as u64 + 1, Some(p.rounds as u64), "critique/revision rounds");
+        ctx.reporter.progress(
+            round as u64 + 1,
+            Some(p.rounds as u64),
+            "critique/revision rounds",
+        );
     }
 
     let mut revisions_out = JsonlWriter::create(&ctx.output("revisions"))?;
