@@ -17,12 +17,18 @@ use serde::Serialize;
 
 use crate::protocol::{Metrics, StageSpec};
 
+pub use critique_revise::{
+    choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
+    CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
+};
 pub use describe::{describe, schema_files, write_schemas};
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
+mod constitution_import;
+mod critique_revise;
 mod dataset_import;
 mod dataset_split;
 mod describe;
@@ -36,6 +42,8 @@ pub mod training;
 /// Every registered op, in display order.
 pub fn registry() -> &'static [&'static dyn Op] {
     static OPS: &[&dyn Op] = &[
+        &constitution_import::ConstitutionImport,
+        &critique_revise::CritiqueRevise,
         &dataset_import::DatasetImport,
         &dataset_split::DatasetSplit,
         &exec::Exec,

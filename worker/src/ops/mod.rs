@@ -6,6 +6,7 @@ use alignflow::ops::StageContext;
 use alignflow::protocol::Metrics;
 
 pub mod common;
+mod critique_revise;
 mod generate;
 mod lm_pretrain;
 pub mod sft;
@@ -16,6 +17,7 @@ pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
 /// The worker-side implementation of `op`, if it is a tensor op.
 pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
+        ("critique_revise", critique_revise::run),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
         ("sft", sft::run),

@@ -1,0 +1,366 @@
+//! `critique_revise`: step 1 of SL-CAI. For each response, K rounds of
+//! critique and revision under principles sampled from a constitution; the
+//! last revision becomes the new target answer, and the whole trail is kept.
+//!
+//! The worker runs the op (it generates with the model); this file holds the
+//! declaration, the params and the pure parts: principle sampling, prompt
+//! assembly, cutting a generation at the next turn marker, and the output
+//! records, so all of it is testable without libtorch.
+//!
+//! The text the model continues follows the paper: the few-shot examples,
+//! then the conversation with its latest answer and this round's request.
+//! Earlier rounds' critiques are not kept in the running text; the revision
+//! of round k is the answer critiqued in round k+1.
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::data::CritiqueRevision;
+use crate::protocol::Metrics;
+
+/// Where a generated critique or revision ends: the next turn marker.
+pub const STOP_STRINGS: &[&str] = &[
+    "\n\nHuman:",
+    "\n\nAssistant:",
+    "\n\nCritiqueRequest:",
+    "\n\nRevisionRequest:",
+    "\n\nCritique:",
+    "\n\nRevision:",
+];
+
+pub struct CritiqueRevise;
+
+/// How principles are drawn for the rounds of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipleSampling {
+    /// Each round draws uniformly from all principles (as in the paper).
+    WithReplacement,
+    /// No principle repeats within a record until every one has been used.
+    WithoutReplacement,
+}
+
+/// Params of `critique_revise`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CritiqueReviseParams {
+    /// Critique/revision rounds per response (the paper uses 1 to 4).
+    #[serde(default = "default_rounds")]
+    pub rounds: usize,
+    /// How each record's principles are drawn (seeded by the stage seed and the record index).
+    #[serde(default = "default_sampling")]
+    pub sampling: PrincipleSampling,
+    /// Prepend the constitution's few-shot critique/revision examples.
+    #[serde(default = "yes")]
+    pub few_shot: bool,
+    /// Most new tokens per critique and per revision.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: off).
+    #[serde(default)]
+    pub top_k: i64,
+    /// Nucleus sampling mass (1: off).
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Records per generation batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Conversation template for records without `prompt_text`; `{prompt}` is replaced by the prompt.
+    #[serde(default = "default_template")]
+    pub template: String,
+}
+
+fn default_rounds() -> usize {
+    4
+}
+fn default_sampling() -> PrincipleSampling {
+    PrincipleSampling::WithReplacement
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_new_tokens() -> i64 {
+    64
+}
+fn default_temperature() -> f64 {
+    1.0
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_template() -> String {
+    "\n\nHuman: {prompt}\n\nAssistant:".into()
+}
+
+/// One round of a record's trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrailStep {
+    /// Id of the critique/revision principle used.
+    pub principle: String,
+    pub critique: String,
+    pub revision: String,
+}
+
+/// A record of the `revisions` output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    /// The prompt field of the input record.
+    pub prompt: String,
+    /// The conversation text, ending in `\n\nAssistant:`.
+    pub prompt_text: String,
+    /// The response that was critiqued first.
+    pub original: String,
+    pub trail: Vec<TrailStep>,
+    /// The final answer (the last non-empty revision).
+    pub revision: String,
+}
+
+/// A record of the `sft` output: what `sft` trains on with default fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftRecord {
+    /// The conversation text.
+    pub prompt: String,
+    /// `" " + final revision`, continuing `Assistant:`.
+    pub response: String,
+}
+
+/// The principle indices (into `count` principles) for the `rounds` rounds
+/// of record `record`: a function of `(seed, record, count, rounds,
+/// sampling)` alone, so reruns and other batch sizes draw the same ones.
+pub fn choose_principles(
+    seed: u64,
+    record: u64,
+    count: usize,
+    rounds: usize,
+    sampling: PrincipleSampling,
+) -> Vec<usize> {
+    assert!(count > 0, "no principles to choose from");
+    // One ChaCha stream per record: independent of how records are batched.
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(record);
+    match sampling {
+        PrincipleSampling::WithReplacement => {
+            (0..rounds).map(|_| rng.random_range(0..count)).collect()
+        }
+        PrincipleSampling::WithoutReplacement => {
+            let mut out = Vec::with_capacity(rounds);
+            let mut pool: Vec<usize> = Vec::new();
+            while out.len() < rounds {
+                if pool.is_empty() {
+                    pool = (0..count).collect();
+                }
+                out.push(pool.swap_remove(rng.random_range(0..pool.len())));
+            }
+            out
+        }
+    }
+}
+
+/// The few-shot examples joined into one prefix. The paper's examples end
+/// in `\n\nHuman:` (the start of the next conversation); that marker is
+/// dropped because the conversation that follows brings its own.
+pub fn few_shot_prefix(examples: &[String]) -> String {
+    examples
+        .iter()
+        .map(|e| e.strip_suffix("\n\nHuman:").unwrap_or(e).trim_end())
+        .collect()
+}
+
+/// The text whose continuation is the critique: `prefix`, the
+/// conversation, the answer under review and the critique request.
+pub fn critique_prompt(
+    prefix: &str,
+    conversation: &str,
+    answer: &str,
+    principle: &CritiqueRevision,
+) -> String {
+    format!(
+        "{prefix}{conversation} {}\n\nCritiqueRequest: {}\n\nCritique:",
+        answer.trim(),
+        principle.critique.trim()
+    )
+}
+
+/// The text whose continuation is the revision: the critique prompt, the
+/// critique and the revision request.
+pub fn revision_prompt(
+    prefix: &str,
+    conversation: &str,
+    answer: &str,
+    principle: &CritiqueRevision,
+    critique: &str,
+) -> String {
+    format!(
+        "{} {}\n\nRevisionRequest: {}\n\nRevision:",
+        critique_prompt(prefix, conversation, answer, principle),
+        critique.trim(),
+        principle.revision.trim()
+    )
+}
+
+/// A generated critique or revision: cut at the first turn marker, trimmed.
+pub fn cut_at_stop(text: &str) -> String {
+    let end = STOP_STRINGS
+        .iter()
+        .filter_map(|s| text.find(s))
+        .min()
+        .unwrap_or(text.len());
+    text[..end].trim().to_string()
+}
+
+impl Op for CritiqueRevise {
+    fn name(&self) -> &'static str {
+        "critique_revise"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("model", "the model folder that critiques and revises"),
+            Port::input(
+                "responses",
+                "JSONL from `generate`: {prompt, prompt_text, response}",
+            ),
+            Port::input("constitution", "a constitution YAML file"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[
+            Port::output(
+                "revisions",
+                "JSONL: {prompt, prompt_text, original, trail: [{principle, critique, revision}], revision}",
+            ),
+            Port::output(
+                "sft",
+                "JSONL: {prompt: conversation text, response: \" \" + final revision}, ready for `sft`",
+            ),
+        ];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(CritiqueReviseParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        let normalized = super::normalize_with::<CritiqueReviseParams>(params)?;
+        let p: CritiqueReviseParams =
+            serde_json::from_value(normalized.clone()).expect("normalized params parse");
+        let bad = |field: &str, message: &str| ParamError {
+            field: field.into(),
+            message: message.into(),
+            suggestion: None,
+        };
+        if p.rounds == 0 {
+            return Err(bad("rounds", "must be at least 1"));
+        }
+        if p.max_new_tokens < 1 {
+            return Err(bad("max_new_tokens", "must be at least 1"));
+        }
+        if p.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1"));
+        }
+        Ok(normalized)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("critique_revise runs in alignflow-worker")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principle() -> CritiqueRevision {
+        CritiqueRevision {
+            id: "harm".into(),
+            critique: "Say how the answer is harmful.".into(),
+            revision: "Rewrite it without the harm.".into(),
+        }
+    }
+
+    #[test]
+    fn prompts_follow_the_paper_format() {
+        let prefix = few_shot_prefix(&[
+            "\n\nHuman: a?\n\nAssistant: b\n\nCritiqueRequest: c\n\nCritique: d\n\nRevisionRequest: e\n\nRevision: f\n\nHuman:".into(),
+        ]);
+        let conv = "\n\nHuman: hi\n\nAssistant:";
+        assert_eq!(
+            critique_prompt(&prefix, conv, " go away ", &principle()),
+            "\n\nHuman: a?\n\nAssistant: b\n\nCritiqueRequest: c\n\nCritique: d\n\nRevisionRequest: e\n\nRevision: f\n\nHuman: hi\n\nAssistant: go away\n\nCritiqueRequest: Say how the answer is harmful.\n\nCritique:"
+        );
+        assert_eq!(
+            revision_prompt("", conv, "go away", &principle(), " rude. "),
+            "\n\nHuman: hi\n\nAssistant: go away\n\nCritiqueRequest: Say how the answer is harmful.\n\nCritique: rude.\n\nRevisionRequest: Rewrite it without the harm.\n\nRevision:"
+        );
+    }
+
+    #[test]
+    fn generations_stop_at_the_next_marker() {
+        assert_eq!(cut_at_stop(" fine.\n\nHuman: more"), "fine.");
+        assert_eq!(cut_at_stop(" a\n\nRevision: b\n\nCritique: c"), "a");
+        assert_eq!(cut_at_stop(" no marker "), "no marker");
+    }
+
+    #[test]
+    fn principles_are_seeded_per_record() {
+        let s = PrincipleSampling::WithReplacement;
+        let a = choose_principles(7, 3, 16, 4, s);
+        assert_eq!(a, choose_principles(7, 3, 16, 4, s));
+        assert!(a.iter().all(|&i| i < 16));
+        let others: Vec<_> = (0..8).map(|r| choose_principles(7, r, 16, 4, s)).collect();
+        assert!(others.iter().any(|o| *o != a));
+        assert_ne!(
+            (0..8)
+                .map(|r| choose_principles(8, r, 16, 4, s))
+                .collect::<Vec<_>>(),
+            others
+        );
+    }
+
+    #[test]
+    fn without_replacement_uses_every_principle_before_repeating() {
+        for record in 0..20 {
+            let c = choose_principles(1, record, 3, 7, PrincipleSampling::WithoutReplacement);
+            for pass in c.chunks(3).filter(|p| p.len() == 3) {
+                let mut p = pass.to_vec();
+                p.sort();
+                assert_eq!(p, vec![0, 1, 2]);
+            }
+        }
+    }
+
+    #[test]
+    fn params_have_the_documented_defaults_and_bounds() {
+        let p = CritiqueRevise
+            .normalize_params(&serde_json::Value::Null)
+            .unwrap();
+        assert_eq!(p["rounds"], 4);
+        assert_eq!(p["sampling"], "with_replacement");
+        assert_eq!(p["few_shot"], true);
+        assert_eq!(p["max_new_tokens"], 64);
+        assert_eq!(p["batch_size"], 8);
+        assert_eq!(p["template"], "\n\nHuman: {prompt}\n\nAssistant:");
+        let err = CritiqueRevise
+            .normalize_params(&serde_json::json!({"rounds": 0}))
+            .unwrap_err();
+        assert_eq!(err.field, "rounds");
+    }
+}

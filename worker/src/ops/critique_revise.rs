@@ -1,0 +1,253 @@
+//! `critique_revise`: K rounds of critique and revision per response, each
+//! round one batched generation of all critiques, then one of all revisions
+//! (prompt assembly and principle sampling live in `alignflow::ops`).
+
+use anyhow::Context;
+
+use alignflow::data::{read_jsonl, Constitution, JsonlWriter};
+use alignflow::ops::{
+    choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
+    CritiqueReviseParams, RevisionRecord, SftRecord, StageContext, TrailStep, STOP_STRINGS,
+};
+use alignflow::protocol::Metrics;
+use alignflow::text::{apply_template, Tokenizer};
+
+use crate::model::sample::{generate, Finish, SamplingConfig};
+use crate::model::{self, BuildOptions, Head, Model};
+
+/// One input record while it is being revised.
+struct Item {
+    prompt: String,
+    conversation: String,
+    original: String,
+    /// The answer the next round critiques.
+    answer: String,
+    principles: Vec<usize>,
+    trail: Vec<TrailStep>,
+}
+
+/// Generates one continuation per text in chunks of `batch_size`, each cut
+/// at the next turn marker. `phase` numbers the calls of a stage so that
+/// every chunk draws from its own stream of the stage seed.
+struct Generator<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+    cfg: SamplingConfig,
+    device: tch::Device,
+    batch_size: usize,
+    /// Most prompt tokens (over-long prompts keep their end).
+    budget: usize,
+}
+
+impl Generator<'_> {
+    fn run(
+        &self,
+        ctx: &StageContext<'_>,
+        texts: &[String],
+        phase: u64,
+        new_tokens: &mut usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for (chunk_index, chunk) in texts.chunks(self.batch_size).enumerate() {
+            ctx.cancel.check()?;
+            let mut batch = Vec::with_capacity(chunk.len());
+            for text in chunk {
+                let mut ids = self.tokenizer.encode(text)?;
+                ids.drain(..ids.len().saturating_sub(self.budget));
+                batch.push(ids);
+            }
+            let stop = |_: usize, toks: &[i64]| -> bool {
+                self.tokenizer
+                    .decode(toks)
+                    .is_ok_and(|t| STOP_STRINGS.iter().any(|s| t.contains(s)))
+            };
+            let stream = (phase << 32) | chunk_index as u64;
+            let cfg = SamplingConfig {
+                seed: self.cfg.seed ^ splitmix(stream),
+                ..self.cfg.clone()
+            };
+            for sample in generate(&self.model.lm, &batch, &cfg, self.device, stop) {
+                *new_tokens += sample.tokens.len();
+                let body = match sample.finish {
+                    Finish::Eos => &sample.tokens[..sample.tokens.len() - 1],
+                    _ => &sample.tokens[..],
+                };
+                out.push(cut_at_stop(&self.tokenizer.decode(body)?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A 64-bit mix, so nearby stream numbers give unrelated seeds.
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: CritiqueReviseParams = ctx.params()?;
+    let stage = &ctx.spec.stage;
+    let constitution = Constitution::load(ctx.input("constitution")?)?;
+    let principles = &constitution.critique_revision;
+    anyhow::ensure!(
+        !principles.is_empty(),
+        "stage `{stage}`: the constitution `{}` has no critique/revision principles",
+        constitution.name
+    );
+    let prefix = if p.few_shot {
+        few_shot_prefix(&constitution.few_shot.critique_revision)
+    } else {
+        String::new()
+    };
+
+    let path = ctx.input("responses")?;
+    let mut items = Vec::new();
+    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
+        let record = record
+            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
+        let field = |name: &str| {
+            record[name].as_str().with_context(|| {
+                format!(
+                    "stage `{stage}`: {}:{line}: no string field `{name}`",
+                    path.display()
+                )
+            })
+        };
+        let prompt = field("prompt")?.to_string();
+        let conversation = match record["prompt_text"].as_str() {
+            Some(text) => text.to_string(),
+            None => apply_template(&p.template, &prompt),
+        };
+        let original = field("response")?.to_string();
+        let index = items.len() as u64;
+        items.push(Item {
+            prompt,
+            conversation,
+            answer: original.trim().to_string(),
+            original,
+            principles: choose_principles(
+                ctx.spec.seed,
+                index,
+                principles.len(),
+                p.rounds,
+                p.sampling,
+            ),
+            trail: Vec::new(),
+        });
+    }
+
+    let device = model::device(&ctx.spec.device)?;
+    let model_dir = ctx.input("model")?;
+    let tokenizer = Tokenizer::from_dir(model_dir)?;
+    let model = Model::load(
+        model_dir,
+        &BuildOptions {
+            device,
+            head: Head::Lm,
+            lora: None,
+        },
+    )?;
+    let generator = Generator {
+        model: &model,
+        tokenizer: &tokenizer,
+        cfg: SamplingConfig {
+            max_new_tokens: p.max_new_tokens,
+            min_new_tokens: 0,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            eos_token_id: tokenizer
+                .eos_id
+                .map(i64::from)
+                .or(model.lm.cfg.eos_token_id),
+            pad_token_id: model.lm.cfg.pad_id(),
+            seed: ctx.spec.seed,
+        },
+        device,
+        batch_size: p.batch_size.max(1),
+        budget: (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize,
+    };
+
+    let start = std::time::Instant::now();
+    let (mut new_tokens, mut empty_revisions) = (0usize, 0usize);
+    for round in 0..p.rounds {
+        let texts: Vec<String> = items
+            .iter()
+            .map(|it| {
+                critique_prompt(
+                    &prefix,
+                    &it.conversation,
+                    &it.answer,
+                    &principles[it.principles[round]],
+                )
+            })
+            .collect();
+        let critiques = generator.run(ctx, &texts, 2 * round as u64, &mut new_tokens)?;
+        let texts: Vec<String> = items
+            .iter()
+            .zip(&critiques)
+            .map(|(it, critique)| {
+                revision_prompt(
+                    &prefix,
+                    &it.conversation,
+                    &it.answer,
+                    &principles[it.principles[round]],
+                    critique,
+                )
+            })
+            .collect();
+        let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, &mut new_tokens)?;
+        for ((it, critique), revision) in items.iter_mut().zip(critiques).zip(revisions) {
+            // An empty revision is recorded in the trail but does not
+            // replace the answer: it would be a useless SFT target.
+            if revision.is_empty() {
+                empty_revisions += 1;
+            } else {
+                it.answer = revision.clone();
+            }
+            it.trail.push(TrailStep {
+                principle: principles[it.principles[round]].id.clone(),
+                critique,
+                revision,
+            });
+        }
+        ctx.reporter.progress(
+            round as u64 + 1,
+            Some(p.rounds as u64),
+            "critique/revision rounds",
+        );
+    }
+
+    let mut revisions_out = JsonlWriter::create(&ctx.output("revisions"))?;
+    let mut sft_out = JsonlWriter::create(&ctx.output("sft"))?;
+    for it in &items {
+        sft_out.write(&SftRecord {
+            prompt: it.conversation.clone(),
+            response: format!(" {}", it.answer),
+        })?;
+        revisions_out.write(&RevisionRecord {
+            prompt: it.prompt.clone(),
+            prompt_text: it.conversation.clone(),
+            original: it.original.clone(),
+            trail: it.trail.clone(),
+            revision: it.answer.clone(),
+        })?;
+    }
+    revisions_out.finish()?;
+    sft_out.finish()?;
+
+    let secs = start.elapsed().as_secs_f64();
+    let mut m = Metrics::new();
+    m.insert("records".into(), items.len().into());
+    m.insert("rounds".into(), p.rounds.into());
+    m.insert("new_tokens".into(), new_tokens.into());
+    m.insert("empty_revisions".into(), empty_revisions.into());
+    m.insert(
+        "tokens_per_s".into(),
+        serde_json::json!(new_tokens as f64 / secs.max(1e-9)),
+    );
+    Ok(m)
+}
