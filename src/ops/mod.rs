@@ -17,12 +17,14 @@ use serde::Serialize;
 
 use crate::protocol::{Metrics, StageSpec};
 
+pub use ai_feedback::AiFeedbackParams;
 pub use describe::{describe, schema_files, write_schemas};
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
+pub mod ai_feedback;
 mod dataset_import;
 mod dataset_split;
 mod describe;
@@ -36,6 +38,7 @@ pub mod training;
 /// Every registered op, in display order.
 pub fn registry() -> &'static [&'static dyn Op] {
     static OPS: &[&dyn Op] = &[
+        &ai_feedback::AiFeedback,
         &dataset_import::DatasetImport,
         &dataset_split::DatasetSplit,
         &exec::Exec,
