@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::protocol::{Metrics, StageSpec};
 
+pub use ai_feedback::AiFeedbackParams;
 pub use critique_revise::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
@@ -27,6 +28,7 @@ pub use lm_pretrain::{Family, PretrainParams};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
+pub mod ai_feedback;
 mod constitution_import;
 mod critique_revise;
 mod dataset_import;
@@ -42,6 +44,7 @@ pub mod training;
 /// Every registered op, in display order.
 pub fn registry() -> &'static [&'static dyn Op] {
     static OPS: &[&dyn Op] = &[
+        &ai_feedback::AiFeedback,
         &constitution_import::ConstitutionImport,
         &critique_revise::CritiqueRevise,
         &dataset_import::DatasetImport,

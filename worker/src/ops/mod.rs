@@ -5,6 +5,7 @@
 use alignflow::ops::StageContext;
 use alignflow::protocol::Metrics;
 
+pub mod ai_feedback;
 pub mod common;
 mod critique_revise;
 mod generate;
@@ -17,6 +18,7 @@ pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
 /// The worker-side implementation of `op`, if it is a tensor op.
 pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
+        ("ai_feedback", ai_feedback::run),
         ("critique_revise", critique_revise::run),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
