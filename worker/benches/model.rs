@@ -282,6 +282,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         top_p: 1.0,
         eos_token_id: None,
         pad_token_id: 0,
+        seed: 0,
     };
     tch::manual_seed(0);
     let (med, samples, phases) = timed(a.repeats, a.device, || {

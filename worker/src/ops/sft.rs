@@ -58,6 +58,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         dropout: l.dropout,
         targets: l.targets.clone(),
     });
+    // LoRA adapters are initialised randomly: seed first, for byte-identical reruns.
+    tch::manual_seed(ctx.spec.seed as i64);
     let mut model = Model::load(
         model_dir,
         &BuildOptions {
