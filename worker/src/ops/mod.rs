@@ -8,6 +8,7 @@ use alignflow::protocol::Metrics;
 pub mod common;
 mod generate;
 mod lm_pretrain;
+pub mod pm;
 pub mod sft;
 
 /// A tensor op's entry point.
@@ -18,6 +19,8 @@ pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
+        ("pm.pretrain", pm::run_pretrain),
+        ("pm.train", pm::run_train),
         ("sft", sft::run),
     ];
     table
