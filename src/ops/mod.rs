@@ -25,6 +25,7 @@ pub use critique_revise::{
 pub use describe::{describe, schema_files, write_schemas};
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
+pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
@@ -37,6 +38,7 @@ mod describe;
 mod exec;
 mod generate;
 mod lm_pretrain;
+mod pm_train;
 mod sft;
 mod tokenizer_train;
 pub mod training;
@@ -52,6 +54,8 @@ pub fn registry() -> &'static [&'static dyn Op] {
         &exec::Exec,
         &generate::Generate,
         &lm_pretrain::LmPretrain,
+        &pm_train::PmPretrain,
+        &pm_train::PmTrain,
         &sft::Sft,
         &tokenizer_train::TokenizerTrain,
     ];

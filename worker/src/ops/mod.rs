@@ -10,6 +10,7 @@ pub mod common;
 mod critique_revise;
 mod generate;
 mod lm_pretrain;
+pub mod pm;
 pub mod sft;
 
 /// A tensor op's entry point.
@@ -22,6 +23,8 @@ pub fn find(op: &str) -> Option<RunFn> {
         ("critique_revise", critique_revise::run),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
+        ("pm.pretrain", pm::run_pretrain),
+        ("pm.train", pm::run_train),
         ("sft", sft::run),
     ];
     table

@@ -1,0 +1,289 @@
+//! `pm.train` and `pm.pretrain`: preference models (a transformer with a
+//! scalar reward head) trained with the soft-label Bradley-Terry loss
+//! `-(p*logsig(rA - rB) + (1-p)*logsig(rB - rA))` (DESIGN §1, step 4).
+//!
+//! `pm.pretrain` (PMP) trains on generic ranked comparisons; `pm.train` on
+//! the comparisons of a pipeline (human HH records, AI-feedback records with
+//! soft labels, or both, weighted by `mix`). Both evaluate on held-out pairs
+//! and write the figures to `eval`. The tensor code is in the worker
+//! (`alignflow-worker`, `ops/pm.rs`).
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::training::{LoraParams, TrainParams};
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+/// The inputs of `pm.train` that hold training comparisons (the keys `mix`
+/// may name).
+pub const PM_TRAIN_SETS: [&str; 2] = ["comparisons", "extra"];
+
+pub struct PmTrain;
+pub struct PmPretrain;
+
+/// Params of `pm.train`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PmTrainParams {
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Longest sequence (prompt + response + EOS) in tokens: the prompt's
+    /// beginning is dropped first, then the response's end (the EOS stays).
+    #[serde(default = "default_max_len")]
+    pub max_len: i64,
+    /// Append the EOS token to every response, so the reward is read on the
+    /// same token type at the end of every sequence.
+    #[serde(default = "yes")]
+    pub append_eos: bool,
+    /// Loss weight per training input (`comparisons`, `extra`); unnamed
+    /// inputs weigh 1.0, a weight of 0 drops the set. The loss of a batch is
+    /// the weighted mean of its pairs' losses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mix: BTreeMap<String, f64>,
+    /// Without an `eval` input: the fraction of the training records (of
+    /// every set, chosen by the stage seed) held out for evaluation; 0
+    /// evaluates nothing.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// LoRA adapters (plus the reward head) instead of full fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraParams>,
+    #[serde(flatten)]
+    pub train: TrainParams,
+}
+
+/// Params of `pm.pretrain`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PmPretrainParams {
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Longest sequence (prompt + response + EOS) in tokens, truncated as in
+    /// `pm.train`.
+    #[serde(default = "default_max_len")]
+    pub max_len: i64,
+    /// Append the EOS token to every response.
+    #[serde(default = "yes")]
+    pub append_eos: bool,
+    /// Fraction of the records (chosen by the stage seed) held out for
+    /// evaluation; 0 evaluates nothing.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// LoRA adapters (plus the reward head) instead of full training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraParams>,
+    #[serde(flatten)]
+    pub train: TrainParams,
+}
+
+fn default_lr() -> f64 {
+    1e-5
+}
+fn default_max_len() -> i64 {
+    256
+}
+fn default_eval_fraction() -> f64 {
+    0.1
+}
+fn yes() -> bool {
+    true
+}
+
+fn param_error(field: &str, message: String) -> ParamError {
+    ParamError {
+        field: field.into(),
+        message,
+        suggestion: None,
+    }
+}
+
+fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {
+    if max_len < 2 {
+        return Err(param_error(
+            "max_len",
+            format!("`max_len` must be at least 2, got {max_len}"),
+        ));
+    }
+    if !(0.0..1.0).contains(&eval_fraction) {
+        return Err(param_error(
+            "eval_fraction",
+            format!("`eval_fraction` must be in [0, 1), got {eval_fraction}"),
+        ));
+    }
+    Ok(())
+}
+
+impl PmTrainParams {
+    fn check(&self) -> Result<(), ParamError> {
+        check_common(self.max_len, self.eval_fraction)?;
+        for (name, w) in &self.mix {
+            if !PM_TRAIN_SETS.contains(&name.as_str()) {
+                return Err(ParamError {
+                    field: format!("mix.{name}"),
+                    message: format!(
+                        "`mix` names the training inputs ({}), not `{name}`",
+                        PM_TRAIN_SETS.join(", ")
+                    ),
+                    suggestion: super::nearest(name, PM_TRAIN_SETS),
+                });
+            }
+            if !w.is_finite() || *w < 0.0 {
+                return Err(param_error(
+                    &format!("mix.{name}"),
+                    format!("a `mix` weight must be finite and non-negative, got {w}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss weight of training input `set`.
+    pub fn weight(&self, set: &str) -> f64 {
+        self.mix.get(set).copied().unwrap_or(1.0)
+    }
+}
+
+const PM_OUTPUTS: &[Port] = &[
+    Port::output(
+        "model",
+        "the preference model folder (`*ForSequenceClassification`, one label; LoRA merged)",
+    ),
+    Port::volatile(
+        "metrics",
+        "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s; then one line of held-out figures",
+    ),
+    Port::output(
+        "eval",
+        "eval.json: held-out pairs, accuracy, mean margin, loss, expected calibration error, bins",
+    ),
+];
+
+impl Op for PmTrain {
+    fn name(&self) -> &'static str {
+        "pm.train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input(
+                "model",
+                "a base LM folder or a preference model (pm.pretrain, pm.train)",
+            ),
+            Port::input(
+                "comparisons",
+                "JSONL comparisons: {prompt, chosen, rejected, label} or {prompt, response_a, response_b, p_a}",
+            ),
+            Port::optional(
+                "extra",
+                "a second comparison set in either shape (e.g. AI harmlessness beside human helpfulness)",
+            ),
+            Port::optional(
+                "eval",
+                "held-out comparisons (otherwise `eval_fraction` of the training records)",
+            ),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        PM_OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(PmTrainParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        let value = super::normalize_with::<PmTrainParams>(params)?;
+        let parsed: PmTrainParams = serde_json::from_value(value.clone()).expect("normalised");
+        parsed.check()?;
+        Ok(value)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("pm.train runs in alignflow-worker")
+    }
+}
+
+impl Op for PmPretrain {
+    fn name(&self) -> &'static str {
+        "pm.pretrain"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("model", "the base LM folder"),
+            Port::input(
+                "data",
+                "JSONL: HH comparisons {prompt, chosen, rejected, label} or rankings {prompt, responses: [best, ..., worst]}",
+            ),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        PM_OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(PmPretrainParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        let value = super::normalize_with::<PmPretrainParams>(params)?;
+        let parsed: PmPretrainParams = serde_json::from_value(value.clone()).expect("normalised");
+        check_common(parsed.max_len, parsed.eval_fraction)?;
+        Ok(value)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("pm.pretrain runs in alignflow-worker")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_fill_in_and_mix_is_checked() {
+        let v = PmTrain.normalize_params(&json!({})).unwrap();
+        assert_eq!(v["lr"], json!(1e-5));
+        assert_eq!(v["max_len"], json!(256));
+        assert_eq!(v["eval_fraction"], json!(0.1));
+        assert_eq!(v["batch_size"], json!(8));
+        assert!(v.get("mix").is_none());
+        let err = PmTrain
+            .normalize_params(&json!({"mix": {"comparison": 1.0}}))
+            .unwrap_err();
+        assert_eq!(err.field, "mix.comparison");
+        assert_eq!(err.suggestion.as_deref(), Some("comparisons"));
+        let err = PmTrain
+            .normalize_params(&json!({"mix": {"extra": -1.0}}))
+            .unwrap_err();
+        assert_eq!(err.field, "mix.extra");
+        let err = PmPretrain
+            .normalize_params(&json!({"eval_fraction": 1.0}))
+            .unwrap_err();
+        assert_eq!(err.field, "eval_fraction");
+        let err = PmTrain.normalize_params(&json!({"mx": {}})).unwrap_err();
+        assert_eq!(err.suggestion.as_deref(), Some("mix"));
+    }
+}

@@ -1,0 +1,268 @@
+//! `pm.train` and `pm.pretrain`: a transformer with a scalar reward head on
+//! the last real token, trained with the soft-label Bradley-Terry loss
+//! (DESIGN §1, step 4), then evaluated on held-out pairs.
+//!
+//! Both ops share everything but where their pairs come from: `pm.pretrain`
+//! reads one `data` file (HH comparisons or rankings); `pm.train` reads
+//! `comparisons` and the optional `extra`, weighted per set by `mix`, and
+//! holds out the optional `eval` input or `eval_fraction` of its records.
+
+mod data;
+mod eval;
+mod loss;
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use tch::{Device, Tensor};
+
+use alignflow::ops::training::{LoraParams, TrainParams};
+use alignflow::ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
+use alignflow::protocol::Metrics;
+use alignflow::text::Tokenizer;
+
+use super::common::run_training;
+use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
+
+pub use data::{read_records, sequence, split, Encoder, Pair, Record};
+pub use eval::{figures, pair_loss, sigmoid, Bin, Figures, BINS};
+pub use loss::{pair_rewards, soft_bt_loss};
+
+/// The knobs both ops share.
+struct Common<'a> {
+    lr: f64,
+    max_len: i64,
+    append_eos: bool,
+    lora: Option<&'a LoraParams>,
+    train: &'a TrainParams,
+}
+
+/// A loaded preference model and its text encoding.
+struct Loaded {
+    model: Model,
+    tokenizer: Tokenizer,
+    eos: Option<i64>,
+    max_len: usize,
+    device: Device,
+}
+
+/// Loads `model` with the reward head (fresh on a plain LM, kept on a PM).
+/// With LoRA the head trains beside the adapters.
+fn load(ctx: &StageContext<'_>, c: &Common<'_>) -> anyhow::Result<Loaded> {
+    let device = model::device(&ctx.spec.device)?;
+    let dir = ctx.input("model")?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let lora = c.lora.map(|l| LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+    });
+    let with_lora = lora.is_some();
+    // A fresh reward head (and LoRA adapters) draw from torch's generator:
+    // seed it so the stage is a function of its fingerprint.
+    tch::manual_seed(ctx.spec.seed as i64);
+    let model = Model::load(
+        dir,
+        &BuildOptions {
+            device,
+            head: Head::Reward,
+            lora,
+        },
+    )?;
+    if with_lora {
+        for (name, t) in model.vs.variables() {
+            if name.starts_with("score.") {
+                let _ = t.set_requires_grad(true);
+            }
+        }
+    }
+    let eos = if c.append_eos {
+        let id = tokenizer
+            .eos_id
+            .map(i64::from)
+            .or(model.lm.cfg.eos_token_id)
+            .context("append_eos: the model has no EOS token")?;
+        Some(id)
+    } else {
+        None
+    };
+    let max_len = c.max_len.min(model.lm.cfg.max_positions) as usize;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        eos,
+        max_len,
+        device,
+    })
+}
+
+/// Margins `rA - rB` of `pairs` under `model` in eval mode, in batches of
+/// `batch` pairs.
+pub fn margins(model: &Model, pairs: &[Pair], batch: usize, device: Device) -> Vec<f64> {
+    let mut out = Vec::with_capacity(pairs.len());
+    tch::no_grad(|| {
+        for chunk in pairs.chunks(batch.max(1)) {
+            let a: Vec<&[i64]> = chunk.iter().map(|p| p.a.as_slice()).collect();
+            let b: Vec<&[i64]> = chunk.iter().map(|p| p.b.as_slice()).collect();
+            let (ra, rb, _) = pair_rewards(model, &a, &b, device, false);
+            let d = (ra - rb).to_kind(tch::Kind::Double).to_device(Device::Cpu);
+            out.extend(Vec::<f64>::try_from(&d).expect("margins"));
+        }
+    });
+    out
+}
+
+/// Trains on `train`, evaluates on `held_out`, writes the outputs.
+fn train_and_evaluate(
+    ctx: &StageContext<'_>,
+    c: &Common<'_>,
+    mut m: Loaded,
+    train: Vec<Pair>,
+    held_out: Vec<Pair>,
+    eval_source: &str,
+) -> anyhow::Result<Metrics> {
+    let device = m.device;
+    let mut loss_fn = |model: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+        let a: Vec<&[i64]> = idx.iter().map(|&i| train[i].a.as_slice()).collect();
+        let b: Vec<&[i64]> = idx.iter().map(|&i| train[i].b.as_slice()).collect();
+        let p: Vec<f64> = idx.iter().map(|&i| train[i].p).collect();
+        let w: Vec<f64> = idx.iter().map(|&i| train[i].weight).collect();
+        let (ra, rb, tokens) = pair_rewards(model, &a, &b, device, true);
+        let p = Tensor::from_slice(&p).to_device(device);
+        let w = Tensor::from_slice(&w).to_device(device);
+        Ok((soft_bt_loss(&ra, &rb, &p, Some(&w)), tokens))
+    };
+    let n = train.len();
+    let mut metrics = run_training(ctx, &mut m.model, c.train, c.lr, n, &mut loss_fn)?;
+    metrics.insert("train_pairs".into(), n.into());
+
+    // The model is now what `run_training` saved (LoRA merged).
+    ctx.reporter
+        .progress(0, Some(held_out.len() as u64), "evaluating");
+    let d = margins(&m.model, &held_out, c.train.batch_size, device);
+    let labels: Vec<f64> = held_out.iter().map(|p| p.p).collect();
+    let f = figures(&d, &labels);
+    let report = serde_json::json!({
+        "source": eval_source,
+        "figures": f,
+        "definitions": {
+            "accuracy": "over pairs with p != 0.5: fraction where rA > rB agrees with p > 0.5 (a tie rA == rB counts as wrong)",
+            "mean_margin": "mean of rA - rB over all pairs, A = chosen / response_a",
+            "ece": "each pair enters as (q, p) and (1 - q, 1 - p), q = sigmoid(rA - rB); 10 equal-width bins of q on [0, 1]; sum over bins of n_k / 2N * |mean q - mean p|",
+        },
+    });
+    std::fs::write(
+        ctx.output("eval"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )
+    .context("writing eval")?;
+    let mut point = serde_json::Map::new();
+    point.insert("step".into(), metrics["steps"].clone());
+    point.insert("eval_pairs".into(), f.pairs.into());
+    let named = [
+        ("eval_accuracy", f.accuracy),
+        ("eval_mean_margin", f.mean_margin),
+        ("eval_mean_abs_margin", f.mean_abs_margin),
+        ("eval_loss", f.loss),
+        ("eval_ece", f.ece),
+    ];
+    for (k, v) in named {
+        point.insert(k.into(), serde_json::json!(v));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(ctx.output("metrics"))
+        .context("appending to metrics")?;
+    writeln!(file, "{}", serde_json::Value::Object(point.clone()))?;
+    ctx.reporter.metric(
+        &point
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+            .collect(),
+    );
+    for (k, v) in point.into_iter().filter(|(k, _)| k != "step") {
+        metrics.insert(k, v);
+    }
+    Ok(metrics)
+}
+
+fn flatten(records: Vec<Record>) -> Vec<Pair> {
+    records.into_iter().flatten().collect()
+}
+
+/// `pm.train`.
+pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: PmTrainParams = ctx.params()?;
+    let c = Common {
+        lr: p.lr,
+        max_len: p.max_len,
+        append_eos: p.append_eos,
+        lora: p.lora.as_ref(),
+        train: &p.train,
+    };
+    let m = load(ctx, &c)?;
+    let enc = Encoder {
+        tokenizer: &m.tokenizer,
+        eos: m.eos,
+        max_len: m.max_len,
+    };
+    let stage = ctx.spec.stage.as_str();
+    let mut records = Vec::new();
+    for set in PM_TRAIN_SETS {
+        let Some(path) = ctx.spec.inputs.get(set) else {
+            continue;
+        };
+        let weight = p.weight(set);
+        if weight == 0.0 {
+            tracing::info!("`{set}` has mix weight 0: not read");
+            continue;
+        }
+        records.extend(read_records(stage, path, &enc, weight)?);
+    }
+    let (train, held_out, source) = match ctx.spec.inputs.get("eval") {
+        Some(path) => (
+            records,
+            read_records(stage, path, &enc, 1.0)?,
+            "the `eval` input".to_string(),
+        ),
+        None => {
+            let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
+            let source = format!(
+                "{} of the training records held out (eval_fraction {})",
+                te.len(),
+                p.eval_fraction
+            );
+            (tr, te, source)
+        }
+    };
+    train_and_evaluate(ctx, &c, m, flatten(train), flatten(held_out), &source)
+}
+
+/// `pm.pretrain`.
+pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: PmPretrainParams = ctx.params()?;
+    let c = Common {
+        lr: p.lr,
+        max_len: p.max_len,
+        append_eos: p.append_eos,
+        lora: p.lora.as_ref(),
+        train: &p.train,
+    };
+    let m = load(ctx, &c)?;
+    let enc = Encoder {
+        tokenizer: &m.tokenizer,
+        eos: m.eos,
+        max_len: m.max_len,
+    };
+    let data: &Path = ctx.input("data")?;
+    let records = read_records(&ctx.spec.stage, data, &enc, 1.0)?;
+    let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
+    let source = format!(
+        "{} of the records held out (eval_fraction {})",
+        te.len(),
+        p.eval_fraction
+    );
+    train_and_evaluate(ctx, &c, m, flatten(tr), flatten(te), &source)
+}
