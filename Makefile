@@ -24,9 +24,11 @@ $(STAMP):
 build: setup
 	$(CARGO) build --release --workspace
 
+# The tiny Constitutional AI pipeline on CPU (about a minute), then its plan:
+# every stage cached.
 demo: build
-	./target/release/alignflow run pipelines/demo.yaml
-	./target/release/alignflow plan pipelines/demo.yaml
+	./target/release/alignflow run pipelines/cai-tiny.yaml
+	./target/release/alignflow plan pipelines/cai-tiny.yaml
 
 test: setup
 	$(CARGO) test --workspace
