@@ -3,4 +3,5 @@
 
 pub mod model;
 pub mod ops;
+pub mod rl;
 pub mod train;
