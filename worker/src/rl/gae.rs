@@ -15,7 +15,10 @@ pub struct GaeConfig {
 
 impl Default for GaeConfig {
     fn default() -> Self {
-        GaeConfig { gamma: 1.0, lam: 0.95 }
+        GaeConfig {
+            gamma: 1.0,
+            lam: 0.95,
+        }
     }
 }
 
@@ -41,7 +44,11 @@ pub fn compute_gae(
         let values = values.detach();
         let m = super::mask_like(&values, mask);
         let v = &values * &m;
-        let r = rewards.detach().to_kind(values.kind()).to_device(values.device()) * &m;
+        let r = rewards
+            .detach()
+            .to_kind(values.kind())
+            .to_device(values.device())
+            * &m;
         let t_len = values.size()[1];
         let mut last = v.select(1, 0).zeros_like(); // A_{t+1}, [b]
         let mut advs: Vec<Tensor> = Vec::with_capacity(t_len as usize);
@@ -100,7 +107,15 @@ mod tests {
         let vals = t2(1, 3, &[0.5, 1.0, 1.5]);
         let rew = t2(1, 3, &[0.0, 0.0, 1.0]);
         let m = t2(1, 3, &[1.0, 1.0, 1.0]);
-        let (a, r) = compute_gae(&vals, &rew, &m, &GaeConfig { gamma: 0.9, lam: 0.5 });
+        let (a, r) = compute_gae(
+            &vals,
+            &rew,
+            &m,
+            &GaeConfig {
+                gamma: 0.9,
+                lam: 0.5,
+            },
+        );
         assert_vec_close(&v(&a), &[0.45625, 0.125, -0.5], 1e-12);
         assert_vec_close(&v(&r), &[0.95625, 1.125, 1.0], 1e-12);
     }
@@ -116,14 +131,27 @@ mod tests {
         let rew = t2(2, 4, &[0.0, 0.0, 1.0, 5.0, 0.5, -1.0, 9.0, 9.0]);
         let m = t2(2, 4, &[1., 1., 1., 0., 1., 1., 0., 0.]);
         let (a, r) = compute_gae(&vals, &rew, &m, &GaeConfig::default());
-        assert_vec_close(&v(&a), &[0.52375, 0.025, -0.5, 0.0, -2.4, -2.0, 0.0, 0.0], 1e-12);
-        assert_vec_close(&v(&r), &[1.02375, 1.025, 1.0, 0.0, -0.4, -1.0, 0.0, 0.0], 1e-12);
+        assert_vec_close(
+            &v(&a),
+            &[0.52375, 0.025, -0.5, 0.0, -2.4, -2.0, 0.0, 0.0],
+            1e-12,
+        );
+        assert_vec_close(
+            &v(&r),
+            &[1.02375, 1.025, 1.0, 0.0, -0.4, -1.0, 0.0, 0.0],
+            1e-12,
+        );
     }
 
     #[test]
     fn no_gradient() {
         let vals = t2(1, 2, &[0.5, 1.0]).set_requires_grad(true);
-        let (a, r) = compute_gae(&vals, &t2(1, 2, &[0.0, 1.0]), &t2(1, 2, &[1.0, 1.0]), &GaeConfig::default());
+        let (a, r) = compute_gae(
+            &vals,
+            &t2(1, 2, &[0.0, 1.0]),
+            &t2(1, 2, &[1.0, 1.0]),
+            &GaeConfig::default(),
+        );
         assert!(!a.requires_grad() && !r.requires_grad());
     }
 }

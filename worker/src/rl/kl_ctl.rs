@@ -14,7 +14,11 @@ pub enum KlController {
     /// Constant coefficient.
     Fixed { kl_coef: f64 },
     /// Adaptive coefficient steering the KL towards `target` over `horizon` steps.
-    Adaptive { kl_coef: f64, target: f64, horizon: f64 },
+    Adaptive {
+        kl_coef: f64,
+        target: f64,
+        horizon: f64,
+    },
 }
 
 impl KlController {
@@ -25,7 +29,11 @@ impl KlController {
 
     /// An adaptive controller starting at `init_kl_coef`.
     pub fn adaptive(init_kl_coef: f64, target: f64, horizon: f64) -> Self {
-        KlController::Adaptive { kl_coef: init_kl_coef, target, horizon }
+        KlController::Adaptive {
+            kl_coef: init_kl_coef,
+            target,
+            horizon,
+        }
     }
 
     /// The current KL coefficient.
@@ -40,7 +48,12 @@ impl KlController {
     /// `e = clip(current_kl / target - 1, -0.2, 0.2)`,
     /// `kl_coef *= 1 + e * n_steps / horizon`.
     pub fn update(&mut self, current_kl: f64, n_steps: u64) {
-        if let KlController::Adaptive { kl_coef, target, horizon } = self {
+        if let KlController::Adaptive {
+            kl_coef,
+            target,
+            horizon,
+        } = self
+        {
             let e = (current_kl / *target - 1.0).clamp(-0.2, 0.2);
             let mult = 1.0 + e * n_steps as f64 / *horizon;
             *kl_coef *= mult;

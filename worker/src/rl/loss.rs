@@ -52,7 +52,11 @@ pub fn policy_loss(
         let ak = masked_mean(&(&lr * &lr), &m, None) * 0.5;
         (cf, ak)
     });
-    PolicyLoss { loss, clip_frac, approx_kl }
+    PolicyLoss {
+        loss,
+        clip_frac,
+        approx_kl,
+    }
 }
 
 /// Output of [`value_loss`].
@@ -81,7 +85,9 @@ pub fn value_loss(
     let m = mask_like(values, mask);
     let old = old_values.detach();
     let ret = returns.detach();
-    let clipped = values.maximum(&(&old - clip_value)).minimum(&(&old + clip_value));
+    let clipped = values
+        .maximum(&(&old - clip_value))
+        .minimum(&(&old + clip_value));
     let d1 = values - &ret;
     let d2 = clipped - &ret;
     let l1 = &d1 * &d1;

@@ -31,8 +31,8 @@ pub use gae::{compute_gae, GaeConfig};
 pub use kl::{kl_k1, kl_k2, kl_k3, kl_per_token, mean_sequence_kl, mean_token_kl, KlEstimator};
 pub use kl_ctl::KlController;
 pub use loss::{
-    entropy_from_logits, explained_variance, masked_entropy, policy_loss, value_loss,
-    PolicyLoss, ValueLoss,
+    entropy_from_logits, explained_variance, masked_entropy, policy_loss, value_loss, PolicyLoss,
+    ValueLoss,
 };
 pub use reward::{shape_rewards, ShapedRewards};
 pub use whiten::{masked_whiten, WHITEN_EPS};
@@ -137,7 +137,10 @@ pub(crate) mod test_util {
     pub fn assert_vec_close(got: &[f64], want: &[f64], tol: f64) {
         assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(close(*g, *w, tol), "index {i}: got {got:?}, want {want:?} (tol {tol})");
+            assert!(
+                close(*g, *w, tol),
+                "index {i}: got {got:?}, want {want:?} (tol {tol})"
+            );
         }
     }
 }

@@ -58,7 +58,11 @@ pub fn shape_rewards(
         let last = (pos * m.gt(0.5).to_kind(Kind::Int64)).argmax(1, true); // [b, 1]
         let one_hot = Tensor::zeros_like(&m).scatter_value(1, &last, 1.0) * &m;
         let rewards = (&non_score_reward + one_hot * sc.unsqueeze(1)) * &m;
-        ShapedRewards { rewards, non_score_reward, scores: sc }
+        ShapedRewards {
+            rewards,
+            non_score_reward,
+            scores: sc,
+        }
     })
 }
 
@@ -71,7 +75,11 @@ mod tests {
     fn score_on_last_token_kl_per_token_and_penalty() {
         // row 0: 3 valid tokens, has EOS; row 1: 2 valid tokens (truncated, no EOS);
         // row 2: 4 valid tokens, has EOS.
-        let kl = t2(3, 4, &[0.1, 0.2, 0.3, 9.0, 0.5, -0.5, 9.0, 9.0, 0.0, 0.0, 0.0, 1.0]);
+        let kl = t2(
+            3,
+            4,
+            &[0.1, 0.2, 0.3, 9.0, 0.5, -0.5, 9.0, 9.0, 0.0, 0.0, 0.0, 1.0],
+        );
         let m = t2(3, 4, &[1., 1., 1., 0., 1., 1., 0., 0., 1., 1., 1., 1.]);
         let scores = t1(&[2.0, 3.0, -1.0]);
         let has_eos = Tensor::from_slice(&[true, false, true]);
@@ -80,7 +88,9 @@ mod tests {
         //   row0: [-0.01, -0.02, -0.03, 0]; row1: [-0.05, 0.05, 0, 0]; row2: [0, 0, 0, -0.1]
         assert_vec_close(
             &v(&out.non_score_reward),
-            &[-0.01, -0.02, -0.03, 0.0, -0.05, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, -0.1],
+            &[
+                -0.01, -0.02, -0.03, 0.0, -0.05, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, -0.1,
+            ],
             1e-12,
         );
         // scores: row1 has no EOS -> 3 + (-1) = 2
@@ -91,7 +101,9 @@ mod tests {
         //   row2: [0, 0, 0, -0.1 - 1 = -1.1]
         assert_vec_close(
             &v(&out.rewards),
-            &[-0.01, -0.02, 1.97, 0.0, -0.05, 2.05, 0.0, 0.0, 0.0, 0.0, 0.0, -1.1],
+            &[
+                -0.01, -0.02, 1.97, 0.0, -0.05, 2.05, 0.0, 0.0, 0.0, 0.0, 0.0, -1.1,
+            ],
             1e-12,
         );
     }

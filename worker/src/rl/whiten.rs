@@ -39,7 +39,11 @@ mod tests {
         let m = t2(2, 3, &[1.0, 1.0, 0.0, 1.0, 1.0, 0.0]);
         let w = masked_whiten(&x, &m, true);
         let k = 0.7745966692414834;
-        assert_vec_close(&v(&w), &[-1.5 * k, -0.5 * k, 100.0, 0.5 * k, 1.5 * k, -7.0], 1e-7);
+        assert_vec_close(
+            &v(&w),
+            &[-1.5 * k, -0.5 * k, 100.0, 0.5 * k, 1.5 * k, -7.0],
+            1e-7,
+        );
         assert_close(s(&masked_mean(&w, &m, None)), 0.0, 1e-12);
         assert_close(s(&masked_var(&w, &m, true)), 1.0, 1e-7);
 
@@ -47,7 +51,14 @@ mod tests {
         let w2 = masked_whiten(&x, &m, false);
         assert_vec_close(
             &v(&w2),
-            &[2.5 - 1.5 * k, 2.5 - 0.5 * k, 100.0, 2.5 + 0.5 * k, 2.5 + 1.5 * k, -7.0],
+            &[
+                2.5 - 1.5 * k,
+                2.5 - 0.5 * k,
+                100.0,
+                2.5 + 0.5 * k,
+                2.5 + 1.5 * k,
+                -7.0,
+            ],
             1e-7,
         );
         assert_close(s(&masked_mean(&w2, &m, None)), 2.5, 1e-12);
