@@ -63,10 +63,25 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
 
     // cai.yaml itself, on a local Hugging Face folder given as a param: the
     // tiny run's pretrained base model.
-    let base: serde_json::Value =
-        serde_json::from_str(&p.ok(&["show", m, "base", "--json", sets[0], sets[1], sets[2], sets[3]])).unwrap();
-    let folder = format!("params.base_model={}", base["model"]["path"].as_str().unwrap());
-    let out = p.ok(&["run", "pipelines/cai.yaml", "--quiet", "--set", &folder, sets[0], sets[1], sets[2], sets[3]]);
+    let base: serde_json::Value = serde_json::from_str(&p.ok(&[
+        "show", m, "base", "--json", sets[0], sets[1], sets[2], sets[3],
+    ]))
+    .unwrap();
+    let folder = format!(
+        "params.base_model={}",
+        base["model"]["path"].as_str().unwrap()
+    );
+    let out = p.ok(&[
+        "run",
+        "pipelines/cai.yaml",
+        "--quiet",
+        "--set",
+        &folder,
+        sets[0],
+        sets[1],
+        sets[2],
+        sets[3],
+    ]);
     assert!(stages_with_status(&out, "ran").contains("pm"), "{out}");
 
     std::fs::remove_dir_all(p.path("cache")).unwrap();

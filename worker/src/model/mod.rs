@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tch::{nn, Device, Kind, Tensor};
 
-pub use attention::{attention_mask, KvCache};
+pub use attention::{attention_mask, KvCache, Mask};
 pub use config::{Arch, ModelConfig};
 pub use linear::{Layout, Linear, LoraConfig};
 
@@ -88,9 +88,22 @@ impl Transformer {
     ) -> Tensor {
         let q_len = ids.size()[1];
         let attn = attention::Mask::new(mask, q_len);
+        self.hidden_masked(ids, positions, &attn, cache, train)
+    }
+
+    /// [`Transformer::hidden`] with a ready attention mask (decoding loops
+    /// know theirs without re-inspecting the 0/1 mask every step).
+    pub fn hidden_masked(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attn: &attention::Mask,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         match &self.backbone {
-            Backbone::Gpt2(m) => m.forward(ids, positions, &attn, cache, train),
-            Backbone::Llama(m) => m.forward(ids, positions, &attn, cache, train),
+            Backbone::Gpt2(m) => m.forward(ids, positions, attn, cache, train),
+            Backbone::Llama(m) => m.forward(ids, positions, attn, cache, train),
         }
     }
 

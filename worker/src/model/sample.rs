@@ -12,7 +12,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use super::{positions_from_mask, KvCache, Transformer};
+use super::{positions_from_mask, KvCache, Mask, Transformer};
 
 /// How to sample.
 #[derive(Debug, Clone)]
@@ -104,6 +104,9 @@ pub fn generate(
             KvCache::with_capacity(model.cfg.num_layers, prompt_len + cfg.max_new_tokens);
         let positions = positions_from_mask(&mask);
         let mut next_pos = positions.select(1, -1) + 1; // [b]
+                                                        // Rows never gain padding while decoding: an unpadded batch decodes
+                                                        // with no mask at all; a padded one only masks its keys.
+        let padded = mask.min().int64_value(&[]) == 0;
         let hidden = model.hidden(&ids, &positions, &mask, Some(&mut cache), false);
         let mut logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float); // [b, V]
 
@@ -154,12 +157,17 @@ pub fn generate(
             let step_ids = Tensor::from_slice(&tokens)
                 .view([b as i64, 1])
                 .to_device(device);
-            mask = Tensor::cat(
-                &[&mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))],
-                1,
-            );
+            let attn = if padded {
+                mask = Tensor::cat(
+                    &[&mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))],
+                    1,
+                );
+                Mask::Explicit(mask.to_kind(Kind::Bool).view([b as i64, 1, 1, -1]))
+            } else {
+                Mask::None
+            };
             let pos = next_pos.view([b as i64, 1]);
-            let hidden = model.hidden(&step_ids, &pos, &mask, Some(&mut cache), false);
+            let hidden = model.hidden_masked(&step_ids, &pos, &attn, Some(&mut cache), false);
             logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float);
             next_pos += 1;
         }
@@ -172,7 +180,11 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
     if cfg.temperature <= 0.0 {
         return scores.argmax(-1, false);
     }
-    let mut s = scores / cfg.temperature;
+    let mut s = if cfg.temperature == 1.0 {
+        scores.shallow_clone()
+    } else {
+        scores / cfg.temperature
+    };
     let vocab = s.size()[1];
     if cfg.top_k > 0 && cfg.top_k < vocab {
         let (top, _) = s.topk(cfg.top_k, -1, true, true);
@@ -194,8 +206,9 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
     // cumulative probability exceeds u * total.
     let b = s.size()[0];
     let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-    let uniforms: Vec<f64> = (0..b)
-        .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+    // 24 random bits: exact in f32, and below 1.
+    let uniforms: Vec<f32> = (0..b)
+        .map(|_| (rng.next_u64() >> 40) as f32 / (1u32 << 24) as f32)
         .collect();
     let u = Tensor::from_slice(&uniforms)
         .to_device(s.device())
