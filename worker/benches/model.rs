@@ -56,6 +56,13 @@ struct Args {
     threads: i32,
     device: Device,
     device_name: String,
+    /// `--preset gpt2-124m`: the SFT step at GPT-2-124M size (batch 8 x 1024),
+    /// for the GPU check; default: the DESIGN workload.
+    gpt2_124m: bool,
+    /// `--bf16`: bf16 autocast on CUDA.
+    bf16: bool,
+    /// `--peak-tflops`: the device's dense peak, to report model FLOPs utilisation.
+    peak_tflops: Option<f64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -68,6 +75,9 @@ fn parse_args() -> anyhow::Result<Args> {
         },
         device: Device::Cpu,
         device_name: "cpu".into(),
+        gpt2_124m: false,
+        bf16: false,
+        peak_tflops: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -89,9 +99,16 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.device = alignflow_worker::model::device(&v)?;
                 args.device_name = v;
             }
+            "--preset" => match value("--preset")?.as_str() {
+                "gpt2-124m" => args.gpt2_124m = true,
+                "design" => args.gpt2_124m = false,
+                v => bail!("--preset design|gpt2-124m, not {v}"),
+            },
+            "--bf16" => args.bf16 = true,
+            "--peak-tflops" => args.peak_tflops = Some(value("--peak-tflops")?.parse()?),
             "-h" | "--help" => {
                 println!(
-                    "model bench: [--only sft|rm|sample] [--repeats N] [--threads N] [--device cpu|cuda]"
+                    "model bench: [--only sft|rm|sample] [--repeats N] [--threads N] [--device cpu|cuda] [--preset design|gpt2-124m] [--bf16] [--peak-tflops T]"
                 );
                 std::process::exit(0);
             }
@@ -226,18 +243,47 @@ fn train_step(
 }
 
 fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
-    let m = model(Head::Lm, a.device)?;
+    // GPT-2-124M: vocab 50257, 1024 positions, width 768, 12 layers, 12 heads.
+    let (m, batch, seq) = if a.gpt2_124m {
+        let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(50257, 1024, 768, 12, 12, 0, 0.0))?;
+        tch::manual_seed(0);
+        (
+            Model::init(
+                &cfg,
+                &BuildOptions {
+                    device: a.device,
+                    head: Head::Lm,
+                    lora: None,
+                },
+            ),
+            8,
+            1024,
+        )
+    } else {
+        (model(Head::Lm, a.device)?, SFT_BATCH, SFT_SEQ)
+    };
     let mut opt = optimizer(&m)?;
-    let ids = tokens(&[SFT_BATCH, SFT_SEQ], a.device);
+    let ids = tokens(&[batch, seq], a.device);
     let mask = ids.ones_like();
     let (med, samples, phases) = timed(a.repeats, a.device, || {
         train_step(a.device, &mut opt, || {
-            causal_lm_loss(&m, &ids, &mask, &ids, true).0
+            tch::autocast(a.bf16, || causal_lm_loss(&m, &ids, &mask, &ids, true).0)
         })
     })?;
+    let tokens_per_s = (batch * seq) as f64 / med;
+    // Training FLOPs per token: 6 N for the weights plus 12 L H T for attention.
+    let params: i64 = m.vs.variables().values().map(|t| t.numel() as i64).sum();
+    let cfg = &m.lm.cfg;
+    let flops_per_token =
+        6.0 * params as f64 + 12.0 * (cfg.num_layers * cfg.hidden_size * seq) as f64;
+    let mfu = a
+        .peak_tflops
+        .map(|peak| tokens_per_s * flops_per_token / (peak * 1e12));
     Ok((
-        json!({"bench": "sft_step", "tokens_per_s": (SFT_BATCH * SFT_SEQ) as f64 / med,
-               "s_per_step": med, "batch": SFT_BATCH, "seq": SFT_SEQ,
+        json!({"bench": "sft_step", "tokens_per_s": tokens_per_s,
+               "s_per_step": med, "batch": batch, "seq": seq, "params": params,
+               "preset": if a.gpt2_124m { "gpt2-124m" } else { "design" }, "bf16": a.bf16,
+               "model_tflops": tokens_per_s * flops_per_token / 1e12, "mfu": mfu,
                "fused_adamw": opt.is_fused()}),
         samples,
         phases,
