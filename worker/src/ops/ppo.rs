@@ -45,7 +45,7 @@ fn response_logprobs(
         m.lm.logits(&hidden.narrow(1, p_len - 1, r))
             .to_kind(Kind::Float);
     if temperature > 0.0 && temperature != 1.0 {
-        logits = logits / temperature;
+        logits /= temperature;
     }
     let logp = logits
         .log_softmax(-1, Kind::Float)
