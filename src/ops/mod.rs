@@ -26,6 +26,7 @@ pub use describe::{describe, schema_files, write_schemas};
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
+pub use ppo::{PpoKlEstimator, PpoParams};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
@@ -39,6 +40,7 @@ mod exec;
 mod generate;
 mod lm_pretrain;
 mod pm_train;
+mod ppo;
 mod sft;
 mod tokenizer_train;
 pub mod training;
@@ -56,6 +58,7 @@ pub fn registry() -> &'static [&'static dyn Op] {
         &lm_pretrain::LmPretrain,
         &pm_train::PmPretrain,
         &pm_train::PmTrain,
+        &ppo::Ppo,
         &sft::Sft,
         &tokenizer_train::TokenizerTrain,
     ];

@@ -11,6 +11,7 @@ mod critique_revise;
 mod generate;
 mod lm_pretrain;
 pub mod pm;
+mod ppo;
 pub mod sft;
 
 /// A tensor op's entry point.
@@ -25,6 +26,7 @@ pub fn find(op: &str) -> Option<RunFn> {
         ("lm.pretrain", lm_pretrain::run),
         ("pm.pretrain", pm::run_pretrain),
         ("pm.train", pm::run_train),
+        ("ppo", ppo::run),
         ("sft", sft::run),
     ];
     table

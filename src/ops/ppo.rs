@@ -1,0 +1,177 @@
+//! `ppo`: RLHF / RLAIF with PPO against a preference model (InstructGPT /
+//! TRL recipe: per-token KL penalty to a frozen reference, the PM score on
+//! the last response token, GAE, clipped policy and value losses).
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct Ppo;
+
+/// Which per-token KL estimator the penalty uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoKlEstimator {
+    /// `logp - logp_ref`.
+    #[default]
+    K1,
+    /// `0.5 * (logp - logp_ref)^2`.
+    K2,
+    /// `(r - 1) - log r`, `r = p_ref / p`.
+    K3,
+}
+
+/// Params of `ppo`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PpoParams {
+    /// PPO iterations (rollout + update).
+    #[serde(default = "default_iterations")]
+    pub iterations: u64,
+    /// Prompts per rollout.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest sampled response in tokens.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Sampling temperature of the rollouts.
+    #[serde(default = "one_f")]
+    pub temperature: f64,
+    /// Field holding the prompt.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Prompt template; `{prompt}` is replaced by the prompt field.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Learning rate of the policy and the value model.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Passes over each rollout.
+    #[serde(default = "one")]
+    pub ppo_epochs: usize,
+    /// Minibatches per pass.
+    #[serde(default = "one")]
+    pub minibatches: usize,
+    /// Policy ratio clip range.
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    /// Value clip range.
+    #[serde(default = "default_clip")]
+    pub value_clip: f64,
+    /// Discount.
+    #[serde(default = "one_f")]
+    pub gamma: f64,
+    /// GAE lambda.
+    #[serde(default = "default_lam")]
+    pub lam: f64,
+    /// (Initial) KL penalty coefficient.
+    #[serde(default = "default_kl_coef")]
+    pub kl_coef: f64,
+    /// Target KL: makes the coefficient adaptive (none: fixed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_kl: Option<f64>,
+    /// Horizon of the adaptive KL controller.
+    #[serde(default = "default_horizon")]
+    pub horizon: f64,
+    /// Per-token KL estimator of the penalty.
+    #[serde(default)]
+    pub kl_estimator: PpoKlEstimator,
+    /// Added to the score of responses without EOS (give a negative number).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_eos_penalty: Option<f64>,
+    /// Whiten the shaped rewards before GAE.
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    /// Clip each model's global gradient norm to this (none: no clipping).
+    #[serde(default = "default_grad_clip", skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+}
+
+fn default_iterations() -> u64 {
+    20
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_max_new_tokens() -> i64 {
+    32
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn one() -> usize {
+    1
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_template() -> String {
+    "{prompt}".into()
+}
+fn default_lr() -> f64 {
+    1e-5
+}
+fn default_clip() -> f64 {
+    0.2
+}
+fn default_lam() -> f64 {
+    0.95
+}
+fn default_kl_coef() -> f64 {
+    0.05
+}
+fn default_horizon() -> f64 {
+    10000.0
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+
+impl Op for Ppo {
+    fn name(&self) -> &'static str {
+        "ppo"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input(
+                "policy",
+                "the model folder to optimise (e.g. an SL-CAI model)",
+            ),
+            Port::input("reward_model", "a preference model folder (pm.train)"),
+            Port::input("prompts", "JSONL records with a prompt field"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[
+            Port::output("model", "the optimised policy folder"),
+            Port::volatile(
+                "metrics",
+                "metrics.jsonl: iteration, score, kl, kl_coef, entropy, clip_frac, approx_kl, value_loss, explained_variance, response_len, tokens_per_s",
+            ),
+        ];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(PpoParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<PpoParams>(params)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("ppo runs in alignflow-worker")
+    }
+}

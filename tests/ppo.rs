@@ -1,0 +1,187 @@
+//! `ppo` through the engine and the worker: a tiny policy learns, against a
+//! tiny preference model that likes the word `a`, to raise its score while
+//! the KL to the starting policy stays finite.
+mod common;
+use common::*;
+
+const WORDS: &[&str] = &[
+    "the", "sun", "moon", "fish", "red", "blue", "green", "sky", "tree", "dog", "big", "on", "ice",
+    "fox", "sit", "run",
+];
+
+/// A small deterministic generator (no dependency, same data everywhere).
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+    fn words(&mut self, n: usize) -> Vec<&'static str> {
+        (0..n).map(|_| WORDS[self.below(WORDS.len())]).collect()
+    }
+}
+
+fn prompt(rng: &mut Lcg) -> String {
+    format!(
+        "\n\nHuman: tell me about the {}\n\nAssistant:",
+        rng.words(1)[0]
+    )
+}
+
+/// `n` words, each the word `a` with probability `share_a`.
+fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
+    let words: Vec<&str> = (0..n)
+        .map(|_| {
+            if rng.below(100) < share_a {
+                "a"
+            } else {
+                rng.words(1)[0]
+            }
+        })
+        .collect();
+    format!(" {}", words.join(" "))
+}
+
+/// Dialogues for the tokenizer and the base LM: responses from the same
+/// words as the comparisons, `a` one word in ten.
+fn corpus(n: usize) -> String {
+    let mut rng = Lcg(3);
+    (0..n)
+        .map(|_| {
+            let q = prompt(&mut rng);
+            serde_json::json!({
+                "chosen": format!("{q}{}", response(&mut rng, 8, 10)),
+                "rejected": format!("{q}{}", response(&mut rng, 8, 10)),
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// Comparisons: the chosen response is half `a`, the rejected one has few.
+fn comparisons(n: usize) -> String {
+    let mut rng = Lcg(11);
+    (0..n)
+        .map(|_| {
+            let q = prompt(&mut rng);
+            serde_json::json!({
+                "prompt": q,
+                "chosen": response(&mut rng, 8, 50),
+                "rejected": response(&mut rng, 8, 5),
+                "label": 1.0,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+const PIPELINE: &str = r#"version: 1
+name: ppo-tiny
+seed: 7
+stages:
+  hh:
+    op: dataset.import
+    inputs: { source: hh.jsonl }
+  tok:
+    op: tokenizer.train
+    inputs: { data: "${stages.hh.data}" }
+    params: { vocab_size: 320 }
+  base:
+    op: lm.pretrain
+    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
+    params: { width: 48, layers: 2, heads: 2, positions: 64, seq_len: 32, batch_size: 16, max_steps: 40, lr: 3e-3, checkpoint_every: 0 }
+  pm:
+    op: pm.train
+    inputs: { model: "${stages.base.model}", comparisons: comparisons.jsonl }
+    params: { batch_size: 16, max_steps: 60, lr: 3e-3, warmup_steps: 3, checkpoint_every: 0, append_eos: false, eval_fraction: 0.1 }
+  rl:
+    op: ppo
+    inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
+    params: { iterations: 15, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05 }
+"#;
+
+#[test]
+fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
+    let p = Project::new();
+    p.write("hh.jsonl", &corpus(200));
+    p.write("comparisons.jsonl", &comparisons(160));
+    let mut rng = Lcg(5);
+    let prompts: String = (0..24)
+        .map(|_| serde_json::json!({ "prompt": prompt(&mut rng) }).to_string() + "\n")
+        .collect();
+    p.write("prompts.jsonl", &prompts);
+    p.write("pipeline.yaml", PIPELINE);
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+
+    let pm: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", "pm", "--json"])).unwrap();
+    let eval = std::fs::read_to_string(pm["eval"]["path"].as_str().unwrap()).unwrap();
+    let eval: serde_json::Value = serde_json::from_str(&eval).unwrap();
+    eprintln!("pm accuracy: {}", eval["figures"]["accuracy"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", "rl", "--json"])).unwrap();
+    let model: std::path::PathBuf = shown["model"]["path"].as_str().unwrap().into();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(model.join(file).exists(), "{file}");
+    }
+    let metrics: std::path::PathBuf = shown["metrics"]["path"].as_str().unwrap().into();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 15);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["iteration"].as_u64(), Some(i as u64 + 1));
+        for key in [
+            "score",
+            "kl",
+            "kl_coef",
+            "entropy",
+            "clip_frac",
+            "approx_kl",
+            "value_loss",
+            "response_len",
+            "tokens_per_s",
+        ] {
+            let v = l[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite(), "iteration {}: {key} = {}", i + 1, l[key]);
+        }
+    }
+    let score = |l: &serde_json::Value| l["score"].as_f64().unwrap();
+    let curve: Vec<f64> = lines.iter().map(score).collect();
+    eprintln!("scores: {curve:?}");
+    for key in ["entropy", "response_len"] {
+        eprintln!(
+            "{key}: {:?}",
+            lines
+                .iter()
+                .map(|l| l[key].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        );
+    }
+    eprintln!(
+        "kl: {:?}",
+        lines
+            .iter()
+            .map(|l| l["kl"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    );
+    // The policy and the reference are the same model at the first rollout.
+    assert!(
+        lines[0]["kl"].as_f64().unwrap().abs() < 1e-4,
+        "{}",
+        lines[0]
+    );
+    let first = curve[..3].iter().sum::<f64>() / 3.0;
+    let last = curve[12..].iter().sum::<f64>() / 3.0;
+    assert!(
+        last > first + 1.0,
+        "mean score of the last 3 iterations {last} not clearly above the first 3 {first}: {curve:?}"
+    );
+}
