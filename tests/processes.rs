@@ -19,9 +19,14 @@ fn the_engine_binary_does_not_link_libtorch() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     // Library names only: hex load addresses can contain "c10" by chance.
-    let libs: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    let libs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     assert!(
-        !libs.iter().any(|l| l.starts_with("libtorch") || l.starts_with("libc10")),
+        !libs
+            .iter()
+            .any(|l| l.starts_with("libtorch") || l.starts_with("libc10")),
         "alignflow links libtorch:\n{text}"
     );
 }
