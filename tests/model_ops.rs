@@ -167,22 +167,6 @@ fn a_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_ru
     );
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn a_diverging_loss_stops_the_stage_naming_the_step() {
     let p = project(

@@ -143,3 +143,20 @@ stages:
     params:
       cmd: seq ${params.n} > "$ALIGNFLOW_OUT/out"; echo d >> runs.txt
 "#;
+
+/// Every file under `dir`, recursively (empty when it does not exist).
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
