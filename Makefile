@@ -52,4 +52,5 @@ gpu-bundle: setup
 	cp target/release/alignflow target/release/alignflow-worker gpu-bundle/bin/
 	cp "$$(ls -t target/release/deps/model_parity-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model_parity
 	cp "$$(ls -t target/release/deps/model-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model-bench
+	strip gpu-bundle/bin/*  # line tables make them 350 MB; the device carries 64 MiB
 	$(VENV)/bin/python tests/parity/make_reference.py gpu-bundle/fixtures

@@ -357,7 +357,7 @@ fn merged_lora_logits_equal_the_adapted_model() {
         let mut model = Model::load(
             &fixtures().join(name),
             &BuildOptions {
-                device: Device::Cpu,
+                device: device(),
                 head: Head::Lm,
                 lora: Some(lora),
             },
