@@ -23,3 +23,12 @@ ALIGNFLOW_TEST_DEVICE=cuda ALIGNFLOW_PARITY_FIXTURES="$bundle/fixtures" \
 
 echo "== SFT step, GPT-2-124M, bf16"
 "$bundle/bin/model-bench" --device cuda --preset gpt2-124m --bf16 --only sft --peak-tflops "$peak"
+
+echo "== the tiny pipeline end to end on CUDA (every tensor stage on the GPU, bf16 autocast)"
+cache=$(mktemp -d)
+start=$(date +%s)
+"$bundle/bin/alignflow" run pipelines/tiny.yaml --quiet --cache-dir "$cache"
+echo "tiny.yaml cold on CUDA: $(( $(date +%s) - start )) s"
+report=$("$bundle/bin/alignflow" show pipelines/tiny.yaml evaluation --cache-dir "$cache" | awk '$1 == "report_md" {print $2}')
+cat "$report"
+grep -h "^.* run  " "$cache"/logs/*.log | head -20

@@ -587,9 +587,14 @@ async fn execute_inner(
             detail: "finished by another run".into(),
         });
     }
+    let on = match (&gpu, op.placement()) {
+        (Some(g), _) => format!(" on cuda:{}", g.index),
+        (None, Placement::Worker) => " on cpu".into(),
+        (None, Placement::Engine) => String::new(),
+    };
     shared
         .ui
-        .say(&format!("run     {} ({})", stage.id, stage.op));
+        .say(&format!("run     {} ({}){on}", stage.id, stage.op));
 
     let staging = cache.staging_dir(&fp)?;
     let out_dir = staging.join("out");
