@@ -83,6 +83,10 @@ stages:
     op: dpo
     inputs: { policy: "${stages.base.model}", comparisons: "${stages.hh.data}", reference_logps: "${stages.ref.reference_logps}", eval: heldout.jsonl }
     params: { beta: "${params.beta}", batch_size: 8, max_steps: 40, lr: 3e-3, warmup_steps: 3, checkpoint_every: 0 }
+  lora:
+    op: dpo
+    inputs: { policy: "${stages.base.model}", comparisons: "${stages.hh.data}", reference_logps: "${stages.ref.reference_logps}", eval: heldout.jsonl }
+    params: { beta: 0.5, loss: ipo, label_smoothing: 0.1, batch_size: 8, max_steps: 15, lr: 1e-2, checkpoint_every: 0, lora: { rank: 4, alpha: 8, targets: [c_attn] } }
 "#;
 
 /// The project, run once and shared by the tests of this file.
@@ -144,7 +148,7 @@ fn a_tiny_policy_learns_the_marker_preference_on_held_out_pairs() {
     let (p, out) = project();
     assert_eq!(
         stages_with_status(out, "ran"),
-        set(&["hh", "tok", "base", "ref", "dpo"])
+        set(&["hh", "tok", "base", "ref", "dpo", "lora"])
     );
     let eval = json(&output(p, "dpo", "eval"));
     assert_eq!(eval["pairs"], 60);
@@ -214,6 +218,35 @@ fn a_tiny_policy_learns_the_marker_preference_on_held_out_pairs() {
         assert!(l["chosen"].as_f64().unwrap() < 0.0, "{l}");
         assert!(l["chosen_tokens"].as_u64().unwrap() >= 7, "{l}");
     }
+}
+
+#[test]
+fn lora_ipo_with_label_smoothing_trains_and_merges() {
+    let (p, _) = project();
+    let curve = lines(&output(p, "lora", "metrics"));
+    // IPO at the reference: d = 0, target (2q - 1)/(2 beta) with q = 0.9:
+    // loss 0.8^2 = 0.64.
+    assert!(
+        (curve[0]["loss"].as_f64().unwrap() - 0.64).abs() < 1e-4,
+        "{}",
+        curve[0]
+    );
+    let eval = json(&output(p, "lora", "eval"));
+    assert!(eval["figures"]["loss"].as_f64().unwrap() < 0.64, "{eval}");
+    assert!(
+        eval["figures"]["reward_accuracy"].as_f64().unwrap() > 0.5,
+        "{eval}"
+    );
+    // Exported merged: the same tensor names as the base, no adapters.
+    let model = output(p, "lora", "model");
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let header = String::from_utf8_lossy(&weights[..4096.min(weights.len())]).to_string();
+    assert!(!header.contains("lora_"), "{header}");
+    assert_ne!(
+        weights,
+        std::fs::read(output(p, "base", "model").join("model.safetensors")).unwrap(),
+        "the adapters changed the merged weights"
+    );
 }
 
 #[test]
