@@ -155,7 +155,7 @@ pub fn run_training(
 }
 
 /// Drops metric lines past `step` (they belong to the interrupted run).
-fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };

@@ -8,6 +8,7 @@ use alignflow::protocol::Metrics;
 pub mod ai_feedback;
 pub mod common;
 mod critique_revise;
+pub mod dpo;
 mod generate;
 mod lm_pretrain;
 pub mod pm;
@@ -22,6 +23,8 @@ pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
         ("critique_revise", critique_revise::run),
+        ("dpo", dpo::run),
+        ("dpo.reference", dpo::run_reference),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
         ("pm.pretrain", pm::run_pretrain),

@@ -25,6 +25,7 @@ use alignflow::text::Tokenizer;
 use super::common::run_training;
 use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
 
+pub(crate) use data::comparisons;
 pub use data::{read_records, sequence, split, Encoder, Pair, Record};
 pub use eval::{figures, pair_loss, sigmoid, Bin, Figures, BINS};
 pub use loss::{pair_rewards, soft_bt_loss};

@@ -49,7 +49,7 @@ pub fn sequence(prompt: &[i64], response: &[i64], eos: Option<i64>, max_len: usi
 }
 
 /// The (response A, response B, p) comparisons of one record.
-fn comparisons(record: &serde_json::Value) -> Result<Vec<(&str, &str, f64)>, String> {
+pub(crate) fn comparisons(record: &serde_json::Value) -> Result<Vec<(&str, &str, f64)>, String> {
     let text = |key: &str| -> Result<&str, String> {
         record[key]
             .as_str()

@@ -1,0 +1,535 @@
+//! `dpo.reference` and `dpo`: Direct Preference Optimization and IPO with
+//! soft labels (the math and its derivation: `alignflow::ops::dpo`).
+//!
+//! `dpo.reference` scores every pair once under the frozen reference and
+//! writes the sums to `reference_logps`; `dpo` reads them (checking that they
+//! belong to the same tokenized pairs) and trains the policy through the
+//! shared trainer (resume, schedule, clipping, accumulation), logging the
+//! implicit rewards `beta * (logpi - logref)` per step, then evaluates them
+//! on held-out pairs. The reference stays an artifact with LoRA too: it is
+//! cached, so the base model with adapters off would only recompute it.
+
+mod data;
+mod loss;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use alignflow::ops::training::Decay;
+use alignflow::ops::{DpoParams, DpoReferenceParams, StageContext};
+use alignflow::protocol::Metrics;
+use alignflow::text::Tokenizer;
+
+use super::common::{total_steps, truncate_metrics};
+use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
+use crate::train::{
+    self, AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, Trainer, TrainerConfig,
+};
+
+pub use data::{
+    attach_reference, read_pairs, read_reference, split, write_reference, DpoPair, RefLogps,
+    Settings,
+};
+pub use loss::{dpo_losses, response_logps, scored_tokens};
+
+/// The comparison inputs `dpo.reference` scores, in output order.
+const SETS: [&str; 2] = ["comparisons", "eval"];
+
+/// The EOS to append: the tokenizer's, else the config's.
+fn eos_of(tokenizer: &Tokenizer, model: &Model) -> Option<i64> {
+    tokenizer
+        .eos_id
+        .map(i64::from)
+        .or(model.lm.cfg.eos_token_id)
+}
+
+/// `dpo.reference`.
+pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: DpoReferenceParams = ctx.params()?;
+    let stage = ctx.spec.stage.as_str();
+    let device = model::device(&ctx.spec.device)?;
+    let dir = ctx.input("model")?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let model = Model::load(
+        dir,
+        &BuildOptions {
+            device,
+            head: Head::Lm,
+            lora: None,
+        },
+    )?;
+    let eos =
+        if p.append_eos {
+            Some(eos_of(&tokenizer, &model).with_context(|| {
+                format!("stage `{stage}`: append_eos: the model has no EOS token")
+            })?)
+        } else {
+            None
+        };
+    let max_len = p.max_len.min(model.lm.cfg.max_positions) as usize;
+    let mut lines = Vec::new();
+    let mut counts = BTreeMap::new();
+    let mut metrics = Metrics::new();
+    for set in SETS {
+        let Some(path) = ctx.spec.inputs.get(set) else {
+            continue;
+        };
+        let pairs: Vec<DpoPair> = read_pairs(stage, path, &tokenizer, eos, max_len)?
+            .into_iter()
+            .flatten()
+            .collect();
+        counts.insert(set.to_string(), pairs.len());
+        let (mut sum_a, mut sum_b) = (0.0, 0.0);
+        for (i, chunk) in pairs.chunks(p.batch_size.max(1)).enumerate() {
+            ctx.cancel.check()?;
+            let (a, b) = tch::no_grad(|| pair_logps(&model, chunk, device, false)).0;
+            let (a, b) = (to_vec(&a), to_vec(&b));
+            for (k, pair) in chunk.iter().enumerate() {
+                sum_a += a[k];
+                sum_b += b[k];
+                lines.push(RefLogps {
+                    set: set.to_string(),
+                    line: pair.line,
+                    pair: pair.pair,
+                    chosen: a[k],
+                    rejected: b[k],
+                    chosen_tokens: scored_tokens(pair.chosen.len(), pair.chosen_start),
+                    rejected_tokens: scored_tokens(pair.rejected.len(), pair.rejected_start),
+                    digest: pair.digest(),
+                });
+            }
+            ctx.reporter.progress(
+                ((i + 1) * p.batch_size).min(pairs.len()) as u64,
+                Some(pairs.len() as u64),
+                set,
+            );
+        }
+        let n = pairs.len().max(1) as f64;
+        metrics.insert(format!("{set}_pairs"), pairs.len().into());
+        metrics.insert(format!("{set}_mean_chosen_logp"), (sum_a / n).into());
+        metrics.insert(format!("{set}_mean_rejected_logp"), (sum_b / n).into());
+    }
+    let settings = Settings {
+        max_len,
+        eos,
+        pairs: counts,
+        definition: "per pair: `chosen` / `rejected` = sum of the reference's log-probs of the response tokens (and EOS) of A / B, prompt masked; `*_tokens` = tokens summed; `digest` = FNV-1a 64 of the scored token rows and response starts".into(),
+    };
+    std::fs::create_dir_all(&ctx.spec.out_dir)?;
+    write_reference(&ctx.output("reference_logps"), &settings, &lines)?;
+    Ok(metrics)
+}
+
+/// The (A, B) response log-prob sums of `pairs` in one forward of `2n` rows
+/// (A rows first), and the count of real tokens.
+///
+/// # Shapes
+/// -> (`[n]`, `[n]`) float32.
+fn pair_logps(
+    m: &Model,
+    pairs: &[DpoPair],
+    device: Device,
+    train: bool,
+) -> ((Tensor, Tensor), u64) {
+    let n = pairs.len() as i64;
+    let rows: Vec<(&[i64], usize)> = pairs
+        .iter()
+        .map(|p| (p.chosen.as_slice(), p.chosen_start))
+        .chain(
+            pairs
+                .iter()
+                .map(|p| (p.rejected.as_slice(), p.rejected_start)),
+        )
+        .collect();
+    let (lp, tokens) = response_logps(m, &rows, device, train);
+    ((lp.narrow(0, 0, n), lp.narrow(0, n, n)), tokens)
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.to_kind(Kind::Double)).expect("a float vector")
+}
+
+/// A pair with its reference log-probs and its training label.
+struct Example {
+    pair: DpoPair,
+    ref_a: f64,
+    ref_b: f64,
+    /// `p` after `label_smoothing`.
+    q: f64,
+}
+
+/// Sums of the per-pair implicit-reward figures of a step or an evaluation.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct RewardSums {
+    pub pairs: usize,
+    /// Pairs with `p != 0.5`.
+    pub decisive: usize,
+    /// Decisive pairs whose margin has the label's sign (a tie is wrong).
+    pub correct: usize,
+    pub chosen: f64,
+    pub rejected: f64,
+    pub loss: f64,
+}
+
+impl RewardSums {
+    /// Adds pairs: implicit rewards `beta*(logpi - logref)` of A and B, the
+    /// raw label `p` and the per-pair loss.
+    pub fn add(&mut self, r_a: &[f64], r_b: &[f64], p: &[f64], loss: &[f64]) {
+        for i in 0..r_a.len() {
+            self.pairs += 1;
+            self.chosen += r_a[i];
+            self.rejected += r_b[i];
+            self.loss += loss[i];
+            if p[i] != 0.5 {
+                self.decisive += 1;
+                let m = r_a[i] - r_b[i];
+                if (p[i] > 0.5 && m > 0.0) || (p[i] < 0.5 && m < 0.0) {
+                    self.correct += 1;
+                }
+            }
+        }
+    }
+
+    /// Named means (NaN, written `null`, where nothing counted).
+    pub fn figures(&self, prefix: &str) -> Vec<(String, f64)> {
+        let n = self.pairs as f64;
+        let name = |s: &str| format!("{prefix}{s}");
+        vec![
+            (
+                name("reward_accuracy"),
+                self.correct as f64 / self.decisive as f64,
+            ),
+            (name("margin"), (self.chosen - self.rejected) / n),
+            (name("chosen_reward"), self.chosen / n),
+            (name("rejected_reward"), self.rejected / n),
+            (name("loss"), self.loss / n),
+        ]
+    }
+}
+
+/// Implicit rewards and losses of `examples` under the policy (no graph).
+fn evaluate(m: &Model, examples: &[Example], p: &DpoParams, device: Device) -> RewardSums {
+    let mut sums = RewardSums::default();
+    for chunk in examples.chunks(p.train.batch_size.max(1)) {
+        let pairs: Vec<DpoPair> = chunk.iter().map(|e| e.pair.clone()).collect();
+        let ((a, b), _) = tch::no_grad(|| pair_logps(m, &pairs, device, false));
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (_, (r_a, r_b, raw, l)) = batch_losses(&a, &b, &refs, p, device);
+        sums.add(&r_a, &r_b, &raw, &l);
+    }
+    sums
+}
+
+/// The per-pair losses of a batch (with its graph) and its detached figures:
+/// (reward A, reward B, raw p, loss) per pair.
+fn batch_losses(
+    pi_a: &Tensor,
+    pi_b: &Tensor,
+    batch: &[&Example],
+    p: &DpoParams,
+    device: Device,
+) -> (Tensor, (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)) {
+    let col = |f: &dyn Fn(&Example) -> f64| {
+        Tensor::from_slice(&batch.iter().map(|e| f(e)).collect::<Vec<f64>>())
+            .to_kind(Kind::Float)
+            .to_device(device)
+    };
+    let (ref_a, ref_b, q) = (col(&|e| e.ref_a), col(&|e| e.ref_b), col(&|e| e.q));
+    let pi_a = pi_a.to_kind(Kind::Float);
+    let pi_b = pi_b.to_kind(Kind::Float);
+    let losses = dpo_losses(&pi_a, &pi_b, &ref_a, &ref_b, &q, p.beta, p.loss);
+    let r_a = to_vec(&((pi_a.detach() - &ref_a) * p.beta));
+    let r_b = to_vec(&((pi_b.detach() - &ref_b) * p.beta));
+    let raw = batch.iter().map(|e| e.pair.p).collect();
+    let l = to_vec(&losses.detach());
+    (losses, (r_a, r_b, raw, l))
+}
+
+fn examples(records: Vec<Vec<(DpoPair, f64, f64)>>, p: &DpoParams) -> Vec<Example> {
+    records
+        .into_iter()
+        .flatten()
+        .map(|(pair, ref_a, ref_b)| Example {
+            q: p.smoothed(pair.p),
+            pair,
+            ref_a,
+            ref_b,
+        })
+        .collect()
+}
+
+/// `dpo`.
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: DpoParams = ctx.params()?;
+    let stage = ctx.spec.stage.as_str();
+    let device = model::device(&ctx.spec.device)?;
+    let (settings, reference) = read_reference(stage, ctx.input("reference_logps")?)?;
+
+    let dir = ctx.input("policy")?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let lora = p.lora.as_ref().map(|l| LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+    });
+    // LoRA adapters are initialised randomly: seed first, for byte-identical reruns.
+    tch::manual_seed(ctx.spec.seed as i64);
+    let mut model = Model::load(
+        dir,
+        &BuildOptions {
+            device,
+            head: Head::Lm,
+            lora,
+        },
+    )?;
+    anyhow::ensure!(
+        settings.max_len as i64 <= model.lm.cfg.max_positions,
+        "stage `{stage}`: `reference_logps` was computed with max_len {} but the policy has {} positions: lower dpo.reference's `max_len`",
+        settings.max_len,
+        model.lm.cfg.max_positions
+    );
+
+    let read = |set: &str| -> anyhow::Result<Option<Vec<Vec<(DpoPair, f64, f64)>>>> {
+        let Some(path) = ctx.spec.inputs.get(set) else {
+            return Ok(None);
+        };
+        let recs = read_pairs(stage, path, &tokenizer, settings.eos, settings.max_len)?;
+        attach_reference(stage, set, path, recs, &reference).map(Some)
+    };
+    let records = read("comparisons")?.expect("a required input");
+    let (train, held_out, source) = match read("eval")? {
+        Some(eval) => (records, eval, "the `eval` input".to_string()),
+        None => {
+            let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
+            let source = format!(
+                "{} of the comparison records held out (eval_fraction {})",
+                te.len(),
+                p.eval_fraction
+            );
+            (tr, te, source)
+        }
+    };
+    let train = examples(train, &p);
+    let held_out = examples(held_out, &p);
+    anyhow::ensure!(!train.is_empty(), "stage `{stage}`: no training pairs");
+
+    let mut metrics = train_policy(ctx, &mut model, &p, &train, device)?;
+    metrics.insert("pairs".into(), train.len().into());
+
+    // Held-out implicit rewards of the trained policy (as saved: LoRA merged).
+    ctx.reporter
+        .progress(0, Some(held_out.len() as u64), "evaluating");
+    let sums = evaluate(&model, &held_out, &p, device);
+    let figures: BTreeMap<String, f64> = sums.figures("").into_iter().collect();
+    let json = |v: f64| {
+        if v.is_finite() {
+            serde_json::json!(v)
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    let report = serde_json::json!({
+        "source": source,
+        "pairs": sums.pairs,
+        "decisive_pairs": sums.decisive,
+        "figures": figures.iter().map(|(k, v)| (k.clone(), json(*v))).collect::<serde_json::Map<_, _>>(),
+        "definitions": {
+            "reward": "implicit reward beta * (logpi - logref) of a response, log-probs summed over its tokens (prompt masked)",
+            "reward_accuracy": "over pairs with p != 0.5: fraction whose reward margin (A minus B) has the label's sign (a tie counts as wrong)",
+            "margin": "mean reward of A minus reward of B, A = chosen / response_a",
+            "loss": "the training loss (loss, beta, label_smoothing) averaged over the pairs",
+        },
+    });
+    std::fs::write(
+        ctx.output("eval"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )
+    .context("writing eval")?;
+    let mut point = serde_json::Map::new();
+    point.insert("step".into(), metrics["steps"].clone());
+    point.insert("eval_pairs".into(), sums.pairs.into());
+    for (k, v) in sums.figures("eval_") {
+        point.insert(k, json(v));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(ctx.output("metrics"))
+        .context("appending to metrics")?;
+    writeln!(file, "{}", serde_json::Value::Object(point.clone()))?;
+    ctx.reporter.metric(
+        &point
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+            .collect(),
+    );
+    for (k, v) in point.into_iter().filter(|(k, _)| k != "step") {
+        metrics.insert(k, v);
+    }
+    Ok(metrics)
+}
+
+/// The training loop of `common::run_training`, plus the implicit-reward
+/// figures of each step in `metrics.jsonl` (its loss closure cannot report
+/// them): resumes from the stage's latest checkpoint, checkpoints every
+/// `checkpoint_every` steps, stops on a non-finite loss, saves the policy.
+fn train_policy(
+    ctx: &StageContext<'_>,
+    model: &mut Model,
+    p: &DpoParams,
+    train: &[Example],
+    device: Device,
+) -> anyhow::Result<Metrics> {
+    let t = &p.train;
+    let steps = total_steps(t, train.len());
+    let cfg = TrainerConfig {
+        optimizer: AdamWConfig {
+            betas: t.betas,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            ..Default::default()
+        },
+        schedule: ScheduleConfig {
+            lr: p.lr,
+            warmup_steps: t.warmup_steps,
+            decay: match t.schedule {
+                Decay::Cosine => train::Decay::Cosine,
+                Decay::Linear => train::Decay::Linear,
+                Decay::Constant => train::Decay::Constant,
+            },
+            min_lr_ratio: t.min_lr_ratio,
+        },
+        max_grad_norm: t.grad_clip,
+        accum_steps: t.grad_accum.max(1),
+        skip_nonfinite: false,
+        seed: ctx.spec.seed,
+    };
+    let mut trainer = Trainer::new(&model.vs, cfg, steps)?;
+    let checkpoints = Checkpoints::new(&ctx.spec.checkpoint_dir.join("train"), 2);
+    let metrics_path = ctx.spec.checkpoint_dir.join("metrics.jsonl");
+    if let Some(dir) = checkpoints.latest()? {
+        trainer.resume(&dir, &mut model.vs)?;
+        let step = trainer.state().step;
+        tracing::info!(step, "resuming from checkpoint {}", dir.display());
+        truncate_metrics(&metrics_path, step)?;
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let autocast = t.bf16 && device.is_cuda();
+    let batch_size = t.batch_size.max(1);
+    let seed = ctx.spec.seed;
+    let start = std::time::Instant::now();
+    let start_tokens = trainer.state().tokens_seen;
+    let mut last_loss = f64::NAN;
+    while !trainer.done() {
+        ctx.cancel.check()?;
+        let mut sums = RewardSums::default();
+        let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
+            let idx = state.next_batch(train.len(), batch_size, seed);
+            let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+            let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
+            let ((a, b), tokens) =
+                tch::autocast(autocast, || pair_logps(model, &pairs, device, p.dropout));
+            let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
+            sums.add(&ra, &rb, &raw, &l);
+            Ok(MicroBatch {
+                loss: losses.mean(Kind::Float),
+                tokens,
+            })
+        })?;
+        if !m.loss.is_finite() || !m.grad_norm.is_finite() {
+            anyhow::bail!(
+                "stage `{}`: step {}: the {} is {} (NaN or inf); stopped, keeping the last good checkpoint",
+                ctx.spec.stage,
+                m.step,
+                if m.loss.is_finite() { "gradient norm" } else { "loss" },
+                if m.loss.is_finite() { m.grad_norm } else { m.loss }
+            );
+        }
+        last_loss = m.loss;
+        let mut line = serde_json::json!({
+            "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": trainer.state().epoch,
+        });
+        let mut point: BTreeMap<String, f64> = [
+            ("step", m.step as f64),
+            ("loss", m.loss),
+            ("lr", m.lr),
+            ("grad_norm", m.grad_norm),
+            ("tokens_per_s", m.tokens_per_s),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // The step's mean loss comes from the trainer; the rest from `sums`.
+        for (k, v) in sums.figures("").into_iter().filter(|(k, _)| k != "loss") {
+            line[&k] = if v.is_finite() {
+                serde_json::json!(v)
+            } else {
+                serde_json::Value::Null
+            };
+            point.insert(k, v);
+        }
+        if m.step % t.log_every.max(1) == 0 || m.step == steps {
+            writeln!(metrics_file, "{line}")?;
+            ctx.reporter.metric(&point);
+        }
+        ctx.reporter
+            .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
+        if t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0 && m.step < steps {
+            metrics_file.flush()?;
+            trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
+        }
+    }
+    metrics_file.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = trainer.state().tokens_seen - start_tokens;
+    std::fs::create_dir_all(&ctx.spec.out_dir)?;
+    std::fs::copy(&metrics_path, ctx.output("metrics")).context("copying metrics.jsonl")?;
+    model.save(&ctx.output("model"))?;
+    let mut out = Metrics::new();
+    out.insert("steps".into(), steps.into());
+    out.insert("final_loss".into(), serde_json::json!(last_loss));
+    out.insert("tokens".into(), trainer.state().tokens_seen.into());
+    out.insert(
+        "tokens_per_s".into(),
+        serde_json::json!(if secs > 0.0 {
+            tokens as f64 / secs
+        } else {
+            0.0
+        }),
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_sums_count_ties_as_wrong_and_skip_even_labels() {
+        let mut s = RewardSums::default();
+        s.add(
+            &[1.0, 0.0, 2.0, -1.0],
+            &[0.0, 0.0, 1.0, 0.5],
+            &[1.0, 1.0, 0.5, 0.0],
+            &[0.1, 0.2, 0.3, 0.4],
+        );
+        assert_eq!((s.pairs, s.decisive, s.correct), (4, 3, 2));
+        let f: BTreeMap<String, f64> = s.figures("eval_").into_iter().collect();
+        assert!((f["eval_reward_accuracy"] - 2.0 / 3.0).abs() < 1e-12);
+        assert!((f["eval_margin"] - (2.0 - 1.5) / 4.0).abs() < 1e-12);
+        assert!((f["eval_chosen_reward"] - 0.5).abs() < 1e-12);
+        assert!((f["eval_rejected_reward"] - 0.375).abs() < 1e-12);
+        assert!((f["eval_loss"] - 0.25).abs() < 1e-12);
+        assert!(RewardSums::default().figures("")[0].1.is_nan());
+    }
+}
