@@ -29,5 +29,6 @@ fn main() {
             "cargo:rustc-link-arg-bin=alignflow-worker=-Wl,--no-as-needed,-ltorch_cuda,--as-needed"
         );
         println!("cargo:rustc-link-arg-tests=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        println!("cargo:rustc-link-arg-benches=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
 }
