@@ -55,6 +55,22 @@ TEMPERATURE = 1.0
 IMPORT_RSS_MIB = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def cuda_mem_mib():
+    # nvidia-smi's used_memory of this process (allocator reserve + CUDA
+    # context), the figure the alignflow bench reports; None if unreadable.
+    import os, subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(mib)
+    return None
+
+
 def config(attn, **extra):
     # No EOS token: every response runs the full 96 tokens.
     return GPT2Config(
@@ -256,6 +272,9 @@ def main():
            "torch": torch.__version__, "transformers": transformers.__version__}
     if device.type == "cuda":
         res["cuda_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        res["cuda_peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+        res["cuda_mem_mib"] = cuda_mem_mib()
+        res["cuda_mem_note"] = "nvidia-smi used_memory of this process: allocator reserve + CUDA context"
     print(json.dumps(res), flush=True)
 
 

@@ -153,6 +153,25 @@ fn vm_hwm_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// GPU memory this process holds (`nvidia-smi`: the caching allocator's
+/// reserve plus the CUDA context), MiB; `None` where it cannot be read.
+/// libtorch's allocator keeps what it reserved, so after a run this is the
+/// run's peak reserve; tch exposes no `max_memory_allocated`.
+fn cuda_mem_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (pid, mib) = l.split_once(',')?;
+        (pid.trim() == me).then(|| mib.trim().parse().ok())?
+    })
+}
+
 /// The DESIGN config with no EOS token (bos/eos null, pad 0): nothing can end
 /// a response early.
 fn config() -> anyhow::Result<ModelConfig> {
@@ -522,6 +541,13 @@ fn main() -> anyhow::Result<()> {
             json!("VmHWM of the whole process, cumulative over the sections run in it"),
         );
         out.insert("rss_after_init_mib".into(), json!(rss_after_init));
+        if a.device.is_cuda() {
+            out.insert("cuda_mem_mib".into(), json!(cuda_mem_mib()));
+            out.insert(
+                "cuda_mem_note".into(),
+                json!("nvidia-smi used_memory of this process: allocator reserve + CUDA context"),
+            );
+        }
         out.insert("threads".into(), json!(a.threads));
         out.insert("device".into(), json!(a.device_name));
         out.insert("dtype".into(), json!("float32"));
