@@ -80,6 +80,34 @@ struct Args {
     breakdown: bool,
 }
 
+/// Benches are not linked with `--no-as-needed -ltorch_cuda` (build.rs gives
+/// that to the worker binary and the tests only), so libtorch would report
+/// CUDA unavailable: load `libtorch_cuda.so` by hand before the first CUDA
+/// call (found through the rpath or `LD_LIBRARY_PATH`).
+fn load_torch_cuda() -> anyhow::Result<()> {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    extern "C" {
+        fn dlopen(name: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlerror() -> *const c_char;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_GLOBAL: c_int = 0x100;
+    // SAFETY: a NUL-terminated name; dlerror's message is read before any
+    // other dl call.
+    unsafe {
+        if dlopen(c"libtorch_cuda.so".as_ptr(), RTLD_NOW | RTLD_GLOBAL).is_null() {
+            let err = dlerror();
+            let msg = if err.is_null() {
+                "unknown error".into()
+            } else {
+                CStr::from_ptr(err).to_string_lossy().into_owned()
+            };
+            bail!("loading libtorch_cuda.so: {msg}");
+        }
+    }
+    Ok(())
+}
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         repeats: 5,
@@ -105,6 +133,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--threads" => args.threads = value("--threads")?.parse()?,
             "--device" => {
                 let v = value("--device")?;
+                if v.starts_with("cuda") {
+                    load_torch_cuda()?;
+                }
                 args.device = alignflow_worker::model::device(&v)?;
                 args.device_name = v;
             }
