@@ -8,14 +8,15 @@
 #
 #   benches/run-ppo-bench.sh [--rounds N] [--repeats N] [--warmup N]
 #       [--threads N] [--device cpu|cuda] [--bin PATH] [--python PATH]
-#       [--recompute-old-logprobs]
+#       [--recompute-old-logprobs] [--breakdown]
 #
 # --bin: a built bench binary (`target/release/deps/ppo-*`), for a machine
 # without cargo; it needs libtorch on LD_LIBRARY_PATH (the script adds
 # torch's lib folder of --python). --python: default .venv/bin/python, else
 # python3. --recompute-old-logprobs: the peer recomputes the rollout
 # log-probs with a policy forward, as the op does (default: from the
-# generation scores, as TRL does). Raw JSON lines go to $OUT_DIR (default: a
+# generation scores, as TRL does). --breakdown: alignflow also times the
+# phases of an iteration rebuilt from library parts (a second JSON line). Raw JSON lines go to $OUT_DIR (default: a
 # temporary folder, printed at the end).
 set -euo pipefail
 
@@ -30,6 +31,7 @@ WARMUP=2
 THREADS="${ALIGNFLOW_BENCH_THREADS:-2}"
 DEVICE=cpu
 PEER_FLAGS=()
+AF_FLAGS=()
 while (($#)); do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
@@ -40,7 +42,8 @@ while (($#)); do
     --bin) BIN="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --recompute-old-logprobs) PEER_FLAGS+=("$1"); shift ;;
-    *) echo "usage: $0 [--rounds N] [--repeats N] [--warmup N] [--threads N] [--device cpu|cuda] [--bin PATH] [--python PATH] [--recompute-old-logprobs]" >&2; exit 2 ;;
+    --breakdown) AF_FLAGS+=("$1"); shift ;;
+    *) echo "usage: $0 [--rounds N] [--repeats N] [--warmup N] [--threads N] [--device cpu|cuda] [--bin PATH] [--python PATH] [--recompute-old-logprobs] [--breakdown]" >&2; exit 2 ;;
   esac
 done
 
@@ -67,7 +70,7 @@ export LD_LIBRARY_PATH="${LIBTORCH:+$LIBTORCH/lib:}$TORCH_LIB:${LD_LIBRARY_PATH:
 for ((r = 1; r <= ROUNDS; r++)); do
   echo "== round $r/$ROUNDS: alignflow (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   RUST_LOG=warn "$BIN" --repeats "$REPEATS" --warmup "$WARMUP" --threads "$THREADS" --device "$DEVICE" \
-    | tee -a "$OUT_DIR/alignflow.jsonl" >&2
+    ${AF_FLAGS[@]+"${AF_FLAGS[@]}"} | tee -a "$OUT_DIR/alignflow.jsonl" >&2
   echo "== round $r/$ROUNDS: transformers (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
   "$PY" benches/peer_ppo.py --repeats "$REPEATS" --warmup "$WARMUP" --threads "$THREADS" \
     --device "$DEVICE" ${PEER_FLAGS[@]+"${PEER_FLAGS[@]}"} | tee -a "$OUT_DIR/transformers.jsonl" >&2
@@ -76,8 +79,10 @@ done
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-rows = {n: [json.loads(l) for l in (out / f"{n}.jsonl").read_text().splitlines() if l.strip()]
-        for n in ("alignflow", "transformers")}
+lines = {n: [json.loads(l) for l in (out / f"{n}.jsonl").read_text().splitlines() if l.strip()]
+         for n in ("alignflow", "transformers")}
+rows = {n: [r for r in v if r["bench"] == "ppo_iteration"] for n, v in lines.items()}
+breakdown = [r for r in lines["alignflow"] if r["bench"] == "ppo_breakdown"]
 def fig(rs):
     meds = [r["s_per_iteration"] for r in rs]
     return statistics.median(meds), min(meds), max(meds), max(r["peak_rss_mib"] for r in rs)
@@ -94,6 +99,12 @@ print(f"\nratio (transformers s / alignflow s): {ratio:.2f}x on {dev}; target >=
       f"{'met' if ratio >= 2 else 'MISSED'}; peak RSS <=: {'met' if a[3] <= h[3] else 'MISSED'}")
 if gpu:
     print("GPU memory (nvidia-smi, this process): " + ", ".join(f"{n} {m} MiB" for n, m in gpu))
-print(f"peer phases (last round, median s): {rows['transformers'][-1]['phases_s']}")
+def phases(rs):
+    keys = rs[0]["phases_s"].keys()
+    return ", ".join(f"{k} {statistics.median(r['phases_s'][k] for r in rs):.3f}" for k in keys)
+print(f"transformers phases (median over rounds of the medians, s): {phases(rows['transformers'])}")
+if breakdown:
+    print(f"alignflow phases, rebuilt iteration (median over rounds, s): {phases(breakdown)}; "
+          f"total {statistics.median(r['s_per_iteration'] for r in breakdown):.3f}")
 print(f"\nraw JSON: {out}/alignflow.jsonl, {out}/transformers.jsonl", file=sys.stderr)
 EOF

@@ -560,13 +560,15 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(a.threads);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)); // libtorch initialised
     let rss_after_init = vm_hwm_mib();
-    let mut results = vec![bench_op(&a)?];
+    // Each line's peak is read right after its section: the op's figure
+    // does not include the breakdown that runs after it.
+    let mut results = vec![(bench_op(&a)?, vm_hwm_mib())];
     if a.breakdown {
-        results.push(bench_breakdown(&a)?);
+        results.push((bench_breakdown(&a)?, vm_hwm_mib()));
     }
-    for mut res in results {
+    for (mut res, peak) in results {
         let out = res.as_object_mut().expect("object");
-        out.insert("peak_rss_mib".into(), json!(vm_hwm_mib()));
+        out.insert("peak_rss_mib".into(), json!(peak));
         out.insert(
             "peak_rss_note".into(),
             json!("VmHWM of the whole process, cumulative over the sections run in it"),
