@@ -7,6 +7,7 @@ TRANSFORMERS_VERSION := 5.23.0
 VENV          := .venv
 STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 CARGO         ?= cargo
+SHELL         := /bin/bash
 
 .PHONY: setup build demo test bench clean-cache schemas gpu-bundle
 
@@ -24,11 +25,14 @@ $(STAMP):
 build: setup
 	$(CARGO) build --release --workspace
 
-# The tiny Constitutional AI pipeline on CPU (about a minute), then its plan:
-# every stage cached.
+# The tiny Constitutional AI pipeline (steps 1 to 6) on CPU from nothing but
+# examples/, its evaluation (RL-CAI against SL-CAI), a second run that finds
+# everything cached, and the HTML report.
 demo: build
-	./target/release/alignflow run pipelines/cai-tiny.yaml
-	./target/release/alignflow plan pipelines/cai-tiny.yaml
+	./target/release/alignflow run pipelines/tiny.yaml
+	cat "$$(./target/release/alignflow show pipelines/tiny.yaml evaluation | awk '$$1 == "report_md" {print $$2}')"
+	time ./target/release/alignflow run pipelines/tiny.yaml
+	./target/release/alignflow report pipelines/tiny.yaml
 
 test: setup
 	$(CARGO) test --workspace
@@ -46,11 +50,12 @@ clean-cache:
 # binaries, the parity test binary and transformers-made fixtures.
 gpu-bundle: setup
 	$(CARGO) build --release --workspace
-	$(CARGO) bench -p alignflow-worker --bench model --no-run
+	$(CARGO) bench -p alignflow-worker --bench model --bench ppo --no-run
 	$(CARGO) test --release -p alignflow-worker --test model_parity --no-run
 	rm -rf gpu-bundle && mkdir -p gpu-bundle/bin
 	cp target/release/alignflow target/release/alignflow-worker gpu-bundle/bin/
 	cp "$$(ls -t target/release/deps/model_parity-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model_parity
 	cp "$$(ls -t target/release/deps/model-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model-bench
+	cp "$$(ls -t target/release/deps/ppo-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/ppo-bench
 	strip gpu-bundle/bin/*  # line tables make them 350 MB; the device carries 64 MiB
 	$(VENV)/bin/python tests/parity/make_reference.py gpu-bundle/fixtures

@@ -5,7 +5,9 @@
 # - `alignflow-worker doctor` (libtorch, CUDA, devices),
 # - the parity and sampling tests on CUDA (logits, greedy generation and
 #   log-probs against transformers' reference outputs),
-# - the SFT-step benchmark at GPT-2-124M size in bf16: tokens/s and MFU.
+# - the SFT-step benchmark at GPT-2-124M size in bf16: tokens/s and MFU,
+# - the PPO-iteration benchmark against the transformers peer,
+# - the tiny pipeline end to end on CUDA.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
 set -euo pipefail
@@ -23,6 +25,9 @@ ALIGNFLOW_TEST_DEVICE=cuda ALIGNFLOW_PARITY_FIXTURES="$bundle/fixtures" \
 
 echo "== SFT step, GPT-2-124M, bf16"
 "$bundle/bin/model-bench" --device cuda --preset gpt2-124m --bf16 --only sft --peak-tflops "$peak"
+
+echo "== one PPO iteration on DESIGN's fixed workload, alignflow against a TRL-style transformers peer"
+benches/run-ppo-bench.sh --device cuda --bin "$bundle/bin/ppo-bench" --python python3 --rounds 3 --repeats 10 --warmup 3
 
 echo "== the tiny pipeline end to end on CUDA (every tensor stage on the GPU, bf16 autocast)"
 cache=$(mktemp -d)
