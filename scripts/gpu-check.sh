@@ -10,7 +10,7 @@
 # - the tiny pipeline end to end on CUDA.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
-set -euo pipefail
+set -uo pipefail  # one section failing must not hide the others
 bundle=${1:-gpu-bundle}
 peak=${2:-989}
 torch_lib=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/lib')")
