@@ -245,8 +245,13 @@ fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
 
 #[test]
 fn ppo_with_an_adaptive_kl_raises_the_score_and_holds_the_kl_near_its_target() {
-    // horizon 64 with 16 samples per iteration: the coefficient moves by up
-    // to 5% per iteration, enough to steer within 15 iterations.
+    // Target 2 nats, starting at 0.05: the KL starts at 0 (policy =
+    // reference) and stays below the target for several iterations, so the
+    // controller lowers the coefficient, then holds it while the KL hovers
+    // near the target. horizon 64 with 16 samples per iteration: up to 5%
+    // per iteration. (Measured: with target 0.5 and horizon 16 the
+    // coefficient rose fivefold in 15 iterations but the KL was still near
+    // 2: too few iterations for CI to pull it down to a low target.)
     const TARGET: f64 = 2.0;
     let p = project(&pipeline(&format!(
         "{{ iterations: 15, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05, target_kl: {TARGET}, horizon: 64, checkpoint_every: 0 }}",
@@ -263,6 +268,13 @@ fn ppo_with_an_adaptive_kl_raises_the_score_and_holds_the_kl_near_its_target() {
         last > first + 1.0,
         "mean score of the last 3 iterations {last} not clearly above the first 3 {first}: {score:?}"
     );
+    assert!(
+        coef[14] < 0.8 * coef[0],
+        "a KL below its target lowers the coefficient: {coef:?}"
+    );
+    // A factor 2 either side of the target: the controller is proportional
+    // with a clipped error, so the KL hovers around the target with the
+    // noise of 16 samples rather than settling on it.
     let last_kl = mean(&kl[10..]);
     assert!(
         (TARGET / 2.0..=TARGET * 2.0).contains(&last_kl),
