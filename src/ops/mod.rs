@@ -27,7 +27,7 @@ pub use dpo::{DpoLoss, DpoParams, DpoReferenceParams};
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
-pub use ppo::{PpoKlEstimator, PpoParams};
+pub use ppo::{PpoKlEstimator, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 

@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::training::LoraParams;
 use super::{Op, ParamError, Placement, Port, StageContext};
 use crate::protocol::Metrics;
 
@@ -20,6 +21,49 @@ pub enum PpoKlEstimator {
     K2,
     /// `(r - 1) - log r`, `r = p_ref / p`.
     K3,
+}
+
+/// Where the value model starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoValueInit {
+    /// The policy folder with a fresh value head (TRL's default).
+    #[default]
+    Policy,
+    /// The preference model folder, its `score` head replaced by a fresh
+    /// value head (InstructGPT: the value function starts from the RM).
+    RewardModel,
+}
+
+/// The learning-rate schedule over the iterations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoLrSchedule {
+    /// `lr` throughout (after any warm-up).
+    #[default]
+    Constant,
+    /// From `lr` down to 0 over the iterations, one rate per iteration
+    /// (TRL / cleanrl `anneal_lr`: iteration `i` of `n` runs at
+    /// `lr * (1 - (i - 1) / n)`).
+    Linear,
+}
+
+/// Reward normalisation against reference samples (lm-human-preferences):
+/// before training, `samples` responses of the reference policy are scored
+/// and every later score becomes `gain * score + bias`, with gain and bias
+/// chosen so those reference scores have mean `mean` and standard
+/// deviation `std`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PpoRewardNorm {
+    /// Reference responses to score (at least 2).
+    pub samples: usize,
+    /// Target mean of the normalized reference scores.
+    #[serde(default)]
+    pub mean: f64,
+    /// Target (population) standard deviation of the normalized reference scores.
+    #[serde(default = "one_f")]
+    pub std: f64,
 }
 
 /// Params of `ppo`.
@@ -86,6 +130,34 @@ pub struct PpoParams {
     /// Clip each model's global gradient norm to this (none: no clipping).
     #[serde(default = "default_grad_clip", skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
+    /// Save a resumable checkpoint (policy, value model, both optimizers,
+    /// KL controller, iteration) every this many iterations (0: never); a
+    /// rerun of an interrupted stage resumes from the latest.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// LoRA adapters on the policy: only they train, the reference is the
+    /// same weights with the adapters off, and the saved policy has them
+    /// merged. The value model is trained in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraParams>,
+    /// Where the value model starts.
+    #[serde(default)]
+    pub value_init: PpoValueInit,
+    /// Learning-rate schedule over the iterations (policy and value model).
+    #[serde(default)]
+    pub lr_schedule: PpoLrSchedule,
+    /// Iterations of linear warm-up from 0 to `lr` (Hugging Face convention:
+    /// iteration `i` of the warm-up runs at `lr * (i - 1) / warmup_iterations`).
+    #[serde(default)]
+    pub warmup_iterations: u64,
+    /// Normalize the preference model's scores against reference samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_norm: Option<PpoRewardNorm>,
+    /// bf16 autocast of the forward passes on CUDA (rollouts, scoring,
+    /// updates); weights, optimizer state and losses stay float32. Ignored
+    /// on CPU.
+    #[serde(default)]
+    pub bf16: bool,
 }
 
 fn default_iterations() -> u64 {
@@ -127,13 +199,16 @@ fn default_horizon() -> f64 {
 fn default_grad_clip() -> Option<f64> {
     Some(1.0)
 }
+fn default_checkpoint_every() -> u64 {
+    10
+}
 
 impl Op for Ppo {
     fn name(&self) -> &'static str {
         "ppo"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn summary(&self) -> &'static str {
         "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy"
@@ -154,7 +229,7 @@ impl Op for Ppo {
             Port::output("model", "the optimised policy folder"),
             Port::volatile(
                 "metrics",
-                "metrics.jsonl: iteration, score, kl, kl_coef, entropy, clip_frac, approx_kl, value_loss, explained_variance, response_len, tokens_per_s",
+                "metrics.jsonl: iteration, score, raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm)",
             ),
         ];
         OUTPUTS

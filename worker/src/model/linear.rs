@@ -4,7 +4,32 @@
 //! everything else as `nn.Linear` (`weight` is `[out, in]`, y = x Wᵀ + b). The
 //! layout is kept as stored so checkpoints round-trip without transposes.
 
+use std::cell::Cell;
+
 use tch::{nn, Kind, Tensor};
+
+thread_local! {
+    /// Whether LoRA adapters are skipped in forward passes on this thread
+    /// (see [`without_adapters`]).
+    static ADAPTERS_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter switched off on this thread, so a model
+/// with adapters computes its base model exactly (the adapter branch is
+/// skipped, not multiplied by zero). PPO uses it for the frozen reference
+/// without a second copy of the weights, as PEFT's `disable_adapter()` does.
+/// Thread-local, so other threads (parallel tests) are unaffected; restored
+/// on return and on panic.
+pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|off| off.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_OFF.with(|off| off.replace(true)));
+    f()
+}
 
 /// How a weight is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +143,7 @@ impl Linear {
                 None => x.matmul(&self.weight),
             },
         };
-        if let Some(l) = &self.lora {
+        if let Some(l) = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get)) {
             let h = x.dropout(l.dropout, train);
             y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
         }

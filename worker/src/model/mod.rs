@@ -21,7 +21,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use attention::{attention_mask, KvCache, Mask};
 pub use config::{Arch, ModelConfig};
-pub use linear::{Layout, Linear, LoraConfig};
+pub use linear::{without_adapters, Layout, Linear, LoraConfig};
 
 use gpt2::Gpt2;
 use llama::Llama;

@@ -43,6 +43,15 @@ impl KlController {
         }
     }
 
+    /// Sets the current coefficient (restoring a checkpoint bit-exactly).
+    pub fn set_value(&mut self, value: f64) {
+        match self {
+            KlController::Fixed { kl_coef } | KlController::Adaptive { kl_coef, .. } => {
+                *kl_coef = value
+            }
+        }
+    }
+
     /// Updates after a batch with mean (sequence-level) KL `current_kl` that
     /// took `n_steps` samples. Fixed: no-op. Adaptive:
     /// `e = clip(current_kl / target - 1, -0.2, 0.2)`,

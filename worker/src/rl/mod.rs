@@ -17,6 +17,7 @@
 //! - [`loss`]: clipped policy / value losses, entropy, explained variance.
 //! - [`kl_ctl`]: fixed and adaptive KL coefficient controllers.
 //! - [`eos_mask`]: response mask from generated token ids.
+//! - [`reward_norm`]: normalising scores against reference samples.
 
 pub mod eos_mask;
 pub mod gae;
@@ -24,6 +25,7 @@ pub mod kl;
 pub mod kl_ctl;
 pub mod loss;
 pub mod reward;
+pub mod reward_norm;
 pub mod whiten;
 
 pub use eos_mask::{contains_eos, response_mask};
@@ -35,6 +37,7 @@ pub use loss::{
     ValueLoss,
 };
 pub use reward::{shape_rewards, ShapedRewards};
+pub use reward_norm::RewardNorm;
 pub use whiten::{masked_whiten, WHITEN_EPS};
 
 use tch::Tensor;

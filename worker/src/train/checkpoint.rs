@@ -121,6 +121,18 @@ impl Checkpoints {
         opt: &AdamW,
         state: &CheckpointState,
     ) -> Result<PathBuf, CheckpointError> {
+        self.save_parts(&[CheckpointPart { name: "", vs, opt }], state)
+    }
+
+    /// [`Checkpoints::save`] for several models, each with its optimizer, in
+    /// one atomic folder (PPO's policy and value model): part `NAME` is
+    /// written as `NAME.model.safetensors` and `NAME.optimizer.safetensors`
+    /// (the unnamed part as `model.safetensors`, `optimizer.safetensors`).
+    pub fn save_parts(
+        &self,
+        parts: &[CheckpointPart<'_>],
+        state: &CheckpointState,
+    ) -> Result<PathBuf, CheckpointError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| CheckpointError::Io { path, source }
@@ -134,18 +146,25 @@ impl Checkpoints {
         }
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let written = (|| {
-            let model = tmp.join(MODEL_FILE);
-            vs.save(&model).map_err(|source| CheckpointError::Torch {
-                path: model.clone(),
-                source,
-            })?;
-            let optim = tmp.join(OPTIMIZER_FILE);
-            Tensor::write_safetensors(&opt.state_tensors(), &optim).map_err(|source| {
-                CheckpointError::Torch {
-                    path: optim.clone(),
-                    source,
-                }
-            })?;
+            let mut files = Vec::new();
+            for part in parts {
+                let (model_name, optim_name) = part_files(part.name);
+                let model = tmp.join(model_name);
+                part.vs
+                    .save(&model)
+                    .map_err(|source| CheckpointError::Torch {
+                        path: model.clone(),
+                        source,
+                    })?;
+                let optim = tmp.join(optim_name);
+                Tensor::write_safetensors(&part.opt.state_tensors(), &optim).map_err(|source| {
+                    CheckpointError::Torch {
+                        path: optim.clone(),
+                        source,
+                    }
+                })?;
+                files.extend([model, optim]);
+            }
             let state_path = tmp.join(STATE_FILE);
             let json = serde_json::to_vec_pretty(&StateFile {
                 format: FORMAT,
@@ -156,7 +175,8 @@ impl Checkpoints {
                 source,
             })?;
             std::fs::write(&state_path, json).map_err(io(&state_path))?;
-            for file in [&model, &optim, &state_path] {
+            files.push(state_path);
+            for file in &files {
                 File::open(file)
                     .and_then(|f| f.sync_all())
                     .map_err(io(file))?;
@@ -224,6 +244,35 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
     Checkpoints::new(root, 1).latest()
 }
 
+/// One model and its optimizer in a checkpoint written by
+/// [`Checkpoints::save_parts`].
+pub struct CheckpointPart<'a> {
+    /// The file-name prefix (`""` for the single-model layout).
+    pub name: &'a str,
+    pub vs: &'a VarStore,
+    pub opt: &'a AdamW,
+}
+
+/// A part to restore with [`load_checkpoint_parts`].
+pub struct CheckpointPartMut<'a> {
+    /// The file-name prefix it was saved under.
+    pub name: &'a str,
+    pub vs: &'a mut VarStore,
+    pub opt: &'a mut AdamW,
+}
+
+/// The model and optimizer files of part `name`.
+fn part_files(name: &str) -> (String, String) {
+    if name.is_empty() {
+        (MODEL_FILE.to_string(), OPTIMIZER_FILE.to_string())
+    } else {
+        (
+            format!("{name}.{MODEL_FILE}"),
+            format!("{name}.{OPTIMIZER_FILE}"),
+        )
+    }
+}
+
 /// Restores the checkpoint in `dir` into `vs` and `opt`, which must have
 /// the structure they were saved with (a fresh model and optimizer do), and
 /// returns its state.
@@ -231,6 +280,14 @@ pub fn load_checkpoint(
     dir: &Path,
     vs: &mut VarStore,
     opt: &mut AdamW,
+) -> Result<CheckpointState, CheckpointError> {
+    load_checkpoint_parts(dir, &mut [CheckpointPartMut { name: "", vs, opt }])
+}
+
+/// [`load_checkpoint`] for a checkpoint of several parts.
+pub fn load_checkpoint_parts(
+    dir: &Path,
+    parts: &mut [CheckpointPartMut<'_>],
 ) -> Result<CheckpointState, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io {
@@ -248,21 +305,28 @@ pub fn load_checkpoint(
             found: file.format,
         });
     }
-    let model = dir.join(MODEL_FILE);
-    vs.load(&model).map_err(|source| CheckpointError::Torch {
-        path: model.clone(),
-        source,
-    })?;
-    let optim = dir.join(OPTIMIZER_FILE);
-    let tensors = Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch {
-        path: optim.clone(),
-        source,
-    })?;
-    opt.load_state(&tensors)
-        .map_err(|source| CheckpointError::Optim {
-            path: optim,
-            source,
-        })?;
+    for part in parts.iter_mut() {
+        let (model_name, optim_name) = part_files(part.name);
+        let model = dir.join(model_name);
+        part.vs
+            .load(&model)
+            .map_err(|source| CheckpointError::Torch {
+                path: model.clone(),
+                source,
+            })?;
+        let optim = dir.join(optim_name);
+        let tensors =
+            Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch {
+                path: optim.clone(),
+                source,
+            })?;
+        part.opt
+            .load_state(&tensors)
+            .map_err(|source| CheckpointError::Optim {
+                path: optim,
+                source,
+            })?;
+    }
     Ok(file.state)
 }
 

@@ -18,7 +18,10 @@ mod schedule;
 mod trainer;
 
 pub use accumulate::{accumulate, Accumulated, MicroBatch};
-pub use checkpoint::{latest, load_checkpoint, CheckpointError, CheckpointState, Checkpoints};
+pub use checkpoint::{
+    latest, load_checkpoint, load_checkpoint_parts, CheckpointError, CheckpointPart,
+    CheckpointPartMut, CheckpointState, Checkpoints,
+};
 pub use clip::clip_grad_norm;
 pub use loop_state::{epoch_permutation, seed_torch_for_step, step_seed, TrainState};
 pub use optim::{trainable_named, AdamW, AdamWConfig, AdamWImpl, OptimError};

@@ -1,0 +1,405 @@
+//! `ppo` on tiny random models, through its `run` entry: LoRA's reference
+//! is the base model and only adapters train, the value model's start, the
+//! learning-rate schedule, reward normalisation against reference samples.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use alignflow::ops::{CancelFlag, NullReporter, PpoValueInit, StageContext};
+use alignflow::protocol::{Metrics, StageSpec};
+use alignflow::text::Tokenizer;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::model::ModelConfig;
+
+/// A tiny tokenizer, GPT-2 policy and preference model, and prompts.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    policy: PathBuf,
+    pm: PathBuf,
+    prompts: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let corpus = root.join("corpus.txt");
+    std::fs::write(
+        &corpus,
+        "Human: tell me about the sun\nAssistant: the sun is a big red star in the sky\n"
+            .repeat(20),
+    )
+    .unwrap();
+    let tok_out = root.join("tok");
+    std::fs::create_dir_all(&tok_out).unwrap();
+    let op = alignflow::ops::find("tokenizer.train").unwrap();
+    let params = op.normalize_params(&json!({"vocab_size": 280})).unwrap();
+    let spec = spec(
+        "tok",
+        "tokenizer.train",
+        params,
+        &[("data", corpus)],
+        &tok_out,
+    );
+    op.run(&StageContext {
+        spec: &spec,
+        reporter: &NullReporter,
+        cancel: &CancelFlag::default(),
+    })
+    .unwrap();
+    let tok_dir = tok_out.join("tokenizer");
+    let tokenizer = Tokenizer::from_dir(&tok_dir).unwrap();
+    let vocab = tokenizer.vocab_size() as i64;
+    let eos = tokenizer.eos_id.map(i64::from).unwrap_or(0);
+    let cfg =
+        ModelConfig::from_json(ModelConfig::gpt2_json(vocab, 48, 32, 2, 2, eos, 0.0)).unwrap();
+    let save = |name: &str, head: Head, seed: i64| {
+        tch::manual_seed(seed);
+        let mut m = Model::init(
+            &cfg,
+            &BuildOptions {
+                device: Device::Cpu,
+                head,
+                lora: None,
+            },
+        );
+        // Larger embeddings make the random policy far from uniform, so
+        // LoRA and the PM have something to move.
+        tch::no_grad(|| {
+            for (name, mut v) in m.vs.variables() {
+                if name.ends_with("wte.weight") {
+                    let _ = v.g_mul_scalar_(10.0);
+                }
+            }
+        });
+        let out = root.join(name);
+        m.save(&out).unwrap();
+        for f in std::fs::read_dir(&tok_dir).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
+        }
+        out
+    };
+    let policy = save("policy", Head::Lm, 1);
+    let pm = save("pm", Head::Reward, 2);
+    let prompts = root.join("prompts.jsonl");
+    let lines: Vec<String> = ["sun", "sky", "star", "red", "moon", "tree"]
+        .iter()
+        .map(|w| json!({"prompt": format!("Human: tell me about the {w}\nAssistant:")}).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        policy,
+        pm,
+        prompts,
+    }
+}
+
+fn spec(stage: &str, op: &str, params: Value, inputs: &[(&str, PathBuf)], out: &Path) -> StageSpec {
+    let found = alignflow::ops::find(op).unwrap();
+    StageSpec {
+        pipeline: "test".into(),
+        stage: stage.into(),
+        op: op.into(),
+        op_version: found.version(),
+        params,
+        inputs: inputs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        outputs: found.outputs().iter().map(|p| p.name.to_string()).collect(),
+        out_dir: out.to_path_buf(),
+        work_dir: out.to_path_buf(),
+        checkpoint_dir: out.join("ckpt"),
+        device: "cpu".into(),
+        seed: 5,
+        threads: None,
+    }
+}
+
+/// Runs `ppo` with `params` (over small defaults) into `ROOT/NAME`; returns
+/// its summary, metrics lines and output folder.
+fn run_ppo(f: &Fixture, name: &str, params: Value) -> (Metrics, Vec<Value>, PathBuf) {
+    let mut all = json!({
+        "iterations": 2, "batch_size": 3, "max_new_tokens": 5, "lr": 1e-3,
+        "checkpoint_every": 0, "temperature": 1.0,
+    });
+    for (k, v) in params.as_object().unwrap() {
+        all[k] = v.clone();
+    }
+    let op = alignflow::ops::find("ppo").unwrap();
+    let out = f.root.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = spec(
+        name,
+        "ppo",
+        op.normalize_params(&all).unwrap(),
+        &[
+            ("policy", f.policy.clone()),
+            ("reward_model", f.pm.clone()),
+            ("prompts", f.prompts.clone()),
+        ],
+        &out,
+    );
+    let metrics = run(&StageContext {
+        spec: &spec,
+        reporter: &NullReporter,
+        cancel: &CancelFlag::default(),
+    })
+    .unwrap();
+    let lines = std::fs::read_to_string(out.join("metrics"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (metrics, lines, out.join("model"))
+}
+
+fn tensors(dir: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn lora(targets: &[&str]) -> Option<LoraConfig> {
+    Some(LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    })
+}
+
+#[test]
+fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
+    let f = fixture();
+    let opts = |lora| BuildOptions {
+        device: Device::Cpu,
+        head: Head::Lm,
+        lora,
+    };
+    // The reference before LoRA: a frozen copy. (Frozen weights matter
+    // bitwise: libtorch's CPU kernels differ in the last bit between
+    // weights that require a gradient and weights that do not.)
+    let mut base = Model::load(&f.policy, &opts(None)).unwrap();
+    base.vs.freeze();
+    tch::manual_seed(3);
+    let policy = Model::load(&f.policy, &opts(lora(&["c_attn", "c_fc"]))).unwrap();
+    // Trained adapters: B is zero at init, so give it weight.
+    tch::no_grad(|| {
+        for (name, mut v) in policy.vs.variables() {
+            if name.contains("lora_B") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.5));
+            }
+        }
+    });
+    let ids = Tensor::from_slice(&[5i64, 9, 14, 3, 7, 22, 8, 30, 2, 11, 4, 6]).view([2, 6]);
+    let mask = Tensor::ones([2, 6], (Kind::Int64, Device::Cpu));
+    let resp = ids.narrow(1, 3, 3);
+    let lp = |m: &Model| tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 3, 1.0).0);
+    let want = lp(&base);
+    let off = Reference::AdaptersOff.with(&policy, lp);
+    assert!(off.equal(&want), "{off} vs {want}");
+    let on = lp(&policy);
+    let moved = (&on - &want).abs().max().double_value(&[]);
+    assert!(moved > 1e-3, "the adapters change the policy: {moved}");
+    // The switch is scoped: adapters are back on after it.
+    assert!(lp(&policy).equal(&on));
+}
+
+#[test]
+fn lora_trains_only_the_adapters_and_saves_merged_weights() {
+    let f = fixture();
+    let (_, lines, model) = run_ppo(
+        &f,
+        "lora",
+        json!({"lora": {"rank": 2, "alpha": 4.0, "targets": ["c_attn"]}, "lr": 1e-2}),
+    );
+    assert_eq!(lines.len(), 2);
+    // The reference is the starting policy: no KL at the first rollout.
+    assert!(
+        lines[0]["kl"].as_f64().unwrap().abs() < 1e-5,
+        "{}",
+        lines[0]
+    );
+    let before = tensors(&f.policy);
+    let after = tensors(&model);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    let mut adapted = 0;
+    for (name, b) in &before {
+        let a = &after[name];
+        if name.ends_with("attn.c_attn.weight") {
+            // Merged: W + alpha/r * (B A)^T, a rank-2 change.
+            let delta = (a - b).to_kind(Kind::Double);
+            let (_, sv, _) = delta.svd(true, false);
+            let sv: Vec<f64> = Vec::try_from(&sv).unwrap();
+            assert!(sv[0] > 1e-6, "{name} did not move: {sv:?}");
+            assert!(sv[2] < 1e-5 * sv[0], "{name}: change of rank > 2: {sv:?}");
+            adapted += 1;
+        } else {
+            assert!(a.equal(b), "{name} changed without an adapter");
+        }
+    }
+    assert_eq!(adapted, 2, "one c_attn per layer");
+}
+
+#[test]
+fn a_lora_target_that_matches_nothing_is_refused_naming_the_field() {
+    let f = fixture();
+    let op = alignflow::ops::find("ppo").unwrap();
+    let out = f.root.join("bad");
+    std::fs::create_dir_all(&out).unwrap();
+    let params = op
+        .normalize_params(&json!({"lora": {"targets": ["q_proj"]}}))
+        .unwrap();
+    let spec = spec(
+        "rl",
+        "ppo",
+        params,
+        &[
+            ("policy", f.policy.clone()),
+            ("reward_model", f.pm.clone()),
+            ("prompts", f.prompts.clone()),
+        ],
+        &out,
+    );
+    let err = run(&StageContext {
+        spec: &spec,
+        reporter: &NullReporter,
+        cancel: &CancelFlag::default(),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("stage `rl`, field `params.lora.targets`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_value_model_starts_from_the_reward_model_with_a_fresh_head() {
+    let f = fixture();
+    tch::manual_seed(0);
+    let critic = value_model(PpoValueInit::RewardModel, &f.policy, &f.pm, Device::Cpu).unwrap();
+    let vars = critic.vs.variables();
+    let pm = tensors(&f.pm);
+    let policy = tensors(&f.policy);
+    let name = "transformer.h.0.attn.c_attn.weight";
+    assert!(vars[name].equal(&pm[name]), "backbone from the PM");
+    assert!(!vars[name].equal(&policy[name]));
+    assert!(pm.contains_key("score.weight"));
+    assert!(
+        !vars.keys().any(|k| k.starts_with("score.")),
+        "no score head"
+    );
+    let head = &vars["v_head.summary.weight"];
+    assert_eq!(head.size(), [1, 32]);
+    assert!(head.requires_grad() && vars[name].requires_grad());
+    let from_policy = value_model(PpoValueInit::Policy, &f.policy, &f.pm, Device::Cpu).unwrap();
+    assert!(from_policy.vs.variables()[name].equal(&policy[name]));
+    // And the op runs with it.
+    let (_, lines, _) = run_ppo(&f, "vinit", json!({"value_init": "reward_model"}));
+    assert!(lines[1]["value_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn linear_decay_and_warmup_set_each_iterations_rate() {
+    let f = fixture();
+    // bf16 is ignored on CPU.
+    let (_, lines, _) = run_ppo(
+        &f,
+        "linear",
+        json!({"iterations": 4, "lr_schedule": "linear", "bf16": true}),
+    );
+    let lrs: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    // TRL's anneal_lr: lr * (1 - (i - 1) / n) for iteration i of n = 4.
+    assert_eq!(lrs, [1e-3, 7.5e-4, 5e-4, 2.5e-4]);
+    for l in &lines {
+        assert!(l["seconds"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let (_, lines, _) = run_ppo(
+        &f,
+        "warm",
+        json!({"iterations": 4, "lr_schedule": "constant", "warmup_iterations": 2}),
+    );
+    let lrs: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    // Warm-up: lr * (i - 1) / 2 for i = 1, 2; then constant.
+    assert_eq!(lrs, [0.0, 5e-4, 1e-3, 1e-3]);
+}
+
+#[test]
+fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
+    let f = fixture();
+    let (metrics, lines, _) = run_ppo(
+        &f,
+        "norm",
+        json!({"reward_norm": {"samples": 10, "mean": 0.0, "std": 1.0}, "iterations": 1}),
+    );
+    let gain = metrics["reward_gain"].as_f64().unwrap();
+    let bias = metrics["reward_bias"].as_f64().unwrap();
+    assert_eq!(lines[0]["reward_gain"].as_f64(), Some(gain));
+    assert_eq!(lines[0]["reward_bias"].as_f64(), Some(bias));
+    // The same reference samples, drawn again: the op's seed, batch size
+    // and sampling settings.
+    tch::manual_seed(5);
+    let opts = |head| BuildOptions {
+        device: Device::Cpu,
+        head,
+        lora: None,
+    };
+    let policy = Model::load(&f.policy, &opts(Head::Lm)).unwrap();
+    let pm = Model::load(&f.pm, &opts(Head::Reward)).unwrap();
+    let tokenizer = Tokenizer::from_dir(&f.policy).unwrap();
+    let prompts: Vec<Vec<i64>> = std::fs::read_to_string(&f.prompts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            tokenizer.encode(v["prompt"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 5,
+        temperature: 1.0,
+        eos_token_id: tokenizer.eos_id.map(i64::from),
+        pad_token_id: policy.lm.cfg.pad_id(),
+        ..Default::default()
+    };
+    let raw = reference_scores(
+        &policy,
+        &Reference::AdaptersOff,
+        &pm,
+        &prompts,
+        10,
+        3,
+        &cfg,
+        5,
+        false,
+    );
+    assert_eq!(raw.len(), 10);
+    let normed: Vec<f64> = raw.iter().map(|s| gain * s + bias).collect();
+    let mean = normed.iter().sum::<f64>() / 10.0;
+    let std = (normed.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 10.0).sqrt();
+    assert!(mean.abs() < 1e-9, "mean {mean} of {normed:?}");
+    assert!((std - 1.0).abs() < 1e-9, "std {std} of {normed:?}");
+    // The scores the policy optimises are the raw ones through the same map.
+    let (score, raw_score) = (
+        lines[0]["score"].as_f64().unwrap(),
+        lines[0]["raw_score"].as_f64().unwrap(),
+    );
+    let tol = 1e-4 * (1.0 + (gain * raw_score).abs() + bias.abs());
+    assert!(
+        (score - (gain * raw_score + bias)).abs() < tol,
+        "{}",
+        lines[0]
+    );
+}
