@@ -23,6 +23,7 @@ pub use critique_revise::{
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
 };
 pub use describe::{describe, schema_files, write_schemas};
+pub use evaluate::EvaluateParams;
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
@@ -36,6 +37,7 @@ mod critique_revise;
 mod dataset_import;
 mod dataset_split;
 mod describe;
+pub mod evaluate;
 mod exec;
 mod generate;
 mod lm_pretrain;
@@ -53,6 +55,7 @@ pub fn registry() -> &'static [&'static dyn Op] {
         &critique_revise::CritiqueRevise,
         &dataset_import::DatasetImport,
         &dataset_split::DatasetSplit,
+        &evaluate::Evaluate,
         &exec::Exec,
         &generate::Generate,
         &lm_pretrain::LmPretrain,

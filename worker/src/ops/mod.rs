@@ -8,6 +8,7 @@ use alignflow::protocol::Metrics;
 pub mod ai_feedback;
 pub mod common;
 mod critique_revise;
+mod evaluate;
 mod generate;
 mod lm_pretrain;
 pub mod pm;
@@ -22,6 +23,7 @@ pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
         ("critique_revise", critique_revise::run),
+        ("evaluate", evaluate::run),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
         ("pm.pretrain", pm::run_pretrain),

@@ -30,7 +30,7 @@ use crate::train::{clip_grad_norm, epoch_permutation, seed_torch_for_step, AdamW
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
-fn response_logprobs(
+pub(crate) fn response_logprobs(
     m: &Model,
     ids: &Tensor,
     mask: &Tensor,
