@@ -96,6 +96,12 @@ pub struct EvaluateParams {
     /// Feedback judge: prepend the constitution's few-shot feedback examples.
     #[serde(default)]
     pub few_shot: bool,
+    /// Seed of the sampling and of the principle draws; by default the
+    /// stage's seed (which derives from the stage id). Give several stages
+    /// the same seed to compare them on the same draws (common random
+    /// numbers), e.g. checkpoints of a matrix, or the two policies swapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     /// Name of the policy in the report (e.g. its upstream stage id); by
     /// default its input path, relative to the manifest when inside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -395,7 +395,8 @@ fn read_prompts(
     Ok(prompts)
 }
 
-/// Both policies' answers (batch `k` sampled with seed `seed ^ k * GOLDEN`
+/// Both policies' answers (batch `k` sampled with seed `seed ^ k * GOLDEN`,
+/// `seed` being params.seed or the stage's,
 /// for both: common random numbers) and the per-prompt KL of the policy
 /// from the reference on the policy's answers.
 #[allow(clippy::type_complexity)]
@@ -432,7 +433,7 @@ fn sample_both(
     for (k, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
         ctx.cancel.check()?;
         let ids: Vec<Vec<i64>> = chunk.iter().map(|q| q.ids.clone()).collect();
-        let seed = ctx.spec.seed ^ (k as u64).wrapping_mul(GOLDEN);
+        let seed = p.seed.unwrap_or(ctx.spec.seed) ^ (k as u64).wrapping_mul(GOLDEN);
         let cfg = |m: &Model| SamplingConfig {
             seed,
             pad_token_id: m.lm.cfg.pad_id(),
@@ -604,7 +605,7 @@ fn ask_feedback_model(
             sample_principles(
                 setup.principles.len(),
                 p.principles_per_prompt,
-                ctx.spec.seed,
+                p.seed.unwrap_or(ctx.spec.seed),
                 i,
             )
         } else {
