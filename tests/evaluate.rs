@@ -130,11 +130,17 @@ stages:
     params: { limit: 10, max_new_tokens: 8, batch_size: 4, principles_per_prompt: 2, seed: 11, policy_name: early, reference_name: base }
 "#;
 
-/// The pipeline, run once for every test of this file.
+/// The pipeline, run once for every test of this file. A static is never
+/// dropped, so its folder lives under cargo's target tmp dir, not /tmp.
 fn project() -> &'static Project {
     static PROJECT: OnceLock<Project> = OnceLock::new();
     PROJECT.get_or_init(|| {
-        let p = Project::new();
+        let p = Project {
+            dir: tempfile::Builder::new()
+                .prefix("evaluate-")
+                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+                .expect("temp dir"),
+        };
         p.write("hh.jsonl", &corpus(120));
         p.write("comparisons.jsonl", &comparisons(80));
         p.write("constitution.yaml", CONSTITUTION);
