@@ -79,7 +79,7 @@ pub struct EvaluateParams {
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature of both policies (0 is greedy). The KL uses the
-    /// same temperature, as `ppo` does.
+    /// same temperature, as `ppo` does (0 and 1: the unscaled distributions).
     #[serde(default = "one_f")]
     pub temperature: f64,
     /// Prompts per sampling / scoring pass (also feedback questions per pass).
@@ -439,7 +439,7 @@ impl Op for Evaluate {
             Port::output("report_md", "report.md: the same figures as Markdown tables"),
             Port::output(
                 "samples",
-                "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details}",
+                "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}; outcome is win | tie | loss for the policy",
             ),
         ];
         OUTPUTS
