@@ -24,6 +24,7 @@ pub use critique_revise::{
 };
 pub use describe::{describe, schema_files, write_schemas};
 pub use dpo::{DpoLoss, DpoParams, DpoReferenceParams};
+pub use evaluate::EvaluateParams;
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
@@ -38,6 +39,7 @@ mod dataset_import;
 mod dataset_split;
 mod describe;
 mod dpo;
+pub mod evaluate;
 mod exec;
 mod generate;
 mod lm_pretrain;
@@ -57,6 +59,7 @@ pub fn registry() -> &'static [&'static dyn Op] {
         &dataset_split::DatasetSplit,
         &dpo::Dpo,
         &dpo::DpoReference,
+        &evaluate::Evaluate,
         &exec::Exec,
         &generate::Generate,
         &lm_pretrain::LmPretrain,

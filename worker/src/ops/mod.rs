@@ -9,6 +9,7 @@ pub mod ai_feedback;
 pub mod common;
 mod critique_revise;
 pub mod dpo;
+mod evaluate;
 mod generate;
 mod lm_pretrain;
 pub mod pm;
@@ -25,6 +26,7 @@ pub fn find(op: &str) -> Option<RunFn> {
         ("critique_revise", critique_revise::run),
         ("dpo", dpo::run),
         ("dpo.reference", dpo::run_reference),
+        ("evaluate", evaluate::run),
         ("generate", generate::run),
         ("lm.pretrain", lm_pretrain::run),
         ("pm.pretrain", pm::run_pretrain),

@@ -50,7 +50,7 @@ mod tests;
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
-fn response_logprobs(
+pub(crate) fn response_logprobs(
     m: &Model,
     ids: &Tensor,
     mask: &Tensor,
