@@ -1,6 +1,7 @@
 //! The shipped pipelines, end to end: the tiny Constitutional AI pipeline
-//! runs from nothing on CPU, a rerun is fully cached, and a run from an empty
-//! cache under `--locked` reproduces every locked artifact byte for byte.
+//! (steps 1 to 6) runs from nothing on CPU, a rerun is fully cached, a run
+//! from an empty cache under `--locked` reproduces every locked artifact byte
+//! for byte, and `cai.yaml` and `rlhf.yaml` run on a local model folder.
 mod common;
 use common::*;
 
@@ -8,7 +9,8 @@ fn copy_shipped(p: &Project) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for rel in [
         "pipelines/cai.yaml",
-        "pipelines/cai-tiny.yaml",
+        "pipelines/tiny.yaml",
+        "pipelines/rlhf.yaml",
         "pipelines/constitutions/default.yaml",
         "examples/hh-rlhf-sample.jsonl",
         "examples/red-team-prompts.jsonl",
@@ -21,12 +23,14 @@ fn copy_shipped(p: &Project) {
 fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     let p = Project::new();
     copy_shipped(&p);
-    let m = "pipelines/cai-tiny.yaml";
+    let m = "pipelines/tiny.yaml";
     let sets = [
         "--set",
         "params.max_new_tokens=12",
         "--set",
         "params.rounds=1",
+        "--set",
+        "params.ppo_iterations=3",
     ];
     let mut args = vec!["run", m, "--quiet"];
     args.extend(sets);
@@ -41,6 +45,9 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
         "labels",
         "pmp",
         "pm",
+        "prompt_split",
+        "rl_cai",
+        "evaluation",
     ] {
         assert!(ran.contains(stage), "{stage} did not run:\n{out}");
     }
@@ -51,7 +58,7 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     );
 
     let shown: serde_json::Value = serde_json::from_str(&p.ok(&[
-        "show", m, "labels", "--json", sets[0], sets[1], sets[2], sets[3],
+        "show", m, "labels", "--json", sets[0], sets[1], sets[2], sets[3], sets[4], sets[5],
     ]))
     .unwrap();
     let labels = std::fs::read_to_string(shown["comparisons"]["path"].as_str().unwrap()).unwrap();
@@ -64,7 +71,7 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     // cai.yaml itself, on a local Hugging Face folder given as a param: the
     // tiny run's pretrained base model.
     let base: serde_json::Value = serde_json::from_str(&p.ok(&[
-        "show", m, "base", "--json", sets[0], sets[1], sets[2], sets[3],
+        "show", m, "base", "--json", sets[0], sets[1], sets[2], sets[3], sets[4], sets[5],
     ]))
     .unwrap();
     let folder = format!(
@@ -81,13 +88,64 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
         sets[1],
         sets[2],
         sets[3],
+        sets[4],
+        sets[5],
     ]);
-    assert!(stages_with_status(&out, "ran").contains("pm"), "{out}");
+    assert!(
+        stages_with_status(&out, "ran").contains("evaluation"),
+        "{out}"
+    );
+
+    // The evaluation of RL-CAI against SL-CAI on the held-out prompts: both
+    // judges, 20% of the 300 shipped prompts.
+    let shown: serde_json::Value = serde_json::from_str(&p.ok(&[
+        "show",
+        m,
+        "evaluation",
+        "--json",
+        sets[0],
+        sets[1],
+        sets[2],
+        sets[3],
+        sets[4],
+        sets[5],
+    ]))
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shown["report"]["path"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["n"], 60, "{report}");
+    assert_eq!(report["policy"], "rl_cai", "{report}");
+    for judge in ["reward_model", "feedback_model"] {
+        let w = report["judges"][judge]["win_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&w), "{judge}: {report}");
+    }
+
+    // rlhf.yaml on the same folder: human comparisons, SFT, reward model,
+    // PPO, evaluation.
+    let out = p.ok(&[
+        "run",
+        "pipelines/rlhf.yaml",
+        "--quiet",
+        "--set",
+        &folder,
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.ppo_iterations=2",
+    ]);
+    for stage in ["sft", "reward_model", "ppo", "evaluation"] {
+        assert!(
+            stages_with_status(&out, "ran").contains(stage),
+            "{stage}:\n{out}"
+        );
+    }
 
     std::fs::remove_dir_all(p.path("cache")).unwrap();
     let mut locked = args.clone();
     locked.push("--locked");
     let out = p.ok(&locked);
     assert!(!out.contains("FAILED"), "{out}");
-    assert_eq!(stages_with_status(&out, "ran").len(), 11, "{out}");
+    assert_eq!(stages_with_status(&out, "ran").len(), 14, "{out}");
 }
