@@ -8,7 +8,7 @@ VENV          := .venv
 STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
 CARGO         ?= cargo
 
-.PHONY: setup build demo test bench clean-cache schemas gpu-bundle
+.PHONY: setup build demo test bench clean-cache schemas gpu-bundle chromium
 
 setup: $(STAMP)
 
@@ -30,8 +30,13 @@ demo: build
 	./target/release/alignflow run pipelines/cai-tiny.yaml
 	./target/release/alignflow plan pipelines/cai-tiny.yaml
 
-test: setup
+test: setup chromium
 	$(CARGO) test --workspace
+
+# tests/report_browser.rs renders the report in headless Chromium.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
 
 bench: build
 	$(CARGO) bench --bench plan
