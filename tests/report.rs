@@ -218,6 +218,8 @@ fn report_shows_statuses_dag_curves_and_evaluations() {
     let broken = text_of(&row(&doc, "broken"));
     assert!(broken.contains("exit status 3"), "{broken}");
     assert!(broken.contains("(failed)"), "{broken}");
+    assert!(broken.contains("bad <input>"), "stderr tail: {broken}");
+    assert!(page.text.contains("bad &lt;input&gt;"));
     let gen = text_of(&row(&doc, "gen"));
     assert!(gen.contains("never run"), "{gen}");
     let base = text_of(&row(&doc, "base"));

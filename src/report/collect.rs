@@ -358,9 +358,12 @@ struct LogEvent {
     started: SystemTime,
     /// Known once the stage finished or failed.
     duration: Option<Duration>,
-    /// The first line of the failure message.
+    /// The failure message (its first [`MAX_FAILURE_LINES`] lines).
     failure: Option<String>,
 }
+
+/// Lines of a failure message kept: enough for an exec stage's stderr tail.
+const MAX_FAILURE_LINES: usize = 12;
 
 /// Reads `PIPELINE-STAMP-PID.log` files (written by the scheduler's UI)
 /// oldest first, keeping the last event of each stage.
@@ -386,10 +389,23 @@ fn read_run_logs(dir: &Path, pipeline: &Pipeline) -> BTreeMap<String, LogEvent> 
             continue;
         };
         let mut started_at: BTreeMap<&str, f64> = BTreeMap::new();
+        // The stage whose failure message the following unstamped lines continue.
+        let mut continuing: Option<String> = None;
         for line in text.lines() {
             let Some((offset, body)) = split_log_line(line) else {
+                if let Some(f) = continuing
+                    .as_ref()
+                    .and_then(|id| out.get_mut(id))
+                    .and_then(|e| e.failure.as_mut())
+                {
+                    if f.lines().count() < MAX_FAILURE_LINES {
+                        f.push('\n');
+                        f.push_str(line);
+                    }
+                }
                 continue;
             };
+            continuing = None;
             for stage in &pipeline.stages {
                 let id = stage.id.as_str();
                 if body == format!("run     {id} ({})", stage.op) {
@@ -414,6 +430,7 @@ fn read_run_logs(dir: &Path, pipeline: &Pipeline) -> BTreeMap<String, LogEvent> 
                             failure: Some(message.to_string()),
                         },
                     );
+                    continuing = Some(id.to_string());
                 } else if body.starts_with(&format!("done    {id} (")) {
                     if let (Some(began), Some(e)) = (started_at.get(id), out.get_mut(id)) {
                         e.duration = Some(Duration::from_secs_f64((offset - began).max(0.0)));

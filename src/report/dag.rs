@@ -34,6 +34,20 @@ pub fn dag_svg(data: &ReportData) -> String {
         .map(|s| s.depth)
         .max()
         .map_or(0, |d| d + 1);
+    // Edges that skip a column arc over the boxes between their ends; room
+    // above the first row for the highest arc.
+    let longest = data
+        .edges
+        .iter()
+        .map(|e| data.stages[e.to].depth - data.stages[e.from].depth)
+        .max()
+        .unwrap_or(1);
+    let top = PAD
+        + if longest > 1 {
+            14 + 6 * (longest - 2)
+        } else {
+            0
+        };
     let mut rows_in = vec![0usize; columns];
     // (x, y) of each stage's box, in `data.stages` order.
     let mut at = Vec::with_capacity(data.stages.len());
@@ -43,7 +57,7 @@ pub fn dag_svg(data: &ReportData) -> String {
         at.push((PAD + s.depth * (BOX_W + GAP_X), PAD + row * (BOX_H + GAP_Y)));
     }
     let width = PAD * 2 + columns * BOX_W + columns.saturating_sub(1) * GAP_X;
-    let height = PAD * 2 + rows_in.iter().max().copied().unwrap_or(0) * (BOX_H + GAP_Y);
+    let height = top + PAD + rows_in.iter().max().copied().unwrap_or(0) * (BOX_H + GAP_Y);
     let mut svg = format!(
         "<svg class=\"dag\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\">\n\
          <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M 0 0 L 10 5 L 0 10 z\" fill=\"#555\"/></marker></defs>\n"
@@ -53,10 +67,18 @@ pub fn dag_svg(data: &ReportData) -> String {
         let (x2, y2) = at[e.to];
         let (x1, y1) = (x1 + BOX_W, y1 + BOX_H / 2);
         let y2 = y2 + BOX_H / 2;
-        let mid = (x1 + x2) / 2;
+        let span = data.stages[e.to].depth - data.stages[e.from].depth;
+        let d = if span > 1 {
+            let lift = y1.min(y2) - (BOX_H / 2 + 24 + 8 * (span - 2)).min(y1.min(y2));
+            let (c1, c2) = (x1 + GAP_X / 2, x2 - GAP_X / 2);
+            format!("M {x1} {y1} C {c1} {lift}, {c2} {lift}, {x2} {y2}")
+        } else {
+            let mid = (x1 + x2) / 2;
+            format!("M {x1} {y1} C {mid} {y1}, {mid} {y2}, {x2} {y2}")
+        };
         let _ = writeln!(
             svg,
-            "<path class=\"edge\" data-from=\"{}\" data-to=\"{}\" d=\"M {x1} {y1} C {mid} {y1}, {mid} {y2}, {x2} {y2}\" fill=\"none\" stroke=\"#555\" stroke-width=\"1.5\" marker-end=\"url(#arrow)\"><title>{}</title></path>",
+            "<path class=\"edge\" data-from=\"{}\" data-to=\"{}\" d=\"{d}\" fill=\"none\" stroke=\"#555\" stroke-width=\"1.5\" marker-end=\"url(#arrow)\"><title>{}</title></path>",
             esc(&data.stages[e.from].id),
             esc(&data.stages[e.to].id),
             esc(&e.label)

@@ -46,6 +46,7 @@ table.json td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots svg { border: 1px solid #eee; }
 .scroll { overflow-x: auto; }
 code { font-size: 12px; }
+td.why { white-space: pre-wrap; max-width: 60ch; }
 .note { color: #8a6d00; }
 "#;
 
@@ -169,7 +170,7 @@ fn stage_table(page: &mut String, stages: &[StageInfo]) {
         };
         let _ = writeln!(
             page,
-            "<tr class=\"stage-row\" data-stage=\"{id}\" data-status=\"{slug}\"><td>{id}</td><td>{op}</td><td><span class=\"badge\" style=\"background: {fill}; border-color: {stroke}\">{status}</span></td><td>{reason}</td><td>{when}</td><td>{duration}</td><td>{key}</td></tr>",
+            "<tr class=\"stage-row\" data-stage=\"{id}\" data-status=\"{slug}\"><td>{id}</td><td>{op}</td><td><span class=\"badge\" style=\"background: {fill}; border-color: {stroke}\">{status}</span></td><td class=\"why\">{reason}</td><td>{when}</td><td>{duration}</td><td>{key}</td></tr>",
             id = esc(&s.id),
             slug = s.status.slug(),
             op = esc(&s.op),

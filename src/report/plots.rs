@@ -33,6 +33,7 @@ pub fn curve_svg(
         message: e.to_string(),
     };
     let (x_range, y_range) = ranges(points);
+    let (x_span, y_span) = (x_range.end - x_range.start, y_range.end - y_range.start);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
@@ -49,8 +50,8 @@ pub fn curve_svg(
             .x_desc(x_label)
             .x_labels(6)
             .y_labels(5)
-            .x_label_formatter(&|v| number(*v))
-            .y_label_formatter(&|v| number(*v))
+            .x_label_formatter(&|v| number(*v, x_span))
+            .y_label_formatter(&|v| number(*v, y_span))
             .light_line_style(RGBColor(0xee, 0xee, 0xee))
             .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
             .draw()
@@ -94,10 +95,12 @@ fn ranges(points: &[(f64, f64)]) -> (std::ops::Range<f64>, std::ops::Range<f64>)
     )
 }
 
-/// A short axis label: 4 significant digits, scientific when very small or large.
-fn number(v: f64) -> String {
+/// A short axis label: 4 significant digits, scientific when very small or
+/// large; a tick within rounding noise of zero on an axis of length `span`
+/// is `0`, not `-5.55e-17`.
+fn number(v: f64, span: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
+    if a <= span * 1e-9 {
         "0".into()
     } else if !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
@@ -175,9 +178,11 @@ mod tests {
 
     #[test]
     fn labels_are_short() {
-        assert_eq!(number(0.5), "0.5");
-        assert_eq!(number(3e-4), "3.00e-4");
-        assert_eq!(number(120.0), "120");
-        assert_eq!(number(0.0), "0");
+        assert_eq!(number(0.5, 1.0), "0.5");
+        assert_eq!(number(3e-4, 1e-4), "3.00e-4");
+        assert_eq!(number(120.0, 100.0), "120");
+        assert_eq!(number(0.0, 1.0), "0");
+        assert_eq!(number(-5.55e-17, 1.0), "0");
+        assert_eq!(number(2e-7, 1e-6), "2.00e-7");
     }
 }
