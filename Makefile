@@ -9,7 +9,7 @@ STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VER
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
-.PHONY: setup build demo test bench clean-cache schemas gpu-bundle
+.PHONY: setup build demo test bench clean-cache schemas gpu-bundle chromium
 
 setup: $(STAMP)
 
@@ -34,8 +34,13 @@ demo: build
 	time ./target/release/alignflow run pipelines/tiny.yaml
 	./target/release/alignflow report pipelines/tiny.yaml
 
-test: setup
+test: setup chromium
 	$(CARGO) test --workspace
+
+# tests/report_browser.rs renders the report in headless Chromium.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
 
 bench: build
 	$(CARGO) bench --bench plan

@@ -4,7 +4,7 @@
 //! into a DAG; [`engine`] plans and runs what is out of date, caching every
 //! result by content in [`cache`]. Each stage is an operator from [`ops`];
 //! tensor operators run in the separate `alignflow-worker` process, which
-//! speaks the [`protocol`].
+//! speaks the [`protocol`]. [`report`] renders a pipeline's state as a page.
 
 pub mod cache;
 pub mod data;
@@ -13,6 +13,7 @@ pub mod graph;
 pub mod manifest;
 pub mod ops;
 pub mod protocol;
+pub mod report;
 pub mod text;
 
 /// The engine version, recorded in every stage record and lockfile.

@@ -117,6 +117,15 @@ enum Command {
     },
     /// Engine, libtorch and device facts.
     Doctor,
+    /// Write an HTML page of the pipeline as of the cache: the DAG, each
+    /// stage's status, training curves and evaluation tables.
+    Report {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Output file (default: CACHE_DIR/reports/NAME.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write the JSON schemas of the manifest and of each op's params.
     Schema {
         /// Output folder.
@@ -362,6 +371,18 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Command::Report { manifest, out } => {
+            let (pipeline, dag) = load(&manifest)?;
+            let cache = open_cache(&cli.cache_dir)?;
+            let data = alignflow::report::collect(&pipeline, &dag, &cache)?;
+            cache.flush_hash_cache()?;
+            let html = alignflow::report::render(&data)?;
+            let out = out
+                .unwrap_or_else(|| alignflow::report::default_path(&cli.cache_dir, &pipeline.name));
+            alignflow::report::write(&out, &html)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Schema { out } => {
             alignflow::ops::write_schemas(&out)?;
