@@ -149,3 +149,48 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     assert!(!out.contains("FAILED"), "{out}");
     assert_eq!(stages_with_status(&out, "ran").len(), 14, "{out}");
 }
+
+/// `make demo`'s claim, at the shipped size: from nothing, the RL-CAI policy
+/// beats the SL-CAI policy under the preference model on held-out prompts,
+/// the Markdown report prints the interval, and `alignflow report` draws the
+/// PPO curves.
+#[test]
+fn the_tiny_pipeline_at_full_size_beats_sl_cai_under_the_pm() {
+    let p = Project::new();
+    copy_shipped(&p);
+    let m = "pipelines/tiny.yaml";
+    let out = p.ok(&["run", m, "--quiet"]);
+    assert_eq!(stages_with_status(&out, "ran").len(), 14, "{out}");
+
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", m, "evaluation", "--json"])).unwrap();
+    let read = |port: &str| std::fs::read_to_string(shown[port]["path"].as_str().unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&read("report")).unwrap();
+    let pm = &report["judges"]["reward_model"];
+    let win = pm["win_rate"].as_f64().unwrap();
+    let ci = pm["ci95"].as_array().unwrap();
+    assert!(
+        win > 0.5,
+        "RL-CAI does not beat SL-CAI under the PM: {report}"
+    );
+    assert!(
+        ci[0].as_f64().unwrap() < win && win < ci[1].as_f64().unwrap(),
+        "{report}"
+    );
+    let md = read("report_md");
+    assert!(md.contains("95% Wilson score interval"), "{md}");
+    assert!(md.contains(&format!("{win:.4}")), "{md}");
+
+    p.ok(&["report", m, "--out", "report.html"]);
+    let html = p.read("report.html");
+    for series in [
+        "rl_cai/metrics/score",
+        "rl_cai/metrics/kl",
+        "sl_cai/metrics/loss",
+    ] {
+        assert!(
+            html.contains(&format!("data-series=\"{series}\"")),
+            "no {series} curve"
+        );
+    }
+}

@@ -368,7 +368,8 @@ const MAX_FAILURE_LINES: usize = 12;
 /// Reads `PIPELINE-STAMP-PID.log` files (written by the scheduler's UI)
 /// oldest first, keeping the last event of each stage.
 ///
-/// The lines parsed are the scheduler's own: `run     ID (OP)`,
+/// The lines parsed are the scheduler's own: `run     ID (OP)` (`on DEVICE`
+/// after it for worker stages),
 /// `done    ID (1.23s)` and `FAILED  ID: message`, each behind a
 /// `[  1.234s]` offset from the start of the run. Stage ids are matched
 /// against the manifest's, so ids with spaces or brackets parse.
@@ -408,7 +409,9 @@ fn read_run_logs(dir: &Path, pipeline: &Pipeline) -> BTreeMap<String, LogEvent> 
             continuing = None;
             for stage in &pipeline.stages {
                 let id = stage.id.as_str();
-                if body == format!("run     {id} ({})", stage.op) {
+                let run_line = format!("run     {id} ({})", stage.op);
+                // Worker stages name their device: `run     ID (OP) on cpu`.
+                if body == run_line || body.starts_with(&format!("{run_line} on ")) {
                     started_at.insert(id, offset);
                     out.insert(
                         id.to_string(),
