@@ -5,7 +5,10 @@
 //! frozen reference (the policy folder loaded again, or with LoRA the
 //! policy itself with its adapters switched off, so no second copy of the
 //! weights), a value model (the policy or the preference-model folder with a
-//! fresh value head, its own optimizer) and the frozen preference model.
+//! fresh value head, its own optimizer) and the frozen reward source: a
+//! preference model, or (direct RLAIF) a feedback model rating each
+//! response from 1 to 10, optionally minus a per-prompt baseline
+//! (contrastive rewards); see [`reward_source`].
 //!
 //! Resumable: every `checkpoint_every` iterations one atomic checkpoint
 //! holds both models, both AdamW states, the KL controller, the reward

@@ -39,7 +39,9 @@ use crate::rl::{
     RewardNorm,
 };
 
-/// The model that scores responses.
+/// The model that scores responses (one per stage: the variants' sizes
+/// do not matter).
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Source {
     Pm(Model),
     Feedback(Feedback),
