@@ -153,6 +153,10 @@ pub struct PpoParams {
     /// Normalize the preference model's scores against reference samples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_norm: Option<PpoRewardNorm>,
+    /// With `feedback_model` (direct RLAIF): the principle the answer is
+    /// rated under (instead of a `constitution` input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principle: Option<String>,
     /// bf16 autocast of the forward passes on CUDA (rollouts, scoring,
     /// updates); weights, optimizer state and losses stay float32. Ignored
     /// on CPU.
@@ -219,8 +223,23 @@ impl Op for Ppo {
                 "policy",
                 "the model folder to optimise (e.g. an SL-CAI model)",
             ),
-            Port::input("reward_model", "a preference model folder (pm.train)"),
+            Port::optional(
+                "reward_model",
+                "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
+            ),
             Port::input("prompts", "JSONL records with a prompt field"),
+            Port::optional(
+                "baseline",
+                "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
+            ),
+            Port::optional(
+                "feedback_model",
+                "direct RLAIF: a language model folder that rates each response from 1 to 10; the reward is its expected rating rescaled to [-1, 1]",
+            ),
+            Port::optional(
+                "constitution",
+                "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
+            ),
         ];
         INPUTS
     }
@@ -229,7 +248,7 @@ impl Op for Ppo {
             Port::output("model", "the optimised policy folder"),
             Port::volatile(
                 "metrics",
-                "metrics.jsonl: iteration, score, raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm)",
+                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline)",
             ),
         ];
         OUTPUTS

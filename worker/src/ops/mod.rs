@@ -23,6 +23,7 @@ pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
 pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
+        ("baseline_scores", ppo::baseline_scores::run),
         ("critique_revise", critique_revise::run),
         ("dpo", dpo::run),
         ("dpo.reference", dpo::run_reference),

@@ -18,16 +18,21 @@
 //! - [`kl_ctl`]: fixed and adaptive KL coefficient controllers.
 //! - [`eos_mask`]: response mask from generated token ids.
 //! - [`reward_norm`]: normalising scores against reference samples.
+//! - [`contrastive`]: contrastive rewards (score minus a per-prompt baseline).
+//! - [`rating`]: direct RLAIF, the expected 1-10 rating of a feedback model.
 
+pub mod contrastive;
 pub mod eos_mask;
 pub mod gae;
 pub mod kl;
 pub mod kl_ctl;
 pub mod loss;
+pub mod rating;
 pub mod reward;
 pub mod reward_norm;
 pub mod whiten;
 
+pub use contrastive::{baseline_mean, contrastive_scores};
 pub use eos_mask::{contains_eos, response_mask};
 pub use gae::{compute_gae, GaeConfig};
 pub use kl::{kl_k1, kl_k2, kl_k3, kl_per_token, mean_sequence_kl, mean_token_kl, KlEstimator};
@@ -36,6 +41,7 @@ pub use loss::{
     entropy_from_logits, explained_variance, masked_entropy, policy_loss, value_loss, PolicyLoss,
     ValueLoss,
 };
+pub use rating::{expected_rating, rating_continuation, rating_prompt, rating_reward};
 pub use reward::{shape_rewards, ShapedRewards};
 pub use reward_norm::RewardNorm;
 pub use whiten::{masked_whiten, WHITEN_EPS};

@@ -5,7 +5,10 @@
 //! frozen reference (the policy folder loaded again, or with LoRA the
 //! policy itself with its adapters switched off, so no second copy of the
 //! weights), a value model (the policy or the preference-model folder with a
-//! fresh value head, its own optimizer) and the frozen preference model.
+//! fresh value head, its own optimizer) and the frozen reward source: a
+//! preference model, or (direct RLAIF) a feedback model rating each
+//! response from 1 to 10, optionally minus a per-prompt baseline
+//! (contrastive rewards); see [`reward_source`].
 //!
 //! Resumable: every `checkpoint_every` iterations one atomic checkpoint
 //! holds both models, both AdamW states, the KL controller, the reward
@@ -43,8 +46,12 @@ use crate::train::{
     Schedule, ScheduleConfig, TrainState,
 };
 
+pub(crate) mod baseline_scores;
+mod reward_source;
 #[cfg(test)]
 mod tests;
+
+use reward_source::{Rewards, Source};
 
 /// Policy log-probs (and logits) of the response tokens of `ids`.
 ///
@@ -113,12 +120,13 @@ fn scalar(t: &Tensor) -> f64 {
 fn value_model(
     init: PpoValueInit,
     policy_dir: &Path,
-    pm_dir: &Path,
+    pm_dir: Option<&Path>,
     device: Device,
 ) -> anyhow::Result<Model> {
-    let dir = match init {
-        PpoValueInit::Policy => policy_dir,
-        PpoValueInit::RewardModel => pm_dir,
+    let dir = match (init, pm_dir) {
+        (PpoValueInit::RewardModel, Some(pm_dir)) => pm_dir,
+        // `Source::load` rejects `reward_model` without a PM.
+        _ => policy_dir,
     };
     Model::load(
         dir,
@@ -247,14 +255,14 @@ const NORM_STREAM: u64 = u64::MAX;
 fn reference_scores(
     policy: &Model,
     reference: &Reference,
-    pm: &Model,
+    rewards: &Rewards,
     prompts: &[Vec<i64>],
     samples: usize,
     batch_size: usize,
     base_cfg: &SamplingConfig,
     seed: u64,
     autocast: bool,
-) -> Vec<f64> {
+) -> anyhow::Result<Vec<f64>> {
     let n = prompts.len();
     let mut scores = Vec::with_capacity(samples);
     let mut chunk = 0u64;
@@ -273,13 +281,13 @@ fn reference_scores(
         let sc = tch::no_grad(|| {
             tch::autocast(autocast, || {
                 let ro = reference.with(policy, |m| sample(m, &batch, &cfg, device));
-                pm_scores(pm, &ro.ids, &ro.mask)
+                rewards.raw_scores(&batch, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
             })
-        });
+        })?;
         scores.extend(Vec::<f64>::try_from(&sc.to_kind(Kind::Double)).expect("scores"));
         chunk += 1;
     }
-    scores
+    Ok(scores)
 }
 
 /// Drops metric lines past `iteration` (they belong to the interrupted run).
@@ -314,7 +322,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         tracing::info!("bf16 applies on CUDA only: this stage runs in float32 on {device:?}");
     }
     let policy_dir = ctx.input("policy")?;
-    let pm_dir = ctx.input("reward_model")?;
+    let pm_dir = ctx.spec.inputs.get("reward_model").map(|d| d.as_path());
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
     let lora = p.lora.as_ref().map(|l| LoraConfig {
         rank: l.rank,
@@ -343,14 +351,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         }
     };
     let mut critic = value_model(p.value_init, policy_dir, pm_dir, device)?;
-    let mut pm = Model::load(pm_dir, &opts(Head::Reward, None))?;
-    pm.vs.freeze();
-    anyhow::ensure!(
-        pm.lm.cfg.vocab_size == policy.lm.cfg.vocab_size,
-        "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({}): they must share a tokenizer",
-        pm.lm.cfg.vocab_size,
-        policy.lm.cfg.vocab_size
-    );
+    let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
     let eos = tokenizer
         .eos_id
         .map(i64::from)
@@ -361,7 +362,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .lm
         .cfg
         .max_positions
-        .min(pm.lm.cfg.max_positions)
+        .min(source.max_positions().unwrap_or(i64::MAX))
         .min(critic.lm.cfg.max_positions);
     anyhow::ensure!(
         max_new < max_positions,
@@ -372,6 +373,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     // Prompts, tokenized, keeping each one's end.
     let path = ctx.input("prompts")?;
     let mut prompts: Vec<Vec<i64>> = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
     for (line, record) in read_jsonl::<serde_json::Value>(path)? {
         let record = record
             .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
@@ -382,7 +384,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 p.prompt_field
             )
         })?;
-        let mut ids = tokenizer.encode(&apply_template(&p.template, text))?;
+        let text = apply_template(&p.template, text);
+        let mut ids = tokenizer.encode(&text)?;
         if ids.len() > prompt_budget {
             ids.drain(..ids.len() - prompt_budget);
         }
@@ -392,8 +395,17 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             path.display()
         );
         prompts.push(ids);
+        texts.push(text);
     }
     anyhow::ensure!(!prompts.is_empty(), "stage `{stage}`: no prompts");
+    let rewards = Rewards::new(
+        ctx,
+        source,
+        Tokenizer::from_dir(policy_dir)?,
+        eos,
+        &prompts,
+        &texts,
+    )?;
 
     let mut policy_opt = AdamW::new(policy.trainable(), AdamWConfig::default())?;
     let mut critic_opt = AdamW::new(critic.trainable(), AdamWConfig::default())?;
@@ -487,9 +499,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 &format!("scoring {} reference samples", rn.samples),
             );
             let raw = reference_scores(
-                &policy, &reference, &pm, &prompts, rn.samples, batch_size, &sampling, seed,
+                &policy, &reference, &rewards, &prompts, rn.samples, batch_size, &sampling, seed,
                 autocast,
-            );
+            )?;
             norm = Some(RewardNorm::fit(&raw, rn.mean, rn.std).with_context(|| {
                 format!(
                     "stage `{stage}`, field `params.reward_norm`: the {} reference scores have no spread (or are not finite): {:?}",
@@ -566,13 +578,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                     response_logprobs(m, &ids, &mask, &resp, p_len, p.temperature).0
                 });
                 let v = response_values(&critic, &ids, &mask, p_len, r) * &rmask;
-                (old, rf, v, pm_scores(&pm, &ids, &mask))
+                let sc = rewards.raw_scores(&batch, &ids, &mask, &resp, &gen_mask);
+                (old, rf, v, sc)
             })
         });
+        let raw_scores = raw_scores?;
         let scores = match &norm {
             Some(nm) => &raw_scores * nm.gain + nm.bias,
             None => raw_scores.shallow_clone(),
         };
+        let (scores, baseline_score) = rewards.contrastive(&batch, scores, norm.as_ref());
         let kl = kl_per_token(&old_logp, &ref_logp, estimator) * &rmask;
         let mean_kl = scalar(&mean_sequence_kl(&kl, &rmask));
         let mean_score = scalar(&scores.mean(Kind::Float));
@@ -692,6 +707,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         if let Some(nm) = &norm {
             line["reward_gain"] = nm.gain.into();
             line["reward_bias"] = nm.bias.into();
+        }
+        if let Some(bs) = baseline_score {
+            line["baseline_score"] = bs.into();
         }
         writeln!(metrics_file, "{line}")?;
         ctx.reporter.metric(

@@ -289,7 +289,13 @@ fn a_lora_target_that_matches_nothing_is_refused_naming_the_field() {
 fn the_value_model_starts_from_the_reward_model_with_a_fresh_head() {
     let f = fixture();
     tch::manual_seed(0);
-    let critic = value_model(PpoValueInit::RewardModel, &f.policy, &f.pm, Device::Cpu).unwrap();
+    let critic = value_model(
+        PpoValueInit::RewardModel,
+        &f.policy,
+        Some(&f.pm),
+        Device::Cpu,
+    )
+    .unwrap();
     let vars = critic.vs.variables();
     let pm = tensors(&f.pm);
     let policy = tensors(&f.policy);
@@ -304,7 +310,8 @@ fn the_value_model_starts_from_the_reward_model_with_a_fresh_head() {
     let head = &vars["v_head.summary.weight"];
     assert_eq!(head.size(), [1, 32]);
     assert!(head.requires_grad() && vars[name].requires_grad());
-    let from_policy = value_model(PpoValueInit::Policy, &f.policy, &f.pm, Device::Cpu).unwrap();
+    let from_policy =
+        value_model(PpoValueInit::Policy, &f.policy, Some(&f.pm), Device::Cpu).unwrap();
     assert!(from_policy.vs.variables()[name].equal(&policy[name]));
     // And the op runs with it.
     let (_, lines, _) = run_ppo(&f, "vinit", json!({"value_init": "reward_model"}));
@@ -377,14 +384,15 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
     let raw = reference_scores(
         &policy,
         &Reference::AdaptersOff,
-        &pm,
+        &Rewards::from_pm(pm, Tokenizer::from_dir(&f.policy).unwrap()),
         &prompts,
         10,
         3,
         &cfg,
         5,
         false,
-    );
+    )
+    .unwrap();
     assert_eq!(raw.len(), 10);
     let normed: Vec<f64> = raw.iter().map(|s| gain * s + bias).collect();
     let mean = normed.iter().sum::<f64>() / 10.0;

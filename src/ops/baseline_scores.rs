@@ -1,0 +1,108 @@
+//! `baseline_scores`: the offline stage of contrastive rewards (Shen et al.
+//! 2024, "Improving Reinforcement Learning from Human Feedback Using
+//! Contrastive Rewards"): `samples` responses of the starting (SFT) policy
+//! to each prompt, scored by the preference model. `ppo` with its optional
+//! `baseline` input then trains on the PM score minus the prompt's mean
+//! baseline score.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct BaselineScores;
+
+/// Params of `baseline_scores`. `template` and `prompt_field` must match the
+/// `ppo` stage's: its prompts are looked up by their templated text.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineScoresParams {
+    /// Baseline responses per prompt (k).
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    /// Longest sampled response in tokens.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Sampling temperature.
+    #[serde(default = "one_f")]
+    pub temperature: f64,
+    /// Prompt template; `{prompt}` is replaced by the prompt field.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Field holding the prompt.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Responses sampled and scored per batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+/// One line of the `scores` output: a prompt as the `ppo` op templates it,
+/// its baseline responses' raw PM scores and their mean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRecord {
+    pub prompt: String,
+    pub mean: f64,
+    pub scores: Vec<f64>,
+}
+
+fn default_samples() -> usize {
+    4
+}
+fn default_max_new_tokens() -> i64 {
+    32
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_template() -> String {
+    "{prompt}".into()
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_batch_size() -> usize {
+    16
+}
+
+impl Op for BaselineScores {
+    fn name(&self) -> &'static str {
+        "baseline_scores"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("policy", "the starting policy folder (the SFT model)"),
+            Port::input("reward_model", "a preference model folder (pm.train)"),
+            Port::input("prompts", "JSONL records with a prompt field"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[Port::output(
+            "scores",
+            "JSONL: {prompt, mean, scores}, one line per distinct templated prompt",
+        )];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(BaselineScoresParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        super::normalize_with::<BaselineScoresParams>(params)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("baseline_scores runs in alignflow-worker")
+    }
+}

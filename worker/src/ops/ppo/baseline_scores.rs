@@ -1,0 +1,136 @@
+//! `baseline_scores`: `samples` responses of the starting policy to each
+//! distinct templated prompt, scored by the preference model, for `ppo`'s
+//! contrastive rewards (see `alignflow::ops::BaselineScoresParams`).
+//! Prompts are tokenized and cut to fit exactly as `ppo` cuts them; the
+//! records are keyed by the templated text.
+
+use std::collections::HashSet;
+
+use anyhow::Context;
+use tch::Kind;
+
+use alignflow::data::{read_jsonl, JsonlWriter};
+use alignflow::ops::{BaselineRecord, BaselineScoresParams, StageContext};
+use alignflow::protocol::Metrics;
+use alignflow::text::{apply_template, Tokenizer};
+
+use super::{pm_scores, sample};
+use crate::model::sample::SamplingConfig;
+use crate::model::{self, BuildOptions, Head, Model};
+use crate::rl::baseline_mean;
+use crate::train::step_seed;
+
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: BaselineScoresParams = ctx.params()?;
+    let stage = &ctx.spec.stage;
+    let device = model::device(&ctx.spec.device)?;
+    anyhow::ensure!(
+        p.samples >= 1,
+        "stage `{stage}`, field `params.samples`: need at least 1"
+    );
+    let policy_dir = ctx.input("policy")?;
+    let tokenizer = Tokenizer::from_dir(policy_dir)?;
+    let opts = |head| BuildOptions {
+        device,
+        head,
+        lora: None,
+    };
+    let mut policy = Model::load(policy_dir, &opts(Head::Lm))?;
+    policy.vs.freeze();
+    let mut pm = Model::load(ctx.input("reward_model")?, &opts(Head::Reward))?;
+    pm.vs.freeze();
+    anyhow::ensure!(
+        pm.lm.cfg.vocab_size == policy.lm.cfg.vocab_size,
+        "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({}): they must share a tokenizer",
+        pm.lm.cfg.vocab_size,
+        policy.lm.cfg.vocab_size
+    );
+    let max_new = p.max_new_tokens.max(1);
+    let max_positions = policy.lm.cfg.max_positions.min(pm.lm.cfg.max_positions);
+    anyhow::ensure!(
+        max_new < max_positions,
+        "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
+    );
+    let budget = (max_positions - max_new) as usize;
+
+    let path = ctx.input("prompts")?;
+    let mut seen = HashSet::new();
+    let mut texts = Vec::new();
+    let mut prompts = Vec::new();
+    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
+        let record = record
+            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
+        let field = record[&p.prompt_field].as_str().with_context(|| {
+            format!(
+                "stage `{stage}`: {}:{line}: no string field `{}`",
+                path.display(),
+                p.prompt_field
+            )
+        })?;
+        let text = apply_template(&p.template, field);
+        if !seen.insert(text.clone()) {
+            continue;
+        }
+        let mut ids = tokenizer.encode(&text)?;
+        ids.drain(..ids.len().saturating_sub(budget));
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "stage `{stage}`: {}:{line}: empty prompt",
+            path.display()
+        );
+        texts.push(text);
+        prompts.push(ids);
+    }
+    anyhow::ensure!(!prompts.is_empty(), "stage `{stage}`: no prompts");
+
+    let sampling = SamplingConfig {
+        max_new_tokens: max_new,
+        temperature: p.temperature,
+        eos_token_id: tokenizer
+            .eos_id
+            .map(i64::from)
+            .or(policy.lm.cfg.eos_token_id),
+        pad_token_id: policy.lm.cfg.pad_id(),
+        ..Default::default()
+    };
+    // Row `j` of the flat list is sample `j % k` of prompt `j / k`.
+    let k = p.samples;
+    let total = prompts.len() * k;
+    let rows: Vec<usize> = (0..total).map(|j| j / k).collect();
+    let mut scores = Vec::with_capacity(total);
+    for (c, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
+        ctx.cancel.check()?;
+        let batch: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let cfg = SamplingConfig {
+            seed: step_seed(ctx.spec.seed, c as u64 + 1) as u64,
+            ..sampling.clone()
+        };
+        let sc = tch::no_grad(|| {
+            let ro = sample(&policy, &batch, &cfg, device);
+            pm_scores(&pm, &ro.ids, &ro.mask)
+        });
+        scores.extend(Vec::<f64>::try_from(&sc.to_kind(Kind::Double))?);
+        ctx.reporter
+            .progress(scores.len() as u64, Some(total as u64), "baseline samples");
+    }
+
+    let mut out = JsonlWriter::create(&ctx.output("scores"))?;
+    let mut sum = 0.0;
+    for (text, s) in texts.iter().zip(scores.chunks(k)) {
+        let mean = baseline_mean(s).with_context(|| {
+            format!("stage `{stage}`: prompt {text:?}: a baseline score is not finite: {s:?}")
+        })?;
+        sum += mean;
+        out.write(&BaselineRecord {
+            prompt: text.clone(),
+            mean,
+            scores: s.to_vec(),
+        })?;
+    }
+    out.finish()?;
+    let mut m = Metrics::new();
+    m.insert("prompts".into(), texts.len().into());
+    m.insert("samples".into(), total.into());
+    m.insert("mean_score".into(), (sum / texts.len() as f64).into());
+    Ok(m)
+}

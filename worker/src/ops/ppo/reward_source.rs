@@ -1,0 +1,467 @@
+//! Where `ppo`'s per-response score comes from, and the contrastive
+//! baseline subtracted from it.
+//!
+//! Exactly one reward source per stage:
+//! - `reward_model`: a preference model's score of the full sequence
+//!   (on its last real token);
+//! - `feedback_model` (direct RLAIF, Lee et al. 2023): a language model
+//!   reads [`rating_prompt`] under a principle (`params.principle`, or one
+//!   of a `constitution` input's feedback principles drawn per response)
+//!   and the score is its expected rating from 1 to 10 rescaled to `[-1, 1]`
+//!   (see [`crate::rl::rating`] for the math and the tokenization). The
+//!   response is decoded with the policy's tokenizer and re-encoded with the
+//!   feedback model's, so the two need not share a vocabulary.
+//!
+//! With a `baseline` input (contrastive rewards, Shen et al. 2024: the
+//! `baseline_scores` op) the score becomes the PM score minus the prompt's
+//! mean baseline score ([`contrastive_scores`]).
+//!
+//! Prompts are found by their tokens: each rollout row starts from one of
+//! the stage's tokenized prompts, so the rollout code hands over the
+//! prompt tokens it sampled from and nothing else has to thread indices.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use alignflow::data::{read_jsonl, Constitution};
+use alignflow::ops::ai_feedback::conversation_of;
+use alignflow::ops::{BaselineRecord, PpoParams, PpoValueInit, StageContext};
+use alignflow::text::Tokenizer;
+
+use super::pm_scores;
+use crate::model::sample::left_pad;
+use crate::model::{positions_from_mask, BuildOptions, Head, Model, Transformer};
+use crate::rl::{
+    contrastive_scores, expected_rating, rating_continuation, rating_prompt, rating_reward,
+    RewardNorm,
+};
+
+/// The model that scores responses (one per stage: the variants' sizes
+/// do not matter).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Source {
+    Pm(Model),
+    Feedback(Feedback),
+}
+
+/// Direct RLAIF: the feedback model and the principles it rates under.
+pub(super) struct Feedback {
+    model: Model,
+    tokenizer: Tokenizer,
+    principles: Vec<String>,
+    seed: u64,
+    batch_size: usize,
+}
+
+impl Source {
+    /// Checks that the stage binds exactly one reward source (and only the
+    /// companions that fit it) and loads it, frozen.
+    pub(super) fn load(
+        ctx: &StageContext<'_>,
+        p: &PpoParams,
+        policy_vocab: i64,
+        device: Device,
+    ) -> anyhow::Result<Source> {
+        let stage = &ctx.spec.stage;
+        let bound = |name: &str| ctx.spec.inputs.get(name).map(|p| p.as_path());
+        let opts = |head| BuildOptions {
+            device,
+            head,
+            lora: None,
+        };
+        match (bound("reward_model"), bound("feedback_model")) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "stage `{stage}`: bind exactly one reward source: `reward_model` (a preference model) or `feedback_model` (direct RLAIF), not both"
+            ),
+            (None, None) => anyhow::bail!(
+                "stage `{stage}`: no reward source: bind `reward_model` (a preference model) or `feedback_model` (direct RLAIF)"
+            ),
+            (Some(pm_dir), None) => {
+                anyhow::ensure!(
+                    bound("constitution").is_none() && p.principle.is_none(),
+                    "stage `{stage}`: `constitution` and `params.principle` go with `feedback_model`, not `reward_model`"
+                );
+                let mut pm = Model::load(pm_dir, &opts(Head::Reward))?;
+                pm.vs.freeze();
+                anyhow::ensure!(
+                    pm.lm.cfg.vocab_size == policy_vocab,
+                    "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({policy_vocab}): they must share a tokenizer",
+                    pm.lm.cfg.vocab_size,
+                );
+                Ok(Source::Pm(pm))
+            }
+            (None, Some(dir)) => {
+                anyhow::ensure!(
+                    bound("baseline").is_none(),
+                    "stage `{stage}`: `baseline` (contrastive rewards) needs `reward_model`: the baseline scores are preference-model scores"
+                );
+                anyhow::ensure!(
+                    p.value_init != PpoValueInit::RewardModel,
+                    "stage `{stage}`, field `params.value_init`: `reward_model` needs a `reward_model` input; with `feedback_model` use `policy`"
+                );
+                let principles = match (p.principle.as_deref(), bound("constitution")) {
+                    (Some(_), Some(_)) => anyhow::bail!(
+                        "stage `{stage}`: give the feedback model `params.principle` or a `constitution`, not both"
+                    ),
+                    (None, None) => anyhow::bail!(
+                        "stage `{stage}`: `feedback_model` needs a principle to rate under: `params.principle` or a `constitution` input"
+                    ),
+                    (Some(text), None) => {
+                        anyhow::ensure!(
+                            !text.trim().is_empty(),
+                            "stage `{stage}`, field `params.principle`: empty"
+                        );
+                        vec![text.to_string()]
+                    }
+                    (None, Some(path)) => {
+                        let c = Constitution::load(path)?;
+                        anyhow::ensure!(
+                            !c.feedback.is_empty(),
+                            "stage `{stage}`: the constitution has no feedback principles"
+                        );
+                        c.feedback.into_iter().map(|f| f.text).collect()
+                    }
+                };
+                let tokenizer = Tokenizer::from_dir(dir)?;
+                let mut model = Model::load(dir, &opts(Head::Lm))?;
+                model.vs.freeze();
+                Ok(Source::Feedback(Feedback {
+                    model,
+                    tokenizer,
+                    principles,
+                    seed: ctx.spec.seed,
+                    batch_size: p.batch_size.max(1),
+                }))
+            }
+        }
+    }
+
+    /// The most positions a scored sequence may take, when the source reads
+    /// the rollout's tokens directly (the PM); the feedback model reads its
+    /// own prompt, cut from the left to fit.
+    pub(super) fn max_positions(&self) -> Option<i64> {
+        match self {
+            Source::Pm(pm) => Some(pm.lm.cfg.max_positions),
+            Source::Feedback(_) => None,
+        }
+    }
+}
+
+/// One prompt of the stage, as the rollouts carry it.
+struct PromptInfo {
+    /// The templated text (what the baseline is keyed by).
+    text: String,
+    /// Its mean baseline score (with a `baseline` input).
+    baseline: Option<f64>,
+}
+
+/// The reward source plus what it needs to know about each prompt.
+pub(super) struct Rewards {
+    source: Source,
+    /// The policy's tokenizer (decodes responses for the feedback model).
+    tokenizer: Tokenizer,
+    eos: Option<i64>,
+    prompts: HashMap<Vec<i64>, PromptInfo>,
+    contrastive: bool,
+}
+
+impl Rewards {
+    /// `prompts[i]` are the tokens of `texts[i]` as the rollouts use them.
+    /// With a `baseline` input every prompt must have a baseline record.
+    pub(super) fn new(
+        ctx: &StageContext<'_>,
+        source: Source,
+        tokenizer: Tokenizer,
+        eos: Option<i64>,
+        prompts: &[Vec<i64>],
+        texts: &[String],
+    ) -> anyhow::Result<Rewards> {
+        let stage = &ctx.spec.stage;
+        let baseline = match ctx.spec.inputs.get("baseline") {
+            Some(path) => Some(read_baseline(path, stage)?),
+            None => None,
+        };
+        let mut map = HashMap::with_capacity(prompts.len());
+        for (ids, text) in prompts.iter().zip(texts) {
+            let base = match &baseline {
+                Some((path, means)) => Some(*means.get(text).with_context(|| {
+                    format!(
+                        "stage `{stage}`: prompt {text:?} has no baseline score in {} (run `baseline_scores` on the same prompts with the same `template` and `prompt_field`)",
+                        path.display()
+                    )
+                })?),
+                None => None,
+            };
+            // Two prompts that tokenize alike (after truncation) share the
+            // first one's text and baseline.
+            map.entry(ids.clone()).or_insert(PromptInfo {
+                text: text.clone(),
+                baseline: base,
+            });
+        }
+        Ok(Rewards {
+            source,
+            tokenizer,
+            eos,
+            prompts: map,
+            contrastive: baseline.is_some(),
+        })
+    }
+
+    /// A PM source with no prompt texts and no baseline (unit tests).
+    #[cfg(test)]
+    pub(super) fn from_pm(pm: Model, tokenizer: Tokenizer) -> Rewards {
+        Rewards {
+            source: Source::Pm(pm),
+            tokenizer,
+            eos: None,
+            prompts: HashMap::new(),
+            contrastive: false,
+        }
+    }
+
+    fn prompt(&self, ids: &[i64]) -> &PromptInfo {
+        self.prompts
+            .get(ids)
+            .expect("rollout rows start from the stage's prompts")
+    }
+
+    /// The raw score of each rollout row (before normalisation and
+    /// baseline): PM score, or the rescaled expected rating in `[-1, 1]`.
+    ///
+    /// # Shapes
+    /// `batch`: `b` prompts' tokens; `ids`, `mask`: `[b, p + r]`; `resp`,
+    /// `gen_mask`: `[b, r]` -> `[b]` float32 on the rollout's device.
+    pub(super) fn raw_scores(
+        &self,
+        batch: &[Vec<i64>],
+        ids: &Tensor,
+        mask: &Tensor,
+        resp: &Tensor,
+        gen_mask: &Tensor,
+    ) -> anyhow::Result<Tensor> {
+        match &self.source {
+            Source::Pm(pm) => Ok(pm_scores(pm, ids, mask)),
+            Source::Feedback(f) => {
+                let resp_v = Vec::<Vec<i64>>::try_from(&resp.to_device(Device::Cpu))?;
+                let lens = Vec::<i64>::try_from(
+                    &gen_mask
+                        .to_kind(Kind::Int64)
+                        .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)
+                        .to_device(Device::Cpu),
+                )?;
+                let mut questions = Vec::with_capacity(batch.len());
+                for ((prompt, row), len) in batch.iter().zip(&resp_v).zip(lens) {
+                    let mut toks = &row[..len as usize];
+                    if let Some(e) = self.eos {
+                        if let Some(at) = toks.iter().position(|t| *t == e) {
+                            toks = &toks[..at];
+                        }
+                    }
+                    let response = self.tokenizer.decode(toks)?;
+                    let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];
+                    let conversation = conversation_of(&self.prompt(prompt).text);
+                    questions.push(rating_prompt(&conversation, principle, &response));
+                }
+                let scores = f.rewards(&questions)?;
+                Ok(Tensor::from_slice(&scores)
+                    .to_kind(Kind::Float)
+                    .to_device(ids.device()))
+            }
+        }
+    }
+
+    /// With a baseline: `scores` minus each row's prompt baseline (mapped
+    /// by `norm` like the scores), and the batch's mean baseline for the
+    /// metrics. Without: `scores` unchanged.
+    ///
+    /// # Shapes
+    /// `scores`: `[b]`, one per row of `batch`.
+    pub(super) fn contrastive(
+        &self,
+        batch: &[Vec<i64>],
+        scores: Tensor,
+        norm: Option<&RewardNorm>,
+    ) -> (Tensor, Option<f64>) {
+        if !self.contrastive {
+            return (scores, None);
+        }
+        let base: Vec<f64> = batch
+            .iter()
+            .map(|ids| self.prompt(ids).baseline.expect("checked in new"))
+            .collect();
+        let mean = base.iter().sum::<f64>() / base.len().max(1) as f64;
+        (contrastive_scores(&scores, &base, norm), Some(mean))
+    }
+}
+
+/// The baseline means by templated prompt text.
+fn read_baseline<'a>(
+    path: &'a Path,
+    stage: &str,
+) -> anyhow::Result<(&'a Path, HashMap<String, f64>)> {
+    let mut means = HashMap::new();
+    for (line, record) in read_jsonl::<BaselineRecord>(path)? {
+        let r = record.map_err(|e| {
+            anyhow::anyhow!(
+                "stage `{stage}`: {}:{line}: not a baseline_scores record: {e}",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            r.mean.is_finite(),
+            "stage `{stage}`: {}:{line}: the baseline mean is {}",
+            path.display(),
+            r.mean
+        );
+        means.entry(r.prompt).or_insert(r.mean);
+    }
+    Ok((path, means))
+}
+
+/// A principle index from the seed, the prompt and the response: fixed for
+/// a given rollout, so a resumed run rates alike.
+fn pick(seed: u64, prompt: &[i64], response: &[i64], n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    // FNV-1a over the tokens, then a SplitMix64 finaliser.
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for t in prompt.iter().chain([-1i64].iter()).chain(response) {
+        h = (h ^ *t as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((h ^ (h >> 31)) % n as u64) as usize
+}
+
+/// The ten scored sequences of one rating question.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RatingTokens {
+    /// Tokens of `prompt + " 1"` .. `prompt + " 10"`.
+    pub rows: Vec<Vec<i64>>,
+    /// Length of their common token prefix: the continuations are
+    /// `rows[s][start..]` (never empty, `start >= 1`).
+    pub start: usize,
+}
+
+impl RatingTokens {
+    /// Tokenizes the ten ratings after `prompt`; keeps at most `max_len`
+    /// tokens of each by dropping the same number of prompt tokens from the
+    /// left.
+    pub(crate) fn encode(
+        tokenizer: &Tokenizer,
+        prompt: &str,
+        max_len: usize,
+    ) -> anyhow::Result<RatingTokens> {
+        let mut rows = (1..=10)
+            .map(|s| tokenizer.encode(&format!("{prompt}{}", rating_continuation(s))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut start = rows[0].len();
+        for r in &rows[1..] {
+            start = start.min(r.iter().zip(&rows[0]).take_while(|(x, y)| x == y).count());
+        }
+        anyhow::ensure!(
+            rows.iter().all(|r| start < r.len()),
+            "the feedback model's tokenizer does not tell the ratings 1 to 10 apart"
+        );
+        let drop = rows
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(max_len);
+        anyhow::ensure!(
+            drop < start,
+            "the ratings do not fit the feedback model's {max_len} positions"
+        );
+        for r in &mut rows {
+            r.drain(..drop);
+        }
+        start -= drop;
+        Ok(RatingTokens { rows, start })
+    }
+}
+
+impl Feedback {
+    /// The rescaled expected rating of each question, in chunks of
+    /// `batch_size` questions (ten rows each).
+    fn rewards(&self, questions: &[String]) -> anyhow::Result<Vec<f64>> {
+        let max_len = self.model.lm.cfg.max_positions.max(2) as usize;
+        let device = self.model.vs.device();
+        let mut out = Vec::with_capacity(questions.len());
+        for chunk in questions.chunks(self.batch_size) {
+            let encoded = chunk
+                .iter()
+                .map(|q| RatingTokens::encode(&self.tokenizer, q, max_len))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let rows: Vec<Vec<i64>> = encoded.iter().flat_map(|e| e.rows.clone()).collect();
+            let starts: Vec<usize> = encoded.iter().flat_map(|e| [e.start; 10]).collect();
+            let lp = continuation_logprobs(&self.model.lm, &rows, &starts, device);
+            for q in lp.chunks(10) {
+                let q: [f64; 10] = q.try_into().expect("ten ratings");
+                out.push(rating_reward(expected_rating(&q)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The summed log-prob of each row's tokens from `starts[i]` on, one
+/// forward pass over all rows (left-padded, logits for the last `k`
+/// positions only, as `ai_feedback::p_option_a`).
+///
+/// # Shapes
+/// `rows`: `n` sequences -> `n` log-probs.
+fn continuation_logprobs(
+    model: &Transformer,
+    rows: &[Vec<i64>],
+    starts: &[usize],
+    device: Device,
+) -> Vec<f64> {
+    tch::no_grad(|| {
+        let (ids, mask) = left_pad(rows, model.cfg.pad_id(), device);
+        let t = ids.size()[1];
+        let k = rows
+            .iter()
+            .zip(starts)
+            .map(|(r, s)| r.len() - s)
+            .max()
+            .unwrap_or(1) as i64;
+        let hidden = model.hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
+        let logprobs = model
+            .logits(&hidden.narrow(1, t - 1 - k, k))
+            .to_kind(Kind::Double)
+            .log_softmax(-1, Kind::Double);
+        let targets = ids.narrow(1, t - k, k);
+        let token_lp = logprobs
+            .gather(2, &targets.unsqueeze(2), false)
+            .squeeze_dim(2)
+            .to_device(Device::Cpu);
+        let lp = Vec::<Vec<f64>>::try_from(&token_lp).expect("log-probs");
+        rows.iter()
+            .zip(starts)
+            .zip(&lp)
+            .map(|((r, s), l)| l[k as usize - (r.len() - s)..].iter().sum())
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_principle_pick_is_stable_and_in_range() {
+        assert_eq!(pick(7, &[1, 2], &[3], 1), 0);
+        let a = pick(7, &[1, 2], &[3, 4], 5);
+        assert_eq!(a, pick(7, &[1, 2], &[3, 4], 5));
+        assert!(a < 5);
+        let spread: std::collections::BTreeSet<usize> =
+            (0..64).map(|i| pick(7, &[1, 2], &[i], 5)).collect();
+        assert!(spread.len() > 2, "{spread:?}");
+    }
+}
