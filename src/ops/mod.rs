@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::protocol::{Metrics, StageSpec};
 
 pub use ai_feedback::AiFeedbackParams;
+pub use best_of_n::BestOfNParams;
 pub use critique_revise::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
@@ -33,6 +34,7 @@ pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 
 pub mod ai_feedback;
+pub mod best_of_n;
 mod constitution_import;
 mod critique_revise;
 mod dataset_import;
@@ -53,6 +55,7 @@ pub mod training;
 pub fn registry() -> &'static [&'static dyn Op] {
     static OPS: &[&dyn Op] = &[
         &ai_feedback::AiFeedback,
+        &best_of_n::BestOfN,
         &constitution_import::ConstitutionImport,
         &critique_revise::CritiqueRevise,
         &dataset_import::DatasetImport,
