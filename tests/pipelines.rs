@@ -10,6 +10,9 @@ fn copy_shipped(p: &Project) {
     for rel in [
         "pipelines/cai.yaml",
         "pipelines/tiny.yaml",
+        "pipelines/cai-dpo.yaml",
+        "pipelines/tiny-dpo.yaml",
+        "pipelines/hybrid.yaml",
         "pipelines/rlhf.yaml",
         "pipelines/constitutions/default.yaml",
         "examples/hh-rlhf-sample.jsonl",
@@ -193,4 +196,61 @@ fn the_tiny_pipeline_at_full_size_beats_sl_cai_under_the_pm() {
             "no {series} curve"
         );
     }
+}
+
+#[test]
+fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_evaluates_it() {
+    let p = Project::new();
+    copy_shipped(&p);
+    let m = "pipelines/tiny-dpo.yaml";
+    let args = [
+        "run",
+        m,
+        "--quiet",
+        "--target",
+        "dpo_evaluation",
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.rounds=1",
+    ];
+    let out = p.ok(&args);
+    let ran = stages_with_status(&out, "ran");
+    for stage in [
+        "base",
+        "sl_cai",
+        "labels",
+        "dpo_reference",
+        "dpo",
+        "dpo_evaluation",
+    ] {
+        assert!(ran.contains(stage), "{stage} did not run:\n{out}");
+    }
+    // No PM, no PPO on the DPO branch.
+    for stage in ["pmp", "pm", "rl_cai", "evaluation"] {
+        let listed = out
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(stage));
+        assert!(!listed, "{stage} is on the DPO branch:\n{out}");
+    }
+    let shown: serde_json::Value = serde_json::from_str(&p.ok(&[
+        "show",
+        m,
+        "dpo_evaluation",
+        "--json",
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.rounds=1",
+    ]))
+    .unwrap();
+    let report = std::fs::read_to_string(shown["report"]["path"].as_str().unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["policy"], "dpo_cai");
+    assert_eq!(report["reference"], "sl_cai");
+    let w = report["judges"]["feedback_model"]["win_rate"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&w), "{report}");
+    assert!(report["judges"].get("reward_model").is_none());
 }

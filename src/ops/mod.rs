@@ -19,6 +19,7 @@ use crate::protocol::{Metrics, StageSpec};
 
 pub use ai_feedback::AiFeedbackParams;
 pub use baseline_scores::{BaselineRecord, BaselineScoresParams};
+pub use best_of_n::BestOfNParams;
 pub use critique_revise::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
@@ -35,6 +36,7 @@ pub use tokenizer_train::corpus_texts;
 
 pub mod ai_feedback;
 mod baseline_scores;
+pub mod best_of_n;
 mod constitution_import;
 mod critique_revise;
 mod dataset_import;
@@ -56,6 +58,7 @@ pub fn registry() -> &'static [&'static dyn Op] {
     static OPS: &[&dyn Op] = &[
         &ai_feedback::AiFeedback,
         &baseline_scores::BaselineScores,
+        &best_of_n::BestOfN,
         &constitution_import::ConstitutionImport,
         &critique_revise::CritiqueRevise,
         &dataset_import::DatasetImport,

@@ -340,7 +340,7 @@ fn check_judges(
 
 /// Whether two model folders share a tokenizer: equal `tokenizer.json`
 /// bytes when both have one (the ops copy it verbatim from their source).
-fn same_tokenizer(a: &Path, b: &Path) -> anyhow::Result<bool> {
+pub(crate) fn same_tokenizer(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let (fa, fb) = (a.join("tokenizer.json"), b.join("tokenizer.json"));
     if !fa.exists() || !fb.exists() {
         return Ok(true);
@@ -518,6 +518,24 @@ fn sequence_kl(
     })
 }
 
+/// The PM's raw score of each row (`prompt + answer` tokens, EOS included
+/// when sampled), left-padded into one forward pass: the scoring of `ppo`'s
+/// rollouts. Shared with `best_of_n`.
+///
+/// # Shapes
+/// `rows`: `b` token lists -> `b` scores.
+pub(crate) fn pm_score_rows(pm: &Model, rows: &[Vec<i64>], device: Device) -> Vec<f64> {
+    let head = pm.reward.as_ref().expect("reward head");
+    tch::no_grad(|| {
+        let (ids, mask) = left_pad(rows, pm.lm.cfg.pad_id(), device);
+        let hidden = pm
+            .lm
+            .hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
+        let s = head.forward(&hidden, &mask).to_kind(Kind::Double);
+        Vec::<f64>::try_from(&s.to_device(Device::Cpu)).expect("scores")
+    })
+}
+
 /// PM scores `(policy, reference)` of each prompt's answers. Each pass
 /// holds a chunk of prompts; a prompt contributes its distinct
 /// `prompt + answer` sequences in sorted order (one row when both answers
@@ -531,7 +549,6 @@ fn score_with_pm(
     reference: &[Answer],
     device: Device,
 ) -> anyhow::Result<Vec<(f64, f64)>> {
-    let head = pm.reward.as_ref().expect("reward head");
     let mut out = Vec::with_capacity(prompts.len());
     let batch = p.batch_size.max(1);
     for (k, chunk) in prompts.chunks(batch).enumerate() {
@@ -545,14 +562,7 @@ fn score_with_pm(
                 .collect();
             rows.extend(distinct);
         }
-        let scores: Vec<f64> = tch::no_grad(|| {
-            let (ids, mask) = left_pad(&rows, pm.lm.cfg.pad_id(), device);
-            let hidden = pm
-                .lm
-                .hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
-            let s = head.forward(&hidden, &mask).to_kind(Kind::Double);
-            Vec::<f64>::try_from(&s.to_device(Device::Cpu)).expect("scores")
-        });
+        let scores = pm_score_rows(pm, &rows, device);
         let score_of = |row: &[i64]| -> f64 {
             let at = rows.iter().position(|r| r == row).expect("scored row");
             scores[at]

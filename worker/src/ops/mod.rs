@@ -6,6 +6,7 @@ use alignflow::ops::StageContext;
 use alignflow::protocol::Metrics;
 
 pub mod ai_feedback;
+mod best_of_n;
 pub mod common;
 mod critique_revise;
 pub mod dpo;
@@ -24,6 +25,7 @@ pub fn find(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
         ("baseline_scores", ppo::baseline_scores::run),
+        ("best_of_n", best_of_n::run),
         ("critique_revise", critique_revise::run),
         ("dpo", dpo::run),
         ("dpo.reference", dpo::run_reference),

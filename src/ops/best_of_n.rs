@@ -1,0 +1,292 @@
+//! `best_of_n`: rejection-sampling fine-tuning data. The policy samples `n`
+//! answers per prompt through the shared sampler (seeded), the preference
+//! model scores each `prompt + answer` exactly as `ppo` and `evaluate` do
+//! (sampled tokens, EOS included when sampled), and the best answer of each
+//! prompt is kept (ties: the lowest sample index).
+//!
+//! # `data` (data.jsonl), one line per prompt, ready for `sft`
+//!
+//! ```json
+//! {"prompt": "how do I ...",            // the raw prompt field, untemplated
+//!  "prompt_text": "\n\nHuman: how do I ...\n\nAssistant:",   // after params.template
+//!  "response": " You could ...",         // the best answer, EOS and stop strings cut
+//!  "score": 1.3,                         // its PM score
+//!  "best_index": 2,                      // its sample index
+//!  "rank_scores": [0.2, -0.4, 1.3, 0.9]} // every sample's score, by sample index
+//! ```
+//!
+//! `sft` reads `prompt` and `response` by default and applies its own
+//! `template`: give the `sft` stage the same `template` as this stage, so it
+//! trains on exactly the text the policy answered. (Equivalently, `sft` with
+//! `prompt_field: prompt_text` and the default `{prompt}` template.)
+//!
+//! # `report` (report.json)
+//!
+//! ```json
+//! {"prompts": 24, "n": 4, "mean_best_score": 1.1, "mean_score": 0.3,
+//!  "mean_worst_score": -0.5, "best_index_histogram": [7, 5, 6, 6]}
+//! ```
+//!
+//! The tensor work runs in `alignflow-worker` (`worker/src/ops/best_of_n.rs`);
+//! this file holds the declaration, the selection and the report.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Op, ParamError, Placement, Port, StageContext};
+use crate::protocol::Metrics;
+
+pub struct BestOfN;
+
+/// Params of `best_of_n`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BestOfNParams {
+    /// Answers sampled per prompt.
+    #[serde(default = "default_n")]
+    pub n: usize,
+    /// Most new tokens per answer.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Sampling temperature; 0 is greedy (then all n answers are the same).
+    #[serde(default = "one_f")]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: off).
+    #[serde(default)]
+    pub top_k: i64,
+    /// Nucleus sampling mass (1: off).
+    #[serde(default = "one_f")]
+    pub top_p: f64,
+    /// Stop an answer when its text contains one of these (the stop string
+    /// is cut off the written response; the PM scores the sampled tokens).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Field holding the prompt.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Prompt template; `{prompt}` is replaced by the prompt field. Give the
+    /// `sft` stage that consumes `data` the same template.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// Sequences per sampling pass, and prompts per scoring pass.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Use only the first `limit` prompts (none: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+fn default_n() -> usize {
+    4
+}
+fn default_max_new_tokens() -> i64 {
+    64
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_prompt_field() -> String {
+    "prompt".into()
+}
+fn default_template() -> String {
+    "{prompt}".into()
+}
+fn default_batch_size() -> usize {
+    8
+}
+
+/// Index of the highest score; ties go to the lowest index. `None` when
+/// `scores` is empty. NaN never wins (the worker rejects NaN scores first).
+pub fn best_index(scores: &[f64]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        match best {
+            Some(b) if s <= scores[b] || s.is_nan() => {}
+            None if s.is_nan() => {}
+            _ => best = Some(i),
+        }
+    }
+    best
+}
+
+/// The `report` output (layout in the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestOfNReport {
+    pub prompts: usize,
+    pub n: usize,
+    /// Mean over prompts of the kept answer's score.
+    pub mean_best_score: f64,
+    /// Mean over every sampled answer (what one sample per prompt scores on
+    /// average).
+    pub mean_score: f64,
+    /// Mean over prompts of the lowest score.
+    pub mean_worst_score: f64,
+    /// How often each sample index was kept.
+    pub best_index_histogram: Vec<usize>,
+}
+
+impl BestOfNReport {
+    /// The report of `scores`: per prompt, its `n` scores by sample index.
+    pub fn of(scores: &[Vec<f64>], n: usize) -> BestOfNReport {
+        let mean = |xs: &mut dyn Iterator<Item = f64>| {
+            let (s, k) = xs.fold((0.0, 0usize), |(s, k), x| (s + x, k + 1));
+            if k == 0 {
+                0.0
+            } else {
+                s / k as f64
+            }
+        };
+        let mut histogram = vec![0; n];
+        for row in scores {
+            if let Some(b) = best_index(row) {
+                histogram[b] += 1;
+            }
+        }
+        BestOfNReport {
+            prompts: scores.len(),
+            n,
+            mean_best_score: mean(&mut scores.iter().filter_map(|r| best_index(r).map(|b| r[b]))),
+            mean_score: mean(&mut scores.iter().flatten().copied()),
+            mean_worst_score: mean(
+                &mut scores
+                    .iter()
+                    .map(|r| r.iter().copied().fold(f64::INFINITY, f64::min)),
+            ),
+            best_index_histogram: histogram,
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let mut m = Metrics::new();
+        m.insert("prompts".into(), self.prompts.into());
+        m.insert("n".into(), self.n.into());
+        m.insert("mean_best_score".into(), self.mean_best_score.into());
+        m.insert("mean_score".into(), self.mean_score.into());
+        m.insert("mean_worst_score".into(), self.mean_worst_score.into());
+        m
+    }
+}
+
+impl Op for BestOfN {
+    fn name(&self) -> &'static str {
+        "best_of_n"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data"
+    }
+    fn inputs(&self) -> &'static [Port] {
+        const INPUTS: &[Port] = &[
+            Port::input("policy", "the LM folder that samples the answers"),
+            Port::input(
+                "reward_model",
+                "a preference model folder (pm.train), same tokenizer as the policy",
+            ),
+            Port::input("prompts", "JSONL records with a prompt field"),
+        ];
+        INPUTS
+    }
+    fn outputs(&self) -> &'static [Port] {
+        const OUTPUTS: &[Port] = &[
+            Port::output(
+                "data",
+                "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores}; `sft` reads it with the same `template`",
+            ),
+            Port::output(
+                "report",
+                "report.json: prompts, n, mean_best_score, mean_score, mean_worst_score, best_index_histogram",
+            ),
+        ];
+        OUTPUTS
+    }
+    fn placement(&self) -> Placement {
+        Placement::Worker
+    }
+    fn params_schema(&self) -> schemars::Schema {
+        schemars::schema_for!(BestOfNParams)
+    }
+    fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamError> {
+        let normalized = super::normalize_with::<BestOfNParams>(params)?;
+        let p: BestOfNParams =
+            serde_json::from_value(normalized.clone()).expect("normalised params parse");
+        let bad = |field: &str, message: &str| ParamError {
+            field: field.into(),
+            message: message.into(),
+            suggestion: None,
+        };
+        if p.n == 0 {
+            return Err(bad("n", "must be at least 1"));
+        }
+        if p.max_new_tokens < 1 {
+            return Err(bad("max_new_tokens", "must be at least 1"));
+        }
+        if p.temperature < 0.0 || !p.temperature.is_finite() {
+            return Err(bad("temperature", "must be a finite number >= 0"));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(bad("top_p", "must be in (0, 1]"));
+        }
+        if p.top_k < 0 {
+            return Err(bad("top_k", "must be >= 0"));
+        }
+        if p.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1"));
+        }
+        if p.limit == Some(0) {
+            return Err(bad("limit", "must be at least 1"));
+        }
+        Ok(normalized)
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+        anyhow::bail!("best_of_n runs in alignflow-worker")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_picks_the_max_and_ties_go_to_the_lowest_index() {
+        assert_eq!(best_index(&[0.1, 0.7, -2.0, 0.3]), Some(1));
+        assert_eq!(best_index(&[-1.0, -0.5, -0.5, -3.0]), Some(1));
+        assert_eq!(best_index(&[2.0, 2.0, 2.0]), Some(0));
+        assert_eq!(best_index(&[0.0, 1.0, 1.0]), Some(1));
+        assert_eq!(best_index(&[5.0]), Some(0));
+        assert_eq!(best_index(&[f64::NAN, 1.0, f64::NAN]), Some(1));
+        assert_eq!(best_index(&[]), None);
+    }
+
+    #[test]
+    fn the_report_holds_best_all_and_worst_means() {
+        let scores = vec![vec![1.0, 3.0, 2.0], vec![0.0, -1.0, 0.0]];
+        let r = BestOfNReport::of(&scores, 3);
+        assert_eq!(r.prompts, 2);
+        // best: 3 and 0; all: 5 / 6; worst: 1 and -1.
+        assert_eq!(r.mean_best_score, 1.5);
+        assert!((r.mean_score - 5.0 / 6.0).abs() < 1e-12);
+        assert_eq!(r.mean_worst_score, 0.0);
+        assert_eq!(r.best_index_histogram, vec![1, 1, 0]);
+        assert!(r.mean_best_score >= r.mean_score);
+    }
+
+    #[test]
+    fn params_are_checked() {
+        let op = BestOfN;
+        let ok = op.normalize_params(&serde_json::json!({})).unwrap();
+        assert_eq!(ok["n"], 4);
+        for (params, field) in [
+            (serde_json::json!({ "n": 0 }), "n"),
+            (serde_json::json!({ "temperature": -1.0 }), "temperature"),
+            (serde_json::json!({ "top_p": 0.0 }), "top_p"),
+            (serde_json::json!({ "batch_size": 0 }), "batch_size"),
+        ] {
+            assert_eq!(op.normalize_params(&params).unwrap_err().field, field);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! `best_of_n`: n answers per prompt, scored by the PM, the best kept (see
+//! `alignflow::ops::best_of_n` for the outputs and how `sft` reads them).
+//!
+//! Two phases, each holding one model: (1) the policy samples every prompt
+//! `n` times, rows laid out prompt by prompt as `generate` does, batch `k`
+//! drawing from seed `stage seed ^ k * GOLDEN`; (2) the PM scores each
+//! prompt's distinct `prompt + answer` sequences with `evaluate`'s scoring
+//! (that of `ppo`), so identical answers get identical scores and the tie
+//! goes to the lowest sample index.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+
+use alignflow::data::{read_jsonl, JsonlWriter};
+use alignflow::ops::best_of_n::{best_index, BestOfNReport};
+use alignflow::ops::{BestOfNParams, StageContext};
+use alignflow::protocol::Metrics;
+use alignflow::text::{apply_template, Tokenizer};
+
+use super::evaluate::{pm_score_rows, same_tokenizer};
+use crate::model::sample::{generate, Finish, SamplingConfig};
+use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
+
+/// Mixes a batch index into the stage seed (as `generate` does).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// One prompt: the raw field, the templated text, its tokens.
+struct Prompt {
+    raw: String,
+    text: String,
+    ids: Vec<i64>,
+}
+
+/// One sampled answer.
+struct Answer {
+    /// Sampled tokens, EOS included when sampled (what the PM scores).
+    tokens: Vec<i64>,
+    /// Decoded without EOS, stop strings cut (what `sft` trains on).
+    text: String,
+}
+
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let p: BestOfNParams = ctx.params()?;
+    let stage = ctx.spec.stage.clone();
+    let device = model::device(&ctx.spec.device)?;
+    let policy_dir = ctx.input("policy")?;
+    let pm_dir = ctx.input("reward_model")?;
+    let tokenizer = Tokenizer::from_dir(policy_dir)?;
+    let policy_cfg = ModelConfig::load(policy_dir)?;
+    let pm_cfg = ModelConfig::load(pm_dir)?;
+    anyhow::ensure!(
+        same_tokenizer(policy_dir, pm_dir)? && pm_cfg.vocab_size == policy_cfg.vocab_size,
+        "stage `{stage}`: input `reward_model` has another tokenizer than input `policy` \
+         (vocabulary {} vs {}, or different tokenizer.json): the PM scores the policy's tokens",
+        pm_cfg.vocab_size,
+        policy_cfg.vocab_size
+    );
+    let max_positions = policy_cfg.max_positions.min(pm_cfg.max_positions);
+    anyhow::ensure!(
+        p.max_new_tokens < max_positions,
+        "stage `{stage}`: params.max_new_tokens {} leaves no room for a prompt in {max_positions} positions",
+        p.max_new_tokens
+    );
+    let prompts = read_prompts(
+        ctx,
+        &p,
+        &tokenizer,
+        (max_positions - p.max_new_tokens) as usize,
+    )?;
+    let opts = |head| BuildOptions {
+        device,
+        head,
+        lora: None,
+    };
+
+    // (1) n answers per prompt.
+    let answers = {
+        let mut policy = Model::load(policy_dir, &opts(Head::Lm))?;
+        policy.vs.freeze();
+        sample(ctx, &p, &policy, &tokenizer, &prompts, device)?
+    };
+
+    // (2) Scores, per prompt by sample index.
+    let mut scores: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
+    {
+        let mut pm = Model::load(pm_dir, &opts(Head::Reward))?;
+        pm.vs.freeze();
+        let batch = p.batch_size.max(1);
+        for (k, chunk) in prompts.chunks(batch).enumerate() {
+            ctx.cancel.check()?;
+            let first = k * batch;
+            let seq = |i: usize, a: &Answer| [prompts[i].ids.as_slice(), &a.tokens].concat();
+            let mut rows: Vec<Vec<i64>> = Vec::new();
+            for i in first..first + chunk.len() {
+                let distinct: BTreeSet<Vec<i64>> = answers[i].iter().map(|a| seq(i, a)).collect();
+                rows.extend(distinct);
+            }
+            let row_scores = pm_score_rows(&pm, &rows, device);
+            for i in first..first + chunk.len() {
+                let per: Vec<f64> = answers[i]
+                    .iter()
+                    .map(|a| {
+                        let s = seq(i, a);
+                        row_scores[rows.iter().position(|r| *r == s).expect("scored row")]
+                    })
+                    .collect();
+                anyhow::ensure!(
+                    per.iter().all(|s| s.is_finite()),
+                    "stage `{stage}`: prompt {i}: the reward model's score is not finite"
+                );
+                scores.push(per);
+            }
+            ctx.reporter.progress(
+                scores.len() as u64,
+                Some(prompts.len() as u64),
+                "scoring with the reward model",
+            );
+        }
+    }
+
+    // Outputs.
+    std::fs::create_dir_all(&ctx.spec.out_dir)?;
+    let mut out = JsonlWriter::create(&ctx.output("data"))?;
+    for (i, per) in scores.iter().enumerate() {
+        let best = best_index(per).expect("n >= 1 scores");
+        out.write(&serde_json::json!({
+            "prompt": prompts[i].raw,
+            "prompt_text": prompts[i].text,
+            "response": answers[i][best].text,
+            "score": per[best],
+            "best_index": best,
+            "rank_scores": per,
+        }))?;
+    }
+    out.finish()?;
+    let report = BestOfNReport::of(&scores, p.n);
+    std::fs::write(
+        ctx.output("report"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    Ok(report.metrics())
+}
+
+/// The first `limit` prompts, templated and tokenized (keeping each end
+/// within `budget` tokens).
+fn read_prompts(
+    ctx: &StageContext<'_>,
+    p: &BestOfNParams,
+    tokenizer: &Tokenizer,
+    budget: usize,
+) -> anyhow::Result<Vec<Prompt>> {
+    let stage = &ctx.spec.stage;
+    let path = ctx.input("prompts")?;
+    let mut prompts = Vec::new();
+    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
+        if p.limit.is_some_and(|l| prompts.len() >= l) {
+            break;
+        }
+        let record = record
+            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
+        let raw = record[&p.prompt_field].as_str().with_context(|| {
+            format!(
+                "stage `{stage}`: {}:{line}: no string field `{}` (params.prompt_field)",
+                path.display(),
+                p.prompt_field
+            )
+        })?;
+        let text = apply_template(&p.template, raw);
+        let mut ids = tokenizer.encode(&text)?;
+        // Over-long prompts keep their end, which the answer continues.
+        ids.drain(..ids.len().saturating_sub(budget));
+        anyhow::ensure!(
+            !ids.is_empty(),
+            "stage `{stage}`: {}:{line}: empty prompt",
+            path.display()
+        );
+        prompts.push(Prompt {
+            raw: raw.to_string(),
+            text,
+            ids,
+        });
+    }
+    anyhow::ensure!(
+        !prompts.is_empty(),
+        "stage `{stage}`: no prompts in {}",
+        path.display()
+    );
+    Ok(prompts)
+}
+
+/// Per prompt, its `n` answers by sample index.
+fn sample(
+    ctx: &StageContext<'_>,
+    p: &BestOfNParams,
+    policy: &Model,
+    tokenizer: &Tokenizer,
+    prompts: &[Prompt],
+    device: tch::Device,
+) -> anyhow::Result<Vec<Vec<Answer>>> {
+    let base = SamplingConfig {
+        max_new_tokens: p.max_new_tokens,
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        eos_token_id: tokenizer
+            .eos_id
+            .map(i64::from)
+            .or(policy.lm.cfg.eos_token_id),
+        pad_token_id: policy.lm.cfg.pad_id(),
+        ..Default::default()
+    };
+    let rows: Vec<usize> = (0..prompts.len())
+        .flat_map(|i| std::iter::repeat_n(i, p.n))
+        .collect();
+    let mut answers: Vec<Vec<Answer>> = (0..prompts.len()).map(|_| Vec::new()).collect();
+    let stop = |_: usize, toks: &[i64]| -> bool {
+        !p.stop.is_empty()
+            && tokenizer
+                .decode(toks)
+                .is_ok_and(|t| p.stop.iter().any(|s| t.contains(s.as_str())))
+    };
+    for (k, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
+        ctx.cancel.check()?;
+        let ids: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].ids.clone()).collect();
+        let cfg = SamplingConfig {
+            seed: ctx.spec.seed ^ (k as u64).wrapping_mul(GOLDEN),
+            ..base.clone()
+        };
+        for (&i, s) in chunk
+            .iter()
+            .zip(generate(&policy.lm, &ids, &cfg, device, stop))
+        {
+            let body = match s.finish {
+                Finish::Eos => &s.tokens[..s.tokens.len() - 1],
+                _ => &s.tokens[..],
+            };
+            let mut text = tokenizer.decode(body)?;
+            if let Some(cut) = p.stop.iter().filter_map(|x| text.find(x.as_str())).min() {
+                text.truncate(cut);
+            }
+            answers[i].push(Answer {
+                tokens: s.tokens,
+                text,
+            });
+        }
+        ctx.reporter.progress(
+            ((k + 1) * p.batch_size).min(rows.len()) as u64,
+            Some(rows.len() as u64),
+            "sampling",
+        );
+    }
+    Ok(answers)
+}
