@@ -18,9 +18,11 @@
 //! - [`kl_ctl`]: fixed and adaptive KL coefficient controllers.
 //! - [`eos_mask`]: response mask from generated token ids.
 //! - [`reward_norm`]: normalising scores against reference samples.
+//! - [`group`]: critic-free group-relative advantages (GRPO, RLOO).
 
 pub mod eos_mask;
 pub mod gae;
+pub mod group;
 pub mod kl;
 pub mod kl_ctl;
 pub mod loss;
@@ -30,6 +32,7 @@ pub mod whiten;
 
 pub use eos_mask::{contains_eos, response_mask};
 pub use gae::{compute_gae, GaeConfig};
+pub use group::{group_advantages, group_spread, GroupBaseline, GROUP_STD_EPS};
 pub use kl::{kl_k1, kl_k2, kl_k3, kl_per_token, mean_sequence_kl, mean_token_kl, KlEstimator};
 pub use kl_ctl::KlController;
 pub use loss::{
