@@ -2,7 +2,8 @@
 //! tiny preference model that likes the word `a`, to raise its score while
 //! the KL to the starting policy stays finite (fixed coefficient) or near
 //! its target (adaptive); a run killed after a checkpoint resumes and ends
-//! byte-identical to an uninterrupted one.
+//! byte-identical to an uninterrupted one. The critic-free modes (GRPO,
+//! RLOO: 4 responses per prompt, no value model) raise the score too.
 mod common;
 use common::*;
 
@@ -347,4 +348,74 @@ fn a_killed_ppo_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run() {
     assert_eq!(a.len(), 8);
     assert_eq!(a, b);
     assert_eq!(output(&cut, "model").0, output(&whole, "model").0);
+}
+
+/// A critic-free run: 4 prompts x 4 responses (the 16 rows of the PPO
+/// tests), otherwise the settings of the first test.
+fn critic_free(extra: &str) -> Vec<serde_json::Value> {
+    let p = project(&pipeline(&format!(
+        "{{ iterations: 15, batch_size: 4, samples_per_prompt: 4, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05, checkpoint_every: 0, {extra} }}",
+    )));
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    let lines = metrics(&p);
+    assert_eq!(lines.len(), 15);
+    // No value model: its figures are null, the group figures are there.
+    for l in &lines {
+        assert!(l["value_loss"].is_null(), "{l}");
+        assert!(l["explained_variance"].is_null(), "{l}");
+        for key in [
+            "score",
+            "kl",
+            "policy_loss",
+            "group_reward_std",
+            "flat_groups",
+        ] {
+            let v = l[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite(), "{key}: {l}");
+        }
+    }
+    lines
+}
+
+fn assert_learns(lines: &[serde_json::Value], what: &str) {
+    let score = series(lines, "score");
+    eprintln!("{what} scores: {score:?}\nkl: {:?}", series(lines, "kl"));
+    let (first, last) = (mean(&score[..3]), mean(&score[12..]));
+    assert!(
+        last > first + 1.0,
+        "{what}: mean score of the last 3 iterations {last} not clearly above the first 3 {first}: {score:?}"
+    );
+}
+
+#[test]
+fn grpo_without_a_value_model_raises_the_score() {
+    let lines = critic_free("advantage: grpo");
+    assert_learns(&lines, "grpo");
+    assert!(
+        lines[0]["kl"].as_f64().unwrap().abs() < 1e-4,
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn rloo_with_the_kl_as_a_loss_term_raises_the_score() {
+    let lines = critic_free("advantage: rloo, kl_mode: loss");
+    assert_learns(&lines, "rloo");
+    for l in &lines {
+        let v = l["kl_loss"].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v >= 0.0, "k3 is non-negative: {l}");
+        assert_eq!(l["non_score_reward"].as_f64(), Some(0.0), "{l}");
+    }
+}
+
+#[test]
+fn grpo_with_one_sample_per_prompt_is_refused_naming_the_stage_and_field() {
+    let p = project(&pipeline(
+        "{ iterations: 2, batch_size: 4, max_new_tokens: 4, advantage: grpo }",
+    ));
+    let err = p.fails(&["validate", "pipeline.yaml"]);
+    assert!(err.contains("stage `rl`"), "{err}");
+    assert!(err.contains("samples_per_prompt"), "{err}");
+    assert!(err.contains("at least 2"), "{err}");
 }

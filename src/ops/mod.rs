@@ -30,7 +30,9 @@ pub use evaluate::EvaluateParams;
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
 pub use pm_train::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
-pub use ppo::{PpoKlEstimator, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit};
+pub use ppo::{
+    PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit,
+};
 pub use sft::SftParams;
 pub use tokenizer_train::corpus_texts;
 

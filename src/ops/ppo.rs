@@ -48,6 +48,54 @@ pub enum PpoLrSchedule {
     Linear,
 }
 
+/// How the advantages are estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoAdvantage {
+    /// GAE over per-token shaped rewards with a learned value model (PPO).
+    #[default]
+    Gae,
+    /// GRPO (DeepSeekMath): no value model; `samples_per_prompt` responses
+    /// per prompt, each one's sequence reward minus the group mean, divided
+    /// by the group's (unbiased) standard deviation plus 1e-4 when
+    /// `scale_std`; broadcast over its response tokens.
+    Grpo,
+    /// RLOO: no value model; each response's sequence reward minus the mean
+    /// of the other `samples_per_prompt - 1` rewards to the same prompt.
+    Rloo,
+}
+
+impl PpoAdvantage {
+    /// Whether a value model is loaded and trained.
+    pub fn uses_critic(self) -> bool {
+        self == PpoAdvantage::Gae
+    }
+    fn is_gae(&self) -> bool {
+        *self == PpoAdvantage::Gae
+    }
+}
+
+/// Where the KL to the reference enters the objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoKlMode {
+    /// As a penalty in the reward: `-kl_coef * kl_t` per token (with GAE),
+    /// or summed over the response's tokens and subtracted from its score
+    /// (with grpo / rloo), using `kl_estimator`.
+    #[default]
+    Reward,
+    /// As a loss term (GRPO's choice): `kl_coef` times the masked mean of
+    /// the k3 estimator between the current policy and the reference is
+    /// added to the policy loss; the reward is the score alone.
+    Loss,
+}
+
+impl PpoKlMode {
+    fn is_reward(&self) -> bool {
+        *self == PpoKlMode::Reward
+    }
+}
+
 /// Reward normalisation against reference samples (lm-human-preferences):
 /// before training, `samples` responses of the reference policy are scored
 /// and every later score becomes `gain * score + bias`, with gain and bias
@@ -73,9 +121,28 @@ pub struct PpoParams {
     /// PPO iterations (rollout + update).
     #[serde(default = "default_iterations")]
     pub iterations: u64,
-    /// Prompts per rollout.
+    /// Prompts per rollout (the rollout has `batch_size * samples_per_prompt`
+    /// responses).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// How advantages are estimated: `gae` (PPO with a value model), or the
+    /// critic-free `grpo` / `rloo` (no value model is loaded or trained;
+    /// `value_clip`, `gamma`, `lam`, `value_init` and `whiten_rewards` are
+    /// unused).
+    #[serde(default, skip_serializing_if = "PpoAdvantage::is_gae")]
+    pub advantage: PpoAdvantage,
+    /// Responses sampled per prompt; at least 2 with `grpo` / `rloo`, whose
+    /// baselines are the other responses to the same prompt.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub samples_per_prompt: usize,
+    /// With `grpo`: divide the mean-centred rewards by the group's standard
+    /// deviation (false: mean-centring only, as Dr. GRPO).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub scale_std: bool,
+    /// Where the KL to the reference enters: the reward (default) or the
+    /// policy loss (`kl_coef * k3`, as GRPO).
+    #[serde(default, skip_serializing_if = "PpoKlMode::is_reward")]
+    pub kl_mode: PpoKlMode,
     /// Longest sampled response in tokens.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: i64,
@@ -179,6 +246,17 @@ fn one_f() -> f64 {
 fn one() -> usize {
     1
 }
+// The knobs added after version 2 are left out of the normalised params at
+// their defaults, so existing stages keep their cache keys.
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
 fn default_prompt_field() -> String {
     "prompt".into()
 }
@@ -205,6 +283,45 @@ fn default_grad_clip() -> Option<f64> {
 }
 fn default_checkpoint_every() -> u64 {
     10
+}
+
+impl PpoParams {
+    /// Checks the combinations serde cannot.
+    fn check(&self) -> Result<(), ParamError> {
+        let bad = |field: &str, message: String| ParamError {
+            field: field.into(),
+            message,
+            suggestion: None,
+        };
+        if self.samples_per_prompt == 0 {
+            return Err(bad(
+                "samples_per_prompt",
+                "`samples_per_prompt` must be at least 1".into(),
+            ));
+        }
+        if !self.advantage.uses_critic() && self.samples_per_prompt < 2 {
+            return Err(bad(
+                "samples_per_prompt",
+                format!(
+                    "`advantage: {}` compares the responses to the same prompt: `samples_per_prompt` must be at least 2, got {}",
+                    self.advantage.name(),
+                    self.samples_per_prompt
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PpoAdvantage {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            PpoAdvantage::Gae => "gae",
+            PpoAdvantage::Grpo => "grpo",
+            PpoAdvantage::Rloo => "rloo",
+        }
+    }
 }
 
 impl Op for Ppo {
@@ -248,7 +365,7 @@ impl Op for Ppo {
             Port::output("model", "the optimised policy folder"),
             Port::volatile(
                 "metrics",
-                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline)",
+                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
             ),
         ];
         OUTPUTS
@@ -263,7 +380,10 @@ impl Op for Ppo {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<PpoParams>(params)
+        let value = super::normalize_with::<PpoParams>(params)?;
+        let parsed: PpoParams = serde_json::from_value(value.clone()).expect("normalised");
+        parsed.check()?;
+        Ok(value)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("ppo runs in alignflow-worker")

@@ -20,10 +20,12 @@
 //! - [`reward_norm`]: normalising scores against reference samples.
 //! - [`contrastive`]: contrastive rewards (score minus a per-prompt baseline).
 //! - [`rating`]: direct RLAIF, the expected 1-10 rating of a feedback model.
+//! - [`group`]: critic-free group-relative advantages (GRPO, RLOO).
 
 pub mod contrastive;
 pub mod eos_mask;
 pub mod gae;
+pub mod group;
 pub mod kl;
 pub mod kl_ctl;
 pub mod loss;
@@ -35,6 +37,7 @@ pub mod whiten;
 pub use contrastive::{baseline_mean, contrastive_scores};
 pub use eos_mask::{contains_eos, response_mask};
 pub use gae::{compute_gae, GaeConfig};
+pub use group::{group_advantages, group_spread, GroupBaseline, GROUP_STD_EPS};
 pub use kl::{kl_k1, kl_k2, kl_k3, kl_per_token, mean_sequence_kl, mean_token_kl, KlEstimator};
 pub use kl_ctl::KlController;
 pub use loss::{

@@ -10,6 +10,15 @@
 //! response from 1 to 10, optionally minus a per-prompt baseline
 //! (contrastive rewards); see [`reward_source`].
 //!
+//! With `advantage: grpo | rloo` there is no value model: each prompt is
+//! sampled `samples_per_prompt` times, a response's sequence reward (its
+//! score, less `kl_coef` times its summed KL with `kl_mode: reward`) is
+//! compared with the other responses to the same prompt
+//! ([`crate::rl::group`]), and that one advantage is broadcast over the
+//! response's tokens into the same clipped surrogate. The surrogate stays
+//! a token-level masked mean over the batch (as DAPO / Dr. GRPO), not
+//! GRPO's per-sequence mean, which favours short responses.
+//!
 //! Resumable: every `checkpoint_every` iterations one atomic checkpoint
 //! holds both models, both AdamW states, the KL controller, the reward
 //! normalisation and the iteration. Nothing else needs saving: the prompt
@@ -27,7 +36,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use alignflow::data::read_jsonl;
-use alignflow::ops::{PpoKlEstimator, PpoLrSchedule, PpoParams, PpoValueInit, StageContext};
+use alignflow::ops::{
+    PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoValueInit, StageContext,
+};
 use alignflow::protocol::Metrics;
 use alignflow::text::{apply_template, Tokenizer};
 
@@ -36,9 +47,10 @@ use crate::model::{
     self, positions_from_mask, without_adapters, BuildOptions, Head, LoraConfig, Model,
 };
 use crate::rl::{
-    compute_gae, contains_eos, explained_variance, kl_per_token, masked_entropy, masked_mean,
-    masked_whiten, mean_sequence_kl, policy_loss, response_mask, shape_rewards, value_loss,
-    GaeConfig, KlController, KlEstimator, RewardNorm,
+    compute_gae, contains_eos, explained_variance, group_advantages, group_spread, kl_k3,
+    kl_per_token, masked_entropy, masked_mean, masked_sum, masked_whiten, mean_sequence_kl,
+    policy_loss, response_mask, shape_rewards, value_loss, GaeConfig, GroupBaseline, KlController,
+    KlEstimator, RewardNorm,
 };
 use crate::train::{
     clip_grad_norm, epoch_permutation, load_checkpoint_parts, seed_torch_for_step, step_seed,
@@ -350,7 +362,24 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             Reference::Copy(r)
         }
     };
-    let mut critic = value_model(p.value_init, policy_dir, pm_dir, device)?;
+    let baseline = match p.advantage {
+        PpoAdvantage::Gae => None,
+        PpoAdvantage::Grpo => Some(GroupBaseline::Grpo {
+            scale_std: p.scale_std,
+        }),
+        PpoAdvantage::Rloo => Some(GroupBaseline::Rloo),
+    };
+    let group = p.samples_per_prompt.max(1);
+    anyhow::ensure!(
+        baseline.is_none() || group >= 2,
+        "stage `{stage}`, field `params.samples_per_prompt`: `advantage: {}` needs at least 2 samples per prompt, got {group}",
+        p.advantage.name()
+    );
+    // Critic-free modes load no value model at all.
+    let mut critic = match baseline {
+        None => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
+        Some(_) => None,
+    };
     let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
     let eos = tokenizer
         .eos_id
@@ -363,7 +392,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .cfg
         .max_positions
         .min(source.max_positions().unwrap_or(i64::MAX))
-        .min(critic.lm.cfg.max_positions);
+        .min(critic.as_ref().map_or(i64::MAX, |c| c.lm.cfg.max_positions));
     anyhow::ensure!(
         max_new < max_positions,
         "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
@@ -408,7 +437,10 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     )?;
 
     let mut policy_opt = AdamW::new(policy.trainable(), AdamWConfig::default())?;
-    let mut critic_opt = AdamW::new(critic.trainable(), AdamWConfig::default())?;
+    let mut critic_opt = match &critic {
+        Some(c) => Some(AdamW::new(c.trainable(), AdamWConfig::default())?),
+        None => None,
+    };
     let mut kl_ctl = match p.target_kl {
         Some(target) => KlController::adaptive(p.kl_coef, target, p.horizon),
         None => KlController::fixed(p.kl_coef),
@@ -452,22 +484,20 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let mut total_tokens = 0u64;
     let mut norm: Option<RewardNorm> = None;
     if let Some(dir) = checkpoints.latest()? {
-        let saved = load_checkpoint_parts(
-            &dir,
-            &mut [
-                CheckpointPartMut {
-                    name: "policy",
-                    vs: &mut policy.vs,
-                    opt: &mut policy_opt,
-                },
-                CheckpointPartMut {
-                    name: "value",
-                    vs: &mut critic.vs,
-                    opt: &mut critic_opt,
-                },
-            ],
-        )
-        .with_context(|| format!("stage `{stage}`: resuming"))?;
+        let mut parts = vec![CheckpointPartMut {
+            name: "policy",
+            vs: &mut policy.vs,
+            opt: &mut policy_opt,
+        }];
+        if let (Some(c), Some(o)) = (critic.as_mut(), critic_opt.as_mut()) {
+            parts.push(CheckpointPartMut {
+                name: "value",
+                vs: &mut c.vs,
+                opt: o,
+            });
+        }
+        let saved = load_checkpoint_parts(&dir, &mut parts)
+            .with_context(|| format!("stage `{stage}`: resuming"))?;
         let extra: ResumeState = serde_json::from_value(saved.extra).with_context(|| {
             format!(
                 "stage `{stage}`: the PPO state in {}",
@@ -537,12 +567,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         ctx.cancel.check()?;
         let t0 = Instant::now();
         let lr = schedule.lr_at(it - 1);
-        // The next prompts, cycling over seeded orders.
+        // The next prompts, cycling over seeded orders, each repeated
+        // `group` times in consecutive rows (one group per prompt).
         let batch: Vec<Vec<i64>> = (0..batch_size)
-            .map(|j| {
+            .flat_map(|j| {
                 let pos = (it - 1) as usize * batch_size + j;
                 let order = epoch_permutation(n, seed, (pos / n) as u64);
-                prompts[order[pos % n]].clone()
+                std::iter::repeat_n(&prompts[order[pos % n]], group).cloned()
             })
             .collect();
         let b = batch.len() as i64;
@@ -577,7 +608,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 let rf = reference.with(&policy, |m| {
                     response_logprobs(m, &ids, &mask, &resp, p_len, p.temperature).0
                 });
-                let v = response_values(&critic, &ids, &mask, p_len, r) * &rmask;
+                let v = critic
+                    .as_ref()
+                    .map(|c| response_values(c, &ids, &mask, p_len, r) * &rmask);
                 let sc = rewards.raw_scores(&batch, &ids, &mask, &resp, &gen_mask);
                 (old, rf, v, sc)
             })
@@ -598,20 +631,47 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             return Err(stopped(it, "KL", mean_kl));
         }
         let kl_coef = kl_ctl.value();
-        let shaped = shape_rewards(&scores, &kl, &rmask, &has_eos, kl_coef, p.no_eos_penalty);
-        let rewards = if p.whiten_rewards {
-            masked_whiten(&shaped.rewards, &rmask, false) * &rmask
-        } else {
-            shaped.rewards.shallow_clone()
+        // With `kl_mode: loss` the KL is a loss term, not a reward.
+        let reward_kl_coef = match p.kl_mode {
+            PpoKlMode::Reward => kl_coef,
+            PpoKlMode::Loss => 0.0,
         };
-        let (adv, returns) = compute_gae(&old_values, &rewards, &rmask, &gae);
-        let adv = masked_whiten(&adv, &rmask, true) * &rmask;
-        let ev = scalar(&explained_variance(&old_values, &returns, &rmask));
+        let shaped = shape_rewards(
+            &scores,
+            &kl,
+            &rmask,
+            &has_eos,
+            reward_kl_coef,
+            p.no_eos_penalty,
+        );
+        let mut group_stats = None;
+        let (adv, critic_targets) = match (baseline, &old_values) {
+            (Some(bl), _) => {
+                // The sequence reward: the score (after any no-EOS penalty)
+                // plus the KL penalty summed over the response's tokens.
+                let seq = &shaped.scores + masked_sum(&shaped.non_score_reward, &rmask, Some(1));
+                group_stats = Some(group_spread(&seq, group as i64));
+                let adv = group_advantages(&seq, group as i64, bl);
+                (adv.unsqueeze(1) * &rmask, None)
+            }
+            (None, Some(old_values)) => {
+                let rewards = if p.whiten_rewards {
+                    masked_whiten(&shaped.rewards, &rmask, false) * &rmask
+                } else {
+                    shaped.rewards.shallow_clone()
+                };
+                let (adv, returns) = compute_gae(old_values, &rewards, &rmask, &gae);
+                let adv = masked_whiten(&adv, &rmask, true) * &rmask;
+                let ev = scalar(&explained_variance(old_values, &returns, &rmask));
+                (adv, Some((old_values, returns, ev)))
+            }
+            (None, None) => unreachable!("gae loads a value model"),
+        };
 
         // Update.
         let minibatches = p.minibatches.clamp(1, batch.len());
-        let (mut ent_sum, mut cf_sum, mut ak_sum, mut vl_sum, mut pl_sum, mut count) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut ent_sum, mut cf_sum, mut ak_sum, mut vl_sum, mut pl_sum, mut kll_sum, mut count) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         for epoch in 0..p.ppo_epochs.max(1) {
             seed_torch_for_step(seed, it * 1000 + epoch as u64);
             let order = Tensor::randperm(b, (Kind::Int64, Device::Cpu)).to_device(device);
@@ -625,7 +685,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 let (mb_ids, mb_mask, mb_resp, mb_rmask) =
                     (pick(&ids), pick(&mask), pick(&resp), pick(&rmask));
 
-                let (pl, logits) = tch::autocast(autocast, || {
+                let (pl, kl_loss, logits) = tch::autocast(autocast, || {
                     let (logp, logits) = response_logprobs(
                         &policy,
                         &mb_ids,
@@ -635,14 +695,29 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                         p.temperature,
                     );
                     let pl = policy_loss(&logp, &pick(&old_logp), &pick(&adv), &mb_rmask, p.clip);
-                    (pl, logits)
+                    // GRPO's KL term: k3 of the current policy against the
+                    // reference, token-level masked mean like the surrogate.
+                    let kl_loss = (p.kl_mode == PpoKlMode::Loss)
+                        .then(|| masked_mean(&kl_k3(&logp, &pick(&ref_logp)), &mb_rmask, None));
+                    (pl, kl_loss, logits)
                 });
                 let pl_v = scalar(&pl.loss);
                 if !pl_v.is_finite() {
                     return Err(stopped(it, "policy loss", pl_v));
                 }
+                let loss = match &kl_loss {
+                    Some(kl_loss) => {
+                        let v = scalar(kl_loss);
+                        if !v.is_finite() {
+                            return Err(stopped(it, "KL loss", v));
+                        }
+                        kll_sum += v;
+                        &pl.loss + kl_loss * kl_coef
+                    }
+                    None => pl.loss.shallow_clone(),
+                };
                 policy_opt.zero_grad();
-                pl.loss.backward();
+                loss.backward();
                 if let Some(c) = p.grad_clip {
                     let norm = clip_grad_norm(&policy_opt.params(), c);
                     if !norm.is_finite() {
@@ -651,39 +726,44 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 }
                 policy_opt.step(lr)?;
 
-                let vl = tch::autocast(autocast, || {
-                    let values = response_values(&critic, &mb_ids, &mb_mask, p_len, r);
-                    value_loss(
-                        &values,
-                        &pick(&old_values),
-                        &pick(&returns),
-                        &mb_rmask,
-                        p.value_clip,
-                    )
-                });
-                let vl_v = scalar(&vl.loss);
-                if !vl_v.is_finite() {
-                    return Err(stopped(it, "value loss", vl_v));
-                }
-                critic_opt.zero_grad();
-                vl.loss.backward();
-                if let Some(c) = p.grad_clip {
-                    let norm = clip_grad_norm(&critic_opt.params(), c);
-                    if !norm.is_finite() {
-                        return Err(stopped(it, "value gradient norm", norm));
+                if let (Some(critic), Some(critic_opt), Some((old_values, returns, _))) =
+                    (&critic, critic_opt.as_mut(), &critic_targets)
+                {
+                    let vl = tch::autocast(autocast, || {
+                        let values = response_values(critic, &mb_ids, &mb_mask, p_len, r);
+                        value_loss(
+                            &values,
+                            &pick(old_values),
+                            &pick(returns),
+                            &mb_rmask,
+                            p.value_clip,
+                        )
+                    });
+                    let vl_v = scalar(&vl.loss);
+                    if !vl_v.is_finite() {
+                        return Err(stopped(it, "value loss", vl_v));
                     }
+                    critic_opt.zero_grad();
+                    vl.loss.backward();
+                    if let Some(c) = p.grad_clip {
+                        let norm = clip_grad_norm(&critic_opt.params(), c);
+                        if !norm.is_finite() {
+                            return Err(stopped(it, "value gradient norm", norm));
+                        }
+                    }
+                    critic_opt.step(lr)?;
+                    vl_sum += vl_v;
                 }
-                critic_opt.step(lr)?;
 
                 ent_sum += tch::no_grad(|| scalar(&masked_entropy(&logits.detach(), &mb_rmask)));
                 cf_sum += scalar(&pl.clip_frac);
                 ak_sum += scalar(&pl.approx_kl);
-                vl_sum += vl_v;
                 pl_sum += pl_v;
                 count += 1.0;
             }
         }
-        kl_ctl.update(mean_kl, batch_size as u64);
+        // One step per sampled response (`batch_size` with GAE).
+        kl_ctl.update(mean_kl, b as u64);
 
         let secs = t0.elapsed().as_secs_f64();
         let mut line = serde_json::json!({
@@ -697,13 +777,21 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             "clip_frac": cf_sum / count,
             "approx_kl": ak_sum / count,
             "policy_loss": pl_sum / count,
-            "value_loss": vl_sum / count,
-            "explained_variance": if ev.is_finite() { serde_json::json!(ev) } else { serde_json::Value::Null },
+            // Null without a value model.
+            "value_loss": critic_targets.as_ref().map(|_| vl_sum / count),
+            "explained_variance": critic_targets.as_ref().and_then(|(_, _, ev)| ev.is_finite().then_some(*ev)),
             "response_len": scalar(&masked_mean(&rmask.sum_dim_intlist([1i64].as_slice(), false, Kind::Float), &Tensor::ones([b], (Kind::Float, device)), None)),
             "tokens_per_s": if secs > 0.0 { resp_tokens as f64 / secs } else { 0.0 },
             "lr": lr,
             "seconds": secs,
         });
+        if p.kl_mode == PpoKlMode::Loss {
+            line["kl_loss"] = (kll_sum / count).into();
+        }
+        if let Some((std, flat)) = &group_stats {
+            line["group_reward_std"] = scalar(std).into();
+            line["flat_groups"] = scalar(flat).into();
+        }
         if let Some(nm) = &norm {
             line["reward_gain"] = nm.gain.into();
             line["reward_bias"] = nm.bias.into();
@@ -739,20 +827,21 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 kl_coef_bits: kl_ctl.value().to_bits(),
                 reward_norm: norm.map(SavedNorm::from),
             };
+            let mut parts = vec![CheckpointPart {
+                name: "policy",
+                vs: &policy.vs,
+                opt: &policy_opt,
+            }];
+            if let (Some(c), Some(o)) = (&critic, &critic_opt) {
+                parts.push(CheckpointPart {
+                    name: "value",
+                    vs: &c.vs,
+                    opt: o,
+                });
+            }
             checkpoints
                 .save_parts(
-                    &[
-                        CheckpointPart {
-                            name: "policy",
-                            vs: &policy.vs,
-                            opt: &policy_opt,
-                        },
-                        CheckpointPart {
-                            name: "value",
-                            vs: &critic.vs,
-                            opt: &critic_opt,
-                        },
-                    ],
+                    &parts,
                     &CheckpointState {
                         train: TrainState {
                             step: it,

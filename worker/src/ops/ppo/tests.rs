@@ -1,6 +1,7 @@
 //! `ppo` on tiny random models, through its `run` entry: LoRA's reference
 //! is the base model and only adapters train, the value model's start, the
-//! learning-rate schedule, reward normalisation against reference samples.
+//! learning-rate schedule, reward normalisation against reference samples,
+//! the critic-free GRPO mode.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -410,4 +411,67 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
         "{}",
         lines[0]
     );
+}
+
+#[test]
+fn the_new_knobs_at_their_defaults_leave_the_normalised_params_unchanged() {
+    // Existing `ppo` stages keep their cache keys.
+    let op = alignflow::ops::find("ppo").unwrap();
+    let plain = op.normalize_params(&json!({})).unwrap();
+    let explicit = op
+        .normalize_params(&json!({
+            "advantage": "gae", "samples_per_prompt": 1, "scale_std": true, "kl_mode": "reward",
+        }))
+        .unwrap();
+    assert_eq!(plain, explicit);
+    for key in ["advantage", "samples_per_prompt", "scale_std", "kl_mode"] {
+        assert!(plain.get(key).is_none(), "{key}: {plain}");
+    }
+    let err = op
+        .normalize_params(&json!({"advantage": "rloo"}))
+        .unwrap_err();
+    assert_eq!(err.field, "samples_per_prompt");
+    assert!(err.message.contains("at least 2"), "{}", err.message);
+}
+
+#[test]
+fn grpo_trains_without_a_value_model_and_resumes_from_a_policy_only_checkpoint() {
+    let f = fixture();
+    let params = json!({
+        "advantage": "grpo", "samples_per_prompt": 3, "iterations": 3, "checkpoint_every": 1,
+    });
+    let (_, lines, model) = run_ppo(&f, "grpo", params.clone());
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            l["value_loss"].is_null() && l["explained_variance"].is_null(),
+            "{l}"
+        );
+        assert!(l["policy_loss"].as_f64().unwrap().is_finite(), "{l}");
+        assert!(l["group_reward_std"].as_f64().unwrap() >= 0.0, "{l}");
+    }
+    let ckpt = f.root.join("grpo").join("ckpt").join("ppo");
+    let files: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.iter().any(|n| n.starts_with("policy")), "{files:?}");
+    assert!(!files.iter().any(|n| n.starts_with("value")), "{files:?}");
+
+    // Rerun into the same folder: it resumes from iteration 2's checkpoint
+    // and ends with the same weights as the uninterrupted run.
+    let before = tensors(&model);
+    let (_, again, model) = run_ppo(&f, "grpo", params);
+    assert_eq!(again.len(), 3);
+    let after = tensors(&model);
+    for (name, t) in &before {
+        assert!(t.equal(&after[name]), "{name}");
+    }
+    // The policy moved at all.
+    let start = tensors(&f.policy);
+    assert!(before
+        .iter()
+        .any(|(n, t)| start.get(n).is_some_and(|s| !t.equal(s))));
 }
