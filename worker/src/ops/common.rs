@@ -95,7 +95,7 @@ pub fn run_training(
         ctx.cancel.check()?;
         let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
             let idx = state.next_batch(examples, batch_size, seed);
-            let (loss, tokens) = tch::autocast(autocast, || loss_fn(model, &idx))?;
+            let (loss, tokens) = crate::train::autocast_if(autocast, || loss_fn(model, &idx))?;
             Ok(MicroBatch { loss, tokens })
         })?;
         if !m.loss.is_finite() || !m.grad_norm.is_finite() {

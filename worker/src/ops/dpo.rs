@@ -436,8 +436,9 @@ fn train_policy(
             let idx = state.next_batch(train.len(), batch_size, seed);
             let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
             let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
-            let ((a, b), tokens) =
-                tch::autocast(autocast, || pair_logps(model, &pairs, device, p.dropout));
+            let ((a, b), tokens) = crate::train::autocast_if(autocast, || {
+                pair_logps(model, &pairs, device, p.dropout)
+            });
             let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
             sums.add(&ra, &rb, &raw, &l);
             Ok(MicroBatch {

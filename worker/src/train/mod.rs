@@ -27,3 +27,14 @@ pub use loop_state::{epoch_permutation, seed_torch_for_step, step_seed, TrainSta
 pub use optim::{trainable_named, AdamW, AdamWConfig, AdamWImpl, OptimError};
 pub use schedule::{Decay, Schedule, ScheduleConfig};
 pub use trainer::{StepMetrics, Trainer, TrainerConfig};
+
+/// Runs `f` under bf16 autocast when `on`, else plainly. tch's
+/// `autocast(false, f)` still toggles libtorch's (deprecated) global
+/// autocast state, which prints a warning per call on CUDA builds.
+pub fn autocast_if<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    if on {
+        tch::autocast(true, f)
+    } else {
+        f()
+    }
+}

@@ -291,7 +291,7 @@ fn reference_scores(
         };
         let device = policy.vs.device();
         let sc = tch::no_grad(|| {
-            tch::autocast(autocast, || {
+            crate::train::autocast_if(autocast, || {
                 let ro = reference.with(policy, |m| sample(m, &batch, &cfg, device));
                 rewards.raw_scores(&batch, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
             })
@@ -591,7 +591,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             p_len,
             r,
             tokens: resp_tokens,
-        } = tch::no_grad(|| tch::autocast(autocast, || sample(&policy, &batch, &cfg, device)));
+        } = tch::no_grad(|| {
+            crate::train::autocast_if(autocast, || sample(&policy, &batch, &cfg, device))
+        });
         let rmask = match eos {
             Some(e) => response_mask(&resp, e, None) * gen_mask.to_kind(Kind::Float),
             None => gen_mask.to_kind(Kind::Float),
@@ -603,7 +605,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         total_tokens += resp_tokens;
 
         let (old_logp, ref_logp, old_values, raw_scores) = tch::no_grad(|| {
-            tch::autocast(autocast, || {
+            crate::train::autocast_if(autocast, || {
                 let (old, _) = response_logprobs(&policy, &ids, &mask, &resp, p_len, p.temperature);
                 let rf = reference.with(&policy, |m| {
                     response_logprobs(m, &ids, &mask, &resp, p_len, p.temperature).0
@@ -685,7 +687,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 let (mb_ids, mb_mask, mb_resp, mb_rmask) =
                     (pick(&ids), pick(&mask), pick(&resp), pick(&rmask));
 
-                let (pl, kl_loss, logits) = tch::autocast(autocast, || {
+                let (pl, kl_loss, logits) = crate::train::autocast_if(autocast, || {
                     let (logp, logits) = response_logprobs(
                         &policy,
                         &mb_ids,
@@ -729,7 +731,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 if let (Some(critic), Some(critic_opt), Some((old_values, returns, _))) =
                     (&critic, critic_opt.as_mut(), &critic_targets)
                 {
-                    let vl = tch::autocast(autocast, || {
+                    let vl = crate::train::autocast_if(autocast, || {
                         let values = response_values(critic, &mb_ids, &mb_mask, p_len, r);
                         value_loss(
                             &values,
