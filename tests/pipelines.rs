@@ -1,7 +1,8 @@
 //! The shipped pipelines, end to end: the tiny Constitutional AI pipeline
 //! (steps 1 to 6) runs from nothing on CPU, a rerun is fully cached, a run
 //! from an empty cache under `--locked` reproduces every locked artifact byte
-//! for byte, and `cai.yaml` and `rlhf.yaml` run on a local model folder.
+//! for byte, and `cai.yaml`, `rlhf.yaml` and `hybrid.yaml` run on a local
+//! model folder.
 mod common;
 use common::*;
 
@@ -144,6 +145,29 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
             "{stage}:\n{out}"
         );
     }
+
+    // hybrid.yaml on the same folder with another human weight: steps 1 to
+    // 3 and PMP are cai.yaml's (cached), the PM and what follows rerun.
+    let out = p.ok(&[
+        "run",
+        "pipelines/hybrid.yaml",
+        "--quiet",
+        "--set",
+        &folder,
+        "--set",
+        "params.human_weight=1.0",
+        sets[0],
+        sets[1],
+        sets[2],
+        sets[3],
+        sets[4],
+        sets[5],
+    ]);
+    assert_eq!(
+        stages_with_status(&out, "ran"),
+        set(&["pm", "rl_cai", "evaluation"]),
+        "{out}"
+    );
 
     std::fs::remove_dir_all(p.path("cache")).unwrap();
     let mut locked = args.clone();
