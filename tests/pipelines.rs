@@ -14,6 +14,7 @@ fn copy_shipped(p: &Project) {
         "pipelines/cai-dpo.yaml",
         "pipelines/tiny-dpo.yaml",
         "pipelines/hybrid.yaml",
+        "pipelines/compare.yaml",
         "pipelines/rlhf.yaml",
         "pipelines/constitutions/default.yaml",
         "examples/hh-rlhf-sample.jsonl",
@@ -151,6 +152,7 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     let out = p.ok(&[
         "run",
         "pipelines/hybrid.yaml",
+        "pipelines/compare.yaml",
         "--quiet",
         "--set",
         &folder,
@@ -223,7 +225,7 @@ fn the_tiny_pipeline_at_full_size_beats_sl_cai_under_the_pm() {
 }
 
 #[test]
-fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_evaluates_it() {
+fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in_one_table() {
     let p = Project::new();
     copy_shipped(&p);
     let m = "pipelines/tiny-dpo.yaml";
@@ -277,4 +279,46 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_evaluates_it() {
         .unwrap();
     assert!((0.0..=1.0).contains(&w), "{report}");
     assert!(report["judges"].get("reward_model").is_none());
+
+    // compare.yaml: PPO, GRPO and DPO from the same SL-CAI model, evaluated
+    // by the same judges; the report reads every win rate in one table.
+    p.ok(&[
+        "run",
+        "pipelines/compare.yaml",
+        "--quiet",
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.rounds=1",
+        "--set",
+        "params.ppo_iterations=3",
+    ]);
+    p.ok(&[
+        "report",
+        "pipelines/compare.yaml",
+        "--out",
+        "compare.html",
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.rounds=1",
+        "--set",
+        "params.ppo_iterations=3",
+    ]);
+    let html = p.read("compare.html");
+    let start = html
+        .find("<table class=\"win-rates\">")
+        .expect("a win-rate table");
+    let table = &html[start..start + html[start..].find("</table>").unwrap()];
+    assert_eq!(table.matches("<tr>").count(), 1 + 6, "{table}");
+    for (stage, policy) in [
+        ("evaluation", "rl_cai"),
+        ("grpo_evaluation", "grpo"),
+        ("dpo_evaluation", "dpo_cai"),
+    ] {
+        for judge in ["reward_model", "feedback_model"] {
+            let row = format!("<td>{stage}</td><td>{policy}</td><td>sl_cai</td><td>{judge}</td>");
+            assert!(table.contains(&row), "no {row} in {table}");
+        }
+    }
 }

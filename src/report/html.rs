@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use super::collect::{MetricsLog, ReportData, StageInfo, Status};
+use super::collect::{Evaluation, MetricsLog, ReportData, StageInfo, Status};
 use super::dag::{colours, dag_svg};
 use super::plots::curve_svg;
 use super::ReportError;
@@ -107,6 +107,20 @@ pub fn render(data: &ReportData) -> Result<String, ReportError> {
     if data.evaluations.is_empty() {
         page.push_str("<p>No cached stage has a <code>report.json</code> output.</p>\n");
     }
+    let rows = win_rate_rows(&data.evaluations);
+    if !rows.is_empty() {
+        // Every evaluation's win rates in one table, so policies trained by
+        // different methods in one manifest read side by side.
+        page.push_str("<table class=\"win-rates\">\n<tr><th>stage</th><th>policy</th><th>reference</th><th>judge</th><th>win rate</th><th>95% CI</th><th>n</th></tr>\n");
+        for row in &rows {
+            page.push_str("<tr>");
+            for c in row {
+                let _ = write!(page, "<td>{}</td>", esc(c));
+            }
+            page.push_str("</tr>\n");
+        }
+        page.push_str("</table>\n");
+    }
     for e in &data.evaluations {
         let _ = write!(
             page,
@@ -129,6 +143,42 @@ pub fn render(data: &ReportData) -> Result<String, ReportError> {
     }
     page.push_str("</body>\n</html>\n");
     Ok(page)
+}
+
+/// One row per (evaluation, judge) of every output shaped like `evaluate`'s
+/// report (`judges.NAME.win_rate`): stage, policy, reference, judge, win
+/// rate, interval, n.
+fn win_rate_rows(evaluations: &[Evaluation]) -> Vec<[String; 7]> {
+    let mut rows = Vec::new();
+    for e in evaluations {
+        let Some(judges) = e.value.get("judges").and_then(|j| j.as_object()) else {
+            continue;
+        };
+        let text = |key: &str| e.value.get(key).map(scalar).unwrap_or_default();
+        for (judge, figures) in judges {
+            let Some(win) = figures.get("win_rate").and_then(|w| w.as_f64()) else {
+                continue;
+            };
+            let ci = match figures.get("ci95").and_then(|c| c.as_array()) {
+                Some(c) if c.len() == 2 => format!(
+                    "[{:.3}, {:.3}]",
+                    c[0].as_f64().unwrap_or(f64::NAN),
+                    c[1].as_f64().unwrap_or(f64::NAN)
+                ),
+                _ => String::new(),
+            };
+            rows.push([
+                e.stage.clone(),
+                text("policy"),
+                text("reference"),
+                judge.clone(),
+                format!("{win:.3}"),
+                ci,
+                text("n"),
+            ]);
+        }
+    }
+    rows
 }
 
 fn previous_note(previous_run: bool) -> &'static str {
@@ -311,6 +361,53 @@ fn scalar(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_evaluation_judge_is_one_row_of_the_win_rate_table() {
+        let eval = |stage: &str, policy: &str, w: f64| Evaluation {
+            stage: stage.into(),
+            output: "report".into(),
+            previous_run: false,
+            value: serde_json::json!({
+                "policy": policy, "reference": "sl_cai", "n": 60,
+                "judges": {
+                    "reward_model": {"win_rate": w, "ci95": [w - 0.1, w + 0.1]},
+                    "feedback_model": {"win_rate": 0.5}
+                }
+            }),
+        };
+        let other = Evaluation {
+            stage: "x".into(),
+            output: "report".into(),
+            previous_run: false,
+            value: serde_json::json!({"accuracy": 0.7}),
+        };
+        let rows = win_rate_rows(&[
+            eval("eval_ppo", "ppo", 0.69),
+            other,
+            eval("eval_dpo", "dpo", 0.55),
+        ]);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[1],
+            [
+                "eval_ppo",
+                "ppo",
+                "sl_cai",
+                "reward_model",
+                "0.690",
+                "[0.590, 0.790]",
+                "60"
+            ]
+            .map(String::from)
+        );
+        assert_eq!(rows[0][3], "feedback_model");
+        assert_eq!(rows[0][5], "");
+        assert_eq!(
+            rows[3][..5],
+            ["eval_dpo", "dpo", "sl_cai", "reward_model", "0.550"].map(String::from)
+        );
+    }
 
     #[test]
     fn escaping_covers_markup_quotes_and_control_characters() {
