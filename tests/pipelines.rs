@@ -152,7 +152,6 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     let out = p.ok(&[
         "run",
         "pipelines/hybrid.yaml",
-        "pipelines/compare.yaml",
         "--quiet",
         "--set",
         &folder,
