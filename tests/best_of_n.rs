@@ -10,24 +10,9 @@ const WORDS: &[&str] = &[
     "fox", "sit", "run",
 ];
 
-/// A small deterministic generator (no dependency, same data everywhere).
-struct Lcg(u64);
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-    fn word(&mut self) -> &'static str {
-        WORDS[self.below(WORDS.len())]
-    }
-}
-
 /// A raw prompt; the pipeline's template wraps it in a dialogue.
 fn prompt(rng: &mut Lcg) -> String {
-    format!("tell me about the {}", rng.word())
+    format!("tell me about the {}", rng.pick(WORDS))
 }
 
 /// `n` words, each the word `a` with probability `share_a` percent.
@@ -37,7 +22,7 @@ fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
             if rng.below(100) < share_a {
                 "a"
             } else {
-                rng.word()
+                rng.pick(WORDS)
             }
         })
         .collect();

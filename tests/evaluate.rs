@@ -13,23 +13,11 @@ const WORDS: &[&str] = &[
     "fox", "sit", "run",
 ];
 
-/// A small deterministic generator (no dependency, same data everywhere).
-struct Lcg(u64);
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-    fn word(&mut self) -> &'static str {
-        WORDS[self.below(WORDS.len())]
-    }
-}
-
 fn prompt(rng: &mut Lcg) -> String {
-    format!("\n\nHuman: tell me about the {}\n\nAssistant:", rng.word())
+    format!(
+        "\n\nHuman: tell me about the {}\n\nAssistant:",
+        rng.pick(WORDS)
+    )
 }
 
 /// `n` words, each the word `a` with probability `share_a` percent.
@@ -39,7 +27,7 @@ fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
             if rng.below(100) < share_a {
                 "a"
             } else {
-                rng.word()
+                rng.pick(WORDS)
             }
         })
         .collect();

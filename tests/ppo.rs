@@ -14,25 +14,10 @@ const WORDS: &[&str] = &[
     "fox", "sit", "run",
 ];
 
-/// A small deterministic generator (no dependency, same data everywhere).
-struct Lcg(u64);
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-    fn words(&mut self, n: usize) -> Vec<&'static str> {
-        (0..n).map(|_| WORDS[self.below(WORDS.len())]).collect()
-    }
-}
-
 fn prompt(rng: &mut Lcg) -> String {
     format!(
         "\n\nHuman: tell me about the {}\n\nAssistant:",
-        rng.words(1)[0]
+        rng.pick(WORDS)
     )
 }
 
@@ -43,7 +28,7 @@ fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
             if rng.below(100) < share_a {
                 "a"
             } else {
-                rng.words(1)[0]
+                rng.pick(WORDS)
             }
         })
         .collect();

@@ -13,21 +13,6 @@ const WORDS: &[&str] = &[
     "big", "small", "tree", "sky", "sun", "moon", "fish",
 ];
 
-/// A small deterministic generator (no dependency, same data everywhere).
-struct Lcg(u64);
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-    fn words(&mut self, n: usize) -> Vec<&'static str> {
-        (0..n).map(|_| WORDS[self.below(WORDS.len())]).collect()
-    }
-}
-
 /// `n` (prompt, preferred, other) triples: both responses have 7 words, the
 /// preferred one has the marker at a random place.
 fn triples(n: usize, seed: u64) -> Vec<(String, String, String)> {
@@ -36,12 +21,12 @@ fn triples(n: usize, seed: u64) -> Vec<(String, String, String)> {
         .map(|_| {
             let prompt = format!(
                 "\n\nHuman: tell me about the {}\n\nAssistant:",
-                rng.words(1)[0]
+                rng.pick(WORDS)
             );
-            let mut good = rng.words(6);
+            let mut good = rng.picks(WORDS, 6);
             let at = rng.below(7);
             good.insert(at, MARKER);
-            let bad = rng.words(7);
+            let bad = rng.picks(WORDS, 7);
             (
                 prompt,
                 format!(" {}", good.join(" ")),

@@ -160,3 +160,28 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A small deterministic generator for synthetic test data (no dependency,
+/// the same data on every machine).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+
+    /// One word of `vocab`.
+    pub fn pick<'a>(&mut self, vocab: &[&'a str]) -> &'a str {
+        vocab[self.below(vocab.len())]
+    }
+
+    /// `n` words of `vocab`.
+    pub fn picks<'a>(&mut self, vocab: &[&'a str], n: usize) -> Vec<&'a str> {
+        (0..n).map(|_| self.pick(vocab)).collect()
+    }
+}
