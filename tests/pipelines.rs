@@ -280,11 +280,14 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
     assert!(report["judges"].get("reward_model").is_none());
 
     // compare.yaml: PPO, GRPO and DPO from the same SL-CAI model, evaluated
-    // by the same judges; the report reads every win rate in one table.
-    p.ok(&[
+    // by one stage with a matrix over the method (same judges, same
+    // prompts); the report reads every win rate in one table.
+    let out = p.ok(&[
         "run",
         "pipelines/compare.yaml",
         "--quiet",
+        "--target",
+        "compare",
         "--set",
         "params.max_new_tokens=12",
         "--set",
@@ -309,12 +312,15 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
         .find("<table class=\"win-rates\">")
         .expect("a win-rate table");
     let table = &html[start..start + html[start..].find("</table>").unwrap()];
-    assert_eq!(table.matches("<tr>").count(), 1 + 6, "{table}");
-    for (stage, policy) in [
-        ("evaluation", "rl_cai"),
-        ("grpo_evaluation", "grpo"),
-        ("dpo_evaluation", "dpo_cai"),
-    ] {
+    // Header, dpo_evaluation (run above, feedback model only), then the
+    // matrix: three methods by two judges.
+    assert_eq!(table.matches("<tr>").count(), 1 + 1 + 6, "{table}");
+    let ran = stages_with_status(&out, "ran");
+    for stage in ["rl_cai", "rl_grpo", "pm"] {
+        assert!(ran.contains(stage), "{stage} did not run:\n{out}");
+    }
+    for policy in ["rl_cai", "rl_grpo", "dpo"] {
+        let stage = format!("compare[method={policy}]");
         for judge in ["reward_model", "feedback_model"] {
             let row = format!("<td>{stage}</td><td>{policy}</td><td>sl_cai</td><td>{judge}</td>");
             assert!(table.contains(&row), "no {row} in {table}");

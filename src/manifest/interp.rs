@@ -1,8 +1,13 @@
 //! `${...}` references inside manifest strings.
 //!
 //! `${params.NAME}` reads a pipeline param, `${stages.ID.OUTPUT}` names
-//! another stage's output, `$${` writes a literal `${`. Anything else
-//! inside `${...}` is an error, so a typo never reaches a shell command.
+//! another stage's output, `${matrix.NAME}` is the matrix instance's value
+//! (substituted first, as text, so it may sit inside another reference:
+//! `${stages.${matrix.method}.model}`), `$${` writes a literal `${`.
+//! Anything else inside `${...}` is an error, so a typo never reaches a
+//! shell command.
+
+use std::collections::BTreeMap;
 
 /// One piece of a string: literal text or a reference.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +43,7 @@ pub(crate) fn parse(s: &str) -> Result<Vec<Piece>, String> {
                 Piece::Stage(r.to_string())
             } else {
                 return Err(format!(
-                    "unknown reference `${{{inner}}}`: only `${{params.NAME}}` and `${{stages.ID.OUTPUT}}` are allowed (write `$${{` for a literal `${{`)"
+                    "unknown reference `${{{inner}}}`: only `${{params.NAME}}`, `${{stages.ID.OUTPUT}}` and, in a matrix stage, `${{matrix.NAME}}` are allowed (write `$${{` for a literal `${{`)"
                 ));
             };
             if !text.is_empty() {
@@ -56,6 +61,70 @@ pub(crate) fn parse(s: &str) -> Result<Vec<Piece>, String> {
         pieces.push(Piece::Text(text));
     }
     Ok(pieces)
+}
+
+/// The `${matrix.NAME}` references of `s`, in order (escapes skipped).
+pub(crate) fn matrix_names(s: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = walk_matrix_refs(s, |name| {
+        names.push(name.to_string());
+        Ok(String::new())
+    });
+    names
+}
+
+/// `s` with every `${matrix.NAME}` replaced by this instance's value
+/// (rendered as YAML writes scalars). `$${` escapes are kept for [`parse`].
+/// Errors: a name the matrix lacks (with the nearest one), or any
+/// `${matrix.` in a stage without a matrix.
+pub(crate) fn substitute_matrix(
+    s: &str,
+    matrix: &BTreeMap<String, serde_json::Value>,
+) -> Result<String, (String, Option<String>)> {
+    walk_matrix_refs(s, |name| match matrix.get(name) {
+        Some(v) => Ok(render(v)),
+        None if matrix.is_empty() => Err((
+            format!("`${{matrix.{name}}}` in a stage without a `matrix`"),
+            None,
+        )),
+        None => {
+            let keys = matrix.keys().map(String::as_str);
+            let msg = format!(
+                "unknown matrix key `{name}` in `${{matrix.{name}}}` (this stage's matrix has: {})",
+                keys.clone().collect::<Vec<_>>().join(", ")
+            );
+            Err((msg, crate::ops::nearest(name, keys)))
+        }
+    })
+}
+
+/// Copies `s`, replacing each `${matrix.NAME}` with `value(NAME)`.
+fn walk_matrix_refs(
+    s: &str,
+    mut value: impl FnMut(&str) -> Result<String, (String, Option<String>)>,
+) -> Result<String, (String, Option<String>)> {
+    const OPEN: &str = "${matrix.";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if after.starts_with("$${") {
+            out.push_str("$${");
+            rest = &after[3..];
+        } else if let Some(tail) = after.strip_prefix(OPEN) {
+            let Some(end) = tail.find('}') else {
+                return Err((format!("unterminated `{OPEN}` in `{s}`"), None));
+            };
+            out.push_str(&value(&tail[..end])?);
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// A value as text inside a longer string: scalars as YAML writes them.
@@ -92,6 +161,36 @@ mod tests {
         assert!(parse("${env.HOME}").unwrap_err().contains("`${env.HOME}`"));
         assert!(parse("x ${params.lr")
             .unwrap_err()
+            .starts_with("unterminated"));
+    }
+
+    #[test]
+    fn matrix_values_are_substituted_first_even_inside_references() {
+        let m: BTreeMap<String, serde_json::Value> = [
+            ("method".to_string(), serde_json::json!("dpo")),
+            ("beta".to_string(), serde_json::json!(0.1)),
+        ]
+        .into();
+        assert_eq!(
+            substitute_matrix("${stages.${matrix.method}.model}", &m).unwrap(),
+            "${stages.dpo.model}"
+        );
+        assert_eq!(
+            substitute_matrix("b=${matrix.beta} $${matrix.beta} $x", &m).unwrap(),
+            "b=0.1 $${matrix.beta} $x"
+        );
+        assert_eq!(
+            matrix_names("${stages.${matrix.method}.m} ${matrix.beta} $${matrix.no}"),
+            vec!["method", "beta"]
+        );
+        let (msg, suggestion) = substitute_matrix("${matrix.methd}", &m).unwrap_err();
+        assert!(msg.contains("unknown matrix key `methd`"), "{msg}");
+        assert_eq!(suggestion.as_deref(), Some("method"));
+        let (msg, _) = substitute_matrix("${matrix.method}", &BTreeMap::new()).unwrap_err();
+        assert!(msg.contains("without a `matrix`"), "{msg}");
+        assert!(substitute_matrix("${matrix.method", &m)
+            .unwrap_err()
+            .0
             .starts_with("unterminated"));
     }
 }

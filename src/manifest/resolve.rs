@@ -1,7 +1,7 @@
 //! From a merged manifest tree to a resolved [`Pipeline`]: structure checks,
 //! `--set`, matrix expansion, interpolation, input binding and op
 //! validation. Every error is located through the merged [`Locs`].
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use serde_json::Value as Json;
@@ -136,24 +136,32 @@ pub(crate) fn load_with(
             ));
         }
 
+        // Inputs first: a mistyped `${matrix.NAME}` there is a clearer
+        // error than the unread matrix key it leaves as an unknown param.
+        let mut inputs = BTreeMap::new();
+        for (name, written) in &def.inputs {
+            let input = cx.input(&world, inst, name, written)?;
+            inputs.insert(name.clone(), input);
+        }
+
         let mut obj = serde_json::Map::new();
         for (name, v) in &def.params {
             let mut p = sp(&["params", name]);
             let v = cx.interp_param(&world, inst, v, &mut p)?;
             obj.insert(name.clone(), v);
         }
+        // A matrix key the stage reads as `${matrix.NAME}` is only
+        // substituted; any other is the op param of that name.
+        let read = matrix_keys_read(def);
         for (name, v) in &inst.matrix {
-            obj.insert(name.clone(), v.clone());
+            if !read.contains(name) {
+                obj.insert(name.clone(), v.clone());
+            }
         }
         let normalised = op
             .normalize_params(&Json::Object(obj))
             .map_err(|e| cx.param_error(inst, e))?;
 
-        let mut inputs = BTreeMap::new();
-        for (name, written) in &def.inputs {
-            let input = cx.input(&world, inst, name, written)?;
-            inputs.insert(name.clone(), input);
-        }
         cx.check_input_names(inst, op, &inputs)?;
 
         stages.push(Stage {
@@ -439,7 +447,8 @@ impl<'a> Cx<'a> {
                 let fail = |msg: String, sug: Option<String>| {
                     self.error(self.value_at(at), Some(&inst.id), Some(&field()), msg, sug)
                 };
-                let pieces = interp::parse(s).map_err(|m| fail(m, None))?;
+                let s = interp::substitute_matrix(s, &inst.matrix).map_err(|(m, s)| fail(m, s))?;
+                let pieces = interp::parse(&s).map_err(|m| fail(m, None))?;
                 let mut out = String::new();
                 for piece in &pieces {
                     match piece {
@@ -497,6 +506,8 @@ impl<'a> Cx<'a> {
         let fail = |msg: String, sug: Option<String>| {
             self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug)
         };
+        let written =
+            &interp::substitute_matrix(written, &inst.matrix).map_err(|(m, s)| fail(m, s))?;
         let pieces = interp::parse(written).map_err(|m| fail(m, None))?;
         if let [Piece::Stage(r)] = pieces.as_slice() {
             let (stage, output) = resolve_stage_ref(w, inst, r).map_err(|(m, s)| fail(m, s))?;
@@ -753,6 +764,22 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
         return Err((msg, nearest(output, outputs.iter().map(String::as_str))));
     }
     Ok((target.id.clone(), output.to_string()))
+}
+
+/// The matrix keys a stage reads through `${matrix.NAME}` in its params
+/// or inputs.
+fn matrix_keys_read(def: &StageDef) -> BTreeSet<String> {
+    fn strings<'a>(v: &'a Json, out: &mut Vec<&'a str>) {
+        match v {
+            Json::String(s) => out.push(s),
+            Json::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Json::Object(map) => map.values().for_each(|i| strings(i, out)),
+            _ => {}
+        }
+    }
+    let mut texts: Vec<&str> = def.inputs.values().map(String::as_str).collect();
+    def.params.values().for_each(|v| strings(v, &mut texts));
+    texts.into_iter().flat_map(interp::matrix_names).collect()
 }
 
 /// `KEY[k1=v1,k2=v2]`, keys sorted, values as YAML writes scalars.

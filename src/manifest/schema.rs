@@ -40,16 +40,20 @@ pub enum Includes {
 pub struct StageDef {
     /// Registered op name (`alignflow ops` lists them).
     pub op: String,
-    /// Input name to a path (relative to the manifest) or `${stages.ID.OUTPUT}`.
+    /// Input name to a path (relative to the manifest) or `${stages.ID.OUTPUT}`;
+    /// may use `${params.NAME}` and `${matrix.NAME}`.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
-    /// The op's params; values may use `${params.NAME}`.
+    /// The op's params; values may use `${params.NAME}` and `${matrix.NAME}`.
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
     /// Output names, for ops whose outputs the stage declares (`exec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<Vec<String>>,
-    /// Param name to a list of values: one stage per combination.
+    /// Name to a list of scalar values: one stage per combination. A name the
+    /// stage reads as `${matrix.NAME}` (in params or inputs, even inside a
+    /// reference: `${stages.${matrix.method}.model}`) is substituted; any
+    /// other name sets the op param of that name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matrix: Option<BTreeMap<String, Vec<serde_json::Value>>>,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.

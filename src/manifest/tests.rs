@@ -265,7 +265,7 @@ fn env_reference_rejected_by_name() {
         .unwrap_err();
     assert_eq!(
         err,
-        "p.yaml:11:12: stage `s`, field `params.cmd`: unknown reference `${env.HOME}`: only `${params.NAME}` and `${stages.ID.OUTPUT}` are allowed (write `$${` for a literal `${`)"
+        "p.yaml:11:12: stage `s`, field `params.cmd`: unknown reference `${env.HOME}`: only `${params.NAME}`, `${stages.ID.OUTPUT}` and, in a matrix stage, `${matrix.NAME}` are allowed (write `$${` for a literal `${`)"
     );
 }
 
@@ -395,6 +395,62 @@ fn matrix_strings_bools_and_empty() {
     assert_eq!(
         err,
         "p.yaml:6:18: stage `e`, field `matrix.lr`: a matrix list must not be empty"
+    );
+}
+
+/// Two "methods" with different ops, and one matrix stage over them.
+const METHODS: &str = "version: 1\nname: t\nstages:\n  a:\n    op: exec\n    outputs: [model]\n    params: {cmd: x}\n  b:\n    op: train\n    inputs: {model: \"${stages.a.model}\"}\n    params: {lr: 1}\n";
+
+#[test]
+fn a_matrix_over_the_method_picks_the_upstream_stage_by_name() {
+    let d = Dir::new();
+    let p = d
+        .one(&format!(
+            "{METHODS}  judge:\n    op: train\n    matrix: {{method: [a, b], lr: [0.5]}}\n    inputs: {{model: \"${{stages.${{matrix.method}}.model}}\"}}\n    params: {{epochs: 2, tag: \"m-${{matrix.method}}\"}}\n"
+        ))
+        .unwrap();
+    let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["a", "b", "judge[lr=0.5,method=a]", "judge[lr=0.5,method=b]"]
+    );
+    for (id, upstream) in [
+        ("judge[lr=0.5,method=a]", "a"),
+        ("judge[lr=0.5,method=b]", "b"),
+    ] {
+        let s = p.stage(id).unwrap();
+        match &s.inputs["model"] {
+            Input::Stage { stage, output, .. } => {
+                assert_eq!((stage.as_str(), output.as_str()), (upstream, "model"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // `method` is read through `${matrix.method}`, so it is not a
+        // param; `lr` is not read, so it sets the param.
+        let tag = format!("m-{upstream}");
+        assert_eq!(
+            s.params,
+            json!({"lr": 0.5, "epochs": 2, "kl_coef": 0.0, "tag": tag})
+        );
+    }
+
+    let err = d
+        .one(&format!(
+            "{METHODS}  judge:\n    op: train\n    matrix: {{method: [a, b]}}\n    inputs: {{model: \"${{stages.${{matrix.methd}}.model}}\"}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `judge[method=a]`, field `inputs.model`: unknown matrix key `methd` in `${matrix.methd}` (this stage's matrix has: method) (did you mean `method`?)"
+    );
+    let err = d
+        .one(&format!(
+            "{METHODS}  judge:\n    op: train\n    params: {{lr: \"${{matrix.lr}}\"}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:14:18: stage `judge`, field `params.lr`: `${matrix.lr}` in a stage without a `matrix`"
     );
 }
 
