@@ -366,6 +366,14 @@ stages:
     inputs: { policy: policy, reference: policy, prompts: prompts.jsonl }
 "#,
     );
+    // Reported when the manifest loads (`validate`), located at the stage's
+    // inputs, and the same by `run`.
+    let err = p.fails(&["validate", "pipeline.yaml"]);
+    assert!(
+        err.contains("pipeline.yaml:6:5: stage `judge_me`, field `inputs`"),
+        "{err}"
+    );
+    assert!(err.contains("needs a judge"), "{err}");
     let err = p.fails(&["run", "pipeline.yaml", "--quiet"]);
     assert!(err.contains("judge_me"), "{err}");
     assert!(err.contains("needs a judge"), "{err}");

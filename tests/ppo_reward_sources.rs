@@ -204,7 +204,8 @@ fn direct_rlaif_ppo_rates_responses_with_a_feedback_model() {
             "{BASE}  rl:\n    op: ppo\n    inputs: {{ policy: \"${{stages.base.model}}\", prompts: prompts.jsonl{inputs} }}\n    params: {{ {RL_PARAMS}{params} }}\n"
         );
         p.write(name, &yaml);
-        p.fails(&["run", name, "--quiet"])
+        // Checked when the manifest loads: `validate` reports it.
+        p.fails(&["validate", name])
     };
     let both = bad(
         "both.yaml",
@@ -212,12 +213,31 @@ fn direct_rlaif_ppo_rates_responses_with_a_feedback_model() {
         "",
     );
     assert!(both.contains("exactly one reward source"), "{both}");
+    assert!(
+        both.contains("stage `rl`, field `inputs.feedback_model`"),
+        "{both}"
+    );
     let none = bad("none.yaml", "", "");
     assert!(none.contains("no reward source"), "{none}");
+    assert!(none.contains("stage `rl`, field `inputs`"), "{none}");
     let no_principle = bad(
         "no_principle.yaml",
         ", feedback_model: \"${stages.base.model}\"",
         "",
     );
     assert!(no_principle.contains("principle"), "{no_principle}");
+    assert!(
+        no_principle.contains("field `inputs.constitution`"),
+        "{no_principle}"
+    );
+    let contrastive_rlaif = bad(
+        "contrastive_rlaif.yaml",
+        ", feedback_model: \"${stages.base.model}\", baseline: prompts.jsonl",
+        ", principle: \"be kind\"",
+    );
+    assert!(
+        contrastive_rlaif.contains("field `inputs.baseline`")
+            && contrastive_rlaif.contains("needs `reward_model`"),
+        "{contrastive_rlaif}"
+    );
 }

@@ -163,6 +163,12 @@ pub(crate) fn load_with(
             .map_err(|e| cx.param_error(inst, e))?;
 
         cx.check_input_names(inst, op, &inputs)?;
+        if let Err(e) = op.check_bindings(&|name| inputs.contains_key(name), &normalised) {
+            // At the input or param it names, else at the stage's `inputs`.
+            let at: Vec<&str> = e.field.split('.').collect();
+            let loc = cx.key_at(&[kp(&["stages", &inst.key]), kp(&at)].concat());
+            return Err(cx.error(loc, Some(&inst.id), Some(&e.field), e.message, None));
+        }
 
         stages.push(Stage {
             id: inst.id.clone(),

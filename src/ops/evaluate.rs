@@ -57,7 +57,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
+use super::{BindingError, Op, ParamError, Placement, Port, StageContext};
 use crate::protocol::Metrics;
 
 pub struct Evaluate;
@@ -482,14 +482,119 @@ impl Op for Evaluate {
         }
         Ok(normalized)
     }
+    fn check_bindings(
+        &self,
+        bound: &dyn Fn(&str) -> bool,
+        params: &serde_json::Value,
+    ) -> Result<(), BindingError> {
+        let p: EvaluateParams = serde_json::from_value(params.clone()).expect("normalised");
+        p.check_bindings(bound)
+    }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("evaluate runs in alignflow-worker")
+    }
+}
+
+impl EvaluateParams {
+    /// At least one judge, and the feedback judge with exactly one source
+    /// of principles (and the params that fit it).
+    pub fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
+        if !bound(REWARD_JUDGE) && !bound(FEEDBACK_JUDGE) {
+            return Err(BindingError::new(
+                "inputs",
+                format!(
+                    "evaluate needs a judge: bind input `{REWARD_JUDGE}` (a preference model), \
+                     input `{FEEDBACK_JUDGE}` (with input `constitution` or params.principle), or both"
+                ),
+            ));
+        }
+        let constitution = bound("constitution");
+        if !bound(FEEDBACK_JUDGE) {
+            return match (constitution, self.principle.is_some()) {
+                (true, _) => Err(BindingError::new(
+                    "inputs.constitution",
+                    format!("no input `{FEEDBACK_JUDGE}` is bound to ask its principles"),
+                )),
+                (_, true) => Err(BindingError::new(
+                    "params.principle",
+                    format!("no input `{FEEDBACK_JUDGE}` is bound to ask it"),
+                )),
+                _ => Ok(()),
+            };
+        }
+        match (constitution, self.principle.is_some()) {
+            (true, true) => Err(BindingError::new(
+                "params.principle",
+                "both input `constitution` and params.principle are set; the feedback judge takes its principles from one of them",
+            )),
+            (false, false) => Err(BindingError::new(
+                "inputs.constitution",
+                format!("input `{FEEDBACK_JUDGE}` needs principles to ask: bind input `constitution` or set params.principle"),
+            )),
+            (false, true) if self.principles_per_prompt != 1 => Err(BindingError::new(
+                "params.principles_per_prompt",
+                format!(
+                    "{} principles per prompt, but params.principle gives one principle",
+                    self.principles_per_prompt
+                ),
+            )),
+            (false, true) if self.few_shot => Err(BindingError::new(
+                "params.few_shot",
+                "few_shot takes the constitution's examples; no input `constitution` is bound",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_rules_name_the_field_at_fault() {
+        let params = |extra: serde_json::Value| -> EvaluateParams {
+            let v = Evaluate.normalize_params(&extra).unwrap();
+            serde_json::from_value(v).unwrap()
+        };
+        let field = |p: &EvaluateParams, bound: &[&str]| {
+            p.check_bindings(&|n| bound.contains(&n))
+                .err()
+                .map(|e| e.field)
+        };
+        let plain = params(serde_json::json!({}));
+        assert_eq!(field(&plain, &[]), Some("inputs".into()));
+        assert_eq!(field(&plain, &["reward_model"]), None);
+        assert_eq!(
+            field(&plain, &["reward_model", "constitution"]),
+            Some("inputs.constitution".into())
+        );
+        assert_eq!(
+            field(&plain, &["feedback_model"]),
+            Some("inputs.constitution".into())
+        );
+        assert_eq!(field(&plain, &["feedback_model", "constitution"]), None);
+        let principle = params(serde_json::json!({"principle": "be kind"}));
+        assert_eq!(field(&principle, &["feedback_model"]), None);
+        assert_eq!(
+            field(&principle, &["reward_model"]),
+            Some("params.principle".into())
+        );
+        assert_eq!(
+            field(&principle, &["feedback_model", "constitution"]),
+            Some("params.principle".into())
+        );
+        let many = params(serde_json::json!({"principle": "be kind", "principles_per_prompt": 2}));
+        assert_eq!(
+            field(&many, &["feedback_model"]),
+            Some("params.principles_per_prompt".into())
+        );
+        let few = params(serde_json::json!({"principle": "be kind", "few_shot": true}));
+        assert_eq!(
+            field(&few, &["feedback_model"]),
+            Some("params.few_shot".into())
+        );
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12

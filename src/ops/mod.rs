@@ -171,9 +171,38 @@ pub trait Op: Send + Sync {
     /// numbers in canonical form): what enters the fingerprint.
     fn normalize_params(&self, params: &serde_json::Value)
         -> Result<serde_json::Value, ParamError>;
+    /// Rules on which optional inputs may be bound together, given the
+    /// normalised params ("exactly one reward source"). Checked when the
+    /// manifest loads (so `validate` and `plan` report them) and again by
+    /// the worker before anything loads.
+    fn check_bindings(
+        &self,
+        _bound: &dyn Fn(&str) -> bool,
+        _params: &serde_json::Value,
+    ) -> Result<(), BindingError> {
+        Ok(())
+    }
     /// Runs the stage. Only called for [`Placement::Engine`] ops in the
     /// engine; the worker has its own implementations of tensor ops.
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics>;
+}
+
+/// Inputs bound in a combination the op cannot run with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct BindingError {
+    /// `inputs.NAME`, `params.NAME`, or `inputs` for the block.
+    pub field: String,
+    pub message: String,
+}
+
+impl BindingError {
+    pub fn new(field: &str, message: impl Into<String>) -> BindingError {
+        BindingError {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
 }
 
 /// A params block that does not fit an op's schema.

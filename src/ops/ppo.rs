@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::training::LoraParams;
-use super::{Op, ParamError, Placement, Port, StageContext};
+use super::{BindingError, Op, ParamError, Placement, Port, StageContext};
 use crate::protocol::Metrics;
 
 pub struct Ppo;
@@ -385,7 +385,76 @@ impl Op for Ppo {
         parsed.check()?;
         Ok(value)
     }
+    fn check_bindings(
+        &self,
+        bound: &dyn Fn(&str) -> bool,
+        params: &serde_json::Value,
+    ) -> Result<(), BindingError> {
+        let p: PpoParams = serde_json::from_value(params.clone()).expect("normalised");
+        p.check_bindings(bound)
+    }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("ppo runs in alignflow-worker")
+    }
+}
+
+impl PpoParams {
+    /// Exactly one reward source, and only the companions that fit it: a
+    /// preference model (with an optional contrastive `baseline`) or a
+    /// feedback model with one source of principles.
+    pub fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
+        match (bound("reward_model"), bound("feedback_model")) {
+            (true, true) => Err(BindingError::new(
+                "inputs.feedback_model",
+                "bind exactly one reward source: `reward_model` (a preference model) or `feedback_model` (direct RLAIF), not both",
+            )),
+            (false, false) => Err(BindingError::new(
+                "inputs",
+                "no reward source: bind `reward_model` (a preference model) or `feedback_model` (direct RLAIF)",
+            )),
+            (true, false) => {
+                if bound("constitution") {
+                    return Err(BindingError::new(
+                        "inputs.constitution",
+                        "`constitution` goes with `feedback_model` (direct RLAIF), not `reward_model`",
+                    ));
+                }
+                if self.principle.is_some() {
+                    return Err(BindingError::new(
+                        "params.principle",
+                        "`principle` goes with `feedback_model` (direct RLAIF), not `reward_model`",
+                    ));
+                }
+                Ok(())
+            }
+            (false, true) => {
+                if bound("baseline") {
+                    return Err(BindingError::new(
+                        "inputs.baseline",
+                        "`baseline` (contrastive rewards) needs `reward_model`: the baseline scores are preference-model scores",
+                    ));
+                }
+                if self.value_init == PpoValueInit::RewardModel {
+                    return Err(BindingError::new(
+                        "params.value_init",
+                        "`reward_model` needs a `reward_model` input; with `feedback_model` use `policy`",
+                    ));
+                }
+                match (&self.principle, bound("constitution")) {
+                    (Some(_), true) => Err(BindingError::new(
+                        "params.principle",
+                        "give the feedback model `principle` or a `constitution` input, not both",
+                    )),
+                    (None, false) => Err(BindingError::new(
+                        "inputs.constitution",
+                        "`feedback_model` needs a principle to rate under: `params.principle` or a `constitution` input",
+                    )),
+                    (Some(text), false) if text.trim().is_empty() => {
+                        Err(BindingError::new("params.principle", "empty"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 }

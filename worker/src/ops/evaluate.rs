@@ -266,47 +266,19 @@ fn check_judges(
 ) -> anyhow::Result<Option<FeedbackSetup>> {
     let stage = &ctx.spec.stage;
     let bound = |name: &str| ctx.spec.inputs.contains_key(name);
-    anyhow::ensure!(
-        bound(REWARD_JUDGE) || bound(FEEDBACK_JUDGE),
-        "stage `{stage}`: evaluate needs a judge: bind input `{REWARD_JUDGE}` (a preference model), \
-         input `{FEEDBACK_JUDGE}` (with input `constitution` or params.principle), or both"
-    );
+    p.check_bindings(&bound)
+        .map_err(|e| anyhow::anyhow!("stage `{stage}`, {e}"))?;
     if !bound(FEEDBACK_JUDGE) {
-        anyhow::ensure!(
-            !bound("constitution") && p.principle.is_none(),
-            "stage `{stage}`: {} is set but no input `{FEEDBACK_JUDGE}` is bound to ask it",
-            if p.principle.is_some() {
-                "params.principle"
-            } else {
-                "input `constitution`"
-            }
-        );
         return Ok(None);
     }
     match (bound("constitution"), &p.principle) {
-        (true, Some(_)) => anyhow::bail!(
-            "stage `{stage}`: both input `constitution` and params.principle are set; \
-             the feedback judge takes its principles from one of them"
-        ),
-        (false, None) => anyhow::bail!(
-            "stage `{stage}`: input `{FEEDBACK_JUDGE}` needs principles to ask: \
-             bind input `constitution` or set params.principle"
-        ),
-        (false, Some(text)) => {
-            anyhow::ensure!(
-                p.principles_per_prompt == 1,
-                "stage `{stage}`: params.principles_per_prompt is {} but params.principle gives one principle",
-                p.principles_per_prompt
-            );
-            anyhow::ensure!(
-                !p.few_shot,
-                "stage `{stage}`: params.few_shot takes the constitution's examples; no input `constitution` is bound"
-            );
-            Ok(Some(FeedbackSetup {
-                principles: vec![("principle".into(), text.clone())],
-                few_shot: Vec::new(),
-                sampled: false,
-            }))
+        (false, Some(text)) => Ok(Some(FeedbackSetup {
+            principles: vec![("principle".into(), text.clone())],
+            few_shot: Vec::new(),
+            sampled: false,
+        })),
+        (false, None) | (true, Some(_)) => {
+            unreachable!("check_bindings requires one source of principles")
         }
         (true, None) => {
             let c = Constitution::load(ctx.input("constitution")?)

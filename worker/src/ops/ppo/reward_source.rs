@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow::data::{read_jsonl, Constitution};
 use alignflow::ops::ai_feedback::conversation_of;
-use alignflow::ops::{BaselineRecord, PpoParams, PpoValueInit, StageContext};
+use alignflow::ops::{BaselineRecord, PpoParams, StageContext};
 use alignflow::text::Tokenizer;
 
 use super::pm_scores;
@@ -72,18 +72,10 @@ impl Source {
             head,
             lora: None,
         };
+        p.check_bindings(&|name| bound(name).is_some())
+            .map_err(|e| anyhow::anyhow!("stage `{stage}`, {e}"))?;
         match (bound("reward_model"), bound("feedback_model")) {
-            (Some(_), Some(_)) => anyhow::bail!(
-                "stage `{stage}`: bind exactly one reward source: `reward_model` (a preference model) or `feedback_model` (direct RLAIF), not both"
-            ),
-            (None, None) => anyhow::bail!(
-                "stage `{stage}`: no reward source: bind `reward_model` (a preference model) or `feedback_model` (direct RLAIF)"
-            ),
-            (Some(pm_dir), None) => {
-                anyhow::ensure!(
-                    bound("constitution").is_none() && p.principle.is_none(),
-                    "stage `{stage}`: `constitution` and `params.principle` go with `feedback_model`, not `reward_model`"
-                );
+            (Some(pm_dir), _) => {
                 let mut pm = Model::load(pm_dir, &opts(Head::Reward))?;
                 pm.vs.freeze();
                 anyhow::ensure!(
@@ -93,29 +85,10 @@ impl Source {
                 );
                 Ok(Source::Pm(pm))
             }
+            (None, None) => unreachable!("check_bindings requires a reward source"),
             (None, Some(dir)) => {
-                anyhow::ensure!(
-                    bound("baseline").is_none(),
-                    "stage `{stage}`: `baseline` (contrastive rewards) needs `reward_model`: the baseline scores are preference-model scores"
-                );
-                anyhow::ensure!(
-                    p.value_init != PpoValueInit::RewardModel,
-                    "stage `{stage}`, field `params.value_init`: `reward_model` needs a `reward_model` input; with `feedback_model` use `policy`"
-                );
                 let principles = match (p.principle.as_deref(), bound("constitution")) {
-                    (Some(_), Some(_)) => anyhow::bail!(
-                        "stage `{stage}`: give the feedback model `params.principle` or a `constitution`, not both"
-                    ),
-                    (None, None) => anyhow::bail!(
-                        "stage `{stage}`: `feedback_model` needs a principle to rate under: `params.principle` or a `constitution` input"
-                    ),
-                    (Some(text), None) => {
-                        anyhow::ensure!(
-                            !text.trim().is_empty(),
-                            "stage `{stage}`, field `params.principle`: empty"
-                        );
-                        vec![text.to_string()]
-                    }
+                    (Some(text), _) => vec![text.to_string()],
                     (None, Some(path)) => {
                         let c = Constitution::load(path)?;
                         anyhow::ensure!(
@@ -124,6 +97,7 @@ impl Source {
                         );
                         c.feedback.into_iter().map(|f| f.text).collect()
                     }
+                    (None, None) => unreachable!("check_bindings requires principles"),
                 };
                 let tokenizer = Tokenizer::from_dir(dir)?;
                 let mut model = Model::load(dir, &opts(Head::Lm))?;
