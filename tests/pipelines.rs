@@ -9,7 +9,9 @@ use common::*;
 fn copy_shipped(p: &Project) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for rel in [
+        "pipelines/cai-sl.yaml",
         "pipelines/cai.yaml",
+        "pipelines/tiny-sl.yaml",
         "pipelines/tiny.yaml",
         "pipelines/cai-dpo.yaml",
         "pipelines/tiny-dpo.yaml",
@@ -232,8 +234,6 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
         "run",
         m,
         "--quiet",
-        "--target",
-        "dpo_evaluation",
         "--set",
         "params.max_new_tokens=12",
         "--set",
@@ -251,7 +251,7 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
     ] {
         assert!(ran.contains(stage), "{stage} did not run:\n{out}");
     }
-    // No PM, no PPO on the DPO branch.
+    // No PM, no PPO in the DPO pipeline.
     for stage in ["pmp", "pm", "rl_cai", "evaluation"] {
         let listed = out
             .lines()
