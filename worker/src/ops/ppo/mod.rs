@@ -324,7 +324,24 @@ fn truncate_metrics(path: &Path, iteration: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the update gets the rollout's log-probs and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Passes {
+    /// With one epoch of one minibatch the update's own forward passes,
+    /// run before any weight changes, give the rollout's log-probs and
+    /// values (detached): the same numbers as separate no-grad passes, for
+    /// two forwards fewer per iteration. Otherwise as [`Passes::Separate`].
+    Auto,
+    /// No-grad policy and value forwards after sampling, then the update.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Separate,
+}
+
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    run_with(ctx, Passes::Auto)
+}
+
+pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result<Metrics> {
     let p: PpoParams = ctx.params()?;
     let stage = ctx.spec.stage.clone();
     let seed = ctx.spec.seed;
@@ -604,15 +621,36 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         };
         total_tokens += resp_tokens;
 
+        let minibatches = p.minibatches.clamp(1, batch.len());
+        let single_pass = passes == Passes::Auto && p.ppo_epochs.max(1) == 1 && minibatches == 1;
+        // The update's forwards, with grad, before anything else changes
+        // the weights (see `Passes::Auto`).
+        let mut update_forwards = single_pass.then(|| {
+            crate::train::autocast_if(autocast, || {
+                let (logp, logits) =
+                    response_logprobs(&policy, &ids, &mask, &resp, p_len, p.temperature);
+                let values = critic
+                    .as_ref()
+                    .map(|c| response_values(c, &ids, &mask, p_len, r));
+                (logp, logits, values)
+            })
+        });
         let (old_logp, ref_logp, old_values, raw_scores) = tch::no_grad(|| {
             crate::train::autocast_if(autocast, || {
-                let (old, _) = response_logprobs(&policy, &ids, &mask, &resp, p_len, p.temperature);
+                let (old, v) = match &update_forwards {
+                    Some((logp, _, values)) => {
+                        (logp.detach(), values.as_ref().map(|v| v.detach() * &rmask))
+                    }
+                    None => (
+                        response_logprobs(&policy, &ids, &mask, &resp, p_len, p.temperature).0,
+                        critic
+                            .as_ref()
+                            .map(|c| response_values(c, &ids, &mask, p_len, r) * &rmask),
+                    ),
+                };
                 let rf = reference.with(&policy, |m| {
                     response_logprobs(m, &ids, &mask, &resp, p_len, p.temperature).0
                 });
-                let v = critic
-                    .as_ref()
-                    .map(|c| response_values(c, &ids, &mask, p_len, r) * &rmask);
                 let sc = rewards.raw_scores(&batch, &ids, &mask, &resp, &gen_mask);
                 (old, rf, v, sc)
             })
@@ -671,12 +709,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         };
 
         // Update.
-        let minibatches = p.minibatches.clamp(1, batch.len());
         let (mut ent_sum, mut cf_sum, mut ak_sum, mut vl_sum, mut pl_sum, mut kll_sum, mut count) =
             (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         for epoch in 0..p.ppo_epochs.max(1) {
             seed_torch_for_step(seed, it * 1000 + epoch as u64);
-            let order = Tensor::randperm(b, (Kind::Int64, Device::Cpu)).to_device(device);
+            // One minibatch of everything: the row order changes nothing.
+            let order = if single_pass {
+                Tensor::arange(b, (Kind::Int64, device))
+            } else {
+                Tensor::randperm(b, (Kind::Int64, Device::Cpu)).to_device(device)
+            };
             let per = (b as usize).div_ceil(minibatches) as i64;
             let mut at = 0;
             while at < b {
@@ -687,15 +729,19 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 let (mb_ids, mb_mask, mb_resp, mb_rmask) =
                     (pick(&ids), pick(&mask), pick(&resp), pick(&rmask));
 
+                let precomputed = update_forwards.take();
                 let (pl, kl_loss, logits) = crate::train::autocast_if(autocast, || {
-                    let (logp, logits) = response_logprobs(
-                        &policy,
-                        &mb_ids,
-                        &mb_mask,
-                        &mb_resp,
-                        p_len,
-                        p.temperature,
-                    );
+                    let (logp, logits) = match &precomputed {
+                        Some((logp, logits, _)) => (logp.shallow_clone(), logits.shallow_clone()),
+                        None => response_logprobs(
+                            &policy,
+                            &mb_ids,
+                            &mb_mask,
+                            &mb_resp,
+                            p_len,
+                            p.temperature,
+                        ),
+                    };
                     let pl = policy_loss(&logp, &pick(&old_logp), &pick(&adv), &mb_rmask, p.clip);
                     // GRPO's KL term: k3 of the current policy against the
                     // reference, token-level masked mean like the surrogate.
@@ -732,7 +778,10 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                     (&critic, critic_opt.as_mut(), &critic_targets)
                 {
                     let vl = crate::train::autocast_if(autocast, || {
-                        let values = response_values(critic, &mb_ids, &mb_mask, p_len, r);
+                        let values = match precomputed.as_ref().and_then(|(_, _, v)| v.as_ref()) {
+                            Some(v) => v.shallow_clone(),
+                            None => response_values(critic, &mb_ids, &mb_mask, p_len, r),
+                        };
                         value_loss(
                             &values,
                             &pick(old_values),

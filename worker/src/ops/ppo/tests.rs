@@ -126,6 +126,15 @@ fn spec(stage: &str, op: &str, params: Value, inputs: &[(&str, PathBuf)], out: &
 /// Runs `ppo` with `params` (over small defaults) into `ROOT/NAME`; returns
 /// its summary, metrics lines and output folder.
 fn run_ppo(f: &Fixture, name: &str, params: Value) -> (Metrics, Vec<Value>, PathBuf) {
+    run_ppo_with(f, name, params, Passes::Auto)
+}
+
+fn run_ppo_with(
+    f: &Fixture,
+    name: &str,
+    params: Value,
+    passes: Passes,
+) -> (Metrics, Vec<Value>, PathBuf) {
     let mut all = json!({
         "iterations": 2, "batch_size": 3, "max_new_tokens": 5, "lr": 1e-3,
         "checkpoint_every": 0, "temperature": 1.0,
@@ -147,12 +156,12 @@ fn run_ppo(f: &Fixture, name: &str, params: Value) -> (Metrics, Vec<Value>, Path
         ],
         &out,
     );
-    let metrics = run(&StageContext {
+    let ctx = StageContext {
         spec: &spec,
         reporter: &NullReporter,
         cancel: &CancelFlag::default(),
-    })
-    .unwrap();
+    };
+    let metrics = run_with(&ctx, passes).unwrap();
     let lines = std::fs::read_to_string(out.join("metrics"))
         .unwrap()
         .lines()
@@ -474,4 +483,49 @@ fn grpo_trains_without_a_value_model_and_resumes_from_a_policy_only_checkpoint()
     assert!(before
         .iter()
         .any(|(n, t)| start.get(n).is_some_and(|s| !t.equal(s))));
+}
+
+#[test]
+fn one_epoch_of_one_minibatch_reuses_the_update_forwards_and_matches_separate_passes() {
+    // Passes::Auto takes the rollout's log-probs and values from the
+    // update's own forwards; Passes::Separate computes them first with
+    // no-grad forwards. Same numbers up to float summation order.
+    let f = fixture();
+    let params = json!({"iterations": 3, "ppo_epochs": 1, "minibatches": 1, "batch_size": 4});
+    let (_, fused, fused_model) = run_ppo_with(&f, "fused", params.clone(), Passes::Auto);
+    let (_, separate, separate_model) = run_ppo_with(&f, "separate", params, Passes::Separate);
+    assert_eq!(fused.len(), 3);
+    for (a, b) in fused.iter().zip(&separate) {
+        for key in [
+            "score",
+            "kl",
+            "entropy",
+            "policy_loss",
+            "value_loss",
+            "approx_kl",
+            "clip_frac",
+            "explained_variance",
+        ] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{key}: {x} vs {y}\n{a}\n{b}"
+            );
+        }
+        // The first minibatch of the first epoch: the ratio is exactly 1.
+        assert_eq!(a["clip_frac"].as_f64(), Some(0.0), "{a}");
+    }
+    let (a, b) = (tensors(&fused_model), tensors(&separate_model));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let diff = (t - &b[name]).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{name}: max difference {diff}");
+    }
+    // The weights did move: this compares two trainings, not two no-ops.
+    let start = tensors(&f.policy);
+    let moved = a
+        .iter()
+        .map(|(n, t)| (t - &start[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "the policy did not train: {moved}");
 }
