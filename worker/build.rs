@@ -3,9 +3,14 @@
 //! and `libtorch_cuda` kept linked (the default `--as-needed` drops it, and
 //! CUDA then silently reports unavailable). Only the worker gets these flags:
 //! the engine binary `alignflow` must not link libtorch at all.
-use std::path::PathBuf;
+//!
+//! Also compiles `csrc/onednn_linear.cpp` against torch's headers (oneDNN
+//! linear layers with pre-packed weights for decoding; see `model::onednn`)
+//! and sets `cfg(alignflow_onednn)` when it did.
+use std::path::{Path, PathBuf};
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(alignflow_onednn)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(root) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run `make build` to set up .venv");
@@ -21,6 +26,7 @@ fn main() {
             );
         }
     }
+    compile_shim(&root);
     let lib = root.join("lib");
     println!("cargo:rerun-if-changed={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
@@ -31,4 +37,29 @@ fn main() {
         println!("cargo:rustc-link-arg-tests=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         println!("cargo:rustc-link-arg-benches=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+}
+
+/// The C++ shim, against the headers of the libtorch tch links (the new C++
+/// ABI, as torch's own wheels since 2.7).
+fn compile_shim(root: &Path) {
+    let source = "csrc/onednn_linear.cpp";
+    println!("cargo:rerun-if-changed={source}");
+    let include = root.join("include");
+    if !include.join("ATen/core/dispatch/Dispatcher.h").exists() {
+        println!(
+            "cargo:warning=no torch headers under {}: decoding uses libtorch's plain linear",
+            include.display()
+        );
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file(source)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("alignflow_csrc");
+    println!("cargo:rustc-cfg=alignflow_onednn");
 }

@@ -130,6 +130,12 @@ impl Gpt2 {
         self.ln_f.forward(&x)
     }
 
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj])
+    }
+
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.blocks.iter_mut().flat_map(|b| {
             [

@@ -5,8 +5,11 @@
 //! layout is kept as stored so checkpoints round-trip without transposes.
 
 use std::cell::Cell;
+use std::sync::Mutex;
 
 use tch::{nn, Kind, Tensor};
+
+use super::onednn::{self, Packed};
 
 thread_local! {
     /// Whether LoRA adapters are skipped in forward passes on this thread
@@ -72,6 +75,9 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     layout: Layout,
     lora: Option<Lora>,
+    /// The weight packed for oneDNN while a decoding call runs (see
+    /// [`Linear::pack`]); `None` otherwise.
+    packed: Mutex<Option<Packed>>,
 }
 
 impl Linear {
@@ -123,13 +129,52 @@ impl Linear {
             bias,
             layout,
             lora,
+            packed: Mutex::new(None),
         }
     }
 
     /// # Shapes
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut y = match self.layout {
+        let packed = match self.packed.lock().expect("pack lock").as_ref() {
+            Some(p) if !train => packed_forward(p, x, self.bias.as_ref()),
+            _ => None,
+        };
+        let mut y = match packed {
+            Some(y) => y,
+            None => self.plain(x),
+        };
+        if let Some(l) = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get)) {
+            let h = x.dropout(l.dropout, train);
+            y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+        }
+        y
+    }
+
+    /// Packs the weight for oneDNN (float32 on the CPU only), for inputs of
+    /// about `rows` rows; `forward` uses it until [`Linear::unpack`]. Only
+    /// while the weight does not change (a decoding call).
+    pub fn pack(&self, rows: i64) {
+        if !onednn::applies_to(&self.weight) {
+            return;
+        }
+        let out_in = match self.layout {
+            Layout::OutIn => self.weight.shallow_clone(),
+            Layout::InOut => self.weight.transpose(0, 1),
+        };
+        match Packed::new(&out_in, rows) {
+            Ok(p) => *self.packed.lock().expect("pack lock") = Some(p),
+            Err(e) => tracing::warn!("{e}; this layer decodes with libtorch's linear"),
+        }
+    }
+
+    pub fn unpack(&self) {
+        *self.packed.lock().expect("pack lock") = None;
+    }
+
+    /// The base map through libtorch.
+    fn plain(&self, x: &Tensor) -> Tensor {
+        match self.layout {
             Layout::OutIn => x.linear(&self.weight, self.bias.as_ref()),
             Layout::InOut => match &self.bias {
                 // One fused addmm instead of a matmul and an add.
@@ -142,12 +187,7 @@ impl Linear {
                 }
                 None => x.matmul(&self.weight),
             },
-        };
-        if let Some(l) = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get)) {
-            let h = x.dropout(l.dropout, train);
-            y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
         }
-        y
     }
 
     /// Folds the adapter into the base weight (for export) and drops it.
@@ -174,6 +214,23 @@ impl Linear {
         match self.layout {
             Layout::OutIn => self.weight.size()[0],
             Layout::InOut => self.weight.size()[1],
+        }
+    }
+}
+
+/// `x Wᵀ + b` through a packed weight, for `x` of any rank; `None` (after a
+/// warning) if oneDNN refuses, so the caller falls back to libtorch.
+pub(super) fn packed_forward(p: &Packed, x: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+    let mut shape = x.size();
+    let last = shape.len() - 1;
+    match p.linear(&x.reshape([-1, shape[last]]), bias) {
+        Ok(y) => {
+            shape[last] = y.size()[1];
+            Some(y.view(shape.as_slice()))
+        }
+        Err(e) => {
+            tracing::warn!("{e}; falling back to libtorch's linear");
+            None
         }
     }
 }
