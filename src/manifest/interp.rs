@@ -109,9 +109,9 @@ fn walk_matrix_refs(
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(tail) = after.strip_prefix("$${") {
             out.push_str("$${");
-            rest = &after[3..];
+            rest = tail;
         } else if let Some(tail) = after.strip_prefix(OPEN) {
             let Some(end) = tail.find('}') else {
                 return Err((format!("unterminated `{OPEN}` in `{s}`"), None));
