@@ -335,39 +335,6 @@ pub(crate) enum Passes {
     /// No-grad policy and value forwards after sampling, then the update.
     #[cfg_attr(not(test), allow(dead_code))]
     Separate,
-    /// As `Auto`, but the value model's step runs in place, never beside
-    /// the next rollout (see [`PendingValueStep`]).
-    #[cfg_attr(not(test), allow(dead_code))]
-    NoOverlap,
-}
-
-/// The value model's backward, gradient clip and AdamW step of iteration
-/// `it`, deferred. The next rollout needs only the policy, so on a
-/// multi-core CPU this step runs on its own thread while the next rollout
-/// samples, one intra-op thread each: decoding steps use a second core
-/// poorly, and the step would otherwise sit on the critical path. It is
-/// applied before anything reads the value model again (the next update's
-/// forward, a checkpoint, the end).
-struct PendingValueStep {
-    it: u64,
-    loss: Tensor,
-    lr: f64,
-}
-
-impl PendingValueStep {
-    /// Applies the step. Err: the non-finite gradient norm.
-    fn apply(self, opt: &mut AdamW, grad_clip: Option<f64>) -> anyhow::Result<Result<(), f64>> {
-        opt.zero_grad();
-        self.loss.backward();
-        if let Some(c) = grad_clip {
-            let norm = clip_grad_norm(&opt.params(), c);
-            if !norm.is_finite() {
-                return Ok(Err(norm));
-            }
-        }
-        opt.step(self.lr)?;
-        Ok(Ok(()))
-    }
 }
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -613,16 +580,6 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         )
     };
 
-    // See `PendingValueStep`: only with one value step per iteration, on a
-    // CPU with threads to share.
-    let threads = tch::get_num_threads();
-    let overlap = passes == Passes::Auto
-        && device == Device::Cpu
-        && threads >= 2
-        && critic.is_some()
-        && p.ppo_epochs.max(1) == 1
-        && p.minibatches.clamp(1, batch_size * group) == 1;
-    let mut pending_value: Option<PendingValueStep> = None;
     for it in done + 1..=p.iterations {
         ctx.cancel.check()?;
         let t0 = Instant::now();
@@ -651,34 +608,9 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
             p_len,
             r,
             tokens: resp_tokens,
-        } = match (pending_value.take(), critic_opt.as_mut()) {
-            (Some(step), Some(opt)) => {
-                let step_it = step.it;
-                let (rollout, applied) = std::thread::scope(|scope| {
-                    let worker = scope.spawn(|| {
-                        tch::set_num_threads(1);
-                        step.apply(opt, p.grad_clip)
-                    });
-                    tch::set_num_threads(1);
-                    let rollout = tch::no_grad(|| sample(&policy, &batch, &cfg, device));
-                    let applied = worker.join();
-                    tch::set_num_threads(threads);
-                    (rollout, applied)
-                });
-                let applied = applied.map_err(|_| {
-                    anyhow::anyhow!(
-                        "stage `{stage}`: the value step of iteration {step_it} panicked"
-                    )
-                })?;
-                if let Err(norm) = applied? {
-                    return Err(stopped(step_it, "value gradient norm", norm));
-                }
-                rollout
-            }
-            _ => tch::no_grad(|| {
-                crate::train::autocast_if(autocast, || sample(&policy, &batch, &cfg, device))
-            }),
-        };
+        } = tch::no_grad(|| {
+            crate::train::autocast_if(autocast, || sample(&policy, &batch, &cfg, device))
+        });
         let rmask = match eos {
             Some(e) => response_mask(&resp, e, None) * gen_mask.to_kind(Kind::Float),
             None => gen_mask.to_kind(Kind::Float),
@@ -690,8 +622,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         total_tokens += resp_tokens;
 
         let minibatches = p.minibatches.clamp(1, batch.len());
-        let single_pass =
-            passes != Passes::Separate && p.ppo_epochs.max(1) == 1 && minibatches == 1;
+        let single_pass = passes == Passes::Auto && p.ppo_epochs.max(1) == 1 && minibatches == 1;
         // The update's forwards, with grad, before anything else changes
         // the weights (see `Passes::Auto`).
         let mut update_forwards = single_pass.then(|| {
@@ -863,16 +794,15 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
                     if !vl_v.is_finite() {
                         return Err(stopped(it, "value loss", vl_v));
                     }
-                    let step = PendingValueStep {
-                        it,
-                        loss: vl.loss,
-                        lr,
-                    };
-                    if overlap {
-                        pending_value = Some(step);
-                    } else if let Err(norm) = step.apply(critic_opt, p.grad_clip)? {
-                        return Err(stopped(it, "value gradient norm", norm));
+                    critic_opt.zero_grad();
+                    vl.loss.backward();
+                    if let Some(c) = p.grad_clip {
+                        let norm = clip_grad_norm(&critic_opt.params(), c);
+                        if !norm.is_finite() {
+                            return Err(stopped(it, "value gradient norm", norm));
+                        }
                     }
+                    critic_opt.step(lr)?;
                     vl_sum += vl_v;
                 }
 
@@ -938,18 +868,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
             &format!("score {mean_score:.4} kl {mean_kl:.4}"),
         );
         last = line;
-        let checkpoint_now =
-            p.checkpoint_every > 0 && it % p.checkpoint_every == 0 && it < p.iterations;
-        if checkpoint_now || it == p.iterations {
-            // The value model must hold this iteration's step before it
-            // is saved.
-            if let (Some(step), Some(opt)) = (pending_value.take(), critic_opt.as_mut()) {
-                if let Err(norm) = step.apply(opt, p.grad_clip)? {
-                    return Err(stopped(it, "value gradient norm", norm));
-                }
-            }
-        }
-        if checkpoint_now {
+        if p.checkpoint_every > 0 && it % p.checkpoint_every == 0 && it < p.iterations {
             // The metrics lines up to `it` must be on disk before a
             // checkpoint that says `it` is done.
             metrics_file.flush()?;
