@@ -26,9 +26,11 @@
 //! `peak_rss_mib` is VmHWM of the whole process.
 //!
 //! `--breakdown` adds a second JSON line: the same iteration rebuilt from
-//! the library's parts (sampling, the four scoring forwards, advantages,
-//! policy update, value update), each phase timed, to show where the time
-//! goes. It is not the op, but the same calls on the same shapes.
+//! the library's parts as the op runs it with one epoch of one minibatch
+//! (sampling, the update's policy and value forwards, the reference and
+//! reward forwards, advantages, policy backward + step, value backward +
+//! step), each phase timed, to show where the time goes. It is not the op,
+//! but the same calls on the same shapes.
 //!
 //!   cargo bench -p alignflow-worker --bench ppo -- [--repeats N] [--warmup N]
 //!       [--runs N] [--threads N] [--device cpu|cuda] [--breakdown]
@@ -482,37 +484,46 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         let ids = Tensor::cat(&[&prompt, &resp], 1);
         let mask = ids.ones_like();
         let rmask = Tensor::ones([BATCH, RESPONSE], (Kind::Float, d));
-        let (((old_logp, ref_logp), (old_values, scores)), s) = clock(d, || {
+        // As the op with one epoch of one minibatch: the update's forwards
+        // (with grad) give the rollout's log-probs and values.
+        let ((logp, values), s) = clock(d, || {
+            (
+                response_logprobs(&policy, &ids, &mask, &resp).0,
+                response_values(&critic, &ids, &mask),
+            )
+        });
+        ph.push(("update_forwards", s));
+        let (old_logp, old_values) = (logp.detach(), values.detach());
+        let ((ref_logp, scores), s) = clock(d, || {
             tch::no_grad(|| {
-                let (old, _) = response_logprobs(&policy, &ids, &mask, &resp);
                 let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp);
-                let v = response_values(&critic, &ids, &mask);
                 let h = pm
                     .lm
                     .hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
                 let sc = pm.reward.as_ref().expect("reward head").forward(&h, &mask);
-                ((old, rf), (v, sc))
+                (rf, sc)
             })
         });
         ph.push(("scoring_forwards", s));
         let ((adv, returns), s) = clock(d, || {
-            let kl = kl_per_token(&old_logp, &ref_logp, KlEstimator::K1) * &rmask;
-            let has_eos = Tensor::zeros([BATCH], (Kind::Bool, d));
-            let shaped = shape_rewards(&scores, &kl, &rmask, &has_eos, KL_COEF, None);
-            let (adv, returns) = compute_gae(
-                &old_values,
-                &shaped.rewards,
-                &rmask,
-                &GaeConfig {
-                    gamma: GAMMA,
-                    lam: LAM,
-                },
-            );
-            (masked_whiten(&adv, &rmask, true) * &rmask, returns)
+            tch::no_grad(|| {
+                let kl = kl_per_token(&old_logp, &ref_logp, KlEstimator::K1) * &rmask;
+                let has_eos = Tensor::zeros([BATCH], (Kind::Bool, d));
+                let shaped = shape_rewards(&scores, &kl, &rmask, &has_eos, KL_COEF, None);
+                let (adv, returns) = compute_gae(
+                    &old_values,
+                    &shaped.rewards,
+                    &rmask,
+                    &GaeConfig {
+                        gamma: GAMMA,
+                        lam: LAM,
+                    },
+                );
+                (masked_whiten(&adv, &rmask, true) * &rmask, returns)
+            })
         });
         ph.push(("advantages", s));
         let (_, s) = clock(d, || -> anyhow::Result<()> {
-            let (logp, _) = response_logprobs(&policy, &ids, &mask, &resp);
             let pl = policy_loss(&logp, &old_logp, &adv, &rmask, CLIP);
             policy_opt.zero_grad();
             pl.loss.backward();
@@ -520,9 +531,8 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
             policy_opt.step(LR)?;
             Ok(())
         });
-        ph.push(("policy_update", s));
+        ph.push(("policy_backward_step", s));
         let (_, s) = clock(d, || -> anyhow::Result<()> {
-            let values = response_values(&critic, &ids, &mask);
             let vl = value_loss(&values, &old_values, &returns, &rmask, CLIP);
             critic_opt.zero_grad();
             vl.loss.backward();
@@ -530,7 +540,7 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
             critic_opt.step(LR)?;
             Ok(())
         });
-        ph.push(("value_update", s));
+        ph.push(("value_backward_step", s));
         let total = t_all.elapsed().as_secs_f64();
         if it >= a.warmup {
             totals.push(total);
