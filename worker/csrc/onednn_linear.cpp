@@ -14,6 +14,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
 
 #include <cstdlib>
@@ -79,5 +80,8 @@ at::Tensor* alignflow_onednn_linear(const at::Tensor* x, const at::Tensor* packe
 }
 
 void alignflow_free_message(char* message) { std::free(message); }
+
+// Whether autograd records on this thread (the packed path has no backward).
+int alignflow_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 
 }  // extern "C"

@@ -137,7 +137,9 @@ impl Linear {
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let packed = match self.packed.lock().expect("pack lock").as_ref() {
-            Some(p) if !train => packed_forward(p, x, self.bias.as_ref()),
+            Some(p) if !train && !onednn::grad_enabled() => {
+                packed_forward(p, x, self.bias.as_ref())
+            }
             _ => None,
         };
         let mut y = match packed {
@@ -152,8 +154,8 @@ impl Linear {
     }
 
     /// Packs the weight for oneDNN (float32 on the CPU only), for inputs of
-    /// about `rows` rows; `forward` uses it until [`Linear::unpack`]. Only
-    /// while the weight does not change (a decoding call).
+    /// about `rows` rows; no-grad forwards use it until [`Linear::unpack`].
+    /// Only while the weight does not change.
     pub fn pack(&self, rows: i64) {
         if !onednn::applies_to(&self.weight) {
             return;
@@ -170,6 +172,10 @@ impl Linear {
 
     pub fn unpack(&self) {
         *self.packed.lock().expect("pack lock") = None;
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed.lock().expect("pack lock").is_some()
     }
 
     /// The base map through libtorch.

@@ -3,7 +3,9 @@
 //!
 //! [`Packed::new`] reorders a weight once; [`Packed::linear`] then computes
 //! `x Wᵀ + b` with it. Only valid while the weight does not change: the
-//! sampler packs at the start of a call and drops the packs at its end.
+//! sampler packs the model at the start of a call and drops the packs at its
+//! end; frozen models (PPO's reference and reward model) stay packed for the
+//! whole stage. Only no-grad forwards use the packs (no backward).
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -24,6 +26,7 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> *mut std::ffi::c_void;
     fn alignflow_free_message(message: *mut c_char);
+    fn alignflow_grad_enabled() -> c_int;
 }
 
 /// Whether this libtorch can run packed linears (built with oneDNN, shim
@@ -39,6 +42,18 @@ pub fn available() -> bool {
         #[cfg(not(alignflow_onednn))]
         false
     })
+}
+
+/// Whether autograd records on this thread: packed linears have no
+/// backward, so they only run when it does not.
+pub fn grad_enabled() -> bool {
+    #[cfg(alignflow_onednn)]
+    {
+        // SAFETY: no arguments, reads a thread-local flag.
+        unsafe { alignflow_grad_enabled() == 1 }
+    }
+    #[cfg(not(alignflow_onednn))]
+    true
 }
 
 /// Whether a weight can be packed: float32 on the CPU.
@@ -128,5 +143,28 @@ mod tests {
             .linear(&Tensor::ones([2, 65], (Kind::Float, Device::Cpu)), None)
             .unwrap_err();
         assert!(err.to_string().starts_with("oneDNN linear:"), "{err}");
+    }
+
+    #[test]
+    fn packs_serve_only_no_grad_forwards_so_a_packed_layer_still_trains() {
+        use crate::model::{Layout, Linear};
+        tch::manual_seed(1);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let layer = Linear::new(vs.root() / "l", 16, 8, true, Layout::InOut, None);
+        let x = Tensor::randn([4, 16], (Kind::Float, Device::Cpu));
+        let plain = tch::no_grad(|| layer.forward(&x, false));
+        layer.pack(8);
+        assert!(layer.is_packed());
+        assert!(grad_enabled() && tch::no_grad(|| !grad_enabled()));
+        let packed = tch::no_grad(|| layer.forward(&x, false));
+        let diff = (&packed - &plain).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "max difference {diff}");
+        // With autograd on, the same layer takes libtorch's path: a graph.
+        let y = layer.forward(&x, false);
+        assert!(y.requires_grad());
+        y.sum(Kind::Float).backward();
+        assert!(layer.weight.grad().defined());
+        layer.unpack();
+        assert!(!layer.is_packed());
     }
 }

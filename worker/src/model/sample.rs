@@ -99,7 +99,7 @@ pub fn generate(
     tch::no_grad(|| {
         let b = prompts.len();
         // The weights stay fixed for the whole call: pack them once.
-        let _packing = model.packed_for_decoding(b as i64);
+        let _packing = model.packed(8);
         let (ids, mut mask) = left_pad(prompts, cfg.pad_token_id, device);
         let prompt_len = ids.size()[1];
         let mut cache =

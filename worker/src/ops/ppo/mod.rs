@@ -453,6 +453,13 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         &texts,
     )?;
 
+    // The reference and the reward source never change: their no-grad
+    // forwards run through oneDNN packs made once for the stage (CPU only).
+    let _reference_packing = match &reference {
+        Reference::Copy(m) => Some(m.lm.packed(8)),
+        Reference::AdaptersOff => None,
+    };
+    let _reward_packing = rewards.packed();
     let mut policy_opt = AdamW::new(policy.trainable(), AdamWConfig::default())?;
     let mut critic_opt = match &critic {
         Some(c) => Some(AdamW::new(c.trainable(), AdamWConfig::default())?),

@@ -113,6 +113,15 @@ impl Source {
         }
     }
 
+    /// The frozen model packed for oneDNN for the whole stage (see
+    /// [`crate::model::Transformer::packed`]).
+    pub(super) fn packed(&self) -> crate::model::Packing<'_> {
+        match self {
+            Source::Pm(pm) => pm.lm.packed(8),
+            Source::Feedback(f) => f.model.lm.packed(8),
+        }
+    }
+
     /// The most positions a scored sequence may take, when the source reads
     /// the rollout's tokens directly (the PM); the feedback model reads its
     /// own prompt, cut from the left to fit.
@@ -143,6 +152,11 @@ pub(super) struct Rewards {
 }
 
 impl Rewards {
+    /// The reward source packed for the stage (see [`Source::packed`]).
+    pub(super) fn packed(&self) -> crate::model::Packing<'_> {
+        self.source.packed()
+    }
+
     /// `prompts[i]` are the tokens of `texts[i]` as the rollouts use them.
     /// With a `baseline` input every prompt must have a baseline record.
     pub(super) fn new(

@@ -391,10 +391,13 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
         pad_token_id: policy.lm.cfg.pad_id(),
         ..Default::default()
     };
+    // Scored as the op scores them: through the stage-long oneDNN packs.
+    let rewards = Rewards::from_pm(pm, Tokenizer::from_dir(&f.policy).unwrap());
+    let _packed = rewards.packed();
     let raw = reference_scores(
         &policy,
         &Reference::AdaptersOff,
-        &Rewards::from_pm(pm, Tokenizer::from_dir(&f.policy).unwrap()),
+        &rewards,
         &prompts,
         10,
         3,
