@@ -10,27 +10,19 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::Context;
-
-use alignflow::data::{read_jsonl, JsonlWriter};
+use alignflow::data::JsonlWriter;
 use alignflow::ops::best_of_n::{best_index, BestOfNReport};
 use alignflow::ops::{BestOfNParams, StageContext};
 use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow::text::Tokenizer;
 
 use super::evaluate::{pm_score_rows, same_tokenizer};
+use super::prompts::{read_prompts, Prompt, PromptSource};
 use crate::model::sample::{generate, Finish, SamplingConfig};
 use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
 
 /// Mixes a batch index into the stage seed (as `generate` does).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// One prompt: the raw field, the templated text, its tokens.
-struct Prompt {
-    raw: String,
-    text: String,
-    ids: Vec<i64>,
-}
 
 /// One sampled answer.
 struct Answer {
@@ -64,9 +56,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     );
     let prompts = read_prompts(
         ctx,
-        &p,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: p.limit,
+            budget: (max_positions - p.max_new_tokens) as usize,
+        },
         &tokenizer,
-        (max_positions - p.max_new_tokens) as usize,
     )?;
     let opts = |head| BuildOptions {
         device,
@@ -140,53 +136,6 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
     Ok(report.metrics())
-}
-
-/// The first `limit` prompts, templated and tokenized (keeping each end
-/// within `budget` tokens).
-fn read_prompts(
-    ctx: &StageContext<'_>,
-    p: &BestOfNParams,
-    tokenizer: &Tokenizer,
-    budget: usize,
-) -> anyhow::Result<Vec<Prompt>> {
-    let stage = &ctx.spec.stage;
-    let path = ctx.input("prompts")?;
-    let mut prompts = Vec::new();
-    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
-        if p.limit.is_some_and(|l| prompts.len() >= l) {
-            break;
-        }
-        let record = record
-            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
-        let raw = record[&p.prompt_field].as_str().with_context(|| {
-            format!(
-                "stage `{stage}`: {}:{line}: no string field `{}` (params.prompt_field)",
-                path.display(),
-                p.prompt_field
-            )
-        })?;
-        let text = apply_template(&p.template, raw);
-        let mut ids = tokenizer.encode(&text)?;
-        // Over-long prompts keep their end, which the answer continues.
-        ids.drain(..ids.len().saturating_sub(budget));
-        anyhow::ensure!(
-            !ids.is_empty(),
-            "stage `{stage}`: {}:{line}: empty prompt",
-            path.display()
-        );
-        prompts.push(Prompt {
-            raw: raw.to_string(),
-            text,
-            ids,
-        });
-    }
-    anyhow::ensure!(
-        !prompts.is_empty(),
-        "stage `{stage}`: no prompts in {}",
-        path.display()
-    );
-    Ok(prompts)
 }
 
 /// Per prompt, its `n` answers by sample index.

@@ -21,7 +21,7 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::data::{read_jsonl, Constitution, JsonlWriter};
+use alignflow::data::{Constitution, JsonlWriter};
 use alignflow::ops::ai_feedback::{
     combine_orders, conversation_of, feedback_prompt, sample_principles, with_few_shot,
 };
@@ -30,26 +30,17 @@ use alignflow::ops::evaluate::{
 };
 use alignflow::ops::{EvaluateParams, StageContext};
 use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow::text::Tokenizer;
 
 use super::ai_feedback::{p_option_a, OptionTokens};
 use super::ppo::response_logprobs;
+use super::prompts::{read_prompts, Prompt, PromptSource};
 use crate::model::sample::{generate, left_pad, Finish, Sample, SamplingConfig};
 use crate::model::{self, positions_from_mask, BuildOptions, Head, Model, ModelConfig};
 use crate::rl::{kl_per_token, masked_sum, response_mask, KlEstimator};
 
 /// Mixes a batch index into the stage seed (as `generate` does).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// One held-out prompt.
-struct Prompt {
-    /// The prompt field as recorded.
-    raw: String,
-    /// After the template: what the policies read and the judges show.
-    text: String,
-    /// `text` tokenized, keeping its end to leave room for the answer.
-    ids: Vec<i64>,
-}
 
 /// One policy's answer.
 struct Answer {
@@ -109,9 +100,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     );
     let prompts = read_prompts(
         ctx,
-        &p,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: p.limit,
+            budget: (max_positions - p.max_new_tokens) as usize,
+        },
         &tokenizer,
-        (max_positions - p.max_new_tokens) as usize,
     )?;
     let n = prompts.len();
 
@@ -319,52 +314,6 @@ pub(crate) fn same_tokenizer(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
     let read = |f: &Path| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
     Ok(read(&fa)? == read(&fb)?)
-}
-
-/// The first `limit` prompts, templated and tokenized (keeping each end
-/// within `budget` tokens).
-fn read_prompts(
-    ctx: &StageContext<'_>,
-    p: &EvaluateParams,
-    tokenizer: &Tokenizer,
-    budget: usize,
-) -> anyhow::Result<Vec<Prompt>> {
-    let stage = &ctx.spec.stage;
-    let path = ctx.input("prompts")?;
-    let mut prompts = Vec::new();
-    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
-        if p.limit.is_some_and(|l| prompts.len() >= l) {
-            break;
-        }
-        let record = record
-            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
-        let raw = record[&p.prompt_field].as_str().with_context(|| {
-            format!(
-                "stage `{stage}`: {}:{line}: no string field `{}` (params.prompt_field)",
-                path.display(),
-                p.prompt_field
-            )
-        })?;
-        let text = apply_template(&p.template, raw);
-        let mut ids = tokenizer.encode(&text)?;
-        ids.drain(..ids.len().saturating_sub(budget));
-        anyhow::ensure!(
-            !ids.is_empty(),
-            "stage `{stage}`: {}:{line}: empty prompt",
-            path.display()
-        );
-        prompts.push(Prompt {
-            raw: raw.to_string(),
-            text,
-            ids,
-        });
-    }
-    anyhow::ensure!(
-        !prompts.is_empty(),
-        "stage `{stage}`: no prompts in {}",
-        path.display()
-    );
-    Ok(prompts)
 }
 
 /// Both policies' answers (batch `k` sampled with seed `seed ^ k * GOLDEN`,

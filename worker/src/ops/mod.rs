@@ -15,6 +15,7 @@ mod generate;
 mod lm_pretrain;
 pub mod pm;
 mod ppo;
+mod prompts;
 pub mod sft;
 
 /// A tensor op's entry point.

@@ -9,14 +9,15 @@ use std::collections::HashSet;
 use anyhow::Context;
 use tch::Kind;
 
-use alignflow::data::{read_jsonl, JsonlWriter};
+use alignflow::data::JsonlWriter;
 use alignflow::ops::{BaselineRecord, BaselineScoresParams, StageContext};
 use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow::text::Tokenizer;
 
 use super::{pm_scores, sample};
 use crate::model::sample::SamplingConfig;
 use crate::model::{self, BuildOptions, Head, Model};
+use crate::ops::prompts::{read_prompts, PromptSource};
 use crate::rl::baseline_mean;
 use crate::train::step_seed;
 
@@ -53,35 +54,22 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     );
     let budget = (max_positions - max_new) as usize;
 
-    let path = ctx.input("prompts")?;
+    // Each distinct prompt once: the baseline is keyed by its text.
     let mut seen = HashSet::new();
-    let mut texts = Vec::new();
-    let mut prompts = Vec::new();
-    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
-        let record = record
-            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
-        let field = record[&p.prompt_field].as_str().with_context(|| {
-            format!(
-                "stage `{stage}`: {}:{line}: no string field `{}`",
-                path.display(),
-                p.prompt_field
-            )
-        })?;
-        let text = apply_template(&p.template, field);
-        if !seen.insert(text.clone()) {
-            continue;
-        }
-        let mut ids = tokenizer.encode(&text)?;
-        ids.drain(..ids.len().saturating_sub(budget));
-        anyhow::ensure!(
-            !ids.is_empty(),
-            "stage `{stage}`: {}:{line}: empty prompt",
-            path.display()
-        );
-        texts.push(text);
-        prompts.push(ids);
-    }
-    anyhow::ensure!(!prompts.is_empty(), "stage `{stage}`: no prompts");
+    let (texts, prompts): (Vec<String>, Vec<Vec<i64>>) = read_prompts(
+        ctx,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: None,
+            budget,
+        },
+        &tokenizer,
+    )?
+    .into_iter()
+    .filter(|pr| seen.insert(pr.text.clone()))
+    .map(|pr| (pr.text, pr.ids))
+    .unzip();
 
     let sampling = SamplingConfig {
         max_new_tokens: max_new,

@@ -35,13 +35,13 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use alignflow::data::read_jsonl;
 use alignflow::ops::{
     PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoValueInit, StageContext,
 };
 use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow::text::Tokenizer;
 
+use super::prompts::{read_prompts, PromptSource};
 use crate::model::sample::{generate, left_pad, SamplingConfig};
 use crate::model::{
     self, positions_from_mask, without_adapters, BuildOptions, Head, LoraConfig, Model,
@@ -417,33 +417,18 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
     let prompt_budget = (max_positions - max_new) as usize;
 
     // Prompts, tokenized, keeping each one's end.
-    let path = ctx.input("prompts")?;
-    let mut prompts: Vec<Vec<i64>> = Vec::new();
-    let mut texts: Vec<String> = Vec::new();
-    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
-        let record = record
-            .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
-        let text = record[&p.prompt_field].as_str().with_context(|| {
-            format!(
-                "stage `{stage}`: {}:{line}: no string field `{}`",
-                path.display(),
-                p.prompt_field
-            )
-        })?;
-        let text = apply_template(&p.template, text);
-        let mut ids = tokenizer.encode(&text)?;
-        if ids.len() > prompt_budget {
-            ids.drain(..ids.len() - prompt_budget);
-        }
-        anyhow::ensure!(
-            !ids.is_empty(),
-            "stage `{stage}`: {}:{line}: empty prompt",
-            path.display()
-        );
-        prompts.push(ids);
-        texts.push(text);
-    }
-    anyhow::ensure!(!prompts.is_empty(), "stage `{stage}`: no prompts");
+    let read = read_prompts(
+        ctx,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: None,
+            budget: prompt_budget,
+        },
+        &tokenizer,
+    )?;
+    let (prompts, texts): (Vec<Vec<i64>>, Vec<String>) =
+        read.into_iter().map(|pr| (pr.ids, pr.text)).unzip();
     let rewards = Rewards::new(
         ctx,
         source,
