@@ -3,66 +3,8 @@
 //! the best; the kept answers score at least the mean of all samples, the
 //! dataset has the documented fields, and an `sft` stage trains on it.
 mod common;
+use common::a_world::{comparisons, corpus, dialogue, prompts, topic};
 use common::*;
-
-const WORDS: &[&str] = &[
-    "the", "sun", "moon", "fish", "red", "blue", "green", "sky", "tree", "dog", "big", "on", "ice",
-    "fox", "sit", "run",
-];
-
-/// A raw prompt; the pipeline's template wraps it in a dialogue.
-fn prompt(rng: &mut Lcg) -> String {
-    format!("tell me about the {}", rng.pick(WORDS))
-}
-
-/// `n` words, each the word `a` with probability `share_a` percent.
-fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
-    let words: Vec<&str> = (0..n)
-        .map(|_| {
-            if rng.below(100) < share_a {
-                "a"
-            } else {
-                rng.pick(WORDS)
-            }
-        })
-        .collect();
-    format!(" {}", words.join(" "))
-}
-
-fn dialogue(q: &str) -> String {
-    format!("\n\nHuman: {q}\n\nAssistant:")
-}
-
-fn corpus(n: usize) -> String {
-    let mut rng = Lcg(3);
-    (0..n)
-        .map(|_| {
-            let q = dialogue(&prompt(&mut rng));
-            serde_json::json!({
-                "chosen": format!("{q}{}", response(&mut rng, 8, 10)),
-                "rejected": format!("{q}{}", response(&mut rng, 8, 10)),
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
-
-fn comparisons(n: usize) -> String {
-    let mut rng = Lcg(11);
-    (0..n)
-        .map(|_| {
-            serde_json::json!({
-                "prompt": dialogue(&prompt(&mut rng)),
-                "chosen": response(&mut rng, 8, 50),
-                "rejected": response(&mut rng, 8, 5),
-                "label": 1.0,
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
 
 const PIPELINE: &str = r#"version: 1
 name: best-of-n-tiny
@@ -100,11 +42,8 @@ fn best_of_n_keeps_the_best_answers_and_sft_trains_on_them() {
     let p = Project::new();
     p.write("hh.jsonl", &corpus(200));
     p.write("comparisons.jsonl", &comparisons(160));
-    let mut rng = Lcg(5);
-    let prompts: String = (0..12)
-        .map(|_| serde_json::json!({ "prompt": prompt(&mut rng) }).to_string() + "\n")
-        .collect();
-    p.write("prompts.jsonl", &prompts);
+    let given_prompts = prompts(12, 5, topic);
+    p.write("prompts.jsonl", &given_prompts);
     p.write("pipeline.yaml", PIPELINE);
     let out = p.ok(&["run", "pipeline.yaml", "--quiet"]);
     let ran = stages_with_status(&out, "ran");
@@ -121,7 +60,7 @@ fn best_of_n_keeps_the_best_answers_and_sft_trains_on_them() {
         .collect();
     assert_eq!(records.len(), 12);
     let (mut best_sum, mut all_sum, mut all_n) = (0.0, 0.0, 0usize);
-    for (r, line) in records.iter().zip(prompts.lines()) {
+    for (r, line) in records.iter().zip(given_prompts.lines()) {
         let given: serde_json::Value = serde_json::from_str(line).unwrap();
         // The raw prompt, for sft's template; the templated text beside it.
         assert_eq!(r["prompt"], given["prompt"]);

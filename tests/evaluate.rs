@@ -4,69 +4,10 @@
 //! each policy against the other in both roles, the Markdown report against
 //! the JSON one, and a stage with no judge.
 mod common;
+use common::a_world::{comparisons, corpus, prompt, prompts};
 use common::*;
 
 use std::sync::OnceLock;
-
-const WORDS: &[&str] = &[
-    "the", "sun", "moon", "fish", "red", "blue", "green", "sky", "tree", "dog", "big", "on", "ice",
-    "fox", "sit", "run",
-];
-
-fn prompt(rng: &mut Lcg) -> String {
-    format!(
-        "\n\nHuman: tell me about the {}\n\nAssistant:",
-        rng.pick(WORDS)
-    )
-}
-
-/// `n` words, each the word `a` with probability `share_a` percent.
-fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
-    let words: Vec<&str> = (0..n)
-        .map(|_| {
-            if rng.below(100) < share_a {
-                "a"
-            } else {
-                rng.pick(WORDS)
-            }
-        })
-        .collect();
-    format!(" {}", words.join(" "))
-}
-
-/// Dialogues for the tokenizer and the LMs.
-fn corpus(n: usize) -> String {
-    let mut rng = Lcg(3);
-    (0..n)
-        .map(|_| {
-            let q = prompt(&mut rng);
-            serde_json::json!({
-                "chosen": format!("{q}{}", response(&mut rng, 8, 10)),
-                "rejected": format!("{q}{}", response(&mut rng, 8, 10)),
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
-
-/// Comparisons for the PM: the chosen response has more `a`.
-fn comparisons(n: usize) -> String {
-    let mut rng = Lcg(11);
-    (0..n)
-        .map(|_| {
-            let q = prompt(&mut rng);
-            serde_json::json!({
-                "prompt": q,
-                "chosen": response(&mut rng, 8, 50),
-                "rejected": response(&mut rng, 8, 5),
-                "label": 1.0,
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
 
 const CONSTITUTION: &str = r#"version: 1
 name: test
@@ -132,11 +73,7 @@ fn project() -> &'static Project {
         p.write("hh.jsonl", &corpus(120));
         p.write("comparisons.jsonl", &comparisons(80));
         p.write("constitution.yaml", CONSTITUTION);
-        let mut rng = Lcg(5);
-        let prompts: String = (0..PROMPTS)
-            .map(|_| serde_json::json!({ "prompt": prompt(&mut rng) }).to_string() + "\n")
-            .collect();
-        p.write("prompts.jsonl", &prompts);
+        p.write("prompts.jsonl", &prompts(PROMPTS, 5, prompt));
         p.write("pipeline.yaml", PIPELINE);
         p.ok(&["run", "pipeline.yaml", "--quiet"]);
         p

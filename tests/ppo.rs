@@ -5,70 +5,10 @@
 //! byte-identical to an uninterrupted one. The critic-free modes (GRPO,
 //! RLOO: 4 responses per prompt, no value model) raise the score too.
 mod common;
+use common::a_world::{comparisons, corpus, prompt, prompts};
 use common::*;
 
 use std::time::{Duration, Instant};
-
-const WORDS: &[&str] = &[
-    "the", "sun", "moon", "fish", "red", "blue", "green", "sky", "tree", "dog", "big", "on", "ice",
-    "fox", "sit", "run",
-];
-
-fn prompt(rng: &mut Lcg) -> String {
-    format!(
-        "\n\nHuman: tell me about the {}\n\nAssistant:",
-        rng.pick(WORDS)
-    )
-}
-
-/// `n` words, each the word `a` with probability `share_a`.
-fn response(rng: &mut Lcg, n: usize, share_a: usize) -> String {
-    let words: Vec<&str> = (0..n)
-        .map(|_| {
-            if rng.below(100) < share_a {
-                "a"
-            } else {
-                rng.pick(WORDS)
-            }
-        })
-        .collect();
-    format!(" {}", words.join(" "))
-}
-
-/// Dialogues for the tokenizer and the base LM: responses from the same
-/// words as the comparisons, `a` one word in ten.
-fn corpus(n: usize) -> String {
-    let mut rng = Lcg(3);
-    (0..n)
-        .map(|_| {
-            let q = prompt(&mut rng);
-            serde_json::json!({
-                "chosen": format!("{q}{}", response(&mut rng, 8, 10)),
-                "rejected": format!("{q}{}", response(&mut rng, 8, 10)),
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
-
-/// Comparisons: the chosen response is half `a`, the rejected one has few.
-fn comparisons(n: usize) -> String {
-    let mut rng = Lcg(11);
-    (0..n)
-        .map(|_| {
-            let q = prompt(&mut rng);
-            serde_json::json!({
-                "prompt": q,
-                "chosen": response(&mut rng, 8, 50),
-                "rejected": response(&mut rng, 8, 5),
-                "label": 1.0,
-            })
-            .to_string()
-                + "\n"
-        })
-        .collect()
-}
 
 /// The pipeline with the `rl` stage's params.
 fn pipeline(rl_params: &str) -> String {
@@ -83,11 +23,7 @@ fn project(yaml: &str) -> Project {
     let p = Project::new();
     p.write("hh.jsonl", &corpus(200));
     p.write("comparisons.jsonl", &comparisons(160));
-    let mut rng = Lcg(5);
-    let prompts: String = (0..24)
-        .map(|_| serde_json::json!({ "prompt": prompt(&mut rng) }).to_string() + "\n")
-        .collect();
-    p.write("prompts.jsonl", &prompts);
+    p.write("prompts.jsonl", &prompts(24, 5, prompt));
     p.write("pipeline.yaml", yaml);
     p
 }
@@ -149,11 +85,7 @@ fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
     let p = Project::new();
     p.write("hh.jsonl", &corpus(200));
     p.write("comparisons.jsonl", &comparisons(160));
-    let mut rng = Lcg(5);
-    let prompts: String = (0..24)
-        .map(|_| serde_json::json!({ "prompt": prompt(&mut rng) }).to_string() + "\n")
-        .collect();
-    p.write("prompts.jsonl", &prompts);
+    p.write("prompts.jsonl", &prompts(24, 5, prompt));
     p.write("pipeline.yaml", PIPELINE);
     p.ok(&["run", "pipeline.yaml", "--quiet"]);
 

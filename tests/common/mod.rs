@@ -2,6 +2,8 @@
 //! `alignflow` binary run inside it, and parsers for its output.
 #![allow(dead_code)]
 
+pub mod a_world;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
