@@ -20,6 +20,11 @@ use crate::train::{
 /// micro-batch -> (mean loss, tokens that counted).
 pub type LossFn<'a> = dyn FnMut(&Model, &[usize]) -> anyhow::Result<(Tensor, u64)> + 'a;
 
+/// Figures of the step just taken, beyond the loop's own (DPO's implicit
+/// rewards): called once after each optimizer step; non-finite values are
+/// written as null.
+pub type StepFiguresFn<'a> = dyn FnMut() -> Vec<(String, f64)> + 'a;
+
 /// Optimizer steps for `examples` examples under `p`.
 pub fn total_steps(p: &TrainParams, examples: usize) -> u64 {
     let micro_per_epoch = examples.div_ceil(p.batch_size.max(1)) as u64;
@@ -39,6 +44,20 @@ pub fn run_training(
     lr: f64,
     examples: usize,
     loss_fn: &mut LossFn<'_>,
+) -> anyhow::Result<Metrics> {
+    run_training_with_figures(ctx, model, p, lr, examples, loss_fn, &mut Vec::new)
+}
+
+/// [`run_training`], adding `step_figures()` to each step's metrics line
+/// and reported point.
+pub fn run_training_with_figures(
+    ctx: &StageContext<'_>,
+    model: &mut Model,
+    p: &TrainParams,
+    lr: f64,
+    examples: usize,
+    loss_fn: &mut LossFn<'_>,
+    step_figures: &mut StepFiguresFn<'_>,
 ) -> anyhow::Result<Metrics> {
     anyhow::ensure!(
         examples > 0,
@@ -108,23 +127,31 @@ pub fn run_training(
             );
         }
         last_loss = m.loss;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
             "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": trainer.state().epoch,
         });
+        let mut point: std::collections::BTreeMap<String, f64> = [
+            ("step", m.step as f64),
+            ("loss", m.loss),
+            ("lr", m.lr),
+            ("grad_norm", m.grad_norm),
+            ("tokens_per_s", m.tokens_per_s),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in step_figures() {
+            line[&k] = if v.is_finite() {
+                serde_json::json!(v)
+            } else {
+                serde_json::Value::Null
+            };
+            point.insert(k, v);
+        }
         if m.step % p.log_every.max(1) == 0 || m.step == steps {
             writeln!(metrics_file, "{line}")?;
-            ctx.reporter.metric(
-                &[
-                    ("step".to_string(), m.step as f64),
-                    ("loss".to_string(), m.loss),
-                    ("lr".to_string(), m.lr),
-                    ("grad_norm".to_string(), m.grad_norm),
-                    ("tokens_per_s".to_string(), m.tokens_per_s),
-                ]
-                .into_iter()
-                .collect(),
-            );
+            ctx.reporter.metric(&point);
         }
         ctx.reporter
             .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));

@@ -12,22 +12,19 @@
 mod data;
 mod loss;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::training::Decay;
 use alignflow::ops::{DpoParams, DpoReferenceParams, StageContext};
 use alignflow::protocol::Metrics;
 use alignflow::text::Tokenizer;
 
-use super::common::{total_steps, truncate_metrics};
+use super::common::run_training_with_figures;
 use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
-use crate::train::{
-    self, AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, Trainer, TrainerConfig,
-};
 
 pub use data::{
     attach_reference, read_pairs, read_reference, split, write_reference, DpoPair, RefLogps,
@@ -372,10 +369,10 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     Ok(metrics)
 }
 
-/// The training loop of `common::run_training`, plus the implicit-reward
-/// figures of each step in `metrics.jsonl` (its loss closure cannot report
-/// them): resumes from the stage's latest checkpoint, checkpoints every
-/// `checkpoint_every` steps, stops on a non-finite loss, saves the policy.
+/// Trains the policy in the shared loop (`common::run_training`), with each
+/// step's implicit-reward figures (accuracy, margin, chosen and rejected
+/// rewards) in `metrics.jsonl`: the loss closure adds each micro-batch to
+/// the step's sums, the figures closure reads and resets them.
 fn train_policy(
     ctx: &StageContext<'_>,
     model: &mut Model,
@@ -383,132 +380,32 @@ fn train_policy(
     train: &[Example],
     device: Device,
 ) -> anyhow::Result<Metrics> {
-    let t = &p.train;
-    let steps = total_steps(t, train.len());
-    let cfg = TrainerConfig {
-        optimizer: AdamWConfig {
-            betas: t.betas,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-            ..Default::default()
-        },
-        schedule: ScheduleConfig {
-            lr: p.lr,
-            warmup_steps: t.warmup_steps,
-            decay: match t.schedule {
-                Decay::Cosine => train::Decay::Cosine,
-                Decay::Linear => train::Decay::Linear,
-                Decay::Constant => train::Decay::Constant,
-            },
-            min_lr_ratio: t.min_lr_ratio,
-        },
-        max_grad_norm: t.grad_clip,
-        accum_steps: t.grad_accum.max(1),
-        skip_nonfinite: false,
-        seed: ctx.spec.seed,
+    let sums = RefCell::new(RewardSums::default());
+    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+        let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+        let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
+        let ((a, b), tokens) = pair_logps(m, &pairs, device, p.dropout);
+        let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
+        sums.borrow_mut().add(&ra, &rb, &raw, &l);
+        Ok((losses.mean(Kind::Float), tokens))
     };
-    let mut trainer = Trainer::new(&model.vs, cfg, steps)?;
-    let checkpoints = Checkpoints::new(&ctx.spec.checkpoint_dir.join("train"), 2);
-    let metrics_path = ctx.spec.checkpoint_dir.join("metrics.jsonl");
-    if let Some(dir) = checkpoints.latest()? {
-        trainer.resume(&dir, &mut model.vs)?;
-        let step = trainer.state().step;
-        tracing::info!(step, "resuming from checkpoint {}", dir.display());
-        truncate_metrics(&metrics_path, step)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    let autocast = t.bf16 && device.is_cuda();
-    let batch_size = t.batch_size.max(1);
-    let seed = ctx.spec.seed;
-    let start = std::time::Instant::now();
-    let start_tokens = trainer.state().tokens_seen;
-    let mut last_loss = f64::NAN;
-    while !trainer.done() {
-        ctx.cancel.check()?;
-        let mut sums = RewardSums::default();
-        let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
-            let idx = state.next_batch(train.len(), batch_size, seed);
-            let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
-            let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
-            let ((a, b), tokens) = crate::train::autocast_if(autocast, || {
-                pair_logps(model, &pairs, device, p.dropout)
-            });
-            let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
-            sums.add(&ra, &rb, &raw, &l);
-            Ok(MicroBatch {
-                loss: losses.mean(Kind::Float),
-                tokens,
-            })
-        })?;
-        if !m.loss.is_finite() || !m.grad_norm.is_finite() {
-            anyhow::bail!(
-                "stage `{}`: step {}: the {} is {} (NaN or inf); stopped, keeping the last good checkpoint",
-                ctx.spec.stage,
-                m.step,
-                if m.loss.is_finite() { "gradient norm" } else { "loss" },
-                if m.loss.is_finite() { m.grad_norm } else { m.loss }
-            );
-        }
-        last_loss = m.loss;
-        let mut line = serde_json::json!({
-            "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": trainer.state().epoch,
-        });
-        let mut point: BTreeMap<String, f64> = [
-            ("step", m.step as f64),
-            ("loss", m.loss),
-            ("lr", m.lr),
-            ("grad_norm", m.grad_norm),
-            ("tokens_per_s", m.tokens_per_s),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        // The step's mean loss comes from the trainer; the rest from `sums`.
-        for (k, v) in sums.figures("").into_iter().filter(|(k, _)| k != "loss") {
-            line[&k] = if v.is_finite() {
-                serde_json::json!(v)
-            } else {
-                serde_json::Value::Null
-            };
-            point.insert(k, v);
-        }
-        if m.step % t.log_every.max(1) == 0 || m.step == steps {
-            writeln!(metrics_file, "{line}")?;
-            ctx.reporter.metric(&point);
-        }
-        ctx.reporter
-            .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
-        if t.checkpoint_every > 0 && m.step % t.checkpoint_every == 0 && m.step < steps {
-            metrics_file.flush()?;
-            trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
-        }
-    }
-    metrics_file.flush()?;
-    let secs = start.elapsed().as_secs_f64();
-    let tokens = trainer.state().tokens_seen - start_tokens;
-    std::fs::create_dir_all(&ctx.spec.out_dir)?;
-    std::fs::copy(&metrics_path, ctx.output("metrics")).context("copying metrics.jsonl")?;
-    model.save(&ctx.output("model"))?;
-    let mut out = Metrics::new();
-    out.insert("steps".into(), steps.into());
-    out.insert("final_loss".into(), serde_json::json!(last_loss));
-    out.insert("tokens".into(), trainer.state().tokens_seen.into());
-    out.insert(
-        "tokens_per_s".into(),
-        serde_json::json!(if secs > 0.0 {
-            tokens as f64 / secs
-        } else {
-            0.0
-        }),
-    );
-    Ok(out)
+    // The step's mean loss comes from the loop; the rest from the sums.
+    let mut figures = || {
+        let step = std::mem::take(&mut *sums.borrow_mut());
+        step.figures("")
+            .into_iter()
+            .filter(|(k, _)| k != "loss")
+            .collect()
+    };
+    run_training_with_figures(
+        ctx,
+        model,
+        &p.train,
+        p.lr,
+        train.len(),
+        &mut loss_fn,
+        &mut figures,
+    )
 }
 
 #[cfg(test)]
