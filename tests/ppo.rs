@@ -202,9 +202,25 @@ fn ppo_with_an_adaptive_kl_raises_the_score_and_holds_the_kl_near_its_target() {
 
 #[test]
 fn a_killed_ppo_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run() {
-    let yaml = pipeline(
+    killed_run_matches_an_uninterrupted_one(
         "{ iterations: 8, batch_size: 8, max_new_tokens: 8, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05, target_kl: 1.0, horizon: 64, checkpoint_every: 2 }",
     );
+}
+
+#[test]
+fn a_killed_single_pass_ppo_resumes_and_matches_an_uninterrupted_run() {
+    // One epoch of one minibatch (the defaults): the update's forwards give
+    // the rollout's log-probs and values.
+    killed_run_matches_an_uninterrupted_one(
+        "{ iterations: 8, batch_size: 8, max_new_tokens: 8, lr: 1e-3, kl_coef: 0.05, target_kl: 1.0, horizon: 64, checkpoint_every: 2 }",
+    );
+}
+
+/// Runs `rl_params` whole, and again killed (SIGKILL of the engine) after
+/// the checkpoint of iteration 4 then rerun: every metric but the timings
+/// and the model artifact must be the same.
+fn killed_run_matches_an_uninterrupted_one(rl_params: &str) {
+    let yaml = pipeline(rl_params);
     let whole = project(&yaml);
     whole.ok(&["run", "pipeline.yaml", "--quiet"]);
 
