@@ -30,23 +30,18 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+mod workload;
+use workload::*;
+
 use alignflow_worker::model::sample::{generate, SamplingConfig};
 use alignflow_worker::model::{positions_from_mask, BuildOptions, Head, Model, ModelConfig};
 use alignflow_worker::ops::common::causal_lm_loss;
 use alignflow_worker::train::{AdamW, AdamWConfig};
 
-const VOCAB: i64 = 4096;
-const POSITIONS: i64 = 256;
-const WIDTH: i64 = 256;
-const LAYERS: i64 = 4;
-const HEADS: i64 = 4;
 const SFT_BATCH: i64 = 8;
 const SFT_SEQ: i64 = 128;
 const RM_PAIRS: i64 = 8;
 const RM_SEQ: i64 = 128;
-const SAMPLE_BATCH: i64 = 8;
-const PROMPT: i64 = 32;
-const NEW_TOKENS: i64 = 96;
 const LR: f64 = 1e-4;
 const WARMUP: usize = 2;
 
@@ -117,34 +112,6 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     anyhow::ensure!(args.repeats > 0, "--repeats must be positive");
     Ok(args)
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Peak resident set of this process (VmHWM), MiB.
-fn vm_hwm_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Timings of one call: total seconds plus named phases.
@@ -316,8 +283,8 @@ fn bench_rm(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
 
 fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     let m = model(Head::Lm, a.device)?;
-    let prompt = tokens(&[SAMPLE_BATCH, PROMPT], Device::Cpu);
-    let prompts: Vec<Vec<i64>> = (0..SAMPLE_BATCH)
+    let prompt = tokens(&[BATCH, PROMPT], Device::Cpu);
+    let prompts: Vec<Vec<i64>> = (0..BATCH)
         .map(|i| Vec::<i64>::try_from(&prompt.get(i)).expect("prompt ids"))
         .collect();
     let cfg = SamplingConfig {
@@ -344,7 +311,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         });
         let total = t0.elapsed().as_secs_f64();
         anyhow::ensure!(
-            out.len() == SAMPLE_BATCH as usize
+            out.len() == BATCH as usize
                 && out.iter().all(|s| s.tokens.len() == NEW_TOKENS as usize),
             "generate returned the wrong number of tokens"
         );
@@ -362,8 +329,8 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         ))
     })?;
     Ok((
-        json!({"bench": "sampling", "new_tokens_per_s": (SAMPLE_BATCH * NEW_TOKENS) as f64 / med,
-               "s_per_call": med, "batch": SAMPLE_BATCH, "prompt": PROMPT,
+        json!({"bench": "sampling", "new_tokens_per_s": (BATCH * NEW_TOKENS) as f64 / med,
+               "s_per_call": med, "batch": BATCH, "prompt": PROMPT,
                "new_tokens": NEW_TOKENS}),
         samples,
         phases,

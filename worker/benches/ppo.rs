@@ -48,6 +48,9 @@ use tch::{Device, Kind, Tensor};
 use alignflow::ops::{CancelFlag, NullReporter, StageContext};
 use alignflow::protocol::StageSpec;
 use alignflow::text::Tokenizer;
+mod workload;
+use workload::*;
+
 use alignflow_worker::model::sample::{generate, SamplingConfig};
 use alignflow_worker::model::{positions_from_mask, BuildOptions, Head, Model, ModelConfig};
 use alignflow_worker::rl::{
@@ -56,14 +59,6 @@ use alignflow_worker::rl::{
 };
 use alignflow_worker::train::{clip_grad_norm, AdamW, AdamWConfig};
 
-const VOCAB: i64 = 4096;
-const POSITIONS: i64 = 256;
-const WIDTH: i64 = 256;
-const LAYERS: i64 = 4;
-const HEADS: i64 = 4;
-const BATCH: i64 = 8;
-const PROMPT: i64 = 32;
-const RESPONSE: i64 = 96;
 /// The op's defaults, written out so that the peer can match them.
 const LR: f64 = 1e-5;
 const KL_COEF: f64 = 0.05;
@@ -156,34 +151,6 @@ fn parse_args() -> anyhow::Result<Args> {
         "--repeats and --runs must be positive"
     );
     Ok(args)
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Peak resident set of this process (VmHWM), MiB.
-fn vm_hwm_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// GPU memory this process holds (`nvidia-smi`: the caching allocator's
@@ -299,7 +266,7 @@ fn run_op(
     let params = op.normalize_params(&json!({
         "iterations": iterations,
         "batch_size": BATCH,
-        "max_new_tokens": RESPONSE,
+        "max_new_tokens": NEW_TOKENS,
         "temperature": 1.0,
         "lr": LR,
         "ppo_epochs": 1,
@@ -364,7 +331,7 @@ fn iteration_seconds(line: &Value) -> anyhow::Result<f64> {
     let tps = line["tokens_per_s"]
         .as_f64()
         .context("no `seconds` or `tokens_per_s` in metrics.jsonl")?;
-    Ok((BATCH * RESPONSE) as f64 / tps)
+    Ok((BATCH * NEW_TOKENS) as f64 / tps)
 }
 
 fn bench_op(a: &Args) -> anyhow::Result<Value> {
@@ -379,8 +346,8 @@ fn bench_op(a: &Args) -> anyhow::Result<Value> {
         for (i, line) in lines.iter().enumerate() {
             let len = line["response_len"].as_f64().unwrap_or(f64::NAN);
             anyhow::ensure!(
-                len == RESPONSE as f64,
-                "iteration {}: mean response length {len}, wanted {RESPONSE}",
+                len == NEW_TOKENS as f64,
+                "iteration {}: mean response length {len}, wanted {NEW_TOKENS}",
                 i + 1
             );
             if line["seconds"].is_null() {
@@ -402,7 +369,7 @@ fn bench_op(a: &Args) -> anyhow::Result<Value> {
         "impl": "alignflow",
         "s_per_iteration": med,
         "iterations_per_s": 1.0 / med,
-        "response_tokens_per_s": (BATCH * RESPONSE) as f64 / med,
+        "response_tokens_per_s": (BATCH * NEW_TOKENS) as f64 / med,
         "samples": samples,
         "min_s": samples.iter().cloned().fold(f64::INFINITY, f64::min),
         "max_s": samples.iter().cloned().fold(0.0, f64::max),
@@ -413,7 +380,7 @@ fn bench_op(a: &Args) -> anyhow::Result<Value> {
         "warmup": a.warmup,
         "repeats": a.repeats,
         "runs": a.runs,
-        "batch": BATCH, "prompt": PROMPT, "response": RESPONSE,
+        "batch": BATCH, "prompt": PROMPT, "response": NEW_TOKENS,
     }))
 }
 
@@ -429,7 +396,7 @@ fn clock<T>(device: Device, f: impl FnOnce() -> T) -> (T, f64) {
 fn response_logprobs(m: &Model, ids: &Tensor, mask: &Tensor, resp: &Tensor) -> (Tensor, Tensor) {
     let hidden =
         m.lm.hidden(ids, &positions_from_mask(mask), mask, None, false);
-    let logits = m.lm.logits(&hidden.narrow(1, PROMPT - 1, RESPONSE));
+    let logits = m.lm.logits(&hidden.narrow(1, PROMPT - 1, NEW_TOKENS));
     let logp = logits
         .log_softmax(-1, Kind::Float)
         .gather(2, &resp.unsqueeze(-1), false)
@@ -443,7 +410,7 @@ fn response_values(m: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
     m.value
         .as_ref()
         .expect("value head")
-        .forward(&hidden.narrow(1, PROMPT - 1, RESPONSE))
+        .forward(&hidden.narrow(1, PROMPT - 1, NEW_TOKENS))
 }
 
 /// The iteration rebuilt from the library's parts, each phase timed.
@@ -464,7 +431,7 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         let mut ph: Vec<(&'static str, f64)> = Vec::new();
         let t_all = Instant::now();
         let cfg = SamplingConfig {
-            max_new_tokens: RESPONSE,
+            max_new_tokens: NEW_TOKENS,
             temperature: 1.0,
             eos_token_id: None,
             pad_token_id: 0,
@@ -474,16 +441,16 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         let (samples, s) = clock(d, || generate(&policy.lm, &prompts, &cfg, d, |_, _| false));
         ph.push(("sampling", s));
         let resp_v: Vec<i64> = samples.iter().flat_map(|s| s.tokens.clone()).collect();
-        anyhow::ensure!(resp_v.len() == (BATCH * RESPONSE) as usize);
+        anyhow::ensure!(resp_v.len() == (BATCH * NEW_TOKENS) as usize);
         let resp = Tensor::from_slice(&resp_v)
-            .view([BATCH, RESPONSE])
+            .view([BATCH, NEW_TOKENS])
             .to_device(d);
         let prompt = Tensor::from_slice(&prompts.concat())
             .view([BATCH, PROMPT])
             .to_device(d);
         let ids = Tensor::cat(&[&prompt, &resp], 1);
         let mask = ids.ones_like();
-        let rmask = Tensor::ones([BATCH, RESPONSE], (Kind::Float, d));
+        let rmask = Tensor::ones([BATCH, NEW_TOKENS], (Kind::Float, d));
         // As the op with one epoch of one minibatch: the update's forwards
         // (with grad) give the rollout's log-probs and values.
         let ((logp, values), s) = clock(d, || {

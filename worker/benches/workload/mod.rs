@@ -1,0 +1,46 @@
+//! What the worker's benches share: DESIGN section 6's fixed model config
+//! and the measurement helpers (median, device sync, peak RSS).
+#![allow(dead_code)]
+
+use tch::Device;
+
+/// GPT-2 architecture, float32, random init with seed 0.
+pub const VOCAB: i64 = 4096;
+pub const POSITIONS: i64 = 256;
+pub const WIDTH: i64 = 256;
+pub const LAYERS: i64 = 4;
+pub const HEADS: i64 = 4;
+/// Sampling and PPO rollouts: 8 prompts of 32 tokens, 96 new tokens.
+pub const BATCH: i64 = 8;
+pub const PROMPT: i64 = 32;
+pub const NEW_TOKENS: i64 = 96;
+
+/// Waits for the device's queued work (a no-op on the CPU), so clocks
+/// measure the work and not its launch.
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set of this process (VmHWM), MiB.
+pub fn vm_hwm_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(f64::NAN)
+}
