@@ -170,6 +170,17 @@ pub(crate) fn load_with(
             return Err(cx.error(loc, Some(&inst.id), Some(&e.field), e.message, None));
         }
 
+        // Free text, but a matrix instance may name its values.
+        let description = match &def.description {
+            Some(d) => Some(
+                interp::substitute_matrix(d, &inst.matrix).map_err(|(m, s)| {
+                    let at = sp(&["description"]);
+                    cx.error(cx.value_at(&at), Some(&inst.id), Some("description"), m, s)
+                })?,
+            ),
+            None => None,
+        };
+
         stages.push(Stage {
             id: inst.id.clone(),
             key: inst.key.clone(),
@@ -178,7 +189,7 @@ pub(crate) fn load_with(
             params: normalised,
             outputs: outputs.clone(),
             device,
-            description: def.description.clone(),
+            description,
             matrix: inst.matrix.clone(),
             location: cx.key_at(&sp(&[])),
         });

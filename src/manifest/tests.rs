@@ -406,13 +406,20 @@ fn a_matrix_over_the_method_picks_the_upstream_stage_by_name() {
     let d = Dir::new();
     let p = d
         .one(&format!(
-            "{METHODS}  judge:\n    op: train\n    matrix: {{method: [a, b], lr: [0.5]}}\n    inputs: {{model: \"${{stages.${{matrix.method}}.model}}\"}}\n    params: {{epochs: 2, tag: \"m-${{matrix.method}}\"}}\n"
+            "{METHODS}  judge:\n    op: train\n    matrix: {{method: [a, b], lr: [0.5]}}\n    inputs: {{model: \"${{stages.${{matrix.method}}.model}}\"}}\n    params: {{epochs: 2, tag: \"m-${{matrix.method}}\"}}\n    description: judges ${{matrix.method}}\n"
         ))
         .unwrap();
     let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(
         ids,
         ["a", "b", "judge[lr=0.5,method=a]", "judge[lr=0.5,method=b]"]
+    );
+    assert_eq!(
+        p.stage("judge[lr=0.5,method=b]")
+            .unwrap()
+            .description
+            .as_deref(),
+        Some("judges b")
     );
     for (id, upstream) in [
         ("judge[lr=0.5,method=a]", "a"),
