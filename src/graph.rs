@@ -205,12 +205,16 @@ impl Dag {
         Ok(selected)
     }
 
-    /// Plain-text view: each stage with its op and where its inputs come from.
+    /// Plain-text view: each stage with its op, its description and where
+    /// its inputs come from.
     pub fn to_text(&self, pipeline: &Pipeline) -> String {
         let mut out = String::new();
         for &i in &self.order {
             let stage = &pipeline.stages[i];
             let _ = writeln!(out, "{} ({})", stage.id, stage.op);
+            if let Some(d) = &stage.description {
+                let _ = writeln!(out, "  # {d}");
+            }
             for (name, input) in &stage.inputs {
                 match input {
                     Input::Stage {

@@ -15,6 +15,7 @@ stages:
     matrix:
       cmd: ["echo 1 > $ALIGNFLOW_OUT/out", "echo 2 > $ALIGNFLOW_OUT/out"]
     outputs: [out]
+    description: "runs ${matrix.cmd}"
   report:
     op: exec
     inputs:
@@ -34,6 +35,13 @@ stages:
     );
     assert!(
         dag.contains("one <- train[cmd=echo 1 > $ALIGNFLOW_OUT/out].out"),
+        "{dag}"
+    );
+    // The description, with the instance's matrix value.
+    assert!(
+        dag.contains(
+            "train[cmd=echo 2 > $ALIGNFLOW_OUT/out] (exec)\n  # runs echo 2 > $ALIGNFLOW_OUT/out\n"
+        ),
         "{dag}"
     );
     let ran = p.run_stages("pipeline.yaml", &[]);

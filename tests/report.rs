@@ -31,6 +31,7 @@ stages:
     params: { response_field: chosen, max_len: 48, batch_size: 2, max_steps: 4, lr: 1e-3 }
   gen:
     op: generate
+    description: samples from the SFT model
     inputs: { model: "${stages.sft.model}", prompts: prompts.jsonl }
     params: { n: 1, max_new_tokens: 4 }
   judge:
@@ -186,6 +187,12 @@ fn report_shows_statuses_dag_curves_and_evaluations() {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(statuses(&doc, "tr", "stage-row"), expected, "stage table");
+    // The manifest's description, on the stage's name.
+    let html = std::fs::read_to_string(p.path("cache/reports/rep.html")).unwrap();
+    assert!(
+        html.contains("<td title=\"samples from the SFT model\">gen</td>"),
+        "no description in the stage table"
+    );
     assert_eq!(statuses(&doc, "g", "stage"), expected, "DAG boxes");
     // Each stage-reference input is one edge.
     let edges: BTreeSet<(String, String)> = doc

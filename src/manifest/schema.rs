@@ -59,7 +59,7 @@ pub struct StageDef {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// Free text shown by `plan` and `dag`; `${matrix.NAME}` is substituted.
+    /// Free text shown by `dag` and `report`; `${matrix.NAME}` is substituted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }

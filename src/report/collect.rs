@@ -108,6 +108,8 @@ pub struct LastRun {
 pub struct StageInfo {
     pub id: String,
     pub op: String,
+    /// The manifest's `description`, if any.
+    pub description: Option<String>,
     pub status: Status,
     /// The planner's reason (`up to date`, `params.lr changed ...`), plus the
     /// failure message for a failed stage.
@@ -298,6 +300,7 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
         data.stages.push(StageInfo {
             id: stage.id.clone(),
             op: stage.op.clone(),
+            description: stage.description.clone(),
             status,
             reason,
             depth: depth[planned.index],

@@ -220,8 +220,9 @@ fn stage_table(page: &mut String, stages: &[StageInfo]) {
         };
         let _ = writeln!(
             page,
-            "<tr class=\"stage-row\" data-stage=\"{id}\" data-status=\"{slug}\"><td>{id}</td><td>{op}</td><td><span class=\"badge\" style=\"background: {fill}; border-color: {stroke}\">{status}</span></td><td class=\"why\">{reason}</td><td>{when}</td><td>{duration}</td><td>{key}</td></tr>",
+            "<tr class=\"stage-row\" data-stage=\"{id}\" data-status=\"{slug}\"><td title=\"{description}\">{id}</td><td>{op}</td><td><span class=\"badge\" style=\"background: {fill}; border-color: {stroke}\">{status}</span></td><td class=\"why\">{reason}</td><td>{when}</td><td>{duration}</td><td>{key}</td></tr>",
             id = esc(&s.id),
+            description = esc(s.description.as_deref().unwrap_or("")),
             slug = s.status.slug(),
             op = esc(&s.op),
             status = esc(s.status.label()),
