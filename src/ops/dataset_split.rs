@@ -138,11 +138,7 @@ impl Op for DatasetSplit {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let normal = super::normalize_with::<SplitParams>(params)?;
-        let parsed: SplitParams =
-            serde_json::from_value(normal.clone()).expect("normalised params parse");
-        parsed.check()?;
-        Ok(normal)
+        super::normalize_checked::<SplitParams>(params, SplitParams::check)
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         let params: SplitParams = ctx.params()?;

@@ -221,10 +221,7 @@ impl Op for DpoReference {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let value = super::normalize_with::<DpoReferenceParams>(params)?;
-        let parsed: DpoReferenceParams = serde_json::from_value(value.clone()).expect("normalised");
-        parsed.check()?;
-        Ok(value)
+        super::normalize_checked::<DpoReferenceParams>(params, DpoReferenceParams::check)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("dpo.reference runs in alignflow-worker")
@@ -280,10 +277,7 @@ impl Op for Dpo {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let value = super::normalize_with::<DpoParams>(params)?;
-        let parsed: DpoParams = serde_json::from_value(value.clone()).expect("normalised");
-        parsed.check()?;
-        Ok(value)
+        super::normalize_checked::<DpoParams>(params, DpoParams::check)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("dpo runs in alignflow-worker")

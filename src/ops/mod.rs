@@ -216,6 +216,21 @@ pub struct ParamError {
     pub suggestion: Option<String>,
 }
 
+/// [`normalize_with`], then `check` on the parsed params: the rules a
+/// schema cannot express (combinations, ranges).
+pub fn normalize_checked<P>(
+    params: &serde_json::Value,
+    check: impl FnOnce(&P) -> Result<(), ParamError>,
+) -> Result<serde_json::Value, ParamError>
+where
+    P: DeserializeOwned + Serialize + schemars::JsonSchema,
+{
+    let value = normalize_with::<P>(params)?;
+    let parsed: P = serde_json::from_value(value.clone()).expect("normalised params parse");
+    check(&parsed)?;
+    Ok(value)
+}
+
 /// Deserialises `params` into `P` and serialises it back: validation and
 /// normalisation in one step, from the same struct that makes the schema.
 /// `P` should use `#[serde(deny_unknown_fields)]`.

@@ -204,10 +204,7 @@ impl Op for PmTrain {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let value = super::normalize_with::<PmTrainParams>(params)?;
-        let parsed: PmTrainParams = serde_json::from_value(value.clone()).expect("normalised");
-        parsed.check()?;
-        Ok(value)
+        super::normalize_checked::<PmTrainParams>(params, PmTrainParams::check)
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("pm.train runs in alignflow-worker")
@@ -247,10 +244,9 @@ impl Op for PmPretrain {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let value = super::normalize_with::<PmPretrainParams>(params)?;
-        let parsed: PmPretrainParams = serde_json::from_value(value.clone()).expect("normalised");
-        check_common(parsed.max_len, parsed.eval_fraction)?;
-        Ok(value)
+        super::normalize_checked::<PmPretrainParams>(params, |p| {
+            check_common(p.max_len, p.eval_fraction)
+        })
     }
     fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         anyhow::bail!("pm.pretrain runs in alignflow-worker")

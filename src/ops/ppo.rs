@@ -380,10 +380,7 @@ impl Op for Ppo {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let value = super::normalize_with::<PpoParams>(params)?;
-        let parsed: PpoParams = serde_json::from_value(value.clone()).expect("normalised");
-        parsed.check()?;
-        Ok(value)
+        super::normalize_checked::<PpoParams>(params, PpoParams::check)
     }
     fn check_bindings(
         &self,

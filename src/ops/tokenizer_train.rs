@@ -175,11 +175,7 @@ impl Op for TokenizerTrain {
         &self,
         params: &serde_json::Value,
     ) -> Result<serde_json::Value, ParamError> {
-        let normal = super::normalize_with::<TokenizerParams>(params)?;
-        let parsed: TokenizerParams =
-            serde_json::from_value(normal.clone()).expect("normalised params parse");
-        parsed.check()?;
-        Ok(normal)
+        super::normalize_checked::<TokenizerParams>(params, TokenizerParams::check)
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         let params: TokenizerParams = ctx.params()?;
