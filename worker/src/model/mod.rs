@@ -44,6 +44,10 @@ pub struct Transformer {
     tied_head_packed: std::sync::Mutex<Option<onednn::Packed>>,
 }
 
+/// The most float32 weight bytes [`Transformer::packed`] copies into oneDNN
+/// packs (1 GiB: models up to about 250M parameters).
+pub const PACK_LIMIT_BYTES: i64 = 1 << 30;
+
 /// While alive, the model's no-grad forwards run their linear layers and
 /// LM head through oneDNN with pre-packed weights; dropping it unpacks them
 /// (unless an outer guard packed them first: that one unpacks).
@@ -100,11 +104,18 @@ impl Transformer {
     /// then run through the packs: decoding steps of a few rows about twice
     /// as fast, full forwards about 10 % (`csrc/onednn_linear.cpp`). `rows`
     /// is oneDNN's layout hint (8 suits both). The weights must not change
-    /// while the guard lives: a sampling call, or a frozen model.
+    /// while the guard lives: a sampling call, or a frozen model. The packs
+    /// are a second copy of the weights, so models whose linear weights
+    /// pass [`PACK_LIMIT_BYTES`] are left as they are.
     pub fn packed(&self, rows: i64) -> Packing<'_> {
         let already = self.tied_head_packed.lock().expect("pack lock").is_some()
             || self.linears().any(Linear::is_packed);
-        if already {
+        let bytes: i64 = self
+            .linears()
+            .map(|l| l.weight.numel() as i64 * 4)
+            .sum::<i64>()
+            + self.embeddings().numel() as i64 * 4;
+        if already || bytes > PACK_LIMIT_BYTES {
             return Packing {
                 model: self,
                 owner: false,
