@@ -3,31 +3,18 @@
 //! the best; the kept answers score at least the mean of all samples, the
 //! dataset has the documented fields, and an `sft` stage trains on it.
 mod common;
-use common::a_world::{comparisons, corpus, dialogue, prompts, topic};
+use common::a_world::{comparisons, corpus, dialogue, manifest, prompts, topic};
 use common::*;
 
-const PIPELINE: &str = r#"version: 1
-name: best-of-n-tiny
+/// The pipeline: the shared base stages, then the stages under test.
+fn pipeline_text() -> String {
+    manifest(
+        r#"name: best-of-n-tiny
 seed: 7
 params:
   template: "\n\nHuman: {prompt}\n\nAssistant:"
-stages:
-  hh:
-    op: dataset.import
-    inputs: { source: hh.jsonl }
-  tok:
-    op: tokenizer.train
-    inputs: { data: "${stages.hh.data}" }
-    params: { vocab_size: 320 }
-  base:
-    op: lm.pretrain
-    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
-    params: { width: 48, layers: 2, heads: 2, positions: 64, seq_len: 32, batch_size: 16, max_steps: 40, lr: 3e-3, checkpoint_every: 0 }
-  pm:
-    op: pm.train
-    inputs: { model: "${stages.base.model}", comparisons: comparisons.jsonl }
-    params: { batch_size: 16, max_steps: 60, lr: 3e-3, warmup_steps: 3, checkpoint_every: 0, append_eos: false, eval_fraction: 0.1 }
-  bon:
+"#,
+        r#"  bon:
     op: best_of_n
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
     params: { n: 4, max_new_tokens: 10, template: "${params.template}", batch_size: 16 }
@@ -35,7 +22,9 @@ stages:
     op: sft
     inputs: { model: "${stages.base.model}", data: "${stages.bon.data}" }
     params: { template: "${params.template}", batch_size: 8, max_steps: 5, lr: 1e-3, max_len: 64, checkpoint_every: 0 }
-"#;
+"#,
+    )
+}
 
 #[test]
 fn best_of_n_keeps_the_best_answers_and_sft_trains_on_them() {
@@ -44,7 +33,7 @@ fn best_of_n_keeps_the_best_answers_and_sft_trains_on_them() {
     p.write("comparisons.jsonl", &comparisons(160));
     let given_prompts = prompts(12, 5, topic);
     p.write("prompts.jsonl", &given_prompts);
-    p.write("pipeline.yaml", PIPELINE);
+    p.write("pipeline.yaml", &pipeline_text());
     let out = p.ok(&["run", "pipeline.yaml", "--quiet"]);
     let ran = stages_with_status(&out, "ran");
     for stage in ["bon", "rft"] {

@@ -5,14 +5,14 @@
 //! byte-identical to an uninterrupted one. The critic-free modes (GRPO,
 //! RLOO: 4 responses per prompt, no value model) raise the score too.
 mod common;
-use common::a_world::{comparisons, corpus, prompt, prompts};
+use common::a_world::{comparisons, corpus, manifest, prompt, prompts};
 use common::*;
 
 use std::time::{Duration, Instant};
 
 /// The pipeline with the `rl` stage's params.
 fn pipeline(rl_params: &str) -> String {
-    PIPELINE.replace(
+    pipeline_text().replace(
         "{ iterations: 15, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05 }",
         rl_params,
     )
@@ -55,30 +55,19 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
-const PIPELINE: &str = r#"version: 1
-name: ppo-tiny
+/// The pipeline: the shared base stages, then the stages under test.
+fn pipeline_text() -> String {
+    manifest(
+        r#"name: ppo-tiny
 seed: 7
-stages:
-  hh:
-    op: dataset.import
-    inputs: { source: hh.jsonl }
-  tok:
-    op: tokenizer.train
-    inputs: { data: "${stages.hh.data}" }
-    params: { vocab_size: 320 }
-  base:
-    op: lm.pretrain
-    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
-    params: { width: 48, layers: 2, heads: 2, positions: 64, seq_len: 32, batch_size: 16, max_steps: 40, lr: 3e-3, checkpoint_every: 0 }
-  pm:
-    op: pm.train
-    inputs: { model: "${stages.base.model}", comparisons: comparisons.jsonl }
-    params: { batch_size: 16, max_steps: 60, lr: 3e-3, warmup_steps: 3, checkpoint_every: 0, append_eos: false, eval_fraction: 0.1 }
-  rl:
+"#,
+        r#"  rl:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
     params: { iterations: 15, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05 }
-"#;
+"#,
+    )
+}
 
 #[test]
 fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
@@ -86,7 +75,7 @@ fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
     p.write("hh.jsonl", &corpus(200));
     p.write("comparisons.jsonl", &comparisons(160));
     p.write("prompts.jsonl", &prompts(24, 5, prompt));
-    p.write("pipeline.yaml", PIPELINE);
+    p.write("pipeline.yaml", &pipeline_text());
     p.ok(&["run", "pipeline.yaml", "--quiet"]);
 
     let pm: serde_json::Value =

@@ -80,3 +80,29 @@ pub fn prompts(n: usize, seed: u64, make: fn(&mut Lcg) -> String) -> String {
         .map(|_| serde_json::json!({ "prompt": make(&mut rng) }).to_string() + "\n")
         .collect()
 }
+
+/// The stages every RL test starts from, on the files above (`hh.jsonl`,
+/// `comparisons.jsonl`): a tokenizer, a small GPT-2 base model and a
+/// preference model that likes `a`.
+pub const BASE_STAGES: &str = r#"  hh:
+    op: dataset.import
+    inputs: { source: hh.jsonl }
+  tok:
+    op: tokenizer.train
+    inputs: { data: "${stages.hh.data}" }
+    params: { vocab_size: 320 }
+  base:
+    op: lm.pretrain
+    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
+    params: { width: 48, layers: 2, heads: 2, positions: 64, seq_len: 32, batch_size: 16, max_steps: 40, lr: 3e-3, checkpoint_every: 0 }
+  pm:
+    op: pm.train
+    inputs: { model: "${stages.base.model}", comparisons: comparisons.jsonl }
+    params: { batch_size: 16, max_steps: 60, lr: 3e-3, warmup_steps: 3, checkpoint_every: 0, append_eos: false, eval_fraction: 0.1 }
+"#;
+
+/// A manifest: `head` (name, seed, params), then [`BASE_STAGES`], then
+/// `stages` (the stages under test, YAML at two spaces).
+pub fn manifest(head: &str, stages: &str) -> String {
+    format!("version: 1\n{head}stages:\n{BASE_STAGES}{stages}")
+}

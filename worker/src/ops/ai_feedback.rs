@@ -70,25 +70,26 @@ impl OptionTokens {
     }
 }
 
-/// `p(A)` of each question: one forward pass per chunk of questions (two
-/// left-padded rows each), log-probs only where the options are.
+/// The summed log-prob of each row's tokens from `starts[i]` on, in one
+/// forward pass over all rows.
 ///
 /// # Shapes
 /// Rows are left-padded, so every row's continuation ends at the last
 /// position: logits are computed for the last `k` positions only, `k` the
 /// longest continuation of the batch (`[rows, k, vocab]`, not `[rows, t, vocab]`).
-pub fn p_option_a(model: &Transformer, questions: &[OptionTokens], device: Device) -> Vec<f64> {
+/// `rows`: `n` sequences -> `n` log-probs.
+pub fn continuation_logprobs(
+    model: &Transformer,
+    rows: &[Vec<i64>],
+    starts: &[usize],
+    device: Device,
+) -> Vec<f64> {
     tch::no_grad(|| {
-        let rows: Vec<Vec<i64>> = questions
-            .iter()
-            .flat_map(|q| [q.a.clone(), q.b.clone()])
-            .collect();
-        let starts: Vec<usize> = questions.iter().flat_map(|q| [q.start, q.start]).collect();
-        let (ids, mask) = left_pad(&rows, model.cfg.pad_id(), device);
+        let (ids, mask) = left_pad(rows, model.cfg.pad_id(), device);
         let t = ids.size()[1];
         let k = rows
             .iter()
-            .zip(&starts)
+            .zip(starts)
             .map(|(r, s)| r.len() - s)
             .max()
             .unwrap_or(1) as i64;
@@ -104,19 +105,28 @@ pub fn p_option_a(model: &Transformer, questions: &[OptionTokens], device: Devic
             .gather(2, &targets.unsqueeze(2), false)
             .squeeze_dim(2)
             .to_device(Device::Cpu);
-        let lp: Vec<Vec<f64>> = Vec::<Vec<f64>>::try_from(&token_lp).expect("log-probs");
-        let sum = |row: usize| -> f64 {
-            let n = rows[row].len() - starts[row];
-            lp[row][k as usize - n..].iter().sum()
-        };
-        (0..questions.len())
-            .map(|q| {
-                let (la, lb) = (sum(2 * q), sum(2 * q + 1));
-                // exp(lA) / (exp(lA) + exp(lB)), stably.
-                1.0 / (1.0 + (lb - la).exp())
-            })
+        let lp = Vec::<Vec<f64>>::try_from(&token_lp).expect("log-probs");
+        rows.iter()
+            .zip(starts)
+            .zip(&lp)
+            .map(|((r, s), l)| l[k as usize - (r.len() - s)..].iter().sum())
             .collect()
     })
+}
+
+/// `p(A)` of each question: one forward pass per chunk of questions (two
+/// left-padded rows each), log-probs only where the options are.
+pub fn p_option_a(model: &Transformer, questions: &[OptionTokens], device: Device) -> Vec<f64> {
+    let rows: Vec<Vec<i64>> = questions
+        .iter()
+        .flat_map(|q| [q.a.clone(), q.b.clone()])
+        .collect();
+    let starts: Vec<usize> = questions.iter().flat_map(|q| [q.start, q.start]).collect();
+    let lp = continuation_logprobs(model, &rows, &starts, device);
+    lp.chunks(2)
+        // exp(lA) / (exp(lA) + exp(lB)), stably.
+        .map(|ab| 1.0 / (1.0 + (ab[1] - ab[0]).exp()))
+        .collect()
 }
 
 /// One question: pair `pair`, its `slot`-th principle, in one order.

@@ -16,10 +16,10 @@ use alignflow::ops::{BestOfNParams, StageContext};
 use alignflow::protocol::Metrics;
 use alignflow::text::Tokenizer;
 
-use super::evaluate::{pm_score_rows, same_tokenizer};
+use super::evaluate::{pm_score_rows, shared_positions};
 use super::prompts::{read_prompts, Prompt, PromptSource};
 use crate::model::sample::{generate, Finish, SamplingConfig};
-use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
+use crate::model::{self, BuildOptions, Head, Model};
 
 /// Mixes a batch index into the stage seed (as `generate` does).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -39,21 +39,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let policy_dir = ctx.input("policy")?;
     let pm_dir = ctx.input("reward_model")?;
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
-    let policy_cfg = ModelConfig::load(policy_dir)?;
-    let pm_cfg = ModelConfig::load(pm_dir)?;
-    anyhow::ensure!(
-        same_tokenizer(policy_dir, pm_dir)? && pm_cfg.vocab_size == policy_cfg.vocab_size,
-        "stage `{stage}`: input `reward_model` has another tokenizer than input `policy` \
-         (vocabulary {} vs {}, or different tokenizer.json): the PM scores the policy's tokens",
-        pm_cfg.vocab_size,
-        policy_cfg.vocab_size
-    );
-    let max_positions = policy_cfg.max_positions.min(pm_cfg.max_positions);
-    anyhow::ensure!(
-        p.max_new_tokens < max_positions,
-        "stage `{stage}`: params.max_new_tokens {} leaves no room for a prompt in {max_positions} positions",
-        p.max_new_tokens
-    );
+    let max_positions = shared_positions(
+        &stage,
+        policy_dir,
+        &[("reward_model", pm_dir)],
+        "the PM scores the policy's tokens",
+        p.max_new_tokens,
+    )?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {

@@ -76,28 +76,15 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
 
     // Configs first: a mismatch fails before anything heavy loads.
-    let policy_cfg = ModelConfig::load(policy_dir)?;
-    let mut max_positions = policy_cfg.max_positions;
-    for (port, dir) in [
-        ("reference", Some(reference_dir)),
-        (REWARD_JUDGE, pm_dir.as_deref()),
-    ] {
-        let Some(dir) = dir else { continue };
-        let cfg = ModelConfig::load(dir)?;
-        anyhow::ensure!(
-            same_tokenizer(policy_dir, dir)? && cfg.vocab_size == policy_cfg.vocab_size,
-            "stage `{stage}`: input `{port}` has another tokenizer than input `policy` \
-             (vocabulary {} vs {}, or different tokenizer.json): the KL and the PM need one tokenizer",
-            cfg.vocab_size,
-            policy_cfg.vocab_size
-        );
-        max_positions = max_positions.min(cfg.max_positions);
-    }
-    anyhow::ensure!(
-        p.max_new_tokens < max_positions,
-        "stage `{stage}`: params.max_new_tokens {} leaves no room for a prompt in {max_positions} positions",
-        p.max_new_tokens
-    );
+    let mut others = vec![("reference", reference_dir)];
+    others.extend(pm_dir.as_deref().map(|d| (REWARD_JUDGE, d)));
+    let max_positions = shared_positions(
+        &stage,
+        policy_dir,
+        &others,
+        "the KL and the PM need one tokenizer",
+        p.max_new_tokens,
+    )?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {
@@ -303,6 +290,37 @@ fn check_judges(
             }))
         }
     }
+}
+
+/// Checks that every `(port, folder)` in `others` shares the policy's
+/// tokenizer (`why` says what needs it) and returns the positions all of
+/// them have, which must leave room for `max_new_tokens`. Reads configs
+/// only, so a mismatch fails before anything heavy loads.
+pub(crate) fn shared_positions(
+    stage: &str,
+    policy_dir: &Path,
+    others: &[(&str, &Path)],
+    why: &str,
+    max_new_tokens: i64,
+) -> anyhow::Result<i64> {
+    let policy_cfg = ModelConfig::load(policy_dir)?;
+    let mut max_positions = policy_cfg.max_positions;
+    for &(port, dir) in others {
+        let cfg = ModelConfig::load(dir)?;
+        anyhow::ensure!(
+            same_tokenizer(policy_dir, dir)? && cfg.vocab_size == policy_cfg.vocab_size,
+            "stage `{stage}`: input `{port}` has another tokenizer than input `policy` \
+             (vocabulary {} vs {}, or different tokenizer.json): {why}",
+            cfg.vocab_size,
+            policy_cfg.vocab_size
+        );
+        max_positions = max_positions.min(cfg.max_positions);
+    }
+    anyhow::ensure!(
+        max_new_tokens < max_positions,
+        "stage `{stage}`: params.max_new_tokens {max_new_tokens} leaves no room for a prompt in {max_positions} positions"
+    );
+    Ok(max_positions)
 }
 
 /// Whether two model folders share a tokenizer: equal `tokenizer.json`

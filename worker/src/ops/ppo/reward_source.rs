@@ -32,8 +32,8 @@ use alignflow::ops::{BaselineRecord, PpoParams, StageContext};
 use alignflow::text::Tokenizer;
 
 use super::pm_scores;
-use crate::model::sample::left_pad;
-use crate::model::{positions_from_mask, BuildOptions, Head, Model, Transformer};
+use crate::model::{BuildOptions, Head, Model};
+use crate::ops::ai_feedback::continuation_logprobs;
 use crate::rl::{
     contrastive_scores, expected_rating, rating_continuation, rating_prompt, rating_reward,
     RewardNorm,
@@ -396,46 +396,6 @@ impl Feedback {
         }
         Ok(out)
     }
-}
-
-/// The summed log-prob of each row's tokens from `starts[i]` on, one
-/// forward pass over all rows (left-padded, logits for the last `k`
-/// positions only, as `ai_feedback::p_option_a`).
-///
-/// # Shapes
-/// `rows`: `n` sequences -> `n` log-probs.
-fn continuation_logprobs(
-    model: &Transformer,
-    rows: &[Vec<i64>],
-    starts: &[usize],
-    device: Device,
-) -> Vec<f64> {
-    tch::no_grad(|| {
-        let (ids, mask) = left_pad(rows, model.cfg.pad_id(), device);
-        let t = ids.size()[1];
-        let k = rows
-            .iter()
-            .zip(starts)
-            .map(|(r, s)| r.len() - s)
-            .max()
-            .unwrap_or(1) as i64;
-        let hidden = model.hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
-        let logprobs = model
-            .logits(&hidden.narrow(1, t - 1 - k, k))
-            .to_kind(Kind::Double)
-            .log_softmax(-1, Kind::Double);
-        let targets = ids.narrow(1, t - k, k);
-        let token_lp = logprobs
-            .gather(2, &targets.unsqueeze(2), false)
-            .squeeze_dim(2)
-            .to_device(Device::Cpu);
-        let lp = Vec::<Vec<f64>>::try_from(&token_lp).expect("log-probs");
-        rows.iter()
-            .zip(starts)
-            .zip(&lp)
-            .map(|((r, s), l)| l[k as usize - (r.len() - s)..].iter().sum())
-            .collect()
-    })
 }
 
 #[cfg(test)]
