@@ -1,6 +1,7 @@
 //! The libtorch side of alignflow: transformer models, sampling, training
 //! utilities and the tensor ops the `alignflow-worker` binary runs.
 
+pub mod allocator;
 pub mod model;
 pub mod ops;
 pub mod rl;
