@@ -34,7 +34,7 @@ mod workload;
 use workload::*;
 
 use alignflow_worker::model::sample::{generate, SamplingConfig};
-use alignflow_worker::model::{positions_from_mask, BuildOptions, Head, Model, ModelConfig};
+use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
 use alignflow_worker::ops::common::causal_lm_loss;
 use alignflow_worker::train::{AdamW, AdamWConfig};
 
@@ -263,12 +263,9 @@ fn bench_rm(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     // Rows [0, 8) chosen, [8, 16) rejected.
     let ids = tokens(&[2 * RM_PAIRS, RM_SEQ], a.device);
     let mask = ids.ones_like();
-    let positions = positions_from_mask(&mask);
-    let head = m.reward.as_ref().expect("reward head");
     let (med, samples, phases) = timed(a.repeats, a.device, || {
         train_step(a.device, &mut opt, || {
-            let hidden = m.lm.hidden(&ids, &positions, &mask, None, true);
-            let r = head.forward(&hidden, &mask);
+            let r = m.scores(&ids, &mask, true);
             let margin = r.narrow(0, 0, RM_PAIRS) - r.narrow(0, RM_PAIRS, RM_PAIRS);
             -margin.log_sigmoid().mean(Kind::Float)
         })

@@ -52,7 +52,8 @@ mod workload;
 use workload::*;
 
 use alignflow_worker::model::sample::{generate, SamplingConfig};
-use alignflow_worker::model::{positions_from_mask, BuildOptions, Head, Model, ModelConfig};
+use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
+use alignflow_worker::ops::ppo::{pm_scores, response_logprobs, response_values};
 use alignflow_worker::rl::{
     compute_gae, kl_per_token, masked_whiten, policy_loss, shape_rewards, value_loss, GaeConfig,
     KlEstimator,
@@ -392,27 +393,6 @@ fn clock<T>(device: Device, f: impl FnOnce() -> T) -> (T, f64) {
     (out, t0.elapsed().as_secs_f64())
 }
 
-/// Log-probs of `resp` under `m`, and the logits: as the op computes them.
-fn response_logprobs(m: &Model, ids: &Tensor, mask: &Tensor, resp: &Tensor) -> (Tensor, Tensor) {
-    let hidden =
-        m.lm.hidden(ids, &positions_from_mask(mask), mask, None, false);
-    let logits = m.lm.logits(&hidden.narrow(1, PROMPT - 1, NEW_TOKENS));
-    let logp = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(2, &resp.unsqueeze(-1), false)
-        .squeeze_dim(-1);
-    (logp, logits)
-}
-
-fn response_values(m: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let hidden =
-        m.lm.hidden(ids, &positions_from_mask(mask), mask, None, false);
-    m.value
-        .as_ref()
-        .expect("value head")
-        .forward(&hidden.narrow(1, PROMPT - 1, NEW_TOKENS))
-}
-
 /// The iteration rebuilt from the library's parts, each phase timed.
 fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
     let d = a.device;
@@ -455,20 +435,16 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         // (with grad) give the rollout's log-probs and values.
         let ((logp, values), s) = clock(d, || {
             (
-                response_logprobs(&policy, &ids, &mask, &resp).0,
-                response_values(&critic, &ids, &mask),
+                response_logprobs(&policy, &ids, &mask, &resp, PROMPT, 1.0).0,
+                response_values(&critic, &ids, &mask, PROMPT, NEW_TOKENS),
             )
         });
         ph.push(("update_forwards", s));
         let (old_logp, old_values) = (logp.detach(), values.detach());
         let ((ref_logp, scores), s) = clock(d, || {
             tch::no_grad(|| {
-                let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp);
-                let h = pm
-                    .lm
-                    .hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
-                let sc = pm.reward.as_ref().expect("reward head").forward(&h, &mask);
-                (rf, sc)
+                let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp, PROMPT, 1.0);
+                (rf, pm_scores(&pm, &ids, &mask))
             })
         });
         ph.push(("scoring_forwards", s));

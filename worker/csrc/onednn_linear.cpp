@@ -64,14 +64,20 @@ at::Tensor* alignflow_onednn_pack(const at::Tensor* weight, int64_t rows, char**
 }
 
 // `x`: [rows, in] float32; `packed` from `alignflow_onednn_pack`; `bias`:
-// [out] or null. Returns x Wᵀ + b, [rows, out].
+// [out] or null; `gelu_tanh`: 1 to apply GELU (tanh approximation) to the
+// result inside the same kernel (a oneDNN post-op), sparing a pass over it.
+// Returns x Wᵀ + b (or its GELU), [rows, out].
 at::Tensor* alignflow_onednn_linear(const at::Tensor* x, const at::Tensor* packed,
-                                    const at::Tensor* bias, char** error) {
+                                    const at::Tensor* bias, int gelu_tanh, char** error) {
   try {
     static const auto linear = op("mkldnn::_linear_pointwise");
     c10::IValue b = bias ? c10::IValue(*bias) : c10::IValue();
-    torch::jit::Stack stack{*x, *packed, b, c10::IValue("none"),
-                            c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+    torch::jit::Stack stack{*x,
+                            *packed,
+                            b,
+                            c10::IValue(gelu_tanh ? "gelu" : "none"),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                            gelu_tanh ? c10::IValue("tanh") : c10::IValue()};
     linear.callBoxed(&stack);
     return new at::Tensor(stack.at(0).toTensor());
   } catch (const std::exception& e) {

@@ -274,18 +274,9 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
         let r = reference(name);
         tch::manual_seed(3);
         let mut model = load(name, Head::Reward);
-        let head = model.reward.as_ref().unwrap();
-        let positions = alignflow_worker::model::positions_from_mask(&r["attention_mask"]);
-        let scores = tch::no_grad(|| {
-            let h = model.lm.hidden(
-                &r["input_ids"],
-                &positions,
-                &r["attention_mask"],
-                None,
-                false,
-            );
-            head.forward(&h, &r["attention_mask"])
-        });
+        // The score of the last real token only (the last block computes
+        // nothing else), as transformers reads it off the full sequence.
+        let scores = tch::no_grad(|| model.scores(&r["input_ids"], &r["attention_mask"], false));
         let ours: Vec<f64> = Vec::<f64>::try_from(scores.to_kind(Kind::Double)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         model.save(dir.path()).unwrap();

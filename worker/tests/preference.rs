@@ -106,13 +106,15 @@ fn paired_rewards_in_one_padded_forward_equal_one_forward_per_sequence() {
         let ids = Tensor::from_slice(row).unsqueeze(0);
         let mask = ids.ones_like();
         let pos = alignflow_worker::model::positions_from_mask(&mask);
+        // The full forward's last position: independent of the batch's
+        // padding and of the last-token-only path `pair_rewards` takes.
         tch::no_grad(|| {
             let h = model.lm.hidden(&ids, &pos, &mask, None, false);
             model
                 .reward
                 .as_ref()
                 .unwrap()
-                .forward(&h, &mask)
+                .forward(&h.narrow(1, row.len() as i64 - 1, 1))
                 .to_kind(Kind::Double)
                 .double_value(&[0])
         })

@@ -97,25 +97,109 @@ impl KvCache {
 }
 
 /// The boolean mask (`true` = may attend) for queries at the last `q_len`
-/// of `attention_mask`'s positions.
+/// of `attention_mask`'s positions (see [`query_mask`]).
+///
+/// # Shapes
+/// `attention_mask`: `[batch, kv_len]` (0/1) -> `[batch, 1, q_len, kv_len]`.
+pub fn attention_mask(attention_mask: &Tensor, q_len: i64) -> Tensor {
+    let kv_len = attention_mask.size()[1];
+    let q_index = Tensor::arange_start(
+        kv_len - q_len,
+        kv_len,
+        (Kind::Int64, attention_mask.device()),
+    );
+    query_mask(attention_mask, &q_index.view([1, q_len]))
+}
+
+/// The boolean mask (`true` = may attend) for queries at positions
+/// `q_index` of a sequence whose keys are `attention_mask`.
 ///
 /// A query attends to keys at or before its own position whose mask is 1.
 /// A padding query would attend to nothing (a NaN softmax), so it attends
 /// to itself: its output is never used, as in transformers' SDPA path.
 ///
 /// # Shapes
-/// `attention_mask`: `[batch, kv_len]` (0/1) -> `[batch, 1, q_len, kv_len]`.
-pub fn attention_mask(attention_mask: &Tensor, q_len: i64) -> Tensor {
+/// `attention_mask`: `[batch, kv_len]` (0/1); `q_index`: `[batch or 1, q]`
+/// int64 -> `[batch, 1, q, kv_len]`.
+pub fn query_mask(attention_mask: &Tensor, q_index: &Tensor) -> Tensor {
     let kv_len = attention_mask.size()[1];
-    let device = attention_mask.device();
-    let past = kv_len - q_len;
-    let q_pos = Tensor::arange_start(past, kv_len, (Kind::Int64, device)).view([q_len, 1]);
-    let k_pos = Tensor::arange(kv_len, (Kind::Int64, device)).view([1, kv_len]);
-    let causal = k_pos.le_tensor(&q_pos); // [q, kv]
+    let (rows, q_len) = q_index.size2().expect("q_index is [batch or 1, q]");
+    let q_pos = q_index.view([rows, 1, q_len, 1]);
+    let k_pos =
+        Tensor::arange(kv_len, (Kind::Int64, attention_mask.device())).view([1, 1, 1, kv_len]);
     let keys = attention_mask.to_kind(Kind::Bool).view([-1, 1, 1, kv_len]);
-    let mask = causal.view([1, 1, q_len, kv_len]).logical_and(&keys);
-    let diagonal = k_pos.eq_tensor(&q_pos).view([1, 1, q_len, kv_len]);
-    mask.logical_or(&diagonal)
+    k_pos
+        .le_tensor(&q_pos)
+        .logical_and(&keys)
+        .logical_or(&k_pos.eq_tensor(&q_pos))
+}
+
+/// The positions a forward pass keeps: its last block computes queries,
+/// attention output and MLP only there (keys and values still cover every
+/// position), and it returns their hidden states alone.
+#[derive(Debug)]
+pub struct Queries {
+    /// `(start, len)` when the positions are one span shared by every row
+    /// (taken with a view, not a copy).
+    span: Option<(i64, i64)>,
+    /// `[batch or 1, q]` int64: the kept positions of each row.
+    index: Tensor,
+    /// Which keys each kept query may see.
+    pub mask: Mask,
+}
+
+impl Queries {
+    /// `len` positions from `start` in every row of a batch with keys
+    /// `attention_mask` (`[batch, t]`, 0/1).
+    pub fn span(attention_mask: &Tensor, start: i64, len: i64) -> Queries {
+        let index =
+            Tensor::arange_start(start, start + len, (Kind::Int64, attention_mask.device()))
+                .view([1, len]);
+        Queries {
+            span: Some((start, len)),
+            mask: Mask::Explicit(query_mask(attention_mask, &index)),
+            index,
+        }
+    }
+
+    /// One position per row: `index` `[batch]` int64.
+    pub fn one_per_row(attention_mask: &Tensor, index: &Tensor) -> Queries {
+        let index = index.view([-1, 1]);
+        Queries {
+            span: None,
+            mask: Mask::Explicit(query_mask(attention_mask, &index)),
+            index,
+        }
+    }
+
+    /// The kept positions per row.
+    pub fn per_row(&self) -> i64 {
+        self.index.size()[1]
+    }
+
+    /// The kept positions of `x` along its time dimension `dim` (batch
+    /// first).
+    ///
+    /// # Shapes
+    /// `x`: `[b, .., t, ..]` -> `[b, .., q, ..]`.
+    pub fn take(&self, x: &Tensor, dim: i64) -> Tensor {
+        if let Some((start, len)) = self.span {
+            return x.narrow(dim, start, len);
+        }
+        let mut shape = x.size();
+        let mut view = vec![1i64; shape.len()];
+        view[0] = self.index.size()[0];
+        view[dim as usize] = self.per_row();
+        shape[dim as usize] = self.per_row();
+        x.gather(
+            dim,
+            &self
+                .index
+                .view(view.as_slice())
+                .expand(shape.as_slice(), false),
+            false,
+        )
+    }
 }
 
 /// Which keys each query may see.

@@ -3,9 +3,10 @@
 
 use tch::{nn, Tensor};
 
-use super::attention::{attend, KvCache, Mask};
+use super::attention::{attend, KvCache, Mask, Queries};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
+use super::onednn::PostOp;
 
 #[derive(Debug)]
 struct Block {
@@ -89,20 +90,26 @@ impl Gpt2 {
         }
     }
 
+    /// With `keep`, the last block computes and the result holds only the
+    /// kept positions (see [`Queries`]).
+    ///
     /// # Shapes
-    /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`.
+    /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`
+    /// (`[b, q, hidden]` with `keep`).
     pub fn forward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         mask: &Mask,
         mut cache: Option<&mut KvCache>,
+        keep: Option<&Queries>,
         train: bool,
     ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = (Tensor::embedding(&self.wte, ids, -1, false, false)
             + Tensor::embedding(&self.wpe, positions, -1, false, false))
         .dropout(self.dropout, train);
+        let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
             let a = block.ln_1.forward(&x);
             let qkv = block.c_attn.forward(&a, train);
@@ -113,15 +120,24 @@ impl Gpt2 {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
             };
+            // The last block's queries (and everything after attention)
+            // only at the kept positions.
+            let (q, mask, q_len) = match keep.filter(|_| i == last) {
+                Some(kept) => {
+                    x = kept.take(&x, 1);
+                    (kept.take(&q, 2), &kept.mask, kept.per_row())
+                }
+                None => (q, mask, t),
+            };
             let y = attend(&q, &k, &v, mask, self.dropout, train)
                 .transpose(1, 2)
-                .reshape([b, t, -1]);
+                .reshape([b, q_len, -1]);
             x = x + block
                 .attn_proj
                 .forward(&y, train)
                 .dropout(self.dropout, train);
             let m = block.ln_2.forward(&x);
-            let m = block.c_fc.forward(&m, train).gelu("tanh");
+            let m = block.c_fc.forward_then(&m, train, PostOp::GeluTanh);
             x = x + block
                 .mlp_proj
                 .forward(&m, train)

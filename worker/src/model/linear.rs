@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use tch::{nn, Kind, Tensor};
 
-use super::onednn::{self, Packed};
+use super::onednn::{self, Packed, PostOp};
 
 thread_local! {
     /// Whether LoRA adapters are skipped in forward passes on this thread
@@ -136,21 +136,36 @@ impl Linear {
     /// # Shapes
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_then(x, train, PostOp::None)
+    }
+
+    /// `post(forward(x))`, in one kernel where the weight is packed.
+    pub fn forward_then(&self, x: &Tensor, train: bool, post: PostOp) -> Tensor {
+        let adapter = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get));
+        // The adapter's term joins before the activation: fuse only without one.
+        let fused_post = if adapter.is_none() {
+            post
+        } else {
+            PostOp::None
+        };
         let packed = match self.packed.lock().expect("pack lock").as_ref() {
             Some(p) if !train && !onednn::grad_enabled() => {
-                packed_forward(p, x, self.bias.as_ref())
+                packed_forward(p, x, self.bias.as_ref(), fused_post).map(|y| (y, fused_post))
             }
             _ => None,
         };
-        let mut y = match packed {
-            Some(y) => y,
-            None => self.plain(x),
+        let (mut y, applied) = match packed {
+            Some(done) => done,
+            None => (self.plain(x), PostOp::None),
         };
-        if let Some(l) = self.lora.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get)) {
+        if let Some(l) = adapter {
             let h = x.dropout(l.dropout, train);
             y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
         }
-        y
+        match (post, applied) {
+            (PostOp::GeluTanh, PostOp::None) => y.gelu("tanh"),
+            _ => y,
+        }
     }
 
     /// Packs the weight for oneDNN (float32 on the CPU only), for inputs of
@@ -224,12 +239,17 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ + b` through a packed weight, for `x` of any rank; `None` (after a
-/// warning) if oneDNN refuses, so the caller falls back to libtorch.
-pub(super) fn packed_forward(p: &Packed, x: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+/// `post(x Wᵀ + b)` through a packed weight, for `x` of any rank; `None`
+/// (after a warning) if oneDNN refuses, so the caller falls back to libtorch.
+pub(super) fn packed_forward(
+    p: &Packed,
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    post: PostOp,
+) -> Option<Tensor> {
     let mut shape = x.size();
     let last = shape.len() - 1;
-    match p.linear(&x.reshape([-1, shape[last]]), bias) {
+    match p.linear(&x.reshape([-1, shape[last]]), bias, post) {
         Ok(y) => {
             shape[last] = y.size()[1];
             Some(y.view(shape.as_slice()))

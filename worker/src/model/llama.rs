@@ -3,7 +3,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use super::attention::{attend, KvCache, Mask};
+use super::attention::{attend, KvCache, Mask, Queries};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 
@@ -98,14 +98,19 @@ impl Llama {
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 
+    /// With `keep`, the last layer computes and the result holds only the
+    /// kept positions (see [`Queries`]).
+    ///
     /// # Shapes
-    /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`.
+    /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`
+    /// (`[b, q, hidden]` with `keep`).
     pub fn forward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         mask: &Mask,
         mut cache: Option<&mut KvCache>,
+        keep: Option<&Queries>,
         train: bool,
     ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [batch, time]");
@@ -116,6 +121,7 @@ impl Llama {
             let rotated = Tensor::cat(&[-v.narrow(-1, half, half), v.narrow(-1, 0, half)], -1);
             v * &cos + rotated * &sin
         };
+        let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(&x);
             let q = layer
@@ -138,9 +144,18 @@ impl Llama {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
             };
+            // The last layer's queries (and everything after attention)
+            // only at the kept positions.
+            let (q, mask, q_len) = match keep.filter(|_| i == last) {
+                Some(kept) => {
+                    x = kept.take(&x, 1);
+                    (kept.take(&q, 2), &kept.mask, kept.per_row())
+                }
+                None => (q, mask, t),
+            };
             let y = attend(&q, &k, &v, mask, 0.0, train)
                 .transpose(1, 2)
-                .reshape([b, t, -1]);
+                .reshape([b, q_len, -1]);
             x = x + layer.o_proj.forward(&y, train);
             let m = layer.post_attention_layernorm.forward(&x);
             let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tch::{nn, Device, Kind, Tensor};
 
-pub use attention::{attention_mask, KvCache, Mask};
+pub use attention::{attention_mask, query_mask, KvCache, Mask};
 pub use config::{Arch, ModelConfig};
 pub use linear::{without_adapters, Layout, Linear, LoraConfig};
 
@@ -63,6 +63,17 @@ impl Drop for Packing<'_> {
             *self.model.tied_head_packed.lock().expect("pack lock") = None;
         }
     }
+}
+
+/// Which positions' final hidden states [`Transformer::hidden_kept`]
+/// computes: a reward model needs one position per row, PPO's policy,
+/// reference and value models only the response's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// `len` positions from `start`, the same in every row.
+    Span { start: i64, len: i64 },
+    /// Each row's last real token (the mask's last 1).
+    LastToken,
 }
 
 /// Position ids for a left- or right-padded batch: the running count of
@@ -173,8 +184,29 @@ impl Transformer {
         train: bool,
     ) -> Tensor {
         match &self.backbone {
-            Backbone::Gpt2(m) => m.forward(ids, positions, attn, cache, train),
-            Backbone::Llama(m) => m.forward(ids, positions, attn, cache, train),
+            Backbone::Gpt2(m) => m.forward(ids, positions, attn, cache, None, train),
+            Backbone::Llama(m) => m.forward(ids, positions, attn, cache, None, train),
+        }
+    }
+
+    /// Final hidden states of the positions `keep` names only (no cache):
+    /// the last block computes nothing for the others (its keys and values
+    /// still cover every position). Equal to [`Transformer::hidden`] at
+    /// those positions.
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `[b, t]` (0/1) -> `[b, q, hidden]` (`q` = `len` of a
+    /// span, 1 for [`Keep::LastToken`]).
+    pub fn hidden_kept(&self, ids: &Tensor, mask: &Tensor, keep: Keep, train: bool) -> Tensor {
+        let positions = positions_from_mask(mask);
+        let attn = attention::Mask::new(mask, ids.size()[1]);
+        let kept = match keep {
+            Keep::Span { start, len } => attention::Queries::span(mask, start, len),
+            Keep::LastToken => attention::Queries::one_per_row(mask, &last_token_index(mask)),
+        };
+        match &self.backbone {
+            Backbone::Gpt2(m) => m.forward(ids, &positions, &attn, None, Some(&kept), train),
+            Backbone::Llama(m) => m.forward(ids, &positions, &attn, None, Some(&kept), train),
         }
     }
 
@@ -188,7 +220,7 @@ impl Transformer {
                 packed
                     .as_ref()
                     .filter(|_| !onednn::grad_enabled())
-                    .and_then(|p| linear::packed_forward(p, hidden, None))
+                    .and_then(|p| linear::packed_forward(p, hidden, None, onednn::PostOp::None))
                     .unwrap_or_else(|| hidden.linear::<Tensor>(self.embeddings(), None))
             }
         }
@@ -244,14 +276,13 @@ impl RewardHead {
         }
     }
 
+    /// The reward of hidden states of each row's last real token (from
+    /// [`Keep::LastToken`]).
+    ///
     /// # Shapes
-    /// `hidden`: `[b, t, h]`, `mask`: `[b, t]` -> `[b]`.
-    pub fn forward(&self, hidden: &Tensor, mask: &Tensor) -> Tensor {
-        let idx = last_token_index(mask);
-        let b = hidden.size()[0];
-        let rows = Tensor::arange(b, (Kind::Int64, hidden.device()));
-        let last = hidden.index(&[Some(rows), Some(idx)]); // [b, h]
-        self.score.forward(&last, false).squeeze_dim(-1)
+    /// `last`: `[b, 1, h]` -> `[b]`.
+    pub fn forward(&self, last: &Tensor) -> Tensor {
+        self.score.forward(last, false).view([-1])
     }
 }
 
@@ -379,6 +410,19 @@ impl Model {
         }
         model.source = Some(dir.to_path_buf());
         Ok(model)
+    }
+
+    /// The reward head's score of each row of a padded batch, on its last
+    /// real token (the model must carry the reward head).
+    ///
+    /// # Shapes
+    /// `ids`, `mask`: `[b, t]` -> `[b]`.
+    pub fn scores(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let head = self
+            .reward
+            .as_ref()
+            .expect("preference models are built with the reward head");
+        head.forward(&self.lm.hidden_kept(ids, mask, Keep::LastToken, train))
     }
 
     /// Trainable tensors by name (sorted, so optimizers see a stable order).

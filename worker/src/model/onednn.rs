@@ -23,6 +23,7 @@ extern "C" {
         x: *const std::ffi::c_void,
         packed: *const std::ffi::c_void,
         bias: *const std::ffi::c_void,
+        gelu_tanh: c_int,
         error: *mut *mut c_char,
     ) -> *mut std::ffi::c_void;
     fn alignflow_free_message(message: *mut c_char);
@@ -61,6 +62,15 @@ pub fn applies_to(weight: &Tensor) -> bool {
     weight.device() == Device::Cpu && weight.kind() == Kind::Float && available()
 }
 
+/// What is applied to a linear map's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostOp {
+    None,
+    /// GELU, tanh approximation (GPT-2's MLP); fused into the packed
+    /// kernel, a separate op otherwise.
+    GeluTanh,
+}
+
 /// A weight in oneDNN's blocked layout.
 #[derive(Debug)]
 pub struct Packed(Tensor);
@@ -75,13 +85,25 @@ impl Packed {
             .map(Packed)
     }
 
-    /// `x Wᵀ + b` for `x` `[rows, in]` -> `[rows, out]`.
-    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> anyhow::Result<Tensor> {
+    /// `x Wᵀ + b` for `x` `[rows, in]` -> `[rows, out]`, then `post`.
+    pub fn linear(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        post: PostOp,
+    ) -> anyhow::Result<Tensor> {
         let x = x.contiguous();
         let bias_ptr = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
+        let gelu_tanh = c_int::from(post == PostOp::GeluTanh);
         // SAFETY: every tensor outlives the call; as in `new`.
         call(|error| unsafe {
-            alignflow_onednn_linear(x.as_ptr().cast(), self.0.as_ptr().cast(), bias_ptr, error)
+            alignflow_onednn_linear(
+                x.as_ptr().cast(),
+                self.0.as_ptr().cast(),
+                bias_ptr,
+                gelu_tanh,
+                error,
+            )
         })
     }
 }
@@ -125,12 +147,18 @@ mod tests {
         for rows in [1, 8, 300] {
             let x = Tensor::randn([rows, 64], (Kind::Float, Device::Cpu));
             let packed = Packed::new(&w, 8).unwrap();
-            let got = packed.linear(&x, Some(&b)).unwrap();
+            let got = packed.linear(&x, Some(&b), PostOp::None).unwrap();
             let want = x.linear(&w, Some(&b));
             assert_eq!(got.size(), [rows, 96]);
             let diff = (&got - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-4, "rows {rows}: max difference {diff}");
-            let no_bias = packed.linear(&x, None).unwrap();
+            let gelu = packed.linear(&x, Some(&b), PostOp::GeluTanh).unwrap();
+            let diff = (&gelu - want.gelu("tanh")).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-4,
+                "rows {rows}, fused GELU: max difference {diff}"
+            );
+            let no_bias = packed.linear(&x, None, PostOp::None).unwrap();
             let diff = (&no_bias - x.linear::<Tensor>(&w, None))
                 .abs()
                 .max()
@@ -140,7 +168,11 @@ mod tests {
         // A shape error comes back as an error, not an abort.
         let packed = Packed::new(&w, 8).unwrap();
         let err = packed
-            .linear(&Tensor::ones([2, 65], (Kind::Float, Device::Cpu)), None)
+            .linear(
+                &Tensor::ones([2, 65], (Kind::Float, Device::Cpu)),
+                None,
+                PostOp::None,
+            )
             .unwrap_err();
         assert!(err.to_string().starts_with("oneDNN linear:"), "{err}");
     }

@@ -36,7 +36,7 @@ use super::ai_feedback::{p_option_a, OptionTokens};
 use super::ppo::response_logprobs;
 use super::prompts::{read_prompts, Prompt, PromptSource};
 use crate::model::sample::{generate, left_pad, Finish, Sample, SamplingConfig};
-use crate::model::{self, positions_from_mask, BuildOptions, Head, Model, ModelConfig};
+use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
 use crate::rl::{kl_per_token, masked_sum, response_mask, KlEstimator};
 
 /// Mixes a batch index into the stage seed (as `generate` does).
@@ -464,13 +464,9 @@ fn sequence_kl(
 /// # Shapes
 /// `rows`: `b` token lists -> `b` scores.
 pub(crate) fn pm_score_rows(pm: &Model, rows: &[Vec<i64>], device: Device) -> Vec<f64> {
-    let head = pm.reward.as_ref().expect("reward head");
     tch::no_grad(|| {
         let (ids, mask) = left_pad(rows, pm.lm.cfg.pad_id(), device);
-        let hidden = pm
-            .lm
-            .hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
-        let s = head.forward(&hidden, &mask).to_kind(Kind::Double);
+        let s = pm.scores(&ids, &mask, false).to_kind(Kind::Double);
         Vec::<f64>::try_from(&s.to_device(Device::Cpu)).expect("scores")
     })
 }

@@ -14,7 +14,7 @@ mod evaluate;
 mod generate;
 mod lm_pretrain;
 pub mod pm;
-mod ppo;
+pub mod ppo;
 mod prompts;
 pub mod sft;
 

@@ -3,7 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::super::common::right_pad;
-use crate::model::{positions_from_mask, Model};
+use crate::model::Model;
 
 /// Mean (or weighted mean) soft-label Bradley-Terry loss
 /// `-(p*logsig(rA - rB) + (1-p)*logsig(rB - rA))`: `p` is the probability
@@ -48,12 +48,6 @@ pub fn pair_rewards(
     let rows: Vec<(&[i64], usize)> = a.iter().chain(b).map(|r| (*r, 0)).collect();
     let (ids, mask, _) = right_pad(&rows, model.lm.cfg.pad_id(), device);
     let tokens = rows.iter().map(|(r, _)| r.len() as u64).sum();
-    let positions = positions_from_mask(&mask);
-    let hidden = model.lm.hidden(&ids, &positions, &mask, None, train);
-    let head = model
-        .reward
-        .as_ref()
-        .expect("preference models are built with the reward head");
-    let r = head.forward(&hidden, &mask).to_kind(Kind::Float);
+    let r = model.scores(&ids, &mask, train).to_kind(Kind::Float);
     (r.narrow(0, 0, n), r.narrow(0, n, n), tokens)
 }

@@ -43,9 +43,7 @@ use alignflow::text::Tokenizer;
 
 use super::prompts::{read_prompts, PromptSource};
 use crate::model::sample::{generate, left_pad, SamplingConfig};
-use crate::model::{
-    self, positions_from_mask, without_adapters, BuildOptions, Head, LoraConfig, Model,
-};
+use crate::model::{self, without_adapters, BuildOptions, Head, Keep, LoraConfig, Model};
 use crate::rl::{
     compute_gae, contains_eos, explained_variance, group_advantages, group_spread, kl_k3,
     kl_per_token, masked_entropy, masked_mean, masked_sum, masked_whiten, mean_sequence_kl,
@@ -69,7 +67,7 @@ use reward_source::{Rewards, Source};
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
-pub(crate) fn response_logprobs(
+pub fn response_logprobs(
     m: &Model,
     ids: &Tensor,
     mask: &Tensor,
@@ -79,10 +77,8 @@ pub(crate) fn response_logprobs(
 ) -> (Tensor, Tensor) {
     let r = resp.size()[1];
     let hidden =
-        m.lm.hidden(ids, &positions_from_mask(mask), mask, None, false);
-    let mut logits =
-        m.lm.logits(&hidden.narrow(1, p_len - 1, r))
-            .to_kind(Kind::Float);
+        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
+    let mut logits = m.lm.logits(&hidden).to_kind(Kind::Float);
     if temperature > 0.0 && temperature != 1.0 {
         logits /= temperature;
     }
@@ -93,17 +89,26 @@ pub(crate) fn response_logprobs(
     (logp, logits)
 }
 
+/// The positions whose outputs score the response tokens: from the last
+/// prompt token to the one before the last response token.
+fn before_each_response_token(p_len: i64, r: i64) -> Keep {
+    Keep::Span {
+        start: p_len - 1,
+        len: r,
+    }
+}
+
 /// Values of the states before each response token.
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]` -> `[b, r]`.
-fn response_values(m: &Model, ids: &Tensor, mask: &Tensor, p_len: i64, r: i64) -> Tensor {
+pub fn response_values(m: &Model, ids: &Tensor, mask: &Tensor, p_len: i64, r: i64) -> Tensor {
     let hidden =
-        m.lm.hidden(ids, &positions_from_mask(mask), mask, None, false);
+        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
     m.value
         .as_ref()
         .expect("value head")
-        .forward(&hidden.narrow(1, p_len - 1, r))
+        .forward(&hidden)
         .to_kind(Kind::Float)
 }
 
@@ -111,15 +116,8 @@ fn response_values(m: &Model, ids: &Tensor, mask: &Tensor, p_len: i64, r: i64) -
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, t]` -> `[b]` float32.
-fn pm_scores(pm: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let hidden = pm
-        .lm
-        .hidden(ids, &positions_from_mask(mask), mask, None, false);
-    pm.reward
-        .as_ref()
-        .expect("reward head")
-        .forward(&hidden, mask)
-        .to_kind(Kind::Float)
+pub fn pm_scores(pm: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
+    pm.scores(ids, mask, false).to_kind(Kind::Float)
 }
 
 fn scalar(t: &Tensor) -> f64 {
