@@ -98,7 +98,10 @@ fn a_kept_span_equals_the_full_forward_there_values_and_gradients() {
             // Relative to the gradient's size: float32 sums in another order.
             let scale = a.abs().max().double_value(&[]).max(1.0);
             let d = max_diff(a, &b) / scale;
-            assert!(d < 1e-5, "{name}: gradient of {n} differs by {d} (relative)");
+            assert!(
+                d < 1e-5,
+                "{name}: gradient of {n} differs by {d} (relative)"
+            );
         }
     }
 }

@@ -98,23 +98,33 @@ pub fn value_loss(
     ValueLoss { loss, clip_frac }
 }
 
-/// Per-token entropy of the categorical distribution given by `logits`:
-/// `logsumexp(z) - sum(softmax(z) * z)`.
+/// Per-token entropy of the categorical distribution given by `logits`.
 ///
 /// # Shapes
 /// - `logits`: `[b, t, v]`; returns `[b, t]`.
 pub fn entropy_from_logits(logits: &Tensor) -> Tensor {
-    let p = logits.softmax(-1, logits.kind());
-    logits.logsumexp([-1i64].as_slice(), false)
-        - (p * logits).sum_dim_intlist([-1i64].as_slice(), false, logits.kind())
+    entropy_from_log_probs(&logits.log_softmax(-1, logits.kind()))
 }
 
-/// Masked mean of [`entropy_from_logits`].
+/// Per-token entropy `-sum(p * log p)` from log-probabilities (a
+/// `log_softmax`, which PPO's loss has computed already), with
+/// `0 * log 0 = 0` for tokens of probability 0.
 ///
 /// # Shapes
-/// - `logits`: `[b, t, v]`; `mask`: `[b, t]`; returns `[]`.
-pub fn masked_entropy(logits: &Tensor, mask: &Tensor) -> Tensor {
-    masked_mean(&entropy_from_logits(logits), mask, None)
+/// - `logp`: `[b, t, v]`; returns `[b, t]`.
+pub fn entropy_from_log_probs(logp: &Tensor) -> Tensor {
+    // -inf log-probs (masked tokens) would give 0 * -inf = NaN; any finite
+    // stand-in gives the 0 their probability contributes.
+    let finite = logp.clamp_min(-1e30);
+    -(logp.exp() * finite).sum_dim_intlist([-1i64].as_slice(), false, logp.kind())
+}
+
+/// Masked mean of [`entropy_from_log_probs`].
+///
+/// # Shapes
+/// - `logp`: `[b, t, v]`; `mask`: `[b, t]`; returns `[]`.
+pub fn masked_entropy(logp: &Tensor, mask: &Tensor) -> Tensor {
+    masked_mean(&entropy_from_log_probs(logp), mask, None)
 }
 
 /// Explained variance of the value head, `1 - var(R - V) / var(R)` over the
@@ -206,7 +216,15 @@ mod tests {
         assert_close(hv[1], 0.5623351446188083, 1e-12);
         let m = t2(1, 3, &[1.0, 1.0, 0.0]);
         // (0.6931471805599453 + 0.5623351446188083) / 2
-        assert_close(s(&masked_entropy(&logits, &m)), 0.6277411625893768, 1e-12);
+        let logp = logits.log_softmax(-1, Kind::Double);
+        assert_close(s(&masked_entropy(&logp, &m)), 0.6277411625893768, 1e-12);
+        // A token of probability 0 adds nothing (not NaN).
+        let with_zero = Tensor::from_slice(&[0.0f64, 0.0, f64::NEG_INFINITY]).view([1, 1, 3]);
+        assert_close(
+            v(&entropy_from_logits(&with_zero))[0],
+            0.6931471805599453,
+            1e-12,
+        );
     }
 
     #[test]

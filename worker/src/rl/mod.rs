@@ -41,8 +41,8 @@ pub use group::{group_advantages, group_spread, GroupBaseline, GROUP_STD_EPS};
 pub use kl::{kl_k1, kl_k2, kl_k3, kl_per_token, mean_sequence_kl, mean_token_kl, KlEstimator};
 pub use kl_ctl::KlController;
 pub use loss::{
-    entropy_from_logits, explained_variance, masked_entropy, policy_loss, value_loss, PolicyLoss,
-    ValueLoss,
+    entropy_from_log_probs, entropy_from_logits, explained_variance, masked_entropy, policy_loss,
+    value_loss, PolicyLoss, ValueLoss,
 };
 pub use rating::{expected_rating, rating_continuation, rating_prompt, rating_reward};
 pub use reward::{shape_rewards, ShapedRewards};

@@ -63,7 +63,8 @@ mod tests;
 
 use reward_source::{Rewards, Source};
 
-/// Policy log-probs (and logits) of the response tokens of `ids`.
+/// Policy log-probs of the response tokens of `ids`, and of every token of
+/// the vocabulary at those positions (for the entropy).
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
@@ -82,11 +83,9 @@ pub fn response_logprobs(
     if temperature > 0.0 && temperature != 1.0 {
         logits /= temperature;
     }
-    let logp = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(2, &resp.unsqueeze(-1), false)
-        .squeeze_dim(-1);
-    (logp, logits)
+    let all = logits.log_softmax(-1, Kind::Float);
+    let logp = all.gather(2, &resp.unsqueeze(-1), false).squeeze_dim(-1);
+    (logp, all)
 }
 
 /// The positions whose outputs score the response tokens: from the last
@@ -617,12 +616,12 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         // the weights (see `Passes::Auto`).
         let mut update_forwards = single_pass.then(|| {
             crate::train::autocast_if(autocast, || {
-                let (logp, logits) =
+                let (logp, all) =
                     response_logprobs(&policy, &ids, &mask, &resp, p_len, p.temperature);
                 let values = critic
                     .as_ref()
                     .map(|c| response_values(c, &ids, &mask, p_len, r));
-                (logp, logits, values)
+                (logp, all, values)
             })
         });
         let (old_logp, ref_logp, old_values, raw_scores) = tch::no_grad(|| {
@@ -720,9 +719,9 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
                     (pick(&ids), pick(&mask), pick(&resp), pick(&rmask));
 
                 let precomputed = update_forwards.take();
-                let (pl, kl_loss, logits) = crate::train::autocast_if(autocast, || {
-                    let (logp, logits) = match &precomputed {
-                        Some((logp, logits, _)) => (logp.shallow_clone(), logits.shallow_clone()),
+                let (pl, kl_loss, all) = crate::train::autocast_if(autocast, || {
+                    let (logp, all) = match &precomputed {
+                        Some((logp, all, _)) => (logp.shallow_clone(), all.shallow_clone()),
                         None => response_logprobs(
                             &policy,
                             &mb_ids,
@@ -737,7 +736,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
                     // reference, token-level masked mean like the surrogate.
                     let kl_loss = (p.kl_mode == PpoKlMode::Loss)
                         .then(|| masked_mean(&kl_k3(&logp, &pick(&ref_logp)), &mb_rmask, None));
-                    (pl, kl_loss, logits)
+                    (pl, kl_loss, all)
                 });
                 let pl_v = scalar(&pl.loss);
                 if !pl_v.is_finite() {
@@ -796,7 +795,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
                     vl_sum += vl_v;
                 }
 
-                ent_sum += tch::no_grad(|| scalar(&masked_entropy(&logits.detach(), &mb_rmask)));
+                ent_sum += tch::no_grad(|| scalar(&masked_entropy(&all.detach(), &mb_rmask)));
                 cf_sum += scalar(&pl.clip_frac);
                 ak_sum += scalar(&pl.approx_kl);
                 pl_sum += pl_v;
