@@ -70,6 +70,28 @@ fn clear_grads(model: &Model) {
     }
 }
 
+/// Backpropagates `full` and `kept` (the same loss through both paths) and
+/// asserts every parameter gets the same gradient from each.
+fn assert_same_gradients(name: &str, model: &Model, full: Tensor, kept: Tensor) {
+    clear_grads(model);
+    full.backward();
+    let g_full = grads(model);
+    clear_grads(model);
+    kept.backward();
+    let g_kept = grads(model);
+    assert_eq!(g_full.len(), g_kept.len(), "{name}");
+    assert!(g_full.len() > 10, "{name}: {} gradients", g_full.len());
+    for ((n, a), (_, b)) in g_full.iter().zip(g_kept) {
+        // Relative to the gradient's size: float32 sums in another order.
+        let scale = a.abs().max().double_value(&[]).max(1.0);
+        let d = max_diff(a, &b) / scale;
+        assert!(
+            d < 1e-5,
+            "{name}: gradient of {n} differs by {d} (relative)"
+        );
+    }
+}
+
 #[test]
 fn a_kept_span_equals_the_full_forward_there_values_and_gradients() {
     let (ids, mask) = batch();
@@ -83,26 +105,13 @@ fn a_kept_span_equals_the_full_forward_there_values_and_gradients() {
         assert_eq!(got.size(), [2, 4, 16], "{name}");
         let d = max_diff(&got, &want);
         assert!(d < 1e-5, "{name}: values differ by {d}");
-
-        // The same loss through both paths: the same gradient everywhere.
         let weights = Tensor::randn([2, 4, 16], (Kind::Float, Device::Cpu));
-        clear_grads(&model);
-        (want * &weights).sum(Kind::Float).backward();
-        let g_full = grads(&model);
-        clear_grads(&model);
-        (got * &weights).sum(Kind::Float).backward();
-        let g_kept = grads(&model);
-        assert_eq!(g_full.len(), g_kept.len(), "{name}");
-        assert!(g_full.len() > 10, "{name}: {} gradients", g_full.len());
-        for ((n, a), (_, b)) in g_full.iter().zip(g_kept) {
-            // Relative to the gradient's size: float32 sums in another order.
-            let scale = a.abs().max().double_value(&[]).max(1.0);
-            let d = max_diff(a, &b) / scale;
-            assert!(
-                d < 1e-5,
-                "{name}: gradient of {n} differs by {d} (relative)"
-            );
-        }
+        assert_same_gradients(
+            name,
+            &model,
+            (want * &weights).sum(Kind::Float),
+            (got * &weights).sum(Kind::Float),
+        );
     }
 }
 
@@ -111,16 +120,24 @@ fn the_last_token_of_each_row_equals_the_full_forward_and_scores_it() {
     let (ids, mask) = batch();
     for (name, model) in models() {
         let positions = positions_from_mask(&mask);
-        let full = tch::no_grad(|| model.lm.hidden(&ids, &positions, &mask, None, false));
+        let full = model.lm.hidden(&ids, &positions, &mask, None, true);
         // Row 0 ends at 8 (no right padding), row 1 at 6.
         let want = Tensor::stack(&[full.get(0).get(8), full.get(1).get(6)], 0);
-        let got = tch::no_grad(|| model.lm.hidden_kept(&ids, &mask, Keep::LastToken, false));
+        let got = model.lm.hidden_kept(&ids, &mask, Keep::LastToken, true);
         assert_eq!(got.size(), [2, 1, 16], "{name}");
         let d = max_diff(&got.squeeze_dim(1), &want);
         assert!(d < 1e-5, "{name}: values differ by {d}");
-        let scores = tch::no_grad(|| model.scores(&ids, &mask, false));
+        // The reward model's score and its gradient (PM training).
         let head = model.reward.as_ref().unwrap();
-        let by_hand = tch::no_grad(|| head.forward(&want.unsqueeze(1)));
+        let by_hand = head.forward(&want.unsqueeze(1));
+        let scores = model.scores(&ids, &mask, true);
         assert!(max_diff(&scores, &by_hand) < 1e-5, "{name}");
+        let weights = Tensor::from_slice(&[0.7f32, -1.3]);
+        assert_same_gradients(
+            name,
+            &model,
+            (by_hand * &weights).sum(Kind::Float),
+            (scores * &weights).sum(Kind::Float),
+        );
     }
 }
