@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use alignflow::ops::DpoLoss;
 
 use super::super::common::right_pad;
-use crate::model::{positions_from_mask, Model};
+use crate::model::{Keep, Model};
 
 /// Per-pair losses from the policy's and the reference's response log-probs.
 ///
@@ -61,14 +61,34 @@ pub fn response_logps(
     let (ids, mask, labels) = right_pad(rows, model.lm.cfg.pad_id(), device);
     let tokens = rows.iter().map(|(r, _)| r.len() as u64).sum();
     let t = ids.size()[1];
-    let hidden = model
-        .lm
-        .hidden(&ids, &positions_from_mask(&mask), &mask, None, train);
-    let logits = model
-        .lm
-        .logits(&hidden.narrow(1, 0, t - 1))
-        .to_kind(Kind::Float);
-    let targets = labels.narrow(1, 1, t - 1);
+    // Position p predicts token p + 1: only the positions from the one
+    // before the earliest response token need the last block and the LM
+    // head (a shared prompt prefix is skipped).
+    let first = rows
+        .iter()
+        .map(|(_, start)| (*start).max(1) as i64 - 1)
+        .min()
+        .unwrap_or(0)
+        .min(t - 1);
+    let span = t - 1 - first;
+    if span <= 0 {
+        // One-token rows: nothing is predicted.
+        return (
+            Tensor::zeros([rows.len() as i64], (Kind::Float, device)),
+            tokens,
+        );
+    }
+    let hidden = model.lm.hidden_kept(
+        &ids,
+        &mask,
+        Keep::Span {
+            start: first,
+            len: span,
+        },
+        train,
+    );
+    let logits = model.lm.logits(&hidden).to_kind(Kind::Float);
+    let targets = labels.narrow(1, first + 1, span);
     let counted = targets.ne(-100);
     let picked = logits
         .log_softmax(-1, Kind::Float)
@@ -247,6 +267,16 @@ mod tests {
         let only_last = only_last.double_value(&[0]);
         assert!((only_last - (by_hand(&long, 5))).abs() < 1e-4);
         assert!(only_last > lp[0], "fewer (negative) terms");
+        // Both responses start after position 1: the forward skips the
+        // shared prefix (its last block and LM head), the sums do not move.
+        let (later, _) =
+            tch::no_grad(|| response_logps(&m, &[(&long, 3), (&short, 2)], Device::Cpu, false));
+        let later = Vec::<f64>::try_from(&later).unwrap();
+        assert!((later[0] - by_hand(&long, 3)).abs() < 1e-4, "{later:?}");
+        assert!((later[1] - by_hand(&short, 2)).abs() < 1e-4, "{later:?}");
+        // One-token rows predict nothing.
+        let (none, _) = tch::no_grad(|| response_logps(&m, &[(&[4], 0)], Device::Cpu, false));
+        assert_eq!(Vec::<f64>::try_from(&none).unwrap(), vec![0.0]);
         assert_eq!(scored_tokens(long.len(), 2), 4);
         assert_eq!(scored_tokens(3, 0), 2);
     }
