@@ -27,7 +27,7 @@ use alignflow::text::Tokenizer;
 use tch::{Device, Kind};
 
 use crate::model::sample::{generate, left_pad, Finish, SamplingConfig};
-use crate::model::{self, positions_from_mask, BuildOptions, Head, Model, Transformer};
+use crate::model::{self, BuildOptions, Head, Keep, Model, Transformer};
 
 /// The two scored sequences of one question.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,11 +93,19 @@ pub fn continuation_logprobs(
             .map(|(r, s)| r.len() - s)
             .max()
             .unwrap_or(1) as i64;
-        let hidden = model.hidden(&ids, &positions_from_mask(&mask), &mask, None, false);
         // Position j predicts token j + 1: the last k targets need the k
-        // positions before the last.
+        // positions before the last (the only ones the last block computes).
+        let hidden = model.hidden_kept(
+            &ids,
+            &mask,
+            Keep::Span {
+                start: t - 1 - k,
+                len: k,
+            },
+            false,
+        );
         let logprobs = model
-            .logits(&hidden.narrow(1, t - 1 - k, k))
+            .logits(&hidden)
             .to_kind(Kind::Double)
             .log_softmax(-1, Kind::Double);
         let targets = ids.narrow(1, t - k, k);
