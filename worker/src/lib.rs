@@ -6,3 +6,6 @@ pub mod model;
 pub mod ops;
 pub mod rl;
 pub mod train;
+
+#[cfg(test)]
+mod testing;

@@ -20,6 +20,45 @@ fn tiny(head: Head, lora: Option<LoraConfig>) -> Model {
     )
 }
 
+/// The SFT loss of `rows` (tokens, response start) against a forward of
+/// each row alone, by hand.
+fn assert_sft_loss_by_hand(model: &Model, rows: &[(Vec<i64>, usize)]) {
+    let refs: Vec<(&[i64], usize)> = rows.iter().map(|(r, s)| (r.as_slice(), *s)).collect();
+    let (ids, mask, labels) = right_pad(&refs, 0, Device::Cpu);
+    let (loss, counted) = tch::no_grad(|| causal_lm_loss(model, &ids, &mask, &labels, false));
+    let mut total = 0.0;
+    let mut n = 0;
+    for (row, start) in rows {
+        let ids = Tensor::from_slice(row).unsqueeze(0);
+        let lp = tch::no_grad(|| model.lm.forward(&ids, &ids.ones_like(), false))
+            .log_softmax(-1, Kind::Double);
+        for t in (*start).max(1)..row.len() {
+            total -= lp.double_value(&[0, t as i64 - 1, row[t]]);
+            n += 1;
+        }
+    }
+    assert_eq!(counted, n as u64);
+    let expected = total / n as f64;
+    assert!(
+        (loss.double_value(&[]) - expected).abs() < 1e-5,
+        "{} vs {expected}",
+        loss.double_value(&[])
+    );
+}
+
+#[test]
+fn the_sft_loss_skips_a_prompt_prefix_every_row_masks() {
+    let model = tiny(Head::Lm, None);
+    // Responses from positions 4 and 3: the forward's last block and LM
+    // head start at position 2, the loss is the same.
+    assert_sft_loss_by_hand(
+        &model,
+        &[(vec![5, 6, 7, 1, 8, 9], 4), (vec![3, 4, 2, 1, 11], 3)],
+    );
+    // Pretraining rows (every token a target) lose nothing either.
+    assert_sft_loss_by_hand(&model, &[(vec![5, 6, 7, 8], 0), (vec![3, 4, 2], 0)]);
+}
+
 #[test]
 fn the_sft_loss_covers_response_tokens_only() {
     let model = tiny(Head::Lm, None);

@@ -137,6 +137,7 @@ mod tests {
 
     #[test]
     fn packed_linear_equals_libtorch_linear() {
+        let _rng = crate::testing::torch_rng();
         assert!(
             available(),
             "this libtorch has oneDNN: the shim must find it"
@@ -179,6 +180,7 @@ mod tests {
 
     #[test]
     fn packs_serve_only_no_grad_forwards_so_a_packed_layer_still_trains() {
+        let _rng = crate::testing::torch_rng();
         use crate::model::{Layout, Linear};
         tch::manual_seed(1);
         let vs = tch::nn::VarStore::new(Device::Cpu);

@@ -11,7 +11,7 @@ use alignflow::ops::training::{Decay, TrainParams};
 use alignflow::ops::StageContext;
 use alignflow::protocol::Metrics;
 
-use crate::model::{positions_from_mask, Model};
+use crate::model::{Keep, Model};
 use crate::train::{
     self, AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, Trainer, TrainerConfig,
 };
@@ -240,14 +240,35 @@ pub fn causal_lm_loss(
     labels: &Tensor,
     train: bool,
 ) -> (Tensor, u64) {
-    let positions = positions_from_mask(mask);
-    let hidden = model.lm.hidden(ids, &positions, mask, None, train);
     let t = ids.size()[1];
-    let logits = model
-        .lm
-        .logits(&hidden.narrow(1, 0, t - 1))
-        .to_kind(Kind::Float);
-    let targets = labels.narrow(1, 1, t - 1);
+    if t < 2 {
+        // Nothing is predicted: the mean over no tokens, as cross-entropy gives.
+        return (Tensor::from(f32::NAN).to_device(ids.device()), 0);
+    }
+    // Position p predicts token p + 1: the last block and the LM head run
+    // only from the position before the first labelled token of any row (a
+    // prompt prefix every row masks is skipped).
+    let labelled = labels.narrow(1, 1, t - 1).ne(-100).any_dim(0, false);
+    let first = if labelled.any().int64_value(&[]) == 1 {
+        labelled
+            .to_kind(Kind::Int64)
+            .argmax(0, false)
+            .int64_value(&[])
+    } else {
+        0
+    };
+    let span = t - 1 - first;
+    let hidden = model.lm.hidden_kept(
+        ids,
+        mask,
+        Keep::Span {
+            start: first,
+            len: span,
+        },
+        train,
+    );
+    let logits = model.lm.logits(&hidden).to_kind(Kind::Float);
+    let targets = labels.narrow(1, first + 1, span);
     let counted = targets.ne(-100).sum(Kind::Int64).int64_value(&[]) as u64;
     let vocab = logits.size()[2];
     let loss = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(

@@ -260,6 +260,7 @@ mod tests {
 
     #[test]
     fn resume_is_bit_identical_to_an_uninterrupted_run() {
+        let _rng = crate::testing::torch_rng();
         let (vs, w, b) = model(0.0);
         let mut trainer = Trainer::new(&vs, config(), 10).unwrap();
         let full = train(&mut trainer, &w, &b, 10);

@@ -243,6 +243,7 @@ mod tests {
 
     #[test]
     fn response_logps_sum_only_response_tokens_and_ignore_padding() {
+        let _rng = crate::testing::torch_rng();
         let m = tiny();
         let long: Vec<i64> = vec![3, 9, 4, 11, 7, 2];
         let short: Vec<i64> = vec![5, 8, 1];

@@ -188,6 +188,7 @@ fn lora(targets: &[&str]) -> Option<LoraConfig> {
 
 #[test]
 fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     let opts = |lora| BuildOptions {
         device: Device::Cpu,
@@ -225,6 +226,7 @@ fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
 
 #[test]
 fn lora_trains_only_the_adapters_and_saves_merged_weights() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     let (_, lines, model) = run_ppo(
         &f,
@@ -264,6 +266,7 @@ fn lora_trains_only_the_adapters_and_saves_merged_weights() {
 
 #[test]
 fn a_lora_target_that_matches_nothing_is_refused_naming_the_field() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     let op = alignflow::ops::find("ppo").unwrap();
     let out = f.root.join("bad");
@@ -297,6 +300,7 @@ fn a_lora_target_that_matches_nothing_is_refused_naming_the_field() {
 
 #[test]
 fn the_value_model_starts_from_the_reward_model_with_a_fresh_head() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     tch::manual_seed(0);
     let critic = value_model(
@@ -330,6 +334,7 @@ fn the_value_model_starts_from_the_reward_model_with_a_fresh_head() {
 
 #[test]
 fn linear_decay_and_warmup_set_each_iterations_rate() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     // bf16 is ignored on CPU.
     let (_, lines, _) = run_ppo(
@@ -355,6 +360,7 @@ fn linear_decay_and_warmup_set_each_iterations_rate() {
 
 #[test]
 fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     let (metrics, lines, _) = run_ppo(
         &f,
@@ -448,6 +454,7 @@ fn the_new_knobs_at_their_defaults_leave_the_normalised_params_unchanged() {
 
 #[test]
 fn grpo_trains_without_a_value_model_and_resumes_from_a_policy_only_checkpoint() {
+    let _rng = crate::testing::torch_rng();
     let f = fixture();
     let params = json!({
         "advantage": "grpo", "samples_per_prompt": 3, "iterations": 3, "checkpoint_every": 1,
@@ -490,6 +497,7 @@ fn grpo_trains_without_a_value_model_and_resumes_from_a_policy_only_checkpoint()
 
 #[test]
 fn one_epoch_of_one_minibatch_reuses_the_update_forwards_and_matches_separate_passes() {
+    let _rng = crate::testing::torch_rng();
     // Passes::Auto takes the rollout's log-probs and values from the
     // update's own forwards; Passes::Separate computes them first with
     // no-grad forwards. Same numbers up to float summation order.
