@@ -228,26 +228,27 @@ pub fn right_pad(rows: &[(&[i64], usize)], pad: i64, device: Device) -> (Tensor,
     (t(ids), t(mask), t(labels))
 }
 
-/// Mean next-token cross-entropy over the labelled positions.
+/// Next-token logits (float32) and their targets at the positions where
+/// some row has a labelled target: from the one before the first labelled
+/// token of any row to the end, so the last block and the LM head skip a
+/// prompt prefix every row masks. `None` for one-token rows (nothing is
+/// predicted).
 ///
 /// # Shapes
-/// `ids`, `mask`, `labels`: `[b, t]` -> scalar loss; also the count of
-/// labelled target tokens.
-pub fn causal_lm_loss(
+/// `ids`, `mask`, `labels`: `[b, t]` -> `([b, s, vocab], [b, s])`.
+pub fn labelled_logits(
     model: &Model,
     ids: &Tensor,
     mask: &Tensor,
     labels: &Tensor,
     train: bool,
-) -> (Tensor, u64) {
+) -> Option<(Tensor, Tensor)> {
     let t = ids.size()[1];
     if t < 2 {
-        // Nothing is predicted: the mean over no tokens, as cross-entropy gives.
-        return (Tensor::from(f32::NAN).to_device(ids.device()), 0);
+        return None;
     }
-    // Position p predicts token p + 1: the last block and the LM head run
-    // only from the position before the first labelled token of any row (a
-    // prompt prefix every row masks is skipped).
+    // Position p predicts token p + 1. With no labelled token at all, every
+    // position (the loss is then a mean over nothing).
     let labelled = labels.narrow(1, 1, t - 1).ne(-100).any_dim(0, false);
     let first = if labelled.any().int64_value(&[]) == 1 {
         labelled
@@ -268,7 +269,25 @@ pub fn causal_lm_loss(
         train,
     );
     let logits = model.lm.logits(&hidden).to_kind(Kind::Float);
-    let targets = labels.narrow(1, first + 1, span);
+    Some((logits, labels.narrow(1, first + 1, span)))
+}
+
+/// Mean next-token cross-entropy over the labelled positions.
+///
+/// # Shapes
+/// `ids`, `mask`, `labels`: `[b, t]` -> scalar loss; also the count of
+/// labelled target tokens.
+pub fn causal_lm_loss(
+    model: &Model,
+    ids: &Tensor,
+    mask: &Tensor,
+    labels: &Tensor,
+    train: bool,
+) -> (Tensor, u64) {
+    let Some((logits, targets)) = labelled_logits(model, ids, mask, labels, train) else {
+        // Nothing is predicted: the mean over no tokens, as cross-entropy gives.
+        return (Tensor::from(f32::NAN).to_device(ids.device()), 0);
+    };
     let counted = targets.ne(-100).sum(Kind::Int64).int64_value(&[]) as u64;
     let vocab = logits.size()[2];
     let loss = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(

@@ -7,8 +7,8 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow::ops::DpoLoss;
 
-use super::super::common::right_pad;
-use crate::model::{Keep, Model};
+use super::super::common::{labelled_logits, right_pad};
+use crate::model::Model;
 
 /// Per-pair losses from the policy's and the reference's response log-probs.
 ///
@@ -60,35 +60,13 @@ pub fn response_logps(
 ) -> (Tensor, u64) {
     let (ids, mask, labels) = right_pad(rows, model.lm.cfg.pad_id(), device);
     let tokens = rows.iter().map(|(r, _)| r.len() as u64).sum();
-    let t = ids.size()[1];
-    // Position p predicts token p + 1: only the positions from the one
-    // before the earliest response token need the last block and the LM
-    // head (a shared prompt prefix is skipped).
-    let first = rows
-        .iter()
-        .map(|(_, start)| (*start).max(1) as i64 - 1)
-        .min()
-        .unwrap_or(0)
-        .min(t - 1);
-    let span = t - 1 - first;
-    if span <= 0 {
+    let Some((logits, targets)) = labelled_logits(model, &ids, &mask, &labels, train) else {
         // One-token rows: nothing is predicted.
         return (
             Tensor::zeros([rows.len() as i64], (Kind::Float, device)),
             tokens,
         );
-    }
-    let hidden = model.lm.hidden_kept(
-        &ids,
-        &mask,
-        Keep::Span {
-            start: first,
-            len: span,
-        },
-        train,
-    );
-    let logits = model.lm.logits(&hidden).to_kind(Kind::Float);
-    let targets = labels.narrow(1, first + 1, span);
+    };
     let counted = targets.ne(-100);
     let picked = logits
         .log_softmax(-1, Kind::Float)
