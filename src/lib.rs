@@ -2,19 +2,19 @@
 //!
 //! A YAML manifest ([`manifest`]) declares stages; [`graph`] resolves them
 //! into a DAG; [`engine`] plans and runs what is out of date, caching every
-//! result by content in [`cache`]. Each stage is an operator from [`ops`];
+//! result by content in [`cache`]. Each stage is an operator from [`ops`] (the `alignflow-ops` crate);
 //! tensor operators run in the separate `alignflow-worker` process, which
 //! speaks the [`protocol`]. [`report`] renders a pipeline's state as a page.
 
 pub mod cache;
-pub mod data;
 pub mod engine;
 pub mod graph;
 pub mod manifest;
-pub mod ops;
-pub mod protocol;
 pub mod report;
-pub mod text;
+pub mod schemas;
+
+pub use alignflow_ops as ops;
+pub use alignflow_ops::{data, protocol, text};
 
 /// The engine version, recorded in every stage record and lockfile.
 pub const ENGINE_VERSION: &str = env!("CARGO_PKG_VERSION");

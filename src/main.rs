@@ -307,8 +307,8 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ops { name } => {
             match name {
                 None => {
-                    for op in alignflow::ops::registry() {
-                        println!("{:<18} {}", op.name(), op.summary());
+                    for op in alignflow::ops::REGISTRY {
+                        println!("{:<18} {}", op.name, op.summary);
                     }
                 }
                 Some(name) => print!("{}", alignflow::ops::describe(&name)?),
@@ -385,7 +385,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema { out } => {
-            alignflow::ops::write_schemas(&out)?;
+            alignflow::schemas::write_schemas(&out)?;
             println!("wrote schemas to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -56,7 +56,7 @@ fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 fn agreement_with_human_labels_on_imported_hh_rlhf_comparisons() {
     let p = Project::new();
     let source =
-        std::fs::read_to_string(shared_data("hh-rlhf/harmless-base-test-1000.jsonl")).unwrap();
+        std::fs::read_to_string(test_data("hh-rlhf/harmless-base-test-1000.jsonl")).unwrap();
     p.write(
         "hh.jsonl",
         &source.lines().take(40).collect::<Vec<_>>().join("\n"),

@@ -9,7 +9,7 @@ use std::path::Path;
 use alignflow::data::Constitution;
 
 fn json_len(file: &str) -> usize {
-    let text = std::fs::read_to_string(shared_data(&format!("constitutional-ai/{file}"))).unwrap();
+    let text = std::fs::read_to_string(test_data(&format!("constitutional-ai/{file}"))).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v.as_array()
         .map(Vec::len)
@@ -20,7 +20,7 @@ fn json_len(file: &str) -> usize {
 #[test]
 fn importing_the_paper_files_gives_a_loadable_constitution() {
     let p = Project::new();
-    let source = shared_data("constitutional-ai");
+    let source = test_data("constitutional-ai");
     p.write(
         "pipeline.yaml",
         &format!(
@@ -80,7 +80,7 @@ fn importing_the_paper_files_gives_a_loadable_constitution() {
         .all(|f| !f.text.ends_with("Options:") && !f.text.starts_with('\n')));
     // Critique/revision few-shot dialogues are kept as they are.
     let original: Vec<String> = serde_json::from_str(
-        &std::fs::read_to_string(shared_data(
+        &std::fs::read_to_string(test_data(
             "constitutional-ai/CritiqueRevisionFewShotPrompts.json",
         ))
         .unwrap(),

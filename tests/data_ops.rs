@@ -5,7 +5,7 @@ use common::*;
 #[test]
 fn dataset_import_counts_the_real_hh_rlhf_file() {
     let p = Project::new();
-    let source = shared_data("hh-rlhf/harmless-base-test-1000.jsonl");
+    let source = test_data("hh-rlhf/harmless-base-test-1000.jsonl");
     p.write(
         "pipeline.yaml",
         &format!(

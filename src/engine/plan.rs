@@ -198,7 +198,7 @@ pub fn plan(
             });
             continue;
         }
-        let key = stage_key(pipeline, stage, op.version(), inputs);
+        let key = stage_key(pipeline, stage, op.version, inputs);
         let fingerprint = key.fingerprint();
         if let Some(record) = ctx.cache.hit(&fingerprint)? {
             known.insert(i, record.outputs.clone());

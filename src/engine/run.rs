@@ -539,7 +539,7 @@ async fn execute_inner(
             .await??
     };
     ids.extend(upstream_ids);
-    let key = stage_key(pipeline, stage, op.version(), ids.clone());
+    let key = stage_key(pipeline, stage, op.version, ids.clone());
     let fp = key.fingerprint();
     if let Some(record) = cache.hit(&fp)? {
         let detail = if planned_run {
@@ -557,7 +557,7 @@ async fn execute_inner(
 
     // Device slot first, then a job slot, so a stage waiting for its GPU
     // does not hold a slot CPU stages could use.
-    let gpu = if op.placement() == Placement::Worker {
+    let gpu = if op.runs_in_worker() {
         shared.gpus.acquire(&stage.device, &shared.cancel).await?
     } else {
         None
@@ -587,10 +587,10 @@ async fn execute_inner(
             detail: "finished by another run".into(),
         });
     }
-    let on = match (&gpu, op.placement()) {
+    let on = match (&gpu, op.placement) {
         (Some(g), _) => format!(" on cuda:{}", g.index),
         (None, Placement::Worker) => " on cpu".into(),
-        (None, Placement::Engine) => String::new(),
+        (None, Placement::Engine(_)) => String::new(),
     };
     shared
         .ui
@@ -611,17 +611,17 @@ async fn execute_inner(
         pipeline: pipeline.name.clone(),
         stage: stage.id.clone(),
         op: stage.op.clone(),
-        op_version: op.version(),
+        op_version: op.version,
         params: stage.params.clone(),
         inputs: input_paths,
         outputs: stage.outputs.clone(),
         out_dir: out_dir.clone(),
         work_dir: pipeline.dir.clone(),
         checkpoint_dir: cache.checkpoint_dir(&fp)?,
-        device: match (&gpu, op.placement()) {
+        device: match (&gpu, op.placement) {
             (Some(_), _) => "cuda".into(),
             (None, Placement::Worker) => "cpu".into(),
-            (None, Placement::Engine) => stage.device.clone(),
+            (None, Placement::Engine(_)) => stage.device.clone(),
         },
         seed: key.seed,
         threads: shared.options.threads,
@@ -629,7 +629,7 @@ async fn execute_inner(
     let started_at = SystemTime::now();
     let start = Instant::now();
     let progress = shared.ui.stage(&stage.id);
-    let result = match op.placement() {
+    let result = match op.placement {
         Placement::Worker => {
             let placement = worker::Placement {
                 cuda_visible_devices: gpu
@@ -639,7 +639,7 @@ async fn execute_inner(
             };
             worker::run_stage(&spec, &placement, &progress, &shared.cancel).await
         }
-        Placement::Engine => run_in_engine(op, &spec, &progress, &shared.cancel).await,
+        Placement::Engine(run) => run_in_engine(run, &spec, &progress, &shared.cancel).await,
     };
     progress.finish();
     let metrics = match result {
@@ -699,7 +699,7 @@ async fn execute_inner(
                 .iter()
                 // Volatile outputs (timing logs) may differ between identical runs.
                 .filter(|(name, _)| {
-                    !op.outputs()
+                    !op.declared_outputs()
                         .iter()
                         .any(|p| p.name == name.as_str() && p.volatile)
                 })
@@ -743,7 +743,7 @@ fn summarize_metrics(metrics: &Metrics) -> String {
 
 /// Runs an engine op on a blocking thread; cancellation sets its flag.
 async fn run_in_engine(
-    op: &'static dyn crate::ops::Op,
+    run: crate::ops::RunFn,
     spec: &StageSpec,
     progress: &super::progress::StageProgress<'_>,
     cancel: &CancellationToken,
@@ -764,7 +764,7 @@ async fn run_in_engine(
             reporter: progress,
             cancel: &flag,
         };
-        op.run(&ctx)
+        run(&ctx)
     });
     watcher.abort();
     if flag.is_cancelled() {

@@ -151,5 +151,5 @@ impl Input {
 
 /// Loads, merges, expands, interpolates and validates a manifest.
 pub fn load(path: &Path, options: &LoadOptions) -> Result<Pipeline, ManifestError> {
-    resolve::load_with(path, options, crate::ops::registry())
+    resolve::load_with(path, options, crate::ops::REGISTRY)
 }

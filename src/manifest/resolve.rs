@@ -12,7 +12,7 @@ use super::interp::{self, Piece};
 use super::locate::{KeyPath, Locs};
 use super::schema::{Manifest, StageDef};
 use super::{Input, LoadOptions, Location, ManifestError, Pipeline, Stage};
-use crate::ops::{nearest, Op, ParamError};
+use crate::ops::{nearest, OpDecl, ParamError};
 
 const TOP_KEYS: &[&str] = &["version", "name", "seed", "include", "params", "stages"];
 const STAGE_KEYS: &[&str] = &[
@@ -29,7 +29,7 @@ const STAGE_KEYS: &[&str] = &[
 pub(crate) fn load_with(
     path: &Path,
     options: &LoadOptions,
-    ops: &[&dyn Op],
+    ops: &[&OpDecl],
 ) -> Result<Pipeline, ManifestError> {
     let merged = include::load_tree(path)?;
     let cx = Cx {
@@ -90,7 +90,7 @@ pub(crate) fn load_with(
     // Pass 1: ops, outputs, devices and matrix instances of every stage.
     let mut insts: Vec<Inst> = Vec::new();
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
-    let mut keys: BTreeMap<&str, (&dyn Op, &StageDef, Vec<String>)> = BTreeMap::new();
+    let mut keys: BTreeMap<&str, (&OpDecl, &StageDef, Vec<String>)> = BTreeMap::new();
     for key in &order {
         let def = &manifest.stages[key];
         let op = cx.op(key, def)?;
@@ -184,7 +184,7 @@ pub(crate) fn load_with(
         stages.push(Stage {
             id: inst.id.clone(),
             key: inst.key.clone(),
-            op: op.name().to_string(),
+            op: op.name.to_string(),
             inputs,
             params: normalised,
             outputs: outputs.clone(),
@@ -218,13 +218,13 @@ struct Inst {
 struct World<'a> {
     insts: &'a [Inst],
     by_key: &'a HashMap<&'a str, Vec<usize>>,
-    keys: &'a BTreeMap<&'a str, (&'a dyn Op, &'a StageDef, Vec<String>)>,
+    keys: &'a BTreeMap<&'a str, (&'a OpDecl, &'a StageDef, Vec<String>)>,
     params: &'a BTreeMap<String, Json>,
 }
 
 struct Cx<'a> {
     locs: Locs,
-    ops: &'a [&'a dyn Op],
+    ops: &'a [&'a OpDecl],
 }
 
 impl<'a> Cx<'a> {
@@ -316,14 +316,14 @@ impl<'a> Cx<'a> {
         Ok(())
     }
 
-    fn op(&self, key: &str, def: &StageDef) -> Result<&'a dyn Op, ManifestError> {
+    fn op(&self, key: &str, def: &StageDef) -> Result<&'a OpDecl, ManifestError> {
         self.ops
             .iter()
             .copied()
-            .find(|op| op.name() == def.op)
+            .find(|op| op.name == def.op)
             .ok_or_else(|| {
                 let loc = self.value_at(&kp(&["stages", key, "op"]));
-                let s = nearest(&def.op, self.ops.iter().map(|op| op.name()));
+                let s = nearest(&def.op, self.ops.iter().map(|op| op.name));
                 self.error(
                     loc,
                     Some(key),
@@ -339,7 +339,7 @@ impl<'a> Cx<'a> {
         &self,
         key: &str,
         def: &StageDef,
-        op: &dyn Op,
+        op: &OpDecl,
     ) -> Result<Vec<String>, ManifestError> {
         let at = |rest: &[&str]| {
             let mut p = kp(&["stages", key, "outputs"]);
@@ -349,13 +349,13 @@ impl<'a> Cx<'a> {
         if !op.outputs_from_stage() {
             if def.outputs.is_some() {
                 let declared: Vec<String> = op
-                    .outputs()
+                    .declared_outputs()
                     .iter()
                     .map(|p| format!("`{}`", p.name))
                     .collect();
                 let msg = format!(
                     "op `{}` declares its own outputs ({}); remove `outputs:`",
-                    op.name(),
+                    op.name,
                     declared.join(", ")
                 );
                 return Err(self.error(
@@ -366,12 +366,16 @@ impl<'a> Cx<'a> {
                     None,
                 ));
             }
-            return Ok(op.outputs().iter().map(|p| p.name.to_string()).collect());
+            return Ok(op
+                .declared_outputs()
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect());
         }
         let Some(names) = &def.outputs else {
             let msg = format!(
                 "op `{}` needs an `outputs:` list naming what the stage writes",
-                op.name()
+                op.name
             );
             return Err(self.error(self.key_at(&at(&[])), Some(key), Some("outputs"), msg, None));
         };
@@ -566,18 +570,18 @@ impl<'a> Cx<'a> {
     fn check_input_names(
         &self,
         inst: &Inst,
-        op: &dyn Op,
+        op: &OpDecl,
         inputs: &BTreeMap<String, Input>,
     ) -> Result<(), ManifestError> {
         // `exec` hands every input to the command, whatever its name.
-        if op.name() == "exec" {
+        if op.name == "exec" {
             return Ok(());
         }
-        let declared = op.inputs();
+        let declared = op.inputs;
         for name in inputs.keys() {
             if !declared.iter().any(|p| p.name == name) {
                 let loc = self.key_at(&kp(&["stages", &inst.key, "inputs", name]));
-                let msg = format!("op `{}` has no input `{name}`", op.name());
+                let msg = format!("op `{}` has no input `{name}`", op.name);
                 let s = nearest(name, declared.iter().map(|p| p.name));
                 return Err(self.error(
                     loc,
@@ -591,7 +595,7 @@ impl<'a> Cx<'a> {
         for port in declared.iter().filter(|p| p.required) {
             if !inputs.contains_key(port.name) {
                 let loc = self.key_at(&kp(&["stages", &inst.key, "inputs"]));
-                let msg = format!("missing required input of op `{}`", op.name());
+                let msg = format!("missing required input of op `{}`", op.name);
                 return Err(self.error(
                     loc,
                     Some(&inst.id),

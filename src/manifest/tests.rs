@@ -7,10 +7,7 @@ use serde_json::json;
 
 use super::resolve::load_with;
 use super::*;
-use crate::ops::{Op, ParamError, Port, StageContext};
-
-/// A test-only op with declared inputs, outputs and typed params.
-struct Train;
+use crate::ops::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 #[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -28,61 +25,18 @@ fn one() -> u32 {
     1
 }
 
-impl Op for Train {
-    fn name(&self) -> &'static str {
-        "train"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "test op"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        &[
-            Port {
-                name: "model",
-                doc: "",
-                required: true,
-                volatile: false,
-            },
-            Port {
-                name: "data",
-                doc: "",
-                required: false,
-                volatile: false,
-            },
-        ]
-    }
-    fn outputs(&self) -> &'static [Port] {
-        &[
-            Port {
-                name: "model",
-                doc: "",
-                required: false,
-                volatile: false,
-            },
-            Port {
-                name: "metrics",
-                doc: "",
-                required: false,
-                volatile: false,
-            },
-        ]
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(TrainParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        crate::ops::normalize_with::<TrainParams>(params)
-    }
-    fn run(&self, _: &StageContext<'_>) -> anyhow::Result<crate::protocol::Metrics> {
-        unreachable!("never run in manifest tests")
-    }
-}
+impl OpParams for TrainParams {}
+
+/// A test-only op with declared inputs, outputs and typed params.
+const TRAIN: OpDecl = OpDecl {
+    name: "train",
+    version: 1,
+    summary: "test op",
+    inputs: &[Port::input("model", ""), Port::optional("data", "")],
+    outputs: Outputs::Declared(&[Port::output("model", ""), Port::output("metrics", "")]),
+    params: ParamsDecl::of::<TrainParams>(),
+    placement: Placement::Worker,
+};
 
 struct Dir(tempfile::TempDir);
 
@@ -100,7 +54,7 @@ impl Dir {
         p
     }
     fn load_sets(&self, name: &str, sets: &[(&str, &str)]) -> Result<Pipeline, String> {
-        let ops: Vec<&dyn Op> = vec![crate::ops::find("exec").unwrap(), &Train];
+        let ops: Vec<&OpDecl> = vec![crate::ops::find("exec").unwrap(), &TRAIN];
         let options = LoadOptions {
             sets: sets
                 .iter()

@@ -484,7 +484,7 @@ enum OutputKind {
 
 fn output_kind(op: &str, output: &str) -> OutputKind {
     let doc = crate::ops::find(op)
-        .and_then(|op| op.outputs().iter().find(|p| p.name == output))
+        .and_then(|op| op.declared_outputs().iter().find(|p| p.name == output))
         .map(|p| p.doc)
         .unwrap_or("");
     if matches!(output, "metrics" | "metrics.jsonl") || doc.starts_with("metrics.jsonl") {

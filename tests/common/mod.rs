@@ -102,10 +102,11 @@ pub fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
-/// `../shared/data/...` beside the checkout.
-pub fn shared_data(rel: &str) -> PathBuf {
+/// Real public data copied into `tests/data/` (sources and licenses in its
+/// README).
+pub fn test_data(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+        .join("tests/data")
         .join(rel)
 }
 

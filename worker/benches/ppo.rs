@@ -6,7 +6,7 @@
 //! config, one epoch, one minibatch.
 //!
 //! The op runs as the worker runs it, through its public entry
-//! (`alignflow_worker::ops::find("ppo")`) on a `StageContext` built here, on
+//! (`alignflow_worker::ops::implementation("ppo")`) on a `StageContext` built here, on
 //! inputs written to a temporary folder:
 //!
 //!   policy/        random init (seed 0), LM head, saved as a checkpoint;
@@ -45,9 +45,9 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::{CancelFlag, NullReporter, StageContext};
-use alignflow::protocol::StageSpec;
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::StageSpec;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{CancelFlag, NullReporter, StageContext};
 mod workload;
 use workload::*;
 
@@ -263,7 +263,7 @@ fn run_op(
     run: usize,
     iterations: usize,
 ) -> anyhow::Result<(f64, Vec<Value>)> {
-    let op = alignflow::ops::find("ppo").context("no `ppo` op")?;
+    let op = alignflow_ops::find("ppo").context("no `ppo` op")?;
     let params = op.normalize_params(&json!({
         "iterations": iterations,
         "batch_size": BATCH,
@@ -284,7 +284,7 @@ fn run_op(
         pipeline: "bench".into(),
         stage: "ppo".into(),
         op: "ppo".into(),
-        op_version: op.version(),
+        op_version: op.version,
         params,
         inputs: BTreeMap::from([
             ("policy".to_string(), inputs.0.clone()),
@@ -299,7 +299,7 @@ fn run_op(
         seed: 0,
         threads: Some(a.threads as usize),
     };
-    let run_fn = alignflow_worker::ops::find("ppo").context("no worker `ppo` op")?;
+    let run_fn = alignflow_worker::ops::implementation("ppo").context("no worker `ppo` op")?;
     let cancel = CancelFlag::default();
     let ctx = StageContext {
         spec: &spec,

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use alignflow::ops::{CancelFlag, Reporter, StageContext};
-use alignflow::protocol::{StageSpec, WorkerEvent};
+use alignflow_ops::protocol::{StageSpec, WorkerEvent};
+use alignflow_ops::{CancelFlag, Placement, Reporter, StageContext};
 
 use alignflow_worker::ops;
 
@@ -103,7 +103,7 @@ fn main() {
 fn run(
     spec_path: &PathBuf,
     reporter: &StdoutReporter,
-) -> anyhow::Result<alignflow::protocol::Metrics> {
+) -> anyhow::Result<alignflow_ops::protocol::Metrics> {
     let text = if spec_path.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
@@ -123,19 +123,21 @@ fn run(
         cancel: &cancel,
     };
     let _span = tracing::info_span!("stage", stage = %spec.stage, op = %spec.op).entered();
-    if let Some(run) = ops::find(&spec.op) {
-        return run(&ctx);
-    }
-    // Engine ops run here too, so any stage can be isolated or sent elsewhere.
-    let op = alignflow::ops::find(&spec.op).with_context(|| format!("unknown op `{}`", spec.op))?;
+    let op = alignflow_ops::find(&spec.op).with_context(|| format!("unknown op `{}`", spec.op))?;
     anyhow::ensure!(
-        op.version() == spec.op_version,
+        op.version == spec.op_version,
         "op `{}` is version {} here but the engine planned version {}",
         spec.op,
-        op.version(),
+        op.version,
         spec.op_version
     );
-    op.run(&ctx)
+    let run = match op.placement {
+        // Engine ops run here too, so any stage can be isolated or sent elsewhere.
+        Placement::Engine(run) => run,
+        Placement::Worker => ops::implementation(op.name)
+            .with_context(|| format!("op `{}` has no implementation in this worker", op.name))?,
+    };
+    run(&ctx)
 }
 
 fn doctor() -> BTreeMap<String, serde_json::Value> {

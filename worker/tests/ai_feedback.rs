@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use alignflow::ops::ai_feedback::{conversation_of, feedback_prompt};
-use alignflow::ops::{CancelFlag, NullReporter, StageContext};
-use alignflow::protocol::StageSpec;
-use alignflow::text::Tokenizer;
+use alignflow_ops::ai_feedback::{conversation_of, feedback_prompt};
+use alignflow_ops::protocol::StageSpec;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{CancelFlag, NullReporter, StageContext};
 use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
@@ -36,10 +36,10 @@ fn tiny_model(dir: &Path) -> PathBuf {
     std::fs::write(&corpus, text).unwrap();
     let out = dir.join("tok-out");
     std::fs::create_dir_all(&out).unwrap();
-    let op = alignflow::ops::find("tokenizer.train").unwrap();
+    let op = alignflow_ops::find("tokenizer.train").unwrap();
     let params = op.normalize_params(&json!({"vocab_size": 300})).unwrap();
     let spec = spec("tok", "tokenizer.train", params, [("data", corpus)], &out);
-    op.run(&StageContext {
+    alignflow_ops::tokenizer_train::run(&StageContext {
         spec: &spec,
         reporter: &NullReporter,
         cancel: &CancelFlag::default(),
@@ -94,15 +94,15 @@ fn spec<const N: usize>(
         pipeline: "test".into(),
         stage: stage.into(),
         op: op.into(),
-        op_version: alignflow::ops::find(op).unwrap().version(),
+        op_version: alignflow_ops::find(op).unwrap().version,
         params,
         inputs: inputs
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect::<BTreeMap<_, _>>(),
-        outputs: alignflow::ops::find(op)
+        outputs: alignflow_ops::find(op)
             .unwrap()
-            .outputs()
+            .declared_outputs()
             .iter()
             .map(|p| p.name.to_string())
             .collect(),
@@ -130,7 +130,7 @@ fn feedback(
     std::fs::write(&constitution, CONSTITUTION).unwrap();
     let out = dir.join(format!("out-{name}"));
     std::fs::create_dir_all(&out).unwrap();
-    let op = alignflow::ops::find("ai_feedback").unwrap();
+    let op = alignflow_ops::find("ai_feedback").unwrap();
     let params = op.normalize_params(&params).unwrap();
     let spec = spec(
         name,
@@ -143,7 +143,7 @@ fn feedback(
         ],
         &out,
     );
-    let run = alignflow_worker::ops::find("ai_feedback").unwrap();
+    let run = alignflow_worker::ops::implementation("ai_feedback").unwrap();
     let metrics = run(&StageContext {
         spec: &spec,
         reporter: &NullReporter,

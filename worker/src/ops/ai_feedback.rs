@@ -2,7 +2,7 @@
 //!
 //! For each pair, each sampled principle and both orders (A = first, then
 //! swapped), the model reads the multiple-choice question
-//! ([`alignflow::ops::ai_feedback::feedback_prompt`]) and
+//! ([`alignflow_ops::ai_feedback::feedback_prompt`]) and
 //! `p(A) = exp(lA) / (exp(lA) + exp(lB))`, where lA and lB are its
 //! log-probabilities of the continuations ` (A)` and ` (B)`.
 //!
@@ -15,15 +15,15 @@
 //! whatever the tokenizer merges across the prompt/option boundary (a
 //! byte-level BPE often makes ` (` one token, shared by both).
 
-use alignflow::data::{Constitution, JsonlWriter};
-use alignflow::ops::ai_feedback::{
+use alignflow_ops::ai_feedback::{
     combine_orders, conversation_of, cot_answer_prompt, cot_prompt, feedback_prompt, read_pairs,
     sample_principles, with_few_shot, FeedbackSummary, PairLabel, ANSWER_CUE, COT_CLAMP, OPTION_A,
     OPTION_B,
 };
-use alignflow::ops::{AiFeedbackParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::data::{Constitution, JsonlWriter};
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{AiFeedbackParams, StageContext};
 use tch::{Device, Kind};
 
 use crate::model::sample::{generate, left_pad, Finish, SamplingConfig};

@@ -1,5 +1,5 @@
 //! `best_of_n`: n answers per prompt, scored by the PM, the best kept (see
-//! `alignflow::ops::best_of_n` for the outputs and how `sft` reads them).
+//! `alignflow_ops::best_of_n` for the outputs and how `sft` reads them).
 //!
 //! Two phases, each holding one model: (1) the policy samples every prompt
 //! `n` times, rows laid out prompt by prompt as `generate` does, batch `k`
@@ -10,11 +10,11 @@
 
 use std::collections::BTreeSet;
 
-use alignflow::data::JsonlWriter;
-use alignflow::ops::best_of_n::{best_index, BestOfNReport};
-use alignflow::ops::{BestOfNParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::best_of_n::{best_index, BestOfNReport};
+use alignflow_ops::data::JsonlWriter;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{BestOfNParams, StageContext};
 
 use super::evaluate::{pm_score_rows, shared_positions};
 use super::prompts::{read_prompts, Prompt, PromptSource};

@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::training::{Decay, TrainParams};
-use alignflow::ops::StageContext;
-use alignflow::protocol::Metrics;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::training::{Decay, TrainParams};
+use alignflow_ops::StageContext;
 
 use crate::model::{Keep, Model};
 use crate::train::{

@@ -1,16 +1,16 @@
 //! `critique_revise`: K rounds of critique and revision per response, each
 //! round one batched generation of all critiques, then one of all revisions
-//! (prompt assembly and principle sampling live in `alignflow::ops`).
+//! (prompt assembly and principle sampling live in `alignflow_ops`).
 
 use anyhow::Context;
 
-use alignflow::data::{read_jsonl, Constitution, JsonlWriter};
-use alignflow::ops::{
+use alignflow_ops::data::{read_jsonl, Constitution, JsonlWriter};
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::{apply_template, Tokenizer};
+use alignflow_ops::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, RevisionRecord, SftRecord, StageContext, TrailStep, STOP_STRINGS,
 };
-use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
 
 use crate::model::sample::{generate, Finish, SamplingConfig};
 use crate::model::{self, BuildOptions, Head, Model};

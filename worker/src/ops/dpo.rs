@@ -1,5 +1,5 @@
 //! `dpo.reference` and `dpo`: Direct Preference Optimization and IPO with
-//! soft labels (the math and its derivation: `alignflow::ops::dpo`).
+//! soft labels (the math and its derivation: `alignflow_ops::dpo`).
 //!
 //! `dpo.reference` scores every pair once under the frozen reference and
 //! writes the sums to `reference_logps`; `dpo` reads them (checking that they
@@ -19,9 +19,9 @@ use std::io::Write;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::{DpoParams, DpoReferenceParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 
 use super::common::run_training_with_figures;
 use crate::model::{self, BuildOptions, Head, LoraConfig, Model};

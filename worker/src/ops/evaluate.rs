@@ -1,5 +1,5 @@
 //! `evaluate`: win rate of a policy against a reference policy (see
-//! `alignflow::ops::evaluate` for the judges and the report layout).
+//! `alignflow_ops::evaluate` for the judges and the report layout).
 //!
 //! Phases, each loading only the models it needs so peak memory is two
 //! models: (1) both policies sample every prompt with the same seed per
@@ -21,16 +21,16 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::data::{Constitution, JsonlWriter};
-use alignflow::ops::ai_feedback::{
+use alignflow_ops::ai_feedback::{
     combine_orders, conversation_of, feedback_prompt, sample_principles, with_few_shot,
 };
-use alignflow::ops::evaluate::{
+use alignflow_ops::data::{Constitution, JsonlWriter};
+use alignflow_ops::evaluate::{
     policy_label, EvalReport, Outcome, PerPolicy, Tally, FEEDBACK_JUDGE, REWARD_JUDGE,
 };
-use alignflow::ops::{EvaluateParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{EvaluateParams, OpParams, StageContext};
 
 use super::ai_feedback::{p_option_a, OptionTokens};
 use super::ppo::response_logprobs;

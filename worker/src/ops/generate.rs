@@ -3,10 +3,10 @@
 
 use anyhow::Context;
 
-use alignflow::data::{read_jsonl, JsonlWriter};
-use alignflow::ops::{GenerateParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow_ops::data::{read_jsonl, JsonlWriter};
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::{apply_template, Tokenizer};
+use alignflow_ops::{GenerateParams, StageContext};
 
 use crate::model::sample::{generate, Finish, SamplingConfig};
 use crate::model::{self, BuildOptions, Head, Model};

@@ -5,9 +5,9 @@
 use anyhow::Context;
 use tch::Tensor;
 
-use alignflow::ops::{corpus_texts, Family, PretrainParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{corpus_texts, Family, PretrainParams, StageContext};
 
 use super::common::{causal_lm_loss, run_training};
 use crate::model::{self, BuildOptions, Head, Model, ModelConfig};

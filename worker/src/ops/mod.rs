@@ -1,9 +1,8 @@
-//! Tensor op implementations, by op name. The engine-side declaration of each
-//! (params, inputs, outputs, version) lives in `alignflow::ops`; this table
-//! holds the code that needs libtorch.
+//! Tensor op implementations, by op name. The declaration of each (params,
+//! inputs, outputs, version) lives in `alignflow_ops` under the same file
+//! name; this table holds the code that needs libtorch.
 
-use alignflow::ops::StageContext;
-use alignflow::protocol::Metrics;
+use alignflow_ops::RunFn;
 
 pub mod ai_feedback;
 mod best_of_n;
@@ -18,11 +17,8 @@ pub mod ppo;
 mod prompts;
 pub mod sft;
 
-/// A tensor op's entry point.
-pub type RunFn = fn(&StageContext<'_>) -> anyhow::Result<Metrics>;
-
 /// The worker-side implementation of `op`, if it is a tensor op.
-pub fn find(op: &str) -> Option<RunFn> {
+pub fn implementation(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
         ("baseline_scores", ppo::baseline_scores::run),
@@ -42,4 +38,26 @@ pub fn find(op: &str) -> Option<RunFn> {
         .iter()
         .find(|(name, _)| *name == op)
         .map(|(_, run)| *run)
+}
+
+#[cfg(test)]
+mod tests {
+    use alignflow_ops::{Placement, REGISTRY};
+
+    use super::implementation;
+
+    /// The op layer's registry and this table agree: every op declared to
+    /// run in the worker has an implementation here, and nothing else does.
+    #[test]
+    fn every_worker_op_has_an_implementation_and_only_those() {
+        for op in REGISTRY {
+            let here = implementation(op.name).is_some();
+            match op.placement {
+                Placement::Worker => assert!(here, "worker op `{}` has no implementation", op.name),
+                Placement::Engine(_) => {
+                    assert!(!here, "engine op `{}` is implemented here too", op.name)
+                }
+            }
+        }
+    }
 }

@@ -17,10 +17,10 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Tensor};
 
-use alignflow::ops::training::{LoraParams, TrainParams};
-use alignflow::ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::training::{LoraParams, TrainParams};
+use alignflow_ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
 
 use super::common::run_training;
 use crate::model::{self, BuildOptions, Head, LoraConfig, Model};

@@ -5,9 +5,9 @@
 
 use anyhow::Context;
 
-use alignflow::data::read_jsonl;
-use alignflow::ops::StageContext;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow_ops::data::read_jsonl;
+use alignflow_ops::text::{apply_template, Tokenizer};
+use alignflow_ops::StageContext;
 
 /// One prompt.
 #[derive(Debug, Clone)]

@@ -4,10 +4,10 @@
 use anyhow::Context;
 use tch::Tensor;
 
-use alignflow::data::read_jsonl;
-use alignflow::ops::{SftParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::{apply_template, Tokenizer};
+use alignflow_ops::data::read_jsonl;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::{apply_template, Tokenizer};
+use alignflow_ops::{SftParams, StageContext};
 
 use super::common::{causal_lm_loss, right_pad, run_training};
 use crate::model::{self, BuildOptions, Head, LoraConfig, Model};

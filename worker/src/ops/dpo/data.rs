@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use alignflow::data::read_jsonl;
-use alignflow::text::Tokenizer;
+use alignflow_ops::data::read_jsonl;
+use alignflow_ops::text::Tokenizer;
 
 use super::super::pm::comparisons;
 use super::super::sft::tokenize_example;

@@ -1,11 +1,11 @@
 //! The DPO / IPO losses and the response log-probs they compare.
 //!
 //! The soft-label forms and how `label_smoothing` enters are derived in the
-//! engine-side op's documentation (`alignflow::ops::dpo`).
+//! engine-side op's documentation (`alignflow_ops::dpo`).
 
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::DpoLoss;
+use alignflow_ops::DpoLoss;
 
 use super::super::common::{labelled_logits, right_pad};
 use crate::model::Model;
@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn label_smoothing_equals_a_constant_label() {
-        use alignflow::ops::DpoParams;
+        use alignflow_ops::DpoParams;
         let eps = 0.2;
         let params: DpoParams =
             serde_json::from_value(serde_json::json!({"label_smoothing": eps})).unwrap();

@@ -15,8 +15,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use alignflow::data::read_jsonl;
-use alignflow::text::Tokenizer;
+use alignflow_ops::data::read_jsonl;
+use alignflow_ops::text::Tokenizer;
 
 use crate::train::epoch_permutation;
 

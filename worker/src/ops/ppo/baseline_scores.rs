@@ -1,6 +1,6 @@
 //! `baseline_scores`: `samples` responses of the starting policy to each
 //! distinct templated prompt, scored by the preference model, for `ppo`'s
-//! contrastive rewards (see `alignflow::ops::BaselineScoresParams`).
+//! contrastive rewards (see `alignflow_ops::BaselineScoresParams`).
 //! Prompts are tokenized and cut to fit exactly as `ppo` cuts them; the
 //! records are keyed by the templated text.
 
@@ -9,10 +9,10 @@ use std::collections::HashSet;
 use anyhow::Context;
 use tch::Kind;
 
-use alignflow::data::JsonlWriter;
-use alignflow::ops::{BaselineRecord, BaselineScoresParams, StageContext};
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
+use alignflow_ops::data::JsonlWriter;
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{BaselineRecord, BaselineScoresParams, StageContext};
 
 use super::{pm_scores, sample};
 use crate::model::sample::SamplingConfig;

@@ -35,11 +35,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use alignflow::ops::{
+use alignflow_ops::protocol::Metrics;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{
     PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoValueInit, StageContext,
 };
-use alignflow::protocol::Metrics;
-use alignflow::text::Tokenizer;
 
 use super::prompts::{read_prompts, PromptSource};
 use crate::model::sample::{generate, left_pad, SamplingConfig};

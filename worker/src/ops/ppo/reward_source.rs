@@ -26,10 +26,10 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow::data::{read_jsonl, Constitution};
-use alignflow::ops::ai_feedback::conversation_of;
-use alignflow::ops::{BaselineRecord, PpoParams, StageContext};
-use alignflow::text::Tokenizer;
+use alignflow_ops::ai_feedback::conversation_of;
+use alignflow_ops::data::{read_jsonl, Constitution};
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{BaselineRecord, OpParams, PpoParams, StageContext};
 
 use super::pm_scores;
 use crate::model::{BuildOptions, Head, Model};

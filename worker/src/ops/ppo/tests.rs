@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use alignflow::ops::{CancelFlag, NullReporter, PpoValueInit, StageContext};
-use alignflow::protocol::{Metrics, StageSpec};
-use alignflow::text::Tokenizer;
+use alignflow_ops::protocol::{Metrics, StageSpec};
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{CancelFlag, NullReporter, PpoValueInit, StageContext};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -36,7 +36,7 @@ fn fixture() -> Fixture {
     .unwrap();
     let tok_out = root.join("tok");
     std::fs::create_dir_all(&tok_out).unwrap();
-    let op = alignflow::ops::find("tokenizer.train").unwrap();
+    let op = alignflow_ops::find("tokenizer.train").unwrap();
     let params = op.normalize_params(&json!({"vocab_size": 280})).unwrap();
     let spec = spec(
         "tok",
@@ -45,7 +45,7 @@ fn fixture() -> Fixture {
         &[("data", corpus)],
         &tok_out,
     );
-    op.run(&StageContext {
+    alignflow_ops::tokenizer_train::run(&StageContext {
         spec: &spec,
         reporter: &NullReporter,
         cancel: &CancelFlag::default(),
@@ -102,18 +102,22 @@ fn fixture() -> Fixture {
 }
 
 fn spec(stage: &str, op: &str, params: Value, inputs: &[(&str, PathBuf)], out: &Path) -> StageSpec {
-    let found = alignflow::ops::find(op).unwrap();
+    let found = alignflow_ops::find(op).unwrap();
     StageSpec {
         pipeline: "test".into(),
         stage: stage.into(),
         op: op.into(),
-        op_version: found.version(),
+        op_version: found.version,
         params,
         inputs: inputs
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
-        outputs: found.outputs().iter().map(|p| p.name.to_string()).collect(),
+        outputs: found
+            .declared_outputs()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect(),
         out_dir: out.to_path_buf(),
         work_dir: out.to_path_buf(),
         checkpoint_dir: out.join("ckpt"),
@@ -142,7 +146,7 @@ fn run_ppo_with(
     for (k, v) in params.as_object().unwrap() {
         all[k] = v.clone();
     }
-    let op = alignflow::ops::find("ppo").unwrap();
+    let op = alignflow_ops::find("ppo").unwrap();
     let out = f.root.join(name);
     std::fs::create_dir_all(&out).unwrap();
     let spec = spec(
@@ -268,7 +272,7 @@ fn lora_trains_only_the_adapters_and_saves_merged_weights() {
 fn a_lora_target_that_matches_nothing_is_refused_naming_the_field() {
     let _rng = crate::testing::torch_rng();
     let f = fixture();
-    let op = alignflow::ops::find("ppo").unwrap();
+    let op = alignflow_ops::find("ppo").unwrap();
     let out = f.root.join("bad");
     std::fs::create_dir_all(&out).unwrap();
     let params = op
@@ -434,7 +438,7 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
 #[test]
 fn the_new_knobs_at_their_defaults_leave_the_normalised_params_unchanged() {
     // Existing `ppo` stages keep their cache keys.
-    let op = alignflow::ops::find("ppo").unwrap();
+    let op = alignflow_ops::find("ppo").unwrap();
     let plain = op.normalize_params(&json!({})).unwrap();
     let explicit = op
         .normalize_params(&json!({

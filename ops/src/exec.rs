@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Cancelled, Op, ParamError, Port, StageContext};
 use crate::protocol::Metrics;
+use crate::{Cancelled, OpDecl, OpParams, Outputs, ParamsDecl, Placement, StageContext};
 
 /// How often the child is polled for exit and the cancel flag checked.
 const POLL: Duration = Duration::from_millis(50);
@@ -27,8 +27,6 @@ const STDERR_TAIL: usize = 20;
 /// by a process it left in the background) before that group is killed.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
-pub struct Exec;
-
 /// Params of `exec`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -37,129 +35,113 @@ pub struct ExecParams {
     pub cmd: String,
 }
 
-impl Op for Exec {
-    fn name(&self) -> &'static str {
-        "exec"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "run a shell command; inputs in $ALIGNFLOW_IN_<NAME>, outputs under $ALIGNFLOW_OUT"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        &[]
-    }
-    fn outputs(&self) -> &'static [Port] {
-        &[]
-    }
-    fn outputs_from_stage(&self) -> bool {
-        true
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(ExecParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<ExecParams>(params)
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        let params: ExecParams = ctx.params()?;
-        let spec = ctx.spec;
-        let stage = spec.stage.clone();
+/// The `exec` op.
+pub const OP: OpDecl = OpDecl {
+    name: "exec",
+    version: 1,
+    summary: "run a shell command; inputs in $ALIGNFLOW_IN_<NAME>, outputs under $ALIGNFLOW_OUT",
+    inputs: &[],
+    outputs: Outputs::FromStage,
+    params: ParamsDecl::of::<ExecParams>(),
+    placement: Placement::Engine(run),
+};
 
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(&params.cmd)
-            .current_dir(&spec.work_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        for (name, path) in &spec.inputs {
-            cmd.env(input_var(name), path);
+impl OpParams for ExecParams {}
+
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let params: ExecParams = ctx.params()?;
+    let spec = ctx.spec;
+    let stage = spec.stage.clone();
+
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&params.cmd)
+        .current_dir(&spec.work_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for (name, path) in &spec.inputs {
+        cmd.env(input_var(name), path);
+    }
+    cmd.env("ALIGNFLOW_OUT", &spec.out_dir)
+        .env("ALIGNFLOW_STAGE", &spec.stage)
+        .env("ALIGNFLOW_SEED", spec.seed.to_string());
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        stage: stage.clone(),
+        dir: spec.work_dir.clone(),
+        source,
+    })?;
+    // The child leads its own group: its pid is the group id.
+    let pgid = child.id() as libc::pid_t;
+
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+    let readers = [
+        stream_lines(
+            child.stdout.take().expect("piped stdout"),
+            stage.clone(),
+            None,
+        ),
+        stream_lines(
+            child.stderr.take().expect("piped stderr"),
+            stage.clone(),
+            Some(tail.clone()),
+        ),
+    ];
+
+    let status = loop {
+        if ctx.cancel.is_cancelled() {
+            kill_group(pgid);
+            let _ = child.wait();
+            drain(readers, pgid);
+            return Err(Cancelled.into());
         }
-        cmd.env("ALIGNFLOW_OUT", &spec.out_dir)
-            .env("ALIGNFLOW_STAGE", &spec.stage)
-            .env("ALIGNFLOW_SEED", spec.seed.to_string());
-        let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
-            stage: stage.clone(),
-            dir: spec.work_dir.clone(),
-            source,
-        })?;
-        // The child leads its own group: its pid is the group id.
-        let pgid = child.id() as libc::pid_t;
-
-        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
-        let readers = [
-            stream_lines(
-                child.stdout.take().expect("piped stdout"),
-                stage.clone(),
-                None,
-            ),
-            stream_lines(
-                child.stderr.take().expect("piped stderr"),
-                stage.clone(),
-                Some(tail.clone()),
-            ),
-        ];
-
-        let status = loop {
-            if ctx.cancel.is_cancelled() {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => std::thread::sleep(POLL),
+            Err(source) => {
                 kill_group(pgid);
                 let _ = child.wait();
-                drain(readers, pgid);
-                return Err(Cancelled.into());
+                return Err(ExecError::Wait { stage, source }.into());
             }
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => std::thread::sleep(POLL),
-                Err(source) => {
-                    kill_group(pgid);
-                    let _ = child.wait();
-                    return Err(ExecError::Wait { stage, source }.into());
-                }
-            }
+        }
+    };
+    drain(readers, pgid);
+
+    let stderr_tail: Vec<String> = tail.lock().expect("stderr tail").iter().cloned().collect();
+    if !status.success() {
+        let status = match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(signal)) => format!("signal {signal}"),
+            (None, None) => status.to_string(),
         };
-        drain(readers, pgid);
-
-        let stderr_tail: Vec<String> = tail.lock().expect("stderr tail").iter().cloned().collect();
-        if !status.success() {
-            let status = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(signal)) => format!("signal {signal}"),
-                (None, None) => status.to_string(),
-            };
-            return Err(ExecError::Failed {
-                stage,
-                status,
-                stderr_tail,
-            }
-            .into());
+        return Err(ExecError::Failed {
+            stage,
+            status,
+            stderr_tail,
         }
-
-        let missing: Vec<String> = spec
-            .outputs
-            .iter()
-            .filter(|name| !spec.out_dir.join(name).exists())
-            .cloned()
-            .collect();
-        if !missing.is_empty() {
-            return Err(ExecError::MissingOutputs {
-                stage,
-                out_dir: spec.out_dir.clone(),
-                missing,
-            }
-            .into());
-        }
-
-        let mut metrics = Metrics::new();
-        metrics.insert("exit_code".into(), 0.into());
-        metrics.insert("outputs".into(), spec.outputs.len().into());
-        Ok(metrics)
+        .into());
     }
+
+    let missing: Vec<String> = spec
+        .outputs
+        .iter()
+        .filter(|name| !spec.out_dir.join(name).exists())
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(ExecError::MissingOutputs {
+            stage,
+            out_dir: spec.out_dir.clone(),
+            missing,
+        }
+        .into());
+    }
+
+    let mut metrics = Metrics::new();
+    metrics.insert("exit_code".into(), 0.into());
+    metrics.insert("outputs".into(), spec.outputs.len().into());
+    Ok(metrics)
 }
 
 /// Failures of `exec`.
@@ -287,7 +269,7 @@ mod tests {
     fn exec_spec(dir: &std::path::Path, cmd: &str, outputs: &[&str]) -> crate::protocol::StageSpec {
         let input = dir.join("in.txt");
         std::fs::write(&input, "input text\n").unwrap();
-        let mut spec = spec(&Exec, dir, json!({ "cmd": cmd }), &[("my-data.v2", input)]);
+        let mut spec = spec(&OP, dir, json!({ "cmd": cmd }), &[("my-data.v2", input)]);
         spec.outputs = outputs.iter().map(|s| s.to_string()).collect();
         spec.seed = 42;
         spec
@@ -298,7 +280,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cmd = r#"echo "$ALIGNFLOW_STAGE $ALIGNFLOW_SEED $(pwd)" > "$ALIGNFLOW_OUT/a"
             cat "$ALIGNFLOW_IN_MY_DATA_V2" >> "$ALIGNFLOW_OUT/a"; mkdir "$ALIGNFLOW_OUT/b"; echo to stderr >&2"#;
-        let metrics = run(&Exec, &exec_spec(dir.path(), cmd, &["a", "b"])).unwrap();
+        let metrics = run(&OP, &exec_spec(dir.path(), cmd, &["a", "b"])).unwrap();
         assert_eq!(metrics["exit_code"], 0);
         assert_eq!(metrics["outputs"], 2);
         let cwd = dir.path().canonicalize().unwrap();
@@ -312,7 +294,7 @@ mod tests {
     fn failure_quotes_stderr_tail() {
         let dir = tempfile::tempdir().unwrap();
         let cmd = "for i in $(seq 1 30); do echo line$i >&2; done; exit 3";
-        let err = run(&Exec, &exec_spec(dir.path(), cmd, &[]))
+        let err = run(&OP, &exec_spec(dir.path(), cmd, &[]))
             .unwrap_err()
             .to_string();
         assert!(
@@ -330,7 +312,7 @@ mod tests {
     fn missing_outputs_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = run(
-            &Exec,
+            &OP,
             &exec_spec(dir.path(), "touch $ALIGNFLOW_OUT/a", &["a", "b", "c"]),
         )
         .unwrap_err();
@@ -346,7 +328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The background sleep holds the pipes: only a group kill ends it.
         let spec = exec_spec(dir.path(), "sleep 30 & sleep 30; wait", &[]);
-        let cancel = crate::ops::CancelFlag::default();
+        let cancel = crate::CancelFlag::default();
         let flag = cancel.clone();
         let canceller = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
@@ -355,10 +337,10 @@ mod tests {
         let start = Instant::now();
         let ctx = StageContext {
             spec: &spec,
-            reporter: &crate::ops::NullReporter,
+            reporter: &crate::NullReporter,
             cancel: &cancel,
         };
-        let err = Exec.run(&ctx).unwrap_err();
+        let err = super::run(&ctx).unwrap_err();
         canceller.join().unwrap();
         assert!(err.downcast_ref::<Cancelled>().is_some(), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
@@ -368,11 +350,7 @@ mod tests {
     fn background_leftovers_do_not_hang() {
         let dir = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        run(
-            &Exec,
-            &exec_spec(dir.path(), "sleep 30 & echo started", &[]),
-        )
-        .unwrap();
+        run(&OP, &exec_spec(dir.path(), "sleep 30 & echo started", &[])).unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 

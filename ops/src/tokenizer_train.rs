@@ -19,13 +19,11 @@ use tokenizers::{
     TokenizerBuilder, TokenizerImpl,
 };
 
-use super::{Op, ParamError, Port, StageContext};
 use crate::protocol::Metrics;
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port, StageContext};
 
 /// Size of the byte-level alphabet every vocabulary starts from.
 const BYTE_ALPHABET: usize = 256;
-
-pub struct TokenizerTrain;
 
 type ByteLevelBpe = TokenizerImpl<
     BPE,
@@ -75,7 +73,7 @@ fn default_model_max_length() -> usize {
     1024
 }
 
-impl TokenizerParams {
+impl OpParams for TokenizerParams {
     fn check(&self) -> Result<(), ParamError> {
         let err = |field: &str, message: String| {
             Err(ParamError {
@@ -110,7 +108,9 @@ impl TokenizerParams {
         }
         Ok(())
     }
+}
 
+impl TokenizerParams {
     fn eos(&self) -> &str {
         &self.special_tokens[0]
     }
@@ -144,108 +144,93 @@ pub enum TokenizerError {
     Train { stage: String, message: String },
 }
 
-impl Op for TokenizerTrain {
-    fn name(&self) -> &'static str {
-        "tokenizer.train"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "train a GPT-2 style byte-level BPE tokenizer (Hugging Face format) on JSONL or text"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        &[Port {
+/// The `tokenizer.train` op.
+pub const OP: OpDecl = OpDecl {
+    name: "tokenizer.train",
+    version: 1,
+    summary: "train a GPT-2 style byte-level BPE tokenizer (Hugging Face format) on JSONL or text",
+    inputs: &[Port {
             name: "data",
             doc: "a JSONL or text file, or a folder of .jsonl / .txt files (read recursively, in name order)",
-            required: true, volatile: false }]
-    }
-    fn outputs(&self) -> &'static [Port] {
-        &[Port {
+            required: true, volatile: false }],
+    outputs: Outputs::Declared(&[Port {
             name: "tokenizer",
             doc: "folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json",
             required: true,
             volatile: false,
-        }]
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(TokenizerParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<TokenizerParams>(params, TokenizerParams::check)
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        let params: TokenizerParams = ctx.params()?;
-        params.check()?;
-        let stage = &ctx.spec.stage;
-        let data = ctx.input("data")?;
+        }]),
+    params: ParamsDecl::of::<TokenizerParams>(),
+    placement: Placement::Engine(run),
+};
 
-        let files = corpus_files(stage, data)?;
-        let mut texts = Vec::new();
-        for (i, file) in files.iter().enumerate() {
-            ctx.reporter
-                .progress(i as u64, Some(files.len() as u64), "reading the corpus");
-            read_texts(ctx, file, &params.fields, &mut texts)?;
-        }
-        if texts.is_empty() {
-            let fields = params.fields.join(", ");
-            return Err(TokenizerError::NoText {
-                stage: stage.clone(),
-                path: data.to_path_buf(),
-                fields,
-            }
-            .into());
-        }
-        let chars: usize = texts.iter().map(String::len).sum();
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let params: TokenizerParams = ctx.params()?;
+    params.check()?;
+    let stage = &ctx.spec.stage;
+    let data = ctx.input("data")?;
 
-        ctx.cancel.check()?;
-        ctx.reporter.progress(0, None, "training");
-        let tokenizer = train(&params, &texts).map_err(|err| TokenizerError::Train {
+    let files = corpus_files(stage, data)?;
+    let mut texts = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        ctx.reporter
+            .progress(i as u64, Some(files.len() as u64), "reading the corpus");
+        read_texts(ctx, file, &params.fields, &mut texts)?;
+    }
+    if texts.is_empty() {
+        let fields = params.fields.join(", ");
+        return Err(TokenizerError::NoText {
+            stage: stage.clone(),
+            path: data.to_path_buf(),
+            fields,
+        }
+        .into());
+    }
+    let chars: usize = texts.iter().map(String::len).sum();
+
+    ctx.cancel.check()?;
+    ctx.reporter.progress(0, None, "training");
+    let tokenizer = train(&params, &texts).map_err(|err| TokenizerError::Train {
+        stage: stage.clone(),
+        message: err.to_string(),
+    })?;
+    ctx.cancel.check()?;
+
+    let dir = ctx.output("tokenizer");
+    let io_err = |path: PathBuf| {
+        let stage = stage.clone();
+        move |source| TokenizerError::Io {
+            stage,
+            path,
+            source,
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(io_err(dir.clone()))?;
+    let tokenizer_json = dir.join("tokenizer.json");
+    tokenizer
+        .save(&tokenizer_json, true)
+        .map_err(|err| TokenizerError::Train {
             stage: stage.clone(),
             message: err.to_string(),
         })?;
-        ctx.cancel.check()?;
-
-        let dir = ctx.output("tokenizer");
-        let io_err = |path: PathBuf| {
-            let stage = stage.clone();
-            move |source| TokenizerError::Io {
-                stage,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&dir).map_err(io_err(dir.clone()))?;
-        let tokenizer_json = dir.join("tokenizer.json");
-        tokenizer
-            .save(&tokenizer_json, true)
-            .map_err(|err| TokenizerError::Train {
-                stage: stage.clone(),
-                message: err.to_string(),
-            })?;
-        for (name, value) in [
-            (
-                "tokenizer_config.json",
-                tokenizer_config(&params, &tokenizer),
-            ),
-            ("special_tokens_map.json", special_tokens_map(&params)),
-        ] {
-            let path = dir.join(name);
-            let mut bytes = serde_json::to_vec_pretty(&value)?;
-            bytes.push(b'\n');
-            std::fs::write(&path, bytes).map_err(io_err(path.clone()))?;
-        }
-
-        let mut metrics = Metrics::new();
-        metrics.insert("vocab_size".into(), tokenizer.get_vocab_size(true).into());
-        metrics.insert("files".into(), files.len().into());
-        metrics.insert("texts".into(), texts.len().into());
-        metrics.insert("bytes".into(), chars.into());
-        Ok(metrics)
+    for (name, value) in [
+        (
+            "tokenizer_config.json",
+            tokenizer_config(&params, &tokenizer),
+        ),
+        ("special_tokens_map.json", special_tokens_map(&params)),
+    ] {
+        let path = dir.join(name);
+        let mut bytes = serde_json::to_vec_pretty(&value)?;
+        bytes.push(b'\n');
+        std::fs::write(&path, bytes).map_err(io_err(path.clone()))?;
     }
+
+    let mut metrics = Metrics::new();
+    metrics.insert("vocab_size".into(), tokenizer.get_vocab_size(true).into());
+    metrics.insert("files".into(), files.len().into());
+    metrics.insert("texts".into(), texts.len().into());
+    metrics.insert("bytes".into(), chars.into());
+    Ok(metrics)
 }
 
 /// Trains the byte-level BPE. The `tokenizers` trainer breaks ties between
@@ -429,8 +414,8 @@ mod tests {
     use tokenizers::Tokenizer;
 
     fn train_on(dir: &Path, params: serde_json::Value, data: PathBuf) -> (Metrics, PathBuf) {
-        let spec = spec(&TokenizerTrain, dir, params, &[("data", data)]);
-        let metrics = run(&TokenizerTrain, &spec).unwrap();
+        let spec = spec(&OP, dir, params, &[("data", data)]);
+        let metrics = run(&OP, &spec).unwrap();
         (metrics, dir.join("out/tokenizer"))
     }
 
@@ -514,22 +499,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("d.jsonl");
         std::fs::write(&data, "{\"text\": \"a\"}\n{oops\n").unwrap();
-        let spec = spec(&TokenizerTrain, dir.path(), json!({}), &[("data", data)]);
-        let err = run(&TokenizerTrain, &spec).unwrap_err().to_string();
+        let spec = spec(&OP, dir.path(), json!({}), &[("data", data)]);
+        let err = run(&OP, &spec).unwrap_err().to_string();
         assert!(
             err.starts_with("stage `s`: ") && err.contains("d.jsonl:2: "),
             "{err}"
         );
         assert_eq!(
-            TokenizerTrain
-                .normalize_params(&json!({"vocab_size": 100}))
+            OP.normalize_params(&json!({"vocab_size": 100}))
                 .unwrap_err()
                 .field,
             "vocab_size"
         );
-        assert!(TokenizerTrain
-            .normalize_params(&json!({"special_tokens": []}))
-            .is_err());
+        assert!(OP.normalize_params(&json!({"special_tokens": []})).is_err());
     }
 }
 

@@ -13,11 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Port, StageContext};
 use crate::data::{read_lines, DataError, JsonlWriter};
 use crate::protocol::Metrics;
-
-pub struct DatasetSplit;
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port, StageContext};
 
 /// Params of `dataset.split`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -40,7 +38,7 @@ fn default_shuffle() -> bool {
     true
 }
 
-impl SplitParams {
+impl OpParams for SplitParams {
     fn check(&self) -> Result<(), ParamError> {
         let t = self.test;
         let message = if !t.is_finite() || t <= 0.0 {
@@ -63,7 +61,9 @@ impl SplitParams {
             None => Ok(()),
         }
     }
+}
 
+impl SplitParams {
     /// How many records the test side should hold, out of `n`.
     fn test_target(&self, n: usize) -> usize {
         if self.test < 1.0 {
@@ -97,165 +97,150 @@ pub enum SplitError {
     },
 }
 
-impl Op for DatasetSplit {
-    fn name(&self) -> &'static str {
-        "dataset.split"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "seeded train/test split of a JSONL file, optionally keeping groups together"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        &[Port {
-            name: "data",
-            doc: "JSONL records",
+/// The `dataset.split` op.
+pub const OP: OpDecl = OpDecl {
+    name: "dataset.split",
+    version: 1,
+    summary: "seeded train/test split of a JSONL file, optionally keeping groups together",
+    inputs: &[Port {
+        name: "data",
+        doc: "JSONL records",
+        required: true,
+        volatile: false,
+    }],
+    outputs: Outputs::Declared(&[
+        Port {
+            name: "train",
+            doc: "JSONL: the records not in `test`, in source order",
             required: true,
             volatile: false,
-        }]
-    }
-    fn outputs(&self) -> &'static [Port] {
-        &[
-            Port {
-                name: "train",
-                doc: "JSONL: the records not in `test`, in source order",
-                required: true,
-                volatile: false,
-            },
-            Port {
-                name: "test",
-                doc: "JSONL: the held-out records, in source order",
-                required: true,
-                volatile: false,
-            },
-        ]
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(SplitParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<SplitParams>(params, SplitParams::check)
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        let params: SplitParams = ctx.params()?;
-        let stage = &ctx.spec.stage;
-        let path = ctx.input("data")?;
-        let data_err = |source| SplitError::Data {
-            stage: stage.clone(),
-            source,
-        };
+        },
+        Port {
+            name: "test",
+            doc: "JSONL: the held-out records, in source order",
+            required: true,
+            volatile: false,
+        },
+    ]),
+    params: ParamsDecl::of::<SplitParams>(),
+    placement: Placement::Engine(run),
+};
 
-        // Every non-blank line, and for each the index of its group; groups
-        // are numbered in order of first appearance.
-        let mut lines: Vec<Vec<u8>> = Vec::new();
-        let mut group_of: Vec<usize> = Vec::new();
-        let mut group_ids: HashMap<String, usize> = HashMap::new();
-        let mut group_sizes: Vec<usize> = Vec::new();
-        for (line_no, bytes) in read_lines(path).map_err(data_err)? {
-            ctx.cancel.check()?;
-            let bytes = bytes.map_err(|err| {
-                data_err(DataError::Read {
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let params: SplitParams = ctx.params()?;
+    let stage = &ctx.spec.stage;
+    let path = ctx.input("data")?;
+    let data_err = |source| SplitError::Data {
+        stage: stage.clone(),
+        source,
+    };
+
+    // Every non-blank line, and for each the index of its group; groups
+    // are numbered in order of first appearance.
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut group_of: Vec<usize> = Vec::new();
+    let mut group_ids: HashMap<String, usize> = HashMap::new();
+    let mut group_sizes: Vec<usize> = Vec::new();
+    for (line_no, bytes) in read_lines(path).map_err(data_err)? {
+        ctx.cancel.check()?;
+        let bytes = bytes.map_err(|err| {
+            data_err(DataError::Read {
+                path: path.to_path_buf(),
+                line: line_no,
+                source: err,
+            })
+        })?;
+        let group = match &params.group_by {
+            None => group_sizes.len(),
+            Some(field) => {
+                let group_err = |reason: String| SplitError::Group {
+                    stage: stage.clone(),
                     path: path.to_path_buf(),
                     line: line_no,
-                    source: err,
-                })
-            })?;
-            let group = match &params.group_by {
-                None => group_sizes.len(),
-                Some(field) => {
-                    let group_err = |reason: String| SplitError::Group {
-                        stage: stage.clone(),
-                        path: path.to_path_buf(),
-                        line: line_no,
-                        field: field.clone(),
-                        reason,
-                    };
-                    let value: serde_json::Value =
-                        serde_json::from_slice(&bytes).map_err(|e| group_err(e.to_string()))?;
-                    let key = value
-                        .get(field)
-                        .ok_or_else(|| group_err("no such field".into()))?;
-                    // The value's JSON text is its identity (`"a"` and `1` differ).
-                    let next = group_sizes.len();
-                    *group_ids.entry(key.to_string()).or_insert(next)
-                }
-            };
-            if group == group_sizes.len() {
-                group_sizes.push(0);
+                    field: field.clone(),
+                    reason,
+                };
+                let value: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| group_err(e.to_string()))?;
+                let key = value
+                    .get(field)
+                    .ok_or_else(|| group_err("no such field".into()))?;
+                // The value's JSON text is its identity (`"a"` and `1` differ).
+                let next = group_sizes.len();
+                *group_ids.entry(key.to_string()).or_insert(next)
             }
-            group_sizes[group] += 1;
-            group_of.push(group);
-            lines.push(bytes);
-        }
-
-        let records = lines.len();
-        let target = params.test_target(records);
-        let mut order: Vec<usize> = (0..group_sizes.len()).collect();
-        if params.shuffle {
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(ctx.spec.seed));
-        }
-        // Test groups are taken from the end of the order until the target
-        // is reached (a group may overshoot it by less than its size).
-        let mut in_test = vec![false; group_sizes.len()];
-        let mut test_count = 0;
-        for &group in order.iter().rev() {
-            if test_count >= target {
-                break;
-            }
-            in_test[group] = true;
-            test_count += group_sizes[group];
-        }
-        let empty_side = if test_count == 0 {
-            Some("test")
-        } else if test_count == records {
-            Some("train")
-        } else {
-            None
         };
-        if let Some(side) = empty_side {
-            return Err(SplitError::EmptySide {
-                stage: stage.clone(),
-                records,
-                groups: group_sizes.len(),
-                test: params.test,
-                side,
-            }
-            .into());
+        if group == group_sizes.len() {
+            group_sizes.push(0);
         }
-
-        let mut train = JsonlWriter::create(&ctx.output("train")).map_err(data_err)?;
-        let mut test = JsonlWriter::create(&ctx.output("test")).map_err(data_err)?;
-        for (i, (bytes, group)) in lines.iter().zip(&group_of).enumerate() {
-            if i % 4096 == 0 {
-                ctx.cancel.check()?;
-                ctx.reporter
-                    .progress(i as u64, Some(records as u64), "writing");
-            }
-            let side = if in_test[*group] {
-                &mut test
-            } else {
-                &mut train
-            };
-            side.write_raw(bytes).map_err(data_err)?;
-        }
-        let train = train.finish().map_err(data_err)?;
-        let test = test.finish().map_err(data_err)?;
-
-        let mut metrics = Metrics::new();
-        metrics.insert("records".into(), records.into());
-        metrics.insert("train".into(), train.into());
-        metrics.insert("test".into(), test.into());
-        if params.group_by.is_some() {
-            let test_groups = in_test.iter().filter(|t| **t).count();
-            metrics.insert("groups".into(), group_sizes.len().into());
-            metrics.insert("test_groups".into(), test_groups.into());
-        }
-        Ok(metrics)
+        group_sizes[group] += 1;
+        group_of.push(group);
+        lines.push(bytes);
     }
+
+    let records = lines.len();
+    let target = params.test_target(records);
+    let mut order: Vec<usize> = (0..group_sizes.len()).collect();
+    if params.shuffle {
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(ctx.spec.seed));
+    }
+    // Test groups are taken from the end of the order until the target
+    // is reached (a group may overshoot it by less than its size).
+    let mut in_test = vec![false; group_sizes.len()];
+    let mut test_count = 0;
+    for &group in order.iter().rev() {
+        if test_count >= target {
+            break;
+        }
+        in_test[group] = true;
+        test_count += group_sizes[group];
+    }
+    let empty_side = if test_count == 0 {
+        Some("test")
+    } else if test_count == records {
+        Some("train")
+    } else {
+        None
+    };
+    if let Some(side) = empty_side {
+        return Err(SplitError::EmptySide {
+            stage: stage.clone(),
+            records,
+            groups: group_sizes.len(),
+            test: params.test,
+            side,
+        }
+        .into());
+    }
+
+    let mut train = JsonlWriter::create(&ctx.output("train")).map_err(data_err)?;
+    let mut test = JsonlWriter::create(&ctx.output("test")).map_err(data_err)?;
+    for (i, (bytes, group)) in lines.iter().zip(&group_of).enumerate() {
+        if i % 4096 == 0 {
+            ctx.cancel.check()?;
+            ctx.reporter
+                .progress(i as u64, Some(records as u64), "writing");
+        }
+        let side = if in_test[*group] {
+            &mut test
+        } else {
+            &mut train
+        };
+        side.write_raw(bytes).map_err(data_err)?;
+    }
+    let train = train.finish().map_err(data_err)?;
+    let test = test.finish().map_err(data_err)?;
+
+    let mut metrics = Metrics::new();
+    metrics.insert("records".into(), records.into());
+    metrics.insert("train".into(), train.into());
+    metrics.insert("test".into(), test.into());
+    if params.group_by.is_some() {
+        let test_groups = in_test.iter().filter(|t| **t).count();
+        metrics.insert("groups".into(), group_sizes.len().into());
+        metrics.insert("test_groups".into(), test_groups.into());
+    }
+    Ok(metrics)
 }
 
 #[cfg(test)]
@@ -283,9 +268,9 @@ mod tests {
         seed: u64,
     ) -> anyhow::Result<(Metrics, String, String)> {
         let data = write_records(dir, 100, 4);
-        let mut spec = spec(&DatasetSplit, dir, params, &[("data", data)]);
+        let mut spec = spec(&OP, dir, params, &[("data", data)]);
         spec.seed = seed;
-        let metrics = run(&DatasetSplit, &spec)?;
+        let metrics = run(&OP, &spec)?;
         let read = |name| std::fs::read_to_string(dir.join("out").join(name)).unwrap();
         Ok((metrics, read("train"), read("test")))
     }
@@ -378,21 +363,18 @@ mod tests {
 
     #[test]
     fn params_checked() {
-        assert!(DatasetSplit
+        assert!(OP
             .normalize_params(&json!({"test": 2.5}))
             .unwrap_err()
             .message
             .contains("integer"));
         assert_eq!(
-            DatasetSplit
-                .normalize_params(&json!({"test": -1}))
-                .unwrap_err()
-                .field,
+            OP.normalize_params(&json!({"test": -1})).unwrap_err().field,
             "test"
         );
-        assert!(DatasetSplit.normalize_params(&json!({})).is_err());
+        assert!(OP.normalize_params(&json!({})).is_err());
         assert_eq!(
-            DatasetSplit.normalize_params(&json!({"test": 10})).unwrap(),
+            OP.normalize_params(&json!({"test": 10})).unwrap(),
             json!({"test": 10.0, "shuffle": true, "group_by": null})
         );
     }

@@ -12,16 +12,12 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::{LoraParams, TrainParams};
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
+use crate::training::{LoraParams, TrainParams};
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// The inputs of `pm.train` that hold training comparisons (the keys `mix`
 /// may name).
 pub const PM_TRAIN_SETS: [&str; 2] = ["comparisons", "extra"];
-
-pub struct PmTrain;
-pub struct PmPretrain;
 
 /// Params of `pm.train`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -115,7 +111,7 @@ fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {
     Ok(())
 }
 
-impl PmTrainParams {
+impl OpParams for PmTrainParams {
     fn check(&self) -> Result<(), ParamError> {
         check_common(self.max_len, self.eval_fraction)?;
         for (name, w) in &self.mix {
@@ -126,7 +122,7 @@ impl PmTrainParams {
                         "`mix` names the training inputs ({}), not `{name}`",
                         PM_TRAIN_SETS.join(", ")
                     ),
-                    suggestion: super::nearest(name, PM_TRAIN_SETS),
+                    suggestion: crate::nearest(name, PM_TRAIN_SETS),
                 });
             }
             if !w.is_finite() || *w < 0.0 {
@@ -138,7 +134,9 @@ impl PmTrainParams {
         }
         Ok(())
     }
+}
 
+impl PmTrainParams {
     /// The loss weight of training input `set`.
     pub fn weight(&self, set: &str) -> f64 {
         self.mix.get(set).copied().unwrap_or(1.0)
@@ -160,18 +158,12 @@ const PM_OUTPUTS: &[Port] = &[
     ),
 ];
 
-impl Op for PmTrain {
-    fn name(&self) -> &'static str {
-        "pm.train"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `pm.train` op.
+pub const TRAIN_OP: OpDecl = OpDecl {
+    name: "pm.train",
+    version: 1,
+    summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
+    inputs: &[
             Port::input(
                 "model",
                 "a base LM folder or a preference model (pm.pretrain, pm.train)",
@@ -188,68 +180,32 @@ impl Op for PmTrain {
                 "eval",
                 "held-out comparisons (otherwise `eval_fraction` of the training records)",
             ),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        PM_OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(PmTrainParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<PmTrainParams>(params, PmTrainParams::check)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("pm.train runs in alignflow-worker")
-    }
-}
+        ],
+    outputs: Outputs::Declared(PM_OUTPUTS),
+    params: ParamsDecl::of::<PmTrainParams>(),
+    placement: Placement::Worker,
+};
 
-impl Op for PmPretrain {
-    fn name(&self) -> &'static str {
-        "pm.pretrain"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `pm.pretrain` op.
+pub const PRETRAIN_OP: OpDecl = OpDecl {
+    name: "pm.pretrain",
+    version: 1,
+    summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
+    inputs: &[
             Port::input("model", "the base LM folder"),
             Port::input(
                 "data",
                 "JSONL: HH comparisons {prompt, chosen, rejected, label} or rankings {prompt, responses: [best, ..., worst]}",
             ),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        PM_OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(PmPretrainParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<PmPretrainParams>(params, |p| {
-            check_common(p.max_len, p.eval_fraction)
-        })
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("pm.pretrain runs in alignflow-worker")
+        ],
+    outputs: Outputs::Declared(PM_OUTPUTS),
+    params: ParamsDecl::of::<PmPretrainParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for PmPretrainParams {
+    fn check(&self) -> Result<(), ParamError> {
+        check_common(self.max_len, self.eval_fraction)
     }
 }
 
@@ -260,26 +216,26 @@ mod tests {
 
     #[test]
     fn defaults_fill_in_and_mix_is_checked() {
-        let v = PmTrain.normalize_params(&json!({})).unwrap();
+        let v = TRAIN_OP.normalize_params(&json!({})).unwrap();
         assert_eq!(v["lr"], json!(1e-5));
         assert_eq!(v["max_len"], json!(256));
         assert_eq!(v["eval_fraction"], json!(0.1));
         assert_eq!(v["batch_size"], json!(8));
         assert!(v.get("mix").is_none());
-        let err = PmTrain
+        let err = TRAIN_OP
             .normalize_params(&json!({"mix": {"comparison": 1.0}}))
             .unwrap_err();
         assert_eq!(err.field, "mix.comparison");
         assert_eq!(err.suggestion.as_deref(), Some("comparisons"));
-        let err = PmTrain
+        let err = TRAIN_OP
             .normalize_params(&json!({"mix": {"extra": -1.0}}))
             .unwrap_err();
         assert_eq!(err.field, "mix.extra");
-        let err = PmPretrain
+        let err = PRETRAIN_OP
             .normalize_params(&json!({"eval_fraction": 1.0}))
             .unwrap_err();
         assert_eq!(err.field, "eval_fraction");
-        let err = PmTrain.normalize_params(&json!({"mx": {}})).unwrap_err();
+        let err = TRAIN_OP.normalize_params(&json!({"mx": {}})).unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("mix"));
     }
 }

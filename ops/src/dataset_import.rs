@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Port, StageContext};
 use crate::data::{read_lines, Comparison, DataError, JsonlWriter, PromptRecord};
 use crate::protocol::Metrics;
+use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port, StageContext};
 
 /// The marker that opens an assistant turn in HH-RLHF dialogues.
 const ASSISTANT: &str = "\n\nAssistant:";
@@ -20,8 +20,6 @@ const ASSISTANT: &str = "\n\nAssistant:";
 const QUOTED_BAD_LINES: usize = 5;
 /// Progress is reported every this many lines.
 const PROGRESS_EVERY: u64 = 1000;
-
-pub struct DatasetImport;
 
 /// Layout of the source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -200,139 +198,125 @@ fn quote_bad_lines(path: &Path, first: &[(usize, String)]) -> String {
         .collect()
 }
 
-impl Op for DatasetImport {
-    fn name(&self) -> &'static str {
-        "dataset.import"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        &[Port {
+/// The `dataset.import` op.
+pub const OP: OpDecl = OpDecl {
+    name: "dataset.import",
+    version: 1,
+    summary: "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report",
+    inputs: &[Port {
             name: "source",
             doc: "the file to import (JSONL, or text for `format: text`)",
             required: true,
             volatile: false,
-        }]
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        }],
+    outputs: Outputs::Declared(&[
             Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}"),
             Port::output(
                 "report",
                 "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
             ),
-        ];
-        OUTPUTS
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(ImportParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<ImportParams>(params)
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        let params: ImportParams = ctx.params()?;
-        let stage = &ctx.spec.stage;
-        let source = ctx.input("source")?;
-        let data_err = |source| ImportError::Data {
-            stage: stage.clone(),
-            source,
-        };
+        ]),
+    params: ParamsDecl::of::<ImportParams>(),
+    placement: Placement::Engine(run),
+};
 
-        let mut out = JsonlWriter::create(&ctx.output("data")).map_err(data_err)?;
-        let mut report = ImportReport::new(params.format);
-        let len = std::fs::metadata(source).ok().map(|m| m.len());
-        let mut bytes_read = 0u64;
+impl OpParams for ImportParams {}
 
-        for (line, bytes) in read_lines(source).map_err(data_err)? {
-            ctx.cancel.check()?;
-            let bytes = bytes.map_err(|err| {
-                data_err(DataError::Read {
-                    path: source.to_path_buf(),
-                    line,
-                    source: err,
-                })
-            })?;
-            bytes_read += bytes.len() as u64 + 1;
-            if line as u64 % PROGRESS_EVERY == 0 {
-                ctx.reporter.progress(bytes_read, len, "importing");
-            }
-            if params.limit.is_some_and(|limit| report.records >= limit) {
-                report.truncated = true;
-                break;
-            }
-            match parse_line(&params, &bytes) {
-                Ok(Parsed::Comparison(c)) => {
-                    if c.chosen == c.rejected {
-                        report.identical_pairs += 1;
-                        report.identical_pair_lines.push(line);
-                    }
-                    out.write(&c).map_err(data_err)?;
-                    report.records += 1;
-                }
-                Ok(Parsed::Prompt(p)) => {
-                    out.write(&p).map_err(data_err)?;
-                    report.records += 1;
-                }
-                Err(LineProblem::Unsplittable(reason)) => {
-                    *report.unsplittable.entry(reason.key()).or_default() += 1;
-                    report
-                        .unsplittable_lines
-                        .entry(reason.key())
-                        .or_default()
-                        .push(line);
-                }
-                Err(LineProblem::Bad(reason)) => {
-                    report.bad_lines += 1;
-                    report.bad_line_details.push(BadLine { line, reason });
-                }
-            }
-        }
+pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
+    let params: ImportParams = ctx.params()?;
+    let stage = &ctx.spec.stage;
+    let source = ctx.input("source")?;
+    let data_err = |source| ImportError::Data {
+        stage: stage.clone(),
+        source,
+    };
 
-        if report.bad_lines > params.max_bad_lines {
-            let first = report
-                .bad_line_details
-                .iter()
-                .take(QUOTED_BAD_LINES)
-                .map(|b| (b.line, b.reason.clone()));
-            return Err(ImportError::TooManyBadLines {
-                stage: stage.clone(),
+    let mut out = JsonlWriter::create(&ctx.output("data")).map_err(data_err)?;
+    let mut report = ImportReport::new(params.format);
+    let len = std::fs::metadata(source).ok().map(|m| m.len());
+    let mut bytes_read = 0u64;
+
+    for (line, bytes) in read_lines(source).map_err(data_err)? {
+        ctx.cancel.check()?;
+        let bytes = bytes.map_err(|err| {
+            data_err(DataError::Read {
                 path: source.to_path_buf(),
-                count: report.bad_lines,
-                max: params.max_bad_lines,
-                first: first.collect(),
-            }
-            .into());
-        }
-        out.finish().map_err(data_err)?;
-
-        let report_path = ctx.output("report");
-        let mut json = serde_json::to_vec_pretty(&report)?;
-        json.push(b'\n');
-        std::fs::write(&report_path, json).map_err(|source| ImportError::Write {
-            stage: stage.clone(),
-            path: report_path,
-            source,
+                line,
+                source: err,
+            })
         })?;
-        let unsplittable: u64 = report.unsplittable.values().sum();
-        if unsplittable + report.bad_lines > 0 {
-            tracing::warn!(
-                target: "alignflow::stage",
-                stage = %stage,
-                "{} records imported; {unsplittable} cannot be split and {} bad lines skipped (see the report)",
-                report.records,
-                report.bad_lines,
-            );
+        bytes_read += bytes.len() as u64 + 1;
+        if line as u64 % PROGRESS_EVERY == 0 {
+            ctx.reporter.progress(bytes_read, len, "importing");
         }
-        Ok(report.metrics())
+        if params.limit.is_some_and(|limit| report.records >= limit) {
+            report.truncated = true;
+            break;
+        }
+        match parse_line(&params, &bytes) {
+            Ok(Parsed::Comparison(c)) => {
+                if c.chosen == c.rejected {
+                    report.identical_pairs += 1;
+                    report.identical_pair_lines.push(line);
+                }
+                out.write(&c).map_err(data_err)?;
+                report.records += 1;
+            }
+            Ok(Parsed::Prompt(p)) => {
+                out.write(&p).map_err(data_err)?;
+                report.records += 1;
+            }
+            Err(LineProblem::Unsplittable(reason)) => {
+                *report.unsplittable.entry(reason.key()).or_default() += 1;
+                report
+                    .unsplittable_lines
+                    .entry(reason.key())
+                    .or_default()
+                    .push(line);
+            }
+            Err(LineProblem::Bad(reason)) => {
+                report.bad_lines += 1;
+                report.bad_line_details.push(BadLine { line, reason });
+            }
+        }
     }
+
+    if report.bad_lines > params.max_bad_lines {
+        let first = report
+            .bad_line_details
+            .iter()
+            .take(QUOTED_BAD_LINES)
+            .map(|b| (b.line, b.reason.clone()));
+        return Err(ImportError::TooManyBadLines {
+            stage: stage.clone(),
+            path: source.to_path_buf(),
+            count: report.bad_lines,
+            max: params.max_bad_lines,
+            first: first.collect(),
+        }
+        .into());
+    }
+    out.finish().map_err(data_err)?;
+
+    let report_path = ctx.output("report");
+    let mut json = serde_json::to_vec_pretty(&report)?;
+    json.push(b'\n');
+    std::fs::write(&report_path, json).map_err(|source| ImportError::Write {
+        stage: stage.clone(),
+        path: report_path,
+        source,
+    })?;
+    let unsplittable: u64 = report.unsplittable.values().sum();
+    if unsplittable + report.bad_lines > 0 {
+        tracing::warn!(
+            target: "alignflow::stage",
+            stage = %stage,
+            "{} records imported; {unsplittable} cannot be split and {} bad lines skipped (see the report)",
+            report.records,
+            report.bad_lines,
+        );
+    }
+    Ok(report.metrics())
 }
 
 enum Parsed {
@@ -390,10 +374,7 @@ mod tests {
     use serde_json::json;
 
     fn import(dir: &Path, params: serde_json::Value, source: PathBuf) -> anyhow::Result<Metrics> {
-        run(
-            &DatasetImport,
-            &spec(&DatasetImport, dir, params, &[("source", source)]),
-        )
+        run(&OP, &spec(&OP, dir, params, &[("source", source)]))
     }
 
     fn read_report(dir: &Path) -> serde_json::Value {
@@ -560,19 +541,13 @@ mod tests {
 
     #[test]
     fn params_are_normalised_and_checked() {
-        let normal = DatasetImport
-            .normalize_params(&serde_json::Value::Null)
-            .unwrap();
+        let normal = OP.normalize_params(&serde_json::Value::Null).unwrap();
         assert_eq!(
             normal,
             json!({"format": "hh-rlhf", "field": "prompt", "max_bad_lines": 0, "limit": null})
         );
-        let err = DatasetImport
-            .normalize_params(&json!({"fromat": "text"}))
-            .unwrap_err();
+        let err = OP.normalize_params(&json!({"fromat": "text"})).unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("format"));
-        assert!(DatasetImport
-            .normalize_params(&json!({"format": "csv"}))
-            .is_err());
+        assert!(OP.normalize_params(&json!({"format": "csv"})).is_err());
     }
 }

@@ -2,10 +2,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct Generate;
+use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `generate`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -65,43 +62,21 @@ fn default_template() -> String {
     "{prompt}".into()
 }
 
-impl Op for Generate {
-    fn name(&self) -> &'static str {
-        "generate"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `generate` op.
+pub const OP: OpDecl = OpDecl {
+    name: "generate",
+    version: 1,
+    summary: "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)",
+    inputs: &[
             Port::input("model", "the model folder"),
             Port::input("prompts", "JSONL records with a prompt field"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[Port::output(
+        ],
+    outputs: Outputs::Declared(&[Port::output(
             "responses",
             "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
-        )];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(GenerateParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<GenerateParams>(params)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("generate runs in alignflow-worker")
-    }
-}
+        )]),
+    params: ParamsDecl::of::<GenerateParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for GenerateParams {}

@@ -26,12 +26,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::{LoraParams, TrainParams};
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct DpoReference;
-pub struct Dpo;
+use crate::training::{LoraParams, TrainParams};
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `dpo.reference`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -126,7 +122,7 @@ fn param_error(field: &str, message: String) -> ParamError {
     }
 }
 
-impl DpoReferenceParams {
+impl OpParams for DpoReferenceParams {
     fn check(&self) -> Result<(), ParamError> {
         if self.max_len < 2 {
             return Err(param_error(
@@ -144,7 +140,7 @@ impl DpoReferenceParams {
     }
 }
 
-impl DpoParams {
+impl OpParams for DpoParams {
     fn check(&self) -> Result<(), ParamError> {
         if !(self.beta.is_finite() && self.beta > 0.0) {
             return Err(param_error(
@@ -172,7 +168,9 @@ impl DpoParams {
         }
         Ok(())
     }
+}
 
+impl DpoParams {
     /// The label a pair trains on: `p` flipped with probability
     /// `label_smoothing`.
     pub fn smoothed(&self, p: f64) -> f64 {
@@ -183,63 +181,33 @@ impl DpoParams {
 const COMPARISONS_DOC: &str =
     "JSONL comparisons: {prompt, chosen, rejected, label} (dataset.import), {prompt, response_a, response_b, p_a} (ai_feedback) or {prompt, responses: [best, ..., worst]}";
 
-impl Op for DpoReference {
-    fn name(&self) -> &'static str {
-        "dpo.reference"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "the frozen reference's response log-probs of every comparison pair, cached for dpo"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `dpo.reference` op.
+pub const REFERENCE_OP: OpDecl = OpDecl {
+    name: "dpo.reference",
+    version: 1,
+    summary: "the frozen reference's response log-probs of every comparison pair, cached for dpo",
+    inputs: &[
             Port::input(
                 "model",
                 "the reference LM folder (usually the SFT model dpo starts from)",
             ),
             Port::input("comparisons", COMPARISONS_DOC),
             Port::optional("eval", "held-out comparisons, in any of the same shapes"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[Port::output(
+        ],
+    outputs: Outputs::Declared(&[Port::output(
             "reference_logps",
             "folder: settings.json (max_len, eos, pair counts) and logps.jsonl, one line per pair: {set, record, pair, chosen, rejected, chosen_tokens, rejected_tokens, digest}",
-        )];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(DpoReferenceParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<DpoReferenceParams>(params, DpoReferenceParams::check)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("dpo.reference runs in alignflow-worker")
-    }
-}
+        )]),
+    params: ParamsDecl::of::<DpoReferenceParams>(),
+    placement: Placement::Worker,
+};
 
-impl Op for Dpo {
-    fn name(&self) -> &'static str {
-        "dpo"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `dpo` op.
+pub const OP: OpDecl = OpDecl {
+    name: "dpo",
+    version: 1,
+    summary: "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA",
+    inputs: &[
             Port::input("policy", "the LM folder to train (usually the reference model)"),
             Port::input("comparisons", COMPARISONS_DOC),
             Port::input(
@@ -250,11 +218,8 @@ impl Op for Dpo {
                 "eval",
                 "held-out comparisons, also given to dpo.reference (otherwise `eval_fraction` of the records)",
             ),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        ],
+    outputs: Outputs::Declared(&[
             Port::output("model", "the trained policy folder (LoRA merged)"),
             Port::volatile(
                 "metrics",
@@ -264,25 +229,10 @@ impl Op for Dpo {
                 "eval",
                 "eval.json: held-out pairs, implicit reward accuracy, mean margin, chosen and rejected rewards, loss",
             ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(DpoParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<DpoParams>(params, DpoParams::check)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("dpo runs in alignflow-worker")
-    }
-}
+        ]),
+    params: ParamsDecl::of::<DpoParams>(),
+    placement: Placement::Worker,
+};
 
 #[cfg(test)]
 mod tests {
@@ -291,29 +241,29 @@ mod tests {
 
     #[test]
     fn defaults_fill_in_and_params_are_checked() {
-        let v = Dpo.normalize_params(&json!({})).unwrap();
+        let v = OP.normalize_params(&json!({})).unwrap();
         assert_eq!(v["beta"], json!(0.1));
         assert_eq!(v["loss"], json!("sigmoid"));
         assert_eq!(v["label_smoothing"], json!(0.0));
         assert_eq!(v["batch_size"], json!(8));
-        let v = Dpo.normalize_params(&json!({"loss": "ipo"})).unwrap();
+        let v = OP.normalize_params(&json!({"loss": "ipo"})).unwrap();
         assert_eq!(v["loss"], json!("ipo"));
         for (params, field) in [
             (json!({"beta": 0.0}), "beta"),
             (json!({"label_smoothing": 0.5}), "label_smoothing"),
             (json!({"eval_fraction": 1.0}), "eval_fraction"),
         ] {
-            assert_eq!(Dpo.normalize_params(&params).unwrap_err().field, field);
+            assert_eq!(OP.normalize_params(&params).unwrap_err().field, field);
         }
-        assert!(Dpo.normalize_params(&json!({"loss": "hinge"})).is_err());
-        let err = Dpo.normalize_params(&json!({"bta": 0.2})).unwrap_err();
+        assert!(OP.normalize_params(&json!({"loss": "hinge"})).is_err());
+        let err = OP.normalize_params(&json!({"bta": 0.2})).unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("beta"));
-        let v = DpoReference.normalize_params(&json!({})).unwrap();
+        let v = REFERENCE_OP.normalize_params(&json!({})).unwrap();
         assert_eq!(
             v,
             json!({"max_len": 256, "append_eos": true, "batch_size": 8})
         );
-        let err = DpoReference
+        let err = REFERENCE_OP
             .normalize_params(&json!({"max_len": 1}))
             .unwrap_err();
         assert_eq!(err.field, "max_len");

@@ -3,11 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::{LoraParams, TrainParams};
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct Sft;
+use crate::training::{LoraParams, TrainParams};
+use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `sft`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -56,46 +53,25 @@ fn default_lr() -> f64 {
     1e-5
 }
 
-impl Op for Sft {
-    fn name(&self) -> &'static str {
-        "sft"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
-            Port::input("model", "the model folder to fine-tune"),
-            Port::input("data", "JSONL records with a prompt and a response field"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
-            Port::output("model", "the fine-tuned model folder (LoRA merged)"),
-            Port::volatile(
-                "metrics",
-                "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
-            ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(SftParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<SftParams>(params)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("sft runs in alignflow-worker")
-    }
-}
+/// The `sft` op.
+pub const OP: OpDecl = OpDecl {
+    name: "sft",
+    version: 1,
+    summary:
+        "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA",
+    inputs: &[
+        Port::input("model", "the model folder to fine-tune"),
+        Port::input("data", "JSONL records with a prompt and a response field"),
+    ],
+    outputs: Outputs::Declared(&[
+        Port::output("model", "the fine-tuned model folder (LoRA merged)"),
+        Port::volatile(
+            "metrics",
+            "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
+        ),
+    ]),
+    params: ParamsDecl::of::<SftParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for SftParams {}

@@ -1,43 +1,37 @@
-//! `alignflow ops NAME` and the checked-in schemas, both generated from the
-//! same params structs that validate manifests.
+//! `alignflow ops NAME`, generated from the same params structs that
+//! validate manifests.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde_json::Value;
 
-use super::{find, registry, Placement};
+use crate::{find, REGISTRY};
 
 /// A readable description of op `name`: inputs, outputs, params with types,
 /// defaults and docs.
 pub fn describe(name: &str) -> anyhow::Result<String> {
     let op = find(name).ok_or_else(|| {
-        let hint = super::nearest(name, registry().iter().map(|o| o.name()))
+        let hint = crate::nearest(name, REGISTRY.iter().map(|o| o.name))
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();
         anyhow::anyhow!("unknown op `{name}`{hint}")
     })?;
     let mut out = String::new();
-    let place = match op.placement() {
-        Placement::Engine => "engine",
-        Placement::Worker => "worker",
-    };
+    let place = op.placement.label();
     let _ = writeln!(
         out,
         "{} (version {}, runs in the {place})\n  {}\n",
-        op.name(),
-        op.version(),
-        op.summary()
+        op.name, op.version, op.summary
     );
     out.push_str("inputs:\n");
-    if op.inputs().is_empty() {
+    if op.inputs.is_empty() {
         out.push_str(if op.outputs_from_stage() {
             "  any names; each path is in $ALIGNFLOW_IN_<NAME>\n"
         } else {
             "  (none)\n"
         });
     }
-    for port in op.inputs() {
+    for port in op.inputs {
         let req = if port.required {
             "required"
         } else {
@@ -49,11 +43,11 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
     if op.outputs_from_stage() {
         out.push_str("  declared by the stage's `outputs:` list\n");
     }
-    for port in op.outputs() {
+    for port in op.declared_outputs() {
         let _ = writeln!(out, "  {:<14} {}", port.name, port.doc);
     }
     out.push_str("params:\n");
-    let schema = serde_json::to_value(op.params_schema())?;
+    let schema = serde_json::to_value((op.params.schema)())?;
     let empty = serde_json::Map::new();
     let props = schema
         .get("properties")
@@ -134,31 +128,4 @@ fn type_name(p: &Value) -> String {
             .join("|"),
         _ => "any".into(),
     }
-}
-
-/// Every schema file and its content: `pipeline.schema.json` and
-/// `ops/<op>.schema.json`.
-pub fn schema_files() -> Vec<(String, String)> {
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
-    let mut files = vec![(
-        "pipeline.schema.json".to_string(),
-        pretty(&crate::manifest::pipeline_schema()),
-    )];
-    for op in registry() {
-        let schema = serde_json::to_value(op.params_schema()).expect("schemas serialise");
-        files.push((format!("ops/{}.schema.json", op.name()), pretty(&schema)));
-    }
-    files
-}
-
-/// Writes [`schema_files`] under `dir`.
-pub fn write_schemas(dir: &Path) -> anyhow::Result<()> {
-    for (name, text) in schema_files() {
-        let path = dir.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        crate::cache::atomic_write(&path, text.as_bytes())?;
-    }
-    Ok(())
 }

@@ -16,9 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
 use crate::data::CritiqueRevision;
-use crate::protocol::Metrics;
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Where a generated critique or revision ends: the next turn marker.
 pub const STOP_STRINGS: &[&str] = &[
@@ -29,8 +28,6 @@ pub const STOP_STRINGS: &[&str] = &[
     "\n\nCritique:",
     "\n\nRevision:",
 ];
-
-pub struct CritiqueRevise;
 
 /// How principles are drawn for the rounds of one record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -216,29 +213,20 @@ pub fn cut_at_stop(text: &str) -> String {
     text[..end].trim().to_string()
 }
 
-impl Op for CritiqueRevise {
-    fn name(&self) -> &'static str {
-        "critique_revise"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `critique_revise` op.
+pub const OP: OpDecl = OpDecl {
+    name: "critique_revise",
+    version: 1,
+    summary: "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)",
+    inputs: &[
             Port::input("model", "the model folder that critiques and revises"),
             Port::input(
                 "responses",
                 "JSONL from `generate`: {prompt, prompt_text, response}",
             ),
             Port::input("constitution", "a constitution YAML file"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        ],
+    outputs: Outputs::Declared(&[
             Port::output(
                 "revisions",
                 "JSONL: {prompt, prompt_text, original, trail: [{principle, critique, revision}], revision}",
@@ -247,40 +235,24 @@ impl Op for CritiqueRevise {
                 "sft",
                 "JSONL: {prompt: conversation text, response: \" \" + final revision}, ready for `sft`",
             ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(CritiqueReviseParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        let normalized = super::normalize_with::<CritiqueReviseParams>(params)?;
-        let p: CritiqueReviseParams =
-            serde_json::from_value(normalized.clone()).expect("normalized params parse");
-        let bad = |field: &str, message: &str| ParamError {
-            field: field.into(),
-            message: message.into(),
-            suggestion: None,
-        };
+        ]),
+    params: ParamsDecl::of::<CritiqueReviseParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for CritiqueReviseParams {
+    fn check(&self) -> Result<(), ParamError> {
+        let p = self;
         if p.rounds == 0 {
-            return Err(bad("rounds", "must be at least 1"));
+            return Err(ParamError::invalid("rounds", "must be at least 1"));
         }
         if p.max_new_tokens < 1 {
-            return Err(bad("max_new_tokens", "must be at least 1"));
+            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
         }
         if p.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1"));
+            return Err(ParamError::invalid("batch_size", "must be at least 1"));
         }
-        Ok(normalized)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("critique_revise runs in alignflow-worker")
+        Ok(())
     }
 }
 
@@ -349,16 +321,14 @@ mod tests {
 
     #[test]
     fn params_have_the_documented_defaults_and_bounds() {
-        let p = CritiqueRevise
-            .normalize_params(&serde_json::Value::Null)
-            .unwrap();
+        let p = OP.normalize_params(&serde_json::Value::Null).unwrap();
         assert_eq!(p["rounds"], 4);
         assert_eq!(p["sampling"], "with_replacement");
         assert_eq!(p["few_shot"], true);
         assert_eq!(p["max_new_tokens"], 64);
         assert_eq!(p["batch_size"], 8);
         assert_eq!(p["template"], "\n\nHuman: {prompt}\n\nAssistant:");
-        let err = CritiqueRevise
+        let err = OP
             .normalize_params(&serde_json::json!({"rounds": 0}))
             .unwrap_err();
         assert_eq!(err.field, "rounds");

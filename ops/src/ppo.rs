@@ -4,11 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::LoraParams;
-use super::{BindingError, Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct Ppo;
+use crate::training::LoraParams;
+use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Which per-token KL estimator the penalty uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
@@ -285,7 +282,7 @@ fn default_checkpoint_every() -> u64 {
     10
 }
 
-impl PpoParams {
+impl OpParams for PpoParams {
     /// Checks the combinations serde cannot.
     fn check(&self) -> Result<(), ParamError> {
         let bad = |field: &str, message: String| ParamError {
@@ -311,95 +308,11 @@ impl PpoParams {
         }
         Ok(())
     }
-}
 
-impl PpoAdvantage {
-    /// The manifest spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            PpoAdvantage::Gae => "gae",
-            PpoAdvantage::Grpo => "grpo",
-            PpoAdvantage::Rloo => "rloo",
-        }
-    }
-}
-
-impl Op for Ppo {
-    fn name(&self) -> &'static str {
-        "ppo"
-    }
-    fn version(&self) -> u32 {
-        2
-    }
-    fn summary(&self) -> &'static str {
-        "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
-            Port::input(
-                "policy",
-                "the model folder to optimise (e.g. an SL-CAI model)",
-            ),
-            Port::optional(
-                "reward_model",
-                "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
-            ),
-            Port::input("prompts", "JSONL records with a prompt field"),
-            Port::optional(
-                "baseline",
-                "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
-            ),
-            Port::optional(
-                "feedback_model",
-                "direct RLAIF: a language model folder that rates each response from 1 to 10; the reward is its expected rating rescaled to [-1, 1]",
-            ),
-            Port::optional(
-                "constitution",
-                "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
-            ),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
-            Port::output("model", "the optimised policy folder"),
-            Port::volatile(
-                "metrics",
-                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
-            ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(PpoParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_checked::<PpoParams>(params, PpoParams::check)
-    }
-    fn check_bindings(
-        &self,
-        bound: &dyn Fn(&str) -> bool,
-        params: &serde_json::Value,
-    ) -> Result<(), BindingError> {
-        let p: PpoParams = serde_json::from_value(params.clone()).expect("normalised");
-        p.check_bindings(bound)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("ppo runs in alignflow-worker")
-    }
-}
-
-impl PpoParams {
     /// Exactly one reward source, and only the companions that fit it: a
     /// preference model (with an optional contrastive `baseline`) or a
     /// feedback model with one source of principles.
-    pub fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
+    fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
         match (bound("reward_model"), bound("feedback_model")) {
             (true, true) => Err(BindingError::new(
                 "inputs.feedback_model",
@@ -455,3 +368,53 @@ impl PpoParams {
         }
     }
 }
+
+impl PpoAdvantage {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            PpoAdvantage::Gae => "gae",
+            PpoAdvantage::Grpo => "grpo",
+            PpoAdvantage::Rloo => "rloo",
+        }
+    }
+}
+
+/// The `ppo` op.
+pub const OP: OpDecl = OpDecl {
+    name: "ppo",
+    version: 2,
+    summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
+    inputs: &[
+            Port::input(
+                "policy",
+                "the model folder to optimise (e.g. an SL-CAI model)",
+            ),
+            Port::optional(
+                "reward_model",
+                "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
+            ),
+            Port::input("prompts", "JSONL records with a prompt field"),
+            Port::optional(
+                "baseline",
+                "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
+            ),
+            Port::optional(
+                "feedback_model",
+                "direct RLAIF: a language model folder that rates each response from 1 to 10; the reward is its expected rating rescaled to [-1, 1]",
+            ),
+            Port::optional(
+                "constitution",
+                "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
+            ),
+        ],
+    outputs: Outputs::Declared(&[
+            Port::output("model", "the optimised policy folder"),
+            Port::volatile(
+                "metrics",
+                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
+            ),
+        ]),
+    params: ParamsDecl::of::<PpoParams>(),
+    placement: Placement::Worker,
+};

@@ -18,11 +18,9 @@ use rand::SeedableRng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
 use crate::data::read_jsonl;
 use crate::protocol::Metrics;
-
-pub struct AiFeedback;
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `ai_feedback`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -340,29 +338,20 @@ impl FeedbackSummary {
     }
 }
 
-impl Op for AiFeedback {
-    fn name(&self) -> &'static str {
-        "ai_feedback"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `ai_feedback` op.
+pub const OP: OpDecl = OpDecl {
+    name: "ai_feedback",
+    version: 1,
+    summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
+    inputs: &[
             Port::input("model", "the feedback model folder"),
             Port::input(
                 "pairs",
                 "JSONL: `generate` output with n = 2 per prompt, or comparisons {prompt, chosen, rejected, label}",
             ),
             Port::input("constitution", "constitution YAML (feedback principles, few-shot examples)"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        ],
+    outputs: Outputs::Declared(&[
             Port::output(
                 "comparisons",
                 "JSONL: {prompt, response_a, response_b, p_a, details: [{principle, p_a_forward, p_a_swapped}]} plus the human `label` when the input had one",
@@ -371,43 +360,33 @@ impl Op for AiFeedback {
                 "summary",
                 "JSON: count, mean_p_a, position_bias, labelled, agreement (with human labels), truncated",
             ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(AiFeedbackParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        let normalized = super::normalize_with::<AiFeedbackParams>(params)?;
-        let p: AiFeedbackParams =
-            serde_json::from_value(normalized.clone()).expect("normalised params parse");
-        let bad = |field: &str, message: &str| ParamError {
-            field: field.into(),
-            message: message.into(),
-            suggestion: None,
-        };
+        ]),
+    params: ParamsDecl::of::<AiFeedbackParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for AiFeedbackParams {
+    fn check(&self) -> Result<(), ParamError> {
+        let p = self;
         if p.principles_per_pair == 0 {
-            return Err(bad("principles_per_pair", "must be at least 1"));
+            return Err(ParamError::invalid(
+                "principles_per_pair",
+                "must be at least 1",
+            ));
         }
         if p.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1"));
+            return Err(ParamError::invalid("batch_size", "must be at least 1"));
         }
         if p.chain_of_thought && p.max_new_tokens < 1 {
-            return Err(bad("max_new_tokens", "must be at least 1"));
+            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
         }
         if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(bad("temperature", "must be a finite number >= 0"));
+            return Err(ParamError::invalid(
+                "temperature",
+                "must be a finite number >= 0",
+            ));
         }
-        Ok(normalized)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("ai_feedback runs in alignflow-worker")
+        Ok(())
     }
 }
 

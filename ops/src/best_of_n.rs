@@ -33,10 +33,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
 use crate::protocol::Metrics;
-
-pub struct BestOfN;
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `best_of_n`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -167,29 +165,20 @@ impl BestOfNReport {
     }
 }
 
-impl Op for BestOfN {
-    fn name(&self) -> &'static str {
-        "best_of_n"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `best_of_n` op.
+pub const OP: OpDecl = OpDecl {
+    name: "best_of_n",
+    version: 1,
+    summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
+    inputs: &[
             Port::input("policy", "the LM folder that samples the answers"),
             Port::input(
                 "reward_model",
                 "a preference model folder (pm.train), same tokenizer as the policy",
             ),
             Port::input("prompts", "JSONL records with a prompt field"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        ],
+    outputs: Outputs::Declared(&[
             Port::output(
                 "data",
                 "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores}; `sft` reads it with the same `template`",
@@ -198,52 +187,39 @@ impl Op for BestOfN {
                 "report",
                 "report.json: prompts, n, mean_best_score, mean_score, mean_worst_score, best_index_histogram",
             ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(BestOfNParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        let normalized = super::normalize_with::<BestOfNParams>(params)?;
-        let p: BestOfNParams =
-            serde_json::from_value(normalized.clone()).expect("normalised params parse");
-        let bad = |field: &str, message: &str| ParamError {
-            field: field.into(),
-            message: message.into(),
-            suggestion: None,
-        };
+        ]),
+    params: ParamsDecl::of::<BestOfNParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for BestOfNParams {
+    fn check(&self) -> Result<(), ParamError> {
+        let p = self;
         if p.n == 0 {
-            return Err(bad("n", "must be at least 1"));
+            return Err(ParamError::invalid("n", "must be at least 1"));
         }
         if p.max_new_tokens < 1 {
-            return Err(bad("max_new_tokens", "must be at least 1"));
+            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
         }
         if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(bad("temperature", "must be a finite number >= 0"));
+            return Err(ParamError::invalid(
+                "temperature",
+                "must be a finite number >= 0",
+            ));
         }
         if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(bad("top_p", "must be in (0, 1]"));
+            return Err(ParamError::invalid("top_p", "must be in (0, 1]"));
         }
         if p.top_k < 0 {
-            return Err(bad("top_k", "must be >= 0"));
+            return Err(ParamError::invalid("top_k", "must be >= 0"));
         }
         if p.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1"));
+            return Err(ParamError::invalid("batch_size", "must be at least 1"));
         }
         if p.limit == Some(0) {
-            return Err(bad("limit", "must be at least 1"));
+            return Err(ParamError::invalid("limit", "must be at least 1"));
         }
-        Ok(normalized)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("best_of_n runs in alignflow-worker")
+        Ok(())
     }
 }
 
@@ -277,7 +253,7 @@ mod tests {
 
     #[test]
     fn params_are_checked() {
-        let op = BestOfN;
+        let op = OP;
         let ok = op.normalize_params(&serde_json::json!({})).unwrap();
         assert_eq!(ok["n"], 4);
         for (params, field) in [

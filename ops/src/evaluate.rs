@@ -57,10 +57,8 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{BindingError, Op, ParamError, Placement, Port, StageContext};
 use crate::protocol::Metrics;
-
-pub struct Evaluate;
+use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `evaluate`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -397,18 +395,12 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
         .to_string()
 }
 
-impl Op for Evaluate {
-    fn name(&self) -> &'static str {
-        "evaluate"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `evaluate` op.
+pub const OP: OpDecl = OpDecl {
+    name: "evaluate",
+    version: 1,
+    summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
+    inputs: &[
             Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),
             Port::input(
                 "reference",
@@ -427,11 +419,8 @@ impl Op for Evaluate {
                 "constitution",
                 "constitution YAML: the feedback judge's principles (and few-shot examples)",
             ),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
+        ],
+    outputs: Outputs::Declared(&[
             Port::output(
                 "report",
                 "report.json: policy, reference, n, temperature, max_new_tokens, kl, response_len {policy, reference}, interval, judges {reward_model, feedback_model: win_rate, ci95, wins, ties, losses, mean_reward | mean_p_policy}",
@@ -441,64 +430,44 @@ impl Op for Evaluate {
                 "samples",
                 "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}; outcome is win | tie | loss for the policy",
             ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(EvaluateParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        let normalized = super::normalize_with::<EvaluateParams>(params)?;
-        let p: EvaluateParams =
-            serde_json::from_value(normalized.clone()).expect("normalised params parse");
-        let bad = |field: &str, message: &str| ParamError {
-            field: field.into(),
-            message: message.into(),
-            suggestion: None,
-        };
+        ]),
+    params: ParamsDecl::of::<EvaluateParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for EvaluateParams {
+    fn check(&self) -> Result<(), ParamError> {
+        let p = self;
         if p.limit == Some(0) {
-            return Err(bad("limit", "must be at least 1"));
+            return Err(ParamError::invalid("limit", "must be at least 1"));
         }
         if p.max_new_tokens < 1 {
-            return Err(bad("max_new_tokens", "must be at least 1"));
+            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
         }
         if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(bad("temperature", "must be a finite number >= 0"));
+            return Err(ParamError::invalid(
+                "temperature",
+                "must be a finite number >= 0",
+            ));
         }
         if p.batch_size == 0 {
-            return Err(bad("batch_size", "must be at least 1"));
+            return Err(ParamError::invalid("batch_size", "must be at least 1"));
         }
         if p.principles_per_prompt == 0 {
-            return Err(bad("principles_per_prompt", "must be at least 1"));
+            return Err(ParamError::invalid(
+                "principles_per_prompt",
+                "must be at least 1",
+            ));
         }
         if p.principle.as_deref().is_some_and(|s| s.trim().is_empty()) {
-            return Err(bad("principle", "must not be empty"));
+            return Err(ParamError::invalid("principle", "must not be empty"));
         }
-        Ok(normalized)
+        Ok(())
     }
-    fn check_bindings(
-        &self,
-        bound: &dyn Fn(&str) -> bool,
-        params: &serde_json::Value,
-    ) -> Result<(), BindingError> {
-        let p: EvaluateParams = serde_json::from_value(params.clone()).expect("normalised");
-        p.check_bindings(bound)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("evaluate runs in alignflow-worker")
-    }
-}
 
-impl EvaluateParams {
     /// At least one judge, and the feedback judge with exactly one source
     /// of principles (and the params that fit it).
-    pub fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
+    fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
         if !bound(REWARD_JUDGE) && !bound(FEEDBACK_JUDGE) {
             return Err(BindingError::new(
                 "inputs",
@@ -554,7 +523,7 @@ mod tests {
     #[test]
     fn binding_rules_name_the_field_at_fault() {
         let params = |extra: serde_json::Value| -> EvaluateParams {
-            let v = Evaluate.normalize_params(&extra).unwrap();
+            let v = OP.normalize_params(&extra).unwrap();
             serde_json::from_value(v).unwrap()
         };
         let field = |p: &EvaluateParams, bound: &[&str]| {
@@ -723,7 +692,7 @@ mod tests {
 
     #[test]
     fn params_are_checked() {
-        let op = Evaluate;
+        let op = OP;
         let ok = op.normalize_params(&serde_json::json!({})).unwrap();
         assert_eq!(ok["max_new_tokens"], 64);
         for (params, field) in [

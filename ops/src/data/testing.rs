@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::ops::{CancelFlag, NullReporter, Op, StageContext};
 use crate::protocol::{Metrics, StageSpec};
+use crate::{CancelFlag, NullReporter, OpDecl, Placement, StageContext};
 
 /// A stage of `op` with `params` (normalised by the op) and `inputs`,
 /// writing into `<dir>/out`.
 pub(crate) fn spec(
-    op: &dyn Op,
+    op: &OpDecl,
     dir: &Path,
     params: serde_json::Value,
     inputs: &[(&str, PathBuf)],
@@ -19,14 +19,18 @@ pub(crate) fn spec(
     StageSpec {
         pipeline: "test".into(),
         stage: "s".into(),
-        op: op.name().into(),
-        op_version: op.version(),
+        op: op.name.into(),
+        op_version: op.version,
         params: op.normalize_params(&params).expect("valid params"),
         inputs: inputs
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect::<BTreeMap<_, _>>(),
-        outputs: op.outputs().iter().map(|p| p.name.to_string()).collect(),
+        outputs: op
+            .declared_outputs()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect(),
         out_dir,
         work_dir: dir.to_path_buf(),
         checkpoint_dir: dir.join("ckpt"),
@@ -37,9 +41,12 @@ pub(crate) fn spec(
 }
 
 /// Runs `op` on `spec` with no progress output and no cancellation.
-pub(crate) fn run(op: &dyn Op, spec: &StageSpec) -> anyhow::Result<Metrics> {
+pub(crate) fn run(op: &OpDecl, spec: &StageSpec) -> anyhow::Result<Metrics> {
+    let Placement::Engine(run) = op.placement else {
+        panic!("{} runs in the worker", op.name);
+    };
     let cancel = CancelFlag::default();
-    op.run(&StageContext {
+    run(&StageContext {
         spec,
         reporter: &NullReporter,
         cancel: &cancel,
@@ -50,6 +57,6 @@ pub(crate) fn run(op: &dyn Op, spec: &StageSpec) -> anyhow::Result<Metrics> {
 pub(crate) fn hh_rlhf_sample() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/hh-rlhf/harmless-base-test-1000.jsonl"
+        "/../tests/data/hh-rlhf/harmless-base-test-1000.jsonl"
     ))
 }

@@ -3,11 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::training::TrainParams;
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct LmPretrain;
+use crate::training::TrainParams;
+use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// The architecture of a fresh model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -83,49 +80,27 @@ fn default_lr() -> f64 {
     3e-4
 }
 
-impl Op for LmPretrain {
-    fn name(&self) -> &'static str {
-        "lm.pretrain"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "train a small causal LM from scratch on a corpus (GPT-2 or Llama architecture)"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
-            Port::input("data", "corpus: a JSONL or text file, or a folder of them"),
-            Port::input("tokenizer", "a tokenizer folder (from tokenizer.train)"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[
-            Port::output(
-                "model",
-                "Hugging Face model folder: config.json, model.safetensors, tokenizer",
-            ),
-            Port::volatile(
-                "metrics",
-                "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
-            ),
-        ];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(PretrainParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<PretrainParams>(params)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("lm.pretrain runs in alignflow-worker")
-    }
-}
+/// The `lm.pretrain` op.
+pub const OP: OpDecl = OpDecl {
+    name: "lm.pretrain",
+    version: 1,
+    summary: "train a small causal LM from scratch on a corpus (GPT-2 or Llama architecture)",
+    inputs: &[
+        Port::input("data", "corpus: a JSONL or text file, or a folder of them"),
+        Port::input("tokenizer", "a tokenizer folder (from tokenizer.train)"),
+    ],
+    outputs: Outputs::Declared(&[
+        Port::output(
+            "model",
+            "Hugging Face model folder: config.json, model.safetensors, tokenizer",
+        ),
+        Port::volatile(
+            "metrics",
+            "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s",
+        ),
+    ]),
+    params: ParamsDecl::of::<PretrainParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for PretrainParams {}

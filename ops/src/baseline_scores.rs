@@ -7,10 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Op, ParamError, Placement, Port, StageContext};
-use crate::protocol::Metrics;
-
-pub struct BaselineScores;
+use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `baseline_scores`. `template` and `prompt_field` must match the
 /// `ppo` stage's: its prompts are looked up by their templated text.
@@ -65,44 +62,22 @@ fn default_batch_size() -> usize {
     16
 }
 
-impl Op for BaselineScores {
-    fn name(&self) -> &'static str {
-        "baseline_scores"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn summary(&self) -> &'static str {
-        "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)"
-    }
-    fn inputs(&self) -> &'static [Port] {
-        const INPUTS: &[Port] = &[
+/// The `baseline_scores` op.
+pub const OP: OpDecl = OpDecl {
+    name: "baseline_scores",
+    version: 1,
+    summary: "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)",
+    inputs: &[
             Port::input("policy", "the starting policy folder (the SFT model)"),
             Port::input("reward_model", "a preference model folder (pm.train)"),
             Port::input("prompts", "JSONL records with a prompt field"),
-        ];
-        INPUTS
-    }
-    fn outputs(&self) -> &'static [Port] {
-        const OUTPUTS: &[Port] = &[Port::output(
+        ],
+    outputs: Outputs::Declared(&[Port::output(
             "scores",
             "JSONL: {prompt, mean, scores}, one line per distinct templated prompt",
-        )];
-        OUTPUTS
-    }
-    fn placement(&self) -> Placement {
-        Placement::Worker
-    }
-    fn params_schema(&self) -> schemars::Schema {
-        schemars::schema_for!(BaselineScoresParams)
-    }
-    fn normalize_params(
-        &self,
-        params: &serde_json::Value,
-    ) -> Result<serde_json::Value, ParamError> {
-        super::normalize_with::<BaselineScoresParams>(params)
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
-        anyhow::bail!("baseline_scores runs in alignflow-worker")
-    }
-}
+        )]),
+    params: ParamsDecl::of::<BaselineScoresParams>(),
+    placement: Placement::Worker,
+};
+
+impl OpParams for BaselineScoresParams {}

@@ -1,0 +1,32 @@
+//! The checked-in JSON schemas (`schemas/`): the manifest's and each op's
+//! params, generated from the same serde types that validate manifests.
+use std::path::Path;
+
+use serde_json::Value;
+
+/// Every schema file and its content: `pipeline.schema.json` and
+/// `ops/<op>.schema.json`.
+pub fn schema_files() -> Vec<(String, String)> {
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
+    let mut files = vec![(
+        "pipeline.schema.json".to_string(),
+        pretty(&crate::manifest::pipeline_schema()),
+    )];
+    for op in crate::ops::REGISTRY {
+        let schema = serde_json::to_value((op.params.schema)()).expect("schemas serialise");
+        files.push((format!("ops/{}.schema.json", op.name), pretty(&schema)));
+    }
+    files
+}
+
+/// Writes [`schema_files`] under `dir`.
+pub fn write_schemas(dir: &Path) -> anyhow::Result<()> {
+    for (name, text) in schema_files() {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        crate::cache::atomic_write(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
