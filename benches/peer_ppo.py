@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer benchmark for alignflow's `ppo` op: one PPO iteration on DESIGN
+"""Peer benchmark for alignflow's `ppo` op: one PPO iteration on docs/DESIGN.md
 section 6's fixed workload, in plain PyTorch + Hugging Face transformers,
 written after TRL's PPOTrainer (trl/trainer/ppo_trainer.py, the "PPO v2"
 loop) step by step. TRL itself is not installed here (it needs accelerate

@@ -1,4 +1,4 @@
-//! Engine benchmark (DESIGN section 6): planning a 20-stage manifest whose
+//! Engine benchmark (docs/DESIGN.md section 6): planning a 20-stage manifest whose
 //! stages are all cached, with a 1 GiB input file. Measures the whole
 //! `alignflow plan` process (start-up included), as a user sees it.
 //!

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Model-layer benchmark, alignflow against Hugging Face transformers on the
-# same torch (DESIGN section 6). Builds the worker's `model` bench (release),
+# same torch (docs/DESIGN.md section 6). Builds the worker's `model` bench (release),
 # then for each section runs alignflow and then the peer, each in its own
 # process (clean peak RSS), and prints a markdown table.
 #

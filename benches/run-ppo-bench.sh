@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PPO benchmark, alignflow's `ppo` op against a TRL-style PPO iteration in
-# transformers on the same torch (DESIGN section 6). Builds the worker's `ppo`
+# transformers on the same torch (docs/DESIGN.md section 6). Builds the worker's `ppo`
 # bench (release) unless --bin names a built one, then runs alignflow and the
 # peer alternately, each in its own process (clean peak RSS), --rounds times,
 # and prints a markdown table: the median over rounds of each round's median

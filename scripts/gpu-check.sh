@@ -26,7 +26,7 @@ ALIGNFLOW_TEST_DEVICE=cuda ALIGNFLOW_PARITY_FIXTURES="$bundle/fixtures" \
 echo "== SFT step, GPT-2-124M, bf16"
 "$bundle/bin/model-bench" --device cuda --preset gpt2-124m --bf16 --only sft --peak-tflops "$peak"
 
-echo "== one PPO iteration on DESIGN's fixed workload, alignflow against a TRL-style transformers peer"
+echo "== one PPO iteration on docs/DESIGN.md's fixed workload, alignflow against a TRL-style transformers peer"
 benches/run-ppo-bench.sh --device cuda --bin "$bundle/bin/ppo-bench" --python python3 --rounds 3 --repeats 10 --warmup 3
 
 echo "== the tiny pipeline end to end on CUDA (every tensor stage on the GPU, bf16 autocast)"

@@ -1,6 +1,6 @@
 //! `pm.train` and `pm.pretrain`: preference models (a transformer with a
 //! scalar reward head) trained with the soft-label Bradley-Terry loss
-//! `-(p*logsig(rA - rB) + (1-p)*logsig(rB - rA))` (DESIGN §1, step 4).
+//! `-(p*logsig(rA - rB) + (1-p)*logsig(rB - rA))` (docs/DESIGN.md §1, step 4).
 //!
 //! `pm.pretrain` (PMP) trains on generic ranked comparisons; `pm.train` on
 //! the comparisons of a pipeline (human HH records, AI-feedback records with

@@ -1,4 +1,4 @@
-//! The content-addressed store (DESIGN section 4).
+//! The content-addressed store (docs/DESIGN.md section 4).
 //!
 //! Layout under the cache root:
 //! - `objects/ab/cdef..`: file blobs named by their blake3 hash, read-only;

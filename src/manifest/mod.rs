@@ -1,4 +1,4 @@
-//! Manifests (DESIGN section 3): YAML types, includes, matrix expansion,
+//! Manifests (docs/DESIGN.md section 3): YAML types, includes, matrix expansion,
 //! `${...}` interpolation and validation, with every error located at a
 //! file, line and column.
 //!

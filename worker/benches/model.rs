@@ -1,4 +1,4 @@
-//! Model-layer benchmark (DESIGN section 6): the fixed GPT-2 workload
+//! Model-layer benchmark (docs/DESIGN.md section 6): the fixed GPT-2 workload
 //! (vocab 4096, 256 positions, width 256, 4 layers, 4 heads, float32, random
 //! init seed 0, dropout 0) on libtorch, section by section:
 //!
@@ -52,7 +52,7 @@ struct Args {
     device: Device,
     device_name: String,
     /// `--preset gpt2-124m`: the SFT step at GPT-2-124M size (batch 8 x 1024),
-    /// for the GPU check; default: the DESIGN workload.
+    /// for the GPU check; default: the docs/DESIGN.md workload.
     gpt2_124m: bool,
     /// `--bf16`: bf16 autocast on CUDA.
     bf16: bool,

@@ -1,4 +1,4 @@
-//! PPO benchmark (DESIGN section 6): one PPO iteration of the `ppo` op on the
+//! PPO benchmark (docs/DESIGN.md section 6): one PPO iteration of the `ppo` op on the
 //! fixed workload. GPT-2 architecture, vocab 4096, 256 positions, width 256,
 //! 4 layers, 4 heads, float32, random init seed 0, dropout 0; 8 prompts of
 //! exactly 32 tokens, 96 response tokens (no EOS anywhere, so every row runs
@@ -173,7 +173,7 @@ fn cuda_mem_mib() -> Option<f64> {
     })
 }
 
-/// The DESIGN config with no EOS token (bos/eos null, pad 0): nothing can end
+/// The docs/DESIGN.md config with no EOS token (bos/eos null, pad 0): nothing can end
 /// a response early.
 fn config() -> anyhow::Result<ModelConfig> {
     let mut raw = ModelConfig::gpt2_json(VOCAB, POSITIONS, WIDTH, LAYERS, HEADS, 0, 0.0);

@@ -8,7 +8,7 @@
 //! each reuse page-faults fresh zeroed pages; jemalloc keeps them. Its
 //! default gradual purging (`dirty_decay_ms`) costs the same again, and a
 //! stage worker is a one-stage process whose resident set is its peak
-//! anyway, so nothing is purged. Measured on DESIGN's PPO iteration (2 CPU
+//! anyway, so nothing is purged. Measured on docs/DESIGN.md's PPO iteration (2 CPU
 //! threads): 0.68 s with glibc, 0.63 s with this, peak RSS 900 -> 800 MiB;
 //! jemalloc with its default purging was slower than glibc (0.75 s).
 

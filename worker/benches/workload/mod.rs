@@ -1,4 +1,4 @@
-//! What the worker's benches share: DESIGN section 6's fixed model config
+//! What the worker's benches share: docs/DESIGN.md section 6's fixed model config
 //! and the measurement helpers (median, device sync, peak RSS).
 #![allow(dead_code)]
 

@@ -1,6 +1,6 @@
 //! `pm.train` and `pm.pretrain`: a transformer with a scalar reward head on
 //! the last real token, trained with the soft-label Bradley-Terry loss
-//! (DESIGN §1, step 4), then evaluated on held-out pairs.
+//! (docs/DESIGN.md §1, step 4), then evaluated on held-out pairs.
 //!
 //! Both ops share everything but where their pairs come from: `pm.pretrain`
 //! reads one `data` file (HH comparisons or rankings); `pm.train` reads
