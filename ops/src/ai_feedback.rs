@@ -19,6 +19,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::data::read_jsonl;
+use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -344,49 +345,41 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
-            Port::input("model", "the feedback model folder"),
-            Port::input(
-                "pairs",
-                "JSONL: `generate` output with n = 2 per prompt, or comparisons {prompt, chosen, rejected, label}",
-            ),
-            Port::input("constitution", "constitution YAML (feedback principles, few-shot examples)"),
-        ],
+        Port::input("model", "the feedback model folder"),
+        Port::input(
+            "pairs",
+            "JSONL: `generate` output with n = 2 per prompt, or comparisons {prompt, chosen, rejected, label}",
+        ),
+        Port::input("constitution", "constitution YAML (feedback principles, few-shot examples)"),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output(
-                "comparisons",
-                "JSONL: {prompt, response_a, response_b, p_a, details: [{principle, p_a_forward, p_a_swapped}]} plus the human `label` when the input had one",
-            ),
-            Port::output(
-                "summary",
-                "JSON: count, mean_p_a, position_bias, labelled, agreement (with human labels), truncated",
-            ),
-        ]),
+        Port::output(
+            "comparisons",
+            "JSONL: {prompt, response_a, response_b, p_a, details: [{principle, p_a_forward, p_a_swapped}]} plus the human `label` when the input had one",
+        ),
+        Port::output(
+            "summary",
+            "JSON: count, mean_p_a, position_bias, labelled, agreement (with human labels), truncated",
+        ),
+    ]),
     params: ParamsDecl::of::<AiFeedbackParams>(),
     placement: Placement::Worker,
 };
 
 impl OpParams for AiFeedbackParams {
     fn check(&self) -> Result<(), ParamError> {
-        let p = self;
-        if p.principles_per_pair == 0 {
-            return Err(ParamError::invalid(
-                "principles_per_pair",
-                "must be at least 1",
-            ));
-        }
-        if p.batch_size == 0 {
-            return Err(ParamError::invalid("batch_size", "must be at least 1"));
-        }
-        if p.chain_of_thought && p.max_new_tokens < 1 {
-            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
-        }
-        if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(ParamError::invalid(
-                "temperature",
-                "must be a finite number >= 0",
-            ));
-        }
-        Ok(())
+        require(
+            self.principles_per_pair > 0,
+            "principles_per_pair",
+            AT_LEAST_ONE,
+        )?;
+        require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
+        require(
+            !self.chain_of_thought || self.max_new_tokens >= 1,
+            "max_new_tokens",
+            AT_LEAST_ONE,
+        )?;
+        check_temperature(self.temperature)
     }
 }
 

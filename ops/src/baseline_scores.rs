@@ -68,14 +68,14 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)",
     inputs: &[
-            Port::input("policy", "the starting policy folder (the SFT model)"),
-            Port::input("reward_model", "a preference model folder (pm.train)"),
-            Port::input("prompts", "JSONL records with a prompt field"),
-        ],
+        Port::input("policy", "the starting policy folder (the SFT model)"),
+        Port::input("reward_model", "a preference model folder (pm.train)"),
+        Port::input("prompts", "JSONL records with a prompt field"),
+    ],
     outputs: Outputs::Declared(&[Port::output(
-            "scores",
-            "JSONL: {prompt, mean, scores}, one line per distinct templated prompt",
-        )]),
+        "scores",
+        "JSONL: {prompt, mean, scores}, one line per distinct templated prompt",
+    )]),
     params: ParamsDecl::of::<BaselineScoresParams>(),
     placement: Placement::Worker,
 };

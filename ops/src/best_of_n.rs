@@ -33,6 +33,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -171,55 +172,40 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
     inputs: &[
-            Port::input("policy", "the LM folder that samples the answers"),
-            Port::input(
-                "reward_model",
-                "a preference model folder (pm.train), same tokenizer as the policy",
-            ),
-            Port::input("prompts", "JSONL records with a prompt field"),
-        ],
+        Port::input("policy", "the LM folder that samples the answers"),
+        Port::input(
+            "reward_model",
+            "a preference model folder (pm.train), same tokenizer as the policy",
+        ),
+        Port::input("prompts", "JSONL records with a prompt field"),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output(
-                "data",
-                "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores}; `sft` reads it with the same `template`",
-            ),
-            Port::output(
-                "report",
-                "report.json: prompts, n, mean_best_score, mean_score, mean_worst_score, best_index_histogram",
-            ),
-        ]),
+        Port::output(
+            "data",
+            "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores}; `sft` reads it with the same `template`",
+        ),
+        Port::output(
+            "report",
+            "report.json: prompts, n, mean_best_score, mean_score, mean_worst_score, best_index_histogram",
+        ),
+    ]),
     params: ParamsDecl::of::<BestOfNParams>(),
     placement: Placement::Worker,
 };
 
 impl OpParams for BestOfNParams {
     fn check(&self) -> Result<(), ParamError> {
-        let p = self;
-        if p.n == 0 {
-            return Err(ParamError::invalid("n", "must be at least 1"));
-        }
-        if p.max_new_tokens < 1 {
-            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
-        }
-        if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(ParamError::invalid(
-                "temperature",
-                "must be a finite number >= 0",
-            ));
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(ParamError::invalid("top_p", "must be in (0, 1]"));
-        }
-        if p.top_k < 0 {
-            return Err(ParamError::invalid("top_k", "must be >= 0"));
-        }
-        if p.batch_size == 0 {
-            return Err(ParamError::invalid("batch_size", "must be at least 1"));
-        }
-        if p.limit == Some(0) {
-            return Err(ParamError::invalid("limit", "must be at least 1"));
-        }
-        Ok(())
+        require(self.n > 0, "n", AT_LEAST_ONE)?;
+        require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
+        check_temperature(self.temperature)?;
+        require(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p",
+            "must be in (0, 1]",
+        )?;
+        require(self.top_k >= 0, "top_k", "must be >= 0")?;
+        require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
+        require(self.limit != Some(0), "limit", AT_LEAST_ONE)
     }
 }
 

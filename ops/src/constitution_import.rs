@@ -213,9 +213,9 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "import the Constitutional AI paper's principle and few-shot files as a constitution YAML",
     inputs: &[Port::input(
-            "source",
-            "a folder with CritiqueRevisionInstructions.json, CritiqueRevisionFewShotPrompts.json, RLMadisonInstructions.json, RLMadisonFewShotPrompts.json",
-        )],
+        "source",
+        "a folder with CritiqueRevisionInstructions.json, CritiqueRevisionFewShotPrompts.json, RLMadisonInstructions.json, RLMadisonFewShotPrompts.json",
+    )],
     outputs: Outputs::Declared(&[Port::output("constitution", "the constitution (YAML)")]),
     params: ParamsDecl::of::<ConstitutionImportParams>(),
     placement: Placement::Engine(run),

@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::data::CritiqueRevision;
+use crate::op::{require, AT_LEAST_ONE};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Where a generated critique or revision ends: the next turn marker.
@@ -219,40 +220,32 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)",
     inputs: &[
-            Port::input("model", "the model folder that critiques and revises"),
-            Port::input(
-                "responses",
-                "JSONL from `generate`: {prompt, prompt_text, response}",
-            ),
-            Port::input("constitution", "a constitution YAML file"),
-        ],
+        Port::input("model", "the model folder that critiques and revises"),
+        Port::input(
+            "responses",
+            "JSONL from `generate`: {prompt, prompt_text, response}",
+        ),
+        Port::input("constitution", "a constitution YAML file"),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output(
-                "revisions",
-                "JSONL: {prompt, prompt_text, original, trail: [{principle, critique, revision}], revision}",
-            ),
-            Port::output(
-                "sft",
-                "JSONL: {prompt: conversation text, response: \" \" + final revision}, ready for `sft`",
-            ),
-        ]),
+        Port::output(
+            "revisions",
+            "JSONL: {prompt, prompt_text, original, trail: [{principle, critique, revision}], revision}",
+        ),
+        Port::output(
+            "sft",
+            "JSONL: {prompt: conversation text, response: \" \" + final revision}, ready for `sft`",
+        ),
+    ]),
     params: ParamsDecl::of::<CritiqueReviseParams>(),
     placement: Placement::Worker,
 };
 
 impl OpParams for CritiqueReviseParams {
     fn check(&self) -> Result<(), ParamError> {
-        let p = self;
-        if p.rounds == 0 {
-            return Err(ParamError::invalid("rounds", "must be at least 1"));
-        }
-        if p.max_new_tokens < 1 {
-            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
-        }
-        if p.batch_size == 0 {
-            return Err(ParamError::invalid("batch_size", "must be at least 1"));
-        }
-        Ok(())
+        require(self.rounds > 0, "rounds", AT_LEAST_ONE)?;
+        require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
+        require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)
     }
 }
 

@@ -204,18 +204,18 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report",
     inputs: &[Port {
-            name: "source",
-            doc: "the file to import (JSONL, or text for `format: text`)",
-            required: true,
-            volatile: false,
-        }],
+        name: "source",
+        doc: "the file to import (JSONL, or text for `format: text`)",
+        required: true,
+        volatile: false,
+    }],
     outputs: Outputs::Declared(&[
-            Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}"),
-            Port::output(
-                "report",
-                "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
-            ),
-        ]),
+        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}"),
+        Port::output(
+            "report",
+            "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
+        ),
+    ]),
     params: ParamsDecl::of::<ImportParams>(),
     placement: Placement::Engine(run),
 };

@@ -26,6 +26,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::require;
 use crate::training::{LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -114,59 +115,44 @@ fn yes() -> bool {
     true
 }
 
-fn param_error(field: &str, message: String) -> ParamError {
-    ParamError {
-        field: field.into(),
-        message,
-        suggestion: None,
-    }
-}
-
 impl OpParams for DpoReferenceParams {
     fn check(&self) -> Result<(), ParamError> {
-        if self.max_len < 2 {
-            return Err(param_error(
-                "max_len",
-                format!("`max_len` must be at least 2, got {}", self.max_len),
-            ));
-        }
-        if self.batch_size == 0 {
-            return Err(param_error(
-                "batch_size",
-                "`batch_size` must be at least 1".into(),
-            ));
-        }
-        Ok(())
+        require(
+            self.max_len >= 2,
+            "max_len",
+            format!("`max_len` must be at least 2, got {}", self.max_len),
+        )?;
+        require(
+            self.batch_size > 0,
+            "batch_size",
+            "`batch_size` must be at least 1",
+        )
     }
 }
 
 impl OpParams for DpoParams {
     fn check(&self) -> Result<(), ParamError> {
-        if !(self.beta.is_finite() && self.beta > 0.0) {
-            return Err(param_error(
-                "beta",
-                format!("`beta` must be positive, got {}", self.beta),
-            ));
-        }
-        if !(0.0..0.5).contains(&self.label_smoothing) {
-            return Err(param_error(
-                "label_smoothing",
-                format!(
-                    "`label_smoothing` must be in [0, 0.5), got {}",
-                    self.label_smoothing
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.eval_fraction) {
-            return Err(param_error(
-                "eval_fraction",
-                format!(
-                    "`eval_fraction` must be in [0, 1), got {}",
-                    self.eval_fraction
-                ),
-            ));
-        }
-        Ok(())
+        require(
+            self.beta.is_finite() && self.beta > 0.0,
+            "beta",
+            format!("`beta` must be positive, got {}", self.beta),
+        )?;
+        require(
+            (0.0..0.5).contains(&self.label_smoothing),
+            "label_smoothing",
+            format!(
+                "`label_smoothing` must be in [0, 0.5), got {}",
+                self.label_smoothing
+            ),
+        )?;
+        require(
+            (0.0..1.0).contains(&self.eval_fraction),
+            "eval_fraction",
+            format!(
+                "`eval_fraction` must be in [0, 1), got {}",
+                self.eval_fraction
+            ),
+        )
     }
 }
 
@@ -187,17 +173,17 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
     version: 1,
     summary: "the frozen reference's response log-probs of every comparison pair, cached for dpo",
     inputs: &[
-            Port::input(
-                "model",
-                "the reference LM folder (usually the SFT model dpo starts from)",
-            ),
-            Port::input("comparisons", COMPARISONS_DOC),
-            Port::optional("eval", "held-out comparisons, in any of the same shapes"),
-        ],
+        Port::input(
+            "model",
+            "the reference LM folder (usually the SFT model dpo starts from)",
+        ),
+        Port::input("comparisons", COMPARISONS_DOC),
+        Port::optional("eval", "held-out comparisons, in any of the same shapes"),
+    ],
     outputs: Outputs::Declared(&[Port::output(
-            "reference_logps",
-            "folder: settings.json (max_len, eos, pair counts) and logps.jsonl, one line per pair: {set, record, pair, chosen, rejected, chosen_tokens, rejected_tokens, digest}",
-        )]),
+        "reference_logps",
+        "folder: settings.json (max_len, eos, pair counts) and logps.jsonl, one line per pair: {set, record, pair, chosen, rejected, chosen_tokens, rejected_tokens, digest}",
+    )]),
     params: ParamsDecl::of::<DpoReferenceParams>(),
     placement: Placement::Worker,
 };
@@ -208,28 +194,28 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA",
     inputs: &[
-            Port::input("policy", "the LM folder to train (usually the reference model)"),
-            Port::input("comparisons", COMPARISONS_DOC),
-            Port::input(
-                "reference_logps",
-                "dpo.reference's output for the same comparisons (and eval)",
-            ),
-            Port::optional(
-                "eval",
-                "held-out comparisons, also given to dpo.reference (otherwise `eval_fraction` of the records)",
-            ),
-        ],
+        Port::input("policy", "the LM folder to train (usually the reference model)"),
+        Port::input("comparisons", COMPARISONS_DOC),
+        Port::input(
+            "reference_logps",
+            "dpo.reference's output for the same comparisons (and eval)",
+        ),
+        Port::optional(
+            "eval",
+            "held-out comparisons, also given to dpo.reference (otherwise `eval_fraction` of the records)",
+        ),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output("model", "the trained policy folder (LoRA merged)"),
-            Port::volatile(
-                "metrics",
-                "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s, reward_accuracy, margin, chosen_reward, rejected_reward; then one line of held-out figures",
-            ),
-            Port::output(
-                "eval",
-                "eval.json: held-out pairs, implicit reward accuracy, mean margin, chosen and rejected rewards, loss",
-            ),
-        ]),
+        Port::output("model", "the trained policy folder (LoRA merged)"),
+        Port::volatile(
+            "metrics",
+            "metrics.jsonl: step, loss, lr, grad_norm, tokens_per_s, reward_accuracy, margin, chosen_reward, rejected_reward; then one line of held-out figures",
+        ),
+        Port::output(
+            "eval",
+            "eval.json: held-out pairs, implicit reward accuracy, mean margin, chosen and rejected rewards, loss",
+        ),
+    ]),
     params: ParamsDecl::of::<DpoParams>(),
     placement: Placement::Worker,
 };

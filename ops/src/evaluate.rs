@@ -57,6 +57,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -401,68 +402,59 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
     inputs: &[
-            Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),
-            Port::input(
-                "reference",
-                "the model folder to compare against (e.g. the SL-CAI model); same tokenizer",
-            ),
-            Port::input("prompts", "JSONL records with a prompt field (held out)"),
-            Port::optional(
-                "reward_model",
-                "judge: a preference model folder (pm.train), same tokenizer as the policies",
-            ),
-            Port::optional(
-                "feedback_model",
-                "judge: a feedback model folder (as for ai_feedback); needs `constitution` or params.principle",
-            ),
-            Port::optional(
-                "constitution",
-                "constitution YAML: the feedback judge's principles (and few-shot examples)",
-            ),
-        ],
+        Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),
+        Port::input(
+            "reference",
+            "the model folder to compare against (e.g. the SL-CAI model); same tokenizer",
+        ),
+        Port::input("prompts", "JSONL records with a prompt field (held out)"),
+        Port::optional(
+            "reward_model",
+            "judge: a preference model folder (pm.train), same tokenizer as the policies",
+        ),
+        Port::optional(
+            "feedback_model",
+            "judge: a feedback model folder (as for ai_feedback); needs `constitution` or params.principle",
+        ),
+        Port::optional(
+            "constitution",
+            "constitution YAML: the feedback judge's principles (and few-shot examples)",
+        ),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output(
-                "report",
-                "report.json: policy, reference, n, temperature, max_new_tokens, kl, response_len {policy, reference}, interval, judges {reward_model, feedback_model: win_rate, ci95, wins, ties, losses, mean_reward | mean_p_policy}",
-            ),
-            Port::output("report_md", "report.md: the same figures as Markdown tables"),
-            Port::output(
-                "samples",
-                "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}; outcome is win | tie | loss for the policy",
-            ),
-        ]),
+        Port::output(
+            "report",
+            "report.json: policy, reference, n, temperature, max_new_tokens, kl, response_len {policy, reference}, interval, judges {reward_model, feedback_model: win_rate, ci95, wins, ties, losses, mean_reward | mean_p_policy}",
+        ),
+        Port::output("report_md", "report.md: the same figures as Markdown tables"),
+        Port::output(
+            "samples",
+            "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}; outcome is win | tie | loss for the policy",
+        ),
+    ]),
     params: ParamsDecl::of::<EvaluateParams>(),
     placement: Placement::Worker,
 };
 
 impl OpParams for EvaluateParams {
     fn check(&self) -> Result<(), ParamError> {
-        let p = self;
-        if p.limit == Some(0) {
-            return Err(ParamError::invalid("limit", "must be at least 1"));
-        }
-        if p.max_new_tokens < 1 {
-            return Err(ParamError::invalid("max_new_tokens", "must be at least 1"));
-        }
-        if p.temperature < 0.0 || !p.temperature.is_finite() {
-            return Err(ParamError::invalid(
-                "temperature",
-                "must be a finite number >= 0",
-            ));
-        }
-        if p.batch_size == 0 {
-            return Err(ParamError::invalid("batch_size", "must be at least 1"));
-        }
-        if p.principles_per_prompt == 0 {
-            return Err(ParamError::invalid(
-                "principles_per_prompt",
-                "must be at least 1",
-            ));
-        }
-        if p.principle.as_deref().is_some_and(|s| s.trim().is_empty()) {
-            return Err(ParamError::invalid("principle", "must not be empty"));
-        }
-        Ok(())
+        require(self.limit != Some(0), "limit", AT_LEAST_ONE)?;
+        require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
+        check_temperature(self.temperature)?;
+        require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
+        require(
+            self.principles_per_prompt > 0,
+            "principles_per_prompt",
+            AT_LEAST_ONE,
+        )?;
+        require(
+            !self
+                .principle
+                .as_deref()
+                .is_some_and(|s| s.trim().is_empty()),
+            "principle",
+            "must not be empty",
+        )
     }
 
     /// At least one judge, and the feedback judge with exactly one source

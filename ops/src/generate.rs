@@ -68,13 +68,13 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)",
     inputs: &[
-            Port::input("model", "the model folder"),
-            Port::input("prompts", "JSONL records with a prompt field"),
-        ],
+        Port::input("model", "the model folder"),
+        Port::input("prompts", "JSONL records with a prompt field"),
+    ],
     outputs: Outputs::Declared(&[Port::output(
-            "responses",
-            "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
-        )]),
+        "responses",
+        "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
+    )]),
     params: ParamsDecl::of::<GenerateParams>(),
     placement: Placement::Worker,
 };

@@ -231,6 +231,28 @@ impl ParamError {
     }
 }
 
+/// `Ok` when `ok`, else a [`ParamError`] naming `field`: one line per rule
+/// in an [`OpParams::check`].
+pub fn require(ok: bool, field: &str, message: impl Into<String>) -> Result<(), ParamError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ParamError::invalid(field, message))
+    }
+}
+
+/// The message of a count that must be positive.
+pub const AT_LEAST_ONE: &str = "must be at least 1";
+
+/// A sampling temperature: finite and not negative (0 is greedy).
+pub fn check_temperature(temperature: f64) -> Result<(), ParamError> {
+    require(
+        temperature.is_finite() && temperature >= 0.0,
+        "temperature",
+        "must be a finite number >= 0",
+    )
+}
+
 /// Deserialises `params` into `P`, runs [`OpParams::check`], and serialises
 /// it back: validation and normalisation in one step, from the same struct
 /// that makes the schema.

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::require;
 use crate::training::{LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -87,28 +88,17 @@ fn yes() -> bool {
     true
 }
 
-fn param_error(field: &str, message: String) -> ParamError {
-    ParamError {
-        field: field.into(),
-        message,
-        suggestion: None,
-    }
-}
-
 fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {
-    if max_len < 2 {
-        return Err(param_error(
-            "max_len",
-            format!("`max_len` must be at least 2, got {max_len}"),
-        ));
-    }
-    if !(0.0..1.0).contains(&eval_fraction) {
-        return Err(param_error(
-            "eval_fraction",
-            format!("`eval_fraction` must be in [0, 1), got {eval_fraction}"),
-        ));
-    }
-    Ok(())
+    require(
+        max_len >= 2,
+        "max_len",
+        format!("`max_len` must be at least 2, got {max_len}"),
+    )?;
+    require(
+        (0.0..1.0).contains(&eval_fraction),
+        "eval_fraction",
+        format!("`eval_fraction` must be in [0, 1), got {eval_fraction}"),
+    )
 }
 
 impl OpParams for PmTrainParams {
@@ -125,12 +115,11 @@ impl OpParams for PmTrainParams {
                     suggestion: crate::nearest(name, PM_TRAIN_SETS),
                 });
             }
-            if !w.is_finite() || *w < 0.0 {
-                return Err(param_error(
-                    &format!("mix.{name}"),
-                    format!("a `mix` weight must be finite and non-negative, got {w}"),
-                ));
-            }
+            require(
+                w.is_finite() && *w >= 0.0,
+                &format!("mix.{name}"),
+                format!("a `mix` weight must be finite and non-negative, got {w}"),
+            )?;
         }
         Ok(())
     }
@@ -164,23 +153,23 @@ pub const TRAIN_OP: OpDecl = OpDecl {
     version: 1,
     summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
     inputs: &[
-            Port::input(
-                "model",
-                "a base LM folder or a preference model (pm.pretrain, pm.train)",
-            ),
-            Port::input(
-                "comparisons",
-                "JSONL comparisons: {prompt, chosen, rejected, label} or {prompt, response_a, response_b, p_a}",
-            ),
-            Port::optional(
-                "extra",
-                "a second comparison set in either shape (e.g. AI harmlessness beside human helpfulness)",
-            ),
-            Port::optional(
-                "eval",
-                "held-out comparisons (otherwise `eval_fraction` of the training records)",
-            ),
-        ],
+        Port::input(
+            "model",
+            "a base LM folder or a preference model (pm.pretrain, pm.train)",
+        ),
+        Port::input(
+            "comparisons",
+            "JSONL comparisons: {prompt, chosen, rejected, label} or {prompt, response_a, response_b, p_a}",
+        ),
+        Port::optional(
+            "extra",
+            "a second comparison set in either shape (e.g. AI harmlessness beside human helpfulness)",
+        ),
+        Port::optional(
+            "eval",
+            "held-out comparisons (otherwise `eval_fraction` of the training records)",
+        ),
+    ],
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmTrainParams>(),
     placement: Placement::Worker,
@@ -192,12 +181,12 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
     version: 1,
     summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
     inputs: &[
-            Port::input("model", "the base LM folder"),
-            Port::input(
-                "data",
-                "JSONL: HH comparisons {prompt, chosen, rejected, label} or rankings {prompt, responses: [best, ..., worst]}",
-            ),
-        ],
+        Port::input("model", "the base LM folder"),
+        Port::input(
+            "data",
+            "JSONL: HH comparisons {prompt, chosen, rejected, label} or rankings {prompt, responses: [best, ..., worst]}",
+        ),
+    ],
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmPretrainParams>(),
     placement: Placement::Worker,

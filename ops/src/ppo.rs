@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::require;
 use crate::training::LoraParams;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -285,28 +286,20 @@ fn default_checkpoint_every() -> u64 {
 impl OpParams for PpoParams {
     /// Checks the combinations serde cannot.
     fn check(&self) -> Result<(), ParamError> {
-        let bad = |field: &str, message: String| ParamError {
-            field: field.into(),
-            message,
-            suggestion: None,
-        };
-        if self.samples_per_prompt == 0 {
-            return Err(bad(
-                "samples_per_prompt",
-                "`samples_per_prompt` must be at least 1".into(),
-            ));
-        }
-        if !self.advantage.uses_critic() && self.samples_per_prompt < 2 {
-            return Err(bad(
-                "samples_per_prompt",
-                format!(
-                    "`advantage: {}` compares the responses to the same prompt: `samples_per_prompt` must be at least 2, got {}",
-                    self.advantage.name(),
-                    self.samples_per_prompt
-                ),
-            ));
-        }
-        Ok(())
+        require(
+            self.samples_per_prompt > 0,
+            "samples_per_prompt",
+            "`samples_per_prompt` must be at least 1",
+        )?;
+        require(
+            self.advantage.uses_critic() || self.samples_per_prompt >= 2,
+            "samples_per_prompt",
+            format!(
+                "`advantage: {}` compares the responses to the same prompt: `samples_per_prompt` must be at least 2, got {}",
+                self.advantage.name(),
+                self.samples_per_prompt
+            ),
+        )
     }
 
     /// Exactly one reward source, and only the companions that fit it: a
@@ -386,35 +379,35 @@ pub const OP: OpDecl = OpDecl {
     version: 2,
     summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
     inputs: &[
-            Port::input(
-                "policy",
-                "the model folder to optimise (e.g. an SL-CAI model)",
-            ),
-            Port::optional(
-                "reward_model",
-                "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
-            ),
-            Port::input("prompts", "JSONL records with a prompt field"),
-            Port::optional(
-                "baseline",
-                "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
-            ),
-            Port::optional(
-                "feedback_model",
-                "direct RLAIF: a language model folder that rates each response from 1 to 10; the reward is its expected rating rescaled to [-1, 1]",
-            ),
-            Port::optional(
-                "constitution",
-                "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
-            ),
-        ],
+        Port::input(
+            "policy",
+            "the model folder to optimise (e.g. an SL-CAI model)",
+        ),
+        Port::optional(
+            "reward_model",
+            "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
+        ),
+        Port::input("prompts", "JSONL records with a prompt field"),
+        Port::optional(
+            "baseline",
+            "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
+        ),
+        Port::optional(
+            "feedback_model",
+            "direct RLAIF: a language model folder that rates each response from 1 to 10; the reward is its expected rating rescaled to [-1, 1]",
+        ),
+        Port::optional(
+            "constitution",
+            "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
+        ),
+    ],
     outputs: Outputs::Declared(&[
-            Port::output("model", "the optimised policy folder"),
-            Port::volatile(
-                "metrics",
-                "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
-            ),
-        ]),
+        Port::output("model", "the optimised policy folder"),
+        Port::volatile(
+            "metrics",
+            "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
+        ),
+    ]),
     params: ParamsDecl::of::<PpoParams>(),
     placement: Placement::Worker,
 };

@@ -150,15 +150,15 @@ pub const OP: OpDecl = OpDecl {
     version: 1,
     summary: "train a GPT-2 style byte-level BPE tokenizer (Hugging Face format) on JSONL or text",
     inputs: &[Port {
-            name: "data",
-            doc: "a JSONL or text file, or a folder of .jsonl / .txt files (read recursively, in name order)",
-            required: true, volatile: false }],
+        name: "data",
+        doc: "a JSONL or text file, or a folder of .jsonl / .txt files (read recursively, in name order)",
+        required: true, volatile: false }],
     outputs: Outputs::Declared(&[Port {
-            name: "tokenizer",
-            doc: "folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json",
-            required: true,
-            volatile: false,
-        }]),
+        name: "tokenizer",
+        doc: "folder: tokenizer.json, tokenizer_config.json, special_tokens_map.json",
+        required: true,
+        volatile: false,
+    }]),
     params: ParamsDecl::of::<TokenizerParams>(),
     placement: Placement::Engine(run),
 };
