@@ -11,6 +11,8 @@
 
 mod artifact;
 mod atomic;
+mod error;
+mod fsutil;
 mod hashcache;
 mod key;
 mod store;
@@ -18,8 +20,9 @@ mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
+pub use error::CacheError;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
-pub use store::{Cache, CacheError, GcReport, StageLock, StageRecord, VerifyReport};
+pub use store::{Cache, GcReport, StageLock, StageRecord, VerifyReport};
 
 #[cfg(test)]
 mod tests;

@@ -9,30 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::atomic::{atomic_write, fsync_dir, temp_owner_pid, temp_sibling};
+use super::error::{at, CacheError};
+use super::fsutil::{checked_fp, ensure_dir, file_name, read_dir_sorted, valid_fp};
 use super::hashcache::HashCache;
-use super::tree::{is_hex64, listing, parse_listing, walk_files};
+use super::tree::{is_hex64, is_lower_hex, listing, parse_listing, walk_files};
 use super::{ArtifactId, ArtifactKind, Fingerprint, StageKey};
-
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: corrupt record: {message}")]
-    CorruptRecord { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Unsupported { path: PathBuf, message: String },
-}
-
-/// `map_err` helper: an io error at `path`.
-fn at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// What the cache keeps about one finished stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -529,10 +510,7 @@ impl Cache {
         let mut scan = Scan::default();
         for shard in read_dir_sorted(&self.root.join("objects"))? {
             let shard_name = file_name(&shard);
-            let is_shard = shard_name.len() == 2
-                && shard_name
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            let is_shard = shard_name.len() == 2 && is_lower_hex(&shard_name);
             if !is_shard || !shard.is_dir() {
                 scan.strays.push(shard);
                 continue;
@@ -936,22 +914,6 @@ fn staging_fingerprint(name: &str) -> Option<&str> {
     (digits(n) && digits(pid) && valid_fp(fp)).then_some(fp)
 }
 
-fn valid_fp(s: &str) -> bool {
-    s.len() >= 2 && s.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-/// The fingerprint as a path component; refuses anything that could escape.
-fn checked_fp(fp: &Fingerprint) -> Result<&str, CacheError> {
-    if valid_fp(&fp.0) {
-        Ok(&fp.0)
-    } else {
-        Err(CacheError::Unsupported {
-            path: PathBuf::from(&fp.0),
-            message: "bad fingerprint (expected hex digits)".into(),
-        })
-    }
-}
-
 fn parse_record(path: &Path, bytes: &[u8]) -> Result<StageRecord, CacheError> {
     serde_json::from_slice(bytes).map_err(|e| CacheError::CorruptRecord {
         path: path.to_path_buf(),
@@ -962,19 +924,6 @@ fn parse_record(path: &Path, bytes: &[u8]) -> Result<StageRecord, CacheError> {
 fn read_record_file(path: &Path) -> Result<StageRecord, CacheError> {
     let bytes = fs::read(path).map_err(at(path))?;
     parse_record(path, &bytes)
-}
-
-/// Creates `dir` if needed (its parent must exist) and makes the new name
-/// durable.
-fn ensure_dir(dir: &Path) -> Result<(), CacheError> {
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            let parent = dir.parent().expect("cache folders have a parent");
-            fsync_dir(parent).map_err(at(parent))
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(at(dir)(e)),
-    }
 }
 
 /// Copies `src` to a temporary file beside `dst`, makes it read-only and
@@ -992,24 +941,4 @@ fn copy_into_store(src: &Path, dst: &Path) -> Result<(), CacheError> {
     })();
     let _ = fs::remove_file(&tmp);
     result.map_err(at(dst))
-}
-
-fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(at(dir)(e)),
-    };
-    let mut out = entries
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(at(dir))?;
-    out.sort();
-    Ok(out)
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
