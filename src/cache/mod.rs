@@ -9,12 +9,18 @@
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
 //!   `checkpoints/<fingerprint>/`: resumable state, `hashes.json`: the hash cache.
 
+// Layers, bottom-up; a module uses only those below it: error, artifact,
+// key, atomic, fsutil, tree, hashcache; then objects, records (uses
+// objects), locks; store (the `Cache` handle, verify, gc) on top.
 mod artifact;
 mod atomic;
 mod error;
 mod fsutil;
 mod hashcache;
 mod key;
+mod locks;
+mod objects;
+mod records;
 mod store;
 mod tree;
 
@@ -22,7 +28,9 @@ pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
 pub use error::CacheError;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
-pub use store::{Cache, GcReport, StageLock, StageRecord, VerifyReport};
+pub use locks::StageLock;
+pub use records::StageRecord;
+pub use store::{Cache, GcReport, VerifyReport};
 
 #[cfg(test)]
 mod tests;
