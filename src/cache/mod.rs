@@ -11,7 +11,8 @@
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
 // key, atomic, fsutil, tree, hashcache; then objects, records (uses
-// objects), locks; store (the `Cache` handle, verify, gc) on top.
+// objects), locks; then maintenance (verify, gc: uses all three); store
+// (the `Cache` handle) on top.
 mod artifact;
 mod atomic;
 mod error;
@@ -19,6 +20,7 @@ mod fsutil;
 mod hashcache;
 mod key;
 mod locks;
+mod maintenance;
 mod objects;
 mod records;
 mod store;
@@ -29,8 +31,9 @@ pub use atomic::{atomic_write, fsync_dir};
 pub use error::CacheError;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use locks::StageLock;
+pub use maintenance::{GcReport, VerifyReport};
 pub use records::StageRecord;
-pub use store::{Cache, GcReport, VerifyReport};
+pub use store::Cache;
 
 #[cfg(test)]
 mod tests;
