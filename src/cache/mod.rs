@@ -9,17 +9,31 @@
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
 //!   `checkpoints/<fingerprint>/`: resumable state, `hashes.json`: the hash cache.
 
+// Layers, bottom-up; a module uses only those below it: error, artifact,
+// key, atomic, fsutil, tree, hashcache; then objects, records (uses
+// objects), locks; then maintenance (verify, gc: uses all three); store
+// (the `Cache` handle) on top.
 mod artifact;
 mod atomic;
+mod error;
+mod fsutil;
 mod hashcache;
 mod key;
+mod locks;
+mod maintenance;
+mod objects;
+mod records;
 mod store;
 mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
+pub use error::CacheError;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
-pub use store::{Cache, CacheError, GcReport, StageLock, StageRecord, VerifyReport};
+pub use locks::StageLock;
+pub use maintenance::{GcReport, VerifyReport};
+pub use records::StageRecord;
+pub use store::Cache;
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::CacheError;
+use super::error::{at, CacheError};
 
 /// One file of a folder: its relative path ('/' separators) and where it is.
 pub(crate) struct TreeFile {
@@ -17,15 +17,9 @@ pub(crate) fn walk_files(root: &Path) -> Result<Vec<TreeFile>, CacheError> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, prefix)) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(|source| CacheError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&dir).map_err(at(&dir))?;
         for entry in entries {
-            let entry = entry.map_err(|source| CacheError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            let entry = entry.map_err(at(&dir))?;
             let path = entry.path();
             let Ok(name) = entry.file_name().into_string() else {
                 return Err(CacheError::Unsupported {
@@ -38,10 +32,7 @@ pub(crate) fn walk_files(root: &Path) -> Result<Vec<TreeFile>, CacheError> {
             } else {
                 format!("{prefix}/{name}")
             };
-            let ft = entry.file_type().map_err(|source| CacheError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let ft = entry.file_type().map_err(at(&path))?;
             if ft.is_symlink() {
                 return Err(CacheError::Unsupported {
                     path,
@@ -92,5 +83,10 @@ pub(crate) fn parse_listing(bytes: &[u8]) -> Result<Vec<(String, String)>, Strin
 }
 
 pub(crate) fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    s.len() == 64 && is_lower_hex(s)
+}
+
+/// Only the digits a blake3 hex string uses.
+pub(crate) fn is_lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

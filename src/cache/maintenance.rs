@@ -1,0 +1,385 @@
+//! `verify` (rehash everything, check every record) and `gc` (remove what
+//! no record reaches, and the leftovers of killed processes).
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::atomic::temp_owner_pid;
+use super::error::CacheError;
+use super::fsutil::{file_name, read_dir_sorted};
+use super::locks::Locks;
+use super::objects::Objects;
+use super::records::{read_record_file, Records};
+use super::tree::{parse_listing, walk_files};
+use super::ArtifactKind;
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub objects_checked: usize,
+    pub trees_checked: usize,
+    pub records_checked: usize,
+    /// Human-readable description of each problem (corrupt object, missing output, ...).
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// Absolute paths removed (or, for a dry run, that would be removed).
+    pub removed: Vec<PathBuf>,
+    pub freed_bytes: u64,
+    /// File blobs kept.
+    pub kept_objects: usize,
+}
+
+/// The parts of one cache that `verify` and `gc` walk.
+pub(super) struct Maintenance<'a> {
+    pub root: &'a Path,
+    pub objects: &'a Objects,
+    pub records: &'a Records,
+    pub locks: &'a Locks,
+}
+
+impl Maintenance<'_> {
+    /// `path` relative to the root, for messages.
+    fn rel(&self, path: &Path) -> String {
+        path.strip_prefix(self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    /// Rehashes every object and tree, checks every record's outputs.
+    ///
+    /// Blocking and slow on a big cache (reads every blob).
+    pub fn verify(&self) -> Result<VerifyReport, CacheError> {
+        let mut report = VerifyReport::default();
+        self.verify_objects(&mut report)?;
+        self.verify_trees(&mut report)?;
+        self.verify_records(&mut report)?;
+        Ok(report)
+    }
+
+    fn verify_objects(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
+        let problems = &mut report.problems;
+        let objects = self.objects.scan_objects()?;
+        for path in &objects.strays {
+            problems.push(format!(
+                "{}: unexpected entry in objects/ (not a blob name)",
+                self.rel(path)
+            ));
+        }
+        for (hash, path) in &objects.blobs {
+            report.objects_checked += 1;
+            match self.objects.hash_file(path) {
+                Ok(actual) if actual == *hash => {}
+                Ok(actual) => problems.push(format!(
+                    "{}: content hash is {actual} (corrupt)",
+                    self.rel(path)
+                )),
+                Err(e) => problems.push(format!("{}: cannot read: {e}", self.rel(path))),
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_trees(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
+        let problems = &mut report.problems;
+        let (listings, dirs) = self.objects.scan_trees()?;
+        for path in &listings.strays {
+            problems.push(format!("{}: unexpected entry in trees/", self.rel(path)));
+        }
+        let listed: HashSet<&str> = listings.blobs.iter().map(|(h, _)| h.as_str()).collect();
+        for (hash, path) in &dirs {
+            if !listed.contains(hash.as_str()) {
+                problems.push(format!(
+                    "{}: materialised tree without its listing trees/{hash}.json",
+                    self.rel(path)
+                ));
+            }
+        }
+        for (hash, path) in &listings.blobs {
+            report.trees_checked += 1;
+            self.verify_tree(hash, path, problems);
+        }
+        Ok(())
+    }
+
+    fn verify_records(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
+        let problems = &mut report.problems;
+        for path in self.records.files()? {
+            report.records_checked += 1;
+            let record = match read_record_file(&path) {
+                Ok(r) => r,
+                Err(CacheError::CorruptRecord { message, .. }) => {
+                    problems.push(format!("{}: corrupt record: {message}", self.rel(&path)));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    continue;
+                }
+            };
+            let fp = &record.fingerprint.0;
+            if path.file_stem().and_then(|s| s.to_str()) != Some(fp.as_str()) {
+                problems.push(format!(
+                    "{}: holds the record of fingerprint {fp}",
+                    self.rel(&path)
+                ));
+            }
+            let key_fp = record.key.fingerprint();
+            if key_fp != record.fingerprint {
+                problems.push(format!(
+                    "{}: its key hashes to {key_fp}, not to its fingerprint {fp}",
+                    self.rel(&path)
+                ));
+            }
+            for (name, id) in &record.outputs {
+                if !self.objects.has_artifact(id) {
+                    problems.push(format!(
+                        "{}: output `{name}` of stage `{}` ({id}) is missing from the store",
+                        self.rel(&path),
+                        record.stage
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_tree(&self, hash: &str, json: &Path, problems: &mut Vec<String>) {
+        let bytes = match fs::read(json) {
+            Ok(b) => b,
+            Err(e) => return problems.push(format!("{}: cannot read: {e}", self.rel(json))),
+        };
+        let actual = blake3::hash(&bytes).to_hex().to_string();
+        if actual != hash {
+            problems.push(format!(
+                "{}: listing hash is {actual} (corrupt)",
+                self.rel(json)
+            ));
+        }
+        let entries = match parse_listing(&bytes) {
+            Ok(e) => e,
+            Err(e) => return problems.push(format!("{}: unreadable listing: {e}", self.rel(json))),
+        };
+        for (rel, blob) in &entries {
+            if !self.objects.has_blob(blob) {
+                problems.push(format!(
+                    "{}: lists `{rel}` as blob {blob}, missing from objects/",
+                    self.rel(json)
+                ));
+            }
+        }
+        let dir = self.objects.tree_dir(hash);
+        if !dir.is_dir() {
+            return problems.push(format!(
+                "{}: not materialised (folder missing)",
+                self.rel(&dir)
+            ));
+        }
+        for (rel, blob) in &entries {
+            let path = dir.join(rel);
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(_) => {
+                    problems.push(format!(
+                        "{}: missing (listed in {})",
+                        self.rel(&path),
+                        self.rel(json)
+                    ));
+                    continue;
+                }
+            };
+            // A hard link to the blob is as good as the blob, which was
+            // rehashed above; anything else is rehashed here.
+            let blob_meta = fs::symlink_metadata(self.objects.blob_path(blob)).ok();
+            if blob_meta.is_some_and(|b| b.ino() == meta.ino() && b.dev() == meta.dev()) {
+                continue;
+            }
+            match self.objects.hash_file(&path) {
+                Ok(actual) if actual == *blob => {}
+                Ok(actual) => problems.push(format!(
+                    "{}: content hash is {actual}, the listing says {blob} (corrupt)",
+                    self.rel(&path)
+                )),
+                Err(e) => problems.push(format!("{}: cannot read: {e}", self.rel(&path))),
+            }
+        }
+        let listed: HashSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
+        match walk_files(&dir) {
+            Ok(files) => {
+                for f in files.iter().filter(|f| !listed.contains(f.rel.as_str())) {
+                    problems.push(format!(
+                        "{}: unexpected file (not in the listing)",
+                        self.rel(&f.path)
+                    ));
+                }
+            }
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+
+    /// Removes objects and trees no record reaches, and stale staging folders.
+    ///
+    /// Objects and trees are only collected when no stage lock is held (a
+    /// running stage may have ingested outputs it has not recorded yet);
+    /// otherwise only stale staging and temporary files go.
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
+        let mut report = GcReport::default();
+        let gc_lock = self.locks.try_lock_gc()?;
+        if gc_lock.is_some() {
+            self.gc_store(dry_run, &mut report)?;
+        } else {
+            tracing::warn!(
+                "stages are running on this cache: gc keeps every object and tree this time, \
+                 and only removes stale staging folders"
+            );
+        }
+
+        // Leftovers of atomic writes by killed processes.
+        let mut temps: Vec<(u32, PathBuf)> = Vec::new();
+        for dir in std::iter::once(self.root.to_path_buf()).chain(self.records.shards()?) {
+            for path in read_dir_sorted(&dir)? {
+                if let Some(pid) = temp_owner_pid(&file_name(&path)) {
+                    temps.push((pid, path));
+                }
+            }
+        }
+        remove_dead_temps(&temps, dry_run, &mut report);
+
+        for path in read_dir_sorted(&self.root.join("tmp"))? {
+            let name = file_name(&path);
+            if let Some(pid) = temp_owner_pid(&name) {
+                // A tree being materialised.
+                if !pid_alive(pid) {
+                    remove(&path, dry_run, &mut report);
+                }
+            } else if let Some(_stage_lock) = self.locks.try_lock_staging_owner(&name)? {
+                remove(&path, dry_run, &mut report);
+            }
+        }
+        Ok(report)
+    }
+
+    fn gc_store(&self, dry_run: bool, report: &mut GcReport) -> Result<(), CacheError> {
+        let mut files: HashSet<String> = HashSet::new();
+        let mut trees: HashSet<String> = HashSet::new();
+        for path in self.records.files()? {
+            let record = read_record_file(&path).map_err(|e| match e {
+                CacheError::CorruptRecord { path, message } => CacheError::CorruptRecord {
+                    path,
+                    message: format!(
+                        "{message} (gc cannot tell what it keeps, so it stops: remove the record)"
+                    ),
+                },
+                e => e,
+            })?;
+            for id in record.outputs.values() {
+                match id.kind {
+                    ArtifactKind::File => files.insert(id.hash.clone()),
+                    ArtifactKind::Tree => trees.insert(id.hash.clone()),
+                };
+            }
+        }
+        for hash in &trees {
+            let json = self.objects.tree_listing_path(hash);
+            // A reachable tree without a readable listing is a broken record
+            // (`verify` says so); its folder holds its own hard links anyway.
+            if let Ok(entries) = fs::read(&json)
+                .map_err(|e| e.to_string())
+                .and_then(|b| parse_listing(&b))
+            {
+                files.extend(entries.into_iter().map(|(_, blob)| blob));
+            }
+        }
+
+        // Trees first: their files are hard links, whose bytes are freed (and
+        // counted) with the blob.
+        let (listings, dirs) = self.objects.scan_trees()?;
+        for (hash, path) in listings.blobs.iter().chain(&dirs) {
+            if !trees.contains(hash) {
+                remove(path, dry_run, report);
+            }
+        }
+        remove_dead_temps(&listings.temps, dry_run, report);
+
+        let objects = self.objects.scan_objects()?;
+        for (hash, path) in &objects.blobs {
+            if files.contains(hash) {
+                report.kept_objects += 1;
+            } else {
+                remove(path, dry_run, report);
+            }
+        }
+        remove_dead_temps(&objects.temps, dry_run, report);
+        Ok(())
+    }
+}
+
+/// Removes the temporary files (with their owner's pid) whose owner is gone.
+fn remove_dead_temps(temps: &[(u32, PathBuf)], dry_run: bool, report: &mut GcReport) {
+    for (pid, path) in temps {
+        if !pid_alive(*pid) {
+            remove(path, dry_run, report);
+        }
+    }
+}
+
+/// Removes a file or folder for `gc` (or only lists it, for a dry run).
+/// Failures are warnings: one stubborn folder must not stop the collection.
+fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    let bytes = if meta.is_dir() {
+        dir_size(path)
+    } else {
+        meta.len()
+    };
+    if !dry_run {
+        let result = if meta.is_dir() {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!("{}: cannot remove: {e}", path.display());
+                return;
+            }
+        }
+    }
+    report.removed.push(path.to_path_buf());
+    report.freed_bytes += bytes;
+}
+
+/// Bytes that removing a folder frees: files with no other hard link.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) if m.nlink() <= 1 => m.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Whether process `pid` exists (on this machine).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists; it sends nothing.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
