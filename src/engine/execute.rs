@@ -30,33 +30,36 @@ pub(super) struct Finished {
     pub detail: String,
 }
 
-/// Runs (or finds cached) stage `i`. Any failure once the run is cancelled
-/// counts as the cancellation.
-pub(super) async fn execute(
-    shared: &Shared,
-    i: usize,
-    op: &'static OpDecl,
-    upstream_ids: BTreeMap<String, ArtifactId>,
-    planned_run: bool,
-) -> Result<Finished, Error> {
-    execute_phases(shared, i, op, upstream_ids, planned_run)
-        .await
-        .map_err(|err| {
-            if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
-                Error::Cancelled
-            } else {
-                Error::StageFailed(err.into_anyhow())
-            }
-        })
+/// One stage as the scheduler starts it.
+pub(super) struct StageTask {
+    /// Index into `pipeline.stages`.
+    pub index: usize,
+    pub op: &'static OpDecl,
+    /// Ids of its stage-reference inputs: its upstream's actual outputs.
+    pub upstream_ids: BTreeMap<String, ArtifactId>,
+    /// The plan said `run` (so a cache hit now is an early cutoff).
+    pub planned_run: bool,
 }
 
-async fn execute_phases(
-    shared: &Shared,
-    i: usize,
-    op: &'static OpDecl,
-    upstream_ids: BTreeMap<String, ArtifactId>,
-    planned_run: bool,
-) -> Result<Finished, Error> {
+/// Runs (or finds cached) one stage. Any failure once the run is cancelled
+/// counts as the cancellation.
+pub(super) async fn execute(shared: &Shared, task: StageTask) -> Result<Finished, Error> {
+    execute_phases(shared, task).await.map_err(|err| {
+        if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
+            Error::Cancelled
+        } else {
+            Error::StageFailed(err.into_anyhow())
+        }
+    })
+}
+
+async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Error> {
+    let StageTask {
+        index: i,
+        op,
+        upstream_ids,
+        planned_run,
+    } = task;
     let stage = &shared.pipeline.stages[i];
     let key = actual_key(shared, i, op, upstream_ids).await?;
     let fp = key.fingerprint();

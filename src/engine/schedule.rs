@@ -14,7 +14,7 @@ use crate::cache::{ArtifactId, Cache};
 use crate::graph::Dag;
 use crate::manifest::Pipeline;
 
-use super::execute::{execute, Finished};
+use super::execute::{execute, Finished, StageTask};
 use super::gpus::GpuSlots;
 use super::lockfile::{lock_entry, LockedStage, Lockfile};
 use super::plan::{Action, Plan, PlannedStage};
@@ -165,11 +165,16 @@ impl Scheduler<'_> {
             })
             .collect();
         let planned = self.planned[&i];
-        let (op, planned_run) = (planned.op, planned.action == Action::Run);
+        let task = StageTask {
+            index: i,
+            op: planned.op,
+            upstream_ids,
+            planned_run: planned.action == Action::Run,
+        };
         let shared = self.shared.clone();
         self.tasks.spawn(async move {
             let start = Instant::now();
-            let end = execute(&shared, i, op, upstream_ids, planned_run).await;
+            let end = execute(&shared, task).await;
             (i, start.elapsed(), end)
         });
     }
