@@ -33,12 +33,19 @@ pub enum Error {
     LockedPlanDiffers { path: PathBuf, diffs: Vec<String> },
     #[error(transparent)]
     Lockfile(#[from] LockfileError),
+    /// Boxed: a graph error is large, and every `Result` here carries one.
     #[error(transparent)]
-    Graph(#[from] GraphError),
+    Graph(Box<GraphError>),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+impl From<GraphError> for Error {
+    fn from(e: GraphError) -> Error {
+        Error::Graph(Box::new(e))
+    }
 }
 
 impl Error {
