@@ -58,12 +58,26 @@ pub struct Edge {
     pub input: String,
 }
 
+/// An input of a stage that reads another stage's output.
+#[derive(Debug, Clone, Copy)]
+pub struct StageInput<'a> {
+    /// The input's name.
+    pub name: &'a str,
+    /// The producing stage: its index into `pipeline.stages`, and its id.
+    pub from: usize,
+    pub from_id: &'a str,
+    /// The producer's output read.
+    pub output: &'a str,
+}
+
 /// The resolved DAG of a pipeline. Node weights are indices into
 /// `pipeline.stages`; edges point downstream (producer -> consumer).
 #[derive(Debug)]
 pub struct Dag {
     graph: DiGraph<usize, Edge>,
     nodes: Vec<NodeIndex>,
+    /// Stage id -> index into `pipeline.stages`.
+    index: HashMap<String, usize>,
     /// Stage indices in a topological order that keeps declaration order
     /// among independent stages.
     order: Vec<usize>,
@@ -76,11 +90,11 @@ impl Dag {
         let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
             .map(|i| graph.add_node(i))
             .collect();
-        let index: HashMap<&str, usize> = pipeline
+        let index: HashMap<String, usize> = pipeline
             .stages
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
+            .map(|(i, s)| (s.id.clone(), i))
             .collect();
         for (i, stage) in pipeline.stages.iter().enumerate() {
             for (name, input) in &stage.inputs {
@@ -136,8 +150,36 @@ impl Dag {
         Ok(Dag {
             graph,
             nodes,
+            index,
             order,
         })
+    }
+
+    /// The index of stage `id` into `pipeline.stages`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
+    /// The inputs of stage `i` that read another stage's output, by input name.
+    pub fn stage_inputs<'a>(
+        &'a self,
+        pipeline: &'a Pipeline,
+        i: usize,
+    ) -> impl Iterator<Item = StageInput<'a>> + 'a {
+        pipeline.stages[i]
+            .inputs
+            .iter()
+            .filter_map(move |(name, input)| match input {
+                Input::Stage { stage, output, .. } => Some(StageInput {
+                    name,
+                    from: self
+                        .index_of(stage)
+                        .expect("the DAG checked every reference"),
+                    from_id: stage,
+                    output,
+                }),
+                Input::Path { .. } => None,
+            })
     }
 
     /// Stage indices in execution order.

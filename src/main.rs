@@ -45,36 +45,58 @@ struct ManifestArgs {
     sets: Vec<String>,
 }
 
+// The `run` flags, turned into the engine's `RunOptions`.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Run only this stage and its ancestors (repeatable).
+    #[arg(long = "target", short = 't')]
+    targets: Vec<String>,
+    /// Stages running at once.
+    #[arg(long, short = 'j', default_value_t = default_jobs())]
+    jobs: usize,
+    /// Stop every stage at the first failure.
+    #[arg(long)]
+    fail_fast: bool,
+    /// Refuse to run when the plan differs from the lockfile.
+    #[arg(long)]
+    locked: bool,
+    /// Rehash every path input instead of trusting the hash cache.
+    #[arg(long)]
+    rehash: bool,
+    /// CPU threads per tensor stage.
+    #[arg(long, env = "ALIGNFLOW_THREADS")]
+    threads: Option<usize>,
+    /// No progress output (the summary table is still printed).
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// GPU stages that may share one device (default: one per GPU).
+    #[arg(long, default_value_t = 1)]
+    gpu_slots: usize,
+}
+
+impl From<RunArgs> for RunOptions {
+    fn from(args: RunArgs) -> RunOptions {
+        RunOptions {
+            targets: args.targets,
+            jobs: args.jobs,
+            fail_fast: args.fail_fast,
+            locked: args.locked,
+            rehash: args.rehash,
+            threads: args.threads,
+            quiet: args.quiet,
+            gpu_slots: args.gpu_slots,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run what is out of date.
     Run {
         #[command(flatten)]
         manifest: ManifestArgs,
-        /// Run only this stage and its ancestors (repeatable).
-        #[arg(long = "target", short = 't')]
-        targets: Vec<String>,
-        /// Stages running at once.
-        #[arg(long, short = 'j', default_value_t = default_jobs())]
-        jobs: usize,
-        /// Stop every stage at the first failure.
-        #[arg(long)]
-        fail_fast: bool,
-        /// Refuse to run when the plan differs from the lockfile.
-        #[arg(long)]
-        locked: bool,
-        /// Rehash every path input instead of trusting the hash cache.
-        #[arg(long)]
-        rehash: bool,
-        /// CPU threads per tensor stage.
-        #[arg(long, env = "ALIGNFLOW_THREADS")]
-        threads: Option<usize>,
-        /// No progress output (the summary table is still printed).
-        #[arg(long, short = 'q')]
-        quiet: bool,
-        /// GPU stages that may share one device (default: one per GPU).
-        #[arg(long, default_value_t = 1)]
-        gpu_slots: usize,
+        #[command(flatten)]
+        options: RunArgs,
     },
     /// Show, stage by stage, whether it would run or is cached, and why.
     Plan {
@@ -204,192 +226,193 @@ fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
 }
 
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cache_dir = &cli.cache_dir;
     match cli.command {
-        Command::Run {
-            manifest,
-            targets,
-            jobs,
-            fail_fast,
-            locked,
-            rehash,
-            threads,
-            quiet,
-            gpu_slots,
-        } => {
-            let (pipeline, dag) = load(&manifest)?;
-            let cache = open_cache(&cli.cache_dir)?;
-            let options = RunOptions {
-                targets,
-                jobs,
-                fail_fast,
-                locked,
-                rehash,
-                threads,
-                quiet,
-                gpu_slots,
-            };
-            let summary = engine::run(pipeline, dag, cache, options)?;
-            print!("{}", summary.table());
-            if let Some(log) = &summary.log {
-                eprintln!("log: {}", log.display());
-            }
-            Ok(if summary.interrupted {
-                ExitCode::from(130)
-            } else if summary.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        Command::Run { manifest, options } => run(cache_dir, &manifest, options.into()),
         Command::Plan {
             manifest,
             targets,
             json,
             rehash,
-        } => {
-            let (pipeline, dag) = load(&manifest)?;
-            let cache = open_cache(&cli.cache_dir)?;
-            let lockfile = engine::Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
-            let selected = dag.select(&pipeline, &targets)?;
-            let ctx = PlanContext {
-                pipeline: &pipeline,
-                dag: &dag,
-                cache: &cache,
-                lockfile: lockfile.as_ref(),
-                rehash,
-                locked: false,
-            };
-            let plan = engine::plan(&ctx, &selected)?;
-            cache.flush_hash_cache()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&plan.rows(&pipeline))?);
-            } else {
-                let rows = plan.rows(&pipeline);
-                let width = rows.iter().map(|r| r.stage.len()).max().unwrap_or(5);
-                for r in rows {
-                    let action = if r.action == Action::Run {
-                        "run"
-                    } else {
-                        "cached"
-                    };
-                    println!("{action:<7} {:<width$}  {}", r.stage, r.reason);
-                }
-                println!(
-                    "{} to run, {} cached",
-                    plan.to_run(),
-                    plan.stages.len() - plan.to_run()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dag { manifest, format } => {
-            let (pipeline, dag) = load(&manifest)?;
-            match format {
-                DagFormat::Text => print!("{}", dag.to_text(&pipeline)),
-                DagFormat::Dot => print!("{}", dag.to_dot(&pipeline)),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Validate { manifest } => {
-            let (pipeline, _) = load(&manifest)?;
-            println!(
-                "{}: ok ({} stages)",
-                manifest.file.display(),
-                pipeline.stages.len()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => plan(cache_dir, &manifest, &targets, json, rehash),
+        Command::Dag { manifest, format } => dag(&manifest, format),
+        Command::Validate { manifest } => validate(&manifest),
         Command::Show {
             manifest,
             stage,
             json,
-        } => show(&cli.cache_dir, &manifest, &stage, json),
-        Command::Ops { name } => {
-            match name {
-                None => {
-                    for op in alignflow::ops::REGISTRY {
-                        println!("{:<18} {}", op.name, op.summary);
-                    }
-                }
-                Some(name) => print!("{}", alignflow::ops::describe(&name)?),
-            }
-            Ok(ExitCode::SUCCESS)
+        } => show(cache_dir, &manifest, &stage, json),
+        Command::Ops { name } => ops(name.as_deref()),
+        Command::Cache { command } => cache(cache_dir, command),
+        Command::Doctor => doctor(cache_dir),
+        Command::Report { manifest, out } => report(cache_dir, &manifest, out),
+        Command::Schema { out } => schema(&out),
+    }
+}
+
+fn run(cache_dir: &Path, args: &ManifestArgs, options: RunOptions) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    let cache = open_cache(cache_dir)?;
+    let summary = engine::run(pipeline, dag, cache, options)?;
+    print!("{}", summary.table());
+    if let Some(log) = &summary.log {
+        eprintln!("log: {}", log.display());
+    }
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn plan(
+    cache_dir: &Path,
+    args: &ManifestArgs,
+    targets: &[String],
+    json: bool,
+    rehash: bool,
+) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    let cache = open_cache(cache_dir)?;
+    let lockfile = engine::Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
+    let selected = dag.select(&pipeline, targets)?;
+    let ctx = PlanContext {
+        pipeline: &pipeline,
+        dag: &dag,
+        cache: &cache,
+        lockfile: lockfile.as_ref(),
+        rehash,
+        locked: false,
+    };
+    let plan = engine::plan(&ctx, &selected)?;
+    cache.flush_hash_cache()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan.rows(&pipeline))?);
+    } else {
+        let rows = plan.rows(&pipeline);
+        let width = rows.iter().map(|r| r.stage.len()).max().unwrap_or(5);
+        for r in rows {
+            let action = if r.action == Action::Run {
+                "run"
+            } else {
+                "cached"
+            };
+            println!("{action:<7} {:<width$}  {}", r.stage, r.reason);
         }
-        Command::Cache { command } => {
-            let cache = open_cache(&cli.cache_dir)?;
-            match command {
-                CacheCommand::Verify => {
-                    let report = cache.verify()?;
-                    for p in &report.problems {
-                        println!("{p}");
-                    }
-                    println!(
-                        "checked {} objects, {} trees, {} records: {} problem(s)",
-                        report.objects_checked,
-                        report.trees_checked,
-                        report.records_checked,
-                        report.problems.len()
-                    );
-                    Ok(if report.problems.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    })
-                }
-                CacheCommand::Gc { dry_run } => {
-                    let report = cache.gc(dry_run)?;
-                    let verb = if dry_run { "would remove" } else { "removed" };
-                    for p in &report.removed {
-                        println!("{verb} {}", p.display());
-                    }
-                    println!(
-                        "{verb} {} item(s), {} bytes; kept {} object(s)",
-                        report.removed.len(),
-                        report.freed_bytes,
-                        report.kept_objects
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
+        println!(
+            "{} to run, {} cached",
+            plan.to_run(),
+            plan.stages.len() - plan.to_run()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dag(args: &ManifestArgs, format: DagFormat) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    match format {
+        DagFormat::Text => print!("{}", dag.to_text(&pipeline)),
+        DagFormat::Dot => print!("{}", dag.to_dot(&pipeline)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: &ManifestArgs) -> anyhow::Result<ExitCode> {
+    let (pipeline, _) = load(args)?;
+    println!(
+        "{}: ok ({} stages)",
+        args.file.display(),
+        pipeline.stages.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ops(name: Option<&str>) -> anyhow::Result<ExitCode> {
+    match name {
+        None => {
+            for op in alignflow::ops::REGISTRY {
+                println!("{:<18} {}", op.name, op.summary);
             }
         }
-        Command::Doctor => {
-            println!("alignflow {}", alignflow::ENGINE_VERSION);
+        Some(name) => print!("{}", alignflow::ops::describe(name)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
+    let cache = open_cache(cache_dir)?;
+    match command {
+        CacheCommand::Verify => {
+            let report = cache.verify()?;
+            for p in &report.problems {
+                println!("{p}");
+            }
             println!(
-                "cache      {}",
-                std::path::absolute(&cli.cache_dir)?.display()
+                "checked {} objects, {} trees, {} records: {} problem(s)",
+                report.objects_checked,
+                report.trees_checked,
+                report.records_checked,
+                report.problems.len()
             );
-            println!("worker     {}", engine::worker_path().display());
-            match engine::doctor() {
-                Ok(info) => {
-                    for (k, v) in info {
-                        println!("{k:<10} {v}");
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    println!("worker     unavailable: {e:#}");
-                    Ok(ExitCode::from(1))
-                }
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        CacheCommand::Gc { dry_run } => {
+            let report = cache.gc(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for p in &report.removed {
+                println!("{verb} {}", p.display());
             }
-        }
-        Command::Report { manifest, out } => {
-            let (pipeline, dag) = load(&manifest)?;
-            let cache = open_cache(&cli.cache_dir)?;
-            let data = alignflow::report::collect(&pipeline, &dag, &cache)?;
-            cache.flush_hash_cache()?;
-            let html = alignflow::report::render(&data)?;
-            let out = out
-                .unwrap_or_else(|| alignflow::report::default_path(&cli.cache_dir, &pipeline.name));
-            alignflow::report::write(&out, &html)?;
-            println!("{}", out.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Schema { out } => {
-            alignflow::schemas::write_schemas(&out)?;
-            println!("wrote schemas to {}", out.display());
+            println!(
+                "{verb} {} item(s), {} bytes; kept {} object(s)",
+                report.removed.len(),
+                report.freed_bytes,
+                report.kept_objects
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn doctor(cache_dir: &Path) -> anyhow::Result<ExitCode> {
+    println!("alignflow {}", alignflow::ENGINE_VERSION);
+    println!("cache      {}", std::path::absolute(cache_dir)?.display());
+    println!("worker     {}", engine::worker_path().display());
+    match engine::doctor() {
+        Ok(info) => {
+            for (k, v) in info {
+                println!("{k:<10} {v}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("worker     unavailable: {e:#}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn report(cache_dir: &Path, args: &ManifestArgs, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    let cache = open_cache(cache_dir)?;
+    let data = alignflow::report::collect(&pipeline, &dag, &cache)?;
+    cache.flush_hash_cache()?;
+    let html = alignflow::report::render(&data)?;
+    let out = out.unwrap_or_else(|| alignflow::report::default_path(cache_dir, &pipeline.name));
+    alignflow::report::write(&out, &html)?;
+    println!("{}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schema(out: &Path) -> anyhow::Result<ExitCode> {
+    alignflow::schemas::write_schemas(out)?;
+    println!("wrote schemas to {}", out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn show(
@@ -400,10 +423,8 @@ fn show(
 ) -> anyhow::Result<ExitCode> {
     let (pipeline, dag) = load(args)?;
     let cache = open_cache(cache_dir)?;
-    let index = pipeline
-        .stages
-        .iter()
-        .position(|s| s.id == stage)
+    let index = dag
+        .index_of(stage)
         .with_context(|| format!("no stage `{stage}` in {}", pipeline.file.display()))?;
     let selected = dag.select(&pipeline, &[stage.to_string()])?;
     let ctx = PlanContext {

@@ -8,9 +8,29 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{atomic_write, ArtifactId, Fingerprint, StageKey, STAGE_KEY_SCHEMA};
+use crate::manifest::{Input, Stage};
 
 /// Bump when the lockfile layout changes.
 pub const LOCKFILE_VERSION: u32 = 1;
+
+/// A lockfile that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LockfileError {
+    #[error("{}: not a valid lockfile: {reason}", .path.display())]
+    Invalid {
+        path: PathBuf,
+        reason: serde_yaml::Error,
+    },
+    #[error("{}: lockfile version {version} is not supported (expected {LOCKFILE_VERSION})", .path.display())]
+    Version { path: PathBuf, version: u32 },
+    #[error("{}: {error}", .path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(transparent)]
+    Serialize(serde_yaml::Error),
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lockfile {
@@ -77,30 +97,78 @@ impl Lockfile {
     }
 
     /// Reads a lockfile; `Ok(None)` when there is none.
-    pub fn load(path: &Path) -> anyhow::Result<Option<Lockfile>> {
+    pub fn load(path: &Path) -> Result<Option<Lockfile>, LockfileError> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let lock: Lockfile = serde_yaml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("{}: not a valid lockfile: {e}", path.display())
-                })?;
-                anyhow::ensure!(
-                    lock.version == LOCKFILE_VERSION,
-                    "{}: lockfile version {} is not supported (expected {LOCKFILE_VERSION})",
-                    path.display(),
-                    lock.version
-                );
+                let lock: Lockfile =
+                    serde_yaml::from_str(&text).map_err(|reason| LockfileError::Invalid {
+                        path: path.to_path_buf(),
+                        reason,
+                    })?;
+                if lock.version != LOCKFILE_VERSION {
+                    return Err(LockfileError::Version {
+                        path: path.to_path_buf(),
+                        version: lock.version,
+                    });
+                }
                 Ok(Some(lock))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+            Err(error) => Err(LockfileError::Io {
+                path: path.to_path_buf(),
+                error,
+            }),
         }
     }
 
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), LockfileError> {
         let mut text = String::from(
             "# Written by alignflow after each successful run; commit it with the manifest.\n",
         );
-        text.push_str(&serde_yaml::to_string(self)?);
-        atomic_write(path, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        text.push_str(&serde_yaml::to_string(self).map_err(LockfileError::Serialize)?);
+        atomic_write(path, text.as_bytes()).map_err(|error| LockfileError::Io {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+}
+
+/// The lockfile entry of a finished `stage` run with `key`: each input's
+/// source as the manifest wrote it and the id it had.
+pub(super) fn lock_entry(
+    stage: &Stage,
+    key: &StageKey,
+    outputs: &BTreeMap<String, ArtifactId>,
+) -> LockedStage {
+    let inputs = stage
+        .inputs
+        .iter()
+        .filter_map(|(name, input)| {
+            let id = key.inputs.get(name)?.clone();
+            let source = match input {
+                Input::Stage { stage, output, .. } => LockedInput {
+                    path: None,
+                    stage: Some(stage.clone()),
+                    output: Some(output.clone()),
+                    id,
+                },
+                Input::Path { written, .. } => LockedInput {
+                    path: Some(written.clone()),
+                    stage: None,
+                    output: None,
+                    id,
+                },
+            };
+            Some((name.clone(), source))
+        })
+        .collect();
+    LockedStage {
+        op: key.op.clone(),
+        op_version: key.op_version,
+        fingerprint: key.fingerprint(),
+        seed: key.seed,
+        params: key.params.clone(),
+        inputs,
+        outputs: outputs.clone(),
     }
 }

@@ -2,13 +2,18 @@
 //! tokio scheduler, stage execution in-process or in a worker, progress,
 //! the run log and the lockfile.
 
+mod error;
+mod execute;
+mod gpus;
 mod lockfile;
 mod plan;
 mod progress;
 mod run;
+mod schedule;
 mod worker;
 
-pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile};
+pub use error::Error;
+pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileError};
 pub use plan::{
     explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow,
     PlannedStage,

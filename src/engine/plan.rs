@@ -5,15 +5,17 @@
 //! yet: it is planned as `run (upstream X reruns)` and decided again, with
 //! the upstream's actual output ids, once X finishes (early cutoff).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::cache::{ArtifactId, Cache, Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 use crate::graph::Dag;
 use crate::manifest::{Input, Pipeline, Stage};
+use crate::ops::OpDecl;
 
 use super::lockfile::{LockedStage, Lockfile};
+use super::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,6 +29,8 @@ pub enum Action {
 pub struct PlannedStage {
     /// Index into `pipeline.stages`.
     pub index: usize,
+    /// The stage's op, looked up once here.
+    pub op: &'static OpDecl,
     pub action: Action,
     pub reason: String,
     /// Known when every input's id is known now.
@@ -147,90 +151,87 @@ pub fn hash_path_inputs(
 }
 
 /// Plans the `selected` stages.
-pub fn plan(
-    ctx: &PlanContext<'_>,
-    selected: &std::collections::BTreeSet<usize>,
-) -> anyhow::Result<Plan> {
-    let pipeline = ctx.pipeline;
+pub fn plan(ctx: &PlanContext<'_>, selected: &BTreeSet<usize>) -> Result<Plan, Error> {
     // Outputs known now, per stage index: cached stages, and under --locked
     // the lockfile's outputs of stages that must run.
     let mut known: BTreeMap<usize, BTreeMap<String, ArtifactId>> = BTreeMap::new();
     let mut out = Vec::new();
     for &i in ctx.dag.order() {
-        if !selected.contains(&i) {
-            continue;
+        if selected.contains(&i) {
+            out.push(plan_stage(ctx, i, &mut known)?);
         }
-        let stage = &pipeline.stages[i];
-        let op = crate::ops::find(&stage.op)
-            .ok_or_else(|| anyhow::anyhow!("unknown op `{}`", stage.op))?;
-        let mut inputs = hash_path_inputs(ctx.cache, stage, ctx.rehash)?;
-        let mut waiting_on = Vec::new();
-        for (name, input) in &stage.inputs {
-            if let Input::Stage {
-                stage: from,
-                output,
-                ..
-            } = input
-            {
-                let j = pipeline
-                    .stages
-                    .iter()
-                    .position(|s| &s.id == from)
-                    .expect("graph checked references");
-                match known.get(&j).and_then(|outs| outs.get(output)) {
-                    Some(id) => {
-                        inputs.insert(name.clone(), id.clone());
-                    }
-                    None => waiting_on.push(from.clone()),
-                }
+    }
+    Ok(Plan { stages: out })
+}
+
+/// Plans stage `i`, adding its outputs to `known` when they are known now.
+fn plan_stage(
+    ctx: &PlanContext<'_>,
+    i: usize,
+    known: &mut BTreeMap<usize, BTreeMap<String, ArtifactId>>,
+) -> Result<PlannedStage, Error> {
+    let pipeline = ctx.pipeline;
+    let stage = &pipeline.stages[i];
+    let op =
+        crate::ops::find(&stage.op).ok_or_else(|| anyhow::anyhow!("unknown op `{}`", stage.op))?;
+    let mut inputs = hash_path_inputs(ctx.cache, stage, ctx.rehash)?;
+    let mut waiting_on = Vec::new();
+    for input in ctx.dag.stage_inputs(pipeline, i) {
+        match known
+            .get(&input.from)
+            .and_then(|outs| outs.get(input.output))
+        {
+            Some(id) => {
+                inputs.insert(input.name.to_string(), id.clone());
             }
+            None => waiting_on.push(input.from_id.to_string()),
         }
-        let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
-        if !waiting_on.is_empty() {
-            waiting_on.dedup();
-            out.push(PlannedStage {
-                index: i,
-                action: Action::Run,
-                reason: format!("upstream {} reruns", waiting_on.join(", ")),
-                key: None,
-                fingerprint: None,
-                outputs: None,
-            });
-            continue;
-        }
-        let key = stage_key(pipeline, stage, op.version, inputs);
-        let fingerprint = key.fingerprint();
-        if let Some(record) = ctx.cache.hit(&fingerprint)? {
-            known.insert(i, record.outputs.clone());
-            out.push(PlannedStage {
-                index: i,
-                action: Action::Cached,
-                reason: "up to date".into(),
-                key: Some(key),
-                fingerprint: Some(fingerprint),
-                outputs: Some(record.outputs),
-            });
-            continue;
-        }
-        let reason = match previous {
-            None => "never run".to_string(),
-            Some(prev) => explain(pipeline, stage, prev, &key),
-        };
-        if ctx.locked {
-            if let Some(prev) = previous.filter(|p| p.fingerprint == fingerprint) {
-                known.insert(i, prev.outputs.clone());
-            }
-        }
-        out.push(PlannedStage {
+    }
+    if !waiting_on.is_empty() {
+        waiting_on.dedup();
+        return Ok(PlannedStage {
             index: i,
+            op,
             action: Action::Run,
-            reason,
-            key: Some(key),
-            fingerprint: Some(fingerprint),
+            reason: format!("upstream {} reruns", waiting_on.join(", ")),
+            key: None,
+            fingerprint: None,
             outputs: None,
         });
     }
-    Ok(Plan { stages: out })
+    let key = stage_key(pipeline, stage, op.version, inputs);
+    let fingerprint = key.fingerprint();
+    if let Some(record) = ctx.cache.hit(&fingerprint)? {
+        known.insert(i, record.outputs.clone());
+        return Ok(PlannedStage {
+            index: i,
+            op,
+            action: Action::Cached,
+            reason: "up to date".into(),
+            key: Some(key),
+            fingerprint: Some(fingerprint),
+            outputs: Some(record.outputs),
+        });
+    }
+    let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
+    let reason = match previous {
+        None => "never run".to_string(),
+        Some(prev) => explain(pipeline, stage, prev, &key),
+    };
+    if ctx.locked {
+        if let Some(prev) = previous.filter(|p| p.fingerprint == fingerprint) {
+            known.insert(i, prev.outputs.clone());
+        }
+    }
+    Ok(PlannedStage {
+        index: i,
+        op,
+        action: Action::Run,
+        reason,
+        key: Some(key),
+        fingerprint: Some(fingerprint),
+        outputs: None,
+    })
 }
 
 /// Why `key` differs from what the lockfile recorded for the stage.
@@ -247,8 +248,7 @@ pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &Sta
     let mut diffs = Vec::new();
     diff_json("params", &prev.params, &key.params, &mut diffs);
     reasons.extend(diffs);
-    let names: std::collections::BTreeSet<&String> =
-        prev.inputs.keys().chain(key.inputs.keys()).collect();
+    let names: BTreeSet<&String> = prev.inputs.keys().chain(key.inputs.keys()).collect();
     for name in names {
         match (prev.inputs.get(name), key.inputs.get(name)) {
             (Some(_), None) => reasons.push(format!("input {name} removed")),
@@ -279,7 +279,7 @@ fn diff_json(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
                 let p = format!("{path}.{k}");
                 match (x.get(k), y.get(k)) {

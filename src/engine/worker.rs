@@ -2,18 +2,19 @@
 //! stage spec on stdin and events read from stdout as they come.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::Reporter;
 use crate::protocol::{Metrics, StageSpec, WorkerEvent};
 
 use super::progress::StageProgress;
+use super::Error;
 
 /// The worker executable: `$ALIGNFLOW_WORKER`, else `alignflow-worker`
 /// beside the running engine binary.
@@ -41,9 +42,41 @@ pub async fn run_stage(
     placement: &Placement,
     progress: &StageProgress<'_>,
     cancel: &CancellationToken,
-) -> anyhow::Result<Metrics> {
+) -> Result<Metrics, Error> {
     let exe = worker_path();
-    let mut command = Command::new(&exe);
+    let mut child = start(&exe, spec, placement).await?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let (outcome, tail) = tokio::select! {
+        read = read_events(stdout, stderr, progress) => read?,
+        _ = cancel.cancelled() => {
+            let _ = child.kill().await;
+            return Err(Error::Cancelled);
+        }
+    };
+    let status = child.wait().await.map_err(anyhow::Error::from)?;
+    match outcome {
+        Some(Ok(metrics)) if status.success() => Ok(metrics),
+        Some(Err(message)) => Err(anyhow::anyhow!("{message}").into()),
+        _ => {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match (status.code(), status.signal()) {
+                (_, Some(sig)) => format!("killed by signal {sig}"),
+                (Some(code), _) => format!("exit status {code}"),
+                _ => "unknown status".into(),
+            };
+            Err(anyhow::anyhow!(
+                "the worker died ({how}) without a result; its last stderr lines:\n{}",
+                tail.join("\n")
+            )
+            .into())
+        }
+    }
+}
+
+/// Starts the worker and sends it the stage spec.
+async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::Result<Child> {
+    let mut command = Command::new(exe);
     // The worker dies with the engine (even on SIGKILL), so an orphan can
     // never keep writing the checkpoints a rerun resumes from. The spawning
     // thread is a runtime worker, alive as long as the run.
@@ -69,18 +102,26 @@ pub async fn run_stage(
         .await
         .context("sending the stage spec to the worker")?;
     drop(stdin);
+    Ok(child)
+}
 
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+/// What the worker reported (`None`: neither done nor failed), and the last
+/// lines of its stderr.
+type Reported = (Option<Result<Metrics, String>>, Vec<String>);
+
+/// Reads the worker's events and output until it closes both streams.
+async fn read_events(
+    stdout: ChildStdout,
+    stderr: ChildStderr,
+    progress: &StageProgress<'_>,
+) -> anyhow::Result<Reported> {
+    let mut stdout = BufReader::new(stdout).lines();
+    let mut stderr = BufReader::new(stderr).lines();
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut outcome: Option<Result<Metrics, String>> = None;
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = child.kill().await;
-                return Err(crate::ops::Cancelled.into());
-            }
             line = stdout.next_line(), if out_open => match line? {
                 None => out_open = false,
                 Some(line) => match WorkerEvent::parse(&line) {
@@ -104,24 +145,7 @@ pub async fn run_stage(
             },
         }
     }
-    let status = child.wait().await?;
-    match outcome {
-        Some(Ok(metrics)) if status.success() => Ok(metrics),
-        Some(Err(message)) => Err(anyhow::anyhow!("{message}")),
-        _ => {
-            use std::os::unix::process::ExitStatusExt;
-            let how = match (status.code(), status.signal()) {
-                (_, Some(sig)) => format!("killed by signal {sig}"),
-                (Some(code), _) => format!("exit status {code}"),
-                _ => "unknown status".into(),
-            };
-            let tail: Vec<String> = tail.into_iter().collect();
-            Err(anyhow::anyhow!(
-                "the worker died ({how}) without a result; its last stderr lines:\n{}",
-                tail.join("\n")
-            ))
-        }
-    }
+    Ok((outcome, tail.into_iter().collect()))
 }
 
 /// `alignflow-worker doctor`: libtorch, CUDA and thread facts.

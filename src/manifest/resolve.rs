@@ -43,157 +43,26 @@ pub(crate) fn load_with(
         .and_then(Yaml::as_mapping)
         .map(|m| m.keys().map(key_text).collect())
         .unwrap_or_default();
-
-    let manifest: Manifest = serde_path_to_error::deserialize(tree).map_err(|e| {
-        let at: KeyPath = e
-            .path()
-            .iter()
-            .filter_map(|seg| match seg {
-                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
-                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
-                _ => None,
-            })
-            .collect();
-        let (stage, field) = split_field(&at);
-        cx.error(
-            cx.value_at(&at),
-            stage.as_deref(),
-            field.as_deref(),
-            e.inner().to_string(),
-            None,
-        )
-    })?;
-
-    if manifest.version != 1 {
-        let msg = format!(
-            "unsupported manifest version {} (this alignflow reads version 1)",
-            manifest.version
-        );
-        return Err(cx.error(
-            cx.value_at(&kp(&["version"])),
-            None,
-            Some("version"),
-            msg,
-            None,
-        ));
-    }
-    if manifest.name.is_empty() || manifest.name.contains('/') {
-        let msg = "the pipeline name must be non-empty and contain no `/`".to_string();
-        return Err(cx.error(cx.value_at(&kp(&["name"])), None, Some("name"), msg, None));
-    }
+    let manifest = cx.deserialize(tree)?;
+    cx.check_header(&manifest)?;
 
     let mut params = manifest.params.clone();
     for (key, value) in &options.sets {
         cx.apply_set(&mut params, key, value)?;
     }
 
-    // Pass 1: ops, outputs, devices and matrix instances of every stage.
-    let mut insts: Vec<Inst> = Vec::new();
-    let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
-    let mut keys: BTreeMap<&str, (&OpDecl, &StageDef, Vec<String>)> = BTreeMap::new();
-    for key in &order {
-        let def = &manifest.stages[key];
-        let op = cx.op(key, def)?;
-        let outputs = cx.outputs(key, def, op)?;
-        for matrix in cx.expand(key, def)? {
-            let id = instance_id(key, &matrix);
-            by_key.entry(key).or_default().push(insts.len());
-            insts.push(Inst {
-                id,
-                key: key.clone(),
-                matrix,
-            });
-        }
-        keys.insert(key, (op, def, outputs));
-    }
+    let expanded = cx.expand_stages(&manifest, &order)?;
     let world = World {
-        insts: &insts,
-        by_key: &by_key,
-        keys: &keys,
+        insts: &expanded.insts,
+        by_key: &expanded.by_key,
+        keys: &expanded.keys,
         params: &params,
     };
-
-    // Pass 2: interpolate, bind and validate each instance.
-    let mut stages = Vec::with_capacity(insts.len());
-    for inst in &insts {
-        let (op, def, outputs) = &keys[inst.key.as_str()];
-        let op = *op;
-        let sp = |rest: &[&str]| -> KeyPath {
-            let mut p = kp(&["stages", &inst.key]);
-            p.extend(rest.iter().map(|s| s.to_string()));
-            p
-        };
-        let device = def.device.clone().unwrap_or_else(|| "auto".into());
-        if !valid_device(&device) {
-            let msg =
-                format!("unknown device `{device}` (expected `auto`, `cpu`, `cuda` or `cuda:N`)");
-            return Err(cx.error(
-                cx.value_at(&sp(&["device"])),
-                Some(&inst.id),
-                Some("device"),
-                msg,
-                None,
-            ));
-        }
-
-        // Inputs first: a mistyped `${matrix.NAME}` there is a clearer
-        // error than the unread matrix key it leaves as an unknown param.
-        let mut inputs = BTreeMap::new();
-        for (name, written) in &def.inputs {
-            let input = cx.input(&world, inst, name, written)?;
-            inputs.insert(name.clone(), input);
-        }
-
-        let mut obj = serde_json::Map::new();
-        for (name, v) in &def.params {
-            let mut p = sp(&["params", name]);
-            let v = cx.interp_param(&world, inst, v, &mut p)?;
-            obj.insert(name.clone(), v);
-        }
-        // A matrix key the stage reads as `${matrix.NAME}` is only
-        // substituted; any other is the op param of that name.
-        let read = matrix_keys_read(def);
-        for (name, v) in &inst.matrix {
-            if !read.contains(name) {
-                obj.insert(name.clone(), v.clone());
-            }
-        }
-        let normalised = op
-            .normalize_params(&Json::Object(obj))
-            .map_err(|e| cx.param_error(inst, e))?;
-
-        cx.check_input_names(inst, op, &inputs)?;
-        if let Err(e) = op.check_bindings(&|name| inputs.contains_key(name), &normalised) {
-            // At the input or param it names, else at the stage's `inputs`.
-            let at: Vec<&str> = e.field.split('.').collect();
-            let loc = cx.key_at(&[kp(&["stages", &inst.key]), kp(&at)].concat());
-            return Err(cx.error(loc, Some(&inst.id), Some(&e.field), e.message, None));
-        }
-
-        // Free text, but a matrix instance may name its values.
-        let description = match &def.description {
-            Some(d) => Some(
-                interp::substitute_matrix(d, &inst.matrix).map_err(|(m, s)| {
-                    let at = sp(&["description"]);
-                    cx.error(cx.value_at(&at), Some(&inst.id), Some("description"), m, s)
-                })?,
-            ),
-            None => None,
-        };
-
-        stages.push(Stage {
-            id: inst.id.clone(),
-            key: inst.key.clone(),
-            op: op.name.to_string(),
-            inputs,
-            params: normalised,
-            outputs: outputs.clone(),
-            device,
-            description,
-            matrix: inst.matrix.clone(),
-            location: cx.key_at(&sp(&[])),
-        });
-    }
+    let stages = expanded
+        .insts
+        .iter()
+        .map(|inst| cx.resolve_instance(&world, inst))
+        .collect::<Result<Vec<Stage>, ManifestError>>()?;
 
     let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -207,11 +76,26 @@ pub(crate) fn load_with(
     })
 }
 
+/// `stages.KEY` of the instance's stage, then `rest`.
+fn stage_path(inst: &Inst, rest: &[&str]) -> KeyPath {
+    let mut p = kp(&["stages", &inst.key]);
+    p.extend(rest.iter().map(|s| s.to_string()));
+    p
+}
+
 /// One matrix instance (or a plain stage, with an empty matrix).
 struct Inst {
     id: String,
     key: String,
     matrix: BTreeMap<String, Json>,
+}
+
+/// Pass 1 over the stages: each stage's op, outputs and matrix instances.
+struct Expanded<'m> {
+    insts: Vec<Inst>,
+    /// Instances of each stage key, as indices into `insts`.
+    by_key: HashMap<&'m str, Vec<usize>>,
+    keys: BTreeMap<&'m str, (&'m OpDecl, &'m StageDef, Vec<String>)>,
 }
 
 /// What reference resolution looks at.
@@ -244,6 +128,174 @@ impl<'a> Cx<'a> {
             message,
             suggestion,
         }
+    }
+
+    /// The typed manifest, with a deserialisation error located at the
+    /// value it names.
+    fn deserialize(&self, tree: Yaml) -> Result<Manifest, ManifestError> {
+        serde_path_to_error::deserialize(tree).map_err(|e| {
+            let at: KeyPath = e
+                .path()
+                .iter()
+                .filter_map(|seg| match seg {
+                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                    _ => None,
+                })
+                .collect();
+            let (stage, field) = split_field(&at);
+            self.error(
+                self.value_at(&at),
+                stage.as_deref(),
+                field.as_deref(),
+                e.inner().to_string(),
+                None,
+            )
+        })
+    }
+
+    /// The manifest version and the pipeline name.
+    fn check_header(&self, manifest: &Manifest) -> Result<(), ManifestError> {
+        if manifest.version != 1 {
+            let msg = format!(
+                "unsupported manifest version {} (this alignflow reads version 1)",
+                manifest.version
+            );
+            return Err(self.error(
+                self.value_at(&kp(&["version"])),
+                None,
+                Some("version"),
+                msg,
+                None,
+            ));
+        }
+        if manifest.name.is_empty() || manifest.name.contains('/') {
+            let msg = "the pipeline name must be non-empty and contain no `/`".to_string();
+            return Err(self.error(self.value_at(&kp(&["name"])), None, Some("name"), msg, None));
+        }
+        Ok(())
+    }
+
+    /// Pass 1: the op, outputs and matrix instances of every stage, in
+    /// declaration `order`.
+    fn expand_stages<'m>(
+        &'m self,
+        manifest: &'m Manifest,
+        order: &'m [String],
+    ) -> Result<Expanded<'m>, ManifestError> {
+        let mut insts: Vec<Inst> = Vec::new();
+        let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut keys: BTreeMap<&str, (&OpDecl, &StageDef, Vec<String>)> = BTreeMap::new();
+        for key in order {
+            let def = &manifest.stages[key];
+            let op = self.op(key, def)?;
+            let outputs = self.outputs(key, def, op)?;
+            for matrix in self.expand(key, def)? {
+                let id = instance_id(key, &matrix);
+                by_key.entry(key).or_default().push(insts.len());
+                insts.push(Inst {
+                    id,
+                    key: key.clone(),
+                    matrix,
+                });
+            }
+            keys.insert(key, (op, def, outputs));
+        }
+        Ok(Expanded {
+            insts,
+            by_key,
+            keys,
+        })
+    }
+
+    /// Pass 2 for one instance: interpolate, bind and validate.
+    fn resolve_instance(&self, world: &World, inst: &Inst) -> Result<Stage, ManifestError> {
+        let (op, def, outputs) = &world.keys[inst.key.as_str()];
+        let op = *op;
+        let device = def.device.clone().unwrap_or_else(|| "auto".into());
+        if !valid_device(&device) {
+            let msg =
+                format!("unknown device `{device}` (expected `auto`, `cpu`, `cuda` or `cuda:N`)");
+            return Err(self.error(
+                self.value_at(&stage_path(inst, &["device"])),
+                Some(&inst.id),
+                Some("device"),
+                msg,
+                None,
+            ));
+        }
+
+        // Inputs first: a mistyped `${matrix.NAME}` there is a clearer
+        // error than the unread matrix key it leaves as an unknown param.
+        let mut inputs = BTreeMap::new();
+        for (name, written) in &def.inputs {
+            let input = self.input(world, inst, name, written)?;
+            inputs.insert(name.clone(), input);
+        }
+        let params = self.instance_params(world, inst, def, op)?;
+        self.check_input_names(inst, op, &inputs)?;
+        if let Err(e) = op.check_bindings(&|name| inputs.contains_key(name), &params) {
+            // At the input or param it names, else at the stage's `inputs`.
+            let at: Vec<&str> = e.field.split('.').collect();
+            let loc = self.key_at(&[kp(&["stages", &inst.key]), kp(&at)].concat());
+            return Err(self.error(loc, Some(&inst.id), Some(&e.field), e.message, None));
+        }
+
+        // Free text, but a matrix instance may name its values.
+        let description = match &def.description {
+            Some(d) => Some(
+                interp::substitute_matrix(d, &inst.matrix).map_err(|(m, s)| {
+                    let at = stage_path(inst, &["description"]);
+                    self.error(
+                        self.value_at(&at),
+                        Some(&inst.id),
+                        Some("description"),
+                        m,
+                        s,
+                    )
+                })?,
+            ),
+            None => None,
+        };
+
+        Ok(Stage {
+            id: inst.id.clone(),
+            key: inst.key.clone(),
+            op: op.name.to_string(),
+            inputs,
+            params,
+            outputs: outputs.clone(),
+            device,
+            description,
+            matrix: inst.matrix.clone(),
+            location: self.key_at(&stage_path(inst, &[])),
+        })
+    }
+
+    /// The instance's op params, interpolated and normalised by the op.
+    fn instance_params(
+        &self,
+        world: &World,
+        inst: &Inst,
+        def: &StageDef,
+        op: &OpDecl,
+    ) -> Result<Json, ManifestError> {
+        let mut obj = serde_json::Map::new();
+        for (name, v) in &def.params {
+            let mut p = stage_path(inst, &["params", name]);
+            let v = self.interp_param(world, inst, v, &mut p)?;
+            obj.insert(name.clone(), v);
+        }
+        // A matrix key the stage reads as `${matrix.NAME}` is only
+        // substituted; any other is the op param of that name.
+        let read = matrix_keys_read(def);
+        for (name, v) in &inst.matrix {
+            if !read.contains(name) {
+                obj.insert(name.clone(), v.clone());
+            }
+        }
+        op.normalize_params(&Json::Object(obj))
+            .map_err(|e| self.param_error(inst, e))
     }
 
     /// The value at `path`, else the key of its nearest written ancestor.

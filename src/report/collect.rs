@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::cache::{ArtifactId, ArtifactKind, Cache, StageRecord};
-use crate::engine::{self, Action, Lockfile, PlanContext};
+use crate::engine::{self, Action, LockedStage, Lockfile, Plan, PlanContext, PlannedStage};
 use crate::graph::Dag;
-use crate::manifest::Pipeline;
+use crate::manifest::{Pipeline, Stage};
+use crate::ops::OpDecl;
 
 use super::ReportError;
 
@@ -187,23 +188,7 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
             BTreeMap::new()
         }
     };
-
-    // Row position of each stage index, in execution order.
-    let position: BTreeMap<usize, usize> = plan
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(row, p)| (p.index, row))
-        .collect();
-    let mut depth = vec![0usize; pipeline.stages.len()];
-    for &i in dag.order() {
-        depth[i] = dag
-            .upstream(i)
-            .iter()
-            .map(|(j, _)| depth[*j] + 1)
-            .max()
-            .unwrap_or(0);
-    }
+    let depth = stage_depths(pipeline, dag);
 
     let mut data = ReportData {
         pipeline: pipeline.name.clone(),
@@ -233,70 +218,13 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
             (Some(_), Action::Run, Some(_)) => CacheState::OutputsMissing,
             (Some(_), Action::Run, None) => CacheState::NoRecord,
         };
-        // The newest record this pipeline left for the stage.
-        let latest = records.get(&stage.id);
         let event = events.get(&stage.id);
-        let record_run = current
-            .as_ref()
-            .filter(|_| planned.action == Action::Cached)
-            .or(latest)
-            .map(|r| LastRun {
-                started_at: r.started_at.clone(),
-                duration_s: Some(r.duration_s),
-                failed: false,
-                source: format!("record {}", r.fingerprint.short()),
-            });
-        let log_run = event.map(|e| LastRun {
-            started_at: humantime::format_rfc3339_seconds(e.started).to_string(),
-            duration_s: e.duration.map(|d| d.as_secs_f64()),
-            failed: e.failure.is_some(),
-            source: format!("run log {}", e.log),
-        });
-        let last_run = match (record_run, log_run) {
-            (Some(r), Some(l)) if later(&l.started_at, &r.started_at) => Some(l),
-            (Some(r), _) => Some(r),
-            (None, l) => l,
-        };
+        let last_run = last_run(planned, current.as_ref(), records.get(&stage.id), event);
         let failure = event.and_then(|e| e.failure.clone());
-        // The planner says `never run` for any stage the lockfile lacks; a
-        // record or a log can show otherwise (the lockfile is only written
-        // after a successful run).
-        let never = planned.reason == "never run";
-        let (status, reason) = if planned.action == Action::Cached {
-            (Status::Cached, planned.reason.clone())
-        } else if let Some(message) =
-            failure.filter(|_| last_run.as_ref().is_some_and(|l| l.failed))
-        {
-            let reason = if never {
-                message
-            } else {
-                format!("{message}; would rerun: {}", planned.reason)
-            };
-            (Status::Failed, reason)
-        } else if last_run.is_none() && locked.is_none() {
-            (Status::NeverRun, planned.reason.clone())
-        } else if never {
-            (
-                Status::Stale,
-                "no cached result for the current inputs (not in the lockfile to compare)".into(),
-            )
-        } else {
-            (Status::Stale, planned.reason.clone())
-        };
-
-        // Outputs to read curves and tables from: the current ones, else
-        // those of the run the lockfile records, when still in the store.
-        let outputs = match (&planned.outputs, locked) {
-            (Some(outs), _) => Some((outs.clone(), false)),
-            (None, Some(l)) if l.outputs.values().all(|id| cache.has_artifact(id)) => {
-                Some((l.outputs.clone(), true))
-            }
-            _ => None,
-        };
-        if let Some((outs, previous_run)) = outputs {
-            gather_outputs(cache, stage, &outs, previous_run, &mut data);
+        let (status, reason) = status_and_reason(planned, failure, last_run.as_ref(), locked);
+        if let Some((outs, previous_run)) = outputs_to_show(cache, planned, locked) {
+            gather_outputs(cache, stage, planned.op, &outs, previous_run, &mut data);
         }
-
         data.stages.push(StageInfo {
             id: stage.id.clone(),
             op: stage.op.clone(),
@@ -309,16 +237,124 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
             last_run,
         });
     }
+    data.edges = edges(&plan, dag);
+    Ok(data)
+}
+
+/// Each stage's depth in the DAG: its longest path from a source.
+fn stage_depths(pipeline: &Pipeline, dag: &Dag) -> Vec<usize> {
+    let mut depth = vec![0usize; pipeline.stages.len()];
+    for &i in dag.order() {
+        depth[i] = dag
+            .upstream(i)
+            .iter()
+            .map(|(j, _)| depth[*j] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    depth
+}
+
+/// The DAG's edges between the rows of the stage table.
+fn edges(plan: &Plan, dag: &Dag) -> Vec<EdgeInfo> {
+    // Row position of each stage index, in execution order.
+    let position: BTreeMap<usize, usize> = plan
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(row, p)| (p.index, row))
+        .collect();
+    let mut edges = Vec::new();
     for &i in dag.order() {
         for (j, edge) in dag.upstream(i) {
-            data.edges.push(EdgeInfo {
+            edges.push(EdgeInfo {
                 from: position[&j],
                 to: position[&i],
                 label: format!("{} -> {}", edge.output, edge.input),
             });
         }
     }
-    Ok(data)
+    edges
+}
+
+/// The stage's latest run: from its record (the current one when cached,
+/// else the newest this pipeline left) or from a run log, whichever started
+/// later.
+fn last_run(
+    planned: &PlannedStage,
+    current: Option<&StageRecord>,
+    latest: Option<&StageRecord>,
+    event: Option<&LogEvent>,
+) -> Option<LastRun> {
+    let record_run = current
+        .filter(|_| planned.action == Action::Cached)
+        .or(latest)
+        .map(|r| LastRun {
+            started_at: r.started_at.clone(),
+            duration_s: Some(r.duration_s),
+            failed: false,
+            source: format!("record {}", r.fingerprint.short()),
+        });
+    let log_run = event.map(|e| LastRun {
+        started_at: humantime::format_rfc3339_seconds(e.started).to_string(),
+        duration_s: e.duration.map(|d| d.as_secs_f64()),
+        failed: e.failure.is_some(),
+        source: format!("run log {}", e.log),
+    });
+    match (record_run, log_run) {
+        (Some(r), Some(l)) if later(&l.started_at, &r.started_at) => Some(l),
+        (Some(r), _) => Some(r),
+        (None, l) => l,
+    }
+}
+
+/// The stage's status, and why.
+fn status_and_reason(
+    planned: &PlannedStage,
+    failure: Option<String>,
+    last_run: Option<&LastRun>,
+    locked: Option<&LockedStage>,
+) -> (Status, String) {
+    // The planner says `never run` for any stage the lockfile lacks; a
+    // record or a log can show otherwise (the lockfile is only written
+    // after a successful run).
+    let never = planned.reason == "never run";
+    if planned.action == Action::Cached {
+        (Status::Cached, planned.reason.clone())
+    } else if let Some(message) = failure.filter(|_| last_run.is_some_and(|l| l.failed)) {
+        let reason = if never {
+            message
+        } else {
+            format!("{message}; would rerun: {}", planned.reason)
+        };
+        (Status::Failed, reason)
+    } else if last_run.is_none() && locked.is_none() {
+        (Status::NeverRun, planned.reason.clone())
+    } else if never {
+        (
+            Status::Stale,
+            "no cached result for the current inputs (not in the lockfile to compare)".into(),
+        )
+    } else {
+        (Status::Stale, planned.reason.clone())
+    }
+}
+
+/// Outputs to read curves and tables from: the current ones, else those of
+/// the run the lockfile records, when still in the store (`true`: from that
+/// previous run).
+fn outputs_to_show(
+    cache: &Cache,
+    planned: &PlannedStage,
+    locked: Option<&LockedStage>,
+) -> Option<(BTreeMap<String, ArtifactId>, bool)> {
+    match (&planned.outputs, locked) {
+        (Some(outs), _) => Some((outs.clone(), false)),
+        (None, Some(l)) if l.outputs.values().all(|id| cache.has_artifact(id)) => {
+            Some((l.outputs.clone(), true))
+        }
+        _ => None,
+    }
 }
 
 /// True when RFC 3339 time `a` is after `b` (unparsable times are not).
@@ -482,9 +518,11 @@ enum OutputKind {
     Other,
 }
 
-fn output_kind(op: &str, output: &str) -> OutputKind {
-    let doc = crate::ops::find(op)
-        .and_then(|op| op.declared_outputs().iter().find(|p| p.name == output))
+fn output_kind(op: &OpDecl, output: &str) -> OutputKind {
+    let doc = op
+        .declared_outputs()
+        .iter()
+        .find(|p| p.name == output)
         .map(|p| p.doc)
         .unwrap_or("");
     if matches!(output, "metrics" | "metrics.jsonl") || doc.starts_with("metrics.jsonl") {
@@ -501,7 +539,8 @@ fn output_kind(op: &str, output: &str) -> OutputKind {
 /// folder outputs.
 fn gather_outputs(
     cache: &Cache,
-    stage: &crate::manifest::Stage,
+    stage: &Stage,
+    op: &OpDecl,
     outputs: &BTreeMap<String, ArtifactId>,
     previous_run: bool,
     data: &mut ReportData,
@@ -510,7 +549,7 @@ fn gather_outputs(
         let path = cache.artifact_path(id);
         let mut files: Vec<(String, PathBuf, OutputKind)> = Vec::new();
         match id.kind {
-            ArtifactKind::File => files.push((name.clone(), path, output_kind(&stage.op, name))),
+            ArtifactKind::File => files.push((name.clone(), path, output_kind(op, name))),
             ArtifactKind::Tree => {
                 for (file, kind) in [
                     ("metrics.jsonl", OutputKind::Metrics),

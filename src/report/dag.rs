@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::collect::{ReportData, Status};
-use super::html::esc;
+use super::escape::esc;
 
 const BOX_W: usize = 180;
 const BOX_H: usize = 46;

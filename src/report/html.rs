@@ -9,26 +9,9 @@ use std::fmt::Write as _;
 
 use super::collect::{Evaluation, MetricsLog, ReportData, StageInfo, Status};
 use super::dag::{colours, dag_svg};
+use super::escape::esc;
 use super::plots::curve_svg;
 use super::ReportError;
-
-/// Escapes text for element content and quoted attribute values alike.
-pub fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            // Control characters are not allowed in XML 1.0 text.
-            c if c.is_control() && !matches!(c, '\n' | '\t' | '\r') => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 const STYLE: &str = r#"
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -407,14 +390,6 @@ mod tests {
         assert_eq!(
             rows[3][..5],
             ["eval_dpo", "dpo", "sl_cai", "reward_model", "0.550"].map(String::from)
-        );
-    }
-
-    #[test]
-    fn escaping_covers_markup_quotes_and_control_characters() {
-        assert_eq!(
-            esc("<a href=\"x\">'&'</a>\u{1}"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;\u{fffd}"
         );
     }
 

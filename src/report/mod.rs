@@ -9,6 +9,7 @@
 
 mod collect;
 mod dag;
+mod escape;
 mod html;
 mod plots;
 

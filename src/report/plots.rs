@@ -8,7 +8,7 @@
 
 use plotters::prelude::*;
 
-use super::html::esc;
+use super::escape::esc;
 use super::ReportError;
 
 const WIDTH: u32 = 440;

@@ -1,0 +1,410 @@
+//! Running one stage, in phases: find it cached under its actual inputs
+//! (key hit); take a GPU slot, a job slot and the per-fingerprint lock
+//! (acquire); run it in a worker or in the engine (dispatch); ingest its
+//! outputs and only then write its record (commit).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::SemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{ArtifactId, Fingerprint, StageKey, StageLock, StageRecord};
+use crate::manifest::{Input, Stage};
+use crate::ops::{CancelFlag, OpDecl, Placement};
+use crate::protocol::{Metrics, StageSpec};
+
+use super::gpus::GpuSlot;
+use super::plan::{hash_path_inputs, stage_key};
+use super::progress::StageProgress;
+use super::schedule::Shared;
+use super::{worker, Error, StageStatus};
+
+/// A stage that finished, ran or cached.
+pub(super) struct Finished {
+    pub status: StageStatus,
+    pub outputs: BTreeMap<String, ArtifactId>,
+    pub key: StageKey,
+    pub detail: String,
+}
+
+/// One stage as the scheduler starts it.
+pub(super) struct StageTask {
+    /// Index into `pipeline.stages`.
+    pub index: usize,
+    pub op: &'static OpDecl,
+    /// Ids of its stage-reference inputs: its upstream's actual outputs.
+    pub upstream_ids: BTreeMap<String, ArtifactId>,
+    /// The plan said `run` (so a cache hit now is an early cutoff).
+    pub planned_run: bool,
+}
+
+/// Runs (or finds cached) one stage. Any failure once the run is cancelled
+/// counts as the cancellation.
+pub(super) async fn execute(shared: &Shared, task: StageTask) -> Result<Finished, Error> {
+    execute_phases(shared, task).await.map_err(|err| {
+        if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
+            Error::Cancelled
+        } else {
+            Error::StageFailed(err.into_anyhow())
+        }
+    })
+}
+
+async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Error> {
+    let StageTask {
+        index: i,
+        op,
+        upstream_ids,
+        planned_run,
+    } = task;
+    let stage = &shared.pipeline.stages[i];
+    let key = actual_key(shared, i, op, upstream_ids).await?;
+    let fp = key.fingerprint();
+    if let Some(record) = shared.cache.hit(&fp)? {
+        let detail = if planned_run {
+            "early cutoff: upstream outputs unchanged"
+        } else {
+            "up to date"
+        };
+        return Ok(cached(record, key, detail));
+    }
+
+    let held = acquire(shared, stage, op, &fp).await?;
+    // Whoever waited for the lock finds the stage cached.
+    if let Some(record) = shared.cache.hit(&fp)? {
+        return Ok(cached(record, key, "finished by another run"));
+    }
+    let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
+    let record = commit(shared, stage, &key, &fp, staged).await?;
+
+    let mut detail = summarize_metrics(&record.metrics);
+    if shared.options.locked {
+        if let Some(locked) = shared
+            .lockfile
+            .as_ref()
+            .and_then(|l| l.stages.get(&stage.id))
+        {
+            check_reproduced(op, &locked.outputs, &record.outputs)?;
+            detail = format!("reproduced locked outputs; {detail}");
+        }
+    }
+    Ok(Finished {
+        status: StageStatus::Ran,
+        outputs: record.outputs,
+        key,
+        detail,
+    })
+}
+
+fn cached(record: StageRecord, key: StageKey, detail: &str) -> Finished {
+    Finished {
+        status: StageStatus::Cached,
+        outputs: record.outputs,
+        key,
+        detail: detail.into(),
+    }
+}
+
+/// The key of stage `i` from its upstream's actual output ids. Inputs are
+/// hashed before the stage runs, never after.
+async fn actual_key(
+    shared: &Shared,
+    i: usize,
+    op: &'static OpDecl,
+    upstream_ids: BTreeMap<String, ArtifactId>,
+) -> Result<StageKey, Error> {
+    let (cache, pipeline, rehash) = (
+        shared.cache.clone(),
+        shared.pipeline.clone(),
+        shared.options.rehash,
+    );
+    let mut ids = blocking(move || hash_path_inputs(&cache, &pipeline.stages[i], rehash)).await?;
+    ids.extend(upstream_ids);
+    let pipeline = &shared.pipeline;
+    Ok(stage_key(pipeline, &pipeline.stages[i], op.version, ids))
+}
+
+/// What a running stage holds, released when it is dropped.
+struct Held<'a> {
+    _lock: StageLock,
+    _job: SemaphorePermit<'a>,
+    gpu: Option<GpuSlot<'a>>,
+}
+
+/// Takes a device slot, then a job slot, so a stage waiting for its GPU
+/// does not hold a slot CPU stages could use; then the fingerprint's lock,
+/// so one process runs a fingerprint at a time.
+async fn acquire<'a>(
+    shared: &'a Shared,
+    stage: &Stage,
+    op: &'static OpDecl,
+    fp: &Fingerprint,
+) -> Result<Held<'a>, Error> {
+    let gpu = if op.runs_in_worker() {
+        shared.gpus.acquire(&stage.device, &shared.cancel).await?
+    } else {
+        None
+    };
+    let job = tokio::select! {
+        permit = shared.jobs.acquire() => permit.expect("semaphore open"),
+        _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    let lock = match shared.cache.try_lock_stage(fp)? {
+        Some(lock) => lock,
+        None => {
+            shared
+                .ui
+                .say(&format!("waiting {} (another run holds it)", stage.id));
+            let (cache, fp) = (shared.cache.clone(), fp.clone());
+            blocking(move || Ok(cache.lock_stage(&fp)?)).await?
+        }
+    };
+    Ok(Held {
+        _lock: lock,
+        _job: job,
+        gpu,
+    })
+}
+
+/// A stage's run in its staging folder.
+struct Staged {
+    staging: PathBuf,
+    out_dir: PathBuf,
+    metrics: Metrics,
+    started_at: SystemTime,
+    duration: Duration,
+}
+
+/// Runs the stage in a worker or in the engine, writing into a fresh
+/// staging folder (removed again if the stage fails).
+async fn dispatch(
+    shared: &Shared,
+    stage: &Stage,
+    op: &'static OpDecl,
+    key: &StageKey,
+    fp: &Fingerprint,
+    gpu: Option<&GpuSlot<'_>>,
+) -> Result<Staged, Error> {
+    let on = match (gpu, op.placement) {
+        (Some(g), _) => format!(" on cuda:{}", g.index),
+        (None, Placement::Worker) => " on cpu".into(),
+        (None, Placement::Engine(_)) => String::new(),
+    };
+    shared
+        .ui
+        .say(&format!("run     {} ({}){on}", stage.id, stage.op));
+
+    let cache = &shared.cache;
+    let staging = cache.staging_dir(fp)?;
+    let out_dir = staging.join("out");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let spec = stage_spec(shared, stage, op, key, fp, out_dir.clone(), gpu)?;
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let progress = shared.ui.stage(&stage.id);
+    let result = match op.placement {
+        Placement::Worker => {
+            let placement = worker::Placement {
+                cuda_visible_devices: gpu.map(|g| g.index.to_string()).unwrap_or_default(),
+            };
+            worker::run_stage(&spec, &placement, &progress, &shared.cancel).await
+        }
+        Placement::Engine(run) => run_in_engine(run, &spec, &progress, &shared.cancel).await,
+    };
+    progress.finish();
+    let metrics = match result {
+        Ok(m) => m,
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(err);
+        }
+    };
+    Ok(Staged {
+        staging,
+        out_dir,
+        metrics,
+        started_at,
+        duration: start.elapsed(),
+    })
+}
+
+/// What the op is told about its stage.
+fn stage_spec(
+    shared: &Shared,
+    stage: &Stage,
+    op: &'static OpDecl,
+    key: &StageKey,
+    fp: &Fingerprint,
+    out_dir: PathBuf,
+    gpu: Option<&GpuSlot<'_>>,
+) -> Result<StageSpec, Error> {
+    let (pipeline, cache) = (&shared.pipeline, &shared.cache);
+    let mut input_paths = BTreeMap::new();
+    for (name, input) in &stage.inputs {
+        let path = match input {
+            Input::Path { path, .. } => path.clone(),
+            Input::Stage { .. } => cache.artifact_path(&key.inputs[name]),
+        };
+        input_paths.insert(name.clone(), path);
+    }
+    Ok(StageSpec {
+        pipeline: pipeline.name.clone(),
+        stage: stage.id.clone(),
+        op: stage.op.clone(),
+        op_version: op.version,
+        params: stage.params.clone(),
+        inputs: input_paths,
+        outputs: stage.outputs.clone(),
+        out_dir,
+        work_dir: pipeline.dir.clone(),
+        checkpoint_dir: cache.checkpoint_dir(fp)?,
+        device: match (gpu, op.placement) {
+            (Some(_), _) => "cuda".into(),
+            (None, Placement::Worker) => "cpu".into(),
+            (None, Placement::Engine(_)) => stage.device.clone(),
+        },
+        seed: key.seed,
+        threads: shared.options.threads,
+    })
+}
+
+/// Ingests the outputs, then writes the record: the record is the commit
+/// point, so a crash before it leaves no record of partial outputs.
+async fn commit(
+    shared: &Shared,
+    stage: &Stage,
+    key: &StageKey,
+    fp: &Fingerprint,
+    staged: Staged,
+) -> Result<StageRecord, Error> {
+    let (cache, stage_id, pipeline_name) = (
+        shared.cache.clone(),
+        stage.id.clone(),
+        shared.pipeline.name.clone(),
+    );
+    let (names, key, fp) = (stage.outputs.clone(), key.clone(), fp.clone());
+    blocking(move || {
+        let Staged {
+            staging,
+            out_dir,
+            metrics,
+            started_at,
+            duration,
+        } = staged;
+        let mut outputs = BTreeMap::new();
+        let missing: Vec<&String> = names.iter().filter(|n| !out_dir.join(n).exists()).collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "the op did not create output(s) {missing:?} in {}",
+            out_dir.display()
+        );
+        for name in &names {
+            outputs.insert(name.clone(), cache.ingest(&out_dir.join(name))?);
+        }
+        let record = StageRecord {
+            fingerprint: fp,
+            key,
+            pipeline: pipeline_name,
+            stage: stage_id,
+            outputs,
+            metrics,
+            duration_s: duration.as_secs_f64(),
+            engine_version: crate::ENGINE_VERSION.to_string(),
+            started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+            finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        };
+        cache.write_record(&record)?;
+        let _ = std::fs::remove_dir_all(&staging);
+        Ok(record)
+    })
+    .await
+}
+
+/// Under `--locked`: the outputs must be the ones the lockfile recorded.
+fn check_reproduced(
+    op: &'static OpDecl,
+    locked: &BTreeMap<String, ArtifactId>,
+    produced: &BTreeMap<String, ArtifactId>,
+) -> Result<(), Error> {
+    let differing: Vec<String> = locked
+        .iter()
+        // Volatile outputs (timing logs) may differ between identical runs.
+        .filter(|(name, _)| {
+            !op.declared_outputs()
+                .iter()
+                .any(|p| p.name == name.as_str() && p.volatile)
+        })
+        .filter(|(name, id)| produced.get(*name) != Some(id))
+        .map(|(name, id)| {
+            let got = produced
+                .get(name)
+                .map(|g| g.short().to_string())
+                .unwrap_or_else(|| "none".into());
+            format!("output {name}: locked {} but produced {got}", id.short())
+        })
+        .collect();
+    if !differing.is_empty() {
+        return Err(anyhow::anyhow!(
+            "not reproducible: {} (the outputs are cached; the lockfile is unchanged)",
+            differing.join("; ")
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A short `k=v` line of a stage's summary metrics.
+fn summarize_metrics(metrics: &Metrics) -> String {
+    metrics
+        .iter()
+        .filter(|(_, v)| v.is_number() || v.is_boolean())
+        .take(4)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, Error> {
+    let result = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(result?)
+}
+
+/// Runs an engine op on a blocking thread; cancellation sets its flag.
+async fn run_in_engine(
+    run: crate::ops::RunFn,
+    spec: &StageSpec,
+    progress: &StageProgress<'_>,
+    cancel: &CancellationToken,
+) -> Result<Metrics, Error> {
+    let flag = CancelFlag::default();
+    let watcher = {
+        let (flag, cancel) = (flag.clone(), cancel.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            flag.cancel();
+        })
+    };
+    // The reporter borrows the UI, so run on this task's thread through
+    // block_in_place rather than a 'static spawn_blocking closure.
+    let result = tokio::task::block_in_place(|| {
+        let ctx = crate::ops::StageContext {
+            spec,
+            reporter: progress,
+            cancel: &flag,
+        };
+        run(&ctx)
+    });
+    watcher.abort();
+    if flag.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    Ok(result?)
+}
