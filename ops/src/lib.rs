@@ -9,6 +9,7 @@
 //! data records ([`data`]) and text helpers ([`text`]) live here too, so
 //! neither side depends on the other.
 
+pub mod chat_template;
 pub mod data;
 pub mod op;
 pub mod protocol;

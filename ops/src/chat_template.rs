@@ -1,0 +1,349 @@
+//! Chat templates (the Jinja `chat_template` a checkpoint ships), rendered
+//! as transformers' `apply_chat_template` renders them, so a model sees the
+//! same text in alignflow as in the framework it was trained with.
+//!
+//! What transformers does, and this module mirrors: Jinja with
+//! `trim_blocks` and `lstrip_blocks`, loop controls, Python string methods
+//! on strings (`.strip()`, `.startswith()`), a `tojson` that writes what
+//! Python's `json.dumps(ensure_ascii=False)` writes, the globals
+//! `raise_exception` and `strftime_now`, and the variables `messages`,
+//! `tools` and `documents` (none here), `add_generation_prompt`, the
+//! tokenizer's special tokens (`bos_token`, `eos_token`, ...) and any
+//! template kwargs (Qwen3's `enable_thinking`). `{% generation %}` blocks
+//! (training templates) mark the assistant's text: [`Rendered::assistant`]
+//! gives their character ranges, as `return_assistant_tokens_mask` does.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use minijinja::value::{Kwargs, Serde, Value};
+use minijinja::{Environment, Error, ErrorKind};
+
+/// Brackets the text of a `{% generation %}` block while rendering; removed
+/// from the result. Private-use code points no template writes.
+const GENERATION_START: char = '\u{F8F0}';
+const GENERATION_END: char = '\u{F8F1}';
+
+/// The one template of an environment.
+const NAME: &str = "chat_template";
+
+/// A chat template that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    /// The template does not parse.
+    #[error("the chat template does not compile: {0}")]
+    Compile(String),
+    /// The template refused the conversation (`raise_exception`), or failed
+    /// while rendering it.
+    #[error("the chat template failed: {0}")]
+    Render(String),
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Whether the template marks the assistant's text with `{% generation %}`.
+    pub marks_generation: bool,
+}
+
+/// A rendered conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    /// Character (not byte) ranges of `text` inside `{% generation %}`
+    /// blocks, in order.
+    pub assistant: Vec<Range<usize>>,
+}
+
+impl ChatTemplate {
+    /// Compiles `source` the way transformers does.
+    pub fn new(source: &str) -> Result<ChatTemplate, ChatTemplateError> {
+        let (source, marks_generation) = generation_as_filter_blocks(source);
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("the default delimiters are valid"),
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_filter("__alignflow_generation", |body: String| {
+            format!("{GENERATION_START}{body}{GENERATION_END}")
+        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<Value, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(NAME, source)
+            .map_err(|e| ChatTemplateError::Compile(describe(&e)))?;
+        Ok(ChatTemplate {
+            env,
+            marks_generation,
+        })
+    }
+
+    /// Renders `messages` (a list of `{role, content, ...}` objects) with
+    /// `variables` (special tokens, template kwargs) beside them.
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        variables: &BTreeMap<String, serde_json::Value>,
+    ) -> Result<Rendered, ChatTemplateError> {
+        let mut context: BTreeMap<String, Value> = variables
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(Serde(v))))
+            .collect();
+        context.insert("messages".into(), Value::from(Serde(messages)));
+        context.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        context.insert("tools".into(), Value::from(()));
+        context.insert("documents".into(), Value::from(()));
+        let template = self.env.get_template(NAME).expect("compiled in new");
+        let raw = template
+            .render(Value::from(Serde(&context)))
+            .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
+        Ok(strip_generation_marks(&raw))
+    }
+}
+
+impl Rendered {
+    /// Which of `tokenizer`'s tokens of [`Rendered::text`] (encoded without
+    /// added special tokens) belong to the assistant: the tokens from the one
+    /// holding a block's first character to the one holding its last, as
+    /// transformers' `return_assistant_tokens_mask` marks them.
+    pub fn assistant_token_mask(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> Result<Vec<bool>, tokenizers::Error> {
+        let encoding = tokenizer.encode_char_offsets(self.text.as_str(), false)?;
+        let mut mask = vec![false; encoding.get_ids().len()];
+        for span in self.assistant.iter().filter(|s| !s.is_empty()) {
+            let Some(first) = encoding.char_to_token(span.start, 0) else {
+                break; // past the end (truncated)
+            };
+            let last = encoding
+                .char_to_token(span.end - 1, 0)
+                .unwrap_or(mask.len() - 1);
+            for m in &mut mask[first..=last] {
+                *m = true;
+            }
+        }
+        Ok(mask)
+    }
+}
+
+/// `{% generation %}` is a tag of transformers' own Jinja extension; as a
+/// filter block it renders its body through a filter that brackets it, and
+/// keeps the block-tag whitespace rules (`trim_blocks`, `-`) unchanged.
+fn generation_as_filter_blocks(source: &str) -> (String, bool) {
+    let start = regex_lite_replace(source, "generation", "filter __alignflow_generation");
+    let both = regex_lite_replace(&start, "endgeneration", "endfilter");
+    let marks = both != source;
+    (both, marks)
+}
+
+/// Replaces the block tag `{% word %}` (with any `-` and spaces inside the
+/// delimiters) by `{% replacement %}`, keeping the `-` markers.
+fn regex_lite_replace(source: &str, word: &str, replacement: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix('-') {
+            Some(b) => (b, "-"),
+            None => (body, ""),
+        };
+        if body.trim() == word {
+            out.push_str(&format!("{{%{lead} {replacement} {trail}%}}"));
+        } else {
+            out.push_str(&tag[..end + 2]);
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The text without the generation brackets, and where they were.
+fn strip_generation_marks(raw: &str) -> Rendered {
+    let mut text = String::with_capacity(raw.len());
+    let mut assistant = Vec::new();
+    let mut chars = 0;
+    let mut open: Option<usize> = None;
+    for c in raw.chars() {
+        match c {
+            GENERATION_START => open = Some(chars),
+            GENERATION_END => {
+                if let Some(start) = open.take() {
+                    assistant.push(start..chars);
+                }
+            }
+            c => {
+                text.push(c);
+                chars += 1;
+            }
+        }
+    }
+    Rendered { text, assistant }
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "`
+/// and `": "` between items without indent, no HTML escaping (Jinja's own
+/// `tojson` escapes `<`, `>`, `&` and `'`).
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let _ = sort_keys; // serde_json's maps are ordered by key already
+    let mut out = String::new();
+    write_python_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&serde_json::to_string(k).expect("a string serialises"));
+                out.push_str(": ");
+                write_python_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        J::Number(n) if n.is_f64() => out.push_str(&python_float(n.as_f64().unwrap_or(f64::NAN))),
+        other => out.push_str(&serde_json::to_string(other).expect("JSON serialises")),
+    }
+}
+
+/// A float as Python's `repr` writes it (`1.0`, not `1`).
+fn python_float(x: f64) -> String {
+    let s = format!("{x:?}");
+    if s.contains('e') && !s.contains("e-") && !s.contains("e+") {
+        s.replace('e', "e+")
+    } else {
+        s
+    }
+}
+
+/// `strftime_now(format)`: the local time now, formatted as Python's
+/// `datetime.now().strftime(format)` (Llama 3.1's template dates its
+/// system header with it).
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let now = jiff::Zoned::now();
+    jiff::fmt::strtime::format(format.as_str(), &now)
+        .map(Value::from)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+}
+
+/// minijinja's error with the template line it points at.
+fn describe(e: &Error) -> String {
+    match (e.detail(), e.line()) {
+        (Some(detail), Some(line)) => format!("{detail} (template line {line})"),
+        (Some(detail), None) => detail.to_string(),
+        (None, Some(line)) => format!("{} (template line {line})", e.kind()),
+        (None, None) => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(source: &str, messages: serde_json::Value, gen: bool) -> Rendered {
+        ChatTemplate::new(source)
+            .unwrap()
+            .render(&messages, gen, &BTreeMap::new())
+            .unwrap()
+    }
+
+    #[test]
+    fn generation_blocks_give_character_ranges_and_vanish_from_the_text() {
+        let source = "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{{ '\\n' }}{% endfor %}";
+        let r = render(
+            source,
+            serde_json::json!([
+                {"role": "user", "content": "héllo"},
+                {"role": "assistant", "content": "wörld"}
+            ]),
+            false,
+        );
+        assert_eq!(r.text, "user: héllo\nassistant: wörld\n");
+        assert_eq!(r.assistant, vec![23..28]);
+        let chars: Vec<char> = r.text.chars().collect();
+        assert_eq!(chars[23..28].iter().collect::<String>(), "wörld");
+    }
+
+    #[test]
+    fn tag_rewriting_keeps_whitespace_markers_and_other_tags() {
+        assert_eq!(
+            regex_lite_replace("a{%- generation -%}b{% if x %}", "generation", "filter f"),
+            "a{%- filter f -%}b{% if x %}"
+        );
+    }
+
+    #[test]
+    fn raise_exception_is_a_render_error_with_its_message() {
+        let t = ChatTemplate::new("{{ raise_exception('System role not supported') }}").unwrap();
+        let err = t
+            .render(&serde_json::json!([]), false, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("System role not supported"), "{err}");
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let r = render(
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}",
+            serde_json::json!([{"content": "<b>é</b>", "n": 1.0, "k": [1, 2]}]),
+            false,
+        );
+        assert_eq!(
+            r.text,
+            "[{\"content\": \"<b>é</b>\", \"k\": [1, 2], \"n\": 1.0}]|{\n  \"content\": \"<b>é</b>\",\n  \"k\": [\n    1,\n    2\n  ],\n  \"n\": 1.0\n}"
+        );
+    }
+}
