@@ -29,11 +29,11 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 pub struct AiFeedbackParams {
     /// Feedback questions per forward pass (each is two sequences, one
     /// ending in ` (A)` and one in ` (B)`).
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Distinct feedback principles sampled per pair (seeded by the stage
     /// seed and the pair index); the label is their mean.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub principles_per_pair: usize,
     /// Prepend the constitution's few-shot feedback examples to each question.
     #[serde(default)]
@@ -43,21 +43,11 @@ pub struct AiFeedbackParams {
     #[serde(default)]
     pub chain_of_thought: bool,
     /// Chain of thought: most new tokens of reasoning.
-    #[serde(default = "default_max_new_tokens")]
+    #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
     /// Chain of thought: sampling temperature; 0 is greedy.
     #[serde(default)]
     pub temperature: f64,
-}
-
-fn default_batch_size() -> usize {
-    8
-}
-fn one() -> usize {
-    1
-}
-fn default_max_new_tokens() -> i64 {
-    64
 }
 
 /// First line of every feedback question.

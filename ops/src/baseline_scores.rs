@@ -21,13 +21,13 @@ pub struct BaselineScoresParams {
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature.
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
     /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Responses sampled and scored per batch.
     #[serde(default = "default_batch_size")]
@@ -48,15 +48,6 @@ fn default_samples() -> usize {
 }
 fn default_max_new_tokens() -> i64 {
     32
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn default_template() -> String {
-    "{prompt}".into()
-}
-fn default_prompt_field() -> String {
-    "prompt".into()
 }
 fn default_batch_size() -> usize {
     16

@@ -45,30 +45,30 @@ pub struct BestOfNParams {
     #[serde(default = "default_n")]
     pub n: usize,
     /// Most new tokens per answer.
-    #[serde(default = "default_max_new_tokens")]
+    #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature; 0 is greedy (then all n answers are the same).
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
     /// Keep the k most likely tokens (0: off).
     #[serde(default)]
     pub top_k: i64,
     /// Nucleus sampling mass (1: off).
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub top_p: f64,
     /// Stop an answer when its text contains one of these (the stop string
     /// is cut off the written response; the PM scores the sampled tokens).
     #[serde(default)]
     pub stop: Vec<String>,
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Prompt template; `{prompt}` is replaced by the prompt field. Give the
     /// `sft` stage that consumes `data` the same template.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
     /// Sequences per sampling pass, and prompts per scoring pass.
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Use only the first `limit` prompts (none: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,21 +77,6 @@ pub struct BestOfNParams {
 
 fn default_n() -> usize {
     4
-}
-fn default_max_new_tokens() -> i64 {
-    64
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn default_prompt_field() -> String {
-    "prompt".into()
-}
-fn default_template() -> String {
-    "{prompt}".into()
-}
-fn default_batch_size() -> usize {
-    8
 }
 
 /// Index of the highest score; ties go to the lowest index. `None` when

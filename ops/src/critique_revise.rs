@@ -51,22 +51,22 @@ pub struct CritiqueReviseParams {
     #[serde(default = "default_sampling")]
     pub sampling: PrincipleSampling,
     /// Prepend the constitution's few-shot critique/revision examples.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub few_shot: bool,
     /// Most new tokens per critique and per revision.
-    #[serde(default = "default_max_new_tokens")]
+    #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature; 0 is greedy.
-    #[serde(default = "default_temperature")]
+    #[serde(default = "crate::defaults::temperature")]
     pub temperature: f64,
     /// Keep the k most likely tokens (0: off).
     #[serde(default)]
     pub top_k: i64,
     /// Nucleus sampling mass (1: off).
-    #[serde(default = "default_top_p")]
+    #[serde(default = "crate::defaults::top_p")]
     pub top_p: f64,
     /// Records per generation batch.
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Conversation template for records without `prompt_text`; `{prompt}` is replaced by the prompt.
     #[serde(default = "default_template")]
@@ -78,21 +78,6 @@ fn default_rounds() -> usize {
 }
 fn default_sampling() -> PrincipleSampling {
     PrincipleSampling::WithReplacement
-}
-fn yes() -> bool {
-    true
-}
-fn default_max_new_tokens() -> i64 {
-    64
-}
-fn default_temperature() -> f64 {
-    1.0
-}
-fn default_top_p() -> f64 {
-    1.0
-}
-fn default_batch_size() -> usize {
-    8
 }
 fn default_template() -> String {
     "\n\nHuman: {prompt}\n\nAssistant:".into()

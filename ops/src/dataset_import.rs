@@ -42,7 +42,7 @@ pub struct ImportParams {
     #[serde(default = "default_format")]
     pub format: Format,
     /// `prompts` format: the field that holds the prompt.
-    #[serde(default = "default_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub field: String,
     /// How many malformed lines to skip (and list in the report) before failing.
     #[serde(default)]
@@ -54,10 +54,6 @@ pub struct ImportParams {
 
 fn default_format() -> Format {
     Format::HhRlhf
-}
-
-fn default_field() -> String {
-    "prompt".into()
 }
 
 /// Why an HH-RLHF record cannot become a comparison.

@@ -37,14 +37,14 @@ pub struct DpoReferenceParams {
     /// Longest sequence (prompt + response + EOS) in tokens; longer ones
     /// keep the prompt's end (at least half the budget when the prompt is
     /// long) and the response's start, as in `sft`. `dpo` reuses this value.
-    #[serde(default = "default_max_len")]
+    #[serde(default = "crate::defaults::max_len")]
     pub max_len: i64,
     /// Append the EOS token to every response, so the log-probs include
     /// stopping. `dpo` reuses this choice.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
     /// Pairs per forward pass (a memory knob).
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
 }
 
@@ -93,12 +93,6 @@ pub struct DpoParams {
     pub train: TrainParams,
 }
 
-fn default_max_len() -> i64 {
-    256
-}
-fn default_batch_size() -> usize {
-    8
-}
 fn default_beta() -> f64 {
     0.1
 }
@@ -110,9 +104,6 @@ fn default_lr() -> f64 {
 }
 fn default_eval_fraction() -> f64 {
     0.1
-}
-fn yes() -> bool {
-    true
 }
 
 impl OpParams for DpoReferenceParams {

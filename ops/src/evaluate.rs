@@ -69,20 +69,20 @@ pub struct EvaluateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
     /// Most new tokens per answer.
-    #[serde(default = "default_max_new_tokens")]
+    #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature of both policies (0 is greedy). The KL uses the
     /// same temperature, as `ppo` does (0 and 1: the unscaled distributions).
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
     /// Prompts per sampling / scoring pass (also feedback questions per pass).
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Feedback judge: the multiple-choice principle, when no `constitution`
     /// is bound (e.g. `Which of these assistant responses is less harmful?`).
@@ -90,7 +90,7 @@ pub struct EvaluateParams {
     pub principle: Option<String>,
     /// Feedback judge: distinct constitution principles sampled per prompt
     /// (seeded by the stage seed and the prompt index); their mean decides.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub principles_per_prompt: usize,
     /// Feedback judge: prepend the constitution's few-shot feedback examples.
     #[serde(default)]
@@ -108,25 +108,6 @@ pub struct EvaluateParams {
     /// Name of the reference in the report; by default its input path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_name: Option<String>,
-}
-
-fn default_prompt_field() -> String {
-    "prompt".into()
-}
-fn default_template() -> String {
-    "{prompt}".into()
-}
-fn default_max_new_tokens() -> i64 {
-    64
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn default_batch_size() -> usize {
-    8
-}
-fn one() -> usize {
-    1
 }
 
 /// z of a two-sided 95% normal interval (the 0.975 quantile).

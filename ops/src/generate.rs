@@ -9,57 +9,35 @@ use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 #[serde(deny_unknown_fields)]
 pub struct GenerateParams {
     /// Responses per prompt.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub n: usize,
     /// Most new tokens per response.
-    #[serde(default = "default_max_new_tokens")]
+    #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
     /// Fewest new tokens (EOS is blocked before).
     #[serde(default)]
     pub min_new_tokens: i64,
     /// Sampling temperature; 0 is greedy.
-    #[serde(default = "default_temperature")]
+    #[serde(default = "crate::defaults::temperature")]
     pub temperature: f64,
     /// Keep the k most likely tokens (0: off).
     #[serde(default)]
     pub top_k: i64,
     /// Nucleus sampling mass (1: off).
-    #[serde(default = "default_top_p")]
+    #[serde(default = "crate::defaults::top_p")]
     pub top_p: f64,
     /// Stop a response when its text contains one of these (the stop string is cut off).
     #[serde(default)]
     pub stop: Vec<String>,
     /// Prompts per batch.
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
-}
-
-fn one() -> usize {
-    1
-}
-fn default_max_new_tokens() -> i64 {
-    64
-}
-fn default_temperature() -> f64 {
-    1.0
-}
-fn default_top_p() -> f64 {
-    1.0
-}
-fn default_batch_size() -> usize {
-    8
-}
-fn default_prompt_field() -> String {
-    "prompt".into()
-}
-fn default_template() -> String {
-    "{prompt}".into()
 }
 
 /// The `generate` op.

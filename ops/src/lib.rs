@@ -11,6 +11,7 @@
 
 pub mod chat_template;
 pub mod data;
+pub mod defaults;
 pub mod op;
 pub mod protocol;
 pub mod stage;

@@ -28,11 +28,11 @@ pub struct PmTrainParams {
     pub lr: f64,
     /// Longest sequence (prompt + response + EOS) in tokens: the prompt's
     /// beginning is dropped first, then the response's end (the EOS stays).
-    #[serde(default = "default_max_len")]
+    #[serde(default = "crate::defaults::max_len")]
     pub max_len: i64,
     /// Append the EOS token to every response, so the reward is read on the
     /// same token type at the end of every sequence.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
     /// Loss weight per training input (`comparisons`, `extra`); unnamed
     /// inputs weigh 1.0, a weight of 0 drops the set. The loss of a batch is
@@ -59,10 +59,10 @@ pub struct PmPretrainParams {
     pub lr: f64,
     /// Longest sequence (prompt + response + EOS) in tokens, truncated as in
     /// `pm.train`.
-    #[serde(default = "default_max_len")]
+    #[serde(default = "crate::defaults::max_len")]
     pub max_len: i64,
     /// Append the EOS token to every response.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
     /// Fraction of the records (chosen by the stage seed) held out for
     /// evaluation; 0 evaluates nothing.
@@ -78,14 +78,8 @@ pub struct PmPretrainParams {
 fn default_lr() -> f64 {
     1e-5
 }
-fn default_max_len() -> i64 {
-    256
-}
 fn default_eval_fraction() -> f64 {
     0.1
-}
-fn yes() -> bool {
-    true
 }
 
 fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {

@@ -108,7 +108,7 @@ pub struct PpoRewardNorm {
     #[serde(default)]
     pub mean: f64,
     /// Target (population) standard deviation of the normalized reference scores.
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub std: f64,
 }
 
@@ -121,7 +121,7 @@ pub struct PpoParams {
     pub iterations: u64,
     /// Prompts per rollout (the rollout has `batch_size * samples_per_prompt`
     /// responses).
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// How advantages are estimated: `gae` (PPO with a value model), or the
     /// critic-free `grpo` / `rloo` (no value model is loaded or trained;
@@ -131,11 +131,11 @@ pub struct PpoParams {
     pub advantage: PpoAdvantage,
     /// Responses sampled per prompt; at least 2 with `grpo` / `rloo`, whose
     /// baselines are the other responses to the same prompt.
-    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub samples_per_prompt: usize,
     /// With `grpo`: divide the mean-centred rewards by the group's standard
     /// deviation (false: mean-centring only, as Dr. GRPO).
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[serde(default = "crate::defaults::yes", skip_serializing_if = "is_true")]
     pub scale_std: bool,
     /// Where the KL to the reference enters: the reward (default) or the
     /// policy loss (`kl_coef * k3`, as GRPO).
@@ -145,22 +145,22 @@ pub struct PpoParams {
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: i64,
     /// Sampling temperature of the rollouts.
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
     /// Learning rate of the policy and the value model.
     #[serde(default = "default_lr")]
     pub lr: f64,
     /// Passes over each rollout.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub ppo_epochs: usize,
     /// Minibatches per pass.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub minibatches: usize,
     /// Policy ratio clip range.
     #[serde(default = "default_clip")]
@@ -169,7 +169,7 @@ pub struct PpoParams {
     #[serde(default = "default_clip")]
     pub value_clip: f64,
     /// Discount.
-    #[serde(default = "one_f")]
+    #[serde(default = "crate::defaults::one_f64")]
     pub gamma: f64,
     /// GAE lambda.
     #[serde(default = "default_lam")]
@@ -232,34 +232,16 @@ pub struct PpoParams {
 fn default_iterations() -> u64 {
     20
 }
-fn default_batch_size() -> usize {
-    8
-}
 fn default_max_new_tokens() -> i64 {
     32
-}
-fn one_f() -> f64 {
-    1.0
-}
-fn one() -> usize {
-    1
 }
 // The knobs added after version 2 are left out of the normalised params at
 // their defaults, so existing stages keep their cache keys.
 fn is_one(n: &usize) -> bool {
     *n == 1
 }
-fn yes() -> bool {
-    true
-}
 fn is_true(b: &bool) -> bool {
     *b
-}
-fn default_prompt_field() -> String {
-    "prompt".into()
-}
-fn default_template() -> String {
-    "{prompt}".into()
 }
 fn default_lr() -> f64 {
     1e-5

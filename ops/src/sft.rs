@@ -10,19 +10,19 @@ use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct SftParams {
     /// Field holding the prompt.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
     /// Field holding the target response (`chosen` for comparisons).
     #[serde(default = "default_response_field")]
     pub response_field: String,
     /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "default_template")]
+    #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
     /// Append the EOS token to each response, so the model learns to stop.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
     /// Longest example in tokens; longer ones keep the prompt's end and the response's start.
-    #[serde(default = "default_max_len")]
+    #[serde(default = "crate::defaults::max_len")]
     pub max_len: i64,
     /// Peak learning rate.
     #[serde(default = "default_lr")]
@@ -34,20 +34,8 @@ pub struct SftParams {
     pub train: TrainParams,
 }
 
-fn default_prompt_field() -> String {
-    "prompt".into()
-}
 fn default_response_field() -> String {
     "response".into()
-}
-fn default_template() -> String {
-    "{prompt}".into()
-}
-fn yes() -> bool {
-    true
-}
-fn default_max_len() -> i64 {
-    256
 }
 fn default_lr() -> f64 {
     1e-5

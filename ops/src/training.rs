@@ -18,13 +18,13 @@ pub enum Decay {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct TrainParams {
     /// Examples per optimizer step (per micro-batch with `grad_accum`).
-    #[serde(default = "default_batch_size")]
+    #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Micro-batches accumulated per optimizer step.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub grad_accum: usize,
     /// Passes over the data.
-    #[serde(default = "one")]
+    #[serde(default = "crate::defaults::one")]
     pub epochs: usize,
     /// Stop after this many optimizer steps (overrides `epochs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,16 +57,10 @@ pub struct TrainParams {
     #[serde(default = "default_log_every")]
     pub log_every: u64,
     /// bf16 autocast on CUDA (ignored on CPU, where training is float32).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::defaults::yes")]
     pub bf16: bool,
 }
 
-fn default_batch_size() -> usize {
-    8
-}
-fn one() -> usize {
-    1
-}
 fn default_decay() -> Decay {
     Decay::Cosine
 }
@@ -84,9 +78,6 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_log_every() -> u64 {
     1
-}
-fn yes() -> bool {
-    true
 }
 
 /// LoRA adapters: only they train; `sft` merges them into the exported model.
