@@ -38,9 +38,9 @@ impl Progress {
 }
 
 fn initial_kl_controller(s: &Settings) -> KlController {
-    match s.p.target_kl {
-        Some(target) => KlController::adaptive(s.p.kl_coef, target, s.p.horizon),
-        None => KlController::fixed(s.p.kl_coef),
+    match s.params.target_kl {
+        Some(target) => KlController::adaptive(s.params.kl_coef, target, s.params.horizon),
+        None => KlController::fixed(s.params.kl_coef),
     }
 }
 
@@ -116,7 +116,7 @@ pub(super) fn resume(
     })?;
     let mut kl_ctl = extra.kl_controller;
     kl_ctl.set_value(f64::from_bits(extra.kl_coef_bits));
-    let norm = match s.p.reward_norm {
+    let norm = match s.params.reward_norm {
         Some(_) => extra.reward_norm.as_ref().map(RewardNorm::from),
         None => None,
     };

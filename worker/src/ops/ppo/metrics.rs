@@ -94,7 +94,7 @@ pub(super) fn line(s: &Settings, i: &Iteration<'_>) -> Value {
         "lr": i.lr,
         "seconds": i.secs,
     });
-    if s.p.kl_mode == PpoKlMode::Loss {
+    if s.params.kl_mode == PpoKlMode::Loss {
         line["kl_loss"] = (sums.kl_loss / count).into();
     }
     if let Some((std, flat)) = &i.adv.group_stats {
@@ -127,7 +127,7 @@ pub(super) fn report(ctx: &StageContext<'_>, s: &Settings, it: u64, ex: &Experie
     );
     ctx.reporter.progress(
         it,
-        Some(s.p.iterations),
+        Some(s.params.iterations),
         &format!("score {mean_score:.4} kl {mean_kl:.4}"),
     );
 }
@@ -143,7 +143,7 @@ pub(super) fn summary(
     norm: Option<&RewardNorm>,
 ) -> Metrics {
     let mut out = Metrics::new();
-    out.insert("iterations".into(), s.p.iterations.into());
+    out.insert("iterations".into(), s.params.iterations.into());
     out.insert("final_score".into(), last["score"].clone());
     out.insert("final_kl".into(), last["kl"].clone());
     out.insert("tokens".into(), total_tokens.into());

@@ -182,7 +182,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         passes,
         checkpoints: &checkpoints,
     };
-    for it in progress.done + 1..=s.p.iterations {
+    for it in progress.done + 1..=s.params.iterations {
         ctx.cancel.check()?;
         last = stage.iteration(it, &mut opts, &mut progress, &mut metrics_log)?;
     }
@@ -269,7 +269,10 @@ impl Stage<'_> {
         metrics_log.write(&line)?;
         metrics::report(self.ctx, s, it, &ex, lr);
         progress.done = it;
-        if s.p.checkpoint_every > 0 && it % s.p.checkpoint_every == 0 && it < s.p.iterations {
+        if s.params.checkpoint_every > 0
+            && it % s.params.checkpoint_every == 0
+            && it < s.params.iterations
+        {
             // The metrics lines up to `it` must be on disk before a
             // checkpoint that says `it` is done.
             metrics_log.sync()?;

@@ -26,7 +26,7 @@ pub(super) fn fit(
     models: &Models,
     prompts: &[Vec<i64>],
 ) -> anyhow::Result<Option<RewardNorm>> {
-    let Some(rn) = &s.p.reward_norm else {
+    let Some(rn) = &s.params.reward_norm else {
         return Ok(None);
     };
     let stage = &s.stage;
@@ -37,7 +37,7 @@ pub(super) fn fit(
     );
     ctx.reporter.progress(
         0,
-        Some(s.p.iterations),
+        Some(s.params.iterations),
         &format!("scoring {} reference samples", rn.samples),
     );
     let raw = reference_scores(

@@ -175,7 +175,7 @@ pub(super) fn experience(
     stop.unless_finite(it, "score", mean_score)?;
     stop.unless_finite(it, "KL", mean_kl)?;
     // With `kl_mode: loss` the KL is a loss term, not a reward.
-    let reward_kl_coef = match s.p.kl_mode {
+    let reward_kl_coef = match s.params.kl_mode {
         PpoKlMode::Reward => kl_coef,
         PpoKlMode::Loss => 0.0,
     };
@@ -185,7 +185,7 @@ pub(super) fn experience(
         rmask,
         &ro.has_eos,
         reward_kl_coef,
-        s.p.no_eos_penalty,
+        s.params.no_eos_penalty,
     );
     Ok(Experience {
         old_logp,
@@ -228,7 +228,8 @@ fn rollout_forwards(
                     f.values.as_ref().map(|v| v.detach() * rmask),
                 ),
                 None => (
-                    response_logprobs(&models.policy, ids, mask, resp, p_len, s.p.temperature).0,
+                    response_logprobs(&models.policy, ids, mask, resp, p_len, s.params.temperature)
+                        .0,
                     models
                         .critic
                         .as_ref()
@@ -236,7 +237,7 @@ fn rollout_forwards(
                 ),
             };
             let rf = models.reference.with(&models.policy, |m| {
-                response_logprobs(m, ids, mask, resp, p_len, s.p.temperature).0
+                response_logprobs(m, ids, mask, resp, p_len, s.params.temperature).0
             });
             let sc = models
                 .rewards

@@ -19,7 +19,7 @@ use crate::train::{AdamW, AdamWConfig, Decay, Schedule, ScheduleConfig};
 
 /// The stage's settings: its params and what follows from them.
 pub(super) struct Settings {
-    pub p: PpoParams,
+    pub params: PpoParams,
     pub stage: String,
     pub seed: u64,
     pub device: Device,
@@ -160,7 +160,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
             },
             schedule: lr_schedule(&p),
             batch_size: p.batch_size.max(1),
-            p,
+            params: p,
             stage,
             seed,
             device,

@@ -36,8 +36,9 @@ pub(super) struct Plan {
 
 impl Plan {
     pub(super) fn new(s: &Settings, ro: &Rollout, passes: Passes) -> Plan {
-        let minibatches = s.p.minibatches.clamp(1, ro.batch.len());
-        let single_pass = passes == Passes::Auto && s.p.ppo_epochs.max(1) == 1 && minibatches == 1;
+        let minibatches = s.params.minibatches.clamp(1, ro.batch.len());
+        let single_pass =
+            passes == Passes::Auto && s.params.ppo_epochs.max(1) == 1 && minibatches == 1;
         Plan {
             minibatches,
             single_pass,
@@ -56,7 +57,7 @@ impl Plan {
                     &sm.mask,
                     &sm.resp,
                     sm.p_len,
-                    s.p.temperature,
+                    s.params.temperature,
                 );
                 let values = models
                     .critic
@@ -72,7 +73,8 @@ impl Plan {
 pub(super) struct ValueTargets {
     /// `[b, r]` the GAE returns.
     pub returns: Tensor,
-    /// Of the rollout's values for the returns (NaN when undefined).
+    /// How much of the returns' variance the rollout's values explain
+    /// (NaN when the returns have none).
     pub explained_variance: f64,
 }
 
@@ -106,7 +108,7 @@ pub(super) fn advantages(s: &Settings, ro: &Rollout, ex: &Experience) -> Advanta
             }
         }
         (None, Some(old_values)) => {
-            let rewards = if s.p.whiten_rewards {
+            let rewards = if s.params.whiten_rewards {
                 masked_whiten(&shaped.rewards, rmask, false) * rmask
             } else {
                 shaped.rewards.shallow_clone()
@@ -197,7 +199,7 @@ pub(super) fn update(
 ) -> anyhow::Result<UpdateSums> {
     let b = batch.ro.b;
     let mut sums = UpdateSums::default();
-    for epoch in 0..s.p.ppo_epochs.max(1) {
+    for epoch in 0..s.params.ppo_epochs.max(1) {
         seed_torch_for_step(s.seed, it * 1000 + epoch as u64);
         // One minibatch of everything: the row order changes nothing.
         let order = if plan.single_pass {
@@ -265,20 +267,25 @@ impl Step<'_> {
         let (pl, kl_loss, all) = crate::train::autocast_if(s.autocast, || {
             let (logp, all) = match self.precomputed {
                 Some(f) => (f.logp.shallow_clone(), f.all.shallow_clone()),
-                None => {
-                    response_logprobs(policy, &mb.ids, &mb.mask, &mb.resp, p_len, s.p.temperature)
-                }
+                None => response_logprobs(
+                    policy,
+                    &mb.ids,
+                    &mb.mask,
+                    &mb.resp,
+                    p_len,
+                    s.params.temperature,
+                ),
             };
             let pl = policy_loss(
                 &logp,
                 &mb.pick(&ex.old_logp),
                 &mb.pick(&self.batch.adv.adv),
                 &mb.rmask,
-                s.p.clip,
+                s.params.clip,
             );
             // GRPO's KL term: k3 of the current policy against the
             // reference, token-level masked mean like the surrogate.
-            let kl_loss = (s.p.kl_mode == PpoKlMode::Loss)
+            let kl_loss = (s.params.kl_mode == PpoKlMode::Loss)
                 .then(|| masked_mean(&kl_k3(&logp, &mb.pick(&ex.ref_logp)), &mb.rmask, None));
             (pl, kl_loss, all)
         });
@@ -318,7 +325,7 @@ impl Step<'_> {
                 &mb.pick(old_values),
                 &mb.pick(&targets.returns),
                 &mb.rmask,
-                s.p.value_clip,
+                s.params.value_clip,
             )
         });
         let vl_v = scalar(&vl.loss);
@@ -331,7 +338,7 @@ impl Step<'_> {
 
     /// Clips the gradient norm (if asked), then steps.
     fn clip_and_step(&self, opt: &mut AdamW, what: &str) -> anyhow::Result<()> {
-        if let Some(c) = self.s.p.grad_clip {
+        if let Some(c) = self.s.params.grad_clip {
             let norm = clip_grad_norm(&opt.params(), c);
             self.stop.unless_finite(self.it, what, norm)?;
         }
