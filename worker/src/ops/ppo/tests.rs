@@ -12,8 +12,12 @@ use alignflow_ops::{CancelFlag, NullReporter, PpoValueInit, StageContext};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use super::reward_norm::reference_scores;
+use super::reward_source::Rewards;
+use super::setup::{value_model, Reference};
 use super::*;
-use crate::model::ModelConfig;
+use crate::model::sample::SamplingConfig;
+use crate::model::{BuildOptions, Head, LoraConfig, ModelConfig};
 
 /// A tiny tokenizer, GPT-2 policy and preference model, and prompts.
 struct Fixture {

@@ -1,0 +1,320 @@
+//! The stage before its first iteration: the params checked and turned into
+//! settings, the four models loaded, the prompts read, the optimizers made.
+
+use std::path::Path;
+
+use tch::Device;
+
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::{
+    PpoAdvantage, PpoKlEstimator, PpoLrSchedule, PpoParams, PpoValueInit, StageContext,
+};
+
+use super::reward_source::{Rewards, Source};
+use crate::model::sample::SamplingConfig;
+use crate::model::{self, without_adapters, BuildOptions, Head, LoraConfig, Model, Packing};
+use crate::ops::prompts::{read_prompts, PromptSource};
+use crate::rl::{GaeConfig, GroupBaseline, KlEstimator};
+use crate::train::{AdamW, AdamWConfig, Decay, Schedule, ScheduleConfig};
+
+/// The stage's settings: its params and what follows from them.
+pub(super) struct Settings {
+    pub params: PpoParams,
+    pub stage: String,
+    pub seed: u64,
+    pub device: Device,
+    /// bf16 autocast (CUDA only).
+    pub autocast: bool,
+    pub eos: Option<i64>,
+    /// `None` with GAE; with GRPO / RLOO, how a group's rewards become
+    /// advantages.
+    pub baseline: Option<GroupBaseline>,
+    /// Samples per prompt: consecutive rows of a batch.
+    pub group: usize,
+    /// Prompts per iteration.
+    pub batch_size: usize,
+    pub estimator: KlEstimator,
+    pub gae: GaeConfig,
+    pub schedule: Schedule,
+    /// Sampling settings; each rollout sets its own seed.
+    pub sampling: SamplingConfig,
+}
+
+/// The policy (trained), the value model (trained, absent without GAE),
+/// the frozen reference and the frozen reward source.
+pub(super) struct Models {
+    pub policy: Model,
+    pub critic: Option<Model>,
+    pub reference: Reference,
+    pub rewards: Rewards,
+}
+
+/// Everything the stage starts from.
+pub(super) struct Setup {
+    pub settings: Settings,
+    pub models: Models,
+    /// The prompts, tokenized, each cut to leave room for a response.
+    pub prompts: Vec<Vec<i64>>,
+}
+
+/// The frozen reference: its own copy of the starting weights, or (with
+/// LoRA) the policy with its adapters off.
+pub(super) enum Reference {
+    Copy(Model),
+    AdaptersOff,
+}
+
+impl Reference {
+    /// Runs `f` on the reference model.
+    pub(super) fn with<R>(&self, policy: &Model, f: impl FnOnce(&Model) -> R) -> R {
+        match self {
+            Reference::Copy(m) => f(m),
+            Reference::AdaptersOff => without_adapters(|| f(policy)),
+        }
+    }
+
+    /// Packs the reference's copy, if it has one, for the stage (see
+    /// [`Model::packed`]).
+    pub(super) fn packed(&self) -> Option<Packing<'_>> {
+        match self {
+            Reference::Copy(m) => Some(m.lm.packed(8)),
+            Reference::AdaptersOff => None,
+        }
+    }
+}
+
+/// One AdamW per trained model.
+pub(super) struct Optimizers {
+    pub policy: AdamW,
+    pub critic: Option<AdamW>,
+}
+
+impl Optimizers {
+    pub(super) fn new(models: &Models) -> anyhow::Result<Optimizers> {
+        Ok(Optimizers {
+            policy: AdamW::new(models.policy.trainable(), AdamWConfig::default())?,
+            critic: match &models.critic {
+                Some(c) => Some(AdamW::new(c.trainable(), AdamWConfig::default())?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Checks the params, loads the models and reads the prompts.
+pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
+    let p: PpoParams = ctx.params()?;
+    let stage = ctx.spec.stage.clone();
+    let seed = ctx.spec.seed;
+    let device = model::device(&ctx.spec.device)?;
+    let autocast = p.bf16 && device.is_cuda();
+    if p.bf16 && !autocast {
+        tracing::info!("bf16 applies on CUDA only: this stage runs in float32 on {device:?}");
+    }
+    let policy_dir = ctx.input("policy")?;
+    let pm_dir = ctx.spec.inputs.get("reward_model").map(|d| d.as_path());
+    let tokenizer = Tokenizer::from_dir(policy_dir)?;
+    // Adapters and the value head are initialised randomly: seed first, for
+    // byte-identical reruns.
+    tch::manual_seed(seed as i64);
+    let (policy, reference) = policy_and_reference(&p, &stage, policy_dir, device)?;
+    let (baseline, group) = baseline_and_group(&p, &stage)?;
+    // Critic-free modes load no value model at all.
+    let critic = match baseline {
+        None => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
+        Some(_) => None,
+    };
+    let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
+    let eos = tokenizer
+        .eos_id
+        .map(i64::from)
+        .or(policy.lm.cfg.eos_token_id);
+    let pad = policy.lm.cfg.pad_id();
+    let max_new = p.max_new_tokens.max(1);
+    let max_positions = policy
+        .lm
+        .cfg
+        .max_positions
+        .min(source.max_positions().unwrap_or(i64::MAX))
+        .min(critic.as_ref().map_or(i64::MAX, |c| c.lm.cfg.max_positions));
+    anyhow::ensure!(
+        max_new < max_positions,
+        "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
+    );
+    let prompt_budget = (max_positions - max_new) as usize;
+    let (prompts, rewards) =
+        prompts_and_rewards(ctx, &p, &tokenizer, prompt_budget, source, policy_dir, eos)?;
+    let sampling = SamplingConfig {
+        max_new_tokens: max_new,
+        temperature: p.temperature,
+        eos_token_id: eos,
+        pad_token_id: pad,
+        ..Default::default()
+    };
+    Ok(Setup {
+        settings: Settings {
+            estimator: kl_estimator(p.kl_estimator),
+            gae: GaeConfig {
+                gamma: p.gamma,
+                lam: p.lam,
+            },
+            schedule: lr_schedule(&p),
+            batch_size: p.batch_size.max(1),
+            params: p,
+            stage,
+            seed,
+            device,
+            autocast,
+            eos,
+            baseline,
+            group,
+            sampling,
+        },
+        models: Models {
+            policy,
+            critic,
+            reference,
+            rewards,
+        },
+        prompts,
+    })
+}
+
+/// The policy (with LoRA adapters if asked) and its frozen reference.
+fn policy_and_reference(
+    p: &PpoParams,
+    stage: &str,
+    policy_dir: &Path,
+    device: Device,
+) -> anyhow::Result<(Model, Reference)> {
+    let lora = p.lora.as_ref().map(|l| LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+    });
+    let opts = |head, lora: Option<LoraConfig>| BuildOptions { device, head, lora };
+    let policy = Model::load(policy_dir, &opts(Head::Lm, lora.clone()))?;
+    let reference = match &lora {
+        Some(l) => {
+            anyhow::ensure!(
+                policy.trainable().iter().any(|(n, _)| n.contains("lora_")),
+                "stage `{stage}`, field `params.lora.targets`: {:?} names no module of the policy (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
+                l.targets
+            );
+            Reference::AdaptersOff
+        }
+        None => {
+            let mut r = Model::load(policy_dir, &opts(Head::Lm, None))?;
+            r.vs.freeze();
+            Reference::Copy(r)
+        }
+    };
+    Ok((policy, reference))
+}
+
+/// How a group's rewards become advantages (`None`: GAE), and the samples
+/// per prompt.
+fn baseline_and_group(
+    p: &PpoParams,
+    stage: &str,
+) -> anyhow::Result<(Option<GroupBaseline>, usize)> {
+    let baseline = match p.advantage {
+        PpoAdvantage::Gae => None,
+        PpoAdvantage::Grpo => Some(GroupBaseline::Grpo {
+            scale_std: p.scale_std,
+        }),
+        PpoAdvantage::Rloo => Some(GroupBaseline::Rloo),
+    };
+    let group = p.samples_per_prompt.max(1);
+    anyhow::ensure!(
+        baseline.is_none() || group >= 2,
+        "stage `{stage}`, field `params.samples_per_prompt`: `advantage: {}` needs at least 2 samples per prompt, got {group}",
+        p.advantage.name()
+    );
+    Ok((baseline, group))
+}
+
+/// The prompts, tokenized and cut to `budget` tokens, and the rewards of
+/// `source` for responses to them.
+fn prompts_and_rewards(
+    ctx: &StageContext<'_>,
+    p: &PpoParams,
+    tokenizer: &Tokenizer,
+    budget: usize,
+    source: Source,
+    policy_dir: &Path,
+    eos: Option<i64>,
+) -> anyhow::Result<(Vec<Vec<i64>>, Rewards)> {
+    // Prompts, tokenized, keeping each one's end.
+    let read = read_prompts(
+        ctx,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: None,
+            budget,
+        },
+        tokenizer,
+    )?;
+    let (prompts, texts): (Vec<Vec<i64>>, Vec<String>) =
+        read.into_iter().map(|pr| (pr.ids, pr.text)).unzip();
+    let rewards = Rewards::new(
+        ctx,
+        source,
+        Tokenizer::from_dir(policy_dir)?,
+        eos,
+        &prompts,
+        &texts,
+    )?;
+    Ok((prompts, rewards))
+}
+
+/// The value model: the policy or the preference-model folder with a fresh
+/// value head (`v_head.summary`, TRL's name), fully trainable. From the PM,
+/// `Head::Value` builds no `score` head, so the PM's is left unread.
+pub(super) fn value_model(
+    init: PpoValueInit,
+    policy_dir: &Path,
+    pm_dir: Option<&Path>,
+    device: Device,
+) -> anyhow::Result<Model> {
+    let dir = match (init, pm_dir) {
+        (PpoValueInit::RewardModel, Some(pm_dir)) => pm_dir,
+        // `Source::load` rejects `reward_model` without a PM.
+        _ => policy_dir,
+    };
+    Model::load(
+        dir,
+        &BuildOptions {
+            device,
+            head: Head::Value,
+            lora: None,
+        },
+    )
+}
+
+fn kl_estimator(e: PpoKlEstimator) -> KlEstimator {
+    match e {
+        PpoKlEstimator::K1 => KlEstimator::K1,
+        PpoKlEstimator::K2 => KlEstimator::K2,
+        PpoKlEstimator::K3 => KlEstimator::K3,
+    }
+}
+
+/// One rate per iteration (step `it - 1` of `iterations`), as TRL's
+/// `anneal_lr`; both models follow it.
+fn lr_schedule(p: &PpoParams) -> Schedule {
+    Schedule::new(
+        ScheduleConfig {
+            lr: p.lr,
+            warmup_steps: p.warmup_iterations,
+            decay: match p.lr_schedule {
+                PpoLrSchedule::Constant => Decay::Constant,
+                PpoLrSchedule::Linear => Decay::Linear,
+            },
+            min_lr_ratio: 0.0,
+        },
+        p.iterations,
+    )
+}
