@@ -60,6 +60,9 @@ struct RunArgs {
     /// Refuse to run when the plan differs from the lockfile.
     #[arg(long)]
     locked: bool,
+    /// Write the lockfile even after a `--target` or `--set` run.
+    #[arg(long, conflicts_with = "locked")]
+    update_lock: bool,
     /// Rehash every path input instead of trusting the hash cache.
     #[arg(long)]
     rehash: bool,
@@ -74,17 +77,20 @@ struct RunArgs {
     gpu_slots: usize,
 }
 
-impl From<RunArgs> for RunOptions {
-    fn from(args: RunArgs) -> RunOptions {
+impl RunArgs {
+    /// The engine's options; `params_overridden` when `--set` was given.
+    fn into_options(self, params_overridden: bool) -> RunOptions {
         RunOptions {
-            targets: args.targets,
-            jobs: args.jobs,
-            fail_fast: args.fail_fast,
-            locked: args.locked,
-            rehash: args.rehash,
-            threads: args.threads,
-            quiet: args.quiet,
-            gpu_slots: args.gpu_slots,
+            targets: self.targets,
+            jobs: self.jobs,
+            fail_fast: self.fail_fast,
+            locked: self.locked,
+            update_lock: self.update_lock,
+            params_overridden,
+            rehash: self.rehash,
+            threads: self.threads,
+            quiet: self.quiet,
+            gpu_slots: self.gpu_slots,
         }
     }
 }
@@ -228,7 +234,10 @@ fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache_dir = &cli.cache_dir;
     match cli.command {
-        Command::Run { manifest, options } => run(cache_dir, &manifest, options.into()),
+        Command::Run { manifest, options } => {
+            let options = options.into_options(!manifest.sets.is_empty());
+            run(cache_dir, &manifest, options)
+        }
         Command::Plan {
             manifest,
             targets,

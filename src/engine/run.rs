@@ -20,7 +20,7 @@ use crate::graph::Dag;
 use crate::manifest::Pipeline;
 
 use super::gpus::GpuSlots;
-use super::lockfile::{lockfile_path, Lockfile};
+use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
 use super::plan::{locked_diff, plan, Plan, PlanContext};
 use super::progress::Ui;
 use super::schedule::{schedule, Shared};
@@ -37,6 +37,10 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Refuse to run when the plan differs from the lockfile.
     pub locked: bool,
+    /// Write the lockfile even after an ad-hoc (`--target`, `--set`) run.
+    pub update_lock: bool,
+    /// `--set` changed pipeline params: the run is not the manifest's own.
+    pub params_overridden: bool,
     /// Rehash every path input, ignoring the hash cache.
     pub rehash: bool,
     /// Intra-op CPU threads for worker stages.
@@ -54,6 +58,8 @@ impl Default for RunOptions {
             jobs: 1,
             fail_fast: false,
             locked: false,
+            update_lock: false,
+            params_overridden: false,
             rehash: false,
             threads: None,
             quiet: false,
@@ -198,9 +204,26 @@ pub fn run(
     let summary = runtime.block_on(schedule(shared.clone(), dag, the_plan))?;
 
     if summary.success() {
-        update_lockfile(&pipeline, &shared, lockfile, &lock_path)?;
+        if options.writes_lockfile() {
+            update_lockfile(&pipeline, &shared, lockfile, &lock_path)?;
+        } else {
+            shared.ui.say(&format!(
+                "lockfile {} left unchanged: --target/--set runs do not update it (add --update-lock to record them)",
+                lock_path.display()
+            ));
+        }
     }
     Ok(summary)
+}
+
+impl RunOptions {
+    /// Only a full, plain run of the manifest (or `--update-lock`) records
+    /// the lockfile: an ad-hoc run's params or partial stage set would leave
+    /// the committed lockfile inconsistent with the manifest, and a later
+    /// `run --locked` would fail.
+    pub fn writes_lockfile(&self) -> bool {
+        self.update_lock || (self.targets.is_empty() && !self.params_overridden)
+    }
 }
 
 /// `--locked`: refuses a plan that differs from the lockfile.
@@ -262,6 +285,8 @@ fn update_lockfile(
         .unwrap_or_else(|e| e.into_inner())
         .drain(..)
     {
+        let mut entry = entry;
+        keep_volatile_ids(&mut entry, lock.stages.get(&id));
         lock.stages.insert(id, entry);
     }
     lock.save(lock_path)?;
