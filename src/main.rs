@@ -267,7 +267,9 @@ fn run(cache_dir: &Path, args: &ManifestArgs, options: RunOptions) -> anyhow::Re
     if let Some(log) = &summary.log {
         eprintln!("log: {}", log.display());
     }
-    Ok(if summary.interrupted {
+    Ok(if summary.terminated {
+        ExitCode::from(143)
+    } else if summary.interrupted {
         ExitCode::from(130)
     } else if summary.success() {
         ExitCode::SUCCESS

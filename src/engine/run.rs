@@ -105,7 +105,10 @@ pub struct StageResult {
 pub struct RunSummary {
     pub pipeline: String,
     pub results: Vec<StageResult>,
+    /// Stopped by Ctrl-C or SIGTERM.
     pub interrupted: bool,
+    /// Stopped by SIGTERM (exit status 143 rather than 130).
+    pub terminated: bool,
     pub log: Option<PathBuf>,
 }
 
