@@ -66,8 +66,8 @@ struct RunArgs {
     /// Rehash every path input instead of trusting the hash cache.
     #[arg(long)]
     rehash: bool,
-    /// CPU threads per tensor stage.
-    #[arg(long, env = "ALIGNFLOW_THREADS")]
+    /// CPU threads per tensor stage (at least 1).
+    #[arg(long, env = "ALIGNFLOW_THREADS", value_parser = at_least_one)]
     threads: Option<usize>,
     /// No progress output (the summary table is still printed).
     #[arg(long, short = 'q')]
@@ -179,6 +179,28 @@ enum DagFormat {
     Dot,
 }
 
+/// `--threads`: a worker asked for 0 threads would have none to run on.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would leave a tensor stage no thread)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number of threads: {e}")),
+    }
+}
+
+/// A command that only prints (`plan | head`, `doctor | head`) ends quietly
+/// when its reader goes away, as other Unix tools do, instead of panicking
+/// in `println!`. `run` keeps SIGPIPE ignored: it writes to its workers'
+/// pipes and must see a worker's death as an error, not die of it.
+fn die_quietly_on_a_closed_pipe(command: &Command) {
+    if !matches!(command, Command::Run { .. }) {
+        // SAFETY: restores the default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn default_jobs() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -187,6 +209,7 @@ fn default_jobs() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    die_quietly_on_a_closed_pipe(&cli.command);
     init_logging(cli.verbose);
     match try_main(cli) {
         Ok(code) => code,
