@@ -166,7 +166,8 @@ enum Command {
 enum CacheCommand {
     /// Rehash every object and check every record.
     Verify,
-    /// Remove objects that no record reaches.
+    /// Remove objects that no record reaches, stale staging folders and
+    /// checkpoints of committed stages.
     Gc {
         #[arg(long)]
         dry_run: bool,
@@ -399,8 +400,8 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
         CacheCommand::Gc { dry_run } => {
             let report = cache.gc(dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            for p in &report.removed {
-                println!("{verb} {}", p.display());
+            for (p, bytes) in report.removed.iter().zip(&report.removed_bytes) {
+                println!("{verb} {} ({bytes} bytes)", p.display());
             }
             println!(
                 "{verb} {} item(s), {} bytes; kept {} object(s)",

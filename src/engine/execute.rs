@@ -79,6 +79,10 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     }
     let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
     let record = commit(shared, stage, &key, &fp, staged).await?;
+    // Still under the stage lock, so no other run is writing them.
+    if let Err(e) = shared.cache.retire_checkpoints(&fp, stage.keep_checkpoints) {
+        tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
+    }
 
     let mut detail = summarize_metrics(&record.metrics);
     if shared.options.locked {

@@ -23,6 +23,7 @@ const STAGE_KEYS: &[&str] = &[
     "matrix",
     "device",
     "description",
+    "keep_checkpoints",
 ];
 
 /// [`super::load`] with the op lookup as a parameter (tests add their own ops).
@@ -267,6 +268,7 @@ impl<'a> Cx<'a> {
             outputs: outputs.clone(),
             device,
             description,
+            keep_checkpoints: def.keep_checkpoints.unwrap_or(false),
             matrix: inst.matrix.clone(),
             location: self.key_at(&stage_path(inst, &[])),
         })
