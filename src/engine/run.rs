@@ -24,6 +24,7 @@ use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
 use super::plan::{locked_diff, plan, Plan, PlanContext};
 use super::progress::Ui;
 use super::schedule::{schedule, Shared};
+use super::threads::ThreadShare;
 use super::Error;
 
 /// How to run.
@@ -43,7 +44,8 @@ pub struct RunOptions {
     pub params_overridden: bool,
     /// Rehash every path input, ignoring the hash cache.
     pub rehash: bool,
-    /// Intra-op CPU threads for worker stages.
+    /// Intra-op CPU threads for each worker stage (default: the cores
+    /// divided among the worker stages running at once).
     pub threads: Option<usize>,
     /// No progress bars or stage lines.
     pub quiet: bool,
@@ -200,6 +202,7 @@ pub fn run(
         cancel: CancellationToken::new(),
         jobs: Semaphore::new(options.jobs.max(1)),
         gpus: GpuSlots::detect(options.gpu_slots),
+        threads: ThreadShare::new(options.threads, options.jobs.max(1)),
         options: options.clone(),
         lockfile: lockfile.clone(),
         finished: Mutex::new(Vec::new()),

@@ -21,6 +21,7 @@ use super::lockfile::{lock_entry, LockedStage, Lockfile};
 use super::plan::{Action, Plan, PlannedStage};
 use super::progress::Ui;
 use super::run::StageResult;
+use super::threads::ThreadShare;
 use super::{Error, RunOptions, RunSummary, StageStatus};
 
 /// Shared state of the stage tasks.
@@ -32,6 +33,8 @@ pub(super) struct Shared {
     pub jobs: Semaphore,
     pub gpus: GpuSlots,
     pub options: RunOptions,
+    /// CPU threads of each tensor stage.
+    pub threads: ThreadShare,
     pub lockfile: Option<Lockfile>,
     /// Lockfile entries of the stages that finished, ran or cached.
     pub finished: Mutex<Vec<(String, LockedStage)>>,
