@@ -60,11 +60,14 @@ struct RunArgs {
     /// Refuse to run when the plan differs from the lockfile.
     #[arg(long)]
     locked: bool,
+    /// Write the lockfile even after a `--target` or `--set` run.
+    #[arg(long, conflicts_with = "locked")]
+    update_lock: bool,
     /// Rehash every path input instead of trusting the hash cache.
     #[arg(long)]
     rehash: bool,
-    /// CPU threads per tensor stage.
-    #[arg(long, env = "ALIGNFLOW_THREADS")]
+    /// CPU threads per tensor stage (at least 1).
+    #[arg(long, env = "ALIGNFLOW_THREADS", value_parser = at_least_one)]
     threads: Option<usize>,
     /// No progress output (the summary table is still printed).
     #[arg(long, short = 'q')]
@@ -74,17 +77,20 @@ struct RunArgs {
     gpu_slots: usize,
 }
 
-impl From<RunArgs> for RunOptions {
-    fn from(args: RunArgs) -> RunOptions {
+impl RunArgs {
+    /// The engine's options; `params_overridden` when `--set` was given.
+    fn into_options(self, params_overridden: bool) -> RunOptions {
         RunOptions {
-            targets: args.targets,
-            jobs: args.jobs,
-            fail_fast: args.fail_fast,
-            locked: args.locked,
-            rehash: args.rehash,
-            threads: args.threads,
-            quiet: args.quiet,
-            gpu_slots: args.gpu_slots,
+            targets: self.targets,
+            jobs: self.jobs,
+            fail_fast: self.fail_fast,
+            locked: self.locked,
+            update_lock: self.update_lock,
+            params_overridden,
+            rehash: self.rehash,
+            threads: self.threads,
+            quiet: self.quiet,
+            gpu_slots: self.gpu_slots,
         }
     }
 }
@@ -160,7 +166,8 @@ enum Command {
 enum CacheCommand {
     /// Rehash every object and check every record.
     Verify,
-    /// Remove objects that no record reaches.
+    /// Remove objects that no record reaches, stale staging folders and
+    /// checkpoints of committed stages.
     Gc {
         #[arg(long)]
         dry_run: bool,
@@ -173,6 +180,28 @@ enum DagFormat {
     Dot,
 }
 
+/// `--threads`: a worker asked for 0 threads would have none to run on.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would leave a tensor stage no thread)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number of threads: {e}")),
+    }
+}
+
+/// A command that only prints (`plan | head`, `doctor | head`) ends quietly
+/// when its reader goes away, as other Unix tools do, instead of panicking
+/// in `println!`. `run` keeps SIGPIPE ignored: it writes to its workers'
+/// pipes and must see a worker's death as an error, not die of it.
+fn die_quietly_on_a_closed_pipe(command: &Command) {
+    if !matches!(command, Command::Run { .. }) {
+        // SAFETY: restores the default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn default_jobs() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -181,6 +210,7 @@ fn default_jobs() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    die_quietly_on_a_closed_pipe(&cli.command);
     init_logging(cli.verbose);
     match try_main(cli) {
         Ok(code) => code,
@@ -228,7 +258,10 @@ fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache_dir = &cli.cache_dir;
     match cli.command {
-        Command::Run { manifest, options } => run(cache_dir, &manifest, options.into()),
+        Command::Run { manifest, options } => {
+            let options = options.into_options(!manifest.sets.is_empty());
+            run(cache_dir, &manifest, options)
+        }
         Command::Plan {
             manifest,
             targets,
@@ -258,7 +291,9 @@ fn run(cache_dir: &Path, args: &ManifestArgs, options: RunOptions) -> anyhow::Re
     if let Some(log) = &summary.log {
         eprintln!("log: {}", log.display());
     }
-    Ok(if summary.interrupted {
+    Ok(if summary.terminated {
+        ExitCode::from(143)
+    } else if summary.interrupted {
         ExitCode::from(130)
     } else if summary.success() {
         ExitCode::SUCCESS
@@ -365,8 +400,8 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
         CacheCommand::Gc { dry_run } => {
             let report = cache.gc(dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
-            for p in &report.removed {
-                println!("{verb} {}", p.display());
+            for (p, bytes) in report.removed.iter().zip(&report.removed_bytes) {
+                println!("{verb} {} ({bytes} bytes)", p.display());
             }
             println!(
                 "{verb} {} item(s), {} bytes; kept {} object(s)",

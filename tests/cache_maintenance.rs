@@ -75,3 +75,61 @@ fn gc_removes_only_unreachable_objects() {
     assert!(output_path(&p, "c").exists());
     assert!(p.ok(&["cache", "verify"]).contains(": 0 problem(s)"));
 }
+
+#[test]
+fn checkpoints_go_when_the_record_commits_unless_the_stage_keeps_them() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: ckpt
+stages:
+  plain:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo plain > $ALIGNFLOW_OUT/out" }
+  keeper:
+    op: exec
+    keep_checkpoints: true
+    outputs: [out]
+    params: { cmd: "echo keeper > $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&p.ok(&["plan", "pipeline.yaml", "--json"])).unwrap();
+    let fingerprint = |stage: &str| {
+        plan.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["stage"] == stage)
+            .unwrap()["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    p.run_stages("pipeline.yaml", &[]);
+    let checkpoints = p.path("cache/checkpoints");
+    assert!(!checkpoints.join(fingerprint("plain")).exists());
+    assert!(checkpoints.join(fingerprint("keeper")).is_dir());
+
+    // What an engine that died between the commit and the removal leaves.
+    let left = checkpoints.join(fingerprint("plain")).join("train");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("w.bin"), b"12345").unwrap();
+    let out = p.ok(&["cache", "gc"]);
+    let line = out
+        .lines()
+        .find(|l| l.contains(&fingerprint("plain")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("removed ") && line.ends_with("(5 bytes)"),
+        "{out}"
+    );
+    assert!(!checkpoints.join(fingerprint("plain")).exists());
+    assert!(checkpoints.join(fingerprint("keeper")).is_dir(), "{out}");
+    assert_eq!(
+        p.run_stages("pipeline.yaml", &[]),
+        set(&[]),
+        "keep_checkpoints is not in the fingerprint"
+    );
+}

@@ -324,3 +324,135 @@ fn each_run_keeps_a_log_in_the_cache() {
     assert!(log.contains("plan a Run: never run"), "{log}");
     assert!(log.contains("done    a"), "{log}");
 }
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_kills_the_exec_process_group() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: terminate
+stages:
+  quick:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo ok > $ALIGNFLOW_OUT/out" }
+  long:
+    op: exec
+    inputs: { x: "${stages.quick.out}" }
+    outputs: [out]
+    params: { cmd: "sleep 300 & echo $! > background.pid; echo $$ > leader.pid; sleep 300; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let child = p
+        .cmd(&["run", "pipeline.yaml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let read_pid = |name: &str| -> Option<i32> {
+        std::fs::read_to_string(p.path(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    while read_pid("leader.pid").is_none() || read_pid("background.pid").is_none() {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the long stage never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (leader, background) = (
+        read_pid("leader.pid").unwrap(),
+        read_pid("background.pid").unwrap(),
+    );
+    assert!(process_alive(leader) && process_alive(background));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{out:?}");
+    assert!(
+        start.elapsed().as_secs() < 20,
+        "the running stage was stopped"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stages_with_status(&table, "ran"),
+        set(&["quick"]),
+        "{table}"
+    );
+    assert_eq!(
+        stages_with_status(&table, "cancelled"),
+        set(&["long"]),
+        "{table}"
+    );
+    let gone = std::time::Instant::now();
+    while process_alive(leader) || process_alive(background) {
+        assert!(
+            gone.elapsed().as_secs() < 5,
+            "the exec command (pid {leader}) or its background child (pid {background}) outlived the run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let plan = p.ok(&["plan", "pipeline.yaml"]);
+    assert!(
+        plan.lines()
+            .any(|l| l.starts_with("cached") && l.contains("quick")),
+        "{plan}"
+    );
+}
+
+#[test]
+fn an_exec_command_dies_with_a_killed_engine() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: killed
+stages:
+  long:
+    op: exec
+    outputs: [out]
+    params: { cmd: "echo $$ > leader.pid; sleep 300; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let mut child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
+    let start = std::time::Instant::now();
+    let leader = loop {
+        if let Some(pid) = std::fs::read_to_string(p.path("leader.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(start.elapsed().as_secs() < 30, "the stage never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = std::time::Instant::now();
+    while process_alive(leader) {
+        assert!(
+            gone.elapsed().as_secs() < 5,
+            "the exec command outlived a killed engine"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // What the command started in the background is not the leader and
+    // outlives a SIGKILLed engine; only a clean stop kills the whole group.
+    unsafe { libc::kill(-leader, libc::SIGKILL) };
+}

@@ -76,3 +76,50 @@ fn locked_run_reports_an_output_that_does_not_reproduce() {
         "{table}"
     );
 }
+
+#[test]
+fn ad_hoc_runs_leave_the_lockfile_alone() {
+    let p = Project::new();
+    p.write("pipeline.yaml", CHAIN);
+    p.write("input.txt", "abc\n");
+    p.run_stages("pipeline.yaml", &[]);
+    let lock = p.read("pipeline.lock");
+
+    let out = p.run(&[
+        "run",
+        "pipeline.yaml",
+        "--target",
+        "b",
+        "--set",
+        "params.greeting=hi",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("left unchanged"), "{stderr}");
+    assert_eq!(
+        stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran"),
+        set(&["b"])
+    );
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock,
+        "an ad-hoc run rewrote the lockfile"
+    );
+    p.run_stages("pipeline.yaml", &["--set", "params.n=5"]);
+    assert_eq!(
+        p.read("pipeline.lock"),
+        lock,
+        "a --set run rewrote the lockfile"
+    );
+    assert_eq!(p.run_stages("pipeline.yaml", &["--locked"]), set(&[]));
+
+    p.run_stages(
+        "pipeline.yaml",
+        &["--target", "d", "--set", "params.n=5", "--update-lock"],
+    );
+    assert_ne!(
+        p.read("pipeline.lock"),
+        lock,
+        "--update-lock records the ad-hoc run"
+    );
+}

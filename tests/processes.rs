@@ -122,3 +122,96 @@ fn the_worker_runs_a_stage_spec_and_streams_json_events() {
         "{last}"
     );
 }
+
+#[test]
+fn zero_threads_are_refused_before_anything_runs() {
+    let p = Project::new();
+    p.write("pipeline.yaml", CHAIN);
+    p.write("input.txt", "abc\n");
+    let err = p.fails(&["run", "pipeline.yaml", "--threads", "0"]);
+    assert!(
+        err.contains("--threads") && err.contains("at least 1"),
+        "{err}"
+    );
+    let out = p
+        .cmd(&["run", "pipeline.yaml"])
+        .env("ALIGNFLOW_THREADS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+    assert!(!p.path("runs.txt").exists(), "no stage ran");
+}
+
+/// Runs `alignflow ARGS` with its stdout a pipe whose reader is already
+/// gone, as in `alignflow plan | head` once head has had enough.
+fn run_into_a_closed_pipe(p: &Project, args: &[&str]) -> std::process::Output {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    let writer = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+    p.cmd(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn printing_commands_end_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let p = Project::new();
+    p.write("pipeline.yaml", CHAIN);
+    p.write("input.txt", "abc\n");
+    for args in [&["plan", "pipeline.yaml"][..], &["doctor"], &["ops"]] {
+        let out = run_into_a_closed_pipe(&p, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn a_missing_worker_says_where_it_was_looked_for() {
+    let p = Project::new();
+    let out = p
+        .cmd(&["doctor"])
+        .env("ALIGNFLOW_WORKER", "/nonexistent/alignflow-worker")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("ALIGNFLOW_WORKER is set to /nonexistent/alignflow-worker"),
+        "{text}"
+    );
+
+    // An engine with no worker beside it and none on PATH.
+    let alone = p.path("bin/alignflow");
+    std::fs::create_dir_all(alone.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_alignflow"), &alone).unwrap();
+    let out = Command::new(&alone)
+        .arg("doctor")
+        .env_remove("ALIGNFLOW_WORKER")
+        .env("PATH", p.path("empty"))
+        .env("ALIGNFLOW_CACHE_DIR", p.path("cache"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let beside = p.path("bin/alignflow-worker");
+    assert!(
+        text.contains(&format!(
+            "looked for {} (beside the engine), then `alignflow-worker` on PATH",
+            beside.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("set ALIGNFLOW_WORKER"), "{text}");
+}

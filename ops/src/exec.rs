@@ -1,9 +1,10 @@
 //! `exec`: a user command as a stage.
 //!
 //! The command runs with `sh -c` in the manifest's folder, in its own process
-//! group so that cancellation kills everything it started. Its inputs and
-//! output folder arrive in the environment; its stdout and stderr go to the
-//! run log line by line.
+//! group so that cancellation kills everything it started; its leader dies
+//! with the engine (PDEATHSIG) even when the engine is killed with SIGKILL.
+//! Its inputs and output folder arrive in the environment; its stdout and
+//! stderr go to the run log line by line.
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -61,6 +62,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    die_with_the_engine(&mut cmd);
     for (name, path) in &spec.inputs {
         cmd.env(input_var(name), path);
     }
@@ -142,6 +144,30 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     metrics.insert("exit_code".into(), 0.into());
     metrics.insert("outputs".into(), spec.outputs.len().into());
     Ok(metrics)
+}
+
+/// Makes the command (the leader of its process group) receive SIGKILL when
+/// the thread that forks it exits, so a command never outlives an engine
+/// killed with SIGKILL. That thread is the one calling `run`, which waits
+/// for the leader (or kills its group) before returning, so the signal can
+/// only fire once the engine itself is gone. On a clean stop (Ctrl-C,
+/// SIGTERM, fail-fast) the cancel flag kills the whole group instead.
+fn die_with_the_engine(cmd: &mut Command) {
+    let engine = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe system calls, and the
+    // closure allocates nothing between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The engine died before the prctl took effect: no signal will come.
+            if libc::getppid() != engine {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Failures of `exec`.

@@ -112,6 +112,12 @@ impl Locks {
         let Some(fp) = staging_fingerprint(name) else {
             return Ok(None);
         };
+        self.try_lock_owner(fp)
+    }
+
+    /// The lock of fingerprint `fp` (checked hex) if no running stage holds
+    /// it; locked directly for the same reason.
+    pub fn try_lock_owner(&self, fp: &str) -> Result<Option<File>, CacheError> {
         let lock = self.lock_file(&format!("{fp}.lock"))?;
         Ok(lock.try_lock().is_ok().then_some(lock))
     }

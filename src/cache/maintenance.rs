@@ -28,6 +28,8 @@ pub struct VerifyReport {
 pub struct GcReport {
     /// Absolute paths removed (or, for a dry run, that would be removed).
     pub removed: Vec<PathBuf>,
+    /// The bytes each of `removed` freed, in the same order.
+    pub removed_bytes: Vec<u64>,
     pub freed_bytes: u64,
     /// File blobs kept.
     pub kept_objects: usize,
@@ -221,7 +223,8 @@ impl Maintenance<'_> {
         }
     }
 
-    /// Removes objects and trees no record reaches, and stale staging folders.
+    /// Removes objects and trees no record reaches, stale staging folders
+    /// and checkpoints nothing can resume from.
     ///
     /// Objects and trees are only collected when no stage lock is held (a
     /// running stage may have ingested outputs it has not recorded yet);
@@ -260,6 +263,7 @@ impl Maintenance<'_> {
                 remove(&path, dry_run, &mut report);
             }
         }
+        self.gc_checkpoints(dry_run, &mut report)?;
         Ok(report)
     }
 
@@ -329,7 +333,7 @@ fn remove_dead_temps(temps: &[(u32, PathBuf)], dry_run: bool, report: &mut GcRep
 
 /// Removes a file or folder for `gc` (or only lists it, for a dry run).
 /// Failures are warnings: one stubborn folder must not stop the collection.
-fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
+pub(super) fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return;
     };
@@ -354,6 +358,7 @@ fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
         }
     }
     report.removed.push(path.to_path_buf());
+    report.removed_bytes.push(bytes);
     report.freed_bytes += bytes;
 }
 

@@ -7,14 +7,17 @@
 //! - `records/ab/<fingerprint>.json`: one [`StageRecord`] per fingerprint;
 //! - `locks/<fingerprint>.lock`: per-fingerprint locks;
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
-//!   `checkpoints/<fingerprint>/`: resumable state, `hashes.json`: the hash cache.
+//!   `checkpoints/<fingerprint>/`: resumable state (removed when the record
+//!   commits), `hashes.json`: the hash cache.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
 // key, atomic, fsutil, tree, hashcache; then objects, records (uses
-// objects), locks; then maintenance (verify, gc: uses all three); store
+// objects), locks; then maintenance (verify, gc: uses all three) and
+// checkpoints (gc's part for checkpoint folders); store
 // (the `Cache` handle) on top.
 mod artifact;
 mod atomic;
+mod checkpoints;
 mod error;
 mod fsutil;
 mod hashcache;

@@ -3,6 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::checkpoints::KEEP_MARKER;
 use super::error::{at, CacheError};
 use super::fsutil::{checked_fp, ensure_dir};
 use super::locks::{Locks, StageLock};
@@ -122,6 +123,23 @@ impl Cache {
         let dir = self.root.join("checkpoints").join(checked_fp(fp)?);
         fs::create_dir_all(&dir).map_err(at(&dir))?;
         Ok(dir)
+    }
+
+    /// Called once `fp`'s record is committed: a rerun finds the record, so
+    /// nothing resumes from its checkpoints any more and they go (they were
+    /// most of a busy cache's size). `keep` (the stage's `keep_checkpoints`)
+    /// marks them instead, so that `gc` keeps them too.
+    pub fn retire_checkpoints(&self, fp: &Fingerprint, keep: bool) -> Result<(), CacheError> {
+        let dir = self.root.join("checkpoints").join(checked_fp(fp)?);
+        let result = if keep {
+            fs::write(dir.join(KEEP_MARKER), b"")
+        } else {
+            fs::remove_dir_all(&dir)
+        };
+        match result {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(&dir)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// The folder for run logs (created).

@@ -475,3 +475,67 @@ fn large_input_timing() {
     eprintln!("1 GiB: first hash {first:?}, cached {cached:?}");
     assert!(cached < Duration::from_millis(50));
 }
+
+/// A committed record of its own fingerprint (`seed` tells them apart).
+fn committed(cache: &Cache, seed: u64) -> Fingerprint {
+    let mut rec = record(&[]);
+    rec.key.seed = seed;
+    rec.fingerprint = rec.key.fingerprint();
+    cache.write_record(&rec).unwrap();
+    rec.fingerprint
+}
+
+#[test]
+fn a_committed_stage_retires_its_checkpoints_unless_kept() {
+    let (_dir, cache) = cache();
+    let gone = cache.checkpoint_dir(&fp(1)).unwrap();
+    write(&gone.join("train/step-00000002/w.bin"), b"weights");
+    cache.retire_checkpoints(&fp(1), false).unwrap();
+    assert!(!gone.exists());
+    cache.retire_checkpoints(&fp(1), false).unwrap();
+
+    let kept = cache.checkpoint_dir(&fp(2)).unwrap();
+    write(&kept.join("train/step-00000002/w.bin"), b"weights");
+    cache.retire_checkpoints(&fp(2), true).unwrap();
+    assert!(kept.join("train/step-00000002/w.bin").exists());
+}
+
+#[test]
+fn gc_collects_checkpoints_nothing_resumes_from() {
+    let (_dir, cache) = cache();
+    let done = committed(&cache, 1);
+    let done_dir = cache.checkpoint_dir(&done).unwrap();
+    write(&done_dir.join("train/step-00000002/w.bin"), b"0123456789");
+    let empty = cache.checkpoint_dir(&fp(2)).unwrap();
+    // An interrupted stage resumes from this one: it stays.
+    let resumable = cache.checkpoint_dir(&fp(3)).unwrap();
+    write(&resumable.join("train/step-00000001/w.bin"), b"resume");
+    let kept = committed(&cache, 4);
+    let kept_dir = cache.checkpoint_dir(&kept).unwrap();
+    write(&kept_dir.join("train/step-00000002/w.bin"), b"kept");
+    cache.retire_checkpoints(&kept, true).unwrap();
+    // Committed, but a run holds the lock (it is retiring them itself).
+    let busy = committed(&cache, 5);
+    let busy_dir = cache.checkpoint_dir(&busy).unwrap();
+    write(&busy_dir.join("w.bin"), b"busy");
+    let other = Cache::open(cache.root()).unwrap();
+    let lock = other.lock_stage(&busy).unwrap();
+
+    let dry = cache.gc(true).unwrap();
+    let listed: Vec<(&std::path::PathBuf, &u64)> =
+        dry.removed.iter().zip(&dry.removed_bytes).collect();
+    assert!(listed.contains(&(&done_dir, &10)), "{listed:?}");
+    assert!(listed.contains(&(&empty, &0)), "{listed:?}");
+    for stays in [&resumable, &kept_dir, &busy_dir] {
+        assert!(!dry.removed.contains(stays), "{stays:?} in {listed:?}");
+    }
+    assert!(done_dir.exists(), "a dry run removes nothing");
+
+    let real = cache.gc(false).unwrap();
+    assert_eq!(real.removed, dry.removed);
+    assert!(!done_dir.exists() && !empty.exists());
+    assert!(resumable.exists() && kept_dir.exists() && busy_dir.exists());
+    drop(lock);
+    let after = cache.gc(false).unwrap();
+    assert!(after.removed.contains(&busy_dir), "{:?}", after.removed);
+}

@@ -72,6 +72,8 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         return Ok(cached(record, key, detail));
     }
 
+    // Counted before waiting for slots: stages queued beside it share the cores.
+    let _cores = op.runs_in_worker().then(|| shared.threads.claim());
     let held = acquire(shared, stage, op, &fp).await?;
     // Whoever waited for the lock finds the stage cached.
     if let Some(record) = shared.cache.hit(&fp)? {
@@ -79,6 +81,10 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     }
     let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
     let record = commit(shared, stage, &key, &fp, staged).await?;
+    // Still under the stage lock, so no other run is writing them.
+    if let Err(e) = shared.cache.retire_checkpoints(&fp, stage.keep_checkpoints) {
+        tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
+    }
 
     let mut detail = summarize_metrics(&record.metrics);
     if shared.options.locked {
@@ -267,7 +273,10 @@ fn stage_spec(
             (None, Placement::Engine(_)) => stage.device.clone(),
         },
         seed: key.seed,
-        threads: shared.options.threads,
+        threads: match op.placement {
+            Placement::Worker => Some(shared.threads.threads()),
+            Placement::Engine(_) => shared.options.threads,
+        },
     })
 }
 

@@ -172,3 +172,88 @@ pub(super) fn lock_entry(
         outputs: outputs.clone(),
     }
 }
+
+/// Keeps the ids `previous` recorded for `entry`'s volatile outputs (timing
+/// figures such as tokens/s) when the stage ran with the same fingerprint and
+/// reproduced every other output: those bytes differ between identical runs,
+/// and recording each new id would churn the committed lockfile on every
+/// cold rerun without saying anything about reproducibility.
+pub(super) fn keep_volatile_ids(entry: &mut LockedStage, previous: Option<&LockedStage>) {
+    let Some(previous) = previous.filter(|p| p.fingerprint == entry.fingerprint) else {
+        return;
+    };
+    let Some(op) = crate::ops::find(&entry.op) else {
+        return;
+    };
+    let volatile = |name: &str| {
+        op.declared_outputs()
+            .iter()
+            .any(|p| p.name == name && p.volatile)
+    };
+    let same_names = previous.outputs.keys().eq(entry.outputs.keys());
+    let stable_same = entry
+        .outputs
+        .iter()
+        .filter(|(name, _)| !volatile(name))
+        .all(|(name, id)| previous.outputs.get(name) == Some(id));
+    if !(same_names && stable_same) {
+        return;
+    }
+    for (name, id) in entry.outputs.iter_mut() {
+        if volatile(name) {
+            *id = previous.outputs[name].clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ArtifactKind;
+
+    fn id(digit: char) -> ArtifactId {
+        ArtifactId {
+            kind: ArtifactKind::File,
+            hash: digit.to_string().repeat(64),
+        }
+    }
+
+    fn sft_entry(fingerprint: &str, model: char, metrics: char) -> LockedStage {
+        LockedStage {
+            op: "sft".into(),
+            op_version: 1,
+            fingerprint: Fingerprint(fingerprint.into()),
+            seed: 1,
+            params: serde_json::json!({}),
+            inputs: BTreeMap::new(),
+            outputs: [
+                ("model".to_string(), id(model)),
+                ("metrics".to_string(), id(metrics)),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn a_rerun_keeps_the_locked_ids_of_volatile_outputs() {
+        let previous = sft_entry("f1", 'a', 'b');
+        let mut rerun = sft_entry("f1", 'a', 'c');
+        keep_volatile_ids(&mut rerun, Some(&previous));
+        assert_eq!(rerun, previous);
+    }
+
+    #[test]
+    fn volatile_ids_follow_a_changed_run() {
+        let previous = sft_entry("f1", 'a', 'b');
+        let mut other_model = sft_entry("f1", 'd', 'c');
+        keep_volatile_ids(&mut other_model, Some(&previous));
+        assert_eq!(other_model.outputs["metrics"], id('c'));
+        let mut other_fingerprint = sft_entry("f2", 'a', 'c');
+        keep_volatile_ids(&mut other_fingerprint, Some(&previous));
+        assert_eq!(other_fingerprint.outputs["metrics"], id('c'));
+        let mut first = sft_entry("f1", 'a', 'c');
+        keep_volatile_ids(&mut first, None);
+        assert_eq!(first.outputs["metrics"], id('c'));
+    }
+}

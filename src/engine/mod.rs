@@ -10,6 +10,7 @@ mod plan;
 mod progress;
 mod run;
 mod schedule;
+mod threads;
 mod worker;
 
 pub use error::Error;

@@ -20,10 +20,11 @@ use crate::graph::Dag;
 use crate::manifest::Pipeline;
 
 use super::gpus::GpuSlots;
-use super::lockfile::{lockfile_path, Lockfile};
+use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
 use super::plan::{locked_diff, plan, Plan, PlanContext};
 use super::progress::Ui;
 use super::schedule::{schedule, Shared};
+use super::threads::ThreadShare;
 use super::Error;
 
 /// How to run.
@@ -37,9 +38,14 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Refuse to run when the plan differs from the lockfile.
     pub locked: bool,
+    /// Write the lockfile even after an ad-hoc (`--target`, `--set`) run.
+    pub update_lock: bool,
+    /// `--set` changed pipeline params: the run is not the manifest's own.
+    pub params_overridden: bool,
     /// Rehash every path input, ignoring the hash cache.
     pub rehash: bool,
-    /// Intra-op CPU threads for worker stages.
+    /// Intra-op CPU threads for each worker stage (default: the cores
+    /// divided among the worker stages running at once).
     pub threads: Option<usize>,
     /// No progress bars or stage lines.
     pub quiet: bool,
@@ -54,6 +60,8 @@ impl Default for RunOptions {
             jobs: 1,
             fail_fast: false,
             locked: false,
+            update_lock: false,
+            params_overridden: false,
             rehash: false,
             threads: None,
             quiet: false,
@@ -99,7 +107,10 @@ pub struct StageResult {
 pub struct RunSummary {
     pub pipeline: String,
     pub results: Vec<StageResult>,
+    /// Stopped by Ctrl-C or SIGTERM.
     pub interrupted: bool,
+    /// Stopped by SIGTERM (exit status 143 rather than 130).
+    pub terminated: bool,
     pub log: Option<PathBuf>,
 }
 
@@ -191,6 +202,7 @@ pub fn run(
         cancel: CancellationToken::new(),
         jobs: Semaphore::new(options.jobs.max(1)),
         gpus: GpuSlots::detect(options.gpu_slots),
+        threads: ThreadShare::new(options.threads, options.jobs.max(1)),
         options: options.clone(),
         lockfile: lockfile.clone(),
         finished: Mutex::new(Vec::new()),
@@ -198,9 +210,26 @@ pub fn run(
     let summary = runtime.block_on(schedule(shared.clone(), dag, the_plan))?;
 
     if summary.success() {
-        update_lockfile(&pipeline, &shared, lockfile, &lock_path)?;
+        if options.writes_lockfile() {
+            update_lockfile(&pipeline, &shared, lockfile, &lock_path)?;
+        } else {
+            shared.ui.say(&format!(
+                "lockfile {} left unchanged: --target/--set runs do not update it (add --update-lock to record them)",
+                lock_path.display()
+            ));
+        }
     }
     Ok(summary)
+}
+
+impl RunOptions {
+    /// Only a full, plain run of the manifest (or `--update-lock`) records
+    /// the lockfile: an ad-hoc run's params or partial stage set would leave
+    /// the committed lockfile inconsistent with the manifest, and a later
+    /// `run --locked` would fail.
+    pub fn writes_lockfile(&self) -> bool {
+        self.update_lock || (self.targets.is_empty() && !self.params_overridden)
+    }
 }
 
 /// `--locked`: refuses a plan that differs from the lockfile.
@@ -262,6 +291,8 @@ fn update_lockfile(
         .unwrap_or_else(|e| e.into_inner())
         .drain(..)
     {
+        let mut entry = entry;
+        keep_volatile_ids(&mut entry, lock.stages.get(&id));
         lock.stages.insert(id, entry);
     }
     lock.save(lock_path)?;

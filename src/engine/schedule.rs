@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::signal::unix::SignalKind;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,7 @@ use super::lockfile::{lock_entry, LockedStage, Lockfile};
 use super::plan::{Action, Plan, PlannedStage};
 use super::progress::Ui;
 use super::run::StageResult;
+use super::threads::ThreadShare;
 use super::{Error, RunOptions, RunSummary, StageStatus};
 
 /// Shared state of the stage tasks.
@@ -31,6 +33,8 @@ pub(super) struct Shared {
     pub jobs: Semaphore,
     pub gpus: GpuSlots,
     pub options: RunOptions,
+    /// CPU threads of each tensor stage.
+    pub threads: ThreadShare,
     pub lockfile: Option<Lockfile>,
     /// Lockfile entries of the stages that finished, ran or cached.
     pub finished: Mutex<Vec<(String, LockedStage)>>,
@@ -55,7 +59,12 @@ pub(super) async fn schedule(
         started: BTreeSet::new(),
         tasks: JoinSet::new(),
     };
-    let mut interrupted = false;
+    // SIGTERM (timeout, systemd, Docker, Kubernetes, Slurm) stops the run
+    // like Ctrl-C: running stages are cancelled, finished work is kept and
+    // the summary printed.
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut stop: Option<Stop> = None;
     loop {
         scheduler.start_ready_stages();
         if scheduler.tasks.is_empty() {
@@ -63,15 +72,12 @@ pub(super) async fn schedule(
         }
         let joined = tokio::select! {
             joined = scheduler.tasks.join_next() => joined,
-            _ = tokio::signal::ctrl_c(), if !interrupted => {
-                interrupted = true;
-                shared.ui.say("interrupted: stopping running stages (Ctrl-C again to abort at once)");
-                shared.cancel.cancel();
-                tokio::spawn(async {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        std::process::exit(130);
-                    }
-                });
+            _ = tokio::signal::ctrl_c(), if stop.is_none() => {
+                stop = Some(begin_stop(&shared, Stop::Interrupt));
+                continue;
+            }
+            _ = sigterm.recv(), if stop.is_none() => {
+                stop = Some(begin_stop(&shared, Stop::Terminate));
                 continue;
             }
         };
@@ -87,9 +93,41 @@ pub(super) async fn schedule(
     Ok(RunSummary {
         pipeline: shared.pipeline.name.clone(),
         results,
-        interrupted,
+        interrupted: stop.is_some(),
+        terminated: stop == Some(Stop::Terminate),
         log: shared.ui.log_path().map(|p| p.to_path_buf()),
     })
+}
+
+/// What stopped a run before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Ctrl-C (SIGINT): exit status 130.
+    Interrupt,
+    /// SIGTERM: exit status 143.
+    Terminate,
+}
+
+/// Cancels every running stage (an exec command's whole process group, a
+/// worker process) and arms the second signal, of either kind, to exit at
+/// once.
+fn begin_stop(shared: &Shared, stop: Stop) -> Stop {
+    shared.ui.say(match stop {
+        Stop::Interrupt => "interrupted: stopping running stages (Ctrl-C again to abort at once)",
+        Stop::Terminate => "terminated (SIGTERM): stopping running stages (again to abort at once)",
+    });
+    shared.cancel.cancel();
+    tokio::spawn(async {
+        let again = match tokio::signal::unix::signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => 130,
+                _ = sigterm.recv() => 143,
+            },
+            Err(_) => tokio::signal::ctrl_c().await.map(|_| 130).unwrap_or(130),
+        };
+        std::process::exit(again);
+    });
+    stop
 }
 
 /// The scheduler's state between two finished stages.

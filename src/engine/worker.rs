@@ -29,6 +29,28 @@ pub fn worker_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("alignflow-worker"))
 }
 
+/// Why the worker `exe` did not start; when it does not exist, where
+/// [`worker_path`] looked and how to point it at one.
+fn cannot_start(exe: &Path, error: std::io::Error) -> anyhow::Error {
+    if error.kind() != std::io::ErrorKind::NotFound {
+        return anyhow::anyhow!("starting the worker {}: {error}", exe.display());
+    }
+    let looked = match std::env::var_os("ALIGNFLOW_WORKER") {
+        Some(set) => format!("ALIGNFLOW_WORKER is set to {}", Path::new(&set).display()),
+        None => {
+            let beside = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("alignflow-worker")))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "beside the engine".into());
+            format!("looked for {beside} (beside the engine), then `alignflow-worker` on PATH")
+        }
+    };
+    anyhow::anyhow!(
+        "the tensor worker was not found ({looked}); build it (`cargo build --release -p alignflow-worker`) or set ALIGNFLOW_WORKER to its path"
+    )
+}
+
 /// How the worker was pinned to a device.
 pub struct Placement {
     /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU).
@@ -94,7 +116,7 @@ async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::R
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting the worker {}", exe.display()))?;
+        .map_err(|error| cannot_start(exe, error))?;
     let spec_json = serde_json::to_vec(spec)?;
     let mut stdin = child.stdin.take().expect("piped");
     stdin
@@ -155,7 +177,7 @@ pub fn doctor() -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
         .arg("doctor")
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("starting the worker {}", exe.display()))?;
+        .map_err(|error| cannot_start(&exe, error))?;
     let text = String::from_utf8_lossy(&output.stdout);
     for line in text.lines() {
         if let Some(WorkerEvent::Doctor { info }) = WorkerEvent::parse(line) {

@@ -118,6 +118,8 @@ pub struct Stage {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     pub description: Option<String>,
+    /// Keep its checkpoints after the commit (`keep_checkpoints: true`).
+    pub keep_checkpoints: bool,
     /// This instance's matrix values (empty for plain stages).
     pub matrix: BTreeMap<String, serde_json::Value>,
     /// Where the stage is declared (its key).

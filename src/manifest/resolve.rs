@@ -23,6 +23,7 @@ const STAGE_KEYS: &[&str] = &[
     "matrix",
     "device",
     "description",
+    "keep_checkpoints",
 ];
 
 /// [`super::load`] with the op lookup as a parameter (tests add their own ops).
@@ -267,6 +268,7 @@ impl<'a> Cx<'a> {
             outputs: outputs.clone(),
             device,
             description,
+            keep_checkpoints: def.keep_checkpoints.unwrap_or(false),
             matrix: inst.matrix.clone(),
             location: self.key_at(&stage_path(inst, &[])),
         })
@@ -329,6 +331,11 @@ impl<'a> Cx<'a> {
         };
         for (id, def) in stages.iter_mut() {
             let id = key_text(id);
+            if let Some(problem) = name_problem(&id) {
+                let loc = self.key_at(&kp(&["stages", &id]));
+                let msg = format!("stage id `{id}` {problem}");
+                return Err(self.error(loc, None, None, msg, None));
+            }
             let Yaml::Mapping(def) = def else {
                 let loc = self.value_at(&kp(&["stages", &id]));
                 let msg = "a stage must be a mapping with at least `op`".to_string();
@@ -444,9 +451,8 @@ impl<'a> Cx<'a> {
         for (i, name) in names.iter().enumerate() {
             let loc = self.value_at(&at(&[&i.to_string()]));
             let field = format!("outputs.{i}");
-            if name.is_empty() || name.contains('/') || name.contains('\\') {
-                let msg =
-                    format!("output name `{name}` must be a plain non-empty name without `/`");
+            if let Some(problem) = name_problem(name) {
+                let msg = format!("output name `{name}` {problem}");
                 return Err(self.error(loc, Some(key), Some(&field), msg, None));
             }
             if names[..i].contains(name) {
@@ -717,6 +723,19 @@ impl<'a> Cx<'a> {
             message,
             e.suggestion,
         )
+    }
+}
+
+/// Why `name` (a stage id, an exec output) cannot name a file inside a
+/// folder without leaving it, if it cannot: output names become
+/// `$ALIGNFLOW_OUT/NAME`, stage ids parts of file names.
+fn name_problem(name: &str) -> Option<&'static str> {
+    if name == "." || name == ".." {
+        Some("must not be `.` or `..`")
+    } else if name.is_empty() || name.contains(['/', '\\', '\0']) {
+        Some("must be a plain non-empty name without `/`")
+    } else {
+        None
     }
 }
 

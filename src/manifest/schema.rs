@@ -62,6 +62,11 @@ pub struct StageDef {
     /// Free text shown by `dag` and `report`; `${matrix.NAME}` is substituted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Keep the stage's training checkpoints once its result is committed
+    /// (by default they are removed then: nothing resumes from them). Not
+    /// part of the fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<bool>,
 }
 
 /// The JSON schema of a manifest, as checked in at `schemas/pipeline.schema.json`.

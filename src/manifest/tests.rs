@@ -638,3 +638,30 @@ fn inputs_devices_and_params() {
         .unwrap_err();
     assert_eq!(err, "p.yaml:6:21: stage `e`, field `inputs.model`: invalid type: integer `3`, expected a string");
 }
+
+#[test]
+fn dot_outputs_and_path_like_stage_ids_are_refused() {
+    let d = Dir::new();
+    for (name, col) in [(".", 18), ("..", 18)] {
+        let err = d
+            .one(&format!(
+                "version: 1\nname: t\nstages:\n  e:\n    op: exec\n    outputs: [a, \"{name}\"]\n    params: {{cmd: x}}\n"
+            ))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            format!("p.yaml:6:{col}: stage `e`, field `outputs.1`: output name `{name}` must not be `.` or `..`")
+        );
+    }
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  ../count:\n    op: exec\n    outputs: [a]\n    params: {cmd: x}\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:3: stage id `../count` must be a plain non-empty name without `/`"
+    );
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  \"..\":\n    op: exec\n    outputs: [a]\n    params: {cmd: x}\n")
+        .unwrap_err();
+    assert_eq!(err, "p.yaml:4:3: stage id `..` must not be `.` or `..`");
+}
