@@ -14,6 +14,7 @@ conventions apart (each must differ from "loss" by far more than the tolerance).
     pm       --model LM_DIR --head PM_DIR --data JSONL[=WEIGHT] ...
     dpo      --policy DIR --reference DIR --data JSONL --beta B --loss sigmoid|ipo
              [--label-smoothing EPS]
+    ppo      --input JSON    (a fixed rollout; prints policy_loss, value_loss, kl)
 
 Model forwards: float32, eval mode (dropout off), one sequence per forward
 (no padding at all), log-softmax in float64.
@@ -287,6 +288,93 @@ def dpo(a):
     emit(loss(), alts, pairs=len(rows),
          ref_logps=[[sa["ref"], sb["ref"]] for _, sa, sb in rows])
 
+# ---------------------------------------------------------------- ppo
+def ppo(a):
+    """One PPO update's losses on a fixed rollout (JSON from the test), TRL's
+    recipe in plain PyTorch, float64. Response mask: tokens up to and
+    including the first EOS (all of a row without one). Per-token KL
+    (k1 = logp - logref, k3 = exp(logref - logp) - 1 - (logref - logp)) on
+    the old policy; rewards = -kl_coef * kl on every response token, plus the
+    score (+ no_eos_penalty when the row has no EOS) on its last response
+    token; optionally whitened without re-centring; GAE backward with V = 0
+    and no bootstrap past a row's end; advantages whitened (unbiased
+    variance, eps 1e-8) and zeroed past the end; policy loss = masked token
+    mean of max(-A r, -A clip(r, 1-eps, 1+eps)); value loss = 0.5 * masked
+    token mean of max((V-R)^2, (clip(V, Vold-c, Vold+c)-R)^2); KL metric =
+    per-row sum of the masked KL, mean over rows."""
+    x = json.load(open(a.input))
+    T = lambda k: torch.tensor(x[k], dtype=torch.float64)
+    tokens = torch.tensor(x["tokens"])
+    old, ref, new, vold, vnew, scores = T("old_logp"), T("ref_logp"), T("logp"), \
+        T("old_values"), T("values"), T("scores")
+    b, t = tokens.shape
+    is_eos = tokens == x["eos"]
+    m = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).double()
+    has_eos = is_eos.any(1)
+    d = old - ref
+    kl = (d if x["kl"] == "k1" else (-d).exp() - 1 + d) * m
+    last = (m * torch.arange(t)).argmax(1)
+    sc = scores + (~has_eos).double() * (x["no_eos_penalty"] or 0.0)
+
+    def whiten(v, shift_mean=True, unbiased=True):
+        mean = (v * m).sum() / m.sum()
+        var = (((v - mean) ** 2) * m).sum() / m.sum()
+        if unbiased:
+            var = var * m.sum() / (m.sum() - 1)
+        w = (v - mean) * torch.rsqrt(var + 1e-8)
+        return torch.where(m > 0, w if shift_mean else w + mean, v)
+
+    def run(score_at=last, bootstrap_past_end=False, unbiased=True):
+        rewards = -x["kl_coef"] * kl
+        rewards[torch.arange(b), score_at] += sc
+        rewards = rewards * m
+        if x["whiten_rewards"]:
+            rewards = whiten(rewards, shift_mean=False, unbiased=unbiased) * m
+        v = vold * m
+        if bootstrap_past_end:  # values kept one token past the end (padding_mask_p1)
+            v = vold * torch.cat([torch.ones(b, 1), m[:, :-1]], 1).double()
+        adv = torch.zeros(b, t, dtype=torch.float64)
+        lastgae = torch.zeros(b, dtype=torch.float64)
+        for i in reversed(range(t)):
+            nextv = v[:, i + 1] if i + 1 < t else torch.zeros(b, dtype=torch.float64)
+            if not bootstrap_past_end:
+                nextv = nextv * (m[:, i + 1] if i + 1 < t else 0.0)
+            delta = rewards[:, i] + x["gamma"] * nextv - v[:, i]
+            keep = m[:, i + 1] if (i + 1 < t and not bootstrap_past_end) else (
+                torch.ones(b, dtype=torch.float64) if i + 1 < t else 0.0)
+            lastgae = delta + x["gamma"] * x["lam"] * lastgae * keep
+            adv[:, i] = lastgae
+        adv = adv * m
+        returns = (adv + v) * m
+        adv = whiten(adv, unbiased=unbiased) * m
+        ratio = (new - old).exp()
+        pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - x["clip"], 1 + x["clip"]))
+        pg_loss = (pg * m).sum() / m.sum()
+        vclip = torch.max(torch.min(vnew, vold + x["value_clip"]), vold - x["value_clip"])
+        vf = torch.max((vnew - returns) ** 2, (vclip - returns) ** 2)
+        vf_loss = 0.5 * (vf * m).sum() / m.sum()
+        return pg_loss.item(), vf_loss.item(), pg, vf
+
+    pg_loss, vf_loss, pg, vf = run()
+    kl_metric = kl.sum(1).mean().item()
+    alts = {
+        "policy_loss": {
+            "mean_over_sequences": ((pg * m).sum(1) / m.sum(1)).mean().item(),
+            "score_on_token_before_last": run(score_at=(last - 1).clamp(min=0))[0],
+            "biased_whitening_variance": run(unbiased=False)[0],
+            "values_kept_one_token_past_end": run(bootstrap_past_end=True)[0],
+        },
+        "value_loss": {
+            "no_half": 2 * vf_loss,
+            "mean_over_sequences": 0.5 * ((vf * m).sum(1) / m.sum(1)).mean().item(),
+            "score_on_token_before_last": run(score_at=(last - 1).clamp(min=0))[1],
+            "values_kept_one_token_past_end": run(bootstrap_past_end=True)[1],
+        },
+        "kl": {"mean_over_tokens": ((kl * m).sum() / m.sum()).item()},
+    }
+    print(json.dumps({"policy_loss": pg_loss, "value_loss": vf_loss, "kl": kl_metric,
+                      "alternatives": alts}))
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -314,10 +402,13 @@ def main():
     s.add_argument("--beta", type=float, required=True)
     s.add_argument("--loss", choices=["sigmoid", "ipo"], required=True)
     s.add_argument("--label-smoothing", type=float, default=0.0)
+    s = sub.add_parser("ppo")
+    s.add_argument("--input", required=True)
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    {"make-models": make_models, "sft": sft, "pretrain": pretrain, "pm": pm, "dpo": dpo}[a.cmd](a)
+    {"make-models": make_models, "sft": sft, "pretrain": pretrain, "pm": pm, "dpo": dpo,
+     "ppo": ppo}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -552,3 +552,154 @@ fn dpo_sigmoid_label_smoothing() {
 fn dpo_ipo_label_smoothing() {
     dpo_case("dpo_ipo", "ipo", 0.1, 0.2);
 }
+
+// ------------------------------------------------------------------ ppo
+
+/// A fixed rollout: 4 rows of 6 response tokens (EOS = 0): EOS mid-row
+/// with junk after it, no EOS (truncated), EOS first, EOS last.
+struct Rollout {
+    tokens: Vec<i64>,
+    old_logp: Vec<f64>,
+    ref_logp: Vec<f64>,
+    logp: Vec<f64>,
+    old_values: Vec<f64>,
+    values: Vec<f64>,
+    scores: Vec<f64>,
+}
+
+const B: i64 = 4;
+const T: i64 = 6;
+
+fn rollout() -> Rollout {
+    // A small LCG: the same numbers on every machine, no torch generator.
+    let mut state: u64 = 12345;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    let n = (B * T) as usize;
+    let old_logp: Vec<f64> = (0..n).map(|_| -1.5 + next()).collect();
+    let ref_logp: Vec<f64> = old_logp.iter().map(|o| o + 0.4 * next()).collect();
+    // Ratios up to e^0.4: some outside [0.8, 1.2], so clipping is active.
+    let logp: Vec<f64> = old_logp.iter().map(|o| o + 0.4 * next()).collect();
+    let old_values: Vec<f64> = (0..n).map(|_| next()).collect();
+    let values: Vec<f64> = old_values.iter().map(|v| v + 0.5 * next()).collect();
+    Rollout {
+        tokens: vec![
+            5, 7, 9, 0, 3, 4, //
+            8, 6, 4, 2, 9, 7, //
+            0, 5, 5, 5, 5, 5, //
+            3, 3, 3, 3, 3, 0,
+        ],
+        old_logp,
+        ref_logp,
+        logp,
+        old_values,
+        values,
+        scores: vec![1.5, -0.5, 0.8, 2.0],
+    }
+}
+
+/// The losses of one PPO update on `r`, composed from `alignflow_worker::rl`
+/// in the order the `ppo` op uses them: (policy loss, value loss, KL metric).
+fn ppo_losses(
+    r: &Rollout,
+    est: alignflow_worker::rl::KlEstimator,
+    kl_coef: f64,
+    whiten_rewards: bool,
+    no_eos_penalty: Option<f64>,
+    (gamma, lam, clip, value_clip): (f64, f64, f64, f64),
+) -> (f64, f64, f64) {
+    use alignflow_worker::rl::*;
+    use tch::{Kind, Tensor};
+    let t = |v: &[f64]| Tensor::from_slice(v).view([B, T]);
+    let tokens = Tensor::from_slice(&r.tokens).view([B, T]);
+    let rmask = response_mask(&tokens, 0, None).to_kind(Kind::Double);
+    let has_eos = contains_eos(&tokens, 0);
+    let (old, reference) = (t(&r.old_logp), t(&r.ref_logp));
+    let old_values = t(&r.old_values);
+    let kl = kl_per_token(&old, &reference, est) * &rmask;
+    let mean_kl = mean_sequence_kl(&kl, &rmask).double_value(&[]);
+    let shaped = shape_rewards(
+        &Tensor::from_slice(&r.scores),
+        &kl,
+        &rmask,
+        &has_eos,
+        kl_coef,
+        no_eos_penalty,
+    );
+    let rewards = if whiten_rewards {
+        masked_whiten(&shaped.rewards, &rmask, false) * &rmask
+    } else {
+        shaped.rewards.shallow_clone()
+    };
+    let (adv, returns) = compute_gae(&old_values, &rewards, &rmask, &GaeConfig { gamma, lam });
+    let adv = masked_whiten(&adv, &rmask, true) * &rmask;
+    let pl = policy_loss(&t(&r.logp), &old, &adv, &rmask, clip);
+    let vl = value_loss(&t(&r.values), &old_values, &returns, &rmask, value_clip);
+    (
+        pl.loss.double_value(&[]),
+        vl.loss.double_value(&[]),
+        mean_kl,
+    )
+}
+
+fn ppo_case(case: &str, kl: &str, whiten_rewards: bool, no_eos_penalty: Option<f64>) {
+    let est = match kl {
+        "k1" => alignflow_worker::rl::KlEstimator::K1,
+        _ => alignflow_worker::rl::KlEstimator::K3,
+    };
+    let (kl_coef, gamma, lam, clip, value_clip) = (0.05, 1.0, 0.95, 0.2, 0.2);
+    let r = rollout();
+    let (pl, vl, mean_kl) = ppo_losses(
+        &r,
+        est,
+        kl_coef,
+        whiten_rewards,
+        no_eos_penalty,
+        (gamma, lam, clip, value_clip),
+    );
+    let input = fixture_free_dir().join(format!("{case}.json"));
+    let shape =
+        |v: &[f64]| -> Vec<Vec<f64>> { v.chunks(T as usize).map(<[f64]>::to_vec).collect() };
+    std::fs::write(
+        &input,
+        json!({
+            "tokens": r.tokens.chunks(T as usize).collect::<Vec<_>>(), "eos": 0,
+            "old_logp": shape(&r.old_logp), "ref_logp": shape(&r.ref_logp),
+            "logp": shape(&r.logp), "old_values": shape(&r.old_values),
+            "values": shape(&r.values), "scores": r.scores,
+            "kl": kl, "kl_coef": kl_coef, "whiten_rewards": whiten_rewards,
+            "no_eos_penalty": no_eos_penalty, "gamma": gamma, "lam": lam,
+            "clip": clip, "value_clip": value_clip,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let want = reference(&["ppo", "--input", s(&input)]);
+    for (name, got) in [("policy_loss", pl), ("value_loss", vl), ("kl", mean_kl)] {
+        let sub = json!({"loss": want[name], "alternatives": want["alternatives"][name]});
+        check(&format!("{case} {name}"), got, &sub);
+    }
+}
+
+/// A temp folder for cases that need no checkpoint.
+fn fixture_free_dir() -> &'static Path {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| tempfile::tempdir().unwrap().keep())
+}
+
+/// PPO (GAE critic): k1 KL in the reward, no whitening of rewards, a
+/// penalty for the row without EOS.
+#[test]
+fn ppo_k1_gae() {
+    ppo_case("ppo_k1", "k1", false, Some(-1.0));
+}
+
+/// PPO with k3 KL and whitened rewards.
+#[test]
+fn ppo_k3_whitened_rewards() {
+    ppo_case("ppo_k3_whiten", "k3", true, None);
+}
