@@ -9,7 +9,7 @@ The alternatives let the Rust test check that the comparison can tell the
 conventions apart (each must differ from "loss" by far more than the tolerance).
 
     make-models OUT --tokenizer DIR NAME:ARCH:SEED:DROPOUT ...   (ARCH gpt2|llama)
-    sft      --model DIR --data JSONL [--template T]
+    sft      --model DIR --data JSONL [--template T] [--max-len N]
     pretrain --model DIR --data JSONL --seq-len N
     pm       --model LM_DIR --head PM_DIR --data JSONL[=WEIGHT] ...
     dpo      --policy DIR --reference DIR --data JSONL --beta B --loss sigmoid|ipo
@@ -125,25 +125,45 @@ def sft(a):
     model = load_lm(a.model)
     nll, n = 0.0, 0
     per_seq, nll_no_eos, n_no_eos, nll_prompt, n_prompt = [], 0.0, 0, 0.0, 0
+    truncated, lens = 0, set()
+    nll_keep_eos, n_keep_eos = 0.0, 0
     for r in read_jsonl(a.data):
         p = enc(a.template.replace("{prompt}", r["prompt"]))
         resp = enc(r["response"]) + [eos]
+        full_p, full_r = p, resp
+        if a.max_len and len(p) + len(resp) > a.max_len:
+            # over max_len: the response (EOS included) keeps its start and
+            # at least half the budget, the prompt keeps its end.
+            L = a.max_len
+            resp = resp[:max(1, min(len(resp), L - min(len(p), L // 2)))]
+            p = p[len(p) - min(len(p), L - len(resp)):]
+            truncated += 1
         ids = p + resp
+        # the alternative: EOS kept at the end of a cut response (as pm does)
+        alt_r = resp if resp[-1] == eos else resp[:-1] + [eos]
+        alt_lp = token_logps(model, p + alt_r)[len(p) - 1:]
+        nll_keep_eos -= alt_lp.sum().item()
+        n_keep_eos += len(alt_r)
         check_len(ids, model)
         lp = token_logps(model, ids)  # lp[t-1] scores ids[t]
         resp_lp = lp[len(p) - 1:]
         nll -= resp_lp.sum().item()
         n += len(resp)
         per_seq.append(-resp_lp.mean().item())
-        nll_no_eos -= resp_lp[:-1].sum().item()
-        n_no_eos += len(resp) - 1
+        k = len(resp) - 1 if resp[-1] == eos else len(resp)
+        nll_no_eos -= resp_lp[:k].sum().item()
+        n_no_eos += k
+        lens.add(len(resp))
         nll_prompt -= lp.sum().item()
         n_prompt += len(ids) - 1
-    emit(nll / n, {
-        "mean_over_sequences": sum(per_seq) / len(per_seq),
-        "eos_not_counted": nll_no_eos / n_no_eos,
-        "prompt_counted": nll_prompt / n_prompt,
-    }, tokens=n)
+    alts = {"prompt_counted": nll_prompt / n_prompt}
+    if n_no_eos != n:  # some row has its EOS
+        alts["eos_not_counted"] = nll_no_eos / n_no_eos
+    if len(lens) > 1:  # equal lengths: the two means are one
+        alts["mean_over_sequences"] = sum(per_seq) / len(per_seq)
+    if truncated:
+        alts["eos_kept_when_cut"] = nll_keep_eos / n_keep_eos
+    emit(nll / n, alts, tokens=n, truncated=truncated, lengths=sorted(lens))
 
 
 # ---------------------------------------------------------------- lm.pretrain
@@ -387,6 +407,7 @@ def main():
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--template", default="{prompt}")
+    s.add_argument("--max-len", type=int, default=0, help="truncate as sft does (0: never)")
     s = sub.add_parser("pretrain")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)

@@ -47,6 +47,17 @@ fn reference(args: &[&str]) -> Value {
     serde_json::from_str(text.lines().last().expect("one JSON line")).unwrap()
 }
 
+/// A fresh folder under cargo's target tmp dir (replaced on every run, so
+/// nothing piles up in /tmp).
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("loss_parity")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -146,7 +157,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = scratch("fixture");
         // A byte-level BPE trained (tokenizer.train) on all the texts.
         let mut corpus: Vec<Value> = sft_records();
         corpus.extend(hh_records([1.0; 4]));
@@ -286,7 +297,7 @@ fn check(case: &str, got: f64, reference: &Value) -> f64 {
 /// sft on `model`: loss = sum of -log p over response tokens + appended EOS
 /// of all examples / their count (token mean over the batch; prompt =
 /// template applied, tokenized apart from the response).
-fn sft_case(case: &str, model: &Path, extra: Value) {
+fn sft_case(case: &str, model: &Path, extra: Value, max_len: Option<i64>) {
     let f = fixture();
     let data = write_jsonl(&f.dir.join(format!("{case}.jsonl")), &sft_records());
     let template = "Question: {prompt}\nAnswer:";
@@ -297,6 +308,9 @@ fn sft_case(case: &str, model: &Path, extra: Value) {
         .as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
+    if let Some(n) = max_len {
+        params["max_len"] = json!(n);
+    }
     let out = run_op(
         case,
         "sft",
@@ -304,6 +318,7 @@ fn sft_case(case: &str, model: &Path, extra: Value) {
         [("model", model.into()), ("data", data.clone())],
     );
     let m = step1(&out);
+    let max_len = max_len.unwrap_or(0).to_string();
     let r = reference(&[
         "sft",
         "--model",
@@ -312,7 +327,15 @@ fn sft_case(case: &str, model: &Path, extra: Value) {
         s(&data),
         "--template",
         template,
+        "--max-len",
+        &max_len,
     ]);
+    if max_len != "0" {
+        assert!(
+            r["truncated"].as_u64().unwrap() >= 2,
+            "{case}: rows were cut"
+        );
+    }
     assert_eq!(
         m["tokens"], r["tokens"],
         "{case}: counted tokens (response + EOS)"
@@ -331,16 +354,23 @@ fn sft_gpt2() {
         .normalize_params(&json!({"dropout": false}))
         .is_ok();
     if has_switch {
-        sft_case("sft_gpt2", &f.gpt2_dropout, json!({"dropout": false}));
+        sft_case("sft_gpt2", &f.gpt2_dropout, json!({"dropout": false}), None);
     } else {
         eprintln!("sft has no `dropout` param yet: checkpoint with dropout 0");
-        sft_case("sft_gpt2", &f.gpt2, json!({}));
+        sft_case("sft_gpt2", &f.gpt2, json!({}), None);
     }
 }
 
 #[test]
 fn sft_llama() {
-    sft_case("sft_llama", &fixture().llama, json!({}));
+    sft_case("sft_llama", &fixture().llama, json!({}), None);
+}
+
+/// sft with max_len 16 (every row over it): rows over it keep the response's start (EOS cut
+/// with its end) in at least half the budget, the prompt's end in the rest.
+#[test]
+fn sft_truncated() {
+    sft_case("sft_truncated", &fixture().gpt2, json!({}), Some(16));
 }
 
 // ------------------------------------------------------------------ lm.pretrain
@@ -688,7 +718,7 @@ fn ppo_case(case: &str, kl: &str, whiten_rewards: bool, no_eos_penalty: Option<f
 /// A temp folder for cases that need no checkpoint.
 fn fixture_free_dir() -> &'static Path {
     static D: OnceLock<PathBuf> = OnceLock::new();
-    D.get_or_init(|| tempfile::tempdir().unwrap().keep())
+    D.get_or_init(|| scratch("ppo"))
 }
 
 /// PPO (GAE critic): k1 KL in the reward, no whitening of rewards, a
