@@ -9,6 +9,8 @@
 //! - `locks/<fingerprint>.lock`: per-fingerprint locks;
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
 //!   `checkpoints/<fingerprint>/`: resumable state, `hashes.json`: the hash cache.
+//! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
+//!   stage's input check or `cache verify --repair`), kept for inspection.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
 // key, atomic, fsutil, seal, tree, hashcache; then objects (and integrity,
