@@ -251,6 +251,108 @@ stages:
     assert!(!dir.exists() && !file.exists());
 }
 
+/// The user the non-root variants run as when the tests run as root.
+const NOBODY: u32 = 65534;
+
+/// `alignflow ARGS` as an ordinary user: `nobody` (owning the project
+/// folder) when the tests run as root, else the current user.
+fn run_unprivileged(p: &Project, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = p.cmd(args);
+    if is_root() {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(NOBODY) != 0
+                    || libc::setuid(NOBODY) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.output().expect("alignflow runs")
+}
+
+#[test]
+fn an_ordinary_user_cannot_change_a_folder_input_and_chmod_is_caught() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: unprivileged
+stages:
+  a:
+    op: exec
+    outputs: [out]
+    params: { cmd: "mkdir -p $ALIGNFLOW_OUT/out/sub; echo model > $ALIGNFLOW_OUT/out/sub/config.json" }
+  sed:
+    op: exec
+    inputs: { x: "${stages.a.out}" }
+    outputs: [out]
+    params: { cmd: "sed -i s/model/tampered/ \"$ALIGNFLOW_IN_X/sub/config.json\" && touch $ALIGNFLOW_OUT/out" }
+  chmod:
+    op: exec
+    inputs: { x: "${stages.a.out}" }
+    outputs: [out]
+    params: { cmd: "chmod -R u+w \"$ALIGNFLOW_IN_X\"; echo tampered >> \"$ALIGNFLOW_IN_X/sub/config.json\"; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    if is_root() {
+        let chown = std::process::Command::new("chown")
+            .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+            .arg(p.dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        if !run_unprivileged(&p, &["--version"]).status.success() {
+            eprintln!("skipped: `nobody` cannot run the alignflow binary here");
+            return;
+        }
+    }
+    // `sed -i` writes a new file beside the old one: the read-only folder stops it.
+    let out = run_unprivileged(&p, &["run", "pipeline.yaml", "--quiet", "--target", "sed"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stages_with_status(&table, "FAILED"),
+        set(&["sed"]),
+        "{table}"
+    );
+    let config = output_path(&p, "pipeline.yaml", "a").join("sub/config.json");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "model\n");
+    let verify = run_unprivileged(&p, &["cache", "verify"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(text.contains(": 0 problem(s)"), "{text}");
+
+    // The owner can make it writable again: the input check catches that.
+    let out = run_unprivileged(
+        &p,
+        &["run", "pipeline.yaml", "--quiet", "--target", "chmod"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stages_with_status(&text, "FAILED"),
+        set(&["chmod"]),
+        "{text}"
+    );
+    assert!(
+        text.contains("changed its inputs") && text.contains("sub/config.json"),
+        "{text}"
+    );
+    assert!(!config.exists(), "the tampered tree left the store");
+    // Cleaning up as root, or as the owner of everything: both work.
+    let gc = run_unprivileged(&p, &["cache", "gc"]);
+    assert!(gc.status.success(), "{gc:?}");
+}
+
 trait Quarantine {
     fn walk_quarantine(&self) -> Vec<PathBuf>;
 }
