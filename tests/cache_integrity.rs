@@ -119,6 +119,11 @@ stages:
             .walk_quarantine()
             .iter()
             .any(|f| f.ends_with("sub/config.json")));
+        // a's record now names a quarantined tree: repair removes it.
+        let repaired = p.run(&["cache", "verify", "--repair"]);
+        let text = String::from_utf8_lossy(&repaired.stdout);
+        assert!(text.contains("(stage `a`): an output is missing"), "{text}");
+        verify_is_clean(&p);
     } else {
         // Read-only folders and files stopped the write.
         verify_is_clean(&p);

@@ -32,6 +32,9 @@ pub struct VerifyReport {
     pub repaired: Vec<String>,
     /// The corrupt objects found.
     pub damage: Damage,
+    /// Records with an output missing from the store (a quarantined object,
+    /// say), and their stage: misses that `--repair` removes.
+    pub records_missing_outputs: Vec<(PathBuf, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -107,17 +110,26 @@ impl Maintenance<'_> {
     /// Removes the records on the damage first (a crash halfway leaves
     /// misses, never hits on quarantined objects), then quarantines it.
     fn repair(&self, report: &mut VerifyReport, dependents: &Dependents) -> Result<(), CacheError> {
+        let mut removed = HashSet::new();
         for (path, record) in dependents.records_to_remove(&report.damage) {
-            match fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(at(path)(e)),
-            }
+            remove_record(path)?;
+            removed.insert(path.clone());
             report.repaired.push(format!(
                 "removed record {} (stage `{}`)",
                 self.rel(path),
                 record.stage
             ));
+        }
+        // A record on a missing output is a miss already; removing it leaves
+        // the cache consistent (its stage reruns either way).
+        for (path, stage) in &report.records_missing_outputs {
+            if removed.insert(path.clone()) {
+                remove_record(path)?;
+                report.repaired.push(format!(
+                    "removed record {} (stage `{stage}`): an output is missing from the store",
+                    self.rel(path)
+                ));
+            }
         }
         for (from, to) in self.objects.quarantine(&report.damage)? {
             report.repaired.push(format!(
@@ -220,6 +232,7 @@ impl Maintenance<'_> {
                     self.rel(&path)
                 ));
             }
+            let mut missing = false;
             for (name, id) in &record.outputs {
                 if !self.objects.has_artifact(id) {
                     problems.push(format!(
@@ -227,7 +240,13 @@ impl Maintenance<'_> {
                         self.rel(&path),
                         record.stage
                     ));
+                    missing = true;
                 }
+            }
+            if missing {
+                report
+                    .records_missing_outputs
+                    .push((path.clone(), record.stage.clone()));
             }
             dependents.add_record(path, record);
         }
@@ -420,6 +439,15 @@ impl Maintenance<'_> {
         }
         remove_dead_temps(&objects.temps, dry_run, report);
         Ok(())
+    }
+}
+
+/// Removes a record file (already gone is fine).
+fn remove_record(path: &Path) -> Result<(), CacheError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(at(path)(e)),
     }
 }
 
