@@ -164,8 +164,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Rehash every object and check every record.
-    Verify,
+    /// Rehash every object and check every record; name the trees and
+    /// records (stages) that use each corrupt object.
+    Verify {
+        /// Move corrupt objects to quarantine/ and remove every record that
+        /// produced one or was built on one (directly or downstream), so
+        /// the next run recomputes exactly those stages.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Remove objects that no record reaches, stale staging folders and
     /// checkpoints of committed stages.
     Gc {
@@ -379,10 +386,20 @@ fn ops(name: Option<&str>) -> anyhow::Result<ExitCode> {
 fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
     let cache = open_cache(cache_dir)?;
     match command {
-        CacheCommand::Verify => {
-            let report = cache.verify()?;
+        CacheCommand::Verify { repair } => {
+            let report = if repair {
+                cache.verify_and_repair()?
+            } else {
+                cache.verify()?
+            };
             for p in &report.problems {
                 println!("{p}");
+            }
+            for u in &report.uses {
+                println!("used: {u}");
+            }
+            for r in &report.repaired {
+                println!("repair: {r}");
             }
             println!(
                 "checked {} objects, {} trees, {} records: {} problem(s)",

@@ -5,6 +5,22 @@
 //! with the engine (PDEATHSIG) even when the engine is killed with SIGKILL.
 //! Its inputs and output folder arrive in the environment; its stdout and
 //! stderr go to the run log line by line.
+//!
+//! What protects the cache from the command (it may run as root, which file
+//! modes do not stop; the engine does this, see `src/engine/feed.rs`):
+//! - a FILE input from another stage is a private read-only copy in the
+//!   stage's staging folder (a reflink where the filesystem has them, else a
+//!   copy up to 256 MiB; a bigger file on a filesystem without reflinks is
+//!   the store's read-only file): writing to it changes only the copy;
+//! - a FOLDER input is the store's folder, read-only (folders 0555, files
+//!   0444), so an ordinary user cannot change it;
+//! - every input path the command is handed (except the private copies) is
+//!   fingerprinted before it runs (size, mtime, inode, mode of each file)
+//!   and compared after: a change fails the stage, naming the input and the
+//!   file, records nothing, and quarantines the store object if its content
+//!   changed (the next run recomputes it);
+//! - before it runs, each input from the store is checked against its id, so
+//!   a corrupt object is never fed to the command.
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};

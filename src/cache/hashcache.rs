@@ -141,6 +141,21 @@ impl HashCache {
         Ok(hash)
     }
 
+    /// Remembers that the file at the canonical path `abs`, whose metadata is
+    /// `meta`, hashes to `hash` (the store learns its blobs' hashes as it
+    /// writes them, so checking an input before a stage reads nothing).
+    pub fn remember(&self, abs: &Path, meta: &fs::Metadata, hash: &str) {
+        let key = abs.to_string_lossy().into_owned();
+        let entry = Entry {
+            stat: FileStat::of(meta),
+            hash: hash.to_string(),
+        };
+        self.with_state(|s| {
+            s.entries.insert(key.clone(), entry.clone());
+            s.dirty.insert(key, entry);
+        });
+    }
+
     /// blake3 hex of everything `r` yields, counted in [`Self::hashed_bytes`].
     pub fn hash_reader(&self, mut r: impl Read) -> io::Result<String> {
         let mut hasher = blake3::Hasher::new();

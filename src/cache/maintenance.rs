@@ -1,5 +1,7 @@
-//! `verify` (rehash everything, check every record) and `gc` (remove what
-//! no record reaches, and the leftovers of killed processes).
+//! `verify` (rehash everything, check every record, name who uses each
+//! corrupt object; `--repair` quarantines them and removes the records
+//! built on them) and `gc` (remove what no record reaches, and the
+//! leftovers of killed processes).
 use std::collections::HashSet;
 use std::fs;
 use std::io;
@@ -7,13 +9,15 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::atomic::temp_owner_pid;
-use super::error::CacheError;
+use super::dependents::{Dependents, Use};
+use super::error::{at, CacheError};
 use super::fsutil::{file_name, read_dir_sorted};
 use super::locks::Locks;
 use super::objects::Objects;
 use super::records::{read_record_file, Records};
+use super::seal::remove_all;
 use super::tree::{parse_listing, walk_files};
-use super::ArtifactKind;
+use super::{ArtifactKind, Damage};
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -22,6 +26,15 @@ pub struct VerifyReport {
     pub records_checked: usize,
     /// Human-readable description of each problem (corrupt object, missing output, ...).
     pub problems: Vec<String>,
+    /// For each corrupt object, one line per tree and record that uses it.
+    pub uses: Vec<String>,
+    /// What `--repair` did, one line per record removed or object quarantined.
+    pub repaired: Vec<String>,
+    /// The corrupt objects found.
+    pub damage: Damage,
+    /// Records with an output missing from the store (a quarantined object,
+    /// say), and their stage: misses that `--repair` removes.
+    pub records_missing_outputs: Vec<(PathBuf, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -52,15 +65,82 @@ impl Maintenance<'_> {
             .to_string()
     }
 
-    /// Rehashes every object and tree, checks every record's outputs.
+    /// Rehashes every object and tree, checks every record's outputs, and
+    /// names the trees and records that use each corrupt object. With
+    /// `repair`, quarantines the corrupt objects and removes the records
+    /// that produced them or were built on them.
     ///
     /// Blocking and slow on a big cache (reads every blob).
-    pub fn verify(&self) -> Result<VerifyReport, CacheError> {
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, CacheError> {
         let mut report = VerifyReport::default();
+        let mut dependents = Dependents::default();
         self.verify_objects(&mut report)?;
-        self.verify_trees(&mut report)?;
-        self.verify_records(&mut report)?;
+        self.verify_trees(&mut report, &mut dependents)?;
+        self.verify_records(&mut report, &mut dependents)?;
+        self.name_uses(&mut report, &dependents);
+        if repair {
+            self.repair(&mut report, &dependents)?;
+        }
         Ok(report)
+    }
+
+    /// One line per use of each corrupt object.
+    fn name_uses(&self, report: &mut VerifyReport, dependents: &Dependents) {
+        for id in report.damage.ids() {
+            let what = match id.kind {
+                ArtifactKind::File => self.rel(&self.objects.blob_path(&id.hash)),
+                ArtifactKind::Tree => self.rel(&self.objects.tree_dir(&id.hash)),
+            };
+            for u in dependents.uses(&id) {
+                report.uses.push(match u {
+                    Use::InTree(tree) => format!("{what}: is a file of tree trees/{tree}"),
+                    Use::OutputOf { record, output } => format!(
+                        "{what}: output `{output}` of stage `{}` ({})",
+                        record.1.stage,
+                        self.rel(&record.0)
+                    ),
+                    Use::InputOf { record, input } => format!(
+                        "{what}: input `{input}` of stage `{}` ({})",
+                        record.1.stage,
+                        self.rel(&record.0)
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Removes the records on the damage first (a crash halfway leaves
+    /// misses, never hits on quarantined objects), then quarantines it.
+    fn repair(&self, report: &mut VerifyReport, dependents: &Dependents) -> Result<(), CacheError> {
+        let mut removed = HashSet::new();
+        for (path, record) in dependents.records_to_remove(&report.damage) {
+            remove_record(path)?;
+            removed.insert(path.clone());
+            report.repaired.push(format!(
+                "removed record {} (stage `{}`)",
+                self.rel(path),
+                record.stage
+            ));
+        }
+        // A record on a missing output is a miss already; removing it leaves
+        // the cache consistent (its stage reruns either way).
+        for (path, stage) in &report.records_missing_outputs {
+            if removed.insert(path.clone()) {
+                remove_record(path)?;
+                report.repaired.push(format!(
+                    "removed record {} (stage `{stage}`): an output is missing from the store",
+                    self.rel(path)
+                ));
+            }
+        }
+        for (from, to) in self.objects.quarantine(&report.damage)? {
+            report.repaired.push(format!(
+                "quarantined {} -> {}",
+                self.rel(&from),
+                self.rel(&to)
+            ));
+        }
+        Ok(())
     }
 
     fn verify_objects(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
@@ -76,17 +156,24 @@ impl Maintenance<'_> {
             report.objects_checked += 1;
             match self.objects.hash_file(path) {
                 Ok(actual) if actual == *hash => {}
-                Ok(actual) => problems.push(format!(
-                    "{}: content hash is {actual} (corrupt)",
-                    self.rel(path)
-                )),
+                Ok(actual) => {
+                    problems.push(format!(
+                        "{}: content hash is {actual} (corrupt)",
+                        self.rel(path)
+                    ));
+                    report.damage.corrupt_blobs.insert(hash.clone());
+                }
                 Err(e) => problems.push(format!("{}: cannot read: {e}", self.rel(path))),
             }
         }
         Ok(())
     }
 
-    fn verify_trees(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
+    fn verify_trees(
+        &self,
+        report: &mut VerifyReport,
+        dependents: &mut Dependents,
+    ) -> Result<(), CacheError> {
         let problems = &mut report.problems;
         let (listings, dirs) = self.objects.scan_trees()?;
         for path in &listings.strays {
@@ -103,12 +190,22 @@ impl Maintenance<'_> {
         }
         for (hash, path) in &listings.blobs {
             report.trees_checked += 1;
-            self.verify_tree(hash, path, problems);
+            let before = problems.len();
+            let corrupt_blobs = &report.damage.corrupt_blobs;
+            let holds_corrupt_blob =
+                self.verify_tree(hash, path, problems, dependents, corrupt_blobs);
+            if problems.len() > before || holds_corrupt_blob {
+                report.damage.corrupt_trees.insert(hash.clone());
+            }
         }
         Ok(())
     }
 
-    fn verify_records(&self, report: &mut VerifyReport) -> Result<(), CacheError> {
+    fn verify_records(
+        &self,
+        report: &mut VerifyReport,
+        dependents: &mut Dependents,
+    ) -> Result<(), CacheError> {
         let problems = &mut report.problems;
         for path in self.records.files()? {
             report.records_checked += 1;
@@ -137,6 +234,7 @@ impl Maintenance<'_> {
                     self.rel(&path)
                 ));
             }
+            let mut missing = false;
             for (name, id) in &record.outputs {
                 if !self.objects.has_artifact(id) {
                     problems.push(format!(
@@ -144,16 +242,35 @@ impl Maintenance<'_> {
                         self.rel(&path),
                         record.stage
                     ));
+                    missing = true;
                 }
             }
+            if missing {
+                report
+                    .records_missing_outputs
+                    .push((path.clone(), record.stage.clone()));
+            }
+            dependents.add_record(path, record);
         }
         Ok(())
     }
 
-    fn verify_tree(&self, hash: &str, json: &Path, problems: &mut Vec<String>) {
+    /// Checks one tree, adding its problems; true when it holds a link to a
+    /// blob found corrupt (the same bytes, counted once, under the blob).
+    fn verify_tree(
+        &self,
+        hash: &str,
+        json: &Path,
+        problems: &mut Vec<String>,
+        dependents: &mut Dependents,
+        corrupt_blobs: &std::collections::BTreeSet<String>,
+    ) -> bool {
         let bytes = match fs::read(json) {
             Ok(b) => b,
-            Err(e) => return problems.push(format!("{}: cannot read: {e}", self.rel(json))),
+            Err(e) => {
+                problems.push(format!("{}: cannot read: {e}", self.rel(json)));
+                return false;
+            }
         };
         let actual = blake3::hash(&bytes).to_hex().to_string();
         if actual != hash {
@@ -164,8 +281,13 @@ impl Maintenance<'_> {
         }
         let entries = match parse_listing(&bytes) {
             Ok(e) => e,
-            Err(e) => return problems.push(format!("{}: unreadable listing: {e}", self.rel(json))),
+            Err(e) => {
+                problems.push(format!("{}: unreadable listing: {e}", self.rel(json)));
+                return false;
+            }
         };
+        dependents.add_listing(hash, &entries);
+        let holds_corrupt_blob = entries.iter().any(|(_, b)| corrupt_blobs.contains(b));
         for (rel, blob) in &entries {
             if !self.objects.has_blob(blob) {
                 problems.push(format!(
@@ -176,10 +298,11 @@ impl Maintenance<'_> {
         }
         let dir = self.objects.tree_dir(hash);
         if !dir.is_dir() {
-            return problems.push(format!(
+            problems.push(format!(
                 "{}: not materialised (folder missing)",
                 self.rel(&dir)
             ));
+            return holds_corrupt_blob;
         }
         for (rel, blob) in &entries {
             let path = dir.join(rel);
@@ -221,6 +344,7 @@ impl Maintenance<'_> {
             }
             Err(e) => problems.push(e.to_string()),
         }
+        holds_corrupt_blob
     }
 
     /// Removes objects and trees no record reaches, stale staging folders
@@ -322,6 +446,15 @@ impl Maintenance<'_> {
     }
 }
 
+/// Removes a record file (already gone is fine).
+fn remove_record(path: &Path) -> Result<(), CacheError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(at(path)(e)),
+    }
+}
+
 /// Removes the temporary files (with their owner's pid) whose owner is gone.
 fn remove_dead_temps(temps: &[(u32, PathBuf)], dry_run: bool, report: &mut GcReport) {
     for (pid, path) in temps {
@@ -343,12 +476,8 @@ pub(super) fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
         meta.len()
     };
     if !dry_run {
-        let result = if meta.is_dir() {
-            fs::remove_dir_all(path)
-        } else {
-            fs::remove_file(path)
-        };
-        match result {
+        // Tree folders are sealed read-only: `remove_all` unseals them first.
+        match remove_all(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {

@@ -2,40 +2,49 @@
 //!
 //! Layout under the cache root:
 //! - `objects/ab/cdef..`: file blobs named by their blake3 hash, read-only;
-//! - `trees/<hash>/`: folder artifacts, materialised with hard links to blobs;
+//! - `trees/<hash>/`: folder artifacts, materialised with hard links to blobs,
+//!   their folders read-only (0555) like the blobs (0444);
 //!   `trees/<hash>.json` their listing (sorted relative paths and file hashes);
 //! - `records/ab/<fingerprint>.json`: one [`StageRecord`] per fingerprint;
 //! - `locks/<fingerprint>.lock`: per-fingerprint locks;
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
 //!   `checkpoints/<fingerprint>/`: resumable state (removed when the record
 //!   commits), `hashes.json`: the hash cache.
+//! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
+//!   stage's input check or `cache verify --repair`), kept for inspection.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
-// key, atomic, fsutil, tree, hashcache; then objects, records (uses
-// objects), locks; then maintenance (verify, gc: uses all three) and
-// checkpoints (gc's part for checkpoint folders); store
+// key, atomic, fsutil, seal, tree, hashcache; then objects (and integrity,
+// its checks and quarantine), records (uses objects), locks; then
+// dependents (who uses an object), maintenance (verify, repair, gc: uses
+// all of them) and checkpoints (gc's part for checkpoint folders); store
 // (the `Cache` handle) on top.
 mod artifact;
 mod atomic;
 mod checkpoints;
+mod dependents;
 mod error;
 mod fsutil;
 mod hashcache;
+mod integrity;
 mod key;
 mod locks;
 mod maintenance;
 mod objects;
 mod records;
+mod seal;
 mod store;
 mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
 pub use error::CacheError;
+pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use locks::StageLock;
 pub use maintenance::{GcReport, VerifyReport};
 pub use records::StageRecord;
+pub use seal::remove_all;
 pub use store::Cache;
 
 #[cfg(test)]

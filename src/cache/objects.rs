@@ -10,6 +10,7 @@ use super::atomic::{atomic_write, fsync_dir, temp_owner_pid, temp_sibling};
 use super::error::{at, CacheError};
 use super::fsutil::{ensure_dir, file_name, read_dir_sorted};
 use super::hashcache::HashCache;
+use super::seal::{remove_all, seal_dirs, SEALED_FILE};
 use super::tree::{is_hex64, is_lower_hex, listing, walk_files};
 use super::{ArtifactId, ArtifactKind};
 
@@ -38,6 +39,11 @@ impl Objects {
             root.join("locks").join("hashes.lock"),
         );
         Objects { root, hashes }
+    }
+
+    /// The cache root (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Bytes this handle has read to hash files (inputs, ingested outputs,
@@ -92,6 +98,13 @@ impl Objects {
             .map_err(at(&self.root.join("hashes.json")))
     }
 
+    /// The blake3 hex of the store file at `path` (canonical), through the
+    /// hash memo: read only when its size, mtime or inode changed since the
+    /// store (or a check) last hashed it.
+    pub fn memo_hash(&self, path: &Path, meta: &fs::Metadata) -> io::Result<String> {
+        self.hashes.file_hash(path, meta, false)
+    }
+
     /// The blake3 hex of the file at `path` (counted in `hashed_bytes`).
     pub fn hash_file(&self, path: &Path) -> io::Result<String> {
         File::open(path).and_then(|f| self.hashes.hash_reader(f))
@@ -121,7 +134,8 @@ impl Objects {
             }
             let (bytes, hash) = listing(&entries);
             self.commit_tree(&hash, &bytes, &entries)?;
-            fs::remove_dir_all(path).map_err(at(path))?;
+            // A stage may have copied a sealed tree into its output.
+            remove_all(path).map_err(at(path))?;
             Ok(ArtifactId {
                 kind: ArtifactKind::Tree,
                 hash,
@@ -156,7 +170,7 @@ impl Objects {
             // output): linking it would make the blob an inode others may write.
             copy_into_store(src, &dst)?;
         } else {
-            fs::set_permissions(src, fs::Permissions::from_mode(0o444)).map_err(at(src))?;
+            fs::set_permissions(src, fs::Permissions::from_mode(SEALED_FILE)).map_err(at(src))?;
             file.sync_all().map_err(at(src))?;
             // A link, not a rename: it never replaces a blob that a racing
             // process committed meanwhile (trees hard-link to that inode).
@@ -169,6 +183,11 @@ impl Objects {
         }
         fsync_dir(shard).map_err(at(shard))?;
         fs::remove_file(src).map_err(at(src))?;
+        // The hash is known: a later check of this blob before a stage reads
+        // it costs a stat, not a read.
+        if let Ok(meta) = fs::symlink_metadata(&dst) {
+            self.hashes.remember(&dst, &meta, &hash);
+        }
         Ok(hash)
     }
 
@@ -188,7 +207,9 @@ impl Objects {
             let result =
                 self.materialise(&tmp, entries)
                     .and_then(|()| match fs::rename(&tmp, &dir) {
-                        Ok(()) => Ok(()),
+                        // Sealed once in place: renaming a folder needs
+                        // write permission on it (its `..` entry changes).
+                        Ok(()) => seal_dirs(&dir).map_err(at(&dir)),
                         // Another process materialised the same tree first: keep theirs.
                         Err(_) if dir.is_dir() => {
                             let _ = fs::remove_dir_all(&tmp);
@@ -228,6 +249,8 @@ impl Objects {
                 // Too many links to one blob (say, the empty file): copy it.
                 Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
                     fs::copy(&src, &dst).map_err(at(&dst))?;
+                    fs::set_permissions(&dst, fs::Permissions::from_mode(SEALED_FILE))
+                        .map_err(at(&dst))?;
                     File::open(&dst)
                         .and_then(|f| f.sync_all())
                         .map_err(at(&dst))?;
@@ -336,7 +359,7 @@ fn copy_into_store(src: &Path, dst: &Path) -> Result<(), CacheError> {
     let tmp = temp_sibling(dst).map_err(at(dst))?;
     let result = (|| {
         fs::copy(src, &tmp)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(SEALED_FILE))?;
         File::open(&tmp)?.sync_all()?;
         match fs::hard_link(&tmp, dst) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),

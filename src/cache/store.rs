@@ -10,7 +10,7 @@ use super::locks::{Locks, StageLock};
 use super::maintenance::{GcReport, Maintenance, VerifyReport};
 use super::objects::Objects;
 use super::records::{Records, StageRecord};
-use super::{ArtifactId, Fingerprint};
+use super::{ArtifactId, Damage, Fingerprint};
 
 /// A cache folder.
 pub struct Cache {
@@ -162,7 +162,33 @@ impl Cache {
     ///
     /// Blocking and slow on a big cache (reads every blob).
     pub fn verify(&self) -> Result<VerifyReport, CacheError> {
-        self.maintenance().verify()
+        self.maintenance().verify(false)
+    }
+
+    /// [`Self::verify`], then quarantines each corrupt object (into
+    /// `quarantine/`) and removes every record that produced one or was
+    /// built on one, directly or downstream: the next run recomputes them.
+    pub fn verify_and_repair(&self) -> Result<VerifyReport, CacheError> {
+        self.maintenance().verify(true)
+    }
+
+    /// Checks that the stored artifact `id` still holds what its id names,
+    /// through the hash memo (a stat per file when nothing changed).
+    pub fn check_artifact(&self, id: &ArtifactId) -> Result<Damage, CacheError> {
+        self.objects.check_artifact(id)
+    }
+
+    /// Moves damaged objects out of the store into `quarantine/`: records on
+    /// them become misses. Returns (from, to) for each move.
+    pub fn quarantine(&self, damage: &Damage) -> Result<Vec<(PathBuf, PathBuf)>, CacheError> {
+        self.objects.quarantine(damage)
+    }
+
+    /// Restores the read-only modes of a stored artifact whose content is
+    /// intact (a stage changed its permissions).
+    pub fn reseal(&self, id: &ArtifactId) -> Result<(), CacheError> {
+        let path = self.artifact_path(id);
+        super::seal::reseal(&path).map_err(at(&path))
     }
 
     /// Removes objects and trees no record reaches, and stale staging folders.

@@ -1,7 +1,8 @@
 //! Running one stage, in phases: find it cached under its actual inputs
 //! (key hit); take a GPU slot, a job slot and the per-fingerprint lock
-//! (acquire); run it in a worker or in the engine (dispatch); ingest its
-//! outputs and only then write its record (commit).
+//! (acquire); check its inputs from the store and run it in a worker or in
+//! the engine, failing it if it changed an input (dispatch, with `feed`);
+//! ingest its outputs and only then write its record (commit).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,11 +12,12 @@ use anyhow::Context;
 use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{ArtifactId, Fingerprint, StageKey, StageLock, StageRecord};
+use crate::cache::{remove_all, ArtifactId, Fingerprint, StageKey, StageLock, StageRecord};
 use crate::manifest::{Input, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
 use crate::protocol::{Metrics, StageSpec};
 
+use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
 use super::gpus::GpuSlot;
 use super::plan::{hash_path_inputs, stage_key};
 use super::progress::StageProgress;
@@ -78,6 +80,11 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     // Whoever waited for the lock finds the stage cached.
     if let Some(record) = shared.cache.hit(&fp)? {
         return Ok(cached(record, key, "finished by another run"));
+    }
+    // Corruption must not spread: what the stage reads is checked first.
+    {
+        let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
+        blocking(move || check_store_inputs(&cache, &pipeline.stages[i], &key)).await?;
     }
     let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
     let record = commit(shared, stage, &key, &fp, staged).await?;
@@ -185,7 +192,8 @@ struct Staged {
 }
 
 /// Runs the stage in a worker or in the engine, writing into a fresh
-/// staging folder (removed again if the stage fails).
+/// staging folder (removed again if the stage fails). A stage that changed
+/// one of its inputs fails, whatever it returned.
 async fn dispatch(
     shared: &Shared,
     stage: &Stage,
@@ -207,7 +215,15 @@ async fn dispatch(
     let staging = cache.staging_dir(fp)?;
     let out_dir = staging.join("out");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let spec = stage_spec(shared, stage, op, key, fp, out_dir.clone(), gpu)?;
+    let mut spec = stage_spec(shared, stage, op, key, fp, out_dir.clone(), gpu)?;
+    let guard =
+        match tokio::task::block_in_place(|| guard_inputs(stage, op, key, &mut spec, &staging)) {
+            Ok(guard) => guard,
+            Err(err) => {
+                let _ = remove_all(&staging);
+                return Err(err.into());
+            }
+        };
     let started_at = SystemTime::now();
     let start = Instant::now();
     let progress = shared.ui.stage(&stage.id);
@@ -221,10 +237,23 @@ async fn dispatch(
         Placement::Engine(run) => run_in_engine(run, &spec, &progress, &shared.cancel).await,
     };
     progress.finish();
+    let changes = tokio::task::block_in_place(|| guard.changes());
+    if !changes.is_empty() {
+        let _ = remove_all(&staging);
+        let err =
+            tokio::task::block_in_place(|| changed_inputs(&shared.cache, stage, key, &changes));
+        return Err(match result {
+            Err(Error::Cancelled) => Error::Cancelled,
+            Err(stage_err) => {
+                anyhow::anyhow!("{err:#}\n(the stage itself also failed: {stage_err})").into()
+            }
+            Ok(_) => err.into(),
+        });
+    }
     let metrics = match result {
         Ok(m) => m,
         Err(err) => {
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = remove_all(&staging);
             return Err(err);
         }
     };
@@ -326,7 +355,7 @@ async fn commit(
             finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         };
         cache.write_record(&record)?;
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = remove_all(&staging);
         Ok(record)
     })
     .await

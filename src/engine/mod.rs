@@ -4,9 +4,12 @@
 
 mod error;
 mod execute;
+mod feed;
 mod gpus;
+mod input_guard;
 mod lockfile;
 mod plan;
+mod private_inputs;
 mod progress;
 mod run;
 mod schedule;

@@ -208,6 +208,9 @@ pub fn run(
         finished: Mutex::new(Vec::new()),
     });
     let summary = runtime.block_on(schedule(shared.clone(), dag, the_plan))?;
+    // The hashes the run learnt (its outputs, the inputs it checked) spare
+    // the next run from reading them again.
+    cache.flush_hash_cache()?;
 
     if summary.success() {
         if options.writes_lockfile() {
