@@ -6,23 +6,41 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use tokio::sync::SemaphorePermit;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{remove_all, ArtifactId, Fingerprint, StageKey, StageLock, StageRecord};
-use crate::manifest::{Input, Stage};
+use crate::cache::{remove_all, ArtifactId, Cache, Fingerprint, StageKey, StageLock, StageRecord};
+use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
 use crate::protocol::{Metrics, StageSpec};
 
 use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
-use super::gpus::GpuSlot;
+use super::gpus::{GpuSlot, GpuSlots};
+use super::lockfile::{LockedStage, Lockfile};
 use super::plan::{hash_path_inputs, stage_key};
-use super::progress::StageProgress;
-use super::schedule::Shared;
-use super::{worker, Error, StageStatus};
+use super::progress::{StageProgress, Ui};
+use super::threads::ThreadShare;
+use super::{worker, Error, RunOptions, StageStatus};
+
+/// Shared state of the stage tasks.
+pub(super) struct Shared {
+    pub pipeline: Arc<Pipeline>,
+    pub cache: Arc<Cache>,
+    pub ui: Ui,
+    pub cancel: CancellationToken,
+    pub jobs: Semaphore,
+    pub gpus: GpuSlots,
+    pub options: RunOptions,
+    /// CPU threads of each tensor stage.
+    pub threads: ThreadShare,
+    pub lockfile: Option<Lockfile>,
+    /// Lockfile entries of the stages that finished, ran or cached.
+    pub finished: Mutex<Vec<(String, LockedStage)>>,
+}
 
 /// A stage that finished, ran or cached.
 pub(super) struct Finished {

@@ -8,19 +8,23 @@ mod feed;
 mod gpus;
 mod input_guard;
 mod lockfile;
+mod options;
 mod plan;
 mod private_inputs;
 mod progress;
 mod run;
 mod schedule;
+mod summary;
 mod threads;
 mod worker;
 
 pub use error::Error;
 pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileError};
+pub use options::RunOptions;
 pub use plan::{
     explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow,
     PlannedStage,
 };
-pub use run::{run, RunOptions, RunSummary, StageStatus};
+pub use run::run;
+pub use summary::{RunSummary, StageResult, StageStatus};
 pub use worker::{doctor, worker_path};

@@ -6,12 +6,11 @@
 //! ingests its outputs and only then commits its record: a crash at any
 //! point leaves no record pointing at missing or partial outputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -19,135 +18,14 @@ use crate::cache::Cache;
 use crate::graph::Dag;
 use crate::manifest::Pipeline;
 
+use super::execute::Shared;
 use super::gpus::GpuSlots;
 use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
 use super::plan::{locked_diff, plan, Plan, PlanContext};
 use super::progress::Ui;
-use super::schedule::{schedule, Shared};
+use super::schedule::schedule;
 use super::threads::ThreadShare;
-use super::Error;
-
-/// How to run.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Run only these stages and their ancestors (empty: all).
-    pub targets: Vec<String>,
-    /// Stages running at once.
-    pub jobs: usize,
-    /// Stop everything at the first failure.
-    pub fail_fast: bool,
-    /// Refuse to run when the plan differs from the lockfile.
-    pub locked: bool,
-    /// Write the lockfile even after an ad-hoc (`--target`, `--set`) run.
-    pub update_lock: bool,
-    /// `--set` changed pipeline params: the run is not the manifest's own.
-    pub params_overridden: bool,
-    /// Rehash every path input, ignoring the hash cache.
-    pub rehash: bool,
-    /// Intra-op CPU threads for each worker stage (default: the cores
-    /// divided among the worker stages running at once).
-    pub threads: Option<usize>,
-    /// No progress bars or stage lines.
-    pub quiet: bool,
-    /// Stages that may share one GPU (1: each GPU stage has its device alone).
-    pub gpu_slots: usize,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        RunOptions {
-            targets: Vec::new(),
-            jobs: 1,
-            fail_fast: false,
-            locked: false,
-            update_lock: false,
-            params_overridden: false,
-            rehash: false,
-            threads: None,
-            quiet: false,
-            gpu_slots: 1,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageStatus {
-    Ran,
-    Cached,
-    Failed,
-    /// Not run because an upstream stage failed.
-    Skipped,
-    Cancelled,
-}
-
-impl StageStatus {
-    fn label(self) -> &'static str {
-        match self {
-            StageStatus::Ran => "ran",
-            StageStatus::Cached => "cached",
-            StageStatus::Failed => "FAILED",
-            StageStatus::Skipped => "skipped",
-            StageStatus::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// The end state of one stage.
-#[derive(Debug, Clone, Serialize)]
-pub struct StageResult {
-    pub stage: String,
-    pub status: StageStatus,
-    pub seconds: f64,
-    pub detail: String,
-}
-
-/// The end state of a run.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunSummary {
-    pub pipeline: String,
-    pub results: Vec<StageResult>,
-    /// Stopped by Ctrl-C or SIGTERM.
-    pub interrupted: bool,
-    /// Stopped by SIGTERM (exit status 143 rather than 130).
-    pub terminated: bool,
-    pub log: Option<PathBuf>,
-}
-
-impl RunSummary {
-    pub fn success(&self) -> bool {
-        !self.interrupted
-            && self
-                .results
-                .iter()
-                .all(|r| matches!(r.status, StageStatus::Ran | StageStatus::Cached))
-    }
-
-    /// The summary table printed at the end of a run.
-    pub fn table(&self) -> String {
-        let width = self
-            .results
-            .iter()
-            .map(|r| r.stage.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let mut out = format!(
-            "{:<width$}  {:<9}  {:>9}  detail\n",
-            "stage", "status", "time"
-        );
-        for r in &self.results {
-            let detail = r.detail.lines().next().unwrap_or("");
-            out.push_str(&format!(
-                "{:<width$}  {:<9}  {:>8.2}s  {detail}\n",
-                r.stage,
-                r.status.label(),
-                r.seconds
-            ));
-        }
-        out
-    }
-}
+use super::{Error, RunOptions, RunSummary};
 
 /// Runs the pipeline (blocking: builds its own tokio runtime).
 pub fn run(
@@ -223,16 +101,6 @@ pub fn run(
         }
     }
     Ok(summary)
-}
-
-impl RunOptions {
-    /// Only a full, plain run of the manifest (or `--update-lock`) records
-    /// the lockfile: an ad-hoc run's params or partial stage set would leave
-    /// the committed lockfile inconsistent with the manifest, and a later
-    /// `run --locked` would fail.
-    pub fn writes_lockfile(&self) -> bool {
-        self.update_lock || (self.targets.is_empty() && !self.params_overridden)
-    }
 }
 
 /// `--locked`: refuses a plan that differs from the lockfile.

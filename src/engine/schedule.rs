@@ -2,43 +2,20 @@
 //! `--jobs`, cancelling cleanly on Ctrl-C or fail-fast.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::signal::unix::SignalKind;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
-use crate::cache::{ArtifactId, Cache};
+use crate::cache::ArtifactId;
 use crate::graph::Dag;
-use crate::manifest::Pipeline;
 
-use super::execute::{execute, Finished, StageTask};
-use super::gpus::GpuSlots;
-use super::lockfile::{lock_entry, LockedStage, Lockfile};
+use super::execute::{execute, Finished, Shared, StageTask};
+use super::lockfile::lock_entry;
 use super::plan::{Action, Plan, PlannedStage};
-use super::progress::Ui;
-use super::run::StageResult;
-use super::threads::ThreadShare;
-use super::{Error, RunOptions, RunSummary, StageStatus};
-
-/// Shared state of the stage tasks.
-pub(super) struct Shared {
-    pub pipeline: Arc<Pipeline>,
-    pub cache: Arc<Cache>,
-    pub ui: Ui,
-    pub cancel: CancellationToken,
-    pub jobs: Semaphore,
-    pub gpus: GpuSlots,
-    pub options: RunOptions,
-    /// CPU threads of each tensor stage.
-    pub threads: ThreadShare,
-    pub lockfile: Option<Lockfile>,
-    /// Lockfile entries of the stages that finished, ran or cached.
-    pub finished: Mutex<Vec<(String, LockedStage)>>,
-}
+use super::{Error, RunSummary, StageResult, StageStatus};
 
 /// What a stage task returns: its index, how long it took, how it ended.
 type TaskEnd = (usize, Duration, Result<Finished, Error>);

@@ -8,7 +8,6 @@ use alignflow_ops::PpoKlMode;
 
 use super::setup::{Models, Settings};
 use super::stop::Stop;
-use super::update::Forwards;
 use super::{response_logprobs, response_values, scalar};
 use crate::model::sample::{generate, left_pad, SamplingConfig};
 use crate::model::Model;
@@ -17,6 +16,15 @@ use crate::rl::{
     ShapedRewards,
 };
 use crate::train::{epoch_permutation, step_seed};
+
+/// The update's forward passes over the whole batch, with grad: the
+/// policy's log-probs of the response tokens and of the whole vocabulary,
+/// and the value model's values (see `Passes::Auto`).
+pub(super) struct Forwards {
+    pub logp: Tensor,
+    pub all: Tensor,
+    pub values: Option<Tensor>,
+}
 
 /// A batch of sampled responses, padded into tensors.
 pub(super) struct Sampled {

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::PpoKlMode;
 
-use super::rollout::{Experience, Rollout};
+use super::rollout::{Experience, Forwards, Rollout};
 use super::setup::{Models, Optimizers, Settings};
 use super::stop::Stop;
 use super::{response_logprobs, response_values, scalar, Passes};
@@ -16,15 +16,6 @@ use crate::rl::{
     masked_mean, masked_sum, masked_whiten, policy_loss, value_loss, PolicyLoss,
 };
 use crate::train::{clip_grad_norm, seed_torch_for_step, AdamW};
-
-/// The update's forward passes over the whole batch, with grad: the
-/// policy's log-probs of the response tokens and of the whole vocabulary,
-/// and the value model's values (see `Passes::Auto`).
-pub(super) struct Forwards {
-    pub logp: Tensor,
-    pub all: Tensor,
-    pub values: Option<Tensor>,
-}
 
 /// How the update splits the batch.
 pub(super) struct Plan {

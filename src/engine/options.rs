@@ -1,0 +1,54 @@
+//! How `alignflow run` runs: the options the CLI fills in.
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run only these stages and their ancestors (empty: all).
+    pub targets: Vec<String>,
+    /// Stages running at once.
+    pub jobs: usize,
+    /// Stop everything at the first failure.
+    pub fail_fast: bool,
+    /// Refuse to run when the plan differs from the lockfile.
+    pub locked: bool,
+    /// Write the lockfile even after an ad-hoc (`--target`, `--set`) run.
+    pub update_lock: bool,
+    /// `--set` changed pipeline params: the run is not the manifest's own.
+    pub params_overridden: bool,
+    /// Rehash every path input, ignoring the hash cache.
+    pub rehash: bool,
+    /// Intra-op CPU threads for each worker stage (default: the cores
+    /// divided among the worker stages running at once).
+    pub threads: Option<usize>,
+    /// No progress bars or stage lines.
+    pub quiet: bool,
+    /// Stages that may share one GPU (1: each GPU stage has its device alone).
+    pub gpu_slots: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            targets: Vec::new(),
+            jobs: 1,
+            fail_fast: false,
+            locked: false,
+            update_lock: false,
+            params_overridden: false,
+            rehash: false,
+            threads: None,
+            quiet: false,
+            gpu_slots: 1,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Only a full, plain run of the manifest (or `--update-lock`) records
+    /// the lockfile: an ad-hoc run's params or partial stage set would leave
+    /// the committed lockfile inconsistent with the manifest, and a later
+    /// `run --locked` would fail.
+    pub fn writes_lockfile(&self) -> bool {
+        self.update_lock || (self.targets.is_empty() && !self.params_overridden)
+    }
+}
