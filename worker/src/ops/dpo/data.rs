@@ -16,10 +16,8 @@ use serde::{Deserialize, Serialize};
 use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::Tokenizer;
 
-use super::super::pm::comparisons;
-use super::super::sft::tokenize_example;
 use super::loss::scored_tokens;
-use crate::train::epoch_permutation;
+use crate::ops::examples::{comparisons, tokenize_example};
 
 /// One tokenized comparison: A ("chosen") and B ("rejected") sequences, each
 /// prompt + response (+ EOS) with the response's first index.
@@ -140,32 +138,6 @@ pub fn read_pairs(
     Ok(out)
 }
 
-/// Splits records into (train, held out) as `pm.train` does:
-/// `round(fraction * n)` records (at least one when `fraction > 0` and
-/// `n >= 2`, always leaving one for training), by a permutation seeded with
-/// `seed`; each side keeps the source order.
-pub fn split<T>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
-    let n = records.len();
-    let k = if fraction > 0.0 && n >= 2 {
-        ((fraction * n as f64).round() as usize).clamp(1, n - 1)
-    } else {
-        0
-    };
-    let mut held = vec![false; n];
-    for &i in &epoch_permutation(n, seed, u64::MAX)[..k] {
-        held[i] = true;
-    }
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    for (r, h) in records.into_iter().zip(held) {
-        if h {
-            test.push(r);
-        } else {
-            train.push(r);
-        }
-    }
-    (train, test)
-}
-
 /// Writes the `reference_logps` folder.
 pub fn write_reference(dir: &Path, settings: &Settings, lines: &[RefLogps]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -263,18 +235,5 @@ mod tests {
         assert_ne!(a.digest(), pair(vec![1, 2, 3], 2).digest());
         assert_ne!(a.digest(), pair(vec![1, 2, 4], 1).digest());
         assert_eq!(a.digest().len(), 16);
-    }
-
-    #[test]
-    fn the_split_is_seeded_and_disjoint() {
-        let (tr, te) = split((0..20).collect(), 0.25, 7);
-        assert_eq!((tr.len(), te.len()), (15, 5));
-        assert_eq!(split((0..20).collect::<Vec<_>>(), 0.25, 7).1, te);
-        assert_ne!(split((0..20).collect::<Vec<_>>(), 0.25, 8).1, te);
-        let mut all: Vec<i32> = tr.into_iter().chain(te).collect();
-        all.sort();
-        assert_eq!(all, (0..20).collect::<Vec<_>>());
-        assert_eq!(split(vec![1, 2], 0.0, 1).1.len(), 0);
-        assert_eq!(split(vec![1], 0.5, 1).1.len(), 0);
     }
 }
