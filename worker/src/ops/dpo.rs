@@ -24,7 +24,7 @@ use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 
 use super::examples::split;
 use super::load::{self, eos_id};
-use super::metrics_log::{append_eval_line, finite_or_null};
+use super::metrics_log::{finite_or_null, write_held_out_eval};
 use super::training::run_training_with_figures;
 use crate::model::{self, Head, Model};
 
@@ -303,17 +303,12 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             "loss": "the training loss (loss, beta, label_smoothing) averaged over the pairs",
         },
     });
-    std::fs::write(
-        ctx.output("eval"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )
-    .context("writing eval")?;
     let eval_figures = sums
         .figures("eval_")
         .into_iter()
         .map(|(k, v)| (k, finite_or_null(v)))
         .collect();
-    append_eval_line(ctx, &mut metrics, sums.pairs, eval_figures)?;
+    write_held_out_eval(ctx, &mut metrics, &report, sums.pairs, eval_figures)?;
     Ok(metrics)
 }
 

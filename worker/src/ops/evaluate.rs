@@ -38,7 +38,7 @@ use super::sampling::{batch_seed, decode_answer, sampling_config};
 use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
 use crate::model::sample::{generate, Sample, SamplingConfig};
 use crate::model::{self, Head, Model};
-use crate::rl::{kl_per_token, masked_sum, response_mask, KlEstimator};
+use crate::rl::{kl_per_token, masked_sum, KlEstimator};
 
 /// One policy's answer.
 struct Answer {
@@ -398,20 +398,11 @@ fn sequence_kl(
     device: Device,
 ) -> Vec<f64> {
     tch::no_grad(|| {
-        let Rollout {
-            ids,
-            mask,
-            resp,
-            gen_mask,
-            p_len,
-            ..
-        } = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
-        let rmask = match eos {
-            Some(e) => response_mask(&resp, e, None) * gen_mask.to_kind(Kind::Float),
-            None => gen_mask.to_kind(Kind::Float),
-        };
-        let (lp, _) = response_logprobs(policy, &ids, &mask, &resp, p_len, temperature);
-        let (lr, _) = response_logprobs(reference, &ids, &mask, &resp, p_len, temperature);
+        let ro = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
+        let rmask = ro.scored_mask(eos);
+        let logprobs =
+            |m: &Model| response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature).0;
+        let (lp, lr) = (logprobs(policy), logprobs(reference));
         let kl = kl_per_token(&lp, &lr, KlEstimator::K1);
         let per_row = masked_sum(&kl.to_kind(Kind::Double), &rmask, Some(1));
         Vec::<f64>::try_from(&per_row.to_device(Device::Cpu)).expect("KL values")

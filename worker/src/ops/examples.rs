@@ -3,6 +3,11 @@
 //! comparisons of a preference record in every accepted shape (`pm.train`,
 //! `pm.pretrain`, `dpo`; shapes: `pm::data`), and the seeded held-out split.
 
+use std::path::Path;
+
+use anyhow::Context;
+
+use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::Tokenizer;
 
 use crate::train::epoch_permutation;
@@ -40,6 +45,28 @@ pub fn tokenize_example(
         tokens: p,
         response_start,
     })
+}
+
+/// Reads a comparisons file record by record: `each(line, prompt,
+/// comparisons, at)` gets a record's line, its `prompt` field and its
+/// [`comparisons`]; `at()` names the stage, file and line for errors.
+pub(crate) fn for_each_comparison_record(
+    stage: &str,
+    path: &Path,
+    mut each: impl FnMut(usize, &str, Vec<(&str, &str, f64)>, &dyn Fn() -> String) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let reader = read_jsonl::<serde_json::Value>(path)
+        .with_context(|| format!("stage `{stage}`: reading {}", path.display()))?;
+    for (line, record) in reader {
+        let at = || format!("stage `{stage}`: {}:{line}", path.display());
+        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        let prompt = record["prompt"]
+            .as_str()
+            .with_context(|| format!("{}: no string field `prompt`", at()))?;
+        let pairs = comparisons(&record).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        each(line, prompt, pairs, &at)?;
+    }
+    Ok(())
 }
 
 /// The (response A, response B, p) comparisons of one record.

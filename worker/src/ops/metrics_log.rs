@@ -1,7 +1,8 @@
 //! A stage's `metrics.jsonl`: one JSON line per training step (or `ppo`
 //! iteration), written in the checkpoint folder so that a resumed run
 //! continues it, then published as the stage's `metrics` output; and the
-//! held-out evaluation line the preference ops append to the published log.
+//! preference ops' held-out evaluation: its `eval` report and the line they
+//! append to the published log.
 
 use std::fs::File;
 use std::io::Write;
@@ -100,15 +101,22 @@ pub fn finite_or_null(v: f64) -> serde_json::Value {
     }
 }
 
-/// Appends the held-out evaluation line (`step`: the training's last,
-/// `eval_pairs`, then `figures`) to the published `metrics` output,
-/// reports its numbers and adds them (but the step) to `metrics`.
-pub fn append_eval_line(
+/// Writes the held-out evaluation: `report` as the `eval` output, and its
+/// line (`step`: the training's last, `eval_pairs`, then `figures`)
+/// appended to the published `metrics` output; reports the line's numbers
+/// and adds them (but the step) to `metrics`.
+pub fn write_held_out_eval(
     ctx: &StageContext<'_>,
     metrics: &mut Metrics,
+    report: &serde_json::Value,
     pairs: usize,
     figures: Vec<(String, serde_json::Value)>,
 ) -> anyhow::Result<()> {
+    std::fs::write(
+        ctx.output("eval"),
+        serde_json::to_string_pretty(report)? + "\n",
+    )
+    .context("writing eval")?;
     let mut point = serde_json::Map::new();
     point.insert("step".into(), metrics["steps"].clone());
     point.insert("eval_pairs".into(), pairs.into());

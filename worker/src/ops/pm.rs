@@ -23,7 +23,7 @@ use alignflow_ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS
 
 use super::examples::split;
 use super::load::{self, eos_id};
-use super::metrics_log::append_eval_line;
+use super::metrics_log::write_held_out_eval;
 use super::training::run_training;
 use crate::model::{self, Head, Model};
 
@@ -47,6 +47,17 @@ struct Loaded {
     eos: Option<i64>,
     max_len: usize,
     device: Device,
+}
+
+impl Loaded {
+    /// How this model's pairs are tokenized.
+    fn encoder(&self) -> Encoder<'_> {
+        Encoder {
+            tokenizer: &self.tokenizer,
+            eos: self.eos,
+            max_len: self.max_len,
+        }
+    }
 }
 
 /// Loads `model` with the reward head (fresh on a plain LM, kept on a PM).
@@ -136,11 +147,6 @@ fn train_and_evaluate(
             "ece": "each pair enters as (q, p) and (1 - q, 1 - p), q = sigmoid(rA - rB); 10 equal-width bins of q on [0, 1]; sum over bins of n_k / 2N * |mean q - mean p|",
         },
     });
-    std::fs::write(
-        ctx.output("eval"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )
-    .context("writing eval")?;
     let named = [
         ("eval_accuracy", f.accuracy),
         ("eval_mean_margin", f.mean_margin),
@@ -152,7 +158,7 @@ fn train_and_evaluate(
         .into_iter()
         .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
         .collect();
-    append_eval_line(ctx, &mut metrics, f.pairs, eval_figures)?;
+    write_held_out_eval(ctx, &mut metrics, &report, f.pairs, eval_figures)?;
     Ok(metrics)
 }
 
@@ -171,11 +177,7 @@ pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         train: &p.train,
     };
     let m = load(ctx, &c)?;
-    let enc = Encoder {
-        tokenizer: &m.tokenizer,
-        eos: m.eos,
-        max_len: m.max_len,
-    };
+    let enc = m.encoder();
     let stage = ctx.spec.stage.as_str();
     let mut records = Vec::new();
     for set in PM_TRAIN_SETS {
@@ -219,11 +221,7 @@ pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         train: &p.train,
     };
     let m = load(ctx, &c)?;
-    let enc = Encoder {
-        tokenizer: &m.tokenizer,
-        eos: m.eos,
-        max_len: m.max_len,
-    };
+    let enc = m.encoder();
     let data: &Path = ctx.input("data")?;
     let records = read_records(&ctx.spec.stage, data, &enc, 1.0)?;
     let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);

@@ -2,10 +2,11 @@
 //! that score a policy's own samples read them (`ppo`, `baseline_scores`,
 //! `evaluate`'s KL).
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::model::sample::{generate, left_pad, Sample, SamplingConfig};
 use crate::model::Model;
+use crate::rl::response_mask;
 
 /// A batch of sampled responses, padded into tensors.
 pub struct Rollout {
@@ -57,6 +58,16 @@ impl Rollout {
             p_len,
             r,
             tokens: len_v.iter().sum::<i64>() as u64,
+        }
+    }
+
+    /// `[b, r]` float 0/1: the response tokens that count, those generated
+    /// up to and including the first `eos` (all generated ones without an
+    /// EOS token).
+    pub fn scored_mask(&self, eos: Option<i64>) -> Tensor {
+        match eos {
+            Some(e) => response_mask(&self.resp, e, None) * self.gen_mask.to_kind(Kind::Float),
+            None => self.gen_mask.to_kind(Kind::Float),
         }
     }
 }

@@ -55,3 +55,25 @@ pub(crate) fn cut_at_first_stop(text: &mut String, stops: &[String]) {
 pub(crate) fn decode_answer(tokenizer: &Tokenizer, sample: &Sample) -> anyhow::Result<String> {
     tokenizer.decode(sample.without_eos())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earliest_stop_string_cuts_the_text() {
+        let stops = ["END".to_string(), "STOP".to_string()];
+        let mut text = "ab STOP cd END".to_string();
+        cut_at_first_stop(&mut text, &stops);
+        assert_eq!(text, "ab ");
+        let mut none = "abc".to_string();
+        cut_at_first_stop(&mut none, &stops);
+        assert_eq!(none, "abc");
+    }
+
+    #[test]
+    fn batch_zero_draws_with_the_stage_seed() {
+        assert_eq!(batch_seed(42, 0), 42);
+        assert_eq!(batch_seed(42, 1), 42 ^ GOLDEN);
+    }
+}

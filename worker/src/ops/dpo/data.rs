@@ -17,7 +17,7 @@ use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::Tokenizer;
 
 use super::loss::scored_tokens;
-use crate::ops::examples::{comparisons, tokenize_example};
+use crate::ops::examples::{for_each_comparison_record, tokenize_example};
 
 /// One tokenized comparison: A ("chosen") and B ("rejected") sequences, each
 /// prompt + response (+ EOS) with the response's first index.
@@ -103,16 +103,8 @@ pub fn read_pairs(
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Vec<Vec<DpoPair>>> {
-    let reader = read_jsonl::<serde_json::Value>(path)
-        .with_context(|| format!("stage `{stage}`: reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (line, record) in reader {
-        let at = || format!("stage `{stage}`: {}:{line}", path.display());
-        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        let prompt = record["prompt"]
-            .as_str()
-            .with_context(|| format!("{}: no string field `prompt`", at()))?;
-        let pairs = comparisons(&record).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+    for_each_comparison_record(stage, path, |line, prompt, pairs, at| {
         let mut rec = Vec::with_capacity(pairs.len());
         for (pair, (a, b, p)) in pairs.into_iter().enumerate() {
             let a = tokenize_example(tokenizer, prompt, a, eos, max_len)?;
@@ -134,7 +126,8 @@ pub fn read_pairs(
             });
         }
         out.push(rec);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

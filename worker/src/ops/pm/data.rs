@@ -13,12 +13,9 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-
-use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::Tokenizer;
 
-use crate::ops::examples::comparisons;
+use crate::ops::examples::for_each_comparison_record;
 
 /// One tokenized comparison.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,15 +61,7 @@ pub fn read_records(
     weight: f64,
 ) -> anyhow::Result<Vec<Record>> {
     let mut out = Vec::new();
-    let reader = read_jsonl::<serde_json::Value>(path)
-        .with_context(|| format!("stage `{stage}`: reading {}", path.display()))?;
-    for (line, record) in reader {
-        let at = || format!("stage `{stage}`: {}:{line}", path.display());
-        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        let prompt = record["prompt"]
-            .as_str()
-            .with_context(|| format!("{}: no string field `prompt`", at()))?;
-        let pairs = comparisons(&record).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+    for_each_comparison_record(stage, path, |_, prompt, pairs, at| {
         let prompt = enc.tokenizer.encode(prompt)?;
         let mut rec = Vec::with_capacity(pairs.len());
         for (a, b, p) in pairs {
@@ -86,7 +75,8 @@ pub fn read_records(
             rec.push(Pair { a, b, p, weight });
         }
         out.push(rec);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
