@@ -4,9 +4,9 @@
 //! Phases, each loading only the models it needs so peak memory is two
 //! models: (1) both policies sample every prompt with the same seed per
 //! batch, and the KL of the policy from the reference is computed on the
-//! policy's samples with `ppo`'s log-prob code (`scoring`); (2) the PM scores both
-//! answers; (3) the feedback model answers the multiple-choice question of
-//! `ai_feedback` in both orders.
+//! policy's samples with `ppo`'s log-prob code (in `scoring`); (2) the PM
+//! scores both answers; (3) the feedback model answers the multiple-choice
+//! question of `ai_feedback` in both orders.
 //!
 //! Judging is symmetric by construction, so that swapping the two policies
 //! gives exactly `1 - w`: every forward pass of a judge is laid out from the
