@@ -35,7 +35,7 @@ use workload::*;
 
 use alignflow_worker::model::sample::{generate, SamplingConfig};
 use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
-use alignflow_worker::ops::common::causal_lm_loss;
+use alignflow_worker::ops::training::causal_lm_loss;
 use alignflow_worker::train::{AdamW, AdamWConfig};
 
 const SFT_BATCH: i64 = 8;

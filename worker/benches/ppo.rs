@@ -53,7 +53,7 @@ use workload::*;
 
 use alignflow_worker::model::sample::{generate, SamplingConfig};
 use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
-use alignflow_worker::ops::ppo::{pm_scores, response_logprobs, response_values};
+use alignflow_worker::ops::scoring::{pm_scores, response_logprobs, response_values};
 use alignflow_worker::rl::{
     compute_gae, kl_per_token, masked_whiten, policy_loss, shape_rewards, value_loss, GaeConfig,
     KlEstimator,

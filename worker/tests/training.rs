@@ -3,7 +3,7 @@
 //! the large batch.
 
 use alignflow_worker::model::{BuildOptions, Head, LoraConfig, Model, ModelConfig};
-use alignflow_worker::ops::common::{causal_lm_loss, right_pad};
+use alignflow_worker::ops::training::{causal_lm_loss, right_pad};
 use alignflow_worker::train::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use tch::{nn, Kind, Tensor};
 
+use alignflow_ops::training::LoraParams;
+
 use super::onednn::{self, Packed, PostOp};
 
 thread_local! {
@@ -56,6 +58,18 @@ pub struct LoraConfig {
 impl LoraConfig {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+}
+
+/// A stage's `params.lora` block, as the model builds it.
+impl From<&LoraParams> for LoraConfig {
+    fn from(p: &LoraParams) -> Self {
+        LoraConfig {
+            rank: p.rank,
+            alpha: p.alpha,
+            dropout: p.dropout,
+            targets: p.targets.clone(),
+        }
     }
 }
 

@@ -65,6 +65,17 @@ pub struct Sample {
     pub finish: Finish,
 }
 
+impl Sample {
+    /// The new tokens without the EOS that ended the row: what the answer's
+    /// text is decoded from.
+    pub fn without_eos(&self) -> &[i64] {
+        match self.finish {
+            Finish::Eos => &self.tokens[..self.tokens.len() - 1],
+            _ => &self.tokens[..],
+        }
+    }
+}
+
 /// Left-pads `rows` into ids and a 0/1 mask.
 ///
 /// # Shapes

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 
-use alignflow_ops::data::{read_jsonl, Constitution, JsonlWriter};
+use alignflow_ops::data::{read_jsonl, Constitution, CritiqueRevision, JsonlWriter};
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::{apply_template, Tokenizer};
 use alignflow_ops::{
@@ -12,8 +12,10 @@ use alignflow_ops::{
     CritiqueReviseParams, RevisionRecord, SftRecord, StageContext, TrailStep, STOP_STRINGS,
 };
 
-use crate::model::sample::{generate, Finish, SamplingConfig};
-use crate::model::{self, BuildOptions, Head, Model};
+use super::load;
+use super::sampling::{decode_answer, sampling_config};
+use crate::model::sample::{generate, SamplingConfig};
+use crate::model::{self, Model};
 
 /// One input record while it is being revised.
 struct Item {
@@ -68,11 +70,7 @@ impl Generator<'_> {
             };
             for sample in generate(&self.model.lm, &batch, &cfg, self.device, stop) {
                 *new_tokens += sample.tokens.len();
-                let body = match sample.finish {
-                    Finish::Eos => &sample.tokens[..sample.tokens.len() - 1],
-                    _ => &sample.tokens[..],
-                };
-                out.push(cut_at_stop(&self.tokenizer.decode(body)?));
+                out.push(cut_at_stop(&decode_answer(self.tokenizer, &sample)?));
             }
         }
         Ok(out)
@@ -85,6 +83,13 @@ fn splitmix(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// What the rounds produced, for the metrics.
+#[derive(Default)]
+struct Counts {
+    new_tokens: usize,
+    empty_revisions: usize,
 }
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -102,7 +107,65 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     } else {
         String::new()
     };
+    let mut items = read_items(ctx, &p, principles.len())?;
 
+    let device = model::device(&ctx.spec.device)?;
+    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
+    let generator = Generator {
+        model: &model,
+        tokenizer: &tokenizer,
+        cfg: SamplingConfig {
+            top_k: p.top_k,
+            top_p: p.top_p,
+            seed: ctx.spec.seed,
+            ..sampling_config(&tokenizer, &model, p.max_new_tokens, p.temperature)
+        },
+        device,
+        batch_size: p.batch_size.max(1),
+        budget: (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize,
+    };
+
+    let start = std::time::Instant::now();
+    let mut counts = Counts::default();
+    for round in 0..p.rounds {
+        revise_once(
+            ctx,
+            &generator,
+            &mut items,
+            principles,
+            &prefix,
+            round,
+            &mut counts,
+        )?;
+        ctx.reporter.progress(
+            round as u64 + 1,
+            Some(p.rounds as u64),
+            "critique/revision rounds",
+        );
+    }
+    write_outputs(ctx, &items)?;
+
+    let secs = start.elapsed().as_secs_f64();
+    let mut m = Metrics::new();
+    m.insert("records".into(), items.len().into());
+    m.insert("rounds".into(), p.rounds.into());
+    m.insert("new_tokens".into(), counts.new_tokens.into());
+    m.insert("empty_revisions".into(), counts.empty_revisions.into());
+    m.insert(
+        "tokens_per_s".into(),
+        serde_json::json!(counts.new_tokens as f64 / secs.max(1e-9)),
+    );
+    Ok(m)
+}
+
+/// Reads the `responses` input, each record with the principles of its
+/// rounds (drawn from `principles` of them, by the record's index).
+fn read_items(
+    ctx: &StageContext<'_>,
+    p: &CritiqueReviseParams,
+    principles: usize,
+) -> anyhow::Result<Vec<Item>> {
+    let stage = &ctx.spec.stage;
     let path = ctx.input("responses")?;
     let mut items = Vec::new();
     for (line, record) in read_jsonl::<serde_json::Value>(path)? {
@@ -128,102 +191,72 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             conversation,
             answer: original.trim().to_string(),
             original,
-            principles: choose_principles(
-                ctx.spec.seed,
-                index,
-                principles.len(),
-                p.rounds,
-                p.sampling,
-            ),
+            principles: choose_principles(ctx.spec.seed, index, principles, p.rounds, p.sampling),
             trail: Vec::new(),
         });
     }
+    Ok(items)
+}
 
-    let device = model::device(&ctx.spec.device)?;
-    let model_dir = ctx.input("model")?;
-    let tokenizer = Tokenizer::from_dir(model_dir)?;
-    let model = Model::load(
-        model_dir,
-        &BuildOptions {
-            device,
-            head: Head::Lm,
-            lora: None,
-        },
-    )?;
-    let generator = Generator {
-        model: &model,
-        tokenizer: &tokenizer,
-        cfg: SamplingConfig {
-            max_new_tokens: p.max_new_tokens,
-            min_new_tokens: 0,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            eos_token_id: tokenizer
-                .eos_id
-                .map(i64::from)
-                .or(model.lm.cfg.eos_token_id),
-            pad_token_id: model.lm.cfg.pad_id(),
-            seed: ctx.spec.seed,
-        },
-        device,
-        batch_size: p.batch_size.max(1),
-        budget: (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize,
-    };
-
-    let start = std::time::Instant::now();
-    let (mut new_tokens, mut empty_revisions) = (0usize, 0usize);
-    for round in 0..p.rounds {
-        let texts: Vec<String> = items
-            .iter()
-            .map(|it| {
-                critique_prompt(
-                    &prefix,
-                    &it.conversation,
-                    &it.answer,
-                    &principles[it.principles[round]],
-                )
-            })
-            .collect();
-        let critiques = generator.run(ctx, &texts, 2 * round as u64, &mut new_tokens)?;
-        let texts: Vec<String> = items
-            .iter()
-            .zip(&critiques)
-            .map(|(it, critique)| {
-                revision_prompt(
-                    &prefix,
-                    &it.conversation,
-                    &it.answer,
-                    &principles[it.principles[round]],
-                    critique,
-                )
-            })
-            .collect();
-        let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, &mut new_tokens)?;
-        for ((it, critique), revision) in items.iter_mut().zip(critiques).zip(revisions) {
-            // An empty revision is recorded in the trail but does not
-            // replace the answer: it would be a useless SFT target.
-            if revision.is_empty() {
-                empty_revisions += 1;
-            } else {
-                it.answer = revision.clone();
-            }
-            it.trail.push(TrailStep {
-                principle: principles[it.principles[round]].id.clone(),
+/// Round `round`: one batched generation of every item's critique, then
+/// one of every revision.
+fn revise_once(
+    ctx: &StageContext<'_>,
+    generator: &Generator<'_>,
+    items: &mut [Item],
+    principles: &[CritiqueRevision],
+    prefix: &str,
+    round: usize,
+    counts: &mut Counts,
+) -> anyhow::Result<()> {
+    let texts: Vec<String> = items
+        .iter()
+        .map(|it| {
+            critique_prompt(
+                prefix,
+                &it.conversation,
+                &it.answer,
+                &principles[it.principles[round]],
+            )
+        })
+        .collect();
+    let critiques = generator.run(ctx, &texts, 2 * round as u64, &mut counts.new_tokens)?;
+    let texts: Vec<String> = items
+        .iter()
+        .zip(&critiques)
+        .map(|(it, critique)| {
+            revision_prompt(
+                prefix,
+                &it.conversation,
+                &it.answer,
+                &principles[it.principles[round]],
                 critique,
-                revision,
-            });
+            )
+        })
+        .collect();
+    let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, &mut counts.new_tokens)?;
+    for ((it, critique), revision) in items.iter_mut().zip(critiques).zip(revisions) {
+        // An empty revision is recorded in the trail but does not
+        // replace the answer: it would be a useless SFT target.
+        if revision.is_empty() {
+            counts.empty_revisions += 1;
+        } else {
+            it.answer = revision.clone();
         }
-        ctx.reporter.progress(
-            round as u64 + 1,
-            Some(p.rounds as u64),
-            "critique/revision rounds",
-        );
+        it.trail.push(TrailStep {
+            principle: principles[it.principles[round]].id.clone(),
+            critique,
+            revision,
+        });
     }
+    Ok(())
+}
 
+/// Writes the `revisions` trail and the `sft` records.
+fn write_outputs(ctx: &StageContext<'_>, items: &[Item]) -> anyhow::Result<()> {
     let mut revisions_out = JsonlWriter::create(&ctx.output("revisions"))?;
     let mut sft_out = JsonlWriter::create(&ctx.output("sft"))?;
-    for it in &items {
+    for it in items {
         sft_out.write(&SftRecord {
             prompt: it.conversation.clone(),
             response: format!(" {}", it.answer),
@@ -238,16 +271,5 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     }
     revisions_out.finish()?;
     sft_out.finish()?;
-
-    let secs = start.elapsed().as_secs_f64();
-    let mut m = Metrics::new();
-    m.insert("records".into(), items.len().into());
-    m.insert("rounds".into(), p.rounds.into());
-    m.insert("new_tokens".into(), new_tokens.into());
-    m.insert("empty_revisions".into(), empty_revisions.into());
-    m.insert(
-        "tokens_per_s".into(),
-        serde_json::json!(new_tokens as f64 / secs.max(1e-9)),
-    );
-    Ok(m)
+    Ok(())
 }

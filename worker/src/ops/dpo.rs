@@ -14,7 +14,6 @@ mod loss;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Write;
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
@@ -23,44 +22,29 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 
-use super::common::run_training_with_figures;
-use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
+use super::examples::split;
+use super::load::{self, eos_id};
+use super::metrics_log::{finite_or_null, write_held_out_eval};
+use super::training::run_training_with_figures;
+use crate::model::{self, Head, Model};
 
 pub use data::{
-    attach_reference, read_pairs, read_reference, split, write_reference, DpoPair, RefLogps,
-    Settings,
+    attach_reference, read_pairs, read_reference, write_reference, DpoPair, RefLogps, Settings,
 };
 pub use loss::{dpo_losses, response_logps, scored_tokens};
 
 /// The comparison inputs `dpo.reference` scores, in output order.
 const SETS: [&str; 2] = ["comparisons", "eval"];
 
-/// The EOS to append: the tokenizer's, else the config's.
-fn eos_of(tokenizer: &Tokenizer, model: &Model) -> Option<i64> {
-    tokenizer
-        .eos_id
-        .map(i64::from)
-        .or(model.lm.cfg.eos_token_id)
-}
-
 /// `dpo.reference`.
 pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: DpoReferenceParams = ctx.params()?;
     let stage = ctx.spec.stage.as_str();
     let device = model::device(&ctx.spec.device)?;
-    let dir = ctx.input("model")?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let model = Model::load(
-        dir,
-        &BuildOptions {
-            device,
-            head: Head::Lm,
-            lora: None,
-        },
-    )?;
+    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
     let eos =
         if p.append_eos {
-            Some(eos_of(&tokenizer, &model).with_context(|| {
+            Some(eos_id(&tokenizer, &model).with_context(|| {
                 format!("stage `{stage}`: append_eos: the model has no EOS token")
             })?)
         } else {
@@ -267,22 +251,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     let dir = ctx.input("policy")?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let lora = p.lora.as_ref().map(|l| LoraConfig {
-        rank: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-    });
-    // LoRA adapters are initialised randomly: seed first, for byte-identical reruns.
-    tch::manual_seed(ctx.spec.seed as i64);
-    let mut model = Model::load(
-        dir,
-        &BuildOptions {
-            device,
-            head: Head::Lm,
-            lora,
-        },
-    )?;
+    let mut model = load::trainable(dir, device, Head::Lm, p.lora.as_ref(), ctx.spec.seed)?;
     anyhow::ensure!(
         settings.max_len as i64 <= model.lm.cfg.max_positions,
         "stage `{stage}`: `reference_logps` was computed with max_len {} but the policy has {} positions: lower dpo.reference's `max_len`",
@@ -322,18 +291,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .progress(0, Some(held_out.len() as u64), "evaluating");
     let sums = evaluate(&model, &held_out, &p, device);
     let figures: BTreeMap<String, f64> = sums.figures("").into_iter().collect();
-    let json = |v: f64| {
-        if v.is_finite() {
-            serde_json::json!(v)
-        } else {
-            serde_json::Value::Null
-        }
-    };
     let report = serde_json::json!({
         "source": source,
         "pairs": sums.pairs,
         "decisive_pairs": sums.decisive,
-        "figures": figures.iter().map(|(k, v)| (k.clone(), json(*v))).collect::<serde_json::Map<_, _>>(),
+        "figures": figures.iter().map(|(k, v)| (k.clone(), finite_or_null(*v))).collect::<serde_json::Map<_, _>>(),
         "definitions": {
             "reward": "implicit reward beta * (logpi - logref) of a response, log-probs summed over its tokens (prompt masked)",
             "reward_accuracy": "over pairs with p != 0.5: fraction whose reward margin (A minus B) has the label's sign (a tie counts as wrong)",
@@ -341,35 +303,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             "loss": "the training loss (loss, beta, label_smoothing) averaged over the pairs",
         },
     });
-    std::fs::write(
-        ctx.output("eval"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )
-    .context("writing eval")?;
-    let mut point = serde_json::Map::new();
-    point.insert("step".into(), metrics["steps"].clone());
-    point.insert("eval_pairs".into(), sums.pairs.into());
-    for (k, v) in sums.figures("eval_") {
-        point.insert(k, json(v));
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(ctx.output("metrics"))
-        .context("appending to metrics")?;
-    writeln!(file, "{}", serde_json::Value::Object(point.clone()))?;
-    ctx.reporter.metric(
-        &point
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-            .collect(),
-    );
-    for (k, v) in point.into_iter().filter(|(k, _)| k != "step") {
-        metrics.insert(k, v);
-    }
+    let eval_figures = sums
+        .figures("eval_")
+        .into_iter()
+        .map(|(k, v)| (k, finite_or_null(v)))
+        .collect();
+    write_held_out_eval(ctx, &mut metrics, &report, sums.pairs, eval_figures)?;
     Ok(metrics)
 }
 
-/// Trains the policy in the shared loop (`common::run_training`), with each
+/// Trains the policy in the shared loop ([`run_training_with_figures`]), with each
 /// step's implicit-reward figures (accuracy, margin, chosen and rejected
 /// rewards) in `metrics.jsonl`: the loss closure adds each micro-batch to
 /// the step's sums, the figures closure reads and resets them.

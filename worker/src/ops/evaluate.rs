@@ -4,9 +4,9 @@
 //! Phases, each loading only the models it needs so peak memory is two
 //! models: (1) both policies sample every prompt with the same seed per
 //! batch, and the KL of the policy from the reference is computed on the
-//! policy's samples with `ppo`'s log-prob code; (2) the PM scores both
-//! answers; (3) the feedback model answers the multiple-choice question of
-//! `ai_feedback` in both orders.
+//! policy's samples with `ppo`'s log-prob code (in `scoring`); (2) the PM
+//! scores both answers; (3) the feedback model answers the multiple-choice
+//! question of `ai_feedback` in both orders.
 //!
 //! Judging is symmetric by construction, so that swapping the two policies
 //! gives exactly `1 - w`: every forward pass of a judge is laid out from the
@@ -18,29 +18,27 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use anyhow::Context;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 use alignflow_ops::ai_feedback::{
     combine_orders, conversation_of, feedback_prompt, sample_principles, with_few_shot,
 };
 use alignflow_ops::data::{Constitution, JsonlWriter};
 use alignflow_ops::evaluate::{
-    policy_label, EvalReport, Outcome, PerPolicy, Tally, FEEDBACK_JUDGE, REWARD_JUDGE,
+    policy_label, EvalReport, JudgeReport, Outcome, PerPolicy, Tally, FEEDBACK_JUDGE, REWARD_JUDGE,
 };
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{EvaluateParams, OpParams, StageContext};
 
-use super::ai_feedback::{p_option_a, OptionTokens};
-use super::ppo::response_logprobs;
+use super::load::{self, eos_id, shared_positions};
 use super::prompts::{read_prompts, Prompt, PromptSource};
-use crate::model::sample::{generate, left_pad, Finish, Sample, SamplingConfig};
-use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
-use crate::rl::{kl_per_token, masked_sum, response_mask, KlEstimator};
-
-/// Mixes a batch index into the stage seed (as `generate` does).
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+use super::rollout::Rollout;
+use super::sampling::{batch_seed, decode_answer, sampling_config};
+use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
+use crate::model::sample::{generate, Sample, SamplingConfig};
+use crate::model::{self, Head, Model};
+use crate::rl::{kl_per_token, masked_sum, KlEstimator};
 
 /// One policy's answer.
 struct Answer {
@@ -48,6 +46,14 @@ struct Answer {
     tokens: Vec<i64>,
     /// Decoded text without EOS (what the feedback model reads).
     text: String,
+}
+
+/// Both policies' answers to every prompt, and the KL of the policy from
+/// the reference on its own answers.
+struct Answers {
+    policy: Vec<Answer>,
+    reference: Vec<Answer>,
+    kls: Vec<f64>,
 }
 
 /// Where the feedback judge takes its principles: `(id, text)`.
@@ -95,19 +101,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         },
         &tokenizer,
     )?;
-    let n = prompts.len();
 
     // (1) Answers and KL.
-    let opts = |head| BuildOptions {
-        device,
-        head,
-        lora: None,
-    };
-    let (policy_answers, reference_answers, kls) = {
-        let mut policy = Model::load(policy_dir, &opts(Head::Lm))?;
-        policy.vs.freeze();
-        let mut reference = Model::load(reference_dir, &opts(Head::Lm))?;
-        reference.vs.freeze();
+    let answers = {
+        let policy = load::frozen(policy_dir, device, Head::Lm)?;
+        let reference = load::frozen(reference_dir, device, Head::Lm)?;
         sample_both(ctx, &p, &policy, &reference, &tokenizer, &prompts, device)?
     };
 
@@ -115,23 +113,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let mut judges = BTreeMap::new();
     let mut pm_scores: Option<Vec<(f64, f64)>> = None;
     if let Some(dir) = &pm_dir {
-        let mut pm = Model::load(dir, &opts(Head::Reward))?;
-        pm.vs.freeze();
-        let scores = score_with_pm(
-            ctx,
-            &p,
-            &pm,
-            &prompts,
-            &policy_answers,
-            &reference_answers,
-            device,
-        )?;
-        let tally = Tally::of(scores.iter().map(|(a, b)| Outcome::from_scores(*a, *b)));
-        let mut report = tally.judge_report();
-        report.mean_reward = Some(PerPolicy {
-            policy: mean(scores.iter().map(|s| s.0)),
-            reference: mean(scores.iter().map(|s| s.1)),
-        });
+        let (report, scores) = judge_with_pm(ctx, &p, dir, &prompts, &answers, device)?;
         judges.insert(REWARD_JUDGE.to_string(), report);
         pm_scores = Some(scores);
     }
@@ -139,50 +121,115 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     // (3) The feedback model.
     let mut verdicts: Option<Vec<FeedbackVerdict>> = None;
     if let Some(setup) = &feedback {
-        let dir = ctx.input(FEEDBACK_JUDGE)?;
-        let fb_tokenizer = Tokenizer::from_dir(dir)?;
-        let mut fb = Model::load(dir, &opts(Head::Lm))?;
-        fb.vs.freeze();
-        let (v, truncated) = ask_feedback_model(
-            ctx,
-            &p,
-            setup,
-            &fb,
-            &fb_tokenizer,
-            &prompts,
-            &policy_answers,
-            &reference_answers,
-            device,
-        )?;
-        let tally = Tally::of(v.iter().map(|v| Outcome::from_probability(v.p_policy)));
-        let mut report = tally.judge_report();
-        report.mean_p_policy = Some(mean(v.iter().map(|v| v.p_policy)));
-        report.principles_per_prompt = Some(p.principles_per_prompt);
-        report.truncated = Some(truncated);
-        if truncated > 0 {
-            tracing::warn!(
-                truncated,
-                "feedback questions longer than the feedback model's positions lost their beginning"
-            );
-        }
+        let (report, v) = judge_with_feedback_model(ctx, &p, setup, &prompts, &answers, device)?;
         judges.insert(FEEDBACK_JUDGE.to_string(), report);
         verdicts = Some(v);
     }
 
-    // Outputs.
     std::fs::create_dir_all(&ctx.spec.out_dir)?;
+    write_samples(
+        ctx,
+        &prompts,
+        &answers,
+        pm_scores.as_deref(),
+        verdicts.as_deref(),
+    )?;
+    let report = EvalReport {
+        policy: policy_label(p.policy_name.as_deref(), policy_dir, &ctx.spec.work_dir),
+        reference: policy_label(
+            p.reference_name.as_deref(),
+            reference_dir,
+            &ctx.spec.work_dir,
+        ),
+        n: prompts.len(),
+        temperature: p.temperature,
+        max_new_tokens: p.max_new_tokens,
+        kl: mean(answers.kls.iter().copied()),
+        response_len: PerPolicy {
+            policy: mean(answers.policy.iter().map(|a| a.tokens.len() as f64)),
+            reference: mean(answers.reference.iter().map(|a| a.tokens.len() as f64)),
+        },
+        interval: "wilson-95".into(),
+        judges,
+    };
+    std::fs::write(
+        ctx.output("report"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(ctx.output("report_md"), report.markdown())?;
+    Ok(report.metrics())
+}
+
+/// Phase (2): the PM's report and its `(policy, reference)` scores.
+fn judge_with_pm(
+    ctx: &StageContext<'_>,
+    p: &EvaluateParams,
+    dir: &Path,
+    prompts: &[Prompt],
+    answers: &Answers,
+    device: Device,
+) -> anyhow::Result<(JudgeReport, Vec<(f64, f64)>)> {
+    let pm = load::frozen(dir, device, Head::Reward)?;
+    let scores = score_with_pm(ctx, p, &pm, prompts, answers, device)?;
+    let tally = Tally::of(scores.iter().map(|(a, b)| Outcome::from_scores(*a, *b)));
+    let mut report = tally.judge_report();
+    report.mean_reward = Some(PerPolicy {
+        policy: mean(scores.iter().map(|s| s.0)),
+        reference: mean(scores.iter().map(|s| s.1)),
+    });
+    Ok((report, scores))
+}
+
+/// Phase (3): the feedback model's report and its verdicts.
+fn judge_with_feedback_model(
+    ctx: &StageContext<'_>,
+    p: &EvaluateParams,
+    setup: &FeedbackSetup,
+    prompts: &[Prompt],
+    answers: &Answers,
+    device: Device,
+) -> anyhow::Result<(JudgeReport, Vec<FeedbackVerdict>)> {
+    let dir = ctx.input(FEEDBACK_JUDGE)?;
+    let fb_tokenizer = Tokenizer::from_dir(dir)?;
+    let fb = load::frozen(dir, device, Head::Lm)?;
+    let (v, truncated) =
+        ask_feedback_model(ctx, p, setup, &fb, &fb_tokenizer, prompts, answers, device)?;
+    let tally = Tally::of(v.iter().map(|v| Outcome::from_probability(v.p_policy)));
+    let mut report = tally.judge_report();
+    report.mean_p_policy = Some(mean(v.iter().map(|v| v.p_policy)));
+    report.principles_per_prompt = Some(p.principles_per_prompt);
+    report.truncated = Some(truncated);
+    if truncated > 0 {
+        tracing::warn!(
+            truncated,
+            "feedback questions longer than the feedback model's positions lost their beginning"
+        );
+    }
+    Ok((report, v))
+}
+
+/// Writes the `samples` output: per prompt both answers, the KL and each
+/// judge's verdict.
+fn write_samples(
+    ctx: &StageContext<'_>,
+    prompts: &[Prompt],
+    answers: &Answers,
+    pm_scores: Option<&[(f64, f64)]>,
+    verdicts: Option<&[FeedbackVerdict]>,
+) -> anyhow::Result<()> {
     let mut out = JsonlWriter::create(&ctx.output("samples"))?;
-    for i in 0..n {
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (policy, reference) = (&answers.policy[i], &answers.reference[i]);
         let mut record = serde_json::json!({
             "prompt_index": i,
-            "prompt": prompts[i].raw,
-            "policy_response": policy_answers[i].text,
-            "reference_response": reference_answers[i].text,
-            "policy_tokens": policy_answers[i].tokens.len(),
-            "reference_tokens": reference_answers[i].tokens.len(),
-            "kl": kls[i],
+            "prompt": prompt.raw,
+            "policy_response": policy.text,
+            "reference_response": reference.text,
+            "policy_tokens": policy.tokens.len(),
+            "reference_tokens": reference.tokens.len(),
+            "kl": answers.kls[i],
         });
-        if let Some(scores) = &pm_scores {
+        if let Some(scores) = pm_scores {
             let (a, b) = scores[i];
             record[REWARD_JUDGE] = serde_json::json!({
                 "policy": a,
@@ -190,7 +237,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 "outcome": Outcome::from_scores(a, b),
             });
         }
-        if let Some(v) = &verdicts {
+        if let Some(v) = verdicts {
             let v = &v[i];
             record[FEEDBACK_JUDGE] = serde_json::json!({
                 "p_policy": v.p_policy,
@@ -205,30 +252,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         out.write(&record)?;
     }
     out.finish()?;
-    let report = EvalReport {
-        policy: policy_label(p.policy_name.as_deref(), policy_dir, &ctx.spec.work_dir),
-        reference: policy_label(
-            p.reference_name.as_deref(),
-            reference_dir,
-            &ctx.spec.work_dir,
-        ),
-        n,
-        temperature: p.temperature,
-        max_new_tokens: p.max_new_tokens,
-        kl: mean(kls.iter().copied()),
-        response_len: PerPolicy {
-            policy: mean(policy_answers.iter().map(|a| a.tokens.len() as f64)),
-            reference: mean(reference_answers.iter().map(|a| a.tokens.len() as f64)),
-        },
-        interval: "wilson-95".into(),
-        judges,
-    };
-    std::fs::write(
-        ctx.output("report"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
-    std::fs::write(ctx.output("report_md"), report.markdown())?;
-    Ok(report.metrics())
+    Ok(())
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
@@ -292,50 +316,8 @@ fn check_judges(
     }
 }
 
-/// Checks that every `(port, folder)` in `others` shares the policy's
-/// tokenizer (`why` says what needs it) and returns the positions all of
-/// them have, which must leave room for `max_new_tokens`. Reads configs
-/// only, so a mismatch fails before anything heavy loads.
-pub(crate) fn shared_positions(
-    stage: &str,
-    policy_dir: &Path,
-    others: &[(&str, &Path)],
-    why: &str,
-    max_new_tokens: i64,
-) -> anyhow::Result<i64> {
-    let policy_cfg = ModelConfig::load(policy_dir)?;
-    let mut max_positions = policy_cfg.max_positions;
-    for &(port, dir) in others {
-        let cfg = ModelConfig::load(dir)?;
-        anyhow::ensure!(
-            same_tokenizer(policy_dir, dir)? && cfg.vocab_size == policy_cfg.vocab_size,
-            "stage `{stage}`: input `{port}` has another tokenizer than input `policy` \
-             (vocabulary {} vs {}, or different tokenizer.json): {why}",
-            cfg.vocab_size,
-            policy_cfg.vocab_size
-        );
-        max_positions = max_positions.min(cfg.max_positions);
-    }
-    anyhow::ensure!(
-        max_new_tokens < max_positions,
-        "stage `{stage}`: params.max_new_tokens {max_new_tokens} leaves no room for a prompt in {max_positions} positions"
-    );
-    Ok(max_positions)
-}
-
-/// Whether two model folders share a tokenizer: equal `tokenizer.json`
-/// bytes when both have one (the ops copy it verbatim from their source).
-pub(crate) fn same_tokenizer(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let (fa, fb) = (a.join("tokenizer.json"), b.join("tokenizer.json"));
-    if !fa.exists() || !fb.exists() {
-        return Ok(true);
-    }
-    let read = |f: &Path| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
-    Ok(read(&fa)? == read(&fb)?)
-}
-
-/// Both policies' answers (batch `k` sampled with seed `seed ^ k * GOLDEN`,
-/// `seed` being params.seed or the stage's,
+/// Both policies' answers (batch `k` sampled with [`batch_seed`] of params.seed
+/// or the stage's,
 /// for both: common random numbers) and the per-prompt KL of the policy
 /// from the reference on the policy's answers.
 #[allow(clippy::type_complexity)]
@@ -347,24 +329,12 @@ fn sample_both(
     tokenizer: &Tokenizer,
     prompts: &[Prompt],
     device: Device,
-) -> anyhow::Result<(Vec<Answer>, Vec<Answer>, Vec<f64>)> {
-    let eos = tokenizer
-        .eos_id
-        .map(i64::from)
-        .or(policy.lm.cfg.eos_token_id);
-    let base = SamplingConfig {
-        max_new_tokens: p.max_new_tokens,
-        temperature: p.temperature,
-        eos_token_id: eos,
-        ..Default::default()
-    };
+) -> anyhow::Result<Answers> {
+    let eos = eos_id(tokenizer, policy);
+    let base = sampling_config(tokenizer, policy, p.max_new_tokens, p.temperature);
     let answer = |s: Sample| -> anyhow::Result<Answer> {
-        let body = match s.finish {
-            Finish::Eos => &s.tokens[..s.tokens.len() - 1],
-            _ => &s.tokens[..],
-        };
         Ok(Answer {
-            text: tokenizer.decode(body)?,
+            text: decode_answer(tokenizer, &s)?,
             tokens: s.tokens,
         })
     };
@@ -372,7 +342,7 @@ fn sample_both(
     for (k, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
         ctx.cancel.check()?;
         let ids: Vec<Vec<i64>> = chunk.iter().map(|q| q.ids.clone()).collect();
-        let seed = p.seed.unwrap_or(ctx.spec.seed) ^ (k as u64).wrapping_mul(GOLDEN);
+        let seed = batch_seed(p.seed.unwrap_or(ctx.spec.seed), k);
         let cfg = |m: &Model| SamplingConfig {
             seed,
             pad_token_id: m.lm.cfg.pad_id(),
@@ -405,11 +375,16 @@ fn sample_both(
             kls[i]
         );
     }
-    Ok((pol, refs, kls))
+    Ok(Answers {
+        policy: pol,
+        reference: refs,
+        kls,
+    })
 }
 
 /// Per row: `sum_t (logp_policy - logp_ref)` over the response tokens (up
-/// to and including EOS), both log-probs from `ppo`'s code at `temperature`.
+/// to and including EOS), both log-probs from `ppo`'s code
+/// ([`response_logprobs`]) at `temperature`.
 ///
 /// # Shapes
 /// `prompts`: `b` rows, `samples`: `b` answers -> `b` values.
@@ -423,51 +398,14 @@ fn sequence_kl(
     device: Device,
 ) -> Vec<f64> {
     tch::no_grad(|| {
-        let pad = policy.lm.cfg.pad_id();
-        let b = samples.len() as i64;
-        let r = samples
-            .iter()
-            .map(|s| s.tokens.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let (mut resp_v, mut len_v) = (Vec::new(), Vec::new());
-        for s in samples {
-            for k in 0..r {
-                resp_v.push(s.tokens.get(k).copied().unwrap_or(pad));
-                len_v.push(i64::from(k < s.tokens.len()));
-            }
-        }
-        let r = r as i64;
-        let resp = Tensor::from_slice(&resp_v).view([b, r]).to_device(device);
-        let gen_mask = Tensor::from_slice(&len_v).view([b, r]).to_device(device);
-        let (prompt_ids, prompt_mask) = left_pad(prompts, pad, device);
-        let p_len = prompt_ids.size()[1];
-        let ids = Tensor::cat(&[&prompt_ids, &resp], 1);
-        let mask = Tensor::cat(&[&prompt_mask, &gen_mask], 1);
-        let rmask = match eos {
-            Some(e) => response_mask(&resp, e, None) * gen_mask.to_kind(Kind::Float),
-            None => gen_mask.to_kind(Kind::Float),
-        };
-        let (lp, _) = response_logprobs(policy, &ids, &mask, &resp, p_len, temperature);
-        let (lr, _) = response_logprobs(reference, &ids, &mask, &resp, p_len, temperature);
+        let ro = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
+        let rmask = ro.scored_mask(eos);
+        let logprobs =
+            |m: &Model| response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature).0;
+        let (lp, lr) = (logprobs(policy), logprobs(reference));
         let kl = kl_per_token(&lp, &lr, KlEstimator::K1);
         let per_row = masked_sum(&kl.to_kind(Kind::Double), &rmask, Some(1));
         Vec::<f64>::try_from(&per_row.to_device(Device::Cpu)).expect("KL values")
-    })
-}
-
-/// The PM's raw score of each row (`prompt + answer` tokens, EOS included
-/// when sampled), left-padded into one forward pass: the scoring of `ppo`'s
-/// rollouts. Shared with `best_of_n`.
-///
-/// # Shapes
-/// `rows`: `b` token lists -> `b` scores.
-pub(crate) fn pm_score_rows(pm: &Model, rows: &[Vec<i64>], device: Device) -> Vec<f64> {
-    tch::no_grad(|| {
-        let (ids, mask) = left_pad(rows, pm.lm.cfg.pad_id(), device);
-        let s = pm.scores(&ids, &mask, false).to_kind(Kind::Double);
-        Vec::<f64>::try_from(&s.to_device(Device::Cpu)).expect("scores")
     })
 }
 
@@ -480,47 +418,23 @@ fn score_with_pm(
     p: &EvaluateParams,
     pm: &Model,
     prompts: &[Prompt],
-    policy: &[Answer],
-    reference: &[Answer],
+    answers: &Answers,
     device: Device,
 ) -> anyhow::Result<Vec<(f64, f64)>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    let batch = p.batch_size.max(1);
-    for (k, chunk) in prompts.chunks(batch).enumerate() {
-        ctx.cancel.check()?;
-        let seq = |i: usize, a: &Answer| [prompts[i].ids.as_slice(), a.tokens.as_slice()].concat();
-        let first = k * batch;
-        let mut rows: Vec<Vec<i64>> = Vec::new();
-        for i in first..first + chunk.len() {
-            let distinct: BTreeSet<Vec<i64>> = [seq(i, &policy[i]), seq(i, &reference[i])]
-                .into_iter()
-                .collect();
-            rows.extend(distinct);
-        }
-        let scores = pm_score_rows(pm, &rows, device);
-        let score_of = |row: &[i64]| -> f64 {
-            let at = rows.iter().position(|r| r == row).expect("scored row");
-            scores[at]
-        };
-        for i in first..first + chunk.len() {
-            let pair = (
-                score_of(&seq(i, &policy[i])),
-                score_of(&seq(i, &reference[i])),
-            );
-            anyhow::ensure!(
-                pair.0.is_finite() && pair.1.is_finite(),
-                "stage `{}`: prompt {i}: the reward model's score is not finite",
-                ctx.spec.stage
-            );
-            out.push(pair);
-        }
-        ctx.reporter.progress(
-            out.len() as u64,
-            Some(prompts.len() as u64),
-            "scoring with the reward model",
-        );
-    }
-    Ok(out)
+    let scores = pm_score_answers(
+        ctx,
+        pm,
+        prompts,
+        p.batch_size.max(1),
+        |i| {
+            vec![
+                answers.policy[i].tokens.as_slice(),
+                answers.reference[i].tokens.as_slice(),
+            ]
+        },
+        device,
+    )?;
+    Ok(scores.into_iter().map(|s| (s[0], s[1])).collect())
 }
 
 /// The feedback model's verdict on each prompt and the number of questions
@@ -537,11 +451,9 @@ fn ask_feedback_model(
     model: &Model,
     tokenizer: &Tokenizer,
     prompts: &[Prompt],
-    policy: &[Answer],
-    reference: &[Answer],
+    answers: &Answers,
     device: Device,
 ) -> anyhow::Result<(Vec<FeedbackVerdict>, usize)> {
-    let stage = &ctx.spec.stage;
     // Per prompt, per principle: (principle index, forward text, swapped text).
     let mut asked: Vec<Vec<(usize, String, String)>> = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
@@ -556,7 +468,7 @@ fn ask_feedback_model(
         } else {
             vec![0]
         };
-        let (a, b) = (&policy[i].text, &reference[i].text);
+        let (a, b) = (&answers.policy[i].text, &answers.reference[i].text);
         asked.push(
             chosen
                 .into_iter()
@@ -576,27 +488,17 @@ fn ask_feedback_model(
         .flat_map(|(_, f, s)| [f.as_str(), s.as_str()])
         .collect();
     let distinct: Vec<&str> = distinct.into_iter().collect();
-    let max_len = model.lm.cfg.max_positions.max(2) as usize;
-    let mut truncated = 0usize;
-    let mut probs: BTreeMap<&str, f64> = BTreeMap::new();
-    for chunk in distinct.chunks(p.batch_size.max(1)) {
-        ctx.cancel.check()?;
-        let mut encoded = Vec::with_capacity(chunk.len());
-        for q in chunk {
-            let (tokens, cut) = OptionTokens::encode(tokenizer, q, max_len)
-                .map_err(|e| anyhow::anyhow!("stage `{stage}`: feedback question: {e}"))?;
-            truncated += usize::from(cut);
-            encoded.push(tokens);
-        }
-        for (q, prob) in chunk.iter().zip(p_option_a(&model.lm, &encoded, device)) {
-            probs.insert(*q, prob);
-        }
-        ctx.reporter.progress(
-            probs.len() as u64,
-            Some(distinct.len() as u64),
-            "asking the feedback model",
-        );
-    }
+    let (scored, truncated) = ask_questions(
+        ctx,
+        model,
+        tokenizer,
+        &distinct,
+        p.batch_size.max(1),
+        |_| "feedback question".to_string(),
+        "asking the feedback model",
+        device,
+    )?;
+    let probs: BTreeMap<&str, f64> = distinct.iter().copied().zip(scored).collect();
     let verdicts = asked
         .iter()
         .map(|per| {

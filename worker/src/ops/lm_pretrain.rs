@@ -9,7 +9,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{corpus_texts, Family, PretrainParams, StageContext};
 
-use super::common::{causal_lm_loss, run_training};
+use super::training::{causal_lm_loss, run_training};
 use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

@@ -5,23 +5,30 @@
 use alignflow_ops::RunFn;
 
 pub mod ai_feedback;
+mod baseline_scores;
 mod best_of_n;
-pub mod common;
 mod critique_revise;
 pub mod dpo;
 mod evaluate;
+mod examples;
 mod generate;
 mod lm_pretrain;
+mod load;
+pub mod metrics_log;
 pub mod pm;
 pub mod ppo;
 mod prompts;
+pub mod rollout;
+mod sampling;
+pub mod scoring;
 pub mod sft;
+pub mod training;
 
 /// The worker-side implementation of `op`, if it is a tensor op.
 pub fn implementation(op: &str) -> Option<RunFn> {
     let table: &[(&str, RunFn)] = &[
         ("ai_feedback", ai_feedback::run),
-        ("baseline_scores", ppo::baseline_scores::run),
+        ("baseline_scores", baseline_scores::run),
         ("best_of_n", best_of_n::run),
         ("critique_revise", critique_revise::run),
         ("dpo", dpo::run),

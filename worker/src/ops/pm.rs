@@ -11,7 +11,6 @@ mod data;
 mod eval;
 mod loss;
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -22,11 +21,13 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::training::{LoraParams, TrainParams};
 use alignflow_ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
 
-use super::common::run_training;
-use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
+use super::examples::split;
+use super::load::{self, eos_id};
+use super::metrics_log::write_held_out_eval;
+use super::training::run_training;
+use crate::model::{self, Head, Model};
 
-pub(crate) use data::comparisons;
-pub use data::{read_records, sequence, split, Encoder, Pair, Record};
+pub use data::{read_records, sequence, Encoder, Pair, Record};
 pub use eval::{figures, pair_loss, sigmoid, Bin, Figures, BINS};
 pub use loss::{pair_rewards, soft_bt_loss};
 
@@ -48,31 +49,27 @@ struct Loaded {
     device: Device,
 }
 
+impl Loaded {
+    /// How this model's pairs are tokenized.
+    fn encoder(&self) -> Encoder<'_> {
+        Encoder {
+            tokenizer: &self.tokenizer,
+            eos: self.eos,
+            max_len: self.max_len,
+        }
+    }
+}
+
 /// Loads `model` with the reward head (fresh on a plain LM, kept on a PM).
 /// With LoRA the head trains beside the adapters.
 fn load(ctx: &StageContext<'_>, c: &Common<'_>) -> anyhow::Result<Loaded> {
     let device = model::device(&ctx.spec.device)?;
     let dir = ctx.input("model")?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let lora = c.lora.map(|l| LoraConfig {
-        rank: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-    });
-    let with_lora = lora.is_some();
     // A fresh reward head (and LoRA adapters) draw from torch's generator:
-    // seed it so the stage is a function of its fingerprint.
-    tch::manual_seed(ctx.spec.seed as i64);
-    let model = Model::load(
-        dir,
-        &BuildOptions {
-            device,
-            head: Head::Reward,
-            lora,
-        },
-    )?;
-    if with_lora {
+    // `trainable` seeds it so the stage is a function of its fingerprint.
+    let model = load::trainable(dir, device, Head::Reward, c.lora, ctx.spec.seed)?;
+    if c.lora.is_some() {
         for (name, t) in model.vs.variables() {
             if name.starts_with("score.") {
                 let _ = t.set_requires_grad(true);
@@ -80,11 +77,7 @@ fn load(ctx: &StageContext<'_>, c: &Common<'_>) -> anyhow::Result<Loaded> {
         }
     }
     let eos = if c.append_eos {
-        let id = tokenizer
-            .eos_id
-            .map(i64::from)
-            .or(model.lm.cfg.eos_token_id)
-            .context("append_eos: the model has no EOS token")?;
+        let id = eos_id(&tokenizer, &model).context("append_eos: the model has no EOS token")?;
         Some(id)
     } else {
         None
@@ -154,14 +147,6 @@ fn train_and_evaluate(
             "ece": "each pair enters as (q, p) and (1 - q, 1 - p), q = sigmoid(rA - rB); 10 equal-width bins of q on [0, 1]; sum over bins of n_k / 2N * |mean q - mean p|",
         },
     });
-    std::fs::write(
-        ctx.output("eval"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )
-    .context("writing eval")?;
-    let mut point = serde_json::Map::new();
-    point.insert("step".into(), metrics["steps"].clone());
-    point.insert("eval_pairs".into(), f.pairs.into());
     let named = [
         ("eval_accuracy", f.accuracy),
         ("eval_mean_margin", f.mean_margin),
@@ -169,23 +154,11 @@ fn train_and_evaluate(
         ("eval_loss", f.loss),
         ("eval_ece", f.ece),
     ];
-    for (k, v) in named {
-        point.insert(k.into(), serde_json::json!(v));
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(ctx.output("metrics"))
-        .context("appending to metrics")?;
-    writeln!(file, "{}", serde_json::Value::Object(point.clone()))?;
-    ctx.reporter.metric(
-        &point
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-            .collect(),
-    );
-    for (k, v) in point.into_iter().filter(|(k, _)| k != "step") {
-        metrics.insert(k, v);
-    }
+    let eval_figures = named
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    write_held_out_eval(ctx, &mut metrics, &report, f.pairs, eval_figures)?;
     Ok(metrics)
 }
 
@@ -204,11 +177,7 @@ pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         train: &p.train,
     };
     let m = load(ctx, &c)?;
-    let enc = Encoder {
-        tokenizer: &m.tokenizer,
-        eos: m.eos,
-        max_len: m.max_len,
-    };
+    let enc = m.encoder();
     let stage = ctx.spec.stage.as_str();
     let mut records = Vec::new();
     for set in PM_TRAIN_SETS {
@@ -252,11 +221,7 @@ pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         train: &p.train,
     };
     let m = load(ctx, &c)?;
-    let enc = Encoder {
-        tokenizer: &m.tokenizer,
-        eos: m.eos,
-        max_len: m.max_len,
-    };
+    let enc = m.encoder();
     let data: &Path = ctx.input("data")?;
     let records = read_records(&ctx.spec.stage, data, &enc, 1.0)?;
     let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);

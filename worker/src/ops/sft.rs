@@ -9,74 +9,18 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::{apply_template, Tokenizer};
 use alignflow_ops::{SftParams, StageContext};
 
-use super::common::{causal_lm_loss, right_pad, run_training};
-use crate::model::{self, BuildOptions, Head, LoraConfig, Model};
-
-/// One tokenized example: the tokens and where the response starts.
-pub struct Example {
-    pub tokens: Vec<i64>,
-    pub response_start: usize,
-}
-
-/// Tokenizes `prompt` + `response` (+ EOS), truncated to `max_len` by
-/// dropping the prompt's beginning first, then the response's end.
-pub fn tokenize_example(
-    tokenizer: &Tokenizer,
-    prompt: &str,
-    response: &str,
-    eos: Option<i64>,
-    max_len: usize,
-) -> anyhow::Result<Example> {
-    let mut p = tokenizer.encode(prompt)?;
-    let mut r = tokenizer.encode(response)?;
-    if let Some(e) = eos {
-        r.push(e);
-    }
-    // Keep at least half the budget for the response.
-    let r_keep = r
-        .len()
-        .min(max_len.saturating_sub(p.len().min(max_len / 2)));
-    r.truncate(r_keep.max(1).min(r.len()));
-    let p_keep = max_len.saturating_sub(r.len()).min(p.len());
-    p.drain(..p.len() - p_keep);
-    let response_start = p.len();
-    p.extend(r);
-    Ok(Example {
-        tokens: p,
-        response_start,
-    })
-}
+use super::examples::tokenize_example;
+use super::load::{self, eos_id};
+use super::training::{causal_lm_loss, right_pad, run_training};
+use crate::model::{self, Head, Model};
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: SftParams = ctx.params()?;
     let device = model::device(&ctx.spec.device)?;
     let model_dir = ctx.input("model")?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
-    let lora = p.lora.as_ref().map(|l| LoraConfig {
-        rank: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-    });
-    // LoRA adapters are initialised randomly: seed first, for byte-identical reruns.
-    tch::manual_seed(ctx.spec.seed as i64);
-    let mut model = Model::load(
-        model_dir,
-        &BuildOptions {
-            device,
-            head: Head::Lm,
-            lora,
-        },
-    )?;
-    let eos = p
-        .append_eos
-        .then(|| {
-            tokenizer
-                .eos_id
-                .map(i64::from)
-                .or(model.lm.cfg.eos_token_id)
-        })
-        .flatten();
+    let mut model = load::trainable(model_dir, device, Head::Lm, p.lora.as_ref(), ctx.spec.seed)?;
+    let eos = p.append_eos.then(|| eos_id(&tokenizer, &model)).flatten();
     if p.append_eos {
         eos.context("append_eos: the model has no EOS token")?;
     }

@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use alignflow_ops::PpoKlEstimator;
+
 /// Which per-token KL estimator to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -17,6 +19,17 @@ pub enum KlEstimator {
     K2,
     /// `k3 = (r - 1) - log r`, `r = exp(logp_ref - logp)` (unbiased, non-negative).
     K3,
+}
+
+/// `ppo`'s `params.kl_estimator`.
+impl From<PpoKlEstimator> for KlEstimator {
+    fn from(e: PpoKlEstimator) -> Self {
+        match e {
+            PpoKlEstimator::K1 => KlEstimator::K1,
+            PpoKlEstimator::K2 => KlEstimator::K2,
+            PpoKlEstimator::K3 => KlEstimator::K3,
+        }
+    }
 }
 
 /// `k1 = logp - logp_ref`.

@@ -9,6 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use alignflow_ops::training::Decay as DecayParam;
+use alignflow_ops::PpoLrSchedule;
+
 /// What follows the warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,6 +23,27 @@ pub enum Decay {
     Linear,
     /// `lr` throughout.
     Constant,
+}
+
+/// The training ops' `params.schedule`.
+impl From<DecayParam> for Decay {
+    fn from(d: DecayParam) -> Self {
+        match d {
+            DecayParam::Cosine => Decay::Cosine,
+            DecayParam::Linear => Decay::Linear,
+            DecayParam::Constant => Decay::Constant,
+        }
+    }
+}
+
+/// `ppo`'s `params.lr_schedule` (one rate per iteration).
+impl From<PpoLrSchedule> for Decay {
+    fn from(s: PpoLrSchedule) -> Self {
+        match s {
+            PpoLrSchedule::Constant => Decay::Constant,
+            PpoLrSchedule::Linear => Decay::Linear,
+        }
+    }
 }
 
 /// A schedule's configuration, as written in a stage's `params:`.

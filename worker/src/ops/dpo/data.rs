@@ -16,10 +16,8 @@ use serde::{Deserialize, Serialize};
 use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::Tokenizer;
 
-use super::super::pm::comparisons;
-use super::super::sft::tokenize_example;
 use super::loss::scored_tokens;
-use crate::train::epoch_permutation;
+use crate::ops::examples::{for_each_comparison_record, tokenize_example};
 
 /// One tokenized comparison: A ("chosen") and B ("rejected") sequences, each
 /// prompt + response (+ EOS) with the response's first index.
@@ -105,16 +103,8 @@ pub fn read_pairs(
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Vec<Vec<DpoPair>>> {
-    let reader = read_jsonl::<serde_json::Value>(path)
-        .with_context(|| format!("stage `{stage}`: reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (line, record) in reader {
-        let at = || format!("stage `{stage}`: {}:{line}", path.display());
-        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        let prompt = record["prompt"]
-            .as_str()
-            .with_context(|| format!("{}: no string field `prompt`", at()))?;
-        let pairs = comparisons(&record).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+    for_each_comparison_record(stage, path, |line, prompt, pairs, at| {
         let mut rec = Vec::with_capacity(pairs.len());
         for (pair, (a, b, p)) in pairs.into_iter().enumerate() {
             let a = tokenize_example(tokenizer, prompt, a, eos, max_len)?;
@@ -136,34 +126,9 @@ pub fn read_pairs(
             });
         }
         out.push(rec);
-    }
+        Ok(())
+    })?;
     Ok(out)
-}
-
-/// Splits records into (train, held out) as `pm.train` does:
-/// `round(fraction * n)` records (at least one when `fraction > 0` and
-/// `n >= 2`, always leaving one for training), by a permutation seeded with
-/// `seed`; each side keeps the source order.
-pub fn split<T>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
-    let n = records.len();
-    let k = if fraction > 0.0 && n >= 2 {
-        ((fraction * n as f64).round() as usize).clamp(1, n - 1)
-    } else {
-        0
-    };
-    let mut held = vec![false; n];
-    for &i in &epoch_permutation(n, seed, u64::MAX)[..k] {
-        held[i] = true;
-    }
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    for (r, h) in records.into_iter().zip(held) {
-        if h {
-            test.push(r);
-        } else {
-            train.push(r);
-        }
-    }
-    (train, test)
 }
 
 /// Writes the `reference_logps` folder.
@@ -263,18 +228,5 @@ mod tests {
         assert_ne!(a.digest(), pair(vec![1, 2, 3], 2).digest());
         assert_ne!(a.digest(), pair(vec![1, 2, 4], 1).digest());
         assert_eq!(a.digest().len(), 16);
-    }
-
-    #[test]
-    fn the_split_is_seeded_and_disjoint() {
-        let (tr, te) = split((0..20).collect(), 0.25, 7);
-        assert_eq!((tr.len(), te.len()), (15, 5));
-        assert_eq!(split((0..20).collect::<Vec<_>>(), 0.25, 7).1, te);
-        assert_ne!(split((0..20).collect::<Vec<_>>(), 0.25, 8).1, te);
-        let mut all: Vec<i32> = tr.into_iter().chain(te).collect();
-        all.sort();
-        assert_eq!(all, (0..20).collect::<Vec<_>>());
-        assert_eq!(split(vec![1, 2], 0.0, 1).1.len(), 0);
-        assert_eq!(split(vec![1], 0.5, 1).1.len(), 0);
     }
 }

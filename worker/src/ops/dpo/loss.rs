@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::DpoLoss;
 
-use super::super::common::{labelled_logits, right_pad};
+use super::super::training::{labelled_logits, right_pad};
 use crate::model::Model;
 
 /// Per-pair losses from the policy's and the reference's response log-probs.

@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::super::common::right_pad;
+use super::super::training::right_pad;
 use crate::model::Model;
 
 /// Mean (or weighted mean) soft-label Bradley-Terry loss

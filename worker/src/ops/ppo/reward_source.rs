@@ -31,9 +31,9 @@ use alignflow_ops::data::{read_jsonl, Constitution};
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{BaselineRecord, OpParams, PpoParams, StageContext};
 
-use super::pm_scores;
-use crate::model::{BuildOptions, Head, Model};
-use crate::ops::ai_feedback::continuation_logprobs;
+use crate::model::{Head, Model};
+use crate::ops::load;
+use crate::ops::scoring::{continuation_logprobs, pm_scores};
 use crate::rl::{
     contrastive_scores, expected_rating, rating_continuation, rating_prompt, rating_reward,
     RewardNorm,
@@ -67,17 +67,11 @@ impl Source {
     ) -> anyhow::Result<Source> {
         let stage = &ctx.spec.stage;
         let bound = |name: &str| ctx.spec.inputs.get(name).map(|p| p.as_path());
-        let opts = |head| BuildOptions {
-            device,
-            head,
-            lora: None,
-        };
         p.check_bindings(&|name| bound(name).is_some())
             .map_err(|e| anyhow::anyhow!("stage `{stage}`, {e}"))?;
         match (bound("reward_model"), bound("feedback_model")) {
             (Some(pm_dir), _) => {
-                let mut pm = Model::load(pm_dir, &opts(Head::Reward))?;
-                pm.vs.freeze();
+                let pm = load::frozen(pm_dir, device, Head::Reward)?;
                 anyhow::ensure!(
                     pm.lm.cfg.vocab_size == policy_vocab,
                     "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({policy_vocab}): they must share a tokenizer",
@@ -100,8 +94,7 @@ impl Source {
                     (None, None) => unreachable!("check_bindings requires principles"),
                 };
                 let tokenizer = Tokenizer::from_dir(dir)?;
-                let mut model = Model::load(dir, &opts(Head::Lm))?;
-                model.vs.freeze();
+                let model = load::frozen(dir, device, Head::Lm)?;
                 Ok(Source::Feedback(Feedback {
                     model,
                     tokenizer,

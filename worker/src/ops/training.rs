@@ -1,19 +1,18 @@
 //! What the training ops share: the loop (resume, checkpoints, metrics,
 //! NaN guard, progress), batching and the causal-LM loss.
 
-use std::io::Write;
-use std::path::Path;
+use std::collections::BTreeMap;
 
-use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::protocol::Metrics;
-use alignflow_ops::training::{Decay, TrainParams};
+use alignflow_ops::training::TrainParams;
 use alignflow_ops::StageContext;
 
+use super::metrics_log::{finite_or_null, MetricsLog};
 use crate::model::{Keep, Model};
 use crate::train::{
-    self, AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, Trainer, TrainerConfig,
+    AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, StepMetrics, Trainer, TrainerConfig,
 };
 
 /// Loss-computing closure: the model and the example indices of one
@@ -65,45 +64,18 @@ pub fn run_training_with_figures(
         ctx.spec.stage
     );
     let steps = total_steps(p, examples);
-    let cfg = TrainerConfig {
-        optimizer: AdamWConfig {
-            betas: p.betas,
-            eps: p.eps,
-            weight_decay: p.weight_decay,
-            ..Default::default()
-        },
-        schedule: ScheduleConfig {
-            lr,
-            warmup_steps: p.warmup_steps,
-            decay: match p.schedule {
-                Decay::Cosine => train::Decay::Cosine,
-                Decay::Linear => train::Decay::Linear,
-                Decay::Constant => train::Decay::Constant,
-            },
-            min_lr_ratio: p.min_lr_ratio,
-        },
-        max_grad_norm: p.grad_clip,
-        accum_steps: p.grad_accum.max(1),
-        skip_nonfinite: false,
-        seed: ctx.spec.seed,
+    let mut trainer = Trainer::new(&model.vs, trainer_config(p, lr, ctx.spec.seed), steps)?;
+    let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("train"), 2);
+    let resumed = match checkpoints.latest()? {
+        Some(dir) => {
+            trainer.resume(&dir, &mut model.vs)?;
+            let step = trainer.state().step;
+            tracing::info!(step, "resuming from checkpoint {}", dir.display());
+            Some(("step", step))
+        }
+        None => None,
     };
-    let mut trainer = Trainer::new(&model.vs, cfg, steps)?;
-    let ckpt_root = ctx.spec.checkpoint_dir.join("train");
-    let checkpoints = Checkpoints::new(&ckpt_root, 2);
-    let metrics_path = ctx.spec.checkpoint_dir.join("metrics.jsonl");
-    if let Some(dir) = checkpoints.latest()? {
-        trainer.resume(&dir, &mut model.vs)?;
-        let step = trainer.state().step;
-        tracing::info!(step, "resuming from checkpoint {}", dir.display());
-        truncate_metrics(&metrics_path, step)?;
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut log = MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?;
     let autocast = p.bf16 && model.vs.device().is_cuda();
     let batch_size = p.batch_size.max(1);
     let seed = ctx.spec.seed;
@@ -127,44 +99,21 @@ pub fn run_training_with_figures(
             );
         }
         last_loss = m.loss;
-        let mut line = serde_json::json!({
-            "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
-            "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": trainer.state().epoch,
-        });
-        let mut point: std::collections::BTreeMap<String, f64> = [
-            ("step", m.step as f64),
-            ("loss", m.loss),
-            ("lr", m.lr),
-            ("grad_norm", m.grad_norm),
-            ("tokens_per_s", m.tokens_per_s),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        for (k, v) in step_figures() {
-            line[&k] = if v.is_finite() {
-                serde_json::json!(v)
-            } else {
-                serde_json::Value::Null
-            };
-            point.insert(k, v);
-        }
+        let (line, point) = step_record(&m, trainer.state().epoch, step_figures());
         if m.step % p.log_every.max(1) == 0 || m.step == steps {
-            writeln!(metrics_file, "{line}")?;
+            log.write(&line)?;
             ctx.reporter.metric(&point);
         }
         ctx.reporter
             .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
         if p.checkpoint_every > 0 && m.step % p.checkpoint_every == 0 && m.step < steps {
-            metrics_file.flush()?;
+            log.flush()?;
             trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
         }
     }
-    metrics_file.flush()?;
     let secs = start.elapsed().as_secs_f64();
     let tokens = trainer.state().tokens_seen - start_tokens;
-    std::fs::create_dir_all(&ctx.spec.out_dir)?;
-    std::fs::copy(&metrics_path, ctx.output("metrics")).context("copying metrics.jsonl")?;
+    log.publish(ctx)?;
     model.save(&ctx.output("model"))?;
     let mut out = Metrics::new();
     out.insert("steps".into(), steps.into());
@@ -181,26 +130,54 @@ pub fn run_training_with_figures(
     Ok(out)
 }
 
-/// Drops metric lines past `step` (they belong to the interrupted run).
-pub(crate) fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
+/// The trainer's settings from the training params.
+fn trainer_config(p: &TrainParams, lr: f64, seed: u64) -> TrainerConfig {
+    TrainerConfig {
+        optimizer: AdamWConfig {
+            betas: p.betas,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            ..Default::default()
+        },
+        schedule: ScheduleConfig {
+            lr,
+            warmup_steps: p.warmup_steps,
+            decay: p.schedule.into(),
+            min_lr_ratio: p.min_lr_ratio,
+        },
+        max_grad_norm: p.grad_clip,
+        accum_steps: p.grad_accum.max(1),
+        skip_nonfinite: false,
+        seed,
     }
-    std::fs::write(path, body)?;
-    Ok(())
+}
+
+/// A step's `metrics.jsonl` line (`figures` non-finite as null) and its
+/// reported point.
+fn step_record(
+    m: &StepMetrics,
+    epoch: u64,
+    figures: Vec<(String, f64)>,
+) -> (serde_json::Value, BTreeMap<String, f64>) {
+    let mut line = serde_json::json!({
+        "step": m.step, "loss": m.loss, "lr": m.lr, "grad_norm": m.grad_norm,
+        "tokens": m.tokens, "tokens_per_s": m.tokens_per_s, "epoch": epoch,
+    });
+    let mut point: BTreeMap<String, f64> = [
+        ("step", m.step as f64),
+        ("loss", m.loss),
+        ("lr", m.lr),
+        ("grad_norm", m.grad_norm),
+        ("tokens_per_s", m.tokens_per_s),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in figures {
+        line[&k] = finite_or_null(v);
+        point.insert(k, v);
+    }
+    (line, point)
 }
 
 /// Right-pads token rows into ids, a 0/1 mask and labels (`-100` where no
