@@ -42,7 +42,6 @@ use alignflow_ops::StageContext;
 
 use crate::model::{Keep, Model};
 
-pub(crate) mod baseline_scores;
 mod checkpoint;
 mod metrics;
 mod reward_norm;
@@ -58,7 +57,6 @@ use checkpoint::Progress;
 use metrics::{Iteration, MetricsLog};
 // `baseline_scores` samples and scores as the rollouts do.
 use crate::train::Checkpoints;
-use rollout::sample;
 use setup::{Models, Optimizers, Settings, Setup};
 use stop::Stop;
 use update::{Batch, Plan};
