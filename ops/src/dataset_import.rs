@@ -218,6 +218,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<ImportParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 impl OpParams for ImportParams {}

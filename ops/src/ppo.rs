@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::op::require;
-use crate::training::LoraParams;
+use crate::training::{is_false, LoraParams};
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Which per-token KL estimator the penalty uses.
@@ -156,6 +156,13 @@ pub struct PpoParams {
     /// Learning rate of the policy and the value model.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Dropout (the checkpoint's own rates, and LoRA's) in the policy's and
+    /// the value model's update forwards. Off by default, as TRL's PPO
+    /// trainer disables it. When on, the rollout's log-probs and values
+    /// come from separate dropout-free forwards (the single pass would make
+    /// the ratio's denominator noisy).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dropout: bool,
     /// Passes over each rollout.
     #[serde(default = "one")]
     pub ppo_epochs: usize,
@@ -410,4 +417,11 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<PpoParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "reward of a response: the reward source's score on its last token (the EOS, or the last sampled token), plus -kl_coef * KL per response token",
+        "policy loss: clipped surrogate, max(-A r, -A clip(r, 1 - eps, 1 + eps)), a masked mean over every response token of the minibatch",
+        "value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), a masked mean over response tokens",
+        "KL: per response token, k1 = log pi - log ref (or k2/k3 with `kl_estimator`), summed per response in the `kl` metric",
+        "dropout: off in every forward (as TRL), `dropout: true` turns the update forwards' on",
+    ],
 };
