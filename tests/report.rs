@@ -158,8 +158,19 @@ fn metrics_lines(p: &Project, stage: &str) -> Vec<serde_json::Map<String, serde_
 #[test]
 fn report_shows_statuses_dag_curves_and_evaluations() {
     let p = project();
+    // A targeted run records the lockfile only when asked: the report
+    // compares `note`'s params against it below.
     p.ok(&[
-        "run", "rep.yaml", "--quiet", "-t", "sft", "-t", "judge", "-t", "note",
+        "run",
+        "rep.yaml",
+        "--quiet",
+        "--update-lock",
+        "-t",
+        "sft",
+        "-t",
+        "judge",
+        "-t",
+        "note",
     ]);
     let stderr = p.fails(&["run", "rep.yaml", "--quiet", "-t", "broken"]);
     assert!(stderr.contains("exit status 3"), "{stderr}");

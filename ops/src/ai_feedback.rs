@@ -354,6 +354,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<AiFeedbackParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for AiFeedbackParams {

@@ -69,6 +69,7 @@ pub const OP: OpDecl = OpDecl {
     )]),
     params: ParamsDecl::of::<BaselineScoresParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for BaselineScoresParams {}

@@ -176,6 +176,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<BestOfNParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for BestOfNParams {

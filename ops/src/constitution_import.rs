@@ -219,6 +219,7 @@ pub const OP: OpDecl = OpDecl {
     outputs: Outputs::Declared(&[Port::output("constitution", "the constitution (YAML)")]),
     params: ParamsDecl::of::<ConstitutionImportParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 impl OpParams for ConstitutionImportParams {}

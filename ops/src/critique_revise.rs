@@ -224,6 +224,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<CritiqueReviseParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for CritiqueReviseParams {

@@ -214,6 +214,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<ImportParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 impl OpParams for ImportParams {}

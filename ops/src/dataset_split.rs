@@ -124,6 +124,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<SplitParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

@@ -75,6 +75,12 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
             .replace('\n', " ");
         let _ = writeln!(out, "  {pname:<16} {ty:<18} {default:<22} {doc}");
     }
+    if !op.conventions.is_empty() {
+        out.push_str("conventions:\n");
+        for line in op.conventions {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     Ok(out)
 }
 

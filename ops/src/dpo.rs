@@ -177,6 +177,7 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
     )]),
     params: ParamsDecl::of::<DpoReferenceParams>(),
     placement: Placement::Worker,
+    conventions: &["log-probs: the frozen reference's, summed over each response's tokens plus its EOS, dropout-free"],
 };
 
 /// The `dpo` op.
@@ -209,6 +210,13 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<DpoParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "log-probs: summed over each response's tokens plus its EOS, for the policy and (from `reference_logps`) the reference",
+        "d = (policy - reference log-prob of A) - (the same of B); q = the label after smoothing, (1 - eps) p + eps (1 - p)",
+        "sigmoid: -(q log sigmoid(beta d) + (1 - q) log sigmoid(-beta d)); ipo: (d - (2q - 1) / (2 beta))^2",
+        "batch loss: the mean over pairs",
+        "dropout: off (as TRL), `dropout: true` turns the policy's on",
+    ],
 };
 
 #[cfg(test)]

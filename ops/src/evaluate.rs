@@ -415,6 +415,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<EvaluateParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for EvaluateParams {

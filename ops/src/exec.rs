@@ -61,6 +61,7 @@ pub const OP: OpDecl = OpDecl {
     outputs: Outputs::FromStage,
     params: ParamsDecl::of::<ExecParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 impl OpParams for ExecParams {}

@@ -55,6 +55,7 @@ pub const OP: OpDecl = OpDecl {
     )]),
     params: ParamsDecl::of::<GenerateParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 impl OpParams for GenerateParams {}

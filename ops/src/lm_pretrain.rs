@@ -101,6 +101,11 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<PretrainParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "loss: next-token cross-entropy of every token of a block of `seq_len` tokens (texts joined by EOS) but the first",
+        "batch loss: the mean over every predicted token of the batch",
+        "dropout: the new model's `dropout` rate (0 by default), written to its config.json",
+    ],
 };
 
 impl OpParams for PretrainParams {}

@@ -21,6 +21,11 @@ pub struct OpDecl {
     pub outputs: Outputs,
     pub params: ParamsDecl,
     pub placement: Placement,
+    /// The loss and scoring conventions a user comparing with another
+    /// trainer needs (what is summed, what is averaged, where a reward is
+    /// read, whether dropout is on), one line each; shown by `alignflow ops
+    /// NAME`. Empty for ops without a loss.
+    pub conventions: &'static [&'static str],
 }
 
 impl OpDecl {

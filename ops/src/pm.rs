@@ -26,6 +26,11 @@ pub struct PmTrainParams {
     /// Peak learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Dropout (the checkpoint's own rates, and LoRA's) in the training
+    /// forwards. Off by default, as TRL's RewardTrainer disables it: the
+    /// reward is then the same function at training and at scoring time.
+    #[serde(default)]
+    pub dropout: bool,
     /// Longest sequence (prompt + response + EOS) in tokens: the prompt's
     /// beginning is dropped first, then the response's end (the EOS stays).
     #[serde(default = "crate::defaults::max_len")]
@@ -57,6 +62,11 @@ pub struct PmPretrainParams {
     /// Peak learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Dropout (the checkpoint's own rates, and LoRA's) in the training
+    /// forwards. Off by default, as TRL's RewardTrainer disables it: the
+    /// reward is then the same function at training and at scoring time.
+    #[serde(default)]
+    pub dropout: bool,
     /// Longest sequence (prompt + response + EOS) in tokens, truncated as in
     /// `pm.train`.
     #[serde(default = "crate::defaults::max_len")]
@@ -144,7 +154,7 @@ const PM_OUTPUTS: &[Port] = &[
 /// The `pm.train` op.
 pub const TRAIN_OP: OpDecl = OpDecl {
     name: "pm.train",
-    version: 1,
+    version: 2,
     summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
     inputs: &[
         Port::input(
@@ -167,12 +177,18 @@ pub const TRAIN_OP: OpDecl = OpDecl {
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmTrainParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
+        "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
+        "batch loss: the weighted mean over pairs (weights from `mix`, 1 by default)",
+        "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
+    ],
 };
 
 /// The `pm.pretrain` op.
 pub const PRETRAIN_OP: OpDecl = OpDecl {
     name: "pm.pretrain",
-    version: 1,
+    version: 2,
     summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
     inputs: &[
         Port::input("model", "the base LM folder"),
@@ -184,6 +200,12 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmPretrainParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
+        "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
+        "batch loss: the weighted mean over pairs (weights from `mix`, 1 by default)",
+        "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
+    ],
 };
 
 impl OpParams for PmPretrainParams {

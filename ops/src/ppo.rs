@@ -392,4 +392,11 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<PpoParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "reward of a response: the reward source's score on its last token (the EOS, or the last sampled token), plus -kl_coef * KL per response token",
+        "policy loss: clipped surrogate, max(-A r, -A clip(r, 1 - eps, 1 + eps)), a masked mean over every response token of the minibatch",
+        "value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), a masked mean over response tokens",
+        "KL: per response token, k1 = log pi - log ref (or k2/k3 with `kl_estimator`), summed per response in the `kl` metric",
+        "dropout: off in every forward, rollout and update (as TRL's PPO trainer)",
+    ],
 };

@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::training::{LoraParams, TrainParams};
+use crate::training::{is_true, LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `sft`.
@@ -27,6 +27,12 @@ pub struct SftParams {
     /// Peak learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
+    /// Dropout (the checkpoint's own rates, and LoRA's) in the training
+    /// forwards. On by default, as TRL's SFTTrainer trains with the model's
+    /// dropout; `false` trains dropout-free (what a loss computed with the
+    /// model in eval mode reproduces).
+    #[serde(default = "crate::defaults::yes", skip_serializing_if = "is_true")]
+    pub dropout: bool,
     /// LoRA adapters instead of full fine-tuning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraParams>,
@@ -60,6 +66,11 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<SftParams>(),
     placement: Placement::Worker,
+    conventions: &[
+        "loss: next-token cross-entropy of each response token (the appended EOS included) given all tokens before it; prompt tokens are never predicted",
+        "batch loss: the mean over every response token of the batch (a token mean, as transformers' causal-LM loss with prompt labels -100)",
+        "dropout: on (the checkpoint's own rates), `dropout: false` turns it off",
+    ],
 };
 
 impl OpParams for SftParams {}

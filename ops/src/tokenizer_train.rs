@@ -161,6 +161,7 @@ pub const OP: OpDecl = OpDecl {
     }]),
     params: ParamsDecl::of::<TokenizerParams>(),
     placement: Placement::Engine(run),
+    conventions: &[],
 };
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {

@@ -80,6 +80,13 @@ fn default_log_every() -> u64 {
     1
 }
 
+/// For `skip_serializing_if`: a flag at its default is left out of the
+/// normalised params, so stages written before the flag keep their
+/// fingerprints.
+pub(crate) fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// LoRA adapters: only they train; `sft` merges them into the exported model.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -93,8 +100,30 @@ pub struct LoraParams {
     /// Dropout on the adapter's input.
     #[serde(default)]
     pub dropout: f64,
-    /// Module names to adapt (`q_proj`, `v_proj` for Llama; `c_attn` for GPT-2).
-    pub targets: Vec<String>,
+    /// Which linear modules get adapters: a list of module names (the last
+    /// path component: `q_proj`, `c_attn`), or `all-linear` (every linear
+    /// layer but the LM head). Default, as PEFT's per-architecture table:
+    /// GPT-2 `[c_attn]`; Llama, Mistral, Qwen2 `[q_proj, v_proj]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<LoraTargets>,
+}
+
+/// The modules `lora.targets` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum LoraTargets {
+    /// A named set of modules.
+    Named(NamedTargets),
+    /// Module names (the last path component).
+    Modules(Vec<String>),
+}
+
+/// Named sets of LoRA targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum NamedTargets {
+    /// Every linear layer of the transformer blocks (not the LM head).
+    #[serde(rename = "all-linear")]
+    AllLinear,
 }
 
 fn default_rank() -> i64 {
@@ -102,4 +131,83 @@ fn default_rank() -> i64 {
 }
 fn default_alpha() -> f64 {
     16.0
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::{find, REGISTRY};
+
+    /// `lora.targets`: a list, `all-linear`, or nothing (the family's
+    /// default, chosen by the worker); a list normalises to itself, so
+    /// stages written before the default existed keep their fingerprints.
+    #[test]
+    fn lora_targets_take_a_list_all_linear_or_nothing() {
+        let sft = find("sft").unwrap();
+        let v = sft
+            .normalize_params(&json!({"lora": {"targets": ["q_proj", "v_proj"]}}))
+            .unwrap();
+        assert_eq!(v["lora"]["targets"], json!(["q_proj", "v_proj"]));
+        let v = sft
+            .normalize_params(&json!({"lora": {"targets": "all-linear"}}))
+            .unwrap();
+        assert_eq!(v["lora"]["targets"], json!("all-linear"));
+        let v = sft.normalize_params(&json!({"lora": {}})).unwrap();
+        assert!(v["lora"].get("targets").is_none(), "{v}");
+        let err = sft
+            .normalize_params(&json!({"lora": {"targets": "every-linear"}}))
+            .unwrap_err();
+        assert_eq!(err.field, "lora.targets", "{err:?}");
+    }
+
+    /// Dropout defaults follow TRL: the model's own for SFT, off for reward
+    /// modelling and DPO (and always off in PPO). Defaults that are today's behaviour stay out
+    /// of the normalised params (unchanged fingerprints); the PM's new
+    /// default is a change, so it is written (and the op version bumped).
+    #[test]
+    fn dropout_defaults_follow_trl() {
+        let normalized = |op: &str| find(op).unwrap().normalize_params(&json!({})).unwrap();
+        assert!(normalized("sft").get("dropout").is_none());
+        assert_eq!(normalized("dpo")["dropout"], json!(false));
+        assert_eq!(normalized("pm.train")["dropout"], json!(false));
+        assert_eq!(normalized("pm.pretrain")["dropout"], json!(false));
+        assert_eq!(find("pm.train").unwrap().version, 2);
+        let v = find("sft")
+            .unwrap()
+            .normalize_params(&json!({"dropout": false}))
+            .unwrap();
+        assert_eq!(v["dropout"], json!(false));
+        // PPO trains dropout-free with no switch yet (its forwards stand in
+        // for the rollout's in the single pass).
+        assert!(find("ppo")
+            .unwrap()
+            .normalize_params(&json!({"dropout": true}))
+            .is_err());
+    }
+
+    /// Every training op states its conventions, dropout included, in
+    /// `alignflow ops NAME`.
+    #[test]
+    fn training_ops_state_their_conventions() {
+        for name in [
+            "sft",
+            "lm.pretrain",
+            "pm.pretrain",
+            "pm.train",
+            "dpo",
+            "ppo",
+        ] {
+            let op = REGISTRY.iter().find(|o| o.name == name).unwrap();
+            assert!(
+                op.conventions.iter().any(|c| c.starts_with("dropout:")),
+                "{name} says nothing about dropout"
+            );
+            let text = crate::describe(name).unwrap();
+            assert!(text.contains("conventions:\n"), "{text}");
+            for line in op.conventions {
+                assert!(text.contains(line), "{name}: {line}");
+            }
+        }
+    }
 }

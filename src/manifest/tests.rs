@@ -36,6 +36,7 @@ const TRAIN: OpDecl = OpDecl {
     outputs: Outputs::Declared(&[Port::output("model", ""), Port::output("metrics", "")]),
     params: ParamsDecl::of::<TrainParams>(),
     placement: Placement::Worker,
+    conventions: &[],
 };
 
 struct Dir(tempfile::TempDir);

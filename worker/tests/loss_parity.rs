@@ -346,19 +346,9 @@ fn sft_case(case: &str, model: &Path, extra: Value, max_len: Option<i64>) {
 #[test]
 fn sft_gpt2() {
     let f = fixture();
-    // sft's `dropout: false` (train without the model's dropout) is being
-    // added: with it, run the dropout-0.1 checkpoint with `dropout: false`;
-    // until then, the same weights with dropout 0 in config.json.
-    let has_switch = alignflow_ops::find("sft")
-        .unwrap()
-        .normalize_params(&json!({"dropout": false}))
-        .is_ok();
-    if has_switch {
-        sft_case("sft_gpt2", &f.gpt2_dropout, json!({"dropout": false}), None);
-    } else {
-        eprintln!("sft has no `dropout` param yet: checkpoint with dropout 0");
-        sft_case("sft_gpt2", &f.gpt2, json!({}), None);
-    }
+    // `dropout: false`: train without the checkpoint's dropout (0.1), as
+    // the reference's eval-mode forward does.
+    sft_case("sft_gpt2", &f.gpt2_dropout, json!({"dropout": false}), None);
 }
 
 #[test]
@@ -421,10 +411,11 @@ fn lm_pretrain_llama() {
 /// PM: reward = score head on the last token's hidden state (the appended
 /// EOS); soft Bradley-Terry per pair; batch loss = sum(w*l)/sum(w), w = mix
 /// weight. lr 0: the saved head is the op's initial one. The checkpoint has
-/// dropout 0: the PM ops train with the model's own dropout (no switch).
+/// dropout 0.1 in its config: the PM ops train dropout-free by default (as
+/// TRL's RewardTrainer), which the reference's eval-mode forward is.
 fn pm_case(case: &str, op: &str, params: Value, sets: &[(&str, Vec<Value>, f64)]) {
     let f = fixture();
-    let mut inputs: Vec<(String, PathBuf)> = vec![("model".into(), f.gpt2.clone())];
+    let mut inputs: Vec<(String, PathBuf)> = vec![("model".into(), f.gpt2_dropout.clone())];
     let mut data_args = Vec::new();
     let mut pairs = 0;
     for (input, records, weight) in sets {

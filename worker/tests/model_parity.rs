@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use alignflow_worker::model::sample::{generate, SamplingConfig};
-use alignflow_worker::model::{checkpoint, BuildOptions, Head, LoraConfig, Model};
+use alignflow_worker::model::{checkpoint, BuildOptions, Head, LoraConfig, LoraTargets, Model};
 use tch::{Device, Kind, Tensor};
 
 const MODELS: [&str; 3] = ["gpt2", "llama_gqa_tied", "llama_untied"];
@@ -343,7 +343,7 @@ fn merged_lora_logits_equal_the_adapted_model() {
             rank: 4,
             alpha: 8.0,
             dropout: 0.0,
-            targets: targets.into_iter().map(String::from).collect(),
+            targets: LoraTargets::Modules(targets.into_iter().map(String::from).collect()),
         };
         let mut model = Model::load(
             &fixtures().join(name),

@@ -2,7 +2,7 @@
 //! tokens only, LoRA trains adapters only, AdamW with accumulation equals
 //! the large batch.
 
-use alignflow_worker::model::{BuildOptions, Head, LoraConfig, Model, ModelConfig};
+use alignflow_worker::model::{BuildOptions, Head, LoraConfig, LoraTargets, Model, ModelConfig};
 use alignflow_worker::ops::training::{causal_lm_loss, right_pad};
 use alignflow_worker::train::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
@@ -86,7 +86,7 @@ fn lora_training_changes_adapters_only_and_base_weights_stay_bit_identical() {
         rank: 2,
         alpha: 4.0,
         dropout: 0.0,
-        targets: vec!["c_attn".into(), "c_fc".into()],
+        targets: LoraTargets::Modules(vec!["c_attn".into(), "c_fc".into()]),
     };
     let model = Model::load(
         dir.path(),
@@ -169,4 +169,67 @@ fn accumulated_micro_batches_equal_one_large_batch_step() {
             "gradient differs by {diff} (scale {scale})"
         );
     }
+}
+
+/// The modules a LoRA config with `targets` adapts in a tiny model of each
+/// family (last path component of every `lora_A` variable).
+fn adapted(config: serde_json::Value, targets: LoraTargets) -> std::collections::BTreeSet<String> {
+    let cfg = ModelConfig::from_json(config).unwrap();
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets,
+    };
+    let model = Model::init(
+        &cfg,
+        &BuildOptions {
+            device: Device::Cpu,
+            head: Head::Lm,
+            lora: Some(lora),
+        },
+    );
+    model
+        .vs
+        .variables()
+        .into_keys()
+        .filter_map(|n| {
+            let module = n
+                .split(".lora_A")
+                .next()
+                .filter(|_| n.contains(".lora_A"))?;
+            Some(module.rsplit('.').next().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// `lora.targets` left out adapts what PEFT adapts by default for the
+/// family (GPT-2 `c_attn`; Llama `q_proj`, `v_proj`); `all-linear` every
+/// linear layer of the blocks, never the LM head.
+#[test]
+fn lora_targets_default_per_family_and_all_linear() {
+    let gpt2 = || ModelConfig::gpt2_json(64, 32, 16, 2, 2, 0, 0.0);
+    let llama = || ModelConfig::llama_json(64, 32, 16, 2, 2, 1, 32, 0, true);
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    assert_eq!(adapted(gpt2(), LoraTargets::Default), names(&["c_attn"]));
+    assert_eq!(
+        adapted(gpt2(), LoraTargets::AllLinear),
+        names(&["c_attn", "c_proj", "c_fc"])
+    );
+    assert_eq!(
+        adapted(llama(), LoraTargets::Default),
+        names(&["q_proj", "v_proj"])
+    );
+    assert_eq!(
+        adapted(llama(), LoraTargets::AllLinear),
+        names(&[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj"
+        ])
+    );
 }

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use tch::{nn, Kind, Tensor};
 
-use alignflow_ops::training::LoraParams;
+use alignflow_ops::training::{LoraParams, LoraTargets as TargetParams, NamedTargets};
 
+use super::config::Arch;
 use super::onednn::{self, Packed, PostOp};
 
 thread_local! {
@@ -51,13 +52,61 @@ pub struct LoraConfig {
     pub rank: i64,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module names (last path component, e.g. `q_proj`, `c_attn`) to adapt.
-    pub targets: Vec<String>,
+    pub targets: LoraTargets,
+}
+
+/// Which linear modules get LoRA adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraTargets {
+    /// PEFT's default for the architecture: GPT-2 `c_attn`; Llama
+    /// `q_proj`, `v_proj`.
+    Default,
+    /// Every linear layer of the transformer blocks (not the LM head).
+    AllLinear,
+    /// Module names (last path component, e.g. `q_proj`, `c_attn`).
+    Modules(Vec<String>),
 }
 
 impl LoraConfig {
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// The module names to adapt in a model of `arch`.
+    pub fn modules(&self, arch: Arch) -> Vec<String> {
+        let names: &[&str] = match (&self.targets, arch) {
+            (LoraTargets::Modules(names), _) => return names.clone(),
+            (LoraTargets::Default, Arch::Gpt2) => &["c_attn"],
+            (LoraTargets::Default, Arch::Llama) => &["q_proj", "v_proj"],
+            (LoraTargets::AllLinear, Arch::Gpt2) => &["c_attn", "c_proj", "c_fc"],
+            (LoraTargets::AllLinear, Arch::Llama) => &[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        };
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The same settings with the targets spelled out for `arch`.
+    pub fn for_arch(&self, arch: Arch) -> LoraConfig {
+        LoraConfig {
+            targets: LoraTargets::Modules(self.modules(arch)),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the module named `name` gets an adapter; the targets must
+    /// have been spelled out ([`LoraConfig::for_arch`]).
+    fn adapts(&self, name: &str) -> bool {
+        match &self.targets {
+            LoraTargets::Modules(names) => names.iter().any(|t| t == name),
+            other => panic!("LoRA targets {other:?} not resolved for the architecture"),
+        }
     }
 }
 
@@ -68,7 +117,11 @@ impl From<&LoraParams> for LoraConfig {
             rank: p.rank,
             alpha: p.alpha,
             dropout: p.dropout,
-            targets: p.targets.clone(),
+            targets: match &p.targets {
+                None => LoraTargets::Default,
+                Some(TargetParams::Named(NamedTargets::AllLinear)) => LoraTargets::AllLinear,
+                Some(TargetParams::Modules(names)) => LoraTargets::Modules(names.clone()),
+            },
         }
     }
 }
@@ -117,27 +170,25 @@ impl Linear {
         let weight = path.var("weight", &shape, init);
         let bias = bias.then(|| path.var("bias", &[out_dim], nn::Init::Const(0.0)));
         let name = path.components().last().unwrap_or_default().to_string();
-        let lora = lora
-            .filter(|l| l.targets.iter().any(|t| t == &name))
-            .map(|l| {
-                // PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
-                let bound = 1.0 / (in_dim as f64).sqrt();
-                let a = (&path / "lora_A").var(
-                    "weight",
-                    &[l.rank, in_dim],
-                    nn::Init::Uniform {
-                        lo: -bound,
-                        up: bound,
-                    },
-                );
-                let b = (&path / "lora_B").var("weight", &[out_dim, l.rank], nn::Init::Const(0.0));
-                Lora {
-                    a,
-                    b,
-                    scale: l.scale(),
-                    dropout: l.dropout,
-                }
-            });
+        let lora = lora.filter(|l| l.adapts(&name)).map(|l| {
+            // PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a = (&path / "lora_A").var(
+                "weight",
+                &[l.rank, in_dim],
+                nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            );
+            let b = (&path / "lora_B").var("weight", &[out_dim, l.rank], nn::Init::Const(0.0));
+            Lora {
+                a,
+                b,
+                scale: l.scale(),
+                dropout: l.dropout,
+            }
+        });
         Linear {
             weight,
             bias,

@@ -22,7 +22,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use attention::{attention_mask, query_mask, KvCache, Mask};
 pub use config::{Arch, ModelConfig};
-pub use linear::{without_adapters, Layout, Linear, LoraConfig};
+pub use linear::{without_adapters, Layout, Linear, LoraConfig, LoraTargets};
 
 use gpt2::Gpt2;
 use llama::Llama;
@@ -88,6 +88,8 @@ pub fn positions_from_mask(mask: &Tensor) -> Tensor {
 impl Transformer {
     /// Creates the variables under `root` (the VarStore's root).
     pub fn new(root: &nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Transformer {
+        let lora = lora.map(|l| l.for_arch(cfg.arch));
+        let lora = lora.as_ref();
         let backbone = match cfg.arch {
             Arch::Gpt2 => Backbone::Gpt2(Gpt2::new(root / "transformer", cfg, lora)),
             Arch::Llama => Backbone::Llama(Llama::new(root / "model", cfg, lora)),

@@ -37,6 +37,8 @@ struct Common<'a> {
     max_len: i64,
     append_eos: bool,
     lora: Option<&'a LoraParams>,
+    /// Dropout in the training forwards (`dropout`, off by default).
+    dropout: bool,
     train: &'a TrainParams,
 }
 
@@ -123,7 +125,7 @@ fn train_and_evaluate(
         let b: Vec<&[i64]> = idx.iter().map(|&i| train[i].b.as_slice()).collect();
         let p: Vec<f64> = idx.iter().map(|&i| train[i].p).collect();
         let w: Vec<f64> = idx.iter().map(|&i| train[i].weight).collect();
-        let (ra, rb, tokens) = pair_rewards(model, &a, &b, device, true);
+        let (ra, rb, tokens) = pair_rewards(model, &a, &b, device, c.dropout);
         let p = Tensor::from_slice(&p).to_device(device);
         let w = Tensor::from_slice(&w).to_device(device);
         Ok((soft_bt_loss(&ra, &rb, &p, Some(&w)), tokens))
@@ -174,6 +176,7 @@ pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         max_len: p.max_len,
         append_eos: p.append_eos,
         lora: p.lora.as_ref(),
+        dropout: p.dropout,
         train: &p.train,
     };
     let m = load(ctx, &c)?;
@@ -218,6 +221,7 @@ pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         max_len: p.max_len,
         append_eos: p.append_eos,
         lora: p.lora.as_ref(),
+        dropout: p.dropout,
         train: &p.train,
     };
     let m = load(ctx, &c)?;

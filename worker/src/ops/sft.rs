@@ -57,7 +57,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             .map(|&i| (examples[i].tokens.as_slice(), examples[i].response_start))
             .collect();
         let (ids, mask, labels) = right_pad(&rows, pad, device);
-        Ok(causal_lm_loss(m, &ids, &mask, &labels, true))
+        Ok(causal_lm_loss(m, &ids, &mask, &labels, p.dropout))
     };
     let n = examples.len();
     let mut metrics = run_training(ctx, &mut model, &p.train, p.lr, n, &mut loss_fn)?;

@@ -187,12 +187,7 @@ fn policy_and_reference(
     policy_dir: &Path,
     device: Device,
 ) -> anyhow::Result<(Model, Reference)> {
-    let lora = p.lora.as_ref().map(|l| LoraConfig {
-        rank: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-    });
+    let lora = p.lora.as_ref().map(LoraConfig::from);
     let opts = |head, lora: Option<LoraConfig>| BuildOptions { device, head, lora };
     let policy = Model::load(policy_dir, &opts(Head::Lm, lora.clone()))?;
     let reference = match &lora {

@@ -17,7 +17,7 @@ use super::reward_source::Rewards;
 use super::setup::{value_model, Reference};
 use super::*;
 use crate::model::sample::SamplingConfig;
-use crate::model::{BuildOptions, Head, LoraConfig, ModelConfig};
+use crate::model::{BuildOptions, Head, LoraConfig, LoraTargets, ModelConfig};
 
 /// A tiny tokenizer, GPT-2 policy and preference model, and prompts.
 struct Fixture {
@@ -190,7 +190,7 @@ fn lora(targets: &[&str]) -> Option<LoraConfig> {
         rank: 2,
         alpha: 4.0,
         dropout: 0.0,
-        targets: targets.iter().map(|t| t.to_string()).collect(),
+        targets: LoraTargets::Modules(targets.iter().map(|t| t.to_string()).collect()),
     })
 }
 
