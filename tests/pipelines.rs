@@ -41,7 +41,11 @@ fn the_tiny_cai_pipeline_runs_caches_and_reproduces_under_locked() {
     ];
     let mut args = vec!["run", m, "--quiet"];
     args.extend(sets);
-    let out = p.ok(&args);
+    // A `--set` run records the lockfile only when asked; the `--locked`
+    // rerun below holds to it.
+    let mut first = args.clone();
+    first.push("--update-lock");
+    let out = p.ok(&first);
     let ran = stages_with_status(&out, "ran");
     for stage in [
         "base",
