@@ -23,7 +23,7 @@ use super::gpus::{GpuSlot, GpuSlots};
 use super::lockfile::{LockedStage, Lockfile};
 use super::plan::{hash_path_inputs, stage_key};
 use super::progress::{StageProgress, Ui};
-use super::threads::ThreadShare;
+use super::threads::CorePool;
 use super::{worker, Error, RunOptions, StageStatus};
 
 /// Shared state of the stage tasks.
@@ -35,8 +35,8 @@ pub(super) struct Shared {
     pub jobs: Semaphore,
     pub gpus: GpuSlots,
     pub options: RunOptions,
-    /// CPU threads of each tensor stage.
-    pub threads: ThreadShare,
+    /// The cores the CPU tensor stages share.
+    pub cores: CorePool,
     pub lockfile: Option<Lockfile>,
     /// Lockfile entries of the stages that finished, ran or cached.
     pub finished: Mutex<Vec<(String, LockedStage)>>,
@@ -92,8 +92,6 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         return Ok(cached(record, key, detail));
     }
 
-    // Counted before waiting for slots: stages queued beside it share the cores.
-    let _cores = op.runs_in_worker().then(|| shared.threads.claim());
     let held = acquire(shared, stage, op, &fp).await?;
     // Whoever waited for the lock finds the stage cached.
     if let Some(record) = shared.cache.hit(&fp)? {
@@ -162,12 +160,14 @@ async fn actual_key(
 struct Held<'a> {
     _lock: StageLock,
     _job: SemaphorePermit<'a>,
+    _cores: Option<SemaphorePermit<'a>>,
     gpu: Option<GpuSlot<'a>>,
 }
 
-/// Takes a device slot, then a job slot, so a stage waiting for its GPU
-/// does not hold a slot CPU stages could use; then the fingerprint's lock,
-/// so one process runs a fingerprint at a time.
+/// Takes a device slot, or on the CPU the cores its threads need, then a
+/// job slot, so a stage waiting for its GPU or cores does not hold a slot
+/// other stages could use; then the fingerprint's lock, so one process
+/// runs a fingerprint at a time.
 async fn acquire<'a>(
     shared: &'a Shared,
     stage: &Stage,
@@ -176,6 +176,12 @@ async fn acquire<'a>(
 ) -> Result<Held<'a>, Error> {
     let gpu = if op.runs_in_worker() {
         shared.gpus.acquire(&stage.device, &shared.cancel).await?
+    } else {
+        None
+    };
+    let cores = if op.runs_in_worker() && gpu.is_none() {
+        let threads = shared.cores.threads(false);
+        Some(shared.cores.acquire(threads, &shared.cancel).await?)
     } else {
         None
     };
@@ -196,6 +202,7 @@ async fn acquire<'a>(
     Ok(Held {
         _lock: lock,
         _job: job,
+        _cores: cores,
         gpu,
     })
 }
@@ -321,7 +328,7 @@ fn stage_spec(
         },
         seed: key.seed,
         threads: match op.placement {
-            Placement::Worker => Some(shared.threads.threads()),
+            Placement::Worker => Some(shared.cores.threads(gpu.is_some())),
             Placement::Engine(_) => shared.options.threads,
         },
     })

@@ -17,8 +17,8 @@ pub struct RunOptions {
     pub params_overridden: bool,
     /// Rehash every path input, ignoring the hash cache.
     pub rehash: bool,
-    /// Intra-op CPU threads for each worker stage (default: the cores
-    /// divided among the worker stages running at once).
+    /// Intra-op CPU threads for each worker stage (default: every core on
+    /// the CPU, a GPU slot's share of them on a GPU).
     pub threads: Option<usize>,
     /// No progress bars or stage lines.
     pub quiet: bool,

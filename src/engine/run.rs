@@ -24,7 +24,7 @@ use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
 use super::plan::{locked_diff, plan, Plan, PlanContext};
 use super::progress::Ui;
 use super::schedule::schedule;
-use super::threads::ThreadShare;
+use super::threads::CorePool;
 use super::{Error, RunOptions, RunSummary};
 
 /// Runs the pipeline (blocking: builds its own tokio runtime).
@@ -73,14 +73,16 @@ pub fn run(
         .enable_all()
         .build()
         .context("starting the scheduler")?;
+    let gpus = GpuSlots::detect(options.gpu_slots);
+    let cores = CorePool::new(options.threads, gpus.total());
     let shared = Arc::new(Shared {
         pipeline: pipeline.clone(),
         cache: cache.clone(),
         ui,
         cancel: CancellationToken::new(),
         jobs: Semaphore::new(options.jobs.max(1)),
-        gpus: GpuSlots::detect(options.gpu_slots),
-        threads: ThreadShare::new(options.threads, options.jobs.max(1)),
+        gpus,
+        cores,
         options: options.clone(),
         lockfile: lockfile.clone(),
         finished: Mutex::new(Vec::new()),

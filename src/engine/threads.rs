@@ -1,77 +1,79 @@
 //! CPU threads for tensor stages. libtorch takes every core by default, so
 //! with `--jobs` running several tensor stages at once each one spun on
 //! all cores and they slowed each other down several-fold (PPO 120-166 s
-//! against 12-14 s with one thread each, on two cores). The cores are
-//! divided among the tensor stages that want to run at once instead;
-//! `--threads N` still gives each stage exactly N.
+//! against 12-14 s with one thread each, on two cores).
+//!
+//! The cores are a pool, as Snakemake's `--cores` is: a CPU tensor stage
+//! holds as many cores as it runs threads, so stages only run side by side
+//! while their threads fit. A stage's thread count never depends on what
+//! else happens to be running: float reductions depend on the thread
+//! count, and one fingerprint must give the same bytes whether its stage
+//! ran alone (`--target`) or beside others.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
-/// The engine's share-out of CPU threads among its tensor stages.
-pub(super) struct ThreadShare {
+use super::Error;
+
+/// The machine's cores, shared out among the CPU tensor stages.
+pub(super) struct CorePool {
     /// `--threads` / `ALIGNFLOW_THREADS`: the same count for every stage.
     requested: Option<usize>,
     cores: usize,
-    /// `--jobs`: no more stages than this run at once.
-    jobs: usize,
-    /// Tensor stages started and not yet finished, running or waiting for
-    /// a slot: those that will run beside a stage starting now.
-    contending: AtomicUsize,
+    /// GPU slots of the machine: the cores are divided among them.
+    gpu_slots: usize,
+    free: Semaphore,
 }
 
-/// A tensor stage's claim on the cores, given up when dropped.
-pub(super) struct Claim<'a>(&'a AtomicUsize);
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl ThreadShare {
-    pub fn new(requested: Option<usize>, jobs: usize) -> ThreadShare {
+impl CorePool {
+    pub fn new(requested: Option<usize>, gpu_slots: usize) -> CorePool {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        ThreadShare {
+        CorePool::with_cores(requested, cores, gpu_slots)
+    }
+
+    fn with_cores(requested: Option<usize>, cores: usize, gpu_slots: usize) -> CorePool {
+        CorePool {
             requested,
             cores,
-            jobs,
-            contending: AtomicUsize::new(0),
+            gpu_slots,
+            free: Semaphore::new(cores),
         }
     }
 
-    /// Registers a tensor stage before it waits for its slots, so a stage
-    /// that starts first already leaves room for those starting with it.
-    pub fn claim(&self) -> Claim<'_> {
-        self.contending.fetch_add(1, Ordering::SeqCst);
-        Claim(&self.contending)
+    /// Threads of a tensor stage: `--threads` when given; else every core
+    /// on the CPU, or a GPU slot's even share of them (its threads only
+    /// feed the device, and GPU stages must not wait for CPU ones).
+    pub fn threads(&self, on_gpu: bool) -> usize {
+        threads_per_stage(self.requested, self.cores, on_gpu.then_some(self.gpu_slots))
     }
 
-    /// Threads for a tensor stage starting now (it holds a claim).
-    pub fn threads(&self) -> usize {
-        threads_per_stage(
-            self.requested,
-            self.cores,
-            self.jobs,
-            self.contending.load(Ordering::SeqCst),
-        )
+    /// Waits until `threads` cores are free (all of them when it asks for
+    /// more) and holds them until the permit drops.
+    pub async fn acquire(
+        &self,
+        threads: usize,
+        cancel: &CancellationToken,
+    ) -> Result<SemaphorePermit<'_>, Error> {
+        let wanted = threads.clamp(1, self.cores) as u32;
+        tokio::select! {
+            permit = self.free.acquire_many(wanted) => Ok(permit.expect("pool open")),
+            _ = cancel.cancelled() => Err(Error::Cancelled),
+        }
     }
 }
 
-/// `requested` when given, else the `cores` divided among the tensor stages
-/// that run at once: the `contending` ones, at most `jobs`; never below 1.
-pub(super) fn threads_per_stage(
-    requested: Option<usize>,
-    cores: usize,
-    jobs: usize,
-    contending: usize,
-) -> usize {
+/// `requested` when given; else all `cores` for a CPU stage, or the cores
+/// divided among the `gpu_slots` for a GPU stage; never below 1.
+fn threads_per_stage(requested: Option<usize>, cores: usize, gpu_slots: Option<usize>) -> usize {
     if let Some(n) = requested {
         return n.max(1);
     }
-    let at_once = contending.min(jobs).max(1);
-    (cores / at_once).max(1)
+    match gpu_slots {
+        None => cores.max(1),
+        Some(slots) => (cores / slots.max(1)).max(1),
+    }
 }
 
 #[cfg(test)]
@@ -79,39 +81,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cores_are_divided_among_the_stages_that_run_at_once() {
-        // Alone: every core.
-        assert_eq!(threads_per_stage(None, 8, 4, 1), 8);
-        // Two at once: half each; an odd core goes unused, not oversubscribed.
-        assert_eq!(threads_per_stage(None, 8, 4, 2), 4);
-        assert_eq!(threads_per_stage(None, 8, 4, 3), 2);
-        // More stages waiting than --jobs lets run: divided by --jobs.
-        assert_eq!(threads_per_stage(None, 8, 2, 6), 4);
-        // More stages than cores: one thread each, never zero.
-        assert_eq!(threads_per_stage(None, 2, 8, 5), 1);
-        assert_eq!(threads_per_stage(None, 1, 1, 0), 1);
+    fn cpu_stages_take_every_core_and_gpu_stages_a_slots_share() {
+        assert_eq!(threads_per_stage(None, 8, None), 8);
+        assert_eq!(threads_per_stage(None, 16, Some(4)), 4);
+        // More slots than cores: one thread each, never zero.
+        assert_eq!(threads_per_stage(None, 2, Some(8)), 1);
+        assert_eq!(threads_per_stage(None, 0, None), 1);
     }
 
     #[test]
     fn threads_flag_wins() {
-        assert_eq!(threads_per_stage(Some(3), 8, 4, 4), 3);
-        assert_eq!(threads_per_stage(Some(0), 8, 4, 4), 1);
+        assert_eq!(threads_per_stage(Some(3), 8, None), 3);
+        assert_eq!(threads_per_stage(Some(3), 8, Some(2)), 3);
+        assert_eq!(threads_per_stage(Some(0), 8, None), 1);
     }
 
-    #[test]
-    fn a_claim_counts_until_dropped() {
-        let share = ThreadShare {
-            requested: None,
-            cores: 8,
-            jobs: 8,
-            contending: AtomicUsize::new(0),
-        };
-        let a = share.claim();
-        assert_eq!(share.threads(), 8);
-        let b = share.claim();
-        assert_eq!(share.threads(), 4);
+    #[tokio::test]
+    async fn stages_run_side_by_side_only_while_their_threads_fit() {
+        let pool = CorePool::with_cores(Some(2), 4, 1);
+        let cancel = CancellationToken::new();
+        let threads = pool.threads(false);
+        let a = pool.acquire(threads, &cancel).await.unwrap();
+        let b = pool.acquire(threads, &cancel).await.unwrap();
+        // A third two-thread stage waits for one of them.
+        assert!(pool.free.try_acquire_many(2).is_err());
         drop(a);
-        assert_eq!(share.threads(), 8);
-        drop(b);
+        let c = pool.acquire(threads, &cancel).await.unwrap();
+        drop((b, c));
+        // Asking for more threads than cores holds them all, not forever.
+        let all = pool.acquire(64, &cancel).await.unwrap();
+        assert_eq!(pool.free.available_permits(), 0);
+        drop(all);
+        assert_eq!(pool.free.available_permits(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_stage_is_cancelled() {
+        let pool = CorePool::with_cores(None, 2, 1);
+        let cancel = CancellationToken::new();
+        let _held = pool.acquire(2, &cancel).await.unwrap();
+        cancel.cancel();
+        assert!(matches!(pool.acquire(1, &cancel).await, Err(Error::Cancelled)));
     }
 }
