@@ -40,8 +40,6 @@ use tch::{Kind, Tensor};
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::StageContext;
 
-use crate::model::{Keep, Model};
-
 mod checkpoint;
 mod metrics;
 mod reward_norm;
@@ -61,61 +59,7 @@ use setup::{Models, Optimizers, Settings, Setup};
 use stop::Stop;
 use update::{Batch, Plan};
 
-/// Policy log-probs of the response tokens of `ids`, and of every token of
-/// the vocabulary at those positions (for the entropy).
-///
-/// # Shapes
-/// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
-pub fn response_logprobs(
-    m: &Model,
-    ids: &Tensor,
-    mask: &Tensor,
-    resp: &Tensor,
-    p_len: i64,
-    temperature: f64,
-) -> (Tensor, Tensor) {
-    let r = resp.size()[1];
-    let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
-    let mut logits = m.lm.logits(&hidden).to_kind(Kind::Float);
-    if temperature > 0.0 && temperature != 1.0 {
-        logits /= temperature;
-    }
-    let all = logits.log_softmax(-1, Kind::Float);
-    let logp = all.gather(2, &resp.unsqueeze(-1), false).squeeze_dim(-1);
-    (logp, all)
-}
-
-/// The positions whose outputs score the response tokens: from the last
-/// prompt token to the one before the last response token.
-fn before_each_response_token(p_len: i64, r: i64) -> Keep {
-    Keep::Span {
-        start: p_len - 1,
-        len: r,
-    }
-}
-
-/// Values of the states before each response token.
-///
-/// # Shapes
-/// `ids`, `mask`: `[b, p + r]` -> `[b, r]`.
-pub fn response_values(m: &Model, ids: &Tensor, mask: &Tensor, p_len: i64, r: i64) -> Tensor {
-    let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
-    m.value
-        .as_ref()
-        .expect("value head")
-        .forward(&hidden)
-        .to_kind(Kind::Float)
-}
-
-/// The preference model's raw score of each full sequence.
-///
-/// # Shapes
-/// `ids`, `mask`: `[b, t]` -> `[b]` float32.
-pub fn pm_scores(pm: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
-    pm.scores(ids, mask, false).to_kind(Kind::Float)
-}
+pub use super::scoring::{pm_scores, response_logprobs, response_values};
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_kind(Kind::Double).double_value(&[])

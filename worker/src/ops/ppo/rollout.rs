@@ -6,11 +6,12 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::PpoKlMode;
 
+use super::scalar;
 use super::setup::{Models, Settings};
 use super::stop::Stop;
-use super::{response_logprobs, response_values, scalar};
 use crate::model::sample::{generate, left_pad, SamplingConfig};
 use crate::model::Model;
+use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
     contains_eos, kl_per_token, mean_sequence_kl, response_mask, shape_rewards, RewardNorm,
     ShapedRewards,

@@ -17,7 +17,7 @@ use super::reward_source::Rewards;
 use super::setup::{value_model, Reference};
 use super::*;
 use crate::model::sample::SamplingConfig;
-use crate::model::{BuildOptions, Head, LoraConfig, LoraTargets, ModelConfig};
+use crate::model::{BuildOptions, Head, LoraConfig, LoraTargets, Model, ModelConfig};
 
 /// A tiny tokenizer, GPT-2 policy and preference model, and prompts.
 struct Fixture {

@@ -9,8 +9,9 @@ use alignflow_ops::PpoKlMode;
 use super::rollout::{Experience, Forwards, Rollout};
 use super::setup::{Models, Optimizers, Settings};
 use super::stop::Stop;
-use super::{response_logprobs, response_values, scalar, Passes};
+use super::{scalar, Passes};
 use crate::model::Model;
+use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
     compute_gae, explained_variance, group_advantages, group_spread, kl_k3, masked_entropy,
     masked_mean, masked_sum, masked_whiten, policy_loss, value_loss, PolicyLoss,
