@@ -6,16 +6,16 @@ use std::path::Path;
 use tch::Device;
 
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{
-    PpoAdvantage, PpoKlEstimator, PpoLrSchedule, PpoParams, PpoValueInit, StageContext,
-};
+use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, StageContext};
 
 use super::reward_source::{Rewards, Source};
 use crate::model::sample::SamplingConfig;
-use crate::model::{self, without_adapters, BuildOptions, Head, LoraConfig, Model, Packing};
+use crate::model::{self, without_adapters, Head, Model, Packing};
+use crate::ops::load::{self, eos_id};
 use crate::ops::prompts::{read_prompts, PromptSource};
+use crate::ops::sampling::sampling_config;
 use crate::rl::{GaeConfig, GroupBaseline, KlEstimator};
-use crate::train::{AdamW, AdamWConfig, Decay, Schedule, ScheduleConfig};
+use crate::train::{AdamW, AdamWConfig, Schedule, ScheduleConfig};
 
 /// The stage's settings: its params and what follows from them.
 pub(super) struct Settings {
@@ -114,10 +114,9 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let policy_dir = ctx.input("policy")?;
     let pm_dir = ctx.spec.inputs.get("reward_model").map(|d| d.as_path());
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
-    // Adapters and the value head are initialised randomly: seed first, for
-    // byte-identical reruns.
-    tch::manual_seed(seed as i64);
-    let (policy, reference) = policy_and_reference(&p, &stage, policy_dir, device)?;
+    // Adapters and the value head are initialised randomly: `trainable`
+    // seeds torch first, for byte-identical reruns.
+    let (policy, reference) = policy_and_reference(&p, &stage, policy_dir, device, seed)?;
     let (baseline, group) = baseline_and_group(&p, &stage)?;
     // Critic-free modes load no value model at all.
     let critic = match baseline {
@@ -125,11 +124,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
         Some(_) => None,
     };
     let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
-    let eos = tokenizer
-        .eos_id
-        .map(i64::from)
-        .or(policy.lm.cfg.eos_token_id);
-    let pad = policy.lm.cfg.pad_id();
+    let eos = eos_id(&tokenizer, &policy);
     let max_new = p.max_new_tokens.max(1);
     let max_positions = policy
         .lm
@@ -144,16 +139,10 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let prompt_budget = (max_positions - max_new) as usize;
     let (prompts, rewards) =
         prompts_and_rewards(ctx, &p, &tokenizer, prompt_budget, source, policy_dir, eos)?;
-    let sampling = SamplingConfig {
-        max_new_tokens: max_new,
-        temperature: p.temperature,
-        eos_token_id: eos,
-        pad_token_id: pad,
-        ..Default::default()
-    };
+    let sampling = sampling_config(&tokenizer, &policy, max_new, p.temperature);
     Ok(Setup {
         settings: Settings {
-            estimator: kl_estimator(p.kl_estimator),
+            estimator: KlEstimator::from(p.kl_estimator),
             gae: GaeConfig {
                 gamma: p.gamma,
                 lam: p.lam,
@@ -186,11 +175,10 @@ fn policy_and_reference(
     stage: &str,
     policy_dir: &Path,
     device: Device,
+    seed: u64,
 ) -> anyhow::Result<(Model, Reference)> {
-    let lora = p.lora.as_ref().map(LoraConfig::from);
-    let opts = |head, lora: Option<LoraConfig>| BuildOptions { device, head, lora };
-    let policy = Model::load(policy_dir, &opts(Head::Lm, lora.clone()))?;
-    let reference = match &lora {
+    let policy = load::trainable(policy_dir, device, Head::Lm, p.lora.as_ref(), seed)?;
+    let reference = match &p.lora {
         Some(l) => {
             anyhow::ensure!(
                 policy.trainable().iter().any(|(n, _)| n.contains("lora_")),
@@ -199,11 +187,7 @@ fn policy_and_reference(
             );
             Reference::AdaptersOff
         }
-        None => {
-            let mut r = Model::load(policy_dir, &opts(Head::Lm, None))?;
-            r.vs.freeze();
-            Reference::Copy(r)
-        }
+        None => Reference::Copy(load::frozen(policy_dir, device, Head::Lm)?),
     };
     Ok((policy, reference))
 }
@@ -279,22 +263,7 @@ pub(super) fn value_model(
         // `Source::load` rejects `reward_model` without a PM.
         _ => policy_dir,
     };
-    Model::load(
-        dir,
-        &BuildOptions {
-            device,
-            head: Head::Value,
-            lora: None,
-        },
-    )
-}
-
-fn kl_estimator(e: PpoKlEstimator) -> KlEstimator {
-    match e {
-        PpoKlEstimator::K1 => KlEstimator::K1,
-        PpoKlEstimator::K2 => KlEstimator::K2,
-        PpoKlEstimator::K3 => KlEstimator::K3,
-    }
+    load::model(dir, device, Head::Value)
 }
 
 /// One rate per iteration (step `it - 1` of `iterations`), as TRL's
@@ -304,10 +273,7 @@ fn lr_schedule(p: &PpoParams) -> Schedule {
         ScheduleConfig {
             lr: p.lr,
             warmup_steps: p.warmup_iterations,
-            decay: match p.lr_schedule {
-                PpoLrSchedule::Constant => Decay::Constant,
-                PpoLrSchedule::Linear => Decay::Linear,
-            },
+            decay: p.lr_schedule.into(),
             min_lr_ratio: 0.0,
         },
         p.iterations,
