@@ -7,10 +7,10 @@ use tch::Kind;
 use alignflow_ops::StageContext;
 
 use super::reward_source::Rewards;
-use super::rollout::sample;
 use super::setup::{Models, Reference, Settings};
 use crate::model::sample::SamplingConfig;
 use crate::model::Model;
+use crate::ops::rollout::sample;
 use crate::rl::RewardNorm;
 use crate::train::{epoch_permutation, step_seed};
 

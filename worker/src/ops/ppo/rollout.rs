@@ -2,19 +2,19 @@
 //! the policy, their log-probs under the policy and the reference, their
 //! values and scores, and the rewards shaped from the scores and the KL.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use alignflow_ops::PpoKlMode;
 
 use super::scalar;
 use super::setup::{Models, Settings};
 use super::stop::Stop;
-use crate::model::sample::{generate, left_pad, SamplingConfig};
+use crate::model::sample::SamplingConfig;
 use crate::model::Model;
+use crate::ops::rollout::{sample, Rollout as Sampled};
 use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
-    contains_eos, kl_per_token, mean_sequence_kl, response_mask, shape_rewards, RewardNorm,
-    ShapedRewards,
+    contains_eos, kl_per_token, mean_sequence_kl, shape_rewards, RewardNorm, ShapedRewards,
 };
 use crate::train::{epoch_permutation, step_seed};
 
@@ -25,61 +25,6 @@ pub(super) struct Forwards {
     pub logp: Tensor,
     pub all: Tensor,
     pub values: Option<Tensor>,
-}
-
-/// A batch of sampled responses, padded into tensors.
-pub(super) struct Sampled {
-    /// `[b, p + r]` prompt (left-padded) and response (right-padded).
-    pub ids: Tensor,
-    pub mask: Tensor,
-    /// `[b, r]` response tokens and 0/1 generated-token mask.
-    pub resp: Tensor,
-    pub gen_mask: Tensor,
-    /// Prompt width `p` and response width `r`.
-    pub p_len: i64,
-    pub r: i64,
-    /// Generated tokens in the batch.
-    pub tokens: u64,
-}
-
-/// Samples one response per prompt of `batch` from `m`.
-pub(super) fn sample(
-    m: &Model,
-    batch: &[Vec<i64>],
-    cfg: &SamplingConfig,
-    device: Device,
-) -> Sampled {
-    let pad = cfg.pad_token_id;
-    let samples = generate(&m.lm, batch, cfg, device, |_, _| false);
-    let r_len = samples
-        .iter()
-        .map(|s| s.tokens.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let b = batch.len() as i64;
-    let mut resp_v = Vec::with_capacity(batch.len() * r_len);
-    let mut len_v = Vec::with_capacity(batch.len() * r_len);
-    for s in &samples {
-        for k in 0..r_len {
-            resp_v.push(s.tokens.get(k).copied().unwrap_or(pad));
-            len_v.push(i64::from(k < s.tokens.len()));
-        }
-    }
-    let r = r_len as i64;
-    let resp = Tensor::from_slice(&resp_v).view([b, r]).to_device(device);
-    let gen_mask = Tensor::from_slice(&len_v).view([b, r]).to_device(device);
-    let (prompt_ids, prompt_mask) = left_pad(batch, pad, device);
-    let p_len = prompt_ids.size()[1];
-    Sampled {
-        ids: Tensor::cat(&[&prompt_ids, &resp], 1),
-        mask: Tensor::cat(&[&prompt_mask, &gen_mask], 1),
-        resp,
-        gen_mask,
-        p_len,
-        r,
-        tokens: len_v.iter().sum::<i64>() as u64,
-    }
 }
 
 /// One iteration's prompts and the policy's responses to them.
@@ -107,10 +52,7 @@ pub(super) fn roll_out(s: &Settings, policy: &Model, prompts: &[Vec<i64>], it: u
     let sampled = tch::no_grad(|| {
         crate::train::autocast_if(s.autocast, || sample(policy, &batch, &cfg, s.device))
     });
-    let rmask = match s.eos {
-        Some(e) => response_mask(&sampled.resp, e, None) * sampled.gen_mask.to_kind(Kind::Float),
-        None => sampled.gen_mask.to_kind(Kind::Float),
-    };
+    let rmask = sampled.scored_mask(s.eos);
     let has_eos = match s.eos {
         Some(e) => contains_eos(&sampled.resp, e),
         None => Tensor::zeros([b], (Kind::Bool, s.device)),
