@@ -84,14 +84,13 @@ impl From<&SavedNorm> for RewardNorm {
 }
 
 /// Loads the checkpoint in `dir` into the trained models and their
-/// optimizers, and drops the metric lines it does not cover.
+/// optimizers.
 pub(super) fn resume(
     dir: &Path,
     s: &Settings,
     policy: &mut Model,
     critic: Option<&mut Model>,
     opts: &mut Optimizers,
-    metrics_path: &Path,
 ) -> anyhow::Result<Progress> {
     let stage = &s.stage;
     let mut parts = vec![CheckpointPartMut {
@@ -126,35 +125,12 @@ pub(super) fn resume(
         "resuming from checkpoint {}",
         dir.display()
     );
-    truncate_metrics(metrics_path, done)?;
     Ok(Progress {
         done,
         total_tokens: saved.train.tokens_seen,
         kl_ctl,
         norm,
     })
-}
-
-/// Drops metric lines past `iteration` (they belong to the interrupted run).
-fn truncate_metrics(path: &Path, iteration: u64) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["iteration"].as_u64())
-                .is_some_and(|i| i <= iteration)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Saves both trained models, their optimizers and `progress` (iteration

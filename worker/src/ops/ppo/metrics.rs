@@ -1,11 +1,6 @@
 //! What the stage reports: one metrics line per iteration (to
 //! `metrics.jsonl` and the reporter) and the summary at the end.
 
-use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use anyhow::Context;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -17,44 +12,6 @@ use super::scalar;
 use super::setup::Settings;
 use super::update::{Advantages, UpdateSums};
 use crate::rl::{masked_mean, RewardNorm};
-
-/// `metrics.jsonl` in the checkpoint folder, appended to line by line (a
-/// resumed run continues it).
-pub(super) struct MetricsLog {
-    pub path: PathBuf,
-    file: File,
-}
-
-impl MetricsLog {
-    pub(super) fn open(path: PathBuf) -> anyhow::Result<MetricsLog> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsLog { path, file })
-    }
-
-    pub(super) fn write(&mut self, line: &Value) -> anyhow::Result<()> {
-        writeln!(self.file, "{line}")?;
-        Ok(())
-    }
-
-    /// Puts the lines written so far on disk.
-    pub(super) fn sync(&mut self) -> anyhow::Result<()> {
-        self.file.flush()?;
-        self.file.sync_data()?;
-        Ok(())
-    }
-
-    /// Closes the log and copies it to `out`.
-    pub(super) fn copy_to(mut self, out: &Path) -> anyhow::Result<()> {
-        self.file.flush()?;
-        drop(self.file);
-        std::fs::copy(&self.path, out).context("copying metrics.jsonl")?;
-        Ok(())
-    }
-}
 
 /// One iteration, as the metrics report it.
 pub(super) struct Iteration<'a> {

@@ -52,8 +52,9 @@ mod tests;
 mod update;
 
 use checkpoint::Progress;
-use metrics::{Iteration, MetricsLog};
-// `baseline_scores` samples and scores as the rollouts do.
+use metrics::Iteration;
+
+use super::metrics_log::MetricsLog;
 use crate::train::Checkpoints;
 use setup::{Models, Optimizers, Settings, Setup};
 use stop::Stop;
@@ -95,24 +96,27 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
     let mut opts = Optimizers::new(&models)?;
 
     std::fs::create_dir_all(&ctx.spec.checkpoint_dir)?;
-    let metrics_path = ctx.spec.checkpoint_dir.join("metrics.jsonl");
     let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("ppo"), 2);
-    let mut progress = match checkpoints.latest()? {
-        Some(dir) => checkpoint::resume(
-            &dir,
-            &s,
-            &mut models.policy,
-            models.critic.as_mut(),
-            &mut opts,
-            &metrics_path,
-        )?,
+    let (mut progress, resumed) = match checkpoints.latest()? {
+        Some(dir) => {
+            let progress = checkpoint::resume(
+                &dir,
+                &s,
+                &mut models.policy,
+                models.critic.as_mut(),
+                &mut opts,
+            )?;
+            // The metric lines past the checkpoint belong to the
+            // interrupted run.
+            let done = progress.done;
+            (progress, Some(("iteration", done)))
+        }
         None => {
-            let _ = std::fs::remove_file(&metrics_path);
             let norm = reward_norm::fit(ctx, &s, &models, &prompts)?;
-            Progress::fresh(&s, norm)
+            (Progress::fresh(&s, norm), None)
         }
     };
-    let mut metrics_log = MetricsLog::open(metrics_path)?;
+    let mut metrics_log = MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?;
     let start = Instant::now();
     let start_tokens = progress.total_tokens;
     let mut last = serde_json::Value::Null;
@@ -128,8 +132,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         ctx.cancel.check()?;
         last = stage.iteration(it, &mut opts, &mut progress, &mut metrics_log)?;
     }
-    std::fs::create_dir_all(&ctx.spec.out_dir)?;
-    metrics_log.copy_to(&ctx.output("metrics"))?;
+    metrics_log.publish(ctx)?;
     // Merges the LoRA adapters (if any) into the saved weights.
     models.policy.save(&ctx.output("model"))?;
     let secs = start.elapsed().as_secs_f64();
