@@ -363,6 +363,15 @@ fn dag(args: &ManifestArgs, format: DagFormat) -> anyhow::Result<ExitCode> {
 
 fn validate(args: &ManifestArgs) -> anyhow::Result<ExitCode> {
     let (pipeline, _) = load(args)?;
+    // A missing input would only fail the run, after its upstream stages:
+    // every one is named now.
+    let missing = alignflow::engine::missing_path_inputs(&pipeline);
+    if !missing.is_empty() {
+        for m in &missing {
+            eprintln!("error: {m}");
+        }
+        anyhow::bail!("{}: {} input(s) do not exist", args.file.display(), missing.len());
+    }
     println!(
         "{}: ok ({} stages)",
         args.file.display(),
@@ -475,10 +484,18 @@ fn show(
 ) -> anyhow::Result<ExitCode> {
     let (pipeline, dag) = load(args)?;
     let cache = open_cache(cache_dir)?;
-    let index = dag
-        .index_of(stage)
-        .with_context(|| format!("no stage `{stage}` in {}", pipeline.file.display()))?;
-    let selected = dag.select(&pipeline, &[stage.to_string()])?;
+    // A matrix stage's key names all of its instances.
+    let ids: Vec<&str> = match dag.index_of(stage) {
+        Some(_) => vec![stage],
+        None => pipeline
+            .stages
+            .iter()
+            .filter(|s| s.key == stage)
+            .map(|s| s.id.as_str())
+            .collect(),
+    };
+    anyhow::ensure!(!ids.is_empty(), "no stage `{stage}` in {}", pipeline.file.display());
+    let selected = dag.select(&pipeline, &ids.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
     let ctx = PlanContext {
         pipeline: &pipeline,
         dag: &dag,
@@ -488,37 +505,64 @@ fn show(
         locked: false,
     };
     let plan = engine::plan(&ctx, &selected)?;
-    let planned = plan
-        .stages
-        .iter()
-        .find(|p| p.index == index)
-        .expect("target is selected");
-    let Some(outputs) = &planned.outputs else {
-        anyhow::bail!(
-            "stage `{stage}` has no cached outputs for its current inputs ({}); run it first",
-            planned.reason
-        );
-    };
-    let rows: Vec<(String, PathBuf, String)> = outputs
-        .iter()
-        .map(|(name, id)| {
-            (
-                name.clone(),
-                std::path::absolute(cache.artifact_path(id)).unwrap_or_default(),
-                id.to_string(),
-            )
-        })
-        .collect();
-    if json {
-        let value: serde_json::Map<String, serde_json::Value> = rows
+    let outputs_of = |id: &str| -> Result<Vec<(String, PathBuf, String)>, String> {
+        let index = dag.index_of(id).expect("an id of the pipeline");
+        let planned = plan
+            .stages
             .iter()
+            .find(|p| p.index == index)
+            .expect("target is selected");
+        let outputs = planned.outputs.as_ref().ok_or_else(|| {
+            format!(
+                "stage `{id}` has no cached outputs for its current inputs ({}); run it first",
+                planned.reason
+            )
+        })?;
+        Ok(outputs
+            .iter()
+            .map(|(name, id)| {
+                let path = std::path::absolute(cache.artifact_path(id)).unwrap_or_default();
+                (name.clone(), path, id.to_string())
+            })
+            .collect())
+    };
+    let as_json = |rows: &[(String, PathBuf, String)]| -> serde_json::Value {
+        rows.iter()
             .map(|(n, p, id)| (n.clone(), serde_json::json!({"path": p, "id": id})))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&value)?);
-    } else {
-        for (name, path, _) in rows {
-            println!("{name}\t{}", path.display());
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    if ids == [stage] {
+        let rows = outputs_of(stage).map_err(anyhow::Error::msg)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&as_json(&rows))?);
+        } else {
+            for (name, path, _) in rows {
+                println!("{name}\t{}", path.display());
+            }
         }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Instances: each with its outputs, or why it has none.
+    let mut all = serde_json::Map::new();
+    for id in &ids {
+        match outputs_of(id) {
+            Ok(rows) if json => {
+                all.insert(id.to_string(), as_json(&rows));
+            }
+            Ok(rows) => {
+                for (name, path, _) in rows {
+                    println!("{id}\t{name}\t{}", path.display());
+                }
+            }
+            Err(why) if json => {
+                all.insert(id.to_string(), serde_json::json!({"error": why}));
+            }
+            Err(why) => eprintln!("{why}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
     }
     Ok(ExitCode::SUCCESS)
 }

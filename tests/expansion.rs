@@ -156,3 +156,107 @@ stages:
     let text = std::fs::read_to_string(shown.trim().split_once('\t').unwrap().1).unwrap();
     assert_eq!(text.lines().count(), 4);
 }
+
+/// The reason `plan --json` gives for `stage`.
+fn reason(p: &Project, file: &str, stage: &str) -> String {
+    let plan: serde_json::Value = serde_json::from_str(&p.ok(&["plan", file, "--json"])).unwrap();
+    plan.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["stage"] == stage)
+        .unwrap_or_else(|| panic!("no `{stage}` in {plan}"))["reason"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_new_experiment_on_an_included_pipeline_is_explained_against_its_cached_stages() {
+    let p = Project::new();
+    p.write("data.txt", "data\n");
+    p.write(
+        "base.yaml",
+        r#"version: 1
+name: base
+params: { coef: 0.05 }
+stages:
+  train:
+    op: exec
+    inputs: { src: data.txt }
+    outputs: [out]
+    params: { cmd: "echo ${params.coef} > $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    p.run_stages("base.yaml", &[]);
+    // A new experiment: the base with another coefficient, no lockfile yet.
+    p.write(
+        "exp.yaml",
+        "version: 1\nname: exp\ninclude: base.yaml\nparams: { coef: 0.1 }\n",
+    );
+    assert_eq!(
+        reason(&p, "exp.yaml", "train"),
+        "params.cmd changed \"echo 0.05 > $ALIGNFLOW_OUT/out\" -> \"echo 0.1 > $ALIGNFLOW_OUT/out\" (against the cached run of pipeline `base`)"
+    );
+
+    // A matrix instance identical to the cached stage but for its id: the
+    // plan says why it reruns (its seed derives from its id).
+    p.write(
+        "sweep.yaml",
+        r#"version: 1
+name: sweep
+stages:
+  other:
+    op: exec
+    inputs: { src: data.txt }
+    outputs: [out]
+    matrix: { cmd: ["echo 0.05 > $ALIGNFLOW_OUT/out"] }
+"#,
+    );
+    let why = reason(&p, "sweep.yaml", "other[cmd=echo 0.05 > $ALIGNFLOW_OUT/out]");
+    assert!(
+        why.starts_with("same op, params and inputs as the cached stage `train` of pipeline `base`, but a stage's seed derives from the pipeline seed and its own id"),
+        "{why}"
+    );
+    // With nothing comparable in the cache, the plain reason.
+    p.write("new.txt", "new\n");
+    p.write("fresh.yaml", &p.read("base.yaml").replace("data.txt", "new.txt").replace("train:", "fresh:"));
+    assert_eq!(reason(&p, "fresh.yaml", "fresh"), "never run");
+}
+
+#[test]
+fn show_on_a_matrix_key_lists_its_instances_and_a_failed_stage_says_it_failed() {
+    let p = Project::new();
+    p.write(
+        "m.yaml",
+        r#"version: 1
+name: m
+stages:
+  s:
+    op: exec
+    outputs: [out]
+    matrix: { cmd: ["echo 1 > $ALIGNFLOW_OUT/out", "echo oops >&2; exit 3"] }
+"#,
+    );
+    assert_eq!(p.run(&["run", "m.yaml", "--quiet"]).status.code(), Some(1));
+    let out = p.run(&["show", "m.yaml", "s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("s[cmd=echo 1 > $ALIGNFLOW_OUT/out]\tout\t"), "{stdout}");
+    assert!(
+        stderr.contains("stage `s[cmd=echo oops >&2; exit 3]` has no cached outputs for its current inputs (last run failed at "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("exec failed with exit status 3"), "{stderr}");
+    assert!(stderr.contains("(log: "), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "m.yaml", "s", "--json"])).unwrap();
+    assert!(json["s[cmd=echo 1 > $ALIGNFLOW_OUT/out]"]["out"]["path"].is_string(), "{json}");
+    assert!(json["s[cmd=echo oops >&2; exit 3]"]["error"].is_string(), "{json}");
+    // The plan says so too; once the stage succeeds the note is gone.
+    let why = reason(&p, "m.yaml", "s[cmd=echo oops >&2; exit 3]");
+    assert!(why.starts_with("last run failed at "), "{why}");
+    assert!(p.fails(&["show", "m.yaml", "t"]).contains("no stage `t`"));
+}

@@ -188,3 +188,40 @@ stages:
     let home = std::env::var("HOME").unwrap_or_default();
     assert_eq!(std::fs::read_to_string(path).unwrap().trim(), home);
 }
+
+#[test]
+fn validate_names_every_missing_input_file() {
+    let p = Project::new();
+    p.write("here.txt", "x\n");
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: missing
+stages:
+  a:
+    op: exec
+    inputs: { x: here.txt, y: nowhere.txt }
+    outputs: [out]
+    params: { cmd: "true" }
+  b:
+    op: exec
+    inputs: { x: "${stages.a.out}", z: data/absent.jsonl }
+    outputs: [out]
+    params: { cmd: "true" }
+"#,
+    );
+    let err = p.fails(&["validate", "pipeline.yaml"]);
+    assert!(
+        err.contains("pipeline.yaml:6:31: stage `a`, field `inputs.y`: `nowhere.txt` does not exist"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stage `b`, field `inputs.z`: `data/absent.jsonl` does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("2 input(s) do not exist"), "{err}");
+    p.write("nowhere.txt", "");
+    std::fs::create_dir_all(p.path("data")).unwrap();
+    p.write("data/absent.jsonl", "");
+    assert!(p.ok(&["validate", "pipeline.yaml"]).contains("ok (2 stages)"));
+}

@@ -193,3 +193,44 @@ fn bad_training_params_are_refused_before_anything_runs() {
         "{err}"
     );
 }
+
+/// The metrics of `stage`'s record in the project's cache.
+fn stage_metrics(p: &Project, stage: &str) -> serde_json::Value {
+    walk(&p.path("cache/records"))
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .map(|f| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(f).unwrap()).unwrap()
+        })
+        .find(|r| r["stage"] == stage)
+        .unwrap_or_else(|| panic!("a record of stage `{stage}`"))["metrics"]
+        .clone()
+}
+
+#[test]
+fn generating_past_the_context_is_refused_before_sampling_and_cut_prompts_are_counted() {
+    // The model has 96 positions: 96 new tokens leave none for a prompt.
+    let p = project(&tiny_pipeline(2, 0, "1e-3").replace("max_new_tokens: 8", "max_new_tokens: 96"));
+    let out = p.run(&["run", "pipeline.yaml", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stage `gen`, field `params.max_new_tokens`: 96 new tokens leave no room for a prompt in the model's 96 positions (at most 95)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // 92 new tokens leave 4 for the prompt: both prompts keep their last 4
+    // tokens, and the stage says so.
+    p.write(
+        "pipeline.yaml",
+        &tiny_pipeline(2, 0, "1e-3").replace("max_new_tokens: 8", "max_new_tokens: 92"),
+    );
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    assert_eq!(stage_metrics(&p, "gen")["truncated_prompts"], 2);
+    let (_, responses) = output(&p, "gen", "responses");
+    for line in std::fs::read_to_string(responses).unwrap().lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(r["response_ids"].as_array().unwrap().len() <= 92);
+    }
+}

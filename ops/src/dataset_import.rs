@@ -179,6 +179,16 @@ pub enum ImportError {
         max: u64,
         first: Vec<(usize, String)>,
     },
+    #[error(
+        "stage `{stage}`: no records in {} ({unsplittable} cannot be split, {bad} bad lines): nothing downstream could use it",
+        path.display()
+    )]
+    Empty {
+        stage: String,
+        path: PathBuf,
+        unsplittable: u64,
+        bad: u64,
+    },
     #[error("stage `{stage}`: cannot write {}: {source}", path.display())]
     Write {
         stage: String,
@@ -293,6 +303,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         }
         .into());
     }
+    let unsplittable: u64 = report.unsplittable.values().sum();
+    if report.records == 0 {
+        return Err(ImportError::Empty {
+            stage: stage.clone(),
+            path: source.to_path_buf(),
+            unsplittable,
+            bad: report.bad_lines,
+        }
+        .into());
+    }
     out.finish().map_err(data_err)?;
 
     let report_path = ctx.output("report");
@@ -303,7 +323,6 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         path: report_path,
         source,
     })?;
-    let unsplittable: u64 = report.unsplittable.values().sum();
     if unsplittable + report.bad_lines > 0 {
         tracing::warn!(
             target: "alignflow::stage",
@@ -439,6 +458,22 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn a_source_with_no_records_is_an_error_not_an_empty_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = write(dir.path(), "empty.jsonl", "\n\n");
+        let err = import(dir.path(), json!({}), empty).unwrap_err().to_string();
+        assert!(err.starts_with("stage `s`: no records in "), "{err}");
+        assert!(err.contains("(0 cannot be split, 0 bad lines)"), "{err}");
+        let unsplittable = write(
+            dir.path(),
+            "none.jsonl",
+            &json!({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"}).to_string(),
+        );
+        let err = import(dir.path(), json!({}), unsplittable).unwrap_err().to_string();
+        assert!(err.contains("(1 cannot be split, 0 bad lines)"), "{err}");
     }
 
     #[test]

@@ -61,8 +61,14 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
     if props.is_empty() {
         out.push_str("  (none)\n");
     }
+    // Named types (enums, nested structs) live here; users see their values.
+    let defs = schema
+        .get("$defs")
+        .or_else(|| schema.get("definitions"))
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
     for (pname, p) in props {
-        let ty = type_name(p);
+        let ty = type_name(p, defs);
         let default = match p.get("default") {
             Some(d) => format!("default {d}"),
             None if required.contains(&pname.as_str()) => "required".into(),
@@ -84,8 +90,9 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// A short type name for a property schema.
-fn type_name(p: &Value) -> String {
+/// A short type name for a property schema: an enum's allowed values, a
+/// struct's fields in braces, never a Rust type name.
+fn type_name(p: &Value, defs: &serde_json::Map<String, Value>) -> String {
     if let Some(values) = p.get("enum").and_then(Value::as_array) {
         return values
             .iter()
@@ -98,13 +105,21 @@ fn type_name(p: &Value) -> String {
             .join("|");
     }
     if let Some(r) = p.get("$ref").and_then(Value::as_str) {
-        return r.rsplit('/').next().unwrap_or(r).to_string();
+        let name = r.rsplit('/').next().unwrap_or(r);
+        return match defs.get(name) {
+            Some(def) => type_name(def, defs),
+            None => name.to_string(),
+        };
+    }
+    if let Some(fields) = p.get("properties").and_then(Value::as_object) {
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        return format!("{{{}}}", names.join(", "));
     }
     for key in ["anyOf", "oneOf"] {
         if let Some(options) = p.get(key).and_then(Value::as_array) {
             return options
                 .iter()
-                .map(type_name)
+                .map(|o| type_name(o, defs))
                 .filter(|t| t != "null")
                 .collect::<Vec<_>>()
                 .join("|");
@@ -121,7 +136,7 @@ fn type_name(p: &Value) -> String {
             format!(
                 "list of {}",
                 p.get("items")
-                    .map(type_name)
+                    .map(|i| type_name(i, defs))
                     .unwrap_or_else(|| "any".into())
             )
         }
@@ -133,5 +148,28 @@ fn type_name(p: &Value) -> String {
             .collect::<Vec<_>>()
             .join("|"),
         _ => "any".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Users see the values an enum takes and a struct's fields, never the
+    /// Rust type behind them.
+    #[test]
+    fn enum_and_struct_params_show_their_values_not_rust_names() {
+        let text = describe("ppo").unwrap();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no `{name}` line in\n{text}"))
+                .to_string()
+        };
+        assert!(line("lr_schedule").contains("constant|linear"), "{}", line("lr_schedule"));
+        assert!(line("advantage").contains("gae|grpo|rloo"), "{}", line("advantage"));
+        assert!(line("kl_estimator").contains("k1|k2|k3"), "{}", line("kl_estimator"));
+        assert!(line("lora").contains("{") && line("lora").contains("rank"), "{}", line("lora"));
+        assert!(!text.contains("Ppo"), "a Rust type name leaked:\n{text}");
     }
 }

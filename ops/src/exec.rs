@@ -6,6 +6,11 @@
 //! Its inputs and output folder arrive in the environment; its stdout and
 //! stderr go to the run log line by line.
 //!
+//! It inherits the engine's whole environment, secrets included, unless
+//! `env:` lists the variables it may see. Neither the environment's values
+//! nor the folder it runs in are part of the stage's fingerprint (a secret
+//! must never end up in a cache key); the names in `env:` are.
+//!
 //! What protects the cache from the command (it may run as root, which file
 //! modes do not stop; the engine does this, see `src/engine/feed.rs`):
 //! - a FILE input from another stage is a private read-only copy in the
@@ -34,7 +39,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::Metrics;
-use crate::{Cancelled, OpDecl, OpParams, Outputs, ParamsDecl, Placement, StageContext};
+use crate::{
+    Cancelled, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, StageContext,
+};
 
 /// How often the child is polled for exit and the cancel flag checked.
 const POLL: Duration = Duration::from_millis(50);
@@ -50,7 +57,16 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 pub struct ExecParams {
     /// Shell command, run with `sh -c` in the manifest's folder.
     pub cmd: String,
+    /// The engine's environment variables the command may see (none given:
+    /// all of them). With a list it sees only these, the basics a shell
+    /// needs (PATH, HOME, USER, LANG, LC_ALL, TZ, TMPDIR) and its
+    /// ALIGNFLOW_* variables. Values never enter the fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
 }
+
+/// What a command run with an `env:` allow-list still sees.
+const BASIC_ENV: [&str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR"];
 
 /// The `exec` op.
 pub const OP: OpDecl = OpDecl {
@@ -64,7 +80,19 @@ pub const OP: OpDecl = OpDecl {
     conventions: &[],
 };
 
-impl OpParams for ExecParams {}
+impl OpParams for ExecParams {
+    fn check(&self) -> Result<(), ParamError> {
+        for name in self.env.iter().flatten() {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(ParamError::invalid(
+                    "env",
+                    format!("`{name}` is not an environment variable name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let params: ExecParams = ctx.params()?;
@@ -80,6 +108,14 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .stderr(Stdio::piped())
         .process_group(0);
     die_with_the_engine(&mut cmd);
+    if let Some(allowed) = &params.env {
+        cmd.env_clear();
+        for name in BASIC_ENV.iter().copied().chain(allowed.iter().map(String::as_str)) {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+    }
     for (name, path) in &spec.inputs {
         cmd.env(input_var(name), path);
     }
@@ -331,6 +367,32 @@ mod tests {
             std::fs::read_to_string(dir.path().join("out/a")).unwrap(),
             format!("s 42 {}\ninput text\n", cwd.display())
         );
+    }
+
+    #[test]
+    fn an_env_allow_list_hides_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        // The test process's own environment: HOME is there, and this
+        // variable plays a secret (no other test reads it).
+        std::env::set_var("ALIGNFLOW_TEST_SECRET_EXEC", "hunter2");
+        let cmd = r#"env > "$ALIGNFLOW_OUT/env""#;
+        let mut spec = exec_spec(dir.path(), cmd, &["env"]);
+        run(&OP, &spec).unwrap();
+        let all = std::fs::read_to_string(dir.path().join("out/env")).unwrap();
+        assert!(all.contains("ALIGNFLOW_TEST_SECRET_EXEC=hunter2"), "{all}");
+
+        spec.params = json!({"cmd": cmd, "env": ["HOME"]});
+        std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        run(&OP, &spec).unwrap();
+        let env = std::fs::read_to_string(dir.path().join("out/env")).unwrap();
+        assert!(!env.contains("hunter2"), "{env}");
+        assert!(env.contains("ALIGNFLOW_OUT="), "{env}");
+        assert!(env.contains("ALIGNFLOW_IN_MY_DATA_V2="), "{env}");
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+
+        let bad = OP.normalize_params(&json!({"cmd": "true", "env": ["A=B"]}));
+        assert_eq!(bad.unwrap_err().field, "env");
     }
 
     #[test]

@@ -227,6 +227,13 @@ pub struct PpoParams {
     /// on CPU.
     #[serde(default)]
     pub bf16: bool,
+    /// Dropout (the checkpoints' own rates) in the update's policy and value
+    /// forwards. Off by default, as TRL's PPO trainer: the rollout's
+    /// log-probs and values are always dropout-free (they are the sampling
+    /// policy's), and dropout in the update would make the ratio noisy. On,
+    /// the rollout's log-probs take their own no-grad passes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dropout: bool,
 }
 
 fn default_iterations() -> u64 {
@@ -242,6 +249,9 @@ fn is_one(n: &usize) -> bool {
 }
 fn is_true(b: &bool) -> bool {
     *b
+}
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 fn default_lr() -> f64 {
     1e-5
@@ -397,6 +407,6 @@ pub const OP: OpDecl = OpDecl {
         "policy loss: clipped surrogate, max(-A r, -A clip(r, 1 - eps, 1 + eps)), a masked mean over every response token of the minibatch",
         "value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), a masked mean over response tokens",
         "KL: per response token, k1 = log pi - log ref (or k2/k3 with `kl_estimator`), summed per response in the `kl` metric",
-        "dropout: off in every forward, rollout and update (as TRL's PPO trainer)",
+        "dropout: off (as TRL's PPO trainer); `dropout: true` turns the checkpoints' own on in the update's policy and value forwards, never in the rollout's",
     ],
 };

@@ -162,7 +162,7 @@ mod tests {
     }
 
     /// Dropout defaults follow TRL: the model's own for SFT, off for reward
-    /// modelling and DPO (and always off in PPO). Defaults that are today's behaviour stay out
+    /// modelling, DPO and PPO. Defaults that are today's behaviour stay out
     /// of the normalised params (unchanged fingerprints); the PM's new
     /// default is a change, so it is written (and the op version bumped).
     #[test]
@@ -178,12 +178,14 @@ mod tests {
             .normalize_params(&json!({"dropout": false}))
             .unwrap();
         assert_eq!(v["dropout"], json!(false));
-        // PPO trains dropout-free with no switch yet (its forwards stand in
-        // for the rollout's in the single pass).
-        assert!(find("ppo")
+        // PPO's default is off and left out of its params (unchanged
+        // fingerprints); turned on, it is written.
+        assert!(normalized("ppo").get("dropout").is_none());
+        let v = find("ppo")
             .unwrap()
             .normalize_params(&json!({"dropout": true}))
-            .is_err());
+            .unwrap();
+        assert_eq!(v["dropout"], json!(true));
     }
 
     /// Every training op states its conventions, dropout included, in

@@ -13,7 +13,7 @@ use super::error::{at, CacheError};
 use super::fsutil::ensure_dir;
 use super::objects::Objects;
 use super::seal::unseal_dirs;
-use super::tree::{parse_listing, walk_files};
+use super::tree::{parse_listing, walk_files, Links};
 use super::{ArtifactId, ArtifactKind};
 
 /// What is wrong with stored artifacts.
@@ -149,7 +149,7 @@ impl Objects {
             }
         }
         let listed: HashSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
-        for f in walk_files(&dir)? {
+        for f in walk_files(&dir, Links::Refuse)? {
             if !listed.contains(f.rel.as_str()) {
                 corrupt(
                     damage,

@@ -16,7 +16,7 @@ use super::locks::Locks;
 use super::objects::Objects;
 use super::records::{read_record_file, Records};
 use super::seal::remove_all;
-use super::tree::{parse_listing, walk_files};
+use super::tree::{parse_listing, walk_files, Links};
 use super::{ArtifactKind, Damage};
 
 #[derive(Debug, Default)]
@@ -333,7 +333,7 @@ impl Maintenance<'_> {
             }
         }
         let listed: HashSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
-        match walk_files(&dir) {
+        match walk_files(&dir, Links::Refuse) {
             Ok(files) => {
                 for f in files.iter().filter(|f| !listed.contains(f.rel.as_str())) {
                     problems.push(format!(

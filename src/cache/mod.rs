@@ -10,11 +10,13 @@
 //! - `tmp/`: staging folders (outputs of running stages), `logs/`: run logs,
 //!   `checkpoints/<fingerprint>/`: resumable state (removed when the record
 //!   commits), `hashes.json`: the hash cache.
+//! - `failures/<fingerprint>.json`: why the last run of a fingerprint
+//!   failed, until it commits (a hint for `plan` and `show`);
 //! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
 //!   stage's input check or `cache verify --repair`), kept for inspection.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
-// key, atomic, fsutil, seal, tree, hashcache; then objects (and integrity,
+// key, atomic, fsutil, seal, tree, hashcache, failures; then objects (and integrity,
 // its checks and quarantine), records (uses objects), locks; then
 // dependents (who uses an object), maintenance (verify, repair, gc: uses
 // all of them) and checkpoints (gc's part for checkpoint folders); store
@@ -24,6 +26,7 @@ mod atomic;
 mod checkpoints;
 mod dependents;
 mod error;
+mod failures;
 mod fsutil;
 mod hashcache;
 mod integrity;
@@ -38,6 +41,7 @@ mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
+pub use failures::FailureNote;
 pub use error::CacheError;
 pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};

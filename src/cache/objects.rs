@@ -11,7 +11,7 @@ use super::error::{at, CacheError};
 use super::fsutil::{ensure_dir, file_name, read_dir_sorted};
 use super::hashcache::HashCache;
 use super::seal::{remove_all, seal_dirs, SEALED_FILE};
-use super::tree::{is_hex64, is_lower_hex, listing, walk_files};
+use super::tree::{is_hex64, is_lower_hex, listing, walk_files, Links};
 use super::{ArtifactId, ArtifactKind};
 
 /// The blobs and trees of one cache root, and the hash cache of its inputs.
@@ -70,7 +70,7 @@ impl Objects {
             })
         } else if meta.is_dir() {
             let mut entries = Vec::new();
-            for f in walk_files(&abs)? {
+            for f in walk_files(&abs, Links::FollowToFiles)? {
                 let meta = fs::symlink_metadata(&f.path).map_err(at(&f.path))?;
                 let hash = self
                     .hashes
@@ -125,7 +125,7 @@ impl Objects {
             })
         } else if ft.is_dir() {
             // Walk first: a symlink anywhere fails before anything moves.
-            let files = walk_files(path)?;
+            let files = walk_files(path, Links::Refuse)?;
             let mut entries = Vec::with_capacity(files.len());
             for f in files {
                 let meta = fs::symlink_metadata(&f.path).map_err(at(&f.path))?;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::checkpoints::KEEP_MARKER;
 use super::error::{at, CacheError};
+use super::failures::{FailureNote, Failures};
 use super::fsutil::{checked_fp, ensure_dir};
 use super::locks::{Locks, StageLock};
 use super::maintenance::{GcReport, Maintenance, VerifyReport};
@@ -18,6 +19,7 @@ pub struct Cache {
     objects: Objects,
     records: Records,
     locks: Locks,
+    failures: Failures,
 }
 
 impl Cache {
@@ -32,6 +34,7 @@ impl Cache {
             objects: Objects::new(root.clone()),
             records: Records::new(&root),
             locks: Locks::new(&root),
+            failures: Failures::new(&root),
             root,
         })
     }
@@ -93,6 +96,21 @@ impl Cache {
     /// missing outputs.
     pub fn write_record(&self, record: &StageRecord) -> Result<(), CacheError> {
         self.records.write(record, &self.objects)
+    }
+
+    /// Notes that a run of `fp` failed (see [`FailureNote`]).
+    pub fn note_failure(&self, fp: &Fingerprint, note: &FailureNote) -> Result<(), CacheError> {
+        self.failures.note(fp, note)
+    }
+
+    /// The note of the last failed run of `fp`, if it has not committed since.
+    pub fn failure(&self, fp: &Fingerprint) -> Option<FailureNote> {
+        self.failures.get(fp)
+    }
+
+    /// Forgets `fp`'s failure (its record committed).
+    pub fn clear_failure(&self, fp: &Fingerprint) -> Result<(), CacheError> {
+        self.failures.clear(fp)
     }
 
     /// Every committed record (a corrupt one is skipped with a warning).

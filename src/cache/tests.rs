@@ -115,12 +115,38 @@ fn folder_id_ignores_creation_order_and_sees_one_byte() {
 }
 
 #[test]
-fn symlink_inside_a_folder_is_unsupported() {
+fn a_snapshot_folder_of_links_hashes_as_the_files_they_point_at() {
+    // As a Hugging Face cache snapshot: files are links into `blobs/`.
+    let (dir, cache) = cache();
+    let blobs = dir.path().join("blobs");
+    write(&blobs.join("1f2e"), b"{\"model_type\": \"gpt2\"}");
+    write(&blobs.join("9a8b"), b"weights");
+    let snap = dir.path().join("snapshots/abc");
+    fs::create_dir_all(snap.join("sub")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/1f2e", snap.join("config.json")).unwrap();
+    std::os::unix::fs::symlink("../../../blobs/9a8b", snap.join("sub/model.bin")).unwrap();
+    let plain = dir.path().join("plain");
+    write(&plain.join("config.json"), b"{\"model_type\": \"gpt2\"}");
+    write(&plain.join("sub/model.bin"), b"weights");
+    assert_eq!(
+        cache.hash_input(&snap, false).unwrap(),
+        cache.hash_input(&plain, false).unwrap()
+    );
+    // A link to a folder (it could loop) or a broken one is refused, named.
+    std::os::unix::fs::symlink("sub", snap.join("loop")).unwrap();
+    match cache.hash_input(&snap, false) {
+        Err(CacheError::Unsupported { path, .. }) => assert!(path.ends_with("abc/loop")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn symlink_inside_an_output_is_unsupported() {
     let (dir, cache) = cache();
     let a = dir.path().join("a");
     write(&a.join("x"), b"x");
     std::os::unix::fs::symlink("x", a.join("link")).unwrap();
-    match cache.hash_input(&a, false) {
+    match cache.ingest(&a) {
         Err(CacheError::Unsupported { path, .. }) => assert!(path.ends_with("a/link")),
         other => panic!("{other:?}"),
     }

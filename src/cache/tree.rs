@@ -11,9 +11,21 @@ pub(crate) struct TreeFile {
     pub path: PathBuf,
 }
 
+/// What a walk does with a symbolic link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Links {
+    /// An error: stage outputs and the store hold no links.
+    Refuse,
+    /// A link to a file stands for that file (its content is hashed): a
+    /// Hugging Face snapshot folder is links into `blobs/`. Links to
+    /// folders are still refused (they can loop).
+    FollowToFiles,
+}
+
 /// Every regular file under `root`, sorted by relative path. Empty folders
-/// are not part of a tree; symlinks and special files are unsupported.
-pub(crate) fn walk_files(root: &Path) -> Result<Vec<TreeFile>, CacheError> {
+/// are not part of a tree; special files are unsupported, and so are
+/// symlinks unless `links` follows them.
+pub(crate) fn walk_files(root: &Path, links: Links) -> Result<Vec<TreeFile>, CacheError> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((dir, prefix)) = stack.pop() {
@@ -34,10 +46,25 @@ pub(crate) fn walk_files(root: &Path) -> Result<Vec<TreeFile>, CacheError> {
             };
             let ft = entry.file_type().map_err(at(&path))?;
             if ft.is_symlink() {
-                return Err(CacheError::Unsupported {
-                    path,
-                    message: "symbolic links are not supported inside an artifact".into(),
-                });
+                let target = match links {
+                    Links::FollowToFiles => fs::canonicalize(&path)
+                        .ok()
+                        .filter(|t| t.is_file()),
+                    Links::Refuse => None,
+                };
+                let Some(target) = target else {
+                    let message = match links {
+                        Links::Refuse => "symbolic links are not supported inside an artifact",
+                        Links::FollowToFiles => {
+                            "a symbolic link to a folder, or a broken one, is not followed"
+                        }
+                    };
+                    return Err(CacheError::Unsupported {
+                        path,
+                        message: message.into(),
+                    });
+                };
+                out.push(TreeFile { rel, path: target });
             } else if ft.is_dir() {
                 stack.push((path, rel));
             } else if ft.is_file() {

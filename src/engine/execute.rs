@@ -13,7 +13,9 @@ use anyhow::Context;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{remove_all, ArtifactId, Cache, Fingerprint, StageKey, StageLock, StageRecord};
+use crate::cache::{
+    remove_all, ArtifactId, Cache, FailureNote, Fingerprint, StageKey, StageLock, StageRecord,
+};
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
 use crate::protocol::{Metrics, StageSpec};
@@ -102,8 +104,20 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
         blocking(move || check_store_inputs(&cache, &pipeline.stages[i], &key)).await?;
     }
-    let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
-    let record = commit(shared, stage, &key, &fp, staged).await?;
+    let ran = async {
+        let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
+        commit(shared, stage, &key, &fp, staged).await
+    };
+    let record = match ran.await {
+        Ok(record) => record,
+        Err(err) => {
+            note_failure(shared, stage, &fp, &err);
+            return Err(err);
+        }
+    };
+    if let Err(e) = shared.cache.clear_failure(&fp) {
+        tracing::warn!("stage `{}`: {e}", stage.id);
+    }
     // Still under the stage lock, so no other run is writing them.
     if let Err(e) = shared.cache.retire_checkpoints(&fp, stage.keep_checkpoints) {
         tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
@@ -126,6 +140,24 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         key,
         detail,
     })
+}
+
+/// Leaves a note that this fingerprint failed, for `plan` and `show`; a
+/// cancelled run did not fail.
+fn note_failure(shared: &Shared, stage: &Stage, fp: &Fingerprint, err: &Error) {
+    if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
+        return;
+    }
+    let note = FailureNote {
+        pipeline: shared.pipeline.name.clone(),
+        stage: stage.id.clone(),
+        at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        error: format!("{err:#}"),
+        log: shared.ui.log_path().map(PathBuf::from),
+    };
+    if let Err(e) = shared.cache.note_failure(fp, &note) {
+        tracing::warn!("stage `{}`: {e}", stage.id);
+    }
 }
 
 fn cached(record: StageRecord, key: StageKey, detail: &str) -> Finished {

@@ -119,8 +119,9 @@ fn describe(old: &Stat, new: &Stat) -> String {
     what.join(", ")
 }
 
-/// The stat of `root` ("") and of everything under it by relative path
-/// (symlinks not followed).
+/// The stat of `root` ("") and of everything under it by relative path;
+/// a link to a file is the file's stat (a snapshot folder's links stand
+/// for the blobs they point at, which is what the stage reads).
 fn stat_tree(root: &Path) -> io::Result<BTreeMap<String, Stat>> {
     let mut out = BTreeMap::new();
     let meta = fs::symlink_metadata(root)?;
@@ -138,7 +139,12 @@ fn stat_tree(root: &Path) -> io::Result<BTreeMap<String, Stat>> {
             } else {
                 format!("{prefix}/{name}")
             };
-            let meta = entry.metadata()?;
+            let mut meta = entry.metadata()?;
+            if meta.file_type().is_symlink() {
+                if let Ok(target) = fs::metadata(entry.path()) {
+                    meta = target;
+                }
+            }
             if meta.is_dir() {
                 stack.push((entry.path(), rel.clone()));
             }

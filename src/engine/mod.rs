@@ -6,6 +6,7 @@ mod error;
 mod execute;
 mod feed;
 mod gpus;
+mod history;
 mod input_guard;
 mod lockfile;
 mod options;
@@ -22,8 +23,8 @@ pub use error::Error;
 pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileError};
 pub use options::RunOptions;
 pub use plan::{
-    explain, locked_diff, plan, stage_key, stage_seed, Action, Plan, PlanContext, PlanRow,
-    PlannedStage,
+    explain, locked_diff, missing_path_inputs, plan, stage_key, stage_seed, Action, Plan,
+    PlanContext, PlanRow, PlannedStage,
 };
 pub use run::run;
 pub use summary::{RunSummary, StageResult, StageStatus};

@@ -14,6 +14,7 @@ use crate::graph::Dag;
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::OpDecl;
 
+use super::history::History;
 use super::lockfile::{LockedStage, Lockfile};
 use super::Error;
 
@@ -124,30 +125,62 @@ pub fn hash_path_inputs(
     rehash: bool,
 ) -> anyhow::Result<BTreeMap<String, ArtifactId>> {
     let mut ids = BTreeMap::new();
-    for (name, input) in &stage.inputs {
-        if let Input::Path {
+    for (name, path, written, location) in path_inputs(stage) {
+        if !path.exists() {
+            anyhow::bail!(missing_input(stage, name, written, location, path));
+        }
+        let id = cache.hash_input(path, rehash).map_err(|e| {
+            anyhow::anyhow!(
+                "{location}: stage `{}`, field `inputs.{name}`: {e}",
+                stage.id
+            )
+        })?;
+        ids.insert(name.clone(), id);
+    }
+    Ok(ids)
+}
+
+/// Every path input of `pipeline` that does not exist, as the error a run
+/// would give for it (`alignflow validate` names them all up front).
+pub fn missing_path_inputs(pipeline: &Pipeline) -> Vec<String> {
+    let mut missing = Vec::new();
+    for stage in &pipeline.stages {
+        for (name, path, written, location) in path_inputs(stage) {
+            if !path.exists() {
+                missing.push(missing_input(stage, name, written, location, path));
+            }
+        }
+    }
+    missing
+}
+
+/// A stage's file and folder inputs: name, resolved path, the path as
+/// written, and where it was written.
+fn path_inputs(
+    stage: &Stage,
+) -> impl Iterator<Item = (&String, &std::path::PathBuf, &str, &crate::manifest::Location)> {
+    stage.inputs.iter().filter_map(|(name, input)| match input {
+        Input::Path {
             path,
             written,
             location,
-        } = input
-        {
-            if !path.exists() {
-                anyhow::bail!(
-                    "{location}: stage `{}`, field `inputs.{name}`: `{written}` does not exist ({})",
-                    stage.id,
-                    path.display()
-                );
-            }
-            let id = cache.hash_input(path, rehash).map_err(|e| {
-                anyhow::anyhow!(
-                    "{location}: stage `{}`, field `inputs.{name}`: {e}",
-                    stage.id
-                )
-            })?;
-            ids.insert(name.clone(), id);
-        }
-    }
-    Ok(ids)
+        } => Some((name, path, written.as_str(), location)),
+        Input::Stage { .. } => None,
+    })
+}
+
+fn missing_input(
+    stage: &Stage,
+    name: &str,
+    written: &str,
+    location: &crate::manifest::Location,
+    path: &std::path::Path,
+) -> String {
+    format!(
+        "{location}: stage `{}`, field `inputs.{name}`: `{written}` does not exist ({})",
+        stage.id,
+        path.display()
+    )
 }
 
 /// Plans the `selected` stages.
@@ -155,10 +188,11 @@ pub fn plan(ctx: &PlanContext<'_>, selected: &BTreeSet<usize>) -> Result<Plan, E
     // Outputs known now, per stage index: cached stages, and under --locked
     // the lockfile's outputs of stages that must run.
     let mut known: BTreeMap<usize, BTreeMap<String, ArtifactId>> = BTreeMap::new();
+    let history = History::new(ctx.cache);
     let mut out = Vec::new();
     for &i in ctx.dag.order() {
         if selected.contains(&i) {
-            out.push(plan_stage(ctx, i, &mut known)?);
+            out.push(plan_stage(ctx, &history, i, &mut known)?);
         }
     }
     Ok(Plan { stages: out })
@@ -167,6 +201,7 @@ pub fn plan(ctx: &PlanContext<'_>, selected: &BTreeSet<usize>) -> Result<Plan, E
 /// Plans stage `i`, adding its outputs to `known` when they are known now.
 fn plan_stage(
     ctx: &PlanContext<'_>,
+    history: &History<'_>,
     i: usize,
     known: &mut BTreeMap<usize, BTreeMap<String, ArtifactId>>,
 ) -> Result<PlannedStage, Error> {
@@ -214,9 +249,12 @@ fn plan_stage(
         });
     }
     let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
-    let reason = match previous {
-        None => "never run".to_string(),
-        Some(prev) => explain(pipeline, stage, prev, &key),
+    let reason = match (ctx.cache.failure(&fingerprint), previous) {
+        (Some(note), _) => failed_reason(&note),
+        (None, Some(prev)) => explain(pipeline, stage, prev, &key),
+        (None, None) => history
+            .reason(pipeline, stage, &key)
+            .unwrap_or_else(|| "never run".to_string()),
     };
     if ctx.locked {
         if let Some(prev) = previous.filter(|p| p.fingerprint == fingerprint) {
@@ -232,6 +270,17 @@ fn plan_stage(
         fingerprint: Some(fingerprint),
         outputs: None,
     })
+}
+
+/// A stage whose last run with these inputs failed: when, and why.
+fn failed_reason(note: &crate::cache::FailureNote) -> String {
+    let first_line = note.error.lines().next().unwrap_or_default();
+    let log = note
+        .log
+        .as_ref()
+        .map(|l| format!(" (log: {})", l.display()))
+        .unwrap_or_default();
+    format!("last run failed at {}: {first_line}{log}", note.at)
 }
 
 /// Why `key` differs from what the lockfile recorded for the stage.

@@ -223,7 +223,18 @@ impl Scheduler<'_> {
             Err(Error::Cancelled) => (StageStatus::Cancelled, Error::Cancelled.to_string()),
             Err(failure) => {
                 let message = failure.to_string();
-                shared.ui.shout(&format!("FAILED  {id}: {message}"));
+                // The line names the stage: its error need not again.
+                let shown = message
+                    .strip_prefix(&format!("stage `{id}`: "))
+                    .unwrap_or(&message);
+                // Live, as it happens; `--quiet` keeps only the final table
+                // (and the log), so the error is not printed twice.
+                let line = format!("FAILED  {id}: {shown}");
+                if shared.options.quiet {
+                    shared.ui.log(&line);
+                } else {
+                    shared.ui.shout(&line);
+                }
                 if shared.options.fail_fast {
                     shared.cancel.cancel();
                 }

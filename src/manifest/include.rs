@@ -48,10 +48,25 @@ fn load_file(
         names.push(show(file));
         return Err(read_error(format!("include cycle: {}", names.join(" -> "))));
     }
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let bytes =
+        std::fs::read(file).map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let text = String::from_utf8(bytes).map_err(|e| not_utf8(file, &e))?;
 
-    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| syntax_error(file, &e))?;
+    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
+        // serde_yaml places a duplicate key at its mapping; the index
+        // finds the key itself.
+        match Locs::index(file, &text) {
+            Err((location, message)) if message.starts_with("duplicate key") => ManifestError {
+                file: location.file.clone(),
+                location: Some(location),
+                stage: None,
+                field: None,
+                message: format!("invalid YAML: {message}"),
+                suggestion: None,
+            },
+            _ => syntax_error(file, &e),
+        }
+    })?;
     let locs = Locs::index(file, &text).map_err(|(location, message)| ManifestError {
         file: location.file.clone(),
         location: Some(location),
@@ -177,6 +192,27 @@ pub(crate) fn key_text(k: &Value) -> String {
 
 pub(crate) fn kp(parts: &[&str]) -> KeyPath {
     parts.iter().map(|s| s.to_string()).collect()
+}
+
+/// A manifest that is not UTF-8, located at its first bad byte.
+fn not_utf8(file: &Path, e: &std::string::FromUtf8Error) -> ManifestError {
+    let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+    let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+    let bad = e.as_bytes()[good.len()];
+    ManifestError {
+        file: file.to_path_buf(),
+        location: Some(Location {
+            file: file.to_path_buf(),
+            line,
+            column,
+        }),
+        stage: None,
+        field: None,
+        message: format!("not UTF-8: byte 0x{bad:02X} (manifests are UTF-8 text; re-save it as UTF-8)"),
+        suggestion: None,
+    }
 }
 
 fn syntax_error(file: &Path, e: &serde_yaml::Error) -> ManifestError {

@@ -40,6 +40,7 @@ impl Locs {
             file,
             locs: Locs::default(),
             stack: Vec::new(),
+            duplicate: None,
         };
         let root = Location {
             file: file.to_path_buf(),
@@ -57,6 +58,18 @@ impl Locs {
         parser
             .load(&mut builder, false)
             .map_err(|e| (location(file, e.marker()), e.info().to_string()))?;
+        if let Some((path, first, again)) = builder.duplicate {
+            let (key, parent) = path.split_last().expect("a key path has its key");
+            let within = match parent {
+                [] => String::new(),
+                p => format!(" in `{}`", p.join(".")),
+            };
+            let message = format!(
+                "duplicate key `{key}`{within} (first at line {})",
+                first.line
+            );
+            return Err((again, message));
+        }
         Ok(builder.locs)
     }
 
@@ -130,6 +143,9 @@ struct Builder<'a> {
     file: &'a Path,
     locs: Locs,
     stack: Vec<Frame>,
+    /// The first key written twice in one mapping: its path, where it was
+    /// first written and where again.
+    duplicate: Option<(KeyPath, Location, Location)>,
 }
 
 impl Builder<'_> {
@@ -190,6 +206,11 @@ impl Builder<'_> {
                     let mut p = path.clone();
                     p.push(text.clone());
                     *key = Some(text.clone());
+                    if let Some(first) = self.locs.spots.get(&p) {
+                        if self.duplicate.is_none() {
+                            self.duplicate = Some((p.clone(), first.key.clone(), loc.clone()));
+                        }
+                    }
                     // A block mapping's start marker sits after its first
                     // key: the mapping's value starts at that key instead.
                     if let Some(spot) = self.locs.spots.get_mut(&parent) {

@@ -58,6 +58,7 @@ pub(crate) fn load_with(
         by_key: &expanded.by_key,
         keys: &expanded.keys,
         params: &params,
+        sets: &options.sets,
     };
     let stages = expanded
         .insts
@@ -105,6 +106,8 @@ struct World<'a> {
     by_key: &'a HashMap<&'a str, Vec<usize>>,
     keys: &'a BTreeMap<&'a str, (&'a OpDecl, &'a StageDef, Vec<String>)>,
     params: &'a BTreeMap<String, Json>,
+    /// `--set` overrides, as (`params.NAME`, `VALUE`).
+    sets: &'a [(String, String)],
 }
 
 struct Cx<'a> {
@@ -296,8 +299,20 @@ impl<'a> Cx<'a> {
                 obj.insert(name.clone(), v.clone());
             }
         }
-        op.normalize_params(&Json::Object(obj))
-            .map_err(|e| self.param_error(inst, e))
+        op.normalize_params(&Json::Object(obj)).map_err(|mut e| {
+            // A bad value that came from the command line is blamed on it,
+            // not only on the manifest line that reads it.
+            let first = e.field.split('.').next().unwrap_or_default();
+            let from: Vec<String> = def
+                .params
+                .get(first)
+                .map(|v| sets_read(v, world.sets))
+                .unwrap_or_default();
+            if !from.is_empty() {
+                e.message = format!("{} (the value comes from {})", e.message, from.join(", "));
+            }
+            self.param_error(inst, e)
+        })
     }
 
     /// The value at `path`, else the key of its nearest written ancestor.
@@ -371,7 +386,10 @@ impl<'a> Cx<'a> {
             let s = nearest(name, params.keys().map(String::as_str)).map(|s| format!("params.{s}"));
             return Err(self.error(loc, None, Some(key), msg, s));
         }
-        params.insert(name.to_string(), parse_scalar(value));
+        let parsed = parse_set_value(value).map_err(|why| {
+            self.error(loc, None, Some(key), format!("--set `{key}={value}`: {why}"), None)
+        })?;
+        params.insert(name.to_string(), parsed);
         Ok(())
     }
 
@@ -895,16 +913,25 @@ fn valid_device(d: &str) -> bool {
     }
 }
 
-/// A `--set` value: a YAML scalar (`1e-4` a float, `3` an int, `true` a
-/// bool); anything else is taken as text.
-pub(super) fn parse_scalar(value: &str) -> Json {
+/// The `--set` overrides a written param value reads (`${params.NAME}`),
+/// as `--set params.NAME=VALUE`.
+fn sets_read(value: &Json, sets: &[(String, String)]) -> Vec<String> {
+    let text = value.to_string();
+    sets.iter()
+        .filter(|(key, _)| text.contains(&format!("${{{key}}}")))
+        .map(|(key, v)| format!("`--set {key}={v}`"))
+        .collect()
+}
+
+/// A `--set` value, typed as YAML: `1e-4` a float, `3` an int, `true` a
+/// bool, `[1, 2]` a list, `{a: 1}` a mapping, other text a string. Text
+/// that is not valid YAML (`[1, 2`) is an error, never a silent string.
+pub(super) fn parse_set_value(value: &str) -> Result<Json, String> {
     if value.is_empty() {
-        return Json::String(String::new());
+        return Ok(Json::String(String::new()));
     }
-    match serde_yaml::from_str::<Yaml>(value) {
-        Ok(v @ (Yaml::Null | Yaml::Bool(_) | Yaml::Number(_) | Yaml::String(_))) => {
-            serde_yaml::from_value(v).unwrap_or_else(|_| Json::String(value.to_string()))
-        }
-        _ => Json::String(value.to_string()),
-    }
+    let yaml = serde_yaml::from_str::<Yaml>(value).map_err(|e| {
+        format!("not valid YAML ({e}); quote it to pass it as text: --set 'params.NAME=\"...\"'")
+    })?;
+    serde_json::to_value(&yaml).map_err(|e| format!("not representable as JSON ({e})"))
 }

@@ -103,6 +103,33 @@ fn yaml_syntax_error_is_located() {
 }
 
 #[test]
+fn a_duplicate_key_is_located_at_the_duplicate() {
+    let d = Dir::new();
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  s:\n    op: exec\n    outputs: [o]\n    params: {cmd: x}\n    outputs: [p]\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:5: invalid YAML: duplicate key `outputs` in `stages.s` (first at line 6)"
+    );
+}
+
+#[test]
+fn a_manifest_that_is_not_utf8_is_located_at_the_bad_byte() {
+    let d = Dir::new();
+    std::fs::write(
+        d.path().join("p.yaml"),
+        b"version: 1\nname: t\nstages:\n  s: {cmd: \"\xc3\xa9\xff\"}\n",
+    )
+    .unwrap();
+    let err = d.load("p.yaml").unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:14: not UTF-8: byte 0xFF (manifests are UTF-8 text; re-save it as UTF-8)"
+    );
+}
+
+#[test]
 fn plain_pipeline() {
     let d = Dir::new();
     let p = d
@@ -283,10 +310,28 @@ fn set_overrides_with_types() {
         p.stage("s").unwrap().params,
         json!({"lr": 0.0001, "kl_coef": 0.0, "epochs": 3})
     );
-    assert_eq!(super::resolve::parse_scalar("true"), json!(true));
-    assert_eq!(
-        super::resolve::parse_scalar("hello world"),
-        json!("hello world")
+    let parse = super::resolve::parse_set_value;
+    assert_eq!(parse("true"), Ok(json!(true)));
+    assert_eq!(parse("hello world"), Ok(json!("hello world")));
+    assert_eq!(parse("[1, 2]"), Ok(json!([1, 2])));
+    assert_eq!(parse("'[1, 2'"), Ok(json!("[1, 2")));
+}
+
+#[test]
+fn set_values_that_are_not_yaml_or_do_not_fit_are_blamed_on_set() {
+    let d = Dir::new();
+    d.write("p.yaml", SET);
+    let err = d.load_sets("p.yaml", &[("params.lr", "[1, 2")]).unwrap_err();
+    assert!(
+        err.starts_with("p.yaml:3:1: field `params.lr`: --set `params.lr=[1, 2`: not valid YAML ("),
+        "{err}"
+    );
+    assert!(err.contains("quote it to pass it as text"), "{err}");
+    let err = d.load_sets("p.yaml", &[("params.lr", "fast")]).unwrap_err();
+    assert!(err.contains("stage `s`, field `params.lr`"), "{err}");
+    assert!(
+        err.ends_with("(the value comes from `--set params.lr=fast`)"),
+        "{err}"
     );
 }
 

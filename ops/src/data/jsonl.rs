@@ -55,7 +55,10 @@ pub fn read_jsonl<T: DeserializeOwned>(
     Ok(JsonlReader::new(read_lines(path)?))
 }
 
-/// The non-blank lines of a reader, as bytes without their `\n`.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The non-blank lines of a reader, as bytes without their `\n` (and
+/// without a UTF-8 byte-order mark at the start).
 pub struct RawLines<R> {
     reader: R,
     line: usize,
@@ -84,6 +87,11 @@ impl<R: BufRead> Iterator for RawLines<R> {
                 Ok(_) => {
                     if buf.last() == Some(&b'\n') {
                         buf.pop();
+                    }
+                    // Windows editors start UTF-8 files with a byte-order
+                    // mark; left in, it made line 1 a bad JSON line.
+                    if self.line == 1 && buf.starts_with(UTF8_BOM) {
+                        buf.drain(..UTF8_BOM.len());
                     }
                     if buf.iter().all(u8::is_ascii_whitespace) {
                         continue;
@@ -208,6 +216,17 @@ mod tests {
             lines,
             vec![(1, b"a".to_vec()), (4, b"b\r".to_vec()), (5, b"c".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_spoil_line_one() {
+        let text = b"\xEF\xBB\xBF{\"prompt\": \"hi\"}\n{\"prompt\": \"\xEF\xBB\xBFyo\"}\n";
+        let items: Vec<(usize, Result<PromptRecord, LineError>)> =
+            JsonlReader::new(RawLines::new(&text[..])).collect();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].1.as_ref().unwrap().prompt, "hi");
+        // Only the file's first bytes are a mark; inside a line it is text.
+        assert_eq!(items[1].1.as_ref().unwrap().prompt, "\u{feff}yo");
     }
 
     #[test]

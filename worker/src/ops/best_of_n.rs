@@ -15,7 +15,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{BestOfNParams, StageContext};
 
 use super::load::{self, shared_positions};
-use super::prompts::{read_prompts, Prompt, PromptSource};
+use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
 use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
 use super::scoring::pm_score_answers;
 use crate::model::sample::{generate, SamplingConfig};
@@ -49,7 +49,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             field: &p.prompt_field,
             template: &p.template,
             limit: p.limit,
-            budget: (max_positions - p.max_new_tokens) as usize,
+            budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
         },
         &tokenizer,
     )?;
@@ -93,7 +93,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         ctx.output("report"),
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
-    Ok(report.metrics())
+    let mut metrics = report.metrics();
+    metrics.insert("truncated_prompts".into(), truncated(&prompts).into());
+    Ok(metrics)
 }
 
 /// Per prompt, its `n` answers by sample index.

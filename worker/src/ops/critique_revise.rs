@@ -47,7 +47,7 @@ impl Generator<'_> {
         ctx: &StageContext<'_>,
         texts: &[String],
         phase: u64,
-        new_tokens: &mut usize,
+        counts: &mut Counts,
     ) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::with_capacity(texts.len());
         for (chunk_index, chunk) in texts.chunks(self.batch_size).enumerate() {
@@ -55,7 +55,9 @@ impl Generator<'_> {
             let mut batch = Vec::with_capacity(chunk.len());
             for text in chunk {
                 let mut ids = self.tokenizer.encode(text)?;
-                ids.drain(..ids.len().saturating_sub(self.budget));
+                let cut = ids.len().saturating_sub(self.budget);
+                ids.drain(..cut);
+                counts.truncated_prompts += usize::from(cut > 0);
                 batch.push(ids);
             }
             let stop = |_: usize, toks: &[i64]| -> bool {
@@ -69,7 +71,7 @@ impl Generator<'_> {
                 ..self.cfg.clone()
             };
             for sample in generate(&self.model.lm, &batch, &cfg, self.device, stop) {
-                *new_tokens += sample.tokens.len();
+                counts.new_tokens += sample.tokens.len();
                 out.push(cut_at_stop(&decode_answer(self.tokenizer, &sample)?));
             }
         }
@@ -89,6 +91,8 @@ fn splitmix(x: u64) -> u64 {
 #[derive(Default)]
 struct Counts {
     new_tokens: usize,
+    /// Critique and revision requests that lost their beginning.
+    truncated_prompts: usize,
     empty_revisions: usize,
 }
 
@@ -122,7 +126,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         },
         device,
         batch_size: p.batch_size.max(1),
-        budget: (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize,
+        budget: load::prompt_budget(&stage, model.lm.cfg.max_positions, p.max_new_tokens)?,
     };
 
     let start = std::time::Instant::now();
@@ -150,6 +154,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     m.insert("records".into(), items.len().into());
     m.insert("rounds".into(), p.rounds.into());
     m.insert("new_tokens".into(), counts.new_tokens.into());
+    m.insert("truncated_prompts".into(), counts.truncated_prompts.into());
     m.insert("empty_revisions".into(), counts.empty_revisions.into());
     m.insert(
         "tokens_per_s".into(),
@@ -220,7 +225,7 @@ fn revise_once(
             )
         })
         .collect();
-    let critiques = generator.run(ctx, &texts, 2 * round as u64, &mut counts.new_tokens)?;
+    let critiques = generator.run(ctx, &texts, 2 * round as u64, counts)?;
     let texts: Vec<String> = items
         .iter()
         .zip(&critiques)
@@ -234,7 +239,7 @@ fn revise_once(
             )
         })
         .collect();
-    let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, &mut counts.new_tokens)?;
+    let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, counts)?;
     for ((it, critique), revision) in items.iter_mut().zip(critiques).zip(revisions) {
         // An empty revision is recorded in the trail but does not
         // replace the answer: it would be a useless SFT target.

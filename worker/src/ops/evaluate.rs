@@ -32,7 +32,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{EvaluateParams, OpParams, StageContext};
 
 use super::load::{self, eos_id, shared_positions};
-use super::prompts::{read_prompts, Prompt, PromptSource};
+use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
 use super::rollout::Rollout;
 use super::sampling::{batch_seed, decode_answer, sampling_config};
 use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
@@ -97,7 +97,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             field: &p.prompt_field,
             template: &p.template,
             limit: p.limit,
-            budget: (max_positions - p.max_new_tokens) as usize,
+            budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
         },
         &tokenizer,
     )?;
@@ -157,7 +157,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         serde_json::to_string_pretty(&report)? + "\n",
     )?;
     std::fs::write(ctx.output("report_md"), report.markdown())?;
-    Ok(report.metrics())
+    let mut metrics = report.metrics();
+    metrics.insert("truncated_prompts".into(), truncated(&prompts).into());
+    Ok(metrics)
 }
 
 /// Phase (2): the PM's report and its `(policy, reference)` scores.
@@ -401,7 +403,7 @@ fn sequence_kl(
         let ro = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
         let rmask = ro.scored_mask(eos);
         let logprobs =
-            |m: &Model| response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature).0;
+            |m: &Model| response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature, false).0;
         let (lp, lr) = (logprobs(policy), logprobs(reference));
         let kl = kl_per_token(&lp, &lr, KlEstimator::K1);
         let per_row = masked_sum(&kl.to_kind(Kind::Double), &rmask, Some(1));

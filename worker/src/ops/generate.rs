@@ -1,24 +1,16 @@
 //! `generate`: `n` sampled responses per prompt, batched, with the
 //! log-probability of every token (the model's, at temperature 1).
 
-use anyhow::Context;
-
-use alignflow_ops::data::{read_jsonl, JsonlWriter};
+use alignflow_ops::data::JsonlWriter;
 use alignflow_ops::protocol::Metrics;
-use alignflow_ops::text::{apply_template, Tokenizer};
+use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{GenerateParams, StageContext};
 
 use super::load;
+use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
 use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
 use crate::model;
 use crate::model::sample::{generate, Finish, Sample, SamplingConfig};
-
-/// One prompt: the prompt field, the text fed to the model, its tokens.
-struct Prompt {
-    raw: String,
-    text: String,
-    ids: Vec<i64>,
-}
 
 /// What was sampled, for the metrics.
 #[derive(Default)]
@@ -38,8 +30,17 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         seed: ctx.spec.seed,
         ..sampling_config(&tokenizer, &model, p.max_new_tokens, p.temperature)
     };
-    let budget = (model.lm.cfg.max_positions - p.max_new_tokens).max(1) as usize;
-    let prompts = read_prompts(ctx, &p, &tokenizer, budget)?;
+    let budget = load::prompt_budget(&ctx.spec.stage, model.lm.cfg.max_positions, p.max_new_tokens)?;
+    let prompts = read_prompts(
+        ctx,
+        &PromptSource {
+            field: &p.prompt_field,
+            template: &p.template,
+            limit: None,
+            budget,
+        },
+        &tokenizer,
+    )?;
     // Rows: each prompt `n` times, in order.
     let rows: Vec<(usize, usize)> = (0..prompts.len())
         .flat_map(|i| (0..p.n).map(move |s| (i, s)))
@@ -73,6 +74,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let secs = start.elapsed().as_secs_f64();
     let mut m = Metrics::new();
     m.insert("responses".into(), rows.len().into());
+    m.insert("truncated_prompts".into(), truncated(&prompts).into());
     m.insert("new_tokens".into(), counts.new_tokens.into());
     m.insert(
         "eos_fraction".into(),
@@ -83,47 +85,6 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         serde_json::json!(counts.new_tokens as f64 / secs.max(1e-9)),
     );
     Ok(m)
-}
-
-/// Reads the `prompts` input: each record's prompt field through the
-/// template, tokenized, over-long prompts keeping their end (which the
-/// response continues).
-fn read_prompts(
-    ctx: &StageContext<'_>,
-    p: &GenerateParams,
-    tokenizer: &Tokenizer,
-    budget: usize,
-) -> anyhow::Result<Vec<Prompt>> {
-    let path = ctx.input("prompts")?;
-    let mut prompts = Vec::new();
-    for (line, record) in read_jsonl::<serde_json::Value>(path)? {
-        let record = record.map_err(|e| {
-            anyhow::anyhow!("stage `{}`: {}:{line}: {e}", ctx.spec.stage, path.display())
-        })?;
-        let prompt = record[&p.prompt_field].as_str().with_context(|| {
-            format!(
-                "stage `{}`: {}:{line}: no string field `{}`",
-                ctx.spec.stage,
-                path.display(),
-                p.prompt_field
-            )
-        })?;
-        let text = apply_template(&p.template, prompt);
-        let mut ids = tokenizer.encode(&text)?;
-        ids.drain(..ids.len().saturating_sub(budget));
-        anyhow::ensure!(
-            !ids.is_empty(),
-            "stage `{}`: {}:{line}: empty prompt",
-            ctx.spec.stage,
-            path.display()
-        );
-        prompts.push(Prompt {
-            raw: prompt.to_string(),
-            text,
-            ids,
-        });
-    }
-    Ok(prompts)
 }
 
 /// The `responses` record of sample `s` of prompt `i`.

@@ -92,11 +92,25 @@ pub(crate) fn shared_positions(
         );
         max_positions = max_positions.min(cfg.max_positions);
     }
+    prompt_budget(stage, max_positions, max_new_tokens)?;
+    Ok(max_positions)
+}
+
+/// Tokens a prompt may keep when `max_new_tokens` follow it within
+/// `max_positions`. Checked before anything is sampled: a budget of zero
+/// would otherwise fail (or panic in the position embedding) only after
+/// the stage's work.
+pub(crate) fn prompt_budget(
+    stage: &str,
+    max_positions: i64,
+    max_new_tokens: i64,
+) -> anyhow::Result<usize> {
     anyhow::ensure!(
         max_new_tokens < max_positions,
-        "stage `{stage}`: params.max_new_tokens {max_new_tokens} leaves no room for a prompt in {max_positions} positions"
+        "stage `{stage}`, field `params.max_new_tokens`: {max_new_tokens} new tokens leave no room for a prompt in the model's {max_positions} positions (at most {})",
+        max_positions - 1
     );
-    Ok(max_positions)
+    Ok((max_positions - max_new_tokens) as usize)
 }
 
 /// Whether two model folders share a tokenizer: equal `tokenizer.json`

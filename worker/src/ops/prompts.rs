@@ -1,7 +1,9 @@
-//! A stage's `prompts` input as the sampling ops read it (ppo,
+//! A stage's `prompts` input as the sampling ops read it (generate, ppo,
 //! baseline_scores, evaluate, best_of_n): the prompt field of each JSONL
 //! record, put through the template and tokenized, each prompt keeping its
-//! end within a token budget (the answer continues the end).
+//! end within a token budget (the answer continues the end). Prompts cut
+//! that way are flagged, logged, and counted in the ops' metrics as
+//! `truncated_prompts`.
 
 use anyhow::Context;
 
@@ -18,6 +20,8 @@ pub(crate) struct Prompt {
     pub text: String,
     /// `text` tokenized, cut from the left to the budget.
     pub ids: Vec<i64>,
+    /// `text` had more tokens than the budget and lost its beginning.
+    pub truncated: bool,
 }
 
 /// How to read them.
@@ -57,7 +61,8 @@ pub(crate) fn read_prompts(
         })?;
         let text = apply_template(source.template, raw);
         let mut ids = tokenizer.encode(&text)?;
-        ids.drain(..ids.len().saturating_sub(source.budget));
+        let cut = ids.len().saturating_sub(source.budget);
+        ids.drain(..cut);
         anyhow::ensure!(
             !ids.is_empty(),
             "stage `{stage}`: {}:{line}: empty prompt",
@@ -67,6 +72,7 @@ pub(crate) fn read_prompts(
             raw: raw.to_string(),
             text,
             ids,
+            truncated: cut > 0,
         });
     }
     anyhow::ensure!(
@@ -74,5 +80,19 @@ pub(crate) fn read_prompts(
         "stage `{stage}`: no prompts in {}",
         path.display()
     );
+    let cut = truncated(&prompts);
+    if cut > 0 {
+        tracing::warn!(
+            "stage `{stage}`: {cut} of {} prompts have more than {} tokens and keep only their last {}",
+            prompts.len(),
+            source.budget,
+            source.budget
+        );
+    }
     Ok(prompts)
+}
+
+/// How many of `prompts` lost their beginning to the budget.
+pub(crate) fn truncated(prompts: &[Prompt]) -> usize {
+    prompts.iter().filter(|p| p.truncated).count()
 }

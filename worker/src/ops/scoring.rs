@@ -18,7 +18,8 @@ use crate::model::sample::left_pad;
 use crate::model::{Keep, Model, Transformer};
 
 /// Policy log-probs of the response tokens of `ids`, and of every token of
-/// the vocabulary at those positions (for the entropy).
+/// the vocabulary at those positions (for the entropy); with `train`, the
+/// forward has the model's dropout.
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
@@ -29,10 +30,11 @@ pub fn response_logprobs(
     resp: &Tensor,
     p_len: i64,
     temperature: f64,
+    train: bool,
 ) -> (Tensor, Tensor) {
     let r = resp.size()[1];
     let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
+        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), train);
     let mut logits = m.lm.logits(&hidden).to_kind(Kind::Float);
     if temperature > 0.0 && temperature != 1.0 {
         logits /= temperature;
@@ -51,13 +53,21 @@ fn before_each_response_token(p_len: i64, r: i64) -> Keep {
     }
 }
 
-/// Values of the states before each response token.
+/// Values of the states before each response token (`train`: with the
+/// model's dropout).
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]` -> `[b, r]`.
-pub fn response_values(m: &Model, ids: &Tensor, mask: &Tensor, p_len: i64, r: i64) -> Tensor {
+pub fn response_values(
+    m: &Model,
+    ids: &Tensor,
+    mask: &Tensor,
+    p_len: i64,
+    r: i64,
+    train: bool,
+) -> Tensor {
     let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), false);
+        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), train);
     m.value
         .as_ref()
         .expect("value head")

@@ -179,16 +179,16 @@ fn rollout_forwards(
                     f.values.as_ref().map(|v| v.detach() * rmask),
                 ),
                 None => (
-                    response_logprobs(&models.policy, ids, mask, resp, p_len, s.params.temperature)
+                    response_logprobs(&models.policy, ids, mask, resp, p_len, s.params.temperature, false)
                         .0,
                     models
                         .critic
                         .as_ref()
-                        .map(|c| response_values(c, ids, mask, p_len, r) * rmask),
+                        .map(|c| response_values(c, ids, mask, p_len, r, false) * rmask),
                 ),
             };
             let rf = models.reference.with(&models.policy, |m| {
-                response_logprobs(m, ids, mask, resp, p_len, s.params.temperature).0
+                response_logprobs(m, ids, mask, resp, p_len, s.params.temperature, false).0
             });
             let sc = models
                 .rewards

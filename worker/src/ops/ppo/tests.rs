@@ -24,6 +24,8 @@ struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
     policy: PathBuf,
+    /// The same weights as `policy`, with GPT-2's dropout of 0.1 in its config.
+    policy_dropout: PathBuf,
     pm: PathBuf,
     prompts: PathBuf,
 }
@@ -59,9 +61,11 @@ fn fixture() -> Fixture {
     let tokenizer = Tokenizer::from_dir(&tok_dir).unwrap();
     let vocab = tokenizer.vocab_size() as i64;
     let eos = tokenizer.eos_id.map(i64::from).unwrap_or(0);
-    let cfg =
-        ModelConfig::from_json(ModelConfig::gpt2_json(vocab, 48, 32, 2, 2, eos, 0.0)).unwrap();
-    let save = |name: &str, head: Head, seed: i64| {
+    let config = |dropout| {
+        ModelConfig::from_json(ModelConfig::gpt2_json(vocab, 48, 32, 2, 2, eos, dropout)).unwrap()
+    };
+    let save_with = |name: &str, head: Head, seed: i64, dropout: f64| {
+        let cfg = config(dropout);
         tch::manual_seed(seed);
         let mut m = Model::init(
             &cfg,
@@ -88,7 +92,9 @@ fn fixture() -> Fixture {
         }
         out
     };
+    let save = |name: &str, head: Head, seed: i64| save_with(name, head, seed, 0.0);
     let policy = save("policy", Head::Lm, 1);
+    let policy_dropout = save_with("policy_dropout", Head::Lm, 1, 0.1);
     let pm = save("pm", Head::Reward, 2);
     let prompts = root.join("prompts.jsonl");
     let lines: Vec<String> = ["sun", "sky", "star", "red", "moon", "tree"]
@@ -100,6 +106,7 @@ fn fixture() -> Fixture {
         _dir: dir,
         root,
         policy,
+        policy_dropout,
         pm,
         prompts,
     }
@@ -143,6 +150,16 @@ fn run_ppo_with(
     params: Value,
     passes: Passes,
 ) -> (Metrics, Vec<Value>, PathBuf) {
+    run_ppo_on(f, &f.policy, name, params, passes)
+}
+
+fn run_ppo_on(
+    f: &Fixture,
+    policy: &Path,
+    name: &str,
+    params: Value,
+    passes: Passes,
+) -> (Metrics, Vec<Value>, PathBuf) {
     let mut all = json!({
         "iterations": 2, "batch_size": 3, "max_new_tokens": 5, "lr": 1e-3,
         "checkpoint_every": 0, "temperature": 1.0,
@@ -158,7 +175,7 @@ fn run_ppo_with(
         "ppo",
         op.normalize_params(&all).unwrap(),
         &[
-            ("policy", f.policy.clone()),
+            ("policy", policy.to_path_buf()),
             ("reward_model", f.pm.clone()),
             ("prompts", f.prompts.clone()),
         ],
@@ -221,7 +238,7 @@ fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
     let ids = Tensor::from_slice(&[5i64, 9, 14, 3, 7, 22, 8, 30, 2, 11, 4, 6]).view([2, 6]);
     let mask = Tensor::ones([2, 6], (Kind::Int64, Device::Cpu));
     let resp = ids.narrow(1, 3, 3);
-    let lp = |m: &Model| tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 3, 1.0).0);
+    let lp = |m: &Model| tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 3, 1.0, false).0);
     let want = lp(&base);
     let off = Reference::AdaptersOff.with(&policy, lp);
     assert!(off.equal(&want), "{off} vs {want}");
@@ -547,4 +564,38 @@ fn one_epoch_of_one_minibatch_reuses_the_update_forwards_and_matches_separate_pa
         .map(|(n, t)| (t - &start[n]).abs().max().double_value(&[]))
         .fold(0.0, f64::max);
     assert!(moved > 1e-4, "the policy did not train: {moved}");
+}
+
+#[test]
+fn dropout_is_on_in_the_update_forwards_and_never_in_the_rollouts() {
+    let _rng = crate::testing::torch_rng();
+    let f = fixture();
+    let params = json!({"iterations": 2, "ppo_epochs": 1, "minibatches": 1, "batch_size": 4});
+    let mut on_params = params.clone();
+    on_params["dropout"] = json!(true);
+    let policy = &f.policy_dropout;
+    let (_, on, on_model) = run_ppo_on(&f, policy, "on", on_params.clone(), Passes::Auto);
+    let (_, sep, sep_model) = run_ppo_on(&f, policy, "sep", on_params, Passes::Separate);
+    let (_, off, off_model) = run_ppo_on(&f, policy, "off", params.clone(), Passes::Auto);
+    let first = |lines: &[Value], key: &str| lines[0][key].as_f64().unwrap();
+
+    // The rollout's log-probs are dropout-free: in the first iteration the
+    // policy is still the reference, so their KL is 0.
+    assert!(first(&on, "kl").abs() < 1e-6, "{}", on[0]);
+    // The update's forward has dropout: the ratio to the rollout's
+    // log-probs is no longer 1 in the very first step.
+    assert!(first(&on, "approx_kl") > 1e-6, "{}", on[0]);
+    // Off (the default), the same checkpoint trains dropout-free, its
+    // update forwards standing in for the rollout's: a ratio of exactly 1.
+    assert_eq!(first(&off, "approx_kl"), 0.0, "{}", off[0]);
+    assert!(first(&off, "kl").abs() < 1e-6, "{}", off[0]);
+    // With dropout on, Passes::Auto took separate rollout passes: the same
+    // training as Passes::Separate, bit for bit.
+    assert_eq!(tensors(&on_model), tensors(&sep_model));
+    // And the switch changed the training.
+    assert_ne!(tensors(&on_model), tensors(&off_model));
+    // Off, the dropout in the config is ignored: the same training as the
+    // dropout-free checkpoint with the same weights.
+    let (_, _, plain_model) = run_ppo_with(&f, "plain", params, Passes::Auto);
+    assert_eq!(tensors(&off_model), tensors(&plain_model));
 }

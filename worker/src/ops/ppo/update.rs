@@ -29,8 +29,12 @@ pub(super) struct Plan {
 impl Plan {
     pub(super) fn new(s: &Settings, ro: &Rollout, passes: Passes) -> Plan {
         let minibatches = s.params.minibatches.clamp(1, ro.batch.len());
-        let single_pass =
-            passes == Passes::Auto && s.params.ppo_epochs.max(1) == 1 && minibatches == 1;
+        // Forwards with dropout differ from the rollout's dropout-free
+        // ones, so they never stand in for them.
+        let single_pass = passes == Passes::Auto
+            && s.params.ppo_epochs.max(1) == 1
+            && minibatches == 1
+            && !s.params.dropout;
         Plan {
             minibatches,
             single_pass,
@@ -50,11 +54,12 @@ impl Plan {
                     &sm.resp,
                     sm.p_len,
                     s.params.temperature,
+                    false,
                 );
                 let values = models
                     .critic
                     .as_ref()
-                    .map(|c| response_values(c, &sm.ids, &sm.mask, sm.p_len, sm.r));
+                    .map(|c| response_values(c, &sm.ids, &sm.mask, sm.p_len, sm.r, false));
                 Forwards { logp, all, values }
             })
         })
@@ -266,6 +271,7 @@ impl Step<'_> {
                     &mb.resp,
                     p_len,
                     s.params.temperature,
+                    s.params.dropout,
                 ),
             };
             let pl = policy_loss(
@@ -310,7 +316,14 @@ impl Step<'_> {
         let vl = crate::train::autocast_if(s.autocast, || {
             let values = match self.precomputed.and_then(|f| f.values.as_ref()) {
                 Some(v) => v.shallow_clone(),
-                None => response_values(critic, &mb.ids, &mb.mask, ro.sampled.p_len, ro.sampled.r),
+                None => response_values(
+                    critic,
+                    &mb.ids,
+                    &mb.mask,
+                    ro.sampled.p_len,
+                    ro.sampled.r,
+                    s.params.dropout,
+                ),
             };
             value_loss(
                 &values,
