@@ -12,6 +12,7 @@ mod gpt2;
 mod linear;
 mod llama;
 pub mod onednn;
+mod rope;
 pub mod sample;
 
 use std::collections::BTreeMap;
@@ -457,6 +458,7 @@ impl Model {
             Arch::Gpt2 => "GPT2",
             Arch::Llama => match config["model_type"].as_str() {
                 Some("qwen2") => "Qwen2",
+                Some("qwen3") => "Qwen3",
                 Some("mistral") => "Mistral",
                 _ => "Llama",
             },
