@@ -389,9 +389,12 @@ impl Model {
                         );
                         var.copy_(t);
                     }
+                    // A `*ForSequenceClassification` folder has no LM head
+                    // (nothing reads a reward model's logits).
                     None if name.contains("lora_")
                         || name.starts_with("score.")
-                        || name.starts_with("v_head.") =>
+                        || name.starts_with("v_head.")
+                        || (options.head == Head::Reward && name.starts_with("lm_head.")) =>
                     {
                         fresh.push(name)
                     }
@@ -451,6 +454,9 @@ impl Model {
             .variables()
             .into_iter()
             .filter(|(n, _)| !n.contains("lora_"))
+            // transformers' `*ForSequenceClassification` has no LM head and
+            // reports an untied one as an unexpected key.
+            .filter(|(n, _)| self.reward.is_none() || !n.starts_with("lm_head."))
             .collect();
         checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
         let mut config = self.lm.cfg.raw.clone();
