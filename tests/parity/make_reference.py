@@ -4,7 +4,8 @@ model-layer parity tests.
 
     python tests/parity/make_reference.py OUT_DIR
 
-For each of gpt2/, llama_gqa_tied/, llama_untied/ under OUT_DIR:
+For each of gpt2/, llama_gqa_tied/, llama_untied/, llama31_scaled/,
+llama_linear/, qwen3/, qwen3_yarn/ under OUT_DIR:
   config.json, generation_config.json, model.safetensors   (save_pretrained)
   reference.safetensors   input_ids, attention_mask, position_ids, logits,
                           greedy_ids, greedy_logprobs
@@ -19,7 +20,9 @@ import sys
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
 
 torch.set_num_threads(2)
 
@@ -41,24 +44,65 @@ def gpt2_config():
     )
 
 
-def llama_config(kv_heads, tied, theta):
+def llama_config(kv_heads, tied, theta, scaling=None):
     return LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         # transformers 5 stores rope_theta inside rope_parameters in config.json
-        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        rope_parameters={"rope_type": "default", "rope_theta": theta, **(scaling or {})},
         rms_norm_eps=1e-6, tie_word_embeddings=tied,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
         initializer_range=INIT_STD, attn_implementation="eager",
     )
 
 
+def qwen3_config(scaling=None):
+    # head_dim 16 while hidden / heads = 8: q_proj is 32 -> 64, o_proj 64 -> 32.
+    return Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, head_dim=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(scaling or {})},
+        rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=INIT_STD, attn_implementation="eager",
+    )
+
+
+# Scaled RoPE with a small original context (16 positions, the batch
+# reaches 22), so the scaling changes the logits within the fixture;
+# build() checks it does against the same weights with plain RoPE.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+YARN = {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16}
+
 MODELS = [
     ("gpt2", GPT2LMHeadModel, gpt2_config),
     ("llama_gqa_tied", LlamaForCausalLM, lambda: llama_config(2, True, 10000.0)),
     ("llama_untied", LlamaForCausalLM, lambda: llama_config(4, False, 500000.0)),
+    ("llama31_scaled", LlamaForCausalLM, lambda: llama_config(2, True, 10000.0, LLAMA3)),
+    ("llama_linear", LlamaForCausalLM, lambda: llama_config(2, False, 10000.0, LINEAR)),
+    ("qwen3", Qwen3ForCausalLM, qwen3_config),
+    ("qwen3_yarn", Qwen3ForCausalLM, lambda: qwen3_config(YARN)),
 ]
+
+
+def unscaled_logits_diff(model, cfg, ids, mask, pos):
+    """Max |logits - logits with plain RoPE| over real tokens (0 without scaling)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") == "default":
+        return 0.0
+    plain_cfg = type(cfg).from_dict(cfg.to_dict())
+    plain_cfg.rope_parameters = {"rope_type": "default",
+                                 "rope_theta": cfg.rope_parameters["rope_theta"]}
+    plain = type(model)(plain_cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return (a - b)[mask.bool()].abs().max().item()
 
 
 def perturb_norms(model, gen):
@@ -130,6 +174,11 @@ def build(name, cls, make_cfg, root):
     top2 = masked.topk(2, -1).values
     margin = (top2[..., 0] - top2[..., 1]).min().item()
     eos_suppressed = int((step_logits.argmax(-1) != new_tok).sum())
+    # Over the greedy sequence (22 positions), where the scaling matters most.
+    scaled = unscaled_logits_diff(model, cfg, greedy, full_mask,
+                                  position_ids_from_mask(full_mask))
+    if scaled:
+        assert scaled > 1e-2, f"{name}: RoPE scaling changes the logits by only {scaled}"
 
     ref = {
         "input_ids": ids.contiguous(),
@@ -152,6 +201,7 @@ def build(name, cls, make_cfg, root):
                       "forward on greedy_ids"),
             "min_greedy_margin": margin,
             "eos_suppressed_steps": eos_suppressed,
+            "unscaled_rope_logits_diff": scaled,
             **{k: v.tolist() for k, v in ref.items()},
         }, f)
     files = sorted(os.listdir(out))
@@ -159,6 +209,8 @@ def build(name, cls, make_cfg, root):
     for k, v in ref.items():
         print(f"  {k:16s} {str(v.dtype):14s} {list(v.shape)}")
     print(f"  min greedy top1-top2 margin {margin:.4g}, eos-suppressed steps {eos_suppressed}")
+    if scaled:
+        print(f"  max |logits - logits with unscaled RoPE| {scaled:.4g}")
 
 
 def main():

@@ -10,7 +10,18 @@ use alignflow_worker::model::sample::{generate, SamplingConfig};
 use alignflow_worker::model::{checkpoint, BuildOptions, Head, LoraConfig, LoraTargets, Model};
 use tch::{Device, Kind, Tensor};
 
-const MODELS: [&str; 3] = ["gpt2", "llama_gqa_tied", "llama_untied"];
+/// The fixtures of `make_reference.py`: GPT-2; Llama with GQA, tied and
+/// untied; Llama 3.1's `llama3` and `linear` RoPE scaling; Qwen3 (q/k norm,
+/// `head_dim` 16 with hidden 32 over 4 heads), plain and with YaRN.
+const MODELS: [&str; 7] = [
+    "gpt2",
+    "llama_gqa_tied",
+    "llama_untied",
+    "llama31_scaled",
+    "llama_linear",
+    "qwen3",
+    "qwen3_yarn",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -125,6 +136,7 @@ fn logits_equal_transformers_on_a_left_padded_batch() {
                 .forward(&r["input_ids"], &r["attention_mask"], false)
         });
         let diff = max_diff_on_mask(&logits, &r["logits"], &r["attention_mask"]);
+        eprintln!("{name}: max |logits - transformers| = {diff:e}");
         assert!(diff < tol(), "{name}: max |logits - transformers| = {diff}");
     }
 }
@@ -259,6 +271,11 @@ fn a_saved_checkpoint_loads_in_transformers_with_equal_logits() {
             .arg(fixtures().join(name).join("reference.safetensors"))
             .output()
             .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        eprintln!(
+            "{name}: saved, in transformers: max_abs_diff {}",
+            report["max_abs_diff"]
+        );
         assert!(
             out.status.success(),
             "{name}: {}\n{}",
@@ -270,7 +287,7 @@ fn a_saved_checkpoint_loads_in_transformers_with_equal_logits() {
 
 #[test]
 fn a_reward_model_loads_in_transformers_as_sequence_classification() {
-    for name in ["gpt2", "llama_gqa_tied"] {
+    for name in MODELS {
         let r = reference(name);
         tch::manual_seed(3);
         let mut model = load(name, Head::Reward);
@@ -299,12 +316,31 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
             .iter()
             .map(|x| x.as_f64().unwrap())
             .collect();
-        for (a, b) in ours.iter().zip(&theirs) {
-            assert!(
-                (a - b).abs() < 1e-4,
-                "{name}: reward {a} vs transformers {b}"
-            );
-        }
+        let max = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{name}: max |reward - transformers| = {max:e}");
+        assert!(
+            max < 1e-4,
+            "{name}: rewards {ours:?} vs transformers {theirs:?}"
+        );
+        // And back into alignflow (an untied model's folder has no LM head).
+        let again = Model::load(
+            dir.path(),
+            &BuildOptions {
+                device: device(),
+                head: Head::Reward,
+                lora: None,
+            },
+        )
+        .unwrap();
+        let reloaded = tch::no_grad(|| again.scores(&r["input_ids"], &r["attention_mask"], false));
+        assert!(
+            reloaded.allclose(&scores, 0.0, 0.0, false),
+            "{name}: reloaded rewards"
+        );
     }
 }
 

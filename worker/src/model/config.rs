@@ -1,5 +1,5 @@
 //! Model configuration from a Hugging Face `config.json`: the GPT-2 family
-//! and the Llama family (Llama, Qwen2, SmolLM, Mistral configs).
+//! and the Llama family (Llama, Qwen2, Qwen3, SmolLM, Mistral configs).
 
 use std::path::Path;
 
@@ -7,12 +7,14 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::rope::Rope;
+
 /// The supported architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// Learned positions, LayerNorm, GELU (tanh), fused QKV `Conv1D` weights, tied embeddings.
     Gpt2,
-    /// RoPE, RMSNorm, SwiGLU, grouped-query attention.
+    /// RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen3: with q/k RMSNorm).
     Llama,
 }
 
@@ -25,13 +27,20 @@ pub struct ModelConfig {
     pub num_layers: i64,
     pub num_heads: i64,
     pub num_kv_heads: i64,
+    /// Width of one attention head; Qwen3's differs from `hidden / heads`.
+    pub head_dim: i64,
     pub intermediate_size: i64,
     pub max_positions: i64,
     pub norm_eps: f64,
-    pub rope_theta: f64,
+    /// Rotary embedding (the Llama family; `None` for GPT-2).
+    pub rope: Option<Rope>,
     pub tie_word_embeddings: bool,
     /// Bias on the q/k/v projections (Qwen2 has one).
     pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's and Qwen3's `attention_bias`).
+    pub o_bias: bool,
+    /// RMSNorm over each head of q and k before RoPE (Qwen3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
     /// Dropout on residuals, embeddings and attention (GPT-2); used in training only.
     pub dropout: f64,
     pub bos_token_id: Option<i64>,
@@ -63,13 +72,13 @@ struct RawConfig {
     intermediate_size: Option<i64>,
     max_position_embeddings: Option<i64>,
     rms_norm_eps: Option<f64>,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<Value>,
-    /// transformers >= 5 writes `rope_theta` (and the rope type) here.
-    rope_parameters: Option<Value>,
     hidden_act: Option<String>,
     head_dim: Option<i64>,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    // Qwen2/Qwen3 sliding-window attention.
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
     tie_word_embeddings: Option<bool>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
@@ -83,6 +92,94 @@ fn token_id(v: &Option<Value>) -> Option<i64> {
         Some(Value::Array(a)) => a.first().and_then(Value::as_i64),
         _ => None,
     }
+}
+
+/// The Llama-family configs: Llama, Mistral, Qwen2 (qkv bias) and Qwen3
+/// (q/k norm, explicit `head_dim`). Keys that would change the math and
+/// are not implemented are refused by name.
+fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<ModelConfig> {
+    if let Some(act) = &c.hidden_act {
+        anyhow::ensure!(
+            act == "silu",
+            "activation `{act}` is not supported (SwiGLU needs silu)"
+        );
+    }
+    anyhow::ensure!(
+        c.mlp_bias != Some(true),
+        "mlp_bias: true is not supported (MLP projections without bias only)"
+    );
+    if model_type.starts_with("qwen") {
+        // Qwen's sliding window applies from layer `max_window_layers` on;
+        // transformers 5 spells the result out in `layer_types`.
+        anyhow::ensure!(
+            c.use_sliding_window != Some(true),
+            "use_sliding_window: true is not supported (sliding-window attention)"
+        );
+    }
+    if let Some(other) = c
+        .layer_types
+        .iter()
+        .flatten()
+        .find(|t| *t != "full_attention")
+    {
+        anyhow::bail!("layer_types `{other}` is not supported (full_attention layers only)");
+    }
+    let hidden = c.hidden_size.context("hidden_size")?;
+    let heads = c.num_attention_heads.context("num_attention_heads")?;
+    // Qwen3Config's default is 128; the others derive it.
+    let head_dim = match (c.head_dim, model_type) {
+        (Some(hd), _) => hd,
+        (None, "qwen3") => 128,
+        (None, _) => {
+            anyhow::ensure!(
+                hidden % heads == 0,
+                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            );
+            hidden / heads
+        }
+    };
+    anyhow::ensure!(
+        head_dim % 2 == 0,
+        "head_dim {head_dim} is odd (RoPE rotates pairs)"
+    );
+    let kv = c.num_key_value_heads.unwrap_or(heads);
+    anyhow::ensure!(
+        heads % kv == 0,
+        "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+    );
+    let max_positions = c.max_position_embeddings.unwrap_or(2048);
+    // Qwen2 has q/k/v biases and no others, whatever the config says;
+    // Llama and Qwen3 put `attention_bias` on all four projections.
+    let (qkv_bias, o_bias) = match model_type {
+        "qwen2" => (true, false),
+        "mistral" => (false, false),
+        _ => (
+            c.attention_bias.unwrap_or(false),
+            c.attention_bias.unwrap_or(false),
+        ),
+    };
+    Ok(ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: c.vocab_size,
+        hidden_size: hidden,
+        num_layers: c.num_hidden_layers.context("num_hidden_layers")?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        intermediate_size: c.intermediate_size.context("intermediate_size")?,
+        max_positions,
+        norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+        rope: Some(Rope::from_config(&raw, max_positions)?),
+        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+        qkv_bias,
+        o_bias,
+        qk_norm: model_type == "qwen3",
+        dropout: 0.0,
+        bos_token_id: token_id(&c.bos_token_id),
+        eos_token_id: token_id(&c.eos_token_id),
+        pad_token_id: token_id(&c.pad_token_id),
+        raw,
+    })
 }
 
 impl ModelConfig {
@@ -103,6 +200,10 @@ impl ModelConfig {
         let cfg = match model_type.as_str() {
             "gpt2" => {
                 let hidden = c.n_embd.context("n_embd")?;
+                anyhow::ensure!(
+                    hidden % c.n_head.context("n_head")? == 0,
+                    "n_embd is not a multiple of n_head"
+                );
                 if let Some(act) = &c.activation_function {
                     anyhow::ensure!(
                         act == "gelu_new" || act == "gelu_pytorch_tanh",
@@ -116,12 +217,15 @@ impl ModelConfig {
                     num_layers: c.n_layer.context("n_layer")?,
                     num_heads: c.n_head.context("n_head")?,
                     num_kv_heads: c.n_head.context("n_head")?,
+                    head_dim: hidden / c.n_head.context("n_head")?,
                     intermediate_size: c.n_inner.unwrap_or(4 * hidden),
                     max_positions: c.n_positions.unwrap_or(1024),
                     norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
-                    rope_theta: 0.0,
+                    rope: None,
                     tie_word_embeddings: c.tie_word_embeddings.unwrap_or(true),
                     qkv_bias: true,
+                    o_bias: true,
+                    qk_norm: false,
                     dropout: c.resid_pdrop.unwrap_or(0.0),
                     bos_token_id: token_id(&c.bos_token_id),
                     eos_token_id: token_id(&c.eos_token_id),
@@ -129,75 +233,14 @@ impl ModelConfig {
                     raw,
                 }
             }
-            "llama" | "mistral" | "qwen2" => {
-                if let Some(scaling) = c.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-                    let default =
-                        scaling.get("rope_type").and_then(Value::as_str) == Some("default");
-                    anyhow::ensure!(default, "rope_scaling {scaling} is not supported yet");
-                }
-                let rope = c.rope_parameters.as_ref().filter(|p| !p.is_null());
-                if let Some(kind) = rope
-                    .and_then(|p| p.get("rope_type"))
-                    .and_then(Value::as_str)
-                {
-                    anyhow::ensure!(kind == "default", "rope_type `{kind}` is not supported yet");
-                }
-                let rope_theta = rope
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-                    .or(c.rope_theta);
-                if let Some(act) = &c.hidden_act {
-                    anyhow::ensure!(
-                        act == "silu",
-                        "activation `{act}` is not supported (SwiGLU needs silu)"
-                    );
-                }
-                let hidden = c.hidden_size.context("hidden_size")?;
-                let heads = c.num_attention_heads.context("num_attention_heads")?;
-                if let Some(hd) = c.head_dim {
-                    anyhow::ensure!(
-                        hd * heads == hidden,
-                        "head_dim {hd} * heads {heads} != hidden_size {hidden} is not supported"
-                    );
-                }
-                let kv = c.num_key_value_heads.unwrap_or(heads);
-                anyhow::ensure!(
-                    heads % kv == 0,
-                    "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-                );
-                ModelConfig {
-                    arch: Arch::Llama,
-                    vocab_size: c.vocab_size,
-                    hidden_size: hidden,
-                    num_layers: c.num_hidden_layers.context("num_hidden_layers")?,
-                    num_heads: heads,
-                    num_kv_heads: kv,
-                    intermediate_size: c.intermediate_size.context("intermediate_size")?,
-                    max_positions: c.max_position_embeddings.unwrap_or(2048),
-                    norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-                    rope_theta: rope_theta.unwrap_or(10000.0),
-                    tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-                    qkv_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
-                    dropout: 0.0,
-                    bos_token_id: token_id(&c.bos_token_id),
-                    eos_token_id: token_id(&c.eos_token_id),
-                    pad_token_id: token_id(&c.pad_token_id),
-                    raw,
-                }
-            }
+            "llama" | "mistral" | "qwen2" | "qwen3" => llama_family(&c, &model_type, raw)?,
             other => {
-                anyhow::bail!("model_type `{other}` is not supported (gpt2, llama, mistral, qwen2)")
+                anyhow::bail!(
+                    "model_type `{other}` is not supported (gpt2, llama, mistral, qwen2, qwen3)"
+                )
             }
         };
-        anyhow::ensure!(
-            cfg.hidden_size % cfg.num_heads == 0,
-            "hidden size is not a multiple of the head count"
-        );
         Ok(cfg)
-    }
-
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_heads
     }
 
     /// The prefix of the backbone's parameter names (`transformer.` / `model.`).
@@ -280,5 +323,56 @@ impl ModelConfig {
             "pad_token_id": eos,
             "torch_dtype": "float32"
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn qwen3(extra: Value) -> anyhow::Result<ModelConfig> {
+        let mut raw = json!({
+            "model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "head_dim": 16,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "use_sliding_window": false, "sliding_window": null,
+            "layer_types": ["full_attention", "full_attention"],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            raw[k] = v.clone();
+        }
+        ModelConfig::from_json(raw)
+    }
+
+    #[test]
+    fn qwen3_has_its_own_head_dim_and_qk_norm() {
+        let cfg = qwen3(json!({})).unwrap();
+        assert_eq!((cfg.head_dim, cfg.num_heads, cfg.hidden_size), (16, 4, 32));
+        assert!(cfg.qk_norm && !cfg.qkv_bias && !cfg.o_bias);
+        let biased = qwen3(json!({"attention_bias": true})).unwrap();
+        assert!(biased.qkv_bias && biased.o_bias);
+    }
+
+    #[test]
+    fn keys_that_change_the_math_are_refused_by_name() {
+        for (extra, needle) in [
+            (
+                json!({"use_sliding_window": true, "sliding_window": 8}),
+                "use_sliding_window",
+            ),
+            (
+                json!({"layer_types": ["full_attention", "sliding_attention"]}),
+                "layer_types `sliding_attention`",
+            ),
+            (json!({"mlp_bias": true}), "mlp_bias"),
+            (json!({"hidden_act": "gelu"}), "activation `gelu`"),
+            (
+                json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+                "rope_type `dynamic`",
+            ),
+        ] {
+            let err = format!("{:#}", qwen3(extra).unwrap_err());
+            assert!(err.contains(needle), "{err}");
+        }
     }
 }

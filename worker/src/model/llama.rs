@@ -1,5 +1,6 @@
-//! The Llama family (Llama, Qwen2, SmolLM, Mistral): RoPE, RMSNorm, SwiGLU,
-//! grouped-query attention, under transformers' `LlamaModel` names.
+//! The Llama family (Llama, Qwen2, Qwen3, SmolLM, Mistral): RoPE, RMSNorm,
+//! SwiGLU, grouped-query attention, under transformers' `LlamaModel` names
+//! (Qwen3 adds `q_norm` and `k_norm` to each attention block).
 
 use tch::{nn, Kind, Tensor};
 
@@ -14,6 +15,9 @@ struct Layer {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's per-head RMSNorm of queries and keys, before RoPE.
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     post_attention_layernorm: Norm,
     gate_proj: Linear,
     up_proj: Linear,
@@ -31,11 +35,13 @@ pub struct Llama {
     head_dim: i64,
     /// `[head_dim / 2]`, float32.
     inv_freq: Tensor,
+    /// YaRN's factor on cos and sin (1 for the other scalings).
+    rope_factor: f64,
 }
 
 impl Llama {
     pub fn new(p: nn::Path, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Llama {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let embed_tokens = (&p / "embed_tokens").var(
             "weight",
             &[cfg.vocab_size, h],
@@ -57,7 +63,13 @@ impl Llama {
                     q_proj: lin(&a / "q_proj", h, cfg.num_heads * hd, cfg.qkv_bias),
                     k_proj: lin(&a / "k_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
                     v_proj: lin(&a / "v_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
-                    o_proj: lin(&a / "o_proj", cfg.num_heads * hd, h, false),
+                    o_proj: lin(&a / "o_proj", cfg.num_heads * hd, h, cfg.o_bias),
+                    q_norm: cfg
+                        .qk_norm
+                        .then(|| Norm::rms_norm(&a / "q_norm", hd, cfg.norm_eps)),
+                    k_norm: cfg
+                        .qk_norm
+                        .then(|| Norm::rms_norm(&a / "k_norm", hd, cfg.norm_eps)),
                     post_attention_layernorm: Norm::rms_norm(
                         &l / "post_attention_layernorm",
                         h,
@@ -70,12 +82,7 @@ impl Llama {
             })
             .collect();
         let norm = Norm::rms_norm(&p / "norm", h, cfg.norm_eps);
-        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, p.device())) / hd as f64;
-        let inv_freq = Tensor::from(cfg.rope_theta)
-            .to_kind(Kind::Float)
-            .to_device(p.device())
-            .pow(&exponents)
-            .reciprocal();
+        let rope = cfg.rope.as_ref().expect("Llama-family configs carry RoPE");
         Llama {
             embed_tokens,
             layers,
@@ -83,7 +90,8 @@ impl Llama {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: hd,
-            inv_freq,
+            inv_freq: rope.inv_freq(hd, p.device()),
+            rope_factor: rope.attention_factor(),
         }
     }
 
@@ -95,7 +103,14 @@ impl Llama {
     fn rope(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+        let (cos, sin) = (emb.cos(), emb.sin());
+        // transformers multiplies by the factor in float32 before the cast.
+        let (cos, sin) = if self.rope_factor == 1.0 {
+            (cos, sin)
+        } else {
+            (cos * self.rope_factor, sin * self.rope_factor)
+        };
+        (cos.to_kind(kind), sin.to_kind(kind))
     }
 
     /// With `keep`, the last layer computes and the result holds only the
@@ -124,16 +139,16 @@ impl Llama {
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(&x);
-            let q = layer
-                .q_proj
-                .forward(&a, train)
-                .view([b, t, self.heads, self.head_dim])
-                .transpose(1, 2);
-            let k = layer
-                .k_proj
-                .forward(&a, train)
-                .view([b, t, self.kv_heads, self.head_dim])
-                .transpose(1, 2);
+            let heads = |proj: &Linear, n: i64, norm: &Option<Norm>| {
+                let x = proj.forward(&a, train).view([b, t, n, self.head_dim]);
+                match norm {
+                    Some(norm) => norm.forward(&x),
+                    None => x,
+                }
+                .transpose(1, 2)
+            };
+            let q = heads(&layer.q_proj, self.heads, &layer.q_norm);
+            let k = heads(&layer.k_proj, self.kv_heads, &layer.k_norm);
             let v = layer
                 .v_proj
                 .forward(&a, train)

@@ -12,6 +12,7 @@ mod gpt2;
 mod linear;
 mod llama;
 pub mod onednn;
+mod rope;
 pub mod sample;
 
 use std::collections::BTreeMap;
@@ -388,9 +389,12 @@ impl Model {
                         );
                         var.copy_(t);
                     }
+                    // A `*ForSequenceClassification` folder has no LM head
+                    // (nothing reads a reward model's logits).
                     None if name.contains("lora_")
                         || name.starts_with("score.")
-                        || name.starts_with("v_head.") =>
+                        || name.starts_with("v_head.")
+                        || (options.head == Head::Reward && name.starts_with("lm_head.")) =>
                     {
                         fresh.push(name)
                     }
@@ -450,6 +454,9 @@ impl Model {
             .variables()
             .into_iter()
             .filter(|(n, _)| !n.contains("lora_"))
+            // transformers' `*ForSequenceClassification` has no LM head and
+            // reports an untied one as an unexpected key.
+            .filter(|(n, _)| self.reward.is_none() || !n.starts_with("lm_head."))
             .collect();
         checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
         let mut config = self.lm.cfg.raw.clone();
@@ -457,6 +464,7 @@ impl Model {
             Arch::Gpt2 => "GPT2",
             Arch::Llama => match config["model_type"].as_str() {
                 Some("qwen2") => "Qwen2",
+                Some("qwen3") => "Qwen3",
                 Some("mistral") => "Mistral",
                 _ => "Llama",
             },
