@@ -227,14 +227,8 @@ impl Scheduler<'_> {
                 let shown = message
                     .strip_prefix(&format!("stage `{id}`: "))
                     .unwrap_or(&message);
-                // Live, as it happens; `--quiet` keeps only the final table
-                // (and the log), so the error is not printed twice.
-                let line = format!("FAILED  {id}: {shown}");
-                if shared.options.quiet {
-                    shared.ui.log(&line);
-                } else {
-                    shared.ui.shout(&line);
-                }
+                // In full, as it happens (the table keeps its first line).
+                shared.ui.shout(&format!("FAILED  {id}: {shown}"));
                 if shared.options.fail_fast {
                     shared.cancel.cancel();
                 }

@@ -435,15 +435,15 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         // (with grad) give the rollout's log-probs and values.
         let ((logp, values), s) = clock(d, || {
             (
-                response_logprobs(&policy, &ids, &mask, &resp, PROMPT, 1.0).0,
-                response_values(&critic, &ids, &mask, PROMPT, NEW_TOKENS),
+                response_logprobs(&policy, &ids, &mask, &resp, PROMPT, 1.0, false).0,
+                response_values(&critic, &ids, &mask, PROMPT, NEW_TOKENS, false),
             )
         });
         ph.push(("update_forwards", s));
         let (old_logp, old_values) = (logp.detach(), values.detach());
         let ((ref_logp, scores), s) = clock(d, || {
             tch::no_grad(|| {
-                let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp, PROMPT, 1.0);
+                let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp, PROMPT, 1.0, false);
                 (rf, pm_scores(&pm, &ids, &mask))
             })
         });

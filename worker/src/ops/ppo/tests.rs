@@ -575,7 +575,7 @@ fn dropout_is_on_in_the_update_forwards_and_never_in_the_rollouts() {
     on_params["dropout"] = json!(true);
     let policy = &f.policy_dropout;
     let (_, on, on_model) = run_ppo_on(&f, policy, "on", on_params.clone(), Passes::Auto);
-    let (_, sep, sep_model) = run_ppo_on(&f, policy, "sep", on_params, Passes::Separate);
+    let (_, _, sep_model) = run_ppo_on(&f, policy, "sep", on_params, Passes::Separate);
     let (_, off, off_model) = run_ppo_on(&f, policy, "off", params.clone(), Passes::Auto);
     let first = |lines: &[Value], key: &str| lines[0][key].as_f64().unwrap();
 
