@@ -25,7 +25,7 @@ use super::gpus::{GpuSlot, GpuSlots};
 use super::lockfile::{LockedStage, Lockfile};
 use super::plan::{hash_path_inputs, stage_key};
 use super::progress::{StageProgress, Ui};
-use super::threads::CorePool;
+use super::threads::{CorePool, Cores};
 use super::{worker, Error, RunOptions, StageStatus};
 
 /// Shared state of the stage tasks.
@@ -192,7 +192,7 @@ async fn actual_key(
 struct Held<'a> {
     _lock: StageLock,
     _job: SemaphorePermit<'a>,
-    _cores: Option<SemaphorePermit<'a>>,
+    _cores: Option<Cores<'a>>,
     gpu: Option<GpuSlot<'a>>,
 }
 

@@ -223,12 +223,8 @@ impl Scheduler<'_> {
             Err(Error::Cancelled) => (StageStatus::Cancelled, Error::Cancelled.to_string()),
             Err(failure) => {
                 let message = failure.to_string();
-                // The line names the stage: its error need not again.
-                let shown = message
-                    .strip_prefix(&format!("stage `{id}`: "))
-                    .unwrap_or(&message);
                 // In full, as it happens (the table keeps its first line).
-                shared.ui.shout(&format!("FAILED  {id}: {shown}"));
+                shared.ui.shout(&format!("FAILED  {id}: {message}"));
                 if shared.options.fail_fast {
                     shared.cancel.cancel();
                 }

@@ -9,11 +9,24 @@
 //! else happens to be running: float reductions depend on the thread
 //! count, and one fingerprint must give the same bytes whether its stage
 //! ran alone (`--target`) or beside others.
+//!
+//! Engines started side by side on the same cores share them too: each core
+//! is also a lock file in a folder of the temp dir named by the user and the
+//! set of CPUs the engine may run on (node-local on a cluster, as the cores
+//! are; two Slurm jobs with disjoint CPU sets do not wait for each other),
+//! and a stage holds its cores' files while it runs.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::Error;
+
+/// How often a stage waiting for another engine's cores looks again.
+const MACHINE_POLL: Duration = Duration::from_millis(100);
 
 /// The machine's cores, shared out among the CPU tensor stages.
 pub(super) struct CorePool {
@@ -23,6 +36,76 @@ pub(super) struct CorePool {
     /// GPU slots of the machine: the cores are divided among them.
     gpu_slots: usize,
     free: Semaphore,
+    /// The machine's core locks; `None` where their folder cannot be made.
+    machine: Option<MachineCores>,
+}
+
+/// The cores a running stage holds, in this engine and on the machine.
+pub(super) struct Cores<'a> {
+    _permit: SemaphorePermit<'a>,
+    _locks: Vec<File>,
+}
+
+/// The CPUs this process may run on (its affinity mask), as text.
+fn allowed_cpus() -> String {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, and the call writes
+    // at most its size into it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return String::from("unknown");
+        }
+        set
+    };
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .map(|cpu| cpu.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One lock file per core, shared by the engines of one user on one CPU set.
+struct MachineCores {
+    dir: PathBuf,
+}
+
+impl MachineCores {
+    fn open() -> Option<MachineCores> {
+        // SAFETY: getuid cannot fail and has no side effects.
+        let uid = unsafe { libc::getuid() };
+        let cpus = blake3::hash(allowed_cpus().as_bytes()).to_hex();
+        let dir = std::env::temp_dir().join(format!("alignflow-cores-{uid}-{}", &cpus[..12]));
+        match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(MachineCores { dir }),
+            Err(e) => {
+                tracing::debug!("no machine-wide core locks in {}: {e}", dir.display());
+                None
+            }
+        }
+    }
+
+    /// `n` of the `cores` locks if that many are free now (all or none).
+    fn try_take(&self, n: usize, cores: usize) -> std::io::Result<Option<Vec<File>>> {
+        let mut held = Vec::with_capacity(n);
+        for i in 0..cores {
+            if held.len() == n {
+                break;
+            }
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.dir.join(format!("core-{i}.lock")))?;
+            match file.try_lock() {
+                Ok(()) => held.push(file),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(e),
+            }
+        }
+        // Short: the partial claim drops, so no engine sits on half a claim.
+        Ok((held.len() == n).then_some(held))
+    }
 }
 
 impl CorePool {
@@ -39,6 +122,7 @@ impl CorePool {
             cores,
             gpu_slots,
             free: Semaphore::new(cores),
+            machine: MachineCores::open(),
         }
     }
 
@@ -50,16 +134,46 @@ impl CorePool {
     }
 
     /// Waits until `threads` cores are free (all of them when it asks for
-    /// more) and holds them until the permit drops.
+    /// more), in this engine and then on the machine, and holds them until
+    /// the claim drops.
     pub async fn acquire(
         &self,
         threads: usize,
         cancel: &CancellationToken,
-    ) -> Result<SemaphorePermit<'_>, Error> {
-        let wanted = threads.clamp(1, self.cores) as u32;
-        tokio::select! {
-            permit = self.free.acquire_many(wanted) => Ok(permit.expect("pool open")),
-            _ = cancel.cancelled() => Err(Error::Cancelled),
+    ) -> Result<Cores<'_>, Error> {
+        let wanted = threads.clamp(1, self.cores);
+        let permit = tokio::select! {
+            permit = self.free.acquire_many(wanted as u32) => permit.expect("pool open"),
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+        };
+        let Some(machine) = &self.machine else {
+            return Ok(Cores {
+                _permit: permit,
+                _locks: Vec::new(),
+            });
+        };
+        loop {
+            match machine.try_take(wanted, self.cores) {
+                Ok(Some(locks)) => {
+                    return Ok(Cores {
+                        _permit: permit,
+                        _locks: locks,
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Never let a broken lock folder stop a run.
+                    tracing::debug!("machine-wide core locks skipped: {e}");
+                    return Ok(Cores {
+                        _permit: permit,
+                        _locks: Vec::new(),
+                    });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MACHINE_POLL) => {}
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+            }
         }
     }
 }
@@ -96,9 +210,35 @@ mod tests {
         assert_eq!(threads_per_stage(Some(0), 8, None), 1);
     }
 
+    /// A pool of `cores` whose machine-wide locks live in `dir`.
+    fn pool_in(dir: &std::path::Path, requested: Option<usize>, cores: usize) -> CorePool {
+        CorePool {
+            machine: Some(MachineCores {
+                dir: dir.to_path_buf(),
+            }),
+            ..CorePool::with_cores(requested, cores, 1)
+        }
+    }
+
+    #[tokio::test]
+    async fn two_engines_on_one_machine_share_its_cores() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (pool_in(dir.path(), None, 2), pool_in(dir.path(), None, 2));
+        let cancel = CancellationToken::new();
+        let held = a.acquire(2, &cancel).await.unwrap();
+        // Engine B's stage waits while A's holds every core...
+        let waiting = tokio::time::timeout(Duration::from_millis(400), b.acquire(1, &cancel));
+        assert!(waiting.await.is_err(), "B ran beside A on busy cores");
+        // ...and starts once they are free.
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(5), b.acquire(2, &cancel)).await;
+        assert!(got.is_ok_and(|c| c.is_ok()));
+    }
+
     #[tokio::test]
     async fn stages_run_side_by_side_only_while_their_threads_fit() {
-        let pool = CorePool::with_cores(Some(2), 4, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_in(dir.path(), Some(2), 4);
         let cancel = CancellationToken::new();
         let threads = pool.threads(false);
         let a = pool.acquire(threads, &cancel).await.unwrap();
@@ -117,7 +257,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_stage_is_cancelled() {
-        let pool = CorePool::with_cores(None, 2, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool_in(dir.path(), None, 2);
         let cancel = CancellationToken::new();
         let _held = pool.acquire(2, &cancel).await.unwrap();
         cancel.cancel();
