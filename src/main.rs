@@ -370,7 +370,11 @@ fn validate(args: &ManifestArgs) -> anyhow::Result<ExitCode> {
         for m in &missing {
             eprintln!("error: {m}");
         }
-        anyhow::bail!("{}: {} input(s) do not exist", args.file.display(), missing.len());
+        anyhow::bail!(
+            "{}: {} input(s) do not exist",
+            args.file.display(),
+            missing.len()
+        );
     }
     println!(
         "{}: ok ({} stages)",
@@ -494,8 +498,15 @@ fn show(
             .map(|s| s.id.as_str())
             .collect(),
     };
-    anyhow::ensure!(!ids.is_empty(), "no stage `{stage}` in {}", pipeline.file.display());
-    let selected = dag.select(&pipeline, &ids.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    anyhow::ensure!(
+        !ids.is_empty(),
+        "no stage `{stage}` in {}",
+        pipeline.file.display()
+    );
+    let selected = dag.select(
+        &pipeline,
+        &ids.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )?;
     let ctx = PlanContext {
         pipeline: &pipeline,
         dag: &dag,

@@ -212,14 +212,23 @@ stages:
     matrix: { cmd: ["echo 0.05 > $ALIGNFLOW_OUT/out"] }
 "#,
     );
-    let why = reason(&p, "sweep.yaml", "other[cmd=echo 0.05 > $ALIGNFLOW_OUT/out]");
+    let why = reason(
+        &p,
+        "sweep.yaml",
+        "other[cmd=echo 0.05 > $ALIGNFLOW_OUT/out]",
+    );
     assert!(
         why.starts_with("same op, params and inputs as the cached stage `train` of pipeline `base`, but a stage's seed derives from the pipeline seed and its own id"),
         "{why}"
     );
     // With nothing comparable in the cache, the plain reason.
     p.write("new.txt", "new\n");
-    p.write("fresh.yaml", &p.read("base.yaml").replace("data.txt", "new.txt").replace("train:", "fresh:"));
+    p.write(
+        "fresh.yaml",
+        &p.read("base.yaml")
+            .replace("data.txt", "new.txt")
+            .replace("train:", "fresh:"),
+    );
     assert_eq!(reason(&p, "fresh.yaml", "fresh"), "never run");
 }
 
@@ -244,17 +253,29 @@ stages:
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.starts_with("s[cmd=echo 1 > $ALIGNFLOW_OUT/out]\tout\t"), "{stdout}");
+    assert!(
+        stdout.starts_with("s[cmd=echo 1 > $ALIGNFLOW_OUT/out]\tout\t"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains("stage `s[cmd=echo oops >&2; exit 3]` has no cached outputs for its current inputs (last run failed at "),
         "{stderr}"
     );
-    assert!(stderr.contains("exec failed with exit status 3"), "{stderr}");
+    assert!(
+        stderr.contains("exec failed with exit status 3"),
+        "{stderr}"
+    );
     assert!(stderr.contains("(log: "), "{stderr}");
     let json: serde_json::Value =
         serde_json::from_str(&p.ok(&["show", "m.yaml", "s", "--json"])).unwrap();
-    assert!(json["s[cmd=echo 1 > $ALIGNFLOW_OUT/out]"]["out"]["path"].is_string(), "{json}");
-    assert!(json["s[cmd=echo oops >&2; exit 3]"]["error"].is_string(), "{json}");
+    assert!(
+        json["s[cmd=echo 1 > $ALIGNFLOW_OUT/out]"]["out"]["path"].is_string(),
+        "{json}"
+    );
+    assert!(
+        json["s[cmd=echo oops >&2; exit 3]"]["error"].is_string(),
+        "{json}"
+    );
     // The plan says so too; once the stage succeeds the note is gone.
     let why = reason(&p, "m.yaml", "s[cmd=echo oops >&2; exit 3]");
     assert!(why.starts_with("last run failed at "), "{why}");

@@ -212,7 +212,9 @@ stages:
     );
     let err = p.fails(&["validate", "pipeline.yaml"]);
     assert!(
-        err.contains("pipeline.yaml:6:31: stage `a`, field `inputs.y`: `nowhere.txt` does not exist"),
+        err.contains(
+            "pipeline.yaml:6:31: stage `a`, field `inputs.y`: `nowhere.txt` does not exist"
+        ),
         "{err}"
     );
     assert!(
@@ -223,5 +225,7 @@ stages:
     p.write("nowhere.txt", "");
     std::fs::create_dir_all(p.path("data")).unwrap();
     p.write("data/absent.jsonl", "");
-    assert!(p.ok(&["validate", "pipeline.yaml"]).contains("ok (2 stages)"));
+    assert!(p
+        .ok(&["validate", "pipeline.yaml"])
+        .contains("ok (2 stages)"));
 }

@@ -210,7 +210,8 @@ fn stage_metrics(p: &Project, stage: &str) -> serde_json::Value {
 #[test]
 fn generating_past_the_context_is_refused_before_sampling_and_cut_prompts_are_counted() {
     // The model has 96 positions: 96 new tokens leave none for a prompt.
-    let p = project(&tiny_pipeline(2, 0, "1e-3").replace("max_new_tokens: 8", "max_new_tokens: 96"));
+    let p =
+        project(&tiny_pipeline(2, 0, "1e-3").replace("max_new_tokens: 8", "max_new_tokens: 96"));
     let out = p.run(&["run", "pipeline.yaml", "--quiet"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -464,15 +464,20 @@ mod tests {
     fn a_source_with_no_records_is_an_error_not_an_empty_dataset() {
         let dir = tempfile::tempdir().unwrap();
         let empty = write(dir.path(), "empty.jsonl", "\n\n");
-        let err = import(dir.path(), json!({}), empty).unwrap_err().to_string();
+        let err = import(dir.path(), json!({}), empty)
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("stage `s`: no records in "), "{err}");
         assert!(err.contains("(0 cannot be split, 0 bad lines)"), "{err}");
         let unsplittable = write(
             dir.path(),
             "none.jsonl",
-            &json!({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"}).to_string(),
+            &json!({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"})
+                .to_string(),
         );
-        let err = import(dir.path(), json!({}), unsplittable).unwrap_err().to_string();
+        let err = import(dir.path(), json!({}), unsplittable)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("(1 cannot be split, 0 bad lines)"), "{err}");
     }
 

@@ -166,10 +166,26 @@ mod tests {
                 .unwrap_or_else(|| panic!("no `{name}` line in\n{text}"))
                 .to_string()
         };
-        assert!(line("lr_schedule").contains("constant|linear"), "{}", line("lr_schedule"));
-        assert!(line("advantage").contains("gae|grpo|rloo"), "{}", line("advantage"));
-        assert!(line("kl_estimator").contains("k1|k2|k3"), "{}", line("kl_estimator"));
-        assert!(line("lora").contains("{") && line("lora").contains("rank"), "{}", line("lora"));
+        assert!(
+            line("lr_schedule").contains("constant|linear"),
+            "{}",
+            line("lr_schedule")
+        );
+        assert!(
+            line("advantage").contains("gae|grpo|rloo"),
+            "{}",
+            line("advantage")
+        );
+        assert!(
+            line("kl_estimator").contains("k1|k2|k3"),
+            "{}",
+            line("kl_estimator")
+        );
+        assert!(
+            line("lora").contains("{") && line("lora").contains("rank"),
+            "{}",
+            line("lora")
+        );
         assert!(!text.contains("Ppo"), "a Rust type name leaked:\n{text}");
     }
 }

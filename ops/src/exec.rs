@@ -110,7 +110,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     die_with_the_engine(&mut cmd);
     if let Some(allowed) = &params.env {
         cmd.env_clear();
-        for name in BASIC_ENV.iter().copied().chain(allowed.iter().map(String::as_str)) {
+        for name in BASIC_ENV
+            .iter()
+            .copied()
+            .chain(allowed.iter().map(String::as_str))
+        {
             if let Some(value) = std::env::var_os(name) {
                 cmd.env(name, value);
             }

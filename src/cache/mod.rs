@@ -41,8 +41,8 @@ mod tree;
 
 pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
-pub use failures::FailureNote;
 pub use error::CacheError;
+pub use failures::FailureNote;
 pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use locks::StageLock;

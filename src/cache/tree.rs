@@ -47,9 +47,7 @@ pub(crate) fn walk_files(root: &Path, links: Links) -> Result<Vec<TreeFile>, Cac
             let ft = entry.file_type().map_err(at(&path))?;
             if ft.is_symlink() {
                 let target = match links {
-                    Links::FollowToFiles => fs::canonicalize(&path)
-                        .ok()
-                        .filter(|t| t.is_file()),
+                    Links::FollowToFiles => fs::canonicalize(&path).ok().filter(|t| t.is_file()),
                     Links::Refuse => None,
                 };
                 let Some(target) = target else {

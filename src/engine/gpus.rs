@@ -47,7 +47,11 @@ impl GpuSlots {
 
     /// Slots on all GPUs together.
     pub(super) fn total(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).iter().sum()
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .sum()
     }
 
     /// A GPU for a stage asking for `device`; `None` means run on the CPU.

@@ -158,7 +158,14 @@ pub fn missing_path_inputs(pipeline: &Pipeline) -> Vec<String> {
 /// written, and where it was written.
 fn path_inputs(
     stage: &Stage,
-) -> impl Iterator<Item = (&String, &std::path::PathBuf, &str, &crate::manifest::Location)> {
+) -> impl Iterator<
+    Item = (
+        &String,
+        &std::path::PathBuf,
+        &str,
+        &crate::manifest::Location,
+    ),
+> {
     stage.inputs.iter().filter_map(|(name, input)| match input {
         Input::Path {
             path,

@@ -262,6 +262,9 @@ mod tests {
         let cancel = CancellationToken::new();
         let _held = pool.acquire(2, &cancel).await.unwrap();
         cancel.cancel();
-        assert!(matches!(pool.acquire(1, &cancel).await, Err(Error::Cancelled)));
+        assert!(matches!(
+            pool.acquire(1, &cancel).await,
+            Err(Error::Cancelled)
+        ));
     }
 }

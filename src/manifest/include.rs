@@ -48,33 +48,27 @@ fn load_file(
         names.push(show(file));
         return Err(read_error(format!("include cycle: {}", names.join(" -> "))));
     }
-    let bytes =
-        std::fs::read(file).map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
+    let bytes = std::fs::read(file)
+        .map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
     let text = String::from_utf8(bytes).map_err(|e| not_utf8(file, &e))?;
 
-    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
-        // serde_yaml places a duplicate key at its mapping; the index
-        // finds the key itself.
-        match Locs::index(file, &text) {
-            Err((location, message)) if message.starts_with("duplicate key") => ManifestError {
-                file: location.file.clone(),
-                location: Some(location),
-                stage: None,
-                field: None,
-                message: format!("invalid YAML: {message}"),
-                suggestion: None,
-            },
-            _ => syntax_error(file, &e),
-        }
-    })?;
-    let locs = Locs::index(file, &text).map_err(|(location, message)| ManifestError {
+    let invalid = |(location, message): (Location, String)| ManifestError {
         file: location.file.clone(),
         location: Some(location),
         stage: None,
         field: None,
         message: format!("invalid YAML: {message}"),
         suggestion: None,
+    };
+    let mut value: Value = serde_yaml::from_str(&text).map_err(|e| {
+        // serde_yaml places a duplicate key at its mapping; the index
+        // finds the key itself.
+        match Locs::index(file, &text) {
+            Err(found) if found.1.starts_with("duplicate key") => invalid(found),
+            _ => syntax_error(file, &e),
+        }
     })?;
+    let locs = Locs::index(file, &text).map_err(invalid)?;
     let root_loc = locs.nearest(&[]).value.clone();
     let err_at = |location: Location, field: &str, message: String| ManifestError {
         file: location.file.clone(),
@@ -210,7 +204,9 @@ fn not_utf8(file: &Path, e: &std::string::FromUtf8Error) -> ManifestError {
         }),
         stage: None,
         field: None,
-        message: format!("not UTF-8: byte 0x{bad:02X} (manifests are UTF-8 text; re-save it as UTF-8)"),
+        message: format!(
+            "not UTF-8: byte 0x{bad:02X} (manifests are UTF-8 text; re-save it as UTF-8)"
+        ),
         suggestion: None,
     }
 }

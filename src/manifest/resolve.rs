@@ -387,7 +387,13 @@ impl<'a> Cx<'a> {
             return Err(self.error(loc, None, Some(key), msg, s));
         }
         let parsed = parse_set_value(value).map_err(|why| {
-            self.error(loc, None, Some(key), format!("--set `{key}={value}`: {why}"), None)
+            self.error(
+                loc,
+                None,
+                Some(key),
+                format!("--set `{key}={value}`: {why}"),
+                None,
+            )
         })?;
         params.insert(name.to_string(), parsed);
         Ok(())

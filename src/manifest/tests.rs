@@ -321,7 +321,9 @@ fn set_overrides_with_types() {
 fn set_values_that_are_not_yaml_or_do_not_fit_are_blamed_on_set() {
     let d = Dir::new();
     d.write("p.yaml", SET);
-    let err = d.load_sets("p.yaml", &[("params.lr", "[1, 2")]).unwrap_err();
+    let err = d
+        .load_sets("p.yaml", &[("params.lr", "[1, 2")])
+        .unwrap_err();
     assert!(
         err.starts_with("p.yaml:3:1: field `params.lr`: --set `params.lr=[1, 2`: not valid YAML ("),
         "{err}"

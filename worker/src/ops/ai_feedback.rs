@@ -221,7 +221,11 @@ fn reason(
         ..sampling_config(tokenizer, model, p.max_new_tokens, p.temperature)
     };
     // Room for the reasoning; over-long prompts keep their end.
-    let budget = load::prompt_budget(&ctx.spec.stage, model.lm.cfg.max_positions, p.max_new_tokens)?;
+    let budget = load::prompt_budget(
+        &ctx.spec.stage,
+        model.lm.cfg.max_positions,
+        p.max_new_tokens,
+    )?;
     let cue = ANSWER_CUE.trim_end_matches(':');
     let total = questions.len() as u64;
     let mut done = 0u64;

@@ -402,8 +402,9 @@ fn sequence_kl(
     tch::no_grad(|| {
         let ro = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
         let rmask = ro.scored_mask(eos);
-        let logprobs =
-            |m: &Model| response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature, false).0;
+        let logprobs = |m: &Model| {
+            response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature, false).0
+        };
         let (lp, lr) = (logprobs(policy), logprobs(reference));
         let kl = kl_per_token(&lp, &lr, KlEstimator::K1);
         let per_row = masked_sum(&kl.to_kind(Kind::Double), &rmask, Some(1));

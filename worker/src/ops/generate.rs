@@ -30,7 +30,11 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         seed: ctx.spec.seed,
         ..sampling_config(&tokenizer, &model, p.max_new_tokens, p.temperature)
     };
-    let budget = load::prompt_budget(&ctx.spec.stage, model.lm.cfg.max_positions, p.max_new_tokens)?;
+    let budget = load::prompt_budget(
+        &ctx.spec.stage,
+        model.lm.cfg.max_positions,
+        p.max_new_tokens,
+    )?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {

@@ -179,8 +179,16 @@ fn rollout_forwards(
                     f.values.as_ref().map(|v| v.detach() * rmask),
                 ),
                 None => (
-                    response_logprobs(&models.policy, ids, mask, resp, p_len, s.params.temperature, false)
-                        .0,
+                    response_logprobs(
+                        &models.policy,
+                        ids,
+                        mask,
+                        resp,
+                        p_len,
+                        s.params.temperature,
+                        false,
+                    )
+                    .0,
                     models
                         .critic
                         .as_ref()
