@@ -235,3 +235,95 @@ fn generating_past_the_context_is_refused_before_sampling_and_cut_prompts_are_co
         assert!(r["response_ids"].as_array().unwrap().len() <= 92);
     }
 }
+
+/// The records of `stage`'s `responses`.
+fn responses(p: &Project, stage: &str) -> Vec<serde_json::Value> {
+    let (_, path) = output(p, stage, "responses");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn generate_formats_prompts_with_the_models_chat_template_a_bound_file_or_none() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let qwen =
+        std::fs::read_to_string(root.join("tests/data/chat-templates/qwen2_5.jinja")).unwrap();
+    let stages = r#"  chat_model:
+    op: exec
+    inputs: { m: "${stages.base.model}", t: qwen.jinja }
+    outputs: [model]
+    params: { cmd: "cp -r \"$ALIGNFLOW_IN_M\" \"$ALIGNFLOW_OUT/model\" && chmod -R u+w \"$ALIGNFLOW_OUT/model\" && cp \"$ALIGNFLOW_IN_T\" \"$ALIGNFLOW_OUT/model/chat_template.jinja\"" }
+  gen_chat:
+    op: generate
+    inputs: { model: "${stages.chat_model.model}", prompts: prompts.jsonl }
+    params: { n: 1, max_new_tokens: 4 }
+  gen_plain:
+    op: generate
+    inputs: { model: "${stages.chat_model.model}", prompts: prompts.jsonl }
+    params: { n: 1, max_new_tokens: 4, chat_template: none }
+  gen_file:
+    op: generate
+    inputs: { model: "${stages.base.model}", prompts: messages.jsonl, chat_template: mine.jinja }
+    params: { n: 1, max_new_tokens: 4 }
+"#;
+    let p = project(&(tiny_pipeline(2, 0, "1e-3") + stages));
+    p.write("qwen.jinja", &qwen);
+    p.write(
+        "mine.jinja",
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    );
+    p.write(
+        "messages.jsonl",
+        &(serde_json::json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Red."},
+            {"role": "user", "content": "Another?"},
+        ]})
+        .to_string()
+            + "\n"),
+    );
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+
+    // The model's own template (chat_template.jinja in its folder), each
+    // prompt as one user turn: the text transformers' apply_chat_template
+    // renders for Qwen2.5 (golden, from the reference Jinja).
+    let chat = responses(&p, "gen_chat");
+    assert_eq!(
+        chat[0]["prompt_text"],
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n\n\nHuman: hi\n\nAssistant:<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(chat[0]["prompt"], "\n\nHuman: hi\n\nAssistant:");
+    let messages = chat[0]["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["content"], chat[0]["response"]);
+    // `none`: the plain template, no conversation.
+    let plain = responses(&p, "gen_plain");
+    assert_eq!(plain[0]["prompt_text"], "\n\nHuman: hi\n\nAssistant:");
+    assert!(plain[0].get("messages").is_none());
+    // A bound file over a model without a template, on `messages` records.
+    let file = responses(&p, "gen_file");
+    assert_eq!(
+        file[0]["prompt_text"],
+        "[system] Be brief.\n[user] Name a color.\n[assistant] Red.\n[user] Another?\n[assistant] "
+    );
+    assert_eq!(file[0]["prompt"], "Another?");
+    assert_eq!(file[0]["messages"].as_array().unwrap().len(), 5);
+
+    // A conversation that ends with the assistant is no prompt: refused,
+    // naming the stage, file and line.
+    p.write(
+        "messages.jsonl",
+        &(serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}).to_string() + "\n"),
+    );
+    let err = p.fails(&["run", "pipeline.yaml", "--quiet", "--target", "gen_file"]);
+    assert!(err.contains("stage `gen_file`"), "{err}");
+    assert!(
+        err.contains("messages.jsonl:1: the last message is the assistant's"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `baseline_scores`. `template` and `prompt_field` must match the
@@ -26,6 +27,11 @@ pub struct BaselineScoresParams {
     /// Prompt template; `{prompt}` is replaced by the prompt field.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Field holding the prompt.
     #[serde(default = "crate::defaults::prompt_field")]
     pub prompt_field: String,
@@ -56,12 +62,13 @@ fn default_batch_size() -> usize {
 /// The `baseline_scores` op.
 pub const OP: OpDecl = OpDecl {
     name: "baseline_scores",
-    version: 1,
+    version: 2,
     summary: "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)",
     inputs: &[
         Port::input("policy", "the starting policy folder (the SFT model)"),
         Port::input("reward_model", "a preference model folder (pm.train)"),
         Port::input("prompts", "JSONL records with a prompt field"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[Port::output(
         "scores",
@@ -69,7 +76,7 @@ pub const OP: OpDecl = OpDecl {
     )]),
     params: ParamsDecl::of::<BaselineScoresParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[CHAT_PROMPT_CONVENTION],
 };
 
 impl OpParams for BaselineScoresParams {}

@@ -33,6 +33,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -67,6 +68,11 @@ pub struct BestOfNParams {
     /// `sft` stage that consumes `data` the same template.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Sequences per sampling pass, and prompts per scoring pass.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
@@ -154,7 +160,7 @@ impl BestOfNReport {
 /// The `best_of_n` op.
 pub const OP: OpDecl = OpDecl {
     name: "best_of_n",
-    version: 1,
+    version: 2,
     summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
     inputs: &[
         Port::input("policy", "the LM folder that samples the answers"),
@@ -163,11 +169,12 @@ pub const OP: OpDecl = OpDecl {
             "a preference model folder (pm.train), same tokenizer as the policy",
         ),
         Port::input("prompts", "JSONL records with a prompt field"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[
         Port::output(
             "data",
-            "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores}; `sft` reads it with the same `template`",
+            "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores} (and `messages` with a chat template); `sft` reads it with the same `template`",
         ),
         Port::output(
             "report",
@@ -176,7 +183,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<BestOfNParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[CHAT_PROMPT_CONVENTION],
 };
 
 impl OpParams for BestOfNParams {

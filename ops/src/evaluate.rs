@@ -57,6 +57,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -74,6 +75,11 @@ pub struct EvaluateParams {
     /// Prompt template; `{prompt}` is replaced by the prompt field.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Most new tokens per answer.
     #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,
@@ -380,7 +386,7 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
 /// The `evaluate` op.
 pub const OP: OpDecl = OpDecl {
     name: "evaluate",
-    version: 1,
+    version: 2,
     summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
     inputs: &[
         Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),
@@ -389,6 +395,7 @@ pub const OP: OpDecl = OpDecl {
             "the model folder to compare against (e.g. the SL-CAI model); same tokenizer",
         ),
         Port::input("prompts", "JSONL records with a prompt field (held out)"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
         Port::optional(
             "reward_model",
             "judge: a preference model folder (pm.train), same tokenizer as the policies",
@@ -415,7 +422,7 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<EvaluateParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[CHAT_PROMPT_CONVENTION],
 };
 
 impl OpParams for EvaluateParams {

@@ -2,6 +2,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `generate`.
@@ -38,24 +39,30 @@ pub struct GenerateParams {
     /// Prompt template; `{prompt}` is replaced by the prompt field.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
 }
 
 /// The `generate` op.
 pub const OP: OpDecl = OpDecl {
     name: "generate",
-    version: 1,
+    version: 2,
     summary: "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)",
     inputs: &[
         Port::input("model", "the model folder"),
         Port::input("prompts", "JSONL records with a prompt field"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[Port::output(
         "responses",
-        "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt",
+        "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt; with a chat template also `messages`, the conversation with the response as its last turn",
     )]),
     params: ParamsDecl::of::<GenerateParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[CHAT_PROMPT_CONVENTION],
 };
 
 impl OpParams for GenerateParams {}

@@ -9,6 +9,7 @@
 //! data records ([`data`]) and text helpers ([`text`]) live here too, so
 //! neither side depends on the other.
 
+pub mod chat_format;
 pub mod chat_template;
 pub mod data;
 pub mod defaults;
@@ -39,6 +40,7 @@ pub mod training;
 pub use ai_feedback::AiFeedbackParams;
 pub use baseline_scores::{BaselineRecord, BaselineScoresParams};
 pub use best_of_n::BestOfNParams;
+pub use chat_format::{ChatFormat, ChatTemplateChoice};
 pub use critique_revise::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,

@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::require;
 use crate::training::LoraParams;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -153,6 +154,11 @@ pub struct PpoParams {
     /// Prompt template; `{prompt}` is replaced by the prompt field.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Learning rate of the policy and the value model.
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -368,7 +374,7 @@ impl PpoAdvantage {
 /// The `ppo` op.
 pub const OP: OpDecl = OpDecl {
     name: "ppo",
-    version: 2,
+    version: 3,
     summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
     inputs: &[
         Port::input(
@@ -380,6 +386,7 @@ pub const OP: OpDecl = OpDecl {
             "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
         ),
         Port::input("prompts", "JSONL records with a prompt field"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
         Port::optional(
             "baseline",
             "contrastive rewards: baseline_scores of the same prompts; the reward becomes the PM score minus the prompt's mean baseline score",
@@ -403,6 +410,7 @@ pub const OP: OpDecl = OpDecl {
     params: ParamsDecl::of::<PpoParams>(),
     placement: Placement::Worker,
     conventions: &[
+        CHAT_PROMPT_CONVENTION,
         "reward of a response: the reward source's score on its last token (the EOS, or the last sampled token), plus -kl_coef * KL per response token",
         "policy loss: clipped surrogate, max(-A r, -A clip(r, 1 - eps, 1 + eps)), a masked mean over every response token of the minibatch",
         "value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), a masked mean over response tokens",

@@ -49,6 +49,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
     );
     let budget = (max_positions - max_new) as usize;
+    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
 
     // Each distinct prompt once: the baseline is keyed by its text.
     let mut seen = HashSet::new();
@@ -59,6 +60,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             template: &p.template,
             limit: None,
             budget,
+            chat: chat.as_ref(),
         },
         &tokenizer,
     )?

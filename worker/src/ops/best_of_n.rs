@@ -15,7 +15,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{BestOfNParams, StageContext};
 
 use super::load::{self, shared_positions};
-use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
+use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
 use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
 use super::scoring::pm_score_answers;
 use crate::model::sample::{generate, SamplingConfig};
@@ -43,6 +43,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         "the PM scores the policy's tokens",
         p.max_new_tokens,
     )?;
+    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {
@@ -50,6 +51,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             template: &p.template,
             limit: p.limit,
             budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
+            chat: chat.as_ref(),
         },
         &tokenizer,
     )?;
@@ -78,14 +80,18 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let mut out = JsonlWriter::create(&ctx.output("data"))?;
     for (i, per) in scores.iter().enumerate() {
         let best = best_index(per).expect("n >= 1 scores");
-        out.write(&serde_json::json!({
+        let mut record = serde_json::json!({
             "prompt": prompts[i].raw,
             "prompt_text": prompts[i].text,
             "response": answers[i][best].text,
             "score": per[best],
             "best_index": best,
             "rank_scores": per,
-        }))?;
+        });
+        if let Some(messages) = with_answer(&prompts[i], &answers[i][best].text) {
+            record["messages"] = messages;
+        }
+        out.write(&record)?;
     }
     out.finish()?;
     let report = BestOfNReport::of(&scores, p.n);

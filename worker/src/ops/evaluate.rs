@@ -91,6 +91,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         "the KL and the PM need one tokenizer",
         p.max_new_tokens,
     )?;
+    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {
@@ -98,6 +99,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             template: &p.template,
             limit: p.limit,
             budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
+            chat: chat.as_ref(),
         },
         &tokenizer,
     )?;

@@ -7,7 +7,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{GenerateParams, StageContext};
 
 use super::load;
-use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
+use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
 use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
 use crate::model;
 use crate::model::sample::{generate, Finish, Sample, SamplingConfig};
@@ -35,6 +35,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         model.lm.cfg.max_positions,
         p.max_new_tokens,
     )?;
+    let chat = load::chat_format(ctx, p.chat_template, ctx.input("model")?)?;
     let prompts = read_prompts(
         ctx,
         &PromptSource {
@@ -42,6 +43,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             template: &p.template,
             limit: None,
             budget,
+            chat: chat.as_ref(),
         },
         &tokenizer,
     )?;
@@ -107,7 +109,7 @@ fn response_record(
         Finish::Stop => "stop",
         Finish::Length => "length",
     };
-    Ok(serde_json::json!({
+    let mut record = serde_json::json!({
         "prompt": prompt.raw,
         "prompt_text": prompt.text,
         "prompt_index": i,
@@ -117,5 +119,9 @@ fn response_record(
         "logprob": sample.logprobs.iter().map(|&l| l as f64).sum::<f64>(),
         "token_logprobs": sample.logprobs,
         "finish": finish,
-    }))
+    });
+    if let Some(messages) = with_answer(prompt, &text) {
+        record["messages"] = messages;
+    }
+    Ok(record)
 }

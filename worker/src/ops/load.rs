@@ -9,6 +9,7 @@ use tch::Device;
 
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::training::LoraParams;
+use alignflow_ops::{ChatFormat, ChatTemplateChoice, StageContext};
 
 use crate::model::{BuildOptions, Head, LoraConfig, Model, ModelConfig};
 
@@ -122,4 +123,21 @@ fn same_tokenizer(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
     let read = |f: &Path| std::fs::read(f).with_context(|| format!("reading {}", f.display()));
     Ok(read(&fa)? == read(&fb)?)
+}
+
+/// The stage's chat template, or `None` for the plain `template`: with
+/// `choice` auto, the file bound to its `chat_template` input, else the
+/// model's own (see [`ChatFormat::for_stage`]).
+pub(crate) fn chat_format(
+    ctx: &StageContext<'_>,
+    choice: ChatTemplateChoice,
+    model_dir: &Path,
+) -> anyhow::Result<Option<ChatFormat>> {
+    let file = ctx.spec.inputs.get("chat_template").map(|f| f.as_path());
+    ChatFormat::for_stage(choice, file, model_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "stage `{}`, field `params.chat_template`: {e:#}",
+            ctx.spec.stage
+        )
+    })
 }

@@ -1,7 +1,9 @@
 //! A stage's `prompts` input as the sampling ops read it (generate, ppo,
 //! baseline_scores, evaluate, best_of_n): the prompt field of each JSONL
 //! record, put through the template and tokenized, each prompt keeping its
-//! end within a token budget (the answer continues the end). Prompts cut
+//! end within a token budget (the answer continues the end). With a chat
+//! template, a record's `messages` (or its prompt field as one user turn)
+//! are rendered with the generation prompt instead. Prompts cut
 //! that way are flagged, logged, and counted in the ops' metrics as
 //! `truncated_prompts`.
 
@@ -9,7 +11,7 @@ use anyhow::Context;
 
 use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::{apply_template, Tokenizer};
-use alignflow_ops::StageContext;
+use alignflow_ops::{ChatFormat, StageContext};
 
 /// One prompt.
 #[derive(Debug, Clone)]
@@ -22,6 +24,8 @@ pub(crate) struct Prompt {
     pub ids: Vec<i64>,
     /// `text` had more tokens than the budget and lost its beginning.
     pub truncated: bool,
+    /// With a chat template: the conversation `text` renders.
+    pub messages: Option<serde_json::Value>,
 }
 
 /// How to read them.
@@ -34,6 +38,8 @@ pub(crate) struct PromptSource<'a> {
     pub limit: Option<usize>,
     /// Tokens a prompt may keep.
     pub budget: usize,
+    /// The chat template, if the stage formats prompts as conversations.
+    pub chat: Option<&'a ChatFormat>,
 }
 
 /// Reads the `prompts` input. Errors name the stage, file, line and field;
@@ -52,14 +58,29 @@ pub(crate) fn read_prompts(
         }
         let record = record
             .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
-        let raw = record[source.field].as_str().with_context(|| {
-            format!(
-                "stage `{stage}`: {}:{line}: no string field `{}` (params.prompt_field)",
-                path.display(),
-                source.field
-            )
-        })?;
-        let text = apply_template(source.template, raw);
+        let at = || format!("stage `{stage}`: {}:{line}", path.display());
+        let (raw, text, messages) = match source.chat {
+            Some(chat) => {
+                let (raw, messages) =
+                    conversation(&record, source).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                let rendered = chat
+                    .prompt(&messages)
+                    .map_err(|e| anyhow::anyhow!("{}: {e} ({})", at(), chat.source))?;
+                (raw, rendered.text, Some(messages))
+            }
+            None => {
+                let raw = record[source.field].as_str().with_context(|| {
+                    format!(
+                        "{}: no string field `{}` (params.prompt_field)",
+                        at(),
+                        source.field
+                    )
+                })?;
+                (raw.to_string(), apply_template(source.template, raw), None)
+            }
+        };
+        // A chat template writes its own BOS where the model wants one:
+        // nothing is added (as transformers' apply_chat_template tokenizes).
         let mut ids = tokenizer.encode(&text)?;
         let cut = ids.len().saturating_sub(source.budget);
         ids.drain(..cut);
@@ -69,10 +90,11 @@ pub(crate) fn read_prompts(
             path.display()
         );
         prompts.push(Prompt {
-            raw: raw.to_string(),
+            raw,
             text,
             ids,
             truncated: cut > 0,
+            messages,
         });
     }
     anyhow::ensure!(
@@ -90,6 +112,65 @@ pub(crate) fn read_prompts(
         );
     }
     Ok(prompts)
+}
+
+/// A record as a conversation for the chat template, and its prompt text:
+/// its `messages` (TRL's conversational format: a prompt ends with a user
+/// turn), else the prompt field through `template` as one user turn.
+fn conversation(
+    record: &serde_json::Value,
+    source: &PromptSource<'_>,
+) -> Result<(String, serde_json::Value), String> {
+    if let Some(messages) = record.get("messages") {
+        let turns = messages
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .ok_or("`messages` is not a non-empty list")?;
+        for (i, turn) in turns.iter().enumerate() {
+            let role = turn["role"].as_str().unwrap_or_default();
+            if !["system", "user", "assistant", "tool"].contains(&role) {
+                return Err(format!(
+                    "messages[{i}]: role {} is not system, user, assistant or tool",
+                    turn["role"]
+                ));
+            }
+            if !turn["content"].is_string() {
+                return Err(format!("messages[{i}]: no string `content`"));
+            }
+        }
+        let last = &turns[turns.len() - 1];
+        if last["role"] == "assistant" {
+            return Err(
+                "the last message is the assistant's: a prompt ends with a user turn".into(),
+            );
+        }
+        let raw = record[source.field]
+            .as_str()
+            .or(last["content"].as_str())
+            .unwrap_or_default();
+        return Ok((raw.to_string(), messages.clone()));
+    }
+    let raw = record[source.field].as_str().ok_or_else(|| {
+        format!(
+            "neither `messages` nor a string field `{}` (params.prompt_field)",
+            source.field
+        )
+    })?;
+    let content = apply_template(source.template, raw);
+    Ok((
+        raw.to_string(),
+        serde_json::json!([{"role": "user", "content": content}]),
+    ))
+}
+
+/// A chat prompt's conversation with `answer` as the assistant's new turn
+/// (`None` for a plain prompt).
+pub(crate) fn with_answer(prompt: &Prompt, answer: &str) -> Option<serde_json::Value> {
+    let mut messages = prompt.messages.clone()?;
+    messages
+        .as_array_mut()?
+        .push(serde_json::json!({"role": "assistant", "content": answer}));
+    Some(messages)
 }
 
 /// How many of `prompts` lost their beginning to the budget.

@@ -226,6 +226,7 @@ fn prompts_and_rewards(
     eos: Option<i64>,
 ) -> anyhow::Result<(Vec<Vec<i64>>, Rewards)> {
     // Prompts, tokenized, keeping each one's end.
+    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
     let read = read_prompts(
         ctx,
         &PromptSource {
@@ -233,6 +234,7 @@ fn prompts_and_rewards(
             template: &p.template,
             limit: None,
             budget,
+            chat: chat.as_ref(),
         },
         tokenizer,
     )?;

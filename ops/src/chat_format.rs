@@ -1,0 +1,232 @@
+//! How an op turns a prompt into the text a model reads: the plain
+//! `template`, or a chat template (the model folder's own, or a file bound
+//! to the stage's `chat_template` input) rendered with the special tokens
+//! transformers passes beside the conversation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::chat_template::{ChatTemplate, ChatTemplateError, Rendered};
+
+/// `params.chat_template` of the ops that format prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatTemplateChoice {
+    /// The file bound to the `chat_template` input if any, else the model's
+    /// own template (`chat_template.jinja`, or `chat_template` in
+    /// `tokenizer_config.json`), else the plain `template`.
+    #[default]
+    Auto,
+    /// The plain `template`, even for a model with a chat template.
+    None,
+}
+
+impl ChatTemplateChoice {
+    pub fn is_auto(&self) -> bool {
+        *self == ChatTemplateChoice::Auto
+    }
+}
+
+/// The doc of the `chat_template` input of the ops that format prompts.
+pub const CHAT_TEMPLATE_INPUT: &str =
+    "a Jinja chat template file, used instead of the model's own (with `chat_template: auto`)";
+
+/// How the ops that format prompts render one, for `alignflow ops NAME`.
+pub const CHAT_PROMPT_CONVENTION: &str = "prompt text: with a chat template, the record's `messages` (TRL's conversational format), else its prompt field through `template` as one user turn, rendered with the generation prompt (add_generation_prompt=True) and tokenized with no special tokens added (the template writes its BOS); without one, the prompt field through `template`";
+
+/// Special tokens a template may write, as transformers names them.
+const SPECIAL_TOKENS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// A chat template with the variables it is rendered with.
+pub struct ChatFormat {
+    template: ChatTemplate,
+    variables: BTreeMap<String, serde_json::Value>,
+    /// Where the template came from, for errors.
+    pub source: String,
+}
+
+impl ChatFormat {
+    /// The template for a stage: `choice`, the file bound to its
+    /// `chat_template` input (`file`), else `model_dir`'s own; `None` means
+    /// the plain `template`.
+    pub fn for_stage(
+        choice: ChatTemplateChoice,
+        file: Option<&Path>,
+        model_dir: &Path,
+    ) -> anyhow::Result<Option<ChatFormat>> {
+        if choice == ChatTemplateChoice::None {
+            return Ok(None);
+        }
+        let (text, source) = match file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the chat template {}", f.display()))?;
+                (text, f.display().to_string())
+            }
+            None => match model_template(model_dir)? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
+        };
+        let template = ChatTemplate::new(&text).with_context(|| source.clone())?;
+        Ok(Some(ChatFormat {
+            template,
+            variables: special_tokens(model_dir)?,
+            source,
+        }))
+    }
+
+    /// `messages` rendered for the model to continue as the assistant.
+    pub fn prompt(&self, messages: &serde_json::Value) -> Result<Rendered, ChatTemplateError> {
+        self.template.render(messages, true, &self.variables)
+    }
+}
+
+/// `dir`'s own chat template and where it was found: transformers 5's
+/// `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`
+/// (a string, or a list of named templates, of which `default` is used).
+pub fn model_template(dir: &Path) -> anyhow::Result<Option<(String, String)>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let text = std::fs::read_to_string(&jinja)
+            .with_context(|| format!("reading {}", jinja.display()))?;
+        return Ok(Some((text, jinja.display().to_string())));
+    }
+    let config_path = dir.join("tokenizer_config.json");
+    let Some(config) = read_json(&config_path)? else {
+        return Ok(None);
+    };
+    let source = format!("{} (chat_template)", config_path.display());
+    match &config["chat_template"] {
+        serde_json::Value::String(text) => Ok(Some((text.clone(), source))),
+        serde_json::Value::Array(named) => {
+            let default = named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .with_context(|| {
+                    format!("{source}: a list of named templates with none named `default`")
+                })?;
+            Ok(Some((default.to_string(), source)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `tokenizer_config.json`'s special tokens as the strings a template sees
+/// (an `AddedToken` object gives its `content`).
+fn special_tokens(dir: &Path) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let mut vars = BTreeMap::new();
+    let Some(config) = read_json(&dir.join("tokenizer_config.json"))? else {
+        return Ok(vars);
+    };
+    for key in SPECIAL_TOKENS {
+        let token = match &config[key] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        if let Some(token) = token {
+            vars.insert(key.to_string(), token.into());
+        }
+    }
+    Ok(vars)
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<serde_json::Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+    fn folder(config: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_models_own_template_renders_with_its_special_tokens() {
+        let dir = folder(json!({
+            "chat_template": TEMPLATE,
+            "bos_token": {"content": "<s>", "special": true},
+            "eos_token": "</s>",
+        }));
+        let chat = ChatFormat::for_stage(ChatTemplateChoice::Auto, None, dir.path())
+            .unwrap()
+            .unwrap();
+        let text = chat
+            .prompt(&json!([{"role": "user", "content": "hi"}]))
+            .unwrap()
+            .text;
+        assert_eq!(text, "<s><user>hi\n<assistant>");
+        // `none` keeps the plain template.
+        assert!(
+            ChatFormat::for_stage(ChatTemplateChoice::None, None, dir.path())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_bound_file_wins_and_named_templates_use_default() {
+        let dir = folder(json!({"chat_template": [
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "{{ messages[0].content }}!"},
+        ]}));
+        let (text, _) = model_template(dir.path()).unwrap().unwrap();
+        assert_eq!(text, "{{ messages[0].content }}!");
+        let file = dir.path().join("mine.jinja");
+        std::fs::write(&file, "[{{ messages[0].content }}]").unwrap();
+        let chat = ChatFormat::for_stage(ChatTemplateChoice::Auto, Some(&file), dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            chat.prompt(&json!([{"role": "user", "content": "x"}]))
+                .unwrap()
+                .text,
+            "[x]"
+        );
+        // transformers 5's separate file comes before the config's.
+        std::fs::write(dir.path().join("chat_template.jinja"), "jinja file").unwrap();
+        assert_eq!(model_template(dir.path()).unwrap().unwrap().0, "jinja file");
+    }
+
+    #[test]
+    fn no_template_means_the_plain_one() {
+        let dir = folder(json!({"eos_token": "</s>"}));
+        assert!(
+            ChatFormat::for_stage(ChatTemplateChoice::Auto, None, dir.path())
+                .unwrap()
+                .is_none()
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(model_template(empty.path()).unwrap().is_none());
+    }
+}
