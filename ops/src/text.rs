@@ -45,7 +45,28 @@ impl Tokenizer {
         })
     }
 
-    /// Token ids of `text`, without added special tokens.
+    /// Token ids of `text` as the start of a sequence: with what the
+    /// tokenizer's post-processor puts before it (Llama's and Gemma's BOS,
+    /// none for GPT-2 or Qwen), as transformers' `tokenizer(text)` adds it,
+    /// but never a trailing EOS (a prompt goes on).
+    pub fn encode_start(&self, text: &str) -> anyhow::Result<Vec<i64>> {
+        let with = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let with: Vec<i64> = with.get_ids().iter().map(|&i| i as i64).collect();
+        let plain = self.encode(text)?;
+        // The text's own ids sit inside the added ones: keep what precedes
+        // them and drop what follows.
+        let end = (0..=with.len().saturating_sub(plain.len()))
+            .find(|&k| with[k..k + plain.len()] == plain[..])
+            .map(|k| k + plain.len())
+            .unwrap_or(with.len());
+        Ok(with[..end].to_vec())
+    }
+
+    /// Token ids of `text`, without added special tokens (a continuation,
+    /// or text a chat template rendered with its own BOS).
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<i64>> {
         let enc = self
             .inner

@@ -233,7 +233,7 @@ fn reason(
         ctx.cancel.check()?;
         let mut prompts = Vec::with_capacity(chunk.len());
         for q in chunk.iter() {
-            let mut ids = tokenizer.encode(&q.text)?;
+            let mut ids = tokenizer.encode_start(&q.text)?;
             ids.drain(..ids.len().saturating_sub(budget));
             prompts.push(ids);
         }

@@ -54,7 +54,7 @@ impl Generator<'_> {
             ctx.cancel.check()?;
             let mut batch = Vec::with_capacity(chunk.len());
             for text in chunk {
-                let mut ids = self.tokenizer.encode(text)?;
+                let mut ids = self.tokenizer.encode_start(text)?;
                 let cut = ids.len().saturating_sub(self.budget);
                 ids.drain(..cut);
                 counts.truncated_prompts += usize::from(cut > 0);

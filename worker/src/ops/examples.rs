@@ -27,7 +27,7 @@ pub fn tokenize_example(
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Example> {
-    let mut p = tokenizer.encode(prompt)?;
+    let mut p = tokenizer.encode_start(prompt)?;
     let mut r = tokenizer.encode(response)?;
     if let Some(e) = eos {
         r.push(e);

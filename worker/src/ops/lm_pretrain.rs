@@ -29,7 +29,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let texts = corpus_texts(ctx, ctx.input("data")?, &p.fields)?;
     let mut stream: Vec<i64> = Vec::new();
     for text in &texts {
-        stream.extend(tokenizer.encode(text)?);
+        stream.extend(tokenizer.encode_start(text)?);
         stream.push(eos);
     }
     let block = p.seq_len as usize;

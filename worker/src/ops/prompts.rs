@@ -80,8 +80,12 @@ pub(crate) fn read_prompts(
             }
         };
         // A chat template writes its own BOS where the model wants one:
-        // nothing is added (as transformers' apply_chat_template tokenizes).
-        let mut ids = tokenizer.encode(&text)?;
+        // nothing is added (as transformers' apply_chat_template tokenizes);
+        // a plain prompt starts with the BOS the tokenizer adds, if any.
+        let mut ids = match source.chat {
+            Some(_) => tokenizer.encode(&text)?,
+            None => tokenizer.encode_start(&text)?,
+        };
         let cut = ids.len().saturating_sub(source.budget);
         ids.drain(..cut);
         anyhow::ensure!(

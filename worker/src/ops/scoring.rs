@@ -176,8 +176,8 @@ impl OptionTokens {
         prompt: &str,
         max_len: usize,
     ) -> anyhow::Result<(OptionTokens, bool)> {
-        let mut a = tokenizer.encode(&format!("{prompt}{OPTION_A}"))?;
-        let mut b = tokenizer.encode(&format!("{prompt}{OPTION_B}"))?;
+        let mut a = tokenizer.encode_start(&format!("{prompt}{OPTION_A}"))?;
+        let mut b = tokenizer.encode_start(&format!("{prompt}{OPTION_B}"))?;
         let mut start = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         anyhow::ensure!(
             start < a.len() && start < b.len(),

@@ -62,7 +62,7 @@ pub fn read_records(
 ) -> anyhow::Result<Vec<Record>> {
     let mut out = Vec::new();
     for_each_comparison_record(stage, path, |_, prompt, pairs, at| {
-        let prompt = enc.tokenizer.encode(prompt)?;
+        let prompt = enc.tokenizer.encode_start(prompt)?;
         let mut rec = Vec::with_capacity(pairs.len());
         for (a, b, p) in pairs {
             let a = sequence(&prompt, &enc.tokenizer.encode(a)?, enc.eos, enc.max_len);

@@ -339,7 +339,7 @@ impl RatingTokens {
         max_len: usize,
     ) -> anyhow::Result<RatingTokens> {
         let mut rows = (1..=10)
-            .map(|s| tokenizer.encode(&format!("{prompt}{}", rating_continuation(s))))
+            .map(|s| tokenizer.encode_start(&format!("{prompt}{}", rating_continuation(s))))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut start = rows[0].len();
         for r in &rows[1..] {
