@@ -290,7 +290,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         temperature: 1.0,
         top_k: 0,
         top_p: 1.0,
-        eos_token_id: None,
+        eos_token_ids: Vec::new(),
         pad_token_id: 0,
         seed: 0,
     };

@@ -413,7 +413,7 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         let cfg = SamplingConfig {
             max_new_tokens: NEW_TOKENS,
             temperature: 1.0,
-            eos_token_id: None,
+            eos_token_ids: Vec::new(),
             pad_token_id: 0,
             seed: it as u64,
             ..Default::default()

@@ -637,8 +637,8 @@ fn ppo_losses(
     use tch::{Kind, Tensor};
     let t = |v: &[f64]| Tensor::from_slice(v).view([B, T]);
     let tokens = Tensor::from_slice(&r.tokens).view([B, T]);
-    let rmask = response_mask(&tokens, 0, None).to_kind(Kind::Double);
-    let has_eos = contains_eos(&tokens, 0);
+    let rmask = response_mask(&tokens, &[0], None).to_kind(Kind::Double);
+    let has_eos = contains_eos(&tokens, &[0]);
     let (old, reference) = (t(&r.old_logp), t(&r.ref_logp));
     let old_values = t(&r.old_values);
     let kl = kl_per_token(&old, &reference, est) * &rmask;

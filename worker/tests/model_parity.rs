@@ -150,7 +150,7 @@ fn greedy_generation_equals_transformers_token_for_token() {
             max_new_tokens: 12,
             min_new_tokens: 12,
             temperature: 0.0,
-            eos_token_id: model.lm.cfg.eos_token_id,
+            eos_token_ids: model.lm.cfg.eos_token_id.into_iter().collect(),
             pad_token_id: 0,
             ..Default::default()
         };
@@ -184,7 +184,7 @@ fn sampled_logprobs_equal_a_full_forward_pass_and_seeded_sampling_repeats() {
             temperature: 1.0,
             top_k: 40,
             top_p: 0.95,
-            eos_token_id: None,
+            eos_token_ids: Vec::new(),
             pad_token_id: 0,
             ..Default::default()
         };
@@ -245,13 +245,28 @@ fn eos_and_stop_conditions_end_rows() {
     // Make the third greedy token of row 0 the EOS: the row ends there, EOS included.
     let eos = free[0].tokens[2];
     let cfg = SamplingConfig {
-        eos_token_id: Some(eos),
+        eos_token_ids: vec![eos],
         ..greedy.clone()
     };
     let out = generate(&model.lm, &prompts(&r), &cfg, device(), |_, _| false);
     let first = free[0].tokens.iter().position(|t| *t == eos).unwrap();
     assert_eq!(out[0].tokens, free[0].tokens[..=first].to_vec());
     assert_eq!(out[0].finish, alignflow_worker::model::sample::Finish::Eos);
+    // Several stop ids (Llama 3's EOS and <|eot_id|>): the row ends on the
+    // first of any of them, as transformers' generate does with a list.
+    let (late, early) = (free[0].tokens[6], free[0].tokens[3]);
+    let cfg = SamplingConfig {
+        eos_token_ids: vec![late, early],
+        ..greedy.clone()
+    };
+    let out = generate(&model.lm, &prompts(&r), &cfg, device(), |_, _| false);
+    let first = free[0]
+        .tokens
+        .iter()
+        .position(|t| *t == late || *t == early)
+        .unwrap();
+    assert!(first <= 3);
+    assert_eq!(out[0].tokens, free[0].tokens[..=first].to_vec());
     // A stop condition after 5 tokens.
     let out = generate(&model.lm, &prompts(&r), &greedy, device(), |_, toks| {
         toks.len() == 5

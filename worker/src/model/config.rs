@@ -45,6 +45,10 @@ pub struct ModelConfig {
     pub dropout: f64,
     pub bos_token_id: Option<i64>,
     pub eos_token_id: Option<i64>,
+    /// Every id generation stops on: `config.json`'s `eos_token_id` (a
+    /// number or a list) and, when the folder has one,
+    /// `generation_config.json`'s (Llama 3 lists `<|eot_id|>` there).
+    pub stop_token_ids: Vec<i64>,
     pub pad_token_id: Option<i64>,
     /// The config as read, written back on save so other tools see their keys.
     pub raw: Value,
@@ -83,6 +87,15 @@ struct RawConfig {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
+}
+
+/// Every id of a number or a list of numbers.
+fn token_ids(v: &Value) -> Vec<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().into_iter().collect(),
+        Value::Array(a) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A token id, or the first of a list (some configs list several EOS ids).
@@ -177,6 +190,7 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         dropout: 0.0,
         bos_token_id: token_id(&c.bos_token_id),
         eos_token_id: token_id(&c.eos_token_id),
+        stop_token_ids: c.eos_token_id.as_ref().map(token_ids).unwrap_or_default(),
         pad_token_id: token_id(&c.pad_token_id),
         raw,
     })
@@ -190,7 +204,18 @@ impl ModelConfig {
             .with_context(|| format!("reading {}", path.display()))?;
         let raw: Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        Self::from_json(raw).with_context(|| format!("in {}", path.display()))
+        let mut cfg = Self::from_json(raw).with_context(|| format!("in {}", path.display()))?;
+        let generation = dir.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(&generation) {
+            let g: Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", generation.display()))?;
+            for id in token_ids(&g["eos_token_id"]) {
+                if !cfg.stop_token_ids.contains(&id) {
+                    cfg.stop_token_ids.push(id);
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// Builds the config from a parsed `config.json`.
@@ -229,6 +254,7 @@ impl ModelConfig {
                     dropout: c.resid_pdrop.unwrap_or(0.0),
                     bos_token_id: token_id(&c.bos_token_id),
                     eos_token_id: token_id(&c.eos_token_id),
+                    stop_token_ids: c.eos_token_id.as_ref().map(token_ids).unwrap_or_default(),
                     pad_token_id: token_id(&c.pad_token_id),
                     raw,
                 }
@@ -330,6 +356,27 @@ impl ModelConfig {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn stop_ids_come_from_the_config_and_the_generation_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = ModelConfig::gpt2_json(96, 32, 16, 1, 2, 0, 0.0);
+        raw["eos_token_id"] = json!([0, 3]);
+        std::fs::write(dir.path().join("config.json"), raw.to_string()).unwrap();
+        assert_eq!(
+            ModelConfig::load(dir.path()).unwrap().stop_token_ids,
+            vec![0, 3]
+        );
+        // Llama 3's generation_config.json lists <|eot_id|> beside the EOS.
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            json!({"eos_token_id": [3, 9]}).to_string(),
+        )
+        .unwrap();
+        let cfg = ModelConfig::load(dir.path()).unwrap();
+        assert_eq!(cfg.stop_token_ids, vec![0, 3, 9]);
+        assert_eq!(cfg.eos_token_id, Some(0));
+    }
 
     fn qwen3(extra: Value) -> anyhow::Result<ModelConfig> {
         let mut raw = json!({

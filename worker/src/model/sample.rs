@@ -26,7 +26,9 @@ pub struct SamplingConfig {
     pub top_k: i64,
     /// Keep the smallest set of tokens whose probability reaches p (1: off).
     pub top_p: f64,
-    pub eos_token_id: Option<i64>,
+    /// The ids a row ends on (EOS and the other stop ids of the
+    /// checkpoint's generation config); empty: only the length ends rows.
+    pub eos_token_ids: Vec<i64>,
     pub pad_token_id: i64,
     /// Seed of the sampling generator.
     pub seed: u64,
@@ -40,7 +42,7 @@ impl Default for SamplingConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
-            eos_token_id: None,
+            eos_token_ids: Vec::new(),
             pad_token_id: 0,
             seed: 0,
         }
@@ -134,10 +136,10 @@ pub fn generate(
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         for step in 0..cfg.max_new_tokens {
             let mut scores = logits.shallow_clone();
-            if let (Some(eos), true) = (cfg.eos_token_id, step < cfg.min_new_tokens) {
+            if !cfg.eos_token_ids.is_empty() && step < cfg.min_new_tokens {
                 scores = scores.index_fill(
                     1,
-                    &Tensor::from_slice(&[eos]).to_device(device),
+                    &Tensor::from_slice(&cfg.eos_token_ids).to_device(device),
                     f64::NEG_INFINITY,
                 );
             }
@@ -158,7 +160,7 @@ pub fn generate(
                 }
                 out[i].tokens.push(next_v[i]);
                 out[i].logprobs.push(lp_v[i]);
-                if Some(next_v[i]) == cfg.eos_token_id {
+                if cfg.eos_token_ids.contains(&next_v[i]) {
                     active[i] = false;
                     out[i].finish = Finish::Eos;
                 } else if stop(i, &out[i].tokens) {

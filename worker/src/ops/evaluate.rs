@@ -31,7 +31,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{EvaluateParams, OpParams, StageContext};
 
-use super::load::{self, eos_id, shared_positions};
+use super::load::{self, shared_positions, stop_ids};
 use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
 use super::rollout::Rollout;
 use super::sampling::{batch_seed, decode_answer, sampling_config};
@@ -334,7 +334,7 @@ fn sample_both(
     prompts: &[Prompt],
     device: Device,
 ) -> anyhow::Result<Answers> {
-    let eos = eos_id(tokenizer, policy);
+    let eos = stop_ids(tokenizer, policy);
     let base = sampling_config(tokenizer, policy, p.max_new_tokens, p.temperature);
     let answer = |s: Sample| -> anyhow::Result<Answer> {
         Ok(Answer {
@@ -360,7 +360,7 @@ fn sample_both(
             &ids,
             &a,
             p.temperature,
-            eos,
+            &eos,
             device,
         ));
         for s in a {
@@ -398,7 +398,7 @@ fn sequence_kl(
     prompts: &[Vec<i64>],
     samples: &[Sample],
     temperature: f64,
-    eos: Option<i64>,
+    eos: &[i64],
     device: Device,
 ) -> Vec<f64> {
     tch::no_grad(|| {

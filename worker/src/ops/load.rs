@@ -69,6 +69,19 @@ pub(crate) fn eos_id(tokenizer: &Tokenizer, model: &Model) -> Option<i64> {
         .or(model.lm.cfg.eos_token_id)
 }
 
+/// Every id a sampled answer ends on: [`eos_id`] first, then the stop ids
+/// of the model's `config.json` and `generation_config.json` (as
+/// transformers' `generate` stops on any of them).
+pub(crate) fn stop_ids(tokenizer: &Tokenizer, model: &Model) -> Vec<i64> {
+    let mut ids: Vec<i64> = eos_id(tokenizer, model).into_iter().collect();
+    for &id in &model.lm.cfg.stop_token_ids {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
 /// Checks that every `(port, folder)` in `others` shares the policy's
 /// tokenizer (`why` says what needs it) and returns the positions all of
 /// them have, which must leave room for `max_new_tokens`. Reads configs

@@ -64,11 +64,8 @@ impl Rollout {
     /// `[b, r]` float 0/1: the response tokens that count, those generated
     /// up to and including the first `eos` (all generated ones without an
     /// EOS token).
-    pub fn scored_mask(&self, eos: Option<i64>) -> Tensor {
-        match eos {
-            Some(e) => response_mask(&self.resp, e, None) * self.gen_mask.to_kind(Kind::Float),
-            None => self.gen_mask.to_kind(Kind::Float),
-        }
+    pub fn scored_mask(&self, eos_ids: &[i64]) -> Tensor {
+        response_mask(&self.resp, eos_ids, None) * self.gen_mask.to_kind(Kind::Float)
     }
 }
 

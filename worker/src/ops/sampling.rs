@@ -3,7 +3,7 @@
 
 use alignflow_ops::text::Tokenizer;
 
-use super::load::eos_id;
+use super::load::stop_ids;
 use crate::model::sample::{Sample, SamplingConfig};
 use crate::model::Model;
 
@@ -23,7 +23,7 @@ pub(crate) fn sampling_config(
     SamplingConfig {
         max_new_tokens,
         temperature,
-        eos_token_id: eos_id(tokenizer, model),
+        eos_token_ids: stop_ids(tokenizer, model),
         pad_token_id: model.lm.cfg.pad_id(),
         ..Default::default()
     }

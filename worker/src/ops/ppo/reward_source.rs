@@ -139,7 +139,7 @@ pub(super) struct Rewards {
     source: Source,
     /// The policy's tokenizer (decodes responses for the feedback model).
     tokenizer: Tokenizer,
-    eos: Option<i64>,
+    eos: Vec<i64>,
     prompts: HashMap<Vec<i64>, PromptInfo>,
     contrastive: bool,
 }
@@ -156,7 +156,7 @@ impl Rewards {
         ctx: &StageContext<'_>,
         source: Source,
         tokenizer: Tokenizer,
-        eos: Option<i64>,
+        eos: Vec<i64>,
         prompts: &[Vec<i64>],
         texts: &[String],
     ) -> anyhow::Result<Rewards> {
@@ -198,7 +198,7 @@ impl Rewards {
         Rewards {
             source: Source::Pm(pm),
             tokenizer,
-            eos: None,
+            eos: Vec::new(),
             prompts: HashMap::new(),
             contrastive: false,
         }
@@ -237,10 +237,8 @@ impl Rewards {
                 let mut questions = Vec::with_capacity(batch.len());
                 for ((prompt, row), len) in batch.iter().zip(&resp_v).zip(lens) {
                     let mut toks = &row[..len as usize];
-                    if let Some(e) = self.eos {
-                        if let Some(at) = toks.iter().position(|t| *t == e) {
-                            toks = &toks[..at];
-                        }
+                    if let Some(at) = toks.iter().position(|t| self.eos.contains(t)) {
+                        toks = &toks[..at];
                     }
                     let response = self.tokenizer.decode(toks)?;
                     let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];

@@ -52,11 +52,8 @@ pub(super) fn roll_out(s: &Settings, policy: &Model, prompts: &[Vec<i64>], it: u
     let sampled = tch::no_grad(|| {
         crate::train::autocast_if(s.autocast, || sample(policy, &batch, &cfg, s.device))
     });
-    let rmask = sampled.scored_mask(s.eos);
-    let has_eos = match s.eos {
-        Some(e) => contains_eos(&sampled.resp, e),
-        None => Tensor::zeros([b], (Kind::Bool, s.device)),
-    };
+    let rmask = sampled.scored_mask(&s.eos);
+    let has_eos = contains_eos(&sampled.resp, &s.eos);
     Rollout {
         batch,
         b,

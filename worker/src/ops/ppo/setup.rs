@@ -11,7 +11,7 @@ use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, StageContext};
 use super::reward_source::{Rewards, Source};
 use crate::model::sample::SamplingConfig;
 use crate::model::{self, without_adapters, Head, Model, Packing};
-use crate::ops::load::{self, eos_id};
+use crate::ops::load::{self, stop_ids};
 use crate::ops::prompts::{read_prompts, PromptSource};
 use crate::ops::sampling::sampling_config;
 use crate::rl::{GaeConfig, GroupBaseline, KlEstimator};
@@ -25,7 +25,8 @@ pub(super) struct Settings {
     pub device: Device,
     /// bf16 autocast (CUDA only).
     pub autocast: bool,
-    pub eos: Option<i64>,
+    /// The ids an answer ends on (see `load::stop_ids`).
+    pub eos: Vec<i64>,
     /// `None` with GAE; with GRPO / RLOO, how a group's rewards become
     /// advantages.
     pub baseline: Option<GroupBaseline>,
@@ -124,7 +125,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
         Some(_) => None,
     };
     let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
-    let eos = eos_id(&tokenizer, &policy);
+    let eos = stop_ids(&tokenizer, &policy);
     let max_new = p.max_new_tokens.max(1);
     let max_positions = policy
         .lm
@@ -137,8 +138,15 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
         "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
     );
     let prompt_budget = (max_positions - max_new) as usize;
-    let (prompts, rewards) =
-        prompts_and_rewards(ctx, &p, &tokenizer, prompt_budget, source, policy_dir, eos)?;
+    let (prompts, rewards) = prompts_and_rewards(
+        ctx,
+        &p,
+        &tokenizer,
+        prompt_budget,
+        source,
+        policy_dir,
+        eos.clone(),
+    )?;
     let sampling = sampling_config(&tokenizer, &policy, max_new, p.temperature);
     Ok(Setup {
         settings: Settings {
@@ -223,7 +231,7 @@ fn prompts_and_rewards(
     budget: usize,
     source: Source,
     policy_dir: &Path,
-    eos: Option<i64>,
+    eos: Vec<i64>,
 ) -> anyhow::Result<(Vec<Vec<i64>>, Rewards)> {
     // Prompts, tokenized, keeping each one's end.
     let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;

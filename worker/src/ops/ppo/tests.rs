@@ -418,7 +418,7 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
     let cfg = SamplingConfig {
         max_new_tokens: 5,
         temperature: 1.0,
-        eos_token_id: tokenizer.eos_id.map(i64::from),
+        eos_token_ids: tokenizer.eos_id.map(i64::from).into_iter().collect(),
         pad_token_id: policy.lm.cfg.pad_id(),
         ..Default::default()
     };
