@@ -7,13 +7,15 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
+use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
 /// Params of `baseline_scores`. `template` and `prompt_field` must match the
 /// `ppo` stage's: its prompts are looked up by their templated text.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct BaselineScoresParams {
     /// Baseline responses per prompt (k).
     #[serde(default = "default_samples")]
@@ -24,17 +26,9 @@ pub struct BaselineScoresParams {
     /// Sampling temperature.
     #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
-    /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "crate::defaults::prompt_template")]
-    pub template: String,
-    /// Chat template: `auto` formats each prompt as a user turn with the
-    /// `chat_template` input's template, else the policy's own, else the
-    /// plain `template`; `none` always uses `template`.
-    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
-    pub chat_template: ChatTemplateChoice,
-    /// Field holding the prompt.
-    #[serde(default = "crate::defaults::prompt_field")]
-    pub prompt_field: String,
+    /// The prompt field, its template and the chat template.
+    #[serde(flatten)]
+    pub prompt: PromptParams,
     /// Responses sampled and scored per batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,

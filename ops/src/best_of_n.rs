@@ -33,46 +33,31 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
-use crate::op::{check_temperature, require, AT_LEAST_ONE};
+use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
+use crate::decoding::DecodingParams;
+use crate::op::{require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `best_of_n`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct BestOfNParams {
     /// Answers sampled per prompt.
     #[serde(default = "default_n")]
     pub n: usize,
-    /// Most new tokens per answer.
-    #[serde(default = "crate::defaults::max_new_tokens")]
-    pub max_new_tokens: i64,
-    /// Sampling temperature; 0 is greedy (then all n answers are the same).
-    #[serde(default = "crate::defaults::one_f64")]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0: off).
-    #[serde(default)]
-    pub top_k: i64,
-    /// Nucleus sampling mass (1: off).
-    #[serde(default = "crate::defaults::one_f64")]
-    pub top_p: f64,
+    /// Most new tokens, temperature, top-k and top-p.
+    #[serde(flatten)]
+    pub decoding: DecodingParams,
     /// Stop an answer when its text contains one of these (the stop string
     /// is cut off the written response; the PM scores the sampled tokens).
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Field holding the prompt.
-    #[serde(default = "crate::defaults::prompt_field")]
-    pub prompt_field: String,
-    /// Prompt template; `{prompt}` is replaced by the prompt field. Give the
-    /// `sft` stage that consumes `data` the same template.
-    #[serde(default = "crate::defaults::prompt_template")]
-    pub template: String,
-    /// Chat template: `auto` formats each prompt as a user turn with the
-    /// `chat_template` input's template, else the policy's own, else the
-    /// plain `template`; `none` always uses `template`.
-    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
-    pub chat_template: ChatTemplateChoice,
+    /// The prompt field, its template and the chat template.
+    #[serde(flatten)]
+    pub prompt: PromptParams,
     /// Sequences per sampling pass, and prompts per scoring pass.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
@@ -189,14 +174,7 @@ pub const OP: OpDecl = OpDecl {
 impl OpParams for BestOfNParams {
     fn check(&self) -> Result<(), ParamError> {
         require(self.n > 0, "n", AT_LEAST_ONE)?;
-        require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
-        check_temperature(self.temperature)?;
-        require(
-            self.top_p > 0.0 && self.top_p <= 1.0,
-            "top_p",
-            "must be in (0, 1]",
-        )?;
-        require(self.top_k >= 0, "top_k", "must be >= 0")?;
+        self.decoding.check()?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
         require(self.limit != Some(0), "limit", AT_LEAST_ONE)
     }

@@ -31,6 +31,34 @@ impl ChatTemplateChoice {
     }
 }
 
+/// How a prompt record becomes model text: the params every op that samples
+/// from a `prompts` input shares (flattened into its params).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PromptParams {
+    /// Field holding the prompt.
+    #[serde(default = "crate::defaults::prompt_field")]
+    pub prompt_field: String,
+    /// Prompt template; `{prompt}` is replaced by the prompt field. Give a
+    /// stage that trains on the results (`sft`, `pm.train`) the same one.
+    #[serde(default = "crate::defaults::prompt_template")]
+    pub template: String,
+    /// Chat template: `auto` formats each prompt as a user turn with the
+    /// `chat_template` input's template, else the policy's own, else the
+    /// plain `template`; `none` always uses `template`.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
+}
+
+impl Default for PromptParams {
+    fn default() -> Self {
+        PromptParams {
+            prompt_field: crate::defaults::prompt_field(),
+            template: crate::defaults::prompt_template(),
+            chat_template: ChatTemplateChoice::Auto,
+        }
+    }
+}
+
 /// The doc of the `chat_template` input of the ops that format prompts.
 pub const CHAT_TEMPLATE_INPUT: &str =
     "a Jinja chat template file, used instead of the model's own (with `chat_template: auto`)";
@@ -133,15 +161,7 @@ fn special_tokens(dir: &Path) -> anyhow::Result<BTreeMap<String, serde_json::Val
         return Ok(vars);
     };
     for key in SPECIAL_TOKENS {
-        let token = match &config[key] {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Object(o) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(str::to_string),
-            _ => None,
-        };
-        if let Some(token) = token {
+        if let Some(token) = crate::text::token_text(&config[key]) {
             vars.insert(key.to_string(), token.into());
         }
     }

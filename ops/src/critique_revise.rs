@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::data::CritiqueRevision;
+use crate::decoding::DecodingParams;
 use crate::op::{require, AT_LEAST_ONE};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -42,7 +43,9 @@ pub enum PrincipleSampling {
 
 /// Params of `critique_revise`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct CritiqueReviseParams {
     /// Critique/revision rounds per response (the paper uses 1 to 4).
     #[serde(default = "default_rounds")]
@@ -53,18 +56,9 @@ pub struct CritiqueReviseParams {
     /// Prepend the constitution's few-shot critique/revision examples.
     #[serde(default = "crate::defaults::yes")]
     pub few_shot: bool,
-    /// Most new tokens per critique and per revision.
-    #[serde(default = "crate::defaults::max_new_tokens")]
-    pub max_new_tokens: i64,
-    /// Sampling temperature; 0 is greedy.
-    #[serde(default = "crate::defaults::temperature")]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0: off).
-    #[serde(default)]
-    pub top_k: i64,
-    /// Nucleus sampling mass (1: off).
-    #[serde(default = "crate::defaults::top_p")]
-    pub top_p: f64,
+    /// Most new tokens, temperature, top-k and top-p.
+    #[serde(flatten)]
+    pub decoding: DecodingParams,
     /// Records per generation batch.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
@@ -230,7 +224,7 @@ pub const OP: OpDecl = OpDecl {
 impl OpParams for CritiqueReviseParams {
     fn check(&self) -> Result<(), ParamError> {
         require(self.rounds > 0, "rounds", AT_LEAST_ONE)?;
-        require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
+        self.decoding.check()?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)
     }
 }

@@ -57,29 +57,23 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
+use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `evaluate`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct EvaluateParams {
     /// Evaluate only the first `limit` prompts of the file (none: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
-    /// Field holding the prompt.
-    #[serde(default = "crate::defaults::prompt_field")]
-    pub prompt_field: String,
-    /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "crate::defaults::prompt_template")]
-    pub template: String,
-    /// Chat template: `auto` formats each prompt as a user turn with the
-    /// `chat_template` input's template, else the policy's own, else the
-    /// plain `template`; `none` always uses `template`.
-    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
-    pub chat_template: ChatTemplateChoice,
+    /// The prompt field, its template and the chat template.
+    #[serde(flatten)]
+    pub prompt: PromptParams,
     /// Most new tokens per answer.
     #[serde(default = "crate::defaults::max_new_tokens")]
     pub max_new_tokens: i64,

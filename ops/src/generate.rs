@@ -2,48 +2,35 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
-use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
+use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
+use crate::decoding::DecodingParams;
+use crate::op::{require, AT_LEAST_ONE};
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `generate`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct GenerateParams {
     /// Responses per prompt.
     #[serde(default = "crate::defaults::one")]
     pub n: usize,
-    /// Most new tokens per response.
-    #[serde(default = "crate::defaults::max_new_tokens")]
-    pub max_new_tokens: i64,
+    /// Most new tokens, temperature, top-k and top-p.
+    #[serde(flatten)]
+    pub decoding: DecodingParams,
     /// Fewest new tokens (EOS is blocked before).
     #[serde(default)]
     pub min_new_tokens: i64,
-    /// Sampling temperature; 0 is greedy.
-    #[serde(default = "crate::defaults::temperature")]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0: off).
-    #[serde(default)]
-    pub top_k: i64,
-    /// Nucleus sampling mass (1: off).
-    #[serde(default = "crate::defaults::top_p")]
-    pub top_p: f64,
     /// Stop a response when its text contains one of these (the stop string is cut off).
     #[serde(default)]
     pub stop: Vec<String>,
     /// Prompts per batch.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
-    /// Field holding the prompt.
-    #[serde(default = "crate::defaults::prompt_field")]
-    pub prompt_field: String,
-    /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "crate::defaults::prompt_template")]
-    pub template: String,
-    /// Chat template: `auto` formats each prompt as a user turn with the
-    /// `chat_template` input's template, else the policy's own, else the
-    /// plain `template`; `none` always uses `template`.
-    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
-    pub chat_template: ChatTemplateChoice,
+    /// The prompt field, its template and the chat template.
+    #[serde(flatten)]
+    pub prompt: PromptParams,
 }
 
 /// The `generate` op.
@@ -65,4 +52,10 @@ pub const OP: OpDecl = OpDecl {
     conventions: &[CHAT_PROMPT_CONVENTION],
 };
 
-impl OpParams for GenerateParams {}
+impl OpParams for GenerateParams {
+    fn check(&self) -> Result<(), ParamError> {
+        self.decoding.check()?;
+        require(self.n > 0, "n", AT_LEAST_ONE)?;
+        require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)
+    }
+}

@@ -12,6 +12,7 @@
 pub mod chat_format;
 pub mod chat_template;
 pub mod data;
+pub mod decoding;
 pub mod defaults;
 pub mod op;
 pub mod protocol;
@@ -40,11 +41,12 @@ pub mod training;
 pub use ai_feedback::AiFeedbackParams;
 pub use baseline_scores::{BaselineRecord, BaselineScoresParams};
 pub use best_of_n::BestOfNParams;
-pub use chat_format::{ChatFormat, ChatTemplateChoice};
+pub use chat_format::{ChatFormat, ChatTemplateChoice, PromptParams};
 pub use critique_revise::{
     choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
     CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
 };
+pub use decoding::DecodingParams;
 pub use describe::describe;
 pub use dpo::{DpoLoss, DpoParams, DpoReferenceParams};
 pub use evaluate::EvaluateParams;
@@ -54,7 +56,7 @@ pub use op::{
     nearest, normalize, BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement,
     Port,
 };
-pub use pm::{PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
+pub use pm::{PmParams, PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
 pub use ppo::{
     PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit,
 };

@@ -20,9 +20,9 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 /// may name).
 pub const PM_TRAIN_SETS: [&str; 2] = ["comparisons", "extra"];
 
-/// Params of `pm.train`.
+/// What `pm.train` and `pm.pretrain` share (flattened into both).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-pub struct PmTrainParams {
+pub struct PmParams {
     /// Peak learning rate.
     #[serde(default = "default_lr")]
     pub lr: f64,
@@ -39,11 +39,6 @@ pub struct PmTrainParams {
     /// same token type at the end of every sequence.
     #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
-    /// Loss weight per training input (`comparisons`, `extra`); unnamed
-    /// inputs weigh 1.0, a weight of 0 drops the set. The loss of a batch is
-    /// the weighted mean of its pairs' losses.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub mix: BTreeMap<String, f64>,
     /// Without an `eval` input: the fraction of the training records (of
     /// every set, chosen by the stage seed) held out for evaluation; 0
     /// evaluates nothing.
@@ -56,33 +51,23 @@ pub struct PmTrainParams {
     pub train: TrainParams,
 }
 
+/// Params of `pm.train`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PmTrainParams {
+    /// Loss weight per training input (`comparisons`, `extra`); unnamed
+    /// inputs weigh 1.0, a weight of 0 drops the set. The loss of a batch is
+    /// the weighted mean of its pairs' losses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mix: BTreeMap<String, f64>,
+    #[serde(flatten)]
+    pub pm: PmParams,
+}
+
 /// Params of `pm.pretrain`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct PmPretrainParams {
-    /// Peak learning rate.
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    /// Dropout (the checkpoint's own rates, and LoRA's) in the training
-    /// forwards. Off by default, as TRL's RewardTrainer disables it: the
-    /// reward is then the same function at training and at scoring time.
-    #[serde(default)]
-    pub dropout: bool,
-    /// Longest sequence (prompt + response + EOS) in tokens, truncated as in
-    /// `pm.train`.
-    #[serde(default = "crate::defaults::max_len")]
-    pub max_len: i64,
-    /// Append the EOS token to every response.
-    #[serde(default = "crate::defaults::yes")]
-    pub append_eos: bool,
-    /// Fraction of the records (chosen by the stage seed) held out for
-    /// evaluation; 0 evaluates nothing.
-    #[serde(default = "default_eval_fraction")]
-    pub eval_fraction: f64,
-    /// LoRA adapters (plus the reward head) instead of full training.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<LoraParams>,
     #[serde(flatten)]
-    pub train: TrainParams,
+    pub pm: PmParams,
 }
 
 fn default_lr() -> f64 {
@@ -107,7 +92,7 @@ fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {
 
 impl OpParams for PmTrainParams {
     fn check(&self) -> Result<(), ParamError> {
-        check_common(self.max_len, self.eval_fraction)?;
+        check_common(self.pm.max_len, self.pm.eval_fraction)?;
         for (name, w) in &self.mix {
             if !PM_TRAIN_SETS.contains(&name.as_str()) {
                 return Err(ParamError {
@@ -151,6 +136,14 @@ const PM_OUTPUTS: &[Port] = &[
     ),
 ];
 
+/// How both ops score and train.
+const PM_CONVENTIONS: &[&str] = &[
+    "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
+    "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
+    "batch loss: the mean over pairs (in pm.train weighted by `mix`, 1 by default)",
+    "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
+];
+
 /// The `pm.train` op.
 pub const TRAIN_OP: OpDecl = OpDecl {
     name: "pm.train",
@@ -177,12 +170,7 @@ pub const TRAIN_OP: OpDecl = OpDecl {
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmTrainParams>(),
     placement: Placement::Worker,
-    conventions: &[
-        "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
-        "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
-        "batch loss: the weighted mean over pairs (weights from `mix`, 1 by default)",
-        "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
-    ],
+    conventions: PM_CONVENTIONS,
 };
 
 /// The `pm.pretrain` op.
@@ -200,17 +188,12 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmPretrainParams>(),
     placement: Placement::Worker,
-    conventions: &[
-        "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
-        "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
-        "batch loss: the weighted mean over pairs (weights from `mix`, 1 by default)",
-        "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
-    ],
+    conventions: PM_CONVENTIONS,
 };
 
 impl OpParams for PmPretrainParams {
     fn check(&self) -> Result<(), ParamError> {
-        check_common(self.max_len, self.eval_fraction)
+        check_common(self.pm.max_len, self.pm.eval_fraction)
     }
 }
 

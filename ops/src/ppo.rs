@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::chat_format::{ChatTemplateChoice, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
+use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::require;
 use crate::training::LoraParams;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -115,7 +115,9 @@ pub struct PpoRewardNorm {
 
 /// Params of `ppo`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Unknown names are refused by `op::parse` (serde cannot deny them
+// beside `flatten`); the schema still lists the struct as closed.
+#[schemars(deny_unknown_fields)]
 pub struct PpoParams {
     /// PPO iterations (rollout + update).
     #[serde(default = "default_iterations")]
@@ -148,17 +150,9 @@ pub struct PpoParams {
     /// Sampling temperature of the rollouts.
     #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
-    /// Field holding the prompt.
-    #[serde(default = "crate::defaults::prompt_field")]
-    pub prompt_field: String,
-    /// Prompt template; `{prompt}` is replaced by the prompt field.
-    #[serde(default = "crate::defaults::prompt_template")]
-    pub template: String,
-    /// Chat template: `auto` formats each prompt as a user turn with the
-    /// `chat_template` input's template, else the policy's own, else the
-    /// plain `template`; `none` always uses `template`.
-    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
-    pub chat_template: ChatTemplateChoice,
+    /// The prompt field, its template and the chat template.
+    #[serde(flatten)]
+    pub prompt: PromptParams,
     /// Learning rate of the policy and the value model.
     #[serde(default = "default_lr")]
     pub lr: f64,

@@ -25,17 +25,7 @@ impl Tokenizer {
                     .with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
                 Err(_) => serde_json::Value::Null,
             };
-        let token_id = |key: &str| -> Option<u32> {
-            let token = match &config[key] {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o
-                    .get("content")
-                    .and_then(|c| c.as_str())
-                    .map(str::to_string),
-                _ => None,
-            }?;
-            inner.token_to_id(&token)
-        };
+        let token_id = |key: &str| inner.token_to_id(token_text(&config[key])?);
         let eos_id = token_id("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
         let pad_id = token_id("pad_token").or(eos_id);
         Ok(Tokenizer {
@@ -50,19 +40,18 @@ impl Tokenizer {
     /// none for GPT-2 or Qwen), as transformers' `tokenizer(text)` adds it,
     /// but never a trailing EOS (a prompt goes on).
     pub fn encode_start(&self, text: &str) -> anyhow::Result<Vec<i64>> {
-        let with = self
+        let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let with: Vec<i64> = with.get_ids().iter().map(|&i| i as i64).collect();
-        let plain = self.encode(text)?;
-        // The text's own ids sit inside the added ones: keep what precedes
-        // them and drop what follows.
-        let end = (0..=with.len().saturating_sub(plain.len()))
-            .find(|&k| with[k..k + plain.len()] == plain[..])
-            .map(|k| k + plain.len())
-            .unwrap_or(with.len());
-        Ok(with[..end].to_vec())
+        // The text's own tokens belong to sequence 0, the added ones to
+        // none: keep what precedes the text's last token, drop what follows.
+        let end = enc
+            .get_sequence_ids()
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |last| last + 1);
+        Ok(enc.get_ids()[..end].iter().map(|&i| i as i64).collect())
     }
 
     /// Token ids of `text`, without added special tokens (a continuation,
@@ -89,6 +78,16 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// A special token's text as `tokenizer_config.json` gives it: a string, or
+/// an `AddedToken` object's `content`.
+pub fn token_text(value: &serde_json::Value) -> Option<&str> {
+    match value {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()),
+        _ => None,
     }
 }
 

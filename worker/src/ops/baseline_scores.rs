@@ -44,30 +44,15 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     );
     let max_new = p.max_new_tokens.max(1);
     let max_positions = policy.lm.cfg.max_positions.min(pm.lm.cfg.max_positions);
-    anyhow::ensure!(
-        max_new < max_positions,
-        "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
-    );
-    let budget = (max_positions - max_new) as usize;
-    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
 
     // Each distinct prompt once: the baseline is keyed by its text.
     let mut seen = HashSet::new();
-    let (texts, prompts): (Vec<String>, Vec<Vec<i64>>) = read_prompts(
-        ctx,
-        &PromptSource {
-            field: &p.prompt_field,
-            template: &p.template,
-            limit: None,
-            budget,
-            chat: chat.as_ref(),
-        },
-        &tokenizer,
-    )?
-    .into_iter()
-    .filter(|pr| seen.insert(pr.text.clone()))
-    .map(|pr| (pr.text, pr.ids))
-    .unzip();
+    let source = PromptSource::new(ctx, &p.prompt, policy_dir, max_positions, max_new)?;
+    let (texts, prompts): (Vec<String>, Vec<Vec<i64>>) = read_prompts(ctx, &source, &tokenizer)?
+        .into_iter()
+        .filter(|pr| seen.insert(pr.text.clone()))
+        .map(|pr| (pr.text, pr.ids))
+        .unzip();
 
     let sampling = sampling_config(&tokenizer, &policy, max_new, p.temperature);
     // Row `j` of the flat list is sample `j % k` of prompt `j / k`.

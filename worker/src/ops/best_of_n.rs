@@ -16,7 +16,7 @@ use alignflow_ops::{BestOfNParams, StageContext};
 
 use super::load::{self, shared_positions};
 use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
-use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
+use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, decoding_config, hits_stop};
 use super::scoring::pm_score_answers;
 use crate::model::sample::{generate, SamplingConfig};
 use crate::model::{self, Head, Model};
@@ -41,20 +41,17 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         policy_dir,
         &[("reward_model", pm_dir)],
         "the PM scores the policy's tokens",
-        p.max_new_tokens,
+        p.decoding.max_new_tokens,
     )?;
-    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
-    let prompts = read_prompts(
+    let source = PromptSource::new(
         ctx,
-        &PromptSource {
-            field: &p.prompt_field,
-            template: &p.template,
-            limit: p.limit,
-            budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
-            chat: chat.as_ref(),
-        },
-        &tokenizer,
-    )?;
+        &p.prompt,
+        policy_dir,
+        max_positions,
+        p.decoding.max_new_tokens,
+    )?
+    .first(p.limit);
+    let prompts = read_prompts(ctx, &source, &tokenizer)?;
 
     // (1) n answers per prompt.
     let answers = {
@@ -113,11 +110,7 @@ fn sample(
     prompts: &[Prompt],
     device: tch::Device,
 ) -> anyhow::Result<Vec<Vec<Answer>>> {
-    let base = SamplingConfig {
-        top_k: p.top_k,
-        top_p: p.top_p,
-        ..sampling_config(tokenizer, policy, p.max_new_tokens, p.temperature)
-    };
+    let base = decoding_config(tokenizer, policy, &p.decoding, 0);
     let rows: Vec<usize> = (0..prompts.len())
         .flat_map(|i| std::iter::repeat_n(i, p.n))
         .collect();

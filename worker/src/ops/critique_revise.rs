@@ -13,7 +13,7 @@ use alignflow_ops::{
 };
 
 use super::load;
-use super::sampling::{decode_answer, sampling_config};
+use super::sampling::{decode_answer, decoding_config};
 use crate::model::sample::{generate, SamplingConfig};
 use crate::model::{self, Model};
 
@@ -118,15 +118,14 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let generator = Generator {
         model: &model,
         tokenizer: &tokenizer,
-        cfg: SamplingConfig {
-            top_k: p.top_k,
-            top_p: p.top_p,
-            seed: ctx.spec.seed,
-            ..sampling_config(&tokenizer, &model, p.max_new_tokens, p.temperature)
-        },
+        cfg: decoding_config(&tokenizer, &model, &p.decoding, ctx.spec.seed),
         device,
         batch_size: p.batch_size.max(1),
-        budget: load::prompt_budget(&stage, model.lm.cfg.max_positions, p.max_new_tokens)?,
+        budget: load::prompt_budget(
+            &stage,
+            model.lm.cfg.max_positions,
+            p.decoding.max_new_tokens,
+        )?,
     };
 
     let start = std::time::Instant::now();

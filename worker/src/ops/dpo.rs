@@ -22,7 +22,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 
-use super::examples::split;
+use super::examples::held_out;
 use super::load::{self, eos_id};
 use super::metrics_log::{finite_or_null, write_held_out_eval};
 use super::training::run_training_with_figures;
@@ -267,18 +267,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         attach_reference(stage, set, path, recs, &reference).map(Some)
     };
     let records = read("comparisons")?.expect("a required input");
-    let (train, held_out, source) = match read("eval")? {
-        Some(eval) => (records, eval, "the `eval` input".to_string()),
-        None => {
-            let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
-            let source = format!(
-                "{} of the comparison records held out (eval_fraction {})",
-                te.len(),
-                p.eval_fraction
-            );
-            (tr, te, source)
-        }
-    };
+    let (train, held_out, source) = held_out(
+        records,
+        read("eval")?,
+        p.eval_fraction,
+        ctx.spec.seed,
+        "comparison records",
+    );
     let train = examples(train, &p);
     let held_out = examples(held_out, &p);
     anyhow::ensure!(!train.is_empty(), "stage `{stage}`: no training pairs");

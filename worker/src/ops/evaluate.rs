@@ -91,18 +91,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         "the KL and the PM need one tokenizer",
         p.max_new_tokens,
     )?;
-    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
-    let prompts = read_prompts(
-        ctx,
-        &PromptSource {
-            field: &p.prompt_field,
-            template: &p.template,
-            limit: p.limit,
-            budget: load::prompt_budget(&stage, max_positions, p.max_new_tokens)?,
-            chat: chat.as_ref(),
-        },
-        &tokenizer,
-    )?;
+    let source = PromptSource::new(ctx, &p.prompt, policy_dir, max_positions, p.max_new_tokens)?
+        .first(p.limit);
+    let prompts = read_prompts(ctx, &source, &tokenizer)?;
 
     // (1) Answers and KL.
     let answers = {

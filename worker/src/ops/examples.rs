@@ -147,6 +147,29 @@ pub fn split<T>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     (train, test)
 }
 
+/// Training and held-out records, and where the held-out ones came from
+/// (for the eval figures): the `eval` input's records when it is bound,
+/// else [`split`] of `records`, which are `what` (e.g. "comparison records").
+pub fn held_out<T>(
+    records: Vec<T>,
+    eval: Option<Vec<T>>,
+    fraction: f64,
+    seed: u64,
+    what: &str,
+) -> (Vec<T>, Vec<T>, String) {
+    match eval {
+        Some(eval) => (records, eval, "the `eval` input".to_string()),
+        None => {
+            let (train, test) = split(records, fraction, seed);
+            let source = format!(
+                "{} of the {what} held out (eval_fraction {fraction})",
+                test.len()
+            );
+            (train, test, source)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

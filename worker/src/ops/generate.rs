@@ -8,7 +8,7 @@ use alignflow_ops::{GenerateParams, StageContext};
 
 use super::load;
 use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
-use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, hits_stop, sampling_config};
+use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, decoding_config, hits_stop};
 use crate::model;
 use crate::model::sample::{generate, Finish, Sample, SamplingConfig};
 
@@ -25,28 +25,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
     let cfg = SamplingConfig {
         min_new_tokens: p.min_new_tokens,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        seed: ctx.spec.seed,
-        ..sampling_config(&tokenizer, &model, p.max_new_tokens, p.temperature)
+        ..decoding_config(&tokenizer, &model, &p.decoding, ctx.spec.seed)
     };
-    let budget = load::prompt_budget(
-        &ctx.spec.stage,
-        model.lm.cfg.max_positions,
-        p.max_new_tokens,
-    )?;
-    let chat = load::chat_format(ctx, p.chat_template, ctx.input("model")?)?;
-    let prompts = read_prompts(
+    let source = PromptSource::new(
         ctx,
-        &PromptSource {
-            field: &p.prompt_field,
-            template: &p.template,
-            limit: None,
-            budget,
-            chat: chat.as_ref(),
-        },
-        &tokenizer,
+        &p.prompt,
+        ctx.input("model")?,
+        model.lm.cfg.max_positions,
+        p.decoding.max_new_tokens,
     )?;
+    let prompts = read_prompts(ctx, &source, &tokenizer)?;
     // Rows: each prompt `n` times, in order.
     let rows: Vec<(usize, usize)> = (0..prompts.len())
         .flat_map(|i| (0..p.n).map(move |s| (i, s)))

@@ -18,10 +18,9 @@ use tch::{Device, Tensor};
 
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::training::{LoraParams, TrainParams};
-use alignflow_ops::{PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
+use alignflow_ops::{PmParams, PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
 
-use super::examples::split;
+use super::examples::held_out;
 use super::load::{self, eos_id};
 use super::metrics_log::write_held_out_eval;
 use super::training::run_training;
@@ -30,17 +29,6 @@ use crate::model::{self, Head, Model};
 pub use data::{read_records, sequence, Encoder, Pair, Record};
 pub use eval::{figures, pair_loss, sigmoid, Bin, Figures, BINS};
 pub use loss::{pair_rewards, soft_bt_loss};
-
-/// The knobs both ops share.
-struct Common<'a> {
-    lr: f64,
-    max_len: i64,
-    append_eos: bool,
-    lora: Option<&'a LoraParams>,
-    /// Dropout in the training forwards (`dropout`, off by default).
-    dropout: bool,
-    train: &'a TrainParams,
-}
 
 /// A loaded preference model and its text encoding.
 struct Loaded {
@@ -64,13 +52,13 @@ impl Loaded {
 
 /// Loads `model` with the reward head (fresh on a plain LM, kept on a PM).
 /// With LoRA the head trains beside the adapters.
-fn load(ctx: &StageContext<'_>, c: &Common<'_>) -> anyhow::Result<Loaded> {
+fn load(ctx: &StageContext<'_>, c: &PmParams) -> anyhow::Result<Loaded> {
     let device = model::device(&ctx.spec.device)?;
     let dir = ctx.input("model")?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     // A fresh reward head (and LoRA adapters) draw from torch's generator:
     // `trainable` seeds it so the stage is a function of its fingerprint.
-    let model = load::trainable(dir, device, Head::Reward, c.lora, ctx.spec.seed)?;
+    let model = load::trainable(dir, device, Head::Reward, c.lora.as_ref(), ctx.spec.seed)?;
     if c.lora.is_some() {
         for (name, t) in model.vs.variables() {
             if name.starts_with("score.") {
@@ -113,7 +101,7 @@ pub fn margins(model: &Model, pairs: &[Pair], batch: usize, device: Device) -> V
 /// Trains on `train`, evaluates on `held_out`, writes the outputs.
 fn train_and_evaluate(
     ctx: &StageContext<'_>,
-    c: &Common<'_>,
+    c: &PmParams,
     mut m: Loaded,
     train: Vec<Pair>,
     held_out: Vec<Pair>,
@@ -131,7 +119,7 @@ fn train_and_evaluate(
         Ok((soft_bt_loss(&ra, &rb, &p, Some(&w)), tokens))
     };
     let n = train.len();
-    let mut metrics = run_training(ctx, &mut m.model, c.train, c.lr, n, &mut loss_fn)?;
+    let mut metrics = run_training(ctx, &mut m.model, &c.train, c.lr, n, &mut loss_fn)?;
     metrics.insert("train_pairs".into(), n.into());
 
     // The model is now what `run_training` saved (LoRA merged).
@@ -171,15 +159,8 @@ fn flatten(records: Vec<Record>) -> Vec<Pair> {
 /// `pm.train`.
 pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: PmTrainParams = ctx.params()?;
-    let c = Common {
-        lr: p.lr,
-        max_len: p.max_len,
-        append_eos: p.append_eos,
-        lora: p.lora.as_ref(),
-        dropout: p.dropout,
-        train: &p.train,
-    };
-    let m = load(ctx, &c)?;
+    let c = &p.pm;
+    let m = load(ctx, c)?;
     let enc = m.encoder();
     let stage = ctx.spec.stage.as_str();
     let mut records = Vec::new();
@@ -194,45 +175,28 @@ pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         }
         records.extend(read_records(stage, path, &enc, weight)?);
     }
-    let (train, held_out, source) = match ctx.spec.inputs.get("eval") {
-        Some(path) => (
-            records,
-            read_records(stage, path, &enc, 1.0)?,
-            "the `eval` input".to_string(),
-        ),
-        None => {
-            let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
-            let source = format!(
-                "{} of the training records held out (eval_fraction {})",
-                te.len(),
-                p.eval_fraction
-            );
-            (tr, te, source)
-        }
+    let eval = match ctx.spec.inputs.get("eval") {
+        Some(path) => Some(read_records(stage, path, &enc, 1.0)?),
+        None => None,
     };
-    train_and_evaluate(ctx, &c, m, flatten(train), flatten(held_out), &source)
+    let (train, held_out, source) = held_out(
+        records,
+        eval,
+        c.eval_fraction,
+        ctx.spec.seed,
+        "training records",
+    );
+    train_and_evaluate(ctx, c, m, flatten(train), flatten(held_out), &source)
 }
 
 /// `pm.pretrain`.
 pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: PmPretrainParams = ctx.params()?;
-    let c = Common {
-        lr: p.lr,
-        max_len: p.max_len,
-        append_eos: p.append_eos,
-        lora: p.lora.as_ref(),
-        dropout: p.dropout,
-        train: &p.train,
-    };
-    let m = load(ctx, &c)?;
+    let c = &p.pm;
+    let m = load(ctx, c)?;
     let enc = m.encoder();
     let data: &Path = ctx.input("data")?;
     let records = read_records(&ctx.spec.stage, data, &enc, 1.0)?;
-    let (tr, te) = split(records, p.eval_fraction, ctx.spec.seed);
-    let source = format!(
-        "{} of the records held out (eval_fraction {})",
-        te.len(),
-        p.eval_fraction
-    );
-    train_and_evaluate(ctx, &c, m, flatten(tr), flatten(te), &source)
+    let (tr, te, source) = held_out(records, None, c.eval_fraction, ctx.spec.seed, "records");
+    train_and_evaluate(ctx, c, m, flatten(tr), flatten(te), &source)
 }

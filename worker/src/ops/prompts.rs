@@ -11,7 +11,11 @@ use anyhow::Context;
 
 use alignflow_ops::data::read_jsonl;
 use alignflow_ops::text::{apply_template, Tokenizer};
-use alignflow_ops::{ChatFormat, StageContext};
+use std::path::Path;
+
+use alignflow_ops::{ChatFormat, PromptParams, StageContext};
+
+use super::load;
 
 /// One prompt.
 #[derive(Debug, Clone)]
@@ -30,16 +34,40 @@ pub(crate) struct Prompt {
 
 /// How to read them.
 pub(crate) struct PromptSource<'a> {
-    /// The record field (`params.prompt_field`).
-    pub field: &'a str,
-    /// `{prompt}` is replaced by the field (`params.template`).
-    pub template: &'a str,
-    /// Read at most this many (`params.limit`).
-    pub limit: Option<usize>,
-    /// Tokens a prompt may keep.
-    pub budget: usize,
+    /// The field, the plain template and the chat template choice.
+    params: &'a PromptParams,
     /// The chat template, if the stage formats prompts as conversations.
-    pub chat: Option<&'a ChatFormat>,
+    chat: Option<ChatFormat>,
+    /// Read at most this many (`params.limit`).
+    limit: Option<usize>,
+    /// Tokens a prompt may keep.
+    budget: usize,
+}
+
+impl<'a> PromptSource<'a> {
+    /// Every prompt of the stage's `prompts` input, formatted for the model
+    /// in `model_dir` (whose chat template `params` may choose), each
+    /// keeping the tokens that `max_new_tokens` leave of `max_positions`
+    /// (too few is an error naming `params.max_new_tokens`).
+    pub(crate) fn new(
+        ctx: &StageContext<'_>,
+        params: &'a PromptParams,
+        model_dir: &Path,
+        max_positions: i64,
+        max_new_tokens: i64,
+    ) -> anyhow::Result<Self> {
+        Ok(PromptSource {
+            params,
+            chat: load::chat_format(ctx, params.chat_template, model_dir)?,
+            limit: None,
+            budget: load::prompt_budget(&ctx.spec.stage, max_positions, max_new_tokens)?,
+        })
+    }
+
+    /// Only the first `limit` prompts (none: all).
+    pub(crate) fn first(self, limit: Option<usize>) -> Self {
+        PromptSource { limit, ..self }
+    }
 }
 
 /// Reads the `prompts` input. Errors name the stage, file, line and field;
@@ -59,7 +87,7 @@ pub(crate) fn read_prompts(
         let record = record
             .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?;
         let at = || format!("stage `{stage}`: {}:{line}", path.display());
-        let (raw, text, messages) = match source.chat {
+        let (raw, text, messages) = match &source.chat {
             Some(chat) => {
                 let (raw, messages) =
                     conversation(&record, source).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
@@ -69,14 +97,20 @@ pub(crate) fn read_prompts(
                 (raw, rendered.text, Some(messages))
             }
             None => {
-                let raw = record[source.field].as_str().with_context(|| {
-                    format!(
-                        "{}: no string field `{}` (params.prompt_field)",
-                        at(),
-                        source.field
-                    )
-                })?;
-                (raw.to_string(), apply_template(source.template, raw), None)
+                let raw = record[source.params.prompt_field.as_str()]
+                    .as_str()
+                    .with_context(|| {
+                        format!(
+                            "{}: no string field `{}` (params.prompt_field)",
+                            at(),
+                            source.params.prompt_field
+                        )
+                    })?;
+                (
+                    raw.to_string(),
+                    apply_template(&source.params.template, raw),
+                    None,
+                )
             }
         };
         // A chat template writes its own BOS where the model wants one:
@@ -148,19 +182,21 @@ fn conversation(
                 "the last message is the assistant's: a prompt ends with a user turn".into(),
             );
         }
-        let raw = record[source.field]
+        let raw = record[source.params.prompt_field.as_str()]
             .as_str()
             .or(last["content"].as_str())
             .unwrap_or_default();
         return Ok((raw.to_string(), messages.clone()));
     }
-    let raw = record[source.field].as_str().ok_or_else(|| {
-        format!(
-            "neither `messages` nor a string field `{}` (params.prompt_field)",
-            source.field
-        )
-    })?;
-    let content = apply_template(source.template, raw);
+    let raw = record[source.params.prompt_field.as_str()]
+        .as_str()
+        .ok_or_else(|| {
+            format!(
+                "neither `messages` nor a string field `{}` (params.prompt_field)",
+                source.params.prompt_field
+            )
+        })?;
+    let content = apply_template(&source.params.template, raw);
     Ok((
         raw.to_string(),
         serde_json::json!([{"role": "user", "content": content}]),

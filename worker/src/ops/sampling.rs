@@ -2,6 +2,7 @@
 //! batch, stop strings, and the text of an answer.
 
 use alignflow_ops::text::Tokenizer;
+use alignflow_ops::DecodingParams;
 
 use super::load::stop_ids;
 use crate::model::sample::{Sample, SamplingConfig};
@@ -26,6 +27,21 @@ pub(crate) fn sampling_config(
         eos_token_ids: stop_ids(tokenizer, model),
         pad_token_id: model.lm.cfg.pad_id(),
         ..Default::default()
+    }
+}
+
+/// [`sampling_config`] with a stage's decoding params and `seed`.
+pub(crate) fn decoding_config(
+    tokenizer: &Tokenizer,
+    model: &Model,
+    d: &DecodingParams,
+    seed: u64,
+) -> SamplingConfig {
+    SamplingConfig {
+        top_k: d.top_k,
+        top_p: d.top_p,
+        seed,
+        ..sampling_config(tokenizer, model, d.max_new_tokens, d.temperature)
     }
 }
 

@@ -11,6 +11,7 @@ use alignflow_ops::StageContext;
 
 use super::metrics_log::{finite_or_null, MetricsLog};
 use crate::model::{Keep, Model};
+use crate::train::per_second;
 use crate::train::{
     AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, StepMetrics, Trainer, TrainerConfig,
 };
@@ -119,14 +120,7 @@ pub fn run_training_with_figures(
     out.insert("steps".into(), steps.into());
     out.insert("final_loss".into(), serde_json::json!(last_loss));
     out.insert("tokens".into(), trainer.state().tokens_seen.into());
-    out.insert(
-        "tokens_per_s".into(),
-        serde_json::json!(if secs > 0.0 {
-            tokens as f64 / secs
-        } else {
-            0.0
-        }),
-    );
+    out.insert("tokens_per_s".into(), per_second(tokens, secs).into());
     Ok(out)
 }
 

@@ -76,6 +76,20 @@ pub enum CheckpointError {
     },
 }
 
+/// Error constructors for `map_err`, each naming the file.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Io { path, source }
+}
+fn torch(path: &Path) -> impl FnOnce(tch::TchError) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Torch { path, source }
+}
+fn json(path: &Path) -> impl FnOnce(serde_json::Error) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Json { path, source }
+}
+
 /// Everything in `state.json` besides the format number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -133,10 +147,6 @@ impl Checkpoints {
         parts: &[CheckpointPart<'_>],
         state: &CheckpointState,
     ) -> Result<PathBuf, CheckpointError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CheckpointError::Io { path, source }
-        };
         std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
         let name = format!("step-{:08}", state.train.step);
         let dir = self.root.join(&name);
@@ -150,19 +160,10 @@ impl Checkpoints {
             for part in parts {
                 let (model_name, optim_name) = part_files(part.name);
                 let model = tmp.join(model_name);
-                part.vs
-                    .save(&model)
-                    .map_err(|source| CheckpointError::Torch {
-                        path: model.clone(),
-                        source,
-                    })?;
+                part.vs.save(&model).map_err(torch(&model))?;
                 let optim = tmp.join(optim_name);
-                Tensor::write_safetensors(&part.opt.state_tensors(), &optim).map_err(|source| {
-                    CheckpointError::Torch {
-                        path: optim.clone(),
-                        source,
-                    }
-                })?;
+                Tensor::write_safetensors(&part.opt.state_tensors(), &optim)
+                    .map_err(torch(&optim))?;
                 files.extend([model, optim]);
             }
             let state_path = tmp.join(STATE_FILE);
@@ -170,10 +171,7 @@ impl Checkpoints {
                 format: FORMAT,
                 state: state.clone(),
             })
-            .map_err(|source| CheckpointError::Json {
-                path: state_path.clone(),
-                source,
-            })?;
+            .map_err(json(&state_path))?;
             std::fs::write(&state_path, json).map_err(io(&state_path))?;
             files.push(state_path);
             for file in &files {
@@ -204,19 +202,11 @@ impl Checkpoints {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(CheckpointError::Io {
-                    path: self.root.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(io(&self.root)(source)),
         };
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| CheckpointError::Io {
-                path: self.root.clone(),
-                source,
-            })?;
+            let entry = entry.map_err(io(&self.root))?;
             let name = entry.file_name();
             // `step-N.tmp-PID` folders are unfinished writes and do not parse.
             let step = name
@@ -290,15 +280,8 @@ pub fn load_checkpoint_parts(
     parts: &mut [CheckpointPartMut<'_>],
 ) -> Result<CheckpointState, CheckpointError> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read(&state_path).map_err(|source| CheckpointError::Io {
-        path: state_path.clone(),
-        source,
-    })?;
-    let file: StateFile =
-        serde_json::from_slice(&text).map_err(|source| CheckpointError::Json {
-            path: state_path.clone(),
-            source,
-        })?;
+    let text = std::fs::read(&state_path).map_err(io(&state_path))?;
+    let file: StateFile = serde_json::from_slice(&text).map_err(json(&state_path))?;
     if file.format != FORMAT {
         return Err(CheckpointError::Format {
             path: state_path,
@@ -308,18 +291,9 @@ pub fn load_checkpoint_parts(
     for part in parts.iter_mut() {
         let (model_name, optim_name) = part_files(part.name);
         let model = dir.join(model_name);
-        part.vs
-            .load(&model)
-            .map_err(|source| CheckpointError::Torch {
-                path: model.clone(),
-                source,
-            })?;
+        part.vs.load(&model).map_err(torch(&model))?;
         let optim = dir.join(optim_name);
-        let tensors =
-            Tensor::read_safetensors(&optim).map_err(|source| CheckpointError::Torch {
-                path: optim.clone(),
-                source,
-            })?;
+        let tensors = Tensor::read_safetensors(&optim).map_err(torch(&optim))?;
         part.opt
             .load_state(&tensors)
             .map_err(|source| CheckpointError::Optim {
@@ -332,12 +306,7 @@ pub fn load_checkpoint_parts(
 
 /// Makes a folder's entries (creations, renames) durable.
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+    File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub use clip::clip_grad_norm;
 pub use loop_state::{epoch_permutation, seed_torch_for_step, step_seed, TrainState};
 pub use optim::{trainable_named, AdamW, AdamWConfig, AdamWImpl, OptimError};
 pub use schedule::{Decay, Schedule, ScheduleConfig};
-pub use trainer::{StepMetrics, Trainer, TrainerConfig};
+pub use trainer::{per_second, StepMetrics, Trainer, TrainerConfig};
 
 /// Runs `f` under bf16 autocast when `on`, else plainly. tch's
 /// `autocast(false, f)` still toggles libtorch's (deprecated) global

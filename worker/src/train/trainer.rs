@@ -148,11 +148,7 @@ impl Trainer {
             lr,
             grad_norm,
             tokens: acc.tokens,
-            tokens_per_s: if secs > 0.0 {
-                acc.tokens as f64 / secs
-            } else {
-                0.0
-            },
+            tokens_per_s: per_second(acc.tokens, secs),
             skipped,
         })
     }
@@ -187,6 +183,15 @@ impl Trainer {
         let saved = load_checkpoint(dir, vs, &mut self.opt)?;
         self.state = saved.train;
         Ok(saved.extra)
+    }
+}
+
+/// `count` per second over `secs` (0 when no time passed).
+pub fn per_second(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
     }
 }
 

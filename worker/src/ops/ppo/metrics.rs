@@ -12,6 +12,7 @@ use super::scalar;
 use super::setup::Settings;
 use super::update::{Advantages, UpdateSums};
 use crate::rl::{masked_mean, RewardNorm};
+use crate::train::per_second;
 
 /// One iteration, as the metrics report it.
 pub(super) struct Iteration<'a> {
@@ -47,7 +48,7 @@ pub(super) fn line(s: &Settings, i: &Iteration<'_>) -> Value {
         "value_loss": targets.map(|_| sums.value_loss / count),
         "explained_variance": targets.and_then(|t| t.explained_variance.is_finite().then_some(t.explained_variance)),
         "response_len": scalar(&masked_mean(&rmask.sum_dim_intlist([1i64].as_slice(), false, Kind::Float), &Tensor::ones([b], (Kind::Float, s.device)), None)),
-        "tokens_per_s": if i.secs > 0.0 { ro.sampled.tokens as f64 / i.secs } else { 0.0 },
+        "tokens_per_s": per_second(ro.sampled.tokens, i.secs),
         "lr": i.lr,
         "seconds": i.secs,
     });
@@ -104,14 +105,7 @@ pub(super) fn summary(
     out.insert("final_score".into(), last["score"].clone());
     out.insert("final_kl".into(), last["kl"].clone());
     out.insert("tokens".into(), total_tokens.into());
-    out.insert(
-        "tokens_per_s".into(),
-        serde_json::json!(if secs > 0.0 {
-            tokens as f64 / secs
-        } else {
-            0.0
-        }),
-    );
+    out.insert("tokens_per_s".into(), per_second(tokens, secs).into());
     if let Some(nm) = norm {
         out.insert("reward_gain".into(), nm.gain.into());
         out.insert("reward_bias".into(), nm.bias.into());

@@ -133,16 +133,11 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
         .max_positions
         .min(source.max_positions().unwrap_or(i64::MAX))
         .min(critic.as_ref().map_or(i64::MAX, |c| c.lm.cfg.max_positions));
-    anyhow::ensure!(
-        max_new < max_positions,
-        "stage `{stage}`: max_new_tokens {max_new} leaves no room for a prompt in {max_positions} positions"
-    );
-    let prompt_budget = (max_positions - max_new) as usize;
+    let prompt_source = PromptSource::new(ctx, &p.prompt, policy_dir, max_positions, max_new)?;
     let (prompts, rewards) = prompts_and_rewards(
         ctx,
-        &p,
         &tokenizer,
-        prompt_budget,
+        &prompt_source,
         source,
         policy_dir,
         eos.clone(),
@@ -222,30 +217,18 @@ fn baseline_and_group(
     Ok((baseline, group))
 }
 
-/// The prompts, tokenized and cut to `budget` tokens, and the rewards of
-/// `source` for responses to them.
+/// The prompts of `prompt_source`, tokenized, and the rewards of `source`
+/// for responses to them.
 fn prompts_and_rewards(
     ctx: &StageContext<'_>,
-    p: &PpoParams,
     tokenizer: &Tokenizer,
-    budget: usize,
+    prompt_source: &PromptSource<'_>,
     source: Source,
     policy_dir: &Path,
     eos: Vec<i64>,
 ) -> anyhow::Result<(Vec<Vec<i64>>, Rewards)> {
     // Prompts, tokenized, keeping each one's end.
-    let chat = load::chat_format(ctx, p.chat_template, policy_dir)?;
-    let read = read_prompts(
-        ctx,
-        &PromptSource {
-            field: &p.prompt_field,
-            template: &p.template,
-            limit: None,
-            budget,
-            chat: chat.as_ref(),
-        },
-        tokenizer,
-    )?;
+    let read = read_prompts(ctx, prompt_source, tokenizer)?;
     let (prompts, texts): (Vec<Vec<i64>>, Vec<String>) =
         read.into_iter().map(|pr| (pr.ids, pr.text)).unzip();
     let rewards = Rewards::new(
