@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT};
 use crate::data::read_jsonl;
 use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
@@ -48,6 +49,12 @@ pub struct AiFeedbackParams {
     /// Chain of thought: sampling temperature; 0 is greedy.
     #[serde(default)]
     pub temperature: f64,
+    /// Chat template: `auto` asks the question as a user turn (rendered with
+    /// the `chat_template` input's template, else the model's own, else as
+    /// plain text) and scores the options at the start of the assistant's
+    /// turn; `none` always uses the plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
 }
 
 /// First line of every feedback question.
@@ -120,6 +127,28 @@ pub fn cot_prompt(
 /// whitespace dropped): `{cot_prompt}{reasoning}\nThe answer is:`.
 pub fn cot_answer_prompt(cot_prompt: &str, reasoning: &str) -> String {
     format!("{cot_prompt}{}\n{ANSWER_CUE}", reasoning.trim_end())
+}
+
+/// With a chat template, the turns a question is asked in: each few-shot
+/// example's question as a user turn and its `The answer is: (X)` as the
+/// assistant's, then `question` (a [`feedback_question`]) as the last user
+/// turn. The rendered turns (with the generation prompt) are followed by
+/// the cue, so the options are scored at the start of the assistant's turn.
+pub fn feedback_messages(few_shot: &[String], question: &str) -> Vec<serde_json::Value> {
+    let mut turns = Vec::new();
+    for example in few_shot {
+        let example = example.trim();
+        let (asked, answer) = match example.rfind(ANSWER_CUE) {
+            Some(at) => (&example[..at], &example[at..]),
+            None => (example, ""),
+        };
+        turns.push(serde_json::json!({"role": "user", "content": asked.trim_end()}));
+        if !answer.is_empty() {
+            turns.push(serde_json::json!({"role": "assistant", "content": answer}));
+        }
+    }
+    turns.push(serde_json::json!({"role": "user", "content": question.trim_end()}));
+    turns
 }
 
 /// Few-shot feedback examples before a question, each followed by a blank line.
@@ -332,7 +361,7 @@ impl FeedbackSummary {
 /// The `ai_feedback` op.
 pub const OP: OpDecl = OpDecl {
     name: "ai_feedback",
-    version: 1,
+    version: 2,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
         Port::input("model", "the feedback model folder"),
@@ -341,6 +370,7 @@ pub const OP: OpDecl = OpDecl {
             "JSONL: `generate` output with n = 2 per prompt, or comparisons {prompt, chosen, rejected, label}",
         ),
         Port::input("constitution", "constitution YAML (feedback principles, few-shot examples)"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[
         Port::output(
@@ -354,7 +384,10 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<AiFeedbackParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[
+        "plain text: [few-shot examples, each followed by a blank line] + the question + `The answer is:`; the label is P(` (A)`) / (P(` (A)`) + P(` (B)`)) of the two continuations",
+        "chat template: the turns [few-shot questions (user) and their `The answer is: (X)` (assistant)..., {user: the question}] rendered with the generation prompt, followed by `The answer is:`, so the options are scored at the start of the assistant's turn; chain of thought puts `Let's think step by step:` there instead, and the reasoning and `\\nThe answer is:` follow it",
+    ],
 };
 
 impl OpParams for AiFeedbackParams {
@@ -492,5 +525,19 @@ mod tests {
         assert!(FeedbackSummary::new(&[label(0.5, vec![], None)], 0)
             .agreement
             .is_none());
+    }
+
+    #[test]
+    fn chat_questions_follow_few_shot_turns() {
+        let turns = feedback_messages(
+            &["Consider ...\nOptions:\n(A) x\n(B) y\nThe answer is: (A)".into()],
+            "Consider this\n(A) a\n(B) b\n",
+        );
+        assert_eq!(turns.len(), 3);
+        assert_eq!(turns[0]["content"], "Consider ...\nOptions:\n(A) x\n(B) y");
+        assert_eq!(turns[1]["role"], "assistant");
+        assert_eq!(turns[1]["content"], "The answer is: (A)");
+        assert_eq!(turns[2]["role"], "user");
+        assert_eq!(turns[2]["content"], "Consider this\n(A) a\n(B) b");
     }
 }

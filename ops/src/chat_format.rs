@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::chat_template::{ChatTemplate, ChatTemplateError, Rendered};
+use crate::text::Tokenizer;
 
 /// `params.chat_template` of the ops that format prompts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -66,6 +67,9 @@ pub const CHAT_TEMPLATE_INPUT: &str =
 /// How the ops that format prompts render one, for `alignflow ops NAME`.
 pub const CHAT_PROMPT_CONVENTION: &str = "prompt text: with a chat template, the record's `messages` (TRL's conversational format), else its prompt field through `template` as one user turn, rendered with the generation prompt (add_generation_prompt=True) and tokenized with no special tokens added (the template writes its BOS); without one, the prompt field through `template`";
 
+/// How the training ops render an example, for `alignflow ops NAME`.
+pub const CHAT_TRAINING_CONVENTION: &str = "example text: with a chat template, the prompt (a string as one user turn, or a list of messages ending with a user turn) rendered with the generation prompt, and the conversation with the response as the assistant's last turn, tokenized once with no special tokens added; the response is every token after as many as the prompt alone has (TRL's split; `prompt_boundary_mismatches` counts examples where the conversation does not start with the prompt's tokens), end-of-turn tokens included and no EOS appended; without one, the prompt with the tokenizer's BOS, then the response (+ EOS)";
+
 /// Special tokens a template may write, as transformers names them.
 const SPECIAL_TOKENS: [&str; 7] = [
     "bos_token",
@@ -108,17 +112,73 @@ impl ChatFormat {
                 None => return Ok(None),
             },
         };
-        let template = ChatTemplate::new(&text).with_context(|| source.clone())?;
-        Ok(Some(ChatFormat {
-            template,
-            variables: special_tokens(model_dir)?,
+        let variables = special_tokens(model_dir)?;
+        let format = ChatFormat::new(&text, variables, source.clone()).with_context(|| source)?;
+        Ok(Some(format))
+    }
+
+    /// `text` compiled, rendered with `variables` (special tokens, template
+    /// kwargs) beside the conversation; `source` names it in errors.
+    pub fn new(
+        text: &str,
+        variables: BTreeMap<String, serde_json::Value>,
+        source: String,
+    ) -> Result<ChatFormat, ChatTemplateError> {
+        Ok(ChatFormat {
+            template: ChatTemplate::new(text)?,
+            variables,
             source,
-        }))
+        })
     }
 
     /// `messages` rendered for the model to continue as the assistant.
     pub fn prompt(&self, messages: &serde_json::Value) -> Result<Rendered, ChatTemplateError> {
         self.template.render(messages, true, &self.variables)
+    }
+
+    /// A prompt conversation and its response as the training ops see them,
+    /// as TRL builds a prompt-completion example: the prompt rendered with
+    /// the generation prompt, and the whole conversation with `response` as
+    /// the assistant's last turn (no generation prompt).
+    pub fn completion(
+        &self,
+        prompt: &serde_json::Value,
+        response: &str,
+    ) -> Result<Completion, ChatTemplateError> {
+        let mut messages = prompt.as_array().cloned().unwrap_or_default();
+        messages.push(serde_json::json!({"role": "assistant", "content": response}));
+        let full = serde_json::Value::Array(messages);
+        Ok(Completion {
+            prompt: self.prompt(prompt)?.text,
+            full: self.template.render(&full, false, &self.variables)?.text,
+        })
+    }
+}
+
+/// A rendered prompt-completion example (see [`ChatFormat::completion`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The prompt conversation with the generation prompt.
+    pub prompt: String,
+    /// The conversation with the response as the assistant's last turn.
+    pub full: String,
+}
+
+impl Completion {
+    /// The prompt's tokens and the response's, split as TRL splits them: the
+    /// whole conversation is tokenized once (no special tokens added: the
+    /// template writes its own) and the response is what follows as many
+    /// tokens as the prompt alone has, end-of-turn tokens included. The flag
+    /// says the conversation's first tokens differ from the prompt's (a
+    /// template that renders the history otherwise, or a merge across the
+    /// boundary), which TRL warns about.
+    pub fn token_ids(&self, tokenizer: &Tokenizer) -> anyhow::Result<(Vec<i64>, Vec<i64>, bool)> {
+        let prompt = tokenizer.encode(&self.prompt)?;
+        let mut full = tokenizer.encode(&self.full)?;
+        let split = prompt.len().min(full.len());
+        let mismatch = full[..split] != prompt[..];
+        let response = full.split_off(split);
+        Ok((full, response, mismatch))
     }
 }
 

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT};
 use crate::data::CritiqueRevision;
 use crate::decoding::DecodingParams;
 use crate::op::{require, AT_LEAST_ONE};
@@ -65,6 +66,12 @@ pub struct CritiqueReviseParams {
     /// Conversation template for records without `prompt_text`; `{prompt}` is replaced by the prompt.
     #[serde(default = "default_template")]
     pub template: String,
+    /// Chat template: `auto` holds the critique and the revision as turns
+    /// of the conversation, rendered with the `chat_template` input's
+    /// template, else the model's own, else as plain text; `none` always
+    /// uses the plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
 }
 
 fn default_rounds() -> usize {
@@ -107,6 +114,10 @@ pub struct SftRecord {
     pub prompt: String,
     /// `" " + final revision`, continuing `Assistant:`.
     pub response: String,
+    /// With a chat template: the prompt's turns and the final revision as
+    /// the assistant's (what `sft` trains on with a chat template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<serde_json::Value>,
 }
 
 /// The principle indices (into `count` principles) for the `rounds` rounds
@@ -183,6 +194,79 @@ pub fn revision_prompt(
     )
 }
 
+/// With a chat template, the conversation whose continuation is the
+/// critique: the few-shot turns, the prompt's turns, the answer as the
+/// assistant's turn and the critique request as a follow-up user turn.
+pub fn critique_messages(
+    few_shot: &[serde_json::Value],
+    prompt: &[serde_json::Value],
+    answer: &str,
+    principle: &CritiqueRevision,
+) -> Vec<serde_json::Value> {
+    let mut turns = few_shot.to_vec();
+    turns.extend_from_slice(prompt);
+    turns.push(turn("assistant", answer.trim()));
+    turns.push(turn("user", principle.critique.trim()));
+    turns
+}
+
+/// With a chat template, the conversation whose continuation is the
+/// revision: the critique conversation, the critique as the assistant's
+/// turn and the revision request as the next user turn.
+pub fn revision_messages(
+    few_shot: &[serde_json::Value],
+    prompt: &[serde_json::Value],
+    answer: &str,
+    principle: &CritiqueRevision,
+    critique: &str,
+) -> Vec<serde_json::Value> {
+    let mut turns = critique_messages(few_shot, prompt, answer, principle);
+    turns.push(turn("assistant", critique.trim()));
+    turns.push(turn("user", principle.revision.trim()));
+    turns
+}
+
+/// The few-shot examples as conversation turns: each transcript split at
+/// its markers, `Human:`, `CritiqueRequest:` and `RevisionRequest:` turns
+/// the user's, `Assistant:`, `Critique:` and `Revision:` the assistant's.
+pub fn few_shot_messages(examples: &[String]) -> Vec<serde_json::Value> {
+    const MARKERS: [(&str, &str); 6] = [
+        ("Human:", "user"),
+        ("Assistant:", "assistant"),
+        ("CritiqueRequest:", "user"),
+        ("Critique:", "assistant"),
+        ("RevisionRequest:", "user"),
+        ("Revision:", "assistant"),
+    ];
+    let mut turns = Vec::new();
+    for example in examples {
+        let text = format!("\n\n{}", example.trim_start());
+        // (position of "\n\n", marker length, role) of every turn start.
+        let mut starts: Vec<(usize, usize, &str)> = Vec::new();
+        let mut at = 0;
+        while let Some(i) = text[at..].find("\n\n") {
+            let pos = at + i;
+            let rest = &text[pos + 2..];
+            if let Some((marker, role)) = MARKERS.iter().find(|(m, _)| rest.starts_with(m)) {
+                starts.push((pos, 2 + marker.len(), role));
+            }
+            at = pos + 2;
+        }
+        for (k, &(pos, skip, role)) in starts.iter().enumerate() {
+            let end = starts.get(k + 1).map_or(text.len(), |s| s.0);
+            let content = text[pos + skip..end].trim();
+            if !content.is_empty() {
+                turns.push(turn(role, content));
+            }
+        }
+    }
+    turns
+}
+
+fn turn(role: &str, content: &str) -> serde_json::Value {
+    serde_json::json!({"role": role, "content": content})
+}
+
 /// A generated critique or revision: cut at the first turn marker, trimmed.
 pub fn cut_at_stop(text: &str) -> String {
     let end = STOP_STRINGS
@@ -196,7 +280,7 @@ pub fn cut_at_stop(text: &str) -> String {
 /// The `critique_revise` op.
 pub const OP: OpDecl = OpDecl {
     name: "critique_revise",
-    version: 1,
+    version: 2,
     summary: "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)",
     inputs: &[
         Port::input("model", "the model folder that critiques and revises"),
@@ -205,6 +289,7 @@ pub const OP: OpDecl = OpDecl {
             "JSONL from `generate`: {prompt, prompt_text, response}",
         ),
         Port::input("constitution", "a constitution YAML file"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[
         Port::output(
@@ -218,7 +303,11 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<CritiqueReviseParams>(),
     placement: Placement::Worker,
-    conventions: &[],
+    conventions: &[
+        "plain text: few-shot examples, the conversation, ` ` + answer, `\\n\\nCritiqueRequest: ` + request, `\\n\\nCritique:`; the revision continues that with ` ` + critique, `\\n\\nRevisionRequest: ` + request, `\\n\\nRevision:`",
+        "chat template: the turns [few-shot turns..., prompt turns..., {assistant: answer}, {user: critique request}] rendered with the generation prompt; the revision's are those plus [{assistant: critique}, {user: revision request}]; few-shot transcripts become turns (Human, CritiqueRequest, RevisionRequest: user; Assistant, Critique, Revision: assistant); the prompt turns are the record's `messages` before its answer, else the prompt through `template` as one user turn",
+        "rounds: the revision of round k is the answer critiqued in round k+1; earlier critiques are not kept",
+    ],
 };
 
 impl OpParams for CritiqueReviseParams {
@@ -305,5 +394,61 @@ mod tests {
             .normalize_params(&serde_json::json!({"rounds": 0}))
             .unwrap_err();
         assert_eq!(err.field, "rounds");
+    }
+
+    #[test]
+    fn few_shot_transcripts_become_alternating_turns() {
+        let turns = few_shot_messages(&[
+            "\n\nHuman: hi\n\nAssistant: poison it\n\nCritiqueRequest: harmful?\n\nCritique: yes\n\nRevisionRequest: fix it\n\nRevision: talk to them".into(),
+            "Human: q2\n\nAssistant: a2".into(),
+        ]);
+        let pairs: Vec<(String, String)> = turns
+            .iter()
+            .map(|t| {
+                (
+                    t["role"].as_str().unwrap().into(),
+                    t["content"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let expect = [
+            ("user", "hi"),
+            ("assistant", "poison it"),
+            ("user", "harmful?"),
+            ("assistant", "yes"),
+            ("user", "fix it"),
+            ("assistant", "talk to them"),
+            ("user", "q2"),
+            ("assistant", "a2"),
+        ];
+        let expect: Vec<(String, String)> = expect
+            .iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect();
+        assert_eq!(pairs, expect);
+    }
+
+    #[test]
+    fn chat_requests_are_follow_up_user_turns() {
+        let prompt = vec![serde_json::json!({"role": "user", "content": "hi"})];
+        let few = few_shot_messages(&["Human: a\n\nAssistant: b".into()]);
+        let critique = critique_messages(&few, &prompt, " bad answer ", &principle());
+        let roles: Vec<&str> = critique
+            .iter()
+            .map(|t| t["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "user", "assistant", "user"]);
+        assert_eq!(critique[3]["content"], "bad answer");
+        assert_eq!(critique[4]["content"], "Say how the answer is harmful.");
+        let revision = revision_messages(&few, &prompt, "bad answer", &principle(), " it harms ");
+        assert_eq!(revision.len(), 7);
+        assert_eq!(
+            revision[5],
+            serde_json::json!({"role": "assistant", "content": "it harms"})
+        );
+        assert_eq!(
+            revision[6],
+            serde_json::json!({"role": "user", "content": "Rewrite it without the harm."})
+        );
     }
 }

@@ -26,6 +26,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT, CHAT_TRAINING_CONVENTION};
 use crate::op::require;
 use crate::training::{LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -43,6 +44,11 @@ pub struct DpoReferenceParams {
     /// stopping. `dpo` reuses this choice.
     #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
+    /// Chat template: `auto` renders each example as a conversation with
+    /// the `chat_template` input's template, else the model's own, else
+    /// plain text; `none` always uses plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Pairs per forward pass (a memory knob).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
@@ -89,6 +95,11 @@ pub struct DpoParams {
     /// reference is still the `reference_logps` input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraParams>,
+    /// Chat template: `auto` renders each example as a conversation with
+    /// the `chat_template` input's template, else the model's own, else
+    /// plain text; `none` always uses plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     #[serde(flatten)]
     pub train: TrainParams,
 }
@@ -161,7 +172,7 @@ const COMPARISONS_DOC: &str =
 /// The `dpo.reference` op.
 pub const REFERENCE_OP: OpDecl = OpDecl {
     name: "dpo.reference",
-    version: 1,
+    version: 2,
     summary: "the frozen reference's response log-probs of every comparison pair, cached for dpo",
     inputs: &[
         Port::input(
@@ -170,6 +181,7 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
         ),
         Port::input("comparisons", COMPARISONS_DOC),
         Port::optional("eval", "held-out comparisons, in any of the same shapes"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[Port::output(
         "reference_logps",
@@ -177,13 +189,16 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
     )]),
     params: ParamsDecl::of::<DpoReferenceParams>(),
     placement: Placement::Worker,
-    conventions: &["log-probs: the frozen reference's, summed over each response's tokens plus its EOS, dropout-free"],
+    conventions: &[
+        "log-probs: the frozen reference's, summed over each response's tokens plus its EOS, dropout-free",
+        CHAT_TRAINING_CONVENTION,
+    ],
 };
 
 /// The `dpo` op.
 pub const OP: OpDecl = OpDecl {
     name: "dpo",
-    version: 1,
+    version: 2,
     summary: "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA",
     inputs: &[
         Port::input("policy", "the LM folder to train (usually the reference model)"),
@@ -196,6 +211,7 @@ pub const OP: OpDecl = OpDecl {
             "eval",
             "held-out comparisons, also given to dpo.reference (otherwise `eval_fraction` of the records)",
         ),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[
         Port::output("model", "the trained policy folder (LoRA merged)"),
@@ -216,6 +232,7 @@ pub const OP: OpDecl = OpDecl {
         "sigmoid: -(q log sigmoid(beta d) + (1 - q) log sigmoid(-beta d)); ipo: (d - (2q - 1) / (2 beta))^2",
         "batch loss: the mean over pairs",
         "dropout: off (as TRL), `dropout: true` turns the policy's on",
+        CHAT_TRAINING_CONVENTION,
     ],
 };
 

@@ -41,10 +41,11 @@ pub mod training;
 pub use ai_feedback::AiFeedbackParams;
 pub use baseline_scores::{BaselineRecord, BaselineScoresParams};
 pub use best_of_n::BestOfNParams;
-pub use chat_format::{ChatFormat, ChatTemplateChoice, PromptParams};
+pub use chat_format::{ChatFormat, ChatTemplateChoice, Completion, PromptParams};
 pub use critique_revise::{
-    choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
-    CritiqueReviseParams, PrincipleSampling, RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
+    choose_principles, critique_messages, critique_prompt, cut_at_stop, few_shot_messages,
+    few_shot_prefix, revision_messages, revision_prompt, CritiqueReviseParams, PrincipleSampling,
+    RevisionRecord, SftRecord, TrailStep, STOP_STRINGS,
 };
 pub use decoding::DecodingParams;
 pub use describe::describe;

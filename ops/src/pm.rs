@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT, CHAT_TRAINING_CONVENTION};
 use crate::op::require;
 use crate::training::{LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
@@ -39,6 +40,11 @@ pub struct PmParams {
     /// same token type at the end of every sequence.
     #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
+    /// Chat template: `auto` renders each example as a conversation with
+    /// the `chat_template` input's template, else the model's own, else
+    /// plain text; `none` always uses plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Without an `eval` input: the fraction of the training records (of
     /// every set, chosen by the stage seed) held out for evaluation; 0
     /// evaluates nothing.
@@ -142,12 +148,13 @@ const PM_CONVENTIONS: &[&str] = &[
     "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
     "batch loss: the mean over pairs (in pm.train weighted by `mix`, 1 by default)",
     "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
+    CHAT_TRAINING_CONVENTION,
 ];
 
 /// The `pm.train` op.
 pub const TRAIN_OP: OpDecl = OpDecl {
     name: "pm.train",
-    version: 2,
+    version: 3,
     summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
     inputs: &[
         Port::input(
@@ -166,6 +173,7 @@ pub const TRAIN_OP: OpDecl = OpDecl {
             "eval",
             "held-out comparisons (otherwise `eval_fraction` of the training records)",
         ),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmTrainParams>(),
@@ -176,7 +184,7 @@ pub const TRAIN_OP: OpDecl = OpDecl {
 /// The `pm.pretrain` op.
 pub const PRETRAIN_OP: OpDecl = OpDecl {
     name: "pm.pretrain",
-    version: 2,
+    version: 3,
     summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
     inputs: &[
         Port::input("model", "the base LM folder"),
@@ -184,6 +192,7 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
             "data",
             "JSONL: HH comparisons {prompt, chosen, rejected, label} or rankings {prompt, responses: [best, ..., worst]}",
         ),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(PM_OUTPUTS),
     params: ParamsDecl::of::<PmPretrainParams>(),

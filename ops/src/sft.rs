@@ -3,6 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT, CHAT_TRAINING_CONVENTION};
 use crate::training::{is_true, LoraParams, TrainParams};
 use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 
@@ -18,6 +19,11 @@ pub struct SftParams {
     /// Prompt template; `{prompt}` is replaced by the prompt field.
     #[serde(default = "crate::defaults::prompt_template")]
     pub template: String,
+    /// Chat template: `auto` renders each example as a conversation with
+    /// the `chat_template` input's template, else the model's own, else
+    /// plain text; `none` always uses plain text.
+    #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
+    pub chat_template: ChatTemplateChoice,
     /// Append the EOS token to each response, so the model learns to stop.
     #[serde(default = "crate::defaults::yes")]
     pub append_eos: bool,
@@ -50,12 +56,13 @@ fn default_lr() -> f64 {
 /// The `sft` op.
 pub const OP: OpDecl = OpDecl {
     name: "sft",
-    version: 1,
+    version: 2,
     summary:
         "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA",
     inputs: &[
         Port::input("model", "the model folder to fine-tune"),
         Port::input("data", "JSONL records with a prompt and a response field"),
+        Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
     ],
     outputs: Outputs::Declared(&[
         Port::output("model", "the fine-tuned model folder (LoRA merged)"),
@@ -70,6 +77,7 @@ pub const OP: OpDecl = OpDecl {
         "loss: next-token cross-entropy of each response token (the appended EOS included) given all tokens before it; prompt tokens are never predicted",
         "batch loss: the mean over every response token of the batch (a token mean, as transformers' causal-LM loss with prompt labels -100)",
         "dropout: on (the checkpoint's own rates), `dropout: false` turns it off",
+        CHAT_TRAINING_CONVENTION,
     ],
 };
 

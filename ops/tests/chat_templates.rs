@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use alignflow_ops::chat_template::ChatTemplate;
+use alignflow_ops::text::Tokenizer;
+use alignflow_ops::ChatFormat;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -103,4 +105,55 @@ fn every_template_renders_tokenizes_and_masks_as_transformers_does() {
     // system turn, in every case that has one.
     assert!(masks >= 4 * 20 * 2, "{masks} masks compared");
     assert!(errors > 0, "no template refused anything");
+
+    // Training examples: the prompt and the response tokens as TRL splits
+    // transformers' tokens of the prompt (with the generation prompt) and of
+    // the whole conversation.
+    let ops_tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
+    let mut completions = 0;
+    for r in reference["completions"].as_array().unwrap() {
+        let name = r["template"].as_str().unwrap();
+        let c = case(r["case"].as_str().unwrap());
+        let what = format!("{name} / {} / completion", c["name"]);
+        let mut variables: BTreeMap<String, Value> =
+            serde_json::from_value(reference["special_tokens"][name].clone()).unwrap();
+        if let Some(kwargs) = c["kwargs"].as_object() {
+            variables.extend(kwargs.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let path = match name {
+            "whitespace.jinja" => repo().join("tests/parity").join(name),
+            _ => data.join(name),
+        };
+        let format = ChatFormat::new(
+            &std::fs::read_to_string(&path).unwrap(),
+            variables,
+            name.to_string(),
+        )
+        .unwrap();
+        let turns = c["messages"].as_array().unwrap();
+        let prompt = Value::Array(turns[..turns.len() - 1].to_vec());
+        let response = turns[turns.len() - 1]["content"].as_str().unwrap();
+        let rendered = format.completion(&prompt, response);
+        if let Some(message) = r["error"].as_str() {
+            let err = rendered.expect_err(&what).to_string();
+            assert!(err.contains(message), "{what}: {err} lacks {message}");
+            continue;
+        }
+        let (p, resp, mismatch) = rendered
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .token_ids(&ops_tokenizer)
+            .unwrap();
+        let ids = |key: &str| -> Vec<i64> { serde_json::from_value(r[key].clone()).unwrap() };
+        let (prompt_ids, full_ids) = (ids("prompt_ids"), ids("full_ids"));
+        assert_eq!(
+            mismatch,
+            !full_ids.starts_with(&prompt_ids),
+            "{what}: prefix flag"
+        );
+        let split = prompt_ids.len().min(full_ids.len());
+        assert_eq!(p, full_ids[..split], "{what}: prompt tokens");
+        assert_eq!(resp, full_ids[split..], "{what}: response tokens");
+        completions += 1;
+    }
+    assert!(completions >= 15 * 10, "{completions} completions compared");
 }

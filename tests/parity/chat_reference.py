@@ -67,6 +67,7 @@ def main(out_dir):
     tok = base_tokenizer(cases)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     results = []
+    completions = []
     families = {}
     paths = [os.path.join(DATA, n) for n in sorted(os.listdir(DATA)) if n.endswith(".jinja")]
     paths.append(os.path.join(HERE, "whitespace.jinja"))
@@ -95,8 +96,24 @@ def main(out_dir):
                 except Exception as e:  # the template refused the conversation
                     entry["error"] = str(e)
                 results.append(entry)
+            # A training example as TRL's trainers build it: the prompt with
+            # the generation prompt, the whole conversation without.
+            messages = case["messages"]
+            if len(messages) >= 2 and messages[-1]["role"] == "assistant":
+                entry = {"template": name, "case": case["name"], "completion": True}
+                try:
+                    entry["prompt_ids"] = list(tokenizer.apply_chat_template(
+                        messages[:-1], chat_template=template, tokenize=True, return_dict=True,
+                        add_generation_prompt=True, **kwargs)["input_ids"])
+                    entry["full_ids"] = list(tokenizer.apply_chat_template(
+                        messages, chat_template=template, tokenize=True, return_dict=True,
+                        add_generation_prompt=False, **kwargs)["input_ids"])
+                except Exception as e:
+                    entry["error"] = str(e)
+                completions.append(entry)
     json.dump(
-        {"transformers": transformers.__version__, "special_tokens": families, "results": results},
+        {"transformers": transformers.__version__, "special_tokens": families, "results": results,
+         "completions": completions},
         open(os.path.join(out_dir, "reference.json"), "w", encoding="utf-8"),
         ensure_ascii=False,
     )

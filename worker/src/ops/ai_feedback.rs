@@ -8,14 +8,14 @@
 //! [`super::scoring::OptionTokens`] explains).
 
 use alignflow_ops::ai_feedback::{
-    combine_orders, conversation_of, cot_answer_prompt, cot_prompt, feedback_prompt, read_pairs,
-    sample_principles, with_few_shot, FeedbackPair, FeedbackSummary, PairLabel, ANSWER_CUE,
-    COT_CLAMP,
+    combine_orders, conversation_of, cot_answer_prompt, cot_prompt, feedback_messages,
+    feedback_prompt, feedback_question, read_pairs, sample_principles, with_few_shot, FeedbackPair,
+    FeedbackSummary, PairLabel, ANSWER_CUE, COT_CLAMP, COT_CUE,
 };
 use alignflow_ops::data::{Constitution, FeedbackPrinciple, JsonlWriter};
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{AiFeedbackParams, StageContext};
+use alignflow_ops::{AiFeedbackParams, ChatFormat, StageContext};
 use tch::Device;
 
 use super::load;
@@ -37,7 +37,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: AiFeedbackParams = ctx.params()?;
     let stage = &ctx.spec.stage;
     let device = model::device(&ctx.spec.device)?;
-    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
+    let model_dir = ctx.input("model")?;
+    let (tokenizer, model) = load::language_model(model_dir, device)?;
+    let chat = load::chat_format(ctx, p.chat_template, model_dir)?;
     let constitution = Constitution::load(ctx.input("constitution")?)?;
     let principles = &constitution.feedback;
     anyhow::ensure!(
@@ -61,9 +63,19 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let chosen: Vec<Vec<usize>> = (0..pairs.len())
         .map(|i| sample_principles(principles.len(), p.principles_per_pair, ctx.spec.seed, i))
         .collect();
-    let mut questions = questions(&p, &pairs, &chosen, principles, few_shot);
+    let mut questions = questions(&p, &pairs, &chosen, principles, few_shot, chat.as_ref())
+        .map_err(|e| anyhow::anyhow!("stage `{stage}`: {e:#}"))?;
+    let rendered = chat.is_some();
     if p.chain_of_thought {
-        reason(ctx, &p, &model, &tokenizer, &mut questions, device)?;
+        reason(
+            ctx,
+            &p,
+            &model,
+            &tokenizer,
+            &mut questions,
+            rendered,
+            device,
+        )?;
     }
     let texts: Vec<&str> = questions.iter().map(|q| q.text.as_str()).collect();
     let (mut probs, truncated) = ask_questions(
@@ -74,6 +86,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         p.batch_size.max(1),
         |i| format!("pair {}", questions[i].pair),
         "scoring options",
+        rendered,
         device,
     )?;
     if p.chain_of_thought {
@@ -99,14 +112,15 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 }
 
 /// Every question, pair by pair: per chosen principle, the pair in order
-/// and then swapped.
+/// and then swapped; with a chat template, asked as a user turn.
 fn questions(
     p: &AiFeedbackParams,
     pairs: &[FeedbackPair],
     chosen: &[Vec<usize>],
     principles: &[FeedbackPrinciple],
     few_shot: &[String],
-) -> Vec<Question> {
+    chat: Option<&ChatFormat>,
+) -> anyhow::Result<Vec<Question>> {
     let mut questions = Vec::new();
     for (i, pair) in pairs.iter().enumerate() {
         let conversation = conversation_of(&pair.context);
@@ -117,22 +131,40 @@ fn questions(
                 } else {
                     (&pair.response_a, &pair.response_b)
                 };
-                let text = if p.chain_of_thought {
-                    cot_prompt(&conversation, &principles[j].text, a, b)
-                } else {
-                    feedback_prompt(&conversation, &principles[j].text, a, b)
+                let principle = &principles[j].text;
+                let text = match chat {
+                    None if p.chain_of_thought => {
+                        with_few_shot(few_shot, &cot_prompt(&conversation, principle, a, b))
+                    }
+                    None => {
+                        with_few_shot(few_shot, &feedback_prompt(&conversation, principle, a, b))
+                    }
+                    Some(chat) => {
+                        let question = feedback_question(&conversation, principle, a, b);
+                        let turns =
+                            serde_json::Value::Array(feedback_messages(few_shot, &question));
+                        let rendered = chat
+                            .prompt(&turns)
+                            .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+                        let cue = if p.chain_of_thought {
+                            COT_CUE
+                        } else {
+                            ANSWER_CUE
+                        };
+                        rendered.text + cue
+                    }
                 };
                 questions.push(Question {
                     pair: i,
                     slot,
                     swapped,
-                    text: with_few_shot(few_shot, &text),
+                    text,
                     reasoning: None,
                 });
             }
         }
     }
-    questions
+    Ok(questions)
 }
 
 /// Writes the `comparisons` output (per pair: `p_a` and each principle's
@@ -214,6 +246,7 @@ fn reason(
     model: &Model,
     tokenizer: &Tokenizer,
     questions: &mut [Question],
+    rendered: bool,
     device: Device,
 ) -> anyhow::Result<()> {
     let cfg = SamplingConfig {
@@ -233,7 +266,11 @@ fn reason(
         ctx.cancel.check()?;
         let mut prompts = Vec::with_capacity(chunk.len());
         for q in chunk.iter() {
-            let mut ids = tokenizer.encode_start(&q.text)?;
+            // A rendered chat template writes its own BOS.
+            let mut ids = match rendered {
+                true => tokenizer.encode(&q.text)?,
+                false => tokenizer.encode_start(&q.text)?,
+            };
             ids.drain(..ids.len().saturating_sub(budget));
             prompts.push(ids);
         }

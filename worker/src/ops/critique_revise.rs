@@ -8,10 +8,13 @@ use alignflow_ops::data::{read_jsonl, Constitution, CritiqueRevision, JsonlWrite
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::{apply_template, Tokenizer};
 use alignflow_ops::{
-    choose_principles, critique_prompt, cut_at_stop, few_shot_prefix, revision_prompt,
-    CritiqueReviseParams, RevisionRecord, SftRecord, StageContext, TrailStep, STOP_STRINGS,
+    choose_principles, critique_messages, critique_prompt, cut_at_stop, few_shot_messages,
+    few_shot_prefix, revision_messages, revision_prompt, ChatFormat, CritiqueReviseParams,
+    RevisionRecord, SftRecord, StageContext, TrailStep, STOP_STRINGS,
 };
+use serde_json::Value;
 
+use super::examples::check_prompt_turns;
 use super::load;
 use super::sampling::{decode_answer, decoding_config};
 use crate::model::sample::{generate, SamplingConfig};
@@ -21,6 +24,8 @@ use crate::model::{self, Model};
 struct Item {
     prompt: String,
     conversation: String,
+    /// With a chat template: the prompt's turns (without the answer).
+    turns: Vec<Value>,
     original: String,
     /// The answer the next round critiques.
     answer: String,
@@ -34,6 +39,8 @@ struct Item {
 struct Generator<'a> {
     model: &'a Model,
     tokenizer: &'a Tokenizer,
+    /// The stage's chat template, if requests are conversation turns.
+    chat: Option<&'a ChatFormat>,
     cfg: SamplingConfig,
     device: tch::Device,
     batch_size: usize,
@@ -42,6 +49,23 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
+    /// The text a request is sampled from: its turns rendered with the
+    /// generation prompt when the stage has a chat template, else the plain
+    /// text.
+    fn request(
+        &self,
+        plain: impl FnOnce() -> String,
+        turns: impl FnOnce() -> Vec<Value>,
+    ) -> anyhow::Result<String> {
+        match self.chat {
+            None => Ok(plain()),
+            Some(chat) => Ok(chat
+                .prompt(&Value::Array(turns()))
+                .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?
+                .text),
+        }
+    }
+
     fn run(
         &self,
         ctx: &StageContext<'_>,
@@ -54,7 +78,11 @@ impl Generator<'_> {
             ctx.cancel.check()?;
             let mut batch = Vec::with_capacity(chunk.len());
             for text in chunk {
-                let mut ids = self.tokenizer.encode_start(text)?;
+                // A rendered template writes its own BOS.
+                let mut ids = match self.chat {
+                    Some(_) => self.tokenizer.encode(text)?,
+                    None => self.tokenizer.encode_start(text)?,
+                };
                 let cut = ids.len().saturating_sub(self.budget);
                 ids.drain(..cut);
                 counts.truncated_prompts += usize::from(cut > 0);
@@ -106,18 +134,25 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         "stage `{stage}`: the constitution `{}` has no critique/revision principles",
         constitution.name
     );
-    let prefix = if p.few_shot {
-        few_shot_prefix(&constitution.few_shot.critique_revision)
+    let examples: &[String] = if p.few_shot {
+        &constitution.few_shot.critique_revision
     } else {
-        String::new()
+        &[]
     };
-    let mut items = read_items(ctx, &p, principles.len())?;
+    let shots = Shots {
+        text: few_shot_prefix(examples),
+        turns: few_shot_messages(examples),
+    };
 
     let device = model::device(&ctx.spec.device)?;
-    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
+    let model_dir = ctx.input("model")?;
+    let (tokenizer, model) = load::language_model(model_dir, device)?;
+    let chat = load::chat_format(ctx, p.chat_template, model_dir)?;
+    let mut items = read_items(ctx, &p, principles.len(), chat.is_some())?;
     let generator = Generator {
         model: &model,
         tokenizer: &tokenizer,
+        chat: chat.as_ref(),
         cfg: decoding_config(&tokenizer, &model, &p.decoding, ctx.spec.seed),
         device,
         batch_size: p.batch_size.max(1),
@@ -136,7 +171,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             &generator,
             &mut items,
             principles,
-            &prefix,
+            &shots,
             round,
             &mut counts,
         )?;
@@ -146,7 +181,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             "critique/revision rounds",
         );
     }
-    write_outputs(ctx, &items)?;
+    write_outputs(ctx, &items, chat.as_ref())?;
 
     let secs = start.elapsed().as_secs_f64();
     let mut m = Metrics::new();
@@ -168,6 +203,7 @@ fn read_items(
     ctx: &StageContext<'_>,
     p: &CritiqueReviseParams,
     principles: usize,
+    chat: bool,
 ) -> anyhow::Result<Vec<Item>> {
     let stage = &ctx.spec.stage;
     let path = ctx.input("responses")?;
@@ -189,10 +225,17 @@ fn read_items(
             None => apply_template(&p.template, &prompt),
         };
         let original = field("response")?.to_string();
+        let turns = if chat {
+            prompt_turns(&record, &apply_template(&p.template, &prompt))
+                .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}:{line}: {e}", path.display()))?
+        } else {
+            Vec::new()
+        };
         let index = items.len() as u64;
         items.push(Item {
             prompt,
             conversation,
+            turns,
             answer: original.trim().to_string(),
             original,
             principles: choose_principles(ctx.spec.seed, index, principles, p.rounds, p.sampling),
@@ -209,35 +252,40 @@ fn revise_once(
     generator: &Generator<'_>,
     items: &mut [Item],
     principles: &[CritiqueRevision],
-    prefix: &str,
+    shots: &Shots,
     round: usize,
     counts: &mut Counts,
 ) -> anyhow::Result<()> {
     let texts: Vec<String> = items
         .iter()
         .map(|it| {
-            critique_prompt(
-                prefix,
-                &it.conversation,
-                &it.answer,
-                &principles[it.principles[round]],
+            let principle = &principles[it.principles[round]];
+            generator.request(
+                || critique_prompt(&shots.text, &it.conversation, &it.answer, principle),
+                || critique_messages(&shots.turns, &it.turns, &it.answer, principle),
             )
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let critiques = generator.run(ctx, &texts, 2 * round as u64, counts)?;
     let texts: Vec<String> = items
         .iter()
         .zip(&critiques)
         .map(|(it, critique)| {
-            revision_prompt(
-                prefix,
-                &it.conversation,
-                &it.answer,
-                &principles[it.principles[round]],
-                critique,
+            let principle = &principles[it.principles[round]];
+            generator.request(
+                || {
+                    revision_prompt(
+                        &shots.text,
+                        &it.conversation,
+                        &it.answer,
+                        principle,
+                        critique,
+                    )
+                },
+                || revision_messages(&shots.turns, &it.turns, &it.answer, principle, critique),
             )
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     let revisions = generator.run(ctx, &texts, 2 * round as u64 + 1, counts)?;
     for ((it, critique), revision) in items.iter_mut().zip(critiques).zip(revisions) {
         // An empty revision is recorded in the trail but does not
@@ -257,17 +305,35 @@ fn revise_once(
 }
 
 /// Writes the `revisions` trail and the `sft` records.
-fn write_outputs(ctx: &StageContext<'_>, items: &[Item]) -> anyhow::Result<()> {
+fn write_outputs(
+    ctx: &StageContext<'_>,
+    items: &[Item],
+    chat: Option<&ChatFormat>,
+) -> anyhow::Result<()> {
     let mut revisions_out = JsonlWriter::create(&ctx.output("revisions"))?;
     let mut sft_out = JsonlWriter::create(&ctx.output("sft"))?;
     for it in items {
+        let (prompt_text, messages) = match chat {
+            None => (it.conversation.clone(), None),
+            Some(chat) => {
+                let turns = Value::Array(it.turns.clone());
+                let text = chat
+                    .prompt(&turns)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .text;
+                let mut with_answer = it.turns.clone();
+                with_answer.push(serde_json::json!({"role": "assistant", "content": it.answer}));
+                (text, Some(Value::Array(with_answer)))
+            }
+        };
         sft_out.write(&SftRecord {
             prompt: it.conversation.clone(),
             response: format!(" {}", it.answer),
+            messages,
         })?;
         revisions_out.write(&RevisionRecord {
             prompt: it.prompt.clone(),
-            prompt_text: it.conversation.clone(),
+            prompt_text,
             original: it.original.clone(),
             trail: it.trail.clone(),
             revision: it.answer.clone(),
@@ -276,4 +342,30 @@ fn write_outputs(ctx: &StageContext<'_>, items: &[Item]) -> anyhow::Result<()> {
     revisions_out.finish()?;
     sft_out.finish()?;
     Ok(())
+}
+
+/// The few-shot examples as plain text and as conversation turns.
+struct Shots {
+    text: String,
+    turns: Vec<Value>,
+}
+
+/// A record's prompt turns for the chat template: its `messages` before
+/// the answer under review (as `generate` writes them), else `templated`
+/// (the prompt through `template`) as one user turn.
+fn prompt_turns(record: &Value, templated: &str) -> Result<Vec<Value>, String> {
+    let Some(messages) = record.get("messages") else {
+        return Ok(vec![
+            serde_json::json!({"role": "user", "content": templated}),
+        ]);
+    };
+    let mut turns = messages
+        .as_array()
+        .cloned()
+        .ok_or("`messages` is not a list")?;
+    if turns.last().is_some_and(|t| t["role"] == "assistant") {
+        turns.pop();
+    }
+    check_prompt_turns(&Value::Array(turns.clone()))?;
+    Ok(turns)
 }

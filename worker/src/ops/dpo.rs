@@ -22,7 +22,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 
-use super::examples::held_out;
+use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::{finite_or_null, write_held_out_eval};
 use super::training::run_training_with_figures;
@@ -51,6 +51,9 @@ pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             None
         };
     let max_len = p.max_len.min(model.lm.cfg.max_positions) as usize;
+    let chat = load::chat_format(ctx, p.chat_template, ctx.input("model")?)?;
+    let format = TextFormat::new(&tokenizer, chat.as_ref());
+    let eos = format.response_eos(eos);
     let mut lines = Vec::new();
     let mut counts = BTreeMap::new();
     let mut metrics = Metrics::new();
@@ -58,7 +61,7 @@ pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         let Some(path) = ctx.spec.inputs.get(set) else {
             continue;
         };
-        let pairs: Vec<DpoPair> = read_pairs(stage, path, &tokenizer, eos, max_len)?
+        let pairs: Vec<DpoPair> = read_pairs(stage, path, &format, eos, max_len)?
             .into_iter()
             .flatten()
             .collect();
@@ -99,6 +102,7 @@ pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         pairs: counts,
         definition: "per pair: `chosen` / `rejected` = sum of the reference's log-probs of the response tokens (and EOS) of A / B, prompt masked; `*_tokens` = tokens summed; `digest` = FNV-1a 64 of the scored token rows and response starts".into(),
     };
+    format.report(stage, &mut metrics);
     std::fs::create_dir_all(&ctx.spec.out_dir)?;
     write_reference(&ctx.output("reference_logps"), &settings, &lines)?;
     Ok(metrics)
@@ -259,11 +263,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         model.lm.cfg.max_positions
     );
 
+    let chat = load::chat_format(ctx, p.chat_template, dir)?;
+    let format = TextFormat::new(&tokenizer, chat.as_ref());
     let read = |set: &str| -> anyhow::Result<Option<Vec<Vec<(DpoPair, f64, f64)>>>> {
         let Some(path) = ctx.spec.inputs.get(set) else {
             return Ok(None);
         };
-        let recs = read_pairs(stage, path, &tokenizer, settings.eos, settings.max_len)?;
+        let recs = read_pairs(stage, path, &format, settings.eos, settings.max_len)?;
         attach_reference(stage, set, path, recs, &reference).map(Some)
     };
     let records = read("comparisons")?.expect("a required input");
@@ -280,6 +286,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     let mut metrics = train_policy(ctx, &mut model, &p, &train, device)?;
     metrics.insert("pairs".into(), train.len().into());
+    format.report(stage, &mut metrics);
 
     // Held-out implicit rewards of the trained policy (as saved: LoRA merged).
     ctx.reporter

@@ -492,6 +492,7 @@ fn ask_feedback_model(
         p.batch_size.max(1),
         |_| "feedback question".to_string(),
         "asking the feedback model",
+        false,
         device,
     )?;
     let probs: BTreeMap<&str, f64> = distinct.iter().copied().zip(scored).collect();

@@ -7,8 +7,12 @@ use std::path::Path;
 
 use anyhow::Context;
 
+use std::cell::Cell;
+
 use alignflow_ops::data::read_jsonl;
+use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
+use alignflow_ops::ChatFormat;
 
 use crate::train::epoch_permutation;
 
@@ -18,20 +22,123 @@ pub struct Example {
     pub response_start: usize,
 }
 
-/// Tokenizes `prompt` + `response` (+ EOS), truncated to `max_len` by
-/// dropping the prompt's beginning first, then the response's end.
+/// How a training op turns a prompt and a response into tokens: plainly
+/// (the prompt as the start of a sequence, with the tokenizer's BOS, and
+/// the response tokenized on its own, + EOS) or through the stage's chat
+/// template ([`ChatFormat::completion`]: the prompt as a conversation with
+/// the generation prompt, the response as the assistant's turn, its
+/// end-of-turn tokens included and no EOS appended).
+pub struct TextFormat<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub chat: Option<&'a ChatFormat>,
+    /// Examples whose conversation does not start with the prompt's tokens.
+    mismatches: Cell<usize>,
+}
+
+impl<'a> TextFormat<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, chat: Option<&'a ChatFormat>) -> Self {
+        TextFormat {
+            tokenizer,
+            chat,
+            mismatches: Cell::new(0),
+        }
+    }
+
+    /// The EOS appended to responses: `eos` for plain text, none with a
+    /// chat template (its turn end is part of the response).
+    pub fn response_eos(&self, eos: Option<i64>) -> Option<i64> {
+        eos.filter(|_| self.chat.is_none())
+    }
+
+    /// The prompt's and the response's tokens. `prompt` is a string (with a
+    /// chat template: one user turn) or, with a chat template only, a
+    /// conversation (`[{role, content}, ...]` ending with a user turn).
+    pub fn pair(
+        &self,
+        prompt: &serde_json::Value,
+        response: &str,
+    ) -> anyhow::Result<(Vec<i64>, Vec<i64>)> {
+        let Some(chat) = self.chat else {
+            let text = prompt.as_str().context(
+                "a conversation as the prompt needs a chat template (the model has none: bind the stage's `chat_template` input)",
+            )?;
+            return Ok((
+                self.tokenizer.encode_start(text)?,
+                self.tokenizer.encode(response)?,
+            ));
+        };
+        let messages = match prompt {
+            serde_json::Value::String(text) => {
+                serde_json::json!([{"role": "user", "content": text}])
+            }
+            turns => {
+                check_prompt_turns(turns).map_err(anyhow::Error::msg)?;
+                turns.clone()
+            }
+        };
+        let completion = chat
+            .completion(&messages, response)
+            .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+        let (p, r, mismatch) = completion.token_ids(self.tokenizer)?;
+        if mismatch {
+            self.mismatches.set(self.mismatches.get() + 1);
+        }
+        Ok((p, r))
+    }
+
+    /// Adds `prompt_boundary_mismatches` (with a chat template) to
+    /// `metrics`, and warns when there were any.
+    pub fn report(&self, stage: &str, metrics: &mut Metrics) {
+        if self.chat.is_none() {
+            return;
+        }
+        let n = self.mismatches.get();
+        if n > 0 {
+            tracing::warn!(
+                "stage `{stage}`: in {n} examples the conversation's tokens do not start with the prompt's (the template renders the history otherwise, or a token spans the boundary); the response starts after as many tokens as the prompt has, as TRL does"
+            );
+        }
+        metrics.insert("prompt_boundary_mismatches".into(), n.into());
+    }
+}
+
+/// Checks a prompt conversation: a non-empty list of `{role, content}`
+/// turns (system, user, assistant or tool) that ends with a user turn.
+pub(crate) fn check_prompt_turns(messages: &serde_json::Value) -> Result<(), String> {
+    let turns = messages
+        .as_array()
+        .filter(|t| !t.is_empty())
+        .ok_or("a prompt conversation must be a non-empty list of messages")?;
+    for (i, turn) in turns.iter().enumerate() {
+        let role = turn["role"].as_str().unwrap_or_default();
+        if !["system", "user", "assistant", "tool"].contains(&role) {
+            return Err(format!(
+                "messages[{i}]: role {} is not system, user, assistant or tool",
+                turn["role"]
+            ));
+        }
+        if !turn["content"].is_string() {
+            return Err(format!("messages[{i}]: no string `content`"));
+        }
+    }
+    if turns[turns.len() - 1]["role"] == "assistant" {
+        return Err("the last message is the assistant's: a prompt ends with a user turn".into());
+    }
+    Ok(())
+}
+
+/// Tokenizes `prompt` + `response` as `format` says (+ EOS for plain
+/// text), truncated to `max_len` by dropping the prompt's beginning first,
+/// then the response's end.
 pub fn tokenize_example(
-    tokenizer: &Tokenizer,
-    prompt: &str,
+    format: &TextFormat<'_>,
+    prompt: &serde_json::Value,
     response: &str,
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Example> {
-    let mut p = tokenizer.encode_start(prompt)?;
-    let mut r = tokenizer.encode(response)?;
-    if let Some(e) = eos {
-        r.push(e);
-    }
+    let (mut p, mut r) = format.pair(prompt, response)?;
+    r.extend(format.response_eos(eos));
     // Keep at least half the budget for the response.
     let r_keep = r
         .len()
@@ -48,21 +155,30 @@ pub fn tokenize_example(
 }
 
 /// Reads a comparisons file record by record: `each(line, prompt,
-/// comparisons, at)` gets a record's line, its `prompt` field and its
-/// [`comparisons`]; `at()` names the stage, file and line for errors.
+/// comparisons, at)` gets a record's line, its `prompt` field (a string, or
+/// a conversation as TRL's conversational preference records have it) and
+/// its [`comparisons`]; `at()` names the stage, file and line for errors.
 pub(crate) fn for_each_comparison_record(
     stage: &str,
     path: &Path,
-    mut each: impl FnMut(usize, &str, Vec<(&str, &str, f64)>, &dyn Fn() -> String) -> anyhow::Result<()>,
+    mut each: impl FnMut(
+        usize,
+        &serde_json::Value,
+        Vec<(&str, &str, f64)>,
+        &dyn Fn() -> String,
+    ) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let reader = read_jsonl::<serde_json::Value>(path)
         .with_context(|| format!("stage `{stage}`: reading {}", path.display()))?;
     for (line, record) in reader {
         let at = || format!("stage `{stage}`: {}:{line}", path.display());
         let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        let prompt = record["prompt"]
-            .as_str()
-            .with_context(|| format!("{}: no string field `prompt`", at()))?;
+        let prompt = &record["prompt"];
+        anyhow::ensure!(
+            prompt.is_string() || prompt.is_array(),
+            "{}: no field `prompt` (a string or a list of messages)",
+            at()
+        );
         let pairs = comparisons(&record).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         each(line, prompt, pairs, &at)?;
     }
@@ -71,10 +187,19 @@ pub(crate) fn for_each_comparison_record(
 
 /// The (response A, response B, p) comparisons of one record.
 pub(crate) fn comparisons(record: &serde_json::Value) -> Result<Vec<(&str, &str, f64)>, String> {
+    // A response is a string, or (TRL's conversational records) a list
+    // holding one assistant message.
     let text = |key: &str| -> Result<&str, String> {
-        record[key]
+        let value = &record[key];
+        value
             .as_str()
-            .ok_or_else(|| format!("no string field `{key}`"))
+            .or_else(|| match value.as_array().map(Vec::as_slice) {
+                Some([turn]) if turn["role"] == "assistant" => turn["content"].as_str(),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                format!("no field `{key}` (a string, or a list holding one assistant message)")
+            })
     };
     let prob = |key: &str| -> Result<f64, String> {
         let p = record[key]

@@ -18,9 +18,11 @@ use tch::{Device, Tensor};
 
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{PmParams, PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS};
+use alignflow_ops::{
+    ChatFormat, PmParams, PmPretrainParams, PmTrainParams, StageContext, PM_TRAIN_SETS,
+};
 
-use super::examples::held_out;
+use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::write_held_out_eval;
 use super::training::run_training;
@@ -34,6 +36,7 @@ pub use loss::{pair_rewards, soft_bt_loss};
 struct Loaded {
     model: Model,
     tokenizer: Tokenizer,
+    chat: Option<ChatFormat>,
     eos: Option<i64>,
     max_len: usize,
     device: Device,
@@ -43,7 +46,7 @@ impl Loaded {
     /// How this model's pairs are tokenized.
     fn encoder(&self) -> Encoder<'_> {
         Encoder {
-            tokenizer: &self.tokenizer,
+            format: TextFormat::new(&self.tokenizer, self.chat.as_ref()),
             eos: self.eos,
             max_len: self.max_len,
         }
@@ -76,6 +79,7 @@ fn load(ctx: &StageContext<'_>, c: &PmParams) -> anyhow::Result<Loaded> {
     Ok(Loaded {
         model,
         tokenizer,
+        chat: load::chat_format(ctx, c.chat_template, dir)?,
         eos,
         max_len,
         device,
@@ -186,7 +190,11 @@ pub fn run_train(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         ctx.spec.seed,
         "training records",
     );
-    train_and_evaluate(ctx, c, m, flatten(train), flatten(held_out), &source)
+    let mut notes = Metrics::new();
+    enc.format.report(stage, &mut notes);
+    let mut metrics = train_and_evaluate(ctx, c, m, flatten(train), flatten(held_out), &source)?;
+    metrics.extend(notes);
+    Ok(metrics)
 }
 
 /// `pm.pretrain`.
@@ -198,5 +206,9 @@ pub fn run_pretrain(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let data: &Path = ctx.input("data")?;
     let records = read_records(&ctx.spec.stage, data, &enc, 1.0)?;
     let (tr, te, source) = held_out(records, None, c.eval_fraction, ctx.spec.seed, "records");
-    train_and_evaluate(ctx, c, m, flatten(tr), flatten(te), &source)
+    let mut notes = Metrics::new();
+    enc.format.report(&ctx.spec.stage, &mut notes);
+    let mut metrics = train_and_evaluate(ctx, c, m, flatten(tr), flatten(te), &source)?;
+    metrics.extend(notes);
+    Ok(metrics)
 }

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use alignflow_ops::{ChatFormat, PromptParams, StageContext};
 
+use super::examples::check_prompt_turns;
 use super::load;
 
 /// One prompt.
@@ -160,28 +161,9 @@ fn conversation(
     source: &PromptSource<'_>,
 ) -> Result<(String, serde_json::Value), String> {
     if let Some(messages) = record.get("messages") {
-        let turns = messages
-            .as_array()
-            .filter(|t| !t.is_empty())
-            .ok_or("`messages` is not a non-empty list")?;
-        for (i, turn) in turns.iter().enumerate() {
-            let role = turn["role"].as_str().unwrap_or_default();
-            if !["system", "user", "assistant", "tool"].contains(&role) {
-                return Err(format!(
-                    "messages[{i}]: role {} is not system, user, assistant or tool",
-                    turn["role"]
-                ));
-            }
-            if !turn["content"].is_string() {
-                return Err(format!("messages[{i}]: no string `content`"));
-            }
-        }
+        check_prompt_turns(messages)?;
+        let turns = messages.as_array().expect("checked");
         let last = &turns[turns.len() - 1];
-        if last["role"] == "assistant" {
-            return Err(
-                "the last message is the assistant's: a prompt ends with a user turn".into(),
-            );
-        }
         let raw = record[source.params.prompt_field.as_str()]
             .as_str()
             .or(last["content"].as_str())

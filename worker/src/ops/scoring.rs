@@ -175,9 +175,15 @@ impl OptionTokens {
         tokenizer: &Tokenizer,
         prompt: &str,
         max_len: usize,
+        rendered: bool,
     ) -> anyhow::Result<(OptionTokens, bool)> {
-        let mut a = tokenizer.encode_start(&format!("{prompt}{OPTION_A}"))?;
-        let mut b = tokenizer.encode_start(&format!("{prompt}{OPTION_B}"))?;
+        // A rendered chat template writes its own BOS.
+        let encode = |text: String| match rendered {
+            true => tokenizer.encode(&text),
+            false => tokenizer.encode_start(&text),
+        };
+        let mut a = encode(format!("{prompt}{OPTION_A}"))?;
+        let mut b = encode(format!("{prompt}{OPTION_B}"))?;
         let mut start = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         anyhow::ensure!(
             start < a.len() && start < b.len(),
@@ -276,6 +282,7 @@ pub(crate) fn ask_questions(
     batch: usize,
     name: impl Fn(usize) -> String,
     progress: &str,
+    rendered: bool,
     device: Device,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let stage = &ctx.spec.stage;
@@ -286,7 +293,7 @@ pub(crate) fn ask_questions(
         ctx.cancel.check()?;
         let mut encoded = Vec::with_capacity(chunk.len());
         for (j, q) in chunk.iter().enumerate() {
-            let (tokens, cut) = OptionTokens::encode(tokenizer, q, max_len)
+            let (tokens, cut) = OptionTokens::encode(tokenizer, q, max_len, rendered)
                 .map_err(|e| anyhow::anyhow!("stage `{stage}`: {}: {e}", name(k * batch + j)))?;
             truncated += usize::from(cut);
             encoded.push(tokens);

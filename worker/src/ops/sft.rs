@@ -9,7 +9,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::{apply_template, Tokenizer};
 use alignflow_ops::{SftParams, StageContext};
 
-use super::examples::tokenize_example;
+use super::examples::{tokenize_example, TextFormat};
 use super::load::{self, eos_id};
 use super::training::{causal_lm_loss, right_pad, run_training};
 use crate::model::{self, Head, Model};
@@ -26,29 +26,19 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     }
     let max_len = (p.max_len.min(model.lm.cfg.max_positions)) as usize;
 
+    let chat = load::chat_format(ctx, p.chat_template, model_dir)?;
+    let format = TextFormat::new(&tokenizer, chat.as_ref());
+
     let data = ctx.input("data")?;
     let mut examples = Vec::new();
     for (line, record) in read_jsonl::<serde_json::Value>(data)? {
-        let record = record.map_err(|e| {
-            anyhow::anyhow!("stage `{}`: {}:{line}: {e}", ctx.spec.stage, data.display())
-        })?;
-        let field = |name: &str| -> anyhow::Result<String> {
-            record[name].as_str().map(str::to_string).with_context(|| {
-                format!(
-                    "stage `{}`: {}:{line}: no string field `{name}`",
-                    ctx.spec.stage,
-                    data.display()
-                )
-            })
-        };
-        let prompt = apply_template(&p.template, &field(&p.prompt_field)?);
-        examples.push(tokenize_example(
-            &tokenizer,
-            &prompt,
-            &field(&p.response_field)?,
-            eos,
-            max_len,
-        )?);
+        let at = || format!("stage `{}`: {}:{line}", ctx.spec.stage, data.display());
+        let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        let (prompt, response) =
+            prompt_and_response(&record, &p).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        examples.push(
+            tokenize_example(&format, &prompt, &response, eos, max_len).with_context(|| at())?,
+        );
     }
     let pad = model.lm.cfg.pad_id();
     let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
@@ -62,5 +52,40 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let n = examples.len();
     let mut metrics = run_training(ctx, &mut model, &p.train, p.lr, n, &mut loss_fn)?;
     metrics.insert("examples".into(), n.into());
+    format.report(&ctx.spec.stage, &mut metrics);
     Ok(metrics)
+}
+
+/// A record's prompt (the prompt field through `template`; with a chat
+/// template, one user turn) and response; or, for a `messages` record (a
+/// conversation ending with the assistant), every turn before the last as
+/// the prompt and the last turn's text as the response.
+fn prompt_and_response(
+    record: &serde_json::Value,
+    p: &SftParams,
+) -> Result<(serde_json::Value, String), String> {
+    if let Some(messages) = record.get("messages") {
+        let turns = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+        let Some((last, before)) = turns.split_last() else {
+            return Err("`messages` must be a non-empty list of messages".into());
+        };
+        if last["role"] != "assistant" {
+            return Err("the last message of an `sft` conversation must be the assistant's".into());
+        }
+        let response = last["content"]
+            .as_str()
+            .ok_or("the last message has no string `content`")?;
+        return Ok((
+            serde_json::Value::Array(before.to_vec()),
+            response.to_string(),
+        ));
+    }
+    let field = |name: &str| -> Result<String, String> {
+        record[name]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("no string field `{name}`"))
+    };
+    let prompt = apply_template(&p.template, &field(&p.prompt_field)?);
+    Ok((prompt.into(), field(&p.response_field)?))
 }

@@ -5,7 +5,9 @@
 //! `comparisons`): the prompt is the record's `prompt` (for HH dialogues,
 //! `dataset.import` already cut it at the last `Assistant:`, the prefix the
 //! chosen and rejected dialogues share), each response is tokenized on its
-//! own after it, and only response tokens (plus EOS) are scored.
+//! own after it, and only response tokens (plus EOS) are scored; with a
+//! chat template, the response is the assistant's turn of the rendered
+//! conversation, its end-of-turn tokens included (`examples::TextFormat`).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,10 +16,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use alignflow_ops::data::read_jsonl;
-use alignflow_ops::text::Tokenizer;
 
 use super::loss::scored_tokens;
-use crate::ops::examples::{for_each_comparison_record, tokenize_example};
+use crate::ops::examples::{for_each_comparison_record, tokenize_example, TextFormat};
 
 /// One tokenized comparison: A ("chosen") and B ("rejected") sequences, each
 /// prompt + response (+ EOS) with the response's first index.
@@ -99,7 +100,7 @@ pub struct RefLogps {
 pub fn read_pairs(
     stage: &str,
     path: &Path,
-    tokenizer: &Tokenizer,
+    format: &TextFormat<'_>,
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Vec<Vec<DpoPair>>> {
@@ -107,8 +108,8 @@ pub fn read_pairs(
     for_each_comparison_record(stage, path, |line, prompt, pairs, at| {
         let mut rec = Vec::with_capacity(pairs.len());
         for (pair, (a, b, p)) in pairs.into_iter().enumerate() {
-            let a = tokenize_example(tokenizer, prompt, a, eos, max_len)?;
-            let b = tokenize_example(tokenizer, prompt, b, eos, max_len)?;
+            let a = tokenize_example(format, prompt, a, eos, max_len).with_context(at)?;
+            let b = tokenize_example(format, prompt, b, eos, max_len).with_context(at)?;
             let scored = |t: &[i64], s| scored_tokens(t.len(), s);
             anyhow::ensure!(
                 scored(&a.tokens, a.response_start) > 0 && scored(&b.tokens, b.response_start) > 0,

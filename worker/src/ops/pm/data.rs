@@ -9,13 +9,16 @@
 //!   (i < j) with A = responses[i], p = 1.
 //!
 //! A sequence is `prompt + response` (+ EOS), each side tokenized on its
-//! own as `sft` does.
+//! own as `sft` does; with a chat template, the conversation with the
+//! response as the assistant's turn (`examples::TextFormat`). The prompt
+//! may then also be a list of messages, and each response a list holding
+//! one assistant message (TRL's conversational preference records).
 
 use std::path::Path;
 
-use alignflow_ops::text::Tokenizer;
+use anyhow::Context;
 
-use crate::ops::examples::for_each_comparison_record;
+use crate::ops::examples::{for_each_comparison_record, TextFormat};
 
 /// One tokenized comparison.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +50,7 @@ pub fn sequence(prompt: &[i64], response: &[i64], eos: Option<i64>, max_len: usi
 
 /// How to turn text into token rows.
 pub struct Encoder<'a> {
-    pub tokenizer: &'a Tokenizer,
+    pub format: TextFormat<'a>,
     pub eos: Option<i64>,
     pub max_len: usize,
 }
@@ -62,11 +65,14 @@ pub fn read_records(
 ) -> anyhow::Result<Vec<Record>> {
     let mut out = Vec::new();
     for_each_comparison_record(stage, path, |_, prompt, pairs, at| {
-        let prompt = enc.tokenizer.encode_start(prompt)?;
+        let eos = enc.format.response_eos(enc.eos);
         let mut rec = Vec::with_capacity(pairs.len());
         for (a, b, p) in pairs {
-            let a = sequence(&prompt, &enc.tokenizer.encode(a)?, enc.eos, enc.max_len);
-            let b = sequence(&prompt, &enc.tokenizer.encode(b)?, enc.eos, enc.max_len);
+            let row = |response: &str| -> anyhow::Result<Vec<i64>> {
+                let (prompt, response) = enc.format.pair(prompt, response).with_context(at)?;
+                Ok(sequence(&prompt, &response, eos, enc.max_len))
+            };
+            let (a, b) = (row(a)?, row(b)?);
             anyhow::ensure!(
                 !a.is_empty() && !b.is_empty(),
                 "{}: an empty sequence (empty prompt and response, no EOS)",
