@@ -172,7 +172,8 @@ mod tests {
         assert_eq!(normalized("dpo")["dropout"], json!(false));
         assert_eq!(normalized("pm.train")["dropout"], json!(false));
         assert_eq!(normalized("pm.pretrain")["dropout"], json!(false));
-        assert_eq!(find("pm.train").unwrap().version, 2);
+        // Version 2 brought the dropout default, 3 the chat templates.
+        assert_eq!(find("pm.train").unwrap().version, 3);
         let v = find("sft")
             .unwrap()
             .normalize_params(&json!({"dropout": false}))
