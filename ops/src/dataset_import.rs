@@ -32,6 +32,12 @@ pub enum Format {
     Prompts,
     /// Plain text, one prompt per non-empty line -> `{prompt}`.
     Text,
+    /// JSONL conversations in TRL's conversational formats, checked and
+    /// kept: `{messages}` (a prompt when it ends with a user turn, an SFT
+    /// example when it ends with the assistant), `{prompt: [messages]}`
+    /// (written as `{messages}`), or the preference form `{prompt:
+    /// [messages], chosen: [assistant message], rejected: [...]}`.
+    Messages,
 }
 
 /// Params of `dataset.import`.
@@ -208,7 +214,7 @@ fn quote_bad_lines(path: &Path, first: &[(usize, String)]) -> String {
 pub const OP: OpDecl = OpDecl {
     name: "dataset.import",
     version: 1,
-    summary: "import HH-RLHF comparisons, JSONL prompts or text lines as JSONL records, with a report",
+    summary: "import HH-RLHF comparisons, JSONL prompts, text lines or conversations (TRL's formats) as JSONL records, with a report",
     inputs: &[Port {
         name: "source",
         doc: "the file to import (JSONL, or text for `format: text`)",
@@ -216,7 +222,7 @@ pub const OP: OpDecl = OpDecl {
         volatile: false,
     }],
     outputs: Outputs::Declared(&[
-        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf) or {prompt}"),
+        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf), {prompt} (prompts, text), or the checked conversations (messages)"),
         Port::output(
             "report",
             "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
@@ -271,6 +277,10 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             }
             Ok(Parsed::Prompt(p)) => {
                 out.write(&p).map_err(data_err)?;
+                report.records += 1;
+            }
+            Ok(Parsed::Conversation(c)) => {
+                out.write(&c).map_err(data_err)?;
                 report.records += 1;
             }
             Err(LineProblem::Unsplittable(reason)) => {
@@ -338,6 +348,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 enum Parsed {
     Comparison(Comparison),
     Prompt(PromptRecord),
+    /// A checked record of `format: messages`.
+    Conversation(serde_json::Value),
 }
 
 enum LineProblem {
@@ -372,6 +384,13 @@ fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem
                 None => Err(LineProblem::Bad(format!("no field `{}`", params.field))),
             }
         }
+        Format::Messages => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
+            conversation_record(value)
+                .map(Parsed::Conversation)
+                .map_err(LineProblem::Bad)
+        }
         // Blank lines never get here; a trailing `\r` (CRLF files) is a line ending.
         Format::Text => {
             let prompt = text.strip_suffix('\r').unwrap_or(text);
@@ -380,6 +399,72 @@ fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem
             }))
         }
     }
+}
+
+/// A `format: messages` record, checked (see [`Format::Messages`]).
+fn conversation_record(value: serde_json::Value) -> Result<serde_json::Value, String> {
+    if let Some(messages) = value.get("messages") {
+        check_turns(messages, "messages")?;
+        return Ok(value);
+    }
+    let prompt = value
+        .get("prompt")
+        .ok_or("neither `messages` nor `prompt` (TRL's conversational formats)")?;
+    check_turns(prompt, "prompt")?;
+    if prompt
+        .as_array()
+        .and_then(|t| t.last())
+        .is_some_and(|t| t["role"] == "assistant")
+    {
+        return Err(
+            "`prompt` ends with the assistant's turn: a prompt ends with a user turn".into(),
+        );
+    }
+    match (value.get("chosen"), value.get("rejected")) {
+        (None, None) => {
+            // A prompt-only record: the sampling ops read `messages`.
+            let mut value = value;
+            let object = value.as_object_mut().expect("a record with `prompt`");
+            let turns = object.remove("prompt").expect("checked");
+            object.insert("messages".into(), turns);
+            Ok(value)
+        }
+        (Some(chosen), Some(rejected)) => {
+            for (key, answer) in [("chosen", chosen), ("rejected", rejected)] {
+                let one_assistant_turn = answer.as_array().is_some_and(|t| {
+                    t.len() == 1 && t[0]["role"] == "assistant" && t[0]["content"].is_string()
+                });
+                if !one_assistant_turn && !answer.is_string() {
+                    return Err(format!(
+                        "`{key}` must be a list holding one assistant message (or a string)"
+                    ));
+                }
+            }
+            Ok(value)
+        }
+        _ => Err("a preference record needs both `chosen` and `rejected`".into()),
+    }
+}
+
+/// `turns` is a non-empty list of `{role, content}` messages with known roles.
+fn check_turns(turns: &serde_json::Value, key: &str) -> Result<(), String> {
+    let list = turns
+        .as_array()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("`{key}` must be a non-empty list of messages"))?;
+    for (i, turn) in list.iter().enumerate() {
+        let role = turn["role"].as_str().unwrap_or_default();
+        if !["system", "user", "assistant", "tool"].contains(&role) {
+            return Err(format!(
+                "{key}[{i}]: role {} is not system, user, assistant or tool",
+                turn["role"]
+            ));
+        }
+        if !turn["content"].is_string() {
+            return Err(format!("{key}[{i}]: no string `content`"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -586,5 +671,74 @@ mod tests {
         let err = OP.normalize_params(&json!({"fromat": "text"})).unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("format"));
         assert!(OP.normalize_params(&json!({"format": "csv"})).is_err());
+    }
+
+    #[test]
+    fn messages_format_keeps_checked_conversations_and_counts_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            json!({"messages": [{"role": "user", "content": "hi"}]}),
+            json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+            json!({"prompt": [{"role": "user", "content": "only a prompt"}]}),
+            json!({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]}),
+            json!({"messages": []}),
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+            json!({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+            json!({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "no"}], "rejected": "b"}),
+            json!({"prompt": [{"role": "user", "content": "q"}], "chosen": "only one side"}),
+        ];
+        let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+        let source = write(dir.path(), "chats.jsonl", &text);
+        let metrics = import(
+            dir.path(),
+            json!({"format": "messages", "max_bad_lines": 5}),
+            source,
+        )
+        .unwrap();
+        assert_eq!(metrics["records"], 4);
+        assert_eq!(metrics["bad_lines"], 5);
+        let records: Vec<serde_json::Value> = read_jsonl(&dir.path().join("out/data"))
+            .unwrap()
+            .map(|(_, r)| r.unwrap())
+            .collect();
+        assert_eq!(records[0], lines[0]);
+        assert_eq!(records[1], lines[1]);
+        // A prompt-only record becomes `messages`, which the sampling ops read.
+        assert_eq!(
+            records[2],
+            json!({"messages": [{"role": "user", "content": "only a prompt"}]})
+        );
+        assert_eq!(records[3], lines[3]);
+        let report = read_report(dir.path());
+        let reasons: Vec<(u64, String)> = report["bad_line_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["line"].as_u64().unwrap(),
+                    b["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            reasons[0],
+            (5, "`messages` must be a non-empty list of messages".into())
+        );
+        assert!(reasons[1].1.contains("role \"robot\""), "{reasons:?}");
+        assert!(
+            reasons[2].1.contains("ends with the assistant's turn"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[3]
+                .1
+                .contains("`chosen` must be a list holding one assistant message"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[4].1.contains("both `chosen` and `rejected`"),
+            "{reasons:?}"
+        );
     }
 }
