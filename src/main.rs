@@ -586,20 +586,39 @@ fn doctor_remotes() -> anyhow::Result<bool> {
     println!("config     {}", files.join(", "));
     let mut all_ok = true;
     for (name, spec) in remotes {
-        let mode = if spec.config.write { "read-write" } else { "read-only" };
-        let default = if default.as_deref() == Some(name.as_str()) { ", default" } else { "" };
+        let mode = if spec.config.write {
+            "read-write"
+        } else {
+            "read-only"
+        };
+        let default = if default.as_deref() == Some(name.as_str()) {
+            ", default"
+        } else {
+            ""
+        };
         let state = match Remote::open(spec) {
             Err(e) => {
                 all_ok = false;
                 format!("{e}")
             }
             Ok(r) => {
-                let signed = if r.checks_signatures() { ", signed records only" } else { "" };
+                let signed = if r.checks_signatures() {
+                    ", signed records only"
+                } else {
+                    ""
+                };
                 match r.ping() {
-                    Ok(t) => format!("{} ({mode}{default}{signed}): answers in {} ms", r.url(), t.as_millis()),
+                    Ok(t) => format!(
+                        "{} ({mode}{default}{signed}): answers in {} ms",
+                        r.url(),
+                        t.as_millis()
+                    ),
                     Err(e) => {
                         all_ok = false;
-                        format!("{} ({mode}{default}{signed}): does not answer: {e}", r.url())
+                        format!(
+                            "{} ({mode}{default}{signed}): does not answer: {e}",
+                            r.url()
+                        )
                     }
                 }
             }
@@ -619,7 +638,10 @@ fn push(
     let remote = open_remote(remote)?;
     let (records, missing) = match manifest {
         Some(file) => {
-            let (pipeline, dag) = load(&ManifestArgs { file, sets: Vec::new() })?;
+            let (pipeline, dag) = load(&ManifestArgs {
+                file,
+                sets: Vec::new(),
+            })?;
             let found = engine::records_to_push(&pipeline, &dag, cache, targets)?;
             cache.flush_hash_cache()?;
             found
@@ -652,7 +674,11 @@ fn push(
         human_bytes(report.bytes),
         resumed(report.resumed_bytes)
     );
-    Ok(if missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn pull(
@@ -667,8 +693,13 @@ fn pull(
     } else {
         let mut fps = Vec::new();
         for file in manifests {
-            let (pipeline, dag) = load(&ManifestArgs { file: file.clone(), sets: Vec::new() })?;
-            fps.extend(engine::fingerprints_to_pull(&pipeline, &dag, cache, &remote)?);
+            let (pipeline, dag) = load(&ManifestArgs {
+                file: file.clone(),
+                sets: Vec::new(),
+            })?;
+            fps.extend(engine::fingerprints_to_pull(
+                &pipeline, &dag, cache, &remote,
+            )?);
         }
         cache.flush_hash_cache()?;
         fps
@@ -689,7 +720,11 @@ fn pull(
         human_bytes(report.bytes),
         resumed(report.resumed_bytes)
     );
-    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn verify_remote(name: &str) -> anyhow::Result<ExitCode> {
@@ -707,7 +742,11 @@ fn verify_remote(name: &str) -> anyhow::Result<ExitCode> {
         human_bytes(report.bytes),
         report.problems.len()
     );
-    Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn human_bytes(n: u64) -> String {

@@ -54,7 +54,9 @@ impl Backend {
 }
 
 fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-    p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// A project with the pipeline, its input and a config file of its own
@@ -70,7 +72,8 @@ fn project() -> Project {
 fn cmd(p: &Project, b: &Backend, args: &[&str]) -> Command {
     let mut c = p.cmd(args);
     c.env("ALIGNFLOW_CONFIG", p.path("alignflow.config.yaml"));
-    c.env_remove("AWS_ACCESS_KEY_ID").env_remove("AWS_SECRET_ACCESS_KEY");
+    c.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY");
     for (k, v) in &b.env {
         c.env(k, v);
     }
@@ -149,7 +152,11 @@ fn outputs(p: &Project, b: &Backend, stage: &str) -> Vec<(String, Vec<u8>)> {
 fn pushed(b: &Backend) -> Project {
     let a = project();
     assert_eq!(a.run_stages("pipeline.yaml", &[]), set(&STAGES));
-    let out = run_ok(&a, b, &["cache", "push", "--remote", &b.url, "pipeline.yaml"]);
+    let out = run_ok(
+        &a,
+        b,
+        &["cache", "push", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(out.contains("5 record(s) pushed, 0 already"), "{out}");
     a
 }
@@ -162,17 +169,36 @@ fn push_then_pull_into_an_empty_cache(b: Backend) {
 
     let fresh = project();
     for (stage, action, reason) in plan(&fresh, &b, &["--remote", &b.url]) {
-        assert_eq!((action.as_str(), reason.as_str()), ("cached", "remote"), "{stage}");
+        assert_eq!(
+            (action.as_str(), reason.as_str()),
+            ("cached", "remote"),
+            "{stage}"
+        );
     }
-    let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url, "pipeline.yaml"]);
+    let out = run_ok(
+        &fresh,
+        &b,
+        &["cache", "pull", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(out.contains("5 record(s) pulled"), "{out}");
     for (stage, action, reason) in plan(&fresh, &b, &[]) {
-        assert_eq!((action.as_str(), reason.as_str()), ("cached", "up to date"), "{stage}");
+        assert_eq!(
+            (action.as_str(), reason.as_str()),
+            ("cached", "up to date"),
+            "{stage}"
+        );
     }
     for stage in STAGES {
-        assert_eq!(outputs(&fresh, &b, stage), outputs(&a, &b, stage), "{stage}");
+        assert_eq!(
+            outputs(&fresh, &b, stage),
+            outputs(&a, &b, stage),
+            "{stage}"
+        );
     }
-    assert!(!fresh.path("runs.txt").exists(), "nothing ran in the fresh project");
+    assert!(
+        !fresh.path("runs.txt").exists(),
+        "nothing ran in the fresh project"
+    );
     // The pulled cache is sound.
     run_ok(&fresh, &b, &["cache", "verify"]);
     let verified = run_ok(&a, &b, &["cache", "verify", "--remote", &b.url]);
@@ -232,11 +258,19 @@ fn a_tampered_object_is_refused(b: Backend) {
     let a = pushed(&b);
     tamper(&b, &output_hash(&a, &b, "a"), b"forged content\n");
     let fresh = project();
-    let out = run_fails(&fresh, &b, &["cache", "pull", "--remote", &b.url, "pipeline.yaml"]);
+    let out = run_fails(
+        &fresh,
+        &b,
+        &["cache", "pull", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(out.contains("content hash is"), "{out}");
     assert!(out.contains("rejected"), "{out}");
     let rows = plan(&fresh, &b, &["--no-remote"]);
-    assert_eq!(rows[0], ("a".into(), "run".into(), "never run".into()), "{rows:?}");
+    assert_eq!(
+        rows[0],
+        ("a".into(), "run".into(), "never run".into()),
+        "{rows:?}"
+    );
     assert!(walk(&fresh.path("cache/objects"))
         .iter()
         .all(|f| std::fs::read(f).unwrap() != b"forged content\n"));
@@ -245,7 +279,12 @@ fn a_tampered_object_is_refused(b: Backend) {
     assert_eq!(stages_with_status(&ran, "ran"), set(&["a"]), "{ran}");
     assert_eq!(outputs(&fresh, &b, "a"), outputs(&a, &b, "a"));
     let verify = run_fails(&a, &b, &["cache", "verify", "--remote", &b.url]);
-    assert!(verify.contains("(corrupt)") && verify.contains("1 problem(s)"), "{verify}");
+    // The object, and the record that names it.
+    assert!(
+        verify.contains("(corrupt)") && verify.contains("2 problem(s)"),
+        "{verify}"
+    );
+    assert!(verify.contains("(stage `a`): output `out`"), "{verify}");
 }
 
 #[test]
@@ -267,9 +306,13 @@ fn configure(p: &Project, url: &str, extra: &str) {
 }
 
 fn keygen(p: &Project, b: &Backend, name: &str) -> String {
-    run_ok(p, b, &["cache", "keygen", name, "--out", &format!("{name}.key")])
-        .trim()
-        .to_string()
+    run_ok(
+        p,
+        b,
+        &["cache", "keygen", name, "--out", &format!("{name}.key")],
+    )
+    .trim()
+    .to_string()
 }
 
 fn untrusted_records_are_ignored_when_keys_are_configured(b: Backend) {
@@ -280,30 +323,64 @@ fn untrusted_records_are_ignored_when_keys_are_configured(b: Backend) {
     assert!(ci_key.starts_with("ci:") && other_key.starts_with("other:"));
     // `d` unsigned, every other stage signed by `ci`.
     configure(&a, &b.url, "");
-    run_ok(&a, &b, &["cache", "push", "--remote", "team", "pipeline.yaml", "--target", "d"]);
+    run_ok(
+        &a,
+        &b,
+        &[
+            "cache",
+            "push",
+            "--remote",
+            "team",
+            "pipeline.yaml",
+            "--target",
+            "d",
+        ],
+    );
     configure(&a, &b.url, "    signing_key: ci.key\n");
-    let out = run_ok(&a, &b, &["cache", "push", "--remote", "team", "pipeline.yaml"]);
+    let out = run_ok(
+        &a,
+        &b,
+        &["cache", "push", "--remote", "team", "pipeline.yaml"],
+    );
     assert!(out.contains("4 record(s) pushed, 1 already"), "{out}");
 
     let fresh = project();
     // Only a key that signed nothing is trusted: every record is a miss.
-    configure(&fresh, &b.url, &format!("    trusted_keys: [\"{other_key}\"]\n"));
-    let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", "team", "pipeline.yaml"]);
+    configure(
+        &fresh,
+        &b.url,
+        &format!("    trusted_keys: [\"{other_key}\"]\n"),
+    );
+    let out = run_ok(
+        &fresh,
+        &b,
+        &["cache", "pull", "--remote", "team", "pipeline.yaml"],
+    );
     assert!(out.contains("0 record(s) pulled"), "{out}");
     for (stage, action, _) in plan(&fresh, &b, &["--remote", "team"]) {
         assert_eq!(action, "run", "{stage}");
     }
     // Trusting `ci`: its records are used, the unsigned one is not.
-    configure(&fresh, &b.url, &format!("    trusted_keys: [\"{ci_key}\"]\n"));
+    configure(
+        &fresh,
+        &b.url,
+        &format!("    trusted_keys: [\"{ci_key}\"]\n"),
+    );
     let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", "team"]);
-    assert!(out.contains("4 record(s) pulled") && out.contains("1 untrusted"), "{out}");
+    assert!(
+        out.contains("4 record(s) pulled") && out.contains("1 untrusted"),
+        "{out}"
+    );
     assert!(out.contains("not signed"), "{out}");
     let rows = plan(&fresh, &b, &["--remote", "team"]);
     for (stage, action, _) in rows {
         assert_eq!(action == "cached", stage != "d", "{stage}");
     }
     let verify = run_fails(&fresh, &b, &["cache", "verify", "--remote", "team"]);
-    assert!(verify.contains("untrusted: the record is not signed"), "{verify}");
+    assert!(
+        verify.contains("untrusted: the record is not signed"),
+        "{verify}"
+    );
 }
 
 #[test]
@@ -327,11 +404,19 @@ fn the_read_only_identity_cannot_push() {
         _server: None,
         _folder: None,
     };
-    let out = run_fails(&a, &reader, &["cache", "push", "--remote", &b.url, "pipeline.yaml"]);
+    let out = run_fails(
+        &a,
+        &reader,
+        &["cache", "push", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(out.contains("read-only"), "{out}");
     assert!(out.contains("writer identity"), "{out}");
     // Nothing reached the server: the writer's push uploads everything.
-    let pushed = run_ok(&a, &b, &["cache", "push", "--remote", &b.url, "pipeline.yaml"]);
+    let pushed = run_ok(
+        &a,
+        &b,
+        &["cache", "push", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(pushed.contains("5 record(s) pushed"), "{pushed}");
     // The reader can pull.
     let fresh = project();
@@ -340,7 +425,10 @@ fn the_read_only_identity_cannot_push() {
     // A remote configured read-only is refused before any request.
     configure(&a, &b.url, "    write: false\n");
     let out = run_fails(&a, &b, &["cache", "push", "--remote", "team"]);
-    assert!(out.contains("remote `team` is read-only: `write: false`"), "{out}");
+    assert!(
+        out.contains("remote `team` is read-only: `write: false`"),
+        "{out}"
+    );
 }
 
 fn concurrent_pushes_leave_one_record(b: Backend) {
@@ -351,11 +439,15 @@ fn concurrent_pushes_leave_one_record(b: Backend) {
     let children: Vec<_> = [&first, &second]
         .iter()
         .map(|p| {
-            cmd(p, &b, &["cache", "push", "--remote", &b.url, "pipeline.yaml", "-q"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            cmd(
+                p,
+                &b,
+                &["cache", "push", "--remote", &b.url, "pipeline.yaml", "-q"],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
         })
         .collect();
     let outs: Vec<String> = children
@@ -366,11 +458,17 @@ fn concurrent_pushes_leave_one_record(b: Backend) {
     for stage in STAGES {
         let created = outs
             .iter()
-            .filter(|o| o.lines().any(|l| l.starts_with(&format!("pushed  {stage} "))))
+            .filter(|o| {
+                o.lines()
+                    .any(|l| l.starts_with(&format!("pushed  {stage} ")))
+            })
             .count();
         let present = outs
             .iter()
-            .filter(|o| o.lines().any(|l| l.starts_with(&format!("present {stage} "))))
+            .filter(|o| {
+                o.lines()
+                    .any(|l| l.starts_with(&format!("present {stage} ")))
+            })
             .count();
         assert_eq!((created, present), (1, 1), "{stage}: {outs:?}");
     }
@@ -378,7 +476,10 @@ fn concurrent_pushes_leave_one_record(b: Backend) {
     let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
     assert!(out.contains("5 record(s) pulled, 0 already local"), "{out}");
     let verified = run_ok(&fresh, &b, &["cache", "verify", "--remote", &b.url]);
-    assert!(verified.contains("5 records") && verified.contains("0 problem(s)"), "{verified}");
+    assert!(
+        verified.contains("5 records") && verified.contains("0 problem(s)"),
+        "{verified}"
+    );
 }
 
 #[test]
@@ -421,7 +522,10 @@ fn kill_when(mut c: Command, ready: impl Fn() -> bool) {
         .unwrap();
     let start = Instant::now();
     while !ready() {
-        assert!(child.try_wait().unwrap().is_none(), "finished before it was killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it was killed"
+        );
         assert!(start.elapsed() < Duration::from_secs(60), "never got there");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -434,17 +538,26 @@ fn a_killed_download_resumes(b: Backend) {
     a.write("pipeline.yaml", BIG);
     a.write("alignflow.config.yaml", "remotes: {}\n");
     a.run_stages("pipeline.yaml", &[]);
-    run_ok(&a, &b, &["cache", "push", "--remote", &b.url, "pipeline.yaml"]);
+    run_ok(
+        &a,
+        &b,
+        &["cache", "push", "--remote", &b.url, "pipeline.yaml"],
+    );
 
     let fresh = Project::new();
     fresh.write("pipeline.yaml", BIG);
     fresh.write("alignflow.config.yaml", "remotes: {}\n");
     // Slowed to 12 MB/s so that it is surely killed half-way.
-    let slow = format!("{}{}max_mbps=12", b.url, if b.url.contains('?') { "&" } else { "?" });
+    let slow = format!(
+        "{}{}max_mbps=12",
+        b.url,
+        if b.url.contains('?') { "&" } else { "?" }
+    );
     let downloads = fresh.path("cache/downloads");
-    kill_when(cmd(&fresh, &b, &["cache", "pull", "--remote", &slow]), || {
-        largest(&downloads, ".part") > 8_000_000
-    });
+    kill_when(
+        cmd(&fresh, &b, &["cache", "pull", "--remote", &slow]),
+        || largest(&downloads, ".part") > 8_000_000,
+    );
     let partial = largest(&downloads, ".part");
     assert!(partial > 8_000_000 && partial < 48_000_000, "{partial}");
     let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
@@ -456,7 +569,10 @@ fn a_killed_download_resumes(b: Backend) {
         .and_then(|s| s.rsplit('(').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no byte count in {out}"));
-    assert!(downloaded <= 48_000_000 - partial, "{downloaded} after {partial}: {out}");
+    assert!(
+        downloaded <= 48_000_000 - partial,
+        "{downloaded} after {partial}: {out}"
+    );
     let shown_a = run_ok(&a, &b, &["show", "pipeline.yaml", "big"]);
     let shown_b = run_ok(&fresh, &b, &["show", "pipeline.yaml", "big"]);
     let path = |s: &str| PathBuf::from(s.split('\t').nth(1).unwrap().trim());
@@ -482,7 +598,11 @@ fn parts_sent(state: &Path) -> usize {
     std::fs::read_to_string(state)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["parts"].as_array().map(|p| p.iter().filter(|x| !x.is_null()).count()))
+        .and_then(|v| {
+            v["parts"]
+                .as_array()
+                .map(|p| p.iter().filter(|x| !x.is_null()).count())
+        })
         .unwrap_or(0)
 }
 
@@ -499,7 +619,10 @@ fn s3_a_killed_upload_resumes() {
     kill_when(cmd(&a, &b, &["cache", "push", "--remote", &slow]), || {
         walk(&uploads).iter().any(|f| parts_sent(f) >= 2)
     });
-    assert!(walk(&uploads).iter().any(|f| parts_sent(f) < 6), "killed before the end");
+    assert!(
+        walk(&uploads).iter().any(|f| parts_sent(f) < 6),
+        "killed before the end"
+    );
     let out = run_ok(&a, &b, &["cache", "push", "--remote", &b.url]);
     assert!(out.contains("1 record(s) pushed"), "{out}");
     assert!(out.contains("resumed"), "{out}");
@@ -508,7 +631,15 @@ fn s3_a_killed_upload_resumes() {
     fresh.write("alignflow.config.yaml", "remotes: {}\n");
     let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
     assert!(pulled.contains("1 record(s) pulled"), "{pulled}");
-    assert!(walk(&uploads).is_empty());
+    // The upload's state is gone (a temporary file the kill interrupted
+    // may remain: `cache gc` removes it).
+    let states: Vec<_> = walk(&uploads)
+        .into_iter()
+        .filter(|f| !f.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(states.is_empty(), "{states:?}");
+    run_ok(&a, &b, &["cache", "gc"]);
+    assert!(walk(&uploads).is_empty(), "{:?}", walk(&uploads));
 }
 
 fn run_locked_on_a_fresh_machine_pulls_everything(b: Backend) {
@@ -528,7 +659,11 @@ fn run_locked_on_a_fresh_machine_pulls_everything(b: Backend) {
     assert!(out.contains("pulled from remote `team`"), "{out}");
     assert!(!fresh.path("runs.txt").exists(), "nothing ran");
     for stage in STAGES {
-        assert_eq!(outputs(&fresh, &b, stage), outputs(&a, &b, stage), "{stage}");
+        assert_eq!(
+            outputs(&fresh, &b, stage),
+            outputs(&a, &b, stage),
+            "{stage}"
+        );
     }
     assert_eq!(fresh.read("pipeline.lock"), a.read("pipeline.lock"));
 }
@@ -551,7 +686,11 @@ fn run_writes_back_when_configured() {
     let out = run_ok(&a, &b, &["run", "pipeline.yaml", "--remote", "team"]);
     assert_eq!(stages_with_status(&out, "ran"), set(&STAGES), "{out}");
     let fresh = project();
-    let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url, "pipeline.yaml"]);
+    let pulled = run_ok(
+        &fresh,
+        &b,
+        &["cache", "pull", "--remote", &b.url, "pipeline.yaml"],
+    );
     assert!(pulled.contains("5 record(s) pulled"), "{pulled}");
 }
 
@@ -568,10 +707,19 @@ fn doctor_reports_remotes_and_whether_they_answer() {
         ),
     );
     let out = String::from_utf8(cmd(&p, &b, &["doctor"]).output().unwrap().stdout).unwrap();
-    let team = out.lines().find(|l| l.contains("remote     team:")).unwrap_or_else(|| panic!("{out}"));
+    let team = out
+        .lines()
+        .find(|l| l.contains("remote     team:"))
+        .unwrap_or_else(|| panic!("{out}"));
     assert!(team.contains("(read-write, default): answers in"), "{team}");
-    assert!(!team.contains("writer-secret") && !out.contains("writer-key"), "{out}");
-    let gone = out.lines().find(|l| l.contains("remote     gone:")).unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        !team.contains("writer-secret") && !out.contains("writer-key"),
+        "{out}"
+    );
+    let gone = out
+        .lines()
+        .find(|l| l.contains("remote     gone:"))
+        .unwrap_or_else(|| panic!("{out}"));
     assert!(gone.contains("(read-only): does not answer"), "{gone}");
 }
 

@@ -71,7 +71,9 @@ impl Objects {
         }
         let entries = parse_listing(bytes).map_err(bad)?;
         if let Some((rel, blob)) = entries.iter().find(|(_, b)| !self.has_blob(b)) {
-            return Err(bad(format!("`{rel}` needs blob {blob}, which is not in the store")));
+            return Err(bad(format!(
+                "`{rel}` needs blob {blob}, which is not in the store"
+            )));
         }
         self.commit_tree(hash, bytes, &entries)
     }

@@ -29,7 +29,10 @@ pub fn records_to_push(
                 Some(record) => records.push(record),
                 None => missing.push(format!("stage `{id}`: no record")),
             },
-            _ => missing.push(format!("stage `{id}` is not in the local cache ({}): run it first", p.reason)),
+            _ => missing.push(format!(
+                "stage `{id}` is not in the local cache ({}): run it first",
+                p.reason
+            )),
         }
     }
     Ok((records, missing))

@@ -65,10 +65,15 @@ impl Remote {
         let file = spec.source.clone().unwrap_or_default();
         let mut trusted = Vec::new();
         for (i, text) in spec.config.trusted_keys.iter().enumerate() {
-            trusted.push(PublicKey::parse(text).map_err(|message| RemoteError::Config {
-                path: file.clone(),
-                message: format!("remote `{}`, field `trusted_keys[{i}]`: {message}", spec.name),
-            })?);
+            trusted.push(
+                PublicKey::parse(text).map_err(|message| RemoteError::Config {
+                    path: file.clone(),
+                    message: format!(
+                        "remote `{}`, field `trusted_keys[{i}]`: {message}",
+                        spec.name
+                    ),
+                })?,
+            );
         }
         let signer = match &spec.config.signing_key {
             Some(path) => Some(SecretKey::read(path)?),
@@ -162,7 +167,9 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => return Ok(Lookup::Absent),
             Err(e) => return Err(self.store_error(&key, e)),
         };
-        let bytes = read_all(stream).await.map_err(|e| self.store_error(&key, e))?;
+        let bytes = read_all(stream)
+            .await
+            .map_err(|e| self.store_error(&key, e))?;
         let (envelope, record) = self.parse_record(&key, fp, &bytes)?;
         match trust(&envelope, &self.trusted) {
             Trust::Untrusted(why) => Ok(Lookup::Untrusted(why)),

@@ -234,9 +234,17 @@ fn check(file: &Path, name: &str, remote: &RemoteConfig) -> Result<(), RemoteErr
 /// Store option keys that hold secrets.
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["secret", "access_key_id", "token", "password", "sas", "service_account_key", "client_secret"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "secret",
+        "access_key_id",
+        "token",
+        "password",
+        "sas",
+        "service_account_key",
+        "client_secret",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
 }
 
 /// `remote` as given on the command line: a configured name, or a URL.
@@ -285,7 +293,11 @@ pub fn redact(url: &str) -> String {
     let pairs: Vec<(String, String)> = parsed
         .query_pairs()
         .map(|(k, v)| {
-            let v = if is_secret_key(&k) { "***".to_string() } else { v.to_string() };
+            let v = if is_secret_key(&k) {
+                "***".to_string()
+            } else {
+                v.to_string()
+            };
             (k.to_string(), v)
         })
         .collect();

