@@ -367,9 +367,12 @@ impl Maintenance<'_> {
 
         // Leftovers of atomic writes by killed processes.
         let mut temps: Vec<(u32, PathBuf)> = Vec::new();
-        // `uploads/`: an upload state file being rewritten when a push was killed.
-        let uploads = self.root.join("uploads");
-        for dir in [self.root.to_path_buf(), uploads]
+        // `uploads/`, `downloads/`: a transfer's state file being rewritten
+        // when a push or pull was killed.
+        let transfers = [self.root.join("uploads"), self.root.join("downloads")];
+        for dir in [self.root.to_path_buf()]
+            .into_iter()
+            .chain(transfers)
             .into_iter()
             .chain(self.records.shards()?)
         {

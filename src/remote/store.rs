@@ -34,6 +34,12 @@ pub trait RemoteStore: Send + Sync {
         key: &'a str,
         offset: u64,
     ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>>;
+    /// The bytes `range` of `key`, as they arrive.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>>;
     /// Writes `key` (replacing it).
     fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<()>>;
     /// Writes `key` only if it does not exist (`If-None-Match: *`); `false`
@@ -211,6 +217,25 @@ impl RemoteStore for ObjectRemote {
         async move {
             let options = GetOptions {
                 range: (offset > 0).then_some(GetRange::Offset(offset)),
+                ..Default::default()
+            };
+            Ok(self
+                .store
+                .get_opts(&self.path(key), options)
+                .await?
+                .into_stream())
+        }
+        .boxed()
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>> {
+        async move {
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(range)),
                 ..Default::default()
             };
             Ok(self

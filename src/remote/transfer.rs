@@ -6,6 +6,7 @@
 //! Azure, whose upload ids outlive the process).
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -111,9 +112,11 @@ impl Transfer {
     }
 }
 
-/// Downloads blob `hash` into the store unless it is there; a partial
-/// download left by an interrupted pull is resumed, and the blob is adopted
-/// only if its blake3 is `hash`.
+/// Downloads blob `hash` into the store unless it is there, and adopts it
+/// only if its blake3 is `hash`. A large blob comes in `PART_SIZE` ranges,
+/// `jobs` at a time, written in place into `downloads/<hash>.part`, the
+/// finished ranges noted in `downloads/<hash>.parts.json`; a small one
+/// streams in order. Either way an interrupted pull is resumed by the next.
 pub async fn download_blob(
     store: &dyn RemoteStore,
     remote: &str,
@@ -130,19 +133,19 @@ pub async fn download_blob(
         key: key.clone(),
         source,
     };
-    let _slot = t.slots.acquire().await.expect("never closed");
-    let size =
-        store
-            .head(&key)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| RemoteError::BadRecord {
-                remote: remote.to_string(),
-                key: key.clone(),
-                message: "missing (a record names it)".into(),
-            })?;
+    let size = {
+        let _slot = t.slots.acquire().await.expect("never closed");
+        store.head(&key).await.map_err(store_err)?
+    }
+    .ok_or_else(|| RemoteError::BadRecord {
+        remote: remote.to_string(),
+        key: key.clone(),
+        message: "missing (a record names it)".into(),
+    })?;
     t.add_total(size);
-    let part = cache.downloads_dir()?.join(format!("{hash}.part"));
+    let downloads = cache.downloads_dir()?;
+    let part = downloads.join(format!("{hash}.part"));
+    let state = downloads.join(format!("{hash}.parts.json"));
     let io = |source| RemoteError::Io {
         path: part.clone(),
         source,
@@ -162,31 +165,22 @@ pub async fn download_blob(
         let _ = fs::remove_file(&part);
         return Ok(());
     }
-    let mut have = file.metadata().map_err(io)?.len();
-    let mut hasher = blake3::Hasher::new();
-    if have > size {
-        file.set_len(0).map_err(io)?;
-        have = 0;
-    }
-    if have > 0 {
+    let actual = if size > PART_SIZE {
+        download_ranges(store, &key, &file, &state, size, t)
+            .await
+            .map_err(|e| e.into_remote(remote, &key))?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut prefix = (&mut *file).take(have);
-        hasher.update_reader(&mut prefix).map_err(io)?;
-        tracing::info!("{key}: resuming an interrupted download at {have} of {size} bytes");
-        t.note_resumed(have);
-    }
-    file.seek(SeekFrom::Start(have)).map_err(io)?;
-    if have < size {
-        let mut stream = store.get_from(&key, have).await.map_err(store_err)?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(store_err)?;
-            file.write_all(&chunk).map_err(io)?;
-            hasher.update(&chunk);
-            t.moved(chunk.len() as u64).await;
-        }
-    }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&mut *file).map_err(io)?;
+        hasher.finalize().to_hex().to_string()
+    } else {
+        let _slot = t.slots.acquire().await.expect("never closed");
+        download_in_order(store, &key, &mut file, size, t)
+            .await
+            .map_err(|e| e.into_remote(remote, &key))?
+    };
     file.sync_all().map_err(io)?;
-    let actual = hasher.finalize().to_hex().to_string();
+    let _ = fs::remove_file(&state);
     if actual != hash {
         let _ = fs::remove_file(&part);
         return Err(RemoteError::Corrupt {
@@ -198,6 +192,143 @@ pub async fn download_blob(
     }
     drop(file);
     cache.adopt_blob(&part, hash)?;
+    Ok(())
+}
+
+/// Appends what `key` holds past the file's length (a prefix an earlier
+/// pull left), returning the blake3 of the whole file.
+async fn download_in_order(
+    store: &dyn RemoteStore,
+    key: &str,
+    file: &mut File,
+    size: u64,
+    t: &Transfer,
+) -> Result<String, PartError> {
+    let io = |e| PartError::Io(PathBuf::from(format!("downloads/ of {key}")), e);
+    let mut have = file.metadata().map_err(io)?.len();
+    if have > size {
+        file.set_len(0).map_err(io)?;
+        have = 0;
+    }
+    let mut hasher = blake3::Hasher::new();
+    if have > 0 {
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        hasher.update_reader((&mut *file).take(have)).map_err(io)?;
+        tracing::info!("{key}: resuming an interrupted download at {have} of {size} bytes");
+        t.note_resumed(have);
+    }
+    file.seek(SeekFrom::Start(have)).map_err(io)?;
+    if have < size {
+        let mut stream = store.get_from(key, have).await.map_err(PartError::Store)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(PartError::Store)?;
+            file.write_all(&chunk).map_err(io)?;
+            hasher.update(&chunk);
+            t.moved(chunk.len() as u64).await;
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Which ranges of a large download are in its `.part` file.
+#[derive(Debug, Serialize, Deserialize)]
+struct DownloadState {
+    size: u64,
+    part_size: u64,
+    done: Vec<bool>,
+}
+
+/// Fetches the ranges of `key` that `state` does not list as done, `jobs`
+/// at a time, each written in place and made durable before it is noted.
+async fn download_ranges(
+    store: &dyn RemoteStore,
+    key: &str,
+    file: &File,
+    state_path: &Path,
+    size: u64,
+    t: &Transfer,
+) -> Result<(), PartError> {
+    let io = |e| PartError::Io(state_path.to_path_buf(), e);
+    let n = size.div_ceil(PART_SIZE) as usize;
+    let previous: Option<DownloadState> = fs::read(state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &DownloadState| {
+            s.size == size && s.part_size == PART_SIZE && s.done.len() == n
+        });
+    let state = match previous {
+        Some(s) => {
+            let done = s.done.iter().filter(|d| **d).count();
+            tracing::info!(
+                "{key}: resuming an interrupted download, {done} of {n} parts already here"
+            );
+            s
+        }
+        None => {
+            file.set_len(size).map_err(io)?;
+            DownloadState {
+                size,
+                part_size: PART_SIZE,
+                done: vec![false; n],
+            }
+        }
+    };
+    let range = |i: usize| {
+        let start = i as u64 * PART_SIZE;
+        start..(start + PART_SIZE).min(size)
+    };
+    for (i, _) in state.done.iter().enumerate().filter(|(_, d)| **d) {
+        t.note_resumed(range(i).end - range(i).start);
+    }
+    let save = |s: &DownloadState| {
+        atomic_write(state_path, &serde_json::to_vec(s).expect("serialises")).map_err(io)
+    };
+    save(&state)?;
+    let todo: Vec<usize> = (0..n).filter(|i| !state.done[*i]).collect();
+    let state = Mutex::new(state);
+    let mut running = FuturesUnordered::new();
+    let note = |index: usize| -> Result<(), PartError> {
+        let mut s = state.lock().expect("not poisoned");
+        s.done[index] = true;
+        save(&s)
+    };
+    for index in todo {
+        running.push(async move {
+            let _slot = t.slots.acquire().await.expect("never closed");
+            let r = range(index);
+            let mut stream = store
+                .get_range(key, r.clone())
+                .await
+                .map_err(PartError::Store)?;
+            let mut offset = r.start;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(PartError::Store)?;
+                file.write_all_at(&chunk, offset).map_err(io)?;
+                offset += chunk.len() as u64;
+                t.moved(chunk.len() as u64).await;
+            }
+            if offset != r.end {
+                return Err(PartError::Io(
+                    state_path.to_path_buf(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{key}: range {r:?} ended at {offset}"),
+                    ),
+                ));
+            }
+            file.sync_data().map_err(io)?;
+            Ok(index)
+        });
+        while running.len() >= t.jobs {
+            let Some(done) = running.next().await else {
+                break;
+            };
+            note(done?)?;
+        }
+    }
+    while let Some(done) = running.next().await {
+        note(done?)?;
+    }
     Ok(())
 }
 
