@@ -138,6 +138,11 @@ pub struct RemoteSpec {
     pub source: Option<PathBuf>,
 }
 
+/// `.../alignflow/config.yaml` under the user's config folder.
+fn is_user_config(file: &Path) -> bool {
+    file.ends_with("alignflow/config.yaml")
+}
+
 /// The config files in force, project last (it overrides the user's).
 pub fn config_files(start: &Path) -> Vec<PathBuf> {
     if let Some(one) = std::env::var_os("ALIGNFLOW_CONFIG") {
@@ -178,6 +183,12 @@ fn load_files(
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Another user's home (a service account with HOME=/root): no
+            // user config for this one.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && is_user_config(&file) => {
+                tracing::debug!("{}: {e}; no user config", file.display());
+                continue;
+            }
             Err(source) => return Err(RemoteError::Io { path: file, source }),
         };
         let config: Config = serde_yaml::from_str(&text).map_err(|e| RemoteError::Config {

@@ -176,7 +176,7 @@ pub async fn download_blob(
         hasher.finalize().to_hex().to_string()
     } else {
         let _slot = t.slots.acquire().await.expect("never closed");
-        download_in_order(store, &key, &mut file, size, t)
+        download_in_order(store, &key, &part, &mut file, size, t)
             .await
             .map_err(|e| e.into_remote(remote, &key))?
     };
@@ -201,11 +201,12 @@ pub async fn download_blob(
 async fn download_in_order(
     store: &dyn RemoteStore,
     key: &str,
+    part: &Path,
     file: &mut File,
     size: u64,
     t: &Transfer,
 ) -> Result<String, PartError> {
-    let io = |e| PartError::Io(PathBuf::from(format!("downloads/ of {key}")), e);
+    let io = |e| PartError::Io(part.to_path_buf(), e);
     let mut have = file.metadata().map_err(io)?.len();
     if have > size {
         file.set_len(0).map_err(io)?;
