@@ -139,6 +139,15 @@ impl Remote {
     }
 
     pub(super) fn store_error(&self, key: &str, source: object_store::Error) -> RemoteError {
+        RemoteError::Store {
+            remote: self.spec.name.clone(),
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    /// A failed write: a refusal is named as the read-only identity it is.
+    pub(super) fn write_error(&self, key: &str, source: object_store::Error) -> RemoteError {
         if matches!(source, object_store::Error::PermissionDenied { .. }) {
             return RemoteError::ReadOnly {
                 remote: self.spec.name.clone(),

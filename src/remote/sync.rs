@@ -91,7 +91,7 @@ impl Remote {
             .store
             .head(&key)
             .await
-            .map_err(|e| self.store_error(&key, e))?
+            .map_err(|e| self.write_error(&key, e))?
             .is_some()
         {
             return Ok(false);
@@ -124,7 +124,7 @@ impl Remote {
             self.store
                 .put_new(&key, listing.into())
                 .await
-                .map_err(|e| self.store_error(&key, e))?;
+                .map_err(|e| self.write_error(&key, e))?;
         }
         let created = match self.store.put_new(&key, self.envelope(record)).await {
             Ok(created) => created,
@@ -137,10 +137,10 @@ impl Remote {
                 self.store
                     .put(&key, self.envelope(record))
                     .await
-                    .map_err(|e| self.store_error(&key, e))?;
+                    .map_err(|e| self.write_error(&key, e))?;
                 true
             }
-            Err(e) => return Err(self.store_error(&key, e)),
+            Err(e) => return Err(self.write_error(&key, e)),
         };
         Ok(created)
     }
@@ -148,7 +148,7 @@ impl Remote {
     /// A store error on write, named as a permission problem when it is one.
     fn denied(&self, err: RemoteError) -> RemoteError {
         match err {
-            RemoteError::Store { key, source, .. } => self.store_error(&key, source),
+            RemoteError::Store { key, source, .. } => self.write_error(&key, source),
             other => other,
         }
     }
