@@ -1,9 +1,11 @@
-//! Moving one blob: a download streamed into `downloads/<hash>.part`,
-//! hashed as it arrives and adopted into the store only when its blake3
-//! matches (resumed from the partial file after an interruption); an upload
-//! in parts, bounded in concurrency, hashed as it is read and completed only
-//! when the local blob is intact (resumed from `uploads/` on S3, GCS and
-//! Azure, whose upload ids outlive the process).
+//! Moving one blob. A download goes into `downloads/<hash>.part` (a small
+//! blob streamed in order and hashed as it arrives, a large one in 8 MiB
+//! ranges fetched side by side and hashed once complete) and is adopted into
+//! the store only when its blake3 matches; an interrupted one is resumed from
+//! the partial file. An upload goes in parts, bounded in concurrency, hashed
+//! as it is read and completed only when the local blob is intact (resumed
+//! from `uploads/` on S3, GCS and Azure, whose upload ids outlive the
+//! process).
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
