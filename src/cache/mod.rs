@@ -12,15 +12,19 @@
 //!   commits), `hashes.json`: the hash cache.
 //! - `failures/<fingerprint>.json`: why the last run of a fingerprint
 //!   failed, until it commits (a hint for `plan` and `show`);
+//! - `downloads/<hash>.part`: blobs being pulled from a remote cache, kept
+//!   when a pull is interrupted so that the next one resumes them;
+//!   `uploads/`: the state of interrupted multipart uploads to a remote;
 //! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
 //!   stage's input check or `cache verify --repair`), kept for inspection.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
 // key, atomic, fsutil, seal, tree, hashcache, failures; then objects (and integrity,
-// its checks and quarantine), records (uses objects), locks; then
+// its checks and quarantine, and adopt, objects that arrive verified from a remote), records (uses objects), locks; then
 // dependents (who uses an object), maintenance (verify, repair, gc: uses
 // all of them) and checkpoints (gc's part for checkpoint folders); store
 // (the `Cache` handle) on top.
+mod adopt;
 mod artifact;
 mod atomic;
 mod checkpoints;
@@ -50,6 +54,7 @@ pub use maintenance::{GcReport, VerifyReport};
 pub use records::StageRecord;
 pub use seal::remove_all;
 pub use store::Cache;
+pub use tree::parse_listing;
 
 #[cfg(test)]
 mod tests;

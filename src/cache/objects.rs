@@ -105,6 +105,12 @@ impl Objects {
         self.hashes.file_hash(path, meta, false)
     }
 
+    /// Notes that the store file at `path` hashes to `hash` (the caller
+    /// just hashed what it wrote there).
+    pub fn remember_hash(&self, path: &Path, meta: &fs::Metadata, hash: &str) {
+        self.hashes.remember(path, meta, hash);
+    }
+
     /// The blake3 hex of the file at `path` (counted in `hashed_bytes`).
     pub fn hash_file(&self, path: &Path) -> io::Result<String> {
         File::open(path).and_then(|f| self.hashes.hash_reader(f))
@@ -193,7 +199,7 @@ impl Objects {
 
     /// Materialises `trees/<hash>/` (built in `tmp/`, renamed into place),
     /// then writes `trees/<hash>.json`, the listing: its presence commits the tree.
-    fn commit_tree(
+    pub(super) fn commit_tree(
         &self,
         hash: &str,
         bytes: &[u8],
@@ -355,7 +361,7 @@ impl Objects {
 
 /// Copies `src` to a temporary file beside `dst`, makes it read-only and
 /// durable, then links it to `dst` (unless a racing process did).
-fn copy_into_store(src: &Path, dst: &Path) -> Result<(), CacheError> {
+pub(super) fn copy_into_store(src: &Path, dst: &Path) -> Result<(), CacheError> {
     let tmp = temp_sibling(dst).map_err(at(dst))?;
     let result = (|| {
         fs::copy(src, &tmp)?;

@@ -75,6 +75,51 @@ impl Cache {
         self.objects.artifact_path(id)
     }
 
+    /// Whether blob `hash` is in `objects/` (no rehash).
+    pub fn has_blob(&self, hash: &str) -> bool {
+        self.objects.has_blob(hash)
+    }
+
+    /// `objects/ab/cdef..`, where blob `hash` lives.
+    pub fn blob_path(&self, hash: &str) -> PathBuf {
+        self.objects.blob_path(hash)
+    }
+
+    /// The listing of stored tree `hash` (`trees/<hash>.json`).
+    pub fn tree_listing(&self, hash: &str) -> Result<Vec<u8>, CacheError> {
+        self.objects.tree_listing(hash)
+    }
+
+    /// The blobs stored tree `hash` is made of (sorted, deduplicated).
+    pub fn tree_blobs(&self, hash: &str) -> Result<Vec<String>, CacheError> {
+        self.objects.tree_blobs(hash)
+    }
+
+    /// `downloads/` (created): partial downloads from a remote, resumed by
+    /// the next pull.
+    pub fn downloads_dir(&self) -> Result<PathBuf, CacheError> {
+        self.objects.downloads_dir()
+    }
+
+    /// `uploads/` (created): the state of interrupted multipart uploads.
+    pub fn uploads_dir(&self) -> Result<PathBuf, CacheError> {
+        let dir = self.root.join("uploads");
+        ensure_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Moves the file `src` (under this cache root), already checked to
+    /// hash to `hash`, into `objects/`.
+    pub fn adopt_blob(&self, src: &Path, hash: &str) -> Result<(), CacheError> {
+        self.objects.adopt_blob(src, hash)
+    }
+
+    /// Commits tree `hash` from its listing, once every blob it names is in
+    /// the store; refuses a listing that does not hash to `hash`.
+    pub fn adopt_tree(&self, hash: &str, listing: &[u8]) -> Result<(), CacheError> {
+        self.objects.adopt_tree(hash, listing)
+    }
+
     /// Cheap presence check (no rehash).
     pub fn has_artifact(&self, id: &ArtifactId) -> bool {
         self.objects.has_artifact(id)

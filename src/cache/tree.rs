@@ -87,8 +87,9 @@ pub(crate) fn listing(entries: &[(String, String)]) -> (Vec<u8>, String) {
     (bytes, hash)
 }
 
-/// Parses a listing written by [`listing`].
-pub(crate) fn parse_listing(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// Parses a tree listing (`[["rel/path","<blob hex>"],...]`), checking its
+/// hashes and relative paths.
+pub fn parse_listing(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
     let entries: Vec<(String, String)> =
         serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     for (rel, hash) in &entries {

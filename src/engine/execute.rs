@@ -99,6 +99,10 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     if let Some(record) = shared.cache.hit(&fp)? {
         return Ok(cached(record, key, "finished by another run"));
     }
+    if let Some(record) = pull_from_remote(shared, stage, &fp).await {
+        let detail = format!("pulled from remote `{}`", record.1);
+        return Ok(cached(record.0, key, &detail));
+    }
     // Corruption must not spread: what the stage reads is checked first.
     {
         let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
@@ -118,6 +122,7 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     if let Err(e) = shared.cache.clear_failure(&fp) {
         tracing::warn!("stage `{}`: {e}", stage.id);
     }
+    write_back(shared, stage, &record).await;
     // Still under the stage lock, so no other run is writing them.
     if let Err(e) = shared.cache.retire_checkpoints(&fp, stage.keep_checkpoints) {
         tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
@@ -140,6 +145,48 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         key,
         detail,
     })
+}
+
+/// The stage's record and outputs from the remote, if it holds a trusted
+/// record of `fp`: (record, remote name). A pull that fails (a corrupt
+/// object is refused) is a miss: the stage runs.
+async fn pull_from_remote(
+    shared: &Shared,
+    stage: &Stage,
+    fp: &Fingerprint,
+) -> Option<(StageRecord, String)> {
+    let remote = shared.options.remote.clone()?;
+    let (cache, fp) = (shared.cache.clone(), fp.clone());
+    let name = remote.name().to_string();
+    match blocking(move || Ok(remote.pull_one(&cache, &fp)?)).await {
+        Ok(found) => found.map(|record| (record, name)),
+        Err(e) => {
+            shared.ui.say(&format!(
+                "warning: stage `{}`: not pulled from remote `{name}`, it runs: {e:#}",
+                stage.id
+            ));
+            None
+        }
+    }
+}
+
+/// Pushes a record the run just committed when the remote is configured
+/// `write_back: true`; a failed push is a warning, the stage succeeded.
+async fn write_back(shared: &Shared, stage: &Stage, record: &StageRecord) {
+    let Some(remote) = shared.options.remote.clone().filter(|r| r.writes_back()) else {
+        return;
+    };
+    let (cache, rec) = (shared.cache.clone(), record.clone());
+    let name = remote.name().to_string();
+    match blocking(move || Ok(remote.push_quietly(&cache, &rec)?)).await {
+        Ok(_) => shared
+            .ui
+            .log(&format!("pushed {} to remote `{name}`", stage.id)),
+        Err(e) => shared.ui.say(&format!(
+            "warning: stage `{}`: not pushed to remote `{name}`: {e:#}",
+            stage.id
+        )),
+    }
 }
 
 /// Leaves a note that this fingerprint failed, for `plan` and `show`; a

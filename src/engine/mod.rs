@@ -15,6 +15,7 @@ mod private_inputs;
 mod progress;
 mod run;
 mod schedule;
+mod share;
 mod summary;
 mod threads;
 mod worker;
@@ -24,8 +25,9 @@ pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileEr
 pub use options::RunOptions;
 pub use plan::{
     explain, locked_diff, missing_path_inputs, plan, stage_key, stage_seed, Action, Plan,
-    PlanContext, PlanRow, PlannedStage,
+    PlanContext, PlanRow, PlannedStage, REMOTE_REASON,
 };
 pub use run::run;
+pub use share::{fingerprints_to_pull, records_to_push};
 pub use summary::{RunSummary, StageResult, StageStatus};
 pub use worker::{doctor, worker_path};

@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Stages that may share one GPU (1: each GPU stage has its device alone).
     pub gpu_slots: usize,
+    /// A remote cache read through (and written back to when configured).
+    pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
 }
 
 impl Default for RunOptions {
@@ -39,6 +41,7 @@ impl Default for RunOptions {
             threads: None,
             quiet: false,
             gpu_slots: 1,
+            remote: None,
         }
     }
 }

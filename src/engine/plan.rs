@@ -13,6 +13,7 @@ use crate::cache::{ArtifactId, Cache, Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 use crate::graph::Dag;
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::OpDecl;
+use crate::remote::{Lookup, Remote};
 
 use super::history::History;
 use super::lockfile::{LockedStage, Lockfile};
@@ -88,7 +89,13 @@ pub struct PlanContext<'a> {
     /// `run --locked`: assume stages that must run reproduce the outputs
     /// the lockfile records, so every fingerprint can be compared.
     pub locked: bool,
+    /// A remote cache read through: a stage it holds a trusted record of
+    /// is planned `cached` with the reason `remote` (pulled, not run).
+    pub remote: Option<&'a Remote>,
 }
+
+/// The reason of a stage whose record is on the remote.
+pub const REMOTE_REASON: &str = "remote";
 
 /// The seed of a stage: derived from the pipeline seed and the stage id only.
 pub fn stage_seed(pipeline_seed: u64, stage_id: &str) -> u64 {
@@ -255,6 +262,18 @@ fn plan_stage(
             outputs: Some(record.outputs),
         });
     }
+    if let Some(record) = ctx.remote.and_then(|r| remote_hit(r, stage, &fingerprint)) {
+        known.insert(i, record.outputs.clone());
+        return Ok(PlannedStage {
+            index: i,
+            op,
+            action: Action::Cached,
+            reason: REMOTE_REASON.into(),
+            key: Some(key),
+            fingerprint: Some(fingerprint),
+            outputs: Some(record.outputs),
+        });
+    }
     let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
     let reason = match (ctx.cache.failure(&fingerprint), previous) {
         (Some(note), _) => failed_reason(&note),
@@ -277,6 +296,31 @@ fn plan_stage(
         fingerprint: Some(fingerprint),
         outputs: None,
     })
+}
+
+/// The remote's trusted record of `fp`. A remote that cannot be read is
+/// a miss with a warning, as a remote build cache is: the stage runs.
+fn remote_hit(
+    remote: &Remote,
+    stage: &Stage,
+    fp: &Fingerprint,
+) -> Option<crate::cache::StageRecord> {
+    match remote.lookup(fp) {
+        Ok(Lookup::Found(record)) => Some(record),
+        Ok(Lookup::Absent) => None,
+        Ok(Lookup::Untrusted(why)) => {
+            tracing::warn!(
+                "stage `{}`: the record on remote `{}` is ignored: {why}",
+                stage.id,
+                remote.name()
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("stage `{}`: remote not used: {e}", stage.id);
+            None
+        }
+    }
 }
 
 /// A stage whose last run with these inputs failed: when, and why.

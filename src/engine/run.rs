@@ -45,6 +45,7 @@ pub fn run(
             lockfile: lockfile.as_ref(),
             rehash: options.rehash,
             locked: options.locked,
+            remote: options.remote.as_deref(),
         },
         &selected,
     )?;

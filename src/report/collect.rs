@@ -177,6 +177,7 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
             lockfile: lockfile.as_ref(),
             rehash: false,
             locked: false,
+            remote: None,
         },
         &selected,
     )?;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod a_world;
+pub mod seaweed;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,364 @@
+//! The remote store behind one small trait, [`RemoteStore`], and its one
+//! implementation on the `object_store` crate (S3 and S3-compatible
+//! servers, GCS, Azure, HTTP, a local or shared folder).
+//!
+//! Keys are the local cache's layout: `objects/ab/cdef..`,
+//! `trees/<hash>.json`, `records/ab/<fingerprint>.json`.
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as StorePath;
+use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload};
+
+use super::config::{is_secret_key, redact, RemoteSpec};
+use super::error::RemoteError;
+
+pub type StoreResult<T> = Result<T, object_store::Error>;
+
+/// What alignflow needs of a remote store.
+pub trait RemoteStore: Send + Sync {
+    /// The URL, without credentials.
+    fn describe(&self) -> &str;
+    /// The size of `key`, or `None` when it is absent.
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>>;
+    /// The bytes of `key` from `offset` on, as they arrive.
+    fn get_from<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>>;
+    /// The bytes `range` of `key`, as they arrive.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>>;
+    /// Writes `key` (replacing it).
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<()>>;
+    /// Writes `key` only if it does not exist (`If-None-Match: *`); `false`
+    /// when it already did.
+    fn put_new<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<bool>>;
+    /// Every key under `prefix` (relative to the remote's root).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>>;
+    /// Multipart uploads whose id outlives this process (S3, GCS, Azure),
+    /// so an interrupted upload resumes; `None` for a folder.
+    fn resumable(&self) -> Option<&dyn ResumableUploads>;
+    /// A multipart upload of `key` that this process finishes or abandons.
+    fn upload<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Box<dyn object_store::MultipartUpload>>>;
+}
+
+/// Multipart uploads addressed by an id that can be kept on disk.
+pub trait ResumableUploads: Send + Sync {
+    fn create<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<String>>;
+    /// Uploads part `index` (from 0); returns its id for `complete`.
+    fn put_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        index: usize,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, StoreResult<String>>;
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: Vec<String>,
+    ) -> BoxFuture<'a, StoreResult<()>>;
+}
+
+/// A [`RemoteStore`] on an `object_store` backend.
+pub struct ObjectRemote {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    /// Key prefix inside the bucket ('' or 'a/b/').
+    prefix: String,
+}
+
+impl ObjectRemote {
+    /// Opens the store a remote names (no request is made yet).
+    pub fn open(spec: &RemoteSpec) -> Result<ObjectRemote, RemoteError> {
+        let shown = redact(&spec.config.url);
+        let bad_url = |message: String| RemoteError::Url {
+            url: shown.clone(),
+            message,
+        };
+        let url = url::Url::parse(&spec.config.url).map_err(|e| bad_url(e.to_string()))?;
+        let mut options: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some((k, _)) = options.iter().find(|(k, _)| is_secret_key(k)) {
+            return Err(bad_url(format!(
+                "`{k}` in a URL would leak into logs and shell history: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or `credentials_env` in the config"
+            )));
+        }
+        options.extend(
+            spec.config
+                .options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        for (key, var) in &spec.config.credentials_env {
+            let value = std::env::var(var).map_err(|_| RemoteError::Config {
+                path: spec.source.clone().unwrap_or_default(),
+                message: format!(
+                    "remote `{}`, field `credentials_env.{key}`: the environment variable `{var}` is not set",
+                    spec.name
+                ),
+            })?;
+            options.push((key.clone(), value));
+        }
+        let prefix = |path: &str| {
+            let p = path.trim_matches('/');
+            if p.is_empty() {
+                String::new()
+            } else {
+                format!("{p}/")
+            }
+        };
+        match url.scheme() {
+            "s3" | "s3a" => {
+                let mut bare = url.clone();
+                bare.set_query(None);
+                let mut builder = AmazonS3Builder::from_env().with_url(bare.as_str());
+                let mut allow_http_set = false;
+                for (k, v) in &options {
+                    let key = AmazonS3ConfigKey::from_str(k)
+                        .map_err(|_| bad_url(format!("unknown S3 option `{k}`")))?;
+                    allow_http_set |= matches!(
+                        key,
+                        AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp)
+                    );
+                    if matches!(key, AmazonS3ConfigKey::Endpoint)
+                        && v.starts_with("http://")
+                        && !allow_http_set
+                    {
+                        // An explicit http:// endpoint (a server on the LAN or
+                        // loopback) is what the user asked for.
+                        builder = builder.with_allow_http(true);
+                    }
+                    builder = builder.with_config(key, v);
+                }
+                let s3 = Arc::new(builder.build().map_err(|e| bad_url(e.to_string()))?);
+                Ok(ObjectRemote {
+                    url: shown.clone(),
+                    store: s3.clone(),
+                    multipart: Some(s3),
+                    prefix: prefix(url.path()),
+                })
+            }
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| bad_url("not a local path".into()))?;
+                std::fs::create_dir_all(&dir).map_err(|source| RemoteError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let local =
+                    LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad_url(e.to_string()))?;
+                Ok(ObjectRemote {
+                    url: shown.clone(),
+                    store: Arc::new(local),
+                    multipart: None,
+                    prefix: String::new(),
+                })
+            }
+            _ => {
+                let (store, path) = object_store::parse_url_opts(&url, options)
+                    .map_err(|e| bad_url(e.to_string()))?;
+                Ok(ObjectRemote {
+                    url: shown.clone(),
+                    store: Arc::from(store),
+                    multipart: None,
+                    prefix: prefix(path.as_ref()),
+                })
+            }
+        }
+    }
+
+    fn path(&self, key: &str) -> StorePath {
+        StorePath::from(format!("{}{key}", self.prefix))
+    }
+}
+
+impl RemoteStore for ObjectRemote {
+    fn describe(&self) -> &str {
+        &self.url
+    }
+
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
+        async move {
+            match self.store.head(&self.path(key)).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn get_from<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>> {
+        async move {
+            let options = GetOptions {
+                range: (offset > 0).then_some(GetRange::Offset(offset)),
+                ..Default::default()
+            };
+            Ok(self
+                .store
+                .get_opts(&self.path(key), options)
+                .await?
+                .into_stream())
+        }
+        .boxed()
+    }
+
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'a, StoreResult<BoxStream<'static, StoreResult<Bytes>>>> {
+        async move {
+            let options = GetOptions {
+                range: Some(GetRange::Bounded(range)),
+                ..Default::default()
+            };
+            Ok(self
+                .store
+                .get_opts(&self.path(key), options)
+                .await?
+                .into_stream())
+        }
+        .boxed()
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<()>> {
+        async move {
+            self.store
+                .put(&self.path(key), PutPayload::from(bytes))
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn put_new<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<bool>> {
+        async move {
+            let options = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&self.path(key), PutPayload::from(bytes), options)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>> {
+        async move {
+            let root = self.path(prefix);
+            let metas: Vec<_> = self.store.list(Some(&root)).try_collect().await?;
+            Ok(metas
+                .into_iter()
+                .filter_map(|m| {
+                    m.location
+                        .as_ref()
+                        .strip_prefix(&self.prefix)
+                        .map(str::to_string)
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn resumable(&self) -> Option<&dyn ResumableUploads> {
+        self.multipart
+            .as_ref()
+            .map(|_| self as &dyn ResumableUploads)
+    }
+
+    fn upload<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Box<dyn object_store::MultipartUpload>>> {
+        async move { self.store.put_multipart(&self.path(key)).await }.boxed()
+    }
+}
+
+impl ResumableUploads for ObjectRemote {
+    fn create<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<String>> {
+        async move {
+            let mp = self.multipart.as_ref().expect("resumable() checked");
+            mp.create_multipart(&self.path(key)).await
+        }
+        .boxed()
+    }
+
+    fn put_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        index: usize,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, StoreResult<String>> {
+        async move {
+            let mp = self.multipart.as_ref().expect("resumable() checked");
+            let id = upload.to_string();
+            let part = mp
+                .put_part(&self.path(key), &id, index, PutPayload::from(bytes))
+                .await?;
+            Ok(part.content_id)
+        }
+        .boxed()
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: Vec<String>,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        async move {
+            let mp = self.multipart.as_ref().expect("resumable() checked");
+            let parts = parts
+                .into_iter()
+                .map(|content_id| PartId { content_id })
+                .collect();
+            mp.complete_multipart(&self.path(key), &upload.to_string(), parts)
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// A byte stream collected (for small objects: records and listings).
+pub async fn read_all(mut stream: BoxStream<'static, StoreResult<Bytes>>) -> StoreResult<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,306 @@
+//! `push` and `pull` of stage records with their outputs. A push uploads
+//! the blobs first, then the tree listings, and the record last, created
+//! only if absent: a record on the remote never names a missing object and
+//! two pushes of one stage leave one record. A pull checks the record, then
+//! every listing and blob against its id, and writes the local record last.
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use futures::stream::{self, TryStreamExt};
+
+use crate::cache::{parse_listing, ArtifactKind, Cache, Fingerprint, StageRecord};
+
+use super::client::{record_key, tree_key, Lookup, Remote};
+use super::error::RemoteError;
+use super::store::read_all;
+use super::transfer::{download_blob, upload_blob, Transfer};
+
+/// What a push did.
+#[derive(Debug, Default)]
+pub struct PushReport {
+    /// Records this push created.
+    pub created: Vec<StageRecord>,
+    /// Records the remote already had (pushed before, or by a racing push).
+    pub existing: Vec<StageRecord>,
+    pub bytes: u64,
+    pub resumed_bytes: u64,
+}
+
+/// What a pull did.
+#[derive(Debug, Default)]
+pub struct PullReport {
+    pub pulled: Vec<StageRecord>,
+    /// Already in the local cache.
+    pub local: usize,
+    /// Not on the remote.
+    pub absent: usize,
+    /// (stage or fingerprint, why) of records refused for want of a trusted
+    /// signature.
+    pub untrusted: Vec<(String, String)>,
+    /// Records that could not be pulled (a corrupt object, ...).
+    pub failed: Vec<String>,
+    pub bytes: u64,
+    pub resumed_bytes: u64,
+}
+
+impl Remote {
+    /// Pushes `records` (each with its outputs).
+    pub fn push(
+        &self,
+        cache: &Cache,
+        records: &[StageRecord],
+        quiet: bool,
+    ) -> Result<PushReport, RemoteError> {
+        self.check_writable()?;
+        let t = self.transfer(quiet);
+        let mut report = PushReport::default();
+        let result = self.runtime.block_on(async {
+            for record in records {
+                t.set_message(&record.stage);
+                if self.push_record(cache, record, &t).await? {
+                    report.created.push(record.clone());
+                } else {
+                    report.existing.push(record.clone());
+                }
+            }
+            Ok(())
+        });
+        t.finish();
+        report.bytes = t.moved.load(Ordering::Relaxed);
+        report.resumed_bytes = t.resumed.load(Ordering::Relaxed);
+        result.map(|()| report)
+    }
+
+    /// Pushes one record that a run just committed (`write_back`).
+    pub fn push_quietly(&self, cache: &Cache, record: &StageRecord) -> Result<bool, RemoteError> {
+        self.check_writable()?;
+        let t = self.transfer(true);
+        self.runtime.block_on(self.push_record(cache, record, &t))
+    }
+
+    /// Blobs, listings, then the record (create-if-absent). `false` when the
+    /// remote already had the record.
+    async fn push_record(
+        &self,
+        cache: &Cache,
+        record: &StageRecord,
+        t: &Transfer,
+    ) -> Result<bool, RemoteError> {
+        let key = record_key(&record.fingerprint);
+        if self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| self.write_error(&key, e))?
+            .is_some()
+        {
+            return Ok(false);
+        }
+        let mut blobs = BTreeSet::new();
+        let mut trees = Vec::new();
+        for id in record.outputs.values() {
+            match id.kind {
+                ArtifactKind::File => {
+                    blobs.insert(id.hash.clone());
+                }
+                ArtifactKind::Tree => {
+                    blobs.extend(cache.tree_blobs(&id.hash)?);
+                    trees.push(id.hash.clone());
+                }
+            }
+        }
+        let name = self.spec.name.as_str();
+        stream::iter(blobs.iter().map(Ok::<_, RemoteError>))
+            .try_for_each_concurrent(self.spec.config.jobs, |hash| async move {
+                upload_blob(&*self.store, name, cache, hash, t)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.denied(e))
+            })
+            .await?;
+        for hash in &trees {
+            let key = tree_key(hash);
+            let listing = cache.tree_listing(hash)?;
+            self.store
+                .put_new(&key, listing.into())
+                .await
+                .map_err(|e| self.write_error(&key, e))?;
+        }
+        let created = match self.store.put_new(&key, self.envelope(record)).await {
+            Ok(created) => created,
+            // A server without conditional writes (`conditional_put:
+            // disabled`): the head above is the best it allows.
+            Err(object_store::Error::NotImplemented) => {
+                tracing::warn!(
+                    "remote `{name}` does not support create-if-absent writes: a racing push may replace this record"
+                );
+                self.store
+                    .put(&key, self.envelope(record))
+                    .await
+                    .map_err(|e| self.write_error(&key, e))?;
+                true
+            }
+            Err(e) => return Err(self.write_error(&key, e)),
+        };
+        Ok(created)
+    }
+
+    /// A store error on write, named as a permission problem when it is one.
+    fn denied(&self, err: RemoteError) -> RemoteError {
+        match err {
+            RemoteError::Store { key, source, .. } => self.write_error(&key, source),
+            other => other,
+        }
+    }
+
+    /// Every fingerprint with a record on the remote.
+    pub fn list_records(&self) -> Result<Vec<Fingerprint>, RemoteError> {
+        let keys = self
+            .runtime
+            .block_on(self.store.list("records/"))
+            .map_err(|e| self.store_error("records/", e))?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".json"))
+            .filter(|fp| fp.len() == 64)
+            .map(|fp| Fingerprint(fp.to_string()))
+            .collect())
+    }
+
+    /// Pulls the records of `fps` that the local cache lacks.
+    pub fn pull(
+        &self,
+        cache: &Cache,
+        fps: &[Fingerprint],
+        quiet: bool,
+    ) -> Result<PullReport, RemoteError> {
+        let t = self.transfer(quiet);
+        let mut report = PullReport::default();
+        let result: Result<(), RemoteError> = self.runtime.block_on(async {
+            for fp in fps {
+                if cache.hit(fp)?.is_some() {
+                    report.local += 1;
+                    continue;
+                }
+                match self.lookup_async(fp).await? {
+                    Lookup::Absent => report.absent += 1,
+                    Lookup::Untrusted(why) => {
+                        t.say(&format!("ignored record {}: {why}", fp.short()));
+                        report.untrusted.push((fp.short().to_string(), why));
+                    }
+                    Lookup::Found(record) => {
+                        t.set_message(&record.stage);
+                        match self.pull_record(cache, &record, &t).await {
+                            Ok(()) => report.pulled.push(record),
+                            Err(e) => {
+                                let line =
+                                    format!("stage `{}` ({}): {e}", record.stage, fp.short());
+                                t.say(&format!("error: {line}"));
+                                report.failed.push(line);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+        t.finish();
+        report.bytes = t.moved.load(Ordering::Relaxed);
+        report.resumed_bytes = t.resumed.load(Ordering::Relaxed);
+        result.map(|()| report)
+    }
+
+    /// Pulls `fp` if the remote has a trusted record of it: `Some(record)`
+    /// once it is committed locally, `None` on a miss.
+    pub fn pull_one(
+        &self,
+        cache: &Cache,
+        fp: &Fingerprint,
+    ) -> Result<Option<StageRecord>, RemoteError> {
+        let t = self.transfer(true);
+        self.runtime.block_on(async {
+            match self.lookup_async(fp).await? {
+                Lookup::Found(record) => {
+                    self.pull_record(cache, &record, &t).await?;
+                    Ok(Some(record))
+                }
+                Lookup::Untrusted(why) => {
+                    tracing::warn!(
+                        "remote `{}`: record {} ignored: {why}",
+                        self.spec.name,
+                        fp.short()
+                    );
+                    Ok(None)
+                }
+                Lookup::Absent => Ok(None),
+            }
+        })
+    }
+
+    /// Downloads a checked record's listings and blobs, adopts them, then
+    /// writes the local record.
+    async fn pull_record(
+        &self,
+        cache: &Cache,
+        record: &StageRecord,
+        t: &Transfer,
+    ) -> Result<(), RemoteError> {
+        let mut blobs = BTreeSet::new();
+        let mut trees = Vec::new();
+        for id in record.outputs.values() {
+            if cache.has_artifact(id) {
+                continue;
+            }
+            match id.kind {
+                ArtifactKind::File => {
+                    blobs.insert(id.hash.clone());
+                }
+                ArtifactKind::Tree => {
+                    let listing = self.fetch_listing(&id.hash).await?;
+                    let entries =
+                        parse_listing(&listing).map_err(|message| RemoteError::BadRecord {
+                            remote: self.spec.name.clone(),
+                            key: tree_key(&id.hash),
+                            message,
+                        })?;
+                    blobs.extend(entries.into_iter().map(|(_, b)| b));
+                    trees.push((id.hash.clone(), listing));
+                }
+            }
+        }
+        let name = self.spec.name.as_str();
+        stream::iter(blobs.iter().map(Ok::<_, RemoteError>))
+            .try_for_each_concurrent(self.spec.config.jobs, |hash| {
+                download_blob(&*self.store, name, cache, hash, t)
+            })
+            .await?;
+        for (hash, listing) in &trees {
+            cache.adopt_tree(hash, listing)?;
+        }
+        cache.write_record(record)?;
+        Ok(())
+    }
+
+    /// Tree `hash`'s listing from the remote, checked against its hash.
+    pub(super) async fn fetch_listing(&self, hash: &str) -> Result<Vec<u8>, RemoteError> {
+        let key = tree_key(hash);
+        let stream = self
+            .store
+            .get_from(&key, 0)
+            .await
+            .map_err(|e| self.store_error(&key, e))?;
+        let bytes = read_all(stream)
+            .await
+            .map_err(|e| self.store_error(&key, e))?;
+        let actual = blake3::hash(&bytes).to_hex().to_string();
+        if actual != hash {
+            return Err(RemoteError::Corrupt {
+                remote: self.spec.name.clone(),
+                key,
+                expected: hash.to_string(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}

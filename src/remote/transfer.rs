@@ -1,0 +1,587 @@
+//! Moving one blob. A download goes into `downloads/<hash>.part` (a small
+//! blob streamed in order and hashed as it arrives, a large one in 8 MiB
+//! ranges fetched side by side and hashed once complete) and is adopted into
+//! the store only when its blake3 matches; an interrupted one is resumed from
+//! the partial file. An upload goes in parts, bounded in concurrency, hashed
+//! as it is read and completed only when the local blob is intact (resumed
+//! from `uploads/` on S3, GCS and Azure, whose upload ids outlive the
+//! process).
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::cache::{atomic_write, Cache};
+
+use super::error::RemoteError;
+use super::store::{RemoteStore, ResumableUploads};
+
+/// Part size of multipart transfers: S3's minimum is 5 MiB.
+pub const PART_SIZE: u64 = 8 << 20;
+
+/// The key of blob `hash` on a remote.
+pub fn blob_key(hash: &str) -> String {
+    format!("objects/{}/{}", &hash[..2], &hash[2..])
+}
+
+/// One command's transfers: the progress bar, the concurrency bound, the
+/// rate cap and the byte counts.
+pub struct Transfer {
+    bar: ProgressBar,
+    jobs: usize,
+    slots: Semaphore,
+    max_bytes_per_s: f64,
+    started: Instant,
+    /// Bytes sent or received by this process.
+    pub moved: AtomicU64,
+    /// Bytes found already transferred by an interrupted run.
+    pub resumed: AtomicU64,
+}
+
+impl Transfer {
+    pub fn new(jobs: usize, max_mbps: f64, quiet: bool) -> Transfer {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:20} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        Transfer {
+            bar,
+            jobs: jobs.max(1),
+            slots: Semaphore::new(jobs.max(1)),
+            max_bytes_per_s: max_mbps * 1e6,
+            started: Instant::now(),
+            moved: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_message(&self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
+
+    pub fn add_total(&self, bytes: u64) {
+        self.bar.inc_length(bytes);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// Prints a line above the bar.
+    pub fn say(&self, line: &str) {
+        self.bar.suspend(|| eprintln!("{line}"));
+    }
+
+    /// Counts `n` bytes read without the rate cap (a check, not a copy).
+    pub fn count(&self, n: u64) {
+        self.moved.fetch_add(n, Ordering::Relaxed);
+        self.bar.inc(n);
+    }
+
+    fn note_resumed(&self, bytes: u64) {
+        self.resumed.fetch_add(bytes, Ordering::Relaxed);
+        self.bar.inc(bytes);
+    }
+
+    /// Counts `n` bytes moved, then waits as long as the rate cap asks.
+    async fn moved(&self, n: u64) {
+        let total = self.moved.fetch_add(n, Ordering::Relaxed) + n;
+        self.bar.inc(n);
+        if self.max_bytes_per_s > 0.0 {
+            let due = Duration::from_secs_f64(total as f64 / self.max_bytes_per_s);
+            let elapsed = self.started.elapsed();
+            if due > elapsed {
+                tokio::time::sleep(due - elapsed).await;
+            }
+        }
+    }
+}
+
+/// Downloads blob `hash` into the store unless it is there, and adopts it
+/// only if its blake3 is `hash`. A large blob comes in `PART_SIZE` ranges,
+/// `jobs` at a time, written in place into `downloads/<hash>.part`, the
+/// finished ranges noted in `downloads/<hash>.parts.json`; a small one
+/// streams in order. Either way an interrupted pull is resumed by the next.
+pub async fn download_blob(
+    store: &dyn RemoteStore,
+    remote: &str,
+    cache: &Cache,
+    hash: &str,
+    t: &Transfer,
+) -> Result<(), RemoteError> {
+    if cache.has_blob(hash) {
+        return Ok(());
+    }
+    let key = blob_key(hash);
+    let store_err = |source| RemoteError::Store {
+        remote: remote.to_string(),
+        key: key.clone(),
+        source,
+    };
+    let size = {
+        let _slot = t.slots.acquire().await.expect("never closed");
+        store.head(&key).await.map_err(store_err)?
+    }
+    .ok_or_else(|| RemoteError::BadRecord {
+        remote: remote.to_string(),
+        key: key.clone(),
+        message: "missing (a record names it)".into(),
+    })?;
+    t.add_total(size);
+    let downloads = cache.downloads_dir()?;
+    let part = downloads.join(format!("{hash}.part"));
+    let state = downloads.join(format!("{hash}.parts.json"));
+    let io = |source| RemoteError::Io {
+        path: part.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&part)
+        .map_err(io)?;
+    // Two pulls of one blob take turns; the second finds it adopted.
+    let mut lock = fd_lock::RwLock::new(file);
+    let mut file = lock.write().map_err(io)?;
+    if cache.has_blob(hash) {
+        // Another pull adopted it while this one waited.
+        let _ = fs::remove_file(&part);
+        return Ok(());
+    }
+    let actual = if size > PART_SIZE {
+        download_ranges(store, &key, &file, &state, size, t)
+            .await
+            .map_err(|e| e.into_remote(remote, &key))?;
+        // Ranges arrive out of order: the file is hashed once complete, on
+        // every core (it is in the page cache).
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap_rayon(&part).map_err(io)?;
+        hasher.finalize().to_hex().to_string()
+    } else {
+        let _slot = t.slots.acquire().await.expect("never closed");
+        download_in_order(store, &key, &part, &mut file, size, t)
+            .await
+            .map_err(|e| e.into_remote(remote, &key))?
+    };
+    file.sync_all().map_err(io)?;
+    let _ = fs::remove_file(&state);
+    if actual != hash {
+        let _ = fs::remove_file(&part);
+        return Err(RemoteError::Corrupt {
+            remote: remote.to_string(),
+            key,
+            expected: hash.to_string(),
+            actual,
+        });
+    }
+    drop(file);
+    cache.adopt_blob(&part, hash)?;
+    Ok(())
+}
+
+/// Appends what `key` holds past the file's length (a prefix an earlier
+/// pull left), returning the blake3 of the whole file.
+async fn download_in_order(
+    store: &dyn RemoteStore,
+    key: &str,
+    part: &Path,
+    file: &mut File,
+    size: u64,
+    t: &Transfer,
+) -> Result<String, PartError> {
+    let io = |e| PartError::Io(part.to_path_buf(), e);
+    let mut have = file.metadata().map_err(io)?.len();
+    if have > size {
+        file.set_len(0).map_err(io)?;
+        have = 0;
+    }
+    let mut hasher = blake3::Hasher::new();
+    if have > 0 {
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        hasher.update_reader((&mut *file).take(have)).map_err(io)?;
+        tracing::info!("{key}: resuming an interrupted download at {have} of {size} bytes");
+        t.note_resumed(have);
+    }
+    file.seek(SeekFrom::Start(have)).map_err(io)?;
+    if have < size {
+        let mut stream = store.get_from(key, have).await.map_err(PartError::Store)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(PartError::Store)?;
+            file.write_all(&chunk).map_err(io)?;
+            hasher.update(&chunk);
+            t.moved(chunk.len() as u64).await;
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Which ranges of a large download are in its `.part` file.
+#[derive(Debug, Serialize, Deserialize)]
+struct DownloadState {
+    size: u64,
+    part_size: u64,
+    done: Vec<bool>,
+}
+
+/// Fetches the ranges of `key` that `state` does not list as done, `jobs`
+/// at a time, each written in place and made durable before it is noted.
+async fn download_ranges(
+    store: &dyn RemoteStore,
+    key: &str,
+    file: &File,
+    state_path: &Path,
+    size: u64,
+    t: &Transfer,
+) -> Result<(), PartError> {
+    let io = |e| PartError::Io(state_path.to_path_buf(), e);
+    let n = size.div_ceil(PART_SIZE) as usize;
+    let previous: Option<DownloadState> = fs::read(state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &DownloadState| {
+            s.size == size && s.part_size == PART_SIZE && s.done.len() == n
+        });
+    let state = match previous {
+        Some(s) => {
+            let done = s.done.iter().filter(|d| **d).count();
+            tracing::info!(
+                "{key}: resuming an interrupted download, {done} of {n} parts already here"
+            );
+            s
+        }
+        None => {
+            file.set_len(size).map_err(io)?;
+            DownloadState {
+                size,
+                part_size: PART_SIZE,
+                done: vec![false; n],
+            }
+        }
+    };
+    let range = |i: usize| {
+        let start = i as u64 * PART_SIZE;
+        start..(start + PART_SIZE).min(size)
+    };
+    for (i, _) in state.done.iter().enumerate().filter(|(_, d)| **d) {
+        t.note_resumed(range(i).end - range(i).start);
+    }
+    let save = |s: &DownloadState| {
+        atomic_write(state_path, &serde_json::to_vec(s).expect("serialises")).map_err(io)
+    };
+    save(&state)?;
+    let todo: Vec<usize> = (0..n).filter(|i| !state.done[*i]).collect();
+    let state = Mutex::new(state);
+    let mut running = FuturesUnordered::new();
+    let note = |index: usize| -> Result<(), PartError> {
+        let mut s = state.lock().expect("not poisoned");
+        s.done[index] = true;
+        save(&s)
+    };
+    for index in todo {
+        running.push(async move {
+            let _slot = t.slots.acquire().await.expect("never closed");
+            let r = range(index);
+            let mut stream = store
+                .get_range(key, r.clone())
+                .await
+                .map_err(PartError::Store)?;
+            let mut offset = r.start;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(PartError::Store)?;
+                file.write_all_at(&chunk, offset).map_err(io)?;
+                offset += chunk.len() as u64;
+                t.moved(chunk.len() as u64).await;
+            }
+            if offset != r.end {
+                return Err(PartError::Io(
+                    state_path.to_path_buf(),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("{key}: range {r:?} ended at {offset}"),
+                    ),
+                ));
+            }
+            // Not synced range by range: a range noted done but lost in a
+            // crash fails the final hash check, and the blob is fetched again.
+            Ok(index)
+        });
+        while running.len() >= t.jobs {
+            let Some(done) = running.next().await else {
+                break;
+            };
+            note(done?)?;
+        }
+    }
+    while let Some(done) = running.next().await {
+        note(done?)?;
+    }
+    Ok(())
+}
+
+/// The state of a resumable upload, in `uploads/`.
+#[derive(Debug, Serialize, Deserialize)]
+struct UploadState {
+    upload: String,
+    size: u64,
+    part_size: u64,
+    /// Each part's id once uploaded.
+    parts: Vec<Option<String>>,
+}
+
+/// Uploads blob `hash` unless the remote has it; returns whether it did.
+/// Nothing is published unless the local blob hashes to `hash`.
+pub async fn upload_blob(
+    store: &dyn RemoteStore,
+    remote: &str,
+    cache: &Cache,
+    hash: &str,
+    t: &Transfer,
+) -> Result<bool, RemoteError> {
+    let key = blob_key(hash);
+    let store_err = |source| RemoteError::Store {
+        remote: remote.to_string(),
+        key: key.clone(),
+        source,
+    };
+    if store.head(&key).await.map_err(store_err)?.is_some() {
+        return Ok(false);
+    }
+    let path = cache.blob_path(hash);
+    let io = |source| RemoteError::Io {
+        path: path.clone(),
+        source,
+    };
+    let size = fs::metadata(&path).map_err(io)?.len();
+    t.add_total(size);
+    let corrupt = |actual: String| RemoteError::Corrupt {
+        remote: format!("(local cache, not pushed to {remote})"),
+        key: path.display().to_string(),
+        expected: hash.to_string(),
+        actual,
+    };
+    if size <= PART_SIZE {
+        let bytes = fs::read(&path).map_err(io)?;
+        let actual = blake3::hash(&bytes).to_hex().to_string();
+        if actual != hash {
+            return Err(corrupt(actual));
+        }
+        let _slot = t.slots.acquire().await.expect("never closed");
+        store
+            .put(&key, Bytes::from(bytes))
+            .await
+            .map_err(store_err)?;
+        t.moved(size).await;
+        return Ok(true);
+    }
+    let actual = match store.resumable() {
+        Some(parts) => {
+            let state = cache
+                .uploads_dir()?
+                // Keyed by where the upload goes (the URL without
+                // alignflow's own `jobs`/`max_mbps`/`write` keys).
+                .join(format!(
+                    "{}-{hash}.json",
+                    &blake3::hash(store.describe().as_bytes()).to_hex()[..12]
+                ));
+            upload_resumable(parts, &key, &path, size, &state, hash, t)
+                .await
+                .map_err(|e| e.into_remote(remote, &key))?
+        }
+        None => upload_streaming(store, &key, &path, hash, t)
+            .await
+            .map_err(|e| e.into_remote(remote, &key))?,
+    };
+    match actual {
+        Some(actual) => Err(corrupt(actual)),
+        None => Ok(true),
+    }
+}
+
+/// Errors of the part uploads, before they name the remote.
+enum PartError {
+    Store(object_store::Error),
+    Io(PathBuf, std::io::Error),
+}
+
+impl PartError {
+    fn into_remote(self, remote: &str, key: &str) -> RemoteError {
+        match self {
+            PartError::Store(source) => RemoteError::Store {
+                remote: remote.to_string(),
+                key: key.to_string(),
+                source,
+            },
+            PartError::Io(path, source) => RemoteError::Io { path, source },
+        }
+    }
+}
+
+fn read_part(file: &mut File, path: &Path, len: u64) -> Result<Vec<u8>, PartError> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact(&mut buf)
+        .map_err(|e| PartError::Io(path.to_path_buf(), e))?;
+    Ok(buf)
+}
+
+/// A multipart upload whose id and finished parts are kept in `state`, so
+/// that a rerun after an interruption sends only the missing parts.
+/// `Some(actual hash)` when the local blob is not `hash` (nothing completed).
+async fn upload_resumable(
+    parts: &dyn ResumableUploads,
+    key: &str,
+    path: &Path,
+    size: u64,
+    state_path: &Path,
+    hash: &str,
+    t: &Transfer,
+) -> Result<Option<String>, PartError> {
+    let n = size.div_ceil(PART_SIZE) as usize;
+    let previous: Option<UploadState> = fs::read(state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &UploadState| s.size == size && s.part_size == PART_SIZE && s.parts.len() == n);
+    let state = match previous {
+        Some(s) => {
+            let done = s.parts.iter().filter(|p| p.is_some()).count();
+            tracing::info!(
+                "{key}: resuming an interrupted upload, {done} of {n} parts already sent"
+            );
+            s
+        }
+        None => UploadState {
+            upload: parts.create(key).await.map_err(PartError::Store)?,
+            size,
+            part_size: PART_SIZE,
+            parts: vec![None; n],
+        },
+    };
+    let save = |s: &UploadState| {
+        atomic_write(state_path, &serde_json::to_vec(s).expect("serialises"))
+            .map_err(|e| PartError::Io(state_path.to_path_buf(), e))
+    };
+    save(&state)?;
+    let upload = state.upload.clone();
+    let state = Mutex::new(state);
+    let mut file = File::open(path).map_err(|e| PartError::Io(path.to_path_buf(), e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut running = FuturesUnordered::new();
+    for index in 0..n {
+        let len = PART_SIZE.min(size - index as u64 * PART_SIZE);
+        let buf = read_part(&mut file, path, len)?;
+        hasher.update(&buf);
+        if state.lock().expect("not poisoned").parts[index].is_some() {
+            t.note_resumed(len);
+            continue;
+        }
+        let upload = &upload;
+        running.push(async move {
+            // The slot is taken inside the future, which is polled while
+            // this loop waits: never a wait on a slot held by itself.
+            let _slot = t.slots.acquire().await.expect("never closed");
+            let id = parts.put_part(key, upload, index, Bytes::from(buf)).await;
+            (index, len, id)
+        });
+        // Bounded: at most `jobs` parts in memory and in flight.
+        while running.len() >= t.jobs {
+            let Some((index, len, id)) = running.next().await else {
+                break;
+            };
+            finish_part(&state, index, len, id, t, &save).await?;
+        }
+    }
+    while let Some((index, len, id)) = running.next().await {
+        finish_part(&state, index, len, id, t, &save).await?;
+    }
+    let actual = hasher.finalize().to_hex().to_string();
+    if actual != hash {
+        let _ = fs::remove_file(state_path);
+        return Ok(Some(actual));
+    }
+    let ids: Vec<String> = state
+        .into_inner()
+        .expect("not poisoned")
+        .parts
+        .into_iter()
+        .map(|p| p.expect("every part was sent"))
+        .collect();
+    let done = parts.complete(key, &upload, ids).await;
+    // A failed completion (say, an upload the server expired) starts over
+    // next time rather than resuming a dead id.
+    let _ = fs::remove_file(state_path);
+    done.map_err(PartError::Store)?;
+    Ok(None)
+}
+
+async fn finish_part(
+    state: &Mutex<UploadState>,
+    index: usize,
+    len: u64,
+    id: object_store::Result<String>,
+    t: &Transfer,
+    save: &impl Fn(&UploadState) -> Result<(), PartError>,
+) -> Result<(), PartError> {
+    let id = id.map_err(PartError::Store)?;
+    {
+        let mut s = state.lock().expect("not poisoned");
+        s.parts[index] = Some(id);
+        save(&s)?;
+    }
+    t.moved(len).await;
+    Ok(())
+}
+
+/// A multipart upload finished in this process (a folder remote, where a
+/// part cannot outlive it); aborted unless the blob hashes to `hash`.
+async fn upload_streaming(
+    store: &dyn RemoteStore,
+    key: &str,
+    path: &Path,
+    hash: &str,
+    t: &Transfer,
+) -> Result<Option<String>, PartError> {
+    let size = fs::metadata(path)
+        .map_err(|e| PartError::Io(path.to_path_buf(), e))?
+        .len();
+    let mut upload = store.upload(key).await.map_err(PartError::Store)?;
+    let mut file = File::open(path).map_err(|e| PartError::Io(path.to_path_buf(), e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut sent = 0;
+    while sent < size {
+        let len = PART_SIZE.min(size - sent);
+        let buf = read_part(&mut file, path, len)?;
+        hasher.update(&buf);
+        let _slot = t.slots.acquire().await.expect("never closed");
+        upload
+            .put_part(Bytes::from(buf).into())
+            .await
+            .map_err(PartError::Store)?;
+        t.moved(len).await;
+        sent += len;
+    }
+    let actual = hasher.finalize().to_hex().to_string();
+    if actual != hash {
+        let _ = upload.abort().await;
+        return Ok(Some(actual));
+    }
+    upload.complete().await.map_err(PartError::Store)?;
+    Ok(None)
+}
