@@ -53,8 +53,9 @@ fn cannot_start(exe: &Path, error: std::io::Error) -> anyhow::Error {
 
 /// How the worker was pinned to a device.
 pub struct Placement {
-    /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU).
-    pub cuda_visible_devices: String,
+    /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU);
+    /// `None` keeps the one the cluster scheduler set for the job.
+    pub cuda_visible_devices: Option<String>,
 }
 
 /// Runs one stage in a worker process until it reports `done` or fails.
@@ -108,9 +109,11 @@ async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::R
             Ok(())
         });
     }
+    if let Some(devices) = &placement.cuda_visible_devices {
+        command.env("CUDA_VISIBLE_DEVICES", devices);
+    }
     let mut child = command
         .args(["run", "-"])
-        .env("CUDA_VISIBLE_DEVICES", &placement.cuda_visible_devices)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod a_world;
+pub mod slurm;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
