@@ -296,7 +296,9 @@ fn default_jobs() -> usize {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     die_quietly_on_a_closed_pipe(&cli.command);
-    init_logging(cli.verbose);
+    // On a node, an exec stage's output lines (info on `alignflow::stage`)
+    // belong in the job's log, where a failure's tail is read from.
+    init_logging(cli.verbose, matches!(cli.command, Command::Stage { .. }));
     match try_main(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -306,16 +308,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+fn init_logging(verbose: u8, stage_output: bool) {
+    let default = match (verbose, stage_output) {
+        (0, true) => "warn,alignflow::stage=info",
+        (0, false) => "warn",
+        (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No colour codes in files (a job's log).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_target(false)
         .init();
@@ -383,14 +388,24 @@ fn run(cache_dir: &Path, args: RunManifestArgs, run_args: RunArgs) -> anyhow::Re
             options.attach = Some(run_id.clone());
             options.targets = info.targets;
             let sets = info.sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            (ManifestArgs { file: info.manifest, sets }, options)
+            (
+                ManifestArgs {
+                    file: info.manifest,
+                    sets,
+                },
+                options,
+            )
         }
         (None, Some(file)) => {
             let manifest = ManifestArgs {
                 file,
                 sets: args.sets,
             };
-            let project = manifest.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let project = manifest
+                .file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
             let options = run_args.into_options(&project, parse_sets(&manifest.sets)?)?;
             (manifest, options)
         }
@@ -445,16 +460,29 @@ fn jobs(cache_dir: &Path, run: Option<&str>) -> anyhow::Result<ExitCode> {
     let jobs = engine::read_jobs(&engine::run_dir(cache.root(), &run_id))?;
     let live = if jobs.iter().any(|j| j.ended.is_none()) {
         let out = std::process::Command::new("squeue")
-            .args(["--noheader", "--states=all", "--name", &run_id, "--format", "%i|%T|%r"])
+            .args([
+                "--noheader",
+                "--states=all",
+                "--name",
+                &run_id,
+                "--format",
+                "%i|%T|%r",
+            ])
             .output();
         match out {
-            Ok(o) if o.status.success() => engine::parse_squeue(&String::from_utf8_lossy(&o.stdout)),
+            Ok(o) if o.status.success() => {
+                engine::parse_squeue(&String::from_utf8_lossy(&o.stdout))
+            }
             _ => Default::default(),
         }
     } else {
         Default::default()
     };
-    println!("run {run_id} ({}, started {})", info.manifest.display(), info.started_at);
+    println!(
+        "run {run_id} ({}, started {})",
+        info.manifest.display(),
+        info.started_at
+    );
     let width = jobs.iter().map(|j| j.stage.len()).max().unwrap_or(5).max(5);
     println!(
         "{:<width$}  {:<12}  {:>8}  {:<13}  {:<12}  {:>7}  log",
@@ -642,7 +670,9 @@ fn doctor(cache_dir: &Path, profile: Option<&str>) -> anyhow::Result<ExitCode> {
             };
             println!("executor   {kind} (profile {name}: {})", path.display());
         }
-        None => println!("executor   local (default; `run --executor slurm` or a profile for Slurm)"),
+        None => {
+            println!("executor   local (default; `run --executor slurm` or a profile for Slurm)")
+        }
     }
     // What Slurm shows this machine, if its client is installed.
     match std::process::Command::new("sinfo")

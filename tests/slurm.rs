@@ -144,7 +144,9 @@ fn output_text(p: &Project, stage: &str, output: &str) -> String {
 }
 
 fn examples(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(rel)
 }
 
 /// Data ops in the engine's own code and exec commands: no libtorch.
@@ -186,12 +188,29 @@ fn a_slurm_run_commits_what_a_local_run_commits_and_a_rerun_submits_nothing() {
     assert_eq!(stages_with_status(&out, "ran").len(), 4, "{out}");
 
     let cluster = project_with(&data_pipeline());
-    let out = ok(&cluster, &slurm, &["run", "pipe.yaml", "--executor", "slurm", "--profile", "test"]);
+    let out = ok(
+        &cluster,
+        &slurm,
+        &[
+            "run",
+            "pipe.yaml",
+            "--executor",
+            "slurm",
+            "--profile",
+            "test",
+        ],
+    );
     assert_eq!(stages_with_status(&out, "ran").len(), 4, "{out}");
     assert_eq!(slurm.calls("sbatch"), 4);
-    let (a, b) = (records(&local.path("cache")), records(&cluster.path("cache")));
+    let (a, b) = (
+        records(&local.path("cache")),
+        records(&cluster.path("cache")),
+    );
     assert_eq!(a.len(), 4);
-    assert_eq!(a, b, "the same records (output ids included) locally and on Slurm");
+    assert_eq!(
+        a, b,
+        "the same records (output ids included) locally and on Slurm"
+    );
     // The lockfiles agree too: same params, input and output ids.
     assert_eq!(local.read("pipe.lock"), cluster.read("pipe.lock"));
     // Provenance: committed on the node, by a Slurm job.
@@ -244,14 +263,19 @@ fn a_job_cancelled_mid_stage_is_resubmitted_and_resumes() {
     let slurm = Slurm::start(1);
     let p = project_with(&RESUMABLE.replace("TIME", "10"));
     let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "the stage's checkpoint", || checkpoint_written(&p));
+    wait_until(Duration::from_secs(30), "the stage's checkpoint", || {
+        checkpoint_written(&p)
+    });
     let job = job_in_state(&slurm, "RUNNING").expect("a running job");
     let status = slurm.command("scancel").arg(&job).status().unwrap();
     assert!(status.success());
     let out = finish(child, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("CANCELLED") && stderr.contains("resubmitting"), "{stderr}");
+    assert!(
+        stderr.contains("CANCELLED") && stderr.contains("resubmitting"),
+        "{stderr}"
+    );
     assert_eq!(output_text(&p, "long", "resumed_from"), "7");
     let jobs = submissions(&p, &run_id(&p));
     assert_eq!(jobs.len(), 2, "{jobs:?}");
@@ -292,8 +316,14 @@ stages:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("FAILED"), "{stderr}");
-    assert!(stderr.contains("last lines of the job's output"), "{stderr}");
+    assert!(
+        stderr.contains("last lines of the job's output"),
+        "{stderr}"
+    );
     assert!(stderr.contains("the detail of the failure"), "{stderr}");
+    // Its stdout is only in the job's output.
+    let tail = &stderr[stderr.find("last lines of the job's output").unwrap()..];
+    assert!(tail.contains("first line"), "{stderr}");
     assert_eq!(slurm.calls("sbatch"), 1, "a failure is not resubmitted");
 }
 
@@ -318,7 +348,12 @@ fn ctrl_c_cancels_the_runs_jobs_and_exits_130() {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
     }
     let out = finish(child, Duration::from_secs(30));
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(slurm.calls("scancel") >= 1);
     wait_until(Duration::from_secs(20), "the job cancelled", || {
         job_in_state(&slurm, "CANCELLED").is_some()
@@ -337,7 +372,9 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     child.kill().unwrap(); // SIGKILL: the engine dies, the job goes on
     child.wait().unwrap();
     let run = run_id(&p);
-    let out = cmd(&p, &slurm, &["run", "--attach", &run]).output().unwrap();
+    let out = cmd(&p, &slurm, &["run", "--attach", &run])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("adopt"), "{stderr}");
@@ -345,7 +382,11 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
         stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran"),
         common::set(&["nap"])
     );
-    assert_eq!(slurm.calls("sbatch"), 1, "the job was adopted, not submitted again");
+    assert_eq!(
+        slurm.calls("sbatch"),
+        1,
+        "the job was adopted, not submitted again"
+    );
     let out = ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }

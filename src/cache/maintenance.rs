@@ -467,7 +467,11 @@ fn old_enough(path: &Path, min_age: Duration) -> bool {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return true;
     };
-    let changed = std::time::UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().clamp(0, 999_999_999) as u32);
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            meta.ctime().max(0) as u64,
+            meta.ctime_nsec().clamp(0, 999_999_999) as u32,
+        );
     changed.elapsed().is_ok_and(|age| age >= min_age)
 }
 

@@ -253,7 +253,12 @@ impl Objects {
                 // Too many links to one blob (say, the empty file), a blob of
                 // another user on a shared cache that `fs.protected_hardlinks`
                 // forbids linking (EPERM), another filesystem: copy it.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMLINK | libc::EPERM | libc::EXDEV)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMLINK | libc::EPERM | libc::EXDEV)
+                    ) =>
+                {
                     fs::copy(&src, &dst).map_err(at(&dst))?;
                     fs::set_permissions(&dst, fs::Permissions::from_mode(SEALED_FILE))
                         .map_err(at(&dst))?;

@@ -51,8 +51,8 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    /// This process's host and Slurm job, on `device`.
-    pub fn here(device: String) -> Provenance {
+    /// This process's host and Slurm job, on `device`, with `libtorch`.
+    pub fn here(device: String, libtorch: Option<String>) -> Provenance {
         let mut name = [0u8; 256];
         // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
         // a name that fits.
@@ -66,7 +66,7 @@ impl Provenance {
             host,
             device,
             engine: crate::ENGINE_VERSION.to_string(),
-            libtorch: std::env::var("ALIGNFLOW_LIBTORCH_VERSION").ok(),
+            libtorch,
             slurm_job_id: std::env::var("SLURM_JOB_ID").ok(),
         }
     }

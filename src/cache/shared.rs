@@ -120,7 +120,10 @@ mod tests {
     #[test]
     fn a_shared_cache_keeps_young_garbage_for_a_day() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(CacheConfig::load(dir.path()).unwrap().gc_min_age(), Duration::ZERO);
+        assert_eq!(
+            CacheConfig::load(dir.path()).unwrap().gc_min_age(),
+            Duration::ZERO
+        );
         let shared = CacheConfig {
             shared: true,
             gc_min_age_s: None,
@@ -136,9 +139,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("records/ab")).unwrap();
         fs::create_dir_all(dir.path().join("trees/x")).unwrap();
-        fs::set_permissions(dir.path().join("trees/x"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(
+            dir.path().join("trees/x"),
+            fs::Permissions::from_mode(0o555),
+        )
+        .unwrap();
         share_folders(dir.path(), None).unwrap();
-        let mode = |p: &str| fs::metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o7777;
+        let mode = |p: &str| {
+            fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         assert_eq!(mode("records/ab"), 0o2775);
         assert_eq!(mode("trees/x"), 0o555, "a sealed tree stays sealed");
     }

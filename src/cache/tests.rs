@@ -61,8 +61,15 @@ fn a_record_is_committed_once() {
     assert!(cache.commit_record(&first).unwrap());
     assert!(!cache.commit_record(&second).unwrap());
     assert_eq!(cache.record(&first.fingerprint).unwrap(), Some(first));
-    let shard = fs::read_dir(dir.path().join("records")).unwrap().next().unwrap().unwrap();
-    let names: Vec<_> = fs::read_dir(shard.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let shard = fs::read_dir(dir.path().join("records"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let names: Vec<_> = fs::read_dir(shard.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
 }
 

@@ -24,10 +24,10 @@ use crate::protocol::{Metrics, StageSpec};
 use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
 use super::gpus::{GpuSlot, GpuSlots};
 use super::lockfile::{LockedStage, Lockfile};
+use super::options::Executor;
 use super::plan::{hash_path_inputs, stage_key};
 use super::progress::{StageProgress, Ui};
 use super::threads::{CorePool, Cores};
-use super::options::Executor;
 use super::{worker, Error, RunOptions, StageStatus};
 
 /// Shared state of the stage tasks.
@@ -426,11 +426,13 @@ async fn commit(
     staged: Staged,
     device: Device<'_>,
 ) -> Result<StageRecord, Error> {
-    let provenance = Provenance::here(match device {
+    let device = match device {
         Device::Slot(g) => format!("cuda:{}", g.index),
         Device::Allocated => "cuda".into(),
         Device::Cpu => "cpu".into(),
-    });
+    };
+    let in_worker = crate::ops::find(&stage.op).is_some_and(|op| op.runs_in_worker());
+    let provenance = Provenance::here(device, in_worker.then(worker::libtorch_version).flatten());
     let (cache, stage_id, pipeline_name) = (
         shared.cache.clone(),
         stage.id.clone(),
@@ -478,9 +480,7 @@ async fn commit(
                 record.fingerprint.short()
             );
             let _ = remove_all(&staging);
-            return Ok(cache
-                .record(&record.fingerprint)?
-                .unwrap_or(record));
+            return Ok(cache.record(&record.fingerprint)?.unwrap_or(record));
         }
         let _ = remove_all(&staging);
         Ok(record)

@@ -27,12 +27,12 @@ pub use error::Error;
 pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileError};
 pub use node::{stage_exec, JobSpec, NodeOutcome};
 pub use options::{Executor, RunOptions};
-pub use profile::{profile_candidates, ExecutorKind, Profile, ProfileError, SlurmSettings};
-pub use slurm::{list_runs, new_run_id, parse_squeue, read_jobs, run_dir, JobEntry, RunInfo};
 pub use plan::{
     explain, locked_diff, missing_path_inputs, plan, stage_key, stage_seed, Action, Plan,
     PlanContext, PlanRow, PlannedStage,
 };
+pub use profile::{profile_candidates, ExecutorKind, Profile, ProfileError, SlurmSettings};
 pub use run::run;
+pub use slurm::{list_runs, new_run_id, parse_squeue, read_jobs, run_dir, JobEntry, RunInfo};
 pub use summary::{RunSummary, StageResult, StageStatus};
 pub use worker::{doctor, worker_path};

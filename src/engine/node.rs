@@ -57,7 +57,8 @@ pub struct JobSpec {
 impl JobSpec {
     pub fn read(path: &Path) -> anyhow::Result<JobSpec> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a job spec", path.display()))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a job spec", path.display()))
     }
 }
 
@@ -75,8 +76,11 @@ pub enum NodeOutcome {
 /// its own runtime). A failure is also appended to `events.jsonl`.
 pub fn stage_exec(path: &Path) -> Result<NodeOutcome, Error> {
     let job = JobSpec::read(path)?;
-    let ui = Ui::for_node(&job.events)
-        .with_context(|| format!("opening {}", job.events.display()))?;
+    if crate::ops::find(&job.key.op).is_some_and(|op| op.runs_in_worker()) {
+        super::worker::learn_libtorch_version();
+    }
+    let ui =
+        Ui::for_node(&job.events).with_context(|| format!("opening {}", job.events.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_keep_alive(std::time::Duration::from_secs(7 * 24 * 3600))
@@ -205,8 +209,7 @@ async fn run_job(job: JobSpec, ui: Ui) -> Result<NodeOutcome, Error> {
 fn watch_signals(cancel: &CancellationToken) -> Result<(), Error> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT")?;
-    let mut usr1 =
-        tokio::signal::unix::signal(SignalKind::user_defined1()).context("SIGUSR1")?;
+    let mut usr1 = tokio::signal::unix::signal(SignalKind::user_defined1()).context("SIGUSR1")?;
     let cancel = cancel.clone();
     let note = |what: &str| eprintln!("alignflow stage exec: {what}");
     tokio::spawn(async move {

@@ -188,7 +188,11 @@ mod tests {
         std::fs::write(&path, "executor: slurm\nslurm: { partiton: gpu }\n").unwrap();
         let err = Profile::load(&path).unwrap_err().to_string();
         assert!(err.contains("p.yaml") && err.contains("partiton"), "{err}");
-        std::fs::write(&path, "executor: slurm\nslurm: { partition: gpu, max_jobs: 4 }\n").unwrap();
+        std::fs::write(
+            &path,
+            "executor: slurm\nslurm: { partition: gpu, max_jobs: 4 }\n",
+        )
+        .unwrap();
         let p = Profile::load(&path).unwrap();
         assert_eq!(p.executor, ExecutorKind::Slurm);
         assert_eq!(p.slurm.partition.as_deref(), Some("gpu"));

@@ -20,13 +20,13 @@ use crate::manifest::Pipeline;
 
 use super::execute::Shared;
 use super::gpus::GpuSlots;
-use super::options::Executor;
-use super::profile::SlurmSettings;
-use super::slurm::{new_run_id, Cluster, RunInfo};
 use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
+use super::options::Executor;
 use super::plan::{locked_diff, plan, Plan, PlanContext};
+use super::profile::SlurmSettings;
 use super::progress::Ui;
 use super::schedule::schedule;
+use super::slurm::{new_run_id, Cluster, RunInfo};
 use super::threads::CorePool;
 use super::{Error, RunOptions, RunSummary};
 

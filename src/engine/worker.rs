@@ -173,6 +173,29 @@ async fn read_events(
     Ok((outcome, tail.into_iter().collect()))
 }
 
+/// The libtorch version of the worker, once [`learn_libtorch_version`] asked
+/// it (a node does, once per job: records carry it as provenance).
+static LIBTORCH_VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Asks the worker for its libtorch version and keeps it for
+/// [`libtorch_version`]. Costs a worker start (a second or so): a cluster
+/// job does it, a local run does not.
+pub fn learn_libtorch_version() {
+    match doctor() {
+        Ok(info) => {
+            if let Some(v) = info.get("libtorch").and_then(|v| v.as_str()) {
+                let _ = LIBTORCH_VERSION.set(v.to_string());
+            }
+        }
+        Err(e) => tracing::warn!("libtorch version unknown: {e:#}"),
+    }
+}
+
+/// The worker's libtorch version, if [`learn_libtorch_version`] learnt it.
+pub fn libtorch_version() -> Option<String> {
+    LIBTORCH_VERSION.get().cloned()
+}
+
 /// `alignflow-worker doctor`: libtorch, CUDA and thread facts.
 pub fn doctor() -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
     let exe = worker_path();

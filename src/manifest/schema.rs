@@ -98,7 +98,10 @@ impl Resources {
     pub fn problem(&self) -> Option<(&'static str, String)> {
         if let Some(mem) = &self.mem {
             let digits = mem.trim_end_matches(['K', 'M', 'G', 'T']);
-            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || mem.len() - digits.len() > 1 {
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || mem.len() - digits.len() > 1
+            {
                 return Some((
                     "resources.mem",
                     format!("`{mem}` is not a memory size (a whole number with an optional K, M, G or T: `16G`)"),

@@ -98,7 +98,9 @@ impl Slurm {
         let conf = root.join("slurm.conf");
         slurm.spawn(
             "slurmctld",
-            Command::new(sbin("slurmctld")).args(["-D", "-i", "-f"]).arg(&conf),
+            Command::new(sbin("slurmctld"))
+                .args(["-D", "-i", "-f"])
+                .arg(&conf),
         );
         for name in &node_names {
             std::fs::create_dir_all(root.join("spool").join(name)).unwrap();
@@ -114,10 +116,12 @@ impl Slurm {
     }
 
     fn spawn(&mut self, what: &str, command: &mut Command) {
-        let log = std::fs::File::create(self.dir.path().join("log").join(format!(
-            "{}.out",
-            what.replace(' ', "-")
-        )))
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join("log")
+                .join(format!("{}.out", what.replace(' ', "-"))),
+        )
         .unwrap();
         let child = command
             .env("SLURM_CONF", self.conf())
@@ -252,7 +256,10 @@ impl Drop for Slurm {
 fn wait_for(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ready() {
-        assert!(start.elapsed() < limit, "{what} did not appear in {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not appear in {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -317,7 +324,13 @@ InactiveLimit=0
             let path = dev.join(format!("{name}-gpu{g}"));
             let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
             let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
-            assert_eq!(rc, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "mknod {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         let _ = writeln!(
             conf,
@@ -346,7 +359,9 @@ fn write_counter(root: &Path, client: &str) {
         .into_iter()
         .map(|d| Path::new(d).join(client))
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("`{client}` is not installed: `make test` installs slurm-client"));
+        .unwrap_or_else(|| {
+            panic!("`{client}` is not installed: `make test` installs slurm-client")
+        });
     let path = root.join("bin").join(client);
     std::fs::write(
         &path,

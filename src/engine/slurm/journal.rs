@@ -89,7 +89,8 @@ impl RunInfo {
                 path.display()
             )
         })?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a run file", path.display()))
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a run file", path.display()))
     }
 }
 

@@ -59,7 +59,13 @@ pub(in crate::engine) struct Cluster {
 pub fn new_run_id(pipeline: &str) -> String {
     let clean: String = pipeline
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(32)
         .collect();
     let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
@@ -91,7 +97,9 @@ impl Cluster {
         } else {
             info.save(&dir)?;
         }
-        let staging = cache_root.join("tmp").join(format!("slurm-{}", info.run_id));
+        let staging = cache_root
+            .join("tmp")
+            .join(format!("slurm-{}", info.run_id));
         std::fs::create_dir_all(&staging)
             .with_context(|| format!("creating {}", staging.display()))?;
         Ok(Cluster {
@@ -151,10 +159,7 @@ pub(super) async fn run_remote(
     key: &StageKey,
     fp: &Fingerprint,
 ) -> Result<StageRecord, Error> {
-    let cluster = shared
-        .cluster
-        .as_ref()
-        .expect("a slurm run has a cluster");
+    let cluster = shared.cluster.as_ref().expect("a slurm run has a cluster");
     let stage = &shared.pipeline.stages[i];
     let _slot = tokio::select! {
         permit = shared.jobs.acquire() => permit.expect("semaphore open"),
@@ -176,8 +181,11 @@ pub(super) async fn run_remote(
         gpus: stage.resources.gpus.unwrap_or(0),
         events: events.clone(),
     };
-    crate::cache::atomic_write(&spec_path, &serde_json::to_vec_pretty(&job).map_err(anyhow::Error::from)?)
-        .with_context(|| format!("writing {}", spec_path.display()))?;
+    crate::cache::atomic_write(
+        &spec_path,
+        &serde_json::to_vec_pretty(&job).map_err(anyhow::Error::from)?,
+    )
+    .with_context(|| format!("writing {}", spec_path.display()))?;
     let script = write_job_script(&dir, &spec_path, settings, &stage.id, fp)?;
     let progress = shared.ui.stage(&stage.id);
     let mut tail = EventTail::new(events);
@@ -223,7 +231,8 @@ pub(super) async fn run_remote(
                     stage.id,
                     watched.attempt + 1
                 ));
-                watched = submit(shared, cluster, &script, &dir, i, fp, watched.attempt + 1).await?;
+                watched =
+                    submit(shared, cluster, &script, &dir, i, fp, watched.attempt + 1).await?;
             }
         }
     };

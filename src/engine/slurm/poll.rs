@@ -161,10 +161,9 @@ async fn squeue(run_id: &str) -> Snapshot {
         .output()
         .await;
     let (jobs, error) = match output {
-        Ok(out) if out.status.success() => (
-            parse_squeue(&String::from_utf8_lossy(&out.stdout)),
-            None,
-        ),
+        Ok(out) if out.status.success() => {
+            (parse_squeue(&String::from_utf8_lossy(&out.stdout)), None)
+        }
         Ok(out) => (
             HashMap::new(),
             Some(format!(

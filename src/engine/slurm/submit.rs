@@ -188,7 +188,10 @@ mod tests {
             "--signal=B:USR1@120",
             "--qos=high",
         ] {
-            assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
         }
     }
 }
