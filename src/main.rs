@@ -692,8 +692,12 @@ fn doctor(cache_dir: &Path, profile: Option<&str>) -> anyhow::Result<ExitCode> {
             }
         }
         Ok(out) => println!(
-            "slurm      sinfo failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "slurm      no cluster reachable (sinfo: {})",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no answer")
+                .trim()
         ),
         Err(_) => println!("slurm      no client (sinfo not on PATH)"),
     }

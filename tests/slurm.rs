@@ -391,6 +391,27 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }
 
+#[test]
+fn a_job_lost_from_squeue_is_resubmitted() {
+    let mut slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "15"));
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &PROFILE.replace("lost_after: 10", "lost_after: 2"),
+    );
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running job", || {
+        job_in_state(&slurm, "RUNNING").is_some()
+    });
+    slurm.restart_controller_clean();
+    let out = finish(child, Duration::from_secs(180));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", slurm.logs());
+    assert!(stderr.contains("is lost (not in squeue"), "{stderr}");
+    let jobs = submissions(&p, &run_id(&p));
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+}
+
 /// Two stages that wait for each other (so they run at once) and write
 /// what `var` says on their node.
 fn side_by_side(var: &str, resources: &str) -> String {

@@ -78,7 +78,8 @@ pub struct StageDef {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
-    /// GPUs on one node (`--gres=gpu:N`).
+    /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
+    /// cuda` or `cuda:N` and no `gpus` asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
     /// CPU cores (`--cpus-per-task`); also the worker's thread count.
@@ -94,6 +95,16 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// GPUs the stage's job asks for: `gpus`, else one for a stage pinned
+    /// to a GPU (`device: cuda`, `cuda:N`) that runs in the worker.
+    pub fn gpus_for(&self, device: &str, in_worker: bool) -> u32 {
+        match self.gpus {
+            Some(n) => n,
+            None if in_worker && device.starts_with("cuda") => 1,
+            None => 0,
+        }
+    }
+
     /// Why `mem` or `time` is not in Slurm's notation: (field, message).
     pub fn problem(&self) -> Option<(&'static str, String)> {
         if let Some(mem) = &self.mem {

@@ -170,6 +170,35 @@ impl Slurm {
         }
     }
 
+    /// Stops slurmctld (by pid) and starts it again with its state cleared
+    /// (`-c`): every job it knew is gone from `squeue`, as on a cluster whose
+    /// controller lost its state. Returns once it answers again.
+    pub fn restart_controller_clean(&mut self) {
+        let at = self
+            .daemons
+            .iter()
+            .position(|(what, _)| what == "slurmctld")
+            .expect("slurmctld was started");
+        let (_, mut old) = self.daemons.remove(at);
+        unsafe {
+            libc::kill(old.id() as libc::pid_t, libc::SIGTERM);
+        }
+        old.wait().unwrap();
+        let conf = self.conf();
+        self.spawn(
+            "slurmctld",
+            Command::new(sbin("slurmctld"))
+                .args(["-D", "-c", "-i", "-f"])
+                .arg(&conf),
+        );
+        wait_for(Duration::from_secs(20), "slurmctld answering", || {
+            self.command("squeue")
+                .arg("-h")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
+
     /// Every daemon log, for a failure message.
     pub fn logs(&self) -> String {
         let mut all = String::new();

@@ -24,6 +24,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Fingerprint, StageKey, StageRecord};
+use crate::manifest::Resources;
 use crate::ops::{OpDecl, Reporter};
 use crate::protocol::WorkerEvent;
 
@@ -155,7 +156,7 @@ pub(super) async fn run_remote(
     shared: &Shared,
     settings: &SlurmSettings,
     i: usize,
-    _op: &'static OpDecl,
+    op: &'static OpDecl,
     key: &StageKey,
     fp: &Fingerprint,
 ) -> Result<StageRecord, Error> {
@@ -170,6 +171,7 @@ pub(super) async fn run_remote(
     let events = dir.join("events.jsonl");
     let spec_path = dir.join("spec.json");
     let threads = stage.resources.cpus.map(|c| c as usize);
+    let gpus = stage.resources.gpus_for(&stage.device, op.runs_in_worker());
     let job = JobSpec {
         cache_dir: shared.cache.root().to_path_buf(),
         manifest: cluster.manifest.clone(),
@@ -178,7 +180,7 @@ pub(super) async fn run_remote(
         key: key.clone(),
         fingerprint: fp.clone(),
         threads,
-        gpus: stage.resources.gpus.unwrap_or(0),
+        gpus,
         events: events.clone(),
     };
     crate::cache::atomic_write(
@@ -187,6 +189,16 @@ pub(super) async fn run_remote(
     )
     .with_context(|| format!("writing {}", spec_path.display()))?;
     let script = write_job_script(&dir, &spec_path, settings, &stage.id, fp)?;
+    let job_files = StageJob {
+        i,
+        fp,
+        script,
+        dir: dir.clone(),
+        resources: Resources {
+            gpus: Some(gpus),
+            ..stage.resources.clone()
+        },
+    };
     let progress = shared.ui.stage(&stage.id);
     let mut tail = EventTail::new(events);
     let _waiting = cluster.poller.waiting();
@@ -209,7 +221,7 @@ pub(super) async fn run_remote(
                 submitted: Instant::now(),
             }
         }
-        None => submit(shared, cluster, &script, &dir, i, fp, 1).await?,
+        None => submit(shared, cluster, &job_files, 1).await?,
     };
     let result = loop {
         let ended = watch(shared, cluster, &watched, fp, &progress, &mut tail).await;
@@ -231,8 +243,7 @@ pub(super) async fn run_remote(
                     stage.id,
                     watched.attempt + 1
                 ));
-                watched =
-                    submit(shared, cluster, &script, &dir, i, fp, watched.attempt + 1).await?;
+                watched = submit(shared, cluster, &job_files, watched.attempt + 1).await?;
             }
         }
     };
@@ -240,22 +251,31 @@ pub(super) async fn run_remote(
     result
 }
 
+/// What every submission of one stage's job shares.
+struct StageJob<'a> {
+    /// Index into `pipeline.stages`.
+    i: usize,
+    fp: &'a Fingerprint,
+    script: PathBuf,
+    /// The stage's folder in the run's staging area.
+    dir: PathBuf,
+    /// Its resources, GPUs settled.
+    resources: Resources,
+}
+
 /// Submits the stage's job (attempt `attempt`) and journals it.
 async fn submit(
     shared: &Shared,
     cluster: &Cluster,
-    script: &Path,
-    dir: &Path,
-    i: usize,
-    fp: &Fingerprint,
+    job: &StageJob<'_>,
     attempt: u32,
 ) -> Result<Watched, Error> {
-    let stage = &shared.pipeline.stages[i];
+    let (stage, fp) = (&shared.pipeline.stages[job.i], job.fp);
     let Submission { job_id, log } = sbatch(
         &cluster.run_id,
-        script,
-        dir,
-        &stage.resources,
+        &job.script,
+        &job.dir,
+        &job.resources,
         &cluster.settings,
     )
     .await
