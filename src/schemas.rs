@@ -1,17 +1,24 @@
 //! The checked-in JSON schemas (`schemas/`): the manifest's and each op's
-//! params, generated from the same serde types that validate manifests.
+//! params, and the profile file's, generated from the same serde types that
+//! validate them.
 use std::path::Path;
 
 use serde_json::Value;
 
-/// Every schema file and its content: `pipeline.schema.json` and
+/// Every schema file and its content: `pipeline.schema.json`,
+/// `profile.schema.json` (site settings, `--profile`) and
 /// `ops/<op>.schema.json`.
 pub fn schema_files() -> Vec<(String, String)> {
     let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("schemas serialise") + "\n";
-    let mut files = vec![(
-        "pipeline.schema.json".to_string(),
-        pretty(&crate::manifest::pipeline_schema()),
-    )];
+    let profile = serde_json::to_value(schemars::schema_for!(crate::engine::Profile))
+        .expect("schemas serialise");
+    let mut files = vec![
+        (
+            "pipeline.schema.json".to_string(),
+            pretty(&crate::manifest::pipeline_schema()),
+        ),
+        ("profile.schema.json".to_string(), pretty(&profile)),
+    ];
     for op in crate::ops::REGISTRY {
         let schema = serde_json::to_value((op.params.schema)()).expect("schemas serialise");
         files.push((format!("ops/{}.schema.json", op.name), pretty(&schema)));

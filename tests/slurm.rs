@@ -234,6 +234,64 @@ fn a_slurm_run_commits_what_a_local_run_commits_and_a_rerun_submits_nothing() {
     assert_eq!(slurm.calls("sbatch"), 4, "a cached run submits nothing");
 }
 
+/// A tensor stage in the worker: a tiny GPT-2 pretrained for a few steps.
+fn tensor_pipeline() -> String {
+    format!(
+        r#"version: 1
+name: tensor
+seed: 5
+stages:
+  data:
+    op: dataset.import
+    inputs: {{ source: {} }}
+    params: {{ format: hh-rlhf, limit: 40 }}
+  tokenizer:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.data.data}}" }}
+    params: {{ vocab_size: 300 }}
+  base:
+    op: lm.pretrain
+    inputs: {{ data: "${{stages.data.data}}", tokenizer: "${{stages.tokenizer.tokenizer}}" }}
+    params: {{ width: 32, layers: 1, heads: 2, positions: 64, seq_len: 32, batch_size: 4, max_steps: 4, lr: 1.0e-3, warmup_steps: 1 }}
+    resources: {{ cpus: 2, mem: 1500M }}
+"#,
+        examples("hh-rlhf-sample.jsonl").display()
+    )
+}
+
+#[test]
+fn a_tensor_stage_on_slurm_trains_the_same_model_as_locally() {
+    let slurm = Slurm::start(1);
+    let local = project_with(&tensor_pipeline());
+    local.ok(&["run", "pipe.yaml", "--quiet", "--threads", "2"]);
+    let cluster = project_with(&tensor_pipeline());
+    ok(&cluster, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let model = |p: &Project| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", "pipe.yaml", "base", "--json"])).unwrap();
+        v["model"]["id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        model(&local),
+        model(&cluster),
+        "the same weights, byte for byte"
+    );
+    let records = common::walk(&cluster.path("cache/records"));
+    let base = records
+        .iter()
+        .map(|f| serde_json::from_slice::<serde_json::Value>(&std::fs::read(f).unwrap()).unwrap())
+        .find(|r| r["stage"] == "base")
+        .unwrap();
+    let provenance = &base["provenance"];
+    assert!(
+        provenance["libtorch"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("2.")),
+        "{base}"
+    );
+    assert_eq!(provenance["device"], "cpu", "{base}");
+}
+
 /// A stage that checkpoints, then sleeps on its first start (so it can be
 /// killed); started again with a checkpoint, it finishes at once and writes
 /// the step it resumed from.
