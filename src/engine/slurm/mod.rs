@@ -143,7 +143,8 @@ struct Watched {
 
 /// How watching a job ended.
 enum Ended {
-    Committed(StageRecord),
+    /// Boxed: a record is large, the other variants small.
+    Committed(Box<StageRecord>),
     /// Submit again (why).
     Retry(String),
     /// Fail the stage (why, with the job's output tail).
@@ -227,7 +228,7 @@ pub(super) async fn run_remote(
         let ended = watch(shared, cluster, &watched, fp, &progress, &mut tail).await;
         match ended {
             Err(e) => break Err(e),
-            Ok(Ended::Committed(record)) => break Ok(record),
+            Ok(Ended::Committed(record)) => break Ok(*record),
             Ok(Ended::Failed(why)) => break Err(anyhow::anyhow!("{why}").into()),
             Ok(Ended::Retry(why)) if watched.attempt >= settings.max_attempts => {
                 break Err(anyhow::anyhow!(
@@ -335,7 +336,7 @@ async fn watch(
         }
         tail.read(progress);
         if let Some(record) = shared.cache.hit(fp)? {
-            return Ok(Ended::Committed(record));
+            return Ok(Ended::Committed(Box::new(record)));
         }
         let snapshot = rx.borrow_and_update().clone();
         if snapshot.error.is_some() || snapshot.taken < job.submitted {
@@ -375,7 +376,7 @@ async fn watch(
                 // The record may have landed after this tick's check.
                 tail.read(progress);
                 if let Some(record) = shared.cache.hit(fp)? {
-                    return ended(Ended::Committed(record));
+                    return ended(Ended::Committed(Box::new(record)));
                 }
                 let said = tail
                     .failure
