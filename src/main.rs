@@ -78,6 +78,15 @@ struct RunArgs {
     gpu_slots: usize,
     #[command(flatten)]
     remote: RemoteArgs,
+    /// Where stages run: `local` (worker processes here, the default) or
+    /// `slurm` (one Slurm job per stage; the cache on a shared filesystem).
+    #[arg(long, value_name = "local|slurm")]
+    executor: Option<engine::ExecutorKind>,
+    /// Site settings (executor, partition, account, polling, extra sbatch
+    /// flags) from `alignflow/profiles/NAME.yaml` beside the manifest or in
+    /// the user's config folder.
+    #[arg(long, env = "ALIGNFLOW_PROFILE", value_name = "NAME")]
+    profile: Option<String>,
 }
 
 /// Which remote cache `run` and `plan` read through.
@@ -114,23 +123,53 @@ fn open_remote(name: &str) -> anyhow::Result<Remote> {
 }
 
 impl RunArgs {
-    /// The engine's options; `params_overridden` when `--set` was given.
-    fn into_options(self, params_overridden: bool) -> anyhow::Result<RunOptions> {
+    /// The engine's options for the manifest in `project` with `sets`.
+    fn into_options(
+        self,
+        project: &Path,
+        sets: Vec<(String, String)>,
+    ) -> anyhow::Result<RunOptions> {
+        let profile = match &self.profile {
+            Some(name) => engine::Profile::find(name, project)?.0,
+            None => engine::Profile::default(),
+        };
+        let executor = match self.executor.unwrap_or(profile.executor) {
+            engine::ExecutorKind::Local => engine::Executor::Local,
+            engine::ExecutorKind::Slurm => engine::Executor::Slurm(profile.slurm),
+        };
         let remote = self.remote.open()?;
         Ok(RunOptions {
+            remote,
+            executor,
+            attach: None,
+            params_overridden: !sets.is_empty(),
+            sets,
             targets: self.targets,
             jobs: self.jobs,
             fail_fast: self.fail_fast,
             locked: self.locked,
             update_lock: self.update_lock,
-            params_overridden,
             rehash: self.rehash,
             threads: self.threads,
             quiet: self.quiet,
             gpu_slots: self.gpu_slots,
-            remote,
         })
     }
+}
+
+/// `run`'s manifest: given, or the attached run's.
+#[derive(clap::Args)]
+struct RunManifestArgs {
+    /// The pipeline manifest (YAML); not with `--attach`.
+    #[arg(required_unless_present = "attach", conflicts_with = "attach")]
+    file: Option<PathBuf>,
+    /// Override a pipeline param: `--set params.lr=1e-4` (typed as YAML).
+    #[arg(long = "set", value_name = "params.NAME=VALUE")]
+    sets: Vec<String>,
+    /// Follow the Slurm run RUN again (its login shell died): adopt its
+    /// jobs, resubmit the lost ones, finish it.
+    #[arg(long, value_name = "RUN")]
+    attach: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -138,9 +177,20 @@ enum Command {
     /// Run what is out of date.
     Run {
         #[command(flatten)]
-        manifest: ManifestArgs,
+        manifest: RunManifestArgs,
         #[command(flatten)]
         options: RunArgs,
+    },
+    /// The jobs of a Slurm run (the latest one by default): stage,
+    /// fingerprint, job id, state and reason, attempt, log.
+    Jobs {
+        /// The run id (`alignflow run` prints it).
+        run: Option<String>,
+    },
+    /// What a cluster job runs.
+    Stage {
+        #[command(subcommand)]
+        command: StageCommand,
     },
     /// Show, stage by stage, whether it would run or is cached, and why.
     Plan {
@@ -183,9 +233,13 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
-    /// Engine, libtorch and device facts, and whether each configured
-    /// remote cache answers.
-    Doctor,
+    /// Engine, executor, Slurm partitions, libtorch and device facts, and
+    /// whether each configured remote cache answers.
+    Doctor {
+        /// Report the executor this profile selects.
+        #[arg(long, env = "ALIGNFLOW_PROFILE", value_name = "NAME")]
+        profile: Option<String>,
+    },
     /// Write an HTML page of the pipeline as of the cache: the DAG, each
     /// stage's status, training curves and evaluation tables.
     Report {
@@ -200,6 +254,16 @@ enum Command {
         /// Output folder.
         #[arg(long, default_value = "schemas")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StageCommand {
+    /// Run one stage from a job spec on this node and commit its record
+    /// (the command of a Slurm job script).
+    Exec {
+        /// The job spec the engine wrote (`cache/tmp/slurm-RUN/FP/spec.json`).
+        spec: PathBuf,
     },
 }
 
@@ -255,6 +319,20 @@ enum CacheCommand {
     Gc {
         #[arg(long)]
         dry_run: bool,
+        /// Keep unreachable objects younger than this (`2h`, `1day`): a job
+        /// on another node may still commit them. Default: a day on a
+        /// shared cache, none otherwise.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_age: Option<std::time::Duration>,
+    },
+    /// Set the cache up; `--shared`: for a group on a shared filesystem
+    /// (group-writable setgid folders, umask 002, `gc` keeps young garbage).
+    Init {
+        #[arg(long)]
+        shared: bool,
+        /// The group that shares it (default: the folder's group).
+        #[arg(long, requires = "shared")]
+        group: Option<String>,
     },
 }
 
@@ -278,7 +356,7 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 /// in `println!`. `run` keeps SIGPIPE ignored: it writes to its workers'
 /// pipes and must see a worker's death as an error, not die of it.
 fn die_quietly_on_a_closed_pipe(command: &Command) {
-    if !matches!(command, Command::Run { .. }) {
+    if !matches!(command, Command::Run { .. } | Command::Stage { .. }) {
         // SAFETY: restores the default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -295,7 +373,9 @@ fn default_jobs() -> usize {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     die_quietly_on_a_closed_pipe(&cli.command);
-    init_logging(cli.verbose);
+    // On a node, an exec stage's output lines (info on `alignflow::stage`)
+    // belong in the job's log, where a failure's tail is read from.
+    init_logging(cli.verbose, matches!(cli.command, Command::Stage { .. }));
     match try_main(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -305,29 +385,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+fn init_logging(verbose: u8, stage_output: bool) {
+    let default = match (verbose, stage_output) {
+        (0, true) => "warn,alignflow::stage=info",
+        (0, false) => "warn",
+        (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No colour codes in files (a job's log).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_target(false)
         .init();
 }
 
-fn load(args: &ManifestArgs) -> anyhow::Result<(Arc<Pipeline>, Arc<Dag>)> {
+fn parse_sets(given: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     let mut sets = Vec::new();
-    for s in &args.sets {
+    for s in given {
         let (k, v) = s
             .split_once('=')
             .with_context(|| format!("--set `{s}`: expected params.NAME=VALUE"))?;
         sets.push((k.trim().to_string(), v.to_string()));
     }
+    Ok(sets)
+}
+
+fn load(args: &ManifestArgs) -> anyhow::Result<(Arc<Pipeline>, Arc<Dag>)> {
+    let sets = parse_sets(&args.sets)?;
     let pipeline = manifest::load(&args.file, &LoadOptions { sets })?;
     let dag = Dag::build(&pipeline)?;
     Ok((Arc::new(pipeline), Arc::new(dag)))
@@ -342,10 +430,11 @@ fn open_cache(dir: &Path) -> anyhow::Result<Arc<Cache>> {
 fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
     let cache_dir = &cli.cache_dir;
     match cli.command {
-        Command::Run { manifest, options } => {
-            let options = options.into_options(!manifest.sets.is_empty())?;
-            run(cache_dir, &manifest, options)
-        }
+        Command::Run { manifest, options } => run(cache_dir, manifest, options),
+        Command::Jobs { run } => jobs(cache_dir, run.as_deref()),
+        Command::Stage {
+            command: StageCommand::Exec { spec },
+        } => stage_exec(&spec),
         Command::Plan {
             manifest,
             targets,
@@ -362,14 +451,45 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         } => show(cache_dir, &manifest, &stage, json),
         Command::Ops { name } => ops(name.as_deref()),
         Command::Cache { command } => cache(cache_dir, command),
-        Command::Doctor => doctor(cache_dir),
+        Command::Doctor { profile } => doctor(cache_dir, profile.as_deref()),
         Command::Report { manifest, out } => report(cache_dir, &manifest, out),
         Command::Schema { out } => schema(&out),
     }
 }
 
-fn run(cache_dir: &Path, args: &ManifestArgs, options: RunOptions) -> anyhow::Result<ExitCode> {
-    let (pipeline, dag) = load(args)?;
+fn run(cache_dir: &Path, args: RunManifestArgs, run_args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (manifest, options) = match (&args.attach, args.file) {
+        (Some(run_id), _) => {
+            let info = engine::RunInfo::load(open_cache(cache_dir)?.root(), run_id)?;
+            let mut options = run_args.into_options(Path::new("."), info.sets.clone())?;
+            options.executor = engine::Executor::Slurm(info.settings);
+            options.attach = Some(run_id.clone());
+            options.targets = info.targets;
+            let sets = info.sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            (
+                ManifestArgs {
+                    file: info.manifest,
+                    sets,
+                },
+                options,
+            )
+        }
+        (None, Some(file)) => {
+            let manifest = ManifestArgs {
+                file,
+                sets: args.sets,
+            };
+            let project = manifest
+                .file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .to_path_buf();
+            let options = run_args.into_options(&project, parse_sets(&manifest.sets)?)?;
+            (manifest, options)
+        }
+        (None, None) => anyhow::bail!("run: give a manifest, or --attach RUN"),
+    };
+    let (pipeline, dag) = load(&manifest)?;
     let cache = open_cache(cache_dir)?;
     let summary = engine::run(pipeline, dag, cache, options)?;
     print!("{}", summary.table());
@@ -385,6 +505,85 @@ fn run(cache_dir: &Path, args: &ManifestArgs, options: RunOptions) -> anyhow::Re
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `stage exec SPEC`: 0 once the record is committed, 143 when a signal
+/// stopped the stage (the engine resubmits), 1 when it failed.
+fn stage_exec(spec: &Path) -> anyhow::Result<ExitCode> {
+    match engine::stage_exec(spec) {
+        Ok(engine::NodeOutcome::Committed) => Ok(ExitCode::SUCCESS),
+        Ok(engine::NodeOutcome::Stopped) => Ok(ExitCode::from(143)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `jobs [RUN]`: one line per job, with its live state from one `squeue`
+/// call when it has not ended.
+fn jobs(cache_dir: &Path, run: Option<&str>) -> anyhow::Result<ExitCode> {
+    let cache = open_cache(cache_dir)?;
+    let run_id = match run {
+        Some(r) => r.to_string(),
+        None => match engine::list_runs(cache.root())?.pop() {
+            Some(latest) => latest.run_id,
+            None => {
+                println!("no Slurm runs in {}", cache.root().display());
+                return Ok(ExitCode::SUCCESS);
+            }
+        },
+    };
+    let info = engine::RunInfo::load(cache.root(), &run_id)?;
+    let jobs = engine::read_jobs(&engine::run_dir(cache.root(), &run_id))?;
+    let live = if jobs.iter().any(|j| j.ended.is_none()) {
+        let out = std::process::Command::new("squeue")
+            .args([
+                "--noheader",
+                "--states=all",
+                "--name",
+                &run_id,
+                "--format",
+                "%i|%T|%r",
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                engine::parse_squeue(&String::from_utf8_lossy(&o.stdout))
+            }
+            _ => Default::default(),
+        }
+    } else {
+        Default::default()
+    };
+    println!(
+        "run {run_id} ({}, started {})",
+        info.manifest.display(),
+        info.started_at
+    );
+    let width = jobs.iter().map(|j| j.stage.len()).max().unwrap_or(5).max(5);
+    println!(
+        "{:<width$}  {:<12}  {:>8}  {:<13}  {:<12}  {:>7}  log",
+        "stage", "fingerprint", "job", "state", "reason", "attempt"
+    );
+    for j in &jobs {
+        let (state, reason) = match (&j.ended, live.get(&j.job_id)) {
+            (Some((s, r)), _) => (s.clone(), r.clone()),
+            (None, Some(l)) => (l.state.clone(), l.reason.clone()),
+            (None, None) => ("UNKNOWN".into(), "not in squeue".into()),
+        };
+        println!(
+            "{:<width$}  {:<12}  {:>8}  {:<13}  {:<12}  {:>7}  {}",
+            j.stage,
+            &j.fingerprint[..j.fingerprint.len().min(12)],
+            j.job_id,
+            state,
+            reason,
+            j.attempt,
+            j.log.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn plan(
@@ -528,8 +727,23 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        CacheCommand::Gc { dry_run } => {
-            let report = cache.gc(dry_run)?;
+        CacheCommand::Init { shared, group } => {
+            if shared {
+                let n = cache.share(group.as_deref())?;
+                println!(
+                    "{}: shared ({n} folder(s) group-writable and setgid; umask 002; gc keeps young garbage)",
+                    cache.root().display()
+                );
+            } else {
+                println!("{}: ready", cache.root().display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Gc { dry_run, min_age } => {
+            let report = match min_age {
+                Some(age) => cache.gc_min_age(dry_run, age)?,
+                None => cache.gc(dry_run)?,
+            };
             let verb = if dry_run { "would remove" } else { "removed" };
             for (p, bytes) in report.removed.iter().zip(&report.removed_bytes) {
                 println!("{verb} {} ({bytes} bytes)", p.display());
@@ -545,10 +759,50 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn doctor(cache_dir: &Path) -> anyhow::Result<ExitCode> {
+fn doctor(cache_dir: &Path, profile: Option<&str>) -> anyhow::Result<ExitCode> {
     println!("alignflow {}", alignflow::ENGINE_VERSION);
     println!("cache      {}", std::path::absolute(cache_dir)?.display());
     let remotes_ok = doctor_remotes()?;
+    match profile {
+        Some(name) => {
+            let (p, path) = engine::Profile::find(name, Path::new("."))?;
+            let kind = match p.executor {
+                engine::ExecutorKind::Local => "local",
+                engine::ExecutorKind::Slurm => "slurm",
+            };
+            println!("executor   {kind} (profile {name}: {})", path.display());
+        }
+        None => {
+            println!("executor   local (default; `run --executor slurm` or a profile for Slurm)")
+        }
+    }
+    // What Slurm shows this machine, if its client is installed.
+    match std::process::Command::new("sinfo")
+        .args(["--noheader", "--format", "%P %a %l %D %c %m %G"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.trim().is_empty() {
+                println!("slurm      no partitions");
+            }
+            for line in text.lines() {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if let [part, avail, limit, nodes, cpus, mem, gres] = f[..] {
+                    println!("slurm      partition {part} {avail}, time limit {limit}, {nodes} node(s), {cpus} CPUs, {mem} MB, gres {gres}");
+                }
+            }
+        }
+        Ok(out) => println!(
+            "slurm      no cluster reachable (sinfo: {})",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("no answer")
+                .trim()
+        ),
+        Err(_) => println!("slurm      no client (sinfo not on PATH)"),
+    }
     println!("worker     {}", engine::worker_path().display());
     let worker_ok = match engine::doctor() {
         Ok(info) => {

@@ -229,3 +229,33 @@ stages:
         .ok(&["validate", "pipeline.yaml"])
         .contains("ok (2 stages)"));
 }
+
+#[test]
+fn bad_resources_name_the_stage_and_field() {
+    let p = Project::new();
+    let stage = |resources: &str| {
+        format!(
+            "version: 1\nname: res\nstages:\n  train:\n    op: exec\n    outputs: [out]\n    resources: {resources}\n    params: {{ cmd: \"true\" }}\n"
+        )
+    };
+    let err = error_of(&p, &stage("{ gpus: 1, mem: 16GB }"));
+    assert!(
+        err.starts_with("pipeline.yaml:7:16:")
+            && err.contains("train")
+            && err.contains("resources.mem"),
+        "{err}"
+    );
+    assert!(err.contains("`16GB` is not a memory size"), "{err}");
+    let err = error_of(&p, &stage("{ time: 2h }"));
+    assert!(
+        err.contains("resources.time") && err.contains("`2h`"),
+        "{err}"
+    );
+    let err = error_of(&p, &stage("{ gpu: 1 }"));
+    assert!(err.contains("gpu"), "{err}");
+    p.write(
+        "pipeline.yaml",
+        &stage("{ gpus: 2, cpus: 8, mem: 32G, time: \"1-12:00:00\" }"),
+    );
+    p.ok(&["validate", "pipeline.yaml"]);
+}

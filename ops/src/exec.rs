@@ -124,6 +124,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         cmd.env(input_var(name), path);
     }
     cmd.env("ALIGNFLOW_OUT", &spec.out_dir)
+        // Survives an interrupted run of the same fingerprint: a long command
+        // can checkpoint there and resume (a resubmitted Slurm job does).
+        .env("ALIGNFLOW_CHECKPOINT_DIR", &spec.checkpoint_dir)
         .env("ALIGNFLOW_STAGE", &spec.stage)
         .env("ALIGNFLOW_SEED", spec.seed.to_string());
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {

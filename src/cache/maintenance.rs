@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::atomic::temp_owner_pid;
 use super::dependents::{Dependents, Use};
@@ -353,11 +354,16 @@ impl Maintenance<'_> {
     /// Objects and trees are only collected when no stage lock is held (a
     /// running stage may have ingested outputs it has not recorded yet);
     /// otherwise only stale staging and temporary files go.
-    pub fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
+    ///
+    /// Unreachable objects and trees younger than `min_age` (by their change
+    /// time: ingesting or linking one sets it) are kept: on a shared cache a
+    /// job on another node may have ingested them and not yet committed its
+    /// record, and its lock is not visible from here.
+    pub fn gc(&self, dry_run: bool, min_age: Duration) -> Result<GcReport, CacheError> {
         let mut report = GcReport::default();
         let gc_lock = self.locks.try_lock_gc()?;
         if gc_lock.is_some() {
-            self.gc_store(dry_run, &mut report)?;
+            self.gc_store(dry_run, min_age, &mut report)?;
         } else {
             tracing::warn!(
                 "stages are running on this cache: gc keeps every object and tree this time, \
@@ -399,7 +405,13 @@ impl Maintenance<'_> {
         Ok(report)
     }
 
-    fn gc_store(&self, dry_run: bool, report: &mut GcReport) -> Result<(), CacheError> {
+    fn gc_store(
+        &self,
+        dry_run: bool,
+        min_age: Duration,
+        report: &mut GcReport,
+    ) -> Result<(), CacheError> {
+        let settled = |path: &Path| old_enough(path, min_age);
         let mut files: HashSet<String> = HashSet::new();
         let mut trees: HashSet<String> = HashSet::new();
         for path in self.records.files()? {
@@ -435,7 +447,7 @@ impl Maintenance<'_> {
         // counted) with the blob.
         let (listings, dirs) = self.objects.scan_trees()?;
         for (hash, path) in listings.blobs.iter().chain(&dirs) {
-            if !trees.contains(hash) {
+            if !trees.contains(hash) && settled(path) {
                 remove(path, dry_run, report);
             }
         }
@@ -443,7 +455,7 @@ impl Maintenance<'_> {
 
         let objects = self.objects.scan_objects()?;
         for (hash, path) in &objects.blobs {
-            if files.contains(hash) {
+            if files.contains(hash) || !settled(path) {
                 report.kept_objects += 1;
             } else {
                 remove(path, dry_run, report);
@@ -452,6 +464,23 @@ impl Maintenance<'_> {
         remove_dead_temps(&objects.temps, dry_run, report);
         Ok(())
     }
+}
+
+/// Whether `path` last changed (its inode: content, links, modes) at least
+/// `min_age` ago.
+fn old_enough(path: &Path, min_age: Duration) -> bool {
+    if min_age.is_zero() {
+        return true;
+    }
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return true;
+    };
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            meta.ctime().max(0) as u64,
+            meta.ctime_nsec().clamp(0, 999_999_999) as u32,
+        );
+    changed.elapsed().is_ok_and(|age| age >= min_age)
 }
 
 /// Removes a record file (already gone is fine).

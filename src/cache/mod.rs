@@ -16,7 +16,9 @@
 //!   when a pull is interrupted so that the next one resumes them;
 //!   `uploads/`: the state of interrupted multipart uploads to a remote;
 //! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
-//!   stage's input check or `cache verify --repair`), kept for inspection.
+//!   stage's input check or `cache verify --repair`), kept for inspection;
+//! - `config.json`: a cache shared by a group (`cache init --shared`);
+//! - `runs/<run>/`: a Slurm run's `run.json` and `jobs.jsonl`.
 
 // Layers, bottom-up; a module uses only those below it: error, artifact,
 // key, atomic, fsutil, seal, tree, hashcache, failures; then objects (and integrity,
@@ -40,6 +42,7 @@ mod maintenance;
 mod objects;
 mod records;
 mod seal;
+mod shared;
 mod store;
 mod tree;
 
@@ -51,8 +54,9 @@ pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use locks::StageLock;
 pub use maintenance::{GcReport, VerifyReport};
-pub use records::StageRecord;
+pub use records::{Provenance, StageRecord};
 pub use seal::remove_all;
+pub use shared::CacheConfig;
 pub use store::Cache;
 pub use tree::parse_listing;
 

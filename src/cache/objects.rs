@@ -183,7 +183,11 @@ impl Objects {
             match fs::hard_link(src, &dst) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) if e.kind() == io::ErrorKind::CrossesDevices => copy_into_store(src, &dst)?,
+                // Another filesystem, or one that refuses the link (NFS
+                // exports without hard links): the bytes are copied.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {
+                    copy_into_store(src, &dst)?
+                }
                 Err(e) => return Err(at(&dst)(e)),
             }
         }
@@ -252,8 +256,15 @@ impl Objects {
             let src = self.blob_path(blob);
             match fs::hard_link(&src, &dst) {
                 Ok(()) => {}
-                // Too many links to one blob (say, the empty file): copy it.
-                Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+                // Too many links to one blob (say, the empty file), a blob of
+                // another user on a shared cache that `fs.protected_hardlinks`
+                // forbids linking (EPERM), another filesystem: copy it.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMLINK | libc::EPERM | libc::EXDEV)
+                    ) =>
+                {
                     fs::copy(&src, &dst).map_err(at(&dst))?;
                     fs::set_permissions(&dst, fs::Permissions::from_mode(SEALED_FILE))
                         .map_err(at(&dst))?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::atomic::atomic_write;
+use super::atomic::{atomic_write, fsync_dir, temp_sibling};
 use super::error::{at, CacheError};
 use super::fsutil::{checked_fp, ensure_dir, file_name, read_dir_sorted};
 use super::objects::Objects;
@@ -27,6 +27,49 @@ pub struct StageRecord {
     /// RFC 3339.
     pub started_at: String,
     pub finished_at: String,
+    /// Where and with what it ran (absent in records of older engines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// Where a stage ran: not part of its result, kept to explain it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The machine that ran the stage and committed the record.
+    pub host: String,
+    /// `cpu`, `cuda:N` (a slot of the local engine) or `cuda` (GPUs a
+    /// cluster scheduler gave the job).
+    pub device: String,
+    /// The engine's version (the `alignflow` crate).
+    pub engine: String,
+    /// The libtorch version the worker linked, for tensor stages, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libtorch: Option<String>,
+    /// The Slurm job that ran it (`SLURM_JOB_ID`), on a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job_id: Option<String>,
+}
+
+impl Provenance {
+    /// This process's host and Slurm job, on `device`, with `libtorch`.
+    pub fn here(device: String, libtorch: Option<String>) -> Provenance {
+        let mut name = [0u8; 256];
+        // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+        // a name that fits.
+        let host = if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            String::from_utf8_lossy(&name[..end]).into_owned()
+        } else {
+            "unknown".into()
+        };
+        Provenance {
+            host,
+            device,
+            engine: crate::ENGINE_VERSION.to_string(),
+            libtorch,
+            slurm_job_id: std::env::var("SLURM_JOB_ID").ok(),
+        }
+    }
 }
 
 /// The `records/` folder of one cache root.
@@ -100,6 +143,49 @@ impl Records {
     /// missing outputs.
     pub fn write(&self, record: &StageRecord, objects: &Objects) -> Result<(), CacheError> {
         let path = self.path(&record.fingerprint)?;
+        self.check_outputs(record, objects)?;
+        ensure_dir(path.parent().expect("records have a parent"))?;
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+        atomic_write(&path, &bytes).map_err(at(&path))
+    }
+
+    /// Commits a record unless one exists: the first of two runs (two
+    /// cluster nodes) finishing the same fingerprint wins, and the loser's
+    /// record is dropped whole, never mixed in. The record is written to a
+    /// temporary file, then published with `link()`, which fails when the
+    /// name exists (`renameat2(RENAME_NOREPLACE)` where the filesystem
+    /// refuses hard links). Returns whether this record was committed.
+    pub fn commit(&self, record: &StageRecord, objects: &Objects) -> Result<bool, CacheError> {
+        let path = self.path(&record.fingerprint)?;
+        self.check_outputs(record, objects)?;
+        let dir = path.parent().expect("records have a parent");
+        ensure_dir(dir)?;
+        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
+        let tmp = temp_sibling(&path).map_err(at(&path))?;
+        let published = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            drop(f);
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+                    rename_no_replace(&tmp, &path)
+                }
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = fs::remove_file(&tmp);
+        let published = published.map_err(at(&path))?;
+        fsync_dir(dir).map_err(at(dir))?;
+        Ok(published)
+    }
+
+    fn check_outputs(&self, record: &StageRecord, objects: &Objects) -> Result<(), CacheError> {
         for (name, id) in &record.outputs {
             if !objects.has_artifact(id) {
                 return Err(CacheError::Io {
@@ -111,9 +197,7 @@ impl Records {
                 });
             }
         }
-        ensure_dir(path.parent().expect("records have a parent"))?;
-        let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
-        atomic_write(&path, &bytes).map_err(at(&path))
+        Ok(())
     }
 
     /// Every committed record (a corrupt one is skipped with a warning).
@@ -151,6 +235,30 @@ impl Records {
             }
         }
         Ok(out)
+    }
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`: false when `to` exists.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working folder.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    match rc {
+        0 => Ok(true),
+        _ => match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            e => Err(e),
+        },
     }
 }
 

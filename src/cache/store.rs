@@ -2,6 +2,7 @@
 //! records, locks and maintenance.
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::checkpoints::KEEP_MARKER;
 use super::error::{at, CacheError};
@@ -11,11 +12,13 @@ use super::locks::{Locks, StageLock};
 use super::maintenance::{GcReport, Maintenance, VerifyReport};
 use super::objects::Objects;
 use super::records::{Records, StageRecord};
+use super::shared::{group_umask, share_folders, CacheConfig};
 use super::{ArtifactId, Damage, Fingerprint};
 
 /// A cache folder.
 pub struct Cache {
     root: PathBuf,
+    config: CacheConfig,
     objects: Objects,
     records: Records,
     locks: Locks,
@@ -27,10 +30,15 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
         fs::create_dir_all(root).map_err(at(root))?;
         let root = fs::canonicalize(root).map_err(at(root))?;
+        let config = CacheConfig::load(&root)?;
+        if config.shared {
+            group_umask();
+        }
         for sub in ["objects", "trees", "records", "locks", "tmp"] {
             ensure_dir(&root.join(sub))?;
         }
         Ok(Cache {
+            config,
             objects: Objects::new(root.clone()),
             records: Records::new(&root),
             locks: Locks::new(&root),
@@ -141,6 +149,12 @@ impl Cache {
     /// missing outputs.
     pub fn write_record(&self, record: &StageRecord) -> Result<(), CacheError> {
         self.records.write(record, &self.objects)
+    }
+
+    /// Commits a record unless the fingerprint already has one (another run
+    /// or node finished it first): returns whether this one was committed.
+    pub fn commit_record(&self, record: &StageRecord) -> Result<bool, CacheError> {
+        self.records.commit(record, &self.objects)
     }
 
     /// Notes that a run of `fp` failed (see [`FailureNote`]).
@@ -259,7 +273,29 @@ impl Cache {
     /// Objects and trees are only collected when no stage lock is held (a
     /// running stage may have ingested outputs it has not recorded yet);
     /// otherwise only stale staging and temporary files go.
+    ///
+    /// Unreachable objects younger than the cache's `gc` age threshold
+    /// (a day on a shared cache) are kept; [`Self::gc_min_age`] overrides it.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
-        self.maintenance().gc(dry_run)
+        self.maintenance().gc(dry_run, self.config.gc_min_age())
+    }
+
+    /// [`Self::gc`], keeping unreachable objects younger than `min_age`.
+    pub fn gc_min_age(&self, dry_run: bool, min_age: Duration) -> Result<GcReport, CacheError> {
+        self.maintenance().gc(dry_run, min_age)
+    }
+
+    /// `cache init --shared`: marks the cache shared by a group (umask 002
+    /// for whoever opens it, `gc` keeping young garbage) and makes its
+    /// folders group-writable and setgid, owned by `group` when given.
+    /// Returns how many folders changed.
+    pub fn share(&self, group: Option<&str>) -> Result<usize, CacheError> {
+        let config = CacheConfig {
+            shared: true,
+            ..self.config.clone()
+        };
+        config.save(&self.root)?;
+        group_umask();
+        share_folders(&self.root, group)
     }
 }

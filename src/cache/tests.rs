@@ -41,7 +41,36 @@ fn record(outputs: &[(&str, &ArtifactId)]) -> StageRecord {
         engine_version: "0.1.0".into(),
         started_at: "2025-01-01T00:00:00Z".into(),
         finished_at: "2025-01-01T00:00:01Z".into(),
+        provenance: None,
     }
+}
+
+/// Two nodes finishing the same stage: the first record stands, whole.
+#[test]
+fn a_record_is_committed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let src = dir.path().join("tmp").join("a");
+    fs::write(&src, b"first").unwrap();
+    let first_id = cache.ingest(&src).unwrap();
+    fs::write(&src, b"second").unwrap();
+    let second_id = cache.ingest(&src).unwrap();
+    let first = record(&[("out", &first_id)]);
+    let mut second = first.clone();
+    second.outputs.insert("out".into(), second_id);
+    assert!(cache.commit_record(&first).unwrap());
+    assert!(!cache.commit_record(&second).unwrap());
+    assert_eq!(cache.record(&first.fingerprint).unwrap(), Some(first));
+    let shard = fs::read_dir(dir.path().join("records"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let names: Vec<_> = fs::read_dir(shard.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
 }
 
 fn write(path: &Path, bytes: &[u8]) {

@@ -14,7 +14,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{
-    remove_all, ArtifactId, Cache, FailureNote, Fingerprint, StageKey, StageLock, StageRecord,
+    remove_all, ArtifactId, Cache, FailureNote, Fingerprint, Provenance, StageKey, StageLock,
+    StageRecord,
 };
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
@@ -23,6 +24,7 @@ use crate::protocol::{Metrics, StageSpec};
 use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
 use super::gpus::{GpuSlot, GpuSlots};
 use super::lockfile::{LockedStage, Lockfile};
+use super::options::Executor;
 use super::plan::{hash_path_inputs, stage_key};
 use super::progress::{StageProgress, Ui};
 use super::threads::{CorePool, Cores};
@@ -42,6 +44,8 @@ pub(super) struct Shared {
     pub lockfile: Option<Lockfile>,
     /// Lockfile entries of the stages that finished, ran or cached.
     pub finished: Mutex<Vec<(String, LockedStage)>>,
+    /// The Slurm run, under the slurm executor.
+    pub cluster: Option<super::slurm::Cluster>,
 }
 
 /// A stage that finished, ran or cached.
@@ -94,39 +98,28 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         return Ok(cached(record, key, detail));
     }
 
-    let held = acquire(shared, stage, op, &fp).await?;
-    // Whoever waited for the lock finds the stage cached.
-    if let Some(record) = shared.cache.hit(&fp)? {
-        return Ok(cached(record, key, "finished by another run"));
-    }
-    if let Some(record) = pull_from_remote(shared, stage, &fp).await {
-        let detail = format!("pulled from remote `{}`", record.1);
-        return Ok(cached(record.0, key, &detail));
-    }
-    // Corruption must not spread: what the stage reads is checked first.
-    {
-        let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
-        blocking(move || check_store_inputs(&cache, &pipeline.stages[i], &key)).await?;
-    }
-    let ran = async {
-        let staged = dispatch(shared, stage, op, &key, &fp, held.gpu.as_ref()).await?;
-        commit(shared, stage, &key, &fp, staged).await
-    };
-    let record = match ran.await {
-        Ok(record) => record,
-        Err(err) => {
-            note_failure(shared, stage, &fp, &err);
-            return Err(err);
+    let record = match &shared.options.executor {
+        Executor::Slurm(settings) => {
+            // The team cache first: a pulled stage submits no job.
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
+                return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
+            }
+            super::slurm::run_remote(shared, settings, i, op, &key, &fp).await?
+        }
+        Executor::Local => {
+            let held = acquire(shared, stage, op, &fp).await?;
+            // Whoever waited for the lock finds the stage cached.
+            if let Some(record) = shared.cache.hit(&fp)? {
+                return Ok(cached(record, key, "finished by another run"));
+            }
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
+                return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
+            }
+            let device = held.gpu.as_ref().map_or(Device::Cpu, Device::Slot);
+            run_here(shared, i, op, &key, &fp, device).await?
         }
     };
-    if let Err(e) = shared.cache.clear_failure(&fp) {
-        tracing::warn!("stage `{}`: {e}", stage.id);
-    }
     write_back(shared, stage, &record).await;
-    // Still under the stage lock, so no other run is writing them.
-    if let Err(e) = shared.cache.retire_checkpoints(&fp, stage.keep_checkpoints) {
-        tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
-    }
 
     let mut detail = summarize_metrics(&record.metrics);
     if shared.options.locked {
@@ -186,6 +179,61 @@ async fn write_back(shared: &Shared, stage: &Stage, record: &StageRecord) {
             "warning: stage `{}`: not pushed to remote `{name}`: {e:#}",
             stage.id
         )),
+    }
+}
+
+/// Runs stage `i` in this process or its worker and commits its record;
+/// the caller holds the fingerprint's lock. Its inputs from the store are
+/// checked first, so corruption does not spread.
+pub(super) async fn run_here(
+    shared: &Shared,
+    i: usize,
+    op: &'static OpDecl,
+    key: &StageKey,
+    fp: &Fingerprint,
+    device: Device<'_>,
+) -> Result<StageRecord, Error> {
+    let stage = &shared.pipeline.stages[i];
+    {
+        let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
+        blocking(move || check_store_inputs(&cache, &pipeline.stages[i], &key)).await?;
+    }
+    let ran = async {
+        let staged = dispatch(shared, stage, op, key, fp, device).await?;
+        commit(shared, stage, key, fp, staged, device).await
+    };
+    let record = match ran.await {
+        Ok(record) => record,
+        Err(err) => {
+            note_failure(shared, stage, fp, &err);
+            return Err(err);
+        }
+    };
+    if let Err(e) = shared.cache.clear_failure(fp) {
+        tracing::warn!("stage `{}`: {e}", stage.id);
+    }
+    // Still under the stage lock, so no other run is writing them.
+    if let Err(e) = shared.cache.retire_checkpoints(fp, stage.keep_checkpoints) {
+        tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
+    }
+    Ok(record)
+}
+
+/// Where a stage's tensor work runs.
+#[derive(Clone, Copy)]
+pub(super) enum Device<'a> {
+    /// The CPU (data ops run in the engine whatever their device).
+    Cpu,
+    /// A GPU slot this engine handed out: the worker sees that GPU alone.
+    Slot(&'a GpuSlot<'a>),
+    /// GPUs a cluster scheduler gave the job: the worker keeps the
+    /// `CUDA_VISIBLE_DEVICES` the scheduler set.
+    Allocated,
+}
+
+impl Device<'_> {
+    fn on_gpu(self) -> bool {
+        !matches!(self, Device::Cpu)
     }
 }
 
@@ -304,12 +352,13 @@ async fn dispatch(
     op: &'static OpDecl,
     key: &StageKey,
     fp: &Fingerprint,
-    gpu: Option<&GpuSlot<'_>>,
+    device: Device<'_>,
 ) -> Result<Staged, Error> {
-    let on = match (gpu, op.placement) {
-        (Some(g), _) => format!(" on cuda:{}", g.index),
-        (None, Placement::Worker) => " on cpu".into(),
-        (None, Placement::Engine(_)) => String::new(),
+    let on = match (device, op.placement) {
+        (Device::Slot(g), _) => format!(" on cuda:{}", g.index),
+        (Device::Allocated, Placement::Worker) => " on cuda".into(),
+        (_, Placement::Worker) => " on cpu".into(),
+        (_, Placement::Engine(_)) => String::new(),
     };
     shared
         .ui
@@ -319,7 +368,7 @@ async fn dispatch(
     let staging = cache.staging_dir(fp)?;
     let out_dir = staging.join("out");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let mut spec = stage_spec(shared, stage, op, key, fp, out_dir.clone(), gpu)?;
+    let mut spec = stage_spec(shared, stage, op, key, fp, out_dir.clone(), device)?;
     let guard =
         match tokio::task::block_in_place(|| guard_inputs(stage, op, key, &mut spec, &staging)) {
             Ok(guard) => guard,
@@ -334,7 +383,11 @@ async fn dispatch(
     let result = match op.placement {
         Placement::Worker => {
             let placement = worker::Placement {
-                cuda_visible_devices: gpu.map(|g| g.index.to_string()).unwrap_or_default(),
+                cuda_visible_devices: match device {
+                    Device::Slot(g) => Some(g.index.to_string()),
+                    Device::Cpu => Some(String::new()),
+                    Device::Allocated => None,
+                },
             };
             worker::run_stage(&spec, &placement, &progress, &shared.cancel).await
         }
@@ -378,7 +431,7 @@ fn stage_spec(
     key: &StageKey,
     fp: &Fingerprint,
     out_dir: PathBuf,
-    gpu: Option<&GpuSlot<'_>>,
+    device: Device<'_>,
 ) -> Result<StageSpec, Error> {
     let (pipeline, cache) = (&shared.pipeline, &shared.cache);
     let mut input_paths = BTreeMap::new();
@@ -400,14 +453,14 @@ fn stage_spec(
         out_dir,
         work_dir: pipeline.dir.clone(),
         checkpoint_dir: cache.checkpoint_dir(fp)?,
-        device: match (gpu, op.placement) {
-            (Some(_), _) => "cuda".into(),
-            (None, Placement::Worker) => "cpu".into(),
-            (None, Placement::Engine(_)) => stage.device.clone(),
+        device: match (device, op.placement) {
+            (_, Placement::Engine(_)) => stage.device.clone(),
+            (Device::Cpu, Placement::Worker) => "cpu".into(),
+            (_, Placement::Worker) => "cuda".into(),
         },
         seed: key.seed,
         threads: match op.placement {
-            Placement::Worker => Some(shared.cores.threads(gpu.is_some())),
+            Placement::Worker => Some(shared.cores.threads(device.on_gpu())),
             Placement::Engine(_) => shared.options.threads,
         },
     })
@@ -421,7 +474,15 @@ async fn commit(
     key: &StageKey,
     fp: &Fingerprint,
     staged: Staged,
+    device: Device<'_>,
 ) -> Result<StageRecord, Error> {
+    let device = match device {
+        Device::Slot(g) => format!("cuda:{}", g.index),
+        Device::Allocated => "cuda".into(),
+        Device::Cpu => "cpu".into(),
+    };
+    let in_worker = crate::ops::find(&stage.op).is_some_and(|op| op.runs_in_worker());
+    let provenance = Provenance::here(device, in_worker.then(worker::libtorch_version).flatten());
     let (cache, stage_id, pipeline_name) = (
         shared.cache.clone(),
         stage.id.clone(),
@@ -457,8 +518,20 @@ async fn commit(
             engine_version: crate::ENGINE_VERSION.to_string(),
             started_at: humantime::format_rfc3339_millis(started_at).to_string(),
             finished_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            provenance: Some(provenance),
         };
-        cache.write_record(&record)?;
+        // Create-if-absent: when another node committed the same
+        // fingerprint first, its record stands and ours is dropped (our
+        // outputs, the same ids or not, become garbage for `gc`).
+        if !cache.commit_record(&record)? {
+            tracing::info!(
+                "stage `{}`: another run committed {} first; keeping its record",
+                record.stage,
+                record.fingerprint.short()
+            );
+            let _ = remove_all(&staging);
+            return Ok(cache.record(&record.fingerprint)?.unwrap_or(record));
+        }
         let _ = remove_all(&staging);
         Ok(record)
     })

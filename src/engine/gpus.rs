@@ -45,6 +45,15 @@ impl GpuSlots {
         }
     }
 
+    /// No GPU to hand out: a cluster node, where the scheduler gave the job
+    /// its devices.
+    pub(super) fn none() -> GpuSlots {
+        GpuSlots {
+            free: Mutex::new(Vec::new()),
+            notify: Default::default(),
+        }
+    }
+
     /// Slots on all GPUs together.
     pub(super) fn total(&self) -> usize {
         self.free

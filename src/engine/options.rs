@@ -1,5 +1,17 @@
 //! How `alignflow run` runs: the options the CLI fills in.
 
+use super::profile::SlurmSettings;
+
+/// Where the stages run (`--executor`, or a profile's `executor:`).
+#[derive(Debug, Clone, Default)]
+pub enum Executor {
+    /// Worker processes on this machine.
+    #[default]
+    Local,
+    /// One Slurm job per stage, watched from here.
+    Slurm(SlurmSettings),
+}
+
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -26,6 +38,13 @@ pub struct RunOptions {
     pub gpu_slots: usize,
     /// A remote cache read through (and written back to when configured).
     pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
+    pub executor: Executor,
+    /// `run --attach RUN`: this run's id, whose submitted jobs are adopted
+    /// instead of submitted again.
+    pub attach: Option<String>,
+    /// `--set` overrides as given (a cluster node loads the manifest with
+    /// them).
+    pub sets: Vec<(String, String)>,
 }
 
 impl Default for RunOptions {
@@ -42,6 +61,9 @@ impl Default for RunOptions {
             quiet: false,
             gpu_slots: 1,
             remote: None,
+            executor: Executor::Local,
+            attach: None,
+            sets: Vec::new(),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! What a run shows and keeps: progress bars on a terminal (indicatif),
 //! plain throttled lines otherwise, and the run log under `cache/logs/`.
+//! On a cluster node (`alignflow stage exec`) the same reporter appends the
+//! stage's progress and metrics to its `events.jsonl` instead, which the
+//! engine tails, and prints the stage's output for the job's log.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::ops::Reporter;
+use crate::protocol::WorkerEvent;
 
 /// The run's user interface and log.
 pub struct Ui {
@@ -19,6 +23,8 @@ pub struct Ui {
     log_path: Option<PathBuf>,
     start: Instant,
     quiet: bool,
+    /// A node's `events.jsonl` (appended), for the engine to tail.
+    events: Option<Mutex<File>>,
 }
 
 impl Ui {
@@ -48,6 +54,33 @@ impl Ui {
             log_path,
             start: Instant::now(),
             quiet,
+            events: None,
+        }
+    }
+
+    /// The reporter of `alignflow stage exec` on a node: no bars, lines and
+    /// the stage's output on stderr (the job's log), progress and metrics
+    /// appended to `events`.
+    pub fn for_node(events: &Path) -> std::io::Result<Ui> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(events)?;
+        Ok(Ui {
+            multi: None,
+            log: Mutex::new(None),
+            log_path: None,
+            start: Instant::now(),
+            quiet: false,
+            events: Some(Mutex::new(file)),
+        })
+    }
+
+    /// Appends `event` to the node's `events.jsonl` (one line, one write).
+    pub fn event(&self, event: &WorkerEvent) {
+        if let Some(f) = &self.events {
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = f.write_all(format!("{}\n", event.to_line()).as_bytes());
         }
     }
 
@@ -124,12 +157,20 @@ impl StageProgress<'_> {
 
     /// A line of the stage's own output (worker stderr, exec output): log only.
     pub fn output_line(&self, line: &str) {
+        if self.ui.events.is_some() {
+            eprintln!("{line}");
+        }
         self.ui.log(&format!("{}: {line}", self.stage));
     }
 }
 
 impl Reporter for StageProgress<'_> {
     fn progress(&self, pos: u64, len: Option<u64>, msg: &str) {
+        self.ui.event(&WorkerEvent::Progress {
+            pos,
+            len,
+            msg: msg.to_string(),
+        });
         match &self.bar {
             Some(bar) => {
                 if let Some(len) = len {
@@ -157,6 +198,9 @@ impl Reporter for StageProgress<'_> {
     }
 
     fn metric(&self, values: &BTreeMap<String, f64>) {
+        self.ui.event(&WorkerEvent::Metric {
+            values: values.clone(),
+        });
         let text: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
         self.ui
             .log(&format!("{}: metric {}", self.stage, text.join(" ")));

@@ -21,9 +21,12 @@ use crate::manifest::Pipeline;
 use super::execute::Shared;
 use super::gpus::GpuSlots;
 use super::lockfile::{keep_volatile_ids, lockfile_path, Lockfile};
+use super::options::Executor;
 use super::plan::{locked_diff, plan, Plan, PlanContext};
+use super::profile::SlurmSettings;
 use super::progress::Ui;
 use super::schedule::schedule;
+use super::slurm::{new_run_id, Cluster, RunInfo};
 use super::threads::CorePool;
 use super::{Error, RunOptions, RunSummary};
 
@@ -76,19 +79,45 @@ pub fn run(
         .context("starting the scheduler")?;
     let gpus = GpuSlots::detect(options.gpu_slots);
     let cores = CorePool::new(options.threads, gpus.total());
+    let cancel = CancellationToken::new();
+    let stop_polling = CancellationToken::new();
+    let (cluster, jobs) = match &options.executor {
+        Executor::Local => (None, options.jobs),
+        Executor::Slurm(settings) => {
+            let _in_runtime = runtime.enter();
+            let cluster = open_cluster(&pipeline, &cache, &options, settings, &stop_polling)?;
+            ui.say(&format!(
+                "run {} on Slurm: `alignflow jobs {0}` lists its jobs; `alignflow run --attach {0}` follows it from another shell",
+                cluster.run_id
+            ));
+            (Some(cluster), settings.max_jobs)
+        }
+    };
     let shared = Arc::new(Shared {
         pipeline: pipeline.clone(),
         cache: cache.clone(),
         ui,
-        cancel: CancellationToken::new(),
-        jobs: Semaphore::new(options.jobs.max(1)),
+        cancel: cancel.clone(),
+        jobs: Semaphore::new(jobs.max(1)),
         gpus,
         cores,
         options: options.clone(),
         lockfile: lockfile.clone(),
         finished: Mutex::new(Vec::new()),
+        cluster,
     });
-    let summary = runtime.block_on(schedule(shared.clone(), dag, the_plan))?;
+    let summary = runtime.block_on(async {
+        let summary = schedule(shared.clone(), dag, the_plan).await;
+        if let Some(cluster) = &shared.cluster {
+            // Ctrl-C, SIGTERM or --fail-fast: the run's jobs go too.
+            if cancel.is_cancelled() {
+                shared.ui.say(&format!("scancel --name {}", cluster.run_id));
+                cluster.cancel_all().await;
+            }
+        }
+        stop_polling.cancel();
+        summary
+    })?;
     // The hashes the run learnt (its outputs, the inputs it checked) spare
     // the next run from reading them again.
     cache.flush_hash_cache()?;
@@ -104,6 +133,33 @@ pub fn run(
         }
     }
     Ok(summary)
+}
+
+/// The Slurm run: a new one (its `run.json` written), or `--attach`'s.
+fn open_cluster(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    options: &RunOptions,
+    settings: &SlurmSettings,
+    stop: &CancellationToken,
+) -> Result<Cluster, Error> {
+    let info = RunInfo {
+        run_id: options
+            .attach
+            .clone()
+            .unwrap_or_else(|| new_run_id(&pipeline.name)),
+        manifest: std::path::absolute(&pipeline.file).context("the manifest's path")?,
+        sets: options.sets.clone(),
+        targets: options.targets.clone(),
+        settings: settings.clone(),
+        started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    };
+    Ok(Cluster::open(
+        cache.root(),
+        &info,
+        options.attach.is_some(),
+        stop.clone(),
+    )?)
 }
 
 /// `--locked`: refuses a plan that differs from the lockfile.

@@ -53,8 +53,9 @@ fn cannot_start(exe: &Path, error: std::io::Error) -> anyhow::Error {
 
 /// How the worker was pinned to a device.
 pub struct Placement {
-    /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU).
-    pub cuda_visible_devices: String,
+    /// `CUDA_VISIBLE_DEVICES` for the worker (empty hides every GPU);
+    /// `None` keeps the one the cluster scheduler set for the job.
+    pub cuda_visible_devices: Option<String>,
 }
 
 /// Runs one stage in a worker process until it reports `done` or fails.
@@ -108,9 +109,11 @@ async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::R
             Ok(())
         });
     }
+    if let Some(devices) = &placement.cuda_visible_devices {
+        command.env("CUDA_VISIBLE_DEVICES", devices);
+    }
     let mut child = command
         .args(["run", "-"])
-        .env("CUDA_VISIBLE_DEVICES", &placement.cuda_visible_devices)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -168,6 +171,29 @@ async fn read_events(
         }
     }
     Ok((outcome, tail.into_iter().collect()))
+}
+
+/// The libtorch version of the worker, once [`learn_libtorch_version`] asked
+/// it (a node does, once per job: records carry it as provenance).
+static LIBTORCH_VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Asks the worker for its libtorch version and keeps it for
+/// [`libtorch_version`]. Costs a worker start (a second or so): a cluster
+/// job does it, a local run does not.
+pub fn learn_libtorch_version() {
+    match doctor() {
+        Ok(info) => {
+            if let Some(v) = info.get("libtorch").and_then(|v| v.as_str()) {
+                let _ = LIBTORCH_VERSION.set(v.to_string());
+            }
+        }
+        Err(e) => tracing::warn!("libtorch version unknown: {e:#}"),
+    }
+}
+
+/// The worker's libtorch version, if [`learn_libtorch_version`] learnt it.
+pub fn libtorch_version() -> Option<String> {
+    LIBTORCH_VERSION.get().cloned()
 }
 
 /// `alignflow-worker doctor`: libtorch, CUDA and thread facts.

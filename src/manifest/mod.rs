@@ -22,7 +22,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-pub use schema::{pipeline_schema, Manifest, StageDef};
+pub use schema::{pipeline_schema, Manifest, Resources, StageDef};
 
 /// A position in a manifest file (1-based line and column).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +120,8 @@ pub struct Stage {
     pub description: Option<String>,
     /// Keep its checkpoints after the commit (`keep_checkpoints: true`).
     pub keep_checkpoints: bool,
+    /// What it asks of a cluster scheduler (never part of the fingerprint).
+    pub resources: Resources,
     /// This instance's matrix values (empty for plain stages).
     pub matrix: BTreeMap<String, serde_json::Value>,
     /// Where the stage is declared (its key).

@@ -24,6 +24,7 @@ const STAGE_KEYS: &[&str] = &[
     "device",
     "description",
     "keep_checkpoints",
+    "resources",
 ];
 
 /// [`super::load`] with the op lookup as a parameter (tests add their own ops).
@@ -229,6 +230,17 @@ impl<'a> Cx<'a> {
             ));
         }
 
+        let resources = def.resources.clone().unwrap_or_default();
+        if let Some((field, msg)) = resources.problem() {
+            return Err(self.error(
+                self.value_at(&stage_path(inst, &["resources"])),
+                Some(&inst.id),
+                Some(field),
+                msg,
+                None,
+            ));
+        }
+
         // Inputs first: a mistyped `${matrix.NAME}` there is a clearer
         // error than the unread matrix key it leaves as an unknown param.
         let mut inputs = BTreeMap::new();
@@ -272,6 +284,7 @@ impl<'a> Cx<'a> {
             device,
             description,
             keep_checkpoints: def.keep_checkpoints.unwrap_or(false),
+            resources,
             matrix: inst.matrix.clone(),
             location: self.key_at(&stage_path(inst, &[])),
         })

@@ -67,6 +67,71 @@ pub struct StageDef {
     /// part of the fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_checkpoints: Option<bool>,
+    /// What the stage asks of a cluster scheduler (`--executor slurm`):
+    /// GPUs, CPUs, memory and time. Not part of the fingerprint; the local
+    /// executor ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// A stage's resource request, as Slurm takes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
+    /// cuda` or `cuda:N` and no `gpus` asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// CPU cores (`--cpus-per-task`); also the worker's thread count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory per node in Slurm's notation (`--mem`): `500M`, `16G`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem: Option<String>,
+    /// Time limit in Slurm's notation (`--time`): `30` (minutes), `2:00:00`,
+    /// `1-12:00:00`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+}
+
+impl Resources {
+    /// GPUs the stage's job asks for: `gpus`, else one for a stage pinned
+    /// to a GPU (`device: cuda`, `cuda:N`) that runs in the worker.
+    pub fn gpus_for(&self, device: &str, in_worker: bool) -> u32 {
+        match self.gpus {
+            Some(n) => n,
+            None if in_worker && device.starts_with("cuda") => 1,
+            None => 0,
+        }
+    }
+
+    /// Why `mem` or `time` is not in Slurm's notation: (field, message).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if let Some(mem) = &self.mem {
+            let digits = mem.trim_end_matches(['K', 'M', 'G', 'T']);
+            if digits.is_empty()
+                || !digits.bytes().all(|b| b.is_ascii_digit())
+                || mem.len() - digits.len() > 1
+            {
+                return Some((
+                    "resources.mem",
+                    format!("`{mem}` is not a memory size (a whole number with an optional K, M, G or T: `16G`)"),
+                ));
+            }
+        }
+        if let Some(time) = &self.time {
+            let (days, clock) = time.split_once('-').unwrap_or(("0", time));
+            let fields: Vec<&str> = clock.split(':').collect();
+            let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            if !number(days) || fields.len() > 3 || !fields.iter().all(|f| number(f)) {
+                return Some((
+                    "resources.time",
+                    format!("`{time}` is not a time limit (minutes, `H:MM:SS` or `D-HH:MM:SS`)"),
+                ));
+            }
+        }
+        None
+    }
 }
 
 /// The JSON schema of a manifest, as checked in at `schemas/pipeline.schema.json`.

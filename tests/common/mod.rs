@@ -4,6 +4,7 @@
 
 pub mod a_world;
 pub mod seaweed;
+pub mod slurm;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

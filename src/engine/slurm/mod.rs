@@ -1,0 +1,457 @@
+//! The slurm executor: each stage that is not cached becomes one Slurm job
+//! running `alignflow stage exec SPEC.json` (see `engine/node.rs`), while
+//! the engine keeps the DAG and early cutoff here.
+//!
+//! The committed record is the result, not the scheduler's state: a stage
+//! is done when its record appears. The job's state only says what to do
+//! while it does not: wait (pending, running), resubmit (a job lost from
+//! `squeue`, `TIMEOUT`, `PREEMPTED`, `NODE_FAIL`, cancelled by someone
+//! else: bounded by `max_attempts`, resuming from the stage's checkpoints),
+//! or fail with the tail of the job's output (`FAILED`, `OUT_OF_MEMORY`, a
+//! job that ended without a record).
+
+mod journal;
+mod poll;
+mod submit;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Seek};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Fingerprint, StageKey, StageRecord};
+use crate::manifest::Resources;
+use crate::ops::{OpDecl, Reporter};
+use crate::protocol::WorkerEvent;
+
+use super::execute::Shared;
+use super::node::JobSpec;
+use super::profile::SlurmSettings;
+use super::progress::StageProgress;
+use super::Error;
+
+pub use journal::{list_runs, read_jobs, run_dir, JobEntry, RunInfo};
+pub use poll::parse_squeue;
+
+use journal::{JobLine, Journal};
+use poll::Poller;
+use submit::{sbatch, write_job_script, Submission};
+
+/// A cluster run: its id (every job's name), its folders, its poller.
+pub(in crate::engine) struct Cluster {
+    pub run_id: String,
+    /// `cache/tmp/slurm-RUN/`: job specs, scripts, events and job logs.
+    staging: PathBuf,
+    journal: Journal,
+    poller: Poller,
+    settings: SlurmSettings,
+    manifest: PathBuf,
+    sets: Vec<(String, String)>,
+    /// `--attach`: the last job of each fingerprint that had not ended.
+    adopted: Mutex<BTreeMap<String, JobEntry>>,
+}
+
+/// A fresh run id: `af-<pipeline>-<UTC time>-<random>`, usable as a job
+/// name and a folder name.
+pub fn new_run_id(pipeline: &str) -> String {
+    let clean: String = pipeline
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "")
+        .trim_end_matches('Z')
+        .to_string();
+    format!("af-{clean}-{stamp}-{:04x}", rand::random::<u16>())
+}
+
+impl Cluster {
+    /// Opens the run `info.run_id` in the cache at `cache_root`: writes
+    /// `run.json` for a new run, adopts the unfinished jobs of an attached
+    /// one, and starts polling. Call inside the runtime.
+    pub fn open(
+        cache_root: &Path,
+        info: &RunInfo,
+        attach: bool,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Cluster> {
+        let dir = run_dir(cache_root, &info.run_id);
+        let mut adopted = BTreeMap::new();
+        if attach {
+            for job in read_jobs(&dir)? {
+                if job.ended.is_none() {
+                    adopted.insert(job.fingerprint.clone(), job);
+                }
+            }
+        } else {
+            info.save(&dir)?;
+        }
+        let staging = cache_root
+            .join("tmp")
+            .join(format!("slurm-{}", info.run_id));
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        Ok(Cluster {
+            run_id: info.run_id.clone(),
+            staging,
+            journal: Journal::open(&dir)?,
+            poller: Poller::start(info.run_id.clone(), info.settings.poll(), stop),
+            settings: info.settings.clone(),
+            manifest: info.manifest.clone(),
+            sets: info.sets.clone(),
+            adopted: Mutex::new(adopted),
+        })
+    }
+
+    /// `scancel --name RUN`: every job of the run, in one call.
+    pub async fn cancel_all(&self) {
+        let out = tokio::process::Command::new("scancel")
+            .args(["--name", &self.run_id])
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::warn!(
+                "scancel --name {}: {}",
+                self.run_id,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => tracing::warn!("scancel: {e}"),
+        }
+    }
+}
+
+/// A job of a stage being watched.
+struct Watched {
+    job_id: String,
+    attempt: u32,
+    log: PathBuf,
+    submitted: Instant,
+}
+
+/// How watching a job ended.
+enum Ended {
+    /// Boxed: a record is large, the other variants small.
+    Committed(Box<StageRecord>),
+    /// Submit again (why).
+    Retry(String),
+    /// Fail the stage (why, with the job's output tail).
+    Failed(String),
+}
+
+/// Runs stage `i` as a Slurm job (or adopts its job from `--attach`) and
+/// waits for its record.
+pub(super) async fn run_remote(
+    shared: &Shared,
+    settings: &SlurmSettings,
+    i: usize,
+    op: &'static OpDecl,
+    key: &StageKey,
+    fp: &Fingerprint,
+) -> Result<StageRecord, Error> {
+    let cluster = shared.cluster.as_ref().expect("a slurm run has a cluster");
+    let stage = &shared.pipeline.stages[i];
+    let _slot = tokio::select! {
+        permit = shared.jobs.acquire() => permit.expect("semaphore open"),
+        _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    let dir = cluster.staging.join(fp.to_string());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let events = dir.join("events.jsonl");
+    let spec_path = dir.join("spec.json");
+    let threads = stage.resources.cpus.map(|c| c as usize);
+    let gpus = stage.resources.gpus_for(&stage.device, op.runs_in_worker());
+    let job = JobSpec {
+        cache_dir: shared.cache.root().to_path_buf(),
+        manifest: cluster.manifest.clone(),
+        sets: cluster.sets.clone(),
+        stage: stage.id.clone(),
+        key: key.clone(),
+        fingerprint: fp.clone(),
+        threads,
+        gpus,
+        events: events.clone(),
+    };
+    crate::cache::atomic_write(
+        &spec_path,
+        &serde_json::to_vec_pretty(&job).map_err(anyhow::Error::from)?,
+    )
+    .with_context(|| format!("writing {}", spec_path.display()))?;
+    let script = write_job_script(&dir, &spec_path, settings, &stage.id, fp)?;
+    let job_files = StageJob {
+        i,
+        fp,
+        script,
+        dir: dir.clone(),
+        resources: Resources {
+            gpus: Some(gpus),
+            ..stage.resources.clone()
+        },
+    };
+    let progress = shared.ui.stage(&stage.id);
+    let mut tail = EventTail::new(events);
+    let _waiting = cluster.poller.waiting();
+
+    let adopted = cluster
+        .adopted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&fp.to_string());
+    let mut watched = match adopted {
+        Some(job) => {
+            shared.ui.say(&format!(
+                "adopt   {} (job {}, attempt {})",
+                stage.id, job.job_id, job.attempt
+            ));
+            Watched {
+                job_id: job.job_id,
+                attempt: job.attempt,
+                log: job.log,
+                submitted: Instant::now(),
+            }
+        }
+        None => submit(shared, cluster, &job_files, 1).await?,
+    };
+    let result = loop {
+        let ended = watch(shared, cluster, &watched, fp, &progress, &mut tail).await;
+        match ended {
+            Err(e) => break Err(e),
+            Ok(Ended::Committed(record)) => break Ok(*record),
+            Ok(Ended::Failed(why)) => break Err(anyhow::anyhow!("{why}").into()),
+            Ok(Ended::Retry(why)) if watched.attempt >= settings.max_attempts => {
+                break Err(anyhow::anyhow!(
+                    "{why}; gave up after {} attempt(s) (max_attempts){}",
+                    watched.attempt,
+                    output_tail(&watched.log)
+                )
+                .into())
+            }
+            Ok(Ended::Retry(why)) => {
+                shared.ui.say(&format!(
+                    "retry   {}: {why}; resubmitting (attempt {}), resuming from its checkpoints",
+                    stage.id,
+                    watched.attempt + 1
+                ));
+                watched = submit(shared, cluster, &job_files, watched.attempt + 1).await?;
+            }
+        }
+    };
+    progress.finish();
+    result
+}
+
+/// What every submission of one stage's job shares.
+struct StageJob<'a> {
+    /// Index into `pipeline.stages`.
+    i: usize,
+    fp: &'a Fingerprint,
+    script: PathBuf,
+    /// The stage's folder in the run's staging area.
+    dir: PathBuf,
+    /// Its resources, GPUs settled.
+    resources: Resources,
+}
+
+/// Submits the stage's job (attempt `attempt`) and journals it.
+async fn submit(
+    shared: &Shared,
+    cluster: &Cluster,
+    job: &StageJob<'_>,
+    attempt: u32,
+) -> Result<Watched, Error> {
+    let (stage, fp) = (&shared.pipeline.stages[job.i], job.fp);
+    let Submission { job_id, log } = sbatch(
+        &cluster.run_id,
+        &job.script,
+        &job.dir,
+        &job.resources,
+        &cluster.settings,
+    )
+    .await
+    .with_context(|| format!("stage `{}`: submitting its job", stage.id))?;
+    cluster.poller.submitted();
+    cluster.journal.append(&JobLine::Submitted {
+        stage: stage.id.clone(),
+        fingerprint: fp.to_string(),
+        job_id: job_id.clone(),
+        attempt,
+        log: log.clone(),
+        at: now(),
+    })?;
+    shared.ui.say(&format!(
+        "submit  {} ({}) as job {job_id}{}",
+        stage.id,
+        stage.op,
+        if attempt > 1 {
+            format!(", attempt {attempt}")
+        } else {
+            String::new()
+        }
+    ));
+    Ok(Watched {
+        job_id,
+        attempt,
+        log,
+        submitted: Instant::now(),
+    })
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Follows one job tick by tick until its stage's record appears or the
+/// job ends without one.
+async fn watch(
+    shared: &Shared,
+    cluster: &Cluster,
+    job: &Watched,
+    fp: &Fingerprint,
+    progress: &StageProgress<'_>,
+    tail: &mut EventTail,
+) -> Result<Ended, Error> {
+    let mut rx = cluster.poller.subscribe();
+    let lost_after = Duration::from_secs_f64(cluster.settings.lost_after.max(0.0));
+    let mut missing_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return Err(anyhow::anyhow!("the job poller stopped").into());
+                }
+            }
+            _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
+        }
+        tail.read(progress);
+        if let Some(record) = shared.cache.hit(fp)? {
+            return Ok(Ended::Committed(Box::new(record)));
+        }
+        let snapshot = rx.borrow_and_update().clone();
+        if snapshot.error.is_some() || snapshot.taken < job.submitted {
+            continue;
+        }
+        let Some(state) = snapshot.jobs.get(&job.job_id) else {
+            let since = *missing_since.get_or_insert(snapshot.taken);
+            if snapshot.taken.duration_since(since) >= lost_after {
+                return Ok(Ended::Retry(format!(
+                    "job {} is lost (not in squeue for {:.0} s, and no record)",
+                    job.job_id,
+                    lost_after.as_secs_f64()
+                )));
+            }
+            continue;
+        };
+        missing_since = None;
+        let state_name = state.state.as_str();
+        let ended = |verdict: Ended| -> Result<Ended, Error> {
+            cluster.journal.append(&JobLine::Ended {
+                job_id: job.job_id.clone(),
+                state: state.state.clone(),
+                reason: state.reason.clone(),
+                at: now(),
+            })?;
+            Ok(verdict)
+        };
+        let what = format!("job {} {} ({})", job.job_id, state_name, state.reason);
+        match state_name {
+            "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED"
+            | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING" | "SIGNALING" | "STAGE_OUT"
+            | "STOPPED" | "RESV_DEL_HOLD" => continue,
+            "TIMEOUT" | "PREEMPTED" | "NODE_FAIL" | "BOOT_FAIL" | "CANCELLED" | "DEADLINE" => {
+                return ended(Ended::Retry(what))
+            }
+            _ => {
+                // The record may have landed after this tick's check.
+                tail.read(progress);
+                if let Some(record) = shared.cache.hit(fp)? {
+                    return ended(Ended::Committed(Box::new(record)));
+                }
+                let said = tail
+                    .failure
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                let why = match state_name {
+                    "OUT_OF_MEMORY" => format!("{what}: out of memory (raise `resources.mem`)"),
+                    "COMPLETED" => format!("{what} without committing a record{said}"),
+                    _ => format!("{what}{said}"),
+                };
+                return ended(Ended::Failed(format!("{why}{}", output_tail(&job.log))));
+            }
+        }
+    }
+}
+
+/// The last lines of a job's output, for a failure message.
+fn output_tail(log: &Path) -> String {
+    const LINES: usize = 20;
+    match std::fs::read_to_string(log) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(LINES);
+            format!(
+                "\nlast lines of the job's output {}:\n{}",
+                log.display(),
+                lines[from..].join("\n")
+            )
+        }
+        Err(e) => format!("\n(the job's output {} is unreadable: {e})", log.display()),
+    }
+}
+
+/// Reads the new complete lines of a node's `events.jsonl`.
+struct EventTail {
+    path: PathBuf,
+    offset: u64,
+    /// The node's failure message, if it reported one.
+    failure: Option<String>,
+}
+
+impl EventTail {
+    fn new(path: PathBuf) -> EventTail {
+        // Events of an earlier attempt are kept: progress restarts anyway.
+        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        EventTail {
+            path,
+            offset,
+            failure: None,
+        }
+    }
+
+    fn read(&mut self, progress: &StageProgress<'_>) {
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = String::new();
+        while let Ok(n) = reader.read_line(&mut line) {
+            // A line still being written waits for the next tick.
+            if n == 0 || !line.ends_with('\n') {
+                break;
+            }
+            self.offset += n as u64;
+            match WorkerEvent::parse(&line) {
+                Some(WorkerEvent::Progress { pos, len, msg }) => progress.progress(pos, len, &msg),
+                Some(WorkerEvent::Metric { values }) => progress.metric(&values),
+                Some(WorkerEvent::Failed { message }) => self.failure = Some(message),
+                _ => {}
+            }
+            line.clear();
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Submitting a stage's job: the job script (one command, `alignflow stage
+//! exec SPEC.json`) and the `sbatch --parsable` call with the stage's
+//! resources and the site's settings.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::cache::Fingerprint;
+use crate::manifest::Resources;
+
+use super::super::profile::SlurmSettings;
+
+/// A submitted job.
+pub struct Submission {
+    pub job_id: String,
+    /// Its output file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+/// Writes `job.sh` into the stage's folder: `exec`, so the job's signals
+/// (`--signal`, the time limit's SIGTERM, `scancel`) reach `stage exec`.
+pub fn write_job_script(
+    dir: &Path,
+    spec: &Path,
+    settings: &SlurmSettings,
+    stage: &str,
+    fp: &Fingerprint,
+) -> anyhow::Result<PathBuf> {
+    let exe = match &settings.alignflow {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating the alignflow binary")?,
+    };
+    let script = format!(
+        "#!/bin/sh\n# alignflow stage `{}` (fingerprint {})\nexec {} stage exec {}\n",
+        stage.replace('\n', " "),
+        fp.short(),
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(&spec.to_string_lossy()),
+    );
+    let path = dir.join("job.sh");
+    std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// `'...'` with embedded quotes escaped, for `sh`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The `sbatch` flags of a stage's job (the script path comes last).
+pub fn sbatch_args(
+    run_id: &str,
+    dir: &Path,
+    resources: &Resources,
+    settings: &SlurmSettings,
+) -> Vec<String> {
+    let mut args = vec![
+        "--parsable".to_string(),
+        format!("--job-name={run_id}"),
+        format!("--output={}", dir.join("slurm-%j.out").display()),
+        format!("--chdir={}", dir.display()),
+    ];
+    if let Some(p) = &settings.partition {
+        args.push(format!("--partition={p}"));
+    }
+    if let Some(a) = &settings.account {
+        args.push(format!("--account={a}"));
+    }
+    if let Some(c) = resources.cpus {
+        args.push(format!("--cpus-per-task={c}"));
+    }
+    if let Some(m) = &resources.mem {
+        args.push(format!("--mem={m}"));
+    }
+    if let Some(g) = resources.gpus.filter(|&g| g > 0) {
+        args.push(format!("--gres=gpu:{g}"));
+    }
+    // SIGUSR1 some time before the limit (at most half of it), so the stage
+    // can checkpoint before the SIGTERM.
+    let mut before = settings.signal_before;
+    if let Some(t) = &resources.time {
+        args.push(format!("--time={t}"));
+        if let Some(limit) = time_limit_seconds(t) {
+            before = before.min(limit / 2);
+        }
+    }
+    if before > 0 {
+        args.push(format!("--signal=B:USR1@{before}"));
+    }
+    args.extend(settings.sbatch_flags.iter().cloned());
+    args
+}
+
+/// Seconds of a Slurm time limit (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`,
+/// `D-H:M:S`).
+pub fn time_limit_seconds(t: &str) -> Option<u32> {
+    let (days, clock) = match t.split_once('-') {
+        Some((d, c)) => (d.parse::<u32>().ok()?, c),
+        None => (0, t),
+    };
+    let parts: Vec<u32> = clock
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let secs = match (t.contains('-'), parts.as_slice()) {
+        (false, [m]) => m * 60,
+        (false, [m, s]) => m * 60 + s,
+        (_, [h, m, s]) => h * 3600 + m * 60 + s,
+        (true, [h]) => h * 3600,
+        (true, [h, m]) => h * 3600 + m * 60,
+        _ => return None,
+    };
+    Some(days * 86400 + secs)
+}
+
+/// `sbatch --parsable ... job.sh`: the job id (`123` or `123;cluster`).
+pub async fn sbatch(
+    run_id: &str,
+    script: &Path,
+    dir: &Path,
+    resources: &Resources,
+    settings: &SlurmSettings,
+) -> anyhow::Result<Submission> {
+    let args = sbatch_args(run_id, dir, resources, settings);
+    let out = tokio::process::Command::new("sbatch")
+        .args(&args)
+        .arg(script)
+        .output()
+        .await
+        .context("running sbatch (is Slurm's client installed and on PATH?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "sbatch {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let job_id = stdout
+        .trim()
+        .split(';')
+        .next()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+        .with_context(|| format!("sbatch answered `{}`, not a job id", stdout.trim()))?
+        .to_string();
+    let log = dir.join(format!("slurm-{job_id}.out"));
+    Ok(Submission { job_id, log })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_limits_in_slurm_notation() {
+        assert_eq!(time_limit_seconds("30"), Some(1800));
+        assert_eq!(time_limit_seconds("1:30"), Some(90));
+        assert_eq!(time_limit_seconds("2:00:00"), Some(7200));
+        assert_eq!(time_limit_seconds("1-12"), Some(129600));
+        assert_eq!(time_limit_seconds("x"), None);
+    }
+
+    #[test]
+    fn resources_and_settings_become_flags() {
+        let resources = Resources {
+            gpus: Some(1),
+            cpus: Some(4),
+            mem: Some("16G".into()),
+            time: Some("10".into()),
+        };
+        let settings = SlurmSettings {
+            partition: Some("gpu".into()),
+            account: Some("lab".into()),
+            sbatch_flags: vec!["--qos=high".into()],
+            ..SlurmSettings::default()
+        };
+        let args = sbatch_args("af-run", Path::new("/c/tmp/x"), &resources, &settings);
+        for want in [
+            "--parsable",
+            "--job-name=af-run",
+            "--partition=gpu",
+            "--account=lab",
+            "--cpus-per-task=4",
+            "--mem=16G",
+            "--gres=gpu:1",
+            "--time=10",
+            "--signal=B:USR1@120",
+            "--qos=high",
+        ] {
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The slurm executor on a real Slurm (munged, slurmctld and slurmd on
+//! 127.0.0.1, started per test by `common::slurm`): the same manifest as a
+//! local run, stages as jobs, the cache shared with the "nodes".
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::slurm::Slurm;
+use common::{stages_with_status, Project};
+
+/// The test profile: fast polling, a short lost-job grace.
+const PROFILE: &str = "executor: slurm
+slurm:
+  partition: debug
+  poll_interval: 0.3
+  lost_after: 10
+  max_attempts: 3
+";
+
+fn project_with(manifest: &str) -> Project {
+    let p = Project::new();
+    p.write("pipe.yaml", manifest);
+    p.write("alignflow/profiles/test.yaml", PROFILE);
+    p
+}
+
+/// `alignflow ARGS` in the project, pointed at the cluster.
+fn cmd(p: &Project, slurm: &Slurm, args: &[&str]) -> Command {
+    let mut c = p.cmd(args);
+    slurm.env(&mut c);
+    c
+}
+
+fn output(p: &Project, slurm: &Slurm, args: &[&str]) -> Output {
+    cmd(p, slurm, args).output().expect("alignflow runs")
+}
+
+fn ok(p: &Project, slurm: &Slurm, args: &[&str]) -> String {
+    let out = output(p, slurm, args);
+    assert!(
+        out.status.success(),
+        "alignflow {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}\nslurm:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        slurm.logs()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn spawn(p: &Project, slurm: &Slurm, args: &[&str]) -> Child {
+    cmd(p, slurm, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alignflow starts")
+}
+
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for a child with a limit; kills it past the limit.
+fn finish(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "alignflow did not finish within {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Every record of a cache by fingerprint, without what describes the run
+/// rather than the result (times, duration, provenance).
+fn records(cache: &Path) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    for path in common::walk(&cache.join("records")) {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let obj = record.as_object_mut().unwrap();
+        for volatile in ["started_at", "finished_at", "duration_s", "provenance"] {
+            obj.remove(volatile);
+        }
+        out.insert(name, record);
+    }
+    out
+}
+
+/// The one run folder under `cache/runs/`.
+fn run_id(p: &Project) -> String {
+    let runs: Vec<String> = std::fs::read_dir(p.path("cache/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+/// Lines of `jobs.jsonl` with `"event":"submitted"`.
+fn submissions(p: &Project, run: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(p.path(&format!("cache/runs/{run}/jobs.jsonl"))).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "submitted")
+        .collect()
+}
+
+/// The id of the job of `slurm` in `state`, if one is.
+fn job_in_state(slurm: &Slurm, state: &str) -> Option<String> {
+    slurm
+        .jobs("%i %T")
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(state))
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+}
+
+/// The text of a stage's (file) output, trimmed.
+fn output_text(p: &Project, stage: &str, output: &str) -> String {
+    let out = p.ok(&["show", "pipe.yaml", stage, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    std::fs::read_to_string(v[output]["path"].as_str().unwrap())
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn examples(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(rel)
+}
+
+/// Data ops in the engine's own code and exec commands: no libtorch.
+fn data_pipeline() -> String {
+    format!(
+        r#"version: 1
+name: cluster
+seed: 3
+stages:
+  comparisons:
+    op: dataset.import
+    inputs: {{ source: {} }}
+    params: {{ format: hh-rlhf, limit: 60 }}
+    resources: {{ cpus: 1, mem: 200M, time: "5" }}
+  tokenizer:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.comparisons.data}}" }}
+    params: {{ vocab_size: 300 }}
+  count:
+    op: exec
+    inputs: {{ data: "${{stages.comparisons.data}}" }}
+    outputs: [n]
+    params: {{ cmd: 'wc -l < "$ALIGNFLOW_IN_DATA" > "$ALIGNFLOW_OUT/n"' }}
+  words:
+    op: exec
+    inputs: {{ tok: "${{stages.tokenizer.tokenizer}}" }}
+    outputs: [n]
+    params: {{ cmd: 'ls "$ALIGNFLOW_IN_TOK" | wc -l > "$ALIGNFLOW_OUT/n"' }}
+"#,
+        examples("hh-rlhf-sample.jsonl").display()
+    )
+}
+
+#[test]
+fn a_slurm_run_commits_what_a_local_run_commits_and_a_rerun_submits_nothing() {
+    let slurm = Slurm::start(1);
+    let local = project_with(&data_pipeline());
+    let out = local.ok(&["run", "pipe.yaml", "--quiet"]);
+    assert_eq!(stages_with_status(&out, "ran").len(), 4, "{out}");
+
+    let cluster = project_with(&data_pipeline());
+    let out = ok(
+        &cluster,
+        &slurm,
+        &[
+            "run",
+            "pipe.yaml",
+            "--executor",
+            "slurm",
+            "--profile",
+            "test",
+        ],
+    );
+    assert_eq!(stages_with_status(&out, "ran").len(), 4, "{out}");
+    assert_eq!(slurm.calls("sbatch"), 4);
+    let (a, b) = (
+        records(&local.path("cache")),
+        records(&cluster.path("cache")),
+    );
+    assert_eq!(a.len(), 4);
+    assert_eq!(
+        a, b,
+        "the same records (output ids included) locally and on Slurm"
+    );
+    // The lockfiles agree too: same params, input and output ids.
+    assert_eq!(local.read("pipe.lock"), cluster.read("pipe.lock"));
+    // Provenance: committed on the node, by a Slurm job.
+    let any = common::walk(&cluster.path("cache/records"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(any).unwrap()).unwrap();
+    assert!(record["provenance"]["slurm_job_id"].is_string(), "{record}");
+    assert!(record["provenance"]["host"].is_string(), "{record}");
+
+    let run = run_id(&cluster);
+    let listed = ok(&cluster, &slurm, &["jobs", &run]);
+    for stage in ["comparisons", "tokenizer", "count", "words"] {
+        assert!(listed.contains(stage), "{listed}");
+    }
+    assert!(listed.contains("COMPLETED"), "{listed}");
+
+    let out = ok(&cluster, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    assert_eq!(stages_with_status(&out, "cached").len(), 4, "{out}");
+    assert_eq!(slurm.calls("sbatch"), 4, "a cached run submits nothing");
+}
+
+/// A tensor stage in the worker: a tiny GPT-2 pretrained for a few steps.
+fn tensor_pipeline() -> String {
+    format!(
+        r#"version: 1
+name: tensor
+seed: 5
+stages:
+  data:
+    op: dataset.import
+    inputs: {{ source: {} }}
+    params: {{ format: hh-rlhf, limit: 40 }}
+  tokenizer:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.data.data}}" }}
+    params: {{ vocab_size: 300 }}
+  base:
+    op: lm.pretrain
+    inputs: {{ data: "${{stages.data.data}}", tokenizer: "${{stages.tokenizer.tokenizer}}" }}
+    params: {{ width: 32, layers: 1, heads: 2, positions: 64, seq_len: 32, batch_size: 4, max_steps: 4, lr: 1.0e-3, warmup_steps: 1 }}
+    resources: {{ cpus: 2, mem: 1500M }}
+"#,
+        examples("hh-rlhf-sample.jsonl").display()
+    )
+}
+
+#[test]
+fn a_tensor_stage_on_slurm_trains_the_same_model_as_locally() {
+    let slurm = Slurm::start(1);
+    let local = project_with(&tensor_pipeline());
+    local.ok(&["run", "pipe.yaml", "--quiet", "--threads", "2"]);
+    let cluster = project_with(&tensor_pipeline());
+    ok(&cluster, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let model = |p: &Project| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", "pipe.yaml", "base", "--json"])).unwrap();
+        v["model"]["id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        model(&local),
+        model(&cluster),
+        "the same weights, byte for byte"
+    );
+    let records = common::walk(&cluster.path("cache/records"));
+    let base = records
+        .iter()
+        .map(|f| serde_json::from_slice::<serde_json::Value>(&std::fs::read(f).unwrap()).unwrap())
+        .find(|r| r["stage"] == "base")
+        .unwrap();
+    let provenance = &base["provenance"];
+    assert!(
+        provenance["libtorch"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("2.")),
+        "{base}"
+    );
+    assert_eq!(provenance["device"], "cpu", "{base}");
+}
+
+/// A stage that checkpoints, then sleeps on its first start (so it can be
+/// killed); started again with a checkpoint, it finishes at once and writes
+/// the step it resumed from.
+const RESUMABLE: &str = r#"version: 1
+name: resumable
+stages:
+  long:
+    op: exec
+    outputs: [resumed_from]
+    resources: { time: "TIME" }
+    params:
+      cmd: |
+        ck="$ALIGNFLOW_CHECKPOINT_DIR/step"
+        if [ -f "$ck" ]; then cp "$ck" "$ALIGNFLOW_OUT/resumed_from"; exit 0; fi
+        echo 7 > "$ck.tmp" && mv "$ck.tmp" "$ck"
+        sleep 300
+"#;
+
+fn checkpoint_written(p: &Project) -> bool {
+    common::walk(&p.path("cache/checkpoints"))
+        .iter()
+        .any(|f| f.file_name().is_some_and(|n| n == "step"))
+}
+
+#[test]
+fn a_job_cancelled_mid_stage_is_resubmitted_and_resumes() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&RESUMABLE.replace("TIME", "10"));
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "the stage's checkpoint", || {
+        checkpoint_written(&p)
+    });
+    let job = job_in_state(&slurm, "RUNNING").expect("a running job");
+    let status = slurm.command("scancel").arg(&job).status().unwrap();
+    assert!(status.success());
+    let out = finish(child, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("CANCELLED") && stderr.contains("resubmitting"),
+        "{stderr}"
+    );
+    assert_eq!(output_text(&p, "long", "resumed_from"), "7");
+    let jobs = submissions(&p, &run_id(&p));
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!(jobs[1]["attempt"], 2);
+}
+
+#[test]
+fn a_job_killed_by_its_time_limit_is_resubmitted() {
+    let slurm = Slurm::start(1);
+    // One minute, Slurm's smallest limit; the job sleeps past it.
+    let p = project_with(&RESUMABLE.replace("TIME", "1"));
+    let out = ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    assert_eq!(stages_with_status(&out, "ran").len(), 1, "{out}");
+    let run = run_id(&p);
+    let jobs = submissions(&p, &run);
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let first = slurm.jobs("%i %T %r");
+    assert!(first.contains("TIMEOUT"), "{first}");
+    // The first job was warned before its limit (--signal).
+    let log = std::fs::read_to_string(jobs[0]["log"].as_str().unwrap()).unwrap();
+    assert!(log.contains("SIGUSR1"), "{log}");
+}
+
+#[test]
+fn a_failing_stage_shows_the_tail_of_its_job_output() {
+    let slurm = Slurm::start(1);
+    let p = project_with(
+        r#"version: 1
+name: failing
+stages:
+  bad:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'echo "first line"; echo "the detail of the failure" >&2; exit 3' }
+"#,
+    );
+    let out = output(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("FAILED"), "{stderr}");
+    assert!(
+        stderr.contains("last lines of the job's output"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the detail of the failure"), "{stderr}");
+    // Its stdout is only in the job's output.
+    let tail = &stderr[stderr.find("last lines of the job's output").unwrap()..];
+    assert!(tail.contains("first line"), "{stderr}");
+    assert_eq!(slurm.calls("sbatch"), 1, "a failure is not resubmitted");
+}
+
+const SLEEPER: &str = r#"version: 1
+name: sleeper
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'sleep SECS; echo done > "$ALIGNFLOW_OUT/x"' }
+"#;
+
+#[test]
+fn ctrl_c_cancels_the_runs_jobs_and_exits_130() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "120"));
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running job", || {
+        job_in_state(&slurm, "RUNNING").is_some()
+    });
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(slurm.calls("scancel") >= 1);
+    wait_until(Duration::from_secs(20), "the job cancelled", || {
+        job_in_state(&slurm, "CANCELLED").is_some()
+    });
+    assert!(job_in_state(&slurm, "RUNNING").is_none());
+}
+
+#[test]
+fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "4"));
+    let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running job", || {
+        job_in_state(&slurm, "RUNNING").is_some()
+    });
+    child.kill().unwrap(); // SIGKILL: the engine dies, the job goes on
+    child.wait().unwrap();
+    let run = run_id(&p);
+    let out = cmd(&p, &slurm, &["run", "--attach", &run])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("adopt"), "{stderr}");
+    assert_eq!(
+        stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran"),
+        common::set(&["nap"])
+    );
+    assert_eq!(
+        slurm.calls("sbatch"),
+        1,
+        "the job was adopted, not submitted again"
+    );
+    let out = ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
+}
+
+#[test]
+fn a_job_lost_from_squeue_is_resubmitted() {
+    let mut slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "15"));
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &PROFILE.replace("lost_after: 10", "lost_after: 2"),
+    );
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running job", || {
+        job_in_state(&slurm, "RUNNING").is_some()
+    });
+    slurm.restart_controller_clean();
+    let out = finish(child, Duration::from_secs(180));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", slurm.logs());
+    assert!(stderr.contains("is lost (not in squeue"), "{stderr}");
+    let jobs = submissions(&p, &run_id(&p));
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+}
+
+/// Two stages that wait for each other (so they run at once) and write
+/// what `var` says on their node.
+fn side_by_side(var: &str, resources: &str) -> String {
+    let var_ref = format!("${var}");
+    let stage = |name: &str| {
+        format!(
+            r#"  {name}:
+    op: exec
+    outputs: [seen]
+    resources: {resources}
+    params:
+      cmd: |
+        touch "$PWD/started-{name}"
+        for i in $(seq 100); do [ "$(ls "$PWD" | grep -c '^started-')" -ge 2 ] && break; sleep 0.2; done
+        echo "{var_ref}" > "$ALIGNFLOW_OUT/seen"
+"#
+        )
+    };
+    format!(
+        "version: 1\nname: pair\nstages:\n{}{}",
+        stage("left"),
+        stage("right")
+    )
+}
+
+/// What the `seen` outputs of a run say.
+fn seen(p: &Project) -> BTreeSet<String> {
+    ["left", "right"]
+        .iter()
+        .map(|s| output_text(p, s, "seen"))
+        .collect()
+}
+
+#[test]
+fn two_gpu_stages_see_different_devices() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&side_by_side("CUDA_VISIBLE_DEVICES", "{ gpus: 1 }"));
+    ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    assert_eq!(seen(&p), common::set(&["0", "1"]));
+}
+
+#[test]
+fn two_nodes_run_stages_with_one_squeue_call_per_tick() {
+    let slurm = Slurm::start(2);
+    // Two CPUs each: one stage fills a node.
+    let p = project_with(&side_by_side("SLURMD_NODENAME", "{ cpus: 2 }"));
+    let start = Instant::now();
+    ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(seen(&p), common::set(&["n1", "n2"]));
+    // The profile polls every 0.3 s, whatever the number of jobs.
+    let calls = slurm.calls("squeue");
+    assert!(calls >= 1);
+    assert!(
+        calls as f64 <= elapsed / 0.3 + 1.0,
+        "{calls} squeue calls in {elapsed:.1} s: more than one per 0.3 s tick"
+    );
+}
+
+#[test]
+fn the_cluster_comes_up_quickly() {
+    let start = Instant::now();
+    let slurm = Slurm::start(1);
+    let up = start.elapsed();
+    eprintln!("single-node Slurm up in {up:?}");
+    assert!(up < Duration::from_secs(10), "{up:?}");
+    let doctor = slurm
+        .env(&mut Command::new(env!("CARGO_BIN_EXE_alignflow")))
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("partition debug"), "{text}");
+    assert!(text.contains("executor   local"), "{text}");
+}
