@@ -28,7 +28,7 @@ const CARRY_KEYS: &[&str] = &["init", "next"];
 const ROUND: &str = "round";
 /// A bound on `rounds`, so a typo (`rounds: 30000`) is an error rather
 /// than a manifest of a hundred thousand stages.
-const MAX_ROUNDS: u64 = 1000;
+pub(crate) const MAX_ROUNDS: u64 = 1000;
 
 /// A loop error, at a key path of the manifest (its key, or its value).
 #[derive(Debug)]

@@ -51,9 +51,9 @@ pub struct LoopDef {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Rounds {
-    Count(u64),
+    Count(#[schemars(range(min = 1, max = super::loops::MAX_ROUNDS))] u64),
     /// `${params.NAME}`, a whole number from 1.
-    Param(String),
+    Param(#[schemars(regex(pattern = r"^\$\{params\.[^}]+\}$"))] String),
 }
 
 /// One carried value: round 1 reads `init`, round k what `next` was in
