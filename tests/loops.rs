@@ -129,10 +129,11 @@ fn rounds_are_stages_that_read_the_round_before_with_seeds_of_their_own() {
             .strip_prefix(&format!("sampled in round {k} with seed "))
             .unwrap_or_else(|| panic!("{trained}"));
         seeds.push(sampled.to_string());
-        assert_eq!(chunk[1..], [
-            "labelled +1".to_string(),
-            format!("trained in round {k}")
-        ], "{trained}");
+        assert_eq!(
+            chunk[1..],
+            ["labelled +1".to_string(), format!("trained in round {k}")],
+            "{trained}"
+        );
     }
     assert_eq!(seeds.len(), 3, "{trained}");
     assert!(
@@ -143,8 +144,14 @@ fn rounds_are_stages_that_read_the_round_before_with_seeds_of_their_own() {
 
     // `show` on a loop stage's key lists every round.
     let shown = p.ok(&["show", "looped.yaml", "train"]);
-    let rounds: Vec<&str> = shown.lines().map(|l| l.split('\t').next().unwrap()).collect();
-    assert_eq!(rounds, ["train[round=1]", "train[round=2]", "train[round=3]"]);
+    let rounds: Vec<&str> = shown
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(
+        rounds,
+        ["train[round=1]", "train[round=2]", "train[round=3]"]
+    );
 }
 
 #[test]
@@ -157,7 +164,11 @@ fn more_rounds_rerun_only_the_new_round() {
         if id.ends_with("[round=4]") {
             assert_eq!(action, "run", "{id}: {reason}");
         } else {
-            assert_eq!((action.as_str(), reason.as_str()), ("cached", "up to date"), "{id}");
+            assert_eq!(
+                (action.as_str(), reason.as_str()),
+                ("cached", "up to date"),
+                "{id}"
+            );
         }
     }
     assert_eq!(planned.len(), 4 * 3 + 2);
@@ -183,31 +194,55 @@ fn a_change_inside_the_loop_reruns_from_the_first_round_it_reaches_and_says_why_
         ("start", "cached", "up to date".to_string()),
         ("sample[round=1]", "cached", "up to date".to_string()),
         ("label[round=1]", "run", change.to_string()),
-        ("train[round=1]", "run", "upstream label[round=1] reruns".to_string()),
-        ("sample[round=2]", "run", "upstream train[round=1] reruns".to_string()),
-        ("label[round=2]", "run", format!("{change}; upstream sample[round=2] reruns")),
-        ("train[round=2]", "run", "upstream label[round=2], train[round=1] reruns".to_string()),
-        ("sample[round=3]", "run", "upstream train[round=2] reruns".to_string()),
-        ("label[round=3]", "run", format!("{change}; upstream sample[round=3] reruns")),
+        (
+            "train[round=1]",
+            "run",
+            "upstream label[round=1] reruns".to_string(),
+        ),
+        (
+            "sample[round=2]",
+            "run",
+            "upstream train[round=1] reruns".to_string(),
+        ),
+        (
+            "label[round=2]",
+            "run",
+            format!("{change}; upstream sample[round=2] reruns"),
+        ),
+        (
+            "train[round=2]",
+            "run",
+            "upstream label[round=2], train[round=1] reruns".to_string(),
+        ),
+        (
+            "sample[round=3]",
+            "run",
+            "upstream train[round=2] reruns".to_string(),
+        ),
+        (
+            "label[round=3]",
+            "run",
+            format!("{change}; upstream sample[round=3] reruns"),
+        ),
         ("final", "run", "upstream train[round=3] reruns".to_string()),
     ];
     for (id, action, reason) in &expected {
-        assert_eq!(
-            planned[*id],
-            (action.to_string(), reason.clone()),
-            "{id}"
-        );
+        assert_eq!(planned[*id], (action.to_string(), reason.clone()), "{id}");
     }
-    let mut reran = ids(&[round(2), round(3)], &["label[round=1]", "train[round=1]", "final"]);
+    let mut reran = ids(
+        &[round(2), round(3)],
+        &["label[round=1]", "train[round=1]", "final"],
+    );
     assert_eq!(p.run_stages("looped.yaml", &[]), reran);
 
     // A change that reaches round 2 first: `next` carries the labels
     // instead of the trained model. Round 1 stays cached.
     p.write(
         "looped.yaml",
-        &LOOPED
-            .replace("bonus: 1", "bonus: 2")
-            .replace("next: \"${stages.train.model}\"", "next: \"${stages.label.labels}\""),
+        &LOOPED.replace("bonus: 1", "bonus: 2").replace(
+            "next: \"${stages.train.model}\"",
+            "next: \"${stages.label.labels}\"",
+        ),
     );
     let planned = plan(&p);
     for id in round(1) {
@@ -249,17 +284,14 @@ stages:
     p.ok(&["run", "judged.yaml", "--quiet"]);
     p.ok(&["report", "judged.yaml", "--out", "report.html"]);
     let html = p.read("report.html");
-    let start = html.find("<table class=\"rounds\">").expect("a table of rounds");
-    let table = &html[start..start + html[start..].find("</table>").unwrap()];
-    assert_eq!(table.matches("<tr class=\"round-row\"").count(), 3, "{table}");
+    let (table, rows) = rounds_table(&html);
+    assert_eq!(rows, 3, "{table}");
     for k in 1..=3 {
         let row = format!(
             "<tr class=\"round-row\" data-round=\"{k}\"><td>{k}</td><td>judge[round={k}]</td><td>round {k}</td><td>start</td><td>0.{k}00</td><td>[0.000, 1.000]</td><td>10</td></tr>"
         );
         assert!(table.contains(&row), "no {row} in {table}");
     }
-    assert!(
-        html.contains("data-series=\"judge/win_rate/feedback_model\""),
-        "a plot of the win rate per round"
-    );
+    let series = "judge/win_rate/feedback_model";
+    assert_eq!(curve_points(&html, series), 3, "a point per round");
 }

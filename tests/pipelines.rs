@@ -232,7 +232,8 @@ fn the_tiny_pipeline_at_full_size_beats_sl_cai_under_the_pm() {
 }
 
 #[test]
-fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in_one_table() {
+fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_compare_puts_three_methods_in_one_table_and_online_rounds_train_on_their_own_samples(
+) {
     let p = Project::new();
     copy_shipped(&p);
     let m = "pipelines/tiny-dpo.yaml";
@@ -332,6 +333,8 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
             assert!(table.contains(&row), "no {row} in {table}");
         }
     }
+
+    the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_every_round(&p);
 }
 
 /// The lines `alignflow dag` prints for stage `id`: its header and what it
@@ -350,11 +353,11 @@ fn dag_block<'a>(dag: &'a str, id: &str) -> Vec<&'a str> {
 /// DPO from SL-CAI, each round's policy evaluated against SL-CAI. Round k
 /// samples with round k-1's policy and trains on its own labels (checked
 /// on the unrolled graph and on the content ids the lockfile records), and
-/// the report has one row and one point per round.
-#[test]
-fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_every_round() {
-    let p = Project::new();
-    copy_shipped(&p);
+/// the report has one row and one point per round. Run in the project of
+/// the tiny DPO pipeline, whose base model and SL-CAI it finds cached.
+fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_every_round(
+    p: &Project,
+) {
     // The shipped manifest unrolls into its three rounds.
     let dag = p.ok(&["dag", "pipelines/cai-online.yaml"]);
     for k in 1..=3 {
@@ -390,7 +393,10 @@ fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_eve
             assert!(block.contains(&line.as_str()), "{line} not in {block:?}");
         };
         reads("samples", format!("  model <- {policy}"));
-        reads("labels", format!("  pairs <- {}.responses", round("samples")));
+        reads(
+            "labels",
+            format!("  pairs <- {}.responses", round("samples")),
+        );
         reads("labels", "  model <- base.model".into());
         reads("dpo_reference", format!("  model <- {policy}"));
         reads("dpo", format!("  policy <- {policy}"));
@@ -406,11 +412,9 @@ fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_eve
     let out = p.ok(&[&["run", m, "--quiet", "--update-lock"][..], &sets].concat());
     assert!(!out.contains("FAILED"), "{out}");
     let ran = stages_with_status(&out, "ran");
-    assert_eq!(
-        ran.iter().filter(|s| s.contains("[round=")).count(),
-        15,
-        "{out}"
-    );
+    let rounds: Vec<&String> = ran.iter().filter(|s| s.contains("[round=")).collect();
+    assert_eq!(rounds.len(), 15, "{out}");
+    assert_eq!(ran.len(), 15, "SL-CAI and what it needs are cached:\n{out}");
 
     // The same flow, by content: what each round read is what the round
     // before (or SL-CAI) and its own stages wrote.
@@ -450,26 +454,14 @@ fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_eve
 
     p.ok(&[&["report", m, "--out", "online.html"][..], &sets].concat());
     let html = p.read("online.html");
-    let start = html
-        .find("<table class=\"rounds\">")
-        .expect("a table of rounds");
-    let table = &html[start..start + html[start..].find("</table>").unwrap()];
-    assert_eq!(
-        table.matches("<tr class=\"round-row\"").count(),
-        3,
-        "{table}"
-    );
+    let (table, rows) = rounds_table(&html);
+    assert_eq!(rows, 3, "{table}");
     for k in 1..=3 {
         let row = format!(
             "<tr class=\"round-row\" data-round=\"{k}\"><td>{k}</td><td>evaluation[round={k}]</td><td>online_dpo_round_{k}</td><td>sl_cai</td>"
         );
         assert!(table.contains(&row), "no {row} in {table}");
     }
-    let plot = html
-        .split("<polyline")
-        .find(|p| p.contains("data-series=\"evaluation/win_rate/feedback_model\""))
-        .expect("a plot of the win rate per round");
-    let start = plot.find("points=\"").unwrap() + 8;
-    let points = plot[start..].split('"').next().unwrap();
-    assert_eq!(points.split_whitespace().count(), 3, "{points}");
+    let series = "evaluation/win_rate/feedback_model";
+    assert_eq!(curve_points(&html, series), 3, "a point per round");
 }

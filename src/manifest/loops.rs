@@ -172,7 +172,8 @@ impl Loops {
                 }
                 let init_at = at(&["carry", value, "init"]);
                 if !interp::names(&spec.init, LOOP).is_empty() {
-                    let msg = "`init` is round 1's value and cannot read `${loop.NAME}`".to_string();
+                    let msg =
+                        "`init` is round 1's value and cannot read `${loop.NAME}`".to_string();
                     return Err(LoopError::at_value(init_at, msg, None));
                 }
                 let next_at = at(&["carry", value, "next"]);
@@ -243,7 +244,8 @@ impl Loops {
     /// `s`, written in stage `key`, with every `${loop.NAME}` replaced by
     /// its value in `round` (`$${` escapes kept).
     pub fn substitute(&self, s: &str, key: &str, round: Option<u64>) -> Result<String, RefError> {
-        interp::substitute_refs(s, LOOP, |name| match (self.of(key), round) {
+        interp::substitute_refs(s, LOOP, |name| {
+            match (self.of(key), round) {
             (Some(l), Some(round)) => l.value(name, round),
             _ => Err((
                 format!(
@@ -251,6 +253,7 @@ impl Loops {
                 ),
                 None,
             )),
+        }
         })
     }
 
@@ -285,10 +288,9 @@ impl Loop {
             return Ok(carry.init.clone());
         }
         match &carry.next {
-            Next::Output { stage, output } => Ok(format!(
-                "${{stages.{stage}[round={}].{output}}}",
-                round - 1
-            )),
+            Next::Output { stage, output } => {
+                Ok(format!("${{stages.{stage}[round={}].{output}}}", round - 1))
+            }
             Next::Carried(other) => self.value(other, round - 1),
         }
     }
@@ -349,11 +351,7 @@ impl Loop {
                         "cycle through `init`: `{stage}` is a stage of loop `{}`, so round 1 would read its own output; `init` is what round 1 starts from (a path, `${{params.NAME}}` or a stage outside the loop), `next` what later rounds read",
                         self.name
                     );
-                    return Err(LoopError::at_value(
-                        at(&["carry", name, "init"]),
-                        msg,
-                        None,
-                    ));
+                    return Err(LoopError::at_value(at(&["carry", name, "init"]), msg, None));
                 }
             }
         }
@@ -372,14 +370,19 @@ pub(crate) fn stage_key<'k>(keys: impl Iterator<Item = &'k str>, r: &str) -> Opt
 }
 
 /// A loop's round count: a number, or a whole `${params.NAME}`.
-fn rounds(written: &Rounds, params: &BTreeMap<String, Json>, at: KeyPath) -> Result<u64, LoopError> {
+fn rounds(
+    written: &Rounds,
+    params: &BTreeMap<String, Json>,
+    at: KeyPath,
+) -> Result<u64, LoopError> {
     let (n, from) = match written {
         Rounds::Count(n) => (Json::from(*n), String::new()),
         Rounds::Param(s) => {
             let name = match interp::parse(s).as_deref() {
                 Ok([Piece::Param(name)]) => name.clone(),
                 _ => {
-                    let msg = format!("`rounds` must be a whole number or `${{params.NAME}}`, not `{s}`");
+                    let msg =
+                        format!("`rounds` must be a whole number or `${{params.NAME}}`, not `{s}`");
                     return Err(LoopError::at_value(at, msg, None));
                 }
             };
@@ -417,7 +420,8 @@ fn next<'o>(
             return Ok(Next::Carried(other.clone()));
         }
     }
-    let form = "`next` must be `${stages.STAGE.OUTPUT}` of one of the loop's stages, or `${loop.NAME}`";
+    let form =
+        "`next` must be `${stages.STAGE.OUTPUT}` of one of the loop's stages, or `${loop.NAME}`";
     let pieces = interp::parse(written);
     let Ok([Piece::Stage(r)]) = pieces.as_deref() else {
         return Err((format!("{form}, not `{written}`"), None));
@@ -429,7 +433,10 @@ fn next<'o>(
         let msg = if outputs(id).is_some() {
             format!("the carried value is never produced: `next` reads `{id}`, which is not a stage of loop `{name}` (its stages: {})", listed())
         } else {
-            format!("unknown stage `{id}` in `next` (loop `{name}`'s stages: {})", listed())
+            format!(
+                "unknown stage `{id}` in `next` (loop `{name}`'s stages: {})",
+                listed()
+            )
         };
         return Err((msg, within));
     };

@@ -337,18 +337,16 @@ impl<'a> Cx<'a> {
 
         // Free text, but a matrix instance or a round may name its values.
         let description = match &def.description {
-            Some(d) => Some(
-                substitute(world, inst, d).map_err(|(m, s)| {
-                    let at = stage_path(inst, &["description"]);
-                    self.error(
-                        self.value_at(&at),
-                        Some(&inst.id),
-                        Some("description"),
-                        m,
-                        s,
-                    )
-                })?,
-            ),
+            Some(d) => Some(substitute(world, inst, d).map_err(|(m, s)| {
+                let at = stage_path(inst, &["description"]);
+                self.error(
+                    self.value_at(&at),
+                    Some(&inst.id),
+                    Some("description"),
+                    m,
+                    s,
+                )
+            })?),
             None => None,
         };
 
@@ -364,7 +362,12 @@ impl<'a> Cx<'a> {
             keep_checkpoints: def.keep_checkpoints.unwrap_or(false),
             matrix: inst.matrix.clone(),
             round: inst.round.map(|round| LoopRound {
-                name: world.loops.of(&inst.key).expect("a round has a loop").name.clone(),
+                name: world
+                    .loops
+                    .of(&inst.key)
+                    .expect("a round has a loop")
+                    .name
+                    .clone(),
                 round,
             }),
             location: self.key_at(&stage_path(inst, &[])),

@@ -606,7 +606,10 @@ fn a_base_two_includes_share_is_merged_once_where_it_first_comes() {
     // second merge of `base` under `right` would undo `left`'s `a`.
     d.write("left.yaml", "include: base.yaml\nparams: {a: left}\n");
     d.write("right.yaml", "include: base.yaml\nparams: {b: right}\n");
-    d.write("top.yaml", "version: 1\nname: top\ninclude: [left.yaml, right.yaml]\n");
+    d.write(
+        "top.yaml",
+        "version: 1\nname: top\ninclude: [left.yaml, right.yaml]\n",
+    );
     let p = d.load("top.yaml").unwrap();
     assert_eq!(p.stage("s").unwrap().params["cmd"], "left right");
 }
@@ -823,7 +826,10 @@ fn a_carried_value_may_lag_another_by_a_round() {
         "      previous: { init: \"${stages.sft.model}\", next: \"${loop.policy}\" }\n      policy:",
     );
     let p = d
-        .one(&lagged.replace("data: \"${stages.sample.samples}\"", "data: \"${loop.previous}\""))
+        .one(&lagged.replace(
+            "data: \"${stages.sample.samples}\"",
+            "data: \"${loop.previous}\"",
+        ))
         .unwrap();
     assert_eq!(reads(&p, "dpo[round=1]", "data"), "sft.model");
     assert_eq!(reads(&p, "dpo[round=2]", "data"), "sft.model");
@@ -834,21 +840,30 @@ fn a_carried_value_may_lag_another_by_a_round() {
 fn a_carried_value_that_no_stage_of_the_loop_produces_is_refused() {
     let d = Dir::new();
     let err = d
-        .one(&LOOP.replace("next: \"${stages.dpo.model}\"", "next: \"${stages.sft.model}\""))
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.sft.model}\"",
+        ))
         .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:8:52: field `loops.online.carry.policy.next`: the carried value is never produced: `next` reads `sft`, which is not a stage of loop `online` (its stages: sample, dpo)"
     );
     let err = d
-        .one(&LOOP.replace("next: \"${stages.dpo.model}\"", "next: \"${stages.dpo.modl}\""))
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpo.modl}\"",
+        ))
         .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:8:52: field `loops.online.carry.policy.next`: the carried value is never produced: stage `dpo` has no output `modl` (outputs: model, metrics) (did you mean `model`?)"
     );
     let err = d
-        .one(&LOOP.replace("next: \"${stages.dpo.model}\"", "next: \"${stages.dpp.model}\""))
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpp.model}\"",
+        ))
         .unwrap_err();
     assert_eq!(
         err,
@@ -862,14 +877,20 @@ fn a_carried_value_that_no_stage_of_the_loop_produces_is_refused() {
         "p.yaml:23:21: stage `dpo[round=1]`, field `inputs.model`: unknown carried value `polcy` in `${loop.polcy}` (loop `online` carries: policy; `${loop.round}` is the round) (did you mean `policy`?)"
     );
     let err = d
-        .one(&LOOP.replace("{model: \"${stages.dpo[round=3].model}\"}", "{model: \"${loop.policy}\"}"))
+        .one(&LOOP.replace(
+            "{model: \"${stages.dpo[round=3].model}\"}",
+            "{model: \"${loop.policy}\"}",
+        ))
         .unwrap_err();
     assert_eq!(
         err,
         "p.yaml:27:21: stage `final`, field `inputs.model`: `${loop.policy}` in stage `final`, which is in no loop (list it in a loop's `stages:`)"
     );
     let err = d
-        .one(&LOOP.replace("init: \"${stages.sft.model}\"", "init: \"${stages.sfr.model}\""))
+        .one(&LOOP.replace(
+            "init: \"${stages.sft.model}\"",
+            "init: \"${stages.sfr.model}\"",
+        ))
         .unwrap_err();
     assert_eq!(
         err,
@@ -895,12 +916,18 @@ fn a_round_that_does_not_exist_is_refused() {
         "p.yaml:27:21: stage `final`, field `inputs.model`: `dpo` is a stage of loop `online`, which runs 3 round(s): name one, as `${stages.dpo[round=3].model}`"
     );
     // With one round more, round 4 exists.
-    d.write("p.yaml", &LOOP.replace("dpo[round=3].model", "dpo[round=4].model"));
+    d.write(
+        "p.yaml",
+        &LOOP.replace("dpo[round=3].model", "dpo[round=4].model"),
+    );
     let p = d.load_sets("p.yaml", &[("params.rounds", "4")]).unwrap();
     assert_eq!(reads(&p, "final", "model"), "dpo[round=4].model");
     for (rounds, why) in [
         ("0", "a loop runs from 1 to 1000 rounds, not 0"),
-        ("\"${params.lr}\"", "a loop runs from 1 to 1000 rounds, not 0.5 (`${params.lr}`)"),
+        (
+            "\"${params.lr}\"",
+            "a loop runs from 1 to 1000 rounds, not 0.5 (`${params.lr}`)",
+        ),
     ] {
         let err = d
             .one(&LOOP.replace("${params.rounds}", rounds))
@@ -929,7 +956,9 @@ fn loops_do_not_nest_and_a_stage_is_in_one_loop() {
         ))
         .unwrap_err();
     assert!(
-        err.starts_with("p.yaml:10:5: field `loops.online.loops`: a loop inside a loop is not supported"),
+        err.starts_with(
+            "p.yaml:10:5: field `loops.online.loops`: a loop inside a loop is not supported"
+        ),
         "{err}"
     );
     let err = d
@@ -981,14 +1010,20 @@ fn a_cycle_through_next_or_init_is_refused() {
         "p.yaml:9:51: field `loops.online.carry.other.next`: cycle through `next`: other -> policy -> other (each takes the other's value, so no stage of loop `online` ever produces them; one `next` must read a stage's output, `${stages.STAGE.OUTPUT}`)"
     );
     let err = d
-        .one(&LOOP.replace("init: \"${stages.sft.model}\"", "init: \"${stages.dpo.model}\""))
+        .one(&LOOP.replace(
+            "init: \"${stages.sft.model}\"",
+            "init: \"${stages.dpo.model}\"",
+        ))
         .unwrap_err();
     assert!(
         err.starts_with("p.yaml:8:23: field `loops.online.carry.policy.init`: cycle through `init`: `dpo` is a stage of loop `online`, so round 1 would read its own output"),
         "{err}"
     );
     let err = d
-        .one(&LOOP.replace("next: \"${stages.dpo.model}\"", "next: \"${stages.dpo[round=1].model}\""))
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpo[round=1].model}\"",
+        ))
         .unwrap_err();
     assert_eq!(
         err,

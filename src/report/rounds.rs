@@ -143,7 +143,11 @@ mod tests {
             ..eval(1, 0.9)
         };
         let mut page = String::new();
-        rounds_section(&mut page, &[eval(2, 0.6), plain, eval(1, 0.5), eval(3, 0.7)]).unwrap();
+        rounds_section(
+            &mut page,
+            &[eval(2, 0.6), plain, eval(1, 0.5), eval(3, 0.7)],
+        )
+        .unwrap();
         assert_eq!(page.matches("<tr class=\"round-row\"").count(), 3, "{page}");
         let first = page.find("data-round=\"1\"").unwrap();
         assert!(first < page.find("data-round=\"2\"").unwrap(), "{page}");
@@ -151,13 +155,17 @@ mod tests {
             "<td>2</td><td>evaluation[round=2]</td><td>dpo_round_2</td><td>sl_cai</td><td>0.600</td><td>[0.500, 0.700]</td><td>60</td>"
         ), "{page}");
         assert!(!page.contains("final"), "{page}");
-        let curve = page
-            .split("<polyline")
-            .find(|p| p.contains("data-series=\"evaluation/win_rate/feedback_model\""))
-            .expect("a win-rate curve");
-        let start = curve.find("points=\"").unwrap() + 8;
-        let points = curve[start..].split('"').next().unwrap();
-        assert_eq!(points.split_whitespace().count(), 3, "{points}");
+        let curves = super::super::plots::tests::points_of(&page);
+        assert_eq!(curves.len(), 1, "one judge, one curve: {page}");
+        let c = &curves[0];
+        assert_eq!(c.len(), 3, "a point per round");
+        // Rounds left to right; the win rate rises, so the curve goes up
+        // (SVG y grows downwards).
+        assert!(
+            c.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 > w[1].1),
+            "{c:?}"
+        );
+        assert!(page.contains("data-series=\"evaluation/win_rate/feedback_model\""));
     }
 
     #[test]
