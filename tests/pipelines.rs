@@ -1,8 +1,8 @@
 //! The shipped pipelines, end to end: the tiny Constitutional AI pipeline
 //! (steps 1 to 6) runs from nothing on CPU, a rerun is fully cached, a run
 //! from an empty cache under `--locked` reproduces every locked artifact byte
-//! for byte, and `cai.yaml`, `rlhf.yaml` and `hybrid.yaml` run on a local
-//! model folder.
+//! for byte, `cai.yaml`, `rlhf.yaml` and `hybrid.yaml` run on a local model
+//! folder, and the online pipeline's rounds each train on their own samples.
 mod common;
 use common::*;
 
@@ -15,6 +15,8 @@ fn copy_shipped(p: &Project) {
         "pipelines/tiny.yaml",
         "pipelines/cai-dpo.yaml",
         "pipelines/tiny-dpo.yaml",
+        "pipelines/cai-online.yaml",
+        "pipelines/tiny-online.yaml",
         "pipelines/hybrid.yaml",
         "pipelines/compare.yaml",
         "pipelines/rlhf.yaml",
@@ -230,7 +232,8 @@ fn the_tiny_pipeline_at_full_size_beats_sl_cai_under_the_pm() {
 }
 
 #[test]
-fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in_one_table() {
+fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_compare_puts_three_methods_in_one_table_and_online_rounds_train_on_their_own_samples(
+) {
     let p = Project::new();
     copy_shipped(&p);
     let m = "pipelines/tiny-dpo.yaml";
@@ -330,4 +333,135 @@ fn the_tiny_dpo_pipeline_runs_dpo_on_ai_labels_and_compare_puts_three_methods_in
             assert!(table.contains(&row), "no {row} in {table}");
         }
     }
+
+    the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_every_round(&p);
+}
+
+/// The lines `alignflow dag` prints for stage `id`: its header and what it
+/// reads.
+fn dag_block<'a>(dag: &'a str, id: &str) -> Vec<&'a str> {
+    let mut lines = dag
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{id} (")));
+    let header = lines.next().unwrap_or_else(|| panic!("no {id} in {dag}"));
+    std::iter::once(header)
+        .chain(lines.take_while(|l| l.starts_with("  ")))
+        .collect()
+}
+
+/// cai-online.yaml, tiny: three rounds of on-policy samples, AI labels and
+/// DPO from SL-CAI, each round's policy evaluated against SL-CAI. Round k
+/// samples with round k-1's policy and trains on its own labels (checked
+/// on the unrolled graph and on the content ids the lockfile records), and
+/// the report has one row and one point per round. Run in the project of
+/// the tiny DPO pipeline, whose base model and SL-CAI it finds cached.
+fn the_tiny_online_pipeline_trains_each_round_on_its_own_samples_and_reports_every_round(
+    p: &Project,
+) {
+    // The shipped manifest unrolls into its three rounds.
+    let dag = p.ok(&["dag", "pipelines/cai-online.yaml"]);
+    for k in 1..=3 {
+        for (stage, op) in [
+            ("samples", "generate"),
+            ("labels", "ai_feedback"),
+            ("dpo_reference", "dpo.reference"),
+            ("dpo", "dpo"),
+            ("evaluation", "evaluate"),
+        ] {
+            let header = format!("{stage}[round={k}] ({op})");
+            assert!(dag.contains(&header), "no {header} in {dag}");
+        }
+    }
+    assert!(!dag.contains("[round=4]"), "{dag}");
+
+    let m = "pipelines/tiny-online.yaml";
+    let sets = [
+        "--set",
+        "params.max_new_tokens=12",
+        "--set",
+        "params.rounds=1",
+    ];
+    let dag = p.ok(&[&["dag", m][..], &sets].concat());
+    for k in 1..=3 {
+        let policy = match k {
+            1 => "sl_cai.model".to_string(),
+            k => format!("dpo[round={}].model", k - 1),
+        };
+        let round = |stage: &str| format!("{stage}[round={k}]");
+        let reads = |stage: &str, line: String| {
+            let block = dag_block(&dag, &round(stage));
+            assert!(block.contains(&line.as_str()), "{line} not in {block:?}");
+        };
+        reads("samples", format!("  model <- {policy}"));
+        reads(
+            "labels",
+            format!("  pairs <- {}.responses", round("samples")),
+        );
+        reads("labels", "  model <- base.model".into());
+        reads("dpo_reference", format!("  model <- {policy}"));
+        reads("dpo", format!("  policy <- {policy}"));
+        reads(
+            "dpo",
+            format!("  comparisons <- {}.comparisons", round("labels")),
+        );
+        reads("evaluation", format!("  policy <- {}.model", round("dpo")));
+        reads("evaluation", "  reference <- sl_cai.model".into());
+        reads("evaluation", "  feedback_model <- base.model".into());
+    }
+
+    let out = p.ok(&[&["run", m, "--quiet", "--update-lock"][..], &sets].concat());
+    assert!(!out.contains("FAILED"), "{out}");
+    let ran = stages_with_status(&out, "ran");
+    let rounds: Vec<&String> = ran.iter().filter(|s| s.contains("[round=")).collect();
+    assert_eq!(rounds.len(), 15, "{out}");
+    assert_eq!(ran.len(), 15, "SL-CAI and what it needs are cached:\n{out}");
+
+    // The same flow, by content: what each round read is what the round
+    // before (or SL-CAI) and its own stages wrote.
+    let lock: serde_yaml::Value =
+        serde_yaml::from_str(&p.read("pipelines/tiny-online.lock")).unwrap();
+    let stages = &lock["stages"];
+    let read = |id: &str, input: &str| stages[id]["inputs"][input]["id"].clone();
+    let wrote = |id: &str, output: &str| stages[id]["outputs"][output].clone();
+    let mut samples = Vec::new();
+    for k in 1..=3 {
+        let id = |stage: &str| format!("{stage}[round={k}]");
+        let policy = match k {
+            1 => wrote("sl_cai", "model"),
+            k => wrote(&format!("dpo[round={}]", k - 1), "model"),
+        };
+        assert!(!policy.is_null(), "{lock:?}");
+        assert_eq!(read(&id("samples"), "model"), policy, "round {k}");
+        assert_eq!(read(&id("dpo"), "policy"), policy, "round {k}");
+        assert_eq!(
+            read(&id("labels"), "pairs"),
+            wrote(&id("samples"), "responses")
+        );
+        assert_eq!(
+            read(&id("dpo"), "comparisons"),
+            wrote(&id("labels"), "comparisons")
+        );
+        assert_eq!(
+            read(&id("evaluation"), "policy"),
+            wrote(&id("dpo"), "model")
+        );
+        samples.push(wrote(&id("samples"), "responses"));
+    }
+    assert!(
+        samples[0] != samples[1] && samples[1] != samples[2],
+        "{samples:?}"
+    );
+
+    p.ok(&[&["report", m, "--out", "online.html"][..], &sets].concat());
+    let html = p.read("online.html");
+    let (table, rows) = rounds_table(&html);
+    assert_eq!(rows, 3, "{table}");
+    for k in 1..=3 {
+        let row = format!(
+            "<tr class=\"round-row\" data-round=\"{k}\"><td>{k}</td><td>evaluation[round={k}]</td><td>online_dpo_round_{k}</td><td>sl_cai</td>"
+        );
+        assert!(table.contains(&row), "no {row} in {table}");
+    }
+    let series = "evaluation/win_rate/feedback_model";
+    assert_eq!(curve_points(&html, series), 3, "a point per round");
 }

@@ -238,11 +238,21 @@ fn plan_stage(
     }
     if !waiting_on.is_empty() {
         waiting_on.dedup();
+        let mut reason = format!("upstream {} reruns", waiting_on.join(", "));
+        // A change to the stage itself is named too: in a loop, every
+        // round after the first waits on the round before, and this is
+        // what says that the change reaches it as well.
+        if let Some(prev) = ctx.lockfile.and_then(|l| l.stages.get(&stage.id)) {
+            let own = own_changes(prev, &stage.op, op.version, &stage.params);
+            if !own.is_empty() {
+                reason = format!("{}; {reason}", own.join("; "));
+            }
+        }
         return Ok(PlannedStage {
             index: i,
             op,
             action: Action::Run,
-            reason: format!("upstream {} reruns", waiting_on.join(", ")),
+            reason,
             key: None,
             fingerprint: None,
             outputs: None,
@@ -336,18 +346,7 @@ fn failed_reason(note: &crate::cache::FailureNote) -> String {
 
 /// Why `key` differs from what the lockfile recorded for the stage.
 pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &StageKey) -> String {
-    let mut reasons = Vec::new();
-    if prev.op != key.op {
-        reasons.push(format!("op changed {} -> {}", prev.op, key.op));
-    } else if prev.op_version != key.op_version {
-        reasons.push(format!(
-            "op {} version {} -> {}",
-            key.op, prev.op_version, key.op_version
-        ));
-    }
-    let mut diffs = Vec::new();
-    diff_json("params", &prev.params, &key.params, &mut diffs);
-    reasons.extend(diffs);
+    let mut reasons = own_changes(prev, &key.op, key.op_version, &key.params);
     let names: BTreeSet<&String> = prev.inputs.keys().chain(key.inputs.keys()).collect();
     for name in names {
         match (prev.inputs.get(name), key.inputs.get(name)) {
@@ -372,6 +371,27 @@ pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &Sta
     } else {
         reasons.join("; ")
     }
+}
+
+/// What changed in the stage itself since `prev`: its op, the op's
+/// version, its params.
+fn own_changes(
+    prev: &LockedStage,
+    op: &str,
+    op_version: u32,
+    params: &serde_json::Value,
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if prev.op != op {
+        reasons.push(format!("op changed {} -> {op}", prev.op));
+    } else if prev.op_version != op_version {
+        reasons.push(format!(
+            "op {op} version {} -> {op_version}",
+            prev.op_version
+        ));
+    }
+    diff_json("params", &prev.params, params, &mut reasons);
+    reasons
 }
 
 /// Appends `PATH changed A -> B` for each differing leaf.

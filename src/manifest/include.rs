@@ -1,9 +1,13 @@
 //! Reading manifest files and merging `include:`d ones under them.
 //!
 //! Included files come first, in order, then the including file is merged
-//! over them: mappings merge key by key, scalars and lists replace. The
-//! location index is merged alongside, so every value keeps pointing into
-//! the file that wrote it.
+//! over them: mappings merge key by key, scalars and lists replace. A file
+//! that two includes share (`tiny-online.yaml` includes `cai-online.yaml`
+//! and `tiny-sl.yaml`, both of which include `cai-sl.yaml`) is merged once,
+//! where it first comes, so the second include does not undo what the
+//! first overrode in it. The location index is merged alongside, so every
+//! value keeps pointing into the file that wrote it.
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde_yaml::{Mapping, Value};
@@ -21,15 +25,17 @@ pub(crate) struct Merged {
 pub(crate) fn load_tree(file: &Path) -> Result<Merged, ManifestError> {
     let root_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut chain = Vec::new();
-    load_file(file, None, &root_dir, &mut chain)
+    load_file(file, None, &root_dir, &mut chain, &mut HashSet::new())
 }
 
-/// `via`: the include entry that named this file (for errors).
+/// `via`: the include entry that named this file (for errors); `chain`:
+/// the files including it, for cycles; `merged`: every file merged so far.
 fn load_file(
     file: &Path,
     via: Option<&Location>,
     root_dir: &Path,
     chain: &mut Vec<(PathBuf, PathBuf)>,
+    merged: &mut HashSet<PathBuf>,
 ) -> Result<Merged, ManifestError> {
     let read_error = |message: String| ManifestError {
         location: via.cloned(),
@@ -47,6 +53,12 @@ fn load_file(
         let mut names: Vec<String> = chain[pos..].iter().map(|(_, shown)| show(shown)).collect();
         names.push(show(file));
         return Err(read_error(format!("include cycle: {}", names.join(" -> "))));
+    }
+    if !merged.insert(canonical.clone()) {
+        return Ok(Merged {
+            value: Value::Mapping(Mapping::new()),
+            locs: Locs::default(),
+        });
     }
     let bytes = std::fs::read(file)
         .map_err(|e| read_error(format!("cannot read `{}`: {e}", file.display())))?;
@@ -128,18 +140,18 @@ fn load_file(
 
     let dir = file.parent().unwrap_or(Path::new(""));
     chain.push((canonical, file.to_path_buf()));
-    let mut merged = Merged {
+    let mut out = Merged {
         value: Value::Mapping(Mapping::new()),
         locs: Locs::default(),
     };
-    merged.locs.take_spot(&[], &locs);
+    out.locs.take_spot(&[], &locs);
     for (written, loc) in &includes {
-        let included = load_file(&dir.join(written), Some(loc), root_dir, chain)?;
-        merge(&mut merged, included.value, &included.locs, &mut Vec::new());
+        let included = load_file(&dir.join(written), Some(loc), root_dir, chain, merged)?;
+        merge(&mut out, included.value, &included.locs, &mut Vec::new());
     }
     chain.pop();
-    merge(&mut merged, value, &locs, &mut Vec::new());
-    Ok(merged)
+    merge(&mut out, value, &locs, &mut Vec::new());
+    Ok(out)
 }
 
 /// Deep-merges `over` (indexed by `over_locs`) into `base` at `at`.

@@ -3,7 +3,9 @@
 //! `${params.NAME}` reads a pipeline param, `${stages.ID.OUTPUT}` names
 //! another stage's output, `${matrix.NAME}` is the matrix instance's value
 //! (substituted first, as text, so it may sit inside another reference:
-//! `${stages.${matrix.method}.model}`), `$${` writes a literal `${`.
+//! `${stages.${matrix.method}.model}`), and in a loop's stages
+//! `${loop.NAME}` a carried value and `${loop.round}` the round (also
+//! substituted first, as text), `$${` writes a literal `${`.
 //! Anything else inside `${...}` is an error, so a typo never reaches a
 //! shell command.
 
@@ -43,7 +45,7 @@ pub(crate) fn parse(s: &str) -> Result<Vec<Piece>, String> {
                 Piece::Stage(r.to_string())
             } else {
                 return Err(format!(
-                    "unknown reference `${{{inner}}}`: only `${{params.NAME}}`, `${{stages.ID.OUTPUT}}` and, in a matrix stage, `${{matrix.NAME}}` are allowed (write `$${{` for a literal `${{`)"
+                    "unknown reference `${{{inner}}}`: only `${{params.NAME}}`, `${{stages.ID.OUTPUT}}`, in a matrix stage `${{matrix.NAME}}` and in a loop's stage `${{loop.NAME}}` are allowed (write `$${{` for a literal `${{`)"
                 ));
             };
             if !text.is_empty() {
@@ -63,10 +65,21 @@ pub(crate) fn parse(s: &str) -> Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
+/// Opens a `${matrix.NAME}` reference.
+pub(crate) const MATRIX: &str = "${matrix.";
+/// Opens a `${loop.NAME}` reference.
+pub(crate) const LOOP: &str = "${loop.";
+
 /// The `${matrix.NAME}` references of `s`, in order (escapes skipped).
 pub(crate) fn matrix_names(s: &str) -> Vec<String> {
+    names(s, MATRIX)
+}
+
+/// The names of the references `s` makes that `open` opens, in order
+/// (escapes skipped).
+pub(crate) fn names(s: &str, open: &str) -> Vec<String> {
     let mut names = Vec::new();
-    let _ = walk_matrix_refs(s, |name| {
+    let _ = substitute_refs(s, open, |name| {
         names.push(name.to_string());
         Ok(String::new())
     });
@@ -81,7 +94,7 @@ pub(crate) fn substitute_matrix(
     s: &str,
     matrix: &BTreeMap<String, serde_json::Value>,
 ) -> Result<String, (String, Option<String>)> {
-    walk_matrix_refs(s, |name| match matrix.get(name) {
+    substitute_refs(s, MATRIX, |name| match matrix.get(name) {
         Some(v) => Ok(render(v)),
         None if matrix.is_empty() => Err((
             format!("`${{matrix.{name}}}` in a stage without a `matrix`"),
@@ -98,12 +111,13 @@ pub(crate) fn substitute_matrix(
     })
 }
 
-/// Copies `s`, replacing each `${matrix.NAME}` with `value(NAME)`.
-fn walk_matrix_refs(
+/// Copies `s`, replacing each reference that `open` opens (`${matrix.`,
+/// `${loop.`) with `value(NAME)`; `$${` escapes are kept for [`parse`].
+pub(crate) fn substitute_refs(
     s: &str,
+    open: &str,
     mut value: impl FnMut(&str) -> Result<String, (String, Option<String>)>,
 ) -> Result<String, (String, Option<String>)> {
-    const OPEN: &str = "${matrix.";
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -112,9 +126,9 @@ fn walk_matrix_refs(
         if let Some(tail) = after.strip_prefix("$${") {
             out.push_str("$${");
             rest = tail;
-        } else if let Some(tail) = after.strip_prefix(OPEN) {
+        } else if let Some(tail) = after.strip_prefix(open) {
             let Some(end) = tail.find('}') else {
-                return Err((format!("unterminated `{OPEN}` in `{s}`"), None));
+                return Err((format!("unterminated `{open}` in `{s}`"), None));
             };
             out.push_str(&value(&tail[..end])?);
             rest = &tail[end + 1..];

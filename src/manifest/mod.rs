@@ -3,7 +3,8 @@
 //! file, line and column.
 //!
 //! [`load`] turns a manifest file into a resolved [`Pipeline`]: includes
-//! merged, `--set` overrides applied, matrix stages expanded, params
+//! merged, `--set` overrides applied, matrix stages expanded, loops
+//! unrolled into one stage per round, params
 //! interpolated and validated against each op's schema. Stage references
 //! are kept as [`Input::Stage`] edges for [`crate::graph`].
 // `ManifestError` is the interface's error type and carries its context
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 mod include;
 mod interp;
 mod locate;
+mod loops;
 mod resolve;
 mod schema;
 #[cfg(test)]
@@ -92,7 +94,9 @@ pub struct Pipeline {
     pub seed: u64,
     /// Pipeline params after `--set` overrides.
     pub params: BTreeMap<String, serde_json::Value>,
-    /// Stages in declaration order (matrix instances in expansion order).
+    /// Stages in declaration order (matrix instances in expansion order; a
+    /// loop's stages round by round, in its `stages:` order, where the first
+    /// of them is declared).
     pub stages: Vec<Stage>,
 }
 
@@ -105,7 +109,8 @@ impl Pipeline {
 /// One stage after matrix expansion and interpolation.
 #[derive(Debug, Clone)]
 pub struct Stage {
-    /// Unique id: the YAML key, plus `[k=v,...]` for a matrix instance.
+    /// Unique id: the YAML key, plus `[k=v,...]` for a matrix instance or
+    /// `[round=N]` for a loop's stage.
     pub id: String,
     /// The YAML key.
     pub key: String,
@@ -124,8 +129,17 @@ pub struct Stage {
     pub resources: Resources,
     /// This instance's matrix values (empty for plain stages).
     pub matrix: BTreeMap<String, serde_json::Value>,
+    /// The loop and round of a loop's stage.
+    pub round: Option<LoopRound>,
     /// Where the stage is declared (its key).
     pub location: Location,
+}
+
+/// Where a loop's stage runs: the loop's name and the round, from 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopRound {
+    pub name: String,
+    pub round: u64,
 }
 
 /// A bound input.

@@ -1,6 +1,6 @@
 //! From a merged manifest tree to a resolved [`Pipeline`]: structure checks,
-//! `--set`, matrix expansion, interpolation, input binding and op
-//! validation. Every error is located through the merged [`Locs`].
+//! `--set`, matrix expansion, loop unrolling, interpolation, input binding
+//! and op validation. Every error is located through the merged [`Locs`].
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -10,11 +10,14 @@ use serde_yaml::Value as Yaml;
 use super::include::{self, key_text, kp};
 use super::interp::{self, Piece};
 use super::locate::{KeyPath, Locs};
+use super::loops::{self, LoopError, Loops};
 use super::schema::{Manifest, StageDef};
-use super::{Input, LoadOptions, Location, ManifestError, Pipeline, Stage};
+use super::{Input, LoadOptions, Location, LoopRound, ManifestError, Pipeline, Stage};
 use crate::ops::{nearest, OpDecl, ParamError};
 
-const TOP_KEYS: &[&str] = &["version", "name", "seed", "include", "params", "stages"];
+const TOP_KEYS: &[&str] = &[
+    "version", "name", "seed", "include", "params", "loops", "stages",
+];
 const STAGE_KEYS: &[&str] = &[
     "op",
     "inputs",
@@ -40,11 +43,14 @@ pub(crate) fn load_with(
     };
     let mut tree = merged.value;
     cx.check_structure(&mut tree)?;
-    let order: Vec<String> = tree
-        .get("stages")
-        .and_then(Yaml::as_mapping)
-        .map(|m| m.keys().map(key_text).collect())
-        .unwrap_or_default();
+    let declared = |section: &str| -> Vec<String> {
+        tree.get(section)
+            .and_then(Yaml::as_mapping)
+            .map(|m| m.keys().map(key_text).collect())
+            .unwrap_or_default()
+    };
+    let order = declared("stages");
+    let loop_order = declared("loops");
     let manifest = cx.deserialize(tree)?;
     cx.check_header(&manifest)?;
 
@@ -53,14 +59,21 @@ pub(crate) fn load_with(
         cx.apply_set(&mut params, key, value)?;
     }
 
-    let expanded = cx.expand_stages(&manifest, &order)?;
+    let keys = cx.stage_ops(&manifest, &order)?;
+    let loops = Loops::new(&manifest, &loop_order, &params, |key| {
+        keys.get(key).map(|(_, _, outputs)| outputs.as_slice())
+    })
+    .map_err(|e| cx.loop_error(e))?;
+    let expanded = cx.expand_stages(&manifest, &order, keys, &loops)?;
     let world = World {
         insts: &expanded.insts,
         by_key: &expanded.by_key,
         keys: &expanded.keys,
+        loops: &loops,
         params: &params,
         sets: &options.sets,
     };
+    cx.check_inits(&world, &manifest)?;
     let stages = expanded
         .insts
         .iter()
@@ -86,26 +99,32 @@ fn stage_path(inst: &Inst, rest: &[&str]) -> KeyPath {
     p
 }
 
-/// One matrix instance (or a plain stage, with an empty matrix).
+/// One matrix instance, one round of a loop's stage, or a plain stage
+/// (empty matrix, no round).
 struct Inst {
     id: String,
     key: String,
     matrix: BTreeMap<String, Json>,
+    round: Option<u64>,
 }
 
-/// Pass 1 over the stages: each stage's op, outputs and matrix instances.
+/// Each stage key's op, definition and output names.
+type StageOps<'m> = BTreeMap<&'m str, (&'m OpDecl, &'m StageDef, Vec<String>)>;
+
+/// Pass 1 over the stages: each stage's op, outputs and instances.
 struct Expanded<'m> {
     insts: Vec<Inst>,
     /// Instances of each stage key, as indices into `insts`.
     by_key: HashMap<&'m str, Vec<usize>>,
-    keys: BTreeMap<&'m str, (&'m OpDecl, &'m StageDef, Vec<String>)>,
+    keys: StageOps<'m>,
 }
 
 /// What reference resolution looks at.
 struct World<'a> {
     insts: &'a [Inst],
     by_key: &'a HashMap<&'a str, Vec<usize>>,
-    keys: &'a BTreeMap<&'a str, (&'a OpDecl, &'a StageDef, Vec<String>)>,
+    keys: &'a StageOps<'a>,
+    loops: &'a Loops,
     params: &'a BTreeMap<String, Json>,
     /// `--set` overrides, as (`params.NAME`, `VALUE`).
     sets: &'a [(String, String)],
@@ -181,36 +200,107 @@ impl<'a> Cx<'a> {
         Ok(())
     }
 
-    /// Pass 1: the op, outputs and matrix instances of every stage, in
-    /// declaration `order`.
-    fn expand_stages<'m>(
+    /// The op and outputs of every stage, in declaration `order`.
+    fn stage_ops<'m>(
         &'m self,
         manifest: &'m Manifest,
         order: &'m [String],
-    ) -> Result<Expanded<'m>, ManifestError> {
-        let mut insts: Vec<Inst> = Vec::new();
-        let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
-        let mut keys: BTreeMap<&str, (&OpDecl, &StageDef, Vec<String>)> = BTreeMap::new();
+    ) -> Result<StageOps<'m>, ManifestError> {
+        let mut keys = BTreeMap::new();
         for key in order {
             let def = &manifest.stages[key];
             let op = self.op(key, def)?;
             let outputs = self.outputs(key, def, op)?;
-            for matrix in self.expand(key, def)? {
+            keys.insert(key.as_str(), (op, def, outputs));
+        }
+        Ok(keys)
+    }
+
+    /// Pass 1: the instances of every stage, in declaration `order`; a
+    /// loop's, round by round, where its first stage is declared.
+    fn expand_stages<'m>(
+        &'m self,
+        manifest: &'m Manifest,
+        order: &'m [String],
+        keys: StageOps<'m>,
+        loops: &'m Loops,
+    ) -> Result<Expanded<'m>, ManifestError> {
+        let mut insts: Vec<Inst> = Vec::new();
+        let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut unrolled: BTreeSet<&str> = BTreeSet::new();
+        for key in order {
+            if let Some(l) = loops.of(key) {
+                if !unrolled.insert(&l.name) {
+                    continue;
+                }
+                for round in 1..=l.rounds {
+                    for key in &l.stages {
+                        let coords = BTreeMap::from([("round".to_string(), Json::from(round))]);
+                        by_key.entry(key).or_default().push(insts.len());
+                        insts.push(Inst {
+                            id: instance_id(key, &coords),
+                            key: key.clone(),
+                            matrix: BTreeMap::new(),
+                            round: Some(round),
+                        });
+                    }
+                }
+                continue;
+            }
+            for matrix in self.expand(key, &manifest.stages[key])? {
                 let id = instance_id(key, &matrix);
                 by_key.entry(key).or_default().push(insts.len());
                 insts.push(Inst {
                     id,
                     key: key.clone(),
                     matrix,
+                    round: None,
                 });
             }
-            keys.insert(key, (op, def, outputs));
         }
         Ok(Expanded {
             insts,
             by_key,
             keys,
         })
+    }
+
+    /// A [`LoopError`], located.
+    fn loop_error(&self, e: LoopError) -> ManifestError {
+        let location = if e.at_key {
+            self.key_at(&e.at)
+        } else {
+            self.value_at(&e.at)
+        };
+        self.error(location, None, Some(&e.field), e.message, e.suggestion)
+    }
+
+    /// Every carried value's `init` reads what exists, located at the
+    /// `init` rather than at the stages that read it.
+    fn check_inits(&self, w: &World, manifest: &Manifest) -> Result<(), ManifestError> {
+        let outside = Inst {
+            id: String::new(),
+            key: String::new(),
+            matrix: BTreeMap::new(),
+            round: None,
+        };
+        for (name, def) in &manifest.loops {
+            for (value, carry) in &def.carry {
+                let at = kp(&["loops", name, "carry", value, "init"]);
+                let fail = |(m, s): (String, Option<String>)| {
+                    let field = at.join(".");
+                    self.error(self.value_at(&at), None, Some(&field), m, s)
+                };
+                for piece in interp::parse(&carry.init).map_err(|m| fail((m, None)))? {
+                    match piece {
+                        Piece::Stage(r) => drop(resolve_stage_ref(w, &outside, &r).map_err(fail)?),
+                        Piece::Param(p) => drop(lookup_param(w, &p).map_err(fail)?),
+                        Piece::Text(_) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pass 2 for one instance: interpolate, bind and validate.
@@ -257,20 +347,18 @@ impl<'a> Cx<'a> {
             return Err(self.error(loc, Some(&inst.id), Some(&e.field), e.message, None));
         }
 
-        // Free text, but a matrix instance may name its values.
+        // Free text, but a matrix instance or a round may name its values.
         let description = match &def.description {
-            Some(d) => Some(
-                interp::substitute_matrix(d, &inst.matrix).map_err(|(m, s)| {
-                    let at = stage_path(inst, &["description"]);
-                    self.error(
-                        self.value_at(&at),
-                        Some(&inst.id),
-                        Some("description"),
-                        m,
-                        s,
-                    )
-                })?,
-            ),
+            Some(d) => Some(substitute(world, inst, d).map_err(|(m, s)| {
+                let at = stage_path(inst, &["description"]);
+                self.error(
+                    self.value_at(&at),
+                    Some(&inst.id),
+                    Some("description"),
+                    m,
+                    s,
+                )
+            })?),
             None => None,
         };
 
@@ -286,6 +374,15 @@ impl<'a> Cx<'a> {
             keep_checkpoints: def.keep_checkpoints.unwrap_or(false),
             resources,
             matrix: inst.matrix.clone(),
+            round: inst.round.map(|round| LoopRound {
+                name: world
+                    .loops
+                    .of(&inst.key)
+                    .expect("a round has a loop")
+                    .name
+                    .clone(),
+                round,
+            }),
             location: self.key_at(&stage_path(inst, &[])),
         })
     }
@@ -353,7 +450,12 @@ impl<'a> Cx<'a> {
                 return Err(self.error(loc, None, Some(&k), "unknown field".into(), s));
             }
         }
-        top.retain(|k, v| !(v.is_null() && matches!(k.as_str(), Some("params" | "stages"))));
+        top.retain(|k, v| {
+            !(v.is_null() && matches!(k.as_str(), Some("params" | "loops" | "stages")))
+        });
+        if let Some(l) = top.get("loops") {
+            loops::check_tree(l).map_err(|e| self.loop_error(e))?;
+        }
         let Some(Yaml::Mapping(stages)) = top.get_mut("stages") else {
             return Ok(());
         };
@@ -563,7 +665,10 @@ impl<'a> Cx<'a> {
                 let fail = |msg: String, sug: Option<String>| {
                     self.error(self.value_at(at), Some(&inst.id), Some(&field()), msg, sug)
                 };
-                let s = interp::substitute_matrix(s, &inst.matrix).map_err(|(m, s)| fail(m, s))?;
+                if let Some(round) = Loops::whole_round(s, inst.round) {
+                    return Ok(round);
+                }
+                let s = substitute(w, inst, s).map_err(|(m, s)| fail(m, s))?;
                 let pieces = interp::parse(&s).map_err(|m| fail(m, None))?;
                 let mut out = String::new();
                 for piece in &pieces {
@@ -622,8 +727,7 @@ impl<'a> Cx<'a> {
         let fail = |msg: String, sug: Option<String>| {
             self.error(location.clone(), Some(&inst.id), Some(&field), msg, sug)
         };
-        let written =
-            &interp::substitute_matrix(written, &inst.matrix).map_err(|(m, s)| fail(m, s))?;
+        let written = &substitute(w, inst, written).map_err(|(m, s)| fail(m, s))?;
         let pieces = interp::parse(written).map_err(|m| fail(m, None))?;
         if let [Piece::Stage(r)] = pieces.as_slice() {
             let (stage, output) = resolve_stage_ref(w, inst, r).map_err(|(m, s)| fail(m, s))?;
@@ -794,6 +898,13 @@ fn split_field(at: &[String]) -> (Option<String>, Option<String>) {
 
 type RefError = (String, Option<String>);
 
+/// `s` with the instance's values substituted as text: its round's
+/// `${loop.NAME}`, then its `${matrix.NAME}`.
+fn substitute(w: &World, inst: &Inst, s: &str) -> Result<String, RefError> {
+    let s = w.loops.substitute(s, &inst.key, inst.round)?;
+    interp::substitute_matrix(&s, &inst.matrix)
+}
+
 fn lookup_param<'w>(w: &'w World, name: &str) -> Result<&'w Json, RefError> {
     w.params.get(name).ok_or_else(|| {
         let s = nearest(name, w.params.keys().map(String::as_str)).map(|s| format!("params.{s}"));
@@ -805,17 +916,7 @@ fn lookup_param<'w>(w: &'w World, name: &str) -> Result<&'w Json, RefError> {
 /// instance id and an output name.
 fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String), RefError> {
     let written = format!("${{stages.{r}}}");
-    // The longest stage key that `r` starts with (keys may contain dots).
-    let key = w
-        .keys
-        .keys()
-        .filter(|k| {
-            r.strip_prefix(**k)
-                .is_some_and(|rest| rest.starts_with(['.', '[']))
-        })
-        .max_by_key(|k| k.len())
-        .copied();
-    let Some(key) = key else {
+    let Some(key) = loops::stage_key(w.keys.keys().copied(), r) else {
         let end = r.find(['.', '[']).unwrap_or(r.len());
         let id = &r[..end];
         let s = nearest(id, w.keys.keys().copied());
@@ -842,6 +943,19 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
             )
         })?;
         let Some(&i) = instances.iter().find(|&&i| w.insts[i].id == id) else {
+            if let Some(l) = w.loops.of(key) {
+                let msg = match loops::named_round(&rest[..=close]) {
+                    Some(n) => format!(
+                        "round {n} of loop `{}` does not exist in `{written}` (its rounds: 1 to {})",
+                        l.name, l.rounds
+                    ),
+                    None => format!(
+                        "`{key}` is a stage of loop `{}`: name a round as `{key}[round=N]` (1 to {}) in `{written}`",
+                        l.name, l.rounds
+                    ),
+                };
+                return Err((msg, None));
+            }
             let s = nearest(id, instances.iter().map(|&i| w.insts[i].id.as_str()));
             return Err((
                 format!("unknown stage `{id}` in `{written}` (instances: {})", ids()),
@@ -849,6 +963,21 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
             ));
         };
         (i, output)
+    } else if let Some(l) = w.loops.of(key) {
+        // Inside the loop, a stage reads the same round; outside, a round
+        // must be named.
+        let same_round = instances
+            .iter()
+            .find(|&&i| inst.round.is_some() && w.insts[i].round == inst.round)
+            .filter(|_| w.loops.of(&inst.key).is_some_and(|own| own.name == l.name));
+        let Some(&i) = same_round else {
+            let msg = format!(
+                "`{key}` is a stage of loop `{}`, which runs {} round(s): name one, as `${{stages.{key}[round={}]{}}}`",
+                l.name, l.rounds, l.rounds, rest
+            );
+            return Err((msg, None));
+        };
+        (i, &rest[1..])
     } else {
         let output = &rest[1..];
         let target_keys: Vec<&String> = w.insts[instances[0]].matrix.keys().collect();

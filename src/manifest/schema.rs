@@ -21,9 +21,53 @@ pub struct Manifest {
     /// Pipeline parameters, read with `${params.NAME}`.
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
+    /// Loops by name: stages repeated for a number of rounds, each round
+    /// reading what the previous one produced (`${loop.NAME}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub loops: BTreeMap<String, LoopDef>,
     /// Stages by id.
     #[serde(default)]
     pub stages: BTreeMap<String, StageDef>,
+}
+
+/// A loop: its stages run once per round, as `STAGE[round=1]`,
+/// `STAGE[round=2]`, ...; stages outside it read one round as
+/// `${stages.STAGE[round=N].OUTPUT}`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoopDef {
+    /// How many rounds: a number from 1, or `${params.NAME}`.
+    pub rounds: Rounds,
+    /// Values carried from one round to the next, read in the loop's stages
+    /// as `${loop.NAME}` (`${loop.round}` is the round number, from 1).
+    #[serde(default)]
+    pub carry: BTreeMap<String, CarryDef>,
+    /// The loop's stages, declared under `stages:` as usual; a stage
+    /// belongs to one loop at most, and a loop cannot hold another.
+    pub stages: Vec<String>,
+}
+
+/// A loop's round count as written.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Rounds {
+    Count(#[schemars(range(min = 1, max = super::loops::MAX_ROUNDS))] u64),
+    /// `${params.NAME}`, a whole number from 1.
+    Param(#[schemars(regex(pattern = r"^\$\{params\.[^}]+\}$"))] String),
+}
+
+/// One carried value: round 1 reads `init`, round k what `next` was in
+/// round k-1.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CarryDef {
+    /// Round 1's value, written as an input is: a path, `${params.NAME}`
+    /// or `${stages.ID.OUTPUT}` of a stage outside the loop.
+    pub init: String,
+    /// The value for the next round: `${stages.STAGE.OUTPUT}` of a stage of
+    /// this loop (read in the round that just ended), or `${loop.NAME}`
+    /// (another carried value as it was in that round).
+    pub next: String,
 }
 
 /// One include or several.
@@ -41,10 +85,11 @@ pub struct StageDef {
     /// Registered op name (`alignflow ops` lists them).
     pub op: String,
     /// Input name to a path (relative to the manifest) or `${stages.ID.OUTPUT}`;
-    /// may use `${params.NAME}` and `${matrix.NAME}`.
+    /// may use `${params.NAME}`, `${matrix.NAME}` and, in a loop, `${loop.NAME}`.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
-    /// The op's params; values may use `${params.NAME}` and `${matrix.NAME}`.
+    /// The op's params; values may use `${params.NAME}`, `${matrix.NAME}`
+    /// and, in a loop, `${loop.NAME}` (`${loop.round}` alone stays a number).
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
     /// Output names, for ops whose outputs the stage declares (`exec`).
@@ -59,7 +104,8 @@ pub struct StageDef {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    /// Free text shown by `dag` and `report`; `${matrix.NAME}` is substituted.
+    /// Free text shown by `dag` and `report`; `${matrix.NAME}` and
+    /// `${loop.NAME}` are substituted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Keep the stage's training checkpoints once its result is committed

@@ -247,7 +247,7 @@ fn env_reference_rejected_by_name() {
         .unwrap_err();
     assert_eq!(
         err,
-        "p.yaml:11:12: stage `s`, field `params.cmd`: unknown reference `${env.HOME}`: only `${params.NAME}`, `${stages.ID.OUTPUT}` and, in a matrix stage, `${matrix.NAME}` are allowed (write `$${` for a literal `${`)"
+        "p.yaml:11:12: stage `s`, field `params.cmd`: unknown reference `${env.HOME}`: only `${params.NAME}`, `${stages.ID.OUTPUT}`, in a matrix stage `${matrix.NAME}` and in a loop's stage `${loop.NAME}` are allowed (write `$${` for a literal `${`)"
     );
 }
 
@@ -596,6 +596,25 @@ fn include_cycle() {
 }
 
 #[test]
+fn a_base_two_includes_share_is_merged_once_where_it_first_comes() {
+    let d = Dir::new();
+    d.write(
+        "base.yaml",
+        "version: 1\nname: base\nparams: {a: base, b: base}\nstages:\n  s:\n    op: exec\n    outputs: [o]\n    params: {cmd: \"${params.a} ${params.b}\"}\n",
+    );
+    // `left` overrides `a`, `right` overrides `b`: both survive, where a
+    // second merge of `base` under `right` would undo `left`'s `a`.
+    d.write("left.yaml", "include: base.yaml\nparams: {a: left}\n");
+    d.write("right.yaml", "include: base.yaml\nparams: {b: right}\n");
+    d.write(
+        "top.yaml",
+        "version: 1\nname: top\ninclude: [left.yaml, right.yaml]\n",
+    );
+    let p = d.load("top.yaml").unwrap();
+    assert_eq!(p.stage("s").unwrap().params["cmd"], "left right");
+}
+
+#[test]
 fn outputs_rules() {
     let d = Dir::new();
     let err = d
@@ -712,4 +731,302 @@ fn dot_outputs_and_path_like_stage_ids_are_refused() {
         .one("version: 1\nname: t\nstages:\n  \"..\":\n    op: exec\n    outputs: [a]\n    params: {cmd: x}\n")
         .unwrap_err();
     assert_eq!(err, "p.yaml:4:3: stage id `..` must not be `.` or `..`");
+}
+
+/// A loop of two stages over three rounds, a stage before it and one after.
+const LOOP: &str = r#"version: 1
+name: t
+params: {rounds: 3, lr: 0.5}
+loops:
+  online:
+    rounds: ${params.rounds}
+    carry:
+      policy: { init: "${stages.sft.model}", next: "${stages.dpo.model}" }
+    stages: [sample, dpo]
+stages:
+  sft:
+    op: exec
+    outputs: [model]
+    params: {cmd: x}
+  sample:
+    op: exec
+    inputs: {model: "${loop.policy}"}
+    outputs: [samples]
+    params: {cmd: "echo round ${loop.round} $${loop.round}"}
+    description: "round ${loop.round}"
+  dpo:
+    op: train
+    inputs: {model: "${loop.policy}", data: "${stages.sample.samples}"}
+    params: {lr: "${params.lr}", epochs: "${loop.round}"}
+  final:
+    op: train
+    inputs: {model: "${stages.dpo[round=3].model}"}
+    params: {lr: 1}
+"#;
+
+/// The stage id that input `input` of stage `id` reads.
+fn reads(p: &Pipeline, id: &str, input: &str) -> String {
+    match &p.stage(id).unwrap().inputs[input] {
+        Input::Stage { stage, output, .. } => format!("{stage}.{output}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_loop_unrolls_into_one_stage_per_round_each_reading_the_round_before() {
+    let d = Dir::new();
+    let p = d.one(LOOP).unwrap();
+    let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "sft",
+            "sample[round=1]",
+            "dpo[round=1]",
+            "sample[round=2]",
+            "dpo[round=2]",
+            "sample[round=3]",
+            "dpo[round=3]",
+            "final"
+        ]
+    );
+    // Round 1 reads `init`, round k round k-1's `next`; inside a round a
+    // stage reads the same round's stages.
+    assert_eq!(reads(&p, "sample[round=1]", "model"), "sft.model");
+    assert_eq!(reads(&p, "dpo[round=1]", "model"), "sft.model");
+    assert_eq!(reads(&p, "sample[round=2]", "model"), "dpo[round=1].model");
+    assert_eq!(reads(&p, "sample[round=3]", "model"), "dpo[round=2].model");
+    assert_eq!(reads(&p, "dpo[round=3]", "data"), "sample[round=3].samples");
+    assert_eq!(reads(&p, "final", "model"), "dpo[round=3].model");
+    // `${loop.round}` inside text, escaped, alone (a number), described.
+    let s = p.stage("sample[round=2]").unwrap();
+    assert_eq!(s.key, "sample");
+    assert_eq!(s.params["cmd"], "echo round 2 ${loop.round}");
+    assert_eq!(s.description.as_deref(), Some("round 2"));
+    assert_eq!(
+        s.round,
+        Some(LoopRound {
+            name: "online".into(),
+            round: 2
+        })
+    );
+    assert_eq!(p.stage("dpo[round=3]").unwrap().params["epochs"], 3);
+    assert_eq!(p.stage("final").unwrap().round, None);
+    // `rounds: ${params.rounds}` follows `--set`.
+    let p = d.load_sets("p.yaml", &[("params.rounds", "4")]).unwrap();
+    assert_eq!(reads(&p, "sample[round=4]", "model"), "dpo[round=3].model");
+    assert_eq!(p.stages.len(), 10);
+}
+
+#[test]
+fn a_carried_value_may_lag_another_by_a_round() {
+    let d = Dir::new();
+    let lagged = LOOP.replace(
+        "      policy:",
+        "      previous: { init: \"${stages.sft.model}\", next: \"${loop.policy}\" }\n      policy:",
+    );
+    let p = d
+        .one(&lagged.replace(
+            "data: \"${stages.sample.samples}\"",
+            "data: \"${loop.previous}\"",
+        ))
+        .unwrap();
+    assert_eq!(reads(&p, "dpo[round=1]", "data"), "sft.model");
+    assert_eq!(reads(&p, "dpo[round=2]", "data"), "sft.model");
+    assert_eq!(reads(&p, "dpo[round=3]", "data"), "dpo[round=1].model");
+}
+
+#[test]
+fn a_carried_value_that_no_stage_of_the_loop_produces_is_refused() {
+    let d = Dir::new();
+    let err = d
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.sft.model}\"",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:52: field `loops.online.carry.policy.next`: the carried value is never produced: `next` reads `sft`, which is not a stage of loop `online` (its stages: sample, dpo)"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpo.modl}\"",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:52: field `loops.online.carry.policy.next`: the carried value is never produced: stage `dpo` has no output `modl` (outputs: model, metrics) (did you mean `model`?)"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpp.model}\"",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:52: field `loops.online.carry.policy.next`: unknown stage `dpp` in `next` (loop `online`'s stages: sample, dpo) (did you mean `dpo`?)"
+    );
+    let err = d
+        .one(&LOOP.replace("${loop.policy}\", data", "${loop.polcy}\", data"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:23:21: stage `dpo[round=1]`, field `inputs.model`: unknown carried value `polcy` in `${loop.polcy}` (loop `online` carries: policy; `${loop.round}` is the round) (did you mean `policy`?)"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "{model: \"${stages.dpo[round=3].model}\"}",
+            "{model: \"${loop.policy}\"}",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:27:21: stage `final`, field `inputs.model`: `${loop.policy}` in stage `final`, which is in no loop (list it in a loop's `stages:`)"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "init: \"${stages.sft.model}\"",
+            "init: \"${stages.sfr.model}\"",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:23: field `loops.online.carry.policy.init`: unknown stage `sfr` in `${stages.sfr.model}` (did you mean `sft`?)"
+    );
+}
+
+#[test]
+fn a_round_that_does_not_exist_is_refused() {
+    let d = Dir::new();
+    let err = d
+        .one(&LOOP.replace("dpo[round=3].model", "dpo[round=4].model"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:27:21: stage `final`, field `inputs.model`: round 4 of loop `online` does not exist in `${stages.dpo[round=4].model}` (its rounds: 1 to 3)"
+    );
+    let err = d
+        .one(&LOOP.replace("dpo[round=3].model", "dpo.model"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:27:21: stage `final`, field `inputs.model`: `dpo` is a stage of loop `online`, which runs 3 round(s): name one, as `${stages.dpo[round=3].model}`"
+    );
+    // With one round more, round 4 exists.
+    d.write(
+        "p.yaml",
+        &LOOP.replace("dpo[round=3].model", "dpo[round=4].model"),
+    );
+    let p = d.load_sets("p.yaml", &[("params.rounds", "4")]).unwrap();
+    assert_eq!(reads(&p, "final", "model"), "dpo[round=4].model");
+    for (rounds, why) in [
+        ("0", "a loop runs from 1 to 1000 rounds, not 0"),
+        (
+            "\"${params.lr}\"",
+            "a loop runs from 1 to 1000 rounds, not 0.5 (`${params.lr}`)",
+        ),
+    ] {
+        let err = d
+            .one(&LOOP.replace("${params.rounds}", rounds))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            format!("p.yaml:6:13: field `loops.online.rounds`: {why}")
+        );
+    }
+    let err = d
+        .one(&LOOP.replace("${params.rounds}", "${params.round}"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:13: field `loops.online.rounds`: unknown param `${params.round}` (did you mean `params.rounds`?)"
+    );
+}
+
+#[test]
+fn loops_do_not_nest_and_a_stage_is_in_one_loop() {
+    let d = Dir::new();
+    let err = d
+        .one(&LOOP.replace(
+            "    stages: [sample, dpo]\n",
+            "    stages: [sample, dpo]\n    loops: {inner: {rounds: 2, stages: [sft]}}\n",
+        ))
+        .unwrap_err();
+    assert!(
+        err.starts_with(
+            "p.yaml:10:5: field `loops.online.loops`: a loop inside a loop is not supported"
+        ),
+        "{err}"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "    stages: [sample, dpo]\n",
+            "    stages: [sample, dpo, inner]\n  inner: {rounds: 2, stages: [sft]}\n",
+        ))
+        .unwrap_err();
+    assert!(
+        err.starts_with("p.yaml:9:27: field `loops.online.stages.2`: `inner` is a loop, and a loop inside a loop is not supported"),
+        "{err}"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "    stages: [sample, dpo]\n",
+            "    stages: [sample, dpo]\n  again: {rounds: 2, stages: [dpo]}\n",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:10:31: field `loops.again.stages.0`: stage `dpo` is already in loop `online`: a stage belongs to one loop (a loop inside a loop is not supported)"
+    );
+    let err = d
+        .one(&LOOP.replace("[sample, dpo]", "[sample, dpp]"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:9:22: field `loops.online.stages.1`: unknown stage `dpp` in loop `online` (did you mean `dpo`?)"
+    );
+    let err = d
+        .one(&LOOP.replace("    rounds: ${params.rounds}", "    round: 3"))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:6:5: field `loops.online.round`: unknown field (did you mean `rounds`?)"
+    );
+}
+
+#[test]
+fn a_cycle_through_next_or_init_is_refused() {
+    let d = Dir::new();
+    let swapped = LOOP.replace(
+        "      policy: { init: \"${stages.sft.model}\", next: \"${stages.dpo.model}\" }",
+        "      policy: { init: \"${stages.sft.model}\", next: \"${loop.other}\" }\n      other: { init: \"${stages.sft.model}\", next: \"${loop.policy}\" }",
+    );
+    let err = d.one(&swapped).unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:9:51: field `loops.online.carry.other.next`: cycle through `next`: other -> policy -> other (each takes the other's value, so no stage of loop `online` ever produces them; one `next` must read a stage's output, `${stages.STAGE.OUTPUT}`)"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "init: \"${stages.sft.model}\"",
+            "init: \"${stages.dpo.model}\"",
+        ))
+        .unwrap_err();
+    assert!(
+        err.starts_with("p.yaml:8:23: field `loops.online.carry.policy.init`: cycle through `init`: `dpo` is a stage of loop `online`, so round 1 would read its own output"),
+        "{err}"
+    );
+    let err = d
+        .one(&LOOP.replace(
+            "next: \"${stages.dpo.model}\"",
+            "next: \"${stages.dpo[round=1].model}\"",
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:8:52: field `loops.online.carry.policy.next`: `next` reads the round that just ended: write `${stages.dpo.OUTPUT}` without a round"
+    );
 }

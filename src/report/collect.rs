@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use crate::cache::{ArtifactId, ArtifactKind, Cache, StageRecord};
 use crate::engine::{self, Action, LockedStage, Lockfile, Plan, PlanContext, PlannedStage};
 use crate::graph::Dag;
-use crate::manifest::{Pipeline, Stage};
+use crate::manifest::{LoopRound, Pipeline, Stage};
 use crate::ops::OpDecl;
 
 use super::ReportError;
@@ -157,6 +157,10 @@ pub struct Series {
 #[derive(Debug, Clone)]
 pub struct Evaluation {
     pub stage: String,
+    /// The stage's key (its id without `[...]`).
+    pub key: String,
+    /// The loop and round of a loop's stage.
+    pub round: Option<LoopRound>,
     pub output: String,
     pub previous_run: bool,
     pub value: serde_json::Value,
@@ -581,6 +585,8 @@ fn gather_outputs(
                 OutputKind::Report => match read_json(&path) {
                     Ok(value) => data.evaluations.push(Evaluation {
                         stage: stage.id.clone(),
+                        key: stage.key.clone(),
+                        round: stage.round.clone(),
                         output,
                         previous_run,
                         value,

@@ -11,6 +11,7 @@ use super::collect::{Evaluation, MetricsLog, ReportData, StageInfo, Status};
 use super::dag::{colours, dag_svg};
 use super::escape::esc;
 use super::plots::curve_svg;
+use super::rounds::rounds_section;
 use super::ReportError;
 
 const STYLE: &str = r#"
@@ -104,6 +105,7 @@ pub fn render(data: &ReportData) -> Result<String, ReportError> {
         }
         page.push_str("</table>\n");
     }
+    rounds_section(&mut page, &data.evaluations)?;
     for e in &data.evaluations {
         let _ = write!(
             page,
@@ -142,14 +144,7 @@ fn win_rate_rows(evaluations: &[Evaluation]) -> Vec<[String; 7]> {
             let Some(win) = figures.get("win_rate").and_then(|w| w.as_f64()) else {
                 continue;
             };
-            let ci = match figures.get("ci95").and_then(|c| c.as_array()) {
-                Some(c) if c.len() == 2 => format!(
-                    "[{:.3}, {:.3}]",
-                    c[0].as_f64().unwrap_or(f64::NAN),
-                    c[1].as_f64().unwrap_or(f64::NAN)
-                ),
-                _ => String::new(),
-            };
+            let ci = ci_text(figures);
             rows.push([
                 e.stage.clone(),
                 text("policy"),
@@ -162,6 +157,18 @@ fn win_rate_rows(evaluations: &[Evaluation]) -> Vec<[String; 7]> {
         }
     }
     rows
+}
+
+/// A judge's `ci95` as `[lo, hi]`, or nothing.
+pub(super) fn ci_text(figures: &serde_json::Value) -> String {
+    match figures.get("ci95").and_then(|c| c.as_array()) {
+        Some(c) if c.len() == 2 => format!(
+            "[{:.3}, {:.3}]",
+            c[0].as_f64().unwrap_or(f64::NAN),
+            c[1].as_f64().unwrap_or(f64::NAN)
+        ),
+        _ => String::new(),
+    }
 }
 
 fn previous_note(previous_run: bool) -> &'static str {
@@ -323,7 +330,7 @@ fn cell(page: &mut String, value: &serde_json::Value, depth: usize) {
 }
 
 /// A scalar as text; floats to 4 decimals (or 4 significant digits when tiny).
-fn scalar(value: &serde_json::Value) -> String {
+pub(super) fn scalar(value: &serde_json::Value) -> String {
     use serde_json::Value;
     match value {
         Value::Null => "null".into(),
@@ -350,6 +357,8 @@ mod tests {
     fn every_evaluation_judge_is_one_row_of_the_win_rate_table() {
         let eval = |stage: &str, policy: &str, w: f64| Evaluation {
             stage: stage.into(),
+            key: stage.into(),
+            round: None,
             output: "report".into(),
             previous_run: false,
             value: serde_json::json!({
@@ -362,6 +371,8 @@ mod tests {
         };
         let other = Evaluation {
             stage: "x".into(),
+            key: "x".into(),
+            round: None,
             output: "report".into(),
             previous_run: false,
             value: serde_json::json!({"accuracy": 0.7}),

@@ -1,7 +1,8 @@
 //! `alignflow report`: one self-contained HTML page (inline SVG and CSS, no
 //! scripts, nothing fetched) that shows a pipeline as of its cache: the DAG
 //! coloured by status, a table of stages, the training curves of every
-//! `metrics.jsonl` output and the tables of every `report.json` output.
+//! `metrics.jsonl` output, the tables of every `report.json` output, and
+//! the win rate per round of a loop's evaluations.
 //!
 //! [`collect`] gathers the data (no rendering); [`render`] turns it into
 //! HTML (no I/O). The page is also well-formed XML, so tests and tools can
@@ -12,6 +13,7 @@ mod dag;
 mod escape;
 mod html;
 mod plots;
+mod rounds;
 
 use std::path::{Path, PathBuf};
 

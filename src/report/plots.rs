@@ -132,10 +132,11 @@ fn tag_curves(svg: &str, series: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn points_of(svg: &str) -> Vec<Vec<(i64, i64)>> {
+    /// The points of every tagged curve in `svg`, in SVG coordinates.
+    pub(in crate::report) fn points_of(svg: &str) -> Vec<Vec<(i64, i64)>> {
         svg.split("<polyline")
             .skip(1)
             .filter(|p| p[..p.find('>').unwrap()].contains("class=\"curve\""))

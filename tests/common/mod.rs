@@ -166,6 +166,31 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The table of a report page with one row per round of a loop's
+/// evaluations, and its rows.
+pub fn rounds_table(html: &str) -> (&str, usize) {
+    let start = html
+        .find("<table class=\"rounds\">")
+        .expect("a table of rounds");
+    let table = &html[start..start + html[start..].find("</table>").unwrap()];
+    (table, table.matches("<tr class=\"round-row\"").count())
+}
+
+/// How many points the report page's curve `series` (its `data-series`) has.
+pub fn curve_points(html: &str, series: &str) -> usize {
+    let curve = html
+        .split("<polyline")
+        .find(|p| p.contains(&format!("data-series=\"{series}\"")))
+        .unwrap_or_else(|| panic!("no curve {series}"));
+    let start = curve.find("points=\"").unwrap() + 8;
+    curve[start..]
+        .split('"')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .count()
+}
+
 /// A small deterministic generator for synthetic test data (no dependency,
 /// the same data on every machine).
 pub struct Lcg(pub u64);
