@@ -100,14 +100,7 @@ fn agreement_with_human_labels_on_imported_hh_rlhf_comparisons() {
     assert!(summary["position_bias"].as_f64().unwrap().abs() <= 1.0);
 
     // The same figures are the stage's metrics in its cache record.
-    let record = walk(&p.path("cache/records"))
-        .into_iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "json"))
-        .map(|f| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(f).unwrap()).unwrap()
-        })
-        .find(|r| r["stage"] == "label")
-        .expect("a record of the label stage");
+    let record = stage_record(&p, "label");
     for k in ["count", "mean_p_a", "position_bias", "agreement"] {
         assert_eq!(record["metrics"][k], summary[k], "{k}");
     }

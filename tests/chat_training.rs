@@ -149,15 +149,7 @@ fn project() -> Project {
 
 /// The metrics of `stage`'s record in the project's cache.
 fn metrics(p: &Project, stage: &str) -> serde_json::Value {
-    walk(&p.path("cache/records"))
-        .into_iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "json"))
-        .map(|f| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(f).unwrap()).unwrap()
-        })
-        .find(|r| r["stage"] == stage)
-        .unwrap_or_else(|| panic!("a record of stage `{stage}`"))["metrics"]
-        .clone()
+    stage_record(p, stage)["metrics"].clone()
 }
 
 /// The id and path of `stage`'s output `name`.

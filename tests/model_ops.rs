@@ -196,15 +196,7 @@ fn bad_training_params_are_refused_before_anything_runs() {
 
 /// The metrics of `stage`'s record in the project's cache.
 fn stage_metrics(p: &Project, stage: &str) -> serde_json::Value {
-    walk(&p.path("cache/records"))
-        .into_iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "json"))
-        .map(|f| {
-            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(f).unwrap()).unwrap()
-        })
-        .find(|r| r["stage"] == stage)
-        .unwrap_or_else(|| panic!("a record of stage `{stage}`"))["metrics"]
-        .clone()
+    stage_record(p, stage)["metrics"].clone()
 }
 
 #[test]

@@ -215,3 +215,15 @@ impl Lcg {
         (0..n).map(|_| self.pick(vocab)).collect()
     }
 }
+
+/// The cache record of `stage` in the project's cache (the first found).
+pub fn stage_record(p: &Project, stage: &str) -> serde_json::Value {
+    walk(&p.path("cache/records"))
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .map(|f| {
+            serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(f).unwrap()).unwrap()
+        })
+        .find(|r| r["stage"] == stage)
+        .unwrap_or_else(|| panic!("a record of stage `{stage}`"))
+}
