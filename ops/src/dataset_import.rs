@@ -56,6 +56,31 @@ pub struct ImportParams {
     /// Stop after this many records (none: import everything).
     #[serde(default)]
     pub limit: Option<u64>,
+    /// `hh-rlhf` format: `text` keeps the dialogue text (`prompt` ending
+    /// with `\n\nAssistant:`), `messages` splits it into turns as TRL's
+    /// conversational preference records: `prompt` a list of user/assistant
+    /// messages, `chosen`/`rejected` a list holding one assistant message.
+    #[serde(default, skip_serializing_if = "Emit::is_text")]
+    pub emit: Emit,
+}
+
+/// How `hh-rlhf` comparisons are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Emit {
+    /// Dialogue text, as the source has it.
+    #[default]
+    Text,
+    /// Conversations: Human turns become `user`, Assistant turns `assistant`.
+    Messages,
+}
+
+impl Emit {
+    // Absent from the normalised params when it is the default, so
+    // manifests written before it existed keep their fingerprints.
+    fn is_text(&self) -> bool {
+        *self == Emit::Text
+    }
 }
 
 fn default_format() -> Format {
@@ -106,6 +131,46 @@ fn split_pair(chosen: &str, rejected: &str) -> Result<Comparison, Unsplittable> 
         rejected: rejected[r..].to_string(),
         label: 1.0,
     })
+}
+
+/// The marker that opens a human turn in HH-RLHF dialogues.
+const HUMAN: &str = "\n\nHuman:";
+
+/// A comparison as a TRL conversational preference record: the prompt's
+/// turns (each trimmed of the space after its marker), and each response
+/// as one assistant message.
+fn as_messages(pair: &Comparison) -> Result<serde_json::Value, String> {
+    let mut turns = Vec::new();
+    let mut rest = pair.prompt.as_str();
+    // The prompt ends with the empty assistant turn that the responses fill.
+    rest = rest
+        .strip_suffix(ASSISTANT)
+        .expect("a split prompt ends with it");
+    while !rest.is_empty() {
+        let (role, body) = if let Some(body) = rest.strip_prefix(HUMAN) {
+            ("user", body)
+        } else if let Some(body) = rest.strip_prefix(ASSISTANT) {
+            ("assistant", body)
+        } else {
+            return Err(
+                "the dialogue does not start with a Human turn: it cannot become messages".into(),
+            );
+        };
+        let end = [body.find(HUMAN), body.find(ASSISTANT)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(body.len());
+        turns.push(serde_json::json!({"role": role, "content": body[..end].trim()}));
+        rest = &body[end..];
+    }
+    let answer = |text: &str| serde_json::json!([{"role": "assistant", "content": text.trim()}]);
+    Ok(serde_json::json!({
+        "prompt": turns,
+        "chosen": answer(&pair.chosen),
+        "rejected": answer(&pair.rejected),
+        "label": pair.label,
+    }))
 }
 
 /// A malformed line of the source.
@@ -222,7 +287,7 @@ pub const OP: OpDecl = OpDecl {
         volatile: false,
     }],
     outputs: Outputs::Declared(&[
-        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf), {prompt} (prompts, text), or the checked conversations (messages)"),
+        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf; with `emit: messages` prompt is a list of messages and each response a list holding one assistant message), {prompt} (prompts, text), or the checked conversations (messages)"),
         Port::output(
             "report",
             "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
@@ -280,6 +345,10 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 report.records += 1;
             }
             Ok(Parsed::Conversation(c)) => {
+                if c.get("chosen").is_some() && c["chosen"] == c["rejected"] {
+                    report.identical_pairs += 1;
+                    report.identical_pair_lines.push(line);
+                }
                 out.write(&c).map_err(data_err)?;
                 report.records += 1;
             }
@@ -366,9 +435,14 @@ fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem
         Format::HhRlhf => {
             let pair: HhRlhfLine =
                 serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
-            split_pair(&pair.chosen, &pair.rejected)
-                .map(Parsed::Comparison)
-                .map_err(LineProblem::Unsplittable)
+            let comparison =
+                split_pair(&pair.chosen, &pair.rejected).map_err(LineProblem::Unsplittable)?;
+            match params.emit {
+                Emit::Text => Ok(Parsed::Comparison(comparison)),
+                Emit::Messages => as_messages(&comparison)
+                    .map(Parsed::Conversation)
+                    .map_err(LineProblem::Bad),
+            }
         }
         Format::Prompts => {
             let value: serde_json::Value =
@@ -671,6 +745,69 @@ mod tests {
         let err = OP.normalize_params(&json!({"fromat": "text"})).unwrap_err();
         assert_eq!(err.suggestion.as_deref(), Some("format"));
         assert!(OP.normalize_params(&json!({"format": "csv"})).is_err());
+    }
+
+    #[test]
+    fn hh_rlhf_emits_conversations_turn_by_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let dialogue = |last: &str| {
+            format!("\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant: {last}")
+        };
+        let lines = [
+            json!({"chosen": dialogue("Knead the dough."), "rejected": dialogue("No.")}),
+            json!({"chosen": dialogue("Same"), "rejected": dialogue("Same")}),
+            json!({"chosen": "preamble\n\nAssistant: a", "rejected": "preamble\n\nAssistant: b"}),
+        ];
+        let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+        let source = write(dir.path(), "hh.jsonl", &text);
+        let metrics = import(
+            dir.path(),
+            json!({"emit": "messages", "max_bad_lines": 1}),
+            source,
+        )
+        .unwrap();
+        assert_eq!(metrics["records"], 2);
+        assert_eq!(metrics["bad_lines"], 1);
+        let records: Vec<serde_json::Value> = read_jsonl(&dir.path().join("out/data"))
+            .unwrap()
+            .map(|(_, r)| r.unwrap())
+            .collect();
+        assert_eq!(
+            records[0],
+            json!({
+                "prompt": [
+                    {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "How do I bake bread?"},
+                ],
+                "chosen": [{"role": "assistant", "content": "Knead the dough."}],
+                "rejected": [{"role": "assistant", "content": "No."}],
+                "label": 1.0,
+            })
+        );
+        let report = read_report(dir.path());
+        assert_eq!(report["identical_pair_lines"], json!([2]));
+        assert!(report["bad_line_details"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not start with a Human turn"));
+    }
+
+    #[test]
+    fn hh_rlhf_sample_as_messages_keeps_every_comparison() {
+        let dir = tempfile::tempdir().unwrap();
+        let as_text = import(dir.path(), json!({}), hh_rlhf_sample()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let as_messages =
+            import(other.path(), json!({"emit": "messages"}), hh_rlhf_sample()).unwrap();
+        assert_eq!(as_text["records"], as_messages["records"]);
+        assert_eq!(as_messages["bad_lines"], 0);
+        // The `text` default stays out of the normalised params (fingerprints).
+        let normalised = serde_json::to_value(
+            serde_json::from_value::<ImportParams>(json!({"emit": "text"})).unwrap(),
+        )
+        .unwrap();
+        assert!(normalised.get("emit").is_none(), "{normalised}");
     }
 
     #[test]
