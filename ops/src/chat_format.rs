@@ -136,6 +136,21 @@ impl ChatFormat {
         self.template.render(messages, true, &self.variables)
     }
 
+    /// Whether the template marks the assistant's text with `{% generation
+    /// %}` (then every assistant turn of a conversation can be trained on).
+    pub fn marks_generation(&self) -> bool {
+        self.template.marks_generation
+    }
+
+    /// A whole conversation (ending with the assistant's turn) rendered
+    /// without the generation prompt, with the assistant's character spans.
+    pub fn conversation(
+        &self,
+        messages: &serde_json::Value,
+    ) -> Result<Rendered, ChatTemplateError> {
+        self.template.render(messages, false, &self.variables)
+    }
+
     /// A prompt conversation and its response as the training ops see them,
     /// as TRL builds a prompt-completion example: the prompt rendered with
     /// the generation prompt, and the whole conversation with `response` as

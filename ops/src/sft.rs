@@ -56,7 +56,7 @@ fn default_lr() -> f64 {
 /// The `sft` op.
 pub const OP: OpDecl = OpDecl {
     name: "sft",
-    version: 2,
+    version: 3,
     summary:
         "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA",
     inputs: &[
@@ -78,6 +78,7 @@ pub const OP: OpDecl = OpDecl {
         "batch loss: the mean over every response token of the batch (a token mean, as transformers' causal-LM loss with prompt labels -100)",
         "dropout: on (the checkpoint's own rates), `dropout: false` turns it off",
         CHAT_TRAINING_CONVENTION,
+        "`messages` records (a conversation ending with the assistant): when the chat template marks the assistant's text with `{% generation %}`, the whole conversation is rendered once and the loss covers every assistant turn, exactly the tokens transformers' `return_assistant_tokens_mask=True` marks (TRL's `assistant_only_loss`); longer than `max_len`, it keeps its start; metric `conversations_on_every_assistant_turn` counts them. Without markers only the last turn is the response, split as above",
     ],
 };
 

@@ -65,6 +65,19 @@ impl Tokenizer {
     }
 
     /// Text of `ids`, keeping special tokens out.
+    /// A rendered conversation's tokens (no special tokens added: the
+    /// template writes its own) and which of them are the assistant's, as
+    /// transformers' `return_assistant_tokens_mask` marks them.
+    pub fn encode_with_assistant_mask(
+        &self,
+        rendered: &crate::chat_template::Rendered,
+    ) -> anyhow::Result<(Vec<i64>, Vec<bool>)> {
+        let mask = rendered
+            .assistant_token_mask(&self.inner)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok((self.encode(&rendered.text)?, mask))
+    }
+
     pub fn decode(&self, ids: &[i64]) -> anyhow::Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner

@@ -10,6 +10,7 @@ conventions apart (each must differ from "loss" by far more than the tolerance).
 
     make-models OUT --tokenizer DIR NAME:ARCH:SEED:DROPOUT ...   (ARCH gpt2|llama)
     sft      --model DIR --data JSONL [--template T] [--max-len N]
+    sft-chat --model DIR --data JSONL --chat-template FILE
     pretrain --model DIR --data JSONL --seq-len N
     pm       --model LM_DIR --head PM_DIR --data JSONL[=WEIGHT] ...
     dpo      --policy DIR --reference DIR --data JSONL --beta B --loss sigmoid|ipo
@@ -164,6 +165,38 @@ def sft(a):
     if truncated:
         alts["eos_kept_when_cut"] = nll_keep_eos / n_keep_eos
     emit(nll / n, alts, tokens=n, truncated=truncated, lengths=sorted(lens))
+
+
+def sft_chat(a):
+    """`messages` conversations through a chat template with {% generation %}
+    markers: token-mean NLL over exactly the tokens transformers'
+    return_assistant_tokens_mask marks (TRL's assistant_only_loss)."""
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(a.model, "tokenizer.json"))
+    with open(a.chat_template) as f:
+        template = f.read()
+    model = load_lm(a.model)
+    nll, n, nll_last, n_last, nll_all, n_all = 0.0, 0, 0.0, 0, 0.0, 0
+    for r in read_jsonl(a.data):
+        out = tok.apply_chat_template(r["messages"], chat_template=template, tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        check_len(ids, model)
+        lp = token_logps(model, ids)  # lp[t-1] scores ids[t]
+        marked = [t for t in range(1, len(ids)) if mask[t]]
+        nll -= sum(lp[t - 1].item() for t in marked)
+        n += len(marked)
+        # the alternative: only the last assistant turn (one contiguous run)
+        last = []
+        for t in reversed(marked):
+            if last and t != last[-1] - 1:
+                break
+            last.append(t)
+        nll_last -= sum(lp[t - 1].item() for t in last)
+        n_last += len(last)
+        nll_all -= lp.sum().item()
+        n_all += len(ids) - 1
+    emit(nll / n, {"last_turn_only": nll_last / n_last, "every_token": nll_all / n_all},
+         tokens=n)
 
 
 # ---------------------------------------------------------------- lm.pretrain
@@ -408,6 +441,10 @@ def main():
     s.add_argument("--data", required=True)
     s.add_argument("--template", default="{prompt}")
     s.add_argument("--max-len", type=int, default=0, help="truncate as sft does (0: never)")
+    s = sub.add_parser("sft-chat")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--chat-template", required=True)
     s = sub.add_parser("pretrain")
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
@@ -428,7 +465,7 @@ def main():
     a = ap.parse_args()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    {"make-models": make_models, "sft": sft, "pretrain": pretrain, "pm": pm, "dpo": dpo,
+    {"make-models": make_models, "sft": sft, "sft-chat": sft_chat, "pretrain": pretrain, "pm": pm, "dpo": dpo,
      "ppo": ppo}[a.cmd](a)
 
 

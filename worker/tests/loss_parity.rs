@@ -363,6 +363,57 @@ fn sft_truncated() {
     sft_case("sft_truncated", &fixture().gpt2, json!({}), Some(16));
 }
 
+/// sft on `messages` conversations whose chat template marks the assistant
+/// with `{% generation %}`: the loss covers every assistant turn, exactly the
+/// tokens transformers' `return_assistant_tokens_mask` marks (not only the
+/// last turn, not the user's turns).
+#[test]
+fn sft_every_assistant_turn() {
+    let f = fixture();
+    let case = "sft_every_assistant_turn";
+    let template = f.dir.join("marked.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m.role[0] }}:{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}",
+    )
+    .unwrap();
+    let turn = |role: &str, content: &str| json!({"role": role, "content": content});
+    let records: Vec<Value> = sft_records()
+        .chunks(2)
+        .map(|pair| {
+            let mut messages = Vec::new();
+            for r in pair {
+                messages.push(turn("user", r["prompt"].as_str().unwrap()));
+                messages.push(turn("assistant", r["response"].as_str().unwrap().trim()));
+            }
+            json!({ "messages": messages })
+        })
+        .collect();
+    let data = write_jsonl(&f.dir.join(format!("{case}.jsonl")), &records);
+    let out = run_op(
+        case,
+        "sft",
+        json!({"batch_size": 2, "max_steps": 1, "lr": 1e-3}),
+        [
+            ("model", f.llama.clone()),
+            ("data", data.clone()),
+            ("chat_template", template.clone()),
+        ],
+    );
+    let m = step1(&out);
+    let r = reference(&[
+        "sft-chat",
+        "--model",
+        s(&f.llama),
+        "--data",
+        s(&data),
+        "--chat-template",
+        s(&template),
+    ]);
+    assert_eq!(m["tokens"], r["tokens"], "{case}: counted tokens");
+    check(case, m["loss"].as_f64().unwrap(), &r);
+}
+
 // ------------------------------------------------------------------ lm.pretrain
 
 /// lm.pretrain: texts + EOS each, concatenated, cut into seq_len blocks;

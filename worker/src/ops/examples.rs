@@ -20,6 +20,21 @@ use crate::train::epoch_permutation;
 pub struct Example {
     pub tokens: Vec<i64>,
     pub response_start: usize,
+    /// Which tokens the loss covers, when not every one from
+    /// `response_start` on (every assistant turn of a conversation).
+    pub labelled: Option<Vec<bool>>,
+}
+
+impl Example {
+    /// Which tokens the loss covers.
+    pub fn labelled(&self) -> Vec<bool> {
+        match &self.labelled {
+            Some(l) => l.clone(),
+            None => (0..self.tokens.len())
+                .map(|i| i >= self.response_start)
+                .collect(),
+        }
+    }
 }
 
 /// How a training op turns a prompt and a response into tokens: plainly
@@ -151,7 +166,39 @@ pub fn tokenize_example(
     Ok(Example {
         tokens: p,
         response_start,
+        labelled: None,
     })
+}
+
+/// A conversation that ends with the assistant, trained on every assistant
+/// turn: the tokens the chat template's `{% generation %}` blocks mark, as
+/// transformers' `return_assistant_tokens_mask` (TRL's
+/// `assistant_only_loss`) has them. `None` without a template that marks
+/// them. Longer than `max_len`, it keeps its start (TRL's truncation).
+pub fn tokenize_conversation(
+    format: &TextFormat<'_>,
+    messages: &serde_json::Value,
+    max_len: usize,
+) -> anyhow::Result<Option<Example>> {
+    let Some(chat) = format.chat.filter(|c| c.marks_generation()) else {
+        return Ok(None);
+    };
+    let rendered = chat
+        .conversation(messages)
+        .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+    let (mut tokens, mut labelled) = format.tokenizer.encode_with_assistant_mask(&rendered)?;
+    tokens.truncate(max_len);
+    labelled.truncate(max_len);
+    anyhow::ensure!(
+        labelled.iter().any(|&l| l),
+        "no assistant token within the first {max_len} tokens of the conversation"
+    );
+    let response_start = labelled.iter().position(|&l| l).expect("checked");
+    Ok(Some(Example {
+        tokens,
+        response_start,
+        labelled: Some(labelled),
+    }))
 }
 
 /// Reads a comparisons file record by record: `each(line, prompt,

@@ -1,5 +1,7 @@
 //! `sft`: supervised fine-tuning on (prompt, response) records; the loss
-//! covers response tokens only. Full fine-tuning or LoRA (merged on export).
+//! covers response tokens only: the last turn, or, for a conversation whose
+//! chat template marks `{% generation %}`, every assistant turn. Full
+//! fine-tuning or LoRA (merged on export).
 
 use anyhow::Context;
 use tch::Tensor;
@@ -9,9 +11,9 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::{apply_template, Tokenizer};
 use alignflow_ops::{SftParams, StageContext};
 
-use super::examples::{tokenize_example, TextFormat};
+use super::examples::{tokenize_conversation, tokenize_example, Example, TextFormat};
 use super::load::{self, eos_id};
-use super::training::{causal_lm_loss, right_pad, run_training};
+use super::training::{causal_lm_loss, right_pad_labelled, run_training};
 use crate::model::{self, Head, Model};
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -31,27 +33,49 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     let data = ctx.input("data")?;
     let mut examples = Vec::new();
+    // Conversations trained on every assistant turn (the template marks them).
+    let mut assistant_turns_trained = 0usize;
     for (line, record) in read_jsonl::<serde_json::Value>(data)? {
         let at = || format!("stage `{}`: {}:{line}", ctx.spec.stage, data.display());
         let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         let (prompt, response) =
             prompt_and_response(&record, &p).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-        examples.push(
-            tokenize_example(&format, &prompt, &response, eos, max_len).with_context(|| at())?,
-        );
+        let every_turn = match record.get("messages") {
+            Some(messages) => {
+                tokenize_conversation(&format, messages, max_len).with_context(|| at())?
+            }
+            None => None,
+        };
+        let example = match every_turn {
+            Some(example) => {
+                assistant_turns_trained += 1;
+                example
+            }
+            None => {
+                tokenize_example(&format, &prompt, &response, eos, max_len).with_context(|| at())?
+            }
+        };
+        examples.push(example);
     }
     let pad = model.lm.cfg.pad_id();
+    let labelled: Vec<Vec<bool>> = examples.iter().map(Example::labelled).collect();
     let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
-        let rows: Vec<(&[i64], usize)> = idx
+        let rows: Vec<(&[i64], &[bool])> = idx
             .iter()
-            .map(|&i| (examples[i].tokens.as_slice(), examples[i].response_start))
+            .map(|&i| (examples[i].tokens.as_slice(), labelled[i].as_slice()))
             .collect();
-        let (ids, mask, labels) = right_pad(&rows, pad, device);
+        let (ids, mask, labels) = right_pad_labelled(&rows, pad, device);
         Ok(causal_lm_loss(m, &ids, &mask, &labels, p.dropout))
     };
     let n = examples.len();
     let mut metrics = run_training(ctx, &mut model, &p.train, p.lr, n, &mut loss_fn)?;
     metrics.insert("examples".into(), n.into());
+    if chat.as_ref().is_some_and(|c| c.marks_generation()) {
+        metrics.insert(
+            "conversations_on_every_assistant_turn".into(),
+            assistant_turns_trained.into(),
+        );
+    }
     format.report(&ctx.spec.stage, &mut metrics);
     Ok(metrics)
 }

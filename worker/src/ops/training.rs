@@ -180,13 +180,32 @@ fn step_record(
 /// # Shapes
 /// -> three `[rows, max_len]` int64 tensors.
 pub fn right_pad(rows: &[(&[i64], usize)], pad: i64, device: Device) -> (Tensor, Tensor, Tensor) {
+    let labelled: Vec<Vec<bool>> = rows
+        .iter()
+        .map(|(r, loss_from)| (0..r.len()).map(|i| i >= *loss_from).collect())
+        .collect();
+    let rows: Vec<(&[i64], &[bool])> = rows
+        .iter()
+        .zip(&labelled)
+        .map(|((r, _), l)| (*r, l.as_slice()))
+        .collect();
+    right_pad_labelled(&rows, pad, device)
+}
+
+/// [`right_pad`] with the labelled tokens of each row given one by one
+/// (e.g. every assistant turn of a conversation).
+pub fn right_pad_labelled(
+    rows: &[(&[i64], &[bool])],
+    pad: i64,
+    device: Device,
+) -> (Tensor, Tensor, Tensor) {
     let len = rows.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
     let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-    for (r, loss_from) in rows {
-        for (i, &t) in r.iter().enumerate() {
+    for (r, labelled) in rows {
+        for (&t, &l) in r.iter().zip(labelled.iter()) {
             ids.push(t);
             mask.push(1i64);
-            labels.push(if i >= *loss_from { t } else { -100 });
+            labels.push(if l { t } else { -100 });
         }
         for _ in r.len()..len {
             ids.push(pad);
