@@ -361,7 +361,7 @@ impl FeedbackSummary {
 /// The `ai_feedback` op.
 pub const OP: OpDecl = OpDecl {
     name: "ai_feedback",
-    version: 2,
+    version: 3,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
         Port::input("model", "the feedback model folder"),

@@ -56,7 +56,7 @@ fn default_batch_size() -> usize {
 /// The `baseline_scores` op.
 pub const OP: OpDecl = OpDecl {
     name: "baseline_scores",
-    version: 2,
+    version: 3,
     summary: "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)",
     inputs: &[
         Port::input("policy", "the starting policy folder (the SFT model)"),

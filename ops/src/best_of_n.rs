@@ -145,7 +145,7 @@ impl BestOfNReport {
 /// The `best_of_n` op.
 pub const OP: OpDecl = OpDecl {
     name: "best_of_n",
-    version: 2,
+    version: 3,
     summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
     inputs: &[
         Port::input("policy", "the LM folder that samples the answers"),

@@ -280,7 +280,7 @@ pub fn cut_at_stop(text: &str) -> String {
 /// The `critique_revise` op.
 pub const OP: OpDecl = OpDecl {
     name: "critique_revise",
-    version: 2,
+    version: 3,
     summary: "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)",
     inputs: &[
         Port::input("model", "the model folder that critiques and revises"),

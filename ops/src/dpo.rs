@@ -172,7 +172,7 @@ const COMPARISONS_DOC: &str =
 /// The `dpo.reference` op.
 pub const REFERENCE_OP: OpDecl = OpDecl {
     name: "dpo.reference",
-    version: 2,
+    version: 3,
     summary: "the frozen reference's response log-probs of every comparison pair, cached for dpo",
     inputs: &[
         Port::input(
@@ -198,7 +198,7 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
 /// The `dpo` op.
 pub const OP: OpDecl = OpDecl {
     name: "dpo",
-    version: 2,
+    version: 3,
     summary: "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA",
     inputs: &[
         Port::input("policy", "the LM folder to train (usually the reference model)"),

@@ -380,7 +380,7 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
 /// The `evaluate` op.
 pub const OP: OpDecl = OpDecl {
     name: "evaluate",
-    version: 2,
+    version: 3,
     summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
     inputs: &[
         Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),

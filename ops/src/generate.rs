@@ -36,7 +36,7 @@ pub struct GenerateParams {
 /// The `generate` op.
 pub const OP: OpDecl = OpDecl {
     name: "generate",
-    version: 2,
+    version: 3,
     summary: "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)",
     inputs: &[
         Port::input("model", "the model folder"),

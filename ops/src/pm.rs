@@ -154,7 +154,7 @@ const PM_CONVENTIONS: &[&str] = &[
 /// The `pm.train` op.
 pub const TRAIN_OP: OpDecl = OpDecl {
     name: "pm.train",
-    version: 3,
+    version: 4,
     summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
     inputs: &[
         Port::input(
@@ -184,7 +184,7 @@ pub const TRAIN_OP: OpDecl = OpDecl {
 /// The `pm.pretrain` op.
 pub const PRETRAIN_OP: OpDecl = OpDecl {
     name: "pm.pretrain",
-    version: 3,
+    version: 4,
     summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
     inputs: &[
         Port::input("model", "the base LM folder"),

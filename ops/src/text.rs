@@ -10,6 +10,10 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
+    /// The token a sequence starts with, which cutting a prompt's start
+    /// keeps: `tokenizer_config.json`'s `bos_token`, else what the
+    /// post-processor puts before a text (Llama's `<|begin_of_text|>`).
+    pub bos_id: Option<u32>,
 }
 
 impl Tokenizer {
@@ -28,11 +32,28 @@ impl Tokenizer {
         let token_id = |key: &str| inner.token_to_id(token_text(&config[key])?);
         let eos_id = token_id("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
         let pad_id = token_id("pad_token").or(eos_id);
+        let added_bos = || {
+            let empty = inner.encode("", true).ok()?;
+            match empty.get_ids() {
+                [bos] => Some(*bos),
+                _ => None,
+            }
+        };
+        let bos_id = token_id("bos_token").or_else(added_bos);
         Ok(Tokenizer {
             inner,
             eos_id,
             pad_id,
+            bos_id,
         })
+    }
+
+    /// Drops `n` tokens from the start of the sequence `ids`, after its BOS
+    /// when it starts with one: a prompt cut to fit keeps its end and the
+    /// BOS the model was trained to see first.
+    pub fn cut_start(&self, ids: &mut Vec<i64>, n: usize) {
+        let keep = usize::from(ids.len() > n && ids.first().map(|&t| t as u32) == self.bos_id);
+        ids.drain(keep..keep + n.min(ids.len()));
     }
 
     /// Token ids of `text` as the start of a sequence: with what the

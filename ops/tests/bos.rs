@@ -62,6 +62,20 @@ fn sequences_start_with_the_bos_transformers_adds() {
                 let bos_text = case["bos_token"].as_str().unwrap();
                 let again = tokenizer.encode(&format!("{bos_text}{text}")).unwrap();
                 assert_eq!(again.iter().filter(|&&i| i == bos).count(), 1, "{family}");
+                // A prompt cut to fit keeps its BOS and its end.
+                assert_eq!(tokenizer.bos_id, Some(bos as u32), "{family}");
+                if expected.len() > 2 {
+                    let mut cut = expected.clone();
+                    tokenizer.cut_start(&mut cut, 1);
+                    let mut want = vec![bos];
+                    want.extend(&expected[2..]);
+                    assert_eq!(cut, want, "{family}: cut after the BOS");
+                }
+            } else {
+                // No BOS: a cut drops the first tokens.
+                let mut cut = expected.clone();
+                tokenizer.cut_start(&mut cut, 1.min(expected.len()));
+                assert_eq!(cut, expected[1.min(expected.len())..], "{family}");
             }
         }
     }

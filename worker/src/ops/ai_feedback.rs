@@ -271,7 +271,8 @@ fn reason(
                 true => tokenizer.encode(&q.text)?,
                 false => tokenizer.encode_start(&q.text)?,
             };
-            ids.drain(..ids.len().saturating_sub(budget));
+            let cut = ids.len().saturating_sub(budget);
+            tokenizer.cut_start(&mut ids, cut);
             prompts.push(ids);
         }
         let stop = |_: usize, toks: &[i64]| tokenizer.decode(toks).is_ok_and(|t| t.contains(cue));

@@ -84,7 +84,7 @@ impl Generator<'_> {
                     None => self.tokenizer.encode_start(text)?,
                 };
                 let cut = ids.len().saturating_sub(self.budget);
-                ids.drain(..cut);
+                self.tokenizer.cut_start(&mut ids, cut);
                 counts.truncated_prompts += usize::from(cut > 0);
                 batch.push(ids);
             }

@@ -143,7 +143,7 @@ pub(crate) fn check_prompt_turns(messages: &serde_json::Value) -> Result<(), Str
 }
 
 /// Tokenizes `prompt` + `response` as `format` says (+ EOS for plain
-/// text), truncated to `max_len` by dropping the prompt's beginning first,
+/// text), truncated to `max_len` by dropping the prompt's beginning (after its BOS) first,
 /// then the response's end.
 pub fn tokenize_example(
     format: &TextFormat<'_>,
@@ -160,7 +160,8 @@ pub fn tokenize_example(
         .min(max_len.saturating_sub(p.len().min(max_len / 2)));
     r.truncate(r_keep.max(1).min(r.len()));
     let p_keep = max_len.saturating_sub(r.len()).min(p.len());
-    p.drain(..p.len() - p_keep);
+    let cut = p.len() - p_keep;
+    format.tokenizer.cut_start(&mut p, cut);
     let response_start = p.len();
     p.extend(r);
     Ok(Example {

@@ -122,7 +122,7 @@ pub(crate) fn read_prompts(
             None => tokenizer.encode_start(&text)?,
         };
         let cut = ids.len().saturating_sub(source.budget);
-        ids.drain(..cut);
+        tokenizer.cut_start(&mut ids, cut);
         anyhow::ensure!(
             !ids.is_empty(),
             "stage `{stage}`: {}:{line}: empty prompt",
@@ -144,7 +144,7 @@ pub(crate) fn read_prompts(
     let cut = truncated(&prompts);
     if cut > 0 {
         tracing::warn!(
-            "stage `{stage}`: {cut} of {} prompts have more than {} tokens and keep only their last {}",
+            "stage `{stage}`: {cut} of {} prompts have more than {} tokens and keep only their last {} (after their BOS, if any)",
             prompts.len(),
             source.budget,
             source.budget

@@ -194,8 +194,8 @@ impl OptionTokens {
             drop < start,
             "the options do not fit the model's {max_len} positions"
         );
-        a.drain(..drop);
-        b.drain(..drop);
+        tokenizer.cut_start(&mut a, drop);
+        tokenizer.cut_start(&mut b, drop);
         start -= drop;
         anyhow::ensure!(start >= 1, "an empty feedback prompt");
         Ok((OptionTokens { a, b, start }, drop > 0))

@@ -358,7 +358,7 @@ impl RatingTokens {
             "the ratings do not fit the feedback model's {max_len} positions"
         );
         for r in &mut rows {
-            r.drain(..drop);
+            tokenizer.cut_start(r, drop);
         }
         start -= drop;
         Ok(RatingTokens { rows, start })
