@@ -172,8 +172,9 @@ mod tests {
         assert_eq!(normalized("dpo")["dropout"], json!(false));
         assert_eq!(normalized("pm.train")["dropout"], json!(false));
         assert_eq!(normalized("pm.pretrain")["dropout"], json!(false));
-        // Version 2 brought the dropout default, 3 the chat templates.
-        assert_eq!(find("pm.train").unwrap().version, 3);
+        // Version 2 brought the dropout default, 3 the chat templates, 4
+        // the BOS kept when a prompt is cut.
+        assert_eq!(find("pm.train").unwrap().version, 4);
         let v = find("sft")
             .unwrap()
             .normalize_params(&json!({"dropout": false}))

@@ -5,7 +5,8 @@ model-layer parity tests.
     python tests/parity/make_reference.py OUT_DIR
 
 For each of gpt2/, llama_gqa_tied/, llama_untied/, llama31_scaled/,
-llama_linear/, qwen3/, qwen3_yarn/ under OUT_DIR:
+llama_linear/, qwen3/, qwen3_yarn/, mistral_window/, qwen2_window/,
+smollm3/, olmo2/ under OUT_DIR:
   config.json, generation_config.json, model.safetensors   (save_pretrained)
   reference.safetensors   input_ids, attention_mask, position_ids, logits,
                           greedy_ids, greedy_logprobs
@@ -21,7 +22,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
 torch.set_num_threads(2)
@@ -70,6 +73,34 @@ def qwen3_config(scaling=None):
     )
 
 
+# The shape every Llama-family fixture below shares.
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+             initializer_range=INIT_STD, attn_implementation="eager")
+# A window of 4 keys: the batch (10 tokens + 12 generated) reaches far past it.
+WINDOW = 4
+
+
+def mistral_config():
+    return MistralConfig(**SMALL, sliding_window=WINDOW, tie_word_embeddings=False)
+
+
+def qwen2_window_config():
+    # Sliding attention from layer 1 on (layer 0 full), q/k/v biases.
+    return Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=WINDOW,
+                       max_window_layers=1, tie_word_embeddings=True)
+
+
+def smollm3_config():
+    # RoPE in layer 0, none in layer 1 (every 2nd layer).
+    return SmolLM3Config(**SMALL, no_rope_layer_interval=2, tie_word_embeddings=True)
+
+
+def olmo2_config():
+    return Olmo2Config(**SMALL, tie_word_embeddings=False)
+
+
 # Scaled RoPE with a small original context (16 positions, the batch
 # reaches 22), so the scaling changes the logits within the fixture;
 # build() checks it does against the same weights with plain RoPE.
@@ -86,6 +117,10 @@ MODELS = [
     ("llama_linear", LlamaForCausalLM, lambda: llama_config(2, False, 10000.0, LINEAR)),
     ("qwen3", Qwen3ForCausalLM, qwen3_config),
     ("qwen3_yarn", Qwen3ForCausalLM, lambda: qwen3_config(YARN)),
+    ("mistral_window", MistralForCausalLM, mistral_config),
+    ("qwen2_window", Qwen2ForCausalLM, qwen2_window_config),
+    ("smollm3", SmolLM3ForCausalLM, smollm3_config),
+    ("olmo2", Olmo2ForCausalLM, olmo2_config),
 ]
 
 
@@ -103,6 +138,23 @@ def unscaled_logits_diff(model, cfg, ids, mask, pos):
         a = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         b = plain(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     return (a - b)[mask.bool()].abs().max().item()
+
+
+def unwindowed_logits_diff(model, cfg, ids, mask, pos):
+    """Max |logits - logits with full attention everywhere| over real tokens
+    (0 without a sliding window)."""
+    if getattr(cfg, "sliding_window", None) is None:
+        return 0.0
+    full_cfg = type(cfg).from_dict(cfg.to_dict())
+    full_cfg.sliding_window = None
+    if getattr(full_cfg, "layer_types", None):
+        full_cfg.layer_types = ["full_attention"] * len(full_cfg.layer_types)
+    full = type(model)(full_cfg).eval()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        b = full(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return (a - b).abs()[mask.bool()].max().item()
 
 
 def perturb_norms(model, gen):
@@ -179,6 +231,10 @@ def build(name, cls, make_cfg, root):
                                   position_ids_from_mask(full_mask))
     if scaled:
         assert scaled > 1e-2, f"{name}: RoPE scaling changes the logits by only {scaled}"
+    windowed = unwindowed_logits_diff(model, cfg, greedy, full_mask,
+                                      position_ids_from_mask(full_mask))
+    if getattr(cfg, "sliding_window", None) is not None:
+        assert windowed > 1e-2, f"{name}: the sliding window changes the logits by only {windowed}"
 
     ref = {
         "input_ids": ids.contiguous(),
@@ -202,6 +258,7 @@ def build(name, cls, make_cfg, root):
             "min_greedy_margin": margin,
             "eos_suppressed_steps": eos_suppressed,
             "unscaled_rope_logits_diff": scaled,
+            "unwindowed_logits_diff": windowed,
             **{k: v.tolist() for k, v in ref.items()},
         }, f)
     files = sorted(os.listdir(out))
@@ -211,6 +268,8 @@ def build(name, cls, make_cfg, root):
     print(f"  min greedy top1-top2 margin {margin:.4g}, eos-suppressed steps {eos_suppressed}")
     if scaled:
         print(f"  max |logits - logits with unscaled RoPE| {scaled:.4g}")
+    if windowed:
+        print(f"  max |logits - logits with full attention| {windowed:.4g}")
 
 
 def main():

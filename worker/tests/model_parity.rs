@@ -12,8 +12,11 @@ use tch::{Device, Kind, Tensor};
 
 /// The fixtures of `make_reference.py`: GPT-2; Llama with GQA, tied and
 /// untied; Llama 3.1's `llama3` and `linear` RoPE scaling; Qwen3 (q/k norm,
-/// `head_dim` 16 with hidden 32 over 4 heads), plain and with YaRN.
-const MODELS: [&str; 7] = [
+/// `head_dim` 16 with hidden 32 over 4 heads), plain and with YaRN;
+/// Mistral with a 4-key sliding window on every layer and Qwen2 with one
+/// on its second; SmolLM3 without RoPE in its second layer; OLMo 2 (norms
+/// after each sublayer, q/k norms over the whole projection).
+const MODELS: [&str; 11] = [
     "gpt2",
     "llama_gqa_tied",
     "llama_untied",
@@ -21,6 +24,10 @@ const MODELS: [&str; 7] = [
     "llama_linear",
     "qwen3",
     "qwen3_yarn",
+    "mistral_window",
+    "qwen2_window",
+    "smollm3",
+    "olmo2",
 ];
 
 fn repo() -> PathBuf {

@@ -172,6 +172,19 @@ impl Queries {
         }
     }
 
+    /// [`Queries::mask`] narrowed to a sliding window over `kv_len` keys
+    /// (see [`Mask::windowed`]).
+    pub fn windowed_mask(&self, kv_len: i64, window: i64) -> Mask {
+        let (rows, q) = self.index.size2().expect("index is [batch or 1, q]");
+        let device = self.index.device();
+        let k = Tensor::arange(kv_len, (Kind::Int64, device)).view([1, 1, 1, kv_len]);
+        let band = k.gt_tensor(&(self.index.view([rows, 1, q, 1]) - window));
+        match &self.mask {
+            Mask::Explicit(m) => Mask::Explicit(band.logical_and(m)),
+            other => other.windowed(q, kv_len, window, device),
+        }
+    }
+
     /// The kept positions per row.
     pub fn per_row(&self) -> i64 {
         self.index.size()[1]
@@ -227,6 +240,33 @@ impl Mask {
             (false, 1) => Mask::Explicit(mask.to_kind(Kind::Bool).view([-1, 1, 1, kv_len])),
             _ => Mask::Explicit(attention_mask(mask, q_len)),
         }
+    }
+}
+
+impl Mask {
+    /// The same mask (sharing its tensor).
+    pub fn shallow_clone(&self) -> Mask {
+        match self {
+            Mask::Causal => Mask::Causal,
+            Mask::None => Mask::None,
+            Mask::Explicit(m) => Mask::Explicit(m.shallow_clone()),
+        }
+    }
+
+    /// This mask for the last `q_len` of `kv_len` positions, narrowed to a
+    /// sliding window: a query sees keys less than `window` positions
+    /// before it (transformers' `kv_idx > q_idx - sliding_window`, indices
+    /// into the padded sequence).
+    pub fn windowed(&self, q_len: i64, kv_len: i64, window: i64, device: tch::Device) -> Mask {
+        let q = Tensor::arange_start(kv_len - q_len, kv_len, (Kind::Int64, device))
+            .view([1, 1, q_len, 1]);
+        let k = Tensor::arange(kv_len, (Kind::Int64, device)).view([1, 1, 1, kv_len]);
+        let band = k.gt_tensor(&(&q - window));
+        Mask::Explicit(match self {
+            Mask::Causal => band.logical_and(&k.le_tensor(&q)),
+            Mask::None => band,
+            Mask::Explicit(m) => band.logical_and(m),
+        })
     }
 }
 

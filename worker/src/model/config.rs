@@ -1,5 +1,6 @@
 //! Model configuration from a Hugging Face `config.json`: the GPT-2 family
-//! and the Llama family (Llama, Qwen2, Qwen3, SmolLM, Mistral configs).
+//! and the Llama family (Llama, Qwen2, Qwen3, SmolLM2/3, Mistral, OLMo 2
+//! configs).
 
 use std::path::Path;
 
@@ -16,6 +17,27 @@ pub enum Arch {
     Gpt2,
     /// RoPE, RMSNorm, SwiGLU, grouped-query attention (Qwen3: with q/k RMSNorm).
     Llama,
+}
+
+/// Where a Llama-family block puts its RMSNorms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// Before attention (`input_layernorm`) and before the MLP
+    /// (`post_attention_layernorm`): Llama, Mistral, Qwen, SmolLM3.
+    Pre,
+    /// On the outputs of attention (`post_attention_layernorm`) and of the
+    /// MLP (`post_feedforward_layernorm`), before the residual add: OLMo 2.
+    Post,
+}
+
+/// RMSNorm of queries and keys before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head (`[head_dim]` weights): Qwen3.
+    PerHead,
+    /// Over the whole projection (`[heads * head_dim]` weights): OLMo 2.
+    Whole,
 }
 
 /// Everything the model code needs, normalised across families.
@@ -39,8 +61,16 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama's and Qwen3's `attention_bias`).
     pub o_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (Qwen3's `q_norm`, `k_norm`).
-    pub qk_norm: bool,
+    /// RMSNorm of q and k before RoPE (`q_norm`, `k_norm`).
+    pub qk_norm: QkNorm,
+    /// Where each block's norms sit.
+    pub norm_placement: NormPlacement,
+    /// Per layer: its sliding attention window in keys, `None` for full
+    /// attention (Mistral's `sliding_window`, `layer_types`).
+    pub layer_windows: Vec<Option<i64>>,
+    /// Per layer: whether RoPE rotates its queries and keys (SmolLM3's
+    /// `no_rope_layers` leaves it out of some).
+    pub layer_rope: Vec<bool>,
     /// Dropout on residuals, embeddings and attention (GPT-2); used in training only.
     pub dropout: f64,
     pub bos_token_id: Option<i64>,
@@ -80,9 +110,14 @@ struct RawConfig {
     head_dim: Option<i64>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
-    // Qwen2/Qwen3 sliding-window attention.
+    // Sliding-window attention: Mistral (every layer), Qwen2/Qwen3
+    // (`use_sliding_window` from `max_window_layers` on), `layer_types`.
     use_sliding_window: Option<bool>,
+    sliding_window: Option<i64>,
+    max_window_layers: Option<i64>,
     layer_types: Option<Vec<String>>,
+    // SmolLM3: 1 where a layer uses RoPE, 0 where it does not.
+    no_rope_layers: Option<Vec<i64>>,
     tie_word_embeddings: Option<bool>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
@@ -121,22 +156,6 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         c.mlp_bias != Some(true),
         "mlp_bias: true is not supported (MLP projections without bias only)"
     );
-    if model_type.starts_with("qwen") {
-        // Qwen's sliding window applies from layer `max_window_layers` on;
-        // transformers 5 spells the result out in `layer_types`.
-        anyhow::ensure!(
-            c.use_sliding_window != Some(true),
-            "use_sliding_window: true is not supported (sliding-window attention)"
-        );
-    }
-    if let Some(other) = c
-        .layer_types
-        .iter()
-        .flatten()
-        .find(|t| *t != "full_attention")
-    {
-        anyhow::bail!("layer_types `{other}` is not supported (full_attention layers only)");
-    }
     let hidden = c.hidden_size.context("hidden_size")?;
     let heads = c.num_attention_heads.context("num_attention_heads")?;
     // Qwen3Config's default is 128; the others derive it.
@@ -161,6 +180,19 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
     );
     let max_positions = c.max_position_embeddings.unwrap_or(2048);
+    let num_layers = c.num_hidden_layers.context("num_hidden_layers")?;
+    let layer_windows = layer_windows(c, model_type, num_layers)?;
+    let layer_rope = match &c.no_rope_layers {
+        Some(flags) if model_type == "smollm3" => {
+            anyhow::ensure!(
+                flags.len() == num_layers as usize,
+                "no_rope_layers has {} entries for {num_layers} layers",
+                flags.len()
+            );
+            flags.iter().map(|&f| f != 0).collect()
+        }
+        _ => vec![true; num_layers as usize],
+    };
     // Qwen2 has q/k/v biases and no others, whatever the config says;
     // Llama and Qwen3 put `attention_bias` on all four projections.
     let (qkv_bias, o_bias) = match model_type {
@@ -175,7 +207,7 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         arch: Arch::Llama,
         vocab_size: c.vocab_size,
         hidden_size: hidden,
-        num_layers: c.num_hidden_layers.context("num_hidden_layers")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
@@ -186,7 +218,17 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
         qkv_bias,
         o_bias,
-        qk_norm: model_type == "qwen3",
+        qk_norm: match model_type {
+            "qwen3" => QkNorm::PerHead,
+            "olmo2" => QkNorm::Whole,
+            _ => QkNorm::None,
+        },
+        norm_placement: match model_type {
+            "olmo2" => NormPlacement::Post,
+            _ => NormPlacement::Pre,
+        },
+        layer_windows,
+        layer_rope,
         dropout: 0.0,
         bos_token_id: token_id(&c.bos_token_id),
         eos_token_id: token_id(&c.eos_token_id),
@@ -194,6 +236,47 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         pad_token_id: token_id(&c.pad_token_id),
         raw,
     })
+}
+
+/// Each layer's sliding window: Mistral's `sliding_window` on every layer;
+/// else `layer_types` (transformers 5 spells every family's choice out
+/// there), else Qwen's `use_sliding_window` from `max_window_layers` on.
+fn layer_windows(
+    c: &RawConfig,
+    model_type: &str,
+    num_layers: i64,
+) -> anyhow::Result<Vec<Option<i64>>> {
+    let n = num_layers as usize;
+    let window = || {
+        c.sliding_window
+            .context("sliding_attention layers need `sliding_window`")
+    };
+    if model_type == "mistral" {
+        return Ok(vec![c.sliding_window; n]);
+    }
+    if let Some(types) = &c.layer_types {
+        anyhow::ensure!(
+            types.len() == n,
+            "layer_types has {} entries for {num_layers} layers",
+            types.len()
+        );
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => window().map(Some),
+                other => anyhow::bail!(
+                    "layer_types `{other}` is not supported (full_attention, sliding_attention)"
+                ),
+            })
+            .collect();
+    }
+    if c.use_sliding_window == Some(true) {
+        let from = c.max_window_layers.unwrap_or(28);
+        let w = window()?;
+        return Ok((0..num_layers).map(|i| (i >= from).then_some(w)).collect());
+    }
+    Ok(vec![None; n])
 }
 
 impl ModelConfig {
@@ -250,7 +333,10 @@ impl ModelConfig {
                     tie_word_embeddings: c.tie_word_embeddings.unwrap_or(true),
                     qkv_bias: true,
                     o_bias: true,
-                    qk_norm: false,
+                    qk_norm: QkNorm::None,
+                    norm_placement: NormPlacement::Pre,
+                    layer_windows: vec![None; c.n_layer.context("n_layer")? as usize],
+                    layer_rope: Vec::new(),
                     dropout: c.resid_pdrop.unwrap_or(0.0),
                     bos_token_id: token_id(&c.bos_token_id),
                     eos_token_id: token_id(&c.eos_token_id),
@@ -259,10 +345,12 @@ impl ModelConfig {
                     raw,
                 }
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" => llama_family(&c, &model_type, raw)?,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" | "olmo2" => {
+                llama_family(&c, &model_type, raw)?
+            }
             other => {
                 anyhow::bail!(
-                    "model_type `{other}` is not supported (gpt2, llama, mistral, qwen2, qwen3)"
+                    "model_type `{other}` is not supported (gpt2, llama, mistral, qwen2, qwen3, smollm3, olmo2)"
                 )
             }
         };
@@ -395,21 +483,39 @@ mod tests {
     fn qwen3_has_its_own_head_dim_and_qk_norm() {
         let cfg = qwen3(json!({})).unwrap();
         assert_eq!((cfg.head_dim, cfg.num_heads, cfg.hidden_size), (16, 4, 32));
-        assert!(cfg.qk_norm && !cfg.qkv_bias && !cfg.o_bias);
+        assert!(cfg.qk_norm == QkNorm::PerHead && !cfg.qkv_bias && !cfg.o_bias);
         let biased = qwen3(json!({"attention_bias": true})).unwrap();
         assert!(biased.qkv_bias && biased.o_bias);
+    }
+
+    #[test]
+    fn sliding_windows_per_layer() {
+        let qwen = qwen3(json!({"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 1, "layer_types": null}))
+            .unwrap();
+        assert_eq!(qwen.layer_windows, [None, Some(8)]);
+        let typed = qwen3(
+            json!({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}),
+        )
+        .unwrap();
+        assert_eq!(typed.layer_windows, [Some(4), None]);
+        let mut mistral = qwen3(json!({})).unwrap().raw;
+        mistral["model_type"] = json!("mistral");
+        mistral["sliding_window"] = json!(16);
+        let mistral = ModelConfig::from_json(mistral).unwrap();
+        assert_eq!(mistral.layer_windows, [Some(16), Some(16)]);
+        assert_eq!(qwen3(json!({})).unwrap().layer_windows, [None, None]);
     }
 
     #[test]
     fn keys_that_change_the_math_are_refused_by_name() {
         for (extra, needle) in [
             (
-                json!({"use_sliding_window": true, "sliding_window": 8}),
-                "use_sliding_window",
+                json!({"layer_types": ["full_attention", "chunked_attention"]}),
+                "layer_types `chunked_attention`",
             ),
             (
                 json!({"layer_types": ["full_attention", "sliding_attention"]}),
-                "layer_types `sliding_attention`",
+                "need `sliding_window`",
             ),
             (json!({"mlp_bias": true}), "mlp_bias"),
             (json!({"hidden_act": "gelu"}), "activation `gelu`"),

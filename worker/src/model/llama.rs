@@ -1,27 +1,50 @@
-//! The Llama family (Llama, Qwen2, Qwen3, SmolLM, Mistral): RoPE, RMSNorm,
-//! SwiGLU, grouped-query attention, under transformers' `LlamaModel` names
-//! (Qwen3 adds `q_norm` and `k_norm` to each attention block).
+//! The Llama family (Llama, Qwen2, Qwen3, SmolLM2/3, Mistral, OLMo 2): RoPE,
+//! RMSNorm, SwiGLU, grouped-query attention, under transformers'
+//! `LlamaModel` names. The variants: Qwen3 and OLMo 2 add `q_norm` and
+//! `k_norm` (per head, or over the whole projection), OLMo 2 normalises
+//! each sublayer's output instead of its input, Mistral and Qwen may slide
+//! a window over the keys, SmolLM3 leaves RoPE out of some layers.
 
 use tch::{nn, Kind, Tensor};
 
 use super::attention::{attend, KvCache, Mask, Queries};
-use super::config::ModelConfig;
+use super::config::{ModelConfig, NormPlacement, QkNorm};
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 
 #[derive(Debug)]
 struct Layer {
-    input_layernorm: Norm,
+    /// Norm of the attention's input (`input_layernorm`; `Pre` placement).
+    attn_in_norm: Option<Norm>,
+    /// Norm of the attention's output (`post_attention_layernorm`; `Post`).
+    attn_out_norm: Option<Norm>,
+    /// Norm of the MLP's input (`post_attention_layernorm`; `Pre`).
+    mlp_in_norm: Option<Norm>,
+    /// Norm of the MLP's output (`post_feedforward_layernorm`; `Post`).
+    mlp_out_norm: Option<Norm>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    /// Qwen3's per-head RMSNorm of queries and keys, before RoPE.
+    /// RMSNorm of queries and keys before RoPE.
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
-    post_attention_layernorm: Norm,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// The sliding window over keys, `None` for full attention.
+    window: Option<i64>,
+    /// Whether RoPE rotates this layer's queries and keys.
+    rope: bool,
+    /// `q_norm`/`k_norm` span the whole projection (OLMo 2), not each head.
+    whole_qk_norm: bool,
+}
+
+/// `norm` applied to `x` when there is one.
+fn maybe(norm: &Option<Norm>, x: Tensor) -> Tensor {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => x,
+    }
 }
 
 /// `model.*` of a Llama-family checkpoint.
@@ -58,26 +81,30 @@ impl Llama {
                 let lin = |path: nn::Path, i_: i64, o: i64, bias: bool| {
                     Linear::new(path, i_, o, bias, Layout::OutIn, lora)
                 };
+                let norm = |name: &str| Norm::rms_norm(&l / name, h, cfg.norm_eps);
+                let pre = cfg.norm_placement == NormPlacement::Pre;
+                let (q_dim, k_dim) = match cfg.qk_norm {
+                    QkNorm::None => (None, None),
+                    QkNorm::PerHead => (Some(hd), Some(hd)),
+                    QkNorm::Whole => (Some(cfg.num_heads * hd), Some(cfg.num_kv_heads * hd)),
+                };
                 Layer {
-                    input_layernorm: Norm::rms_norm(&l / "input_layernorm", h, cfg.norm_eps),
+                    attn_in_norm: pre.then(|| norm("input_layernorm")),
+                    attn_out_norm: (!pre).then(|| norm("post_attention_layernorm")),
+                    mlp_in_norm: pre.then(|| norm("post_attention_layernorm")),
+                    mlp_out_norm: (!pre).then(|| norm("post_feedforward_layernorm")),
                     q_proj: lin(&a / "q_proj", h, cfg.num_heads * hd, cfg.qkv_bias),
                     k_proj: lin(&a / "k_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
                     v_proj: lin(&a / "v_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
                     o_proj: lin(&a / "o_proj", cfg.num_heads * hd, h, cfg.o_bias),
-                    q_norm: cfg
-                        .qk_norm
-                        .then(|| Norm::rms_norm(&a / "q_norm", hd, cfg.norm_eps)),
-                    k_norm: cfg
-                        .qk_norm
-                        .then(|| Norm::rms_norm(&a / "k_norm", hd, cfg.norm_eps)),
-                    post_attention_layernorm: Norm::rms_norm(
-                        &l / "post_attention_layernorm",
-                        h,
-                        cfg.norm_eps,
-                    ),
+                    q_norm: q_dim.map(|d| Norm::rms_norm(&a / "q_norm", d, cfg.norm_eps)),
+                    k_norm: k_dim.map(|d| Norm::rms_norm(&a / "k_norm", d, cfg.norm_eps)),
                     gate_proj: lin(&m / "gate_proj", h, cfg.intermediate_size, false),
                     up_proj: lin(&m / "up_proj", h, cfg.intermediate_size, false),
                     down_proj: lin(&m / "down_proj", cfg.intermediate_size, h, false),
+                    window: cfg.layer_windows[i as usize],
+                    rope: cfg.layer_rope[i as usize],
+                    whole_qk_norm: cfg.qk_norm == QkNorm::Whole,
                 }
             })
             .collect();
@@ -137,15 +164,17 @@ impl Llama {
             v * &cos + rotated * &sin
         };
         let last = self.layers.len() - 1;
+        let kv_len = cache.as_deref().map_or(0, KvCache::len) + t;
+        let device = ids.device();
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.input_layernorm.forward(&x);
+            let a = maybe(&layer.attn_in_norm, x.shallow_clone());
             let heads = |proj: &Linear, n: i64, norm: &Option<Norm>| {
-                let x = proj.forward(&a, train).view([b, t, n, self.head_dim]);
-                match norm {
-                    Some(norm) => norm.forward(&x),
-                    None => x,
-                }
-                .transpose(1, 2)
+                let y = proj.forward(&a, train);
+                let y = match layer.whole_qk_norm {
+                    true => maybe(norm, y).view([b, t, n, self.head_dim]),
+                    false => maybe(norm, y.view([b, t, n, self.head_dim])),
+                };
+                y.transpose(1, 2)
             };
             let q = heads(&layer.q_proj, self.heads, &layer.q_norm);
             let k = heads(&layer.k_proj, self.kv_heads, &layer.k_norm);
@@ -154,7 +183,10 @@ impl Llama {
                 .forward(&a, train)
                 .view([b, t, self.kv_heads, self.head_dim])
                 .transpose(1, 2);
-            let (q, k) = (rotate(&q), rotate(&k));
+            let (q, k) = match layer.rope {
+                true => (rotate(&q), rotate(&k)),
+                false => (q, k),
+            };
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, k, v),
                 None => (k, v),
@@ -164,17 +196,24 @@ impl Llama {
             let (q, mask, q_len) = match keep.filter(|_| i == last) {
                 Some(kept) => {
                     x = kept.take(&x, 1);
-                    (kept.take(&q, 2), &kept.mask, kept.per_row())
+                    let mask = match layer.window {
+                        Some(w) => kept.windowed_mask(kv_len, w),
+                        None => kept.mask.shallow_clone(),
+                    };
+                    (kept.take(&q, 2), mask, kept.per_row())
                 }
-                None => (q, mask, t),
+                None => match layer.window {
+                    Some(w) => (q, mask.windowed(t, kv_len, w, device), t),
+                    None => (q, mask.shallow_clone(), t),
+                },
             };
-            let y = attend(&q, &k, &v, mask, 0.0, train)
+            let y = attend(&q, &k, &v, &mask, 0.0, train)
                 .transpose(1, 2)
                 .reshape([b, q_len, -1]);
-            x = x + layer.o_proj.forward(&y, train);
-            let m = layer.post_attention_layernorm.forward(&x);
+            x = x + maybe(&layer.attn_out_norm, layer.o_proj.forward(&y, train));
+            let m = maybe(&layer.mlp_in_norm, x.shallow_clone());
             let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);
-            x = x + layer.down_proj.forward(&m, train);
+            x = x + maybe(&layer.mlp_out_norm, layer.down_proj.forward(&m, train));
         }
         self.norm.forward(&x)
     }
