@@ -6,7 +6,8 @@ model-layer parity tests.
 
 For each of gpt2/, llama_gqa_tied/, llama_untied/, llama31_scaled/,
 llama_linear/, qwen3/, qwen3_yarn/, mistral_window/, qwen2_window/,
-smollm3/, olmo2/ under OUT_DIR:
+smollm3/, olmo2/, gemma/, gemma2/, gemma3/, phi3_window/, phi35_long/, phi35_short/
+under OUT_DIR:
   config.json, generation_config.json, model.safetensors   (save_pretrained)
   reference.safetensors   input_ids, attention_mask, position_ids, logits,
                           greedy_ids, greedy_logprobs
@@ -22,8 +23,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-    MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+    GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    MistralForCausalLM, Olmo2Config, Phi3Config, Phi3ForCausalLM, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM,
 )
 
@@ -101,6 +103,51 @@ def olmo2_config():
     return Olmo2Config(**SMALL, tie_word_embeddings=False)
 
 
+# Gemma: head_dim 16 (not hidden / heads = 8), a query_pre_attn_scalar apart
+# from head_dim, and caps low enough to bite on these logits.
+GEMMA = dict(SMALL, head_dim=16, hidden_activation="gelu_pytorch_tanh")
+
+
+def gemma_config():
+    return GemmaConfig(**{k: v for k, v in GEMMA.items() if k != "hidden_activation"},
+                       hidden_act="gelu_pytorch_tanh")
+
+
+def gemma2_config():
+    return Gemma2Config(**GEMMA, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                        layer_types=["sliding_attention", "full_attention"],
+                        attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+
+
+def gemma3_config():
+    # Local and global RoPE bases differ, as in the real models.
+    return Gemma3TextConfig(**GEMMA, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                            layer_types=["sliding_attention", "full_attention"],
+                            rope_parameters={
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                            })
+
+
+def phi3_window_config():
+    # Fused qkv_proj and gate_up_proj; a window on every layer (Phi-3 mini 4k).
+    return Phi3Config(**SMALL, sliding_window=WINDOW, tie_word_embeddings=False)
+
+
+def phi35_longrope_config(original):
+    # Phi-3.5's LongRoPE. transformers picks the short or the long factors
+    # per forward pass (its last position against the original context), so
+    # incremental decoding and a full forward only agree when every pass
+    # takes the same side: `phi35_long` (original 8 < the 10-token prompt)
+    # always uses the long factors, `phi35_short` (32 > 22) the short ones.
+    return Phi3Config(**SMALL, tie_word_embeddings=False,
+                      original_max_position_embeddings=original,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                       "short_factor": [1.0, 1.2, 1.5, 2.0],
+                                       "long_factor": [1.0, 2.5, 5.0, 8.0],
+                                       "original_max_position_embeddings": original})
+
+
 # Scaled RoPE with a small original context (16 positions, the batch
 # reaches 22), so the scaling changes the logits within the fixture;
 # build() checks it does against the same weights with plain RoPE.
@@ -121,6 +168,12 @@ MODELS = [
     ("qwen2_window", Qwen2ForCausalLM, qwen2_window_config),
     ("smollm3", SmolLM3ForCausalLM, smollm3_config),
     ("olmo2", Olmo2ForCausalLM, olmo2_config),
+    ("gemma", GemmaForCausalLM, gemma_config),
+    ("gemma2", Gemma2ForCausalLM, gemma2_config),
+    ("gemma3", Gemma3ForCausalLM, gemma3_config),
+    ("phi3_window", Phi3ForCausalLM, phi3_window_config),
+    ("phi35_long", Phi3ForCausalLM, lambda: phi35_longrope_config(8)),
+    ("phi35_short", Phi3ForCausalLM, lambda: phi35_longrope_config(32)),
 ]
 
 
@@ -146,9 +199,9 @@ def unwindowed_logits_diff(model, cfg, ids, mask, pos):
     if getattr(cfg, "sliding_window", None) is None:
         return 0.0
     full_cfg = type(cfg).from_dict(cfg.to_dict())
-    full_cfg.sliding_window = None
-    if getattr(full_cfg, "layer_types", None):
-        full_cfg.layer_types = ["full_attention"] * len(full_cfg.layer_types)
+    # A window longer than any sequence (Gemma builds sliding masks whatever
+    # the layer types say, so the key stays set).
+    full_cfg.sliding_window = 1 << 20
     full = type(model)(full_cfg).eval()
     full.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -273,6 +326,9 @@ def build(name, cls, make_cfg, root):
 
 
 def main():
+    if len(sys.argv) == 3:  # OUT_DIR NAME: one fixture
+        build(*next(m for m in MODELS if m[0] == sys.argv[2]), sys.argv[1])
+        return
     if len(sys.argv) != 2:
         sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
     root = sys.argv[1]

@@ -15,8 +15,13 @@ use tch::{Device, Kind, Tensor};
 /// `head_dim` 16 with hidden 32 over 4 heads), plain and with YaRN;
 /// Mistral with a 4-key sliding window on every layer and Qwen2 with one
 /// on its second; SmolLM3 without RoPE in its second layer; OLMo 2 (norms
-/// after each sublayer, q/k norms over the whole projection).
-const MODELS: [&str; 11] = [
+/// after each sublayer, q/k norms over the whole projection); Gemma
+/// (scaled embeddings, GeGLU, `1 + w` norms), Gemma 2 (norms around each
+/// sublayer, soft-capped scores and logits, alternating 4-key windows) and
+/// Gemma 3 (q/k norms, local and global RoPE bases); Phi-3 (fused
+/// `qkv_proj` and `gate_up_proj`, a window on every layer) and Phi-3.5's
+/// LongRoPE on its long and its short factors.
+const MODELS: [&str; 17] = [
     "gpt2",
     "llama_gqa_tied",
     "llama_untied",
@@ -28,6 +33,12 @@ const MODELS: [&str; 11] = [
     "qwen2_window",
     "smollm3",
     "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3_window",
+    "phi35_long",
+    "phi35_short",
 ];
 
 fn repo() -> PathBuf {
@@ -440,5 +451,44 @@ fn merged_lora_logits_equal_the_adapted_model() {
         });
         let diff = max_diff_on_mask(&merged, &adapted, &r["attention_mask"]);
         assert!(diff < 1e-5, "{name}: merged vs adapted {diff}");
+    }
+}
+
+/// The README's families table is true: every `model_type` it lists loads
+/// (a fixture of that type above), and every type the loader accepts is
+/// listed.
+#[test]
+fn the_readme_families_table_lists_what_loads() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let listed: Vec<String> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| model_type |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_string()
+        })
+        .collect();
+    let mut supported = vec!["gpt2"];
+    supported.extend(alignflow_worker::model::LLAMA_FAMILY);
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    supported.sort();
+    assert_eq!(listed_sorted, supported, "README families vs the loader");
+    for model_type in &listed {
+        let fixture = MODELS.iter().find(|name| {
+            let config =
+                std::fs::read_to_string(fixtures().join(name).join("config.json")).unwrap();
+            serde_json::from_str::<serde_json::Value>(&config).unwrap()["model_type"]
+                == **model_type
+        });
+        let name = fixture.unwrap_or_else(|| panic!("no parity fixture of type {model_type}"));
+        let model = load(name, Head::Lm);
+        assert_eq!(model.lm.cfg.raw["model_type"], **model_type);
     }
 }

@@ -270,7 +270,18 @@ impl Mask {
     }
 }
 
-/// Fused scaled-dot-product attention (grouped-query aware).
+/// How attention scores are formed before the softmax.
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    /// The factor on `q . k` (default `head_dim^-0.5`).
+    pub scale: Option<f64>,
+    /// `cap * tanh(scores / cap)` (Gemma 2): no fused kernel has it, so the
+    /// scores are computed here, as transformers' eager attention does.
+    pub softcap: Option<f64>,
+}
+
+/// Scaled-dot-product attention (grouped-query aware): libtorch's fused
+/// kernel, or the explicit computation when scores are soft-capped.
 ///
 /// # Shapes
 /// `q`: `[b, heads, q, d]`; `k`, `v`: `[b, kv_heads, kv, d]` -> `[b, heads, q, d]`.
@@ -279,6 +290,7 @@ pub fn attend(
     k: &Tensor,
     v: &Tensor,
     mask: &Mask,
+    scores: &Scores,
     dropout: f64,
     train: bool,
 ) -> Tensor {
@@ -296,15 +308,55 @@ pub fn attend(
         )
     };
     let p = if train { dropout } else { 0.0 };
+    if let Some(cap) = scores.softcap {
+        return capped(q, &k, &v, mask, scores.scale, cap, p, train);
+    }
+    let scale = scores.scale;
     match mask {
         Mask::Causal => {
-            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, true, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, true, scale, false)
         }
         Mask::None => {
-            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, false, None, false)
+            Tensor::scaled_dot_product_attention::<Tensor>(q, &k, &v, None, p, false, scale, false)
         }
         Mask::Explicit(m) => {
-            Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), p, false, None, false)
+            Tensor::scaled_dot_product_attention(q, &k, &v, Some(m), p, false, scale, false)
         }
     }
+}
+
+/// Attention with soft-capped scores, as transformers' eager path: scores
+/// scaled, capped, masked, soft-maxed in float32, then cast back.
+#[allow(clippy::too_many_arguments)]
+fn capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Mask,
+    scale: Option<f64>,
+    cap: f64,
+    dropout: f64,
+    train: bool,
+) -> Tensor {
+    let d = *q.size().last().expect("q is [b, h, q, d]");
+    let scale = scale.unwrap_or((d as f64).powf(-0.5));
+    let s = q.matmul(&k.transpose(-2, -1)) * scale;
+    let s = (s / cap).tanh() * cap;
+    let (q_len, kv_len) = (q.size()[2], k.size()[2]);
+    let allowed = match mask {
+        Mask::None => None,
+        Mask::Causal => Some(Mask::Causal.windowed(q_len, kv_len, kv_len + 1, q.device())),
+        Mask::Explicit(_) => Some(mask.shallow_clone()),
+    };
+    let s = match allowed {
+        Some(Mask::Explicit(m)) => s.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+        _ => s,
+    };
+    let w = s.softmax(-1, Kind::Float).to_kind(q.kind());
+    let w = if train && dropout > 0.0 {
+        w.dropout(dropout, true)
+    } else {
+        w
+    };
+    w.matmul(v)
 }

@@ -28,6 +28,34 @@ pub enum NormPlacement {
     /// On the outputs of attention (`post_attention_layernorm`) and of the
     /// MLP (`post_feedforward_layernorm`), before the residual add: OLMo 2.
     Post,
+    /// Both: `input_layernorm`, `post_attention_layernorm`,
+    /// `pre_feedforward_layernorm`, `post_feedforward_layernorm` (Gemma 2/3).
+    Sandwich,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (`silu`).
+    Silu,
+    /// GeGLU with the tanh approximation (`gelu_pytorch_tanh`): Gemma.
+    GeluTanh,
+}
+
+/// What the Gemma family changes in the Llama-family block.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GemmaVariant {
+    /// Embeddings times `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    /// Attention scores times this instead of `head_dim^-0.5`
+    /// (`query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f64>,
+    /// `cap * tanh(scores / cap)` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// `cap * tanh(logits / cap)` on the LM head's logits (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// RMSNorms scale by `1 + weight` (weights initialised to 0).
+    pub norm_unit_offset: bool,
 }
 
 /// RMSNorm of queries and keys before RoPE.
@@ -56,6 +84,13 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     /// Rotary embedding (the Llama family; `None` for GPT-2).
     pub rope: Option<Rope>,
+    /// The rotary embedding of sliding-window layers when it differs
+    /// (Gemma 3's local base frequency).
+    pub local_rope: Option<Rope>,
+    pub activation: Activation,
+    pub gemma: GemmaVariant,
+    /// Phi-3's fused `qkv_proj` and `gate_up_proj`.
+    pub fused_projections: bool,
     pub tie_word_embeddings: bool,
     /// Bias on the q/k/v projections (Qwen2 has one).
     pub qkv_bias: bool,
@@ -107,6 +142,12 @@ struct RawConfig {
     max_position_embeddings: Option<i64>,
     rms_norm_eps: Option<f64>,
     hidden_act: Option<String>,
+    // Gemma spellings.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     head_dim: Option<i64>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -146,12 +187,21 @@ fn token_id(v: &Option<Value>) -> Option<i64> {
 /// (q/k norm, explicit `head_dim`). Keys that would change the math and
 /// are not implemented are refused by name.
 fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<ModelConfig> {
-    if let Some(act) = &c.hidden_act {
-        anyhow::ensure!(
-            act == "silu",
-            "activation `{act}` is not supported (SwiGLU needs silu)"
-        );
-    }
+    let gemma = model_type.starts_with("gemma");
+    // Gemma 2/3 name it `hidden_activation`; Gemma and the rest `hidden_act`.
+    let act = c.hidden_activation.as_ref().or(c.hidden_act.as_ref());
+    let activation = match act.map(String::as_str) {
+        None if gemma => Activation::GeluTanh,
+        None | Some("silu") => Activation::Silu,
+        Some("gelu_pytorch_tanh") if gemma => Activation::GeluTanh,
+        Some(other) => anyhow::bail!(
+            "activation `{other}` is not supported (silu; gelu_pytorch_tanh for Gemma)"
+        ),
+    };
+    anyhow::ensure!(
+        c.use_bidirectional_attention != Some(true),
+        "use_bidirectional_attention: true is not supported (causal attention only)"
+    );
     anyhow::ensure!(
         c.mlp_bias != Some(true),
         "mlp_bias: true is not supported (MLP projections without bias only)"
@@ -162,6 +212,7 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
     let head_dim = match (c.head_dim, model_type) {
         (Some(hd), _) => hd,
         (None, "qwen3") => 128,
+        (None, t) if t.starts_with("gemma") => 256,
         (None, _) => {
             anyhow::ensure!(
                 hidden % heads == 0,
@@ -182,6 +233,8 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
     let max_positions = c.max_position_embeddings.unwrap_or(2048);
     let num_layers = c.num_hidden_layers.context("num_hidden_layers")?;
     let layer_windows = layer_windows(c, model_type, num_layers)?;
+    let (rope, local_rope) = Rope::per_layer_type(&raw, max_positions)?;
+    rope.check_dim(head_dim)?;
     let layer_rope = match &c.no_rope_layers {
         Some(flags) if model_type == "smollm3" => {
             anyhow::ensure!(
@@ -214,17 +267,31 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         intermediate_size: c.intermediate_size.context("intermediate_size")?,
         max_positions,
         norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
-        rope: Some(Rope::from_config(&raw, max_positions)?),
-        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+        rope: Some(rope),
+        local_rope,
+        activation,
+        fused_projections: model_type == "phi3",
+        gemma: GemmaVariant {
+            embed_scale: gemma.then(|| (hidden as f64).sqrt()),
+            attn_scale: c
+                .query_pre_attn_scalar
+                .filter(|_| gemma)
+                .map(|s| s.powf(-0.5)),
+            attn_softcap: c.attn_logit_softcapping.filter(|_| model_type == "gemma2"),
+            final_softcap: c.final_logit_softcapping.filter(|_| gemma),
+            norm_unit_offset: gemma,
+        },
+        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
         qkv_bias,
         o_bias,
         qk_norm: match model_type {
-            "qwen3" => QkNorm::PerHead,
+            "qwen3" | "gemma3_text" => QkNorm::PerHead,
             "olmo2" => QkNorm::Whole,
             _ => QkNorm::None,
         },
         norm_placement: match model_type {
             "olmo2" => NormPlacement::Post,
+            "gemma2" | "gemma3_text" => NormPlacement::Sandwich,
             _ => NormPlacement::Pre,
         },
         layer_windows,
@@ -238,7 +305,21 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
     })
 }
 
-/// Each layer's sliding window: Mistral's `sliding_window` on every layer;
+/// The `model_type`s [`Arch::Llama`] covers.
+pub const LLAMA_FAMILY: [&str; 10] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+];
+
+/// Each layer's sliding window: Mistral's and Phi-3's `sliding_window` on every layer;
 /// else `layer_types` (transformers 5 spells every family's choice out
 /// there), else Qwen's `use_sliding_window` from `max_window_layers` on.
 fn layer_windows(
@@ -251,7 +332,8 @@ fn layer_windows(
         c.sliding_window
             .context("sliding_attention layers need `sliding_window`")
     };
-    if model_type == "mistral" {
+    // Their models slide the window on every layer whenever it is set.
+    if model_type == "mistral" || model_type == "phi3" {
         return Ok(vec![c.sliding_window; n]);
     }
     if let Some(types) = &c.layer_types {
@@ -330,6 +412,10 @@ impl ModelConfig {
                     max_positions: c.n_positions.unwrap_or(1024),
                     norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
                     rope: None,
+                    local_rope: None,
+                    activation: Activation::GeluTanh,
+                    gemma: GemmaVariant::default(),
+                    fused_projections: false,
                     tie_word_embeddings: c.tie_word_embeddings.unwrap_or(true),
                     qkv_bias: true,
                     o_bias: true,
@@ -345,12 +431,11 @@ impl ModelConfig {
                     raw,
                 }
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" | "olmo2" => {
-                llama_family(&c, &model_type, raw)?
-            }
+            t if LLAMA_FAMILY.contains(&t) => llama_family(&c, &model_type, raw)?,
             other => {
                 anyhow::bail!(
-                    "model_type `{other}` is not supported (gpt2, llama, mistral, qwen2, qwen3, smollm3, olmo2)"
+                    "model_type `{other}` is not supported (gpt2, {})",
+                    LLAMA_FAMILY.join(", ")
                 )
             }
         };
@@ -519,6 +604,10 @@ mod tests {
             ),
             (json!({"mlp_bias": true}), "mlp_bias"),
             (json!({"hidden_act": "gelu"}), "activation `gelu`"),
+            (
+                json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
             (
                 json!({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
                 "rope_type `dynamic`",

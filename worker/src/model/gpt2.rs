@@ -3,7 +3,7 @@
 
 use tch::{nn, Tensor};
 
-use super::attention::{attend, KvCache, Mask, Queries};
+use super::attention::{attend, KvCache, Mask, Queries, Scores};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 use super::onednn::PostOp;
@@ -129,7 +129,7 @@ impl Gpt2 {
                 }
                 None => (q, mask, t),
             };
-            let y = attend(&q, &k, &v, mask, self.dropout, train)
+            let y = attend(&q, &k, &v, mask, &Scores::default(), self.dropout, train)
                 .transpose(1, 2)
                 .reshape([b, q_len, -1]);
             x = x + block

@@ -59,7 +59,7 @@ pub struct LoraConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoraTargets {
     /// PEFT's default for the architecture: GPT-2 `c_attn`; Llama
-    /// `q_proj`, `v_proj`.
+    /// `q_proj`, `v_proj` (Phi-3's fused `qkv_proj`).
     Default,
     /// Every linear layer of the transformer blocks (not the LM head).
     AllLinear,
@@ -77,7 +77,7 @@ impl LoraConfig {
         let names: &[&str] = match (&self.targets, arch) {
             (LoraTargets::Modules(names), _) => return names.clone(),
             (LoraTargets::Default, Arch::Gpt2) => &["c_attn"],
-            (LoraTargets::Default, Arch::Llama) => &["q_proj", "v_proj"],
+            (LoraTargets::Default, Arch::Llama) => &["q_proj", "v_proj", "qkv_proj"],
             (LoraTargets::AllLinear, Arch::Gpt2) => &["c_attn", "c_proj", "c_fc"],
             (LoraTargets::AllLinear, Arch::Llama) => &[
                 "q_proj",
@@ -87,6 +87,8 @@ impl LoraConfig {
                 "gate_proj",
                 "up_proj",
                 "down_proj",
+                "qkv_proj",
+                "gate_up_proj",
             ],
         };
         names.iter().map(|n| n.to_string()).collect()
@@ -332,6 +334,8 @@ pub struct Norm {
     weight: Tensor,
     bias: Option<Tensor>,
     eps: f64,
+    /// Gemma's RMSNorm scales by `1 + weight`, in float32 before the cast.
+    unit_offset: bool,
 }
 
 impl Norm {
@@ -340,6 +344,7 @@ impl Norm {
             weight: path.var("weight", &[dim], nn::Init::Const(1.0)),
             bias: Some(path.var("bias", &[dim], nn::Init::Const(0.0))),
             eps,
+            unit_offset: false,
         }
     }
 
@@ -348,6 +353,17 @@ impl Norm {
             weight: path.var("weight", &[dim], nn::Init::Const(1.0)),
             bias: None,
             eps,
+            unit_offset: false,
+        }
+    }
+
+    /// Gemma's RMSNorm: `x / rms(x) * (1 + weight)`, weights starting at 0.
+    pub fn gemma_rms_norm(path: nn::Path, dim: i64, eps: f64) -> Norm {
+        Norm {
+            weight: path.var("weight", &[dim], nn::Init::Const(0.0)),
+            bias: None,
+            eps,
+            unit_offset: true,
         }
     }
 
@@ -356,12 +372,17 @@ impl Norm {
         match &self.bias {
             Some(b) => x.layer_norm([dim], Some(&self.weight), Some(b), self.eps, true),
             None => {
-                // As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale.
                 let kind = x.kind();
                 let xf = x.to_kind(Kind::Float);
                 let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-                let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
-                &self.weight * normed
+                let normed = xf * (var + self.eps).rsqrt();
+                if self.unit_offset {
+                    // As GemmaRMSNorm: scale in float32, then cast.
+                    (normed * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                } else {
+                    // As LlamaRMSNorm: cast back, then scale.
+                    &self.weight * normed.to_kind(kind)
+                }
             }
         }
     }

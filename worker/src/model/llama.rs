@@ -3,12 +3,15 @@
 //! `LlamaModel` names. The variants: Qwen3 and OLMo 2 add `q_norm` and
 //! `k_norm` (per head, or over the whole projection), OLMo 2 normalises
 //! each sublayer's output instead of its input, Mistral and Qwen may slide
-//! a window over the keys, SmolLM3 leaves RoPE out of some layers.
+//! a window over the keys, SmolLM3 leaves RoPE out of some layers, and
+//! Gemma 1/2/3 scale embeddings, use GeGLU and `1 + weight` norms (2 and 3
+//! norm both sides of each sublayer; 2 soft-caps attention scores; 3 has
+//! its own RoPE base for sliding layers).
 
 use tch::{nn, Kind, Tensor};
 
-use super::attention::{attend, KvCache, Mask, Queries};
-use super::config::{ModelConfig, NormPlacement, QkNorm};
+use super::attention::{attend, KvCache, Mask, Queries, Scores};
+use super::config::{Activation, GemmaVariant, ModelConfig, NormPlacement, QkNorm};
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 
 #[derive(Debug)]
@@ -21,22 +24,100 @@ struct Layer {
     mlp_in_norm: Option<Norm>,
     /// Norm of the MLP's output (`post_feedforward_layernorm`; `Post`).
     mlp_out_norm: Option<Norm>,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     /// RMSNorm of queries and keys before RoPE.
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
     /// The sliding window over keys, `None` for full attention.
     window: Option<i64>,
+    /// Whether the local RoPE (not the global one) rotates this layer.
+    local_rope: bool,
     /// Whether RoPE rotates this layer's queries and keys.
     rope: bool,
     /// `q_norm`/`k_norm` span the whole projection (OLMo 2), not each head.
     whole_qk_norm: bool,
+}
+
+/// The query, key and value projections: three (`q_proj`, `k_proj`,
+/// `v_proj`) or one fused (Phi-3's `qkv_proj`, queries then keys then values).
+#[derive(Debug)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's input projections: `gate_proj` and `up_proj`, or Phi-3's
+/// `gate_up_proj` (gate half first).
+#[derive(Debug)]
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    /// Queries, keys and values of `a`, each `[b, t, width]`.
+    fn forward(&self, a: &Tensor, q_width: i64, kv_width: i64, train: bool) -> [Tensor; 3] {
+        match self {
+            Qkv::Separate { q, k, v } => [
+                q.forward(a, train),
+                k.forward(a, train),
+                v.forward(a, train),
+            ],
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(a, train);
+                [
+                    y.narrow(-1, 0, q_width),
+                    y.narrow(-1, q_width, kv_width),
+                    y.narrow(-1, q_width + kv_width, kv_width),
+                ]
+            }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        }
+    }
+}
+
+impl GateUp {
+    /// The gate's and the up projection's outputs.
+    fn forward(&self, m: &Tensor, train: bool) -> (Tensor, Tensor) {
+        match self {
+            GateUp::Separate { gate, up } => (gate.forward(m, train), up.forward(m, train)),
+            GateUp::Fused(gate_up) => {
+                let y = gate_up.forward(m, train);
+                let half = y.size().last().expect("non-scalar") / 2;
+                (y.narrow(-1, 0, half), y.narrow(-1, half, half))
+            }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            GateUp::Separate { gate, up } => vec![gate, up],
+            GateUp::Fused(gate_up) => vec![gate_up],
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            GateUp::Separate { gate, up } => vec![gate, up],
+            GateUp::Fused(gate_up) => vec![gate_up],
+        }
+    }
 }
 
 /// `norm` applied to `x` when there is one.
@@ -56,10 +137,49 @@ pub struct Llama {
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
+    /// The global rotary embedding, and the sliding layers' own if any.
+    rope: RotaryTable,
+    local_rope: Option<RotaryTable>,
+    activation: Activation,
+    gemma: GemmaVariant,
+}
+
+/// What one rotary embedding computes cos and sin from.
+#[derive(Debug)]
+struct RotaryTable {
     /// `[head_dim / 2]`, float32.
     inv_freq: Tensor,
-    /// YaRN's factor on cos and sin (1 for the other scalings).
-    rope_factor: f64,
+    /// YaRN's and LongRoPE's factor on cos and sin (1 for the others).
+    factor: f64,
+    /// LongRoPE's frequencies for a forward pass reaching past the
+    /// original context, and its length.
+    long: Option<(Tensor, i64)>,
+}
+
+impl RotaryTable {
+    /// cos and sin of the rotary embedding at `positions`, as transformers
+    /// computes them (float32, then cast to the activations' kind).
+    ///
+    /// # Shapes
+    /// `positions`: `[b, t]` -> two `[b, 1, t, head_dim]`.
+    fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        // As transformers' `longrope_frequency_update`: the whole pass
+        // uses the long factors once its last position passes the context.
+        let inv_freq = match &self.long {
+            Some((long, original)) if positions.max().int64_value(&[]) + 1 > *original => long,
+            _ => &self.inv_freq,
+        };
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        let (cos, sin) = (emb.cos(), emb.sin());
+        // transformers multiplies by the factor in float32 before the cast.
+        let (cos, sin) = if self.factor == 1.0 {
+            (cos, sin)
+        } else {
+            (cos * self.factor, sin * self.factor)
+        };
+        (cos.to_kind(kind), sin.to_kind(kind))
+    }
 }
 
 impl Llama {
@@ -81,34 +201,87 @@ impl Llama {
                 let lin = |path: nn::Path, i_: i64, o: i64, bias: bool| {
                     Linear::new(path, i_, o, bias, Layout::OutIn, lora)
                 };
-                let norm = |name: &str| Norm::rms_norm(&l / name, h, cfg.norm_eps);
-                let pre = cfg.norm_placement == NormPlacement::Pre;
+                let rms = |path: nn::Path, dim: i64| match cfg.gemma.norm_unit_offset {
+                    true => Norm::gemma_rms_norm(path, dim, cfg.norm_eps),
+                    false => Norm::rms_norm(path, dim, cfg.norm_eps),
+                };
+                let norm = |name: &str| rms(&l / name, h);
                 let (q_dim, k_dim) = match cfg.qk_norm {
                     QkNorm::None => (None, None),
                     QkNorm::PerHead => (Some(hd), Some(hd)),
                     QkNorm::Whole => (Some(cfg.num_heads * hd), Some(cfg.num_kv_heads * hd)),
                 };
+                let [attn_in, attn_out, mlp_in, mlp_out] = match cfg.norm_placement {
+                    NormPlacement::Pre => [
+                        Some("input_layernorm"),
+                        None,
+                        Some("post_attention_layernorm"),
+                        None,
+                    ],
+                    NormPlacement::Post => [
+                        None,
+                        Some("post_attention_layernorm"),
+                        None,
+                        Some("post_feedforward_layernorm"),
+                    ],
+                    NormPlacement::Sandwich => [
+                        Some("input_layernorm"),
+                        Some("post_attention_layernorm"),
+                        Some("pre_feedforward_layernorm"),
+                        Some("post_feedforward_layernorm"),
+                    ],
+                };
+                let window = cfg.layer_windows[i as usize];
                 Layer {
-                    attn_in_norm: pre.then(|| norm("input_layernorm")),
-                    attn_out_norm: (!pre).then(|| norm("post_attention_layernorm")),
-                    mlp_in_norm: pre.then(|| norm("post_attention_layernorm")),
-                    mlp_out_norm: (!pre).then(|| norm("post_feedforward_layernorm")),
-                    q_proj: lin(&a / "q_proj", h, cfg.num_heads * hd, cfg.qkv_bias),
-                    k_proj: lin(&a / "k_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
-                    v_proj: lin(&a / "v_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
+                    attn_in_norm: attn_in.map(norm),
+                    attn_out_norm: attn_out.map(norm),
+                    mlp_in_norm: mlp_in.map(norm),
+                    mlp_out_norm: mlp_out.map(norm),
+                    qkv: match cfg.fused_projections {
+                        false => Qkv::Separate {
+                            q: lin(&a / "q_proj", h, cfg.num_heads * hd, cfg.qkv_bias),
+                            k: lin(&a / "k_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
+                            v: lin(&a / "v_proj", h, cfg.num_kv_heads * hd, cfg.qkv_bias),
+                        },
+                        true => Qkv::Fused(lin(
+                            &a / "qkv_proj",
+                            h,
+                            (cfg.num_heads + 2 * cfg.num_kv_heads) * hd,
+                            cfg.qkv_bias,
+                        )),
+                    },
                     o_proj: lin(&a / "o_proj", cfg.num_heads * hd, h, cfg.o_bias),
-                    q_norm: q_dim.map(|d| Norm::rms_norm(&a / "q_norm", d, cfg.norm_eps)),
-                    k_norm: k_dim.map(|d| Norm::rms_norm(&a / "k_norm", d, cfg.norm_eps)),
-                    gate_proj: lin(&m / "gate_proj", h, cfg.intermediate_size, false),
-                    up_proj: lin(&m / "up_proj", h, cfg.intermediate_size, false),
+                    q_norm: q_dim.map(|d| rms(&a / "q_norm", d)),
+                    k_norm: k_dim.map(|d| rms(&a / "k_norm", d)),
+                    gate_up: match cfg.fused_projections {
+                        false => GateUp::Separate {
+                            gate: lin(&m / "gate_proj", h, cfg.intermediate_size, false),
+                            up: lin(&m / "up_proj", h, cfg.intermediate_size, false),
+                        },
+                        true => GateUp::Fused(lin(
+                            &m / "gate_up_proj",
+                            h,
+                            2 * cfg.intermediate_size,
+                            false,
+                        )),
+                    },
                     down_proj: lin(&m / "down_proj", cfg.intermediate_size, h, false),
-                    window: cfg.layer_windows[i as usize],
+                    window,
+                    local_rope: window.is_some() && cfg.local_rope.is_some(),
                     rope: cfg.layer_rope[i as usize],
                     whole_qk_norm: cfg.qk_norm == QkNorm::Whole,
                 }
             })
             .collect();
-        let norm = Norm::rms_norm(&p / "norm", h, cfg.norm_eps);
+        let norm = match cfg.gemma.norm_unit_offset {
+            true => Norm::gemma_rms_norm(&p / "norm", h, cfg.norm_eps),
+            false => Norm::rms_norm(&p / "norm", h, cfg.norm_eps),
+        };
+        let table = |rope: &super::rope::Rope| RotaryTable {
+            inv_freq: rope.inv_freq(hd, p.device()),
+            factor: rope.attention_factor(),
+            long: rope.long_inv_freq(hd, p.device()),
+        };
         let rope = cfg.rope.as_ref().expect("Llama-family configs carry RoPE");
         Llama {
             embed_tokens,
@@ -117,27 +290,11 @@ impl Llama {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: hd,
-            inv_freq: rope.inv_freq(hd, p.device()),
-            rope_factor: rope.attention_factor(),
+            rope: table(rope),
+            local_rope: cfg.local_rope.as_ref().map(table),
+            activation: cfg.activation,
+            gemma: cfg.gemma.clone(),
         }
-    }
-
-    /// cos and sin of the rotary embedding at `positions`, as transformers
-    /// computes them (float32, then cast to the activations' kind).
-    ///
-    /// # Shapes
-    /// `positions`: `[b, t]` -> two `[b, 1, t, head_dim]`.
-    fn rope(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        let (cos, sin) = (emb.cos(), emb.sin());
-        // transformers multiplies by the factor in float32 before the cast.
-        let (cos, sin) = if self.rope_factor == 1.0 {
-            (cos, sin)
-        } else {
-            (cos * self.rope_factor, sin * self.rope_factor)
-        };
-        (cos.to_kind(kind), sin.to_kind(kind))
     }
 
     /// With `keep`, the last layer computes and the result holds only the
@@ -157,35 +314,46 @@ impl Llama {
     ) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
-        let (cos, sin) = self.rope(positions, x.kind());
-        let rotate = |v: &Tensor| {
+        if let Some(scale) = self.gemma.embed_scale {
+            // transformers rounds the scale to the activations' kind first.
+            let scale = Tensor::from(scale).to_kind(x.kind()).to_device(x.device());
+            x = x * scale;
+        }
+        let global = self.rope.cos_sin(positions, x.kind());
+        let local = self
+            .local_rope
+            .as_ref()
+            .map(|r| r.cos_sin(positions, x.kind()));
+        let rotate = |v: &Tensor, (cos, sin): &(Tensor, Tensor)| {
             let half = self.head_dim / 2;
             let rotated = Tensor::cat(&[-v.narrow(-1, half, half), v.narrow(-1, 0, half)], -1);
-            v * &cos + rotated * &sin
+            v * cos + rotated * sin
         };
         let last = self.layers.len() - 1;
         let kv_len = cache.as_deref().map_or(0, KvCache::len) + t;
         let device = ids.device();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = maybe(&layer.attn_in_norm, x.shallow_clone());
-            let heads = |proj: &Linear, n: i64, norm: &Option<Norm>| {
-                let y = proj.forward(&a, train);
+            let [q, k, v] = layer.qkv.forward(
+                &a,
+                self.heads * self.head_dim,
+                self.kv_heads * self.head_dim,
+                train,
+            );
+            let heads = |y: Tensor, n: i64, norm: &Option<Norm>| {
                 let y = match layer.whole_qk_norm {
                     true => maybe(norm, y).view([b, t, n, self.head_dim]),
                     false => maybe(norm, y.view([b, t, n, self.head_dim])),
                 };
                 y.transpose(1, 2)
             };
-            let q = heads(&layer.q_proj, self.heads, &layer.q_norm);
-            let k = heads(&layer.k_proj, self.kv_heads, &layer.k_norm);
-            let v = layer
-                .v_proj
-                .forward(&a, train)
-                .view([b, t, self.kv_heads, self.head_dim])
-                .transpose(1, 2);
-            let (q, k) = match layer.rope {
-                true => (rotate(&q), rotate(&k)),
-                false => (q, k),
+            let q = heads(q, self.heads, &layer.q_norm);
+            let k = heads(k, self.kv_heads, &layer.k_norm);
+            let v = v.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+            let (q, k) = match (layer.rope, &local) {
+                (false, _) => (q, k),
+                (true, Some(cs)) if layer.local_rope => (rotate(&q, cs), rotate(&k, cs)),
+                (true, _) => (rotate(&q, &global), rotate(&k, &global)),
             };
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, k, v),
@@ -207,12 +375,21 @@ impl Llama {
                     None => (q, mask.shallow_clone(), t),
                 },
             };
-            let y = attend(&q, &k, &v, &mask, 0.0, train)
+            let scores = Scores {
+                scale: self.gemma.attn_scale,
+                softcap: self.gemma.attn_softcap,
+            };
+            let y = attend(&q, &k, &v, &mask, &scores, 0.0, train)
                 .transpose(1, 2)
                 .reshape([b, q_len, -1]);
             x = x + maybe(&layer.attn_out_norm, layer.o_proj.forward(&y, train));
             let m = maybe(&layer.mlp_in_norm, x.shallow_clone());
-            let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);
+            let (gate, up) = layer.gate_up.forward(&m, train);
+            let gate = match self.activation {
+                Activation::Silu => gate.silu(),
+                Activation::GeluTanh => gate.gelu("tanh"),
+            };
+            let m = gate * up;
             x = x + maybe(&layer.mlp_out_norm, layer.down_proj.forward(&m, train));
         }
         self.norm.forward(&x)
@@ -220,29 +397,21 @@ impl Llama {
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.layers.iter().flat_map(|l| {
-            [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]
+            let mut all = l.qkv.linears();
+            all.push(&l.o_proj);
+            all.extend(l.gate_up.linears());
+            all.push(&l.down_proj);
+            all
         })
     }
 
     pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers.iter_mut().flat_map(|l| {
-            [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ]
+            let mut all = l.qkv.linears_mut();
+            all.push(&mut l.o_proj);
+            all.extend(l.gate_up.linears_mut());
+            all.push(&mut l.down_proj);
+            all
         })
     }
 }

@@ -22,7 +22,7 @@ use anyhow::Context;
 use tch::{nn, Device, Kind, Tensor};
 
 pub use attention::{attention_mask, query_mask, KvCache, Mask};
-pub use config::{Arch, ModelConfig};
+pub use config::{Arch, ModelConfig, LLAMA_FAMILY};
 pub use linear::{without_adapters, Layout, Linear, LoraConfig, LoraTargets};
 
 use gpt2::Gpt2;
@@ -216,7 +216,7 @@ impl Transformer {
     /// # Shapes
     /// `[b, t, hidden]` -> `[b, t, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden, false),
             None => {
                 let packed = self.tied_head_packed.lock().expect("pack lock");
@@ -226,6 +226,11 @@ impl Transformer {
                     .and_then(|p| linear::packed_forward(p, hidden, None, onednn::PostOp::None))
                     .unwrap_or_else(|| hidden.linear::<Tensor>(self.embeddings(), None))
             }
+        };
+        match self.cfg.gemma.final_softcap {
+            // Gemma 2: `cap * tanh(logits / cap)`.
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
         }
     }
 

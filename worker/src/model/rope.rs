@@ -2,9 +2,10 @@
 //! `rope_parameters` (transformers 5) or `rope_scaling` (older configs)
 //! asks for, computed as transformers' `modeling_rope_utils.py` computes
 //! them (same float32 operations in the same order, so the frequencies
-//! match bit for bit). Only the scalings that are a pure function of the
-//! config are supported: `default`, `linear`, `llama3` and `yarn`; the ones
-//! that change with the sequence length (`dynamic`, `longrope`) are refused.
+//! match bit for bit): `default`, `linear`, `llama3`, `yarn` and Phi-3's
+//! `longrope` (short factors, or long ones once a forward pass reaches
+//! past the original context). `dynamic`, which rescales as sequences
+//! grow, is refused.
 
 use std::f64::consts::PI;
 
@@ -44,6 +45,15 @@ pub enum Scaling {
         attention_factor: f64,
         truncate: bool,
     },
+    /// Phi-3's LongRoPE (`rope_type: longrope`): per-frequency divisors,
+    /// `short` while a forward pass stays within the original context,
+    /// `long` beyond it; cos and sin multiplied by `attention_factor`.
+    LongRope {
+        short: Vec<f64>,
+        long: Vec<f64>,
+        original_max_positions: f64,
+        attention_factor: f64,
+    },
 }
 
 /// A number under `key` of the RoPE parameters, if present and not null.
@@ -68,6 +78,58 @@ impl Rope {
     /// else 10000; `original_max_position_embeddings` from the top level,
     /// else them, else `max_position_embeddings`.
     pub fn from_config(raw: &Value, max_positions: i64) -> anyhow::Result<Rope> {
+        let (source, params) = Self::params(raw)?;
+        // Nested per layer type (`{"full_attention": {...}, ...}`): each
+        // kind of layer rotates differently (see [`Rope::per_layer_type`]).
+        if let Some((key, _)) = params.iter().find(|(_, v)| v.is_object()) {
+            anyhow::bail!(
+                "{}: RoPE parameters per layer type (`{key}`) are not supported",
+                source.unwrap_or("rope_parameters")
+            );
+        }
+        Self::from_params(raw, &params, max_positions)
+    }
+
+    /// The rotary embedding of full-attention layers and, when it differs,
+    /// of sliding-window layers: `rope_parameters` nested per layer type
+    /// (transformers 5's Gemma 3), or Gemma 3's older `rope_local_base_freq`
+    /// (a plain RoPE of that base for the sliding layers).
+    pub fn per_layer_type(raw: &Value, max_positions: i64) -> anyhow::Result<(Rope, Option<Rope>)> {
+        let (source, params) = Self::params(raw)?;
+        if params.values().any(Value::is_object) {
+            let of = |kind: &str| -> anyhow::Result<Rope> {
+                let nested = params
+                    .get(kind)
+                    .and_then(Value::as_object)
+                    .with_context(|| {
+                        format!(
+                            "{}: per layer type, but no `{kind}` object",
+                            source.unwrap_or("rope_parameters")
+                        )
+                    })?;
+                Self::from_params(raw, nested, max_positions)
+            };
+            if let Some(other) = params
+                .keys()
+                .find(|k| !["full_attention", "sliding_attention"].contains(&k.as_str()))
+            {
+                anyhow::bail!("RoPE parameters for layer type `{other}` are not supported");
+            }
+            return Ok((of("full_attention")?, Some(of("sliding_attention")?)));
+        }
+        let full = Self::from_params(raw, &params, max_positions)?;
+        let local = match raw.get("rope_local_base_freq").and_then(Value::as_f64) {
+            Some(theta) => Some(Rope {
+                theta,
+                scaling: Scaling::None,
+            }),
+            None => None,
+        };
+        Ok((full, local))
+    }
+
+    /// Where the RoPE settings are (`rope_scaling` wins) and what they say.
+    fn params(raw: &Value) -> anyhow::Result<(Option<&'static str>, Map<String, Value>)> {
         let present = |key: &str| raw.get(key).filter(|v| !v.is_null());
         let source = ["rope_scaling", "rope_parameters"]
             .into_iter()
@@ -79,14 +141,16 @@ impl Rope {
                 .clone(),
             None => Map::new(),
         };
-        // Nested per layer type (`{"full_attention": {...}, ...}`): each
-        // kind of layer would rotate differently.
-        if let Some((key, _)) = params.iter().find(|(_, v)| v.is_object()) {
-            anyhow::bail!(
-                "{}: RoPE parameters per layer type (`{key}`) are not supported",
-                source.unwrap_or("rope_parameters")
-            );
-        }
+        Ok((source, params))
+    }
+
+    /// The settings of one rotary embedding, `params` beside the config's
+    /// top-level keys.
+    fn from_params(
+        raw: &Value,
+        params: &Map<String, Value>,
+        max_positions: i64,
+    ) -> anyhow::Result<Rope> {
         let partial = number(&params, "partial_rotary_factor")?
             .or(raw.get("partial_rotary_factor").and_then(Value::as_f64));
         if let Some(p) = partial.filter(|p| *p != 1.0) {
@@ -121,8 +185,9 @@ impl Rope {
                 original_max_positions: original()?,
             },
             "yarn" => Self::yarn(&params, max_positions, original()?)?,
+            "longrope" => Self::longrope(&params, max_positions, original()?)?,
             other => anyhow::bail!(
-                "rope_type `{other}` is not supported (default, linear, llama3, yarn)"
+                "rope_type `{other}` is not supported (default, linear, llama3, yarn, longrope)"
             ),
         };
         Ok(Rope { theta, scaling })
@@ -170,14 +235,92 @@ impl Rope {
         })
     }
 
-    /// The factor cos and sin are multiplied by (YaRN's; 1 otherwise).
+    /// LongRoPE's settings (`_compute_longrope_parameters`): the factor
+    /// defaults to the context's growth, the attention factor to
+    /// `sqrt(1 + ln(factor) / ln(original))`.
+    fn longrope(
+        params: &Map<String, Value>,
+        max_positions: i64,
+        original: f64,
+    ) -> anyhow::Result<Scaling> {
+        let factors = |key: &str| -> anyhow::Result<Vec<f64>> {
+            params
+                .get(key)
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .with_context(|| format!("rope_type `longrope` needs `{key}`, a list of numbers"))
+        };
+        let factor = number(params, "factor")?.unwrap_or(max_positions as f64 / original);
+        let attention_factor = match number(params, "attention_factor")? {
+            Some(a) => a,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / original.ln()).sqrt(),
+        };
+        Ok(Scaling::LongRope {
+            short: factors("short_factor")?,
+            long: factors("long_factor")?,
+            original_max_positions: original,
+            attention_factor,
+        })
+    }
+
+    /// Checks the settings fit heads of `head_dim` (LongRoPE lists one
+    /// factor per frequency).
+    pub fn check_dim(&self, head_dim: i64) -> anyhow::Result<()> {
+        if let Scaling::LongRope { short, long, .. } = &self.scaling {
+            for (key, list) in [("short_factor", short), ("long_factor", long)] {
+                anyhow::ensure!(
+                    list.len() as i64 == head_dim / 2,
+                    "rope `{key}` has {} entries, head_dim {head_dim} needs {}",
+                    list.len(),
+                    head_dim / 2
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The factor cos and sin are multiplied by (YaRN's and LongRoPE's; 1
+    /// otherwise).
     pub fn attention_factor(&self) -> f64 {
         match self.scaling {
             Scaling::Yarn {
                 attention_factor, ..
+            }
+            | Scaling::LongRope {
+                attention_factor, ..
             } => attention_factor,
             _ => 1.0,
         }
+    }
+
+    /// LongRoPE's inverse frequencies beyond the original context, and that
+    /// context's length (`None` for the other scalings).
+    pub fn long_inv_freq(&self, dim: i64, device: Device) -> Option<(Tensor, i64)> {
+        match &self.scaling {
+            Scaling::LongRope {
+                long,
+                original_max_positions,
+                ..
+            } => Some((
+                self.divided(dim, long).to_device(device),
+                *original_max_positions as i64,
+            )),
+            _ => None,
+        }
+    }
+
+    /// `1 / (factors * base ** (arange(0, dim, 2) / dim))` in float32, as
+    /// LongRoPE computes it.
+    fn divided(&self, dim: i64, factors: &[f64]) -> Tensor {
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let powers = Tensor::from(self.theta)
+            .to_kind(Kind::Float)
+            .pow(&exponents);
+        let factors = Tensor::from_slice(factors).to_kind(Kind::Float);
+        (factors * powers).reciprocal()
     }
 
     /// The inverse frequencies, `[dim / 2]` float32 on `device` (computed on
@@ -226,6 +369,7 @@ impl Rope {
                 let extrapolation_factor = -ramp + 1.0;
                 interpolation * (-&extrapolation_factor + 1.0) + inv_freq * extrapolation_factor
             }
+            Scaling::LongRope { ref short, .. } => self.divided(dim, short),
         };
         scaled.to_device(device)
     }
@@ -306,8 +450,8 @@ mod tests {
                 "rope_type `dynamic`",
             ),
             (
-                json!({"rope_parameters": {"rope_type": "longrope"}}),
-                "rope_type `longrope`",
+                json!({"rope_parameters": {"rope_type": "longrope", "long_factor": [1.0]}}),
+                "needs `short_factor`",
             ),
             (
                 json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}),
