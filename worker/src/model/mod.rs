@@ -465,14 +465,22 @@ impl Model {
             .collect();
         checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
         let mut config = self.lm.cfg.raw.clone();
-        let family = match self.lm.cfg.arch {
-            Arch::Gpt2 => "GPT2",
-            Arch::Llama => match config["model_type"].as_str() {
-                Some("qwen2") => "Qwen2",
-                Some("qwen3") => "Qwen3",
-                Some("mistral") => "Mistral",
-                _ => "Llama",
-            },
+        // transformers' class names, as `architectures` lists them (tools
+        // such as vLLM pick the model class from it).
+        let (causal, classifier) = match (self.lm.cfg.arch, config["model_type"].as_str()) {
+            (Arch::Gpt2, _) => ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+            (_, Some("qwen2")) => ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+            (_, Some("qwen3")) => ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+            (_, Some("mistral")) => ("MistralForCausalLM", "MistralForSequenceClassification"),
+            (_, Some("smollm3")) => ("SmolLM3ForCausalLM", "SmolLM3ForSequenceClassification"),
+            (_, Some("olmo2")) => ("Olmo2ForCausalLM", "Olmo2ForSequenceClassification"),
+            (_, Some("gemma")) => ("GemmaForCausalLM", "GemmaForSequenceClassification"),
+            (_, Some("gemma2")) => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+            (_, Some("gemma3_text")) => {
+                ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification")
+            }
+            (_, Some("phi3")) => ("Phi3ForCausalLM", "Phi3ForSequenceClassification"),
+            _ => ("LlamaForCausalLM", "LlamaForSequenceClassification"),
         };
         let arch = match (self.reward.is_some(), self.value.is_some()) {
             (true, _) => {
@@ -480,9 +488,9 @@ impl Model {
                 config["id2label"] = serde_json::json!({"0": "LABEL_0"});
                 config["label2id"] = serde_json::json!({"LABEL_0": 0});
                 config["pad_token_id"] = self.lm.cfg.pad_id().into();
-                format!("{family}ForSequenceClassification")
+                classifier
             }
-            _ => format!("{family}ForCausalLM").replace("GPT2ForCausalLM", "GPT2LMHeadModel"),
+            _ => causal,
         };
         config["architectures"] = serde_json::json!([arch]);
         config["torch_dtype"] = "float32".into();
@@ -497,12 +505,16 @@ impl Model {
     }
 }
 
-/// Copies the tokenizer files of a model folder, if any.
+/// Copies the tokenizer files of a model folder, if any: the tokenizer,
+/// its chat template (transformers 5 keeps it in `chat_template.jinja`) and
+/// the generation config (Llama 3's stop ids).
 pub fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
     ] {
         let src = from.join(name);
         if src.exists() {

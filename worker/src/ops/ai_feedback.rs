@@ -146,6 +146,10 @@ fn questions(
                         let rendered = chat
                             .prompt(&turns)
                             .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+                        if questions.is_empty() {
+                            // The options are scored after the cue that follows.
+                            super::rendered::log("question", &turns, &rendered.text);
+                        }
                         let cue = if p.chain_of_thought {
                             COT_CUE
                         } else {

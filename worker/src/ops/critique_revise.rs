@@ -46,6 +46,8 @@ struct Generator<'a> {
     batch_size: usize,
     /// Most prompt tokens (over-long prompts keep their end).
     budget: usize,
+    /// The kinds of request already logged as rendered.
+    logged: std::cell::RefCell<Vec<&'static str>>,
 }
 
 impl Generator<'_> {
@@ -54,15 +56,25 @@ impl Generator<'_> {
     /// text.
     fn request(
         &self,
+        what: &'static str,
         plain: impl FnOnce() -> String,
         turns: impl FnOnce() -> Vec<Value>,
     ) -> anyhow::Result<String> {
         match self.chat {
             None => Ok(plain()),
-            Some(chat) => Ok(chat
-                .prompt(&Value::Array(turns()))
-                .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?
-                .text),
+            Some(chat) => {
+                let turns = Value::Array(turns());
+                let text = chat
+                    .prompt(&turns)
+                    .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?
+                    .text;
+                let mut logged = self.logged.borrow_mut();
+                if !logged.contains(&what) {
+                    logged.push(what);
+                    super::rendered::log(what, &turns, &text);
+                }
+                Ok(text)
+            }
         }
     }
 
@@ -161,6 +173,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             model.lm.cfg.max_positions,
             p.decoding.max_new_tokens,
         )?,
+        logged: Default::default(),
     };
 
     let start = std::time::Instant::now();
@@ -261,6 +274,7 @@ fn revise_once(
         .map(|it| {
             let principle = &principles[it.principles[round]];
             generator.request(
+                "critique request",
                 || critique_prompt(&shots.text, &it.conversation, &it.answer, principle),
                 || critique_messages(&shots.turns, &it.turns, &it.answer, principle),
             )
@@ -273,6 +287,7 @@ fn revise_once(
         .map(|(it, critique)| {
             let principle = &principles[it.principles[round]];
             generator.request(
+                "revision request",
                 || {
                     revision_prompt(
                         &shots.text,

@@ -48,6 +48,8 @@ pub struct TextFormat<'a> {
     pub chat: Option<&'a ChatFormat>,
     /// Examples whose conversation does not start with the prompt's tokens.
     mismatches: Cell<usize>,
+    /// Whether the first rendered example has been logged.
+    logged: Cell<bool>,
 }
 
 impl<'a> TextFormat<'a> {
@@ -56,6 +58,7 @@ impl<'a> TextFormat<'a> {
             tokenizer,
             chat,
             mismatches: Cell::new(0),
+            logged: Cell::new(false),
         }
     }
 
@@ -94,6 +97,11 @@ impl<'a> TextFormat<'a> {
         let completion = chat
             .completion(&messages, response)
             .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+        if !self.logged.replace(true) {
+            let mut conversation = messages.as_array().cloned().unwrap_or_default();
+            conversation.push(serde_json::json!({"role": "assistant", "content": response}));
+            super::rendered::log("example", &conversation.into(), &completion.full);
+        }
         let (p, r, mismatch) = completion.token_ids(self.tokenizer)?;
         if mismatch {
             self.mismatches.set(self.mismatches.get() + 1);
@@ -187,6 +195,9 @@ pub fn tokenize_conversation(
     let rendered = chat
         .conversation(messages)
         .map_err(|e| anyhow::anyhow!("{e} ({})", chat.source))?;
+    if !format.logged.replace(true) {
+        super::rendered::log("conversation", messages, &rendered.text);
+    }
     let (mut tokens, mut labelled) = format.tokenizer.encode_with_assistant_mask(&rendered)?;
     tokens.truncate(max_len);
     labelled.truncate(max_len);

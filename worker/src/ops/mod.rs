@@ -18,6 +18,7 @@ pub mod metrics_log;
 pub mod pm;
 pub mod ppo;
 mod prompts;
+pub mod rendered;
 pub mod rollout;
 mod sampling;
 pub mod scoring;

@@ -128,6 +128,9 @@ pub(crate) fn read_prompts(
             "stage `{stage}`: {}:{line}: empty prompt",
             path.display()
         );
+        if let (true, Some(m)) = (prompts.is_empty(), &messages) {
+            super::rendered::log("prompt", m, &text);
+        }
         prompts.push(Prompt {
             raw,
             text,

@@ -1,0 +1,274 @@
+//! `pipelines/cai.yaml` (Constitutional AI, steps 1 to 6) on instruct-shaped
+//! checkpoints with their real chat templates: tiny random-init Qwen3 and
+//! Llama 3.2 models (`tests/parity/make_chat_checkpoint.py`) with their
+//! families' special tokens. Every op renders its requests with
+//! `chat_template: auto`; each logs the first conversation it rendered
+//! (`rendered for the model: {what, messages, text}`), and here each logged
+//! text must equal what transformers' `apply_chat_template` renders from the
+//! same messages, and the messages must be the conversation the op is meant
+//! to build (the prompt as a user turn, the critique and revision requests
+//! as follow-up user turns, the feedback question as one user turn, the
+//! training examples ending with the assistant's answer).
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+const MARKER: &str = "rendered for the model: ";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python(args: &[&str]) -> String {
+    let out = std::process::Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/parity/make_chat_checkpoint.py"))
+        .args(args)
+        .output()
+        .expect("the project venv's python runs (make setup)");
+    assert!(
+        out.status.success(),
+        "make_chat_checkpoint.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The project: the shipped CAI pipelines, a few prompts and human
+/// comparisons, and the checkpoint of `family` with its real `template`.
+fn project(family: &str, template: &str) -> Project {
+    let p = Project::new();
+    for rel in [
+        "pipelines/cai-sl.yaml",
+        "pipelines/cai.yaml",
+        "pipelines/constitutions/default.yaml",
+    ] {
+        p.write(rel, &std::fs::read_to_string(repo().join(rel)).unwrap());
+    }
+    let lines = |rel: &str, n: usize| {
+        let text = std::fs::read_to_string(repo().join(rel)).unwrap();
+        text.lines().take(n).collect::<Vec<_>>().join("\n") + "\n"
+    };
+    p.write(
+        "data/prompts.jsonl",
+        &lines("examples/red-team-prompts.jsonl", 10),
+    );
+    p.write("data/hh.jsonl", &lines("examples/hh-rlhf-sample.jsonl", 16));
+    let model = p.path("models/chat");
+    python(&[
+        model.to_str().unwrap(),
+        family,
+        repo()
+            .join("tests/data/chat-templates")
+            .join(template)
+            .to_str()
+            .unwrap(),
+        repo()
+            .join("examples/red-team-prompts.jsonl")
+            .to_str()
+            .unwrap(),
+        repo()
+            .join("examples/hh-rlhf-sample.jsonl")
+            .to_str()
+            .unwrap(),
+        repo()
+            .join("pipelines/constitutions/default.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    p
+}
+
+/// The logged renderings, by stage: `(what, messages, text)`.
+fn rendered(p: &Project) -> BTreeMap<String, Vec<(String, Value, String)>> {
+    let mut out: BTreeMap<String, Vec<(String, Value, String)>> = BTreeMap::new();
+    for log in walk(&p.path("cache/logs")) {
+        for line in std::fs::read_to_string(&log).unwrap().lines() {
+            let Some(at) = line.find(MARKER) else {
+                continue;
+            };
+            // The run log writes `[  elapsed] STAGE: line` for a stage's lines.
+            let after_clock = line.split_once("] ").unwrap().1;
+            let stage = after_clock.split(": ").next().unwrap().trim().to_string();
+            let record: Value = serde_json::from_str(&line[at + MARKER.len()..]).unwrap();
+            out.entry(stage).or_default().push((
+                record["what"].as_str().unwrap().to_string(),
+                record["messages"].clone(),
+                record["text"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+fn roles(messages: &Value) -> Vec<&str> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect()
+}
+
+fn last_content(messages: &Value) -> &str {
+    messages.as_array().unwrap().last().unwrap()["content"]
+        .as_str()
+        .unwrap()
+}
+
+fn runs_on(family: &str, template: &str) {
+    let p = project(family, template);
+    let model = p.path("models/chat");
+    let sets = [
+        format!("params.base_model={}", model.display()),
+        "params.template=\"{prompt}\"".to_string(),
+        "params.human_emit=messages".to_string(),
+        format!("params.prompts={}", p.path("data/prompts.jsonl").display()),
+        format!(
+            "params.human_comparisons={}",
+            p.path("data/hh.jsonl").display()
+        ),
+        "params.max_new_tokens=6".to_string(),
+        "params.rounds=1".to_string(),
+        "params.ppo_iterations=1".to_string(),
+    ];
+    let mut args = vec!["run", "pipelines/cai.yaml", "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let out = p.ok(&args);
+    assert!(
+        stages_with_status(&out, "ran").contains("evaluation"),
+        "{out}"
+    );
+
+    let logged = rendered(&p);
+    // Every op that formats text for the model, with what it rendered.
+    let expected: [(&str, &[&str]); 9] = [
+        ("answers", &["prompt"]),
+        ("revisions", &["critique request", "revision request"]),
+        ("sl_cai", &["example"]),
+        ("samples", &["prompt"]),
+        ("labels", &["question"]),
+        ("pmp", &["example"]),
+        ("pm", &["example"]),
+        ("rl_cai", &["prompt"]),
+        ("evaluation", &["prompt"]),
+    ];
+    let mut requests = Vec::new();
+    for (stage, whats) in expected {
+        let got: Vec<&str> = logged
+            .get(stage)
+            .map(|v| v.iter().map(|(w, _, _)| w.as_str()).collect())
+            .unwrap_or_default();
+        for what in whats {
+            assert!(
+                got.contains(what),
+                "{family}: {stage} logged {got:?}, not {what}"
+            );
+        }
+        for (what, messages, _) in logged.get(stage).into_iter().flatten() {
+            requests.push(json!({
+                "messages": messages,
+                "add_generation_prompt": what != "example",
+            }));
+        }
+    }
+
+    // Each text is transformers' rendering of its messages.
+    let file = p.write("requests.json", &serde_json::to_string(&requests).unwrap());
+    let theirs: Vec<String> =
+        python(&["--render", model.to_str().unwrap(), file.to_str().unwrap()])
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+    let ours: Vec<(&String, &String)> = expected
+        .iter()
+        .flat_map(|(stage, _)| logged.get(*stage).into_iter().flatten())
+        .map(|(what, _, text)| (what, text))
+        .collect();
+    assert_eq!(ours.len(), theirs.len());
+    for ((what, text), want) in ours.iter().zip(&theirs) {
+        assert_eq!(
+            *text, want,
+            "{family}: {what} rendered otherwise than transformers"
+        );
+    }
+
+    // And the messages are the conversations each op is meant to build.
+    let first = |stage: &str, what: &str| -> &Value {
+        &logged[stage].iter().find(|(w, _, _)| w == what).unwrap().1
+    };
+    for stage in ["answers", "samples"] {
+        let m = first(stage, "prompt");
+        assert_eq!(roles(m), ["user"], "{family}: {stage}");
+    }
+    let train_prompts: Vec<String> = p
+        .read("data/prompts.jsonl")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["prompt"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(train_prompts.contains(&last_content(first("answers", "prompt")).to_string()));
+    let constitution = p.read("pipelines/constitutions/default.yaml");
+    let critique = first("revisions", "critique request");
+    let r = roles(critique);
+    assert_eq!(
+        r[r.len() - 3..],
+        ["user", "assistant", "user"],
+        "{family}: critique turns"
+    );
+    assert!(
+        constitution.contains(last_content(critique).trim()),
+        "{family}: a critique request of the constitution"
+    );
+    let revision = first("revisions", "revision request");
+    let r = roles(revision);
+    assert_eq!(
+        r[r.len() - 5..],
+        ["user", "assistant", "user", "assistant", "user"],
+        "{family}: revision turns"
+    );
+    assert!(
+        constitution.contains(last_content(revision).trim()),
+        "{family}: a revision request of the constitution"
+    );
+    let question = first("labels", "question");
+    assert_eq!(roles(question).last(), Some(&"user"));
+    assert!(last_content(question).contains("(A)") && last_content(question).contains("(B)"));
+    for stage in ["sl_cai", "pmp", "pm"] {
+        let m = first(stage, "example");
+        assert_eq!(roles(m).last(), Some(&"assistant"), "{family}: {stage}");
+        assert_eq!(roles(m)[0], "user", "{family}: {stage}");
+    }
+    // The human dialogues arrive as conversations, not HH text in one turn.
+    assert!(!last_content(first("pmp", "example")).contains("\n\nHuman:"));
+    // No example's conversation started otherwise than its prompt.
+    for stage in ["sl_cai", "pmp", "pm"] {
+        let record = stage_record(&p, stage);
+        let mismatches = &record["metrics"]["prompt_boundary_mismatches"];
+        assert_eq!(mismatches, 0, "{family}: {stage}: {record}");
+    }
+}
+
+#[test]
+fn cai_runs_on_a_qwen3_shaped_chat_checkpoint() {
+    runs_on("qwen3", "qwen3.jinja");
+}
+
+#[test]
+fn cai_runs_on_a_llama32_shaped_chat_checkpoint() {
+    runs_on("llama32", "llama3_2.jinja");
+}

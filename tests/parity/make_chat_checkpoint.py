@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""A tiny random-init chat checkpoint shaped like a real instruct model, for
+the end-to-end chat tests: the family's architecture, its special tokens and
+real chat template, a byte-level BPE trained on the given texts.
+
+    python tests/parity/make_chat_checkpoint.py OUT FAMILY TEMPLATE CORPUS...
+
+FAMILY is qwen3 (Qwen3-Instruct: <|im_start|>/<|im_end|>, no BOS, EOS
+<|im_end|>) or llama32 (Llama-3.2-Instruct: <|begin_of_text|> added by the
+post-processor, header tokens, EOS <|eot_id|> and the generation config's
+[<|end_of_text|>, <|eom_id|>, <|eot_id|>], llama3 RoPE scaling).
+CORPUS files are read as text, line by line.
+
+    python tests/parity/make_chat_checkpoint.py --render DIR MESSAGES_JSON
+
+prints, one JSON line per rendering asked for in MESSAGES_JSON ([{messages,
+add_generation_prompt}]), what transformers' apply_chat_template renders.
+"""
+import json
+import sys
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+
+FAMILIES = {
+    "qwen3": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+        "stop": ["<|im_end|>", "<|endoftext|>"],
+    },
+    "llama32": {
+        "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                     "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"],
+        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None,
+        "stop": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+    },
+}
+
+
+def make(out, family, template_path, corpus):
+    spec = FAMILIES[family]
+    texts = []
+    for path in corpus:
+        with open(path, encoding="utf-8") as f:
+            texts.extend(line for line in f if line.strip())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=spec["specials"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    if spec["bos"]:
+        bos_id = tok.token_to_id(spec["bos"])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A {spec['bos']} $B",
+            special_tokens=[(spec["bos"], bos_id)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    with open(template_path, encoding="utf-8") as f:
+        template = f.read()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"],
+                                   eos_token=spec["eos"], pad_token=spec["pad"])
+    fast.chat_template = template
+    fast.save_pretrained(out)
+
+    ids = lambda t: tok.token_to_id(t)
+    torch.manual_seed(0)
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, tie_word_embeddings=True,
+                  initializer_range=0.2, attn_implementation="eager")
+    if family == "qwen3":
+        cfg = Qwen3Config(**common, head_dim=16, eos_token_id=ids(spec["eos"]),
+                          bos_token_id=ids("<|endoftext|>"), pad_token_id=ids(spec["pad"]),
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(**common, bos_token_id=ids(spec["bos"]),
+                          eos_token_id=[ids(t) for t in spec["stop"]],
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                           "factor": 32.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192})
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    GenerationConfig(eos_token_id=[ids(t) for t in spec["stop"]],
+                     bos_token_id=cfg.bos_token_id).save_pretrained(out)
+    print(json.dumps({"out": out, "vocab": tok.get_vocab_size()}))
+
+
+def render(model_dir, requests_path):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with open(requests_path, encoding="utf-8") as f:
+        requests = json.load(f)
+    for r in requests:
+        text = tok.apply_chat_template(r["messages"], tokenize=False,
+                                       add_generation_prompt=r["add_generation_prompt"])
+        print(json.dumps({"text": text}))
+
+
+def main():
+    transformers.logging.set_verbosity_error()
+    if sys.argv[1] == "--render":
+        render(sys.argv[2], sys.argv[3])
+    else:
+        make(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
+
+
+if __name__ == "__main__":
+    main()
