@@ -156,7 +156,7 @@ fn runs_on(family: &str, template: &str) {
         ("pmp", &["example"]),
         ("pm", &["example"]),
         ("rl_cai", &["prompt"]),
-        ("evaluation", &["prompt"]),
+        ("evaluation", &["prompt", "question"]),
     ];
     let mut requests = Vec::new();
     for (stage, whats) in expected {
@@ -245,9 +245,15 @@ fn runs_on(family: &str, template: &str) {
         constitution.contains(last_content(revision).trim()),
         "{family}: a revision request of the constitution"
     );
-    let question = first("labels", "question");
-    assert_eq!(roles(question).last(), Some(&"user"));
-    assert!(last_content(question).contains("(A)") && last_content(question).contains("(B)"));
+    for stage in ["labels", "evaluation"] {
+        let question = first(stage, "question");
+        assert_eq!(roles(question).last(), Some(&"user"), "{family}: {stage}");
+        let asked = last_content(question);
+        assert!(
+            asked.contains("(A)") && asked.contains("(B)"),
+            "{family}: {stage}"
+        );
+    }
     for stage in ["sl_cai", "pmp", "pm"] {
         let m = first(stage, "example");
         assert_eq!(roles(m).last(), Some(&"assistant"), "{family}: {stage}");
@@ -260,6 +266,73 @@ fn runs_on(family: &str, template: &str) {
         let record = stage_record(&p, stage);
         let mismatches = &record["metrics"]["prompt_boundary_mismatches"];
         assert_eq!(mismatches, 0, "{family}: {stage}: {record}");
+    }
+    greedy_equals_transformers(&p, family);
+}
+
+/// Greedy `generate` on the chat checkpoint equals transformers' greedy
+/// `generate` on `apply_chat_template(messages, add_generation_prompt=True)`
+/// token for token.
+fn greedy_equals_transformers(p: &Project, family: &str) {
+    let model = p.path("models/chat");
+    let conversations = [
+        json!([{"role": "user", "content": "How do I bake bread?"}]),
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Red."},
+            {"role": "user", "content": "Another, ¿por favor?"},
+        ]),
+    ];
+    let lines: String = conversations
+        .iter()
+        .map(|m| json!({ "messages": m }).to_string() + "\n")
+        .collect();
+    p.write("data/chats.jsonl", &lines);
+    p.write(
+        "greedy.yaml",
+        &format!(
+            "version: 1\nname: greedy\nstages:\n  greedy:\n    op: generate\n    inputs: {{ model: {}, prompts: data/chats.jsonl }}\n    params: {{ n: 1, max_new_tokens: 12, temperature: 0 }}\n",
+            model.display()
+        ),
+    );
+    p.ok(&["run", "greedy.yaml", "--quiet"]);
+    let shown: Value =
+        serde_json::from_str(&p.ok(&["show", "greedy.yaml", "greedy", "--json"])).unwrap();
+    let ours: Vec<Vec<i64>> = std::fs::read_to_string(shown["responses"]["path"].as_str().unwrap())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_value(
+                serde_json::from_str::<Value>(l).unwrap()["response_ids"].clone(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let file = p.write(
+        "conversations.json",
+        &serde_json::to_string(&conversations).unwrap(),
+    );
+    let theirs: Vec<Vec<i64>> = python(&[
+        "--generate",
+        model.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "12",
+    ])
+    .lines()
+    .map(|l| {
+        serde_json::from_value(serde_json::from_str::<Value>(l).unwrap()["ids"].clone()).unwrap()
+    })
+    .collect();
+    assert_eq!(ours.len(), 2);
+    for (o, t) in ours.iter().zip(&theirs) {
+        // transformers keeps the stop token; alignflow's ids end before it.
+        assert!(!o.is_empty(), "{family}: an empty greedy answer");
+        assert_eq!(o[..], t[..o.len()], "{family}: greedy tokens");
+        assert!(
+            t.len() == o.len() || t.len() == o.len() + 1,
+            "{family}: {o:?} vs {t:?}"
+        );
     }
 }
 

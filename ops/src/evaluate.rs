@@ -416,7 +416,10 @@ pub const OP: OpDecl = OpDecl {
     ]),
     params: ParamsDecl::of::<EvaluateParams>(),
     placement: Placement::Worker,
-    conventions: &[CHAT_PROMPT_CONVENTION],
+    conventions: &[
+        CHAT_PROMPT_CONVENTION,
+        "feedback judge: `ai_feedback`'s multiple-choice question; with `chat_template: auto` and a feedback model that has a chat template, asked as one user turn (the few-shot questions and their answers as turns before it) and ` (A)`/` (B)` scored after `The answer is:` at the start of the assistant's turn, else as plain text",
+    ],
 };
 
 impl OpParams for EvaluateParams {

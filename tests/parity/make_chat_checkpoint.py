@@ -15,6 +15,13 @@ CORPUS files are read as text, line by line.
 
 prints, one JSON line per rendering asked for in MESSAGES_JSON ([{messages,
 add_generation_prompt}]), what transformers' apply_chat_template renders.
+
+    python tests/parity/make_chat_checkpoint.py --generate DIR MESSAGES_JSON N
+
+prints, one JSON line per conversation of MESSAGES_JSON ([messages]), the
+new token ids of transformers' greedy `generate` (N new tokens at most,
+stopping on the generation config's EOS ids) on
+`apply_chat_template(messages, add_generation_prompt=True)`.
 """
 import json
 import sys
@@ -101,10 +108,29 @@ def render(model_dir, requests_path):
         print(json.dumps({"text": text}))
 
 
+def generate(model_dir, conversations_path, n):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with open(conversations_path, encoding="utf-8") as f:
+        conversations = json.load(f)
+    for messages in conversations:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                      return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n, pad_token_id=model.config.eos_token_id
+                                 if isinstance(model.config.eos_token_id, int)
+                                 else model.config.eos_token_id[0])
+        print(json.dumps({"ids": out[0, ids.shape[1]:].tolist()}))
+
+
 def main():
     transformers.logging.set_verbosity_error()
     if sys.argv[1] == "--render":
         render(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "--generate":
+        generate(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         make(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
 

@@ -21,7 +21,8 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use alignflow_ops::ai_feedback::{
-    combine_orders, conversation_of, feedback_prompt, sample_principles, with_few_shot,
+    combine_orders, conversation_of, feedback_messages, feedback_prompt, feedback_question,
+    sample_principles, with_few_shot, ANSWER_CUE,
 };
 use alignflow_ops::data::{Constitution, JsonlWriter};
 use alignflow_ops::evaluate::{
@@ -29,7 +30,7 @@ use alignflow_ops::evaluate::{
 };
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{EvaluateParams, OpParams, StageContext};
+use alignflow_ops::{ChatFormat, EvaluateParams, OpParams, StageContext};
 
 use super::load::{self, shared_positions, stop_ids};
 use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
@@ -187,8 +188,18 @@ fn judge_with_feedback_model(
     let dir = ctx.input(FEEDBACK_JUDGE)?;
     let fb_tokenizer = Tokenizer::from_dir(dir)?;
     let fb = load::frozen(dir, device, Head::Lm)?;
-    let (v, truncated) =
-        ask_feedback_model(ctx, p, setup, &fb, &fb_tokenizer, prompts, answers, device)?;
+    // The judge asks in its own chat template when it has one (`auto`), as
+    // `ai_feedback` does; the `chat_template` input is the policies'.
+    let chat = ChatFormat::for_stage(p.prompt.chat_template, None, dir)?;
+    let (v, truncated) = ask_feedback_model(
+        ctx,
+        p,
+        setup,
+        (&fb, &fb_tokenizer, chat.as_ref()),
+        prompts,
+        answers,
+        device,
+    )?;
     let tally = Tally::of(v.iter().map(|v| Outcome::from_probability(v.p_policy)));
     let mut report = tally.judge_report();
     report.mean_p_policy = Some(mean(v.iter().map(|v| v.p_policy)));
@@ -444,12 +455,32 @@ fn ask_feedback_model(
     ctx: &StageContext<'_>,
     p: &EvaluateParams,
     setup: &FeedbackSetup,
-    model: &Model,
-    tokenizer: &Tokenizer,
+    (model, tokenizer, chat): (&Model, &Tokenizer, Option<&ChatFormat>),
     prompts: &[Prompt],
     answers: &Answers,
     device: Device,
 ) -> anyhow::Result<(Vec<FeedbackVerdict>, usize)> {
+    // With a chat template: the question as a user turn (the few-shot
+    // questions and answers as turns before it), the options scored after
+    // the cue at the start of the assistant's turn.
+    let logged = std::cell::Cell::new(false);
+    let ask = |conversation: &str, principle: &str, x: &str, y: &str| -> anyhow::Result<String> {
+        let Some(chat) = chat else {
+            return Ok(with_few_shot(
+                &setup.few_shot,
+                &feedback_prompt(conversation, principle, x, y),
+            ));
+        };
+        let question = feedback_question(conversation, principle, x, y);
+        let turns = serde_json::Value::Array(feedback_messages(&setup.few_shot, &question));
+        let rendered = chat
+            .prompt(&turns)
+            .map_err(|e| anyhow::anyhow!("stage `{}`: {e} ({})", ctx.spec.stage, chat.source))?;
+        if !logged.replace(true) {
+            super::rendered::log("question", &turns, &rendered.text);
+        }
+        Ok(rendered.text + ANSWER_CUE)
+    };
     // Per prompt, per principle: (principle index, forward text, swapped text).
     let mut asked: Vec<Vec<(usize, String, String)>> = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
@@ -470,12 +501,13 @@ fn ask_feedback_model(
                 .into_iter()
                 .map(|j| {
                     let text = &setup.principles[j].1;
-                    let q = |x: &str, y: &str| {
-                        with_few_shot(&setup.few_shot, &feedback_prompt(&conversation, text, x, y))
-                    };
-                    (j, q(a, b), q(b, a))
+                    Ok((
+                        j,
+                        ask(&conversation, text, a, b)?,
+                        ask(&conversation, text, b, a)?,
+                    ))
                 })
-                .collect(),
+                .collect::<anyhow::Result<_>>()?,
         );
     }
     let distinct: BTreeSet<&str> = asked
@@ -492,7 +524,7 @@ fn ask_feedback_model(
         p.batch_size.max(1),
         |_| "feedback question".to_string(),
         "asking the feedback model",
-        false,
+        chat.is_some(),
         device,
     )?;
     let probs: BTreeMap<&str, f64> = distinct.iter().copied().zip(scored).collect();
