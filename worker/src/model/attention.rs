@@ -215,6 +215,15 @@ pub enum Mask {
 }
 
 impl Mask {
+    /// The same mask, sharing its tensor.
+    pub fn shallow_clone(&self) -> Mask {
+        match self {
+            Mask::Causal => Mask::Causal,
+            Mask::None => Mask::None,
+            Mask::Explicit(m) => Mask::Explicit(m.shallow_clone()),
+        }
+    }
+
     /// The mask for `q_len` new queries over `mask` (`[b, past + q]`, 0/1).
     pub fn new(mask: &Tensor, q_len: i64) -> Mask {
         let kv_len = mask.size()[1];

@@ -7,6 +7,7 @@ use tch::{nn, Kind, Tensor};
 use super::attention::{attend, KvCache, Mask, Queries};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
+use super::recompute;
 
 #[derive(Debug)]
 struct Layer {
@@ -119,6 +120,10 @@ impl Llama {
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`
     /// (`[b, q, hidden]` with `keep`).
+    /// With `recompute` (each layer's trainable tensors), layers run under
+    /// activation checkpointing when autograd records (not with a cache,
+    /// nor the last layer with `keep`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -127,56 +132,104 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         keep: Option<&Queries>,
         train: bool,
+        recompute: Option<&[Vec<Tensor>]>,
     ) -> Tensor {
-        let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         let (cos, sin) = self.rope(positions, x.kind());
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kept = keep.filter(|_| i == last);
+            x = match recompute.filter(|_| cache.is_none() && kept.is_none()) {
+                Some(params) => {
+                    let (cos, sin, mask) = (
+                        cos.shallow_clone(),
+                        sin.shallow_clone(),
+                        mask.shallow_clone(),
+                    );
+                    // SAFETY: the closure borrows only `self`'s layer (the
+                    // model outlives its training steps) and owns the rest.
+                    unsafe {
+                        recompute::checkpoint(&x, &params[i], move |x| {
+                            self.layer(layer, x, (&cos, &sin), &mask, None, None, train)
+                        })
+                    }
+                }
+                None => self.layer(
+                    layer,
+                    &x,
+                    (&cos, &sin),
+                    mask,
+                    cache.as_deref_mut().map(|c| (c, i)),
+                    kept,
+                    train,
+                ),
+            };
+        }
+        self.norm.forward(&x)
+    }
+
+    /// One decoder layer. With `keep`, the result holds only the kept
+    /// positions (see [`Queries`]).
+    ///
+    /// # Shapes
+    /// `x`: `[b, t, hidden]`; `rope`: cos and sin `[b, 1, t, head_dim]` ->
+    /// `[b, t, hidden]` (`[b, q, hidden]` with `keep`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        keep: Option<&Queries>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [batch, time, hidden]");
         let rotate = |v: &Tensor| {
             let half = self.head_dim / 2;
             let rotated = Tensor::cat(&[-v.narrow(-1, half, half), v.narrow(-1, 0, half)], -1);
-            v * &cos + rotated * &sin
+            v * cos + rotated * sin
         };
-        let last = self.layers.len() - 1;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.input_layernorm.forward(&x);
-            let heads = |proj: &Linear, n: i64, norm: &Option<Norm>| {
-                let x = proj.forward(&a, train).view([b, t, n, self.head_dim]);
-                match norm {
-                    Some(norm) => norm.forward(&x),
-                    None => x,
-                }
-                .transpose(1, 2)
-            };
-            let q = heads(&layer.q_proj, self.heads, &layer.q_norm);
-            let k = heads(&layer.k_proj, self.kv_heads, &layer.k_norm);
-            let v = layer
-                .v_proj
-                .forward(&a, train)
-                .view([b, t, self.kv_heads, self.head_dim])
-                .transpose(1, 2);
-            let (q, k) = (rotate(&q), rotate(&k));
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v),
-                None => (k, v),
-            };
-            // The last layer's queries (and everything after attention)
-            // only at the kept positions.
-            let (q, mask, q_len) = match keep.filter(|_| i == last) {
-                Some(kept) => {
-                    x = kept.take(&x, 1);
-                    (kept.take(&q, 2), &kept.mask, kept.per_row())
-                }
-                None => (q, mask, t),
-            };
-            let y = attend(&q, &k, &v, mask, 0.0, train)
-                .transpose(1, 2)
-                .reshape([b, q_len, -1]);
-            x = x + layer.o_proj.forward(&y, train);
-            let m = layer.post_attention_layernorm.forward(&x);
-            let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);
-            x = x + layer.down_proj.forward(&m, train);
-        }
-        self.norm.forward(&x)
+        let a = layer.input_layernorm.forward(x);
+        let heads = |proj: &Linear, n: i64, norm: &Option<Norm>| {
+            let x = proj.forward(&a, train).view([b, t, n, self.head_dim]);
+            match norm {
+                Some(norm) => norm.forward(&x),
+                None => x,
+            }
+            .transpose(1, 2)
+        };
+        let q = heads(&layer.q_proj, self.heads, &layer.q_norm);
+        let k = heads(&layer.k_proj, self.kv_heads, &layer.k_norm);
+        let v = layer
+            .v_proj
+            .forward(&a, train)
+            .view([b, t, self.kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let (q, k) = (rotate(&q), rotate(&k));
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v),
+            None => (k, v),
+        };
+        // The last layer's queries (and everything after attention)
+        // only at the kept positions.
+        let (x, q, mask, q_len) = match keep {
+            Some(kept) => (
+                kept.take(x, 1),
+                kept.take(&q, 2),
+                &kept.mask,
+                kept.per_row(),
+            ),
+            None => (x.shallow_clone(), q, mask, t),
+        };
+        let y = attend(&q, &k, &v, mask, 0.0, train)
+            .transpose(1, 2)
+            .reshape([b, q_len, -1]);
+        let x = x + layer.o_proj.forward(&y, train);
+        let m = layer.post_attention_layernorm.forward(&x);
+        let m = layer.gate_proj.forward(&m, train).silu() * layer.up_proj.forward(&m, train);
+        x + layer.down_proj.forward(&m, train)
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
