@@ -150,7 +150,7 @@ fn stage(op: &str, mode: &str, root: &Path) -> (Value, Vec<(&'static str, PathBu
                     ("comparisons", pairs),
                     (
                         "reference_logps",
-                        root.join("reference").join("out").join("logps"),
+                        root.join("reference").join("out").join("reference_logps"),
                     ),
                 ],
             )
@@ -216,6 +216,9 @@ fn child(
         seed: 0,
         threads: Some(threads),
     };
+    // The engine makes these for a stage.
+    std::fs::create_dir_all(&spec.out_dir)?;
+    std::fs::create_dir_all(&spec.checkpoint_dir)?;
     let run = alignflow_worker::ops::implementation(op_name).context("no worker op")?;
     let cancel = CancelFlag::default();
     let t0 = Instant::now();
