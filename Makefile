@@ -9,7 +9,7 @@ STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VER
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
-.PHONY: setup build demo test bench bench-remote clean-cache schemas gpu-bundle chromium s3-server slurm
+.PHONY: setup build demo test bench bench-memory bench-remote clean-cache schemas gpu-bundle chromium s3-server slurm
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ slurm:
 
 bench: build
 	$(CARGO) bench --bench plan
+
+# Peak memory per parameter of sft, dpo, pm.train and one ppo iteration,
+# full and LoRA, at three model sizes (BENCHMARKS.md, "Memory").
+bench-memory: build
+	$(CARGO) bench -p alignflow-worker --bench memory
 
 # Push/pull MB/s of `alignflow cache` against boto3 on the same SeaweedFS
 # server (BENCHMARKS.md, "Team cache transfers").

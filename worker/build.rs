@@ -4,9 +4,10 @@
 //! CUDA then silently reports unavailable). Only the worker gets these flags:
 //! the engine binary `alignflow` must not link libtorch at all.
 //!
-//! Also compiles `csrc/onednn_linear.cpp` against torch's headers (oneDNN
-//! linear layers with pre-packed weights for decoding; see `model::onednn`)
-//! and sets `cfg(alignflow_onednn)` when it did.
+//! Also compiles `csrc/` against torch's headers (oneDNN linear layers with
+//! pre-packed weights for decoding, see `model::onednn`; activation
+//! checkpointing, see `model::recompute`) and sets `cfg(alignflow_onednn)`
+//! when it did.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -42,8 +43,10 @@ fn main() {
 /// The C++ shim, against the headers of the libtorch tch links (the new C++
 /// ABI, as torch's own wheels since 2.7).
 fn compile_shim(root: &Path) {
-    let source = "csrc/onednn_linear.cpp";
-    println!("cargo:rerun-if-changed={source}");
+    let sources = ["csrc/onednn_linear.cpp", "csrc/checkpoint.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     let include = root.join("include");
     if !include.join("ATen/core/dispatch/Dispatcher.h").exists() {
         println!(
@@ -54,7 +57,7 @@ fn compile_shim(root: &Path) {
     }
     cc::Build::new()
         .cpp(true)
-        .file(source)
+        .files(sources)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -28,6 +28,10 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AiFeedbackParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Feedback questions per forward pass (each is two sequences, one
     /// ending in ` (A)` and one in ` (B)`).
     #[serde(default = "crate::defaults::batch_size")]

@@ -17,6 +17,10 @@ use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
 // beside `flatten`); the schema still lists the struct as closed.
 #[schemars(deny_unknown_fields)]
 pub struct BaselineScoresParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Baseline responses per prompt (k).
     #[serde(default = "default_samples")]
     pub samples: usize,

@@ -48,6 +48,10 @@ pub enum PrincipleSampling {
 // beside `flatten`); the schema still lists the struct as closed.
 #[schemars(deny_unknown_fields)]
 pub struct CritiqueReviseParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Critique/revision rounds per response (the paper uses 1 to 4).
     #[serde(default = "default_rounds")]
     pub rounds: usize,

@@ -35,6 +35,10 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpoReferenceParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Longest sequence (prompt + response + EOS) in tokens; longer ones
     /// keep the prompt's end (at least half the budget when the prompt is
     /// long) and the response's start, as in `sft`. `dpo` reuses this value.

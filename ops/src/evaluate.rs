@@ -68,6 +68,10 @@ use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Pla
 // beside `flatten`); the schema still lists the struct as closed.
 #[schemars(deny_unknown_fields)]
 pub struct EvaluateParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Evaluate only the first `limit` prompts of the file (none: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,

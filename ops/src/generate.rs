@@ -13,6 +13,10 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 // beside `flatten`); the schema still lists the struct as closed.
 #[schemars(deny_unknown_fields)]
 pub struct GenerateParams {
+    /// The dtype the stage's models are held in (`auto`: bfloat16 on
+    /// CUDA, float32 on the CPU).
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
     /// Responses per prompt.
     #[serde(default = "crate::defaults::one")]
     pub n: usize,

@@ -32,6 +32,7 @@ pub mod evaluate;
 pub mod exec;
 pub mod generate;
 pub mod lm_pretrain;
+pub mod memory;
 pub mod pm;
 pub mod ppo;
 pub mod sft;
@@ -53,6 +54,7 @@ pub use dpo::{DpoLoss, DpoParams, DpoReferenceParams};
 pub use evaluate::EvaluateParams;
 pub use generate::GenerateParams;
 pub use lm_pretrain::{Family, PretrainParams};
+pub use memory::Dtype;
 pub use op::{
     nearest, normalize, BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement,
     Port,
@@ -60,6 +62,7 @@ pub use op::{
 pub use pm::{PmParams, PmPretrainParams, PmTrainParams, PM_TRAIN_SETS};
 pub use ppo::{
     PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit,
+    PpoValueModel,
 };
 pub use sft::SftParams;
 pub use stage::{CancelFlag, Cancelled, NullReporter, Reporter, RunFn, StageContext};

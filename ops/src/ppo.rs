@@ -34,6 +34,27 @@ pub enum PpoValueInit {
     RewardModel,
 }
 
+/// What the value model (critic) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PpoValueModel {
+    /// A full trainable copy of its starting model, with a value head.
+    #[default]
+    Full,
+    /// With `lora` on the policy: LoRA adapters (the policy's `lora`
+    /// settings) and a value head on the policy's own frozen base weights,
+    /// which also serve as the reference: one copy of the base in memory.
+    Lora,
+}
+
+impl PpoValueModel {
+    /// For `skip_serializing_if`: the default is left out of the
+    /// normalised params (stages written before it keep their fingerprints).
+    pub fn is_full(&self) -> bool {
+        *self == PpoValueModel::Full
+    }
+}
+
 /// The learning-rate schedule over the iterations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(rename_all = "snake_case")]
@@ -208,6 +229,10 @@ pub struct PpoParams {
     /// Where the value model starts.
     #[serde(default)]
     pub value_init: PpoValueInit,
+    /// The value model: a full copy (`full`) or, with `lora`, adapters on
+    /// the policy's frozen base (`lora`).
+    #[serde(default, skip_serializing_if = "PpoValueModel::is_full")]
+    pub value_model: PpoValueModel,
     /// Learning-rate schedule over the iterations (policy and value model).
     #[serde(default)]
     pub lr_schedule: PpoLrSchedule,
@@ -227,6 +252,17 @@ pub struct PpoParams {
     /// on CPU.
     #[serde(default)]
     pub bf16: bool,
+    /// The dtype of the frozen models: the reference (with `lora`, the
+    /// policy's frozen base weights, which serve as the reference), the
+    /// reward and the feedback model (`auto`: bfloat16 on CUDA, float32 on
+    /// the CPU). Trained weights stay float32.
+    #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
+    pub dtype: crate::memory::Dtype,
+    /// Recompute each transformer block's activations in the update's
+    /// backward instead of keeping them. Default: on for CUDA training of
+    /// models over 300M parameters, off otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
     /// Dropout (the checkpoints' own rates) in the update's policy and value
     /// forwards. Off by default, as TRL's PPO trainer: the rollout's
     /// log-probs and values are always dropout-free (they are the sampling
@@ -283,6 +319,18 @@ impl OpParams for PpoParams {
             "samples_per_prompt",
             "`samples_per_prompt` must be at least 1",
         )?;
+        if self.value_model == PpoValueModel::Lora {
+            require(
+                self.lora.is_some(),
+                "value_model",
+                "`value_model: lora` puts the critic's adapters on the policy's frozen base: it needs `lora` on the policy",
+            )?;
+            require(
+                self.value_init == PpoValueInit::Policy,
+                "value_model",
+                "`value_model: lora` shares the policy's base weights: it needs `value_init: policy`",
+            )?;
+        }
         require(
             self.advantage.uses_critic() || self.samples_per_prompt >= 2,
             "samples_per_prompt",

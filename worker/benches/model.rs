@@ -154,14 +154,7 @@ fn model(head: Head, device: Device) -> anyhow::Result<Model> {
         VOCAB, POSITIONS, WIDTH, LAYERS, HEADS, 0, 0.0,
     ))?;
     tch::manual_seed(0);
-    Ok(Model::init(
-        &cfg,
-        &BuildOptions {
-            device,
-            head,
-            lora: None,
-        },
-    ))
+    Ok(Model::init(&cfg, &BuildOptions::new(device, head)))
 }
 
 /// Random tokens in [1, VOCAB), seed 0 (bos = eos = pad = 0 never appears).
@@ -215,14 +208,7 @@ fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(50257, 1024, 768, 12, 12, 0, 0.0))?;
         tch::manual_seed(0);
         (
-            Model::init(
-                &cfg,
-                &BuildOptions {
-                    device: a.device,
-                    head: Head::Lm,
-                    lora: None,
-                },
-            ),
+            Model::init(&cfg, &BuildOptions::new(a.device, Head::Lm)),
             8,
             1024,
         )

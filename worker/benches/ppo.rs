@@ -154,25 +154,6 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-/// GPU memory this process holds (`nvidia-smi`: the caching allocator's
-/// reserve plus the CUDA context), MiB; `None` where it cannot be read.
-/// libtorch's allocator keeps what it reserved, so after a run this is the
-/// run's peak reserve; tch exposes no `max_memory_allocated`.
-fn cuda_mem_mib() -> Option<f64> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-compute-apps=pid,used_memory",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    let me = std::process::id().to_string();
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let (pid, mib) = l.split_once(',')?;
-        (pid.trim() == me).then(|| mib.trim().parse().ok())?
-    })
-}
-
 /// The docs/DESIGN.md config with no EOS token (bos/eos null, pad 0): nothing can end
 /// a response early.
 fn config() -> anyhow::Result<ModelConfig> {
@@ -185,14 +166,7 @@ fn config() -> anyhow::Result<ModelConfig> {
 
 fn model(head: Head, device: Device) -> anyhow::Result<Model> {
     tch::manual_seed(0);
-    Ok(Model::init(
-        &config()?,
-        &BuildOptions {
-            device,
-            head,
-            lora: None,
-        },
-    ))
+    Ok(Model::init(&config()?, &BuildOptions::new(device, head)))
 }
 
 /// The 8 prompts: 32 random ids in [1, VOCAB), seed 0 (as the model bench).
@@ -204,27 +178,9 @@ fn prompt_ids() -> Vec<Vec<i64>> {
         .collect()
 }
 
-/// A word-level `tokenizer.json`: word `t<i>` is token `i`, split on spaces,
-/// no special tokens (so no EOS).
-fn tokenizer_json() -> Value {
-    let vocab: serde_json::Map<String, Value> =
-        (0..VOCAB).map(|i| (format!("t{i}"), json!(i))).collect();
-    json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    })
-}
-
 /// Writes the op's inputs under `root`; returns (policy, reward, prompts).
 fn write_inputs(root: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
-    let tok = serde_json::to_string(&tokenizer_json())?;
+    let tok = serde_json::to_string(&tokenizer_json(VOCAB))?;
     let policy_dir = root.join("policy");
     let reward_dir = root.join("reward");
     model(Head::Lm, Device::Cpu)?.save(&policy_dir)?;
@@ -435,7 +391,7 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         // (with grad) give the rollout's log-probs and values.
         let ((logp, values), s) = clock(d, || {
             (
-                response_logprobs(&policy, &ids, &mask, &resp, PROMPT, 1.0, false).0,
+                response_logprobs(&policy, &ids, &mask, &resp, PROMPT, 1.0, false, false).logp,
                 response_values(&critic, &ids, &mask, PROMPT, NEW_TOKENS, false),
             )
         });
@@ -443,7 +399,9 @@ fn bench_breakdown(a: &Args) -> anyhow::Result<Value> {
         let (old_logp, old_values) = (logp.detach(), values.detach());
         let ((ref_logp, scores), s) = clock(d, || {
             tch::no_grad(|| {
-                let (rf, _) = response_logprobs(&reference, &ids, &mask, &resp, PROMPT, 1.0, false);
+                let rf =
+                    response_logprobs(&reference, &ids, &mask, &resp, PROMPT, 1.0, false, false)
+                        .logp;
                 (rf, pm_scores(&pm, &ids, &mask))
             })
         });

@@ -57,14 +57,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
         0.0,
     ))
     .unwrap();
-    let mut model = Model::init(
-        &cfg,
-        &BuildOptions {
-            device: Device::Cpu,
-            head: Head::Lm,
-            lora: None,
-        },
-    );
+    let mut model = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Lm));
     // Random init at std 0.02 gives near-uniform next-token distributions;
     // larger embeddings (tied to the output) make the labels move off 0.5.
     tch::no_grad(|| {
@@ -198,15 +191,7 @@ fn labels_equal_a_hand_computation_from_the_models_log_probs() {
         &comparisons(),
         json!({"batch_size": 3, "principles_per_pair": 2}),
     );
-    let model = Model::load(
-        &model_dir,
-        &BuildOptions {
-            device: Device::Cpu,
-            head: Head::Lm,
-            lora: None,
-        },
-    )
-    .unwrap();
+    let model = Model::load(&model_dir, &BuildOptions::new(Device::Cpu, Head::Lm)).unwrap();
     let tokenizer = Tokenizer::from_dir(&model_dir).unwrap();
     let constitution: Value = serde_yaml_like(CONSTITUTION);
     assert_eq!(records.len(), 3);

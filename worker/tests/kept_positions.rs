@@ -24,6 +24,7 @@ fn models() -> Vec<(&'static str, Model)> {
                     device: Device::Cpu,
                     head: Head::Reward,
                     lora: None,
+                    kind: tch::Kind::Float,
                 },
             );
             (name, model)

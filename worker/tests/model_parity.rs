@@ -106,6 +106,7 @@ fn load(model: &str, head: Head) -> Model {
             device: device(),
             head,
             lora: None,
+            kind: tch::Kind::Float,
         },
     )
     .unwrap()
@@ -366,6 +367,7 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
                 device: device(),
                 head: Head::Reward,
                 lora: None,
+                kind: tch::Kind::Float,
             },
         )
         .unwrap();
@@ -392,6 +394,7 @@ fn pickled_checkpoints_are_refused() {
             device: Device::Cpu,
             head: Head::Lm,
             lora: None,
+            kind: tch::Kind::Float,
         },
     )
     .err()
@@ -420,6 +423,7 @@ fn merged_lora_logits_equal_the_adapted_model() {
                 device: device(),
                 head: Head::Lm,
                 lora: Some(lora),
+                kind: tch::Kind::Float,
             },
         )
         .unwrap();

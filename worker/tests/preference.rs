@@ -87,14 +87,7 @@ fn the_batch_loss_is_the_weighted_mean_of_the_pair_losses() {
 fn paired_rewards_in_one_padded_forward_equal_one_forward_per_sequence() {
     tch::manual_seed(0);
     let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(50, 32, 16, 2, 2, 0, 0.0)).unwrap();
-    let model = Model::init(
-        &cfg,
-        &BuildOptions {
-            device: Device::Cpu,
-            head: Head::Reward,
-            lora: None,
-        },
-    );
+    let model = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Reward));
     let a: Vec<Vec<i64>> = vec![vec![5, 6, 7, 8, 9], vec![3, 4]];
     let b: Vec<Vec<i64>> = vec![vec![5, 6, 1], vec![3, 4, 2, 1, 7, 7, 9]];
     let ra_s: Vec<&[i64]> = a.iter().map(Vec::as_slice).collect();

@@ -16,6 +16,7 @@ fn tiny(head: Head, lora: Option<LoraConfig>) -> Model {
             device: Device::Cpu,
             head,
             lora,
+            kind: tch::Kind::Float,
         },
     )
 }
@@ -94,6 +95,7 @@ fn lora_training_changes_adapters_only_and_base_weights_stay_bit_identical() {
             device: Device::Cpu,
             head: Head::Lm,
             lora: Some(lora),
+            kind: tch::Kind::Float,
         },
     )
     .unwrap();
@@ -187,6 +189,7 @@ fn adapted(config: serde_json::Value, targets: LoraTargets) -> std::collections:
             device: Device::Cpu,
             head: Head::Lm,
             lora: Some(lora),
+            kind: tch::Kind::Float,
         },
     );
     model

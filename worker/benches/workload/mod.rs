@@ -44,3 +44,41 @@ pub fn vm_hwm_mib() -> f64 {
         .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
         .unwrap_or(f64::NAN)
 }
+
+/// A word-level `tokenizer.json`: word `t<i>` is token `i`, split on spaces,
+/// no special tokens (so no EOS).
+pub fn tokenizer_json(vocab_size: i64) -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab_size)
+        .map(|i| (format!("t{i}"), serde_json::json!(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    })
+}
+
+/// GPU memory this process holds (`nvidia-smi`: the caching allocator's
+/// reserve plus the CUDA context), MiB; `None` where it cannot be read.
+/// libtorch's allocator keeps what it reserved, so after a run this is the
+/// run's peak reserve; tch exposes no `max_memory_allocated`.
+pub fn cuda_mem_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let (pid, mib) = l.split_once(',')?;
+        (pid.trim() == me).then(|| mib.trim().parse().ok())?
+    })
+}

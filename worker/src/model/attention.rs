@@ -228,6 +228,15 @@ pub enum Mask {
 }
 
 impl Mask {
+    /// The same mask, sharing its tensor.
+    pub fn shallow_clone(&self) -> Mask {
+        match self {
+            Mask::Causal => Mask::Causal,
+            Mask::None => Mask::None,
+            Mask::Explicit(m) => Mask::Explicit(m.shallow_clone()),
+        }
+    }
+
     /// The mask for `q_len` new queries over `mask` (`[b, past + q]`, 0/1).
     pub fn new(mask: &Tensor, q_len: i64) -> Mask {
         let kv_len = mask.size()[1];
@@ -244,15 +253,6 @@ impl Mask {
 }
 
 impl Mask {
-    /// The same mask (sharing its tensor).
-    pub fn shallow_clone(&self) -> Mask {
-        match self {
-            Mask::Causal => Mask::Causal,
-            Mask::None => Mask::None,
-            Mask::Explicit(m) => Mask::Explicit(m.shallow_clone()),
-        }
-    }
-
     /// This mask for the last `q_len` of `kv_len` positions, narrowed to a
     /// sliding window: a query sees keys less than `window` positions
     /// before it (transformers' `kv_idx > q_idx - sliding_window`, indices

@@ -67,6 +67,16 @@ pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     )
 }
 
+/// The `torch_dtype` a `config.json` names for weights of `kind`.
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        Kind::Double => "float64",
+        _ => "float32",
+    }
+}
+
 fn kind_of(dtype: Dtype) -> anyhow::Result<Kind> {
     Ok(match dtype {
         Dtype::BOOL => Kind::Bool,
@@ -118,11 +128,13 @@ pub fn read_file(path: &Path, device: Device) -> anyhow::Result<Vec<(String, Ten
     Ok(out)
 }
 
-/// Bytes of a tensor for writing.
+/// A tensor's bytes for writing, read in place (no copy of the model).
 struct Bytes {
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    /// Contiguous, on the CPU; its storage is what `data` reads.
+    tensor: Tensor,
+    len: usize,
 }
 
 impl View for &Bytes {
@@ -133,10 +145,17 @@ impl View for &Bytes {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+        if self.len == 0 {
+            return Cow::Borrowed(&[]);
+        }
+        // SAFETY: `tensor` is contiguous on the CPU and lives as long as
+        // `self`; its `len` bytes start at its data pointer.
+        Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len)
+        })
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.len
     }
 }
 
@@ -144,17 +163,16 @@ impl View for &Bytes {
 pub fn write_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.to_device(Device::Cpu).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
+        let tensor = t.detach().to_device(Device::Cpu).contiguous();
+        let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
         owned.push((
             name.clone(),
             Bytes {
-                dtype: dtype_of(t.kind())?,
+                dtype: dtype_of(tensor.kind())?,
                 shape,
-                data,
+                tensor,
+                len,
             },
         ));
     }

@@ -7,6 +7,7 @@ use super::attention::{attend, KvCache, Mask, Queries, Scores};
 use super::config::ModelConfig;
 use super::linear::{Layout, Linear, LoraConfig, Norm};
 use super::onednn::PostOp;
+use super::recompute;
 
 #[derive(Debug)]
 struct Block {
@@ -96,6 +97,10 @@ impl Gpt2 {
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`
     /// (`[b, q, hidden]` with `keep`).
+    /// With `recompute` (each block's trainable tensors), blocks run under
+    /// activation checkpointing when autograd records (not with a cache,
+    /// nor the last block with `keep`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -104,46 +109,86 @@ impl Gpt2 {
         mut cache: Option<&mut KvCache>,
         keep: Option<&Queries>,
         train: bool,
+        recompute: Option<&[Vec<Tensor>]>,
     ) -> Tensor {
-        let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = (Tensor::embedding(&self.wte, ids, -1, false, false)
             + Tensor::embedding(&self.wpe, positions, -1, false, false))
         .dropout(self.dropout, train);
         let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
-            let a = block.ln_1.forward(&x);
-            let qkv = block.c_attn.forward(&a, train);
-            let parts = qkv.split(qkv.size()[2] / 3, 2);
-            let split = |t_: &Tensor| t_.view([b, t, self.heads, -1]).transpose(1, 2);
-            let (q, k, v) = (split(&parts[0]), split(&parts[1]), split(&parts[2]));
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v),
-                None => (k, v),
-            };
-            // The last block's queries (and everything after attention)
-            // only at the kept positions.
-            let (q, mask, q_len) = match keep.filter(|_| i == last) {
-                Some(kept) => {
-                    x = kept.take(&x, 1);
-                    (kept.take(&q, 2), &kept.mask, kept.per_row())
+            let kept = keep.filter(|_| i == last);
+            x = match recompute.filter(|_| cache.is_none() && kept.is_none()) {
+                Some(params) => {
+                    let mask = mask.shallow_clone();
+                    // SAFETY: the closure borrows only `self`'s block (the
+                    // model outlives its training steps) and owns the rest.
+                    unsafe {
+                        recompute::checkpoint(&x, &params[i], move |x| {
+                            self.block(block, x, &mask, None, None, train)
+                        })
+                    }
                 }
-                None => (q, mask, t),
+                None => self.block(
+                    block,
+                    &x,
+                    mask,
+                    cache.as_deref_mut().map(|c| (c, i)),
+                    kept,
+                    train,
+                ),
             };
-            let y = attend(&q, &k, &v, mask, &Scores::default(), self.dropout, train)
-                .transpose(1, 2)
-                .reshape([b, q_len, -1]);
-            x = x + block
-                .attn_proj
-                .forward(&y, train)
-                .dropout(self.dropout, train);
-            let m = block.ln_2.forward(&x);
-            let m = block.c_fc.forward_then(&m, train, PostOp::GeluTanh);
-            x = x + block
-                .mlp_proj
-                .forward(&m, train)
-                .dropout(self.dropout, train);
         }
         self.ln_f.forward(&x)
+    }
+
+    /// One block. With `keep`, the result holds only the kept positions
+    /// (see [`Queries`]).
+    ///
+    /// # Shapes
+    /// `x`: `[b, t, hidden]` -> `[b, t, hidden]` (`[b, q, hidden]` with `keep`).
+    fn block(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        keep: Option<&Queries>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [batch, time, hidden]");
+        let a = block.ln_1.forward(x);
+        let qkv = block.c_attn.forward(&a, train);
+        let parts = qkv.split(qkv.size()[2] / 3, 2);
+        let split = |t_: &Tensor| t_.view([b, t, self.heads, -1]).transpose(1, 2);
+        let (q, k, v) = (split(&parts[0]), split(&parts[1]), split(&parts[2]));
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v),
+            None => (k, v),
+        };
+        // The last block's queries (and everything after attention) only
+        // at the kept positions.
+        let (x, q, mask, q_len) = match keep {
+            Some(kept) => (
+                kept.take(x, 1),
+                kept.take(&q, 2),
+                &kept.mask,
+                kept.per_row(),
+            ),
+            None => (x.shallow_clone(), q, mask, t),
+        };
+        let y = attend(&q, &k, &v, mask, &Scores::default(), self.dropout, train)
+            .transpose(1, 2)
+            .reshape([b, q_len, -1]);
+        let x = x + block
+            .attn_proj
+            .forward(&y, train)
+            .dropout(self.dropout, train);
+        let m = block.ln_2.forward(&x);
+        let m = block.c_fc.forward_then(&m, train, PostOp::GeluTanh);
+        x + block
+            .mlp_proj
+            .forward(&m, train)
+            .dropout(self.dropout, train)
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {

@@ -226,8 +226,11 @@ impl Linear {
             None => (self.plain(x), PostOp::None),
         };
         if let Some(l) = adapter {
-            let h = x.dropout(l.dropout, train);
-            y += h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+            // Adapters train in float32 on a base that may be held in
+            // bf16: the adapter's term runs in its own dtype.
+            let h = x.to_kind(l.a.kind()).dropout(l.dropout, train);
+            let delta = h.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale;
+            y += delta.to_kind(y.kind());
         }
         match (post, applied) {
             (PostOp::GeluTanh, PostOp::None) => y.gelu("tanh"),

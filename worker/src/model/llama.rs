@@ -13,6 +13,7 @@ use tch::{nn, Kind, Tensor};
 use super::attention::{attend, KvCache, Mask, Queries, Scores};
 use super::config::{Activation, GemmaVariant, ModelConfig, NormPlacement, QkNorm};
 use super::linear::{Layout, Linear, LoraConfig, Norm};
+use super::recompute;
 
 #[derive(Debug)]
 struct Layer {
@@ -303,6 +304,10 @@ impl Llama {
     /// # Shapes
     /// `ids`, `positions`: `[b, t]`; `mask`: `[b, 1, t, past + t]` -> `[b, t, hidden]`
     /// (`[b, q, hidden]` with `keep`).
+    /// With `recompute` (each layer's trainable tensors), layers run under
+    /// activation checkpointing when autograd records (not with a cache,
+    /// nor the last layer with `keep`).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -311,8 +316,8 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         keep: Option<&Queries>,
         train: bool,
+        recompute: Option<&[Vec<Tensor>]>,
     ) -> Tensor {
-        let (b, t) = ids.size2().expect("ids are [batch, time]");
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         if let Some(scale) = self.gemma.embed_scale {
             // transformers rounds the scale to the activations' kind first.
@@ -324,75 +329,126 @@ impl Llama {
             .local_rope
             .as_ref()
             .map(|r| r.cos_sin(positions, x.kind()));
-        let rotate = |v: &Tensor, (cos, sin): &(Tensor, Tensor)| {
+        let last = self.layers.len() - 1;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kept = keep.filter(|_| i == last);
+            let (cos, sin) = match &local {
+                Some(cs) if layer.local_rope => cs,
+                _ => &global,
+            };
+            x = match recompute.filter(|_| cache.is_none() && kept.is_none()) {
+                Some(params) => {
+                    let (cos, sin, mask) = (
+                        cos.shallow_clone(),
+                        sin.shallow_clone(),
+                        mask.shallow_clone(),
+                    );
+                    // SAFETY: the closure borrows only `self`'s layer (the
+                    // model outlives its training steps) and owns the rest.
+                    unsafe {
+                        recompute::checkpoint(&x, &params[i], move |x| {
+                            self.layer(layer, x, (&cos, &sin), &mask, None, None, train)
+                        })
+                    }
+                }
+                None => self.layer(
+                    layer,
+                    &x,
+                    (cos, sin),
+                    mask,
+                    cache.as_deref_mut().map(|c| (c, i)),
+                    kept,
+                    train,
+                ),
+            };
+        }
+        self.norm.forward(&x)
+    }
+
+    /// One decoder layer. With `keep`, the result holds only the kept
+    /// positions (see [`Queries`]).
+    ///
+    /// # Shapes
+    /// `x`: `[b, t, hidden]`; `rope`: cos and sin `[b, 1, t, head_dim]` ->
+    /// `[b, t, hidden]` (`[b, q, hidden]` with `keep`).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        keep: Option<&Queries>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [batch, time, hidden]");
+        let rotate = |v: &Tensor| {
             let half = self.head_dim / 2;
             let rotated = Tensor::cat(&[-v.narrow(-1, half, half), v.narrow(-1, 0, half)], -1);
             v * cos + rotated * sin
         };
-        let last = self.layers.len() - 1;
-        let kv_len = cache.as_deref().map_or(0, KvCache::len) + t;
-        let device = ids.device();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = maybe(&layer.attn_in_norm, x.shallow_clone());
-            let [q, k, v] = layer.qkv.forward(
-                &a,
-                self.heads * self.head_dim,
-                self.kv_heads * self.head_dim,
-                train,
-            );
-            let heads = |y: Tensor, n: i64, norm: &Option<Norm>| {
-                let y = match layer.whole_qk_norm {
-                    true => maybe(norm, y).view([b, t, n, self.head_dim]),
-                    false => maybe(norm, y.view([b, t, n, self.head_dim])),
+        // Keys before this pass: what the window counts back over.
+        let kv_len = cache.as_ref().map_or(0, |(c, _)| c.len()) + t;
+        let a = maybe(&layer.attn_in_norm, x.shallow_clone());
+        let [q, k, v] = layer.qkv.forward(
+            &a,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            train,
+        );
+        let heads = |y: Tensor, n: i64, norm: &Option<Norm>| {
+            let y = match layer.whole_qk_norm {
+                true => maybe(norm, y).view([b, t, n, self.head_dim]),
+                false => maybe(norm, y.view([b, t, n, self.head_dim])),
+            };
+            y.transpose(1, 2)
+        };
+        let q = heads(q, self.heads, &layer.q_norm);
+        let k = heads(k, self.kv_heads, &layer.k_norm);
+        let v = v.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let (q, k) = match layer.rope {
+            true => (rotate(&q), rotate(&k)),
+            false => (q, k),
+        };
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v),
+            None => (k, v),
+        };
+        // The last layer's queries (and everything after attention)
+        // only at the kept positions.
+        let (x, q, mask, q_len) = match keep {
+            Some(kept) => {
+                let mask = match layer.window {
+                    Some(w) => kept.windowed_mask(kv_len, w),
+                    None => kept.mask.shallow_clone(),
                 };
-                y.transpose(1, 2)
-            };
-            let q = heads(q, self.heads, &layer.q_norm);
-            let k = heads(k, self.kv_heads, &layer.k_norm);
-            let v = v.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
-            let (q, k) = match (layer.rope, &local) {
-                (false, _) => (q, k),
-                (true, Some(cs)) if layer.local_rope => (rotate(&q, cs), rotate(&k, cs)),
-                (true, _) => (rotate(&q, &global), rotate(&k, &global)),
-            };
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v),
-                None => (k, v),
-            };
-            // The last layer's queries (and everything after attention)
-            // only at the kept positions.
-            let (q, mask, q_len) = match keep.filter(|_| i == last) {
-                Some(kept) => {
-                    x = kept.take(&x, 1);
-                    let mask = match layer.window {
-                        Some(w) => kept.windowed_mask(kv_len, w),
-                        None => kept.mask.shallow_clone(),
-                    };
-                    (kept.take(&q, 2), mask, kept.per_row())
-                }
-                None => match layer.window {
-                    Some(w) => (q, mask.windowed(t, kv_len, w, device), t),
-                    None => (q, mask.shallow_clone(), t),
-                },
-            };
-            let scores = Scores {
-                scale: self.gemma.attn_scale,
-                softcap: self.gemma.attn_softcap,
-            };
-            let y = attend(&q, &k, &v, &mask, &scores, 0.0, train)
-                .transpose(1, 2)
-                .reshape([b, q_len, -1]);
-            x = x + maybe(&layer.attn_out_norm, layer.o_proj.forward(&y, train));
-            let m = maybe(&layer.mlp_in_norm, x.shallow_clone());
-            let (gate, up) = layer.gate_up.forward(&m, train);
-            let gate = match self.activation {
-                Activation::Silu => gate.silu(),
-                Activation::GeluTanh => gate.gelu("tanh"),
-            };
-            let m = gate * up;
-            x = x + maybe(&layer.mlp_out_norm, layer.down_proj.forward(&m, train));
-        }
-        self.norm.forward(&x)
+                (kept.take(x, 1), kept.take(&q, 2), mask, kept.per_row())
+            }
+            None => {
+                let mask = match layer.window {
+                    Some(w) => mask.windowed(t, kv_len, w, x.device()),
+                    None => mask.shallow_clone(),
+                };
+                (x.shallow_clone(), q, mask, t)
+            }
+        };
+        let scores = Scores {
+            scale: self.gemma.attn_scale,
+            softcap: self.gemma.attn_softcap,
+        };
+        let y = attend(&q, &k, &v, &mask, &scores, 0.0, train)
+            .transpose(1, 2)
+            .reshape([b, q_len, -1]);
+        let x = x + maybe(&layer.attn_out_norm, layer.o_proj.forward(&y, train));
+        let m = maybe(&layer.mlp_in_norm, x.shallow_clone());
+        let (gate, up) = layer.gate_up.forward(&m, train);
+        let gate = match self.activation {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+        };
+        let m = gate * up;
+        x + maybe(&layer.mlp_out_norm, layer.down_proj.forward(&m, train))
     }
 
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {

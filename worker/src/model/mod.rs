@@ -11,7 +11,9 @@ mod config;
 mod gpt2;
 mod linear;
 mod llama;
+mod logprobs;
 pub mod onednn;
+pub mod recompute;
 mod rope;
 pub mod sample;
 
@@ -24,6 +26,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use attention::{attention_mask, query_mask, KvCache, Mask};
 pub use config::{Arch, ModelConfig, LLAMA_FAMILY};
 pub use linear::{without_adapters, Layout, Linear, LoraConfig, LoraTargets};
+pub use logprobs::{TokenLogprobs, CHUNK_LOGITS_BYTES};
 
 use gpt2::Gpt2;
 use llama::Llama;
@@ -43,6 +46,9 @@ pub struct Transformer {
     /// The tied LM head packed for oneDNN while decoding (see
     /// [`Transformer::packed_for_decoding`]).
     tied_head_packed: std::sync::Mutex<Option<onednn::Packed>>,
+    /// With gradient checkpointing, each block's trainable tensors (see
+    /// [`Model::set_gradient_checkpointing`]).
+    recompute: Option<Vec<Vec<Tensor>>>,
 }
 
 /// The most float32 weight bytes [`Transformer::packed`] copies into oneDNN
@@ -110,6 +116,7 @@ impl Transformer {
             backbone,
             lm_head,
             tied_head_packed: std::sync::Mutex::new(None),
+            recompute: None,
         }
     }
 
@@ -186,9 +193,10 @@ impl Transformer {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
+        let blocks = self.recompute.as_deref();
         match &self.backbone {
-            Backbone::Gpt2(m) => m.forward(ids, positions, attn, cache, None, train),
-            Backbone::Llama(m) => m.forward(ids, positions, attn, cache, None, train),
+            Backbone::Gpt2(m) => m.forward(ids, positions, attn, cache, None, train, blocks),
+            Backbone::Llama(m) => m.forward(ids, positions, attn, cache, None, train, blocks),
         }
     }
 
@@ -207,16 +215,34 @@ impl Transformer {
             Keep::Span { start, len } => attention::Queries::span(mask, start, len),
             Keep::LastToken => attention::Queries::one_per_row(mask, &last_token_index(mask)),
         };
+        let blocks = self.recompute.as_deref();
         match &self.backbone {
-            Backbone::Gpt2(m) => m.forward(ids, &positions, &attn, None, Some(&kept), train),
-            Backbone::Llama(m) => m.forward(ids, &positions, &attn, None, Some(&kept), train),
+            Backbone::Gpt2(m) => {
+                m.forward(ids, &positions, &attn, None, Some(&kept), train, blocks)
+            }
+            Backbone::Llama(m) => {
+                m.forward(ids, &positions, &attn, None, Some(&kept), train, blocks)
+            }
         }
     }
 
+    /// Float32 logits, whatever dtype the weights are held in (as
+    /// transformers' `logits.float()`).
+    ///
     /// # Shapes
     /// `[b, t, hidden]` -> `[b, t, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let logits = match &self.lm_head {
+        let logits = self.head(hidden).to_kind(Kind::Float);
+        match self.cfg.gemma.final_softcap {
+            // Gemma 2: `cap * tanh(logits / cap)`.
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    /// The LM head in the weights' dtype.
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
             Some(head) => head.forward(hidden, false),
             None => {
                 let packed = self.tied_head_packed.lock().expect("pack lock");
@@ -226,11 +252,6 @@ impl Transformer {
                     .and_then(|p| linear::packed_forward(p, hidden, None, onednn::PostOp::None))
                     .unwrap_or_else(|| hidden.linear::<Tensor>(self.embeddings(), None))
             }
-        };
-        match self.cfg.gemma.final_softcap {
-            // Gemma 2: `cap * tanh(logits / cap)`.
-            Some(cap) => (logits / cap).tanh() * cap,
-            None => logits,
         }
     }
 
@@ -241,6 +262,14 @@ impl Transformer {
     pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let positions = positions_from_mask(mask);
         self.logits(&self.hidden(ids, &positions, mask, None, train))
+    }
+
+    /// The LM head's weight `[vocab, hidden]` (the embeddings when tied).
+    fn head_weight(&self) -> &Tensor {
+        match &self.lm_head {
+            Some(head) => &head.weight,
+            None => self.embeddings(),
+        }
     }
 
     /// The token embedding matrix `[vocab, hidden]`.
@@ -290,7 +319,9 @@ impl RewardHead {
     /// # Shapes
     /// `last`: `[b, 1, h]` -> `[b]`.
     pub fn forward(&self, last: &Tensor) -> Tensor {
-        self.score.forward(last, false).view([-1])
+        // A float32 head that trains on a base held in bf16 takes float32.
+        let last = last.to_kind(self.score.weight.kind());
+        self.score.forward(&last, false).view([-1])
     }
 }
 
@@ -317,7 +348,9 @@ impl ValueHead {
     /// # Shapes
     /// `[b, t, h]` -> `[b, t]`.
     pub fn forward(&self, hidden: &Tensor) -> Tensor {
-        self.summary.forward(hidden, false).squeeze_dim(-1)
+        // A float32 head that trains on a base held in bf16 takes float32.
+        let hidden = hidden.to_kind(self.summary.weight.kind());
+        self.summary.forward(&hidden, false).squeeze_dim(-1)
     }
 }
 
@@ -340,6 +373,9 @@ pub struct Model {
     pub value: Option<ValueHead>,
     /// The folder it came from (tokenizer files are copied from here on save).
     pub source: Option<PathBuf>,
+    /// The dtype [`Model::save`] writes floating tensors in: the
+    /// checkpoint's own (float32 for a fresh model) unless set otherwise.
+    pub save_kind: Kind,
 }
 
 /// How to build a model.
@@ -348,6 +384,23 @@ pub struct BuildOptions {
     pub device: Device,
     pub head: Head,
     pub lora: Option<LoraConfig>,
+    /// The dtype of the weights that do not train: every weight of a
+    /// model without adapters (which must then be frozen unless float32),
+    /// the base weights under LoRA adapters. Adapters and fresh heads stay
+    /// float32.
+    pub kind: Kind,
+}
+
+impl BuildOptions {
+    /// float32 weights on `device` with `head`, no adapters.
+    pub fn new(device: Device, head: Head) -> BuildOptions {
+        BuildOptions {
+            device,
+            head,
+            lora: None,
+            kind: Kind::Float,
+        }
+    }
 }
 
 impl Model {
@@ -359,12 +412,16 @@ impl Model {
         let reward =
             (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
         let value = (options.head == Head::Value).then(|| ValueHead::new(&root, cfg.hidden_size));
+        if options.kind != Kind::Float {
+            hold_frozen_weights_in(&vs, options.kind, options.lora.is_some());
+        }
         Model {
             vs,
             lm,
             reward,
             value,
             source: None,
+            save_kind: Kind::Float,
         }
     }
 
@@ -420,7 +477,45 @@ impl Model {
             freeze_all_but_lora(&model.vs);
         }
         model.source = Some(dir.to_path_buf());
+        model.save_kind = stored_kind(&stored);
         Ok(model)
+    }
+
+    /// A model on `base`'s own weights (shared, not copied: one copy in
+    /// memory) with fresh LoRA adapters and `head`: only the adapters and
+    /// the head train. PPO's LoRA critic is the policy's base with its own
+    /// adapters and a value head. (Seed torch first for reproducibility.)
+    pub fn sharing_base(base: &Model, lora: &LoraConfig, head: Head) -> Model {
+        let base_kind = base
+            .vs
+            .variables()
+            .into_iter()
+            .find(|(n, _)| !n.contains("lora_"))
+            .map_or(Kind::Float, |(_, t)| t.kind());
+        let options = BuildOptions {
+            device: base.vs.device(),
+            head,
+            lora: Some(lora.clone()),
+            kind: base_kind,
+        };
+        let mut model = Model::init(&base.lm.cfg, &options);
+        let shared = base.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut t) in model.vs.variables() {
+                if let Some(b) = shared.get(&name).filter(|_| !name.contains("lora_")) {
+                    t.set_data(b);
+                }
+            }
+        });
+        freeze_all_but_lora(&model.vs);
+        for (name, t) in model.vs.variables() {
+            if name.starts_with("v_head.") || name.starts_with("score.") {
+                let _ = t.set_requires_grad(true);
+            }
+        }
+        model.source = base.source.clone();
+        model.save_kind = base.save_kind;
+        model
     }
 
     /// The reward head's score of each row of a padded batch, on its last
@@ -434,6 +529,29 @@ impl Model {
             .as_ref()
             .expect("preference models are built with the reward head");
         head.forward(&self.lm.hidden_kept(ids, mask, Keep::LastToken, train))
+    }
+
+    /// Turns activation checkpointing of every transformer block on or off:
+    /// on, a block's activations are recomputed in backward instead of
+    /// kept (see [`recompute`]). Set after the model's trainable tensors
+    /// are final (LoRA freezing included).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.lm.recompute = on.then(|| {
+            let block = match self.lm.cfg.arch {
+                Arch::Gpt2 => "transformer.h",
+                Arch::Llama => "model.layers",
+            };
+            let vars = self.vs.variables();
+            (0..self.lm.cfg.num_layers)
+                .map(|i| {
+                    let prefix = format!("{block}.{i}.");
+                    vars.iter()
+                        .filter(|(n, t)| n.starts_with(&prefix) && t.requires_grad())
+                        .map(|(_, t)| t.shallow_clone())
+                        .collect()
+                })
+                .collect()
+        });
     }
 
     /// Trainable tensors by name (sorted, so optimizers see a stable order).
@@ -462,6 +580,7 @@ impl Model {
             // transformers' `*ForSequenceClassification` has no LM head and
             // reports an untied one as an unexpected key.
             .filter(|(n, _)| self.reward.is_none() || !n.starts_with("lm_head."))
+            .map(|(n, t)| (n, t.to_kind(self.save_kind)))
             .collect();
         checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
         let mut config = self.lm.cfg.raw.clone();
@@ -493,7 +612,7 @@ impl Model {
             _ => causal,
         };
         config["architectures"] = serde_json::json!([arch]);
-        config["torch_dtype"] = "float32".into();
+        config["torch_dtype"] = checkpoint::dtype_name(self.save_kind).into();
         std::fs::write(
             dir.join("config.json"),
             serde_json::to_string_pretty(&config)? + "\n",
@@ -503,6 +622,27 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Bytes of `model`'s tensors: those it holds alone, and those whose
+/// storage it shares with `other` (see [`Model::sharing_base`]).
+pub fn storage_bytes(model: &Model, other: &Model) -> (i64, i64) {
+    let theirs: std::collections::HashSet<usize> = other
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.data_ptr() as usize)
+        .collect();
+    let (mut own, mut shared) = (0, 0);
+    for t in model.vs.variables().values() {
+        let bytes = t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        if theirs.contains(&(t.data_ptr() as usize)) {
+            shared += bytes;
+        } else {
+            own += bytes;
+        }
+    }
+    (own, shared)
 }
 
 /// Copies the tokenizer files of a model folder, if any: the tokenizer,
@@ -523,6 +663,29 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Holds the weights that do not train in `kind` (see
+/// [`BuildOptions::kind`]): every one but adapters, and with adapters
+/// (`lora`) the heads too, which train beside them.
+fn hold_frozen_weights_in(vs: &nn::VarStore, kind: Kind, lora: bool) {
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            let trained = name.contains("lora_")
+                || (lora && (name.starts_with("score.") || name.starts_with("v_head.")));
+            if !trained && t.is_floating_point() {
+                t.set_data(&t.to_kind(kind));
+            }
+        }
+    });
+}
+
+/// The dtype of a checkpoint's floating tensors (float32 when it has none).
+fn stored_kind(stored: &BTreeMap<String, Tensor>) -> Kind {
+    stored
+        .values()
+        .find(|t| t.is_floating_point())
+        .map_or(Kind::Float, Tensor::kind)
 }
 
 /// With LoRA only the adapters train: everything else stops requiring grad.

@@ -38,7 +38,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let stage = &ctx.spec.stage;
     let device = model::device(&ctx.spec.device)?;
     let model_dir = ctx.input("model")?;
-    let (tokenizer, model) = load::language_model(model_dir, device)?;
+    let (tokenizer, model) = load::language_model(model_dir, device, p.dtype)?;
     let chat = load::chat_format(ctx, p.chat_template, model_dir)?;
     let constitution = Constitution::load(ctx.input("constitution")?)?;
     let principles = &constitution.feedback;

@@ -34,8 +34,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     );
     let policy_dir = ctx.input("policy")?;
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
-    let policy = load::frozen(policy_dir, device, Head::Lm)?;
-    let pm = load::frozen(ctx.input("reward_model")?, device, Head::Reward)?;
+    let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
+    let pm = load::frozen(ctx.input("reward_model")?, device, Head::Reward, p.dtype)?;
     anyhow::ensure!(
         pm.lm.cfg.vocab_size == policy.lm.cfg.vocab_size,
         "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({}): they must share a tokenizer",

@@ -55,13 +55,13 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     // (1) n answers per prompt.
     let answers = {
-        let policy = load::frozen(policy_dir, device, Head::Lm)?;
+        let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
         sample(ctx, &p, &policy, &tokenizer, &prompts, device)?
     };
 
     // (2) Scores, per prompt by sample index.
     let scores = {
-        let pm = load::frozen(pm_dir, device, Head::Reward)?;
+        let pm = load::frozen(pm_dir, device, Head::Reward, p.dtype)?;
         pm_score_answers(
             ctx,
             &pm,

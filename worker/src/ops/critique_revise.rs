@@ -158,7 +158,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     let device = model::device(&ctx.spec.device)?;
     let model_dir = ctx.input("model")?;
-    let (tokenizer, model) = load::language_model(model_dir, device)?;
+    let (tokenizer, model) = load::language_model(model_dir, device, p.dtype)?;
     let chat = load::chat_format(ctx, p.chat_template, model_dir)?;
     let mut items = read_items(ctx, &p, principles.len(), chat.is_some())?;
     let generator = Generator {

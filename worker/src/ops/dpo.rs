@@ -41,7 +41,7 @@ pub fn run_reference(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: DpoReferenceParams = ctx.params()?;
     let stage = ctx.spec.stage.as_str();
     let device = model::device(&ctx.spec.device)?;
-    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
+    let (tokenizer, model) = load::language_model(ctx.input("model")?, device, p.dtype)?;
     let eos =
         if p.append_eos {
             Some(eos_id(&tokenizer, &model).with_context(|| {
@@ -255,7 +255,14 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     let dir = ctx.input("policy")?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let mut model = load::trainable(dir, device, Head::Lm, p.lora.as_ref(), ctx.spec.seed)?;
+    let mut model = load::trainable(
+        dir,
+        device,
+        Head::Lm,
+        p.lora.as_ref(),
+        ctx.spec.seed,
+        tch::Kind::Float,
+    )?;
     anyhow::ensure!(
         settings.max_len as i64 <= model.lm.cfg.max_positions,
         "stage `{stage}`: `reference_logps` was computed with max_len {} but the policy has {} positions: lower dpo.reference's `max_len`",

@@ -98,8 +98,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     // (1) Answers and KL.
     let answers = {
-        let policy = load::frozen(policy_dir, device, Head::Lm)?;
-        let reference = load::frozen(reference_dir, device, Head::Lm)?;
+        let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
+        let reference = load::frozen(reference_dir, device, Head::Lm, p.dtype)?;
         sample_both(ctx, &p, &policy, &reference, &tokenizer, &prompts, device)?
     };
 
@@ -165,7 +165,7 @@ fn judge_with_pm(
     answers: &Answers,
     device: Device,
 ) -> anyhow::Result<(JudgeReport, Vec<(f64, f64)>)> {
-    let pm = load::frozen(dir, device, Head::Reward)?;
+    let pm = load::frozen(dir, device, Head::Reward, p.dtype)?;
     let scores = score_with_pm(ctx, p, &pm, prompts, answers, device)?;
     let tally = Tally::of(scores.iter().map(|(a, b)| Outcome::from_scores(*a, *b)));
     let mut report = tally.judge_report();
@@ -187,7 +187,7 @@ fn judge_with_feedback_model(
 ) -> anyhow::Result<(JudgeReport, Vec<FeedbackVerdict>)> {
     let dir = ctx.input(FEEDBACK_JUDGE)?;
     let fb_tokenizer = Tokenizer::from_dir(dir)?;
-    let fb = load::frozen(dir, device, Head::Lm)?;
+    let fb = load::frozen(dir, device, Head::Lm, p.dtype)?;
     // The judge asks in its own chat template when it has one (`auto`), as
     // `ai_feedback` does; the `chat_template` input is the policies'.
     let chat = ChatFormat::for_stage(p.prompt.chat_template, None, dir)?;
@@ -407,7 +407,17 @@ fn sequence_kl(
         let ro = Rollout::of(prompts, samples, policy.lm.cfg.pad_id(), device);
         let rmask = ro.scored_mask(eos);
         let logprobs = |m: &Model| {
-            response_logprobs(m, &ro.ids, &ro.mask, &ro.resp, ro.p_len, temperature, false).0
+            response_logprobs(
+                m,
+                &ro.ids,
+                &ro.mask,
+                &ro.resp,
+                ro.p_len,
+                temperature,
+                false,
+                false,
+            )
+            .logp
         };
         let (lp, lr) = (logprobs(policy), logprobs(reference));
         let kl = kl_per_token(&lp, &lr, KlEstimator::K1);

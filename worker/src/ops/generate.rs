@@ -22,7 +22,7 @@ struct Counts {
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: GenerateParams = ctx.params()?;
     let device = model::device(&ctx.spec.device)?;
-    let (tokenizer, model) = load::language_model(ctx.input("model")?, device)?;
+    let (tokenizer, model) = load::language_model(ctx.input("model")?, device, p.dtype)?;
     let cfg = SamplingConfig {
         min_new_tokens: p.min_new_tokens,
         ..decoding_config(&tokenizer, &model, &p.decoding, ctx.spec.seed)

@@ -68,14 +68,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     };
     let cfg = ModelConfig::from_json(config)?;
     tch::manual_seed(ctx.spec.seed as i64);
-    let mut model = Model::init(
-        &cfg,
-        &BuildOptions {
-            device,
-            head: Head::Lm,
-            lora: None,
-        },
-    );
+    let mut model = Model::init(&cfg, &BuildOptions::new(device, Head::Lm));
     model.source = Some(tok_dir.to_path_buf());
 
     let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {

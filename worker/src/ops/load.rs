@@ -5,47 +5,69 @@
 use std::path::Path;
 
 use anyhow::Context;
-use tch::Device;
+use tch::{Device, Kind};
 
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::training::LoraParams;
-use alignflow_ops::{ChatFormat, ChatTemplateChoice, StageContext};
+use alignflow_ops::{ChatFormat, ChatTemplateChoice, Dtype, StageContext};
 
 use crate::model::{BuildOptions, Head, LoraConfig, Model, ModelConfig};
 
-/// `dir`'s model with `head` on `device`, without adapters.
-pub(crate) fn model(dir: &Path, device: Device, head: Head) -> anyhow::Result<Model> {
-    Model::load(
-        dir,
-        &BuildOptions {
-            device,
-            head,
-            lora: None,
-        },
-    )
+/// The kind of a stage's `dtype` on `device`: `auto` is bfloat16 on CUDA
+/// (every GPU torch runs on computes in it; Ampere and later natively),
+/// float32 on the CPU.
+pub(crate) fn weights_kind(dtype: Dtype, device: Device) -> Kind {
+    match dtype {
+        Dtype::Auto if device.is_cuda() => Kind::BFloat16,
+        Dtype::Auto | Dtype::Float32 => Kind::Float,
+        Dtype::Bfloat16 => Kind::BFloat16,
+        Dtype::Float16 => Kind::Half,
+    }
 }
 
-/// [`model`], frozen: a policy or a judge that only runs forwards.
-pub(crate) fn frozen(dir: &Path, device: Device, head: Head) -> anyhow::Result<Model> {
-    let mut m = model(dir, device, head)?;
+/// `dir`'s model with `head` on `device`, without adapters, float32.
+pub(crate) fn model(dir: &Path, device: Device, head: Head) -> anyhow::Result<Model> {
+    Model::load(dir, &BuildOptions::new(device, head))
+}
+
+/// `dir`'s model with `head` on `device`, frozen, its weights in `dtype`:
+/// a policy or a judge that only runs forwards.
+pub(crate) fn frozen(
+    dir: &Path,
+    device: Device,
+    head: Head,
+    dtype: Dtype,
+) -> anyhow::Result<Model> {
+    let options = BuildOptions {
+        kind: weights_kind(dtype, device),
+        ..BuildOptions::new(device, head)
+    };
+    let mut m = Model::load(dir, &options)?;
     m.vs.freeze();
     Ok(m)
 }
 
-/// `dir`'s tokenizer and its language model (tokenizer first: a folder
-/// without one fails before the weights load).
-pub(crate) fn language_model(dir: &Path, device: Device) -> anyhow::Result<(Tokenizer, Model)> {
+/// `dir`'s tokenizer and its frozen language model in `dtype` (tokenizer
+/// first: a folder without one fails before the weights load).
+pub(crate) fn language_model(
+    dir: &Path,
+    device: Device,
+    dtype: Dtype,
+) -> anyhow::Result<(Tokenizer, Model)> {
     let tokenizer = Tokenizer::from_dir(dir)?;
-    Ok((tokenizer, model(dir, device, Head::Lm)?))
+    Ok((tokenizer, frozen(dir, device, Head::Lm, dtype)?))
 }
 
-/// A model to train, with `params.lora`'s adapters if any.
+/// A model to train, with `params.lora`'s adapters if any; with adapters,
+/// the base weights (which do not train) are held in `base` (float32 for
+/// every op but `ppo`, whose `dtype` it is).
 pub(crate) fn trainable(
     dir: &Path,
     device: Device,
     head: Head,
     lora: Option<&LoraParams>,
     seed: u64,
+    base: Kind,
 ) -> anyhow::Result<Model> {
     // Fresh heads and LoRA adapters draw from torch's generator: seed it
     // first, so the stage is a function of its fingerprint (byte-identical
@@ -54,9 +76,9 @@ pub(crate) fn trainable(
     Model::load(
         dir,
         &BuildOptions {
-            device,
-            head,
             lora: lora.map(LoraConfig::from),
+            kind: if lora.is_some() { base } else { Kind::Float },
+            ..BuildOptions::new(device, head)
         },
     )
 }
@@ -153,4 +175,169 @@ pub(crate) fn chat_format(
             ctx.spec.stage
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::model::checkpoint::read_file;
+    use crate::ops::scoring::response_logprobs;
+
+    /// A tiny random model saved as a Hugging Face folder, in `kind`.
+    fn saved(raw: serde_json::Value, kind: Kind) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        tch::manual_seed(9);
+        let cfg = ModelConfig::from_json(raw).unwrap();
+        let mut m = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Lm));
+        // Larger weights than the init's: a peaked distribution, whose
+        // log-probs bf16 rounding moves the most.
+        tch::no_grad(|| {
+            for (_, mut t) in m.vs.variables() {
+                if t.dim() == 2 {
+                    let _ = t.g_mul_scalar_(5.0);
+                }
+            }
+        });
+        m.save_kind = kind;
+        m.save(dir.path()).unwrap();
+        dir
+    }
+
+    fn configs() -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            ("gpt2", ModelConfig::gpt2_json(64, 32, 32, 2, 2, 0, 0.0)),
+            (
+                "llama",
+                ModelConfig::llama_json(64, 32, 32, 2, 4, 2, 48, 0, false),
+            ),
+        ]
+    }
+
+    /// The tolerance of bf16 weights: the response tokens' log-probs of a
+    /// bf16-held model are within 0.05 (nats) of float32's on average and
+    /// 0.25 at worst (bf16 keeps 8 bits of mantissa: about 0.4 % per weight).
+    #[test]
+    fn a_bf16_frozen_model_scores_within_tolerance_of_float32() {
+        let _rng = crate::testing::torch_rng();
+        for (family, raw) in configs() {
+            let dir = saved(raw, Kind::Float);
+            let f32_model = frozen(dir.path(), Device::Cpu, Head::Lm, Dtype::Auto).unwrap();
+            let bf16 = frozen(dir.path(), Device::Cpu, Head::Lm, Dtype::Bfloat16).unwrap();
+            for (name, t) in bf16.vs.variables() {
+                assert_eq!(t.kind(), Kind::BFloat16, "{family}: `{name}`");
+                assert!(!t.requires_grad());
+            }
+            for (_, t) in f32_model.vs.variables() {
+                assert_eq!(
+                    t.kind(),
+                    Kind::Float,
+                    "{family}: auto on the CPU is float32"
+                );
+            }
+            let ids = Tensor::randint(64, [4, 12], (Kind::Int64, Device::Cpu));
+            let mask = ids.ones_like();
+            let resp = ids.narrow(1, 4, 8);
+            let lp = |m: &Model| {
+                tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 4, 1.0, false, false).logp)
+            };
+            let (want, got) = (lp(&f32_model), lp(&bf16));
+            assert_eq!(got.kind(), Kind::Float);
+            let diff = (&got - &want).abs();
+            let (mean, max) = (
+                diff.mean(Kind::Float).double_value(&[]),
+                diff.max().double_value(&[]),
+            );
+            assert!(
+                mean < 0.05 && max < 0.25,
+                "{family}: mean {mean}, max {max}"
+            );
+            // Not trivially equal: the weights were rounded.
+            assert!(max > 0.0, "{family}");
+            let spread = want.std(true).double_value(&[]);
+            assert!(spread > 0.5, "{family}: a peaked model ({spread})");
+        }
+    }
+
+    #[test]
+    fn saved_checkpoints_keep_the_dtype_they_were_loaded_in() {
+        let _rng = crate::testing::torch_rng();
+        for kind in [Kind::BFloat16, Kind::Float] {
+            let (_, raw) = configs().remove(1);
+            let src = saved(raw, kind);
+            // Trained weights are float32 masters, whatever the checkpoint.
+            let mut m = trainable(src.path(), Device::Cpu, Head::Lm, None, 1, Kind::Float).unwrap();
+            assert!(m.trainable().iter().all(|(_, t)| t.kind() == Kind::Float));
+            assert_eq!(m.save_kind, kind);
+            let out = tempfile::tempdir().unwrap();
+            m.save(out.path()).unwrap();
+            let tensors = read_file(&out.path().join("model.safetensors"), Device::Cpu).unwrap();
+            assert!(tensors.iter().all(|(_, t)| t.kind() == kind), "{kind:?}");
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.path().join("config.json")).unwrap(),
+            )
+            .unwrap();
+            let name = if kind == Kind::Float {
+                "float32"
+            } else {
+                "bfloat16"
+            };
+            assert_eq!(config["torch_dtype"], name);
+            // Asked otherwise, it writes that.
+            m.save_kind = Kind::Half;
+            m.save(out.path()).unwrap();
+            let tensors = read_file(&out.path().join("model.safetensors"), Device::Cpu).unwrap();
+            assert!(tensors.iter().all(|(_, t)| t.kind() == Kind::Half));
+        }
+    }
+
+    #[test]
+    fn lora_adapters_train_in_float32_on_a_bf16_base() {
+        let _rng = crate::testing::torch_rng();
+        let (_, raw) = configs().remove(1);
+        let src = saved(raw, Kind::Float);
+        let lora = LoraParams {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: None,
+        };
+        let m = trainable(
+            src.path(),
+            Device::Cpu,
+            Head::Lm,
+            Some(&lora),
+            1,
+            Kind::BFloat16,
+        )
+        .unwrap();
+        for (name, t) in m.vs.variables() {
+            let want = if name.contains("lora_") {
+                Kind::Float
+            } else {
+                Kind::BFloat16
+            };
+            assert_eq!(t.kind(), want, "`{name}`");
+        }
+        let ids = Tensor::randint(64, [2, 6], (Kind::Int64, Device::Cpu));
+        let out = response_logprobs(
+            &m,
+            &ids,
+            &ids.ones_like(),
+            &ids.narrow(1, 2, 4),
+            2,
+            1.0,
+            false,
+            false,
+        );
+        out.logp.sum(Kind::Float).backward();
+        let trained = m.trainable();
+        assert!(!trained.is_empty());
+        // PEFT's init has B = 0, so A gets no gradient yet; B does.
+        assert!(trained
+            .iter()
+            .filter(|(n, _)| n.contains("lora_B"))
+            .all(|(_, t)| t.grad().abs().max().double_value(&[]) > 0.0));
+    }
 }

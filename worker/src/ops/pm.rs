@@ -61,7 +61,14 @@ fn load(ctx: &StageContext<'_>, c: &PmParams) -> anyhow::Result<Loaded> {
     let tokenizer = Tokenizer::from_dir(dir)?;
     // A fresh reward head (and LoRA adapters) draw from torch's generator:
     // `trainable` seeds it so the stage is a function of its fingerprint.
-    let model = load::trainable(dir, device, Head::Reward, c.lora.as_ref(), ctx.spec.seed)?;
+    let model = load::trainable(
+        dir,
+        device,
+        Head::Reward,
+        c.lora.as_ref(),
+        ctx.spec.seed,
+        tch::Kind::Float,
+    )?;
     if c.lora.is_some() {
         for (name, t) in model.vs.variables() {
             if name.starts_with("score.") {

@@ -15,14 +15,16 @@ use alignflow_ops::StageContext;
 
 use super::prompts::Prompt;
 use crate::model::sample::left_pad;
-use crate::model::{Keep, Model, Transformer};
+use crate::model::{Keep, Model, TokenLogprobs, Transformer};
 
-/// Policy log-probs of the response tokens of `ids`, and of every token of
-/// the vocabulary at those positions (for the entropy); with `train`, the
-/// forward has the model's dropout.
+/// Policy log-probs of the response tokens of `ids`, and with `entropy`
+/// the entropy of the whole vocabulary's distribution at those positions;
+/// with `train`, the forward has the model's dropout. Computed in chunks of
+/// positions (see [`crate::model::TokenLogprobs`]).
 ///
 /// # Shapes
-/// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `([b, r], [b, r, vocab])`.
+/// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `[b, r]` each.
+#[allow(clippy::too_many_arguments)]
 pub fn response_logprobs(
     m: &Model,
     ids: &Tensor,
@@ -31,17 +33,12 @@ pub fn response_logprobs(
     p_len: i64,
     temperature: f64,
     train: bool,
-) -> (Tensor, Tensor) {
+    entropy: bool,
+) -> TokenLogprobs {
     let r = resp.size()[1];
     let hidden =
         m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), train);
-    let mut logits = m.lm.logits(&hidden).to_kind(Kind::Float);
-    if temperature > 0.0 && temperature != 1.0 {
-        logits /= temperature;
-    }
-    let all = logits.log_softmax(-1, Kind::Float);
-    let logp = all.gather(2, &resp.unsqueeze(-1), false).squeeze_dim(-1);
-    (logp, all)
+    m.lm.token_logprobs(&hidden, resp, temperature, entropy)
 }
 
 /// The positions whose outputs score the response tokens: from the last

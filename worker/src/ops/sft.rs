@@ -21,7 +21,14 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let device = model::device(&ctx.spec.device)?;
     let model_dir = ctx.input("model")?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
-    let mut model = load::trainable(model_dir, device, Head::Lm, p.lora.as_ref(), ctx.spec.seed)?;
+    let mut model = load::trainable(
+        model_dir,
+        device,
+        Head::Lm,
+        p.lora.as_ref(),
+        ctx.spec.seed,
+        tch::Kind::Float,
+    )?;
     let eos = p.append_eos.then(|| eos_id(&tokenizer, &model)).flatten();
     if p.append_eos {
         eos.context("append_eos: the model has no EOS token")?;

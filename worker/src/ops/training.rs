@@ -33,6 +33,26 @@ pub fn total_steps(p: &TrainParams, examples: usize) -> u64 {
         .max(1)
 }
 
+/// Turns activation checkpointing on for a training stage as its
+/// `gradient_checkpointing` asks (default: CUDA models over 300M
+/// parameters), once its trainable tensors are final.
+pub fn set_gradient_checkpointing(model: &mut Model, asked: Option<bool>) {
+    let params: i64 = model
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let on =
+        alignflow_ops::memory::gradient_checkpointing(asked, model.vs.device().is_cuda(), params);
+    if on {
+        tracing::info!(
+            "gradient checkpointing: each block's activations are recomputed in backward"
+        );
+    }
+    model.set_gradient_checkpointing(on);
+}
+
 /// Runs the training loop of a stage: resumes from the stage's latest
 /// checkpoint (same fingerprint), reseeds torch per step, writes
 /// `metrics.jsonl`, checkpoints every `checkpoint_every` steps and stops
@@ -65,6 +85,7 @@ pub fn run_training_with_figures(
         ctx.spec.stage
     );
     let steps = total_steps(p, examples);
+    set_gradient_checkpointing(model, p.gradient_checkpointing);
     let mut trainer = Trainer::new(&model.vs, trainer_config(p, lr, ctx.spec.seed), steps)?;
     let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("train"), 2);
     let resumed = match checkpoints.latest()? {
@@ -218,15 +239,17 @@ pub fn right_pad_labelled(
     (t(ids), t(mask), t(labels))
 }
 
-/// Next-token logits (float32) and their targets at the positions where
-/// some row has a labelled target: from the one before the first labelled
-/// token of any row to the end, so the last block and the LM head skip a
-/// prompt prefix every row masks. `None` for one-token rows (nothing is
-/// predicted).
+/// Next-token log-probs of the labelled targets (float32, computed in
+/// chunks of positions: see [`crate::model::TokenLogprobs`]) at the
+/// positions where some row has a labelled target: from the one before the
+/// first labelled token of any row to the end, so the last block and the LM
+/// head skip a prompt prefix every row masks. Also the targets (`-100`
+/// where unlabelled; the log-prob there is of token 0 and counts for
+/// nothing). `None` for one-token rows (nothing is predicted).
 ///
 /// # Shapes
-/// `ids`, `mask`, `labels`: `[b, t]` -> `([b, s, vocab], [b, s])`.
-pub fn labelled_logits(
+/// `ids`, `mask`, `labels`: `[b, t]` -> `([b, s], [b, s])`.
+pub fn labelled_logprobs(
     model: &Model,
     ids: &Tensor,
     mask: &Tensor,
@@ -258,8 +281,12 @@ pub fn labelled_logits(
         },
         train,
     );
-    let logits = model.lm.logits(&hidden).to_kind(Kind::Float);
-    Some((logits, labels.narrow(1, first + 1, span)))
+    let targets = labels.narrow(1, first + 1, span);
+    let logp = model
+        .lm
+        .token_logprobs(&hidden, &targets.clamp_min(0), 1.0, false)
+        .logp;
+    Some((logp, targets))
 }
 
 /// Mean next-token cross-entropy over the labelled positions.
@@ -274,18 +301,14 @@ pub fn causal_lm_loss(
     labels: &Tensor,
     train: bool,
 ) -> (Tensor, u64) {
-    let Some((logits, targets)) = labelled_logits(model, ids, mask, labels, train) else {
+    let Some((logp, targets)) = labelled_logprobs(model, ids, mask, labels, train) else {
         // Nothing is predicted: the mean over no tokens, as cross-entropy gives.
         return (Tensor::from(f32::NAN).to_device(ids.device()), 0);
     };
-    let counted = targets.ne(-100).sum(Kind::Int64).int64_value(&[]) as u64;
-    let vocab = logits.size()[2];
-    let loss = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
-        &targets.reshape([-1]),
-        None,
-        tch::Reduction::Mean,
-        -100,
-        0.0,
-    );
-    (loss, counted)
+    let counted = targets.ne(-100);
+    let count = counted.sum(Kind::Int64).int64_value(&[]) as u64;
+    let total = logp
+        .where_self(&counted, &logp.zeros_like())
+        .sum(Kind::Float);
+    (-total / count as f64, count)
 }

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::DpoLoss;
 
-use super::super::training::{labelled_logits, right_pad};
+use super::super::training::{labelled_logprobs, right_pad};
 use crate::model::Model;
 
 /// Per-pair losses from the policy's and the reference's response log-probs.
@@ -60,7 +60,7 @@ pub fn response_logps(
 ) -> (Tensor, u64) {
     let (ids, mask, labels) = right_pad(rows, model.lm.cfg.pad_id(), device);
     let tokens = rows.iter().map(|(r, _)| r.len() as u64).sum();
-    let Some((logits, targets)) = labelled_logits(model, &ids, &mask, &labels, train) else {
+    let Some((picked, targets)) = labelled_logprobs(model, &ids, &mask, &labels, train) else {
         // One-token rows: nothing is predicted.
         return (
             Tensor::zeros([rows.len() as i64], (Kind::Float, device)),
@@ -68,10 +68,6 @@ pub fn response_logps(
         );
     };
     let counted = targets.ne(-100);
-    let picked = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(2, &targets.clamp_min(0).unsqueeze(-1), false)
-        .squeeze_dim(-1);
     let zero = Tensor::zeros_like(&picked);
     (
         picked
@@ -215,6 +211,7 @@ mod tests {
                 device: Device::Cpu,
                 head: Head::Lm,
                 lora: None,
+                kind: tch::Kind::Float,
             },
         )
     }

@@ -71,7 +71,7 @@ impl Source {
             .map_err(|e| anyhow::anyhow!("stage `{stage}`, {e}"))?;
         match (bound("reward_model"), bound("feedback_model")) {
             (Some(pm_dir), _) => {
-                let pm = load::frozen(pm_dir, device, Head::Reward)?;
+                let pm = load::frozen(pm_dir, device, Head::Reward, p.dtype)?;
                 anyhow::ensure!(
                     pm.lm.cfg.vocab_size == policy_vocab,
                     "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({policy_vocab}): they must share a tokenizer",
@@ -94,7 +94,7 @@ impl Source {
                     (None, None) => unreachable!("check_bindings requires principles"),
                 };
                 let tokenizer = Tokenizer::from_dir(dir)?;
-                let model = load::frozen(dir, device, Head::Lm)?;
+                let model = load::frozen(dir, device, Head::Lm, p.dtype)?;
                 Ok(Source::Feedback(Feedback {
                     model,
                     tokenizer,

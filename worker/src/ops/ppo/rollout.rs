@@ -19,11 +19,11 @@ use crate::rl::{
 use crate::train::{epoch_permutation, step_seed};
 
 /// The update's forward passes over the whole batch, with grad: the
-/// policy's log-probs of the response tokens and of the whole vocabulary,
-/// and the value model's values (see `Passes::Auto`).
+/// policy's log-probs of the response tokens and its entropy at each of
+/// them, and the value model's values (see `Passes::Auto`).
 pub(super) struct Forwards {
     pub logp: Tensor,
-    pub all: Tensor,
+    pub entropy: Tensor,
     pub values: Option<Tensor>,
 }
 
@@ -184,8 +184,9 @@ fn rollout_forwards(
                         p_len,
                         s.params.temperature,
                         false,
+                        false,
                     )
-                    .0,
+                    .logp,
                     models
                         .critic
                         .as_ref()
@@ -193,7 +194,17 @@ fn rollout_forwards(
                 ),
             };
             let rf = models.reference.with(&models.policy, |m| {
-                response_logprobs(m, ids, mask, resp, p_len, s.params.temperature, false).0
+                response_logprobs(
+                    m,
+                    ids,
+                    mask,
+                    resp,
+                    p_len,
+                    s.params.temperature,
+                    false,
+                    false,
+                )
+                .logp
             });
             let sc = models
                 .rewards

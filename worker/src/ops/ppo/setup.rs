@@ -3,17 +3,20 @@
 
 use std::path::Path;
 
+use anyhow::Context;
+
 use tch::Device;
 
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, StageContext};
+use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, PpoValueModel, StageContext};
 
 use super::reward_source::{Rewards, Source};
 use crate::model::sample::SamplingConfig;
-use crate::model::{self, without_adapters, Head, Model, Packing};
+use crate::model::{self, without_adapters, Head, LoraConfig, Model, Packing};
 use crate::ops::load::{self, stop_ids};
 use crate::ops::prompts::{read_prompts, PromptSource};
 use crate::ops::sampling::sampling_config;
+use crate::ops::training::set_gradient_checkpointing;
 use crate::rl::{GaeConfig, GroupBaseline, KlEstimator};
 use crate::train::{AdamW, AdamWConfig, Schedule, ScheduleConfig};
 
@@ -117,13 +120,18 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
     // Adapters and the value head are initialised randomly: `trainable`
     // seeds torch first, for byte-identical reruns.
-    let (policy, reference) = policy_and_reference(&p, &stage, policy_dir, device, seed)?;
+    let (mut policy, reference) = policy_and_reference(&p, &stage, policy_dir, device, seed)?;
     let (baseline, group) = baseline_and_group(&p, &stage)?;
     // Critic-free modes load no value model at all.
-    let critic = match baseline {
-        None => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
-        Some(_) => None,
+    let mut critic = match (baseline, p.value_model) {
+        (None, PpoValueModel::Full) => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
+        (None, PpoValueModel::Lora) => Some(lora_critic(&policy, p.lora.as_ref())?),
+        (Some(_), _) => None,
     };
+    set_gradient_checkpointing(&mut policy, p.gradient_checkpointing);
+    if let Some(critic) = critic.as_mut() {
+        set_gradient_checkpointing(critic, p.gradient_checkpointing);
+    }
     let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
     let eos = stop_ids(&tokenizer, &policy);
     let max_new = p.max_new_tokens.max(1);
@@ -180,7 +188,8 @@ fn policy_and_reference(
     device: Device,
     seed: u64,
 ) -> anyhow::Result<(Model, Reference)> {
-    let policy = load::trainable(policy_dir, device, Head::Lm, p.lora.as_ref(), seed)?;
+    let frozen = load::weights_kind(p.dtype, device);
+    let policy = load::trainable(policy_dir, device, Head::Lm, p.lora.as_ref(), seed, frozen)?;
     let reference = match &p.lora {
         Some(l) => {
             anyhow::ensure!(
@@ -190,7 +199,7 @@ fn policy_and_reference(
             );
             Reference::AdaptersOff
         }
-        None => Reference::Copy(load::frozen(policy_dir, device, Head::Lm)?),
+        None => Reference::Copy(load::frozen(policy_dir, device, Head::Lm, p.dtype)?),
     };
     Ok((policy, reference))
 }
@@ -257,6 +266,22 @@ pub(super) fn value_model(
         _ => policy_dir,
     };
     load::model(dir, device, Head::Value)
+}
+
+/// `value_model: lora`: adapters and a value head on the policy's own base
+/// weights (see [`Model::sharing_base`]); the params' check makes sure the
+/// policy has `lora`.
+pub(super) fn lora_critic(
+    policy: &Model,
+    lora: Option<&alignflow_ops::training::LoraParams>,
+) -> anyhow::Result<Model> {
+    let lora = lora.context("`value_model: lora` needs `lora` on the policy")?;
+    let critic = Model::sharing_base(policy, &LoraConfig::from(lora), Head::Value);
+    let (own, shared) = model::storage_bytes(&critic, policy);
+    tracing::info!(
+        "LoRA critic: {own} bytes of its own (adapters, value head), {shared} bytes of base weights shared with the policy"
+    );
+    Ok(critic)
 }
 
 /// One rate per iteration (step `it - 1` of `iterations`), as TRL's

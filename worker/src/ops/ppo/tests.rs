@@ -73,6 +73,7 @@ fn fixture() -> Fixture {
                 device: Device::Cpu,
                 head,
                 lora: None,
+                kind: tch::Kind::Float,
             },
         );
         // Larger embeddings make the random policy far from uniform, so
@@ -219,6 +220,7 @@ fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
         device: Device::Cpu,
         head: Head::Lm,
         lora,
+        kind: tch::Kind::Float,
     };
     // The reference before LoRA: a frozen copy. (Frozen weights matter
     // bitwise: libtorch's CPU kernels differ in the last bit between
@@ -238,7 +240,9 @@ fn with_adapters_off_the_lora_policy_is_exactly_the_base_model() {
     let ids = Tensor::from_slice(&[5i64, 9, 14, 3, 7, 22, 8, 30, 2, 11, 4, 6]).view([2, 6]);
     let mask = Tensor::ones([2, 6], (Kind::Int64, Device::Cpu));
     let resp = ids.narrow(1, 3, 3);
-    let lp = |m: &Model| tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 3, 1.0, false).0);
+    let lp = |m: &Model| {
+        tch::no_grad(|| response_logprobs(m, &ids, &mask, &resp, 3, 1.0, false, false).logp)
+    };
     let want = lp(&base);
     let off = Reference::AdaptersOff.with(&policy, lp);
     assert!(off.equal(&want), "{off} vs {want}");
@@ -403,6 +407,7 @@ fn reward_norm_maps_the_reference_scores_to_mean_0_std_1() {
         device: Device::Cpu,
         head,
         lora: None,
+        kind: tch::Kind::Float,
     };
     let policy = Model::load(&f.policy, &opts(Head::Lm)).unwrap();
     let pm = Model::load(&f.pm, &opts(Head::Reward)).unwrap();
@@ -598,4 +603,119 @@ fn dropout_is_on_in_the_update_forwards_and_never_in_the_rollouts() {
     // dropout-free checkpoint with the same weights.
     let (_, _, plain_model) = run_ppo_with(&f, "plain", params, Passes::Auto);
     assert_eq!(tensors(&off_model), tensors(&plain_model));
+}
+
+#[test]
+fn a_lora_critic_on_the_shared_base_equals_a_separately_held_one() {
+    let _rng = crate::testing::torch_rng();
+    let f = fixture();
+    let lora = alignflow_ops::training::LoraParams {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Some(alignflow_ops::training::LoraTargets::Modules(vec![
+            "c_attn".into(),
+            "c_fc".into(),
+        ])),
+    };
+    tch::manual_seed(3);
+    let policy = Model::load(
+        &f.policy,
+        &BuildOptions {
+            lora: Some(LoraConfig::from(&lora)),
+            ..BuildOptions::new(Device::Cpu, Head::Lm)
+        },
+    )
+    .unwrap();
+    let shared = super::setup::lora_critic(&policy, Some(&lora)).unwrap();
+    // A critic of its own: the base loaded again, the same adapters and head.
+    let separate = Model::load(
+        &f.policy,
+        &BuildOptions {
+            lora: Some(LoraConfig::from(&lora)),
+            ..BuildOptions::new(Device::Cpu, Head::Value)
+        },
+    )
+    .unwrap();
+    let theirs = separate.vs.variables();
+    tch::no_grad(|| {
+        for (name, t) in shared.vs.variables() {
+            let mut dst = theirs[&name].shallow_clone();
+            if name.contains("lora_") || name.starts_with("v_head.") {
+                // Nonzero B: the adapters change the values.
+                let _ = t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
+                let _ = dst.set_requires_grad(true);
+            }
+            dst.copy_(&t);
+        }
+    });
+    let trained =
+        |m: &Model| -> Vec<String> { m.trainable().into_iter().map(|(n, _)| n).collect() };
+    assert_eq!(trained(&shared), trained(&separate));
+    assert!(trained(&shared)
+        .iter()
+        .all(|n| n.contains("lora_") || n.starts_with("v_head.")));
+    // One copy of the base: every base weight of the shared critic is the
+    // policy's own storage.
+    let (own, base) = crate::model::storage_bytes(&shared, &policy);
+    let (alone, _) = crate::model::storage_bytes(&separate, &policy);
+    let adapters: i64 = shared
+        .trainable()
+        .iter()
+        .map(|(_, t)| t.numel() as i64 * 4)
+        .sum();
+    assert_eq!(
+        own, adapters,
+        "the shared critic holds only adapters and head"
+    );
+    assert_eq!(alone, own + base, "a separate critic holds the base again");
+    eprintln!("LoRA critic: {own} bytes of its own, {base} shared; a separate one holds {alone}");
+
+    let ids = Tensor::randint(200, [3, 10], (Kind::Int64, Device::Cpu));
+    let mask = ids.ones_like();
+    let values = |m: &Model| {
+        let v = response_values(m, &ids, &mask, 4, 6, false);
+        v.square().sum(Kind::Float).backward();
+        let grads: BTreeMap<String, Tensor> = m
+            .trainable()
+            .into_iter()
+            .map(|(n, t)| (n, t.grad().copy()))
+            .collect();
+        (v.detach(), grads)
+    };
+    let (v1, g1) = values(&shared);
+    let (v2, g2) = values(&separate);
+    assert!(
+        (&v1 - &v2).abs().max().double_value(&[]) < 1e-6,
+        "{v1} vs {v2}"
+    );
+    for (name, g) in &g1 {
+        let diff = (g - &g2[name]).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "`{name}`: {diff}");
+    }
+    // The policy's own adapters and the reference are untouched by the critic.
+    assert!(policy
+        .trainable()
+        .iter()
+        .all(|(_, t)| !t.grad().defined() || t.grad().abs().max().double_value(&[]) == 0.0));
+    // And the op runs with it.
+    let (_, lines, _) = run_ppo(
+        &f,
+        "lora-critic",
+        json!({"lora": {"rank": 4, "targets": ["c_attn"]}, "value_model": "lora"}),
+    );
+    assert!(lines[1]["value_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn value_model_lora_needs_lora_on_the_policy() {
+    let op = alignflow_ops::find("ppo").unwrap();
+    let err = op
+        .normalize_params(&json!({"value_model": "lora"}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("value_model") && err.contains("needs `lora`"),
+        "{err}"
+    );
 }

@@ -13,8 +13,8 @@ use super::{scalar, Passes};
 use crate::model::Model;
 use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
-    compute_gae, explained_variance, group_advantages, group_spread, kl_k3, masked_entropy,
-    masked_mean, masked_sum, masked_whiten, policy_loss, value_loss, PolicyLoss,
+    compute_gae, explained_variance, group_advantages, group_spread, kl_k3, masked_mean,
+    masked_sum, masked_whiten, policy_loss, value_loss, PolicyLoss,
 };
 use crate::train::{clip_grad_norm, seed_torch_for_step, AdamW};
 
@@ -47,7 +47,7 @@ impl Plan {
         let sm = &ro.sampled;
         self.single_pass.then(|| {
             crate::train::autocast_if(s.autocast, || {
-                let (logp, all) = response_logprobs(
+                let out = response_logprobs(
                     &models.policy,
                     &sm.ids,
                     &sm.mask,
@@ -55,12 +55,18 @@ impl Plan {
                     sm.p_len,
                     s.params.temperature,
                     false,
+                    true,
                 );
+                let (logp, entropy) = (out.logp, out.entropy.expect("asked for"));
                 let values = models
                     .critic
                     .as_ref()
                     .map(|c| response_values(c, &sm.ids, &sm.mask, sm.p_len, sm.r, false));
-                Forwards { logp, all, values }
+                Forwards {
+                    logp,
+                    entropy,
+                    values,
+                }
             })
         })
     }
@@ -220,7 +226,7 @@ pub(super) fn update(
                 it,
                 stop,
             };
-            let (pl, pl_v, all) = step.policy(&models.policy, &mut opts.policy, &mut sums)?;
+            let (pl, pl_v, entropy) = step.policy(&models.policy, &mut opts.policy, &mut sums)?;
             if let (Some(critic), Some(critic_opt), Some(targets)) = (
                 &models.critic,
                 opts.critic.as_mut(),
@@ -229,7 +235,7 @@ pub(super) fn update(
                 sums.value_loss += step.value(critic, critic_opt, targets)?;
             }
 
-            sums.entropy += tch::no_grad(|| scalar(&masked_entropy(&all.detach(), &mb.rmask)));
+            sums.entropy += tch::no_grad(|| scalar(&masked_mean(&entropy, &mb.rmask, None)));
             sums.clip_frac += scalar(&pl.clip_frac);
             sums.approx_kl += scalar(&pl.approx_kl);
             sums.policy_loss += pl_v;
@@ -252,7 +258,7 @@ struct Step<'a> {
 
 impl Step<'_> {
     /// The policy's step; returns its loss, the loss's value and the
-    /// log-probs of the whole vocabulary (for the entropy).
+    /// entropy at each response token.
     fn policy(
         &self,
         policy: &Model,
@@ -261,18 +267,22 @@ impl Step<'_> {
     ) -> anyhow::Result<(PolicyLoss, f64, Tensor)> {
         let (s, mb, ex) = (self.s, self.mb, self.batch.ex);
         let p_len = self.batch.ro.sampled.p_len;
-        let (pl, kl_loss, all) = crate::train::autocast_if(s.autocast, || {
-            let (logp, all) = match self.precomputed {
-                Some(f) => (f.logp.shallow_clone(), f.all.shallow_clone()),
-                None => response_logprobs(
-                    policy,
-                    &mb.ids,
-                    &mb.mask,
-                    &mb.resp,
-                    p_len,
-                    s.params.temperature,
-                    s.params.dropout,
-                ),
+        let (pl, kl_loss, entropy) = crate::train::autocast_if(s.autocast, || {
+            let (logp, entropy) = match self.precomputed {
+                Some(f) => (f.logp.shallow_clone(), f.entropy.shallow_clone()),
+                None => {
+                    let out = response_logprobs(
+                        policy,
+                        &mb.ids,
+                        &mb.mask,
+                        &mb.resp,
+                        p_len,
+                        s.params.temperature,
+                        s.params.dropout,
+                        true,
+                    );
+                    (out.logp, out.entropy.expect("asked for"))
+                }
             };
             let pl = policy_loss(
                 &logp,
@@ -285,7 +295,7 @@ impl Step<'_> {
             // reference, token-level masked mean like the surrogate.
             let kl_loss = (s.params.kl_mode == PpoKlMode::Loss)
                 .then(|| masked_mean(&kl_k3(&logp, &mb.pick(&ex.ref_logp)), &mb.rmask, None));
-            (pl, kl_loss, all)
+            (pl, kl_loss, entropy)
         });
         let pl_v = scalar(&pl.loss);
         self.stop.unless_finite(self.it, "policy loss", pl_v)?;
@@ -301,7 +311,7 @@ impl Step<'_> {
         opt.zero_grad();
         loss.backward();
         self.clip_and_step(opt, "policy gradient norm")?;
-        Ok((pl, pl_v, all))
+        Ok((pl, pl_v, entropy))
     }
 
     /// The value model's step; returns the value loss.

@@ -1,0 +1,320 @@
+//! Memory benchmark (`make bench-memory`): the peak memory per parameter of
+//! `sft`, `dpo`, `pm.train` and one `ppo` iteration, with full training and
+//! with LoRA, at three Llama-shaped model sizes (random init, seed 0).
+//!
+//! Each (op, mode, size) runs in a fresh child process (this binary with
+//! `--child`), through the op's worker entry on a `StageContext` built
+//! here, so each peak is the op's alone: the peak resident set (VmHWM; CPU
+//! only: the GPU figures of the issue stay for a GPU machine). The parent writes the
+//! inputs (a word-level tokenizer, the models, 8 records of 64 + 64 words)
+//! and prints a markdown table.
+//!
+//! The workload: batch 4, sequences of 128 tokens, one optimizer step
+//! (`sft`, `dpo`, `pm.train`); `ppo`: 4 prompts of 64 tokens, 32 new
+//! tokens, one iteration (one epoch, one minibatch) with a full value
+//! model and a float32 reference and reward model (`full`), or LoRA
+//! (`all-linear`, rank 16) with `value_model: lora` and the frozen models
+//! in `dtype: bfloat16` (`lora`). Training is float32 (CPU).
+//!
+//!   cargo bench -p alignflow-worker --bench memory -- [--sizes 25m,110m,400m]
+//!       [--only sft,dpo,pm.train,ppo] [--modes full,lora] [--threads N]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use alignflow_ops::protocol::StageSpec;
+use alignflow_ops::{CancelFlag, NullReporter, StageContext};
+use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
+
+mod workload;
+use workload::{tokenizer_json, vm_hwm_mib};
+
+const VOCAB: i64 = 4096;
+const RECORDS: i64 = 8;
+const WORDS: i64 = 64;
+
+/// A Llama-shaped size: (name, width, layers, heads, intermediate).
+const SIZES: &[(&str, i64, i64, i64, i64)] = &[
+    ("25m", 512, 8, 8, 1376),
+    ("110m", 768, 14, 12, 2048),
+    ("400m", 1280, 20, 20, 3456),
+];
+
+fn config(size: &str) -> anyhow::Result<ModelConfig> {
+    let &(_, width, layers, heads, inter) = SIZES
+        .iter()
+        .find(|s| s.0 == size)
+        .with_context(|| format!("unknown size `{size}`"))?;
+    let mut raw = ModelConfig::llama_json(VOCAB, 512, width, layers, heads, heads, inter, 0, false);
+    raw["bos_token_id"] = Value::Null;
+    raw["eos_token_id"] = Value::Null;
+    raw["pad_token_id"] = 0.into();
+    ModelConfig::from_json(raw)
+}
+
+/// Random words `t<id>`, `n` of them per record, seed `seed`.
+fn texts(seed: i64, n: i64) -> Vec<String> {
+    tch::manual_seed(seed);
+    let t = Tensor::randint_low(1, VOCAB, [RECORDS, n], (Kind::Int64, Device::Cpu));
+    (0..RECORDS)
+        .map(|i| {
+            let ids = Vec::<i64>::try_from(&t.get(i)).expect("ids");
+            ids.iter()
+                .map(|i| format!("t{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+fn write_jsonl(path: &Path, records: impl Iterator<Item = Value>) -> anyhow::Result<()> {
+    let text: String = records.map(|r| r.to_string() + "\n").collect();
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the size's models and the data under `root`; returns the
+/// parameters of the language model.
+fn write_inputs(root: &Path, size: &str) -> anyhow::Result<i64> {
+    let cfg = config(size)?;
+    let tok = serde_json::to_string(&tokenizer_json(VOCAB))?;
+    let mut params = 0;
+    for (name, head) in [("policy", Head::Lm), ("reward", Head::Reward)] {
+        tch::manual_seed(0);
+        let mut m = Model::init(&cfg, &BuildOptions::new(Device::Cpu, head));
+        if head == Head::Lm {
+            params = m.vs.variables().values().map(|t| t.numel() as i64).sum();
+        }
+        let dir = root.join(name);
+        m.save(&dir)?;
+        std::fs::write(dir.join("tokenizer.json"), &tok)?;
+    }
+    let (prompts, a, b) = (texts(1, WORDS), texts(2, WORDS), texts(3, WORDS));
+    write_jsonl(
+        &root.join("sft.jsonl"),
+        prompts
+            .iter()
+            .zip(&a)
+            .map(|(p, r)| json!({"prompt": p, "response": format!(" {r}")})),
+    )?;
+    write_jsonl(
+        &root.join("pairs.jsonl"),
+        (0..RECORDS as usize).map(|i| {
+            json!({"prompt": prompts[i], "chosen": format!(" {}", a[i]), "rejected": format!(" {}", b[i]), "label": 1.0})
+        }),
+    )?;
+    write_jsonl(
+        &root.join("prompts.jsonl"),
+        prompts.iter().map(|p| json!({"prompt": p})),
+    )?;
+    Ok(params)
+}
+
+/// The op's params and inputs for `mode`.
+fn stage(op: &str, mode: &str, root: &Path) -> (Value, Vec<(&'static str, PathBuf)>) {
+    let lora = json!({"rank": 16, "alpha": 32.0, "targets": "all-linear"});
+    let train = json!({"max_steps": 1, "batch_size": 4, "max_len": 128, "append_eos": false});
+    let with_lora = |mut p: Value| {
+        if mode == "lora" {
+            p["lora"] = lora.clone();
+        }
+        p
+    };
+    let pairs = root.join("pairs.jsonl");
+    match op {
+        "sft" => (
+            with_lora(train),
+            vec![
+                ("model", root.join("policy")),
+                ("data", root.join("sft.jsonl")),
+            ],
+        ),
+        "dpo.reference" => (
+            json!({"max_len": 128, "append_eos": false, "batch_size": 4}),
+            vec![("model", root.join("policy")), ("comparisons", pairs)],
+        ),
+        "dpo" => {
+            let mut p = with_lora(train);
+            p["eval_fraction"] = 0.0.into();
+            p.as_object_mut().expect("object").remove("max_len");
+            p.as_object_mut().expect("object").remove("append_eos");
+            (
+                p,
+                vec![
+                    ("policy", root.join("policy")),
+                    ("comparisons", pairs),
+                    (
+                        "reference_logps",
+                        root.join("reference").join("out").join("reference_logps"),
+                    ),
+                ],
+            )
+        }
+        "pm.train" => {
+            let mut p = with_lora(train);
+            p["eval_fraction"] = 0.0.into();
+            (
+                p,
+                vec![("model", root.join("reward")), ("comparisons", pairs)],
+            )
+        }
+        "ppo" => {
+            let mut p = json!({
+                "iterations": 1, "batch_size": 4, "max_new_tokens": 32,
+                "ppo_epochs": 1, "minibatches": 1,
+            });
+            if mode == "lora" {
+                p["lora"] = lora;
+                p["value_model"] = "lora".into();
+                p["dtype"] = "bfloat16".into();
+            }
+            (
+                p,
+                vec![
+                    ("policy", root.join("policy")),
+                    ("reward_model", root.join("reward")),
+                    ("prompts", root.join("prompts.jsonl")),
+                ],
+            )
+        }
+        other => panic!("no stage for `{other}`"),
+    }
+}
+
+/// Runs one op in this process; returns its figures.
+fn child(
+    op_name: &str,
+    mode: &str,
+    root: &Path,
+    out: &Path,
+    device: &str,
+    threads: usize,
+) -> anyhow::Result<Value> {
+    let op = alignflow_ops::find(op_name).context("no such op")?;
+    let (raw, inputs) = stage(op_name, mode, root);
+    let params = op.normalize_params(&raw)?;
+    let spec = StageSpec {
+        pipeline: "bench-memory".into(),
+        stage: op_name.into(),
+        op: op_name.into(),
+        op_version: op.version,
+        params,
+        inputs: inputs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<BTreeMap<_, _>>(),
+        outputs: Vec::new(),
+        out_dir: out.join("out"),
+        work_dir: root.to_path_buf(),
+        checkpoint_dir: out.join("checkpoint"),
+        device: device.into(),
+        seed: 0,
+        threads: Some(threads),
+    };
+    // The engine makes these for a stage.
+    std::fs::create_dir_all(&spec.out_dir)?;
+    std::fs::create_dir_all(&spec.checkpoint_dir)?;
+    let run = alignflow_worker::ops::implementation(op_name).context("no worker op")?;
+    let cancel = CancelFlag::default();
+    let t0 = Instant::now();
+    run(&StageContext {
+        spec: &spec,
+        reporter: &NullReporter,
+        cancel: &cancel,
+    })?;
+    Ok(json!({"peak_rss_mib": vm_hwm_mib(), "seconds": t0.elapsed().as_secs_f64()}))
+}
+
+struct Args {
+    sizes: Vec<String>,
+    ops: Vec<String>,
+    modes: Vec<String>,
+    threads: usize,
+}
+
+fn list(v: Option<String>, default: &str) -> Vec<String> {
+    v.unwrap_or_else(|| default.into())
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let flag = |name: &str| {
+        argv.iter()
+            .position(|a| a == name)
+            .and_then(|i| argv.get(i + 1).cloned())
+    };
+    let threads: usize = flag("--threads")
+        .or_else(|| std::env::var("ALIGNFLOW_BENCH_THREADS").ok())
+        .map_or(Ok(2), |t| t.parse())?;
+    let device = "cpu".to_string();
+    tch::set_num_threads(threads as i32);
+    if let Some(i) = argv.iter().position(|a| a == "--child") {
+        let [op, mode, root, out] = &argv[i + 1..i + 5] else {
+            anyhow::bail!("--child OP MODE ROOT OUT");
+        };
+        let figures = child(op, mode, Path::new(root), Path::new(out), &device, threads)?;
+        println!("{figures}");
+        return Ok(());
+    }
+    let a = Args {
+        sizes: list(flag("--sizes"), "25m,110m,400m"),
+        ops: list(flag("--only"), "sft,dpo,pm.train,ppo"),
+        modes: list(flag("--modes"), "full,lora"),
+        threads,
+    };
+    let me = std::env::current_exe()?;
+    let spawn = |op: &str, mode: &str, root: &Path, out: &Path| -> anyhow::Result<Value> {
+        let output = Command::new(&me)
+            .args(["--child", op, mode])
+            .arg(root)
+            .arg(out)
+            .args(["--threads", &a.threads.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{op} ({mode}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().context("no figures")?;
+        Ok(serde_json::from_str(line)?)
+    };
+    println!("| op | mode | size | parameters | peak RSS (MiB) | bytes / parameter | seconds |");
+    println!("|---|---|---|---:|---:|---:|---:|");
+    for size in &a.sizes {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path();
+        let params = write_inputs(root, size)?;
+        if a.ops.iter().any(|o| o == "dpo") {
+            spawn("dpo.reference", "full", root, &root.join("reference"))?;
+        }
+        for op in &a.ops {
+            for mode in &a.modes {
+                let out = root.join(format!("{op}-{mode}"));
+                let f = spawn(op, mode, root, &out)?;
+                let peak = f["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+                let bytes = peak * 1024.0 * 1024.0;
+                println!(
+                    "| {op} | {mode} | {size} | {:.1}M | {peak:.0} | {:.1} | {:.0} |",
+                    params as f64 / 1e6,
+                    bytes / params as f64,
+                    f["seconds"].as_f64().unwrap_or(f64::NAN)
+                );
+                // The next stage's inputs are the same; its outputs are not kept.
+                let _ = std::fs::remove_dir_all(&out);
+            }
+        }
+    }
+    Ok(())
+}
