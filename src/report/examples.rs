@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(a.total, 10);
         assert_eq!(a.rows.len(), 3);
         assert_eq!(a.columns.len(), 8);
-        assert_eq!(a.columns[5], "critique 2");
+        assert_eq!(a.columns[6], "critique 2");
         assert_eq!(&a.rows[0][1..5], ["o", "p1", "c1", "r1"]);
         let b = read_examples("cr", "revisions", &jsonl).unwrap();
         assert_eq!(a.rows, b.rows);
