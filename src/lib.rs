@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod remote;
 pub mod report;
 pub mod schemas;
+pub mod tracking;
 
 pub use alignflow_ops as ops;
 pub use alignflow_ops::{data, protocol, text};

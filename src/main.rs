@@ -87,6 +87,11 @@ struct RunArgs {
     /// the user's config folder.
     #[arg(long, env = "ALIGNFLOW_PROFILE", value_name = "NAME")]
     profile: Option<String>,
+    /// Stream every training stage's metrics to TensorBoard event files
+    /// under DIR (one run folder per stage), over the manifest's
+    /// `tracking: { tensorboard: ... }`.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
 }
 
 /// Which remote cache `run` and `plan` read through.
@@ -153,6 +158,10 @@ impl RunArgs {
             threads: self.threads,
             quiet: self.quiet,
             gpu_slots: self.gpu_slots,
+            tracking: alignflow::manifest::Tracking {
+                tensorboard: self.tensorboard.map(std::path::absolute).transpose()?,
+                mlflow: None,
+            },
         })
     }
 }
@@ -247,6 +256,17 @@ enum Command {
         manifest: ManifestArgs,
         /// Output file (default: CACHE_DIR/reports/NAME.html).
         #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write the `metrics.jsonl` of every cached training stage as
+    /// TensorBoard runs (one folder per stage), as `run --tensorboard`
+    /// streams them.
+    ExportTb {
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// The TensorBoard folder (default: the manifest's
+        /// `tracking: { tensorboard: ... }`).
+        #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
     /// Write the JSON schemas of the manifest and of each op's params.
@@ -453,6 +473,7 @@ fn try_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache { command } => cache(cache_dir, command),
         Command::Doctor { profile } => doctor(cache_dir, profile.as_deref()),
         Command::Report { manifest, out } => report(cache_dir, &manifest, out),
+        Command::ExportTb { manifest, out } => export_tb(cache_dir, &manifest, out),
         Command::Schema { out } => schema(&out),
     }
 }
@@ -1024,6 +1045,31 @@ fn report(cache_dir: &Path, args: &ManifestArgs, out: Option<PathBuf>) -> anyhow
     let out = out.unwrap_or_else(|| alignflow::report::default_path(cache_dir, &pipeline.name));
     alignflow::report::write(&out, &html)?;
     println!("{}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `export-tb`: one line per stage exported.
+fn export_tb(
+    cache_dir: &Path,
+    args: &ManifestArgs,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let (pipeline, dag) = load(args)?;
+    let Some(root) = out.or_else(|| pipeline.tracking.tensorboard.clone()) else {
+        anyhow::bail!(
+            "export-tb: give --out DIR, or `tracking: {{ tensorboard: DIR }}` in {}",
+            pipeline.file.display()
+        );
+    };
+    let cache = open_cache(cache_dir)?;
+    let exported = alignflow::tracking::export_tensorboard(&pipeline, &dag, &cache, &root)?;
+    cache.flush_hash_cache()?;
+    for e in &exported {
+        println!("{}\t{} points\t{}", e.stage, e.points, e.dir.display());
+    }
+    if exported.is_empty() {
+        println!("no cached stage of {} has a metrics output", pipeline.name);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -157,3 +157,138 @@ fn chromium_renders_a_non_blank_report_with_every_curve() {
     assert!(near([0x1f, 0x77, 0xb4]), "a curve is drawn");
     assert!(near([0xc8, 0xe6, 0xc9]), "a cached stage box is drawn");
 }
+
+/// Ten stages in a chain (wider than the window when laid out at full
+/// size) and three stages writing what models wrote, in the shapes of
+/// `critique_revise`, `ai_feedback` and `evaluate` outputs, with markup
+/// and long texts in them.
+fn examples_pipeline() -> String {
+    let long = "a long answer that goes on ".repeat(12);
+    let script = "<script>window.pwned = true</script>";
+    let revision = serde_json::json!({"prompt": "q", "prompt_text": format!("Human: {script}"), "original": long,
+        "trail": [{"principle": "harmless", "critique": "too long", "revision": "short"},
+                  {"principle": "honest", "critique": script, "revision": "shorter"}],
+        "revision": "shorter"});
+    let comparison = serde_json::json!({"prompt": "p", "response_a": script, "response_b": "b", "p_a": 0.75,
+        "details": [{"principle": "kind", "p_a_forward": 0.8, "p_a_swapped": 0.7}]});
+    let sample = serde_json::json!({"prompt_index": 0, "prompt": "p", "policy_response": long, "reference_response": "r",
+        "reward_model": {"policy": 1.5, "reference": 0.5, "outcome": "win"},
+        "feedback_model": {"p_policy": 0.6, "outcome": "win", "details": []}});
+    let writer = |name: &str, output: &str, line: &serde_json::Value| {
+        // Single quotes do not occur in the lines.
+        let line = line.to_string();
+        assert!(!line.contains('\''));
+        format!(
+            "  {name}:\n    op: exec\n    outputs: [{output}]\n    params:\n      cmd: |\n        for i in 1 2 3 4 5; do echo '{line}'; done > \"$ALIGNFLOW_OUT/{output}\"\n"
+        )
+    };
+    let mut yaml = String::from("version: 1\nname: wide\nstages:\n");
+    for i in 0..10 {
+        let input = if i == 0 {
+            String::new()
+        } else {
+            format!("    inputs: {{ prev: \"${{stages.s{}.out}}\" }}\n", i - 1)
+        };
+        yaml += &format!("  s{i}:\n    op: exec\n{input}    outputs: [out]\n    params:\n      cmd: echo {i} > \"$ALIGNFLOW_OUT/out\"\n");
+    }
+    yaml += &writer("cr", "revisions", &revision);
+    yaml += &writer("fb", "comparisons", &comparison);
+    yaml += &writer("ev", "samples", &sample);
+    yaml
+}
+
+/// Measures the rendered page from inside it: the graph's right edge
+/// against the window, and what the example tables hold.
+const MEASURE: &str = r#"<script>
+const dag = document.querySelector('svg.dag').getBoundingClientRect();
+const tables = [...document.querySelectorAll('div.examples')];
+const result = {
+  dag_right: dag.right, page_width: document.documentElement.clientWidth,
+  page_scroll_width: document.documentElement.scrollWidth,
+  pwned: window.pwned === true,
+  scripts: document.scripts.length,
+  tables: tables.map(t => t.dataset.stage + '/' + t.dataset.output),
+  rows: tables.map(t => t.querySelectorAll('tr').length - 1),
+  folded: document.querySelectorAll('table.examples details').length,
+  open: document.querySelectorAll('table.examples details[open]').length,
+  shown_script_text: [...document.querySelectorAll('table.examples td')].filter(td => td.textContent.includes('<script>window.pwned')).length,
+};
+const out = document.createElement('pre');
+out.id = 'measure';
+out.textContent = JSON.stringify(result);
+document.body.appendChild(out);
+</script>"#;
+
+#[test]
+fn chromium_shows_examples_escaped_and_folded_and_the_graph_fits_the_page() {
+    let p = Project::new();
+    p.write("wide.yaml", &examples_pipeline());
+    p.ok(&["run", "wide.yaml", "--quiet"]);
+    let page = PathBuf::from(p.ok(&["report", "wide.yaml"]).trim());
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        !html.contains("<script"),
+        "the report has no script, the fed one escaped"
+    );
+    // The test's own measuring script, added to a copy of the page.
+    let measured = p.path("measured.html");
+    std::fs::write(
+        &measured,
+        html.replace("</body>", &format!("{MEASURE}</body>")),
+    )
+    .unwrap();
+    let dom =
+        String::from_utf8(browse(&measured, &p.path("chromium-profile"), &["--dump-dom"]).stdout)
+            .unwrap();
+    let json = dom
+        .split("<pre id=\"measure\">")
+        .nth(1)
+        .and_then(|s| s.split("</pre>").next())
+        .expect("the measuring script ran");
+    let m: serde_json::Value = serde_json::from_str(
+        &json
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+            .replace("&quot;", "\""),
+    )
+    .unwrap();
+    assert!(
+        m["dag_right"].as_f64().unwrap() <= m["page_width"].as_f64().unwrap(),
+        "the stage graph fits the page width: {m}"
+    );
+    assert!(
+        m["page_scroll_width"].as_f64().unwrap() <= m["page_width"].as_f64().unwrap(),
+        "nothing scrolls sideways: {m}"
+    );
+    assert_eq!(m["pwned"], false, "fed markup does not run");
+    assert_eq!(
+        m["scripts"], 1,
+        "only the test's own script is a script: {m}"
+    );
+    assert_eq!(
+        m["tables"],
+        serde_json::json!(["cr/revisions", "fb/comparisons", "ev/samples"]),
+        "{m}"
+    );
+    assert_eq!(
+        m["rows"],
+        serde_json::json!([3, 3, 3]),
+        "three drawn records each: {m}"
+    );
+    // The long original answer and policy response, folded and closed.
+    assert_eq!(m["folded"], 6, "{m}");
+    assert_eq!(m["open"], 0);
+    // The fed text shows as text: the prompt, a critique, a response (3 rows each).
+    assert_eq!(m["shown_script_text"], 9, "{m}");
+    for header in [
+        "original answer",
+        "critique 2",
+        "revision 2",
+        "p_a, B shown first",
+        "reference response",
+    ] {
+        assert!(html.contains(&format!("<th>{header}</th>")), "{header}");
+    }
+    assert!(html.contains("reward_model: win (policy 1.5000, reference 0.5000)"));
+}

@@ -20,6 +20,7 @@ use crate::cache::{
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
 use crate::protocol::{Metrics, StageSpec};
+use crate::tracking;
 
 use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
 use super::gpus::{GpuSlot, GpuSlots};
@@ -198,6 +199,7 @@ pub(super) async fn run_here(
         let (cache, pipeline, key) = (shared.cache.clone(), shared.pipeline.clone(), key.clone());
         blocking(move || check_store_inputs(&cache, &pipeline.stages[i], &key)).await?;
     }
+    let tracker = start_tracking(shared, stage, op, key, fp)?;
     let ran = async {
         let staged = dispatch(shared, stage, op, key, fp, device).await?;
         commit(shared, stage, key, fp, staged, device).await
@@ -205,10 +207,26 @@ pub(super) async fn run_here(
     let record = match ran.await {
         Ok(record) => record,
         Err(err) => {
+            if let Some(tracker) = tracker {
+                tracker.finish(tracking::Outcome::Failed).await;
+            }
             note_failure(shared, stage, fp, &err);
             return Err(err);
         }
     };
+    if let Some(tracker) = tracker {
+        let path = |id| shared.cache.artifact_path(id);
+        tracker
+            .finish(tracking::Outcome::Committed {
+                metrics: path(&record.outputs["metrics"]),
+                outputs: record
+                    .outputs
+                    .iter()
+                    .map(|(n, id)| (n.clone(), path(id)))
+                    .collect(),
+            })
+            .await;
+    }
     if let Err(e) = shared.cache.clear_failure(fp) {
         tracing::warn!("stage `{}`: {e}", stage.id);
     }
@@ -217,6 +235,32 @@ pub(super) async fn run_here(
         tracing::warn!("stage `{}`: checkpoints left in place: {e}", stage.id);
     }
     Ok(record)
+}
+
+/// Starts the trackers of a training stage (a worker stage with a `metrics`
+/// output) when the run or the manifest names any.
+fn start_tracking(
+    shared: &Shared,
+    stage: &Stage,
+    op: &'static OpDecl,
+    key: &StageKey,
+    fp: &Fingerprint,
+) -> Result<Option<tracking::LiveTracker>, Error> {
+    let settings = shared.options.tracking.over(&shared.pipeline.tracking);
+    if settings.is_empty() || !op.runs_in_worker() || !stage.outputs.iter().any(|o| o == "metrics")
+    {
+        return Ok(None);
+    }
+    Ok(tracking::start(
+        &settings,
+        tracking::TrackedStage {
+            pipeline: &shared.pipeline.name,
+            stage: &stage.id,
+            key,
+            fingerprint: fp,
+            live_log: shared.cache.checkpoint_dir(fp)?.join("metrics.jsonl"),
+        },
+    ))
 }
 
 /// Where a stage's tensor work runs.

@@ -29,8 +29,8 @@ pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileEr
 pub use node::{stage_exec, JobSpec, NodeOutcome};
 pub use options::{Executor, RunOptions};
 pub use plan::{
-    explain, locked_diff, missing_path_inputs, plan, stage_key, stage_seed, Action, Plan,
-    PlanContext, PlanRow, PlannedStage, REMOTE_REASON,
+    explain, locked_diff, missing_path_inputs, plan, plan_from_cache, stage_key, stage_seed,
+    Action, Plan, PlanContext, PlanRow, PlannedStage, REMOTE_REASON,
 };
 pub use profile::{profile_candidates, ExecutorKind, Profile, ProfileError, SlurmSettings};
 pub use run::run;

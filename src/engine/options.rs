@@ -45,6 +45,9 @@ pub struct RunOptions {
     /// `--set` overrides as given (a cluster node loads the manifest with
     /// them).
     pub sets: Vec<(String, String)>,
+    /// Trackers named on the command line (`--tensorboard`), over the
+    /// manifest's `tracking:`.
+    pub tracking: crate::manifest::Tracking,
 }
 
 impl Default for RunOptions {
@@ -64,6 +67,7 @@ impl Default for RunOptions {
             executor: Executor::Local,
             attach: None,
             sets: Vec::new(),
+            tracking: Default::default(),
         }
     }
 }

@@ -198,6 +198,31 @@ fn missing_input(
 }
 
 /// Plans the `selected` stages.
+/// The plan of every stage as of the cache and the lockfile beside the
+/// manifest, with no remote and no rehashing: what `report` and
+/// `export-tb` see. Also returns the lockfile.
+pub fn plan_from_cache(
+    pipeline: &Pipeline,
+    dag: &Dag,
+    cache: &Cache,
+) -> anyhow::Result<(Plan, Option<Lockfile>)> {
+    let lockfile = Lockfile::load(&super::lockfile_path(&pipeline.file))?;
+    let selected = (0..pipeline.stages.len()).collect();
+    let plan = plan(
+        &PlanContext {
+            pipeline,
+            dag,
+            cache,
+            lockfile: lockfile.as_ref(),
+            rehash: false,
+            locked: false,
+            remote: None,
+        },
+        &selected,
+    )?;
+    Ok((plan, lockfile))
+}
+
 pub fn plan(ctx: &PlanContext<'_>, selected: &BTreeSet<usize>) -> Result<Plan, Error> {
     // Outputs known now, per stage index: cached stages, and under --locked
     // the lockfile's outputs of stages that must run.

@@ -24,7 +24,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-pub use schema::{pipeline_schema, Manifest, Resources, StageDef};
+pub use schema::{pipeline_schema, Manifest, Resources, StageDef, Tracking};
 
 /// A position in a manifest file (1-based line and column).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +98,8 @@ pub struct Pipeline {
     /// loop's stages round by round, in its `stages:` order, where the first
     /// of them is declared).
     pub stages: Vec<Stage>,
+    /// The trackers of `tracking:` (a TensorBoard folder made absolute).
+    pub tracking: Tracking,
 }
 
 impl Pipeline {

@@ -16,7 +16,7 @@ use super::{Input, LoadOptions, Location, LoopRound, ManifestError, Pipeline, St
 use crate::ops::{nearest, OpDecl, ParamError};
 
 const TOP_KEYS: &[&str] = &[
-    "version", "name", "seed", "include", "params", "loops", "stages",
+    "version", "name", "seed", "include", "params", "loops", "stages", "tracking",
 ];
 const STAGE_KEYS: &[&str] = &[
     "op",
@@ -82,7 +82,10 @@ pub(crate) fn load_with(
 
     let file = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut tracking = manifest.tracking;
+    tracking.tensorboard = tracking.tensorboard.map(|d| dir.join(d));
     Ok(Pipeline {
+        tracking,
         name: manifest.name,
         file,
         dir,

@@ -28,6 +28,43 @@ pub struct Manifest {
     /// Stages by id.
     #[serde(default)]
     pub stages: BTreeMap<String, StageDef>,
+    /// Experiment trackers every training stage's metrics stream to. They
+    /// observe: changing them reruns nothing.
+    #[serde(default, skip_serializing_if = "Tracking::is_empty")]
+    pub tracking: Tracking,
+}
+
+/// Where training stages' `metrics.jsonl` lines go while the stages run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tracking {
+    /// A folder of TensorBoard runs (relative to the manifest): one run
+    /// folder per stage instance, scalars under the metric names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<std::path::PathBuf>,
+    /// An MLflow tracking server (`http://host:port`): one run per stage
+    /// instance in the experiment named after the pipeline, with the
+    /// stage's params, fingerprint, metrics and output paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<String>,
+}
+
+impl Tracking {
+    /// No tracker named.
+    pub fn is_empty(&self) -> bool {
+        self.tensorboard.is_none() && self.mlflow.is_none()
+    }
+
+    /// These settings, each tracker not named taken from `base`.
+    pub fn over(&self, base: &Tracking) -> Tracking {
+        Tracking {
+            tensorboard: self
+                .tensorboard
+                .clone()
+                .or_else(|| base.tensorboard.clone()),
+            mlflow: self.mlflow.clone().or_else(|| base.mlflow.clone()),
+        }
+    }
 }
 
 /// A loop: its stages run once per round, as `STAGE[round=1]`,

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::cache::{ArtifactId, ArtifactKind, Cache, StageRecord};
-use crate::engine::{self, Action, LockedStage, Lockfile, Plan, PlanContext, PlannedStage};
+use crate::engine::{self, Action, LockedStage, Plan, PlannedStage};
 use crate::graph::Dag;
 use crate::manifest::{LoopRound, Pipeline, Stage};
 use crate::ops::OpDecl;
 
+use super::examples::{read_examples, Examples, EXAMPLE_OUTPUTS};
 use super::ReportError;
 
 /// Everything one report page shows.
@@ -30,6 +31,8 @@ pub struct ReportData {
     pub edges: Vec<EdgeInfo>,
     pub curves: Vec<MetricsLog>,
     pub evaluations: Vec<Evaluation>,
+    /// A few records of each output that holds what models wrote.
+    pub examples: Vec<Examples>,
     /// Problems met while collecting (an unreadable metrics line, ...):
     /// shown on the page rather than failing the whole report.
     pub notes: Vec<String>,
@@ -171,20 +174,7 @@ const X_FIELDS: &[&str] = &["step", "iteration", "iter", "epoch", "global_step"]
 
 /// Collects the report of `pipeline` as of `cache` (no stage runs).
 pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<ReportData> {
-    let lockfile = Lockfile::load(&engine::lockfile_path(&pipeline.file))?;
-    let selected = (0..pipeline.stages.len()).collect();
-    let plan = engine::plan(
-        &PlanContext {
-            pipeline,
-            dag,
-            cache,
-            lockfile: lockfile.as_ref(),
-            rehash: false,
-            locked: false,
-            remote: None,
-        },
-        &selected,
-    )?;
+    let (plan, lockfile) = engine::plan_from_cache(pipeline, dag, cache)?;
     let records = records_by_stage(cache, &pipeline.name)?;
     let events = match cache.logs_dir() {
         Ok(dir) => read_run_logs(&dir, pipeline),
@@ -204,6 +194,7 @@ pub fn collect(pipeline: &Pipeline, dag: &Dag, cache: &Cache) -> anyhow::Result<
         edges: Vec::new(),
         curves: Vec::new(),
         evaluations: Vec::new(),
+        examples: Vec::new(),
         notes: Vec::new(),
     };
     for planned in &plan.stages {
@@ -552,6 +543,14 @@ fn gather_outputs(
 ) {
     for (name, id) in outputs {
         let path = cache.artifact_path(id);
+        if id.kind == ArtifactKind::File && EXAMPLE_OUTPUTS.contains(&name.as_str()) {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => data.examples.extend(read_examples(&stage.id, name, &text)),
+                Err(e) => data
+                    .notes
+                    .push(format!("stage `{}`, output `{name}`: {e}", stage.id)),
+            }
+        }
         let mut files: Vec<(String, PathBuf, OutputKind)> = Vec::new();
         match id.kind {
             ArtifactKind::File => files.push((name.clone(), path, output_kind(op, name))),

@@ -32,7 +32,16 @@ table.json td.num { text-align: right; font-variant-numeric: tabular-nums; }
 code { font-size: 12px; }
 td.why { white-space: pre-wrap; max-width: 60ch; }
 .note { color: #8a6d00; }
+svg.dag { max-width: 100%; height: auto; }
+table.examples { table-layout: fixed; width: 100%; }
+table.examples td { white-space: pre-wrap; overflow-wrap: anywhere; }
+table.examples summary { cursor: pointer; }
 "#;
+
+/// Cells longer than this are folded behind their first words.
+const FOLD_CHARS: usize = 160;
+/// What a folded cell shows.
+const SUMMARY_CHARS: usize = 72;
 
 /// Renders the whole page.
 pub fn render(data: &ReportData) -> Result<String, ReportError> {
@@ -119,6 +128,8 @@ pub fn render(data: &ReportData) -> Result<String, ReportError> {
     }
     page.push_str("</section>\n");
 
+    examples_section(&mut page, &data.examples);
+
     if !data.notes.is_empty() {
         page.push_str("<section id=\"notes\">\n<h2>Notes</h2>\n<ul>\n");
         for n in &data.notes {
@@ -128,6 +139,55 @@ pub fn render(data: &ReportData) -> Result<String, ReportError> {
     }
     page.push_str("</body>\n</html>\n");
     Ok(page)
+}
+
+/// A few records of each output that holds what models wrote, long texts
+/// folded.
+fn examples_section(page: &mut String, examples: &[super::Examples]) {
+    page.push_str("<section id=\"examples\">\n<h2>Examples</h2>\n");
+    if examples.is_empty() {
+        page.push_str("<p>No cached stage has revisions, comparisons or evaluation samples.</p>\n");
+    }
+    for e in examples {
+        let _ = write!(
+            page,
+            "<div class=\"examples\" data-stage=\"{s}\" data-output=\"{o}\">\n<h3>{s} \u{b7} {o}</h3>\n<p class=\"meta\">{n} of {total} records, drawn at random (seeded by the stage).</p>\n<div class=\"scroll\"><table class=\"examples\">\n<tr>",
+            s = esc(&e.stage),
+            o = esc(&e.output),
+            n = e.rows.len(),
+            total = e.total,
+        );
+        for c in &e.columns {
+            let _ = write!(page, "<th>{}</th>", esc(c));
+        }
+        page.push_str("</tr>\n");
+        for row in &e.rows {
+            page.push_str("<tr>");
+            for cell in row {
+                page.push_str("<td>");
+                folded(page, cell);
+                page.push_str("</td>");
+            }
+            page.push_str("</tr>\n");
+        }
+        page.push_str("</table></div>\n</div>\n");
+    }
+    page.push_str("</section>\n");
+}
+
+/// A cell's text, escaped; a long one inside `<details>` behind its start.
+fn folded(page: &mut String, text: &str) {
+    if text.chars().count() <= FOLD_CHARS {
+        page.push_str(&esc(text));
+        return;
+    }
+    let start: String = text.chars().take(SUMMARY_CHARS).collect();
+    let _ = write!(
+        page,
+        "<details><summary>{}\u{2026}</summary>{}</details>",
+        esc(&start),
+        esc(text)
+    );
 }
 
 /// One row per (evaluation, judge) of every output shaped like `evaluate`'s

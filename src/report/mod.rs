@@ -11,6 +11,7 @@
 mod collect;
 mod dag;
 mod escape;
+mod examples;
 mod html;
 mod plots;
 mod rounds;
@@ -21,6 +22,7 @@ pub use collect::{
     collect, read_metrics, CacheState, EdgeInfo, Evaluation, LastRun, MetricsLog, ReportData,
     Series, StageInfo, Status,
 };
+pub use examples::Examples;
 pub use html::render;
 
 #[derive(Debug, thiserror::Error)]
