@@ -37,7 +37,11 @@ use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INP
 use crate::decoding::DecodingParams;
 use crate::op::{require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
-use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
+use crate::rewards::{
+    check_reward_inputs, check_rewards, effective_rewards, RewardComponent, PROGRAM_INPUT,
+    PROGRAM_INPUT_DOC,
+};
+use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `best_of_n`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -68,6 +72,12 @@ pub struct BestOfNParams {
     /// Use only the first `limit` prompts (none: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Several reward sources with weights, as `ppo`'s (`pm`, `program`,
+    /// `exact_match`, `regex`, `length`; not `feedback`): an answer's score
+    /// is the weighted sum. Empty: the one bound input (`reward_model` or
+    /// `reward_program`) with weight 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardComponent>,
 }
 
 fn default_n() -> usize {
@@ -150,20 +160,21 @@ impl BestOfNReport {
 pub const OP: OpDecl = OpDecl {
     name: "best_of_n",
     version: 3,
-    summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
+    summary: "rejection sampling: n answers per prompt, scored by a PM, a reward program or rules, the best kept as SFT data",
     inputs: &[
         Port::input("policy", "the LM folder that samples the answers"),
-        Port::input(
+        Port::optional(
             "reward_model",
-            "a preference model folder (pm.train), same tokenizer as the policy",
+            "a preference model folder (pm.train), same tokenizer as the policy: a reward source (alone, or as `pm` in params.rewards)",
         ),
         Port::input("prompts", "JSONL records with a prompt field"),
         Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
+        Port::optional(PROGRAM_INPUT, PROGRAM_INPUT_DOC),
     ],
     outputs: Outputs::Declared(&[
         Port::output(
             "data",
-            "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores} (and `messages` with a chat template); `sft` reads it with the same `template`",
+            "data.jsonl, one per prompt: {prompt, prompt_text, response, score, best_index, rank_scores} (and `messages` with a chat template; `reward_sources`, the kept answer's unweighted score per source, with `params.rewards` or a program); `sft` reads it with the same `template`",
         ),
         Port::output(
             "report",
@@ -180,7 +191,31 @@ impl OpParams for BestOfNParams {
         require(self.n > 0, "n", AT_LEAST_ONE)?;
         self.decoding.check()?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
-        require(self.limit != Some(0), "limit", AT_LEAST_ONE)
+        require(self.limit != Some(0), "limit", AT_LEAST_ONE)?;
+        check_rewards(&self.rewards, "rewards")?;
+        require(
+            self.rewards.iter().all(|c| c.feedback.is_none()),
+            "rewards",
+            "`best_of_n` has no feedback model source: use `pm`, `program` or a built-in rule",
+        )
+    }
+
+    /// Exactly one bound reward input, or the inputs `rewards` names.
+    fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
+        if !self.rewards.is_empty() {
+            return check_reward_inputs(&self.rewards, bound);
+        }
+        match effective_rewards(&[], bound).len() {
+            1 if !bound("feedback_model") => Ok(()),
+            0 => Err(BindingError::new(
+                "inputs",
+                "no reward source: bind `reward_model` or `reward_program`, or list sources in `params.rewards`",
+            )),
+            _ => Err(BindingError::new(
+                &format!("inputs.{PROGRAM_INPUT}"),
+                "bind exactly one reward source: `reward_model` or `reward_program` (to mix them, weigh them in `params.rewards`)",
+            )),
+        }
     }
 }
 

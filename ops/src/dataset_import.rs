@@ -28,7 +28,9 @@ pub enum Format {
     /// JSONL with `chosen` and `rejected` dialogues (`\n\nHuman: ...\n\nAssistant: ...`)
     /// -> comparison records `{prompt, chosen, rejected, label}`.
     HhRlhf,
-    /// JSONL with a string field holding the prompt -> `{prompt}`.
+    /// JSONL with a string field holding the prompt -> `{prompt, ...}`:
+    /// the field is renamed `prompt` and the record's other fields (a
+    /// `reference` answer for `exact_match`, ids, ...) are kept.
     Prompts,
     /// Plain text, one prompt per non-empty line -> `{prompt}`.
     Text,
@@ -278,7 +280,8 @@ fn quote_bad_lines(path: &Path, first: &[(usize, String)]) -> String {
 /// The `dataset.import` op.
 pub const OP: OpDecl = OpDecl {
     name: "dataset.import",
-    version: 1,
+    // 2: `format: prompts` keeps the records' other fields.
+    version: 2,
     summary: "import HH-RLHF comparisons, JSONL prompts, text lines or conversations (TRL's formats) as JSONL records, with a report",
     inputs: &[Port {
         name: "source",
@@ -287,7 +290,7 @@ pub const OP: OpDecl = OpDecl {
         volatile: false,
     }],
     outputs: Outputs::Declared(&[
-        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf; with `emit: messages` prompt is a list of messages and each response a list holding one assistant message), {prompt} (prompts, text), or the checked conversations (messages)"),
+        Port::output("data", "JSONL records: {prompt, chosen, rejected, label} (hh-rlhf; with `emit: messages` prompt is a list of messages and each response a list holding one assistant message), {prompt, ...the other fields} (prompts), {prompt} (text), or the checked conversations (messages)"),
         Port::output(
             "report",
             "JSON: counts of records, unsplittable records by reason, bad lines and identical pairs, with line numbers",
@@ -344,7 +347,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
                 out.write(&p).map_err(data_err)?;
                 report.records += 1;
             }
-            Ok(Parsed::Conversation(c)) => {
+            Ok(Parsed::Record(c)) => {
                 if c.get("chosen").is_some() && c["chosen"] == c["rejected"] {
                     report.identical_pairs += 1;
                     report.identical_pair_lines.push(line);
@@ -417,8 +420,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 enum Parsed {
     Comparison(Comparison),
     Prompt(PromptRecord),
-    /// A checked record of `format: messages`.
-    Conversation(serde_json::Value),
+    /// A record kept as JSON: a checked conversation (`format: messages`)
+    /// or a prompt with its other fields (`format: prompts`).
+    Record(serde_json::Value),
 }
 
 enum LineProblem {
@@ -440,17 +444,23 @@ fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem
             match params.emit {
                 Emit::Text => Ok(Parsed::Comparison(comparison)),
                 Emit::Messages => as_messages(&comparison)
-                    .map(Parsed::Conversation)
+                    .map(Parsed::Record)
                     .map_err(LineProblem::Bad),
             }
         }
         Format::Prompts => {
             let value: serde_json::Value =
                 serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
-            match value.get(&params.field) {
-                Some(serde_json::Value::String(prompt)) => Ok(Parsed::Prompt(PromptRecord {
-                    prompt: prompt.clone(),
-                })),
+            let serde_json::Value::Object(mut fields) = value else {
+                return Err(LineProblem::Bad("not a JSON object".into()));
+            };
+            match fields.remove(&params.field) {
+                // The other fields (a `reference` answer, ids, ...) stay on
+                // the record for the ops that read them.
+                Some(serde_json::Value::String(prompt)) => {
+                    fields.insert("prompt".into(), prompt.into());
+                    Ok(Parsed::Record(fields.into()))
+                }
                 Some(_) => Err(LineProblem::Bad(format!(
                     "field `{}` is not a string",
                     params.field
@@ -462,7 +472,7 @@ fn parse_line(params: &ImportParams, bytes: &[u8]) -> Result<Parsed, LineProblem
             let value: serde_json::Value =
                 serde_json::from_str(text).map_err(|e| LineProblem::Bad(e.to_string()))?;
             conversation_record(value)
-                .map(Parsed::Conversation)
+                .map(Parsed::Record)
                 .map_err(LineProblem::Bad)
         }
         // Blank lines never get here; a trailing `\r` (CRLF files) is a line ending.
@@ -696,7 +706,7 @@ mod tests {
         let source = write(
             dir.path(),
             "p.jsonl",
-            "{\"q\": \"why?\"}\n{\"q\": 3}\n{\"q\": \"how?\", \"x\": 1}\n",
+            "{\"q\": \"why?\"}\n{\"q\": 3}\n{\"q\": \"how?\", \"reference\": \"19\", \"x\": 1}\n",
         );
         let err = import(
             dir.path(),
@@ -719,7 +729,8 @@ mod tests {
         assert!(!metrics.contains_key("identical_pairs"));
         assert_eq!(
             std::fs::read_to_string(dir.path().join("out/data")).unwrap(),
-            "{\"prompt\":\"why?\"}\n{\"prompt\":\"how?\"}\n"
+            // The other fields stay on the record.
+            "{\"prompt\":\"why?\"}\n{\"prompt\":\"how?\",\"reference\":\"19\",\"x\":1}\n"
         );
 
         let source = write(

@@ -13,6 +13,11 @@
 //!   `ai_feedback` (same prompt layout, same `(A)`/`(B)` normalisation),
 //!   asked in both orders and averaged per principle, then over principles:
 //!   `p_policy > 0.5` wins, exactly `0.5` ties.
+//! - `params.judges` (and a bound `reward_program`): the text sources of
+//!   `ppo`'s rewards (`exact_match`, `regex`, `length`, `program`) score
+//!   each answer on its own; the report gives both policies' mean score
+//!   (`exact_match`: the accuracy) with a 95% interval ([`mean_interval`])
+//!   and the policy's win rate on the per-prompt comparison.
 //!
 //! Win rate = (wins + ties / 2) / n, with a 95% Wilson score interval on the
 //! same n (ties counted as half a win; see [`wilson_interval`] for why).
@@ -60,6 +65,10 @@ use serde::{Deserialize, Serialize};
 use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::{check_temperature, require, AT_LEAST_ONE};
 use crate::protocol::Metrics;
+use crate::reward_program::ProgramParams;
+use crate::rewards::{
+    check_rewards, RewardComponent, RewardKind, PROGRAM_INPUT, PROGRAM_INPUT_DOC,
+};
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `evaluate`.
@@ -112,6 +121,50 @@ pub struct EvaluateParams {
     /// Name of the reference in the report; by default its input path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_name: Option<String>,
+    /// Judges that score each answer on its own, from `ppo`'s reward
+    /// sources: `exact_match` (accuracy against the record's `reference`),
+    /// `regex`, `length`, `program` (the `reward_program` input; bound
+    /// alone it judges with default settings). Each reports both
+    /// policies' mean score with a 95% interval, and the policy's win rate
+    /// on the per-prompt comparison. No `weight`: judges are not summed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub judges: Vec<RewardComponent>,
+}
+
+impl EvaluateParams {
+    /// The judges that score answers as text: `judges`, plus the program
+    /// with default settings when `reward_program` is bound and no entry
+    /// names it.
+    pub fn text_judges(&self, bound: &dyn Fn(&str) -> bool) -> Vec<RewardComponent> {
+        let mut judges = self.judges.clone();
+        if bound(PROGRAM_INPUT) && !judges.iter().any(|j| j.program.is_some()) {
+            judges.push(RewardComponent::of(RewardKind::Program(
+                &ProgramParams::default(),
+            )));
+        }
+        judges
+    }
+}
+
+/// The mean of `scores` and its 95% interval: Wilson's when every score is
+/// 0 or 1 (an accuracy), else the normal one, `mean ± z·s/√n` with the
+/// sample standard deviation `s` (one score: `(mean, mean)`).
+pub fn mean_interval(scores: &[f64]) -> (f64, [f64; 2]) {
+    let n = scores.len();
+    if n == 0 {
+        return (0.0, [0.0, 0.0]);
+    }
+    let mean = scores.iter().sum::<f64>() / n as f64;
+    if scores.iter().all(|&x| x == 0.0 || x == 1.0) {
+        let (lo, hi) = wilson_interval(mean, n, Z95);
+        return (mean, [lo, hi]);
+    }
+    if n == 1 {
+        return (mean, [mean, mean]);
+    }
+    let var = scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let half = Z95 * (var / n as f64).sqrt();
+    (mean, [mean - half, mean + half])
 }
 
 /// z of a two-sided 95% normal interval (the 0.975 quantile).
@@ -221,6 +274,8 @@ impl Tally {
             mean_p_policy: None,
             principles_per_prompt: None,
             truncated: None,
+            mean_score: None,
+            mean_score_ci95: None,
         }
     }
 }
@@ -253,6 +308,19 @@ pub struct JudgeReport {
     /// Feedback judge: questions cut from the left to fit the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncated: Option<usize>,
+    /// Text judges: each policy's mean score (the accuracy for
+    /// `exact_match`) and its 95% interval (see [`mean_interval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_score: Option<PerPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_score_ci95: Option<PerPolicyInterval>,
+}
+
+/// A 95% interval per policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PerPolicyInterval {
+    pub policy: [f64; 2],
+    pub reference: [f64; 2],
 }
 
 /// Judge names, as the report's `judges` keys and the input port names.
@@ -321,6 +389,25 @@ impl EvalReport {
         if let Some(r) = self.judges.get(REWARD_JUDGE).and_then(|j| j.mean_reward) {
             let _ = writeln!(s, "| mean reward | {} | {} |", f(r.policy), f(r.reference));
         }
+        for (name, j) in &self.judges {
+            if let (Some(m), Some(ci)) = (j.mean_score, j.mean_score_ci95) {
+                let what = if name == "exact_match" {
+                    "accuracy"
+                } else {
+                    "mean score"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {what} ({name}), 95% CI | {} [{}, {}] | {} [{}, {}] |",
+                    f(m.policy),
+                    f(ci.policy[0]),
+                    f(ci.policy[1]),
+                    f(m.reference),
+                    f(ci.reference[0]),
+                    f(ci.reference[1])
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "| mean response length (tokens) | {} | {} |",
@@ -361,6 +448,10 @@ impl EvalReport {
             if let Some(p) = j.mean_p_policy {
                 m.insert("mean_p_policy".into(), p.into());
             }
+            if let Some(r) = j.mean_score {
+                m.insert(format!("{name}_mean_score_policy"), r.policy.into());
+                m.insert(format!("{name}_mean_score_reference"), r.reference.into());
+            }
         }
         m
     }
@@ -385,7 +476,7 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
 pub const OP: OpDecl = OpDecl {
     name: "evaluate",
     version: 3,
-    summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
+    summary: "win rate of a policy against a reference on held-out prompts (PM, feedback-model, exact-match, rule or reward-program judges), Wilson CIs, mean reward / accuracy, KL, lengths",
     inputs: &[
         Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),
         Port::input(
@@ -406,16 +497,17 @@ pub const OP: OpDecl = OpDecl {
             "constitution",
             "constitution YAML: the feedback judge's principles (and few-shot examples)",
         ),
+        Port::optional(PROGRAM_INPUT, PROGRAM_INPUT_DOC),
     ],
     outputs: Outputs::Declared(&[
         Port::output(
             "report",
-            "report.json: policy, reference, n, temperature, max_new_tokens, kl, response_len {policy, reference}, interval, judges {reward_model, feedback_model: win_rate, ci95, wins, ties, losses, mean_reward | mean_p_policy}",
+            "report.json: policy, reference, n, temperature, max_new_tokens, kl, response_len {policy, reference}, interval, judges {reward_model, feedback_model, exact_match, regex, length, program: win_rate, ci95, wins, ties, losses, mean_reward | mean_p_policy | mean_score, mean_score_ci95}",
         ),
         Port::output("report_md", "report.md: the same figures as Markdown tables"),
         Port::output(
             "samples",
-            "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}; outcome is win | tie | loss for the policy",
+            "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}, and per text judge (exact_match, ...) {policy, reference, outcome}; outcome is win | tie | loss for the policy",
         ),
     ]),
     params: ParamsDecl::of::<EvaluateParams>(),
@@ -444,19 +536,41 @@ impl OpParams for EvaluateParams {
                 .is_some_and(|s| s.trim().is_empty()),
             "principle",
             "must not be empty",
-        )
+        )?;
+        check_rewards(&self.judges, "judges")?;
+        for (i, j) in self.judges.iter().enumerate() {
+            require(
+                j.kind().input() != Some("reward_model") && j.kind().input() != Some("feedback_model"),
+                &format!("judges[{i}]"),
+                "the model judges are the `reward_model` and `feedback_model` inputs, not entries of `judges`",
+            )?;
+            require(
+                j.weight == 1.0,
+                &format!("judges[{i}].weight"),
+                "judges are reported one by one, not weighed",
+            )?;
+        }
+        Ok(())
     }
 
     /// At least one judge, and the feedback judge with exactly one source
     /// of principles (and the params that fit it).
     fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
-        if !bound(REWARD_JUDGE) && !bound(FEEDBACK_JUDGE) {
+        let text = self.text_judges(bound);
+        if !bound(REWARD_JUDGE) && !bound(FEEDBACK_JUDGE) && text.is_empty() {
             return Err(BindingError::new(
                 "inputs",
                 format!(
                     "evaluate needs a judge: bind input `{REWARD_JUDGE}` (a preference model), \
-                     input `{FEEDBACK_JUDGE}` (with input `constitution` or params.principle), or both"
+                     input `{FEEDBACK_JUDGE}` (with input `constitution` or params.principle), \
+                     input `{PROGRAM_INPUT}`, or list `params.judges` (exact_match, regex, length, program)"
                 ),
+            ));
+        }
+        if text.iter().any(|j| j.program.is_some()) && !bound(PROGRAM_INPUT) {
+            return Err(BindingError::new(
+                "params.judges",
+                format!("the `program` judge needs the `{PROGRAM_INPUT}` input"),
             ));
         }
         let constitution = bound("constitution");
@@ -501,6 +615,30 @@ impl OpParams for EvaluateParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_judges_report_a_mean_with_an_interval() {
+        // 0/1 scores: an accuracy with Wilson's interval.
+        let (m, ci) = mean_interval(&[1.0, 0.0, 1.0, 1.0]);
+        assert_eq!(m, 0.75);
+        let (lo, hi) = wilson_interval(0.75, 4, Z95);
+        assert_eq!(ci, [lo, hi]);
+        // Real scores: mean ± z s / sqrt(n); s = 1 for [1, 2, 3].
+        let (m, ci) = mean_interval(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((ci[1] - (2.0 + Z95 / 3f64.sqrt())).abs() < 1e-12, "{ci:?}");
+        let p: EvaluateParams =
+            serde_json::from_value(serde_json::json!({"judges": [{"exact_match": {}}]})).unwrap();
+        assert_eq!(p.text_judges(&|_| false).len(), 1);
+        let with_program = p.text_judges(&|n| n == "reward_program");
+        assert_eq!(with_program[1].kind().key(), "program");
+        assert!(OP
+            .normalize_params(&serde_json::json!({"judges": [{"pm": {}}]}))
+            .is_err());
+        assert!(OP
+            .normalize_params(&serde_json::json!({"judges": [{"exact_match": {}, "weight": 2}]}))
+            .is_err());
+    }
 
     #[test]
     fn binding_rules_name_the_field_at_fault() {

@@ -16,6 +16,8 @@ pub mod decoding;
 pub mod defaults;
 pub mod op;
 pub mod protocol;
+pub mod reward_program;
+pub mod rewards;
 pub mod stage;
 pub mod text;
 

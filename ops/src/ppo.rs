@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat_format::{PromptParams, CHAT_PROMPT_CONVENTION, CHAT_TEMPLATE_INPUT};
 use crate::op::require;
+use crate::rewards::{
+    check_reward_inputs, check_rewards, effective_rewards, RewardComponent, PROGRAM_INPUT,
+    PROGRAM_INPUT_DOC,
+};
 use crate::training::LoraParams;
 use crate::{BindingError, OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
@@ -263,6 +267,13 @@ pub struct PpoParams {
     /// models over 300M parameters, off otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// Several reward sources, each with a weight: the response's score is
+    /// the weighted sum (`[{pm: {}, weight: 1.0}, {program: {args: [..]},
+    /// weight: 0.5}, {exact_match: {}}]`; see `alignflow ops ppo`). Empty:
+    /// the one reward input bound (`reward_model`, `feedback_model` or
+    /// `reward_program`) with weight 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardComponent>,
     /// Dropout (the checkpoints' own rates) in the update's policy and value
     /// forwards. Off by default, as TRL's PPO trainer: the rollout's
     /// log-probs and values are always dropout-free (they are the sampling
@@ -331,6 +342,7 @@ impl OpParams for PpoParams {
                 "`value_model: lora` shares the policy's base weights: it needs `value_init: policy`",
             )?;
         }
+        check_rewards(&self.rewards, "rewards")?;
         require(
             self.advantage.uses_critic() || self.samples_per_prompt >= 2,
             "samples_per_prompt",
@@ -342,62 +354,69 @@ impl OpParams for PpoParams {
         )
     }
 
-    /// Exactly one reward source, and only the companions that fit it: a
-    /// preference model (with an optional contrastive `baseline`) or a
-    /// feedback model with one source of principles.
+    /// The reward sources (`rewards`, or exactly one reward input) and
+    /// only the companions that fit them: a `baseline` with a preference
+    /// model alone, a feedback model with one source of principles.
     fn check_bindings(&self, bound: &dyn Fn(&str) -> bool) -> Result<(), BindingError> {
-        match (bound("reward_model"), bound("feedback_model")) {
-            (true, true) => Err(BindingError::new(
-                "inputs.feedback_model",
-                "bind exactly one reward source: `reward_model` (a preference model) or `feedback_model` (direct RLAIF), not both",
-            )),
-            (false, false) => Err(BindingError::new(
-                "inputs",
-                "no reward source: bind `reward_model` (a preference model) or `feedback_model` (direct RLAIF)",
-            )),
-            (true, false) => {
-                if bound("constitution") {
-                    return Err(BindingError::new(
-                        "inputs.constitution",
-                        "`constitution` goes with `feedback_model` (direct RLAIF), not `reward_model`",
-                    ));
-                }
-                if self.principle.is_some() {
-                    return Err(BindingError::new(
-                        "params.principle",
-                        "`principle` goes with `feedback_model` (direct RLAIF), not `reward_model`",
-                    ));
-                }
-                Ok(())
+        let rewards = effective_rewards(&self.rewards, bound);
+        if self.rewards.is_empty() {
+            match rewards.len() {
+                0 => return Err(BindingError::new(
+                    "inputs",
+                    "no reward source: bind `reward_model` (a preference model), `feedback_model` (direct RLAIF) or `reward_program`, or list sources in `params.rewards`",
+                )),
+                1 => {}
+                _ => return Err(BindingError::new(
+                    &format!("inputs.{}", rewards[1].kind().input().unwrap_or_default()),
+                    "bind exactly one reward source: `reward_model` (a preference model), `feedback_model` (direct RLAIF) or `reward_program`, not several (to mix them, weigh them in `params.rewards`)",
+                )),
             }
-            (false, true) => {
-                if bound("baseline") {
-                    return Err(BindingError::new(
-                        "inputs.baseline",
-                        "`baseline` (contrastive rewards) needs `reward_model`: the baseline scores are preference-model scores",
-                    ));
-                }
-                if self.value_init == PpoValueInit::RewardModel {
-                    return Err(BindingError::new(
-                        "params.value_init",
-                        "`reward_model` needs a `reward_model` input; with `feedback_model` use `policy`",
-                    ));
-                }
-                match (&self.principle, bound("constitution")) {
-                    (Some(_), true) => Err(BindingError::new(
-                        "params.principle",
-                        "give the feedback model `principle` or a `constitution` input, not both",
-                    )),
-                    (None, false) => Err(BindingError::new(
-                        "inputs.constitution",
-                        "`feedback_model` needs a principle to rate under: `params.principle` or a `constitution` input",
-                    )),
-                    (Some(text), false) if text.trim().is_empty() => {
-                        Err(BindingError::new("params.principle", "empty"))
-                    }
-                    _ => Ok(()),
-                }
+        } else {
+            check_reward_inputs(&self.rewards, bound)?;
+        }
+        let uses = |key: &str| rewards.iter().any(|c| c.kind().key() == key);
+        if !uses("feedback") {
+            if bound("constitution") {
+                return Err(BindingError::new(
+                    "inputs.constitution",
+                    "`constitution` goes with `feedback_model` (direct RLAIF), not `reward_model`",
+                ));
             }
+            if self.principle.is_some() {
+                return Err(BindingError::new(
+                    "params.principle",
+                    "`principle` goes with `feedback_model` (direct RLAIF), not `reward_model`",
+                ));
+            }
+        }
+        if bound("baseline") && !(rewards.len() == 1 && uses("pm")) {
+            return Err(BindingError::new(
+                "inputs.baseline",
+                "`baseline` (contrastive rewards) needs `reward_model` as the only reward source: the baseline scores are preference-model scores",
+            ));
+        }
+        if !uses("pm") && self.value_init == PpoValueInit::RewardModel {
+            return Err(BindingError::new(
+                "params.value_init",
+                "`reward_model` needs a `reward_model` input; without a preference model use `policy`",
+            ));
+        }
+        if !uses("feedback") {
+            return Ok(());
+        }
+        match (&self.principle, bound("constitution")) {
+            (Some(_), true) => Err(BindingError::new(
+                "params.principle",
+                "give the feedback model `principle` or a `constitution` input, not both",
+            )),
+            (None, false) => Err(BindingError::new(
+                "inputs.constitution",
+                "`feedback_model` needs a principle to rate under: `params.principle` or a `constitution` input",
+            )),
+            (Some(text), false) if text.trim().is_empty() => {
+                Err(BindingError::new("params.principle", "empty"))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -425,7 +444,7 @@ pub const OP: OpDecl = OpDecl {
         ),
         Port::optional(
             "reward_model",
-            "a preference model folder (pm.train); exactly one of reward_model and feedback_model",
+            "a preference model folder (pm.train): a reward source (alone, or as `pm` in params.rewards)",
         ),
         Port::input("prompts", "JSONL records with a prompt field"),
         Port::optional("chat_template", CHAT_TEMPLATE_INPUT),
@@ -441,12 +460,13 @@ pub const OP: OpDecl = OpDecl {
             "constitution",
             "with feedback_model: its feedback principles, one drawn per response (instead of `principle`)",
         ),
+        Port::optional(PROGRAM_INPUT, PROGRAM_INPUT_DOC),
     ],
     outputs: Outputs::Declared(&[
         Port::output("model", "the optimised policy folder"),
         Port::volatile(
             "metrics",
-            "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added)",
+            "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added; with several reward sources or a program, reward_<source> (the mean unweighted score of each entry of params.rewards) and reward_program_<name> for a program's named scores)",
         ),
     ]),
     params: ParamsDecl::of::<PpoParams>(),
@@ -454,6 +474,8 @@ pub const OP: OpDecl = OpDecl {
     conventions: &[
         CHAT_PROMPT_CONVENTION,
         "reward of a response: the reward source's score on its last token (the EOS, or the last sampled token), plus -kl_coef * KL per response token",
+        "reward sources: `reward_model` (pm), `feedback_model` (feedback), `reward_program` (program), or several weighed in `params.rewards`: score = sum of weight * source score; built-in `exact_match` (1 if the response equals the record's `reference` after normalising case, whitespace and a trailing period), `regex` (1 if the pattern matches), `length` (-max(0, chars - free_chars))",
+        "reward program protocol: started once per stage as `[interpreter..] PROGRAM args..`; stdin gets JSON lines {id, prompt, response, messages?, ...the prompt record's fields (reference, ..)} in batches of `batch_size`; it answers each, in order, with {id, score} or {id, scores: {name: value}} (score = their sum) on stdout and flushes; its stderr goes to the stage log; exiting, taking over `timeout_s` per batch, a wrong id, a non-number, NaN or a malformed line fails the stage naming the program, the record and the answer line",
         "policy loss: clipped surrogate, max(-A r, -A clip(r, 1 - eps, 1 + eps)), a masked mean over every response token of the minibatch",
         "value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), a masked mean over response tokens",
         "KL: per response token, k1 = log pi - log ref (or k2/k3 with `kl_estimator`), summed per response in the `kl` metric",

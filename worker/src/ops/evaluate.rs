@@ -6,7 +6,8 @@
 //! batch, and the KL of the policy from the reference is computed on the
 //! policy's samples with `ppo`'s log-prob code (in `scoring`); (2) the PM
 //! scores both answers; (3) the feedback model answers the multiple-choice
-//! question of `ai_feedback` in both orders.
+//! question of `ai_feedback` in both orders; (4) the text judges
+//! (`exact_match`, a reward program, ...) score each decoded answer.
 //!
 //! Judging is symmetric by construction, so that swapping the two policies
 //! gives exactly `1 - w`: every forward pass of a judge is laid out from the
@@ -26,9 +27,12 @@ use alignflow_ops::ai_feedback::{
 };
 use alignflow_ops::data::{Constitution, JsonlWriter};
 use alignflow_ops::evaluate::{
-    policy_label, EvalReport, JudgeReport, Outcome, PerPolicy, Tally, FEEDBACK_JUDGE, REWARD_JUDGE,
+    mean_interval, policy_label, EvalReport, JudgeReport, Outcome, PerPolicy, PerPolicyInterval,
+    Tally, FEEDBACK_JUDGE, REWARD_JUDGE,
 };
 use alignflow_ops::protocol::Metrics;
+use alignflow_ops::reward_program::Request;
+use alignflow_ops::rewards::{TextRewards, PROGRAM_INPUT};
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{ChatFormat, EvaluateParams, OpParams, StageContext};
 
@@ -120,6 +124,12 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         verdicts = Some(v);
     }
 
+    // (4) The text judges.
+    let text_scores = judge_as_text(ctx, &p, &prompts, &answers)?;
+    for (name, report, _) in &text_scores {
+        judges.insert(name.to_string(), report.clone());
+    }
+
     std::fs::create_dir_all(&ctx.spec.out_dir)?;
     write_samples(
         ctx,
@@ -127,6 +137,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         &answers,
         pm_scores.as_deref(),
         verdicts.as_deref(),
+        &text_scores,
     )?;
     let report = EvalReport {
         policy: policy_label(p.policy_name.as_deref(), policy_dir, &ctx.spec.work_dir),
@@ -176,6 +187,67 @@ fn judge_with_pm(
     Ok((report, scores))
 }
 
+/// One text judge: its name, report and per-prompt `(policy, reference)`
+/// scores.
+type TextJudgment = (&'static str, JudgeReport, Vec<(f64, f64)>);
+
+/// Phase (4): the text judges (`params.judges`, a bound `reward_program`)
+/// score every answer of both policies.
+fn judge_as_text(
+    ctx: &StageContext<'_>,
+    p: &EvaluateParams,
+    prompts: &[Prompt],
+    answers: &Answers,
+) -> anyhow::Result<Vec<TextJudgment>> {
+    let bound = |name: &str| ctx.spec.inputs.get(name).map(|d| d.as_path());
+    let judges = p.text_judges(&|name| bound(name).is_some());
+    if judges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = TextRewards::start(&judges, bound(PROGRAM_INPUT), &ctx.spec.stage)?;
+    ctx.reporter
+        .progress(0, None, "judging the answers as text");
+    // The policy's answers, then the reference's.
+    let requests: Vec<Request<'_>> = [&answers.policy, &answers.reference]
+        .into_iter()
+        .flat_map(|side| {
+            prompts.iter().zip(side.iter()).map(|(pr, a)| Request {
+                record: &pr.record,
+                prompt: &pr.raw,
+                messages: pr.messages.as_ref(),
+                response: &a.text,
+                at: pr.at.clone(),
+            })
+        })
+        .collect();
+    let n = prompts.len();
+    Ok(text
+        .score(&requests)?
+        .into_iter()
+        .map(|s| {
+            let (policy, reference) = s.scores.split_at(n);
+            let pairs: Vec<(f64, f64)> = policy
+                .iter()
+                .copied()
+                .zip(reference.iter().copied())
+                .collect();
+            let mut report =
+                Tally::of(pairs.iter().map(|(a, b)| Outcome::from_scores(*a, *b))).judge_report();
+            let (mp, cp) = mean_interval(policy);
+            let (mr, cr) = mean_interval(reference);
+            report.mean_score = Some(PerPolicy {
+                policy: mp,
+                reference: mr,
+            });
+            report.mean_score_ci95 = Some(PerPolicyInterval {
+                policy: cp,
+                reference: cr,
+            });
+            (s.key, report, pairs)
+        })
+        .collect())
+}
+
 /// Phase (3): the feedback model's report and its verdicts.
 fn judge_with_feedback_model(
     ctx: &StageContext<'_>,
@@ -222,6 +294,7 @@ fn write_samples(
     answers: &Answers,
     pm_scores: Option<&[(f64, f64)]>,
     verdicts: Option<&[FeedbackVerdict]>,
+    text_scores: &[TextJudgment],
 ) -> anyhow::Result<()> {
     let mut out = JsonlWriter::create(&ctx.output("samples"))?;
     for (i, prompt) in prompts.iter().enumerate() {
@@ -253,6 +326,14 @@ fn write_samples(
                     "p_a_policy_first": f,
                     "p_a_reference_first": s,
                 })).collect::<Vec<_>>(),
+            });
+        }
+        for (name, _, pairs) in text_scores {
+            let (a, b) = pairs[i];
+            record[*name] = serde_json::json!({
+                "policy": a,
+                "reference": b,
+                "outcome": Outcome::from_scores(a, b),
             });
         }
         out.write(&record)?;

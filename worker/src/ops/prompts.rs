@@ -31,6 +31,10 @@ pub(crate) struct Prompt {
     pub truncated: bool,
     /// With a chat template: the conversation `text` renders.
     pub messages: Option<serde_json::Value>,
+    /// The whole record (what reward programs and rules read: `reference`, ...).
+    pub record: serde_json::Value,
+    /// Where the record is: `FILE:LINE`.
+    pub at: String,
 }
 
 /// How to read them.
@@ -137,6 +141,8 @@ pub(crate) fn read_prompts(
             ids,
             truncated: cut > 0,
             messages,
+            at: format!("{}:{line}", path.display()),
+            record,
         });
     }
     anyhow::ensure!(

@@ -63,6 +63,9 @@ pub(super) fn line(s: &Settings, i: &Iteration<'_>) -> Value {
         line["reward_gain"] = nm.gain.into();
         line["reward_bias"] = nm.bias.into();
     }
+    for (name, mean) in &ex.source_scores {
+        line[name.as_str()] = (*mean).into();
+    }
     if let Some(bs) = ex.baseline_score {
         line["baseline_score"] = bs.into();
     }

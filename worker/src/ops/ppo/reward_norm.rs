@@ -96,7 +96,8 @@ pub(super) fn reference_scores(
                 let ro = reference.with(policy, |m| sample(m, &batch, &cfg, device));
                 rewards.raw_scores(&batch, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
             })
-        })?;
+        })?
+        .scores;
         scores.extend(Vec::<f64>::try_from(&sc.to_kind(Kind::Double)).expect("scores"));
         chunk += 1;
     }

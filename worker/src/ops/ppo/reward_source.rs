@@ -1,7 +1,8 @@
 //! Where `ppo`'s per-response score comes from, and the contrastive
 //! baseline subtracted from it.
 //!
-//! Exactly one reward source per stage:
+//! The reward sources of a stage (one bound input, or several weighed in
+//! `params.rewards`; the score is their weighted sum):
 //! - `reward_model`: a preference model's score of the full sequence
 //!   (on its last real token);
 //! - `feedback_model` (direct RLAIF, Lee et al. 2023): a language model
@@ -10,7 +11,10 @@
 //!   and the score is its expected rating from 1 to 10 rescaled to `[-1, 1]`
 //!   (see [`crate::rl::rating`] for the math and the tokenization). The
 //!   response is decoded with the policy's tokenizer and re-encoded with the
-//!   feedback model's, so the two need not share a vocabulary.
+//!   feedback model's, so the two need not share a vocabulary;
+//! - `reward_program` and the built-in rules (`exact_match`, `regex`,
+//!   `length`): the decoded response and the prompt's record, scored by
+//!   [`TextRewards`] (the protocol: [`alignflow_ops::reward_program`]).
 //!
 //! With a `baseline` input (contrastive rewards, Shen et al. 2024: the
 //! `baseline_scores` op) the score becomes the PM score minus the prompt's
@@ -28,23 +32,31 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::ai_feedback::conversation_of;
 use alignflow_ops::data::{read_jsonl, Constitution};
+use alignflow_ops::reward_program::Request;
+use alignflow_ops::rewards::{
+    effective_rewards, source_means, RewardKind, TextRewards, PROGRAM_INPUT,
+};
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{BaselineRecord, OpParams, PpoParams, StageContext};
 
 use crate::model::{Head, Model};
 use crate::ops::load;
+use crate::ops::prompts::Prompt;
 use crate::ops::scoring::{continuation_logprobs, pm_scores};
 use crate::rl::{
     contrastive_scores, expected_rating, rating_continuation, rating_prompt, rating_reward,
     RewardNorm,
 };
 
-/// The model that scores responses (one per stage: the variants' sizes
-/// do not matter).
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Source {
-    Pm(Model),
-    Feedback(Feedback),
+/// What scores responses: the frozen models and the text sources of the
+/// stage's rewards, each with its weight (see
+/// [`alignflow_ops::rewards::effective_rewards`]).
+pub(super) struct Source {
+    pm: Option<(Model, f64)>,
+    feedback: Option<(Feedback, f64)>,
+    text: TextRewards,
+    /// Log each source's mean score (several sources, or a text one).
+    log_sources: bool,
 }
 
 /// Direct RLAIF: the feedback model and the principles it rates under.
@@ -57,8 +69,8 @@ pub(super) struct Feedback {
 }
 
 impl Source {
-    /// Checks that the stage binds exactly one reward source (and only the
-    /// companions that fit it) and loads it, frozen.
+    /// Checks the stage's reward sources (and their companions), loads
+    /// the models frozen and starts the program.
     pub(super) fn load(
         ctx: &StageContext<'_>,
         p: &PpoParams,
@@ -69,60 +81,81 @@ impl Source {
         let bound = |name: &str| ctx.spec.inputs.get(name).map(|p| p.as_path());
         p.check_bindings(&|name| bound(name).is_some())
             .map_err(|e| anyhow::anyhow!("stage `{stage}`, {e}"))?;
-        match (bound("reward_model"), bound("feedback_model")) {
-            (Some(pm_dir), _) => {
-                let pm = load::frozen(pm_dir, device, Head::Reward, p.dtype)?;
-                anyhow::ensure!(
-                    pm.lm.cfg.vocab_size == policy_vocab,
-                    "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({policy_vocab}): they must share a tokenizer",
-                    pm.lm.cfg.vocab_size,
-                );
-                Ok(Source::Pm(pm))
-            }
-            (None, None) => unreachable!("check_bindings requires a reward source"),
-            (None, Some(dir)) => {
-                let principles = match (p.principle.as_deref(), bound("constitution")) {
-                    (Some(text), _) => vec![text.to_string()],
-                    (None, Some(path)) => {
-                        let c = Constitution::load(path)?;
-                        anyhow::ensure!(
-                            !c.feedback.is_empty(),
-                            "stage `{stage}`: the constitution has no feedback principles"
-                        );
-                        c.feedback.into_iter().map(|f| f.text).collect()
-                    }
-                    (None, None) => unreachable!("check_bindings requires principles"),
-                };
-                let tokenizer = Tokenizer::from_dir(dir)?;
-                let model = load::frozen(dir, device, Head::Lm, p.dtype)?;
-                Ok(Source::Feedback(Feedback {
-                    model,
-                    tokenizer,
-                    principles,
-                    seed: ctx.spec.seed,
-                    batch_size: p.batch_size.max(1),
-                }))
+        let rewards = effective_rewards(&p.rewards, &|name| bound(name).is_some());
+        let mut source = Source {
+            pm: None,
+            feedback: None,
+            text: TextRewards::start(&rewards, bound(PROGRAM_INPUT), stage)?,
+            log_sources: rewards.len() > 1
+                || rewards.iter().any(|c| c.kind().input().is_none())
+                || bound(PROGRAM_INPUT).is_some(),
+        };
+        for c in &rewards {
+            match c.kind() {
+                RewardKind::Pm => {
+                    let pm_dir = bound("reward_model").expect("checked by check_bindings");
+                    let pm = load::frozen(pm_dir, device, Head::Reward, p.dtype)?;
+                    anyhow::ensure!(
+                        pm.lm.cfg.vocab_size == policy_vocab,
+                        "stage `{stage}`: the reward model's vocabulary ({}) differs from the policy's ({policy_vocab}): they must share a tokenizer",
+                        pm.lm.cfg.vocab_size,
+                    );
+                    source.pm = Some((pm, c.weight));
+                }
+                RewardKind::Feedback => {
+                    let dir = bound("feedback_model").expect("checked by check_bindings");
+                    source.feedback = Some((Feedback::load(ctx, p, dir, device)?, c.weight));
+                }
+                _ => {}
             }
         }
+        Ok(source)
     }
 
-    /// The frozen model packed for oneDNN for the whole stage (see
+    /// The frozen models packed for oneDNN for the whole stage (see
     /// [`crate::model::Transformer::packed`]).
-    pub(super) fn packed(&self) -> crate::model::Packing<'_> {
-        match self {
-            Source::Pm(pm) => pm.lm.packed(8),
-            Source::Feedback(f) => f.model.lm.packed(8),
-        }
+    pub(super) fn packed(&self) -> Vec<crate::model::Packing<'_>> {
+        let pm = self.pm.iter().map(|(m, _)| m.lm.packed(8));
+        pm.chain(self.feedback.iter().map(|(f, _)| f.model.lm.packed(8)))
+            .collect()
     }
 
-    /// The most positions a scored sequence may take, when the source reads
+    /// The most positions a scored sequence may take, when a source reads
     /// the rollout's tokens directly (the PM); the feedback model reads its
-    /// own prompt, cut from the left to fit.
+    /// own prompt, cut from the left to fit, and the text sources text.
     pub(super) fn max_positions(&self) -> Option<i64> {
-        match self {
-            Source::Pm(pm) => Some(pm.lm.cfg.max_positions),
-            Source::Feedback(_) => None,
-        }
+        self.pm.as_ref().map(|(pm, _)| pm.lm.cfg.max_positions)
+    }
+}
+
+impl Feedback {
+    /// The feedback model in `dir` and the principles it rates under.
+    fn load(
+        ctx: &StageContext<'_>,
+        p: &PpoParams,
+        dir: &Path,
+        device: Device,
+    ) -> anyhow::Result<Feedback> {
+        let stage = &ctx.spec.stage;
+        let principles = match (p.principle.as_deref(), ctx.spec.inputs.get("constitution")) {
+            (Some(text), _) => vec![text.to_string()],
+            (None, Some(path)) => {
+                let c = Constitution::load(path)?;
+                anyhow::ensure!(
+                    !c.feedback.is_empty(),
+                    "stage `{stage}`: the constitution has no feedback principles"
+                );
+                c.feedback.into_iter().map(|f| f.text).collect()
+            }
+            (None, None) => unreachable!("check_bindings requires principles"),
+        };
+        Ok(Feedback {
+            tokenizer: Tokenizer::from_dir(dir)?,
+            model: load::frozen(dir, device, Head::Lm, p.dtype)?,
+            principles,
+            seed: ctx.spec.seed,
+            batch_size: p.batch_size.max(1),
+        })
     }
 }
 
@@ -132,33 +165,47 @@ struct PromptInfo {
     text: String,
     /// Its mean baseline score (with a `baseline` input).
     baseline: Option<f64>,
+    /// The prompt field as recorded, the conversation, the whole record
+    /// and where it is: what the text sources read.
+    raw: String,
+    messages: Option<serde_json::Value>,
+    record: serde_json::Value,
+    at: String,
 }
 
-/// The reward source plus what it needs to know about each prompt.
+/// The reward sources plus what they need to know about each prompt.
 pub(super) struct Rewards {
     source: Source,
-    /// The policy's tokenizer (decodes responses for the feedback model).
+    /// The policy's tokenizer (decodes responses for the feedback model
+    /// and the text sources).
     tokenizer: Tokenizer,
     eos: Vec<i64>,
     prompts: HashMap<Vec<i64>, PromptInfo>,
     contrastive: bool,
 }
 
+/// A rollout's raw scores and, when the stage logs them, each source's
+/// mean score (`reward_<source>`).
+pub(super) struct RawScores {
+    /// `[b]` float32 on the rollout's device.
+    pub scores: Tensor,
+    pub sources: Vec<(String, f64)>,
+}
+
 impl Rewards {
-    /// The reward source packed for the stage (see [`Source::packed`]).
-    pub(super) fn packed(&self) -> crate::model::Packing<'_> {
+    /// The reward models packed for the stage (see [`Source::packed`]).
+    pub(super) fn packed(&self) -> Vec<crate::model::Packing<'_>> {
         self.source.packed()
     }
 
-    /// `prompts[i]` are the tokens of `texts[i]` as the rollouts use them.
-    /// With a `baseline` input every prompt must have a baseline record.
+    /// The stage's prompts as the rollouts use them. With a `baseline`
+    /// input every prompt must have a baseline record.
     pub(super) fn new(
         ctx: &StageContext<'_>,
         source: Source,
         tokenizer: Tokenizer,
         eos: Vec<i64>,
-        prompts: &[Vec<i64>],
-        texts: &[String],
+        prompts: &[Prompt],
     ) -> anyhow::Result<Rewards> {
         let stage = &ctx.spec.stage;
         let baseline = match ctx.spec.inputs.get("baseline") {
@@ -166,7 +213,8 @@ impl Rewards {
             None => None,
         };
         let mut map = HashMap::with_capacity(prompts.len());
-        for (ids, text) in prompts.iter().zip(texts) {
+        for pr in prompts {
+            let text = &pr.text;
             let base = match &baseline {
                 Some((path, means)) => Some(*means.get(text).with_context(|| {
                     format!(
@@ -177,10 +225,14 @@ impl Rewards {
                 None => None,
             };
             // Two prompts that tokenize alike (after truncation) share the
-            // first one's text and baseline.
-            map.entry(ids.clone()).or_insert(PromptInfo {
+            // first one's text, baseline and record.
+            map.entry(pr.ids.clone()).or_insert(PromptInfo {
                 text: text.clone(),
                 baseline: base,
+                raw: pr.raw.clone(),
+                messages: pr.messages.clone(),
+                record: pr.record.clone(),
+                at: pr.at.clone(),
             });
         }
         Ok(Rewards {
@@ -196,7 +248,12 @@ impl Rewards {
     #[cfg(test)]
     pub(super) fn from_pm(pm: Model, tokenizer: Tokenizer) -> Rewards {
         Rewards {
-            source: Source::Pm(pm),
+            source: Source {
+                pm: Some((pm, 1.0)),
+                feedback: None,
+                text: TextRewards::start(&[], None, "test").expect("no sources"),
+                log_sources: false,
+            },
             tokenizer,
             eos: Vec::new(),
             prompts: HashMap::new(),
@@ -210,8 +267,35 @@ impl Rewards {
             .expect("rollout rows start from the stage's prompts")
     }
 
+    /// Each row's response tokens up to its first EOS, decoded.
+    fn responses(
+        &self,
+        resp: &Tensor,
+        gen_mask: &Tensor,
+    ) -> anyhow::Result<Vec<(Vec<i64>, String)>> {
+        let resp_v = Vec::<Vec<i64>>::try_from(&resp.to_device(Device::Cpu))?;
+        let lens = Vec::<i64>::try_from(
+            &gen_mask
+                .to_kind(Kind::Int64)
+                .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)
+                .to_device(Device::Cpu),
+        )?;
+        resp_v
+            .iter()
+            .zip(lens)
+            .map(|(row, len)| {
+                let mut toks = &row[..len as usize];
+                if let Some(at) = toks.iter().position(|t| self.eos.contains(t)) {
+                    toks = &toks[..at];
+                }
+                Ok((toks.to_vec(), self.tokenizer.decode(toks)?))
+            })
+            .collect()
+    }
+
     /// The raw score of each rollout row (before normalisation and
-    /// baseline): PM score, or the rescaled expected rating in `[-1, 1]`.
+    /// baseline): the weighted sum of the sources' scores (PM score,
+    /// rescaled expected rating in `[-1, 1]`, program or rule score).
     ///
     /// # Shapes
     /// `batch`: `b` prompts' tokens; `ids`, `mask`: `[b, p + r]`; `resp`,
@@ -223,34 +307,79 @@ impl Rewards {
         mask: &Tensor,
         resp: &Tensor,
         gen_mask: &Tensor,
-    ) -> anyhow::Result<Tensor> {
-        match &self.source {
-            Source::Pm(pm) => Ok(pm_scores(pm, ids, mask)),
-            Source::Feedback(f) => {
-                let resp_v = Vec::<Vec<i64>>::try_from(&resp.to_device(Device::Cpu))?;
-                let lens = Vec::<i64>::try_from(
-                    &gen_mask
-                        .to_kind(Kind::Int64)
-                        .sum_dim_intlist([1i64].as_slice(), false, Kind::Int64)
-                        .to_device(Device::Cpu),
-                )?;
-                let mut questions = Vec::with_capacity(batch.len());
-                for ((prompt, row), len) in batch.iter().zip(&resp_v).zip(lens) {
-                    let mut toks = &row[..len as usize];
-                    if let Some(at) = toks.iter().position(|t| self.eos.contains(t)) {
-                        toks = &toks[..at];
-                    }
-                    let response = self.tokenizer.decode(toks)?;
-                    let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];
-                    let conversation = conversation_of(&self.prompt(prompt).text);
-                    questions.push(rating_prompt(&conversation, principle, &response));
-                }
-                let scores = f.rewards(&questions)?;
-                Ok(Tensor::from_slice(&scores)
-                    .to_kind(Kind::Float)
-                    .to_device(ids.device()))
+    ) -> anyhow::Result<RawScores> {
+        let src = &self.source;
+        // A preference model alone keeps its scores as they are.
+        if let (Some((pm, w)), None, true) = (&src.pm, &src.feedback, src.text.is_empty()) {
+            if *w == 1.0 && !src.log_sources {
+                return Ok(RawScores {
+                    scores: pm_scores(pm, ids, mask),
+                    sources: Vec::new(),
+                });
             }
         }
+        let mut total = vec![0.0f64; batch.len()];
+        let mut sources = Vec::new();
+        let mut add = |key: &str, w: f64, scores: &[f64]| {
+            for (t, s) in total.iter_mut().zip(scores) {
+                *t += w * s;
+            }
+            let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+            sources.push((format!("reward_{key}"), mean));
+        };
+        if let Some((pm, w)) = &src.pm {
+            let sc = pm_scores(pm, ids, mask).to_kind(Kind::Double);
+            add("pm", *w, &Vec::<f64>::try_from(&sc.to_device(Device::Cpu))?);
+        }
+        let responses = if src.feedback.is_some() || !src.text.is_empty() {
+            self.responses(resp, gen_mask)?
+        } else {
+            Vec::new()
+        };
+        if let Some((f, w)) = &src.feedback {
+            let mut questions = Vec::with_capacity(batch.len());
+            for (prompt, (toks, response)) in batch.iter().zip(&responses) {
+                let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];
+                let conversation = conversation_of(&self.prompt(prompt).text);
+                questions.push(rating_prompt(&conversation, principle, response));
+            }
+            add("feedback", *w, &f.rewards(&questions)?);
+        }
+        if !src.text.is_empty() {
+            let requests: Vec<Request<'_>> = batch
+                .iter()
+                .zip(&responses)
+                .map(|(prompt, (_, response))| {
+                    let info = self.prompt(prompt);
+                    Request {
+                        record: &info.record,
+                        prompt: &info.raw,
+                        messages: info.messages.as_ref(),
+                        response,
+                        at: info.at.clone(),
+                    }
+                })
+                .collect();
+            let scored = src.text.score(&requests)?;
+            for s in &scored {
+                add(s.key, s.weight, &s.scores);
+            }
+            // The program's named scores after the sources.
+            sources.extend(
+                source_means(&scored).into_iter().filter(|(name, _)| {
+                    !scored.iter().any(|s| *name == format!("reward_{}", s.key))
+                }),
+            );
+        }
+        if !src.log_sources {
+            sources.clear();
+        }
+        Ok(RawScores {
+            scores: Tensor::from_slice(&total)
+                .to_kind(Kind::Float)
+                .to_device(ids.device()),
+            sources,
+        })
     }
 
     /// With a baseline: `scores` minus each row's prompt baseline (mapped

@@ -6,6 +6,7 @@ use tch::{Kind, Tensor};
 
 use alignflow_ops::PpoKlMode;
 
+use super::reward_source::RawScores;
 use super::scalar;
 use super::setup::{Models, Settings};
 use super::stop::Stop;
@@ -88,6 +89,9 @@ pub(super) struct Experience {
     pub old_values: Option<Tensor>,
     /// `[b]` the reward source's scores, before any normalisation.
     pub raw_scores: Tensor,
+    /// Each reward source's mean score, when the stage logs them
+    /// (`reward_<source>`).
+    pub source_scores: Vec<(String, f64)>,
     /// The contrastive baseline's mean score, when there is one.
     pub baseline_score: Option<f64>,
     pub mean_kl: f64,
@@ -111,7 +115,8 @@ pub(super) fn experience(
     stop: &Stop<'_>,
 ) -> anyhow::Result<Experience> {
     let rmask = &ro.rmask;
-    let (old_logp, ref_logp, old_values, raw_scores) = rollout_forwards(s, models, ro, forwards)?;
+    let (old_logp, ref_logp, old_values, raw) = rollout_forwards(s, models, ro, forwards)?;
+    let (raw_scores, source_scores) = (raw.scores, raw.sources);
     let scores = match norm {
         Some(nm) => &raw_scores * nm.gain + nm.bias,
         None => raw_scores.shallow_clone(),
@@ -140,6 +145,7 @@ pub(super) fn experience(
         ref_logp,
         old_values,
         raw_scores,
+        source_scores,
         baseline_score,
         mean_kl,
         mean_score,
@@ -156,7 +162,7 @@ fn rollout_forwards(
     models: &Models,
     ro: &Rollout,
     forwards: Option<&Forwards>,
-) -> anyhow::Result<(Tensor, Tensor, Option<Tensor>, Tensor)> {
+) -> anyhow::Result<(Tensor, Tensor, Option<Tensor>, RawScores)> {
     let Sampled {
         ids,
         mask,

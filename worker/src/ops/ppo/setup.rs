@@ -238,16 +238,8 @@ fn prompts_and_rewards(
 ) -> anyhow::Result<(Vec<Vec<i64>>, Rewards)> {
     // Prompts, tokenized, keeping each one's end.
     let read = read_prompts(ctx, prompt_source, tokenizer)?;
-    let (prompts, texts): (Vec<Vec<i64>>, Vec<String>) =
-        read.into_iter().map(|pr| (pr.ids, pr.text)).unzip();
-    let rewards = Rewards::new(
-        ctx,
-        source,
-        Tokenizer::from_dir(policy_dir)?,
-        eos,
-        &prompts,
-        &texts,
-    )?;
+    let rewards = Rewards::new(ctx, source, Tokenizer::from_dir(policy_dir)?, eos, &read)?;
+    let prompts = read.into_iter().map(|pr| pr.ids).collect();
     Ok((prompts, rewards))
 }
 

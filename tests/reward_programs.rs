@@ -1,0 +1,245 @@
+//! Verifiable rewards through the engine and the worker, on a tiny model
+//! pretrained on single-digit sums (the data of `pipelines/grpo-arith.yaml`):
+//! several weighed reward sources logged one by one (GAE and RLOO), the
+//! Python example program as the reward of `best_of_n`, a failing program
+//! that fails the stage with its stderr in the run log, and the protocol in
+//! `alignflow ops ppo`.
+mod common;
+use common::*;
+
+/// The shipped pipeline and its data, in a fresh project.
+fn arith_project() -> Project {
+    let p = Project::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for rel in [
+        "pipelines/grpo-arith.yaml",
+        "examples/arith/facts.txt",
+        "examples/arith/train.jsonl",
+        "examples/arith/heldout.jsonl",
+        "examples/reward_exact_match.py",
+    ] {
+        p.write(rel, &std::fs::read_to_string(root.join(rel)).unwrap());
+    }
+    p
+}
+
+fn output_path(p: &Project, file: &str, stage: &str, output: &str) -> std::path::PathBuf {
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", file, stage, "--json"])).unwrap();
+    shown[output]["path"].as_str().unwrap().into()
+}
+
+fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every run log of the project, concatenated.
+fn run_logs(p: &Project) -> String {
+    walk(&p.path("cache/logs"))
+        .into_iter()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .collect()
+}
+
+/// The arith base model, small and quick, and a stage to append.
+fn arith_manifest(stages: &str) -> String {
+    format!(
+        r#"version: 1
+name: rewards
+seed: 5
+stages:
+  facts:
+    op: dataset.import
+    inputs: {{ source: examples/arith/facts.txt }}
+    params: {{ format: text }}
+  prompts:
+    op: dataset.import
+    inputs: {{ source: examples/arith/train.jsonl }}
+    params: {{ format: prompts }}
+  tok:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.facts.data}}" }}
+    params: {{ vocab_size: 257 }}
+  base:
+    op: lm.pretrain
+    inputs: {{ data: "${{stages.facts.data}}", tokenizer: "${{stages.tok.tokenizer}}" }}
+    params: {{ width: 32, layers: 1, heads: 2, positions: 16, seq_len: 16, batch_size: 16, max_steps: 30, lr: 3.0e-3, checkpoint_every: 0 }}
+{stages}"#
+    )
+}
+
+const PYTHON_PROGRAM: &str = "{ program: { interpreter: [python3], batch_size: 5 }, weight: 0.5 }";
+
+#[test]
+fn several_weighed_reward_sources_are_logged_one_by_one() {
+    let p = arith_project();
+    // An executable program run directly (no interpreter): the shorthand,
+    // bound alone, with RLOO.
+    p.write(
+        "always_one.sh",
+        "#!/bin/sh\nwhile read -r line; do\n  id=$(printf '%s' \"$line\" | sed 's/.*\"id\":\\([0-9]*\\).*/\\1/')\n  echo \"{\\\"id\\\": $id, \\\"score\\\": 1}\"\ndone\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        p.path("always_one.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let stages = format!(
+        r#"  gae:
+    op: ppo
+    inputs: {{ policy: "${{stages.base.model}}", prompts: "${{stages.prompts.data}}", reward_program: examples/reward_exact_match.py }}
+    params:
+      iterations: 2
+      batch_size: 6
+      max_new_tokens: 3
+      checkpoint_every: 0
+      rewards: [{{ exact_match: {{}}, weight: 1.0 }}, {PYTHON_PROGRAM}, {{ length: {{ free_chars: 1 }}, weight: 0.1 }}]
+  rloo:
+    op: ppo
+    inputs: {{ policy: "${{stages.base.model}}", prompts: "${{stages.prompts.data}}", reward_program: always_one.sh }}
+    params: {{ advantage: rloo, samples_per_prompt: 2, iterations: 2, batch_size: 3, max_new_tokens: 3, checkpoint_every: 0 }}
+"#
+    );
+    p.write("rewards.yaml", &arith_manifest(&stages));
+    p.ok(&["run", "rewards.yaml", "--quiet"]);
+
+    let lines = jsonl(&output_path(&p, "rewards.yaml", "gae", "metrics"));
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let get = |k: &str| {
+            l[k].as_f64()
+                .unwrap_or_else(|| panic!("no metric `{k}` in {l}"))
+        };
+        let (exact, program, length) = (
+            get("reward_exact_match"),
+            get("reward_program"),
+            get("reward_length"),
+        );
+        // The program's named scores, each logged; its score is their sum.
+        let (correct, numeric) = (get("reward_program_correct"), get("reward_program_numeric"));
+        assert!((program - (correct + numeric)).abs() < 1e-9, "{l}");
+        // The example program and the built-in rule agree on correctness.
+        assert!((correct - exact).abs() < 1e-9, "{l}");
+        assert!(length <= 0.0, "{l}");
+        let total = exact + 0.5 * program + 0.1 * length;
+        assert!((get("raw_score") - total).abs() < 1e-5, "{l}");
+    }
+    // The program's stderr went to the run log, under the stage.
+    let log = run_logs(&p);
+    assert!(
+        log.contains("gae: ") && log.contains("scored 12 responses"),
+        "{log}"
+    );
+
+    let lines = jsonl(&output_path(&p, "rewards.yaml", "rloo", "metrics"));
+    for l in &lines {
+        assert_eq!(l["reward_program"].as_f64(), Some(1.0), "{l}");
+        assert_eq!(l["raw_score"].as_f64(), Some(1.0), "{l}");
+    }
+}
+
+#[test]
+fn best_of_n_keeps_the_answer_the_program_prefers() {
+    let p = arith_project();
+    let stages = r#"  best:
+    op: best_of_n
+    inputs: { policy: "${stages.base.model}", prompts: "${stages.prompts.data}", reward_program: examples/reward_exact_match.py }
+    params: { n: 4, max_new_tokens: 3, limit: 12, rewards: [{ program: { interpreter: [python3] } }] }
+"#;
+    p.write("best.yaml", &arith_manifest(stages));
+    p.ok(&["run", "best.yaml", "--quiet"]);
+    let records = jsonl(&output_path(&p, "best.yaml", "best", "data"));
+    assert_eq!(records.len(), 12);
+    for r in &records {
+        let ranks: Vec<f64> = r["rank_scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let best = ranks.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(r["score"].as_f64(), Some(best), "{r}");
+        assert_eq!(r["reward_sources"]["program"].as_f64(), Some(best), "{r}");
+        // A perfect answer scores 2 (correct and numeric): the sum.
+        if best == 2.0 {
+            let prompt = r["prompt"].as_str().unwrap();
+            let (a, b) = prompt.trim_end_matches('=').split_once('+').unwrap();
+            let sum = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
+            assert_eq!(
+                r["response"].as_str().unwrap().trim(),
+                sum.to_string(),
+                "{r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_reward_program_that_fails_fails_the_stage_and_commits_nothing() {
+    let p = arith_project();
+    // Answers the first batch, then NaN.
+    p.write(
+        "nan.py",
+        r#"import json, sys
+for n, line in enumerate(sys.stdin):
+    r = json.loads(line)
+    print("checking", r["id"], file=sys.stderr, flush=True)
+    print(json.dumps({"id": r["id"], "score": 1.0}) if n < 2 else '{"id": %d, "score": NaN}' % r["id"], flush=True)
+"#,
+    );
+    let stages = r#"  rl:
+    op: ppo
+    inputs: { policy: "${stages.base.model}", prompts: "${stages.prompts.data}", reward_program: nan.py }
+    params: { advantage: grpo, samples_per_prompt: 2, iterations: 2, batch_size: 2, max_new_tokens: 3, checkpoint_every: 0, rewards: [{ program: { interpreter: [python3], batch_size: 2 } }] }
+"#;
+    p.write("nan.yaml", &arith_manifest(stages));
+    let err = p.fails(&["run", "nan.yaml", "--quiet"]);
+    assert!(err.contains("stage `rl`"), "{err}");
+    assert!(
+        err.contains("reward program `") && err.contains("nan.py"),
+        "{err}"
+    );
+    // The third answer line, the record it answered (FILE:LINE) and the text.
+    assert!(err.contains("answer line 3: not a JSON object"), "{err}");
+    assert!(err.contains("NaN"), "{err}");
+    assert!(
+        err.contains("for record ") && err.contains("(id 2)"),
+        "{err}"
+    );
+    assert!(
+        run_logs(&p).contains("checking 2"),
+        "the program's stderr is in the run log"
+    );
+    // Nothing was committed for the failed stage.
+    let committed = walk(&p.path("cache/records"))
+        .into_iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .any(|r| r.contains("\"stage\":\"rl\"") || r.contains("\"stage\": \"rl\""));
+    assert!(!committed, "a record of the failed stage");
+}
+
+#[test]
+fn ops_ppo_documents_the_reward_sources_and_the_protocol() {
+    let out = Project::new().ok(&["ops", "ppo"]);
+    for needle in [
+        "reward_program",
+        "rewards",
+        "exact_match",
+        "regex",
+        "length",
+        "{id, score}",
+        "{id, scores: {name: value}}",
+        "timeout_s",
+        "stderr goes to the stage log",
+    ] {
+        assert!(
+            out.contains(needle),
+            "`alignflow ops ppo` lacks {needle:?}:\n{out}"
+        );
+    }
+}
