@@ -29,7 +29,8 @@ use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 #[serde(deny_unknown_fields)]
 pub struct AiFeedbackParams {
     /// Feedback questions per forward pass (each is two sequences, one
-    /// ending in ` (A)` and one in ` (B)`).
+    /// ending in ` (A)` and one in ` (B)`), and chain-of-thought rows
+    /// decoding at once (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Distinct feedback principles sampled per pair (seeded by the stage
@@ -361,7 +362,7 @@ impl FeedbackSummary {
 /// The `ai_feedback` op.
 pub const OP: OpDecl = OpDecl {
     name: "ai_feedback",
-    version: 2,
+    version: 3,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
         Port::input("model", "the feedback model folder"),

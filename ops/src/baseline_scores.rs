@@ -29,7 +29,8 @@ pub struct BaselineScoresParams {
     /// The prompt field, its template and the chat template.
     #[serde(flatten)]
     pub prompt: PromptParams,
-    /// Responses sampled and scored per batch.
+    /// Responses decoding at once (continuous batching), and scored per
+    /// pass.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
 }
@@ -56,7 +57,7 @@ fn default_batch_size() -> usize {
 /// The `baseline_scores` op.
 pub const OP: OpDecl = OpDecl {
     name: "baseline_scores",
-    version: 2,
+    version: 3,
     summary: "contrastive-reward baselines: k policy samples per prompt scored by a preference model (for ppo's `baseline`)",
     inputs: &[
         Port::input("policy", "the starting policy folder (the SFT model)"),

@@ -58,7 +58,8 @@ pub struct BestOfNParams {
     /// The prompt field, its template and the chat template.
     #[serde(flatten)]
     pub prompt: PromptParams,
-    /// Sequences per sampling pass, and prompts per scoring pass.
+    /// Sequences decoding at once (continuous batching), and prompts per
+    /// scoring pass.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Use only the first `limit` prompts (none: all).
@@ -145,7 +146,7 @@ impl BestOfNReport {
 /// The `best_of_n` op.
 pub const OP: OpDecl = OpDecl {
     name: "best_of_n",
-    version: 2,
+    version: 3,
     summary: "rejection sampling: n answers per prompt, scored by a PM, the best kept as SFT data",
     inputs: &[
         Port::input("policy", "the LM folder that samples the answers"),

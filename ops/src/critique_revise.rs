@@ -60,7 +60,7 @@ pub struct CritiqueReviseParams {
     /// Most new tokens, temperature, top-k and top-p.
     #[serde(flatten)]
     pub decoding: DecodingParams,
-    /// Records per generation batch.
+    /// Records decoding at once (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Conversation template for records without `prompt_text`; `{prompt}` is replaced by the prompt.
@@ -280,7 +280,7 @@ pub fn cut_at_stop(text: &str) -> String {
 /// The `critique_revise` op.
 pub const OP: OpDecl = OpDecl {
     name: "critique_revise",
-    version: 2,
+    version: 3,
     summary: "SL-CAI: K rounds of critique and revision of each response under sampled constitution principles (batched)",
     inputs: &[
         Port::input("model", "the model folder that critiques and revises"),

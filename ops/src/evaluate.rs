@@ -81,7 +81,8 @@ pub struct EvaluateParams {
     /// same temperature, as `ppo` does (0 and 1: the unscaled distributions).
     #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
-    /// Prompts per sampling / scoring pass (also feedback questions per pass).
+    /// Answers decoding at once (continuous batching), prompts per scoring
+    /// pass (also feedback questions per pass).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Feedback judge: the multiple-choice principle, when no `constitution`
@@ -380,7 +381,7 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
 /// The `evaluate` op.
 pub const OP: OpDecl = OpDecl {
     name: "evaluate",
-    version: 2,
+    version: 3,
     summary: "win rate of a policy against a reference on held-out prompts (PM and/or feedback-model judge, both orders), Wilson CIs, mean reward, KL, lengths",
     inputs: &[
         Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),

@@ -25,7 +25,8 @@ pub struct GenerateParams {
     /// Stop a response when its text contains one of these (the stop string is cut off).
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Prompts per batch.
+    /// Rows (prompt samples) decoding at once: a finished row's place goes
+    /// to the next waiting one (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// The prompt field, its template and the chat template.
@@ -36,7 +37,7 @@ pub struct GenerateParams {
 /// The `generate` op.
 pub const OP: OpDecl = OpDecl {
     name: "generate",
-    version: 2,
+    version: 3,
     summary: "sample n responses per prompt (temperature, top-k, top-p, stop strings; KV cache)",
     inputs: &[
         Port::input("model", "the model folder"),
