@@ -15,6 +15,13 @@ bos = eos = pad = token 0, inputs random tokens in [1, 4096) (seed 0, no padding
   sample      batch 8, prompt 32 random tokens, generate(do_sample=True,
               temperature=1.0, top_k=0, max_new_tokens=96, min_new_tokens=96,
               use_cache=True, pad_token_id=0)                      -> new tokens/s
+  mixed       mixed response lengths: 16 prompts of 32 random tokens, 4
+              samples each (num_return_sequences=4), in calls of 2 prompts
+              (8 rows), do_sample=True, temperature=1.0, top_k=0,
+              max_new_tokens=224, no EOS; row j stops after
+              mixed_length(j) tokens (8 to 224) through a per-row
+              StoppingCriteria; finished rows decode padding until the
+              call's longest row ends (static batching)    -> new tokens/s
 
 Each: 2 warm-up iterations, then --repeats timed; median and all samples.
 One JSON object per section on stdout. peak_rss_mib is ru_maxrss of the whole
@@ -42,6 +49,7 @@ VOCAB, POSITIONS, WIDTH, LAYERS, HEADS = 4096, 256, 256, 4, 4
 SFT_BATCH, SFT_SEQ = 8, 128
 RM_PAIRS, RM_SEQ = 8, 128
 SAMPLE_BATCH, PROMPT, NEW_TOKENS = 8, 32, 96
+MIXED_PROMPTS, MIXED_SAMPLES, MIXED_MAX_NEW = 16, 4, 224
 LR = 1e-4
 WARMUP = 2
 # RSS high-water mark once torch + transformers are imported (before any model)
@@ -141,7 +149,51 @@ def bench_sample(args, device):
             "batch": SAMPLE_BATCH, "prompt": PROMPT, "new_tokens": NEW_TOKENS}, samples
 
 
-SECTIONS = {"sft": bench_sft, "rm": bench_rm, "sample": bench_sample}
+def mixed_length(j):
+    """Row j's length, as worker/benches/workload/mod.rs computes it."""
+    return 8 + (j * 97 + 31) % 217
+
+
+class StopAtLengths(transformers.StoppingCriteria):
+    """Ends each row after its own number of new tokens."""
+
+    def __init__(self, prompt_len, lengths):
+        self.prompt_len, self.lengths = prompt_len, lengths
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids.shape[1] - self.prompt_len) >= self.lengths
+
+
+def bench_mixed(args, device):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config(args.attn)).to(device).eval()
+    model.generation_config.eos_token_id = None  # rows end at their lengths only
+    prompts = tokens((MIXED_PROMPTS, PROMPT), device)
+    per_call = SAMPLE_BATCH // MIXED_SAMPLES
+    rows = MIXED_PROMPTS * MIXED_SAMPLES
+    lengths = [mixed_length(j) for j in range(rows)]
+
+    def gen():
+        for c in range(0, MIXED_PROMPTS, per_call):
+            prompt = prompts[c:c + per_call]
+            want = torch.tensor(lengths[c * MIXED_SAMPLES:(c + per_call) * MIXED_SAMPLES], device=device)
+            stop = transformers.StoppingCriteriaList([StopAtLengths(PROMPT, want)])
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                 temperature=1.0, top_k=0, max_new_tokens=MIXED_MAX_NEW,
+                                 num_return_sequences=MIXED_SAMPLES, stopping_criteria=stop,
+                                 use_cache=True, pad_token_id=0)
+            assert out.shape[1] == PROMPT + int(want.max()), out.shape
+
+    med, samples = timed(gen, args.repeats, device)
+    used = sum(lengths)
+    static = sum(SAMPLE_BATCH * max(lengths[i:i + SAMPLE_BATCH]) for i in range(0, rows, SAMPLE_BATCH))
+    return {"bench": "mixed", "new_tokens_per_s": used / med, "s_per_call": med, "rows": rows,
+            "max_rows": SAMPLE_BATCH, "prompt": PROMPT, "samples_per_prompt": MIXED_SAMPLES,
+            "max_new_tokens": MIXED_MAX_NEW, "new_tokens": used, "prefills": rows,
+            "row_steps": static, "idle_row_fraction": 1 - used / static}, samples
+
+
+SECTIONS = {"sft": bench_sft, "rm": bench_rm, "sample": bench_sample, "mixed": bench_mixed}
 
 
 def main():

@@ -4,9 +4,9 @@
 # then for each section runs alignflow and then the peer, each in its own
 # process (clean peak RSS), and prints a markdown table.
 #
-#   benches/run-model-bench.sh [--repeats N] [--threads N] [sft] [rm] [sample]
+#   benches/run-model-bench.sh [--repeats N] [--threads N] [sft] [rm] [sample] [mixed]
 #
-# No section named: all three. Environment: LIBTORCH (default
+# No section named: all four. Environment: LIBTORCH (default
 # .venv/libtorch) and CARGO_TARGET_DIR are passed to cargo as set; the peer
 # runs on .venv/bin/python (run `make setup` first). Raw JSON lines are kept
 # in $OUT_DIR (default: a temporary folder, printed at the end).
@@ -25,11 +25,11 @@ while (($#)); do
   case "$1" in
     --repeats) REPEATS="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
-    sft|rm|sample) SECTIONS+=("$1"); shift ;;
-    *) echo "usage: $0 [--repeats N] [--threads N] [sft] [rm] [sample]" >&2; exit 2 ;;
+    sft|rm|sample|mixed) SECTIONS+=("$1"); shift ;;
+    *) echo "usage: $0 [--repeats N] [--threads N] [sft] [rm] [sample] [mixed]" >&2; exit 2 ;;
   esac
 done
-((${#SECTIONS[@]})) || SECTIONS=(sft rm sample)
+((${#SECTIONS[@]})) || SECTIONS=(sft rm sample mixed)
 
 OUT_DIR="${OUT_DIR:-$(mktemp -d -t alignflow-model-bench.XXXXXX)}"
 mkdir -p "$OUT_DIR"
@@ -67,6 +67,7 @@ spec = {  # section: (label, throughput key, unit, time key, target ratio)
     "sft_step": ("SFT step", "tokens_per_s", "tokens/s", "s_per_step", 1.0),
     "rm_step": ("RM step", "pairs_per_s", "pairs/s", "s_per_step", 1.0),
     "sampling": ("Sampling", "new_tokens_per_s", "new tokens/s", "s_per_call", 2.0),
+    "mixed": ("Sampling, mixed lengths", "new_tokens_per_s", "new tokens/s", "s_per_call", 3.0),
 }
 print("| section | alignflow median | transformers median | ratio (alignflow / transformers) | "
       "peak RSS alignflow | peak RSS transformers | target (speed; RSS) |")
@@ -81,5 +82,10 @@ for key, (label, tp, unit, tk, target) in spec.items():
     print(f"| {label} | {a[tp]:.1f} {unit} ({a[tk]:.3f} s) | {h[tp]:.1f} {unit} ({h[tk]:.3f} s) "
           f"| {ratio:.2f}x | {a['peak_rss_mib']:.0f} MiB | {h['peak_rss_mib']:.0f} MiB "
           f"| >= {target:g}x: {speed}; <=: {rss} |")
+if "mixed" in af and "mixed" in hf:
+    a, h = af["mixed"], hf["mixed"]
+    print(f"\nMixed lengths: idle-row fraction {h['idle_row_fraction']:.3f} (transformers, static batch) "
+          f"-> {a['idle_row_fraction']:.3f} (alignflow; a static batch would idle "
+          f"{a['static_idle_row_fraction']:.3f}); prompt prefills {h['prefills']} -> {a['prefills']}")
 print(f"\nraw JSON: {out}/alignflow.jsonl, {out}/transformers.jsonl", file=sys.stderr)
 EOF

@@ -33,7 +33,8 @@ pub struct AiFeedbackParams {
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
     /// Feedback questions per forward pass (each is two sequences, one
-    /// ending in ` (A)` and one in ` (B)`).
+    /// ending in ` (A)` and one in ` (B)`), and chain-of-thought rows
+    /// decoding at once (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Distinct feedback principles sampled per pair (seeded by the stage

@@ -33,7 +33,8 @@ pub struct BaselineScoresParams {
     /// The prompt field, its template and the chat template.
     #[serde(flatten)]
     pub prompt: PromptParams,
-    /// Responses sampled and scored per batch.
+    /// Responses decoding at once (continuous batching), and scored per
+    /// pass.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
 }

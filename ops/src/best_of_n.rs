@@ -66,7 +66,8 @@ pub struct BestOfNParams {
     /// The prompt field, its template and the chat template.
     #[serde(flatten)]
     pub prompt: PromptParams,
-    /// Sequences per sampling pass, and prompts per scoring pass.
+    /// Sequences decoding at once (continuous batching), and prompts per
+    /// scoring pass.
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Use only the first `limit` prompts (none: all).

@@ -64,7 +64,7 @@ pub struct CritiqueReviseParams {
     /// Most new tokens, temperature, top-k and top-p.
     #[serde(flatten)]
     pub decoding: DecodingParams,
-    /// Records per generation batch.
+    /// Records decoding at once (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Conversation template for records without `prompt_text`; `{prompt}` is replaced by the prompt.

@@ -94,7 +94,8 @@ pub struct EvaluateParams {
     /// same temperature, as `ppo` does (0 and 1: the unscaled distributions).
     #[serde(default = "crate::defaults::one_f64")]
     pub temperature: f64,
-    /// Prompts per sampling / scoring pass (also feedback questions per pass).
+    /// Answers decoding at once (continuous batching), prompts per scoring
+    /// pass (also feedback questions per pass).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// Feedback judge: the multiple-choice principle, when no `constitution`

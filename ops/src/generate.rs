@@ -29,7 +29,8 @@ pub struct GenerateParams {
     /// Stop a response when its text contains one of these (the stop string is cut off).
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Prompts per batch.
+    /// Rows (prompt samples) decoding at once: a finished row's place goes
+    /// to the next waiting one (continuous batching).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
     /// The prompt field, its template and the chat template.

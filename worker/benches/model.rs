@@ -8,6 +8,10 @@
 //!           -logsigmoid(r_chosen - r_rejected).mean(), backward, AdamW step
 //!   sample  batch 8, prompt 32 random tokens, 96 new tokens, temperature 1,
 //!           top_k 0, no EOS, KV cache (`model::sample::generate`)
+//!   mixed   mixed response lengths: 16 prompts of 32 random tokens, 4
+//!           samples each (64 rows), 8 rows decoding at once, temperature 1,
+//!           top_k 0; row `j` ends after `mixed_length(j)` tokens (8 to 224)
+//!           (`model::sample::sample_requests`, continuous batching)
 //!
 //! Each: 2 warm-ups, then `--repeats` timed; median and all samples. One JSON
 //! line per section, shaped like `benches/peer_hf.py`'s. `peak_rss_mib` is
@@ -17,7 +21,7 @@
 //! optimizer step + zero_grad for the training sections; prefill + first
 //! token, one decoding step (median) and all decoding steps for sampling.
 //!
-//!   cargo bench -p alignflow-worker --bench model -- [--only sft|rm|sample]
+//!   cargo bench -p alignflow-worker --bench model -- [--only sft|rm|sample|mixed]
 //!       [--repeats N] [--threads N] [--device cpu|cuda]
 //!
 //! `--threads` defaults to `ALIGNFLOW_BENCH_THREADS`, else 2.
@@ -33,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 mod workload;
 use workload::*;
 
-use alignflow_worker::model::sample::{generate, SamplingConfig};
+use alignflow_worker::model::sample::{generate, sample_requests, Request, SamplingConfig};
 use alignflow_worker::model::{BuildOptions, Head, Model, ModelConfig};
 use alignflow_worker::ops::training::causal_lm_loss;
 use alignflow_worker::train::{AdamW, AdamWConfig};
@@ -82,8 +86,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--bench" => {}
             "--only" => {
                 let v = value("--only")?;
-                if !["sft", "rm", "sample"].contains(&v.as_str()) {
-                    bail!("--only sft|rm|sample, not {v}");
+                if !["sft", "rm", "sample", "mixed"].contains(&v.as_str()) {
+                    bail!("--only sft|rm|sample|mixed, not {v}");
                 }
                 args.only = Some(v);
             }
@@ -103,7 +107,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--peak-tflops" => args.peak_tflops = Some(value("--peak-tflops")?.parse()?),
             "-h" | "--help" => {
                 println!(
-                    "model bench: [--only sft|rm|sample] [--repeats N] [--threads N] [--device cpu|cuda] [--preset design|gpt2-124m] [--bf16] [--peak-tflops T]"
+                    "model bench: [--only sft|rm|sample|mixed] [--repeats N] [--threads N] [--device cpu|cuda] [--preset design|gpt2-124m] [--bf16] [--peak-tflops T]"
                 );
                 std::process::exit(0);
             }
@@ -279,6 +283,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         eos_token_ids: Vec::new(),
         pad_token_id: 0,
         seed: 0,
+        max_rows: 0,
     };
     tch::manual_seed(0);
     let (med, samples, phases) = timed(a.repeats, a.device, || {
@@ -320,16 +325,77 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     ))
 }
 
+/// Mixed lengths: continuous batching against a static batch's idle rows.
+fn bench_mixed(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
+    let m = model(Head::Lm, a.device)?;
+    let prompt = tokens(&[MIXED_PROMPTS, PROMPT], Device::Cpu);
+    let prompts: Vec<Vec<i64>> = (0..MIXED_PROMPTS)
+        .map(|i| Vec::<i64>::try_from(&prompt.get(i)).expect("prompt ids"))
+        .collect();
+    let requests: Vec<Request<'_>> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            (0..MIXED_SAMPLES).map(move |s| Request {
+                prompt: p,
+                prompt_index: i as u64,
+                sample_index: s as u64,
+            })
+        })
+        .collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: MIXED_MAX_NEW,
+        temperature: 1.0,
+        max_rows: BATCH as usize,
+        ..Default::default()
+    };
+    let lengths: Vec<usize> = (0..requests.len()).map(mixed_length).collect();
+    let new_tokens: usize = lengths.iter().sum();
+    let mut stats = None;
+    let (med, samples, phases) = timed(a.repeats, a.device, || {
+        let t0 = Instant::now();
+        let out = sample_requests(
+            &m.lm,
+            &requests,
+            &cfg,
+            a.device,
+            |r, toks| toks.len() >= lengths[r],
+            |_| Ok(()),
+        )?;
+        let total = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            out.samples.iter().map(|s| s.tokens.len()).sum::<usize>() == new_tokens,
+            "rows did not end at their lengths"
+        );
+        stats = Some(out.stats);
+        Ok((total, vec![]))
+    })?;
+    let stats = stats.expect("timed ran");
+    Ok((
+        json!({"bench": "mixed", "new_tokens_per_s": new_tokens as f64 / med,
+               "s_per_call": med, "rows": requests.len(), "max_rows": BATCH,
+               "prompt": PROMPT, "samples_per_prompt": MIXED_SAMPLES,
+               "max_new_tokens": MIXED_MAX_NEW, "new_tokens": new_tokens,
+               "prefills": stats.prefills, "steps": stats.steps,
+               "row_steps": stats.row_steps,
+               "idle_row_fraction": 1.0 - new_tokens as f64 / stats.row_steps as f64,
+               "static_idle_row_fraction": static_idle_fraction(&lengths, BATCH as usize)}),
+        samples,
+        phases,
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
     tch::set_num_threads(a.threads);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)); // libtorch initialised
     let rss_after_init = vm_hwm_mib();
     type Section = fn(&Args) -> anyhow::Result<(Value, Vec<f64>, Value)>;
-    let sections: [(&str, Section); 3] = [
+    let sections: [(&str, Section); 4] = [
         ("sft", bench_sft),
         ("rm", bench_rm),
         ("sample", bench_sample),
+        ("mixed", bench_mixed),
     ];
     for (name, f) in sections {
         if a.only.as_deref().is_some_and(|o| o != name) {

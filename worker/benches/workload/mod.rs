@@ -14,6 +14,31 @@ pub const HEADS: i64 = 4;
 pub const BATCH: i64 = 8;
 pub const PROMPT: i64 = 32;
 pub const NEW_TOKENS: i64 = 96;
+/// Mixed-length sampling: 16 prompts of `PROMPT` tokens, 4 samples each,
+/// `BATCH` rows decoding at once, up to 224 new tokens (prompt and answer
+/// fill the 256 positions).
+pub const MIXED_PROMPTS: i64 = 16;
+pub const MIXED_SAMPLES: i64 = 4;
+pub const MIXED_MAX_NEW: i64 = 224;
+
+/// The length row `j` of the mixed workload ends at: 8 to 224 tokens, each
+/// length once every 217 rows (97 is prime to 217); `benches/peer_hf.py`
+/// computes the same.
+pub fn mixed_length(j: usize) -> usize {
+    8 + (j * 97 + 31) % 217
+}
+
+/// The share of a static batch's row-steps spent on rows that have
+/// finished: rows in batches of `batch`, each decoding until its longest
+/// row ends.
+pub fn static_idle_fraction(lengths: &[usize], batch: usize) -> f64 {
+    let (mut total, mut used) = (0usize, 0usize);
+    for chunk in lengths.chunks(batch) {
+        total += chunk.len() * chunk.iter().max().copied().unwrap_or(0);
+        used += chunk.iter().sum::<usize>();
+    }
+    1.0 - used as f64 / total.max(1) as f64
+}
 
 /// Waits for the device's queued work (a no-op on the CPU), so clocks
 /// measure the work and not its launch.

@@ -9,6 +9,11 @@ use tch::{Kind, Tensor};
 /// place, so a decoding step costs no copy of the whole past (the naive
 /// concatenation makes generation quadratic in memory traffic).
 ///
+/// In slot mode ([`KvCache::slots`]) each row is a sequence of its own that
+/// joined the batch at its own time: a decoding step writes each row's one
+/// new position at that row's column ([`KvCache::set_columns`]), and the
+/// attention mask hides the columns past it.
+///
 /// # Shapes
 /// Each layer: `[batch, kv_heads, len, head_dim]`.
 #[derive(Debug, Default)]
@@ -16,6 +21,10 @@ pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: i64,
     capacity: Option<i64>,
+    /// Slot mode: `[batch, 1, 1, 1]` int64, the column each row writes next.
+    columns: Option<Tensor>,
+    /// Slot mode: rows of the buffers.
+    slot_rows: i64,
 }
 
 impl KvCache {
@@ -25,7 +34,59 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             capacity: None,
+            columns: None,
+            slot_rows: 0,
         }
+    }
+
+    /// A slot-mode cache: `rows` sequences of up to `capacity` positions
+    /// each; the buffers are allocated on the first write.
+    pub fn slots(num_layers: i64, rows: i64, capacity: i64) -> KvCache {
+        KvCache {
+            capacity: Some(capacity),
+            slot_rows: rows,
+            ..KvCache::new(num_layers)
+        }
+    }
+
+    /// Keys and values of layer `layer` as they are held (in slot mode the
+    /// whole buffers; otherwise the cached positions).
+    pub fn buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers[layer].as_ref().map(|(k, v)| (k, v))
+    }
+
+    /// Slot mode: writes a prompt's keys and values `k`, `v`
+    /// (`[kv_heads, len, head_dim]`) into the first `len` columns of row
+    /// `slot`, whatever that row held before.
+    pub fn write_slot(&mut self, layer: usize, slot: i64, k: &Tensor, v: &Tensor) {
+        let len = k.size()[1];
+        let (kb, vb) = self.slot_buffers(layer, k);
+        kb.get(slot).narrow(1, 0, len).copy_(k);
+        vb.get(slot).narrow(1, 0, len).copy_(v);
+    }
+
+    /// Slot mode: layer `layer`'s buffers, allocated like `k` (`[.., kv_heads,
+    /// len, head_dim]`) when missing.
+    fn slot_buffers(&mut self, layer: usize, k: &Tensor) -> &mut (Tensor, Tensor) {
+        let (rows, capacity) = (self.slot_rows, self.capacity.expect("slot mode"));
+        self.layers[layer].get_or_insert_with(|| {
+            let dims = k.size();
+            let shape = [rows, dims[dims.len() - 3], capacity, dims[dims.len() - 1]];
+            let zeros = || Tensor::zeros(shape, (k.kind(), k.device()));
+            (zeros(), zeros())
+        })
+    }
+
+    /// Slot mode: the next step writes row `i` at column `columns[i]` and
+    /// attends over the first `max(columns) + 1` columns.
+    pub fn set_columns(&mut self, columns: &[i64], device: tch::Device) {
+        let rows = columns.len() as i64;
+        self.len = columns.iter().max().map_or(0, |c| c + 1);
+        self.columns = Some(
+            Tensor::from_slice(columns)
+                .to_device(device)
+                .view([rows, 1, 1, 1]),
+        );
     }
 
     /// A cache with room for `capacity` positions, allocated on first use.
@@ -48,6 +109,14 @@ impl KvCache {
     /// Appends this step's keys and values for `layer`, returning all of them.
     /// The last layer's append advances the length.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        if let Some(columns) = self.columns.as_ref().map(Tensor::shallow_clone) {
+            let len = self.len;
+            let (kb, vb) = self.slot_buffers(layer, &k);
+            let index = columns.expand(k.size().as_slice(), false);
+            let _ = kb.scatter_(2, &index, &k);
+            let _ = vb.scatter_(2, &index, &v);
+            return (kb.narrow(2, 0, len), vb.narrow(2, 0, len));
+        }
         let t = k.size()[2];
         let end = self.len + t;
         let out = match (self.layers[layer].take(), self.capacity) {
@@ -89,6 +158,7 @@ impl KvCache {
 
     /// Keeps only the rows in `index` (drops finished sequences).
     pub fn select_rows(&mut self, index: &Tensor) {
+        self.slot_rows = index.size()[0];
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(0, index);
             *v = v.index_select(0, index);

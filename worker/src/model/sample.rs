@@ -1,12 +1,25 @@
-//! Batched sampling with a key/value cache: temperature (0 is greedy),
-//! top-k, top-p, EOS, stop conditions, left padding. Returns the new tokens
-//! and their log-probabilities under the model (temperature 1, no
-//! filtering: what a full forward pass gives, and what PPO's ratio needs).
+//! Sampling with continuous batching: temperature (0 is greedy), top-k,
+//! top-p, EOS, stop conditions. Returns the new tokens and their
+//! log-probabilities under the model (temperature 1, no filtering: what a
+//! full forward pass gives, and what PPO's ratio needs).
 //!
-//! Draws come from a ChaCha generator seeded per call, not from torch's
-//! process-global generator: samples depend on the seed alone, whatever
-//! else runs in the process, and are the same on CPU and CUDA up to the
-//! rounding of the cumulative sums.
+//! At most [`SamplingConfig::max_rows`] rows decode at once. A row that
+//! finishes (EOS, stop, length) leaves the batch at once and the next
+//! waiting request takes its slot of the key/value cache (slot mode of
+//! [`KvCache`]: each row writes at its own column, so no row decodes
+//! padding); when nothing waits, the batch is compacted. The samples of one
+//! prompt share one prefill: the prompt's keys and values are computed once
+//! and copied into each of its rows.
+//!
+//! Draws come from a ChaCha generator per row, seeded with the call's seed
+//! and set to the stream of the row's (prompt index, sample index), not from
+//! torch's process-global generator: a row's tokens depend on the seed, its
+//! prompt and its indices alone, whatever else is in the batch or the
+//! process, and are the same on CPU and CUDA up to the rounding of the
+//! cumulative sums. Prompt 0's sample 0 draws from the seed's stream 0, as
+//! a one-prompt call did before rows had streams of their own.
+
+use std::collections::HashMap;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -30,8 +43,10 @@ pub struct SamplingConfig {
     /// checkpoint's generation config); empty: only the length ends rows.
     pub eos_token_ids: Vec<i64>,
     pub pad_token_id: i64,
-    /// Seed of the sampling generator.
+    /// Seed of the rows' generators (each row draws from its own stream).
     pub seed: u64,
+    /// Rows decoding at once (0: every request at once).
+    pub max_rows: usize,
 }
 
 impl Default for SamplingConfig {
@@ -45,6 +60,7 @@ impl Default for SamplingConfig {
             eos_token_ids: Vec::new(),
             pad_token_id: 0,
             seed: 0,
+            max_rows: 0,
         }
     }
 }
@@ -98,102 +114,374 @@ pub fn left_pad(rows: &[Vec<i64>], pad: i64, device: Device) -> (Tensor, Tensor)
     )
 }
 
-/// Samples continuations of `prompts` (token ids, not padded). `stop`
-/// is asked after each token whether a row's text so far should stop (stop
-/// strings); it sees the row index and its new tokens. Samples are a
-/// function of `cfg.seed`.
+/// One row to sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Token ids, not padded; at least one.
+    pub prompt: &'a [i64],
+    /// The prompt's index in the stage and which of its samples the row
+    /// is: with the seed they choose the row's random stream.
+    pub prompt_index: u64,
+    pub sample_index: u64,
+}
+
+/// What a sampling call computed, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SamplerStats {
+    /// Prompt forwards: one per distinct prompt, whatever its samples.
+    pub prefills: usize,
+    /// Decoding steps (forwards of the batch).
+    pub steps: u64,
+    /// Rows of the batch summed over the steps: every one yields a token,
+    /// so `row_steps` minus the new tokens is the idle rows' work (none).
+    pub row_steps: u64,
+}
+
+/// The samples of a call, in the order of its requests.
+#[derive(Debug)]
+pub struct Sampled {
+    pub samples: Vec<Sample>,
+    pub stats: SamplerStats,
+}
+
+/// Samples continuations of `prompts` (token ids, not padded), row `j`
+/// being prompt index `j`, sample 0 (see [`sample_requests`]), every row
+/// at once unless `cfg.max_rows` says otherwise.
 pub fn generate(
     model: &Transformer,
     prompts: &[Vec<i64>],
     cfg: &SamplingConfig,
     device: Device,
-    mut stop: impl FnMut(usize, &[i64]) -> bool,
+    stop: impl FnMut(usize, &[i64]) -> bool,
 ) -> Vec<Sample> {
+    let requests = rows_of(prompts);
+    sample_requests(model, &requests, cfg, device, stop, |_| Ok(()))
+        .expect("no hook fails")
+        .samples
+}
+
+/// Row `j` of `prompts` as prompt index `j`, sample 0.
+pub fn rows_of(prompts: &[Vec<i64>]) -> Vec<Request<'_>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(j, p)| Request {
+            prompt: p,
+            prompt_index: j as u64,
+            sample_index: 0,
+        })
+        .collect()
+}
+
+/// A row decoding in a slot of the batch.
+struct Slot {
+    request: usize,
+    /// The token the next step feeds: the prompt's last, then each sampled
+    /// one.
+    pending: i64,
+    /// The cache column (and position) the next step writes: slots hold
+    /// their prompt's real tokens from column 0, no padding.
+    column: i64,
+    rng: ChaCha8Rng,
+    sample: Sample,
+}
+
+/// The requests sharing one prompt and, while some of them wait, its
+/// cached keys and values (`[kv_heads, len - 1, head_dim]` per layer).
+struct Group {
+    /// A request with this prompt.
+    first: usize,
+    waiting: usize,
+    kv: Option<Vec<(Tensor, Tensor)>>,
+}
+
+/// Samples every request with continuous batching (see the module doc).
+/// `stop` is asked after each token whether a row's text so far should
+/// stop (stop strings); it sees the request's index and its new tokens.
+/// `finished` hears how many rows have finished each time one does; an
+/// error from it (a cancelled stage) ends the call.
+pub fn sample_requests(
+    model: &Transformer,
+    requests: &[Request<'_>],
+    cfg: &SamplingConfig,
+    device: Device,
+    mut stop: impl FnMut(usize, &[i64]) -> bool,
+    mut finished: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Sampled> {
+    anyhow::ensure!(
+        requests.iter().all(|r| !r.prompt.is_empty()),
+        "sampling needs a token in every prompt"
+    );
+    let mut out: Vec<Option<Sample>> = vec![None; requests.len()];
+    let mut stats = SamplerStats::default();
+    if cfg.max_new_tokens <= 0 || requests.is_empty() {
+        let empty = Sample {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Finish::Length,
+        };
+        return Ok(Sampled {
+            samples: vec![empty; requests.len()],
+            stats,
+        });
+    }
     tch::no_grad(|| {
-        let b = prompts.len();
         // The weights stay fixed for the whole call: pack them once.
         let _packing = model.packed(8);
-        let (ids, mut mask) = left_pad(prompts, cfg.pad_token_id, device);
-        let prompt_len = ids.size()[1];
-        let mut cache =
-            KvCache::with_capacity(model.cfg.num_layers, prompt_len + cfg.max_new_tokens);
-        let positions = positions_from_mask(&mask);
-        let mut next_pos = positions.select(1, -1) + 1; // [b]
-                                                        // Rows never gain padding while decoding: an unpadded batch decodes
-                                                        // with no mask at all; a padded one only masks its keys.
-        let padded = mask.min().int64_value(&[]) == 0;
-        let hidden = model.hidden(&ids, &positions, &mask, Some(&mut cache), false);
-        let mut logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float); // [b, V]
-
-        let mut out: Vec<Sample> = (0..b)
-            .map(|_| Sample {
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                finish: Finish::Length,
+        let max_rows = match cfg.max_rows {
+            0 => requests.len(),
+            n => n.min(requests.len()),
+        };
+        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let mut cache = KvCache::slots(
+            model.cfg.num_layers,
+            max_rows as i64,
+            longest as i64 + cfg.max_new_tokens,
+        );
+        let mut group_of: HashMap<&[i64], usize> = HashMap::new();
+        let mut groups: Vec<Group> = Vec::new();
+        let request_group: Vec<usize> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let g = *group_of.entry(r.prompt).or_insert_with(|| {
+                    groups.push(Group {
+                        first: i,
+                        waiting: 0,
+                        kv: None,
+                    });
+                    groups.len() - 1
+                });
+                groups[g].waiting += 1;
+                g
             })
             .collect();
-        let mut active = vec![true; b];
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        for step in 0..cfg.max_new_tokens {
-            let mut scores = logits.shallow_clone();
-            if !cfg.eos_token_ids.is_empty() && step < cfg.min_new_tokens {
-                scores = scores.index_fill(
-                    1,
-                    &Tensor::from_slice(&cfg.eos_token_ids).to_device(device),
-                    f64::NEG_INFINITY,
-                );
-            }
-            let next = pick(&scores, cfg, &mut rng); // [b]
-                                                     // log_softmax is one fused kernel; logsumexp is several ops
-                                                     // (measured 2-3x slower on a [8, 4096] step).
-            let chosen_lp = logits
-                .log_softmax(-1, Kind::Float)
-                .gather(1, &next.unsqueeze(1), false)
-                .squeeze_dim(1);
-            let next_v: Vec<i64> = Vec::<i64>::try_from(&next).expect("token ids");
-            let lp_v: Vec<f32> = Vec::<f32>::try_from(&chosen_lp).expect("log-probs");
-            let mut tokens = next_v.clone();
-            for i in 0..b {
-                if !active[i] {
-                    tokens[i] = cfg.pad_token_id;
-                    continue;
+        let eos = (!cfg.eos_token_ids.is_empty())
+            .then(|| Tensor::from_slice(&cfg.eos_token_ids).to_device(device));
+        let mut slots: Vec<Option<Slot>> = (0..max_rows).map(|_| None).collect();
+        let (mut next, mut done) = (0usize, 0usize);
+        loop {
+            // Waiting requests take the free slots.
+            let admitted: Vec<(usize, usize)> = (0..slots.len())
+                .filter(|&i| slots[i].is_none())
+                .zip(next..requests.len())
+                .collect();
+            next += admitted.len();
+            let need: Vec<usize> = admitted
+                .iter()
+                .map(|&(_, r)| request_group[r])
+                .filter(|&g| groups[g].kv.is_none() && requests[groups[g].first].prompt.len() > 1)
+                .collect();
+            stats.prefills += prefill(
+                model,
+                requests,
+                &mut groups,
+                &need,
+                cfg.pad_token_id,
+                device,
+            );
+            for &(slot, r) in &admitted {
+                let g = request_group[r];
+                if let Some(kv) = &groups[g].kv {
+                    for (layer, (k, v)) in kv.iter().enumerate() {
+                        cache.write_slot(layer, slot as i64, k, v);
+                    }
                 }
-                out[i].tokens.push(next_v[i]);
-                out[i].logprobs.push(lp_v[i]);
-                if cfg.eos_token_ids.contains(&next_v[i]) {
-                    active[i] = false;
-                    out[i].finish = Finish::Eos;
-                } else if stop(i, &out[i].tokens) {
-                    active[i] = false;
-                    out[i].finish = Finish::Stop;
+                groups[g].waiting -= 1;
+                if groups[g].waiting == 0 {
+                    groups[g].kv = None;
                 }
+                slots[slot] = Some(new_slot(cfg.seed, r, &requests[r]));
             }
-            if !active.iter().any(|a| *a) || step + 1 == cfg.max_new_tokens {
+            // Nothing waits: the finished rows' slots go.
+            if slots.iter().any(Option::is_none) {
+                let keep: Vec<i64> = (0..slots.len() as i64)
+                    .filter(|&i| slots[i as usize].is_some())
+                    .collect();
+                cache.select_rows(&Tensor::from_slice(&keep).to_device(device));
+                slots.retain(Option::is_some);
+            }
+            if slots.is_empty() {
                 break;
             }
-            let step_ids = Tensor::from_slice(&tokens)
-                .view([b as i64, 1])
-                .to_device(device);
-            let attn = if padded {
-                mask = Tensor::cat(
-                    &[&mask, &Tensor::ones([b as i64, 1], (Kind::Int64, device))],
-                    1,
-                );
-                Mask::Explicit(mask.to_kind(Kind::Bool).view([b as i64, 1, 1, -1]))
+            let live: Vec<&mut Slot> = slots.iter_mut().flatten().collect();
+            let logits = decode_step(model, &mut cache, &live, device);
+            stats.steps += 1;
+            stats.row_steps += live.len() as u64;
+            let mut scores = logits.shallow_clone();
+            if let Some(eos) = &eos {
+                let young: Vec<i64> = (0..live.len() as i64)
+                    .filter(|&i| (live[i as usize].sample.tokens.len() as i64) < cfg.min_new_tokens)
+                    .collect();
+                if !young.is_empty() {
+                    let rows = Tensor::from_slice(&young).to_device(device);
+                    let blocked =
+                        scores
+                            .index_select(0, &rows)
+                            .index_fill(1, eos, f64::NEG_INFINITY);
+                    scores = scores.index_copy(0, &rows, &blocked);
+                }
+            }
+            let mut live = live;
+            let uniforms: Vec<f32> = if cfg.temperature > 0.0 {
+                live.iter_mut().map(|s| uniform(&mut s.rng)).collect()
             } else {
-                Mask::None
+                Vec::new()
             };
-            let pos = next_pos.view([b as i64, 1]);
-            let hidden = model.hidden_masked(&step_ids, &pos, &attn, Some(&mut cache), false);
-            logits = model.logits(&hidden.select(1, -1)).to_kind(Kind::Float);
-            next_pos += 1;
+            let next_tokens = pick(&scores, cfg, &uniforms); // [b]
+                                                             // log_softmax is one fused kernel; logsumexp is several ops
+                                                             // (measured 2-3x slower on a [8, 4096] step).
+            let chosen_lp = logits
+                .log_softmax(-1, Kind::Float)
+                .gather(1, &next_tokens.unsqueeze(1), false)
+                .squeeze_dim(1);
+            let tokens = Vec::<i64>::try_from(&next_tokens).expect("token ids");
+            let lps = Vec::<f32>::try_from(&chosen_lp).expect("log-probs");
+            for ((s, &tok), &lp) in live.iter_mut().zip(&tokens).zip(&lps) {
+                s.sample.tokens.push(tok);
+                s.sample.logprobs.push(lp);
+                s.pending = tok;
+                s.column += 1;
+                if cfg.eos_token_ids.contains(&tok) {
+                    s.sample.finish = Finish::Eos;
+                } else if stop(s.request, &s.sample.tokens) {
+                    s.sample.finish = Finish::Stop;
+                } else if s.sample.tokens.len() as i64 >= cfg.max_new_tokens {
+                    s.sample.finish = Finish::Length;
+                } else {
+                    continue;
+                }
+                // Marked finished by a column past the end; taken out below.
+                s.column = -1;
+            }
+            for slot in slots.iter_mut() {
+                if slot.as_ref().is_some_and(|s| s.column < 0) {
+                    let s = slot.take().expect("a finished row");
+                    out[s.request] = Some(s.sample);
+                    done += 1;
+                    finished(done)?;
+                }
+            }
         }
-        out
+        Ok(Sampled {
+            samples: out
+                .into_iter()
+                .map(|s| s.expect("every request sampled"))
+                .collect(),
+            stats,
+        })
     })
 }
 
+/// A fresh slot for request `r`: the prompt's last token is fed by the
+/// first decoding step, after the others were prefilled.
+fn new_slot(seed: u64, r: usize, request: &Request<'_>) -> Slot {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream(request.prompt_index, request.sample_index));
+    let len = request.prompt.len() as i64;
+    Slot {
+        request: r,
+        pending: request.prompt[request.prompt.len() - 1],
+        column: len - 1,
+        rng,
+        sample: Sample {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Finish::Length,
+        },
+    }
+}
+
+/// The random stream of sample `sample` of prompt `prompt`: prompt 0's
+/// sample 0 is stream 0.
+fn stream(prompt: u64, sample: u64) -> u64 {
+    (prompt << 32) ^ sample
+}
+
+/// One uniform in [0, 1): 24 random bits, exact in f32, and below 1.
+fn uniform(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u32 << 24) as f32
+}
+
+/// Prefills the prompts of `need` (each prompt but its last token, in one
+/// left-padded batch) and keeps each one's keys and values in its group.
+/// Returns how many prompts it ran.
+fn prefill(
+    model: &Transformer,
+    requests: &[Request<'_>],
+    groups: &mut [Group],
+    need: &[usize],
+    pad: i64,
+    device: Device,
+) -> usize {
+    let mut distinct: Vec<usize> = need.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.is_empty() {
+        return 0;
+    }
+    let heads: Vec<Vec<i64>> = distinct
+        .iter()
+        .map(|&g| {
+            let p = requests[groups[g].first].prompt;
+            p[..p.len() - 1].to_vec()
+        })
+        .collect();
+    let (ids, mask) = left_pad(&heads, pad, device);
+    let positions = positions_from_mask(&mask);
+    let mut cache = KvCache::new(model.cfg.num_layers);
+    let _ = model.hidden(&ids, &positions, &mask, Some(&mut cache), false);
+    let width = ids.size()[1];
+    for (row, (&g, head)) in distinct.iter().zip(&heads).enumerate() {
+        let len = head.len() as i64;
+        let kv = (0..model.cfg.num_layers as usize)
+            .map(|layer| {
+                let (k, v) = cache.buffers(layer).expect("prefilled layer");
+                let take = |t: &Tensor| t.get(row as i64).narrow(1, width - len, len);
+                (take(k), take(v))
+            })
+            .collect();
+        groups[g].kv = Some(kv);
+    }
+    distinct.len()
+}
+
+/// Feeds each live row its pending token and returns the next logits.
+///
+/// # Shapes
+/// -> `[rows, vocab]` float32.
+fn decode_step(
+    model: &Transformer,
+    cache: &mut KvCache,
+    live: &[&mut Slot],
+    device: Device,
+) -> Tensor {
+    let rows = live.len() as i64;
+    let columns: Vec<i64> = live.iter().map(|s| s.column).collect();
+    let pending: Vec<i64> = live.iter().map(|s| s.pending).collect();
+    cache.set_columns(&columns, device);
+    let width = cache.len();
+    let ids = Tensor::from_slice(&pending)
+        .to_device(device)
+        .view([rows, 1]);
+    let positions = Tensor::from_slice(&columns)
+        .to_device(device)
+        .view([rows, 1]);
+    // Rows level with each other see every key; otherwise each row's keys
+    // end at its own column.
+    let attn = if columns.iter().all(|&c| c + 1 == width) {
+        Mask::None
+    } else {
+        let keys = Tensor::arange(width, (Kind::Int64, device)).view([1, width]);
+        Mask::Explicit(keys.le_tensor(&positions).view([rows, 1, 1, width]))
+    };
+    let hidden = model.hidden_masked(&ids, &positions, &attn, Some(cache), false);
+    model.logits(&hidden.select(1, -1)).to_kind(Kind::Float)
+}
+
 /// One token per row from `scores` `[b, V]`.
-fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
+/// `uniforms`: one per row in [0, 1) (unused when greedy).
+fn pick(scores: &Tensor, cfg: &SamplingConfig, uniforms: &[f32]) -> Tensor {
     if cfg.temperature <= 0.0 {
         return scores.argmax(-1, false);
     }
@@ -221,17 +509,246 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> Tensor {
     }
     // Inverse-CDF sampling with our own uniforms: the first token whose
     // cumulative probability exceeds u * total.
-    let b = s.size()[0];
     let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-    // 24 random bits: exact in f32, and below 1.
-    let uniforms: Vec<f32> = (0..b)
-        .map(|_| (rng.next_u64() >> 40) as f32 / (1u32 << 24) as f32)
-        .collect();
-    let u = Tensor::from_slice(&uniforms)
+    let u = Tensor::from_slice(uniforms)
         .to_device(s.device())
         .unsqueeze(1)
         * cdf.narrow(1, vocab - 1, 1);
     u.searchsorted::<Tensor>(&cdf, false, true, "right", None)
         .clamp_max(vocab - 1)
         .squeeze_dim(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BuildOptions, Head, Model, ModelConfig};
+
+    /// Tiny random GPT-2 and Llama (grouped-query attention, untied head).
+    fn tiny_models() -> Vec<(&'static str, Model)> {
+        let _rng = crate::testing::torch_rng();
+        tch::manual_seed(3);
+        let options = BuildOptions::new(Device::Cpu, Head::Lm);
+        let gpt2 = ModelConfig::gpt2_json(64, 64, 32, 2, 4, 5, 0.0);
+        let llama = ModelConfig::llama_json(64, 64, 32, 2, 4, 2, 64, 5, false);
+        [("gpt2", gpt2), ("llama", llama)]
+            .into_iter()
+            .map(|(name, json)| {
+                let cfg = ModelConfig::from_json(json).expect("tiny config");
+                (name, Model::init(&cfg, &options))
+            })
+            .collect()
+    }
+
+    /// Greedy, and sampling with temperature, top-k and top-p; two EOS ids
+    /// that cannot end a row before its third token.
+    fn configs() -> Vec<SamplingConfig> {
+        let base = SamplingConfig {
+            max_new_tokens: 12,
+            min_new_tokens: 3,
+            eos_token_ids: vec![5, 17],
+            pad_token_id: 0,
+            seed: 7,
+            ..Default::default()
+        };
+        vec![
+            SamplingConfig {
+                temperature: 0.0,
+                ..base.clone()
+            },
+            SamplingConfig {
+                temperature: 0.8,
+                top_k: 10,
+                ..base.clone()
+            },
+            SamplingConfig {
+                temperature: 1.0,
+                top_p: 0.9,
+                ..base
+            },
+        ]
+    }
+
+    /// Prompts of mixed lengths (one of a single token, which needs no
+    /// prefill), each sampled three times.
+    fn prompts() -> Vec<Vec<i64>> {
+        vec![
+            vec![3, 9, 4, 11, 7, 2, 30],
+            vec![8],
+            vec![12, 40, 41],
+            vec![2, 2, 60, 33, 14, 9, 9, 1, 50, 6],
+            vec![21, 22],
+        ]
+    }
+
+    fn requests(prompts: &[Vec<i64>], n: u64) -> Vec<Request<'_>> {
+        prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                (0..n).map(move |s| Request {
+                    prompt: p,
+                    prompt_index: i as u64,
+                    sample_index: s,
+                })
+            })
+            .collect()
+    }
+
+    /// Ends request `r` after `3 + r % 7` tokens, so rows end at mixed times.
+    fn stop_at(r: usize, tokens: &[i64]) -> bool {
+        tokens.len() >= 3 + r % 7
+    }
+
+    /// The row decoded alone with no cache: a full forward over prompt and
+    /// tokens so far at each step, drawing from the row's own stream.
+    fn alone_without_cache(
+        model: &Transformer,
+        r: usize,
+        req: &Request<'_>,
+        cfg: &SamplingConfig,
+    ) -> Sample {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        rng.set_stream(stream(req.prompt_index, req.sample_index));
+        let mut seq = req.prompt.to_vec();
+        let mut out = Sample {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Finish::Length,
+        };
+        let eos = Tensor::from_slice(&cfg.eos_token_ids);
+        tch::no_grad(|| loop {
+            let ids = Tensor::from_slice(&seq).view([1, -1]);
+            let logits = model
+                .forward(&ids, &ids.ones_like(), false)
+                .select(1, -1)
+                .to_kind(Kind::Float);
+            let mut scores = logits.shallow_clone();
+            if (out.tokens.len() as i64) < cfg.min_new_tokens {
+                scores = scores.index_fill(1, &eos, f64::NEG_INFINITY);
+            }
+            let u: Vec<f32> = match cfg.temperature > 0.0 {
+                true => vec![uniform(&mut rng)],
+                false => Vec::new(),
+            };
+            let tok = pick(&scores, cfg, &u).int64_value(&[0]);
+            let lp = logits.log_softmax(-1, Kind::Float).double_value(&[0, tok]);
+            out.tokens.push(tok);
+            out.logprobs.push(lp as f32);
+            seq.push(tok);
+            if cfg.eos_token_ids.contains(&tok) {
+                out.finish = Finish::Eos;
+            } else if stop_at(r, &out.tokens) {
+                out.finish = Finish::Stop;
+            } else if out.tokens.len() as i64 >= cfg.max_new_tokens {
+                out.finish = Finish::Length;
+            } else {
+                continue;
+            }
+            return out;
+        })
+    }
+
+    fn assert_same(name: &str, what: &str, got: &[Sample], want: &[Sample]) {
+        assert_eq!(got.len(), want.len());
+        for (r, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "{name} {what}: request {r}");
+            assert_eq!(g.finish, w.finish, "{name} {what}: request {r}");
+            for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{name} {what}: request {r}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_row_samples_the_same_tokens_whatever_the_batch() {
+        let prompts = prompts();
+        let reqs = requests(&prompts, 3);
+        for (name, model) in tiny_models() {
+            for cfg in configs() {
+                let what = format!(
+                    "temperature {} top_k {} top_p {}",
+                    cfg.temperature, cfg.top_k, cfg.top_p
+                );
+                let alone: Vec<Sample> = reqs
+                    .iter()
+                    .enumerate()
+                    .map(|(r, q)| alone_without_cache(&model.lm, r, q, &cfg))
+                    .collect();
+                // One row at a time through the sampler, then batches of
+                // 4 (rows leave and waiting ones join), then all at once;
+                // and the requests in another order.
+                for max_rows in [1, 4, 0] {
+                    let cfg = SamplingConfig {
+                        max_rows,
+                        ..cfg.clone()
+                    };
+                    let got =
+                        sample_requests(&model.lm, &reqs, &cfg, Device::Cpu, stop_at, |_| Ok(()))
+                            .unwrap()
+                            .samples;
+                    assert_same(name, &format!("{what} max_rows {max_rows}"), &got, &alone);
+                }
+                let reversed: Vec<Request<'_>> = reqs.iter().rev().copied().collect();
+                let n = reqs.len();
+                let cfg4 = SamplingConfig {
+                    max_rows: 4,
+                    ..cfg.clone()
+                };
+                let got = sample_requests(
+                    &model.lm,
+                    &reversed,
+                    &cfg4,
+                    Device::Cpu,
+                    |r, t| stop_at(n - 1 - r, t),
+                    |_| Ok(()),
+                )
+                .unwrap()
+                .samples;
+                let got: Vec<Sample> = got.into_iter().rev().collect();
+                assert_same(name, &format!("{what} reversed"), &got, &alone);
+                if cfg.temperature > 0.0 {
+                    assert!(
+                        alone.chunks(3).any(|s| s[0].tokens != s[1].tokens),
+                        "{name} {what}: the samples of a prompt differ"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn samples_of_a_prompt_share_one_prefill_and_finished_rows_leave() {
+        let prompts = prompts();
+        let reqs = requests(&prompts, 3);
+        let (_, model) = tiny_models().remove(0);
+        let cfg = SamplingConfig {
+            max_rows: 4,
+            ..configs().remove(1)
+        };
+        let mut finished = Vec::new();
+        let out = sample_requests(&model.lm, &reqs, &cfg, Device::Cpu, stop_at, |done| {
+            finished.push(done);
+            Ok(())
+        })
+        .unwrap();
+        // Four prompts have more than one token (the one-token prompt
+        // needs no prefill); batches of 4 split the 3 samples of a prompt
+        // across admissions, and its keys wait for the later ones.
+        assert_eq!(out.stats.prefills, 4);
+        let tokens: usize = out.samples.iter().map(|s| s.tokens.len()).sum();
+        // Every row of every step yields a token: no row decodes padding.
+        assert_eq!(out.stats.row_steps, tokens as u64);
+        assert!(out.stats.row_steps <= out.stats.steps * 4);
+        assert_eq!(finished, (1..=reqs.len()).collect::<Vec<_>>());
+        // A failing hook ends the call with its error.
+        let err = sample_requests(&model.lm, &reqs, &cfg, Device::Cpu, stop_at, |_| {
+            anyhow::bail!("cancelled")
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "cancelled");
+    }
 }

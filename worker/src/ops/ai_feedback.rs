@@ -16,12 +16,11 @@ use alignflow_ops::data::{Constitution, FeedbackPrinciple, JsonlWriter};
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{AiFeedbackParams, ChatFormat, StageContext};
-use tch::Device;
 
 use super::load;
-use super::sampling::{batch_seed, decode_answer, sampling_config};
+use super::sampling::{decode_answer, sample_prompts, sampling_config};
 use super::scoring::ask_questions;
-use crate::model::sample::{generate, SamplingConfig};
+use crate::model::sample::SamplingConfig;
 use crate::model::{self, Model};
 
 /// One question: pair `pair`, its `slot`-th principle, in one order.
@@ -67,15 +66,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         .map_err(|e| anyhow::anyhow!("stage `{stage}`: {e:#}"))?;
     let rendered = chat.is_some();
     if p.chain_of_thought {
-        reason(
-            ctx,
-            &p,
-            &model,
-            &tokenizer,
-            &mut questions,
-            rendered,
-            device,
-        )?;
+        reason(ctx, &p, &model, &tokenizer, &mut questions, rendered)?;
     }
     let texts: Vec<&str> = questions.iter().map(|q| q.text.as_str()).collect();
     let (mut probs, truncated) = ask_questions(
@@ -251,10 +242,10 @@ fn reason(
     tokenizer: &Tokenizer,
     questions: &mut [Question],
     rendered: bool,
-    device: Device,
 ) -> anyhow::Result<()> {
     let cfg = SamplingConfig {
         seed: ctx.spec.seed,
+        max_rows: p.batch_size.max(1),
         ..sampling_config(tokenizer, model, p.max_new_tokens, p.temperature)
     };
     // Room for the reasoning; over-long prompts keep their end.
@@ -264,38 +255,27 @@ fn reason(
         p.max_new_tokens,
     )?;
     let cue = ANSWER_CUE.trim_end_matches(':');
-    let total = questions.len() as u64;
-    let mut done = 0u64;
-    for (n, chunk) in questions.chunks_mut(p.batch_size.max(1)).enumerate() {
-        ctx.cancel.check()?;
-        let mut prompts = Vec::with_capacity(chunk.len());
-        for q in chunk.iter() {
-            // A rendered chat template writes its own BOS.
-            let mut ids = match rendered {
-                true => tokenizer.encode(&q.text)?,
-                false => tokenizer.encode_start(&q.text)?,
-            };
-            let cut = ids.len().saturating_sub(budget);
-            tokenizer.cut_start(&mut ids, cut);
-            prompts.push(ids);
-        }
-        let stop = |_: usize, toks: &[i64]| tokenizer.decode(toks).is_ok_and(|t| t.contains(cue));
-        // Each batch draws from its own stream of the stage's seed.
-        let cfg = SamplingConfig {
-            seed: batch_seed(ctx.spec.seed, n),
-            ..cfg.clone()
+    let mut prompts = Vec::with_capacity(questions.len());
+    for q in questions.iter() {
+        // A rendered chat template writes its own BOS.
+        let mut ids = match rendered {
+            true => tokenizer.encode(&q.text)?,
+            false => tokenizer.encode_start(&q.text)?,
         };
-        let samples = generate(&model.lm, &prompts, &cfg, device, stop);
-        for (q, s) in chunk.iter_mut().zip(samples) {
-            let mut text = decode_answer(tokenizer, &s)?;
-            if let Some(cut) = text.find(cue) {
-                text.truncate(cut);
-            }
-            q.text = cot_answer_prompt(&q.text, &text);
-            q.reasoning = Some(text.trim_end().to_string());
+        let cut = ids.len().saturating_sub(budget);
+        tokenizer.cut_start(&mut ids, cut);
+        prompts.push(ids);
+    }
+    let stop = |_: usize, toks: &[i64]| tokenizer.decode(toks).is_ok_and(|t| t.contains(cue));
+    let ids: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+    let sampled = sample_prompts(ctx, &model.lm, &ids, 1, &cfg, stop, "reasoning")?;
+    for (q, s) in questions.iter_mut().zip(sampled.samples) {
+        let mut text = decode_answer(tokenizer, &s)?;
+        if let Some(cut) = text.find(cue) {
+            text.truncate(cut);
         }
-        done += chunk.len() as u64;
-        ctx.reporter.progress(done, Some(total), "reasoning");
+        q.text = cot_answer_prompt(&q.text, &text);
+        q.reasoning = Some(text.trim_end().to_string());
     }
     Ok(())
 }

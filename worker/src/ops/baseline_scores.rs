@@ -16,8 +16,8 @@ use alignflow_ops::{BaselineRecord, BaselineScoresParams, StageContext};
 
 use super::load;
 use super::prompts::{read_prompts, PromptSource};
-use super::rollout::sample;
-use super::sampling::sampling_config;
+use super::rollout::Rollout;
+use super::sampling::{sample_prompts, sampling_config};
 use super::scoring::pm_scores;
 use crate::model::sample::SamplingConfig;
 use crate::model::{self, Head};
@@ -58,22 +58,26 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     // Row `j` of the flat list is sample `j % k` of prompt `j / k`.
     let k = p.samples;
     let total = prompts.len() * k;
-    let rows: Vec<usize> = (0..total).map(|j| j / k).collect();
+    let cfg = SamplingConfig {
+        seed: step_seed(ctx.spec.seed, 1) as u64,
+        max_rows: p.batch_size.max(1),
+        ..sampling
+    };
+    let ids: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+    let never = |_: usize, _: &[i64]| false;
+    let sampled = sample_prompts(ctx, &policy.lm, &ids, k, &cfg, never, "baseline samples")?;
+    let rows: Vec<Vec<i64>> = (0..total).map(|j| prompts[j / k].clone()).collect();
     let mut scores = Vec::with_capacity(total);
-    for (c, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
+    for (batch, samples) in rows
+        .chunks(p.batch_size.max(1))
+        .zip(sampled.samples.chunks(p.batch_size.max(1)))
+    {
         ctx.cancel.check()?;
-        let batch: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let cfg = SamplingConfig {
-            seed: step_seed(ctx.spec.seed, c as u64 + 1) as u64,
-            ..sampling.clone()
-        };
         let sc = tch::no_grad(|| {
-            let ro = sample(&policy, &batch, &cfg, device);
+            let ro = Rollout::of(batch, samples, cfg.pad_token_id, device);
             pm_scores(&pm, &ro.ids, &ro.mask)
         });
         scores.extend(Vec::<f64>::try_from(&sc.to_kind(Kind::Double))?);
-        ctx.reporter
-            .progress(scores.len() as u64, Some(total as u64), "baseline samples");
     }
 
     let mut out = JsonlWriter::create(&ctx.output("scores"))?;

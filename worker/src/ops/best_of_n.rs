@@ -19,9 +19,11 @@ use alignflow_ops::{BestOfNParams, StageContext};
 
 use super::load::{self, shared_positions};
 use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
-use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, decoding_config, hits_stop};
+use super::sampling::{
+    cut_at_first_stop, decode_answer, decoding_config, hits_stop, sample_prompts,
+};
 use super::scoring::pm_score_answers;
-use crate::model::sample::{generate, SamplingConfig};
+use crate::model::sample::SamplingConfig;
 use crate::model::{self, Head, Model};
 
 /// One sampled answer.
@@ -61,7 +63,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     // (1) n answers per prompt.
     let answers = {
         let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
-        sample(ctx, &p, &policy, &tokenizer, &prompts, device)?
+        sample(ctx, &p, &policy, &tokenizer, &prompts)?
     };
 
     // (2) Scores, per prompt by sample index.
@@ -198,37 +200,23 @@ fn sample(
     policy: &Model,
     tokenizer: &Tokenizer,
     prompts: &[Prompt],
-    device: tch::Device,
 ) -> anyhow::Result<Vec<Vec<Answer>>> {
-    let base = decoding_config(tokenizer, policy, &p.decoding, 0);
-    let rows: Vec<usize> = (0..prompts.len())
-        .flat_map(|i| std::iter::repeat_n(i, p.n))
-        .collect();
-    let mut answers: Vec<Vec<Answer>> = (0..prompts.len()).map(|_| Vec::new()).collect();
+    let cfg = SamplingConfig {
+        max_rows: p.batch_size.max(1),
+        ..decoding_config(tokenizer, policy, &p.decoding, ctx.spec.seed)
+    };
+    let ids: Vec<&[i64]> = prompts.iter().map(|q| q.ids.as_slice()).collect();
     let stop = |_: usize, toks: &[i64]| hits_stop(tokenizer, toks, &p.stop);
-    for (k, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
-        ctx.cancel.check()?;
-        let ids: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].ids.clone()).collect();
-        let cfg = SamplingConfig {
-            seed: batch_seed(ctx.spec.seed, k),
-            ..base.clone()
-        };
-        for (&i, s) in chunk
-            .iter()
-            .zip(generate(&policy.lm, &ids, &cfg, device, stop))
-        {
-            let mut text = decode_answer(tokenizer, &s)?;
-            cut_at_first_stop(&mut text, &p.stop);
-            answers[i].push(Answer {
-                tokens: s.tokens,
-                text,
-            });
-        }
-        ctx.reporter.progress(
-            ((k + 1) * p.batch_size).min(rows.len()) as u64,
-            Some(rows.len() as u64),
-            "sampling",
-        );
+    let sampled = sample_prompts(ctx, &policy.lm, &ids, p.n, &cfg, stop, "sampling")?;
+    let mut answers: Vec<Vec<Answer>> = (0..prompts.len()).map(|_| Vec::new()).collect();
+    // Row `i * n + s` is sample `s` of prompt `i`.
+    for (row, s) in sampled.samples.into_iter().enumerate() {
+        let mut text = decode_answer(tokenizer, &s)?;
+        cut_at_first_stop(&mut text, &p.stop);
+        answers[row / p.n].push(Answer {
+            tokens: s.tokens,
+            text,
+        });
     }
     Ok(answers)
 }

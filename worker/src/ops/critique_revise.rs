@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use super::examples::check_prompt_turns;
 use super::load;
-use super::sampling::{decode_answer, decoding_config};
-use crate::model::sample::{generate, SamplingConfig};
+use super::sampling::{decode_answer, decoding_config, sample_prompts};
+use crate::model::sample::SamplingConfig;
 use crate::model::{self, Model};
 
 /// One input record while it is being revised.
@@ -33,16 +33,15 @@ struct Item {
     trail: Vec<TrailStep>,
 }
 
-/// Generates one continuation per text in chunks of `batch_size`, each cut
-/// at the next turn marker. `phase` numbers the calls of a stage so that
-/// every chunk draws from its own stream of the stage seed.
+/// Generates one continuation per text, `batch_size` decoding at once, each
+/// cut at the next turn marker. `phase` numbers the calls of a stage so that
+/// every call draws from its own seed.
 struct Generator<'a> {
     model: &'a Model,
     tokenizer: &'a Tokenizer,
     /// The stage's chat template, if requests are conversation turns.
     chat: Option<&'a ChatFormat>,
     cfg: SamplingConfig,
-    device: tch::Device,
     batch_size: usize,
     /// Most prompt tokens (over-long prompts keep their end).
     budget: usize,
@@ -85,35 +84,35 @@ impl Generator<'_> {
         phase: u64,
         counts: &mut Counts,
     ) -> anyhow::Result<Vec<String>> {
+        let mut prompts = Vec::with_capacity(texts.len());
+        for text in texts {
+            // A rendered template writes its own BOS.
+            let mut ids = match self.chat {
+                Some(_) => self.tokenizer.encode(text)?,
+                None => self.tokenizer.encode_start(text)?,
+            };
+            let cut = ids.len().saturating_sub(self.budget);
+            self.tokenizer.cut_start(&mut ids, cut);
+            counts.truncated_prompts += usize::from(cut > 0);
+            prompts.push(ids);
+        }
+        let stop = |_: usize, toks: &[i64]| -> bool {
+            self.tokenizer
+                .decode(toks)
+                .is_ok_and(|t| STOP_STRINGS.iter().any(|s| t.contains(s)))
+        };
+        // Text `i` of phase `phase` draws from stream `i` of the phase's seed.
+        let cfg = SamplingConfig {
+            seed: self.cfg.seed ^ splitmix(phase),
+            max_rows: self.batch_size,
+            ..self.cfg.clone()
+        };
+        let ids: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
+        let sampled = sample_prompts(ctx, &self.model.lm, &ids, 1, &cfg, stop, "generating")?;
         let mut out = Vec::with_capacity(texts.len());
-        for (chunk_index, chunk) in texts.chunks(self.batch_size).enumerate() {
-            ctx.cancel.check()?;
-            let mut batch = Vec::with_capacity(chunk.len());
-            for text in chunk {
-                // A rendered template writes its own BOS.
-                let mut ids = match self.chat {
-                    Some(_) => self.tokenizer.encode(text)?,
-                    None => self.tokenizer.encode_start(text)?,
-                };
-                let cut = ids.len().saturating_sub(self.budget);
-                self.tokenizer.cut_start(&mut ids, cut);
-                counts.truncated_prompts += usize::from(cut > 0);
-                batch.push(ids);
-            }
-            let stop = |_: usize, toks: &[i64]| -> bool {
-                self.tokenizer
-                    .decode(toks)
-                    .is_ok_and(|t| STOP_STRINGS.iter().any(|s| t.contains(s)))
-            };
-            let stream = (phase << 32) | chunk_index as u64;
-            let cfg = SamplingConfig {
-                seed: self.cfg.seed ^ splitmix(stream),
-                ..self.cfg.clone()
-            };
-            for sample in generate(&self.model.lm, &batch, &cfg, self.device, stop) {
-                counts.new_tokens += sample.tokens.len();
-                out.push(cut_at_stop(&decode_answer(self.tokenizer, &sample)?));
-            }
+        for sample in &sampled.samples {
+            counts.new_tokens += sample.tokens.len();
+            out.push(cut_at_stop(&decode_answer(self.tokenizer, sample)?));
         }
         Ok(out)
     }
@@ -166,7 +165,6 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         tokenizer: &tokenizer,
         chat: chat.as_ref(),
         cfg: decoding_config(&tokenizer, &model, &p.decoding, ctx.spec.seed),
-        device,
         batch_size: p.batch_size.max(1),
         budget: load::prompt_budget(
             &stage,

@@ -39,9 +39,9 @@ use alignflow_ops::{ChatFormat, EvaluateParams, OpParams, StageContext};
 use super::load::{self, shared_positions, stop_ids};
 use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
 use super::rollout::Rollout;
-use super::sampling::{batch_seed, decode_answer, sampling_config};
+use super::sampling::{decode_answer, sample_prompts, sampling_config};
 use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
-use crate::model::sample::{generate, Sample, SamplingConfig};
+use crate::model::sample::{Sample, SamplingConfig};
 use crate::model::{self, Head, Model};
 use crate::rl::{kl_per_token, masked_sum, KlEstimator};
 
@@ -403,9 +403,8 @@ fn check_judges(
     }
 }
 
-/// Both policies' answers (batch `k` sampled with [`batch_seed`] of params.seed
-/// or the stage's,
-/// for both: common random numbers) and the per-prompt KL of the policy
+/// Both policies' answers (prompt `i` drawing from the same random stream,
+/// of params.seed or the stage's, for both: common random numbers) and the per-prompt KL of the policy
 /// from the reference on the policy's answers.
 #[allow(clippy::type_complexity)]
 fn sample_both(
@@ -425,36 +424,60 @@ fn sample_both(
             tokens: s.tokens,
         })
     };
-    let (mut pol, mut refs, mut kls) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
+    let seed = p.seed.unwrap_or(ctx.spec.seed);
+    let cfg = |m: &Model| SamplingConfig {
+        seed,
+        pad_token_id: m.lm.cfg.pad_id(),
+        max_rows: p.batch_size.max(1),
+        ..base.clone()
+    };
+    let ids: Vec<&[i64]> = prompts.iter().map(|q| q.ids.as_slice()).collect();
+    let never = |_: usize, _: &[i64]| false;
+    let a = sample_prompts(
+        ctx,
+        &policy.lm,
+        &ids,
+        1,
+        &cfg(policy),
+        never,
+        "sampling policy",
+    )?;
+    let b = sample_prompts(
+        ctx,
+        &reference.lm,
+        &ids,
+        1,
+        &cfg(reference),
+        never,
+        "sampling reference",
+    )?;
+    let mut kls = Vec::with_capacity(prompts.len());
+    for (chunk, samples) in prompts
+        .chunks(p.batch_size.max(1))
+        .zip(a.samples.chunks(p.batch_size.max(1)))
+    {
         ctx.cancel.check()?;
         let ids: Vec<Vec<i64>> = chunk.iter().map(|q| q.ids.clone()).collect();
-        let seed = batch_seed(p.seed.unwrap_or(ctx.spec.seed), k);
-        let cfg = |m: &Model| SamplingConfig {
-            seed,
-            pad_token_id: m.lm.cfg.pad_id(),
-            ..base.clone()
-        };
-        let a = generate(&policy.lm, &ids, &cfg(policy), device, |_, _| false);
-        let b = generate(&reference.lm, &ids, &cfg(reference), device, |_, _| false);
         kls.extend(sequence_kl(
             policy,
             reference,
             &ids,
-            &a,
+            samples,
             p.temperature,
             &eos,
             device,
         ));
-        for s in a {
-            pol.push(answer(s)?);
-        }
-        for s in b {
-            refs.push(answer(s)?);
-        }
-        ctx.reporter
-            .progress(pol.len() as u64, Some(prompts.len() as u64), "sampling");
     }
+    let pol = a
+        .samples
+        .into_iter()
+        .map(answer)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let refs = b
+        .samples
+        .into_iter()
+        .map(answer)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if let Some(i) = kls.iter().position(|k| !k.is_finite()) {
         anyhow::bail!(
             "stage `{}`: prompt {i}: the KL is {} (the reference gives a sampled token probability 0?)",

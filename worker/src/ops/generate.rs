@@ -8,9 +8,11 @@ use alignflow_ops::{GenerateParams, StageContext};
 
 use super::load;
 use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
-use super::sampling::{batch_seed, cut_at_first_stop, decode_answer, decoding_config, hits_stop};
+use super::sampling::{
+    cut_at_first_stop, decode_answer, decoding_config, hits_stop, sample_prompts,
+};
 use crate::model;
-use crate::model::sample::{generate, Finish, Sample, SamplingConfig};
+use crate::model::sample::{Finish, Sample, SamplingConfig};
 
 /// What was sampled, for the metrics.
 #[derive(Default)]
@@ -35,44 +37,34 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         p.decoding.max_new_tokens,
     )?;
     let prompts = read_prompts(ctx, &source, &tokenizer)?;
-    // Rows: each prompt `n` times, in order.
-    let rows: Vec<(usize, usize)> = (0..prompts.len())
-        .flat_map(|i| (0..p.n).map(move |s| (i, s)))
-        .collect();
-    let mut out = JsonlWriter::create(&ctx.output("responses"))?;
+    // Rows: each prompt `n` times, in order; `batch_size` of them decode at
+    // once, a finished row's slot going to the next.
+    let cfg = SamplingConfig {
+        max_rows: p.batch_size.max(1),
+        ..cfg
+    };
+    let ids: Vec<&[i64]> = prompts.iter().map(|q| q.ids.as_slice()).collect();
     let start = std::time::Instant::now();
+    let stop = |_: usize, toks: &[i64]| hits_stop(&tokenizer, toks, &p.stop);
+    let sampled = sample_prompts(ctx, &model.lm, &ids, p.n, &cfg, stop, "sampling")?;
+    let secs = start.elapsed().as_secs_f64();
+    let mut out = JsonlWriter::create(&ctx.output("responses"))?;
     let mut counts = Counts::default();
-    for (done, chunk) in rows.chunks(p.batch_size.max(1)).enumerate() {
-        ctx.cancel.check()?;
-        let batch: Vec<Vec<i64>> = chunk.iter().map(|(i, _)| prompts[*i].ids.clone()).collect();
-        let stop = |_: usize, toks: &[i64]| hits_stop(&tokenizer, toks, &p.stop);
-        // Each batch draws from its own stream of the stage's seed.
-        let cfg = SamplingConfig {
-            seed: batch_seed(ctx.spec.seed, done),
-            ..cfg.clone()
-        };
-        let samples = generate(&model.lm, &batch, &cfg, device, stop);
-        for (&(i, s), sample) in chunk.iter().zip(samples) {
-            let record = response_record(&p, &tokenizer, &prompts[i], i, s, &sample)?;
-            counts.new_tokens += sample.tokens.len();
-            counts.eos += usize::from(sample.finish == Finish::Eos);
-            out.write(&record)?;
-        }
-        ctx.reporter.progress(
-            ((done + 1) * p.batch_size).min(rows.len()) as u64,
-            Some(rows.len() as u64),
-            "sampling",
-        );
+    for (row, sample) in sampled.samples.iter().enumerate() {
+        let (i, s) = (row / p.n, row % p.n);
+        out.write(&response_record(&p, &tokenizer, &prompts[i], i, s, sample)?)?;
+        counts.new_tokens += sample.tokens.len();
+        counts.eos += usize::from(sample.finish == Finish::Eos);
     }
     out.finish()?;
-    let secs = start.elapsed().as_secs_f64();
     let mut m = Metrics::new();
-    m.insert("responses".into(), rows.len().into());
+    m.insert("responses".into(), sampled.samples.len().into());
     m.insert("truncated_prompts".into(), truncated(&prompts).into());
     m.insert("new_tokens".into(), counts.new_tokens.into());
+    m.insert("prefills".into(), sampled.stats.prefills.into());
     m.insert(
         "eos_fraction".into(),
-        serde_json::json!(counts.eos as f64 / rows.len().max(1) as f64),
+        serde_json::json!(counts.eos as f64 / sampled.samples.len().max(1) as f64),
     );
     m.insert(
         "tokens_per_s".into(),

@@ -1,15 +1,12 @@
-//! How the sampling ops draw: their [`SamplingConfig`], the seed of each
-//! batch, stop strings, and the text of an answer.
+//! How the sampling ops draw: their [`SamplingConfig`], the one call that
+//! samples a stage's prompts, stop strings, and the text of an answer.
 
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::DecodingParams;
+use alignflow_ops::{DecodingParams, StageContext};
 
 use super::load::stop_ids;
-use crate::model::sample::{Sample, SamplingConfig};
-use crate::model::Model;
-
-/// Mixes a batch index into the stage seed (the golden ratio's bits).
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+use crate::model::sample::{sample_requests, Request, Sample, Sampled, SamplingConfig};
+use crate::model::{Model, Transformer};
 
 /// Sampling `max_new_tokens` at `temperature` from `model`, stopping at its
 /// EOS and padding with its pad token; the rest (no top-k or top-p, no
@@ -45,10 +42,36 @@ pub(crate) fn decoding_config(
     }
 }
 
-/// The seed of batch `k` of a stage seeded with `seed`: each batch draws
-/// from its own stream.
-pub(crate) fn batch_seed(seed: u64, k: usize) -> u64 {
-    seed ^ (k as u64).wrapping_mul(GOLDEN)
+/// Samples each of `prompts` `n` times through the continuous-batching
+/// sampler: row `i * n + s` is sample `s` of prompt `i` (its random stream,
+/// whatever the batch), `cfg.max_rows` rows decoding at once. Reports
+/// progress as `label` and ends when the stage is cancelled.
+pub(crate) fn sample_prompts(
+    ctx: &StageContext<'_>,
+    model: &Transformer,
+    prompts: &[&[i64]],
+    n: usize,
+    cfg: &SamplingConfig,
+    stop: impl FnMut(usize, &[i64]) -> bool,
+    label: &str,
+) -> anyhow::Result<Sampled> {
+    let rows: Vec<Request<'_>> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &prompt)| {
+            (0..n).map(move |s| Request {
+                prompt,
+                prompt_index: i as u64,
+                sample_index: s as u64,
+            })
+        })
+        .collect();
+    let total = rows.len() as u64;
+    let device = model.embeddings().device();
+    sample_requests(model, &rows, cfg, device, stop, |done| {
+        ctx.reporter.progress(done as u64, Some(total), label);
+        Ok(ctx.cancel.check()?)
+    })
 }
 
 /// Whether `tokens` decode to a text holding one of `stops` (never with no
@@ -85,11 +108,5 @@ mod tests {
         let mut none = "abc".to_string();
         cut_at_first_stop(&mut none, &stops);
         assert_eq!(none, "abc");
-    }
-
-    #[test]
-    fn batch_zero_draws_with_the_stage_seed() {
-        assert_eq!(batch_seed(42, 0), 42);
-        assert_eq!(batch_seed(42, 1), 42 ^ GOLDEN);
     }
 }
