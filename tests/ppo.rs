@@ -151,14 +151,14 @@ fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
 }
 
 #[test]
-fn ppo_with_an_adaptive_kl_raises_the_score_and_holds_the_kl_near_its_target() {
+fn ppo_with_an_adaptive_kl_raises_the_score_and_moves_the_coefficient_toward_its_target() {
     // Target 2 nats, starting at 0.05: the KL starts at 0 (policy =
-    // reference) and stays below the target for several iterations, so the
-    // controller lowers the coefficient, then holds it while the KL hovers
-    // near the target. horizon 64 with 16 samples per iteration: up to 5%
-    // per iteration. (Measured: with target 0.5 and horizon 16 the
-    // coefficient rose fivefold in 15 iterations but the KL was still near
-    // 2: too few iterations for CI to pull it down to a low target.)
+    // reference) and stays below the target for a few iterations, so the
+    // controller lowers the coefficient; once the KL passes the target it
+    // raises it. horizon 64 with 16 samples per iteration: up to 5% per
+    // iteration, too slow to pull the KL back within 15 iterations (with the
+    // per-row sampling streams the tiny policy's KL reaches 9 by the end),
+    // so the test checks each update exactly rather than where the KL ends.
     const TARGET: f64 = 2.0;
     let p = project(&pipeline(&format!(
         "{{ iterations: 15, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.05, target_kl: {TARGET}, horizon: 64, checkpoint_every: 0 }}",
@@ -175,17 +175,23 @@ fn ppo_with_an_adaptive_kl_raises_the_score_and_holds_the_kl_near_its_target() {
         last > first + 1.0,
         "mean score of the last 3 iterations {last} not clearly above the first 3 {first}: {score:?}"
     );
+    // The controller, step by step, against a hand computation from the
+    // KL each iteration logged (Ziegler et al.'s proportional update with
+    // the error clipped to 0.2, 16 samples over a horizon of 64): it lowers
+    // the coefficient while the KL is below the target and raises it above.
+    for i in 0..14 {
+        let error = (kl[i] / TARGET - 1.0).clamp(-0.2, 0.2);
+        let want = coef[i] * (1.0 + error * 16.0 / 64.0);
+        assert!(
+            (coef[i + 1] - want).abs() <= 1e-9 * want,
+            "iteration {i}: kl {} moved the coefficient to {}, not {want}: {coef:?}",
+            kl[i],
+            coef[i + 1]
+        );
+    }
     assert!(
-        coef[14] < 0.8 * coef[0],
-        "a KL below its target lowers the coefficient: {coef:?}"
-    );
-    // A factor 2 either side of the target: the controller is proportional
-    // with a clipped error, so the KL hovers around the target with the
-    // noise of 16 samples rather than settling on it.
-    let last_kl = mean(&kl[10..]);
-    assert!(
-        (TARGET / 2.0..=TARGET * 2.0).contains(&last_kl),
-        "mean KL of the last 5 iterations {last_kl} is not within a factor 2 of the target {TARGET}: {kl:?}"
+        kl[..3].iter().all(|&k| k < TARGET) && coef[3] < coef[0],
+        "a KL below its target lowers the coefficient: {kl:?} {coef:?}"
     );
 }
 
