@@ -97,6 +97,12 @@ impl KvCache {
         }
     }
 
+    /// Slot mode: the column each row writes this step (`[rows, 1, 1, 1]`
+    /// int64), which is also its query's index; `None` otherwise.
+    pub fn slot_columns(&self) -> Option<&Tensor> {
+        self.columns.as_ref()
+    }
+
     /// Positions already cached.
     pub fn len(&self) -> i64 {
         self.len
@@ -330,10 +336,17 @@ impl Mask {
     pub fn windowed(&self, q_len: i64, kv_len: i64, window: i64, device: tch::Device) -> Mask {
         let q = Tensor::arange_start(kv_len - q_len, kv_len, (Kind::Int64, device))
             .view([1, 1, q_len, 1]);
-        let k = Tensor::arange(kv_len, (Kind::Int64, device)).view([1, 1, 1, kv_len]);
-        let band = k.gt_tensor(&(&q - window));
+        self.windowed_at(&q, kv_len, window)
+    }
+
+    /// This mask for queries at `q_index` (`[rows or 1, 1, q, 1]` int64:
+    /// in slot mode each row's own column) over `kv_len` keys, narrowed to
+    /// a sliding window (see [`Mask::windowed`]).
+    pub fn windowed_at(&self, q_index: &Tensor, kv_len: i64, window: i64) -> Mask {
+        let k = Tensor::arange(kv_len, (Kind::Int64, q_index.device())).view([1, 1, 1, kv_len]);
+        let band = k.gt_tensor(&(q_index - window));
         Mask::Explicit(match self {
-            Mask::Causal => band.logical_and(&k.le_tensor(&q)),
+            Mask::Causal => band.logical_and(&k.le_tensor(q_index)),
             Mask::None => band,
             Mask::Explicit(m) => band.logical_and(m),
         })

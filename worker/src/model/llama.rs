@@ -388,8 +388,18 @@ impl Llama {
             let rotated = Tensor::cat(&[-v.narrow(-1, half, half), v.narrow(-1, 0, half)], -1);
             v * cos + rotated * sin
         };
-        // Keys before this pass: what the window counts back over.
-        let kv_len = cache.as_ref().map_or(0, |(c, _)| c.len()) + t;
+        // The keys this pass attends over, and (slot mode) each row's query
+        // column: what a sliding window counts back from.
+        let slot_columns = cache
+            .as_ref()
+            .and_then(|(c, _)| c.slot_columns())
+            .map(Tensor::shallow_clone);
+        let kv_len = match (&cache, &slot_columns) {
+            // A slot cache's length already counts this step's column.
+            (Some((c, _)), Some(_)) => c.len(),
+            (Some((c, _)), None) => c.len() + t,
+            (None, _) => t,
+        };
         let a = maybe(&layer.attn_in_norm, x.shallow_clone());
         let [q, k, v] = layer.qkv.forward(
             &a,
@@ -426,9 +436,10 @@ impl Llama {
                 (kept.take(x, 1), kept.take(&q, 2), mask, kept.per_row())
             }
             None => {
-                let mask = match layer.window {
-                    Some(w) => mask.windowed(t, kv_len, w, x.device()),
-                    None => mask.shallow_clone(),
+                let mask = match (layer.window, &slot_columns) {
+                    (Some(w), Some(columns)) => mask.windowed_at(columns, kv_len, w),
+                    (Some(w), None) => mask.windowed(t, kv_len, w, x.device()),
+                    (None, _) => mask.shallow_clone(),
                 };
                 (x.shallow_clone(), q, mask, t)
             }
