@@ -57,29 +57,24 @@ fn project(family: &str, template: &str) -> Project {
         &lines("examples/red-team-prompts.jsonl", 10),
     );
     p.write("data/hh.jsonl", &lines("examples/hh-rlhf-sample.jsonl", 16));
+    make_checkpoint(&p, family, template);
+    p
+}
+
+/// `models/chat` in `p`: a tiny checkpoint of `family` with its real
+/// `template`, its tokenizer trained on the shipped prompts, comparisons and
+/// constitution.
+fn make_checkpoint(p: &Project, family: &str, template: &str) {
     let model = p.path("models/chat");
+    let file = |rel: &str| repo().join(rel).to_str().unwrap().to_string();
     python(&[
         model.to_str().unwrap(),
         family,
-        repo()
-            .join("tests/data/chat-templates")
-            .join(template)
-            .to_str()
-            .unwrap(),
-        repo()
-            .join("examples/red-team-prompts.jsonl")
-            .to_str()
-            .unwrap(),
-        repo()
-            .join("examples/hh-rlhf-sample.jsonl")
-            .to_str()
-            .unwrap(),
-        repo()
-            .join("pipelines/constitutions/default.yaml")
-            .to_str()
-            .unwrap(),
+        &file(&format!("tests/data/chat-templates/{template}")),
+        &file("examples/red-team-prompts.jsonl"),
+        &file("examples/hh-rlhf-sample.jsonl"),
+        &file("pipelines/constitutions/default.yaml"),
     ]);
-    p
 }
 
 /// The logged renderings, by stage: `(what, messages, text)`.
@@ -275,14 +270,20 @@ fn runs_on(family: &str, template: &str) {
 /// token for token.
 fn greedy_equals_transformers(p: &Project, family: &str) {
     let model = p.path("models/chat");
+    // Gemma's template refuses a system turn.
+    let system = match family {
+        "gemma" => vec![],
+        _ => vec![json!({"role": "system", "content": "Be brief."})],
+    };
+    let mut multi_turn = system;
+    multi_turn.extend([
+        json!({"role": "user", "content": "Name a colour."}),
+        json!({"role": "assistant", "content": "Red."}),
+        json!({"role": "user", "content": "Another, ¿por favor?"}),
+    ]);
     let conversations = [
         json!([{"role": "user", "content": "How do I bake bread?"}]),
-        json!([
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Name a colour."},
-            {"role": "assistant", "content": "Red."},
-            {"role": "user", "content": "Another, ¿por favor?"},
-        ]),
+        Value::Array(multi_turn),
     ];
     let lines: String = conversations
         .iter()
@@ -333,6 +334,22 @@ fn greedy_equals_transformers(p: &Project, family: &str) {
             t.len() == o.len() || t.len() == o.len() + 1,
             "{family}: {o:?} vs {t:?}"
         );
+    }
+}
+
+/// The other families with a real template in `tests/data/chat-templates`:
+/// greedy answers on their chat checkpoints equal transformers'.
+#[test]
+fn greedy_generation_on_chat_checkpoints_of_every_templated_family() {
+    for (family, template) in [
+        ("qwen2", "qwen2_5.jinja"),
+        ("gemma", "gemma.jinja"),
+        ("gemma3", "gemma3.jinja"),
+        ("phi3", "phi3.jinja"),
+    ] {
+        let p = Project::new();
+        make_checkpoint(&p, family, template);
+        greedy_equals_transformers(&p, family);
     }
 }
 

@@ -6,9 +6,12 @@ real chat template, a byte-level BPE trained on the given texts.
     python tests/parity/make_chat_checkpoint.py OUT FAMILY TEMPLATE CORPUS...
 
 FAMILY is qwen3 (Qwen3-Instruct: <|im_start|>/<|im_end|>, no BOS, EOS
-<|im_end|>) or llama32 (Llama-3.2-Instruct: <|begin_of_text|> added by the
+<|im_end|>), llama32 (Llama-3.2-Instruct: <|begin_of_text|> added by the
 post-processor, header tokens, EOS <|eot_id|> and the generation config's
-[<|end_of_text|>, <|eom_id|>, <|eot_id|>], llama3 RoPE scaling).
+[<|end_of_text|>, <|eom_id|>, <|eot_id|>], llama3 RoPE scaling), qwen2
+(Qwen2.5-Instruct), gemma and gemma3 (<bos> added by the post-processor and
+written by the template, <start_of_turn>/<end_of_turn>; Gemma 3 with
+sliding layers and local/global RoPE) or phi3 (<|user|>/<|assistant|>/<|end|>).
 CORPUS files are read as text, line by line.
 
     python tests/parity/make_chat_checkpoint.py --render DIR MESSAGES_JSON
@@ -29,14 +32,32 @@ import sys
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 FAMILIES = {
     "qwen3": {
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
         "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
         "stop": ["<|im_end|>", "<|endoftext|>"],
+    },
+    "qwen2": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+        "stop": ["<|im_end|>", "<|endoftext|>"],
+    },
+    "gemma": {
+        "specials": ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        "bos": "<bos>", "eos": "<eos>", "pad": "<pad>",
+        "stop": ["<eos>", "<end_of_turn>"],
+    },
+    "phi3": {
+        "specials": ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>",
+                     "<|user|>"],
+        "bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>",
+        "stop": ["<|endoftext|>", "<|end|>"],
     },
     "llama32": {
         "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
@@ -48,7 +69,7 @@ FAMILIES = {
 
 
 def make(out, family, template_path, corpus):
-    spec = FAMILIES[family]
+    spec = FAMILIES["gemma" if family == "gemma3" else family]
     texts = []
     for path in corpus:
         with open(path, encoding="utf-8") as f:
@@ -84,6 +105,32 @@ def make(out, family, template_path, corpus):
                           bos_token_id=ids("<|endoftext|>"), pad_token_id=ids(spec["pad"]),
                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         model = Qwen3ForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common, eos_token_id=ids(spec["eos"]),
+                          bos_token_id=ids("<|endoftext|>"), pad_token_id=ids(spec["pad"]))
+        model = Qwen2ForCausalLM(cfg)
+    elif family == "gemma":
+        cfg = GemmaConfig(**common, head_dim=16, hidden_act="gelu_pytorch_tanh",
+                          bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
+                          pad_token_id=ids("<pad>"))
+        model = GemmaForCausalLM(cfg)
+    elif family == "gemma3":
+        cfg = Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16,
+                               sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"],
+                               rope_parameters={
+                                   "sliding_attention": {"rope_type": "default",
+                                                         "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                      "rope_theta": 1000000.0}},
+                               bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
+                               pad_token_id=ids("<pad>"))
+        model = Gemma3ForCausalLM(cfg)
+    elif family == "phi3":
+        cfg = Phi3Config(**{**common, "tie_word_embeddings": False},
+                         bos_token_id=ids("<s>"), eos_token_id=ids("<|endoftext|>"),
+                         pad_token_id=ids("<|endoftext|>"))
+        model = Phi3ForCausalLM(cfg)
     else:
         cfg = LlamaConfig(**common, bos_token_id=ids(spec["bos"]),
                           eos_token_id=[ids(t) for t in spec["stop"]],
