@@ -140,6 +140,39 @@ fn runs_on(family: &str, template: &str) {
         "{out}"
     );
 
+    // Outputs keep the conversation, the answer as its new assistant turn.
+    let output = |stage: &str, name: &str| -> Vec<Value> {
+        let mut show = vec!["show", "pipelines/cai.yaml", stage, "--json"];
+        for s in &sets {
+            show.extend(["--set", s.as_str()]);
+        }
+        let shown: Value = serde_json::from_str(&p.ok(&show)).unwrap();
+        std::fs::read_to_string(shown[name]["path"].as_str().unwrap())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let answered = |record: &Value, messages: &str, response: &str| {
+        let m = &record[messages];
+        assert_eq!(roles(m)[..2], ["user", "assistant"], "{family}: {record}");
+        assert_eq!(roles(m).len(), 2, "{family}: {record}");
+        assert_eq!(
+            m[1]["content"], record[response],
+            "{family}: {messages} ends with {response}"
+        );
+        assert_eq!(m[0]["content"], record["prompt"], "{family}: {record}");
+    };
+    for record in output("answers", "responses") {
+        answered(&record, "messages", "response");
+    }
+    let evaluated = output("evaluation", "samples");
+    assert!(!evaluated.is_empty());
+    for record in &evaluated {
+        answered(record, "policy_messages", "policy_response");
+        answered(record, "reference_messages", "reference_response");
+    }
+
     let logged = rendered(&p);
     // Every op that formats text for the model, with what it rendered.
     let expected: [(&str, &[&str]); 9] = [
@@ -272,7 +305,7 @@ fn greedy_equals_transformers(p: &Project, family: &str) {
     let model = p.path("models/chat");
     // Gemma's template refuses a system turn.
     let system = match family {
-        "gemma" => vec![],
+        "gemma" | "gemma2" => vec![],
         _ => vec![json!({"role": "system", "content": "Be brief."})],
     };
     let mut multi_turn = system;
@@ -337,15 +370,22 @@ fn greedy_equals_transformers(p: &Project, family: &str) {
     }
 }
 
-/// The other families with a real template in `tests/data/chat-templates`:
-/// greedy answers on their chat checkpoints equal transformers'.
+/// Every other family, on a chat checkpoint with a real template: greedy
+/// answers equal transformers'. Gemma 2 has Gemma's template (the same
+/// text); SmolLM3, OLMo 2 and Mistral, whose own templates are not in
+/// `tests/data/chat-templates`, have Qwen2.5's ChatML one (SmolLM3's own is
+/// ChatML too).
 #[test]
-fn greedy_generation_on_chat_checkpoints_of_every_templated_family() {
+fn greedy_generation_on_chat_checkpoints_of_every_family() {
     for (family, template) in [
         ("qwen2", "qwen2_5.jinja"),
         ("gemma", "gemma.jinja"),
+        ("gemma2", "gemma.jinja"),
         ("gemma3", "gemma3.jinja"),
         ("phi3", "phi3.jinja"),
+        ("smollm3", "qwen2_5.jinja"),
+        ("olmo2", "qwen2_5.jinja"),
+        ("mistral", "qwen2_5.jinja"),
     ] {
         let p = Project::new();
         make_checkpoint(&p, family, template);

@@ -508,7 +508,7 @@ pub const OP: OpDecl = OpDecl {
         Port::output("report_md", "report.md: the same figures as Markdown tables"),
         Port::output(
             "samples",
-            "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}, and per text judge (exact_match, ...) {policy, reference, outcome}; outcome is win | tie | loss for the policy",
+            "samples.jsonl, one per prompt: prompt_index, prompt, policy_response, reference_response, for a chat prompt policy_messages and reference_messages (its conversation with each answer as the new assistant turn), policy_tokens, reference_tokens, kl, reward_model {policy, reference, outcome}, feedback_model {p_policy, outcome, details [{principle, p_a_policy_first, p_a_reference_first}]}, and per text judge (exact_match, ...) {policy, reference, outcome}; outcome is win | tie | loss for the policy",
         ),
     ]),
     params: ParamsDecl::of::<EvaluateParams>(),

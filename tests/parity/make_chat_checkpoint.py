@@ -11,7 +11,11 @@ post-processor, header tokens, EOS <|eot_id|> and the generation config's
 [<|end_of_text|>, <|eom_id|>, <|eot_id|>], llama3 RoPE scaling), qwen2
 (Qwen2.5-Instruct), gemma and gemma3 (<bos> added by the post-processor and
 written by the template, <start_of_turn>/<end_of_turn>; Gemma 3 with
-sliding layers and local/global RoPE) or phi3 (<|user|>/<|assistant|>/<|end|>).
+sliding layers and local/global RoPE), gemma2 (Gemma's tokens; soft caps and
+sandwich norms), phi3 (<|user|>/<|assistant|>/<|end|>), or smollm3, olmo2
+and mistral (with Qwen2.5's ChatML tokens: their own templates are not in
+tests/data/chat-templates, and the template path does not depend on the
+architecture).
 CORPUS files are read as text, line by line.
 
     python tests/parity/make_chat_checkpoint.py --render DIR MESSAGES_JSON
@@ -32,10 +36,12 @@ import sys
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GenerationConfig,
+                          LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 FAMILIES = {
     "qwen3": {
@@ -68,8 +74,15 @@ FAMILIES = {
 }
 
 
+# Families whose special tokens are another's: Gemma 2 and 3 are Gemma's;
+# SmolLM3, OLMo 2 and Mistral are given ChatML's (Qwen2.5's tokens and
+# template), their own templates not being in tests/data/chat-templates.
+SPECIAL_TOKENS_OF = {"gemma2": "gemma", "gemma3": "gemma", "smollm3": "qwen2",
+                     "olmo2": "qwen2", "mistral": "qwen2"}
+
+
 def make(out, family, template_path, corpus):
-    spec = FAMILIES["gemma" if family == "gemma3" else family]
+    spec = FAMILIES[SPECIAL_TOKENS_OF.get(family, family)]
     texts = []
     for path in corpus:
         with open(path, encoding="utf-8") as f:
@@ -114,6 +127,22 @@ def make(out, family, template_path, corpus):
                           bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
                           pad_token_id=ids("<pad>"))
         model = GemmaForCausalLM(cfg)
+    elif family == "gemma2":
+        cfg = Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"],
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                           bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"),
+                           pad_token_id=ids("<pad>"))
+        model = Gemma2ForCausalLM(cfg)
+    elif family in ("smollm3", "olmo2", "mistral"):
+        config, causal_lm, extra = {
+            "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, {"no_rope_layer_interval": 2}),
+            "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
+            "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 8}),
+        }[family]
+        cfg = config(**common, **extra, eos_token_id=ids(spec["eos"]),
+                     bos_token_id=ids("<|endoftext|>"), pad_token_id=ids(spec["pad"]))
+        model = causal_lm(cfg)
     elif family == "gemma3":
         cfg = Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16,
                                sliding_window=8,

@@ -37,7 +37,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{ChatFormat, EvaluateParams, OpParams, StageContext};
 
 use super::load::{self, shared_positions, stop_ids};
-use super::prompts::{read_prompts, truncated, Prompt, PromptSource};
+use super::prompts::{read_prompts, truncated, with_answer, Prompt, PromptSource};
 use super::rollout::Rollout;
 use super::sampling::{decode_answer, sample_prompts, sampling_config};
 use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
@@ -308,6 +308,13 @@ fn write_samples(
             "reference_tokens": reference.tokens.len(),
             "kl": answers.kls[i],
         });
+        // Conversations keep their turns: each answer as the new assistant turn.
+        if let Some(messages) = with_answer(prompt, &policy.text) {
+            record["policy_messages"] = messages;
+        }
+        if let Some(messages) = with_answer(prompt, &reference.text) {
+            record["reference_messages"] = messages;
+        }
         if let Some(scores) = pm_scores {
             let (a, b) = scores[i];
             record[REWARD_JUDGE] = serde_json::json!({
