@@ -163,8 +163,12 @@ fn runs_on(family: &str, template: &str) {
         );
         assert_eq!(m[0]["content"], record["prompt"], "{family}: {record}");
     };
-    for record in output("answers", "responses") {
-        answered(&record, "messages", "response");
+    for (stage, name) in [("answers", "responses"), ("rl_cai", "samples")] {
+        let records = output(stage, name);
+        assert!(!records.is_empty(), "{family}: {stage}");
+        for record in &records {
+            answered(record, "messages", "response");
+        }
     }
     let evaluated = output("evaluation", "samples");
     assert!(!evaluated.is_empty());

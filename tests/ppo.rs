@@ -142,6 +142,46 @@ fn ppo_raises_the_preference_model_score_with_a_finite_kl() {
         "{}",
         lines[0]
     );
+    // The samples: every response of iterations 1 and 15, whose scores
+    // and KLs average to that iteration's metrics.
+    let samples: Vec<serde_json::Value> =
+        std::fs::read_to_string(shown["samples"]["path"].as_str().unwrap())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(samples.len(), 32);
+    for (it, line) in [(1u64, &lines[0]), (15, &lines[14])] {
+        let of: Vec<&serde_json::Value> = samples
+            .iter()
+            .filter(|r| r["iteration"].as_u64() == Some(it))
+            .collect();
+        assert_eq!(of.len(), 16, "iteration {it}");
+        for (row, r) in of.iter().enumerate() {
+            assert_eq!(r["row"].as_u64(), Some(row as u64));
+            assert!(r["prompt"].as_str().is_some_and(|t| !t.is_empty()), "{r}");
+            assert!(r["response"].is_string(), "{r}");
+        }
+        let avg = |key: &str| {
+            mean(
+                &of.iter()
+                    .map(|r| r[key].as_f64().unwrap())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+        assert!(
+            close(avg("score"), line["raw_score"].as_f64().unwrap()),
+            "iteration {it}: {} vs {line}",
+            avg("score")
+        );
+        assert!(
+            close(avg("kl"), line["kl"].as_f64().unwrap()),
+            "iteration {it}: {} vs {line}",
+            avg("kl")
+        );
+    }
+
     let first = curve[..3].iter().sum::<f64>() / 3.0;
     let last = curve[12..].iter().sum::<f64>() / 3.0;
     assert!(
@@ -276,6 +316,8 @@ fn killed_run_matches_an_uninterrupted_one(rl_params: &str) {
     assert_eq!(a.len(), 8);
     assert_eq!(a, b);
     assert_eq!(output(&cut, "model").0, output(&whole, "model").0);
+    // The first iteration's samples survived the kill, from the checkpoint folder.
+    assert_eq!(output(&cut, "samples").0, output(&whole, "samples").0);
 }
 
 /// A critic-free run: 4 prompts x 4 responses (the 16 rows of the PPO

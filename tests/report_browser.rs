@@ -159,9 +159,9 @@ fn chromium_renders_a_non_blank_report_with_every_curve() {
 }
 
 /// Ten stages in a chain (wider than the window when laid out at full
-/// size) and three stages writing what models wrote, in the shapes of
-/// `critique_revise`, `ai_feedback` and `evaluate` outputs, with markup
-/// and long texts in them.
+/// size) and four stages writing what models wrote, in the shapes of
+/// `critique_revise`, `ai_feedback`, `evaluate` and `ppo` outputs, with
+/// markup and long texts in them.
 fn examples_pipeline() -> String {
     let long = "a long answer that goes on ".repeat(12);
     let script = "<script>window.pwned = true</script>";
@@ -174,12 +174,23 @@ fn examples_pipeline() -> String {
     let sample = serde_json::json!({"prompt_index": 0, "prompt": "p", "policy_response": long, "reference_response": "r",
         "reward_model": {"policy": 1.5, "reference": 0.5, "outcome": "win"},
         "feedback_model": {"p_policy": 0.6, "outcome": "win", "details": []}});
-    let writer = |name: &str, output: &str, line: &serde_json::Value| {
+    let ppo_sample = |iteration: u64| {
+        serde_json::json!({"iteration": iteration, "row": 0, "prompt": "p",
+            "response": format!("{script} at {iteration}"), "score": 0.5, "kl": 0.25})
+    };
+    let writer = |name: &str, output: &str, lines: &[&serde_json::Value]| {
         // Single quotes do not occur in the lines.
-        let line = line.to_string();
-        assert!(!line.contains('\''));
+        let echoes: Vec<String> = lines
+            .iter()
+            .map(|line| {
+                let line = line.to_string();
+                assert!(!line.contains('\''));
+                format!("echo '{line}'")
+            })
+            .collect();
         format!(
-            "  {name}:\n    op: exec\n    outputs: [{output}]\n    params:\n      cmd: |\n        for i in 1 2 3 4 5; do echo '{line}'; done > \"$ALIGNFLOW_OUT/{output}\"\n"
+            "  {name}:\n    op: exec\n    outputs: [{output}]\n    params:\n      cmd: |\n        for i in 1 2 3 4 5; do {}; done > \"$ALIGNFLOW_OUT/{output}\"\n",
+            echoes.join("; ")
         )
     };
     let mut yaml = String::from("version: 1\nname: wide\nstages:\n");
@@ -191,9 +202,10 @@ fn examples_pipeline() -> String {
         };
         yaml += &format!("  s{i}:\n    op: exec\n{input}    outputs: [out]\n    params:\n      cmd: echo {i} > \"$ALIGNFLOW_OUT/out\"\n");
     }
-    yaml += &writer("cr", "revisions", &revision);
-    yaml += &writer("fb", "comparisons", &comparison);
-    yaml += &writer("ev", "samples", &sample);
+    yaml += &writer("cr", "revisions", &[&revision]);
+    yaml += &writer("fb", "comparisons", &[&comparison]);
+    yaml += &writer("ev", "samples", &[&sample]);
+    yaml += &writer("rl", "samples", &[&ppo_sample(1), &ppo_sample(20)]);
     yaml
 }
 
@@ -268,25 +280,27 @@ fn chromium_shows_examples_escaped_and_folded_and_the_graph_fits_the_page() {
     );
     assert_eq!(
         m["tables"],
-        serde_json::json!(["cr/revisions", "fb/comparisons", "ev/samples"]),
+        serde_json::json!(["cr/revisions", "fb/comparisons", "ev/samples", "rl/samples"]),
         "{m}"
     );
     assert_eq!(
         m["rows"],
-        serde_json::json!([3, 3, 3]),
-        "three drawn records each: {m}"
+        serde_json::json!([3, 3, 3, 6]),
+        "three drawn records each (ppo: of its first and of its last iteration): {m}"
     );
     // The long original answer and policy response, folded and closed.
     assert_eq!(m["folded"], 6, "{m}");
     assert_eq!(m["open"], 0);
-    // The fed text shows as text: the prompt, a critique, a response (3 rows each).
-    assert_eq!(m["shown_script_text"], 9, "{m}");
+    // The fed text shows as text: the prompt, a critique, a response (3
+    // rows each), and the ppo responses (6 rows).
+    assert_eq!(m["shown_script_text"], 15, "{m}");
     for header in [
         "original answer",
         "critique 2",
         "revision 2",
         "p_a, B shown first",
         "reference response",
+        "KL",
     ] {
         assert!(html.contains(&format!("<th>{header}</th>")), "{header}");
     }

@@ -435,7 +435,7 @@ impl PpoAdvantage {
 /// The `ppo` op.
 pub const OP: OpDecl = OpDecl {
     name: "ppo",
-    version: 4,
+    version: 5,
     summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
     inputs: &[
         Port::input(
@@ -464,6 +464,10 @@ pub const OP: OpDecl = OpDecl {
     ],
     outputs: Outputs::Declared(&[
         Port::output("model", "the optimised policy folder"),
+        Port::output(
+            "samples",
+            "samples.jsonl: every response of the first and of the last iteration: iteration, row, prompt, prompt_text, response (up to its first EOS), score (the reward source's raw score), kl (summed over the response), and for a chat prompt messages (its conversation with the response as the new assistant turn)",
+        ),
         Port::volatile(
             "metrics",
             "metrics.jsonl: iteration, score (the reward before the KL penalty: with a baseline, raw_score minus the baseline), raw_score, kl, kl_coef, non_score_reward, entropy, clip_frac, approx_kl, policy_loss, value_loss, explained_variance, response_len, tokens_per_s, lr, seconds (reward_gain, reward_bias with reward_norm; baseline_score with a baseline; with grpo / rloo value_loss and explained_variance are null, and kl_loss, group_reward_std, flat_groups are added; with several reward sources or a program, reward_<source> (the mean unweighted score of each entry of params.rewards) and reward_program_<name> for a program's named scores)",

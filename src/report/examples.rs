@@ -6,7 +6,10 @@
 //! - `ai_feedback` comparisons (`response_a`, `response_b`, `p_a`): the two
 //!   responses, the principle and p_a with either response shown first;
 //! - `evaluate` samples (`policy_response`, `reference_response`): the
-//!   prompt, both responses and each judge's verdict.
+//!   prompt, both responses and each judge's verdict;
+//! - `ppo` samples (`iteration`, `response`, `score`, `kl`): a few of the
+//!   first iteration's responses and a few of the last one's, each with its
+//!   score and KL, so the page shows what training changed.
 
 use rand::SeedableRng;
 use serde_json::Value;
@@ -42,9 +45,29 @@ pub fn read_examples(stage: &str, output: &str, jsonl: &str) -> Option<Examples>
     let shape = Shape::of(records.first()?)?;
     let seed = blake3::hash(format!("{stage}\u{0}{output}").as_bytes());
     let mut rng = rand_chacha::ChaCha8Rng::from_seed(*seed.as_bytes());
-    let mut picked =
-        rand::seq::index::sample(&mut rng, records.len(), SHOWN.min(records.len())).into_vec();
-    picked.sort_unstable();
+    let mut draw = |among: &[usize]| -> Vec<usize> {
+        let at = rand::seq::index::sample(&mut rng, among.len(), SHOWN.min(among.len()));
+        let mut picked: Vec<usize> = at.into_iter().map(|k| among[k]).collect();
+        picked.sort_unstable();
+        picked
+    };
+    let picked = match shape {
+        // The same number from the first iteration and from the last.
+        Shape::PpoSamples => {
+            let iteration = |i: &usize| records[*i]["iteration"].as_u64();
+            let all: Vec<usize> = (0..records.len()).collect();
+            let first = all.iter().filter_map(iteration).min();
+            let last = all.iter().filter_map(iteration).max();
+            let of =
+                |it| -> Vec<usize> { all.iter().copied().filter(|i| iteration(i) == it).collect() };
+            let mut picked = draw(&of(first));
+            if last != first {
+                picked.extend(draw(&of(last)));
+            }
+            picked
+        }
+        _ => draw(&(0..records.len()).collect::<Vec<_>>()),
+    };
     let rows: Vec<Vec<String>> = picked.iter().map(|&i| shape.row(&records[i])).collect();
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
     Some(Examples {
@@ -67,6 +90,7 @@ enum Shape {
     Revisions,
     Comparisons,
     EvaluateSamples,
+    PpoSamples,
 }
 
 impl Shape {
@@ -78,6 +102,8 @@ impl Shape {
             Some(Shape::Comparisons)
         } else if has("policy_response") && has("reference_response") {
             Some(Shape::EvaluateSamples)
+        } else if has("iteration") && has("response") && has("score") && has("kl") {
+            Some(Shape::PpoSamples)
         } else {
             None
         }
@@ -98,6 +124,7 @@ impl Shape {
                 "p_a, B shown first",
             ],
             Shape::EvaluateSamples => &["prompt", "policy response", "reference response"],
+            Shape::PpoSamples => &["iteration", "prompt", "response", "score", "KL"],
         };
         let mut columns: Vec<String> = fixed.iter().map(|c| c.to_string()).collect();
         let mut step = 0;
@@ -112,7 +139,7 @@ impl Shape {
                     ]);
                 }
                 Shape::EvaluateSamples => columns.push(format!("judge {}", columns.len() - 2)),
-                Shape::Comparisons => columns.push(String::new()),
+                Shape::Comparisons | Shape::PpoSamples => columns.push(String::new()),
             }
         }
         columns.truncate(width.max(fixed.len()));
@@ -148,6 +175,13 @@ impl Shape {
                     column("p_a_swapped"),
                 ]
             }
+            Shape::PpoSamples => vec![
+                text(&r["iteration"]),
+                prompt,
+                text(&r["response"]),
+                text(&r["score"]),
+                text(&r["kl"]),
+            ],
             Shape::EvaluateSamples => {
                 let mut row = vec![
                     prompt,
@@ -214,6 +248,36 @@ mod tests {
         let other = read_examples("cr2", "revisions", &jsonl).unwrap();
         let prompts = |e: &Examples| e.rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>();
         assert!(prompts(&a) != prompts(&other) || a.total <= SHOWN);
+    }
+
+    #[test]
+    fn ppo_samples_show_the_first_and_the_last_iteration() {
+        let line = |it: u64, row: usize| {
+            serde_json::json!({"iteration": it, "row": row, "prompt": format!("q{row}"),
+                "response": format!("answer {it}.{row}"), "score": 0.5, "kl": 0.25})
+            .to_string()
+        };
+        let jsonl: String = (0..8)
+            .map(|row| line(1, row) + "\n")
+            .chain((0..8).map(|row| line(20, row) + "\n"))
+            .collect();
+        let e = read_examples("rl", "samples", &jsonl).unwrap();
+        assert_eq!(e.total, 16);
+        assert_eq!(
+            e.columns,
+            ["iteration", "prompt", "response", "score", "KL"]
+        );
+        let iterations: Vec<&str> = e.rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(iterations, ["1", "1", "1", "20", "20", "20"]);
+        assert!(e.rows[0][2].starts_with("answer 1."));
+        assert!(e.rows[5][2].starts_with("answer 20."));
+        assert_eq!(&e.rows[0][3..], ["0.5000", "0.2500"]);
+        // One iteration only: shown once.
+        let one: String = (0..8).map(|row| line(1, row) + "\n").collect();
+        assert_eq!(
+            read_examples("rl", "samples", &one).unwrap().rows.len(),
+            SHOWN
+        );
     }
 
     #[test]

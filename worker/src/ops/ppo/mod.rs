@@ -45,6 +45,7 @@ mod metrics;
 mod reward_norm;
 mod reward_source;
 mod rollout;
+mod samples;
 mod setup;
 mod stop;
 #[cfg(test)]
@@ -120,6 +121,7 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
     let start = Instant::now();
     let start_tokens = progress.total_tokens;
     let mut last = serde_json::Value::Null;
+    let mut last_samples = Vec::new();
     let stage = Stage {
         ctx,
         s: &s,
@@ -130,9 +132,16 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
     };
     for it in progress.done + 1..=s.params.iterations {
         ctx.cancel.check()?;
-        last = stage.iteration(it, &mut opts, &mut progress, &mut metrics_log)?;
+        last = stage.iteration(
+            it,
+            &mut opts,
+            &mut progress,
+            &mut metrics_log,
+            &mut last_samples,
+        )?;
     }
     metrics_log.publish(ctx)?;
+    samples::publish(ctx, &last_samples)?;
     // Merges the LoRA adapters (if any) into the saved weights.
     models.policy.save(&ctx.output("model"))?;
     let secs = start.elapsed().as_secs_f64();
@@ -159,13 +168,16 @@ struct Stage<'a> {
 
 impl Stage<'_> {
     /// Iteration `it`: the rollout, the update, the KL controller's step,
-    /// the metrics line (returned) and, when due, a checkpoint.
+    /// the metrics line (returned), the samples of the first iteration
+    /// (kept in the checkpoint folder) and the last (into `last_samples`)
+    /// and, when due, a checkpoint.
     fn iteration(
         &self,
         it: u64,
         opts: &mut Optimizers,
         progress: &mut Progress,
         metrics_log: &mut MetricsLog,
+        last_samples: &mut Vec<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
         let (s, models) = (self.s, self.models);
         let stop = Stop {
@@ -188,6 +200,15 @@ impl Stage<'_> {
             it,
             &stop,
         )?;
+        if it == 1 || it == s.params.iterations {
+            let records = samples::records(s, models, &ro, &ex, it)?;
+            if it == 1 {
+                samples::keep_first(&self.ctx.spec.checkpoint_dir, &records)?;
+            }
+            if it == s.params.iterations {
+                *last_samples = records;
+            }
+        }
         let adv = update::advantages(s, &ro, &ex);
         let batch = Batch {
             ro: &ro,

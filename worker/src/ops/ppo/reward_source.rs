@@ -160,15 +160,15 @@ impl Feedback {
 }
 
 /// One prompt of the stage, as the rollouts carry it.
-struct PromptInfo {
+pub(super) struct PromptInfo {
     /// The templated text (what the baseline is keyed by).
-    text: String,
+    pub text: String,
     /// Its mean baseline score (with a `baseline` input).
     baseline: Option<f64>,
     /// The prompt field as recorded, the conversation, the whole record
     /// and where it is: what the text sources read.
-    raw: String,
-    messages: Option<serde_json::Value>,
+    pub raw: String,
+    pub messages: Option<serde_json::Value>,
     record: serde_json::Value,
     at: String,
 }
@@ -261,14 +261,14 @@ impl Rewards {
         }
     }
 
-    fn prompt(&self, ids: &[i64]) -> &PromptInfo {
+    pub(super) fn prompt(&self, ids: &[i64]) -> &PromptInfo {
         self.prompts
             .get(ids)
             .expect("rollout rows start from the stage's prompts")
     }
 
     /// Each row's response tokens up to its first EOS, decoded.
-    fn responses(
+    pub(super) fn responses(
         &self,
         resp: &Tensor,
         gen_mask: &Tensor,
