@@ -2,8 +2,9 @@
 //! pretrained on single-digit sums (the data of `pipelines/grpo-arith.yaml`):
 //! several weighed reward sources logged one by one (GAE and RLOO), the
 //! Python example program as the reward of `best_of_n`, a failing program
-//! that fails the stage with its stderr in the run log, and the protocol in
-//! `alignflow ops ppo`.
+//! that fails the stage with its stderr in the run log, the protocol in
+//! `alignflow ops ppo`, and the shipped pipeline, whose GRPO raises the
+//! held-out accuracy.
 mod common;
 use common::*;
 
@@ -242,4 +243,47 @@ fn ops_ppo_documents_the_reward_sources_and_the_protocol() {
             "`alignflow ops ppo` lacks {needle:?}:\n{out}"
         );
     }
+}
+
+/// `pipelines/grpo-arith.yaml` as shipped: GRPO with `exact_match` raises
+/// the accuracy on the 30 held-out sums (each asked four times) clearly:
+/// measured 0.258 -> 0.392 (29 wins, 13 losses), and with seeds 4 and 5
+/// 0.108 -> 0.267 and 0.383 -> 0.558.
+#[test]
+fn grpo_on_exact_match_raises_held_out_accuracy() {
+    let p = arith_project();
+    p.ok(&["run", "pipelines/grpo-arith.yaml", "--quiet"]);
+    let file = "pipelines/grpo-arith.yaml";
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(output_path(&p, file, "accuracy", "report")).unwrap(),
+    )
+    .unwrap();
+    let judge = &report["judges"]["exact_match"];
+    let mean = |who: &str| judge["mean_score"][who].as_f64().unwrap();
+    let (grpo, base) = (mean("policy"), mean("reference"));
+    eprintln!("held-out accuracy: base {base:.3}, grpo {grpo:.3}; {judge}");
+    assert_eq!(report["n"], 120, "{report}");
+    assert!(grpo >= base + 0.1, "base {base}, grpo {grpo}");
+    // Above the base's accuracy with 95% confidence, and more wins than losses.
+    let low = judge["mean_score_ci95"]["policy"][0].as_f64().unwrap();
+    assert!(
+        low > base,
+        "the GRPO interval's low end {low} vs the base's {base}"
+    );
+    let (wins, losses) = (
+        judge["wins"].as_u64().unwrap(),
+        judge["losses"].as_u64().unwrap(),
+    );
+    assert!(wins > 2 * losses, "{wins} wins, {losses} losses");
+    // The training reward rose too.
+    let metrics = jsonl(&output_path(&p, file, "grpo", "metrics"));
+    let score = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .map(|l| l["score"].as_f64().unwrap())
+            .sum::<f64>()
+            / lines.len() as f64
+    };
+    let (first, last) = (score(&metrics[..10]), score(&metrics[metrics.len() - 10..]));
+    assert!(last > first + 0.05, "training score {first} -> {last}");
 }
