@@ -235,6 +235,35 @@ fn ppo_with_an_adaptive_kl_raises_the_score_and_moves_the_coefficient_toward_its
     );
 }
 
+/// The adaptive controller with a short horizon (16 samples over a horizon
+/// of 16: up to 20% a step) holds the KL near its target where a fixed
+/// coefficient would not: the KL climbs past the target, the controller
+/// raises the coefficient, and the mean KL of the last 5 of 30 iterations
+/// lies within a factor 2 of the target.
+#[test]
+fn ppo_with_an_adaptive_kl_and_a_short_horizon_holds_the_kl_near_its_target() {
+    const TARGET: f64 = 2.0;
+    let p = project(&pipeline(&format!(
+        "{{ iterations: 30, batch_size: 16, max_new_tokens: 10, lr: 1e-3, ppo_epochs: 2, minibatches: 2, kl_coef: 0.3, target_kl: {TARGET}, horizon: 16, checkpoint_every: 0 }}",
+    )));
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    let lines = metrics(&p);
+    assert_eq!(lines.len(), 30);
+    let kl = series(&lines, "kl");
+    let coef = series(&lines, "kl_coef");
+    eprintln!("kl: {kl:?}\nkl_coef: {coef:?}");
+    let lowest = coef.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(
+        coef[29] > 2.0 * lowest,
+        "the controller raised the coefficient once the KL passed the target: {coef:?}"
+    );
+    let tail = mean(&kl[25..]);
+    assert!(
+        tail > TARGET / 2.0 && tail < TARGET * 2.0,
+        "mean KL of the last 5 iterations {tail} vs target {TARGET}: {kl:?}"
+    );
+}
+
 #[test]
 fn a_killed_ppo_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run() {
     killed_run_matches_an_uninterrupted_one(
