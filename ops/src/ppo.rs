@@ -45,9 +45,11 @@ pub enum PpoValueModel {
     /// A full trainable copy of its starting model, with a value head.
     #[default]
     Full,
-    /// With `lora` on the policy: LoRA adapters (the policy's `lora`
-    /// settings) and a value head on the policy's own frozen base weights,
-    /// which also serve as the reference: one copy of the base in memory.
+    /// LoRA adapters (`critic_lora`, by default the policy's `lora`
+    /// settings) and a value head on the frozen reference weights: with
+    /// `lora` on the policy, its own frozen base (one copy of the base in
+    /// memory); with a fully trained policy, the reference's copy (in
+    /// `dtype`), so no second trained model and no optimizer state for it.
     Lora,
 }
 
@@ -227,16 +229,21 @@ pub struct PpoParams {
     pub checkpoint_every: u64,
     /// LoRA adapters on the policy: only they train, the reference is the
     /// same weights with the adapters off, and the saved policy has them
-    /// merged. The value model is trained in full.
+    /// merged. The value model is trained in full unless `value_model: lora`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraParams>,
     /// Where the value model starts.
     #[serde(default)]
     pub value_init: PpoValueInit,
-    /// The value model: a full copy (`full`) or, with `lora`, adapters on
-    /// the policy's frozen base (`lora`).
+    /// The value model: a full copy (`full`) or adapters and a value head
+    /// on the frozen reference weights (`lora`: the policy's own base with
+    /// `lora`, else the reference's copy).
     #[serde(default, skip_serializing_if = "PpoValueModel::is_full")]
     pub value_model: PpoValueModel,
+    /// With `value_model: lora`: the critic's adapters (by default the
+    /// policy's `lora` settings, or LoRA's defaults without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critic_lora: Option<LoraParams>,
     /// Learning-rate schedule over the iterations (policy and value model).
     #[serde(default)]
     pub lr_schedule: PpoLrSchedule,
@@ -332,16 +339,16 @@ impl OpParams for PpoParams {
         )?;
         if self.value_model == PpoValueModel::Lora {
             require(
-                self.lora.is_some(),
-                "value_model",
-                "`value_model: lora` puts the critic's adapters on the policy's frozen base: it needs `lora` on the policy",
-            )?;
-            require(
                 self.value_init == PpoValueInit::Policy,
                 "value_model",
-                "`value_model: lora` shares the policy's base weights: it needs `value_init: policy`",
+                "`value_model: lora` puts the critic's adapters on the frozen starting policy: it needs `value_init: policy`",
             )?;
         }
+        require(
+            self.critic_lora.is_none() || self.value_model == PpoValueModel::Lora,
+            "critic_lora",
+            "`critic_lora` sets the adapters of a LoRA critic: it needs `value_model: lora`",
+        )?;
         check_rewards(&self.rewards, "rewards")?;
         require(
             self.advantage.uses_critic() || self.samples_per_prompt >= 2,

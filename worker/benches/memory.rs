@@ -14,10 +14,13 @@
 //! tokens, one iteration (one epoch, one minibatch) with a full value
 //! model and a float32 reference and reward model (`full`), or LoRA
 //! (`all-linear`, rank 16) with `value_model: lora` and the frozen models
-//! in `dtype: bfloat16` (`lora`). Training is float32 (CPU).
+//! in `dtype: bfloat16` (`lora`), or the policy trained in full with the
+//! critic's adapters on the reference's bf16 copy (`lora-critic`, `ppo`
+//! only). Training is float32 (CPU). A first child that loads no model
+//! measures the fixed part every process holds.
 //!
 //!   cargo bench -p alignflow-worker --bench memory -- [--sizes 25m,110m,400m]
-//!       [--only sft,dpo,pm.train,ppo] [--modes full,lora] [--threads N]
+//!       [--only sft,dpo,pm.train,ppo] [--modes full,lora,lora-critic] [--threads N]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -168,10 +171,20 @@ fn stage(op: &str, mode: &str, root: &Path) -> (Value, Vec<(&'static str, PathBu
                 "iterations": 1, "batch_size": 4, "max_new_tokens": 32,
                 "ppo_epochs": 1, "minibatches": 1,
             });
-            if mode == "lora" {
-                p["lora"] = lora;
-                p["value_model"] = "lora".into();
-                p["dtype"] = "bfloat16".into();
+            match mode {
+                "lora" => {
+                    p["lora"] = lora;
+                    p["value_model"] = "lora".into();
+                    p["dtype"] = "bfloat16".into();
+                }
+                // The policy trained in full, the critic's adapters on the
+                // reference's frozen bf16 copy.
+                "lora-critic" => {
+                    p["critic_lora"] = lora;
+                    p["value_model"] = "lora".into();
+                    p["dtype"] = "bfloat16".into();
+                }
+                _ => {}
             }
             (
                 p,
@@ -195,6 +208,13 @@ fn child(
     device: &str,
     threads: usize,
 ) -> anyhow::Result<Value> {
+    if op_name == "baseline" {
+        // What every child holds before a weight: libtorch, oneDNN's
+        // kernels and the allocator's arenas, warmed by a small matmul.
+        let x = Tensor::randn([256, 256], (Kind::Float, Device::Cpu));
+        let _ = x.matmul(&x).sum(Kind::Float).double_value(&[]);
+        return Ok(json!({"peak_rss_mib": vm_hwm_mib(), "seconds": 0.0}));
+    }
     let op = alignflow_ops::find(op_name).context("no such op")?;
     let (raw, inputs) = stage(op_name, mode, root);
     let params = op.normalize_params(&raw)?;
@@ -270,7 +290,7 @@ fn main() -> anyhow::Result<()> {
     let a = Args {
         sizes: list(flag("--sizes"), "25m,110m,400m"),
         ops: list(flag("--only"), "sft,dpo,pm.train,ppo"),
-        modes: list(flag("--modes"), "full,lora"),
+        modes: list(flag("--modes"), "full,lora,lora-critic"),
         threads,
     };
     let me = std::env::current_exe()?;
@@ -290,8 +310,13 @@ fn main() -> anyhow::Result<()> {
         let line = stdout.lines().last().context("no figures")?;
         Ok(serde_json::from_str(line)?)
     };
-    println!("| op | mode | size | parameters | peak RSS (MiB) | bytes / parameter | seconds |");
-    println!("|---|---|---|---:|---:|---:|---:|");
+    let base_dir = tempfile::tempdir()?;
+    let base = spawn("baseline", "-", base_dir.path(), base_dir.path())?["peak_rss_mib"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!("Every child holds {base:.0} MiB before any weight (libtorch, oneDNN, allocator); the last byte column leaves it out.\n");
+    println!("| op | mode | size | parameters | peak RSS (MiB) | bytes / parameter | bytes / parameter above the fixed part | seconds |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|");
     for size in &a.sizes {
         let tmp = tempfile::tempdir()?;
         let root = tmp.path();
@@ -301,14 +326,18 @@ fn main() -> anyhow::Result<()> {
         }
         for op in &a.ops {
             for mode in &a.modes {
+                if mode == "lora-critic" && op != "ppo" {
+                    continue;
+                }
                 let out = root.join(format!("{op}-{mode}"));
                 let f = spawn(op, mode, root, &out)?;
                 let peak = f["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
                 let bytes = peak * 1024.0 * 1024.0;
                 println!(
-                    "| {op} | {mode} | {size} | {:.1}M | {peak:.0} | {:.1} | {:.0} |",
+                    "| {op} | {mode} | {size} | {:.1}M | {peak:.0} | {:.1} | {:.1} | {:.0} |",
                     params as f64 / 1e6,
                     bytes / params as f64,
+                    (peak - base) * 1024.0 * 1024.0 / params as f64,
                     f["seconds"].as_f64().unwrap_or(f64::NAN)
                 );
                 // The next stage's inputs are the same; its outputs are not kept.

@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-
 use tch::Device;
 
 use alignflow_ops::text::Tokenizer;
@@ -125,7 +123,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     // Critic-free modes load no value model at all.
     let mut critic = match (baseline, p.value_model) {
         (None, PpoValueModel::Full) => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
-        (None, PpoValueModel::Lora) => Some(lora_critic(&policy, p.lora.as_ref())?),
+        (None, PpoValueModel::Lora) => Some(lora_critic(&p, &policy, &reference)?),
         (Some(_), _) => None,
     };
     set_gradient_checkpointing(&mut policy, p.gradient_checkpointing);
@@ -260,18 +258,31 @@ pub(super) fn value_model(
     load::model(dir, device, Head::Value)
 }
 
-/// `value_model: lora`: adapters and a value head on the policy's own base
-/// weights (see [`Model::sharing_base`]); the params' check makes sure the
-/// policy has `lora`.
+/// `value_model: lora`: adapters (`critic_lora`, else the policy's `lora`,
+/// else LoRA's defaults) and a value head on the frozen starting weights
+/// (see [`Model::sharing_base`]): the LoRA policy's own base, or the
+/// reference's copy when the policy trains in full.
 pub(super) fn lora_critic(
+    p: &PpoParams,
     policy: &Model,
-    lora: Option<&alignflow_ops::training::LoraParams>,
+    reference: &Reference,
 ) -> anyhow::Result<Model> {
-    let lora = lora.context("`value_model: lora` needs `lora` on the policy")?;
-    let critic = Model::sharing_base(policy, &LoraConfig::from(lora), Head::Value);
-    let (own, shared) = model::storage_bytes(&critic, policy);
+    let base = match reference {
+        Reference::AdaptersOff => policy,
+        Reference::Copy(m) => m,
+    };
+    let settings = match p.critic_lora.as_ref().or(p.lora.as_ref()) {
+        Some(l) => l.clone(),
+        None => serde_json::from_value(serde_json::json!({}))?,
+    };
+    let critic = Model::sharing_base(base, &LoraConfig::from(&settings), Head::Value);
+    let (own, shared) = model::storage_bytes(&critic, base);
     tracing::info!(
-        "LoRA critic: {own} bytes of its own (adapters, value head), {shared} bytes of base weights shared with the policy"
+        "LoRA critic: {own} bytes of its own (adapters, value head), {shared} bytes of base weights shared with the {}",
+        match reference {
+            Reference::AdaptersOff => "policy",
+            Reference::Copy(_) => "reference",
+        }
     );
     Ok(critic)
 }

@@ -627,7 +627,9 @@ fn a_lora_critic_on_the_shared_base_equals_a_separately_held_one() {
         },
     )
     .unwrap();
-    let shared = super::setup::lora_critic(&policy, Some(&lora)).unwrap();
+    let params: alignflow_ops::PpoParams =
+        serde_json::from_value(json!({"lora": lora, "value_model": "lora"})).unwrap();
+    let shared = super::setup::lora_critic(&params, &policy, &Reference::AdaptersOff).unwrap();
     // A critic of its own: the base loaded again, the same adapters and head.
     let separate = Model::load(
         &f.policy,
@@ -707,15 +709,69 @@ fn a_lora_critic_on_the_shared_base_equals_a_separately_held_one() {
     assert!(lines[1]["value_loss"].as_f64().unwrap().is_finite());
 }
 
+/// With a fully trained policy, `value_model: lora` puts the critic's
+/// adapters on the reference's frozen copy: no weight of the policy, no
+/// second full model, and the op trains with it.
 #[test]
-fn value_model_lora_needs_lora_on_the_policy() {
+fn a_lora_critic_of_a_fully_trained_policy_sits_on_the_reference() {
+    let _rng = crate::testing::torch_rng();
+    let f = fixture();
+    let policy = Model::load(&f.policy, &BuildOptions::new(Device::Cpu, Head::Lm)).unwrap();
+    let reference = Reference::Copy(
+        crate::ops::load::frozen(
+            &f.policy,
+            Device::Cpu,
+            Head::Lm,
+            alignflow_ops::Dtype::Float32,
+        )
+        .unwrap(),
+    );
+    let params: alignflow_ops::PpoParams = serde_json::from_value(
+        json!({"value_model": "lora", "critic_lora": {"rank": 4, "targets": ["c_attn", "c_fc"]}}),
+    )
+    .unwrap();
+    let critic = super::setup::lora_critic(&params, &policy, &reference).unwrap();
+    let Reference::Copy(copy) = &reference else {
+        unreachable!()
+    };
+    let (own, on_reference) = crate::model::storage_bytes(&critic, copy);
+    let (_, on_policy) = crate::model::storage_bytes(&critic, &policy);
+    let trained: i64 = critic
+        .trainable()
+        .iter()
+        .map(|(_, t)| t.numel() as i64 * 4)
+        .sum();
+    assert_eq!(own, trained, "the critic holds only its adapters and head");
+    assert!(
+        on_reference > 0 && on_policy == 0,
+        "{on_reference} {on_policy}"
+    );
+    assert!(critic
+        .trainable()
+        .iter()
+        .all(|(n, _)| n.contains("lora_") || n.starts_with("v_head.")));
+    // The op trains the whole policy beside it.
+    let (_, lines, model) = run_ppo(&f, "full-lora-critic", json!({"value_model": "lora"}));
+    assert!(lines[1]["value_loss"].as_f64().unwrap().is_finite());
+    let before = tensors(&f.policy);
+    let after = tensors(&model);
+    let changed = before.iter().filter(|(n, t)| after[*n] != **t).count();
+    assert!(
+        changed * 2 > before.len(),
+        "{changed} of {} tensors trained",
+        before.len()
+    );
+}
+
+#[test]
+fn critic_lora_needs_value_model_lora() {
     let op = alignflow_ops::find("ppo").unwrap();
     let err = op
-        .normalize_params(&json!({"value_model": "lora"}))
+        .normalize_params(&json!({"critic_lora": {"rank": 4}}))
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("value_model") && err.contains("needs `lora`"),
+        err.contains("critic_lora") && err.contains("needs `value_model: lora`"),
         "{err}"
     );
 }
