@@ -23,6 +23,81 @@ pub fn read_folder(dir: &Path, device: Device) -> anyhow::Result<BTreeMap<String
     Ok(out)
 }
 
+/// A checkpoint folder's tensors, memory-mapped and read one at a time:
+/// loading a model into its variables then holds the variables and one
+/// tensor, never a second copy of the whole checkpoint.
+pub struct MappedFolder {
+    maps: Vec<memmap2::Mmap>,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Where one tensor's bytes are.
+struct Entry {
+    map: usize,
+    start: usize,
+    len: usize,
+    kind: Kind,
+    shape: Vec<i64>,
+}
+
+impl MappedFolder {
+    /// Maps every safetensors file of `dir` (see [`weight_files`]).
+    pub fn open(dir: &Path) -> anyhow::Result<MappedFolder> {
+        let mut maps = Vec::new();
+        let mut entries = BTreeMap::new();
+        for path in weight_files(dir)? {
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // Safety: read-only; checkpoints in the cache are immutable, and
+            // every tensor made from the map is a copy.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let st = SafeTensors::deserialize(&map)
+                .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+            for (name, view) in st.tensors() {
+                let data = view.data();
+                entries.insert(
+                    name,
+                    Entry {
+                        map: maps.len(),
+                        start: data.as_ptr() as usize - map.as_ptr() as usize,
+                        len: data.len(),
+                        kind: kind_of(view.dtype())?,
+                        shape: view.shape().iter().map(|&d| d as i64).collect(),
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(MappedFolder { maps, entries })
+    }
+
+    /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Tensor `name` read into memory (in its stored kind, on the CPU).
+    pub fn tensor(&self, name: &str) -> anyhow::Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .with_context(|| format!("no tensor `{name}`"))?;
+        let bytes = &self.maps[e.map][e.start..e.start + e.len];
+        Ok(Tensor::f_from_data_size(bytes, &e.shape, e.kind)?)
+    }
+
+    /// The kind of the first floating tensor by name (float32 when none):
+    /// the dtype the checkpoint was saved in.
+    pub fn float_kind(&self) -> Kind {
+        self.entries
+            .values()
+            .map(|e| e.kind)
+            .find(|k| matches!(k, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double))
+            .unwrap_or(Kind::Float)
+    }
+}
+
 /// The safetensors files of a folder: `model.safetensors`, or the shards a
 /// `model.safetensors.index.json` lists.
 pub fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

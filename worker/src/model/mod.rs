@@ -431,25 +431,29 @@ impl Model {
     pub fn load(dir: &Path, options: &BuildOptions) -> anyhow::Result<Model> {
         let cfg = ModelConfig::load(dir)?;
         let mut model = Model::init(&cfg, options);
-        let stored = checkpoint::read_folder(dir, Device::Cpu)?;
+        // Read tensor by tensor: the load holds the variables and one
+        // stored tensor at a time.
+        let stored = checkpoint::MappedFolder::open(dir)?;
         let prefix = format!("{}.", cfg.backbone_prefix());
         let mut fresh = Vec::new();
         tch::no_grad(|| -> anyhow::Result<()> {
             for (name, mut var) in model.vs.variables() {
                 // Checkpoints of the bare backbone (`GPT2Model`) have no prefix.
-                let found = stored
-                    .get(&name)
-                    .or_else(|| name.strip_prefix(&prefix).and_then(|n| stored.get(n)));
+                let found = [Some(name.as_str()), name.strip_prefix(&prefix)]
+                    .into_iter()
+                    .flatten()
+                    .find(|n| stored.shape(n).is_some());
                 match found {
-                    Some(t) => {
+                    Some(stored_name) => {
+                        let shape = stored.shape(stored_name).unwrap_or_default();
                         anyhow::ensure!(
-                            t.size() == var.size(),
+                            shape == var.size().as_slice(),
                             "{}: `{name}` has shape {:?} in the checkpoint but the config makes it {:?}",
                             dir.display(),
-                            t.size(),
+                            shape,
                             var.size()
                         );
-                        var.copy_(t);
+                        var.copy_(&stored.tensor(stored_name)?);
                     }
                     // A `*ForSequenceClassification` folder has no LM head
                     // (nothing reads a reward model's logits).
@@ -477,7 +481,7 @@ impl Model {
             freeze_all_but_lora(&model.vs);
         }
         model.source = Some(dir.to_path_buf());
-        model.save_kind = stored_kind(&stored);
+        model.save_kind = stored.float_kind();
         Ok(model)
     }
 
@@ -678,14 +682,6 @@ fn hold_frozen_weights_in(vs: &nn::VarStore, kind: Kind, lora: bool) {
             }
         }
     });
-}
-
-/// The dtype of a checkpoint's floating tensors (float32 when it has none).
-fn stored_kind(stored: &BTreeMap<String, Tensor>) -> Kind {
-    stored
-        .values()
-        .find(|t| t.is_floating_point())
-        .map_or(Kind::Float, Tensor::kind)
 }
 
 /// With LoRA only the adapters train: everything else stops requiring grad.
