@@ -25,7 +25,7 @@ use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::{finite_or_null, write_held_out_eval};
-use super::training::run_training_with_figures;
+use super::training::{run_training_with_figures, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub use data::{
@@ -333,13 +333,17 @@ fn train_policy(
     device: Device,
 ) -> anyhow::Result<Metrics> {
     let sums = RefCell::new(RewardSums::default());
-    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<BatchLoss> {
         let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
         let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
         let ((a, b), tokens) = pair_logps(m, &pairs, device, p.dropout);
         let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
         sums.borrow_mut().add(&ra, &rb, &raw, &l);
-        Ok((losses.mean(Kind::Float), tokens))
+        Ok(BatchLoss {
+            loss: losses.mean(Kind::Float),
+            tokens,
+            weight: batch.len() as f64,
+        })
     };
     // The step's mean loss comes from the loop; the rest from the sums.
     let mut figures = || {
