@@ -121,10 +121,11 @@ fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f
     worst
 }
 
-/// The path of `stage`'s output `name`.
-fn output_path(p: &Project, stage: &str, name: &str) -> PathBuf {
-    let shown: serde_json::Value =
-        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", stage, "--json"])).unwrap();
+/// The path of `stage`'s output `name` with `data_parallel: dp`.
+fn output_path(p: &Project, stage: &str, name: &str, dp: u32) -> PathBuf {
+    let set = format!("params.dp={dp}");
+    let args = ["show", "pipeline.yaml", stage, "--json", "--set", &set];
+    let shown: serde_json::Value = serde_json::from_str(&p.ok(&args)).unwrap();
     shown[name]["path"].as_str().unwrap().into()
 }
 
@@ -133,10 +134,10 @@ fn two_gloo_ranks_take_the_steps_of_one_process_on_the_whole_batch() {
     let p = project();
     let (one, two) = (p.path("grads-1"), p.path("grads-2"));
     ok(run(&p, "sft", 1, &one, &[]));
-    let single = tensors(&output_path(&p, "sft", "model"));
-    let single_metrics = std::fs::read_to_string(output_path(&p, "sft", "metrics")).unwrap();
+    let single = tensors(&output_path(&p, "sft", "model", 1));
+    let single_metrics = std::fs::read_to_string(output_path(&p, "sft", "metrics", 1)).unwrap();
     ok(run(&p, "sft", 2, &two, &[]));
-    let parallel = tensors(&output_path(&p, "sft", "model"));
+    let parallel = tensors(&output_path(&p, "sft", "model", 2));
 
     // The same gradients at every step: rank 0's and rank 1's (the
     // all-reduce leaves both the same), and one process's on the batch.
@@ -155,12 +156,12 @@ fn two_gloo_ranks_take_the_steps_of_one_process_on_the_whole_batch() {
     // After three AdamW steps, the same weights; and they did move.
     let worst_weight = max_diff(&single, &parallel);
     assert!(worst_weight < 1e-5, "weights differ by {worst_weight}");
-    let base = tensors(&output_path(&p, "base", "model"));
+    let base = tensors(&output_path(&p, "base", "model", 2));
     assert!(max_diff(&base, &parallel) > 1e-4, "training changed nothing");
     eprintln!("max |grad diff| {worst_grad:e}, max |weight diff| {worst_weight:e}");
 
     // Rank 0 wrote the metrics, one line per step, losses as one process's.
-    let parallel_metrics = std::fs::read_to_string(output_path(&p, "sft", "metrics")).unwrap();
+    let parallel_metrics = std::fs::read_to_string(output_path(&p, "sft", "metrics", 2)).unwrap();
     let losses = |text: &str| -> Vec<f64> {
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
@@ -177,7 +178,7 @@ fn two_gloo_ranks_take_the_steps_of_one_process_on_the_whole_batch() {
     again.write("hh.jsonl", &p.read("hh.jsonl"));
     again.write("pipeline.yaml", MANIFEST);
     ok(run(&again, "sft", 2, &again.path("grads"), &[]));
-    assert_eq!(tensors(&output_path(&again, "sft", "model")), parallel);
+    assert_eq!(tensors(&output_path(&again, "sft", "model", 2)), parallel);
 }
 
 #[test]
@@ -185,7 +186,7 @@ fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
     let p = project();
     let grads = p.path("grads");
     // Everything upstream first, so the timing below is the stage's.
-    ok(run(&p, "base", 1, &grads, &[]));
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
     let start = Instant::now();
     let out = run(
         &p,
