@@ -178,6 +178,27 @@ impl RewardSums {
         }
     }
 
+    /// These sums added up over the ranks of a data-parallel group, so the
+    /// step's figures are the whole batch's, not rank 0's share.
+    pub fn summed_over(&self, group: &crate::dist::Group) -> Result<RewardSums, crate::dist::DistError> {
+        let s = group.sum_f64(&[
+            self.pairs as f64,
+            self.decisive as f64,
+            self.correct as f64,
+            self.chosen,
+            self.rejected,
+            self.loss,
+        ])?;
+        Ok(RewardSums {
+            pairs: s[0] as usize,
+            decisive: s[1] as usize,
+            correct: s[2] as usize,
+            chosen: s[3],
+            rejected: s[4],
+            loss: s[5],
+        })
+    }
+
     /// Named means (NaN, written `null`, where nothing counted).
     pub fn figures(&self, prefix: &str) -> Vec<(String, f64)> {
         let n = self.pairs as f64;
@@ -347,7 +368,15 @@ fn train_policy(
     };
     // The step's mean loss comes from the loop; the rest from the sums.
     let mut figures = || {
-        let step = std::mem::take(&mut *sums.borrow_mut());
+        let mut step = std::mem::take(&mut *sums.borrow_mut());
+        if let Some(g) = crate::dist::group() {
+            // A failed collective fails the next step's too: the figures
+            // of this one fall back to this rank's share meanwhile.
+            match step.summed_over(g) {
+                Ok(all) => step = all,
+                Err(e) => tracing::warn!("figures of this rank's share only: {e}"),
+            }
+        }
         step.figures("")
             .into_iter()
             .filter(|(k, _)| k != "loss")

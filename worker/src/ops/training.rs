@@ -192,9 +192,18 @@ pub fn run_training_with_figures(
     }
     let secs = start.elapsed().as_secs_f64();
     let tokens = trainer.state().tokens_seen - start_tokens;
-    if let Some(log) = log {
-        log.publish(ctx)?;
-        model.save(&ctx.output("model"))?;
+    match log {
+        Some(log) => {
+            log.publish(ctx)?;
+            model.save(&ctx.output("model"))?;
+        }
+        None => {
+            // The other ranks' outputs go to a scratch folder rank 0
+            // removes; an empty log there takes what the op appends after
+            // training (held-out figures). The model is rank 0's to save.
+            std::fs::create_dir_all(&ctx.spec.out_dir)?;
+            std::fs::write(ctx.output("metrics"), "")?;
+        }
     }
     let mut out = Metrics::new();
     out.insert("steps".into(), steps.into());
