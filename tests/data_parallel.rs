@@ -31,6 +31,7 @@ name: dp
 seed: 3
 params:
   dp: 1
+  ckpt: 0
 stages:
   hh:
     op: dataset.import
@@ -46,7 +47,7 @@ stages:
   sft:
     op: sft
     inputs: { model: "${stages.base.model}", data: "${stages.hh.data}" }
-    params: { response_field: chosen, max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+    params: { response_field: chosen, max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: "${params.ckpt}", dropout: false, data_parallel: "${params.dp}" }
   pm:
     op: pm.train
     inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
@@ -76,9 +77,23 @@ fn project() -> Project {
 /// `alignflow run` of `target` with `data_parallel: dp`, the gradients of
 /// every step written to `grads` (the worker's test hook), and `env`.
 fn run(p: &Project, target: &str, dp: u32, grads: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    run_with(p, target, &[&format!("params.dp={dp}")], grads, env)
+}
+
+/// [`run`] with the `--set` overrides `sets`.
+fn run_with(
+    p: &Project,
+    target: &str,
+    sets: &[&str],
+    grads: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     std::fs::create_dir_all(grads).unwrap();
-    let set = format!("params.dp={dp}");
-    let mut cmd = p.cmd(&["run", "pipeline.yaml", "--quiet", "--target", target, "--set", &set]);
+    let mut args = vec!["run", "pipeline.yaml", "--quiet", "--target", target];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let mut cmd = p.cmd(&args);
     cmd.env("ALIGNFLOW_DIST_TEST_GRADS", grads);
     for (k, v) in env {
         cmd.env(k, v);
@@ -144,8 +159,15 @@ fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f
 
 /// The path of `stage`'s output `name` with `data_parallel: dp`.
 fn output_path(p: &Project, stage: &str, name: &str, dp: u32) -> PathBuf {
-    let set = format!("params.dp={dp}");
-    let args = ["show", "pipeline.yaml", stage, "--json", "--set", &set];
+    output_path_with(p, stage, name, &[&format!("params.dp={dp}")])
+}
+
+/// The path of `stage`'s output `name` under the `--set` overrides `sets`.
+fn output_path_with(p: &Project, stage: &str, name: &str, sets: &[&str]) -> PathBuf {
+    let mut args = vec!["show", "pipeline.yaml", stage, "--json"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
     let shown: serde_json::Value = serde_json::from_str(&p.ok(&args)).unwrap();
     shown[name]["path"].as_str().unwrap().into()
 }
@@ -282,4 +304,30 @@ fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
         "ran",
     );
     assert_eq!(ran, set(&["sft"]));
+}
+
+#[test]
+fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
+    let sets = ["params.dp=2", "params.ckpt=1"];
+    let uninterrupted = project();
+    ok(run_with(&uninterrupted, "sft", &sets, &uninterrupted.path("g"), &[]));
+    let expected = tensors(&output_path_with(&uninterrupted, "sft", "model", &sets));
+
+    let p = project();
+    let grads = p.path("g");
+    let killed = run_with(&p, "sft", &sets, &grads, &[("ALIGNFLOW_DIST_TEST_KILL", "1:3")]);
+    assert!(!killed.status.success());
+    // Steps 1 and 2 were taken (and checkpointed), step 3 was not.
+    assert!(grads.join("rank-0-step-2.safetensors").exists());
+    assert!(!grads.join("rank-0-step-3.safetensors").exists());
+    std::fs::remove_dir_all(&grads).unwrap();
+
+    ok(run_with(&p, "sft", &sets, &grads, &[]));
+    // Both ranks resumed from step 2's checkpoint: only step 3 ran.
+    assert!(!grads.join("rank-0-step-2.safetensors").exists());
+    assert!(grads.join("rank-0-step-3.safetensors").exists());
+    assert!(grads.join("rank-1-step-3.safetensors").exists());
+    assert_eq!(tensors(&output_path_with(&p, "sft", "model", &sets)), expected);
+    let metrics = std::fs::read_to_string(output_path_with(&p, "sft", "metrics", &sets)).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }
