@@ -76,7 +76,13 @@ fn project() -> Project {
 
 /// `alignflow run` of `target` with `data_parallel: dp`, the gradients of
 /// every step written to `grads` (the worker's test hook), and `env`.
-fn run(p: &Project, target: &str, dp: u32, grads: &Path, env: &[(&str, &str)]) -> std::process::Output {
+fn run(
+    p: &Project,
+    target: &str,
+    dp: u32,
+    grads: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     run_with(p, target, &[&format!("params.dp={dp}")], grads, env)
 }
 
@@ -195,15 +201,27 @@ fn two_ranks_equal_one(stage: &str) -> (Project, BTreeMap<String, Vec<f32>>) {
         let file = |dir: &Path, rank: u32| dir.join(format!("rank-{rank}-step-{step}.safetensors"));
         let g1 = tensors(&file(&one, 0));
         let (g2, g2_other) = (tensors(&file(&two, 0)), tensors(&file(&two, 1)));
-        assert!(g1.values().flatten().any(|v| *v != 0.0), "{stage} step {step}: no gradient");
-        assert_eq!(g2, g2_other, "{stage} step {step}: the ranks step with different gradients");
+        assert!(
+            g1.values().flatten().any(|v| *v != 0.0),
+            "{stage} step {step}: no gradient"
+        );
+        assert_eq!(
+            g2, g2_other,
+            "{stage} step {step}: the ranks step with different gradients"
+        );
         worst_grad = worst_grad.max(max_diff(&g1, &g2));
     }
     assert!(!one.join("rank-1-step-1.safetensors").exists());
-    assert!(worst_grad < 1e-6, "{stage}: gradients differ by {worst_grad}");
+    assert!(
+        worst_grad < 1e-6,
+        "{stage}: gradients differ by {worst_grad}"
+    );
 
     let worst_weight = max_diff(&single, &parallel);
-    assert!(worst_weight < 1e-5, "{stage}: weights differ by {worst_weight}");
+    assert!(
+        worst_weight < 1e-5,
+        "{stage}: weights differ by {worst_weight}"
+    );
     let base = tensors(&output_path(&p, "base", "model", 2));
     let moved: f64 = base
         .iter()
@@ -215,7 +233,9 @@ fn two_ranks_equal_one(stage: &str) -> (Project, BTreeMap<String, Vec<f32>>) {
     // Rank 0 wrote the metrics, one line per step (and the same held-out
     // figures after), the figures summed over the ranks.
     let lines = |text: &str| -> Vec<serde_json::Value> {
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let (m1, m2) = (lines(&single_metrics), lines(&parallel_metrics));
     assert_eq!(m1.len(), m2.len(), "{parallel_metrics}");
@@ -228,7 +248,10 @@ fn two_ranks_equal_one(stage: &str) -> (Project, BTreeMap<String, Vec<f32>>) {
             // DPO's reward accuracy counts the signs of the margins: where
             // they are rounding noise (step 1: the policy is the reference,
             // every implicit reward is about 0) it is noise too.
-            let noise = a.get("margin").and_then(|m| m.as_f64()).is_some_and(|m| m.abs() < 1e-4);
+            let noise = a
+                .get("margin")
+                .and_then(|m| m.as_f64())
+                .is_some_and(|m| m.abs() < 1e-4);
             match (x.as_f64(), y.as_f64()) {
                 _ if key == "tokens_per_s" => {}
                 _ if key == "reward_accuracy" && noise => {}
@@ -284,7 +307,10 @@ fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
         "sft",
         2,
         &grads,
-        &[("ALIGNFLOW_DIST_TEST_KILL", "1:2"), ("ALIGNFLOW_DIST_TIMEOUT_S", "20")],
+        &[
+            ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
+            ("ALIGNFLOW_DIST_TIMEOUT_S", "20"),
+        ],
     );
     let took = start.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -310,12 +336,24 @@ fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
 fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
     let sets = ["params.dp=2", "params.ckpt=1"];
     let uninterrupted = project();
-    ok(run_with(&uninterrupted, "sft", &sets, &uninterrupted.path("g"), &[]));
+    ok(run_with(
+        &uninterrupted,
+        "sft",
+        &sets,
+        &uninterrupted.path("g"),
+        &[],
+    ));
     let expected = tensors(&output_path_with(&uninterrupted, "sft", "model", &sets));
 
     let p = project();
     let grads = p.path("g");
-    let killed = run_with(&p, "sft", &sets, &grads, &[("ALIGNFLOW_DIST_TEST_KILL", "1:3")]);
+    let killed = run_with(
+        &p,
+        "sft",
+        &sets,
+        &grads,
+        &[("ALIGNFLOW_DIST_TEST_KILL", "1:3")],
+    );
     assert!(!killed.status.success());
     // Steps 1 and 2 were taken (and checkpointed), step 3 was not.
     assert!(grads.join("rank-0-step-2.safetensors").exists());
@@ -327,7 +365,10 @@ fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
     assert!(!grads.join("rank-0-step-2.safetensors").exists());
     assert!(grads.join("rank-0-step-3.safetensors").exists());
     assert!(grads.join("rank-1-step-3.safetensors").exists());
-    assert_eq!(tensors(&output_path_with(&p, "sft", "model", &sets)), expected);
+    assert_eq!(
+        tensors(&output_path_with(&p, "sft", "model", &sets)),
+        expected
+    );
     let metrics = std::fs::read_to_string(output_path_with(&p, "sft", "metrics", &sets)).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }

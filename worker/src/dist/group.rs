@@ -92,7 +92,12 @@ pub struct Store {
 impl Store {
     /// Hosts the store on `host:port` (port 0: a free one the OS picks, so
     /// two stages never race for a port); see [`Store::port`].
-    pub fn host(host: &str, port: u16, world: usize, timeout: Duration) -> Result<Store, DistError> {
+    pub fn host(
+        host: &str,
+        port: u16,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Store, DistError> {
         Store::open(host, port, true, world, timeout)
     }
 
@@ -406,7 +411,11 @@ mod tests {
             std::thread::spawn(move || {
                 let g = Group::join(store, r, 2, "127.0.0.1", timeout).unwrap();
                 // Two buckets' worth of a float tensor, and a small one.
-                let big = Tensor::full([7 << 20], r as f64 + 1.0, (tch::Kind::Float, tch::Device::Cpu));
+                let big = Tensor::full(
+                    [7 << 20],
+                    r as f64 + 1.0,
+                    (tch::Kind::Float, tch::Device::Cpu),
+                );
                 let small = Tensor::from_slice(&[r as f32, 10.0 * r as f32]);
                 g.all_reduce_mean(&[big.shallow_clone(), small.shallow_clone()])
                     .unwrap();
@@ -453,9 +462,14 @@ mod tests {
         g.barrier().unwrap();
         r1.join().unwrap();
         let start = std::time::Instant::now();
-        let err = g.all_reduce_sum(&Tensor::from_slice(&[1.0f32])).unwrap_err();
+        let err = g
+            .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
+            .unwrap_err();
         let message = err.to_string();
-        assert!(message.starts_with("rank 0 of 2: all-reduce failed"), "{message}");
+        assert!(
+            message.starts_with("rank 0 of 2: all-reduce failed"),
+            "{message}"
+        );
         assert!(start.elapsed() < timeout + Duration::from_secs(5));
     }
 }

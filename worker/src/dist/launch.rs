@@ -75,7 +75,9 @@ impl RankEnv {
         let Ok(rank) = std::env::var(ENV_RANK) else {
             return Ok(None);
         };
-        let var = |name: &str| std::env::var(name).with_context(|| format!("{ENV_RANK} is set but {name} is not"));
+        let var = |name: &str| {
+            std::env::var(name).with_context(|| format!("{ENV_RANK} is set but {name} is not"))
+        };
         let world = var(ENV_WORLD)?;
         let store = var(ENV_STORE)?;
         let (host, port) = store
@@ -83,9 +85,13 @@ impl RankEnv {
             .with_context(|| format!("{ENV_STORE}={store}: expected HOST:PORT"))?;
         Ok(Some(RankEnv {
             rank: rank.parse().with_context(|| format!("{ENV_RANK}={rank}"))?,
-            world: world.parse().with_context(|| format!("{ENV_WORLD}={world}"))?,
+            world: world
+                .parse()
+                .with_context(|| format!("{ENV_WORLD}={world}"))?,
             store_host: host.to_string(),
-            store_port: port.parse().with_context(|| format!("{ENV_STORE}={store}"))?,
+            store_port: port
+                .parse()
+                .with_context(|| format!("{ENV_STORE}={store}"))?,
         }))
     }
 }
@@ -100,7 +106,11 @@ pub fn start(spec: &StageSpec) -> anyhow::Result<Option<Ranks>> {
     if let Some(env) = RankEnv::from_env()? {
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
         let group = Group::join(store, env.rank, env.world, HOST, timeout)?;
-        tracing::info!(rank = env.rank, world = env.world, "joined the data-parallel group");
+        tracing::info!(
+            rank = env.rank,
+            world = env.world,
+            "joined the data-parallel group"
+        );
         install(group);
         return Ok(None);
     }
@@ -180,7 +190,9 @@ impl Ranks {
         store: &Store,
         threads: usize,
     ) -> anyhow::Result<Other> {
-        let scratch = spec.checkpoint_dir.join(format!("data-parallel-rank-{rank}"));
+        let scratch = spec
+            .checkpoint_dir
+            .join(format!("data-parallel-rank-{rank}"));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("creating {}", scratch.display()))?;
@@ -333,10 +345,7 @@ impl Ranks {
             },
         };
         match failed {
-            Some(message) => format!(
-                "rank {} of {} {ended}: {message}",
-                other.rank, self.world
-            ),
+            Some(message) => format!("rank {} of {} {ended}: {message}", other.rank, self.world),
             None => format!("rank {} of {} {ended}", other.rank, self.world),
         }
     }

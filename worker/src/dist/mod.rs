@@ -16,7 +16,7 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 pub use group::{DistError, Group, Store};
-pub use launch::{requested_world, start, Ranks, RankEnv};
+pub use launch::{requested_world, start, RankEnv, Ranks};
 
 static GROUP: OnceLock<Group> = OnceLock::new();
 
@@ -63,7 +63,11 @@ pub fn test_fault_point(step: u64) {
         .split_once(':')
         .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
     if want == Some((g.rank(), step)) {
-        tracing::warn!(rank = g.rank(), step, "ALIGNFLOW_DIST_TEST_KILL: killing this rank");
+        tracing::warn!(
+            rank = g.rank(),
+            step,
+            "ALIGNFLOW_DIST_TEST_KILL: killing this rank"
+        );
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }

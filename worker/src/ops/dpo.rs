@@ -180,7 +180,10 @@ impl RewardSums {
 
     /// These sums added up over the ranks of a data-parallel group, so the
     /// step's figures are the whole batch's, not rank 0's share.
-    pub fn summed_over(&self, group: &crate::dist::Group) -> Result<RewardSums, crate::dist::DistError> {
+    pub fn summed_over(
+        &self,
+        group: &crate::dist::Group,
+    ) -> Result<RewardSums, crate::dist::DistError> {
         let s = group.sum_f64(&[
             self.pairs as f64,
             self.decisive as f64,

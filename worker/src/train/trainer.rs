@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
 use super::accumulate::{accumulate, MicroBatch};
-use crate::dist::{DistError, Group};
 use super::checkpoint::{load_checkpoint, CheckpointError, CheckpointState, Checkpoints};
 use super::clip::clip_grad_norm;
 use super::loop_state::{seed_torch_for_step, TrainState};
 use super::optim::{AdamW, AdamWConfig, OptimError};
 use super::schedule::{Schedule, ScheduleConfig};
+use crate::dist::{DistError, Group};
 
 /// The training knobs of an op's `params:`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
