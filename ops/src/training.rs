@@ -70,10 +70,12 @@ pub struct TrainParams {
     /// on its share of every batch (`batch_size` stays the whole batch, so
     /// it must be at least this), their gradients averaged with torch's
     /// c10d collectives (Gloo) after each backward; rank 0 writes the
-    /// outputs. The math is the one-process step's; the bits are not (the
-    /// sums run in another order), so the value is part of the stage's
-    /// fingerprint: outputs are reproducible run to run for a fixed value.
-    /// Verified on CPU only.
+    /// outputs. The math is the one-process step's (with dropout on, each
+    /// rank draws its own masks); the bits are not (the sums run in another
+    /// order), so the value is part of the stage's fingerprint: outputs are
+    /// reproducible run to run for a fixed value. CPU only (a GPU stage is
+    /// refused); a collective waits at most `ALIGNFLOW_DIST_TIMEOUT_S`
+    /// (300) for a peer.
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }
