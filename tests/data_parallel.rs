@@ -372,3 +372,28 @@ fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
     let metrics = std::fs::read_to_string(output_path_with(&p, "sft", "metrics", &sets)).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }
+
+#[test]
+fn a_rank_lost_before_joining_fails_the_stage_without_waiting_for_the_timeout() {
+    let p = project();
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    let start = Instant::now();
+    // The default timeout (300 s) stays: the failure must not wait for it.
+    let out = run(
+        &p,
+        "sft",
+        2,
+        &p.path("g"),
+        &[("ALIGNFLOW_DIST_TEST_KILL", "1:0")],
+    );
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`")
+            && stderr.contains("rank 1 of 2 was killed by signal 9")
+            && stderr.contains("ended before joining the group"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+}

@@ -104,6 +104,7 @@ impl RankEnv {
 pub fn start(spec: &StageSpec) -> anyhow::Result<Option<Ranks>> {
     let timeout = timeout();
     if let Some(env) = RankEnv::from_env()? {
+        super::test_fault_point_of(env.rank, 0);
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
         let group = Group::join(store, env.rank, env.world, HOST, timeout)?;
         tracing::info!(
@@ -143,12 +144,12 @@ pub fn start(spec: &StageSpec) -> anyhow::Result<Option<Ranks>> {
             Err(e) => return Err(ranks.fail(e)),
         }
     }
-    match Group::join(store, 0, world, HOST, timeout) {
+    match ranks.join_watching(store, timeout) {
         Ok(group) => {
             install(group);
             Ok(Some(ranks))
         }
-        Err(e) => Err(ranks.fail(e.into())),
+        Err(e) => Err(ranks.fail(e)),
     }
 }
 
@@ -243,6 +244,34 @@ impl Ranks {
             failed,
             scratch,
         })
+    }
+
+    /// Joins the group as rank 0 while watching the other ranks: the join
+    /// waits (up to `timeout`) for every rank to arrive, and one that died
+    /// on the way never will, so the join runs on its own thread and a dead
+    /// rank fails the stage at once. (The abandoned thread ends with the
+    /// process, which reports the failure and exits.)
+    fn join_watching(&mut self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
+        let world = self.world;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Group::join(store, 0, world, HOST, timeout));
+        });
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(joined) => return Ok(joined?),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => anyhow::bail!("joining the group: {e}"),
+            }
+            for other in &mut self.others {
+                if let Ok(Some(status)) = other.child.try_wait() {
+                    anyhow::bail!(
+                        "rank 0 of {world}: rank {} ended before joining the group ({status})",
+                        other.rank
+                    );
+                }
+            }
+        }
     }
 
     /// The stage's result once rank 0's op returned `result`: on success,

@@ -53,21 +53,24 @@ pub fn broadcast_weights(group: &Group, vs: &VarStore) -> Result<(), DistError> 
 
 /// A test hook: `ALIGNFLOW_DIST_TEST_KILL=RANK:STEP` makes rank RANK kill
 /// itself with SIGKILL in step STEP (1-based), after its forward pass and
-/// before its backward: a rank lost mid-step, as the tests need.
+/// before its backward: a rank lost mid-step, as the tests need. Step 0 is
+/// before the rank joins the group.
 pub fn test_fault_point(step: u64) {
-    let Some(g) = group() else { return };
+    if let Some(g) = group() {
+        test_fault_point_of(g.rank(), step);
+    }
+}
+
+/// [`test_fault_point`] for `rank`, before the group exists.
+fn test_fault_point_of(rank: usize, step: u64) {
     let Ok(spec) = std::env::var("ALIGNFLOW_DIST_TEST_KILL") else {
         return;
     };
     let want = spec
         .split_once(':')
         .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
-    if want == Some((g.rank(), step)) {
-        tracing::warn!(
-            rank = g.rank(),
-            step,
-            "ALIGNFLOW_DIST_TEST_KILL: killing this rank"
-        );
+    if want == Some((rank, step)) {
+        tracing::warn!(rank, step, "ALIGNFLOW_DIST_TEST_KILL: killing this rank");
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
