@@ -52,6 +52,10 @@ stages:
     op: pm.train
     inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
     params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+  lm:
+    op: lm.pretrain
+    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
+    params: { width: 32, layers: 1, heads: 2, positions: 160, seq_len: 48, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: 0, data_parallel: "${params.dp}" }
   ref:
     op: dpo.reference
     inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
@@ -288,6 +292,11 @@ fn sft_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
 #[test]
 fn pm_train_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
     two_ranks_equal_one("pm");
+}
+
+#[test]
+fn lm_pretrain_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("lm");
 }
 
 #[test]
