@@ -165,6 +165,11 @@ fn doctor() -> BTreeMap<String, serde_json::Value> {
         json!(tch::Cuda::cudnn_is_available()),
     );
     info.insert("threads".into(), json!(tch::get_num_threads()));
+    // `data_parallel` on CPU: torch's Gloo collectives through the shim.
+    info.insert(
+        "data_parallel_gloo".into(),
+        json!(alignflow_worker::dist::available()),
+    );
     info
 }
 

@@ -20,6 +20,12 @@ pub use launch::{requested_world, start, RankEnv, Ranks};
 
 static GROUP: OnceLock<Group> = OnceLock::new();
 
+/// Whether this worker was built with the c10d shim (torch's headers were
+/// there at build time): without it `data_parallel` over 1 fails.
+pub fn available() -> bool {
+    cfg!(alignflow_c10d)
+}
+
 /// This process's data-parallel group, if the stage runs on several ranks.
 pub fn group() -> Option<&'static Group> {
     GROUP.get()
