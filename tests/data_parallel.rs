@@ -1,5 +1,6 @@
-//! Data-parallel training stages (`data_parallel: N`) on torch's own c10d
-//! collectives, Gloo on CPU: two worker processes take the same steps as
+//! Data-parallel training stages (`data_parallel: N`: `sft`, `pm.pretrain`,
+//! `pm.train`, `dpo`, `lm.pretrain`) on torch's own c10d collectives, Gloo
+//! on CPU: two worker processes take the same steps as
 //! one process on the whole batch (gradients within 1e-6, weights within
 //! 1e-5 after several steps), rank 0 alone writes the outputs, the outputs
 //! are reproducible run to run, and a rank killed mid-step fails the stage
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 /// loss must still come out as the whole batch's. No dropout: ranks would
 /// draw other masks than one process does.
 ///
-/// `pm`'s AdamW `eps` is 1e-6, not 1e-8: the Bradley-Terry loss depends on
+/// `pm`'s and `pmp`'s AdamW `eps` is 1e-6, not 1e-8: the Bradley-Terry loss depends on
 /// reward differences only, so the true gradient of the final layer norm's
 /// bias is zero (a shift moves both rewards alike) and the computed one is
 /// rounding noise (about 1e-9), which AdamW divides by its own square root
@@ -51,6 +52,10 @@ stages:
   pm:
     op: pm.train
     inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
+    params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+  pmp:
+    op: pm.pretrain
+    inputs: { model: "${stages.base.model}", data: "${stages.hh.data}" }
     params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
   lm:
     op: lm.pretrain
@@ -292,6 +297,11 @@ fn sft_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
 #[test]
 fn pm_train_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
     two_ranks_equal_one("pm");
+}
+
+#[test]
+fn pm_pretrain_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("pmp");
 }
 
 #[test]
