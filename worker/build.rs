@@ -6,12 +6,14 @@
 //!
 //! Also compiles `csrc/` against torch's headers (oneDNN linear layers with
 //! pre-packed weights for decoding, see `model::onednn`; activation
-//! checkpointing, see `model::recompute`) and sets `cfg(alignflow_onednn)`
-//! when it did.
+//! checkpointing, see `model::recompute`; c10d collectives for data-parallel
+//! training, see `dist`) and sets `cfg(alignflow_onednn)` and
+//! `cfg(alignflow_c10d)` when it did.
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(alignflow_onednn)");
+    println!("cargo::rustc-check-cfg=cfg(alignflow_c10d)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(root) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run `make build` to set up .venv");
@@ -43,10 +45,15 @@ fn main() {
 /// The C++ shim, against the headers of the libtorch tch links (the new C++
 /// ABI, as torch's own wheels since 2.7).
 fn compile_shim(root: &Path) {
-    let sources = ["csrc/onednn_linear.cpp", "csrc/checkpoint.cpp"];
+    let sources = [
+        "csrc/onednn_linear.cpp",
+        "csrc/checkpoint.cpp",
+        "csrc/collectives.cpp",
+    ];
     for source in sources {
         println!("cargo:rerun-if-changed={source}");
     }
+    println!("cargo:rerun-if-changed=csrc/third_party/gloo");
     let include = root.join("include");
     if !include.join("ATen/core/dispatch/Dispatcher.h").exists() {
         println!(
@@ -60,9 +67,15 @@ fn compile_shim(root: &Path) {
         .files(sources)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // The gloo headers torch's ProcessGroupGloo.hpp includes (the wheel
+        // lacks them; see csrc/collectives.cpp), and the define torch's own
+        // build sets for that header to declare anything.
+        .include("csrc/third_party/gloo")
+        .define("USE_C10D_GLOO", None)
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .warnings(false)
         .compile("alignflow_csrc");
     println!("cargo:rustc-cfg=alignflow_onednn");
+    println!("cargo:rustc-cfg=alignflow_c10d");
 }

@@ -138,6 +138,7 @@ impl OpParams for DpoReferenceParams {
 
 impl OpParams for DpoParams {
     fn check(&self) -> Result<(), ParamError> {
+        self.train.check()?;
         require(
             self.beta.is_finite() && self.beta > 0.0,
             "beta",

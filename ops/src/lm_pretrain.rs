@@ -4,7 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::training::TrainParams;
-use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// The architecture of a fresh model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -108,4 +108,8 @@ pub const OP: OpDecl = OpDecl {
     ],
 };
 
-impl OpParams for PretrainParams {}
+impl OpParams for PretrainParams {
+    fn check(&self) -> Result<(), ParamError> {
+        self.train.check()
+    }
+}

@@ -99,6 +99,7 @@ fn check_common(max_len: i64, eval_fraction: f64) -> Result<(), ParamError> {
 impl OpParams for PmTrainParams {
     fn check(&self) -> Result<(), ParamError> {
         check_common(self.pm.max_len, self.pm.eval_fraction)?;
+        self.pm.train.check()?;
         for (name, w) in &self.mix {
             if !PM_TRAIN_SETS.contains(&name.as_str()) {
                 return Err(ParamError {
@@ -202,7 +203,8 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
 
 impl OpParams for PmPretrainParams {
     fn check(&self) -> Result<(), ParamError> {
-        check_common(self.pm.max_len, self.pm.eval_fraction)
+        check_common(self.pm.max_len, self.pm.eval_fraction)?;
+        self.pm.train.check()
     }
 }
 

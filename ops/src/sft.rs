@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat_format::{ChatTemplateChoice, CHAT_TEMPLATE_INPUT, CHAT_TRAINING_CONVENTION};
 use crate::training::{is_true, LoraParams, TrainParams};
-use crate::{OpDecl, OpParams, Outputs, ParamsDecl, Placement, Port};
+use crate::{OpDecl, OpParams, Outputs, ParamError, ParamsDecl, Placement, Port};
 
 /// Params of `sft`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -82,4 +82,8 @@ pub const OP: OpDecl = OpDecl {
     ],
 };
 
-impl OpParams for SftParams {}
+impl OpParams for SftParams {
+    fn check(&self) -> Result<(), ParamError> {
+        self.train.check()
+    }
+}

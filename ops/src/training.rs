@@ -5,6 +5,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::op::{require, ParamError};
+
 /// The learning-rate decay after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +66,38 @@ pub struct TrainParams {
     /// on for CUDA training of models over 300M parameters, off otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// Data-parallel ranks: this many worker processes train together, each
+    /// on its share of every batch (`batch_size` stays the whole batch, so
+    /// it must be at least this), their gradients averaged with torch's
+    /// c10d collectives (Gloo) after each backward; rank 0 writes the
+    /// outputs. The math is the one-process step's (with dropout on, each
+    /// rank draws its own masks); the bits are not (the sums run in another
+    /// order), so the value is part of the stage's fingerprint: outputs are
+    /// reproducible run to run for a fixed value. CPU only (a GPU stage is
+    /// refused); a collective waits at most `ALIGNFLOW_DIST_TIMEOUT_S`
+    /// (300) for a peer.
+    #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
+    pub data_parallel: usize,
+}
+
+impl TrainParams {
+    /// Rules every training op applies: a data-parallel rank count of at
+    /// least one, and no more ranks than examples in a batch.
+    pub fn check(&self) -> Result<(), ParamError> {
+        require(
+            self.data_parallel >= 1,
+            "data_parallel",
+            "`data_parallel` must be at least 1 (one process)",
+        )?;
+        require(
+            self.batch_size >= self.data_parallel,
+            "data_parallel",
+            format!(
+                "`data_parallel: {}` needs `batch_size` of at least {} (each rank takes a share of every batch), got {}",
+                self.data_parallel, self.data_parallel, self.batch_size
+            ),
+        )
+    }
 }
 
 fn default_decay() -> Decay {
@@ -83,6 +117,13 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_log_every() -> u64 {
     1
+}
+
+/// For `skip_serializing_if`: `data_parallel: 1` (one process) is left out
+/// of the normalised params, so stages written before it keep their
+/// fingerprints.
+pub(crate) fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// For `skip_serializing_if`: a flag at its default is left out of the

@@ -2,6 +2,7 @@
 //! utilities and the tensor ops the `alignflow-worker` binary runs.
 
 pub mod allocator;
+pub mod dist;
 pub mod model;
 pub mod ops;
 pub mod rl;

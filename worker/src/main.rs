@@ -116,6 +116,9 @@ fn run(
     if let Some(threads) = spec.threads {
         tch::set_num_threads(threads as i32);
     }
+    // `data_parallel: N`: this worker is rank 0 and starts the others, or
+    // it is one of those others.
+    let ranks = alignflow_worker::dist::start(&spec)?;
     let cancel = CancelFlag::default();
     let ctx = StageContext {
         spec: &spec,
@@ -137,7 +140,11 @@ fn run(
         Placement::Worker => ops::implementation(op.name)
             .with_context(|| format!("op `{}` has no implementation in this worker", op.name))?,
     };
-    run(&ctx)
+    let result = run(&ctx);
+    match ranks {
+        Some(ranks) => ranks.finish(result),
+        None => result,
+    }
 }
 
 fn doctor() -> BTreeMap<String, serde_json::Value> {
@@ -158,6 +165,11 @@ fn doctor() -> BTreeMap<String, serde_json::Value> {
         json!(tch::Cuda::cudnn_is_available()),
     );
     info.insert("threads".into(), json!(tch::get_num_threads()));
+    // `data_parallel` on CPU: torch's Gloo collectives through the shim.
+    info.insert(
+        "data_parallel_gloo".into(),
+        json!(alignflow_worker::dist::available()),
+    );
     info
 }
 

@@ -25,7 +25,7 @@ use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::{finite_or_null, write_held_out_eval};
-use super::training::run_training_with_figures;
+use super::training::{run_training_with_figures, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub use data::{
@@ -176,6 +176,30 @@ impl RewardSums {
                 }
             }
         }
+    }
+
+    /// These sums added up over the ranks of a data-parallel group, so the
+    /// step's figures are the whole batch's, not rank 0's share.
+    pub fn summed_over(
+        &self,
+        group: &crate::dist::Group,
+    ) -> Result<RewardSums, crate::dist::DistError> {
+        let s = group.sum_f64(&[
+            self.pairs as f64,
+            self.decisive as f64,
+            self.correct as f64,
+            self.chosen,
+            self.rejected,
+            self.loss,
+        ])?;
+        Ok(RewardSums {
+            pairs: s[0] as usize,
+            decisive: s[1] as usize,
+            correct: s[2] as usize,
+            chosen: s[3],
+            rejected: s[4],
+            loss: s[5],
+        })
     }
 
     /// Named means (NaN, written `null`, where nothing counted).
@@ -333,17 +357,29 @@ fn train_policy(
     device: Device,
 ) -> anyhow::Result<Metrics> {
     let sums = RefCell::new(RewardSums::default());
-    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<BatchLoss> {
         let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
         let pairs: Vec<DpoPair> = batch.iter().map(|e| e.pair.clone()).collect();
         let ((a, b), tokens) = pair_logps(m, &pairs, device, p.dropout);
         let (losses, (ra, rb, raw, l)) = batch_losses(&a, &b, &batch, p, device);
         sums.borrow_mut().add(&ra, &rb, &raw, &l);
-        Ok((losses.mean(Kind::Float), tokens))
+        Ok(BatchLoss {
+            loss: losses.mean(Kind::Float),
+            tokens,
+            weight: batch.len() as f64,
+        })
     };
     // The step's mean loss comes from the loop; the rest from the sums.
     let mut figures = || {
-        let step = std::mem::take(&mut *sums.borrow_mut());
+        let mut step = std::mem::take(&mut *sums.borrow_mut());
+        if let Some(g) = crate::dist::group() {
+            // A failed collective fails the next step's too: the figures
+            // of this one fall back to this rank's share meanwhile.
+            match step.summed_over(g) {
+                Ok(all) => step = all,
+                Err(e) => tracing::warn!("figures of this rank's share only: {e}"),
+            }
+        }
         step.figures("")
             .into_iter()
             .filter(|(k, _)| k != "loss")

@@ -9,7 +9,7 @@ use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{corpus_texts, Family, PretrainParams, StageContext};
 
-use super::training::{causal_lm_loss, run_training};
+use super::training::{causal_lm_loss, run_training, BatchLoss};
 use crate::model::{self, BuildOptions, Head, Model, ModelConfig};
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -71,11 +71,16 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let mut model = Model::init(&cfg, &BuildOptions::new(device, Head::Lm));
     model.source = Some(tok_dir.to_path_buf());
 
-    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<BatchLoss> {
         let index = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
         let ids = data.index_select(0, &index).to_device(device);
         let mask = ids.ones_like();
-        Ok(causal_lm_loss(m, &ids, &mask, &ids, true))
+        let (loss, counted) = causal_lm_loss(m, &ids, &mask, &ids, true);
+        Ok(BatchLoss {
+            loss,
+            tokens: counted,
+            weight: counted as f64,
+        })
     };
     let mut metrics = run_training(ctx, &mut model, &p.train, p.lr, blocks, &mut loss_fn)?;
     metrics.insert("blocks".into(), blocks.into());

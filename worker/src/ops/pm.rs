@@ -25,7 +25,7 @@ use alignflow_ops::{
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::write_held_out_eval;
-use super::training::run_training;
+use super::training::{run_training, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub use data::{read_records, sequence, Encoder, Pair, Record};
@@ -119,15 +119,22 @@ fn train_and_evaluate(
     eval_source: &str,
 ) -> anyhow::Result<Metrics> {
     let device = m.device;
-    let mut loss_fn = |model: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+    let mut loss_fn = |model: &Model, idx: &[usize]| -> anyhow::Result<BatchLoss> {
         let a: Vec<&[i64]> = idx.iter().map(|&i| train[i].a.as_slice()).collect();
         let b: Vec<&[i64]> = idx.iter().map(|&i| train[i].b.as_slice()).collect();
         let p: Vec<f64> = idx.iter().map(|&i| train[i].p).collect();
         let w: Vec<f64> = idx.iter().map(|&i| train[i].weight).collect();
         let (ra, rb, tokens) = pair_rewards(model, &a, &b, device, c.dropout);
         let p = Tensor::from_slice(&p).to_device(device);
+        // The loss is a weighted mean: its denominator is the sum of the
+        // weights (floored as `soft_bt_loss` floors it).
+        let weight = w.iter().sum::<f64>().max(1e-12);
         let w = Tensor::from_slice(&w).to_device(device);
-        Ok((soft_bt_loss(&ra, &rb, &p, Some(&w)), tokens))
+        Ok(BatchLoss {
+            loss: soft_bt_loss(&ra, &rb, &p, Some(&w)),
+            tokens,
+            weight,
+        })
     };
     let n = train.len();
     let mut metrics = run_training(ctx, &mut m.model, &c.train, c.lr, n, &mut loss_fn)?;

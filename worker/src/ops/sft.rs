@@ -4,7 +4,6 @@
 //! fine-tuning or LoRA (merged on export).
 
 use anyhow::Context;
-use tch::Tensor;
 
 use alignflow_ops::data::read_jsonl;
 use alignflow_ops::protocol::Metrics;
@@ -13,7 +12,7 @@ use alignflow_ops::{SftParams, StageContext};
 
 use super::examples::{tokenize_conversation, tokenize_example, Example, TextFormat};
 use super::load::{self, eos_id};
-use super::training::{causal_lm_loss, right_pad_labelled, run_training};
+use super::training::{causal_lm_loss, right_pad_labelled, run_training, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
@@ -66,13 +65,18 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     }
     let pad = model.lm.cfg.pad_id();
     let labelled: Vec<Vec<bool>> = examples.iter().map(Example::labelled).collect();
-    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<(Tensor, u64)> {
+    let mut loss_fn = |m: &Model, idx: &[usize]| -> anyhow::Result<BatchLoss> {
         let rows: Vec<(&[i64], &[bool])> = idx
             .iter()
             .map(|&i| (examples[i].tokens.as_slice(), labelled[i].as_slice()))
             .collect();
         let (ids, mask, labels) = right_pad_labelled(&rows, pad, device);
-        Ok(causal_lm_loss(m, &ids, &mask, &labels, p.dropout))
+        let (loss, counted) = causal_lm_loss(m, &ids, &mask, &labels, p.dropout);
+        Ok(BatchLoss {
+            loss,
+            tokens: counted,
+            weight: counted as f64,
+        })
     };
     let n = examples.len();
     let mut metrics = run_training(ctx, &mut model, &p.train, p.lr, n, &mut loss_fn)?;

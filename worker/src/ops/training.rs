@@ -10,15 +10,29 @@ use alignflow_ops::training::TrainParams;
 use alignflow_ops::StageContext;
 
 use super::metrics_log::{finite_or_null, MetricsLog};
+use crate::dist::Group;
 use crate::model::{Keep, Model};
 use crate::train::per_second;
 use crate::train::{
     AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, StepMetrics, Trainer, TrainerConfig,
 };
 
+/// What a loss closure returns for one micro-batch.
+pub struct BatchLoss {
+    /// The micro-batch's loss: a weighted mean (scalar, with a graph).
+    pub loss: Tensor,
+    /// Tokens in the micro-batch, for throughput.
+    pub tokens: u64,
+    /// The mean's denominator: labelled tokens for a token-level loss,
+    /// pairs (or the sum of pair weights) for a per-pair loss. Data-parallel
+    /// ranks add theirs up to turn each shard's mean into its share of the
+    /// whole batch's mean (see [`share_of_batch_loss`]).
+    pub weight: f64,
+}
+
 /// Loss-computing closure: the model and the example indices of one
-/// micro-batch -> (mean loss, tokens that counted).
-pub type LossFn<'a> = dyn FnMut(&Model, &[usize]) -> anyhow::Result<(Tensor, u64)> + 'a;
+/// micro-batch -> its loss.
+pub type LossFn<'a> = dyn FnMut(&Model, &[usize]) -> anyhow::Result<BatchLoss> + 'a;
 
 /// Figures of the step just taken, beyond the loop's own (DPO's implicit
 /// rewards): called once after each optimizer step; non-finite values are
@@ -57,6 +71,11 @@ pub fn set_gradient_checkpointing(model: &mut Model, asked: Option<bool>) {
 /// checkpoint (same fingerprint), reseeds torch per step, writes
 /// `metrics.jsonl`, checkpoints every `checkpoint_every` steps and stops
 /// with a clear error on a non-finite loss, keeping the last good checkpoint.
+///
+/// In a data-parallel group ([`crate::dist::group`]) every rank draws the
+/// same batch, computes the loss of its share of it and the gradients are
+/// averaged over the ranks, so each step is the single-process step on the
+/// whole batch; rank 0 alone writes the log, checkpoints and the model.
 pub fn run_training(
     ctx: &StageContext<'_>,
     model: &mut Model,
@@ -87,6 +106,19 @@ pub fn run_training_with_figures(
     let steps = total_steps(p, examples);
     set_gradient_checkpointing(model, p.gradient_checkpointing);
     let mut trainer = Trainer::new(&model.vs, trainer_config(p, lr, ctx.spec.seed), steps)?;
+    let group = crate::dist::group();
+    let root = group.is_none_or(|g| g.is_root());
+    if let Some(g) = group {
+        anyhow::ensure!(
+            p.batch_size >= g.world(),
+            "stage `{}`: data_parallel: {} needs batch_size >= {} (each rank takes a share of every batch), got {}",
+            ctx.spec.stage,
+            g.world(),
+            g.world(),
+            p.batch_size
+        );
+        trainer = trainer.data_parallel(g);
+    }
     let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("train"), 2);
     let resumed = match checkpoints.latest()? {
         Some(dir) => {
@@ -97,7 +129,15 @@ pub fn run_training_with_figures(
         }
         None => None,
     };
-    let mut log = MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?;
+    if let Some(g) = group {
+        // Every rank starts from rank 0's weights: the same checkpoint or
+        // the same initialisation, bit for bit.
+        crate::dist::broadcast_weights(g, &model.vs)?;
+    }
+    let mut log = match root {
+        true => Some(MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?),
+        false => None,
+    };
     let autocast = p.bf16 && model.vs.device().is_cuda();
     let batch_size = p.batch_size.max(1);
     let seed = ctx.spec.seed;
@@ -108,8 +148,20 @@ pub fn run_training_with_figures(
         ctx.cancel.check()?;
         let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
             let idx = state.next_batch(examples, batch_size, seed);
-            let (loss, tokens) = crate::train::autocast_if(autocast, || loss_fn(model, &idx))?;
-            Ok(MicroBatch { loss, tokens })
+            let idx = match group {
+                Some(g) => crate::dist::shard(&idx, g.rank(), g.world()).to_vec(),
+                None => idx,
+            };
+            let out = crate::train::autocast_if(autocast, || loss_fn(model, &idx))?;
+            crate::dist::test_fault_point(state.step + 1);
+            let loss = match group {
+                Some(g) => share_of_batch_loss(g, out.loss, out.weight)?,
+                None => out.loss,
+            };
+            Ok(MicroBatch {
+                loss,
+                tokens: out.tokens,
+            })
         })?;
         if !m.loss.is_finite() || !m.grad_norm.is_finite() {
             anyhow::bail!(
@@ -121,28 +173,59 @@ pub fn run_training_with_figures(
             );
         }
         last_loss = m.loss;
+        crate::dist::test_dump_grads(&model.vs, m.step)?;
         let (line, point) = step_record(&m, trainer.state().epoch, step_figures());
-        if m.step % p.log_every.max(1) == 0 || m.step == steps {
-            log.write(&line)?;
-            ctx.reporter.metric(&point);
+        if let Some(log) = log.as_mut() {
+            if m.step % p.log_every.max(1) == 0 || m.step == steps {
+                log.write(&line)?;
+                ctx.reporter.metric(&point);
+            }
         }
         ctx.reporter
             .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
         if p.checkpoint_every > 0 && m.step % p.checkpoint_every == 0 && m.step < steps {
-            log.flush()?;
-            trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
+            if let Some(log) = log.as_mut() {
+                log.flush()?;
+                trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
+            }
         }
     }
     let secs = start.elapsed().as_secs_f64();
     let tokens = trainer.state().tokens_seen - start_tokens;
-    log.publish(ctx)?;
-    model.save(&ctx.output("model"))?;
+    match log {
+        Some(log) => {
+            log.publish(ctx)?;
+            model.save(&ctx.output("model"))?;
+        }
+        None => {
+            // The other ranks' outputs go to a scratch folder rank 0
+            // removes; an empty log there takes what the op appends after
+            // training (held-out figures). The model is rank 0's to save.
+            std::fs::create_dir_all(&ctx.spec.out_dir)?;
+            std::fs::write(ctx.output("metrics"), "")?;
+        }
+    }
     let mut out = Metrics::new();
     out.insert("steps".into(), steps.into());
     out.insert("final_loss".into(), serde_json::json!(last_loss));
     out.insert("tokens".into(), trainer.state().tokens_seen.into());
     out.insert("tokens_per_s".into(), per_second(tokens, secs).into());
     Ok(out)
+}
+
+/// This rank's share of the whole batch's loss, from the mean `loss` of its
+/// shard and the mean's denominator `weight`: `loss * weight * world /
+/// total_weight`, the total added up over the ranks. Averaged over the
+/// ranks, the gradients of the shares are the gradient of the whole
+/// batch's mean, however unevenly tokens fall between the shards. A shard
+/// with nothing to weigh (no labelled token) contributes no gradient.
+fn share_of_batch_loss(group: &Group, loss: Tensor, weight: f64) -> anyhow::Result<Tensor> {
+    let total = group.sum_f64(&[weight])?[0];
+    if weight == 0.0 || total == 0.0 {
+        // The mean over nothing is NaN; its share is zero, with no graph.
+        return Ok(Tensor::zeros([], (Kind::Float, loss.device())).set_requires_grad(true));
+    }
+    Ok(loss * (weight * group.world() as f64 / total))
 }
 
 /// The trainer's settings from the training params.

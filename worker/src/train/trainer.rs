@@ -1,7 +1,8 @@
 //! A small training-step driver tying the pieces together: reseed torch,
 //! accumulate gradients, clip, step AdamW at the scheduled rate, count, and
-//! checkpoint or resume. Ops with unusual loops (PPO's rollout/update
-//! phases) can use the pieces directly instead.
+//! checkpoint or resume; with a data-parallel group, average the gradients
+//! over the ranks before clipping. Ops with unusual loops (PPO's
+//! rollout/update phases) can use the pieces directly instead.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,6 +16,7 @@ use super::clip::clip_grad_norm;
 use super::loop_state::{seed_torch_for_step, TrainState};
 use super::optim::{AdamW, AdamWConfig, OptimError};
 use super::schedule::{Schedule, ScheduleConfig};
+use crate::dist::{DistError, Group};
 
 /// The training knobs of an op's `params:`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +76,7 @@ pub struct Trainer {
     opt: AdamW,
     schedule: Schedule,
     state: TrainState,
+    group: Option<&'static Group>,
 }
 
 impl Trainer {
@@ -87,7 +90,19 @@ impl Trainer {
             opt,
             schedule,
             state: TrainState::default(),
+            group: None,
         })
+    }
+
+    /// Averages every step's gradients over `group`'s ranks (after the
+    /// backward passes, before clipping), and reports the step's loss and
+    /// tokens over all ranks. Each rank's micro-batch losses must then be
+    /// its share of the whole batch's loss (see `ops::training`), so that
+    /// the average is the whole batch's gradient; ranks that start equal
+    /// stay equal, since they take the same step from the same gradient.
+    pub fn data_parallel(mut self, group: &'static Group) -> Self {
+        self.group = Some(group);
+        self
     }
 
     /// The loop counters.
@@ -114,7 +129,7 @@ impl Trainer {
     /// (drawing its examples with `state.next_batch`, which moves the data
     /// cursor); torch is reseeded for the step first, so the step is
     /// reproducible after a resume.
-    pub fn step<E: From<OptimError>>(
+    pub fn step<E: From<OptimError> + From<DistError>>(
         &mut self,
         mut micro: impl FnMut(usize, &mut TrainState) -> Result<MicroBatch, E>,
     ) -> Result<StepMetrics, E> {
@@ -122,7 +137,22 @@ impl Trainer {
         seed_torch_for_step(self.cfg.seed, self.state.step);
         self.opt.zero_grad();
         let state = &mut self.state;
-        let acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
+        let mut acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
+        if let Some(group) = self.group {
+            let params = self.opt.params();
+            // A tensor that no rank's backward reached has no gradient yet
+            // on any rank; one only some ranks reached is zero elsewhere.
+            for p in &params {
+                if !p.grad().defined() {
+                    (*p * 0.0).sum(tch::Kind::Float).backward();
+                }
+            }
+            let grads: Vec<tch::Tensor> = params.iter().map(|p| p.grad()).collect();
+            group.all_reduce_mean(&grads)?;
+            let sums = group.sum_f64(&[acc.loss, acc.tokens as f64])?;
+            acc.loss = sums[0] / group.world() as f64;
+            acc.tokens = sums[1] as u64;
+        }
         // Without clipping the norm is still measured, for the metrics.
         let grad_norm = clip_grad_norm(
             &self.opt.params(),
@@ -243,7 +273,7 @@ mod tests {
         let mut losses = Vec::new();
         while trainer.state().step < stop {
             let m = trainer
-                .step::<OptimError>(|_, state| {
+                .step::<anyhow::Error>(|_, state| {
                     let idx: Vec<i64> = state
                         .next_batch(N, 2, seed)
                         .into_iter()

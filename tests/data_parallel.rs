@@ -1,0 +1,418 @@
+//! Data-parallel training stages (`data_parallel: N`: `sft`, `pm.pretrain`,
+//! `pm.train`, `dpo`, `lm.pretrain`) on torch's own c10d collectives, Gloo
+//! on CPU: two worker processes take the same steps as
+//! one process on the whole batch (gradients within 1e-6, weights within
+//! 1e-5 after several steps), rank 0 alone writes the outputs, the outputs
+//! are reproducible run to run, and a rank killed mid-step fails the stage
+//! within a timeout with a message naming the stage and the rank, leaving
+//! nothing in the cache.
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A tiny model pretrained from the sample data, then the training ops on
+/// it with `data_parallel: ${params.dp}`. Batches of 5 split 3 + 2 between
+/// two ranks, and the examples differ in length: the token-weighted SFT
+/// loss must still come out as the whole batch's. No dropout: ranks would
+/// draw other masks than one process does.
+///
+/// `pm`'s and `pmp`'s AdamW `eps` is 1e-6, not 1e-8: the Bradley-Terry loss depends on
+/// reward differences only, so the true gradient of the final layer norm's
+/// bias is zero (a shift moves both rewards alike) and the computed one is
+/// rounding noise (about 1e-9), which AdamW divides by its own square root
+/// plus `eps`: with 1e-8 that noise takes full learning-rate steps of
+/// arbitrary sign, in one process as in two (1.4e-4 apart after three
+/// steps, measured). With 1e-6 noise stays noise; real gradients (1e-4 and
+/// up) are stepped alike.
+const MANIFEST: &str = r#"version: 1
+name: dp
+seed: 3
+params:
+  dp: 1
+  ckpt: 0
+stages:
+  hh:
+    op: dataset.import
+    inputs: { source: hh.jsonl }
+  tok:
+    op: tokenizer.train
+    inputs: { data: "${stages.hh.data}" }
+    params: { vocab_size: 384 }
+  base:
+    op: lm.pretrain
+    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
+    params: { width: 32, layers: 1, heads: 2, positions: 160, seq_len: 48, batch_size: 4, max_steps: 2 }
+  sft:
+    op: sft
+    inputs: { model: "${stages.base.model}", data: "${stages.hh.data}" }
+    params: { response_field: chosen, max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: "${params.ckpt}", dropout: false, data_parallel: "${params.dp}" }
+  pm:
+    op: pm.train
+    inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
+    params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+  pmp:
+    op: pm.pretrain
+    inputs: { model: "${stages.base.model}", data: "${stages.hh.data}" }
+    params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+  lm:
+    op: lm.pretrain
+    inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
+    params: { width: 32, layers: 1, heads: 2, positions: 160, seq_len: 48, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: 0, data_parallel: "${params.dp}" }
+  ref:
+    op: dpo.reference
+    inputs: { model: "${stages.base.model}", comparisons: "${stages.hh.data}" }
+    params: { max_len: 96 }
+  dpo:
+    op: dpo
+    inputs: { policy: "${stages.base.model}", comparisons: "${stages.hh.data}", reference_logps: "${stages.ref.reference_logps}" }
+    params: { batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: 0, dropout: false, data_parallel: "${params.dp}" }
+"#;
+
+fn project() -> Project {
+    let p = Project::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sample = std::fs::read_to_string(root.join("examples/hh-rlhf-sample.jsonl")).unwrap();
+    p.write(
+        "hh.jsonl",
+        &sample.lines().take(24).collect::<Vec<_>>().join("\n"),
+    );
+    p.write("pipeline.yaml", MANIFEST);
+    p
+}
+
+/// `alignflow run` of `target` with `data_parallel: dp`, the gradients of
+/// every step written to `grads` (the worker's test hook), and `env`.
+fn run(
+    p: &Project,
+    target: &str,
+    dp: u32,
+    grads: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    run_with(p, target, &[&format!("params.dp={dp}")], grads, env)
+}
+
+/// [`run`] with the `--set` overrides `sets`.
+fn run_with(
+    p: &Project,
+    target: &str,
+    sets: &[&str],
+    grads: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    std::fs::create_dir_all(grads).unwrap();
+    let mut args = vec!["run", "pipeline.yaml", "--quiet", "--target", target];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let mut cmd = p.cmd(&args);
+    cmd.env("ALIGNFLOW_DIST_TEST_GRADS", grads);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("alignflow runs")
+}
+
+fn ok(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "run failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every float32 tensor of the safetensors file(s) at `path` (a file, or
+/// the folder of a saved model), by name.
+fn tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        walk(path)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    assert!(!files.is_empty(), "no safetensors under {}", path.display());
+    let mut out = BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                continue;
+            }
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            out.insert(name, values);
+        }
+    }
+    out
+}
+
+/// The largest absolute difference between same-named tensors of `a` and
+/// `b`, which must hold the same names and shapes.
+fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut worst = 0.0f64;
+    for (name, x) in a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (u, v) in x.iter().zip(y) {
+            worst = worst.max((*u as f64 - *v as f64).abs());
+        }
+    }
+    worst
+}
+
+/// The path of `stage`'s output `name` with `data_parallel: dp`.
+fn output_path(p: &Project, stage: &str, name: &str, dp: u32) -> PathBuf {
+    output_path_with(p, stage, name, &[&format!("params.dp={dp}")])
+}
+
+/// The path of `stage`'s output `name` under the `--set` overrides `sets`.
+fn output_path_with(p: &Project, stage: &str, name: &str, sets: &[&str]) -> PathBuf {
+    let mut args = vec!["show", "pipeline.yaml", stage, "--json"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let shown: serde_json::Value = serde_json::from_str(&p.ok(&args)).unwrap();
+    shown[name]["path"].as_str().unwrap().into()
+}
+
+/// Trains `stage` with one process and with two Gloo ranks and asserts they
+/// take the same steps: at every step the same gradients (both ranks' the
+/// same, within 1e-6 of one process's), after all of them the same weights
+/// (1e-5, and moved from the base model's), and the same metrics lines
+/// (every figure but the timing, 1e-5 relative). Returns the project and
+/// the two-rank model's tensors.
+fn two_ranks_equal_one(stage: &str) -> (Project, BTreeMap<String, Vec<f32>>) {
+    let p = project();
+    let (one, two) = (p.path("grads-1"), p.path("grads-2"));
+    // Upstream stages first, with their own gradients elsewhere.
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    ok(run(&p, stage, 1, &one, &[]));
+    let single = tensors(&output_path(&p, stage, "model", 1));
+    let single_metrics = std::fs::read_to_string(output_path(&p, stage, "metrics", 1)).unwrap();
+    ok(run(&p, stage, 2, &two, &[]));
+    let parallel = tensors(&output_path(&p, stage, "model", 2));
+    let parallel_metrics = std::fs::read_to_string(output_path(&p, stage, "metrics", 2)).unwrap();
+
+    let mut worst_grad = 0.0f64;
+    for step in 1..=3 {
+        let file = |dir: &Path, rank: u32| dir.join(format!("rank-{rank}-step-{step}.safetensors"));
+        let g1 = tensors(&file(&one, 0));
+        let (g2, g2_other) = (tensors(&file(&two, 0)), tensors(&file(&two, 1)));
+        assert!(
+            g1.values().flatten().any(|v| *v != 0.0),
+            "{stage} step {step}: no gradient"
+        );
+        assert_eq!(
+            g2, g2_other,
+            "{stage} step {step}: the ranks step with different gradients"
+        );
+        worst_grad = worst_grad.max(max_diff(&g1, &g2));
+    }
+    assert!(!one.join("rank-1-step-1.safetensors").exists());
+    assert!(
+        worst_grad < 1e-6,
+        "{stage}: gradients differ by {worst_grad}"
+    );
+
+    let worst_weight = max_diff(&single, &parallel);
+    assert!(
+        worst_weight < 1e-5,
+        "{stage}: weights differ by {worst_weight}"
+    );
+    let base = tensors(&output_path(&p, "base", "model", 2));
+    let moved: f64 = base
+        .iter()
+        .filter_map(|(name, w)| Some(max_diff_one(w, parallel.get(name)?)))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "{stage}: training changed nothing");
+    eprintln!("{stage}: max |grad diff| {worst_grad:e}, max |weight diff| {worst_weight:e}");
+
+    // Rank 0 wrote the metrics, one line per step (and the same held-out
+    // figures after), the figures summed over the ranks.
+    let lines = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (m1, m2) = (lines(&single_metrics), lines(&parallel_metrics));
+    assert_eq!(m1.len(), m2.len(), "{parallel_metrics}");
+    assert!(m2.len() >= 3, "{parallel_metrics}");
+    for (a, b) in m1.iter().zip(&m2) {
+        let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (key, x) in a {
+            let y = &b[key];
+            // DPO's reward accuracy counts the signs of the margins: where
+            // they are rounding noise (step 1: the policy is the reference,
+            // every implicit reward is about 0) it is noise too.
+            let noise = a
+                .get("margin")
+                .and_then(|m| m.as_f64())
+                .is_some_and(|m| m.abs() < 1e-4);
+            match (x.as_f64(), y.as_f64()) {
+                _ if key == "tokens_per_s" => {}
+                _ if key == "reward_accuracy" && noise => {}
+                (Some(x), Some(y)) => assert!(
+                    (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                    "{stage}: `{key}` {x} vs {y}:\n{single_metrics}\n{parallel_metrics}"
+                ),
+                _ => assert_eq!(x, y, "{stage}: `{key}`"),
+            }
+        }
+    }
+    (p, parallel)
+}
+
+/// The largest absolute difference between two equally long vectors.
+fn max_diff_one(x: &[f32], y: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .map(|(u, v)| (*u as f64 - *v as f64).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn sft_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    let (p, parallel) = two_ranks_equal_one("sft");
+    // Run to run, two ranks give the same bits (a fresh cache).
+    let again = Project::new();
+    again.write("hh.jsonl", &p.read("hh.jsonl"));
+    again.write("pipeline.yaml", MANIFEST);
+    ok(run(&again, "sft", 2, &again.path("grads"), &[]));
+    assert_eq!(tensors(&output_path(&again, "sft", "model", 2)), parallel);
+}
+
+#[test]
+fn pm_train_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("pm");
+}
+
+#[test]
+fn pm_pretrain_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("pmp");
+}
+
+#[test]
+fn lm_pretrain_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("lm");
+}
+
+#[test]
+fn dpo_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
+    two_ranks_equal_one("dpo");
+}
+
+#[test]
+fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
+    let p = project();
+    let grads = p.path("grads");
+    // Everything upstream first, so the timing below is the stage's.
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    let start = Instant::now();
+    let out = run(
+        &p,
+        "sft",
+        2,
+        &grads,
+        &[
+            ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
+            ("ALIGNFLOW_DIST_TIMEOUT_S", "20"),
+        ],
+    );
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`") && stderr.contains("rank 1 of 2 was killed by signal 9"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+    // Step 1 finished on both ranks, step 2 on neither.
+    assert!(grads.join("rank-1-step-1.safetensors").exists());
+    assert!(!grads.join("rank-0-step-2.safetensors").exists());
+
+    // Nothing of the failed stage is cached: the next run trains it.
+    let ran = stages_with_status(
+        &String::from_utf8(run(&p, "sft", 2, &grads, &[]).stdout).unwrap(),
+        "ran",
+    );
+    assert_eq!(ran, set(&["sft"]));
+}
+
+#[test]
+fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
+    let sets = ["params.dp=2", "params.ckpt=1"];
+    let uninterrupted = project();
+    ok(run_with(
+        &uninterrupted,
+        "sft",
+        &sets,
+        &uninterrupted.path("g"),
+        &[],
+    ));
+    let expected = tensors(&output_path_with(&uninterrupted, "sft", "model", &sets));
+
+    let p = project();
+    let grads = p.path("g");
+    let killed = run_with(
+        &p,
+        "sft",
+        &sets,
+        &grads,
+        &[("ALIGNFLOW_DIST_TEST_KILL", "1:3")],
+    );
+    assert!(!killed.status.success());
+    // Steps 1 and 2 were taken (and checkpointed), step 3 was not.
+    assert!(grads.join("rank-0-step-2.safetensors").exists());
+    assert!(!grads.join("rank-0-step-3.safetensors").exists());
+    std::fs::remove_dir_all(&grads).unwrap();
+
+    ok(run_with(&p, "sft", &sets, &grads, &[]));
+    // Both ranks resumed from step 2's checkpoint: only step 3 ran.
+    assert!(!grads.join("rank-0-step-2.safetensors").exists());
+    assert!(grads.join("rank-0-step-3.safetensors").exists());
+    assert!(grads.join("rank-1-step-3.safetensors").exists());
+    assert_eq!(
+        tensors(&output_path_with(&p, "sft", "model", &sets)),
+        expected
+    );
+    let metrics = std::fs::read_to_string(output_path_with(&p, "sft", "metrics", &sets)).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+}
+
+#[test]
+fn a_rank_lost_before_joining_fails_the_stage_without_waiting_for_the_timeout() {
+    let p = project();
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    let start = Instant::now();
+    // The default timeout (300 s) stays: the failure must not wait for it.
+    let out = run(
+        &p,
+        "sft",
+        2,
+        &p.path("g"),
+        &[("ALIGNFLOW_DIST_TEST_KILL", "1:0")],
+    );
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`")
+            && stderr.contains("rank 1 of 2 was killed by signal 9")
+            && stderr.contains("ended before joining the group"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+}

@@ -1,0 +1,475 @@
+//! A group of data-parallel ranks on torch's c10d collectives (the C++ side
+//! and why it looks the way it does: `csrc/collectives.cpp`): a `TCPStore`
+//! rendezvous and a `ProcessGroupGloo`. Every collective has the group's
+//! timeout, so a dead or stuck rank fails the others instead of hanging.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::time::Duration;
+
+use tch::Tensor;
+
+/// What a collective or the rendezvous failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// The worker was built without torch's headers: no c10d shim.
+    #[error("data parallelism needs the worker's c10d shim, which was not compiled in (no torch headers at build time)")]
+    Unavailable,
+    /// The rendezvous store could not be hosted or reached.
+    #[error("rendezvous at {addr}: {message}")]
+    Store { addr: String, message: String },
+    /// The group did not form (a rank missing past the timeout).
+    #[error("rank {rank} of {world}: forming the Gloo group: {message}")]
+    Join {
+        rank: usize,
+        world: usize,
+        message: String,
+    },
+    /// A collective failed: a peer died, closed its sockets, or did not
+    /// arrive within the timeout.
+    #[error("rank {rank} of {world}: {op} failed: {message}")]
+    Collective {
+        op: &'static str,
+        rank: usize,
+        world: usize,
+        message: String,
+    },
+}
+
+#[cfg(alignflow_c10d)]
+extern "C" {
+    fn alignflow_dist_store_new(
+        host: *const c_char,
+        port: u16,
+        is_server: bool,
+        world: i32,
+        timeout_ms: i64,
+        bound_port: *mut u16,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn alignflow_dist_store_free(store: *mut c_void);
+    fn alignflow_dist_group_new(
+        store: *mut c_void,
+        rank: i32,
+        world: i32,
+        device_host: *const c_char,
+        timeout_ms: i64,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn alignflow_dist_group_free(group: *mut c_void);
+    fn alignflow_dist_all_reduce_sum(
+        group: *mut c_void,
+        tensor: *const c_void,
+        error: *mut *mut c_char,
+    ) -> bool;
+    fn alignflow_dist_broadcast(
+        group: *mut c_void,
+        tensor: *const c_void,
+        root: i32,
+        error: *mut *mut c_char,
+    ) -> bool;
+    fn alignflow_dist_barrier(group: *mut c_void, error: *mut *mut c_char) -> bool;
+    fn alignflow_free_message(message: *mut c_char);
+}
+
+/// The message the shim set, freed.
+#[cfg(alignflow_c10d)]
+unsafe fn take_message(error: *mut c_char) -> String {
+    if error.is_null() {
+        return "unknown error".into();
+    }
+    let message = CStr::from_ptr(error).to_string_lossy().into_owned();
+    alignflow_free_message(error);
+    message
+}
+
+/// The rendezvous `TCPStore`: hosted by rank 0, reached by the others.
+pub struct Store {
+    raw: *mut c_void,
+    host: String,
+    port: u16,
+}
+
+impl Store {
+    /// Hosts the store on `host:port` (port 0: a free one the OS picks, so
+    /// two stages never race for a port); see [`Store::port`].
+    pub fn host(
+        host: &str,
+        port: u16,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Store, DistError> {
+        Store::open(host, port, true, world, timeout)
+    }
+
+    /// Connects to the store at `host:port`, retrying within `timeout`.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Store, DistError> {
+        Store::open(host, port, false, world, timeout)
+    }
+
+    /// The port listened on or connected to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    #[cfg(alignflow_c10d)]
+    fn open(
+        host: &str,
+        port: u16,
+        server: bool,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Store, DistError> {
+        let addr = format!("{host}:{port}");
+        let c_host = CString::new(host).map_err(|e| DistError::Store {
+            addr: addr.clone(),
+            message: e.to_string(),
+        })?;
+        let mut bound = 0u16;
+        let mut error: *mut c_char = std::ptr::null_mut();
+        let raw = unsafe {
+            alignflow_dist_store_new(
+                c_host.as_ptr(),
+                port,
+                server,
+                world as i32,
+                timeout.as_millis() as i64,
+                &mut bound,
+                &mut error,
+            )
+        };
+        if raw.is_null() {
+            let message = unsafe { take_message(error) };
+            return Err(DistError::Store { addr, message });
+        }
+        Ok(Store {
+            raw,
+            host: host.to_string(),
+            port: bound,
+        })
+    }
+
+    #[cfg(not(alignflow_c10d))]
+    fn open(_: &str, _: u16, _: bool, _: usize, _: Duration) -> Result<Store, DistError> {
+        Err(DistError::Unavailable)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        #[cfg(alignflow_c10d)]
+        unsafe {
+            alignflow_dist_store_free(self.raw)
+        }
+    }
+}
+
+// The store is a client (and, on rank 0, a server) torch drives from its
+// own threads; handing it to another thread is safe.
+unsafe impl Send for Store {}
+
+/// Bytes per all-reduce: gradients are flattened into buckets of about
+/// this size (DDP's default, 25 MiB), so a model's hundreds of small
+/// tensors cost a few collectives, not hundreds.
+const BUCKET_BYTES: i64 = 25 << 20;
+
+/// This process's place in a group of data-parallel ranks.
+pub struct Group {
+    raw: *mut c_void,
+    rank: usize,
+    world: usize,
+    // The group reads the store until it is dropped.
+    _store: Store,
+}
+
+// The c10d process group is thread-safe: it queues collectives to its own
+// threads. The worker issues them from one thread at a time anyway.
+unsafe impl Send for Group {}
+unsafe impl Sync for Group {}
+
+impl Group {
+    /// Joins `world` ranks at `store` as `rank`, binding this rank's Gloo
+    /// sockets to `device_host`; blocks until every rank has joined, at
+    /// most `timeout`, which also bounds every collective of the group.
+    pub fn join(
+        store: Store,
+        rank: usize,
+        world: usize,
+        device_host: &str,
+        timeout: Duration,
+    ) -> Result<Group, DistError> {
+        let join_error = |message: String| DistError::Join {
+            rank,
+            world,
+            message,
+        };
+        let c_host = CString::new(device_host).map_err(|e| join_error(e.to_string()))?;
+        let raw = open_group(&store, rank, world, &c_host, timeout).map_err(join_error)?;
+        Ok(Group {
+            raw,
+            rank,
+            world,
+            _store: store,
+        })
+    }
+
+    /// This rank (0-based).
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Whether this is rank 0, the one that writes outputs.
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Sums `t` (contiguous) over the ranks, in place.
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<(), DistError> {
+        self.call("all-reduce", |raw, error| unsafe {
+            alignflow_dist_all_reduce_sum(raw, t.as_ptr().cast(), error)
+        })
+    }
+
+    /// Replaces each tensor by its mean over the ranks, in place: tensors
+    /// are flattened into buckets of about 25 MiB (per dtype), each bucket
+    /// summed in one all-reduce and divided by the world size.
+    pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<(), DistError> {
+        in_buckets(tensors, |flat| {
+            self.all_reduce_sum(flat)?;
+            let _ = flat.shallow_clone().g_div_scalar_(self.world as f64);
+            Ok(())
+        })
+    }
+
+    /// Copies rank `root`'s tensors into every rank's, in place, in buckets
+    /// as [`Group::all_reduce_mean`].
+    pub fn broadcast_all(&self, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
+        in_buckets(tensors, |flat| self.broadcast(flat, root))
+    }
+
+    /// Copies rank `root`'s `t` into every rank's `t` (contiguous), in place.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<(), DistError> {
+        self.call("broadcast", |raw, error| unsafe {
+            alignflow_dist_broadcast(raw, t.as_ptr().cast(), root as i32, error)
+        })
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) -> Result<(), DistError> {
+        self.call("barrier", |raw, error| unsafe {
+            alignflow_dist_barrier(raw, error)
+        })
+    }
+
+    /// Sums `values` over the ranks (in float64, exact for counts).
+    pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
+        let t = Tensor::from_slice(values);
+        self.all_reduce_sum(&t)?;
+        Ok(Vec::<f64>::try_from(&t).expect("a float64 vector"))
+    }
+
+    #[cfg(alignflow_c10d)]
+    fn call(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(*mut c_void, *mut *mut c_char) -> bool,
+    ) -> Result<(), DistError> {
+        let mut error: *mut c_char = std::ptr::null_mut();
+        if f(self.raw, &mut error) {
+            return Ok(());
+        }
+        Err(DistError::Collective {
+            op,
+            rank: self.rank,
+            world: self.world,
+            message: unsafe { take_message(error) },
+        })
+    }
+
+    #[cfg(not(alignflow_c10d))]
+    fn call(
+        &self,
+        _: &'static str,
+        _: impl FnOnce(*mut c_void, *mut *mut c_char) -> bool,
+    ) -> Result<(), DistError> {
+        Err(DistError::Unavailable)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        #[cfg(alignflow_c10d)]
+        unsafe {
+            alignflow_dist_group_free(self.raw)
+        }
+    }
+}
+
+#[cfg(alignflow_c10d)]
+fn open_group(
+    store: &Store,
+    rank: usize,
+    world: usize,
+    device_host: &CStr,
+    timeout: Duration,
+) -> Result<*mut c_void, String> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    let raw = unsafe {
+        alignflow_dist_group_new(
+            store.raw,
+            rank as i32,
+            world as i32,
+            device_host.as_ptr(),
+            timeout.as_millis() as i64,
+            &mut error,
+        )
+    };
+    if raw.is_null() {
+        return Err(unsafe { take_message(error) });
+    }
+    Ok(raw)
+}
+
+#[cfg(not(alignflow_c10d))]
+fn open_group(_: &Store, _: usize, _: usize, _: &CStr, _: Duration) -> Result<*mut c_void, String> {
+    Err(DistError::Unavailable.to_string())
+}
+
+/// `tensors` in order, cut into runs of one dtype and device of at most
+/// [`BUCKET_BYTES`] (a larger tensor is a bucket of its own).
+fn buckets(tensors: &[Tensor]) -> Vec<Vec<&Tensor>> {
+    let mut out: Vec<Vec<&Tensor>> = Vec::new();
+    let mut bytes = 0i64;
+    for t in tensors {
+        let size = t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        let fits = out.last().is_some_and(|b| {
+            let head = b[0];
+            head.kind() == t.kind() && head.device() == t.device() && bytes + size <= BUCKET_BYTES
+        });
+        if fits {
+            out.last_mut().expect("a bucket").push(t);
+            bytes += size;
+        } else {
+            out.push(vec![t]);
+            bytes = size;
+        }
+    }
+    out
+}
+
+/// Runs `f` on each bucket of `tensors` flattened into one tensor, then
+/// copies the bucket back into the tensors.
+fn in_buckets(
+    tensors: &[Tensor],
+    mut f: impl FnMut(&Tensor) -> Result<(), DistError>,
+) -> Result<(), DistError> {
+    let _guard = tch::no_grad_guard();
+    for bucket in buckets(tensors) {
+        let flat = Tensor::cat(
+            &bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(),
+            0,
+        );
+        f(&flat)?;
+        let mut at = 0;
+        for t in bucket {
+            let n = t.numel() as i64;
+            // A shallow clone shares the tensor's storage: this writes it.
+            t.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(t));
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks as two threads of this process: the store, the group and
+    /// each collective, against sums computed by hand.
+    #[test]
+    fn two_ranks_all_reduce_broadcast_and_meet() {
+        let timeout = Duration::from_secs(30);
+        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
+        let port = store.port();
+        assert_ne!(port, 0);
+        let rank = |r: usize, store: Store| {
+            std::thread::spawn(move || {
+                let g = Group::join(store, r, 2, "127.0.0.1", timeout).unwrap();
+                // Two buckets' worth of a float tensor, and a small one.
+                let big = Tensor::full(
+                    [7 << 20],
+                    r as f64 + 1.0,
+                    (tch::Kind::Float, tch::Device::Cpu),
+                );
+                let small = Tensor::from_slice(&[r as f32, 10.0 * r as f32]);
+                g.all_reduce_mean(&[big.shallow_clone(), small.shallow_clone()])
+                    .unwrap();
+                let sums = g.sum_f64(&[1.0, r as f64]).unwrap();
+                let b = Tensor::from_slice(&[r as f32 + 5.0; 3]);
+                g.broadcast(&b, 1).unwrap();
+                g.barrier().unwrap();
+                (
+                    big.mean(tch::Kind::Double).double_value(&[]),
+                    Vec::<f32>::try_from(&small).unwrap(),
+                    sums,
+                    Vec::<f32>::try_from(&b).unwrap(),
+                )
+            })
+        };
+        let r0 = rank(0, store);
+        let r1 = rank(1, Store::connect("127.0.0.1", port, 2, timeout).unwrap());
+        for (big, small, sums, b) in [r0.join().unwrap(), r1.join().unwrap()] {
+            assert_eq!(big, 1.5);
+            assert_eq!(small, vec![0.5, 5.0]);
+            assert_eq!(sums, vec![2.0, 1.0]);
+            assert_eq!(b, vec![6.0; 3]);
+        }
+        let zero = || Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu));
+        assert_eq!(buckets(&[zero(), zero()]).len(), 1);
+        let big = Tensor::zeros([7 << 20], (tch::Kind::Float, tch::Device::Cpu));
+        assert_eq!(buckets(&[big.shallow_clone(), big]).len(), 2);
+    }
+
+    /// A rank that leaves makes its peer's next collective fail, with the
+    /// op and the rank in the message, instead of waiting forever.
+    #[test]
+    fn a_vanished_peer_fails_the_collective_instead_of_hanging() {
+        let timeout = Duration::from_secs(20);
+        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
+        let port = store.port();
+        let r1 = std::thread::spawn(move || {
+            let store = Store::connect("127.0.0.1", port, 2, timeout).unwrap();
+            let g = Group::join(store, 1, 2, "127.0.0.1", timeout).unwrap();
+            g.barrier().unwrap();
+            // Dropped here: its sockets close.
+        });
+        let g = Group::join(store, 0, 2, "127.0.0.1", timeout).unwrap();
+        g.barrier().unwrap();
+        r1.join().unwrap();
+        let start = std::time::Instant::now();
+        let err = g
+            .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with("rank 0 of 2: all-reduce failed"),
+            "{message}"
+        );
+        assert!(start.elapsed() < timeout + Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,117 @@
+//! Data-parallel training: N worker processes, one per rank, that meet
+//! through a c10d `TCPStore`, average their gradients with Gloo after each
+//! backward, and each take a share of every batch (`ops::training`). The
+//! worker that the engine starts for a stage with `data_parallel: N` is
+//! rank 0: it hosts the store and starts the other ranks ([`launch`]).
+//!
+//! The group is process-wide ([`group`]): a worker process runs one stage,
+//! and the training loop finds the group without every op passing it on.
+
+mod group;
+mod launch;
+
+use std::sync::OnceLock;
+
+use tch::nn::VarStore;
+use tch::Tensor;
+
+pub use group::{DistError, Group, Store};
+pub use launch::{requested_world, start, RankEnv, Ranks};
+
+static GROUP: OnceLock<Group> = OnceLock::new();
+
+/// Whether this worker was built with the c10d shim (torch's headers were
+/// there at build time): without it `data_parallel` over 1 fails.
+pub fn available() -> bool {
+    cfg!(alignflow_c10d)
+}
+
+/// This process's data-parallel group, if the stage runs on several ranks.
+pub fn group() -> Option<&'static Group> {
+    GROUP.get()
+}
+
+/// Makes `group` the process's group (once).
+fn install(group: Group) -> &'static Group {
+    let _ = GROUP.set(group);
+    GROUP.get().expect("the group was just set")
+}
+
+/// Rank `rank`'s share of a batch's example indices: a contiguous slice,
+/// the sizes differing by at most one (the first `len % world` ranks take
+/// one more).
+pub fn shard(idx: &[usize], rank: usize, world: usize) -> &[usize] {
+    let (base, extra) = (idx.len() / world, idx.len() % world);
+    let start = rank * base + rank.min(extra);
+    let len = base + usize::from(rank < extra);
+    &idx[start..start + len]
+}
+
+/// Copies rank 0's variables of `vs` (sorted by name, so every rank lists
+/// them alike) into every rank's.
+pub fn broadcast_weights(group: &Group, vs: &VarStore) -> Result<(), DistError> {
+    let _guard = tch::no_grad_guard();
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+    group.broadcast_all(&tensors, 0)
+}
+
+/// A test hook: `ALIGNFLOW_DIST_TEST_KILL=RANK:STEP` makes rank RANK kill
+/// itself with SIGKILL in step STEP (1-based), after its forward pass and
+/// before its backward: a rank lost mid-step, as the tests need. Step 0 is
+/// before the rank joins the group.
+pub fn test_fault_point(step: u64) {
+    if let Some(g) = group() {
+        test_fault_point_of(g.rank(), step);
+    }
+}
+
+/// [`test_fault_point`] for `rank`, before the group exists.
+fn test_fault_point_of(rank: usize, step: u64) {
+    let Ok(spec) = std::env::var("ALIGNFLOW_DIST_TEST_KILL") else {
+        return;
+    };
+    let want = spec
+        .split_once(':')
+        .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
+    if want == Some((rank, step)) {
+        tracing::warn!(rank, step, "ALIGNFLOW_DIST_TEST_KILL: killing this rank");
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// A test hook: with `ALIGNFLOW_DIST_TEST_GRADS=DIR`, each rank (rank 0
+/// alone without a group) writes the gradients it steps with after step
+/// STEP (averaged over the ranks, clipped) to
+/// `DIR/rank-R-step-STEP.safetensors`, for the tests that compare them with
+/// one process's.
+pub fn test_dump_grads(vs: &VarStore, step: u64) -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("ALIGNFLOW_DIST_TEST_GRADS") else {
+        return Ok(());
+    };
+    let rank = group().map_or(0, Group::rank);
+    let grads: Vec<(String, Tensor)> = crate::train::trainable_named(vs)
+        .into_iter()
+        .filter(|(_, t)| t.grad().defined())
+        .map(|(n, t)| (n, t.grad()))
+        .collect();
+    let path = std::path::Path::new(&dir).join(format!("rank-{rank}-step-{step}.safetensors"));
+    Tensor::write_safetensors(&grads, &path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard;
+
+    #[test]
+    fn shards_cover_the_batch_in_order_and_differ_by_at_most_one() {
+        let idx: Vec<usize> = (10..17).collect();
+        let parts: Vec<&[usize]> = (0..3).map(|r| shard(&idx, r, 3)).collect();
+        assert_eq!(parts, vec![&[10, 11, 12][..], &[13, 14][..], &[15, 16][..]]);
+        assert_eq!(shard(&idx, 0, 1), &idx[..]);
+    }
+}
