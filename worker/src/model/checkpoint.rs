@@ -203,13 +203,24 @@ pub fn read_file(path: &Path, device: Device) -> anyhow::Result<Vec<(String, Ten
     Ok(out)
 }
 
-/// A tensor's bytes for writing, read in place (no copy of the model).
+/// A tensor's bytes for writing: read in place when it is already a
+/// contiguous CPU tensor of the written kind, otherwise converted when the
+/// writer reaches it (one tensor at a time, never a copy of the model).
 struct Bytes {
     dtype: Dtype,
+    kind: Kind,
     shape: Vec<usize>,
-    /// Contiguous, on the CPU; its storage is what `data` reads.
     tensor: Tensor,
     len: usize,
+}
+
+impl Bytes {
+    /// Whether `tensor`'s own storage holds the bytes to write.
+    fn in_place(&self) -> bool {
+        self.tensor.device() == Device::Cpu
+            && self.tensor.kind() == self.kind
+            && self.tensor.is_contiguous()
+    }
 }
 
 impl View for &Bytes {
@@ -223,11 +234,22 @@ impl View for &Bytes {
         if self.len == 0 {
             return Cow::Borrowed(&[]);
         }
-        // SAFETY: `tensor` is contiguous on the CPU and lives as long as
-        // `self`; its `len` bytes start at its data pointer.
-        Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len)
-        })
+        if self.in_place() {
+            // SAFETY: `tensor` is contiguous on the CPU and lives as long as
+            // `self`; its `len` bytes start at its data pointer.
+            return Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len)
+            });
+        }
+        let t = self
+            .tensor
+            .to_device(Device::Cpu)
+            .to_kind(self.kind)
+            .contiguous();
+        // SAFETY: as above, for the converted copy, alive until the copy
+        // of its bytes is made.
+        let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, self.len) };
+        Cow::Owned(bytes.to_vec())
     }
     fn data_len(&self) -> usize {
         self.len
@@ -236,17 +258,30 @@ impl View for &Bytes {
 
 /// Writes `tensors` to `path` as safetensors with `{"format": "pt"}` metadata.
 pub fn write_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    write_file_as(path, tensors, None)
+}
+
+/// [`write_file`], every floating tensor written as `kind` when given
+/// (converted one at a time as the file is written).
+pub fn write_file_as(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    kind: Option<Kind>,
+) -> anyhow::Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let tensor = t.detach().to_device(Device::Cpu).contiguous();
-        let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
-        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        let kind = match kind {
+            Some(k) if t.is_floating_point() => k,
+            _ => t.kind(),
+        };
+        let len = t.numel() * kind.elt_size_in_bytes();
         owned.push((
             name.clone(),
             Bytes {
-                dtype: dtype_of(tensor.kind())?,
-                shape,
-                tensor,
+                dtype: dtype_of(kind)?,
+                kind,
+                shape: t.size().iter().map(|&d| d as usize).collect(),
+                tensor: t.detach(),
                 len,
             },
         ));

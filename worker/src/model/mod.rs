@@ -406,14 +406,21 @@ impl BuildOptions {
 impl Model {
     /// A freshly initialised model (seed torch first for reproducibility).
     pub fn init(cfg: &ModelConfig, options: &BuildOptions) -> Model {
-        let vs = nn::VarStore::new(options.device);
+        let mut vs = nn::VarStore::new(options.device);
+        if options.kind != Kind::Float {
+            // Every weight is made in the frozen dtype from the start, the
+            // trained ones turned back to float32 below: no float32 copy
+            // of the whole model first (4 bytes per parameter, at the peak
+            // of every load of a bf16 model).
+            vs.set_kind(options.kind);
+        }
         let root = vs.root();
         let lm = Transformer::new(&root, cfg, options.lora.as_ref());
         let reward =
             (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
         let value = (options.head == Head::Value).then(|| ValueHead::new(&root, cfg.hidden_size));
         if options.kind != Kind::Float {
-            hold_frozen_weights_in(&vs, options.kind, options.lora.is_some());
+            hold_trained_weights_in_float32(&vs, options.lora.is_some());
         }
         Model {
             vs,
@@ -584,9 +591,13 @@ impl Model {
             // transformers' `*ForSequenceClassification` has no LM head and
             // reports an untied one as an unexpected key.
             .filter(|(n, _)| self.reward.is_none() || !n.starts_with("lm_head."))
-            .map(|(n, t)| (n, t.to_kind(self.save_kind)))
             .collect();
-        checkpoint::write_file(&dir.join("model.safetensors"), &tensors)?;
+        // Each tensor is converted to the saved dtype as it is written.
+        checkpoint::write_file_as(
+            &dir.join("model.safetensors"),
+            &tensors,
+            Some(self.save_kind),
+        )?;
         let mut config = self.lm.cfg.raw.clone();
         // transformers' class names, as `architectures` lists them (tools
         // such as vLLM pick the model class from it).
@@ -669,16 +680,16 @@ pub fn copy_tokenizer(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Holds the weights that do not train in `kind` (see
-/// [`BuildOptions::kind`]): every one but adapters, and with adapters
-/// (`lora`) the heads too, which train beside them.
-fn hold_frozen_weights_in(vs: &nn::VarStore, kind: Kind, lora: bool) {
+/// Turns the weights that train back to float32 in a model made in a
+/// frozen dtype (see [`BuildOptions::kind`]): the adapters, and with
+/// adapters (`lora`) the heads too, which train beside them.
+fn hold_trained_weights_in_float32(vs: &nn::VarStore, lora: bool) {
     tch::no_grad(|| {
         for (name, mut t) in vs.variables() {
             let trained = name.contains("lora_")
                 || (lora && (name.starts_with("score.") || name.starts_with("v_head.")));
-            if !trained && t.is_floating_point() {
-                t.set_data(&t.to_kind(kind));
+            if trained && t.is_floating_point() {
+                t.set_data(&t.to_kind(Kind::Float));
             }
         }
     });
