@@ -399,68 +399,96 @@ fn in_buckets(
 mod tests {
     use super::*;
 
-    /// Two ranks as two threads of this process: the store, the group and
-    /// each collective, against sums computed by hand.
+    /// The environment variable that makes a test process rank 1 of a
+    /// test's group (its value is the store's port).
+    const RANK1_PORT: &str = "ALIGNFLOW_TEST_RANK1_PORT";
+
+    /// Runs a two-rank test with rank 1 in a child process: the test
+    /// binary itself, filtered to `test`, with the store's port in its
+    /// environment. Ranks are separate processes in a stage, and two Gloo
+    /// groups in one process (one torn down while the other runs) are not
+    /// something torch supports or a stage ever does.
+    fn spawn_rank1(test: &str, port: u16) -> std::process::Child {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--test-threads=1", "--nocapture"])
+            .env(RANK1_PORT, port.to_string())
+            .spawn()
+            .expect("starting rank 1")
+    }
+
+    /// The port to join as rank 1 of, if this process is a test's rank 1.
+    fn rank1_port() -> Option<u16> {
+        std::env::var(RANK1_PORT).ok().map(|p| p.parse().unwrap())
+    }
+
+    /// What one rank of `two_ranks_all_reduce_broadcast_and_meet` does,
+    /// checked against sums computed by hand.
+    fn all_reduce_broadcast_and_meet(store: Store, r: usize, timeout: Duration) {
+        let g = Group::join(store, r, 2, "127.0.0.1", timeout).unwrap();
+        // Two buckets' worth of a float tensor, and a small one.
+        let big = Tensor::full(
+            [7 << 20],
+            r as f64 + 1.0,
+            (tch::Kind::Float, tch::Device::Cpu),
+        );
+        let small = Tensor::from_slice(&[r as f32, 10.0 * r as f32]);
+        g.all_reduce_mean(&[big.shallow_clone(), small.shallow_clone()])
+            .unwrap();
+        let sums = g.sum_f64(&[1.0, r as f64]).unwrap();
+        let b = Tensor::from_slice(&[r as f32 + 5.0; 3]);
+        g.broadcast(&b, 1).unwrap();
+        g.barrier().unwrap();
+        assert_eq!(big.mean(tch::Kind::Double).double_value(&[]), 1.5);
+        assert_eq!(Vec::<f32>::try_from(&small).unwrap(), vec![0.5, 5.0]);
+        assert_eq!(sums, vec![2.0, 1.0]);
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![6.0; 3]);
+    }
+
+    /// Two ranks (this process and a child): the store, the group and
+    /// each collective.
     #[test]
     fn two_ranks_all_reduce_broadcast_and_meet() {
         let timeout = Duration::from_secs(30);
-        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
-        let port = store.port();
-        assert_ne!(port, 0);
-        let rank = |r: usize, store: Store| {
-            std::thread::spawn(move || {
-                let g = Group::join(store, r, 2, "127.0.0.1", timeout).unwrap();
-                // Two buckets' worth of a float tensor, and a small one.
-                let big = Tensor::full(
-                    [7 << 20],
-                    r as f64 + 1.0,
-                    (tch::Kind::Float, tch::Device::Cpu),
-                );
-                let small = Tensor::from_slice(&[r as f32, 10.0 * r as f32]);
-                g.all_reduce_mean(&[big.shallow_clone(), small.shallow_clone()])
-                    .unwrap();
-                let sums = g.sum_f64(&[1.0, r as f64]).unwrap();
-                let b = Tensor::from_slice(&[r as f32 + 5.0; 3]);
-                g.broadcast(&b, 1).unwrap();
-                g.barrier().unwrap();
-                (
-                    big.mean(tch::Kind::Double).double_value(&[]),
-                    Vec::<f32>::try_from(&small).unwrap(),
-                    sums,
-                    Vec::<f32>::try_from(&b).unwrap(),
-                )
-            })
-        };
-        let r0 = rank(0, store);
-        let r1 = rank(1, Store::connect("127.0.0.1", port, 2, timeout).unwrap());
-        for (big, small, sums, b) in [r0.join().unwrap(), r1.join().unwrap()] {
-            assert_eq!(big, 1.5);
-            assert_eq!(small, vec![0.5, 5.0]);
-            assert_eq!(sums, vec![2.0, 1.0]);
-            assert_eq!(b, vec![6.0; 3]);
+        if let Some(port) = rank1_port() {
+            let store = Store::connect("127.0.0.1", port, 2, timeout).unwrap();
+            all_reduce_broadcast_and_meet(store, 1, timeout);
+            return;
         }
+        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
+        assert_ne!(store.port(), 0);
+        let mut r1 = spawn_rank1(
+            "dist::group::tests::two_ranks_all_reduce_broadcast_and_meet",
+            store.port(),
+        );
+        all_reduce_broadcast_and_meet(store, 0, timeout);
+        assert!(r1.wait().unwrap().success(), "rank 1 failed");
         let zero = || Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu));
         assert_eq!(buckets(&[zero(), zero()]).len(), 1);
         let big = Tensor::zeros([7 << 20], (tch::Kind::Float, tch::Device::Cpu));
         assert_eq!(buckets(&[big.shallow_clone(), big]).len(), 2);
     }
 
-    /// A rank that leaves makes its peer's next collective fail, with the
-    /// op and the rank in the message, instead of waiting forever.
+    /// A rank that leaves (its process exits) makes its peer's next
+    /// collective fail, with the op and the rank in the message, instead
+    /// of waiting forever.
     #[test]
     fn a_vanished_peer_fails_the_collective_instead_of_hanging() {
         let timeout = Duration::from_secs(20);
-        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
-        let port = store.port();
-        let r1 = std::thread::spawn(move || {
+        if let Some(port) = rank1_port() {
             let store = Store::connect("127.0.0.1", port, 2, timeout).unwrap();
             let g = Group::join(store, 1, 2, "127.0.0.1", timeout).unwrap();
             g.barrier().unwrap();
-            // Dropped here: its sockets close.
-        });
+            // The process exits: its sockets close.
+            std::process::exit(0);
+        }
+        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
+        let mut r1 = spawn_rank1(
+            "dist::group::tests::a_vanished_peer_fails_the_collective_instead_of_hanging",
+            store.port(),
+        );
         let g = Group::join(store, 0, 2, "127.0.0.1", timeout).unwrap();
         g.barrier().unwrap();
-        r1.join().unwrap();
+        assert!(r1.wait().unwrap().success(), "rank 1 failed");
         let start = std::time::Instant::now();
         let err = g
             .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
