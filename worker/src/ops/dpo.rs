@@ -25,7 +25,7 @@ use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::{finite_or_null, write_held_out_eval};
-use super::training::{run_training_with_figures, BatchLoss};
+use super::training::{is_other_rank, run_training_with_figures, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub use data::{
@@ -316,6 +316,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     anyhow::ensure!(!train.is_empty(), "stage `{stage}`: no training pairs");
 
     let mut metrics = train_policy(ctx, &mut model, &p, &train, device)?;
+    if is_other_rank() {
+        return Ok(metrics);
+    }
     metrics.insert("pairs".into(), train.len().into());
     format.report(stage, &mut metrics);
 

@@ -25,7 +25,7 @@ use alignflow_ops::{
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
 use super::metrics_log::write_held_out_eval;
-use super::training::{run_training, BatchLoss};
+use super::training::{is_other_rank, run_training, BatchLoss};
 use crate::model::{self, Head, Model};
 
 pub use data::{read_records, sequence, Encoder, Pair, Record};
@@ -139,6 +139,9 @@ fn train_and_evaluate(
     let n = train.len();
     let mut metrics = run_training(ctx, &mut m.model, &c.train, c.lr, n, &mut loss_fn)?;
     metrics.insert("train_pairs".into(), n.into());
+    if is_other_rank() {
+        return Ok(metrics);
+    }
 
     // The model is now what `run_training` saved (LoRA merged).
     ctx.reporter

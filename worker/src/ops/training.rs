@@ -197,13 +197,9 @@ pub fn run_training_with_figures(
             log.publish(ctx)?;
             model.save(&ctx.output("model"))?;
         }
-        None => {
-            // The other ranks' outputs go to a scratch folder rank 0
-            // removes; an empty log there takes what the op appends after
-            // training (held-out figures). The model is rank 0's to save.
-            std::fs::create_dir_all(&ctx.spec.out_dir)?;
-            std::fs::write(ctx.output("metrics"), "")?;
-        }
+        // The model, the log and the held-out figures are rank 0's to
+        // write ([`is_other_rank`]).
+        None => {}
     }
     let mut out = Metrics::new();
     out.insert("steps".into(), steps.into());
@@ -211,6 +207,13 @@ pub fn run_training_with_figures(
     out.insert("tokens".into(), trainer.state().tokens_seen.into());
     out.insert("tokens_per_s".into(), per_second(tokens, secs).into());
     Ok(out)
+}
+
+/// Whether this process is a rank other than 0 of a data-parallel stage:
+/// its part ends with training, as the stage's outputs (the model, the
+/// metrics, the held-out evaluation) are rank 0's alone.
+pub fn is_other_rank() -> bool {
+    crate::dist::group().is_some_and(|g| !g.is_root())
 }
 
 /// This rank's share of the whole batch's loss, from the mean `loss` of its
