@@ -53,6 +53,15 @@ pub struct BestOfNParams {
     /// CUDA, float32 on the CPU).
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
+    /// The device of each model by role (`{policy: cuda:0, reference:
+    /// cuda:1, reward: cuda:1}`; `cpu`, `cuda`, `cuda:N`, counted
+    /// among the stage's own GPUs); a role left out runs on the stage's
+    /// device. Tensors move between devices where roles meet.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::role_devices::RoleDevices::is_empty"
+    )]
+    pub placement: crate::role_devices::RoleDevices,
     /// Answers sampled per prompt.
     #[serde(default = "default_n")]
     pub n: usize,
@@ -189,6 +198,9 @@ pub const OP: OpDecl = OpDecl {
 
 impl OpParams for BestOfNParams {
     fn check(&self) -> Result<(), ParamError> {
+        use crate::role_devices::Role;
+        self.placement
+            .check("placement", &[Role::Policy, Role::Reward])?;
         require(self.n > 0, "n", AT_LEAST_ONE)?;
         self.decoding.check()?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;

@@ -81,6 +81,15 @@ pub struct EvaluateParams {
     /// CUDA, float32 on the CPU).
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
+    /// The device of each model by role (`{policy: cuda:0, reference:
+    /// cuda:1, reward: cuda:1}`; `cpu`, `cuda`, `cuda:N`, counted
+    /// among the stage's own GPUs); a role left out runs on the stage's
+    /// device. Tensors move between devices where roles meet.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::role_devices::RoleDevices::is_empty"
+    )]
+    pub placement: crate::role_devices::RoleDevices,
     /// Evaluate only the first `limit` prompts of the file (none: all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
@@ -521,6 +530,9 @@ pub const OP: OpDecl = OpDecl {
 
 impl OpParams for EvaluateParams {
     fn check(&self) -> Result<(), ParamError> {
+        use crate::role_devices::Role;
+        self.placement
+            .check("placement", &[Role::Policy, Role::Reference, Role::Reward])?;
         require(self.limit != Some(0), "limit", AT_LEAST_ONE)?;
         require(self.max_new_tokens >= 1, "max_new_tokens", AT_LEAST_ONE)?;
         check_temperature(self.temperature)?;

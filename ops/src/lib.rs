@@ -37,6 +37,7 @@ pub mod lm_pretrain;
 pub mod memory;
 pub mod pm;
 pub mod ppo;
+pub mod role_devices;
 pub mod sft;
 pub mod tokenizer_train;
 pub mod training;
@@ -66,6 +67,7 @@ pub use ppo::{
     PpoAdvantage, PpoKlEstimator, PpoKlMode, PpoLrSchedule, PpoParams, PpoRewardNorm, PpoValueInit,
     PpoValueModel,
 };
+pub use role_devices::{Role, RoleDevices};
 pub use sft::SftParams;
 pub use stage::{CancelFlag, Cancelled, NullReporter, Reporter, RunFn, StageContext};
 pub use tokenizer_train::corpus_texts;

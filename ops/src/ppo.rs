@@ -269,6 +269,15 @@ pub struct PpoParams {
     /// the CPU). Trained weights stay float32.
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
+    /// The device of each model by role (`{policy: cuda:0, reference:
+    /// cuda:1, reward: cuda:1, value: cuda:0}`; `cpu`, `cuda`, `cuda:N`, counted
+    /// among the stage's own GPUs); a role left out runs on the stage's
+    /// device. Tensors move between devices where roles meet.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::role_devices::RoleDevices::is_empty"
+    )]
+    pub placement: crate::role_devices::RoleDevices,
     /// Recompute each transformer block's activations in the update's
     /// backward instead of keeping them. Default: on for CUDA training of
     /// models over 300M parameters, off otherwise.
@@ -332,6 +341,11 @@ fn default_checkpoint_every() -> u64 {
 impl OpParams for PpoParams {
     /// Checks the combinations serde cannot.
     fn check(&self) -> Result<(), ParamError> {
+        use crate::role_devices::Role;
+        self.placement.check(
+            "placement",
+            &[Role::Policy, Role::Reference, Role::Reward, Role::Value],
+        )?;
         require(
             self.samples_per_prompt > 0,
             "samples_per_prompt",

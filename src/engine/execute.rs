@@ -346,7 +346,12 @@ async fn acquire<'a>(
     fp: &Fingerprint,
 ) -> Result<Held<'a>, Error> {
     let gpu = if op.runs_in_worker() {
-        shared.gpus.acquire(&stage.device, &shared.cancel).await?
+        let placed = alignflow_ops::role_devices::parse(stage.params.get("placement"))
+            .map_or(0, |p| p.gpus());
+        shared
+            .gpus
+            .acquire(&stage.device, placed, &shared.cancel)
+            .await?
     } else {
         None
     };
@@ -399,7 +404,7 @@ async fn dispatch(
     device: Device<'_>,
 ) -> Result<Staged, Error> {
     let on = match (device, op.placement) {
-        (Device::Slot(g), _) => format!(" on cuda:{}", g.index),
+        (Device::Slot(g), _) => format!(" on cuda:{}", g.visible()),
         (Device::Allocated, Placement::Worker) => " on cuda".into(),
         (_, Placement::Worker) => " on cpu".into(),
         (_, Placement::Engine(_)) => String::new(),
@@ -428,7 +433,7 @@ async fn dispatch(
         Placement::Worker => {
             let placement = worker::Placement {
                 cuda_visible_devices: match device {
-                    Device::Slot(g) => Some(g.index.to_string()),
+                    Device::Slot(g) => Some(g.visible()),
                     Device::Cpu => Some(String::new()),
                     Device::Allocated => None,
                 },
@@ -500,6 +505,8 @@ fn stage_spec(
         device: match (device, op.placement) {
             (_, Placement::Engine(_)) => stage.device.clone(),
             (Device::Cpu, Placement::Worker) => "cpu".into(),
+            // A stage on the CPU with models placed on GPUs.
+            (_, Placement::Worker) if stage.device == "cpu" => "cpu".into(),
             (_, Placement::Worker) => "cuda".into(),
         },
         seed: key.seed,
@@ -521,7 +528,7 @@ async fn commit(
     device: Device<'_>,
 ) -> Result<StageRecord, Error> {
     let device = match device {
-        Device::Slot(g) => format!("cuda:{}", g.index),
+        Device::Slot(g) => format!("cuda:{}", g.visible()),
         Device::Allocated => "cuda".into(),
         Device::Cpu => "cpu".into(),
     };

@@ -15,15 +15,29 @@ pub(super) struct GpuSlots {
     notify: tokio::sync::Notify,
 }
 
-/// A held GPU slot.
+/// A stage's held GPU slots: one, or one on each of several GPUs for a
+/// stage whose `placement` puts its models on several.
 pub(super) struct GpuSlot<'a> {
     slots: &'a GpuSlots,
-    pub(super) index: usize,
+    /// The GPUs, in the order the stage numbers them (`cuda:0` first).
+    pub(super) indices: Vec<usize>,
+}
+
+impl GpuSlot<'_> {
+    /// The GPUs for `CUDA_VISIBLE_DEVICES`: `2` or `0,3`.
+    pub(super) fn visible(&self) -> String {
+        let names: Vec<String> = self.indices.iter().map(usize::to_string).collect();
+        names.join(",")
+    }
 }
 
 impl Drop for GpuSlot<'_> {
     fn drop(&mut self) {
-        self.slots.free.lock().unwrap_or_else(|e| e.into_inner())[self.index] += 1;
+        let mut free = self.slots.free.lock().unwrap_or_else(|e| e.into_inner());
+        for &i in &self.indices {
+            free[i] += 1;
+        }
+        drop(free);
         self.slots.notify.notify_waiters();
     }
 }
@@ -39,17 +53,19 @@ impl GpuSlots {
             Ok(v) => v.split(',').count().min(listed),
             Err(_) => listed,
         };
-        GpuSlots {
-            free: Mutex::new(vec![per_gpu.max(1); count]),
-            notify: Default::default(),
-        }
+        GpuSlots::of(count, per_gpu)
     }
 
     /// No GPU to hand out: a cluster node, where the scheduler gave the job
     /// its devices.
     pub(super) fn none() -> GpuSlots {
+        GpuSlots::of(0, 1)
+    }
+
+    /// `count` GPUs of `per_gpu` slots each.
+    fn of(count: usize, per_gpu: usize) -> GpuSlots {
         GpuSlots {
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new(vec![per_gpu.max(1); count]),
             notify: Default::default(),
         }
     }
@@ -63,17 +79,19 @@ impl GpuSlots {
             .sum()
     }
 
-    /// A GPU for a stage asking for `device`; `None` means run on the CPU.
+    /// The GPUs of a stage asking for `device` whose `placement` names
+    /// `placed` GPUs (0: none); `None` means run on the CPU. A placement
+    /// takes that many GPUs (at least one on `cuda`/`auto`), the ones with
+    /// the most free slots; `cuda:N` pins the stage to GPU N alone.
     pub(super) async fn acquire(
         &self,
         device: &str,
+        placed: usize,
         cancel: &CancellationToken,
     ) -> Result<Option<GpuSlot<'_>>, Error> {
         let count = self.free.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let wanted: Option<usize> = match device {
-            "cpu" => return Ok(None),
-            "auto" if count == 0 => return Ok(None),
-            "auto" | "cuda" => None,
+        let pinned: Option<usize> = match device {
+            "cpu" | "auto" | "cuda" => None,
             other => Some(
                 other
                     .strip_prefix("cuda:")
@@ -81,26 +99,49 @@ impl GpuSlots {
                     .with_context(|| format!("bad device `{other}`"))?,
             ),
         };
-        if count == 0 || wanted.is_some_and(|w| w >= count) {
+        let wanted = match device {
+            _ if placed > 0 => placed,
+            "cpu" => return Ok(None),
+            "auto" if count == 0 => return Ok(None),
+            _ => 1,
+        };
+        if pinned.is_some() && placed > 0 {
             return Err(anyhow::anyhow!(
-                "device `{device}` requested but {count} GPU(s) are visible"
+                "device `{device}` pins the stage to one GPU, but `params.placement` names {placed} of the stage's GPUs: set `device: cuda` (the engine then picks {placed} free GPUs)"
             )
             .into());
+        }
+        if count < wanted || pinned.is_some_and(|w| w >= count) {
+            let asked = match placed {
+                0 => format!("device `{device}` requested"),
+                n => format!("`params.placement` names {n} GPU(s)"),
+            };
+            return Err(anyhow::anyhow!("{asked} but {count} GPU(s) are visible").into());
         }
         loop {
             let notified = self.notify.notified();
             {
                 let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-                let pick = match wanted {
-                    Some(w) => (free[w] > 0).then_some(w),
-                    // The GPU with the most free slots.
-                    None => (0..free.len())
-                        .filter(|&i| free[i] > 0)
-                        .max_by_key(|&i| (free[i], std::cmp::Reverse(i))),
+                let pick: Option<Vec<usize>> = match pinned {
+                    Some(w) => (free[w] > 0).then(|| vec![w]),
+                    // The GPUs with the most free slots, in index order.
+                    None => {
+                        let mut open: Vec<usize> =
+                            (0..free.len()).filter(|&i| free[i] > 0).collect();
+                        open.sort_by_key(|&i| (std::cmp::Reverse(free[i]), i));
+                        open.truncate(wanted);
+                        open.sort_unstable();
+                        (open.len() == wanted).then_some(open)
+                    }
                 };
-                if let Some(index) = pick {
-                    free[index] -= 1;
-                    return Ok(Some(GpuSlot { slots: self, index }));
+                if let Some(indices) = pick {
+                    for &i in &indices {
+                        free[i] -= 1;
+                    }
+                    return Ok(Some(GpuSlot {
+                        slots: self,
+                        indices,
+                    }));
                 }
             }
             tokio::select! {
@@ -108,5 +149,65 @@ impl GpuSlots {
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_placed_stage_holds_as_many_gpus_as_its_placement_names() {
+        run(async {
+            let slots = GpuSlots::of(3, 1);
+            let cancel = CancellationToken::new();
+            let two = slots.acquire("cuda", 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(two.indices, vec![0, 1]);
+            assert_eq!(two.visible(), "0,1");
+            // Roles on the GPUs, the rest on the CPU: still two GPUs.
+            let one = slots.acquire("cpu", 1, &cancel).await.unwrap().unwrap();
+            assert_eq!(one.indices, vec![2]);
+            assert!(slots.acquire("cpu", 0, &cancel).await.unwrap().is_none());
+            // Nothing free: the next placed stage waits for the first.
+            let waiting =
+                tokio::time::timeout(Duration::from_millis(50), slots.acquire("cuda", 2, &cancel))
+                    .await;
+            assert!(waiting.is_err(), "it should wait for two free GPUs");
+            drop(two);
+            let again = slots.acquire("auto", 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(again.indices, vec![0, 1]);
+            drop((one, again));
+            assert_eq!(slots.total(), 3);
+        });
+    }
+
+    #[test]
+    fn a_placement_beyond_the_visible_gpus_or_on_a_pinned_device_fails() {
+        run(async {
+            let slots = GpuSlots::of(2, 1);
+            let cancel = CancellationToken::new();
+            let message = |r: Result<Option<GpuSlot<'_>>, Error>| match r {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("expected an error"),
+            };
+            let too_many = message(slots.acquire("cuda", 3, &cancel).await);
+            assert!(
+                too_many.contains("`params.placement` names 3 GPU(s) but 2 GPU(s) are visible"),
+                "{too_many}"
+            );
+            let pinned = message(slots.acquire("cuda:1", 2, &cancel).await);
+            assert!(pinned.contains("set `device: cuda`"), "{pinned}");
+            let one = slots.acquire("cuda:1", 0, &cancel).await.unwrap().unwrap();
+            assert_eq!(one.indices, vec![1]);
+        });
     }
 }

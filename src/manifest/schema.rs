@@ -178,11 +178,13 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// GPUs the stage's job asks for: `gpus`, else one for a stage pinned
-    /// to a GPU (`device: cuda`, `cuda:N`) that runs in the worker.
-    pub fn gpus_for(&self, device: &str, in_worker: bool) -> u32 {
+    /// GPUs the stage's job asks for: `gpus`, else those its `placement`
+    /// names (`placed`), else one for a stage pinned to a GPU (`device:
+    /// cuda`, `cuda:N`) that runs in the worker.
+    pub fn gpus_for(&self, device: &str, in_worker: bool, placed: usize) -> u32 {
         match self.gpus {
             Some(n) => n,
+            None if in_worker && placed > 0 => placed as u32,
             None if in_worker && device.starts_with("cuda") => 1,
             None => 0,
         }

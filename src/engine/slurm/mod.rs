@@ -172,7 +172,11 @@ pub(super) async fn run_remote(
     let events = dir.join("events.jsonl");
     let spec_path = dir.join("spec.json");
     let threads = stage.resources.cpus.map(|c| c as usize);
-    let gpus = stage.resources.gpus_for(&stage.device, op.runs_in_worker());
+    let placed =
+        alignflow_ops::role_devices::parse(stage.params.get("placement")).map_or(0, |p| p.gpus());
+    let gpus = stage
+        .resources
+        .gpus_for(&stage.device, op.runs_in_worker(), placed);
     let job = JobSpec {
         cache_dir: shared.cache.root().to_path_buf(),
         manifest: cluster.manifest.clone(),

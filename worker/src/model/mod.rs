@@ -726,6 +726,11 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
                 tch::Cuda::is_available(),
                 "device `{other}` requested but CUDA is not available"
             );
+            let visible = tch::Cuda::device_count() as usize;
+            anyhow::ensure!(
+                n < visible,
+                "device `{other}` requested but the stage sees {visible} GPU(s)"
+            );
             Device::Cuda(n)
         }
     })

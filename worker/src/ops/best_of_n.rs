@@ -24,7 +24,8 @@ use super::sampling::{
 };
 use super::scoring::pm_score_answers;
 use crate::model::sample::SamplingConfig;
-use crate::model::{self, Head, Model};
+use crate::model::{Head, Model};
+use alignflow_ops::Role;
 
 /// One sampled answer.
 struct Answer {
@@ -37,7 +38,7 @@ struct Answer {
 pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: BestOfNParams = ctx.params()?;
     let stage = ctx.spec.stage.clone();
-    let device = model::device(&ctx.spec.device)?;
+    let placed = |role| load::role_device(ctx, &p.placement, role);
     let policy_dir = ctx.input("policy")?;
     let pm_dir = ctx.spec.inputs.get("reward_model").map(|d| d.as_path());
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
@@ -62,12 +63,12 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     // (1) n answers per prompt.
     let answers = {
-        let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
+        let policy = load::frozen(policy_dir, placed(Role::Policy)?, Head::Lm, p.dtype)?;
         sample(ctx, &p, &policy, &tokenizer, &prompts)?
     };
 
     // (2) Scores, per prompt by sample index.
-    let scored = score(ctx, &p, pm_dir, &prompts, &answers, device)?;
+    let scored = score(ctx, &p, pm_dir, &prompts, &answers, placed(Role::Reward)?)?;
     let scores = &scored.totals;
 
     // Outputs.

@@ -42,8 +42,9 @@ use super::rollout::Rollout;
 use super::sampling::{decode_answer, sample_prompts, sampling_config};
 use super::scoring::{ask_questions, pm_score_answers, response_logprobs};
 use crate::model::sample::{Sample, SamplingConfig};
-use crate::model::{self, Head, Model};
+use crate::model::{Head, Model};
 use crate::rl::{kl_per_token, masked_sum, KlEstimator};
+use alignflow_ops::Role;
 
 /// One policy's answer.
 struct Answer {
@@ -80,7 +81,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let p: EvaluateParams = ctx.params()?;
     let stage = ctx.spec.stage.clone();
     let feedback = check_judges(ctx, &p)?;
-    let device = model::device(&ctx.spec.device)?;
+    let placed = |role| load::role_device(ctx, &p.placement, role);
+    let (policy_device, reward_device) = (placed(Role::Policy)?, placed(Role::Reward)?);
     let policy_dir = ctx.input("policy")?;
     let reference_dir = ctx.input("reference")?;
     let pm_dir = ctx.spec.inputs.get(REWARD_JUDGE).cloned();
@@ -102,16 +104,24 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 
     // (1) Answers and KL.
     let answers = {
-        let policy = load::frozen(policy_dir, device, Head::Lm, p.dtype)?;
-        let reference = load::frozen(reference_dir, device, Head::Lm, p.dtype)?;
-        sample_both(ctx, &p, &policy, &reference, &tokenizer, &prompts, device)?
+        let policy = load::frozen(policy_dir, policy_device, Head::Lm, p.dtype)?;
+        let reference = load::frozen(reference_dir, placed(Role::Reference)?, Head::Lm, p.dtype)?;
+        sample_both(
+            ctx,
+            &p,
+            &policy,
+            &reference,
+            &tokenizer,
+            &prompts,
+            policy_device,
+        )?
     };
 
     // (2) The PM.
     let mut judges = BTreeMap::new();
     let mut pm_scores: Option<Vec<(f64, f64)>> = None;
     if let Some(dir) = &pm_dir {
-        let (report, scores) = judge_with_pm(ctx, &p, dir, &prompts, &answers, device)?;
+        let (report, scores) = judge_with_pm(ctx, &p, dir, &prompts, &answers, reward_device)?;
         judges.insert(REWARD_JUDGE.to_string(), report);
         pm_scores = Some(scores);
     }
@@ -119,7 +129,8 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     // (3) The feedback model.
     let mut verdicts: Option<Vec<FeedbackVerdict>> = None;
     if let Some(setup) = &feedback {
-        let (report, v) = judge_with_feedback_model(ctx, &p, setup, &prompts, &answers, device)?;
+        let (report, v) =
+            judge_with_feedback_model(ctx, &p, setup, &prompts, &answers, reward_device)?;
         judges.insert(FEEDBACK_JUDGE.to_string(), report);
         verdicts = Some(v);
     }

@@ -9,7 +9,7 @@ use tch::{Device, Kind};
 
 use alignflow_ops::text::Tokenizer;
 use alignflow_ops::training::LoraParams;
-use alignflow_ops::{ChatFormat, ChatTemplateChoice, Dtype, StageContext};
+use alignflow_ops::{ChatFormat, ChatTemplateChoice, Dtype, Role, RoleDevices, StageContext};
 
 use crate::model::{BuildOptions, Head, LoraConfig, Model, ModelConfig};
 
@@ -22,6 +22,25 @@ pub(crate) fn weights_kind(dtype: Dtype, device: Device) -> Kind {
         Dtype::Auto | Dtype::Float32 => Kind::Float,
         Dtype::Bfloat16 => Kind::BFloat16,
         Dtype::Float16 => Kind::Half,
+    }
+}
+
+/// The device of the stage's `role` model: the one `placement` names,
+/// else the stage's device.
+pub(crate) fn role_device(
+    ctx: &StageContext<'_>,
+    placement: &RoleDevices,
+    role: Role,
+) -> anyhow::Result<Device> {
+    match placement.of(role) {
+        Some(device) => crate::model::device(device).with_context(|| {
+            format!(
+                "stage `{}`, field `params.placement.{}`",
+                ctx.spec.stage,
+                role.name()
+            )
+        }),
+        None => crate::model::device(&ctx.spec.device),
     }
 }
 

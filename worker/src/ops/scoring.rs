@@ -20,7 +20,9 @@ use crate::model::{Keep, Model, TokenLogprobs, Transformer};
 /// Policy log-probs of the response tokens of `ids`, and with `entropy`
 /// the entropy of the whole vocabulary's distribution at those positions;
 /// with `train`, the forward has the model's dropout. Computed in chunks of
-/// positions (see [`crate::model::TokenLogprobs`]).
+/// positions (see [`crate::model::TokenLogprobs`]). Like every scoring
+/// function here, it runs on the model's device and answers on the
+/// device of `ids` (models placed by role, `params.placement`).
 ///
 /// # Shapes
 /// `ids`, `mask`: `[b, p + r]`, `resp`: `[b, r]` -> `[b, r]` each.
@@ -36,9 +38,19 @@ pub fn response_logprobs(
     entropy: bool,
 ) -> TokenLogprobs {
     let r = resp.size()[1];
-    let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), train);
-    m.lm.token_logprobs(&hidden, resp, temperature, entropy)
+    let (home, on) = (ids.device(), m.vs.device());
+    let hidden = m.lm.hidden_kept(
+        &ids.to_device(on),
+        &mask.to_device(on),
+        before_each_response_token(p_len, r),
+        train,
+    );
+    let out =
+        m.lm.token_logprobs(&hidden, &resp.to_device(on), temperature, entropy);
+    TokenLogprobs {
+        logp: out.logp.to_device(home),
+        entropy: out.entropy.map(|e| e.to_device(home)),
+    }
 }
 
 /// The positions whose outputs score the response tokens: from the last
@@ -63,13 +75,19 @@ pub fn response_values(
     r: i64,
     train: bool,
 ) -> Tensor {
-    let hidden =
-        m.lm.hidden_kept(ids, mask, before_each_response_token(p_len, r), train);
+    let on = m.vs.device();
+    let hidden = m.lm.hidden_kept(
+        &ids.to_device(on),
+        &mask.to_device(on),
+        before_each_response_token(p_len, r),
+        train,
+    );
     m.value
         .as_ref()
         .expect("value head")
         .forward(&hidden)
         .to_kind(Kind::Float)
+        .to_device(ids.device())
 }
 
 /// The preference model's raw score of each full sequence.
@@ -77,7 +95,10 @@ pub fn response_values(
 /// # Shapes
 /// `ids`, `mask`: `[b, t]` -> `[b]` float32.
 pub fn pm_scores(pm: &Model, ids: &Tensor, mask: &Tensor) -> Tensor {
-    pm.scores(ids, mask, false).to_kind(Kind::Float)
+    let on = pm.vs.device();
+    pm.scores(&ids.to_device(on), &mask.to_device(on), false)
+        .to_kind(Kind::Float)
+        .to_device(ids.device())
 }
 
 /// The PM's raw score of each row (`prompt + answer` tokens, EOS included

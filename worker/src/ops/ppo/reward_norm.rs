@@ -90,15 +90,17 @@ pub(super) fn reference_scores(
             seed: step_seed(seed, NORM_STREAM - chunk) as u64,
             ..base_cfg.clone()
         };
-        let device = policy.vs.device();
         let sc = tch::no_grad(|| {
             crate::train::autocast_if(autocast, || {
-                let ro = reference.with(policy, |m| sample(m, &batch, &cfg, device));
+                let ro = reference.with(policy, |m| sample(m, &batch, &cfg, m.vs.device()));
                 rewards.raw_scores(&batch, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
             })
         })?
         .scores;
-        scores.extend(Vec::<f64>::try_from(&sc.to_kind(Kind::Double)).expect("scores"));
+        scores.extend(
+            Vec::<f64>::try_from(&sc.to_kind(Kind::Double).to_device(tch::Device::Cpu))
+                .expect("scores"),
+        );
         chunk += 1;
     }
     Ok(scores)

@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::Device;
 
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, PpoValueModel, StageContext};
+use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, PpoValueModel, Role, StageContext};
 
 use super::reward_source::{Rewards, Source};
 use crate::model::sample::SamplingConfig;
@@ -23,6 +23,8 @@ pub(super) struct Settings {
     pub params: PpoParams,
     pub stage: String,
     pub seed: u64,
+    /// The policy's device: where rollouts are sampled and the update's
+    /// tensors live (each model's own is in [`Devices`]).
     pub device: Device,
     /// bf16 autocast (CUDA only).
     pub autocast: bool,
@@ -40,6 +42,49 @@ pub(super) struct Settings {
     pub schedule: Schedule,
     /// Sampling settings; each rollout sets its own seed.
     pub sampling: SamplingConfig,
+}
+
+/// The device of each of the stage's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Devices {
+    pub policy: Device,
+    pub reference: Device,
+    pub reward: Device,
+    pub value: Device,
+}
+
+impl Devices {
+    /// The devices `params.placement` names (else the stage's), checked
+    /// against the models that share weights: with `lora` the reference
+    /// is the policy itself, and a LoRA critic sits on the reference's
+    /// weights, so each runs where those weights are.
+    fn of(ctx: &StageContext<'_>, p: &PpoParams) -> anyhow::Result<Devices> {
+        let stage = &ctx.spec.stage;
+        let placed = |role| load::role_device(ctx, &p.placement, role);
+        let policy = placed(Role::Policy)?;
+        let mut reference = placed(Role::Reference)?;
+        if p.lora.is_some() {
+            anyhow::ensure!(
+                p.placement.reference.is_none() || reference == policy,
+                "stage `{stage}`, field `params.placement.reference`: with `lora` the reference is the policy's own weights with the adapters off, on the policy's device ({policy:?}), not {reference:?}"
+            );
+            reference = policy;
+        }
+        let mut value = placed(Role::Value)?;
+        if p.value_model == PpoValueModel::Lora {
+            anyhow::ensure!(
+                p.placement.value.is_none() || value == reference,
+                "stage `{stage}`, field `params.placement.value`: a LoRA critic (`value_model: lora`) sits on the reference's weights, on their device ({reference:?}), not {value:?}"
+            );
+            value = reference;
+        }
+        Ok(Devices {
+            policy,
+            reference,
+            reward: placed(Role::Reward)?,
+            value,
+        })
+    }
 }
 
 /// The policy (trained), the value model (trained, absent without GAE),
@@ -108,7 +153,11 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let p: PpoParams = ctx.params()?;
     let stage = ctx.spec.stage.clone();
     let seed = ctx.spec.seed;
-    let device = model::device(&ctx.spec.device)?;
+    let devices = Devices::of(ctx, &p)?;
+    if !p.placement.is_empty() {
+        tracing::info!(?devices, "models placed by role");
+    }
+    let device = devices.policy;
     let autocast = p.bf16 && device.is_cuda();
     if p.bf16 && !autocast {
         tracing::info!("bf16 applies on CUDA only: this stage runs in float32 on {device:?}");
@@ -118,11 +167,16 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
     // Adapters and the value head are initialised randomly: `trainable`
     // seeds torch first, for byte-identical reruns.
-    let (mut policy, reference) = policy_and_reference(&p, &stage, policy_dir, device, seed)?;
+    let (mut policy, reference) = policy_and_reference(&p, &stage, policy_dir, devices, seed)?;
     let (baseline, group) = baseline_and_group(&p, &stage)?;
     // Critic-free modes load no value model at all.
     let mut critic = match (baseline, p.value_model) {
-        (None, PpoValueModel::Full) => Some(value_model(p.value_init, policy_dir, pm_dir, device)?),
+        (None, PpoValueModel::Full) => Some(value_model(
+            p.value_init,
+            policy_dir,
+            pm_dir,
+            devices.value,
+        )?),
         (None, PpoValueModel::Lora) => Some(lora_critic(&p, &policy, &reference)?),
         (Some(_), _) => None,
     };
@@ -130,7 +184,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     if let Some(critic) = critic.as_mut() {
         set_gradient_checkpointing(critic, p.gradient_checkpointing);
     }
-    let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, device)?;
+    let source = Source::load(ctx, &p, policy.lm.cfg.vocab_size, devices.reward)?;
     let eos = stop_ids(&tokenizer, &policy);
     let max_new = p.max_new_tokens.max(1);
     let max_positions = policy
@@ -183,11 +237,18 @@ fn policy_and_reference(
     p: &PpoParams,
     stage: &str,
     policy_dir: &Path,
-    device: Device,
+    devices: Devices,
     seed: u64,
 ) -> anyhow::Result<(Model, Reference)> {
-    let frozen = load::weights_kind(p.dtype, device);
-    let policy = load::trainable(policy_dir, device, Head::Lm, p.lora.as_ref(), seed, frozen)?;
+    let frozen = load::weights_kind(p.dtype, devices.policy);
+    let policy = load::trainable(
+        policy_dir,
+        devices.policy,
+        Head::Lm,
+        p.lora.as_ref(),
+        seed,
+        frozen,
+    )?;
     let reference = match &p.lora {
         Some(l) => {
             anyhow::ensure!(
@@ -197,7 +258,12 @@ fn policy_and_reference(
             );
             Reference::AdaptersOff
         }
-        None => Reference::Copy(load::frozen(policy_dir, device, Head::Lm, p.dtype)?),
+        None => Reference::Copy(load::frozen(
+            policy_dir,
+            devices.reference,
+            Head::Lm,
+            p.dtype,
+        )?),
     };
     Ok((policy, reference))
 }

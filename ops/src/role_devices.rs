@@ -1,0 +1,166 @@
+//! `placement`: the device of each model of a stage that holds several
+//! (`ppo`, `evaluate`, `best_of_n`), by role. A role left out runs on the
+//! stage's device. GPUs are named as the stage sees them: `cuda:0` is the
+//! stage's first GPU, `cuda:1` its second, so the same manifest means the
+//! same layout whichever GPUs the engine (or Slurm) hands the stage.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::op::ParamError;
+
+/// Devices by role: `cpu`, `cuda` (the stage's first GPU) or `cuda:N`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleDevices {
+    /// The sampled (and, in `ppo`, trained) policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The frozen reference policy (`ppo`'s KL anchor, `evaluate`'s
+    /// `reference`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The reward sources that are models: the preference model and the
+    /// feedback model (direct RLAIF, `evaluate`'s judges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<String>,
+    /// `ppo`'s value model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// A role of [`RoleDevices`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Policy,
+    Reference,
+    Reward,
+    Value,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Policy => "policy",
+            Role::Reference => "reference",
+            Role::Reward => "reward",
+            Role::Value => "value",
+        }
+    }
+}
+
+const ROLES: [Role; 4] = [Role::Policy, Role::Reference, Role::Reward, Role::Value];
+
+impl RoleDevices {
+    /// For `skip_serializing_if`: no placement leaves the normalised
+    /// params (and the fingerprints) as they were before it existed.
+    pub fn is_empty(&self) -> bool {
+        ROLES.iter().all(|&r| self.of(r).is_none())
+    }
+
+    /// The device placed for `role`, if one is.
+    pub fn of(&self, role: Role) -> Option<&str> {
+        match role {
+            Role::Policy => self.policy.as_deref(),
+            Role::Reference => self.reference.as_deref(),
+            Role::Reward => self.reward.as_deref(),
+            Role::Value => self.value.as_deref(),
+        }
+    }
+
+    /// Checks each device string, and that only the op's `roles` are
+    /// placed (`field`: the param's name, for the error).
+    pub fn check(&self, field: &str, roles: &[Role]) -> Result<(), ParamError> {
+        for role in ROLES {
+            let Some(device) = self.of(role) else {
+                continue;
+            };
+            let at = format!("{field}.{}", role.name());
+            if !roles.contains(&role) {
+                let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+                return Err(ParamError::invalid(
+                    &at,
+                    format!(
+                        "this op has no `{}` model to place (its roles: {})",
+                        role.name(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            if gpu_index(device).is_none() && device != "cpu" {
+                return Err(ParamError::invalid(
+                    &at,
+                    format!("`{device}` is not a device: use `cpu`, `cuda` or `cuda:N`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// GPUs the placement needs the stage to have: one more than the
+    /// highest GPU index it names (0 when it names none).
+    pub fn gpus(&self) -> usize {
+        ROLES
+            .iter()
+            .filter_map(|&r| self.of(r).and_then(gpu_index))
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The stage-relative index of a GPU device string (`cuda` is `cuda:0`).
+pub fn gpu_index(device: &str) -> Option<usize> {
+    match device {
+        "cuda" => Some(0),
+        other => other.strip_prefix("cuda:")?.parse().ok(),
+    }
+}
+
+/// A stage's `placement` param (`params["placement"]`), if it is a valid
+/// one: what the engine reads to reserve the stage's GPUs before the op
+/// runs (the op checks it and names what is wrong).
+pub fn parse(placement: Option<&serde_json::Value>) -> Option<RoleDevices> {
+    serde_json::from_value(placement?.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_checked_roles_limited_and_gpus_counted() {
+        let p: RoleDevices = serde_json::from_value(serde_json::json!({
+            "policy": "cuda:0", "reference": "cuda:2", "reward": "cpu"
+        }))
+        .unwrap();
+        assert_eq!(p.gpus(), 3);
+        assert!(p.check("placement", &ROLES).is_ok());
+        let err = p
+            .check("placement", &[Role::Policy, Role::Reference])
+            .unwrap_err();
+        assert_eq!(err.field, "placement.reward");
+        let bad = RoleDevices {
+            value: Some("gpu1".into()),
+            ..RoleDevices::default()
+        };
+        let err = bad.check("placement", &ROLES).unwrap_err();
+        assert_eq!(err.field, "placement.value");
+        assert!(
+            err.message.contains("`gpu1` is not a device"),
+            "{}",
+            err.message
+        );
+        assert!(RoleDevices::default().is_empty());
+        assert_eq!(RoleDevices::default().gpus(), 0);
+        assert_eq!(gpu_index("cuda"), Some(0));
+        assert_eq!(gpu_index("cuda:x"), None);
+        assert!(
+            serde_json::from_value::<RoleDevices>(serde_json::json!({"critic": "cpu"})).is_err()
+        );
+        assert_eq!(
+            parse(Some(&serde_json::json!({"value": "cuda:1"}))).map(|p| p.gpus()),
+            Some(2)
+        );
+    }
+}
