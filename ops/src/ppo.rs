@@ -269,6 +269,15 @@ pub struct PpoParams {
     /// the CPU). Trained weights stay float32.
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
+    /// Processes the stage runs on (CPU, Gloo; see `sft`'s
+    /// `data_parallel`): each rank samples, scores and takes the forward
+    /// passes of its share of the prompts (whole groups), the rollouts are
+    /// gathered so every rank shapes the same rewards and advantages, and
+    /// each minibatch is split among the ranks, its gradients averaged
+    /// after backward. Rank 0 writes the outputs. `batch_size` must be at
+    /// least this.
+    #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
+    pub data_parallel: usize,
     /// The device of each model by role (`{policy: cuda:0, reference:
     /// cuda:1, reward: cuda:1, value: cuda:0}`; `cpu`, `cuda`, `cuda:N`, counted
     /// among the stage's own GPUs); a role left out runs on the stage's
@@ -350,6 +359,19 @@ impl OpParams for PpoParams {
             self.samples_per_prompt > 0,
             "samples_per_prompt",
             "`samples_per_prompt` must be at least 1",
+        )?;
+        require(
+            self.data_parallel >= 1,
+            "data_parallel",
+            "`data_parallel` must be at least 1 (one process)",
+        )?;
+        require(
+            self.batch_size >= self.data_parallel,
+            "data_parallel",
+            format!(
+                "`data_parallel: {}` needs `batch_size` of at least {} (each rank samples a share of the prompts), got {}",
+                self.data_parallel, self.data_parallel, self.batch_size
+            ),
         )?;
         if self.value_model == PpoValueModel::Lora {
             require(

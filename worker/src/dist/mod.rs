@@ -41,10 +41,39 @@ fn install(group: Group) -> &'static Group {
 /// the sizes differing by at most one (the first `len % world` ranks take
 /// one more).
 pub fn shard(idx: &[usize], rank: usize, world: usize) -> &[usize] {
-    let (base, extra) = (idx.len() / world, idx.len() % world);
+    &idx[share(idx.len(), rank, world)]
+}
+
+/// Rows `start..start + mine.size()[0]` of a `rows`-row tensor from each
+/// rank, gathered: every rank gets the whole `[rows, ...]` tensor. Each
+/// rank writes its rows into zeros and the copies are summed (in float64,
+/// exact for float32 values and token ids alike): every element has one
+/// rank's value and zeros from the others. The trailing dimensions must
+/// agree across the ranks.
+pub fn gather_rows(
+    group: &Group,
+    mine: &Tensor,
+    start: usize,
+    rows: usize,
+) -> Result<Tensor, DistError> {
+    let _guard = tch::no_grad_guard();
+    let mut shape = mine.size();
+    let len = shape[0];
+    shape[0] = rows as i64;
+    let all = Tensor::zeros(shape, (tch::Kind::Double, mine.device()));
+    if len > 0 {
+        all.narrow(0, start as i64, len)
+            .copy_(&mine.to_kind(tch::Kind::Double));
+    }
+    group.all_reduce_sum(&all)?;
+    Ok(all.to_kind(mine.kind()))
+}
+
+/// Rank `rank`'s share of `n` items as a range: [`shard`]'s split.
+pub fn share(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (n / world, n % world);
     let start = rank * base + rank.min(extra);
-    let len = base + usize::from(rank < extra);
-    &idx[start..start + len]
+    start..start + base + usize::from(rank < extra)
 }
 
 /// Copies rank 0's variables of `vs` (sorted by name, so every rank lists

@@ -4,7 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::sample::{generate, left_pad, Sample, SamplingConfig};
+use crate::model::sample::{generate, left_pad, sample_requests, Request, Sample, SamplingConfig};
 use crate::model::Model;
 use crate::rl::response_mask;
 
@@ -30,19 +30,25 @@ impl Rollout {
     /// `prompts`, `samples`: `b` rows each; `r` is the longest response
     /// (at least 1).
     pub fn of(prompts: &[Vec<i64>], samples: &[Sample], pad: i64, device: Device) -> Rollout {
-        let r_len = samples
-            .iter()
-            .map(|s| s.tokens.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let tokens: Vec<&[i64]> = samples.iter().map(|s| s.tokens.as_slice()).collect();
+        Rollout::of_tokens(prompts, &tokens, pad, device)
+    }
+
+    /// [`Rollout::of`] from each row's new tokens alone.
+    pub fn of_tokens(
+        prompts: &[Vec<i64>],
+        responses: &[&[i64]],
+        pad: i64,
+        device: Device,
+    ) -> Rollout {
+        let r_len = responses.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
         let b = prompts.len() as i64;
         let mut resp_v = Vec::with_capacity(prompts.len() * r_len);
         let mut len_v = Vec::with_capacity(prompts.len() * r_len);
-        for s in samples {
+        for t in responses {
             for k in 0..r_len {
-                resp_v.push(s.tokens.get(k).copied().unwrap_or(pad));
-                len_v.push(i64::from(k < s.tokens.len()));
+                resp_v.push(t.get(k).copied().unwrap_or(pad));
+                len_v.push(i64::from(k < t.len()));
             }
         }
         let r = r_len as i64;
@@ -73,4 +79,28 @@ impl Rollout {
 pub fn sample(m: &Model, batch: &[Vec<i64>], cfg: &SamplingConfig, device: Device) -> Rollout {
     let samples = generate(&m.lm, batch, cfg, device, |_, _| false);
     Rollout::of(batch, &samples, cfg.pad_token_id, device)
+}
+
+/// One response per row of `rows`, rows `first..` of a larger batch: row
+/// `j` draws from the random stream of row `first + j`, so a share of a
+/// batch samples what the whole batch would at those rows.
+pub fn sample_rows(
+    m: &Model,
+    rows: &[Vec<i64>],
+    first: usize,
+    cfg: &SamplingConfig,
+    device: Device,
+) -> Vec<Sample> {
+    let requests: Vec<Request<'_>> = rows
+        .iter()
+        .enumerate()
+        .map(|(j, prompt)| Request {
+            prompt,
+            prompt_index: (first + j) as u64,
+            sample_index: 0,
+        })
+        .collect();
+    sample_requests(&m.lm, &requests, cfg, device, |_, _| false, |_| Ok(()))
+        .expect("no hook fails")
+        .samples
 }

@@ -117,7 +117,20 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
             (Progress::fresh(&s, norm), None)
         }
     };
-    let mut metrics_log = MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?;
+    if let Some(g) = s.ranks {
+        // Every rank starts from rank 0's weights: the same checkpoint or
+        // the same initialisation, bit for bit.
+        crate::dist::broadcast_weights(g, &models.policy.vs)?;
+        if let Some(critic) = &models.critic {
+            crate::dist::broadcast_weights(g, &critic.vs)?;
+        }
+    }
+    // Rank 0 alone writes the log, the samples, the checkpoints and the
+    // outputs (the checkpoint folder is every rank's).
+    let mut metrics_log = match s.is_root() {
+        true => Some(MetricsLog::open(&ctx.spec.checkpoint_dir, resumed)?),
+        false => None,
+    };
     let start = Instant::now();
     let start_tokens = progress.total_tokens;
     let mut last = serde_json::Value::Null;
@@ -140,10 +153,12 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
             &mut last_samples,
         )?;
     }
-    metrics_log.publish(ctx)?;
-    samples::publish(ctx, &last_samples)?;
-    // Merges the LoRA adapters (if any) into the saved weights.
-    models.policy.save(&ctx.output("model"))?;
+    if let Some(log) = metrics_log {
+        log.publish(ctx)?;
+        samples::publish(ctx, &last_samples)?;
+        // Merges the LoRA adapters (if any) into the saved weights.
+        models.policy.save(&ctx.output("model"))?;
+    }
     let secs = start.elapsed().as_secs_f64();
     let tokens = progress.total_tokens - start_tokens;
     Ok(metrics::summary(
@@ -176,7 +191,7 @@ impl Stage<'_> {
         it: u64,
         opts: &mut Optimizers,
         progress: &mut Progress,
-        metrics_log: &mut MetricsLog,
+        metrics_log: &mut Option<MetricsLog>,
         last_samples: &mut Vec<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
         let (s, models) = (self.s, self.models);
@@ -186,7 +201,7 @@ impl Stage<'_> {
         };
         let t0 = Instant::now();
         let lr = s.schedule.lr_at(it - 1);
-        let ro = rollout::roll_out(s, &models.policy, self.prompts, it);
+        let ro = rollout::roll_out(s, &models.policy, self.prompts, it)?;
         progress.total_tokens += ro.sampled.tokens;
         let plan = Plan::new(s, &ro, self.passes);
         let forwards = plan.forwards(s, models, &ro);
@@ -200,7 +215,7 @@ impl Stage<'_> {
             it,
             &stop,
         )?;
-        if it == 1 || it == s.params.iterations {
+        if s.is_root() && (it == 1 || it == s.params.iterations) {
             let records = samples::records(s, models, &ro, &ex, it)?;
             if it == 1 {
                 samples::keep_first(&self.ctx.spec.checkpoint_dir, &records)?;
@@ -232,17 +247,19 @@ impl Stage<'_> {
                 norm: progress.norm.as_ref(),
             },
         );
-        metrics_log.write(&line)?;
         metrics::report(self.ctx, s, it, &ex, lr);
         progress.done = it;
-        if s.params.checkpoint_every > 0
-            && it % s.params.checkpoint_every == 0
-            && it < s.params.iterations
-        {
-            // The metrics lines up to `it` must be on disk before a
-            // checkpoint that says `it` is done.
-            metrics_log.sync()?;
-            checkpoint::save(self.checkpoints, s, models, opts, progress, lr)?;
+        if let Some(log) = metrics_log.as_mut() {
+            log.write(&line)?;
+            if s.params.checkpoint_every > 0
+                && it % s.params.checkpoint_every == 0
+                && it < s.params.iterations
+            {
+                // The metrics lines up to `it` must be on disk before a
+                // checkpoint that says `it` is done.
+                log.sync()?;
+                checkpoint::save(self.checkpoints, s, models, opts, progress, lr)?;
+            }
         }
         Ok(line)
     }

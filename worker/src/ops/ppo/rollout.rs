@@ -10,9 +10,11 @@ use super::reward_source::RawScores;
 use super::scalar;
 use super::setup::{Models, Settings};
 use super::stop::Stop;
+use crate::dist::Group;
+use crate::model::sample::Sample;
 use crate::model::sample::SamplingConfig;
 use crate::model::Model;
-use crate::ops::rollout::{sample, Rollout as Sampled};
+use crate::ops::rollout::{sample, sample_rows, Rollout as Sampled};
 use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
     contains_eos, kl_per_token, mean_sequence_kl, shape_rewards, RewardNorm, ShapedRewards,
@@ -42,26 +44,70 @@ pub(super) struct Rollout {
     pub has_eos: Tensor,
 }
 
-/// Samples iteration `it`'s responses from the policy.
-pub(super) fn roll_out(s: &Settings, policy: &Model, prompts: &[Vec<i64>], it: u64) -> Rollout {
+/// Samples iteration `it`'s responses from the policy. On several ranks
+/// each samples its rows ([`Settings::my_rows`]) and the responses are
+/// gathered: every rank holds the whole batch, as one process would.
+pub(super) fn roll_out(
+    s: &Settings,
+    policy: &Model,
+    prompts: &[Vec<i64>],
+    it: u64,
+) -> anyhow::Result<Rollout> {
     let batch = next_prompts(s, prompts, it);
     let b = batch.len() as i64;
     let cfg = SamplingConfig {
         seed: step_seed(s.seed, it) as u64,
         ..s.sampling.clone()
     };
-    let sampled = tch::no_grad(|| {
-        crate::train::autocast_if(s.autocast, || sample(policy, &batch, &cfg, s.device))
-    });
+    let sampled = match s.ranks {
+        None => tch::no_grad(|| {
+            crate::train::autocast_if(s.autocast, || sample(policy, &batch, &cfg, s.device))
+        }),
+        Some(g) => {
+            let rows = s.my_rows();
+            let mine = tch::no_grad(|| {
+                crate::train::autocast_if(s.autocast, || {
+                    sample_rows(policy, &batch[rows.clone()], rows.start, &cfg, s.device)
+                })
+            });
+            let responses = gather_responses(g, &mine, rows.start, batch.len(), s)?;
+            let responses: Vec<&[i64]> = responses.iter().map(Vec::as_slice).collect();
+            Sampled::of_tokens(&batch, &responses, cfg.pad_token_id, s.device)
+        }
+    };
     let rmask = sampled.scored_mask(&s.eos);
     let has_eos = contains_eos(&sampled.resp, &s.eos);
-    Rollout {
+    Ok(Rollout {
         batch,
         b,
         sampled,
         rmask,
         has_eos,
+    })
+}
+
+/// Every rank's responses (`mine`: rows `start..` of `rows`), gathered:
+/// each row's length and tokens in a `[rows, 1 + max_new_tokens]` table.
+fn gather_responses(
+    g: &Group,
+    mine: &[Sample],
+    start: usize,
+    rows: usize,
+    s: &Settings,
+) -> anyhow::Result<Vec<Vec<i64>>> {
+    let width = 1 + s.params.max_new_tokens.max(1) as usize;
+    let mut table = vec![0i64; mine.len() * width];
+    for (row, sample) in table.chunks_mut(width).zip(mine) {
+        row[0] = sample.tokens.len() as i64;
+        row[1..=sample.tokens.len()].copy_from_slice(&sample.tokens);
     }
+    let mine = Tensor::from_slice(&table).view([mine.len() as i64, width as i64]);
+    let all = crate::dist::gather_rows(g, &mine, start, rows)?;
+    let all = Vec::<Vec<i64>>::try_from(&all)?;
+    Ok(all
+        .into_iter()
+        .map(|row| row[1..=row[0] as usize].to_vec())
+        .collect())
 }
 
 /// The next prompts, cycling over seeded orders, each repeated `group`
@@ -156,11 +202,45 @@ pub(super) fn experience(
 
 /// The rollout's no-grad forwards: the policy's log-probs of the response
 /// tokens (or the update's, detached), the value model's values (masked),
-/// the reference's log-probs and the raw scores.
+/// the reference's log-probs and the raw scores. On several ranks each
+/// takes its rows' forwards and the results are gathered.
 fn rollout_forwards(
     s: &Settings,
     models: &Models,
     ro: &Rollout,
+    forwards: Option<&Forwards>,
+) -> anyhow::Result<(Tensor, Tensor, Option<Tensor>, RawScores)> {
+    let Some(g) = s.ranks else {
+        return forwards_of_rows(s, models, ro, 0..ro.batch.len(), forwards);
+    };
+    // `Plan` never lets the update's forwards stand in on several ranks.
+    let rows = s.my_rows();
+    let (old, rf, v, raw) = forwards_of_rows(s, models, ro, rows.clone(), None)?;
+    let b = ro.batch.len();
+    let gather = |t: &Tensor| crate::dist::gather_rows(g, t, rows.start, b);
+    let old = gather(&old)?;
+    let rf = gather(&rf)?;
+    let v = v.as_ref().map(gather).transpose()?;
+    let scores = gather(&raw.scores)?;
+    // Each source's mean over the whole batch, from the ranks' sums.
+    let n = rows.len() as f64;
+    let sums: Vec<f64> = raw.sources.iter().map(|(_, mean)| mean * n).collect();
+    let sums = g.sum_f64(&sums)?;
+    let sources = raw
+        .sources
+        .into_iter()
+        .zip(sums)
+        .map(|((name, _), sum)| (name, sum / b as f64))
+        .collect();
+    Ok((old, rf, v, RawScores { scores, sources }))
+}
+
+/// [`rollout_forwards`] of the batch's rows `rows`.
+fn forwards_of_rows(
+    s: &Settings,
+    models: &Models,
+    ro: &Rollout,
+    rows: std::ops::Range<usize>,
     forwards: Option<&Forwards>,
 ) -> anyhow::Result<(Tensor, Tensor, Option<Tensor>, RawScores)> {
     let Sampled {
@@ -173,7 +253,16 @@ fn rollout_forwards(
         ..
     } = &ro.sampled;
     let (p_len, r) = (*p_len, *r);
-    let rmask = &ro.rmask;
+    let (start, len) = (rows.start as i64, rows.len() as i64);
+    let at = |t: &Tensor| t.narrow(0, start, len);
+    let (ids, mask, resp, gen_mask, rmask) = (
+        &at(ids),
+        &at(mask),
+        &at(resp),
+        &at(gen_mask),
+        &at(&ro.rmask),
+    );
+    let batch = &ro.batch[rows];
     let (old_logp, ref_logp, old_values, raw_scores) = tch::no_grad(|| {
         crate::train::autocast_if(s.autocast, || {
             let (old, v) = match forwards {
@@ -212,9 +301,7 @@ fn rollout_forwards(
                 )
                 .logp
             });
-            let sc = models
-                .rewards
-                .raw_scores(&ro.batch, ids, mask, resp, gen_mask);
+            let sc = models.rewards.raw_scores(batch, ids, mask, resp, gen_mask);
             (old, rf, v, sc)
         })
     });

@@ -9,6 +9,7 @@ use alignflow_ops::text::Tokenizer;
 use alignflow_ops::{PpoAdvantage, PpoParams, PpoValueInit, PpoValueModel, Role, StageContext};
 
 use super::reward_source::{Rewards, Source};
+use crate::dist::Group;
 use crate::model::sample::SamplingConfig;
 use crate::model::{self, without_adapters, Head, LoraConfig, Model, Packing};
 use crate::ops::load::{self, stop_ids};
@@ -42,6 +43,29 @@ pub(super) struct Settings {
     pub schedule: Schedule,
     /// Sampling settings; each rollout sets its own seed.
     pub sampling: SamplingConfig,
+    /// The data-parallel group, when the stage runs on several ranks.
+    pub ranks: Option<&'static Group>,
+}
+
+impl Settings {
+    /// The rows of an iteration's batch this rank samples, scores and
+    /// trains on: all of them on one process, else its share of the
+    /// prompts, each with its whole group of samples.
+    pub fn my_rows(&self) -> std::ops::Range<usize> {
+        match self.ranks {
+            None => 0..self.batch_size * self.group,
+            Some(g) => {
+                let prompts = crate::dist::share(self.batch_size, g.rank(), g.world());
+                prompts.start * self.group..prompts.end * self.group
+            }
+        }
+    }
+
+    /// Whether this process writes the outputs, metrics and checkpoints:
+    /// rank 0, or the only process.
+    pub fn is_root(&self) -> bool {
+        self.ranks.is_none_or(Group::is_root)
+    }
 }
 
 /// The device of each of the stage's models.
@@ -221,6 +245,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
             baseline,
             group,
             sampling,
+            ranks: crate::dist::group(),
         },
         models: Models {
             policy,

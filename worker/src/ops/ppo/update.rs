@@ -31,10 +31,14 @@ impl Plan {
         let minibatches = s.params.minibatches.clamp(1, ro.batch.len());
         // Forwards with dropout differ from the rollout's dropout-free
         // ones, so they never stand in for them.
+        // On several ranks the rollout's forwards are each rank's share,
+        // gathered, and the update's are each rank's share of the
+        // minibatch: they never coincide.
         let single_pass = passes == Passes::Auto
             && s.params.ppo_epochs.max(1) == 1
             && minibatches == 1
-            && !s.params.dropout;
+            && !s.params.dropout
+            && s.ranks.is_none();
         Plan {
             minibatches,
             single_pass,
@@ -145,6 +149,122 @@ pub(super) struct UpdateSums {
     pub count: f64,
 }
 
+impl UpdateSums {
+    fn add(&mut self, f: &Figures) {
+        self.entropy += f.entropy;
+        self.clip_frac += f.clip_frac;
+        self.approx_kl += f.approx_kl;
+        self.value_loss += f.value_loss;
+        self.policy_loss += f.policy_loss;
+        self.kl_loss += f.kl_loss;
+        self.count += 1.0;
+    }
+}
+
+/// One minibatch's figures: each a token-level masked mean over its rows.
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    entropy: f64,
+    clip_frac: f64,
+    approx_kl: f64,
+    policy_loss: f64,
+    kl_loss: f64,
+    value_loss: f64,
+}
+
+/// This rank's part of a minibatch: its share of the rows, and how many
+/// of the minibatch's scored tokens are its and in all. Every loss is a
+/// token-level masked mean, so a share's mean weighted by its tokens,
+/// summed over the ranks, is the minibatch's mean: each rank's loss is
+/// scaled by `world * mine / all` before the gradients are averaged.
+struct Part {
+    rows: Tensor,
+    mine: f64,
+    all: f64,
+}
+
+impl Part {
+    fn of(s: &Settings, ro: &Rollout, rows: Tensor) -> Part {
+        let Some(g) = s.ranks else {
+            return Part {
+                rows,
+                mine: 1.0,
+                all: 1.0,
+            };
+        };
+        let tokens = |rows: &Tensor| scalar(&ro.rmask.index_select(0, rows).sum(Kind::Double));
+        let all = tokens(&rows);
+        let share = crate::dist::share(rows.size()[0] as usize, g.rank(), g.world());
+        let rows = rows.narrow(0, share.start as i64, share.len() as i64);
+        Part {
+            mine: tokens(&rows),
+            all,
+            rows,
+        }
+    }
+
+    /// The factor of this rank's losses.
+    fn scale(&self, s: &Settings) -> f64 {
+        match s.ranks {
+            None => 1.0,
+            Some(g) if self.all > 0.0 => g.world() as f64 * self.mine / self.all,
+            Some(_) => 0.0,
+        }
+    }
+
+    /// The minibatch's figures from this rank's (`mine`): on several
+    /// ranks, the token-weighted sum of every rank's.
+    fn whole_minibatch(&self, s: &Settings, mine: Figures) -> anyhow::Result<Figures> {
+        let Some(g) = s.ranks else {
+            return Ok(mine);
+        };
+        let w = self.mine;
+        let all = g.sum_f64(&[
+            w * mine.entropy,
+            w * mine.clip_frac,
+            w * mine.approx_kl,
+            w * mine.policy_loss,
+            w * mine.kl_loss,
+            w * mine.value_loss,
+        ])?;
+        let total = self.all.max(1e-12);
+        Ok(Figures {
+            entropy: all[0] / total,
+            clip_frac: all[1] / total,
+            approx_kl: all[2] / total,
+            policy_loss: all[3] / total,
+            kl_loss: all[4] / total,
+            value_loss: all[5] / total,
+        })
+    }
+}
+
+/// The step of a rank whose share of a minibatch is empty: zero
+/// gradients into the others' average, then the same optimizer step.
+fn idle_step(s: &Settings, opt: &mut AdamW, lr: f64) -> anyhow::Result<()> {
+    opt.zero_grad();
+    average_gradients(s, opt)?;
+    opt.step(lr)?;
+    Ok(())
+}
+
+/// On several ranks, replaces every gradient by its mean over the ranks.
+fn average_gradients(s: &Settings, opt: &AdamW) -> anyhow::Result<()> {
+    let Some(g) = s.ranks else {
+        return Ok(());
+    };
+    let params = opt.params();
+    // A tensor this rank's backward did not reach has no gradient yet.
+    for p in &params {
+        if !p.grad().defined() {
+            (*p * 0.0).sum(Kind::Float).backward();
+        }
+    }
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    g.all_reduce_mean(&grads)?;
+    Ok(())
+}
+
 /// One iteration's rollout, as the update reads it.
 pub(super) struct Batch<'a> {
     pub ro: &'a Rollout,
@@ -211,35 +331,63 @@ pub(super) fn update(
             Tensor::randperm(b, (Kind::Int64, Device::Cpu)).to_device(s.device)
         };
         let per = (b as usize).div_ceil(plan.minibatches) as i64;
+        let chunks = (b as u64).div_ceil(per as u64);
+        let epochs = s.params.ppo_epochs.max(1) as u64;
         let mut at = 0;
         while at < b {
+            // The policy's optimizer steps so far, this one included.
+            let number = ((it - 1) * epochs + epoch as u64) * chunks + (at / per) as u64 + 1;
             let size = per.min(b - at);
-            let mb = Minibatch::new(batch.ro, order.narrow(0, at, size));
+            let part = Part::of(s, batch.ro, order.narrow(0, at, size));
             at += size;
             let precomputed = forwards.take();
-            let step = Step {
-                s,
-                batch,
-                mb: &mb,
-                precomputed: precomputed.as_ref(),
-                lr,
-                it,
-                stop,
+            let figures = match part.rows.size()[0] {
+                0 => {
+                    // A share with no rows still meets the others in each
+                    // step's all-reduce, with zero gradients.
+                    idle_step(s, &mut opts.policy, lr)?;
+                    crate::dist::test_dump_grads(&models.policy.vs, number)?;
+                    if let Some(critic_opt) = opts.critic.as_mut() {
+                        idle_step(s, critic_opt, lr)?;
+                    }
+                    Figures::default()
+                }
+                _ => {
+                    let mb = Minibatch::new(batch.ro, part.rows.shallow_clone());
+                    let step = Step {
+                        s,
+                        batch,
+                        mb: &mb,
+                        precomputed: precomputed.as_ref(),
+                        scale: part.scale(s),
+                        number,
+                        lr,
+                        it,
+                        stop,
+                    };
+                    let (pl, pl_v, kl_loss, entropy) =
+                        step.policy(&models.policy, &mut opts.policy)?;
+                    let value_loss = match (
+                        &models.critic,
+                        opts.critic.as_mut(),
+                        &batch.adv.value_targets,
+                    ) {
+                        (Some(critic), Some(critic_opt), Some(targets)) => {
+                            step.value(critic, critic_opt, targets)?
+                        }
+                        _ => 0.0,
+                    };
+                    Figures {
+                        entropy: tch::no_grad(|| scalar(&masked_mean(&entropy, &mb.rmask, None))),
+                        clip_frac: scalar(&pl.clip_frac),
+                        approx_kl: scalar(&pl.approx_kl),
+                        policy_loss: pl_v,
+                        kl_loss,
+                        value_loss,
+                    }
+                }
             };
-            let (pl, pl_v, entropy) = step.policy(&models.policy, &mut opts.policy, &mut sums)?;
-            if let (Some(critic), Some(critic_opt), Some(targets)) = (
-                &models.critic,
-                opts.critic.as_mut(),
-                &batch.adv.value_targets,
-            ) {
-                sums.value_loss += step.value(critic, critic_opt, targets)?;
-            }
-
-            sums.entropy += tch::no_grad(|| scalar(&masked_mean(&entropy, &mb.rmask, None)));
-            sums.clip_frac += scalar(&pl.clip_frac);
-            sums.approx_kl += scalar(&pl.approx_kl);
-            sums.policy_loss += pl_v;
-            sums.count += 1.0;
+            sums.add(&part.whole_minibatch(s, figures)?);
         }
     }
     Ok(sums)
@@ -251,20 +399,24 @@ struct Step<'a> {
     batch: &'a Batch<'a>,
     mb: &'a Minibatch,
     precomputed: Option<&'a Forwards>,
+    /// The factor of this rank's losses (see [`Part`]); 1 on one process.
+    scale: f64,
+    /// The policy's optimizer steps so far, this one included.
+    number: u64,
     lr: f64,
     it: u64,
     stop: &'a Stop<'a>,
 }
 
 impl Step<'_> {
-    /// The policy's step; returns its loss, the loss's value and the
-    /// entropy at each response token.
+    /// The policy's step; returns its loss, the loss's value, the KL
+    /// loss's (0 unless `kl_mode: loss`) and the entropy at each response
+    /// token.
     fn policy(
         &self,
         policy: &Model,
         opt: &mut AdamW,
-        sums: &mut UpdateSums,
-    ) -> anyhow::Result<(PolicyLoss, f64, Tensor)> {
+    ) -> anyhow::Result<(PolicyLoss, f64, f64, Tensor)> {
         let (s, mb, ex) = (self.s, self.mb, self.batch.ex);
         let p_len = self.batch.ro.sampled.p_len;
         let (pl, kl_loss, entropy) = crate::train::autocast_if(s.autocast, || {
@@ -299,19 +451,19 @@ impl Step<'_> {
         });
         let pl_v = scalar(&pl.loss);
         self.stop.unless_finite(self.it, "policy loss", pl_v)?;
-        let loss = match &kl_loss {
+        let (loss, kl_v) = match &kl_loss {
             Some(kl_loss) => {
                 let v = scalar(kl_loss);
                 self.stop.unless_finite(self.it, "KL loss", v)?;
-                sums.kl_loss += v;
-                &pl.loss + kl_loss * ex.kl_coef
+                (&pl.loss + kl_loss * ex.kl_coef, v)
             }
-            None => pl.loss.shallow_clone(),
+            None => (pl.loss.shallow_clone(), 0.0),
         };
         opt.zero_grad();
-        loss.backward();
+        (loss * self.scale).backward();
         self.clip_and_step(opt, "policy gradient norm")?;
-        Ok((pl, pl_v, entropy))
+        crate::dist::test_dump_grads(&policy.vs, self.number)?;
+        Ok((pl, pl_v, kl_v, entropy))
     }
 
     /// The value model's step; returns the value loss.
@@ -346,13 +498,15 @@ impl Step<'_> {
         let vl_v = scalar(&vl.loss);
         self.stop.unless_finite(self.it, "value loss", vl_v)?;
         opt.zero_grad();
-        vl.loss.backward();
+        (&vl.loss * self.scale).backward();
         self.clip_and_step(opt, "value gradient norm")?;
         Ok(vl_v)
     }
 
-    /// Clips the gradient norm (if asked), then steps.
+    /// Averages the gradients over the ranks (if several), clips their
+    /// norm (if asked), then steps.
     fn clip_and_step(&self, opt: &mut AdamW, what: &str) -> anyhow::Result<()> {
+        average_gradients(self.s, opt)?;
         if let Some(c) = self.s.params.grad_clip {
             let norm = clip_grad_norm(&opt.params(), c);
             self.stop.unless_finite(self.it, what, norm)?;
