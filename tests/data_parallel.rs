@@ -73,7 +73,7 @@ stages:
   ppo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
-    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, checkpoint_every: 0, data_parallel: "${params.ppo_dp}" }
+    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, checkpoint_every: "${params.ckpt}", data_parallel: "${params.ppo_dp}" }
   grpo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
@@ -419,6 +419,57 @@ fn ppo_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
 #[test]
 fn grpo_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
     ppo_two_ranks_equal_one("grpo");
+}
+
+#[test]
+fn a_ppo_resumed_after_a_killed_rank_ends_as_an_uninterrupted_run() {
+    let sets = ["params.ppo_dp=2", "params.ckpt=1"];
+    let uninterrupted = project();
+    ok(run_with(
+        &uninterrupted,
+        "ppo",
+        &sets,
+        &uninterrupted.path("g"),
+        &[],
+    ));
+    let expected = tensors(&output_path_with(&uninterrupted, "ppo", "model", &sets));
+    let samples = |p: &Project| {
+        std::fs::read_to_string(output_path_with(p, "ppo", "samples", &sets)).unwrap()
+    };
+
+    let p = project();
+    let grads = p.path("g");
+    // Policy step 6 is iteration 2's second (2 epochs x 2 minibatches):
+    // iteration 1 is checkpointed, iteration 2 half done.
+    let killed = run_with(
+        &p,
+        "ppo",
+        &sets,
+        &grads,
+        &[("ALIGNFLOW_DIST_TEST_KILL", "1:6")],
+    );
+    assert!(!killed.status.success());
+    let stderr = String::from_utf8_lossy(&killed.stderr);
+    assert!(
+        stderr.contains("rank 1 of 2 was killed by signal 9"),
+        "{stderr}"
+    );
+    assert!(grads.join("rank-0-step-5.safetensors").exists());
+    assert!(!grads.join("rank-0-step-6.safetensors").exists());
+    std::fs::remove_dir_all(&grads).unwrap();
+
+    ok(run_with(&p, "ppo", &sets, &grads, &[]));
+    // Both ranks resumed after iteration 1: its steps did not run again.
+    assert!(!grads.join("rank-0-step-4.safetensors").exists());
+    assert!(grads.join("rank-0-step-5.safetensors").exists());
+    assert!(grads.join("rank-1-step-12.safetensors").exists());
+    assert_eq!(
+        tensors(&output_path_with(&p, "ppo", "model", &sets)),
+        expected
+    );
+    assert_eq!(samples(&p), samples(&uninterrupted));
+    let metrics = std::fs::read_to_string(output_path_with(&p, "ppo", "metrics", &sets)).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }
 
 #[test]

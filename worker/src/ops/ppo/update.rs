@@ -345,6 +345,7 @@ pub(super) fn update(
                 0 => {
                     // A share with no rows still meets the others in each
                     // step's all-reduce, with zero gradients.
+                    crate::dist::test_fault_point(number);
                     idle_step(s, &mut opts.policy, lr)?;
                     crate::dist::test_dump_grads(&models.policy.vs, number)?;
                     if let Some(critic_opt) = opts.critic.as_mut() {
@@ -449,6 +450,7 @@ impl Step<'_> {
                 .then(|| masked_mean(&kl_k3(&logp, &mb.pick(&ex.ref_logp)), &mb.rmask, None));
             (pl, kl_loss, entropy)
         });
+        crate::dist::test_fault_point(self.number);
         let pl_v = scalar(&pl.loss);
         self.stop.unless_finite(self.it, "policy loss", pl_v)?;
         let (loss, kl_v) = match &kl_loss {
