@@ -7,7 +7,10 @@
 #   log-probs against transformers' reference outputs),
 # - the SFT-step benchmark at GPT-2-124M size in bf16: tokens/s and MFU,
 # - the PPO-iteration benchmark against the transformers peer,
-# - the tiny pipeline end to end on CUDA.
+# - the tiny pipeline end to end on CUDA,
+# - its PPO stage again with the models placed across devices (policy and
+#   value model on the GPU, reference and reward model on the CPU), whose
+#   figures must track the all-GPU run's.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
 set -uo pipefail  # one section failing must not hide the others
@@ -37,3 +40,15 @@ echo "tiny.yaml cold on CUDA: $(( $(date +%s) - start )) s"
 report=$("$bundle/bin/alignflow" show pipelines/tiny.yaml evaluation --cache-dir "$cache" | awk '$1 == "report_md" {print $2}')
 cat "$report"
 grep -h "^.* run  " "$cache"/logs/*.log | head -20
+
+echo "== models placed by role: tiny.yaml's rl_cai with the policy and value model on cuda:0, the reference and the reward model on the CPU"
+placed=pipelines/tiny-placed.yaml
+sed 's/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0 }/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0, placement: { policy: cuda:0, value: cuda:0, reference: cpu, reward: cpu } }/' \
+    pipelines/tiny.yaml > "$placed"
+grep -q "placement:" "$placed" || echo "FAILED: the rl_cai params line of tiny.yaml changed; update this script"
+"$bundle/bin/alignflow" run "$placed" --quiet --cache-dir "$cache" --target rl_cai
+for manifest in pipelines/tiny.yaml "$placed"; do
+    metrics=$("$bundle/bin/alignflow" show "$manifest" rl_cai --cache-dir "$cache" | awk '$1 == "metrics" {print $2}')
+    echo "$manifest: last iteration: $(tail -1 "$metrics")"
+done
+rm -f "$placed"
