@@ -119,6 +119,17 @@ fn default_log_every() -> u64 {
     1
 }
 
+/// The data-parallel ranks a stage's params ask for: `data_parallel`, 1
+/// when absent (every op but the training ones). One reading for the
+/// worker, which starts that many ranks, and for the Slurm executor, which
+/// asks for that many tasks.
+pub fn data_parallel_ranks(params: &serde_json::Value) -> usize {
+    params
+        .get("data_parallel")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(1, |n| n.max(1) as usize)
+}
+
 /// For `skip_serializing_if`: `data_parallel: 1` (one process) is left out
 /// of the normalised params, so stages written before it keep their
 /// fingerprints.
