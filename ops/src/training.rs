@@ -75,7 +75,8 @@ pub struct TrainParams {
     /// order), so the value is part of the stage's fingerprint: outputs are
     /// reproducible run to run for a fixed value. CPU only (a GPU stage is
     /// refused); a collective waits at most `ALIGNFLOW_DIST_TIMEOUT_S`
-    /// (300) for a peer.
+    /// (300) for a peer. Under the Slurm executor the stage's job has one
+    /// task per rank (`--ntasks`) and the ranks are started with `srun`.
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }
