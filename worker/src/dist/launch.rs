@@ -176,11 +176,13 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         .with_context(|| format!("stage `{}`: hosting the rendezvous", spec.stage))?;
     tracing::info!(world, store = %store.addr(), threads, "starting data-parallel ranks");
     let (others, started) = match by_srun {
-        true => match SrunRanks::start(spec, world, &store, threads) {
-            Ok(step) => (Others::Srun(step), Ok(())),
-            // Nothing was started: no ranks to answer for.
-            Err(e) => (Others::Local(LocalRanks::new(world)), Err(e)),
-        },
+        true => {
+            // Nothing was started if this fails: no ranks to answer for.
+            let step = SrunRanks::start(spec, world, &store, threads).with_context(|| {
+                format!("stage `{}`: starting data-parallel ranks with srun", spec.stage)
+            })?;
+            (Others::Srun(step), Ok(()))
+        }
         false => {
             let mut local = LocalRanks::new(world);
             let started = local.spawn_all(spec, &store, threads);

@@ -146,14 +146,18 @@ impl SrunRanks {
         let job = std::env::var("SLURM_JOB_ID").map_err(|_| {
             anyhow::anyhow!("{ENV_RANK_LAUNCHER}=srun, but this is not a Slurm job (no SLURM_JOB_ID)")
         })?;
-        let tasks = std::env::var("SLURM_NTASKS").unwrap_or_default();
+        let tasks = match std::env::var("SLURM_NTASKS") {
+            Ok(n) => format!("{n} (SLURM_NTASKS)"),
+            Err(_) => "no --ntasks".into(),
+        };
         anyhow::ensure!(
-            tasks == world.to_string(),
-            "data_parallel: {world} needs a Slurm job of {world} tasks, one per rank, but job {job} has {} (SLURM_NTASKS): was it submitted with another --ntasks (the profile's sbatch_flags)?",
-            if tasks.is_empty() { "none" } else { &tasks }
+            tasks == format!("{world} (SLURM_NTASKS)"),
+            "data_parallel: {world} needs a Slurm job of {world} tasks, one per rank, but job {job} has {tasks}: was --ntasks changed by the profile's sbatch_flags, or the job submitted by an older engine?"
         );
         let mut shared = spec.clone();
         shared.threads = Some(threads);
+        std::fs::create_dir_all(&spec.checkpoint_dir)
+            .with_context(|| format!("creating {}", spec.checkpoint_dir.display()))?;
         let path = spec_file(&spec.checkpoint_dir);
         let text = serde_json::to_vec(&shared).context("writing the ranks' stage spec")?;
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
