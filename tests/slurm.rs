@@ -372,7 +372,8 @@ fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
     let sbatch = slurm.call_lines("sbatch");
     let sft_job = sbatch.iter().find(|l| l.contains("--ntasks=2"));
     assert!(
-        sft_job.is_some_and(|l| l.contains("--cpus-per-task=1") && l.contains("--mem-per-cpu=400M")),
+        sft_job
+            .is_some_and(|l| l.contains("--cpus-per-task=1") && l.contains("--mem-per-cpu=400M")),
         "{sbatch:?}"
     );
     let logs = job_logs(&p, "sft");

@@ -66,8 +66,7 @@ pub(super) fn scratch_dir(checkpoint_dir: &Path, rank: usize) -> PathBuf {
 pub(super) fn fresh_scratch(checkpoint_dir: &Path, rank: usize) -> anyhow::Result<PathBuf> {
     let scratch = scratch_dir(checkpoint_dir, rank);
     let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("creating {}", scratch.display()))?;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     Ok(scratch)
 }
 
@@ -179,7 +178,10 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         true => {
             // Nothing was started if this fails: no ranks to answer for.
             let step = SrunRanks::start(spec, world, &store, threads).with_context(|| {
-                format!("stage `{}`: starting data-parallel ranks with srun", spec.stage)
+                format!(
+                    "stage `{}`: starting data-parallel ranks with srun",
+                    spec.stage
+                )
             })?;
             (Others::Srun(step), Ok(()))
         }
@@ -325,7 +327,10 @@ mod tests {
     #[test]
     fn the_world_comes_from_data_parallel_and_threads_are_shared() {
         assert_eq!(data_parallel_ranks(&serde_json::json!({"lr": 1e-4})), 1);
-        assert_eq!(data_parallel_ranks(&serde_json::json!({"data_parallel": 2})), 2);
+        assert_eq!(
+            data_parallel_ranks(&serde_json::json!({"data_parallel": 2})),
+            2
+        );
         assert_eq!(threads_per_rank(Some(8), 2), 4);
         assert_eq!(threads_per_rank(Some(1), 2), 1);
     }

@@ -77,11 +77,7 @@ pub fn task_rank() -> anyhow::Result<usize> {
 pub fn node_host() -> anyhow::Result<String> {
     let mut buf = [0u8; 256];
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    anyhow::ensure!(
-        rc == 0,
-        "gethostname: {}",
-        std::io::Error::last_os_error()
-    );
+    anyhow::ensure!(rc == 0, "gethostname: {}", std::io::Error::last_os_error());
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
@@ -144,7 +140,9 @@ impl SrunRanks {
         threads: usize,
     ) -> anyhow::Result<SrunRanks> {
         let job = std::env::var("SLURM_JOB_ID").map_err(|_| {
-            anyhow::anyhow!("{ENV_RANK_LAUNCHER}=srun, but this is not a Slurm job (no SLURM_JOB_ID)")
+            anyhow::anyhow!(
+                "{ENV_RANK_LAUNCHER}=srun, but this is not a Slurm job (no SLURM_JOB_ID)"
+            )
         })?;
         let tasks = match std::env::var("SLURM_NTASKS") {
             Ok(n) => format!("{n} (SLURM_NTASKS)"),
@@ -275,7 +273,11 @@ impl SrunRanks {
             self.drain_readers();
         }
         let tasks = self.task_reports();
-        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if status.is_none() {
             self.stop();
         }
@@ -447,10 +449,17 @@ mod tests {
         );
         assert_eq!(
             task_error("srun: error: n3: tasks 1-3,5: Exited with exit code 1"),
-            Some(("n3".into(), vec![1, 2, 3, 5], "Exited with exit code 1".into()))
+            Some((
+                "n3".into(),
+                vec![1, 2, 3, 5],
+                "Exited with exit code 1".into()
+            ))
         );
         assert_eq!(task_error("srun: Force Terminated StepId=1.2"), None);
-        assert_eq!(labelled(" 1: {\"event\":\"done\"}"), Some((1, "{\"event\":\"done\"}")));
+        assert_eq!(
+            labelled(" 1: {\"event\":\"done\"}"),
+            Some((1, "{\"event\":\"done\"}"))
+        );
         assert_eq!(labelled("srun: error: n2: task 1: Killed"), None);
     }
 }
