@@ -292,6 +292,119 @@ fn a_tensor_stage_on_slurm_trains_the_same_model_as_locally() {
     assert_eq!(provenance["device"], "cpu", "{base}");
 }
 
+/// `tests/data_parallel.rs`'s tiny model and its `sft` on two ranks, with
+/// one CPU per rank: the profile's `--ntasks-per-node=1` puts the ranks on
+/// two nodes. (Locally, `--threads 2` gives each of the two ranks one
+/// thread, and `base` two, as its two CPUs do here: the same bits.)
+fn data_parallel_pipeline() -> String {
+    format!(
+        r#"version: 1
+name: dp
+seed: 3
+stages:
+  hh:
+    op: dataset.import
+    inputs: {{ source: {} }}
+    params: {{ format: hh-rlhf, limit: 24 }}
+  tok:
+    op: tokenizer.train
+    inputs: {{ data: "${{stages.hh.data}}" }}
+    params: {{ vocab_size: 384 }}
+  base:
+    op: lm.pretrain
+    inputs: {{ data: "${{stages.hh.data}}", tokenizer: "${{stages.tok.tokenizer}}" }}
+    params: {{ width: 32, layers: 1, heads: 2, positions: 160, seq_len: 48, batch_size: 4, max_steps: 2 }}
+    resources: {{ cpus: 2 }}
+  sft:
+    op: sft
+    inputs: {{ model: "${{stages.base.model}}", data: "${{stages.hh.data}}" }}
+    params: {{ response_field: chosen, max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, checkpoint_every: 0, dropout: false, data_parallel: 2 }}
+    resources: {{ cpus: 1, mem: 400M }}
+"#,
+        examples("hh-rlhf-sample.jsonl").display()
+    )
+}
+
+/// The output lines of every job of every run of `p` for `stage`.
+fn job_logs(p: &Project, stage: &str) -> String {
+    let mut text = String::new();
+    for run in std::fs::read_dir(p.path("cache/runs")).unwrap() {
+        let run = run.unwrap().file_name().to_string_lossy().to_string();
+        for job in submissions(p, &run) {
+            if job["stage"] == stage {
+                let log = job["log"].as_str().unwrap();
+                text.push_str(&std::fs::read_to_string(log).unwrap_or_default());
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
+    let slurm = Slurm::start(2);
+    let p = project_with(&data_parallel_pipeline());
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &format!("{PROFILE}  sbatch_flags: [\"--ntasks-per-node=1\"]\n"),
+    );
+
+    // Rank 1 kills itself in its second step: the stage fails at once,
+    // naming the rank and its node, and caches nothing.
+    let start = Instant::now();
+    let out = cmd(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"])
+        .env("ALIGNFLOW_DIST_TEST_KILL", "1:2")
+        .env("ALIGNFLOW_DIST_TIMEOUT_S", "20")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`") && stderr.contains("rank 1 of 2 on n2: Killed"),
+        "{stderr}\n{}",
+        job_logs(&p, "sft")
+    );
+    eprintln!("the killed rank failed the run in {:?}", start.elapsed());
+
+    // Again without the kill: the ranks run on both nodes and train what
+    // two local ranks train.
+    ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let sbatch = slurm.call_lines("sbatch");
+    let sft_job = sbatch.iter().find(|l| l.contains("--ntasks=2"));
+    assert!(
+        sft_job
+            .is_some_and(|l| l.contains("--cpus-per-task=1") && l.contains("--mem-per-cpu=400M")),
+        "{sbatch:?}"
+    );
+    let logs = job_logs(&p, "sft");
+    assert!(
+        logs.contains("starting ranks 1 to 1 with srun") && logs.contains("from node n1"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("rank 1 of 2 joined the data-parallel group on node n2"),
+        "{logs}"
+    );
+    let local = project_with(&data_parallel_pipeline());
+    local.ok(&["run", "pipe.yaml", "--quiet", "--threads", "2"]);
+    let model = |p: &Project| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.ok(&["show", "pipe.yaml", "sft", "--json"])).unwrap();
+        v["model"]["id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        model(&local),
+        model(&p),
+        "two ranks on two nodes train the weights of two local ranks, byte for byte"
+    );
+    // Nothing of the ranks' own is left beside the checkpoints.
+    let left: Vec<PathBuf> = common::walk(&p.path("cache/checkpoints"))
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains("data-parallel"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A stage that checkpoints, then sleeps on its first start (so it can be
 /// killed); started again with a checkpoint, it finishes at once and writes
 /// the step it resumed from.

@@ -41,6 +41,12 @@ pub struct StageSpec {
     pub threads: Option<usize>,
 }
 
+/// Set to `srun` by `alignflow stage exec` (a Slurm job's one command) for
+/// the worker it starts: the job has one task per data-parallel rank, and
+/// the worker, rank 0, starts the other ranks with `srun` on them rather
+/// than as local processes.
+pub const ENV_RANK_LAUNCHER: &str = "ALIGNFLOW_DIST_LAUNCHER";
+
 /// Summary metrics of a finished stage (kept in its cache record).
 pub type Metrics = BTreeMap<String, serde_json::Value>;
 

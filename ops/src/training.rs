@@ -75,7 +75,8 @@ pub struct TrainParams {
     /// order), so the value is part of the stage's fingerprint: outputs are
     /// reproducible run to run for a fixed value. CPU only (a GPU stage is
     /// refused); a collective waits at most `ALIGNFLOW_DIST_TIMEOUT_S`
-    /// (300) for a peer.
+    /// (300) for a peer. Under the Slurm executor the stage's job has one
+    /// task per rank (`--ntasks`) and the ranks are started with `srun`.
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }
@@ -117,6 +118,17 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_log_every() -> u64 {
     1
+}
+
+/// The data-parallel ranks a stage's params ask for: `data_parallel`, 1
+/// when absent (every op but the training ones). One reading for the
+/// worker, which starts that many ranks, and for the Slurm executor, which
+/// asks for that many tasks.
+pub fn data_parallel_ranks(params: &serde_json::Value) -> usize {
+    params
+        .get("data_parallel")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(1, |n| n.max(1) as usize)
 }
 
 /// For `skip_serializing_if`: `data_parallel: 1` (one process) is left out

@@ -165,10 +165,12 @@ pub struct Resources {
     /// cuda` or `cuda:N` and no `gpus` asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
-    /// CPU cores (`--cpus-per-task`); also the worker's thread count.
+    /// CPU cores (`--cpus-per-task`); also the worker's thread count. With
+    /// `data_parallel: N`, each rank's (the job has N tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
-    /// Memory per node in Slurm's notation (`--mem`): `500M`, `16G`.
+    /// Memory per node in Slurm's notation (`--mem`): `500M`, `16G`. With
+    /// `data_parallel: N`, each rank's (`--mem-per-cpu`: this over `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem: Option<String>,
     /// Time limit in Slurm's notation (`--time`): `30` (minutes), `2:00:00`,

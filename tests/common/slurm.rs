@@ -248,6 +248,14 @@ impl Slurm {
             .unwrap_or(0)
     }
 
+    /// The arguments of each call of `client` through its wrapper, one
+    /// line per call.
+    pub fn call_lines(&self, client: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join(format!("calls-{client}")))
+            .map(|t| t.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
     /// `squeue -h -t all -o FORMAT` for every job the controller knows.
     pub fn jobs(&self, format: &str) -> String {
         let out = self

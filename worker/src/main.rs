@@ -84,6 +84,12 @@ fn main() {
             reporter.emit(&WorkerEvent::Doctor { info: doctor() });
             0
         }
+        // Under srun, task 0's place is that of rank 0, the job's own
+        // worker, which started the step (`dist::srun`).
+        Command::Run { .. } if alignflow_worker::dist::holds_rank_0_place() => {
+            tracing::info!("srun task 0: rank 0 is the job's own worker; nothing to run here");
+            0
+        }
         Command::Run { spec } => match run(&spec, &reporter) {
             Ok(metrics) => {
                 reporter.emit(&WorkerEvent::Done { metrics });
@@ -112,13 +118,13 @@ fn run(
         std::fs::read_to_string(spec_path)
             .with_context(|| format!("reading {}", spec_path.display()))?
     };
-    let spec: StageSpec = serde_json::from_str(&text).context("parsing the stage spec")?;
+    let mut spec: StageSpec = serde_json::from_str(&text).context("parsing the stage spec")?;
     if let Some(threads) = spec.threads {
         tch::set_num_threads(threads as i32);
     }
     // `data_parallel: N`: this worker is rank 0 and starts the others, or
     // it is one of those others.
-    let ranks = alignflow_worker::dist::start(&spec)?;
+    let ranks = alignflow_worker::dist::start(&mut spec)?;
     let cancel = CancelFlag::default();
     let ctx = StageContext {
         spec: &spec,

@@ -203,6 +203,7 @@ pub(super) async fn run_remote(
             gpus: Some(gpus),
             ..stage.resources.clone()
         },
+        ranks: crate::ops::training::data_parallel_ranks(&stage.params),
     };
     let progress = shared.ui.stage(&stage.id);
     let mut tail = EventTail::new(events);
@@ -266,6 +267,8 @@ struct StageJob<'a> {
     dir: PathBuf,
     /// Its resources, GPUs settled.
     resources: Resources,
+    /// Its `data_parallel` ranks: over 1, one task each (`submit::rank_flags`).
+    ranks: usize,
 }
 
 /// Submits the stage's job (attempt `attempt`) and journals it.
@@ -281,6 +284,7 @@ async fn submit(
         &job.script,
         &job.dir,
         &job.resources,
+        job.ranks,
         &cluster.settings,
     )
     .await

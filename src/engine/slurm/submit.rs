@@ -49,10 +49,13 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The `sbatch` flags of a stage's job (the script path comes last).
+/// `ranks` is the stage's `data_parallel`: over 1, the job is one task per
+/// rank and `resources` are each rank's (see [`rank_flags`]).
 pub fn sbatch_args(
     run_id: &str,
     dir: &Path,
     resources: &Resources,
+    ranks: usize,
     settings: &SlurmSettings,
 ) -> Vec<String> {
     let mut args = vec![
@@ -70,7 +73,9 @@ pub fn sbatch_args(
     if let Some(c) = resources.cpus {
         args.push(format!("--cpus-per-task={c}"));
     }
-    if let Some(m) = &resources.mem {
+    if ranks > 1 {
+        args.extend(rank_flags(resources, ranks));
+    } else if let Some(m) = &resources.mem {
         args.push(format!("--mem={m}"));
     }
     if let Some(g) = resources.gpus.filter(|&g| g > 0) {
@@ -90,6 +95,45 @@ pub fn sbatch_args(
     }
     args.extend(settings.sbatch_flags.iter().cloned());
     args
+}
+
+/// The flags that make a data-parallel stage's job one task per rank, as
+/// a torchrun or `srun python train.py` job on Slurm is: `--ntasks=N`, each
+/// task `--cpus-per-task` CPUs (set by the caller), and `mem` per rank.
+/// Slurm's `--mem` is per node and it may put several ranks on one node, so
+/// the memory is asked as `--mem-per-cpu`: `mem` over the rank's CPUs.
+/// Where the ranks go is Slurm's choice; a site that wants one per node
+/// says so in `sbatch_flags` (`--ntasks-per-node=1`).
+fn rank_flags(resources: &Resources, ranks: usize) -> Vec<String> {
+    let mut flags = vec![format!("--ntasks={ranks}")];
+    if let Some(m) = &resources.mem {
+        let cpus = resources.cpus.unwrap_or(1).max(1);
+        match mem_per_cpu(m, cpus) {
+            Some(per_cpu) => flags.push(format!("--mem-per-cpu={per_cpu}")),
+            // The manifest check rejects such a size before a run starts.
+            None => flags.push(format!("--mem={m}")),
+        }
+    }
+    flags
+}
+
+/// A memory size in Slurm's notation (a whole number, an optional K, M, G
+/// or T; megabytes without) shared among `cpus`: whole megabytes per CPU,
+/// rounded up.
+fn mem_per_cpu(mem: &str, cpus: u32) -> Option<String> {
+    let (digits, unit) = match mem.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&mem[..i], c),
+        _ => (mem, 'M'),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let megabytes = match unit {
+        'K' => n.div_ceil(1024),
+        'M' => n,
+        'G' => n * 1024,
+        'T' => n * 1024 * 1024,
+        _ => return None,
+    };
+    Some(format!("{}M", megabytes.div_ceil(u64::from(cpus))))
 }
 
 /// Seconds of a Slurm time limit (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`,
@@ -120,9 +164,10 @@ pub async fn sbatch(
     script: &Path,
     dir: &Path,
     resources: &Resources,
+    ranks: usize,
     settings: &SlurmSettings,
 ) -> anyhow::Result<Submission> {
-    let args = sbatch_args(run_id, dir, resources, settings);
+    let args = sbatch_args(run_id, dir, resources, ranks, settings);
     let out = tokio::process::Command::new("sbatch")
         .args(&args)
         .arg(script)
@@ -175,7 +220,7 @@ mod tests {
             sbatch_flags: vec!["--qos=high".into()],
             ..SlurmSettings::default()
         };
-        let args = sbatch_args("af-run", Path::new("/c/tmp/x"), &resources, &settings);
+        let args = sbatch_args("af-run", Path::new("/c/tmp/x"), &resources, 1, &settings);
         for want in [
             "--parsable",
             "--job-name=af-run",
@@ -193,5 +238,40 @@ mod tests {
                 "{want} missing from {args:?}"
             );
         }
+        assert!(!args.iter().any(|a| a.starts_with("--ntasks")), "{args:?}");
+    }
+
+    #[test]
+    fn a_data_parallel_job_is_one_task_per_rank_with_each_ranks_resources() {
+        let resources = Resources {
+            gpus: None,
+            cpus: Some(4),
+            mem: Some("6G".into()),
+            time: None,
+        };
+        let args = sbatch_args(
+            "af-run",
+            Path::new("/c/tmp/x"),
+            &resources,
+            3,
+            &SlurmSettings::default(),
+        );
+        for want in ["--ntasks=3", "--cpus-per-task=4", "--mem-per-cpu=1536M"] {
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
+        }
+        assert!(!args.iter().any(|a| a.starts_with("--mem=")), "{args:?}");
+    }
+
+    #[test]
+    fn memory_per_cpu_is_whole_megabytes_rounded_up() {
+        assert_eq!(mem_per_cpu("16G", 3).as_deref(), Some("5462M"));
+        assert_eq!(mem_per_cpu("1000", 1).as_deref(), Some("1000M"));
+        assert_eq!(mem_per_cpu("1500M", 2).as_deref(), Some("750M"));
+        assert_eq!(mem_per_cpu("1025K", 1).as_deref(), Some("2M"));
+        assert_eq!(mem_per_cpu("1T", 1024).as_deref(), Some("1024M"));
+        assert_eq!(mem_per_cpu("lots", 1), None);
     }
 }

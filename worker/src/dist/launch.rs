@@ -2,42 +2,46 @@
 //!
 //! The engine starts one worker per stage, as for any stage; with
 //! `data_parallel: N` that worker becomes rank 0: it hosts the rendezvous
-//! store on a free port of 127.0.0.1 (the OS picks it: no race between
-//! stages), starts ranks 1..N as copies of itself with their rank, the
-//! world size and the store's address in the environment, and joins the
-//! Gloo group with them. So the engine's protocol, its cache and its
+//! store (on a port the OS picks: no race between stages), starts ranks
+//! 1..N with their rank, the world size and the store's address, and joins
+//! the Gloo group with them. So the engine's protocol, its cache and its
 //! cancellation (killing rank 0) are those of a one-process stage, and
 //! only rank 0's events reach the engine.
 //!
+//! Where the other ranks run depends on where rank 0 does: as its child
+//! processes on its own machine, meeting on 127.0.0.1 ([`local`]), or, in
+//! the Slurm job of a stage run by the Slurm executor, as the tasks of one
+//! `srun` step on the job's nodes ([`srun`]).
+//!
 //! A rank that dies makes the others' next collective fail (its sockets
 //! close), or time out ([`timeout`]) if it hangs; rank 0 then names the
-//! rank and how it ended in the stage's error, and kills the survivors.
-//! Ranks 1..N die with rank 0 (`PR_SET_PDEATHSIG`), so none outlives a
-//! cancelled or crashed stage.
+//! rank and how it ended in the stage's error, and stops the survivors.
+//! Ranks 1..N die with rank 0, so none outlives a cancelled or crashed
+//! stage.
+//!
+//! [`local`]: super::local
+//! [`srun`]: super::srun
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
-use alignflow_ops::protocol::{Metrics, StageSpec, WorkerEvent};
+use alignflow_ops::protocol::{Metrics, StageSpec};
+use alignflow_ops::training::data_parallel_ranks;
 
+use super::local::{self, LocalRanks};
+use super::srun::{self, SrunRanks};
 use super::{install, Group, Store};
 
-/// The environment a rank other than 0 is started with.
-const ENV_RANK: &str = "ALIGNFLOW_DIST_RANK";
-const ENV_WORLD: &str = "ALIGNFLOW_DIST_WORLD";
-const ENV_STORE: &str = "ALIGNFLOW_DIST_STORE";
+/// The environment a rank other than 0 is started with (a rank started by
+/// srun takes its rank from `SLURM_PROCID` instead of `ENV_RANK`).
+pub(super) const ENV_RANK: &str = "ALIGNFLOW_DIST_RANK";
+pub(super) const ENV_WORLD: &str = "ALIGNFLOW_DIST_WORLD";
+pub(super) const ENV_STORE: &str = "ALIGNFLOW_DIST_STORE";
 /// Seconds a collective (or the rendezvous) may wait for a peer.
 const ENV_TIMEOUT: &str = "ALIGNFLOW_DIST_TIMEOUT_S";
 const DEFAULT_TIMEOUT_S: u64 = 300;
-
-/// The address every rank binds and meets on: ranks are local processes.
-const HOST: &str = "127.0.0.1";
 
 /// How long rank 0 waits for the others to exit once the stage is over.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -52,12 +56,18 @@ pub fn timeout() -> Duration {
     Duration::from_secs(secs.max(1))
 }
 
-/// The ranks a stage asks for: its params' `data_parallel` (default 1).
-pub fn requested_world(params: &serde_json::Value) -> usize {
-    params
-        .get("data_parallel")
-        .and_then(serde_json::Value::as_u64)
-        .map_or(1, |n| n.max(1) as usize)
+/// The folder where rank `rank`'s copy of the op writes what only rank 0
+/// keeps (rank 0 removes it when the stage is over).
+pub(super) fn scratch_dir(checkpoint_dir: &Path, rank: usize) -> PathBuf {
+    checkpoint_dir.join(format!("data-parallel-rank-{rank}"))
+}
+
+/// [`scratch_dir`], emptied (a failed attempt may have left files).
+pub(super) fn fresh_scratch(checkpoint_dir: &Path, rank: usize) -> anyhow::Result<PathBuf> {
+    let scratch = scratch_dir(checkpoint_dir, rank);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    Ok(scratch)
 }
 
 /// This process's rank, from the environment rank 0 started it with.
@@ -67,55 +77,82 @@ pub struct RankEnv {
     pub world: usize,
     pub store_host: String,
     pub store_port: u16,
+    /// The address this rank's Gloo sockets bind: 127.0.0.1 for a local
+    /// rank, its node's hostname for a task of rank 0's srun step.
+    pub device_host: String,
+    /// Started by srun: the tasks share one spec file, so the rank takes
+    /// its own scratch folder for outputs.
+    pub by_srun: bool,
 }
 
 impl RankEnv {
     /// The rank's environment, if this process is a rank other than 0.
     pub fn from_env() -> anyhow::Result<Option<RankEnv>> {
-        let Ok(rank) = std::env::var(ENV_RANK) else {
+        let (rank, device_host, by_srun) = if let Ok(rank) = std::env::var(ENV_RANK) {
+            let rank = rank.parse().with_context(|| format!("{ENV_RANK}={rank}"))?;
+            (rank, local::HOST.to_string(), false)
+        } else if srun::is_task() {
+            (srun::task_rank()?, srun::node_host()?, true)
+        } else {
             return Ok(None);
         };
         let var = |name: &str| {
-            std::env::var(name).with_context(|| format!("{ENV_RANK} is set but {name} is not"))
+            std::env::var(name)
+                .with_context(|| format!("this is data-parallel rank {rank} but {name} is not set"))
         };
         let world = var(ENV_WORLD)?;
         let store = var(ENV_STORE)?;
         let (host, port) = store
             .rsplit_once(':')
             .with_context(|| format!("{ENV_STORE}={store}: expected HOST:PORT"))?;
+        let world: usize = world
+            .parse()
+            .with_context(|| format!("{ENV_WORLD}={world}"))?;
+        anyhow::ensure!(
+            (1..world).contains(&rank),
+            "data-parallel rank {rank} of {world}: not a rank other than 0"
+        );
         Ok(Some(RankEnv {
-            rank: rank.parse().with_context(|| format!("{ENV_RANK}={rank}"))?,
-            world: world
-                .parse()
-                .with_context(|| format!("{ENV_WORLD}={world}"))?,
+            rank,
+            world,
             store_host: host.to_string(),
             store_port: port
                 .parse()
                 .with_context(|| format!("{ENV_STORE}={store}"))?,
+            device_host,
+            by_srun,
         }))
     }
 }
 
 /// Sets up this process's part in a data-parallel stage, before the op
-/// runs: a rank started by rank 0 joins its group; the worker the engine
-/// started for a stage with `data_parallel` over 1 hosts the store, starts
-/// the other ranks and joins them ([`Ranks`], to be finished with the op's
-/// result). Also sets each rank's intra-op threads to its share of the stage's.
-pub fn start(spec: &StageSpec) -> anyhow::Result<Option<Ranks>> {
+/// runs: a rank started by rank 0 joins its group (a task of rank 0's srun
+/// step also points `spec` at its own scratch folder); the worker the
+/// engine started for a stage with `data_parallel` over 1 hosts the store,
+/// starts the other ranks and joins them ([`Ranks`], to be finished with
+/// the op's result). Also sets each rank's intra-op threads.
+pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
     let timeout = timeout();
     if let Some(env) = RankEnv::from_env()? {
         super::test_fault_point_of(env.rank, 0);
+        if env.by_srun {
+            spec.out_dir = fresh_scratch(&spec.checkpoint_dir, env.rank)?;
+        }
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
-        let group = Group::join(store, env.rank, env.world, HOST, timeout)?;
+        let group = Group::join(store, env.rank, env.world, &env.device_host, timeout)?;
+        let place = match env.by_srun {
+            true => srun::place(),
+            false => "this machine".into(),
+        };
         tracing::info!(
-            rank = env.rank,
-            world = env.world,
-            "joined the data-parallel group"
+            "rank {} of {} joined the data-parallel group on {place}",
+            env.rank,
+            env.world
         );
         install(group);
         return Ok(None);
     }
-    let world = requested_world(&spec.params);
+    let world = data_parallel_ranks(&spec.params);
     if world <= 1 {
         return Ok(None);
     }
@@ -127,22 +164,41 @@ pub fn start(spec: &StageSpec) -> anyhow::Result<Option<Ranks>> {
         spec.stage,
         spec.device
     );
-    let threads = threads_per_rank(spec.threads, world);
+    let by_srun = srun::launches_ranks();
+    let (threads, host) = match by_srun {
+        // Each task has its own CPUs, rank 0's included.
+        true => (srun::threads_per_rank(spec.threads), srun::store_host()?),
+        false => (threads_per_rank(spec.threads, world), local::HOST.into()),
+    };
     tch::set_num_threads(threads as i32);
-    let store = Store::host(HOST, 0, world, timeout)
+    let store = Store::host(&host, 0, world, timeout)
         .with_context(|| format!("stage `{}`: hosting the rendezvous", spec.stage))?;
     tracing::info!(world, store = %store.addr(), threads, "starting data-parallel ranks");
+    let (others, started) = match by_srun {
+        true => {
+            // Nothing was started if this fails: no ranks to answer for.
+            let step = SrunRanks::start(spec, world, &store, threads).with_context(|| {
+                format!(
+                    "stage `{}`: starting data-parallel ranks with srun",
+                    spec.stage
+                )
+            })?;
+            (Others::Srun(step), Ok(()))
+        }
+        false => {
+            let mut local = LocalRanks::new(world);
+            let started = local.spawn_all(spec, &store, threads);
+            (Others::Local(local), started)
+        }
+    };
     let mut ranks = Ranks {
         stage: spec.stage.clone(),
         world,
-        others: Vec::new(),
+        host,
+        others,
     };
-    for rank in 1..world {
-        let other = ranks.spawn(spec, rank, &store, threads);
-        match other {
-            Ok(other) => ranks.others.push(other),
-            Err(e) => return Err(ranks.fail(e)),
-        }
+    if let Err(e) = started {
+        return Err(ranks.fail(e));
     }
     match ranks.join_watching(store, timeout) {
         Ok(group) => {
@@ -162,100 +218,32 @@ fn threads_per_rank(stage_threads: Option<usize>, world: usize) -> usize {
     (total / world).max(1)
 }
 
-/// A rank other than 0, as rank 0 started it.
-struct Other {
-    rank: usize,
-    child: Child,
-    /// The message of the rank's `failed` event, if it sent one.
-    failed: Arc<Mutex<Option<String>>>,
-    /// Where its copy of the op writes what only rank 0 keeps.
-    scratch: PathBuf,
+/// The other ranks, as rank 0 started them.
+enum Others {
+    Local(LocalRanks),
+    Srun(SrunRanks),
 }
 
 /// The other ranks of a data-parallel stage, held by rank 0.
 pub struct Ranks {
     stage: String,
     world: usize,
-    others: Vec<Other>,
+    /// The address rank 0 binds (its store and its Gloo sockets).
+    host: String,
+    others: Others,
 }
 
 impl Ranks {
-    /// Starts `rank`: this executable, `run -` with the spec on stdin; its
-    /// outputs go to a scratch folder (rank 0 alone writes the stage's),
-    /// its stderr (logs) to ours, its stdout events to a reader that keeps
-    /// a failure's message.
-    fn spawn(
-        &self,
-        spec: &StageSpec,
-        rank: usize,
-        store: &Store,
-        threads: usize,
-    ) -> anyhow::Result<Other> {
-        let scratch = spec
-            .checkpoint_dir
-            .join(format!("data-parallel-rank-{rank}"));
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch)
-            .with_context(|| format!("creating {}", scratch.display()))?;
-        let mut own = spec.clone();
-        own.out_dir = scratch.clone();
-        own.threads = Some(threads);
-        let exe = std::env::current_exe().context("locating the worker executable")?;
-        let mut command = Command::new(&exe);
-        command
-            .args(["run", "-"])
-            .env(ENV_RANK, rank.to_string())
-            .env(ENV_WORLD, self.world.to_string())
-            .env(ENV_STORE, store.addr())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        // Dies with rank 0, whatever ends it.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting data-parallel rank {rank}: {}", exe.display()))?;
-        let text = serde_json::to_string(&own).context("writing the rank's stage spec")?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        stdin
-            .write_all(text.as_bytes())
-            .with_context(|| format!("sending rank {rank} its stage spec"))?;
-        drop(stdin);
-        let failed = Arc::new(Mutex::new(None));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let keep = failed.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(WorkerEvent::Failed { message }) = WorkerEvent::parse(&line) {
-                    *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
-                }
-            }
-        });
-        Ok(Other {
-            rank,
-            child,
-            failed,
-            scratch,
-        })
-    }
-
     /// Joins the group as rank 0 while watching the other ranks: the join
     /// waits (up to `timeout`) for every rank to arrive, and one that died
     /// on the way never will, so the join runs on its own thread and a dead
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
     fn join_watching(&mut self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
-        let world = self.world;
+        let (world, host) = (self.world, self.host.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(Group::join(store, 0, world, HOST, timeout));
+            let _ = tx.send(Group::join(store, 0, world, &host, timeout));
         });
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
@@ -263,13 +251,12 @@ impl Ranks {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => anyhow::bail!("joining the group: {e}"),
             }
-            for other in &mut self.others {
-                if let Ok(Some(status)) = other.child.try_wait() {
-                    anyhow::bail!(
-                        "rank 0 of {world}: rank {} ended before joining the group ({status})",
-                        other.rank
-                    );
-                }
+            let ended = match &mut self.others {
+                Others::Local(local) => local.ended_early(),
+                Others::Srun(step) => step.ended_early(),
+            };
+            if let Some(ended) = ended {
+                anyhow::bail!("rank 0 of {world}: {ended}");
             }
         }
     }
@@ -277,18 +264,11 @@ impl Ranks {
     /// The stage's result once rank 0's op returned `result`: on success,
     /// the other ranks must exit cleanly too (within a grace period); on
     /// failure, the error names each rank that failed and how, the
-    /// survivors are killed. Scratch folders are removed either way.
+    /// survivors are stopped. Scratch folders are removed either way.
     pub fn finish(mut self, result: anyhow::Result<Metrics>) -> anyhow::Result<Metrics> {
         match result {
             Ok(metrics) => {
-                let ended = self.wait_all(EXIT_GRACE);
-                let bad: Vec<String> = self
-                    .others
-                    .iter()
-                    .zip(&ended)
-                    .filter(|(_, how)| !how.as_ref().is_some_and(ExitStatus::success))
-                    .map(|(other, how)| self.describe(other, how.as_ref()))
-                    .collect();
+                let bad = self.settle(EXIT_GRACE, true);
                 self.clean();
                 if bad.is_empty() {
                     Ok(metrics)
@@ -305,23 +285,12 @@ impl Ranks {
     }
 
     /// `e` (rank 0's error), preceded by what became of the other ranks:
-    /// those that failed or died first are named; the rest are killed.
+    /// those that failed or died first are named; the rest are stopped.
     fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
         // A rank that died made this one fail: give its exit a moment to
         // be observed; ranks blocked in a collective with this one would
         // only time out, so they are not waited for long.
-        let ended = self.wait_all(Duration::from_secs(5));
-        let mut causes = Vec::new();
-        for (other, how) in self.others.iter().zip(&ended) {
-            let failed = other
-                .failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some();
-            if how.as_ref().is_some_and(|s| !s.success()) || failed {
-                causes.push(self.describe(other, how.as_ref()));
-            }
-        }
+        let causes = self.settle(Duration::from_secs(5), false);
         self.clean();
         let cause = match causes.is_empty() {
             true => String::new(),
@@ -333,67 +302,20 @@ impl Ranks {
         ))
     }
 
-    /// Waits up to `grace` for every other rank to exit: each with its exit
-    /// status, or `None` if it was still running (it is then killed).
-    fn wait_all(&mut self, grace: Duration) -> Vec<Option<ExitStatus>> {
-        let deadline = Instant::now() + grace;
-        let mut statuses: Vec<Option<ExitStatus>> = vec![None; self.others.len()];
-        loop {
-            for (other, status) in self.others.iter_mut().zip(statuses.iter_mut()) {
-                if status.is_none() {
-                    *status = other.child.try_wait().ok().flatten();
-                }
-            }
-            if statuses.iter().all(Option::is_some) || Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for (other, status) in self.others.iter_mut().zip(&statuses) {
-            if status.is_none() {
-                let _ = other.child.kill();
-                let _ = other.child.wait();
-            }
-        }
-        statuses
-    }
-
-    /// How rank `other` ended, for an error message.
-    fn describe(&self, other: &Other, how: Option<&ExitStatus>) -> String {
-        let failed = other
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let ended = match how {
-            None => "did not exit and was killed".to_string(),
-            Some(s) => match (s.code(), s.signal()) {
-                (_, Some(sig)) => format!("was killed by signal {sig}"),
-                (Some(code), _) => format!("exited with status {code}"),
-                _ => "ended".to_string(),
-            },
-        };
-        match failed {
-            Some(message) => format!("rank {} of {} {ended}: {message}", other.rank, self.world),
-            None => format!("rank {} of {} {ended}", other.rank, self.world),
+    /// Waits up to `grace` for the other ranks to end, stops the rest, and
+    /// describes those that failed (see `LocalRanks::settle`).
+    fn settle(&mut self, grace: Duration, rank_0_ok: bool) -> Vec<String> {
+        match &mut self.others {
+            Others::Local(local) => local.settle(grace, rank_0_ok),
+            Others::Srun(step) => step.settle(grace, rank_0_ok),
         }
     }
 
-    /// Removes the other ranks' scratch folders.
+    /// Removes what the other ranks wrote for themselves.
     fn clean(&self) {
-        for other in &self.others {
-            let _ = std::fs::remove_dir_all(&other.scratch);
-        }
-    }
-}
-
-impl Drop for Ranks {
-    fn drop(&mut self) {
-        for other in &mut self.others {
-            if other.child.try_wait().ok().flatten().is_none() {
-                let _ = other.child.kill();
-                let _ = other.child.wait();
-            }
+        match &self.others {
+            Others::Local(local) => local.clean(),
+            Others::Srun(step) => step.clean(),
         }
     }
 }
@@ -404,8 +326,11 @@ mod tests {
 
     #[test]
     fn the_world_comes_from_data_parallel_and_threads_are_shared() {
-        assert_eq!(requested_world(&serde_json::json!({"lr": 1e-4})), 1);
-        assert_eq!(requested_world(&serde_json::json!({"data_parallel": 2})), 2);
+        assert_eq!(data_parallel_ranks(&serde_json::json!({"lr": 1e-4})), 1);
+        assert_eq!(
+            data_parallel_ranks(&serde_json::json!({"data_parallel": 2})),
+            2
+        );
         assert_eq!(threads_per_rank(Some(8), 2), 4);
         assert_eq!(threads_per_rank(Some(1), 2), 1);
     }

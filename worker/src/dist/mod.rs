@@ -2,13 +2,16 @@
 //! through a c10d `TCPStore`, average their gradients with Gloo after each
 //! backward, and each take a share of every batch (`ops::training`). The
 //! worker that the engine starts for a stage with `data_parallel: N` is
-//! rank 0: it hosts the store and starts the other ranks ([`launch`]).
+//! rank 0: it hosts the store and starts the other ranks ([`launch`]), as
+//! its children ([`local`]) or, in a Slurm job, with srun ([`srun`]).
 //!
 //! The group is process-wide ([`group`]): a worker process runs one stage,
 //! and the training loop finds the group without every op passing it on.
 
 mod group;
 mod launch;
+mod local;
+mod srun;
 
 use std::sync::OnceLock;
 
@@ -16,7 +19,8 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 pub use group::{DistError, Group, Store};
-pub use launch::{requested_world, start, RankEnv, Ranks};
+pub use launch::{start, RankEnv, Ranks};
+pub use srun::holds_rank_0_place;
 
 static GROUP: OnceLock<Group> = OnceLock::new();
 
