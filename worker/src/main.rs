@@ -70,6 +70,8 @@ impl Reporter for StdoutReporter {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Stage logs and Slurm job outputs are files: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
