@@ -403,6 +403,30 @@ fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
         .filter(|f| f.to_string_lossy().contains("data-parallel"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+
+    // A profile whose sbatch_flags override the job's tasks: the stage
+    // fails saying why, instead of waiting for ranks that never start.
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &format!("{PROFILE}  sbatch_flags: [\"--ntasks=1\"]\n"),
+    );
+    p.write(
+        "pipe.yaml",
+        &data_parallel_pipeline().replace("max_steps: 3", "max_steps: 4"),
+    );
+    let out = cmd(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"])
+        .env("ALIGNFLOW_DIST_TIMEOUT_S", "20")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`")
+            && stderr.contains("data_parallel: 2 needs a Slurm job of 2 tasks")
+            && stderr.contains("has 1 (SLURM_NTASKS)"),
+        "{stderr}\n{}",
+        job_logs(&p, "sft")
+    );
 }
 
 /// A stage that checkpoints, then sleeps on its first start (so it can be
