@@ -360,18 +360,10 @@ impl OpParams for PpoParams {
             "samples_per_prompt",
             "`samples_per_prompt` must be at least 1",
         )?;
-        require(
-            self.data_parallel >= 1,
-            "data_parallel",
-            "`data_parallel` must be at least 1 (one process)",
-        )?;
-        require(
-            self.batch_size >= self.data_parallel,
-            "data_parallel",
-            format!(
-                "`data_parallel: {}` needs `batch_size` of at least {} (each rank samples a share of the prompts), got {}",
-                self.data_parallel, self.data_parallel, self.batch_size
-            ),
+        crate::training::check_data_parallel(
+            self.data_parallel,
+            self.batch_size,
+            "each rank samples a share of the prompts",
         )?;
         if self.value_model == PpoValueModel::Lora {
             require(

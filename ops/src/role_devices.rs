@@ -117,11 +117,13 @@ pub fn gpu_index(device: &str) -> Option<usize> {
     }
 }
 
-/// A stage's `placement` param (`params["placement"]`), if it is a valid
-/// one: what the engine reads to reserve the stage's GPUs before the op
-/// runs (the op checks it and names what is wrong).
-pub fn parse(placement: Option<&serde_json::Value>) -> Option<RoleDevices> {
-    serde_json::from_value(placement?.clone()).ok()
+/// The GPUs a stage's `placement` param (`params["placement"]`) names, 0
+/// without one or with an invalid one: what the engine reserves before the
+/// op runs (the op checks the param and names what is wrong).
+pub fn gpus_named(placement: Option<&serde_json::Value>) -> usize {
+    placement
+        .and_then(|p| serde_json::from_value::<RoleDevices>(p.clone()).ok())
+        .map_or(0, |p| p.gpus())
 }
 
 #[cfg(test)]
@@ -158,9 +160,8 @@ mod tests {
         assert!(
             serde_json::from_value::<RoleDevices>(serde_json::json!({"critic": "cpu"})).is_err()
         );
-        assert_eq!(
-            parse(Some(&serde_json::json!({"value": "cuda:1"}))).map(|p| p.gpus()),
-            Some(2)
-        );
+        assert_eq!(gpus_named(Some(&serde_json::json!({"value": "cuda:1"}))), 2);
+        assert_eq!(gpus_named(Some(&serde_json::json!({"value": 3}))), 0);
+        assert_eq!(gpus_named(None), 0);
     }
 }

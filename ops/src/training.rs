@@ -85,20 +85,29 @@ impl TrainParams {
     /// Rules every training op applies: a data-parallel rank count of at
     /// least one, and no more ranks than examples in a batch.
     pub fn check(&self) -> Result<(), ParamError> {
-        require(
-            self.data_parallel >= 1,
-            "data_parallel",
-            "`data_parallel` must be at least 1 (one process)",
-        )?;
-        require(
-            self.batch_size >= self.data_parallel,
-            "data_parallel",
-            format!(
-                "`data_parallel: {}` needs `batch_size` of at least {} (each rank takes a share of every batch), got {}",
-                self.data_parallel, self.data_parallel, self.batch_size
-            ),
+        check_data_parallel(
+            self.data_parallel,
+            self.batch_size,
+            "each rank takes a share of every batch",
         )
     }
+}
+
+/// `data_parallel: ranks` beside `batch_size`: at least one rank, and at
+/// least one item of every batch per rank (`share`: what a rank takes).
+pub fn check_data_parallel(ranks: usize, batch_size: usize, share: &str) -> Result<(), ParamError> {
+    require(
+        ranks >= 1,
+        "data_parallel",
+        "`data_parallel` must be at least 1 (one process)",
+    )?;
+    require(
+        batch_size >= ranks,
+        "data_parallel",
+        format!(
+            "`data_parallel: {ranks}` needs `batch_size` of at least {ranks} ({share}), got {batch_size}"
+        ),
+    )
 }
 
 fn default_decay() -> Decay {

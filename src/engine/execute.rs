@@ -346,8 +346,7 @@ async fn acquire<'a>(
     fp: &Fingerprint,
 ) -> Result<Held<'a>, Error> {
     let gpu = if op.runs_in_worker() {
-        let placed = alignflow_ops::role_devices::parse(stage.params.get("placement"))
-            .map_or(0, |p| p.gpus());
+        let placed = alignflow_ops::role_devices::gpus_named(stage.params.get("placement"));
         shared
             .gpus
             .acquire(&stage.device, placed, &shared.cancel)

@@ -172,8 +172,7 @@ pub(super) async fn run_remote(
     let events = dir.join("events.jsonl");
     let spec_path = dir.join("spec.json");
     let threads = stage.resources.cpus.map(|c| c as usize);
-    let placed =
-        alignflow_ops::role_devices::parse(stage.params.get("placement")).map_or(0, |p| p.gpus());
+    let placed = alignflow_ops::role_devices::gpus_named(stage.params.get("placement"));
     let gpus = stage
         .resources
         .gpus_for(&stage.device, op.runs_in_worker(), placed);

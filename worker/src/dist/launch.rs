@@ -62,6 +62,21 @@ pub(super) fn scratch_dir(checkpoint_dir: &Path, rank: usize) -> PathBuf {
     checkpoint_dir.join(format!("data-parallel-rank-{rank}"))
 }
 
+/// Makes the process `command` starts get `signal` when its parent (this
+/// rank 0) ends, however it ends: no rank outlives its stage.
+pub(super) fn die_with_parent(command: &mut std::process::Command, signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe, as a pre_exec hook must be.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// [`scratch_dir`], emptied (a failed attempt may have left files).
 pub(super) fn fresh_scratch(checkpoint_dir: &Path, rank: usize) -> anyhow::Result<PathBuf> {
     let scratch = scratch_dir(checkpoint_dir, rank);

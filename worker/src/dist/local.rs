@@ -5,7 +5,7 @@
 //! die with rank 0 (`PR_SET_PDEATHSIG`), whatever ends it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use alignflow_ops::protocol::{StageSpec, WorkerEvent};
 
-use super::launch::{fresh_scratch, ENV_RANK, ENV_STORE, ENV_WORLD};
+use super::launch::{die_with_parent, fresh_scratch, ENV_RANK, ENV_STORE, ENV_WORLD};
 use super::Store;
 
 /// The address every local rank binds and meets on.
@@ -83,14 +83,7 @@ impl LocalRanks {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // Dies with rank 0, whatever ends it.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut command, libc::SIGKILL);
         let mut child = command
             .spawn()
             .with_context(|| format!("starting data-parallel rank {rank}: {}", exe.display()))?;

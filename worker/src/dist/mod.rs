@@ -80,6 +80,20 @@ pub fn share(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// Replaces the gradient of each of `params` by its mean over the ranks.
+/// A tensor that no rank's backward reached has no gradient yet on any
+/// rank; one only some ranks reached gets a zero gradient on the others
+/// first, so every rank all-reduces the same list.
+pub fn average_gradients(group: &Group, params: &[&Tensor]) -> Result<(), DistError> {
+    for p in params {
+        if !p.grad().defined() {
+            (*p * 0.0).sum(tch::Kind::Float).backward();
+        }
+    }
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    group.all_reduce_mean(&grads)
+}
+
 /// Copies rank 0's variables of `vs` (sorted by name, so every rank lists
 /// them alike) into every rank's.
 pub fn broadcast_weights(group: &Group, vs: &VarStore) -> Result<(), DistError> {

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ use anyhow::Context;
 
 use alignflow_ops::protocol::{StageSpec, WorkerEvent, ENV_RANK_LAUNCHER};
 
-use super::launch::{scratch_dir, ENV_RANK, ENV_STORE, ENV_WORLD};
+use super::launch::{die_with_parent, scratch_dir, ENV_RANK, ENV_STORE, ENV_WORLD};
 use super::Store;
 
 /// Set for the tasks of rank 0's srun step: the rank is `SLURM_PROCID`.
@@ -189,14 +189,7 @@ impl SrunRanks {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // srun ends the step on SIGTERM: the ranks die with rank 0.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut command, libc::SIGTERM);
         tracing::info!(
             "starting ranks 1 to {} with srun in job {job}, from {}",
             world - 1,

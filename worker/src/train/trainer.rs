@@ -139,16 +139,7 @@ impl Trainer {
         let state = &mut self.state;
         let mut acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
         if let Some(group) = self.group {
-            let params = self.opt.params();
-            // A tensor that no rank's backward reached has no gradient yet
-            // on any rank; one only some ranks reached is zero elsewhere.
-            for p in &params {
-                if !p.grad().defined() {
-                    (*p * 0.0).sum(tch::Kind::Float).backward();
-                }
-            }
-            let grads: Vec<tch::Tensor> = params.iter().map(|p| p.grad()).collect();
-            group.all_reduce_mean(&grads)?;
+            crate::dist::average_gradients(group, &self.opt.params())?;
             let sums = group.sum_f64(&[acc.loss, acc.tokens as f64])?;
             acc.loss = sums[0] / group.world() as f64;
             acc.tokens = sums[1] as u64;

@@ -250,18 +250,9 @@ fn idle_step(s: &Settings, opt: &mut AdamW, lr: f64) -> anyhow::Result<()> {
 
 /// On several ranks, replaces every gradient by its mean over the ranks.
 fn average_gradients(s: &Settings, opt: &AdamW) -> anyhow::Result<()> {
-    let Some(g) = s.ranks else {
-        return Ok(());
-    };
-    let params = opt.params();
-    // A tensor this rank's backward did not reach has no gradient yet.
-    for p in &params {
-        if !p.grad().defined() {
-            (*p * 0.0).sum(Kind::Float).backward();
-        }
+    if let Some(g) = s.ranks {
+        crate::dist::average_gradients(g, &opt.params())?;
     }
-    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
-    g.all_reduce_mean(&grads)?;
     Ok(())
 }
 
