@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// Two tiny LMs: training stages with `metrics` outputs, the second long
-/// enough to be watched while it runs.
+/// enough to be watched while it runs: seconds of steps, against the
+/// trackers' half-second poll, and fewer than the 1000 points the MLflow
+/// reader asks for (40 steps ran in 80 ms, and the live check
+/// failed in CI when no poll fell inside them).
 const PIPELINE: &str = r#"version: 1
 name: tracked
 seed: 5
@@ -37,7 +40,7 @@ stages:
   longer:
     op: lm.pretrain
     inputs: { data: "${stages.hh.data}", tokenizer: "${stages.tok.tokenizer}" }
-    params: { width: 32, layers: 1, heads: 2, positions: 64, seq_len: 32, batch_size: 2, max_steps: 40, lr: 5e-3 }
+    params: { width: 32, layers: 1, heads: 2, positions: 64, seq_len: 32, batch_size: 16, max_steps: 600, lr: 5e-3 }
 "#;
 
 const TRAINING: [&str; 2] = ["base", "longer"];
