@@ -43,7 +43,17 @@ fn two_concurrent_runs_never_run_a_stage_twice() {
 #[test]
 fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_reuses_finished_work() {
     let p = Project::new();
-    p.write("pipeline.yaml", &SLOW.replace("sleep 1.5", "sleep 3"));
+    // `second` waits for the file `go`, written only after the kill: it
+    // cannot finish (and commit) before the engine is killed, however slow
+    // the machine (with a fixed sleep it could, were this thread descheduled
+    // for that long). Bounded, so no shell waits forever.
+    p.write(
+        "pipeline.yaml",
+        &SLOW.replace(
+            "sleep 1.5",
+            "for i in $(seq 3000); do [ -f go ] && break; sleep 0.1; done",
+        ),
+    );
     let mut child = p.cmd(&["run", "pipeline.yaml", "--quiet"]).spawn().unwrap();
     let start = Instant::now();
     while !p.path("runs.txt").exists() || !p.read("runs.txt").contains("second-started") {
@@ -70,6 +80,7 @@ fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_reuses_finished_work
     let verify = p.ok(&["cache", "verify"]);
     assert!(verify.contains(": 0 problem(s)"), "{verify}");
     // The rerun completes and reuses `first`.
+    p.write("go", "");
     assert_eq!(p.run_stages("pipeline.yaml", &[]), set(&["second"]));
     assert_eq!(p.read("runs.txt").matches("first").count(), 1);
     let verify = p.ok(&["cache", "verify"]);
