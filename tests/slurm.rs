@@ -556,21 +556,87 @@ fn ctrl_c_cancels_the_runs_jobs_and_exits_130() {
     assert!(job_in_state(&slurm, "RUNNING").is_none());
 }
 
+/// A stage whose job waits for the file `go` in the project (at most five
+/// minutes; without it the job fails).
+const GATED: &str = r#"version: 1
+name: gated
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'for i in $(seq 3000); do [ -f go ] && break; sleep 0.1; done; [ -f go ] && echo done > "$ALIGNFLOW_OUT/x"' }
+"#;
+
+/// Whether the engine has journaled a submitted job in `p`'s run (a line
+/// being written is not one yet).
+fn journaled(p: &Project) -> bool {
+    std::fs::read_dir(p.path("cache/runs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|run| std::fs::read_to_string(run.path().join("jobs.jsonl")).ok())
+        .any(|text| {
+            text.lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["event"] == "submitted")
+            })
+        })
+}
+
 #[test]
 fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     let slurm = Slurm::start(1);
-    let p = project_with(&SLEEPER.replace("SECS", "4"));
+    // The job runs until the attached engine has adopted it: with a fixed
+    // sleep it could end and commit its record before `run --attach`
+    // looked (on a slow machine), and the stage would be cached, not adopted.
+    let p = project_with(GATED);
     let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "a running job", || {
-        job_in_state(&slurm, "RUNNING").is_some()
+    // Killed once its job is journaled too: the job can be RUNNING before
+    // the engine, having read sbatch's answer, has written it down.
+    wait_until(Duration::from_secs(30), "a running, journaled job", || {
+        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
     });
     child.kill().unwrap(); // SIGKILL: the engine dies, the job goes on
     child.wait().unwrap();
     let run = run_id(&p);
-    let out = cmd(&p, &slurm, &["run", "--attach", &run])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut attach = cmd(&p, &slurm, &["run", "--attach", &run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alignflow starts");
+    let (lines, stderr) = {
+        let pipe = attach.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+                let line = line.unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        (rx, reader)
+    };
+    let start = Instant::now();
+    loop {
+        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("adopt") => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = attach.kill();
+                panic!(
+                    "`run --attach` adopted nothing:\n{}",
+                    stderr.join().unwrap()
+                );
+            }
+        }
+    }
+    p.write("go", "");
+    let out = finish(attach, Duration::from_secs(120));
+    let stderr = stderr.join().unwrap();
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("adopt"), "{stderr}");
     assert_eq!(
