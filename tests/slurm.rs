@@ -652,17 +652,31 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }
 
+/// A stage whose first job never commits (it marks the project, sleeps,
+/// and ends without its output); a later one finishes at once.
+const SECOND_ATTEMPT_ONLY: &str = r#"version: 1
+name: second
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'if [ -f first-attempt ]; then echo done > "$ALIGNFLOW_OUT/x"; else touch first-attempt; sleep 120; fi' }
+"#;
+
 #[test]
 fn a_job_lost_from_squeue_is_resubmitted() {
     let mut slurm = Slurm::start(1);
-    let p = project_with(&SLEEPER.replace("SECS", "15"));
+    // Only a second job can commit the stage: with a job that just slept
+    // (15 s), a slow controller restart could let the lost job commit
+    // before the engine called it lost, and nothing would be resubmitted.
+    let p = project_with(SECOND_ATTEMPT_ONLY);
     p.write(
         "alignflow/profiles/test.yaml",
         &PROFILE.replace("lost_after: 10", "lost_after: 2"),
     );
     let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "a running job", || {
-        job_in_state(&slurm, "RUNNING").is_some()
+    wait_until(Duration::from_secs(30), "the first job's command", || {
+        p.path("first-attempt").exists()
     });
     slurm.restart_controller_clean();
     let out = finish(child, Duration::from_secs(180));
