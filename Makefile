@@ -4,8 +4,12 @@
 
 TORCH_VERSION := 2.11.0
 TRANSFORMERS_VERSION := 5.23.0
+# Headers only (3 MB): the CUDA headers torch's ProcessGroupNCCL.hpp includes
+# beyond the runtime's, matching torch's CUDA 13.0, so the worker compiles
+# its NCCL collectives (worker/csrc/nccl.cpp).
+CUDA_HEADERS  := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 VENV          := .venv
-STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)
+STAMP         := $(VENV)/.torch-$(TORCH_VERSION)-transformers-$(TRANSFORMERS_VERSION)-cuda-headers-13.0
 CARGO         ?= cargo
 SHELL         := /bin/bash
 
@@ -18,7 +22,7 @@ setup: $(STAMP)
 $(STAMP):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION) \
-		transformers==$(TRANSFORMERS_VERSION) numpy safetensors
+		transformers==$(TRANSFORMERS_VERSION) numpy safetensors $(CUDA_HEADERS)
 	ln -sfn "$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')" $(VENV)/libtorch
 	touch $@
 

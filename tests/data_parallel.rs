@@ -574,3 +574,41 @@ fn a_rank_lost_before_joining_fails_the_stage_without_waiting_for_the_timeout() 
     );
     assert!(took < Duration::from_secs(60), "the failure took {took:?}");
 }
+
+#[test]
+fn ranks_on_gpus_the_machine_lacks_fail_before_the_stage_runs() {
+    // NCCL puts one rank on each GPU the engine reserves: `sft` on two
+    // ranks on `cuda` needs two GPUs, and this machine has none.
+    let p = project();
+    p.write(
+        "gpu.yaml",
+        &MANIFEST.replace(
+            "  sft:\n    op: sft\n",
+            "  sft:\n    op: sft\n    device: cuda\n",
+        ),
+    );
+    let err = p.fails(&[
+        "run",
+        "gpu.yaml",
+        "--quiet",
+        "--target",
+        "sft",
+        "--set",
+        "params.dp=2",
+    ]);
+    assert!(err.contains("sft"), "{err}");
+    assert!(
+        err.contains("`params.data_parallel: 2` on device `cuda` takes one GPU per rank, but 0 GPU(s) are visible"),
+        "{err}"
+    );
+    // The same stage on the CPU runs its ranks with Gloo.
+    p.ok(&[
+        "run",
+        "pipeline.yaml",
+        "--quiet",
+        "--target",
+        "sft",
+        "--set",
+        "params.dp=2",
+    ]);
+}

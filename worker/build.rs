@@ -8,12 +8,14 @@
 //! pre-packed weights for decoding, see `model::onednn`; activation
 //! checkpointing, see `model::recompute`; c10d collectives for data-parallel
 //! training, see `dist`) and sets `cfg(alignflow_onednn)` and
-//! `cfg(alignflow_c10d)` when it did.
+//! `cfg(alignflow_c10d)` when it did; and, where the CUDA and NCCL headers
+//! are, the NCCL group (`cfg(alignflow_nccl)`).
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(alignflow_onednn)");
     println!("cargo::rustc-check-cfg=cfg(alignflow_c10d)");
+    println!("cargo::rustc-check-cfg=cfg(alignflow_nccl)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(root) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run `make build` to set up .venv");
@@ -45,6 +47,7 @@ fn main() {
 /// The C++ shim, against the headers of the libtorch tch links (the new C++
 /// ABI, as torch's own wheels since 2.7).
 fn compile_shim(root: &Path) {
+    println!("cargo:rerun-if-changed=csrc/collectives.h");
     let sources = [
         "csrc/onednn_linear.cpp",
         "csrc/checkpoint.cpp",
@@ -78,4 +81,43 @@ fn compile_shim(root: &Path) {
         .compile("alignflow_csrc");
     println!("cargo:rustc-cfg=alignflow_onednn");
     println!("cargo:rustc-cfg=alignflow_c10d");
+    compile_nccl(root, &include);
+}
+
+/// The NCCL group (`csrc/nccl.cpp`), against the CUDA and NCCL headers of
+/// the wheels next to torch (`nvidia/cu13`, `nvidia/nccl`): skipped, with a
+/// warning, where they are missing (GPU data parallelism then says so).
+fn compile_nccl(root: &Path, include: &Path) {
+    println!("cargo:rerun-if-changed=csrc/nccl.cpp");
+    // `root` is site-packages/torch: the nvidia wheels are beside it.
+    let Some(site) = root.parent() else { return };
+    let cuda = site.join("nvidia/cu13/include");
+    let nccl = site.join("nvidia/nccl/include");
+    let needed = [
+        cuda.join("cuda_runtime_api.h"),
+        cuda.join("crt/host_config.h"),
+        cuda.join("cccl/nv/target"),
+        nccl.join("nccl.h"),
+    ];
+    if let Some(missing) = needed.iter().find(|p| !p.exists()) {
+        println!(
+            "cargo:warning=no {}: the worker is built without NCCL (`make setup` installs the CUDA headers)",
+            missing.display()
+        );
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/nccl.cpp")
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&cuda)
+        .include(cuda.join("cccl"))
+        .include(&nccl)
+        .define("USE_C10D_NCCL", None)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("alignflow_nccl");
+    println!("cargo:rustc-cfg=alignflow_nccl");
 }

@@ -69,14 +69,17 @@ pub struct TrainParams {
     /// Data-parallel ranks: this many worker processes train together, each
     /// on its share of every batch (`batch_size` stays the whole batch, so
     /// it must be at least this), their gradients averaged with torch's
-    /// c10d collectives (Gloo) after each backward; rank 0 writes the
-    /// outputs. The math is the one-process step's (with dropout on, each
-    /// rank draws its own masks); the bits are not (the sums run in another
-    /// order), so the value is part of the stage's fingerprint: outputs are
-    /// reproducible run to run for a fixed value. CPU only (a GPU stage is
-    /// refused); a collective waits at most `ALIGNFLOW_DIST_TIMEOUT_S`
-    /// (300) for a peer. Under the Slurm executor the stage's job has one
-    /// task per rank (`--ntasks`) and the ranks are started with `srun`.
+    /// c10d collectives after each backward (Gloo on the CPU; NCCL on
+    /// GPUs, one GPU per rank, which the engine reserves); rank 0 writes
+    /// the outputs. The math is the one-process step's (with dropout on,
+    /// each rank draws its own masks); the bits are not (the sums run in
+    /// another order), so the value is part of the stage's fingerprint: on
+    /// the CPU outputs are reproducible run to run for a fixed value, NCCL's
+    /// are not bit for bit. A collective waits at most
+    /// `ALIGNFLOW_DIST_TIMEOUT_S` (300) for a peer. Under the Slurm executor
+    /// the stage's job has one task per rank (`--ntasks`) and the ranks are
+    /// started with `srun` (CPU only: GPU ranks run on one node, with the
+    /// local executor).
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }

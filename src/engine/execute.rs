@@ -347,9 +347,10 @@ async fn acquire<'a>(
 ) -> Result<Held<'a>, Error> {
     let gpu = if op.runs_in_worker() {
         let placed = alignflow_ops::role_devices::gpus_named(stage.params.get("placement"));
+        let ranks = crate::ops::training::data_parallel_ranks(&stage.params);
         shared
             .gpus
-            .acquire(&stage.device, placed, &shared.cancel)
+            .acquire(&stage.device, placed, ranks, &shared.cancel)
             .await?
     } else {
         None

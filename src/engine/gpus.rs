@@ -80,13 +80,16 @@ impl GpuSlots {
     }
 
     /// The GPUs of a stage asking for `device` whose `placement` names
-    /// `placed` GPUs (0: none); `None` means run on the CPU. A placement
+    /// `placed` GPUs (0: none) and which runs on `ranks` data-parallel
+    /// ranks (1: one process); `None` means run on the CPU. A placement
     /// takes that many GPUs (at least one on `cuda`/`auto`), the ones with
-    /// the most free slots; `cuda:N` pins the stage to GPU N alone.
+    /// the most free slots, and so do ranks on GPUs, one each; `cuda:N`
+    /// pins the stage to GPU N alone.
     pub(super) async fn acquire(
         &self,
         device: &str,
         placed: usize,
+        ranks: usize,
         cancel: &CancellationToken,
     ) -> Result<Option<GpuSlot<'_>>, Error> {
         let count = self.free.lock().unwrap_or_else(|e| e.into_inner()).len();
@@ -102,8 +105,9 @@ impl GpuSlots {
         let wanted = match device {
             _ if placed > 0 => placed,
             "cpu" => return Ok(None),
+            // Ranks on the CPU (Gloo) where no GPU is.
             "auto" if count == 0 => return Ok(None),
-            _ => 1,
+            _ => ranks.max(1),
         };
         if pinned.is_some() && placed > 0 {
             return Err(anyhow::anyhow!(
@@ -111,10 +115,19 @@ impl GpuSlots {
             )
             .into());
         }
+        if pinned.is_some() && ranks > 1 {
+            return Err(anyhow::anyhow!(
+                "device `{device}` pins the stage to one GPU, but `params.data_parallel: {ranks}` runs one rank per GPU: set `device: cuda` (the engine then picks {ranks} free GPUs)"
+            )
+            .into());
+        }
         if count < wanted || pinned.is_some_and(|w| w >= count) {
-            let asked = match placed {
-                0 => format!("device `{device}` requested"),
-                n => format!("`params.placement` names {n} GPU(s)"),
+            let asked = match (placed, ranks) {
+                (0, 0 | 1) => format!("device `{device}` requested"),
+                (0, n) => format!(
+                    "`params.data_parallel: {n}` on device `{device}` takes one GPU per rank,"
+                ),
+                (n, _) => format!("`params.placement` names {n} GPU(s)"),
             };
             return Err(anyhow::anyhow!("{asked} but {count} GPU(s) are visible").into());
         }
@@ -170,20 +183,22 @@ mod tests {
         run(async {
             let slots = GpuSlots::of(3, 1);
             let cancel = CancellationToken::new();
-            let two = slots.acquire("cuda", 2, &cancel).await.unwrap().unwrap();
+            let two = slots.acquire("cuda", 2, 1, &cancel).await.unwrap().unwrap();
             assert_eq!(two.indices, vec![0, 1]);
             assert_eq!(two.visible(), "0,1");
             // Roles on the GPUs, the rest on the CPU: still two GPUs.
-            let one = slots.acquire("cpu", 1, &cancel).await.unwrap().unwrap();
+            let one = slots.acquire("cpu", 1, 1, &cancel).await.unwrap().unwrap();
             assert_eq!(one.indices, vec![2]);
-            assert!(slots.acquire("cpu", 0, &cancel).await.unwrap().is_none());
+            assert!(slots.acquire("cpu", 0, 1, &cancel).await.unwrap().is_none());
             // Nothing free: the next placed stage waits for the first.
-            let waiting =
-                tokio::time::timeout(Duration::from_millis(50), slots.acquire("cuda", 2, &cancel))
-                    .await;
+            let waiting = tokio::time::timeout(
+                Duration::from_millis(50),
+                slots.acquire("cuda", 2, 1, &cancel),
+            )
+            .await;
             assert!(waiting.is_err(), "it should wait for two free GPUs");
             drop(two);
-            let again = slots.acquire("auto", 2, &cancel).await.unwrap().unwrap();
+            let again = slots.acquire("auto", 2, 1, &cancel).await.unwrap().unwrap();
             assert_eq!(again.indices, vec![0, 1]);
             drop((one, again));
             assert_eq!(slots.total(), 3);
@@ -199,15 +214,60 @@ mod tests {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("expected an error"),
             };
-            let too_many = message(slots.acquire("cuda", 3, &cancel).await);
+            let too_many = message(slots.acquire("cuda", 3, 1, &cancel).await);
             assert!(
                 too_many.contains("`params.placement` names 3 GPU(s) but 2 GPU(s) are visible"),
                 "{too_many}"
             );
-            let pinned = message(slots.acquire("cuda:1", 2, &cancel).await);
+            let pinned = message(slots.acquire("cuda:1", 2, 1, &cancel).await);
             assert!(pinned.contains("set `device: cuda`"), "{pinned}");
-            let one = slots.acquire("cuda:1", 0, &cancel).await.unwrap().unwrap();
+            let one = slots
+                .acquire("cuda:1", 0, 1, &cancel)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(one.indices, vec![1]);
+        });
+    }
+
+    #[test]
+    fn data_parallel_ranks_on_gpus_hold_one_gpu_each_and_on_the_cpu_none() {
+        run(async {
+            let slots = GpuSlots::of(3, 1);
+            let cancel = CancellationToken::new();
+            let two = slots.acquire("cuda", 0, 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(two.indices, vec![0, 1]);
+            assert_eq!(two.visible(), "0,1");
+            // On the CPU the ranks are Gloo processes: no GPU.
+            assert!(slots.acquire("cpu", 0, 2, &cancel).await.unwrap().is_none());
+            // Two more ranks wait for the first stage's GPUs.
+            let waiting = tokio::time::timeout(
+                Duration::from_millis(50),
+                slots.acquire("auto", 0, 2, &cancel),
+            )
+            .await;
+            assert!(waiting.is_err(), "it should wait for two free GPUs");
+            drop(two);
+            let again = slots.acquire("auto", 0, 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(again.indices, vec![0, 1]);
+
+            // With no GPU, `auto` runs the ranks on the CPU.
+            let none = GpuSlots::of(0, 1);
+            assert!(none.acquire("auto", 0, 2, &cancel).await.unwrap().is_none());
+            let message = |r: Result<Option<GpuSlot<'_>>, Error>| match r {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("expected an error"),
+            };
+            let short = message(slots.acquire("cuda", 0, 4, &cancel).await);
+            assert!(
+                short.contains("`params.data_parallel: 4` on device `cuda` takes one GPU per rank, but 3 GPU(s) are visible"),
+                "{short}"
+            );
+            let pinned = message(slots.acquire("cuda:0", 0, 2, &cancel).await);
+            assert!(
+                pinned.contains("runs one rank per GPU: set `device: cuda`"),
+                "{pinned}"
+            );
         });
     }
 }

@@ -1,6 +1,7 @@
 // Collectives for data-parallel training: torch's own c10d `TCPStore`
-// (rendezvous) and `ProcessGroupGloo` (CPU all-reduce, broadcast, barrier),
-// called from Rust through a few C functions (see `src/dist/`). tch binds
+// (rendezvous) and `ProcessGroupGloo` (CPU all-reduce, broadcast, barrier;
+// `nccl.cpp` builds the CUDA group the same calls drive), called from Rust
+// through a few C functions (see `src/dist/`). tch binds
 // no `torch.distributed`; libtorch_cpu.so exports both classes, so this
 // file only constructs them and forwards calls: no reduction is written
 // here.
@@ -28,42 +29,19 @@
 // false) and sets `*error` to a message the caller frees with
 // `alignflow_free_message`.
 
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include "collectives.h"
 
-#include <chrono>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
 
-namespace {
-
-struct Store {
-  c10::intrusive_ptr<c10d::TCPStore> store;
-};
-
-struct Group {
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
-  std::chrono::milliseconds timeout;
-};
-
-template <typename T>
-T fail(const char* message, char** error, T result) {
-  *error = strdup(message);
-  return result;
-}
-
-// Waits for `work` within the group's timeout; a timeout or a peer's
-// failure throws.
-void finish(const Group& g, const c10::intrusive_ptr<c10d::Work>& work) {
-  if (!work->wait(g.timeout)) {
-    throw std::runtime_error("collective did not complete within the timeout");
-  }
-}
-
-}  // namespace
+using alignflow::Group;
+using alignflow::Store;
+using alignflow::fail;
+using alignflow::finish;
 
 extern "C" {
 
@@ -105,7 +83,7 @@ Group* alignflow_dist_group_new(Store* store, int rank, int world, const char* d
     opts->threads = 1;
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::static_intrusive_pointer_cast<c10d::Store>(store->store), rank, world, opts);
-    return new Group{std::move(pg), timeout};
+    return new Group{c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)), timeout};
   } catch (const std::exception& e) {
     return fail<Group*>(e.what(), error, nullptr);
   }
@@ -113,7 +91,7 @@ Group* alignflow_dist_group_new(Store* store, int rank, int world, const char* d
 
 void alignflow_dist_group_free(Group* group) { delete group; }
 
-// Sums `tensor` (contiguous, CPU) over the ranks, in place.
+// Sums `tensor` (contiguous, on the group's device) over the ranks, in place.
 bool alignflow_dist_all_reduce_sum(Group* g, at::Tensor* tensor, char** error) {
   try {
     std::vector<at::Tensor> tensors{*tensor};

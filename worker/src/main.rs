@@ -34,7 +34,12 @@ enum Command {
     /// Runs the stage described by a JSON stage spec (a file, or `-` for stdin).
     Run { spec: PathBuf },
     /// Prints libtorch, CUDA and thread facts as one JSON event.
-    Doctor,
+    Doctor {
+        /// Also forms a one-rank NCCL group on cuda:0 and runs each
+        /// collective data parallelism uses on it (`nccl_check`).
+        #[arg(long)]
+        nccl: bool,
+    },
 }
 
 /// Writes events to stdout, one JSON object per line, flushed at once so the
@@ -82,8 +87,14 @@ fn main() {
         out: Mutex::new(std::io::stdout()),
     };
     let code = match cli.command {
-        Command::Doctor => {
-            reporter.emit(&WorkerEvent::Doctor { info: doctor() });
+        Command::Doctor { nccl } => {
+            let mut info = doctor();
+            if nccl {
+                let check = alignflow_worker::dist::nccl_self_check();
+                let text = check.unwrap_or_else(|e| format!("failed: {e:#}"));
+                info.insert("nccl_check".into(), serde_json::json!(text));
+            }
+            reporter.emit(&WorkerEvent::Doctor { info });
             0
         }
         // Under srun, task 0's place is that of rank 0, the job's own
@@ -177,6 +188,11 @@ fn doctor() -> BTreeMap<String, serde_json::Value> {
     info.insert(
         "data_parallel_gloo".into(),
         json!(alignflow_worker::dist::available()),
+    );
+    // On GPUs: torch's NCCL group through the shim (`doctor --nccl` runs it).
+    info.insert(
+        "data_parallel_nccl".into(),
+        json!(alignflow_worker::dist::nccl_available()),
     );
     info
 }

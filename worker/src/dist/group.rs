@@ -1,6 +1,7 @@
 //! A group of data-parallel ranks on torch's c10d collectives (the C++ side
-//! and why it looks the way it does: `csrc/collectives.cpp`): a `TCPStore`
-//! rendezvous and a `ProcessGroupGloo`. Every collective has the group's
+//! and why it looks the way it does: `csrc/collectives.cpp`, `csrc/nccl.cpp`):
+//! a `TCPStore` rendezvous and a `ProcessGroupGloo` on the CPU or a
+//! `ProcessGroupNCCL` on one GPU per rank. Every collective has the group's
 //! timeout, so a dead or stuck rank fails the others instead of hanging.
 
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -18,12 +19,17 @@ pub enum DistError {
     #[error("rendezvous at {addr}: {message}")]
     Store { addr: String, message: String },
     /// The group did not form (a rank missing past the timeout).
-    #[error("rank {rank} of {world}: forming the Gloo group: {message}")]
+    #[error("rank {rank} of {world}: forming the {backend} group: {message}")]
     Join {
+        backend: &'static str,
         rank: usize,
         world: usize,
         message: String,
     },
+    /// The worker was built without the NCCL group (no CUDA or NCCL
+    /// headers at build time).
+    #[error("data parallelism on GPUs needs the worker's NCCL group, which was not compiled in (no CUDA or NCCL headers at build time: `make setup` installs them)")]
+    NcclUnavailable,
     /// A collective failed: a peer died, closed its sockets, or did not
     /// arrive within the timeout.
     #[error("rank {rank} of {world}: {op} failed: {message}")]
@@ -56,6 +62,15 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> *mut c_void;
     fn alignflow_dist_group_free(group: *mut c_void);
+    #[cfg(alignflow_nccl)]
+    fn alignflow_dist_group_new_nccl(
+        store: *mut c_void,
+        rank: i32,
+        world: i32,
+        device_index: i32,
+        timeout_ms: i64,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
     fn alignflow_dist_all_reduce_sum(
         group: *mut c_void,
         tensor: *const c_void,
@@ -187,6 +202,9 @@ pub struct Group {
     raw: *mut c_void,
     rank: usize,
     world: usize,
+    /// Where the collectives' tensors live: the CPU (Gloo) or this rank's
+    /// GPU (NCCL).
+    device: tch::Device,
     // The group reads the store until it is dropped.
     _store: Store,
 }
@@ -208,6 +226,7 @@ impl Group {
         timeout: Duration,
     ) -> Result<Group, DistError> {
         let join_error = |message: String| DistError::Join {
+            backend: "Gloo",
             rank,
             world,
             message,
@@ -218,8 +237,54 @@ impl Group {
             raw,
             rank,
             world,
+            device: tch::Device::Cpu,
             _store: store,
         })
+    }
+
+    /// Joins `world` ranks at `store` as `rank` with NCCL, this rank on the
+    /// GPU `cuda:{device_index}` (which becomes the current CUDA device).
+    /// Returns once every rank has joined (a barrier, which makes NCCL
+    /// connect), at most `timeout`, which also bounds every collective.
+    pub fn join_nccl(
+        store: Store,
+        rank: usize,
+        world: usize,
+        device_index: usize,
+        timeout: Duration,
+    ) -> Result<Group, DistError> {
+        let raw =
+            open_nccl_group(&store, rank, world, device_index, timeout).map_err(|e| match e {
+                Some(message) => DistError::Join {
+                    backend: "NCCL",
+                    rank,
+                    world,
+                    message,
+                },
+                None => DistError::NcclUnavailable,
+            })?;
+        let group = Group {
+            raw,
+            rank,
+            world,
+            device: tch::Device::Cuda(device_index),
+            _store: store,
+        };
+        // Connects now, as Gloo's construction does, so a missing rank
+        // fails the join rather than the first step.
+        group.barrier().map_err(|e| DistError::Join {
+            backend: "NCCL",
+            rank,
+            world,
+            message: e.to_string(),
+        })?;
+        Ok(group)
+    }
+
+    /// Where the collectives' tensors must live: the CPU for Gloo, this
+    /// rank's GPU for NCCL.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// This rank (0-based).
@@ -277,9 +342,9 @@ impl Group {
 
     /// Sums `values` over the ranks (in float64, exact for counts).
     pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>, DistError> {
-        let t = Tensor::from_slice(values);
+        let t = Tensor::from_slice(values).to_device(self.device);
         self.all_reduce_sum(&t)?;
-        Ok(Vec::<f64>::try_from(&t).expect("a float64 vector"))
+        Ok(Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu)).expect("a float64 vector"))
     }
 
     #[cfg(alignflow_c10d)]
@@ -342,6 +407,44 @@ fn open_group(
         return Err(unsafe { take_message(error) });
     }
     Ok(raw)
+}
+
+/// The NCCL group's handle, or its error message (`None`: no NCCL group
+/// compiled in).
+#[cfg(alignflow_nccl)]
+fn open_nccl_group(
+    store: &Store,
+    rank: usize,
+    world: usize,
+    device_index: usize,
+    timeout: Duration,
+) -> Result<*mut c_void, Option<String>> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    let raw = unsafe {
+        alignflow_dist_group_new_nccl(
+            store.raw,
+            rank as i32,
+            world as i32,
+            device_index as i32,
+            timeout.as_millis() as i64,
+            &mut error,
+        )
+    };
+    if raw.is_null() {
+        return Err(Some(unsafe { take_message(error) }));
+    }
+    Ok(raw)
+}
+
+#[cfg(not(alignflow_nccl))]
+fn open_nccl_group(
+    _: &Store,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: Duration,
+) -> Result<*mut c_void, Option<String>> {
+    Err(None)
 }
 
 #[cfg(not(alignflow_c10d))]

@@ -154,7 +154,13 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             spec.out_dir = fresh_scratch(&spec.checkpoint_dir, env.rank)?;
         }
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
-        let group = Group::join(store, env.rank, env.world, &env.device_host, timeout)?;
+        // Rank 0 gave a rank on a GPU its own (`LocalRanks::spawn`).
+        let group = match crate::model::device(&spec.device)? {
+            tch::Device::Cuda(index) => {
+                Group::join_nccl(store, env.rank, env.world, index, timeout)?
+            }
+            _ => Group::join(store, env.rank, env.world, &env.device_host, timeout)?,
+        };
         let place = match env.by_srun {
             true => srun::place(),
             false => "this machine".into(),
@@ -171,15 +177,8 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
     if world <= 1 {
         return Ok(None);
     }
-    // One GPU per rank (NCCL) needs the engine to reserve N GPUs and a
-    // NCCL group: not built yet, and nothing here was run on GPUs.
-    anyhow::ensure!(
-        crate::model::device(&spec.device)? == tch::Device::Cpu,
-        "stage `{}`: data_parallel: {world} runs on the CPU only (Gloo); this stage's device `{}` is a GPU, where data parallelism (NCCL) is not supported yet: set `device: cpu` or drop data_parallel",
-        spec.stage,
-        spec.device
-    );
     let by_srun = srun::launches_ranks();
+    let backend = backend_of(spec, world, by_srun)?;
     let (threads, host) = match by_srun {
         // Each task has its own CPUs, rank 0's included.
         true => (srun::threads_per_rank(spec.threads), srun::store_host()?),
@@ -201,7 +200,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             (Others::Srun(step), Ok(()))
         }
         false => {
-            let mut local = LocalRanks::new(world);
+            let mut local = LocalRanks::new(world, backend);
             let started = local.spawn_all(spec, &store, threads);
             (Others::Local(local), started)
         }
@@ -210,6 +209,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         stage: spec.stage.clone(),
         world,
         host,
+        backend,
         others,
     };
     if let Err(e) = started {
@@ -221,6 +221,52 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             Ok(Some(ranks))
         }
         Err(e) => Err(ranks.fail(e)),
+    }
+}
+
+/// The collectives a data-parallel stage's ranks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Backend {
+    /// On the CPU.
+    Gloo,
+    /// One GPU per rank: rank R on `cuda:R` of the GPUs the engine
+    /// reserved for the stage (one per rank).
+    Nccl,
+}
+
+/// The backend of a stage with `world` ranks on its `device`: Gloo on the
+/// CPU, NCCL on GPUs, where every rank runs on this machine (one GPU each,
+/// the first `world` the stage sees) and no model is placed by role.
+fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<Backend> {
+    let stage = &spec.stage;
+    match crate::model::device(&spec.device)? {
+        tch::Device::Cpu => Ok(Backend::Gloo),
+        device => {
+            anyhow::ensure!(
+                !by_srun,
+                "stage `{stage}`: data_parallel: {world} on GPUs runs its ranks on one node, one GPU each; under the Slurm executor ranks are started by srun, which is supported on the CPU only for now: set `device: cpu`, or run the stage with the local executor on a node with {world} GPUs"
+            );
+            anyhow::ensure!(
+                device == tch::Device::Cuda(0),
+                "stage `{stage}`: data_parallel: {world} puts rank R on the stage's GPU R; device `{}` pins one GPU: set `device: cuda`",
+                spec.device
+            );
+            anyhow::ensure!(
+                spec.params.get("placement").is_none_or(|p| p.as_object().is_some_and(|o| o.is_empty())),
+                "stage `{stage}`: `params.placement` and data_parallel: {world} on GPUs cannot be combined yet (each rank would need its own set of GPUs): drop one of them"
+            );
+            anyhow::ensure!(
+                super::nccl_available(),
+                "stage `{stage}`: {}",
+                super::DistError::NcclUnavailable
+            );
+            let visible = tch::Cuda::device_count() as usize;
+            anyhow::ensure!(
+                visible >= world,
+                "stage `{stage}`: data_parallel: {world} takes one GPU per rank, but this stage sees {visible} GPU(s)"
+            );
+            Ok(Backend::Nccl)
+        }
     }
 }
 
@@ -245,6 +291,7 @@ pub struct Ranks {
     world: usize,
     /// The address rank 0 binds (its store and its Gloo sockets).
     host: String,
+    backend: Backend,
     others: Others,
 }
 
@@ -255,10 +302,13 @@ impl Ranks {
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
     fn join_watching(&mut self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
-        let (world, host) = (self.world, self.host.clone());
+        let (world, host, backend) = (self.world, self.host.clone(), self.backend);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(Group::join(store, 0, world, &host, timeout));
+            let _ = tx.send(match backend {
+                Backend::Gloo => Group::join(store, 0, world, &host, timeout),
+                Backend::Nccl => Group::join_nccl(store, 0, world, 0, timeout),
+            });
         });
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {

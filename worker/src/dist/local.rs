@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use alignflow_ops::protocol::{StageSpec, WorkerEvent};
 
-use super::launch::{die_with_parent, fresh_scratch, ENV_RANK, ENV_STORE, ENV_WORLD};
+use super::launch::{die_with_parent, fresh_scratch, Backend, ENV_RANK, ENV_STORE, ENV_WORLD};
 use super::Store;
 
 /// The address every local rank binds and meets on.
@@ -34,14 +34,16 @@ struct Other {
 /// Ranks 1..N as rank 0's children.
 pub struct LocalRanks {
     world: usize,
+    backend: Backend,
     others: Vec<Other>,
 }
 
 impl LocalRanks {
     /// None started yet.
-    pub fn new(world: usize) -> LocalRanks {
+    pub fn new(world: usize, backend: Backend) -> LocalRanks {
         LocalRanks {
             world,
+            backend,
             others: Vec::new(),
         }
     }
@@ -72,6 +74,10 @@ impl LocalRanks {
         let mut own = spec.clone();
         own.out_dir = scratch.clone();
         own.threads = Some(threads);
+        if self.backend == Backend::Nccl {
+            // One GPU per rank: rank R on the stage's GPU R.
+            own.device = format!("cuda:{rank}");
+        }
         let exe = std::env::current_exe().context("locating the worker executable")?;
         let mut command = Command::new(&exe);
         command

@@ -1,6 +1,6 @@
 //! Data-parallel training: N worker processes, one per rank, that meet
-//! through a c10d `TCPStore`, average their gradients with Gloo after each
-//! backward, and each take a share of every batch (`ops::training`). The
+//! through a c10d `TCPStore`, average their gradients with Gloo (CPU) or
+//! NCCL (one GPU per rank) after each backward, and each take a share of every batch (`ops::training`). The
 //! worker that the engine starts for a stage with `data_parallel: N` is
 //! rank 0: it hosts the store and starts the other ranks ([`launch`]), as
 //! its children ([`local`]) or, in a Slurm job, with srun ([`srun`]).
@@ -28,6 +28,48 @@ static GROUP: OnceLock<Group> = OnceLock::new();
 /// there at build time): without it `data_parallel` over 1 fails.
 pub fn available() -> bool {
     cfg!(alignflow_c10d)
+}
+
+/// Whether this worker was built with the NCCL group (the CUDA and NCCL
+/// headers were there at build time): without it `data_parallel` over 1
+/// on GPUs fails.
+pub fn nccl_available() -> bool {
+    cfg!(alignflow_nccl)
+}
+
+/// Forms a one-rank NCCL group on `cuda:0` and runs every collective data
+/// parallelism uses (all-reduce, bucketed mean and broadcast, the row
+/// gather, the float64 sums, the barrier), checking each answer: the
+/// NCCL path end to end on a machine with one GPU (`alignflow-worker doctor
+/// --nccl`). A one-rank group reduces nothing, so the answers are the
+/// inputs.
+pub fn nccl_self_check() -> anyhow::Result<String> {
+    anyhow::ensure!(
+        tch::Cuda::is_available(),
+        "no CUDA device: NCCL runs on GPUs"
+    );
+    let timeout = std::time::Duration::from_secs(60);
+    let store = Store::host(local::HOST, 0, 1, timeout)?;
+    let group = Group::join_nccl(store, 0, 1, 0, timeout)?;
+    let gpu = tch::Device::Cuda(0);
+    let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(gpu);
+    group.all_reduce_sum(&t)?;
+    let grads = [
+        t.shallow_clone(),
+        Tensor::from_slice(&[4.0f32]).to_device(gpu),
+    ];
+    group.all_reduce_mean(&grads)?;
+    group.broadcast_all(&grads, 0)?;
+    let rows = Tensor::from_slice(&[7i64, 8]).view([1, 2]).to_device(gpu);
+    let gathered = gather_rows(&group, &rows, 0, 1)?;
+    let sums = group.sum_f64(&[0.5, 2.0])?;
+    group.barrier()?;
+    let got = Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu))?;
+    anyhow::ensure!(got == [1.0, 2.0, 3.0], "all-reduce gave {got:?}");
+    let row = Vec::<i64>::try_from(&gathered.view([-1]).to_device(tch::Device::Cpu))?;
+    anyhow::ensure!(row == [7, 8], "the row gather gave {row:?}");
+    anyhow::ensure!(sums == [0.5, 2.0], "the float64 sums gave {sums:?}");
+    Ok("ok: a one-rank group on cuda:0 ran all-reduce, mean, broadcast, row gather, float64 sums and barrier".into())
 }
 
 /// This process's data-parallel group, if the stage runs on several ranks.
@@ -64,13 +106,15 @@ pub fn gather_rows(
     let mut shape = mine.size();
     let len = shape[0];
     shape[0] = rows as i64;
-    let all = Tensor::zeros(shape, (tch::Kind::Double, mine.device()));
+    // On the group's device (NCCL reduces CUDA tensors only); the answer
+    // goes back to `mine`'s.
+    let all = Tensor::zeros(shape, (tch::Kind::Double, group.device()));
     if len > 0 {
         all.narrow(0, start as i64, len)
             .copy_(&mine.to_kind(tch::Kind::Double));
     }
     group.all_reduce_sum(&all)?;
-    Ok(all.to_kind(mine.kind()))
+    Ok(all.to_device(mine.device()).to_kind(mine.kind()))
 }
 
 /// Rank `rank`'s share of `n` items as a range: [`shard`]'s split.
