@@ -37,12 +37,15 @@ fn sbin(name: &str) -> PathBuf {
     );
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; the daemons bind it next).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// A free TCP port on 127.0.0.1 (free when asked; the daemons bind it
+/// next). Its listener goes into `held` until the whole configuration is
+/// written: released at once, the kernel may hand the same port out again
+/// for the controller and a node, and one daemon could not bind it.
+fn free_port(held: &mut Vec<TcpListener>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("a free port").port();
+    held.push(listener);
+    port
 }
 
 fn user_name() -> String {
@@ -319,6 +322,7 @@ fn write_config(root: &Path, nodes: &[String]) {
     let user = user_name();
     let host = host_name();
     let r = root.display();
+    let mut held = Vec::new();
     let mut conf = format!(
         "ClusterName=aftest
 SlurmctldHost=localhost(127.0.0.1)
@@ -351,7 +355,7 @@ KillWait=2
 MinJobAge=600
 InactiveLimit=0
 ",
-        ctld = free_port(),
+        ctld = free_port(&mut held),
     );
     let mut gres = String::new();
     for name in nodes {
@@ -372,7 +376,7 @@ InactiveLimit=0
         let _ = writeln!(
             conf,
             "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=2000 Gres=gpu:2 State=UNKNOWN",
-            port = free_port()
+            port = free_port(&mut held)
         );
         let _ = writeln!(
             gres,
