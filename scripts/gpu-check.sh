@@ -10,7 +10,10 @@
 # - the tiny pipeline end to end on CUDA,
 # - its PPO stage again with the models placed across devices (policy and
 #   value model on the GPU, reference and reward model on the CPU), whose
-#   figures must track the all-GPU run's.
+#   figures must track the all-GPU run's,
+# - data parallelism's NCCL path: a one-rank group running every
+#   collective (`doctor --nccl`), and, on a machine with two GPUs or more,
+#   tiny.yaml's preference model trained on two ranks, one per GPU.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
 set -uo pipefail  # one section failing must not hide the others
@@ -19,8 +22,8 @@ peak=${2:-989}
 torch_lib=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/lib')")
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
 
-echo "== doctor"
-"$bundle/bin/alignflow-worker" doctor
+echo "== doctor, and a one-rank NCCL group on cuda:0 (nccl_check)"
+"$bundle/bin/alignflow-worker" doctor --nccl
 
 echo "== parity and sampling on CUDA"
 ALIGNFLOW_TEST_DEVICE=cuda ALIGNFLOW_PARITY_FIXTURES="$bundle/fixtures" \
@@ -52,3 +55,18 @@ for manifest in pipelines/tiny.yaml "$placed"; do
     echo "$manifest: last iteration: $(tail -1 "$metrics")"
 done
 rm -f "$placed"
+
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then
+    echo "== data_parallel: 2 on two GPUs (NCCL): tiny.yaml's pm, against its one-GPU run above"
+    dp=pipelines/tiny-dp.yaml
+    printf 'version: 1\nname: tiny\ninclude: [tiny.yaml]\nstages:\n  pm:\n    params: { data_parallel: 2 }\n' > "$dp"
+    "$bundle/bin/alignflow" run "$dp" --quiet --cache-dir "$cache" --target pm
+    for manifest in pipelines/tiny.yaml "$dp"; do
+        metrics=$("$bundle/bin/alignflow" show "$manifest" pm --cache-dir "$cache" | awk '$1 == "metrics" {print $2}')
+        echo "$manifest: pm's last step: $(tail -1 "$metrics")"
+    done
+    rm -f "$dp"
+else
+    echo "== data_parallel on two GPUs: not run, this machine has $gpus GPU(s)"
+fi

@@ -50,6 +50,12 @@ pub const ENV_RANK_LAUNCHER: &str = "ALIGNFLOW_DIST_LAUNCHER";
 /// Summary metrics of a finished stage (kept in its cache record).
 pub type Metrics = BTreeMap<String, serde_json::Value>;
 
+/// The summary metric (a string: why) of a stage whose outputs are not
+/// bitwise reproducible from run to run, as NCCL's reductions are not: the
+/// engine keeps it in the lockfile, and `run --locked` gives it as the
+/// reason when such a stage's rerun produced other bytes.
+pub const NOT_BITWISE_METRIC: &str = "not_bitwise";
+
 /// One line a worker writes on stdout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

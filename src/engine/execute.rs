@@ -19,7 +19,7 @@ use crate::cache::{
 };
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
-use crate::protocol::{Metrics, StageSpec};
+use crate::protocol::{Metrics, StageSpec, NOT_BITWISE_METRIC};
 use crate::tracking;
 
 use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
@@ -55,6 +55,17 @@ pub(super) struct Finished {
     pub outputs: BTreeMap<String, ArtifactId>,
     pub key: StageKey,
     pub detail: String,
+    /// Why the outputs are not bitwise reproducible, if the run said so.
+    pub not_bitwise: Option<String>,
+}
+
+/// The reason a stage's record gives for outputs that are not bitwise
+/// reproducible ([`NOT_BITWISE_METRIC`]), if any.
+pub(super) fn not_bitwise(metrics: &Metrics) -> Option<String> {
+    metrics
+        .get(NOT_BITWISE_METRIC)
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
 }
 
 /// One stage as the scheduler starts it.
@@ -129,12 +140,17 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
             .as_ref()
             .and_then(|l| l.stages.get(&stage.id))
         {
-            check_reproduced(op, &locked.outputs, &record.outputs)?;
+            let why = locked
+                .not_bitwise
+                .clone()
+                .or_else(|| not_bitwise(&record.metrics));
+            check_reproduced(op, &locked.outputs, &record.outputs, why.as_deref())?;
             detail = format!("reproduced locked outputs; {detail}");
         }
     }
     Ok(Finished {
         status: StageStatus::Ran,
+        not_bitwise: not_bitwise(&record.metrics),
         outputs: record.outputs,
         key,
         detail,
@@ -302,6 +318,7 @@ fn note_failure(shared: &Shared, stage: &Stage, fp: &Fingerprint, err: &Error) {
 fn cached(record: StageRecord, key: StageKey, detail: &str) -> Finished {
     Finished {
         status: StageStatus::Cached,
+        not_bitwise: not_bitwise(&record.metrics),
         outputs: record.outputs,
         key,
         detail: detail.into(),
@@ -590,10 +607,13 @@ async fn commit(
 }
 
 /// Under `--locked`: the outputs must be the ones the lockfile recorded.
+/// A stage whose outputs are known not to be bitwise reproducible
+/// (`not_bitwise`: why) still fails on other bytes, and says why they are.
 fn check_reproduced(
     op: &'static OpDecl,
     locked: &BTreeMap<String, ArtifactId>,
     produced: &BTreeMap<String, ArtifactId>,
+    not_bitwise: Option<&str>,
 ) -> Result<(), Error> {
     let differing: Vec<String> = locked
         .iter()
@@ -612,14 +632,19 @@ fn check_reproduced(
             format!("output {name}: locked {} but produced {got}", id.short())
         })
         .collect();
-    if !differing.is_empty() {
-        return Err(anyhow::anyhow!(
-            "not reproducible: {} (the outputs are cached; the lockfile is unchanged)",
-            differing.join("; ")
-        )
-        .into());
+    if differing.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let differing = differing.join("; ");
+    Err(match not_bitwise {
+        None => anyhow::anyhow!(
+            "not reproducible: {differing} (the outputs are cached; the lockfile is unchanged)"
+        ),
+        Some(why) => anyhow::anyhow!(
+            "not reproducible bit for bit, as the lockfile marks this stage: {why}. {differing} (the outputs are cached; the lockfile is unchanged: run without --locked to record them)"
+        ),
+    }
+    .into())
 }
 
 /// A short `k=v` line of a stage's summary metrics.
@@ -673,4 +698,55 @@ async fn run_in_engine(
         return Err(Error::Cancelled);
     }
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::ArtifactKind;
+
+    fn outputs(model: char) -> BTreeMap<String, ArtifactId> {
+        let id = ArtifactId {
+            kind: ArtifactKind::Tree,
+            hash: model.to_string().repeat(64),
+        };
+        [("model".to_string(), id)].into_iter().collect()
+    }
+
+    #[test]
+    fn locked_outputs_that_differ_fail_and_a_marked_stage_says_why() {
+        let sft = crate::ops::find("sft").unwrap();
+        assert!(check_reproduced(sft, &outputs('a'), &outputs('a'), None).is_ok());
+        let plain = check_reproduced(sft, &outputs('a'), &outputs('b'), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            plain.starts_with("not reproducible: output model: locked"),
+            "{plain}"
+        );
+        let why =
+            "NCCL all-reduces over 2 GPUs, whose sums are not bitwise reproducible from run to run";
+        let marked = check_reproduced(sft, &outputs('a'), &outputs('b'), Some(why))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            marked.contains(&format!("not reproducible bit for bit, as the lockfile marks this stage: {why}. output model: locked")),
+            "{marked}"
+        );
+        assert!(
+            marked.contains("run without --locked to record them"),
+            "{marked}"
+        );
+        // The same bytes pass, marked or not.
+        assert!(check_reproduced(sft, &outputs('a'), &outputs('a'), Some(why)).is_ok());
+    }
+
+    #[test]
+    fn the_not_bitwise_reason_is_read_from_the_records_metrics() {
+        let mut metrics = Metrics::new();
+        metrics.insert("steps".into(), 3.into());
+        assert_eq!(not_bitwise(&metrics), None);
+        metrics.insert(NOT_BITWISE_METRIC.into(), "NCCL".into());
+        assert_eq!(not_bitwise(&metrics).as_deref(), Some("NCCL"));
+    }
 }

@@ -9,6 +9,7 @@ use std::cell::OnceCell;
 use crate::cache::{Cache, StageKey, StageRecord};
 use crate::manifest::{Pipeline, Stage};
 
+use super::execute::not_bitwise;
 use super::lockfile::{LockedInput, LockedStage};
 use super::plan::explain;
 
@@ -86,5 +87,6 @@ fn as_locked(r: &StageRecord) -> LockedStage {
             })
             .collect(),
         outputs: r.outputs.clone(),
+        not_bitwise: not_bitwise(&r.metrics),
     }
 }

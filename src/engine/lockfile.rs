@@ -49,6 +49,11 @@ pub struct LockedStage {
     pub params: serde_json::Value,
     pub inputs: BTreeMap<String, LockedInput>,
     pub outputs: BTreeMap<String, ArtifactId>,
+    /// Why the outputs are not bitwise reproducible (NCCL's reductions),
+    /// when the run said so: `run --locked` gives it as the reason for
+    /// other bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_bitwise: Option<String>,
 }
 
 /// Where an input came from, and its id.
@@ -139,6 +144,7 @@ pub(super) fn lock_entry(
     stage: &Stage,
     key: &StageKey,
     outputs: &BTreeMap<String, ArtifactId>,
+    not_bitwise: Option<String>,
 ) -> LockedStage {
     let inputs = stage
         .inputs
@@ -170,6 +176,7 @@ pub(super) fn lock_entry(
         params: key.params.clone(),
         inputs,
         outputs: outputs.clone(),
+        not_bitwise,
     }
 }
 
@@ -232,6 +239,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            not_bitwise: None,
         }
     }
 

@@ -207,8 +207,9 @@ impl Scheduler<'_> {
                 outputs,
                 key,
                 detail,
+                not_bitwise,
             }) => {
-                let entry = lock_entry(stage, &key, &outputs);
+                let entry = lock_entry(stage, &key, &outputs, not_bitwise);
                 shared
                     .finished
                     .lock()

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use alignflow_ops::protocol::{Metrics, StageSpec};
+use alignflow_ops::protocol::{Metrics, StageSpec, NOT_BITWISE_METRIC};
 use alignflow_ops::training::data_parallel_ranks;
 
 use super::local::{self, LocalRanks};
@@ -332,9 +332,19 @@ impl Ranks {
     /// survivors are stopped. Scratch folders are removed either way.
     pub fn finish(mut self, result: anyhow::Result<Metrics>) -> anyhow::Result<Metrics> {
         match result {
-            Ok(metrics) => {
+            Ok(mut metrics) => {
                 let bad = self.settle(EXIT_GRACE, true);
                 self.clean();
+                if self.backend == Backend::Nccl {
+                    metrics.insert(
+                        NOT_BITWISE_METRIC.into(),
+                        format!(
+                            "NCCL all-reduces over {} GPUs, whose sums are not bitwise reproducible from run to run",
+                            self.world
+                        )
+                        .into(),
+                    );
+                }
                 if bad.is_empty() {
                     Ok(metrics)
                 } else {
