@@ -712,12 +712,12 @@ fn run_writes_back_when_configured() {
 fn doctor_reports_remotes_and_whether_they_answer() {
     let b = Backend::s3();
     let p = project();
-    let dead = TcpListenerPort::new();
+    let dead = DeadPort::new();
     p.write(
         "alignflow.config.yaml",
         &format!(
             "remote: team\nremotes:\n  team:\n    url: \"{}\"\n  gone:\n    url: \"s3://team/x?endpoint=http://127.0.0.1:{}\"\n    write: false\n",
-            b.url, dead.0
+            b.url, dead.port
         ),
     );
     let out = String::from_utf8(cmd(&p, &b, &["doctor"]).output().unwrap().stdout).unwrap();
@@ -735,14 +735,4 @@ fn doctor_reports_remotes_and_whether_they_answer() {
         .find(|l| l.contains("remote     gone:"))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(gone.contains("(read-only): does not answer"), "{gone}");
-}
-
-/// A port nothing listens on (bound, then closed).
-struct TcpListenerPort(u16);
-
-impl TcpListenerPort {
-    fn new() -> TcpListenerPort {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        TcpListenerPort(l.local_addr().unwrap().port())
-    }
 }

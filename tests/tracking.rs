@@ -161,7 +161,8 @@ fn assert_same_scalars(
 #[test]
 fn tensorboard_gets_every_scalar_of_metrics_jsonl_and_trackers_touch_no_fingerprint() {
     // The manifest names an MLflow server nobody listens on: a warning.
-    let down = free_port();
+    let dead = DeadPort::new();
+    let down = dead.port;
     let p = project(&format!("tracking:\n  mlflow: http://127.0.0.1:{down}\n"));
     let mut run = p
         .cmd(&["run", "tracked.yaml", "--quiet", "--tensorboard", "tb"])

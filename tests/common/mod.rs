@@ -227,3 +227,47 @@ pub fn stage_record(p: &Project, stage: &str) -> serde_json::Value {
         .find(|r| r["stage"] == stage)
         .unwrap_or_else(|| panic!("a record of stage `{stage}`"))
 }
+
+/// A port on 127.0.0.1 that nothing listens on for as long as this lives: a
+/// socket bound to it without `listen`, so connections are refused at once
+/// and no server this test binary (or anything else) starts meanwhile can
+/// take the port. (A port bound and then closed can be handed out again,
+/// by `bind(0)`, to a server started by a test running alongside.)
+pub struct DeadPort {
+    fd: libc::c_int,
+    pub port: u16,
+}
+
+impl DeadPort {
+    pub fn new() -> DeadPort {
+        // SAFETY: plain socket calls on a socket this function owns; the
+        // address structures are fully initialised.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            addr.sin_port = 0;
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let rc = libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len);
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let mut len = len;
+            let rc = libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len);
+            assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+            DeadPort {
+                fd,
+                port: u16::from_be(addr.sin_port),
+            }
+        }
+    }
+}
+
+impl Drop for DeadPort {
+    fn drop(&mut self) {
+        // SAFETY: closes the socket `new` opened, once.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
