@@ -77,9 +77,9 @@ pub struct TrainParams {
     /// the CPU outputs are reproducible run to run for a fixed value, NCCL's
     /// are not bit for bit. A collective waits at most
     /// `ALIGNFLOW_DIST_TIMEOUT_S` (300) for a peer. Under the Slurm executor
-    /// the stage's job has one task per rank (`--ntasks`) and the ranks are
-    /// started with `srun` (CPU only: GPU ranks run on one node, with the
-    /// local executor).
+    /// a CPU stage's job has one task per rank (`--ntasks`), started with
+    /// `srun`; a GPU stage's job is one task on one node with one GPU per
+    /// rank.
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }

@@ -76,10 +76,13 @@ pub enum NodeOutcome {
 /// its own runtime). A failure is also appended to `events.jsonl`.
 pub fn stage_exec(path: &Path) -> Result<NodeOutcome, Error> {
     let job = JobSpec::read(path)?;
-    // The job has one task per data-parallel rank: the worker (rank 0)
-    // starts the others with srun on them. Set before any thread exists,
-    // for every process this one starts.
-    std::env::set_var(crate::protocol::ENV_RANK_LAUNCHER, "srun");
+    // A CPU job has one task per data-parallel rank: the worker (rank 0)
+    // starts the others with srun on them. A GPU job is one task on one
+    // node, whose worker starts its ranks there, one per GPU. Set before
+    // any thread exists, for every process this one starts.
+    if job.gpus == 0 {
+        std::env::set_var(crate::protocol::ENV_RANK_LAUNCHER, "srun");
+    }
     if crate::ops::find(&job.key.op).is_some_and(|op| op.runs_in_worker()) {
         super::worker::learn_libtorch_version();
     }

@@ -162,7 +162,8 @@ pub struct StageDef {
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
-    /// cuda` or `cuda:N` and no `gpus` asks for one.
+    /// cuda` or `cuda:N` and no `gpus` asks for one, or one per rank with
+    /// `data_parallel` (or as many as its `placement` names).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
     /// CPU cores (`--cpus-per-task`); also the worker's thread count. With
@@ -181,13 +182,14 @@ pub struct Resources {
 
 impl Resources {
     /// GPUs the stage's job asks for: `gpus`, else those its `placement`
-    /// names (`placed`), else one for a stage pinned to a GPU (`device:
-    /// cuda`, `cuda:N`) that runs in the worker.
-    pub fn gpus_for(&self, device: &str, in_worker: bool, placed: usize) -> u32 {
+    /// names (`placed`), else one per data-parallel rank (`ranks`) or one
+    /// for a stage pinned to a GPU (`device: cuda`, `cuda:N`) that runs in
+    /// the worker.
+    pub fn gpus_for(&self, device: &str, in_worker: bool, placed: usize, ranks: usize) -> u32 {
         match self.gpus {
             Some(n) => n,
             None if in_worker && placed > 0 => placed as u32,
-            None if in_worker && device.starts_with("cuda") => 1,
+            None if in_worker && device.starts_with("cuda") => ranks.max(1) as u32,
             None => 0,
         }
     }

@@ -173,9 +173,10 @@ pub(super) async fn run_remote(
     let spec_path = dir.join("spec.json");
     let threads = stage.resources.cpus.map(|c| c as usize);
     let placed = alignflow_ops::role_devices::gpus_named(stage.params.get("placement"));
+    let ranks = crate::ops::training::data_parallel_ranks(&stage.params);
     let gpus = stage
         .resources
-        .gpus_for(&stage.device, op.runs_in_worker(), placed);
+        .gpus_for(&stage.device, op.runs_in_worker(), placed, ranks);
     let job = JobSpec {
         cache_dir: shared.cache.root().to_path_buf(),
         manifest: cluster.manifest.clone(),
@@ -202,7 +203,7 @@ pub(super) async fn run_remote(
             gpus: Some(gpus),
             ..stage.resources.clone()
         },
-        ranks: crate::ops::training::data_parallel_ranks(&stage.params),
+        tasks: submit::job_tasks(gpus, ranks),
     };
     let progress = shared.ui.stage(&stage.id);
     let mut tail = EventTail::new(events);
@@ -266,8 +267,9 @@ struct StageJob<'a> {
     dir: PathBuf,
     /// Its resources, GPUs settled.
     resources: Resources,
-    /// Its `data_parallel` ranks: over 1, one task each (`submit::rank_flags`).
-    ranks: usize,
+    /// Its Slurm tasks: one per `data_parallel` rank on the CPU
+    /// (`submit::rank_flags`), else one.
+    tasks: usize,
 }
 
 /// Submits the stage's job (attempt `attempt`) and journals it.
@@ -283,7 +285,7 @@ async fn submit(
         &job.script,
         &job.dir,
         &job.resources,
-        job.ranks,
+        job.tasks,
         &cluster.settings,
     )
     .await

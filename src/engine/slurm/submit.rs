@@ -49,8 +49,9 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The `sbatch` flags of a stage's job (the script path comes last).
-/// `ranks` is the stage's `data_parallel`: over 1, the job is one task per
-/// rank and `resources` are each rank's (see [`rank_flags`]).
+/// `ranks` is the job's tasks, one per `data_parallel` rank on the CPU:
+/// over 1, `resources` are each rank's (see [`rank_flags`]). Ranks on
+/// GPUs are one task whose `gpus` are one per rank.
 pub fn sbatch_args(
     run_id: &str,
     dir: &Path,
@@ -95,6 +96,17 @@ pub fn sbatch_args(
     }
     args.extend(settings.sbatch_flags.iter().cloned());
     args
+}
+
+/// The tasks of a job with `gpus` GPUs for a stage of `ranks`
+/// data-parallel ranks. Ranks on GPUs are one task on one node, whose
+/// worker starts them there, one per GPU (as torchrun in an sbatch job);
+/// on the CPU each rank is a task, started by srun.
+pub fn job_tasks(gpus: u32, ranks: usize) -> usize {
+    match gpus {
+        0 => ranks.max(1),
+        _ => 1,
+    }
 }
 
 /// The flags that make a data-parallel stage's job one task per rank, as
@@ -263,6 +275,46 @@ mod tests {
             );
         }
         assert!(!args.iter().any(|a| a.starts_with("--mem=")), "{args:?}");
+    }
+
+    #[test]
+    fn ranks_on_gpus_are_one_task_holding_one_gpu_per_rank() {
+        let none = Resources::default();
+        assert_eq!(none.gpus_for("cuda", true, 0, 3), 3);
+        assert_eq!(none.gpus_for("cuda", true, 0, 1), 1);
+        assert_eq!(none.gpus_for("cpu", true, 0, 3), 0);
+        let two = Resources {
+            gpus: Some(2),
+            ..Resources::default()
+        };
+        assert_eq!(
+            two.gpus_for("cuda", true, 0, 3),
+            2,
+            "`gpus` is the user's word"
+        );
+        assert_eq!(job_tasks(3, 3), 1);
+        assert_eq!(job_tasks(0, 3), 3);
+        assert_eq!(job_tasks(0, 1), 1);
+        let resources = Resources {
+            gpus: Some(3),
+            cpus: Some(8),
+            mem: Some("64G".into()),
+            time: None,
+        };
+        let args = sbatch_args(
+            "af-run",
+            Path::new("/c/tmp/x"),
+            &resources,
+            job_tasks(3, 3),
+            &SlurmSettings::default(),
+        );
+        for want in ["--gres=gpu:3", "--cpus-per-task=8", "--mem=64G"] {
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
+        }
+        assert!(!args.iter().any(|a| a.starts_with("--ntasks")), "{args:?}");
     }
 
     #[test]

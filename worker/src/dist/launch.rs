@@ -244,7 +244,8 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
         device => {
             anyhow::ensure!(
                 !by_srun,
-                "stage `{stage}`: data_parallel: {world} on GPUs runs its ranks on one node, one GPU each; under the Slurm executor ranks are started by srun, which is supported on the CPU only for now: set `device: cpu`, or run the stage with the local executor on a node with {world} GPUs"
+                "stage `{stage}`: data_parallel: {world} on GPUs runs its ranks on one node, one GPU each, started by this worker, not by srun ({}=srun is for ranks on the CPU; the Slurm executor sets it only for those)",
+                alignflow_ops::protocol::ENV_RANK_LAUNCHER
             );
             anyhow::ensure!(
                 device == tch::Device::Cuda(0),
