@@ -39,8 +39,12 @@ pub(super) async fn schedule(
     // SIGTERM (timeout, systemd, Docker, Kubernetes, Slurm) stops the run
     // like Ctrl-C: running stages are cancelled, finished work is kept and
     // the summary printed.
+    // Both listeners live for the whole loop: one made afresh in each turn
+    // would miss a signal that arrives between two turns (as a stage ends).
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut stop: Option<Stop> = None;
     loop {
         scheduler.start_ready_stages();
@@ -49,7 +53,7 @@ pub(super) async fn schedule(
         }
         let joined = tokio::select! {
             joined = scheduler.tasks.join_next() => joined,
-            _ = tokio::signal::ctrl_c(), if stop.is_none() => {
+            _ = sigint.recv(), if stop.is_none() => {
                 stop = Some(begin_stop(&shared, Stop::Interrupt));
                 continue;
             }
@@ -93,14 +97,17 @@ fn begin_stop(shared: &Shared, stop: Stop) -> Stop {
         Stop::Interrupt => "interrupted: stopping running stages (Ctrl-C again to abort at once)",
         Stop::Terminate => "terminated (SIGTERM): stopping running stages (again to abort at once)",
     });
+    // Listening from here on, not from when the task first runs.
+    let sigterm = tokio::signal::unix::signal(SignalKind::terminate());
+    let sigint = tokio::signal::unix::signal(SignalKind::interrupt());
     shared.cancel.cancel();
-    tokio::spawn(async {
-        let again = match tokio::signal::unix::signal(SignalKind::terminate()) {
-            Ok(mut sigterm) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => 130,
+    tokio::spawn(async move {
+        let again = match (sigterm, sigint) {
+            (Ok(mut sigterm), Ok(mut sigint)) => tokio::select! {
+                _ = sigint.recv() => 130,
                 _ = sigterm.recv() => 143,
             },
-            Err(_) => tokio::signal::ctrl_c().await.map(|_| 130).unwrap_or(130),
+            _ => tokio::signal::ctrl_c().await.map(|_| 130).unwrap_or(130),
         };
         std::process::exit(again);
     });
