@@ -603,4 +603,27 @@ mod tests {
         );
         assert!(start.elapsed() < timeout + Duration::from_secs(5));
     }
+
+    /// torch's `ProcessGroupNCCL` through the shim: linked, constructed with
+    /// the library's `Options` and its exceptions turned into errors. On a
+    /// machine without a GPU it refuses, naming the reason (what this test
+    /// checks in CI); with one, a one-rank group runs every collective.
+    #[test]
+    fn a_nccl_group_forms_on_a_gpu_and_says_why_not_without_one() {
+        if tch::Cuda::is_available() {
+            let done = super::super::nccl_self_check().unwrap();
+            assert!(done.starts_with("ok"), "{done}");
+            return;
+        }
+        let store = Store::host("127.0.0.1", 0, 1, Duration::from_secs(10)).unwrap();
+        let err = match Group::join_nccl(store, 0, 1, 0, Duration::from_secs(10)) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a NCCL group formed on a machine without CUDA"),
+        };
+        assert!(
+            err.starts_with("rank 0 of 1: forming the NCCL group: "),
+            "{err}"
+        );
+        assert!(err.to_lowercase().contains("gpu"), "{err}");
+    }
 }
