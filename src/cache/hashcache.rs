@@ -1,6 +1,13 @@
 //! Remembers input hashes by (path, size, mtime, inode) so unchanged large
 //! inputs are not rehashed on every plan. Content still decides: any change
 //! of those stat fields rehashes.
+//!
+//! A file modified shortly before it was hashed gets no entry (git's "racy
+//! clean" problem): a rewrite of the same size right after the hash could
+//! keep its mtime, timestamps being as coarse as the kernel's clock tick
+//! (milliseconds) or the filesystem's (up to 2 s), and the stale hash would
+//! then be trusted. Such a file is hashed again next time, until it has
+//! been still for [`SETTLE`].
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -16,6 +23,11 @@ use super::atomic::atomic_write;
 /// Bump when the file format or the meaning of a hash changes: old files are
 /// then ignored (they are only a cache).
 const HASH_CACHE_VERSION: u32 = 1;
+
+/// How long before its hashing a file must have last changed for its hash
+/// to be remembered: the coarsest timestamp granularity of a common
+/// filesystem (FAT's 2 s; ext4, XFS and btrfs keep the kernel's tick).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Read size for hashing: big enough for blake3's SIMD paths to reach full
 /// speed (about 1 GiB/s and more on one core).
@@ -122,13 +134,15 @@ impl HashCache {
             }
         }
         // The mutex is not held while hashing: planners hash inputs in parallel.
+        let started = std::time::SystemTime::now();
         let file = File::open(abs)?;
         let before = FileStat::of(&file.metadata()?);
         let hash = self.hash_reader(&file)?;
         let after = FileStat::of(&file.metadata()?);
         // A file written while we read it gets no entry (its hash may mix old
-        // and new bytes); the next call hashes it again.
-        if before == after {
+        // and new bytes), nor one written just before (see the module's
+        // doc); the next call hashes it again.
+        if before == after && settled(after.mtime_ns, started) {
             let entry = Entry {
                 stat: after,
                 hash: hash.clone(),
@@ -201,6 +215,17 @@ impl HashCache {
         state.entries = merged;
         Ok(())
     }
+}
+
+/// Whether a file last modified at `mtime_ns` (since the epoch) had been
+/// still for [`SETTLE`] when its hashing `started`: a later change could
+/// then not carry the same mtime. An mtime in the future never has.
+fn settled(mtime_ns: i64, started: std::time::SystemTime) -> bool {
+    let Ok(since_epoch) = started.duration_since(std::time::UNIX_EPOCH) else {
+        return false;
+    };
+    let horizon = since_epoch.saturating_sub(SETTLE).as_nanos();
+    i128::from(mtime_ns) < horizon as i128
 }
 
 /// The entries in `path`; an absent, unreadable or outdated file is an empty

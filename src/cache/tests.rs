@@ -190,15 +190,32 @@ fn hash_cache_skips_unchanged_files_and_notices_changes() {
     let id = cache.hash_input(&p, false).unwrap();
     assert_eq!(cache.hashed_bytes(), 4 << 20);
 
+    // Just written: not remembered (a same-size rewrite could keep the
+    // mtime), so read again.
+    assert_eq!(cache.hash_input(&p, false).unwrap(), id);
+    assert_eq!(cache.hashed_bytes(), 8 << 20);
+    let same_tick = fs::metadata(&p).unwrap().modified().unwrap();
+    let mut other = bytes.clone();
+    other[0] ^= 1;
+    fs::write(&p, &other).unwrap();
+    set_mtime(&p, same_tick);
+    let racy = cache.hash_input(&p, false).unwrap();
+    assert_eq!(racy.hash, blake3::hash(&other).to_hex().to_string());
+    fs::write(&p, &bytes).unwrap();
+    let a_while_ago = SystemTime::now() - Duration::from_secs(10);
+    set_mtime(&p, a_while_ago);
+    assert_eq!(cache.hash_input(&p, false).unwrap(), id);
+    let read = cache.hashed_bytes();
+
     // Unchanged: nothing read.
     assert_eq!(cache.hash_input(&p, false).unwrap(), id);
-    assert_eq!(cache.hashed_bytes(), 4 << 20);
+    assert_eq!(cache.hashed_bytes(), read);
 
     // Same bytes, new mtime: rehashed, same id.
     fs::write(&p, &bytes).unwrap();
     set_mtime(&p, SystemTime::now() + Duration::from_secs(5));
     assert_eq!(cache.hash_input(&p, false).unwrap(), id);
-    assert_eq!(cache.hashed_bytes(), 8 << 20);
+    assert_eq!(cache.hashed_bytes(), read + (4 << 20));
 
     // New bytes of another size under the old mtime: noticed.
     let old_mtime = fs::metadata(&p).unwrap().modified().unwrap();
@@ -219,6 +236,10 @@ fn hash_cache_persists_across_opens() {
     let p = dir.path().join("in/data.bin");
     write(&p, &[7u8; 100_000]);
     write(&dir.path().join("in/other.bin"), b"other");
+    // Still for a while (a file just written is not remembered).
+    let a_while_ago = SystemTime::now() - Duration::from_secs(10);
+    set_mtime(&p, a_while_ago);
+    set_mtime(&dir.path().join("in/other.bin"), a_while_ago);
     let id = cache.hash_input(&dir.path().join("in"), false).unwrap();
     cache.flush_hash_cache().unwrap();
     drop(cache);
@@ -234,6 +255,9 @@ fn flush_merges_entries_of_two_handles() {
     let b = Cache::open(a.root()).unwrap();
     write(&dir.path().join("1"), b"one");
     write(&dir.path().join("2"), b"two");
+    let a_while_ago = SystemTime::now() - Duration::from_secs(10);
+    set_mtime(&dir.path().join("1"), a_while_ago);
+    set_mtime(&dir.path().join("2"), a_while_ago);
     a.hash_input(&dir.path().join("1"), false).unwrap();
     b.hash_input(&dir.path().join("2"), false).unwrap();
     a.flush_hash_cache().unwrap();
