@@ -412,7 +412,14 @@ impl<'a> Cx<'a> {
                 obj.insert(name.clone(), v.clone());
             }
         }
+        let ranks_from_gpus = default_data_parallel(def, op, &mut obj);
         op.normalize_params(&Json::Object(obj)).map_err(|mut e| {
+            if let Some(gpus) = ranks_from_gpus.filter(|_| e.field == "data_parallel") {
+                e.message = format!(
+                    "{} (data_parallel is {gpus}, from `resources.gpus: {gpus}`)",
+                    e.message
+                );
+            }
             // A bad value that came from the command line is blamed on it,
             // not only on the manifest line that reads it.
             let first = e.field.split('.').next().unwrap_or_default();
@@ -1085,4 +1092,29 @@ pub(super) fn parse_set_value(value: &str) -> Result<Json, String> {
         format!("not valid YAML ({e}); quote it to pass it as text: --set 'params.NAME=\"...\"'")
     })?;
     serde_json::to_value(&yaml).map_err(|e| format!("not representable as JSON ({e})"))
+}
+
+/// `resources.gpus` as the data-parallel ranks of a training stage on GPUs
+/// that names none: one rank per GPU asked for, as torchrun's
+/// `--nproc-per-node` is. Not with a `placement` (those GPUs are the
+/// roles'), nor on the CPU. Returns the ranks it set.
+fn default_data_parallel(
+    def: &StageDef,
+    op: &OpDecl,
+    params: &mut serde_json::Map<String, Json>,
+) -> Option<u32> {
+    let gpus = def.resources.as_ref()?.gpus.filter(|&g| g > 1)?;
+    let on_cpu = def.device.as_deref() == Some("cpu");
+    let placed = params
+        .get("placement")
+        .is_some_and(|p| p.as_object().is_none_or(|o| !o.is_empty()));
+    let takes_ranks = (op.params.schema)()
+        .get("properties")
+        .and_then(|p| p.as_object())
+        .is_some_and(|p| p.contains_key("data_parallel"));
+    if on_cpu || placed || !takes_ranks || params.contains_key("data_parallel") {
+        return None;
+    }
+    params.insert("data_parallel".into(), gpus.into());
+    Some(gpus)
 }

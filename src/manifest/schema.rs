@@ -163,7 +163,10 @@ pub struct StageDef {
 pub struct Resources {
     /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
     /// cuda` or `cuda:N` and no `gpus` asks for one, or one per rank with
-    /// `data_parallel` (or as many as its `placement` names).
+    /// `data_parallel` (or as many as its `placement` names). Over 1, on a
+    /// training stage not on the CPU that sets neither `data_parallel` nor
+    /// `placement`, also its `data_parallel` (one rank per GPU, with either
+    /// executor; so it enters the fingerprint through that param).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
     /// CPU cores (`--cpus-per-task`); also the worker's thread count. With

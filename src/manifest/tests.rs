@@ -1030,3 +1030,51 @@ fn a_cycle_through_next_or_init_is_refused() {
         "p.yaml:8:52: field `loops.online.carry.policy.next`: `next` reads the round that just ended: write `${stages.dpo.OUTPUT}` without a round"
     );
 }
+
+#[test]
+fn resources_gpus_are_the_ranks_of_a_training_stage_on_gpus_that_names_none() {
+    let d = Dir::new();
+    let stage = |name: &str, extra: &str| {
+        format!(
+            "  {name}:\n    op: sft\n    inputs: {{model: m, data: d.jsonl}}\n    params: {{batch_size: 8{extra}}}\n"
+        )
+    };
+    let text = format!(
+        "version: 1\nname: t\nstages:\n{}    resources: {{gpus: 4}}\n{}    device: cpu\n    resources: {{gpus: 4}}\n{}    resources: {{gpus: 4}}\n{}    resources: {{gpus: 1}}\n{}    resources: {{gpus: 16}}\n",
+        stage("gpus", ""),
+        stage("cpu", ""),
+        stage("named", ", data_parallel: 2"),
+        stage("one", ""),
+        stage("too_many", ""),
+    );
+    d.write("p.yaml", &text);
+    let load = || {
+        load_with(
+            &d.path().join("p.yaml"),
+            &LoadOptions::default(),
+            crate::ops::REGISTRY,
+        )
+    };
+    let err = load().unwrap_err().to_string();
+    assert!(
+        err.contains("stage `too_many`")
+            && err.contains("(data_parallel is 16, from `resources.gpus: 16`)"),
+        "{err}"
+    );
+    d.write("p.yaml", &text.replace("gpus: 16", "gpus: 2"));
+    let p = load().unwrap();
+    let ranks = |id: &str| p.stage(id).unwrap().params.get("data_parallel").cloned();
+    assert_eq!(ranks("gpus"), Some(json!(4)));
+    assert_eq!(
+        ranks("cpu"),
+        None,
+        "on the CPU, ranks are the user's word only"
+    );
+    assert_eq!(
+        ranks("named"),
+        Some(json!(2)),
+        "a written data_parallel wins"
+    );
+    assert_eq!(ranks("one"), None);
+    assert_eq!(ranks("too_many"), Some(json!(2)));
+}
