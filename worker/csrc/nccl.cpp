@@ -11,9 +11,10 @@
 //
 // Timeouts: NCCL's collectives run on a CUDA stream, and `Work::wait`
 // blocks the calling thread (and honours its timeout) only with blocking
-// wait on, so it is turned on unless the user set it: a dead or stuck peer
-// then fails the others within the group's timeout, as with Gloo, instead
-// of hanging a kernel. Each rank uses one GPU (`device_index`), bound to the
+// wait on (`TORCH_NCCL_BLOCKING_WAIT`, read here at construction; the Rust
+// side sets it before any thread starts, unless the user did): a dead or
+// stuck peer then fails the others within the group's timeout, as with
+// Gloo, instead of hanging a kernel. Each rank uses one GPU (`device_index`), bound to the
 // group so that collectives without a tensor (the barrier) use it too;
 // every other collective runs on its tensors' device.
 
@@ -22,7 +23,6 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 #include <cstdint>
-#include <cstdlib>
 #include <exception>
 
 using alignflow::Group;
@@ -39,7 +39,6 @@ extern "C" {
 Group* alignflow_dist_group_new_nccl(Store* store, int rank, int world, int device_index,
                                      int64_t timeout_ms, char** error) {
   try {
-    setenv("TORCH_NCCL_BLOCKING_WAIT", "1", /*overwrite=*/0);
     auto timeout = std::chrono::milliseconds(timeout_ms);
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = timeout;

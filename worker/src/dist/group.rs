@@ -245,7 +245,8 @@ impl Group {
     /// Joins `world` ranks at `store` as `rank` with NCCL, this rank on the
     /// GPU `cuda:{device_index}` (which becomes the current CUDA device).
     /// Returns once every rank has joined (a barrier, which makes NCCL
-    /// connect), at most `timeout`, which also bounds every collective.
+    /// connect), at most `timeout`, which also bounds every collective
+    /// (with [`nccl_blocking_wait`] called first).
     pub fn join_nccl(
         store: Store,
         rank: usize,
@@ -407,6 +408,18 @@ fn open_group(
         return Err(unsafe { take_message(error) });
     }
     Ok(raw)
+}
+
+/// Turns on torch's blocking wait for NCCL (`TORCH_NCCL_BLOCKING_WAIT=1`)
+/// unless the user set it, so that a collective's wait blocks and honours
+/// the group's timeout instead of only ordering the CUDA stream. Call it on
+/// the main thread before any other starts (the environment is not safe to
+/// change under running threads); ranks started later inherit it.
+pub fn nccl_blocking_wait() {
+    const VAR: &str = "TORCH_NCCL_BLOCKING_WAIT";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
 }
 
 /// The NCCL group's handle, or its error message (`None`: no NCCL group

@@ -154,7 +154,8 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             spec.out_dir = fresh_scratch(&spec.checkpoint_dir, env.rank)?;
         }
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
-        // Rank 0 gave a rank on a GPU its own (`LocalRanks::spawn`).
+        // Rank 0 gave a rank on a GPU its own (`LocalRanks::spawn`), and
+        // the environment of NCCL's blocking wait.
         let group = match crate::model::device(&spec.device)? {
             tch::Device::Cuda(index) => {
                 Group::join_nccl(store, env.rank, env.world, index, timeout)?
@@ -179,6 +180,10 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
     }
     let by_srun = srun::launches_ranks();
     let backend = backend_of(spec, world, by_srun)?;
+    if backend == Backend::Nccl {
+        // Before any thread or rank starts; the ranks inherit it.
+        super::group::nccl_blocking_wait();
+    }
     let (threads, host) = match by_srun {
         // Each task has its own CPUs, rank 0's included.
         true => (srun::threads_per_rank(spec.threads), srun::store_host()?),

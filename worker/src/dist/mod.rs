@@ -49,6 +49,7 @@ pub fn nccl_self_check() -> anyhow::Result<String> {
         "no CUDA device: NCCL runs on GPUs"
     );
     let timeout = std::time::Duration::from_secs(60);
+    group::nccl_blocking_wait();
     let store = Store::host(local::HOST, 0, 1, timeout)?;
     let group = Group::join_nccl(store, 0, 1, 0, timeout)?;
     let gpu = tch::Device::Cuda(0);
