@@ -12,8 +12,9 @@
 #   value model on the GPU, reference and reward model on the CPU), whose
 #   figures must track the all-GPU run's,
 # - data parallelism's NCCL path: a one-rank group running every
-#   collective (`doctor --nccl`), and, on a machine with two GPUs or more,
-#   tiny.yaml's preference model trained on two ranks, one per GPU.
+#   collective (`doctor --nccl`), tiny.yaml's preference model trained
+#   through it on one GPU (`ALIGNFLOW_DIST_GROUP_OF_ONE=1`), and, on a
+#   machine with two GPUs or more, on two ranks, one per GPU.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
 set -uo pipefail  # one section failing must not hide the others
@@ -55,6 +56,26 @@ for manifest in pipelines/tiny.yaml "$placed"; do
     echo "$manifest: last iteration: $(tail -1 "$metrics")"
 done
 rm -f "$placed"
+
+echo "== the data-parallel path on one GPU (NCCL, a group of one): tiny.yaml's pm, against its plain run above"
+one_cache=$(mktemp -d)
+cp -r "$cache/." "$one_cache/"
+# The same fingerprint: forget pm's record in the copy, so pm alone runs again.
+python3 - "$one_cache/records" <<'PY'
+import json, os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        path = os.path.join(root, name)
+        record = json.load(open(path))
+        if record.get("pipeline") == "tiny" and record.get("stage") == "pm":
+            os.remove(path)
+PY
+ALIGNFLOW_DIST_GROUP_OF_ONE=1 "$bundle/bin/alignflow" run pipelines/tiny.yaml --quiet --cache-dir "$one_cache" --target pm \
+    && grep -h "starting data-parallel ranks" "$one_cache"/logs/*.log | tail -1
+for c in "$cache" "$one_cache"; do
+    metrics=$("$bundle/bin/alignflow" show pipelines/tiny.yaml pm --cache-dir "$c" | awk '$1 == "metrics" {print $2}')
+    echo "$c: pm's last step: $(tail -1 "$metrics")"
+done
 
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$gpus" -ge 2 ]; then

@@ -612,3 +612,38 @@ fn ranks_on_gpus_the_machine_lacks_fail_before_the_stage_runs() {
         "params.dp=2",
     ]);
 }
+
+#[test]
+fn a_group_of_one_takes_the_data_parallel_path_to_the_one_process_bits() {
+    // `ALIGNFLOW_DIST_GROUP_OF_ONE=1`: one rank in a group of its own, so
+    // every collective of the data-parallel path runs (as the GPU check
+    // runs it with NCCL on one GPU). Each in its own cache: the same
+    // fingerprint either way.
+    for stage in ["sft", "ppo"] {
+        let (plain, grouped) = (project(), project());
+        for p in [&plain, &grouped] {
+            ok(run(p, "base", 1, &p.path("grads-base"), &[]));
+        }
+        ok(run(&plain, stage, 1, &plain.path("g"), &[]));
+        let group = [("ALIGNFLOW_DIST_GROUP_OF_ONE", "1")];
+        ok(run(&grouped, stage, 1, &grouped.path("g"), &group));
+        // The group formed: rank 0's log says so.
+        let logs: String = std::fs::read_dir(grouped.path("cache/logs"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+            .collect();
+        assert!(
+            logs.contains("starting data-parallel ranks") && logs.contains("world=1"),
+            "{stage}: no group of one in the logs:\n{logs}"
+        );
+        let model = |p: &Project| tensors(&output_path(p, stage, "model", 1));
+        assert_eq!(model(&plain), model(&grouped), "{stage}: other weights");
+        let lines = |p: &Project| {
+            std::fs::read_to_string(output_path(p, stage, "metrics", 1))
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!(lines(&plain), lines(&grouped), "{stage}");
+    }
+}

@@ -39,6 +39,11 @@ use super::{install, Group, Store};
 pub(super) const ENV_RANK: &str = "ALIGNFLOW_DIST_RANK";
 pub(super) const ENV_WORLD: &str = "ALIGNFLOW_DIST_WORLD";
 pub(super) const ENV_STORE: &str = "ALIGNFLOW_DIST_STORE";
+/// Set to `1`: a stage of one rank forms its data-parallel group all the
+/// same (of one), so the data-parallel path, collectives included, runs in
+/// one process: a check of that path on a machine with one GPU (NCCL), and
+/// the measure of its cost against the plain path.
+pub const ENV_GROUP_OF_ONE: &str = "ALIGNFLOW_DIST_GROUP_OF_ONE";
 /// Seconds a collective (or the rendezvous) may wait for a peer.
 const ENV_TIMEOUT: &str = "ALIGNFLOW_DIST_TIMEOUT_S";
 const DEFAULT_TIMEOUT_S: u64 = 300;
@@ -175,10 +180,12 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         return Ok(None);
     }
     let world = data_parallel_ranks(&spec.params);
-    if world <= 1 {
+    let group_of_one = std::env::var(ENV_GROUP_OF_ONE).is_ok_and(|v| v == "1");
+    if world <= 1 && !group_of_one {
         return Ok(None);
     }
-    let by_srun = srun::launches_ranks();
+    // No other rank to start: no srun step either.
+    let by_srun = srun::launches_ranks() && world > 1;
     let backend = backend_of(spec, world, by_srun)?;
     if backend == Backend::Nccl {
         // Before any thread or rank starts; the ranks inherit it.
@@ -345,7 +352,7 @@ impl Ranks {
                     metrics.insert(
                         NOT_BITWISE_METRIC.into(),
                         format!(
-                            "NCCL all-reduces over {} GPUs, whose sums are not bitwise reproducible from run to run",
+                            "NCCL all-reduces over {} GPU(s), whose sums are not bitwise reproducible from run to run",
                             self.world
                         )
                         .into(),
