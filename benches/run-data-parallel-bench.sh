@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# SFT throughput with 1 and 2 data-parallel CPU processes (Gloo), through
-# the engine: a small GPT-2-shaped model pretrained on the HH sample, then
+# SFT throughput with 1 and 2 data-parallel CPU processes (Gloo), and with
+# one process in a group of its own (ALIGNFLOW_DIST_GROUP_OF_ONE=1: the
+# data-parallel path's cost), through the engine: a small GPT-2-shaped model pretrained on the HH sample, then
 # the same `sft` stage with `data_parallel: 1` and `2`, each REPEATS times in
 # a fresh cache; prints the stage's tokens/s (its `tokens_per_s` metric,
 # training steps only) and the scaling efficiency tokens/s(2) / (2 x
@@ -53,10 +54,11 @@ stages:
 EOF
 
 cd "$WORK"
-run() { # dp -> tokens/s
-  local cache="$WORK/cache-$1-$2"
-  ALIGNFLOW_CACHE_DIR="$cache" "$BIN/alignflow" run pipeline.yaml --quiet --threads "$THREADS" \
-    --target sft --set "params.dp=$1" > /dev/null
+run() { # dp (1g: one rank in a group of its own) -> tokens/s
+  local cache="$WORK/cache-$1-$2" dp="${1%g}" one=0
+  [[ "$1" == *g ]] && one=1
+  ALIGNFLOW_DIST_GROUP_OF_ONE="$one" ALIGNFLOW_CACHE_DIR="$cache" "$BIN/alignflow" run pipeline.yaml --quiet --threads "$THREADS" \
+    --target sft --set "params.dp=$dp" > /dev/null
   python3 - "$cache" <<'PY'
 import json, pathlib, sys
 for f in pathlib.Path(sys.argv[1], "records").rglob("*.json"):
@@ -67,16 +69,18 @@ for f in pathlib.Path(sys.argv[1], "records").rglob("*.json"):
 PY
 }
 declare -A best
-for dp in 1 2; do
+for dp in 1 1g 2; do
   for i in $(seq "$REPEATS"); do
     t="$(run "$dp" "$i")"
     echo "data_parallel $dp, run $i: $t tokens/s"
     best[$dp]="$(python3 -c "print(max(float('${best[$dp]:-0}'), float('$t')))")"
   done
 done
-python3 - "${best[1]}" "${best[2]}" <<'PY'
+python3 - "${best[1]}" "${best[1g]}" "${best[2]}" <<'PY'
 import sys
-one, two = map(float, sys.argv[1:])
-print(f"| processes | tokens/s (best) |\n|---|---|\n| 1 | {one:.0f} |\n| 2 | {two:.0f} |")
+one, group_of_one, two = map(float, sys.argv[1:])
+print("| processes | tokens/s (best) |\n|---|---|")
+print(f"| 1 | {one:.0f} |\n| 1, in a group of its own (the data-parallel path) | {group_of_one:.0f} |\n| 2 | {two:.0f} |")
+print(f"the data-parallel path's cost at one rank: {1 - group_of_one / one:+.1%}")
 print(f"scaling efficiency: {two / (2 * one):.2f}")
 PY
