@@ -12,6 +12,10 @@ use super::Error;
 pub(super) struct GpuSlots {
     /// Free slots left on each GPU.
     free: Mutex<Vec<usize>>,
+    /// Each GPU's name for `CUDA_VISIBLE_DEVICES`: the engine's own entry
+    /// of that variable (an index or a UUID) where it was set, else its
+    /// index.
+    names: Vec<String>,
     notify: tokio::sync::Notify,
 }
 
@@ -24,9 +28,15 @@ pub(super) struct GpuSlot<'a> {
 }
 
 impl GpuSlot<'_> {
-    /// The GPUs for `CUDA_VISIBLE_DEVICES`: `2` or `0,3`.
+    /// The GPUs for `CUDA_VISIBLE_DEVICES`: `2` or `0,3`, in the names the
+    /// engine was given (with `CUDA_VISIBLE_DEVICES=2,3`, the engine's
+    /// second GPU is `3`, not `1`).
     pub(super) fn visible(&self) -> String {
-        let names: Vec<String> = self.indices.iter().map(usize::to_string).collect();
+        let names: Vec<&str> = self
+            .indices
+            .iter()
+            .map(|&i| self.slots.names[i].as_str())
+            .collect();
         names.join(",")
     }
 }
@@ -48,12 +58,16 @@ impl GpuSlots {
         let listed = std::fs::read_dir("/proc/driver/nvidia/gpus")
             .map(|d| d.count())
             .unwrap_or(0);
-        let count = match std::env::var("CUDA_VISIBLE_DEVICES") {
-            Ok(v) if v.trim().is_empty() => 0,
-            Ok(v) => v.split(',').count().min(listed),
-            Err(_) => listed,
+        let names: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) => v
+                .split(',')
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .take(listed)
+                .collect(),
+            Err(_) => (0..listed).map(|i| i.to_string()).collect(),
         };
-        GpuSlots::of(count, per_gpu)
+        GpuSlots::named(names, per_gpu)
     }
 
     /// No GPU to hand out: a cluster node, where the scheduler gave the job
@@ -62,10 +76,16 @@ impl GpuSlots {
         GpuSlots::of(0, 1)
     }
 
-    /// `count` GPUs of `per_gpu` slots each.
+    /// `count` GPUs of `per_gpu` slots each, named by their index.
     fn of(count: usize, per_gpu: usize) -> GpuSlots {
+        GpuSlots::named((0..count).map(|i| i.to_string()).collect(), per_gpu)
+    }
+
+    /// The GPUs `names` (for `CUDA_VISIBLE_DEVICES`), `per_gpu` slots each.
+    fn named(names: Vec<String>, per_gpu: usize) -> GpuSlots {
         GpuSlots {
-            free: Mutex::new(vec![per_gpu.max(1); count]),
+            free: Mutex::new(vec![per_gpu.max(1); names.len()]),
+            names,
             notify: Default::default(),
         }
     }
@@ -227,6 +247,24 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert_eq!(one.indices, vec![1]);
+        });
+    }
+
+    #[test]
+    fn workers_see_the_gpus_by_the_names_the_engine_was_given() {
+        run(async {
+            // The engine ran with CUDA_VISIBLE_DEVICES=2,3 (or UUIDs).
+            let slots = GpuSlots::named(vec!["2".into(), "GPU-5d1e".into()], 1);
+            let cancel = CancellationToken::new();
+            let both = slots.acquire("cuda", 0, 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(both.visible(), "2,GPU-5d1e");
+            drop(both);
+            let second = slots
+                .acquire("cuda:1", 0, 1, &cancel)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(second.visible(), "GPU-5d1e");
         });
     }
 
