@@ -99,6 +99,11 @@ fn compile_nccl(root: &Path, include: &Path) {
         cuda.join("cccl/nv/target"),
         nccl.join("nccl.h"),
     ];
+    // Cargo reruns this script when a listed file appears (`make setup`
+    // installing the headers after a first build).
+    for path in &needed {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
     if let Some(missing) = needed.iter().find(|p| !p.exists()) {
         println!(
             "cargo:warning=no {}: the worker is built without NCCL (`make setup` installs the CUDA headers)",

@@ -66,8 +66,8 @@ pub struct TrainParams {
     /// on for CUDA training of models over 300M parameters, off otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
-    /// Data-parallel ranks (default: the stage's `resources.gpus` on GPUs,
-    /// else 1): this many worker processes train together, each
+    /// Data-parallel ranks (default: the stage's `resources.gpus` on
+    /// `device: cuda`, else 1): this many worker processes train together, each
     /// on its share of every batch (`batch_size` stays the whole batch, so
     /// it must be at least this), their gradients averaged with torch's
     /// c10d collectives after each backward (Gloo on the CPU; NCCL on

@@ -365,10 +365,19 @@ async fn acquire<'a>(
     let gpu = if op.runs_in_worker() {
         let placed = alignflow_ops::role_devices::gpus_named(stage.params.get("placement"));
         let ranks = crate::ops::training::data_parallel_ranks(&stage.params);
+        // The manifest may have taken the ranks from `resources.gpus`.
+        let from_resources = ranks > 1 && stage.resources.gpus == Some(ranks as u32);
         shared
             .gpus
             .acquire(&stage.device, placed, ranks, &shared.cancel)
-            .await?
+            .await
+            .map_err(|e| match e {
+                Error::Cancelled => e,
+                other if from_resources => {
+                    anyhow::anyhow!("{other} (`resources.gpus: {ranks}` sets data_parallel where the stage names none)").into()
+                }
+                other => other,
+            })?
     } else {
         None
     };

@@ -50,8 +50,16 @@ pub struct JobSpec {
     /// GPUs the job asked for: the worker keeps Slurm's
     /// `CUDA_VISIBLE_DEVICES`.
     pub gpus: u32,
+    /// The job's tasks: over 1, one per data-parallel rank on the CPU,
+    /// started by srun (`submit::job_tasks`).
+    #[serde(default = "one_task")]
+    pub tasks: usize,
     /// Where the node appends the stage's events.
     pub events: PathBuf,
+}
+
+fn one_task() -> usize {
+    1
 }
 
 impl JobSpec {
@@ -76,11 +84,11 @@ pub enum NodeOutcome {
 /// its own runtime). A failure is also appended to `events.jsonl`.
 pub fn stage_exec(path: &Path) -> Result<NodeOutcome, Error> {
     let job = JobSpec::read(path)?;
-    // A CPU job has one task per data-parallel rank: the worker (rank 0)
-    // starts the others with srun on them. A GPU job is one task on one
-    // node, whose worker starts its ranks there, one per GPU. Set before
-    // any thread exists, for every process this one starts.
-    if job.gpus == 0 {
+    // A job of several tasks has one per data-parallel rank on the CPU: the
+    // worker (rank 0) starts the others with srun on them. Ranks on GPUs
+    // are one task on one node, whose worker starts them there, one per
+    // GPU. Set before any thread exists, for every process this one starts.
+    if job.tasks > 1 {
         std::env::set_var(crate::protocol::ENV_RANK_LAUNCHER, "srun");
     }
     if crate::ops::find(&job.key.op).is_some_and(|op| op.runs_in_worker()) {

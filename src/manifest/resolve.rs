@@ -1094,17 +1094,19 @@ pub(super) fn parse_set_value(value: &str) -> Result<Json, String> {
     serde_json::to_value(&yaml).map_err(|e| format!("not representable as JSON ({e})"))
 }
 
-/// `resources.gpus` as the data-parallel ranks of a training stage on GPUs
-/// that names none: one rank per GPU asked for, as torchrun's
-/// `--nproc-per-node` is. Not with a `placement` (those GPUs are the
-/// roles'), nor on the CPU. Returns the ranks it set.
+/// `resources.gpus` as the data-parallel ranks of a training stage on
+/// `device: cuda` that names none: one rank per GPU asked for, as
+/// torchrun's `--nproc-per-node` is. Not with a `placement` (those GPUs are
+/// the roles'), nor on another device (`auto` may be the CPU, where N
+/// processes would each hold the model; `cuda:N` pins one GPU). Returns
+/// the ranks it set.
 fn default_data_parallel(
     def: &StageDef,
     op: &OpDecl,
     params: &mut serde_json::Map<String, Json>,
 ) -> Option<u32> {
     let gpus = def.resources.as_ref()?.gpus.filter(|&g| g > 1)?;
-    let on_cpu = def.device.as_deref() == Some("cpu");
+    let on_gpus = def.device.as_deref() == Some("cuda");
     let placed = params
         .get("placement")
         .is_some_and(|p| p.as_object().is_none_or(|o| !o.is_empty()));
@@ -1112,7 +1114,7 @@ fn default_data_parallel(
         .get("properties")
         .and_then(|p| p.as_object())
         .is_some_and(|p| p.contains_key("data_parallel"));
-    if on_cpu || placed || !takes_ranks || params.contains_key("data_parallel") {
+    if !on_gpus || placed || !takes_ranks || params.contains_key("data_parallel") {
         return None;
     }
     params.insert("data_parallel".into(), gpus.into());

@@ -1039,14 +1039,22 @@ fn resources_gpus_are_the_ranks_of_a_training_stage_on_gpus_that_names_none() {
             "  {name}:\n    op: sft\n    inputs: {{model: m, data: d.jsonl}}\n    params: {{batch_size: 8{extra}}}\n"
         )
     };
-    let text = format!(
-        "version: 1\nname: t\nstages:\n{}    resources: {{gpus: 4}}\n{}    device: cpu\n    resources: {{gpus: 4}}\n{}    resources: {{gpus: 4}}\n{}    resources: {{gpus: 1}}\n{}    resources: {{gpus: 16}}\n",
-        stage("gpus", ""),
-        stage("cpu", ""),
-        stage("named", ", data_parallel: 2"),
-        stage("one", ""),
-        stage("too_many", ""),
-    );
+    let on = |device: &str, gpus: u32| {
+        format!("    device: {device}\n    resources: {{gpus: {gpus}}}\n")
+    };
+    let text = [
+        stage("gpus", "") + &on("cuda", 4),
+        stage("cpu", "") + &on("cpu", 4),
+        stage("auto", "") + &on("auto", 4),
+        stage("pinned", "") + &on("cuda:1", 4),
+        stage("named", ", data_parallel: 2") + &on("cuda", 4),
+        stage("one", "") + &on("cuda", 1),
+        stage("too_many", "") + &on("cuda", 16),
+    ]
+    .iter()
+    .fold("version: 1\nname: t\nstages:\n".to_string(), |text, s| {
+        text + s
+    });
     d.write("p.yaml", &text);
     let load = || {
         load_with(
@@ -1070,6 +1078,8 @@ fn resources_gpus_are_the_ranks_of_a_training_stage_on_gpus_that_names_none() {
         None,
         "on the CPU, ranks are the user's word only"
     );
+    assert_eq!(ranks("auto"), None, "`auto` may be the CPU");
+    assert_eq!(ranks("pinned"), None, "`cuda:1` is one GPU");
     assert_eq!(
         ranks("named"),
         Some(json!(2)),

@@ -177,6 +177,16 @@ pub(super) async fn run_remote(
     let gpus = stage
         .resources
         .gpus_for(&stage.device, op.runs_in_worker(), placed, ranks);
+    // Ranks on GPUs: one task holding one GPU per rank.
+    let ranks_on_gpus = gpus > 0 && stage.device != "cpu" && op.runs_in_worker();
+    if ranks_on_gpus && ranks > 1 && (gpus as usize) < ranks {
+        return Err(anyhow::anyhow!(
+            "stage `{}`: `resources.gpus: {gpus}` but `params.data_parallel: {ranks}` runs one rank per GPU: ask for {ranks} GPUs (or leave `gpus` out)",
+            stage.id
+        )
+        .into());
+    }
+    let tasks = submit::job_tasks(ranks_on_gpus, ranks);
     let job = JobSpec {
         cache_dir: shared.cache.root().to_path_buf(),
         manifest: cluster.manifest.clone(),
@@ -186,6 +196,7 @@ pub(super) async fn run_remote(
         fingerprint: fp.clone(),
         threads,
         gpus,
+        tasks,
         events: events.clone(),
     };
     crate::cache::atomic_write(
@@ -203,7 +214,7 @@ pub(super) async fn run_remote(
             gpus: Some(gpus),
             ..stage.resources.clone()
         },
-        tasks: submit::job_tasks(gpus, ranks),
+        tasks,
     };
     let progress = shared.ui.stage(&stage.id);
     let mut tail = EventTail::new(events);

@@ -98,14 +98,15 @@ pub fn sbatch_args(
     args
 }
 
-/// The tasks of a job with `gpus` GPUs for a stage of `ranks`
-/// data-parallel ranks. Ranks on GPUs are one task on one node, whose
-/// worker starts them there, one per GPU (as torchrun in an sbatch job);
-/// on the CPU each rank is a task, started by srun.
-pub fn job_tasks(gpus: u32, ranks: usize) -> usize {
-    match gpus {
-        0 => ranks.max(1),
-        _ => 1,
+/// The tasks of a job for a stage of `ranks` data-parallel ranks, on GPUs
+/// (`on_gpus`: the job has GPUs and the stage's device is not the CPU) or
+/// not. Ranks on GPUs are one task on one node, whose worker starts them
+/// there, one per GPU (as torchrun in an sbatch job); on the CPU each rank
+/// is a task, started by srun.
+pub fn job_tasks(on_gpus: bool, ranks: usize) -> usize {
+    match on_gpus {
+        true => 1,
+        false => ranks.max(1),
     }
 }
 
@@ -292,9 +293,9 @@ mod tests {
             2,
             "`gpus` is the user's word"
         );
-        assert_eq!(job_tasks(3, 3), 1);
-        assert_eq!(job_tasks(0, 3), 3);
-        assert_eq!(job_tasks(0, 1), 1);
+        assert_eq!(job_tasks(true, 3), 1);
+        assert_eq!(job_tasks(false, 3), 3);
+        assert_eq!(job_tasks(false, 1), 1);
         let resources = Resources {
             gpus: Some(3),
             cpus: Some(8),
@@ -305,7 +306,7 @@ mod tests {
             "af-run",
             Path::new("/c/tmp/x"),
             &resources,
-            job_tasks(3, 3),
+            job_tasks(true, 3),
             &SlurmSettings::default(),
         );
         for want in ["--gres=gpu:3", "--cpus-per-task=8", "--mem=64G"] {

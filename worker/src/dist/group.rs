@@ -243,7 +243,9 @@ impl Group {
     }
 
     /// Joins `world` ranks at `store` as `rank` with NCCL, this rank on the
-    /// GPU `cuda:{device_index}` (which becomes the current CUDA device).
+    /// GPU `cuda:{device_index}`, bound to the group (the CUDA current
+    /// device is left as it is: every tensor of the worker names its
+    /// device).
     /// Returns once every rank has joined (a barrier, which makes NCCL
     /// connect), at most `timeout`, which also bounds every collective
     /// (with [`nccl_blocking_wait`] called first).

@@ -16,6 +16,9 @@
 //! A rank that dies makes the others' next collective fail (its sockets
 //! close), or time out ([`timeout`]) if it hangs; rank 0 then names the
 //! rank and how it ended in the stage's error, and stops the survivors.
+//! With NCCL a dead peer may go unnoticed until the timeout (its shared
+//! memory and peer-to-peer transports do not see a process end), so there
+//! the failure comes within `ALIGNFLOW_DIST_TIMEOUT_S`, not at once.
 //! Ranks 1..N die with rank 0, so none outlives a cancelled or crashed
 //! stage.
 //!
@@ -180,7 +183,15 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         return Ok(None);
     }
     let world = data_parallel_ranks(&spec.params);
-    let group_of_one = std::env::var(ENV_GROUP_OF_ONE).is_ok_and(|v| v == "1");
+    // Only for the ops that have a data-parallel path (a `data_parallel`
+    // param), not for every stage the knob's process runs.
+    let group_of_one = std::env::var(ENV_GROUP_OF_ONE).is_ok_and(|v| v == "1")
+        && alignflow_ops::find(&spec.op).is_some_and(|op| {
+            (op.params.schema)()
+                .get("properties")
+                .and_then(|p| p.as_object())
+                .is_some_and(|p| p.contains_key("data_parallel"))
+        });
     if world <= 1 && !group_of_one {
         return Ok(None);
     }
@@ -348,7 +359,9 @@ impl Ranks {
             Ok(mut metrics) => {
                 let bad = self.settle(EXIT_GRACE, true);
                 self.clean();
-                if self.backend == Backend::Nccl {
+                // One rank's all-reduce sums nothing: a group of one keeps
+                // the one-process bits.
+                if self.backend == Backend::Nccl && self.world > 1 {
                     metrics.insert(
                         NOT_BITWISE_METRIC.into(),
                         format!(
