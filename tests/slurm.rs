@@ -427,6 +427,36 @@ fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
         "{stderr}\n{}",
         job_logs(&p, "sft")
     );
+
+    // Ranks on GPUs take one GPU each: a job asking fewer is refused
+    // before it is submitted.
+    p.write("alignflow/profiles/test.yaml", PROFILE);
+    p.write(
+        "pipe.yaml",
+        &data_parallel_pipeline()
+            .replace("max_steps: 3", "max_steps: 5")
+            .replace(
+                "    resources: { cpus: 1, mem: 400M }",
+                "    device: cuda\n    resources: { gpus: 1, cpus: 1 }",
+            ),
+    );
+    let submitted = slurm.call_lines("sbatch").len();
+    let out = cmd(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains(
+            "stage `sft`: `resources.gpus: 1` but `params.data_parallel: 2` runs one rank per GPU"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        slurm.call_lines("sbatch").len(),
+        submitted,
+        "nothing submitted"
+    );
 }
 
 /// A stage that checkpoints, then sleeps on its first start (so it can be
