@@ -23,6 +23,13 @@ peak=${2:-989}
 torch_lib=$(python3 -c "import torch, os; print(os.path.dirname(torch.__file__) + '/lib')")
 export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
 
+# The last line of STAGE's metrics.jsonl in MANIFEST's run cached in CACHE.
+last_metrics() { # MANIFEST STAGE CACHE
+    local metrics
+    metrics=$("$bundle/bin/alignflow" show "$1" "$2" --cache-dir "$3" | awk '$1 == "metrics" {print $2}')
+    tail -1 "$metrics"
+}
+
 echo "== doctor, and a one-rank NCCL group on cuda:0 (nccl_check)"
 "$bundle/bin/alignflow-worker" doctor --nccl
 
@@ -52,8 +59,7 @@ sed 's/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0 }/    params: { 
 grep -q "placement:" "$placed" || echo "FAILED: the rl_cai params line of tiny.yaml changed; update this script"
 "$bundle/bin/alignflow" run "$placed" --quiet --cache-dir "$cache" --target rl_cai
 for manifest in pipelines/tiny.yaml "$placed"; do
-    metrics=$("$bundle/bin/alignflow" show "$manifest" rl_cai --cache-dir "$cache" | awk '$1 == "metrics" {print $2}')
-    echo "$manifest: last iteration: $(tail -1 "$metrics")"
+    echo "$manifest: last iteration: $(last_metrics "$manifest" rl_cai "$cache")"
 done
 rm -f "$placed"
 
@@ -73,8 +79,7 @@ PY
 ALIGNFLOW_DIST_GROUP_OF_ONE=1 "$bundle/bin/alignflow" run pipelines/tiny.yaml --quiet --cache-dir "$one_cache" --target pm \
     && grep -h "starting data-parallel ranks" "$one_cache"/logs/*.log | tail -1
 for c in "$cache" "$one_cache"; do
-    metrics=$("$bundle/bin/alignflow" show pipelines/tiny.yaml pm --cache-dir "$c" | awk '$1 == "metrics" {print $2}')
-    echo "$c: pm's last step: $(tail -1 "$metrics")"
+    echo "$c: pm's last step: $(last_metrics pipelines/tiny.yaml pm "$c")"
 done
 
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -84,8 +89,7 @@ if [ "$gpus" -ge 2 ]; then
     printf 'version: 1\nname: tiny\ninclude: [tiny.yaml]\nstages:\n  pm:\n    params: { data_parallel: 2 }\n' > "$dp"
     "$bundle/bin/alignflow" run "$dp" --quiet --cache-dir "$cache" --target pm
     for manifest in pipelines/tiny.yaml "$dp"; do
-        metrics=$("$bundle/bin/alignflow" show "$manifest" pm --cache-dir "$cache" | awk '$1 == "metrics" {print $2}')
-        echo "$manifest: pm's last step: $(tail -1 "$metrics")"
+        echo "$manifest: pm's last step: $(last_metrics "$manifest" pm "$cache")"
     done
     rm -f "$dp"
 else

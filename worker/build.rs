@@ -65,19 +65,13 @@ fn compile_shim(root: &Path) {
         );
         return;
     }
-    cc::Build::new()
-        .cpp(true)
+    torch_cpp(&include)
         .files(sources)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
         // The gloo headers torch's ProcessGroupGloo.hpp includes (the wheel
         // lacks them; see csrc/collectives.cpp), and the define torch's own
         // build sets for that header to declare anything.
         .include("csrc/third_party/gloo")
         .define("USE_C10D_GLOO", None)
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .warnings(false)
         .compile("alignflow_csrc");
     println!("cargo:rustc-cfg=alignflow_onednn");
     println!("cargo:rustc-cfg=alignflow_c10d");
@@ -111,18 +105,26 @@ fn compile_nccl(root: &Path, include: &Path) {
         );
         return;
     }
-    cc::Build::new()
-        .cpp(true)
+    torch_cpp(include)
         .file("csrc/nccl.cpp")
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
         .include(&cuda)
         .include(cuda.join("cccl"))
         .include(&nccl)
         .define("USE_C10D_NCCL", None)
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .warnings(false)
         .compile("alignflow_nccl");
     println!("cargo:rustc-cfg=alignflow_nccl");
+}
+
+/// A C++ build against torch's headers under `include`, with the settings
+/// every shim source needs (C++17, the new C++ ABI torch's wheels use).
+fn torch_cpp(include: &Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false);
+    build
 }

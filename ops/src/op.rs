@@ -61,6 +61,15 @@ impl OpDecl {
         (self.params.check_bindings)(bound, params)
     }
 
+    /// Whether the op's `params:` block has a param `name` (its schema
+    /// lists it), e.g. whether it trains data-parallel (`data_parallel`).
+    pub fn takes_param(&self, name: &str) -> bool {
+        (self.params.schema)()
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .is_some_and(|p| p.contains_key(name))
+    }
+
     /// Whether a stage of this op runs in an `alignflow-worker` process.
     pub fn runs_in_worker(&self) -> bool {
         matches!(self.placement, Placement::Worker)

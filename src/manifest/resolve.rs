@@ -1110,10 +1110,7 @@ fn default_data_parallel(
     let placed = params
         .get("placement")
         .is_some_and(|p| p.as_object().is_none_or(|o| !o.is_empty()));
-    let takes_ranks = (op.params.schema)()
-        .get("properties")
-        .and_then(|p| p.as_object())
-        .is_some_and(|p| p.contains_key("data_parallel"));
+    let takes_ranks = op.takes_param("data_parallel");
     if !on_gpus || placed || !takes_ranks || params.contains_key("data_parallel") {
         return None;
     }

@@ -186,12 +186,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
     // Only for the ops that have a data-parallel path (a `data_parallel`
     // param), not for every stage the knob's process runs.
     let group_of_one = std::env::var(ENV_GROUP_OF_ONE).is_ok_and(|v| v == "1")
-        && alignflow_ops::find(&spec.op).is_some_and(|op| {
-            (op.params.schema)()
-                .get("properties")
-                .and_then(|p| p.as_object())
-                .is_some_and(|p| p.contains_key("data_parallel"))
-        });
+        && alignflow_ops::find(&spec.op).is_some_and(|op| op.takes_param("data_parallel"));
     if world <= 1 && !group_of_one {
         return Ok(None);
     }
