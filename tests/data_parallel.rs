@@ -510,6 +510,48 @@ fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
 }
 
 #[test]
+fn a_rank_lost_while_rank_0_is_far_from_a_collective_fails_the_stage_at_once() {
+    // Rank 0 learns of a lost rank from its own next collective, which may
+    // be far off (a long rollout) or, over NCCL, wait for the timeout. Here
+    // rank 0 is held 120 s in step 2, before its all-reduce, while rank 1
+    // dies in it: rank 0's watch on the other ranks fails the stage
+    // without waiting for rank 0.
+    let p = project();
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    let grads = p.path("g");
+    let start = Instant::now();
+    let out = run(
+        &p,
+        "sft",
+        2,
+        &grads,
+        &[
+            ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
+            ("ALIGNFLOW_DIST_TEST_STALL", "0:2:120"),
+        ],
+    );
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    assert!(
+        stderr.contains("stage `sft`")
+            && stderr.contains("rank 1 of 2 was killed by signal 9")
+            && stderr.contains("stopped at once instead of waiting"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+    assert!(grads.join("rank-0-step-1.safetensors").exists());
+    assert!(!grads.join("rank-0-step-2.safetensors").exists());
+
+    // Nothing of the failed stage is cached: the next run trains it.
+    let ran = stages_with_status(
+        &String::from_utf8(run(&p, "sft", 2, &grads, &[]).stdout).unwrap(),
+        "ran",
+    );
+    assert_eq!(ran, set(&["sft"]));
+}
+
+#[test]
 fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
     let sets = ["params.dp=2", "params.ckpt=1"];
     let uninterrupted = project();

@@ -13,24 +13,28 @@
 //! the Slurm job of a stage run by the Slurm executor, as the tasks of one
 //! `srun` step on the job's nodes ([`srun`]).
 //!
-//! A rank that dies makes the others' next collective fail (its sockets
-//! close), or time out ([`timeout`]) if it hangs; rank 0 then names the
-//! rank and how it ended in the stage's error, and stops the survivors.
-//! With NCCL a dead peer may go unnoticed until the timeout (its shared
-//! memory and peer-to-peer transports do not see a process end), so there
-//! the failure comes within `ALIGNFLOW_DIST_TIMEOUT_S`, not at once.
-//! Ranks 1..N die with rank 0, so none outlives a cancelled or crashed
-//! stage.
+//! A rank that dies makes the others' next collective fail (its Gloo
+//! sockets close), or time out ([`timeout`]) if it hangs; rank 0 then
+//! names the rank and how it ended in the stage's error, and stops the
+//! survivors. Rank 0 also watches the other ranks' processes while its op
+//! runs ([`Ranks::watch`]), so a rank that ends badly fails the stage
+//! within seconds even when rank 0's next collective is far off, or is
+//! NCCL's, whose shared-memory and peer-to-peer transports do not see a
+//! process end. Ranks 1..N die with rank 0, so none outlives a cancelled
+//! or crashed stage.
 //!
 //! [`local`]: super::local
 //! [`srun`]: super::srun
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
 
-use alignflow_ops::protocol::{Metrics, StageSpec, NOT_BITWISE_METRIC};
+use alignflow_ops::protocol::{Metrics, StageSpec, WorkerEvent, NOT_BITWISE_METRIC};
 use alignflow_ops::training::data_parallel_ranks;
 
 use super::local::{self, LocalRanks};
@@ -224,21 +228,25 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         }
     };
     let mut ranks = Ranks {
-        stage: spec.stage.clone(),
-        world,
         host,
-        backend,
-        others,
+        held: Arc::new(Held {
+            stage: spec.stage.clone(),
+            world,
+            backend,
+            others: Mutex::new(others),
+            answered: AtomicBool::new(false),
+        }),
     };
     if let Err(e) = started {
-        return Err(ranks.fail(e));
+        return Err(ranks.held.fail(e));
     }
     match ranks.join_watching(store, timeout) {
         Ok(group) => {
             install(group);
+            ranks.watch();
             Ok(Some(ranks))
         }
-        Err(e) => Err(ranks.fail(e)),
+        Err(e) => Err(ranks.held.fail(e)),
     }
 }
 
@@ -304,24 +312,53 @@ enum Others {
     Srun(SrunRanks),
 }
 
-/// The other ranks of a data-parallel stage, held by rank 0.
-pub struct Ranks {
-    stage: String,
-    world: usize,
-    /// The address rank 0 binds (its store and its Gloo sockets).
-    host: String,
-    backend: Backend,
-    others: Others,
+impl Others {
+    /// Whether a rank (or the srun step of ranks) has already ended badly.
+    fn ended_badly(&mut self) -> bool {
+        match self {
+            Others::Local(local) => local.ended_badly(),
+            Others::Srun(step) => step.ended_badly(),
+        }
+    }
 }
 
+/// The other ranks of a data-parallel stage, held by rank 0.
+pub struct Ranks {
+    /// The address rank 0 binds (its store and its Gloo sockets).
+    host: String,
+    held: Arc<Held>,
+}
+
+/// What rank 0 answers for, shared with its watcher ([`watch`]).
+struct Held {
+    stage: String,
+    world: usize,
+    backend: Backend,
+    others: Mutex<Others>,
+    /// Set by whoever reports the stage's end: rank 0's op returning
+    /// ([`Ranks::finish`]) or the watcher; the other then stands aside.
+    answered: AtomicBool,
+}
+
+/// How often rank 0's watcher looks at the other ranks.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// How long the watcher leaves rank 0's op to fail by itself once another
+/// rank ended badly: over Gloo the dead rank's closed sockets fail the next
+/// collective at once, and that error says where rank 0 was.
+const WATCH_GRACE: Duration = Duration::from_secs(2);
+
 impl Ranks {
+    fn others(&self) -> MutexGuard<'_, Others> {
+        self.held.others()
+    }
+
     /// Joins the group as rank 0 while watching the other ranks: the join
     /// waits (up to `timeout`) for every rank to arrive, and one that died
     /// on the way never will, so the join runs on its own thread and a dead
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
     fn join_watching(&mut self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
-        let (world, host, backend) = (self.world, self.host.clone(), self.backend);
+        let (world, host, backend) = (self.held.world, self.host.clone(), self.held.backend);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(match backend {
@@ -335,7 +372,7 @@ impl Ranks {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => anyhow::bail!("joining the group: {e}"),
             }
-            let ended = match &mut self.others {
+            let ended = match &mut *self.others() {
                 Others::Local(local) => local.ended_early(),
                 Others::Srun(step) => step.ended_early(),
             };
@@ -345,23 +382,77 @@ impl Ranks {
         }
     }
 
+    /// Watches the other ranks while rank 0's op runs: one that ends badly
+    /// fails the stage within [`WATCH_GRACE`], whatever rank 0 is doing.
+    /// Rank 0 would otherwise learn of it only from its own next
+    /// collective, which may be far off (a long rollout) and, over NCCL,
+    /// may wait for the timeout: NCCL's shared-memory and peer-to-peer
+    /// transports do not see a process end. If the op has not failed by
+    /// itself within the grace, the watcher reports the stage's failure as
+    /// the op's error would (naming the rank and how it ended), stops the
+    /// survivors and ends this process: everything committed so far is
+    /// checkpoints, written whole or not at all, as after a kill.
+    fn watch(&self) {
+        let held = self.held.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(WATCH_EVERY);
+            if held.answered.load(Ordering::SeqCst) {
+                return;
+            }
+            if !held.others().ended_badly() {
+                continue;
+            }
+            std::thread::sleep(WATCH_GRACE);
+            if held.answered.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let e = held.fail(anyhow::anyhow!(
+                "it stopped at once instead of waiting up to {} s (ALIGNFLOW_DIST_TIMEOUT_S) for a collective with a rank that is gone",
+                timeout().as_secs()
+            ));
+            tracing::error!("{e:#}");
+            let line = WorkerEvent::Failed {
+                message: format!("{e:#}"),
+            }
+            .to_line();
+            let mut out = std::io::stdout().lock();
+            // The leading newline ends any event line the op's thread was
+            // half-way through writing.
+            let _ = write!(out, "\n{line}\n");
+            let _ = out.flush();
+            // SAFETY: _exit ends the process without running destructors
+            // or atexit handlers, which could block on the op's thread,
+            // stuck in a collective.
+            unsafe { libc::_exit(1) }
+        });
+    }
+
     /// The stage's result once rank 0's op returned `result`: on success,
     /// the other ranks must exit cleanly too (within a grace period); on
     /// failure, the error names each rank that failed and how, the
     /// survivors are stopped. Scratch folders are removed either way.
-    pub fn finish(mut self, result: anyhow::Result<Metrics>) -> anyhow::Result<Metrics> {
+    pub fn finish(self, result: anyhow::Result<Metrics>) -> anyhow::Result<Metrics> {
+        if self.held.answered.swap(true, Ordering::SeqCst) {
+            // The watcher is reporting a lost rank and ends the process.
+            std::thread::sleep(EXIT_GRACE);
+            anyhow::bail!(
+                "stage `{}`: a data-parallel rank ended badly (see above)",
+                self.held.stage
+            );
+        }
+        let held = &self.held;
         match result {
             Ok(mut metrics) => {
-                let bad = self.settle(EXIT_GRACE, true);
-                self.clean();
+                let bad = held.settle(EXIT_GRACE, true);
+                held.clean();
                 // One rank's all-reduce sums nothing: a group of one keeps
                 // the one-process bits.
-                if self.backend == Backend::Nccl && self.world > 1 {
+                if held.backend == Backend::Nccl && held.world > 1 {
                     metrics.insert(
                         NOT_BITWISE_METRIC.into(),
                         format!(
                             "NCCL all-reduces over {} GPU(s), whose sums are not bitwise reproducible from run to run",
-                            self.world
+                            held.world
                         )
                         .into(),
                     );
@@ -371,18 +462,24 @@ impl Ranks {
                 } else {
                     anyhow::bail!(
                         "stage `{}`: rank 0 finished but {}",
-                        self.stage,
+                        held.stage,
                         bad.join("; ")
                     )
                 }
             }
-            Err(e) => Err(self.fail(e)),
+            Err(e) => Err(held.fail(e)),
         }
+    }
+}
+
+impl Held {
+    fn others(&self) -> MutexGuard<'_, Others> {
+        self.others.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `e` (rank 0's error), preceded by what became of the other ranks:
     /// those that failed or died first are named; the rest are stopped.
-    fn fail(&mut self, e: anyhow::Error) -> anyhow::Error {
+    fn fail(&self, e: anyhow::Error) -> anyhow::Error {
         // A rank that died made this one fail: give its exit a moment to
         // be observed; ranks blocked in a collective with this one would
         // only time out, so they are not waited for long.
@@ -400,8 +497,8 @@ impl Ranks {
 
     /// Waits up to `grace` for the other ranks to end, stops the rest, and
     /// describes those that failed (see `LocalRanks::settle`).
-    fn settle(&mut self, grace: Duration, rank_0_ok: bool) -> Vec<String> {
-        match &mut self.others {
+    fn settle(&self, grace: Duration, rank_0_ok: bool) -> Vec<String> {
+        match &mut *self.others() {
             Others::Local(local) => local.settle(grace, rank_0_ok),
             Others::Srun(step) => step.settle(grace, rank_0_ok),
         }
@@ -409,7 +506,7 @@ impl Ranks {
 
     /// Removes what the other ranks wrote for themselves.
     fn clean(&self) {
-        match &self.others {
+        match &*self.others() {
             Others::Local(local) => local.clean(),
             Others::Srun(step) => step.clean(),
         }

@@ -129,6 +129,19 @@ impl LocalRanks {
         })
     }
 
+    /// Whether a rank has exited other than cleanly (it stays waitable:
+    /// its status is kept for [`LocalRanks::settle`]).
+    pub fn ended_badly(&mut self) -> bool {
+        self.others.iter_mut().any(|other| {
+            other
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .is_some_and(|status| !status.success())
+        })
+    }
+
     /// Waits up to `grace` for every rank to exit (the rest are killed) and
     /// describes those that failed: after rank 0 succeeded, any that did not
     /// exit cleanly; after rank 0 failed, those that failed or died (a rank

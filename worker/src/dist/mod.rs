@@ -149,10 +149,12 @@ pub fn broadcast_weights(group: &Group, vs: &VarStore) -> Result<(), DistError> 
     group.broadcast_all(&tensors, 0)
 }
 
-/// A test hook: `ALIGNFLOW_DIST_TEST_KILL=RANK:STEP` makes rank RANK kill
-/// itself with SIGKILL in step STEP (1-based), after its forward pass and
-/// before its backward: a rank lost mid-step, as the tests need. Step 0 is
-/// before the rank joins the group.
+/// Test hooks, in step STEP (1-based) after the rank's forward pass and
+/// before its backward (step 0 is before the rank joins the group):
+/// `ALIGNFLOW_DIST_TEST_KILL=RANK:STEP` makes rank RANK kill itself with
+/// SIGKILL, a rank lost mid-step; `ALIGNFLOW_DIST_TEST_STALL=RANK:STEP:SECS`
+/// holds rank RANK there for SECS seconds, a rank busy far from its next
+/// collective (or stuck in one that does not see a peer die, as NCCL's).
 pub fn test_fault_point(step: u64) {
     if let Some(g) = group() {
         test_fault_point_of(g.rank(), step);
@@ -161,13 +163,18 @@ pub fn test_fault_point(step: u64) {
 
 /// [`test_fault_point`] for `rank`, before the group exists.
 fn test_fault_point_of(rank: usize, step: u64) {
-    let Ok(spec) = std::env::var("ALIGNFLOW_DIST_TEST_KILL") else {
-        return;
+    let numbers = |name: &str| -> Vec<u64> {
+        std::env::var(name)
+            .map(|spec| spec.split(':').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default()
     };
-    let want = spec
-        .split_once(':')
-        .and_then(|(r, s)| Some((r.parse::<usize>().ok()?, s.parse::<u64>().ok()?)));
-    if want == Some((rank, step)) {
+    let here = |at: &[u64]| at.len() >= 2 && (at[0], at[1]) == (rank as u64, step);
+    let stall = numbers("ALIGNFLOW_DIST_TEST_STALL");
+    if here(&stall) && stall.len() == 3 {
+        tracing::warn!(rank, step, secs = stall[2], "ALIGNFLOW_DIST_TEST_STALL: holding this rank");
+        std::thread::sleep(std::time::Duration::from_secs(stall[2]));
+    }
+    if here(&numbers("ALIGNFLOW_DIST_TEST_KILL")) {
         tracing::warn!(rank, step, "ALIGNFLOW_DIST_TEST_KILL: killing this rank");
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

@@ -254,6 +254,16 @@ impl SrunRanks {
         ))
     }
 
+    /// Whether the step has ended other than cleanly: a task failed or
+    /// died, and srun (`--kill-on-bad-exit`) ended the rest.
+    pub fn ended_badly(&mut self) -> bool {
+        self.srun
+            .try_wait()
+            .ok()
+            .flatten()
+            .is_some_and(|status| !status.success())
+    }
+
     /// Waits up to `grace` for the step to end (else stops it) and
     /// describes the ranks that failed, as srun and their `failed` events
     /// tell. A task srun terminated because another failed is not a cause,
