@@ -354,7 +354,7 @@ fn ppo_two_ranks_equal_one(stage: &str) {
     ok(run_with(&p, "pm", &[], &p.path("grads-pm"), &[]));
     ok(run_with(&p, stage, &[&set(1)], &one, &[]));
     ok(run_with(&p, stage, &[&set(2)], &two, &[]));
-    let mut worst_grad = 0.0f64;
+    let (mut first_grad, mut worst_grad) = (0.0f64, 0.0f64);
     let mut steps = 0;
     for step in 1.. {
         let file = |dir: &Path, rank: u32| dir.join(format!("rank-{rank}-step-{step}.safetensors"));
@@ -367,24 +367,54 @@ fn ppo_two_ranks_equal_one(stage: &str) {
             g2, g2_other,
             "{stage} step {step}: the ranks step with different gradients"
         );
-        worst_grad = worst_grad.max(max_diff(&g1, &g2));
+        let diff = max_diff(&g1, &g2);
+        if step == 1 {
+            first_grad = diff;
+        }
+        worst_grad = worst_grad.max(diff);
         steps = step;
     }
     // 3 iterations x 2 epochs x 2 minibatches (GRPO: 1 x 3).
     assert!(steps >= 9, "{stage}: {steps} policy steps");
+    // The first step's gradients come from the same weights and the same
+    // rollout: only the order of the sums differs.
     assert!(
-        worst_grad < 1e-6,
+        first_grad < 1e-6,
+        "{stage}: the first step's gradients differ by {first_grad}"
+    );
+    // Later steps start from weights that differ by the rounding of the
+    // earlier steps, grown by AdamW (below): their gradients differ a little
+    // more, by an amount that depends on the CPU's kernels (measured: 8e-7
+    // on an AVX-512 machine, 4.2e-6 on an AVX2 one).
+    assert!(
+        worst_grad < 1e-5,
         "{stage}: gradients differ by {worst_grad}"
     );
     let path = |name: &str, n: u32| output_path_with(&p, stage, name, &[&set(n)]);
     let (single, parallel) = (tensors(&path("model", 1)), tensors(&path("model", 2)));
-    // Looser than the training ops' 1e-5 after 3 steps: after 9 to 12
-    // AdamW steps, whose update divides each gradient by its running RMS,
-    // a rounding-level difference in a gradient that is itself tiny (the
-    // rarely used position embeddings) becomes a step-level one (measured:
-    // 1.4e-5 there, every other tensor within 4e-6).
-    let worst = max_diff(&single, &parallel);
-    assert!(worst < 5e-5, "{stage}: weights differ by {worst}");
+    // After 9 to 12 AdamW steps at lr 1e-3, whose update divides each
+    // gradient by its running RMS, a rounding-level difference in a gradient
+    // that is itself tiny (the rows of the position embeddings that few
+    // tokens reach) becomes a step-level one: up to lr per step in the worst
+    // case, measured 1.4e-5 (AVX-512) and 5.5e-5 (AVX2). Every other tensor
+    // stays within 1e-5 (measured 4e-6 and 5.5e-6).
+    let positions = "transformer.wpe.weight";
+    let worst_of = |pick: &dyn Fn(&str) -> bool| {
+        let keep = |m: &BTreeMap<String, Vec<f32>>| -> BTreeMap<String, Vec<f32>> {
+            m.iter()
+                .filter(|(name, _)| pick(name))
+                .map(|(n, w)| (n.clone(), w.clone()))
+                .collect()
+        };
+        max_diff(&keep(&single), &keep(&parallel))
+    };
+    let worst = worst_of(&|name| name != positions);
+    assert!(worst < 1e-5, "{stage}: weights differ by {worst}");
+    let worst_positions = worst_of(&|name| name == positions);
+    assert!(
+        worst_positions < 2e-4,
+        "{stage}: the position embeddings differ by {worst_positions}"
+    );
     let base = tensors(&output_path(&p, "base", "model", 1));
     let moved = base
         .iter()
@@ -392,7 +422,7 @@ fn ppo_two_ranks_equal_one(stage: &str) {
         .fold(0.0, f64::max);
     assert!(moved > 1e-4, "{stage}: training changed nothing");
     eprintln!(
-        "{stage}: max |grad diff| {worst_grad:e} over {steps} steps, max |weight diff| {worst:e}"
+        "{stage}: max |grad diff| {first_grad:e} in step 1, {worst_grad:e} over {steps} steps; max |weight diff| {worst:e}, {worst_positions:e} in the position embeddings"
     );
     let read = |name: &str, n: u32| std::fs::read_to_string(path(name, n)).unwrap();
     assert_same_metrics(stage, &read("metrics", 1), &read("metrics", 2), 3);
