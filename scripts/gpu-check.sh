@@ -14,7 +14,8 @@
 # - data parallelism's NCCL path: a one-rank group running every
 #   collective (`doctor --nccl`), tiny.yaml's preference model trained
 #   through it on one GPU (`ALIGNFLOW_DIST_GROUP_OF_ONE=1`), and, on a
-#   machine with two GPUs or more, on two ranks, one per GPU.
+#   machine with two GPUs or more, on two ranks, one per GPU, then again
+#   with rank 1 killed mid-step (the failure's time).
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS]
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16).
 set -uo pipefail  # one section failing must not hide the others
@@ -28,6 +29,19 @@ last_metrics() { # MANIFEST STAGE CACHE
     local metrics
     metrics=$("$bundle/bin/alignflow" show "$1" "$2" --cache-dir "$3" | awk '$1 == "metrics" {print $2}')
     tail -1 "$metrics"
+}
+
+# Forgets tiny.yaml's pm records in CACHE, so that pm alone runs again.
+forget_pm() { # CACHE
+    python3 - "$1/records" <<'PY'
+import json, os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        path = os.path.join(root, name)
+        record = json.load(open(path))
+        if record.get("pipeline") == "tiny" and record.get("stage") == "pm":
+            os.remove(path)
+PY
 }
 
 echo "== doctor, and a one-rank NCCL group on cuda:0 (nccl_check)"
@@ -67,15 +81,7 @@ echo "== the data-parallel path on one GPU (NCCL, a group of one): tiny.yaml's p
 one_cache=$(mktemp -d)
 cp -r "$cache/." "$one_cache/"
 # The same fingerprint: forget pm's record in the copy, so pm alone runs again.
-python3 - "$one_cache/records" <<'PY'
-import json, os, sys
-for root, _, files in os.walk(sys.argv[1]):
-    for name in files:
-        path = os.path.join(root, name)
-        record = json.load(open(path))
-        if record.get("pipeline") == "tiny" and record.get("stage") == "pm":
-            os.remove(path)
-PY
+forget_pm "$one_cache"
 ALIGNFLOW_DIST_GROUP_OF_ONE=1 "$bundle/bin/alignflow" run pipelines/tiny.yaml --quiet --cache-dir "$one_cache" --target pm \
     && grep -h "starting data-parallel ranks" "$one_cache"/logs/*.log | tail -1
 for c in "$cache" "$one_cache"; do
@@ -91,6 +97,15 @@ if [ "$gpus" -ge 2 ]; then
     for manifest in pipelines/tiny.yaml "$dp"; do
         echo "$manifest: pm's last step: $(last_metrics "$manifest" pm "$cache")"
     done
+    echo "== rank 1 of 2 killed in its second step on NCCL: rank 0's watch fails the stage within seconds, not at the 300 s timeout"
+    lost_cache=$(mktemp -d)
+    cp -r "$cache/." "$lost_cache/"
+    forget_pm "$lost_cache"
+    start=$(date +%s)
+    if ALIGNFLOW_DIST_TEST_KILL=1:2 "$bundle/bin/alignflow" run "$dp" --quiet --cache-dir "$lost_cache" --target pm; then
+        echo "FAILED: the run should have failed"
+    fi
+    echo "the lost rank failed the stage in $(( $(date +%s) - start )) s"
     rm -f "$dp"
 else
     echo "== data_parallel on two GPUs: not run, this machine has $gpus GPU(s)"
