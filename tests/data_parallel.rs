@@ -502,41 +502,74 @@ fn a_ppo_resumed_after_a_killed_rank_ends_as_an_uninterrupted_run() {
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
 }
 
+/// A run of `sft` on two ranks that failed.
+struct FailedSft {
+    p: Project,
+    /// The gradients the ranks wrote at each step they finished.
+    grads: PathBuf,
+    stderr: String,
+    /// How long the stage took to fail.
+    took: Duration,
+}
+
+/// Runs `sft` on two ranks under the test hooks `env`, which must make it
+/// fail; everything upstream runs first, so the time taken is the stage's.
+fn failed_sft(env: &[(&str, &str)]) -> FailedSft {
+    let p = project();
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    let grads = p.path("g");
+    let start = Instant::now();
+    let out = run(&p, "sft", 2, &grads, env);
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the run should fail:\n{stderr}");
+    FailedSft {
+        p,
+        grads,
+        stderr,
+        took,
+    }
+}
+
+impl FailedSft {
+    /// The stage failed in under a minute, naming the stage and rank 1,
+    /// and saying `why` rank 0 stopped.
+    fn named_rank_1_within_a_minute(&self, why: Option<&str>) {
+        let stderr = &self.stderr;
+        assert!(
+            stderr.contains("stage `sft`")
+                && stderr.contains("rank 1 of 2 was killed by signal 9")
+                && why.is_none_or(|why| stderr.contains(why)),
+            "{stderr}"
+        );
+        assert!(
+            self.took < Duration::from_secs(60),
+            "the failure took {:?}",
+            self.took
+        );
+    }
+
+    /// Nothing of the failed stage is cached: the next run trains it.
+    fn cached_nothing(&self) {
+        let ran = stages_with_status(
+            &String::from_utf8(run(&self.p, "sft", 2, &self.grads, &[]).stdout).unwrap(),
+            "ran",
+        );
+        assert_eq!(ran, set(&["sft"]));
+    }
+}
+
 #[test]
 fn a_rank_killed_mid_step_fails_the_stage_naming_it_and_caches_nothing() {
-    let p = project();
-    let grads = p.path("grads");
-    // Everything upstream first, so the timing below is the stage's.
-    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
-    let start = Instant::now();
-    let out = run(
-        &p,
-        "sft",
-        2,
-        &grads,
-        &[
-            ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
-            ("ALIGNFLOW_DIST_TIMEOUT_S", "20"),
-        ],
-    );
-    let took = start.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the run should fail:\n{stderr}");
-    assert!(
-        stderr.contains("stage `sft`") && stderr.contains("rank 1 of 2 was killed by signal 9"),
-        "{stderr}"
-    );
-    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+    let failed = failed_sft(&[
+        ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
+        ("ALIGNFLOW_DIST_TIMEOUT_S", "20"),
+    ]);
+    failed.named_rank_1_within_a_minute(None);
     // Step 1 finished on both ranks, step 2 on neither.
-    assert!(grads.join("rank-1-step-1.safetensors").exists());
-    assert!(!grads.join("rank-0-step-2.safetensors").exists());
-
-    // Nothing of the failed stage is cached: the next run trains it.
-    let ran = stages_with_status(
-        &String::from_utf8(run(&p, "sft", 2, &grads, &[]).stdout).unwrap(),
-        "ran",
-    );
-    assert_eq!(ran, set(&["sft"]));
+    assert!(failed.grads.join("rank-1-step-1.safetensors").exists());
+    assert!(!failed.grads.join("rank-0-step-2.safetensors").exists());
+    failed.cached_nothing();
 }
 
 #[test]
@@ -546,39 +579,14 @@ fn a_rank_lost_while_rank_0_is_far_from_a_collective_fails_the_stage_at_once() {
     // rank 0 is held 120 s in step 2, before its all-reduce, while rank 1
     // dies in it: rank 0's watch on the other ranks fails the stage
     // without waiting for rank 0.
-    let p = project();
-    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
-    let grads = p.path("g");
-    let start = Instant::now();
-    let out = run(
-        &p,
-        "sft",
-        2,
-        &grads,
-        &[
-            ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
-            ("ALIGNFLOW_DIST_TEST_STALL", "0:2:120"),
-        ],
-    );
-    let took = start.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the run should fail:\n{stderr}");
-    assert!(
-        stderr.contains("stage `sft`")
-            && stderr.contains("rank 1 of 2 was killed by signal 9")
-            && stderr.contains("stopped at once instead of waiting"),
-        "{stderr}"
-    );
-    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
-    assert!(grads.join("rank-0-step-1.safetensors").exists());
-    assert!(!grads.join("rank-0-step-2.safetensors").exists());
-
-    // Nothing of the failed stage is cached: the next run trains it.
-    let ran = stages_with_status(
-        &String::from_utf8(run(&p, "sft", 2, &grads, &[]).stdout).unwrap(),
-        "ran",
-    );
-    assert_eq!(ran, set(&["sft"]));
+    let failed = failed_sft(&[
+        ("ALIGNFLOW_DIST_TEST_KILL", "1:2"),
+        ("ALIGNFLOW_DIST_TEST_STALL", "0:2:120"),
+    ]);
+    failed.named_rank_1_within_a_minute(Some("stopped at once instead of waiting"));
+    assert!(failed.grads.join("rank-0-step-1.safetensors").exists());
+    assert!(!failed.grads.join("rank-0-step-2.safetensors").exists());
+    failed.cached_nothing();
 }
 
 #[test]
@@ -624,27 +632,9 @@ fn a_resume_after_a_killed_rank_gives_the_weights_of_an_uninterrupted_run() {
 
 #[test]
 fn a_rank_lost_before_joining_fails_the_stage_without_waiting_for_the_timeout() {
-    let p = project();
-    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
-    let start = Instant::now();
     // The default timeout (300 s) stays: the failure must not wait for it.
-    let out = run(
-        &p,
-        "sft",
-        2,
-        &p.path("g"),
-        &[("ALIGNFLOW_DIST_TEST_KILL", "1:0")],
-    );
-    let took = start.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the run should fail:\n{stderr}");
-    assert!(
-        stderr.contains("stage `sft`")
-            && stderr.contains("rank 1 of 2 was killed by signal 9")
-            && stderr.contains("ended before joining the group"),
-        "{stderr}"
-    );
-    assert!(took < Duration::from_secs(60), "the failure took {took:?}");
+    failed_sft(&[("ALIGNFLOW_DIST_TEST_KILL", "1:0")])
+        .named_rank_1_within_a_minute(Some("ended before joining the group"));
 }
 
 #[test]

@@ -227,7 +227,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             (Others::Local(local), started)
         }
     };
-    let mut ranks = Ranks {
+    let ranks = Ranks {
         host,
         held: Arc::new(Held {
             stage: spec.stage.clone(),
@@ -348,16 +348,12 @@ const WATCH_EVERY: Duration = Duration::from_millis(200);
 const WATCH_GRACE: Duration = Duration::from_secs(2);
 
 impl Ranks {
-    fn others(&self) -> MutexGuard<'_, Others> {
-        self.held.others()
-    }
-
     /// Joins the group as rank 0 while watching the other ranks: the join
     /// waits (up to `timeout`) for every rank to arrive, and one that died
     /// on the way never will, so the join runs on its own thread and a dead
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
-    fn join_watching(&mut self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
+    fn join_watching(&self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
         let (world, host, backend) = (self.held.world, self.host.clone(), self.held.backend);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -372,7 +368,7 @@ impl Ranks {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 Err(e) => anyhow::bail!("joining the group: {e}"),
             }
-            let ended = match &mut *self.others() {
+            let ended = match &mut *self.held.others() {
                 Others::Local(local) => local.ended_early(),
                 Others::Srun(step) => step.ended_early(),
             };

@@ -171,7 +171,12 @@ fn test_fault_point_of(rank: usize, step: u64) {
     let here = |at: &[u64]| at.len() >= 2 && (at[0], at[1]) == (rank as u64, step);
     let stall = numbers("ALIGNFLOW_DIST_TEST_STALL");
     if here(&stall) && stall.len() == 3 {
-        tracing::warn!(rank, step, secs = stall[2], "ALIGNFLOW_DIST_TEST_STALL: holding this rank");
+        tracing::warn!(
+            rank,
+            step,
+            secs = stall[2],
+            "ALIGNFLOW_DIST_TEST_STALL: holding this rank"
+        );
         std::thread::sleep(std::time::Duration::from_secs(stall[2]));
     }
     if here(&numbers("ALIGNFLOW_DIST_TEST_KILL")) {
