@@ -9,13 +9,15 @@
 //! checkpointing, see `model::recompute`; c10d collectives for data-parallel
 //! training, see `dist`) and sets `cfg(alignflow_onednn)` and
 //! `cfg(alignflow_c10d)` when it did; and, where the CUDA and NCCL headers
-//! are, the NCCL group (`cfg(alignflow_nccl)`).
+//! are, the NCCL group (`cfg(alignflow_nccl)`) and the CUDA allocator's peak
+//! (`cfg(alignflow_cuda_memory)`, see `cuda_memory`).
 use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(alignflow_onednn)");
     println!("cargo::rustc-check-cfg=cfg(alignflow_c10d)");
     println!("cargo::rustc-check-cfg=cfg(alignflow_nccl)");
+    println!("cargo::rustc-check-cfg=cfg(alignflow_cuda_memory)");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let Some(root) = std::env::var_os("LIBTORCH").map(PathBuf::from) else {
         println!("cargo:warning=LIBTORCH is not set; run `make build` to set up .venv");
@@ -78,11 +80,14 @@ fn compile_shim(root: &Path) {
     compile_nccl(root, &include);
 }
 
-/// The NCCL group (`csrc/nccl.cpp`), against the CUDA and NCCL headers of
-/// the wheels next to torch (`nvidia/cu13`, `nvidia/nccl`): skipped, with a
-/// warning, where they are missing (GPU data parallelism then says so).
+/// The NCCL group (`csrc/nccl.cpp`) and the CUDA allocator's peak
+/// (`csrc/cuda_memory.cpp`), against the CUDA and NCCL headers of the
+/// wheels next to torch (`nvidia/cu13`, `nvidia/nccl`): skipped, with a
+/// warning, where they are missing (GPU data parallelism then says so, and
+/// GPU peaks are not reported).
 fn compile_nccl(root: &Path, include: &Path) {
     println!("cargo:rerun-if-changed=csrc/nccl.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     // `root` is site-packages/torch: the nvidia wheels are beside it.
     let Some(site) = root.parent() else { return };
     let cuda = site.join("nvidia/cu13/include");
@@ -106,13 +111,17 @@ fn compile_nccl(root: &Path, include: &Path) {
         return;
     }
     torch_cpp(include)
-        .file("csrc/nccl.cpp")
+        .files(["csrc/nccl.cpp", "csrc/cuda_memory.cpp"])
         .include(&cuda)
         .include(cuda.join("cccl"))
         .include(&nccl)
         .define("USE_C10D_NCCL", None)
         .compile("alignflow_nccl");
+    // The allocator's statistics live in libc10_cuda, which libtorch_cuda
+    // loads but the linker does not pass on.
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-cfg=alignflow_nccl");
+    println!("cargo:rustc-cfg=alignflow_cuda_memory");
 }
 
 /// A C++ build against torch's headers under `include`, with the settings

@@ -159,7 +159,21 @@ fn run(
         Placement::Worker => ops::implementation(op.name)
             .with_context(|| format!("op `{}` has no implementation in this worker", op.name))?,
     };
-    let result = run(&ctx);
+    let result = run(&ctx).map(|mut metrics| {
+        // What a stage on GPUs held at its peak, as torch users read it.
+        let peaks = alignflow_worker::cuda_memory::stage_peaks();
+        if !peaks.is_empty() {
+            tracing::info!(
+                "peak GPU memory allocated (MiB): {}",
+                serde_json::Value::from(peaks.clone())
+            );
+            metrics.insert(
+                alignflow_worker::cuda_memory::PEAK_METRIC.into(),
+                peaks.into(),
+            );
+        }
+        metrics
+    });
     match ranks {
         Some(ranks) => ranks.finish(result),
         None => result,

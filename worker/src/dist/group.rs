@@ -83,19 +83,10 @@ extern "C" {
         error: *mut *mut c_char,
     ) -> bool;
     fn alignflow_dist_barrier(group: *mut c_void, error: *mut *mut c_char) -> bool;
-    fn alignflow_free_message(message: *mut c_char);
 }
 
-/// The message the shim set, freed.
 #[cfg(alignflow_c10d)]
-unsafe fn take_message(error: *mut c_char) -> String {
-    if error.is_null() {
-        return "unknown error".into();
-    }
-    let message = CStr::from_ptr(error).to_string_lossy().into_owned();
-    alignflow_free_message(error);
-    message
-}
+use crate::shim::take_message;
 
 /// The rendezvous `TCPStore`: hosted by rank 0, reached by the others.
 pub struct Store {
