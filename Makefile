@@ -92,15 +92,6 @@ clean-cache:
 	rm -rf cache/objects cache/trees cache/records cache/locks cache/tmp cache/hashes.json
 
 # What scripts/gpu-check.sh needs on a GPU machine without cargo: release
-# binaries, the parity test binary and transformers-made fixtures.
+# binaries, benches, test binaries and transformers-made fixtures.
 gpu-bundle: setup
-	$(CARGO) build --release --workspace
-	$(CARGO) bench -p alignflow-worker --bench model --bench ppo --no-run
-	$(CARGO) test --release -p alignflow-worker --test model_parity --no-run
-	rm -rf gpu-bundle && mkdir -p gpu-bundle/bin
-	cp target/release/alignflow target/release/alignflow-worker gpu-bundle/bin/
-	cp "$$(ls -t target/release/deps/model_parity-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model_parity
-	cp "$$(ls -t target/release/deps/model-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/model-bench
-	cp "$$(ls -t target/release/deps/ppo-* | grep -v '\.d$$' | head -1)" gpu-bundle/bin/ppo-bench
-	strip gpu-bundle/bin/*  # line tables make them 350 MB; the device carries 64 MiB
-	$(VENV)/bin/python tests/parity/make_reference.py gpu-bundle/fixtures
+	CARGO="$(CARGO)" scripts/gpu-bundle.sh

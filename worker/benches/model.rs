@@ -23,7 +23,15 @@
 //!
 //!   cargo bench -p alignflow-worker --bench model -- [--only sft|rm|sample|mixed]
 //!       [--repeats N] [--threads N] [--device cpu|cuda]
+//!       [--preset design|gpt2-124m|llama-1b] [--batch N] [--bf16] [--peak-tflops T]
 //!
+//! For the GPU check: `--preset` swaps the model of every section for
+//! GPT-2-124M or a Llama-3.2-1B shape (random init; SFT then on batch 8 x
+//! 1024), `--batch` sets the sampling batch and the rows decoding at once
+//! in `mixed` (64: the whole mixed workload at once), `--bf16` trains under
+//! bf16 autocast and samples with bf16 weights (as `generate` with `dtype:
+//! auto` on a GPU), and `--peak-tflops` turns the SFT step's FLOPs into model
+//! FLOPs utilisation. `benches/peer_hf.py` takes the same flags.
 //! `--threads` defaults to `ALIGNFLOW_BENCH_THREADS`, else 2.
 //! The AdamW settings are torch.optim.AdamW's defaults, which is what the peer
 //! uses: weight decay 0.01 on every tensor (`decay_min_dim: 0`).
@@ -55,10 +63,12 @@ struct Args {
     threads: i32,
     device: Device,
     device_name: String,
-    /// `--preset gpt2-124m`: the SFT step at GPT-2-124M size (batch 8 x 1024),
-    /// for the GPU check; default: the docs/DESIGN.md workload.
-    gpt2_124m: bool,
-    /// `--bf16`: bf16 autocast on CUDA.
+    /// `--preset`: the model of every section (default: the docs/DESIGN.md
+    /// workload's).
+    preset: Preset,
+    /// `--batch`: sampling's batch, and the rows `mixed` decodes at once.
+    batch: i64,
+    /// `--bf16`: training under bf16 autocast, sampling with bf16 weights.
     bf16: bool,
     /// `--peak-tflops`: the device's dense peak, to report model FLOPs utilisation.
     peak_tflops: Option<f64>,
@@ -74,7 +84,8 @@ fn parse_args() -> anyhow::Result<Args> {
         },
         device: Device::Cpu,
         device_name: "cpu".into(),
-        gpt2_124m: false,
+        preset: Preset::Design,
+        batch: BATCH,
         bf16: false,
         peak_tflops: None,
     };
@@ -98,16 +109,19 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.device = alignflow_worker::model::device(&v)?;
                 args.device_name = v;
             }
-            "--preset" => match value("--preset")?.as_str() {
-                "gpt2-124m" => args.gpt2_124m = true,
-                "design" => args.gpt2_124m = false,
-                v => bail!("--preset design|gpt2-124m, not {v}"),
-            },
+            "--preset" => {
+                let v = value("--preset")?;
+                args.preset = Preset::ALL
+                    .into_iter()
+                    .find(|p| p.name() == v)
+                    .with_context(|| format!("--preset design|gpt2-124m|llama-1b, not {v}"))?;
+            }
+            "--batch" => args.batch = value("--batch")?.parse()?,
             "--bf16" => args.bf16 = true,
             "--peak-tflops" => args.peak_tflops = Some(value("--peak-tflops")?.parse()?),
             "-h" | "--help" => {
                 println!(
-                    "model bench: [--only sft|rm|sample|mixed] [--repeats N] [--threads N] [--device cpu|cuda] [--preset design|gpt2-124m] [--bf16] [--peak-tflops T]"
+                    "model bench: [--only sft|rm|sample|mixed] [--repeats N] [--threads N] [--device cpu|cuda] [--preset design|gpt2-124m|llama-1b] [--batch N] [--bf16] [--peak-tflops T]"
                 );
                 std::process::exit(0);
             }
@@ -115,6 +129,7 @@ fn parse_args() -> anyhow::Result<Args> {
         }
     }
     anyhow::ensure!(args.repeats > 0, "--repeats must be positive");
+    anyhow::ensure!(args.batch > 0, "--batch must be positive");
     Ok(args)
 }
 
@@ -153,12 +168,68 @@ fn timed(
     Ok((median(&samples), samples, Value::Object(phase_json)))
 }
 
-fn model(head: Head, device: Device) -> anyhow::Result<Model> {
-    let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(
-        VOCAB, POSITIONS, WIDTH, LAYERS, HEADS, 0, 0.0,
-    ))?;
+/// The model every section runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Preset {
+    /// docs/DESIGN.md section 6's GPT-2 (vocab 4096, width 256, 4 layers).
+    Design,
+    /// GPT-2-124M: vocab 50257, 1024 positions, width 768, 12 layers, 12 heads.
+    Gpt2_124m,
+    /// Llama-3.2-1B's shape (1.24B parameters): vocab 128256, width 2048,
+    /// 16 layers, 32 heads (8 for keys and values), MLP 8192, tied embeddings.
+    Llama1b,
+}
+
+impl Preset {
+    const ALL: [Preset; 3] = [Preset::Design, Preset::Gpt2_124m, Preset::Llama1b];
+
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Design => "design",
+            Preset::Gpt2_124m => "gpt2-124m",
+            Preset::Llama1b => "llama-1b",
+        }
+    }
+
+    fn config(self) -> anyhow::Result<ModelConfig> {
+        ModelConfig::from_json(match self {
+            Preset::Design => {
+                ModelConfig::gpt2_json(VOCAB, POSITIONS, WIDTH, LAYERS, HEADS, 0, 0.0)
+            }
+            Preset::Gpt2_124m => ModelConfig::gpt2_json(50257, 1024, 768, 12, 12, 0, 0.0),
+            Preset::Llama1b => {
+                ModelConfig::llama_json(128_256, 2048, 2048, 16, 32, 8, 8192, 0, true)
+            }
+        })
+    }
+
+    /// The SFT step's batch x sequence length.
+    fn sft_shape(self) -> (i64, i64) {
+        match self {
+            Preset::Design => (SFT_BATCH, SFT_SEQ),
+            Preset::Gpt2_124m | Preset::Llama1b => (8, 1024),
+        }
+    }
+}
+
+/// The preset's model with `head`, float32 (trained under autocast with
+/// `--bf16`).
+fn model(head: Head, a: &Args) -> anyhow::Result<Model> {
+    let cfg = a.preset.config()?;
     tch::manual_seed(0);
-    Ok(Model::init(&cfg, &BuildOptions::new(device, head)))
+    Ok(Model::init(&cfg, &BuildOptions::new(a.device, head)))
+}
+
+/// The preset's model for sampling: in bf16 with `--bf16`, as `generate`
+/// holds it with `dtype: auto` on a GPU.
+fn sampling_model(a: &Args) -> anyhow::Result<Model> {
+    let cfg = a.preset.config()?;
+    tch::manual_seed(0);
+    let mut options = BuildOptions::new(a.device, Head::Lm);
+    if a.bf16 {
+        options.kind = Kind::BFloat16;
+    }
+    Ok(Model::init(&cfg, &options))
 }
 
 /// Random tokens in [1, VOCAB), seed 0 (bos = eos = pad = 0 never appears).
@@ -207,18 +278,8 @@ fn train_step(
 }
 
 fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
-    // GPT-2-124M: vocab 50257, 1024 positions, width 768, 12 layers, 12 heads.
-    let (m, batch, seq) = if a.gpt2_124m {
-        let cfg = ModelConfig::from_json(ModelConfig::gpt2_json(50257, 1024, 768, 12, 12, 0, 0.0))?;
-        tch::manual_seed(0);
-        (
-            Model::init(&cfg, &BuildOptions::new(a.device, Head::Lm)),
-            8,
-            1024,
-        )
-    } else {
-        (model(Head::Lm, a.device)?, SFT_BATCH, SFT_SEQ)
-    };
+    let m = model(Head::Lm, a)?;
+    let (batch, seq) = a.preset.sft_shape();
     let mut opt = optimizer(&m)?;
     let ids = tokens(&[batch, seq], a.device);
     let mask = ids.ones_like();
@@ -239,7 +300,7 @@ fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     Ok((
         json!({"bench": "sft_step", "tokens_per_s": tokens_per_s,
                "s_per_step": med, "batch": batch, "seq": seq, "params": params,
-               "preset": if a.gpt2_124m { "gpt2-124m" } else { "design" }, "bf16": a.bf16,
+               "preset": a.preset.name(), "bf16": a.bf16,
                "model_tflops": tokens_per_s * flops_per_token / 1e12, "mfu": mfu,
                "fused_adamw": opt.is_fused()}),
         samples,
@@ -248,7 +309,7 @@ fn bench_sft(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
 }
 
 fn bench_rm(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
-    let m = model(Head::Reward, a.device)?;
+    let m = model(Head::Reward, a)?;
     let mut opt = optimizer(&m)?;
     // Rows [0, 8) chosen, [8, 16) rejected.
     let ids = tokens(&[2 * RM_PAIRS, RM_SEQ], a.device);
@@ -269,9 +330,9 @@ fn bench_rm(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
 }
 
 fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
-    let m = model(Head::Lm, a.device)?;
-    let prompt = tokens(&[BATCH, PROMPT], Device::Cpu);
-    let prompts: Vec<Vec<i64>> = (0..BATCH)
+    let m = sampling_model(a)?;
+    let prompt = tokens(&[a.batch, PROMPT], Device::Cpu);
+    let prompts: Vec<Vec<i64>> = (0..a.batch)
         .map(|i| Vec::<i64>::try_from(&prompt.get(i)).expect("prompt ids"))
         .collect();
     let cfg = SamplingConfig {
@@ -299,7 +360,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         });
         let total = t0.elapsed().as_secs_f64();
         anyhow::ensure!(
-            out.len() == BATCH as usize
+            out.len() == a.batch as usize
                 && out.iter().all(|s| s.tokens.len() == NEW_TOKENS as usize),
             "generate returned the wrong number of tokens"
         );
@@ -317,8 +378,8 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
         ))
     })?;
     Ok((
-        json!({"bench": "sampling", "new_tokens_per_s": (BATCH * NEW_TOKENS) as f64 / med,
-               "s_per_call": med, "batch": BATCH, "prompt": PROMPT,
+        json!({"bench": "sampling", "new_tokens_per_s": (a.batch * NEW_TOKENS) as f64 / med,
+               "s_per_call": med, "batch": a.batch, "prompt": PROMPT, "preset": a.preset.name(),
                "new_tokens": NEW_TOKENS}),
         samples,
         phases,
@@ -327,7 +388,7 @@ fn bench_sample(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
 
 /// Mixed lengths: continuous batching against a static batch's idle rows.
 fn bench_mixed(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
-    let m = model(Head::Lm, a.device)?;
+    let m = sampling_model(a)?;
     let prompt = tokens(&[MIXED_PROMPTS, PROMPT], Device::Cpu);
     let prompts: Vec<Vec<i64>> = (0..MIXED_PROMPTS)
         .map(|i| Vec::<i64>::try_from(&prompt.get(i)).expect("prompt ids"))
@@ -346,7 +407,7 @@ fn bench_mixed(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     let cfg = SamplingConfig {
         max_new_tokens: MIXED_MAX_NEW,
         temperature: 1.0,
-        max_rows: BATCH as usize,
+        max_rows: a.batch as usize,
         ..Default::default()
     };
     let lengths: Vec<usize> = (0..requests.len()).map(mixed_length).collect();
@@ -373,13 +434,13 @@ fn bench_mixed(a: &Args) -> anyhow::Result<(Value, Vec<f64>, Value)> {
     let stats = stats.expect("timed ran");
     Ok((
         json!({"bench": "mixed", "new_tokens_per_s": new_tokens as f64 / med,
-               "s_per_call": med, "rows": requests.len(), "max_rows": BATCH,
+               "s_per_call": med, "rows": requests.len(), "max_rows": a.batch, "preset": a.preset.name(),
                "prompt": PROMPT, "samples_per_prompt": MIXED_SAMPLES,
                "max_new_tokens": MIXED_MAX_NEW, "new_tokens": new_tokens,
                "prefills": stats.prefills, "steps": stats.steps,
                "row_steps": stats.row_steps,
                "idle_row_fraction": 1.0 - new_tokens as f64 / stats.row_steps as f64,
-               "static_idle_row_fraction": static_idle_fraction(&lengths, BATCH as usize)}),
+               "static_idle_row_fraction": static_idle_fraction(&lengths, a.batch as usize)}),
         samples,
         phases,
     ))
@@ -424,7 +485,23 @@ fn main() -> anyhow::Result<()> {
         out.insert("rss_after_init_mib".into(), json!(rss_after_init));
         out.insert("threads".into(), json!(a.threads));
         out.insert("device".into(), json!(a.device_name));
-        out.insert("dtype".into(), json!("float32"));
+        out.insert(
+            "dtype".into(),
+            json!(match (a.bf16, name) {
+                (true, "sft") => "float32, bf16 autocast",
+                (true, "sample" | "mixed") => "bfloat16",
+                _ => "float32",
+            }),
+        );
+        if let Device::Cuda(_) = a.device {
+            out.insert(
+                "cuda_peak_allocated_mib".into(),
+                json!(
+                    alignflow_worker::cuda_memory::peak_allocated(a.device)? as f64
+                        / (1u64 << 20) as f64
+                ),
+            );
+        }
         out.insert(
             "torch".into(),
             json!(option_env!("ALIGNFLOW_LIBTORCH_VERSION")),
