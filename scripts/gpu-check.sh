@@ -28,10 +28,10 @@
 # (BUNDLE_DIR, default gpu-bundle, is unpacked from BUNDLE_DIR.tar.gz if
 # only that is there.)
 # PEAK_TFLOPS defaults to 989 (H100/H200 SXM dense bf16). No section named:
-# all of them (about 9 minutes on an H200: the device tool runs one command
-# for 10 minutes at most, so name half of them per call, e.g. `doctor
-# parity memory sft sampler`, then `ppo pipeline nccl`, which needs
-# pipeline's cache from the same machine).
+# all of them. Their limits add up to more than the 10 minutes the device
+# tool gives one command, so name about half per call: `doctor parity
+# memory sft`, then `sampler ppo pipeline nccl` (nccl uses pipeline's
+# cache, so those two go in one call or on one warm machine).
 set -uo pipefail  # one section failing must not hide the others
 bundle=${1:-gpu-bundle}
 peak=${2:-989}
@@ -188,9 +188,9 @@ nccl() {
 
 section doctor 60
 section parity 90
-section memory 180
+section memory 240
 section sft 150
-section sampler 120
+section sampler 150
 section ppo 120
 section pipeline 240
 section nccl 150
