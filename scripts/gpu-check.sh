@@ -21,9 +21,11 @@
 #   GPU, reference and reward model on the CPU), whose figures must track
 #   the all-GPU run's;
 # - nccl: tiny.yaml's preference model trained through a NCCL group of one
-#   (`ALIGNFLOW_DIST_GROUP_OF_ONE=1`, against pipeline's plain run) and, on
-#   a machine with two GPUs or more, on two ranks, one per GPU, then again
-#   with rank 1 killed mid-step (the failure's time).
+#   (`ALIGNFLOW_DIST_GROUP_OF_ONE=1`, against pipeline's plain run), and its
+#   placed PPO stage too; on a machine with two GPUs or more, pm on two
+#   ranks, one per GPU, then again with rank 1 killed mid-step (the
+#   failure's time); with four or more, the placed PPO stage on two ranks
+#   of two GPUs each.
 # Usage: scripts/gpu-check.sh [BUNDLE_DIR] [PEAK_TFLOPS] [SECTION...]
 # (BUNDLE_DIR, default gpu-bundle, is unpacked from BUNDLE_DIR.tar.gz if
 # only that is there.)
@@ -67,17 +69,25 @@ last_metrics() { # MANIFEST STAGE CACHE
     tail -1 "$metrics"
 }
 
-# Forgets tiny.yaml's pm records in CACHE, so that pm alone runs again.
-forget_pm() { # CACHE
-    python3 - "$1/records" <<'PY'
+# Forgets tiny.yaml's STAGE records in CACHE, so that STAGE alone runs again.
+forget() { # CACHE STAGE
+    python3 - "$1/records" "$2" <<'PY'
 import json, os, sys
 for root, _, files in os.walk(sys.argv[1]):
     for name in files:
         path = os.path.join(root, name)
         record = json.load(open(path))
-        if record.get("pipeline") == "tiny" and record.get("stage") == "pm":
+        if record.get("pipeline") == "tiny" and record.get("stage") == sys.argv[2]:
             os.remove(path)
 PY
+}
+
+# Writes tiny.yaml with rl_cai's models placed by role (PLACEMENT, a YAML
+# flow map) to OUT.
+write_placed() { # OUT PLACEMENT
+    sed "s/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0 }/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0, placement: $2 }/" \
+        pipelines/tiny.yaml > "$1"
+    grep -q "placement:" "$1" || echo "FAILED: the rl_cai params line of tiny.yaml changed; update this script"
 }
 
 doctor() {
@@ -140,9 +150,7 @@ PY
 
     echo "== models placed by role: tiny.yaml's rl_cai with the policy and value model on cuda:0, the reference and the reward model on the CPU"
     placed=pipelines/tiny-placed.yaml
-    sed 's/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0 }/    params: { lr: 1.0e-4, batch_size: 16, target_kl: 3.0, placement: { policy: cuda:0, value: cuda:0, reference: cpu, reward: cpu } }/' \
-        pipelines/tiny.yaml > "$placed"
-    grep -q "placement:" "$placed" || echo "FAILED: the rl_cai params line of tiny.yaml changed; update this script"
+    write_placed "$placed" "{ policy: cuda:0, value: cuda:0, reference: cpu, reward: cpu }"
     "$bundle/bin/alignflow" run "$placed" --quiet --cache-dir "$cache" --target rl_cai
     for manifest in pipelines/tiny.yaml "$placed"; do
         echo "$manifest: last iteration: $(last_metrics "$manifest" rl_cai "$cache")"
@@ -155,12 +163,22 @@ nccl() {
     one_cache=$(mktemp -d)
     cp -r "$cache/." "$one_cache/"
     # The same fingerprint: forget pm's record in the copy, so pm alone runs again.
-    forget_pm "$one_cache"
+    forget "$one_cache" pm
     ALIGNFLOW_DIST_GROUP_OF_ONE=1 "$bundle/bin/alignflow" run pipelines/tiny.yaml --quiet --cache-dir "$one_cache" --target pm \
         && grep -h "starting data-parallel ranks" "$one_cache"/logs/*.log | tail -1
     for c in "$cache" "$one_cache"; do
         echo "$c: pm's last step: $(last_metrics pipelines/tiny.yaml pm "$c")"
     done
+
+    echo "== models placed by role on the data-parallel path (NCCL, a group of one, bound to the policy's GPU): rl_cai with the reference and reward model on the CPU, against pipeline's placed run"
+    placed=pipelines/tiny-placed.yaml
+    write_placed "$placed" "{ policy: cuda:0, value: cuda:0, reference: cpu, reward: cpu }"
+    forget "$one_cache" rl_cai
+    ALIGNFLOW_DIST_GROUP_OF_ONE=1 "$bundle/bin/alignflow" run "$placed" --quiet --cache-dir "$one_cache" --target rl_cai
+    for c in "$cache" "$one_cache"; do
+        echo "$c: rl_cai placed, last iteration: $(last_metrics "$placed" rl_cai "$c")"
+    done
+    rm -f "$placed"
 
     gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
     if [ "$gpus" -ge 2 ]; then
@@ -174,7 +192,7 @@ nccl() {
         echo "== rank 1 of 2 killed in its second step on NCCL: rank 0's watch fails the stage within seconds, not at the 300 s timeout"
         lost_cache=$(mktemp -d)
         cp -r "$cache/." "$lost_cache/"
-        forget_pm "$lost_cache"
+        forget "$lost_cache" pm
         start=$(date +%s)
         if ALIGNFLOW_DIST_TEST_KILL=1:2 "$bundle/bin/alignflow" run "$dp" --quiet --cache-dir "$lost_cache" --target pm; then
             echo "FAILED: the run should have failed"
@@ -183,6 +201,21 @@ nccl() {
         rm -f "$dp"
     else
         echo "== data_parallel on two GPUs: not run, this machine has $gpus GPU(s)"
+    fi
+    if [ "$gpus" -ge 4 ]; then
+        echo "== data_parallel: 2 with models placed by role (NCCL): rl_cai on 4 GPUs, each rank its policy and value model on one, its reference and reward model on another"
+        placed_dp=pipelines/tiny-placed-dp.yaml
+        write_placed "$placed_dp" "{ policy: cuda:0, value: cuda:0, reference: cuda:1, reward: cuda:1 }, data_parallel: 2"
+        nvidia-smi --query-gpu=index,memory.used --format=csv -l 5 > /tmp/gpu-use.csv &
+        smi=$!
+        "$bundle/bin/alignflow" run "$placed_dp" --quiet --cache-dir "$cache" --target rl_cai
+        kill $smi
+        echo "GPUs that held memory during the run (index, most MiB):"
+        awk -F', ' 'NR > 1 {split($2, m, " "); if (m[1] > max[$1]) max[$1] = m[1]} END {for (i in max) print "  " i ": " max[i]}' /tmp/gpu-use.csv
+        echo "$placed_dp: rl_cai's last iteration: $(last_metrics "$placed_dp" rl_cai "$cache")"
+        rm -f "$placed_dp"
+    else
+        echo "== data_parallel with placement across GPUs: not run, this machine has $gpus GPU(s) (4 needed)"
     fi
 }
 
@@ -193,4 +226,4 @@ section sft 150
 section sampler 150
 section ppo 120
 section pipeline 240
-section nccl 150
+section nccl 200

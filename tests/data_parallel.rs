@@ -34,6 +34,7 @@ params:
   dp: 1
   ckpt: 0
   ppo_dp: 1
+  placement: {}
 stages:
   hh:
     op: dataset.import
@@ -73,7 +74,7 @@ stages:
   ppo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
-    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, checkpoint_every: "${params.ckpt}", data_parallel: "${params.ppo_dp}" }
+    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, checkpoint_every: "${params.ckpt}", data_parallel: "${params.ppo_dp}", placement: "${params.placement}" }
   grpo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
@@ -449,6 +450,55 @@ fn ppo_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
 #[test]
 fn grpo_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
     ppo_two_ranks_equal_one("grpo");
+}
+
+/// Each rank of a placed stage holds its own copy of the placement (on
+/// GPUs, its own run of the stage's GPUs): on the CPU, every role placed
+/// on `cpu` trains on two Gloo ranks to the bits of the unplaced two-rank
+/// run, samples included.
+#[test]
+fn ppo_placed_by_role_on_two_gloo_ranks_gives_the_unplaced_ranks_bits() {
+    let p = project();
+    ok(run_with(&p, "pm", &[], &p.path("grads-pm"), &[]));
+    let unplaced = ["params.ppo_dp=2"];
+    let placed = [
+        "params.ppo_dp=2",
+        "params.placement={policy: cpu, reference: cpu, reward: cpu, value: cpu}",
+    ];
+    ok(run_with(
+        &p,
+        "ppo",
+        &unplaced,
+        &p.path("grads-unplaced"),
+        &[],
+    ));
+    ok(run_with(&p, "ppo", &placed, &p.path("grads-placed"), &[]));
+    // The placed run ran (placement is in the fingerprint), placed and on
+    // two ranks.
+    let placed_log = walk(&p.path("cache/logs"))
+        .into_iter()
+        .map(|log| std::fs::read_to_string(log).unwrap())
+        .find(|log| log.contains("models placed by role"))
+        .expect("a log of the placed run");
+    assert!(
+        placed_log.contains("rank 1 of 2 joined the data-parallel group"),
+        "{placed_log}"
+    );
+    let id = |output: &str, sets: &[&str]| -> String {
+        let mut args = vec!["show", "pipeline.yaml", "ppo", "--json"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let shown: serde_json::Value = serde_json::from_str(&p.ok(&args)).unwrap();
+        shown[output]["id"].as_str().unwrap().to_string()
+    };
+    for output in ["model", "samples"] {
+        assert_eq!(
+            id(output, &unplaced),
+            id(output, &placed),
+            "ppo's {output}: placed on the CPU it differs from the unplaced run"
+        );
+    }
 }
 
 #[test]

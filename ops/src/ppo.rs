@@ -270,7 +270,9 @@ pub struct PpoParams {
     #[serde(default, skip_serializing_if = "crate::memory::Dtype::is_auto")]
     pub dtype: crate::memory::Dtype,
     /// Processes the stage runs on (Gloo on the CPU, NCCL on one GPU per
-    /// rank; see `sft`'s `data_parallel`; not with `placement` on GPUs): each rank samples, scores and takes the forward
+    /// rank; see `sft`'s `data_parallel`; with `placement`, each rank holds
+    /// the GPUs it names, rank R the stage's `cuda:(R * placed + i)` for
+    /// `cuda:i`): each rank samples, scores and takes the forward
     /// passes of its share of the prompts (whole groups), the rollouts are
     /// gathered so every rank shapes the same rewards and advantages, and
     /// each minibatch is split among the ranks, its gradients averaged

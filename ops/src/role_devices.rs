@@ -107,6 +107,25 @@ impl RoleDevices {
             .max()
             .unwrap_or(0)
     }
+
+    /// Data-parallel rank `rank`'s copy of the placement, where each rank
+    /// holds `per_rank` of the stage's GPUs, in order: the rank's `cuda:i`
+    /// is the stage's `cuda:(rank * per_rank + i)`. The CPU, and a string
+    /// that is not a device (the op names it), stay as they are.
+    pub fn for_rank(&self, rank: usize, per_rank: usize) -> RoleDevices {
+        let shift = |device: &Option<String>| {
+            device.as_ref().map(|d| match gpu_index(d) {
+                Some(i) => format!("cuda:{}", rank * per_rank + i),
+                None => d.clone(),
+            })
+        };
+        RoleDevices {
+            policy: shift(&self.policy),
+            reference: shift(&self.reference),
+            reward: shift(&self.reward),
+            value: shift(&self.value),
+        }
+    }
 }
 
 /// The stage-relative index of a GPU device string (`cuda` is `cuda:0`).
@@ -115,6 +134,14 @@ pub fn gpu_index(device: &str) -> Option<usize> {
         "cuda" => Some(0),
         other => other.strip_prefix("cuda:")?.parse().ok(),
     }
+}
+
+/// The GPUs a stage holds whose `placement` names `placed` GPUs and which
+/// runs on `ranks` data-parallel ranks: each rank holds its own copy of
+/// every model, so each takes the placement's GPUs (see
+/// [`RoleDevices::for_rank`]).
+pub fn placed_gpus(placed: usize, ranks: usize) -> usize {
+    placed * ranks.max(1)
 }
 
 /// The GPUs a stage's `placement` param (`params["placement"]`) names, 0
@@ -163,5 +190,32 @@ mod tests {
         assert_eq!(gpus_named(Some(&serde_json::json!({"value": "cuda:1"}))), 2);
         assert_eq!(gpus_named(Some(&serde_json::json!({"value": 3}))), 0);
         assert_eq!(gpus_named(None), 0);
+    }
+
+    #[test]
+    fn each_rank_takes_its_own_run_of_the_stages_gpus() {
+        let p: RoleDevices = serde_json::from_value(serde_json::json!({
+            "policy": "cuda", "reference": "cuda:1", "reward": "cpu"
+        }))
+        .unwrap();
+        assert_eq!(p.for_rank(0, 2), {
+            let mut same = p.clone();
+            same.policy = Some("cuda:0".into());
+            same
+        });
+        let third = p.for_rank(2, 2);
+        assert_eq!(third.policy.as_deref(), Some("cuda:4"));
+        assert_eq!(third.reference.as_deref(), Some("cuda:5"));
+        assert_eq!(third.reward.as_deref(), Some("cpu"));
+        assert_eq!(third.value, None);
+        // Not a device: left for the op's check to name.
+        let bad = RoleDevices {
+            value: Some("gpu1".into()),
+            ..RoleDevices::default()
+        };
+        assert_eq!(bad.for_rank(1, 3), bad);
+        assert_eq!(placed_gpus(2, 3), 6);
+        assert_eq!(placed_gpus(2, 0), 2);
+        assert_eq!(placed_gpus(0, 4), 0);
     }
 }

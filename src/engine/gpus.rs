@@ -102,9 +102,10 @@ impl GpuSlots {
     /// The GPUs of a stage asking for `device` whose `placement` names
     /// `placed` GPUs (0: none) and which runs on `ranks` data-parallel
     /// ranks (1: one process); `None` means run on the CPU. A placement
-    /// takes that many GPUs (at least one on `cuda`/`auto`), the ones with
-    /// the most free slots, and so do ranks on GPUs, one each; `cuda:N`
-    /// pins the stage to GPU N alone.
+    /// takes that many GPUs for each rank (each holds its own copy of every
+    /// model), the ones with the most free slots, and ranks on GPUs without
+    /// one take one GPU each (at least one on `cuda`/`auto`); `cuda:N` pins
+    /// the stage to GPU N alone.
     pub(super) async fn acquire(
         &self,
         device: &str,
@@ -123,7 +124,7 @@ impl GpuSlots {
             ),
         };
         let wanted = match device {
-            _ if placed > 0 => placed,
+            _ if placed > 0 => alignflow_ops::role_devices::placed_gpus(placed, ranks),
             "cpu" => return Ok(None),
             // Ranks on the CPU (Gloo) where no GPU is.
             "auto" if count == 0 => return Ok(None),
@@ -147,7 +148,11 @@ impl GpuSlots {
                 (0, n) => format!(
                     "`params.data_parallel: {n}` on device `{device}` takes one GPU per rank,"
                 ),
-                (n, _) => format!("`params.placement` names {n} GPU(s)"),
+                (n, 0 | 1) => format!("`params.placement` names {n} GPU(s)"),
+                (n, r) => format!(
+                    "`params.placement` names {n} GPU(s) for each of `params.data_parallel: {r}` ranks ({} in all),",
+                    n * r
+                ),
             };
             return Err(anyhow::anyhow!("{asked} but {count} GPU(s) are visible").into());
         }
@@ -222,6 +227,36 @@ mod tests {
             assert_eq!(again.indices, vec![0, 1]);
             drop((one, again));
             assert_eq!(slots.total(), 3);
+        });
+    }
+
+    #[test]
+    fn placed_ranks_each_hold_the_gpus_their_placement_names() {
+        run(async {
+            let slots = GpuSlots::of(5, 1);
+            let cancel = CancellationToken::new();
+            let four = slots.acquire("cuda", 2, 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(four.visible(), "0,1,2,3");
+            // Ranks on the CPU with a model on a GPU: one GPU per rank, so
+            // two, where one is free.
+            let waiting = tokio::time::timeout(
+                Duration::from_millis(50),
+                slots.acquire("cpu", 1, 2, &cancel),
+            )
+            .await;
+            assert!(waiting.is_err(), "it should wait for two free GPUs");
+            drop(four);
+            let two = slots.acquire("cpu", 1, 2, &cancel).await.unwrap().unwrap();
+            assert_eq!(two.indices, vec![0, 1]);
+            let few = GpuSlots::of(3, 1);
+            let err = match few.acquire("cuda", 2, 2, &cancel).await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("4 GPUs on a machine of 3"),
+            };
+            assert!(
+                err.contains("`params.placement` names 2 GPU(s) for each of `params.data_parallel: 2` ranks (4 in all), but 3 GPU(s) are visible"),
+                "{err}"
+            );
         });
     }
 

@@ -163,7 +163,8 @@ pub struct StageDef {
 pub struct Resources {
     /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
     /// cuda` or `cuda:N` and no `gpus` asks for one, or one per rank with
-    /// `data_parallel` (or as many as its `placement` names). Over 1, on a
+    /// `data_parallel` (or as many as its `placement` names, for each
+    /// rank). Over 1, on a
     /// training stage on `device: cuda` that sets neither `data_parallel`
     /// nor `placement`, also its `data_parallel` (one rank per GPU, with
     /// either executor; so it enters the fingerprint through that param).
@@ -187,13 +188,15 @@ pub struct Resources {
 
 impl Resources {
     /// GPUs the stage's job asks for: `gpus`, else those its `placement`
-    /// names (`placed`), else one per data-parallel rank (`ranks`) or one
-    /// for a stage pinned to a GPU (`device: cuda`, `cuda:N`) that runs in
-    /// the worker.
+    /// names (`placed`) for each data-parallel rank (`ranks`), else one per
+    /// rank or one for a stage pinned to a GPU (`device: cuda`, `cuda:N`)
+    /// that runs in the worker.
     pub fn gpus_for(&self, device: &str, in_worker: bool, placed: usize, ranks: usize) -> u32 {
         match self.gpus {
             Some(n) => n,
-            None if in_worker && placed > 0 => placed as u32,
+            None if in_worker && placed > 0 => {
+                alignflow_ops::role_devices::placed_gpus(placed, ranks) as u32
+            }
             None if in_worker && device.starts_with("cuda") => ranks.max(1) as u32,
             None => 0,
         }

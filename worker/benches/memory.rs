@@ -294,7 +294,7 @@ fn child(
     let seconds = t0.elapsed().as_secs_f64();
     let cuda_peak_mib = match alignflow_worker::model::device(device)? {
         Device::Cpu => None,
-        gpu => Some(cuda_memory::peak_allocated(gpu)? as f64 / (1u64 << 20) as f64),
+        gpu => Some(cuda_memory::peak_mib(gpu)?),
     };
     Ok(json!({"peak_rss_mib": vm_hwm_mib(), "cuda_peak_mib": cuda_peak_mib, "seconds": seconds}))
 }

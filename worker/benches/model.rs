@@ -496,10 +496,7 @@ fn main() -> anyhow::Result<()> {
         if let Device::Cuda(_) = a.device {
             out.insert(
                 "cuda_peak_allocated_mib".into(),
-                json!(
-                    alignflow_worker::cuda_memory::peak_allocated(a.device)? as f64
-                        / (1u64 << 20) as f64
-                ),
+                json!(alignflow_worker::cuda_memory::peak_mib(a.device)?),
             );
         }
         out.insert(

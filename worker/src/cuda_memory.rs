@@ -80,6 +80,13 @@ pub fn peak_allocated(device: Device) -> anyhow::Result<u64> {
     ffi::peak(index(device)?)
 }
 
+/// [`peak_allocated`] in MiB, to a tenth: what the stage metrics and the
+/// benchmarks print.
+pub fn peak_mib(device: Device) -> anyhow::Result<f64> {
+    let bytes = peak_allocated(device)?;
+    Ok((bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0)
+}
+
 /// Starts a new peak on `device` from what is allocated now
 /// (`torch.cuda.reset_peak_memory_stats(device)`).
 pub fn reset_peak(device: Device) -> anyhow::Result<()> {
@@ -94,9 +101,8 @@ pub fn stage_peaks() -> serde_json::Map<String, serde_json::Value> {
     }
     (0..tch::Cuda::device_count())
         .filter_map(|i| {
-            let bytes = peak_allocated(Device::Cuda(i as usize)).ok()?;
-            let mib = (bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0;
-            (bytes > 0).then(|| (format!("cuda:{i}"), mib.into()))
+            let mib = peak_mib(Device::Cuda(i as usize)).ok()?;
+            (mib > 0.0).then(|| (format!("cuda:{i}"), mib.into()))
         })
         .collect()
 }
@@ -129,6 +135,11 @@ mod tests {
         drop(t);
         reset_peak(gpu).unwrap();
         assert_eq!(peak_allocated(gpu).unwrap(), before);
+        let mib = peak_mib(gpu).unwrap();
+        assert!(
+            (mib - before as f64 / (1u64 << 20) as f64).abs() <= 0.05,
+            "{mib}"
+        );
         assert!(stage_peaks().contains_key("cuda:0"));
     }
 }

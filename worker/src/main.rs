@@ -159,9 +159,15 @@ fn run(
         Placement::Worker => ops::implementation(op.name)
             .with_context(|| format!("op `{}` has no implementation in this worker", op.name))?,
     };
+    // A stage on the CPU asks no CUDA driver for its peaks.
+    let on_gpus = spec.device != "cpu"
+        || alignflow_ops::role_devices::gpus_named(spec.params.get("placement")) > 0;
     let result = run(&ctx).map(|mut metrics| {
         // What a stage on GPUs held at its peak, as torch users read it.
-        let peaks = alignflow_worker::cuda_memory::stage_peaks();
+        let peaks = match on_gpus {
+            true => alignflow_worker::cuda_memory::stage_peaks(),
+            false => Default::default(),
+        };
         if !peaks.is_empty() {
             tracing::info!(
                 "peak GPU memory allocated (MiB): {}",

@@ -177,11 +177,21 @@ pub(super) async fn run_remote(
     let gpus = stage
         .resources
         .gpus_for(&stage.device, op.runs_in_worker(), placed, ranks);
-    // Ranks on GPUs: one task holding one GPU per rank.
-    let ranks_on_gpus = gpus > 0 && stage.device != "cpu" && op.runs_in_worker();
-    if ranks_on_gpus && ranks > 1 && (gpus as usize) < ranks {
+    // Ranks on GPUs, or with models placed on GPUs: one task holding the
+    // GPUs of every rank, which its worker deals out.
+    let ranks_on_gpus = gpus > 0 && (stage.device != "cpu" || placed > 0) && op.runs_in_worker();
+    let per_rank = match stage.device.as_str() {
+        "cpu" => placed,
+        _ => placed.max(1),
+    };
+    let needed = per_rank * ranks;
+    if ranks_on_gpus && ranks > 1 && (gpus as usize) < needed {
+        let what = match placed {
+            0 => "runs one rank per GPU".to_string(),
+            n => format!("runs each rank on the {n} GPU(s) `params.placement` names"),
+        };
         return Err(anyhow::anyhow!(
-            "stage `{}`: `resources.gpus: {gpus}` but `params.data_parallel: {ranks}` runs one rank per GPU: ask for {ranks} GPUs (or leave `gpus` out)",
+            "stage `{}`: `resources.gpus: {gpus}` but `params.data_parallel: {ranks}` {what}: ask for {needed} GPUs (or leave `gpus` out)",
             stage.id
         )
         .into());

@@ -99,10 +99,10 @@ pub fn sbatch_args(
 }
 
 /// The tasks of a job for a stage of `ranks` data-parallel ranks, on GPUs
-/// (`on_gpus`: the job has GPUs and the stage's device is not the CPU) or
-/// not. Ranks on GPUs are one task on one node, whose worker starts them
-/// there, one per GPU (as torchrun in an sbatch job); on the CPU each rank
-/// is a task, started by srun.
+/// (`on_gpus`: the job has GPUs, for the ranks or for the models their
+/// placement puts on GPUs) or not. Ranks on GPUs are one task on one node,
+/// whose worker starts them there, each on its own GPUs (as torchrun in an
+/// sbatch job); on the CPU each rank is a task, started by srun.
 pub fn job_tasks(on_gpus: bool, ranks: usize) -> usize {
     match on_gpus {
         true => 1,
@@ -284,6 +284,9 @@ mod tests {
         assert_eq!(none.gpus_for("cuda", true, 0, 3), 3);
         assert_eq!(none.gpus_for("cuda", true, 0, 1), 1);
         assert_eq!(none.gpus_for("cpu", true, 0, 3), 0);
+        // Each rank holds the GPUs its placement names.
+        assert_eq!(none.gpus_for("cuda", true, 2, 3), 6);
+        assert_eq!(none.gpus_for("cpu", true, 1, 2), 2);
         let two = Resources {
             gpus: Some(2),
             ..Resources::default()

@@ -307,7 +307,7 @@ impl Group {
     /// are flattened into buckets of about 25 MiB (per dtype), each bucket
     /// summed in one all-reduce and divided by the world size.
     pub fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<(), DistError> {
-        in_buckets(tensors, |flat| {
+        in_buckets(tensors, self.device, |flat| {
             self.all_reduce_sum(flat)?;
             let _ = flat.shallow_clone().g_div_scalar_(self.world as f64);
             Ok(())
@@ -317,7 +317,7 @@ impl Group {
     /// Copies rank `root`'s tensors into every rank's, in place, in buckets
     /// as [`Group::all_reduce_mean`].
     pub fn broadcast_all(&self, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
-        in_buckets(tensors, |flat| self.broadcast(flat, root))
+        in_buckets(tensors, self.device, |flat| self.broadcast(flat, root))
     }
 
     /// Copies rank `root`'s `t` into every rank's `t` (contiguous), in place.
@@ -480,10 +480,13 @@ fn buckets(tensors: &[Tensor]) -> Vec<Vec<&Tensor>> {
     out
 }
 
-/// Runs `f` on each bucket of `tensors` flattened into one tensor, then
-/// copies the bucket back into the tensors.
+/// Runs `f` on each bucket of `tensors` flattened into one tensor on the
+/// group's `device`, then copies the bucket back into the tensors. A
+/// model placed on another device than the group's (a value model beside
+/// the policy's GPU) thus takes part at the cost of a copy each way.
 fn in_buckets(
     tensors: &[Tensor],
+    device: tch::Device,
     mut f: impl FnMut(&Tensor) -> Result<(), DistError>,
 ) -> Result<(), DistError> {
     let _guard = tch::no_grad_guard();
@@ -491,7 +494,8 @@ fn in_buckets(
         let flat = Tensor::cat(
             &bucket.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(),
             0,
-        );
+        )
+        .to_device(device);
         f(&flat)?;
         let mut at = 0;
         for t in bucket {

@@ -35,7 +35,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use alignflow_ops::protocol::{Metrics, StageSpec, WorkerEvent, NOT_BITWISE_METRIC};
+use alignflow_ops::role_devices::gpu_index;
 use alignflow_ops::training::data_parallel_ranks;
+use alignflow_ops::RoleDevices;
 
 use super::local::{self, LocalRanks};
 use super::srun::{self, SrunRanks};
@@ -169,8 +171,8 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         // Rank 0 gave a rank on a GPU its own (`LocalRanks::spawn`), and
         // the environment of NCCL's blocking wait.
         let group = match crate::model::device(&spec.device)? {
-            tch::Device::Cuda(index) => {
-                Group::join_nccl(store, env.rank, env.world, index, timeout)?
+            tch::Device::Cuda(_) => {
+                Group::join_nccl(store, env.rank, env.world, group_gpu(spec), timeout)?
             }
             _ => Group::join(store, env.rank, env.world, &env.device_host, timeout)?,
         };
@@ -240,7 +242,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
     if let Err(e) = started {
         return Err(ranks.held.fail(e));
     }
-    match ranks.join_watching(store, timeout) {
+    match ranks.join_watching(store, group_gpu(spec), timeout) {
         Ok(group) => {
             install(group);
             ranks.watch();
@@ -255,16 +257,68 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
 pub(super) enum Backend {
     /// On the CPU.
     Gloo,
-    /// One GPU per rank: rank R on `cuda:R` of the GPUs the engine
-    /// reserved for the stage (one per rank).
+    /// Ranks on GPUs, each on its own run of the GPUs the engine reserved
+    /// for the stage ([`rank_spec`]).
     Nccl,
 }
 
+/// The stage's `placement`, if it has a valid one that places a role.
+fn placement_of(spec: &StageSpec) -> Option<RoleDevices> {
+    let placement = spec.params.get("placement")?;
+    serde_json::from_value::<RoleDevices>(placement.clone())
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+/// The stage's GPUs each rank holds: those its placement names (every
+/// rank holds its own copy of every model), at least one for a rank on a
+/// GPU; none for a rank whose models are all on the CPU.
+fn gpus_per_rank(spec: &StageSpec, backend: Backend) -> usize {
+    let placed = placement_of(spec).map_or(0, |p| p.gpus());
+    match backend {
+        Backend::Nccl => placed.max(1),
+        Backend::Gloo => placed,
+    }
+}
+
+/// Rank `rank`'s copy of the stage's spec as to devices: the stage's GPUs
+/// are dealt out in runs of [`gpus_per_rank`], so the rank's device and
+/// the GPUs its placement names move to its own run (rank 0 keeps the
+/// stage's `cuda:0..`, rank R starts at `cuda:(R * per_rank)`).
+pub(super) fn rank_spec(spec: &StageSpec, rank: usize, backend: Backend) -> StageSpec {
+    let per_rank = gpus_per_rank(spec, backend);
+    let mut own = spec.clone();
+    if backend == Backend::Nccl {
+        own.device = format!("cuda:{}", rank * per_rank);
+    }
+    if let (Some(placement), Some(params)) = (placement_of(spec), own.params.as_object_mut()) {
+        let moved = serde_json::to_value(placement.for_rank(rank, per_rank))
+            .expect("a placement serializes");
+        params.insert("placement".into(), moved);
+    }
+    own
+}
+
+/// The GPU a rank's NCCL group is bound to: its policy's, whose gradients
+/// every all-reduce carries (the value model's, on another device, are
+/// copied there: [`super::group`]), else the rank's device (`auto` on a
+/// GPU is `cuda:0`).
+pub(super) fn group_gpu(spec: &StageSpec) -> usize {
+    placement_of(spec)
+        .and_then(|p| p.policy.as_deref().and_then(gpu_index))
+        .or_else(|| gpu_index(&spec.device))
+        .unwrap_or(0)
+}
+
 /// The backend of a stage with `world` ranks on its `device`: Gloo on the
-/// CPU, NCCL on GPUs, where every rank runs on this machine (one GPU each,
-/// the first `world` the stage sees) and no model is placed by role.
+/// CPU, NCCL on GPUs, where every rank runs on this machine, each on its
+/// own run of the stage's GPUs ([`rank_spec`]).
 fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<Backend> {
     let stage = &spec.stage;
+    anyhow::ensure!(
+        !(by_srun && placement_of(spec).is_some_and(|p| p.gpus() > 0)),
+        "stage `{stage}`: `params.placement` puts models on GPUs, but data_parallel: {world} under the Slurm executor runs its ranks on the CPU of several nodes (srun): place every role on `cpu`, or run the stage on one node"
+    );
     match crate::model::device(&spec.device)? {
         tch::Device::Cpu => Ok(Backend::Gloo),
         device => {
@@ -279,18 +333,19 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
                 spec.device
             );
             anyhow::ensure!(
-                spec.params.get("placement").is_none_or(|p| p.as_object().is_some_and(|o| o.is_empty())),
-                "stage `{stage}`: `params.placement` and data_parallel: {world} on GPUs cannot be combined yet (each rank would need its own set of GPUs): drop one of them"
-            );
-            anyhow::ensure!(
                 super::nccl_available(),
                 "stage `{stage}`: {}",
                 super::DistError::NcclUnavailable
             );
             let visible = tch::Cuda::device_count() as usize;
+            let per_rank = gpus_per_rank(spec, Backend::Nccl);
+            let what = match per_rank {
+                1 => "one GPU per rank".to_string(),
+                n => format!("the {n} GPUs `params.placement` names, for each rank"),
+            };
             anyhow::ensure!(
-                visible >= world,
-                "stage `{stage}`: data_parallel: {world} takes one GPU per rank, but this stage sees {visible} GPU(s)"
+                visible >= world * per_rank,
+                "stage `{stage}`: data_parallel: {world} takes {what}, but this stage sees {visible} GPU(s)"
             );
             Ok(Backend::Nccl)
         }
@@ -348,18 +403,19 @@ const WATCH_EVERY: Duration = Duration::from_millis(200);
 const WATCH_GRACE: Duration = Duration::from_secs(2);
 
 impl Ranks {
-    /// Joins the group as rank 0 while watching the other ranks: the join
+    /// Joins the group as rank 0 (bound to `gpu` over NCCL) while watching
+    /// the other ranks: the join
     /// waits (up to `timeout`) for every rank to arrive, and one that died
     /// on the way never will, so the join runs on its own thread and a dead
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
-    fn join_watching(&self, store: Store, timeout: Duration) -> anyhow::Result<Group> {
+    fn join_watching(&self, store: Store, gpu: usize, timeout: Duration) -> anyhow::Result<Group> {
         let (world, host, backend) = (self.held.world, self.host.clone(), self.held.backend);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(match backend {
                 Backend::Gloo => Group::join(store, 0, world, &host, timeout),
-                Backend::Nccl => Group::join_nccl(store, 0, world, 0, timeout),
+                Backend::Nccl => Group::join_nccl(store, 0, world, gpu, timeout),
             });
         });
         loop {
@@ -522,5 +578,105 @@ mod tests {
         );
         assert_eq!(threads_per_rank(Some(8), 2), 4);
         assert_eq!(threads_per_rank(Some(1), 2), 1);
+    }
+
+    fn spec(device: &str, params: serde_json::Value) -> StageSpec {
+        StageSpec {
+            pipeline: "p".into(),
+            stage: "ppo".into(),
+            op: "ppo".into(),
+            op_version: 1,
+            params,
+            inputs: Default::default(),
+            outputs: Vec::new(),
+            out_dir: "out".into(),
+            work_dir: ".".into(),
+            checkpoint_dir: "ckpt".into(),
+            device: device.into(),
+            seed: 0,
+            threads: None,
+        }
+    }
+
+    #[test]
+    fn each_gpu_rank_holds_its_own_run_of_the_stages_gpus() {
+        // Two ranks, each with the two GPUs the placement names: rank 1
+        // holds the stage's GPUs 2 and 3.
+        let placed = spec(
+            "cuda",
+            serde_json::json!({"data_parallel": 2, "placement": {"reference": "cuda:1", "reward": "cpu"}}),
+        );
+        assert_eq!(gpus_per_rank(&placed, Backend::Nccl), 2);
+        let first = rank_spec(&placed, 0, Backend::Nccl);
+        assert_eq!(first.device, "cuda:0");
+        assert_eq!(first.params["placement"]["reference"], "cuda:1");
+        let second = rank_spec(&placed, 1, Backend::Nccl);
+        assert_eq!(second.device, "cuda:2");
+        assert_eq!(
+            second.params["placement"],
+            serde_json::json!({"reference": "cuda:3", "reward": "cpu"})
+        );
+        assert_eq!(second.params["data_parallel"], 2);
+        // The group sits on the policy's GPU: the rank's device here, the
+        // placed one where the policy is placed.
+        assert_eq!(group_gpu(&first), 0);
+        assert_eq!(group_gpu(&second), 2);
+        let policy_on_1 = spec(
+            "cuda",
+            serde_json::json!({"placement": {"policy": "cuda:1", "value": "cuda"}}),
+        );
+        let third = rank_spec(&policy_on_1, 2, Backend::Nccl);
+        assert_eq!(third.device, "cuda:4");
+        assert_eq!(third.params["placement"]["value"], "cuda:4");
+        assert_eq!(group_gpu(&third), 5);
+        // Without a placement, one GPU per rank, as before.
+        let plain = spec("cuda", serde_json::json!({"data_parallel": 3}));
+        assert_eq!(gpus_per_rank(&plain, Backend::Nccl), 1);
+        assert_eq!(rank_spec(&plain, 2, Backend::Nccl).device, "cuda:2");
+        assert!(rank_spec(&plain, 2, Backend::Nccl)
+            .params
+            .get("placement")
+            .is_none());
+    }
+
+    #[test]
+    fn cpu_ranks_keep_the_cpu_and_move_only_the_gpus_a_placement_names() {
+        let on_cpu = spec(
+            "cpu",
+            serde_json::json!({"placement": {"policy": "cpu", "reward": "cpu"}}),
+        );
+        assert_eq!(gpus_per_rank(&on_cpu, Backend::Gloo), 0);
+        let second = rank_spec(&on_cpu, 1, Backend::Gloo);
+        assert_eq!(second.device, "cpu");
+        assert_eq!(second.params, on_cpu.params);
+        // Gloo ranks whose reward model is on a GPU: one GPU each.
+        let reward_on_gpu = spec("cpu", serde_json::json!({"placement": {"reward": "cuda"}}));
+        assert_eq!(gpus_per_rank(&reward_on_gpu, Backend::Gloo), 1);
+        let second = rank_spec(&reward_on_gpu, 1, Backend::Gloo);
+        assert_eq!(
+            (
+                second.device.as_str(),
+                &second.params["placement"]["reward"]
+            ),
+            ("cpu", &serde_json::json!("cuda:1"))
+        );
+        // A placement that is not one is left to the op to name.
+        let bad = spec("cuda", serde_json::json!({"placement": "cuda:1"}));
+        assert_eq!(rank_spec(&bad, 1, Backend::Nccl).params, bad.params);
+    }
+
+    #[test]
+    fn placed_gpus_under_srun_fail_naming_the_field() {
+        let placed = spec(
+            "cpu",
+            serde_json::json!({"placement": {"reward": "cuda:0"}}),
+        );
+        let err = backend_of(&placed, 2, true).unwrap_err().to_string();
+        assert!(
+            err.contains("stage `ppo`: `params.placement` puts models on GPUs"),
+            "{err}"
+        );
+        let on_cpu = spec("cpu", serde_json::json!({"placement": {"reward": "cpu"}}));
+        assert_eq!(backend_of(&on_cpu, 2, true).unwrap(), Backend::Gloo);
     }
 }

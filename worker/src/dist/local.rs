@@ -15,7 +15,9 @@ use anyhow::Context;
 
 use alignflow_ops::protocol::{StageSpec, WorkerEvent};
 
-use super::launch::{die_with_parent, fresh_scratch, Backend, ENV_RANK, ENV_STORE, ENV_WORLD};
+use super::launch::{
+    die_with_parent, fresh_scratch, rank_spec, Backend, ENV_RANK, ENV_STORE, ENV_WORLD,
+};
 use super::Store;
 
 /// The address every local rank binds and meets on.
@@ -71,13 +73,10 @@ impl LocalRanks {
         threads: usize,
     ) -> anyhow::Result<()> {
         let scratch = fresh_scratch(&spec.checkpoint_dir, rank)?;
-        let mut own = spec.clone();
+        // On GPUs, the rank's own run of the stage's GPUs.
+        let mut own = rank_spec(spec, rank, self.backend);
         own.out_dir = scratch.clone();
         own.threads = Some(threads);
-        if self.backend == Backend::Nccl {
-            // One GPU per rank: rank R on the stage's GPU R.
-            own.device = format!("cuda:{rank}");
-        }
         let exe = std::env::current_exe().context("locating the worker executable")?;
         let mut command = Command::new(&exe);
         command
