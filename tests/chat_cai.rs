@@ -378,23 +378,51 @@ fn greedy_equals_transformers(p: &Project, family: &str) {
 /// answers equal transformers'. Gemma 2 has Gemma's template (the same
 /// text); SmolLM3, OLMo 2 and Mistral, whose own templates are not in
 /// `tests/data/chat-templates`, have Qwen2.5's ChatML one (SmolLM3's own is
-/// ChatML too).
+/// ChatML too). One test per family, so that the test threads share them.
+fn greedy_on(family: &str, template: &str) {
+    let p = Project::new();
+    make_checkpoint(&p, family, template);
+    greedy_equals_transformers(&p, family);
+}
+
 #[test]
-fn greedy_generation_on_chat_checkpoints_of_every_family() {
-    for (family, template) in [
-        ("qwen2", "qwen2_5.jinja"),
-        ("gemma", "gemma.jinja"),
-        ("gemma2", "gemma.jinja"),
-        ("gemma3", "gemma3.jinja"),
-        ("phi3", "phi3.jinja"),
-        ("smollm3", "qwen2_5.jinja"),
-        ("olmo2", "qwen2_5.jinja"),
-        ("mistral", "qwen2_5.jinja"),
-    ] {
-        let p = Project::new();
-        make_checkpoint(&p, family, template);
-        greedy_equals_transformers(&p, family);
-    }
+fn greedy_generation_on_a_qwen2_chat_checkpoint() {
+    greedy_on("qwen2", "qwen2_5.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_gemma_chat_checkpoint() {
+    greedy_on("gemma", "gemma.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_gemma2_chat_checkpoint() {
+    greedy_on("gemma2", "gemma.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_gemma3_chat_checkpoint() {
+    greedy_on("gemma3", "gemma3.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_phi3_chat_checkpoint() {
+    greedy_on("phi3", "phi3.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_smollm3_chat_checkpoint() {
+    greedy_on("smollm3", "qwen2_5.jinja");
+}
+
+#[test]
+fn greedy_generation_on_an_olmo2_chat_checkpoint() {
+    greedy_on("olmo2", "qwen2_5.jinja");
+}
+
+#[test]
+fn greedy_generation_on_a_mistral_chat_checkpoint() {
+    greedy_on("mistral", "qwen2_5.jinja");
 }
 
 #[test]
