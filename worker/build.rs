@@ -54,6 +54,7 @@ fn compile_shim(root: &Path) {
         "csrc/onednn_linear.cpp",
         "csrc/checkpoint.cpp",
         "csrc/collectives.cpp",
+        "csrc/widened_linear.cpp",
     ];
     for source in sources {
         println!("cargo:rerun-if-changed={source}");

@@ -319,8 +319,8 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
         !(by_srun && placement_of(spec).is_some_and(|p| p.gpus() > 0)),
         "stage `{stage}`: `params.placement` puts models on GPUs, but data_parallel: {world} under the Slurm executor runs its ranks on the CPU of several nodes (srun): place every role on `cpu`, or run the stage on one node"
     );
-    match crate::model::device(&spec.device)? {
-        tch::Device::Cpu => Ok(Backend::Gloo),
+    let backend = match crate::model::device(&spec.device)? {
+        tch::Device::Cpu => Backend::Gloo,
         device => {
             anyhow::ensure!(
                 !by_srun,
@@ -329,7 +329,7 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
             );
             anyhow::ensure!(
                 device == tch::Device::Cuda(0),
-                "stage `{stage}`: data_parallel: {world} puts rank R on the stage's GPU R; device `{}` pins one GPU: set `device: cuda`",
+                "stage `{stage}`: data_parallel: {world} deals the stage's GPUs out to its ranks; device `{}` pins one GPU: set `device: cuda`",
                 spec.device
             );
             anyhow::ensure!(
@@ -337,19 +337,25 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
                 "stage `{stage}`: {}",
                 super::DistError::NcclUnavailable
             );
-            let visible = tch::Cuda::device_count() as usize;
-            let per_rank = gpus_per_rank(spec, Backend::Nccl);
-            let what = match per_rank {
-                1 => "one GPU per rank".to_string(),
-                n => format!("the {n} GPUs `params.placement` names, for each rank"),
-            };
-            anyhow::ensure!(
-                visible >= world * per_rank,
-                "stage `{stage}`: data_parallel: {world} takes {what}, but this stage sees {visible} GPU(s)"
-            );
-            Ok(Backend::Nccl)
+            Backend::Nccl
         }
+    };
+    let per_rank = gpus_per_rank(spec, backend);
+    if per_rank > 0 {
+        let visible = match tch::Cuda::is_available() {
+            true => tch::Cuda::device_count() as usize,
+            false => 0,
+        };
+        let what = match (backend, per_rank) {
+            (Backend::Nccl, 1) => "one GPU per rank".to_string(),
+            (_, n) => format!("the {n} GPU(s) `params.placement` names, for each rank"),
+        };
+        anyhow::ensure!(
+            visible >= world * per_rank,
+            "stage `{stage}`: data_parallel: {world} takes {what}, but this stage sees {visible} GPU(s)"
+        );
     }
+    Ok(backend)
 }
 
 /// Intra-op threads per rank: the stage's threads (else the machine's
@@ -678,5 +684,19 @@ mod tests {
         );
         let on_cpu = spec("cpu", serde_json::json!({"placement": {"reward": "cpu"}}));
         assert_eq!(backend_of(&on_cpu, 2, true).unwrap(), Backend::Gloo);
+    }
+
+    #[test]
+    fn ranks_whose_placement_names_gpus_the_stage_lacks_fail_before_starting() {
+        // 64 GPUs for each of two ranks: more than any machine here has.
+        let placed = spec(
+            "cpu",
+            serde_json::json!({"placement": {"reward": "cuda:63"}}),
+        );
+        let err = backend_of(&placed, 2, false).unwrap_err().to_string();
+        assert!(
+            err.contains("stage `ppo`: data_parallel: 2 takes the 64 GPU(s) `params.placement` names, for each rank, but this stage sees"),
+            "{err}"
+        );
     }
 }

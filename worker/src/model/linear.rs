@@ -12,6 +12,7 @@ use tch::{nn, Kind, Tensor};
 use alignflow_ops::training::{LoraParams, LoraTargets as TargetParams, NamedTargets};
 
 use super::config::Arch;
+use super::half_cpu;
 use super::onednn::{self, Packed, PostOp};
 
 thread_local! {
@@ -263,8 +264,13 @@ impl Linear {
         self.packed.lock().expect("pack lock").is_some()
     }
 
-    /// The base map through libtorch.
+    /// The base map through libtorch (in float32 where the weight is half
+    /// precision on a CPU without such kernels: [`half_cpu`]).
     fn plain(&self, x: &Tensor) -> Tensor {
+        if half_cpu::widens(&self.weight) {
+            let out_in = self.layout == Layout::OutIn;
+            return half_cpu::linear(x, &self.weight, self.bias.as_ref(), out_in);
+        }
         match self.layout {
             Layout::OutIn => x.linear(&self.weight, self.bias.as_ref()),
             Layout::InOut => match &self.bias {

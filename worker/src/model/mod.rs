@@ -9,6 +9,7 @@ mod attention;
 pub mod checkpoint;
 mod config;
 mod gpt2;
+mod half_cpu;
 mod linear;
 mod llama;
 mod logprobs;
@@ -250,7 +251,10 @@ impl Transformer {
                     .as_ref()
                     .filter(|_| !onednn::grad_enabled())
                     .and_then(|p| linear::packed_forward(p, hidden, None, onednn::PostOp::None))
-                    .unwrap_or_else(|| hidden.linear::<Tensor>(self.embeddings(), None))
+                    .unwrap_or_else(|| match half_cpu::widens(self.embeddings()) {
+                        true => half_cpu::linear(hidden, self.embeddings(), None, true),
+                        false => hidden.linear::<Tensor>(self.embeddings(), None),
+                    })
             }
         }
     }
