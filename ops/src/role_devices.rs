@@ -136,12 +136,15 @@ pub fn gpu_index(device: &str) -> Option<usize> {
     }
 }
 
-/// The GPUs a stage holds whose `placement` names `placed` GPUs and which
-/// runs on `ranks` data-parallel ranks: each rank holds its own copy of
-/// every model, so each takes the placement's GPUs (see
-/// [`RoleDevices::for_rank`]).
-pub fn placed_gpus(placed: usize, ranks: usize) -> usize {
-    placed * ranks.max(1)
+/// The stage's GPUs each data-parallel rank (or the one process) holds:
+/// those the stage's `placement` names (`placed`; each rank holds its own
+/// copy of every model, see [`RoleDevices::for_rank`]), at least one for a
+/// rank on a GPU (`on_gpu`), none for one whose models are all on the CPU.
+pub fn gpus_per_rank(placed: usize, on_gpu: bool) -> usize {
+    match on_gpu {
+        true => placed.max(1),
+        false => placed,
+    }
 }
 
 /// The GPUs a stage's `placement` param (`params["placement"]`) names, 0
@@ -214,8 +217,9 @@ mod tests {
             ..RoleDevices::default()
         };
         assert_eq!(bad.for_rank(1, 3), bad);
-        assert_eq!(placed_gpus(2, 3), 6);
-        assert_eq!(placed_gpus(2, 0), 2);
-        assert_eq!(placed_gpus(0, 4), 0);
+        assert_eq!(gpus_per_rank(2, true), 2);
+        assert_eq!(gpus_per_rank(2, false), 2);
+        assert_eq!(gpus_per_rank(0, true), 1);
+        assert_eq!(gpus_per_rank(0, false), 0);
     }
 }

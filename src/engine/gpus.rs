@@ -124,11 +124,10 @@ impl GpuSlots {
             ),
         };
         let wanted = match device {
-            _ if placed > 0 => alignflow_ops::role_devices::placed_gpus(placed, ranks),
-            "cpu" => return Ok(None),
+            "cpu" if placed == 0 => return Ok(None),
             // Ranks on the CPU (Gloo) where no GPU is.
-            "auto" if count == 0 => return Ok(None),
-            _ => ranks.max(1),
+            "auto" if count == 0 && placed == 0 => return Ok(None),
+            _ => alignflow_ops::role_devices::gpus_per_rank(placed, device != "cpu") * ranks.max(1),
         };
         if pinned.is_some() && placed > 0 {
             return Err(anyhow::anyhow!(

@@ -194,10 +194,11 @@ impl Resources {
     pub fn gpus_for(&self, device: &str, in_worker: bool, placed: usize, ranks: usize) -> u32 {
         match self.gpus {
             Some(n) => n,
-            None if in_worker && placed > 0 => {
-                alignflow_ops::role_devices::placed_gpus(placed, ranks) as u32
+            None if in_worker => {
+                let per_rank =
+                    alignflow_ops::role_devices::gpus_per_rank(placed, device.starts_with("cuda"));
+                (per_rank * ranks.max(1)) as u32
             }
-            None if in_worker && device.starts_with("cuda") => ranks.max(1) as u32,
             None => 0,
         }
     }

@@ -180,11 +180,7 @@ pub(super) async fn run_remote(
     // Ranks on GPUs, or with models placed on GPUs: one task holding the
     // GPUs of every rank, which its worker deals out.
     let ranks_on_gpus = gpus > 0 && (stage.device != "cpu" || placed > 0) && op.runs_in_worker();
-    let per_rank = match stage.device.as_str() {
-        "cpu" => placed,
-        _ => placed.max(1),
-    };
-    let needed = per_rank * ranks;
+    let needed = alignflow_ops::role_devices::gpus_per_rank(placed, stage.device != "cpu") * ranks;
     if ranks_on_gpus && ranks > 1 && (gpus as usize) < needed {
         let what = match placed {
             0 => "runs one rank per GPU".to_string(),

@@ -270,15 +270,13 @@ fn placement_of(spec: &StageSpec) -> Option<RoleDevices> {
         .filter(|p| !p.is_empty())
 }
 
-/// The stage's GPUs each rank holds: those its placement names (every
-/// rank holds its own copy of every model), at least one for a rank on a
-/// GPU; none for a rank whose models are all on the CPU.
-fn gpus_per_rank(spec: &StageSpec, backend: Backend) -> usize {
-    let placed = placement_of(spec).map_or(0, |p| p.gpus());
-    match backend {
-        Backend::Nccl => placed.max(1),
-        Backend::Gloo => placed,
-    }
+/// The stage's GPUs each rank holds ([`gpus_per_rank`] of the GPUs
+/// `placement` names: at least one for a rank on a GPU).
+///
+/// [`gpus_per_rank`]: alignflow_ops::role_devices::gpus_per_rank
+fn gpus_per_rank(placement: Option<&RoleDevices>, backend: Backend) -> usize {
+    let placed = placement.map_or(0, RoleDevices::gpus);
+    alignflow_ops::role_devices::gpus_per_rank(placed, backend == Backend::Nccl)
 }
 
 /// Rank `rank`'s copy of the stage's spec as to devices: the stage's GPUs
@@ -286,12 +284,13 @@ fn gpus_per_rank(spec: &StageSpec, backend: Backend) -> usize {
 /// the GPUs its placement names move to its own run (rank 0 keeps the
 /// stage's `cuda:0..`, rank R starts at `cuda:(R * per_rank)`).
 pub(super) fn rank_spec(spec: &StageSpec, rank: usize, backend: Backend) -> StageSpec {
-    let per_rank = gpus_per_rank(spec, backend);
+    let placement = placement_of(spec);
+    let per_rank = gpus_per_rank(placement.as_ref(), backend);
     let mut own = spec.clone();
     if backend == Backend::Nccl {
         own.device = format!("cuda:{}", rank * per_rank);
     }
-    if let (Some(placement), Some(params)) = (placement_of(spec), own.params.as_object_mut()) {
+    if let (Some(placement), Some(params)) = (placement, own.params.as_object_mut()) {
         let moved = serde_json::to_value(placement.for_rank(rank, per_rank))
             .expect("a placement serializes");
         params.insert("placement".into(), moved);
@@ -315,8 +314,9 @@ pub(super) fn group_gpu(spec: &StageSpec) -> usize {
 /// own run of the stage's GPUs ([`rank_spec`]).
 fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<Backend> {
     let stage = &spec.stage;
+    let placement = placement_of(spec);
     anyhow::ensure!(
-        !(by_srun && placement_of(spec).is_some_and(|p| p.gpus() > 0)),
+        !(by_srun && placement.as_ref().is_some_and(|p| p.gpus() > 0)),
         "stage `{stage}`: `params.placement` puts models on GPUs, but data_parallel: {world} under the Slurm executor runs its ranks on the CPU of several nodes (srun): place every role on `cpu`, or run the stage on one node"
     );
     let backend = match crate::model::device(&spec.device)? {
@@ -340,7 +340,7 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
             Backend::Nccl
         }
     };
-    let per_rank = gpus_per_rank(spec, backend);
+    let per_rank = gpus_per_rank(placement.as_ref(), backend);
     if per_rank > 0 {
         let visible = match tch::Cuda::is_available() {
             true => tch::Cuda::device_count() as usize,
@@ -612,7 +612,10 @@ mod tests {
             "cuda",
             serde_json::json!({"data_parallel": 2, "placement": {"reference": "cuda:1", "reward": "cpu"}}),
         );
-        assert_eq!(gpus_per_rank(&placed, Backend::Nccl), 2);
+        assert_eq!(
+            gpus_per_rank(placement_of(&placed).as_ref(), Backend::Nccl),
+            2
+        );
         let first = rank_spec(&placed, 0, Backend::Nccl);
         assert_eq!(first.device, "cuda:0");
         assert_eq!(first.params["placement"]["reference"], "cuda:1");
@@ -637,7 +640,10 @@ mod tests {
         assert_eq!(group_gpu(&third), 5);
         // Without a placement, one GPU per rank, as before.
         let plain = spec("cuda", serde_json::json!({"data_parallel": 3}));
-        assert_eq!(gpus_per_rank(&plain, Backend::Nccl), 1);
+        assert_eq!(
+            gpus_per_rank(placement_of(&plain).as_ref(), Backend::Nccl),
+            1
+        );
         assert_eq!(rank_spec(&plain, 2, Backend::Nccl).device, "cuda:2");
         assert!(rank_spec(&plain, 2, Backend::Nccl)
             .params
@@ -651,13 +657,19 @@ mod tests {
             "cpu",
             serde_json::json!({"placement": {"policy": "cpu", "reward": "cpu"}}),
         );
-        assert_eq!(gpus_per_rank(&on_cpu, Backend::Gloo), 0);
+        assert_eq!(
+            gpus_per_rank(placement_of(&on_cpu).as_ref(), Backend::Gloo),
+            0
+        );
         let second = rank_spec(&on_cpu, 1, Backend::Gloo);
         assert_eq!(second.device, "cpu");
         assert_eq!(second.params, on_cpu.params);
         // Gloo ranks whose reward model is on a GPU: one GPU each.
         let reward_on_gpu = spec("cpu", serde_json::json!({"placement": {"reward": "cuda"}}));
-        assert_eq!(gpus_per_rank(&reward_on_gpu, Backend::Gloo), 1);
+        assert_eq!(
+            gpus_per_rank(placement_of(&reward_on_gpu).as_ref(), Backend::Gloo),
+            1
+        );
         let second = rank_spec(&reward_on_gpu, 1, Backend::Gloo);
         assert_eq!(
             (
