@@ -459,6 +459,131 @@ fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
     );
 }
 
+/// Waits (up to 30 s) until Slurm's job `id` has ended.
+fn wait_job_ended(slurm: &Slurm, id: &str) {
+    wait_until(Duration::from_secs(30), "the job ends", || {
+        slurm.jobs("%i %T").lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some(id) && !matches!(f.next(), Some("PENDING" | "RUNNING" | "COMPLETING"))
+        })
+    });
+}
+
+/// `KEY=VALUE` words of a line.
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect()
+}
+
+#[test]
+fn gpu_ranks_are_tasks_across_nodes_each_on_its_own_gpu() {
+    // Three GPU ranks of one CPU each: the engine asks for a task per rank
+    // holding one GPU. The test nodes' GPUs are fake, so the worker stops
+    // at CUDA; the job's flags, and the GPU each rank would take, are
+    // Slurm's real answer.
+    let slurm = Slurm::start(2);
+    let p = project_with(&data_parallel_pipeline().replace(
+        "data_parallel: 2 }\n    resources: { cpus: 1, mem: 400M }",
+        "data_parallel: 3 }\n    device: cuda\n    resources: { cpus: 1, mem: 400M }",
+    ));
+    let out = output(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "no CUDA on the test nodes:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("FAILED  sft") && stderr.contains("CUDA is not available"),
+        "{stderr}"
+    );
+    let sbatch = slurm.call_lines("sbatch");
+    let sft_job = sbatch
+        .iter()
+        .find(|l| l.contains("--ntasks=3"))
+        .unwrap_or_else(|| panic!("{sbatch:?}"));
+    for want in [
+        "--gpus-per-task=1",
+        "--cpus-per-task=1",
+        "--mem-per-cpu=400M",
+    ] {
+        assert!(sft_job.contains(want), "{want} missing: {sft_job}");
+    }
+    assert!(!sft_job.contains("--gres"), "{sft_job}");
+
+    // The same job with a script that prints what each rank sees: the
+    // batch step (rank 0) and an srun step laid out as the worker's
+    // (`--ntasks=3`, the job's CPUs and GPUs per task, as
+    // `dist::srun::SrunRanks::start` runs it).
+    let dir = p.path("probe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("probe.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         echo batch node=$SLURMD_NODENAME cvd=$CUDA_VISIBLE_DEVICES\n\
+         srun --ntasks=3 --kill-on-bad-exit=1 --wait=0 --cpus-per-task=$SLURM_CPUS_PER_TASK --gpus-per-task=$SLURM_GPUS_PER_TASK \\\n\
+           sh -c 'echo task rank=$SLURM_PROCID local=$SLURM_LOCALID node=$SLURMD_NODENAME cvd=$CUDA_VISIBLE_DEVICES'\n",
+    )
+    .unwrap();
+    let log = dir.join("probe.out");
+    let flags: Vec<&str> = sft_job
+        .split_whitespace()
+        .filter(|f| {
+            !f.starts_with("--output=") && !f.starts_with("--chdir=") && !f.ends_with(".sh")
+        })
+        .collect();
+    let mut submit = slurm.command("sbatch");
+    let submitted = submit
+        .args(&flags)
+        .arg(format!("--output={}", log.display()))
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(submitted.status.success(), "{submitted:?}");
+    let id = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    wait_job_ended(&slurm, &id);
+    let text = std::fs::read_to_string(&log).unwrap();
+
+    // Each rank's (node, GPU) by the worker's rule: rank 0 holds its
+    // node's first, a task the run `slurm_gpu_run` picks of those it sees.
+    let gpu = |cvd: &str, run: usize| -> String { cvd.split(',').nth(run).unwrap().to_string() };
+    let batch = text.lines().find(|l| l.starts_with("batch ")).expect(&text);
+    let batch = fields(batch);
+    let mut held: BTreeMap<usize, (String, String)> = BTreeMap::new();
+    held.insert(0, (batch["node"].to_string(), gpu(batch["cvd"], 0)));
+    let mut task_0 = None;
+    for line in text.lines().filter(|l| l.starts_with("task ")) {
+        let f = fields(line);
+        let rank: usize = f["rank"].parse().unwrap();
+        let local: usize = f["local"].parse().unwrap();
+        let visible = f["cvd"].split(',').count();
+        let run = alignflow_ops::role_devices::slurm_gpu_run(visible, local, 1).expect(line);
+        let place = (f["node"].to_string(), gpu(f["cvd"], run));
+        match rank {
+            // Its place is rank 0's: that task exits at once.
+            0 => task_0 = Some(place),
+            r => assert!(held.insert(r, place).is_none(), "{text}"),
+        }
+    }
+    assert_eq!(held.len(), 3, "{text}");
+    assert_eq!(
+        task_0.as_ref(),
+        Some(&held[&0]),
+        "rank 0 holds task 0's GPU:\n{text}"
+    );
+    let distinct: BTreeSet<&(String, String)> = held.values().collect();
+    assert_eq!(distinct.len(), 3, "every rank on its own GPU:\n{text}");
+    let nodes: BTreeSet<&str> = held.values().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        nodes.len(),
+        2,
+        "two CPUs a node: the ranks span both nodes:\n{text}"
+    );
+}
+
 /// A stage that checkpoints, then sleeps on its first start (so it can be
 /// killed); started again with a checkpoint, it finishes at once and writes
 /// the step it resumed from.

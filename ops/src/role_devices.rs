@@ -147,6 +147,29 @@ pub fn gpus_per_rank(placed: usize, on_gpu: bool) -> usize {
     }
 }
 
+/// Which run of `per_rank` GPUs a data-parallel rank on a Slurm node takes
+/// (the `rank` of [`RoleDevices::for_rank`]) among the `visible` GPUs its
+/// process sees, where it is the node's `local_id`-th task
+/// (`SLURM_LOCALID`; rank 0, in the job's batch step, is its node's first).
+///
+/// Slurm gives a job of `--gpus-per-task` each task of a step its own
+/// GPUs (`CUDA_VISIBLE_DEVICES` lists them: run 0 is the task's), and the
+/// batch step all of its node's, the first task's first; without
+/// per-task binding every task sees all of its node's and takes the
+/// `local_id`-th run, as torchrun's `LOCAL_RANK` does. Either way no two
+/// ranks of a node share a GPU: a task that sees enough GPUs for the
+/// node-wide layout takes its local run, one that sees only its own takes
+/// the first. `None` when it sees fewer than `per_rank`.
+pub fn slurm_gpu_run(visible: usize, local_id: usize, per_rank: usize) -> Option<usize> {
+    if visible >= (local_id + 1) * per_rank {
+        Some(local_id)
+    } else if visible >= per_rank {
+        Some(0)
+    } else {
+        None
+    }
+}
+
 /// The GPUs a stage's `placement` param (`params["placement"]`) names, 0
 /// without one or with an invalid one: what the engine reserves before the
 /// op runs (the op checks the param and names what is wrong).
@@ -221,5 +244,20 @@ mod tests {
         assert_eq!(gpus_per_rank(2, false), 2);
         assert_eq!(gpus_per_rank(0, true), 1);
         assert_eq!(gpus_per_rank(0, false), 0);
+    }
+
+    #[test]
+    fn a_slurm_task_takes_its_local_run_or_the_only_one_it_sees() {
+        // Per-task binding: the task sees its own GPU(s) only.
+        assert_eq!(slurm_gpu_run(1, 1, 1), Some(0));
+        assert_eq!(slurm_gpu_run(2, 3, 2), Some(0));
+        // Every task sees its node's GPUs: the local id's run.
+        assert_eq!(slurm_gpu_run(4, 1, 1), Some(1));
+        assert_eq!(slurm_gpu_run(4, 1, 2), Some(1));
+        // Rank 0, in the batch step, sees the node's GPUs and takes the first run.
+        assert_eq!(slurm_gpu_run(8, 0, 2), Some(0));
+        // Too few for one rank.
+        assert_eq!(slurm_gpu_run(1, 0, 2), None);
+        assert_eq!(slurm_gpu_run(0, 0, 1), None);
     }
 }

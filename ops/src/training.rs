@@ -78,9 +78,9 @@ pub struct TrainParams {
     /// the CPU outputs are reproducible run to run for a fixed value, NCCL's
     /// are not bit for bit. A collective waits at most
     /// `ALIGNFLOW_DIST_TIMEOUT_S` (300) for a peer. Under the Slurm executor
-    /// a CPU stage's job has one task per rank (`--ntasks`), started with
-    /// `srun`; a GPU stage's job is one task on one node with one GPU per
-    /// rank.
+    /// the stage's job has one task per rank (`--ntasks`, and
+    /// `--gpus-per-task` on GPUs), started with `srun` on the nodes Slurm
+    /// chose.
     #[serde(default = "crate::defaults::one", skip_serializing_if = "is_one")]
     pub data_parallel: usize,
 }

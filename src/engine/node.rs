@@ -50,8 +50,8 @@ pub struct JobSpec {
     /// GPUs the job asked for: the worker keeps Slurm's
     /// `CUDA_VISIBLE_DEVICES`.
     pub gpus: u32,
-    /// The job's tasks: over 1, one per data-parallel rank on the CPU,
-    /// started by srun (`submit::job_tasks`).
+    /// The job's tasks: over 1, one per data-parallel rank, started by
+    /// rank 0's worker as an srun step.
     #[serde(default = "one_task")]
     pub tasks: usize,
     /// Where the node appends the stage's events.
@@ -84,10 +84,9 @@ pub enum NodeOutcome {
 /// its own runtime). A failure is also appended to `events.jsonl`.
 pub fn stage_exec(path: &Path) -> Result<NodeOutcome, Error> {
     let job = JobSpec::read(path)?;
-    // A job of several tasks has one per data-parallel rank on the CPU: the
-    // worker (rank 0) starts the others with srun on them. Ranks on GPUs
-    // are one task on one node, whose worker starts them there, one per
-    // GPU. Set before any thread exists, for every process this one starts.
+    // A job of several tasks has one per data-parallel rank: the worker
+    // (rank 0) starts the others with srun on them. Set before any thread
+    // exists, for every process this one starts.
     if job.tasks > 1 {
         std::env::set_var(crate::protocol::ENV_RANK_LAUNCHER, "srun");
     }

@@ -161,23 +161,22 @@ pub struct StageDef {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
-    /// GPUs on one node (`--gres=gpu:N`); a tensor stage with `device:
-    /// cuda` or `cuda:N` and no `gpus` asks for one, or one per rank with
-    /// `data_parallel` (or as many as its `placement` names, for each
-    /// rank). Over 1, on a
+    /// GPUs (`--gres=gpu:N`; with `data_parallel: N`, the stage's in all,
+    /// shared out to its N tasks: `--gpus-per-task`); a tensor stage with
+    /// `device: cuda` or `cuda:N` and no `gpus` asks for one, or one per
+    /// rank with `data_parallel` (or as many as its `placement` names, for
+    /// each rank). Over 1, on a
     /// training stage on `device: cuda` that sets neither `data_parallel`
     /// nor `placement`, also its `data_parallel` (one rank per GPU, with
     /// either executor; so it enters the fingerprint through that param).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
     /// CPU cores (`--cpus-per-task`); also the worker's thread count. With
-    /// `data_parallel: N` on the CPU, each rank's (the job has N tasks); on
-    /// GPUs, the job's one task's, shared among its N ranks.
+    /// `data_parallel: N`, each rank's (the job has N tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
     /// Memory per node in Slurm's notation (`--mem`): `500M`, `16G`. With
-    /// `data_parallel: N` on the CPU, each rank's (`--mem-per-cpu`: this
-    /// over `cpus`); on GPUs, the job's, for all N ranks together.
+    /// `data_parallel: N`, each rank's (`--mem-per-cpu`: this over `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mem: Option<String>,
     /// Time limit in Slurm's notation (`--time`): `30` (minutes), `2:00:00`,

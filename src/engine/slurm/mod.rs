@@ -177,8 +177,8 @@ pub(super) async fn run_remote(
     let gpus = stage
         .resources
         .gpus_for(&stage.device, op.runs_in_worker(), placed, ranks);
-    // Ranks on GPUs, or with models placed on GPUs: one task holding the
-    // GPUs of every rank, which its worker deals out.
+    // Ranks on GPUs, or with models placed on GPUs: each task (rank) holds
+    // its share of the GPUs (`--gpus-per-task`).
     let ranks_on_gpus = gpus > 0 && (stage.device != "cpu" || placed > 0) && op.runs_in_worker();
     let needed = alignflow_ops::role_devices::gpus_per_rank(placed, stage.device != "cpu") * ranks;
     if ranks_on_gpus && ranks > 1 && (gpus as usize) < needed {
@@ -192,7 +192,9 @@ pub(super) async fn run_remote(
         )
         .into());
     }
-    let tasks = submit::job_tasks(ranks_on_gpus, ranks);
+    // One task per rank, as `srun python train.py` has, on GPUs or not:
+    // rank 0's worker starts the others as an srun step.
+    let tasks = ranks.max(1);
     let job = JobSpec {
         cache_dir: shared.cache.root().to_path_buf(),
         manifest: cluster.manifest.clone(),
@@ -284,8 +286,8 @@ struct StageJob<'a> {
     dir: PathBuf,
     /// Its resources, GPUs settled.
     resources: Resources,
-    /// Its Slurm tasks: one per `data_parallel` rank on the CPU
-    /// (`submit::rank_flags`), else one.
+    /// Its Slurm tasks: one per `data_parallel` rank
+    /// (`submit::rank_flags`).
     tasks: usize,
 }
 

@@ -49,9 +49,9 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The `sbatch` flags of a stage's job (the script path comes last).
-/// `ranks` is the job's tasks, one per `data_parallel` rank on the CPU:
-/// over 1, `resources` are each rank's (see [`rank_flags`]). Ranks on
-/// GPUs are one task whose `gpus` are one per rank.
+/// `ranks` is the job's tasks, one per `data_parallel` rank: over 1,
+/// `resources` are each rank's (see [`rank_flags`]) but `gpus`, the
+/// stage's in all, which the ranks share out (`--gpus-per-task`).
 pub fn sbatch_args(
     run_id: &str,
     dir: &Path,
@@ -80,7 +80,14 @@ pub fn sbatch_args(
         args.push(format!("--mem={m}"));
     }
     if let Some(g) = resources.gpus.filter(|&g| g > 0) {
-        args.push(format!("--gres=gpu:{g}"));
+        // Fewer GPUs than ranks can only be a CPU stage's `gpus`, which
+        // its ranks do not use: asked per node, as written.
+        match g as usize / ranks {
+            per_task if ranks > 1 && per_task > 0 => {
+                args.push(format!("--gpus-per-task={per_task}"))
+            }
+            _ => args.push(format!("--gres=gpu:{g}")),
+        }
     }
     // SIGUSR1 some time before the limit (at most half of it), so the stage
     // can checkpoint before the SIGTERM.
@@ -96,18 +103,6 @@ pub fn sbatch_args(
     }
     args.extend(settings.sbatch_flags.iter().cloned());
     args
-}
-
-/// The tasks of a job for a stage of `ranks` data-parallel ranks, on GPUs
-/// (`on_gpus`: the job has GPUs, for the ranks or for the models their
-/// placement puts on GPUs) or not. Ranks on GPUs are one task on one node,
-/// whose worker starts them there, each on its own GPUs (as torchrun in an
-/// sbatch job); on the CPU each rank is a task, started by srun.
-pub fn job_tasks(on_gpus: bool, ranks: usize) -> usize {
-    match on_gpus {
-        true => 1,
-        false => ranks.max(1),
-    }
 }
 
 /// The flags that make a data-parallel stage's job one task per rank, as
@@ -279,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn ranks_on_gpus_are_one_task_holding_one_gpu_per_rank() {
+    fn ranks_on_gpus_are_one_task_each_holding_its_share_of_the_gpus() {
         let none = Resources::default();
         assert_eq!(none.gpus_for("cuda", true, 0, 3), 3);
         assert_eq!(none.gpus_for("cuda", true, 0, 1), 1);
@@ -296,11 +291,8 @@ mod tests {
             2,
             "`gpus` is the user's word"
         );
-        assert_eq!(job_tasks(true, 3), 1);
-        assert_eq!(job_tasks(false, 3), 3);
-        assert_eq!(job_tasks(false, 1), 1);
         let resources = Resources {
-            gpus: Some(3),
+            gpus: Some(6),
             cpus: Some(8),
             mem: Some("64G".into()),
             time: None,
@@ -309,16 +301,38 @@ mod tests {
             "af-run",
             Path::new("/c/tmp/x"),
             &resources,
-            job_tasks(true, 3),
+            3,
             &SlurmSettings::default(),
         );
-        for want in ["--gres=gpu:3", "--cpus-per-task=8", "--mem=64G"] {
+        for want in [
+            "--ntasks=3",
+            "--gpus-per-task=2",
+            "--cpus-per-task=8",
+            "--mem-per-cpu=8192M",
+        ] {
             assert!(
                 args.iter().any(|a| a == want),
                 "{want} missing from {args:?}"
             );
         }
-        assert!(!args.iter().any(|a| a.starts_with("--ntasks")), "{args:?}");
+        assert!(!args.iter().any(|a| a.starts_with("--gres")), "{args:?}");
+        // A CPU stage's `gpus` below its ranks is asked per node, as written.
+        let one = Resources {
+            gpus: Some(1),
+            ..Resources::default()
+        };
+        let args = sbatch_args(
+            "af-run",
+            Path::new("/c/tmp/x"),
+            &one,
+            2,
+            &SlurmSettings::default(),
+        );
+        assert!(args.iter().any(|a| a == "--gres=gpu:1"), "{args:?}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--gpus-per-task")),
+            "{args:?}"
+        );
     }
 
     #[test]

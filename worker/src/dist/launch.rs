@@ -35,7 +35,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use alignflow_ops::protocol::{Metrics, StageSpec, WorkerEvent, NOT_BITWISE_METRIC};
-use alignflow_ops::role_devices::gpu_index;
+use alignflow_ops::role_devices::{gpu_index, slurm_gpu_run};
 use alignflow_ops::training::data_parallel_ranks;
 use alignflow_ops::RoleDevices;
 
@@ -166,6 +166,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
         super::test_fault_point_of(env.rank, 0);
         if env.by_srun {
             spec.out_dir = fresh_scratch(&spec.checkpoint_dir, env.rank)?;
+            *spec = task_spec(spec, env.rank)?;
         }
         let store = Store::connect(&env.store_host, env.store_port, env.world, timeout)?;
         // Rank 0 gave a rank on a GPU its own (`LocalRanks::spawn`), and
@@ -298,6 +299,44 @@ pub(super) fn rank_spec(spec: &StageSpec, rank: usize, backend: Backend) -> Stag
     own
 }
 
+/// A task of rank 0's srun step's copy of the stage's spec as to devices:
+/// where its ranks hold GPUs, the run of them Slurm gave the task
+/// ([`slurm_gpu_run`]; rank 0, in the batch step, holds its node's first).
+fn task_spec(spec: &StageSpec, rank: usize) -> anyhow::Result<StageSpec> {
+    let backend = match crate::model::device(&spec.device)? {
+        tch::Device::Cpu => Backend::Gloo,
+        _ => Backend::Nccl,
+    };
+    let per_rank = gpus_per_rank(placement_of(spec).as_ref(), backend);
+    if per_rank == 0 {
+        return Ok(spec.clone());
+    }
+    let visible = visible_gpus();
+    let local_id = srun::local_id();
+    let run = slurm_gpu_run(visible, local_id, per_rank).with_context(|| {
+        format!(
+            "stage `{}`: data-parallel rank {rank} on {} holds {per_rank} GPU(s) but sees {visible} (CUDA_VISIBLE_DEVICES={})",
+            spec.stage,
+            srun::place(),
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+        )
+    })?;
+    tracing::info!(
+        "rank {rank}, task {local_id} of its node, takes GPUs {}..{} of the {visible} it sees",
+        run * per_rank,
+        (run + 1) * per_rank - 1
+    );
+    Ok(rank_spec(spec, run, backend))
+}
+
+/// The GPUs this process sees.
+fn visible_gpus() -> usize {
+    match tch::Cuda::is_available() {
+        true => tch::Cuda::device_count() as usize,
+        false => 0,
+    }
+}
+
 /// The GPU a rank's NCCL group is bound to: its policy's, whose gradients
 /// every all-reduce carries (the value model's, on another device, are
 /// copied there: [`super::group`]), else the rank's device (`auto` on a
@@ -310,23 +349,16 @@ pub(super) fn group_gpu(spec: &StageSpec) -> usize {
 }
 
 /// The backend of a stage with `world` ranks on its `device`: Gloo on the
-/// CPU, NCCL on GPUs, where every rank runs on this machine, each on its
-/// own run of the stage's GPUs ([`rank_spec`]).
+/// CPU, NCCL on GPUs. Every rank holds its own run of GPUs: of this
+/// machine's, for ranks this worker starts ([`rank_spec`]); of its node's,
+/// for the tasks of an srun step (`by_srun`, [`task_spec`]), where this
+/// rank 0 holds the first.
 fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<Backend> {
     let stage = &spec.stage;
     let placement = placement_of(spec);
-    anyhow::ensure!(
-        !(by_srun && placement.as_ref().is_some_and(|p| p.gpus() > 0)),
-        "stage `{stage}`: `params.placement` puts models on GPUs, but data_parallel: {world} under the Slurm executor runs its ranks on the CPU of several nodes (srun): place every role on `cpu`, or run the stage on one node"
-    );
     let backend = match crate::model::device(&spec.device)? {
         tch::Device::Cpu => Backend::Gloo,
         device => {
-            anyhow::ensure!(
-                !by_srun,
-                "stage `{stage}`: data_parallel: {world} on GPUs runs its ranks on one node, one GPU each, started by this worker, not by srun ({}=srun is for ranks on the CPU; the Slurm executor sets it only for those)",
-                alignflow_ops::protocol::ENV_RANK_LAUNCHER
-            );
             anyhow::ensure!(
                 device == tch::Device::Cuda(0),
                 "stage `{stage}`: data_parallel: {world} deals the stage's GPUs out to its ranks; device `{}` pins one GPU: set `device: cuda`",
@@ -342,17 +374,18 @@ fn backend_of(spec: &StageSpec, world: usize, by_srun: bool) -> anyhow::Result<B
     };
     let per_rank = gpus_per_rank(placement.as_ref(), backend);
     if per_rank > 0 {
-        let visible = match tch::Cuda::is_available() {
-            true => tch::Cuda::device_count() as usize,
-            false => 0,
-        };
+        let visible = visible_gpus();
         let what = match (backend, per_rank) {
             (Backend::Nccl, 1) => "one GPU per rank".to_string(),
             (_, n) => format!("the {n} GPU(s) `params.placement` names, for each rank"),
         };
+        let (needed, here) = match by_srun {
+            true => (per_rank, "this rank sees"),
+            false => (world * per_rank, "this stage sees"),
+        };
         anyhow::ensure!(
-            visible >= world * per_rank,
-            "stage `{stage}`: data_parallel: {world} takes {what}, but this stage sees {visible} GPU(s)"
+            visible >= needed,
+            "stage `{stage}`: data_parallel: {world} takes {what}, but {here} {visible} GPU(s)"
         );
     }
     Ok(backend)
@@ -684,18 +717,37 @@ mod tests {
     }
 
     #[test]
-    fn placed_gpus_under_srun_fail_naming_the_field() {
+    fn rank_0_of_an_srun_step_needs_only_its_own_gpus() {
+        let on_cpu = spec("cpu", serde_json::json!({"placement": {"reward": "cpu"}}));
+        assert_eq!(backend_of(&on_cpu, 2, true).unwrap(), Backend::Gloo);
+        // 64 GPUs for rank 0 alone: more than any machine here has; the
+        // others' are their nodes'.
         let placed = spec(
             "cpu",
-            serde_json::json!({"placement": {"reward": "cuda:0"}}),
+            serde_json::json!({"placement": {"reward": "cuda:63"}}),
         );
         let err = backend_of(&placed, 2, true).unwrap_err().to_string();
         assert!(
-            err.contains("stage `ppo`: `params.placement` puts models on GPUs"),
+            err.contains("stage `ppo`: data_parallel: 2 takes the 64 GPU(s) `params.placement` names, for each rank, but this rank sees"),
             "{err}"
         );
-        let on_cpu = spec("cpu", serde_json::json!({"placement": {"reward": "cpu"}}));
-        assert_eq!(backend_of(&on_cpu, 2, true).unwrap(), Backend::Gloo);
+    }
+
+    #[test]
+    fn a_task_without_gpus_keeps_the_spec_and_one_that_lacks_them_says_so() {
+        let on_cpu = spec("cpu", serde_json::json!({"data_parallel": 2}));
+        let same = task_spec(&on_cpu, 1).unwrap();
+        assert_eq!((same.device, same.params), (on_cpu.device, on_cpu.params));
+        let placed = spec(
+            "cpu",
+            serde_json::json!({"data_parallel": 2, "placement": {"reward": "cuda:63"}}),
+        );
+        let err = format!("{:#}", task_spec(&placed, 1).unwrap_err());
+        assert!(
+            err.contains("stage `ppo`: data-parallel rank 1 on ")
+                && err.contains("holds 64 GPU(s) but sees"),
+            "{err}"
+        );
     }
 
     #[test]

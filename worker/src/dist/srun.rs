@@ -2,9 +2,9 @@
 //! the Slurm job that runs the stage (how the Slurm executor runs it:
 //! `alignflow stage exec` tells its worker so, [`ENV_RANK_LAUNCHER`]).
 //!
-//! The engine submitted the job with one task per rank (`--ntasks=N`), and
-//! rank 0 is the job's own worker, in the batch step on the job's first
-//! node. It starts `srun --ntasks=N`: Slurm lays the step's tasks out as it
+//! The engine submitted the job with one task per rank (`--ntasks=N`, and
+//! on GPUs `--gpus-per-task`), and rank 0 is the job's own worker, in the
+//! batch step on the job's first node. It starts `srun --ntasks=N`: Slurm lays the step's tasks out as it
 //! laid out the job's, so task K runs where the job's K-th task was placed
 //! and becomes rank K (`SLURM_PROCID`). Task 0's place is the one rank 0
 //! already runs in: that task exits at once ([`holds_rank_0_place`]). A
@@ -15,7 +15,11 @@
 //! shared filesystem, as the cache is) and write their outputs to scratch
 //! folders beside it. Rank 0 hosts the store on its node's hostname
 //! (`ALIGNFLOW_DIST_HOST` overrides it); every other rank binds its Gloo
-//! sockets to its own node's hostname.
+//! sockets to its own node's hostname. On GPUs each task takes the GPUs
+//! Slurm gave it, and rank 0, which sees all of its node's, the first
+//! ones, which Slurm gave task 0 ([`slurm_gpu_run`]).
+//!
+//! [`slurm_gpu_run`]: alignflow_ops::role_devices::slurm_gpu_run
 //!
 //! One rank's death ends the step (`--kill-on-bad-exit=1`) and srun names
 //! it (`srun: error: n2: task 1: Killed`), which rank 0 reports; rank 0's
@@ -70,6 +74,15 @@ pub fn task_rank() -> anyhow::Result<usize> {
     let id = std::env::var("SLURM_PROCID")
         .with_context(|| format!("{ENV_SRUN_TASK} is set but SLURM_PROCID is not"))?;
     id.parse().with_context(|| format!("SLURM_PROCID={id}"))
+}
+
+/// This task's place among its node's tasks (`SLURM_LOCALID`; 0 for rank
+/// 0, outside the step: the first task of its node is the one it replaces).
+pub fn local_id() -> usize {
+    std::env::var("SLURM_LOCALID")
+        .ok()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(0)
 }
 
 /// This machine's hostname: the address a rank on another node reaches it
@@ -172,6 +185,12 @@ impl SrunRanks {
         // environment (since Slurm 22.05): each rank's CPUs are said again.
         if let Ok(cpus) = std::env::var("SLURM_CPUS_PER_TASK") {
             command.arg(format!("--cpus-per-task={cpus}"));
+        }
+        // Each task its own GPUs (a job of `--gpus-per-task`), said again
+        // for the same reason; the task takes them ([`super::launch`]'s
+        // `task_spec`).
+        if let Ok(gpus) = std::env::var("SLURM_GPUS_PER_TASK") {
+            command.arg(format!("--gpus-per-task={gpus}"));
         }
         command
             .arg(&exe)
