@@ -688,8 +688,13 @@ fn validate(args: &ManifestArgs) -> anyhow::Result<ExitCode> {
 fn ops(name: Option<&str>) -> anyhow::Result<ExitCode> {
     match name {
         None => {
+            let width = alignflow::ops::REGISTRY
+                .iter()
+                .map(|op| op.name.len())
+                .max()
+                .unwrap_or(0);
             for op in alignflow::ops::REGISTRY {
-                println!("{:<18} {}", op.name, op.summary);
+                println!("{:<width$} {}", op.name, op.summary);
             }
         }
         Some(name) => print!("{}", alignflow::ops::describe(name)?),

@@ -67,6 +67,7 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
         .or_else(|| schema.get("definitions"))
         .and_then(Value::as_object)
         .unwrap_or(&empty);
+    let mut rows = Vec::new();
     for (pname, p) in props {
         let ty = type_name(p, defs);
         let default = match p.get("default") {
@@ -79,7 +80,17 @@ pub fn describe(name: &str) -> anyhow::Result<String> {
             .and_then(Value::as_str)
             .unwrap_or("")
             .replace('\n', " ");
-        let _ = writeln!(out, "  {pname:<16} {ty:<18} {default:<22} {doc}");
+        rows.push([pname.clone(), ty, default, doc]);
+    }
+    // Columns as wide as their longest entry, so the docs line up; a
+    // struct's long list of fields overflows its own row instead.
+    let width = |c: usize, cap: usize| {
+        let widest = rows.iter().map(|r| r[c].chars().count()).max();
+        widest.unwrap_or(0).min(cap)
+    };
+    let (wn, wt, wd) = (width(0, usize::MAX), width(1, 32), width(2, 22));
+    for [pname, ty, default, doc] in &rows {
+        let _ = writeln!(out, "  {pname:<wn$} {ty:<wt$} {default:<wd$} {doc}");
     }
     if !op.conventions.is_empty() {
         out.push_str("conventions:\n");
