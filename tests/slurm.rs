@@ -367,7 +367,13 @@ fn a_data_parallel_stage_runs_its_ranks_on_two_nodes_with_srun() {
     eprintln!("the killed rank failed the run in {:?}", start.elapsed());
 
     // Again without the kill: the ranks run on both nodes and train what
-    // two local ranks train.
+    // two local ranks train. `--export=NONE`, as some sites submit, keeps
+    // the submitting shell's environment from the job, and through
+    // SLURM_EXPORT_ENV from srun's tasks: they get theirs all the same.
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &format!("{PROFILE}  sbatch_flags: [\"--ntasks-per-node=1\", \"--export=NONE\"]\n"),
+    );
     ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
     let sbatch = slurm.call_lines("sbatch");
     let sft_job = sbatch.iter().find(|l| l.contains("--ntasks=2"));

@@ -180,6 +180,10 @@ impl SrunRanks {
             "--kill-on-bad-exit=1".into(),
             "--wait=0".into(),
             "--label".into(),
+            // The tasks learn their part from this environment: a job
+            // submitted with `--export=NONE` (a profile's sbatch_flags)
+            // hands srun SLURM_EXPORT_ENV=NONE, which would strip it.
+            "--export=ALL".into(),
         ]);
         // srun does not take the job's --cpus-per-task from the
         // environment (since Slurm 22.05): each rank's CPUs are said again.
