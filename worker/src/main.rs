@@ -116,7 +116,7 @@ fn main() {
             }
         },
     };
-    std::process::exit(code);
+    alignflow_worker::dist::exit(code);
 }
 
 fn run(

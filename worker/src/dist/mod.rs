@@ -78,6 +78,24 @@ pub fn group() -> Option<&'static Group> {
     GROUP.get()
 }
 
+/// Ends this worker process with `code`. A process that formed a NCCL
+/// group leaves by `_exit`, once its output is flushed: the group lives as
+/// long as the process and is never destroyed, and C++'s static
+/// destructors, which `exit` runs, would run beside NCCL's watchdog and
+/// heartbeat threads, a teardown that can crash or hang and so turn a rank
+/// that finished into one that failed or never ends. The kernel releases
+/// the GPU; every output was written and closed before.
+pub fn exit(code: i32) -> ! {
+    if group().is_some_and(|g| g.device().is_cuda()) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit ends the process at once; nothing after it runs.
+        unsafe { libc::_exit(code) }
+    }
+    std::process::exit(code)
+}
+
 /// Makes `group` the process's group (once).
 fn install(group: Group) -> &'static Group {
     let _ = GROUP.set(group);
