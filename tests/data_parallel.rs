@@ -74,7 +74,7 @@ stages:
   ppo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }
-    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, checkpoint_every: "${params.ckpt}", data_parallel: "${params.ppo_dp}", placement: "${params.placement}" }
+    params: { iterations: 3, batch_size: 5, max_new_tokens: 8, ppo_epochs: 2, minibatches: 2, lr: 0.001, reward_norm: { samples: 6 }, checkpoint_every: "${params.ckpt}", data_parallel: "${params.ppo_dp}", placement: "${params.placement}" }
   grpo:
     op: ppo
     inputs: { policy: "${stages.base.model}", reward_model: "${stages.pm.model}", prompts: prompts.jsonl }

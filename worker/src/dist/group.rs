@@ -341,6 +341,13 @@ impl Group {
         Ok(Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu)).expect("a float64 vector"))
     }
 
+    /// Rank `root`'s `values`, on every rank (float64, bit for bit).
+    pub fn broadcast_f64(&self, values: &[f64], root: usize) -> Result<Vec<f64>, DistError> {
+        let t = Tensor::from_slice(values).to_device(self.device);
+        self.broadcast(&t, root)?;
+        Ok(Vec::<f64>::try_from(&t.to_device(tch::Device::Cpu)).expect("a float64 vector"))
+    }
+
     #[cfg(alignflow_c10d)]
     fn call(
         &self,
@@ -550,7 +557,9 @@ mod tests {
         let sums = g.sum_f64(&[1.0, r as f64]).unwrap();
         let b = Tensor::from_slice(&[r as f32 + 5.0; 3]);
         g.broadcast(&b, 1).unwrap();
+        let from_1 = g.broadcast_f64(&[r as f64 + 0.1, -(r as f64)], 1).unwrap();
         g.barrier().unwrap();
+        assert_eq!(from_1, vec![1.1, -1.0]);
         assert_eq!(big.mean(tch::Kind::Double).double_value(&[]), 1.5);
         assert_eq!(Vec::<f32>::try_from(&small).unwrap(), vec![0.5, 5.0]);
         assert_eq!(sums, vec![2.0, 1.0]);

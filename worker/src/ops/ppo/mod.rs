@@ -118,6 +118,13 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
         }
     };
     if let Some(g) = s.ranks {
+        // Every rank fitted the score map on the same reference samples;
+        // on GPUs their scores need not agree bit for bit, so all take
+        // rank 0's, as they take its weights.
+        if let Some(norm) = progress.norm.as_mut() {
+            let map = g.broadcast_f64(&[norm.gain, norm.bias], 0)?;
+            (norm.gain, norm.bias) = (map[0], map[1]);
+        }
         // Every rank starts from rank 0's weights: the same checkpoint or
         // the same initialisation, bit for bit.
         crate::dist::broadcast_weights(g, &models.policy.vs)?;
