@@ -35,6 +35,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -69,16 +70,26 @@ Store* alignflow_dist_store_new(const char* host, uint16_t port, bool is_server,
 void alignflow_dist_store_free(Store* store) { delete store; }
 
 // A Gloo group of `world` ranks meeting at `store`, this one `rank`, its
-// sockets bound to `device_host` (an address of this machine the others can
-// reach). Blocks until every rank has joined, at most `timeout_ms`, which
-// also bounds every later collective.
-Group* alignflow_dist_group_new(Store* store, int rank, int world, const char* device_host,
-                                int64_t timeout_ms, char** error) {
+// sockets bound to `bind`: an address of this machine the others can reach,
+// or with `by_interface` network interfaces by name, comma-separated (as
+// torch reads GLOO_SOCKET_IFNAME). Blocks until every rank has joined, at
+// most `timeout_ms`, which also bounds every later collective.
+Group* alignflow_dist_group_new(Store* store, int rank, int world, const char* bind,
+                                int by_interface, int64_t timeout_ms, char** error) {
   try {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    opts->devices.push_back(
-        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(device_host)));
+    if (by_interface) {
+      std::stringstream names(bind);
+      std::string name;
+      while (std::getline(names, name, ',')) {
+        if (!name.empty()) {
+          opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+        }
+      }
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(std::string(bind)));
+    }
     // One thread: collectives are issued one at a time and waited for.
     opts->threads = 1;
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(

@@ -4,7 +4,7 @@
 //! `ProcessGroupNCCL` on one GPU per rank. Every collective has the group's
 //! timeout, so a dead or stuck rank fails the others instead of hanging.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::time::Duration;
 
 use tch::Tensor;
@@ -57,7 +57,8 @@ extern "C" {
         store: *mut c_void,
         rank: i32,
         world: i32,
-        device_host: *const c_char,
+        bind: *const c_char,
+        by_interface: i32,
         timeout_ms: i64,
         error: *mut *mut c_char,
     ) -> *mut c_void;
@@ -188,6 +189,53 @@ unsafe impl Send for Store {}
 /// tensors cost a few collectives, not hundreds.
 const BUCKET_BYTES: i64 = 25 << 20;
 
+/// Where a rank's Gloo sockets listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlooBind {
+    /// An address of this machine the other ranks can reach (a hostname
+    /// or an IP).
+    Host(String),
+    /// Network interfaces by name, comma-separated, as torch reads
+    /// `GLOO_SOCKET_IFNAME`.
+    Interfaces(String),
+}
+
+/// torch's variable naming the interfaces Gloo binds, the same on every
+/// node.
+const ENV_GLOO_IFNAME: &str = "GLOO_SOCKET_IFNAME";
+
+impl GlooBind {
+    /// A rank on a cluster node: the interfaces `ifname` names (the value
+    /// of `GLOO_SOCKET_IFNAME`, for a node whose hostname does not resolve
+    /// to the address the other nodes reach it at), else `host`.
+    pub fn on_node(host: String, ifname: Option<String>) -> GlooBind {
+        match ifname.filter(|i| !i.trim().is_empty()) {
+            Some(names) => GlooBind::Interfaces(names),
+            None => GlooBind::Host(host),
+        }
+    }
+
+    /// [`GlooBind::on_node`] with this process's `GLOO_SOCKET_IFNAME`.
+    pub fn on_this_node(host: String) -> GlooBind {
+        GlooBind::on_node(host, std::env::var(ENV_GLOO_IFNAME).ok())
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            GlooBind::Host(s) | GlooBind::Interfaces(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for GlooBind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GlooBind::Host(host) => write!(f, "{host}"),
+            GlooBind::Interfaces(names) => write!(f, "interface {names} ({ENV_GLOO_IFNAME})"),
+        }
+    }
+}
+
 /// This process's place in a group of data-parallel ranks.
 pub struct Group {
     raw: *mut c_void,
@@ -207,13 +255,13 @@ unsafe impl Sync for Group {}
 
 impl Group {
     /// Joins `world` ranks at `store` as `rank`, binding this rank's Gloo
-    /// sockets to `device_host`; blocks until every rank has joined, at
+    /// sockets as `bind` says; blocks until every rank has joined, at
     /// most `timeout`, which also bounds every collective of the group.
     pub fn join(
         store: Store,
         rank: usize,
         world: usize,
-        device_host: &str,
+        bind: &GlooBind,
         timeout: Duration,
     ) -> Result<Group, DistError> {
         let join_error = |message: String| DistError::Join {
@@ -222,8 +270,8 @@ impl Group {
             world,
             message,
         };
-        let c_host = CString::new(device_host).map_err(|e| join_error(e.to_string()))?;
-        let raw = open_group(&store, rank, world, &c_host, timeout).map_err(join_error)?;
+        let raw = open_group(&store, rank, world, bind, timeout)
+            .map_err(|e| join_error(format!("binding {bind}: {e}")))?;
         Ok(Group {
             raw,
             rank,
@@ -247,6 +295,7 @@ impl Group {
         device_index: usize,
         timeout: Duration,
     ) -> Result<Group, DistError> {
+        super::note_nccl();
         let raw =
             open_nccl_group(&store, rank, world, device_index, timeout).map_err(|e| match e {
                 Some(message) => DistError::Join {
@@ -390,16 +439,19 @@ fn open_group(
     store: &Store,
     rank: usize,
     world: usize,
-    device_host: &CStr,
+    bind: &GlooBind,
     timeout: Duration,
 ) -> Result<*mut c_void, String> {
+    let text = CString::new(bind.text()).map_err(|e| e.to_string())?;
+    let by_interface = matches!(bind, GlooBind::Interfaces(_));
     let mut error: *mut c_char = std::ptr::null_mut();
     let raw = unsafe {
         alignflow_dist_group_new(
             store.raw,
             rank as i32,
             world as i32,
-            device_host.as_ptr(),
+            text.as_ptr(),
+            i32::from(by_interface),
             timeout.as_millis() as i64,
             &mut error,
         )
@@ -461,7 +513,13 @@ fn open_nccl_group(
 }
 
 #[cfg(not(alignflow_c10d))]
-fn open_group(_: &Store, _: usize, _: usize, _: &CStr, _: Duration) -> Result<*mut c_void, String> {
+fn open_group(
+    _: &Store,
+    _: usize,
+    _: usize,
+    _: &GlooBind,
+    _: Duration,
+) -> Result<*mut c_void, String> {
     Err(DistError::Unavailable.to_string())
 }
 
@@ -528,6 +586,24 @@ mod tests {
     /// environment. Ranks are separate processes in a stage, and two Gloo
     /// groups in one process (one torn down while the other runs) are not
     /// something torch supports or a stage ever does.
+    fn localhost() -> GlooBind {
+        GlooBind::Host("127.0.0.1".into())
+    }
+
+    #[test]
+    fn gloo_binds_the_named_interfaces_else_the_host() {
+        let host = || "n1.cluster".to_string();
+        assert_eq!(
+            GlooBind::on_node(host(), Some("ib0,eth0".into())),
+            GlooBind::Interfaces("ib0,eth0".into())
+        );
+        assert_eq!(
+            GlooBind::on_node(host(), Some(" ".into())),
+            GlooBind::Host(host())
+        );
+        assert_eq!(GlooBind::on_node(host(), None), GlooBind::Host(host()));
+    }
+
     fn spawn_rank1(test: &str, port: u16) -> std::process::Child {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args([test, "--exact", "--test-threads=1", "--nocapture"])
@@ -544,7 +620,12 @@ mod tests {
     /// What one rank of `two_ranks_all_reduce_broadcast_and_meet` does,
     /// checked against sums computed by hand.
     fn all_reduce_broadcast_and_meet(store: Store, r: usize, timeout: Duration) {
-        let g = Group::join(store, r, 2, "127.0.0.1", timeout).unwrap();
+        // Rank 1 binds by interface, as `GLOO_SOCKET_IFNAME=lo` asks.
+        let bind = match r {
+            0 => GlooBind::Host("127.0.0.1".into()),
+            _ => GlooBind::Interfaces("lo".into()),
+        };
+        let g = Group::join(store, r, 2, &bind, timeout).unwrap();
         // Two buckets' worth of a float tensor, and a small one.
         let big = Tensor::full(
             [7 << 20],
@@ -598,7 +679,7 @@ mod tests {
         let timeout = Duration::from_secs(20);
         if let Some(port) = rank1_port() {
             let store = Store::connect("127.0.0.1", port, 2, timeout).unwrap();
-            let g = Group::join(store, 1, 2, "127.0.0.1", timeout).unwrap();
+            let g = Group::join(store, 1, 2, &localhost(), timeout).unwrap();
             g.barrier().unwrap();
             // The process exits: its sockets close.
             std::process::exit(0);
@@ -608,7 +689,7 @@ mod tests {
             "dist::group::tests::a_vanished_peer_fails_the_collective_instead_of_hanging",
             store.port(),
         );
-        let g = Group::join(store, 0, 2, "127.0.0.1", timeout).unwrap();
+        let g = Group::join(store, 0, 2, &localhost(), timeout).unwrap();
         g.barrier().unwrap();
         assert!(r1.wait().unwrap().success(), "rank 1 failed");
         let start = std::time::Instant::now();

@@ -41,7 +41,7 @@ use alignflow_ops::RoleDevices;
 
 use super::local::{self, LocalRanks};
 use super::srun::{self, SrunRanks};
-use super::{install, Group, Store};
+use super::{install, GlooBind, Group, Store};
 
 /// The environment a rank other than 0 is started with (a rank started by
 /// srun takes its rank from `SLURM_PROCID` instead of `ENV_RANK`).
@@ -106,9 +106,10 @@ pub struct RankEnv {
     pub world: usize,
     pub store_host: String,
     pub store_port: u16,
-    /// The address this rank's Gloo sockets bind: 127.0.0.1 for a local
-    /// rank, its node's hostname for a task of rank 0's srun step.
-    pub device_host: String,
+    /// Where this rank's Gloo sockets bind: 127.0.0.1 for a local rank,
+    /// its node's hostname (or `GLOO_SOCKET_IFNAME`'s interfaces) for a
+    /// task of rank 0's srun step.
+    pub gloo_bind: GlooBind,
     /// Started by srun: the tasks share one spec file, so the rank takes
     /// its own scratch folder for outputs.
     pub by_srun: bool,
@@ -117,11 +118,12 @@ pub struct RankEnv {
 impl RankEnv {
     /// The rank's environment, if this process is a rank other than 0.
     pub fn from_env() -> anyhow::Result<Option<RankEnv>> {
-        let (rank, device_host, by_srun) = if let Ok(rank) = std::env::var(ENV_RANK) {
+        let (rank, gloo_bind, by_srun) = if let Ok(rank) = std::env::var(ENV_RANK) {
             let rank = rank.parse().with_context(|| format!("{ENV_RANK}={rank}"))?;
-            (rank, local::HOST.to_string(), false)
+            (rank, GlooBind::Host(local::HOST.to_string()), false)
         } else if srun::is_task() {
-            (srun::task_rank()?, srun::node_host()?, true)
+            let bind = GlooBind::on_this_node(srun::node_host()?);
+            (srun::task_rank()?, bind, true)
         } else {
             return Ok(None);
         };
@@ -148,7 +150,7 @@ impl RankEnv {
             store_port: port
                 .parse()
                 .with_context(|| format!("{ENV_STORE}={store}"))?,
-            device_host,
+            gloo_bind,
             by_srun,
         }))
     }
@@ -175,7 +177,7 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             tch::Device::Cuda(_) => {
                 Group::join_nccl(store, env.rank, env.world, group_gpu(spec), timeout)?
             }
-            _ => Group::join(store, env.rank, env.world, &env.device_host, timeout)?,
+            _ => Group::join(store, env.rank, env.world, &env.gloo_bind, timeout)?,
         };
         let place = match env.by_srun {
             true => srun::place(),
@@ -230,8 +232,12 @@ pub fn start(spec: &mut StageSpec) -> anyhow::Result<Option<Ranks>> {
             (Others::Local(local), started)
         }
     };
+    let gloo_bind = match by_srun {
+        true => GlooBind::on_this_node(host),
+        false => GlooBind::Host(host),
+    };
     let ranks = Ranks {
-        host,
+        gloo_bind,
         held: Arc::new(Held {
             stage: spec.stage.clone(),
             world,
@@ -418,8 +424,9 @@ impl Others {
 
 /// The other ranks of a data-parallel stage, held by rank 0.
 pub struct Ranks {
-    /// The address rank 0 binds (its store and its Gloo sockets).
-    host: String,
+    /// Where rank 0's Gloo sockets bind: `host`, or under srun the
+    /// interfaces `GLOO_SOCKET_IFNAME` names.
+    gloo_bind: GlooBind,
     held: Arc<Held>,
 }
 
@@ -449,11 +456,11 @@ impl Ranks {
     /// rank fails the stage at once. (The abandoned thread ends with the
     /// process, which reports the failure and exits.)
     fn join_watching(&self, store: Store, gpu: usize, timeout: Duration) -> anyhow::Result<Group> {
-        let (world, host, backend) = (self.held.world, self.host.clone(), self.held.backend);
+        let (world, bind, backend) = (self.held.world, self.gloo_bind.clone(), self.held.backend);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(match backend {
-                Backend::Gloo => Group::join(store, 0, world, &host, timeout),
+                Backend::Gloo => Group::join(store, 0, world, &bind, timeout),
                 Backend::Nccl => Group::join_nccl(store, 0, world, gpu, timeout),
             });
         });

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-pub use group::{DistError, Group, Store};
+pub use group::{DistError, GlooBind, Group, Store};
 pub use launch::{start, RankEnv, Ranks};
 pub use srun::holds_rank_0_place;
 
@@ -78,15 +78,24 @@ pub fn group() -> Option<&'static Group> {
     GROUP.get()
 }
 
+/// Set once this process starts forming a NCCL group.
+static NCCL_STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes that this process forms a NCCL group ([`exit`]).
+fn note_nccl() {
+    NCCL_STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Ends this worker process with `code`. A process that formed a NCCL
-/// group leaves by `_exit`, once its output is flushed: the group lives as
-/// long as the process and is never destroyed, and C++'s static
-/// destructors, which `exit` runs, would run beside NCCL's watchdog and
-/// heartbeat threads, a teardown that can crash or hang and so turn a rank
-/// that finished into one that failed or never ends. The kernel releases
-/// the GPU; every output was written and closed before.
+/// group, or began to, leaves by `_exit`, once its output is flushed: the
+/// group lives as long as the process and is never destroyed (and a join
+/// given up on may still be inside NCCL's setup, on its own thread), and
+/// C++'s static destructors, which `exit` runs, would run beside NCCL's
+/// threads, a teardown that can crash or hang and so turn a rank that
+/// finished into one that failed or never ends. The kernel releases the
+/// GPU; every output was written and closed before.
 pub fn exit(code: i32) -> ! {
-    if group().is_some_and(|g| g.device().is_cuda()) {
+    if NCCL_STARTED.load(std::sync::atomic::Ordering::SeqCst) {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();

@@ -14,8 +14,10 @@
 //! The tasks read one spec file in the stage's checkpoint folder (on the
 //! shared filesystem, as the cache is) and write their outputs to scratch
 //! folders beside it. Rank 0 hosts the store on its node's hostname
-//! (`ALIGNFLOW_DIST_HOST` overrides it); every other rank binds its Gloo
-//! sockets to its own node's hostname. On GPUs each task takes the GPUs
+//! (`ALIGNFLOW_DIST_HOST` overrides it); every rank binds its Gloo
+//! sockets to its own node's hostname, or to the interfaces torch's
+//! `GLOO_SOCKET_IFNAME` names, where a hostname resolves to an address the
+//! other nodes cannot reach (Debian's 127.0.1.1). On GPUs each task takes the GPUs
 //! Slurm gave it, and rank 0, which sees all of its node's, the first
 //! ones, which Slurm gave task 0 ([`slurm_gpu_run`]).
 //!
