@@ -367,3 +367,43 @@ impl Quarantine for Project {
         walk(&self.path("cache/quarantine"))
     }
 }
+
+/// A command that swaps its output folder for a symbolic link to some
+/// other folder: the engine stores nothing from there and leaves that
+/// folder's files as they were (ingest would have sealed, stored and
+/// removed them).
+#[test]
+fn an_output_folder_replaced_by_a_link_is_refused_and_its_target_untouched() {
+    let p = Project::new();
+    let victim = p.path("elsewhere");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("result"), "not the cache's\n").unwrap();
+    p.write(
+        "pipeline.yaml",
+        &format!(
+            r#"version: 1
+name: swap
+stages:
+  swap:
+    op: exec
+    outputs: [result]
+    params:
+      cmd: 'rmdir "$ALIGNFLOW_OUT" && ln -s {} "$ALIGNFLOW_OUT"'
+"#,
+            victim.display()
+        ),
+    );
+    let err = p.fails(&["run", "pipeline.yaml", "--quiet"]);
+    assert!(
+        err.contains("swap") && err.contains("no longer the folder the engine made"),
+        "{err}"
+    );
+    let result = victim.join("result");
+    assert_eq!(
+        std::fs::read_to_string(&result).unwrap(),
+        "not the cache's\n"
+    );
+    assert_eq!(mode(&result) & 0o222, 0o200, "still writable by its owner");
+    assert!(common::walk(&p.path("cache/records")).is_empty());
+    verify_is_clean(&p);
+}

@@ -574,6 +574,20 @@ async fn commit(
             started_at,
             duration,
         } = staged;
+        // The output folder must still be the one the engine made: a
+        // command that replaced it (or its parent) with a symbolic link
+        // would have ingest walk, seal and remove whatever the link points
+        // at, outside the cache or inside its store.
+        for dir in [&staging, &out_dir] {
+            let real = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+            if !real {
+                let _ = remove_all(&staging);
+                anyhow::bail!(
+                    "{} is no longer the folder the engine made for the stage's outputs (the stage replaced it, with a symbolic link?): nothing was stored",
+                    dir.display()
+                );
+            }
+        }
         let mut outputs = BTreeMap::new();
         let missing: Vec<&String> = names.iter().filter(|n| !out_dir.join(n).exists()).collect();
         anyhow::ensure!(
