@@ -32,6 +32,19 @@ impl Drop for StageLock {
     }
 }
 
+/// A shared lock on `locks/gc.lock`, released on drop: `gc` does not run
+/// while it is held, so objects adopted under it stay until their record
+/// is written.
+pub struct GcGuard {
+    gc: File,
+}
+
+impl Drop for GcGuard {
+    fn drop(&mut self) {
+        let _ = self.gc.unlock();
+    }
+}
+
 /// The `locks/` and `tmp/` folders of one cache root.
 pub(super) struct Locks {
     locks: PathBuf,
@@ -64,6 +77,14 @@ impl Locks {
         let gc = self.lock_file(GC_LOCK)?;
         gc.lock_shared().map_err(at(&self.lock_path(GC_LOCK)))?;
         Ok(gc)
+    }
+
+    /// Blocks until `gc` is not running, and keeps it from starting until
+    /// the guard is dropped.
+    pub fn hold_off_gc(&self) -> Result<GcGuard, CacheError> {
+        Ok(GcGuard {
+            gc: self.gc_shared_lock()?,
+        })
     }
 
     /// The shared gc lock (taken, blocking), the unlocked lock file of `fp`

@@ -52,7 +52,7 @@ pub use error::CacheError;
 pub use failures::FailureNote;
 pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
-pub use locks::StageLock;
+pub use locks::{GcGuard, StageLock};
 pub use maintenance::{GcReport, VerifyReport};
 pub use records::{Provenance, StageRecord};
 pub use seal::remove_all;

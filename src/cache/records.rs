@@ -154,7 +154,10 @@ impl Records {
     /// record is dropped whole, never mixed in. The record is written to a
     /// temporary file, then published with `link()`, which fails when the
     /// name exists (`renameat2(RENAME_NOREPLACE)` where the filesystem
-    /// refuses hard links). Returns whether this record was committed.
+    /// refuses hard links). An existing record that is no hit (corrupt, or
+    /// an output gone) is replaced, atomically: it would otherwise make
+    /// its stage rerun and fail to commit on every run. Returns whether
+    /// this record was committed.
     pub fn commit(&self, record: &StageRecord, objects: &Objects) -> Result<bool, CacheError> {
         let path = self.path(&record.fingerprint)?;
         self.check_outputs(record, objects)?;
@@ -170,14 +173,23 @@ impl Records {
             io::Write::write_all(&mut f, &bytes)?;
             f.sync_all()?;
             drop(f);
-            match fs::hard_link(&tmp, &path) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            let published = match fs::hard_link(&tmp, &path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
-                    rename_no_replace(&tmp, &path)
+                    rename_no_replace(&tmp, &path)?
                 }
-                Err(e) => Err(e),
+                Err(e) => return Err(e),
+            };
+            if published || matches!(self.hit(&record.fingerprint, objects), Ok(Some(_))) {
+                return Ok(published);
             }
+            tracing::warn!(
+                "{}: replacing a record that is no hit (corrupt, or an output is gone)",
+                path.display()
+            );
+            fs::rename(&tmp, &path)?;
+            Ok(true)
         })();
         let _ = fs::remove_file(&tmp);
         let published = published.map_err(at(&path))?;

@@ -8,7 +8,7 @@ use super::checkpoints::KEEP_MARKER;
 use super::error::{at, CacheError};
 use super::failures::{FailureNote, Failures};
 use super::fsutil::{checked_fp, ensure_dir};
-use super::locks::{Locks, StageLock};
+use super::locks::{GcGuard, Locks, StageLock};
 use super::maintenance::{GcReport, Maintenance, VerifyReport};
 use super::objects::Objects;
 use super::records::{Records, StageRecord};
@@ -180,6 +180,13 @@ impl Cache {
     /// Blocks until this process holds the lock for `fp`.
     pub fn lock_stage(&self, fp: &Fingerprint) -> Result<StageLock, CacheError> {
         self.locks.lock_stage(fp)
+    }
+
+    /// Keeps `gc` from running until the guard is dropped (blocks while it
+    /// runs): for writing objects and then the record that reaches them
+    /// without the stage's lock (a pull from a remote).
+    pub fn hold_off_gc(&self) -> Result<GcGuard, CacheError> {
+        self.locks.hold_off_gc()
     }
 
     /// The lock for `fp` if nobody else holds it.

@@ -45,6 +45,63 @@ fn record(outputs: &[(&str, &ArtifactId)]) -> StageRecord {
     }
 }
 
+/// A record that is no hit (corrupt bytes, or an output gone) does not
+/// block the run that redoes its stage: the new record replaces it.
+#[test]
+fn a_commit_replaces_a_record_that_is_no_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let src = dir.path().join("tmp").join("a");
+    fs::write(&src, b"first").unwrap();
+    let id = cache.ingest(&src).unwrap();
+    let good = record(&[("out", &id)]);
+    assert!(cache.commit_record(&good).unwrap());
+    let path = common_record_path(dir.path());
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&path, b"{ not json").unwrap();
+    assert!(cache.record(&good.fingerprint).is_err());
+    assert!(
+        cache.commit_record(&good).unwrap(),
+        "the corrupt record is replaced"
+    );
+    assert_eq!(cache.record(&good.fingerprint).unwrap(), Some(good.clone()));
+    // An output that is gone: the record that names it is replaced too.
+    let mut stale = good.clone();
+    stale.outputs.insert(
+        "out".into(),
+        ArtifactId {
+            kind: ArtifactKind::File,
+            hash: "0".repeat(64),
+        },
+    );
+    fs::write(&path, serde_json::to_vec(&stale).unwrap()).unwrap();
+    assert_eq!(cache.hit(&good.fingerprint).unwrap(), None);
+    assert!(cache.commit_record(&good).unwrap());
+    assert_eq!(cache.hit(&good.fingerprint).unwrap(), Some(good.clone()));
+    // A record that is a hit stands.
+    assert!(!cache.commit_record(&good).unwrap());
+}
+
+/// The one record file under `records/`.
+fn common_record_path(root: &Path) -> std::path::PathBuf {
+    let files: Vec<_> = walk(&root.join("records"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Two nodes finishing the same stage: the first record stands, whole.
 #[test]
 fn a_record_is_committed_once() {

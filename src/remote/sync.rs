@@ -191,7 +191,7 @@ impl Remote {
                     Lookup::Found(record) => {
                         t.set_message(&record.stage);
                         match self.pull_record(cache, &record, &t).await {
-                            Ok(()) => report.pulled.push(record),
+                            Ok(local) => report.pulled.push(local),
                             Err(e) => {
                                 let line =
                                     format!("stage `{}` ({}): {e}", record.stage, fp.short());
@@ -220,10 +220,7 @@ impl Remote {
         let t = self.transfer(true);
         self.runtime.block_on(async {
             match self.lookup_async(fp).await? {
-                Lookup::Found(record) => {
-                    self.pull_record(cache, &record, &t).await?;
-                    Ok(Some(record))
-                }
+                Lookup::Found(record) => Ok(Some(self.pull_record(cache, &record, &t).await?)),
                 Lookup::Untrusted(why) => {
                     tracing::warn!(
                         "remote `{}`: record {} ignored: {why}",
@@ -238,13 +235,17 @@ impl Remote {
     }
 
     /// Downloads a checked record's listings and blobs, adopts them, then
-    /// writes the local record.
+    /// commits the local record, unless a run committed one meanwhile:
+    /// returns the record the local cache now holds. `gc` is held off
+    /// throughout, so nothing adopted is collected before the record
+    /// reaches it.
     async fn pull_record(
         &self,
         cache: &Cache,
         record: &StageRecord,
         t: &Transfer,
-    ) -> Result<(), RemoteError> {
+    ) -> Result<StageRecord, RemoteError> {
+        let _gc = cache.hold_off_gc()?;
         let mut blobs = BTreeSet::new();
         let mut trees = Vec::new();
         for id in record.outputs.values() {
@@ -277,8 +278,14 @@ impl Remote {
         for (hash, listing) in &trees {
             cache.adopt_tree(hash, listing)?;
         }
-        cache.write_record(record)?;
-        Ok(())
+        // Create-if-absent, as a run commits: a record a run committed
+        // meanwhile stands (what was built on it may differ from ours).
+        if cache.commit_record(record)? {
+            return Ok(record.clone());
+        }
+        Ok(cache
+            .record(&record.fingerprint)?
+            .unwrap_or_else(|| record.clone()))
     }
 
     /// Tree `hash`'s listing from the remote, checked against its hash.
