@@ -120,11 +120,18 @@ impl Remote {
             .await?;
         for hash in &trees {
             let key = tree_key(hash);
-            let listing = cache.tree_listing(hash)?;
-            self.store
-                .put_new(&key, listing.into())
-                .await
-                .map_err(|e| self.write_error(&key, e))?;
+            let listing: bytes::Bytes = cache.tree_listing(hash)?.into();
+            match self.store.put_new(&key, listing.clone()).await {
+                Ok(_) => {}
+                // Content-addressed: without conditional writes (`conditional_put:
+                // disabled`) a plain put writes the same bytes.
+                Err(object_store::Error::NotImplemented) => self
+                    .store
+                    .put(&key, listing)
+                    .await
+                    .map_err(|e| self.write_error(&key, e))?,
+                Err(e) => return Err(self.write_error(&key, e)),
+            }
         }
         let created = match self.store.put_new(&key, self.envelope(record)).await {
             Ok(created) => created,

@@ -193,8 +193,12 @@ pub async fn download_blob(
             actual,
         });
     }
-    drop(file);
+    // Adopted while the lock is held: a pull waiting for it must find the
+    // blob in the store, not a finished `.part` to hash again, or, for a
+    // large blob whose range state is gone, to download again into the
+    // inode just linked into the store.
     cache.adopt_blob(&part, hash)?;
+    drop(file);
     Ok(())
 }
 
