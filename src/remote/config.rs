@@ -242,17 +242,21 @@ fn check(file: &Path, name: &str, remote: &RemoteConfig) -> Result<(), RemoteErr
     Ok(())
 }
 
-/// Store option keys that hold secrets.
+/// Store option keys that hold secrets (object_store's names for AWS,
+/// Azure and GCS: `aws_secret_access_key`, `azure_storage_account_key`,
+/// `access_key`, `master_key`, `sas_key`, `bearer_token`, ...).
 pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     [
         "secret",
-        "access_key_id",
+        "access_key",
+        "account_key",
+        "master_key",
+        "private_key",
         "token",
         "password",
         "sas",
         "service_account_key",
-        "client_secret",
     ]
     .iter()
     .any(|s| k.contains(s))
@@ -332,6 +336,36 @@ mod tests {
         assert!(!c.write);
         assert_eq!(c.max_mbps, 2.5);
         assert_eq!(c.url, "s3://b/p?endpoint=http%3A%2F%2F127.0.0.1%3A9000");
+    }
+
+    #[test]
+    fn every_store_credential_key_is_a_secret() {
+        for key in [
+            "aws_secret_access_key",
+            "access_key_id",
+            "aws_session_token",
+            "azure_storage_account_key",
+            "account_key",
+            "access_key",
+            "azure_storage_master_key",
+            "sas_key",
+            "azure_client_secret",
+            "bearer_token",
+            "google_service_account_key",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in [
+            "region",
+            "endpoint",
+            "allow_http",
+            "conditional_put",
+            "account_name",
+        ] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+        let r = redact("az://c/p?account_name=n&account_key=abc");
+        assert!(!r.contains("abc") && r.contains("account_name=n"), "{r}");
     }
 
     #[test]
