@@ -407,3 +407,48 @@ stages:
     assert!(common::walk(&p.path("cache/records")).is_empty());
     verify_is_clean(&p);
 }
+
+/// A record that lacks an output its stage declares (pulled from a remote
+/// another engine wrote): the run fails naming the stage and the record
+/// to remove, instead of the scheduler panicking when the downstream stage
+/// looks the output up.
+#[test]
+fn a_record_lacking_a_declared_output_fails_its_stage_clearly() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: lacking
+stages:
+  a:
+    op: exec
+    outputs: [out]
+    params: { cmd: 'echo a > "$ALIGNFLOW_OUT/out"' }
+  b:
+    op: exec
+    inputs: { x: "${stages.a.out}" }
+    outputs: [out]
+    params: { cmd: 'cp "$ALIGNFLOW_IN_X" "$ALIGNFLOW_OUT/out"' }
+"#,
+    );
+    p.ok(&["run", "pipeline.yaml", "--quiet", "--target", "a"]);
+    let record = common::walk(&p.path("cache/records"))
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    json["outputs"].as_object_mut().unwrap().clear();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&record, serde_json::to_vec(&json).unwrap()).unwrap();
+    let err = p.fails(&["run", "pipeline.yaml", "--quiet"]);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("has no output(s) [\"out\"] the stage declares")
+            && err.contains(&record.display().to_string()),
+        "{err}"
+    );
+    // Removing it, as the message says, lets the stage run again.
+    std::fs::remove_file(&record).unwrap();
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+}

@@ -265,6 +265,31 @@ fn tamper(b: &Backend, hash: &str, bytes: &[u8]) {
     }
 }
 
+/// One malformed record on the remote fails that record's pull, not the
+/// whole pull: the other stages arrive, and the exit status says one failed.
+#[test]
+fn a_malformed_remote_record_fails_alone() {
+    let b = Backend::folder();
+    let _a = pushed(&b);
+    let root = PathBuf::from(b.url.strip_prefix("file://").unwrap());
+    let record = walk(&root.join("records"))
+        .into_iter()
+        .find(|f| f.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    std::fs::write(&record, b"{ not a record").unwrap();
+    let fresh = project();
+    let out = cmd(&fresh, &b, &["cache", "pull", "--remote", &b.url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("4 record(s) pulled, 0 already local, 0 untrusted, 1 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The blob hash of stage `stage`'s output `out` in project `p`.
 fn output_hash(p: &Project, b: &Backend, stage: &str) -> String {
     let shown: serde_json::Value =

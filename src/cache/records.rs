@@ -84,7 +84,7 @@ impl Records {
         }
     }
 
-    fn path(&self, fp: &Fingerprint) -> Result<PathBuf, CacheError> {
+    pub fn path(&self, fp: &Fingerprint) -> Result<PathBuf, CacheError> {
         let s = checked_fp(fp)?;
         Ok(self.dir.join(&s[..2]).join(format!("{s}.json")))
     }

@@ -182,6 +182,11 @@ impl Cache {
         self.locks.lock_stage(fp)
     }
 
+    /// Where the record of `fp` is (or would be).
+    pub fn record_path(&self, fp: &Fingerprint) -> Result<PathBuf, CacheError> {
+        self.records.path(fp)
+    }
+
     /// Keeps `gc` from running until the guard is dropped (blocks while it
     /// runs): for writing objects and then the record that reaches them
     /// without the stage's lock (a pull from a remote).

@@ -82,7 +82,27 @@ pub(super) struct StageTask {
 /// Runs (or finds cached) one stage. Any failure once the run is cancelled
 /// counts as the cancellation.
 pub(super) async fn execute(shared: &Shared, task: StageTask) -> Result<Finished, Error> {
-    execute_phases(shared, task).await.map_err(|err| {
+    let stage = &shared.pipeline.stages[task.index];
+    let finished = execute_phases(shared, task).await.and_then(|finished| {
+        // A record from elsewhere (a remote's, an older engine's) that
+        // lacks an output the stage declares would leave its downstream
+        // nothing to read.
+        let lacking: Vec<&String> = stage
+            .outputs
+            .iter()
+            .filter(|name| !finished.outputs.contains_key(*name))
+            .collect();
+        if !lacking.is_empty() {
+            let record = shared.cache.record_path(&finished.key.fingerprint())?;
+            return Err(anyhow::anyhow!(
+                "its record has no output(s) {lacking:?} the stage declares: remove {} so that the stage runs again",
+                record.display()
+            )
+            .into());
+        }
+        Ok(finished)
+    });
+    finished.map_err(|err| {
         if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
             Error::Cancelled
         } else {

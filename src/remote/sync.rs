@@ -189,7 +189,18 @@ impl Remote {
                     report.local += 1;
                     continue;
                 }
-                match self.lookup_async(fp).await? {
+                let found = match self.lookup_async(fp).await {
+                    // One malformed record (another engine's, a stray key)
+                    // is that record's failure, not the whole pull's.
+                    Err(e @ RemoteError::BadRecord { .. }) => {
+                        let line = format!("record {}: {e}", fp.short());
+                        t.say(&format!("error: {line}"));
+                        report.failed.push(line);
+                        continue;
+                    }
+                    found => found?,
+                };
+                match found {
                     Lookup::Absent => report.absent += 1,
                     Lookup::Untrusted(why) => {
                         t.say(&format!("ignored record {}: {why}", fp.short()));
