@@ -86,3 +86,72 @@ fn kill_9_mid_stage_leaves_a_consistent_cache_and_the_rerun_reuses_finished_work
     let verify = p.ok(&["cache", "verify"]);
     assert!(verify.contains(": 0 problem(s)"), "{verify}");
 }
+
+/// A path input edited while its stage waited for another run's lock: the
+/// stage would read the new bytes under the fingerprint of the old ones.
+/// It fails instead, storing nothing, and the next run uses the new bytes.
+#[test]
+fn an_input_edited_while_its_stage_waits_is_not_run_under_the_old_fingerprint() {
+    let p = Project::new();
+    p.write("input.txt", "old\n");
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: wait
+stages:
+  copy:
+    op: exec
+    inputs: { x: input.txt }
+    outputs: [out]
+    params:
+      cmd: >-
+        if [ -n "$HOLD" ]; then touch held; while [ ! -f release ]; do sleep 0.05; done; exit 1; fi;
+        cp "$ALIGNFLOW_IN_X" "$ALIGNFLOW_OUT/out"
+"#,
+    );
+    let logs = || common::walk(&p.path("cache/logs"));
+    // The first run holds the stage's lock until `release` appears, then fails.
+    let holder = p
+        .cmd(&["run", "pipeline.yaml", "--quiet"])
+        .env("HOLD", "1")
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(30), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("the holder runs", &|| p.path("held").exists());
+    // The second run hashes `old`, then waits for the lock.
+    let waiter = p
+        .cmd(&["run", "pipeline.yaml", "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait("the second run waits for the lock", &|| {
+        logs()
+            .iter()
+            .any(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("waiting copy")))
+    });
+    p.write("input.txt", "new\n");
+    p.write("release", "");
+    assert!(!holder.wait_with_output().unwrap().status.success());
+    let out = waiter.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("input(s) [\"x\"] changed after the run hashed them"),
+        "{stderr}"
+    );
+    assert!(
+        common::walk(&p.path("cache/records")).is_empty(),
+        "nothing stored"
+    );
+    p.ok(&["run", "pipeline.yaml", "--quiet"]);
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "pipeline.yaml", "copy", "--json"])).unwrap();
+    let path = shown["out"]["path"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(path).unwrap(), "new\n");
+}

@@ -364,6 +364,21 @@ async fn actual_key(
     Ok(stage_key(pipeline, &pipeline.stages[i], op.version, ids))
 }
 
+/// Fails when a path input's content is no longer the one `key` hashed.
+fn unchanged_since_hashed(cache: &Cache, stage: &Stage, key: &StageKey) -> anyhow::Result<()> {
+    let now = hash_path_inputs(cache, stage, false)?;
+    let changed: Vec<&String> = now
+        .iter()
+        .filter(|(name, id)| key.inputs.get(*name) != Some(*id))
+        .map(|(name, _)| name)
+        .collect();
+    anyhow::ensure!(
+        changed.is_empty(),
+        "input(s) {changed:?} changed after the run hashed them, before the stage started: nothing ran; run again to use the new content"
+    );
+    Ok(())
+}
+
 /// What a running stage holds, released when it is dropped.
 struct Held<'a> {
     _lock: StageLock,
@@ -472,6 +487,14 @@ async fn dispatch(
                 return Err(err.into());
             }
         };
+    // The key hashed the path inputs before the stage waited for its
+    // slots, its lock or (on a cluster) its job's start; the guard watches
+    // them only from now on. One that changed meanwhile would have the
+    // stage read other bytes than its fingerprint names.
+    if let Err(err) = tokio::task::block_in_place(|| unchanged_since_hashed(cache, stage, key)) {
+        let _ = remove_all(&staging);
+        return Err(err.into());
+    }
     let started_at = SystemTime::now();
     let start = Instant::now();
     let progress = shared.ui.stage(&stage.id);
