@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::atomic::temp_owner_pid;
+use super::atomic::{temp_owner_pid, temp_sibling};
 use super::dependents::{Dependents, Use};
 use super::error::{at, CacheError};
 use super::fsutil::{file_name, read_dir_sorted};
@@ -446,9 +446,14 @@ impl Maintenance<'_> {
         // Trees first: their files are hard links, whose bytes are freed (and
         // counted) with the blob.
         let (listings, dirs) = self.objects.scan_trees()?;
-        for (hash, path) in listings.blobs.iter().chain(&dirs) {
+        for (hash, path) in &listings.blobs {
             if !trees.contains(hash) && settled(path) {
                 remove(path, dry_run, report);
+            }
+        }
+        for (hash, path) in &dirs {
+            if !trees.contains(hash) && settled(path) {
+                remove_tree_dir(path, dry_run, report);
             }
         }
         remove_dead_temps(&listings.temps, dry_run, report);
@@ -522,6 +527,32 @@ pub(super) fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
                 return;
             }
         }
+    }
+    report.removed.push(path.to_path_buf());
+    report.removed_bytes.push(bytes);
+    report.freed_bytes += bytes;
+}
+
+/// [`remove`] for a tree's folder: renamed first to a temporary name beside
+/// it, so that a gc killed half-way through the removal leaves that
+/// temporary (which the next gc reaps), never a partial tree under the
+/// tree's own name, which a later commit of the same tree would take as
+/// complete.
+fn remove_tree_dir(path: &Path, dry_run: bool, report: &mut GcReport) {
+    if dry_run {
+        return remove(path, dry_run, report);
+    }
+    let bytes = dir_size(path);
+    let doomed = match temp_sibling(path).and_then(|t| fs::rename(path, &t).map(|()| t)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!("{}: cannot remove: {e}", path.display());
+            return;
+        }
+    };
+    if let Err(e) = remove_all(&doomed) {
+        tracing::warn!("{}: cannot remove: {e}", doomed.display());
     }
     report.removed.push(path.to_path_buf());
     report.removed_bytes.push(bytes);
