@@ -691,6 +691,40 @@ fn s3_a_killed_upload_resumes() {
     assert!(walk(&uploads).is_empty(), "{:?}", walk(&uploads));
 }
 
+/// An interrupted upload the server no longer knows (an abort rule, a
+/// restart): the push that resumes it fails, and forgets it, so the next
+/// push starts over and succeeds instead of failing on the dead id for ever.
+#[test]
+fn s3_an_upload_the_server_dropped_starts_over() {
+    let b = Backend::s3();
+    let a = Project::new();
+    a.write("pipeline.yaml", BIG);
+    a.write("alignflow.config.yaml", "remotes: {}\n");
+    a.run_stages("pipeline.yaml", &[]);
+    let slow = format!("{}&max_mbps=12&jobs=1", b.url);
+    let uploads = a.path("cache/uploads");
+    kill_when(cmd(&a, &b, &["cache", "push", "--remote", &slow]), || {
+        walk(&uploads).iter().any(|f| parts_done(f, "parts") >= 2)
+    });
+    let state = walk(&uploads)
+        .into_iter()
+        .find(|f| parts_done(f, "parts") >= 2)
+        .expect("the interrupted upload's state");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    json["upload"] = "an-upload-the-server-dropped".into();
+    std::fs::write(&state, serde_json::to_vec(&json).unwrap()).unwrap();
+    let failed = run_fails(&a, &b, &["cache", "push", "--remote", &b.url]);
+    assert!(!state.exists(), "the dead upload is forgotten:\n{failed}");
+    let out = run_ok(&a, &b, &["cache", "push", "--remote", &b.url]);
+    assert!(out.contains("1 record(s) pushed"), "{out}");
+    let fresh = Project::new();
+    fresh.write("pipeline.yaml", BIG);
+    fresh.write("alignflow.config.yaml", "remotes: {}\n");
+    let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
+    assert!(pulled.contains("1 record(s) pulled"), "{pulled}");
+}
+
 fn run_locked_on_a_fresh_machine_pulls_everything(b: Backend) {
     let a = pushed(&b);
     assert!(a.path("pipeline.lock").is_file());

@@ -463,6 +463,16 @@ async fn upload_resumable(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|s: &UploadState| s.size == size && s.part_size == PART_SIZE && s.parts.len() == n);
+    // A part that fails on a resumed upload may mean the server dropped
+    // the upload (an abort rule, a restart): its state is forgotten, so the
+    // next push starts over instead of failing on the dead id for ever.
+    let resumed = previous.is_some();
+    let forget_if_resumed = |e: PartError| {
+        if resumed {
+            let _ = fs::remove_file(state_path);
+        }
+        e
+    };
     let state = match previous {
         Some(s) => {
             let done = s.parts.iter().filter(|p| p.is_some()).count();
@@ -509,11 +519,15 @@ async fn upload_resumable(
             let Some((index, len, id)) = running.next().await else {
                 break;
             };
-            finish_part(&state, index, len, id, t, &save).await?;
+            finish_part(&state, index, len, id, t, &save)
+                .await
+                .map_err(forget_if_resumed)?;
         }
     }
     while let Some((index, len, id)) = running.next().await {
-        finish_part(&state, index, len, id, t, &save).await?;
+        finish_part(&state, index, len, id, t, &save)
+            .await
+            .map_err(forget_if_resumed)?;
     }
     let actual = hasher.finalize().to_hex().to_string();
     if actual != hash {
