@@ -452,3 +452,31 @@ stages:
     std::fs::remove_file(&record).unwrap();
     p.ok(&["run", "pipeline.yaml", "--quiet"]);
 }
+
+/// A path input given as a symbolic link to a folder is watched through
+/// the link: a stage that writes into the folder fails and stores nothing
+/// (the guard looked at the link itself, and saw nothing change).
+#[test]
+fn a_folder_input_given_as_a_link_is_watched_through_it() {
+    let p = Project::new();
+    p.write("data/real/config.json", "{}\n");
+    std::os::unix::fs::symlink(p.path("data/real"), p.path("model")).unwrap();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: linked
+stages:
+  b:
+    op: exec
+    inputs: { x: model }
+    outputs: [out]
+    params: { cmd: "echo tampered >> \"$ALIGNFLOW_IN_X/config.json\"; touch $ALIGNFLOW_OUT/out" }
+"#,
+    );
+    let err = p.fails(&["run", "pipeline.yaml", "--quiet"]);
+    assert!(err.contains("`x`") && err.contains("config.json"), "{err}");
+    assert!(
+        common::walk(&p.path("cache/records")).is_empty(),
+        "nothing stored"
+    );
+}

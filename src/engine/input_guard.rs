@@ -120,11 +120,12 @@ fn describe(old: &Stat, new: &Stat) -> String {
 }
 
 /// The stat of `root` ("") and of everything under it by relative path;
-/// a link to a file is the file's stat (a snapshot folder's links stand
-/// for the blobs they point at, which is what the stage reads).
+/// a link is its target's stat (a snapshot folder's links stand for the
+/// blobs they point at, and an input given as a link to a folder or file
+/// for what it points at: what the stage reads).
 fn stat_tree(root: &Path) -> io::Result<BTreeMap<String, Stat>> {
     let mut out = BTreeMap::new();
-    let meta = fs::symlink_metadata(root)?;
+    let meta = fs::metadata(root)?;
     out.insert(String::new(), Stat::of(&meta));
     if !meta.is_dir() {
         return Ok(out);
