@@ -388,9 +388,15 @@ impl Maintenance<'_> {
                 }
             }
         }
-        remove_dead_temps(&temps, dry_run, &mut report);
+        remove_dead_temps(&temps, min_age, dry_run, &mut report);
 
+        // On a shared cache (`min_age` over zero) a temporary or staging
+        // folder may be another node's, whose pid means nothing here and
+        // whose lock this node may not see: only old ones go.
         for path in read_dir_sorted(&self.root.join("tmp"))? {
+            if !old_enough(&path, min_age) {
+                continue;
+            }
             let name = file_name(&path);
             if let Some(pid) = temp_owner_pid(&name) {
                 // A tree being materialised.
@@ -456,7 +462,7 @@ impl Maintenance<'_> {
                 remove_tree_dir(path, dry_run, report);
             }
         }
-        remove_dead_temps(&listings.temps, dry_run, report);
+        remove_dead_temps(&listings.temps, min_age, dry_run, report);
 
         let objects = self.objects.scan_objects()?;
         for (hash, path) in &objects.blobs {
@@ -466,7 +472,7 @@ impl Maintenance<'_> {
                 remove(path, dry_run, report);
             }
         }
-        remove_dead_temps(&objects.temps, dry_run, report);
+        remove_dead_temps(&objects.temps, min_age, dry_run, report);
         Ok(())
     }
 }
@@ -498,9 +504,17 @@ fn remove_record(path: &Path) -> Result<(), CacheError> {
 }
 
 /// Removes the temporary files (with their owner's pid) whose owner is gone.
-fn remove_dead_temps(temps: &[(u32, PathBuf)], dry_run: bool, report: &mut GcReport) {
+/// Temporaries whose writer is gone: its pid is not alive here, and on a
+/// shared cache (`min_age` over zero, where the writer may be another
+/// node's process) the file is old too.
+fn remove_dead_temps(
+    temps: &[(u32, PathBuf)],
+    min_age: Duration,
+    dry_run: bool,
+    report: &mut GcReport,
+) {
     for (pid, path) in temps {
-        if !pid_alive(*pid) {
+        if !pid_alive(*pid) && old_enough(path, min_age) {
             remove(path, dry_run, report);
         }
     }

@@ -675,3 +675,28 @@ fn gc_collects_checkpoints_nothing_resumes_from() {
     let after = cache.gc(false).unwrap();
     assert!(after.removed.contains(&busy_dir), "{:?}", after.removed);
 }
+
+/// On a shared cache a temporary whose pid is not alive here may be another
+/// node's write in progress: gc keeps it until it is `min_age` old; on a
+/// machine's own cache (no minimum age) it goes at once.
+#[test]
+fn gc_keeps_young_temporaries_of_unknown_writers_on_a_shared_cache() {
+    let (dir, cache) = cache();
+    let root = dir.path().join("cache");
+    // A pid no process has (above the kernel's pid_max).
+    let temp = root.join(format!(".hashes.json.tmp.{}.0", 1u32 << 30));
+    fs::write(&temp, b"half written").unwrap();
+    let tree_temp = root
+        .join("tmp")
+        .join(format!(".tree-x.tmp.{}.1", 1u32 << 30));
+    fs::create_dir_all(&tree_temp).unwrap();
+    cache
+        .gc_min_age(false, Duration::from_secs(86_400))
+        .unwrap();
+    assert!(temp.exists() && tree_temp.exists(), "young: kept");
+    cache.gc_min_age(false, Duration::ZERO).unwrap();
+    assert!(
+        !temp.exists() && !tree_temp.exists(),
+        "no minimum age: removed"
+    );
+}
