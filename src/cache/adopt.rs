@@ -46,7 +46,9 @@ impl Objects {
         match fs::hard_link(src, &dst) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => copy_into_store(src, &dst)?,
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                copy_into_store(src, &dst, hash)?
+            }
             Err(e) => return Err(at(&dst)(e)),
         }
         fsync_dir(shard).map_err(at(shard))?;

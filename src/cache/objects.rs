@@ -174,7 +174,7 @@ impl Objects {
         if meta.nlink() > 1 {
             // The file has other names (an op hard-linked some input into its
             // output): linking it would make the blob an inode others may write.
-            copy_into_store(src, &dst)?;
+            copy_into_store(src, &dst, &hash)?;
         } else {
             fs::set_permissions(src, fs::Permissions::from_mode(SEALED_FILE)).map_err(at(src))?;
             file.sync_all().map_err(at(src))?;
@@ -186,7 +186,7 @@ impl Objects {
                 // Another filesystem, or one that refuses the link (NFS
                 // exports without hard links): the bytes are copied.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {
-                    copy_into_store(src, &dst)?
+                    copy_into_store(src, &dst, &hash)?
                 }
                 Err(e) => return Err(at(&dst)(e)),
             }
@@ -371,13 +371,23 @@ impl Objects {
 }
 
 /// Copies `src` to a temporary file beside `dst`, makes it read-only and
-/// durable, then links it to `dst` (unless a racing process did).
-pub(super) fn copy_into_store(src: &Path, dst: &Path) -> Result<(), CacheError> {
+/// durable, checks that the copy is blob `hash` (a file with other names
+/// may be written through one of them between its hashing and this copy),
+/// then links it to `dst` (unless a racing process did).
+pub(super) fn copy_into_store(src: &Path, dst: &Path, hash: &str) -> Result<(), CacheError> {
     let tmp = temp_sibling(dst).map_err(at(dst))?;
     let result = (|| {
         fs::copy(src, &tmp)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(SEALED_FILE))?;
-        File::open(&tmp)?.sync_all()?;
+        let copy = File::open(&tmp)?;
+        let copied = blake3::Hasher::new().update_reader(&copy)?.finalize();
+        if copied.to_hex().as_str() != hash {
+            return Err(io::Error::other(format!(
+                "{} changed while it was stored (it hashed to {hash}, its copy to {copied})",
+                src.display()
+            )));
+        }
+        copy.sync_all()?;
         match fs::hard_link(&tmp, dst) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
             _ => Ok(()),

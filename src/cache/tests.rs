@@ -700,3 +700,26 @@ fn gc_keeps_young_temporaries_of_unknown_writers_on_a_shared_cache() {
         "no minimum age: removed"
     );
 }
+
+/// A copy into the store is checked against the hash it is stored under:
+/// a file written through another of its names after it was hashed is
+/// refused, and nothing is stored.
+#[test]
+fn a_copy_that_is_not_its_hash_is_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::write(&src, b"written after hashing").unwrap();
+    let dst = dir.path().join("blob");
+    let hashed = blake3::hash(b"what was hashed").to_hex().to_string();
+    let err = super::objects::copy_into_store(&src, &dst, &hashed).unwrap_err();
+    assert!(
+        err.to_string().contains("changed while it was stored"),
+        "{err}"
+    );
+    assert!(!dst.exists());
+    let right = blake3::hash(b"written after hashing").to_hex().to_string();
+    super::objects::copy_into_store(&src, &dst, &right).unwrap();
+    assert_eq!(fs::read(&dst).unwrap(), b"written after hashing");
+    let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 2, "no temporary left: {left:?}");
+}
