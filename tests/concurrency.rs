@@ -114,6 +114,8 @@ stages:
     let holder = p
         .cmd(&["run", "pipeline.yaml", "--quiet"])
         .env("HOLD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let wait = |what: &str, done: &dyn Fn() -> bool| {
@@ -127,6 +129,7 @@ stages:
     // The second run hashes `old`, then waits for the lock.
     let waiter = p
         .cmd(&["run", "pipeline.yaml", "--quiet"])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

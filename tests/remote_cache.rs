@@ -583,9 +583,7 @@ fn kill_when(mut c: Command, ready: impl Fn() -> bool) {
 }
 
 fn a_killed_download_resumes(b: Backend) {
-    let a = Project::new();
-    a.write("pipeline.yaml", BIG);
-    a.write("alignflow.config.yaml", "remotes: {}\n");
+    let a = big_project();
     a.run_stages("pipeline.yaml", &[]);
     run_ok(
         &a,
@@ -593,9 +591,7 @@ fn a_killed_download_resumes(b: Backend) {
         &["cache", "push", "--remote", &b.url, "pipeline.yaml"],
     );
 
-    let fresh = Project::new();
-    fresh.write("pipeline.yaml", BIG);
-    fresh.write("alignflow.config.yaml", "remotes: {}\n");
+    let fresh = big_project();
     // Slowed to 12 MB/s, one 8 MiB range at a time, so that it is surely
     // killed half-way: once two of its six ranges are in.
     let slow = format!(
@@ -655,19 +651,37 @@ fn folder_a_killed_download_resumes() {
     a_killed_download_resumes(Backend::folder());
 }
 
-#[test]
-fn s3_a_killed_upload_resumes() {
-    let b = Backend::s3();
-    let a = Project::new();
-    a.write("pipeline.yaml", BIG);
-    a.write("alignflow.config.yaml", "remotes: {}\n");
+/// A project with `BIG` and a config of its own.
+fn big_project() -> Project {
+    let p = Project::new();
+    p.write("pipeline.yaml", BIG);
+    p.write("alignflow.config.yaml", "remotes: {}\n");
+    p
+}
+
+/// Runs `BIG` in a new project and pushes it, killed once two 8 MiB parts
+/// are recorded as sent: the project and its `cache/uploads` folder.
+fn killed_upload(b: &Backend) -> (Project, PathBuf) {
+    let a = big_project();
     a.run_stages("pipeline.yaml", &[]);
     let slow = format!("{}&max_mbps=12&jobs=1", b.url);
     let uploads = a.path("cache/uploads");
-    // Killed once two 8 MiB parts are recorded as sent.
-    kill_when(cmd(&a, &b, &["cache", "push", "--remote", &slow]), || {
+    kill_when(cmd(&a, b, &["cache", "push", "--remote", &slow]), || {
         walk(&uploads).iter().any(|f| parts_done(f, "parts") >= 2)
     });
+    (a, uploads)
+}
+
+/// A fresh project pulls `BIG`'s one record from `b`.
+fn assert_big_pulls(b: &Backend) {
+    let pulled = run_ok(&big_project(), b, &["cache", "pull", "--remote", &b.url]);
+    assert!(pulled.contains("1 record(s) pulled"), "{pulled}");
+}
+
+#[test]
+fn s3_a_killed_upload_resumes() {
+    let b = Backend::s3();
+    let (a, uploads) = killed_upload(&b);
     assert!(
         walk(&uploads).iter().any(|f| parts_done(f, "parts") < 6),
         "killed before the end"
@@ -675,11 +689,7 @@ fn s3_a_killed_upload_resumes() {
     let out = run_ok(&a, &b, &["cache", "push", "--remote", &b.url]);
     assert!(out.contains("1 record(s) pushed"), "{out}");
     assert!(out.contains("resumed"), "{out}");
-    let fresh = Project::new();
-    fresh.write("pipeline.yaml", BIG);
-    fresh.write("alignflow.config.yaml", "remotes: {}\n");
-    let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
-    assert!(pulled.contains("1 record(s) pulled"), "{pulled}");
+    assert_big_pulls(&b);
     // The upload's state is gone (a temporary file the kill interrupted
     // may remain: `cache gc` removes it).
     let states: Vec<_> = walk(&uploads)
@@ -697,15 +707,7 @@ fn s3_a_killed_upload_resumes() {
 #[test]
 fn s3_an_upload_the_server_dropped_starts_over() {
     let b = Backend::s3();
-    let a = Project::new();
-    a.write("pipeline.yaml", BIG);
-    a.write("alignflow.config.yaml", "remotes: {}\n");
-    a.run_stages("pipeline.yaml", &[]);
-    let slow = format!("{}&max_mbps=12&jobs=1", b.url);
-    let uploads = a.path("cache/uploads");
-    kill_when(cmd(&a, &b, &["cache", "push", "--remote", &slow]), || {
-        walk(&uploads).iter().any(|f| parts_done(f, "parts") >= 2)
-    });
+    let (a, uploads) = killed_upload(&b);
     let state = walk(&uploads)
         .into_iter()
         .find(|f| parts_done(f, "parts") >= 2)
@@ -718,11 +720,7 @@ fn s3_an_upload_the_server_dropped_starts_over() {
     assert!(!state.exists(), "the dead upload is forgotten:\n{failed}");
     let out = run_ok(&a, &b, &["cache", "push", "--remote", &b.url]);
     assert!(out.contains("1 record(s) pushed"), "{out}");
-    let fresh = Project::new();
-    fresh.write("pipeline.yaml", BIG);
-    fresh.write("alignflow.config.yaml", "remotes: {}\n");
-    let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
-    assert!(pulled.contains("1 record(s) pulled"), "{pulled}");
+    assert_big_pulls(&b);
 }
 
 fn run_locked_on_a_fresh_machine_pulls_everything(b: Backend) {

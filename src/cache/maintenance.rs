@@ -542,9 +542,7 @@ pub(super) fn remove(path: &Path, dry_run: bool, report: &mut GcReport) {
             }
         }
     }
-    report.removed.push(path.to_path_buf());
-    report.removed_bytes.push(bytes);
-    report.freed_bytes += bytes;
+    count_removed(report, path, bytes);
 }
 
 /// [`remove`] for a tree's folder: renamed first to a temporary name beside
@@ -568,6 +566,11 @@ fn remove_tree_dir(path: &Path, dry_run: bool, report: &mut GcReport) {
     if let Err(e) = remove_all(&doomed) {
         tracing::warn!("{}: cannot remove: {e}", doomed.display());
     }
+    count_removed(report, path, bytes);
+}
+
+/// Notes in `report` that `path`, which freed `bytes`, is gone.
+fn count_removed(report: &mut GcReport, path: &Path, bytes: u64) {
     report.removed.push(path.to_path_buf());
     report.removed_bytes.push(bytes);
     report.freed_bytes += bytes;
