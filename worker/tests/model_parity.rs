@@ -417,6 +417,8 @@ fn merged_lora_logits_equal_the_adapted_model() {
             dropout: 0.0,
             targets: LoraTargets::Modules(targets.into_iter().map(String::from).collect()),
         };
+        // A's initialisation and B below are seeded, so a failure repeats.
+        tch::manual_seed(17);
         let mut model = Model::load(
             &fixtures().join(name),
             &BuildOptions {
@@ -453,8 +455,17 @@ fn merged_lora_logits_equal_the_adapted_model() {
                 .lm
                 .forward(&r["input_ids"], &r["attention_mask"], false)
         });
+        // W + s·BA and W, then s·B(A·x), round differently in float32, and
+        // the difference grows with the logits: bound it relative to their
+        // scale. Measured: at most 1.3e-6 of the largest logit over 20 seeds
+        // and every family; a wrong merge (scale, transpose) is off by
+        // the adapters' whole effect, over 1e-3 (asserted above).
         let diff = max_diff_on_mask(&merged, &adapted, &r["attention_mask"]);
-        assert!(diff < 1e-5, "{name}: merged vs adapted {diff}");
+        let scale = adapted.abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-5 * scale,
+            "{name}: merged vs adapted {diff} (largest logit {scale})"
+        );
     }
 }
 
