@@ -662,8 +662,14 @@ fn big_project() -> Project {
 /// Runs `BIG` in a new project and pushes it, killed once two 8 MiB parts
 /// are recorded as sent: the project and its `cache/uploads` folder.
 fn killed_upload(b: &Backend) -> (Project, PathBuf) {
+    killed_upload_after(b, |_| {})
+}
+
+/// [`killed_upload`], with `edit` applied to the project before the push.
+fn killed_upload_after(b: &Backend, edit: impl FnOnce(&Project)) -> (Project, PathBuf) {
     let a = big_project();
     a.run_stages("pipeline.yaml", &[]);
+    edit(&a);
     let slow = format!("{}&max_mbps=12&jobs=1", b.url);
     let uploads = a.path("cache/uploads");
     kill_when(cmd(&a, b, &["cache", "push", "--remote", &slow]), || {
@@ -699,6 +705,46 @@ fn s3_a_killed_upload_resumes() {
     assert!(states.is_empty(), "{states:?}");
     run_ok(&a, &b, &["cache", "gc"]);
     assert!(walk(&uploads).is_empty(), "{:?}", walk(&uploads));
+}
+
+/// The largest blob in `p`'s store (`BIG`'s output).
+fn largest_blob(p: &Project) -> PathBuf {
+    walk(&p.path("cache/objects"))
+        .into_iter()
+        .max_by_key(|f| f.metadata().unwrap().len())
+        .unwrap()
+}
+
+/// Flips the first byte of `file` (a store file, read-only).
+fn flip_first_byte(file: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata().unwrap().permissions();
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(file, bytes).unwrap();
+    std::fs::set_permissions(file, mode).unwrap();
+}
+
+/// An upload interrupted while the local blob was corrupt, resumed once it
+/// is intact again: the parts sent from the corrupt bytes are sent again,
+/// so what the remote publishes under the blob's hash is the blob.
+#[test]
+fn s3_a_resumed_upload_resends_parts_sent_from_other_bytes() {
+    let b = Backend::s3();
+    let (a, _uploads) = killed_upload_after(&b, |a| flip_first_byte(&largest_blob(a)));
+    flip_first_byte(&largest_blob(&a));
+    let out = cmd(&a, &b, &["cache", "push", "--remote", &b.url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = ok(out, "the resumed push");
+    assert!(stdout.contains("1 record(s) pushed"), "{stdout}");
+    assert!(
+        stderr.contains("part 0 was sent with other bytes"),
+        "{stderr}"
+    );
+    assert_big_pulls(&b);
 }
 
 /// An interrupted upload the server no longer knows (an abort rule, a

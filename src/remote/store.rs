@@ -26,6 +26,10 @@ pub type StoreResult<T> = Result<T, object_store::Error>;
 pub trait RemoteStore: Send + Sync {
     /// The URL, without credentials.
     fn describe(&self) -> &str;
+    /// Where writes land: the URL and every store option that is not a
+    /// credential (the endpoint above all, from the URL, the config or the
+    /// environment). What an interrupted upload's state is keyed by.
+    fn identity(&self) -> &str;
     /// The size of `key`, or `None` when it is absent.
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>>;
     /// The bytes of `key` from `offset` on, as they arrive.
@@ -79,6 +83,7 @@ pub trait ResumableUploads: Send + Sync {
 /// A [`RemoteStore`] on an `object_store` backend.
 pub struct ObjectRemote {
     url: String,
+    identity: String,
     store: Arc<dyn ObjectStore>,
     multipart: Option<Arc<dyn MultipartStore>>,
     /// Key prefix inside the bucket ('' or 'a/b/').
@@ -109,6 +114,17 @@ impl ObjectRemote {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
+        // Before the credentials join the options.
+        let mut identity = {
+            let mut bare = url.clone();
+            bare.set_query(None);
+            redact(bare.as_str())
+        };
+        let sorted: std::collections::BTreeMap<_, _> =
+            options.iter().map(|(k, v)| (k, v)).collect();
+        for (k, v) in sorted {
+            identity.push_str(&format!(" {k}={v}"));
+        }
         for (key, var) in &spec.config.credentials_env {
             let value = std::env::var(var).map_err(|_| RemoteError::Config {
                 path: spec.source.clone().unwrap_or_default(),
@@ -150,9 +166,14 @@ impl ObjectRemote {
                     }
                     builder = builder.with_config(key, v);
                 }
+                // AWS_ENDPOINT (and the like) from the environment count too.
+                if let Some(endpoint) = builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+                    identity.push_str(&format!(" (endpoint {endpoint})"));
+                }
                 let s3 = Arc::new(builder.build().map_err(|e| bad_url(e.to_string()))?);
                 Ok(ObjectRemote {
                     url: shown.clone(),
+                    identity,
                     store: s3.clone(),
                     multipart: Some(s3),
                     prefix: prefix(url.path()),
@@ -170,6 +191,7 @@ impl ObjectRemote {
                     LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad_url(e.to_string()))?;
                 Ok(ObjectRemote {
                     url: shown.clone(),
+                    identity,
                     store: Arc::new(local),
                     multipart: None,
                     prefix: String::new(),
@@ -180,6 +202,7 @@ impl ObjectRemote {
                     .map_err(|e| bad_url(e.to_string()))?;
                 Ok(ObjectRemote {
                     url: shown.clone(),
+                    identity,
                     store: Arc::from(store),
                     multipart: None,
                     prefix: prefix(path.as_ref()),
@@ -196,6 +219,10 @@ impl ObjectRemote {
 impl RemoteStore for ObjectRemote {
     fn describe(&self) -> &str {
         &self.url
+    }
+
+    fn identity(&self) -> &str {
+        &self.identity
     }
 
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<u64>>> {
@@ -361,4 +388,47 @@ pub async fn read_all(mut stream: BoxStream<'static, StoreResult<Bytes>>) -> Sto
         out.extend_from_slice(&chunk?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::config::RemoteConfig;
+
+    fn open(url: &str, options: &[(&str, &str)], credentials: &[(&str, &str)]) -> ObjectRemote {
+        let mut config = RemoteConfig::from_url(url).unwrap();
+        for (k, v) in options {
+            config.options.insert(k.to_string(), v.to_string());
+        }
+        for (k, v) in credentials {
+            config.credentials_env.insert(k.to_string(), v.to_string());
+        }
+        ObjectRemote::open(&RemoteSpec {
+            name: "team".into(),
+            config,
+            source: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn two_endpoints_are_two_identities_and_credentials_are_no_part_of_one() {
+        let a = open("s3://b/p", &[("endpoint", "http://10.0.0.1:9000")], &[]);
+        let b = open("s3://b/p", &[("endpoint", "http://10.0.0.2:9000")], &[]);
+        let query = open("s3://b/p?endpoint=http://10.0.0.2:9000", &[], &[]);
+        assert_eq!(a.describe(), b.describe());
+        assert_ne!(a.identity(), b.identity());
+        assert_eq!(b.identity(), query.identity());
+        std::env::set_var("ALIGNFLOW_TEST_IDENTITY_SECRET", "very-secret-value");
+        let with_key = open(
+            "s3://b/p",
+            &[("endpoint", "http://10.0.0.1:9000")],
+            &[
+                ("access_key_id", "ALIGNFLOW_TEST_IDENTITY_SECRET"),
+                ("secret_access_key", "ALIGNFLOW_TEST_IDENTITY_SECRET"),
+            ],
+        );
+        assert_eq!(with_key.identity(), a.identity());
+        assert!(!with_key.identity().contains("very-secret"));
+    }
 }

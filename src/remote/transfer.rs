@@ -347,8 +347,18 @@ struct UploadState {
     upload: String,
     size: u64,
     part_size: u64,
-    /// Each part's id once uploaded.
-    parts: Vec<Option<String>>,
+    /// Each part once uploaded.
+    parts: Vec<Option<SentPart>>,
+}
+
+/// A part the server has: its id for `complete`, and the blake3 of the
+/// bytes sent, so a resumed upload checks that the parts sent before the
+/// interruption are the blob's bytes now (the blob may have been corrupt
+/// then, and repaired since).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SentPart {
+    id: String,
+    blake3: String,
 }
 
 /// Uploads blob `hash` unless the remote has it; returns whether it did.
@@ -400,12 +410,9 @@ pub async fn upload_blob(
         Some(parts) => {
             let state = cache
                 .uploads_dir()?
-                // Keyed by where the upload goes (the URL without
-                // alignflow's own `jobs`/`max_mbps`/`write` keys).
-                .join(format!(
-                    "{}-{hash}.json",
-                    &blake3::hash(store.describe().as_bytes()).to_hex()[..12]
-                ));
+                // Keyed by where the upload goes: two remotes that differ
+                // only in their endpoint are two servers.
+                .join(upload_state_name(store.identity(), hash));
             upload_resumable(parts, &key, &path, size, &state, hash, t)
                 .await
                 .map_err(|e| e.into_remote(remote, &key))?
@@ -418,6 +425,15 @@ pub async fn upload_blob(
         Some(actual) => Err(corrupt(actual)),
         None => Ok(true),
     }
+}
+
+/// The file, in `uploads/`, of an upload of blob `hash` to the remote of
+/// `identity` ([`RemoteStore::identity`]).
+fn upload_state_name(identity: &str, hash: &str) -> String {
+    format!(
+        "{}-{hash}.json",
+        &blake3::hash(identity.as_bytes()).to_hex()[..12]
+    )
 }
 
 /// Errors of the part uploads, before they name the remote.
@@ -502,9 +518,17 @@ async fn upload_resumable(
         let len = PART_SIZE.min(size - index as u64 * PART_SIZE);
         let buf = read_part(&mut file, path, len)?;
         hasher.update(&buf);
-        if state.lock().expect("not poisoned").parts[index].is_some() {
-            t.note_resumed(len);
-            continue;
+        let part_hash = blake3::hash(&buf).to_hex().to_string();
+        match &state.lock().expect("not poisoned").parts[index] {
+            Some(sent) if sent.blake3 == part_hash => {
+                t.note_resumed(len);
+                continue;
+            }
+            // Sending a part number again replaces the server's part.
+            Some(_) => tracing::warn!(
+                "{key}: part {index} was sent with other bytes before the interruption; sending it again"
+            ),
+            None => {}
         }
         let upload = &upload;
         running.push(async move {
@@ -512,20 +536,20 @@ async fn upload_resumable(
             // this loop waits: never a wait on a slot held by itself.
             let _slot = t.slots.acquire().await.expect("never closed");
             let id = parts.put_part(key, upload, index, Bytes::from(buf)).await;
-            (index, len, id)
+            (index, len, part_hash, id)
         });
         // Bounded: at most `jobs` parts in memory and in flight.
         while running.len() >= t.jobs {
-            let Some((index, len, id)) = running.next().await else {
+            let Some((index, len, part_hash, id)) = running.next().await else {
                 break;
             };
-            finish_part(&state, index, len, id, t, &save)
+            finish_part(&state, index, len, part_hash, id, t, &save)
                 .await
                 .map_err(forget_if_resumed)?;
         }
     }
-    while let Some((index, len, id)) = running.next().await {
-        finish_part(&state, index, len, id, t, &save)
+    while let Some((index, len, part_hash, id)) = running.next().await {
+        finish_part(&state, index, len, part_hash, id, t, &save)
             .await
             .map_err(forget_if_resumed)?;
     }
@@ -539,7 +563,7 @@ async fn upload_resumable(
         .expect("not poisoned")
         .parts
         .into_iter()
-        .map(|p| p.expect("every part was sent"))
+        .map(|p| p.expect("every part was sent").id)
         .collect();
     let done = parts.complete(key, &upload, ids).await;
     // A failed completion (say, an upload the server expired) starts over
@@ -553,6 +577,7 @@ async fn finish_part(
     state: &Mutex<UploadState>,
     index: usize,
     len: u64,
+    blake3: String,
     id: object_store::Result<String>,
     t: &Transfer,
     save: &impl Fn(&UploadState) -> Result<(), PartError>,
@@ -560,7 +585,7 @@ async fn finish_part(
     let id = id.map_err(PartError::Store)?;
     {
         let mut s = state.lock().expect("not poisoned");
-        s.parts[index] = Some(id);
+        s.parts[index] = Some(SentPart { id, blake3 });
         save(&s)?;
     }
     t.moved(len).await;
