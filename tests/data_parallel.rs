@@ -568,8 +568,18 @@ fn failed_sft(env: &[(&str, &str)]) -> FailedSft {
     let p = project();
     ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
     let grads = p.path("g");
+    // The time bound is on the failure, not on a wait for the cores other
+    // tests' engines hold (their locks live in the temporary folder).
+    let tmp = p.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = tmp.to_str().unwrap().to_string();
+    let env: Vec<(&str, &str)> = env
+        .iter()
+        .copied()
+        .chain([("TMPDIR", tmp.as_str())])
+        .collect();
     let start = Instant::now();
-    let out = run(&p, "sft", 2, &grads, env);
+    let out = run(&p, "sft", 2, &grads, &env);
     let took = start.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the run should fail:\n{stderr}");

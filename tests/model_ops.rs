@@ -113,10 +113,13 @@ fn training_and_generation_are_byte_identical_across_runs_on_cpu() {
 
 #[test]
 fn a_killed_training_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run() {
-    let whole = project(&tiny_pipeline(40, 5, "1e-3"));
+    // 290 steps after the checkpoint the kill waits for (a few seconds): with
+    // 30, the stage could commit before a 10 ms poll on a loaded machine saw
+    // the checkpoint, and the rerun found it cached instead of resuming.
+    let whole = project(&tiny_pipeline(300, 5, "1e-3"));
     whole.ok(&["run", "pipeline.yaml", "--quiet", "--target", "base"]);
 
-    let cut = project(&tiny_pipeline(40, 5, "1e-3"));
+    let cut = project(&tiny_pipeline(300, 5, "1e-3"));
     let mut child = cut
         .cmd(&["run", "pipeline.yaml", "--quiet", "--target", "base"])
         .spawn()

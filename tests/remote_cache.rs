@@ -3,7 +3,7 @@
 //! signatures, a read-only identity, racing pushes and interrupted
 //! transfers.
 mod common;
-use common::seaweed::{Seaweed, READER, WRITER};
+use common::seaweed::{Seaweed, PUSHER, READER, WRITER};
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -473,6 +473,30 @@ fn the_read_only_identity_cannot_push() {
         out.contains("remote `team` is read-only: `write: false`"),
         "{out}"
     );
+}
+
+/// An identity that may write but not read (S3 answers its HEADs 403)
+/// pushes: a refused HEAD is no "read-only", and a second push finds the
+/// records present through the create-if-absent write.
+#[test]
+fn an_identity_that_may_write_but_not_read_pushes() {
+    let b = Backend::s3();
+    let a = project();
+    a.run_stages("pipeline.yaml", &[]);
+    let pusher = Backend {
+        url: b.url.clone(),
+        env: pairs(&PUSHER),
+        _server: None,
+        _folder: None,
+    };
+    let push = ["cache", "push", "--remote", &b.url, "pipeline.yaml"];
+    let pushed = run_ok(&a, &pusher, &push);
+    assert!(pushed.contains("5 record(s) pushed"), "{pushed}");
+    let again = run_ok(&a, &pusher, &push);
+    assert!(again.contains("0 record(s) pushed"), "{again}");
+    let fresh = project();
+    let pulled = run_ok(&fresh, &b, &["cache", "pull", "--remote", &b.url]);
+    assert!(pulled.contains("5 record(s) pulled"), "{pulled}");
 }
 
 fn concurrent_pushes_leave_one_record(b: Backend) {

@@ -913,7 +913,8 @@ fn the_cluster_comes_up_quickly() {
     let slurm = Slurm::start(1);
     let up = start.elapsed();
     eprintln!("single-node Slurm up in {up:?}");
-    assert!(up < Duration::from_secs(10), "{up:?}");
+    // Seconds, with room for a loaded machine (measured: 2 to 4 s idle).
+    assert!(up < Duration::from_secs(30), "{up:?}");
     let doctor = slurm
         .env(&mut Command::new(env!("CARGO_BIN_EXE_alignflow")))
         .arg("doctor")

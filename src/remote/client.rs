@@ -12,7 +12,7 @@ use crate::cache::{Fingerprint, StageRecord};
 use super::config::RemoteSpec;
 use super::error::RemoteError;
 use super::signing::{trust, unsigned, Envelope, PublicKey, SecretKey, Trust};
-use super::store::{read_all, ObjectRemote, RemoteStore};
+use super::store::{read_all, ObjectRemote, RemoteStore, MAX_RECORD_BYTES};
 use super::transfer::Transfer;
 
 /// A remote cache, opened.
@@ -176,7 +176,7 @@ impl Remote {
             Err(object_store::Error::NotFound { .. }) => return Ok(Lookup::Absent),
             Err(e) => return Err(self.store_error(&key, e)),
         };
-        let bytes = read_all(stream)
+        let bytes = read_all(stream, MAX_RECORD_BYTES)
             .await
             .map_err(|e| self.store_error(&key, e))?;
         let (envelope, record) = self.parse_record(&key, fp, &bytes)?;

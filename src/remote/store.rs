@@ -381,13 +381,56 @@ impl ResumableUploads for ObjectRemote {
     }
 }
 
-/// A byte stream collected (for small objects: records and listings).
-pub async fn read_all(mut stream: BoxStream<'static, StoreResult<Bytes>>) -> StoreResult<Vec<u8>> {
+/// `head` before a write. A refusal is an identity that may write but not
+/// read (S3 also answers 403, not 404, for a missing key to an identity
+/// without ListBucket): the object counts as absent, and the write that
+/// follows says whether this identity may write (records and listings are
+/// written create-if-absent; a blob again is the same bytes).
+pub async fn head_before_write(store: &dyn RemoteStore, key: &str) -> StoreResult<Option<u64>> {
+    match store.head(key).await {
+        Err(object_store::Error::PermissionDenied { .. }) => {
+            tracing::debug!(
+                "{key}: HEAD refused (an identity that may not read): written as absent"
+            );
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
+/// The most a record may weigh: its outputs' ids and its metrics, which are
+/// kilobytes. What the remote sends is not trusted to be small.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
+
+/// The most a folder's listing may weigh (some ten million files).
+pub const MAX_LISTING_BYTES: usize = 1 << 30;
+
+/// A byte stream collected (for small objects: records and listings), and
+/// refused past `limit` bytes rather than grown without bound.
+pub async fn read_all(
+    mut stream: BoxStream<'static, StoreResult<Bytes>>,
+    limit: usize,
+) -> StoreResult<Vec<u8>> {
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        out.extend_from_slice(&chunk?);
+        let chunk = chunk?;
+        if out.len() + chunk.len() > limit {
+            return Err(too_large(format!(
+                "larger than the {} MiB it may be",
+                limit >> 20
+            )));
+        }
+        out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// A store answer refused for its size.
+pub fn too_large(message: String) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "alignflow",
+        source: message.into(),
+    }
 }
 
 #[cfg(test)]
@@ -409,6 +452,22 @@ mod tests {
             source: None,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_small_object_larger_than_its_limit_is_refused_before_it_is_held() {
+        let chunks = |n: usize| -> BoxStream<'static, StoreResult<Bytes>> {
+            futures::stream::iter((0..n).map(|_| Ok(Bytes::from(vec![7u8; 1 << 20])))).boxed()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(read_all(chunks(3), 3 << 20)).unwrap().len(),
+            3 << 20
+        );
+        let err = rt.block_on(read_all(chunks(4), 3 << 20)).unwrap_err();
+        assert!(err.to_string().contains("larger than the 3 MiB"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::cache::{parse_listing, ArtifactKind, Cache, Fingerprint, StageRecord}
 
 use super::client::{record_key, tree_key, Lookup, Remote};
 use super::error::RemoteError;
-use super::store::read_all;
+use super::store::{head_before_write, read_all, MAX_LISTING_BYTES};
 use super::transfer::{download_blob, upload_blob, Transfer};
 
 /// What a push did.
@@ -87,9 +87,7 @@ impl Remote {
         t: &Transfer,
     ) -> Result<bool, RemoteError> {
         let key = record_key(&record.fingerprint);
-        if self
-            .store
-            .head(&key)
+        if head_before_write(&*self.store, &key)
             .await
             .map_err(|e| self.write_error(&key, e))?
             .is_some()
@@ -314,7 +312,7 @@ impl Remote {
             .get_from(&key, 0)
             .await
             .map_err(|e| self.store_error(&key, e))?;
-        let bytes = read_all(stream)
+        let bytes = read_all(stream, MAX_LISTING_BYTES)
             .await
             .map_err(|e| self.store_error(&key, e))?;
         let actual = blake3::hash(&bytes).to_hex().to_string();

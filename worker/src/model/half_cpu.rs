@@ -115,6 +115,7 @@ mod tests {
 
     #[test]
     fn a_widened_linear_is_the_float32_map_of_the_half_precision_weights() {
+        let _rng = crate::testing::torch_rng();
         tch::manual_seed(3);
         let x = Tensor::randn([2, 3, 40], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         let w = Tensor::randn([24, 40], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
@@ -141,6 +142,7 @@ mod tests {
 
     #[test]
     fn a_weight_past_the_block_size_is_widened_in_blocks_to_the_same_map() {
+        let _rng = crate::testing::torch_rng();
         tch::manual_seed(4);
         // 4096 inputs: a block holds 4096 output features, so 9000 take 3.
         let ins = 4096;
@@ -171,6 +173,7 @@ mod tests {
 
     #[test]
     fn the_input_gradient_is_the_float32_one_in_blocks_and_both_layouts() {
+        let _rng = crate::testing::torch_rng();
         tch::manual_seed(5);
         let x = Tensor::randn([4, 40], (Kind::Float, Device::Cpu));
         let w = Tensor::randn([24, 40], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
@@ -181,12 +184,15 @@ mod tests {
             x.grad()
         };
         let want = grad_of(&|x| x.linear::<Tensor>(&w.to_kind(Kind::Float), None));
-        // Two blocks of 12 output features, both layouts.
+        // Two blocks of 12 output features, both layouts. Two sums of 12
+        // and one of 24 round differently: bounded relative to the scale.
+        let scale = want.abs().max().double_value(&[]);
+        let off = |got: &Tensor| (got - &want).abs().max().double_value(&[]);
         let got = grad_of(&|x| widened(x, &w, None, true, 12));
-        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        assert!(off(&got) <= 1e-5 * scale, "{} of {scale}", off(&got));
         let w_in_out = w.transpose(0, 1).contiguous();
         let got = grad_of(&|x| widened(x, &w_in_out, None, false, 12));
-        assert!(got.allclose(&want, 1e-6, 1e-6, false));
+        assert!(off(&got) <= 1e-5 * scale, "{} of {scale}", off(&got));
         // A bf16 input gets a bf16 gradient.
         let xb = x.to_kind(Kind::BFloat16).set_requires_grad(true);
         let y = widened(&xb, &w, None, true, 12);
