@@ -36,6 +36,9 @@ pub struct VerifyReport {
     /// Records with an output missing from the store (a quarantined object,
     /// say), and their stage: misses that `--repair` removes.
     pub records_missing_outputs: Vec<(PathBuf, String)>,
+    /// Record files that are no record of their name (unreadable, or of
+    /// another fingerprint), and why: misses that `--repair` removes.
+    pub records_unusable: Vec<(PathBuf, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +137,21 @@ impl Maintenance<'_> {
                 ));
             }
         }
+        // Records that are no record of their name are misses already. Read
+        // again first: a run may have replaced one with its own since (a
+        // commit replaces a record that is no hit).
+        for (path, why) in &report.records_unusable {
+            let replaced = read_record_file(path).is_ok_and(|r| {
+                path.file_stem().and_then(|s| s.to_str()) == Some(r.fingerprint.0.as_str())
+                    && r.key.fingerprint() == r.fingerprint
+            });
+            if !replaced && removed.insert(path.clone()) {
+                remove_record(path)?;
+                report
+                    .repaired
+                    .push(format!("removed record {}: {why}", self.rel(path)));
+            }
+        }
         for (from, to) in self.objects.quarantine(&report.damage)? {
             report.repaired.push(format!(
                 "quarantined {} -> {}",
@@ -214,6 +232,9 @@ impl Maintenance<'_> {
                 Ok(r) => r,
                 Err(CacheError::CorruptRecord { message, .. }) => {
                     problems.push(format!("{}: corrupt record: {message}", self.rel(&path)));
+                    report
+                        .records_unusable
+                        .push((path, format!("corrupt: {message}")));
                     continue;
                 }
                 Err(e) => {
@@ -227,6 +248,10 @@ impl Maintenance<'_> {
                     "{}: holds the record of fingerprint {fp}",
                     self.rel(&path)
                 ));
+                report
+                    .records_unusable
+                    .push((path, format!("it holds the record of fingerprint {fp}")));
+                continue;
             }
             let key_fp = record.key.fingerprint();
             if key_fp != record.fingerprint {
@@ -234,6 +259,11 @@ impl Maintenance<'_> {
                     "{}: its key hashes to {key_fp}, not to its fingerprint {fp}",
                     self.rel(&path)
                 ));
+                report.records_unusable.push((
+                    path,
+                    format!("its key hashes to {key_fp}, not to its fingerprint"),
+                ));
+                continue;
             }
             let mut missing = false;
             for (name, id) in &record.outputs {

@@ -424,6 +424,19 @@ fn corrupt_record_is_an_error_for_record_and_a_miss_for_hit() {
     );
     // gc refuses rather than guessing what the record kept.
     assert!(cache.gc(true).is_err());
+    // A record file holding another fingerprint's record is no record of
+    // its name either.
+    let other = path.with_file_name(format!("{}.json", "ab".repeat(32)));
+    let mut sound = rec.clone();
+    sound.outputs.clear();
+    fs::write(&other, serde_json::to_vec(&sound).unwrap()).unwrap();
+    assert_eq!(cache.verify().unwrap().records_unusable.len(), 2);
+    // `--repair` removes both (misses already), and gc runs again.
+    let repaired = cache.verify_and_repair().unwrap();
+    assert_eq!(repaired.repaired.len(), 2, "{:?}", repaired.repaired);
+    assert!(!path.exists() && !other.exists());
+    assert!(cache.verify().unwrap().problems.is_empty());
+    assert!(cache.gc(true).is_ok());
 }
 
 #[test]
