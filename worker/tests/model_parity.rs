@@ -303,34 +303,60 @@ fn eos_and_stop_conditions_end_rows() {
     assert!(out.iter().all(|s| s.tokens.len() == 5));
 }
 
+/// `tests/parity/check_saved.py` on every saved model at once (one
+/// transformers import, not one per model): each model's JSON line, in
+/// `saved`'s order, and the script's stderr.
+fn check_saved(
+    saved: &[(&str, tempfile::TempDir)],
+    reward: bool,
+) -> (Vec<serde_json::Value>, String) {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/parity/check_saved.py"));
+    if reward {
+        cmd.arg("--reward");
+    }
+    for (name, dir) in saved {
+        cmd.arg(dir.path())
+            .arg(fixtures().join(name).join("reference.safetensors"));
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), saved.len(), "one line per model:\n{stderr}");
+    (lines, stderr)
+}
+
 #[test]
 fn a_saved_checkpoint_loads_in_transformers_with_equal_logits() {
-    for name in MODELS {
-        let mut model = load(name, Head::Lm);
-        let dir = tempfile::tempdir().unwrap();
-        model.save(dir.path()).unwrap();
-        let out = Command::new(python())
-            .arg(repo().join("tests/parity/check_saved.py"))
-            .arg(dir.path())
-            .arg(fixtures().join(name).join("reference.safetensors"))
-            .output()
-            .unwrap();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let saved: Vec<(&str, tempfile::TempDir)> = MODELS
+        .iter()
+        .map(|name| {
+            let mut model = load(name, Head::Lm);
+            let dir = tempfile::tempdir().unwrap();
+            model.save(dir.path()).unwrap();
+            (*name, dir)
+        })
+        .collect();
+    let (reports, stderr) = check_saved(&saved, false);
+    for ((name, _), report) in saved.iter().zip(&reports) {
         eprintln!(
             "{name}: saved, in transformers: max_abs_diff {}",
             report["max_abs_diff"]
         );
         assert!(
-            out.status.success(),
-            "{name}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            report["error"].is_null() && report["ok"] == true,
+            "{name}: {report}\n{stderr}"
         );
     }
 }
 
 #[test]
 fn a_reward_model_loads_in_transformers_as_sequence_classification() {
+    let mut saved = Vec::new();
+    let mut ours = Vec::new();
     for name in MODELS {
         let r = reference(name);
         let rng = torch_rng();
@@ -340,38 +366,8 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
         // The score of the last real token only (the last block computes
         // nothing else), as transformers reads it off the full sequence.
         let scores = tch::no_grad(|| model.scores(&r["input_ids"], &r["attention_mask"], false));
-        let ours: Vec<f64> = Vec::<f64>::try_from(scores.to_kind(Kind::Double)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         model.save(dir.path()).unwrap();
-        let out = Command::new(python())
-            .arg(repo().join("tests/parity/check_saved.py"))
-            .arg(dir.path())
-            .arg(fixtures().join(name).join("reference.safetensors"))
-            .arg("--reward")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let theirs: Vec<f64> = v["scores"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let max = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        eprintln!("{name}: max |reward - transformers| = {max:e}");
-        assert!(
-            max < 1e-4,
-            "{name}: rewards {ours:?} vs transformers {theirs:?}"
-        );
         // And back into alignflow (an untied model's folder has no LM head).
         let again = Model::load(
             dir.path(),
@@ -387,6 +383,29 @@ fn a_reward_model_loads_in_transformers_as_sequence_classification() {
         assert!(
             reloaded.allclose(&scores, 0.0, 0.0, false),
             "{name}: reloaded rewards"
+        );
+        ours.push(Vec::<f64>::try_from(scores.to_kind(Kind::Double)).unwrap());
+        saved.push((name, dir));
+    }
+    let (reports, stderr) = check_saved(&saved, true);
+    for (((name, _), report), ours) in saved.iter().zip(&reports).zip(&ours) {
+        assert!(report["error"].is_null(), "{name}: {report}\n{stderr}");
+        let theirs: Vec<f64> = report["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(theirs.len(), ours.len(), "{name}");
+        let max = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        eprintln!("{name}: max |reward - transformers| = {max:e}");
+        assert!(
+            max < 1e-4,
+            "{name}: rewards {ours:?} vs transformers {theirs:?}"
         );
     }
 }
