@@ -943,13 +943,31 @@ fn push(
     for r in &report.created {
         println!("pushed  {} ({})", r.stage, r.fingerprint.short());
     }
+    for r in &report.signed {
+        println!(
+            "signed  {} ({}): replaced an unsigned record",
+            r.stage,
+            r.fingerprint.short()
+        );
+    }
     for r in &report.existing {
         println!("present {} ({})", r.stage, r.fingerprint.short());
     }
+    for (r, key) in &report.signed_by_others {
+        println!(
+            "present {} ({}), signed by `{key}`: consumers that trust only this machine's key miss it",
+            r.stage,
+            r.fingerprint.short()
+        );
+    }
+    let signed = match report.signed.len() {
+        0 => String::new(),
+        n => format!(", {n} unsigned replaced by signed"),
+    };
     println!(
-        "{} record(s) pushed, {} already on {}; {} uploaded{}",
+        "{} record(s) pushed{signed}, {} already on {}; {} uploaded{}",
         report.created.len(),
-        report.existing.len(),
+        report.existing.len() + report.signed_by_others.len(),
         remote.name(),
         human_bytes(report.bytes),
         resumed(report.resumed_bytes)

@@ -380,13 +380,25 @@ fn untrusted_records_are_ignored_when_keys_are_configured(b: Backend) {
             "d",
         ],
     );
+    // The others signed: `d` is not among them (its unsigned record would
+    // be replaced, tested below).
     configure(&a, &b.url, "    signing_key: ci.key\n");
     let out = run_ok(
         &a,
         &b,
-        &["cache", "push", "--remote", "team", "pipeline.yaml"],
+        &[
+            "cache",
+            "push",
+            "--remote",
+            "team",
+            "pipeline.yaml",
+            "--target",
+            "c",
+            "--target",
+            "model",
+        ],
     );
-    assert!(out.contains("4 record(s) pushed, 1 already"), "{out}");
+    assert!(out.contains("4 record(s) pushed, 0 already"), "{out}");
 
     let fresh = project();
     // Only a key that signed nothing is trusted: every record is a miss.
@@ -425,6 +437,52 @@ fn untrusted_records_are_ignored_when_keys_are_configured(b: Backend) {
         verify.contains("untrusted: the record is not signed"),
         "{verify}"
     );
+    // A push signed by `ci` replaces the unsigned record of `d` (a teammate
+    // pushed first): the consumers that trust `ci` then use it.
+    let out = run_ok(
+        &a,
+        &b,
+        &["cache", "push", "--remote", "team", "pipeline.yaml"],
+    );
+    assert!(
+        out.contains("0 record(s) pushed, 1 unsigned replaced by signed, 4 already"),
+        "{out}"
+    );
+    assert!(out.contains("signed  d"), "{out}");
+    let out = run_ok(&fresh, &b, &["cache", "pull", "--remote", "team"]);
+    assert!(out.contains("1 record(s) pulled"), "{out}");
+    run_ok(&fresh, &b, &["cache", "verify", "--remote", "team"]);
+    // A record signed by another key stands, and the push says so.
+    let out = run_ok(
+        &a,
+        &b,
+        &[
+            "cache",
+            "push",
+            "--remote",
+            &b.url,
+            "pipeline.yaml",
+            "--target",
+            "d",
+        ],
+    );
+    assert!(out.contains("0 record(s) pushed, 1 already"), "{out}");
+    configure(&a, &b.url, "    signing_key: other.key\n");
+    let out = run_ok(
+        &a,
+        &b,
+        &[
+            "cache",
+            "push",
+            "--remote",
+            "team",
+            "pipeline.yaml",
+            "--target",
+            "d",
+        ],
+    );
+    assert!(out.contains("signed by `ci`"), "{out}");
+    assert!(out.contains("0 record(s) pushed, 1 already"), "{out}");
 }
 
 #[test]

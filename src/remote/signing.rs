@@ -108,6 +108,15 @@ impl SecretKey {
         )
     }
 
+    /// Whether `envelope` carries a valid signature by this key.
+    pub fn signed(&self, envelope: &Envelope) -> bool {
+        let public = PublicKey {
+            name: self.name.clone(),
+            key: self.key.verifying_key(),
+        };
+        matches!(trust(envelope, &[public]), Trust::SignedBy(_))
+    }
+
     /// The envelope of `record`, signed.
     pub fn seal(&self, record: &StageRecord) -> Envelope {
         let value = serde_json::to_value(record).expect("records serialise");

@@ -15,7 +15,9 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as StorePath;
-use object_store::{GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
 
 use super::config::{is_secret_key, redact, RemoteSpec};
 use super::error::RemoteError;
@@ -49,6 +51,22 @@ pub trait RemoteStore: Send + Sync {
     /// Writes `key` only if it does not exist (`If-None-Match: *`); `false`
     /// when it already did.
     fn put_new<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<bool>>;
+    /// The bytes of `key` (refused past `limit`) and its version, or `None`
+    /// when it is absent.
+    fn get_versioned<'a>(
+        &'a self,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, UpdateVersion)>>>;
+    /// Replaces `key` only if it is still at `version` (`If-Match`); `false`
+    /// when it changed since. `NotImplemented` where the store has no
+    /// conditional replace (a folder, `conditional_put: disabled`).
+    fn put_if_version<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Bytes,
+        version: UpdateVersion,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
     /// Every key under `prefix` (relative to the remote's root).
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>>;
     /// Multipart uploads whose id outlives this process (S3, GCS, Azure),
@@ -297,6 +315,51 @@ impl RemoteStore for ObjectRemote {
             {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        .boxed()
+    }
+
+    fn get_versioned<'a>(
+        &'a self,
+        key: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, StoreResult<Option<(Vec<u8>, UpdateVersion)>>> {
+        async move {
+            let got = match self.store.get(&self.path(key)).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let version = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            let bytes = read_all(got.into_stream(), limit).await?;
+            Ok(Some((bytes, version)))
+        }
+        .boxed()
+    }
+
+    fn put_if_version<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Bytes,
+        version: UpdateVersion,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        async move {
+            let options = PutOptions {
+                mode: PutMode::Update(version),
+                ..Default::default()
+            };
+            match self
+                .store
+                .put_opts(&self.path(key), PutPayload::from(bytes), options)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::Precondition { .. }) => Ok(false),
                 Err(e) => Err(e),
             }
         }

@@ -7,12 +7,14 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use futures::stream::{self, TryStreamExt};
+use object_store::UpdateVersion;
 
 use crate::cache::{parse_listing, ArtifactKind, Cache, Fingerprint, StageRecord};
 
 use super::client::{record_key, tree_key, Lookup, Remote};
 use super::error::RemoteError;
-use super::store::{head_before_write, read_all, MAX_LISTING_BYTES};
+use super::signing::Envelope;
+use super::store::{head_before_write, read_all, MAX_LISTING_BYTES, MAX_RECORD_BYTES};
 use super::transfer::{download_blob, upload_blob, Transfer};
 
 /// What a push did.
@@ -22,8 +24,32 @@ pub struct PushReport {
     pub created: Vec<StageRecord>,
     /// Records the remote already had (pushed before, or by a racing push).
     pub existing: Vec<StageRecord>,
+    /// Records the remote had unsigned (or unreadable), replaced by this
+    /// push's signed ones: a consumer that trusts only signed records
+    /// could not use them.
+    pub signed: Vec<StageRecord>,
+    /// Records the remote has signed by another key (its name), left as
+    /// they are: consumers that trust only this push's key miss them.
+    pub signed_by_others: Vec<(StageRecord, String)>,
     pub bytes: u64,
     pub resumed_bytes: u64,
+}
+
+/// What pushing one record did.
+enum Pushed {
+    Created,
+    Existing,
+    /// An unsigned record replaced by a signed one.
+    Signed,
+    /// Present, signed by this other key.
+    SignedByOther(String),
+}
+
+/// A record found on the remote before a push: kept (and what that means
+/// for the report), or replaced at the version read.
+enum Present {
+    Kept(Pushed),
+    Replace(Option<UpdateVersion>),
 }
 
 /// What a pull did.
@@ -57,10 +83,13 @@ impl Remote {
         let result = self.runtime.block_on(async {
             for record in records {
                 t.set_message(&record.stage);
-                if self.push_record(cache, record, &t).await? {
-                    report.created.push(record.clone());
-                } else {
-                    report.existing.push(record.clone());
+                match self.push_record(cache, record, &t).await? {
+                    Pushed::Created => report.created.push(record.clone()),
+                    Pushed::Existing => report.existing.push(record.clone()),
+                    Pushed::Signed => report.signed.push(record.clone()),
+                    Pushed::SignedByOther(key) => {
+                        report.signed_by_others.push((record.clone(), key))
+                    }
                 }
             }
             Ok(())
@@ -75,24 +104,30 @@ impl Remote {
     pub fn push_quietly(&self, cache: &Cache, record: &StageRecord) -> Result<bool, RemoteError> {
         self.check_writable()?;
         let t = self.transfer(true);
-        self.runtime.block_on(self.push_record(cache, record, &t))
+        let pushed = self.runtime.block_on(self.push_record(cache, record, &t))?;
+        Ok(matches!(pushed, Pushed::Created | Pushed::Signed))
     }
 
-    /// Blobs, listings, then the record (create-if-absent). `false` when the
-    /// remote already had the record.
+    /// Blobs, listings, then the record: created if absent, or, with a
+    /// signing key, replacing an unsigned record if it is still the one
+    /// read (`If-Match`).
     async fn push_record(
         &self,
         cache: &Cache,
         record: &StageRecord,
         t: &Transfer,
-    ) -> Result<bool, RemoteError> {
+    ) -> Result<Pushed, RemoteError> {
         let key = record_key(&record.fingerprint);
+        let mut replace = None;
         if head_before_write(&*self.store, &key)
             .await
             .map_err(|e| self.write_error(&key, e))?
             .is_some()
         {
-            return Ok(false);
+            match self.present_record(&key).await? {
+                Present::Kept(pushed) => return Ok(pushed),
+                Present::Replace(version) => replace = Some(version),
+            }
         }
         let mut blobs = BTreeSet::new();
         let mut trees = Vec::new();
@@ -131,6 +166,9 @@ impl Remote {
                 Err(e) => return Err(self.write_error(&key, e)),
             }
         }
+        if let Some(version) = replace {
+            return self.replace_unsigned(&key, record, version).await;
+        }
         let created = match self.store.put_new(&key, self.envelope(record)).await {
             Ok(created) => created,
             // A server without conditional writes (`conditional_put:
@@ -147,7 +185,76 @@ impl Remote {
             }
             Err(e) => return Err(self.write_error(&key, e)),
         };
-        Ok(created)
+        Ok(if created {
+            Pushed::Created
+        } else {
+            Pushed::Existing
+        })
+    }
+
+    /// What to do with the record the remote has at `key`. Without a
+    /// signing key it stands. With one: a record this key signed stands, so
+    /// does one another key signed (its consumers trust that key), and an
+    /// unsigned or unreadable one is replaced, at the version read.
+    async fn present_record(&self, key: &str) -> Result<Present, RemoteError> {
+        let Some(signer) = &self.signer else {
+            return Ok(Present::Kept(Pushed::Existing));
+        };
+        let (bytes, version) = match self.store.get_versioned(key, MAX_RECORD_BYTES).await {
+            Ok(Some(got)) => got,
+            // Gone since the HEAD (a cleanup): created again below.
+            Ok(None) => return Ok(Present::Replace(None)),
+            // An identity that may write but not read: it cannot judge.
+            Err(object_store::Error::PermissionDenied { .. }) => {
+                return Ok(Present::Kept(Pushed::Existing))
+            }
+            Err(e) => return Err(self.store_error(key, e)),
+        };
+        let envelope = serde_json::from_slice::<Envelope>(&bytes).ok();
+        Ok(match envelope {
+            Some(e) if signer.signed(&e) => Present::Kept(Pushed::Existing),
+            Some(Envelope {
+                signature: Some(sig),
+                ..
+            }) => Present::Kept(Pushed::SignedByOther(sig.key)),
+            _ => Present::Replace(Some(version)),
+        })
+    }
+
+    /// Writes this push's signed record over the unsigned one read at
+    /// `version` (`None`: it was gone, so create it).
+    async fn replace_unsigned(
+        &self,
+        key: &str,
+        record: &StageRecord,
+        version: Option<UpdateVersion>,
+    ) -> Result<Pushed, RemoteError> {
+        let envelope = self.envelope(record);
+        let replaced = match version {
+            None => self.store.put_new(key, envelope).await,
+            Some(version) => match self
+                .store
+                .put_if_version(key, envelope.clone(), version)
+                .await
+            {
+                // No conditional replace here (a folder, or `conditional_put:
+                // disabled`): a plain write, which a racing push may undo.
+                Err(object_store::Error::NotImplemented) => {
+                    tracing::warn!(
+                        "remote `{}` has no conditional replace: a racing push may undo the signed record of {key}",
+                        self.spec.name
+                    );
+                    self.store.put(key, envelope).await.map(|()| true)
+                }
+                other => other,
+            },
+        };
+        match replaced {
+            Ok(true) => Ok(Pushed::Signed),
+            // Changed since it was read: another push got there first.
+            Ok(false) => Ok(Pushed::Existing),
+            Err(e) => Err(self.write_error(key, e)),
+        }
     }
 
     /// A store error on write, named as a permission problem when it is one.
