@@ -173,13 +173,95 @@ impl Profile {
                 message: message.into(),
             });
         }
+        for (i, flag) in s.sbatch_flags.iter().enumerate() {
+            if let Some(why) = engine_owned_flag(flag) {
+                return Err(ProfileError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!("field `slurm.sbatch_flags[{i}]`: `{flag}` {why}"),
+                });
+            }
+        }
         Ok(profile)
+    }
+}
+
+/// Why an sbatch flag is the engine's to set, if it is. The engine finds,
+/// follows and cancels a run's jobs by name on the local cluster, and
+/// reads each job's output and answer itself: a flag that renames the job,
+/// sends it to another cluster, moves its output, makes an array of it or
+/// makes sbatch wait for it would leave the engine blind to the job (and
+/// resubmitting, as for a lost one, jobs it could not cancel).
+fn engine_owned_flag(flag: &str) -> Option<&'static str> {
+    let name = flag.split('=').next().unwrap_or(flag);
+    // `-Jname`: a short option with its value attached.
+    let short = |o: &str| name == o || (name.starts_with(o) && !name.starts_with("--"));
+    if name == "--job-name" || short("-J") {
+        Some("is the engine's: every job of a run is named after the run, which `squeue` and `scancel` look for")
+    } else if name == "--clusters" || short("-M") {
+        Some("sends the job to another cluster, where the engine's `squeue` and `scancel` do not look: run the engine where the cluster is local")
+    } else if ["--output", "--error", "--chdir"].contains(&name)
+        || short("-o")
+        || short("-e")
+        || short("-D")
+    {
+        Some("is the engine's: it reads each job's output from the run's folder")
+    } else if name == "--array" || short("-a") {
+        Some("makes an array of the stage's job: a stage is one job")
+    } else if name == "--wait" || short("-W") {
+        Some("makes sbatch wait for the job's end, which the engine follows itself")
+    } else {
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_that_hide_a_job_from_the_engine_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        for (flag, says) in [
+            ("--job-name=mine", "named after the run"),
+            ("-Jmine", "named after the run"),
+            ("-M", "another cluster"),
+            ("--clusters=other", "another cluster"),
+            ("--output=/tmp/x", "reads each job's output"),
+            ("-o", "reads each job's output"),
+            ("--array=0-3", "a stage is one job"),
+            ("--wait", "follows itself"),
+        ] {
+            std::fs::write(
+                &path,
+                format!(
+                    "executor: slurm\nslurm: {{ sbatch_flags: [\"--qos=high\", \"{flag}\"] }}\n"
+                ),
+            )
+            .unwrap();
+            let err = Profile::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("p.yaml")
+                    && err.contains("slurm.sbatch_flags[1]")
+                    && err.contains(says),
+                "{flag}: {err}"
+            );
+        }
+        for fine in [
+            "--qos=high",
+            "--constraint=a100",
+            "--mail-type=END",
+            "--exclusive",
+            "--export=NONE",
+        ] {
+            std::fs::write(
+                &path,
+                format!("executor: slurm\nslurm: {{ sbatch_flags: [\"{fine}\"] }}\n"),
+            )
+            .unwrap();
+            assert!(Profile::load(&path).is_ok(), "{fine}");
+        }
+    }
 
     #[test]
     fn a_profile_names_its_bad_field() {
