@@ -655,6 +655,95 @@ fn a_job_killed_by_its_time_limit_is_resubmitted() {
     assert!(log.contains("SIGUSR1"), "{log}");
 }
 
+/// The step of the newest training checkpoint under `cache/checkpoints`.
+fn checkpointed_step(p: &Project) -> Option<u64> {
+    common::walk(&p.path("cache/checkpoints"))
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "state.json"))
+        .filter_map(|f| {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(f).ok()?).ok()?;
+            v["train"]["step"].as_u64()
+        })
+        .max()
+}
+
+/// SIGUSR1 (what `--signal` sends before the time limit) makes a training
+/// stage that never checkpoints on its own save one at its next step; the
+/// job cancelled then is resubmitted and resumes there.
+#[test]
+fn sigusr1_checkpoints_a_training_stage_and_the_next_attempt_resumes_there() {
+    let slurm = Slurm::start(1);
+    let p = project_with(
+        &tensor_pipeline().replace("max_steps: 4,", "max_steps: 600, checkpoint_every: 0,"),
+    );
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let base_job = || {
+        let runs = std::fs::read_dir(p.path("cache/runs")).ok()?;
+        let run = runs
+            .flatten()
+            .next()?
+            .file_name()
+            .to_string_lossy()
+            .to_string();
+        let jobs = std::fs::read_to_string(p.path(&format!("cache/runs/{run}/jobs.jsonl"))).ok()?;
+        jobs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "submitted" && v["stage"] == "base")
+            .and_then(|v| v["job_id"].as_str().map(String::from))
+    };
+    let mut job = None;
+    wait_until(Duration::from_secs(60), "the training job running", || {
+        job = base_job().filter(|id| job_in_state(&slurm, "RUNNING").as_ref() == Some(id));
+        job.is_some()
+    });
+    let job = job.unwrap();
+    // Once the worker trains (a signal while Slurm launches the batch
+    // script fails the launch; `--signal` comes near the end).
+    wait_until(Duration::from_secs(60), "training steps", || {
+        common::walk(&p.path("cache/tmp")).iter().any(|f| {
+            f.file_name().is_some_and(|n| n == "events.jsonl")
+                && std::fs::read_to_string(f).is_ok_and(|t| t.contains("\"msg\":\"loss "))
+        })
+    });
+    // As `--signal=B:USR1` does: to the batch shell, `stage exec`.
+    let status = slurm
+        .command("scancel")
+        .args(["--signal=USR1", "--batch", &job])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = Instant::now();
+    let step = loop {
+        if let Some(step) = checkpointed_step(&p) {
+            break step;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let out = finish(child, Duration::from_secs(1));
+            panic!(
+                "no checkpoint in 60 s; the job's output:\n{}\nthe run's:\n{}\n{:?}",
+                job_logs(&p, "base"),
+                String::from_utf8_lossy(&out.stderr),
+                common::walk(&p.path("cache"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(step > 0 && step < 600, "{step}");
+    let status = slurm.command("scancel").arg(&job).status().unwrap();
+    assert!(status.success());
+    let out = finish(child, Duration::from_secs(180));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resubmitting"), "{stderr}");
+    let logs = job_logs(&p, "base");
+    assert!(logs.contains("checkpoint asked for (SIGUSR1)"), "{logs}");
+    assert!(
+        logs.contains("resuming from checkpoint") && logs.contains(&format!("step={step}")),
+        "{logs}"
+    );
+}
+
 #[test]
 fn a_failing_stage_shows_the_tail_of_its_job_output() {
     let slurm = Slurm::start(1);
@@ -715,6 +804,77 @@ fn ctrl_c_cancels_the_runs_jobs_and_exits_130() {
         job_in_state(&slurm, "CANCELLED").is_some()
     });
     assert!(job_in_state(&slurm, "RUNNING").is_none());
+}
+
+/// A second Ctrl-C exits at once, and the run's jobs still go: the first
+/// one's `scancel` (slowed here) is not killed by the second, which reaches
+/// the terminal's whole process group, and the exit cancels them itself.
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_leaves_no_job_running() {
+    use std::os::unix::process::CommandExt;
+    let slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "120"));
+    let slow = p.path("slowbin");
+    std::fs::create_dir_all(&slow).unwrap();
+    p.write(
+        "slowbin/scancel",
+        "#!/bin/sh\nsleep 2\nPATH=\"${PATH#*:}\" exec scancel \"$@\"\n",
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(slow.join("scancel"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let mut c = cmd(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    c.env("PATH", format!("{}:{}", slow.display(), slurm.path_env()))
+        // Its own group, as a shell's foreground job: Ctrl-C reaches all of it.
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    wait_until(Duration::from_secs(30), "a running job", || {
+        job_in_state(&slurm, "RUNNING").is_some()
+    });
+    let group = -(child.id() as libc::pid_t);
+    unsafe { libc::kill(group, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(group, libc::SIGINT) };
+    let out = finish(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    wait_until(Duration::from_secs(20), "no running job", || {
+        job_in_state(&slurm, "RUNNING").is_none()
+    });
+}
+
+/// A job Slurm accepts but will never start (its time limit exceeds the
+/// partition's): the stage fails at once, saying what to change, and the
+/// job leaves the queue.
+#[test]
+fn a_job_that_can_never_start_fails_its_stage_and_leaves_the_queue() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "1").replace(
+        "    outputs: [x]\n",
+        "    outputs: [x]\n    resources: { time: \"10\" }\n",
+    ));
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &PROFILE.replace("partition: debug", "partition: short"),
+    );
+    // Not waited for: a hang runs into `finish`'s limit and fails below.
+    let out = finish(
+        spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("PartitionTimeLimit") && stderr.contains("lower `resources.time`"),
+        "{stderr}"
+    );
+    wait_until(Duration::from_secs(20), "the job cancelled", || {
+        job_in_state(&slurm, "PENDING").is_none()
+    });
 }
 
 /// A stage whose job waits for the file `go` in the project (at most five
@@ -824,6 +984,21 @@ stages:
     params: { cmd: 'if [ -f first-attempt ]; then echo done > "$ALIGNFLOW_OUT/x"; else touch first-attempt; sleep 120; fi' }
 "#;
 
+/// Starts the run of a project whose stage marks `first-attempt`, with a
+/// job called lost 2 s after it leaves squeue; returns once the first job's
+/// command runs.
+fn run_until_first_attempt(p: &Project, slurm: &Slurm) -> Child {
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &PROFILE.replace("lost_after: 10", "lost_after: 2"),
+    );
+    let child = spawn(p, slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "the first job's command", || {
+        p.path("first-attempt").exists()
+    });
+    child
+}
+
 #[test]
 fn a_job_lost_from_squeue_is_resubmitted() {
     let mut slurm = Slurm::start(1);
@@ -831,14 +1006,7 @@ fn a_job_lost_from_squeue_is_resubmitted() {
     // (15 s), a slow controller restart could let the lost job commit
     // before the engine called it lost, and nothing would be resubmitted.
     let p = project_with(SECOND_ATTEMPT_ONLY);
-    p.write(
-        "alignflow/profiles/test.yaml",
-        &PROFILE.replace("lost_after: 10", "lost_after: 2"),
-    );
-    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "the first job's command", || {
-        p.path("first-attempt").exists()
-    });
+    let child = run_until_first_attempt(&p, &slurm);
     slurm.restart_controller_clean();
     let out = finish(child, Duration::from_secs(180));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -846,6 +1014,44 @@ fn a_job_lost_from_squeue_is_resubmitted() {
     assert!(stderr.contains("is lost (not in squeue"), "{stderr}");
     let jobs = submissions(&p, &run_id(&p));
     assert_eq!(jobs.len(), 2, "{jobs:?}");
+}
+
+/// A stage whose first attempt fails once the file `go` exists.
+const FAILS_WHEN_TOLD: &str = r#"version: 1
+name: told
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'if [ -f first-attempt ]; then echo done > "$ALIGNFLOW_OUT/x"; else touch first-attempt; while [ ! -f go ]; do sleep 0.1; done; echo told to fail >&2; exit 3; fi' }
+"#;
+
+/// A job that failed where squeue cannot show it (the controller lost its
+/// state meanwhile, as a job past `MinJobAge` is gone): the failure its
+/// node reported fails the stage; it is not resubmitted as lost.
+#[test]
+fn a_job_that_failed_out_of_squeues_sight_fails_its_stage() {
+    let mut slurm = Slurm::start(1);
+    let p = project_with(FAILS_WHEN_TOLD);
+    let child = run_until_first_attempt(&p, &slurm);
+    slurm.restart_controller_clean_after(|| {
+        p.write("go", "");
+        wait_until(Duration::from_secs(30), "the node's failure event", || {
+            common::walk(&p.path("cache/tmp")).iter().any(|f| {
+                f.file_name().is_some_and(|n| n == "events.jsonl")
+                    && std::fs::read_to_string(f).is_ok_and(|t| t.contains(r#""event":"failed""#))
+            })
+        });
+    });
+    let out = finish(child, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("has left squeue") && stderr.contains("exit status 3"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("resubmitting"), "{stderr}");
+    assert_eq!(submissions(&p, &run_id(&p)).len(), 1);
 }
 
 /// Two stages that wait for each other (so they run at once) and write

@@ -11,6 +11,7 @@
 
 pub mod chat_format;
 pub mod chat_template;
+pub mod checkpoint_request;
 pub mod data;
 pub mod decoding;
 pub mod defaults;

@@ -223,8 +223,10 @@ pub struct PpoParams {
     #[serde(default = "default_grad_clip", skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
     /// Save a resumable checkpoint (policy, value model, both optimizers,
-    /// KL controller, iteration) every this many iterations (0: never); a
-    /// rerun of an interrupted stage resumes from the latest.
+    /// KL controller, iteration) every this many iterations (0: never), and
+    /// after the next iteration when SIGUSR1 asks for one (a Slurm job
+    /// nearing its time limit); a rerun of an interrupted stage resumes
+    /// from the latest.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
     /// LoRA adapters on the policy: only they train, the reference is the

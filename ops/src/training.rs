@@ -52,7 +52,9 @@ pub struct TrainParams {
     /// Clip the global gradient norm to this (none: no clipping).
     #[serde(default = "default_grad_clip", skip_serializing_if = "Option::is_none")]
     pub grad_clip: Option<f64>,
-    /// Save a resumable checkpoint every this many steps (0: only the final model).
+    /// Save a resumable checkpoint every this many steps (0: only the final
+    /// model), and at the next step when SIGUSR1 asks for one (a Slurm job
+    /// nearing its time limit).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
     /// Write a metrics line every this many steps.

@@ -218,8 +218,9 @@ async fn run_job(job: JobSpec, ui: Ui) -> Result<NodeOutcome, Error> {
 }
 
 /// SIGTERM and SIGINT (the time limit, `scancel`, preemption) stop the
-/// stage; SIGUSR1 (`--signal` before the time limit) is noted: the stage
-/// keeps going, and a resubmission resumes from its last checkpoint.
+/// stage; SIGUSR1 (`--signal` before the time limit) asks the worker for a
+/// checkpoint at its next step: the stage keeps going, and a resubmission
+/// resumes from that checkpoint.
 fn watch_signals(cancel: &CancellationToken) -> Result<(), Error> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT")?;
@@ -231,7 +232,10 @@ fn watch_signals(cancel: &CancellationToken) -> Result<(), Error> {
             tokio::select! {
                 _ = term.recv() => { note("SIGTERM: stopping the stage"); cancel.cancel(); }
                 _ = int.recv() => { note("SIGINT: stopping the stage"); cancel.cancel(); }
-                _ = usr1.recv() => note("the job nears its time limit (SIGUSR1); a resubmission resumes from the last checkpoint"),
+                _ = usr1.recv() => {
+                    note("the job nears its time limit (SIGUSR1): the worker checkpoints at its next step, and a resubmission resumes from there");
+                    super::worker::ask_for_checkpoint();
+                }
             }
         }
     });

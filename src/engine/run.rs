@@ -109,8 +109,9 @@ pub fn run(
     let summary = runtime.block_on(async {
         let summary = schedule(shared.clone(), dag, the_plan).await;
         if let Some(cluster) = &shared.cluster {
-            // Ctrl-C, SIGTERM or --fail-fast: the run's jobs go too.
-            if cancel.is_cancelled() {
+            // Ctrl-C, SIGTERM, --fail-fast, or the scheduler's own failure:
+            // the run's jobs go too.
+            if cancel.is_cancelled() || summary.is_err() {
                 shared.ui.say(&format!("scancel --name {}", cluster.run_id));
                 cluster.cancel_all().await;
             }

@@ -101,6 +101,7 @@ fn begin_stop(shared: &Shared, stop: Stop) -> Stop {
     let sigterm = tokio::signal::unix::signal(SignalKind::terminate());
     let sigint = tokio::signal::unix::signal(SignalKind::interrupt());
     shared.cancel.cancel();
+    let run_id = shared.cluster.as_ref().map(|c| c.run_id.clone());
     tokio::spawn(async move {
         let again = match (sigterm, sigint) {
             (Ok(mut sigterm), Ok(mut sigint)) => tokio::select! {
@@ -109,6 +110,11 @@ fn begin_stop(shared: &Shared, stop: Stop) -> Stop {
             },
             _ => tokio::signal::ctrl_c().await.map(|_| 130).unwrap_or(130),
         };
+        // At once, but not leaving the run's jobs queued and running.
+        if let Some(run_id) = run_id {
+            eprintln!("scancel --name {run_id}");
+            super::slurm::cancel_run_now(&run_id);
+        }
         std::process::exit(again);
     });
     stop

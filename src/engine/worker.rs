@@ -68,15 +68,20 @@ pub async fn run_stage(
 ) -> Result<Metrics, Error> {
     let exe = worker_path();
     let mut child = start(&exe, spec, placement).await?;
+    // Off the list before it is reaped: its pid may then be another's.
+    let running = child.id().map(Running::register);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let (outcome, tail) = tokio::select! {
-        read = read_events(stdout, stderr, progress) => read?,
-        _ = cancel.cancelled() => {
-            let _ = child.kill().await;
-            return Err(Error::Cancelled);
-        }
+    let read = tokio::select! {
+        read = read_events(stdout, stderr, progress) => Some(read),
+        _ = cancel.cancelled() => None,
     };
+    drop(running);
+    let Some(read) = read else {
+        let _ = child.kill().await;
+        return Err(Error::Cancelled);
+    };
+    let (outcome, tail) = read?;
     let status = child.wait().await.map_err(anyhow::Error::from)?;
     match outcome {
         Some(Ok(metrics)) if status.success() => Ok(metrics),
@@ -97,6 +102,50 @@ pub async fn run_stage(
     }
 }
 
+/// The workers of this process that are running, and whether a checkpoint
+/// was asked for while none was.
+static RUNNING: std::sync::Mutex<(Vec<u32>, bool)> = std::sync::Mutex::new((Vec::new(), false));
+
+/// A running worker, on the list [`ask_for_checkpoint`] signals until dropped.
+struct Running(u32);
+
+impl Running {
+    /// Lists worker `pid`; one asked for a checkpoint before it started is
+    /// asked now (its handler takes the signal once installed).
+    fn register(pid: u32) -> Running {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.0.push(pid);
+        if std::mem::take(&mut running.1) {
+            send_usr1(pid);
+        }
+        Running(pid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.0.retain(|&pid| pid != self.0);
+    }
+}
+
+/// Asks the running workers for a checkpoint at their next step (SIGUSR1,
+/// see [`alignflow_ops::checkpoint_request`]); with none running, the next
+/// one to start. A Slurm job's `stage exec` does, on its own SIGUSR1.
+pub fn ask_for_checkpoint() {
+    let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    match running.0.as_slice() {
+        [] => running.1 = true,
+        pids => pids.iter().for_each(|&pid| send_usr1(pid)),
+    }
+}
+
+fn send_usr1(pid: u32) {
+    // SAFETY: a signal to a child this process started and has not yet
+    // reaped (it is listed until `run_stage` waited for it).
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+}
+
 /// Starts the worker and sends it the stage spec.
 async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::Result<Child> {
     let mut command = Command::new(exe);
@@ -106,7 +155,7 @@ async fn start(exe: &Path, spec: &StageSpec, placement: &Placement) -> anyhow::R
     unsafe {
         command.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
+            alignflow_ops::checkpoint_request::block_before_exec()
         });
     }
     if let Some(devices) = &placement.cuda_visible_devices {

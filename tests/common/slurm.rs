@@ -146,10 +146,13 @@ impl Slurm {
                 .output()
                 .expect("sinfo runs");
             let text = String::from_utf8_lossy(&out.stdout).to_string();
+            // A node is listed once per partition it is in.
             let idle = text
                 .lines()
                 .filter(|l| l.split_whitespace().nth(1) == Some("idle"))
-                .count();
+                .filter_map(|l| l.split_whitespace().next())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
             if idle == self.nodes.len() {
                 return;
             }
@@ -177,6 +180,12 @@ impl Slurm {
     /// (`-c`): every job it knew is gone from `squeue`, as on a cluster whose
     /// controller lost its state. Returns once it answers again.
     pub fn restart_controller_clean(&mut self) {
+        self.restart_controller_clean_after(|| {});
+    }
+
+    /// [`Slurm::restart_controller_clean`], doing `meanwhile` while no
+    /// controller runs: what a job does then is out of its sight for good.
+    pub fn restart_controller_clean_after(&mut self, meanwhile: impl FnOnce()) {
         let at = self
             .daemons
             .iter()
@@ -187,6 +196,7 @@ impl Slurm {
             libc::kill(old.id() as libc::pid_t, libc::SIGTERM);
         }
         old.wait().unwrap();
+        meanwhile();
         let conf = self.conf();
         self.spawn(
             "slurmctld",
@@ -354,6 +364,7 @@ MessageTimeout=5
 KillWait=2
 MinJobAge=600
 InactiveLimit=0
+EnforcePartLimits=NO
 ",
         ctld = free_port(&mut held),
     );
@@ -387,6 +398,13 @@ InactiveLimit=0
     let _ = writeln!(
         conf,
         "PartitionName=debug Nodes={} Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=100",
+        nodes.join(",")
+    );
+    // A partition whose limit a job can exceed: accepted (Slurm's default
+    // `EnforcePartLimits=NO`), then pending for ever.
+    let _ = writeln!(
+        conf,
+        "PartitionName=short Nodes={} MaxTime=1 State=UP DefMemPerCPU=100",
         nodes.join(",")
     );
     std::fs::write(root.join("slurm.conf"), conf).unwrap();

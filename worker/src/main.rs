@@ -73,6 +73,9 @@ impl Reporter for StdoutReporter {
 }
 
 fn main() {
+    // First: SIGUSR1 (a checkpoint asked for) would otherwise kill the
+    // worker; the engine started it with the signal blocked until now.
+    let usr1 = alignflow_ops::checkpoint_request::install();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Stage logs and Slurm job outputs are files: no colour codes there.
@@ -82,6 +85,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Err(e) = usr1 {
+        tracing::warn!("SIGUSR1 handler: {e} (a checkpoint cannot be asked for)");
+    }
     let cli = Cli::parse();
     let reporter = StdoutReporter {
         out: Mutex::new(std::io::stdout()),

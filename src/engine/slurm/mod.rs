@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use std::os::unix::process::CommandExt as _;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
@@ -115,22 +117,68 @@ impl Cluster {
         })
     }
 
-    /// `scancel --name RUN`: every job of the run, in one call.
-    pub async fn cancel_all(&self) {
-        let out = tokio::process::Command::new("scancel")
-            .args(["--name", &self.run_id])
-            .output()
-            .await;
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => tracing::warn!(
-                "scancel --name {}: {}",
-                self.run_id,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ),
-            Err(e) => tracing::warn!("scancel: {e}"),
+    /// `scancel --name RUN`: every job of the run, in one call. `false`
+    /// (after a warning naming the command to run) when it failed.
+    pub async fn cancel_all(&self) -> bool {
+        scancel(&["--name", &self.run_id], true).await
+    }
+
+    /// `scancel JOB`: one job, which the engine stops following while it
+    /// may still be queued or running. Quiet: the job has often ended.
+    async fn cancel_job(&self, job_id: &str) {
+        scancel(&[job_id], false).await;
+    }
+}
+
+/// `scancel ARGS`, in a process group of its own: a second Ctrl-C at the
+/// terminal reaches the engine's group, and must not kill the scancel that
+/// the first one started. `false` (after a warning, if `warn`) when it
+/// failed.
+async fn scancel(args: &[&str], warn: bool) -> bool {
+    let out = tokio::process::Command::new("scancel")
+        .args(args)
+        .process_group(0)
+        .output()
+        .await;
+    let failure = match out {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        Err(e) => e.to_string(),
+    };
+    if warn {
+        tracing::warn!(
+            "`scancel {}` failed ({failure}): run it once the controller answers",
+            args.join(" ")
+        );
+    } else {
+        tracing::debug!("`scancel {}`: {failure}", args.join(" "));
+    }
+    false
+}
+
+/// `scancel --name RUN`, blocking and bounded (10 s): for the second
+/// signal, which exits at once, and would otherwise leave the run's jobs
+/// queued and running.
+pub(in crate::engine) fn cancel_run_now(run_id: &str) {
+    let child = std::process::Command::new("scancel")
+        .args(["--name", run_id])
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("could not run `scancel --name {run_id}`: run it yourself");
+        return;
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return,
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+    eprintln!("`scancel --name {run_id}` did not succeed: run it yourself");
 }
 
 /// A job of a stage being watched.
@@ -249,25 +297,46 @@ pub(super) async fn run_remote(
         None => submit(shared, cluster, &job_files, 1).await?,
     };
     let result = loop {
-        let ended = watch(shared, cluster, &watched, fp, &progress, &mut tail).await;
+        let ended = watch(
+            shared, cluster, &stage.id, &watched, fp, &progress, &mut tail,
+        )
+        .await;
         match ended {
-            Err(e) => break Err(e),
+            // The engine stops following a job that may still be queued or
+            // running (an error here, a cancellation): it goes too.
+            Err(e) => {
+                cluster.cancel_job(&watched.job_id).await;
+                break Err(e);
+            }
             Ok(Ended::Committed(record)) => break Ok(*record),
-            Ok(Ended::Failed(why)) => break Err(anyhow::anyhow!("{why}").into()),
-            Ok(Ended::Retry(why)) if watched.attempt >= settings.max_attempts => {
-                break Err(anyhow::anyhow!(
-                    "{why}; gave up after {} attempt(s) (max_attempts){}",
-                    watched.attempt,
-                    output_tail(&watched.log)
-                )
-                .into())
+            Ok(Ended::Failed(why)) => {
+                // Ended, or held in the queue (SPECIAL_EXIT, a bad request).
+                cluster.cancel_job(&watched.job_id).await;
+                break Err(anyhow::anyhow!("{why}").into());
             }
             Ok(Ended::Retry(why)) => {
+                // A lost job may still run where squeue does not show it: it
+                // goes before another takes its place. (An ended one: a no-op.)
+                cluster.cancel_job(&watched.job_id).await;
+                // It may have committed while it was being killed.
+                if let Some(record) = shared.cache.hit(fp)? {
+                    break Ok(record);
+                }
+                if watched.attempt >= settings.max_attempts {
+                    break Err(anyhow::anyhow!(
+                        "{why}; gave up after {} attempt(s) (max_attempts){}",
+                        watched.attempt,
+                        output_tail(&watched.log)
+                    )
+                    .into());
+                }
                 shared.ui.say(&format!(
                     "retry   {}: {why}; resubmitting (attempt {}), resuming from its checkpoints",
                     stage.id,
                     watched.attempt + 1
                 ));
+                // An earlier attempt's failure says nothing of the next.
+                tail.failure = None;
                 watched = submit(shared, cluster, &job_files, watched.attempt + 1).await?;
             }
         }
@@ -345,6 +414,7 @@ fn now() -> String {
 async fn watch(
     shared: &Shared,
     cluster: &Cluster,
+    stage: &str,
     job: &Watched,
     fp: &Fingerprint,
     progress: &StageProgress<'_>,
@@ -353,6 +423,7 @@ async fn watch(
     let mut rx = cluster.poller.subscribe();
     let lost_after = Duration::from_secs_f64(cluster.settings.lost_after.max(0.0));
     let mut missing_since: Option<Instant> = None;
+    let mut said_reason: Option<String> = None;
     loop {
         tokio::select! {
             changed = rx.changed() => {
@@ -373,6 +444,17 @@ async fn watch(
         let Some(state) = snapshot.jobs.get(&job.job_id) else {
             let since = *missing_since.get_or_insert(snapshot.taken);
             if snapshot.taken.duration_since(since) >= lost_after {
+                // Out of squeue's sight (ended longer ago than MinJobAge, or a
+                // controller that lost its state): a failure its node
+                // reported is the verdict; another attempt would fail alike.
+                tail.read(progress);
+                if let Some(message) = &tail.failure {
+                    return Ok(Ended::Failed(format!(
+                        "job {} failed: {message} (it has left squeue){}",
+                        job.job_id,
+                        output_tail(&job.log)
+                    )));
+                }
                 return Ok(Ended::Retry(format!(
                     "job {} is lost (not in squeue for {:.0} s, and no record)",
                     job.job_id,
@@ -393,12 +475,38 @@ async fn watch(
             Ok(verdict)
         };
         let what = format!("job {} {} ({})", job.job_id, state_name, state.reason);
+        if state_name == "PENDING" {
+            if let Some(hint) = never_starts(&state.reason) {
+                return ended(Ended::Failed(format!(
+                    "{what}: Slurm will not start it as submitted: {hint}"
+                )));
+            }
+        }
+        // Why a job waits (a hold, a drained node, a limit) is worth a line,
+        // once per reason.
+        if matches!(state_name, "PENDING" | "REQUEUE_HOLD" | "SUSPENDED")
+            && !matches!(
+                state.reason.as_str(),
+                "None" | "Priority" | "Resources" | ""
+            )
+            && said_reason.as_deref() != Some(state.reason.as_str())
+        {
+            shared.ui.say(&format!("waiting {stage}: {what}"));
+            said_reason = Some(state.reason.clone());
+        }
         match state_name {
             "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED"
             | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING" | "SIGNALING" | "STAGE_OUT"
             | "STOPPED" | "RESV_DEL_HOLD" => continue,
-            "TIMEOUT" | "PREEMPTED" | "NODE_FAIL" | "BOOT_FAIL" | "CANCELLED" | "DEADLINE" => {
+            "TIMEOUT" | "PREEMPTED" | "NODE_FAIL" | "BOOT_FAIL" | "CANCELLED" => {
                 return ended(Ended::Retry(what))
+            }
+            // The same deadline would pass again.
+            "DEADLINE" => {
+                return ended(Ended::Failed(format!(
+                    "{what}: its --deadline passed before it could end{}",
+                    output_tail(&job.log)
+                )))
             }
             _ => {
                 // The record may have landed after this tick's check.
@@ -420,6 +528,32 @@ async fn watch(
             }
         }
     }
+}
+
+/// What to change when a pending job's reason (squeue's `%r`) says Slurm
+/// will never start it as submitted: a per-job limit it exceeds, or a
+/// request it cannot satisfy. With `EnforcePartLimits=NO` (Slurm's default)
+/// such a job is accepted and pends for ever. Holds, drained nodes and
+/// reservations can end: those are waited for (and said).
+fn never_starts(reason: &str) -> Option<&'static str> {
+    Some(match reason {
+        "PartitionTimeLimit" | "QOSMaxWallDurationPerJobLimit"
+        | "AssocMaxWallDurationPerJobLimit" => {
+            "its time limit exceeds what the partition or QOS allows a job: lower `resources.time`, or pick another `slurm.partition`"
+        }
+        "PartitionNodeLimit" | "QOSMaxNodePerJobLimit" | "AssocMaxNodesPerJob"
+        | "QOSMaxCpuPerJobLimit" | "AssocMaxCpuPerJobLimit" | "QOSMaxGRESPerJob"
+        | "QOSMaxMemoryPerJob" | "QOSMinGRES" | "QOSMinCpuNotSatisfied" => {
+            "it asks for more (or less) than the partition or QOS allows one job: change `resources` (cpus, mem, gpus) or `params.data_parallel`"
+        }
+        "BadConstraints" => {
+            "its constraints cannot be satisfied: check `--constraint`/`--gres` in `slurm.sbatch_flags` and `resources`"
+        }
+        "InvalidAccount" => "its account is not valid here: check `slurm.account`",
+        "InvalidQOS" => "its QOS is not valid here: check `--qos` in `slurm.sbatch_flags`",
+        "DependencyNeverSatisfied" => "a dependency in `slurm.sbatch_flags` can never be satisfied",
+        _ => return None,
+    })
 }
 
 /// The last lines of a job's output, for a failure message.

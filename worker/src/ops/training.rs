@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
+use alignflow_ops::checkpoint_request;
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::training::TrainParams;
 use alignflow_ops::StageContext;
@@ -183,8 +184,15 @@ pub fn run_training_with_figures(
         }
         ctx.reporter
             .progress(m.step, Some(steps), &format!("loss {:.4}", m.loss));
-        if p.checkpoint_every > 0 && m.step % p.checkpoint_every == 0 && m.step < steps {
+        let periodic = p.checkpoint_every > 0 && m.step % p.checkpoint_every == 0;
+        // Asked for: SIGUSR1 before a Slurm time limit, which the engine
+        // passes to rank 0, the rank that writes checkpoints.
+        let asked = checkpoint_request::take();
+        if (periodic || asked) && m.step < steps {
             if let Some(log) = log.as_mut() {
+                if asked {
+                    tracing::info!(step = m.step, "checkpoint asked for (SIGUSR1): saving");
+                }
                 log.flush()?;
                 trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
             }

@@ -258,10 +258,13 @@ impl Stage<'_> {
         progress.done = it;
         if let Some(log) = metrics_log.as_mut() {
             log.write(&line)?;
-            if s.params.checkpoint_every > 0
-                && it % s.params.checkpoint_every == 0
-                && it < s.params.iterations
-            {
+            let periodic = s.params.checkpoint_every > 0 && it % s.params.checkpoint_every == 0;
+            // Asked for: SIGUSR1 before a Slurm time limit.
+            let asked = alignflow_ops::checkpoint_request::take();
+            if (periodic || asked) && it < s.params.iterations {
+                if asked {
+                    tracing::info!(iteration = it, "checkpoint asked for (SIGUSR1): saving");
+                }
                 // The metrics lines up to `it` must be on disk before a
                 // checkpoint that says `it` is done.
                 log.sync()?;
