@@ -904,6 +904,74 @@ fn journaled(p: &Project) -> bool {
         })
 }
 
+/// Reads `child`'s stderr on a thread; returns once a line contains
+/// `pattern` (killing the child and failing after `limit`), with a handle
+/// to all of its stderr.
+fn stderr_once(
+    child: &mut Child,
+    pattern: &str,
+    limit: Duration,
+) -> std::thread::JoinHandle<String> {
+    let pipe = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let all = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+            let line = line.unwrap();
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let start = Instant::now();
+    loop {
+        match lines.recv_timeout(limit.saturating_sub(start.elapsed())) {
+            Ok(line) if line.contains(pattern) => return all,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no `{pattern}` on stderr:\n{}", all.join().unwrap());
+            }
+        }
+    }
+}
+
+/// Two runs of one pipeline on one cache: the second submits no job while
+/// the first's job holds the stage (its job would wait in its allocation),
+/// and finds the stage committed.
+#[test]
+fn a_second_run_waits_for_the_first_runs_job_without_submitting_its_own() {
+    let slurm = Slurm::start(1);
+    let p = project_with(GATED);
+    let first = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running, journaled job", || {
+        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
+    });
+    let mut second = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let stderr = stderr_once(
+        &mut second,
+        "another run's job holds it",
+        Duration::from_secs(60),
+    );
+    p.write("go", "");
+    let first = finish(first, Duration::from_secs(120));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out = finish(second, Duration::from_secs(120));
+    let stderr = stderr.join().unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stages_with_status(&String::from_utf8_lossy(&out.stdout), "cached"),
+        common::set(&["nap"]),
+        "{stderr}"
+    );
+    assert_eq!(slurm.calls("sbatch"), 1, "{stderr}");
+}
+
 #[test]
 fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     let slurm = Slurm::start(1);
@@ -925,36 +993,7 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("alignflow starts");
-    let (lines, stderr) = {
-        let pipe = attach.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
-                let line = line.unwrap();
-                all.push_str(&line);
-                all.push('\n');
-                let _ = tx.send(line);
-            }
-            all
-        });
-        (rx, reader)
-    };
-    let start = Instant::now();
-    loop {
-        let left = Duration::from_secs(120).saturating_sub(start.elapsed());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("adopt") => break,
-            Ok(_) => {}
-            Err(_) => {
-                let _ = attach.kill();
-                panic!(
-                    "`run --attach` adopted nothing:\n{}",
-                    stderr.join().unwrap()
-                );
-            }
-        }
-    }
+    let stderr = stderr_once(&mut attach, "adopt", Duration::from_secs(120));
     p.write("go", "");
     let out = finish(attach, Duration::from_secs(120));
     let stderr = stderr.join().unwrap();

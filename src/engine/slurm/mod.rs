@@ -117,6 +117,15 @@ impl Cluster {
         })
     }
 
+    /// Whether `--attach` adopted a job of fingerprint `fp` that has not
+    /// been taken up yet.
+    pub fn adopts(&self, fp: &Fingerprint) -> bool {
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&fp.to_string())
+    }
+
     /// `scancel --name RUN`: every job of the run, in one call. `false`
     /// (after a warning naming the command to run) when it failed.
     pub async fn cancel_all(&self) -> bool {
