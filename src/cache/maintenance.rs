@@ -488,7 +488,9 @@ impl Maintenance<'_> {
             }
         }
         for (hash, path) in &dirs {
-            if !trees.contains(hash) && settled(path) {
+            // A reused tree's listing is what a stage marks (`mark_reused`).
+            let listing = self.objects.tree_listing_path(hash);
+            if !trees.contains(hash) && settled(path) && settled(&listing) {
                 remove_tree_dir(path, dry_run, report);
             }
         }

@@ -724,15 +724,51 @@ fn a_copy_that_is_not_its_hash_is_not_stored() {
     fs::write(&src, b"written after hashing").unwrap();
     let dst = dir.path().join("blob");
     let hashed = blake3::hash(b"what was hashed").to_hex().to_string();
-    let err = super::objects::copy_into_store(&src, &dst, &hashed).unwrap_err();
+    let err = super::objects::copy_into_store(&src, &dst, &hashed, false).unwrap_err();
     assert!(
         err.to_string().contains("changed while it was stored"),
         "{err}"
     );
     assert!(!dst.exists());
     let right = blake3::hash(b"written after hashing").to_hex().to_string();
-    super::objects::copy_into_store(&src, &dst, &right).unwrap();
+    super::objects::copy_into_store(&src, &dst, &right, false).unwrap();
     assert_eq!(fs::read(&dst).unwrap(), b"written after hashing");
     let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 2, "no temporary left: {left:?}");
+}
+
+/// A stage output identical to an unreachable, old object reuses it. A gc
+/// on a shared cache (another node's, which listed the records before the
+/// stage's was committed) keeps only unreachable objects younger than its
+/// minimum age: reuse makes the object young again, so it stays until the
+/// record that reaches it is in.
+#[test]
+fn a_reused_object_is_young_again_for_a_shared_cache_gc() {
+    let (_dir, cache) = cache();
+    let garbage = cache.ingest(&staged(&cache, "g", b"never reused")).unwrap();
+    let first = cache.ingest(&staged(&cache, "a", b"reused bytes")).unwrap();
+    let out = cache.staging_dir(&fp(1)).unwrap().join("d");
+    write(&out.join("inner"), b"reused tree");
+    let first_tree = cache.ingest(&out).unwrap();
+    let min_age = Duration::from_secs(1);
+    std::thread::sleep(min_age + Duration::from_millis(100));
+
+    // A stage's outputs, the same bytes: ingested, their record not yet written.
+    let blob = cache.ingest(&staged(&cache, "b", b"reused bytes")).unwrap();
+    let out = cache.staging_dir(&fp(2)).unwrap().join("d");
+    write(&out.join("inner"), b"reused tree");
+    let tree = cache.ingest(&out).unwrap();
+    assert_eq!((&blob, &tree), (&first, &first_tree));
+
+    let report = cache.gc_min_age(false, min_age).unwrap();
+    assert!(!cache.has_artifact(&garbage), "{:?}", report.removed);
+    assert!(
+        cache.has_artifact(&blob) && cache.has_artifact(&tree),
+        "{:?}",
+        report.removed
+    );
+    cache
+        .write_record(&record(&[("blob", &blob), ("tree", &tree)]))
+        .unwrap();
+    assert!(cache.verify().unwrap().problems.is_empty());
 }
