@@ -1012,6 +1012,35 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }
 
+/// `--attach` to a run whose engine is alive is refused (two engines would
+/// each retry and cancel its jobs), and leaves the run alone.
+#[test]
+fn attach_refuses_a_run_whose_engine_is_alive() {
+    let slurm = Slurm::start(1);
+    let p = project_with(GATED);
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running, journaled job", || {
+        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
+    });
+    let run = run_id(&p);
+    let out = output(&p, &slurm, &["run", "--attach", &run]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("run {run} has a live engine (pid {}", child.id())),
+        "{stderr}"
+    );
+    assert!(job_in_state(&slurm, "RUNNING").is_some(), "the job runs on");
+    p.write("go", "");
+    let out = finish(child, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(slurm.calls("sbatch"), 1);
+}
+
 /// A stage whose first job never commits (it marks the project, sleeps,
 /// and ends without its output); a later one finishes at once.
 const SECOND_ATTEMPT_ONLY: &str = r#"version: 1

@@ -87,7 +87,7 @@ pub fn run(
             let _in_runtime = runtime.enter();
             let cluster = open_cluster(&pipeline, &cache, &options, settings, &stop_polling)?;
             ui.say(&format!(
-                "run {} on Slurm: `alignflow jobs {0}` lists its jobs; `alignflow run --attach {0}` follows it from another shell",
+                "run {} on Slurm: `alignflow jobs {0}` lists its jobs; `alignflow run --attach {0}` adopts them if this engine dies",
                 cluster.run_id
             ));
             (Some(cluster), settings.max_jobs)

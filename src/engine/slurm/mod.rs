@@ -55,6 +55,8 @@ pub(in crate::engine) struct Cluster {
     sets: Vec<(String, String)>,
     /// `--attach`: the last job of each fingerprint that had not ended.
     adopted: Mutex<BTreeMap<String, JobEntry>>,
+    /// `runs/RUN/engine.lock`, held while this engine runs the run.
+    _engine: std::fs::File,
 }
 
 /// A fresh run id: `af-<pipeline>-<UTC time>-<random>`, usable as a job
@@ -90,6 +92,10 @@ impl Cluster {
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
         let dir = run_dir(cache_root, &info.run_id);
+        if !attach {
+            info.save(&dir)?;
+        }
+        let engine = hold_engine_lock(&dir, &info.run_id)?;
         let mut adopted = BTreeMap::new();
         if attach {
             for job in read_jobs(&dir)? {
@@ -97,8 +103,6 @@ impl Cluster {
                     adopted.insert(job.fingerprint.clone(), job);
                 }
             }
-        } else {
-            info.save(&dir)?;
         }
         let staging = cache_root
             .join("tmp")
@@ -114,6 +118,7 @@ impl Cluster {
             manifest: info.manifest.clone(),
             sets: info.sets.clone(),
             adopted: Mutex::new(adopted),
+            _engine: engine,
         })
     }
 
@@ -137,6 +142,45 @@ impl Cluster {
     async fn cancel_job(&self, job_id: &str) {
         scancel(&[job_id], false).await;
     }
+}
+
+/// Takes `RUN/engine.lock` for this process (released when it exits, even
+/// killed), and writes who holds it. One engine per run: `--attach` adopts
+/// the jobs of a run whose engine died, never of one that runs (both would
+/// submit, retry and cancel the same jobs).
+fn hold_engine_lock(dir: &Path, run_id: &str) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("engine.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            anyhow::bail!(
+                "run {run_id} has a live engine ({}): `--attach` adopts the jobs of a run whose engine died; `alignflow jobs {run_id}` lists this one's",
+                owner.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+    let owner = format!(
+        "pid {} on {}",
+        std::process::id(),
+        crate::cache::Provenance::here(String::new(), None).host
+    );
+    file.set_len(0)?;
+    file.rewind()?;
+    file.write_all(owner.as_bytes())?;
+    Ok(file)
 }
 
 /// `scancel ARGS`, in a process group of its own: a second Ctrl-C at the
