@@ -567,6 +567,11 @@ async fn watch(
                 if let Some(record) = shared.cache.hit(fp)? {
                     return ended(Ended::Committed(Box::new(record)));
                 }
+                if state_name == "COMPLETED" {
+                    if let Some(record) = completed_record(shared, fp, lost_after).await? {
+                        return ended(Ended::Committed(Box::new(record)));
+                    }
+                }
                 let said = tail
                     .failure
                     .as_deref()
@@ -579,6 +584,43 @@ async fn watch(
                 };
                 return ended(Ended::Failed(format!("{why}{}", output_tail(&job.log))));
             }
+        }
+    }
+}
+
+/// The record of a COMPLETED job: `stage exec` exits 0 only once it has
+/// committed it, but a network filesystem may hide it from this node for a
+/// while (NFS caches a name's absence and a folder's attributes for up to
+/// a minute). Looks again each second for `grace`, listing the folders of
+/// the record and its outputs first, which makes NFS look at them afresh.
+async fn completed_record(
+    shared: &Shared,
+    fp: &Fingerprint,
+    grace: Duration,
+) -> Result<Option<StageRecord>, Error> {
+    let start = Instant::now();
+    loop {
+        let mut folders: Vec<PathBuf> = shared.cache.record_path(fp).into_iter().collect();
+        if let Ok(Some(record)) = shared.cache.record(fp) {
+            folders.extend(
+                record
+                    .outputs
+                    .values()
+                    .map(|id| shared.cache.artifact_path(id)),
+            );
+        }
+        for folder in folders.iter().filter_map(|p| p.parent()) {
+            let _ = std::fs::read_dir(folder).map(Iterator::count);
+        }
+        if let Some(record) = shared.cache.hit(fp)? {
+            return Ok(Some(record));
+        }
+        if start.elapsed() >= grace {
+            return Ok(None);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
         }
     }
 }
