@@ -159,10 +159,15 @@ mod tests {
             let (lp, ent, g) = run(chunk);
             assert!(max_diff(&lp, &lp_full) < 1e-5, "chunk {chunk}: log-probs");
             assert!(max_diff(&ent, &ent_full) < 1e-5, "chunk {chunk}: entropy");
+            // Relative to the gradient's scale: a tied head's gradient sums
+            // the chunks' contributions in another order than one pass does,
+            // which moves it by float32 roundings of its own size (1.1e-5
+            // was drawn in CI at an absolute 1e-5).
             for (a, b) in g.iter().zip(&g_full) {
+                let scale = b.abs().max().double_value(&[]).max(1.0);
                 assert!(
-                    max_diff(a, b) < 1e-5,
-                    "chunk {chunk}: gradient {}",
+                    max_diff(a, b) < 1e-5 * scale,
+                    "chunk {chunk}: gradient {} at scale {scale}",
                     max_diff(a, b)
                 );
             }
