@@ -670,14 +670,15 @@ fn checkpointed_step(p: &Project) -> Option<u64> {
 
 /// SIGUSR1 (what `--signal` sends before the time limit) makes a training
 /// stage that never checkpoints on its own save one at its next step; the
-/// job cancelled then is resubmitted and resumes there.
+/// job cancelled then is resubmitted and resumes there. (Far more steps than
+/// the test waits for: the run is interrupted once the resumption shows.)
 #[test]
 fn sigusr1_checkpoints_a_training_stage_and_the_next_attempt_resumes_there() {
     let slurm = Slurm::start(1);
     let p = project_with(
-        &tensor_pipeline().replace("max_steps: 4,", "max_steps: 600, checkpoint_every: 0,"),
+        &tensor_pipeline().replace("max_steps: 4,", "max_steps: 1000000, checkpoint_every: 0,"),
     );
-    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
     let base_job = || {
         let runs = std::fs::read_dir(p.path("cache/runs")).ok()?;
         let run = runs
@@ -713,35 +714,29 @@ fn sigusr1_checkpoints_a_training_stage_and_the_next_attempt_resumes_there() {
         .status()
         .unwrap();
     assert!(status.success());
-    let start = Instant::now();
-    let step = loop {
-        if let Some(step) = checkpointed_step(&p) {
-            break step;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let out = finish(child, Duration::from_secs(1));
-            panic!(
-                "no checkpoint in 60 s; the job's output:\n{}\nthe run's:\n{}\n{:?}",
-                job_logs(&p, "base"),
-                String::from_utf8_lossy(&out.stderr),
-                common::walk(&p.path("cache"))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(step > 0 && step < 600, "{step}");
+    wait_until(Duration::from_secs(60), "a checkpoint", || {
+        checkpointed_step(&p).is_some()
+    });
+    let step = checkpointed_step(&p).unwrap();
+    assert!(step > 0, "{step}");
     let status = slurm.command("scancel").arg(&job).status().unwrap();
     assert!(status.success());
-    let out = finish(child, Duration::from_secs(180));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    wait_until(Duration::from_secs(90), "the next attempt resuming", || {
+        job_logs(&p, "base").contains("resuming from checkpoint")
+    });
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let stderr = stderr_once(&mut child, "interrupted", Duration::from_secs(30));
+    let out = finish(child, Duration::from_secs(60));
+    let stderr = stderr.join().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("resubmitting"), "{stderr}");
     let logs = job_logs(&p, "base");
     assert!(logs.contains("checkpoint asked for (SIGUSR1)"), "{logs}");
-    assert!(
-        logs.contains("resuming from checkpoint") && logs.contains(&format!("step={step}")),
-        "{logs}"
-    );
+    let resumed = logs
+        .lines()
+        .find(|l| l.contains("resuming from checkpoint"))
+        .unwrap();
+    assert!(resumed.ends_with(&format!("step={step}")), "{resumed}");
 }
 
 #[test]
@@ -835,12 +830,14 @@ fn a_second_ctrl_c_exits_at_once_and_leaves_no_job_running() {
     wait_until(Duration::from_secs(30), "a running job", || {
         job_in_state(&slurm, "RUNNING").is_some()
     });
+    let mut child = child;
     let group = -(child.id() as libc::pid_t);
     unsafe { libc::kill(group, libc::SIGINT) };
-    std::thread::sleep(Duration::from_millis(500));
+    // The second once the first is being handled (its slow scancel runs).
+    let stderr = stderr_once(&mut child, "interrupted", Duration::from_secs(30));
     unsafe { libc::kill(group, libc::SIGINT) };
     let out = finish(child, Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.join().unwrap();
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     wait_until(Duration::from_secs(20), "no running job", || {
         job_in_state(&slurm, "RUNNING").is_none()
@@ -885,7 +882,7 @@ stages:
   nap:
     op: exec
     outputs: [x]
-    params: { cmd: 'for i in $(seq 3000); do [ -f go ] && break; sleep 0.1; done; [ -f go ] && echo done > "$ALIGNFLOW_OUT/x"' }
+    params: { cmd: 'touch started; for i in $(seq 3000); do [ -f go ] && break; sleep 0.1; done; [ -f go ] && echo done > "$ALIGNFLOW_OUT/x"' }
 "#;
 
 /// Whether the engine has journaled a submitted job in `p`'s run (a line
@@ -945,8 +942,9 @@ fn a_second_run_waits_for_the_first_runs_job_without_submitting_its_own() {
     let slurm = Slurm::start(1);
     let p = project_with(GATED);
     let first = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "a running, journaled job", || {
-        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
+    // The command runs: its node holds the stage's lock.
+    wait_until(Duration::from_secs(30), "the first run's command", || {
+        p.path("started").exists()
     });
     let mut second = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
     let stderr = stderr_once(

@@ -47,7 +47,7 @@ impl Objects {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                copy_into_store(src, &dst, hash, false)?
+                copy_into_store(src, &dst, hash)?
             }
             Err(e) => return Err(at(&dst)(e)),
         }

@@ -515,15 +515,37 @@ fn old_enough(path: &Path, min_age: Duration) -> bool {
     if min_age.is_zero() {
         return true;
     }
-    let Ok(meta) = fs::symlink_metadata(path) else {
+    let Some((secs, nanos)) = change_time(path) else {
         return true;
     };
-    let changed = std::time::UNIX_EPOCH
-        + Duration::new(
-            meta.ctime().max(0) as u64,
-            meta.ctime_nsec().clamp(0, 999_999_999) as u32,
-        );
+    let changed = std::time::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.min(999_999_999));
     changed.elapsed().is_ok_and(|age| age >= min_age)
+}
+
+/// `path`'s change time (seconds, nanoseconds) as its file server has it
+/// now: `statx` with `AT_STATX_FORCE_SYNC`, as NFS answers a plain stat
+/// from its attribute cache (up to a minute old), which would miss a stage
+/// on another node marking the object reused. `None` if it is gone.
+fn change_time(path: &Path) -> Option<(i64, u32)> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path and a zeroed buffer of statx's type.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_CTIME,
+            &mut buf,
+        )
+    };
+    if rc == 0 {
+        return Some((buf.stx_ctime.tv_sec, buf.stx_ctime.tv_nsec));
+    }
+    // No statx (an old kernel, a seccomp filter): the plain stat.
+    let meta = fs::symlink_metadata(path).ok()?;
+    Some((meta.ctime(), meta.ctime_nsec().clamp(0, 999_999_999) as u32))
 }
 
 /// Removes a record file (already gone is fine).

@@ -165,25 +165,22 @@ impl Objects {
         let file = File::open(src).map_err(at(src))?;
         let hash = self.hashes.hash_reader(&file).map_err(at(src))?;
         let dst = self.blob_path(&hash);
-        let mut replace = false;
         if fs::symlink_metadata(&dst).is_ok() {
             match mark_reused(&dst) {
-                Ok(()) => {
+                // A gc removed it meanwhile: stored anew below.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                _ => {
                     fs::remove_file(src).map_err(at(src))?;
                     return Ok(hash);
                 }
-                // A gc removed it meanwhile: stored anew below.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                // Another user's blob: ours, the same bytes, takes its place.
-                Err(_) => replace = true,
             }
         }
         let shard = dst.parent().expect("blob paths have a parent");
         ensure_dir(shard)?;
-        if meta.nlink() > 1 || replace {
+        if meta.nlink() > 1 {
             // The file has other names (an op hard-linked some input into its
             // output): linking it would make the blob an inode others may write.
-            copy_into_store(src, &dst, &hash, replace)?;
+            copy_into_store(src, &dst, &hash)?;
         } else {
             fs::set_permissions(src, fs::Permissions::from_mode(SEALED_FILE)).map_err(at(src))?;
             file.sync_all().map_err(at(src))?;
@@ -195,7 +192,7 @@ impl Objects {
                 // Another filesystem, or one that refuses the link (NFS
                 // exports without hard links): the bytes are copied.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {
-                    copy_into_store(src, &dst, &hash, false)?
+                    copy_into_store(src, &dst, &hash)?
                 }
                 Err(e) => return Err(at(&dst)(e)),
             }
@@ -223,15 +220,8 @@ impl Objects {
         let json = self.tree_listing_path(hash);
         // A tree stored before is reused: its listing's change time (which
         // gc reads for the folder too) keeps it until the record is in.
-        let mut listed = json.is_file();
-        if listed {
-            match mark_reused(&json) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => listed = false,
-                // Another user's listing: ours, the same bytes, replaces it.
-                Err(_) => atomic_write(&json, bytes).map_err(at(&json))?,
-            }
-        }
+        let listed = json.is_file()
+            && !matches!(mark_reused(&json), Err(e) if e.kind() == io::ErrorKind::NotFound);
         if !dir.is_dir() {
             let tmp = temp_sibling(&self.root.join("tmp").join(format!("tree-{hash}")))
                 .map_err(at(&dir))?;
@@ -399,22 +389,22 @@ impl Objects {
 /// shared cache `gc` keeps unreachable objects changed within its minimum
 /// age, and one it found unreachable and old (the record that reaches it
 /// not yet committed) would otherwise go under the stage. Fails with
-/// `NotFound` if it went meanwhile, with `PermissionDenied` if it is
-/// another user's.
+/// `NotFound` if it went meanwhile. Another user's object cannot be
+/// marked (only its owner may chmod it) and is reused as it is: copying it
+/// to own it would cost a checkpoint's bytes on every reuse, against a race
+/// that can only cost a rerun (the record becomes a miss, never wrong).
 fn mark_reused(path: &Path) -> io::Result<()> {
     let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o7777;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+    let marked = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    if let Err(e) = &marked {
+        tracing::debug!("{}: reused unmarked ({e})", path.display());
+    }
+    marked
 }
 
 /// Copies `src` (whose blake3 is `hash`) into the store at `dst`, checking
-/// the copy's hash; beside a blob already there unless `replace`, which
-/// puts the copy in its place (same bytes, a new inode of this user's).
-pub(super) fn copy_into_store(
-    src: &Path,
-    dst: &Path,
-    hash: &str,
-    replace: bool,
-) -> Result<(), CacheError> {
+/// the copy's hash; a blob already there stays.
+pub(super) fn copy_into_store(src: &Path, dst: &Path, hash: &str) -> Result<(), CacheError> {
     let tmp = temp_sibling(dst).map_err(at(dst))?;
     let result = (|| {
         fs::copy(src, &tmp)?;
@@ -428,9 +418,6 @@ pub(super) fn copy_into_store(
             )));
         }
         copy.sync_all()?;
-        if replace {
-            return fs::rename(&tmp, dst);
-        }
         match fs::hard_link(&tmp, dst) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
             _ => Ok(()),

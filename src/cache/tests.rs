@@ -724,14 +724,14 @@ fn a_copy_that_is_not_its_hash_is_not_stored() {
     fs::write(&src, b"written after hashing").unwrap();
     let dst = dir.path().join("blob");
     let hashed = blake3::hash(b"what was hashed").to_hex().to_string();
-    let err = super::objects::copy_into_store(&src, &dst, &hashed, false).unwrap_err();
+    let err = super::objects::copy_into_store(&src, &dst, &hashed).unwrap_err();
     assert!(
         err.to_string().contains("changed while it was stored"),
         "{err}"
     );
     assert!(!dst.exists());
     let right = blake3::hash(b"written after hashing").to_hex().to_string();
-    super::objects::copy_into_store(&src, &dst, &right, false).unwrap();
+    super::objects::copy_into_store(&src, &dst, &right).unwrap();
     assert_eq!(fs::read(&dst).unwrap(), b"written after hashing");
     let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 2, "no temporary left: {left:?}");
@@ -750,7 +750,8 @@ fn a_reused_object_is_young_again_for_a_shared_cache_gc() {
     let out = cache.staging_dir(&fp(1)).unwrap().join("d");
     write(&out.join("inner"), b"reused tree");
     let first_tree = cache.ingest(&out).unwrap();
-    let min_age = Duration::from_secs(1);
+    // Long enough for the reuse and the gc below on a loaded machine.
+    let min_age = Duration::from_secs(3);
     std::thread::sleep(min_age + Duration::from_millis(100));
 
     // A stage's outputs, the same bytes: ingested, their record not yet written.

@@ -136,12 +136,12 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
             if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
-            if wait_while_another_run_holds(shared, stage, &fp).await? {
-                if let Some(record) = shared.cache.hit(&fp)? {
+            match super::slurm::run_remote(shared, settings, i, op, &key, &fp).await? {
+                super::slurm::Remote::Ran(record) => record,
+                super::slurm::Remote::ByAnotherRun(record) => {
                     return Ok(cached(record, key, "finished by another run"));
                 }
             }
-            super::slurm::run_remote(shared, settings, i, op, &key, &fp).await?
         }
         Executor::Local => {
             let held = acquire(shared, stage, op, &fp).await?;
@@ -390,37 +390,6 @@ struct Held<'a> {
     _job: SemaphorePermit<'a>,
     _cores: Option<Cores<'a>>,
     gpu: Option<GpuSlot<'a>>,
-}
-
-/// On a cluster, waits without a job while another run's job holds the
-/// fingerprint's lock: a job submitted now would sit in its allocation
-/// (GPUs included) until that one ends, to find the stage committed. The
-/// lock is only tested, every second, and never held here. `true` when it
-/// waited. A fingerprint adopted by `--attach` is this run's own job.
-async fn wait_while_another_run_holds(
-    shared: &Shared,
-    stage: &Stage,
-    fp: &Fingerprint,
-) -> Result<bool, Error> {
-    let cluster = shared.cluster.as_ref().expect("a slurm run has a cluster");
-    if cluster.adopts(fp) {
-        return Ok(false);
-    }
-    let mut waited = false;
-    while shared.cache.try_lock_stage(fp)?.is_none() {
-        if !waited {
-            shared.ui.say(&format!(
-                "waiting {} (another run's job holds it; none submitted meanwhile)",
-                stage.id
-            ));
-            waited = true;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
-        }
-    }
-    Ok(waited)
 }
 
 /// Takes a device slot, or on the CPU the cores its threads need, then a

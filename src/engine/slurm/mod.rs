@@ -122,15 +122,6 @@ impl Cluster {
         })
     }
 
-    /// Whether `--attach` adopted a job of fingerprint `fp` that has not
-    /// been taken up yet.
-    pub fn adopts(&self, fp: &Fingerprint) -> bool {
-        self.adopted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&fp.to_string())
-    }
-
     /// `scancel --name RUN`: every job of the run, in one call. `false`
     /// (after a warning naming the command to run) when it failed.
     pub async fn cancel_all(&self) -> bool {
@@ -252,6 +243,14 @@ enum Ended {
     Failed(String),
 }
 
+/// How a stage's record came on a cluster.
+pub(super) enum Remote {
+    /// This run's job committed it.
+    Ran(StageRecord),
+    /// Another run's job did, while this run waited without one.
+    ByAnotherRun(StageRecord),
+}
+
 /// Runs stage `i` as a Slurm job (or adopts its job from `--attach`) and
 /// waits for its record.
 pub(super) async fn run_remote(
@@ -261,7 +260,7 @@ pub(super) async fn run_remote(
     op: &'static OpDecl,
     key: &StageKey,
     fp: &Fingerprint,
-) -> Result<StageRecord, Error> {
+) -> Result<Remote, Error> {
     let cluster = shared.cluster.as_ref().expect("a slurm run has a cluster");
     let stage = &shared.pipeline.stages[i];
     let _slot = tokio::select! {
@@ -347,7 +346,13 @@ pub(super) async fn run_remote(
                 submitted: Instant::now(),
             }
         }
-        None => submit(shared, cluster, &job_files, 1).await?,
+        None => {
+            if let Some(record) = after_another_runs_job(shared, &stage.id, fp).await? {
+                progress.finish();
+                return Ok(Remote::ByAnotherRun(record));
+            }
+            submit(shared, cluster, &job_files, 1).await?
+        }
     };
     let result = loop {
         let ended = watch(
@@ -355,12 +360,10 @@ pub(super) async fn run_remote(
         )
         .await;
         match ended {
-            // The engine stops following a job that may still be queued or
-            // running (an error here, a cancellation): it goes too.
-            Err(e) => {
-                cluster.cancel_job(&watched.job_id).await;
-                break Err(e);
-            }
+            // Ctrl-C cancels the run's jobs (`run`); an error of this
+            // node's (an NFS hiccup reading the cache) leaves a job that may
+            // yet commit its record running.
+            Err(e) => break Err(e),
             Ok(Ended::Committed(record)) => break Ok(*record),
             Ok(Ended::Failed(why)) => {
                 // Ended, or held in the queue (SPECIAL_EXIT, a bad request).
@@ -388,14 +391,16 @@ pub(super) async fn run_remote(
                     stage.id,
                     watched.attempt + 1
                 ));
-                // An earlier attempt's failure says nothing of the next.
+                // An earlier attempt's failure says nothing of the next
+                // (its last lines read first, so none comes after).
+                tail.read(&progress);
                 tail.failure = None;
                 watched = submit(shared, cluster, &job_files, watched.attempt + 1).await?;
             }
         }
     };
     progress.finish();
-    result
+    result.map(Remote::Ran)
 }
 
 /// What every submission of one stage's job shares.
@@ -588,6 +593,50 @@ async fn watch(
     }
 }
 
+/// Waits, with no job of its own, while another run's job holds the
+/// fingerprint's lock (a teammate's run on the same cache, or a run whose
+/// engine died): a job submitted now would sit in its allocation, GPUs
+/// included, until that one ends, to find the stage committed. The lock is
+/// only tested, each second, off the runtime (it waits for a running gc).
+/// Then that job's record, if it committed one (NFS may show it late).
+async fn after_another_runs_job(
+    shared: &Shared,
+    stage: &str,
+    fp: &Fingerprint,
+) -> Result<Option<StageRecord>, Error> {
+    let mut waited = false;
+    loop {
+        let (cache, fp_) = (shared.cache.clone(), fp.clone());
+        let free =
+            tokio::task::spawn_blocking(move || cache.try_lock_stage(&fp_).map(|l| l.is_some()))
+                .await
+                .map_err(anyhow::Error::from)??;
+        if free {
+            break;
+        }
+        if !waited {
+            shared.ui.say(&format!(
+                "waiting {stage} (another run's job holds it; none submitted meanwhile)"
+            ));
+            waited = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
+        }
+    }
+    if !waited {
+        return Ok(None);
+    }
+    let grace = Duration::from_secs_f64(
+        shared
+            .cluster
+            .as_ref()
+            .map_or(0.0, |c| c.settings.lost_after.max(0.0)),
+    );
+    completed_record(shared, fp, grace).await
+}
+
 /// The record of a COMPLETED job: `stage exec` exits 0 only once it has
 /// committed it, but a network filesystem may hide it from this node for a
 /// while (NFS caches a name's absence and a folder's attributes for up to
@@ -626,23 +675,24 @@ async fn completed_record(
 }
 
 /// What to change when a pending job's reason (squeue's `%r`) says Slurm
-/// will never start it as submitted: a per-job limit it exceeds, or a
-/// request it cannot satisfy. With `EnforcePartLimits=NO` (Slurm's default)
-/// such a job is accepted and pends for ever. Holds, drained nodes and
-/// reservations can end: those are waited for (and said).
+/// will never start it as submitted: a per-job limit it exceeds, or an
+/// account, QOS or dependency that cannot be. With `EnforcePartLimits=NO`
+/// (Slurm's default) such a job is accepted and pends for ever. Holds,
+/// drained nodes, reservations and features missing for now
+/// (`BadConstraints` can be transient) can end: those are waited for (and
+/// said).
 fn never_starts(reason: &str) -> Option<&'static str> {
     Some(match reason {
         "PartitionTimeLimit" | "QOSMaxWallDurationPerJobLimit"
         | "AssocMaxWallDurationPerJobLimit" => {
             "its time limit exceeds what the partition or QOS allows a job: lower `resources.time`, or pick another `slurm.partition`"
         }
-        "PartitionNodeLimit" | "QOSMaxNodePerJobLimit" | "AssocMaxNodesPerJob"
+        // Not PartitionNodeLimit: squeue also says it while the nodes a job
+        // needs are down or drained, which ends.
+        "QOSMaxNodePerJobLimit" | "AssocMaxNodesPerJob"
         | "QOSMaxCpuPerJobLimit" | "AssocMaxCpuPerJobLimit" | "QOSMaxGRESPerJob"
         | "QOSMaxMemoryPerJob" | "QOSMinGRES" | "QOSMinCpuNotSatisfied" => {
             "it asks for more (or less) than the partition or QOS allows one job: change `resources` (cpus, mem, gpus) or `params.data_parallel`"
-        }
-        "BadConstraints" => {
-            "its constraints cannot be satisfied: check `--constraint`/`--gres` in `slurm.sbatch_flags` and `resources`"
         }
         "InvalidAccount" => "its account is not valid here: check `slurm.account`",
         "InvalidQOS" => "its QOS is not valid here: check `--qos` in `slurm.sbatch_flags`",
