@@ -844,6 +844,34 @@ fn a_second_ctrl_c_exits_at_once_and_leaves_no_job_running() {
     });
 }
 
+/// What scancel says of an ended job and of one the controller does not
+/// know: nothing (success), or the words the engine takes as "ended"
+/// (quiet), not as a failure to warn about (`says_job_ended`).
+#[test]
+fn scancel_says_ended_and_unknown_jobs_in_the_words_the_engine_reads() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&SLEEPER.replace("SECS", "0"));
+    ok(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    let job = submissions(&p, &run_id(&p))[0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_job_ended(&slurm, &job);
+    let ended = slurm.command("scancel").arg(&job).output().unwrap();
+    let said = String::from_utf8_lossy(&ended.stderr);
+    assert!(
+        ended.status.success() || said.contains("already completing or completed"),
+        "{said}"
+    );
+    // 22.05 accepts an unknown id silently; others say "Invalid job id".
+    let unknown = slurm.command("scancel").arg("999999").output().unwrap();
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        unknown.status.success() || said.contains("Invalid job id"),
+        "{said}"
+    );
+}
+
 /// A job Slurm accepts but will never start (its time limit exceeds the
 /// partition's): the stage fails at once, saying what to change, and the
 /// job leaves the queue.
