@@ -229,6 +229,27 @@ impl ObjectRemote {
         }
     }
 
+    /// Writes `key` under `mode`'s condition; `false` when the condition
+    /// failed (the key exists, or changed since the version read).
+    async fn put_conditionally(&self, key: &str, bytes: Bytes, mode: PutMode) -> StoreResult<bool> {
+        let options = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(key), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn path(&self, key: &str) -> StorePath {
         StorePath::from(format!("{}{key}", self.prefix))
     }
@@ -303,22 +324,7 @@ impl RemoteStore for ObjectRemote {
     }
 
     fn put_new<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, StoreResult<bool>> {
-        async move {
-            let options = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(&self.path(key), PutPayload::from(bytes), options)
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-                Err(e) => Err(e),
-            }
-        }
-        .boxed()
+        self.put_conditionally(key, bytes, PutMode::Create).boxed()
     }
 
     fn get_versioned<'a>(
@@ -348,22 +354,8 @@ impl RemoteStore for ObjectRemote {
         bytes: Bytes,
         version: UpdateVersion,
     ) -> BoxFuture<'a, StoreResult<bool>> {
-        async move {
-            let options = PutOptions {
-                mode: PutMode::Update(version),
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(&self.path(key), PutPayload::from(bytes), options)
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::Precondition { .. }) => Ok(false),
-                Err(e) => Err(e),
-            }
-        }
-        .boxed()
+        self.put_conditionally(key, bytes, PutMode::Update(version))
+            .boxed()
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>> {
