@@ -179,6 +179,11 @@ struct RunManifestArgs {
     /// jobs, resubmit the lost ones, finish it.
     #[arg(long, value_name = "RUN")]
     attach: Option<String>,
+    /// With `--attach`: adopt the run although its engine's lock stands.
+    /// Only for an engine known dead whose lock outlived it (its login
+    /// node lost, the cache on NFSv3); never while it may still run.
+    #[arg(long, requires = "attach")]
+    take_over: bool,
 }
 
 #[derive(Subcommand)]
@@ -484,7 +489,10 @@ fn run(cache_dir: &Path, args: RunManifestArgs, run_args: RunArgs) -> anyhow::Re
             let info = engine::RunInfo::load(open_cache(cache_dir)?.root(), run_id)?;
             let mut options = run_args.into_options(Path::new("."), info.sets.clone())?;
             options.executor = engine::Executor::Slurm(info.settings);
-            options.attach = Some(run_id.clone());
+            options.attach = Some(engine::Attach {
+                run_id: run_id.clone(),
+                take_over: args.take_over,
+            });
             options.targets = info.targets;
             let sets = info.sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
             (

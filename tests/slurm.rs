@@ -1038,6 +1038,81 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }
 
+/// A helper process stopped by pid when the test ends, failed or not.
+struct KilledOnDrop(Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An engine's lock that outlived it (a login node lost with the cache on
+/// NFSv3 keeps its lock on the server; here another process holds it)
+/// refuses `--attach`, and `--attach --take-over` adopts the run anyway.
+#[test]
+fn take_over_adopts_a_run_whose_dead_engine_left_its_lock() {
+    let slurm = Slurm::start(1);
+    let p = project_with(GATED);
+    let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running, journaled job", || {
+        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = run_id(&p);
+    let lock = p.path(&format!("cache/runs/{run}/engine.lock"));
+    let _stale = KilledOnDrop(
+        Command::new("flock")
+            .arg("--nonblock")
+            .arg(&lock)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock starts"),
+    );
+    wait_until(Duration::from_secs(10), "the stale lock", || {
+        !Command::new("flock")
+            .arg("--nonblock")
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    });
+    let out = output(&p, &slurm, &["run", "--attach", &run]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("alignflow run --attach {run} --take-over")),
+        "{stderr}"
+    );
+    let mut attach = cmd(&p, &slurm, &["run", "--attach", &run, "--take-over"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("alignflow starts");
+    let stderr = stderr_once(&mut attach, "adopt", Duration::from_secs(120));
+    // The taken-over run has an engine's lock again: a second attach is
+    // refused while this one follows the job.
+    let second = output(&p, &slurm, &["run", "--attach", &run]);
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        second_err.contains(&format!("has a live engine (pid {}", attach.id())),
+        "{second_err}"
+    );
+    p.write("go", "");
+    let out = finish(attach, Duration::from_secs(120));
+    let stderr = stderr.join().unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("taking run"), "{stderr}");
+    assert_eq!(
+        stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran"),
+        common::set(&["nap"])
+    );
+    assert_eq!(slurm.calls("sbatch"), 1, "adopted, not submitted again");
+}
+
 /// `--attach` to a run whose engine is alive is refused (two engines would
 /// each retry and cancel its jobs), and leaves the run alone.
 #[test]
@@ -1054,6 +1129,15 @@ fn attach_refuses_a_run_whose_engine_is_alive() {
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains(&format!("run {run} has a live engine (pid {}", child.id())),
+        "{stderr}"
+    );
+    // `--take-over` is for an engine known dead: a live one of this host
+    // keeps its run.
+    let out = output(&p, &slurm, &["run", "--attach", &run, "--take-over"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {} on this host, is alive", child.id())),
         "{stderr}"
     );
     assert!(job_in_state(&slurm, "RUNNING").is_some(), "the job runs on");

@@ -27,7 +27,7 @@ mod worker;
 pub use error::Error;
 pub use lockfile::{lockfile_path, LockedInput, LockedStage, Lockfile, LockfileError};
 pub use node::{stage_exec, JobSpec, NodeOutcome};
-pub use options::{Executor, RunOptions};
+pub use options::{Attach, Executor, RunOptions};
 pub use plan::{
     explain, locked_diff, missing_path_inputs, plan, plan_from_cache, stage_key, stage_seed,
     Action, Plan, PlanContext, PlanRow, PlannedStage, REMOTE_REASON,

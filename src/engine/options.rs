@@ -39,15 +39,24 @@ pub struct RunOptions {
     /// A remote cache read through (and written back to when configured).
     pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
     pub executor: Executor,
-    /// `run --attach RUN`: this run's id, whose submitted jobs are adopted
-    /// instead of submitted again.
-    pub attach: Option<String>,
+    /// `run --attach RUN`: the run whose submitted jobs are adopted instead
+    /// of submitted again.
+    pub attach: Option<Attach>,
     /// `--set` overrides as given (a cluster node loads the manifest with
     /// them).
     pub sets: Vec<(String, String)>,
     /// Trackers named on the command line (`--tensorboard`), over the
     /// manifest's `tracking:`.
     pub tracking: crate::manifest::Tracking,
+}
+
+/// `run --attach RUN [--take-over]`.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    pub run_id: String,
+    /// `--take-over`: adopt the run even though its engine's lock stands
+    /// (the engine is known dead, its lock kept by a lost NFS client).
+    pub take_over: bool,
 }
 
 impl Default for RunOptions {

@@ -147,7 +147,8 @@ fn open_cluster(
     let info = RunInfo {
         run_id: options
             .attach
-            .clone()
+            .as_ref()
+            .map(|a| a.run_id.clone())
             .unwrap_or_else(|| new_run_id(&pipeline.name)),
         manifest: std::path::absolute(&pipeline.file).context("the manifest's path")?,
         sets: options.sets.clone(),
@@ -158,7 +159,7 @@ fn open_cluster(
     Ok(Cluster::open(
         cache.root(),
         &info,
-        options.attach.is_some(),
+        options.attach.as_ref().map(|a| a.take_over),
         stop.clone(),
     )?)
 }

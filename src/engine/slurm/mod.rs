@@ -84,20 +84,21 @@ pub fn new_run_id(pipeline: &str) -> String {
 impl Cluster {
     /// Opens the run `info.run_id` in the cache at `cache_root`: writes
     /// `run.json` for a new run, adopts the unfinished jobs of an attached
-    /// one, and starts polling. Call inside the runtime.
+    /// one (`attach` = `Some(take_over)`), and starts polling. Call inside
+    /// the runtime.
     pub fn open(
         cache_root: &Path,
         info: &RunInfo,
-        attach: bool,
+        attach: Option<bool>,
         stop: CancellationToken,
     ) -> anyhow::Result<Cluster> {
         let dir = run_dir(cache_root, &info.run_id);
-        if !attach {
+        if attach.is_none() {
             info.save(&dir)?;
         }
-        let engine = hold_engine_lock(&dir, &info.run_id)?;
+        let engine = hold_engine_lock(&dir, &info.run_id, attach == Some(true))?;
         let mut adopted = BTreeMap::new();
-        if attach {
+        if attach.is_some() {
             for job in read_jobs(&dir)? {
                 if job.ended.is_none() {
                     adopted.insert(job.fingerprint.clone(), job);
@@ -138,39 +139,85 @@ impl Cluster {
 /// Takes `RUN/engine.lock` for this process (released when it exits, even
 /// killed), and writes who holds it. One engine per run: `--attach` adopts
 /// the jobs of a run whose engine died, never of one that runs (both would
-/// submit, retry and cancel the same jobs).
-fn hold_engine_lock(dir: &Path, run_id: &str) -> anyhow::Result<std::fs::File> {
-    use std::io::{Read, Seek, Write};
+/// submit, retry and cancel the same jobs). `take_over` (`--take-over`)
+/// replaces a lock that outlived its engine with a fresh one, unless its
+/// holder is a live process of this host.
+fn hold_engine_lock(dir: &Path, run_id: &str, take_over: bool) -> anyhow::Result<std::fs::File> {
+    use std::io::Read;
     let path = dir.join("engine.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let mut file = open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut owner = String::new();
             let _ = file.read_to_string(&mut owner);
-            anyhow::bail!(
-                "run {run_id} has a live engine ({}): `--attach` adopts the jobs of a run whose engine died; `alignflow jobs {run_id}` lists this one's",
-                owner.trim()
+            let owner = owner.trim();
+            if !take_over {
+                anyhow::bail!(
+                    "run {run_id} has a live engine ({owner}): `--attach` adopts the jobs of a run whose engine died; `alignflow jobs {run_id}` lists this one's (an engine known dead whose lock outlived it, its login node lost with the cache on NFSv3: `alignflow run --attach {run_id} --take-over`)"
+                );
+            }
+            if let Some(pid) = live_local_holder(owner) {
+                anyhow::bail!(
+                    "run {run_id}: its engine, pid {pid} on this host, is alive; `--take-over` is for an engine known dead"
+                );
+            }
+            tracing::warn!(
+                "taking run {run_id} over from its engine ({owner}), whose lock stands; were that engine alive, both would submit and cancel its jobs"
             );
+            return fresh_engine_lock(&path);
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
-    let owner = format!(
-        "pid {} on {}",
-        std::process::id(),
-        crate::cache::Provenance::here(String::new(), None).host
-    );
+    write_owner(&mut file)?;
+    Ok(file)
+}
+
+fn open_lock_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Who holds the lock, as this engine writes it: `pid P on HOST`.
+fn write_owner(file: &mut std::fs::File) -> anyhow::Result<()> {
+    use std::io::{Seek, Write};
+    let owner = format!("pid {} on {}", std::process::id(), this_host());
     file.set_len(0)?;
     file.rewind()?;
     file.write_all(owner.as_bytes())?;
+    Ok(())
+}
+
+fn this_host() -> String {
+    crate::cache::Provenance::here(String::new(), None).host
+}
+
+/// The holder's pid when `owner` names a process of this host that lives.
+fn live_local_holder(owner: &str) -> Option<u32> {
+    let (pid, host) = owner.strip_prefix("pid ")?.split_once(" on ")?;
+    let pid: u32 = pid.parse().ok()?;
+    let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    (host == this_host() && alive).then_some(pid)
+}
+
+/// A new lock file, locked and written, renamed over `path`: the stale
+/// lock stays on the old file, which no one opens again.
+fn fresh_engine_lock(path: &Path) -> anyhow::Result<std::fs::File> {
+    let fresh = path.with_extension(format!("lock.{}", std::process::id()));
+    let mut file = open_lock_file(&fresh)?;
+    file.try_lock()
+        .with_context(|| format!("locking {}", fresh.display()))?;
+    write_owner(&mut file)?;
+    std::fs::rename(&fresh, path)
+        .with_context(|| format!("renaming {} over {}", fresh.display(), path.display()))?;
     Ok(file)
 }
 
