@@ -6,8 +6,8 @@ model-layer parity tests.
 
 For each of gpt2/, llama_gqa_tied/, llama_untied/, llama31_scaled/,
 llama_linear/, qwen3/, qwen3_yarn/, mistral_window/, qwen2_window/,
-smollm3/, olmo2/, gemma/, gemma2/, gemma3/, phi3_window/, phi35_long/, phi35_short/
-under OUT_DIR:
+smollm3/, olmo2/, gemma/, gemma2/, gemma3/, phi3_window/, phi35_long/, phi35_short/,
+and the Hub-style gemma_gelu/, gemma2_hub/, gemma3_hub/, smollm3_hub/ under OUT_DIR:
   config.json, generation_config.json, model.safetensors   (save_pretrained)
   reference.safetensors   input_ids, attention_mask, position_ids, logits,
                           greedy_ids, greedy_logprobs
@@ -129,6 +129,54 @@ def gemma3_config():
                             })
 
 
+# Hub-style configs: checkpoints published before transformers 5 leave out
+# what their config class derives (`layer_types`, `no_rope_layers`, the
+# Gemma 2 caps, RoPE bases) or spell it the old way. Each fixture below is
+# saved, then its config.json rewritten by the function beside it; build()
+# checks transformers derives the same config from the rewritten file.
+def gemma_gelu_config():
+    # The first Gemma releases said `hidden_act: gelu` for the tanh form.
+    return gemma_config()
+
+
+def gemma_gelu_legacy(cfg):
+    cfg["hidden_act"] = "gelu"
+
+
+THREE = dict(GEMMA, num_hidden_layers=3)
+
+
+def gemma2_hub_config():
+    # Default caps (50, 30) and alternating windows: sliding, full, sliding.
+    return Gemma2Config(**THREE, query_pre_attn_scalar=24, sliding_window=WINDOW)
+
+
+def gemma2_hub_legacy(cfg):
+    for key in ("layer_types", "attn_logit_softcapping", "final_logit_softcapping"):
+        del cfg[key]
+
+
+def gemma3_hub_config():
+    # sliding, sliding, full; default bases 1e4 (sliding) and 1e6 (full).
+    return Gemma3TextConfig(**THREE, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                            sliding_window_pattern=3)
+
+
+def gemma3_hub_legacy(cfg):
+    del cfg["layer_types"], cfg["rope_parameters"]
+    cfg["sliding_window_pattern"] = 3
+
+
+def smollm3_hub_config():
+    # Four layers, the 4th without RoPE; tied, base 2e6, all by default.
+    return SmolLM3Config(**dict(SMALL, num_hidden_layers=4))
+
+
+def smollm3_hub_legacy(cfg):
+    for key in ("no_rope_layers", "layer_types", "rope_parameters", "tie_word_embeddings"):
+        del cfg[key]
+
+
 def phi3_window_config():
     # Fused qkv_proj and gate_up_proj; a window on every layer (Phi-3 mini 4k).
     return Phi3Config(**SMALL, sliding_window=WINDOW, tie_word_embeddings=False)
@@ -174,7 +222,32 @@ MODELS = [
     ("phi3_window", Phi3ForCausalLM, phi3_window_config),
     ("phi35_long", Phi3ForCausalLM, lambda: phi35_longrope_config(8)),
     ("phi35_short", Phi3ForCausalLM, lambda: phi35_longrope_config(32)),
+    ("gemma_gelu", GemmaForCausalLM, gemma_gelu_config, gemma_gelu_legacy),
+    ("gemma2_hub", Gemma2ForCausalLM, gemma2_hub_config, gemma2_hub_legacy),
+    ("gemma3_hub", Gemma3ForCausalLM, gemma3_hub_config, gemma3_hub_legacy),
+    ("smollm3_hub", SmolLM3ForCausalLM, smollm3_hub_config, smollm3_hub_legacy),
 ]
+
+# What the rewritten config.json must still mean.
+DERIVED = ("layer_types", "rope_parameters", "no_rope_layers", "tie_word_embeddings",
+           "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+           "hidden_act", "hidden_activation", "query_pre_attn_scalar")
+
+
+def rewrite_config(out, cls, cfg, legacy):
+    """Rewrites OUT/config.json by `legacy` and checks transformers reads
+    it back as `cfg`."""
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        written = json.load(f)
+    legacy(written)
+    with open(path, "w") as f:
+        json.dump(written, f, indent=2)
+    again = type(cfg).from_pretrained(out)
+    for key in DERIVED:
+        assert getattr(again, key, None) == getattr(cfg, key, None), \
+            f"{out}: {key} reads back as {getattr(again, key, None)}, not {getattr(cfg, key, None)}"
+    assert cls(again).state_dict().keys() == cls(cfg).state_dict().keys()
 
 
 def unscaled_logits_diff(model, cfg, ids, mask, pos):
@@ -244,7 +317,7 @@ def save_model(model, out):
     assert os.path.isfile(os.path.join(out, "model.safetensors")), "no model.safetensors written"
 
 
-def build(name, cls, make_cfg, root):
+def build(name, cls, make_cfg, root, legacy=None):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     cfg = make_cfg()
@@ -252,6 +325,8 @@ def build(name, cls, make_cfg, root):
     perturb_norms(model, gen)
     out = os.path.join(root, name)
     save_model(model, out)
+    if legacy:
+        rewrite_config(out, cls, cfg, legacy)
 
     ids, mask = make_batch(gen, cfg.vocab_size, cfg.pad_token_id)
     pos = position_ids_from_mask(mask)
@@ -336,8 +411,8 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
-    for name, cls, make_cfg in MODELS:
-        build(name, cls, make_cfg, root)
+    for name, cls, make_cfg, *legacy in MODELS:
+        build(name, cls, make_cfg, root, *legacy)
 
 
 if __name__ == "__main__":

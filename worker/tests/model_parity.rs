@@ -20,8 +20,12 @@ use tch::{Device, Kind, Tensor};
 /// sublayer, soft-capped scores and logits, alternating 4-key windows) and
 /// Gemma 3 (q/k norms, local and global RoPE bases); Phi-3 (fused
 /// `qkv_proj` and `gate_up_proj`, a window on every layer) and Phi-3.5's
-/// LongRoPE on its long and its short factors.
-const MODELS: [&str; 17] = [
+/// LongRoPE on its long and its short factors; and Hub-style configs that
+/// leave to their family's defaults what transformers 5 spells out: Gemma
+/// saying `gelu`, Gemma 2 without `layer_types` or caps, Gemma 3 with
+/// `sliding_window_pattern` and no RoPE bases, SmolLM3 without
+/// `no_rope_layers`, RoPE base or `tie_word_embeddings`.
+const MODELS: [&str; 21] = [
     "gpt2",
     "llama_gqa_tied",
     "llama_untied",
@@ -39,6 +43,10 @@ const MODELS: [&str; 17] = [
     "phi3_window",
     "phi35_long",
     "phi35_short",
+    "gemma_gelu",
+    "gemma2_hub",
+    "gemma3_hub",
+    "smollm3_hub",
 ];
 
 fn repo() -> PathBuf {

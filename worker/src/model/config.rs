@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::rope::Rope;
+use super::rope::{Rope, ThetaDefaults};
 
 /// The supported architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +145,6 @@ struct RawConfig {
     // Gemma spellings.
     hidden_activation: Option<String>,
     query_pre_attn_scalar: Option<f64>,
-    attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     use_bidirectional_attention: Option<bool>,
     head_dim: Option<i64>,
@@ -153,8 +152,9 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     // Sliding-window attention: Mistral (every layer), Qwen2/Qwen3
     // (`use_sliding_window` from `max_window_layers` on), `layer_types`.
+    // (`sliding_window` and the score cap are read from the JSON itself:
+    // an absent key takes the family's default, an explicit null none.)
     use_sliding_window: Option<bool>,
-    sliding_window: Option<i64>,
     max_window_layers: Option<i64>,
     layer_types: Option<Vec<String>>,
     // SmolLM3: 1 where a layer uses RoPE, 0 where it does not.
@@ -183,17 +183,104 @@ fn token_id(v: &Option<Value>) -> Option<i64> {
     }
 }
 
+/// What transformers 5's config class of a family assumes for a key its
+/// `config.json` leaves out (Hub configs written before transformers 5
+/// often do: Gemma 2 and 3 without `layer_types`, SmolLM3 without
+/// `no_rope_layers`).
+struct FamilyDefaults {
+    rms_norm_eps: f64,
+    tie_word_embeddings: bool,
+    max_positions: i64,
+    theta: ThetaDefaults,
+    /// `sliding_window` when the key is absent (an explicit null stays none).
+    sliding_window: Option<i64>,
+}
+
+fn family_defaults(model_type: &str) -> FamilyDefaults {
+    let base = FamilyDefaults {
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: false,
+        max_positions: 2048,
+        theta: ThetaDefaults {
+            global: 10000.0,
+            local: None,
+        },
+        sliding_window: None,
+    };
+    match model_type {
+        "mistral" => FamilyDefaults {
+            max_positions: 131_072,
+            sliding_window: Some(4096),
+            ..base
+        },
+        "qwen2" | "qwen3" => FamilyDefaults {
+            max_positions: 32_768,
+            sliding_window: Some(4096),
+            ..base
+        },
+        "smollm3" => FamilyDefaults {
+            tie_word_embeddings: true,
+            max_positions: 32_768,
+            theta: ThetaDefaults {
+                global: 2e6,
+                local: None,
+            },
+            ..base
+        },
+        "olmo2" => FamilyDefaults {
+            rms_norm_eps: 1e-5,
+            ..base
+        },
+        "phi3" => FamilyDefaults {
+            rms_norm_eps: 1e-5,
+            max_positions: 4096,
+            ..base
+        },
+        "gemma" => FamilyDefaults {
+            tie_word_embeddings: true,
+            max_positions: 8192,
+            ..base
+        },
+        "gemma2" => FamilyDefaults {
+            tie_word_embeddings: true,
+            max_positions: 8192,
+            sliding_window: Some(4096),
+            ..base
+        },
+        "gemma3_text" => FamilyDefaults {
+            tie_word_embeddings: true,
+            max_positions: 131_072,
+            theta: ThetaDefaults {
+                global: 1e6,
+                local: Some(10000.0),
+            },
+            sliding_window: Some(4096),
+            ..base
+        },
+        _ => base,
+    }
+}
+
+/// A key of `raw` when present: `Some(None)` for an explicit null.
+fn present(raw: &Value, key: &str) -> Option<Option<f64>> {
+    raw.get(key).map(Value::as_f64)
+}
+
 /// The Llama-family configs: Llama, Mistral, Qwen2 (qkv bias) and Qwen3
 /// (q/k norm, explicit `head_dim`). Keys that would change the math and
 /// are not implemented are refused by name.
 fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<ModelConfig> {
     let gemma = model_type.starts_with("gemma");
+    let defaults = family_defaults(model_type);
     // Gemma 2/3 name it `hidden_activation`; Gemma and the rest `hidden_act`.
     let act = c.hidden_activation.as_ref().or(c.hidden_act.as_ref());
     let activation = match act.map(String::as_str) {
         None if gemma => Activation::GeluTanh,
         None | Some("silu") => Activation::Silu,
         Some("gelu_pytorch_tanh") if gemma => Activation::GeluTanh,
+        // The first Gemma releases say `gelu` and mean its tanh
+        // approximation; GemmaConfig rewrites it so.
+        Some("gelu") if model_type == "gemma" => Activation::GeluTanh,
         Some(other) => anyhow::bail!(
             "activation `{other}` is not supported (silu; gelu_pytorch_tanh for Gemma)"
         ),
@@ -230,21 +317,37 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         heads % kv == 0,
         "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
     );
-    let max_positions = c.max_position_embeddings.unwrap_or(2048);
+    let max_positions = c.max_position_embeddings.unwrap_or(defaults.max_positions);
     let num_layers = c.num_hidden_layers.context("num_hidden_layers")?;
-    let layer_windows = layer_windows(c, model_type, num_layers)?;
-    let (rope, local_rope) = Rope::per_layer_type(&raw, max_positions)?;
+    let (rope, local_rope) = Rope::per_layer_type(&raw, max_positions, defaults.theta)?;
     rope.check_dim(head_dim)?;
-    let layer_rope = match &c.no_rope_layers {
-        Some(flags) if model_type == "smollm3" => {
-            anyhow::ensure!(
-                flags.len() == num_layers as usize,
-                "no_rope_layers has {} entries for {num_layers} layers",
-                flags.len()
-            );
-            flags.iter().map(|&f| f != 0).collect()
-        }
-        _ => vec![true; num_layers as usize],
+    let layer_rope = layer_rope(c, &raw, model_type, num_layers)?;
+    let sliding_window = match present(&raw, "sliding_window") {
+        Some(window) => window.map(|w| w as i64),
+        None => defaults.sliding_window,
+    };
+    let layer_windows =
+        layer_windows(c, &raw, model_type, num_layers, sliding_window, &layer_rope)?;
+    // Gemma 2 caps scores at 50 and logits at 30 unless told otherwise
+    // (an explicit null turns a cap off).
+    let softcap = |key: &str, default: f64| match present(&raw, key) {
+        Some(cap) => cap,
+        None => Some(default),
+    };
+    let (attn_softcap, final_softcap) = match model_type {
+        "gemma2" => (
+            softcap("attn_logit_softcapping", 50.0),
+            softcap("final_logit_softcapping", 30.0),
+        ),
+        _ if gemma => (None, c.final_logit_softcapping),
+        _ => (None, None),
+    };
+    // Gemma 2 and 3 scale scores by `query_pre_attn_scalar` (256 by
+    // default), Gemma by `head_dim`.
+    let attn_scalar = match model_type {
+        "gemma2" | "gemma3_text" => Some(c.query_pre_attn_scalar.unwrap_or(256.0)),
+        "gemma" => c.query_pre_attn_scalar,
+        _ => None,
     };
     // Qwen2 has q/k/v biases and no others, whatever the config says;
     // Llama and Qwen3 put `attention_bias` on all four projections.
@@ -266,22 +369,21 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
         head_dim,
         intermediate_size: c.intermediate_size.context("intermediate_size")?,
         max_positions,
-        norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+        norm_eps: c.rms_norm_eps.unwrap_or(defaults.rms_norm_eps),
         rope: Some(rope),
         local_rope,
         activation,
         fused_projections: model_type == "phi3",
         gemma: GemmaVariant {
             embed_scale: gemma.then(|| (hidden as f64).sqrt()),
-            attn_scale: c
-                .query_pre_attn_scalar
-                .filter(|_| gemma)
-                .map(|s| s.powf(-0.5)),
-            attn_softcap: c.attn_logit_softcapping.filter(|_| model_type == "gemma2"),
-            final_softcap: c.final_logit_softcapping.filter(|_| gemma),
+            attn_scale: attn_scalar.map(|s| s.powf(-0.5)),
+            attn_softcap,
+            final_softcap,
             norm_unit_offset: gemma,
         },
-        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(gemma),
+        tie_word_embeddings: c
+            .tie_word_embeddings
+            .unwrap_or(defaults.tie_word_embeddings),
         qkv_bias,
         o_bias,
         qk_norm: match model_type {
@@ -319,22 +421,58 @@ pub const LLAMA_FAMILY: [&str; 10] = [
     "phi3",
 ];
 
-/// Each layer's sliding window: Mistral's and Phi-3's `sliding_window` on every layer;
-/// else `layer_types` (transformers 5 spells every family's choice out
-/// there), else Qwen's `use_sliding_window` from `max_window_layers` on.
-fn layer_windows(
+/// Per layer: whether RoPE rotates it. SmolLM3 leaves it out where
+/// `no_rope_layers` says 0, by default every `no_rope_layer_interval`-th
+/// layer (4); every other family rotates every layer.
+fn layer_rope(
     c: &RawConfig,
+    raw: &Value,
     model_type: &str,
     num_layers: i64,
+) -> anyhow::Result<Vec<bool>> {
+    let n = num_layers as usize;
+    if model_type != "smollm3" {
+        return Ok(vec![true; n]);
+    }
+    match &c.no_rope_layers {
+        Some(flags) => {
+            anyhow::ensure!(
+                flags.len() == n,
+                "no_rope_layers has {} entries for {num_layers} layers",
+                flags.len()
+            );
+            Ok(flags.iter().map(|&f| f != 0).collect())
+        }
+        None => {
+            let every = raw
+                .get("no_rope_layer_interval")
+                .and_then(Value::as_i64)
+                .unwrap_or(4);
+            anyhow::ensure!(every > 0, "no_rope_layer_interval {every} is not positive");
+            Ok((0..num_layers).map(|i| (i + 1) % every != 0).collect())
+        }
+    }
+}
+
+/// Each layer's sliding window: Mistral's and Phi-3's `sliding_window` on
+/// every layer; else `layer_types` (transformers 5 spells every family's
+/// choice out there); else as each config class derives `layer_types`:
+/// Gemma 2 alternates (sliding first), Gemma 3 slides on all but every
+/// `sliding_window_pattern`-th layer (6), SmolLM3 slides on its layers
+/// without RoPE when `use_sliding_window`, Qwen from `max_window_layers` on.
+fn layer_windows(
+    c: &RawConfig,
+    raw: &Value,
+    model_type: &str,
+    num_layers: i64,
+    sliding_window: Option<i64>,
+    layer_rope: &[bool],
 ) -> anyhow::Result<Vec<Option<i64>>> {
     let n = num_layers as usize;
-    let window = || {
-        c.sliding_window
-            .context("sliding_attention layers need `sliding_window`")
-    };
+    let window = || sliding_window.context("sliding_attention layers need `sliding_window`");
     // Their models slide the window on every layer whenever it is set.
     if model_type == "mistral" || model_type == "phi3" {
-        return Ok(vec![c.sliding_window; n]);
+        return Ok(vec![sliding_window; n]);
     }
     if let Some(types) = &c.layer_types {
         anyhow::ensure!(
@@ -353,12 +491,30 @@ fn layer_windows(
             })
             .collect();
     }
-    if c.use_sliding_window == Some(true) {
-        let from = c.max_window_layers.unwrap_or(28);
-        let w = window()?;
-        return Ok((0..num_layers).map(|i| (i >= from).then_some(w)).collect());
-    }
-    Ok(vec![None; n])
+    let sliding: Vec<bool> = match model_type {
+        "gemma2" => (0..n).map(|i| (i + 1) % 2 != 0).collect(),
+        "gemma3_text" => {
+            let every = raw
+                .get("sliding_window_pattern")
+                .and_then(Value::as_i64)
+                .unwrap_or(6);
+            anyhow::ensure!(every > 0, "sliding_window_pattern {every} is not positive");
+            (0..num_layers).map(|i| (i + 1) % every != 0).collect()
+        }
+        "smollm3" => {
+            let on = c.use_sliding_window == Some(true) && sliding_window.is_some();
+            layer_rope.iter().map(|&rope| on && !rope).collect()
+        }
+        _ if c.use_sliding_window == Some(true) => {
+            let from = c.max_window_layers.unwrap_or(28);
+            (0..num_layers).map(|i| i >= from).collect()
+        }
+        _ => vec![false; n],
+    };
+    sliding
+        .into_iter()
+        .map(|slides| if slides { window().map(Some) } else { Ok(None) })
+        .collect()
 }
 
 impl ModelConfig {
@@ -589,6 +745,94 @@ mod tests {
         let mistral = ModelConfig::from_json(mistral).unwrap();
         assert_eq!(mistral.layer_windows, [Some(16), Some(16)]);
         assert_eq!(qwen3(json!({})).unwrap().layer_windows, [None, None]);
+    }
+
+    /// A config of `model_type` with only the keys no family defaults,
+    /// plus `extra`.
+    fn bare(model_type: &str, layers: i64, extra: Value) -> ModelConfig {
+        let mut raw = json!({
+            "model_type": model_type, "vocab_size": 96, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "head_dim": 8,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            raw[k] = v.clone();
+        }
+        ModelConfig::from_json(raw).unwrap()
+    }
+
+    /// transformers 5's config classes' defaults (checked against
+    /// `Phi3Config()`, `Gemma3TextConfig()`... of transformers 5.23).
+    #[test]
+    fn absent_keys_take_their_familys_defaults() {
+        let phi3 = bare("phi3", 2, json!({}));
+        assert_eq!(
+            (phi3.norm_eps, phi3.max_positions, phi3.tie_word_embeddings),
+            (1e-5, 4096, false)
+        );
+        assert_eq!(phi3.layer_windows, [None, None]);
+        assert_eq!(bare("olmo2", 2, json!({})).norm_eps, 1e-5);
+        let llama = bare("llama", 2, json!({}));
+        assert_eq!((llama.norm_eps, llama.max_positions), (1e-6, 2048));
+        assert_eq!(llama.rope.as_ref().unwrap().theta, 1e4);
+        // Mistral slides 4096 keys unless the key is null (v0.2 on).
+        assert_eq!(bare("mistral", 2, json!({})).layer_windows, [Some(4096); 2]);
+        let unwindowed = bare("mistral", 2, json!({"sliding_window": null}));
+        assert_eq!(unwindowed.layer_windows, [None, None]);
+        let qwen = bare(
+            "qwen2",
+            2,
+            json!({"use_sliding_window": true, "max_window_layers": 1}),
+        );
+        assert_eq!(qwen.layer_windows, [None, Some(4096)]);
+        assert_eq!(qwen.max_positions, 32_768);
+        // SmolLM3: no RoPE on every 4th layer, which slides when asked to.
+        let smol = bare("smollm3", 4, json!({}));
+        assert_eq!(smol.layer_rope, [true, true, true, false]);
+        assert_eq!(smol.rope.as_ref().unwrap().theta, 2e6);
+        assert!(smol.tie_word_embeddings);
+        assert_eq!(smol.layer_windows, [None; 4]);
+        let sliding = bare(
+            "smollm3",
+            4,
+            json!({"use_sliding_window": true, "sliding_window": 8}),
+        );
+        assert_eq!(sliding.layer_windows, [None, None, None, Some(8)]);
+        // Gemma 2: alternating windows, scores capped at 50, logits at 30.
+        let g2 = bare("gemma2", 3, json!({}));
+        assert_eq!(g2.layer_windows, [Some(4096), None, Some(4096)]);
+        assert_eq!(
+            (g2.gemma.attn_softcap, g2.gemma.final_softcap),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(g2.gemma.attn_scale, Some(1.0 / 16.0));
+        assert!(g2.tie_word_embeddings);
+        let uncapped = bare(
+            "gemma2",
+            2,
+            json!({"attn_logit_softcapping": null, "final_logit_softcapping": null}),
+        );
+        assert_eq!(
+            (uncapped.gemma.attn_softcap, uncapped.gemma.final_softcap),
+            (None, None)
+        );
+        // Gemma 3: five sliding layers in six, bases 1e4 (local) and 1e6.
+        let g3 = bare("gemma3_text", 7, json!({"sliding_window": 512}));
+        let w = Some(512);
+        assert_eq!(g3.layer_windows, [w, w, w, w, w, None, w]);
+        assert_eq!(g3.rope.as_ref().unwrap().theta, 1e6);
+        assert_eq!(g3.local_rope.as_ref().unwrap().theta, 1e4);
+        let hub = bare(
+            "gemma3_text",
+            4,
+            json!({"sliding_window_pattern": 2, "rope_theta": 5e5, "rope_local_base_freq": 2e4}),
+        );
+        assert_eq!(hub.layer_windows, [Some(4096), None, Some(4096), None]);
+        assert_eq!(hub.rope.as_ref().unwrap().theta, 5e5);
+        assert_eq!(hub.local_rope.as_ref().unwrap().theta, 2e4);
+        // The first Gemma releases' `gelu` is the tanh form.
+        let gelu = bare("gemma", 2, json!({"hidden_act": "gelu"}));
+        assert!(matches!(gelu.activation, Activation::GeluTanh));
     }
 
     #[test]

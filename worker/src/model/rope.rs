@@ -71,6 +71,16 @@ fn required(params: &Map<String, Value>, key: &str, kind: &str) -> anyhow::Resul
     number(params, key)?.with_context(|| format!("rope_type `{kind}` needs `{key}`"))
 }
 
+/// A family's RoPE bases where its config names none (transformers'
+/// config class defaults): SmolLM3 2e6, Gemma 3 1e6 on full-attention
+/// layers and 1e4 on sliding ones, 1e4 elsewhere.
+#[derive(Debug, Clone, Copy)]
+pub struct ThetaDefaults {
+    pub global: f64,
+    /// The sliding layers' own base, for the families that have one.
+    pub local: Option<f64>,
+}
+
 impl Rope {
     /// Reads the RoPE settings of a `config.json` as transformers'
     /// `convert_rope_params_to_dict` does: `rope_scaling` wins over
@@ -87,14 +97,19 @@ impl Rope {
                 source.unwrap_or("rope_parameters")
             );
         }
-        Self::from_params(raw, &params, max_positions)
+        Self::from_params(raw, &params, max_positions, 10000.0)
     }
 
     /// The rotary embedding of full-attention layers and, when it differs,
     /// of sliding-window layers: `rope_parameters` nested per layer type
     /// (transformers 5's Gemma 3), or Gemma 3's older `rope_local_base_freq`
-    /// (a plain RoPE of that base for the sliding layers).
-    pub fn per_layer_type(raw: &Value, max_positions: i64) -> anyhow::Result<(Rope, Option<Rope>)> {
+    /// (a plain RoPE of that base for the sliding layers). `theta` holds
+    /// the family's bases where the config names none.
+    pub fn per_layer_type(
+        raw: &Value,
+        max_positions: i64,
+        theta: ThetaDefaults,
+    ) -> anyhow::Result<(Rope, Option<Rope>)> {
         let (source, params) = Self::params(raw)?;
         if params.values().any(Value::is_object) {
             let of = |kind: &str| -> anyhow::Result<Rope> {
@@ -107,7 +122,11 @@ impl Rope {
                             source.unwrap_or("rope_parameters")
                         )
                     })?;
-                Self::from_params(raw, nested, max_positions)
+                let default = match kind {
+                    "sliding_attention" => theta.local.unwrap_or(theta.global),
+                    _ => theta.global,
+                };
+                Self::from_params(raw, nested, max_positions, default)
             };
             if let Some(other) = params
                 .keys()
@@ -117,14 +136,15 @@ impl Rope {
             }
             return Ok((of("full_attention")?, Some(of("sliding_attention")?)));
         }
-        let full = Self::from_params(raw, &params, max_positions)?;
-        let local = match raw.get("rope_local_base_freq").and_then(Value::as_f64) {
-            Some(theta) => Some(Rope {
+        let full = Self::from_params(raw, &params, max_positions, theta.global)?;
+        let local = raw
+            .get("rope_local_base_freq")
+            .and_then(Value::as_f64)
+            .or(theta.local)
+            .map(|theta| Rope {
                 theta,
                 scaling: Scaling::None,
-            }),
-            None => None,
-        };
+            });
         Ok((full, local))
     }
 
@@ -150,6 +170,7 @@ impl Rope {
         raw: &Value,
         params: &Map<String, Value>,
         max_positions: i64,
+        default_theta: f64,
     ) -> anyhow::Result<Rope> {
         let partial = number(&params, "partial_rotary_factor")?
             .or(raw.get("partial_rotary_factor").and_then(Value::as_f64));
@@ -160,7 +181,7 @@ impl Rope {
         }
         let theta = number(&params, "rope_theta")?
             .or(raw.get("rope_theta").and_then(Value::as_f64))
-            .unwrap_or(10000.0);
+            .unwrap_or(default_theta);
         let kind = params
             .get("rope_type")
             .or(params.get("type"))
