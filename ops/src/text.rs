@@ -21,8 +21,16 @@ impl Tokenizer {
     /// `tokenizer_config.json` when present.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", path.display()))?;
+        // A tokenizer.json saved after a truncating or padding call keeps
+        // those settings, and the library applies them to every encode;
+        // transformers turns both off for a plain call, and so do we
+        // (prompts are cut where a stage decides, batches padded by it).
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        inner.with_padding(None);
         let config: serde_json::Value =
             match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
                 Ok(text) => serde_json::from_str(&text)
@@ -128,4 +136,36 @@ pub fn token_text(value: &serde_json::Value) -> Option<&str> {
 /// Fills a prompt template: `{prompt}` is replaced by the prompt.
 pub fn apply_template(template: &str, prompt: &str) -> String {
     template.replace("{prompt}", prompt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer.json that says to truncate to 2 tokens and
+    /// pad to 8, as one saved after such a call does.
+    const TRUNCATING: &str = r#"{
+      "version": "1.0",
+      "truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0},
+      "padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                  "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+      "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+      "post_processor": null, "decoder": null,
+      "model": {"type": "WordLevel", "unk_token": "[UNK]",
+                "vocab": {"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3, "c": 4, "d": 5}}
+    }"#;
+
+    #[test]
+    fn the_files_truncation_and_padding_are_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), TRUNCATING).unwrap();
+        let raw = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            raw.encode("a b c d", false).unwrap().get_ids(),
+            [2, 3, 0, 0, 0, 0, 0, 0]
+        );
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        assert_eq!(tok.encode("a b c d").unwrap(), [2, 3, 4, 5]);
+        assert_eq!(tok.encode_start("a b c").unwrap(), [2, 3, 4]);
+    }
 }
