@@ -99,7 +99,8 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(Serde(v))))
             .collect();
-        context.insert("messages".into(), Value::from(Serde(messages)));
+        let messages = as_transformers_passes(messages);
+        context.insert("messages".into(), Value::from(Serde(&messages)));
         context.insert("add_generation_prompt".into(), add_generation_prompt.into());
         context.insert("tools".into(), Value::from(()));
         context.insert("documents".into(), Value::from(()));
@@ -109,6 +110,43 @@ impl ChatTemplate {
             .map_err(|e| ChatTemplateError::Render(describe(&e)))?;
         Ok(strip_generation_marks(&raw))
     }
+}
+
+/// The names a message's reasoning comes under; templates read the first.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// `messages` as transformers' `apply_chat_template` hands them to a
+/// template: keys whose value is null dropped (data exported with a mixed
+/// schema carries `tool_calls: null`, on which Llama 3.1's template fails
+/// and others print "None"), and a reasoning trace given as `thinking` or
+/// `reasoning` also under `reasoning_content` (Qwen3's) and `thinking`
+/// (gpt-oss's).
+fn as_transformers_passes(messages: &serde_json::Value) -> serde_json::Value {
+    let Some(list) = messages.as_array() else {
+        return messages.clone();
+    };
+    let message = |m: &serde_json::Value| {
+        let Some(fields) = m.as_object() else {
+            return m.clone();
+        };
+        let mut fields: serde_json::Map<String, serde_json::Value> = fields
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let reasoning = REASONING_FIELDS
+            .iter()
+            .find_map(|key| fields.get(*key))
+            .cloned();
+        if let Some(reasoning) = reasoning {
+            fields
+                .entry("thinking")
+                .or_insert_with(|| reasoning.clone());
+            fields.insert("reasoning_content".into(), reasoning);
+        }
+        serde_json::Value::Object(fields)
+    };
+    serde_json::Value::Array(list.iter().map(message).collect())
 }
 
 impl Rendered {
@@ -314,6 +352,25 @@ mod tests {
         assert_eq!(r.assistant, vec![23..28]);
         let chars: Vec<char> = r.text.chars().collect();
         assert_eq!(chars[23..28].iter().collect::<String>(), "wörld");
+    }
+
+    #[test]
+    fn null_keys_are_dropped_and_reasoning_is_aliased_as_transformers_does() {
+        // Llama 3.1's test for tool calls, which fails on a null value.
+        let source = "{% for m in messages %}{% if 'tool_calls' in m %}{{ m.tool_calls | length }}{% endif %}{{ m.role }}[{{ m.reasoning_content }}|{{ m.thinking }}]{{ m.content }};{% endfor %}";
+        let r = render(
+            source,
+            serde_json::json!([
+                {"role": "user", "content": "hi", "tool_calls": null},
+                {"role": "assistant", "content": "yes", "reasoning": "think"},
+                {"role": "assistant", "content": "no", "thinking": "a", "reasoning_content": "b"}
+            ]),
+            false,
+        );
+        assert_eq!(
+            r.text,
+            "user[|]hi;assistant[think|think]yes;assistant[b|a]no;"
+        );
     }
 
     #[test]
