@@ -625,7 +625,7 @@ impl Model {
                 config["num_labels"] = 1.into();
                 config["id2label"] = serde_json::json!({"0": "LABEL_0"});
                 config["label2id"] = serde_json::json!({"LABEL_0": 0});
-                config["pad_token_id"] = self.lm.cfg.pad_id().into();
+                config["pad_token_id"] = self.reward_pad_id().into();
                 classifier
             }
             _ => causal,
@@ -640,6 +640,43 @@ impl Model {
             copy_tokenizer(src, dir)?;
         }
         Ok(())
+    }
+}
+
+impl Model {
+    /// The `pad_token_id` a saved reward model names. transformers'
+    /// `*ForSequenceClassification` scores a row's last token that is not
+    /// this id, and a preference model reads its reward at the EOS it
+    /// appends: a pad id equal to that EOS (Qwen2.5's config, which names
+    /// no pad, would fall back to `<|im_end|>`) has transformers score the
+    /// token before it. So: the tokenizer's own pad token when it is
+    /// another token than EOS (Qwen's `<|endoftext|>`), else the config's,
+    /// else EOS, warned about.
+    fn reward_pad_id(&self) -> i64 {
+        let tokenizer = self
+            .source
+            .as_deref()
+            .filter(|src| src.join("tokenizer.json").exists())
+            .and_then(|src| alignflow_ops::text::Tokenizer::from_dir(src).ok());
+        let eos = tokenizer
+            .as_ref()
+            .and_then(|t| t.eos_id)
+            .map(i64::from)
+            .or(self.lm.cfg.eos_token_id);
+        let candidates = [
+            tokenizer.as_ref().and_then(|t| t.pad_id).map(i64::from),
+            self.lm.cfg.pad_token_id,
+        ];
+        if let Some(pad) = candidates.into_iter().flatten().find(|&p| Some(p) != eos) {
+            return pad;
+        }
+        let pad = self.lm.cfg.pad_id();
+        if Some(pad) == eos {
+            tracing::warn!(
+                "the saved reward model's pad_token_id is its EOS ({pad}), the token its reward is read at: transformers' ForSequenceClassification scores the last token that is not the pad, the one before an appended EOS; give the tokenizer a pad token of its own (tokenizer_config.json `pad_token`) for the scores to agree"
+            );
+        }
+        pad
     }
 }
 
@@ -738,4 +775,47 @@ pub fn device(spec: &str) -> anyhow::Result<Device> {
             Device::Cuda(n)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer whose EOS is `</s>` (2), with or without a
+    /// pad token of its own (`<pad>`, 0).
+    fn tokenizer_folder(dir: &Path, pad: Option<&str>) {
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "unk_token": "<unk>",
+                      "vocab": {"<pad>": 0, "<unk>": 1, "</s>": 2, "a": 3}}
+        });
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        let mut config = serde_json::json!({"eos_token": "</s>"});
+        if let Some(pad) = pad {
+            config["pad_token"] = pad.into();
+        }
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    }
+
+    fn saved_pad_id(pad: Option<&str>) -> serde_json::Value {
+        let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tokenizer_folder(src.path(), pad);
+        // config.json names EOS 2 and no pad, as Qwen2.5's does.
+        let cfg = ModelConfig::from_json(ModelConfig::llama_json(8, 16, 16, 1, 2, 2, 32, 2, false))
+            .unwrap();
+        let mut model = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Reward));
+        model.source = Some(src.path().to_path_buf());
+        model.save(out.path()).unwrap();
+        let text = std::fs::read_to_string(out.path().join("config.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["pad_token_id"].clone()
+    }
+
+    #[test]
+    fn a_saved_reward_model_pads_with_a_token_other_than_its_eos() {
+        assert_eq!(saved_pad_id(Some("<pad>")), 0);
+        // Nothing else to name: EOS, warned about.
+        assert_eq!(saved_pad_id(None), 2);
+    }
 }
