@@ -240,22 +240,64 @@ fn strip_generation_marks(raw: &str) -> Rendered {
     Rendered { text, assistant }
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: `", "`
-/// and `": "` between items without indent, no HTML escaping (Jinja's own
-/// `tojson` escapes `<`, `>`, `&` and `'`).
+/// transformers' `tojson`, Python's `json.dumps(value, ensure_ascii=False,
+/// indent=None, separators=None)` with those keywords: `", "` and `": "`
+/// between items without indent, no HTML escaping (Jinja's own `tojson`
+/// escapes `<`, `>`, `&` and `'`). Keys come sorted whatever `sort_keys`
+/// says: the data's maps are read in key order.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let _sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    let separators = match separators.as_deref() {
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(other) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "tojson: separators must be two strings, not {}",
+                    other.len()
+                ),
+            ))
+        }
+    };
     let json = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let _ = sort_keys; // serde_json's maps are ordered by key already
     let mut out = String::new();
-    write_python_json(&json, indent, 0, &mut out);
+    write_python_json(&json, indent, &separators, 0, &mut out);
+    if ensure_ascii == Some(true) {
+        out = escape_non_ascii(&out);
+    }
     Ok(Value::from_safe_string(out))
 }
 
-fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+/// `\uXXXX` (UTF-16, lower-case hex, as Python writes it) for every
+/// character beyond ASCII; only strings hold such characters.
+fn escape_non_ascii(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+fn write_python_json(
+    v: &serde_json::Value,
+    indent: Option<usize>,
+    separators: &(String, String),
+    depth: usize,
+    out: &mut String,
+) {
     use serde_json::Value as J;
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
@@ -263,7 +305,7 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
             out.push_str(&" ".repeat(n * depth));
         }
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
+    let (item_sep, key_sep) = (separators.0.as_str(), separators.1.as_str());
     match v {
         J::Array(items) if !items.is_empty() => {
             out.push('[');
@@ -272,7 +314,7 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                write_python_json(item, indent, depth + 1, out);
+                write_python_json(item, indent, separators, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');
@@ -285,8 +327,8 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
                 }
                 newline(out, depth + 1);
                 out.push_str(&serde_json::to_string(k).expect("a string serialises"));
-                out.push_str(": ");
-                write_python_json(item, indent, depth + 1, out);
+                out.push_str(key_sep);
+                write_python_json(item, indent, separators, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');
@@ -389,6 +431,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("System role not supported"), "{err}");
+    }
+
+    #[test]
+    fn tojson_takes_pythons_separators_and_ensure_ascii() {
+        let r = render(
+            "{{ messages | tojson(separators=(',', ':'), ensure_ascii=true) }}",
+            serde_json::json!([{"content": "é🦀\n", "k": [1, 2]}]),
+            false,
+        );
+        // json.dumps([{"content": "é🦀\n", "k": [1, 2]}], separators=(",", ":"), ensure_ascii=True)
+        assert_eq!(r.text, r#"[{"content":"\u00e9\ud83e\udd80\n","k":[1,2]}]"#);
     }
 
     #[test]
