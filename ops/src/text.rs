@@ -5,6 +5,44 @@ use std::path::Path;
 
 use anyhow::Context;
 
+/// What transformers 5 makes of a `LlamaTokenizer` (Llama 2, Mistral,
+/// Phi-3, TinyLlama): whatever tokenizer.json says, no normalizer and a
+/// Metaspace pre-tokenizer that puts `▁` before the text's first word only
+/// (`legacy: true` in tokenizer_config.json: before every word after a
+/// special token too; `add_prefix_space: false`: never). The legacy files'
+/// normalizer prepends `▁` to every piece between special tokens, so that
+/// `[INST] hi` became `[INST]`, `▁`, `▁hi`, where transformers 5 (and
+/// SentencePiece) read `[INST]`, `▁hi`.
+fn as_transformers_llama_tokenizer(
+    tokenizer: &mut tokenizers::Tokenizer,
+    config: &serde_json::Value,
+) -> tokenizers::Result<()> {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip, DecoderWrapper,
+    };
+    use tokenizers::normalizers::{NormalizerWrapper, Replace};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let prefix_space = config["add_prefix_space"].as_bool().unwrap_or(true);
+    let scheme = match (prefix_space, config["legacy"].as_bool().unwrap_or(false)) {
+        (false, _) => PrependScheme::Never,
+        (true, true) => PrependScheme::Always,
+        (true, false) => PrependScheme::First,
+    };
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("▁", " ")?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if prefix_space {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tokenizer
+        .with_normalizer(None::<NormalizerWrapper>)
+        .with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)))
+        .with_decoder(Some(Sequence::new(decoders)));
+    Ok(())
+}
+
 /// A model folder's tokenizer with the special ids the models need.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -37,6 +75,13 @@ impl Tokenizer {
                     .with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
                 Err(_) => serde_json::Value::Null,
             };
+        if matches!(
+            config["tokenizer_class"].as_str(),
+            Some("LlamaTokenizer" | "LlamaTokenizerFast")
+        ) {
+            as_transformers_llama_tokenizer(&mut inner, &config)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         let token_id = |key: &str| inner.token_to_id(token_text(&config[key])?);
         let eos_id = token_id("eos_token").or_else(|| inner.token_to_id("<|endoftext|>"));
         let pad_id = token_id("pad_token").or(eos_id);
@@ -154,6 +199,49 @@ mod tests {
       "model": {"type": "WordLevel", "unk_token": "[UNK]",
                 "vocab": {"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3, "c": 4, "d": 5}}
     }"#;
+
+    /// A Llama 2-era tokenizer.json (SentencePiece converted with the
+    /// legacy normalizer: `▁` prepended to each piece between special
+    /// tokens), made with Python's tokenizers.
+    const LEGACY_LLAMA: &str = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [{"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}, {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}, {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}, {"id": 3, "content": "[INST]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}, {"id": 4, "content": "[/INST]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}], "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}, "pre_tokenizer": null, "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}, "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}, "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "▁": 5, "h": 6, "i": 7, "▁h": 8, "▁hi": 9, "▁t": 10, "t": 11, "e": 12, "r": 13, "▁the": 14, "he": 15, "▁th": 16, "re": 17, "▁there": 18, "▁ther": 19}, "merges": [["▁", "h"], ["▁h", "i"], ["▁", "t"], ["h", "e"], ["▁t", "h"], ["▁th", "e"], ["r", "e"], ["▁the", "r"], ["▁ther", "e"]]}}"#;
+
+    fn llama_folder(config: serde_json::Value) -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), LEGACY_LLAMA).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        (dir, tok)
+    }
+
+    /// The ids transformers 5.23's `AutoTokenizer` gives for this folder
+    /// (`tokenizer(text, add_special_tokens=False)`).
+    #[test]
+    fn a_llama_tokenizer_reads_text_after_special_tokens_as_transformers_5_does() {
+        let config = serde_json::json!({
+            "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"
+        });
+        let (_dir, tok) = llama_folder(config.clone());
+        // [INST] ▁hi [/INST] ▁t he re </s>, not [INST] ▁ ▁hi [/INST] ▁ ▁t ...
+        let chat = "[INST] hi[/INST] there</s>";
+        assert_eq!(tok.encode(chat).unwrap(), [3, 9, 4, 10, 15, 17, 2]);
+        assert_eq!(tok.encode(" hi").unwrap(), [9]);
+        assert_eq!(tok.encode("hi there").unwrap(), [9, 10, 15, 17]);
+        assert_eq!(tok.encode_start("hi").unwrap(), [1, 9]);
+        assert_eq!(tok.decode(&[9, 10, 15, 17]).unwrap(), "hi there");
+        let mut legacy = config.clone();
+        legacy["legacy"] = true.into();
+        assert_eq!(
+            llama_folder(legacy).1.encode(chat).unwrap(),
+            [3, 9, 4, 10, 15, 17, 2]
+        );
+        // Another class keeps the file's own pipeline, as transformers does.
+        let mut fast = config;
+        fast["tokenizer_class"] = "PreTrainedTokenizerFast".into();
+        assert_eq!(
+            llama_folder(fast).1.encode(chat).unwrap(),
+            [3, 5, 9, 4, 5, 10, 15, 17, 2]
+        );
+    }
 
     #[test]
     fn the_files_truncation_and_padding_are_not_applied() {
