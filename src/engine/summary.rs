@@ -1,5 +1,5 @@
-//! How a run ended, stage by stage: what `alignflow run` prints and
-//! `--json` writes.
+//! How a run ended, stage by stage: the table `alignflow run` prints at
+//! its end, and whether the run succeeded.
 
 use std::path::PathBuf;
 

@@ -152,7 +152,7 @@ pub struct StageDef {
     pub keep_checkpoints: Option<bool>,
     /// What the stage asks of a cluster scheduler (`--executor slurm`):
     /// GPUs, CPUs, memory and time. Not part of the fingerprint; the local
-    /// executor ignores it.
+    /// executor reads only `gpus` (see [`Resources::gpus`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
 }
