@@ -1151,6 +1151,42 @@ fn attach_refuses_a_run_whose_engine_is_alive() {
     assert_eq!(slurm.calls("sbatch"), 1);
 }
 
+/// An `exec` stage with `checkpoint_signal: true` gets the job's SIGUSR1
+/// (its command traps it and finishes); without the param the signal would
+/// stay with `stage exec` and the command would wait out its loop.
+#[test]
+fn an_exec_command_that_asks_for_it_gets_the_checkpoint_signal() {
+    let slurm = Slurm::start(1);
+    let p = project_with(
+        r#"version: 1
+name: trapping
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params:
+      checkpoint_signal: true
+      cmd: 'trap "touch asked" USR1; touch started; for i in $(seq 600); do [ -f asked ] && break; sleep 0.1; done; [ -f asked ] && echo done > "$ALIGNFLOW_OUT/x"'
+"#,
+    );
+    let child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(60), "the command running", || {
+        p.path("started").exists()
+    });
+    let job = job_in_state(&slurm, "RUNNING").expect("the job runs");
+    let status = slurm
+        .command("scancel")
+        .args(["--signal=USR1", "--batch", &job])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = finish(child, Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(p.path("asked").exists());
+    assert_eq!(slurm.calls("sbatch"), 1, "{stderr}");
+}
+
 /// A stage whose first job never commits (it marks the project, sleeps,
 /// and ends without its output); a later one finishes at once.
 const SECOND_ATTEMPT_ONLY: &str = r#"version: 1

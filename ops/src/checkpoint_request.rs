@@ -9,8 +9,68 @@
 //! SIGUSR1 kills a process that has no handler for it, so the engine starts
 //! workers with it blocked ([`block_before_exec`]) and the worker unblocks it
 //! once its handler is in place ([`install`]): one sent in between waits.
+//!
+//! The engine side: what runs lists itself ([`Listener`]) and [`ask`] signals
+//! the list: each worker, and the process group of each `exec` command that
+//! takes the signal (`checkpoint_signal: true`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// What [`ask`] signals now (a pid, or a process group as `-pgid`), and
+/// whether a checkpoint was asked for while no worker was listed.
+static LISTENING: Mutex<(Vec<libc::pid_t>, bool)> = Mutex::new((Vec::new(), false));
+
+/// A process (or group) on the list [`ask`] signals, until dropped.
+pub struct Listener(libc::pid_t);
+
+impl Listener {
+    /// Lists worker `pid`; a checkpoint asked for before it started is
+    /// asked of it now (SIGUSR1 waits, blocked, for its handler).
+    pub fn worker(pid: u32) -> Listener {
+        let pid = pid as libc::pid_t;
+        let mut listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+        listening.0.push(pid);
+        if std::mem::take(&mut listening.1) {
+            send_usr1(pid);
+        }
+        Listener(pid)
+    }
+
+    /// Lists the process group `pgid` of a user's command. A request made
+    /// before it started is not passed on: a program whose handler is not
+    /// yet installed would die of it.
+    pub fn group(pgid: u32) -> Listener {
+        let target = -(pgid as libc::pid_t);
+        let mut listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+        listening.0.push(target);
+        Listener(target)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let mut listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+        listening.0.retain(|&t| t != self.0);
+    }
+}
+
+/// Asks what is listed for a checkpoint at its next step (SIGUSR1); with
+/// nothing listed, the next worker to start. A Slurm job's `stage exec`
+/// does, on its own SIGUSR1.
+pub fn ask() {
+    let mut listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner());
+    match listening.0.as_slice() {
+        [] => listening.1 = true,
+        targets => targets.iter().for_each(|&t| send_usr1(t)),
+    }
+}
+
+fn send_usr1(target: libc::pid_t) {
+    // SAFETY: a signal to a child (or its group) this process started and
+    // has not yet reaped: it stays listed until its runner waited for it.
+    unsafe { libc::kill(target, libc::SIGUSR1) };
+}
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 

@@ -63,6 +63,14 @@ pub struct ExecParams {
     /// ALIGNFLOW_* variables. Values never enter the fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
+    /// Pass a checkpoint request (SIGUSR1: a Slurm job's warning
+    /// `signal_before` its time limit) to the command's process group, as
+    /// training ops take it: the command saves a checkpoint in
+    /// `$ALIGNFLOW_CHECKPOINT_DIR` and goes on. Untrapped, SIGUSR1 kills a
+    /// process: the command must handle it (a shell: `trap`, or `exec` the
+    /// program that does). Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkpoint_signal: bool,
 }
 
 /// What a command run with an `env:` allow-list still sees.
@@ -136,6 +144,9 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     })?;
     // The child leads its own group: its pid is the group id.
     let pgid = child.id() as libc::pid_t;
+    let _listener = params
+        .checkpoint_signal
+        .then(|| crate::checkpoint_request::Listener::group(child.id()));
 
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
     let readers = [

@@ -234,7 +234,7 @@ fn watch_signals(cancel: &CancellationToken) -> Result<(), Error> {
                 _ = int.recv() => { note("SIGINT: stopping the stage"); cancel.cancel(); }
                 _ = usr1.recv() => {
                     note("the job nears its time limit (SIGUSR1): the worker checkpoints at its next step, and a resubmission resumes from there");
-                    super::worker::ask_for_checkpoint();
+                    alignflow_ops::checkpoint_request::ask();
                 }
             }
         }

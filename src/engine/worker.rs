@@ -69,7 +69,9 @@ pub async fn run_stage(
     let exe = worker_path();
     let mut child = start(&exe, spec, placement).await?;
     // Off the list before it is reaped: its pid may then be another's.
-    let running = child.id().map(Running::register);
+    let running = child
+        .id()
+        .map(alignflow_ops::checkpoint_request::Listener::worker);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let read = tokio::select! {
@@ -100,50 +102,6 @@ pub async fn run_stage(
             .into())
         }
     }
-}
-
-/// The workers of this process that are running, and whether a checkpoint
-/// was asked for while none was.
-static RUNNING: std::sync::Mutex<(Vec<u32>, bool)> = std::sync::Mutex::new((Vec::new(), false));
-
-/// A running worker, on the list [`ask_for_checkpoint`] signals until dropped.
-struct Running(u32);
-
-impl Running {
-    /// Lists worker `pid`; one asked for a checkpoint before it started is
-    /// asked now (its handler takes the signal once installed).
-    fn register(pid: u32) -> Running {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.0.push(pid);
-        if std::mem::take(&mut running.1) {
-            send_usr1(pid);
-        }
-        Running(pid)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.0.retain(|&pid| pid != self.0);
-    }
-}
-
-/// Asks the running workers for a checkpoint at their next step (SIGUSR1,
-/// see [`alignflow_ops::checkpoint_request`]); with none running, the next
-/// one to start. A Slurm job's `stage exec` does, on its own SIGUSR1.
-pub fn ask_for_checkpoint() {
-    let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-    match running.0.as_slice() {
-        [] => running.1 = true,
-        pids => pids.iter().for_each(|&pid| send_usr1(pid)),
-    }
-}
-
-fn send_usr1(pid: u32) {
-    // SAFETY: a signal to a child this process started and has not yet
-    // reaped (it is listed until `run_stage` waited for it).
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
 }
 
 /// Starts the worker and sends it the stage spec.
