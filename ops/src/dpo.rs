@@ -174,10 +174,13 @@ impl DpoParams {
 const COMPARISONS_DOC: &str =
     "JSONL comparisons: {prompt, chosen, rejected, label} (dataset.import), {prompt, response_a, response_b, p_a} (ai_feedback) or {prompt, responses: [best, ..., worst]}";
 
+/// How a pair longer than `max_len` is cut, for both ops.
+const PAIR_TRUNCATION_CONVENTION: &str = "truncation (as TRL cuts a pair): each response keeps at least half of `max_len` (its end goes first), then one prompt cut for both sides, from its start after its BOS, to the room the longer response leaves";
+
 /// The `dpo.reference` op.
 pub const REFERENCE_OP: OpDecl = OpDecl {
     name: "dpo.reference",
-    version: 3,
+    version: 4,
     summary: "the frozen reference's response log-probs of every comparison pair, cached for dpo",
     inputs: &[
         Port::input(
@@ -196,6 +199,7 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
     placement: Placement::Worker,
     conventions: &[
         "log-probs: the frozen reference's, summed over each response's tokens plus its EOS, dropout-free",
+        PAIR_TRUNCATION_CONVENTION,
         CHAT_TRAINING_CONVENTION,
     ],
 };
@@ -203,7 +207,7 @@ pub const REFERENCE_OP: OpDecl = OpDecl {
 /// The `dpo` op.
 pub const OP: OpDecl = OpDecl {
     name: "dpo",
-    version: 3,
+    version: 4,
     summary: "direct preference optimization (DPO or IPO, soft labels) against cached reference log-probs, full or LoRA",
     inputs: &[
         Port::input("policy", "the LM folder to train (usually the reference model)"),
@@ -237,6 +241,7 @@ pub const OP: OpDecl = OpDecl {
         "sigmoid: -(q log sigmoid(beta d) + (1 - q) log sigmoid(-beta d)); ipo: (d - (2q - 1) / (2 beta))^2",
         "batch loss: the mean over pairs",
         "dropout: off (as TRL), `dropout: true` turns the policy's on",
+        PAIR_TRUNCATION_CONVENTION,
         CHAT_TRAINING_CONVENTION,
     ],
 };

@@ -145,7 +145,8 @@ const PM_OUTPUTS: &[Port] = &[
 
 /// How both ops score and train.
 const PM_CONVENTIONS: &[&str] = &[
-    "reward: the reward head on the last real token of prompt + response (the appended EOS with `append_eos`)",
+    "reward: the reward head on the last token of prompt + response: the appended EOS with `append_eos`; with a chat template, the response's turn-end token (the last stop id it holds: Qwen's `<|im_end|>`, not the newline its template writes after it), where a sampled answer ends",
+    "truncation: the responses' ends past the budget first, then one prompt cut for both sides of a pair, from its start after its BOS, to the room the longer response leaves (as TRL cuts a pair); the end token always stays",
     "loss per pair: -(p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)), p the probability that A is preferred (1 or 0 for hard labels)",
     "batch loss: the mean over pairs (in pm.train weighted by `mix`, 1 by default)",
     "dropout: off (as TRL's RewardTrainer), `dropout: true` turns the checkpoint's own on",
@@ -155,7 +156,7 @@ const PM_CONVENTIONS: &[&str] = &[
 /// The `pm.train` op.
 pub const TRAIN_OP: OpDecl = OpDecl {
     name: "pm.train",
-    version: 4,
+    version: 5,
     summary: "preference model on (soft-labelled) comparisons with the Bradley-Terry loss, held-out accuracy and calibration",
     inputs: &[
         Port::input(
@@ -185,7 +186,7 @@ pub const TRAIN_OP: OpDecl = OpDecl {
 /// The `pm.pretrain` op.
 pub const PRETRAIN_OP: OpDecl = OpDecl {
     name: "pm.pretrain",
-    version: 4,
+    version: 5,
     summary: "preference-model pre-training (PMP) on generic ranked comparisons; its model feeds pm.train",
     inputs: &[
         Port::input("model", "the base LM folder"),

@@ -160,23 +160,58 @@ pub fn tokenize_example(
     eos: Option<i64>,
     max_len: usize,
 ) -> anyhow::Result<Example> {
-    let (mut p, mut r) = format.pair(prompt, response)?;
+    let (p, r) = cut_response(format, prompt, response, eos, max_len)?;
+    let room = max_len.saturating_sub(r.len());
+    Ok(join(format, p, r, room))
+}
+
+/// Both sides of a comparison tokenized as [`tokenize_example`] does one,
+/// with one prompt cut, as TRL cuts a pair: the prompt keeps the room the
+/// longer response leaves, so both responses follow the same prompt.
+pub fn tokenize_pair(
+    format: &TextFormat<'_>,
+    prompt: &serde_json::Value,
+    (a, b): (&str, &str),
+    eos: Option<i64>,
+    max_len: usize,
+) -> anyhow::Result<(Example, Example)> {
+    let (pa, ra) = cut_response(format, prompt, a, eos, max_len)?;
+    let (pb, rb) = cut_response(format, prompt, b, eos, max_len)?;
+    let room = max_len.saturating_sub(ra.len().max(rb.len()));
+    Ok((join(format, pa, ra, room), join(format, pb, rb, room)))
+}
+
+/// The prompt's tokens and the response's (+ EOS for plain text), the
+/// response cut to at least half the budget.
+fn cut_response(
+    format: &TextFormat<'_>,
+    prompt: &serde_json::Value,
+    response: &str,
+    eos: Option<i64>,
+    max_len: usize,
+) -> anyhow::Result<(Vec<i64>, Vec<i64>)> {
+    let (p, mut r) = format.pair(prompt, response)?;
     r.extend(format.response_eos(eos));
     // Keep at least half the budget for the response.
     let r_keep = r
         .len()
         .min(max_len.saturating_sub(p.len().min(max_len / 2)));
     r.truncate(r_keep.max(1).min(r.len()));
-    let p_keep = max_len.saturating_sub(r.len()).min(p.len());
-    let cut = p.len() - p_keep;
-    format.tokenizer.cut_start(&mut p, cut);
-    let response_start = p.len();
-    p.extend(r);
-    Ok(Example {
-        tokens: p,
+    Ok((p, r))
+}
+
+/// `prompt` cut from its start (after its BOS) to `room` tokens, then the
+/// response.
+fn join(format: &TextFormat<'_>, mut prompt: Vec<i64>, response: Vec<i64>, room: usize) -> Example {
+    let cut = prompt.len() - room.min(prompt.len());
+    format.tokenizer.cut_start(&mut prompt, cut);
+    let response_start = prompt.len();
+    prompt.extend(response);
+    Example {
+        tokens: prompt,
         response_start,
         labelled: None,
-    })
+    }
 }
 
 /// A conversation that ends with the assistant, trained on every assistant
@@ -357,6 +392,27 @@ pub fn held_out<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_sides_of_a_pair_follow_the_same_prompt() {
+        let words = ["<unk>", "<s>", "p1", "p2", "p3", "a", "b", " "];
+        let (_dir, tok) = crate::testing::word_tokenizer(
+            &words,
+            &["<s>"],
+            serde_json::json!({"bos_token": "<s>"}),
+        );
+        let format = TextFormat::new(&tok, None);
+        let prompt = serde_json::json!("p1 p2 p3");
+        // Prompt: p1 ␠ p2 ␠ p3 (5 tokens); A: ␠ a ␠ a ␠ a + EOS (7), B: ␠ b + EOS (3).
+        let (a, b) = tokenize_pair(&format, &prompt, (" a a a", " b"), Some(1), 8).unwrap();
+        // A keeps half the budget and what the prompt leaves: 4 tokens; the
+        // prompt gets the 4 left, for B too, which alone would keep it whole.
+        assert_eq!(a.tokens, [7, 3, 7, 4, 7, 5, 7, 5]);
+        assert_eq!(b.tokens, [7, 3, 7, 4, 7, 6, 1]);
+        assert_eq!((a.response_start, b.response_start), (4, 4));
+        let alone = tokenize_example(&format, &prompt, " b", Some(1), 8).unwrap();
+        assert_eq!(alone.tokens, [2, 7, 3, 7, 4, 7, 6, 1]);
+    }
 
     #[test]
     fn record_shapes() {

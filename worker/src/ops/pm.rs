@@ -28,7 +28,7 @@ use super::metrics_log::write_held_out_eval;
 use super::training::{is_other_rank, run_training, BatchLoss};
 use crate::model::{self, Head, Model};
 
-pub use data::{read_records, sequence, Encoder, Pair, Record};
+pub use data::{pair_sequences, read_records, Encoder, Pair, Record, Side};
 pub use eval::{figures, pair_loss, sigmoid, Bin, Figures, BINS};
 pub use loss::{pair_rewards, soft_bt_loss};
 
@@ -48,6 +48,7 @@ impl Loaded {
         Encoder {
             format: TextFormat::new(&self.tokenizer, self.chat.as_ref()),
             eos: self.eos,
+            stop_ids: load::stop_ids(&self.tokenizer, &self.model),
             max_len: self.max_len,
         }
     }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use alignflow_ops::data::read_jsonl;
 
 use super::loss::scored_tokens;
-use crate::ops::examples::{for_each_comparison_record, tokenize_example, TextFormat};
+use crate::ops::examples::{for_each_comparison_record, tokenize_pair, TextFormat};
 
 /// One tokenized comparison: A ("chosen") and B ("rejected") sequences, each
 /// prompt + response (+ EOS) with the response's first index.
@@ -108,8 +108,7 @@ pub fn read_pairs(
     for_each_comparison_record(stage, path, |line, prompt, pairs, at| {
         let mut rec = Vec::with_capacity(pairs.len());
         for (pair, (a, b, p)) in pairs.into_iter().enumerate() {
-            let a = tokenize_example(format, prompt, a, eos, max_len).with_context(at)?;
-            let b = tokenize_example(format, prompt, b, eos, max_len).with_context(at)?;
+            let (a, b) = tokenize_pair(format, prompt, (a, b), eos, max_len).with_context(at)?;
             let scored = |t: &[i64], s| scored_tokens(t.len(), s);
             anyhow::ensure!(
                 scored(&a.tokens, a.response_start) > 0 && scored(&b.tokens, b.response_start) > 0,
