@@ -38,7 +38,19 @@ impl Objects {
         }
         let shard = dst.parent().expect("blob paths have a parent");
         ensure_dir(shard)?;
-        fs::set_permissions(src, fs::Permissions::from_mode(SEALED_FILE)).map_err(at(src))?;
+        match fs::set_permissions(src, fs::Permissions::from_mode(SEALED_FILE)) {
+            Ok(()) => {}
+            // Another user's file (a pull of theirs left it, on a shared
+            // cache): only its owner may seal it, so the store gets a
+            // copy of this user's, checked against the hash.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                copy_into_store(src, &dst, hash)?;
+                fsync_dir(shard).map_err(at(shard))?;
+                fs::remove_file(src).map_err(at(src))?;
+                return Ok(());
+            }
+            Err(e) => return Err(at(src)(e)),
+        }
         File::open(src)
             .and_then(|f| f.sync_all())
             .map_err(at(src))?;

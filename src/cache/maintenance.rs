@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::atomic::{temp_owner_pid, temp_sibling};
+use super::atomic::{temp_owner, temp_sibling, TempOwner};
 use super::dependents::{Dependents, Use};
 use super::error::{at, CacheError};
 use super::fsutil::{file_name, read_dir_sorted};
@@ -117,7 +117,13 @@ impl Maintenance<'_> {
     /// misses, never hits on quarantined objects), then quarantines it.
     fn repair(&self, report: &mut VerifyReport, dependents: &Dependents) -> Result<(), CacheError> {
         let mut removed = HashSet::new();
+        // Each record read again before it goes: a run may have replaced it
+        // since verify read it (a commit replaces a record that is no hit),
+        // and the new one is not the one found on the damage.
         for (path, record) in dependents.records_to_remove(&report.damage) {
+            if read_record_file(path).ok().as_ref() != Some(record) {
+                continue;
+            }
             remove_record(path)?;
             removed.insert(path.clone());
             report.repaired.push(format!(
@@ -129,7 +135,9 @@ impl Maintenance<'_> {
         // A record on a missing output is a miss already; removing it leaves
         // the cache consistent (its stage reruns either way).
         for (path, stage) in &report.records_missing_outputs {
-            if removed.insert(path.clone()) {
+            let still_missing = read_record_file(path)
+                .is_ok_and(|r| r.outputs.values().any(|id| !self.objects.has_artifact(id)));
+            if still_missing && removed.insert(path.clone()) {
                 remove_record(path)?;
                 report.repaired.push(format!(
                     "removed record {} (stage `{stage}`): an output is missing from the store",
@@ -402,7 +410,7 @@ impl Maintenance<'_> {
         }
 
         // Leftovers of atomic writes by killed processes.
-        let mut temps: Vec<(u32, PathBuf)> = Vec::new();
+        let mut temps: Vec<(TempOwner, PathBuf)> = Vec::new();
         // `uploads/`, `downloads/`: a transfer's state file being rewritten
         // when a push or pull was killed.
         let transfers = [self.root.join("uploads"), self.root.join("downloads")];
@@ -413,8 +421,8 @@ impl Maintenance<'_> {
             .chain(self.records.shards()?)
         {
             for path in read_dir_sorted(&dir)? {
-                if let Some(pid) = temp_owner_pid(&file_name(&path)) {
-                    temps.push((pid, path));
+                if let Some(owner) = temp_owner(&file_name(&path)) {
+                    temps.push((owner, path));
                 }
             }
         }
@@ -428,9 +436,9 @@ impl Maintenance<'_> {
                 continue;
             }
             let name = file_name(&path);
-            if let Some(pid) = temp_owner_pid(&name) {
+            if let Some(owner) = temp_owner(&name) {
                 // A tree being materialised.
-                if !pid_alive(pid) {
+                if left_behind(owner, &path, min_age) {
                     remove(&path, dry_run, &mut report);
                 }
             } else if let Some(_stage_lock) = self.locks.try_lock_staging_owner(&name)? {
@@ -562,15 +570,29 @@ fn remove_record(path: &Path) -> Result<(), CacheError> {
 /// shared cache (`min_age` over zero, where the writer may be another
 /// node's process) the file is old too.
 fn remove_dead_temps(
-    temps: &[(u32, PathBuf)],
+    temps: &[(TempOwner, PathBuf)],
     min_age: Duration,
     dry_run: bool,
     report: &mut GcReport,
 ) {
-    for (pid, path) in temps {
-        if !pid_alive(*pid) && old_enough(path, min_age) {
+    for (owner, path) in temps {
+        if left_behind(*owner, path, min_age) {
             remove(path, dry_run, report);
         }
+    }
+}
+
+/// How long another host's temporary stays, whatever `min_age` says: its
+/// writer's pid means nothing here, and a cache need not be marked shared
+/// for Slurm jobs on other nodes to commit into it.
+const ELSEWHERE_MIN_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether a temporary was left by a process that is gone: one of this
+/// host's that no longer runs, or another host's once a day old.
+fn left_behind(owner: TempOwner, path: &Path, min_age: Duration) -> bool {
+    match owner {
+        TempOwner::Here(pid) => !pid_alive(pid) && old_enough(path, min_age),
+        TempOwner::Elsewhere => old_enough(path, min_age.max(ELSEWHERE_MIN_AGE)),
     }
 }
 

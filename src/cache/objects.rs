@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::atomic::{atomic_write, fsync_dir, temp_owner_pid, temp_sibling};
+use super::atomic::{atomic_write, fsync_dir, temp_owner, temp_sibling, TempOwner};
 use super::error::{at, CacheError};
 use super::fsutil::{ensure_dir, file_name, read_dir_sorted};
 use super::hashcache::HashCache;
@@ -26,7 +26,7 @@ pub(super) struct Scan {
     /// (hash, path) of well-named entries.
     pub blobs: Vec<(String, PathBuf)>,
     /// Temporary files and their owner's pid.
-    pub temps: Vec<(u32, PathBuf)>,
+    pub temps: Vec<(TempOwner, PathBuf)>,
     /// Anything else.
     pub strays: Vec<PathBuf>,
 }
@@ -345,8 +345,8 @@ impl Objects {
             for path in read_dir_sorted(&shard)? {
                 let name = file_name(&path);
                 let hash = format!("{shard_name}{name}");
-                if let Some(pid) = temp_owner_pid(&name) {
-                    scan.temps.push((pid, path));
+                if let Some(owner) = temp_owner(&name) {
+                    scan.temps.push((owner, path));
                 } else if is_hex64(&hash) && path.is_file() {
                     scan.blobs.push((hash, path));
                 } else {
@@ -363,8 +363,8 @@ impl Objects {
         let mut dirs = Vec::new();
         for path in read_dir_sorted(&self.root.join("trees"))? {
             let name = file_name(&path);
-            if let Some(pid) = temp_owner_pid(&name) {
-                scan.temps.push((pid, path));
+            if let Some(owner) = temp_owner(&name) {
+                scan.temps.push((owner, path));
             } else if let Some(hash) = name
                 .strip_suffix(".json")
                 .filter(|h| is_hex64(h) && path.is_file())

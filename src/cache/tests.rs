@@ -714,6 +714,23 @@ fn gc_keeps_young_temporaries_of_unknown_writers_on_a_shared_cache() {
     );
 }
 
+/// A temporary another host writes (a Slurm job committing into a cache
+/// not marked shared) is not judged by its pid, which means nothing here:
+/// gc keeps it, minimum age or not, until it is a day old.
+#[test]
+fn gc_keeps_another_hosts_temporaries() {
+    let (dir, cache) = cache();
+    let root = dir.path().join("cache");
+    let temp = root.join(format!(".hashes.json.tmp.{}-0123abcd.0", 1u32 << 30));
+    fs::write(&temp, b"being written on another node").unwrap();
+    let tree_temp = root
+        .join("tmp")
+        .join(format!(".tree-x.tmp.{}-0123abcd.1", 1u32 << 30));
+    fs::create_dir_all(&tree_temp).unwrap();
+    cache.gc_min_age(false, Duration::ZERO).unwrap();
+    assert!(temp.exists() && tree_temp.exists());
+}
+
 /// A copy into the store is checked against the hash it is stored under:
 /// a file written through another of its names after it was hashed is
 /// refused, and nothing is stored.

@@ -152,13 +152,26 @@ pub async fn download_blob(
         path: part.clone(),
         source,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&part)
-        .map_err(io)?;
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+    };
+    let file = match open() {
+        // A part sealed read-only by an adoption that was killed before
+        // it removed the part: begin again (every pull of the blob would
+        // fail on it otherwise).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let _ = fs::remove_file(&state);
+            fs::remove_file(&part).map_err(io)?;
+            open()
+        }
+        opened => opened,
+    }
+    .map_err(io)?;
     // Two pulls of one blob take turns; the second finds it adopted.
     let mut lock = fd_lock::RwLock::new(file);
     let mut file = lock.write().map_err(io)?;

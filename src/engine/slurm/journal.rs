@@ -104,11 +104,18 @@ impl Journal {
     pub fn open(dir: &Path) -> anyhow::Result<Journal> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("jobs.jsonl");
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        // A line torn by an engine killed while writing it ends here: the
+        // next line starts on a line of its own, or it would be lost too.
+        if !ends_with_newline(&mut file)? {
+            file.write_all(b"\n")
+                .with_context(|| format!("appending to {}", path.display()))?;
+        }
         Ok(Journal {
             path,
             file: Mutex::new(file),
@@ -124,6 +131,18 @@ impl Journal {
             .and_then(|()| f.sync_data())
             .with_context(|| format!("appending to {}", self.path.display()))
     }
+}
+
+/// Whether `file` is empty or ends with a newline.
+fn ends_with_newline(file: &mut File) -> anyhow::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// Every job of a run, in submission order (a torn last line is skipped).
@@ -219,5 +238,32 @@ mod tests {
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[0].ended, Some(("TIMEOUT".into(), "TimeLimit".into())));
         assert_eq!((jobs[1].attempt, jobs[1].ended.clone()), (2, None));
+    }
+
+    #[test]
+    fn a_line_after_a_torn_one_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        // An engine killed while writing its second line.
+        let first = serde_json::json!({"event": "submitted", "stage": "a", "fingerprint": "f",
+            "job_id": "1", "attempt": 1, "log": "x.out", "at": "t"});
+        std::fs::write(
+            dir.path().join("jobs.jsonl"),
+            format!("{first}\n{{\"event\": \"ended\", \"job_"),
+        )
+        .unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal
+            .append(&JobLine::Submitted {
+                stage: "b".into(),
+                fingerprint: "g".into(),
+                job_id: "2".into(),
+                attempt: 1,
+                log: "y.out".into(),
+                at: "t".into(),
+            })
+            .unwrap();
+        let jobs = read_jobs(dir.path()).unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+        assert_eq!(ids, ["1", "2"]);
     }
 }

@@ -88,7 +88,16 @@ fn truncate(path: &Path, counter: &str, done: u64) -> anyhow::Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+    // A new file renamed over the old: a kill halfway keeps the old one.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let written = (|| -> std::io::Result<()> {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(body.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    written.with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

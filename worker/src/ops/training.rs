@@ -193,7 +193,9 @@ pub fn run_training_with_figures(
                 if asked {
                     tracing::info!(step = m.step, "checkpoint asked for (SIGUSR1): saving");
                 }
-                log.flush()?;
+                // On disk before the checkpoint: a resume keeps the log's
+                // lines up to its step and appends from there.
+                log.sync()?;
                 trainer.save(&checkpoints, &model.vs, serde_json::Value::Null)?;
             }
         }

@@ -148,12 +148,10 @@ impl Checkpoints {
         state: &CheckpointState,
     ) -> Result<PathBuf, CheckpointError> {
         std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        self.remove_leftovers()?;
         let name = format!("step-{:08}", state.train.step);
         let dir = self.root.join(&name);
         let tmp = self.root.join(format!("{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
         std::fs::create_dir(&tmp).map_err(io(&tmp))?;
         let written = (|| {
             let mut files = Vec::new();
@@ -195,6 +193,33 @@ impl Checkpoints {
             std::fs::remove_dir_all(old).map_err(io(old))?;
         }
         Ok(dir)
+    }
+
+    /// Removes what killed saves and prunes left: `step-N.tmp-PID` folders
+    /// (a save killed halfway: a whole model and optimizer each, and the
+    /// SIGUSR1 save before a time limit is the one most likely killed) and
+    /// `step-N` folders without their state file (a prune killed halfway),
+    /// which [`Checkpoints::list`] never shows. One process writes a
+    /// stage's checkpoints at a time (the stage's lock), so none of them is
+    /// being written.
+    fn remove_leftovers(&self) -> Result<(), CheckpointError> {
+        for entry in std::fs::read_dir(&self.root).map_err(io(&self.root))? {
+            let entry = entry.map_err(io(&self.root))?;
+            let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let Some(rest) = name.strip_prefix("step-") else {
+                continue;
+            };
+            let unfinished = rest.contains(".tmp-");
+            let incomplete = rest.parse::<u64>().is_ok() && !path.join(STATE_FILE).is_file();
+            if (unfinished || incomplete) && path.is_dir() {
+                tracing::info!("removing {}, left by a killed save", path.display());
+                std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
     }
 
     /// The complete checkpoints, oldest first, as (step, folder).
@@ -361,6 +386,18 @@ mod tests {
             load_checkpoint(&root.join("step-00000003"), &mut vs2, &mut opt2).unwrap(),
             state(3)
         );
+        // A prune killed halfway: a step folder without its state file.
+        let pruned = root.join("step-00000001");
+        std::fs::create_dir(&pruned).unwrap();
+        std::fs::write(pruned.join("model.safetensors"), "x").unwrap();
+        // The next save removes both leftovers.
+        ckpts.save(&vs, &opt, &state(4)).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["step-00000003", "step-00000004"]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
