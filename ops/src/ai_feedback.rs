@@ -312,9 +312,10 @@ pub struct FeedbackSummary {
     /// Mean of `p_a_forward - (1 - p_a_swapped)` over every (pair,
     /// principle): how much more the model prefers the first option.
     pub position_bias: f64,
-    /// Pairs with a human label.
+    /// Pairs with a human label other than a tie (0.5).
     pub labelled: usize,
-    /// Accuracy of `(p_a > 0.5) == (label > 0.5)` over labelled pairs.
+    /// Accuracy of `(p_a > 0.5) == (label > 0.5)` over those pairs (an AI
+    /// label of exactly 0.5 counts as wrong).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agreement: Option<f64>,
     /// Sequences truncated (from the left) to fit the model's context.
@@ -337,12 +338,12 @@ impl FeedbackSummary {
             .iter()
             .flat_map(|l| l.orders.iter().map(|(f, s)| f - (1.0 - s)))
             .collect();
+        // A human tie says nothing of who is right: left out. An AI tie
+        // picks no side: a miss (as pm.* and dpo count their accuracy).
         let agree: Vec<f64> = labels
             .iter()
-            .filter_map(|l| {
-                l.human
-                    .map(|h| f64::from(u8::from((l.p_a > 0.5) == (h > 0.5))))
-            })
+            .filter_map(|l| l.human.filter(|&h| h != 0.5).map(|h| (l.p_a, h)))
+            .map(|(p, h)| f64::from(u8::from(p != 0.5 && (p > 0.5) == (h > 0.5))))
             .collect();
         FeedbackSummary {
             count,
@@ -366,7 +367,7 @@ impl FeedbackSummary {
 /// The `ai_feedback` op.
 pub const OP: OpDecl = OpDecl {
     name: "ai_feedback",
-    version: 3,
+    version: 4,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
         Port::input("model", "the feedback model folder"),
@@ -530,6 +531,16 @@ mod tests {
         assert!(FeedbackSummary::new(&[label(0.5, vec![], None)], 0)
             .agreement
             .is_none());
+        // A human tie is left out; an AI tie is a miss.
+        let ties = FeedbackSummary::new(
+            &[
+                label(0.9, vec![], Some(0.5)),
+                label(0.5, vec![], Some(0.0)),
+                label(0.2, vec![], Some(0.0)),
+            ],
+            0,
+        );
+        assert_eq!((ties.labelled, ties.agreement), (2, Some(0.5)));
     }
 
     #[test]

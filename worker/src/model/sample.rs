@@ -485,6 +485,23 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, uniforms: &[f32]) -> Tensor {
     if cfg.temperature <= 0.0 {
         return scores.argmax(-1, false);
     }
+    let s = warped(scores, cfg);
+    let vocab = s.size()[1];
+    // Inverse-CDF sampling with our own uniforms: the first token whose
+    // cumulative probability exceeds u * total.
+    let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+    let u = Tensor::from_slice(uniforms)
+        .to_device(s.device())
+        .unsqueeze(1)
+        * cdf.narrow(1, vocab - 1, 1);
+    u.searchsorted::<Tensor>(&cdf, false, true, "right", None)
+        .clamp_max(vocab - 1)
+        .squeeze_dim(1)
+}
+
+/// `scores` after temperature, top-k and top-p (the tokens they rule out
+/// at minus infinity), in transformers' order.
+fn warped(scores: &Tensor, cfg: &SamplingConfig) -> Tensor {
     let mut s = if cfg.temperature == 1.0 {
         scores.shallow_clone()
     } else {
@@ -497,26 +514,18 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, uniforms: &[f32]) -> Tensor {
         s = s.masked_fill(&s.lt_tensor(&threshold), f64::NEG_INFINITY);
     }
     if cfg.top_p < 1.0 {
-        // Keep the smallest prefix of the sorted distribution whose mass
-        // reaches top_p (always at least the most likely token), as
-        // transformers' TopPLogitsWarper does.
-        let (sorted, order) = s.sort(-1, true);
+        // transformers' TopPLogitsWarper, step for step: in ascending
+        // order, the tokens whose cumulative mass is at most 1 - top_p go
+        // (a boundary token whose mass before it is exactly top_p too),
+        // the most likely always stays.
+        let (sorted, order) = s.sort(-1, false);
         let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-        let remove = (cum - sorted.softmax(-1, Kind::Float)).gt(cfg.top_p);
-        let _ = remove.narrow(1, 0, 1).fill_(0);
+        let remove = cum.le(1.0 - cfg.top_p);
+        let _ = remove.narrow(1, vocab - 1, 1).fill_(0);
         let remove_orig = remove.scatter(1, &order, &remove);
         s = s.masked_fill(&remove_orig, f64::NEG_INFINITY);
     }
-    // Inverse-CDF sampling with our own uniforms: the first token whose
-    // cumulative probability exceeds u * total.
-    let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-    let u = Tensor::from_slice(uniforms)
-        .to_device(s.device())
-        .unsqueeze(1)
-        * cdf.narrow(1, vocab - 1, 1);
-    u.searchsorted::<Tensor>(&cdf, false, true, "right", None)
-        .clamp_max(vocab - 1)
-        .squeeze_dim(1)
+    s
 }
 
 #[cfg(test)]
@@ -661,6 +670,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// How many tokens of `probs` top-p leaves to draw from.
+    fn kept_by_top_p(probs: &[f64], top_p: f64) -> i64 {
+        let logits = Tensor::from_slice(probs)
+            .log()
+            .to_kind(Kind::Float)
+            .unsqueeze(0);
+        let cfg = SamplingConfig {
+            top_p,
+            ..SamplingConfig::default()
+        };
+        warped(&logits, &cfg)
+            .isfinite()
+            .sum(Kind::Int64)
+            .int64_value(&[])
+    }
+
+    /// transformers' TopPLogitsWarper keeps 2, 1 and 2 tokens of these
+    /// (checked with transformers 5.23): a token whose mass before it is
+    /// exactly top_p goes.
+    #[test]
+    fn top_p_keeps_what_transformers_keeps_at_the_boundary() {
+        assert_eq!(kept_by_top_p(&[0.5, 0.25, 0.25], 0.75), 2);
+        assert_eq!(kept_by_top_p(&[0.5, 0.5], 0.5), 1);
+        assert_eq!(kept_by_top_p(&[0.4, 0.3, 0.2, 0.1], 0.7), 2);
+        assert_eq!(kept_by_top_p(&[0.4, 0.3, 0.2, 0.1], 0.75), 3);
     }
 
     #[test]
