@@ -10,7 +10,8 @@
 //!
 //! For a pair with responses A ("chosen") and B ("rejected") after one prompt,
 //! `d = (logpi(A) - logref(A)) - (logpi(B) - logref(B))`, each term the sum
-//! of the response tokens' log-probs (prompt tokens masked), and `p` the
+//! of the response tokens' log-probs (prompt tokens masked; with `loss:
+//! ipo` their mean per response token, as TRL's IPO), and `p` the
 //! probability that A is preferred (1 for a hard label). With
 //! `label_smoothing` eps the label used is `q = (1 - eps)*p + eps*(1 - p)`:
 //! the label is flipped with probability eps, so a hard label becomes
@@ -64,7 +65,8 @@ pub struct DpoReferenceParams {
 pub enum DpoLoss {
     /// DPO: `-(q*logsig(beta*d) + (1-q)*logsig(-beta*d))`.
     Sigmoid,
-    /// IPO: `(d - (2q-1)/(2*beta))^2`.
+    /// IPO: `(d - (2q-1)/(2*beta))^2`, `d` of mean log-probs per
+    /// response token (TRL's IPO).
     Ipo,
 }
 
@@ -238,7 +240,7 @@ pub const OP: OpDecl = OpDecl {
     conventions: &[
         "log-probs: summed over each response's tokens plus its EOS, for the policy and (from `reference_logps`) the reference",
         "d = (policy - reference log-prob of A) - (the same of B); q = the label after smoothing, (1 - eps) p + eps (1 - p)",
-        "sigmoid: -(q log sigmoid(beta d) + (1 - q) log sigmoid(-beta d)); ipo: (d - (2q - 1) / (2 beta))^2",
+        "sigmoid: -(q log sigmoid(beta d) + (1 - q) log sigmoid(-beta d)); ipo: (d - (2q - 1) / (2 beta))^2 with each log-prob the mean over its response's tokens (as TRL's IPO), implicit rewards too",
         "batch loss: the mean over pairs",
         "dropout: off (as TRL), `dropout: true` turns the policy's on",
         PAIR_TRUNCATION_CONVENTION,

@@ -294,8 +294,9 @@ def pm(a):
 # ---------------------------------------------------------------- dpo
 def dpo(a):
     """d = (logpi(A) - logref(A)) - (logpi(B) - logref(B)), each the SUM of
-    the response tokens' log-probs incl. EOS (prompt masked);
-    q = (1-eps) p + eps (1-p); sigmoid: -(q logsig(beta d) + (1-q) logsig(-beta d));
+    the response tokens' log-probs incl. EOS (prompt masked), for ipo their
+    MEAN (TRL's IPO); q = (1-eps) p + eps (1-p);
+    sigmoid: -(q logsig(beta d) + (1-q) logsig(-beta d));
     ipo: (d - (2q-1)/(2 beta))^2; batch loss = mean over pairs."""
     enc, eos = tokenizer_of(a.policy)
     pol, ref = load_lm(a.policy), load_lm(a.reference)
@@ -310,6 +311,7 @@ def dpo(a):
             out[name] = lp.sum().item()
             out[name + "_no_eos"] = lp[:-1].sum().item()
             out[name + "_mean"] = lp.mean().item()
+            out[name + "_no_eos_mean"] = lp[:-1].mean().item()
         return out
 
     rows = []
@@ -318,7 +320,9 @@ def dpo(a):
         for ra, rb, p in comparisons(r):
             rows.append((p, scores(pr, enc(ra)), scores(pr, enc(rb))))
 
-    def loss(kind=a.loss, suffix="", smoothing="flip"):
+    ipo = a.loss == "ipo"
+
+    def loss(kind=a.loss, suffix="_mean" if ipo else "", smoothing="flip"):
         total = 0.0
         for p, sa, sb in rows:
             d = (sa["pi" + suffix] - sa["ref" + suffix]) - (sb["pi" + suffix] - sb["ref" + suffix])
@@ -335,8 +339,8 @@ def dpo(a):
             total += l
         return total / len(rows)
 
-    alts = {"eos_not_counted": loss(suffix="_no_eos"),
-            "token_mean_logps": loss(suffix="_mean"),
+    alts = {"eos_not_counted": loss(suffix="_no_eos_mean" if ipo else "_no_eos"),
+            ("summed_logps" if ipo else "token_mean_logps"): loss(suffix="" if ipo else "_mean"),
             "other_smoothing": loss(smoothing="other")}
     emit(loss(), alts, pairs=len(rows),
          ref_logps=[[sa["ref"], sb["ref"]] for _, sa, sb in rows])

@@ -552,7 +552,7 @@ fn pm_pretrain_rankings() {
 
 // ------------------------------------------------------------------ dpo
 
-/// DPO/IPO: d = (logpi(A) - logref(A)) - (logpi(B) - logref(B)), each a SUM
+/// DPO/IPO: d = (logpi(A) - logref(A)) - (logpi(B) - logref(B)), each a SUM (IPO: a MEAN)
 /// of log-probs over response tokens + EOS (prompt masked); label q =
 /// (1-eps) p + eps (1-p); batch loss = mean over pairs. The reference
 /// log-probs come from dpo.reference on a different checkpoint; the policy

@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use alignflow_ops::protocol::Metrics;
 use alignflow_ops::text::Tokenizer;
-use alignflow_ops::{DpoParams, DpoReferenceParams, StageContext};
+use alignflow_ops::{DpoLoss, DpoParams, DpoReferenceParams, StageContext};
 
 use super::examples::{held_out, TextFormat};
 use super::load::{self, eos_id};
@@ -246,9 +246,19 @@ fn batch_losses(
             .to_kind(Kind::Float)
             .to_device(device)
     };
-    let (ref_a, ref_b, q) = (col(&|e| e.ref_a), col(&|e| e.ref_b), col(&|e| e.q));
-    let pi_a = pi_a.to_kind(Kind::Float);
-    let pi_b = pi_b.to_kind(Kind::Float);
+    let (mut ref_a, mut ref_b, q) = (col(&|e| e.ref_a), col(&|e| e.ref_b), col(&|e| e.q));
+    let mut pi_a = pi_a.to_kind(Kind::Float);
+    let mut pi_b = pi_b.to_kind(Kind::Float);
+    if p.loss == DpoLoss::Ipo {
+        // IPO compares mean log-probs per response token, as TRL does: its
+        // margin target 1/(2 beta) holds whatever the responses' lengths.
+        let n_a = col(&|e| scored_tokens(e.pair.chosen.len(), e.pair.chosen_start) as f64);
+        let n_b = col(&|e| scored_tokens(e.pair.rejected.len(), e.pair.rejected_start) as f64);
+        pi_a = pi_a / &n_a;
+        ref_a = ref_a / &n_a;
+        pi_b = pi_b / &n_b;
+        ref_b = ref_b / &n_b;
+    }
     let losses = dpo_losses(&pi_a, &pi_b, &ref_a, &ref_b, &q, p.beta, p.loss);
     let r_a = to_vec(&((pi_a.detach() - &ref_a) * p.beta));
     let r_b = to_vec(&((pi_b.detach() - &ref_b) * p.beta));
