@@ -83,7 +83,7 @@ fn default_lr() -> f64 {
 /// The `lm.pretrain` op.
 pub const OP: OpDecl = OpDecl {
     name: "lm.pretrain",
-    version: 1,
+    version: 2,
     summary: "train a small causal LM from scratch on a corpus (GPT-2 or Llama architecture)",
     inputs: &[
         Port::input("data", "corpus: a JSONL or text file, or a folder of them"),

@@ -56,7 +56,7 @@ fn default_lr() -> f64 {
 /// The `sft` op.
 pub const OP: OpDecl = OpDecl {
     name: "sft",
-    version: 3,
+    version: 4,
     summary:
         "supervised fine-tuning on prompt/response records (loss on response tokens), full or LoRA",
     inputs: &[

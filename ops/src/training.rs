@@ -22,7 +22,10 @@ pub struct TrainParams {
     /// Examples per optimizer step (per micro-batch with `grad_accum`).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
-    /// Micro-batches accumulated per optimizer step.
+    /// Micro-batches accumulated per optimizer step. Each counts by its
+    /// labelled tokens (pairs for pm.* and dpo): the step's loss and
+    /// gradient are those of one pass over them all, as with transformers'
+    /// and TRL's accumulation.
     #[serde(default = "crate::defaults::one")]
     pub grad_accum: usize,
     /// Passes over the data.

@@ -11,7 +11,6 @@ use alignflow_ops::training::TrainParams;
 use alignflow_ops::StageContext;
 
 use super::metrics_log::{finite_or_null, MetricsLog};
-use crate::dist::Group;
 use crate::model::{Keep, Model};
 use crate::train::per_second;
 use crate::train::{
@@ -25,9 +24,9 @@ pub struct BatchLoss {
     /// Tokens in the micro-batch, for throughput.
     pub tokens: u64,
     /// The mean's denominator: labelled tokens for a token-level loss,
-    /// pairs (or the sum of pair weights) for a per-pair loss. Data-parallel
-    /// ranks add theirs up to turn each shard's mean into its share of the
-    /// whole batch's mean (see [`share_of_batch_loss`]).
+    /// pairs (or the sum of pair weights) for a per-pair loss. A step's
+    /// micro-batches, and data-parallel ranks' shards, count by it (see
+    /// [`crate::train::accumulate`]).
     pub weight: f64,
 }
 
@@ -155,13 +154,10 @@ pub fn run_training_with_figures(
             };
             let out = crate::train::autocast_if(autocast, || loss_fn(model, &idx))?;
             crate::dist::test_fault_point(state.step + 1);
-            let loss = match group {
-                Some(g) => share_of_batch_loss(g, out.loss, out.weight)?,
-                None => out.loss,
-            };
             Ok(MicroBatch {
-                loss,
+                loss: out.loss,
                 tokens: out.tokens,
+                weight: out.weight,
             })
         })?;
         if !m.loss.is_finite() || !m.grad_norm.is_finite() {
@@ -224,21 +220,6 @@ pub fn run_training_with_figures(
 /// metrics, the held-out evaluation) are rank 0's alone.
 pub fn is_other_rank() -> bool {
     crate::dist::group().is_some_and(|g| !g.is_root())
-}
-
-/// This rank's share of the whole batch's loss, from the mean `loss` of its
-/// shard and the mean's denominator `weight`: `loss * weight * world /
-/// total_weight`, the total added up over the ranks. Averaged over the
-/// ranks, the gradients of the shares are the gradient of the whole
-/// batch's mean, however unevenly tokens fall between the shards. A shard
-/// with nothing to weigh (no labelled token) contributes no gradient.
-fn share_of_batch_loss(group: &Group, loss: Tensor, weight: f64) -> anyhow::Result<Tensor> {
-    let total = group.sum_f64(&[weight])?[0];
-    if weight == 0.0 || total == 0.0 {
-        // The mean over nothing is NaN; its share is zero, with no graph.
-        return Ok(Tensor::zeros([], (Kind::Float, loss.device())).set_requires_grad(true));
-    }
-    Ok(loss * (weight * group.world() as f64 / total))
 }
 
 /// The trainer's settings from the training params.

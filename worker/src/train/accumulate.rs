@@ -4,27 +4,42 @@ use tch::Tensor;
 
 /// What one micro-batch's closure returns.
 pub struct MicroBatch {
-    /// The micro-batch's loss, a scalar with a graph to backpropagate.
+    /// The micro-batch's loss: a mean (scalar, with a graph to
+    /// backpropagate).
     pub loss: Tensor,
     /// Training tokens (or examples) in the micro-batch, for throughput.
     pub tokens: u64,
+    /// The mean's denominator: labelled tokens for a token-level loss,
+    /// pairs (or their summed weights) for a per-pair one.
+    pub weight: f64,
 }
 
 /// The result of [`accumulate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Accumulated {
-    /// The mean of the micro-batch losses (unscaled).
-    pub loss: f64,
+    /// The micro-batch losses times their weights, summed.
+    pub weighted_loss: f64,
+    /// The micro-batches' weights, summed.
+    pub weight: f64,
     /// The tokens of all micro-batches.
     pub tokens: u64,
 }
 
+impl Accumulated {
+    /// The step's loss: the mean over every micro-batch's denominator.
+    pub fn loss(&self) -> f64 {
+        self.weighted_loss / self.weight
+    }
+}
+
 /// Runs `micro_batches` passes of `f(i)` and backpropagates each loss
-/// divided by `micro_batches`, so the gradients add up to those of the mean
-/// loss. For mean-reduced losses over equal-sized micro-batches this equals
-/// one pass over the concatenated batch; with unequal sizes (token-level
-/// losses), return `sum / tokens_in_whole_batch * micro_batches` instead.
-/// Gradients are added to whatever is there: zero them first.
+/// times its weight: the gradients add up to `weight` times those of the
+/// mean over the whole step, and [`Accumulated::weight`] is what to divide
+/// them by. So micro-batches count by their tokens (or pairs), not equally:
+/// a step of `k` micro-batches equals one pass over them all together
+/// whatever their sizes, as transformers' and TRL's gradient accumulation
+/// normalise. A micro-batch with nothing to weigh (no labelled token) adds
+/// no gradient. Gradients are added to whatever is there: zero them first.
 ///
 /// # Shapes
 /// `loss`: `[]` (0-dim).
@@ -34,20 +49,41 @@ pub fn accumulate<E>(
 ) -> Result<Accumulated, E> {
     let n = micro_batches.max(1);
     let mut total: Option<Tensor> = None;
-    let mut tokens = 0;
+    let (mut tokens, mut weight) = (0, 0.0);
     for i in 0..n {
         let mb = f(i)?;
-        (&mb.loss / n as f64).backward();
         tokens += mb.tokens;
+        if mb.weight <= 0.0 {
+            continue;
+        }
+        weight += mb.weight;
+        let weighted = &mb.loss * mb.weight;
+        weighted.backward();
         // Summed on the device: one host sync per step, not per micro-batch.
-        let l = mb.loss.detach();
+        let l = weighted.detach();
         total = Some(match total {
             Some(t) => t + l,
             None => l,
         });
     }
-    let loss = total.map_or(0.0, |t| t.double_value(&[]) / n as f64);
-    Ok(Accumulated { loss, tokens })
+    let weighted_loss = total.map_or(0.0, |t| t.double_value(&[]));
+    Ok(Accumulated {
+        weighted_loss,
+        weight,
+        tokens,
+    })
+}
+
+/// Multiplies every defined gradient of `params` by `factor`.
+pub fn scale_gradients(params: &[&Tensor], factor: f64) {
+    tch::no_grad(|| {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(factor);
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -105,9 +141,11 @@ mod tests {
                 Ok(MicroBatch {
                     loss: mse(&w, &b, &xs, &ys),
                     tokens: rows as u64,
+                    weight: rows as f64,
                 })
             })
             .unwrap();
+            scale_gradients(&[&w, &b], 1.0 / out.weight);
             let grad = w.grad().copy();
             opt.step(1e-2).unwrap();
             (out, grad, w, b)
@@ -116,10 +154,37 @@ mod tests {
         let (four, g4, w4, b4) = run(4);
         assert_eq!(one.tokens, 8);
         assert_eq!(four.tokens, 8);
-        assert!((one.loss - four.loss).abs() < 1e-6);
+        assert!((one.loss() - four.loss()).abs() < 1e-6);
         for (a, b) in [(&g1, &g4), (&w1, &w4), (&b1, &b4)] {
             let diff = (a - b).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "differ by {diff}");
         }
+    }
+
+    /// Micro-batches of 2 and 6 rows: the step is the mean over the 8 rows
+    /// (each micro-batch counts by its rows), not the mean of two means.
+    #[test]
+    fn unequal_micro_batches_count_by_their_weight() {
+        let (x, y) = data();
+        let (w, b) = model();
+        let sizes = [2i64, 6];
+        let out = accumulate::<()>(2, |i| {
+            let (start, rows) = (if i == 0 { 0 } else { 2 }, sizes[i]);
+            let (xs, ys) = (x.narrow(0, start, rows), y.narrow(0, start, rows));
+            Ok(MicroBatch {
+                loss: mse(&w, &b, &xs, &ys),
+                tokens: rows as u64,
+                weight: rows as f64,
+            })
+        })
+        .unwrap();
+        scale_gradients(&[&w, &b], 1.0 / out.weight);
+        let accumulated = w.grad().copy();
+        let (w1, b1) = model();
+        let whole = mse(&w1, &b1, &x, &y);
+        whole.backward();
+        assert!((out.loss() - whole.double_value(&[])).abs() < 1e-6);
+        let diff = (accumulated - w1.grad()).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "differ by {diff}");
     }
 }

@@ -17,7 +17,7 @@ mod optim;
 mod schedule;
 mod trainer;
 
-pub use accumulate::{accumulate, Accumulated, MicroBatch};
+pub use accumulate::{accumulate, scale_gradients, Accumulated, MicroBatch};
 pub use checkpoint::{
     latest, load_checkpoint, load_checkpoint_parts, CheckpointError, CheckpointPart,
     CheckpointPartMut, CheckpointState, Checkpoints,

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 
-use super::accumulate::{accumulate, MicroBatch};
+use super::accumulate::{accumulate, scale_gradients, MicroBatch};
 use super::checkpoint::{load_checkpoint, CheckpointError, CheckpointState, Checkpoints};
 use super::clip::clip_grad_norm;
 use super::loop_state::{seed_torch_for_step, TrainState};
@@ -138,11 +138,17 @@ impl Trainer {
         self.opt.zero_grad();
         let state = &mut self.state;
         let mut acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
+        // The gradients hold `weight` times those of the step's mean: over
+        // the ranks too, each rank's weight being its own.
+        let mut scale = 1.0;
         if let Some(group) = self.group {
             crate::dist::average_gradients(group, &self.opt.params())?;
-            let sums = group.sum_f64(&[acc.loss, acc.tokens as f64])?;
-            acc.loss = sums[0] / group.world() as f64;
-            acc.tokens = sums[1] as u64;
+            let sums = group.sum_f64(&[acc.weighted_loss, acc.weight, acc.tokens as f64])?;
+            (acc.weighted_loss, acc.weight, acc.tokens) = (sums[0], sums[1], sums[2] as u64);
+            scale = group.world() as f64;
+        }
+        if acc.weight > 0.0 {
+            scale_gradients(&self.opt.params(), scale / acc.weight);
         }
         // Without clipping the norm is still measured, for the metrics.
         let grad_norm = clip_grad_norm(
@@ -165,7 +171,7 @@ impl Trainer {
         let secs = start.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: self.state.step,
-            loss: acc.loss,
+            loss: acc.loss(),
             lr,
             grad_norm,
             tokens: acc.tokens,
@@ -275,7 +281,11 @@ mod tests {
                     // No dropout: tests share torch's global generator across
                     // threads, so a draw here would race with other tests.
                     let loss = (xs.matmul(w) + b - ys).square().mean(Kind::Float);
-                    Ok(MicroBatch { loss, tokens: 2 })
+                    Ok(MicroBatch {
+                        loss,
+                        tokens: 2,
+                        weight: 2.0,
+                    })
                 })
                 .unwrap();
             assert!(!m.skipped);
