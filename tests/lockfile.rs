@@ -123,3 +123,60 @@ fn ad_hoc_runs_leave_the_lockfile_alone() {
         "--update-lock records the ad-hoc run"
     );
 }
+
+/// Two runs of one manifest update its lockfile in turn, each from the file
+/// as it is then: a `--target` run that finishes while another is running
+/// keeps its entry when the other one writes.
+#[test]
+fn runs_side_by_side_keep_each_others_lockfile_entries() {
+    let p = Project::new();
+    p.write(
+        "pipeline.yaml",
+        r#"version: 1
+name: two
+stages:
+  slow:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'touch started; for i in $(seq 600); do [ -f go ] && break; sleep 0.05; done; echo slow > "$ALIGNFLOW_OUT/x"' }
+  quick:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'echo quick > "$ALIGNFLOW_OUT/x"' }
+"#,
+    );
+    let mut slow = p
+        .cmd(&[
+            "run",
+            "pipeline.yaml",
+            "--target",
+            "slow",
+            "--update-lock",
+            "--quiet",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !p.path("started").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow stage never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    p.ok(&[
+        "run",
+        "pipeline.yaml",
+        "--target",
+        "quick",
+        "--update-lock",
+        "--quiet",
+    ]);
+    assert!(p.read("pipeline.lock").contains("quick:"));
+    p.write("go", "");
+    assert!(slow.wait().unwrap().success());
+    let lock = p.read("pipeline.lock");
+    assert!(lock.contains("slow:") && lock.contains("quick:"), "{lock}");
+}

@@ -81,6 +81,16 @@ impl Locks {
 
     /// Blocks until `gc` is not running, and keeps it from starting until
     /// the guard is dropped.
+    /// Blocks until this process holds `locks/NAME.lock` alone (released
+    /// when the file is dropped): for writers of one file outside the cache
+    /// that must take turns.
+    pub fn hold_named(&self, name: &str) -> Result<File, CacheError> {
+        let name = format!("{name}.lock");
+        let file = self.lock_file(&name)?;
+        file.lock().map_err(at(&self.lock_path(&name)))?;
+        Ok(file)
+    }
+
     pub fn hold_off_gc(&self) -> Result<GcGuard, CacheError> {
         Ok(GcGuard {
             gc: self.gc_shared_lock()?,

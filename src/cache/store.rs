@@ -190,6 +190,12 @@ impl Cache {
     /// Keeps `gc` from running until the guard is dropped (blocks while it
     /// runs): for writing objects and then the record that reaches them
     /// without the stage's lock (a pull from a remote).
+    /// Blocks until this process holds the cache's lock `name` alone
+    /// (released when the file is dropped).
+    pub fn hold_named_lock(&self, name: &str) -> Result<std::fs::File, CacheError> {
+        self.locks.hold_named(name)
+    }
+
     pub fn hold_off_gc(&self) -> Result<GcGuard, CacheError> {
         self.locks.hold_off_gc()
     }

@@ -61,7 +61,9 @@ pub fn run(
             &options,
         )?;
     }
-    cache.flush_hash_cache()?;
+    if let Err(e) = cache.flush_hash_cache() {
+        tracing::warn!("the hash cache was not saved (the next run hashes again): {e}");
+    }
 
     let ui = Ui::new(
         cache.logs_dir().ok().as_deref(),
@@ -120,12 +122,15 @@ pub fn run(
         summary
     })?;
     // The hashes the run learnt (its outputs, the inputs it checked) spare
-    // the next run from reading them again.
-    cache.flush_hash_cache()?;
+    // the next run from reading them again. Only a cache: a run that
+    // cannot save them has still done its work, and the lockfile follows.
+    if let Err(e) = cache.flush_hash_cache() {
+        tracing::warn!("the hash cache was not saved (the next run hashes again): {e}");
+    }
 
     if summary.success() {
         if options.writes_lockfile() {
-            update_lockfile(&pipeline, &shared, lockfile, &lock_path)?;
+            update_lockfile(&pipeline, &shared, &lock_path)?;
         } else {
             shared.ui.say(&format!(
                 "lockfile {} left unchanged: --target/--set runs do not update it (add --update-lock to record them)",
@@ -204,13 +209,18 @@ fn announce(ui: &Ui, pipeline: &Pipeline, the_plan: &Plan) {
 }
 
 /// Records what the finished stages ran with; a full run also forgets
-/// stages no longer in the manifest.
-fn update_lockfile(
-    pipeline: &Pipeline,
-    shared: &Shared,
-    lockfile: Option<Lockfile>,
-    lock_path: &Path,
-) -> Result<(), Error> {
+/// stages no longer in the manifest. The lockfile is read again under a
+/// lock of the cache's: another run of the manifest may have written it
+/// since this one started (a `--target` run beside a full one, a
+/// teammate's), and its entries stay.
+fn update_lockfile(pipeline: &Pipeline, shared: &Shared, lock_path: &Path) -> Result<(), Error> {
+    let absolute = std::path::absolute(lock_path).context("the lockfile's path")?;
+    let name = format!(
+        "lockfile-{}",
+        &blake3::hash(absolute.as_os_str().as_encoded_bytes()).to_hex()[..16]
+    );
+    let _turn = shared.cache.hold_named_lock(&name)?;
+    let lockfile = Lockfile::load(lock_path)?;
     let mut lock = lockfile.unwrap_or_else(|| Lockfile::new(&pipeline.name));
     lock.pipeline = pipeline.name.clone();
     lock.engine_version = crate::ENGINE_VERSION.to_string();
