@@ -26,7 +26,10 @@ pub struct GenerateParams {
     /// Fewest new tokens (EOS is blocked before).
     #[serde(default)]
     pub min_new_tokens: i64,
-    /// Stop a response when its text contains one of these (the stop string is cut off).
+    /// Stop a response when its text contains one of these: `response`
+    /// ends before it, while `response_ids`, `token_logprobs` and `logprob`
+    /// keep every sampled token, those that spell it included (as vLLM's
+    /// token ids do: a stop string may end inside a token).
     #[serde(default)]
     pub stop: Vec<String>,
     /// Rows (prompt samples) decoding at once: a finished row's place goes
@@ -50,7 +53,7 @@ pub const OP: OpDecl = OpDecl {
     ],
     outputs: Outputs::Declared(&[Port::output(
         "responses",
-        "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt; with a chat template also `messages`, the conversation with the response as its last turn",
+        "JSONL: {prompt, prompt_text, prompt_index, sample_index, response, response_ids, logprob, token_logprobs, finish}, n per prompt (`response` cut before a stop string, the token fields every sampled token); with a chat template also `messages`, the conversation with the response as its last turn",
     )]),
     params: ParamsDecl::of::<GenerateParams>(),
     placement: Placement::Worker,
