@@ -244,7 +244,10 @@ impl Objects {
             result?;
             fsync_dir(&trees).map_err(at(&trees))?;
         }
-        if !listed {
+        // Listed when it began, the listing may have been moved away since
+        // (a quarantine, another node's gc): written again, or the record
+        // about to name the tree would find no tree.
+        if !listed || !json.is_file() {
             atomic_write(&json, bytes).map_err(at(&json))?;
         }
         Ok(())
