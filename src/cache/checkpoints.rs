@@ -6,7 +6,7 @@
 use std::fs;
 
 use super::fsutil::{file_name, read_dir_sorted, valid_fp};
-use super::maintenance::{remove, GcReport, Maintenance};
+use super::maintenance::{old_enough, remove, GcReport, Maintenance};
 use super::Fingerprint;
 
 /// A file in a checkpoint folder that keeps it after the commit and from
@@ -17,10 +17,14 @@ impl Maintenance<'_> {
     /// Removes the checkpoint folders nothing can resume from: those of a
     /// committed fingerprint, and empty ones, when no run holds the
     /// fingerprint's lock. A non-empty folder without a record is what an
-    /// interrupted stage resumes from, and stays.
+    /// interrupted stage resumes from, and stays. On a shared cache an
+    /// empty one goes only once `min_age` old: the lock of a stage another
+    /// node runs may not be seen from here, and its command may not have
+    /// written its first checkpoint yet.
     pub(super) fn gc_checkpoints(
         &self,
         dry_run: bool,
+        min_age: std::time::Duration,
         report: &mut GcReport,
     ) -> Result<(), super::CacheError> {
         for dir in read_dir_sorted(&self.root.join("checkpoints"))? {
@@ -30,7 +34,7 @@ impl Maintenance<'_> {
             }
             let committed = matches!(self.records.get(&Fingerprint(fp.clone())), Ok(Some(_)));
             let empty = fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
-            if !(committed || empty) {
+            if !(committed || (empty && old_enough(&dir, min_age))) {
                 continue;
             }
             if let Some(_owner) = self.locks.try_lock_owner(&fp)? {

@@ -445,7 +445,7 @@ impl Maintenance<'_> {
                 remove(&path, dry_run, &mut report);
             }
         }
-        self.gc_checkpoints(dry_run, &mut report)?;
+        self.gc_checkpoints(dry_run, min_age, &mut report)?;
         Ok(report)
     }
 
@@ -519,7 +519,7 @@ impl Maintenance<'_> {
 
 /// Whether `path` last changed (its inode: content, links, modes) at least
 /// `min_age` ago.
-fn old_enough(path: &Path, min_age: Duration) -> bool {
+pub(super) fn old_enough(path: &Path, min_age: Duration) -> bool {
     if min_age.is_zero() {
         return true;
     }

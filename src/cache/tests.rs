@@ -689,6 +689,21 @@ fn gc_collects_checkpoints_nothing_resumes_from() {
     assert!(after.removed.contains(&busy_dir), "{:?}", after.removed);
 }
 
+/// On a shared cache an empty checkpoint folder may be a stage's that
+/// another node runs (its lock perhaps unseen from here), before its first
+/// checkpoint: gc keeps it until it is `min_age` old.
+#[test]
+fn gc_keeps_young_empty_checkpoint_folders_on_a_shared_cache() {
+    let (_dir, cache) = cache();
+    let empty = cache.checkpoint_dir(&fp(2)).unwrap();
+    cache
+        .gc_min_age(false, Duration::from_secs(86_400))
+        .unwrap();
+    assert!(empty.exists(), "young: kept");
+    cache.gc_min_age(false, Duration::ZERO).unwrap();
+    assert!(!empty.exists(), "no minimum age: removed");
+}
+
 /// On a shared cache a temporary whose pid is not alive here may be another
 /// node's write in progress: gc keeps it until it is `min_age` old; on a
 /// machine's own cache (no minimum age) it goes at once.
