@@ -41,3 +41,60 @@ fn a_shared_cache_is_group_writable_and_gc_keeps_young_garbage() {
         assert_eq!(m & 0o2070, 0o2070, "{m:o}");
     }
 }
+
+/// On a shared cache a running stage keeps its staging folder young (a gc
+/// on another node judges it by its change time: the stage's lock may not
+/// be seen from there): here with a gc age of 4 s, marked every second.
+#[test]
+fn a_running_stage_keeps_its_staging_folder_young() {
+    let p = Project::new();
+    p.write(
+        "pipe.yaml",
+        r#"version: 1
+name: long
+stages:
+  nap:
+    op: exec
+    outputs: [x]
+    params: { cmd: 'touch started; for i in $(seq 600); do [ -f go ] && break; sleep 0.05; done; echo done > "$ALIGNFLOW_OUT/x"' }
+"#,
+    );
+    p.ok(&["cache", "init", "--shared"]);
+    p.write(
+        "cache/config.json",
+        r#"{"shared": true, "gc_min_age_s": 4}"#,
+    );
+    let mut run = p
+        .cmd(&["run", "pipe.yaml", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !p.path("started").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stage never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let staging = std::fs::read_dir(p.path("cache/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.join("out").is_dir())
+        .expect("the stage's staging folder");
+    let changed = || {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&staging).unwrap();
+        std::time::UNIX_EPOCH + std::time::Duration::new(m.ctime() as u64, m.ctime_nsec() as u32)
+    };
+    let first = changed();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let later = changed();
+    let age = later.elapsed().unwrap();
+    p.write("go", "");
+    assert!(run.wait().unwrap().success());
+    assert!(later > first, "the staging folder was not marked young");
+    // Marked each second: younger than the gc age by far.
+    assert!(age < std::time::Duration::from_secs(3), "{age:?}");
+}

@@ -298,6 +298,16 @@ impl Cache {
         self.maintenance().gc(dry_run, self.config.gc_min_age())
     }
 
+    /// How often a running stage marks its staging folder young, so that
+    /// a gc of a shared cache on another node, which judges it by age
+    /// (the stage's lock may not be seen from there), leaves it: a quarter
+    /// of the cache's gc age, at most an hour, at least a second. `None`
+    /// on a cache without a gc age (one machine's: gc sees the lock).
+    pub fn staging_heartbeat(&self) -> Option<Duration> {
+        let age = self.config.gc_min_age();
+        (!age.is_zero()).then(|| (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
+    }
+
     /// [`Self::gc`], keeping unreachable objects younger than `min_age`.
     pub fn gc_min_age(&self, dry_run: bool, min_age: Duration) -> Result<GcReport, CacheError> {
         self.maintenance().gc(dry_run, min_age)

@@ -503,6 +503,9 @@ async fn dispatch(
     let started_at = SystemTime::now();
     let start = Instant::now();
     let progress = shared.ui.stage(&stage.id);
+    let heartbeat = cache
+        .staging_heartbeat()
+        .map(|every| tokio::spawn(keep_young(staging.clone(), every)));
     let result = match op.placement {
         Placement::Worker => {
             let placement = worker::Placement {
@@ -517,6 +520,9 @@ async fn dispatch(
         Placement::Engine(run) => run_in_engine(run, &spec, &progress, &shared.cancel).await,
     };
     progress.finish();
+    if let Some(beat) = heartbeat {
+        beat.abort();
+    }
     let changes = tokio::task::block_in_place(|| guard.changes());
     if !changes.is_empty() {
         let _ = remove_all(&staging);
@@ -544,6 +550,24 @@ async fn dispatch(
         started_at,
         duration: start.elapsed(),
     })
+}
+
+/// Marks `staging` young (its change time, which a shared cache's gc
+/// reads, by a chmod to its own mode) every `every`, until aborted.
+async fn keep_young(staging: PathBuf, every: std::time::Duration) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await; // the first tick is now: the folder was just made
+    loop {
+        ticks.tick().await;
+        let marked = std::fs::metadata(&staging).and_then(|m| {
+            let mode = m.permissions().mode() & 0o7777;
+            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
+        });
+        if let Err(e) = marked {
+            tracing::debug!("{}: not marked young ({e})", staging.display());
+        }
+    }
 }
 
 /// What the op is told about its stage.
