@@ -145,27 +145,17 @@ stages:
     params: { cmd: 'echo quick > "$ALIGNFLOW_OUT/x"' }
 "#,
     );
-    let mut slow = p
-        .cmd(&[
+    let mut slow = p.spawn_until(
+        &[
             "run",
             "pipeline.yaml",
             "--target",
             "slow",
             "--update-lock",
             "--quiet",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !p.path("started").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow stage never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        ],
+        "started",
+    );
     p.ok(&[
         "run",
         "pipeline.yaml",

@@ -64,20 +64,7 @@ stages:
         "cache/config.json",
         r#"{"shared": true, "gc_min_age_s": 4}"#,
     );
-    let mut run = p
-        .cmd(&["run", "pipe.yaml", "--quiet"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !p.path("started").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stage never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut run = p.spawn_until(&["run", "pipe.yaml", "--quiet"], "started");
     let staging = std::fs::read_dir(p.path("cache/tmp"))
         .unwrap()
         .map(|e| e.unwrap().path())

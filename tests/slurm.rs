@@ -998,6 +998,19 @@ fn a_second_run_waits_for_the_first_runs_job_without_submitting_its_own() {
     assert_eq!(slurm.calls("sbatch"), 1, "{stderr}");
 }
 
+/// Starts the run of `p` (GATED) and SIGKILLs its engine once its job runs
+/// and is journaled (the job can be RUNNING before the engine, having read
+/// sbatch's answer, has written it down); the job goes on. The run's id.
+fn engine_killed_with_its_job_running(p: &Project, slurm: &Slurm) -> String {
+    let mut child = spawn(p, slurm, &["run", "pipe.yaml", "--profile", "test"]);
+    wait_until(Duration::from_secs(30), "a running, journaled job", || {
+        job_in_state(slurm, "RUNNING").is_some() && journaled(p)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run_id(p)
+}
+
 #[test]
 fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     let slurm = Slurm::start(1);
@@ -1005,15 +1018,7 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     // sleep it could end and commit its record before `run --attach`
     // looked (on a slow machine), and the stage would be cached, not adopted.
     let p = project_with(GATED);
-    let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    // Killed once its job is journaled too: the job can be RUNNING before
-    // the engine, having read sbatch's answer, has written it down.
-    wait_until(Duration::from_secs(30), "a running, journaled job", || {
-        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
-    });
-    child.kill().unwrap(); // SIGKILL: the engine dies, the job goes on
-    child.wait().unwrap();
-    let run = run_id(&p);
+    let run = engine_killed_with_its_job_running(&p, &slurm);
     let mut attach = cmd(&p, &slurm, &["run", "--attach", &run])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1055,13 +1060,7 @@ impl Drop for KilledOnDrop {
 fn take_over_adopts_a_run_whose_dead_engine_left_its_lock() {
     let slurm = Slurm::start(1);
     let p = project_with(GATED);
-    let mut child = spawn(&p, &slurm, &["run", "pipe.yaml", "--profile", "test"]);
-    wait_until(Duration::from_secs(30), "a running, journaled job", || {
-        job_in_state(&slurm, "RUNNING").is_some() && journaled(&p)
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run = run_id(&p);
+    let run = engine_killed_with_its_job_running(&p, &slurm);
     let lock = p.path(&format!("cache/runs/{run}/engine.lock"));
     let _stale = KilledOnDrop(
         Command::new("flock")

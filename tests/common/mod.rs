@@ -47,6 +47,26 @@ impl Project {
         cmd
     }
 
+    /// Starts `alignflow ARGS` (output discarded) and returns once the file
+    /// `marker` exists in the project (a stage's command made it).
+    pub fn spawn_until(&self, args: &[&str], marker: &str) -> std::process::Child {
+        let child = self
+            .cmd(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("alignflow starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.path(marker).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no `{marker}` after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("alignflow runs")
     }
