@@ -249,8 +249,9 @@ mod tests {
         assert_eq!(normalized("pm.train")["dropout"], json!(false));
         assert_eq!(normalized("pm.pretrain")["dropout"], json!(false));
         // Version 2 brought the dropout default, 3 the chat templates, 4
-        // the BOS kept when a prompt is cut.
-        assert_eq!(find("pm.train").unwrap().version, 4);
+        // the BOS kept when a prompt is cut, 5 the reward read at a chat
+        // turn's end and one prompt cut per pair.
+        assert_eq!(find("pm.train").unwrap().version, 5);
         let v = find("sft")
             .unwrap()
             .normalize_params(&json!({"dropout": false}))

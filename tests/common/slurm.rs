@@ -282,7 +282,7 @@ impl Slurm {
 
 impl Drop for Slurm {
     /// Stops the daemons by pid (SIGTERM, then SIGKILL after 5 s), slurmds
-    /// first.
+    /// first, then what they leave running.
     fn drop(&mut self) {
         for (_, child) in self.daemons.iter().rev() {
             unsafe {
@@ -300,6 +300,57 @@ impl Drop for Slurm {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        kill_leftover_steps(self.dir.path());
+    }
+}
+
+/// Job step daemons (`slurmstepd`) outlive slurmd, and so would the jobs
+/// they run (a training stage of a million steps, say, hogging the CPUs of
+/// every test after it): found by the cluster's log they hold open, each
+/// goes, with every process under it.
+fn kill_leftover_steps(dir: &Path) {
+    let procs: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces.
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid = after.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let holds_our_files = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
+    };
+    let mut doomed: Vec<i32> = procs
+        .iter()
+        .map(|&(pid, _)| pid)
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "slurmstepd")
+                && holds_our_files(pid)
+        })
+        .collect();
+    let mut i = 0;
+    while i < doomed.len() {
+        let parent = doomed[i];
+        doomed.extend(
+            procs
+                .iter()
+                .filter(|&&(_, pp)| pp == parent)
+                .map(|&(p, _)| p),
+        );
+        i += 1;
+    }
+    for pid in doomed {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
