@@ -1019,11 +1019,7 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     // looked (on a slow machine), and the stage would be cached, not adopted.
     let p = project_with(GATED);
     let run = engine_killed_with_its_job_running(&p, &slurm);
-    let mut attach = cmd(&p, &slurm, &["run", "--attach", &run])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("alignflow starts");
+    let mut attach = spawn(&p, &slurm, &["run", "--attach", &run]);
     let stderr = stderr_once(&mut attach, "adopt", Duration::from_secs(120));
     p.write("go", "");
     let out = finish(attach, Duration::from_secs(120));
@@ -1086,11 +1082,7 @@ fn take_over_adopts_a_run_whose_dead_engine_left_its_lock() {
         stderr.contains(&format!("alignflow run --attach {run} --take-over")),
         "{stderr}"
     );
-    let mut attach = cmd(&p, &slurm, &["run", "--attach", &run, "--take-over"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("alignflow starts");
+    let mut attach = spawn(&p, &slurm, &["run", "--attach", &run, "--take-over"]);
     let stderr = stderr_once(&mut attach, "adopt", Duration::from_secs(120));
     // The taken-over run has an engine's lock again: a second attach is
     // refused while this one follows the job.

@@ -1,5 +1,5 @@
 //! Folder helpers of the store: durable folder creation, sorted listings,
-//! and fingerprints as safe path components.
+//! ctime marks, and fingerprints as safe path components.
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,15 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), CacheError> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(at(dir)(e)),
     }
+}
+
+/// Changes `path`'s ctime, not its bytes or mode: a chmod to its own mode.
+/// gc of a shared cache judges unreachable objects and staging folders by
+/// ctime, so this keeps them for another minimum age.
+pub fn mark_young(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o7777;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
 pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {

@@ -50,6 +50,7 @@ pub use artifact::{ArtifactId, ArtifactKind};
 pub use atomic::{atomic_write, fsync_dir};
 pub use error::CacheError;
 pub use failures::FailureNote;
+pub use fsutil::mark_young;
 pub use integrity::Damage;
 pub use key::{Fingerprint, StageKey, STAGE_KEY_SCHEMA};
 pub use locks::{GcGuard, StageLock};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::atomic::{atomic_write, fsync_dir, temp_owner, temp_sibling, TempOwner};
 use super::error::{at, CacheError};
-use super::fsutil::{ensure_dir, file_name, read_dir_sorted};
+use super::fsutil::{ensure_dir, file_name, mark_young, read_dir_sorted};
 use super::hashcache::HashCache;
 use super::seal::{remove_all, seal_dirs, SEALED_FILE};
 use super::tree::{is_hex64, is_lower_hex, listing, walk_files, Links};
@@ -383,10 +383,6 @@ impl Objects {
     }
 }
 
-/// Copies `src` to a temporary file beside `dst`, makes it read-only and
-/// durable, checks that the copy is blob `hash` (a file with other names
-/// may be written through one of them between its hashing and this copy),
-/// then links it to `dst` (unless a racing process did).
 /// Marks a stored object that a stage output is about to reuse as just
 /// used: a chmod to its own mode changes its ctime, not its bytes. On a
 /// shared cache `gc` keeps unreachable objects changed within its minimum
@@ -397,16 +393,17 @@ impl Objects {
 /// to own it would cost a checkpoint's bytes on every reuse, against a race
 /// that can only cost a rerun (the record becomes a miss, never wrong).
 fn mark_reused(path: &Path) -> io::Result<()> {
-    let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o7777;
-    let marked = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    let marked = mark_young(path);
     if let Err(e) = &marked {
         tracing::debug!("{}: reused unmarked ({e})", path.display());
     }
     marked
 }
 
-/// Copies `src` (whose blake3 is `hash`) into the store at `dst`, checking
-/// the copy's hash; a blob already there stays.
+/// Copies `src` to a temporary file beside `dst`, makes it read-only and
+/// durable, checks that the copy is blob `hash` (a file with other names
+/// may be written through one of them between its hashing and this copy),
+/// then links it to `dst`; a blob already there (a racing process's) stays.
 pub(super) fn copy_into_store(src: &Path, dst: &Path, hash: &str) -> Result<(), CacheError> {
     let tmp = temp_sibling(dst).map_err(at(dst))?;
     let result = (|| {

@@ -555,16 +555,11 @@ async fn dispatch(
 /// Marks `staging` young (its change time, which a shared cache's gc
 /// reads, by a chmod to its own mode) every `every`, until aborted.
 async fn keep_young(staging: PathBuf, every: std::time::Duration) {
-    use std::os::unix::fs::PermissionsExt;
     let mut ticks = tokio::time::interval(every);
     ticks.tick().await; // the first tick is now: the folder was just made
     loop {
         ticks.tick().await;
-        let marked = std::fs::metadata(&staging).and_then(|m| {
-            let mode = m.permissions().mode() & 0o7777;
-            std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode))
-        });
-        if let Err(e) = marked {
+        if let Err(e) = crate::cache::mark_young(&staging) {
             tracing::debug!("{}: not marked young ({e})", staging.display());
         }
     }

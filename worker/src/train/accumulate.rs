@@ -115,9 +115,20 @@ mod tests {
         (x.matmul(w) + b - y).square().mean(Kind::Float)
     }
 
+    /// The mean squared error over `rows` rows from `start`, weighted by
+    /// its rows.
+    fn micro_batch(w: &Tensor, b: &Tensor, start: i64, rows: i64) -> MicroBatch {
+        let (x, y) = data();
+        let (xs, ys) = (x.narrow(0, start, rows), y.narrow(0, start, rows));
+        MicroBatch {
+            loss: mse(w, b, &xs, &ys),
+            tokens: rows as u64,
+            weight: rows as f64,
+        }
+    }
+
     #[test]
     fn accumulated_step_equals_one_big_batch_step() {
-        let (x, y) = data();
         let run = |accum: usize| {
             let (w, b) = model();
             let named = vec![
@@ -133,18 +144,8 @@ mod tests {
             )
             .unwrap();
             let rows = 8 / accum as i64;
-            let out = accumulate::<()>(accum, |i| {
-                let (xs, ys) = (
-                    x.narrow(0, i as i64 * rows, rows),
-                    y.narrow(0, i as i64 * rows, rows),
-                );
-                Ok(MicroBatch {
-                    loss: mse(&w, &b, &xs, &ys),
-                    tokens: rows as u64,
-                    weight: rows as f64,
-                })
-            })
-            .unwrap();
+            let out = accumulate::<()>(accum, |i| Ok(micro_batch(&w, &b, i as i64 * rows, rows)))
+                .unwrap();
             scale_gradients(&[&w, &b], 1.0 / out.weight);
             let grad = w.grad().copy();
             opt.step(1e-2).unwrap();
@@ -168,16 +169,8 @@ mod tests {
         let (x, y) = data();
         let (w, b) = model();
         let sizes = [2i64, 6];
-        let out = accumulate::<()>(2, |i| {
-            let (start, rows) = (if i == 0 { 0 } else { 2 }, sizes[i]);
-            let (xs, ys) = (x.narrow(0, start, rows), y.narrow(0, start, rows));
-            Ok(MicroBatch {
-                loss: mse(&w, &b, &xs, &ys),
-                tokens: rows as u64,
-                weight: rows as f64,
-            })
-        })
-        .unwrap();
+        let starts = [0i64, 2];
+        let out = accumulate::<()>(2, |i| Ok(micro_batch(&w, &b, starts[i], sizes[i]))).unwrap();
         scale_gradients(&[&w, &b], 1.0 / out.weight);
         let accumulated = w.grad().copy();
         let (w1, b1) = model();
