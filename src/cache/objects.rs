@@ -165,7 +165,11 @@ impl Objects {
         let file = File::open(src).map_err(at(src))?;
         let hash = self.hashes.hash_reader(&file).map_err(at(src))?;
         let dst = self.blob_path(&hash);
-        if fs::symlink_metadata(&dst).is_ok() {
+        let file_id = ArtifactId {
+            kind: ArtifactKind::File,
+            hash: hash.clone(),
+        };
+        if fs::symlink_metadata(&dst).is_ok() && !self.quarantined_if_damaged(&file_id)? {
             match mark_reused(&dst) {
                 // A gc removed it meanwhile: stored anew below.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -218,6 +222,13 @@ impl Objects {
         let trees = self.root.join("trees");
         let dir = self.tree_dir(hash);
         let json = self.tree_listing_path(hash);
+        let tree_id = ArtifactId {
+            kind: ArtifactKind::Tree,
+            hash: hash.to_string(),
+        };
+        if json.is_file() {
+            self.quarantined_if_damaged(&tree_id)?;
+        }
         // A tree stored before is reused: its listing's change time (which
         // gc reads for the folder too) keeps it until the record is in.
         let listed = json.is_file()
@@ -251,6 +262,23 @@ impl Objects {
             atomic_write(&json, bytes).map_err(at(&json))?;
         }
         Ok(())
+    }
+
+    /// Checks a stored artifact that an output is about to reuse (a stat
+    /// per file through the hash memo unless it changed) and moves it to
+    /// `quarantine/` if it is not what its id says, so that the output is
+    /// stored anew: reused as it was, the damage would surface only at the
+    /// next stage's input check, and cost this stage a rerun.
+    fn quarantined_if_damaged(&self, id: &ArtifactId) -> Result<bool, CacheError> {
+        let damage = self.check_artifact(id)?;
+        if damage.is_clean() {
+            return Ok(false);
+        }
+        for problem in &damage.problems {
+            tracing::warn!("{problem}: quarantined, the new output is stored instead");
+        }
+        self.quarantine(&damage)?;
+        Ok(true)
     }
 
     fn materialise(&self, tmp: &Path, entries: &[(String, String)]) -> Result<(), CacheError> {

@@ -805,3 +805,55 @@ fn a_reused_object_is_young_again_for_a_shared_cache_gc() {
         .unwrap();
     assert!(cache.verify().unwrap().problems.is_empty());
 }
+
+/// Flips one byte of a stored file in place (its inode, and so every
+/// tree file linked to it, changes with it).
+fn corrupt_in_place(path: &Path) {
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = fs::read(path).unwrap();
+    bytes[0] ^= 1;
+    fs::write(path, &bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o444)).unwrap();
+}
+
+/// An output whose blob (and tree) is already stored but damaged is
+/// stored anew, the damaged copies moved to quarantine: reused, the record
+/// would name bytes the next stage's input check refuses.
+#[test]
+fn an_output_is_not_deduplicated_onto_a_damaged_copy() {
+    let (dir, cache) = cache();
+    let file = cache
+        .ingest(&staged(&cache, "out", b"precious bytes"))
+        .unwrap();
+    let folder = cache.staging_dir(&fp(2)).unwrap().join("d");
+    write(&folder.join("w.bin"), b"weights");
+    let tree = cache.ingest(&folder).unwrap();
+    let weights = blake3::hash(b"weights").to_hex().to_string();
+    corrupt_in_place(&cache.blob_path(&file.hash));
+    corrupt_in_place(&cache.blob_path(&weights));
+
+    assert_eq!(
+        cache
+            .ingest(&staged(&cache, "out", b"precious bytes"))
+            .unwrap(),
+        file
+    );
+    write(&folder.join("w.bin"), b"weights");
+    assert_eq!(cache.ingest(&folder).unwrap(), tree);
+
+    assert_eq!(
+        fs::read(cache.artifact_path(&file)).unwrap(),
+        b"precious bytes"
+    );
+    assert_eq!(
+        fs::read(cache.artifact_path(&tree).join("w.bin")).unwrap(),
+        b"weights"
+    );
+    assert!(cache.verify().unwrap().problems.is_empty());
+    let quarantined = walk(&dir.path().join("cache").join("quarantine"));
+    assert_eq!(
+        quarantined.len(),
+        4,
+        "two blobs, a tree and its listing: {quarantined:?}"
+    );
+}
