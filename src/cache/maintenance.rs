@@ -446,7 +446,55 @@ impl Maintenance<'_> {
             }
         }
         self.gc_checkpoints(dry_run, min_age, &mut report)?;
+        self.gc_downloads(dry_run, &mut report)?;
         Ok(report)
+    }
+
+    /// Removes what `downloads/` holds for blobs now in the store: a part
+    /// a killed adoption left linked to the blob (between the link and the
+    /// unlink), or an interrupted download of a blob that arrived another
+    /// way; and range states whose part is gone. A part is removed only
+    /// while no pull holds its lock. Other parts stay: the next pull of
+    /// their blob resumes them.
+    fn gc_downloads(&self, dry_run: bool, report: &mut GcReport) -> Result<(), CacheError> {
+        let downloads = self.root.join("downloads");
+        for path in read_dir_sorted(&downloads)? {
+            let name = file_name(&path);
+            if let Some(hash) = name.strip_suffix(".parts.json") {
+                if !downloads.join(format!("{hash}.part")).exists() {
+                    remove(&path, dry_run, report);
+                }
+                continue;
+            }
+            let Some(hash) = name.strip_suffix(".part") else {
+                continue;
+            };
+            let blob = self.objects.blob_path(hash);
+            let (Ok(part), Ok(stored)) = (fs::symlink_metadata(&path), fs::symlink_metadata(&blob))
+            else {
+                continue;
+            };
+            // Read-only is enough for the lock, and for a sealed part.
+            let Ok(file) = fs::File::open(&path) else {
+                continue;
+            };
+            let mut lock = fd_lock::RwLock::new(file);
+            let Ok(_pulls_wait) = lock.try_write() else {
+                continue; // a pull is at it
+            };
+            let linked = part.dev() == stored.dev() && part.ino() == stored.ino();
+            if dry_run {
+                count_removed(report, &path, if linked { 0 } else { part.len() });
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => count_removed(report, &path, if linked { 0 } else { part.len() }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("{}: cannot remove: {e}", path.display()),
+            }
+            let _ = fs::remove_file(downloads.join(format!("{hash}.parts.json")));
+        }
+        Ok(())
     }
 
     fn gc_store(

@@ -13,7 +13,8 @@
 //! - `failures/<fingerprint>.json`: why the last run of a fingerprint
 //!   failed, until it commits (a hint for `plan` and `show`);
 //! - `downloads/<hash>.part`: blobs being pulled from a remote cache, kept
-//!   when a pull is interrupted so that the next one resumes them;
+//!   when a pull is interrupted so that the next one resumes them (`gc`
+//!   removes those whose blob is stored);
 //!   `uploads/`: the state of interrupted multipart uploads to a remote;
 //! - `quarantine/<time>-<pid>/`: corrupt objects moved out of the store (by a
 //!   stage's input check or `cache verify --repair`), kept for inspection;

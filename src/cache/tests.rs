@@ -857,3 +857,65 @@ fn an_output_is_not_deduplicated_onto_a_damaged_copy() {
         "two blobs, a tree and its listing: {quarantined:?}"
     );
 }
+
+/// gc removes from `downloads/` what is there for blobs already stored (a
+/// part a killed adoption left linked to its blob, which freed nothing,
+/// and a part whose blob came another way) unless a pull holds it, and
+/// range states without a part; an interrupted download stays to resume.
+#[test]
+fn gc_removes_download_parts_of_stored_blobs() {
+    let (dir, cache) = cache();
+    let stored = cache
+        .ingest(&staged(&cache, "out", b"stored bytes"))
+        .unwrap();
+    let extra = cache
+        .ingest(&staged(&cache, "more", b"more bytes"))
+        .unwrap();
+    cache
+        .write_record(&record(&[("out", &stored), ("more", &extra)]))
+        .unwrap();
+    let busy = cache
+        .ingest(&staged(&cache, "busy", b"busy bytes"))
+        .unwrap();
+    cache.write_record(&record(&[("busy", &busy)])).unwrap();
+    let downloads = cache.downloads_dir().unwrap();
+    let part = |hash: &str| downloads.join(format!("{hash}.part"));
+    fs::hard_link(cache.artifact_path(&stored), part(&stored.hash)).unwrap();
+    write(&part(&extra.hash), b"more");
+    write(&downloads.join(format!("{}.parts.json", extra.hash)), b"{}");
+    write(&part(&busy.hash), b"busy");
+    let pending = blake3::hash(b"not here yet").to_hex().to_string();
+    write(&part(&pending), b"not here");
+    write(&downloads.join(format!("{pending}.parts.json")), b"{}");
+    let orphan = downloads.join(format!("{}.parts.json", fp(5)));
+    write(&orphan, b"{}");
+
+    let mut pull = fd_lock::RwLock::new(fs::File::open(part(&busy.hash)).unwrap());
+    let _held = pull.write().unwrap();
+    let report = cache.gc(false).unwrap();
+    // (The staging folders the outputs came from go too.)
+    let mut removed: Vec<_> = report
+        .removed
+        .iter()
+        .filter(|p| p.starts_with(&downloads))
+        .cloned()
+        .collect();
+    removed.sort();
+    let mut expected = vec![part(&stored.hash), part(&extra.hash), orphan];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(!downloads
+        .join(format!("{}.parts.json", extra.hash))
+        .exists());
+    let freed =
+        |p: &Path| report.removed_bytes[report.removed.iter().position(|r| r == p).unwrap()];
+    assert_eq!(freed(&part(&stored.hash)), 0, "a second link frees nothing");
+    assert_eq!(freed(&part(&extra.hash)), 4);
+    assert!(part(&busy.hash).exists(), "a pull holds it");
+    assert!(part(&pending).exists() && downloads.join(format!("{pending}.parts.json")).exists());
+    assert_eq!(
+        fs::read(cache.artifact_path(&stored)).unwrap(),
+        b"stored bytes"
+    );
+    drop(dir);
+}
