@@ -456,3 +456,38 @@ stages:
     // outlives a SIGKILLed engine; only a clean stop kills the whole group.
     unsafe { libc::kill(-leader, libc::SIGKILL) };
 }
+
+/// An `exec` stage that declares another output keeps its fingerprint (the
+/// command is the same), but its record from before lacks that output: it
+/// runs again, the new record replaces the old, and the stage reading the
+/// new output gets it.
+#[test]
+fn declaring_another_exec_output_reruns_the_stage() {
+    let p = Project::new();
+    let stage_a = "  a:\n    op: exec\n    outputs: OUTPUTS\n    params: {cmd: 'echo 1 > $${ALIGNFLOW_OUT}/x; echo 2 > $${ALIGNFLOW_OUT}/y'}\n";
+    let one = format!(
+        "version: 1\nname: eo\nstages:\n{}",
+        stage_a.replace("OUTPUTS", "[x]")
+    );
+    p.write("eo.yaml", &one);
+    assert_eq!(p.run_stages("eo.yaml", &[]), set(&["a"]));
+    let two = format!(
+        "version: 1\nname: eo\nstages:\n{}  b:\n    op: exec\n    outputs: [o]\n    inputs: {{i: \"${{stages.a.y}}\"}}\n    params: {{cmd: 'cat \"$ALIGNFLOW_IN_I\" > $${{ALIGNFLOW_OUT}}/o'}}\n",
+        stage_a.replace("OUTPUTS", "[x, y]")
+    );
+    p.write("eo.yaml", &two);
+    let plan = p.ok(&["plan", "eo.yaml"]);
+    assert!(
+        plan.contains("output(s) y declared since its cached run"),
+        "{plan}"
+    );
+    assert_eq!(p.run_stages("eo.yaml", &[]), set(&["a", "b"]));
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["show", "eo.yaml", "b", "--json"])).unwrap();
+    let o = std::fs::read_to_string(shown["o"]["path"].as_str().unwrap()).unwrap();
+    assert_eq!(o.trim(), "2");
+    assert_eq!(p.run_stages("eo.yaml", &[]), set(&[]));
+    // Declaring fewer again is a hit on the record with more.
+    p.write("eo.yaml", &one);
+    assert_eq!(p.run_stages("eo.yaml", &[]), set(&[]));
+}

@@ -156,8 +156,10 @@ impl Records {
     /// name exists (`renameat2(RENAME_NOREPLACE)` where the filesystem
     /// refuses hard links). An existing record that is no hit (corrupt, or
     /// an output gone) is replaced, atomically: it would otherwise make
-    /// its stage rerun and fail to commit on every run. Returns whether
-    /// this record was committed.
+    /// its stage rerun and fail to commit on every run. So is one that
+    /// lacks an output this record has (an `exec` stage declared another
+    /// output since: the same command, more of what it wrote kept).
+    /// Returns whether this record was committed.
     pub fn commit(&self, record: &StageRecord, objects: &Objects) -> Result<bool, CacheError> {
         let path = self.path(&record.fingerprint)?;
         self.check_outputs(record, objects)?;
@@ -181,11 +183,20 @@ impl Records {
                 }
                 Err(e) => return Err(e),
             };
-            if published || matches!(self.hit(&record.fingerprint, objects), Ok(Some(_))) {
+            let covers = |old: &StageRecord| {
+                record
+                    .outputs
+                    .keys()
+                    .all(|name| old.outputs.contains_key(name))
+            };
+            if published
+                || matches!(self.hit(&record.fingerprint, objects), Ok(Some(old)) if covers(&old))
+            {
                 return Ok(published);
             }
             tracing::warn!(
-                "{}: replacing a record that is no hit (corrupt, or an output is gone)",
+                "{}: replacing a record that is no hit (corrupt, an output is gone, or it \
+                 lacks an output the stage declares now)",
                 path.display()
             );
             fs::rename(&tmp, &path)?;

@@ -14,8 +14,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{
-    remove_all, ArtifactId, Cache, FailureNote, Fingerprint, Provenance, StageKey, StageLock,
-    StageRecord,
+    remove_all, ArtifactId, Cache, CacheError, FailureNote, Fingerprint, Provenance, StageKey,
+    StageLock, StageRecord,
 };
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::{CancelFlag, OpDecl, Placement};
@@ -26,7 +26,7 @@ use super::feed::{changed_inputs, check_store_inputs, guard_inputs};
 use super::gpus::{GpuSlot, GpuSlots};
 use super::lockfile::{LockedStage, Lockfile};
 use super::options::Executor;
-use super::plan::{hash_path_inputs, stage_key};
+use super::plan::{hash_path_inputs, lacking_outputs, stage_key};
 use super::progress::{StageProgress, Ui};
 use super::threads::{CorePool, Cores};
 use super::{worker, Error, RunOptions, StageStatus};
@@ -47,6 +47,17 @@ pub(super) struct Shared {
     pub finished: Mutex<Vec<(String, LockedStage)>>,
     /// The Slurm run, under the slurm executor.
     pub cluster: Option<super::slurm::Cluster>,
+}
+
+impl Shared {
+    /// The cache's record of `fp` if it is a hit for `stage`: its outputs
+    /// are stored and it has every output the stage declares.
+    pub fn hit(&self, stage: &Stage, fp: &Fingerprint) -> Result<Option<StageRecord>, CacheError> {
+        Ok(self
+            .cache
+            .hit(fp)?
+            .filter(|record| lacking_outputs(stage, record).is_empty()))
+    }
 }
 
 /// A stage that finished, ran or cached.
@@ -121,7 +132,8 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     let stage = &shared.pipeline.stages[i];
     let key = actual_key(shared, i, op, upstream_ids).await?;
     let fp = key.fingerprint();
-    if let Some(record) = shared.cache.hit(&fp)? {
+    let covers = |record: &StageRecord| lacking_outputs(stage, record).is_empty();
+    if let Some(record) = shared.hit(stage, &fp)? {
         let detail = if planned_run {
             "early cutoff: upstream outputs unchanged"
         } else {
@@ -133,7 +145,10 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     let record = match &shared.options.executor {
         Executor::Slurm(settings) => {
             // The team cache first: a pulled stage submits no job.
-            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp)
+                .await
+                .filter(|(record, _)| covers(record))
+            {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
             match super::slurm::run_remote(shared, settings, i, op, &key, &fp).await? {
@@ -146,10 +161,13 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
         Executor::Local => {
             let held = acquire(shared, stage, op, &fp).await?;
             // Whoever waited for the lock finds the stage cached.
-            if let Some(record) = shared.cache.hit(&fp)? {
+            if let Some(record) = shared.hit(stage, &fp)? {
                 return Ok(cached(record, key, "finished by another run"));
             }
-            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp)
+                .await
+                .filter(|(record, _)| covers(record))
+            {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
             let device = held.gpu.as_ref().map_or(Device::Cpu, Device::Slot);

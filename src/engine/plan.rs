@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::cache::{ArtifactId, Cache, Fingerprint, StageKey, STAGE_KEY_SCHEMA};
+use crate::cache::{ArtifactId, Cache, Fingerprint, StageKey, StageRecord, STAGE_KEY_SCHEMA};
 use crate::graph::Dag;
 use crate::manifest::{Input, Pipeline, Stage};
 use crate::ops::OpDecl;
@@ -285,7 +285,12 @@ fn plan_stage(
     }
     let key = stage_key(pipeline, stage, op.version, inputs);
     let fingerprint = key.fingerprint();
-    if let Some(record) = ctx.cache.hit(&fingerprint)? {
+    let local = ctx.cache.hit(&fingerprint)?;
+    let lacking = local
+        .as_ref()
+        .map(|record| lacking_outputs(stage, record))
+        .unwrap_or_default();
+    if let Some(record) = local.filter(|_| lacking.is_empty()) {
         known.insert(i, record.outputs.clone());
         return Ok(PlannedStage {
             index: i,
@@ -297,7 +302,11 @@ fn plan_stage(
             outputs: Some(record.outputs),
         });
     }
-    if let Some(record) = ctx.remote.and_then(|r| remote_hit(r, stage, &fingerprint)) {
+    if let Some(record) = ctx
+        .remote
+        .and_then(|r| remote_hit(r, stage, &fingerprint))
+        .filter(|record| lacking_outputs(stage, record).is_empty())
+    {
         known.insert(i, record.outputs.clone());
         return Ok(PlannedStage {
             index: i,
@@ -311,6 +320,10 @@ fn plan_stage(
     }
     let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
     let reason = match (ctx.cache.failure(&fingerprint), previous) {
+        _ if !lacking.is_empty() => format!(
+            "output(s) {} declared since its cached run",
+            lacking.join(", ")
+        ),
         (Some(note), _) => failed_reason(&note),
         (None, Some(prev)) => explain(pipeline, stage, prev, &key),
         (None, None) => history
@@ -333,13 +346,21 @@ fn plan_stage(
     })
 }
 
+/// The outputs `stage` declares that `record` lacks: an `exec` stage that
+/// declares another output has the same fingerprint (the same command
+/// writes it), and its record from before is no hit for it.
+pub(super) fn lacking_outputs<'a>(stage: &'a Stage, record: &StageRecord) -> Vec<&'a str> {
+    stage
+        .outputs
+        .iter()
+        .filter(|name| !record.outputs.contains_key(*name))
+        .map(String::as_str)
+        .collect()
+}
+
 /// The remote's trusted record of `fp`. A remote that cannot be read is
 /// a miss with a warning, as a remote build cache is: the stage runs.
-fn remote_hit(
-    remote: &Remote,
-    stage: &Stage,
-    fp: &Fingerprint,
-) -> Option<crate::cache::StageRecord> {
+fn remote_hit(remote: &Remote, stage: &Stage, fp: &Fingerprint) -> Option<StageRecord> {
     match remote.lookup(fp) {
         Ok(Lookup::Found(record)) => Some(record),
         Ok(Lookup::Absent) => None,

@@ -26,7 +26,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Fingerprint, StageKey, StageRecord};
-use crate::manifest::Resources;
+use crate::manifest::{Resources, Stage};
 use crate::ops::{OpDecl, Reporter};
 use crate::protocol::WorkerEvent;
 
@@ -402,7 +402,7 @@ pub(super) async fn run_remote(
             }
         }
         None => {
-            if let Some(record) = after_another_runs_job(shared, &stage.id, fp).await? {
+            if let Some(record) = after_another_runs_job(shared, stage, fp).await? {
                 progress.finish();
                 return Ok(Remote::ByAnotherRun(record));
             }
@@ -410,10 +410,7 @@ pub(super) async fn run_remote(
         }
     };
     let result = loop {
-        let ended = watch(
-            shared, cluster, &stage.id, &watched, fp, &progress, &mut tail,
-        )
-        .await;
+        let ended = watch(shared, cluster, stage, &watched, fp, &progress, &mut tail).await;
         match ended {
             // Ctrl-C cancels the run's jobs (`run`); an error of this
             // node's (an NFS hiccup reading the cache) leaves a job that may
@@ -430,7 +427,7 @@ pub(super) async fn run_remote(
                 // goes before another takes its place. (An ended one: a no-op.)
                 cluster.cancel_job(&watched.job_id).await;
                 // It may have committed while it was being killed.
-                if let Some(record) = shared.cache.hit(fp)? {
+                if let Some(record) = shared.hit(stage, fp)? {
                     break Ok(record);
                 }
                 if watched.attempt >= settings.max_attempts {
@@ -527,7 +524,7 @@ fn now() -> String {
 async fn watch(
     shared: &Shared,
     cluster: &Cluster,
-    stage: &str,
+    stage: &Stage,
     job: &Watched,
     fp: &Fingerprint,
     progress: &StageProgress<'_>,
@@ -547,7 +544,7 @@ async fn watch(
             _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
         }
         tail.read(progress);
-        if let Some(record) = shared.cache.hit(fp)? {
+        if let Some(record) = shared.hit(stage, fp)? {
             return Ok(Ended::Committed(Box::new(record)));
         }
         let snapshot = rx.borrow_and_update().clone();
@@ -604,7 +601,7 @@ async fn watch(
             )
             && said_reason.as_deref() != Some(state.reason.as_str())
         {
-            shared.ui.say(&format!("waiting {stage}: {what}"));
+            shared.ui.say(&format!("waiting {}: {what}", stage.id));
             said_reason = Some(state.reason.clone());
         }
         match state_name {
@@ -624,11 +621,11 @@ async fn watch(
             _ => {
                 // The record may have landed after this tick's check.
                 tail.read(progress);
-                if let Some(record) = shared.cache.hit(fp)? {
+                if let Some(record) = shared.hit(stage, fp)? {
                     return ended(Ended::Committed(Box::new(record)));
                 }
                 if state_name == "COMPLETED" {
-                    if let Some(record) = completed_record(shared, fp, lost_after).await? {
+                    if let Some(record) = completed_record(shared, stage, fp, lost_after).await? {
                         return ended(Ended::Committed(Box::new(record)));
                     }
                 }
@@ -656,7 +653,7 @@ async fn watch(
 /// Then that job's record, if it committed one (NFS may show it late).
 async fn after_another_runs_job(
     shared: &Shared,
-    stage: &str,
+    stage: &Stage,
     fp: &Fingerprint,
 ) -> Result<Option<StageRecord>, Error> {
     let mut waited = false;
@@ -671,7 +668,8 @@ async fn after_another_runs_job(
         }
         if !waited {
             shared.ui.say(&format!(
-                "waiting {stage} (another run's job holds it; none submitted meanwhile)"
+                "waiting {} (another run's job holds it; none submitted meanwhile)",
+                stage.id
             ));
             waited = true;
         }
@@ -689,7 +687,7 @@ async fn after_another_runs_job(
             .as_ref()
             .map_or(0.0, |c| c.settings.lost_after.max(0.0)),
     );
-    completed_record(shared, fp, grace).await
+    completed_record(shared, stage, fp, grace).await
 }
 
 /// The record of a COMPLETED job: `stage exec` exits 0 only once it has
@@ -699,6 +697,7 @@ async fn after_another_runs_job(
 /// the record and its outputs first, which makes NFS look at them afresh.
 async fn completed_record(
     shared: &Shared,
+    stage: &Stage,
     fp: &Fingerprint,
     grace: Duration,
 ) -> Result<Option<StageRecord>, Error> {
@@ -716,7 +715,7 @@ async fn completed_record(
         for folder in folders.iter().filter_map(|p| p.parent()) {
             let _ = std::fs::read_dir(folder).map(Iterator::count);
         }
-        if let Some(record) = shared.cache.hit(fp)? {
+        if let Some(record) = shared.hit(stage, fp)? {
             return Ok(Some(record));
         }
         if start.elapsed() >= grace {
