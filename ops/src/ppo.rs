@@ -382,6 +382,7 @@ impl OpParams for PpoParams {
             "`critic_lora` sets the adapters of a LoRA critic: it needs `value_model: lora`",
         )?;
         check_rewards(&self.rewards, "rewards")?;
+        check_ranges(self)?;
         require(
             self.advantage.uses_critic() || self.samples_per_prompt >= 2,
             "samples_per_prompt",
@@ -474,7 +475,7 @@ impl PpoAdvantage {
 /// The `ppo` op.
 pub const OP: OpDecl = OpDecl {
     name: "ppo",
-    version: 5,
+    version: 6,
     summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
     inputs: &[
         Port::input(
@@ -525,3 +526,80 @@ pub const OP: OpDecl = OpDecl {
         "dropout: off (as TRL's PPO trainer); `dropout: true` turns the checkpoints' own on in the update's policy and value forwards, never in the rollout's",
     ],
 };
+
+/// The numbers whose value outside their range still trains, wrongly:
+/// a greedy rollout has no distribution to take a ratio or a KL of (the
+/// log-probs are taken at the sampling temperature), a zero horizon
+/// makes the adaptive KL coefficient infinite, a negative clip inverts
+/// the clamp, a positive no-EOS penalty rewards truncation.
+fn check_ranges(p: &PpoParams) -> Result<(), ParamError> {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    let unit = |x: f64| (0.0..=1.0).contains(&x);
+    require(
+        positive(p.temperature),
+        "temperature",
+        "must be a finite number > 0: PPO scores its rollouts at the temperature they were sampled at, and greedy decoding (0) has no distribution to take a ratio or a KL of",
+    )?;
+    require(positive(p.lr), "lr", "must be a finite number > 0")?;
+    require(p.ppo_epochs > 0, "ppo_epochs", "must be at least 1")?;
+    require(p.minibatches > 0, "minibatches", "must be at least 1")?;
+    require(positive(p.clip), "clip", "must be a finite number > 0")?;
+    require(
+        positive(p.value_clip),
+        "value_clip",
+        "must be a finite number > 0",
+    )?;
+    require(unit(p.gamma), "gamma", "must be between 0 and 1")?;
+    require(unit(p.lam), "lam", "must be between 0 and 1")?;
+    require(
+        p.kl_coef.is_finite() && p.kl_coef >= 0.0,
+        "kl_coef",
+        "must be a finite number >= 0",
+    )?;
+    require(
+        p.target_kl.is_none_or(positive),
+        "target_kl",
+        "must be a finite number > 0",
+    )?;
+    require(
+        positive(p.horizon),
+        "horizon",
+        "must be a finite number > 0",
+    )?;
+    require(
+        p.no_eos_penalty.is_none_or(|p| p.is_finite() && p <= 0.0),
+        "no_eos_penalty",
+        "is added to the score of a response without EOS: give a number <= 0 (TRL's `missing_eos_penalty` is the same penalty written positive)",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Values that would train wrongly, each refused naming its field.
+    #[test]
+    fn out_of_range_numbers_are_refused() {
+        assert!(OP.normalize_params(&json!({})).is_ok());
+        for (params, field) in [
+            (json!({"temperature": 0.0}), "temperature"),
+            (json!({"lr": 0.0}), "lr"),
+            (json!({"ppo_epochs": 0}), "ppo_epochs"),
+            (json!({"minibatches": 0}), "minibatches"),
+            (json!({"clip": -0.2}), "clip"),
+            (json!({"value_clip": 0.0}), "value_clip"),
+            (json!({"gamma": 1.5}), "gamma"),
+            (json!({"lam": -0.1}), "lam"),
+            (json!({"kl_coef": -0.05}), "kl_coef"),
+            (json!({"target_kl": 0.0}), "target_kl"),
+            (json!({"horizon": 0.0}), "horizon"),
+            (json!({"no_eos_penalty": 1.0}), "no_eos_penalty"),
+        ] {
+            let err = OP.normalize_params(&params).unwrap_err();
+            assert_eq!(err.field, field, "{params}");
+        }
+        let ok = json!({"no_eos_penalty": -1.0, "target_kl": 6.0, "gamma": 1.0, "lam": 0.0});
+        assert!(OP.normalize_params(&ok).is_ok());
+    }
+}

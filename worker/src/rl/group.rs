@@ -46,15 +46,23 @@ pub fn group_advantages(rewards: &Tensor, k: i64, baseline: GroupBaseline) -> Te
         let adv = match baseline {
             GroupBaseline::Grpo { scale_std: false } => centred,
             GroupBaseline::Grpo { scale_std: true } => {
-                // Unbiased, as torch's `std` (TRL); equal rewards give
-                // 0 / eps = 0.
+                // Unbiased, as torch's `std` (TRL).
                 let std = r.std_dim([1i64].as_slice(), true, true);
                 centred / (std + GROUP_STD_EPS)
             }
             GroupBaseline::Rloo => centred * (k as f64 / (k - 1) as f64),
         };
-        adv.view([b])
+        // Equal rewards give exactly 0: in float32 their mean and std are
+        // off by rounding (a std of 6e-8 for eight 0.7s), which divided
+        // by the eps gave the whole group one advantage of about 6e-4.
+        adv.masked_fill(&flat_groups(&r), 0.0).view([b])
     })
+}
+
+/// `[g, 1]`: whether each group's rewards (`[g, k]`) are all equal.
+fn flat_groups(r: &Tensor) -> Tensor {
+    r.amax([1i64].as_slice(), true)
+        .eq_tensor(&r.amin([1i64].as_slice(), true))
 }
 
 /// Mean over groups of each group's (unbiased) reward standard deviation,
@@ -68,7 +76,7 @@ pub fn group_spread(rewards: &Tensor, k: i64) -> (Tensor, Tensor) {
         let b = rewards.size()[0];
         let r = rewards.detach().view([b / k, k]);
         let std = r.std_dim([1i64].as_slice(), true, false);
-        let flat = std.le(0.0).to_kind(Kind::Float).mean(Kind::Float);
+        let flat = flat_groups(&r).to_kind(Kind::Float).mean(Kind::Float);
         (std.mean(r.kind()), flat)
     })
 }
@@ -186,6 +194,18 @@ mod tests {
             GroupBaseline::Grpo { scale_std: true },
         );
         assert_vec_close(&v(&a), &[0.0, 0.0], 0.0);
+        // Eight float32 0.7s: their std is 6.4e-8, not 0, and divided by
+        // the eps gave each +6e-4; the group must count as flat too.
+        let r = t1(&[0.7; 8]).to_kind(Kind::Float);
+        for baseline in [
+            GroupBaseline::Grpo { scale_std: true },
+            GroupBaseline::Grpo { scale_std: false },
+            GroupBaseline::Rloo,
+        ] {
+            assert_vec_close(&v(&group_advantages(&r, 8, baseline)), &[0.0; 8], 0.0);
+        }
+        let (_, flat) = group_spread(&r, 8);
+        assert_eq!(flat.double_value(&[]), 1.0);
     }
 
     #[test]

@@ -51,13 +51,15 @@ pub fn kl_k2(logp: &Tensor, logp_ref: &Tensor) -> Tensor {
 }
 
 /// Schulman's `k3 = (r - 1) - log r` with `r = exp(logp_ref - logp)`;
-/// non-negative, zero iff `logp == logp_ref`.
+/// non-negative, zero iff `logp == logp_ref`. `r - 1` is `expm1`: in
+/// float32, `exp(x) - 1` loses the digits that k3 (about x²/2) is made
+/// of when x is small, and comes out negative.
 ///
 /// # Shapes
 /// - `logp`, `logp_ref`: `[b, t]`; returns `[b, t]`.
 pub fn kl_k3(logp: &Tensor, logp_ref: &Tensor) -> Tensor {
     let log_r = logp_ref - logp;
-    (log_r.exp() - 1.0) - log_r
+    log_r.expm1() - log_r
 }
 
 /// The chosen estimator, per token.
@@ -112,6 +114,13 @@ mod tests {
         assert_vec_close(&k3, &[0.10653065971263342, 0.7182818284590451, 0.0], 1e-12);
         assert!(k3.iter().all(|&x| x >= 0.0));
         assert_vec_close(&v(&kl_per_token(&lp, &lr, KlEstimator::K3)), &k3, 0.0);
+        // Tiny log-ratios in float32, as the op has them: k3 ~ x²/2 stays
+        // positive and right (exp(x) - 1 gave +1.7e-8 and -5.1e-8).
+        let lp = t2(1, 2, &[-1e-4, -5e-5]).to_kind(tch::Kind::Float);
+        let zero = lp.zeros_like();
+        let k3 = v(&kl_k3(&lp, &zero));
+        assert!(k3.iter().all(|&x| x >= 0.0), "{k3:?}");
+        assert_vec_close(&k3, &[5.0e-9, 1.25e-9], 5e-11);
     }
 
     #[test]
