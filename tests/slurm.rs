@@ -1335,3 +1335,47 @@ fn the_cluster_comes_up_quickly() {
     assert!(text.contains("partition debug"), "{text}");
     assert!(text.contains("executor   local"), "{text}");
 }
+
+/// An engine started inside a job or an allocation has that job's SLURM_*
+/// variables: they stay out of the jobs it submits, where srun would read
+/// them as its options.
+#[test]
+fn the_engines_own_slurm_variables_stay_out_of_its_jobs() {
+    let slurm = Slurm::start(1);
+    let p = project_with(
+        r#"version: 1
+name: env
+stages:
+  env:
+    op: exec
+    outputs: [vars]
+    params: { cmd: 'echo "mem=$${SLURM_MEM_PER_NODE:-unset} cpus=$${SLURM_CPUS_PER_TASK:-unset} conf=$${SLURM_CONF:+set}" > "$ALIGNFLOW_OUT/vars"' }
+"#,
+    );
+    let out = cmd(
+        &p,
+        &slurm,
+        &[
+            "run",
+            "pipe.yaml",
+            "--executor",
+            "slurm",
+            "--profile",
+            "test",
+        ],
+    )
+    .env("SLURM_MEM_PER_NODE", "1000")
+    .env("SLURM_CPUS_PER_TASK", "7")
+    .env("SLURM_JOB_ID", "424242")
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        output_text(&p, "env", "vars"),
+        "mem=unset cpus=unset conf=set"
+    );
+}

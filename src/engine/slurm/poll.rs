@@ -122,13 +122,7 @@ async fn poll_loop(
         if snapshot.error.is_none() {
             last = Some(snapshot.jobs.clone());
         }
-        // Back off while nothing changes (and when the controller does not
-        // answer), up to 8 times the interval.
-        interval = if changed && snapshot.error.is_none() {
-            base
-        } else {
-            (interval.mul_f64(1.5)).min(base * 8)
-        };
+        interval = backed_off(interval, base, changed && snapshot.error.is_none());
         if let Some(e) = &snapshot.error {
             tracing::warn!("squeue failed (retrying in {interval:?}): {e}");
         }
@@ -198,9 +192,48 @@ pub fn parse_squeue(text: &str) -> HashMap<String, JobState> {
         .collect()
 }
 
+/// The longest wait between two calls that backing off makes (unless the
+/// interval itself is longer): an ended job stays in squeue for Slurm's
+/// `MinJobAge` (300 s by default) only, and one that left unseen would be
+/// taken for lost and resubmitted.
+const BACKOFF_CAP: Duration = Duration::from_secs(120);
+
+/// The next wait: `base` after a change; while nothing changes (or the
+/// controller does not answer), 1.5 times longer each call, up to 8 times
+/// `base` and [`BACKOFF_CAP`].
+fn backed_off(interval: Duration, base: Duration, changed: bool) -> Duration {
+    if changed {
+        base
+    } else {
+        interval
+            .mul_f64(1.5)
+            .min(base * 8)
+            .min(BACKOFF_CAP.max(base))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_off_stays_within_an_ended_jobs_time_in_squeue() {
+        let base = Duration::from_secs(30);
+        let mut wait = base;
+        for _ in 0..20 {
+            wait = backed_off(wait, base, false);
+        }
+        assert_eq!(wait, BACKOFF_CAP, "not 8 x 30 s = 240 s");
+        assert_eq!(backed_off(wait, base, true), base);
+        let short = Duration::from_secs(2);
+        assert_eq!(backed_off(short * 8, short, false), short * 8);
+        let long = Duration::from_secs(600);
+        assert_eq!(
+            backed_off(long, long, false),
+            long,
+            "a longer interval is the user's"
+        );
+    }
 
     #[test]
     fn squeue_lines_parse() {

@@ -62,7 +62,11 @@ pub fn sbatch_args(
     let mut args = vec![
         "--parsable".to_string(),
         format!("--job-name={run_id}"),
-        format!("--output={}", dir.join("slurm-%j.out").display()),
+        // A file name pattern: a `%` of the folder's own is written `%%`.
+        format!(
+            "--output={}/slurm-%j.out",
+            dir.display().to_string().replace('%', "%%")
+        ),
         format!("--chdir={}", dir.display()),
     ];
     if let Some(p) = &settings.partition {
@@ -176,7 +180,20 @@ pub async fn sbatch(
     settings: &SlurmSettings,
 ) -> anyhow::Result<Submission> {
     let args = sbatch_args(run_id, dir, resources, ranks, settings);
-    let out = tokio::process::Command::new("sbatch")
+    let mut command = tokio::process::Command::new("sbatch");
+    // sbatch passes its environment to the job: an engine started inside
+    // a job or an allocation (to outlive a logout) would hand on that
+    // job's SLURM_* variables, which srun reads as its options
+    // (SLURM_MEM_PER_NODE beside the job's own SLURM_MEM_PER_CPU aborts
+    // it; SLURM_CPUS_PER_TASK sets the step's cores). SLURM_CONF names
+    // the cluster.
+    for (name, _) in std::env::vars_os() {
+        let slurm_own = name.to_str().is_some_and(|n| n.starts_with("SLURM_"));
+        if slurm_own && name != "SLURM_CONF" {
+            command.env_remove(&name);
+        }
+    }
+    let out = command
         .args(&args)
         .arg(script)
         .output()
@@ -204,6 +221,21 @@ pub async fn sbatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_percent_sign_in_the_job_folder_is_not_a_log_name_pattern() {
+        let args = sbatch_args(
+            "r",
+            Path::new("/scratch/100%/run"),
+            &Resources::default(),
+            1,
+            &SlurmSettings::default(),
+        );
+        assert!(
+            args.contains(&"--output=/scratch/100%%/run/slurm-%j.out".to_string()),
+            "{args:?}"
+        );
+    }
 
     #[test]
     fn time_limits_in_slurm_notation() {
