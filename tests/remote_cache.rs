@@ -19,6 +19,10 @@ fn pipeline() -> String {
 
 const STAGES: [&str; 5] = ["a", "b", "c", "d", "model"];
 
+/// The key prefix of the S3 remotes: a space, a non-ASCII letter and a
+/// `~` that the URL percent-encodes (or not) must still name these keys.
+const PREFIX: &str = "team cache/équipe~ci";
+
 /// One remote under test and the environment a command needs for it.
 struct Backend {
     url: String,
@@ -31,7 +35,7 @@ impl Backend {
     fn s3() -> Backend {
         let server = Seaweed::start();
         Backend {
-            url: server.url("cache"),
+            url: server.url(PREFIX),
             env: pairs(&WRITER),
             _server: Some(server),
             _folder: None,
@@ -239,7 +243,7 @@ fn s3_without_conditional_writes_pushes_and_pulls_folders() {
 
 /// Replaces the remote object of blob `hash` with other bytes.
 fn tamper(b: &Backend, hash: &str, bytes: &[u8]) {
-    let key = format!("cache/objects/{}/{}", &hash[..2], &hash[2..]);
+    let key = format!("objects/{}/{}", &hash[..2], &hash[2..]);
     match b.server() {
         Some(server) => {
             use object_store::ObjectStore;
@@ -253,12 +257,14 @@ fn tamper(b: &Backend, hash: &str, bytes: &[u8]) {
                 .build()
                 .unwrap();
             let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(store.put(&key.as_str().into(), bytes.to_vec().into()))
+            // The remote's keys are the prefix's text, unencoded.
+            let path = object_store::path::Path::parse(format!("{PREFIX}/{key}")).unwrap();
+            rt.block_on(store.put(&path, bytes.to_vec().into()))
                 .unwrap();
         }
         None => {
             let root = b.url.strip_prefix("file://").unwrap();
-            let path = Path::new(root).join(key.strip_prefix("cache/").unwrap());
+            let path = Path::new(root).join(key);
             assert!(path.is_file(), "{}", path.display());
             std::fs::write(path, bytes).unwrap();
         }

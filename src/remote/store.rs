@@ -104,8 +104,11 @@ pub struct ObjectRemote {
     identity: String,
     store: Arc<dyn ObjectStore>,
     multipart: Option<Arc<dyn MultipartStore>>,
-    /// Key prefix inside the bucket ('' or 'a/b/').
-    prefix: String,
+    /// Where the remote's keys live inside the bucket (empty: at its root),
+    /// decoded from the URL once: a `team cache` prefix is the key prefix
+    /// `team cache/`, not `team%20cache/` (encoded again as `team%2520cache`
+    /// by the key's parsing, whose listings then matched nothing).
+    prefix: StorePath,
 }
 
 impl ObjectRemote {
@@ -153,13 +156,8 @@ impl ObjectRemote {
             })?;
             options.push((key.clone(), value));
         }
-        let prefix = |path: &str| {
-            let p = path.trim_matches('/');
-            if p.is_empty() {
-                String::new()
-            } else {
-                format!("{p}/")
-            }
+        let prefix = |url_path: &str| {
+            StorePath::from_url_path(url_path).map_err(|e| bad_url(format!("the key prefix: {e}")))
         };
         match url.scheme() {
             "s3" | "s3a" => {
@@ -194,7 +192,7 @@ impl ObjectRemote {
                     identity,
                     store: s3.clone(),
                     multipart: Some(s3),
-                    prefix: prefix(url.path()),
+                    prefix: prefix(url.path())?,
                 })
             }
             "file" => {
@@ -212,7 +210,7 @@ impl ObjectRemote {
                     identity,
                     store: Arc::new(local),
                     multipart: None,
-                    prefix: String::new(),
+                    prefix: StorePath::default(),
                 })
             }
             _ => {
@@ -223,7 +221,7 @@ impl ObjectRemote {
                     identity,
                     store: Arc::from(store),
                     multipart: None,
-                    prefix: prefix(path.as_ref()),
+                    prefix: path,
                 })
             }
         }
@@ -251,7 +249,8 @@ impl ObjectRemote {
     }
 
     fn path(&self, key: &str) -> StorePath {
-        StorePath::from(format!("{}{key}", self.prefix))
+        let key_parts = key.split('/').map(object_store::path::PathPart::from);
+        self.prefix.parts().chain(key_parts).collect()
     }
 }
 
@@ -365,10 +364,13 @@ impl RemoteStore for ObjectRemote {
             Ok(metas
                 .into_iter()
                 .filter_map(|m| {
-                    m.location
-                        .as_ref()
-                        .strip_prefix(&self.prefix)
-                        .map(str::to_string)
+                    let relative = m.location.prefix_match(&self.prefix)?;
+                    Some(
+                        relative
+                            .map(|part| part.as_ref().to_string())
+                            .collect::<Vec<_>>()
+                            .join("/"),
+                    )
                 })
                 .collect())
         }
