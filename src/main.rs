@@ -636,6 +636,7 @@ fn plan(
         rehash,
         locked: false,
         remote: remote.as_deref(),
+        remote_must_answer: false,
     };
     let plan = engine::plan(&ctx, &selected)?;
     cache.flush_hash_cache()?;
@@ -1145,6 +1146,7 @@ fn show(
         rehash: false,
         locked: false,
         remote: None,
+        remote_must_answer: false,
     };
     let plan = engine::plan(&ctx, &selected)?;
     let outputs_of = |id: &str| -> Result<Vec<(String, PathBuf, String)>, String> {

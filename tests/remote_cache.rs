@@ -528,6 +528,26 @@ fn the_read_only_identity_cannot_push() {
     assert!(pushed.contains("5 record(s) pushed"), "{pushed}");
     // The reader can pull.
     let fresh = project();
+    // A pull of a manifest's stages that cannot read the remote (a wrong
+    // secret) fails, naming the stage: it pulled nothing.
+    let wrong = Backend {
+        url: b.url.clone(),
+        env: pairs(&[
+            ("AWS_ACCESS_KEY_ID", READER[0].1),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+        ]),
+        _server: None,
+        _folder: None,
+    };
+    let out = run_fails(
+        &fresh,
+        &wrong,
+        &["cache", "pull", "--remote", &b.url, "pipeline.yaml"],
+    );
+    assert!(
+        out.contains("stage `a`: cannot look up its record on remote"),
+        "{out}"
+    );
     let pulled = run_ok(&fresh, &reader, &["cache", "pull", "--remote", &b.url]);
     assert!(pulled.contains("5 record(s) pulled"), "{pulled}");
     // A remote configured read-only is refused before any request.

@@ -92,6 +92,10 @@ pub struct PlanContext<'a> {
     /// A remote cache read through: a stage it holds a trusted record of
     /// is planned `cached` with the reason `remote` (pulled, not run).
     pub remote: Option<&'a Remote>,
+    /// A remote that cannot be read fails the plan (`cache pull`, whose
+    /// whole job is the remote), instead of being a miss with a warning
+    /// (`run`, `plan`: the stage runs here).
+    pub remote_must_answer: bool,
 }
 
 /// The reason of a stage whose record is on the remote.
@@ -217,6 +221,7 @@ pub fn plan_from_cache(
             rehash: false,
             locked: false,
             remote: None,
+            remote_must_answer: false,
         },
         &selected,
     )?;
@@ -302,11 +307,11 @@ fn plan_stage(
             outputs: Some(record.outputs),
         });
     }
-    if let Some(record) = ctx
-        .remote
-        .and_then(|r| remote_hit(r, stage, &fingerprint))
-        .filter(|record| lacking_outputs(stage, record).is_empty())
-    {
+    let remote_record = match ctx.remote {
+        Some(remote) => remote_hit(remote, stage, &fingerprint, ctx.remote_must_answer)?,
+        None => None,
+    };
+    if let Some(record) = remote_record.filter(|record| lacking_outputs(stage, record).is_empty()) {
         known.insert(i, record.outputs.clone());
         return Ok(PlannedStage {
             index: i,
@@ -360,8 +365,13 @@ pub(super) fn lacking_outputs<'a>(stage: &'a Stage, record: &StageRecord) -> Vec
 
 /// The remote's trusted record of `fp`. A remote that cannot be read is
 /// a miss with a warning, as a remote build cache is: the stage runs.
-fn remote_hit(remote: &Remote, stage: &Stage, fp: &Fingerprint) -> Option<StageRecord> {
-    match remote.lookup(fp) {
+fn remote_hit(
+    remote: &Remote,
+    stage: &Stage,
+    fp: &Fingerprint,
+    must_answer: bool,
+) -> Result<Option<StageRecord>, Error> {
+    Ok(match remote.lookup(fp) {
         Ok(Lookup::Found(record)) => Some(record),
         Ok(Lookup::Absent) => None,
         Ok(Lookup::Untrusted(why)) => {
@@ -372,11 +382,19 @@ fn remote_hit(remote: &Remote, stage: &Stage, fp: &Fingerprint) -> Option<StageR
             );
             None
         }
+        Err(e) if must_answer => {
+            return Err(anyhow::anyhow!(
+                "stage `{}`: cannot look up its record on remote `{}`: {e}",
+                stage.id,
+                remote.name()
+            )
+            .into())
+        }
         Err(e) => {
             tracing::warn!("stage `{}`: remote not used: {e}", stage.id);
             None
         }
-    }
+    })
 }
 
 /// A stage whose last run with these inputs failed: when, and why.

@@ -49,6 +49,7 @@ pub fn run(
             rehash: options.rehash,
             locked: options.locked,
             remote: options.remote.as_deref(),
+            remote_must_answer: false,
         },
         &selected,
     )?;

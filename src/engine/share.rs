@@ -71,5 +71,7 @@ fn ctx<'a>(
         rehash: false,
         locked: false,
         remote,
+        // Only a pull reads the remote here: it is the command's job.
+        remote_must_answer: remote.is_some(),
     }
 }
