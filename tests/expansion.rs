@@ -193,10 +193,20 @@ stages:
         "exp.yaml",
         "version: 1\nname: exp\ninclude: base.yaml\nparams: { coef: 0.1 }\n",
     );
-    assert_eq!(
-        reason(&p, "exp.yaml", "train"),
-        "params.cmd changed \"echo 0.05 > $ALIGNFLOW_OUT/out\" -> \"echo 0.1 > $ALIGNFLOW_OUT/out\" (against the cached run of pipeline `base`)"
+    let against_base = "params.cmd changed \"echo 0.05 > $ALIGNFLOW_OUT/out\" -> \"echo 0.1 > $ALIGNFLOW_OUT/out\" (against the cached run of pipeline `base`)";
+    assert_eq!(reason(&p, "exp.yaml", "train"), against_base);
+    // An unrelated pipeline's stage of the same name, run since, is not
+    // what the experiment (or, without its lockfile, the base) compares with.
+    p.write("other.txt", "other\n");
+    p.write(
+        "other.yaml",
+        "version: 1\nname: other\nstages:\n  train:\n    op: exec\n    inputs: { src: other.txt }\n    outputs: [out]\n    params: { cmd: \"echo hi > $ALIGNFLOW_OUT/out\" }\n",
     );
+    p.run_stages("other.yaml", &[]);
+    assert_eq!(reason(&p, "exp.yaml", "train"), against_base);
+    std::fs::remove_file(p.path("base.lock")).unwrap();
+    p.write("base.yaml", &p.read("base.yaml").replace("0.05", "0.1"));
+    assert_eq!(reason(&p, "base.yaml", "train"), against_base);
 
     // A matrix instance identical to the cached stage but for its id: the
     // plan says why it reruns (its seed derives from its id).

@@ -11,7 +11,7 @@ use crate::manifest::{Pipeline, Stage};
 
 use super::execute::not_bitwise;
 use super::lockfile::{LockedInput, LockedStage};
-use super::plan::explain;
+use super::plan::{describe_changes, explain_changes};
 
 /// The cache's records, read once per plan and only if a stage needs them.
 pub(super) struct History<'a> {
@@ -39,13 +39,26 @@ impl<'a> History<'a> {
         })
     }
 
-    /// Why `stage` (key `key`, not cached) runs, compared with the newest
-    /// cached run of the same stage id, else with a cached stage that
-    /// differs only in its seed; `None` when the cache has neither.
+    /// Why `stage` (key `key`, not cached) runs, compared with a cached run
+    /// of the same stage id: this pipeline's newest, else the one that
+    /// differs least (an experiment including another pipeline compares
+    /// with that pipeline's run, not with an unrelated pipeline's stage of
+    /// the same name that ran last); else with a cached stage that differs
+    /// only in its seed. `None` when the cache has neither.
     pub fn reason(&self, pipeline: &Pipeline, stage: &Stage, key: &StageKey) -> Option<String> {
         let records = self.records();
-        if let Some(r) = records.iter().find(|r| r.stage == stage.id) {
-            let diff = explain(pipeline, stage, &as_locked(r), key);
+        let same_id = || records.iter().filter(|r| r.stage == stage.id);
+        let differences = |r: &StageRecord| explain_changes(pipeline, stage, &as_locked(r), key);
+        let closest = same_id()
+            .find(|r| r.pipeline == pipeline.name)
+            .map(|r| (r, differences(r)))
+            .or_else(|| {
+                same_id()
+                    .map(|r| (r, differences(r)))
+                    .min_by_key(|(_, changes)| changes.len())
+            });
+        if let Some((r, changes)) = closest {
+            let diff = describe_changes(changes);
             return Some(format!(
                 "{diff} (against the cached run of pipeline `{}`)",
                 r.pipeline

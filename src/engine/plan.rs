@@ -410,6 +410,25 @@ fn failed_reason(note: &crate::cache::FailureNote) -> String {
 
 /// Why `key` differs from what the lockfile recorded for the stage.
 pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &StageKey) -> String {
+    describe_changes(explain_changes(pipeline, stage, prev, key))
+}
+
+/// The changes [`explain_changes`] found, as a reason.
+pub(super) fn describe_changes(reasons: Vec<String>) -> String {
+    if reasons.is_empty() {
+        "outputs missing from the cache".into()
+    } else {
+        reasons.join("; ")
+    }
+}
+
+/// What differs between `key` and `prev`, one line a change.
+pub(super) fn explain_changes(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    prev: &LockedStage,
+    key: &StageKey,
+) -> Vec<String> {
     let mut reasons = own_changes(prev, &key.op, key.op_version, &key.params);
     let names: BTreeSet<&String> = prev.inputs.keys().chain(key.inputs.keys()).collect();
     for name in names {
@@ -430,11 +449,7 @@ pub fn explain(pipeline: &Pipeline, stage: &Stage, prev: &LockedStage, key: &Sta
     if prev.seed != key.seed {
         reasons.push(format!("seed changed (pipeline seed {})", pipeline.seed));
     }
-    if reasons.is_empty() {
-        "outputs missing from the cache".into()
-    } else {
-        reasons.join("; ")
-    }
+    reasons
 }
 
 /// What changed in the stage itself since `prev`: its op, the op's

@@ -261,11 +261,46 @@ impl<'a> Cx<'a> {
                 });
             }
         }
+        self.check_unique_ids(&insts)?;
         Ok(Expanded {
             insts,
             by_key,
             keys,
         })
+    }
+
+    /// Every instance has its own id: matrix values that print alike (`1`
+    /// and `"1"`), or a stage named as another's instance (`a[n=1]`,
+    /// `b[round=1]`), would make two stages one id, which a reference, the
+    /// lockfile, `--target` and the seed all take for one.
+    fn check_unique_ids(&self, insts: &[Inst]) -> Result<(), ManifestError> {
+        let mut first: HashMap<&str, &Inst> = HashMap::new();
+        for inst in insts {
+            let Some(other) = first.insert(&inst.id, inst) else {
+                continue;
+            };
+            let message = if other.key == inst.key {
+                format!(
+                    "two of the matrix values of stage `{}` print alike: both instances would be `{}` (make them differ)",
+                    inst.key, inst.id
+                )
+            } else {
+                let of = |i: &Inst| {
+                    if i.id == i.key {
+                        format!("stage `{}`", i.key)
+                    } else {
+                        format!("an instance of stage `{}`", i.key)
+                    }
+                };
+                format!(
+                    "this id is also that of {} (rename one of them)",
+                    of(if other.id == other.key { inst } else { other })
+                )
+            };
+            let loc = self.key_at(&kp(&["stages", &inst.key]));
+            return Err(self.error(loc, Some(&inst.id), None, message, None));
+        }
+        Ok(())
     }
 
     /// A [`LoopError`], located.

@@ -381,6 +381,25 @@ fn matrix_ids_and_params() {
 }
 
 #[test]
+fn two_stages_never_share_an_id() {
+    let d = Dir::new();
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    matrix: {lr: [1, \"1\"]}\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:4:3: stage `e[lr=1]`, two of the matrix values of stage `e` print alike: both instances would be `e[lr=1]` (make them differ)"
+    );
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  e:\n    op: train\n    matrix: {lr: [1, 2]}\n  \"e[lr=2]\":\n    op: train\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:7:3: stage `e[lr=2]`, this id is also that of an instance of stage `e` (rename one of them)"
+    );
+}
+
+#[test]
 fn matrix_strings_bools_and_empty() {
     let d = Dir::new();
     let p = d
