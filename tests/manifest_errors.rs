@@ -259,3 +259,39 @@ fn bad_resources_name_the_stage_and_field() {
     );
     p.ok(&["validate", "pipeline.yaml"]);
 }
+
+/// A bad value of a param shared through a flattened struct (generate's
+/// decoding params) names its param, and one inside a list item is located
+/// at the item's value, its path written as the manifest's.
+#[test]
+fn bad_values_of_shared_and_listed_params_are_located_at_the_value() {
+    let p = Project::new();
+    let stages = r#"version: 1
+name: g
+stages:
+  gen:
+    op: generate
+    inputs: {model: m, prompts: p.jsonl}
+    params: {max_new_tokens: 8, temperature: hot}
+"#;
+    assert_eq!(
+        error_of(&p, stages),
+        "pipeline.yaml:7:46: stage `gen`, field `params.temperature`: invalid type: string \"hot\", expected f64"
+    );
+    let listed = r#"version: 1
+name: g
+stages:
+  rl:
+    op: ppo
+    inputs: {policy: m, prompts: p.jsonl, reward_model: m}
+    params:
+      iterations: 2
+      rewards:
+        - pm: {}
+          weight: heavy
+"#;
+    assert_eq!(
+        error_of(&p, listed),
+        "pipeline.yaml:11:19: stage `rl`, field `params.rewards.0.weight`: invalid type: string \"heavy\", expected f64"
+    );
+}

@@ -309,6 +309,11 @@ fn parse<P: OpParams>(params: &serde_json::Value) -> Result<P, ParamError> {
         let field = err.path().to_string();
         let field = if field == "." { String::new() } else { field };
         let message = err.inner().to_string();
+        let field = if field.is_empty() && unknown_field(&message).is_none() {
+            flattened_culprit::<P>(&params, &message).unwrap_or(field)
+        } else {
+            field
+        };
         let suggestion = unknown_field(&message)
             .and_then(|name| nearest(name, known().unwrap_or_default().iter().map(String::as_str)));
         ParamError {
@@ -316,6 +321,23 @@ fn parse<P: OpParams>(params: &serde_json::Value) -> Result<P, ParamError> {
             message,
             suggestion,
         }
+    })
+}
+
+/// The param a value error of a flattened struct is about: serde loses
+/// the path through `#[serde(flatten)]` (a bad `temperature` of the shared
+/// decoding params is reported at the root), so the first param whose
+/// removal changes the error is taken for it.
+fn flattened_culprit<P: OpParams>(params: &serde_json::Value, message: &str) -> Option<String> {
+    let given = params.as_object()?;
+    given.keys().find_map(|name| {
+        let mut without = given.clone();
+        without.remove(name);
+        let changed = match serde_json::from_value::<P>(serde_json::Value::Object(without)) {
+            Ok(_) => true,
+            Err(e) => e.to_string() != message,
+        };
+        changed.then(|| name.clone())
     })
 }
 

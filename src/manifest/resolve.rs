@@ -854,9 +854,12 @@ impl<'a> Cx<'a> {
 
     /// Locates an op's [`ParamError`] at the param it names.
     fn param_error(&self, inst: &Inst, e: ParamError) -> ManifestError {
+        // serde writes a list's items as `rewards[0]`; the manifest's paths
+        // (and the messages) as `rewards.0`.
         let mut field: Vec<String> = e
             .field
-            .split('.')
+            .split(['.', '['])
+            .map(|s| s.trim_end_matches(']'))
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
