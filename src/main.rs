@@ -1187,10 +1187,15 @@ fn show(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // Instances: each with its outputs, or why it has none.
+    // Instances: each with its outputs, or why it has none; with none
+    // shown at all the command fails, as for one stage (a script reading
+    // the paths must know).
     let mut all = serde_json::Map::new();
+    let mut lacking = 0;
     for id in &ids {
-        match outputs_of(id) {
+        let outputs = outputs_of(id);
+        lacking += usize::from(outputs.is_err());
+        match outputs {
             Ok(rows) if json => {
                 all.insert(id.to_string(), as_json(&rows));
             }
@@ -1208,5 +1213,9 @@ fn show(
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if lacking < ids.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

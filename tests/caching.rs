@@ -491,3 +491,31 @@ fn declaring_another_exec_output_reruns_the_stage() {
     p.write("eo.yaml", &one);
     assert_eq!(p.run_stages("eo.yaml", &[]), set(&[]));
 }
+
+/// A stage reading one upstream through two inputs names it once.
+#[test]
+fn a_rerun_reason_names_each_upstream_once() {
+    let p = Project::new();
+    p.write(
+        "up.yaml",
+        r#"version: 1
+name: up
+stages:
+  x:
+    op: exec
+    outputs: [o]
+    params: { cmd: "echo x > $ALIGNFLOW_OUT/o" }
+  y:
+    op: exec
+    outputs: [o]
+    params: { cmd: "echo y > $ALIGNFLOW_OUT/o" }
+  z:
+    op: exec
+    inputs: { a: "${stages.x.o}", b: "${stages.y.o}", c: "${stages.x.o}" }
+    outputs: [o]
+    params: { cmd: "cat $ALIGNFLOW_IN_A > $ALIGNFLOW_OUT/o" }
+"#,
+    );
+    let plan = p.ok(&["plan", "up.yaml"]);
+    assert!(plan.contains("upstream x, y reruns\n"), "{plan}");
+}

@@ -256,6 +256,9 @@ stages:
     matrix: { cmd: ["echo 1 > $ALIGNFLOW_OUT/out", "echo oops >&2; exit 3"] }
 "#,
     );
+    // Before any run no instance has outputs: show fails, as for a stage.
+    let none = p.run(&["show", "m.yaml", "s"]);
+    assert_eq!(none.status.code(), Some(1));
     assert_eq!(p.run(&["run", "m.yaml", "--quiet"]).status.code(), Some(1));
     let out = p.run(&["show", "m.yaml", "s"]);
     let (stdout, stderr) = (

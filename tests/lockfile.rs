@@ -33,6 +33,12 @@ fn run_writes_a_lockfile_and_locked_refuses_a_changed_param() {
     ]);
     assert!(err.contains("--locked: the plan differs from"), "{err}");
     assert!(err.contains("~ b: params.cmd changed"), "{err}");
+    // Running without --locked would not update the lockfile for a --set
+    // run: the hint says what does.
+    assert!(
+        err.contains("with --update-lock to record this one"),
+        "{err}"
+    );
     assert_eq!(
         p.read("pipeline.lock"),
         lock,

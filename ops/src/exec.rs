@@ -286,7 +286,7 @@ fn quote_tail(lines: &[String]) -> String {
 
 /// `ALIGNFLOW_IN_<NAME>`: the input name uppercased, anything but ASCII
 /// letters and digits replaced by `_`.
-fn input_var(name: &str) -> String {
+pub fn input_var(name: &str) -> String {
     let name: String = name
         .chars()
         .map(|c| {

@@ -26,11 +26,17 @@ pub enum Error {
     NoLockfile { path: PathBuf },
     /// `run --locked` where the plan differs from the lockfile.
     #[error(
-        "--locked: the plan differs from {}:\n  {}\n(run without --locked to update the lockfile)",
+        "--locked: the plan differs from {}:\n  {}\n({})",
         .path.display(),
-        .diffs.join("\n  ")
+        .diffs.join("\n  "),
+        .hint
     )]
-    LockedPlanDiffers { path: PathBuf, diffs: Vec<String> },
+    LockedPlanDiffers {
+        path: PathBuf,
+        diffs: Vec<String>,
+        /// How to update the lockfile, for the run refused.
+        hint: &'static str,
+    },
     #[error(transparent)]
     Lockfile(#[from] LockfileError),
     /// Boxed: a graph error is large, and every `Result` here carries one.

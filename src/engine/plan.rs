@@ -267,7 +267,9 @@ fn plan_stage(
         }
     }
     if !waiting_on.is_empty() {
-        waiting_on.dedup();
+        // In input order, each upstream once (two inputs may read one).
+        let mut seen = BTreeSet::new();
+        waiting_on.retain(|id| seen.insert(id.clone()));
         let mut reason = format!("upstream {} reruns", waiting_on.join(", "));
         // A change to the stage itself is named too: in a loop, every
         // round after the first waits on the round before, and this is

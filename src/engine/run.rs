@@ -183,9 +183,17 @@ fn hold_to_lockfile(
     })?;
     let diffs = locked_diff(pipeline, the_plan, lock, options.targets.is_empty());
     if !diffs.is_empty() {
+        // A `--set` or `--target` run does not write the lockfile even
+        // without --locked.
+        let hint = if options.writes_lockfile() {
+            "run without --locked to update the lockfile"
+        } else {
+            "a --set or --target run leaves the lockfile as it is: run without --locked and with --update-lock to record this one, or edit the manifest"
+        };
         return Err(Error::LockedPlanDiffers {
             path: lock_path.to_path_buf(),
             diffs,
+            hint,
         });
     }
     Ok(())

@@ -817,8 +817,20 @@ impl<'a> Cx<'a> {
         op: &OpDecl,
         inputs: &BTreeMap<String, Input>,
     ) -> Result<(), ManifestError> {
-        // `exec` hands every input to the command, whatever its name.
+        // `exec` hands every input to the command, whatever its name, in
+        // a variable of its own: two names of one variable would hide one.
         if op.name == "exec" {
+            let mut vars: HashMap<String, &str> = HashMap::new();
+            for name in inputs.keys() {
+                let var = alignflow_ops::exec::input_var(name);
+                if let Some(other) = vars.insert(var.clone(), name) {
+                    let loc = self.key_at(&kp(&["stages", &inst.key, "inputs", name]));
+                    let msg =
+                        format!("inputs `{other}` and `{name}` would both be ${var}: rename one");
+                    let field = format!("inputs.{name}");
+                    return Err(self.error(loc, Some(&inst.id), Some(&field), msg, None));
+                }
+            }
             return Ok(());
         }
         let declared = op.inputs;
@@ -967,6 +979,15 @@ fn resolve_stage_ref(w: &World, inst: &Inst, r: &str) -> Result<(String, String)
     let Some(key) = loops::stage_key(w.keys.keys().copied(), r) else {
         let end = r.find(['.', '[']).unwrap_or(r.len());
         let id = &r[..end];
+        if let Some((_, _, outputs)) = w.keys.get(id) {
+            return Err((
+                format!(
+                    "`{written}` names no output: write `${{stages.{id}.OUTPUT}}` (its outputs: {})",
+                    outputs.join(", ")
+                ),
+                None,
+            ));
+        }
         let s = nearest(id, w.keys.keys().copied());
         return Err((format!("unknown stage `{id}` in `{written}`"), s));
     };

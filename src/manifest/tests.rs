@@ -400,6 +400,20 @@ fn two_stages_never_share_an_id() {
 }
 
 #[test]
+fn exec_inputs_of_one_variable_are_refused() {
+    let d = Dir::new();
+    d.write("f1.txt", "one");
+    d.write("f2.txt", "two");
+    let err = d
+        .one("version: 1\nname: t\nstages:\n  a:\n    op: exec\n    outputs: [o]\n    inputs: {train-data: f1.txt, train_data: f2.txt}\n    params: {cmd: x}\n")
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:7:34: stage `a`, field `inputs.train_data`: inputs `train-data` and `train_data` would both be $ALIGNFLOW_IN_TRAIN_DATA: rename one"
+    );
+}
+
+#[test]
 fn matrix_strings_bools_and_empty() {
     let d = Dir::new();
     let p = d
@@ -533,6 +547,15 @@ fn missing_stage_and_unknown_output() {
     assert_eq!(
         err,
         "p.yaml:15:21: stage `ev`, field `inputs.model`: unknown stage `bsae` in `${stages.bsae.model}` (did you mean `base`?)"
+    );
+    let err = d
+        .one(&format!(
+            "{M2M}  ev:\n    op: train\n    inputs: {{model: \"${{stages.base}}\"}}\n    params: {{lr: 1}}\n"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:15:21: stage `ev`, field `inputs.model`: `${stages.base}` names no output: write `${stages.base.OUTPUT}` (its outputs: model)"
     );
     let err = d
         .one(&format!(
