@@ -58,6 +58,7 @@ pub(crate) fn load_with(
     for (key, value) in &options.sets {
         cx.apply_set(&mut params, key, value)?;
     }
+    cx.unescape_params(&mut params, &options.sets)?;
 
     let keys = cx.stage_ops(&manifest, &order)?;
     let loops = Loops::new(&manifest, &loop_order, &params, |key| {
@@ -556,6 +557,60 @@ impl<'a> Cx<'a> {
             )
         })?;
         params.insert(name.to_string(), parsed);
+        Ok(())
+    }
+
+    /// Pipeline params are values, not templates: a `${...}` in one (or in
+    /// a `--set` value) is refused, as anywhere else an unknown reference
+    /// is, rather than spliced into a stage's command unread; `$${` is a
+    /// literal `${`, as in the stages.
+    fn unescape_params(
+        &self,
+        params: &mut BTreeMap<String, Json>,
+        sets: &[(String, String)],
+    ) -> Result<(), ManifestError> {
+        fn walk(v: &mut Json) -> Result<(), String> {
+            match v {
+                Json::String(s) => {
+                    let mut text = String::new();
+                    for piece in interp::parse(s)? {
+                        match piece {
+                            Piece::Text(t) => text.push_str(&t),
+                            Piece::Param(name) => {
+                                return Err(format!("a param's value cannot read another param (`${{params.{name}}}`): give the value itself (write `$${{` for a literal `${{`)"))
+                            }
+                            Piece::Stage(r) => {
+                                return Err(format!("`${{stages.{r}}}` in a param's value: stage references belong in a stage's `inputs`"))
+                            }
+                        }
+                    }
+                    *s = text;
+                    Ok(())
+                }
+                Json::Array(items) => items.iter_mut().try_for_each(walk),
+                Json::Object(map) => map.values_mut().try_for_each(walk),
+                _ => Ok(()),
+            }
+        }
+        for (name, value) in params.iter_mut() {
+            let key = format!("params.{name}");
+            walk(value).map_err(|message| match sets.iter().rev().find(|(k, _)| *k == key) {
+                Some((_, set)) => self.error(
+                    self.key_at(&kp(&["params"])),
+                    None,
+                    Some(&key),
+                    format!("--set `{key}={set}`: {message}"),
+                    None,
+                ),
+                None => self.error(
+                    self.value_at(&kp(&["params", name])),
+                    None,
+                    Some(&key),
+                    message,
+                    None,
+                ),
+            })?;
+        }
         Ok(())
     }
 

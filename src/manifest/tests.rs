@@ -414,6 +414,36 @@ fn exec_inputs_of_one_variable_are_refused() {
 }
 
 #[test]
+fn a_param_value_is_not_a_template() {
+    let d = Dir::new();
+    let stage =
+        "stages:\n  a:\n    op: exec\n    outputs: [o]\n    params: {cmd: \"echo ${params.p}\"}\n";
+    let err = d
+        .one(&format!(
+            "version: 1\nname: t\nparams: {{p: \"${{params.q}}\", q: 3}}\n{stage}"
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "p.yaml:3:13: field `params.p`: a param's value cannot read another param (`${params.q}`): give the value itself (write `$${` for a literal `${`)"
+    );
+    // `$${` is a literal `${` in a param's value too.
+    let p = d
+        .one(&format!(
+            "version: 1\nname: t\nparams: {{p: \"$${{HOME}}\"}}\n{stage}"
+        ))
+        .unwrap();
+    assert_eq!(p.stages[0].params["cmd"], "echo ${HOME}");
+    let err = d
+        .load_sets("p.yaml", &[("params.p", "${HOME}")])
+        .unwrap_err();
+    assert!(
+        err.contains("field `params.p`: --set `params.p=${HOME}`: unknown reference `${HOME}`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn matrix_strings_bools_and_empty() {
     let d = Dir::new();
     let p = d
