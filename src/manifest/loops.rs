@@ -377,12 +377,19 @@ fn rounds(
 ) -> Result<u64, LoopError> {
     let (n, from) = match written {
         Rounds::Count(n) => (Json::from(*n), String::new()),
+        Rounds::Other(v) => (v.clone(), String::new()),
         Rounds::Param(s) => {
             let name = match interp::parse(s).as_deref() {
                 Ok([Piece::Param(name)]) => name.clone(),
                 _ => {
-                    let msg =
-                        format!("`rounds` must be a whole number or `${{params.NAME}}`, not `{s}`");
+                    let quoted = if s.trim().parse::<f64>().is_ok() {
+                        format!(" (write {} without quotes)", s.trim())
+                    } else {
+                        String::new()
+                    };
+                    let msg = format!(
+                        "`rounds` must be a whole number or `${{params.NAME}}`, not the text \"{s}\"{quoted}"
+                    );
                     return Err(LoopError::at_value(at, msg, None));
                 }
             };

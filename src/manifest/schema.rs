@@ -91,6 +91,10 @@ pub enum Rounds {
     Count(#[schemars(range(min = 1, max = super::loops::MAX_ROUNDS))] u64),
     /// `${params.NAME}`, a whole number from 1.
     Param(#[schemars(regex(pattern = r"^\$\{params\.[^}]+\}$"))] String),
+    /// Anything else (`2.5`, `-1`): refused by the loop's check, which says
+    /// what a round count is, where serde would only say no variant fits.
+    #[schemars(skip)]
+    Other(serde_json::Value),
 }
 
 /// One carried value: round 1 reads `init`, round k what `next` was in

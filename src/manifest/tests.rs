@@ -996,6 +996,12 @@ fn a_round_that_does_not_exist_is_refused() {
     assert_eq!(reads(&p, "final", "model"), "dpo[round=4].model");
     for (rounds, why) in [
         ("0", "a loop runs from 1 to 1000 rounds, not 0"),
+        ("2.5", "a loop runs from 1 to 1000 rounds, not 2.5"),
+        ("-1", "a loop runs from 1 to 1000 rounds, not -1"),
+        (
+            "\"2\"",
+            "`rounds` must be a whole number or `${params.NAME}`, not the text \"2\" (write 2 without quotes)",
+        ),
         (
             "\"${params.lr}\"",
             "a loop runs from 1 to 1000 rounds, not 0.5 (`${params.lr}`)",
