@@ -957,3 +957,34 @@ fn doctor_reports_remotes_and_whether_they_answer() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(gone.contains("(read-only): does not answer"), "{gone}");
 }
+
+/// A remote that does not answer is given up after its first failed
+/// request: the run runs its stages itself and says so once, instead of
+/// paying the client's retries again for every stage's lookup and pull.
+#[test]
+fn a_run_whose_remote_does_not_answer_gives_it_up_once() {
+    let dead = DeadPort::new();
+    let url = format!(
+        "s3://team/cache?endpoint=http://127.0.0.1:{}&region=us-east-1&retries=1",
+        dead.port
+    );
+    let b = Backend {
+        url: url.clone(),
+        env: pairs(&WRITER),
+        _server: None,
+        _folder: None,
+    };
+    let p = project();
+    let out = cmd(&p, &b, &["run", "pipeline.yaml", "--remote", &url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let ran = stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran");
+    assert_eq!(ran, set(&STAGES));
+    assert_eq!(stderr.matches("does not answer").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("not used for the rest of this command"),
+        "{stderr}"
+    );
+}

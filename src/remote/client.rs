@@ -22,6 +22,11 @@ pub struct Remote {
     pub(super) runtime: tokio::runtime::Runtime,
     pub(super) trusted: Vec<PublicKey>,
     pub(super) signer: Option<SecretKey>,
+    /// Why the remote stopped answering, once a read-through request
+    /// found it so: a run does not pay the client's retries (a minute and
+    /// more each) again for every stage, as a build cache is disabled
+    /// for the rest of a build after an error.
+    pub(super) unreachable: std::sync::OnceLock<String>,
 }
 
 impl fmt::Debug for Remote {
@@ -85,7 +90,32 @@ impl Remote {
             runtime,
             trusted,
             signer,
+            unreachable: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `request`, unless the remote was found unreachable before; an
+    /// unreachable remote found now is remembered (with one warning).
+    pub(super) fn guarded<T>(
+        &self,
+        request: impl FnOnce() -> Result<T, RemoteError>,
+    ) -> Result<T, RemoteError> {
+        if let Some(why) = self.unreachable.get() {
+            return Err(RemoteError::Unreachable {
+                remote: self.spec.name.clone(),
+                why: why.clone(),
+            });
+        }
+        let result = request();
+        if let Err(e) = &result {
+            if e.is_unreachable() && self.unreachable.set(e.to_string()).is_ok() {
+                tracing::warn!(
+                    "remote `{}` does not answer ({e}): not used for the rest of this command",
+                    self.spec.name
+                );
+            }
+        }
+        result
     }
 
     /// The name it was given by (a config name, or the URL).
@@ -151,8 +181,10 @@ impl Remote {
         if matches!(source, object_store::Error::PermissionDenied { .. }) {
             return RemoteError::ReadOnly {
                 remote: self.spec.name.clone(),
+                // S3 answers a wrong secret, an expired token or a skewed
+                // clock with the same 403: the server's words tell which.
                 why: format!(
-                    "the server refused `{key}` (access denied): the identity in the environment (AWS_ACCESS_KEY_ID or `credentials_env`) may not write here; push needs a writer identity"
+                    "the server refused `{key}` ({source}): the identity in the environment (AWS_ACCESS_KEY_ID or `credentials_env`) may not write here, or the server does not accept it (a wrong secret, an expired token, a clock off); push needs a writer identity"
                 ),
             };
         }
@@ -166,7 +198,7 @@ impl Remote {
     /// The record of `fp` on the remote, checked: intact, about `fp`, and
     /// signed by a trusted key when keys are configured.
     pub fn lookup(&self, fp: &Fingerprint) -> Result<Lookup, RemoteError> {
-        self.runtime.block_on(self.lookup_async(fp))
+        self.guarded(|| self.runtime.block_on(self.lookup_async(fp)))
     }
 
     pub(super) async fn lookup_async(&self, fp: &Fingerprint) -> Result<Lookup, RemoteError> {

@@ -70,6 +70,15 @@ pub struct RemoteConfig {
     /// usable.
     #[serde(default)]
     pub max_mbps: f64,
+    /// How many times an S3 request that found no server (no connection,
+    /// a timeout, a 5xx) is tried again, with backoff, within 3 minutes.
+    #[serde(default = "default_retries")]
+    pub retries: usize,
+}
+
+/// object_store's own default.
+fn default_retries() -> usize {
+    10
 }
 
 fn yes() -> bool {
@@ -82,8 +91,9 @@ fn default_jobs() -> usize {
 
 impl RemoteConfig {
     /// A remote given as a URL on the command line: writable, untrusted
-    /// keys, the defaults otherwise. `?jobs=`, `?max_mbps=` and `?write=`
-    /// in the query are alignflow's; the other query keys are store options.
+    /// keys, the defaults otherwise. `?jobs=`, `?max_mbps=`, `?retries=`
+    /// and `?write=` in the query are alignflow's; the other query keys are
+    /// store options.
     pub fn from_url(url: &str) -> Result<RemoteConfig, RemoteError> {
         let mut config = RemoteConfig {
             url: url.to_string(),
@@ -95,6 +105,7 @@ impl RemoteConfig {
             signing_key: None,
             jobs: default_jobs(),
             max_mbps: 0.0,
+            retries: default_retries(),
         };
         config.take_own_query_keys()?;
         Ok(config)
@@ -115,6 +126,7 @@ impl RemoteConfig {
                 "jobs" => self.jobs = v.parse().map_err(|e| bad(format!("{e}")))?,
                 "max_mbps" => self.max_mbps = v.parse().map_err(|e| bad(format!("{e}")))?,
                 "write" => self.write = v.parse().map_err(|e| bad(format!("{e}")))?,
+                "retries" => self.retries = v.parse().map_err(|e| bad(format!("{e}")))?,
                 _ => rest.push((k.to_string(), v.to_string())),
             }
         }

@@ -40,6 +40,32 @@ pub enum RemoteError {
     },
     #[error("signing key {}: {message}", .path.display())]
     Key { path: PathBuf, message: String },
+    #[error("remote `{remote}` is not used for the rest of this command: an earlier request failed ({why})")]
+    Unreachable { remote: String, why: String },
     #[error(transparent)]
     Cache(#[from] CacheError),
+}
+
+impl RemoteError {
+    /// Whether the remote did not answer as a server (no connection, a
+    /// timeout, a server error, each after the client's retries), rather
+    /// than answering about the object (absent, refused, changed).
+    pub fn is_unreachable(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            RemoteError::Store { source, .. } => !matches!(
+                source,
+                E::NotFound { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotModified { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+                    | E::NotSupported { .. }
+                    | E::NotImplemented
+            ),
+            RemoteError::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
 }

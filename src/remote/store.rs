@@ -163,7 +163,13 @@ impl ObjectRemote {
             "s3" | "s3a" => {
                 let mut bare = url.clone();
                 bare.set_query(None);
-                let mut builder = AmazonS3Builder::from_env().with_url(bare.as_str());
+                let retry = object_store::RetryConfig {
+                    max_retries: spec.config.retries,
+                    ..Default::default()
+                };
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_url(bare.as_str())
+                    .with_retry(retry);
                 let mut allow_http_set = false;
                 for (k, v) in &options {
                     let key = AmazonS3ConfigKey::from_str(k)

@@ -104,7 +104,7 @@ impl Remote {
     pub fn push_quietly(&self, cache: &Cache, record: &StageRecord) -> Result<bool, RemoteError> {
         self.check_writable()?;
         let t = self.transfer(true);
-        let pushed = self.runtime.block_on(self.push_record(cache, record, &t))?;
+        let pushed = self.guarded(|| self.runtime.block_on(self.push_record(cache, record, &t)))?;
         Ok(matches!(pushed, Pushed::Created | Pushed::Signed))
     }
 
@@ -341,19 +341,21 @@ impl Remote {
         fp: &Fingerprint,
     ) -> Result<Option<StageRecord>, RemoteError> {
         let t = self.transfer(true);
-        self.runtime.block_on(async {
-            match self.lookup_async(fp).await? {
-                Lookup::Found(record) => Ok(Some(self.pull_record(cache, &record, &t).await?)),
-                Lookup::Untrusted(why) => {
-                    tracing::warn!(
-                        "remote `{}`: record {} ignored: {why}",
-                        self.spec.name,
-                        fp.short()
-                    );
-                    Ok(None)
+        self.guarded(|| {
+            self.runtime.block_on(async {
+                match self.lookup_async(fp).await? {
+                    Lookup::Found(record) => Ok(Some(self.pull_record(cache, &record, &t).await?)),
+                    Lookup::Untrusted(why) => {
+                        tracing::warn!(
+                            "remote `{}`: record {} ignored: {why}",
+                            self.spec.name,
+                            fp.short()
+                        );
+                        Ok(None)
+                    }
+                    Lookup::Absent => Ok(None),
                 }
-                Lookup::Absent => Ok(None),
-            }
+            })
         })
     }
 

@@ -28,6 +28,17 @@ use super::store::{head_before_write, too_large, RemoteStore, ResumableUploads};
 /// Part size of multipart transfers: S3's minimum is 5 MiB.
 pub const PART_SIZE: u64 = 8 << 20;
 
+/// S3's (and GCS's XML API's) most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+
+/// The part size of an upload of `size` bytes: [`PART_SIZE`], or for a
+/// blob over 78 GiB (10,000 parts of 8 MiB) the least whole MiB that keeps
+/// it within [`MAX_PARTS`]: part 10,001 was refused after 78 GiB sent.
+pub fn upload_part_size(size: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    PART_SIZE.max(size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB)
+}
+
 /// The key of blob `hash` on a remote.
 pub fn blob_key(hash: &str) -> String {
     format!("objects/{}/{}", &hash[..2], &hash[2..])
@@ -505,11 +516,12 @@ async fn upload_resumable(
     hash: &str,
     t: &Transfer,
 ) -> Result<Option<String>, PartError> {
-    let n = size.div_ceil(PART_SIZE) as usize;
+    let part_size = upload_part_size(size);
+    let n = size.div_ceil(part_size) as usize;
     let previous: Option<UploadState> = fs::read(state_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|s: &UploadState| s.size == size && s.part_size == PART_SIZE && s.parts.len() == n);
+        .filter(|s: &UploadState| s.size == size && s.part_size == part_size && s.parts.len() == n);
     // A part that fails on a resumed upload may mean the server dropped
     // the upload (an abort rule, a restart): its state is forgotten, so the
     // next push starts over instead of failing on the dead id for ever.
@@ -531,7 +543,7 @@ async fn upload_resumable(
         None => UploadState {
             upload: parts.create(key).await.map_err(PartError::Store)?,
             size,
-            part_size: PART_SIZE,
+            part_size,
             parts: vec![None; n],
         },
     };
@@ -546,7 +558,7 @@ async fn upload_resumable(
     let mut hasher = blake3::Hasher::new();
     let mut running = FuturesUnordered::new();
     for index in 0..n {
-        let len = PART_SIZE.min(size - index as u64 * PART_SIZE);
+        let len = part_size.min(size - index as u64 * part_size);
         let buf = read_part(&mut file, path, len)?;
         hasher.update(&buf);
         let part_hash = blake3::hash(&buf).to_hex().to_string();
@@ -639,8 +651,9 @@ async fn upload_streaming(
     let mut file = File::open(path).map_err(|e| PartError::Io(path.to_path_buf(), e))?;
     let mut hasher = blake3::Hasher::new();
     let mut sent = 0;
+    let part_size = upload_part_size(size);
     while sent < size {
-        let len = PART_SIZE.min(size - sent);
+        let len = part_size.min(size - sent);
         let buf = read_part(&mut file, path, len)?;
         hasher.update(&buf);
         let _slot = t.slots.acquire().await.expect("never closed");
@@ -658,4 +671,23 @@ async fn upload_streaming(
     }
     upload.complete().await.map_err(PartError::Store)?;
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Uploads stay within S3's 10,000 parts at any size up to its 5 TiB
+    /// object limit, in 8 MiB parts up to 78 GiB.
+    #[test]
+    fn uploads_fit_in_ten_thousand_parts() {
+        assert_eq!(upload_part_size(1 << 30), PART_SIZE);
+        assert_eq!(upload_part_size(MAX_PARTS * PART_SIZE), PART_SIZE);
+        for size in [MAX_PARTS * PART_SIZE + 1, 100 << 30, 5 << 40] {
+            let part = upload_part_size(size);
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}: {part}");
+            assert_eq!(part % (1 << 20), 0);
+        }
+        assert_eq!(upload_part_size(100 << 30), 11 << 20);
+    }
 }
