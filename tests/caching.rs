@@ -478,7 +478,7 @@ fn declaring_another_exec_output_reruns_the_stage() {
     p.write("eo.yaml", &two);
     let plan = p.ok(&["plan", "eo.yaml"]);
     assert!(
-        plan.contains("output(s) y declared since its cached run"),
+        plan.contains("its cached record lacks output(s) y (declared since it ran"),
         "{plan}"
     );
     assert_eq!(p.run_stages("eo.yaml", &[]), set(&["a", "b"]));

@@ -1039,12 +1039,15 @@ fn attach_adopts_the_jobs_of_a_run_whose_engine_died() {
     assert_eq!(stages_with_status(&out, "cached"), common::set(&["nap"]));
 }
 
-/// A helper process stopped by pid when the test ends, failed or not.
+/// A helper process, started in a process group of its own, stopped with
+/// all of that group when the test ends, failed or not (`flock CMD` leaves
+/// CMD running, holding the lock and the test's output, if only flock goes).
 struct KilledOnDrop(Child);
 
 impl Drop for KilledOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SAFETY: signals the group this test started, by its id.
+        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.0.wait();
     }
 }
@@ -1054,15 +1057,20 @@ impl Drop for KilledOnDrop {
 /// refuses `--attach`, and `--attach --take-over` adopts the run anyway.
 #[test]
 fn take_over_adopts_a_run_whose_dead_engine_left_its_lock() {
+    use std::os::unix::process::CommandExt;
     let slurm = Slurm::start(1);
     let p = project_with(GATED);
     let run = engine_killed_with_its_job_running(&p, &slurm);
     let lock = p.path(&format!("cache/runs/{run}/engine.lock"));
+    // Waiting for the lock: the killed engine's may take a moment to go.
     let _stale = KilledOnDrop(
         Command::new("flock")
-            .arg("--nonblock")
+            .args(["--timeout", "10"])
             .arg(&lock)
             .args(["sleep", "600"])
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("flock starts"),
     );
@@ -1378,4 +1386,85 @@ stages:
         output_text(&p, "env", "vars"),
         "mem=unset cpus=unset conf=set"
     );
+}
+
+/// sbatch may time out talking to a busy controller after it queued the
+/// job: the engine follows the job the controller queued (found by the
+/// stage's comment) instead of failing the stage with a job running
+/// untracked, or queuing a second.
+#[test]
+fn a_job_queued_though_sbatch_failed_is_followed() {
+    let slurm = Slurm::start(1);
+    let p = project_with(&data_pipeline());
+    let flaky = p.path("flakybin");
+    std::fs::create_dir_all(&flaky).unwrap();
+    p.write(
+        "flakybin/sbatch",
+        &format!(
+            "#!/bin/sh\nPATH=\"${{PATH#*:}}\"\nif [ ! -e {0} ]; then\n  touch {0}\n  sbatch \"$@\" > /dev/null\n  echo 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2\n  exit 1\nfi\nexec sbatch \"$@\"\n",
+            p.path("failed-once").display()
+        ),
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(flaky.join("sbatch"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let out = cmd(
+        &p,
+        &slurm,
+        &[
+            "run",
+            "pipe.yaml",
+            "--executor",
+            "slurm",
+            "--profile",
+            "test",
+            "--target",
+            "comparisons",
+        ],
+    )
+    .env("PATH", format!("{}:{}", flaky.display(), slurm.path_env()))
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("but the controller queued its job"),
+        "{stderr}"
+    );
+    assert_eq!(slurm.calls("sbatch"), 1, "one job, not a second");
+    assert_eq!(
+        stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran").len(),
+        1
+    );
+}
+
+/// The same, with the engine dead while the job failed: `run --attach`
+/// reads the adopted job's events from its submission on, so the failure
+/// its node reported fails the stage instead of a resubmission.
+#[test]
+fn attach_fails_a_stage_whose_job_failed_while_no_engine_followed_it() {
+    let mut slurm = Slurm::start(1);
+    let p = project_with(FAILS_WHEN_TOLD);
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &PROFILE.replace("lost_after: 10", "lost_after: 2"),
+    );
+    let run = engine_killed_with_its_job_running(&p, &slurm);
+    slurm.restart_controller_clean_after(|| {
+        p.write("go", "");
+        wait_until(Duration::from_secs(30), "the node's failure event", || {
+            common::walk(&p.path("cache/tmp")).iter().any(|f| {
+                f.file_name().is_some_and(|n| n == "events.jsonl")
+                    && std::fs::read_to_string(f).is_ok_and(|t| t.contains(r#""event":"failed""#))
+            })
+        });
+    });
+    let out = output(&p, &slurm, &["run", "--attach", &run]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("exit status 3"), "{stderr}");
+    assert!(!stderr.contains("resubmitting"), "{stderr}");
+    assert_eq!(submissions(&p, &run).len(), 1);
 }

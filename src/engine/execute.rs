@@ -269,6 +269,13 @@ pub(super) async fn run_here(
             if let Some(tracker) = tracker {
                 tracker.finish(tracking::Outcome::Failed).await;
             }
+            // Stopped (Ctrl-C; in a Slurm job its time limit, scancel or
+            // preemption, whose SIGTERM reaches the worker too and may end
+            // it before the token is seen): no failure of the stage's own
+            // to note, and `stage exec` ends as stopped, not failed.
+            if matches!(err, Error::Cancelled) || shared.cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
             note_failure(shared, stage, fp, &err);
             return Err(err);
         }

@@ -20,7 +20,7 @@ use tokio::signal::unix::SignalKind;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{Cache, Fingerprint, StageKey};
+use crate::cache::{Cache, Fingerprint, StageKey, StageRecord};
 use crate::manifest::{self, LoadOptions};
 use crate::protocol::WorkerEvent;
 
@@ -56,6 +56,10 @@ pub struct JobSpec {
     pub tasks: usize,
     /// Where the node appends the stage's events.
     pub events: PathBuf,
+    /// The outputs the stage declares: a record lacking one (an `exec`
+    /// stage that declares another since) is no hit, and the job runs.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 fn one_task() -> usize {
@@ -127,7 +131,8 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
 async fn run_job(job: JobSpec, ui: Ui) -> Result<NodeOutcome, Error> {
     let cache = Arc::new(Cache::open(&job.cache_dir)?);
     let fp = &job.fingerprint;
-    if let Some(record) = cache.hit(fp)? {
+    let covers = |record: &StageRecord| job.outputs.iter().all(|o| record.outputs.contains_key(o));
+    if let Some(record) = cache.hit(fp)?.filter(covers) {
         ui.say(&format!("stage {}: already committed", job.stage));
         ui.event(&WorkerEvent::Done {
             metrics: record.metrics,
@@ -197,7 +202,7 @@ async fn run_job(job: JobSpec, ui: Ui) -> Result<NodeOutcome, Error> {
             _ = cancel.cancelled() => return Err(Error::Cancelled),
         }
     };
-    if let Some(record) = cache.hit(fp)? {
+    if let Some(record) = shared.hit(&shared.pipeline.stages[i], fp)? {
         shared.ui.event(&WorkerEvent::Done {
             metrics: record.metrics,
         });

@@ -328,7 +328,7 @@ fn plan_stage(
     let previous = ctx.lockfile.and_then(|l| l.stages.get(&stage.id));
     let reason = match (ctx.cache.failure(&fingerprint), previous) {
         _ if !lacking.is_empty() => format!(
-            "output(s) {} declared since its cached run",
+            "its cached record lacks output(s) {} (declared since it ran, or written by another engine)",
             lacking.join(", ")
         ),
         (Some(note), _) => failed_reason(&note),

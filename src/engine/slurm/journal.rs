@@ -41,6 +41,11 @@ pub enum JobLine {
         attempt: u32,
         /// The job's output (stdout and stderr).
         log: PathBuf,
+        /// The length of the stage's events file when the job was
+        /// submitted: its own events follow (an engine attaching later
+        /// reads them from there, a failure reported meanwhile included).
+        #[serde(default)]
+        events_from: u64,
         at: String,
     },
     Ended {
@@ -59,6 +64,8 @@ pub struct JobEntry {
     pub job_id: String,
     pub attempt: u32,
     pub log: PathBuf,
+    /// Where its events begin in the stage's events file.
+    pub events_from: u64,
     /// How it ended (state, reason), when the engine saw it end.
     pub ended: Option<(String, String)>,
 }
@@ -163,6 +170,7 @@ pub fn read_jobs(dir: &Path) -> anyhow::Result<Vec<JobEntry>> {
                 job_id,
                 attempt,
                 log,
+                events_from,
                 ..
             }) => jobs.push(JobEntry {
                 stage,
@@ -170,6 +178,7 @@ pub fn read_jobs(dir: &Path) -> anyhow::Result<Vec<JobEntry>> {
                 job_id,
                 attempt,
                 log,
+                events_from,
                 ended: None,
             }),
             Ok(JobLine::Ended {
@@ -222,6 +231,7 @@ mod tests {
             job_id: job.into(),
             attempt,
             log: "x.out".into(),
+            events_from: 0,
             at: "t".into(),
         };
         journal.append(&submitted("1", 1)).unwrap();
@@ -259,6 +269,7 @@ mod tests {
                 job_id: "2".into(),
                 attempt: 1,
                 log: "y.out".into(),
+                events_from: 0,
                 at: "t".into(),
             })
             .unwrap();

@@ -41,7 +41,7 @@ pub use poll::parse_squeue;
 
 use journal::{JobLine, Journal};
 use poll::Poller;
-use submit::{sbatch, write_job_script, Submission};
+use submit::{live_jobs_of, sbatch, transient_failure, write_job_script, Submission};
 
 /// A cluster run: its id (every job's name), its folders, its poller.
 pub(in crate::engine) struct Cluster {
@@ -361,6 +361,7 @@ pub(super) async fn run_remote(
         gpus,
         tasks,
         events: events.clone(),
+        outputs: stage.outputs.clone(),
     };
     crate::cache::atomic_write(
         &spec_path,
@@ -380,7 +381,6 @@ pub(super) async fn run_remote(
         tasks,
     };
     let progress = shared.ui.stage(&stage.id);
-    let mut tail = EventTail::new(events);
     let _waiting = cluster.poller.waiting();
 
     let adopted = cluster
@@ -388,6 +388,9 @@ pub(super) async fn run_remote(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&fp.to_string());
+    // An adopted job's events from its submission on: it may have failed
+    // while no engine followed it, and left squeue since.
+    let mut tail = EventTail::new(events, adopted.as_ref().map(|job| job.events_from));
     let mut watched = match adopted {
         Some(job) => {
             shared.ui.say(&format!(
@@ -406,7 +409,7 @@ pub(super) async fn run_remote(
                 progress.finish();
                 return Ok(Remote::ByAnotherRun(record));
             }
-            submit(shared, cluster, &job_files, 1).await?
+            submit(shared, cluster, &job_files, 1, None).await?
         }
     };
     let result = loop {
@@ -447,7 +450,9 @@ pub(super) async fn run_remote(
                 // (its last lines read first, so none comes after).
                 tail.read(&progress);
                 tail.failure = None;
-                watched = submit(shared, cluster, &job_files, watched.attempt + 1).await?;
+                let previous = Some(watched.job_id.as_str());
+                watched =
+                    submit(shared, cluster, &job_files, watched.attempt + 1, previous).await?;
             }
         }
     };
@@ -476,18 +481,19 @@ async fn submit(
     cluster: &Cluster,
     job: &StageJob<'_>,
     attempt: u32,
+    previous: Option<&str>,
 ) -> Result<Watched, Error> {
     let (stage, fp) = (&shared.pipeline.stages[job.i], job.fp);
-    let Submission { job_id, log } = sbatch(
-        &cluster.run_id,
-        &job.script,
-        &job.dir,
-        &job.resources,
-        job.tasks,
-        &cluster.settings,
-    )
-    .await
-    .with_context(|| format!("stage `{}`: submitting its job", stage.id))?;
+    // Measured before the job can start writing.
+    let events_from = std::fs::metadata(job.dir.join("events.jsonl")).map_or(0, |m| m.len());
+    let Submission { job_id, log } = sbatch_patiently(shared, cluster, job, previous)
+        .await
+        .map_err(|e| match e {
+            Error::Cancelled => Error::Cancelled,
+            e => anyhow::Error::from(e)
+                .context(format!("stage `{}`: submitting its job", stage.id))
+                .into(),
+        })?;
     cluster.poller.submitted();
     cluster.journal.append(&JobLine::Submitted {
         stage: stage.id.clone(),
@@ -495,6 +501,7 @@ async fn submit(
         job_id: job_id.clone(),
         attempt,
         log: log.clone(),
+        events_from,
         at: now(),
     })?;
     shared.ui.say(&format!(
@@ -513,6 +520,71 @@ async fn submit(
         log,
         submitted: Instant::now(),
     })
+}
+
+/// Waits between sbatch tries that failed in reaching the controller.
+const SBATCH_RETRY_WAITS: [Duration; 2] = [Duration::from_secs(10), Duration::from_secs(30)];
+
+/// `sbatch`, tried again after a failure in reaching the controller (a
+/// busy one times out): three tries in all. Such a failure may come after
+/// the controller queued the job, so the stage's job (by its comment)
+/// queued meanwhile is taken instead of a second one, which would run
+/// untracked. `previous` is the stage's job this one replaces.
+async fn sbatch_patiently(
+    shared: &Shared,
+    cluster: &Cluster,
+    job: &StageJob<'_>,
+    previous: Option<&str>,
+) -> Result<Submission, Error> {
+    let stage = &shared.pipeline.stages[job.i];
+    let mut waits = SBATCH_RETRY_WAITS.iter();
+    loop {
+        let failure = match sbatch(
+            &cluster.run_id,
+            job.fp,
+            &job.script,
+            &job.dir,
+            &job.resources,
+            job.tasks,
+            &cluster.settings,
+        )
+        .await
+        {
+            Ok(submission) => return Ok(submission),
+            Err(e) => e,
+        };
+        let message = format!("{failure:#}");
+        if !transient_failure(&message) {
+            return Err(failure.into());
+        }
+        match live_jobs_of(&cluster.run_id, job.fp).await {
+            Ok(ids) => {
+                if let Some(job_id) = ids.into_iter().find(|id| Some(id.as_str()) != previous) {
+                    shared.ui.say(&format!(
+                        "warning: stage `{}`: sbatch failed ({}), but the controller queued its job {job_id}: following that one",
+                        stage.id,
+                        message.lines().last().unwrap_or_default()
+                    ));
+                    let log = job.dir.join(format!("slurm-{job_id}.out"));
+                    return Ok(Submission { job_id, log });
+                }
+            }
+            Err(e) => tracing::debug!("looking for a job sbatch may have queued: {e:#}"),
+        }
+        let Some(wait) = waits.next() else {
+            return Err(failure.into());
+        };
+        shared.ui.say(&format!(
+            "warning: stage `{}`: sbatch failed ({}); trying again in {}s",
+            stage.id,
+            message.lines().last().unwrap_or_default(),
+            wait.as_secs()
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(*wait) => {}
+            _ = shared.cancel.cancelled() => return Err(Error::Cancelled),
+        }
+    }
 }
 
 fn now() -> String {
@@ -781,9 +853,10 @@ struct EventTail {
 }
 
 impl EventTail {
-    fn new(path: PathBuf) -> EventTail {
-        // Events of an earlier attempt are kept: progress restarts anyway.
-        let offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    /// Follows `path` from `from`, else from its end: events of an earlier
+    /// attempt are kept there, and progress restarts anyway.
+    fn new(path: PathBuf, from: Option<u64>) -> EventTail {
+        let offset = from.unwrap_or_else(|| std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0));
         EventTail {
             path,
             offset,

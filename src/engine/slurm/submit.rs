@@ -173,13 +173,16 @@ pub fn time_limit_seconds(t: &str) -> Option<u32> {
 /// `sbatch --parsable ... job.sh`: the job id (`123` or `123;cluster`).
 pub async fn sbatch(
     run_id: &str,
+    fp: &Fingerprint,
     script: &Path,
     dir: &Path,
     resources: &Resources,
     ranks: usize,
     settings: &SlurmSettings,
 ) -> anyhow::Result<Submission> {
-    let args = sbatch_args(run_id, dir, resources, ranks, settings);
+    let mut args = sbatch_args(run_id, dir, resources, ranks, settings);
+    // The stage's job is found by it when sbatch's answer is lost.
+    args.push(format!("--comment={}", job_comment(fp)));
     let mut command = tokio::process::Command::new("sbatch");
     // sbatch passes its environment to the job: an engine started inside
     // a job or an allocation (to outlive a logout) would hand on that
@@ -216,6 +219,56 @@ pub async fn sbatch(
         .to_string();
     let log = dir.join(format!("slurm-{job_id}.out"));
     Ok(Submission { job_id, log })
+}
+
+/// The comment that tags the jobs of a stage's fingerprint.
+pub fn job_comment(fp: &Fingerprint) -> String {
+    format!("alignflow:{fp}")
+}
+
+/// Whether sbatch failed in talking to the controller (a busy one times
+/// out), not on the request: the job may even have been queued.
+pub fn transient_failure(message: &str) -> bool {
+    const SIGNS: [&str; 6] = [
+        "timed out",
+        "Unable to contact",
+        "temporarily unavailable",
+        "Try again",
+        "Socket",
+        "Connection refused",
+    ];
+    SIGNS.iter().any(|sign| message.contains(sign))
+}
+
+/// The ids of run `run_id`'s jobs tagged with `fp`'s comment that are
+/// queued or running.
+pub async fn live_jobs_of(run_id: &str, fp: &Fingerprint) -> anyhow::Result<Vec<String>> {
+    let out = tokio::process::Command::new("squeue")
+        .args(["--noheader", "--states=all", "--name", run_id])
+        .args(["--format", "%i|%T|%k"])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running squeue")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "squeue: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let comment = job_comment(fp);
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.trim().splitn(3, '|');
+            let (id, state, tag) = (parts.next()?, parts.next()?, parts.next()?);
+            let live = matches!(
+                state.trim(),
+                "PENDING" | "CONFIGURING" | "RUNNING" | "REQUEUED" | "RESIZING" | "SUSPENDED"
+            );
+            (live && tag.trim() == comment).then(|| id.trim().to_string())
+        })
+        .collect())
 }
 
 #[cfg(test)]
