@@ -671,6 +671,62 @@ mod tests {
         assert_eq!(buckets(&[big.shallow_clone(), big]).len(), 2);
     }
 
+    /// What one rank of `ranks_resume_from_rank_0s_checkpoint` sees: rank 0
+    /// steps 2 and 4; rank 1 also a newer 6 (its own leftover), then a
+    /// listing without 4 (a stale one).
+    fn resume_from_rank_0s_checkpoint(store: Store, r: usize, timeout: Duration) {
+        use crate::train::Checkpoints;
+        let g = Group::join(store, r, 2, &localhost(), timeout).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let steps = |steps: &[u64]| {
+            let root = dir.path().join(format!("seen-{steps:?}"));
+            for step in steps {
+                let folder = root.join(format!("step-{step}"));
+                std::fs::create_dir_all(&folder).unwrap();
+                std::fs::write(folder.join("state.json"), "{}").unwrap();
+            }
+            Checkpoints::new(root, 2)
+        };
+        let patience = Duration::from_secs(1);
+        let (first, second) = match r {
+            0 => (steps(&[2, 4]), steps(&[2, 4])),
+            _ => (steps(&[2, 4, 6]), steps(&[2])),
+        };
+        let agreed = crate::dist::agreed_checkpoint(Some(&g), &first, patience).unwrap();
+        assert_eq!(agreed, Some(first.root().join("step-4")));
+        let stale = crate::dist::agreed_checkpoint(Some(&g), &second, patience);
+        match r {
+            0 => assert_eq!(stale.unwrap(), Some(second.root().join("step-4"))),
+            _ => {
+                let err = stale.unwrap_err().to_string();
+                assert!(
+                    err.contains("rank 1 does not see the checkpoint of step 4"),
+                    "{err}"
+                );
+            }
+        }
+        g.barrier().unwrap();
+    }
+
+    /// Ranks resume from the checkpoint rank 0 chose, each finding it in
+    /// its own listing, or fail naming the one it cannot see.
+    #[test]
+    fn ranks_resume_from_rank_0s_checkpoint() {
+        let timeout = Duration::from_secs(30);
+        if let Some(port) = rank1_port() {
+            let store = Store::connect("127.0.0.1", port, 2, timeout).unwrap();
+            resume_from_rank_0s_checkpoint(store, 1, timeout);
+            return;
+        }
+        let store = Store::host("127.0.0.1", 0, 2, timeout).unwrap();
+        let mut r1 = spawn_rank1(
+            "dist::group::tests::ranks_resume_from_rank_0s_checkpoint",
+            store.port(),
+        );
+        resume_from_rank_0s_checkpoint(store, 0, timeout);
+        assert!(r1.wait().unwrap().success(), "rank 1 failed");
+    }
+
     /// A rank that leaves (its process exits) makes its peer's next
     /// collective fail, with the op and the rank in the message, instead
     /// of waiting forever.

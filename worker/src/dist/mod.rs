@@ -166,6 +166,48 @@ pub fn average_gradients(group: &Group, params: &[&Tensor]) -> Result<(), DistEr
     group.all_reduce_mean(&grads)
 }
 
+/// How long a rank looks again for the checkpoint rank 0 resumes from.
+pub const CHECKPOINT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The checkpoint of `checkpoints` that this rank resumes from: rank 0's
+/// latest, told to every rank by its step, which each finds in the shared
+/// folder (listed again for up to `patience`: a network filesystem may
+/// show a node a stale listing after a resubmission). Each rank listing
+/// for itself could resume ranks from different steps, with optimizer
+/// states and schedules apart, which diverge silently until a collective
+/// times out. Without a group: the latest.
+pub fn agreed_checkpoint(
+    group: Option<&Group>,
+    checkpoints: &crate::train::Checkpoints,
+    patience: std::time::Duration,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let mut listing = checkpoints.list()?;
+    let Some(g) = group else {
+        return Ok(listing.pop().map(|(_, dir)| dir));
+    };
+    let latest = listing.last().map_or(-1.0, |(step, _)| *step as f64);
+    let chosen = g.broadcast_f64(&[latest], 0)?[0];
+    if chosen < 0.0 {
+        return Ok(None);
+    }
+    let step = chosen as u64;
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Some((_, dir)) = listing.iter().find(|(s, _)| *s == step) {
+            return Ok(Some(dir.clone()));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "rank {} does not see the checkpoint of step {step} that rank 0 resumes from, in {} (its steps: {:?}); is the folder shared by every node?",
+            g.rank(),
+            checkpoints.root().display(),
+            listing.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        listing = checkpoints.list()?;
+    }
+}
+
 /// Copies rank 0's variables of `vs` (sorted by name, so every rank lists
 /// them alike) into every rank's.
 pub fn broadcast_weights(group: &Group, vs: &VarStore) -> Result<(), DistError> {

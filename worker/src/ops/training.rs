@@ -120,7 +120,11 @@ pub fn run_training_with_figures(
         trainer = trainer.data_parallel(g);
     }
     let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("train"), 2);
-    let resumed = match checkpoints.latest()? {
+    let resumed = match crate::dist::agreed_checkpoint(
+        group,
+        &checkpoints,
+        crate::dist::CHECKPOINT_PATIENCE,
+    )? {
         Some(dir) => {
             trainer.resume(&dir, &mut model.vs)?;
             let step = trainer.state().step;

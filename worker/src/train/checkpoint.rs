@@ -248,6 +248,11 @@ impl Checkpoints {
         Ok(found)
     }
 
+    /// The folder they are kept in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The newest complete checkpoint, if any.
     pub fn latest(&self) -> Result<Option<PathBuf>, CheckpointError> {
         Ok(self.list()?.pop().map(|(_, dir)| dir))

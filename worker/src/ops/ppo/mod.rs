@@ -98,7 +98,9 @@ pub(crate) fn run_with(ctx: &StageContext<'_>, passes: Passes) -> anyhow::Result
 
     std::fs::create_dir_all(&ctx.spec.checkpoint_dir)?;
     let checkpoints = Checkpoints::new(ctx.spec.checkpoint_dir.join("ppo"), 2);
-    let (mut progress, resumed) = match checkpoints.latest()? {
+    let agreed =
+        crate::dist::agreed_checkpoint(s.ranks, &checkpoints, crate::dist::CHECKPOINT_PATIENCE)?;
+    let (mut progress, resumed) = match agreed {
         Some(dir) => {
             let progress = checkpoint::resume(
                 &dir,
