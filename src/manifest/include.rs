@@ -163,7 +163,14 @@ fn merge(base: &mut Merged, over: Value, over_locs: &Locs, at: &mut KeyPath) {
         at.push(key_text(&k));
         let target = lookup_mut(&mut base.value, &at[..at.len() - 1]).expect("parent is a mapping");
         let both_maps = v.is_mapping() && target.get(&k).is_some_and(Value::is_mapping);
-        if both_maps {
+        // A stage given another op is another stage: the base's params and
+        // inputs were the other op's, and merged in they would be errors
+        // pointing into the included file.
+        let new_op = at.len() == 2
+            && at[0] == "stages"
+            && v.get("op")
+                .is_some_and(|op| target.get(&k).and_then(|old| old.get("op")) != Some(op));
+        if both_maps && !new_op {
             base.locs.take_spot(at, over_locs);
             merge(base, v, over_locs, at);
         } else {

@@ -646,6 +646,15 @@ fn include_merge_and_relative_inputs() {
         err,
         "p2.yaml:6:14: stage `prep`, field `params.cmdd`: unknown field (did you mean `cmd`?)"
     );
+
+    // A stage given another op replaces the included one whole: the base's
+    // exec params and inputs are not the new op's.
+    d.write("p3.yaml", "version: 1\nname: t\ninclude: [common/base.yaml]\nstages:\n  prep:\n    op: train\n    inputs: {model: local.txt}\n    params: {lr: 1}\n");
+    let p = d.load("p3.yaml").unwrap();
+    let prep = p.stage("prep").unwrap();
+    assert_eq!(prep.op, "train");
+    assert_eq!(prep.inputs.keys().collect::<Vec<_>>(), ["model"]);
+    assert_eq!(prep.params["lr"], json!(1.0));
 }
 
 #[test]
