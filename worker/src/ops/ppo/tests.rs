@@ -553,8 +553,12 @@ fn one_epoch_of_one_minibatch_reuses_the_update_forwards_and_matches_separate_pa
                 "{key}: {x} vs {y}\n{a}\n{b}"
             );
         }
-        // The first minibatch of the first epoch: the ratio is exactly 1.
+        // The first minibatch of the first epoch: the ratio is 1, exactly
+        // when fused; when separate, only if the rollout's log-probs are
+        // the policy's as the update computes them (same temperature,
+        // same positions).
         assert_eq!(a["clip_frac"].as_f64(), Some(0.0), "{a}");
+        assert_eq!(b["clip_frac"].as_f64(), Some(0.0), "{b}");
     }
     let (a, b) = (tensors(&fused_model), tensors(&separate_model));
     assert_eq!(a.len(), b.len());

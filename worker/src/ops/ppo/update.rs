@@ -14,7 +14,7 @@ use crate::model::Model;
 use crate::ops::scoring::{response_logprobs, response_values};
 use crate::rl::{
     compute_gae, explained_variance, group_advantages, group_spread, kl_k3, masked_mean,
-    masked_sum, masked_whiten, policy_loss, value_loss, PolicyLoss,
+    masked_sum, masked_whiten, policy_loss, value_loss, GroupBaseline, PolicyLoss, ShapedRewards,
 };
 use crate::train::{clip_grad_norm, seed_torch_for_step, AdamW};
 
@@ -103,15 +103,11 @@ pub(super) fn advantages(s: &Settings, ro: &Rollout, ex: &Experience) -> Advanta
     let shaped = &ex.shaped;
     match (s.baseline, &ex.old_values) {
         (Some(bl), _) => {
-            // The sequence reward: the score (after any no-EOS penalty)
-            // plus the KL penalty summed over the response's tokens.
-            let seq = &shaped.scores + masked_sum(&shaped.non_score_reward, rmask, Some(1));
-            let group_stats = Some(group_spread(&seq, s.group as i64));
-            let adv = group_advantages(&seq, s.group as i64, bl);
+            let (adv, stats) = group_relative(shaped, rmask, s.group as i64, bl);
             Advantages {
-                adv: adv.unsqueeze(1) * rmask,
+                adv,
                 value_targets: None,
-                group_stats,
+                group_stats: Some(stats),
             }
         }
         (None, Some(old_values)) => {
@@ -134,6 +130,22 @@ pub(super) fn advantages(s: &Settings, ro: &Rollout, ex: &Experience) -> Advanta
         }
         (None, None) => unreachable!("gae loads a value model"),
     }
+}
+
+/// GRPO / RLOO advantages `[b, r]` of each response: its group-relative
+/// sequence reward, the score (after any no-EOS penalty) plus the KL
+/// penalty summed over its tokens, on every response token; and the
+/// groups' spread (mean std, flat fraction).
+fn group_relative(
+    shaped: &ShapedRewards,
+    rmask: &Tensor,
+    group: i64,
+    baseline: GroupBaseline,
+) -> (Tensor, (Tensor, Tensor)) {
+    let seq = &shaped.scores + masked_sum(&shaped.non_score_reward, rmask, Some(1));
+    let stats = group_spread(&seq, group);
+    let adv = group_advantages(&seq, group, baseline);
+    (adv.unsqueeze(1) * rmask, stats)
 }
 
 /// Sums over the update's minibatches, for the metrics.
@@ -506,5 +518,35 @@ impl Step<'_> {
         }
         opt.step(self.lr)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rl::shape_rewards;
+
+    /// RLOO over 2 prompts of 2 samples, worked by hand. Scores [1, 1, 0,
+    /// 2]; per-token KL [0.5, 0.5] on row 0 only (it sums to 1), kl_coef
+    /// 0.1: sequence rewards [0.9, 1, 0, 2], each minus the other of its
+    /// group: [-0.1, 0.1, -2, 2] on both response tokens (the second
+    /// token of row 3 is past its end: 0).
+    #[test]
+    fn rloo_takes_the_summed_kl_penalty_into_the_sequence_reward() {
+        let scores = Tensor::from_slice(&[1.0f64, 1.0, 0.0, 2.0]);
+        let kl = Tensor::from_slice(&[0.5f64, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).view([4, 2]);
+        let rmask = Tensor::from_slice(&[1.0f64, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]).view([4, 2]);
+        let has_eos = Tensor::from_slice(&[1.0f64; 4]);
+        let shaped = shape_rewards(&scores, &kl, &rmask, &has_eos, 0.1, None);
+        let (adv, (std, flat)) = group_relative(&shaped, &rmask, 2, GroupBaseline::Rloo);
+        let got = Vec::<f64>::try_from(&adv.flatten(0, -1)).unwrap();
+        let want = [-0.1, -0.1, 0.1, 0.1, -2.0, -2.0, 2.0, 0.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} != {want:?}");
+        }
+        // Stds sqrt(0.005) and sqrt(2), no flat group.
+        let mean_std = (0.005f64.sqrt() + 2.0f64.sqrt()) / 2.0;
+        assert!((std.double_value(&[]) - mean_std).abs() < 1e-12);
+        assert_eq!(flat.double_value(&[]), 0.0);
     }
 }
