@@ -1391,53 +1391,68 @@ stages:
 /// sbatch may time out talking to a busy controller after it queued the
 /// job: the engine follows the job the controller queued (found by the
 /// stage's comment) instead of failing the stage with a job running
-/// untracked, or queuing a second.
+/// untracked, or queuing a second; and when none was queued, it tries
+/// again.
 #[test]
 fn a_job_queued_though_sbatch_failed_is_followed() {
     let slurm = Slurm::start(1);
     let p = project_with(&data_pipeline());
     let flaky = p.path("flakybin");
     std::fs::create_dir_all(&flaky).unwrap();
-    p.write(
-        "flakybin/sbatch",
-        &format!(
-            "#!/bin/sh\nPATH=\"${{PATH#*:}}\"\nif [ ! -e {0} ]; then\n  touch {0}\n  sbatch \"$@\" > /dev/null\n  echo 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2\n  exit 1\nfi\nexec sbatch \"$@\"\n",
-            p.path("failed-once").display()
-        ),
-    );
-    {
+    // Fails once, after passing the request on (`queued`) or not (`lost`).
+    let fail_once = |mode: &str| {
+        let marker = p.path(&format!("failed-{mode}"));
+        let forward = if mode == "queued" {
+            "  sbatch \"$@\" > /dev/null\n"
+        } else {
+            ""
+        };
+        p.write(
+            "flakybin/sbatch",
+            &format!(
+                "#!/bin/sh\nPATH=\"${{PATH#*:}}\"\nif [ ! -e {0} ]; then\n  touch {0}\n{forward}  echo 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2\n  exit 1\nfi\nexec sbatch \"$@\"\n",
+                marker.display()
+            ),
+        );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(flaky.join("sbatch"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
-    }
-    let out = cmd(
-        &p,
-        &slurm,
-        &[
-            "run",
-            "pipe.yaml",
-            "--executor",
-            "slurm",
-            "--profile",
-            "test",
-            "--target",
-            "comparisons",
-        ],
-    )
-    .env("PATH", format!("{}:{}", flaky.display(), slurm.path_env()))
-    .output()
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    };
+    let run = |target: &str| {
+        let out = cmd(
+            &p,
+            &slurm,
+            &[
+                "run",
+                "pipe.yaml",
+                "--executor",
+                "slurm",
+                "--profile",
+                "test",
+                "--target",
+                target,
+            ],
+        )
+        .env("PATH", format!("{}:{}", flaky.display(), slurm.path_env()))
+        .output()
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let ran = stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran");
+        assert_eq!(ran, common::set(&[target]));
+        stderr
+    };
+    fail_once("queued");
+    let stderr = run("comparisons");
     assert!(
         stderr.contains("but the controller queued its job"),
         "{stderr}"
     );
     assert_eq!(slurm.calls("sbatch"), 1, "one job, not a second");
-    assert_eq!(
-        stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran").len(),
-        1
-    );
+    fail_once("lost");
+    let stderr = run("count");
+    assert!(stderr.contains("trying again in 10s"), "{stderr}");
+    assert_eq!(slurm.calls("sbatch"), 2);
 }
 
 /// The same, with the engine dead while the job failed: `run --attach`
