@@ -1227,6 +1227,18 @@ fn a_job_lost_from_squeue_is_resubmitted() {
     assert!(stderr.contains("is lost (not in squeue"), "{stderr}");
     let jobs = submissions(&p, &run_id(&p));
     assert_eq!(jobs.len(), 2, "{jobs:?}");
+    // The lost job is journaled as ended: `--attach` would not adopt it.
+    let journal =
+        std::fs::read_to_string(p.path(&format!("cache/runs/{}/jobs.jsonl", run_id(&p)))).unwrap();
+    let lost = journal
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["event"] == "ended" && v["job_id"] == jobs[0]["job_id"]);
+    assert_eq!(
+        lost.map(|v| v["state"].clone()),
+        Some("LOST".into()),
+        "{journal}"
+    );
 }
 
 /// A stage whose first attempt fails once the file `go` exists.

@@ -630,6 +630,17 @@ async fn watch(
                 // controller that lost its state): a failure its node
                 // reported is the verdict; another attempt would fail alike.
                 tail.read(progress);
+                // Journaled as ended: `run --attach` must not adopt it.
+                let (state, reason) = match &tail.failure {
+                    Some(_) => ("FAILED", "left squeue after its node reported a failure"),
+                    None => ("LOST", "not in squeue, and no record"),
+                };
+                cluster.journal.append(&JobLine::Ended {
+                    job_id: job.job_id.clone(),
+                    state: state.into(),
+                    reason: reason.into(),
+                    at: now(),
+                })?;
                 if let Some(message) = &tail.failure {
                     return Ok(Ended::Failed(format!(
                         "job {} failed: {message} (it has left squeue){}",
