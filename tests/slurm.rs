@@ -35,6 +35,20 @@ fn cmd(p: &Project, slurm: &Slurm, args: &[&str]) -> Command {
     c
 }
 
+/// `alignflow run pipe.yaml` on the cluster (the test profile), then `extra`.
+fn run_on_cluster(p: &Project, slurm: &Slurm, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "run",
+        "pipe.yaml",
+        "--executor",
+        "slurm",
+        "--profile",
+        "test",
+    ];
+    args.extend_from_slice(extra);
+    cmd(p, slurm, &args)
+}
+
 fn output(p: &Project, slurm: &Slurm, args: &[&str]) -> Output {
     cmd(p, slurm, args).output().expect("alignflow runs")
 }
@@ -1372,23 +1386,12 @@ stages:
     params: { cmd: 'echo "mem=$${SLURM_MEM_PER_NODE:-unset} cpus=$${SLURM_CPUS_PER_TASK:-unset} conf=$${SLURM_CONF:+set}" > "$ALIGNFLOW_OUT/vars"' }
 "#,
     );
-    let out = cmd(
-        &p,
-        &slurm,
-        &[
-            "run",
-            "pipe.yaml",
-            "--executor",
-            "slurm",
-            "--profile",
-            "test",
-        ],
-    )
-    .env("SLURM_MEM_PER_NODE", "1000")
-    .env("SLURM_CPUS_PER_TASK", "7")
-    .env("SLURM_JOB_ID", "424242")
-    .output()
-    .unwrap();
+    let out = run_on_cluster(&p, &slurm, &[])
+        .env("SLURM_MEM_PER_NODE", "1000")
+        .env("SLURM_CPUS_PER_TASK", "7")
+        .env("SLURM_JOB_ID", "424242")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -1431,23 +1434,10 @@ fn a_job_queued_though_sbatch_failed_is_followed() {
             .unwrap();
     };
     let run = |target: &str| {
-        let out = cmd(
-            &p,
-            &slurm,
-            &[
-                "run",
-                "pipe.yaml",
-                "--executor",
-                "slurm",
-                "--profile",
-                "test",
-                "--target",
-                target,
-            ],
-        )
-        .env("PATH", format!("{}:{}", flaky.display(), slurm.path_env()))
-        .output()
-        .unwrap();
+        let out = run_on_cluster(&p, &slurm, &["--target", target])
+            .env("PATH", format!("{}:{}", flaky.display(), slurm.path_env()))
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(out.status.success(), "{stderr}");
         let ran = stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran");
