@@ -712,11 +712,26 @@ fn ops(name: Option<&str>) -> anyhow::Result<ExitCode> {
 }
 
 fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
+    // Commands about a remote or a key only: no local cache is opened (it
+    // would be created where the command runs).
+    match &command {
+        CacheCommand::Verify {
+            remote: Some(name), ..
+        } => return verify_remote(name),
+        CacheCommand::Keygen { name, out } => {
+            let key = remote::keygen(name, out)?;
+            eprintln!("secret key written to {} (keep it private)", out.display());
+            println!("{}", key.public_text());
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let cache = open_cache(cache_dir)?;
     match command {
         CacheCommand::Verify {
-            remote: Some(name), ..
-        } => verify_remote(&name),
+            remote: Some(_), ..
+        }
+        | CacheCommand::Keygen { .. } => unreachable!("answered above"),
         CacheCommand::Push {
             remote,
             manifest,
@@ -728,12 +743,6 @@ fn cache(cache_dir: &Path, command: CacheCommand) -> anyhow::Result<ExitCode> {
             manifests,
             quiet,
         } => pull(&cache, &remote, &manifests, quiet),
-        CacheCommand::Keygen { name, out } => {
-            let key = remote::keygen(&name, &out)?;
-            eprintln!("secret key written to {} (keep it private)", out.display());
-            println!("{}", key.public_text());
-            Ok(ExitCode::SUCCESS)
-        }
         CacheCommand::Verify { repair, .. } => {
             let report = if repair {
                 cache.verify_and_repair()?

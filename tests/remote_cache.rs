@@ -988,3 +988,15 @@ fn a_run_whose_remote_does_not_answer_gives_it_up_once() {
         "{stderr}"
     );
 }
+
+/// Commands about a key or a remote only open no local cache: run in a
+/// folder without one, they leave none behind.
+#[test]
+fn keygen_and_remote_verify_leave_no_local_cache_behind() {
+    let b = Backend::folder();
+    let p = project();
+    assert!(keygen(&p, &b, "ci").starts_with("ci:"));
+    let verified = run_ok(&p, &b, &["cache", "verify", "--remote", &b.url]);
+    assert!(verified.contains("0 problem(s)"), "{verified}");
+    assert!(!p.path("cache").exists(), "a cache was created");
+}
