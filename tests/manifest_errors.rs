@@ -222,6 +222,18 @@ stages:
         "{err}"
     );
     assert!(err.contains("2 input(s) do not exist"), "{err}");
+    // A matrix stage's instances read one input as written: named once.
+    p.write(
+        "sweep.yaml",
+        "version: 1\nname: sweep\nstages:\n  s:\n    op: exec\n    inputs: { x: gone.txt }\n    outputs: [out]\n    matrix: { cmd: [\"true\", \"false\", \"exit 0\"] }\n",
+    );
+    let err = p.fails(&["validate", "sweep.yaml"]);
+    assert!(
+        err.contains("`gone.txt` does not exist")
+            && err.contains("(read by 3 instances of stage `s`)"),
+        "{err}"
+    );
+    assert!(err.contains("1 input(s) do not exist"), "{err}");
     p.write("nowhere.txt", "");
     std::fs::create_dir_all(p.path("data")).unwrap();
     p.write("data/absent.jsonl", "");

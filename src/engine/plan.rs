@@ -154,15 +154,38 @@ pub fn hash_path_inputs(
 /// Every path input of `pipeline` that does not exist, as the error a run
 /// would give for it (`alignflow validate` names them all up front).
 pub fn missing_path_inputs(pipeline: &Pipeline) -> Vec<String> {
-    let mut missing = Vec::new();
+    // One line per input as written: the rounds of a loop and the
+    // instances of a matrix read it from one place, and are named once.
+    let mut missing: Vec<(String, Vec<&Stage>)> = Vec::new();
+    let mut at: BTreeMap<(String, String, std::path::PathBuf), usize> = BTreeMap::new();
     for stage in &pipeline.stages {
         for (name, path, written, location) in path_inputs(stage) {
-            if !path.exists() {
-                missing.push(missing_input(stage, name, written, location, path));
+            if path.exists() {
+                continue;
+            }
+            let place = (location.to_string(), name.clone(), path.clone());
+            match at.get(&place) {
+                Some(&i) => missing[i].1.push(stage),
+                None => {
+                    at.insert(place, missing.len());
+                    missing.push((
+                        missing_input(stage, name, written, location, path),
+                        vec![stage],
+                    ));
+                }
             }
         }
     }
     missing
+        .into_iter()
+        .map(|(line, stages)| match stages.len() {
+            1 => line,
+            n => format!(
+                "{line} (read by {n} instances of stage `{}`)",
+                stages[0].key
+            ),
+        })
+        .collect()
 }
 
 /// A stage's file and folder inputs: name, resolved path, the path as
