@@ -56,7 +56,7 @@ impl Shared {
         Ok(self
             .cache
             .hit(fp)?
-            .filter(|record| lacking_outputs(stage, record).is_empty()))
+            .filter(|record| lacking_outputs(&stage.outputs, record).is_empty()))
     }
 }
 
@@ -132,7 +132,6 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     let stage = &shared.pipeline.stages[i];
     let key = actual_key(shared, i, op, upstream_ids).await?;
     let fp = key.fingerprint();
-    let covers = |record: &StageRecord| lacking_outputs(stage, record).is_empty();
     if let Some(record) = shared.hit(stage, &fp)? {
         let detail = if planned_run {
             "early cutoff: upstream outputs unchanged"
@@ -145,10 +144,7 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     let record = match &shared.options.executor {
         Executor::Slurm(settings) => {
             // The team cache first: a pulled stage submits no job.
-            if let Some((record, name)) = pull_from_remote(shared, stage, &fp)
-                .await
-                .filter(|(record, _)| covers(record))
-            {
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
             match super::slurm::run_remote(shared, settings, i, op, &key, &fp).await? {
@@ -164,10 +160,7 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
             if let Some(record) = shared.hit(stage, &fp)? {
                 return Ok(cached(record, key, "finished by another run"));
             }
-            if let Some((record, name)) = pull_from_remote(shared, stage, &fp)
-                .await
-                .filter(|(record, _)| covers(record))
-            {
+            if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
             let device = held.gpu.as_ref().map_or(Device::Cpu, Device::Slot);
@@ -201,8 +194,9 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
 }
 
 /// The stage's record and outputs from the remote, if it holds a trusted
-/// record of `fp`: (record, remote name). A pull that fails (a corrupt
-/// object is refused) is a miss: the stage runs.
+/// record of `fp` with every output the stage declares: (record, remote
+/// name). A pull that fails (a corrupt object is refused) is a miss: the
+/// stage runs.
 async fn pull_from_remote(
     shared: &Shared,
     stage: &Stage,
@@ -212,7 +206,9 @@ async fn pull_from_remote(
     let (cache, fp) = (shared.cache.clone(), fp.clone());
     let name = remote.name().to_string();
     match blocking(move || Ok(remote.pull_one(&cache, &fp)?)).await {
-        Ok(found) => found.map(|record| (record, name)),
+        Ok(found) => found
+            .filter(|record| lacking_outputs(&stage.outputs, record).is_empty())
+            .map(|record| (record, name)),
         Err(e) => {
             shared.ui.say(&format!(
                 "warning: stage `{}`: not pulled from remote `{name}`, it runs: {e:#}",

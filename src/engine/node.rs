@@ -26,7 +26,7 @@ use crate::protocol::WorkerEvent;
 
 use super::execute::{run_here, Device, Shared};
 use super::gpus::GpuSlots;
-use super::plan::stage_key;
+use super::plan::{lacking_outputs, stage_key};
 use super::progress::Ui;
 use super::threads::CorePool;
 use super::{Error, RunOptions};
@@ -131,7 +131,7 @@ fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
 async fn run_job(job: JobSpec, ui: Ui) -> Result<NodeOutcome, Error> {
     let cache = Arc::new(Cache::open(&job.cache_dir)?);
     let fp = &job.fingerprint;
-    let covers = |record: &StageRecord| job.outputs.iter().all(|o| record.outputs.contains_key(o));
+    let covers = |record: &StageRecord| lacking_outputs(&job.outputs, record).is_empty();
     if let Some(record) = cache.hit(fp)?.filter(covers) {
         ui.say(&format!("stage {}: already committed", job.stage));
         ui.event(&WorkerEvent::Done {

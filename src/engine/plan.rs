@@ -318,7 +318,7 @@ fn plan_stage(
     let local = ctx.cache.hit(&fingerprint)?;
     let lacking = local
         .as_ref()
-        .map(|record| lacking_outputs(stage, record))
+        .map(|record| lacking_outputs(&stage.outputs, record))
         .unwrap_or_default();
     if let Some(record) = local.filter(|_| lacking.is_empty()) {
         known.insert(i, record.outputs.clone());
@@ -336,7 +336,9 @@ fn plan_stage(
         Some(remote) => remote_hit(remote, stage, &fingerprint, ctx.remote_must_answer)?,
         None => None,
     };
-    if let Some(record) = remote_record.filter(|record| lacking_outputs(stage, record).is_empty()) {
+    if let Some(record) =
+        remote_record.filter(|record| lacking_outputs(&stage.outputs, record).is_empty())
+    {
         known.insert(i, record.outputs.clone());
         return Ok(PlannedStage {
             index: i,
@@ -379,9 +381,8 @@ fn plan_stage(
 /// The outputs `stage` declares that `record` lacks: an `exec` stage that
 /// declares another output has the same fingerprint (the same command
 /// writes it), and its record from before is no hit for it.
-pub(super) fn lacking_outputs<'a>(stage: &'a Stage, record: &StageRecord) -> Vec<&'a str> {
-    stage
-        .outputs
+pub(super) fn lacking_outputs<'a>(declared: &'a [String], record: &StageRecord) -> Vec<&'a str> {
+    declared
         .iter()
         .filter(|name| !record.outputs.contains_key(*name))
         .map(String::as_str)
