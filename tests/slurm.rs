@@ -1485,3 +1485,96 @@ fn attach_fails_a_stage_whose_job_failed_while_no_engine_followed_it() {
     assert!(!stderr.contains("resubmitting"), "{stderr}");
     assert_eq!(submissions(&p, &run).len(), 1);
 }
+
+/// An sbatch that queues the job and then never answers (a controller
+/// that accepted the request and hung) is killed after
+/// `command_timeout`, and the job it queued is followed: the stage does
+/// not wait for good.
+#[test]
+fn a_hung_sbatch_is_killed_and_the_job_it_queued_followed() {
+    let slurm = Slurm::start(1);
+    // The job outlives the hung call, as most jobs do.
+    let p = project_with(
+        "version: 1
+name: hung
+stages:
+  slow:
+    op: exec
+    outputs: [done]
+    params: { cmd: 'sleep 6 && touch \"$ALIGNFLOW_OUT/done\"' }
+",
+    );
+    p.write(
+        "alignflow/profiles/test.yaml",
+        &format!("{PROFILE}  command_timeout: 2\n"),
+    );
+    let hung = p.path("hungbin");
+    std::fs::create_dir_all(&hung).unwrap();
+    let marker = p.path("hung-once");
+    p.write(
+        "hungbin/sbatch",
+        &format!(
+            "#!/bin/sh\nPATH=\"${{PATH#*:}}\"\nif [ ! -e {0} ]; then\n  touch {0}\n  sbatch \"$@\" > /dev/null\n  exec sleep 120\nfi\nexec sbatch \"$@\"\n",
+            marker.display()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(hung.join("sbatch"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let start = Instant::now();
+    let out = run_on_cluster(&p, &slurm, &[])
+        .env("PATH", format!("{}:{}", hung.display(), slurm.path_env()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", slurm.logs());
+    assert!(
+        stderr.contains("timed out, and killed")
+            && stderr.contains("but the controller queued its job"),
+        "{stderr}"
+    );
+    assert_eq!(slurm.calls("sbatch"), 1, "one job, not a second");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// The engine's binary replaced mid-run (a reinstall while a long run
+/// goes on): the jobs submitted after it run the binary at the same path,
+/// not the path of the process's deleted file (`alignflow (deleted)`).
+#[test]
+fn jobs_submitted_after_the_binary_is_replaced_still_start() {
+    let slurm = Slurm::start(1);
+    let p = project_with(
+        "version: 1
+name: reinstall
+stages:
+  first:
+    op: exec
+    outputs: [done]
+    params: { cmd: 'cp \"$BIN\" \"$BIN.new\" && mv \"$BIN.new\" \"$BIN\" && touch \"$ALIGNFLOW_OUT/done\"' }
+  second:
+    op: exec
+    inputs: { after: \"${stages.first.done}\" }
+    outputs: [done]
+    params: { cmd: 'touch \"$ALIGNFLOW_OUT/done\"' }
+",
+    );
+    let bin = p.path("bin/alignflow");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_alignflow"), &bin).unwrap();
+    // The test's usual command, run from the copy.
+    let run = run_on_cluster(&p, &slurm, &[]);
+    let mut command = Command::new(&bin);
+    command
+        .args(run.get_args())
+        .current_dir(p.path(""))
+        .envs(run.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("BIN", &bin);
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{}", slurm.logs());
+    let ran = stages_with_status(&String::from_utf8_lossy(&out.stdout), "ran");
+    assert_eq!(ran, common::set(&["first", "second"]), "{stderr}");
+}

@@ -142,12 +142,12 @@ async fn execute_phases(shared: &Shared, task: StageTask) -> Result<Finished, Er
     }
 
     let record = match &shared.options.executor {
-        Executor::Slurm(settings) => {
+        Executor::Slurm(_) => {
             // The team cache first: a pulled stage submits no job.
             if let Some((record, name)) = pull_from_remote(shared, stage, &fp).await {
                 return Ok(cached(record, key, &format!("pulled from remote `{name}`")));
             }
-            match super::slurm::run_remote(shared, settings, i, op, &key, &fp).await? {
+            match super::slurm::run_remote(shared, i, op, &key, &fp).await? {
                 super::slurm::Remote::Ran(record) => record,
                 super::slurm::Remote::ByAnotherRun(record) => {
                     return Ok(cached(record, key, "finished by another run"));

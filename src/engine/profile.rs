@@ -74,9 +74,14 @@ pub struct SlurmSettings {
     /// Seconds before the time limit the job gets SIGUSR1 (`--signal`), to
     /// checkpoint.
     pub signal_before: u32,
-    /// The `alignflow` binary the job runs (default: this one; it must be
-    /// at the same path on the nodes).
+    /// The `alignflow` binary the job runs (default: this one, as it was
+    /// when the run started; it must be at the same path on the nodes).
     pub alignflow: Option<PathBuf>,
+    /// Seconds an `sbatch`, `squeue` or `scancel` call may take before it
+    /// is killed and counts as failed (a controller that accepts and never
+    /// answers, a client stalled on a hung filesystem): a killed sbatch is
+    /// tried again like one that timed out by itself.
+    pub command_timeout: f64,
 }
 
 impl Default for SlurmSettings {
@@ -91,6 +96,7 @@ impl Default for SlurmSettings {
             lost_after: 60.0,
             signal_before: 120,
             alignflow: None,
+            command_timeout: 120.0,
         }
     }
 }
@@ -98,6 +104,10 @@ impl Default for SlurmSettings {
 impl SlurmSettings {
     pub fn poll(&self) -> Duration {
         Duration::from_secs_f64(self.poll_interval.max(0.05))
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.command_timeout.max(0.05))
     }
 }
 
@@ -164,6 +174,8 @@ impl Profile {
             Some("slurm.max_attempts must be at least 1")
         } else if s.poll_interval.is_nan() || s.poll_interval <= 0.0 {
             Some("slurm.poll_interval must be a positive number of seconds")
+        } else if s.command_timeout.is_nan() || s.command_timeout <= 0.0 {
+            Some("slurm.command_timeout must be a positive number of seconds")
         } else {
             None
         };

@@ -41,7 +41,9 @@ pub use poll::parse_squeue;
 
 use journal::{JobLine, Journal};
 use poll::Poller;
-use submit::{live_jobs_of, sbatch, transient_failure, write_job_script, Submission};
+use submit::{
+    live_jobs_of, output_within, sbatch, transient_failure, write_job_script, Submission,
+};
 
 /// A cluster run: its id (every job's name), its folders, its poller.
 pub(in crate::engine) struct Cluster {
@@ -97,6 +99,14 @@ impl Cluster {
             info.save(&dir)?;
         }
         let engine = hold_engine_lock(&dir, &info.run_id, attach == Some(true))?;
+        let mut settings = info.settings.clone();
+        if settings.alignflow.is_none() {
+            // Found now, not at each submission: once the binary is
+            // replaced (a reinstall mid-run), this process's own path
+            // reads `alignflow (deleted)`, which no job could run.
+            let exe = std::env::current_exe().context("locating the alignflow binary")?;
+            settings.alignflow = Some(exe);
+        }
         let mut adopted = BTreeMap::new();
         if attach.is_some() {
             for job in read_jobs(&dir)? {
@@ -114,8 +124,13 @@ impl Cluster {
             run_id: info.run_id.clone(),
             staging,
             journal: Journal::open(&dir)?,
-            poller: Poller::start(info.run_id.clone(), info.settings.poll(), stop),
-            settings: info.settings.clone(),
+            poller: Poller::start(
+                info.run_id.clone(),
+                info.settings.poll(),
+                info.settings.command_timeout(),
+                stop,
+            ),
+            settings,
             manifest: info.manifest.clone(),
             sets: info.sets.clone(),
             adopted: Mutex::new(adopted),
@@ -126,13 +141,13 @@ impl Cluster {
     /// `scancel --name RUN`: every job of the run, in one call. `false`
     /// (after a warning naming the command to run) when it failed.
     pub async fn cancel_all(&self) -> bool {
-        scancel(&["--name", &self.run_id]).await
+        scancel(&["--name", &self.run_id], self.settings.command_timeout()).await
     }
 
     /// `scancel JOB`: one job, which the engine stops following while it
     /// may still be queued or running (often it has ended: then quietly).
     async fn cancel_job(&self, job_id: &str) {
-        scancel(&[job_id]).await;
+        scancel(&[job_id], self.settings.command_timeout()).await;
     }
 }
 
@@ -225,16 +240,13 @@ fn fresh_engine_lock(path: &Path) -> anyhow::Result<std::fs::File> {
 /// terminal reaches the engine's group, and must not kill the scancel that
 /// the first one started. `false` when it failed, after a warning unless
 /// the job had ended already (which is what was wanted).
-async fn scancel(args: &[&str]) -> bool {
-    let out = tokio::process::Command::new("scancel")
-        .args(args)
-        .process_group(0)
-        .output()
-        .await;
-    let failure = match out {
+async fn scancel(args: &[&str], limit: Duration) -> bool {
+    let mut command = tokio::process::Command::new("scancel");
+    command.args(args).process_group(0);
+    let failure = match output_within(&mut command, limit).await {
         Ok(o) if o.status.success() => return true,
         Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        Err(e) => e.to_string(),
+        Err(e) => format!("{e:#}"),
     };
     if says_job_ended(&failure) {
         tracing::debug!("`scancel {}`: {failure}", args.join(" "));
@@ -310,13 +322,13 @@ pub(super) enum Remote {
 /// waits for its record.
 pub(super) async fn run_remote(
     shared: &Shared,
-    settings: &SlurmSettings,
     i: usize,
     op: &'static OpDecl,
     key: &StageKey,
     fp: &Fingerprint,
 ) -> Result<Remote, Error> {
     let cluster = shared.cluster.as_ref().expect("a slurm run has a cluster");
+    let settings = &cluster.settings;
     let stage = &shared.pipeline.stages[i];
     let _slot = tokio::select! {
         permit = shared.jobs.acquire() => permit.expect("semaphore open"),
@@ -557,7 +569,7 @@ async fn sbatch_patiently(
         if !transient_failure(&message) {
             return Err(failure.into());
         }
-        match live_jobs_of(&cluster.run_id, job.fp).await {
+        match live_jobs_of(&cluster.run_id, job.fp, cluster.settings.command_timeout()).await {
             Ok(ids) => {
                 if let Some(job_id) = ids.into_iter().find(|id| Some(id.as_str()) != previous) {
                     shared.ui.say(&format!(

@@ -12,6 +12,8 @@ use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::submit::output_within;
+
 /// A job's state as `squeue` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobState {
@@ -52,9 +54,14 @@ impl Drop for Waiting {
 }
 
 impl Poller {
-    /// Starts polling `squeue` for jobs named `run_id` every `interval`,
-    /// until `stop` is cancelled.
-    pub fn start(run_id: String, interval: Duration, stop: CancellationToken) -> Poller {
+    /// Starts polling `squeue` for jobs named `run_id` every `interval`
+    /// (a call killed after `limit`), until `stop` is cancelled.
+    pub fn start(
+        run_id: String,
+        interval: Duration,
+        limit: Duration,
+        stop: CancellationToken,
+    ) -> Poller {
         let (tx, rx) = watch::channel(Arc::new(Snapshot {
             taken: Instant::now(),
             jobs: HashMap::new(),
@@ -65,6 +72,7 @@ impl Poller {
         tokio::spawn(poll_loop(
             run_id,
             interval,
+            limit,
             tx,
             wake.clone(),
             waiting.clone(),
@@ -95,6 +103,7 @@ impl Poller {
 async fn poll_loop(
     run_id: String,
     base: Duration,
+    limit: Duration,
     tx: watch::Sender<Arc<Snapshot>>,
     wake: Arc<Notify>,
     waiting: Arc<AtomicUsize>,
@@ -116,7 +125,7 @@ async fn poll_loop(
                 _ = stop.cancelled() => return,
             }
         }
-        let snapshot = squeue(&run_id).await;
+        let snapshot = squeue(&run_id, limit).await;
         last_call = Some(snapshot.taken);
         let changed = snapshot.error.is_some() || last.as_ref() != Some(&snapshot.jobs);
         if snapshot.error.is_none() {
@@ -146,14 +155,13 @@ async fn poll_loop(
 
 /// `squeue -h -t all --name RUN -o %i|%T|%r`: every job of the run, ended
 /// ones included.
-async fn squeue(run_id: &str) -> Snapshot {
+async fn squeue(run_id: &str, limit: Duration) -> Snapshot {
     let taken = Instant::now();
-    let output = Command::new("squeue")
+    let mut command = Command::new("squeue");
+    command
         .args(["--noheader", "--states=all", "--name", run_id])
-        .args(["--format", "%i|%T|%r"])
-        .kill_on_drop(true)
-        .output()
-        .await;
+        .args(["--format", "%i|%T|%r"]);
+    let output = output_within(&mut command, limit).await;
     let (jobs, error) = match output {
         Ok(out) if out.status.success() => {
             (parse_squeue(&String::from_utf8_lossy(&out.stdout)), None)
@@ -166,7 +174,7 @@ async fn squeue(run_id: &str) -> Snapshot {
                 String::from_utf8_lossy(&out.stderr).trim()
             )),
         ),
-        Err(e) => (HashMap::new(), Some(format!("running squeue: {e}"))),
+        Err(e) => (HashMap::new(), Some(format!("running squeue: {e:#}"))),
     };
     Snapshot { taken, jobs, error }
 }

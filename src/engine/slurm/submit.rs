@@ -3,6 +3,7 @@
 //! resources and the site's settings.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -196,10 +197,8 @@ pub async fn sbatch(
             command.env_remove(&name);
         }
     }
-    let out = command
-        .args(&args)
-        .arg(script)
-        .output()
+    command.args(&args).arg(script);
+    let out = output_within(&mut command, settings.command_timeout())
         .await
         .context("running sbatch (is Slurm's client installed and on PATH?)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -219,6 +218,23 @@ pub async fn sbatch(
         .to_string();
     let log = dir.join(format!("slurm-{job_id}.out"));
     Ok(Submission { job_id, log })
+}
+
+/// `command`'s output, the command killed when it has not ended within
+/// `limit`: a client call that hangs would stall the stage (or, for
+/// `squeue`, every stage) for good.
+pub async fn output_within(
+    command: &mut tokio::process::Command,
+    limit: Duration,
+) -> anyhow::Result<std::process::Output> {
+    command.kill_on_drop(true);
+    match tokio::time::timeout(limit, command.output()).await {
+        Ok(out) => Ok(out?),
+        Err(_) => anyhow::bail!(
+            "no answer within {}s: timed out, and killed",
+            limit.as_secs_f64()
+        ),
+    }
 }
 
 /// The comment that tags the jobs of a stage's fingerprint.
@@ -242,12 +258,16 @@ pub fn transient_failure(message: &str) -> bool {
 
 /// The ids of run `run_id`'s jobs tagged with `fp`'s comment that are
 /// queued or running.
-pub async fn live_jobs_of(run_id: &str, fp: &Fingerprint) -> anyhow::Result<Vec<String>> {
-    let out = tokio::process::Command::new("squeue")
+pub async fn live_jobs_of(
+    run_id: &str,
+    fp: &Fingerprint,
+    limit: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let mut command = tokio::process::Command::new("squeue");
+    command
         .args(["--noheader", "--states=all", "--name", run_id])
-        .args(["--format", "%i|%T|%k"])
-        .kill_on_drop(true)
-        .output()
+        .args(["--format", "%i|%T|%k"]);
+    let out = output_within(&mut command, limit)
         .await
         .context("running squeue")?;
     anyhow::ensure!(
