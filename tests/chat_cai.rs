@@ -285,6 +285,17 @@ fn runs_on(family: &str, template: &str) {
             asked.contains("(A)") && asked.contains("(B)"),
             "{family}: {stage}"
         );
+        // The conversation asked about is its turns, not the policy's
+        // rendered chat text: no markup of the family inside the turn.
+        assert!(asked.contains("Human: "), "{family}: {stage}: {asked}");
+        for markup in [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|start_header_id|>",
+            "<|eot_id|>",
+        ] {
+            assert!(!asked.contains(markup), "{family}: {stage}: {asked}");
+        }
     }
     for stage in ["sl_cai", "pmp", "pm"] {
         let m = first(stage, "example");

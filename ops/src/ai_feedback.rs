@@ -178,13 +178,59 @@ pub fn conversation_of(prompt: &str) -> String {
         .to_string()
 }
 
+/// The conversation a question shows: a chat prompt's turns written out
+/// as `Human:` / `Assistant:` text, else the prompt text through
+/// [`conversation_of`]. Never the policy's rendered chat text: inside the
+/// feedback model's own user turn its markup (`<|im_start|>`, a second
+/// system prompt, an open assistant turn) would read as control tokens.
+pub fn question_conversation(text: &str, messages: Option<&serde_json::Value>) -> String {
+    match messages.and_then(|m| m.as_array()) {
+        Some(turns) => transcript(turns),
+        None => conversation_of(text),
+    }
+}
+
+/// Chat turns as `Human: ...\n\nAssistant: ...` text (a system turn as
+/// `System:`, another role by its name), each content trimmed; a content
+/// given as parts keeps its text parts.
+pub fn transcript(turns: &[serde_json::Value]) -> String {
+    turns
+        .iter()
+        .filter_map(|turn| {
+            let content = match &turn["content"] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|part| part["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(""),
+                _ => return None,
+            };
+            let speaker = match turn["role"].as_str()? {
+                "user" => "Human".to_string(),
+                "assistant" => "Assistant".to_string(),
+                "system" => "System".to_string(),
+                other => {
+                    let mut chars = other.chars();
+                    chars
+                        .next()
+                        .map_or_else(String::new, |c| c.to_uppercase().chain(chars).collect())
+                }
+            };
+            Some(format!("{speaker}: {}", content.trim()))
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
 /// One pair to label.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeedbackPair {
     /// The prompt as recorded in the input (`prompt`).
     pub prompt: String,
     /// The text the question shows as the conversation (before [`conversation_of`]):
-    /// `prompt_text` of `generate` records when present, else `prompt`.
+    /// of a `generate` record, its `messages` as a [`transcript`] (chat) or
+    /// its `prompt_text`; else `prompt`.
     pub context: String,
     pub response_a: String,
     pub response_b: String,
@@ -226,9 +272,20 @@ pub fn read_pairs(path: &Path) -> anyhow::Result<Vec<FeedbackPair>> {
             });
         } else if let Some(index) = r["prompt_index"].as_u64() {
             let prompt = text("prompt")?;
-            let context = r["prompt_text"]
-                .as_str()
-                .map_or_else(|| prompt.clone(), str::to_string);
+            // A chat record's conversation is its `messages` less the
+            // answer (the options show the answers).
+            let context = match r["messages"].as_array() {
+                Some(turns) => {
+                    let asked = match turns.last() {
+                        Some(last) if last["role"] == "assistant" => &turns[..turns.len() - 1],
+                        _ => &turns[..],
+                    };
+                    transcript(asked)
+                }
+                None => r["prompt_text"]
+                    .as_str()
+                    .map_or_else(|| prompt.clone(), str::to_string),
+            };
             let sample = r["sample_index"].as_u64().unwrap_or(0);
             let first_seen = groups.len();
             groups
@@ -367,7 +424,7 @@ impl FeedbackSummary {
 /// The `ai_feedback` op.
 pub const OP: OpDecl = OpDecl {
     name: "ai_feedback",
-    version: 4,
+    version: 5,
     summary: "soft preference labels from a feedback model: P((A)) vs P((B)) on the CAI multiple-choice question, both orders, principle ensembles, optional chain of thought",
     inputs: &[
         Port::input("model", "the feedback model folder"),
@@ -452,6 +509,40 @@ mod tests {
             "Human: hi\n\nAssistant: yo\n\nHuman: why?"
         );
         assert_eq!(conversation_of("just text "), "just text");
+    }
+
+    #[test]
+    fn a_chat_prompt_is_shown_as_its_turns_not_as_the_policys_rendered_text() {
+        let rendered = "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+        let turns = serde_json::json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": " hi "},
+            {"role": "assistant", "content": [{"type": "text", "text": "yo"}]},
+            {"role": "user", "content": "why?"},
+        ]);
+        assert_eq!(
+            question_conversation(rendered, Some(&turns)),
+            "System: Be brief.\n\nHuman: hi\n\nAssistant: yo\n\nHuman: why?"
+        );
+        assert_eq!(
+            question_conversation("\n\nHuman: hi\n\nAssistant:", None),
+            "Human: hi"
+        );
+        // A chat `generate` record: its messages less the answer.
+        let dir = tempfile::tempdir().unwrap();
+        let gen = dir.path().join("gen.jsonl");
+        let record = |s: usize, answer: &str| {
+            serde_json::json!({
+                "prompt": "hi", "prompt_text": rendered, "prompt_index": 0,
+                "sample_index": s, "response": answer,
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}],
+            })
+            .to_string()
+        };
+        std::fs::write(&gen, [record(0, "a"), record(1, "b")].join("\n")).unwrap();
+        let pairs = read_pairs(&gen).unwrap();
+        assert_eq!(pairs[0].context, "Human: hi");
+        assert_eq!(conversation_of(&pairs[0].context), "Human: hi");
     }
 
     #[test]

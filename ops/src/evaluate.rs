@@ -485,7 +485,7 @@ pub fn policy_label(given: Option<&str>, input: &Path, work_dir: &Path) -> Strin
 /// The `evaluate` op.
 pub const OP: OpDecl = OpDecl {
     name: "evaluate",
-    version: 3,
+    version: 4,
     summary: "win rate of a policy against a reference on held-out prompts (PM, feedback-model, exact-match, rule or reward-program judges), Wilson CIs, mean reward / accuracy, KL, lengths",
     inputs: &[
         Port::input("policy", "the model folder to evaluate (e.g. a ppo model)"),

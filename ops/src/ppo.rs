@@ -475,7 +475,7 @@ impl PpoAdvantage {
 /// The `ppo` op.
 pub const OP: OpDecl = OpDecl {
     name: "ppo",
-    version: 6,
+    version: 7,
     summary: "RL from (AI) feedback: PPO of a policy against a preference model with a KL penalty to the starting policy",
     inputs: &[
         Port::input(

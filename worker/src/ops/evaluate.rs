@@ -22,7 +22,7 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use alignflow_ops::ai_feedback::{
-    combine_orders, conversation_of, feedback_messages, feedback_prompt, feedback_question,
+    combine_orders, feedback_messages, feedback_prompt, feedback_question, question_conversation,
     sample_principles, with_few_shot, ANSWER_CUE,
 };
 use alignflow_ops::data::{Constitution, JsonlWriter};
@@ -616,7 +616,7 @@ fn ask_feedback_model(
     // Per prompt, per principle: (principle index, forward text, swapped text).
     let mut asked: Vec<Vec<(usize, String, String)>> = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
-        let conversation = conversation_of(&prompt.text);
+        let conversation = question_conversation(&prompt.text, prompt.messages.as_ref());
         let chosen = if setup.sampled {
             sample_principles(
                 setup.principles.len(),

@@ -30,7 +30,7 @@ use std::path::Path;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use alignflow_ops::ai_feedback::conversation_of;
+use alignflow_ops::ai_feedback::question_conversation;
 use alignflow_ops::data::{read_jsonl, Constitution};
 use alignflow_ops::reward_program::Request;
 use alignflow_ops::rewards::{
@@ -340,7 +340,8 @@ impl Rewards {
             let mut questions = Vec::with_capacity(batch.len());
             for (prompt, (toks, response)) in batch.iter().zip(&responses) {
                 let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];
-                let conversation = conversation_of(&self.prompt(prompt).text);
+                let info = self.prompt(prompt);
+                let conversation = question_conversation(&info.text, info.messages.as_ref());
                 questions.push(rating_prompt(&conversation, principle, response));
             }
             add("feedback", *w, &f.rewards(&questions)?);
