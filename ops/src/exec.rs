@@ -169,9 +169,20 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             drain(readers, pgid);
             return Err(Cancelled.into());
         }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => std::thread::sleep(POLL),
+        match exited(pgid) {
+            Ok(true) => {
+                // What the command left running (`job > log &` holds no
+                // pipe) would go on writing into the outputs, which are
+                // linked into the store once hashed: killed with the
+                // group, while the unreaped leader keeps the group's id
+                // from naming any other.
+                kill_group(pgid);
+                match child.wait() {
+                    Ok(status) => break status,
+                    Err(source) => return Err(ExecError::Wait { stage, source }.into()),
+                }
+            }
+            Ok(false) => std::thread::sleep(POLL),
             Err(source) => {
                 kill_group(pgid);
                 let _ = child.wait();
@@ -348,6 +359,20 @@ fn drain(readers: [JoinHandle<()>; 2], pgid: libc::pid_t) {
     }
 }
 
+/// Whether process `pid` (a child) has exited, leaving it unreaped.
+fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
+    // SAFETY: waitid(2) writes only into `info`, which is zeroed and ours;
+    // WNOWAIT leaves the child to be reaped by `Child::wait`.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        if libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(info.si_pid() != 0)
+    }
+}
+
 /// SIGKILL to every process of the group.
 fn kill_group(pgid: libc::pid_t) {
     // SAFETY: kill(2) with a negative pid signals a process group; it has no
@@ -475,6 +500,19 @@ mod tests {
         let start = Instant::now();
         run(&OP, &exec_spec(dir.path(), "sleep 30 & echo started", &[])).unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn nothing_the_command_left_running_writes_into_its_outputs_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // No pipe held: the leftover writes through its own descriptor.
+        let cmd = r#"echo early > "$ALIGNFLOW_OUT/out"; (exec 3>>"$ALIGNFLOW_OUT/out"; sleep 1; echo late >&3) >/dev/null 2>&1 </dev/null &"#;
+        run(&OP, &exec_spec(dir.path(), cmd, &["out"])).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/out")).unwrap(),
+            "early\n"
+        );
     }
 
     #[test]
