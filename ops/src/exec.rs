@@ -234,7 +234,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
 /// for the leader (or kills its group) before returning, so the signal can
 /// only fire once the engine itself is gone. On a clean stop (Ctrl-C,
 /// SIGTERM, fail-fast) the cancel flag kills the whole group instead.
-fn die_with_the_engine(cmd: &mut Command) {
+pub(crate) fn die_with_the_engine(cmd: &mut Command) {
     let engine = std::process::id() as libc::pid_t;
     // SAFETY: prctl and getppid are async-signal-safe system calls, and the
     // closure allocates nothing between fork and exec.
@@ -360,7 +360,7 @@ fn drain(readers: [JoinHandle<()>; 2], pgid: libc::pid_t) {
 }
 
 /// Whether process `pid` (a child) has exited, leaving it unreaped.
-fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
+pub(crate) fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
     // SAFETY: waitid(2) writes only into `info`, which is zeroed and ours;
     // WNOWAIT leaves the child to be reaped by `Child::wait`.
     unsafe {
@@ -374,7 +374,7 @@ fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
 }
 
 /// SIGKILL to every process of the group.
-fn kill_group(pgid: libc::pid_t) {
+pub(crate) fn kill_group(pgid: libc::pid_t) {
     // SAFETY: kill(2) with a negative pid signals a process group; it has no
     // memory effects. ESRCH (group already gone) is fine.
     unsafe {

@@ -28,11 +28,15 @@
 //! batch and may write anything to stderr (it goes to the stage log). A
 //! program that exits, takes longer than `timeout_s` to answer a batch,
 //! answers another id, a non-number, NaN or an infinity, or a line that is
-//! not such an object fails the stage with an error naming the program,
-//! the record and the answer line: no score is ever made up.
+//! not such an object (or not UTF-8), or `scores` that sum to an infinity
+//! fails the stage with an error naming the program, the record and the
+//! answer line: no score is ever made up. The program runs in its own
+//! process group, killed whole when the stage is done with it (or fails),
+//! and it dies with the process that started it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -74,6 +78,9 @@ impl Default for ProgramParams {
     }
 }
 
+/// The longest `timeout_s` (about 31 years: "no timeout" in practice).
+const MAX_TIMEOUT_S: f64 = 1e9;
+
 fn default_timeout_s() -> f64 {
     60.0
 }
@@ -85,9 +92,9 @@ impl ProgramParams {
     /// Positive timeout and batch size.
     pub fn check(&self, field: &str) -> Result<(), ParamError> {
         require(
-            self.timeout_s.is_finite() && self.timeout_s > 0.0,
+            self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S,
             &format!("{field}.timeout_s"),
-            "must be a positive number of seconds",
+            "must be a positive number of seconds, at most 1e9",
         )?;
         require(
             self.batch_size > 0,
@@ -178,7 +185,7 @@ pub struct RewardProgram {
     name: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    lines: Receiver<std::io::Result<String>>,
+    lines: Receiver<std::io::Result<Vec<u8>>>,
     /// Answer lines read so far.
     line: usize,
     next_id: u64,
@@ -197,23 +204,28 @@ impl RewardProgram {
             }
             None => (program.to_path_buf(), Vec::new()),
         };
-        let mut child = Command::new(&cmd)
+        let mut command = Command::new(&cmd);
+        command
             .args(&rest)
             .args(&params.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| ProgramError::Start {
-                program: name.clone(),
-                command: cmd.display().to_string(),
-                source,
-            })?;
+            // Its own group, killed whole when it is stopped: the children
+            // of a wrapper or a worker pool go with it (one left holding
+            // stdin would block the batch's writer past the timeout).
+            .process_group(0);
+        crate::exec::die_with_the_engine(&mut command);
+        let mut child = command.spawn().map_err(|source| ProgramError::Start {
+            program: name.clone(),
+            command: cmd.display().to_string(),
+            source,
+        })?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
+            for line in BufReader::new(stdout).split(b'\n') {
                 let failed = line.is_err();
                 if tx.send(line).is_err() || failed {
                     break;
@@ -254,6 +266,7 @@ impl RewardProgram {
             .enumerate()
             .map(|(k, r)| r.line(first + k as u64) + "\n")
             .collect();
+        // `timeout_s` is at most 1e9 (checked), which any clock can add.
         let deadline = Instant::now() + Duration::from_secs_f64(self.params.timeout_s);
         // The batch is written from its own thread: a program that stops
         // reading must not block the timeout.
@@ -278,11 +291,21 @@ impl RewardProgram {
             }
         }
         if result.is_err() {
-            // Unblocks the writer if the program stopped reading.
-            let _ = self.child.kill();
+            // Unblocks the writer if the program stopped reading; a
+            // process that escaped the group may still hold stdin, so the
+            // writer is waited for a moment only (the stage fails anyway).
+            self.kill();
+            let until = Instant::now() + Duration::from_secs(2);
+            while !writer.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if writer.is_finished() {
+                self.stdin = writer.join().unwrap_or(None);
+            }
+            return Err(result.unwrap_err());
         }
         self.stdin = writer.join().unwrap_or(None);
-        result.map(|_| scores)
+        Ok(scores)
     }
 
     /// Reads and checks the answer to request `id`.
@@ -293,8 +316,8 @@ impl RewardProgram {
         deadline: Instant,
     ) -> Result<Score, ProgramError> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let text = match self.lines.recv_timeout(left) {
-            Ok(Ok(text)) => text,
+        let bytes = match self.lines.recv_timeout(left) {
+            Ok(Ok(bytes)) => bytes,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(ProgramError::Timeout {
                     program: self.name.clone(),
@@ -313,7 +336,17 @@ impl RewardProgram {
             }
         };
         self.line += 1;
-        parse_answer(&text, id).map_err(|problem| ProgramError::BadAnswer {
+        let (text, answer) = match String::from_utf8(bytes) {
+            Ok(text) => {
+                let answer = parse_answer(&text, id);
+                (text, answer)
+            }
+            Err(e) => (
+                String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                Err("not UTF-8".to_string()),
+            ),
+        };
+        answer.map_err(|problem| ProgramError::BadAnswer {
             program: self.name.clone(),
             line: self.line,
             problem,
@@ -336,19 +369,29 @@ impl RewardProgram {
     }
 }
 
+impl RewardProgram {
+    /// Kills the program's group, then reaps the program. Until it is
+    /// reaped its pid keeps the group's id from naming another group.
+    fn kill(&mut self) {
+        crate::exec::kill_group(self.child.id() as libc::pid_t);
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for RewardProgram {
-    /// Closes the program's stdin (its end of input), then stops it.
+    /// Closes the program's stdin (its end of input), gives it a moment to
+    /// exit, then kills its group: what it started goes with it.
     fn drop(&mut self) {
         drop(self.stdin.take());
+        let pid = self.child.id() as libc::pid_t;
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            match crate::exec::exited(pid) {
+                Ok(false) => std::thread::sleep(Duration::from_millis(10)),
+                Ok(true) | Err(_) => break,
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -384,10 +427,11 @@ fn parse_answer(text: &str, id: u64) -> Result<Score, String> {
             for (name, v) in m {
                 parts.insert(name.clone(), number(v, &format!("`scores.{name}`"))?);
             }
-            Ok(Score {
-                total: parts.values().sum(),
-                parts,
-            })
+            let total: f64 = parts.values().sum();
+            if !total.is_finite() {
+                return Err(format!("the sum of `scores` is not finite: {total}"));
+            }
+            Ok(Score { total, parts })
         }
         (None, Some(_)) => Err("`scores` is not a non-empty object of numbers".into()),
         (Some(_), Some(_)) => Err("give `score` or `scores`, not both".into()),
@@ -490,6 +534,70 @@ done
             "{e}"
         );
         assert!(e.contains("reward.sh"), "{e}");
+    }
+
+    #[test]
+    fn the_timeout_holds_when_a_child_of_the_program_keeps_its_stdin() {
+        let dir = tempfile::tempdir().unwrap();
+        // `sleep` inherits stdin and never reads it: a batch larger than
+        // the pipe's buffer cannot be written while it lives.
+        let body = "sleep 30\necho never\n";
+        let mut p = RewardProgram::start(&program(dir.path(), body), &params(1.0)).unwrap();
+        let record = json!({"prompt": "1+1=", "big": "x".repeat(200_000)});
+        let t0 = Instant::now();
+        let e = p.score(&requests(&record, 1)).unwrap_err().to_string();
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(e.contains("within timeout_s = 1"), "{e}");
+    }
+
+    #[test]
+    fn what_the_program_started_ends_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("bg.pid");
+        let body = format!(
+            "sleep 300 &\necho $! > '{}'\n{}",
+            pid_file.display(),
+            echo(r#"\"score\": 1"#)
+        );
+        let mut p = RewardProgram::start(&program(dir.path(), &body), &params(5.0)).unwrap();
+        let record = json!({"prompt": "1+1="});
+        assert_eq!(p.score(&requests(&record, 1)).unwrap()[0].total, 1.0);
+        let bg: libc::pid_t = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        drop(p);
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = || unsafe { libc::kill(bg, 0) == 0 };
+        let until = Instant::now() + Duration::from_secs(2);
+        while alive() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!alive(), "the program's background sleep outlived it");
+    }
+
+    #[test]
+    fn an_answer_that_is_not_utf8_is_quoted_as_a_bad_answer() {
+        let e = run("read -r line; printf '\\377\\376 {\\n'; sleep 5\n", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("answer line 1: not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn parts_that_sum_to_infinity_are_refused() {
+        let e = parse_answer(r#"{"id": 0, "scores": {"a": 1e308, "b": 1e308}}"#, 0).unwrap_err();
+        assert!(e.contains("sum of `scores` is not finite"), "{e}");
+    }
+
+    #[test]
+    fn an_endless_timeout_is_refused_naming_the_field() {
+        let mut p = params(1e20);
+        let e = p.check("rewards[0].program").unwrap_err();
+        assert_eq!(e.field, "rewards[0].program.timeout_s");
+        p.timeout_s = 1e9;
+        p.check("rewards[0].program").unwrap();
     }
 
     #[test]
