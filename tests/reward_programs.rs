@@ -287,3 +287,39 @@ fn grpo_on_exact_match_raises_held_out_accuracy() {
     let (first, last) = (score(&metrics[..10]), score(&metrics[metrics.len() - 10..]));
     assert!(last > first + 0.05, "training score {first} -> {last}");
 }
+
+/// Two records with the same prompt and different fields: each row's
+/// request carries its own record, found by the prompt's place in the
+/// input, not by its tokens (which found the first record for both).
+#[test]
+fn records_that_share_a_prompt_keep_their_own_fields() {
+    let p = arith_project();
+    p.write(
+        "twins.jsonl",
+        "{\"prompt\": \"3+4=\", \"reference\": \"7\", \"tag\": \"A\"}\n{\"prompt\": \"3+4=\", \"reference\": \"7\", \"tag\": \"B\"}\n",
+    );
+    p.write(
+        "likes_b.sh",
+        "#!/bin/sh\nwhile read -r line; do\n  id=$(printf '%s' \"$line\" | sed 's/.*\"id\":\\([0-9]*\\).*/\\1/')\n  case \"$line\" in *'\"tag\":\"B\"'*) s=1 ;; *) s=0 ;; esac\n  echo \"{\\\"id\\\": $id, \\\"score\\\": $s}\"\ndone\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p.path("likes_b.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stages = r#"  twins:
+    op: dataset.import
+    inputs: { source: twins.jsonl }
+    params: { format: prompts }
+  ppo:
+    op: ppo
+    inputs: { policy: "${stages.base.model}", prompts: "${stages.twins.data}", reward_program: likes_b.sh }
+    params: { iterations: 1, batch_size: 2, max_new_tokens: 2, checkpoint_every: 0 }
+"#;
+    p.write("rewards.yaml", &arith_manifest(stages));
+    p.ok(&["run", "rewards.yaml", "--quiet"]);
+    let lines = jsonl(&output_path(&p, "rewards.yaml", "ppo", "metrics"));
+    assert_eq!(
+        lines[0]["reward_program"].as_f64(),
+        Some(0.5),
+        "{}",
+        lines[0]
+    );
+}

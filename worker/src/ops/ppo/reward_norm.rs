@@ -80,12 +80,13 @@ pub(super) fn reference_scores(
     let mut scores = Vec::with_capacity(samples);
     let mut chunk = 0u64;
     while scores.len() < samples {
-        let batch: Vec<Vec<i64>> = (scores.len()..samples.min(scores.len() + batch_size))
+        let rows: Vec<usize> = (scores.len()..samples.min(scores.len() + batch_size))
             .map(|pos| {
                 let order = epoch_permutation(n, seed, NORM_STREAM - (pos / n) as u64);
-                prompts[order[pos % n]].clone()
+                order[pos % n]
             })
             .collect();
+        let batch: Vec<Vec<i64>> = rows.iter().map(|&i| prompts[i].clone()).collect();
         let cfg = SamplingConfig {
             seed: step_seed(seed, NORM_STREAM - chunk) as u64,
             ..base_cfg.clone()
@@ -93,7 +94,7 @@ pub(super) fn reference_scores(
         let sc = tch::no_grad(|| {
             crate::train::autocast_if(autocast, || {
                 let ro = reference.with(policy, |m| sample(m, &batch, &cfg, m.vs.device()));
-                rewards.raw_scores(&batch, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
+                rewards.raw_scores(&rows, &ro.ids, &ro.mask, &ro.resp, &ro.gen_mask)
             })
         })?
         .scores;

@@ -161,6 +161,8 @@ impl Feedback {
 
 /// One prompt of the stage, as the rollouts carry it.
 pub(super) struct PromptInfo {
+    /// Its tokens, as the policy reads it.
+    pub ids: Vec<i64>,
     /// The templated text (what the baseline is keyed by).
     pub text: String,
     /// Its mean baseline score (with a `baseline` input).
@@ -180,7 +182,10 @@ pub(super) struct Rewards {
     /// and the text sources).
     tokenizer: Tokenizer,
     eos: Vec<i64>,
-    prompts: HashMap<Vec<i64>, PromptInfo>,
+    /// By the prompt's index in the stage's prompts: two prompts that read
+    /// alike (after truncation, or records that differ in other fields
+    /// alone) keep their own records.
+    prompts: Vec<PromptInfo>,
     contrastive: bool,
 }
 
@@ -212,7 +217,7 @@ impl Rewards {
             Some(path) => Some(read_baseline(path, stage)?),
             None => None,
         };
-        let mut map = HashMap::with_capacity(prompts.len());
+        let mut infos = Vec::with_capacity(prompts.len());
         for pr in prompts {
             let text = &pr.text;
             let base = match &baseline {
@@ -224,9 +229,8 @@ impl Rewards {
                 })?),
                 None => None,
             };
-            // Two prompts that tokenize alike (after truncation) share the
-            // first one's text, baseline and record.
-            map.entry(pr.ids.clone()).or_insert(PromptInfo {
+            infos.push(PromptInfo {
+                ids: pr.ids.clone(),
                 text: text.clone(),
                 baseline: base,
                 raw: pr.raw.clone(),
@@ -239,7 +243,7 @@ impl Rewards {
             source,
             tokenizer,
             eos,
-            prompts: map,
+            prompts: infos,
             contrastive: baseline.is_some(),
         })
     }
@@ -256,15 +260,13 @@ impl Rewards {
             },
             tokenizer,
             eos: Vec::new(),
-            prompts: HashMap::new(),
+            prompts: Vec::new(),
             contrastive: false,
         }
     }
 
-    pub(super) fn prompt(&self, ids: &[i64]) -> &PromptInfo {
-        self.prompts
-            .get(ids)
-            .expect("rollout rows start from the stage's prompts")
+    pub(super) fn prompt(&self, index: usize) -> &PromptInfo {
+        &self.prompts[index]
     }
 
     /// Each row's response tokens up to its first EOS, decoded.
@@ -298,11 +300,11 @@ impl Rewards {
     /// rescaled expected rating in `[-1, 1]`, program or rule score).
     ///
     /// # Shapes
-    /// `batch`: `b` prompts' tokens; `ids`, `mask`: `[b, p + r]`; `resp`,
+    /// `batch`: `b` prompts' indices; `ids`, `mask`: `[b, p + r]`; `resp`,
     /// `gen_mask`: `[b, r]` -> `[b]` float32 on the rollout's device.
     pub(super) fn raw_scores(
         &self,
-        batch: &[Vec<i64>],
+        batch: &[usize],
         ids: &Tensor,
         mask: &Tensor,
         resp: &Tensor,
@@ -338,9 +340,9 @@ impl Rewards {
         };
         if let Some((f, w)) = &src.feedback {
             let mut questions = Vec::with_capacity(batch.len());
-            for (prompt, (toks, response)) in batch.iter().zip(&responses) {
-                let principle = &f.principles[pick(f.seed, prompt, toks, f.principles.len())];
+            for (&prompt, (toks, response)) in batch.iter().zip(&responses) {
                 let info = self.prompt(prompt);
+                let principle = &f.principles[pick(f.seed, &info.ids, toks, f.principles.len())];
                 let conversation = question_conversation(&info.text, info.messages.as_ref());
                 questions.push(rating_prompt(&conversation, principle, response));
             }
@@ -350,7 +352,7 @@ impl Rewards {
             let requests: Vec<Request<'_>> = batch
                 .iter()
                 .zip(&responses)
-                .map(|(prompt, (_, response))| {
+                .map(|(&prompt, (_, response))| {
                     let info = self.prompt(prompt);
                     Request {
                         record: &info.record,
@@ -391,7 +393,7 @@ impl Rewards {
     /// `scores`: `[b]`, one per row of `batch`.
     pub(super) fn contrastive(
         &self,
-        batch: &[Vec<i64>],
+        batch: &[usize],
         scores: Tensor,
         norm: Option<&RewardNorm>,
     ) -> (Tensor, Option<f64>) {
@@ -400,7 +402,7 @@ impl Rewards {
         }
         let base: Vec<f64> = batch
             .iter()
-            .map(|ids| self.prompt(ids).baseline.expect("checked in new"))
+            .map(|&i| self.prompt(i).baseline.expect("checked in new"))
             .collect();
         let mean = base.iter().sum::<f64>() / base.len().max(1) as f64;
         (contrastive_scores(&scores, &base, norm), Some(mean))

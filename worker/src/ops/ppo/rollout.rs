@@ -34,6 +34,8 @@ pub(super) struct Forwards {
 pub(super) struct Rollout {
     /// The prompts, each repeated `group` times in consecutive rows.
     pub batch: Vec<Vec<i64>>,
+    /// Each row's prompt, by its index in the stage's prompts.
+    pub prompt_rows: Vec<usize>,
     /// Rows of the batch.
     pub b: i64,
     pub sampled: Sampled,
@@ -53,7 +55,8 @@ pub(super) fn roll_out(
     prompts: &[Vec<i64>],
     it: u64,
 ) -> anyhow::Result<Rollout> {
-    let batch = next_prompts(s, prompts, it);
+    let prompt_rows = next_prompts(s, prompts.len(), it);
+    let batch: Vec<Vec<i64>> = prompt_rows.iter().map(|&i| prompts[i].clone()).collect();
     let b = batch.len() as i64;
     let cfg = SamplingConfig {
         seed: step_seed(s.seed, it) as u64,
@@ -79,6 +82,7 @@ pub(super) fn roll_out(
     let has_eos = contains_eos(&sampled.resp, &s.eos);
     Ok(Rollout {
         batch,
+        prompt_rows,
         b,
         sampled,
         rmask,
@@ -110,15 +114,14 @@ fn gather_responses(
         .collect())
 }
 
-/// The next prompts, cycling over seeded orders, each repeated `group`
-/// times in consecutive rows (one group per prompt).
-fn next_prompts(s: &Settings, prompts: &[Vec<i64>], it: u64) -> Vec<Vec<i64>> {
-    let n = prompts.len();
+/// The indices of the next prompts of `n`, cycling over seeded orders,
+/// each repeated `group` times in consecutive rows (one group per prompt).
+fn next_prompts(s: &Settings, n: usize, it: u64) -> Vec<usize> {
     (0..s.batch_size)
         .flat_map(|j| {
             let pos = (it - 1) as usize * s.batch_size + j;
             let order = epoch_permutation(n, s.seed, (pos / n) as u64);
-            std::iter::repeat_n(&prompts[order[pos % n]], s.group).cloned()
+            std::iter::repeat_n(order[pos % n], s.group)
         })
         .collect()
 }
@@ -167,7 +170,7 @@ pub(super) fn experience(
         Some(nm) => &raw_scores * nm.gain + nm.bias,
         None => raw_scores.shallow_clone(),
     };
-    let (scores, baseline_score) = models.rewards.contrastive(&ro.batch, scores, norm);
+    let (scores, baseline_score) = models.rewards.contrastive(&ro.prompt_rows, scores, norm);
     let kl = kl_per_token(&old_logp, &ref_logp, s.estimator) * rmask;
     let mean_kl = scalar(&mean_sequence_kl(&kl, rmask));
     let mean_score = scalar(&scores.mean(Kind::Float));
@@ -262,7 +265,7 @@ fn forwards_of_rows(
         &at(gen_mask),
         &at(&ro.rmask),
     );
-    let batch = &ro.batch[rows];
+    let batch = &ro.prompt_rows[rows];
     let (old_logp, ref_logp, old_values, raw_scores) = tch::no_grad(|| {
         crate::train::autocast_if(s.autocast, || {
             let (old, v) = match forwards {

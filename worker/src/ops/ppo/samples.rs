@@ -44,11 +44,11 @@ pub(super) fn records(
         .rewards
         .responses(&ro.sampled.resp, &ro.sampled.gen_mask)?;
     Ok(ro
-        .batch
+        .prompt_rows
         .iter()
         .zip(responses)
         .enumerate()
-        .map(|(row, (prompt, (_, response)))| {
+        .map(|(row, (&prompt, (_, response)))| {
             let info = models.rewards.prompt(prompt);
             let mut record = serde_json::json!({
                 "iteration": it,
