@@ -5,8 +5,9 @@ use std::path::Path;
 
 use anyhow::Context;
 
-/// What transformers 5 makes of a `LlamaTokenizer` (Llama 2, Mistral,
-/// Phi-3, TinyLlama): whatever tokenizer.json says, no normalizer and a
+/// What transformers 5 makes of a `LlamaTokenizer` (Llama 2, TinyLlama,
+/// Gemma folders that declare it; see [`loads_as_llama_tokenizer`]):
+/// whatever tokenizer.json says, no normalizer and a
 /// Metaspace pre-tokenizer that puts `▁` before the text's first word only
 /// (`legacy: true` in tokenizer_config.json: before every word after a
 /// special token too; `add_prefix_space: false`: never). The legacy files'
@@ -43,6 +44,50 @@ fn as_transformers_llama_tokenizer(
     Ok(())
 }
 
+/// Whether transformers 5's `AutoTokenizer` loads a folder as its
+/// `LlamaTokenizer` (see [`as_transformers_llama_tokenizer`]), from the
+/// class `tokenizer_config.json` declares, `config.json`'s `model_type`
+/// and whether `tokenizer.json` is byte-level. Otherwise it keeps the
+/// file's own pipeline, as alignflow then does:
+/// - a byte-level file declared `LlamaTokenizer` (DeepSeek-R1-Distill's
+///   Llama 3 tokenizer): the Metaspace rebuild would drop every space;
+/// - a model type whose registered tokenizer is the file's own (`mistral`,
+///   `mixtral`, `phi3`, `olmo2`), or whose hub class transformers knows
+///   to be wrong (`qwen2`, `phi3`).
+///
+/// Model types with a class of their own that trusts the hub's class
+/// (`gemma`) and those with none (`llama`) load as `LlamaTokenizer`.
+fn loads_as_llama_tokenizer(
+    declared: Option<&str>,
+    model_type: Option<&str>,
+    byte_level: bool,
+) -> bool {
+    if !matches!(declared, Some("LlamaTokenizer" | "LlamaTokenizerFast")) {
+        return false;
+    }
+    // transformers' TOKENIZER_MAPPING_NAMES and MODELS_WITH_INCORRECT_HUB_
+    // TOKENIZER_CLASS, for the model types alignflow loads.
+    let (registered, hub_class_wrong) = match model_type {
+        Some("mistral" | "mixtral" | "olmo2") => (Some("TokenizersBackend"), false),
+        Some("phi3") => (Some("TokenizersBackend"), true),
+        Some("qwen2") => (Some("Qwen2Tokenizer"), true),
+        Some("qwen3") => (Some("Qwen2Tokenizer"), false),
+        Some("gemma" | "gemma2" | "gemma3" | "gemma3_text") => (Some("GemmaTokenizer"), false),
+        Some("gpt2" | "phi") => (Some("GPT2Tokenizer"), false),
+        _ => (None, false),
+    };
+    if byte_level && !hub_class_wrong {
+        return false;
+    }
+    match registered {
+        None => true,
+        Some("TokenizersBackend") => false,
+        // A class of the model type's own: the hub's (Llama) unless it is
+        // known to be wrong.
+        Some(_) => !hub_class_wrong,
+    }
+}
+
 /// A model folder's tokenizer with the special ids the models need.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -75,9 +120,17 @@ impl Tokenizer {
                     .with_context(|| format!("{}/tokenizer_config.json", dir.display()))?,
                 Err(_) => serde_json::Value::Null,
             };
-        if matches!(
+        let model_type = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|c| c["model_type"].as_str().map(str::to_string));
+        let byte_level = std::fs::read_to_string(&path)
+            .map(|text| text.contains("\"ByteLevel\""))
+            .unwrap_or(false);
+        if loads_as_llama_tokenizer(
             config["tokenizer_class"].as_str(),
-            Some("LlamaTokenizer" | "LlamaTokenizerFast")
+            model_type.as_deref(),
+            byte_level,
         ) {
             as_transformers_llama_tokenizer(&mut inner, &config)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -234,6 +287,23 @@ mod tests {
             llama_folder(legacy).1.encode(chat).unwrap(),
             [3, 9, 4, 10, 15, 17, 2]
         );
+        // So does a model type whose tokenizer is the file's own (the ids
+        // of transformers 5.23, which loads these as TokenizersBackend).
+        for model_type in ["mistral", "phi3"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("tokenizer.json"), LEGACY_LLAMA).unwrap();
+            std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+            let model = serde_json::json!({ "model_type": model_type });
+            std::fs::write(dir.path().join("config.json"), model.to_string()).unwrap();
+            assert_eq!(
+                Tokenizer::from_dir(dir.path())
+                    .unwrap()
+                    .encode(chat)
+                    .unwrap(),
+                [3, 5, 9, 4, 5, 10, 15, 17, 2],
+                "{model_type}"
+            );
+        }
         // Another class keeps the file's own pipeline, as transformers does.
         let mut fast = config;
         fast["tokenizer_class"] = "PreTrainedTokenizerFast".into();
@@ -241,6 +311,49 @@ mod tests {
             llama_folder(fast).1.encode(chat).unwrap(),
             [3, 5, 9, 4, 5, 10, 15, 17, 2]
         );
+    }
+
+    /// DeepSeek-R1-Distill-Llama declares `LlamaTokenizerFast` over Llama
+    /// 3's byte-level BPE: transformers keeps the file's pipeline (a
+    /// Metaspace rebuild would lose every space and newline).
+    #[test]
+    fn a_byte_level_file_declared_llama_keeps_its_own_pipeline() {
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort();
+        let vocab: serde_json::Map<String, serde_json::Value> = alphabet
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i.into()))
+            .collect();
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let file = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), file.to_string()).unwrap();
+        let raw = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+        let config = serde_json::json!({ "tokenizer_class": "LlamaTokenizerFast" });
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let text = "a b\nc";
+        let ids = tok.encode(text).unwrap();
+        let file_ids: Vec<i64> = raw
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
+        assert_eq!(ids, file_ids);
+        assert_eq!(ids.len(), 5);
+        assert_eq!(tok.decode(&ids).unwrap(), text);
     }
 
     #[test]
