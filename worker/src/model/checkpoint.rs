@@ -206,15 +206,18 @@ pub fn read_file(path: &Path, device: Device) -> anyhow::Result<Vec<(String, Ten
 /// A tensor's bytes for writing: read in place when it is already a
 /// contiguous CPU tensor of the written kind, otherwise converted when the
 /// writer reaches it (one tensor at a time, never a copy of the model).
-struct Bytes {
+struct Bytes<'a> {
     dtype: Dtype,
     kind: Kind,
     shape: Vec<usize>,
     tensor: Tensor,
+    /// The same values as stored in a checkpoint (name there), read in
+    /// place of `tensor` when it is held in a narrower kind than `kind`.
+    stored: Option<(&'a MappedFolder, &'a str)>,
     len: usize,
 }
 
-impl Bytes {
+impl Bytes<'_> {
     /// Whether `tensor`'s own storage holds the bytes to write.
     fn in_place(&self) -> bool {
         self.tensor.device() == Device::Cpu
@@ -223,7 +226,7 @@ impl Bytes {
     }
 }
 
-impl View for &Bytes {
+impl View for &Bytes<'_> {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -233,6 +236,21 @@ impl View for &Bytes {
     fn data(&self) -> Cow<'_, [u8]> {
         if self.len == 0 {
             return Cow::Borrowed(&[]);
+        }
+        if let Some((folder, name)) = self.stored {
+            let e = &folder.entries[name];
+            if e.kind == self.kind {
+                return Cow::Borrowed(&folder.maps[e.map][e.start..e.start + e.len]);
+            }
+            let t = folder
+                .tensor(name)
+                .expect("checked when chosen")
+                .to_kind(self.kind)
+                .contiguous();
+            // SAFETY: `t` is contiguous on the CPU, alive until its bytes
+            // are copied.
+            let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, self.len) };
+            return Cow::Owned(bytes.to_vec());
         }
         if self.in_place() {
             // SAFETY: `tensor` is contiguous on the CPU and lives as long as
@@ -268,6 +286,20 @@ pub fn write_file_as(
     tensors: &BTreeMap<String, Tensor>,
     kind: Option<Kind>,
 ) -> anyhow::Result<()> {
+    write_file_exact(path, tensors, kind, None)
+}
+
+/// [`write_file_as`], with the tensors named in `exact` (name -> its name
+/// in `folder`) written from `folder`'s stored values, one at a time as
+/// the file is written: what a model holds in a narrower kind than the
+/// file's (frozen bf16 weights of a float32 checkpoint) is saved as it was
+/// loaded, not rounded.
+pub fn write_file_exact(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    kind: Option<Kind>,
+    exact: Option<(&MappedFolder, &BTreeMap<String, String>)>,
+) -> anyhow::Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let kind = match kind {
@@ -275,6 +307,11 @@ pub fn write_file_as(
             _ => t.kind(),
         };
         let len = t.numel() * kind.elt_size_in_bytes();
+        let stored = exact.and_then(|(folder, names)| {
+            let stored_name = names.get(name)?;
+            let e = folder.entries.get(stored_name)?;
+            (e.shape == t.size()).then_some((folder, stored_name.as_str()))
+        });
         owned.push((
             name.clone(),
             Bytes {
@@ -282,6 +319,7 @@ pub fn write_file_as(
                 kind,
                 shape: t.size().iter().map(|&d| d as usize).collect(),
                 tensor: t.detach(),
+                stored,
                 len,
             },
         ));

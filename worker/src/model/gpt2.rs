@@ -196,15 +196,4 @@ impl Gpt2 {
             .iter()
             .flat_map(|b| [&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj])
     }
-
-    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.blocks.iter_mut().flat_map(|b| {
-            [
-                &mut b.c_attn,
-                &mut b.attn_proj,
-                &mut b.c_fc,
-                &mut b.mlp_proj,
-            ]
-        })
-    }
 }

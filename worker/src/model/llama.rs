@@ -84,13 +84,6 @@ impl Qkv {
             Qkv::Fused(qkv) => vec![qkv],
         }
     }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        match self {
-            Qkv::Separate { q, k, v } => vec![q, k, v],
-            Qkv::Fused(qkv) => vec![qkv],
-        }
-    }
 }
 
 impl GateUp {
@@ -107,13 +100,6 @@ impl GateUp {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        match self {
-            GateUp::Separate { gate, up } => vec![gate, up],
-            GateUp::Fused(gate_up) => vec![gate_up],
-        }
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
             GateUp::Separate { gate, up } => vec![gate, up],
             GateUp::Fused(gate_up) => vec![gate_up],
@@ -468,16 +454,6 @@ impl Llama {
             all.push(&l.o_proj);
             all.extend(l.gate_up.linears());
             all.push(&l.down_proj);
-            all
-        })
-    }
-
-    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers.iter_mut().flat_map(|l| {
-            let mut all = l.qkv.linears_mut();
-            all.push(&mut l.o_proj);
-            all.extend(l.gate_up.linears_mut());
-            all.push(&mut l.down_proj);
             all
         })
     }

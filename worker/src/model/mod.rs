@@ -158,7 +158,7 @@ impl Transformer {
     }
 
     /// Every linear layer, the untied LM head included.
-    fn linears(&self) -> Box<dyn Iterator<Item = &Linear> + '_> {
+    pub(crate) fn linears(&self) -> Box<dyn Iterator<Item = &Linear> + '_> {
         let body: Box<dyn Iterator<Item = &Linear>> = match &self.backbone {
             Backbone::Gpt2(m) => Box::new(m.linears()),
             Backbone::Llama(m) => Box::new(m.linears()),
@@ -281,14 +281,6 @@ impl Transformer {
         match &self.backbone {
             Backbone::Gpt2(m) => &m.wte,
             Backbone::Llama(m) => &m.embed_tokens,
-        }
-    }
-
-    /// Folds every LoRA adapter into its base weight.
-    pub fn merge_lora(&mut self) {
-        match &mut self.backbone {
-            Backbone::Gpt2(m) => m.linears_mut().for_each(Linear::merge_lora),
-            Backbone::Llama(m) => m.linears_mut().for_each(Linear::merge_lora),
         }
     }
 }
@@ -586,8 +578,7 @@ impl Model {
     /// and the tokenizer files of the source folder.
     pub fn save(&mut self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        self.lm.merge_lora();
-        let tensors: BTreeMap<String, Tensor> = self
+        let mut tensors: BTreeMap<String, Tensor> = self
             .vs
             .variables()
             .into_iter()
@@ -596,11 +587,60 @@ impl Model {
             // reports an untied one as an unexpected key.
             .filter(|(n, _)| self.reward.is_none() || !n.starts_with("lm_head."))
             .collect();
+        // Frozen weights held narrower than the file's kind (a LoRA run's
+        // bf16 base of a float32 checkpoint) are unchanged since loading:
+        // written from the source folder, exactly, not rounded to bf16.
+        let narrower = |t: &Tensor| {
+            t.is_floating_point()
+                && !t.requires_grad()
+                && t.kind().elt_size_in_bytes() < self.save_kind.elt_size_in_bytes()
+        };
+        let stored = match &self.source {
+            Some(src) if tensors.values().any(narrower) => {
+                Some(checkpoint::MappedFolder::open(src)?)
+            }
+            _ => None,
+        };
+        let prefix = format!("{}.", self.lm.cfg.backbone_prefix());
+        let stored_name = |name: &str| {
+            let stored = stored.as_ref()?;
+            [Some(name), name.strip_prefix(&prefix)]
+                .into_iter()
+                .flatten()
+                .find(|n| stored.shape(n).is_some())
+                .map(str::to_string)
+        };
+        let mut exact = BTreeMap::new();
+        for (name, t) in &tensors {
+            if narrower(t) {
+                if let Some(found) = stored_name(name) {
+                    exact.insert(name.clone(), found);
+                }
+            }
+        }
+        // Adapters are folded in float32, into the exact base where the
+        // source has it (see [`Linear::merged_weight`]).
+        for linear in self.lm.linears() {
+            let name = linear.weight_name();
+            let Some(held) = tensors.get(name) else {
+                continue;
+            };
+            let base = match (exact.remove(name), &stored) {
+                (Some(found), Some(stored)) => stored.tensor(&found)?,
+                _ => held.shallow_clone(),
+            };
+            if let Some(merged) = linear.merged_weight(&base) {
+                tensors.insert(name.to_string(), merged);
+            } else if let Some(found) = stored_name(name).filter(|_| narrower(held)) {
+                exact.insert(name.to_string(), found);
+            }
+        }
         // Each tensor is converted to the saved dtype as it is written.
-        checkpoint::write_file_as(
+        checkpoint::write_file_exact(
             &dir.join("model.safetensors"),
             &tensors,
             Some(self.save_kind),
+            stored.as_ref().map(|s| (s, &exact)),
         )?;
         let mut config = self.lm.cfg.raw.clone();
         // transformers' class names, as `architectures` lists them (tools

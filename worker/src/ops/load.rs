@@ -359,4 +359,64 @@ mod tests {
             .filter(|(n, _)| n.contains("lora_B"))
             .all(|(_, t)| t.grad().abs().max().double_value(&[]) > 0.0));
     }
+
+    /// A LoRA run on a bf16 base of a float32 checkpoint saves float32
+    /// weights as exact as the source: the base as it was stored, a small
+    /// update folded in float32 (in bf16 most of a 1e-5 update vanished).
+    #[test]
+    fn a_lora_export_on_a_bf16_base_keeps_the_float32_base_and_a_small_update() {
+        let _rng = crate::testing::torch_rng();
+        let (_, raw) = configs().remove(1);
+        let src = saved(raw, Kind::Float);
+        let lora = LoraParams {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: None,
+        };
+        let mut m = trainable(
+            src.path(),
+            Device::Cpu,
+            Head::Lm,
+            Some(&lora),
+            1,
+            Kind::BFloat16,
+        )
+        .unwrap();
+        let q = "model.layers.0.self_attn.q_proj";
+        let (mut a, mut b) = (Tensor::new(), Tensor::new());
+        tch::no_grad(|| {
+            for (name, mut t) in m.vs.variables() {
+                if name.contains("lora_B") {
+                    t.copy_(&(t.randn_like() * 1e-5));
+                }
+                if name == format!("{q}.lora_A.weight") {
+                    a = t.copy();
+                }
+                if name == format!("{q}.lora_B.weight") {
+                    b = t.copy();
+                }
+            }
+        });
+        let out = tempfile::tempdir().unwrap();
+        m.save(out.path()).unwrap();
+        let source = read_file(&src.path().join("model.safetensors"), Device::Cpu).unwrap();
+        let saved = read_file(&out.path().join("model.safetensors"), Device::Cpu).unwrap();
+        let get = |ts: &[(String, Tensor)], name: &str| {
+            ts.iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+                .shallow_clone()
+        };
+        let weight = format!("{q}.weight");
+        let want = get(&source, &weight) + b.matmul(&a) * lora.alpha / lora.rank as f64;
+        let got = get(&saved, &weight);
+        assert_eq!(got.kind(), Kind::Float);
+        let err = (&got - &want).abs().max().double_value(&[]);
+        assert!(err < 1e-8, "merged q_proj off by {err}");
+        // A frozen weight no adapter touches: the source's, bit for bit.
+        let k = "model.layers.0.self_attn.k_proj.weight";
+        assert!(get(&saved, k).equal(&get(&source, k)));
+    }
 }
