@@ -328,6 +328,33 @@ fn pm_train_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch(
     two_ranks_equal_one("pm");
 }
 
+/// An epoch's last batch of one pair leaves rank 1 nothing: it adds
+/// nothing to the step (its preference model crashed on the empty batch),
+/// and the two ranks still take the one process's steps.
+#[test]
+fn pm_train_on_two_ranks_takes_a_last_batch_smaller_than_the_ranks() {
+    let p = project();
+    // 24 comparisons, none held out: batches of 23 and then 1.
+    p.write(
+        "pipeline.yaml",
+        &MANIFEST.replace(
+            "params: { max_len: 96, batch_size: 5, max_steps: 3, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: \"${params.dp}\" }\n  pmp:",
+            "params: { max_len: 96, batch_size: 23, epochs: 1, eval_fraction: 0, lr: 0.001, eps: 1.0e-6, checkpoint_every: 0, dropout: false, data_parallel: \"${params.dp}\" }\n  pmp:",
+        ),
+    );
+    assert!(p.read("pipeline.yaml").contains("batch_size: 23"));
+    ok(run(&p, "base", 1, &p.path("grads-base"), &[]));
+    ok(run(&p, "pm", 1, &p.path("grads-1"), &[]));
+    ok(run(&p, "pm", 2, &p.path("grads-2"), &[]));
+    let (single, parallel) = (
+        tensors(&output_path(&p, "pm", "model", 1)),
+        tensors(&output_path(&p, "pm", "model", 2)),
+    );
+    let worst = max_diff(&single, &parallel);
+    assert!(worst < 1e-5, "weights differ by {worst}");
+    assert!(p.path("grads-2").join("rank-1-step-2.safetensors").exists());
+}
+
 #[test]
 fn pm_pretrain_on_two_gloo_ranks_takes_the_steps_of_one_process_on_the_whole_batch() {
     two_ranks_equal_one("pmp");

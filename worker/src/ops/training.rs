@@ -156,6 +156,16 @@ pub fn run_training_with_figures(
                 Some(g) => crate::dist::shard(&idx, g.rank(), g.world()).to_vec(),
                 None => idx,
             };
+            // An epoch's short last batch can leave a rank nothing: it
+            // adds nothing (weight 0), and still joins the all-reduce.
+            if idx.is_empty() {
+                crate::dist::test_fault_point(state.step + 1);
+                return Ok(MicroBatch {
+                    loss: tch::Tensor::zeros([], (tch::Kind::Float, model.vs.device())),
+                    tokens: 0,
+                    weight: 0.0,
+                });
+            }
             let out = crate::train::autocast_if(autocast, || loss_fn(model, &idx))?;
             crate::dist::test_fault_point(state.step + 1);
             Ok(MicroBatch {

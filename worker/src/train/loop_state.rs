@@ -85,6 +85,16 @@ pub fn step_seed(base_seed: u64, step: u64) -> i64 {
     (z >> 1) as i64
 }
 
+/// The seed of data-parallel rank `rank`'s random draws (dropout): rank
+/// 0's is `base_seed`, as one process's; each other rank's is its own, so
+/// the ranks' masks are as independent as one process's rows'.
+pub fn rank_seed(base_seed: u64, rank: usize) -> u64 {
+    match rank {
+        0 => base_seed,
+        r => step_seed(base_seed ^ 0x5241_4E4B, r as u64) as u64,
+    }
+}
+
 /// Seeds torch (CPU and all CUDA devices) for optimizer step `step`; call it
 /// before the forward passes of every step.
 pub fn seed_torch_for_step(base_seed: u64, step: u64) {
@@ -94,6 +104,14 @@ pub fn seed_torch_for_step(base_seed: u64, step: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_rank_draws_from_its_own_seed() {
+        assert_eq!(rank_seed(7, 0), 7);
+        let seeds: std::collections::BTreeSet<u64> = (0..8).map(|r| rank_seed(7, r)).collect();
+        assert_eq!(seeds.len(), 8);
+        assert_eq!(rank_seed(7, 3), rank_seed(7, 3));
+    }
 
     #[test]
     fn permutations_are_deterministic_and_differ_per_epoch() {

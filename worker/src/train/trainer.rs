@@ -13,7 +13,7 @@ use tch::nn::VarStore;
 use super::accumulate::{accumulate, scale_gradients, MicroBatch};
 use super::checkpoint::{load_checkpoint, CheckpointError, CheckpointState, Checkpoints};
 use super::clip::clip_grad_norm;
-use super::loop_state::{seed_torch_for_step, TrainState};
+use super::loop_state::{rank_seed, seed_torch_for_step, TrainState};
 use super::optim::{AdamW, AdamWConfig, OptimError};
 use super::schedule::{Schedule, ScheduleConfig};
 use crate::dist::{DistError, Group};
@@ -134,7 +134,8 @@ impl Trainer {
         mut micro: impl FnMut(usize, &mut TrainState) -> Result<MicroBatch, E>,
     ) -> Result<StepMetrics, E> {
         let start = Instant::now();
-        seed_torch_for_step(self.cfg.seed, self.state.step);
+        let rank = self.group.map_or(0, |g| g.rank());
+        seed_torch_for_step(rank_seed(self.cfg.seed, rank), self.state.step);
         self.opt.zero_grad();
         let state = &mut self.state;
         let mut acc = accumulate(self.cfg.accum_steps, |i| micro(i, state))?;
