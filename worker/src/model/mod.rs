@@ -414,6 +414,16 @@ impl Model {
         let lm = Transformer::new(&root, cfg, options.lora.as_ref());
         let reward =
             (options.head == Head::Reward).then(|| RewardHead::new(&root, cfg.hidden_size));
+        if reward.is_some() {
+            // A reward model never reads its untied LM head (and saves
+            // none): trainable, it would cost two AdamW moments (4.4 GB at
+            // Qwen2.5-7B's vocabulary) and an all-reduce of zeros a step.
+            for (name, t) in vs.variables() {
+                if name.starts_with("lm_head.") {
+                    let _ = t.set_requires_grad(false);
+                }
+            }
+        }
         let value = (options.head == Head::Value).then(|| ValueHead::new(&root, cfg.hidden_size));
         if options.kind != Kind::Float {
             hold_trained_weights_in_float32(&vs, options.lora.is_some());
@@ -850,6 +860,25 @@ mod tests {
         model.save(out.path()).unwrap();
         let text = std::fs::read_to_string(out.path().join("config.json")).unwrap();
         serde_json::from_str::<serde_json::Value>(&text).unwrap()["pad_token_id"].clone()
+    }
+
+    #[test]
+    fn a_reward_model_does_not_train_the_lm_head_it_never_reads() {
+        let cfg = ModelConfig::from_json(ModelConfig::llama_json(8, 16, 16, 1, 2, 2, 32, 2, false))
+            .unwrap();
+        let model = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Reward));
+        let names: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.starts_with("score.")), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("lm_head.")),
+            "{names:?}"
+        );
+        // A language model trains its own.
+        let lm = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Lm));
+        assert!(lm
+            .trainable()
+            .iter()
+            .any(|(n, _)| n.starts_with("lm_head.")));
     }
 
     #[test]
