@@ -163,7 +163,10 @@ fn tensorboard_gets_every_scalar_of_metrics_jsonl_and_trackers_touch_no_fingerpr
     // The manifest names an MLflow server nobody listens on: a warning.
     let dead = DeadPort::new();
     let down = dead.port;
-    let p = project(&format!("tracking:\n  mlflow: http://127.0.0.1:{down}\n"));
+    // With credentials in the address, which no message may show.
+    let p = project(&format!(
+        "tracking:\n  mlflow: http://ann:hunter2@127.0.0.1:{down}\n"
+    ));
     let mut run = p
         .cmd(&["run", "tracked.yaml", "--quiet", "--tensorboard", "tb"])
         .stdout(std::fs::File::create(p.path("run.out")).unwrap())
@@ -189,6 +192,7 @@ fn tensorboard_gets_every_scalar_of_metrics_jsonl_and_trackers_touch_no_fingerpr
         "a tracker that is down fails no stage:\n{stderr}"
     );
     assert!(live, "scalars reach TensorBoard while the stage runs");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
     for stage in TRAINING {
         assert!(
             stderr.contains(&format!(
@@ -240,6 +244,34 @@ fn tensorboard_gets_every_scalar_of_metrics_jsonl_and_trackers_touch_no_fingerpr
     );
     // export-tb defaults to the manifest's folder, and says where it is missing.
     assert!(p.fails(&["export-tb", "tracked.yaml"]).contains("--out"));
+}
+
+/// A server that takes connections and never answers holds up the run
+/// once, within the stage's tracker deadline (10 s), and is not asked
+/// again: before, each tracked stage waited out its requests (20 s each).
+#[test]
+fn an_mlflow_server_that_never_answers_holds_up_one_stage_at_most() {
+    // Listening, never accepting: connections complete, requests hang.
+    let hung = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let p = project(&format!("tracking:\n  mlflow: http://127.0.0.1:{port}\n"));
+    p.write(
+        "tracked.yaml",
+        &p.read("tracked.yaml")
+            .replace("max_steps: 600", "max_steps: 6"),
+    );
+    let start = Instant::now();
+    let out = p.cmd(&["run", "tracked.yaml", "--quiet"]).output().unwrap();
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("does not answer in time").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}\n{stderr}");
+    drop(hung);
 }
 
 /// Bytes of scalar events in a run folder's event files: past the first

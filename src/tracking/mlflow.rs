@@ -14,10 +14,72 @@ use super::points::Point;
 const MAX_METRICS_PER_BATCH: usize = 1000;
 const MAX_PARAMS_PER_BATCH: usize = 100;
 
+/// A tracking server: its address without credentials, and the
+/// credentials, from the address's `user:password@` or MLflow's own
+/// variables (`MLFLOW_TRACKING_TOKEN`, else `MLFLOW_TRACKING_USERNAME` and
+/// `MLFLOW_TRACKING_PASSWORD`). Only [`Server::shown`] is ever printed.
+#[derive(Clone)]
+pub struct Server {
+    base: reqwest::Url,
+    auth: Auth,
+}
+
+#[derive(Clone)]
+enum Auth {
+    None,
+    Basic(String, String),
+    Bearer(String),
+}
+
+impl Server {
+    pub fn parse(uri: &str) -> anyhow::Result<Server> {
+        let mut base = reqwest::Url::parse(uri.trim_end_matches('/'))
+            .map_err(|e| anyhow::anyhow!("not a URL ({e})"))?;
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let auth = if !base.username().is_empty() {
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            Auth::Basic(
+                decode(base.username()),
+                decode(base.password().unwrap_or_default()),
+            )
+        } else if let Some(token) = env("MLFLOW_TRACKING_TOKEN") {
+            Auth::Bearer(token)
+        } else if let Some(user) = env("MLFLOW_TRACKING_USERNAME") {
+            Auth::Basic(user, env("MLFLOW_TRACKING_PASSWORD").unwrap_or_default())
+        } else {
+            Auth::None
+        };
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        Ok(Server { base, auth })
+    }
+
+    /// The address as it may be printed: no credentials.
+    pub fn shown(&self) -> String {
+        self.base.as_str().trim_end_matches('/').to_string()
+    }
+
+    fn endpoint(&self, endpoint: &str) -> String {
+        format!("{}/api/2.0/mlflow/{endpoint}", self.shown())
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Auth::None => request,
+            Auth::Basic(user, password) => request.basic_auth(user, Some(password)),
+            Auth::Bearer(token) => request.bearer_auth(token),
+        }
+    }
+}
+
 /// A run on a tracking server.
 pub struct MlflowRun {
     client: reqwest::Client,
-    base: String,
+    server: Server,
     run_id: String,
 }
 
@@ -32,15 +94,14 @@ pub struct RunStart<'a> {
 impl MlflowRun {
     /// Creates the run (and the experiment when it is new) and logs its
     /// params.
-    pub async fn start(uri: &str, start: RunStart<'_>) -> anyhow::Result<MlflowRun> {
+    pub async fn start(server: &Server, start: RunStart<'_>) -> anyhow::Result<MlflowRun> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(20))
             .build()?;
-        let base = format!("{}/api/2.0/mlflow", uri.trim_end_matches('/'));
         let mut run = MlflowRun {
             client,
-            base,
+            server: server.clone(),
             run_id: String::new(),
         };
         let experiment_id = run.experiment(start.experiment).await?;
@@ -115,10 +176,10 @@ impl MlflowRun {
     /// beside this one may create it first).
     async fn experiment(&self, name: &str) -> anyhow::Result<String> {
         for _ in 0..2 {
-            let url = format!("{}/experiments/get-by-name", self.base);
+            let url = self.server.endpoint("experiments/get-by-name");
             let response = self
-                .client
-                .get(&url)
+                .server
+                .authorized(self.client.get(&url))
                 .query(&[("experiment_name", name)])
                 .send()
                 .await
@@ -149,10 +210,10 @@ impl MlflowRun {
 
     /// POSTs `body` to `endpoint`; an error carries the server's answer.
     async fn call(&self, endpoint: &str, body: Value) -> anyhow::Result<Value> {
-        let url = format!("{}/{endpoint}", self.base);
+        let url = self.server.endpoint(endpoint);
         let response = self
-            .client
-            .post(&url)
+            .server
+            .authorized(self.client.post(&url))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(serde_json::to_vec(&body)?)
             .send()
@@ -210,6 +271,37 @@ fn flatten_into(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Credentials in the address are sent, never shown; without them,
+    /// MLflow's own variables are read.
+    #[test]
+    fn credentials_go_in_a_header_not_in_what_is_shown() {
+        let server = Server::parse("http://ann:s%40cret@127.0.0.1:5000/").unwrap();
+        assert_eq!(server.shown(), "http://127.0.0.1:5000");
+        let request = server
+            .authorized(reqwest::Client::new().post(server.endpoint("runs/create")))
+            .build()
+            .unwrap();
+        assert_eq!(
+            request.url().as_str(),
+            "http://127.0.0.1:5000/api/2.0/mlflow/runs/create"
+        );
+        // base64("ann:s@cret")
+        assert_eq!(
+            request.headers()[reqwest::header::AUTHORIZATION],
+            "Basic YW5uOnNAY3JldA=="
+        );
+        let plain = Server::parse("http://127.0.0.1:5000").unwrap();
+        let request = plain
+            .authorized(reqwest::Client::new().get(plain.endpoint("x")))
+            .build()
+            .unwrap();
+        let sent = request.headers().get(reqwest::header::AUTHORIZATION);
+        let from_env = ["MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        assert_eq!(sent.is_some(), from_env);
+    }
 
     #[test]
     fn params_flatten_to_dotted_names() {

@@ -26,7 +26,7 @@ use crate::cache::{Fingerprint, StageKey};
 pub use crate::manifest::Tracking;
 pub use export::{export_tensorboard, Exported};
 use follow::Follower;
-use mlflow::{MlflowRun, RunStart};
+use mlflow::{MlflowRun, RunStart, Server};
 use tensorboard::TbRun;
 
 /// How often a running stage's log is looked at.
@@ -55,6 +55,9 @@ pub enum Outcome {
 /// The trackers of a running stage, following its log on a task of their
 /// own.
 pub struct LiveTracker {
+    stage: String,
+    /// The MLflow server followed, as shown.
+    mlflow: Option<String>,
     stop: CancellationToken,
     task: JoinHandle<Sinks>,
 }
@@ -77,7 +80,15 @@ pub fn start(settings: &Tracking, stage: TrackedStage<'_>) -> Option<LiveTracker
         tensorboard,
         mlflow: None,
     };
-    let mlflow = settings.mlflow.clone().map(|uri| {
+    let server = settings.mlflow.as_deref().and_then(|uri| {
+        Server::parse(uri)
+            .map_err(|e| warn(stage.stage, "MLflow", &e))
+            .ok()
+    });
+    // A server that stopped answering in this command is not asked again.
+    let server = server.filter(|s| !given_up(&s.shown()));
+    let mlflow_shown = server.as_ref().map(Server::shown);
+    let mlflow = server.map(|server| {
         let mut params = mlflow::flatten_params(&stage.key.params);
         params.extend([
             ("alignflow.fingerprint".into(), stage.fingerprint.0.clone()),
@@ -92,23 +103,35 @@ pub fn start(settings: &Tracking, stage: TrackedStage<'_>) -> Option<LiveTracker
             ("alignflow.pipeline".to_string(), stage.pipeline.to_string()),
             ("alignflow.stage".to_string(), stage.stage.to_string()),
         ];
-        (uri, stage.pipeline.to_string(), params, tags)
+        (server, stage.pipeline.to_string(), params, tags)
     });
+    let stage_name = stage.stage.to_string();
     let task = {
         let stop = stop.clone();
         tokio::spawn(async move {
             // Started here, not before the stage: a slow server delays
             // nothing but its own run.
-            if let Some((uri, experiment, params, tags)) = mlflow {
+            if let Some((server, experiment, params, tags)) = mlflow {
                 let start = RunStart {
                     experiment: &experiment,
                     run_name: &sinks.stage,
                     params,
                     tags,
                 };
-                match MlflowRun::start(&uri, start).await {
+                // A stage that ends first waits for it within
+                // [`FINISH_DEADLINE`].
+                match MlflowRun::start(&server, start).await {
                     Ok(run) => sinks.mlflow = Some(run),
-                    Err(e) => warn(&sinks.stage, &format!("MLflow at {uri}"), &e),
+                    Err(e) => {
+                        let timed_out = e.chain().any(|c| {
+                            c.downcast_ref::<reqwest::Error>()
+                                .is_some_and(reqwest::Error::is_timeout)
+                        });
+                        if timed_out {
+                            give_up(&server.shown());
+                        }
+                        warn(&sinks.stage, &format!("MLflow at {}", server.shown()), &e)
+                    }
                 }
             }
             loop {
@@ -123,13 +146,72 @@ pub fn start(settings: &Tracking, stage: TrackedStage<'_>) -> Option<LiveTracker
             sinks
         })
     };
-    Some(LiveTracker { stop, task })
+    Some(LiveTracker {
+        stage: stage_name,
+        mlflow: mlflow_shown,
+        stop,
+        task,
+    })
 }
 
+/// The MLflow servers this command gave up on (one that did not answer in
+/// time): each later stage would wait for it again.
+static GIVEN_UP: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn given_up(shown: &str) -> bool {
+    GIVEN_UP.lock().expect("given-up servers").contains(shown)
+}
+
+fn give_up(shown: &str) {
+    if GIVEN_UP
+        .lock()
+        .expect("given-up servers")
+        .insert(shown.to_string())
+    {
+        tracing::warn!("MLflow at {shown} does not answer in time: no later stage of this run is tracked there");
+    }
+}
+
+/// How long a stage's end waits for its trackers (the last metrics, the
+/// run's end): a slow or hung server holds up neither the stages that
+/// depend on it nor a Ctrl-C longer. A stage that failed or was stopped
+/// waits less.
+const FINISH_DEADLINE: Duration = Duration::from_secs(10);
+const FAILED_FINISH_DEADLINE: Duration = Duration::from_secs(2);
+
 impl LiveTracker {
-    /// Hands the trackers the log's last lines and ends their runs.
+    /// Hands the trackers the log's last lines and ends their runs, within
+    /// [`FINISH_DEADLINE`].
     pub async fn finish(self, outcome: Outcome) {
         self.stop.cancel();
+        let abort = self.task.abort_handle();
+        let stage = self.stage.clone();
+        let mlflow = self.mlflow.clone();
+        let deadline = match outcome {
+            Outcome::Committed { .. } => FINISH_DEADLINE,
+            Outcome::Failed => FAILED_FINISH_DEADLINE,
+        };
+        if tokio::time::timeout(deadline, self.finish_now(outcome))
+            .await
+            .is_err()
+        {
+            abort.abort();
+            if let Some(shown) = &mlflow {
+                give_up(shown);
+            }
+            warn(
+                &stage,
+                "a tracker",
+                &anyhow::anyhow!(
+                    "no answer within {} s: its last metrics and the run's end are not recorded",
+                    deadline.as_secs()
+                ),
+            );
+        }
+    }
+
+    async fn finish_now(self, outcome: Outcome) {
         let Ok(mut sinks) = self.task.await else {
             return;
         };
