@@ -307,3 +307,29 @@ stages:
         "pipeline.yaml:11:19: stage `rl`, field `params.rewards.0.weight`: invalid type: string \"heavy\", expected f64"
     );
 }
+
+/// A temperature that overflows the logits (1e-40 drew the last token id
+/// every step) and an empty stop string (it ended every answer after one
+/// token) are refused, naming the field.
+#[test]
+fn a_vanishing_temperature_and_an_empty_stop_string_are_refused() {
+    let p = Project::new();
+    let gen = |params: &str| {
+        format!(
+            "version: 1\nname: g\nstages:\n  gen:\n    op: generate\n    inputs: {{model: m, prompts: p.jsonl}}\n    params: {{{params}}}\n"
+        )
+    };
+    let e = error_of(&p, &gen("temperature: 1.0e-40"));
+    assert!(
+        e.contains("field `params.temperature`") && e.contains("0 (greedy) or at least 1e-4"),
+        "{e}"
+    );
+    let e = error_of(&p, &gen("stop: [\"\\n\\n\", \"\"]"));
+    assert!(
+        e.contains("field `params.stop`") && e.contains("empty string"),
+        "{e}"
+    );
+    let best = "version: 1\nname: g\nstages:\n  best:\n    op: best_of_n\n    inputs: {policy: m, prompts: p.jsonl, reward_model: m}\n    params: {stop: [\"\"]}\n";
+    let e = error_of(&p, best);
+    assert!(e.contains("field `params.stop`"), "{e}");
+}

@@ -203,6 +203,7 @@ impl OpParams for BestOfNParams {
             .check("placement", &[Role::Policy, Role::Reward])?;
         require(self.n > 0, "n", AT_LEAST_ONE)?;
         self.decoding.check()?;
+        crate::op::check_stop(&self.stop)?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)?;
         require(self.limit != Some(0), "limit", AT_LEAST_ONE)?;
         check_rewards(&self.rewards, "rewards")?;

@@ -63,6 +63,7 @@ pub const OP: OpDecl = OpDecl {
 impl OpParams for GenerateParams {
     fn check(&self) -> Result<(), ParamError> {
         self.decoding.check()?;
+        crate::op::check_stop(&self.stop)?;
         require(self.n > 0, "n", AT_LEAST_ONE)?;
         require(self.batch_size > 0, "batch_size", AT_LEAST_ONE)
     }

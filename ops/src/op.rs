@@ -264,6 +264,25 @@ pub fn check_temperature(temperature: f64) -> Result<(), ParamError> {
         temperature.is_finite() && temperature >= 0.0,
         "temperature",
         "must be a finite number >= 0",
+    )?;
+    // Logits divided by less overflow float32 (1e-40 drew the last token
+    // id every step): greedy is 0.
+    require(
+        temperature == 0.0 || temperature >= MIN_TEMPERATURE,
+        "temperature",
+        "must be 0 (greedy) or at least 1e-4",
+    )
+}
+
+/// The least temperature above 0.
+pub const MIN_TEMPERATURE: f64 = 1e-4;
+
+/// Stop strings: none empty (an empty one stops every answer at once).
+pub fn check_stop(stop: &[String]) -> Result<(), ParamError> {
+    require(
+        stop.iter().all(|s| !s.is_empty()),
+        "stop",
+        "must not contain an empty string (it would end every answer after one token)",
     )
 }
 

@@ -490,10 +490,17 @@ fn pick(scores: &Tensor, cfg: &SamplingConfig, uniforms: &[f32]) -> Tensor {
     // Inverse-CDF sampling with our own uniforms: the first token whose
     // cumulative probability exceeds u * total.
     let cdf = s.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+    // NaN or infinite scores (a float16 overflow) give a NaN total, which
+    // the search below would turn into the last token id, silently.
+    let total = cdf.narrow(1, vocab - 1, 1);
+    assert!(
+        bool::try_from(total.isfinite().all()).unwrap_or(false),
+        "sampling: the scores are not finite (NaN or an infinity): the model overflowed (use float32 or bfloat16)"
+    );
     let u = Tensor::from_slice(uniforms)
         .to_device(s.device())
         .unsqueeze(1)
-        * cdf.narrow(1, vocab - 1, 1);
+        * total;
     u.searchsorted::<Tensor>(&cdf, false, true, "right", None)
         .clamp_max(vocab - 1)
         .squeeze_dim(1)
@@ -547,6 +554,18 @@ mod tests {
                 (name, Model::init(&cfg, &options))
             })
             .collect()
+    }
+
+    /// Scores that overflowed fail loudly instead of drawing the last id.
+    #[test]
+    #[should_panic(expected = "the scores are not finite")]
+    fn non_finite_scores_are_not_sampled_from() {
+        let scores = Tensor::from_slice(&[0.0f32, f32::NAN, 1.0]).view([1, 3]);
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let _ = pick(&scores, &cfg, &[0.5]);
     }
 
     /// Greedy, and sampling with temperature, top-k and top-p; two EOS ids

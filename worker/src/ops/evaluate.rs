@@ -421,6 +421,25 @@ fn check_judges(
     }
 }
 
+/// How `m` samples in an evaluation: `base` with its own end ids (its
+/// folder's generation config may list an end of turn the other model's
+/// does not; swapping the two swaps their answers exactly) and pad.
+fn sampling_of(
+    base: &SamplingConfig,
+    tokenizer: &Tokenizer,
+    m: &Model,
+    seed: u64,
+    batch_size: usize,
+) -> SamplingConfig {
+    SamplingConfig {
+        seed,
+        eos_token_ids: stop_ids(tokenizer, m),
+        pad_token_id: m.lm.cfg.pad_id(),
+        max_rows: batch_size.max(1),
+        ..base.clone()
+    }
+}
+
 /// Both policies' answers (prompt `i` drawing from the same random stream,
 /// of params.seed or the stage's, for both: common random numbers) and the per-prompt KL of the policy
 /// from the reference on the policy's answers.
@@ -443,12 +462,7 @@ fn sample_both(
         })
     };
     let seed = p.seed.unwrap_or(ctx.spec.seed);
-    let cfg = |m: &Model| SamplingConfig {
-        seed,
-        pad_token_id: m.lm.cfg.pad_id(),
-        max_rows: p.batch_size.max(1),
-        ..base.clone()
-    };
+    let cfg = |m: &Model| sampling_of(&base, tokenizer, m, seed, p.batch_size);
     let ids: Vec<&[i64]> = prompts.iter().map(|q| q.ids.as_slice()).collect();
     let never = |_: usize, _: &[i64]| false;
     let a = sample_prompts(
@@ -678,4 +692,43 @@ fn ask_feedback_model(
         })
         .collect();
     Ok((verdicts, truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{BuildOptions, Head, ModelConfig};
+
+    /// The reference stops at the end ids of its own folder (an instruct
+    /// checkpoint's generation config listing its end of turn), not the
+    /// policy's: swapped, each still stops at its own.
+    #[test]
+    fn each_model_samples_with_its_own_end_ids() {
+        let (_dir, tokenizer) = crate::testing::word_tokenizer(
+            &["<unk>", "</s>", "a", "b", "<eot>"],
+            &["</s>", "<eot>"],
+            serde_json::json!({"eos_token": "</s>"}),
+        );
+        let model = |eos: serde_json::Value| {
+            let mut json = ModelConfig::llama_json(5, 16, 16, 1, 2, 2, 32, 1, false);
+            json["eos_token_id"] = eos;
+            let cfg = ModelConfig::from_json(json).unwrap();
+            Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Lm))
+        };
+        let (policy, instruct) = (model(1.into()), model(serde_json::json!([1, 4])));
+        let base = sampling_config(&tokenizer, &policy, 8, 1.0);
+        assert_eq!(
+            sampling_of(&base, &tokenizer, &policy, 3, 4).eos_token_ids,
+            [1]
+        );
+        assert_eq!(
+            sampling_of(&base, &tokenizer, &instruct, 3, 4).eos_token_ids,
+            [1, 4]
+        );
+        let swapped = sampling_config(&tokenizer, &instruct, 8, 1.0);
+        assert_eq!(
+            sampling_of(&swapped, &tokenizer, &policy, 3, 4).eos_token_ids,
+            [1]
+        );
+    }
 }
