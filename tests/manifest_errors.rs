@@ -333,3 +333,23 @@ fn a_vanishing_temperature_and_an_empty_stop_string_are_refused() {
     let e = error_of(&p, best);
     assert!(e.contains("field `params.stop`"), "{e}");
 }
+
+/// LoRA settings that cannot train: rank 0 (a NaN loss at step 1), a
+/// dropout of 1, a non-positive alpha; each names its field.
+#[test]
+fn lora_settings_that_cannot_train_are_refused() {
+    let p = Project::new();
+    for (lora, field) in [
+        ("{rank: 0}", "params.lora.rank"),
+        ("{dropout: 1.0}", "params.lora.dropout"),
+        ("{alpha: 0}", "params.lora.alpha"),
+    ] {
+        let yaml = format!(
+            "version: 1\nname: l\nstages:\n  sft:\n    op: sft\n    inputs: {{model: m, data: d.jsonl}}\n    params: {{lora: {lora}}}\n"
+        );
+        let e = error_of(&p, &yaml);
+        assert!(e.contains(&format!("field `{field}`")), "{lora}: {e}");
+    }
+    let ppo = "version: 1\nname: l\nstages:\n  rl:\n    op: ppo\n    inputs: {policy: m, prompts: p.jsonl, reward_model: m}\n    params: {critic_lora: {rank: 0}}\n";
+    assert!(error_of(&p, ppo).contains("field `params.critic_lora.rank`"));
+}

@@ -141,6 +141,7 @@ impl OpParams for DpoReferenceParams {
 impl OpParams for DpoParams {
     fn check(&self) -> Result<(), ParamError> {
         self.train.check()?;
+        crate::training::check_lora(&self.lora, "lora")?;
         require(
             self.beta.is_finite() && self.beta > 0.0,
             "beta",

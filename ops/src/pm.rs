@@ -100,6 +100,7 @@ impl OpParams for PmTrainParams {
     fn check(&self) -> Result<(), ParamError> {
         check_common(self.pm.max_len, self.pm.eval_fraction)?;
         self.pm.train.check()?;
+        crate::training::check_lora(&self.pm.lora, "lora")?;
         for (name, w) in &self.mix {
             if !PM_TRAIN_SETS.contains(&name.as_str()) {
                 return Err(ParamError {
@@ -205,7 +206,8 @@ pub const PRETRAIN_OP: OpDecl = OpDecl {
 impl OpParams for PmPretrainParams {
     fn check(&self) -> Result<(), ParamError> {
         check_common(self.pm.max_len, self.pm.eval_fraction)?;
-        self.pm.train.check()
+        self.pm.train.check()?;
+        crate::training::check_lora(&self.pm.lora, "lora")
     }
 }
 

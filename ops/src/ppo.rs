@@ -359,6 +359,8 @@ impl OpParams for PpoParams {
             "placement",
             &[Role::Policy, Role::Reference, Role::Reward, Role::Value],
         )?;
+        crate::training::check_lora(&self.lora, "lora")?;
+        crate::training::check_lora(&self.critic_lora, "critic_lora")?;
         require(
             self.samples_per_prompt > 0,
             "samples_per_prompt",

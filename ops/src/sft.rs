@@ -84,6 +84,7 @@ pub const OP: OpDecl = OpDecl {
 
 impl OpParams for SftParams {
     fn check(&self) -> Result<(), ParamError> {
-        self.train.check()
+        self.train.check()?;
+        crate::training::check_lora(&self.lora, "lora")
     }
 }

@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::op::{require, ParamError};
+use crate::op::{require, ParamError, AT_LEAST_ONE};
 
 /// The learning-rate decay after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -182,6 +182,29 @@ pub struct LoraParams {
     /// GPT-2 `[c_attn]`; Llama, Mistral, Qwen2 `[q_proj, v_proj]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<LoraTargets>,
+}
+
+impl LoraParams {
+    /// A rank of at least 1 (rank 0 divides by zero: a NaN loss at step
+    /// 1), a positive alpha, a dropout in [0, 1). `field`: `lora`.
+    pub fn check(&self, field: &str) -> Result<(), ParamError> {
+        require(self.rank >= 1, &format!("{field}.rank"), AT_LEAST_ONE)?;
+        require(
+            self.alpha.is_finite() && self.alpha > 0.0,
+            &format!("{field}.alpha"),
+            "must be a positive number",
+        )?;
+        require(
+            (0.0..1.0).contains(&self.dropout),
+            &format!("{field}.dropout"),
+            "must be in [0, 1)",
+        )
+    }
+}
+
+/// [`LoraParams::check`] of an optional `lora`.
+pub fn check_lora(lora: &Option<LoraParams>, field: &str) -> Result<(), ParamError> {
+    lora.as_ref().map_or(Ok(()), |l| l.check(field))
 }
 
 /// The modules `lora.targets` names.

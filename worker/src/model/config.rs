@@ -339,14 +339,16 @@ fn llama_family(c: &RawConfig, model_type: &str, raw: Value) -> anyhow::Result<M
             softcap("attn_logit_softcapping", 50.0),
             softcap("final_logit_softcapping", 30.0),
         ),
+        // GemmaForCausalLM caps nothing, whatever the config carries.
+        "gemma" => (None, None),
         _ if gemma => (None, c.final_logit_softcapping),
         _ => (None, None),
     };
     // Gemma 2 and 3 scale scores by `query_pre_attn_scalar` (256 by
-    // default), Gemma by `head_dim`.
+    // default), Gemma by `head_dim` (a `query_pre_attn_scalar` in its
+    // config is not read by transformers either).
     let attn_scalar = match model_type {
         "gemma2" | "gemma3_text" => Some(c.query_pre_attn_scalar.unwrap_or(256.0)),
-        "gemma" => c.query_pre_attn_scalar,
         _ => None,
     };
     // Qwen2 has q/k/v biases and no others, whatever the config says;
@@ -556,6 +558,17 @@ impl ModelConfig {
                         "GPT-2 activation `{act}` is not supported"
                     );
                 }
+                // Scores are scaled by 1/sqrt(head_dim), alone.
+                anyhow::ensure!(
+                    raw.get("scale_attn_weights").and_then(Value::as_bool) != Some(false),
+                    "scale_attn_weights: false is not supported (attention scores are scaled by 1/sqrt(head_dim))"
+                );
+                anyhow::ensure!(
+                    raw.get("scale_attn_by_inverse_layer_idx")
+                        .and_then(Value::as_bool)
+                        != Some(true),
+                    "scale_attn_by_inverse_layer_idx: true is not supported"
+                );
                 ModelConfig {
                     arch: Arch::Gpt2,
                     vocab_size: c.vocab_size,
@@ -759,6 +772,48 @@ mod tests {
             raw[k] = v.clone();
         }
         ModelConfig::from_json(raw).unwrap()
+    }
+
+    /// What transformers' classes do with keys of other variants: Gemma 1
+    /// reads neither Gemma 2's caps nor its score scalar; Phi-3 reads its
+    /// early `su` / `yarn` RoPE names as LongRoPE; GPT-2's score scalings
+    /// other than 1/sqrt(head_dim) are refused by name.
+    #[test]
+    fn keys_of_other_variants_are_read_as_transformers_reads_them() {
+        let gemma = bare(
+            "gemma",
+            2,
+            json!({"final_logit_softcapping": 1.0, "query_pre_attn_scalar": 1.0}),
+        );
+        assert_eq!(
+            (gemma.gemma.final_softcap, gemma.gemma.attn_scale),
+            (None, None)
+        );
+        for name in ["su", "yarn"] {
+            let factors: Vec<f64> = vec![1.0; 4];
+            let phi3 = bare(
+                "phi3",
+                2,
+                json!({
+                    "max_position_embeddings": 128, "original_max_position_embeddings": 32,
+                    "rope_scaling": {"type": name, "short_factor": factors, "long_factor": factors}
+                }),
+            );
+            let scaling = &phi3.rope.as_ref().unwrap().scaling;
+            assert!(
+                matches!(scaling, crate::model::rope::Scaling::LongRope { .. }),
+                "{name}: {scaling:?}"
+            );
+        }
+        for (key, value) in [
+            ("scale_attn_weights", false),
+            ("scale_attn_by_inverse_layer_idx", true),
+        ] {
+            let mut raw = ModelConfig::gpt2_json(64, 16, 16, 1, 2, 0, 0.0);
+            raw[key] = value.into();
+            let err = format!("{:#}", ModelConfig::from_json(raw).unwrap_err());
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     /// transformers 5's config classes' defaults (checked against

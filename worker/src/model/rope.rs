@@ -182,11 +182,19 @@ impl Rope {
         let theta = number(&params, "rope_theta")?
             .or(raw.get("rope_theta").and_then(Value::as_f64))
             .unwrap_or(default_theta);
-        let kind = params
+        let mut kind = params
             .get("rope_type")
             .or(params.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        // transformers' Phi3Config reads the names early Phi-3 128k
+        // configs used (`su`, `yarn`, with short and long factors) as
+        // LongRoPE.
+        if raw.get("model_type").and_then(Value::as_str) == Some("phi3")
+            && matches!(kind, "su" | "yarn")
+        {
+            kind = "longrope";
+        }
         let original = || -> anyhow::Result<f64> {
             Ok(raw
                 .get("original_max_position_embeddings")

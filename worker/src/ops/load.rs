@@ -92,14 +92,28 @@ pub(crate) fn trainable(
     // first, so the stage is a function of its fingerprint (byte-identical
     // reruns).
     tch::manual_seed(seed as i64);
-    Model::load(
+    let model = Model::load(
         dir,
         &BuildOptions {
             lora: lora.map(LoraConfig::from),
             kind: if lora.is_some() { base } else { Kind::Float },
             ..BuildOptions::new(device, head)
         },
-    )
+    )?;
+    if let Some(l) = lora {
+        // A name of another family's modules (`query_key_value`) would
+        // leave nothing to train but a head, or nothing at all.
+        anyhow::ensure!(
+            model.trainable().iter().any(|(n, _)| n.contains("lora_")),
+            "field `params.lora.targets`: {} names no module of the model in {} (GPT-2: c_attn, c_proj, c_fc; Llama-like: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3: qkv_proj, gate_up_proj)",
+            match &l.targets {
+                Some(t) => serde_json::to_string(t).unwrap_or_default(),
+                None => "the default".into(),
+            },
+            dir.display()
+        );
+    }
+    Ok(model)
 }
 
 /// The EOS token: the tokenizer's, else the model config's.
@@ -358,6 +372,34 @@ mod tests {
             .iter()
             .filter(|(n, _)| n.contains("lora_B"))
             .all(|(_, t)| t.grad().abs().max().double_value(&[]) > 0.0));
+    }
+
+    /// Targets of another family's names (Falcon's `query_key_value` on a
+    /// Llama) are refused naming the field: before, `sft` panicked in
+    /// backward and `pm.train` trained its head alone.
+    #[test]
+    fn lora_targets_that_name_no_module_are_refused() {
+        let _rng = crate::testing::torch_rng();
+        let (_, raw) = configs().remove(1);
+        let src = saved(raw, Kind::Float);
+        let lora = LoraParams {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: Some(alignflow_ops::training::LoraTargets::Modules(vec![
+                "query_key_value".into(),
+            ])),
+        };
+        for head in [Head::Lm, Head::Reward] {
+            let err = trainable(src.path(), Device::Cpu, head, Some(&lora), 1, Kind::Float)
+                .err()
+                .expect("refused");
+            let err = format!("{err:#}");
+            assert!(
+                err.contains("params.lora.targets") && err.contains("query_key_value"),
+                "{err}"
+            );
+        }
     }
 
     /// A LoRA run on a bf16 base of a float32 checkpoint saves float32

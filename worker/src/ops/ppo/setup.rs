@@ -191,7 +191,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
     // Adapters and the value head are initialised randomly: `trainable`
     // seeds torch first, for byte-identical reruns.
-    let (mut policy, reference) = policy_and_reference(&p, &stage, policy_dir, devices, seed)?;
+    let (mut policy, reference) = policy_and_reference(&p, policy_dir, devices, seed)?;
     let (baseline, group) = baseline_and_group(&p, &stage)?;
     // Critic-free modes load no value model at all.
     let mut critic = match (baseline, p.value_model) {
@@ -260,7 +260,6 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
 /// The policy (with LoRA adapters if asked) and its frozen reference.
 fn policy_and_reference(
     p: &PpoParams,
-    stage: &str,
     policy_dir: &Path,
     devices: Devices,
     seed: u64,
@@ -275,14 +274,8 @@ fn policy_and_reference(
         frozen,
     )?;
     let reference = match &p.lora {
-        Some(l) => {
-            anyhow::ensure!(
-                policy.trainable().iter().any(|(n, _)| n.contains("lora_")),
-                "stage `{stage}`, field `params.lora.targets`: {:?} names no module of the policy (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)",
-                l.targets
-            );
-            Reference::AdaptersOff
-        }
+        // `trainable` checked that the targets name modules of the policy.
+        Some(_) => Reference::AdaptersOff,
         None => Reference::Copy(load::frozen(
             policy_dir,
             devices.reference,
