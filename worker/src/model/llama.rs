@@ -150,13 +150,19 @@ impl RotaryTable {
     /// # Shapes
     /// `positions`: `[b, t]` -> two `[b, 1, t, head_dim]`.
     fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        // As transformers' `longrope_frequency_update`: the whole pass
-        // uses the long factors once its last position passes the context.
-        let inv_freq = match &self.long {
-            Some((long, original)) if positions.max().int64_value(&[]) + 1 > *original => long,
-            _ => &self.inv_freq,
+        let at = positions.to_kind(Kind::Float).unsqueeze(-1);
+        let short = || &at * self.inv_freq.view([1, 1, -1]);
+        // As transformers' `longrope_frequency_update`, a pass whose last
+        // position passes the original context uses the long factors; but
+        // row by row, as transformers would on that row alone: a row's
+        // tokens never depend on what else shares its batch.
+        let freqs = match &self.long {
+            Some((long, original)) if positions.max().int64_value(&[]) + 1 > *original => {
+                let past = (positions.amax([1], true) + 1).gt(*original).unsqueeze(-1);
+                short().where_self(&past.logical_not(), &(&at * long.view([1, 1, -1])))
+            }
+            _ => short(),
         };
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
         let (cos, sin) = (emb.cos(), emb.sin());
         // transformers multiplies by the factor in float32 before the cast.

@@ -775,6 +775,54 @@ mod tests {
         }
     }
 
+    /// Phi-3's LongRoPE switches to its long factors past the original
+    /// context: for the row that is past it, not for every row that shares
+    /// its batch (before, a short prompt beside a long one was rotated
+    /// with the long factors, and its tokens changed with the batch).
+    #[test]
+    fn a_longrope_row_short_of_the_context_decodes_alike_beside_a_long_one() {
+        let _rng = crate::testing::torch_rng();
+        tch::manual_seed(5);
+        let json = serde_json::json!({
+            "model_type": "phi3", "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "max_position_embeddings": 64,
+            "original_max_position_embeddings": 8,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0],
+                             "long_factor": [1.0, 3.0, 9.0, 27.0]},
+            "eos_token_id": 5, "pad_token_id": 0,
+        });
+        let cfg = crate::model::ModelConfig::from_json(json).unwrap();
+        let model = Model::init(&cfg, &BuildOptions::new(Device::Cpu, Head::Lm));
+        drop(_rng);
+        // 2 + 5 positions stay short of 8; 10 are past it from the start.
+        let (short, long) = ([8i64, 3], [2i64, 2, 60, 33, 14, 9, 9, 1, 50, 6]);
+        let req = |prompt, prompt_index| Request {
+            prompt,
+            prompt_index,
+            sample_index: 0,
+        };
+        let cfg = SamplingConfig {
+            max_new_tokens: 5,
+            temperature: 0.0,
+            pad_token_id: 0,
+            ..Default::default()
+        };
+        let run = |reqs: &[Request<'_>]| {
+            sample_requests(&model.lm, reqs, &cfg, Device::Cpu, |_, _| false, |_| Ok(()))
+                .unwrap()
+                .samples
+        };
+        let alone = run(&[req(&short[..], 0)]);
+        let beside = run(&[req(&short[..], 0), req(&long[..], 1)]);
+        assert_eq!(alone[0].tokens, beside[0].tokens);
+        let (a, b) = (&alone[0].logprobs, &beside[0].logprobs);
+        assert!(
+            a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5),
+            "{a:?} vs {b:?}"
+        );
+    }
+
     #[test]
     fn samples_of_a_prompt_share_one_prefill_and_finished_rows_leave() {
         let prompts = prompts();
