@@ -186,8 +186,10 @@ def phi35_longrope_config(original):
     # Phi-3.5's LongRoPE. transformers picks the short or the long factors
     # per forward pass (its last position against the original context), so
     # incremental decoding and a full forward only agree when every pass
-    # takes the same side: `phi35_long` (original 8 < the 10-token prompt)
-    # always uses the long factors, `phi35_short` (32 > 22) the short ones.
+    # takes the same side. alignflow picks them per row (as transformers
+    # does on each row alone): the two agree when every row takes the same
+    # side: `phi35_long` (original 2, short of every prompt the tests use)
+    # the long factors throughout, `phi35_short` (32 > 22) the short ones.
     return Phi3Config(**SMALL, tie_word_embeddings=False,
                       original_max_position_embeddings=original,
                       rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
@@ -220,7 +222,7 @@ MODELS = [
     ("gemma2", Gemma2ForCausalLM, gemma2_config),
     ("gemma3", Gemma3ForCausalLM, gemma3_config),
     ("phi3_window", Phi3ForCausalLM, phi3_window_config),
-    ("phi35_long", Phi3ForCausalLM, lambda: phi35_longrope_config(8)),
+    ("phi35_long", Phi3ForCausalLM, lambda: phi35_longrope_config(2)),
     ("phi35_short", Phi3ForCausalLM, lambda: phi35_longrope_config(32)),
     ("gemma_gelu", GemmaForCausalLM, gemma_gelu_config, gemma_gelu_legacy),
     ("gemma2_hub", Gemma2ForCausalLM, gemma2_hub_config, gemma2_hub_legacy),
