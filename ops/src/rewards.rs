@@ -298,10 +298,18 @@ impl Builtin {
         match self {
             Builtin::ExactMatch { field } => match record.get(field) {
                 Some(serde_json::Value::String(reference)) => {
-                    Ok(f64::from(normalise(reference) == normalise(response)))
+                    let reference = normalise(reference);
+                    if reference.is_empty() {
+                        // Every empty answer would score 1.
+                        return Err(format!("field `{field}` is empty"));
+                    }
+                    Ok(f64::from(reference == normalise(response)))
                 }
+                // A number matches an answer of the same value, however
+                // either is written (`3`, `3.0`, `3e0`).
                 Some(serde_json::Value::Number(n)) => {
-                    Ok(f64::from(normalise(&n.to_string()) == normalise(response)))
+                    let answer = normalise(response).parse::<f64>().ok();
+                    Ok(f64::from(answer.is_some() && answer == n.as_f64()))
                 }
                 Some(_) => Err(format!("field `{field}` is not a string or a number")),
                 None => Err(format!("no field `{field}` (exact_match compares with it)")),
@@ -418,6 +426,17 @@ impl TextRewards {
                     scored.iter().map(|s| s.total).collect()
                 }
             };
+            // Each number was finite; weighted, it must stay so.
+            if let Some((r, s)) = requests
+                .iter()
+                .zip(&scores)
+                .find(|(_, s)| !((weight * *s).abs() <= f64::from(f32::MAX)))
+            {
+                anyhow::bail!(
+                    "stage `{stage}`, reward `{key}`: record {}: the score {s} (weight {weight}) is too large to use",
+                    r.at
+                );
+            }
             out.push(SourceScores {
                 key,
                 weight: *weight,
@@ -464,6 +483,13 @@ mod tests {
         assert_eq!(rule.score(&rec, "19."), Ok(1.0));
         assert_eq!(rule.score(&rec, "18"), Ok(0.0));
         assert_eq!(rule.score(&json!({"reference": 19}), "19"), Ok(1.0));
+        // A number reference matches by value, however it was written.
+        assert_eq!(rule.score(&json!({"reference": 3.0}), "3"), Ok(1.0));
+        assert_eq!(rule.score(&json!({"reference": 3}), "3.0."), Ok(1.0));
+        assert_eq!(rule.score(&json!({"reference": 3}), "three"), Ok(0.0));
+        // An empty reference would reward every empty answer.
+        let err = rule.score(&json!({"reference": " . "}), "").unwrap_err();
+        assert!(err.contains("`reference` is empty"), "{err}");
         assert_eq!(normalise("  The  Answer\tIs X. "), "the answer is x");
         let err = rule.score(&json!({"prompt": "x"}), "19").unwrap_err();
         assert!(err.contains("no field `reference`"), "{err}");
@@ -505,6 +531,29 @@ mod tests {
         assert!(
             serde_json::from_value::<Vec<RewardComponent>>(json!([{"pm": {}, "wieght": 1}]))
                 .is_err()
+        );
+    }
+
+    /// A score times its weight past float32's range is refused, naming
+    /// the record, not turned into an infinite reward downstream.
+    #[test]
+    fn a_weighted_score_out_of_range_is_refused_naming_the_record() {
+        let rewards = parse(json!([{"exact_match": {}, "weight": 1e300}]));
+        let text = TextRewards::start(&rewards, None, "s").unwrap();
+        let record = json!({"reference": "7"});
+        let request = |response| crate::reward_program::Request {
+            record: &record,
+            prompt: "3+4=",
+            messages: None,
+            response,
+            at: "prompts.jsonl:1".into(),
+        };
+        // A miss scores 0, which any weight keeps.
+        assert!(text.score(&[request("8")]).is_ok());
+        let e = text.score(&[request("7")]).unwrap_err().to_string();
+        assert!(
+            e.contains("record prompts.jsonl:1") && e.contains("too large"),
+            "{e}"
         );
     }
 

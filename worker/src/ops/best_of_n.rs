@@ -187,6 +187,13 @@ fn score(
             add(s.key, s.weight, per);
         }
     }
+    // Each source's scores were finite; their weighted sum must be too.
+    if let Some(i) = totals.iter().position(|t| t.iter().any(|x| !x.is_finite())) {
+        anyhow::bail!(
+            "stage `{stage}`: {}: the reward sources' weighted sum is not finite",
+            prompts[i].at
+        );
+    }
     Ok(Scored {
         totals,
         sources,

@@ -377,6 +377,15 @@ impl Rewards {
         if !src.log_sources {
             sources.clear();
         }
+        // Each source's scores were finite; their weighted sum must stay
+        // so in float32, the rollout's kind.
+        if let Some(row) = total.iter().position(|t| !(t.abs() <= f64::from(f32::MAX))) {
+            let at = &self.prompt(batch[row]).at;
+            anyhow::bail!(
+                "{at}: the reward sources' weighted sum {} does not fit a float32",
+                total[row]
+            );
+        }
         Ok(RawScores {
             scores: Tensor::from_slice(&total)
                 .to_kind(Kind::Float)
