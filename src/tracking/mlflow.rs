@@ -120,12 +120,23 @@ impl MlflowRun {
             .as_str()
             .context("runs/create answered no run id")?
             .to_string();
-        for chunk in start.params.chunks(MAX_PARAMS_PER_BATCH) {
-            run.call(
-                "runs/log-batch",
-                json!({"run_id": run.run_id, "params": key_values(chunk)}),
-            )
-            .await?;
+        let params: Vec<(String, String)> = start
+            .params
+            .into_iter()
+            .map(|(k, v)| (k, within_param_limit(v)))
+            .collect();
+        for chunk in params.chunks(MAX_PARAMS_PER_BATCH) {
+            let logged = run
+                .call(
+                    "runs/log-batch",
+                    json!({"run_id": run.run_id, "params": key_values(chunk)}),
+                )
+                .await;
+            if let Err(e) = logged {
+                // Not left RUNNING for ever in the server's list.
+                let _ = run.end(false, &[]).await;
+                return Err(e);
+            }
         }
         Ok(run)
     }
@@ -230,6 +241,20 @@ impl MlflowRun {
     }
 }
 
+/// The longest param value MLflow (2.x on) stores.
+const MAX_PARAM_CHARS: usize = 6000;
+
+/// `value`, cut to [`MAX_PARAM_CHARS`] (with `...` at the end) when longer:
+/// a long `template` or `principle` would fail the whole batch.
+fn within_param_limit(value: String) -> String {
+    if value.chars().count() <= MAX_PARAM_CHARS {
+        return value;
+    }
+    let mut cut: String = value.chars().take(MAX_PARAM_CHARS - 3).collect();
+    cut.push_str("...");
+    cut
+}
+
 fn key_values(pairs: &[(String, String)]) -> Vec<Value> {
     pairs
         .iter()
@@ -301,6 +326,14 @@ mod tests {
             .iter()
             .any(|v| std::env::var_os(v).is_some());
         assert_eq!(sent.is_some(), from_env);
+    }
+
+    #[test]
+    fn long_param_values_are_cut_to_mlflows_limit() {
+        assert_eq!(within_param_limit("short".into()), "short");
+        let long = within_param_limit("é".repeat(7000));
+        assert_eq!(long.chars().count(), MAX_PARAM_CHARS);
+        assert!(long.ends_with("..."));
     }
 
     #[test]

@@ -79,6 +79,7 @@ pub fn start(settings: &Tracking, stage: TrackedStage<'_>) -> Option<LiveTracker
         follower: Follower::new(stage.live_log.clone(), SystemTime::now()),
         tensorboard,
         mlflow: None,
+        broken: None,
     };
     let server = settings.mlflow.as_deref().and_then(|uri| {
         Server::parse(uri)
@@ -235,6 +236,9 @@ impl LiveTracker {
                 warn(&sinks.stage, "MLflow", &e);
             }
         }
+        if let Some(run) = sinks.broken.take() {
+            let _ = run.end(false, &tags).await;
+        }
     }
 }
 
@@ -244,6 +248,8 @@ struct Sinks {
     follower: Follower,
     tensorboard: Option<TbRun>,
     mlflow: Option<MlflowRun>,
+    /// A run whose metrics stopped going through.
+    broken: Option<MlflowRun>,
 }
 
 impl Sinks {
@@ -266,7 +272,8 @@ impl Sinks {
         if let Some(run) = &self.mlflow {
             if let Err(e) = run.log(&points).await {
                 warn(&self.stage, "MLflow", &e);
-                self.mlflow = None;
+                // Ended as FAILED at the stage's end (not left RUNNING).
+                self.broken = self.mlflow.take();
             }
         }
     }
