@@ -167,9 +167,10 @@ impl ObjectRemote {
                     max_retries: spec.config.retries,
                     ..Default::default()
                 };
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_url(bare.as_str())
-                    .with_retry(retry);
+                let mut builder =
+                    s3_builder_from_env(std::env::vars(), !spec.config.credentials_env.is_empty())
+                        .with_url(bare.as_str())
+                        .with_retry(retry);
                 let mut allow_http_set = false;
                 for (k, v) in &options {
                     let key = AmazonS3ConfigKey::from_str(k)
@@ -496,10 +497,74 @@ pub fn too_large(message: String) -> object_store::Error {
     }
 }
 
+/// `AmazonS3Builder::from_env` over `vars`, but with `credentials_env`
+/// naming the identity (`named_credentials`) the shell's own `AWS_*`
+/// credentials are left out: a session token of the shell's identity sent
+/// beside another identity's keys makes every request fail.
+fn s3_builder_from_env(
+    vars: impl Iterator<Item = (String, String)>,
+    named_credentials: bool,
+) -> AmazonS3Builder {
+    let mut builder = AmazonS3Builder::new();
+    for (name, value) in vars {
+        if !name.starts_with("AWS_") {
+            continue;
+        }
+        let Ok(key) = AmazonS3ConfigKey::from_str(&name.to_ascii_lowercase()) else {
+            continue;
+        };
+        let credential = matches!(
+            key,
+            AmazonS3ConfigKey::AccessKeyId
+                | AmazonS3ConfigKey::SecretAccessKey
+                | AmazonS3ConfigKey::Token
+        );
+        if named_credentials && credential {
+            continue;
+        }
+        builder = builder.with_config(key, value);
+    }
+    builder
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::remote::config::RemoteConfig;
+
+    /// With `credentials_env`, the shell's AWS keys and session token stay
+    /// out; without it, they are the identity, as `from_env` reads them.
+    #[test]
+    fn named_credentials_leave_the_shells_aws_identity_out() {
+        let vars = || {
+            [
+                ("AWS_ACCESS_KEY_ID", "shell-key"),
+                ("AWS_SECRET_ACCESS_KEY", "shell-secret"),
+                ("AWS_SESSION_TOKEN", "shell-token"),
+                ("AWS_REGION", "eu-west-3"),
+                ("HOME", "/home/x"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        };
+        let named = s3_builder_from_env(vars(), true);
+        assert_eq!(named.get_config_value(&AmazonS3ConfigKey::Token), None);
+        assert_eq!(
+            named.get_config_value(&AmazonS3ConfigKey::AccessKeyId),
+            None
+        );
+        assert_eq!(
+            named
+                .get_config_value(&AmazonS3ConfigKey::Region)
+                .as_deref(),
+            Some("eu-west-3")
+        );
+        let shell = s3_builder_from_env(vars(), false);
+        assert_eq!(
+            shell.get_config_value(&AmazonS3ConfigKey::Token).as_deref(),
+            Some("shell-token")
+        );
+    }
 
     fn open(url: &str, options: &[(&str, &str)], credentials: &[(&str, &str)]) -> ObjectRemote {
         let mut config = RemoteConfig::from_url(url).unwrap();
