@@ -25,7 +25,8 @@ pub struct TrainParams {
     /// Micro-batches accumulated per optimizer step. Each counts by its
     /// labelled tokens (pairs for pm.* and dpo): the step's loss and
     /// gradient are those of one pass over them all, as with transformers'
-    /// and TRL's accumulation.
+    /// and TRL's accumulation. An epoch's last step takes the micro-batches
+    /// left, so each epoch is one pass.
     #[serde(default = "crate::defaults::one")]
     pub grad_accum: usize,
     /// Passes over the data.

@@ -14,7 +14,8 @@ use super::metrics_log::{finite_or_null, MetricsLog};
 use crate::model::{Keep, Model};
 use crate::train::per_second;
 use crate::train::{
-    AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, StepMetrics, Trainer, TrainerConfig,
+    AdamWConfig, Checkpoints, MicroBatch, ScheduleConfig, StepMetrics, TrainState, Trainer,
+    TrainerConfig,
 };
 
 /// What a loss closure returns for one micro-batch.
@@ -39,12 +40,29 @@ pub type LossFn<'a> = dyn FnMut(&Model, &[usize]) -> anyhow::Result<BatchLoss> +
 /// written as null.
 pub type StepFiguresFn<'a> = dyn FnMut() -> Vec<(String, f64)> + 'a;
 
-/// Optimizer steps for `examples` examples under `p`.
+/// Optimizer steps for `examples` examples under `p`: each epoch's
+/// micro-batches in steps of `grad_accum`, its last step shorter when they
+/// do not divide (as transformers' Trainer and TRL count).
 pub fn total_steps(p: &TrainParams, examples: usize) -> u64 {
     let micro_per_epoch = examples.div_ceil(p.batch_size.max(1)) as u64;
-    p.max_steps
-        .unwrap_or_else(|| (micro_per_epoch * p.epochs as u64).div_ceil(p.grad_accum.max(1) as u64))
-        .max(1)
+    let per_epoch = micro_per_epoch.div_ceil(p.grad_accum.max(1) as u64);
+    p.max_steps.unwrap_or(per_epoch * p.epochs as u64).max(1)
+}
+
+/// The examples of micro-batch `i` of the step being taken, or `None` once
+/// the epoch has run out after its first: a step never reaches into the
+/// next epoch, so `epochs: E` is E passes, each example once per pass.
+pub fn step_batch(
+    state: &mut TrainState,
+    i: usize,
+    examples: usize,
+    batch_size: usize,
+    seed: u64,
+) -> Option<Vec<usize>> {
+    if i > 0 && state.cursor as usize >= examples {
+        return None;
+    }
+    Some(state.next_batch(examples, batch_size, seed))
 }
 
 /// Turns activation checkpointing on for a training stage as its
@@ -150,8 +168,15 @@ pub fn run_training_with_figures(
     let mut last_loss = f64::NAN;
     while !trainer.done() {
         ctx.cancel.check()?;
-        let m = trainer.step(|_, state| -> anyhow::Result<MicroBatch> {
-            let idx = state.next_batch(examples, batch_size, seed);
+        let m = trainer.step(|i, state| -> anyhow::Result<MicroBatch> {
+            let Some(idx) = step_batch(state, i, examples, batch_size, seed) else {
+                // Past the epoch's end: the step is its micro-batches so far.
+                return Ok(MicroBatch {
+                    loss: tch::Tensor::zeros([], (tch::Kind::Float, model.vs.device())),
+                    tokens: 0,
+                    weight: 0.0,
+                });
+            };
             let idx = match group {
                 Some(g) => crate::dist::shard(&idx, g.rank(), g.world()).to_vec(),
                 None => idx,
@@ -402,4 +427,46 @@ pub fn causal_lm_loss(
         .where_self(&counted, &logp.zeros_like())
         .sum(Kind::Float);
     (-total / count as f64, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every micro-batch a run of `p` over `examples` draws, step by step.
+    fn drawn(p: &TrainParams, examples: usize) -> Vec<Vec<Vec<usize>>> {
+        let mut state = TrainState::default();
+        (0..total_steps(p, examples))
+            .map(|_| {
+                (0..p.grad_accum)
+                    .map_while(|i| step_batch(&mut state, i, examples, p.batch_size, 7))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// 10 examples, batches of 4, 2 accumulated: 2 steps an epoch, the
+    /// second of one micro-batch (2 examples); each example once a pass,
+    /// as transformers' Trainer counts (before: 14 examples a "pass").
+    #[test]
+    fn accumulation_never_reaches_into_the_next_epoch() {
+        let mut p: TrainParams = serde_json::from_value(serde_json::json!({})).unwrap();
+        p.batch_size = 4;
+        p.grad_accum = 2;
+        for epochs in [1usize, 3] {
+            p.epochs = epochs;
+            let steps = drawn(&p, 10);
+            assert_eq!(steps.len(), 2 * epochs);
+            for pass in steps.chunks(2) {
+                let sizes: Vec<Vec<usize>> = pass
+                    .iter()
+                    .map(|s| s.iter().map(Vec::len).collect())
+                    .collect();
+                assert_eq!(sizes, [vec![4, 4], vec![2]]);
+                let mut seen: Vec<usize> = pass.iter().flatten().flatten().copied().collect();
+                seen.sort();
+                assert_eq!(seen, (0..10).collect::<Vec<_>>());
+            }
+        }
+    }
 }
