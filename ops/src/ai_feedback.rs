@@ -60,6 +60,11 @@ pub struct AiFeedbackParams {
     /// turn; `none` always uses the plain text.
     #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
     pub chat_template: ChatTemplateChoice,
+    /// Variables for the chat template beside the conversation, as
+    /// transformers' `apply_chat_template` keyword arguments (Qwen3's
+    /// `enable_thinking: false`, Llama 3.2's `date_string`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// First line of every feedback question.

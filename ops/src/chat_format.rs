@@ -48,6 +48,11 @@ pub struct PromptParams {
     /// plain `template`; `none` always uses `template`.
     #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
     pub chat_template: ChatTemplateChoice,
+    /// Variables for the chat template beside the conversation, as
+    /// transformers' `apply_chat_template` keyword arguments (Qwen3's
+    /// `enable_thinking: false`, Llama 3.2's `date_string`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for PromptParams {
@@ -56,6 +61,7 @@ impl Default for PromptParams {
             prompt_field: crate::defaults::prompt_field(),
             template: crate::defaults::prompt_template(),
             chat_template: ChatTemplateChoice::Auto,
+            chat_template_kwargs: Default::default(),
         }
     }
 }
@@ -98,6 +104,23 @@ impl ChatFormat {
         file: Option<&Path>,
         model_dir: &Path,
     ) -> anyhow::Result<Option<ChatFormat>> {
+        Self::for_stage_with(choice, file, model_dir, &BTreeMap::new())
+    }
+
+    /// [`ChatFormat::for_stage`] with `kwargs`, the stage's
+    /// `chat_template_kwargs`, beside the special tokens.
+    pub fn for_stage_with(
+        choice: ChatTemplateChoice,
+        file: Option<&Path>,
+        model_dir: &Path,
+        kwargs: &BTreeMap<String, serde_json::Value>,
+    ) -> anyhow::Result<Option<ChatFormat>> {
+        for reserved in ["messages", "add_generation_prompt"] {
+            anyhow::ensure!(
+                !kwargs.contains_key(reserved),
+                "`chat_template_kwargs.{reserved}` is the op's to set"
+            );
+        }
         if choice == ChatTemplateChoice::None {
             return Ok(None);
         }
@@ -109,10 +132,27 @@ impl ChatFormat {
             }
             None => match model_template(model_dir)? {
                 Some(found) => found,
-                None => return Ok(None),
+                None => {
+                    // A processor's file, which transformers' tokenizer
+                    // (and so TRL) does not read either.
+                    if model_dir.join("chat_template.json").is_file() {
+                        tracing::warn!(
+                            "{} has a chat_template.json (a processor's file) but no chat_template.jinja and no `chat_template` in tokenizer_config.json: prompts go through the plain `template` (bind the template as the stage's `chat_template` input to use it)",
+                            model_dir.display()
+                        );
+                    } else {
+                        tracing::info!(
+                            "no chat template in {}: prompts go through the plain `template`",
+                            model_dir.display()
+                        );
+                    }
+                    return Ok(None);
+                }
             },
         };
-        let variables = special_tokens(model_dir)?;
+        tracing::info!("chat template: {source}");
+        let mut variables = special_tokens(model_dir)?;
+        variables.extend(kwargs.iter().map(|(k, v)| (k.clone(), v.clone())));
         let format = ChatFormat::new(&text, variables, source.clone()).with_context(|| source)?;
         Ok(Some(format))
     }
@@ -311,6 +351,37 @@ mod tests {
         // transformers 5's separate file comes before the config's.
         std::fs::write(dir.path().join("chat_template.jinja"), "jinja file").unwrap();
         assert_eq!(model_template(dir.path()).unwrap().unwrap().0, "jinja file");
+    }
+
+    /// `chat_template_kwargs` reach the template as transformers' keyword
+    /// arguments do (Qwen3's `enable_thinking`); the op's own are refused.
+    #[test]
+    fn template_kwargs_are_variables_beside_the_conversation() {
+        let dir = folder(json!({"eos_token": "</s>"}));
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{{ messages[0].content }}{% if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}",
+        )
+        .unwrap();
+        let kwargs = BTreeMap::from([("enable_thinking".to_string(), json!(false))]);
+        let turns = json!([{"role": "user", "content": "x"}]);
+        let with = ChatFormat::for_stage_with(ChatTemplateChoice::Auto, None, dir.path(), &kwargs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(with.prompt(&turns).unwrap().text, "x<think></think>");
+        let without = ChatFormat::for_stage(ChatTemplateChoice::Auto, None, dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!(without.prompt(&turns).unwrap().text, "x");
+        let reserved = BTreeMap::from([("add_generation_prompt".to_string(), json!(true))]);
+        let err = ChatFormat::for_stage_with(ChatTemplateChoice::Auto, None, dir.path(), &reserved)
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("chat_template_kwargs.add_generation_prompt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -348,12 +348,19 @@ fn python_float(x: f64) -> String {
     }
 }
 
-/// `strftime_now(format)`: the local time now, formatted as Python's
-/// `datetime.now().strftime(format)` (Llama 3.1's template dates its
-/// system header with it).
+/// The instant `strftime_now` renders: 26 July 2024, Llama 3.2's own
+/// date when the function is missing.
+pub const TEMPLATE_DATE: &str = "2024-07-26T00:00:00+00:00[UTC]";
+
+/// `strftime_now(format)`: formatted as Python's `strftime`, but of a fixed
+/// date ([`TEMPLATE_DATE`]), not today's as transformers renders it. Llama
+/// 3.2's template dates every system header with it: with today's date, a
+/// stage's rendering (and so its cached outputs, or a cached DPO
+/// reference's token ids against its `dpo` stage's) would change with the
+/// day. Templates that take `date_string` still take it.
 fn strftime_now(format: String) -> Result<Value, Error> {
-    let now = jiff::Zoned::now();
-    jiff::fmt::strtime::format(format.as_str(), &now)
+    let date: jiff::Zoned = TEMPLATE_DATE.parse().expect("a valid instant");
+    jiff::fmt::strtime::format(format.as_str(), &date)
         .map(Value::from)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
 }
@@ -377,6 +384,24 @@ mod tests {
             .unwrap()
             .render(&messages, gen, &BTreeMap::new())
             .unwrap()
+    }
+
+    /// Llama 3.2 dates its system header: with a fixed date, not today's,
+    /// a stage renders alike on any day; `date_string` still wins.
+    #[test]
+    fn the_template_date_is_fixed_and_date_string_still_wins() {
+        let source = "{%- if not date_string is defined %}{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- endif %}Today Date: {{ date_string }}";
+        let r = render(source, serde_json::json!([]), false);
+        assert_eq!(r.text, "Today Date: 26 Jul 2024");
+        let given = ChatTemplate::new(source)
+            .unwrap()
+            .render(
+                &serde_json::json!([]),
+                false,
+                &BTreeMap::from([("date_string".to_string(), serde_json::json!("01 Jan 2030"))]),
+            )
+            .unwrap();
+        assert_eq!(given.text, "Today Date: 01 Jan 2030");
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub struct DpoReferenceParams {
     /// plain text; `none` always uses plain text.
     #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
     pub chat_template: ChatTemplateChoice,
+    /// Variables for the chat template beside the conversation, as
+    /// transformers' `apply_chat_template` keyword arguments (Qwen3's
+    /// `enable_thinking: false`, Llama 3.2's `date_string`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
     /// Pairs per forward pass (a memory knob).
     #[serde(default = "crate::defaults::batch_size")]
     pub batch_size: usize,
@@ -106,6 +111,11 @@ pub struct DpoParams {
     /// plain text; `none` always uses plain text.
     #[serde(default, skip_serializing_if = "ChatTemplateChoice::is_auto")]
     pub chat_template: ChatTemplateChoice,
+    /// Variables for the chat template beside the conversation, as
+    /// transformers' `apply_chat_template` keyword arguments (Qwen3's
+    /// `enable_thinking: false`, Llama 3.2's `date_string`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chat_template_kwargs: std::collections::BTreeMap<String, serde_json::Value>,
     #[serde(flatten)]
     pub train: TrainParams,
 }

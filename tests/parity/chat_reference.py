@@ -79,7 +79,10 @@ def main(out_dir):
         families[name] = tokenizer.special_tokens_map
         training = "{% generation %}" in template or "{%- generation %}" in template
         for case in cases:
-            kwargs = case.get("kwargs", {})
+            # alignflow's `strftime_now` renders a fixed date, 26 July 2024
+            # (a cached stage's rendering must not change with the day):
+            # Llama 3.2's template takes that date as `date_string`.
+            kwargs = {"date_string": "26 Jul 2024", **case.get("kwargs", {})}
             for gen in (False, True):
                 entry = {"template": name, "case": case["name"], "add_generation_prompt": gen}
                 try:

@@ -174,13 +174,20 @@ def make(out, family, template_path, corpus):
     print(json.dumps({"out": out, "vocab": tok.get_vocab_size()}))
 
 
+# alignflow's `strftime_now` renders a fixed date (a cached stage's
+# rendering must not change with the day); Llama 3.2's template takes it as
+# `date_string`, which the other templates ignore.
+TEMPLATE_DATE = {"date_string": "26 Jul 2024"}
+
+
 def render(model_dir, requests_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     with open(requests_path, encoding="utf-8") as f:
         requests = json.load(f)
     for r in requests:
         text = tok.apply_chat_template(r["messages"], tokenize=False,
-                                       add_generation_prompt=r["add_generation_prompt"])
+                                       add_generation_prompt=r["add_generation_prompt"],
+                                       **TEMPLATE_DATE)
         print(json.dumps({"text": text}))
 
 
@@ -192,7 +199,8 @@ def generate(model_dir, conversations_path, n):
         conversations = json.load(f)
     for messages in conversations:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                      return_dict=True, return_tensors="pt")["input_ids"]
+                                      return_dict=True, return_tensors="pt",
+                                      **TEMPLATE_DATE)["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=n, pad_token_id=model.config.eos_token_id

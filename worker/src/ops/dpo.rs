@@ -290,6 +290,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let dir = ctx.input("policy")?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let mut model = load::trainable(
+        &ctx.spec.stage,
         dir,
         device,
         Head::Lm,

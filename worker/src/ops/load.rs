@@ -81,6 +81,7 @@ pub(crate) fn language_model(
 /// the base weights (which do not train) are held in `base` (float32 for
 /// every op but `ppo`, whose `dtype` it is).
 pub(crate) fn trainable(
+    stage: &str,
     dir: &Path,
     device: Device,
     head: Head,
@@ -105,7 +106,7 @@ pub(crate) fn trainable(
         // leave nothing to train but a head, or nothing at all.
         anyhow::ensure!(
             model.trainable().iter().any(|(n, _)| n.contains("lora_")),
-            "field `params.lora.targets`: {} names no module of the model in {} (GPT-2: c_attn, c_proj, c_fc; Llama-like: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3: qkv_proj, gate_up_proj)",
+            "stage `{stage}`, field `params.lora.targets`: {} names no module of the model in {} (GPT-2: c_attn, c_proj, c_fc; Llama-like: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; Phi-3: qkv_proj, gate_up_proj)",
             match &l.targets {
                 Some(t) => serde_json::to_string(t).unwrap_or_default(),
                 None => "the default".into(),
@@ -202,7 +203,15 @@ pub(crate) fn chat_format(
     model_dir: &Path,
 ) -> anyhow::Result<Option<ChatFormat>> {
     let file = ctx.spec.inputs.get("chat_template").map(|f| f.as_path());
-    ChatFormat::for_stage(choice, file, model_dir).map_err(|e| {
+    // Every op that takes `chat_template` takes `chat_template_kwargs`
+    // beside it (checked by its params).
+    let kwargs: std::collections::BTreeMap<String, serde_json::Value> = ctx
+        .spec
+        .params
+        .get("chat_template_kwargs")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    ChatFormat::for_stage_with(choice, file, model_dir, &kwargs).map_err(|e| {
         anyhow::anyhow!(
             "stage `{}`, field `params.chat_template`: {e:#}",
             ctx.spec.stage
@@ -300,7 +309,8 @@ mod tests {
             let (_, raw) = configs().remove(1);
             let src = saved(raw, kind);
             // Trained weights are float32 masters, whatever the checkpoint.
-            let mut m = trainable(src.path(), Device::Cpu, Head::Lm, None, 1, Kind::Float).unwrap();
+            let mut m =
+                trainable("s", src.path(), Device::Cpu, Head::Lm, None, 1, Kind::Float).unwrap();
             assert!(m.trainable().iter().all(|(_, t)| t.kind() == Kind::Float));
             assert_eq!(m.save_kind, kind);
             let out = tempfile::tempdir().unwrap();
@@ -337,6 +347,7 @@ mod tests {
             targets: None,
         };
         let m = trainable(
+            "s",
             src.path(),
             Device::Cpu,
             Head::Lm,
@@ -391,9 +402,17 @@ mod tests {
             ])),
         };
         for head in [Head::Lm, Head::Reward] {
-            let err = trainable(src.path(), Device::Cpu, head, Some(&lora), 1, Kind::Float)
-                .err()
-                .expect("refused");
+            let err = trainable(
+                "s",
+                src.path(),
+                Device::Cpu,
+                head,
+                Some(&lora),
+                1,
+                Kind::Float,
+            )
+            .err()
+            .expect("refused");
             let err = format!("{err:#}");
             assert!(
                 err.contains("params.lora.targets") && err.contains("query_key_value"),
@@ -417,6 +436,7 @@ mod tests {
             targets: None,
         };
         let mut m = trainable(
+            "s",
             src.path(),
             Device::Cpu,
             Head::Lm,

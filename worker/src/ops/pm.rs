@@ -63,6 +63,7 @@ fn load(ctx: &StageContext<'_>, c: &PmParams) -> anyhow::Result<Loaded> {
     // A fresh reward head (and LoRA adapters) draw from torch's generator:
     // `trainable` seeds it so the stage is a function of its fingerprint.
     let model = load::trainable(
+        &ctx.spec.stage,
         dir,
         device,
         Head::Reward,

@@ -21,6 +21,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
     let model_dir = ctx.input("model")?;
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     let mut model = load::trainable(
+        &ctx.spec.stage,
         model_dir,
         device,
         Head::Lm,

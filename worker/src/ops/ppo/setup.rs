@@ -191,7 +191,7 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
     let tokenizer = Tokenizer::from_dir(policy_dir)?;
     // Adapters and the value head are initialised randomly: `trainable`
     // seeds torch first, for byte-identical reruns.
-    let (mut policy, reference) = policy_and_reference(&p, policy_dir, devices, seed)?;
+    let (mut policy, reference) = policy_and_reference(&p, &stage, policy_dir, devices, seed)?;
     let (baseline, group) = baseline_and_group(&p, &stage)?;
     // Critic-free modes load no value model at all.
     let mut critic = match (baseline, p.value_model) {
@@ -260,12 +260,14 @@ pub(super) fn load(ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
 /// The policy (with LoRA adapters if asked) and its frozen reference.
 fn policy_and_reference(
     p: &PpoParams,
+    stage: &str,
     policy_dir: &Path,
     devices: Devices,
     seed: u64,
 ) -> anyhow::Result<(Model, Reference)> {
     let frozen = load::weights_kind(p.dtype, devices.policy);
     let policy = load::trainable(
+        stage,
         policy_dir,
         devices.policy,
         Head::Lm,
