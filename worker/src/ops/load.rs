@@ -247,6 +247,22 @@ mod tests {
         dir
     }
 
+    /// The tiny Llama of [`configs`], saved in float32.
+    fn llama_source() -> tempfile::TempDir {
+        let (_, raw) = configs().remove(1);
+        saved(raw, Kind::Float)
+    }
+
+    /// Rank-2 adapters on `targets` (the family's default without).
+    fn small_lora(targets: Option<alignflow_ops::training::LoraTargets>) -> LoraParams {
+        LoraParams {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets,
+        }
+    }
+
     fn configs() -> Vec<(&'static str, serde_json::Value)> {
         vec![
             ("gpt2", ModelConfig::gpt2_json(64, 32, 32, 2, 2, 0, 0.0)),
@@ -338,14 +354,8 @@ mod tests {
     #[test]
     fn lora_adapters_train_in_float32_on_a_bf16_base() {
         let _rng = crate::testing::torch_rng();
-        let (_, raw) = configs().remove(1);
-        let src = saved(raw, Kind::Float);
-        let lora = LoraParams {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            targets: None,
-        };
+        let src = llama_source();
+        let lora = small_lora(None);
         let m = trainable(
             "s",
             src.path(),
@@ -391,16 +401,10 @@ mod tests {
     #[test]
     fn lora_targets_that_name_no_module_are_refused() {
         let _rng = crate::testing::torch_rng();
-        let (_, raw) = configs().remove(1);
-        let src = saved(raw, Kind::Float);
-        let lora = LoraParams {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            targets: Some(alignflow_ops::training::LoraTargets::Modules(vec![
-                "query_key_value".into(),
-            ])),
-        };
+        let src = llama_source();
+        let lora = small_lora(Some(alignflow_ops::training::LoraTargets::Modules(vec![
+            "query_key_value".into(),
+        ])));
         for head in [Head::Lm, Head::Reward] {
             let err = trainable(
                 "s",
@@ -427,14 +431,8 @@ mod tests {
     #[test]
     fn a_lora_export_on_a_bf16_base_keeps_the_float32_base_and_a_small_update() {
         let _rng = crate::testing::torch_rng();
-        let (_, raw) = configs().remove(1);
-        let src = saved(raw, Kind::Float);
-        let lora = LoraParams {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            targets: None,
-        };
+        let src = llama_source();
+        let lora = small_lora(None);
         let mut m = trainable(
             "s",
             src.path(),
