@@ -205,11 +205,12 @@ for n, line in enumerate(sys.stdin):
         err.contains("reward program `") && err.contains("nan.py"),
         "{err}"
     );
-    // The third answer line, the record it answered (FILE:LINE) and the text.
+    // The third answer line, the record it answered (by the input's name,
+    // whose path is a cache object's) and the text.
     assert!(err.contains("answer line 3: not a JSON object"), "{err}");
     assert!(err.contains("NaN"), "{err}");
     assert!(
-        err.contains("for record ") && err.contains("(id 2)"),
+        err.contains("for record input `prompts` line ") && err.contains("(id 2)"),
         "{err}"
     );
     assert!(

@@ -33,7 +33,7 @@ pub(crate) struct Prompt {
     pub messages: Option<serde_json::Value>,
     /// The whole record (what reward programs and rules read: `reference`, ...).
     pub record: serde_json::Value,
-    /// Where the record is: `FILE:LINE`.
+    /// Where the record is: ``input `prompts` line N (FILE)``.
     pub at: String,
 }
 
@@ -141,7 +141,8 @@ pub(crate) fn read_prompts(
             ids,
             truncated: cut > 0,
             messages,
-            at: format!("{}:{line}", path.display()),
+            // The input's name first: its path is a cache object's.
+            at: format!("input `prompts` line {line} ({})", path.display()),
             record,
         });
     }
