@@ -47,8 +47,8 @@ use crate::{
 const POLL: Duration = Duration::from_millis(50);
 /// How many stderr lines a failure quotes.
 const STDERR_TAIL: usize = 20;
-/// After the command exits, how long its output pipes may stay open (held
-/// by a process it left in the background) before that group is killed.
+/// After the command's group is killed, how long its output pipes may stay
+/// open (held by a process that left the group) before they are given up.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// Params of `exec`.
@@ -166,7 +166,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
         if ctx.cancel.is_cancelled() {
             kill_group(pgid);
             let _ = child.wait();
-            drain(readers, pgid);
+            drain(readers);
             return Err(Cancelled.into());
         }
         match exited(pgid) {
@@ -190,7 +190,7 @@ pub fn run(ctx: &StageContext<'_>) -> anyhow::Result<Metrics> {
             }
         }
     };
-    drain(readers, pgid);
+    drain(readers);
 
     let stderr_tail: Vec<String> = tail.lock().expect("stderr tail").iter().cloned().collect();
     if !status.success() {
@@ -340,17 +340,17 @@ fn stream_lines(
     })
 }
 
-/// Waits for the output readers to reach end of file. A process the command
-/// left running in the background keeps the pipes open (and would write
-/// into the outputs after they are hashed): after a grace period its group
-/// is killed. The group still exists then, so `pgid` cannot name another.
-fn drain(readers: [JoinHandle<()>; 2], pgid: libc::pid_t) {
+/// Waits for the output readers to reach end of file, once the command's
+/// group has been killed. A process that left the group (`setsid`) and
+/// still holds the pipes is not waited for past a grace period: its
+/// reader is left behind (the group's id, its leader reaped, may name
+/// another group by now, so nothing is signalled).
+fn drain(readers: [JoinHandle<()>; 2]) {
     let deadline = Instant::now() + DRAIN_GRACE;
     while readers.iter().any(|r| !r.is_finished()) {
         if Instant::now() >= deadline {
-            tracing::warn!(target: "alignflow::stage", "killing processes the command left in the background");
-            kill_group(pgid);
-            break;
+            tracing::warn!(target: "alignflow::stage", "a process the command started outside its process group still holds its output");
+            return;
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -184,6 +184,8 @@ pub struct RewardProgram {
     /// The program's path as shown in errors.
     name: String,
     child: Child,
+    /// How the program ended, once reaped (by [`RewardProgram::kill`]).
+    reaped: Option<std::io::Result<std::process::ExitStatus>>,
     stdin: Option<ChildStdin>,
     lines: Receiver<std::io::Result<Vec<u8>>>,
     /// Answer lines read so far.
@@ -242,6 +244,7 @@ impl RewardProgram {
             name,
             stdin: child.stdin.take(),
             child,
+            reaped: None,
             lines,
             line: 0,
             next_id: 0,
@@ -360,21 +363,34 @@ impl RewardProgram {
     fn exit_status(&mut self) -> String {
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.to_string();
+            if self.has_exited() {
+                if let Some(Ok(status)) = self.kill() {
+                    return status.to_string();
+                }
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         "closed its stdout".into()
     }
-}
 
-impl RewardProgram {
-    /// Kills the program's group, then reaps the program. Until it is
-    /// reaped its pid keeps the group's id from naming another group.
-    fn kill(&mut self) {
-        crate::exec::kill_group(self.child.id() as libc::pid_t);
-        let _ = self.child.wait();
+    /// Whether the program has exited (it stays unreaped).
+    fn has_exited(&self) -> bool {
+        self.reaped.is_some() || crate::exec::exited(self.child.id() as libc::pid_t).unwrap_or(true)
+    }
+
+    /// Kills the program's group (what it started goes with it), then
+    /// reaps the program, once: the group's id is only signalled while the
+    /// unreaped program keeps it from naming another group.
+    fn kill(&mut self) -> Option<std::io::Result<std::process::ExitStatus>> {
+        if self.reaped.is_none() {
+            crate::exec::kill_group(self.child.id() as libc::pid_t);
+            self.reaped = Some(self.child.wait());
+        }
+        self.reaped.as_ref().map(|r| match r {
+            Ok(status) => Ok(*status),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        })
     }
 }
 
@@ -383,13 +399,9 @@ impl Drop for RewardProgram {
     /// exit, then kills its group: what it started goes with it.
     fn drop(&mut self) {
         drop(self.stdin.take());
-        let pid = self.child.id() as libc::pid_t;
         let until = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < until {
-            match crate::exec::exited(pid) {
-                Ok(false) => std::thread::sleep(Duration::from_millis(10)),
-                Ok(true) | Err(_) => break,
-            }
+        while !self.has_exited() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
         }
         self.kill();
     }
