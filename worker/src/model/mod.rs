@@ -630,7 +630,7 @@ impl Model {
         }
         // Adapters are folded in float32, into the exact base where the
         // source has it (see [`Linear::merged_weight`]).
-        for linear in self.lm.linears() {
+        for linear in self.lm.linears().filter(|l| l.has_lora()) {
             let name = linear.weight_name();
             let Some(held) = tensors.get(name) else {
                 continue;
@@ -641,8 +641,6 @@ impl Model {
             };
             if let Some(merged) = linear.merged_weight(&base) {
                 tensors.insert(name.to_string(), merged);
-            } else if let Some(found) = stored_name(name).filter(|_| narrower(held)) {
-                exact.insert(name.to_string(), found);
             }
         }
         // Each tensor is converted to the saved dtype as it is written.
